@@ -1,0 +1,50 @@
+//! Tether's wire protocol, sans-IO and clock-free: frame types, the length-prefixed codec,
+//! QUIC close codes and the session state machines. Nothing here touches a socket or reads
+//! a clock; time comes in as an argument, so every test is deterministic.
+//!
+//! # Layout
+//!
+//! - [`frame`]: the frames that travel on the session stream and on command streams.
+//! - [`codec`]: the [`Codec`] trait, the length-prefixed framing with its hard size limit,
+//!   and the [`FrameDecoder`] that reassembles frames from stream chunks.
+//! - [`close`]: the QUIC application close codes ([`CloseCode`]).
+//! - [`session`]: the session-stream state machines for both ends ([`BrokerSession`],
+//!   [`AgentSession`]), fed by `handle_*` calls and drained by `poll_*` calls.
+//!
+//! # Streams
+//!
+//! One QUIC connection per appliance, ALPN [`ALPN`]. The agent opens exactly one
+//! bidirectional *session stream* and sends [`Hello`]; the broker answers [`Welcome`] and
+//! then heartbeats flow up and are acknowledged down. Each command travels on its own
+//! bidirectional stream opened by the broker: one [`CommandRequest`], then zero or more
+//! [`CommandOutput`] and exactly one [`CommandResult`] from the agent. `docs/PROTOCOL.md`
+//! describes the byte layout for third-party agents.
+
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod close;
+pub mod codec;
+pub mod frame;
+pub mod session;
+
+pub use close::CloseCode;
+pub use codec::{
+    decode_frame, encode_frame, Codec, DecodeError, EncodeError, FrameDecoder,
+    DEFAULT_MAX_FRAME_LEN, FRAME_HEADER_LEN, MIN_MAX_FRAME_LEN,
+};
+pub use frame::{
+    CommandKind, CommandOutcome, CommandOutput, CommandRequest, CommandResult, FailureReason,
+    Frame, FrameType, GoAway, GoAwayReason, Heartbeat, HeartbeatAck, Hello, OutputStream, Status,
+    TrustState, Welcome,
+};
+pub use session::{
+    AgentEvent, AgentSession, AgentSessionConfig, BrokerEvent, BrokerSession, BrokerSessionConfig,
+    Now, ProtocolViolation,
+};
+
+/// The protocol version carried in [`Hello`] and [`Welcome`].
+pub const PROTOCOL_VERSION: u16 = 1;
+
+/// The QUIC ALPN identifier of this protocol.
+pub const ALPN: &[u8] = b"tether/1";

@@ -1,0 +1,644 @@
+//! Session-stream state machines for both ends of a connection.
+//!
+//! Each is fed by `handle_frame` / `handle_timeout` and drained by `poll_transmit` (frames
+//! to write), `poll_event` (what happened) and `poll_timeout` (when to call
+//! `handle_timeout` next). A thin async driver in the broker or agent does the I/O. Time
+//! comes in as a [`Now`], so tests run on a virtual clock.
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+use thiserror::Error;
+
+use crate::close::CloseCode;
+use crate::codec::DecodeError;
+use crate::frame::{
+    Frame, FrameType, GoAway, GoAwayReason, Heartbeat, HeartbeatAck, Hello, Status, TrustState,
+    Welcome,
+};
+use crate::PROTOCOL_VERSION;
+
+/// The current time, as the caller read it: a monotonic instant for deadlines and the wall
+/// clock (ms since the Unix epoch) for timestamps on the wire.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Now {
+    /// Monotonic time, for deadlines.
+    pub instant: Instant,
+    /// Wall-clock time, ms since the Unix epoch.
+    pub unix_ms: i64,
+}
+
+impl Now {
+    /// This time advanced by `d`.
+    pub fn after(self, d: Duration) -> Now {
+        Now {
+            instant: self.instant + d,
+            unix_ms: self
+                .unix_ms
+                .saturating_add(i64::try_from(d.as_millis()).unwrap_or(i64::MAX)),
+        }
+    }
+}
+
+/// The peer broke the session protocol. The connection must be closed with
+/// [`CloseCode::ProtocolError`]; retrying the same behaviour cannot help.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[non_exhaustive]
+pub enum ProtocolViolation {
+    /// A frame that is not allowed in the current state or direction.
+    #[error("unexpected {frame:?} frame while {state}")]
+    UnexpectedFrame {
+        /// The frame received.
+        frame: FrameType,
+        /// What the session was doing.
+        state: &'static str,
+    },
+    /// The agent's protocol version is not supported.
+    #[error("unsupported protocol version {0}")]
+    UnsupportedVersion(u16),
+    /// A heartbeat's sequence number did not increase.
+    #[error("heartbeat sequence went from {last} to {got}")]
+    NonMonotonicHeartbeat {
+        /// The previous sequence number.
+        last: u64,
+        /// The one received.
+        got: u64,
+    },
+    /// Bytes on the stream could not be decoded.
+    #[error("undecodable frame: {0}")]
+    Decode(#[from] DecodeError),
+}
+
+impl ProtocolViolation {
+    /// A short stable label for metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ProtocolViolation::UnexpectedFrame { .. } => "unexpected_frame",
+            ProtocolViolation::UnsupportedVersion(_) => "unsupported_version",
+            ProtocolViolation::NonMonotonicHeartbeat { .. } => "heartbeat_sequence",
+            ProtocolViolation::Decode(DecodeError::FrameTooLarge { .. }) => "frame_too_large",
+            ProtocolViolation::Decode(DecodeError::UnknownFrameType(_)) => "unknown_frame_type",
+            ProtocolViolation::Decode(_) => "malformed_frame",
+        }
+    }
+}
+
+/// Default heartbeat interval the broker announces: 15 s.
+pub const DEFAULT_HEARTBEAT_INTERVAL: Duration = Duration::from_secs(15);
+/// Heartbeats that may be missed before the session is closed as idle.
+pub const DEFAULT_MISSED_HEARTBEATS: u32 = 3;
+/// Time an agent has to send `Hello` after connecting: 10 s.
+pub const DEFAULT_HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// Shortest heartbeat interval an agent accepts from a broker: 100 ms.
+pub const MIN_HEARTBEAT_INTERVAL: Duration = Duration::from_millis(100);
+
+/// Settings of the broker end.
+#[derive(Clone, Debug)]
+pub struct BrokerSessionConfig {
+    /// Session id announced in `Welcome`.
+    pub session_id: u64,
+    /// Heartbeat interval announced in `Welcome`.
+    pub heartbeat_interval: Duration,
+    /// Heartbeats missed before [`CloseCode::IdleTimeout`].
+    pub missed_heartbeats: u32,
+    /// Deadline for `Hello` after the session stream opened.
+    pub hello_timeout: Duration,
+    /// Manual-renewal generation to announce.
+    pub manual_renewal_generation: u64,
+}
+
+/// What the broker end observed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum BrokerEvent {
+    /// `Hello` accepted and `Welcome` queued.
+    Established(Hello),
+    /// A heartbeat arrived (and was acknowledged).
+    Heartbeat(Heartbeat),
+    /// A status report arrived.
+    Status(Status),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum BrokerState {
+    AwaitingHello,
+    Established,
+    Closed(CloseCode),
+}
+
+/// The broker end of a session stream.
+#[derive(Debug)]
+pub struct BrokerSession {
+    config: BrokerSessionConfig,
+    state: BrokerState,
+    started: Instant,
+    last_rx: Instant,
+    last_seq: u64,
+    transmit: VecDeque<Frame>,
+    events: VecDeque<BrokerEvent>,
+}
+
+impl BrokerSession {
+    /// A session whose stream opened at `now`.
+    pub fn new(config: BrokerSessionConfig, now: Now) -> Self {
+        Self {
+            config,
+            state: BrokerState::AwaitingHello,
+            started: now.instant,
+            last_rx: now.instant,
+            last_seq: 0,
+            transmit: VecDeque::new(),
+            events: VecDeque::new(),
+        }
+    }
+
+    /// Whether `Hello` was accepted.
+    pub fn is_established(&self) -> bool {
+        self.state == BrokerState::Established
+    }
+
+    /// Process a frame from the agent.
+    pub fn handle_frame(&mut self, frame: Frame, now: Now) -> Result<(), ProtocolViolation> {
+        let state = match self.state {
+            BrokerState::AwaitingHello => "awaiting hello",
+            BrokerState::Established => "established",
+            BrokerState::Closed(_) => "closed",
+        };
+        match (self.state, frame) {
+            (BrokerState::AwaitingHello, Frame::Hello(hello)) => {
+                if hello.protocol_version < 1 {
+                    return Err(ProtocolViolation::UnsupportedVersion(
+                        hello.protocol_version,
+                    ));
+                }
+                self.transmit.push_back(Frame::Welcome(Welcome {
+                    protocol_version: hello.protocol_version.min(PROTOCOL_VERSION),
+                    session_id: self.config.session_id,
+                    heartbeat_interval_ms: duration_ms(self.config.heartbeat_interval),
+                    server_time_ms: now.unix_ms,
+                    manual_renewal_generation: self.config.manual_renewal_generation,
+                }));
+                self.state = BrokerState::Established;
+                self.last_rx = now.instant;
+                self.events.push_back(BrokerEvent::Established(hello));
+                Ok(())
+            }
+            (BrokerState::Established, Frame::Heartbeat(hb)) => {
+                if hb.seq <= self.last_seq {
+                    return Err(ProtocolViolation::NonMonotonicHeartbeat {
+                        last: self.last_seq,
+                        got: hb.seq,
+                    });
+                }
+                self.last_seq = hb.seq;
+                self.last_rx = now.instant;
+                self.transmit.push_back(Frame::HeartbeatAck(HeartbeatAck {
+                    seq: hb.seq,
+                    server_time_ms: now.unix_ms,
+                    manual_renewal_generation: self.config.manual_renewal_generation,
+                }));
+                self.events.push_back(BrokerEvent::Heartbeat(hb));
+                Ok(())
+            }
+            (BrokerState::Established, Frame::Status(status)) => {
+                self.last_rx = now.instant;
+                self.events.push_back(BrokerEvent::Status(status));
+                Ok(())
+            }
+            (_, frame) => Err(ProtocolViolation::UnexpectedFrame {
+                frame: frame.frame_type(),
+                state,
+            }),
+        }
+    }
+
+    /// When [`BrokerSession::handle_timeout`] must next be called.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        match self.state {
+            BrokerState::AwaitingHello => Some(self.started + self.config.hello_timeout),
+            BrokerState::Established => {
+                Some(self.last_rx + self.config.heartbeat_interval * self.config.missed_heartbeats)
+            }
+            BrokerState::Closed(_) => None,
+        }
+    }
+
+    /// Advance time. Returns the close code if the session must end now.
+    #[must_use = "a returned close code means the connection must be closed"]
+    pub fn handle_timeout(&mut self, now: Now) -> Option<CloseCode> {
+        let deadline = self.poll_timeout()?;
+        if now.instant < deadline {
+            return None;
+        }
+        let code = match self.state {
+            BrokerState::AwaitingHello => CloseCode::ProtocolError,
+            _ => CloseCode::IdleTimeout,
+        };
+        self.state = BrokerState::Closed(code);
+        Some(code)
+    }
+
+    /// Queue a `GoAway`.
+    pub fn go_away(&mut self, reason: GoAwayReason, reconnect_after: Duration, message: &str) {
+        self.transmit.push_back(Frame::GoAway(GoAway {
+            reason,
+            reconnect_after_ms: duration_ms(reconnect_after),
+            message: message.chars().take(256).collect(),
+        }));
+    }
+
+    /// Change the manual-renewal generation announced in the next heartbeat answer.
+    pub fn set_manual_renewal_generation(&mut self, generation: u64) {
+        self.config.manual_renewal_generation = generation;
+    }
+
+    /// The next frame to write on the session stream.
+    #[must_use]
+    pub fn poll_transmit(&mut self) -> Option<Frame> {
+        self.transmit.pop_front()
+    }
+
+    /// The next thing that happened.
+    #[must_use]
+    pub fn poll_event(&mut self) -> Option<BrokerEvent> {
+        self.events.pop_front()
+    }
+}
+
+/// Settings of the agent end.
+#[derive(Clone, Debug)]
+pub struct AgentSessionConfig {
+    /// Reported in `Hello`.
+    pub agent_version: String,
+    /// Reported in `Hello`.
+    pub capabilities: Vec<String>,
+    /// `notAfter` of the certificate in use, ms since the epoch.
+    pub cert_not_after_ms: i64,
+    /// Trust state reported in heartbeats.
+    pub trust_state: TrustState,
+    /// Deadline for `Welcome` after `Hello` was queued.
+    pub welcome_timeout: Duration,
+    /// Heartbeat answers that may be missed before the broker is presumed gone.
+    pub missed_heartbeats: u32,
+    /// Highest manual-renewal generation already acted upon.
+    pub manual_renewal_generation: u64,
+}
+
+/// What the agent end observed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum AgentEvent {
+    /// The broker accepted the session.
+    Welcome(Welcome),
+    /// A heartbeat was acknowledged.
+    HeartbeatAck(HeartbeatAck),
+    /// The broker announced a manual-renewal generation above the one acted upon.
+    RenewalRequested {
+        /// The new generation.
+        generation: u64,
+    },
+    /// The broker asks the agent to leave.
+    GoAway(GoAway),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum AgentState {
+    AwaitingWelcome,
+    Established,
+    Closed(CloseCode),
+}
+
+/// The agent end of a session stream. Queues `Hello` on creation.
+#[derive(Debug)]
+pub struct AgentSession {
+    config: AgentSessionConfig,
+    state: AgentState,
+    started: Instant,
+    last_rx: Instant,
+    interval: Duration,
+    next_heartbeat: Option<Instant>,
+    seq: u64,
+    transmit: VecDeque<Frame>,
+    events: VecDeque<AgentEvent>,
+}
+
+impl AgentSession {
+    /// A session whose stream opened at `now`; `Hello` is queued.
+    pub fn new(config: AgentSessionConfig, now: Now) -> Self {
+        let mut transmit = VecDeque::new();
+        transmit.push_back(Frame::Hello(Hello {
+            protocol_version: PROTOCOL_VERSION,
+            agent_version: config.agent_version.clone(),
+            capabilities: config.capabilities.clone(),
+            cert_not_after_ms: config.cert_not_after_ms,
+        }));
+        Self {
+            config,
+            state: AgentState::AwaitingWelcome,
+            started: now.instant,
+            last_rx: now.instant,
+            interval: DEFAULT_HEARTBEAT_INTERVAL,
+            next_heartbeat: None,
+            seq: 0,
+            transmit,
+            events: VecDeque::new(),
+        }
+    }
+
+    /// Whether `Welcome` arrived.
+    pub fn is_established(&self) -> bool {
+        self.state == AgentState::Established
+    }
+
+    /// The heartbeat interval in force.
+    pub fn heartbeat_interval(&self) -> Duration {
+        self.interval
+    }
+
+    /// Process a frame from the broker.
+    pub fn handle_frame(&mut self, frame: Frame, now: Now) -> Result<(), ProtocolViolation> {
+        let state = match self.state {
+            AgentState::AwaitingWelcome => "awaiting welcome",
+            AgentState::Established => "established",
+            AgentState::Closed(_) => "closed",
+        };
+        match (self.state, frame) {
+            (AgentState::AwaitingWelcome, Frame::Welcome(w)) => {
+                if w.protocol_version < 1 || w.protocol_version > PROTOCOL_VERSION {
+                    return Err(ProtocolViolation::UnsupportedVersion(w.protocol_version));
+                }
+                self.interval = Duration::from_millis(u64::from(w.heartbeat_interval_ms))
+                    .max(MIN_HEARTBEAT_INTERVAL);
+                self.state = AgentState::Established;
+                self.last_rx = now.instant;
+                self.next_heartbeat = Some(now.instant + self.interval);
+                self.note_generation(w.manual_renewal_generation);
+                self.events.push_back(AgentEvent::Welcome(w));
+                Ok(())
+            }
+            (AgentState::Established, Frame::HeartbeatAck(ack)) => {
+                self.last_rx = now.instant;
+                self.note_generation(ack.manual_renewal_generation);
+                self.events.push_back(AgentEvent::HeartbeatAck(ack));
+                Ok(())
+            }
+            (AgentState::AwaitingWelcome | AgentState::Established, Frame::GoAway(g)) => {
+                self.last_rx = now.instant;
+                self.events.push_back(AgentEvent::GoAway(g));
+                Ok(())
+            }
+            (_, frame) => Err(ProtocolViolation::UnexpectedFrame {
+                frame: frame.frame_type(),
+                state,
+            }),
+        }
+    }
+
+    fn note_generation(&mut self, generation: u64) {
+        if generation > self.config.manual_renewal_generation {
+            self.config.manual_renewal_generation = generation;
+            self.events
+                .push_back(AgentEvent::RenewalRequested { generation });
+        }
+    }
+
+    /// Update what heartbeats report (after a renewal, or as expiry approaches).
+    pub fn set_certificate(&mut self, cert_not_after_ms: i64, trust_state: TrustState) {
+        self.config.cert_not_after_ms = cert_not_after_ms;
+        self.config.trust_state = trust_state;
+    }
+
+    /// When [`AgentSession::handle_timeout`] must next be called.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        match self.state {
+            AgentState::AwaitingWelcome => Some(self.started + self.config.welcome_timeout),
+            AgentState::Established => {
+                let silent = self.last_rx + self.interval * self.config.missed_heartbeats;
+                Some(self.next_heartbeat.map_or(silent, |hb| hb.min(silent)))
+            }
+            AgentState::Closed(_) => None,
+        }
+    }
+
+    /// Advance time: queue due heartbeats. Returns a close code if the broker has gone
+    /// silent (or never welcomed us) and the connection must be abandoned.
+    #[must_use = "a returned close code means the connection must be closed"]
+    pub fn handle_timeout(&mut self, now: Now) -> Option<CloseCode> {
+        match self.state {
+            AgentState::AwaitingWelcome => {
+                if now.instant >= self.started + self.config.welcome_timeout {
+                    self.state = AgentState::Closed(CloseCode::IdleTimeout);
+                    return Some(CloseCode::IdleTimeout);
+                }
+            }
+            AgentState::Established => {
+                if now.instant >= self.last_rx + self.interval * self.config.missed_heartbeats {
+                    self.state = AgentState::Closed(CloseCode::IdleTimeout);
+                    return Some(CloseCode::IdleTimeout);
+                }
+                if let Some(due) = self.next_heartbeat {
+                    if now.instant >= due {
+                        self.seq += 1;
+                        self.transmit.push_back(Frame::Heartbeat(Heartbeat {
+                            seq: self.seq,
+                            trust_state: self.config.trust_state,
+                            cert_not_after_ms: self.config.cert_not_after_ms,
+                        }));
+                        // Skip missed slots rather than bursting after a stall.
+                        let mut next = due + self.interval;
+                        while next <= now.instant {
+                            next += self.interval;
+                        }
+                        self.next_heartbeat = Some(next);
+                    }
+                }
+            }
+            AgentState::Closed(_) => {}
+        }
+        None
+    }
+
+    /// Queue a status report.
+    pub fn send_status(&mut self, status: Status) {
+        self.transmit.push_back(Frame::Status(status));
+    }
+
+    /// The next frame to write on the session stream.
+    #[must_use]
+    pub fn poll_transmit(&mut self) -> Option<Frame> {
+        self.transmit.pop_front()
+    }
+
+    /// The next thing that happened.
+    #[must_use]
+    pub fn poll_event(&mut self) -> Option<AgentEvent> {
+        self.events.pop_front()
+    }
+}
+
+fn duration_ms(d: Duration) -> u32 {
+    u32::try_from(d.as_millis()).unwrap_or(u32::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn now0() -> Now {
+        Now {
+            instant: Instant::now(),
+            unix_ms: 1_800_000_000_000,
+        }
+    }
+
+    fn pair(now: Now) -> (AgentSession, BrokerSession) {
+        let agent = AgentSession::new(
+            AgentSessionConfig {
+                agent_version: "test".into(),
+                capabilities: vec![],
+                cert_not_after_ms: 1,
+                trust_state: TrustState::Trusted,
+                welcome_timeout: Duration::from_secs(5),
+                missed_heartbeats: 3,
+                manual_renewal_generation: 0,
+            },
+            now,
+        );
+        let broker = BrokerSession::new(
+            BrokerSessionConfig {
+                session_id: 9,
+                heartbeat_interval: Duration::from_secs(1),
+                missed_heartbeats: 3,
+                hello_timeout: Duration::from_secs(5),
+                manual_renewal_generation: 0,
+            },
+            now,
+        );
+        (agent, broker)
+    }
+
+    /// Move every queued frame across, both ways, until quiet.
+    fn pump(a: &mut AgentSession, b: &mut BrokerSession, now: Now) {
+        loop {
+            let mut moved = false;
+            while let Some(f) = a.poll_transmit() {
+                b.handle_frame(f, now).unwrap();
+                moved = true;
+            }
+            while let Some(f) = b.poll_transmit() {
+                a.handle_frame(f, now).unwrap();
+                moved = true;
+            }
+            if !moved {
+                break;
+            }
+        }
+    }
+
+    #[test]
+    fn hello_welcome_heartbeat_on_a_virtual_clock() {
+        let t0 = now0();
+        let (mut a, mut b) = pair(t0);
+        pump(&mut a, &mut b, t0);
+        assert!(a.is_established() && b.is_established());
+        assert!(matches!(b.poll_event(), Some(BrokerEvent::Established(_))));
+        assert!(matches!(a.poll_event(), Some(AgentEvent::Welcome(w)) if w.session_id == 9));
+
+        for i in 1..=5u64 {
+            let t = t0.after(Duration::from_secs(i));
+            assert_eq!(a.handle_timeout(t), None);
+            assert_eq!(b.handle_timeout(t), None);
+            pump(&mut a, &mut b, t);
+            assert!(
+                matches!(b.poll_event(), Some(BrokerEvent::Heartbeat(h)) if h.seq == i),
+                "heartbeat {i}"
+            );
+        }
+    }
+
+    #[test]
+    fn broker_closes_after_three_missed_heartbeats() {
+        let t0 = now0();
+        let (mut a, mut b) = pair(t0);
+        pump(&mut a, &mut b, t0);
+        assert_eq!(
+            b.handle_timeout(t0.after(Duration::from_millis(2999))),
+            None
+        );
+        assert_eq!(
+            b.handle_timeout(t0.after(Duration::from_secs(3))),
+            Some(CloseCode::IdleTimeout)
+        );
+    }
+
+    #[test]
+    fn hello_twice_is_a_violation() {
+        let t0 = now0();
+        let (mut a, mut b) = pair(t0);
+        pump(&mut a, &mut b, t0);
+        let hello = Frame::Hello(Hello {
+            protocol_version: 1,
+            agent_version: String::new(),
+            capabilities: vec![],
+            cert_not_after_ms: 0,
+        });
+        assert_eq!(
+            b.handle_frame(hello, t0),
+            Err(ProtocolViolation::UnexpectedFrame {
+                frame: FrameType::Hello,
+                state: "established"
+            })
+        );
+    }
+
+    #[test]
+    fn replayed_heartbeat_sequence_is_a_violation() {
+        let t0 = now0();
+        let (mut a, mut b) = pair(t0);
+        pump(&mut a, &mut b, t0);
+        let hb = Frame::Heartbeat(Heartbeat {
+            seq: 1,
+            trust_state: TrustState::Trusted,
+            cert_not_after_ms: 0,
+        });
+        b.handle_frame(hb.clone(), t0).unwrap();
+        assert_eq!(
+            b.handle_frame(hb, t0),
+            Err(ProtocolViolation::NonMonotonicHeartbeat { last: 1, got: 1 })
+        );
+    }
+
+    #[test]
+    fn renewal_generation_reaches_the_agent_once() {
+        let t0 = now0();
+        let (mut a, mut b) = pair(t0);
+        pump(&mut a, &mut b, t0);
+        let _ = a.poll_event();
+        b.set_manual_renewal_generation(4);
+        let t1 = t0.after(Duration::from_secs(1));
+        assert_eq!(a.handle_timeout(t1), None);
+        pump(&mut a, &mut b, t1);
+        let events: Vec<_> = std::iter::from_fn(|| a.poll_event()).collect();
+        assert!(events.contains(&AgentEvent::RenewalRequested { generation: 4 }));
+        let t2 = t0.after(Duration::from_secs(2));
+        assert_eq!(a.handle_timeout(t2), None);
+        pump(&mut a, &mut b, t2);
+        let events: Vec<_> = std::iter::from_fn(|| a.poll_event()).collect();
+        assert!(!events
+            .iter()
+            .any(|e| matches!(e, AgentEvent::RenewalRequested { .. })));
+    }
+
+    #[test]
+    fn agent_gives_up_on_a_silent_broker() {
+        let t0 = now0();
+        let (mut a, mut b) = pair(t0);
+        pump(&mut a, &mut b, t0);
+        // Heartbeats go out but nothing comes back.
+        for i in 1..3 {
+            assert_eq!(a.handle_timeout(t0.after(Duration::from_secs(i))), None);
+        }
+        assert_eq!(
+            a.handle_timeout(t0.after(Duration::from_secs(3))),
+            Some(CloseCode::IdleTimeout)
+        );
+    }
+}

@@ -1,0 +1,3 @@
+//! Tether's root package: the `tether` dev tool, shared test/bench support (`pki`).
+
+pub mod pki;
