@@ -1,0 +1,337 @@
+//! [`Agent`]: the connect / session / reconnect loop over a list of brokers.
+//!
+//! Brokers are tried in list order starting at a random index. Between attempts the agent
+//! sleeps:
+//!
+//! - after a `GoAway`: the delay the broker asked for, then the **next** broker;
+//! - after the broker refused the certificate ([`DisconnectReason::is_refusal`]):
+//!   `revoked_backoff` (minus up to 20 % jitter), logged as an error;
+//! - otherwise: full-jitter exponential backoff ([`Backoff`]), whose window is reset
+//!   after a session that lasted at least [`STABLE_SESSION`].
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::broadcast;
+use tokio_util::sync::CancellationToken;
+
+use crate::backoff::Backoff;
+use crate::command::CommandRunner;
+use crate::config::AgentConfig;
+use crate::credentials::Credentials;
+use crate::error::{AgentError, ConnectError};
+use crate::event::{AgentEvent, DisconnectReason};
+use crate::session::{connect, run_session, SessionContext, SessionEnd};
+use crate::tls::client_config;
+
+/// A session that was welcomed and lasted this long resets the backoff window: 10 s.
+pub const STABLE_SESSION: Duration = Duration::from_secs(10);
+/// Capacity of the event channel; slow subscribers miss the oldest events.
+pub const EVENT_CHANNEL_CAPACITY: usize = 256;
+/// Fraction of `revoked_backoff` that jitter may remove.
+const REVOKED_JITTER: f64 = 0.2;
+
+/// Where a broker is: an address, or a `HOST:PORT` resolved before each attempt.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum BrokerAddr {
+    /// A resolved address.
+    Addr(SocketAddr),
+    /// A host name and port, resolved with `tokio::net::lookup_host` at each attempt.
+    Name {
+        /// The host name.
+        host: String,
+        /// The UDP port.
+        port: u16,
+    },
+}
+
+impl BrokerAddr {
+    /// Resolve to the first address the resolver returns.
+    pub async fn resolve(&self) -> Result<SocketAddr, ConnectError> {
+        match self {
+            BrokerAddr::Addr(a) => Ok(*a),
+            BrokerAddr::Name { host, port } => {
+                let mut addrs = tokio::net::lookup_host((host.as_str(), *port))
+                    .await
+                    .map_err(|e| ConnectError::Resolve {
+                        host: self.to_string(),
+                        reason: e.to_string(),
+                    })?;
+                addrs.next().ok_or_else(|| ConnectError::Resolve {
+                    host: self.to_string(),
+                    reason: "no address".into(),
+                })
+            }
+        }
+    }
+
+    /// The name sent as TLS SNI: the host name, or the IP address.
+    pub fn server_name(&self) -> String {
+        match self {
+            BrokerAddr::Addr(a) => a.ip().to_string(),
+            BrokerAddr::Name { host, .. } => host.clone(),
+        }
+    }
+}
+
+impl From<SocketAddr> for BrokerAddr {
+    fn from(a: SocketAddr) -> Self {
+        BrokerAddr::Addr(a)
+    }
+}
+
+impl FromStr for BrokerAddr {
+    type Err = AgentError;
+
+    /// `IP:PORT`, `[IPv6]:PORT` or `HOST:PORT`.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if let Ok(a) = s.parse::<SocketAddr>() {
+            return Ok(BrokerAddr::Addr(a));
+        }
+        let bad = || AgentError::InvalidBroker(s.to_owned());
+        let (host, port) = s.rsplit_once(':').ok_or_else(bad)?;
+        let port: u16 = port.parse().map_err(|_| bad())?;
+        if host.is_empty() || host.contains(':') || host.contains('/') || port == 0 {
+            return Err(bad());
+        }
+        Ok(BrokerAddr::Name {
+            host: host.to_owned(),
+            port,
+        })
+    }
+}
+
+impl fmt::Display for BrokerAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            BrokerAddr::Addr(a) => write!(f, "{a}"),
+            BrokerAddr::Name { host, port } => write!(f, "{host}:{port}"),
+        }
+    }
+}
+
+/// One appliance's connection to the broker cluster. Many agents can share a runtime and a
+/// few endpoints.
+pub struct Agent {
+    cfg: AgentConfig,
+    creds: Credentials,
+    endpoint: quinn::Endpoint,
+    brokers: Vec<BrokerAddr>,
+    client_config: quinn::ClientConfig,
+    runner: Arc<CommandRunner>,
+    events: broadcast::Sender<AgentEvent>,
+}
+
+impl fmt::Debug for Agent {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Agent")
+            .field("appliance_id", &self.creds.appliance_id())
+            .field("brokers", &self.brokers)
+            .field("cfg", &self.cfg)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Agent {
+    /// An agent for `creds` that will connect through `endpoint` to `brokers`.
+    ///
+    /// Fails if the configuration is invalid, the broker list is empty, or the TLS
+    /// configuration cannot be built.
+    pub fn new<B: Into<BrokerAddr>>(
+        cfg: AgentConfig,
+        creds: Credentials,
+        endpoint: quinn::Endpoint,
+        brokers: impl IntoIterator<Item = B>,
+    ) -> Result<Agent, AgentError> {
+        cfg.validate()?;
+        let brokers: Vec<BrokerAddr> = brokers.into_iter().map(Into::into).collect();
+        if brokers.is_empty() {
+            return Err(AgentError::NoBrokers);
+        }
+        let client_config = client_config(&creds, &cfg)?;
+        Ok(Agent {
+            runner: Arc::new(CommandRunner::new(&cfg)),
+            events: broadcast::channel(EVENT_CHANNEL_CAPACITY).0,
+            cfg,
+            creds,
+            endpoint,
+            brokers,
+            client_config,
+        })
+    }
+
+    /// Replace the command runner (e.g. one with a fixed environment).
+    pub fn with_runner(mut self, runner: CommandRunner) -> Agent {
+        self.runner = Arc::new(runner);
+        self
+    }
+
+    /// Subscribe to what the agent does. Subscribe before calling [`Agent::run`].
+    pub fn events(&self) -> broadcast::Receiver<AgentEvent> {
+        self.events.subscribe()
+    }
+
+    /// The agent's credentials.
+    pub fn credentials(&self) -> &Credentials {
+        &self.creds
+    }
+
+    /// Connect, serve sessions and reconnect until `shutdown` fires; then close the live
+    /// connection with `CloseCode::Normal` and return `Ok`. Returns an error only if the
+    /// endpoint became unusable.
+    pub async fn run(self, shutdown: CancellationToken) -> Result<(), AgentError> {
+        let span = tracing::info_span!("agent", appliance = %self.creds.appliance_id());
+        tracing::Instrument::instrument(self.run_inner(shutdown), span).await
+    }
+
+    async fn run_inner(self, shutdown: CancellationToken) -> Result<(), AgentError> {
+        let ctx = SessionContext {
+            creds: self.creds.clone(),
+            cfg: self.cfg.clone(),
+            runner: self.runner.clone(),
+            events: self.events.clone(),
+        };
+        let mut backoff = Backoff::new(self.cfg.backoff_initial, self.cfg.backoff_max);
+        let mut index = fastrand::usize(..self.brokers.len());
+        tracing::info!(version = env!("CARGO_PKG_VERSION"), brokers = self.brokers.len(),
+            fingerprint = self.creds.fingerprint(), "agent starting");
+
+        loop {
+            if shutdown.is_cancelled() {
+                break;
+            }
+            let target = &self.brokers[index];
+            index = (index + 1) % self.brokers.len();
+            let result = self.attempt(target, &ctx, &shutdown).await;
+
+            let (delay, refused) = match result {
+                Err((_, ConnectError::Shutdown)) => break,
+                Err((broker, e)) => {
+                    let reason = e.reason();
+                    tracing::warn!(broker = %target, error = %e, "connection attempt failed");
+                    let _ = self.events.send(AgentEvent::Disconnected { broker, reason: reason.clone() });
+                    if e.is_fatal() {
+                        return Err(AgentError::Endpoint(e));
+                    }
+                    self.delay_after(&reason, None, &mut backoff)
+                }
+                Ok(end) => {
+                    log_end(&end);
+                    let _ = self.events.send(AgentEvent::Disconnected {
+                        broker: Some(end.broker),
+                        reason: end.reason.clone(),
+                    });
+                    if shutdown.is_cancelled() {
+                        break;
+                    }
+                    if end.was_established() && end.duration >= STABLE_SESSION {
+                        backoff.reset();
+                    }
+                    self.delay_after(&end.reason, Some(&end), &mut backoff)
+                }
+            };
+            let _ = self.events.send(AgentEvent::Backoff { delay, refused });
+            tracing::info!(delay = %humantime::format_duration(round_ms(delay)), next = %self.brokers[index],
+                "waiting before reconnecting");
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                _ = shutdown.cancelled() => break,
+            }
+        }
+        tracing::info!("agent stopped");
+        let _ = self.events.send(AgentEvent::Stopped);
+        Ok(())
+    }
+
+    /// The delay before the next attempt, and whether it is the refusal delay.
+    fn delay_after(
+        &self,
+        reason: &DisconnectReason,
+        end: Option<&SessionEnd>,
+        backoff: &mut Backoff,
+    ) -> (Duration, bool) {
+        if let Some(g) = end.and_then(|e| e.go_away.as_ref()) {
+            backoff.reset();
+            let asked = Duration::from_millis(u64::from(g.reconnect_after_ms));
+            let waited = end
+                .and_then(|e| e.go_away_received)
+                .map(|t| t.elapsed())
+                .unwrap_or_default();
+            return (asked.saturating_sub(waited), false);
+        }
+        if reason.is_refusal() {
+            tracing::error!(%reason, retry_in = %humantime::format_duration(self.cfg.revoked_backoff),
+                "the broker refused this appliance's certificate (revoked, unauthorized or rejected); \
+                 the certificate must be renewed or the appliance re-enrolled");
+            let jitter = 1.0 - REVOKED_JITTER * fastrand::f64();
+            return (self.cfg.revoked_backoff.mul_f64(jitter), true);
+        }
+        (backoff.next_delay(), false)
+    }
+
+    async fn attempt(
+        &self,
+        target: &BrokerAddr,
+        ctx: &SessionContext,
+        shutdown: &CancellationToken,
+    ) -> Result<SessionEnd, (Option<SocketAddr>, ConnectError)> {
+        let addr = tokio::select! {
+            r = target.resolve() => r.map_err(|e| (None, e))?,
+            _ = shutdown.cancelled() => return Err((None, ConnectError::Shutdown)),
+        };
+        tracing::info!(broker = %target, %addr, "connecting");
+        let _ = self.events.send(AgentEvent::Connecting { broker: addr });
+        let conn = tokio::select! {
+            r = connect(&self.endpoint, addr, &target.server_name(), self.client_config.clone(),
+                self.cfg.connect_timeout) => r.map_err(|e| (Some(addr), e))?,
+            _ = shutdown.cancelled() => return Err((Some(addr), ConnectError::Shutdown)),
+        };
+        Ok(run_session(conn, ctx, shutdown).await)
+    }
+}
+
+fn round_ms(d: Duration) -> Duration {
+    Duration::from_millis(u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+fn log_end(end: &SessionEnd) {
+    let duration = humantime::format_duration(round_ms(end.duration));
+    match &end.reason {
+        DisconnectReason::Local(tether_proto::CloseCode::Normal) | DisconnectReason::Broker(tether_proto::CloseCode::Normal) => {
+            tracing::info!(broker = %end.broker, session_id = ?end.session_id, %duration,
+                reason = %end.reason, "disconnected")
+        }
+        reason => tracing::warn!(broker = %end.broker, session_id = ?end.session_id, %duration,
+            %reason, "disconnected"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_broker_addresses() {
+        assert_eq!(
+            "127.0.0.1:4433".parse::<BrokerAddr>().ok(),
+            Some(BrokerAddr::Addr("127.0.0.1:4433".parse().unwrap()))
+        );
+        assert_eq!(
+            "[::1]:4433".parse::<BrokerAddr>().ok(),
+            Some(BrokerAddr::Addr("[::1]:4433".parse().unwrap()))
+        );
+        assert_eq!(
+            "broker-1.example:4433".parse::<BrokerAddr>().ok(),
+            Some(BrokerAddr::Name {
+                host: "broker-1.example".into(),
+                port: 4433
+            })
+        );
+        for bad in ["broker", "broker:", ":4433", "broker:99999", "a:b:1", "broker:0"] {
+            assert!(bad.parse::<BrokerAddr>().is_err(), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,326 @@
+//! The command runner: admission (refused, busy), spawning without a shell, a cleared
+//! environment, streaming stdout/stderr as `CommandOutput` frames, deadlines, cancellation
+//! and the final `CommandResult`.
+//!
+//! It writes frames into any [`AsyncWrite`] — a QUIC `SendStream` in production, a
+//! `Vec<u8>` or a duplex pipe in tests — so it can be tested without QUIC.
+
+use std::collections::HashMap;
+use std::ffi::OsString;
+use std::io;
+use std::process::{ExitStatus, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use tether_proto::{
+    CommandKind, CommandOutcome, CommandOutput, CommandRequest, CommandResult, FailureReason,
+    Frame, OutputStream,
+};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::process::Command;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::AgentConfig;
+
+/// `PATH` given to commands when the agent itself has none.
+pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+/// The shell used for `CommandKind::Shell`.
+pub const SHELL: &str = "/bin/sh";
+/// After the process exited, how long to keep reading output from pipes that a leftover
+/// grandchild may hold open: 2 s.
+pub const OUTPUT_DRAIN_GRACE: Duration = Duration::from_secs(2);
+/// Longest failure message sent to the broker (the protocol's limit).
+const MAX_MESSAGE_LEN: usize = tether_proto::frame::MAX_MESSAGE_LEN;
+
+/// Runs commands for one agent, enforcing `max_concurrent_commands` across all its
+/// sessions. Share it behind an `Arc`.
+#[derive(Debug)]
+pub struct CommandRunner {
+    allow_shell: bool,
+    max_concurrent: usize,
+    chunk: usize,
+    max_frame_len: usize,
+    permits: Arc<Semaphore>,
+    /// Snapshot of the environment commands may draw allowlisted variables from.
+    env: HashMap<String, OsString>,
+}
+
+impl CommandRunner {
+    /// A runner for `cfg` that passes allowlisted variables from the agent's own
+    /// environment (snapshotted now).
+    pub fn new(cfg: &AgentConfig) -> CommandRunner {
+        CommandRunner::with_env(
+            cfg,
+            std::env::vars_os().filter_map(|(k, v)| Some((k.into_string().ok()?, v))),
+        )
+    }
+
+    /// A runner whose commands draw allowlisted variables (and `PATH`) from `env` instead
+    /// of the agent's environment. Tests pass a map here.
+    pub fn with_env(
+        cfg: &AgentConfig,
+        env: impl IntoIterator<Item = (String, OsString)>,
+    ) -> CommandRunner {
+        CommandRunner {
+            allow_shell: cfg.allow_shell,
+            max_concurrent: cfg.max_concurrent_commands,
+            chunk: cfg.effective_output_chunk(),
+            max_frame_len: cfg.max_frame_len,
+            permits: Arc::new(Semaphore::new(cfg.max_concurrent_commands)),
+            env: env.into_iter().collect(),
+        }
+    }
+
+    /// Commands running now.
+    pub fn running(&self) -> usize {
+        self.max_concurrent
+            .saturating_sub(self.permits.available_permits())
+    }
+
+    /// Decide whether `req` may run: a permit, or the outcome to answer with.
+    pub fn admit(&self, req: &CommandRequest) -> Result<CommandPermit, CommandOutcome> {
+        if req.argv.is_empty() || req.argv.iter().all(|a| a.is_empty()) {
+            return Err(failed(FailureReason::Refused, "empty argv"));
+        }
+        if req.kind == CommandKind::Shell && !self.allow_shell {
+            return Err(failed(
+                FailureReason::Refused,
+                "shell commands are not allowed on this agent",
+            ));
+        }
+        match self.permits.clone().try_acquire_owned() {
+            Ok(permit) => Ok(CommandPermit(permit)),
+            Err(_) => Err(failed(
+                FailureReason::Busy,
+                format!("already running {} commands", self.max_concurrent),
+            )),
+        }
+    }
+
+    /// Admit and run `req`, writing its output frames and its result frame to `out`.
+    /// Returns the outcome sent, or the write error (the process is killed then).
+    ///
+    /// `cancel` kills the process and ends with `Failed{Cancelled}` (the broker reset or
+    /// stopped the stream, or the connection is gone).
+    pub async fn run<W: AsyncWrite + Unpin>(
+        &self,
+        req: &CommandRequest,
+        out: &mut W,
+        cancel: &CancellationToken,
+    ) -> io::Result<CommandOutcome> {
+        let outcome = match self.admit(req) {
+            Ok(permit) => {
+                let outcome = self.execute(req, out, cancel).await?;
+                drop(permit);
+                outcome
+            }
+            Err(outcome) => outcome,
+        };
+        self.write_frame(
+            out,
+            cancel,
+            Frame::CommandResult(CommandResult {
+                command_id: req.command_id,
+                outcome: outcome.clone(),
+            }),
+        )
+        .await?;
+        out.flush().await?;
+        Ok(outcome)
+    }
+
+    fn command(&self, req: &CommandRequest) -> Command {
+        let mut cmd = match req.kind {
+            CommandKind::Shell => {
+                let mut c = Command::new(SHELL);
+                c.arg("-c").arg(req.argv.join(" "));
+                c
+            }
+            // Refused kinds never get here; treat anything else as a plain exec.
+            _ => {
+                let mut c = Command::new(&req.argv[0]);
+                c.args(&req.argv[1..]);
+                c
+            }
+        };
+        cmd.env_clear();
+        cmd.env(
+            "PATH",
+            self.env
+                .get("PATH")
+                .cloned()
+                .unwrap_or_else(|| DEFAULT_PATH.into()),
+        );
+        for name in &req.env_allowlist {
+            if let Some(value) = self.env.get(name) {
+                cmd.env(name, value);
+            }
+        }
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        cmd
+    }
+
+    async fn execute<W: AsyncWrite + Unpin>(
+        &self,
+        req: &CommandRequest,
+        out: &mut W,
+        cancel: &CancellationToken,
+    ) -> io::Result<CommandOutcome> {
+        let program = req.argv.first().map(String::as_str).unwrap_or_default();
+        let mut child = match self.command(req).spawn() {
+            Ok(child) => child,
+            Err(e) => {
+                return Ok(failed(
+                    FailureReason::SpawnFailed,
+                    format!("cannot start {program}: {e}"),
+                ))
+            }
+        };
+        tracing::info!(command_id = req.command_id, program, pid = child.id(), "command started");
+        let mut stdout = child.stdout.take();
+        let mut stderr = child.stderr.take();
+        let mut out_buf = vec![0u8; self.chunk];
+        let mut err_buf = vec![0u8; self.chunk];
+        let deadline = (req.deadline_ms > 0)
+            .then(|| Instant::now() + Duration::from_millis(u64::from(req.deadline_ms)));
+        let mut status: Option<ExitStatus> = None;
+        let mut drain_until: Option<Instant> = None;
+
+        let outcome = loop {
+            if let Some(st) = status {
+                if stdout.is_none() && stderr.is_none() {
+                    break exit_outcome(st);
+                }
+            }
+            tokio::select! {
+                biased;
+                _ = cancel.cancelled() => {
+                    let _ = child.start_kill();
+                    let _ = child.wait().await;
+                    break failed(FailureReason::Cancelled, "cancelled by the broker");
+                }
+                _ = sleep_until(deadline), if status.is_none() => {
+                    let _ = child.start_kill();
+                    let _ = child.wait().await;
+                    break failed(
+                        FailureReason::TimedOut,
+                        format!("deadline of {} ms passed; process killed", req.deadline_ms),
+                    );
+                }
+                _ = sleep_until(drain_until), if status.is_some() => {
+                    // A grandchild keeps the pipes open; report the exit anyway.
+                    break exit_outcome(status.unwrap_or_default());
+                }
+                n = read_some(&mut stdout, &mut out_buf) => {
+                    self.forward(out, cancel, req.command_id, OutputStream::Stdout,
+                        &mut stdout, &out_buf, n).await?;
+                }
+                n = read_some(&mut stderr, &mut err_buf) => {
+                    self.forward(out, cancel, req.command_id, OutputStream::Stderr,
+                        &mut stderr, &err_buf, n).await?;
+                }
+                st = child.wait(), if status.is_none() => {
+                    let st = st?;
+                    status = Some(st);
+                    drain_until = Some(Instant::now() + OUTPUT_DRAIN_GRACE);
+                }
+            }
+        };
+        tracing::info!(command_id = req.command_id, outcome = ?outcome, "command ended");
+        Ok(outcome)
+    }
+
+    /// Send what a pipe read produced; close the pipe on EOF or error.
+    #[allow(clippy::too_many_arguments)]
+    async fn forward<W: AsyncWrite + Unpin, R>(
+        &self,
+        out: &mut W,
+        cancel: &CancellationToken,
+        command_id: u64,
+        stream: OutputStream,
+        pipe: &mut Option<R>,
+        buf: &[u8],
+        n: io::Result<usize>,
+    ) -> io::Result<()> {
+        match n {
+            Ok(0) | Err(_) => *pipe = None,
+            Ok(n) => {
+                let data = Bytes::copy_from_slice(&buf[..n]);
+                self.write_frame(
+                    out,
+                    cancel,
+                    Frame::CommandOutput(CommandOutput {
+                        command_id,
+                        stream,
+                        data,
+                    }),
+                )
+                .await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Encode and write one frame; a cancelled command stops waiting for a slow reader.
+    async fn write_frame<W: AsyncWrite + Unpin>(
+        &self,
+        out: &mut W,
+        cancel: &CancellationToken,
+        frame: Frame,
+    ) -> io::Result<()> {
+        let mut buf = BytesMut::new();
+        tether_proto::encode_frame(&frame, &mut buf, self.max_frame_len)
+            .map_err(io::Error::other)?;
+        tokio::select! {
+            r = out.write_all(&buf) => r,
+            _ = cancel.cancelled() => Err(io::Error::new(io::ErrorKind::ConnectionAborted, "command cancelled")),
+        }
+    }
+}
+
+/// Proof that a command was admitted; holds one of the runner's slots until dropped.
+#[derive(Debug)]
+pub struct CommandPermit(#[allow(dead_code)] OwnedSemaphorePermit);
+
+/// Read from an optional pipe; a closed pipe never completes.
+async fn read_some<R: AsyncRead + Unpin>(pipe: &mut Option<R>, buf: &mut [u8]) -> io::Result<usize> {
+    match pipe {
+        Some(p) => p.read(buf).await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+fn exit_outcome(status: ExitStatus) -> CommandOutcome {
+    use std::os::unix::process::ExitStatusExt;
+    match (status.code(), status.signal()) {
+        (Some(code), _) => CommandOutcome::Exited(code),
+        (None, Some(sig)) => failed(FailureReason::Signaled, format!("signal {sig}")),
+        (None, None) => failed(FailureReason::Internal, "process ended without a status"),
+    }
+}
+
+/// A `Failed` outcome with `message` cut to the protocol's limit.
+pub(crate) fn failed(reason: FailureReason, message: impl Into<String>) -> CommandOutcome {
+    let mut message = message.into();
+    if message.len() > MAX_MESSAGE_LEN {
+        let mut end = MAX_MESSAGE_LEN;
+        while !message.is_char_boundary(end) {
+            end -= 1;
+        }
+        message.truncate(end);
+    }
+    CommandOutcome::Failed { reason, message }
+}

@@ -1,0 +1,520 @@
+//! The async driver of one connection: connect, open the session stream, drive
+//! [`tether_proto::AgentSession`], serve broker-opened command streams, and report how it
+//! ended as a [`SessionEnd`].
+//!
+//! The protocol logic is in the sans-IO state machine; this file only moves bytes and time
+//! in and out of it, inside a span carrying the broker address and connection id.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::BytesMut;
+use quinn::{Connection, RecvStream, SendStream, VarInt};
+use tether_proto::{
+    AgentSession, AgentSessionConfig, CloseCode, CommandOutcome, CommandRequest, Frame,
+    FrameDecoder, GoAway, Now, ProtocolViolation,
+};
+use tokio::sync::broadcast;
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use crate::command::{failed, CommandRunner};
+use crate::config::AgentConfig;
+use crate::credentials::Credentials;
+use crate::error::ConnectError;
+use crate::event::{AgentEvent, DisconnectReason};
+
+/// Largest chunk read from a stream at once.
+const READ_CHUNK: usize = 16 * 1024;
+/// Time the broker has to send a command request after opening its stream: 10 s.
+pub const COMMAND_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// Capabilities every agent announces.
+pub const CAPABILITY_EXEC: &str = "exec";
+/// Capability announced when shell commands are allowed.
+pub const CAPABILITY_SHELL: &str = "shell";
+
+/// How a session ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionEnd {
+    /// The broker address.
+    pub broker: SocketAddr,
+    /// The session id from `Welcome`, if the broker welcomed us.
+    pub session_id: Option<u64>,
+    /// Time from the QUIC handshake's completion to the end.
+    pub duration: Duration,
+    /// Why it ended.
+    pub reason: DisconnectReason,
+    /// The `GoAway` the broker sent, if any.
+    pub go_away: Option<GoAway>,
+    /// When the `GoAway` arrived (its delay counts from then).
+    pub go_away_received: Option<Instant>,
+}
+
+impl SessionEnd {
+    /// Whether the broker welcomed the agent.
+    pub fn was_established(&self) -> bool {
+        self.session_id.is_some()
+    }
+}
+
+/// What a session needs besides the connection. Built by [`crate::Agent`] or by
+/// [`connect_once`].
+#[derive(Clone)]
+pub(crate) struct SessionContext {
+    pub creds: Credentials,
+    pub cfg: AgentConfig,
+    pub runner: Arc<CommandRunner>,
+    pub events: broadcast::Sender<AgentEvent>,
+}
+
+fn now() -> Now {
+    Now {
+        instant: Instant::now().into_std(),
+        unix_ms: SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+            .unwrap_or(0),
+    }
+}
+
+/// Start a QUIC connection to `broker` and wait for the handshake (at most `timeout`).
+///
+/// `server_name` is only used for SNI; the broker is identified by its certificate's SPIFFE
+/// URI ([`crate::BrokerVerifier`]).
+pub async fn connect(
+    endpoint: &quinn::Endpoint,
+    broker: SocketAddr,
+    server_name: &str,
+    client_config: quinn::ClientConfig,
+    timeout: Duration,
+) -> Result<Connection, ConnectError> {
+    let connecting = endpoint.connect_with(client_config, broker, server_name)?;
+    match tokio::time::timeout(timeout, connecting).await {
+        Ok(Ok(conn)) => Ok(conn),
+        Ok(Err(e)) => Err(ConnectError::Handshake(
+            DisconnectReason::from_connection_error(&e, None),
+        )),
+        Err(_) => Err(ConnectError::Timeout),
+    }
+}
+
+/// One attempt: connect to `broker`, run the session until it ends or `shutdown` fires,
+/// and report how it ended. Commands run with a runner private to this attempt.
+pub async fn connect_once(
+    endpoint: &quinn::Endpoint,
+    broker: SocketAddr,
+    client_config: quinn::ClientConfig,
+    creds: &Credentials,
+    cfg: &AgentConfig,
+    shutdown: &CancellationToken,
+) -> Result<SessionEnd, ConnectError> {
+    let ctx = SessionContext {
+        creds: creds.clone(),
+        cfg: cfg.clone(),
+        runner: Arc::new(CommandRunner::new(cfg)),
+        events: broadcast::channel(16).0,
+    };
+    let server_name = broker.ip().to_string();
+    let conn = tokio::select! {
+        r = connect(endpoint, broker, &server_name, client_config, cfg.connect_timeout) => r?,
+        _ = shutdown.cancelled() => return Err(ConnectError::Shutdown),
+    };
+    Ok(run_session(conn, &ctx, shutdown).await)
+}
+
+/// Drive a session on an established connection until it ends.
+pub(crate) async fn run_session(
+    conn: Connection,
+    ctx: &SessionContext,
+    shutdown: &CancellationToken,
+) -> SessionEnd {
+    let broker = conn.remote_address();
+    let span = tracing::info_span!("session", %broker, conn_id = conn.stable_id());
+    async {
+        let started = Instant::now();
+        let mut driver = Driver {
+            conn: conn.clone(),
+            ctx,
+            session_id: None,
+            go_away: None,
+            go_away_received: None,
+            local_close: None,
+            commands: JoinSet::new(),
+            draining: CancellationToken::new(),
+        };
+        let reason = driver.run(shutdown).await;
+        driver.commands.abort_all();
+        let reason = match reason {
+            Some(r) => r,
+            None => DisconnectReason::Local(driver.local_close.unwrap_or(CloseCode::Normal)),
+        };
+        SessionEnd {
+            broker,
+            session_id: driver.session_id,
+            duration: started.elapsed(),
+            reason,
+            go_away: driver.go_away,
+            go_away_received: driver.go_away_received,
+        }
+    }
+    .instrument(span)
+    .await
+}
+
+struct Driver<'a> {
+    conn: Connection,
+    ctx: &'a SessionContext,
+    session_id: Option<u64>,
+    go_away: Option<GoAway>,
+    go_away_received: Option<Instant>,
+    local_close: Option<CloseCode>,
+    commands: JoinSet<()>,
+    /// Fired on `GoAway`: new commands are refused.
+    draining: CancellationToken,
+}
+
+impl Driver<'_> {
+    fn close(&mut self, code: CloseCode) -> Option<DisconnectReason> {
+        self.conn
+            .close(VarInt::from_u32(code.code()), code.as_str().as_bytes());
+        self.local_close = Some(code);
+        Some(DisconnectReason::Local(code))
+    }
+
+    fn lost(&self, e: &quinn::ConnectionError) -> Option<DisconnectReason> {
+        Some(DisconnectReason::from_connection_error(e, self.local_close))
+    }
+
+    /// Run until the session ends; the reason (None means "closed locally").
+    async fn run(&mut self, shutdown: &CancellationToken) -> Option<DisconnectReason> {
+        let (mut send, mut recv) = tokio::select! {
+            r = self.conn.open_bi() => match r {
+                Ok(s) => s,
+                Err(e) => return self.lost(&e),
+            },
+            _ = shutdown.cancelled() => return self.close(CloseCode::Normal),
+        };
+        let creds = &self.ctx.creds;
+        let cfg = &self.ctx.cfg;
+        let mut capabilities = vec![CAPABILITY_EXEC.to_owned()];
+        if cfg.allow_shell {
+            capabilities.push(CAPABILITY_SHELL.to_owned());
+        }
+        let t0 = now();
+        let mut session = AgentSession::new(
+            AgentSessionConfig {
+                agent_version: env!("CARGO_PKG_VERSION").to_owned(),
+                capabilities,
+                cert_not_after_ms: creds.not_after_ms(),
+                trust_state: creds.trust_state(t0.unix_ms),
+                welcome_timeout: cfg.connect_timeout,
+                missed_heartbeats: tether_proto::session::DEFAULT_MISSED_HEARTBEATS,
+                manual_renewal_generation: 0,
+            },
+            t0,
+        );
+        let mut decoder = FrameDecoder::new(cfg.max_frame_len);
+        let mut out = BytesMut::new();
+        // Deadline for leaving after a GoAway: running commands get until then.
+        let mut leave_at: Option<Instant> = None;
+
+        loop {
+            // 1. Write whatever the state machine queued.
+            while let Some(frame) = session.poll_transmit() {
+                if let Err(e) = tether_proto::encode_frame(&frame, &mut out, cfg.max_frame_len) {
+                    tracing::error!(error = %e, "cannot encode session frame");
+                    return self.close(CloseCode::Internal);
+                }
+            }
+            if !out.is_empty() {
+                let write = send.write_all(&out);
+                let r = tokio::select! {
+                    r = write => r,
+                    _ = shutdown.cancelled() => return self.close(CloseCode::Normal),
+                };
+                if let Err(e) = r {
+                    return match e {
+                        quinn::WriteError::ConnectionLost(e) => self.lost(&e),
+                        other => {
+                            tracing::warn!(error = %other, "session stream closed by broker");
+                            self.close(CloseCode::ProtocolError)
+                        }
+                    };
+                }
+                out.clear();
+            }
+
+            // 2. React to what happened.
+            while let Some(event) = session.poll_event() {
+                match event {
+                    tether_proto::AgentEvent::Welcome(w) => {
+                        tracing::info!(session_id = w.session_id,
+                            heartbeat_ms = w.heartbeat_interval_ms, "session established");
+                        self.session_id = Some(w.session_id);
+                        let _ = self.ctx.events.send(AgentEvent::Connected {
+                            broker: self.conn.remote_address(),
+                            session_id: w.session_id,
+                        });
+                    }
+                    tether_proto::AgentEvent::HeartbeatAck(ack) => {
+                        tracing::trace!(seq = ack.seq, "heartbeat acknowledged");
+                    }
+                    tether_proto::AgentEvent::RenewalRequested { generation } => {
+                        tracing::warn!(generation,
+                            "broker requests certificate renewal (renewal is not implemented by this agent yet)");
+                    }
+                    tether_proto::AgentEvent::GoAway(g) => {
+                        tracing::info!(reason = ?g.reason, reconnect_after_ms = g.reconnect_after_ms,
+                            message = %g.message, "broker sent goaway; draining");
+                        let _ = self.ctx.events.send(AgentEvent::GoAway {
+                            broker: self.conn.remote_address(),
+                            reason: g.reason,
+                            reconnect_after: Duration::from_millis(u64::from(g.reconnect_after_ms)),
+                        });
+                        self.draining.cancel();
+                        if leave_at.is_none() {
+                            self.go_away_received = Some(Instant::now());
+                            leave_at = Some(Instant::now()
+                                + Duration::from_millis(u64::from(g.reconnect_after_ms)));
+                        }
+                        self.go_away = Some(g);
+                    }
+                }
+            }
+            // After a GoAway, leave as soon as running commands are done.
+            if leave_at.is_some() && self.commands.is_empty() {
+                return self.close(CloseCode::Normal);
+            }
+
+            let timeout = session.poll_timeout();
+            tokio::select! {
+                _ = shutdown.cancelled() => {
+                    tracing::info!("shutting down session");
+                    return self.close(CloseCode::Normal);
+                }
+                chunk = recv.read_chunk(READ_CHUNK, true) => {
+                    match chunk {
+                        Ok(Some(chunk)) => {
+                            decoder.push(&chunk.bytes);
+                            let t = now();
+                            loop {
+                                match decoder.poll_frame() {
+                                    Ok(Some(frame)) => {
+                                        if let Err(v) = session.handle_frame(frame, t) {
+                                            return self.violation(&v);
+                                        }
+                                    }
+                                    Ok(None) => break,
+                                    Err(e) => return self.violation(&ProtocolViolation::Decode(e)),
+                                }
+                            }
+                        }
+                        Ok(None) => {
+                            tracing::warn!("broker finished the session stream");
+                            return self.close(CloseCode::ProtocolError);
+                        }
+                        Err(quinn::ReadError::ConnectionLost(e)) => return self.lost(&e),
+                        Err(e) => {
+                            tracing::warn!(error = %e, "session stream failed");
+                            return self.close(CloseCode::ProtocolError);
+                        }
+                    }
+                }
+                _ = sleep_until_std(timeout) => {
+                    let t = now();
+                    session.set_certificate(creds.not_after_ms(), creds.trust_state(t.unix_ms));
+                    if let Some(code) = session.handle_timeout(t) {
+                        tracing::warn!(%code, "broker went silent");
+                        return self.close(code);
+                    }
+                }
+                stream = self.conn.accept_bi() => {
+                    match stream {
+                        Ok((send, recv)) => self.spawn_command(send, recv),
+                        Err(e) => return self.lost(&e),
+                    }
+                }
+                Some(_) = self.commands.join_next(), if !self.commands.is_empty() => {}
+                _ = sleep_until(leave_at), if leave_at.is_some() => {
+                    tracing::info!(running = self.commands.len(),
+                        "goaway delay passed with commands still running; leaving");
+                    return self.close(CloseCode::Normal);
+                }
+            }
+        }
+    }
+
+    fn violation(&mut self, v: &ProtocolViolation) -> Option<DisconnectReason> {
+        tracing::warn!(error = %v, kind = v.kind(), "broker broke the protocol");
+        self.close(CloseCode::ProtocolError)
+    }
+
+    fn spawn_command(&mut self, send: SendStream, recv: RecvStream) {
+        let conn = self.conn.clone();
+        let runner = self.ctx.runner.clone();
+        let events = self.ctx.events.clone();
+        let max_frame_len = self.ctx.cfg.max_frame_len;
+        let draining = self.draining.clone();
+        let span = tracing::info_span!("command", stream = %send.id());
+        self.commands.spawn(
+            serve_command(conn, runner, events, max_frame_len, draining, send, recv)
+                .instrument(span),
+        );
+    }
+}
+
+/// Serve one broker-opened command stream: read the request, run it, finish the stream.
+async fn serve_command(
+    conn: Connection,
+    runner: Arc<CommandRunner>,
+    events: broadcast::Sender<AgentEvent>,
+    max_frame_len: usize,
+    draining: CancellationToken,
+    mut send: SendStream,
+    mut recv: RecvStream,
+) {
+    let req = match tokio::time::timeout(
+        COMMAND_REQUEST_TIMEOUT,
+        read_request(&mut recv, max_frame_len),
+    )
+    .await
+    {
+        Ok(Ok(req)) => req,
+        Ok(Err(RequestError::Violation(v))) => {
+            tracing::warn!(error = %v, "invalid command stream");
+            let code = CloseCode::ProtocolError;
+            conn.close(VarInt::from_u32(code.code()), code.as_str().as_bytes());
+            return;
+        }
+        Ok(Err(RequestError::Stream(e))) => {
+            tracing::debug!(error = %e, "command stream failed before the request");
+            return;
+        }
+        Err(_) => {
+            tracing::warn!("no command request in time; resetting the stream");
+            let _ = send.reset(VarInt::from_u32(0));
+            return;
+        }
+    };
+    let command_id = req.command_id;
+    tracing::info!(command_id, kind = ?req.kind, argc = req.argv.len(), "command requested");
+
+    let cancel = CancellationToken::new();
+    // Cancel when the broker stops our send side, resets its own, or the connection ends.
+    let stopped = send.stopped();
+    let watch_cancel = cancel.clone();
+    let watcher = tokio::spawn(async move {
+        tokio::select! {
+            _ = stopped => {}
+            _ = wait_reset(&mut recv) => {}
+        }
+        watch_cancel.cancel();
+    });
+
+    let result = if draining.is_cancelled() {
+        let outcome = failed(tether_proto::FailureReason::Refused, "agent is draining");
+        write_result(&mut send, max_frame_len, command_id, &outcome)
+            .await
+            .map(|()| outcome)
+    } else {
+        runner.run(&req, &mut send, &cancel).await
+    };
+    watcher.abort();
+    match result {
+        Ok(outcome) => {
+            let _ = send.finish();
+            let _ = events.send(AgentEvent::CommandFinished {
+                command_id,
+                outcome,
+            });
+        }
+        Err(e) => {
+            tracing::info!(command_id, error = %e, "command stream ended early");
+            let outcome = failed(tether_proto::FailureReason::Cancelled, e.to_string());
+            let _ = events.send(AgentEvent::CommandFinished {
+                command_id,
+                outcome,
+            });
+        }
+    }
+}
+
+async fn write_result(
+    send: &mut SendStream,
+    max_frame_len: usize,
+    command_id: u64,
+    outcome: &CommandOutcome,
+) -> std::io::Result<()> {
+    let mut buf = BytesMut::new();
+    tether_proto::encode_frame(
+        &Frame::CommandResult(tether_proto::CommandResult {
+            command_id,
+            outcome: outcome.clone(),
+        }),
+        &mut buf,
+        max_frame_len,
+    )
+    .map_err(std::io::Error::other)?;
+    send.write_all(&buf).await.map_err(std::io::Error::from)
+}
+
+enum RequestError {
+    Violation(ProtocolViolation),
+    Stream(String),
+}
+
+/// Read exactly one `CommandRequest` frame (bounded by `max_frame_len`).
+async fn read_request(
+    recv: &mut RecvStream,
+    max_frame_len: usize,
+) -> Result<CommandRequest, RequestError> {
+    let mut decoder = FrameDecoder::new(max_frame_len);
+    loop {
+        match decoder.poll_frame() {
+            Ok(Some(Frame::CommandRequest(req))) => return Ok(req),
+            Ok(Some(other)) => {
+                return Err(RequestError::Violation(ProtocolViolation::UnexpectedFrame {
+                    frame: other.frame_type(),
+                    state: "awaiting command request",
+                }))
+            }
+            Ok(None) => {}
+            Err(e) => return Err(RequestError::Violation(ProtocolViolation::Decode(e))),
+        }
+        match recv.read_chunk(READ_CHUNK, true).await {
+            Ok(Some(chunk)) => decoder.push(&chunk.bytes),
+            Ok(None) => {
+                return Err(RequestError::Violation(ProtocolViolation::Decode(
+                    tether_proto::DecodeError::Truncated("command request"),
+                )))
+            }
+            Err(e) => return Err(RequestError::Stream(e.to_string())),
+        }
+    }
+}
+
+/// Completes when the broker resets its side of a command stream or the connection ends;
+/// never when it merely finishes its side.
+async fn wait_reset(recv: &mut RecvStream) {
+    loop {
+        match recv.read_chunk(READ_CHUNK, true).await {
+            Ok(Some(_)) => continue, // nothing more is expected; discard
+            Ok(None) => return std::future::pending().await,
+            Err(_) => return,
+        }
+    }
+}
+
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn sleep_until_std(at: Option<Instant>) {
+    sleep_until(at.map(Instant::from_std)).await
+}

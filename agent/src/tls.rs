@@ -1,0 +1,103 @@
+//! QUIC client configuration: TLS 1.3 with the ring provider, the appliance certificate for
+//! client authentication, [`BrokerVerifier`] for the broker, ALPN [`tether_proto::ALPN`],
+//! and a transport sized for small control traffic.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use quinn::crypto::rustls::QuicClientConfig;
+use quinn::{IdleTimeout, TransportConfig, VarInt};
+use rustls::client::ResolvesClientCert;
+use rustls::sign::CertifiedKey;
+use rustls::SignatureScheme;
+
+use crate::config::AgentConfig;
+use crate::credentials::{CredentialError, Credentials};
+use crate::verifier::BrokerVerifier;
+
+/// QUIC keep-alive interval: 10 s, well inside common NAT binding timeouts (30 s).
+pub const KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(10);
+/// QUIC idle timeout: 30 s without any packet ends the connection.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Connection-wide receive window: 256 KiB.
+pub const RECEIVE_WINDOW: u32 = 256 * 1024;
+/// Send window: 256 KiB.
+pub const SEND_WINDOW: u64 = 256 * 1024;
+/// Broker-opened bidirectional streams allowed beyond `max_concurrent_commands`, so that
+/// a busy agent can still answer `Busy` instead of stalling the broker.
+pub const EXTRA_COMMAND_STREAMS: usize = 4;
+
+/// The QUIC client configuration for `creds`.
+pub fn client_config(
+    creds: &Credentials,
+    cfg: &AgentConfig,
+) -> Result<quinn::ClientConfig, CredentialError> {
+    let verifier = Arc::new(BrokerVerifier::new(creds.ca_certs(), creds.trust_domain())?);
+    let mut provider = rustls::crypto::ring::default_provider();
+    // Prefer AES-128-GCM-SHA256: same security margin for this use, no SHA-384 cost.
+    provider
+        .cipher_suites
+        .sort_by_key(|s| s.suite() != rustls::CipherSuite::TLS13_AES_128_GCM_SHA256);
+    let mut tls = rustls::ClientConfig::builder_with_provider(Arc::new(provider))
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| CredentialError::Tls(e.to_string()))?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
+        .with_client_cert_resolver(Arc::new(ClientCert(creds.certified_key())));
+    tls.alpn_protocols = vec![tether_proto::ALPN.to_vec()];
+    // Session tickets would let a revoked certificate's session resume; none needed.
+    tls.resumption = rustls::client::Resumption::disabled();
+    tls.enable_early_data = false;
+
+    let quic = QuicClientConfig::try_from(Arc::new(tls))
+        .map_err(|e| CredentialError::Tls(e.to_string()))?;
+    let mut config = quinn::ClientConfig::new(Arc::new(quic));
+    config.transport_config(Arc::new(transport_config(cfg)));
+    Ok(config)
+}
+
+fn transport_config(cfg: &AgentConfig) -> TransportConfig {
+    let mut t = TransportConfig::default();
+    let streams = cfg
+        .max_concurrent_commands
+        .saturating_add(EXTRA_COMMAND_STREAMS);
+    t.max_concurrent_bidi_streams(VarInt::from_u32(u32::try_from(streams).unwrap_or(u32::MAX)))
+        .max_concurrent_uni_streams(VarInt::from_u32(0))
+        .keep_alive_interval(Some(KEEP_ALIVE_INTERVAL))
+        .max_idle_timeout(IdleTimeout::try_from(IDLE_TIMEOUT).ok())
+        // One full frame in flight per stream is enough for control traffic.
+        .stream_receive_window(VarInt::from_u32(
+            u32::try_from(cfg.max_frame_len + tether_proto::FRAME_HEADER_LEN)
+                .unwrap_or(u32::MAX),
+        ))
+        .receive_window(VarInt::from_u32(RECEIVE_WINDOW))
+        .send_window(SEND_WINDOW)
+        .datagram_receive_buffer_size(None);
+    t
+}
+
+/// A client-only endpoint bound to `bind` (e.g. `0.0.0.0:0`), usable by many agents at
+/// once: each connection carries its own client configuration.
+pub fn client_endpoint(bind: SocketAddr) -> std::io::Result<quinn::Endpoint> {
+    quinn::Endpoint::client(bind)
+}
+
+/// Always presents the appliance certificate.
+#[derive(Debug)]
+struct ClientCert(Arc<CertifiedKey>);
+
+impl ResolvesClientCert for ClientCert {
+    fn resolve(
+        &self,
+        _root_hint_subjects: &[&[u8]],
+        sigschemes: &[SignatureScheme],
+    ) -> Option<Arc<CertifiedKey>> {
+        // Only offer the certificate if the broker accepts a scheme our key can sign with.
+        self.0.key.choose_scheme(sigschemes).map(|_| self.0.clone())
+    }
+
+    fn has_certs(&self) -> bool {
+        true
+    }
+}

@@ -1,0 +1,221 @@
+//! The local admin listener (HTTP, default `127.0.0.1:7444`).
+//!
+//! - `GET /metrics` — Prometheus text format.
+//! - `GET /healthz` — `{"status": "ok"|"draining", "sessions": N, "allowlist_version": V,
+//!   "allowlist_entries": E}`.
+//! - `GET /v1/sessions` — JSON array of live sessions.
+//! - `POST /v1/sessions/{appliance_id}/commands` — run a command; the response streams
+//!   NDJSON lines `{"stream": "stdout"|"stderr", "data": "..."}` and ends with
+//!   `{"exit_code": N}` or `{"error": "<code>", "message": "..."}`. 404 when the appliance
+//!   is not connected, 400 for an invalid request.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::{Deserialize, Serialize};
+use tether_proto::{CommandKind, OutputStream};
+use tokio_util::sync::CancellationToken;
+
+use crate::server::{Broker, CommandError, CommandEvent, CommandSpec};
+
+/// Largest admin request body: 64 KiB.
+pub const MAX_BODY: usize = 64 * 1024;
+/// Default command deadline when the request gives none: 30 s.
+pub const DEFAULT_COMMAND_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// One row of `GET /v1/sessions`.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct SessionView {
+    /// The appliance.
+    pub appliance_id: String,
+    /// Broker-assigned session id.
+    pub session_id: u64,
+    /// RFC 3339 time the session was established.
+    pub connected_at: String,
+    /// SHA-256 of the certificate, lowercase hex.
+    pub fingerprint: String,
+    /// The agent's address.
+    pub remote: String,
+    /// Agent version.
+    pub agent_version: String,
+    /// Certificate `notAfter`, ms since the epoch.
+    pub cert_not_after_ms: i64,
+    /// Last heartbeat, ms since the epoch (0 = none yet).
+    pub last_heartbeat_ms: i64,
+    /// Trust state reported by the agent.
+    pub trust_state: String,
+}
+
+/// Body of `POST /v1/sessions/{appliance_id}/commands`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CommandBody {
+    /// Program and arguments.
+    pub argv: Vec<String>,
+    /// Deadline in ms (default 30000).
+    pub timeout_ms: Option<u64>,
+    /// `exec` (default) or `shell`.
+    #[serde(default)]
+    pub kind: Option<String>,
+    /// Environment variable names the command may inherit from the agent.
+    #[serde(default)]
+    pub env: Vec<String>,
+}
+
+/// A JSON error body `{"error": code, "message": ...}`.
+fn error(status: StatusCode, code: &str, message: impl Into<String>) -> Response {
+    (
+        status,
+        Json(serde_json::json!({ "error": code, "message": message.into() })),
+    )
+        .into_response()
+}
+
+/// The admin router.
+pub fn router(broker: Arc<Broker>) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(healthz))
+        .route("/v1/sessions", get(sessions))
+        .route("/v1/sessions/{appliance_id}/commands", post(command))
+        .layer(DefaultBodyLimit::max(MAX_BODY))
+        .with_state(broker)
+}
+
+/// Serve the admin API on `listener` until `shutdown`.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    broker: Arc<Broker>,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    axum::serve(listener, router(broker))
+        .with_graceful_shutdown(async move { shutdown.cancelled().await })
+        .await
+}
+
+async fn metrics(State(b): State<Arc<Broker>>) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        b.metrics().render(),
+    )
+        .into_response()
+}
+
+async fn healthz(State(b): State<Arc<Broker>>) -> Response {
+    let snap = b.allowlist().snapshot();
+    let status = if b.is_draining() { "draining" } else { "ok" };
+    let code = if b.is_draining() {
+        StatusCode::SERVICE_UNAVAILABLE
+    } else {
+        StatusCode::OK
+    };
+    (
+        code,
+        Json(serde_json::json!({
+            "status": status,
+            "sessions": b.sessions().len(),
+            "allowlist_version": snap.version(),
+            "allowlist_entries": snap.len(),
+        })),
+    )
+        .into_response()
+}
+
+async fn sessions(State(b): State<Arc<Broker>>) -> Json<Vec<SessionView>> {
+    use std::sync::atomic::Ordering::Relaxed;
+    let mut rows: Vec<SessionView> = b
+        .sessions()
+        .list()
+        .into_iter()
+        .map(|s| SessionView {
+            appliance_id: s.appliance.to_string(),
+            session_id: s.session_id,
+            connected_at: humantime::format_rfc3339_millis(s.connected_at).to_string(),
+            fingerprint: s.fingerprint.to_hex(),
+            remote: s.remote.to_string(),
+            agent_version: s.agent_version.clone(),
+            cert_not_after_ms: s.cert_not_after_ms.load(Relaxed),
+            last_heartbeat_ms: s.last_heartbeat_ms.load(Relaxed),
+            trust_state: format!("{:?}", s.trust_state()),
+        })
+        .collect();
+    rows.sort_by(|a, b| a.appliance_id.cmp(&b.appliance_id));
+    Json(rows)
+}
+
+async fn command(
+    State(b): State<Arc<Broker>>,
+    Path(appliance_id): Path<String>,
+    body: Result<Json<CommandBody>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    let Json(body) = match body {
+        Ok(b) => b,
+        Err(e) => return error(StatusCode::BAD_REQUEST, "bad_request", e.body_text()),
+    };
+    let kind = match body.kind.as_deref() {
+        None | Some("exec") => CommandKind::Exec,
+        Some("shell") => CommandKind::Shell,
+        Some(other) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+                format!("unknown kind {other:?}; use \"exec\" or \"shell\""),
+            )
+        }
+    };
+    let spec = CommandSpec {
+        argv: body.argv,
+        kind,
+        env_allowlist: body.env,
+        timeout: body
+            .timeout_ms
+            .map(Duration::from_millis)
+            .unwrap_or(DEFAULT_COMMAND_TIMEOUT),
+    };
+    let rx = match b.run_command(&appliance_id, spec).await {
+        Ok(rx) => rx,
+        Err(CommandError::NotConnected(id)) => {
+            return error(
+                StatusCode::NOT_FOUND,
+                "not_connected",
+                format!("appliance {id} has no live session on this broker"),
+            )
+        }
+        Err(CommandError::Invalid(m)) => return error(StatusCode::BAD_REQUEST, "bad_request", m),
+        Err(CommandError::ConnectionLost(m)) => {
+            return error(StatusCode::BAD_GATEWAY, "connection_lost", m)
+        }
+    };
+    let stream = futures_util::stream::unfold(rx, |mut rx| {
+        async move {
+            let ev = rx.recv().await?;
+            let line = match ev {
+                CommandEvent::Output { stream, data } => serde_json::json!({
+                    "stream": match stream { OutputStream::Stdout => "stdout", OutputStream::Stderr => "stderr" },
+                    "data": String::from_utf8_lossy(&data),
+                }),
+                CommandEvent::Exit(code) => serde_json::json!({ "exit_code": code }),
+                CommandEvent::Failed { code, message } => {
+                    serde_json::json!({ "error": code, "message": message })
+                }
+            };
+            let mut bytes = serde_json::to_vec(&line).unwrap_or_default();
+            bytes.push(b'\n');
+            Some((Ok::<_, std::convert::Infallible>(bytes), rx))
+        }
+    });
+    (
+        [(header::CONTENT_TYPE, "application/x-ndjson")],
+        Body::from_stream(stream),
+    )
+        .into_response()
+}

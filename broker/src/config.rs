@@ -1,0 +1,480 @@
+//! Broker configuration: a TOML file, overridden by command-line flags and `TETHER_BROKER_*`
+//! environment variables (flags win over the environment, which wins over the file).
+//!
+//! Relative paths in the file resolve against the file's folder. Durations are strings such
+//! as `"15s"` or `"250ms"`.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use thiserror::Error;
+
+/// Default QUIC listen address.
+pub const DEFAULT_LISTEN: &str = "0.0.0.0:7443";
+/// Default admin listen address (loopback only).
+pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:7444";
+/// Default heartbeat interval announced to agents.
+pub const DEFAULT_HEARTBEAT_INTERVAL: Duration = Duration::from_secs(15);
+/// Default time an agent has to open its session stream and send `Hello`.
+pub const DEFAULT_HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default handshakes processed at once. Beyond this, new connections wait in the queue.
+pub const DEFAULT_MAX_CONCURRENT_HANDSHAKES: usize = 128;
+/// Default bound of the queue of connections waiting for a handshake slot; beyond it new
+/// connections are refused at once (the agent backs off with jitter).
+pub const DEFAULT_MAX_PENDING_HANDSHAKES: usize = 2048;
+/// Default time a queued connection may wait for a slot before it is refused.
+pub const DEFAULT_PENDING_TIMEOUT: Duration = Duration::from_secs(3);
+/// Default limit on one handshake.
+pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default longest command deadline the admin API accepts.
+pub const DEFAULT_MAX_COMMAND_TIMEOUT: Duration = Duration::from_secs(3600);
+/// Default drain time on SIGTERM before remaining sessions are closed.
+pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default upper bound of the jittered reconnect delay sent in `GoAway`.
+pub const DEFAULT_RECONNECT_JITTER: Duration = Duration::from_secs(5);
+/// Default per-stream receive window (bytes): two maximum frames.
+pub const DEFAULT_STREAM_RECEIVE_WINDOW: u32 = 128 * 1024;
+/// Default per-connection receive window (bytes).
+pub const DEFAULT_RECEIVE_WINDOW: u32 = 256 * 1024;
+/// Default per-connection send buffer (bytes).
+pub const DEFAULT_SEND_WINDOW: u64 = 256 * 1024;
+/// Default UDP receive buffer requested from the kernel (bytes): 32 MiB.
+pub const DEFAULT_UDP_RECV_BUFFER: usize = 32 * 1024 * 1024;
+/// Default QUIC idle timeout; agents heartbeat well within it.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Environment variable names, next to their defaults above.
+pub mod env {
+    /// Config file path.
+    pub const CONFIG: &str = "TETHER_BROKER_CONFIG";
+    /// `listen`.
+    pub const LISTEN: &str = "TETHER_BROKER_LISTEN";
+    /// `admin_listen`.
+    pub const ADMIN_LISTEN: &str = "TETHER_BROKER_ADMIN_LISTEN";
+    /// `trust_domain`.
+    pub const TRUST_DOMAIN: &str = "TETHER_BROKER_TRUST_DOMAIN";
+    /// `tls.ca`.
+    pub const TLS_CA: &str = "TETHER_BROKER_TLS_CA";
+    /// `tls.cert`.
+    pub const TLS_CERT: &str = "TETHER_BROKER_TLS_CERT";
+    /// `tls.key`.
+    pub const TLS_KEY: &str = "TETHER_BROKER_TLS_KEY";
+    /// `allowlist.file`.
+    pub const ALLOWLIST_FILE: &str = "TETHER_BROKER_ALLOWLIST_FILE";
+    /// `drain.timeout`.
+    pub const DRAIN_TIMEOUT: &str = "TETHER_BROKER_DRAIN_TIMEOUT";
+    /// `drain.reconnect_jitter`.
+    pub const RECONNECT_JITTER: &str = "TETHER_BROKER_RECONNECT_JITTER";
+    /// `session.heartbeat_interval`.
+    pub const HEARTBEAT_INTERVAL: &str = "TETHER_BROKER_HEARTBEAT_INTERVAL";
+    /// Log format, `text` or `json`.
+    pub const LOG_FORMAT: &str = "TETHER_BROKER_LOG_FORMAT";
+}
+
+/// The whole broker configuration.
+#[derive(Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// QUIC (UDP) listen address. Default `0.0.0.0:7443`.
+    pub listen: SocketAddr,
+    /// Admin HTTP listen address (`/metrics`, `/healthz`, `/v1/...`). Default
+    /// `127.0.0.1:7444`; keep it on loopback or a management network.
+    pub admin_listen: SocketAddr,
+    /// SPIFFE trust domain of appliance identities. Required.
+    pub trust_domain: String,
+    /// Certificates and keys.
+    pub tls: TlsConfig,
+    /// Where the allowlist comes from.
+    pub allowlist: AllowlistConfig,
+    /// Session protocol settings.
+    pub session: SessionConfig,
+    /// Admission control and limits.
+    pub limits: LimitsConfig,
+    /// Graceful shutdown.
+    pub drain: DrainConfig,
+    /// QUIC transport tuning.
+    pub transport: TransportSettings,
+}
+
+/// `[tls]`
+#[derive(Clone, Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM bundle of the CA certificates appliance certificates chain to (root and
+    /// intermediates). Required.
+    pub ca: PathBuf,
+    /// PEM chain of the broker's own certificate (leaf first). Required.
+    pub cert: PathBuf,
+    /// PEM private key of the broker's certificate (PKCS#8, SEC1 or PKCS#1). Required.
+    pub key: PathBuf,
+}
+
+/// `[allowlist]`
+#[derive(Clone, Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct AllowlistConfig {
+    /// Text file of `<appliance-id> <sha256-hex>` lines, reloaded on change and SIGHUP.
+    pub file: Option<PathBuf>,
+}
+
+/// `[session]`
+#[derive(Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SessionConfig {
+    /// Heartbeat interval announced to agents; a session is idle after three are missed.
+    /// Default 15 s.
+    #[serde(with = "duration_str")]
+    pub heartbeat_interval: Duration,
+    /// Time to open the session stream and send `Hello`. Default 10 s.
+    #[serde(with = "duration_str")]
+    pub hello_timeout: Duration,
+    /// Largest frame accepted or sent, in bytes. Default 65536.
+    pub max_frame_len: usize,
+}
+
+impl Default for SessionConfig {
+    fn default() -> Self {
+        Self {
+            heartbeat_interval: DEFAULT_HEARTBEAT_INTERVAL,
+            hello_timeout: DEFAULT_HELLO_TIMEOUT,
+            max_frame_len: tether_proto::DEFAULT_MAX_FRAME_LEN,
+        }
+    }
+}
+
+/// `[limits]`
+#[derive(Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Handshakes processed at once. Default 128.
+    pub max_concurrent_handshakes: usize,
+    /// Connections that may wait for a handshake slot; beyond it they are refused.
+    /// Default 2048.
+    pub max_pending_handshakes: usize,
+    /// Longest wait in that queue. Default 3 s.
+    #[serde(with = "duration_str")]
+    pub pending_timeout: Duration,
+    /// Longest handshake. Default 10 s.
+    #[serde(with = "duration_str")]
+    pub handshake_timeout: Duration,
+    /// Longest command deadline accepted by the admin API. Default 1 h.
+    #[serde(with = "duration_str")]
+    pub max_command_timeout: Duration,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            max_concurrent_handshakes: DEFAULT_MAX_CONCURRENT_HANDSHAKES,
+            max_pending_handshakes: DEFAULT_MAX_PENDING_HANDSHAKES,
+            pending_timeout: DEFAULT_PENDING_TIMEOUT,
+            handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
+            max_command_timeout: DEFAULT_MAX_COMMAND_TIMEOUT,
+        }
+    }
+}
+
+/// `[drain]`
+#[derive(Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DrainConfig {
+    /// After SIGTERM, how long sessions get to leave after `GoAway`. Default 10 s.
+    #[serde(with = "duration_str")]
+    pub timeout: Duration,
+    /// `GoAway` tells each agent to reconnect after a random delay in `[0, this]`, so a
+    /// drained broker's fleet does not land on the others at once. Default 5 s.
+    #[serde(with = "duration_str")]
+    pub reconnect_jitter: Duration,
+}
+
+impl Default for DrainConfig {
+    fn default() -> Self {
+        Self {
+            timeout: DEFAULT_DRAIN_TIMEOUT,
+            reconnect_jitter: DEFAULT_RECONNECT_JITTER,
+        }
+    }
+}
+
+/// `[transport]`: QUIC settings sized for small control traffic.
+#[derive(Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TransportSettings {
+    /// Per-stream receive window, bytes. Default 131072.
+    pub stream_receive_window: u32,
+    /// Per-connection receive window, bytes. Default 262144.
+    pub receive_window: u32,
+    /// Per-connection send buffer, bytes. Default 262144.
+    pub send_window: u64,
+    /// UDP receive buffer to request, bytes. Default 32 MiB; the kernel caps it at
+    /// `net.core.rmem_max` (raise that sysctl to get it).
+    pub udp_recv_buffer: usize,
+    /// QUIC idle timeout. Default 60 s.
+    #[serde(with = "duration_str")]
+    pub idle_timeout: Duration,
+}
+
+impl Default for TransportSettings {
+    fn default() -> Self {
+        Self {
+            stream_receive_window: DEFAULT_STREAM_RECEIVE_WINDOW,
+            receive_window: DEFAULT_RECEIVE_WINDOW,
+            send_window: DEFAULT_SEND_WINDOW,
+            udp_recv_buffer: DEFAULT_UDP_RECV_BUFFER,
+            idle_timeout: DEFAULT_IDLE_TIMEOUT,
+        }
+    }
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            listen: DEFAULT_LISTEN.parse().expect("valid default"),
+            admin_listen: DEFAULT_ADMIN_LISTEN.parse().expect("valid default"),
+            trust_domain: String::new(),
+            tls: TlsConfig::default(),
+            allowlist: AllowlistConfig::default(),
+            session: SessionConfig::default(),
+            limits: LimitsConfig::default(),
+            drain: DrainConfig::default(),
+            transport: TransportSettings::default(),
+        }
+    }
+}
+
+impl fmt::Debug for Config {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let Self {
+            listen,
+            admin_listen,
+            trust_domain,
+            tls,
+            allowlist,
+            session,
+            limits,
+            drain,
+            transport,
+        } = self;
+        let TlsConfig { ca, cert, key } = tls;
+        f.debug_struct("Config")
+            .field("listen", listen)
+            .field("admin_listen", admin_listen)
+            .field("trust_domain", trust_domain)
+            .field("tls.ca", ca)
+            .field("tls.cert", cert)
+            .field("tls.key", key)
+            .field("allowlist.file", &allowlist.file)
+            .field("session.heartbeat_interval", &session.heartbeat_interval)
+            .field("session.hello_timeout", &session.hello_timeout)
+            .field("session.max_frame_len", &session.max_frame_len)
+            .field(
+                "limits.max_concurrent_handshakes",
+                &limits.max_concurrent_handshakes,
+            )
+            .field("limits.max_pending_handshakes", &limits.max_pending_handshakes)
+            .field("limits.pending_timeout", &limits.pending_timeout)
+            .field("limits.handshake_timeout", &limits.handshake_timeout)
+            .field("limits.max_command_timeout", &limits.max_command_timeout)
+            .field("drain.timeout", &drain.timeout)
+            .field("drain.reconnect_jitter", &drain.reconnect_jitter)
+            .field(
+                "transport.stream_receive_window",
+                &transport.stream_receive_window,
+            )
+            .field("transport.receive_window", &transport.receive_window)
+            .field("transport.send_window", &transport.send_window)
+            .field("transport.udp_recv_buffer", &transport.udp_recv_buffer)
+            .field("transport.idle_timeout", &transport.idle_timeout)
+            .finish()
+    }
+}
+
+/// A configuration that cannot be used. Names the field.
+#[derive(Debug, Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML for this schema.
+    #[error("invalid config file {path}: {source}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: Box<toml::de::Error>,
+    },
+    /// A field has an invalid value.
+    #[error("invalid `{field}`: {reason}")]
+    Invalid {
+        /// The field, as written in the file.
+        field: &'static str,
+        /// What is wrong.
+        reason: String,
+    },
+}
+
+impl Config {
+    /// Parse TOML text; relative paths resolve against `base`.
+    pub fn from_toml(text: &str, base: &Path, path: &Path) -> Result<Config, ConfigError> {
+        let mut cfg: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            source: Box::new(e),
+        })?;
+        cfg.resolve_paths(base);
+        Ok(cfg)
+    }
+
+    /// Read and parse a config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        Config::from_toml(&text, base, path)
+    }
+
+    fn resolve_paths(&mut self, base: &Path) {
+        let fix = |p: &mut PathBuf| {
+            if !p.as_os_str().is_empty() && p.is_relative() {
+                *p = base.join(&*p);
+            }
+        };
+        fix(&mut self.tls.ca);
+        fix(&mut self.tls.cert);
+        fix(&mut self.tls.key);
+        if let Some(f) = self.allowlist.file.as_mut() {
+            fix(f);
+        }
+    }
+
+    /// Check every field; the error names the first bad one.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |field, reason: &str| ConfigError::Invalid {
+            field,
+            reason: reason.to_owned(),
+        };
+        if !crate::verifier::valid_trust_domain(&self.trust_domain) {
+            return Err(invalid(
+                "trust_domain",
+                "required; lowercase letters, digits, '.', '-', '_'",
+            ));
+        }
+        if self.tls.ca.as_os_str().is_empty() {
+            return Err(invalid("tls.ca", "required"));
+        }
+        if self.tls.cert.as_os_str().is_empty() {
+            return Err(invalid("tls.cert", "required"));
+        }
+        if self.tls.key.as_os_str().is_empty() {
+            return Err(invalid("tls.key", "required"));
+        }
+        if self.allowlist.file.is_none() {
+            return Err(invalid(
+                "allowlist.file",
+                "required (the standalone broker admits only pinned certificates)",
+            ));
+        }
+        if self.session.heartbeat_interval < Duration::from_millis(100) {
+            return Err(invalid("session.heartbeat_interval", "must be at least 100ms"));
+        }
+        if self.session.max_frame_len < tether_proto::MIN_MAX_FRAME_LEN
+            || self.session.max_frame_len > 16 * 1024 * 1024
+        {
+            return Err(invalid(
+                "session.max_frame_len",
+                "must be between 1024 and 16777216 bytes",
+            ));
+        }
+        if self.limits.max_concurrent_handshakes == 0 {
+            return Err(invalid("limits.max_concurrent_handshakes", "must be at least 1"));
+        }
+        if (self.transport.stream_receive_window as usize) < self.session.max_frame_len {
+            return Err(invalid(
+                "transport.stream_receive_window",
+                "must be at least session.max_frame_len",
+            ));
+        }
+        if self.transport.receive_window < self.transport.stream_receive_window {
+            return Err(invalid(
+                "transport.receive_window",
+                "must be at least transport.stream_receive_window",
+            ));
+        }
+        if self.transport.idle_timeout <= self.session.heartbeat_interval {
+            return Err(invalid(
+                "transport.idle_timeout",
+                "must be longer than session.heartbeat_interval",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Serde adapter for durations written as `"15s"`, `"250ms"`, `"1h 30m"`.
+pub mod duration_str {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    /// Deserialize a humantime string.
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let s = String::deserialize(d)?;
+        humantime::parse_duration(&s).map_err(serde::de::Error::custom)
+    }
+
+    /// Serialize as a humantime string.
+    pub fn serialize<S: Serializer>(v: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&humantime::format_duration(*v).to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn relative_paths_resolve_against_the_file_folder() {
+        let text = r#"
+            listen = "127.0.0.1:7443"
+            admin_listen = "127.0.0.1:7444"
+            trust_domain = "example.test"
+            [tls]
+            ca = "ca.pem"
+            cert = "/abs/broker.pem"
+            key = "broker.key"
+            [allowlist]
+            file = "allowlist.txt"
+            [session]
+            heartbeat_interval = "2s"
+        "#;
+        let cfg = Config::from_toml(text, Path::new("/etc/tether"), Path::new("x")).unwrap();
+        assert_eq!(cfg.tls.ca, Path::new("/etc/tether/ca.pem"));
+        assert_eq!(cfg.tls.cert, Path::new("/abs/broker.pem"));
+        assert_eq!(
+            cfg.allowlist.file.as_deref(),
+            Some(Path::new("/etc/tether/allowlist.txt"))
+        );
+        assert_eq!(cfg.session.heartbeat_interval, Duration::from_secs(2));
+        cfg.validate().unwrap();
+    }
+
+    #[test]
+    fn validate_names_the_field() {
+        let cfg = Config::default();
+        let err = cfg.validate().unwrap_err();
+        assert!(matches!(err, ConfigError::Invalid { field: "trust_domain", .. }));
+        let text = "trust_domain = \"t\"\nbogus = 1\n";
+        let err = Config::from_toml(text, Path::new("."), Path::new("x")).unwrap_err();
+        assert!(err.to_string().contains("bogus"), "{err}");
+    }
+}

@@ -1,0 +1,212 @@
+//! The broker's Prometheus metrics, registered under the `tether_` prefix.
+//!
+//! One [`Metrics`] is created at startup and shared (`Arc`) by every subsystem; label values
+//! are `&'static str` so recording never allocates on the hot path.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+/// A `reason="..."` label.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Reason {
+    /// The reason.
+    pub reason: &'static str,
+}
+
+/// A `code="..."` label (QUIC close codes by name).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Code {
+    /// The close code name.
+    pub code: &'static str,
+}
+
+/// A `kind="..."` label.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Kind {
+    /// The kind.
+    pub kind: &'static str,
+}
+
+/// A `result="..."` label.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Outcome {
+    /// The outcome.
+    pub result: &'static str,
+}
+
+/// Every metric the broker exports.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    /// Handshakes refused by the client-certificate verifier or the post-handshake check.
+    pub handshake_rejected: Family<Reason, Counter>,
+    /// Handshakes that completed and produced a verified appliance.
+    pub handshakes_accepted: Counter,
+    /// Handshakes that failed for transport reasons (timeout, peer gave up, ...).
+    pub handshake_failed: Family<Kind, Counter>,
+    /// Seconds from accepting an `Incoming` to a verified connection.
+    pub handshake_seconds: Histogram,
+    /// Incoming connections turned away before any TLS work.
+    pub incoming_refused: Family<Reason, Counter>,
+    /// Incoming connections waiting for a handshake slot.
+    pub incoming_pending: Gauge,
+    /// Handshakes in progress.
+    pub handshakes_in_flight: Gauge,
+    /// Established sessions.
+    pub sessions: Gauge,
+    /// Sessions that ended, by close code.
+    pub sessions_closed: Family<Code, Counter>,
+    /// Protocol violations by peers.
+    pub protocol_errors: Family<Kind, Counter>,
+    /// Fingerprints in the allowlist snapshot in force.
+    pub allowlist_entries: Gauge,
+    /// Version of the allowlist snapshot in force.
+    pub allowlist_version: Gauge,
+    /// Allowlist reloads, by result (`ok`, `error`).
+    pub allowlist_reloads: Family<Outcome, Counter>,
+    /// Seconds to apply an allowlist change (swap plus closing revoked sessions).
+    pub allowlist_apply_seconds: Histogram,
+    /// Live sessions closed because their fingerprint left the allowlist.
+    pub sessions_revoked: Counter,
+    /// Commands run through this broker, by result.
+    pub commands: Family<Outcome, Counter>,
+    /// Bytes of UDP receive buffer the kernel granted.
+    pub udp_recv_buffer_bytes: Gauge,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// Create and register every metric.
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("tether");
+        let m = Metrics {
+            handshake_rejected: Family::default(),
+            handshakes_accepted: Counter::default(),
+            handshake_failed: Family::default(),
+            handshake_seconds: Histogram::new(exponential_buckets(0.0005, 2.0, 16)),
+            incoming_refused: Family::default(),
+            incoming_pending: Gauge::default(),
+            handshakes_in_flight: Gauge::default(),
+            sessions: Gauge::default(),
+            sessions_closed: Family::default(),
+            protocol_errors: Family::default(),
+            allowlist_entries: Gauge::default(),
+            allowlist_version: Gauge::default(),
+            allowlist_reloads: Family::default(),
+            allowlist_apply_seconds: Histogram::new(exponential_buckets(0.000_01, 2.0, 20)),
+            sessions_revoked: Counter::default(),
+            commands: Family::default(),
+            udp_recv_buffer_bytes: Gauge::default(),
+            registry: Registry::default(),
+        };
+        registry.register(
+            "handshake_rejected",
+            "Client handshakes refused, by reason",
+            m.handshake_rejected.clone(),
+        );
+        registry.register(
+            "handshakes_accepted",
+            "Handshakes that produced a verified appliance",
+            m.handshakes_accepted.clone(),
+        );
+        registry.register(
+            "handshake_failed",
+            "Handshakes that failed for transport reasons, by kind",
+            m.handshake_failed.clone(),
+        );
+        registry.register(
+            "handshake_seconds",
+            "Seconds from incoming packet to verified connection",
+            m.handshake_seconds.clone(),
+        );
+        registry.register(
+            "incoming_refused",
+            "Incoming connections refused before TLS, by reason",
+            m.incoming_refused.clone(),
+        );
+        registry.register(
+            "incoming_pending",
+            "Incoming connections waiting for a handshake slot",
+            m.incoming_pending.clone(),
+        );
+        registry.register(
+            "handshakes_in_flight",
+            "Handshakes in progress",
+            m.handshakes_in_flight.clone(),
+        );
+        registry.register("sessions", "Established sessions", m.sessions.clone());
+        registry.register(
+            "sessions_closed",
+            "Sessions closed, by close code",
+            m.sessions_closed.clone(),
+        );
+        registry.register(
+            "protocol_errors",
+            "Protocol violations by peers, by kind",
+            m.protocol_errors.clone(),
+        );
+        registry.register(
+            "allowlist_entries",
+            "Fingerprints in the allowlist in force",
+            m.allowlist_entries.clone(),
+        );
+        registry.register(
+            "allowlist_version",
+            "Version of the allowlist in force",
+            m.allowlist_version.clone(),
+        );
+        registry.register(
+            "allowlist_reloads",
+            "Allowlist reloads, by result",
+            m.allowlist_reloads.clone(),
+        );
+        registry.register(
+            "allowlist_apply_seconds",
+            "Seconds to apply an allowlist change, including closing revoked sessions",
+            m.allowlist_apply_seconds.clone(),
+        );
+        registry.register(
+            "sessions_revoked",
+            "Live sessions closed because their fingerprint left the allowlist",
+            m.sessions_revoked.clone(),
+        );
+        registry.register(
+            "commands",
+            "Commands run through this broker, by result",
+            m.commands.clone(),
+        );
+        registry.register(
+            "udp_recv_buffer_bytes",
+            "UDP receive buffer granted by the kernel",
+            m.udp_recv_buffer_bytes.clone(),
+        );
+        Metrics { registry, ..m }
+    }
+
+    /// Count a refused handshake.
+    pub fn reject(&self, reason: &'static str) {
+        self.handshake_rejected.get_or_create(&Reason { reason }).inc();
+    }
+
+    /// Count a protocol violation.
+    pub fn protocol_error(&self, kind: &'static str) {
+        self.protocol_errors.get_or_create(&Kind { kind }).inc();
+    }
+
+    /// Render the Prometheus text exposition format.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}

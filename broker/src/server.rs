@@ -1,0 +1,727 @@
+//! The QUIC server: admission control, per-connection drivers, drain, and commands.
+//!
+//! # Admission
+//!
+//! After a broker restart tens of thousands of agents come back at once. The accept loop
+//! takes a handshake permit *before* doing any TLS work; at most
+//! `limits.max_concurrent_handshakes` run at once. Connections that find no permit wait in
+//! a bounded queue (`limits.max_pending_handshakes`, each for at most
+//! `limits.pending_timeout`); beyond it they are refused at once with a QUIC
+//! `CONNECTION_REFUSED`, which costs one packet and no crypto. Agents back off with full
+//! jitter. Everything refused is counted in `tether_incoming_refused_total{reason}`.
+//!
+//! # A connection's life
+//!
+//! 1. The handshake runs the [`ApplianceVerifier`]; failures are counted by reason.
+//! 2. The verified leaf is identified again ([`ApplianceVerifier::identify`]) into a
+//!    [`VerifiedAppliance`], closing the window where a revocation lands mid-handshake.
+//! 3. The agent opens the session stream; a [`BrokerSession`] state machine handles
+//!    `Hello`/`Welcome`/heartbeats; this driver only moves bytes and sleeps until
+//!    `poll_timeout`.
+//! 4. On `Hello` the session enters the [`SessionTable`], superseding an older one, and the
+//!    allowlist is checked once more (a revocation applied between the handshake and the
+//!    insert would otherwise miss this session).
+//! 5. Any other stream the agent opens, any undecodable frame or protocol violation closes
+//!    the connection with [`CloseCode::ProtocolError`].
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::{Bytes, BytesMut};
+use tether_proto::{
+    encode_frame, BrokerEvent, BrokerSession, BrokerSessionConfig, CloseCode, CommandKind,
+    CommandOutcome, CommandRequest, FailureReason, Frame, FrameDecoder, GoAwayReason, Now,
+    OutputStream, ProtocolViolation,
+};
+use tokio::sync::{mpsc, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn, Instrument};
+
+use crate::allowlist::Allowlist;
+use crate::config::Config;
+use crate::metrics::{Kind, Metrics, Outcome, Reason};
+use crate::sessions::{close, SessionInfo, SessionTable};
+use crate::verifier::{ApplianceVerifier, Rejection, VerifiedAppliance};
+
+/// TLS alert `certificate_required` (RFC 8446): the client sent no certificate.
+const ALERT_CERTIFICATE_REQUIRED: u8 = 116;
+/// TLS alert `no_application_protocol`: ALPN mismatch.
+const ALERT_NO_APPLICATION_PROTOCOL: u8 = 120;
+/// Extra time past a command's deadline for the agent to report the kill.
+const COMMAND_GRACE: Duration = Duration::from_secs(2);
+/// Largest chunk read from a stream at once.
+const READ_CHUNK: usize = 64 * 1024;
+
+/// The current time, for the sans-IO session.
+pub(crate) fn now() -> Now {
+    Now {
+        instant: Instant::now(),
+        unix_ms: unix_ms(SystemTime::now()),
+    }
+}
+
+pub(crate) fn unix_ms(t: SystemTime) -> i64 {
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+/// A running broker: the endpoint and everything connections share.
+#[derive(Debug)]
+pub struct Broker {
+    config: Arc<Config>,
+    endpoint: quinn::Endpoint,
+    verifier: Arc<ApplianceVerifier>,
+    allowlist: Arc<Allowlist>,
+    sessions: Arc<SessionTable>,
+    metrics: Arc<Metrics>,
+    /// Cancelled when the broker starts draining; every session driver sends `GoAway`.
+    draining: CancellationToken,
+    command_ids: AtomicU64,
+}
+
+/// A command to run on an appliance.
+#[derive(Clone, Debug)]
+pub struct CommandSpec {
+    /// Program and arguments.
+    pub argv: Vec<String>,
+    /// Exec (default) or shell.
+    pub kind: CommandKind,
+    /// Environment variable names the command may inherit from the agent.
+    pub env_allowlist: Vec<String>,
+    /// Deadline.
+    pub timeout: Duration,
+}
+
+/// What a running command reports.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CommandEvent {
+    /// A chunk of output.
+    Output {
+        /// Stdout or stderr.
+        stream: OutputStream,
+        /// The bytes.
+        data: Bytes,
+    },
+    /// The process exited.
+    Exit(i32),
+    /// The command ended without an exit code.
+    Failed {
+        /// Stable error code (`timed_out`, `connection_lost`, ...).
+        code: &'static str,
+        /// Detail.
+        message: String,
+    },
+}
+
+/// Why a command could not be started.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum CommandError {
+    /// No live session for that appliance on this broker.
+    #[error("appliance {0} is not connected")]
+    NotConnected(String),
+    /// The request is unusable.
+    #[error("invalid command: {0}")]
+    Invalid(String),
+    /// The stream could not be opened or written.
+    #[error("connection lost: {0}")]
+    ConnectionLost(String),
+}
+
+impl Broker {
+    /// Bind the QUIC endpoint. `allowlist` must already hold the initial snapshot.
+    pub fn bind(
+        config: Arc<Config>,
+        allowlist: Arc<Allowlist>,
+        sessions: Arc<SessionTable>,
+        metrics: Arc<Metrics>,
+    ) -> anyhow::Result<Arc<Broker>> {
+        let provider = crate::tls::provider();
+        let ca = crate::tls::load_certs(&config.tls.ca)?;
+        let verifier = Arc::new(ApplianceVerifier::new(
+            &ca,
+            &config.trust_domain,
+            allowlist.clone(),
+            metrics.clone(),
+            provider.clone(),
+        )?);
+        let server_config = crate::tls::server_config(&config, verifier.clone(), provider)?;
+        let (socket, granted) =
+            crate::tls::bind_udp(config.listen, config.transport.udp_recv_buffer)?;
+        metrics
+            .udp_recv_buffer_bytes
+            .set(i64::try_from(granted).unwrap_or(i64::MAX));
+        let endpoint = quinn::Endpoint::new(
+            quinn::EndpointConfig::default(),
+            Some(server_config),
+            socket,
+            Arc::new(quinn::TokioRuntime),
+        )?;
+        Ok(Arc::new(Broker {
+            config,
+            endpoint,
+            verifier,
+            allowlist,
+            sessions,
+            metrics,
+            draining: CancellationToken::new(),
+            command_ids: AtomicU64::new(1),
+        }))
+    }
+
+    /// The bound QUIC address.
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.endpoint.local_addr()
+    }
+
+    /// The session table.
+    pub fn sessions(&self) -> &Arc<SessionTable> {
+        &self.sessions
+    }
+
+    /// The metrics.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// The allowlist.
+    pub fn allowlist(&self) -> &Arc<Allowlist> {
+        &self.allowlist
+    }
+
+    /// Whether the broker is draining.
+    pub fn is_draining(&self) -> bool {
+        self.draining.is_cancelled()
+    }
+
+    /// Accept connections until `shutdown`, then drain: `GoAway` to every session, wait up
+    /// to `drain.timeout` for them to leave, close the rest with [`CloseCode::Draining`].
+    pub async fn serve(self: Arc<Self>, shutdown: CancellationToken) {
+        let limits = &self.config.limits;
+        let permits = Arc::new(Semaphore::new(limits.max_concurrent_handshakes));
+        info!(
+            listen = %self.local_addr().map(|a| a.to_string()).unwrap_or_default(),
+            "accepting appliance connections"
+        );
+        loop {
+            let incoming = tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => break,
+                incoming = self.endpoint.accept() => incoming,
+            };
+            let Some(incoming) = incoming else { break };
+            match permits.clone().try_acquire_owned() {
+                Ok(permit) => {
+                    tokio::spawn(self.clone().handle_incoming(incoming, permit));
+                }
+                Err(_) => {
+                    let pending = usize::try_from(self.metrics.incoming_pending.get()).unwrap_or(0);
+                    if pending >= limits.max_pending_handshakes {
+                        self.refuse(incoming, "queue_full");
+                        continue;
+                    }
+                    self.metrics.incoming_pending.inc();
+                    let this = self.clone();
+                    let permits = permits.clone();
+                    let wait = limits.pending_timeout;
+                    tokio::spawn(async move {
+                        let permit = tokio::time::timeout(wait, permits.acquire_owned()).await;
+                        this.metrics.incoming_pending.dec();
+                        match permit {
+                            Ok(Ok(permit)) => this.handle_incoming(incoming, permit).await,
+                            _ => this.refuse(incoming, "queue_timeout"),
+                        }
+                    });
+                }
+            }
+        }
+        self.drain().await;
+    }
+
+    fn refuse(&self, incoming: quinn::Incoming, reason: &'static str) {
+        self.metrics
+            .incoming_refused
+            .get_or_create(&Reason { reason })
+            .inc();
+        debug!(remote = %incoming.remote_address(), reason, "incoming connection refused");
+        incoming.refuse();
+    }
+
+    async fn drain(&self) {
+        let timeout = self.config.drain.timeout;
+        info!(
+            sessions = self.sessions.len(),
+            timeout = ?timeout,
+            "draining: sending GoAway to every session"
+        );
+        // No new connections from here on.
+        self.endpoint.set_server_config(None);
+        self.draining.cancel();
+        let deadline = Instant::now() + timeout + Duration::from_millis(200);
+        while !self.sessions.is_empty() && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let left = self.sessions.len();
+        for s in self.sessions.list() {
+            s.close(CloseCode::Draining, &self.metrics);
+        }
+        self.endpoint.close(
+            quinn::VarInt::from_u32(CloseCode::Draining.code()),
+            CloseCode::Draining.as_str().as_bytes(),
+        );
+        let idle = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
+        if left == 0 {
+            info!("drain finished: every session left");
+        } else {
+            warn!(closed = left, "drain timed out: remaining sessions closed");
+        }
+        if idle.is_err() {
+            warn!("endpoint did not become idle within 2s");
+        }
+    }
+
+    async fn handle_incoming(
+        self: Arc<Self>,
+        incoming: quinn::Incoming,
+        permit: tokio::sync::OwnedSemaphorePermit,
+    ) {
+        if self.is_draining() {
+            drop(permit);
+            return self.refuse(incoming, "draining");
+        }
+        let remote = incoming.remote_address();
+        let started = Instant::now();
+        self.metrics.handshakes_in_flight.inc();
+        let result = match incoming.accept() {
+            Ok(connecting) => {
+                match tokio::time::timeout(self.config.limits.handshake_timeout, connecting).await
+                {
+                    Ok(r) => r,
+                    Err(_) => Err(quinn::ConnectionError::TimedOut),
+                }
+            }
+            Err(e) => Err(e),
+        };
+        self.metrics.handshakes_in_flight.dec();
+        drop(permit);
+        let conn = match result {
+            Ok(conn) => conn,
+            Err(e) => return self.handshake_failed(remote, e),
+        };
+        let verified = match self.identify(&conn) {
+            Ok(v) => v,
+            Err(rejection) => {
+                self.verifier.record(&rejection, Some(remote));
+                let code = match rejection {
+                    Rejection::UnknownFingerprint { .. } => CloseCode::Revoked,
+                    _ => CloseCode::Unauthorized,
+                };
+                close(&conn, code, &self.metrics);
+                return;
+            }
+        };
+        self.metrics.handshakes_accepted.inc();
+        self.metrics
+            .handshake_seconds
+            .observe(started.elapsed().as_secs_f64());
+        let span = tracing::info_span!(
+            "session",
+            appliance = %verified.appliance(),
+            conn = conn.stable_id(),
+            %remote
+        );
+        self.serve_connection(conn, verified, remote)
+            .instrument(span)
+            .await;
+    }
+
+    /// Step 2 and 3 again, on the certificate rustls verified.
+    fn identify(&self, conn: &quinn::Connection) -> Result<VerifiedAppliance, Rejection> {
+        let certs = conn
+            .peer_identity()
+            .and_then(|id| {
+                id.downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
+                    .ok()
+            })
+            .ok_or(Rejection::NoCertificate)?;
+        let leaf = certs.first().ok_or(Rejection::NoCertificate)?;
+        self.verifier.identify(leaf)
+    }
+
+    fn handshake_failed(&self, remote: SocketAddr, e: quinn::ConnectionError) {
+        use quinn::ConnectionError as E;
+        let kind = match &e {
+            E::TransportError(te) if te.code == quinn::TransportErrorCode::crypto(ALERT_CERTIFICATE_REQUIRED) => {
+                // rustls refuses an empty certificate list before the verifier runs.
+                self.verifier.record(&Rejection::NoCertificate, Some(remote));
+                return;
+            }
+            E::TransportError(te) if te.code == quinn::TransportErrorCode::crypto(ALERT_NO_APPLICATION_PROTOCOL) => "alpn",
+            // Certificate refusals were counted and logged by the verifier.
+            E::TransportError(_) => "tls",
+            E::TimedOut => "timeout",
+            E::ConnectionClosed(_) | E::ApplicationClosed(_) | E::Reset => "peer_closed",
+            E::VersionMismatch => "version_mismatch",
+            E::LocallyClosed => "locally_closed",
+            E::CidsExhausted => "cids_exhausted",
+        };
+        self.metrics
+            .handshake_failed
+            .get_or_create(&Kind { kind })
+            .inc();
+        debug!(%remote, kind, error = %e, "handshake failed");
+    }
+
+    async fn serve_connection(
+        self: Arc<Self>,
+        conn: quinn::Connection,
+        verified: VerifiedAppliance,
+        remote: SocketAddr,
+    ) {
+        let cfg = &self.config.session;
+        // The agent opens the session stream first.
+        let stream = tokio::select! {
+            s = conn.accept_bi() => s,
+            _ = tokio::time::sleep(cfg.hello_timeout) => {
+                self.violation(&conn, "no_session_stream", "no session stream opened in time");
+                return;
+            }
+        };
+        let (mut send, mut recv) = match stream {
+            Ok(s) => s,
+            Err(e) => {
+                debug!(error = %e, "connection ended before the session stream opened");
+                return;
+            }
+        };
+        let session_id = self.sessions.next_session_id();
+        let mut session = BrokerSession::new(
+            BrokerSessionConfig {
+                session_id,
+                heartbeat_interval: cfg.heartbeat_interval,
+                missed_heartbeats: tether_proto::session::DEFAULT_MISSED_HEARTBEATS,
+                hello_timeout: cfg.hello_timeout,
+                manual_renewal_generation: 0,
+            },
+            now(),
+        );
+        let mut decoder = FrameDecoder::new(cfg.max_frame_len);
+        let mut out = BytesMut::new();
+        let mut info: Option<Arc<SessionInfo>> = None;
+        let mut drain_deadline: Option<tokio::time::Instant> = None;
+
+        let code: Option<CloseCode> = loop {
+            let timeout = session
+                .poll_timeout()
+                .map(tokio::time::Instant::from_std)
+                .unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(3600));
+            let drain_at = drain_deadline
+                .unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(3600));
+            tokio::select! {
+                chunk = recv.read_chunk(READ_CHUNK, true) => match chunk {
+                    Ok(Some(chunk)) => {
+                        decoder.push(&chunk.bytes);
+                        if let Err(v) = self.handle_frames(&mut decoder, &mut session) {
+                            self.violation(&conn, v.kind(), &v.to_string());
+                            break None;
+                        }
+                    }
+                    Ok(None) => {
+                        debug!("agent finished the session stream");
+                        break Some(CloseCode::Normal);
+                    }
+                    Err(e) => {
+                        debug!(error = %e, "session stream ended");
+                        break None;
+                    }
+                },
+                _ = tokio::time::sleep_until(timeout) => {
+                    if let Some(code) = session.handle_timeout(now()) {
+                        if code == CloseCode::ProtocolError {
+                            self.violation(&conn, "hello_timeout", "no Hello in time");
+                            break None;
+                        }
+                        info!(code = %code, "session idle: heartbeats missed");
+                        break Some(code);
+                    }
+                }
+                extra = conn.accept_bi() => {
+                    if extra.is_ok() {
+                        self.violation(&conn, "extra_stream", "agent opened a second stream");
+                    }
+                    break None;
+                }
+                _ = self.draining.cancelled(), if drain_deadline.is_none() => {
+                    let max = self.config.drain.reconnect_jitter.as_millis() as u64;
+                    let delay = Duration::from_millis(fastrand::u64(0..=max));
+                    session.go_away(GoAwayReason::Draining, delay, "broker draining");
+                    drain_deadline = Some(tokio::time::Instant::now() + self.config.drain.timeout);
+                }
+                _ = tokio::time::sleep_until(drain_at), if drain_deadline.is_some() => {
+                    break Some(CloseCode::Draining);
+                }
+            }
+            // Events: register on Hello, note heartbeats.
+            while let Some(event) = session.poll_event() {
+                match event {
+                    BrokerEvent::Established(hello) => {
+                        let s = Arc::new(SessionInfo {
+                            session_id,
+                            appliance: verified.appliance().clone(),
+                            fingerprint: verified.fingerprint(),
+                            connected_at: SystemTime::now(),
+                            remote,
+                            agent_version: hello.agent_version,
+                            connection: conn.clone(),
+                            cert_not_after_ms: hello.cert_not_after_ms.into(),
+                            last_heartbeat_ms: 0.into(),
+                            trust_state: 0.into(),
+                        });
+                        if let Some(old) = self.sessions.insert(s.clone()) {
+                            info!(old_session = old.session_id, "superseding older session");
+                            old.close(CloseCode::Superseded, &self.metrics);
+                        }
+                        self.metrics.sessions.inc();
+                        info!(session_id, agent_version = %s.agent_version, "session established");
+                        info = Some(s);
+                        // A revocation applied after the handshake but before the insert
+                        // found no session to close: check again now that we are visible.
+                        if !self.allowlist.allows(verified.appliance(), &verified.fingerprint()) {
+                            info!("fingerprint left the allowlist during the handshake");
+                            self.metrics.sessions_revoked.inc();
+                            close(&conn, CloseCode::Revoked, &self.metrics);
+                        }
+                    }
+                    BrokerEvent::Heartbeat(hb) => {
+                        if let Some(s) = &info {
+                            s.last_heartbeat_ms.store(unix_ms(SystemTime::now()), Ordering::Relaxed);
+                            s.cert_not_after_ms.store(hb.cert_not_after_ms, Ordering::Relaxed);
+                            s.trust_state.store(hb.trust_state as u8, Ordering::Relaxed);
+                        }
+                    }
+                    BrokerEvent::Status(status) => {
+                        debug!(entries = status.entries.len(), "status report");
+                    }
+                }
+            }
+            // Frames to send.
+            out.clear();
+            while let Some(frame) = session.poll_transmit() {
+                if let Err(e) = encode_frame(&frame, &mut out, cfg.max_frame_len) {
+                    warn!(error = %e, "cannot encode frame");
+                }
+            }
+            if !out.is_empty() {
+                let write = tokio::time::timeout(cfg.hello_timeout, send.write_all(&out)).await;
+                if !matches!(write, Ok(Ok(()))) {
+                    debug!("cannot write to the session stream");
+                    break None;
+                }
+            }
+        };
+
+        if let Some(code) = code {
+            close(&conn, code, &self.metrics);
+        }
+        if let Some(s) = info {
+            if self.sessions.remove(&s.appliance, s.session_id) {
+                debug!("session removed");
+            }
+            self.metrics.sessions.dec();
+        }
+        let reason = conn.closed().await;
+        debug!(reason = %reason, "connection closed");
+    }
+
+    fn handle_frames(
+        &self,
+        decoder: &mut FrameDecoder,
+        session: &mut BrokerSession,
+    ) -> Result<(), ProtocolViolation> {
+        while let Some(frame) = decoder.poll_frame()? {
+            session.handle_frame(frame, now())?;
+        }
+        Ok(())
+    }
+
+    fn violation(&self, conn: &quinn::Connection, kind: &'static str, detail: &str) {
+        self.metrics.protocol_error(kind);
+        warn!(kind, detail, "protocol violation: closing connection");
+        close(conn, CloseCode::ProtocolError, &self.metrics);
+    }
+
+    /// Run a command on a connected appliance. Events arrive on the returned channel; the
+    /// last one is `Exit` or `Failed`. Dropping the receiver cancels the command.
+    pub async fn run_command(
+        self: &Arc<Self>,
+        appliance: &str,
+        spec: CommandSpec,
+    ) -> Result<mpsc::Receiver<CommandEvent>, CommandError> {
+        if spec.argv.is_empty() {
+            return Err(CommandError::Invalid("argv must not be empty".into()));
+        }
+        if spec.timeout.is_zero() || spec.timeout > self.config.limits.max_command_timeout {
+            return Err(CommandError::Invalid(format!(
+                "timeout must be between 1ms and {:?}",
+                self.config.limits.max_command_timeout
+            )));
+        }
+        let session = self
+            .sessions
+            .get(appliance)
+            .ok_or_else(|| CommandError::NotConnected(appliance.to_owned()))?;
+        let command_id = self.command_ids.fetch_add(1, Ordering::Relaxed);
+        let request = Frame::CommandRequest(CommandRequest {
+            command_id,
+            kind: spec.kind,
+            argv: spec.argv,
+            env_allowlist: spec.env_allowlist,
+            deadline_ms: u32::try_from(spec.timeout.as_millis()).unwrap_or(u32::MAX),
+        });
+        let max = self.config.session.max_frame_len;
+        let mut buf = BytesMut::new();
+        encode_frame(&request, &mut buf, max).map_err(|e| CommandError::Invalid(e.to_string()))?;
+        let (mut send, recv) = session
+            .connection
+            .open_bi()
+            .await
+            .map_err(|e| CommandError::ConnectionLost(e.to_string()))?;
+        send.write_all(&buf)
+            .await
+            .map_err(|e| CommandError::ConnectionLost(e.to_string()))?;
+        let _ = send.finish();
+        let (tx, rx) = mpsc::channel(64);
+        let this = self.clone();
+        let deadline = spec.timeout + COMMAND_GRACE;
+        let span = tracing::info_span!("command", appliance, command_id);
+        tokio::spawn(
+            async move {
+                let last = match tokio::time::timeout(
+                    deadline,
+                    relay_command(recv, &tx, command_id, max, &session, &this.metrics),
+                )
+                .await
+                {
+                    Ok(ev) => ev,
+                    Err(_) => CommandEvent::Failed {
+                        code: "timed_out",
+                        message: "no result from the appliance before the deadline".into(),
+                    },
+                };
+                let result = match &last {
+                    CommandEvent::Exit(_) => "exited",
+                    CommandEvent::Failed { code, .. } => code,
+                    CommandEvent::Output { .. } => "unknown",
+                };
+                this.metrics
+                    .commands
+                    .get_or_create(&Outcome { result })
+                    .inc();
+                info!(result, "command finished");
+                let _ = tx.send(last).await;
+            }
+            .instrument(span),
+        );
+        Ok(rx)
+    }
+}
+
+/// Forward a command stream's frames to `tx` until the result; returns the final event.
+async fn relay_command(
+    mut recv: quinn::RecvStream,
+    tx: &mpsc::Sender<CommandEvent>,
+    command_id: u64,
+    max_frame_len: usize,
+    session: &SessionInfo,
+    metrics: &Metrics,
+) -> CommandEvent {
+    let mut decoder = FrameDecoder::new(max_frame_len);
+    loop {
+        let chunk = tokio::select! {
+            c = recv.read_chunk(READ_CHUNK, true) => c,
+            _ = tx.closed() => {
+                // The caller went away: cancel on the agent, which kills the process.
+                let _ = recv.stop(quinn::VarInt::from_u32(0));
+                return CommandEvent::Failed { code: "cancelled", message: "caller went away".into() };
+            }
+        };
+        match chunk {
+            Ok(Some(chunk)) => decoder.push(&chunk.bytes),
+            Ok(None) => {
+                return CommandEvent::Failed {
+                    code: "protocol_error",
+                    message: "command stream ended without a result".into(),
+                }
+            }
+            Err(e) => {
+                return CommandEvent::Failed {
+                    code: "connection_lost",
+                    message: e.to_string(),
+                }
+            }
+        }
+        loop {
+            let frame = match decoder.poll_frame() {
+                Ok(Some(f)) => f,
+                Ok(None) => break,
+                Err(e) => {
+                    let v = ProtocolViolation::from(e);
+                    metrics.protocol_error(v.kind());
+                    close(&session.connection, CloseCode::ProtocolError, metrics);
+                    return CommandEvent::Failed {
+                        code: "protocol_error",
+                        message: v.to_string(),
+                    };
+                }
+            };
+            match frame {
+                Frame::CommandOutput(o) if o.command_id == command_id => {
+                    let ev = CommandEvent::Output {
+                        stream: o.stream,
+                        data: o.data,
+                    };
+                    if tx.send(ev).await.is_err() {
+                        let _ = recv.stop(quinn::VarInt::from_u32(0));
+                        return CommandEvent::Failed {
+                            code: "cancelled",
+                            message: "caller went away".into(),
+                        };
+                    }
+                }
+                Frame::CommandResult(r) if r.command_id == command_id => {
+                    return match r.outcome {
+                        CommandOutcome::Exited(code) => CommandEvent::Exit(code),
+                        CommandOutcome::Failed { reason, message } => CommandEvent::Failed {
+                            code: failure_code(reason),
+                            message,
+                        },
+                    };
+                }
+                other => {
+                    metrics.protocol_error("unexpected_frame");
+                    close(&session.connection, CloseCode::ProtocolError, metrics);
+                    return CommandEvent::Failed {
+                        code: "protocol_error",
+                        message: format!("unexpected {:?} on a command stream", other.frame_type()),
+                    };
+                }
+            }
+        }
+    }
+}
+
+/// The stable error code for an agent-reported failure.
+pub fn failure_code(reason: FailureReason) -> &'static str {
+    match reason {
+        FailureReason::SpawnFailed => "spawn_failed",
+        FailureReason::TimedOut => "timed_out",
+        FailureReason::Busy => "busy",
+        FailureReason::Signaled => "signaled",
+        FailureReason::Refused => "refused",
+        FailureReason::Cancelled => "cancelled",
+        FailureReason::Internal => "agent_internal",
+    }
+}

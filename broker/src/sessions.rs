@@ -1,0 +1,163 @@
+//! The session table: at most one live session per appliance.
+//!
+//! `DashMap<ApplianceId, Arc<SessionInfo>>`: inserting a session for an appliance that
+//! already has one returns the old one, which the caller closes as superseded. Closing the
+//! sessions of removed fingerprints looks each removed entry up by appliance id, so the
+//! work is proportional to the change, not to the fleet.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicI64, AtomicU64, AtomicU8, Ordering};
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use dashmap::DashMap;
+use tether_proto::{CloseCode, TrustState};
+
+use crate::allowlist::{ApplianceId, Entry, Fingerprint};
+use crate::metrics::{Code, Metrics};
+
+/// One live session.
+#[derive(Debug)]
+pub struct SessionInfo {
+    /// Broker-assigned id (announced in `Welcome`).
+    pub session_id: u64,
+    /// The appliance.
+    pub appliance: ApplianceId,
+    /// Fingerprint of the certificate the session authenticated with.
+    pub fingerprint: Fingerprint,
+    /// When `Hello` was accepted.
+    pub connected_at: SystemTime,
+    /// The agent's address.
+    pub remote: SocketAddr,
+    /// The agent's version from `Hello`.
+    pub agent_version: String,
+    /// The connection, for commands and for closing.
+    pub connection: quinn::Connection,
+    /// `notAfter` of the certificate, ms since the epoch (updated by heartbeats).
+    pub cert_not_after_ms: AtomicI64,
+    /// Wall time of the last heartbeat, ms since the epoch (0 = none yet).
+    pub last_heartbeat_ms: AtomicI64,
+    /// Last reported trust state (`TrustState as u8`).
+    pub trust_state: AtomicU8,
+}
+
+impl SessionInfo {
+    /// The last trust state the agent reported.
+    pub fn trust_state(&self) -> TrustState {
+        let v = self.trust_state.load(Ordering::Relaxed);
+        TrustState::ALL
+            .iter()
+            .copied()
+            .find(|t| *t as u8 == v)
+            .unwrap_or(TrustState::Trusted)
+    }
+
+    /// Close the connection with `code`.
+    pub fn close(&self, code: CloseCode, metrics: &Metrics) {
+        close(&self.connection, code, metrics);
+    }
+}
+
+/// Close `conn` with `code` (its name as the reason phrase) and count it.
+pub fn close(conn: &quinn::Connection, code: CloseCode, metrics: &Metrics) {
+    if conn.close_reason().is_none() {
+        metrics
+            .sessions_closed
+            .get_or_create(&Code {
+                code: code.as_str(),
+            })
+            .inc();
+    }
+    conn.close(
+        quinn::VarInt::from_u32(code.code()),
+        code.as_str().as_bytes(),
+    );
+}
+
+/// All live sessions of this broker.
+#[derive(Debug)]
+pub struct SessionTable {
+    map: DashMap<ApplianceId, Arc<SessionInfo>>,
+    next_id: AtomicU64,
+}
+
+impl Default for SessionTable {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl SessionTable {
+    /// An empty table. Session ids start at a random point so ids from two broker runs are
+    /// unlikely to collide in logs.
+    pub fn new() -> SessionTable {
+        SessionTable {
+            map: DashMap::new(),
+            next_id: AtomicU64::new(fastrand::u64(1..u64::MAX >> 16)),
+        }
+    }
+
+    /// A fresh session id.
+    pub fn next_session_id(&self) -> u64 {
+        self.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Register `session`; returns the session it replaced, which the caller must close
+    /// with [`CloseCode::Superseded`].
+    pub fn insert(&self, session: Arc<SessionInfo>) -> Option<Arc<SessionInfo>> {
+        self.map.insert(session.appliance.clone(), session)
+    }
+
+    /// Remove the appliance's session if it is still `session_id` (a newer one may have
+    /// replaced it).
+    pub fn remove(&self, appliance: &ApplianceId, session_id: u64) -> bool {
+        self.map
+            .remove_if(appliance, |_, s| s.session_id == session_id)
+            .is_some()
+    }
+
+    /// The appliance's live session.
+    pub fn get(&self, appliance: &str) -> Option<Arc<SessionInfo>> {
+        let id = ApplianceId::new(appliance)?;
+        self.map.get(&id).map(|s| s.value().clone())
+    }
+
+    /// Close every live session that authenticated with a removed entry. Returns how many.
+    pub fn close_revoked(&self, removed: &[Entry], metrics: &Metrics) -> usize {
+        let mut closed = 0;
+        for entry in removed {
+            let session = self
+                .map
+                .get(&entry.appliance)
+                .filter(|s| s.fingerprint == entry.fingerprint)
+                .map(|s| s.value().clone());
+            if let Some(s) = session {
+                tracing::info!(
+                    appliance = %s.appliance,
+                    session_id = s.session_id,
+                    fingerprint = %s.fingerprint,
+                    "fingerprint removed from allowlist: closing live session"
+                );
+                s.close(CloseCode::Revoked, metrics);
+                metrics.sessions_revoked.inc();
+                closed += 1;
+            }
+        }
+        closed
+    }
+
+    /// Every live session (a copy of the handles).
+    pub fn list(&self) -> Vec<Arc<SessionInfo>> {
+        self.map.iter().map(|e| e.value().clone()).collect()
+    }
+
+    /// Number of live sessions.
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    /// Whether no session is live.
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+}
