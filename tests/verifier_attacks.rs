@@ -1,0 +1,245 @@
+//! Attacks on the broker's handshake: every certificate that must not get a session is
+//! presented to a real `tether-broker` process, and each refusal is checked three ways —
+//! the TLS alert the client sees, the `reason` counted in
+//! `tether_handshake_rejected_total`, and that no session appeared.
+
+mod common;
+
+use common::*;
+use tether::pki::{KeyAlg, LeafSpec, Pki};
+use time::{Duration as TDuration, OffsetDateTime};
+
+/// Present `leaf`, expect the given alert, and the reason counted once.
+async fn refused(
+    setup: &Setup,
+    broker: &BrokerProc,
+    leaf: Option<&tether::pki::Leaf>,
+    expect_alert: u8,
+    reason: &str,
+) {
+    let sample = format!("tether_handshake_rejected_total{{reason=\"{reason}\"}}");
+    let before = broker.metric(&sample).await;
+    let end = try_session(&setup.pki, leaf, broker.quic).await;
+    assert_eq!(end, Some(Ended::Alert(expect_alert)), "reason {reason}");
+    let after = broker.wait_metric(&sample, before + 1.0).await;
+    assert_eq!(after, before + 1.0, "reason {reason} counted once");
+    assert!(broker.sessions().await.is_empty());
+}
+
+fn spec(id: &str) -> LeafSpec {
+    LeafSpec::appliance(TRUST_DOMAIN, id)
+}
+
+#[tokio::test]
+async fn pinned_appliance_is_admitted() {
+    let setup = Setup::new();
+    let leaf = setup.pki.appliance("app-1").unwrap();
+    setup.set_allowlist(&[("app-1", &leaf)]);
+    let broker = setup.broker("b1", "");
+    let conn = connect(&setup.pki, Some(&leaf), broker.quic).await.unwrap();
+    let (_send, _recv, welcome) = hello(&conn).await.unwrap();
+    assert_eq!(welcome.protocol_version, tether_proto::PROTOCOL_VERSION);
+    let row = broker.wait_session("app-1").await;
+    assert_eq!(row["fingerprint"], leaf.fingerprint_hex());
+    assert_eq!(row["session_id"], welcome.session_id);
+    assert!(row["connected_at"].as_str().unwrap().ends_with('Z'));
+    assert_eq!(broker.metric("tether_handshakes_accepted_total").await, 1.0);
+}
+
+#[tokio::test]
+async fn ed25519_appliance_is_admitted() {
+    let setup = Setup::new();
+    let mut s = spec("app-ed");
+    s.key_alg = KeyAlg::Ed25519;
+    let leaf = setup.pki.intermediate.issue(&s).unwrap();
+    setup.set_allowlist(&[("app-ed", &leaf)]);
+    let broker = setup.broker("b1", "");
+    assert_eq!(
+        try_session(&setup.pki, Some(&leaf), broker.quic).await,
+        None
+    );
+}
+
+#[tokio::test]
+async fn every_forged_or_unpinned_certificate_is_refused() {
+    let setup = Setup::new();
+    let good = setup.pki.appliance("app-a").unwrap();
+    // Certificates that would be fine but for one property each.
+    let unpinned = setup.pki.appliance("app-a").unwrap();
+    let other_pki = Pki::new("other.test").unwrap();
+    let foreign = other_pki.appliance("app-a").unwrap();
+    let mut s = spec("app-a");
+    s.not_before = OffsetDateTime::now_utc() - TDuration::days(40);
+    s.not_after = OffsetDateTime::now_utc() - TDuration::days(10);
+    let expired = setup.pki.intermediate.issue(&s).unwrap();
+    let mut s = spec("app-a");
+    s.not_before = OffsetDateTime::now_utc() + TDuration::days(1);
+    s.not_after = OffsetDateTime::now_utc() + TDuration::days(30);
+    let not_yet = setup.pki.intermediate.issue(&s).unwrap();
+    // Appliance B's certificate whose fingerprint the attacker managed to have recorded
+    // for A (or: A's fingerprint list names a certificate for B).
+    let names_b = setup.pki.appliance("app-b").unwrap();
+    let mut s = spec("app-a");
+    s.uris
+        .push(format!("spiffe://{TRUST_DOMAIN}/appliance/app-c"));
+    let two_uris = setup.pki.intermediate.issue(&s).unwrap();
+    let mut s = spec("app-a");
+    s.uris = vec!["spiffe://other.test/appliance/app-a".into()];
+    let wrong_td = setup.pki.intermediate.issue(&s).unwrap();
+    let mut s = spec("app-a");
+    s.client_auth = false;
+    s.server_auth = true;
+    let wrong_eku = setup.pki.intermediate.issue(&s).unwrap();
+    let mut s = spec("app-a");
+    s.uris = vec![format!("spiffe://{TRUST_DOMAIN}/broker/app-a")];
+    let broker_uri = setup.pki.intermediate.issue(&s).unwrap();
+    let mut s = spec("app-a");
+    s.uris = vec![];
+    s.dns_names = vec!["app-a.example".into()];
+    let no_uri = setup.pki.intermediate.issue(&s).unwrap();
+
+    // Pin every fingerprint that is not itself the point of the test, so that each
+    // certificate fails exactly on the property it breaks.
+    setup.set_allowlist(&[
+        ("app-a", &good),
+        ("app-a", &expired),
+        ("app-a", &not_yet),
+        ("app-a", &names_b),
+        ("app-a", &two_uris),
+        ("app-a", &wrong_td),
+        ("app-a", &wrong_eku),
+        ("app-a", &broker_uri),
+        ("app-a", &no_uri),
+        ("app-a", &foreign),
+    ]);
+    let broker = setup.broker("b1", "");
+
+    // The control case passes.
+    assert_eq!(
+        try_session(&setup.pki, Some(&good), broker.quic).await,
+        None
+    );
+
+    refused(
+        &setup,
+        &broker,
+        Some(&unpinned),
+        alert::CERTIFICATE_REVOKED,
+        "unknown_fingerprint",
+    )
+    .await;
+    refused(
+        &setup,
+        &broker,
+        Some(&foreign),
+        alert::UNKNOWN_CA,
+        "unknown_issuer",
+    )
+    .await;
+    refused(
+        &setup,
+        &broker,
+        Some(&expired),
+        alert::CERTIFICATE_EXPIRED,
+        "expired",
+    )
+    .await;
+    refused(
+        &setup,
+        &broker,
+        Some(&not_yet),
+        alert::CERTIFICATE_EXPIRED,
+        "not_yet_valid",
+    )
+    .await;
+    refused(
+        &setup,
+        &broker,
+        None,
+        alert::CERTIFICATE_REQUIRED,
+        "no_client_certificate",
+    )
+    .await;
+    refused(
+        &setup,
+        &broker,
+        Some(&names_b),
+        alert::ACCESS_DENIED,
+        "fingerprint_for_other_appliance",
+    )
+    .await;
+    refused(
+        &setup,
+        &broker,
+        Some(&two_uris),
+        alert::BAD_CERTIFICATE,
+        "multiple_san_uris",
+    )
+    .await;
+    refused(
+        &setup,
+        &broker,
+        Some(&wrong_td),
+        alert::BAD_CERTIFICATE,
+        "wrong_trust_domain",
+    )
+    .await;
+    refused(
+        &setup,
+        &broker,
+        Some(&wrong_eku),
+        alert::UNSUPPORTED_CERTIFICATE,
+        "wrong_eku",
+    )
+    .await;
+    refused(
+        &setup,
+        &broker,
+        Some(&broker_uri),
+        alert::BAD_CERTIFICATE,
+        "not_appliance",
+    )
+    .await;
+    refused(
+        &setup,
+        &broker,
+        Some(&no_uri),
+        alert::BAD_CERTIFICATE,
+        "no_san_uri",
+    )
+    .await;
+
+    // The refusals were logged with their reason.
+    assert!(broker.log_contains("fingerprint_for_other_appliance"));
+    // And the broker still serves the good appliance.
+    assert_eq!(
+        try_session(&setup.pki, Some(&good), broker.quic).await,
+        None
+    );
+}
+
+#[tokio::test]
+async fn appliance_cannot_present_as_another() {
+    // Fingerprint recorded only for A; the certificate names B. Even with B pinned to a
+    // different certificate, A's pin never admits a certificate naming B.
+    let setup = Setup::new();
+    let a = setup.pki.appliance("app-a").unwrap();
+    let b_real = setup.pki.appliance("app-b").unwrap();
+    let mut s = spec("app-b");
+    s.common_name = "app-a".into();
+    let b_forged = setup.pki.intermediate.issue(&s).unwrap();
+    setup.set_allowlist(&[("app-a", &a), ("app-a", &b_forged), ("app-b", &b_real)]);
+    let broker = setup.broker("b1", "");
+    refused(
+        &setup,
+        &broker,
+        Some(&b_forged),
+        alert::ACCESS_DENIED,
+        "fingerprint_for_other_appliance",
+    )
+    .await;
+    assert_eq!(
+        try_session(&setup.pki, Some(&b_real), broker.quic).await,
+        None
+    );
+}
