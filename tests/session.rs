@@ -1,0 +1,242 @@
+//! Live-session behaviour of a real `tether-broker`: revocation by editing the allowlist,
+//! supersede, bad input on the wire, and a malformed allowlist file.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use bytes::{BufMut, BytesMut};
+use common::*;
+use tether_proto::{encode_frame, CloseCode, Frame, Heartbeat, TrustState};
+
+const REVOKED: u64 = CloseCode::Revoked.code() as u64;
+const SUPERSEDED: u64 = CloseCode::Superseded.code() as u64;
+const PROTOCOL_ERROR: u64 = CloseCode::ProtocolError.code() as u64;
+
+#[tokio::test]
+async fn removing_a_fingerprint_closes_the_live_session_and_blocks_reconnect() {
+    let setup = Setup::new();
+    let a = setup.pki.appliance("app-a").unwrap();
+    let b = setup.pki.appliance("app-b").unwrap();
+    setup.set_allowlist(&[("app-a", &a), ("app-b", &b)]);
+    let broker = setup.broker("b1", "");
+
+    let conn_a = connect(&setup.pki, Some(&a), broker.quic).await.unwrap();
+    let _sa = hello(&conn_a).await.unwrap();
+    let conn_b = connect(&setup.pki, Some(&b), broker.quic).await.unwrap();
+    let _sb = hello(&conn_b).await.unwrap();
+    broker.wait_session("app-a").await;
+
+    // Revoke A by rewriting the file without its line.
+    let started = Instant::now();
+    setup.set_allowlist(&[("app-b", &b)]);
+    let end = tokio::time::timeout(Duration::from_secs(10), conn_a.closed())
+        .await
+        .expect("session closed");
+    let took = started.elapsed();
+    assert_eq!(ended(&end), Ended::App(REVOKED));
+    eprintln!("revocation: file rewritten -> session closed in {took:?}");
+
+    // B is untouched.
+    assert!(conn_b.close_reason().is_none());
+    assert_eq!(broker.metric("tether_sessions_revoked_total").await, 1.0);
+    // A can never handshake again with that certificate.
+    assert_eq!(
+        try_session(&setup.pki, Some(&a), broker.quic).await,
+        Some(Ended::Alert(alert::CERTIFICATE_REVOKED))
+    );
+    let rows = broker.sessions().await;
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0]["appliance_id"], "app-b");
+}
+
+#[tokio::test]
+async fn sighup_reloads_the_allowlist() {
+    let setup = Setup::new();
+    let a = setup.pki.appliance("app-a").unwrap();
+    setup.set_allowlist(&[]);
+    let broker = setup.broker("b1", "");
+    assert!(try_session(&setup.pki, Some(&a), broker.quic)
+        .await
+        .is_some());
+    setup.set_allowlist(&[("app-a", &a)]);
+    broker.hangup();
+    let ok = wait_for(Duration::from_secs(10), || async {
+        try_session(&setup.pki, Some(&a), broker.quic)
+            .await
+            .is_none()
+            .then_some(())
+    })
+    .await;
+    assert!(ok.is_some(), "pinned after reload");
+}
+
+#[tokio::test]
+async fn a_second_session_supersedes_the_first() {
+    let setup = Setup::new();
+    let a = setup.pki.appliance("app-a").unwrap();
+    setup.set_allowlist(&[("app-a", &a)]);
+    let broker = setup.broker("b1", "");
+    let first = connect(&setup.pki, Some(&a), broker.quic).await.unwrap();
+    let (_s1, _r1, w1) = hello(&first).await.unwrap();
+    let second = connect(&setup.pki, Some(&a), broker.quic).await.unwrap();
+    let (_s2, _r2, w2) = hello(&second).await.unwrap();
+    let end = tokio::time::timeout(Duration::from_secs(10), first.closed())
+        .await
+        .unwrap();
+    assert_eq!(ended(&end), Ended::App(SUPERSEDED));
+    assert!(second.close_reason().is_none());
+    let row = broker.wait_session("app-a").await;
+    assert_eq!(row["session_id"], w2.session_id);
+    assert_ne!(w1.session_id, w2.session_id);
+}
+
+/// Open a session, send `bytes` on the session stream, and return how the broker ended it.
+async fn send_raw(
+    setup: &Setup,
+    broker: &BrokerProc,
+    leaf: &tether::pki::Leaf,
+    bytes: &[u8],
+) -> Ended {
+    let conn = connect(&setup.pki, Some(leaf), broker.quic).await.unwrap();
+    let (mut send, _recv, _w) = hello(&conn).await.unwrap();
+    // The write may fail once the broker has closed; the close reason is what matters.
+    let _ = send.write_all(bytes).await;
+    let end = tokio::time::timeout(Duration::from_secs(10), conn.closed())
+        .await
+        .expect("broker closed the connection");
+    ended(&end)
+}
+
+#[tokio::test]
+async fn bad_input_closes_only_that_connection_with_protocol_error() {
+    let setup = Setup::new();
+    let bad = setup.pki.appliance("app-bad").unwrap();
+    let good = setup.pki.appliance("app-good").unwrap();
+    setup.set_allowlist(&[("app-bad", &bad), ("app-good", &good)]);
+    let broker = setup.broker("b1", "");
+    let good_conn = connect(&setup.pki, Some(&good), broker.quic).await.unwrap();
+    let (mut good_send, _good_recv, _) = hello(&good_conn).await.unwrap();
+
+    // Oversized frame: a length prefix of 1 MiB (the limit is 64 KiB), refused before the
+    // body arrives.
+    let mut oversized = BytesMut::new();
+    oversized.put_u32(1 << 20);
+    oversized.put_u8(0x03);
+    assert_eq!(
+        send_raw(&setup, &broker, &bad, &oversized).await,
+        Ended::App(PROTOCOL_ERROR)
+    );
+
+    // Garbage: a valid length with a body that is not a frame.
+    let garbage = [0u8, 0, 0, 5, 0x03, 0xde, 0xad, 0xbe, 0xef];
+    assert_eq!(
+        send_raw(&setup, &broker, &bad, &garbage).await,
+        Ended::App(PROTOCOL_ERROR)
+    );
+
+    // Unknown frame type.
+    let unknown = [0u8, 0, 0, 1, 0x7f];
+    assert_eq!(
+        send_raw(&setup, &broker, &bad, &unknown).await,
+        Ended::App(PROTOCOL_ERROR)
+    );
+
+    // A frame the agent must never send (Welcome is broker -> agent).
+    let mut wrong_dir = BytesMut::new();
+    encode_frame(
+        &Frame::Welcome(tether_proto::Welcome {
+            protocol_version: 1,
+            session_id: 1,
+            heartbeat_interval_ms: 1,
+            server_time_ms: 0,
+            manual_renewal_generation: 0,
+        }),
+        &mut wrong_dir,
+        65536,
+    )
+    .unwrap();
+    assert_eq!(
+        send_raw(&setup, &broker, &bad, &wrong_dir).await,
+        Ended::App(PROTOCOL_ERROR)
+    );
+
+    // Stream flood: the agent may open only its session stream.
+    let conn = connect(&setup.pki, Some(&bad), broker.quic).await.unwrap();
+    let _session = hello(&conn).await.unwrap();
+    for _ in 0..64 {
+        let Ok(Ok((mut s, _r))) =
+            tokio::time::timeout(Duration::from_millis(500), conn.open_bi()).await
+        else {
+            break;
+        };
+        if s.write_all(b"\0\0\0\x01\x03").await.is_err() {
+            break;
+        }
+    }
+    let end = tokio::time::timeout(Duration::from_secs(10), conn.closed())
+        .await
+        .unwrap();
+    assert_eq!(ended(&end), Ended::App(PROTOCOL_ERROR));
+
+    // Each was counted by kind.
+    for kind in [
+        "frame_too_large",
+        "malformed_frame",
+        "unknown_frame_type",
+        "unexpected_frame",
+        "extra_stream",
+    ] {
+        let v = broker
+            .metric(&format!("tether_protocol_errors_total{{kind=\"{kind}\"}}"))
+            .await;
+        assert!(v >= 1.0, "{kind} counted");
+    }
+
+    // The well-behaved appliance was never disturbed and still talks.
+    assert!(good_conn.close_reason().is_none());
+    let mut hb = BytesMut::new();
+    encode_frame(
+        &Frame::Heartbeat(Heartbeat {
+            seq: 1,
+            trust_state: TrustState::Trusted,
+            cert_not_after_ms: 0,
+        }),
+        &mut hb,
+        65536,
+    )
+    .unwrap();
+    good_send.write_all(&hb).await.unwrap();
+    let row =
+        wait_for(Duration::from_secs(10), || async {
+            broker.sessions().await.into_iter().find(|s| {
+                s["appliance_id"] == "app-good" && s["last_heartbeat_ms"].as_i64() > Some(0)
+            })
+        })
+        .await;
+    assert!(row.is_some(), "heartbeat from the good appliance recorded");
+}
+
+#[tokio::test]
+async fn malformed_allowlist_is_refused_whole_and_the_previous_snapshot_stays() {
+    let setup = Setup::new();
+    let a = setup.pki.appliance("app-a").unwrap();
+    setup.set_allowlist(&[("app-a", &a)]);
+    let broker = setup.broker("b1", "");
+    let conn = connect(&setup.pki, Some(&a), broker.quic).await.unwrap();
+    let _s = hello(&conn).await.unwrap();
+
+    // A file that drops app-a *and* has a bad line: refused as a whole, so app-a is not
+    // revoked by the half that parsed.
+    write_atomic(
+        &setup.allowlist_path(),
+        "# broken\napp-b not-a-fingerprint\n",
+    );
+    broker
+        .wait_metric("tether_allowlist_reloads_total{result=\"error\"}", 1.0)
+        .await;
+    assert!(broker.log_contains("previous snapshot stays in force"));
+    assert!(conn.close_reason().is_none(), "live session kept");
+    assert_eq!(try_session(&setup.pki, Some(&a), broker.quic).await, None);
+    assert_eq!(broker.metric("tether_allowlist_entries").await, 1.0);
+}
