@@ -285,6 +285,13 @@ impl Allowlist {
         }
     }
 
+    /// An allowlist starting from `snapshot` (a cached copy, a benchmark fixture).
+    pub fn from_snapshot(snapshot: Snapshot) -> Allowlist {
+        Allowlist {
+            current: ArcSwap::from_pointee(snapshot),
+        }
+    }
+
     /// The snapshot in force. Lock-free; cheap enough for every handshake.
     #[inline]
     pub fn snapshot(&self) -> arc_swap::Guard<Arc<Snapshot>> {
@@ -543,7 +550,8 @@ impl FileSource {
         let watch_tx = tx.clone();
         let watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
             let Ok(event) = res else { return };
-            let relevant = event.kind.is_modify() || event.kind.is_create() || event.kind.is_remove();
+            let relevant =
+                event.kind.is_modify() || event.kind.is_create() || event.kind.is_remove();
             let ours = event
                 .paths
                 .iter()
