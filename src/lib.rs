@@ -1,3 +1,4 @@
 //! Tether's root package: the `tether` dev tool, shared test/bench support (`pki`).
 
 pub mod pki;
+pub mod up;

@@ -195,23 +195,21 @@ async fn command(
             return error(StatusCode::BAD_GATEWAY, "connection_lost", m)
         }
     };
-    let stream = futures_util::stream::unfold(rx, |mut rx| {
-        async move {
-            let ev = rx.recv().await?;
-            let line = match ev {
-                CommandEvent::Output { stream, data } => serde_json::json!({
-                    "stream": match stream { OutputStream::Stdout => "stdout", OutputStream::Stderr => "stderr" },
-                    "data": String::from_utf8_lossy(&data),
-                }),
-                CommandEvent::Exit(code) => serde_json::json!({ "exit_code": code }),
-                CommandEvent::Failed { code, message } => {
-                    serde_json::json!({ "error": code, "message": message })
-                }
-            };
-            let mut bytes = serde_json::to_vec(&line).unwrap_or_default();
-            bytes.push(b'\n');
-            Some((Ok::<_, std::convert::Infallible>(bytes), rx))
-        }
+    let stream = futures_util::stream::unfold(rx, |mut rx| async move {
+        let ev = rx.recv().await?;
+        let line = match ev {
+            CommandEvent::Output { stream, data } => serde_json::json!({
+                "stream": match stream { OutputStream::Stdout => "stdout", OutputStream::Stderr => "stderr" },
+                "data": String::from_utf8_lossy(&data),
+            }),
+            CommandEvent::Exit(code) => serde_json::json!({ "exit_code": code }),
+            CommandEvent::Failed { code, message } => {
+                serde_json::json!({ "error": code, "message": message })
+            }
+        };
+        let mut bytes = serde_json::to_vec(&line).unwrap_or_default();
+        bytes.push(b'\n');
+        Some((Ok::<_, std::convert::Infallible>(bytes), rx))
     });
     (
         [(header::CONTENT_TYPE, "application/x-ndjson")],

@@ -274,7 +274,10 @@ impl fmt::Debug for Config {
                 "limits.max_concurrent_handshakes",
                 &limits.max_concurrent_handshakes,
             )
-            .field("limits.max_pending_handshakes", &limits.max_pending_handshakes)
+            .field(
+                "limits.max_pending_handshakes",
+                &limits.max_pending_handshakes,
+            )
             .field("limits.pending_timeout", &limits.pending_timeout)
             .field("limits.handshake_timeout", &limits.handshake_timeout)
             .field("limits.max_command_timeout", &limits.max_command_timeout)
@@ -385,7 +388,10 @@ impl Config {
             ));
         }
         if self.session.heartbeat_interval < Duration::from_millis(100) {
-            return Err(invalid("session.heartbeat_interval", "must be at least 100ms"));
+            return Err(invalid(
+                "session.heartbeat_interval",
+                "must be at least 100ms",
+            ));
         }
         if self.session.max_frame_len < tether_proto::MIN_MAX_FRAME_LEN
             || self.session.max_frame_len > 16 * 1024 * 1024
@@ -396,7 +402,10 @@ impl Config {
             ));
         }
         if self.limits.max_concurrent_handshakes == 0 {
-            return Err(invalid("limits.max_concurrent_handshakes", "must be at least 1"));
+            return Err(invalid(
+                "limits.max_concurrent_handshakes",
+                "must be at least 1",
+            ));
         }
         if (self.transport.stream_receive_window as usize) < self.session.max_frame_len {
             return Err(invalid(
@@ -472,7 +481,13 @@ mod tests {
     fn validate_names_the_field() {
         let cfg = Config::default();
         let err = cfg.validate().unwrap_err();
-        assert!(matches!(err, ConfigError::Invalid { field: "trust_domain", .. }));
+        assert!(matches!(
+            err,
+            ConfigError::Invalid {
+                field: "trust_domain",
+                ..
+            }
+        ));
         let text = "trust_domain = \"t\"\nbogus = 1\n";
         let err = Config::from_toml(text, Path::new("."), Path::new("x")).unwrap_err();
         assert!(err.to_string().contains("bogus"), "{err}");

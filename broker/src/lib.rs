@@ -70,7 +70,9 @@ impl Running {
             entries,
         })?;
         metrics.allowlist_version.set(applied.version as i64);
-        metrics.allowlist_entries.set(allowlist.snapshot().len() as i64);
+        metrics
+            .allowlist_entries
+            .set(allowlist.snapshot().len() as i64);
         info!(file = %file.display(), entries = allowlist.snapshot().len(), "allowlist loaded");
         let source = FileSource::new(file);
         let sessions = Arc::new(SessionTable::new());
@@ -129,7 +131,9 @@ pub async fn follow<S: AllowlistSource>(mut source: S, broker: Arc<Broker>) {
             Ok(applied) => {
                 let closed = broker.sessions().close_revoked(&applied.removed, &metrics);
                 let elapsed = started.elapsed();
-                metrics.allowlist_apply_seconds.observe(elapsed.as_secs_f64());
+                metrics
+                    .allowlist_apply_seconds
+                    .observe(elapsed.as_secs_f64());
                 let snap = broker.allowlist().snapshot();
                 metrics.allowlist_version.set(applied.version as i64);
                 metrics.allowlist_entries.set(snap.len() as i64);

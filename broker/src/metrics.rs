@@ -194,7 +194,9 @@ impl Metrics {
 
     /// Count a refused handshake.
     pub fn reject(&self, reason: &'static str) {
-        self.handshake_rejected.get_or_create(&Reason { reason }).inc();
+        self.handshake_rejected
+            .get_or_create(&Reason { reason })
+            .inc();
     }
 
     /// Count a protocol violation.

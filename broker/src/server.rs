@@ -297,8 +297,7 @@ impl Broker {
         self.metrics.handshakes_in_flight.inc();
         let result = match incoming.accept() {
             Ok(connecting) => {
-                match tokio::time::timeout(self.config.limits.handshake_timeout, connecting).await
-                {
+                match tokio::time::timeout(self.config.limits.handshake_timeout, connecting).await {
                     Ok(r) => r,
                     Err(_) => Err(quinn::ConnectionError::TimedOut),
                 }
@@ -354,12 +353,19 @@ impl Broker {
     fn handshake_failed(&self, remote: SocketAddr, e: quinn::ConnectionError) {
         use quinn::ConnectionError as E;
         let kind = match &e {
-            E::TransportError(te) if te.code == quinn::TransportErrorCode::crypto(ALERT_CERTIFICATE_REQUIRED) => {
+            E::TransportError(te)
+                if te.code == quinn::TransportErrorCode::crypto(ALERT_CERTIFICATE_REQUIRED) =>
+            {
                 // rustls refuses an empty certificate list before the verifier runs.
-                self.verifier.record(&Rejection::NoCertificate, Some(remote));
+                self.verifier
+                    .record(&Rejection::NoCertificate, Some(remote));
                 return;
             }
-            E::TransportError(te) if te.code == quinn::TransportErrorCode::crypto(ALERT_NO_APPLICATION_PROTOCOL) => "alpn",
+            E::TransportError(te)
+                if te.code == quinn::TransportErrorCode::crypto(ALERT_NO_APPLICATION_PROTOCOL) =>
+            {
+                "alpn"
+            }
             // Certificate refusals were counted and logged by the verifier.
             E::TransportError(_) => "tls",
             E::TimedOut => "timeout",
@@ -489,7 +495,10 @@ impl Broker {
                         info = Some(s);
                         // A revocation applied after the handshake but before the insert
                         // found no session to close: check again now that we are visible.
-                        if !self.allowlist.allows(verified.appliance(), &verified.fingerprint()) {
+                        if !self
+                            .allowlist
+                            .allows(verified.appliance(), &verified.fingerprint())
+                        {
                             info!("fingerprint left the allowlist during the handshake");
                             self.metrics.sessions_revoked.inc();
                             close(&conn, CloseCode::Revoked, &self.metrics);
@@ -497,8 +506,10 @@ impl Broker {
                     }
                     BrokerEvent::Heartbeat(hb) => {
                         if let Some(s) = &info {
-                            s.last_heartbeat_ms.store(unix_ms(SystemTime::now()), Ordering::Relaxed);
-                            s.cert_not_after_ms.store(hb.cert_not_after_ms, Ordering::Relaxed);
+                            s.last_heartbeat_ms
+                                .store(unix_ms(SystemTime::now()), Ordering::Relaxed);
+                            s.cert_not_after_ms
+                                .store(hb.cert_not_after_ms, Ordering::Relaxed);
                             s.trust_state.store(hb.trust_state as u8, Ordering::Relaxed);
                         }
                     }

@@ -133,7 +133,10 @@ pub fn transport_config(cfg: &Config) -> quinn::TransportConfig {
 }
 
 /// Bind the UDP socket, asking the kernel for a large receive buffer; logs what it granted.
-pub fn bind_udp(addr: SocketAddr, recv_buffer: usize) -> std::io::Result<(std::net::UdpSocket, usize)> {
+pub fn bind_udp(
+    addr: SocketAddr,
+    recv_buffer: usize,
+) -> std::io::Result<(std::net::UdpSocket, usize)> {
     use socket2::{Domain, Protocol, Socket, Type};
     let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
     if addr.is_ipv6() {

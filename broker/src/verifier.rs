@@ -126,17 +126,17 @@ impl Rejection {
         use CertificateError as C;
         let e = match self {
             Rejection::NoCertificate => return rustls::Error::NoCertificatesPresented,
-            Rejection::UnknownIssuer => C::UnknownIssuer,                   // unknown_ca
-            Rejection::BadSignature => C::BadSignature,                     // decrypt_error
-            Rejection::Expired | Rejection::NotYetValid => C::Expired,      // certificate_expired
+            Rejection::UnknownIssuer => C::UnknownIssuer, // unknown_ca
+            Rejection::BadSignature => C::BadSignature,   // decrypt_error
+            Rejection::Expired | Rejection::NotYetValid => C::Expired, // certificate_expired
             Rejection::WrongEku | Rejection::WrongKeyUsage => C::InvalidPurpose, // unsupported_certificate
-            Rejection::BadEncoding => C::BadEncoding,                       // bad_certificate
+            Rejection::BadEncoding => C::BadEncoding,                            // bad_certificate
             Rejection::ChainInvalid(_) => C::Other(rustls::OtherError(Arc::new(self.clone()))), // certificate_unknown
             Rejection::NoSanUri
             | Rejection::MultipleSanUris(_)
             | Rejection::NotAppliance
-            | Rejection::WrongTrustDomain => C::NotValidForName,            // bad_certificate
-            Rejection::UnknownFingerprint { .. } => C::Revoked,             // certificate_revoked
+            | Rejection::WrongTrustDomain => C::NotValidForName, // bad_certificate
+            Rejection::UnknownFingerprint { .. } => C::Revoked, // certificate_revoked
             Rejection::FingerprintForOtherAppliance { .. } => C::ApplicationVerificationFailure, // access_denied
         };
         rustls::Error::InvalidCertificate(e)
@@ -261,8 +261,12 @@ impl ApplianceVerifier {
     pub fn record(&self, rejection: &Rejection, remote: Option<std::net::SocketAddr>) {
         self.metrics.reject(rejection.label());
         match remote {
-            Some(remote) => tracing::warn!(reason = rejection.label(), %remote, error = %rejection, "client certificate refused"),
-            None => tracing::warn!(reason = rejection.label(), error = %rejection, "client certificate refused"),
+            Some(remote) => {
+                tracing::warn!(reason = rejection.label(), %remote, error = %rejection, "client certificate refused")
+            }
+            None => {
+                tracing::warn!(reason = rejection.label(), error = %rejection, "client certificate refused")
+            }
         }
     }
 
@@ -411,7 +415,7 @@ impl ClientCertVerifier for ApplianceVerifier {
 pub fn valid_trust_domain(td: &str) -> bool {
     !td.is_empty()
         && td.len() <= 255
-        && td
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'-' | b'_'))
+        && td.bytes().all(|b| {
+            b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'-' | b'_')
+        })
 }
