@@ -10,8 +10,8 @@ use bytes::{Bytes, BytesMut};
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 use tether_proto::{
     decode_frame, encode_frame, CommandKind, CommandOutcome, CommandOutput, CommandRequest,
-    CommandResult, Frame, FrameDecoder, Heartbeat, HeartbeatAck, OutputStream, Status,
-    TrustState, DEFAULT_MAX_FRAME_LEN,
+    CommandResult, Frame, FrameDecoder, Heartbeat, HeartbeatAck, OutputStream, Status, TrustState,
+    DEFAULT_MAX_FRAME_LEN,
 };
 
 const MAX: usize = DEFAULT_MAX_FRAME_LEN;
@@ -28,9 +28,15 @@ fn command_request(command_id: u64) -> Frame {
     Frame::CommandRequest(CommandRequest {
         command_id,
         kind: CommandKind::Exec,
-        argv: ["/usr/bin/journalctl", "-u", "tether-agent", "--since", "-1h"]
-            .map(String::from)
-            .to_vec(),
+        argv: [
+            "/usr/bin/journalctl",
+            "-u",
+            "tether-agent",
+            "--since",
+            "-1h",
+        ]
+        .map(String::from)
+        .to_vec(),
         env_allowlist: vec!["LANG".into(), "TZ".into()],
         deadline_ms: 30_000,
     })

@@ -569,12 +569,18 @@ fn limit_frames(over: usize) -> Vec<(&'static str, Frame)> {
             "agent_version",
             hello(ascii(MAX_AGENT_VERSION_LEN + 1), vec![]),
         ),
-        ("capabilities", hello(String::new(), one_more(caps, ascii(1)))),
+        (
+            "capabilities",
+            hello(String::new(), one_more(caps, ascii(1))),
+        ),
         (
             "capability",
             hello(String::new(), vec![ascii(MAX_CAPABILITY_LEN + 1)]),
         ),
-        ("status entries", status(vec![entry; MAX_STATUS_ENTRIES + 1])),
+        (
+            "status entries",
+            status(vec![entry; MAX_STATUS_ENTRIES + 1]),
+        ),
         (
             "status key",
             status(vec![(ascii(MAX_STATUS_KEY_LEN + 1), String::new())]),
@@ -583,7 +589,10 @@ fn limit_frames(over: usize) -> Vec<(&'static str, Frame)> {
             "status value",
             status(vec![(String::new(), ascii(MAX_STATUS_VALUE_LEN + 1))]),
         ),
-        ("argv", request(one_more(names(MAX_ARGV, 1), ascii(1)), vec![])),
+        (
+            "argv",
+            request(one_more(names(MAX_ARGV, 1), ascii(1)), vec![]),
+        ),
         ("argv", request(vec![ascii(MAX_ARG_LEN + 1)], vec![])),
         (
             "env_allowlist",
@@ -676,18 +685,81 @@ fn hex(bytes: &[u8]) -> String {
         .join(" ")
 }
 
-/// The example in `docs/PROTOCOL.md` ("Example: one Heartbeat frame"). Change both together.
-#[test]
-fn heartbeat_wire_example_matches_the_protocol_doc() {
-    let frame = Frame::Heartbeat(Heartbeat {
+fn heartbeat_example() -> Frame {
+    Frame::Heartbeat(Heartbeat {
         seq: 1,
         trust_state: TrustState::Trusted,
         cert_not_after_ms: 1_767_225_600_000, // 2026-01-01T00:00:00Z
-    });
-    let bytes = encode(&frame);
+    })
+}
+
+/// The example in `docs/PROTOCOL.md` ("Example: one Heartbeat frame"). Change both together.
+#[test]
+fn heartbeat_wire_example_matches_the_protocol_doc() {
+    let bytes = encode(&heartbeat_example());
     assert_eq!(
         hex(&bytes),
         "00 00 00 12 03 00 00 00 00 00 00 00 01 00 00 00 01 9b 76 da a8 00"
+    );
+}
+
+/// The body sizes in the frame table of `docs/PROTOCOL.md` (body = `len` − 1).
+#[test]
+fn body_sizes_match_the_protocol_doc() {
+    let body = |f: &Frame| encode(f).len() - FRAME_HEADER_LEN - 1;
+    let min_hello = Frame::Hello(Hello {
+        protocol_version: 1,
+        agent_version: String::new(),
+        capabilities: vec![],
+        cert_not_after_ms: 0,
+    });
+    let limits = limit_frames(0);
+    let at_limit = |name: &str| {
+        let (_, f) = limits.iter().find(|(n, _)| *n == name).expect("listed");
+        body(f)
+    };
+    assert_eq!((body(&min_hello), at_limit("hello")), (14, 2_190));
+    let (_, welcome) = &sample_frames()[1];
+    assert_eq!(body(welcome), 30);
+    assert_eq!(body(&heartbeat_example()), 17);
+    let (_, ack) = &sample_frames()[3];
+    assert_eq!(body(ack), 24);
+    assert_eq!(body(&Frame::Status(Status::default())), 2);
+    assert_eq!(at_limit("status") + 1, 73_987);
+    let go_away = |message: &str| {
+        Frame::GoAway(GoAway {
+            reason: GoAwayReason::Draining,
+            reconnect_after_ms: 0,
+            message: message.into(),
+        })
+    };
+    assert_eq!((body(&go_away("")), at_limit("goaway")), (7, 1_031));
+    let request = Frame::CommandRequest(CommandRequest {
+        command_id: 0,
+        kind: CommandKind::Exec,
+        argv: vec![],
+        env_allowlist: vec![],
+        deadline_ms: 0,
+    });
+    assert_eq!(body(&request), 17);
+    let output = Frame::CommandOutput(CommandOutput {
+        command_id: 0,
+        stream: OutputStream::Stdout,
+        data: Bytes::new(),
+    });
+    assert_eq!(body(&output) + 1, OUTPUT_OVERHEAD);
+    assert_eq!(body(&output), 13);
+    let failed = Frame::CommandResult(CommandResult {
+        command_id: 0,
+        outcome: CommandOutcome::Failed {
+            reason: FailureReason::Busy,
+            message: String::new(),
+        },
+    });
+    let (_, exited) = &sample_frames()[8];
+    assert_eq!(
+        (body(&failed), body(exited), at_limit("command result")),
+        (12, 13, 1_036)
     );
 }
 
