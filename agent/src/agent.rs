@@ -29,8 +29,9 @@ use crate::tls::client_config;
 
 /// A session that was welcomed and lasted this long resets the backoff window: 10 s.
 pub const STABLE_SESSION: Duration = Duration::from_secs(10);
-/// Capacity of the event channel; slow subscribers miss the oldest events.
-pub const EVENT_CHANNEL_CAPACITY: usize = 256;
+/// Capacity of the event channel; slow subscribers miss the oldest events. Kept small:
+/// the buffer is allocated per agent, and a simulator runs tens of thousands of agents.
+pub const EVENT_CHANNEL_CAPACITY: usize = 32;
 /// Fraction of `revoked_backoff` that jitter may remove.
 const REVOKED_JITTER: f64 = 0.2;
 
@@ -68,11 +69,16 @@ impl BrokerAddr {
         }
     }
 
-    /// The name sent as TLS SNI: the host name, or the IP address.
-    pub fn server_name(&self) -> String {
+    /// The name sent as TLS SNI: the host name if it is a valid DNS name, else the IP
+    /// address `resolved` to. (It is not verified: brokers are identified by SPIFFE URI.)
+    pub fn server_name(&self, resolved: SocketAddr) -> String {
         match self {
-            BrokerAddr::Addr(a) => a.ip().to_string(),
-            BrokerAddr::Name { host, .. } => host.clone(),
+            BrokerAddr::Name { host, .. }
+                if rustls::pki_types::ServerName::try_from(host.as_str()).is_ok() =>
+            {
+                host.clone()
+            }
+            _ => resolved.ip().to_string(),
         }
     }
 }
@@ -196,8 +202,12 @@ impl Agent {
         };
         let mut backoff = Backoff::new(self.cfg.backoff_initial, self.cfg.backoff_max);
         let mut index = fastrand::usize(..self.brokers.len());
-        tracing::info!(version = env!("CARGO_PKG_VERSION"), brokers = self.brokers.len(),
-            fingerprint = self.creds.fingerprint(), "agent starting");
+        tracing::info!(
+            version = env!("CARGO_PKG_VERSION"),
+            brokers = self.brokers.len(),
+            fingerprint = self.creds.fingerprint(),
+            "agent starting"
+        );
 
         loop {
             if shutdown.is_cancelled() {
@@ -212,7 +222,10 @@ impl Agent {
                 Err((broker, e)) => {
                     let reason = e.reason();
                     tracing::warn!(broker = %target, error = %e, "connection attempt failed");
-                    let _ = self.events.send(AgentEvent::Disconnected { broker, reason: reason.clone() });
+                    let _ = self.events.send(AgentEvent::Disconnected {
+                        broker,
+                        reason: reason.clone(),
+                    });
                     if e.is_fatal() {
                         return Err(AgentError::Endpoint(e));
                     }
@@ -284,12 +297,13 @@ impl Agent {
         };
         tracing::info!(broker = %target, %addr, "connecting");
         let _ = self.events.send(AgentEvent::Connecting { broker: addr });
+        let server_name = target.server_name(addr);
         let conn = tokio::select! {
-            r = connect(&self.endpoint, addr, &target.server_name(), self.client_config.clone(),
+            r = connect(&self.endpoint, addr, &server_name, self.client_config.clone(),
                 self.cfg.connect_timeout) => r.map_err(|e| (Some(addr), e))?,
             _ = shutdown.cancelled() => return Err((Some(addr), ConnectError::Shutdown)),
         };
-        Ok(run_session(conn, ctx, shutdown).await)
+        Ok(run_session(conn, addr, ctx, shutdown).await)
     }
 }
 
@@ -300,7 +314,8 @@ fn round_ms(d: Duration) -> Duration {
 fn log_end(end: &SessionEnd) {
     let duration = humantime::format_duration(round_ms(end.duration));
     match &end.reason {
-        DisconnectReason::Local(tether_proto::CloseCode::Normal) | DisconnectReason::Broker(tether_proto::CloseCode::Normal) => {
+        DisconnectReason::Local(tether_proto::CloseCode::Normal)
+        | DisconnectReason::Broker(tether_proto::CloseCode::Normal) => {
             tracing::info!(broker = %end.broker, session_id = ?end.session_id, %duration,
                 reason = %end.reason, "disconnected")
         }
@@ -330,7 +345,14 @@ mod tests {
                 port: 4433
             })
         );
-        for bad in ["broker", "broker:", ":4433", "broker:99999", "a:b:1", "broker:0"] {
+        for bad in [
+            "broker",
+            "broker:",
+            ":4433",
+            "broker:99999",
+            "a:b:1",
+            "broker:0",
+        ] {
             assert!(bad.parse::<BrokerAddr>().is_err(), "{bad}");
         }
     }

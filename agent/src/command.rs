@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use std::ffi::OsString;
 use std::io;
 use std::process::{ExitStatus, Stdio};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
@@ -45,17 +45,23 @@ pub struct CommandRunner {
     max_frame_len: usize,
     permits: Arc<Semaphore>,
     /// Snapshot of the environment commands may draw allowlisted variables from.
-    env: HashMap<String, OsString>,
+    env: Arc<HashMap<String, OsString>>,
 }
 
 impl CommandRunner {
     /// A runner for `cfg` that passes allowlisted variables from the agent's own
     /// environment (snapshotted now).
     pub fn new(cfg: &AgentConfig) -> CommandRunner {
-        CommandRunner::with_env(
-            cfg,
-            std::env::vars_os().filter_map(|(k, v)| Some((k.into_string().ok()?, v))),
-        )
+        // One snapshot per process, shared by every agent (simulators run thousands).
+        static PROCESS_ENV: OnceLock<Arc<HashMap<String, OsString>>> = OnceLock::new();
+        let env = PROCESS_ENV.get_or_init(|| {
+            Arc::new(
+                std::env::vars_os()
+                    .filter_map(|(k, v)| Some((k.into_string().ok()?, v)))
+                    .collect(),
+            )
+        });
+        CommandRunner::build(cfg, env.clone())
     }
 
     /// A runner whose commands draw allowlisted variables (and `PATH`) from `env` instead
@@ -64,13 +70,17 @@ impl CommandRunner {
         cfg: &AgentConfig,
         env: impl IntoIterator<Item = (String, OsString)>,
     ) -> CommandRunner {
+        CommandRunner::build(cfg, Arc::new(env.into_iter().collect()))
+    }
+
+    fn build(cfg: &AgentConfig, env: Arc<HashMap<String, OsString>>) -> CommandRunner {
         CommandRunner {
             allow_shell: cfg.allow_shell,
             max_concurrent: cfg.max_concurrent_commands,
             chunk: cfg.effective_output_chunk(),
             max_frame_len: cfg.max_frame_len,
             permits: Arc::new(Semaphore::new(cfg.max_concurrent_commands)),
-            env: env.into_iter().collect(),
+            env,
         }
     }
 
@@ -119,9 +129,11 @@ impl CommandRunner {
             }
             Err(outcome) => outcome,
         };
+        // The result is written even after a cancellation: if only the broker's side was
+        // reset it still wants to know; if our side was stopped the write fails at once.
         self.write_frame(
             out,
-            cancel,
+            None,
             Frame::CommandResult(CommandResult {
                 command_id: req.command_id,
                 outcome: outcome.clone(),
@@ -182,7 +194,12 @@ impl CommandRunner {
                 ))
             }
         };
-        tracing::info!(command_id = req.command_id, program, pid = child.id(), "command started");
+        tracing::info!(
+            command_id = req.command_id,
+            program,
+            pid = child.id(),
+            "command started"
+        );
         let mut stdout = child.stdout.take();
         let mut stderr = child.stderr.take();
         let mut out_buf = vec![0u8; self.chunk];
@@ -254,7 +271,7 @@ impl CommandRunner {
                 let data = Bytes::copy_from_slice(&buf[..n]);
                 self.write_frame(
                     out,
-                    cancel,
+                    Some(cancel),
                     Frame::CommandOutput(CommandOutput {
                         command_id,
                         stream,
@@ -271,15 +288,22 @@ impl CommandRunner {
     async fn write_frame<W: AsyncWrite + Unpin>(
         &self,
         out: &mut W,
-        cancel: &CancellationToken,
+        cancel: Option<&CancellationToken>,
         frame: Frame,
     ) -> io::Result<()> {
         let mut buf = BytesMut::new();
         tether_proto::encode_frame(&frame, &mut buf, self.max_frame_len)
             .map_err(io::Error::other)?;
+        let Some(cancel) = cancel else {
+            return out.write_all(&buf).await;
+        };
         tokio::select! {
+            biased;
             r = out.write_all(&buf) => r,
-            _ = cancel.cancelled() => Err(io::Error::new(io::ErrorKind::ConnectionAborted, "command cancelled")),
+            _ = cancel.cancelled() => Err(io::Error::new(
+                io::ErrorKind::ConnectionAborted,
+                "command cancelled",
+            )),
         }
     }
 }
@@ -289,7 +313,10 @@ impl CommandRunner {
 pub struct CommandPermit(#[allow(dead_code)] OwnedSemaphorePermit);
 
 /// Read from an optional pipe; a closed pipe never completes.
-async fn read_some<R: AsyncRead + Unpin>(pipe: &mut Option<R>, buf: &mut [u8]) -> io::Result<usize> {
+async fn read_some<R: AsyncRead + Unpin>(
+    pipe: &mut Option<R>,
+    buf: &mut [u8],
+) -> io::Result<usize> {
     match pipe {
         Some(p) => p.read(buf).await,
         None => std::future::pending().await,

@@ -183,10 +183,7 @@ impl AgentConfig {
             return Err(invalid("backoff_initial", "must be greater than zero"));
         }
         if self.backoff_max < self.backoff_initial {
-            return Err(invalid(
-                "backoff_max",
-                "must be at least backoff_initial",
-            ));
+            return Err(invalid("backoff_max", "must be at least backoff_initial"));
         }
         if self.revoked_backoff.is_zero() {
             return Err(invalid("revoked_backoff", "must be greater than zero"));
@@ -202,6 +199,71 @@ impl AgentConfig {
         self.output_chunk_bytes
             .min(self.max_frame_len.saturating_sub(COMMAND_OUTPUT_OVERHEAD))
             .max(1)
+    }
+}
+
+/// The `tether-agent` TOML file: `state_dir`, `brokers`, `log_format`, plus every
+/// [`AgentConfig`] field at top level. Unknown keys are refused.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct FileConfig {
+    /// Directory holding the credential files.
+    pub state_dir: Option<std::path::PathBuf>,
+    /// Brokers as `HOST:PORT` strings.
+    pub brokers: Vec<String>,
+    /// `text` or `json`.
+    pub log_format: Option<String>,
+    /// The agent tunables.
+    pub agent: AgentConfig,
+}
+
+impl FileConfig {
+    /// Parse the TOML text of a config file.
+    pub fn from_toml(text: &str) -> Result<FileConfig, ConfigError> {
+        let mut table: toml::Table = toml::from_str(text).map_err(|e| ConfigError::Invalid {
+            field: "config file",
+            reason: e.message().to_owned(),
+        })?;
+        let state_dir = match table.remove("state_dir") {
+            None => None,
+            Some(toml::Value::String(s)) => Some(s.into()),
+            Some(_) => return Err(invalid("state_dir", "must be a string")),
+        };
+        let brokers = match table.remove("brokers") {
+            None => Vec::new(),
+            Some(toml::Value::Array(a)) => a
+                .into_iter()
+                .map(|v| match v {
+                    toml::Value::String(s) => Ok(s),
+                    _ => Err(invalid(
+                        "brokers",
+                        "must be a list of \"HOST:PORT\" strings",
+                    )),
+                })
+                .collect::<Result<_, _>>()?,
+            Some(_) => {
+                return Err(invalid(
+                    "brokers",
+                    "must be a list of \"HOST:PORT\" strings",
+                ))
+            }
+        };
+        let log_format = match table.remove("log_format") {
+            None => None,
+            Some(toml::Value::String(s)) => Some(s),
+            Some(_) => return Err(invalid("log_format", "must be \"text\" or \"json\"")),
+        };
+        let agent = AgentConfig::deserialize(toml::Value::Table(table)).map_err(|e| {
+            ConfigError::Invalid {
+                field: "config file",
+                reason: e.message().to_owned(),
+            }
+        })?;
+        Ok(FileConfig {
+            state_dir,
+            brokers,
+            log_format,
+            agent,
+        })
     }
 }
 
@@ -247,7 +309,10 @@ mod tests {
         };
         assert!(matches!(
             cfg.validate(),
-            Err(ConfigError::Invalid { field: "backoff_max", .. })
+            Err(ConfigError::Invalid {
+                field: "backoff_max",
+                ..
+            })
         ));
         let cfg = AgentConfig {
             max_frame_len: 10,
@@ -255,7 +320,10 @@ mod tests {
         };
         assert!(matches!(
             cfg.validate(),
-            Err(ConfigError::Invalid { field: "max_frame_len", .. })
+            Err(ConfigError::Invalid {
+                field: "max_frame_len",
+                ..
+            })
         ));
         let cfg = AgentConfig {
             max_concurrent_commands: 0,
@@ -263,7 +331,10 @@ mod tests {
         };
         assert!(matches!(
             cfg.validate(),
-            Err(ConfigError::Invalid { field: "max_concurrent_commands", .. })
+            Err(ConfigError::Invalid {
+                field: "max_concurrent_commands",
+                ..
+            })
         ));
     }
 
@@ -275,6 +346,30 @@ mod tests {
         assert_eq!(cfg.backoff_max, Duration::from_secs(60));
         assert_eq!(cfg.connect_timeout, DEFAULT_CONNECT_TIMEOUT);
         assert!(toml::from_str::<AgentConfig>("alow_shell = true").is_err());
+    }
+
+    #[test]
+    fn file_config_splits_agent_fields() {
+        let f = FileConfig::from_toml(
+            "state_dir = \"/var/lib/tether\"\nbrokers = [\"b1:4433\", \"10.0.0.1:4433\"]\n\
+             max_concurrent_commands = 2\nconnect_timeout = \"3s\"\n",
+        )
+        .expect("parse");
+        assert_eq!(
+            f.state_dir.as_deref(),
+            Some(std::path::Path::new("/var/lib/tether"))
+        );
+        assert_eq!(f.brokers.len(), 2);
+        assert_eq!(f.agent.max_concurrent_commands, 2);
+        assert_eq!(f.agent.connect_timeout, Duration::from_secs(3));
+        assert!(FileConfig::from_toml("bogus = 1").is_err());
+        assert!(matches!(
+            FileConfig::from_toml("brokers = \"b1:1\""),
+            Err(ConfigError::Invalid {
+                field: "brokers",
+                ..
+            })
+        ));
     }
 
     #[test]

@@ -245,9 +245,7 @@ impl Credentials {
 }
 
 /// Parse the leaf: its single `spiffe://<td>/appliance/<id>` URI and its `notAfter`.
-fn appliance_identity(
-    leaf: &CertificateDer<'_>,
-) -> Result<(String, String, i64), CredentialError> {
+fn appliance_identity(leaf: &CertificateDer<'_>) -> Result<(String, String, i64), CredentialError> {
     let (_, cert) = x509_parser::parse_x509_certificate(leaf)
         .map_err(|e| CredentialError::InvalidCertificate(e.to_string()))?;
     let san = cert
@@ -270,11 +268,7 @@ fn appliance_identity(
         found = Some((id.name.to_owned(), id.trust_domain.to_owned()));
     }
     let (id, td) = found.ok_or(CredentialError::NoApplianceIdentity)?;
-    let not_after_ms = cert
-        .validity()
-        .not_after
-        .timestamp()
-        .saturating_mul(1000);
+    let not_after_ms = cert.validity().not_after.timestamp().saturating_mul(1000);
     Ok((id, td, not_after_ms))
 }
 

@@ -232,7 +232,8 @@ mod tests {
         let r = DisconnectReason::from_connection_error(&e, None);
         assert_eq!(r, DisconnectReason::ConnectionRefused);
         assert!(!r.is_refusal());
-        assert!(!DisconnectReason::from_connection_error(&ConnectionError::TimedOut, None)
-            .is_refusal());
+        assert!(
+            !DisconnectReason::from_connection_error(&ConnectionError::TimedOut, None).is_refusal()
+        );
     }
 }

@@ -1,1 +1,266 @@
-fn main() {}
+//! `tether-agent`: parses configuration (flags > `TETHER_AGENT_*` environment > TOML file >
+//! defaults), loads credentials, and runs one [`tether_agent::Agent`] until SIGINT/SIGTERM.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use tether_agent::config::{
+    FileConfig, ENV_ALLOW_SHELL, ENV_BACKOFF_INITIAL, ENV_BACKOFF_MAX, ENV_BROKERS, ENV_CONFIG,
+    ENV_CONNECT_TIMEOUT, ENV_LOG_FORMAT, ENV_MAX_CONCURRENT_COMMANDS, ENV_MAX_FRAME_LEN,
+    ENV_OUTPUT_CHUNK_BYTES, ENV_REVOKED_BACKOFF, ENV_STATE_DIR,
+};
+use tether_agent::{client_endpoint, Agent, AgentConfig, BrokerAddr, Credentials};
+use tokio_util::sync::CancellationToken;
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// How long, after the agent stopped, to let the endpoint send its CONNECTION_CLOSE.
+const CLOSE_FLUSH_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The Tether appliance agent: holds one QUIC connection to a broker of the cluster and
+/// runs the commands it sends.
+#[derive(Debug, Parser)]
+#[command(name = "tether-agent", version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Connect to the brokers and serve until SIGINT or SIGTERM.
+    Run(RunArgs),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+#[derive(Debug, Args)]
+struct RunArgs {
+    /// TOML file with `state_dir`, `brokers`, `log_format` and any agent setting below
+    /// (snake_case keys, durations as "500ms"/"30s"/"5m"). Flags and environment win.
+    #[arg(long, env = ENV_CONFIG, value_name = "FILE")]
+    config: Option<PathBuf>,
+
+    /// Directory holding client.key.pem, client.cert.pem (leaf then chain) and
+    /// ca.cert.pem (the CA(s) broker certificates must chain to).
+    #[arg(long, env = ENV_STATE_DIR, value_name = "DIR")]
+    state_dir: Option<PathBuf>,
+
+    /// A broker to connect to; repeat for several (tried in order from a random start).
+    /// The environment variable takes a comma-separated list.
+    #[arg(long = "broker", env = ENV_BROKERS, value_name = "HOST:PORT", value_delimiter = ',')]
+    brokers: Vec<String>,
+
+    /// Log format; verbosity comes from RUST_LOG (default "info").
+    #[arg(long, env = ENV_LOG_FORMAT, value_enum)]
+    log_format: Option<LogFormat>,
+
+    /// Local UDP address to send from [default: [::]:0, or 0.0.0.0:0 without IPv6].
+    #[arg(long, value_name = "ADDR")]
+    bind: Option<SocketAddr>,
+
+    /// Commands run at once; more are answered "busy" [default: 4].
+    #[arg(long, env = ENV_MAX_CONCURRENT_COMMANDS, value_name = "N")]
+    max_concurrent_commands: Option<usize>,
+
+    /// Accept shell commands (run through /bin/sh -c) [default: false].
+    #[arg(long, env = ENV_ALLOW_SHELL, num_args = 0..=1, default_missing_value = "true",
+          value_name = "BOOL")]
+    allow_shell: Option<bool>,
+
+    /// Largest chunk of command output per frame, in bytes [default: 16384].
+    #[arg(long, env = ENV_OUTPUT_CHUNK_BYTES, value_name = "BYTES")]
+    output_chunk_bytes: Option<usize>,
+
+    /// Largest frame sent or accepted, in bytes [default: 65536].
+    #[arg(long, env = ENV_MAX_FRAME_LEN, value_name = "BYTES")]
+    max_frame_len: Option<usize>,
+
+    /// First reconnect backoff window; doubles per failure, full jitter [default: 500ms].
+    #[arg(long, env = ENV_BACKOFF_INITIAL, value_parser = humantime::parse_duration,
+          value_name = "DURATION")]
+    backoff_initial: Option<Duration>,
+
+    /// Largest reconnect backoff window [default: 30s].
+    #[arg(long, env = ENV_BACKOFF_MAX, value_parser = humantime::parse_duration,
+          value_name = "DURATION")]
+    backoff_max: Option<Duration>,
+
+    /// Wait after a broker refused the certificate (revoked/unauthorized) [default: 5m].
+    #[arg(long, env = ENV_REVOKED_BACKOFF, value_parser = humantime::parse_duration,
+          value_name = "DURATION")]
+    revoked_backoff: Option<Duration>,
+
+    /// Time allowed for the handshake and then for the broker's Welcome [default: 10s].
+    #[arg(long, env = ENV_CONNECT_TIMEOUT, value_parser = humantime::parse_duration,
+          value_name = "DURATION")]
+    connect_timeout: Option<Duration>,
+}
+
+/// Everything `run` needs, after layering flags, environment, file and defaults.
+struct Settings {
+    state_dir: PathBuf,
+    brokers: Vec<BrokerAddr>,
+    log_format: LogFormat,
+    bind: Option<SocketAddr>,
+    agent: AgentConfig,
+}
+
+impl RunArgs {
+    fn resolve(self) -> anyhow::Result<Settings> {
+        let file = match &self.config {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .with_context(|| format!("cannot read config file {}", path.display()))?;
+                FileConfig::from_toml(&text)
+                    .with_context(|| format!("invalid config file {}", path.display()))?
+            }
+            None => FileConfig::default(),
+        };
+        let mut agent = file.agent;
+        macro_rules! layer {
+            ($($f:ident),*) => { $( if let Some(v) = self.$f { agent.$f = v; } )* };
+        }
+        layer!(
+            max_concurrent_commands,
+            allow_shell,
+            output_chunk_bytes,
+            max_frame_len,
+            backoff_initial,
+            backoff_max,
+            revoked_backoff,
+            connect_timeout
+        );
+        agent.validate()?;
+
+        let Some(state_dir) = self.state_dir.or(file.state_dir) else {
+            bail!("no state directory: pass --state-dir or set {ENV_STATE_DIR}");
+        };
+        let brokers = if self.brokers.is_empty() {
+            file.brokers
+        } else {
+            self.brokers
+        };
+        let brokers = brokers
+            .iter()
+            .map(|b| b.trim())
+            .filter(|b| !b.is_empty())
+            .map(str::parse)
+            .collect::<Result<Vec<BrokerAddr>, _>>()?;
+        if brokers.is_empty() {
+            bail!("no broker: pass --broker HOST:PORT or set {ENV_BROKERS}");
+        }
+        let log_format = match (self.log_format, file.log_format.as_deref()) {
+            (Some(f), _) => f,
+            (None, None) => LogFormat::Text,
+            (None, Some(s)) => LogFormat::from_str(s, true)
+                .map_err(|_| anyhow::anyhow!("invalid log_format {s:?}: expected text or json"))?,
+        };
+        Ok(Settings {
+            state_dir,
+            brokers,
+            log_format,
+            bind: self.bind,
+            agent,
+        })
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    match format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
+fn endpoint(bind: Option<SocketAddr>) -> anyhow::Result<quinn::Endpoint> {
+    if let Some(addr) = bind {
+        return client_endpoint(addr).with_context(|| format!("cannot bind {addr}"));
+    }
+    let v6 = SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, 0));
+    let v4 = SocketAddr::from((std::net::Ipv4Addr::UNSPECIFIED, 0));
+    client_endpoint(v6)
+        .or_else(|_| client_endpoint(v4))
+        .context("cannot open a udp socket")
+}
+
+/// Cancel `token` on SIGINT or SIGTERM.
+fn stop_on_signals(token: CancellationToken) -> anyhow::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
+    let mut int = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
+    tokio::spawn(async move {
+        let name = tokio::select! {
+            _ = term.recv() => "SIGTERM",
+            _ = int.recv() => "SIGINT",
+        };
+        tracing::info!(signal = name, "stopping");
+        token.cancel();
+    });
+    Ok(())
+}
+
+async fn run(args: RunArgs) -> anyhow::Result<()> {
+    let settings = args.resolve()?;
+    init_logging(settings.log_format);
+    tracing::info!(version = env!("CARGO_PKG_VERSION"), config = ?settings.agent, "tether-agent starting");
+
+    let creds = Credentials::load(&settings.state_dir).with_context(|| {
+        format!(
+            "cannot load credentials from {}",
+            settings.state_dir.display()
+        )
+    })?;
+    tracing::info!(
+        appliance_id = creds.appliance_id(),
+        trust_domain = creds.trust_domain(),
+        fingerprint = creds.fingerprint(),
+        not_after_ms = creds.not_after_ms(),
+        "credentials loaded"
+    );
+
+    let endpoint = endpoint(settings.bind)?;
+    tracing::info!(local_addr = %endpoint.local_addr()?, "quic endpoint bound");
+
+    let shutdown = CancellationToken::new();
+    stop_on_signals(shutdown.clone())?;
+    let agent = Agent::new(settings.agent, creds, endpoint.clone(), settings.brokers)?;
+    agent.run(shutdown).await?;
+
+    // The session was already closed with `Normal`; this also abandons a handshake that
+    // was in flight, then waits (bounded) for the CONNECTION_CLOSE to go out.
+    let normal = tether_proto::CloseCode::Normal;
+    endpoint.close(
+        quinn::VarInt::from_u32(normal.code()),
+        normal.as_str().as_bytes(),
+    );
+    let flushed = tokio::time::timeout(CLOSE_FLUSH_TIMEOUT, endpoint.wait_idle())
+        .await
+        .is_ok();
+    tracing::info!(flushed, "tether-agent stopped");
+    Ok(())
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the tokio runtime")?;
+    match cli.command {
+        Cmd::Run(args) => runtime.block_on(run(args)),
+    }
+}

@@ -122,21 +122,25 @@ pub async fn connect_once(
         r = connect(endpoint, broker, &server_name, client_config, cfg.connect_timeout) => r?,
         _ = shutdown.cancelled() => return Err(ConnectError::Shutdown),
     };
-    Ok(run_session(conn, &ctx, shutdown).await)
+    Ok(run_session(conn, broker, &ctx, shutdown).await)
 }
 
 /// Drive a session on an established connection until it ends.
+///
+/// `broker` is the address dialled; it names the broker in events and logs (the
+/// connection's remote address may be its IPv4-mapped IPv6 form).
 pub(crate) async fn run_session(
     conn: Connection,
+    broker: SocketAddr,
     ctx: &SessionContext,
     shutdown: &CancellationToken,
 ) -> SessionEnd {
-    let broker = conn.remote_address();
     let span = tracing::info_span!("session", %broker, conn_id = conn.stable_id());
     async {
         let started = Instant::now();
         let mut driver = Driver {
             conn: conn.clone(),
+            broker,
             ctx,
             session_id: None,
             go_away: None,
@@ -166,6 +170,7 @@ pub(crate) async fn run_session(
 
 struct Driver<'a> {
     conn: Connection,
+    broker: SocketAddr,
     ctx: &'a SessionContext,
     session_id: Option<u64>,
     go_away: Option<GoAway>,
@@ -251,11 +256,14 @@ impl Driver<'_> {
             while let Some(event) = session.poll_event() {
                 match event {
                     tether_proto::AgentEvent::Welcome(w) => {
-                        tracing::info!(session_id = w.session_id,
-                            heartbeat_ms = w.heartbeat_interval_ms, "session established");
+                        tracing::info!(
+                            session_id = w.session_id,
+                            heartbeat_ms = w.heartbeat_interval_ms,
+                            "session established"
+                        );
                         self.session_id = Some(w.session_id);
                         let _ = self.ctx.events.send(AgentEvent::Connected {
-                            broker: self.conn.remote_address(),
+                            broker: self.broker,
                             session_id: w.session_id,
                         });
                     }
@@ -270,15 +278,17 @@ impl Driver<'_> {
                         tracing::info!(reason = ?g.reason, reconnect_after_ms = g.reconnect_after_ms,
                             message = %g.message, "broker sent goaway; draining");
                         let _ = self.ctx.events.send(AgentEvent::GoAway {
-                            broker: self.conn.remote_address(),
+                            broker: self.broker,
                             reason: g.reason,
                             reconnect_after: Duration::from_millis(u64::from(g.reconnect_after_ms)),
                         });
                         self.draining.cancel();
                         if leave_at.is_none() {
                             self.go_away_received = Some(Instant::now());
-                            leave_at = Some(Instant::now()
-                                + Duration::from_millis(u64::from(g.reconnect_after_ms)));
+                            leave_at = Some(
+                                Instant::now()
+                                    + Duration::from_millis(u64::from(g.reconnect_after_ms)),
+                            );
                         }
                         self.go_away = Some(g);
                     }
@@ -476,10 +486,12 @@ async fn read_request(
         match decoder.poll_frame() {
             Ok(Some(Frame::CommandRequest(req))) => return Ok(req),
             Ok(Some(other)) => {
-                return Err(RequestError::Violation(ProtocolViolation::UnexpectedFrame {
-                    frame: other.frame_type(),
-                    state: "awaiting command request",
-                }))
+                return Err(RequestError::Violation(
+                    ProtocolViolation::UnexpectedFrame {
+                        frame: other.frame_type(),
+                        state: "awaiting command request",
+                    },
+                ))
             }
             Ok(None) => {}
             Err(e) => return Err(RequestError::Violation(ProtocolViolation::Decode(e))),
@@ -515,6 +527,6 @@ async fn sleep_until(at: Option<Instant>) {
     }
 }
 
-async fn sleep_until_std(at: Option<Instant>) {
+async fn sleep_until_std(at: Option<std::time::Instant>) {
     sleep_until(at.map(Instant::from_std)).await
 }

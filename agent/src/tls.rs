@@ -68,8 +68,7 @@ fn transport_config(cfg: &AgentConfig) -> TransportConfig {
         .max_idle_timeout(IdleTimeout::try_from(IDLE_TIMEOUT).ok())
         // One full frame in flight per stream is enough for control traffic.
         .stream_receive_window(VarInt::from_u32(
-            u32::try_from(cfg.max_frame_len + tether_proto::FRAME_HEADER_LEN)
-                .unwrap_or(u32::MAX),
+            u32::try_from(cfg.max_frame_len + tether_proto::FRAME_HEADER_LEN).unwrap_or(u32::MAX),
         ))
         .receive_window(VarInt::from_u32(RECEIVE_WINDOW))
         .send_window(SEND_WINDOW)
