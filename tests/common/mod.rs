@@ -414,3 +414,54 @@ pub mod alert {
     pub const DECRYPT_ERROR: u8 = 51;
     pub const CERTIFICATE_REQUIRED: u8 = 116;
 }
+
+/// A `tether-agent` child process. Killed on drop.
+pub struct AgentProc {
+    pub child: Child,
+}
+
+impl AgentProc {
+    pub fn start(state_dir: &Path, brokers: &[SocketAddr], extra: &[&str]) -> AgentProc {
+        let mut cmd = Command::new(bin("tether-agent"));
+        cmd.arg("run").arg("--state-dir").arg(state_dir);
+        for b in brokers {
+            cmd.arg("--broker").arg(b.to_string());
+        }
+        cmd.args(["--backoff-initial", "100ms", "--backoff-max", "1s"])
+            .args(extra)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit());
+        AgentProc {
+            child: cmd.spawn().expect("spawn tether-agent"),
+        }
+    }
+}
+
+impl Drop for AgentProc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// POST a command to the broker's admin API; returns the status and the NDJSON lines.
+pub async fn run_command(
+    broker: &BrokerProc,
+    appliance: &str,
+    body: serde_json::Value,
+) -> (u16, Vec<serde_json::Value>) {
+    let resp = reqwest::Client::new()
+        .post(broker.url(&format!("/v1/sessions/{appliance}/commands")))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    let status = resp.status().as_u16();
+    let text = resp.text().await.unwrap();
+    let lines = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect();
+    (status, lines)
+}

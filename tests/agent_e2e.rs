@@ -1,0 +1,165 @@
+//! The real `tether-agent` binary against the real `tether-broker`: session, commands with
+//! streamed output through the admin API, deadlines, and drain to a second broker.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use futures_util::StreamExt;
+use serde_json::json;
+
+#[tokio::test]
+async fn agent_connects_and_runs_a_command_with_streamed_output() {
+    let setup = Setup::new();
+    let leaf = setup.pki.appliance("app-1").unwrap();
+    setup.set_allowlist(&[("app-1", &leaf)]);
+    let broker = setup.broker("b1", "");
+    let state = setup.agent_state("app-1", &leaf);
+    let _agent = AgentProc::start(&state, &[broker.quic], &[]);
+    let row = broker.wait_session("app-1").await;
+    assert_eq!(row["fingerprint"], leaf.fingerprint_hex());
+    assert_eq!(row["agent_version"], env!("CARGO_PKG_VERSION"));
+
+    // stdout, stderr and the exit code, kept apart.
+    let (status, lines) = run_command(
+        &broker,
+        "app-1",
+        json!({"argv": ["sh", "-c", "echo out; echo err >&2; exit 3"], "timeout_ms": 10000}),
+    )
+    .await;
+    assert_eq!(status, 200);
+    let stdout: String = lines
+        .iter()
+        .filter(|l| l["stream"] == "stdout")
+        .map(|l| l["data"].as_str().unwrap())
+        .collect();
+    let stderr: String = lines
+        .iter()
+        .filter(|l| l["stream"] == "stderr")
+        .map(|l| l["data"].as_str().unwrap())
+        .collect();
+    assert_eq!(stdout, "out\n");
+    assert_eq!(stderr, "err\n");
+    assert_eq!(lines.last().unwrap(), &json!({"exit_code": 3}));
+
+    // Output streams while the command runs: the command prints, then waits until the
+    // test has *seen* that line before it prints again and exits.
+    let flag = setup.dir.path().join("go-on");
+    let script = format!(
+        "echo first; while [ ! -e {} ]; do sleep 0.02; done; echo second",
+        flag.display()
+    );
+    let resp = reqwest::Client::new()
+        .post(broker.url("/v1/sessions/app-1/commands"))
+        .json(&json!({"argv": ["sh", "-c", script], "timeout_ms": 20000}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        resp.headers()["content-type"].to_str().unwrap(),
+        "application/x-ndjson"
+    );
+    let mut body = resp.bytes_stream();
+    let mut seen = String::new();
+    while !seen.contains('\n') {
+        seen.push_str(std::str::from_utf8(&body.next().await.unwrap().unwrap()).unwrap());
+    }
+    let first: serde_json::Value = serde_json::from_str(seen.lines().next().unwrap()).unwrap();
+    assert_eq!(first, json!({"stream": "stdout", "data": "first\n"}));
+    std::fs::write(&flag, b"").unwrap();
+    while let Some(chunk) = body.next().await {
+        seen.push_str(std::str::from_utf8(&chunk.unwrap()).unwrap());
+    }
+    assert!(seen.contains("second"), "{seen}");
+    assert!(seen.trim_end().ends_with("{\"exit_code\":0}"), "{seen}");
+}
+
+#[tokio::test]
+async fn command_errors_are_definite() {
+    let setup = Setup::new();
+    let leaf = setup.pki.appliance("app-1").unwrap();
+    setup.set_allowlist(&[("app-1", &leaf)]);
+    let broker = setup.broker("b1", "");
+    let state = setup.agent_state("app-1", &leaf);
+    let _agent = AgentProc::start(&state, &[broker.quic], &[]);
+    broker.wait_session("app-1").await;
+
+    // Not connected: 404 with a stable code.
+    let (status, lines) = run_command(&broker, "app-404", json!({"argv": ["true"]})).await;
+    assert_eq!(status, 404);
+    assert_eq!(lines[0]["error"], "not_connected");
+    // Bad input: 400.
+    let (status, lines) = run_command(&broker, "app-1", json!({"argv": []})).await;
+    assert_eq!(status, 400);
+    assert_eq!(lines[0]["error"], "bad_request");
+    let (status, _) = run_command(&broker, "app-1", json!({"nope": 1})).await;
+    assert_eq!(status, 400);
+    // Deadline: the agent kills the process and says so.
+    let (status, lines) = run_command(
+        &broker,
+        "app-1",
+        json!({"argv": ["sleep", "30"], "timeout_ms": 300}),
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert_eq!(lines.last().unwrap()["error"], "timed_out");
+    // Program that does not exist.
+    let (_, lines) = run_command(&broker, "app-1", json!({"argv": ["/nonexistent/prog"]})).await;
+    assert_eq!(lines.last().unwrap()["error"], "spawn_failed");
+    // Shell kind is refused unless the agent allows it.
+    let (_, lines) = run_command(
+        &broker,
+        "app-1",
+        json!({"argv": ["echo hi"], "kind": "shell"}),
+    )
+    .await;
+    assert_eq!(lines.last().unwrap()["error"], "refused");
+    assert!(
+        broker
+            .metric("tether_commands_total{result=\"timed_out\"}")
+            .await
+            >= 1.0
+    );
+}
+
+#[tokio::test]
+async fn sigterm_drains_the_broker_and_the_agent_moves_to_the_other() {
+    let setup = Setup::new();
+    let leaf = setup.pki.appliance("app-1").unwrap();
+    setup.set_allowlist(&[("app-1", &leaf)]);
+    let drain = "[drain]\ntimeout = \"5s\"\nreconnect_jitter = \"200ms\"\n";
+    let mut b1 = setup.broker("b1", drain);
+    let mut b2 = setup.broker("b2", drain);
+    let state = setup.agent_state("app-1", &leaf);
+    let _agent = AgentProc::start(&state, &[b1.quic, b2.quic], &[]);
+
+    // The agent starts at a random broker of its list: find which one holds it.
+    let on_b1 = wait_for(Duration::from_secs(15), || async {
+        if !b1.sessions().await.is_empty() {
+            Some(true)
+        } else if !b2.sessions().await.is_empty() {
+            Some(false)
+        } else {
+            None
+        }
+    })
+    .await
+    .expect("agent connected somewhere");
+    let (first, second) = if on_b1 {
+        (&mut b1, &mut b2)
+    } else {
+        (&mut b2, &mut b1)
+    };
+
+    first.terminate();
+    let row = second.wait_session("app-1").await;
+    assert_eq!(row["fingerprint"], leaf.fingerprint_hex());
+    let status = first.wait_exit(Duration::from_secs(15));
+    assert!(status.success(), "drained broker exits cleanly: {status}");
+    assert!(first.log_contains("draining"));
+    assert!(
+        first.log_contains("drain finished"),
+        "the agent left on GoAway before the timeout"
+    );
+}
