@@ -18,6 +18,10 @@ use thiserror::Error;
 use crate::config::Config;
 use crate::verifier::ApplianceVerifier;
 
+/// Incoming connections quinn may hold beyond our own queue before it starts ignoring
+/// Initial packets (see [`server_config`]).
+pub const INCOMING_SLACK: usize = 4096;
+
 /// A TLS file that cannot be used.
 #[derive(Debug, Error)]
 #[non_exhaustive]
@@ -107,7 +111,13 @@ pub fn server_config(
         .map_err(|e| TlsError::Quic(e.to_string()))?;
     let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
     server.transport_config(Arc::new(transport_config(cfg)));
-    server.max_incoming(cfg.limits.max_pending_handshakes + cfg.limits.max_concurrent_handshakes);
+    // quinn silently ignores Initials beyond `max_incoming` (clients then retransmit for
+    // seconds). Keep its bound above ours so the accept loop, not quinn, turns the excess
+    // away — explicitly, cheaply and counted; quinn's bound stays as the last resort when
+    // the accept loop itself falls behind by INCOMING_SLACK.
+    server.max_incoming(
+        cfg.limits.max_pending_handshakes + cfg.limits.max_concurrent_handshakes + INCOMING_SLACK,
+    );
     Ok(server)
 }
 
