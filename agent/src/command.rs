@@ -2,6 +2,11 @@
 //! environment, streaming stdout/stderr as `CommandOutput` frames, deadlines, cancellation
 //! and the final `CommandResult`.
 //!
+//! Each command leads its own process group. A deadline, a cancellation, a dropped command
+//! and a leftover still holding the output pipes after the command exited all end in
+//! `SIGKILL` to the whole group, so a grandchild (`cmd &`) cannot outlive them. A
+//! descendant that leaves the group on purpose (`setsid`) is beyond this.
+//!
 //! It writes frames into any [`AsyncWrite`] — a QUIC `SendStream` in production, a
 //! `Vec<u8>` or a duplex pipe in tests — so it can be tested without QUIC.
 
@@ -30,7 +35,7 @@ pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bi
 /// The shell used for `CommandKind::Shell`.
 pub const SHELL: &str = "/bin/sh";
 /// After the process exited, how long to keep reading output from pipes that a leftover
-/// grandchild may hold open: 2 s.
+/// grandchild may hold open: 2 s. Then the leftover is killed with the process group.
 pub const OUTPUT_DRAIN_GRACE: Duration = Duration::from_secs(2);
 /// Longest failure message sent to the broker (the protocol's limit).
 const MAX_MESSAGE_LEN: usize = tether_proto::frame::MAX_MESSAGE_LEN;
@@ -174,6 +179,8 @@ impl CommandRunner {
         cmd.stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
+            // Its own process group (pgid = its pid), inherited by its descendants.
+            .process_group(0)
             .kill_on_drop(true);
         cmd
     }
@@ -200,6 +207,8 @@ impl CommandRunner {
             pid = child.id(),
             "command started"
         );
+        // Dropped with this future (the session aborts its commands): kills the group.
+        let mut group = ProcessGroup::of(&child);
         let mut stdout = child.stdout.take();
         let mut stderr = child.stderr.take();
         let mut out_buf = vec![0u8; self.chunk];
@@ -212,17 +221,22 @@ impl CommandRunner {
         let outcome = loop {
             if let Some(st) = status {
                 if stdout.is_none() && stderr.is_none() {
+                    // Ended on its own with nothing left on our pipes. The leader is reaped
+                    // and its group may be empty, so its pgid could be reused: kill nothing.
+                    group.release();
                     break exit_outcome(st);
                 }
             }
             tokio::select! {
                 biased;
                 _ = cancel.cancelled() => {
+                    group.kill();
                     let _ = child.start_kill();
                     let _ = child.wait().await;
                     break failed(FailureReason::Cancelled, "cancelled by the broker");
                 }
                 _ = sleep_until(deadline), if status.is_none() => {
+                    group.kill();
                     let _ = child.start_kill();
                     let _ = child.wait().await;
                     break failed(
@@ -231,7 +245,9 @@ impl CommandRunner {
                     );
                 }
                 _ = sleep_until(drain_until), if status.is_some() => {
-                    // A grandchild keeps the pipes open; report the exit anyway.
+                    // A grandchild keeps the pipes open: it goes with the group (which it
+                    // keeps alive, so the pgid cannot have been reused); report the exit.
+                    group.kill();
                     break exit_outcome(status.unwrap_or_default());
                 }
                 n = read_some(&mut stdout, &mut out_buf) => {
@@ -305,6 +321,41 @@ impl CommandRunner {
                 "command cancelled",
             )),
         }
+    }
+}
+
+/// A command's process group, killed (`SIGKILL`) by [`ProcessGroup::kill`] or on drop
+/// unless [`ProcessGroup::release`]d.
+#[derive(Debug)]
+struct ProcessGroup(Option<nix::unistd::Pid>);
+
+impl ProcessGroup {
+    /// The group `child` leads (it was spawned with `process_group(0)`).
+    fn of(child: &tokio::process::Child) -> ProcessGroup {
+        ProcessGroup(
+            child
+                .id()
+                .and_then(|id| i32::try_from(id).ok())
+                .map(nix::unistd::Pid::from_raw),
+        )
+    }
+
+    /// Kill every process of the group, once.
+    fn kill(&mut self) {
+        if let Some(pgid) = self.0.take() {
+            let _ = nix::sys::signal::killpg(pgid, nix::sys::signal::Signal::SIGKILL);
+        }
+    }
+
+    /// The command ended on its own: never signal this group.
+    fn release(&mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for ProcessGroup {
+    fn drop(&mut self) {
+        self.kill();
     }
 }
 

@@ -18,11 +18,13 @@
 //! 3. The agent opens the session stream; a [`BrokerSession`] state machine handles
 //!    `Hello`/`Welcome`/heartbeats; this driver only moves bytes and sleeps until
 //!    `poll_timeout`.
-//! 4. On `Hello` the session enters the [`SessionTable`], superseding an older one, and the
-//!    allowlist is checked once more (a revocation applied between the handshake and the
-//!    insert would otherwise miss this session).
+//! 4. On `Hello` the allowlist is checked again (a certificate revoked since the handshake
+//!    is closed as revoked and supersedes nothing), the session enters the
+//!    [`SessionTable`], superseding an older one, and the allowlist is checked once more (a
+//!    revocation applied between the check and the insert would otherwise miss it).
 //! 5. Any other stream the agent opens, any undecodable frame or protocol violation closes
-//!    the connection with [`CloseCode::ProtocolError`].
+//!    the connection with [`CloseCode::ProtocolError`]; so does the session stream ending
+//!    abnormally. The connection never outlives its session driver.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -419,7 +421,7 @@ impl Broker {
         let mut info: Option<Arc<SessionInfo>> = None;
         let mut drain_deadline: Option<tokio::time::Instant> = None;
 
-        let code: Option<CloseCode> = loop {
+        let code: Option<CloseCode> = 'conn: loop {
             let timeout = session
                 .poll_timeout()
                 .map(tokio::time::Instant::from_std)
@@ -474,6 +476,17 @@ impl Broker {
             while let Some(event) = session.poll_event() {
                 match event {
                     BrokerEvent::Established(hello) => {
+                        // A certificate revoked since the handshake never enters the table:
+                        // there it would supersede the appliance's live session (on a
+                        // renewed, still pinned certificate) before the check below.
+                        if !self
+                            .allowlist
+                            .allows(verified.appliance(), &verified.fingerprint())
+                        {
+                            info!("fingerprint left the allowlist before Hello");
+                            self.metrics.sessions_revoked.inc();
+                            break 'conn Some(CloseCode::Revoked);
+                        }
                         let s = Arc::new(SessionInfo {
                             session_id,
                             appliance: verified.appliance().clone(),
@@ -534,9 +547,14 @@ impl Broker {
             }
         };
 
-        if let Some(code) = code {
-            close(&conn, code, &self.metrics);
-        }
+        // The connection ends with its session, whatever ended the loop (a reset session
+        // stream, a write that timed out): a connection outside the session table is out of
+        // revocation's reach. A no-op if it is already closed.
+        close(
+            &conn,
+            code.unwrap_or(CloseCode::ProtocolError),
+            &self.metrics,
+        );
         if let Some(s) = info {
             if self.sessions.remove(&s.appliance, s.session_id) {
                 debug!("session removed");
@@ -595,14 +613,29 @@ impl Broker {
         let max = self.config.session.max_frame_len;
         let mut buf = BytesMut::new();
         encode_frame(&request, &mut buf, max).map_err(|e| CommandError::Invalid(e.to_string()))?;
-        let (mut send, recv) = session
-            .connection
-            .open_bi()
-            .await
-            .map_err(|e| CommandError::ConnectionLost(e.to_string()))?;
-        send.write_all(&buf)
-            .await
-            .map_err(|e| CommandError::ConnectionLost(e.to_string()))?;
+        // The appliance grants (or withholds) stream and flow-control credit: bound the
+        // wait by the command's deadline so it cannot hold the caller for ever.
+        let deadline = tokio::time::Instant::now() + spec.timeout;
+        let late = || {
+            CommandError::ConnectionLost(
+                "the appliance did not accept the command before its deadline".into(),
+            )
+        };
+        let (mut send, recv) =
+            match tokio::time::timeout_at(deadline, session.connection.open_bi()).await {
+                Ok(Ok(streams)) => streams,
+                Ok(Err(e)) => return Err(CommandError::ConnectionLost(e.to_string())),
+                Err(_) => return Err(late()),
+            };
+        match tokio::time::timeout_at(deadline, send.write_all(&buf)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(CommandError::ConnectionLost(e.to_string())),
+            Err(_) => {
+                // Reset, not finish: a truncated request must not reach the agent.
+                let _ = send.reset(quinn::VarInt::from_u32(0));
+                return Err(late());
+            }
+        }
         let _ = send.finish();
         let (tx, rx) = mpsc::channel(64);
         let this = self.clone();
