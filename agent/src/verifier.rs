@@ -44,6 +44,9 @@ pub enum BrokerCertError {
     /// The leaf has no SAN URI of the form `spiffe://<td>/broker/<name>`.
     #[error("broker certificate has no spiffe broker identity")]
     NoBrokerIdentity,
+    /// The leaf carries more than one SAN URI; exactly one is allowed.
+    #[error("broker certificate has {0} SAN URIs, exactly one is allowed")]
+    MultipleSanUris(usize),
     /// The leaf names a broker of another trust domain.
     #[error("broker certificate is for trust domain {found}, expected {expected}")]
     WrongTrustDomain {
@@ -62,7 +65,9 @@ impl From<BrokerCertError> for rustls::Error {
             BrokerCertError::MissingServerAuth => {
                 rustls::Error::InvalidCertificate(CertificateError::InvalidPurpose)
             }
-            BrokerCertError::NoBrokerIdentity | BrokerCertError::WrongTrustDomain { .. } => {
+            BrokerCertError::NoBrokerIdentity
+            | BrokerCertError::MultipleSanUris(_)
+            | BrokerCertError::WrongTrustDomain { .. } => {
                 rustls::Error::InvalidCertificate(CertificateError::NotValidForName)
             }
         }
@@ -156,16 +161,24 @@ impl BrokerVerifier {
             _ => return Err(BrokerCertError::MissingServerAuth),
         }
 
-        // 4. A broker SAN URI in our trust domain. A certificate with several broker URIs
-        //    passes if one of them is in our trust domain.
+        // 4. Exactly one SAN URI (as SPIFFE requires, and as the broker requires of
+        //    appliances), and it is a broker of our trust domain.
         let san = cert
             .subject_alternative_name()
             .map_err(|_| BrokerCertError::NoBrokerIdentity)?;
+        let uris: Vec<&str> = san
+            .iter()
+            .flat_map(|s| s.value.general_names.iter())
+            .filter_map(|n| match n {
+                GeneralName::URI(uri) => Some(*uri),
+                _ => None,
+            })
+            .collect();
+        if uris.len() > 1 {
+            return Err(BrokerCertError::MultipleSanUris(uris.len()));
+        }
         let mut other_domain = None;
-        for name in san.iter().flat_map(|s| s.value.general_names.iter()) {
-            let GeneralName::URI(uri) = name else {
-                continue;
-            };
+        for uri in uris {
             let Some(id) = SpiffeId::parse(uri) else {
                 continue;
             };

@@ -209,3 +209,23 @@ fn several_pinned_cas_each_work() {
         .verify_broker(&broker(&ca2, TD, "b").der(), &[], now())
         .is_ok());
 }
+
+#[test]
+fn broker_certificate_with_two_uris_is_refused() {
+    let ca = Ca::new("ca");
+    let ours = format!("spiffe://{TD}/broker/edge-1");
+    let other = "spiffe://evil.test/broker/edge-1".to_string();
+    let b = ca.issue(Leaf {
+        common_name: "two-uris",
+        uris: vec![&other, &ours],
+        ekus: vec![Eku::ServerAuth],
+        alg: &rcgen::PKCS_ECDSA_P256_SHA256,
+        validity: None,
+    });
+    assert_eq!(
+        verifier(&ca)
+            .verify_broker(&b.der(), &[], now())
+            .unwrap_err(),
+        BrokerCertError::MultipleSanUris(2)
+    );
+}
