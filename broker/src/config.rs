@@ -126,10 +126,10 @@ pub struct AllowlistConfig {
 pub struct SessionConfig {
     /// Heartbeat interval announced to agents; a session is idle after three are missed.
     /// Default 15 s.
-    #[serde(with = "duration_str")]
+    #[serde(with = "humantime_serde")]
     pub heartbeat_interval: Duration,
     /// Time to open the session stream and send `Hello`. Default 10 s.
-    #[serde(with = "duration_str")]
+    #[serde(with = "humantime_serde")]
     pub hello_timeout: Duration,
     /// Largest frame accepted or sent, in bytes. Default 65536.
     pub max_frame_len: usize,
@@ -155,13 +155,13 @@ pub struct LimitsConfig {
     /// Default 2048.
     pub max_pending_handshakes: usize,
     /// Longest wait in that queue. Default 3 s.
-    #[serde(with = "duration_str")]
+    #[serde(with = "humantime_serde")]
     pub pending_timeout: Duration,
     /// Longest handshake. Default 10 s.
-    #[serde(with = "duration_str")]
+    #[serde(with = "humantime_serde")]
     pub handshake_timeout: Duration,
     /// Longest command deadline accepted by the admin API. Default 1 h.
-    #[serde(with = "duration_str")]
+    #[serde(with = "humantime_serde")]
     pub max_command_timeout: Duration,
 }
 
@@ -182,11 +182,11 @@ impl Default for LimitsConfig {
 #[serde(default, deny_unknown_fields)]
 pub struct DrainConfig {
     /// After SIGTERM, how long sessions get to leave after `GoAway`. Default 10 s.
-    #[serde(with = "duration_str")]
+    #[serde(with = "humantime_serde")]
     pub timeout: Duration,
     /// `GoAway` tells each agent to reconnect after a random delay in `[0, this]`, so a
     /// drained broker's fleet does not land on the others at once. Default 5 s.
-    #[serde(with = "duration_str")]
+    #[serde(with = "humantime_serde")]
     pub reconnect_jitter: Duration,
 }
 
@@ -213,7 +213,7 @@ pub struct TransportSettings {
     /// `net.core.rmem_max` (raise that sysctl to get it).
     pub udp_recv_buffer: usize,
     /// QUIC idle timeout. Default 60 s.
-    #[serde(with = "duration_str")]
+    #[serde(with = "humantime_serde")]
     pub idle_timeout: Duration,
     /// Use UDP generic segmentation offload (GSO) to send bursts in one syscall. Off by
     /// default: it makes every connection keep a ~13 KB send buffer. Default false.
@@ -434,24 +434,6 @@ impl Config {
             ));
         }
         Ok(())
-    }
-}
-
-/// Serde adapter for durations written as `"15s"`, `"250ms"`, `"1h 30m"`.
-pub mod duration_str {
-    use std::time::Duration;
-
-    use serde::{Deserialize, Deserializer, Serializer};
-
-    /// Deserialize a humantime string.
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-        let s = String::deserialize(d)?;
-        humantime::parse_duration(&s).map_err(serde::de::Error::custom)
-    }
-
-    /// Serialize as a humantime string.
-    pub fn serialize<S: Serializer>(v: &Duration, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&humantime::format_duration(*v).to_string())
     }
 }
 

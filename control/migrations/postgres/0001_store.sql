@@ -1,0 +1,78 @@
+-- The control store, PostgreSQL flavour. Keep in step with ../sqlite/0001_store.sql: the
+-- same tables, columns and meanings; only the types differ. Times are Unix seconds;
+-- flags are 0/1 integers (the same SQL then runs on both backends). Ids sort bytewise
+-- (COLLATE "C"), as in SQLite, so pagination agrees between the backends.
+
+CREATE TABLE appliances (
+    id                        TEXT COLLATE "C" NOT NULL PRIMARY KEY,
+    tenant                    TEXT    NOT NULL,
+    -- PlatformBinding as JSON ({"kind": "aws", "role_arn": ...}).
+    binding                   TEXT    NOT NULL,
+    status                    TEXT    NOT NULL CHECK (status IN ('active', 'disabled', 'revoked')),
+    manual_renewal_generation BIGINT  NOT NULL DEFAULT 0,
+    created_at                BIGINT  NOT NULL
+);
+CREATE INDEX appliances_by_tenant ON appliances (tenant, id);
+CREATE INDEX appliances_by_status ON appliances (status, id);
+
+CREATE TABLE certificates (
+    -- Insertion order: "newest first" is seq descending.
+    seq            BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    serial         TEXT    NOT NULL UNIQUE,
+    appliance_id   TEXT COLLATE "C" NOT NULL REFERENCES appliances (id),
+    fingerprint    TEXT COLLATE "C" NOT NULL UNIQUE,
+    not_before     BIGINT  NOT NULL,
+    not_after      BIGINT  NOT NULL,
+    state          TEXT    NOT NULL CHECK (state IN ('current', 'previous', 'revoked')),
+    -- Set exactly when state = 'previous': the end of the overlap window.
+    previous_until BIGINT,
+    -- 1 while the fingerprint is in the allowlist (the allowlist is exactly these rows).
+    allowed        SMALLINT NOT NULL CHECK (allowed IN (0, 1)),
+    CHECK ((state = 'previous') = (previous_until IS NOT NULL)),
+    CHECK (state <> 'revoked' OR allowed = 0)
+);
+CREATE INDEX certificates_by_appliance ON certificates (appliance_id, seq);
+CREATE INDEX certificates_allowed ON certificates (appliance_id, fingerprint) WHERE allowed = 1;
+CREATE INDEX certificates_overlap ON certificates (previous_until) WHERE state = 'previous';
+
+CREATE TABLE enrollment_tokens (
+    -- Only the hash the caller computed; never the token.
+    token_hash   TEXT    NOT NULL PRIMARY KEY,
+    appliance_id TEXT COLLATE "C" NOT NULL REFERENCES appliances (id),
+    expires_at   BIGINT  NOT NULL,
+    used_at      BIGINT
+);
+CREATE INDEX enrollment_tokens_by_appliance ON enrollment_tokens (appliance_id);
+
+CREATE TABLE nonces (
+    nonce      TEXT    NOT NULL PRIMARY KEY,
+    expires_at BIGINT  NOT NULL,
+    used_at    BIGINT
+);
+CREATE INDEX nonces_by_expiry ON nonces (expires_at);
+
+CREATE TABLE used_proofs (
+    kind       TEXT    NOT NULL,
+    proof_id   TEXT    NOT NULL,
+    expires_at BIGINT  NOT NULL,
+    PRIMARY KEY (kind, proof_id)
+);
+CREATE INDEX used_proofs_by_expiry ON used_proofs (expires_at);
+
+-- The allowlist version: one row. Every trust-changing transaction updates it first, so
+-- such transactions (on every control replica) run one at a time and commit in version
+-- order; each change bumps it by one (no sequence: a rolled-back transaction leaves no
+-- gap, and a reader never sees version v+1 committed before v).
+CREATE TABLE allowlist_version (
+    id      SMALLINT NOT NULL PRIMARY KEY CHECK (id = 1),
+    version BIGINT   NOT NULL
+);
+INSERT INTO allowlist_version (id, version) VALUES (1, 0);
+
+-- One row per fingerprint added to or removed from the allowlist.
+CREATE TABLE allowlist_changes (
+    version      BIGINT   NOT NULL PRIMARY KEY,
+    appliance_id TEXT COLLATE "C" NOT NULL,
+    fingerprint  TEXT COLLATE "C" NOT NULL,
+    added        SMALLINT NOT NULL CHECK (added IN (0, 1))
+);

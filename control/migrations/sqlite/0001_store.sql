@@ -1,0 +1,76 @@
+-- The control store, SQLite flavour. Keep in step with ../postgres/0001_store.sql: the
+-- same tables, columns and meanings; only the types differ. Times are Unix seconds;
+-- flags are 0/1 integers (the same SQL then runs on both backends).
+
+CREATE TABLE appliances (
+    id                        TEXT    NOT NULL PRIMARY KEY,
+    tenant                    TEXT    NOT NULL,
+    -- PlatformBinding as JSON ({"kind": "aws", "role_arn": ...}).
+    binding                   TEXT    NOT NULL,
+    status                    TEXT    NOT NULL CHECK (status IN ('active', 'disabled', 'revoked')),
+    manual_renewal_generation INTEGER NOT NULL DEFAULT 0,
+    created_at                INTEGER NOT NULL
+);
+CREATE INDEX appliances_by_tenant ON appliances (tenant, id);
+CREATE INDEX appliances_by_status ON appliances (status, id);
+
+CREATE TABLE certificates (
+    -- Insertion order: "newest first" is seq descending.
+    seq            INTEGER NOT NULL PRIMARY KEY AUTOINCREMENT,
+    serial         TEXT    NOT NULL UNIQUE,
+    appliance_id   TEXT    NOT NULL REFERENCES appliances (id),
+    fingerprint    TEXT    NOT NULL UNIQUE,
+    not_before     INTEGER NOT NULL,
+    not_after      INTEGER NOT NULL,
+    state          TEXT    NOT NULL CHECK (state IN ('current', 'previous', 'revoked')),
+    -- Set exactly when state = 'previous': the end of the overlap window.
+    previous_until INTEGER,
+    -- 1 while the fingerprint is in the allowlist (the allowlist is exactly these rows).
+    allowed        INTEGER NOT NULL CHECK (allowed IN (0, 1)),
+    CHECK ((state = 'previous') = (previous_until IS NOT NULL)),
+    CHECK (state <> 'revoked' OR allowed = 0)
+);
+CREATE INDEX certificates_by_appliance ON certificates (appliance_id, seq);
+CREATE INDEX certificates_allowed ON certificates (appliance_id, fingerprint) WHERE allowed = 1;
+CREATE INDEX certificates_overlap ON certificates (previous_until) WHERE state = 'previous';
+
+CREATE TABLE enrollment_tokens (
+    -- Only the hash the caller computed; never the token.
+    token_hash   TEXT    NOT NULL PRIMARY KEY,
+    appliance_id TEXT    NOT NULL REFERENCES appliances (id),
+    expires_at   INTEGER NOT NULL,
+    used_at      INTEGER
+);
+CREATE INDEX enrollment_tokens_by_appliance ON enrollment_tokens (appliance_id);
+
+CREATE TABLE nonces (
+    nonce      TEXT    NOT NULL PRIMARY KEY,
+    expires_at INTEGER NOT NULL,
+    used_at    INTEGER
+);
+CREATE INDEX nonces_by_expiry ON nonces (expires_at);
+
+CREATE TABLE used_proofs (
+    kind       TEXT    NOT NULL,
+    proof_id   TEXT    NOT NULL,
+    expires_at INTEGER NOT NULL,
+    PRIMARY KEY (kind, proof_id)
+);
+CREATE INDEX used_proofs_by_expiry ON used_proofs (expires_at);
+
+-- The allowlist version: one row. Every trust-changing transaction updates it first, so
+-- such transactions run one at a time and commit in version order; each change bumps it
+-- by one (no sequence: a rolled-back transaction leaves no gap).
+CREATE TABLE allowlist_version (
+    id      INTEGER NOT NULL PRIMARY KEY CHECK (id = 1),
+    version INTEGER NOT NULL
+);
+INSERT INTO allowlist_version (id, version) VALUES (1, 0);
+
+-- One row per fingerprint added to or removed from the allowlist.
+CREATE TABLE allowlist_changes (
+    version      INTEGER NOT NULL PRIMARY KEY,
+    appliance_id TEXT    NOT NULL,
+    fingerprint  TEXT    NOT NULL,
+    added        INTEGER NOT NULL CHECK (added IN (0, 1))
+);

@@ -1,0 +1,138 @@
+//! The control HTTP API (served over HTTPS by [`crate::server`]).
+//!
+//! - `POST /v1/enroll/challenge` → `{"nonce": "...", "expires_at": <unix s>}`
+//! - `POST /v1/enroll` → certificate chain, CA, brokers, expiry (see [`crate::enroll`]).
+//! - `GET /healthz`
+//!
+//! Errors are JSON `{"error": "<stable_code>", "message": "..."}` with the HTTP status that
+//! fits (400 bad input, 403 refused, 404 unknown id, 409 replay, 500 internal).
+
+use std::sync::Arc;
+
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Serialize;
+
+use crate::ca::Ca;
+use crate::config::ControlConfig;
+use crate::enroll::{self, EnrollRequest};
+use crate::store::Store;
+
+/// Largest request body: 64 KiB (a CSR is at most 8 KiB).
+pub const MAX_BODY: usize = 64 * 1024;
+
+/// What every handler shares.
+#[derive(Clone, Debug)]
+pub struct AppState {
+    /// The store.
+    pub store: Arc<dyn Store>,
+    /// The CA.
+    pub ca: Arc<Ca>,
+    /// The configuration.
+    pub config: Arc<ControlConfig>,
+}
+
+/// An error answered to the client: a status, a stable code, a short message. Details
+/// stay in the log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiError {
+    /// HTTP status.
+    pub status: StatusCode,
+    /// Stable machine-readable code.
+    pub code: &'static str,
+    /// Human-readable message (no secrets).
+    pub message: String,
+}
+
+impl ApiError {
+    /// A new error.
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> ApiError {
+        ApiError {
+            status,
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct ErrorBody<'a> {
+    error: &'a str,
+    message: &'a str,
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (
+            self.status,
+            Json(ErrorBody {
+                error: self.code,
+                message: &self.message,
+            }),
+        )
+            .into_response()
+    }
+}
+
+/// The router.
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route(
+            "/healthz",
+            get(|| async { Json(serde_json::json!({"status": "ok"})) }),
+        )
+        .route("/v1/enroll/challenge", post(challenge))
+        .route("/v1/enroll", post(enroll_handler))
+        .layer(DefaultBodyLimit::max(MAX_BODY))
+        .layer(axum::middleware::from_fn(refuse_large_bodies))
+        .with_state(state)
+}
+
+/// Refuse a declared body larger than [`MAX_BODY`] before reading any of it. (Bodies
+/// without a length are cut at the limit by [`DefaultBodyLimit`] while being read.)
+async fn refuse_large_bodies(
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let declared = req
+        .headers()
+        .get(axum::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    match declared {
+        Some(n) if n > MAX_BODY as u64 => too_large().into_response(),
+        _ => next.run(req).await,
+    }
+}
+
+fn too_large() -> ApiError {
+    ApiError::new(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "payload_too_large",
+        format!("request body is larger than {MAX_BODY} bytes"),
+    )
+}
+
+async fn challenge(State(s): State<AppState>) -> Result<Json<enroll::Challenge>, ApiError> {
+    enroll::challenge(&s, crate::now_unix()).await.map(Json)
+}
+
+async fn enroll_handler(
+    State(s): State<AppState>,
+    body: Result<Json<EnrollRequest>, axum::extract::rejection::JsonRejection>,
+) -> Result<Json<enroll::EnrollResponse>, ApiError> {
+    let Json(req) = body.map_err(json_rejection)?;
+    enroll::enroll(&s, req, crate::now_unix()).await.map(Json)
+}
+
+/// A body axum could not turn into JSON: too large (413) or malformed (400).
+fn json_rejection(e: axum::extract::rejection::JsonRejection) -> ApiError {
+    if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+        too_large()
+    } else {
+        ApiError::new(StatusCode::BAD_REQUEST, "bad_request", e.body_text())
+    }
+}

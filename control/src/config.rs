@@ -1,0 +1,184 @@
+//! Control configuration: `DATA_DIR/control.toml`, written by `tether-control init` and
+//! read by every other command; flags and `TETHER_CONTROL_*` variables override it.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+/// File name of the config inside the data directory.
+pub const CONFIG_FILE: &str = "control.toml";
+/// Default HTTPS listen address.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:8443";
+/// Default lifetime of an enrollment nonce: 5 minutes.
+pub const DEFAULT_NONCE_TTL: Duration = Duration::from_secs(300);
+/// Default lifetime of an enrollment token: 24 hours.
+pub const DEFAULT_TOKEN_TTL: Duration = Duration::from_secs(24 * 3600);
+/// Default overlap after a renewal during which the previous certificate stays allowed.
+pub const DEFAULT_RENEWAL_OVERLAP: Duration = Duration::from_secs(86_400);
+
+/// Environment variable names.
+pub mod env {
+    /// Data directory.
+    pub const DATA_DIR: &str = "TETHER_CONTROL_DATA_DIR";
+    /// HTTPS listen address.
+    pub const LISTEN: &str = "TETHER_CONTROL_LISTEN";
+    /// Database URL (`sqlite://...` or `postgres://...`).
+    pub const DATABASE_URL: &str = "TETHER_CONTROL_DATABASE_URL";
+    /// Log format.
+    pub const LOG_FORMAT: &str = "TETHER_CONTROL_LOG_FORMAT";
+}
+
+/// `control.toml`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ControlConfig {
+    /// SPIFFE trust domain of every identity this control issues.
+    pub trust_domain: String,
+    /// HTTPS listen address. Default `127.0.0.1:8443`.
+    pub listen: SocketAddr,
+    /// Database URL; default: SQLite file `control.db` in the data directory.
+    pub database_url: Option<String>,
+    /// Broker addresses handed to enrolled appliances (`host:port`).
+    pub brokers: Vec<String>,
+    /// DNS names in the control server certificate. Default `["localhost"]`.
+    pub dns_names: Vec<String>,
+    /// IP addresses in the control server certificate. Default `127.0.0.1`, `::1`.
+    pub ips: Vec<IpAddr>,
+    /// Enrollment settings.
+    pub enroll: EnrollSettings,
+}
+
+/// `[enroll]`
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EnrollSettings {
+    /// Nonce lifetime. Default 5 min.
+    #[serde(with = "humantime_serde")]
+    pub nonce_ttl: Duration,
+    /// Default token lifetime (`token create --ttl` overrides). Default 24 h.
+    #[serde(with = "humantime_serde")]
+    pub token_ttl: Duration,
+    /// Overlap after renewal. Default 24 h.
+    #[serde(with = "humantime_serde")]
+    pub renewal_overlap: Duration,
+}
+
+impl Default for EnrollSettings {
+    fn default() -> Self {
+        Self {
+            nonce_ttl: DEFAULT_NONCE_TTL,
+            token_ttl: DEFAULT_TOKEN_TTL,
+            renewal_overlap: DEFAULT_RENEWAL_OVERLAP,
+        }
+    }
+}
+
+impl Default for ControlConfig {
+    fn default() -> Self {
+        Self {
+            trust_domain: String::new(),
+            listen: DEFAULT_LISTEN.parse().expect("valid default"),
+            database_url: None,
+            brokers: Vec::new(),
+            dns_names: vec!["localhost".into()],
+            ips: vec![
+                IpAddr::from([127, 0, 0, 1]),
+                IpAddr::from(std::net::Ipv6Addr::LOCALHOST),
+            ],
+            enroll: EnrollSettings::default(),
+        }
+    }
+}
+
+/// A config that cannot be used.
+#[derive(Debug, Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// Cannot read or write the file.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// Not valid TOML for this schema.
+    #[error("{path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        message: String,
+    },
+    /// A field is invalid.
+    #[error("invalid `{field}`: {reason}")]
+    Invalid {
+        /// The field.
+        field: &'static str,
+        /// Why.
+        reason: String,
+    },
+}
+
+impl ControlConfig {
+    /// Read `DATA_DIR/control.toml`.
+    pub fn load(data_dir: &Path) -> Result<ControlConfig, ConfigError> {
+        let path = data_dir.join(CONFIG_FILE);
+        let text = std::fs::read_to_string(&path).map_err(|source| ConfigError::Io {
+            path: path.clone(),
+            source,
+        })?;
+        let cfg: ControlConfig = toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.clone(),
+            message: e.to_string(),
+        })?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Write `DATA_DIR/control.toml`.
+    pub fn save(&self, data_dir: &Path) -> Result<(), ConfigError> {
+        let path = data_dir.join(CONFIG_FILE);
+        let text = toml::to_string_pretty(self).map_err(|e| ConfigError::Parse {
+            path: path.clone(),
+            message: e.to_string(),
+        })?;
+        std::fs::write(&path, format!("# Tether control configuration.\n{text}"))
+            .map_err(|source| ConfigError::Io { path, source })
+    }
+
+    /// The database URL in force.
+    pub fn database_url(&self, data_dir: &Path) -> String {
+        self.database_url.clone().unwrap_or_else(|| {
+            format!(
+                "sqlite://{}?mode=rwc",
+                data_dir.join("control.db").display()
+            )
+        })
+    }
+
+    /// Check every field.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let td = &self.trust_domain;
+        let ok = !td.is_empty()
+            && td.bytes().all(|b| {
+                b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'-' | b'_')
+            });
+        if !ok {
+            return Err(ConfigError::Invalid {
+                field: "trust_domain",
+                reason: "required; lowercase letters, digits, '.', '-', '_'".into(),
+            });
+        }
+        if self.enroll.nonce_ttl.is_zero() {
+            return Err(ConfigError::Invalid {
+                field: "enroll.nonce_ttl",
+                reason: "must be positive".into(),
+            });
+        }
+        Ok(())
+    }
+}

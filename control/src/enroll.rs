@@ -1,0 +1,258 @@
+//! Enrollment: an appliance with no certificate proves who it is and gets one.
+//!
+//! 1. `challenge` hands out a nonce (single use, short expiry).
+//! 2. `enroll` takes the appliance id, a CSR (key generated on the appliance), the nonce
+//!    and one proof. In order: the id must be registered and not disabled; the nonce is
+//!    consumed; the CSR must parse and prove possession of its key (checked before the
+//!    proof, so a bad CSR never burns a one-time token); the proof is verified and
+//!    consumed; the certificate is issued with the subject and SAN from the record (never
+//!    from the CSR), recorded, and its fingerprint allowed (allowlist version bumped).
+//!
+//! Proofs: `token` (one-time, hashed, expiring, bound to one appliance). The platform
+//! proofs (`aws`, `gcp`, `k8s`) are parsed but refused with `proof_unsupported` until
+//! their verifiers land.
+
+use axum::http::StatusCode;
+use serde::{Deserialize, Serialize};
+use tracing::{info, warn};
+
+use crate::api::{ApiError, AppState};
+use crate::store::{ApplianceStatus, CertRecord, CertState, StoreError, TokenRefusal};
+use crate::token::Token;
+
+/// Answer to `POST /v1/enroll/challenge`.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Challenge {
+    /// The nonce to bind the proof to.
+    pub nonce: String,
+    /// When it expires, Unix seconds.
+    pub expires_at: i64,
+}
+
+/// A platform proof.
+#[derive(Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Proof {
+    /// A one-time enrollment token.
+    Token {
+        /// The token, as printed by `token create`.
+        token: String,
+    },
+    /// A presigned `sts:GetCallerIdentity` request.
+    Aws {
+        /// The request, as the agent built it.
+        request: serde_json::Value,
+    },
+    /// A GCP instance-identity JWT.
+    Gcp {
+        /// The JWT.
+        jwt: String,
+    },
+    /// A Kubernetes projected ServiceAccount JWT.
+    K8s {
+        /// The JWT.
+        jwt: String,
+    },
+}
+
+impl std::fmt::Debug for Proof {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Proof::Token { .. } => "Proof::Token(<redacted>)",
+            Proof::Aws { .. } => "Proof::Aws(..)",
+            Proof::Gcp { .. } => "Proof::Gcp(<redacted>)",
+            Proof::K8s { .. } => "Proof::K8s(<redacted>)",
+        })
+    }
+}
+
+/// Body of `POST /v1/enroll`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EnrollRequest {
+    /// The appliance id.
+    pub appliance_id: String,
+    /// PKCS#10 CSR, PEM.
+    pub csr_pem: String,
+    /// Nonce from the challenge.
+    pub nonce: String,
+    /// The proof.
+    pub proof: Proof,
+}
+
+/// Answer to a successful enrollment.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct EnrollResponse {
+    /// The appliance id.
+    pub appliance_id: String,
+    /// Leaf then intermediate, PEM.
+    pub certificate_chain_pem: String,
+    /// The root CA, PEM (what the agent pins).
+    pub ca_pem: String,
+    /// Brokers to connect to (`host:port`).
+    pub brokers: Vec<String>,
+    /// SHA-256 of the leaf DER, lowercase hex.
+    pub fingerprint: String,
+    /// Certificate `notAfter`, Unix seconds.
+    pub not_after: i64,
+}
+
+fn internal(e: impl std::fmt::Display) -> ApiError {
+    warn!(error = %e, "internal error");
+    ApiError::new(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "internal",
+        "internal error",
+    )
+}
+
+/// Hand out a nonce.
+pub async fn challenge(s: &AppState, now: i64) -> Result<Challenge, ApiError> {
+    let nonce = crate::token::nonce();
+    let expires_at = now + s.config.enroll.nonce_ttl.as_secs() as i64;
+    s.store
+        .create_nonce(&nonce, expires_at)
+        .await
+        .map_err(internal)?;
+    Ok(Challenge { nonce, expires_at })
+}
+
+/// Whether `id` is a valid appliance id.
+pub fn valid_appliance_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 128
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+/// Enroll an appliance.
+pub async fn enroll(
+    s: &AppState,
+    req: EnrollRequest,
+    now: i64,
+) -> Result<EnrollResponse, ApiError> {
+    let id = req.appliance_id.as_str();
+    let refused = |status, code, message: String| {
+        warn!(appliance = id, code, %message, "enrollment refused");
+        ApiError::new(status, code, message)
+    };
+    if !valid_appliance_id(id) {
+        return Err(refused(
+            StatusCode::BAD_REQUEST,
+            "invalid_appliance_id",
+            "appliance id must be 1-128 of [A-Za-z0-9._-]".into(),
+        ));
+    }
+    let appliance = s
+        .store
+        .get_appliance(id)
+        .await
+        .map_err(internal)?
+        .ok_or_else(|| {
+            refused(
+                StatusCode::NOT_FOUND,
+                "unknown_appliance",
+                format!("appliance {id} is not registered"),
+            )
+        })?;
+    if appliance.status == ApplianceStatus::Disabled {
+        return Err(refused(
+            StatusCode::FORBIDDEN,
+            "appliance_disabled",
+            format!("appliance {id} is disabled"),
+        ));
+    }
+    match s.store.consume_nonce(&req.nonce, now).await {
+        Ok(()) => {}
+        Err(StoreError::Replay(_)) => {
+            return Err(refused(
+                StatusCode::CONFLICT,
+                "nonce_replayed",
+                "nonce was already used; ask for a new challenge".into(),
+            ))
+        }
+        Err(StoreError::NonceInvalid) => {
+            return Err(refused(
+                StatusCode::BAD_REQUEST,
+                "nonce_invalid",
+                "nonce unknown or expired; ask for a new challenge".into(),
+            ))
+        }
+        Err(e) => return Err(internal(e)),
+    }
+    s.ca.check_csr(&req.csr_pem)
+        .map_err(|e| refused(StatusCode::BAD_REQUEST, e.code(), e.to_string()))?;
+    match &req.proof {
+        Proof::Token { token } => {
+            let token = Token::from_secret(token);
+            match s.store.redeem_token(id, &token.hash(), now).await {
+                Ok(()) => {}
+                Err(StoreError::Token(r)) => {
+                    let (code, msg) = match r {
+                        TokenRefusal::Unknown => ("token_unknown", "no such enrollment token"),
+                        TokenRefusal::WrongAppliance => (
+                            "token_wrong_appliance",
+                            "the token was issued for another appliance",
+                        ),
+                        TokenRefusal::Expired => {
+                            ("token_expired", "the token expired; create a new one")
+                        }
+                        TokenRefusal::AlreadyUsed => {
+                            ("token_used", "the token was already used; create a new one")
+                        }
+                    };
+                    return Err(refused(StatusCode::FORBIDDEN, code, msg.into()));
+                }
+                Err(e) => return Err(internal(e)),
+            }
+        }
+        Proof::Aws { .. } | Proof::Gcp { .. } | Proof::K8s { .. } => {
+            return Err(refused(
+                StatusCode::BAD_REQUEST,
+                "proof_unsupported",
+                "this control accepts token proofs only so far".into(),
+            ));
+        }
+    }
+    let ca = s.ca.clone();
+    let csr = req.csr_pem.clone();
+    let owned_id = id.to_owned();
+    let issued = tokio::task::spawn_blocking(move || {
+        ca.issue_appliance(&owned_id, &csr, time::OffsetDateTime::now_utc())
+    })
+    .await
+    .map_err(internal)?
+    .map_err(|e| match e {
+        crate::ca::CaError::Csr(c) => refused(StatusCode::BAD_REQUEST, c.code(), c.to_string()),
+        other => internal(other),
+    })?;
+    let record = CertRecord {
+        serial: issued.serial_hex.clone(),
+        appliance_id: id.to_owned(),
+        fingerprint: issued.fingerprint_hex.clone(),
+        not_before: issued.not_before,
+        not_after: issued.not_after,
+        state: CertState::Current,
+    };
+    let deltas = s
+        .store
+        .record_certificate(&record, now, 0)
+        .await
+        .map_err(internal)?;
+    info!(
+        appliance = id,
+        serial = %issued.serial_hex,
+        fingerprint = %issued.fingerprint_hex,
+        allowlist_version = deltas.last().map(|d| d.version),
+        "appliance enrolled"
+    );
+    Ok(EnrollResponse {
+        appliance_id: id.to_owned(),
+        certificate_chain_pem: issued.chain_pem,
+        ca_pem: s.ca.root_pem(),
+        brokers: s.config.brokers.clone(),
+        fingerprint: issued.fingerprint_hex,
+        not_after: issued.not_after,
+    })
+}

@@ -1,0 +1,53 @@
+//! Tether control: the two-tier CA, the store, and the appliance identity lifecycle.
+//!
+//! # Layout
+//!
+//! - [`ca`] — root and intermediate CA (local key files; AWS KMS), issuing appliance,
+//!   broker, operator and control certificates from CSRs. Control never copies names from
+//!   a CSR.
+//! - [`store`] — the [`store::Store`] trait and its SQLite / PostgreSQL implementation:
+//!   appliances, certificates, tokens, nonces, used proofs, and the versioned allowlist.
+//! - [`enroll`] — enrollment: challenge, proof, issuance, recording.
+//! - [`token`] — one-time tokens and nonces (only hashes are stored).
+//! - [`api`] / [`server`] — the HTTPS API.
+//! - [`config`] — `control.toml` in the data directory.
+
+#![forbid(unsafe_code)]
+
+pub mod api;
+pub mod ca;
+pub mod config;
+pub mod enroll;
+pub mod server;
+pub mod store;
+pub mod token;
+
+use std::path::Path;
+use std::sync::Arc;
+
+/// Seconds since the Unix epoch, now.
+pub fn now_unix() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+/// The CA settings for a control config.
+pub fn ca_config(cfg: &config::ControlConfig) -> ca::CaConfig {
+    ca::CaConfig {
+        trust_domain: cfg.trust_domain.clone(),
+        control_dns_names: cfg.dns_names.clone(),
+        control_ips: cfg.ips.clone(),
+        ..ca::CaConfig::default()
+    }
+}
+
+/// Open (and migrate) the store the config names.
+pub async fn open_store(
+    cfg: &config::ControlConfig,
+    data_dir: &Path,
+) -> Result<Arc<dyn store::Store>, store::StoreError> {
+    let url = cfg.database_url(data_dir);
+    Ok(Arc::new(store::sql::SqlStore::connect(&url).await?))
+}

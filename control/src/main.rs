@@ -1,0 +1,369 @@
+//! `tether-control`: the CA, the store and the enrollment API. `main` parses the command
+//! line and wires the parts; the work is in the library.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::{Args, Parser, Subcommand};
+use tether_control::config::{env, ControlConfig};
+use tether_control::store::{Appliance, ApplianceStatus, PlatformBinding};
+use tokio_util::sync::CancellationToken;
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// Tether control: the fleet's certificate authority and source of truth.
+///
+/// `init` creates the CA and the store in a data directory; `serve` runs the enrollment
+/// API; the other commands administer appliances directly on the data directory (useful
+/// before the operator API exists, and for recovery).
+#[derive(Debug, Parser)]
+#[command(name = "tether-control", version)]
+struct Cli {
+    /// Log format.
+    #[arg(long, global = true, env = env::LOG_FORMAT, default_value = "text", value_parser = ["text", "json"])]
+    log_format: String,
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Debug, Args)]
+struct DataDir {
+    /// Data directory (CA keys, control.toml, SQLite database).
+    #[arg(long, env = env::DATA_DIR)]
+    data_dir: PathBuf,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Create the root and intermediate CA, the control server certificate, the config and
+    /// the store.
+    Init {
+        #[command(flatten)]
+        dir: DataDir,
+        /// SPIFFE trust domain of the fleet (e.g. example.com).
+        #[arg(long)]
+        trust_domain: String,
+        /// DNS name for the control server certificate (repeatable) [default: localhost].
+        #[arg(long = "dns-name")]
+        dns_names: Vec<String>,
+        /// IP address for the control server certificate (repeatable) [default: 127.0.0.1, ::1].
+        #[arg(long = "ip")]
+        ips: Vec<IpAddr>,
+        /// HTTPS listen address recorded in control.toml [default: 127.0.0.1:8443].
+        #[arg(long)]
+        listen: Option<SocketAddr>,
+        /// Broker address handed to enrolled appliances (repeatable).
+        #[arg(long = "broker")]
+        brokers: Vec<String>,
+        /// Database URL (postgres://...) instead of the embedded SQLite file.
+        #[arg(long, env = env::DATABASE_URL)]
+        database_url: Option<String>,
+    },
+    /// Serve the enrollment API over HTTPS.
+    Serve {
+        #[command(flatten)]
+        dir: DataDir,
+        /// HTTPS listen address [default: from control.toml, 127.0.0.1:8443].
+        #[arg(long, env = env::LISTEN)]
+        listen: Option<SocketAddr>,
+    },
+    /// Administer appliances.
+    #[command(subcommand)]
+    Appliance(ApplianceCmd),
+    /// Enrollment tokens.
+    #[command(subcommand)]
+    Token(TokenCmd),
+}
+
+#[derive(Debug, Subcommand)]
+enum ApplianceCmd {
+    /// Register an appliance with its platform binding.
+    Register {
+        #[command(flatten)]
+        dir: DataDir,
+        /// Appliance id: 1-128 of [A-Za-z0-9._-].
+        id: String,
+        /// Tenant (customer) the appliance belongs to.
+        #[arg(long, default_value = "default")]
+        tenant: String,
+        /// AWS: the IAM role ARN the appliance runs as.
+        #[arg(long, group = "binding")]
+        aws_role: Option<String>,
+        /// GCP: project id (with --gcp-service-account).
+        #[arg(long, group = "binding", requires = "gcp_service_account")]
+        gcp_project: Option<String>,
+        /// GCP: service-account email.
+        #[arg(long, requires = "gcp_project")]
+        gcp_service_account: Option<String>,
+        /// Kubernetes: the cluster's OIDC issuer URL (with --k8s-namespace and --k8s-service-account).
+        #[arg(long, group = "binding", requires_all = ["k8s_namespace", "k8s_service_account"])]
+        k8s_issuer: Option<String>,
+        /// Kubernetes: namespace.
+        #[arg(long, requires = "k8s_issuer")]
+        k8s_namespace: Option<String>,
+        /// Kubernetes: service account.
+        #[arg(long, requires = "k8s_issuer")]
+        k8s_service_account: Option<String>,
+        /// No platform identity: enroll with one-time tokens only.
+        #[arg(long, group = "binding")]
+        token_only: bool,
+    },
+    /// Show an appliance and its certificates.
+    Show {
+        #[command(flatten)]
+        dir: DataDir,
+        /// Appliance id.
+        id: String,
+    },
+    /// Revoke: remove every fingerprint now; renewal refused until it re-enrolls with a fresh proof.
+    Revoke {
+        #[command(flatten)]
+        dir: DataDir,
+        /// Appliance id.
+        id: String,
+    },
+    /// Disable (reversible): its fingerprints leave the allowlist until enabled.
+    Disable {
+        #[command(flatten)]
+        dir: DataDir,
+        /// Appliance id.
+        id: String,
+    },
+    /// Enable a disabled appliance.
+    Enable {
+        #[command(flatten)]
+        dir: DataDir,
+        /// Appliance id.
+        id: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum TokenCmd {
+    /// Create a one-time enrollment token for an appliance; printed once, alone on the last line.
+    Create {
+        #[command(flatten)]
+        dir: DataDir,
+        /// Appliance id.
+        id: String,
+        /// Lifetime [default: from control.toml, 24h].
+        #[arg(long, value_parser = humantime::parse_duration)]
+        ttl: Option<Duration>,
+    },
+}
+
+fn init_tracing(format: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if format == "json" {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+async fn open(
+    dir: &Path,
+) -> anyhow::Result<(ControlConfig, Arc<dyn tether_control::store::Store>)> {
+    let cfg = ControlConfig::load(dir)?;
+    let store = tether_control::open_store(&cfg, dir).await?;
+    Ok((cfg, store))
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    init_tracing(&cli.log_format);
+    let now = tether_control::now_unix();
+    match cli.command {
+        Cmd::Init {
+            dir,
+            trust_domain,
+            dns_names,
+            ips,
+            listen,
+            brokers,
+            database_url,
+        } => {
+            let data_dir = dir.data_dir;
+            std::fs::create_dir_all(&data_dir)
+                .with_context(|| format!("creating {}", data_dir.display()))?;
+            let mut cfg = ControlConfig {
+                trust_domain,
+                brokers,
+                database_url,
+                ..ControlConfig::default()
+            };
+            if !dns_names.is_empty() {
+                cfg.dns_names = dns_names;
+            }
+            if !ips.is_empty() {
+                cfg.ips = ips;
+            }
+            if let Some(l) = listen {
+                cfg.listen = l;
+            }
+            cfg.validate()?;
+            let ca = tether_control::ca::Ca::init(
+                &data_dir,
+                &tether_control::ca_config(&cfg),
+                time::OffsetDateTime::now_utc(),
+            )?;
+            cfg.save(&data_dir)?;
+            tether_control::open_store(&cfg, &data_dir).await?;
+            let root = data_dir.join("ca").join("root.pem");
+            std::fs::write(&root, ca.root_pem())?;
+            println!(
+                "initialised {} for trust domain {}",
+                data_dir.display(),
+                cfg.trust_domain
+            );
+            println!(
+                "root CA (give it to appliances and operators): {}",
+                root.display()
+            );
+        }
+        Cmd::Serve { dir, listen } => {
+            let (mut cfg, store) = open(&dir.data_dir).await?;
+            if let Some(l) = listen {
+                cfg.listen = l;
+            }
+            let mut ca =
+                tether_control::ca::Ca::load(&dir.data_dir, &tether_control::ca_config(&cfg))?;
+            ca.ensure_control_leaf(
+                time::OffsetDateTime::now_utc(),
+                Duration::from_secs(7 * 86_400),
+            )?;
+            let listener = tokio::net::TcpListener::bind(cfg.listen)
+                .await
+                .with_context(|| format!("cannot listen on {}", cfg.listen))?;
+            tracing::info!(version = env!("CARGO_PKG_VERSION"), listen = %listener.local_addr()?, trust_domain = %cfg.trust_domain, "tether-control serving");
+            let state = tether_control::api::AppState {
+                store,
+                ca: Arc::new(ca),
+                config: Arc::new(cfg),
+            };
+            let shutdown = CancellationToken::new();
+            let trigger = shutdown.clone();
+            tokio::spawn(async move {
+                let mut term =
+                    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                        .expect("SIGTERM handler");
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+                trigger.cancel();
+            });
+            tether_control::server::serve(state, listener, shutdown).await?;
+        }
+        Cmd::Appliance(cmd) => appliance(cmd, now).await?,
+        Cmd::Token(TokenCmd::Create { dir, id, ttl }) => {
+            let (cfg, store) = open(&dir.data_dir).await?;
+            if store.get_appliance(&id).await?.is_none() {
+                bail!("appliance {id} is not registered");
+            }
+            let ttl = ttl.unwrap_or(cfg.enroll.token_ttl);
+            let token = tether_control::token::Token::generate();
+            let expires = now + ttl.as_secs() as i64;
+            store.create_token(&id, &token.hash(), expires).await?;
+            eprintln!(
+                "one-time enrollment token for {id}, valid for {} (shown once):",
+                humantime::format_duration(ttl)
+            );
+            println!("{}", token.expose());
+        }
+    }
+    Ok(())
+}
+
+async fn appliance(cmd: ApplianceCmd, now: i64) -> anyhow::Result<()> {
+    match cmd {
+        ApplianceCmd::Register {
+            dir,
+            id,
+            tenant,
+            aws_role,
+            gcp_project,
+            gcp_service_account,
+            k8s_issuer,
+            k8s_namespace,
+            k8s_service_account,
+            token_only,
+        } => {
+            if !tether_control::enroll::valid_appliance_id(&id) {
+                bail!("invalid appliance id {id:?}: use 1-128 of [A-Za-z0-9._-]");
+            }
+            let binding = match (aws_role, gcp_project, gcp_service_account, k8s_issuer, k8s_namespace, k8s_service_account, token_only) {
+                (Some(role_arn), ..) => PlatformBinding::Aws { role_arn },
+                (_, Some(project), Some(service_account), ..) => PlatformBinding::Gcp { project, service_account },
+                (_, _, _, Some(issuer), Some(namespace), Some(service_account), _) => PlatformBinding::K8s { issuer, namespace, service_account },
+                (.., true) => PlatformBinding::TokenOnly,
+                _ => bail!("give one platform binding: --aws-role, --gcp-project/--gcp-service-account, --k8s-issuer/--k8s-namespace/--k8s-service-account, or --token-only"),
+            };
+            let (_, store) = open(&dir.data_dir).await?;
+            store
+                .register_appliance(&Appliance {
+                    id: id.clone(),
+                    tenant,
+                    binding,
+                    status: ApplianceStatus::Active,
+                    manual_renewal_generation: 0,
+                    created_at: now,
+                })
+                .await?;
+            println!("registered {id}");
+        }
+        ApplianceCmd::Show { dir, id } => {
+            let (_, store) = open(&dir.data_dir).await?;
+            let a = store
+                .get_appliance(&id)
+                .await?
+                .with_context(|| format!("appliance {id} is not registered"))?;
+            println!(
+                "id:       {}\ntenant:   {}\nstatus:   {:?}\nbinding:  {}",
+                a.id,
+                a.tenant,
+                a.status,
+                serde_json::to_string(&a.binding)?
+            );
+            for c in store.certificates(&id).await? {
+                println!(
+                    "cert:     serial {} fingerprint {} not_after {} {:?}",
+                    c.serial, c.fingerprint, c.not_after, c.state
+                );
+            }
+        }
+        ApplianceCmd::Revoke { dir, id } => {
+            set_status(&dir.data_dir, &id, ApplianceStatus::Revoked, now).await?
+        }
+        ApplianceCmd::Disable { dir, id } => {
+            set_status(&dir.data_dir, &id, ApplianceStatus::Disabled, now).await?
+        }
+        ApplianceCmd::Enable { dir, id } => {
+            set_status(&dir.data_dir, &id, ApplianceStatus::Active, now).await?
+        }
+    }
+    Ok(())
+}
+
+async fn set_status(dir: &Path, id: &str, status: ApplianceStatus, now: i64) -> anyhow::Result<()> {
+    let (_, store) = open(dir).await?;
+    let deltas = store.set_status(id, status, now).await?;
+    println!(
+        "{id}: {status:?}; {} allowlist change(s){}",
+        deltas.len(),
+        deltas
+            .last()
+            .map(|d| format!(", version {}", d.version))
+            .unwrap_or_default()
+    );
+    Ok(())
+}

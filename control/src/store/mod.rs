@@ -1,0 +1,241 @@
+//! The control plane's store: one trait, two real implementations — SQLite (embedded
+//! default, a file in the data directory) and PostgreSQL (several control replicas).
+//!
+//! Every operation that changes trust is one transaction. Every fingerprint change bumps
+//! the allowlist version and is recorded as an ordered delta, so brokers can follow with
+//! "changes since version v".
+
+use async_trait::async_trait;
+use thiserror::Error;
+
+/// Seconds since the Unix epoch. The store never reads the clock: callers pass `now`.
+pub type UnixSeconds = i64;
+
+/// How an appliance proves who it is when it enrolls.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum PlatformBinding {
+    /// AWS: the IAM role the appliance's instance runs as.
+    Aws {
+        /// `arn:aws:iam::<account>:role/<name>`.
+        role_arn: String,
+    },
+    /// GCP: the project and service account of the instance.
+    Gcp {
+        /// Project id.
+        project: String,
+        /// Service-account email.
+        service_account: String,
+    },
+    /// Kubernetes: the cluster issuer, namespace and service account.
+    K8s {
+        /// OIDC issuer URL of the cluster.
+        issuer: String,
+        /// Namespace.
+        namespace: String,
+        /// Service-account name.
+        service_account: String,
+    },
+    /// No platform identity: one-time tokens only.
+    TokenOnly,
+}
+
+/// Lifecycle status of an appliance.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ApplianceStatus {
+    /// May enroll, renew and connect.
+    Active,
+    /// Temporarily barred: its fingerprints are out of the allowlist until enabled.
+    Disabled,
+    /// Barred until it re-enrolls with a fresh proof; its certificates are revoked.
+    Revoked,
+}
+
+/// An appliance record.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Appliance {
+    /// Appliance id (`[A-Za-z0-9._-]{1,128}`).
+    pub id: String,
+    /// Tenant / customer.
+    pub tenant: String,
+    /// Platform binding.
+    pub binding: PlatformBinding,
+    /// Status.
+    pub status: ApplianceStatus,
+    /// Bumped by an operator to ask the agent to renew now.
+    pub manual_renewal_generation: i64,
+    /// Creation time.
+    pub created_at: UnixSeconds,
+}
+
+/// State of an issued certificate.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CertState {
+    /// The appliance's current certificate.
+    Current,
+    /// Replaced by a renewal; allowed until the given time (the overlap window).
+    PreviousUntil(UnixSeconds),
+    /// Revoked (or expired out of the overlap): not in the allowlist.
+    Revoked,
+}
+
+/// An issued certificate.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CertRecord {
+    /// Serial number, lowercase hex.
+    pub serial: String,
+    /// The appliance.
+    pub appliance_id: String,
+    /// SHA-256 of the DER, lowercase hex.
+    pub fingerprint: String,
+    /// Validity start.
+    pub not_before: UnixSeconds,
+    /// Validity end.
+    pub not_after: UnixSeconds,
+    /// State.
+    pub state: CertState,
+}
+
+/// One allowlist change, as brokers consume it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AllowlistDelta {
+    /// The version this change produced (strictly increasing, no gaps within a store).
+    pub version: i64,
+    /// The appliance.
+    pub appliance_id: String,
+    /// The fingerprint, lowercase hex.
+    pub fingerprint: String,
+    /// `true` when added, `false` when removed.
+    pub added: bool,
+}
+
+/// Why a token could not be redeemed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TokenRefusal {
+    /// No token with that hash.
+    Unknown,
+    /// The token was issued for another appliance.
+    WrongAppliance,
+    /// Expired.
+    Expired,
+    /// Already used.
+    AlreadyUsed,
+}
+
+/// A store failure.
+#[derive(Debug, Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// The record already exists.
+    #[error("{0} already exists")]
+    Conflict(String),
+    /// No such record.
+    #[error("{0} not found")]
+    NotFound(String),
+    /// A single-use value (nonce, proof id) was already used.
+    #[error("{0} was already used")]
+    Replay(String),
+    /// A token could not be redeemed.
+    #[error("enrollment token refused: {0:?}")]
+    Token(TokenRefusal),
+    /// A nonce is unknown or expired.
+    #[error("nonce unknown or expired")]
+    NonceInvalid,
+    /// The database failed.
+    #[error("database error: {0}")]
+    Database(String),
+}
+
+/// Filter for listing appliances.
+#[derive(Clone, Debug, Default)]
+pub struct ApplianceFilter {
+    /// Only this status.
+    pub status: Option<ApplianceStatus>,
+    /// Only this tenant.
+    pub tenant: Option<String>,
+    /// Start after this id (pagination).
+    pub after: Option<String>,
+    /// At most this many (0 = default 100).
+    pub limit: u32,
+}
+
+/// The storage trait. Implementations: [`sql::SqlStore`] over SQLite and PostgreSQL.
+#[async_trait]
+pub trait Store: Send + Sync + std::fmt::Debug {
+    /// Register an appliance. `Conflict` if the id exists.
+    async fn register_appliance(&self, appliance: &Appliance) -> Result<(), StoreError>;
+    /// One appliance.
+    async fn get_appliance(&self, id: &str) -> Result<Option<Appliance>, StoreError>;
+    /// Appliances, ordered by id.
+    async fn list_appliances(&self, filter: &ApplianceFilter)
+        -> Result<Vec<Appliance>, StoreError>;
+    /// Change the status. Disabling removes the appliance's allowed fingerprints from the
+    /// allowlist (recorded as deltas); enabling puts back those still valid at `now`;
+    /// revoking removes them and marks every certificate revoked. Returns the deltas.
+    async fn set_status(
+        &self,
+        id: &str,
+        status: ApplianceStatus,
+        now: UnixSeconds,
+    ) -> Result<Vec<AllowlistDelta>, StoreError>;
+    /// Bump the manual-renewal generation; returns the new value.
+    async fn bump_manual_renewal(&self, id: &str) -> Result<i64, StoreError>;
+
+    /// Store a token hash for `appliance_id`.
+    async fn create_token(
+        &self,
+        appliance_id: &str,
+        token_hash: &str,
+        expires_at: UnixSeconds,
+    ) -> Result<(), StoreError>;
+    /// Redeem a token once, atomically.
+    async fn redeem_token(
+        &self,
+        appliance_id: &str,
+        token_hash: &str,
+        now: UnixSeconds,
+    ) -> Result<(), StoreError>;
+
+    /// Store a fresh enrollment nonce.
+    async fn create_nonce(&self, nonce: &str, expires_at: UnixSeconds) -> Result<(), StoreError>;
+    /// Consume a nonce once, atomically; `NonceInvalid` if unknown or expired, `Replay` if
+    /// used.
+    async fn consume_nonce(&self, nonce: &str, now: UnixSeconds) -> Result<(), StoreError>;
+    /// Record a platform proof id (`kind` e.g. "k8s", id e.g. its jti) as used until
+    /// `expires_at`; `Replay` if already recorded.
+    async fn record_proof(
+        &self,
+        kind: &str,
+        proof_id: &str,
+        expires_at: UnixSeconds,
+    ) -> Result<(), StoreError>;
+
+    /// Record a newly issued certificate as the appliance's current one and allow its
+    /// fingerprint. A previous current certificate becomes `PreviousUntil(now + overlap)`
+    /// (`overlap = 0`: removed at once, e.g. re-enrollment after revocation). Sets the
+    /// appliance `Active`. Returns the deltas.
+    async fn record_certificate(
+        &self,
+        cert: &CertRecord,
+        now: UnixSeconds,
+        overlap_secs: i64,
+    ) -> Result<Vec<AllowlistDelta>, StoreError>;
+    /// Certificates of an appliance, newest first.
+    async fn certificates(&self, appliance_id: &str) -> Result<Vec<CertRecord>, StoreError>;
+    /// Remove previous certificates whose overlap ended at `now`. Returns the deltas.
+    async fn expire_overlaps(&self, now: UnixSeconds) -> Result<Vec<AllowlistDelta>, StoreError>;
+
+    /// The current allowlist version (0 when empty and never changed).
+    async fn allowlist_version(&self) -> Result<i64, StoreError>;
+    /// The allowed `(appliance, fingerprint)` pairs and the version they reflect.
+    async fn allowlist_snapshot(&self) -> Result<(i64, Vec<(String, String)>), StoreError>;
+    /// Deltas with version > `since`, in order, at most `limit`.
+    async fn allowlist_changes_since(
+        &self,
+        since: i64,
+        limit: u32,
+    ) -> Result<Vec<AllowlistDelta>, StoreError>;
+}
+
+pub mod sql;

@@ -1,0 +1,875 @@
+//! [`SqlStore`]: the [`Store`] over SQLite or PostgreSQL.
+//!
+//! One SQL text serves both backends (through `sqlx::Any`, with `$n` placeholders, which
+//! SQLite accepts too); only the migrations differ (`control/migrations/{sqlite,postgres}`,
+//! embedded and run on [`SqlStore::connect`]). Queries are checked at run time, not at
+//! build time, so building needs no database.
+//!
+//! # Transactions and versions
+//!
+//! The allowlist is the set of certificate rows with `allowed = 1`. Every operation that
+//! can change it ([`Store::set_status`], [`Store::record_certificate`],
+//! [`Store::expire_overlaps`]) is one transaction whose first statement updates the single
+//! row of `allowlist_version`. That row lock (PostgreSQL) or write lock (SQLite) makes
+//! such transactions run one at a time, on one process or on several control replicas,
+//! so they read current state and commit in version order: a reader never sees version
+//! `v + 1` without `v`. Each fingerprint added or removed bumps the counter by one
+//! (`UPDATE … SET version = version + 1 RETURNING version`, in the same transaction, so a
+//! rollback leaves no gap) and writes one `allowlist_changes` row carrying that version.
+//! A change that changes nothing (disabling twice) writes nothing.
+//!
+//! [`Store::allowlist_snapshot`] reads the version and the pairs in one transaction
+//! (`REPEATABLE READ` on PostgreSQL; a WAL read transaction on SQLite), so the pairs are
+//! exactly the state at that version.
+//!
+//! # Rules this implementation adds to the trait's
+//!
+//! - [`Store::record_certificate`] on an appliance that is not `Active` (disabled,
+//!   revoked) gives its older certificates no overlap: they are revoked at once, whatever
+//!   `overlap_secs` says. `overlap_secs <= 0` revokes every older certificate of the
+//!   appliance (current and any still in an earlier overlap), so only the new one is
+//!   allowed.
+//! - [`Store::set_status`] to `Active` from `Revoked` changes the status only: revoked
+//!   certificates never come back; the appliance needs a new certificate.
+//! - [`Store::allowlist_changes_since`] with `limit = 0` uses [`DEFAULT_CHANGES_LIMIT`].
+//! - [`Store::consume_nonce`] also deletes nonces and proof ids that expired before `now`
+//!   (it is the one single-use call that knows the time and runs on every enrollment).
+//! - A token is valid while `now < expires_at`; so is a nonce.
+//!
+//! # SQLite
+//!
+//! WAL journal, `synchronous = FULL` (a recorded revocation survives a power cut),
+//! foreign keys on, a busy timeout of [`SQLITE_BUSY_TIMEOUT`]. Use a file URL
+//! (`sqlite://PATH?mode=rwc`, see [`SqlStore::sqlite_url`]); an in-memory database would
+//! be one per pooled connection.
+
+use std::fmt;
+use std::path::Path;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use sqlx::any::{AnyPoolOptions, AnyRow};
+use sqlx::error::ErrorKind;
+use sqlx::migrate::Migrator;
+use sqlx::{AnyConnection, AnyPool, Executor, Row};
+
+use super::{
+    AllowlistDelta, Appliance, ApplianceFilter, ApplianceStatus, CertRecord, CertState,
+    PlatformBinding, Store, StoreError, TokenRefusal, UnixSeconds,
+};
+
+static SQLITE_MIGRATIONS: Migrator = sqlx::migrate!("migrations/sqlite");
+static POSTGRES_MIGRATIONS: Migrator = sqlx::migrate!("migrations/postgres");
+
+/// How long a SQLite connection waits for another writer before failing.
+pub const SQLITE_BUSY_TIMEOUT: Duration = Duration::from_secs(10);
+/// Pooled connections to a SQLite file (writers take turns anyway).
+pub const SQLITE_MAX_CONNECTIONS: u32 = 4;
+/// Pooled connections to PostgreSQL, per control process.
+pub const POSTGRES_MAX_CONNECTIONS: u32 = 10;
+/// How long to wait for a pooled connection.
+pub const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(30);
+/// [`ApplianceFilter::limit`] when it is 0.
+pub const DEFAULT_LIST_LIMIT: u32 = 100;
+/// [`Store::allowlist_changes_since`]'s `limit` when it is 0.
+pub const DEFAULT_CHANGES_LIMIT: u32 = 1000;
+
+/// The database behind a [`SqlStore`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Backend {
+    /// SQLite: one file in the data directory, one control process.
+    Sqlite,
+    /// PostgreSQL: shared by several control replicas.
+    Postgres,
+}
+
+impl Backend {
+    /// The backend a database URL names: `sqlite:…`, `postgres://…` or `postgresql://…`.
+    pub fn from_url(url: &str) -> Result<Self, StoreError> {
+        if url.starts_with("sqlite:") {
+            Ok(Self::Sqlite)
+        } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            Ok(Self::Postgres)
+        } else {
+            // Not the URL itself: it may carry a password.
+            let scheme = url.split(':').next().unwrap_or_default();
+            Err(StoreError::Database(format!(
+                "unsupported database URL scheme {scheme:?} (expected sqlite: or postgres:)"
+            )))
+        }
+    }
+}
+
+/// The [`Store`] over SQLite or PostgreSQL. Cloning shares the connection pool.
+#[derive(Clone)]
+pub struct SqlStore {
+    pool: AnyPool,
+    backend: Backend,
+}
+
+impl fmt::Debug for SqlStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // No URL: it may carry a password.
+        f.debug_struct("SqlStore")
+            .field("backend", &self.backend)
+            .field("connections", &self.pool.size())
+            .finish_non_exhaustive()
+    }
+}
+
+impl SqlStore {
+    /// Connect to `url` (`sqlite://PATH?mode=rwc` or `postgres://…`) and bring the schema
+    /// up to date (versioned migrations; on PostgreSQL under an advisory lock, so replicas
+    /// starting together are safe).
+    pub async fn connect(url: &str) -> Result<Self, StoreError> {
+        sqlx::any::install_default_drivers();
+        let backend = Backend::from_url(url)?;
+        let options = AnyPoolOptions::new().acquire_timeout(ACQUIRE_TIMEOUT);
+        let pool = match backend {
+            Backend::Sqlite => options
+                .max_connections(SQLITE_MAX_CONNECTIONS)
+                .after_connect(|conn, _meta| {
+                    Box::pin(async move {
+                        let busy =
+                            format!("PRAGMA busy_timeout = {}", SQLITE_BUSY_TIMEOUT.as_millis());
+                        for pragma in [
+                            "PRAGMA journal_mode = WAL",
+                            "PRAGMA synchronous = FULL",
+                            "PRAGMA foreign_keys = ON",
+                            busy.as_str(),
+                        ] {
+                            conn.execute(pragma).await?;
+                        }
+                        Ok(())
+                    })
+                }),
+            Backend::Postgres => options.max_connections(POSTGRES_MAX_CONNECTIONS),
+        }
+        .connect(url)
+        .await
+        .map_err(|e| StoreError::Database(format!("cannot connect: {e}")))?;
+        let migrator = match backend {
+            Backend::Sqlite => &SQLITE_MIGRATIONS,
+            Backend::Postgres => &POSTGRES_MIGRATIONS,
+        };
+        migrator
+            .run(&pool)
+            .await
+            .map_err(|e| StoreError::Database(format!("migration failed: {e}")))?;
+        Ok(Self { pool, backend })
+    }
+
+    /// The URL of a SQLite store in the file `path`, created if missing.
+    pub fn sqlite_url(path: &Path) -> String {
+        format!("sqlite://{}?mode=rwc", path.display())
+    }
+
+    /// Which database this is.
+    pub fn backend(&self) -> Backend {
+        self.backend
+    }
+
+    /// Close every connection, waiting for those in use to come back.
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+
+    /// Begin a transaction that may change the allowlist: take the version row first, so
+    /// trust changes run one at a time and see each other's results.
+    async fn begin_trust_change(
+        &self,
+    ) -> Result<sqlx::Transaction<'static, sqlx::Any>, StoreError> {
+        let mut tx = self.pool.begin().await.map_err(db)?;
+        sqlx::query("UPDATE allowlist_version SET version = version WHERE id = 1")
+            .execute(&mut *tx)
+            .await
+            .map_err(db)?;
+        Ok(tx)
+    }
+}
+
+/// Any other database failure.
+fn db(e: sqlx::Error) -> StoreError {
+    StoreError::Database(e.to_string())
+}
+
+fn kind_of(e: &sqlx::Error) -> Option<ErrorKind> {
+    e.as_database_error().map(|d| d.kind())
+}
+
+fn status_str(status: ApplianceStatus) -> &'static str {
+    match status {
+        ApplianceStatus::Active => "active",
+        ApplianceStatus::Disabled => "disabled",
+        ApplianceStatus::Revoked => "revoked",
+    }
+}
+
+fn parse_status(s: &str) -> Result<ApplianceStatus, StoreError> {
+    match s {
+        "active" => Ok(ApplianceStatus::Active),
+        "disabled" => Ok(ApplianceStatus::Disabled),
+        "revoked" => Ok(ApplianceStatus::Revoked),
+        other => Err(StoreError::Database(format!(
+            "unknown appliance status {other:?}"
+        ))),
+    }
+}
+
+const APPLIANCE_COLUMNS: &str =
+    "id, tenant, binding, status, manual_renewal_generation, created_at";
+
+fn appliance_from_row(row: &AnyRow) -> Result<Appliance, StoreError> {
+    let binding: String = row.try_get("binding").map_err(db)?;
+    let binding: PlatformBinding = serde_json::from_str(&binding)
+        .map_err(|e| StoreError::Database(format!("bad platform binding in the store: {e}")))?;
+    let status: String = row.try_get("status").map_err(db)?;
+    Ok(Appliance {
+        id: row.try_get("id").map_err(db)?,
+        tenant: row.try_get("tenant").map_err(db)?,
+        binding,
+        status: parse_status(&status)?,
+        manual_renewal_generation: row.try_get("manual_renewal_generation").map_err(db)?,
+        created_at: row.try_get("created_at").map_err(db)?,
+    })
+}
+
+const CERT_COLUMNS: &str =
+    "serial, appliance_id, fingerprint, not_before, not_after, state, previous_until";
+
+fn cert_from_row(row: &AnyRow) -> Result<CertRecord, StoreError> {
+    let state: String = row.try_get("state").map_err(db)?;
+    let until: Option<i64> = row.try_get("previous_until").map_err(db)?;
+    let state = match (state.as_str(), until) {
+        ("current", _) => CertState::Current,
+        ("previous", Some(until)) => CertState::PreviousUntil(until),
+        ("revoked", _) => CertState::Revoked,
+        (other, _) => {
+            return Err(StoreError::Database(format!(
+                "bad certificate state {other:?} in the store"
+            )))
+        }
+    };
+    Ok(CertRecord {
+        serial: row.try_get("serial").map_err(db)?,
+        appliance_id: row.try_get("appliance_id").map_err(db)?,
+        fingerprint: row.try_get("fingerprint").map_err(db)?,
+        not_before: row.try_get("not_before").map_err(db)?,
+        not_after: row.try_get("not_after").map_err(db)?,
+        state,
+    })
+}
+
+fn delta_from_row(row: &AnyRow) -> Result<AllowlistDelta, StoreError> {
+    let added: i64 = row.try_get("added").map_err(db)?;
+    Ok(AllowlistDelta {
+        version: row.try_get("version").map_err(db)?,
+        appliance_id: row.try_get("appliance_id").map_err(db)?,
+        fingerprint: row.try_get("fingerprint").map_err(db)?,
+        added: added != 0,
+    })
+}
+
+/// A certificate row whose allowlist membership is about to change.
+struct Allowable {
+    seq: i64,
+    appliance_id: String,
+    fingerprint: String,
+}
+
+fn allowable_from_row(row: &AnyRow) -> Result<Allowable, StoreError> {
+    Ok(Allowable {
+        seq: row.try_get("seq").map_err(db)?,
+        appliance_id: row.try_get("appliance_id").map_err(db)?,
+        fingerprint: row.try_get("fingerprint").map_err(db)?,
+    })
+}
+
+/// Bump the version and record one change. Only inside [`SqlStore::begin_trust_change`].
+async fn record_change(
+    conn: &mut AnyConnection,
+    appliance_id: &str,
+    fingerprint: &str,
+    added: bool,
+) -> Result<AllowlistDelta, StoreError> {
+    let version: i64 = sqlx::query_scalar(
+        "UPDATE allowlist_version SET version = version + 1 WHERE id = 1 RETURNING version",
+    )
+    .fetch_one(&mut *conn)
+    .await
+    .map_err(db)?;
+    sqlx::query(
+        "INSERT INTO allowlist_changes (version, appliance_id, fingerprint, added) \
+         VALUES ($1, $2, $3, $4)",
+    )
+    .bind(version)
+    .bind(appliance_id)
+    .bind(fingerprint)
+    .bind(i16::from(added))
+    .execute(&mut *conn)
+    .await
+    .map_err(db)?;
+    Ok(AllowlistDelta {
+        version,
+        appliance_id: appliance_id.to_owned(),
+        fingerprint: fingerprint.to_owned(),
+        added,
+    })
+}
+
+/// Put certificates into the allowlist (or take them out), one change each.
+async fn set_allowed(
+    conn: &mut AnyConnection,
+    certs: &[Allowable],
+    allowed: bool,
+    deltas: &mut Vec<AllowlistDelta>,
+) -> Result<(), StoreError> {
+    let sql = if allowed {
+        "UPDATE certificates SET allowed = 1 WHERE seq = $1 AND allowed = 0"
+    } else {
+        "UPDATE certificates SET allowed = 0 WHERE seq = $1 AND allowed = 1"
+    };
+    for cert in certs {
+        let changed = sqlx::query(sql)
+            .bind(cert.seq)
+            .execute(&mut *conn)
+            .await
+            .map_err(db)?
+            .rows_affected();
+        if changed == 1 {
+            deltas.push(record_change(conn, &cert.appliance_id, &cert.fingerprint, allowed).await?);
+        }
+    }
+    Ok(())
+}
+
+/// The appliance's certificates now in the allowlist, oldest first.
+async fn allowed_certs(
+    conn: &mut AnyConnection,
+    appliance_id: &str,
+) -> Result<Vec<Allowable>, StoreError> {
+    sqlx::query(
+        "SELECT seq, appliance_id, fingerprint FROM certificates \
+         WHERE appliance_id = $1 AND allowed = 1 ORDER BY seq",
+    )
+    .bind(appliance_id)
+    .fetch_all(&mut *conn)
+    .await
+    .map_err(db)?
+    .iter()
+    .map(allowable_from_row)
+    .collect()
+}
+
+async fn appliance_status(
+    conn: &mut AnyConnection,
+    id: &str,
+) -> Result<ApplianceStatus, StoreError> {
+    let status = sqlx::query_scalar::<_, String>("SELECT status FROM appliances WHERE id = $1")
+        .bind(id)
+        .fetch_optional(&mut *conn)
+        .await
+        .map_err(db)?;
+    match status {
+        Some(s) => parse_status(&s),
+        None => Err(StoreError::NotFound(format!("appliance {id}"))),
+    }
+}
+
+#[async_trait]
+impl Store for SqlStore {
+    async fn register_appliance(&self, appliance: &Appliance) -> Result<(), StoreError> {
+        let binding = serde_json::to_string(&appliance.binding).map_err(|e| {
+            StoreError::Database(format!("cannot encode the platform binding: {e}"))
+        })?;
+        let inserted = sqlx::query(
+            "INSERT INTO appliances \
+             (id, tenant, binding, status, manual_renewal_generation, created_at) \
+             VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING",
+        )
+        .bind(&appliance.id)
+        .bind(&appliance.tenant)
+        .bind(binding)
+        .bind(status_str(appliance.status))
+        .bind(appliance.manual_renewal_generation)
+        .bind(appliance.created_at)
+        .execute(&self.pool)
+        .await
+        .map_err(db)?
+        .rows_affected();
+        if inserted == 0 {
+            return Err(StoreError::Conflict(format!("appliance {}", appliance.id)));
+        }
+        Ok(())
+    }
+
+    async fn get_appliance(&self, id: &str) -> Result<Option<Appliance>, StoreError> {
+        sqlx::query(&format!(
+            "SELECT {APPLIANCE_COLUMNS} FROM appliances WHERE id = $1"
+        ))
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(db)?
+        .as_ref()
+        .map(appliance_from_row)
+        .transpose()
+    }
+
+    async fn list_appliances(
+        &self,
+        filter: &ApplianceFilter,
+    ) -> Result<Vec<Appliance>, StoreError> {
+        let mut sql = format!("SELECT {APPLIANCE_COLUMNS} FROM appliances WHERE 1 = 1");
+        let mut n = 0;
+        let mut arg = |sql: &mut String, clause: &str| {
+            n += 1;
+            sql.push_str(&format!(" AND {clause} ${n}"));
+        };
+        if filter.status.is_some() {
+            arg(&mut sql, "status =");
+        }
+        if filter.tenant.is_some() {
+            arg(&mut sql, "tenant =");
+        }
+        if filter.after.is_some() {
+            arg(&mut sql, "id >");
+        }
+        n += 1;
+        sql.push_str(&format!(" ORDER BY id LIMIT ${n}"));
+
+        let mut query = sqlx::query(&sql);
+        if let Some(status) = filter.status {
+            query = query.bind(status_str(status));
+        }
+        if let Some(tenant) = &filter.tenant {
+            query = query.bind(tenant.as_str());
+        }
+        if let Some(after) = &filter.after {
+            query = query.bind(after.as_str());
+        }
+        let limit = if filter.limit == 0 {
+            DEFAULT_LIST_LIMIT
+        } else {
+            filter.limit
+        };
+        query
+            .bind(i64::from(limit))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db)?
+            .iter()
+            .map(appliance_from_row)
+            .collect()
+    }
+
+    async fn set_status(
+        &self,
+        id: &str,
+        status: ApplianceStatus,
+        now: UnixSeconds,
+    ) -> Result<Vec<AllowlistDelta>, StoreError> {
+        let mut tx = self.begin_trust_change().await?;
+        let old = appliance_status(&mut tx, id).await?;
+        if old == status {
+            return Ok(Vec::new());
+        }
+        let mut deltas = Vec::new();
+        match status {
+            ApplianceStatus::Disabled => {
+                let certs = allowed_certs(&mut tx, id).await?;
+                set_allowed(&mut tx, &certs, false, &mut deltas).await?;
+            }
+            ApplianceStatus::Revoked => {
+                let certs = allowed_certs(&mut tx, id).await?;
+                set_allowed(&mut tx, &certs, false, &mut deltas).await?;
+                sqlx::query(
+                    "UPDATE certificates SET state = 'revoked', previous_until = NULL \
+                     WHERE appliance_id = $1 AND state <> 'revoked'",
+                )
+                .bind(id)
+                .execute(&mut *tx)
+                .await
+                .map_err(db)?;
+            }
+            ApplianceStatus::Active => {
+                let certs = sqlx::query(
+                    "SELECT seq, appliance_id, fingerprint FROM certificates \
+                     WHERE appliance_id = $1 AND allowed = 0 AND not_after > $2 \
+                     AND (state = 'current' OR (state = 'previous' AND previous_until > $2)) \
+                     ORDER BY seq",
+                )
+                .bind(id)
+                .bind(now)
+                .fetch_all(&mut *tx)
+                .await
+                .map_err(db)?
+                .iter()
+                .map(allowable_from_row)
+                .collect::<Result<Vec<_>, _>>()?;
+                set_allowed(&mut tx, &certs, true, &mut deltas).await?;
+            }
+        }
+        sqlx::query("UPDATE appliances SET status = $1 WHERE id = $2")
+            .bind(status_str(status))
+            .bind(id)
+            .execute(&mut *tx)
+            .await
+            .map_err(db)?;
+        tx.commit().await.map_err(db)?;
+        Ok(deltas)
+    }
+
+    async fn bump_manual_renewal(&self, id: &str) -> Result<i64, StoreError> {
+        sqlx::query_scalar(
+            "UPDATE appliances SET manual_renewal_generation = manual_renewal_generation + 1 \
+             WHERE id = $1 RETURNING manual_renewal_generation",
+        )
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(db)?
+        .ok_or_else(|| StoreError::NotFound(format!("appliance {id}")))
+    }
+
+    async fn create_token(
+        &self,
+        appliance_id: &str,
+        token_hash: &str,
+        expires_at: UnixSeconds,
+    ) -> Result<(), StoreError> {
+        let inserted = sqlx::query(
+            "INSERT INTO enrollment_tokens (token_hash, appliance_id, expires_at) \
+             VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
+        )
+        .bind(token_hash)
+        .bind(appliance_id)
+        .bind(expires_at)
+        .execute(&self.pool)
+        .await
+        .map_err(|e| match kind_of(&e) {
+            Some(ErrorKind::ForeignKeyViolation) => {
+                StoreError::NotFound(format!("appliance {appliance_id}"))
+            }
+            _ => db(e),
+        })?
+        .rows_affected();
+        if inserted == 0 {
+            return Err(StoreError::Conflict("enrollment token".into()));
+        }
+        Ok(())
+    }
+
+    async fn redeem_token(
+        &self,
+        appliance_id: &str,
+        token_hash: &str,
+        now: UnixSeconds,
+    ) -> Result<(), StoreError> {
+        let redeemed = sqlx::query(
+            "UPDATE enrollment_tokens SET used_at = $1 \
+             WHERE token_hash = $2 AND appliance_id = $3 AND used_at IS NULL AND expires_at > $1",
+        )
+        .bind(now)
+        .bind(token_hash)
+        .bind(appliance_id)
+        .execute(&self.pool)
+        .await
+        .map_err(db)?
+        .rows_affected();
+        if redeemed == 1 {
+            return Ok(());
+        }
+        // Refused: say why. The row can only have moved further from usable since.
+        let row = sqlx::query(
+            "SELECT appliance_id, expires_at, used_at FROM enrollment_tokens WHERE token_hash = $1",
+        )
+        .bind(token_hash)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(db)?;
+        let refusal = match row {
+            None => TokenRefusal::Unknown,
+            Some(row) => {
+                let owner: String = row.try_get("appliance_id").map_err(db)?;
+                let used_at: Option<i64> = row.try_get("used_at").map_err(db)?;
+                if owner != appliance_id {
+                    TokenRefusal::WrongAppliance
+                } else if used_at.is_some() {
+                    TokenRefusal::AlreadyUsed
+                } else {
+                    TokenRefusal::Expired
+                }
+            }
+        };
+        Err(StoreError::Token(refusal))
+    }
+
+    async fn create_nonce(&self, nonce: &str, expires_at: UnixSeconds) -> Result<(), StoreError> {
+        let inserted = sqlx::query(
+            "INSERT INTO nonces (nonce, expires_at) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+        )
+        .bind(nonce)
+        .bind(expires_at)
+        .execute(&self.pool)
+        .await
+        .map_err(db)?
+        .rows_affected();
+        if inserted == 0 {
+            return Err(StoreError::Conflict("nonce".into()));
+        }
+        Ok(())
+    }
+
+    async fn consume_nonce(&self, nonce: &str, now: UnixSeconds) -> Result<(), StoreError> {
+        let consumed = sqlx::query(
+            "UPDATE nonces SET used_at = $1 \
+             WHERE nonce = $2 AND used_at IS NULL AND expires_at > $1",
+        )
+        .bind(now)
+        .bind(nonce)
+        .execute(&self.pool)
+        .await
+        .map_err(db)?
+        .rows_affected();
+        let result = if consumed == 1 {
+            Ok(())
+        } else {
+            let used_at: Option<Option<i64>> =
+                sqlx::query_scalar("SELECT used_at FROM nonces WHERE nonce = $1")
+                    .bind(nonce)
+                    .fetch_optional(&self.pool)
+                    .await
+                    .map_err(db)?;
+            match used_at {
+                Some(Some(_)) => Err(StoreError::Replay("nonce".into())),
+                _ => Err(StoreError::NonceInvalid),
+            }
+        };
+        // Opportunistic clean-up; its failure does not change the answer.
+        for sql in [
+            "DELETE FROM nonces WHERE expires_at < $1",
+            "DELETE FROM used_proofs WHERE expires_at < $1",
+        ] {
+            if let Err(e) = sqlx::query(sql).bind(now).execute(&self.pool).await {
+                tracing::warn!(error = %e, "pruning expired single-use values failed");
+            }
+        }
+        result
+    }
+
+    async fn record_proof(
+        &self,
+        kind: &str,
+        proof_id: &str,
+        expires_at: UnixSeconds,
+    ) -> Result<(), StoreError> {
+        let inserted = sqlx::query(
+            "INSERT INTO used_proofs (kind, proof_id, expires_at) VALUES ($1, $2, $3) \
+             ON CONFLICT DO NOTHING",
+        )
+        .bind(kind)
+        .bind(proof_id)
+        .bind(expires_at)
+        .execute(&self.pool)
+        .await
+        .map_err(db)?
+        .rows_affected();
+        if inserted == 0 {
+            return Err(StoreError::Replay(format!("{kind} proof")));
+        }
+        Ok(())
+    }
+
+    async fn record_certificate(
+        &self,
+        cert: &CertRecord,
+        now: UnixSeconds,
+        overlap_secs: i64,
+    ) -> Result<Vec<AllowlistDelta>, StoreError> {
+        let id = cert.appliance_id.as_str();
+        let mut tx = self.begin_trust_change().await?;
+        let status = appliance_status(&mut tx, id).await?;
+        let seq: Option<i64> = sqlx::query_scalar(
+            "INSERT INTO certificates \
+             (serial, appliance_id, fingerprint, not_before, not_after, state, previous_until, allowed) \
+             VALUES ($1, $2, $3, $4, $5, 'current', NULL, 1) \
+             ON CONFLICT DO NOTHING RETURNING seq",
+        )
+        .bind(&cert.serial)
+        .bind(id)
+        .bind(&cert.fingerprint)
+        .bind(cert.not_before)
+        .bind(cert.not_after)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(db)?;
+        let Some(seq) = seq else {
+            return Err(StoreError::Conflict(format!(
+                "certificate with serial {} or fingerprint {}",
+                cert.serial, cert.fingerprint
+            )));
+        };
+        let mut deltas = vec![record_change(&mut tx, id, &cert.fingerprint, true).await?];
+
+        let overlap = if status == ApplianceStatus::Active {
+            overlap_secs
+        } else {
+            0
+        };
+        if overlap > 0 {
+            sqlx::query(
+                "UPDATE certificates SET state = 'previous', previous_until = $1 \
+                 WHERE appliance_id = $2 AND state = 'current' AND seq <> $3",
+            )
+            .bind(now.saturating_add(overlap))
+            .bind(id)
+            .bind(seq)
+            .execute(&mut *tx)
+            .await
+            .map_err(db)?;
+        } else {
+            let older: Vec<Allowable> = allowed_certs(&mut tx, id)
+                .await?
+                .into_iter()
+                .filter(|c| c.seq != seq)
+                .collect();
+            set_allowed(&mut tx, &older, false, &mut deltas).await?;
+            sqlx::query(
+                "UPDATE certificates SET state = 'revoked', previous_until = NULL \
+                 WHERE appliance_id = $1 AND state <> 'revoked' AND seq <> $2",
+            )
+            .bind(id)
+            .bind(seq)
+            .execute(&mut *tx)
+            .await
+            .map_err(db)?;
+        }
+        if status != ApplianceStatus::Active {
+            sqlx::query("UPDATE appliances SET status = 'active' WHERE id = $1")
+                .bind(id)
+                .execute(&mut *tx)
+                .await
+                .map_err(db)?;
+        }
+        tx.commit().await.map_err(db)?;
+        Ok(deltas)
+    }
+
+    async fn certificates(&self, appliance_id: &str) -> Result<Vec<CertRecord>, StoreError> {
+        let certs = sqlx::query(&format!(
+            "SELECT {CERT_COLUMNS} FROM certificates WHERE appliance_id = $1 ORDER BY seq DESC"
+        ))
+        .bind(appliance_id)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db)?
+        .iter()
+        .map(cert_from_row)
+        .collect::<Result<Vec<_>, _>>()?;
+        if certs.is_empty() && self.get_appliance(appliance_id).await?.is_none() {
+            return Err(StoreError::NotFound(format!("appliance {appliance_id}")));
+        }
+        Ok(certs)
+    }
+
+    async fn expire_overlaps(&self, now: UnixSeconds) -> Result<Vec<AllowlistDelta>, StoreError> {
+        const ENDED: &str = "state = 'previous' AND previous_until <= $1";
+        // Cheap check first, so the periodic call takes no write lock when idle.
+        let any: Option<i64> = sqlx::query_scalar(&format!(
+            "SELECT seq FROM certificates WHERE {ENDED} LIMIT 1"
+        ))
+        .bind(now)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(db)?;
+        if any.is_none() {
+            return Ok(Vec::new());
+        }
+        let mut tx = self.begin_trust_change().await?;
+        let ended = sqlx::query(&format!(
+            "SELECT seq, appliance_id, fingerprint FROM certificates \
+             WHERE {ENDED} AND allowed = 1 ORDER BY seq"
+        ))
+        .bind(now)
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(db)?
+        .iter()
+        .map(allowable_from_row)
+        .collect::<Result<Vec<_>, _>>()?;
+        let mut deltas = Vec::new();
+        set_allowed(&mut tx, &ended, false, &mut deltas).await?;
+        sqlx::query(&format!(
+            "UPDATE certificates SET state = 'revoked', previous_until = NULL WHERE {ENDED}"
+        ))
+        .bind(now)
+        .execute(&mut *tx)
+        .await
+        .map_err(db)?;
+        tx.commit().await.map_err(db)?;
+        Ok(deltas)
+    }
+
+    async fn allowlist_version(&self) -> Result<i64, StoreError> {
+        sqlx::query_scalar("SELECT version FROM allowlist_version WHERE id = 1")
+            .fetch_one(&self.pool)
+            .await
+            .map_err(db)
+    }
+
+    async fn allowlist_snapshot(&self) -> Result<(i64, Vec<(String, String)>), StoreError> {
+        let mut tx = self.pool.begin().await.map_err(db)?;
+        if self.backend == Backend::Postgres {
+            tx.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+                .await
+                .map_err(db)?;
+        }
+        let version: i64 = sqlx::query_scalar("SELECT version FROM allowlist_version WHERE id = 1")
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(db)?;
+        let pairs = sqlx::query(
+            "SELECT appliance_id, fingerprint FROM certificates WHERE allowed = 1 \
+             ORDER BY appliance_id, fingerprint",
+        )
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(db)?
+        .iter()
+        .map(|row| {
+            Ok((
+                row.try_get("appliance_id").map_err(db)?,
+                row.try_get("fingerprint").map_err(db)?,
+            ))
+        })
+        .collect::<Result<Vec<_>, StoreError>>()?;
+        tx.commit().await.map_err(db)?;
+        Ok((version, pairs))
+    }
+
+    async fn allowlist_changes_since(
+        &self,
+        since: i64,
+        limit: u32,
+    ) -> Result<Vec<AllowlistDelta>, StoreError> {
+        let limit = if limit == 0 {
+            DEFAULT_CHANGES_LIMIT
+        } else {
+            limit
+        };
+        sqlx::query(
+            "SELECT version, appliance_id, fingerprint, added FROM allowlist_changes \
+             WHERE version > $1 ORDER BY version LIMIT $2",
+        )
+        .bind(since)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db)?
+        .iter()
+        .map(delta_from_row)
+        .collect()
+    }
+}

@@ -1,0 +1,1324 @@
+//! The store contract, on both backends: every case below runs once on SQLite (a file in a
+//! temporary directory) and once on PostgreSQL (a fresh database per test on the server
+//! that `TETHER_TEST_PG_URL` names). `./scripts/test` starts that server; by hand:
+//! `export TETHER_TEST_PG_URL=$(scripts/pg)`. Without it the PostgreSQL half fails, it
+//! never skips.
+
+use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use sqlx::Connection;
+use tether_control::store::sql::{Backend, SqlStore, DEFAULT_LIST_LIMIT};
+use tether_control::store::{
+    AllowlistDelta, Appliance, ApplianceFilter, ApplianceStatus, CertRecord, CertState,
+    PlatformBinding, Store, StoreError, TokenRefusal,
+};
+
+const PG_URL_VAR: &str = "TETHER_TEST_PG_URL";
+/// Prefix of the per-test PostgreSQL databases: `tether_t_<pid>_<n>`.
+const PG_DB_PREFIX: &str = "tether_t_";
+const NOW: i64 = 1_700_000_000;
+const DAY: i64 = 86_400;
+
+// ---------------------------------------------------------------------------------------
+// Harness
+
+/// A fresh, empty store, and what to clean up after it.
+struct TestDb {
+    store: SqlStore,
+    url: String,
+    dir: Option<tempfile::TempDir>,
+    pg: Option<(String, String)>,
+}
+
+impl TestDb {
+    async fn sqlite() -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let url = SqlStore::sqlite_url(&dir.path().join("control.db"));
+        let store = SqlStore::connect(&url).await.expect("open SQLite store");
+        assert_eq!(store.backend(), Backend::Sqlite);
+        Self {
+            store,
+            url,
+            dir: Some(dir),
+            pg: None,
+        }
+    }
+
+    async fn postgres() -> Self {
+        let admin_url = std::env::var(PG_URL_VAR).unwrap_or_else(|_| {
+            panic!(
+                "{PG_URL_VAR} is not set: the store tests need PostgreSQL. Run ./scripts/test, \
+                 or `export {PG_URL_VAR}=$(./scripts/pg)` and run cargo test again"
+            )
+        });
+        static N: AtomicU32 = AtomicU32::new(0);
+        let name = format!(
+            "{PG_DB_PREFIX}{}_{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        );
+        let mut admin = sqlx::PgConnection::connect(&admin_url)
+            .await
+            .unwrap_or_else(|e| {
+                panic!("cannot reach PostgreSQL at {PG_URL_VAR} ({e}); run ./scripts/pg")
+            });
+        drop_stale_databases(&mut admin).await;
+        sqlx::query(&format!("CREATE DATABASE {name}"))
+            .execute(&mut admin)
+            .await
+            .expect("create test database");
+        admin.close().await.ok();
+        let url = with_database(&admin_url, &name);
+        let store = SqlStore::connect(&url)
+            .await
+            .expect("open PostgreSQL store");
+        assert_eq!(store.backend(), Backend::Postgres);
+        Self {
+            store,
+            url,
+            dir: None,
+            pg: Some((admin_url, name)),
+        }
+    }
+
+    /// Close the store and drop its database (a failed test leaves it behind; the next
+    /// run drops it).
+    async fn finish(self) {
+        self.store.close().await;
+        if let Some((admin_url, name)) = &self.pg {
+            let mut admin = sqlx::PgConnection::connect(admin_url)
+                .await
+                .expect("admin connection");
+            sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                .execute(&mut admin)
+                .await
+                .expect("drop test database");
+            admin.close().await.ok();
+        }
+    }
+}
+
+/// `url` with its database replaced by `db`.
+fn with_database(url: &str, db: &str) -> String {
+    let (base, query) = match url.split_once('?') {
+        Some((b, q)) => (b, Some(q)),
+        None => (url, None),
+    };
+    let authority_start = base.find("://").map_or(0, |i| i + 3);
+    let host_end = base[authority_start..]
+        .find('/')
+        .map_or(base.len(), |i| authority_start + i);
+    let mut out = format!("{}/{db}", &base[..host_end]);
+    if let Some(q) = query {
+        out.push('?');
+        out.push_str(q);
+    }
+    out
+}
+
+/// Drop the test databases of test processes that are gone (failed runs), once per run.
+async fn drop_stale_databases(admin: &mut sqlx::PgConnection) {
+    static DONE: std::sync::Once = std::sync::Once::new();
+    let mut first = false;
+    DONE.call_once(|| first = true);
+    if !first || !std::path::Path::new("/proc/self").exists() {
+        return;
+    }
+    let names: Vec<String> =
+        sqlx::query_scalar("SELECT datname FROM pg_database WHERE starts_with(datname, $1)")
+            .bind(PG_DB_PREFIX)
+            .fetch_all(&mut *admin)
+            .await
+            .unwrap_or_default();
+    for name in names {
+        let pid = name[PG_DB_PREFIX.len()..]
+            .split('_')
+            .next()
+            .unwrap_or_default();
+        if !pid.is_empty() && !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                .execute(&mut *admin)
+                .await;
+        }
+    }
+}
+
+/// Each case as two tests: `sqlite::<case>` and `postgres::<case>`.
+macro_rules! on_both_backends {
+    ($($case:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $case() {
+                    let db = super::TestDb::sqlite().await;
+                    super::$case(&db).await;
+                    db.finish().await;
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $case() {
+                    let db = super::TestDb::postgres().await;
+                    super::$case(&db).await;
+                    db.finish().await;
+                }
+            )*
+        }
+    };
+}
+
+on_both_backends!(
+    register_get_and_list_with_filters_and_pages,
+    registering_an_existing_id_is_a_conflict,
+    unknown_appliance_is_not_found,
+    manual_renewal_generation_counts_up,
+    disable_enable_revoke_move_fingerprints_with_deltas,
+    enable_puts_back_only_what_is_still_valid,
+    token_is_redeemed_once_by_its_appliance,
+    token_refusals_say_why,
+    nonce_is_single_use_and_expires,
+    proof_replay_is_refused,
+    expired_single_use_values_are_pruned,
+    renewal_keeps_previous_for_the_overlap,
+    renewal_without_overlap_removes_previous_at_once,
+    recording_on_a_disabled_appliance_gives_no_overlap,
+    duplicate_certificate_changes_nothing,
+    expire_overlaps_removes_ended_windows_once,
+    versions_have_no_gaps_and_changes_are_ordered,
+    snapshot_equals_replayed_deltas,
+    concurrent_recordings_get_each_version_once,
+    snapshots_during_concurrent_writes_are_consistent,
+    reconnecting_keeps_data_and_schema,
+);
+
+// ---------------------------------------------------------------------------------------
+// Helpers
+
+fn appliance(id: &str, tenant: &str) -> Appliance {
+    Appliance {
+        id: id.into(),
+        tenant: tenant.into(),
+        binding: PlatformBinding::TokenOnly,
+        status: ApplianceStatus::Active,
+        manual_renewal_generation: 0,
+        created_at: NOW,
+    }
+}
+
+fn cert(appliance_id: &str, n: u32) -> CertRecord {
+    CertRecord {
+        serial: format!("{:x}{n:04x}", appliance_id.len()) + &hex(appliance_id),
+        appliance_id: appliance_id.into(),
+        fingerprint: format!("{n:08x}{}", hex(appliance_id)),
+        not_before: NOW,
+        not_after: NOW + 30 * DAY,
+        state: CertState::Current,
+    }
+}
+
+fn hex(s: &str) -> String {
+    s.bytes().map(|b| format!("{b:02x}")).collect()
+}
+
+fn delta(version: i64, c: &CertRecord, added: bool) -> AllowlistDelta {
+    AllowlistDelta {
+        version,
+        appliance_id: c.appliance_id.clone(),
+        fingerprint: c.fingerprint.clone(),
+        added,
+    }
+}
+
+async fn register(store: &SqlStore, id: &str) {
+    store
+        .register_appliance(&appliance(id, "acme"))
+        .await
+        .expect("register");
+}
+
+/// Register `id` and record its first certificate; returns it.
+async fn enrolled(store: &SqlStore, id: &str) -> CertRecord {
+    register(store, id).await;
+    let c = cert(id, 1);
+    store
+        .record_certificate(&c, NOW, DAY)
+        .await
+        .expect("record");
+    c
+}
+
+async fn states(store: &SqlStore, id: &str) -> Vec<(String, CertState)> {
+    store
+        .certificates(id)
+        .await
+        .expect("certificates")
+        .into_iter()
+        .map(|c| (c.serial, c.state))
+        .collect()
+}
+
+async fn snapshot_set(store: &SqlStore) -> (i64, BTreeSet<(String, String)>) {
+    let (v, pairs) = store.allowlist_snapshot().await.expect("snapshot");
+    let set: BTreeSet<_> = pairs.iter().cloned().collect();
+    assert_eq!(set.len(), pairs.len(), "snapshot has duplicates");
+    (v, set)
+}
+
+async fn status(store: &SqlStore, id: &str) -> ApplianceStatus {
+    store
+        .get_appliance(id)
+        .await
+        .expect("get")
+        .expect("exists")
+        .status
+}
+
+/// Apply deltas to a set, checking each one is a real change.
+fn replay(set: &mut BTreeSet<(String, String)>, deltas: &[AllowlistDelta]) {
+    for d in deltas {
+        let pair = (d.appliance_id.clone(), d.fingerprint.clone());
+        if d.added {
+            assert!(
+                set.insert(pair),
+                "delta {} adds a pair already present",
+                d.version
+            );
+        } else {
+            assert!(
+                set.remove(&pair),
+                "delta {} removes a pair not present",
+                d.version
+            );
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Cases
+
+async fn register_get_and_list_with_filters_and_pages(db: &TestDb) {
+    let s = &db.store;
+    let bindings = [
+        PlatformBinding::Aws {
+            role_arn: "arn:aws:iam::123456789012:role/edge".into(),
+        },
+        PlatformBinding::Gcp {
+            project: "p-1".into(),
+            service_account: "edge@p-1.iam.gserviceaccount.com".into(),
+        },
+        PlatformBinding::K8s {
+            issuer: "https://k8s.example.test".into(),
+            namespace: "edge".into(),
+            service_account: "agent".into(),
+        },
+        PlatformBinding::TokenOnly,
+    ];
+    // ids chosen so that byte order differs from a case-insensitive or locale order.
+    let ids = ["b-2", "B-1", "a.1", "a_0", "c-9", "Z", "a-10"];
+    for (i, id) in ids.iter().enumerate() {
+        let a = Appliance {
+            id: (*id).into(),
+            tenant: if i % 2 == 0 { "acme" } else { "globex" }.into(),
+            binding: bindings[i % bindings.len()].clone(),
+            status: ApplianceStatus::Active,
+            manual_renewal_generation: 0,
+            created_at: NOW + i as i64,
+        };
+        s.register_appliance(&a).await.unwrap();
+        assert_eq!(s.get_appliance(id).await.unwrap(), Some(a));
+    }
+    assert_eq!(s.get_appliance("nope").await.unwrap(), None);
+    s.set_status("c-9", ApplianceStatus::Disabled, NOW)
+        .await
+        .unwrap();
+    s.set_status("a.1", ApplianceStatus::Revoked, NOW)
+        .await
+        .unwrap();
+
+    let list = |filter: ApplianceFilter| async move {
+        s.list_appliances(&filter)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|a| a.id)
+            .collect::<Vec<_>>()
+    };
+    let mut sorted: Vec<String> = ids.iter().map(|s| s.to_string()).collect();
+    sorted.sort(); // bytewise
+    assert_eq!(list(ApplianceFilter::default()).await, sorted);
+    assert_eq!(
+        list(ApplianceFilter {
+            tenant: Some("acme".into()),
+            ..Default::default()
+        })
+        .await,
+        ["a-10", "a.1", "b-2", "c-9"]
+    );
+    assert_eq!(
+        list(ApplianceFilter {
+            status: Some(ApplianceStatus::Disabled),
+            ..Default::default()
+        })
+        .await,
+        ["c-9"]
+    );
+    assert_eq!(
+        list(ApplianceFilter {
+            status: Some(ApplianceStatus::Active),
+            tenant: Some("acme".into()),
+            ..Default::default()
+        })
+        .await,
+        ["a-10", "b-2"]
+    );
+    assert!(list(ApplianceFilter {
+        tenant: Some("initech".into()),
+        ..Default::default()
+    })
+    .await
+    .is_empty());
+
+    // Pages of 3 walk the whole list once, in order.
+    let mut seen = Vec::new();
+    let mut after = None;
+    loop {
+        let page = list(ApplianceFilter {
+            after: after.clone(),
+            limit: 3,
+            ..Default::default()
+        })
+        .await;
+        assert!(page.len() <= 3);
+        if page.is_empty() {
+            break;
+        }
+        after = page.last().cloned();
+        seen.extend(page);
+    }
+    assert_eq!(seen, sorted);
+    assert_eq!(
+        list(ApplianceFilter {
+            tenant: Some("globex".into()),
+            after: Some("B-1".into()),
+            limit: 1,
+            ..Default::default()
+        })
+        .await,
+        ["Z"]
+    );
+
+    // limit 0 means the default page size.
+    for i in 0..DEFAULT_LIST_LIMIT {
+        register(s, &format!("x-{i:04}")).await;
+    }
+    assert_eq!(
+        list(ApplianceFilter::default()).await.len(),
+        DEFAULT_LIST_LIMIT as usize
+    );
+    assert_eq!(
+        list(ApplianceFilter {
+            limit: 1000,
+            ..Default::default()
+        })
+        .await
+        .len(),
+        DEFAULT_LIST_LIMIT as usize + ids.len()
+    );
+}
+
+async fn registering_an_existing_id_is_a_conflict(db: &TestDb) {
+    let s = &db.store;
+    let first = appliance("edge-1", "acme");
+    s.register_appliance(&first).await.unwrap();
+    let again = Appliance {
+        tenant: "globex".into(),
+        ..first.clone()
+    };
+    match s.register_appliance(&again).await {
+        Err(StoreError::Conflict(what)) => assert!(what.contains("edge-1"), "{what}"),
+        other => panic!("expected Conflict, got {other:?}"),
+    }
+    assert_eq!(s.get_appliance("edge-1").await.unwrap(), Some(first));
+}
+
+async fn unknown_appliance_is_not_found(db: &TestDb) {
+    let s = &db.store;
+    let nf = |r: Result<_, StoreError>| matches!(r, Err(StoreError::NotFound(_)));
+    assert!(nf(s
+        .set_status("ghost", ApplianceStatus::Disabled, NOW)
+        .await
+        .map(drop)));
+    assert!(nf(s.bump_manual_renewal("ghost").await.map(drop)));
+    assert!(nf(s.create_token("ghost", "h", NOW + 60).await));
+    assert!(nf(s
+        .record_certificate(&cert("ghost", 1), NOW, DAY)
+        .await
+        .map(drop)));
+    assert!(nf(s.certificates("ghost").await.map(drop)));
+    assert_eq!(s.allowlist_version().await.unwrap(), 0);
+    // Known but without certificates: empty, not an error.
+    register(s, "edge-1").await;
+    assert_eq!(s.certificates("edge-1").await.unwrap(), vec![]);
+}
+
+async fn manual_renewal_generation_counts_up(db: &TestDb) {
+    let s = &db.store;
+    register(s, "edge-1").await;
+    assert_eq!(s.bump_manual_renewal("edge-1").await.unwrap(), 1);
+    assert_eq!(s.bump_manual_renewal("edge-1").await.unwrap(), 2);
+    let a = s.get_appliance("edge-1").await.unwrap().unwrap();
+    assert_eq!(a.manual_renewal_generation, 2);
+    assert_eq!(
+        s.allowlist_version().await.unwrap(),
+        0,
+        "not an allowlist change"
+    );
+}
+
+async fn disable_enable_revoke_move_fingerprints_with_deltas(db: &TestDb) {
+    let s = &db.store;
+    let c1 = enrolled(s, "edge-1").await; // v1
+    let other = enrolled(s, "edge-2").await; // v2
+    let c2 = cert("edge-1", 2);
+    assert_eq!(
+        s.record_certificate(&c2, NOW, DAY).await.unwrap(),
+        vec![delta(3, &c2, true)]
+    );
+
+    // Disable: both allowed fingerprints leave, certificate states stay.
+    let d = s
+        .set_status("edge-1", ApplianceStatus::Disabled, NOW + 10)
+        .await
+        .unwrap();
+    assert_eq!(d, vec![delta(4, &c1, false), delta(5, &c2, false)]);
+    assert_eq!(status(s, "edge-1").await, ApplianceStatus::Disabled);
+    assert_eq!(
+        states(s, "edge-1").await,
+        vec![
+            (c2.serial.clone(), CertState::Current),
+            (c1.serial.clone(), CertState::PreviousUntil(NOW + DAY))
+        ]
+    );
+    assert_eq!(
+        snapshot_set(s).await,
+        (
+            5,
+            BTreeSet::from([("edge-2".to_string(), other.fingerprint.clone())])
+        )
+    );
+    // Disabling again changes nothing and writes nothing.
+    assert_eq!(
+        s.set_status("edge-1", ApplianceStatus::Disabled, NOW + 20)
+            .await
+            .unwrap(),
+        vec![]
+    );
+    assert_eq!(s.allowlist_version().await.unwrap(), 5);
+
+    // Enable: both come back (both still valid).
+    let d = s
+        .set_status("edge-1", ApplianceStatus::Active, NOW + 30)
+        .await
+        .unwrap();
+    assert_eq!(d, vec![delta(6, &c1, true), delta(7, &c2, true)]);
+    assert_eq!(
+        s.set_status("edge-1", ApplianceStatus::Active, NOW + 30)
+            .await
+            .unwrap(),
+        vec![]
+    );
+    assert_eq!(snapshot_set(s).await.1.len(), 3);
+
+    // Revoke: removed, every certificate revoked.
+    let d = s
+        .set_status("edge-1", ApplianceStatus::Revoked, NOW + 40)
+        .await
+        .unwrap();
+    assert_eq!(d, vec![delta(8, &c1, false), delta(9, &c2, false)]);
+    assert_eq!(status(s, "edge-1").await, ApplianceStatus::Revoked);
+    assert_eq!(
+        states(s, "edge-1").await,
+        vec![
+            (c2.serial.clone(), CertState::Revoked),
+            (c1.serial.clone(), CertState::Revoked)
+        ]
+    );
+    assert_eq!(
+        s.set_status("edge-1", ApplianceStatus::Revoked, NOW + 50)
+            .await
+            .unwrap(),
+        vec![]
+    );
+    // Enabling a revoked appliance brings no certificate back.
+    assert_eq!(
+        s.set_status("edge-1", ApplianceStatus::Active, NOW + 60)
+            .await
+            .unwrap(),
+        vec![]
+    );
+    assert_eq!(status(s, "edge-1").await, ApplianceStatus::Active);
+    assert_eq!(
+        snapshot_set(s).await,
+        (
+            9,
+            BTreeSet::from([("edge-2".to_string(), other.fingerprint.clone())])
+        )
+    );
+
+    // Revoking a disabled appliance: nothing left to remove, certificates revoked.
+    let c3 = cert("edge-2", 3);
+    s.record_certificate(&c3, NOW, 0).await.unwrap(); // v10 add c3, v11 remove `other`
+    assert_eq!(
+        s.set_status("edge-2", ApplianceStatus::Disabled, NOW)
+            .await
+            .unwrap(),
+        vec![delta(12, &c3, false)]
+    );
+    assert_eq!(
+        s.set_status("edge-2", ApplianceStatus::Revoked, NOW)
+            .await
+            .unwrap(),
+        vec![]
+    );
+    assert!(states(s, "edge-2")
+        .await
+        .iter()
+        .all(|(_, st)| *st == CertState::Revoked));
+    assert_eq!(
+        s.set_status("edge-2", ApplianceStatus::Active, NOW)
+            .await
+            .unwrap(),
+        vec![]
+    );
+    assert_eq!(snapshot_set(s).await, (12, BTreeSet::new()));
+}
+
+async fn enable_puts_back_only_what_is_still_valid(db: &TestDb) {
+    let s = &db.store;
+    let c1 = enrolled(s, "edge-1").await; // v1, not_after NOW + 30 d
+    let c2 = CertRecord {
+        not_after: NOW + 2 * DAY,
+        ..cert("edge-1", 2)
+    };
+    s.record_certificate(&c2, NOW, 3600).await.unwrap(); // v2; c1 previous until NOW + 3600
+    s.set_status("edge-1", ApplianceStatus::Disabled, NOW)
+        .await
+        .unwrap(); // v3, v4
+
+    // After the overlap: only the current one comes back.
+    let d = s
+        .set_status("edge-1", ApplianceStatus::Active, NOW + 3600)
+        .await
+        .unwrap();
+    assert_eq!(d, vec![delta(5, &c2, true)]);
+    assert_eq!(
+        states(s, "edge-1").await,
+        vec![
+            (c2.serial.clone(), CertState::Current),
+            (c1.serial.clone(), CertState::PreviousUntil(NOW + 3600))
+        ]
+    );
+
+    // After the current one expired: nothing comes back.
+    s.set_status("edge-1", ApplianceStatus::Disabled, NOW + 3600)
+        .await
+        .unwrap(); // v6
+    let d = s
+        .set_status("edge-1", ApplianceStatus::Active, NOW + 2 * DAY)
+        .await
+        .unwrap();
+    assert_eq!(d, vec![]);
+    assert_eq!(status(s, "edge-1").await, ApplianceStatus::Active);
+    assert_eq!(snapshot_set(s).await, (6, BTreeSet::new()));
+}
+
+async fn token_is_redeemed_once_by_its_appliance(db: &TestDb) {
+    let s = &db.store;
+    register(s, "edge-1").await;
+    s.create_token("edge-1", "hash-1", NOW + 3600)
+        .await
+        .unwrap();
+    s.redeem_token("edge-1", "hash-1", NOW).await.unwrap();
+    assert!(matches!(
+        s.redeem_token("edge-1", "hash-1", NOW + 1).await,
+        Err(StoreError::Token(TokenRefusal::AlreadyUsed))
+    ));
+    // Creating the same hash again is a conflict, not a way to reset it.
+    assert!(matches!(
+        s.create_token("edge-1", "hash-1", NOW + 7200).await,
+        Err(StoreError::Conflict(_))
+    ));
+    assert!(matches!(
+        s.redeem_token("edge-1", "hash-1", NOW + 2).await,
+        Err(StoreError::Token(TokenRefusal::AlreadyUsed))
+    ));
+
+    // Many redeemers at once: exactly one wins.
+    s.create_token("edge-1", "hash-2", NOW + 3600)
+        .await
+        .unwrap();
+    let mut tasks = Vec::new();
+    for _ in 0..10 {
+        let s = s.clone();
+        tasks.push(tokio::spawn(async move {
+            s.redeem_token("edge-1", "hash-2", NOW).await
+        }));
+    }
+    let mut won = 0;
+    for t in tasks {
+        match t.await.unwrap() {
+            Ok(()) => won += 1,
+            Err(StoreError::Token(TokenRefusal::AlreadyUsed)) => {}
+            Err(e) => panic!("unexpected {e:?}"),
+        }
+    }
+    assert_eq!(won, 1);
+}
+
+async fn token_refusals_say_why(db: &TestDb) {
+    let s = &db.store;
+    register(s, "edge-a").await;
+    register(s, "edge-b").await;
+    s.create_token("edge-a", "hash-a", NOW + 60).await.unwrap();
+    let refusal = |r: Result<(), StoreError>| match r {
+        Err(StoreError::Token(why)) => why,
+        other => panic!("expected a token refusal, got {other:?}"),
+    };
+    assert_eq!(
+        refusal(s.redeem_token("edge-a", "no-such-hash", NOW).await),
+        TokenRefusal::Unknown
+    );
+    // A's token used for B: refused, and A's token is not burnt.
+    assert_eq!(
+        refusal(s.redeem_token("edge-b", "hash-a", NOW).await),
+        TokenRefusal::WrongAppliance
+    );
+    // Expiry is exclusive: at expires_at the token is expired.
+    assert_eq!(
+        refusal(s.redeem_token("edge-a", "hash-a", NOW + 60).await),
+        TokenRefusal::Expired
+    );
+    assert_eq!(
+        refusal(s.redeem_token("edge-a", "hash-a", NOW + 61).await),
+        TokenRefusal::Expired
+    );
+    s.redeem_token("edge-a", "hash-a", NOW + 59).await.unwrap();
+    assert_eq!(
+        refusal(s.redeem_token("edge-a", "hash-a", NOW + 59).await),
+        TokenRefusal::AlreadyUsed
+    );
+    // Used and for another appliance: still WrongAppliance (B learns nothing more).
+    assert_eq!(
+        refusal(s.redeem_token("edge-b", "hash-a", NOW).await),
+        TokenRefusal::WrongAppliance
+    );
+}
+
+async fn nonce_is_single_use_and_expires(db: &TestDb) {
+    let s = &db.store;
+    s.create_nonce("n-1", NOW + 300).await.unwrap();
+    assert!(matches!(
+        s.create_nonce("n-1", NOW + 600).await,
+        Err(StoreError::Conflict(_))
+    ));
+    s.consume_nonce("n-1", NOW).await.unwrap();
+    assert!(matches!(
+        s.consume_nonce("n-1", NOW + 1).await,
+        Err(StoreError::Replay(_))
+    ));
+    assert!(matches!(
+        s.consume_nonce("unknown", NOW).await,
+        Err(StoreError::NonceInvalid)
+    ));
+
+    s.create_nonce("n-2", NOW + 300).await.unwrap();
+    assert!(matches!(
+        s.consume_nonce("n-2", NOW + 300).await,
+        Err(StoreError::NonceInvalid)
+    ));
+    s.create_nonce("n-3", NOW + 300).await.unwrap();
+    s.consume_nonce("n-3", NOW + 299).await.unwrap();
+
+    // Many consumers at once: exactly one wins.
+    s.create_nonce("n-4", NOW + 300).await.unwrap();
+    let mut tasks = Vec::new();
+    for _ in 0..10 {
+        let s = s.clone();
+        tasks.push(tokio::spawn(
+            async move { s.consume_nonce("n-4", NOW).await },
+        ));
+    }
+    let mut won = 0;
+    for t in tasks {
+        match t.await.unwrap() {
+            Ok(()) => won += 1,
+            Err(StoreError::Replay(_)) => {}
+            Err(e) => panic!("unexpected {e:?}"),
+        }
+    }
+    assert_eq!(won, 1);
+}
+
+async fn proof_replay_is_refused(db: &TestDb) {
+    let s = &db.store;
+    s.record_proof("k8s", "jti-1", NOW + 600).await.unwrap();
+    match s.record_proof("k8s", "jti-1", NOW + 600).await {
+        Err(StoreError::Replay(what)) => assert!(what.contains("k8s"), "{what}"),
+        other => panic!("expected Replay, got {other:?}"),
+    }
+    // Another kind with the same id is another proof.
+    s.record_proof("gcp", "jti-1", NOW + 600).await.unwrap();
+    assert!(matches!(
+        s.record_proof("gcp", "jti-1", NOW + 601).await,
+        Err(StoreError::Replay(_))
+    ));
+}
+
+async fn expired_single_use_values_are_pruned(db: &TestDb) {
+    let s = &db.store;
+    s.record_proof("k8s", "old", NOW + 10).await.unwrap();
+    s.record_proof("k8s", "fresh", NOW + 1000).await.unwrap();
+    s.create_nonce("old", NOW + 10).await.unwrap();
+    s.create_nonce("fresh", NOW + 1000).await.unwrap();
+    s.consume_nonce("fresh", NOW + 11).await.unwrap(); // prunes what expired before NOW + 11
+                                                       // The expired proof id is forgotten (its proof is expired anyway); the fresh one is not.
+    s.record_proof("k8s", "old", NOW + 10).await.unwrap();
+    assert!(matches!(
+        s.record_proof("k8s", "fresh", NOW + 1000).await,
+        Err(StoreError::Replay(_))
+    ));
+    // The expired nonce is gone (so it can be created again); the used one still refuses.
+    s.create_nonce("old", NOW + 20).await.unwrap();
+    assert!(matches!(
+        s.consume_nonce("fresh", NOW + 12).await,
+        Err(StoreError::Replay(_))
+    ));
+}
+
+async fn renewal_keeps_previous_for_the_overlap(db: &TestDb) {
+    let s = &db.store;
+    register(s, "edge-1").await;
+    let c1 = cert("edge-1", 1);
+    assert_eq!(
+        s.record_certificate(&c1, NOW, DAY).await.unwrap(),
+        vec![delta(1, &c1, true)]
+    );
+    assert_eq!(
+        states(s, "edge-1").await,
+        vec![(c1.serial.clone(), CertState::Current)]
+    );
+
+    let c2 = cert("edge-1", 2);
+    assert_eq!(
+        s.record_certificate(&c2, NOW + 100, DAY).await.unwrap(),
+        vec![delta(2, &c2, true)]
+    );
+    let certs = s.certificates("edge-1").await.unwrap();
+    assert_eq!(certs[0], c2, "newest first, as recorded");
+    assert_eq!(
+        certs[1],
+        CertRecord {
+            state: CertState::PreviousUntil(NOW + 100 + DAY),
+            ..c1.clone()
+        }
+    );
+    assert_eq!(
+        snapshot_set(s).await,
+        (
+            2,
+            BTreeSet::from([
+                ("edge-1".to_string(), c1.fingerprint.clone()),
+                ("edge-1".to_string(), c2.fingerprint.clone())
+            ])
+        )
+    );
+
+    // A third renewal inside the window: c2 starts its own window, c1 keeps its.
+    let c3 = cert("edge-1", 3);
+    assert_eq!(
+        s.record_certificate(&c3, NOW + 200, DAY).await.unwrap(),
+        vec![delta(3, &c3, true)]
+    );
+    assert_eq!(
+        states(s, "edge-1").await,
+        vec![
+            (c3.serial.clone(), CertState::Current),
+            (c2.serial.clone(), CertState::PreviousUntil(NOW + 200 + DAY)),
+            (c1.serial.clone(), CertState::PreviousUntil(NOW + 100 + DAY)),
+        ]
+    );
+}
+
+async fn renewal_without_overlap_removes_previous_at_once(db: &TestDb) {
+    let s = &db.store;
+    let c1 = enrolled(s, "edge-1").await; // v1
+    let c2 = cert("edge-1", 2);
+    s.record_certificate(&c2, NOW, DAY).await.unwrap(); // v2, c1 previous
+    let c3 = cert("edge-1", 3);
+    // Overlap 0: the new one is added, every older allowed one removed, in one go.
+    assert_eq!(
+        s.record_certificate(&c3, NOW + 5, 0).await.unwrap(),
+        vec![
+            delta(3, &c3, true),
+            delta(4, &c1, false),
+            delta(5, &c2, false)
+        ]
+    );
+    assert_eq!(
+        states(s, "edge-1").await,
+        vec![
+            (c3.serial.clone(), CertState::Current),
+            (c2.serial.clone(), CertState::Revoked),
+            (c1.serial.clone(), CertState::Revoked),
+        ]
+    );
+    assert_eq!(
+        snapshot_set(s).await,
+        (
+            5,
+            BTreeSet::from([("edge-1".to_string(), c3.fingerprint.clone())])
+        )
+    );
+
+    // Re-enrollment after revocation: status back to Active, only the new one allowed.
+    s.set_status("edge-1", ApplianceStatus::Revoked, NOW + 10)
+        .await
+        .unwrap(); // v6
+    let c4 = cert("edge-1", 4);
+    assert_eq!(
+        s.record_certificate(&c4, NOW + 20, 0).await.unwrap(),
+        vec![delta(7, &c4, true)]
+    );
+    assert_eq!(status(s, "edge-1").await, ApplianceStatus::Active);
+    assert_eq!(
+        snapshot_set(s).await,
+        (
+            7,
+            BTreeSet::from([("edge-1".to_string(), c4.fingerprint.clone())])
+        )
+    );
+}
+
+async fn recording_on_a_disabled_appliance_gives_no_overlap(db: &TestDb) {
+    let s = &db.store;
+    let c1 = enrolled(s, "edge-1").await; // v1
+    s.set_status("edge-1", ApplianceStatus::Disabled, NOW)
+        .await
+        .unwrap(); // v2
+    let c2 = cert("edge-1", 2);
+    // Overlap asked for, but the old certificate was barred: it stays out, revoked.
+    assert_eq!(
+        s.record_certificate(&c2, NOW, DAY).await.unwrap(),
+        vec![delta(3, &c2, true)]
+    );
+    assert_eq!(status(s, "edge-1").await, ApplianceStatus::Active);
+    assert_eq!(
+        states(s, "edge-1").await,
+        vec![
+            (c2.serial.clone(), CertState::Current),
+            (c1.serial.clone(), CertState::Revoked)
+        ]
+    );
+    assert_eq!(
+        snapshot_set(s).await,
+        (
+            3,
+            BTreeSet::from([("edge-1".to_string(), c2.fingerprint.clone())])
+        )
+    );
+}
+
+async fn duplicate_certificate_changes_nothing(db: &TestDb) {
+    let s = &db.store;
+    let c1 = enrolled(s, "edge-1").await; // v1
+    register(s, "edge-2").await;
+    s.set_status("edge-2", ApplianceStatus::Disabled, NOW)
+        .await
+        .unwrap();
+    let same_serial = CertRecord {
+        appliance_id: "edge-2".into(),
+        fingerprint: "ff".repeat(32),
+        ..c1.clone()
+    };
+    let same_fingerprint = CertRecord {
+        appliance_id: "edge-2".into(),
+        serial: "abcd".into(),
+        ..c1.clone()
+    };
+    for dup in [&c1, &same_serial, &same_fingerprint] {
+        assert!(matches!(
+            s.record_certificate(dup, NOW, 0).await,
+            Err(StoreError::Conflict(_))
+        ));
+    }
+    // Rolled back whole: no version used, no state changed.
+    assert_eq!(s.allowlist_version().await.unwrap(), 1);
+    assert_eq!(
+        s.allowlist_changes_since(0, 0).await.unwrap(),
+        vec![delta(1, &c1, true)]
+    );
+    assert_eq!(
+        states(s, "edge-1").await,
+        vec![(c1.serial.clone(), CertState::Current)]
+    );
+    assert_eq!(status(s, "edge-2").await, ApplianceStatus::Disabled);
+    assert_eq!(s.certificates("edge-2").await.unwrap(), vec![]);
+}
+
+async fn expire_overlaps_removes_ended_windows_once(db: &TestDb) {
+    let s = &db.store;
+    let a1 = enrolled(s, "edge-a").await; // v1
+    let a2 = cert("edge-a", 2);
+    s.record_certificate(&a2, NOW, 100).await.unwrap(); // v2, a1 until NOW + 100
+    let b1 = enrolled(s, "edge-b").await; // v3
+    s.record_certificate(&cert("edge-b", 2), NOW, 50)
+        .await
+        .unwrap(); // v4, b1 until NOW + 50
+    let c1 = enrolled(s, "edge-c").await; // v5
+    s.record_certificate(&cert("edge-c", 2), NOW, 10)
+        .await
+        .unwrap(); // v6, c1 until NOW + 10
+    s.set_status("edge-c", ApplianceStatus::Disabled, NOW)
+        .await
+        .unwrap(); // v7, v8
+
+    assert_eq!(s.expire_overlaps(NOW + 9).await.unwrap(), vec![]);
+    // edge-c's window ended but it was already out: revoked without a delta.
+    assert_eq!(
+        s.expire_overlaps(NOW + 50).await.unwrap(),
+        vec![delta(9, &b1, false)]
+    );
+    assert_eq!(
+        states(s, "edge-c").await[1],
+        (c1.serial.clone(), CertState::Revoked)
+    );
+    assert_eq!(
+        states(s, "edge-b").await[1],
+        (b1.serial.clone(), CertState::Revoked)
+    );
+    assert_eq!(
+        states(s, "edge-a").await[1],
+        (a1.serial.clone(), CertState::PreviousUntil(NOW + 100))
+    );
+    assert_eq!(s.expire_overlaps(NOW + 50).await.unwrap(), vec![]);
+    assert_eq!(
+        s.expire_overlaps(NOW + 1000).await.unwrap(),
+        vec![delta(10, &a1, false)]
+    );
+    assert_eq!(s.expire_overlaps(NOW + 2000).await.unwrap(), vec![]);
+    assert_eq!(s.allowlist_version().await.unwrap(), 10);
+    // Enabling edge-c later does not bring back its ended previous certificate.
+    let d = s
+        .set_status("edge-c", ApplianceStatus::Active, NOW + 60)
+        .await
+        .unwrap();
+    assert_eq!(d.len(), 1);
+    assert!(d[0].added && d[0].fingerprint == cert("edge-c", 2).fingerprint);
+    let _ = a2;
+}
+
+/// A mix of every allowlist-changing operation on a few appliances.
+async fn churn(s: &SqlStore) -> Vec<AllowlistDelta> {
+    let mut all = Vec::new();
+    for id in ["edge-1", "edge-2", "edge-3"] {
+        register(s, id).await;
+        all.extend(s.record_certificate(&cert(id, 1), NOW, DAY).await.unwrap());
+    }
+    all.extend(
+        s.record_certificate(&cert("edge-1", 2), NOW + 10, DAY)
+            .await
+            .unwrap(),
+    );
+    all.extend(
+        s.set_status("edge-2", ApplianceStatus::Disabled, NOW + 20)
+            .await
+            .unwrap(),
+    );
+    all.extend(
+        s.set_status("edge-2", ApplianceStatus::Disabled, NOW + 21)
+            .await
+            .unwrap(),
+    );
+    all.extend(
+        s.record_certificate(&cert("edge-3", 2), NOW + 30, 0)
+            .await
+            .unwrap(),
+    );
+    all.extend(
+        s.set_status("edge-1", ApplianceStatus::Revoked, NOW + 40)
+            .await
+            .unwrap(),
+    );
+    all.extend(
+        s.set_status("edge-2", ApplianceStatus::Active, NOW + 50)
+            .await
+            .unwrap(),
+    );
+    all.extend(
+        s.record_certificate(&cert("edge-1", 3), NOW + 60, DAY)
+            .await
+            .unwrap(),
+    );
+    all.extend(
+        s.record_certificate(&cert("edge-2", 2), NOW + 70, 100)
+            .await
+            .unwrap(),
+    );
+    all.extend(s.expire_overlaps(NOW + 170).await.unwrap());
+    all.extend(
+        s.set_status("edge-3", ApplianceStatus::Disabled, NOW + 180)
+            .await
+            .unwrap(),
+    );
+    all
+}
+
+async fn versions_have_no_gaps_and_changes_are_ordered(db: &TestDb) {
+    let s = &db.store;
+    assert_eq!(s.allowlist_version().await.unwrap(), 0);
+    assert_eq!(s.allowlist_snapshot().await.unwrap(), (0, vec![]));
+    let all = churn(s).await;
+    let n = all.len() as i64;
+    assert!(n >= 12, "churn produced {n} changes");
+    let versions: Vec<i64> = all.iter().map(|d| d.version).collect();
+    assert_eq!(
+        versions,
+        (1..=n).collect::<Vec<_>>(),
+        "strictly increasing, no gaps"
+    );
+    assert_eq!(s.allowlist_version().await.unwrap(), n);
+
+    // The log returns exactly what the operations returned, in order, in any page size.
+    assert_eq!(s.allowlist_changes_since(0, 0).await.unwrap(), all);
+    assert_eq!(s.allowlist_changes_since(0, 1000).await.unwrap(), all);
+    assert_eq!(
+        s.allowlist_changes_since(4, 3).await.unwrap(),
+        all[4..7].to_vec()
+    );
+    let mut paged = Vec::new();
+    let mut since = 0;
+    loop {
+        let page = s.allowlist_changes_since(since, 5).await.unwrap();
+        if page.is_empty() {
+            break;
+        }
+        assert!(page.len() <= 5);
+        since = page.last().unwrap().version;
+        paged.extend(page);
+    }
+    assert_eq!(paged, all);
+    assert_eq!(s.allowlist_changes_since(n, 10).await.unwrap(), vec![]);
+    assert_eq!(
+        s.allowlist_changes_since(n + 100, 10).await.unwrap(),
+        vec![]
+    );
+}
+
+async fn snapshot_equals_replayed_deltas(db: &TestDb) {
+    let s = &db.store;
+    register(s, "edge-0").await;
+    s.record_certificate(&cert("edge-0", 1), NOW, DAY)
+        .await
+        .unwrap();
+    let (v_mid, mid) = snapshot_set(s).await;
+    churn(s).await;
+    let (v_end, end) = snapshot_set(s).await;
+
+    // From nothing.
+    let mut from_zero = BTreeSet::new();
+    replay(
+        &mut from_zero,
+        &s.allowlist_changes_since(0, 0).await.unwrap(),
+    );
+    assert_eq!(from_zero, end);
+    // From an earlier snapshot, as a reconnecting broker does.
+    let mut resumed = mid.clone();
+    let tail = s.allowlist_changes_since(v_mid, 0).await.unwrap();
+    assert_eq!(tail.last().map(|d| d.version), Some(v_end));
+    replay(&mut resumed, &tail);
+    assert_eq!(resumed, end);
+    assert_eq!(v_end, s.allowlist_version().await.unwrap());
+}
+
+async fn concurrent_recordings_get_each_version_once(db: &TestDb) {
+    let s = &db.store;
+    const N: u32 = 20;
+    for i in 0..N {
+        register(s, &format!("edge-{i:02}")).await;
+    }
+    let mut tasks = Vec::new();
+    for i in 0..N {
+        let s = s.clone();
+        tasks.push(tokio::spawn(async move {
+            s.record_certificate(&cert(&format!("edge-{i:02}"), 1), NOW, DAY)
+                .await
+        }));
+    }
+    let mut versions = Vec::new();
+    for t in tasks {
+        let deltas = t.await.unwrap().expect("record_certificate");
+        assert_eq!(deltas.len(), 1);
+        versions.push(deltas[0].version);
+    }
+    versions.sort_unstable();
+    assert_eq!(versions, (1..=i64::from(N)).collect::<Vec<_>>());
+    let log = s.allowlist_changes_since(0, 0).await.unwrap();
+    assert_eq!(
+        log.iter().map(|d| d.version).collect::<Vec<_>>(),
+        (1..=i64::from(N)).collect::<Vec<_>>()
+    );
+    assert_eq!(snapshot_set(s).await.1.len(), N as usize);
+
+    // The same under mixed operations on the same appliances: still no gap, no repeat.
+    let mut tasks = Vec::new();
+    for i in 0..N {
+        let s = s.clone();
+        tasks.push(tokio::spawn(async move {
+            let id = format!("edge-{:02}", i % 5);
+            match i % 4 {
+                0 => s.set_status(&id, ApplianceStatus::Disabled, NOW).await,
+                1 => s.set_status(&id, ApplianceStatus::Active, NOW).await,
+                2 => s.record_certificate(&cert(&id, 100 + i), NOW, 0).await,
+                _ => s.record_certificate(&cert(&id, 100 + i), NOW, DAY).await,
+            }
+        }));
+    }
+    let mut versions = Vec::new();
+    for t in tasks {
+        versions.extend(
+            t.await
+                .unwrap()
+                .expect("operation")
+                .into_iter()
+                .map(|d| d.version),
+        );
+    }
+    versions.sort_unstable();
+    let top = s.allowlist_version().await.unwrap();
+    assert_eq!(versions, (i64::from(N) + 1..=top).collect::<Vec<_>>());
+    let mut replayed = BTreeSet::new();
+    replay(
+        &mut replayed,
+        &s.allowlist_changes_since(0, 0).await.unwrap(),
+    );
+    assert_eq!(snapshot_set(s).await, (top, replayed));
+}
+
+async fn snapshots_during_concurrent_writes_are_consistent(db: &TestDb) {
+    let s = &db.store;
+    const WRITERS: u32 = 4;
+    const EACH: u32 = 15;
+    let mut writers = Vec::new();
+    for w in 0..WRITERS {
+        let s = s.clone();
+        writers.push(tokio::spawn(async move {
+            let id = format!("edge-{w}");
+            register(&s, &id).await;
+            for n in 0..EACH {
+                let overlap = if n % 3 == 0 { 0 } else { 60 };
+                s.record_certificate(&cert(&id, n), NOW + i64::from(n), overlap)
+                    .await
+                    .unwrap();
+                if n % 5 == 4 {
+                    s.set_status(&id, ApplianceStatus::Disabled, NOW)
+                        .await
+                        .unwrap();
+                    s.set_status(&id, ApplianceStatus::Active, NOW)
+                        .await
+                        .unwrap();
+                }
+            }
+        }));
+    }
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let reader = {
+        let (s, done) = (s.clone(), done.clone());
+        tokio::spawn(async move {
+            let mut snaps = Vec::new();
+            while !done.load(Ordering::Relaxed) && snaps.len() < 500 {
+                snaps.push(snapshot_set(&s).await);
+                tokio::task::yield_now().await;
+            }
+            snaps
+        })
+    };
+    for w in writers {
+        w.await.unwrap();
+    }
+    done.store(true, Ordering::Relaxed);
+    let mut snaps = reader.await.unwrap();
+    snaps.push(snapshot_set(s).await);
+    let log = s.allowlist_changes_since(0, 0).await.unwrap();
+    let distinct: BTreeSet<i64> = snaps.iter().map(|(v, _)| *v).collect();
+    eprintln!(
+        "{} snapshots at {} distinct versions",
+        snaps.len(),
+        distinct.len()
+    );
+    for (version, pairs) in snaps {
+        let mut replayed = BTreeSet::new();
+        replay(&mut replayed, &log[..version as usize]);
+        assert_eq!(pairs, replayed, "snapshot at version {version}");
+    }
+}
+
+async fn reconnecting_keeps_data_and_schema(db: &TestDb) {
+    let s = &db.store;
+    let c = enrolled(s, "edge-1").await;
+    // A second store on the same database (another replica, or a restart): migrations
+    // are already applied and the data is there.
+    let again = SqlStore::connect(&db.url).await.expect("reconnect");
+    assert_eq!(again.allowlist_version().await.unwrap(), 1);
+    assert_eq!(
+        states(&again, "edge-1").await,
+        vec![(c.serial.clone(), CertState::Current)]
+    );
+    let c2 = cert("edge-1", 2);
+    assert_eq!(
+        again.record_certificate(&c2, NOW, DAY).await.unwrap(),
+        vec![delta(2, &c2, true)]
+    );
+    assert_eq!(s.allowlist_version().await.unwrap(), 2);
+    again.close().await;
+    if let Some(dir) = &db.dir {
+        // SQLite runs in WAL mode: the write-ahead log sits next to the file.
+        assert!(dir.path().join("control.db-wal").exists(), "no WAL file");
+    }
+    let dbg = format!("{s:?}");
+    assert!(dbg.contains("SqlStore") && !dbg.contains("://"), "{dbg}");
+}
+
+#[test]
+fn unsupported_url_is_refused_without_echoing_it() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    match rt.block_on(SqlStore::connect("mysql://root:secret@localhost/db")) {
+        Err(StoreError::Database(msg)) => {
+            assert!(msg.contains("mysql") && !msg.contains("secret"), "{msg}")
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    assert_eq!(
+        Backend::from_url("sqlite:///tmp/x.db?mode=rwc").unwrap(),
+        Backend::Sqlite
+    );
+    assert_eq!(
+        Backend::from_url("postgresql://h/db").unwrap(),
+        Backend::Postgres
+    );
+}
+
+#[test]
+fn database_url_rewrite() {
+    assert_eq!(
+        with_database("postgres://postgres@127.0.0.1:5432/tether_test", "x"),
+        "postgres://postgres@127.0.0.1:5432/x"
+    );
+    assert_eq!(
+        with_database("postgres://h:1/a?sslmode=disable", "b"),
+        "postgres://h:1/b?sslmode=disable"
+    );
+    assert_eq!(with_database("postgres://h:1", "b"), "postgres://h:1/b");
+}
