@@ -50,7 +50,7 @@ async fn agent_connects_and_runs_a_command_with_streamed_output() {
         "echo first; while [ ! -e {} ]; do sleep 0.02; done; echo second",
         flag.display()
     );
-    let resp = reqwest::Client::new()
+    let resp = common::http()
         .post(broker.url("/v1/sessions/app-1/commands"))
         .json(&json!({"argv": ["sh", "-c", script], "timeout_ms": 20000}))
         .send()

@@ -18,6 +18,8 @@
 //! - [`session`]: the async driver of one connection ([`connect_once`], [`SessionEnd`]).
 //! - [`command`]: [`CommandRunner`], which runs commands and streams their output as frames
 //!   into any `AsyncWrite`.
+//! - [`enroll`]: first enrollment with control (key made here, CSR, one-time proof) and
+//!   crash-safe credential storage.
 //! - [`agent`]: [`Agent`], the connect / session / reconnect loop, and [`BrokerAddr`].
 //! - [`backoff`]: full-jitter exponential [`Backoff`].
 //! - [`event`]: [`AgentEvent`] and [`DisconnectReason`].
@@ -47,6 +49,7 @@ pub mod backoff;
 pub mod command;
 pub mod config;
 pub mod credentials;
+pub mod enroll;
 pub mod error;
 pub mod event;
 pub mod session;

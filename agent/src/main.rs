@@ -34,6 +34,64 @@ struct Cli {
 enum Cmd {
     /// Connect to the brokers and serve until SIGINT or SIGTERM.
     Run(RunArgs),
+    /// Enroll with control: generate the key here, send a CSR with a one-time proof, and
+    /// store the certificate in the state directory.
+    Enroll(EnrollArgs),
+}
+
+/// Proof kinds `enroll` can present.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum ProofKind {
+    /// A one-time enrollment token (`tether-control token create`).
+    Token,
+}
+
+#[derive(Debug, Args)]
+struct EnrollArgs {
+    /// Control's base URL, e.g. https://control.example:8443.
+    #[arg(long, env = "TETHER_AGENT_CONTROL_URL")]
+    control: String,
+    /// The root CA this appliance was provisioned with (PEM); control must chain to it.
+    #[arg(long, value_name = "FILE")]
+    ca: PathBuf,
+    /// The appliance id, as registered in control.
+    #[arg(long)]
+    id: String,
+    /// The proof to present.
+    #[arg(long, value_enum, default_value = "token")]
+    proof: ProofKind,
+    /// The one-time token (with --proof token). Prefer the environment variable.
+    #[arg(long, env = "TETHER_AGENT_ENROLL_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// Where to store the credential.
+    #[arg(long, env = ENV_STATE_DIR, value_name = "DIR")]
+    state_dir: PathBuf,
+}
+
+async fn enroll(args: EnrollArgs) -> anyhow::Result<()> {
+    let ca_pem =
+        std::fs::read(&args.ca).with_context(|| format!("reading {}", args.ca.display()))?;
+    let proof = match args.proof {
+        ProofKind::Token => tether_agent::enroll::EnrollProof::Token(
+            args.token
+                .context("--proof token needs --token (or TETHER_AGENT_ENROLL_TOKEN)")?,
+        ),
+    };
+    let state = tether_agent::enroll::enroll(&tether_agent::enroll::EnrollOptions {
+        control_url: args.control,
+        ca_pem,
+        appliance_id: args.id,
+        proof,
+        state_dir: args.state_dir.clone(),
+    })
+    .await?;
+    println!(
+        "enrolled {} (fingerprint {}), credential in {}",
+        state.appliance_id,
+        state.fingerprint,
+        args.state_dir.display()
+    );
+    Ok(())
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -262,5 +320,6 @@ fn main() -> anyhow::Result<()> {
         .context("cannot start the tokio runtime")?;
     match cli.command {
         Cmd::Run(args) => runtime.block_on(run(args)),
+        Cmd::Enroll(args) => runtime.block_on(enroll(args)),
     }
 }

@@ -214,7 +214,9 @@ impl BrokerProc {
     /// The value of one metric sample, e.g.
     /// `tether_handshake_rejected_total{reason="expired"}`; 0 if absent.
     pub async fn metric(&self, sample: &str) -> f64 {
-        let text = reqwest::get(self.url("/metrics"))
+        let text = http()
+            .get(self.url("/metrics"))
+            .send()
             .await
             .unwrap()
             .text()
@@ -239,7 +241,9 @@ impl BrokerProc {
     }
 
     pub async fn sessions(&self) -> Vec<serde_json::Value> {
-        reqwest::get(self.url("/v1/sessions"))
+        http()
+            .get(self.url("/v1/sessions"))
+            .send()
             .await
             .unwrap()
             .json()
@@ -445,13 +449,24 @@ impl Drop for AgentProc {
     }
 }
 
+/// A plain HTTP client for admin listeners. reqwest builds a TLS config even for
+/// `http://` URLs, and the workspace's reqwest has no built-in crypto provider (the agent
+/// brings ring explicitly), so install ring as the process default once.
+pub fn http() -> reqwest::Client {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+    });
+    reqwest::Client::new()
+}
+
 /// POST a command to the broker's admin API; returns the status and the NDJSON lines.
 pub async fn run_command(
     broker: &BrokerProc,
     appliance: &str,
     body: serde_json::Value,
 ) -> (u16, Vec<serde_json::Value>) {
-    let resp = reqwest::Client::new()
+    let resp = http()
         .post(broker.url(&format!("/v1/sessions/{appliance}/commands")))
         .json(&body)
         .send()

@@ -1,0 +1,305 @@
+//! Enrollment: get a first certificate from control with no shared secret but a one-time
+//! proof, and store the credential safely.
+//!
+//! The key is generated here and never leaves the appliance; control receives a CSR and
+//! answers a certificate whose names come from its own record. The HTTPS connection to
+//! control is verified against the root CA the appliance was provisioned with (and only
+//! that root).
+//!
+//! Storage is crash-safe: every file is written to a temporary sibling, fsynced and renamed
+//! into place, the folder fsynced; the key goes before the certificate. A crash between the
+//! two leaves a key that does not match the certificate, which [`crate::Credentials::load`]
+//! refuses (`KeyMismatch`): the appliance re-enrolls, it never runs on a corrupt state.
+//! The credential being replaced is kept in `previous/` for the renewal overlap.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+use crate::credentials::{CA_FILE, CERT_FILE, KEY_FILE};
+
+/// State file written next to the credential.
+pub const STATE_FILE: &str = "state.json";
+/// Folder holding the previous credential.
+pub const PREVIOUS_DIR: &str = "previous";
+/// Time limit of each HTTP request to control.
+pub const HTTP_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The proof an appliance presents.
+#[derive(Clone)]
+pub enum EnrollProof {
+    /// A one-time enrollment token from an operator.
+    Token(String),
+}
+
+impl std::fmt::Debug for EnrollProof {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            EnrollProof::Token(_) => f.write_str("Token(<redacted>)"),
+        }
+    }
+}
+
+/// What to enroll, where.
+#[derive(Clone, Debug)]
+pub struct EnrollOptions {
+    /// Base URL of control, e.g. `https://control.example:8443`.
+    pub control_url: String,
+    /// PEM of the root CA to pin for control (and later for brokers).
+    pub ca_pem: Vec<u8>,
+    /// The appliance id (as registered in control).
+    pub appliance_id: String,
+    /// The proof.
+    pub proof: EnrollProof,
+    /// Where to store the credential.
+    pub state_dir: PathBuf,
+}
+
+/// Why enrollment failed.
+#[derive(Debug, Error)]
+#[non_exhaustive]
+pub enum EnrollError {
+    /// The CA file holds no usable certificate.
+    #[error("no usable CA certificate in the given file")]
+    NoCa,
+    /// Control could not be reached or answered garbage; retrying may help.
+    #[error("cannot talk to control: {0}")]
+    Transport(String),
+    /// Control refused the enrollment; the code says why (e.g. `token_used`: a new token
+    /// is needed; retrying the same request cannot help).
+    #[error("control refused the enrollment ({status} {code}): {message}")]
+    Refused {
+        /// HTTP status.
+        status: u16,
+        /// Stable error code.
+        code: String,
+        /// Message.
+        message: String,
+    },
+    /// The key or CSR could not be made.
+    #[error("cannot create the key or CSR: {0}")]
+    Key(String),
+    /// Writing the credential failed.
+    #[error("cannot write {path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+#[derive(Deserialize)]
+struct Challenge {
+    nonce: String,
+}
+
+#[derive(Deserialize)]
+struct EnrollResponse {
+    certificate_chain_pem: String,
+    ca_pem: String,
+    brokers: Vec<String>,
+    fingerprint: String,
+    not_after: i64,
+}
+
+#[derive(Deserialize)]
+struct ErrorBody {
+    error: String,
+    message: String,
+}
+
+/// What `state.json` records.
+#[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct EnrollState {
+    /// The appliance id.
+    pub appliance_id: String,
+    /// Control's URL.
+    pub control_url: String,
+    /// Brokers control handed out.
+    pub brokers: Vec<String>,
+    /// Fingerprint of the current certificate.
+    pub fingerprint: String,
+    /// `notAfter` of the current certificate, Unix seconds.
+    pub not_after: i64,
+}
+
+/// An HTTPS client that trusts only `ca_pem` (ring provider, TLS 1.3).
+pub fn http_client(ca_pem: &[u8]) -> Result<reqwest::Client, EnrollError> {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls_pemfile::certs(&mut &ca_pem[..]).flatten() {
+        roots.add(cert).map_err(|_| EnrollError::NoCa)?;
+    }
+    if roots.is_empty() {
+        return Err(EnrollError::NoCa);
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| EnrollError::Transport(e.to_string()))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+    reqwest::Client::builder()
+        .use_preconfigured_tls(tls)
+        .timeout(HTTP_TIMEOUT)
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .map_err(|e| EnrollError::Transport(e.to_string()))
+}
+
+async fn post<T: serde::de::DeserializeOwned>(
+    client: &reqwest::Client,
+    url: String,
+    body: &serde_json::Value,
+) -> Result<T, EnrollError> {
+    let resp = client
+        .post(&url)
+        .json(body)
+        .send()
+        .await
+        .map_err(|e| EnrollError::Transport(format!("{url}: {e}")))?;
+    let status = resp.status();
+    let bytes = resp
+        .bytes()
+        .await
+        .map_err(|e| EnrollError::Transport(e.to_string()))?;
+    if !status.is_success() {
+        let (code, message) = match serde_json::from_slice::<ErrorBody>(&bytes) {
+            Ok(b) => (b.error, b.message),
+            Err(_) => (
+                "http_error".into(),
+                String::from_utf8_lossy(&bytes).into_owned(),
+            ),
+        };
+        return Err(EnrollError::Refused {
+            status: status.as_u16(),
+            code,
+            message,
+        });
+    }
+    serde_json::from_slice(&bytes)
+        .map_err(|e| EnrollError::Transport(format!("bad answer from {url}: {e}")))
+}
+
+/// A fresh P-256 key and a CSR for it, PEM.
+pub fn key_and_csr(appliance_id: &str) -> Result<(String, String), EnrollError> {
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
+        .map_err(|e| EnrollError::Key(e.to_string()))?;
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new())
+        .map_err(|e| EnrollError::Key(e.to_string()))?;
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, appliance_id);
+    let csr = params
+        .serialize_request(&key)
+        .map_err(|e| EnrollError::Key(e.to_string()))?
+        .pem()
+        .map_err(|e| EnrollError::Key(e.to_string()))?;
+    Ok((key.serialize_pem(), csr))
+}
+
+/// Enroll and store the credential. Returns what was recorded in `state.json`.
+pub async fn enroll(opts: &EnrollOptions) -> Result<EnrollState, EnrollError> {
+    let client = http_client(&opts.ca_pem)?;
+    let base = opts.control_url.trim_end_matches('/');
+    let (key_pem, csr_pem) = key_and_csr(&opts.appliance_id)?;
+    let challenge: Challenge = post(
+        &client,
+        format!("{base}/v1/enroll/challenge"),
+        &serde_json::json!({}),
+    )
+    .await?;
+    let proof = match &opts.proof {
+        EnrollProof::Token(t) => serde_json::json!({"kind": "token", "token": t}),
+    };
+    let resp: EnrollResponse = post(
+        &client,
+        format!("{base}/v1/enroll"),
+        &serde_json::json!({
+            "appliance_id": opts.appliance_id,
+            "csr_pem": csr_pem,
+            "nonce": challenge.nonce,
+            "proof": proof,
+        }),
+    )
+    .await?;
+    let state = EnrollState {
+        appliance_id: opts.appliance_id.clone(),
+        control_url: opts.control_url.clone(),
+        brokers: resp.brokers,
+        fingerprint: resp.fingerprint,
+        not_after: resp.not_after,
+    };
+    store_credential(
+        &opts.state_dir,
+        &key_pem,
+        &resp.certificate_chain_pem,
+        &resp.ca_pem,
+        &state,
+    )?;
+    Ok(state)
+}
+
+/// Write the credential crash-safely (see the module docs).
+pub fn store_credential(
+    dir: &Path,
+    key_pem: &str,
+    chain_pem: &str,
+    ca_pem: &str,
+    state: &EnrollState,
+) -> Result<(), EnrollError> {
+    let io = |path: &Path| {
+        let path = path.to_owned();
+        move |source| EnrollError::Io { path, source }
+    };
+    std::fs::create_dir_all(dir).map_err(io(dir))?;
+    // Keep the credential being replaced for the overlap window.
+    let (old_key, old_cert) = (dir.join(KEY_FILE), dir.join(CERT_FILE));
+    if old_key.exists() && old_cert.exists() {
+        let prev = dir.join(PREVIOUS_DIR);
+        std::fs::create_dir_all(&prev).map_err(io(&prev))?;
+        let key = std::fs::read(&old_key).map_err(io(&old_key))?;
+        let cert = std::fs::read(&old_cert).map_err(io(&old_cert))?;
+        write_atomic(&prev.join(KEY_FILE), &key, 0o600)?;
+        write_atomic(&prev.join(CERT_FILE), &cert, 0o644)?;
+    }
+    write_atomic(&old_key, key_pem.as_bytes(), 0o600)?;
+    write_atomic(&old_cert, chain_pem.as_bytes(), 0o644)?;
+    write_atomic(&dir.join(CA_FILE), ca_pem.as_bytes(), 0o644)?;
+    let json = serde_json::to_vec_pretty(state).map_err(|e| EnrollError::Key(e.to_string()))?;
+    write_atomic(&dir.join(STATE_FILE), &json, 0o644)?;
+    Ok(())
+}
+
+/// Write `data` to `path` via a temporary sibling: create with `mode`, write, fsync,
+/// rename, fsync the folder.
+pub fn write_atomic(path: &Path, data: &[u8], mode: u32) -> Result<(), EnrollError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let err = |source| EnrollError::Io {
+        path: path.to_owned(),
+        source,
+    };
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(mode)
+        .open(&tmp)
+        .map_err(err)?;
+    f.write_all(data).map_err(err)?;
+    f.sync_all().map_err(err)?;
+    drop(f);
+    std::fs::rename(&tmp, path).map_err(err)?;
+    if let Some(parent) = path.parent() {
+        if let Ok(d) = std::fs::File::open(parent) {
+            let _ = d.sync_all();
+        }
+    }
+    Ok(())
+}

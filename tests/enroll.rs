@@ -1,0 +1,394 @@
+//! Enrollment end to end with the real binaries: `tether-control init / appliance register
+//! / token create / serve`, then `tether-agent enroll` with a one-time token, then the
+//! enrolled credential connects to a real broker that pins the recorded fingerprint. And
+//! the attacks on enrollment, each refused with its own code.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use common::*;
+use serde_json::json;
+
+/// `tether-control` with `args`; panics with its stderr if it fails.
+fn control(args: &[&str]) -> String {
+    let out = Command::new(bin("tether-control"))
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "tether-control {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+struct ControlProc {
+    child: Child,
+    addr: SocketAddr,
+}
+
+impl Drop for ControlProc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn serve(dir: &Path) -> ControlProc {
+    let mut child = Command::new(bin("tether-control"))
+        .args([
+            "--log-format",
+            "json",
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--data-dir",
+        ])
+        .arg(dir)
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut tx = Some(tx);
+        for line in BufReader::new(stderr).lines() {
+            let Ok(line) = line else { break };
+            if line.contains("control API listening") {
+                if let Some(tx) = tx.take() {
+                    let _ = tx.send(line.clone());
+                }
+            }
+            eprintln!("[control] {line}");
+        }
+    });
+    let line = rx
+        .recv_timeout(Duration::from_secs(30))
+        .expect("control started");
+    let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+    let addr = v["fields"]["listen"].as_str().unwrap().parse().unwrap();
+    ControlProc { child, addr }
+}
+
+struct Fleet {
+    _tmp: tempfile::TempDir,
+    data: PathBuf,
+    root: PathBuf,
+    control: ControlProc,
+}
+
+impl Fleet {
+    fn new() -> Fleet {
+        let tmp = tempfile::tempdir().unwrap();
+        let data = tmp.path().join("control");
+        let d = data.to_str().unwrap();
+        control(&["init", "--data-dir", d, "--trust-domain", TRUST_DOMAIN]);
+        for id in ["app-1", "app-2"] {
+            control(&[
+                "appliance",
+                "register",
+                "--data-dir",
+                d,
+                id,
+                "--token-only",
+                "--tenant",
+                "acme",
+            ]);
+        }
+        let root = data.join("ca").join("root.pem");
+        assert!(root.exists());
+        let control = serve(&data);
+        Fleet {
+            _tmp: tmp,
+            data,
+            root,
+            control,
+        }
+    }
+
+    fn token(&self, id: &str) -> String {
+        let out = control(&[
+            "token",
+            "create",
+            "--data-dir",
+            self.data.to_str().unwrap(),
+            id,
+        ]);
+        out.lines().last().unwrap().trim().to_owned()
+    }
+
+    fn url(&self) -> String {
+        format!("https://127.0.0.1:{}", self.control.addr.port())
+    }
+
+    /// `tether-agent enroll`; Ok(stdout) or Err(stderr).
+    fn enroll(&self, id: &str, token: &str, state: &Path) -> Result<String, String> {
+        let out = Command::new(bin("tether-agent"))
+            .args([
+                "enroll",
+                "--control",
+                &self.url(),
+                "--id",
+                id,
+                "--token",
+                token,
+                "--ca",
+            ])
+            .arg(&self.root)
+            .arg("--state-dir")
+            .arg(state)
+            .output()
+            .unwrap();
+        if out.status.success() {
+            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        } else {
+            Err(String::from_utf8_lossy(&out.stderr).into_owned())
+        }
+    }
+
+    fn client(&self) -> reqwest::Client {
+        tether_agent::enroll::http_client(&std::fs::read(&self.root).unwrap()).unwrap()
+    }
+
+    async fn post(&self, path: &str, body: serde_json::Value) -> (u16, serde_json::Value) {
+        let resp = self
+            .client()
+            .post(format!("{}{path}", self.url()))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        let status = resp.status().as_u16();
+        (status, resp.json().await.unwrap_or(json!(null)))
+    }
+
+    async fn nonce(&self) -> String {
+        let (status, v) = self.post("/v1/enroll/challenge", json!({})).await;
+        assert_eq!(status, 200);
+        v["nonce"].as_str().unwrap().to_owned()
+    }
+}
+
+#[tokio::test]
+async fn token_enrollment_then_the_credential_connects_to_a_pinned_broker() {
+    let fleet = Fleet::new();
+    let state = fleet.data.parent().unwrap().join("agent-app-1");
+    let token = fleet.token("app-1");
+    let out = fleet.enroll("app-1", &token, &state).expect("enrolled");
+    assert!(out.contains("enrolled app-1"), "{out}");
+
+    // The credential is complete, the key private, the chain valid for the appliance.
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(state.join("client.key.pem"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+    let creds = tether_agent::Credentials::load(&state).unwrap();
+    assert_eq!(creds.appliance_id(), "app-1");
+    assert_eq!(creds.trust_domain(), TRUST_DOMAIN);
+    let shown = control(&[
+        "appliance",
+        "show",
+        "--data-dir",
+        fleet.data.to_str().unwrap(),
+        "app-1",
+    ]);
+    assert!(
+        shown.contains(creds.fingerprint()),
+        "control recorded the fingerprint: {shown}"
+    );
+
+    // The same token cannot be used twice.
+    let err = fleet.enroll("app-1", &token, &state).unwrap_err();
+    assert!(err.contains("token_used"), "{err}");
+    // A token for app-2 does not enroll app-1.
+    let t2 = fleet.token("app-2");
+    let err = fleet
+        .enroll("app-1", &t2, &fleet.data.parent().unwrap().join("x"))
+        .unwrap_err();
+    assert!(err.contains("token_wrong_appliance"), "{err}");
+
+    // A broker whose CA bundle is control's and whose allowlist holds the recorded
+    // fingerprint admits the enrolled appliance.
+    let setup_dir = fleet.data.parent().unwrap().join("broker");
+    std::fs::create_dir_all(&setup_dir).unwrap();
+    let ca = tether_control::ca::Ca::load(
+        &fleet.data,
+        &tether_control::ca::CaConfig {
+            trust_domain: TRUST_DOMAIN.into(),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let (key_pem, csr) = tether_agent::enroll::key_and_csr("b1").unwrap();
+    let broker_cert = ca
+        .issue_broker(
+            "b1",
+            &csr,
+            &["localhost".into()],
+            &["127.0.0.1".parse().unwrap()],
+            time::OffsetDateTime::now_utc(),
+        )
+        .unwrap();
+    std::fs::write(setup_dir.join("ca.pem"), ca.bundle_pem()).unwrap();
+    std::fs::write(setup_dir.join("broker.pem"), &broker_cert.chain_pem).unwrap();
+    std::fs::write(setup_dir.join("broker.key"), key_pem).unwrap();
+    std::fs::write(
+        setup_dir.join("allowlist.txt"),
+        format!("app-1 {}\n", creds.fingerprint()),
+    )
+    .unwrap();
+    std::fs::write(
+        setup_dir.join("broker.toml"),
+        format!(
+            "listen = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\ntrust_domain = \"{TRUST_DOMAIN}\"\n\
+             [tls]\nca = \"ca.pem\"\ncert = \"broker.pem\"\nkey = \"broker.key\"\n[allowlist]\nfile = \"allowlist.txt\"\n"
+        ),
+    )
+    .unwrap();
+    let broker = BrokerProc::start(&setup_dir.join("broker.toml"));
+    let _agent = AgentProc::start(&state, &[broker.quic], &[]);
+    let row = broker.wait_session("app-1").await;
+    assert_eq!(row["fingerprint"], creds.fingerprint());
+}
+
+#[tokio::test]
+async fn enrollment_attacks_are_refused_with_specific_codes() {
+    let fleet = Fleet::new();
+    let (_, good_csr) = tether_agent::enroll::key_and_csr("app-1").unwrap();
+    let token = fleet.token("app-1");
+    let body = |nonce: &str, csr: &str, token: &str, id: &str| json!({"appliance_id": id, "csr_pem": csr, "nonce": nonce, "proof": {"kind": "token", "token": token}});
+
+    // Unknown appliance: 404, whatever else is sent.
+    let n = fleet.nonce().await;
+    let (s, v) = fleet
+        .post("/v1/enroll", body(&n, &good_csr, &token, "app-nope"))
+        .await;
+    assert_eq!((s, v["error"].as_str()), (404, Some("unknown_appliance")));
+
+    // Garbage CSR: 400, and the token is not burned by it.
+    let n = fleet.nonce().await;
+    let (s, v) = fleet
+        .post(
+            "/v1/enroll",
+            body(
+                &n,
+                "-----BEGIN CERTIFICATE REQUEST-----\nAAAA\n-----END CERTIFICATE REQUEST-----\n",
+                &token,
+                "app-1",
+            ),
+        )
+        .await;
+    assert_eq!(s, 400);
+    assert!(v["error"].as_str().unwrap().starts_with("csr_"), "{v}");
+
+    // A nonce that was never handed out.
+    let (s, v) = fleet
+        .post(
+            "/v1/enroll",
+            body(&"0".repeat(64), &good_csr, &token, "app-1"),
+        )
+        .await;
+    assert_eq!((s, v["error"].as_str()), (400, Some("nonce_invalid")));
+
+    // A CSR asking for another appliance's name gets a certificate naming only the record.
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let mut params = rcgen::CertificateParams::new(vec!["app-2.example".to_string()]).unwrap();
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "app-2");
+    params.subject_alt_names.push(rcgen::SanType::URI(
+        rcgen::string::Ia5String::try_from(format!("spiffe://{TRUST_DOMAIN}/appliance/app-2"))
+            .unwrap(),
+    ));
+    let evil_csr = params.serialize_request(&key).unwrap().pem().unwrap();
+    let n = fleet.nonce().await;
+    let (s, v) = fleet
+        .post("/v1/enroll", body(&n, &evil_csr, &token, "app-1"))
+        .await;
+    assert_eq!(s, 200, "{v}");
+    let chain = v["certificate_chain_pem"].as_str().unwrap();
+    let der = rustls_pemfile::certs(&mut chain.as_bytes())
+        .next()
+        .unwrap()
+        .unwrap();
+    let (_, cert) = x509_parser::parse_x509_certificate(&der).unwrap();
+    let san = cert.subject_alternative_name().unwrap().unwrap();
+    let names: Vec<String> = san
+        .value
+        .general_names
+        .iter()
+        .map(|n| format!("{n}"))
+        .collect();
+    assert_eq!(
+        names,
+        vec![format!("URI(spiffe://{TRUST_DOMAIN}/appliance/app-1)")]
+    );
+    assert!(!format!("{}", cert.subject()).contains("app-2"));
+
+    // Replayed nonce (the one just used), with a fresh valid token.
+    let t = fleet.token("app-1");
+    let (s, v) = fleet
+        .post("/v1/enroll", body(&n, &good_csr, &t, "app-1"))
+        .await;
+    assert_eq!((s, v["error"].as_str()), (409, Some("nonce_replayed")));
+    // Replayed token.
+    let n = fleet.nonce().await;
+    let (s, v) = fleet
+        .post("/v1/enroll", body(&n, &good_csr, &token, "app-1"))
+        .await;
+    assert_eq!((s, v["error"].as_str()), (403, Some("token_used")));
+    // Token of app-1 for app-2.
+    let n = fleet.nonce().await;
+    let (s, v) = fleet
+        .post("/v1/enroll", body(&n, &good_csr, &t, "app-2"))
+        .await;
+    assert_eq!(
+        (s, v["error"].as_str()),
+        (403, Some("token_wrong_appliance"))
+    );
+    // Oversized body: refused before parsing.
+    let n = fleet.nonce().await;
+    let big = "A".repeat(200_000);
+    let (s, v) = fleet.post("/v1/enroll", body(&n, &big, &t, "app-1")).await;
+    assert_eq!(
+        (s, v["error"].as_str()),
+        (413, Some("payload_too_large")),
+        "{v}"
+    );
+    // Malformed JSON / unknown proof kind.
+    let (s, v) = fleet
+        .post("/v1/enroll", json!({"appliance_id": "app-1"}))
+        .await;
+    assert_eq!((s, v["error"].as_str()), (400, Some("bad_request")));
+    // Expired token.
+    let d = fleet.data.to_str().unwrap();
+    let out = control(&["token", "create", "--data-dir", d, "app-1", "--ttl", "1s"]);
+    let expired = out.lines().last().unwrap().trim().to_owned();
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    let n = fleet.nonce().await;
+    let (s, v) = fleet
+        .post("/v1/enroll", body(&n, &good_csr, &expired, "app-1"))
+        .await;
+    assert_eq!((s, v["error"].as_str()), (403, Some("token_expired")));
+    // Disabled appliance cannot enroll even with a valid token.
+    control(&["appliance", "disable", "--data-dir", d, "app-2"]);
+    let t2 = fleet.token("app-2");
+    let n = fleet.nonce().await;
+    let (s, v) = fleet
+        .post("/v1/enroll", body(&n, &good_csr, &t2, "app-2"))
+        .await;
+    assert_eq!((s, v["error"].as_str()), (403, Some("appliance_disabled")));
+
+    // The server is unharmed.
+    let (s, _) = fleet.post("/v1/enroll/challenge", json!({})).await;
+    assert_eq!(s, 200);
+}
