@@ -172,6 +172,12 @@ impl Fleet {
     async fn nonce(&self) -> String {
         let (status, v) = self.post("/v1/enroll/challenge", json!({})).await;
         assert_eq!(status, 200);
+        let expires = v["expires_at"].as_str().expect("expires_at is a string");
+        assert!(
+            time::OffsetDateTime::parse(expires, &time::format_description::well_known::Rfc3339)
+                .is_ok(),
+            "expires_at is RFC 3339: {v}"
+        );
         v["nonce"].as_str().unwrap().to_owned()
     }
 }
@@ -315,7 +321,11 @@ async fn enrollment_attacks_are_refused_with_specific_codes() {
         .post("/v1/enroll", body(&n, &evil_csr, &token, "app-1"))
         .await;
     assert_eq!(s, 200, "{v}");
-    let chain = v["certificate_chain_pem"].as_str().unwrap();
+    for field in ["certificate_pem", "ca_pem", "expires_at"] {
+        assert!(v[field].is_string(), "{field} in {v}");
+    }
+    assert!(v["brokers"].is_array(), "{v}");
+    let chain = v["certificate_pem"].as_str().unwrap();
     let der = rustls_pemfile::certs(&mut chain.as_bytes())
         .next()
         .unwrap()

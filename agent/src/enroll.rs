@@ -29,20 +29,7 @@ pub const PREVIOUS_DIR: &str = "previous";
 /// Time limit of each HTTP request to control.
 pub const HTTP_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// The proof an appliance presents.
-#[derive(Clone)]
-pub enum EnrollProof {
-    /// A one-time enrollment token from an operator.
-    Token(String),
-}
-
-impl std::fmt::Debug for EnrollProof {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            EnrollProof::Token(_) => f.write_str("Token(<redacted>)"),
-        }
-    }
-}
+pub use crate::proof::EnrollProof;
 
 /// What to enroll, where.
 #[derive(Clone, Debug)]
@@ -80,6 +67,10 @@ pub enum EnrollError {
         /// Message.
         message: String,
     },
+    /// The platform proof could not be made (no credentials, metadata server or token
+    /// file unreachable, ...).
+    #[error("cannot make the enrollment proof: {0}")]
+    Proof(String),
     /// The key or CSR could not be made.
     #[error("cannot create the key or CSR: {0}")]
     Key(String),
@@ -100,7 +91,7 @@ struct Challenge {
 
 #[derive(Deserialize)]
 struct EnrollResponse {
-    certificate_chain_pem: String,
+    certificate_pem: String,
     ca_pem: String,
     brokers: Vec<String>,
     fingerprint: String,
@@ -214,9 +205,7 @@ pub async fn enroll(opts: &EnrollOptions) -> Result<EnrollState, EnrollError> {
         &serde_json::json!({}),
     )
     .await?;
-    let proof = match &opts.proof {
-        EnrollProof::Token(t) => serde_json::json!({"kind": "token", "token": t}),
-    };
+    let proof = opts.proof.build(&challenge.nonce).await?;
     let resp: EnrollResponse = post(
         &client,
         format!("{base}/v1/enroll"),
@@ -238,7 +227,7 @@ pub async fn enroll(opts: &EnrollOptions) -> Result<EnrollState, EnrollError> {
     store_credential(
         &opts.state_dir,
         &key_pem,
-        &resp.certificate_chain_pem,
+        &resp.certificate_pem,
         &resp.ca_pem,
         &state,
     )?;

@@ -52,6 +52,7 @@ pub mod credentials;
 pub mod enroll;
 pub mod error;
 pub mod event;
+pub mod proof;
 pub mod session;
 pub mod spiffe;
 pub mod tls;

@@ -44,6 +44,13 @@ enum Cmd {
 enum ProofKind {
     /// A one-time enrollment token (`tether-control token create`).
     Token,
+    /// AWS: a presigned sts:GetCallerIdentity signed with the instance's credentials
+    /// (the standard AWS credential chain), carrying the nonce in a signed header.
+    Aws,
+    /// GCP: an instance identity token from the metadata server, audience = the nonce.
+    Gcp,
+    /// Kubernetes: the projected ServiceAccount token (--k8s-token-file).
+    K8s,
 }
 
 #[derive(Debug, Args)]
@@ -66,16 +73,39 @@ struct EnrollArgs {
     /// Where to store the credential.
     #[arg(long, env = ENV_STATE_DIR, value_name = "DIR")]
     state_dir: PathBuf,
+    /// STS endpoint the AWS proof is signed for (with --proof aws).
+    #[arg(long, env = "TETHER_AGENT_AWS_STS_URL", default_value = tether_agent::proof::DEFAULT_AWS_STS_URL)]
+    aws_sts_url: String,
+    /// Signing region of the AWS proof.
+    #[arg(long, env = "AWS_REGION", default_value = tether_agent::proof::DEFAULT_AWS_REGION)]
+    aws_region: String,
+    /// GCP metadata server (with --proof gcp).
+    #[arg(long, env = "TETHER_AGENT_GCP_METADATA_URL", default_value = tether_agent::proof::DEFAULT_GCP_METADATA_URL)]
+    gcp_metadata_url: String,
+    /// Projected ServiceAccount token file (with --proof k8s).
+    #[arg(long, env = "TETHER_AGENT_K8S_TOKEN_FILE", default_value = tether_agent::proof::DEFAULT_K8S_TOKEN_FILE)]
+    k8s_token_file: PathBuf,
 }
 
 async fn enroll(args: EnrollArgs) -> anyhow::Result<()> {
     let ca_pem =
         std::fs::read(&args.ca).with_context(|| format!("reading {}", args.ca.display()))?;
+    use tether_agent::proof::{aws::AwsSource, gcp::GcpSource, k8s::K8sSource, EnrollProof};
     let proof = match args.proof {
-        ProofKind::Token => tether_agent::enroll::EnrollProof::Token(
+        ProofKind::Token => EnrollProof::Token(
             args.token
                 .context("--proof token needs --token (or TETHER_AGENT_ENROLL_TOKEN)")?,
         ),
+        ProofKind::Aws => EnrollProof::Aws(AwsSource {
+            sts_url: args.aws_sts_url,
+            region: args.aws_region,
+        }),
+        ProofKind::Gcp => EnrollProof::Gcp(GcpSource {
+            metadata_url: args.gcp_metadata_url,
+        }),
+        ProofKind::K8s => EnrollProof::K8s(K8sSource {
+            token_file: args.k8s_token_file,
+        }),
     };
     let state = tether_agent::enroll::enroll(&tether_agent::enroll::EnrollOptions {
         control_url: args.control,

@@ -33,6 +33,8 @@ pub struct AppState {
     pub ca: Arc<Ca>,
     /// The configuration.
     pub config: Arc<ControlConfig>,
+    /// Platform proof verifiers.
+    pub proofs: Arc<crate::proof::Verifiers>,
 }
 
 /// An error answered to the client: a status, a stable code, a short message. Details
@@ -87,25 +89,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/enroll/challenge", post(challenge))
         .route("/v1/enroll", post(enroll_handler))
         .layer(DefaultBodyLimit::max(MAX_BODY))
-        .layer(axum::middleware::from_fn(refuse_large_bodies))
         .with_state(state)
-}
-
-/// Refuse a declared body larger than [`MAX_BODY`] before reading any of it. (Bodies
-/// without a length are cut at the limit by [`DefaultBodyLimit`] while being read.)
-async fn refuse_large_bodies(
-    req: axum::extract::Request,
-    next: axum::middleware::Next,
-) -> Response {
-    let declared = req
-        .headers()
-        .get(axum::http::header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    match declared {
-        Some(n) if n > MAX_BODY as u64 => too_large().into_response(),
-        _ => next.run(req).await,
-    }
 }
 
 fn too_large() -> ApiError {
@@ -130,7 +114,11 @@ async fn enroll_handler(
 
 /// A body axum could not turn into JSON: too large (413) or malformed (400).
 fn json_rejection(e: axum::extract::rejection::JsonRejection) -> ApiError {
-    if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+    // Served through hyper-util directly, axum cannot always classify the limit error by
+    // type (it then answers 400 with this text), so look at both.
+    if e.status() == StatusCode::PAYLOAD_TOO_LARGE
+        || e.body_text().contains("length limit exceeded")
+    {
         too_large()
     } else {
         ApiError::new(StatusCode::BAD_REQUEST, "bad_request", e.body_text())

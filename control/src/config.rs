@@ -49,6 +49,8 @@ pub struct ControlConfig {
     pub ips: Vec<IpAddr>,
     /// Enrollment settings.
     pub enroll: EnrollSettings,
+    /// Platform proof verifiers (AWS STS endpoints, GCP and Kubernetes key sources).
+    pub proofs: crate::proof::ProofSettings,
 }
 
 /// `[enroll]`
@@ -89,6 +91,7 @@ impl Default for ControlConfig {
                 IpAddr::from(std::net::Ipv6Addr::LOCALHOST),
             ],
             enroll: EnrollSettings::default(),
+            proofs: crate::proof::ProofSettings::default(),
         }
     }
 }

@@ -8,16 +8,19 @@
 //!    consumed; the certificate is issued with the subject and SAN from the record (never
 //!    from the CSR), recorded, and its fingerprint allowed (allowlist version bumped).
 //!
-//! Proofs: `token` (one-time, hashed, expiring, bound to one appliance). The platform
-//! proofs (`aws`, `gcp`, `k8s`) are parsed but refused with `proof_unsupported` until
-//! their verifiers land.
+//! Proofs: `token` (one-time, hashed, expiring, bound to one appliance) and the platform
+//! proofs of [`crate::proof`] (`aws`, `gcp`, `k8s`), each checked against the appliance's
+//! recorded binding and recorded as used.
 
 use axum::http::StatusCode;
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
 use crate::api::{ApiError, AppState};
-use crate::store::{ApplianceStatus, CertRecord, CertState, StoreError, TokenRefusal};
+use crate::proof::{ProofError, Verified};
+use crate::store::{
+    ApplianceStatus, CertRecord, CertState, PlatformBinding, StoreError, TokenRefusal,
+};
 use crate::token::Token;
 
 /// Answer to `POST /v1/enroll/challenge`.
@@ -25,13 +28,13 @@ use crate::token::Token;
 pub struct Challenge {
     /// The nonce to bind the proof to.
     pub nonce: String,
-    /// When it expires, Unix seconds.
-    pub expires_at: i64,
+    /// When it expires, RFC 3339.
+    pub expires_at: String,
 }
 
 /// A platform proof.
 #[derive(Deserialize)]
-#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+#[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Proof {
     /// A one-time enrollment token.
     Token {
@@ -39,10 +42,7 @@ pub enum Proof {
         token: String,
     },
     /// A presigned `sts:GetCallerIdentity` request.
-    Aws {
-        /// The request, as the agent built it.
-        request: serde_json::Value,
-    },
+    Aws(crate::proof::aws::AwsProof),
     /// A GCP instance-identity JWT.
     Gcp {
         /// The JWT.
@@ -59,7 +59,7 @@ impl std::fmt::Debug for Proof {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
             Proof::Token { .. } => "Proof::Token(<redacted>)",
-            Proof::Aws { .. } => "Proof::Aws(..)",
+            Proof::Aws(_) => "Proof::Aws(..)",
             Proof::Gcp { .. } => "Proof::Gcp(<redacted>)",
             Proof::K8s { .. } => "Proof::K8s(<redacted>)",
         })
@@ -86,15 +86,28 @@ pub struct EnrollResponse {
     /// The appliance id.
     pub appliance_id: String,
     /// Leaf then intermediate, PEM.
-    pub certificate_chain_pem: String,
+    pub certificate_pem: String,
     /// The root CA, PEM (what the agent pins).
     pub ca_pem: String,
     /// Brokers to connect to (`host:port`).
     pub brokers: Vec<String>,
     /// SHA-256 of the leaf DER, lowercase hex.
     pub fingerprint: String,
+    /// Certificate `notAfter`, RFC 3339.
+    pub expires_at: String,
     /// Certificate `notAfter`, Unix seconds.
     pub not_after: i64,
+}
+
+/// Unix seconds as RFC 3339 (UTC).
+pub fn rfc3339(unix: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp(unix)
+        .ok()
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_default()
 }
 
 fn internal(e: impl std::fmt::Display) -> ApiError {
@@ -114,7 +127,69 @@ pub async fn challenge(s: &AppState, now: i64) -> Result<Challenge, ApiError> {
         .create_nonce(&nonce, expires_at)
         .await
         .map_err(internal)?;
-    Ok(Challenge { nonce, expires_at })
+    Ok(Challenge {
+        nonce,
+        expires_at: rfc3339(expires_at),
+    })
+}
+
+/// Check a platform proof against the appliance's binding. A proof of a kind other than
+/// the binding's is refused before any verifier runs (no network call for it).
+async fn verify_platform(
+    s: &AppState,
+    proof: &Proof,
+    binding: &PlatformBinding,
+    nonce: &str,
+    now: i64,
+) -> Result<Verified, ProofError> {
+    match (proof, binding) {
+        (Proof::Aws(p), PlatformBinding::Aws { role_arn }) => {
+            s.proofs.aws.verify(p, nonce, role_arn).await
+        }
+        (
+            Proof::Gcp { jwt },
+            PlatformBinding::Gcp {
+                project,
+                service_account,
+            },
+        ) => {
+            s.proofs
+                .gcp
+                .verify(jwt, nonce, project, service_account, now)
+                .await
+        }
+        (
+            Proof::K8s { jwt },
+            PlatformBinding::K8s {
+                issuer,
+                namespace,
+                service_account,
+            },
+        ) => {
+            s.proofs
+                .k8s
+                .verify(jwt, issuer, namespace, service_account, now)
+                .await
+        }
+        (Proof::Token { .. }, _) => unreachable!("tokens are redeemed by the caller"),
+        (_, binding) => Err(ProofError::new(
+            StatusCode::FORBIDDEN,
+            "proof_kind_mismatch",
+            format!(
+                "this appliance is bound to {}; a proof of another kind cannot enroll it",
+                binding_kind(binding)
+            ),
+        )),
+    }
+}
+
+fn binding_kind(b: &PlatformBinding) -> &'static str {
+    match b {
+        PlatformBinding::Aws { .. } => "aws",
+        PlatformBinding::Gcp { .. } => "gcp",
+        PlatformBinding::K8s { .. } => "k8s",
+        PlatformBinding::TokenOnly => "token-only",
+    }
 }
 
 /// Whether `id` is a valid appliance id.
@@ -207,12 +282,25 @@ pub async fn enroll(
                 Err(e) => return Err(internal(e)),
             }
         }
-        Proof::Aws { .. } | Proof::Gcp { .. } | Proof::K8s { .. } => {
-            return Err(refused(
-                StatusCode::BAD_REQUEST,
-                "proof_unsupported",
-                "this control accepts token proofs only so far".into(),
-            ));
+        platform => {
+            let verified = verify_platform(s, platform, &appliance.binding, &req.nonce, now)
+                .await
+                .map_err(|e| refused(e.status, e.code, e.message))?;
+            match s
+                .store
+                .record_proof(verified.kind, &verified.proof_id, verified.remember_until)
+                .await
+            {
+                Ok(()) => {}
+                Err(StoreError::Replay(_)) => {
+                    return Err(refused(
+                        StatusCode::CONFLICT,
+                        "proof_replayed",
+                        "this proof was already used; make a fresh one".into(),
+                    ))
+                }
+                Err(e) => return Err(internal(e)),
+            }
         }
     }
     let ca = s.ca.clone();
@@ -249,7 +337,8 @@ pub async fn enroll(
     );
     Ok(EnrollResponse {
         appliance_id: id.to_owned(),
-        certificate_chain_pem: issued.chain_pem,
+        certificate_pem: issued.chain_pem,
+        expires_at: rfc3339(issued.not_after),
         ca_pem: s.ca.root_pem(),
         brokers: s.config.brokers.clone(),
         fingerprint: issued.fingerprint_hex,

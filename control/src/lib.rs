@@ -8,6 +8,7 @@
 //! - [`store`] — the [`store::Store`] trait and its SQLite / PostgreSQL implementation:
 //!   appliances, certificates, tokens, nonces, used proofs, and the versioned allowlist.
 //! - [`enroll`] — enrollment: challenge, proof, issuance, recording.
+//! - [`proof`] — AWS, GCP and Kubernetes platform proofs.
 //! - [`token`] — one-time tokens and nonces (only hashes are stored).
 //! - [`api`] / [`server`] — the HTTPS API.
 //! - [`config`] — `control.toml` in the data directory.
@@ -18,6 +19,7 @@ pub mod api;
 pub mod ca;
 pub mod config;
 pub mod enroll;
+pub mod proof;
 pub mod server;
 pub mod store;
 pub mod token;

@@ -245,9 +245,12 @@ async fn main() -> anyhow::Result<()> {
                 .await
                 .with_context(|| format!("cannot listen on {}", cfg.listen))?;
             tracing::info!(version = env!("CARGO_PKG_VERSION"), listen = %listener.local_addr()?, trust_domain = %cfg.trust_domain, "tether-control serving");
+            let proofs = tether_control::proof::Verifiers::new(&cfg.proofs)
+                .context("building the platform proof verifiers")?;
             let state = tether_control::api::AppState {
                 store,
                 ca: Arc::new(ca),
+                proofs: Arc::new(proofs),
                 config: Arc::new(cfg),
             };
             let shutdown = CancellationToken::new();

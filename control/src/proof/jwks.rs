@@ -1,0 +1,1 @@
+//! JWKS sources shared by the GCP and Kubernetes verifiers. (Being built.)
