@@ -34,6 +34,9 @@ CREATE TABLE certificates (
 CREATE INDEX certificates_by_appliance ON certificates (appliance_id, seq);
 CREATE INDEX certificates_allowed ON certificates (appliance_id, fingerprint) WHERE allowed = 1;
 CREATE INDEX certificates_overlap ON certificates (previous_until) WHERE state = 'previous';
+-- At most one current certificate per appliance (also serves "every current certificate,
+-- by appliance").
+CREATE UNIQUE INDEX certificates_current ON certificates (appliance_id) WHERE state = 'current';
 
 CREATE TABLE enrollment_tokens (
     -- Only the hash the caller computed; never the token.
@@ -61,18 +64,26 @@ CREATE INDEX used_proofs_by_expiry ON used_proofs (expires_at);
 
 -- The allowlist version: one row. Every trust-changing transaction updates it first, so
 -- such transactions (on every control replica) run one at a time and commit in version
--- order; each change bumps it by one (no sequence: a rolled-back transaction leaves no
--- gap, and a reader never sees version v+1 committed before v).
+-- order. A transaction that changes at least one fingerprint bumps it by exactly one, at
+-- its end, and all of its changes carry that version; one that changes none leaves it
+-- alone (no sequence: a rolled-back transaction leaves no gap, and a reader never sees
+-- version v+1 committed before v).
 CREATE TABLE allowlist_version (
     id      SMALLINT NOT NULL PRIMARY KEY CHECK (id = 1),
     version BIGINT   NOT NULL
 );
 INSERT INTO allowlist_version (id, version) VALUES (1, 0);
 
--- One row per fingerprint added to or removed from the allowlist.
+-- One row per fingerprint added to or removed from the allowlist; one version (one
+-- operation) has one or more rows, `ordinal` 0, 1, ... in the order the operation
+-- returned them. A fingerprint changes at most once per version, so a version is a set
+-- of additions and removals that a broker applies as a whole.
 CREATE TABLE allowlist_changes (
-    version      BIGINT   NOT NULL PRIMARY KEY,
+    version      BIGINT   NOT NULL,
+    ordinal      BIGINT   NOT NULL,
     appliance_id TEXT COLLATE "C" NOT NULL,
     fingerprint  TEXT COLLATE "C" NOT NULL,
-    added        SMALLINT NOT NULL CHECK (added IN (0, 1))
+    added        SMALLINT NOT NULL CHECK (added IN (0, 1)),
+    PRIMARY KEY (version, ordinal),
+    UNIQUE (version, fingerprint)
 );

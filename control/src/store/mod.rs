@@ -1,9 +1,12 @@
 //! The control plane's store: one trait, two real implementations — SQLite (embedded
 //! default, a file in the data directory) and PostgreSQL (several control replicas).
 //!
-//! Every operation that changes trust is one transaction. Every fingerprint change bumps
-//! the allowlist version and is recorded as an ordered delta, so brokers can follow with
-//! "changes since version v".
+//! Every operation that changes trust is one transaction. One that changes at least one
+//! fingerprint bumps the allowlist version by exactly one, and records each fingerprint it
+//! adds or removes as a delta carrying that version (revoking an appliance with three
+//! allowed fingerprints: one new version, three deltas); one that changes none leaves the
+//! version alone. Brokers follow with "changes since version v" and apply each version as
+//! a whole.
 
 use async_trait::async_trait;
 use thiserror::Error;
@@ -100,7 +103,10 @@ pub struct CertRecord {
 /// One allowlist change, as brokers consume it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct AllowlistDelta {
-    /// The version this change produced (strictly increasing, no gaps within a store).
+    /// The version this change belongs to; all deltas of one operation share it. Versions
+    /// are strictly increasing from one operation to the next, with no gaps within a
+    /// store; a fingerprint appears at most once per version, so the deltas of a version
+    /// are a set, applied together.
     pub version: i64,
     /// The appliance.
     pub appliance_id: String,
@@ -172,7 +178,8 @@ pub trait Store: Send + Sync + std::fmt::Debug {
         -> Result<Vec<Appliance>, StoreError>;
     /// Change the status. Disabling removes the appliance's allowed fingerprints from the
     /// allowlist (recorded as deltas); enabling puts back those still valid at `now`;
-    /// revoking removes them and marks every certificate revoked. Returns the deltas.
+    /// revoking removes them and marks every certificate revoked. Returns the deltas, all
+    /// of one new version (none, and no new version, when nothing changed).
     async fn set_status(
         &self,
         id: &str,
@@ -214,23 +221,53 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// Record a newly issued certificate as the appliance's current one and allow its
     /// fingerprint. A previous current certificate becomes `PreviousUntil(now + overlap)`
     /// (`overlap = 0`: removed at once, e.g. re-enrollment after revocation). Sets the
-    /// appliance `Active`. Returns the deltas.
+    /// appliance `Active`. Returns the deltas, all of one new version: the new fingerprint
+    /// first, then any removed at once. `Conflict` (and no change at all) if the serial or
+    /// fingerprint is already recorded.
     async fn record_certificate(
         &self,
         cert: &CertRecord,
         now: UnixSeconds,
         overlap_secs: i64,
     ) -> Result<Vec<AllowlistDelta>, StoreError>;
-    /// Certificates of an appliance, newest first.
+    /// Certificates of an appliance, newest first. `NotFound` if there is no such appliance.
     async fn certificates(&self, appliance_id: &str) -> Result<Vec<CertRecord>, StoreError>;
-    /// Remove previous certificates whose overlap ended at `now`. Returns the deltas.
+    /// Every appliance's current certificate (state [`CertState::Current`]), ordered by
+    /// appliance id (bytewise), at most one per appliance. Appliances without one (never
+    /// enrolled, revoked) are absent. A disabled appliance's current certificate is listed
+    /// although it is out of the allowlist while disabled, and so is one past its
+    /// `not_after`: check the appliance's status and the times.
+    async fn current_certificates(&self) -> Result<Vec<CertRecord>, StoreError>;
+    /// The appliance's current certificate, `None` if it has none. `NotFound` if there is
+    /// no such appliance.
+    async fn current_certificate(
+        &self,
+        appliance_id: &str,
+    ) -> Result<Option<CertRecord>, StoreError>;
+    /// The certificate with this fingerprint (SHA-256 of the DER, lowercase hex), and
+    /// whether its fingerprint is in the allowlist now; `None` if no such certificate was
+    /// ever recorded. "Allowed" is what brokers accept at this moment, nothing more: the
+    /// caller checks the validity times itself.
+    async fn find_certificate(
+        &self,
+        fingerprint: &str,
+    ) -> Result<Option<(CertRecord, bool)>, StoreError>;
+    /// Remove previous certificates whose overlap ended at `now`. Returns the deltas, all
+    /// of one new version however many appliances they belong to (none, and no new
+    /// version, when nothing changed).
     async fn expire_overlaps(&self, now: UnixSeconds) -> Result<Vec<AllowlistDelta>, StoreError>;
 
-    /// The current allowlist version (0 when empty and never changed).
+    /// The current allowlist version (0 when never changed): the number of operations that
+    /// changed the allowlist.
     async fn allowlist_version(&self) -> Result<i64, StoreError>;
     /// The allowed `(appliance, fingerprint)` pairs and the version they reflect.
     async fn allowlist_snapshot(&self) -> Result<(i64, Vec<(String, String)>), StoreError>;
-    /// Deltas with version > `since`, in order, at most `limit`.
+    /// Deltas of the versions after `since`, ordered by version and, within one, as the
+    /// operation returned them. A page holds whole versions only, never part of one: it
+    /// ends at the first version boundary at or after `limit` deltas, so it holds more
+    /// than `limit` deltas when the limit falls inside a version (always at least one
+    /// whole version when any is newer than `since`). The next page starts after the last
+    /// delta's version; an empty page means nothing is newer than `since`.
     async fn allowlist_changes_since(
         &self,
         since: i64,

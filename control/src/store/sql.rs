@@ -13,10 +13,14 @@
 //! row of `allowlist_version`. That row lock (PostgreSQL) or write lock (SQLite) makes
 //! such transactions run one at a time, on one process or on several control replicas,
 //! so they read current state and commit in version order: a reader never sees version
-//! `v + 1` without `v`. Each fingerprint added or removed bumps the counter by one
+//! `v + 1` without `v`. The transaction collects the fingerprints it adds and removes; at
+//! its end, if there is at least one, it bumps the counter by exactly one
 //! (`UPDATE … SET version = version + 1 RETURNING version`, in the same transaction, so a
-//! rollback leaves no gap) and writes one `allowlist_changes` row carrying that version.
-//! A change that changes nothing (disabling twice) writes nothing.
+//! rollback leaves no gap) and writes one `allowlist_changes` row per fingerprint, all
+//! carrying that version, keyed `(version, ordinal)` in the order the operation returns
+//! them. An operation that changes nothing (disabling twice) writes nothing and leaves the
+//! version alone. So a version is exactly one operation's changes, each fingerprint at
+//! most once (a unique `(version, fingerprint)` key holds the store to that).
 //!
 //! [`Store::allowlist_snapshot`] reads the version and the pairs in one transaction
 //! (`REPEATABLE READ` on PostgreSQL; a WAL read transaction on SQLite), so the pairs are
@@ -32,6 +36,12 @@
 //! - [`Store::set_status`] to `Active` from `Revoked` changes the status only: revoked
 //!   certificates never come back; the appliance needs a new certificate.
 //! - [`Store::allowlist_changes_since`] with `limit = 0` uses [`DEFAULT_CHANGES_LIMIT`].
+//! - [`Store::find_certificate`]'s "allowed now" is allowlist membership (`allowed = 1`):
+//!   exactly what brokers accept at this moment. A previous certificate whose overlap
+//!   ended stays allowed until [`Store::expire_overlaps`] runs, and a certificate past its
+//!   `not_after` stays allowed until it leaves the allowlist some other way; the caller
+//!   checks validity times itself.
+//! - The store holds at most one current certificate per appliance (a unique index).
 //! - [`Store::consume_nonce`] also deletes nonces and proof ids that expired before `now`
 //!   (it is the one single-use call that knows the time and runs on every enrollment).
 //! - A token is valid while `now < expires_at`; so is a nonce.
@@ -176,7 +186,8 @@ impl SqlStore {
     }
 
     /// Begin a transaction that may change the allowlist: take the version row first, so
-    /// trust changes run one at a time and see each other's results.
+    /// trust changes run one at a time and see each other's results. End it with
+    /// [`commit_trust_change`] (dropping it rolls back).
     async fn begin_trust_change(
         &self,
     ) -> Result<sqlx::Transaction<'static, sqlx::Any>, StoreError> {
@@ -286,39 +297,77 @@ fn allowable_from_row(row: &AnyRow) -> Result<Allowable, StoreError> {
     })
 }
 
-/// Bump the version and record one change. Only inside [`SqlStore::begin_trust_change`].
-async fn record_change(
-    conn: &mut AnyConnection,
-    appliance_id: &str,
-    fingerprint: &str,
-    added: bool,
-) -> Result<AllowlistDelta, StoreError> {
-    let version: i64 = sqlx::query_scalar(
-        "UPDATE allowlist_version SET version = version + 1 WHERE id = 1 RETURNING version",
-    )
-    .fetch_one(&mut *conn)
-    .await
-    .map_err(db)?;
-    sqlx::query(
-        "INSERT INTO allowlist_changes (version, appliance_id, fingerprint, added) \
-         VALUES ($1, $2, $3, $4)",
-    )
-    .bind(version)
-    .bind(appliance_id)
-    .bind(fingerprint)
-    .bind(i16::from(added))
-    .execute(&mut *conn)
-    .await
-    .map_err(db)?;
-    Ok(AllowlistDelta {
-        version,
+/// A change made inside a trust-changing transaction, before it has a version:
+/// [`commit_trust_change`] gives every change of the transaction the same one.
+fn pending(appliance_id: &str, fingerprint: &str, added: bool) -> AllowlistDelta {
+    AllowlistDelta {
+        version: 0,
         appliance_id: appliance_id.to_owned(),
         fingerprint: fingerprint.to_owned(),
         added,
-    })
+    }
 }
 
-/// Put certificates into the allowlist (or take them out), one change each.
+/// Rows per `INSERT` into `allowlist_changes` (5 parameters each; far below the parameter
+/// limits of SQLite and PostgreSQL).
+const CHANGES_PER_INSERT: usize = 200;
+
+/// End a transaction begun by [`SqlStore::begin_trust_change`]: if it changed at least
+/// one fingerprint, bump the allowlist version once, give every change that version, log
+/// them (in the order given) and commit; if it changed none, commit without touching the
+/// version. Returns the changes, versioned.
+async fn commit_trust_change(
+    mut tx: sqlx::Transaction<'static, sqlx::Any>,
+    mut deltas: Vec<AllowlistDelta>,
+) -> Result<Vec<AllowlistDelta>, StoreError> {
+    if !deltas.is_empty() {
+        let version: i64 = sqlx::query_scalar(
+            "UPDATE allowlist_version SET version = version + 1 WHERE id = 1 RETURNING version",
+        )
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(db)?;
+        for d in &mut deltas {
+            d.version = version;
+        }
+        for (chunk_index, chunk) in deltas.chunks(CHANGES_PER_INSERT).enumerate() {
+            let mut sql = String::from(
+                "INSERT INTO allowlist_changes \
+                 (version, ordinal, appliance_id, fingerprint, added) VALUES ",
+            );
+            for i in 0..chunk.len() {
+                let p = 5 * i;
+                if i > 0 {
+                    sql.push_str(", ");
+                }
+                sql.push_str(&format!(
+                    "(${}, ${}, ${}, ${}, ${})",
+                    p + 1,
+                    p + 2,
+                    p + 3,
+                    p + 4,
+                    p + 5
+                ));
+            }
+            let mut query = sqlx::query(&sql);
+            for (i, d) in chunk.iter().enumerate() {
+                let ordinal = (chunk_index * CHANGES_PER_INSERT + i) as i64;
+                query = query
+                    .bind(version)
+                    .bind(ordinal)
+                    .bind(d.appliance_id.as_str())
+                    .bind(d.fingerprint.as_str())
+                    .bind(i16::from(d.added));
+            }
+            query.execute(&mut *tx).await.map_err(db)?;
+        }
+    }
+    tx.commit().await.map_err(db)?;
+    Ok(deltas)
+}
+
+/// Put certificates into the allowlist (or take them out); each real change is pushed to
+/// `deltas`, unversioned (see [`commit_trust_change`]).
 async fn set_allowed(
     conn: &mut AnyConnection,
     certs: &[Allowable],
@@ -338,7 +387,7 @@ async fn set_allowed(
             .map_err(db)?
             .rows_affected();
         if changed == 1 {
-            deltas.push(record_change(conn, &cert.appliance_id, &cert.fingerprint, allowed).await?);
+            deltas.push(pending(&cert.appliance_id, &cert.fingerprint, allowed));
         }
     }
     Ok(())
@@ -473,6 +522,7 @@ impl Store for SqlStore {
         let mut tx = self.begin_trust_change().await?;
         let old = appliance_status(&mut tx, id).await?;
         if old == status {
+            tx.rollback().await.map_err(db)?;
             return Ok(Vec::new());
         }
         let mut deltas = Vec::new();
@@ -517,8 +567,7 @@ impl Store for SqlStore {
             .execute(&mut *tx)
             .await
             .map_err(db)?;
-        tx.commit().await.map_err(db)?;
-        Ok(deltas)
+        commit_trust_change(tx, deltas).await
     }
 
     async fn bump_manual_renewal(&self, id: &str) -> Result<i64, StoreError> {
@@ -691,60 +740,56 @@ impl Store for SqlStore {
         let id = cert.appliance_id.as_str();
         let mut tx = self.begin_trust_change().await?;
         let status = appliance_status(&mut tx, id).await?;
-        let seq: Option<i64> = sqlx::query_scalar(
+        let overlap = if status == ApplianceStatus::Active {
+            overlap_secs
+        } else {
+            0
+        };
+        // The older certificates step aside first: one current certificate per appliance.
+        // If the insert below is refused, the transaction rolls back whole.
+        let mut removed = Vec::new();
+        if overlap > 0 {
+            sqlx::query(
+                "UPDATE certificates SET state = 'previous', previous_until = $1 \
+                 WHERE appliance_id = $2 AND state = 'current'",
+            )
+            .bind(now.saturating_add(overlap))
+            .bind(id)
+            .execute(&mut *tx)
+            .await
+            .map_err(db)?;
+        } else {
+            let older = allowed_certs(&mut tx, id).await?;
+            set_allowed(&mut tx, &older, false, &mut removed).await?;
+            sqlx::query(
+                "UPDATE certificates SET state = 'revoked', previous_until = NULL \
+                 WHERE appliance_id = $1 AND state <> 'revoked'",
+            )
+            .bind(id)
+            .execute(&mut *tx)
+            .await
+            .map_err(db)?;
+        }
+        let inserted = sqlx::query(
             "INSERT INTO certificates \
              (serial, appliance_id, fingerprint, not_before, not_after, state, previous_until, allowed) \
-             VALUES ($1, $2, $3, $4, $5, 'current', NULL, 1) \
-             ON CONFLICT DO NOTHING RETURNING seq",
+             VALUES ($1, $2, $3, $4, $5, 'current', NULL, 1) ON CONFLICT DO NOTHING",
         )
         .bind(&cert.serial)
         .bind(id)
         .bind(&cert.fingerprint)
         .bind(cert.not_before)
         .bind(cert.not_after)
-        .fetch_optional(&mut *tx)
+        .execute(&mut *tx)
         .await
-        .map_err(db)?;
-        let Some(seq) = seq else {
+        .map_err(db)?
+        .rows_affected();
+        if inserted == 0 {
+            tx.rollback().await.map_err(db)?;
             return Err(StoreError::Conflict(format!(
                 "certificate with serial {} or fingerprint {}",
                 cert.serial, cert.fingerprint
             )));
-        };
-        let mut deltas = vec![record_change(&mut tx, id, &cert.fingerprint, true).await?];
-
-        let overlap = if status == ApplianceStatus::Active {
-            overlap_secs
-        } else {
-            0
-        };
-        if overlap > 0 {
-            sqlx::query(
-                "UPDATE certificates SET state = 'previous', previous_until = $1 \
-                 WHERE appliance_id = $2 AND state = 'current' AND seq <> $3",
-            )
-            .bind(now.saturating_add(overlap))
-            .bind(id)
-            .bind(seq)
-            .execute(&mut *tx)
-            .await
-            .map_err(db)?;
-        } else {
-            let older: Vec<Allowable> = allowed_certs(&mut tx, id)
-                .await?
-                .into_iter()
-                .filter(|c| c.seq != seq)
-                .collect();
-            set_allowed(&mut tx, &older, false, &mut deltas).await?;
-            sqlx::query(
-                "UPDATE certificates SET state = 'revoked', previous_until = NULL \
-                 WHERE appliance_id = $1 AND state <> 'revoked' AND seq <> $2",
-            )
-            .bind(id)
-            .bind(seq)
-            .execute(&mut *tx)
-            .await
-            .map_err(db)?;
         }
         if status != ApplianceStatus::Active {
             sqlx::query("UPDATE appliances SET status = 'active' WHERE id = $1")
@@ -753,8 +798,10 @@ impl Store for SqlStore {
                 .await
                 .map_err(db)?;
         }
-        tx.commit().await.map_err(db)?;
-        Ok(deltas)
+        // The new fingerprint first, then the ones it replaces at once.
+        let mut deltas = vec![pending(id, &cert.fingerprint, true)];
+        deltas.append(&mut removed);
+        commit_trust_change(tx, deltas).await
     }
 
     async fn certificates(&self, appliance_id: &str) -> Result<Vec<CertRecord>, StoreError> {
@@ -772,6 +819,57 @@ impl Store for SqlStore {
             return Err(StoreError::NotFound(format!("appliance {appliance_id}")));
         }
         Ok(certs)
+    }
+
+    async fn current_certificates(&self) -> Result<Vec<CertRecord>, StoreError> {
+        sqlx::query(&format!(
+            "SELECT {CERT_COLUMNS} FROM certificates WHERE state = 'current' ORDER BY appliance_id"
+        ))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db)?
+        .iter()
+        .map(cert_from_row)
+        .collect()
+    }
+
+    async fn current_certificate(
+        &self,
+        appliance_id: &str,
+    ) -> Result<Option<CertRecord>, StoreError> {
+        let cert = sqlx::query(&format!(
+            "SELECT {CERT_COLUMNS} FROM certificates \
+             WHERE appliance_id = $1 AND state = 'current'"
+        ))
+        .bind(appliance_id)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(db)?
+        .as_ref()
+        .map(cert_from_row)
+        .transpose()?;
+        if cert.is_none() && self.get_appliance(appliance_id).await?.is_none() {
+            return Err(StoreError::NotFound(format!("appliance {appliance_id}")));
+        }
+        Ok(cert)
+    }
+
+    async fn find_certificate(
+        &self,
+        fingerprint: &str,
+    ) -> Result<Option<(CertRecord, bool)>, StoreError> {
+        let Some(row) = sqlx::query(&format!(
+            "SELECT {CERT_COLUMNS}, allowed FROM certificates WHERE fingerprint = $1"
+        ))
+        .bind(fingerprint)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(db)?
+        else {
+            return Ok(None);
+        };
+        let allowed: i64 = row.try_get("allowed").map_err(db)?;
+        Ok(Some((cert_from_row(&row)?, allowed != 0)))
     }
 
     async fn expire_overlaps(&self, now: UnixSeconds) -> Result<Vec<AllowlistDelta>, StoreError> {
@@ -808,8 +906,7 @@ impl Store for SqlStore {
         .execute(&mut *tx)
         .await
         .map_err(db)?;
-        tx.commit().await.map_err(db)?;
-        Ok(deltas)
+        commit_trust_change(tx, deltas).await
     }
 
     async fn allowlist_version(&self) -> Result<i64, StoreError> {
@@ -859,9 +956,18 @@ impl Store for SqlStore {
         } else {
             limit
         };
+        // Whole versions: every version that has a row among the first `limit` after
+        // `since`, so the page ends at the first version boundary at or after `limit`
+        // rows. One statement, so one snapshot: versions commit whole, in order.
         sqlx::query(
             "SELECT version, appliance_id, fingerprint, added FROM allowlist_changes \
-             WHERE version > $1 ORDER BY version LIMIT $2",
+             WHERE version > $1 AND version <= ( \
+                 SELECT MAX(version) FROM ( \
+                     SELECT version FROM allowlist_changes WHERE version > $1 \
+                     ORDER BY version, ordinal LIMIT $2 \
+                 ) AS page \
+             ) \
+             ORDER BY version, ordinal",
         )
         .bind(since)
         .bind(i64::from(limit))
