@@ -71,6 +71,16 @@ pub enum EnrollError {
     /// file unreachable, ...).
     #[error("cannot make the enrollment proof: {0}")]
     Proof(String),
+    /// The certificate cannot be renewed or remade unattended: this appliance enrolls with
+    /// one-time tokens.
+    #[error(
+        "appliance {0} enrolls with one-time tokens: an operator must create a new token \
+             (tether-control token create {0}) and the appliance run `tether-agent enroll` again"
+    )]
+    NeedsToken(String),
+    /// `state.json` is unreadable.
+    #[error("bad enrollment state: {0}")]
+    State(String),
     /// The key or CSR could not be made.
     #[error("cannot create the key or CSR: {0}")]
     Key(String),
@@ -85,17 +95,17 @@ pub enum EnrollError {
 }
 
 #[derive(Deserialize)]
-struct Challenge {
+pub(crate) struct Challenge {
     nonce: String,
 }
 
 #[derive(Deserialize)]
-struct EnrollResponse {
-    certificate_pem: String,
-    ca_pem: String,
-    brokers: Vec<String>,
-    fingerprint: String,
-    not_after: i64,
+pub(crate) struct EnrollResponse {
+    pub(crate) certificate_pem: String,
+    pub(crate) ca_pem: String,
+    pub(crate) brokers: Vec<String>,
+    pub(crate) fingerprint: String,
+    pub(crate) not_after: i64,
 }
 
 #[derive(Deserialize)]
@@ -117,10 +127,47 @@ pub struct EnrollState {
     pub fingerprint: String,
     /// `notAfter` of the current certificate, Unix seconds.
     pub not_after: i64,
+    /// How the appliance enrolled (no secrets), for unattended re-enrollment.
+    #[serde(default)]
+    pub proof: Option<crate::proof::ProofSpec>,
+    /// The highest manual-renewal generation this agent has renewed for.
+    #[serde(default)]
+    pub manual_renewal_generation: u64,
+}
+
+impl EnrollState {
+    /// Read `DIR/state.json`; `Ok(None)` when the appliance was provisioned by hand (no
+    /// state file).
+    pub fn load(dir: &Path) -> Result<Option<EnrollState>, EnrollError> {
+        let path = dir.join(STATE_FILE);
+        match std::fs::read(&path) {
+            Ok(bytes) => serde_json::from_slice(&bytes)
+                .map(Some)
+                .map_err(|e| EnrollError::State(format!("{}: {e}", path.display()))),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(source) => Err(EnrollError::Io { path, source }),
+        }
+    }
+
+    /// Write `DIR/state.json` atomically.
+    pub fn save(&self, dir: &Path) -> Result<(), EnrollError> {
+        let json =
+            serde_json::to_vec_pretty(self).map_err(|e| EnrollError::State(e.to_string()))?;
+        write_atomic(&dir.join(STATE_FILE), &json, 0o644)
+    }
 }
 
 /// An HTTPS client that trusts only `ca_pem` (ring provider, TLS 1.3).
 pub fn http_client(ca_pem: &[u8]) -> Result<reqwest::Client, EnrollError> {
+    http_client_with(ca_pem, None)
+}
+
+/// As [`http_client`], presenting `identity` (certificate chain PEM, key PEM) as the
+/// client certificate: how the agent renews.
+pub fn http_client_with(
+    ca_pem: &[u8],
+    identity: Option<(&[u8], &[u8])>,
+) -> Result<reqwest::Client, EnrollError> {
     let mut roots = rustls::RootCertStore::empty();
     for cert in rustls_pemfile::certs(&mut &ca_pem[..]).flatten() {
         roots.add(cert).map_err(|_| EnrollError::NoCa)?;
@@ -129,11 +176,23 @@ pub fn http_client(ca_pem: &[u8]) -> Result<reqwest::Client, EnrollError> {
         return Err(EnrollError::NoCa);
     }
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+    let tls = rustls::ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| EnrollError::Transport(e.to_string()))?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+        .with_root_certificates(roots);
+    let mut tls = match identity {
+        None => tls.with_no_client_auth(),
+        Some((chain_pem, key_pem)) => {
+            let chain = rustls_pemfile::certs(&mut &chain_pem[..])
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| EnrollError::Key(format!("current certificate: {e}")))?;
+            let key = rustls_pemfile::private_key(&mut &key_pem[..])
+                .map_err(|e| EnrollError::Key(format!("current key: {e}")))?
+                .ok_or_else(|| EnrollError::Key("no current key".into()))?;
+            tls.with_client_auth_cert(chain, key)
+                .map_err(|e| EnrollError::Key(format!("current credential: {e}")))?
+        }
+    };
     tls.alpn_protocols = vec![b"http/1.1".to_vec()];
     reqwest::Client::builder()
         .use_preconfigured_tls(tls)
@@ -143,7 +202,7 @@ pub fn http_client(ca_pem: &[u8]) -> Result<reqwest::Client, EnrollError> {
         .map_err(|e| EnrollError::Transport(e.to_string()))
 }
 
-async fn post<T: serde::de::DeserializeOwned>(
+pub(crate) async fn post<T: serde::de::DeserializeOwned>(
     client: &reqwest::Client,
     url: String,
     body: &serde_json::Value,
@@ -223,6 +282,8 @@ pub async fn enroll(opts: &EnrollOptions) -> Result<EnrollState, EnrollError> {
         brokers: resp.brokers,
         fingerprint: resp.fingerprint,
         not_after: resp.not_after,
+        proof: Some(opts.proof.spec()),
+        manual_renewal_generation: 0,
     };
     store_credential(
         &opts.state_dir,
@@ -260,9 +321,7 @@ pub fn store_credential(
     write_atomic(&old_key, key_pem.as_bytes(), 0o600)?;
     write_atomic(&old_cert, chain_pem.as_bytes(), 0o644)?;
     write_atomic(&dir.join(CA_FILE), ca_pem.as_bytes(), 0o644)?;
-    let json = serde_json::to_vec_pretty(state).map_err(|e| EnrollError::Key(e.to_string()))?;
-    write_atomic(&dir.join(STATE_FILE), &json, 0o644)?;
-    Ok(())
+    state.save(dir)
 }
 
 /// Write `data` to `path` via a temporary sibling: create with `mode`, write, fsync,

@@ -54,6 +54,12 @@ pub enum AgentEvent {
         /// How it ended.
         outcome: CommandOutcome,
     },
+    /// The broker relayed an operator's request to renew the certificate now (the
+    /// appliance's manual-renewal generation rose to `generation`).
+    RenewalRequested {
+        /// The new generation.
+        generation: u64,
+    },
     /// The run loop stopped (shutdown requested).
     Stopped,
 }

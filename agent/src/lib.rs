@@ -20,6 +20,7 @@
 //!   into any `AsyncWrite`.
 //! - [`enroll`]: first enrollment with control (key made here, CSR, one-time proof) and
 //!   crash-safe credential storage.
+//! - [`renew`]: renewal over mTLS and unattended re-enrollment with a platform proof.
 //! - [`agent`]: [`Agent`], the connect / session / reconnect loop, and [`BrokerAddr`].
 //! - [`backoff`]: full-jitter exponential [`Backoff`].
 //! - [`event`]: [`AgentEvent`] and [`DisconnectReason`].
@@ -53,6 +54,7 @@ pub mod enroll;
 pub mod error;
 pub mod event;
 pub mod proof;
+pub mod renew;
 pub mod session;
 pub mod spiffe;
 pub mod tls;

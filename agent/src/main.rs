@@ -12,6 +12,7 @@ use tether_agent::config::{
     ENV_CONNECT_TIMEOUT, ENV_LOG_FORMAT, ENV_MAX_CONCURRENT_COMMANDS, ENV_MAX_FRAME_LEN,
     ENV_OUTPUT_CHUNK_BYTES, ENV_REVOKED_BACKOFF, ENV_STATE_DIR,
 };
+use tether_agent::enroll::EnrollState;
 use tether_agent::{client_endpoint, Agent, AgentConfig, BrokerAddr, Credentials};
 use tokio_util::sync::CancellationToken;
 
@@ -193,6 +194,17 @@ struct RunArgs {
     #[arg(long, env = ENV_CONNECT_TIMEOUT, value_parser = humantime::parse_duration,
           value_name = "DURATION")]
     connect_timeout: Option<Duration>,
+
+    /// Renew the certificate with control when less than this is left (enrolled
+    /// appliances only: state.json names control).
+    #[arg(long, env = "TETHER_AGENT_RENEW_BEFORE", value_parser = humantime::parse_duration,
+          default_value = "1d", value_name = "DURATION")]
+    renew_before: Duration,
+
+    /// How often to look at the certificate's expiry (and retry a failed renewal).
+    #[arg(long, env = "TETHER_AGENT_RENEW_CHECK_EVERY", value_parser = humantime::parse_duration,
+          default_value = "1h", value_name = "DURATION")]
+    renew_check_every: Duration,
 }
 
 /// Everything `run` needs, after layering flags, environment, file and defaults.
@@ -202,6 +214,8 @@ struct Settings {
     log_format: LogFormat,
     bind: Option<SocketAddr>,
     agent: AgentConfig,
+    renew_before: Duration,
+    renew_check_every: Duration,
 }
 
 impl RunArgs {
@@ -234,10 +248,15 @@ impl RunArgs {
         let Some(state_dir) = self.state_dir.or(file.state_dir) else {
             bail!("no state directory: pass --state-dir or set {ENV_STATE_DIR}");
         };
-        let brokers = if self.brokers.is_empty() {
-            file.brokers
-        } else {
-            self.brokers
+        let brokers = match (self.brokers.is_empty(), file.brokers.is_empty()) {
+            (false, _) => self.brokers,
+            (true, false) => file.brokers,
+            // Enrolled appliances know their brokers from control.
+            (true, true) => EnrollState::load(&state_dir)
+                .ok()
+                .flatten()
+                .map(|s| s.brokers)
+                .unwrap_or_default(),
         };
         let brokers = brokers
             .iter()
@@ -260,6 +279,8 @@ impl RunArgs {
             log_format,
             bind: self.bind,
             agent,
+            renew_before: self.renew_before,
+            renew_check_every: self.renew_check_every,
         })
     }
 }
@@ -306,40 +327,140 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     init_logging(settings.log_format);
     tracing::info!(version = env!("CARGO_PKG_VERSION"), config = ?settings.agent, "tether-agent starting");
 
-    let creds = Credentials::load(&settings.state_dir).with_context(|| {
-        format!(
-            "cannot load credentials from {}",
-            settings.state_dir.display()
-        )
-    })?;
-    tracing::info!(
-        appliance_id = creds.appliance_id(),
-        trust_domain = creds.trust_domain(),
-        fingerprint = creds.fingerprint(),
-        not_after_ms = creds.not_after_ms(),
-        "credentials loaded"
-    );
-
+    let shutdown = CancellationToken::new();
+    stop_on_signals(shutdown.clone())?;
     let endpoint = endpoint(settings.bind)?;
     tracing::info!(local_addr = %endpoint.local_addr()?, "quic endpoint bound");
 
-    let shutdown = CancellationToken::new();
-    stop_on_signals(shutdown.clone())?;
-    let agent = Agent::new(settings.agent, creds, endpoint.clone(), settings.brokers)?;
-    agent.run(shutdown).await?;
-
-    // The session was already closed with `Normal`; this also abandons a handshake that
-    // was in flight, then waits (bounded) for the CONNECTION_CLOSE to go out.
-    let normal = tether_proto::CloseCode::Normal;
-    endpoint.close(
-        quinn::VarInt::from_u32(normal.code()),
-        normal.as_str().as_bytes(),
-    );
-    let flushed = tokio::time::timeout(CLOSE_FLUSH_TIMEOUT, endpoint.wait_idle())
-        .await
-        .is_ok();
-    tracing::info!(flushed, "tether-agent stopped");
+    // One agent per credential: when the certificate is renewed, the session is closed
+    // normally and a new agent connects at once with the new one.
+    loop {
+        let creds = load_credentials(&settings.state_dir).await?;
+        tracing::info!(
+            appliance_id = creds.appliance_id(),
+            trust_domain = creds.trust_domain(),
+            fingerprint = creds.fingerprint(),
+            not_after_ms = creds.not_after_ms(),
+            "credentials loaded"
+        );
+        let agent = Agent::new(
+            settings.agent.clone(),
+            creds.clone(),
+            endpoint.clone(),
+            settings.brokers.clone(),
+        )?;
+        let events = agent.events();
+        let stop_agent = shutdown.child_token();
+        let running = tokio::spawn(agent.run(stop_agent.clone()));
+        let renewed = keep_renewed(&settings, &creds, events, &shutdown).await;
+        stop_agent.cancel();
+        running.await??;
+        if !renewed || shutdown.is_cancelled() {
+            break;
+        }
+        tracing::info!("certificate renewed; reconnecting with it");
+    }
+    let _ = tokio::time::timeout(CLOSE_FLUSH_TIMEOUT, endpoint.wait_idle()).await;
     Ok(())
+}
+
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+/// The stored credential, or — when it expired or is unusable (e.g. a crash between the
+/// key and certificate writes) and the appliance enrolled with a platform proof — a new
+/// one from a fresh enrollment.
+async fn load_credentials(dir: &std::path::Path) -> anyhow::Result<Credentials> {
+    let problem = match Credentials::load(dir) {
+        Ok(c) if c.not_after_ms() / 1000 > unix_now() => return Ok(c),
+        Ok(c) => format!("the certificate expired at {} ms", c.not_after_ms()),
+        Err(e) => e.to_string(),
+    };
+    if EnrollState::load(dir)?.is_none() {
+        bail!("cannot use the credentials in {}: {problem}", dir.display());
+    }
+    tracing::warn!(problem = %problem, "stored credential unusable; enrolling again with a fresh platform proof");
+    let state = tether_agent::renew::recover(dir)
+        .await
+        .with_context(|| format!("cannot recover from: {problem}"))?;
+    tracing::info!(fingerprint = %state.fingerprint, "enrolled again");
+    Credentials::load(dir)
+        .with_context(|| format!("loading the new credential in {}", dir.display()))
+}
+
+/// Renew when due (expiry threshold, or an operator's request relayed by the broker).
+/// Returns `true` once renewed, `false` on shutdown.
+async fn keep_renewed(
+    settings: &Settings,
+    creds: &Credentials,
+    mut events: tokio::sync::broadcast::Receiver<tether_agent::AgentEvent>,
+    shutdown: &CancellationToken,
+) -> bool {
+    let dir = &settings.state_dir;
+    let mut requested: u64 = 0;
+    let mut wait = Duration::ZERO;
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return false,
+            _ = tokio::time::sleep(wait) => {}
+            ev = events.recv() => {
+                if let Ok(tether_agent::AgentEvent::RenewalRequested { generation }) = ev {
+                    requested = requested.max(generation);
+                } else {
+                    continue;
+                }
+            }
+        }
+        wait = settings.renew_check_every;
+        let state = match EnrollState::load(dir) {
+            Ok(Some(s)) => s,
+            Ok(None) => {
+                tracing::debug!("no state.json: this credential is renewed by hand");
+                continue;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read state.json; not renewing");
+                continue;
+            }
+        };
+        let manual = requested > state.manual_renewal_generation;
+        let due = tether_agent::renew::renewal_due(
+            creds.not_after_ms() / 1000,
+            unix_now(),
+            settings.renew_before,
+        );
+        if !manual && !due {
+            continue;
+        }
+        tracing::info!(manual, due, "renewing the certificate");
+        match tether_agent::renew::renew(dir).await {
+            Ok(mut new) => {
+                if manual {
+                    new.manual_renewal_generation = requested;
+                    if let Err(e) = new.save(dir) {
+                        tracing::warn!(error = %e, "cannot record the renewal generation");
+                    }
+                }
+                tracing::info!(fingerprint = %new.fingerprint, not_after = new.not_after, "certificate renewed");
+                return true;
+            }
+            Err(e) => {
+                // Retry sooner than the next check, with jitter, unless control said no
+                // for good (revoked, disabled, not allowed): then the log says why.
+                if let tether_agent::enroll::EnrollError::Refused { status: 403, .. } = e {
+                    tracing::error!(error = %e, "control refused the renewal");
+                } else {
+                    tracing::warn!(error = %e, "renewal failed; will retry");
+                    let retry = settings.renew_check_every.min(Duration::from_secs(300));
+                    wait = retry.mul_f64(0.5 + fastrand::f64() / 2.0);
+                }
+            }
+        }
+    }
 }
 
 fn main() -> anyhow::Result<()> {

@@ -271,8 +271,14 @@ impl Driver<'_> {
                         tracing::trace!(seq = ack.seq, "heartbeat acknowledged");
                     }
                     tether_proto::AgentEvent::RenewalRequested { generation } => {
-                        tracing::warn!(generation,
-                            "broker requests certificate renewal (renewal is not implemented by this agent yet)");
+                        tracing::info!(
+                            generation,
+                            "broker relays a request to renew the certificate"
+                        );
+                        let _ = self
+                            .ctx
+                            .events
+                            .send(AgentEvent::RenewalRequested { generation });
                     }
                     tether_proto::AgentEvent::GoAway(g) => {
                         tracing::info!(reason = ?g.reason, reconnect_after_ms = g.reconnect_after_ms,

@@ -2,6 +2,10 @@
 //!
 //! - `POST /v1/enroll/challenge` → `{"nonce": "...", "expires_at": <unix s>}`
 //! - `POST /v1/enroll` → certificate chain, CA, brokers, expiry (see [`crate::enroll`]).
+//! - `POST /v1/renew` (mTLS with the current appliance certificate) → the same answer as
+//!   enrollment (see [`crate::renew`]).
+//! - `GET /v1/fleet/trust` (mTLS, an operator certificate) → counts by trust state and
+//!   the active alerts (see [`crate::trust`]).
 //! - `GET /healthz`
 //!
 //! Errors are JSON `{"error": "<stable_code>", "message": "..."}` with the HTTP status that
@@ -88,6 +92,8 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/v1/enroll/challenge", post(challenge))
         .route("/v1/enroll", post(enroll_handler))
+        .route("/v1/renew", post(renew_handler))
+        .route("/v1/fleet/trust", get(fleet_trust_handler))
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .with_state(state)
 }
@@ -123,4 +129,49 @@ fn json_rejection(e: axum::extract::rejection::JsonRejection) -> ApiError {
     } else {
         ApiError::new(StatusCode::BAD_REQUEST, "bad_request", e.body_text())
     }
+}
+
+async fn renew_handler(
+    State(s): State<AppState>,
+    axum::Extension(peer): axum::Extension<crate::server::PeerCertificate>,
+    body: Result<Json<crate::renew::RenewRequest>, axum::extract::rejection::JsonRejection>,
+) -> Result<Json<enroll::EnrollResponse>, ApiError> {
+    let Json(req) = body.map_err(json_rejection)?;
+    crate::renew::renew(&s, &peer, req, crate::now_unix())
+        .await
+        .map(Json)
+}
+
+/// The operator a request authenticated as: 401 without a client certificate, 403 with
+/// one that is not an operator's. (Roles and operator records come with the operator API.)
+fn require_operator(
+    s: &AppState,
+    peer: &crate::server::PeerCertificate,
+) -> Result<String, ApiError> {
+    let der = peer.0.as_deref().ok_or_else(|| {
+        ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "client_certificate_required",
+            "this route needs an operator certificate (mutual TLS)",
+        )
+    })?;
+    match crate::identity::identify(der, s.ca.trust_domain()) {
+        Ok(crate::identity::PeerIdentity::Operator(name)) => Ok(name),
+        _ => Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "operator_required",
+            "this route is for operators",
+        )),
+    }
+}
+
+async fn fleet_trust_handler(
+    State(s): State<AppState>,
+    axum::Extension(peer): axum::Extension<crate::server::PeerCertificate>,
+) -> Result<Json<crate::trust::FleetTrust>, ApiError> {
+    require_operator(&s, &peer)?;
+    crate::trust::fleet_trust(s.store.as_ref(), &s.config.trust, crate::now_unix())
+        .await
+        .map(Json)
+        .map_err(crate::enroll::internal)
 }

@@ -51,6 +51,36 @@ pub struct ControlConfig {
     pub enroll: EnrollSettings,
     /// Platform proof verifiers (AWS STS endpoints, GCP and Kubernetes key sources).
     pub proofs: crate::proof::ProofSettings,
+    /// Trust-state thresholds.
+    pub trust: crate::trust::TrustSettings,
+    /// Validity of the certificates control issues.
+    pub certificates: CertificateSettings,
+}
+
+/// `[certificates]`: validity lengths of issued leaves (the root and intermediate are
+/// fixed at init: 10 and 2 years).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CertificateSettings {
+    /// Appliance certificates. Default 30 days.
+    #[serde(with = "humantime_serde")]
+    pub appliance: Duration,
+    /// Broker certificates. Default 30 days.
+    #[serde(with = "humantime_serde")]
+    pub broker: Duration,
+    /// Operator certificates. Default 365 days.
+    #[serde(with = "humantime_serde")]
+    pub operator: Duration,
+}
+
+impl Default for CertificateSettings {
+    fn default() -> Self {
+        CertificateSettings {
+            appliance: crate::ca::DEFAULT_APPLIANCE_VALIDITY,
+            broker: crate::ca::DEFAULT_BROKER_VALIDITY,
+            operator: crate::ca::DEFAULT_OPERATOR_VALIDITY,
+        }
+    }
 }
 
 /// `[enroll]`
@@ -66,6 +96,9 @@ pub struct EnrollSettings {
     /// Overlap after renewal. Default 24 h.
     #[serde(with = "humantime_serde")]
     pub renewal_overlap: Duration,
+    /// How often `serve` removes previous certificates whose overlap ended. Default 30 s.
+    #[serde(with = "humantime_serde")]
+    pub overlap_sweep: Duration,
 }
 
 impl Default for EnrollSettings {
@@ -74,6 +107,7 @@ impl Default for EnrollSettings {
             nonce_ttl: DEFAULT_NONCE_TTL,
             token_ttl: DEFAULT_TOKEN_TTL,
             renewal_overlap: DEFAULT_RENEWAL_OVERLAP,
+            overlap_sweep: Duration::from_secs(30),
         }
     }
 }
@@ -92,6 +126,8 @@ impl Default for ControlConfig {
             ],
             enroll: EnrollSettings::default(),
             proofs: crate::proof::ProofSettings::default(),
+            trust: crate::trust::TrustSettings::default(),
+            certificates: CertificateSettings::default(),
         }
     }
 }
@@ -174,6 +210,18 @@ impl ControlConfig {
             return Err(ConfigError::Invalid {
                 field: "trust_domain",
                 reason: "required; lowercase letters, digits, '.', '-', '_'".into(),
+            });
+        }
+        if self.trust.renewal_due > self.trust.renewal_recommended {
+            return Err(ConfigError::Invalid {
+                field: "trust.renewal_due",
+                reason: "must not be longer than trust.renewal_recommended".into(),
+            });
+        }
+        if self.enroll.overlap_sweep.is_zero() {
+            return Err(ConfigError::Invalid {
+                field: "enroll.overlap_sweep",
+                reason: "must be positive".into(),
             });
         }
         if self.enroll.nonce_ttl.is_zero() {

@@ -110,7 +110,7 @@ pub fn rfc3339(unix: i64) -> String {
         .unwrap_or_default()
 }
 
-fn internal(e: impl std::fmt::Display) -> ApiError {
+pub(crate) fn internal(e: impl std::fmt::Display) -> ApiError {
     warn!(error = %e, "internal error");
     ApiError::new(
         StatusCode::INTERNAL_SERVER_ERROR,
@@ -303,8 +303,21 @@ pub async fn enroll(
             }
         }
     }
+    issue_and_record(s, id, &req.csr_pem, now, 0, "appliance enrolled").await
+}
+
+/// Issue a certificate for appliance `id` from `csr_pem` (already checked), record it as
+/// the current one (the previous stays allowed for `overlap_secs`), and build the answer.
+pub(crate) async fn issue_and_record(
+    s: &AppState,
+    id: &str,
+    csr_pem: &str,
+    now: i64,
+    overlap_secs: i64,
+    what: &'static str,
+) -> Result<EnrollResponse, ApiError> {
     let ca = s.ca.clone();
-    let csr = req.csr_pem.clone();
+    let csr = csr_pem.to_owned();
     let owned_id = id.to_owned();
     let issued = tokio::task::spawn_blocking(move || {
         ca.issue_appliance(&owned_id, &csr, time::OffsetDateTime::now_utc())
@@ -312,7 +325,14 @@ pub async fn enroll(
     .await
     .map_err(internal)?
     .map_err(|e| match e {
-        crate::ca::CaError::Csr(c) => refused(StatusCode::BAD_REQUEST, c.code(), c.to_string()),
+        crate::ca::CaError::Csr(c) => {
+            warn!(
+                appliance = id,
+                code = c.code(),
+                "certificate request refused"
+            );
+            ApiError::new(StatusCode::BAD_REQUEST, c.code(), c.to_string())
+        }
         other => internal(other),
     })?;
     let record = CertRecord {
@@ -325,7 +345,7 @@ pub async fn enroll(
     };
     let deltas = s
         .store
-        .record_certificate(&record, now, 0)
+        .record_certificate(&record, now, overlap_secs)
         .await
         .map_err(internal)?;
     info!(
@@ -333,7 +353,7 @@ pub async fn enroll(
         serial = %issued.serial_hex,
         fingerprint = %issued.fingerprint_hex,
         allowlist_version = deltas.last().map(|d| d.version),
-        "appliance enrolled"
+        "{what}"
     );
     Ok(EnrollResponse {
         appliance_id: id.to_owned(),

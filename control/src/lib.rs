@@ -9,6 +9,9 @@
 //!   appliances, certificates, tokens, nonces, used proofs, and the versioned allowlist.
 //! - [`enroll`] — enrollment: challenge, proof, issuance, recording.
 //! - [`proof`] — AWS, GCP and Kubernetes platform proofs.
+//! - [`renew`] — renewal over mTLS, and the overlap expiry.
+//! - [`identity`] — which identity a verified client certificate names.
+//! - [`trust`] — trust states and the fleet summary.
 //! - [`token`] — one-time tokens and nonces (only hashes are stored).
 //! - [`api`] / [`server`] — the HTTPS API.
 //! - [`config`] — `control.toml` in the data directory.
@@ -19,10 +22,13 @@ pub mod api;
 pub mod ca;
 pub mod config;
 pub mod enroll;
+pub mod identity;
 pub mod proof;
+pub mod renew;
 pub mod server;
 pub mod store;
 pub mod token;
+pub mod trust;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -41,6 +47,9 @@ pub fn ca_config(cfg: &config::ControlConfig) -> ca::CaConfig {
         trust_domain: cfg.trust_domain.clone(),
         control_dns_names: cfg.dns_names.clone(),
         control_ips: cfg.ips.clone(),
+        appliance_validity: cfg.certificates.appliance,
+        broker_validity: cfg.certificates.broker,
+        operator_validity: cfg.certificates.operator,
         ..ca::CaConfig::default()
     }
 }

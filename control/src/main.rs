@@ -77,6 +77,34 @@ enum Cmd {
     /// Enrollment tokens.
     #[command(subcommand)]
     Token(TokenCmd),
+    /// The fleet as a whole.
+    #[command(subcommand)]
+    Fleet(FleetCmd),
+    /// The allowlist brokers enforce.
+    #[command(subcommand)]
+    Allowlist(AllowlistCmd),
+}
+
+#[derive(Debug, Subcommand)]
+enum AllowlistCmd {
+    /// Print the allowlist in the standalone broker's file format (`<appliance-id>
+    /// <sha256-hex>` per line), for a broker that does not follow control yet.
+    Export {
+        #[command(flatten)]
+        dir: DataDir,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum FleetCmd {
+    /// Counts by trust state and the active trust alerts.
+    Trust {
+        #[command(flatten)]
+        dir: DataDir,
+        /// Print JSON (the same document as GET /v1/fleet/trust).
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -135,6 +163,14 @@ enum ApplianceCmd {
     },
     /// Enable a disabled appliance.
     Enable {
+        #[command(flatten)]
+        dir: DataDir,
+        /// Appliance id.
+        id: String,
+    },
+    /// Ask the appliance to renew now (bumps its manual-renewal generation, which reaches
+    /// the agent with its next heartbeat answer).
+    Renew {
         #[command(flatten)]
         dir: DataDir,
         /// Appliance id.
@@ -265,9 +301,47 @@ async fn main() -> anyhow::Result<()> {
                 }
                 trigger.cancel();
             });
+            tokio::spawn(tether_control::renew::expire_overlaps_forever(
+                state.store.clone(),
+                state.config.enroll.overlap_sweep,
+                shutdown.clone(),
+            ));
             tether_control::server::serve(state, listener, shutdown).await?;
         }
         Cmd::Appliance(cmd) => appliance(cmd, now).await?,
+        Cmd::Allowlist(AllowlistCmd::Export { dir }) => {
+            let (_, store) = open(&dir.data_dir).await?;
+            let (version, entries) = store.allowlist_snapshot().await?;
+            println!("# tether allowlist, version {version}");
+            for (id, fingerprint) in entries {
+                println!("{id} {fingerprint}");
+            }
+        }
+        Cmd::Fleet(FleetCmd::Trust { dir, json }) => {
+            let (cfg, store) = open(&dir.data_dir).await?;
+            let fleet = tether_control::trust::fleet_trust(store.as_ref(), &cfg.trust, now).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&fleet)?);
+            } else {
+                println!("{} appliance(s), {} disabled", fleet.total, fleet.disabled);
+                for state in tether_control::trust::TrustState::ALL {
+                    println!("  {:<20} {}", state.as_str(), fleet.counts[state.as_str()]);
+                }
+                if fleet.alerts.is_empty() {
+                    println!("no trust alerts");
+                }
+                for a in &fleet.alerts {
+                    println!(
+                        "ALERT {} ({}) {} not_after {}: {}",
+                        a.appliance_id,
+                        a.tenant,
+                        a.state.as_str(),
+                        a.not_after,
+                        a.message
+                    );
+                }
+            }
+        }
         Cmd::Token(TokenCmd::Create { dir, id, ttl }) => {
             let (cfg, store) = open(&dir.data_dir).await?;
             if store.get_appliance(&id).await?.is_none() {
@@ -325,17 +399,22 @@ async fn appliance(cmd: ApplianceCmd, now: i64) -> anyhow::Result<()> {
             println!("registered {id}");
         }
         ApplianceCmd::Show { dir, id } => {
-            let (_, store) = open(&dir.data_dir).await?;
+            let (cfg, store) = open(&dir.data_dir).await?;
             let a = store
                 .get_appliance(&id)
                 .await?
                 .with_context(|| format!("appliance {id} is not registered"))?;
+            let current = store.current_certificate(&id).await?;
+            let trust =
+                tether_control::trust::evaluate(a.status, current.as_ref(), now, &cfg.trust);
             println!(
-                "id:       {}\ntenant:   {}\nstatus:   {:?}\nbinding:  {}",
+                "id:       {}\ntenant:   {}\nstatus:   {:?}\ntrust:    {}\nbinding:  {}\nrenewal generation: {}",
                 a.id,
                 a.tenant,
                 a.status,
-                serde_json::to_string(&a.binding)?
+                trust.as_str(),
+                serde_json::to_string(&a.binding)?,
+                a.manual_renewal_generation
             );
             for c in store.certificates(&id).await? {
                 println!(
@@ -352,6 +431,11 @@ async fn appliance(cmd: ApplianceCmd, now: i64) -> anyhow::Result<()> {
         }
         ApplianceCmd::Enable { dir, id } => {
             set_status(&dir.data_dir, &id, ApplianceStatus::Active, now).await?
+        }
+        ApplianceCmd::Renew { dir, id } => {
+            let (_, store) = open(&dir.data_dir).await?;
+            let generation = store.bump_manual_renewal(&id).await?;
+            println!("{id}: manual renewal generation {generation}");
         }
     }
     Ok(())

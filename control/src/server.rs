@@ -16,18 +16,40 @@ use crate::api::{router, AppState};
 pub const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The rustls server config for the control API.
-pub fn tls_config(chain_pem: &str, key_pem: &str) -> anyhow::Result<rustls::ServerConfig> {
+///
+/// A client certificate is optional (enrollment has none) but, when presented, must chain
+/// to `root_der` through the intermediate the client sends, be within its validity and
+/// carry clientAuth; rustls (webpki) checks that before any handler runs. Handlers then
+/// decide what the verified identity may do ([`PeerCertificate`]).
+pub fn tls_config(
+    chain_pem: &str,
+    key_pem: &str,
+    root_der: &[u8],
+) -> anyhow::Result<rustls::ServerConfig> {
     let chain = rustls_pemfile::certs(&mut chain_pem.as_bytes()).collect::<Result<Vec<_>, _>>()?;
     let key = rustls_pemfile::private_key(&mut key_pem.as_bytes())?
         .ok_or_else(|| anyhow::anyhow!("no private key for the control certificate"))?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(rustls::pki_types::CertificateDer::from(root_der.to_vec()))?;
+    let client_verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+        Arc::new(roots),
+        provider.clone(),
+    )
+    .allow_unauthenticated()
+    .build()?;
     let mut tls = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
-        .with_no_client_auth()
+        .with_client_cert_verifier(client_verifier)
         .with_single_cert(chain, key)?;
     tls.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(tls)
 }
+
+/// The leaf certificate the client presented, DER, already verified by rustls to chain
+/// to our root; `None` when the client sent none.
+#[derive(Clone, Debug)]
+pub struct PeerCertificate(pub Option<Arc<[u8]>>);
 
 /// Serve the API on `listener` until `shutdown`.
 pub async fn serve(
@@ -35,9 +57,13 @@ pub async fn serve(
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let tls = tls_config(&state.ca.control_chain_pem(), &state.ca.control_key_pem())?;
+    let tls = tls_config(
+        &state.ca.control_chain_pem(),
+        &state.ca.control_key_pem(),
+        state.ca.root_der(),
+    )?;
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
-    let service = TowerToHyperService::new(router(state));
+    let app = router(state);
     info!(listen = %listener.local_addr()?, "control API listening (HTTPS)");
     loop {
         let (tcp, remote) = tokio::select! {
@@ -52,7 +78,7 @@ pub async fn serve(
             },
         };
         let acceptor = acceptor.clone();
-        let service = service.clone();
+        let app = app.clone();
         tokio::spawn(async move {
             let tls = match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await
             {
@@ -60,6 +86,22 @@ pub async fn serve(
                 Ok(Err(e)) => return debug!(%remote, error = %e, "TLS handshake failed"),
                 Err(_) => return debug!(%remote, "TLS handshake timed out"),
             };
+            // The verified client certificate (if any) travels with every request of
+            // this connection.
+            let peer = PeerCertificate(
+                tls.get_ref()
+                    .1
+                    .peer_certificates()
+                    .and_then(|c| c.first())
+                    .map(|c| Arc::<[u8]>::from(c.as_ref())),
+            );
+            let service = TowerToHyperService::new(tower::ServiceExt::map_request(
+                app,
+                move |mut req: axum::http::Request<hyper::body::Incoming>| {
+                    req.extensions_mut().insert(peer.clone());
+                    req
+                },
+            ));
             let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
             if let Err(e) = builder.serve_connection(TokioIo::new(tls), service).await {
                 debug!(%remote, error = %e, "connection ended with an error");

@@ -4,6 +4,8 @@
 
 #![allow(dead_code)]
 
+pub mod control;
+
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -458,6 +460,12 @@ pub fn http() -> reqwest::Client {
         let _ = rustls::crypto::ring::default_provider().install_default();
     });
     reqwest::Client::new()
+}
+
+/// An HTTPS client that trusts only the root in `root_pem_file` and presents no
+/// certificate.
+pub fn http_pinned(root_pem_file: &Path) -> reqwest::Client {
+    tether_agent::enroll::http_client(&std::fs::read(root_pem_file).unwrap()).unwrap()
 }
 
 /// POST a command to the broker's admin API; returns the status and the NDJSON lines.

@@ -2,6 +2,10 @@
 //! bound to the enrollment nonce (AWS STS, GCP instance identity, Kubernetes
 //! ServiceAccount token). Control checks each against the appliance's recorded binding.
 
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
 use crate::enroll::EnrollError;
 
 pub mod aws;
@@ -57,5 +61,67 @@ impl EnrollProof {
     /// only when this is true.
     pub fn renewable_unattended(&self) -> bool {
         !matches!(self, EnrollProof::Token(_))
+    }
+}
+
+/// How the appliance enrolled, without any secret: recorded in `state.json` so the agent
+/// can make a fresh platform proof on its own when its certificate expired offline.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum ProofSpec {
+    /// One-time token: a new one must come from an operator.
+    Token,
+    /// AWS STS.
+    Aws {
+        /// STS endpoint.
+        sts_url: String,
+        /// Signing region.
+        region: String,
+    },
+    /// GCP metadata server.
+    Gcp {
+        /// Metadata server base URL.
+        metadata_url: String,
+    },
+    /// Kubernetes projected token.
+    K8s {
+        /// Token file.
+        token_file: PathBuf,
+    },
+}
+
+impl EnrollProof {
+    /// The secret-free description of this proof.
+    pub fn spec(&self) -> ProofSpec {
+        match self {
+            EnrollProof::Token(_) => ProofSpec::Token,
+            EnrollProof::Aws(s) => ProofSpec::Aws {
+                sts_url: s.sts_url.clone(),
+                region: s.region.clone(),
+            },
+            EnrollProof::Gcp(s) => ProofSpec::Gcp {
+                metadata_url: s.metadata_url.clone(),
+            },
+            EnrollProof::K8s(s) => ProofSpec::K8s {
+                token_file: s.token_file.clone(),
+            },
+        }
+    }
+
+    /// The proof to make again from `spec`; `None` for a token (it cannot be remade).
+    pub fn from_spec(spec: &ProofSpec) -> Option<EnrollProof> {
+        match spec {
+            ProofSpec::Token => None,
+            ProofSpec::Aws { sts_url, region } => Some(EnrollProof::Aws(aws::AwsSource {
+                sts_url: sts_url.clone(),
+                region: region.clone(),
+            })),
+            ProofSpec::Gcp { metadata_url } => Some(EnrollProof::Gcp(gcp::GcpSource {
+                metadata_url: metadata_url.clone(),
+            })),
+            ProofSpec::K8s { token_file } => Some(EnrollProof::K8s(k8s::K8sSource {
+                token_file: token_file.clone(),
+            })),
+        }
     }
 }

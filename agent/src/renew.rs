@@ -1,0 +1,117 @@
+//! Renewal and unattended re-enrollment.
+//!
+//! - [`renew`]: mutual TLS to control with the current credential, a fresh key and CSR,
+//!   `POST /v1/renew`; the new credential is stored crash-safely and the previous one kept
+//!   in `previous/` (control keeps allowing it for the overlap window).
+//! - [`renewal_due`]: whether the certificate is within `renew_before` of its expiry.
+//! - [`recover`]: the certificate expired (or the stored credential is unusable, e.g. a
+//!   crash between the key and certificate writes): on AWS, GCP or Kubernetes the agent
+//!   enrolls again with a fresh platform proof; a token-only appliance gets
+//!   [`EnrollError::NeedsToken`], which says what an operator must do.
+
+use std::path::Path;
+use std::time::Duration;
+
+use crate::credentials::{CA_FILE, CERT_FILE, KEY_FILE};
+use crate::enroll::{
+    enroll, http_client_with, key_and_csr, post, store_credential, EnrollError, EnrollOptions,
+    EnrollResponse, EnrollState,
+};
+use crate::proof::EnrollProof;
+
+/// Default: renew when less than this is left (the renewal-due threshold).
+pub const DEFAULT_RENEW_BEFORE: Duration = Duration::from_secs(86_400);
+/// Default: how often the agent looks at its expiry.
+pub const DEFAULT_CHECK_EVERY: Duration = Duration::from_secs(3_600);
+
+/// Whether a certificate ending at `not_after` (Unix s) is due for renewal at `now`.
+pub fn renewal_due(not_after: i64, now: i64, renew_before: Duration) -> bool {
+    not_after - now < renew_before.as_secs() as i64
+}
+
+fn read(dir: &Path, name: &str) -> Result<Vec<u8>, EnrollError> {
+    let path = dir.join(name);
+    std::fs::read(&path).map_err(|source| EnrollError::Io { path, source })
+}
+
+/// Renew the credential in `dir` with control (the URL in `state.json`). Returns the new
+/// state.
+pub async fn renew(dir: &Path) -> Result<EnrollState, EnrollError> {
+    let state = EnrollState::load(dir)?.ok_or_else(|| {
+        EnrollError::State(format!(
+            "{} has no state.json: this credential was not issued by control, renew it by hand",
+            dir.display()
+        ))
+    })?;
+    let (ca, chain, key) = (
+        read(dir, CA_FILE)?,
+        read(dir, CERT_FILE)?,
+        read(dir, KEY_FILE)?,
+    );
+    let client = http_client_with(&ca, Some((&chain, &key)))?;
+    let (new_key, csr_pem) = key_and_csr(&state.appliance_id)?;
+    let base = state.control_url.trim_end_matches('/');
+    let resp: EnrollResponse = post(
+        &client,
+        format!("{base}/v1/renew"),
+        &serde_json::json!({ "csr_pem": csr_pem }),
+    )
+    .await?;
+    let new_state = EnrollState {
+        brokers: resp.brokers,
+        fingerprint: resp.fingerprint,
+        not_after: resp.not_after,
+        ..state
+    };
+    store_credential(
+        dir,
+        &new_key,
+        &resp.certificate_pem,
+        &resp.ca_pem,
+        &new_state,
+    )?;
+    Ok(new_state)
+}
+
+/// Enroll again from scratch with a fresh platform proof, as `state.json` records it.
+pub async fn recover(dir: &Path) -> Result<EnrollState, EnrollError> {
+    let state = EnrollState::load(dir)?.ok_or_else(|| {
+        EnrollError::State(format!(
+            "{} has no state.json: enroll this appliance with `tether-agent enroll`",
+            dir.display()
+        ))
+    })?;
+    let proof = state
+        .proof
+        .as_ref()
+        .and_then(EnrollProof::from_spec)
+        .ok_or_else(|| EnrollError::NeedsToken(state.appliance_id.clone()))?;
+    let ca_pem = read(dir, CA_FILE)?;
+    let mut new_state = enroll(&EnrollOptions {
+        control_url: state.control_url.clone(),
+        ca_pem,
+        appliance_id: state.appliance_id.clone(),
+        proof,
+        state_dir: dir.to_owned(),
+    })
+    .await?;
+    // Keep what the old state knew about operator renewal requests.
+    if new_state.manual_renewal_generation < state.manual_renewal_generation {
+        new_state.manual_renewal_generation = state.manual_renewal_generation;
+        new_state.save(dir)?;
+    }
+    Ok(new_state)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn due_threshold() {
+        let day = DEFAULT_RENEW_BEFORE;
+        assert!(!renewal_due(1_000 + 86_400, 1_000, day));
+        assert!(renewal_due(1_000 + 86_399, 1_000, day));
+        assert!(renewal_due(500, 1_000, day));
+    }
+}

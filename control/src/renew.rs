@@ -1,0 +1,149 @@
+//! Renewal: an appliance with a valid, still-allowed certificate gets a new one.
+//!
+//! `POST /v1/renew` over mTLS, body `{"csr_pem": "..."}`. In order:
+//! 1. a client certificate was presented (rustls verified the chain to our root, the
+//!    validity window and clientAuth before this runs) — else 401;
+//! 2. it names an appliance of our trust domain (an operator or broker certificate can
+//!    never renew as an appliance) — else 403 `not_an_appliance`;
+//! 3. the appliance is active — else 403 `appliance_disabled` / `appliance_revoked`;
+//! 4. its SHA-256 is a certificate we issued to that appliance and is in the allowlist
+//!    now (current, or previous within its overlap) — a revoked or expired-out
+//!    certificate cannot renew — else 403 `certificate_not_allowed`;
+//! 5. the CSR proves possession of a key of an allowed type — else 400 `csr_*`.
+//!
+//! The new certificate becomes current; the one presented (and any other current one)
+//! stays allowed for the overlap window (`enroll.renewal_overlap`, default 24 h), after
+//! which [`expire_overlaps_forever`] removes it.
+
+use std::time::Duration;
+
+use axum::http::StatusCode;
+use serde::Deserialize;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::api::{ApiError, AppState};
+use crate::enroll::{internal, issue_and_record, EnrollResponse};
+use crate::identity::{identify, PeerIdentity};
+use crate::server::PeerCertificate;
+use crate::store::{ApplianceStatus, Store};
+
+/// Body of `POST /v1/renew`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RenewRequest {
+    /// PKCS#10 CSR for the new key, PEM.
+    pub csr_pem: String,
+}
+
+/// Renew the certificate the caller authenticated with.
+pub async fn renew(
+    s: &AppState,
+    peer: &PeerCertificate,
+    req: RenewRequest,
+    now: i64,
+) -> Result<EnrollResponse, ApiError> {
+    let refused = |status, code, message: String| {
+        warn!(code, %message, "renewal refused");
+        ApiError::new(status, code, message)
+    };
+    let der = peer.0.as_deref().ok_or_else(|| {
+        refused(
+            StatusCode::UNAUTHORIZED,
+            "client_certificate_required",
+            "renewal needs the appliance's current certificate (mutual TLS)".into(),
+        )
+    })?;
+    let id = match identify(der, s.ca.trust_domain()) {
+        Ok(PeerIdentity::Appliance(id)) => id,
+        Ok(other) => {
+            return Err(refused(
+                StatusCode::FORBIDDEN,
+                "not_an_appliance",
+                format!("{other:?} cannot renew as an appliance"),
+            ))
+        }
+        Err(e) => {
+            return Err(refused(
+                StatusCode::FORBIDDEN,
+                "not_an_appliance",
+                e.to_string(),
+            ))
+        }
+    };
+    let appliance = s
+        .store
+        .get_appliance(&id)
+        .await
+        .map_err(internal)?
+        .ok_or_else(|| {
+            refused(
+                StatusCode::FORBIDDEN,
+                "certificate_not_allowed",
+                format!("appliance {id} is not registered"),
+            )
+        })?;
+    match appliance.status {
+        ApplianceStatus::Active => {}
+        ApplianceStatus::Disabled => {
+            return Err(refused(
+                StatusCode::FORBIDDEN,
+                "appliance_disabled",
+                format!("appliance {id} is disabled"),
+            ))
+        }
+        ApplianceStatus::Revoked => {
+            return Err(refused(
+                StatusCode::FORBIDDEN,
+                "appliance_revoked",
+                format!("appliance {id} is revoked; it must enroll again with a fresh proof"),
+            ))
+        }
+    }
+    let fingerprint = crate::ca::fingerprint_hex(der);
+    match s
+        .store
+        .find_certificate(&fingerprint)
+        .await
+        .map_err(internal)?
+    {
+        Some((cert, true)) if cert.appliance_id == id => {}
+        _ => {
+            return Err(refused(
+                StatusCode::FORBIDDEN,
+                "certificate_not_allowed",
+                format!(
+                    "this certificate of {id} is not allowed any more (revoked, disabled or \
+                     past its overlap); the appliance must enroll again"
+                ),
+            ))
+        }
+    }
+    s.ca.check_csr(&req.csr_pem)
+        .map_err(|e| refused(StatusCode::BAD_REQUEST, e.code(), e.to_string()))?;
+    let overlap = s.config.enroll.renewal_overlap.as_secs() as i64;
+    issue_and_record(s, &id, &req.csr_pem, now, overlap, "appliance renewed").await
+}
+
+/// Remove previous certificates whose overlap ended, every `every`, until `shutdown`.
+pub async fn expire_overlaps_forever(
+    store: std::sync::Arc<dyn Store>,
+    every: Duration,
+    shutdown: CancellationToken,
+) {
+    loop {
+        match store.expire_overlaps(crate::now_unix()).await {
+            Ok(d) if !d.is_empty() => info!(
+                removed = d.len(),
+                allowlist_version = d.last().map(|d| d.version),
+                "renewal overlaps ended; previous certificates removed"
+            ),
+            Ok(_) => {}
+            Err(e) => warn!(error = %e, "cannot expire renewal overlaps; will retry"),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = shutdown.cancelled() => return,
+        }
+    }
+}

@@ -1,0 +1,266 @@
+//! The control plane for end-to-end tests: the real `tether-control` binary (init,
+//! register, tokens, serve on 127.0.0.1:0) and an HTTPS client pinned to its root.
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use serde_json::json;
+
+use super::{bin, TRUST_DOMAIN};
+
+/// `tether-control` with `args`; panics with its stderr if it fails.
+pub fn control(args: &[&str]) -> String {
+    let out = Command::new(bin("tether-control"))
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "tether-control {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+pub struct ControlProc {
+    pub child: Child,
+    pub addr: SocketAddr,
+}
+
+impl Drop for ControlProc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn serve(dir: &Path) -> ControlProc {
+    let mut child = Command::new(bin("tether-control"))
+        .args([
+            "--log-format",
+            "json",
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--data-dir",
+        ])
+        .arg(dir)
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut tx = Some(tx);
+        for line in BufReader::new(stderr).lines() {
+            let Ok(line) = line else { break };
+            if line.contains("control API listening") {
+                if let Some(tx) = tx.take() {
+                    let _ = tx.send(line.clone());
+                }
+            }
+            eprintln!("[control] {line}");
+        }
+    });
+    let line = rx
+        .recv_timeout(Duration::from_secs(30))
+        .expect("control started");
+    let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+    let addr = v["fields"]["listen"].as_str().unwrap().parse().unwrap();
+    ControlProc { child, addr }
+}
+
+pub struct Fleet {
+    pub _tmp: tempfile::TempDir,
+    pub data: PathBuf,
+    pub root: PathBuf,
+    pub control: ControlProc,
+}
+
+impl Fleet {
+    pub fn new() -> Fleet {
+        Fleet::with_config("")
+    }
+
+    /// As [`Fleet::new`], with `toml` merged into `control.toml` before `serve`.
+    pub fn with_config(toml: &str) -> Fleet {
+        let tmp = tempfile::tempdir().unwrap();
+        let data = tmp.path().join("control");
+        let d = data.to_str().unwrap();
+        control(&["init", "--data-dir", d, "--trust-domain", TRUST_DOMAIN]);
+        for id in ["app-1", "app-2"] {
+            control(&[
+                "appliance",
+                "register",
+                "--data-dir",
+                d,
+                id,
+                "--token-only",
+                "--tenant",
+                "acme",
+            ]);
+        }
+        let root = data.join("ca").join("root.pem");
+        assert!(root.exists());
+        merge_config(&data, toml);
+        let control = serve(&data);
+        Fleet {
+            _tmp: tmp,
+            data,
+            root,
+            control,
+        }
+    }
+
+    pub fn token(&self, id: &str) -> String {
+        let out = control(&[
+            "token",
+            "create",
+            "--data-dir",
+            self.data.to_str().unwrap(),
+            id,
+        ]);
+        out.lines().last().unwrap().trim().to_owned()
+    }
+
+    pub fn url(&self) -> String {
+        format!("https://127.0.0.1:{}", self.control.addr.port())
+    }
+
+    /// `tether-agent enroll`; Ok(stdout) or Err(stderr).
+    pub fn enroll(&self, id: &str, token: &str, state: &Path) -> Result<String, String> {
+        let out = Command::new(bin("tether-agent"))
+            .args([
+                "enroll",
+                "--control",
+                &self.url(),
+                "--id",
+                id,
+                "--token",
+                token,
+                "--ca",
+            ])
+            .arg(&self.root)
+            .arg("--state-dir")
+            .arg(state)
+            .output()
+            .unwrap();
+        if out.status.success() {
+            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        } else {
+            Err(String::from_utf8_lossy(&out.stderr).into_owned())
+        }
+    }
+
+    pub fn client(&self) -> reqwest::Client {
+        tether_agent::enroll::http_client(&std::fs::read(&self.root).unwrap()).unwrap()
+    }
+
+    pub async fn post(&self, path: &str, body: serde_json::Value) -> (u16, serde_json::Value) {
+        let resp = self
+            .client()
+            .post(format!("{}{path}", self.url()))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        let status = resp.status().as_u16();
+        (status, resp.json().await.unwrap_or(json!(null)))
+    }
+
+    pub async fn nonce(&self) -> String {
+        let (status, v) = self.post("/v1/enroll/challenge", json!({})).await;
+        assert_eq!(status, 200);
+        let expires = v["expires_at"].as_str().expect("expires_at is a string");
+        assert!(
+            time::OffsetDateTime::parse(expires, &time::format_description::well_known::Rfc3339)
+                .is_ok(),
+            "expires_at is RFC 3339: {v}"
+        );
+        v["nonce"].as_str().unwrap().to_owned()
+    }
+}
+
+/// Merge `extra` (TOML) into `DATA/control.toml`, table by table.
+pub fn merge_config(data: &Path, extra: &str) {
+    fn merge(into: &mut toml::Table, from: toml::Table) {
+        for (k, v) in from {
+            match (into.get_mut(&k), v) {
+                (Some(toml::Value::Table(a)), toml::Value::Table(b)) => merge(a, b),
+                (_, v) => {
+                    into.insert(k, v);
+                }
+            }
+        }
+    }
+    let path = data.join("control.toml");
+    let mut table: toml::Table = std::fs::read_to_string(&path).unwrap().parse().unwrap();
+    merge(&mut table, extra.parse().expect("valid TOML"));
+    std::fs::write(&path, toml::to_string(&table).unwrap()).unwrap();
+}
+
+impl Fleet {
+    /// Control's CA, loaded from the data directory.
+    pub fn ca(&self) -> tether_control::ca::Ca {
+        tether_control::ca::Ca::load(
+            &self.data,
+            &tether_control::ca::CaConfig {
+                trust_domain: TRUST_DOMAIN.into(),
+                ..Default::default()
+            },
+        )
+        .unwrap()
+    }
+
+    /// `tether-control allowlist export` written to `path` (atomically).
+    pub fn export_allowlist(&self, path: &Path) {
+        let text = control(&[
+            "allowlist",
+            "export",
+            "--data-dir",
+            self.data.to_str().unwrap(),
+        ]);
+        super::write_atomic(path, &text);
+    }
+
+    /// A real broker with a certificate from control's CA, enforcing control's allowlist
+    /// as exported now (re-export to `allowlist` to update it). `extra_toml` is appended to
+    /// its config.
+    pub fn broker(&self, name: &str, extra_toml: &str) -> (super::BrokerProc, PathBuf) {
+        let dir = self.data.parent().unwrap().join(format!("broker-{name}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let ca = self.ca();
+        let (key_pem, csr) = tether_agent::enroll::key_and_csr(name).unwrap();
+        let cert = ca
+            .issue_broker(
+                name,
+                &csr,
+                &["localhost".into()],
+                &["127.0.0.1".parse().unwrap()],
+                time::OffsetDateTime::now_utc(),
+            )
+            .unwrap();
+        std::fs::write(dir.join("ca.pem"), ca.bundle_pem()).unwrap();
+        std::fs::write(dir.join("broker.pem"), &cert.chain_pem).unwrap();
+        std::fs::write(dir.join("broker.key"), key_pem).unwrap();
+        let allowlist = dir.join("allowlist.txt");
+        self.export_allowlist(&allowlist);
+        std::fs::write(
+            dir.join("broker.toml"),
+            format!(
+                "listen = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\ntrust_domain = \"{TRUST_DOMAIN}\"\n\
+                 [tls]\nca = \"ca.pem\"\ncert = \"broker.pem\"\nkey = \"broker.key\"\n\
+                 [allowlist]\nfile = \"allowlist.txt\"\n{extra_toml}\n"
+            ),
+        )
+        .unwrap();
+        (
+            super::BrokerProc::start(&dir.join("broker.toml")),
+            allowlist,
+        )
+    }
+}
