@@ -230,4 +230,24 @@ async fn enrollment_attacks_are_refused_with_specific_codes() {
     // The server is unharmed.
     let (s, _) = fleet.post("/v1/enroll/challenge", json!({})).await;
     assert_eq!(s, 200);
+
+    // Every refusal is counted by its code.
+    for (status, code, at_least) in [
+        (404, "unknown_appliance", 1.0),
+        (400, "nonce_invalid", 1.0),
+        (409, "nonce_replayed", 1.0),
+        (403, "token_used", 1.0),
+        (403, "token_wrong_appliance", 1.0),
+        (403, "token_expired", 1.0),
+        (403, "appliance_disabled", 1.0),
+        (413, "payload_too_large", 1.0),
+        (400, "bad_request", 1.0),
+        (200, "ok", 1.0),
+    ] {
+        let sample = format!(
+            "tether_control_requests_total{{route=\"/v1/enroll\",status=\"{status}\",code=\"{code}\"}}"
+        );
+        let v = fleet.metric(&sample).await;
+        assert!(v >= at_least, "{sample} = {v}");
+    }
 }

@@ -39,6 +39,8 @@ pub struct AppState {
     pub config: Arc<ControlConfig>,
     /// Platform proof verifiers.
     pub proofs: Arc<crate::proof::Verifiers>,
+    /// Metrics.
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 /// An error answered to the client: a status, a stable code, a short message. Details
@@ -70,16 +72,22 @@ struct ErrorBody<'a> {
     message: &'a str,
 }
 
+/// The error code of an answer, for the metrics middleware.
+#[derive(Clone, Copy, Debug)]
+pub struct ErrorCode(pub &'static str);
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (
+        let mut resp = (
             self.status,
             Json(ErrorBody {
                 error: self.code,
                 message: &self.message,
             }),
         )
-            .into_response()
+            .into_response();
+        resp.extensions_mut().insert(ErrorCode(self.code));
+        resp
     }
 }
 
@@ -95,15 +103,13 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/renew", post(renew_handler))
         .route("/v1/fleet/trust", get(fleet_trust_handler))
         .layer(DefaultBodyLimit::max(MAX_BODY))
+        .layer(axum::middleware::from_fn(refuse_large_bodies))
+        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route") })
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            crate::metrics::record,
+        ))
         .with_state(state)
-}
-
-fn too_large() -> ApiError {
-    ApiError::new(
-        StatusCode::PAYLOAD_TOO_LARGE,
-        "payload_too_large",
-        format!("request body is larger than {MAX_BODY} bytes"),
-    )
 }
 
 async fn challenge(State(s): State<AppState>) -> Result<Json<enroll::Challenge>, ApiError> {
@@ -116,6 +122,40 @@ async fn enroll_handler(
 ) -> Result<Json<enroll::EnrollResponse>, ApiError> {
     let Json(req) = body.map_err(json_rejection)?;
     enroll::enroll(&s, req, crate::now_unix()).await.map(Json)
+}
+
+/// Bodies declared larger than this are refused without reading them (the connection is
+/// then closed under the client); between [`MAX_BODY`] and this, the body is read and
+/// dropped first so the client sees the 413 instead of a broken pipe.
+pub const DRAIN_MAX: usize = 1024 * 1024;
+
+/// Refuse a body declared larger than [`MAX_BODY`] with 413 before parsing it.
+async fn refuse_large_bodies(
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let declared = req
+        .headers()
+        .get(axum::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    match declared {
+        Some(n) if n > MAX_BODY as u64 => {
+            if n <= DRAIN_MAX as u64 {
+                let _ = axum::body::to_bytes(req.into_body(), DRAIN_MAX).await;
+            }
+            too_large().into_response()
+        }
+        _ => next.run(req).await,
+    }
+}
+
+fn too_large() -> ApiError {
+    ApiError::new(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "payload_too_large",
+        format!("request body is larger than {MAX_BODY} bytes"),
+    )
 }
 
 /// A body axum could not turn into JSON: too large (413) or malformed (400).

@@ -12,6 +12,8 @@ use thiserror::Error;
 pub const CONFIG_FILE: &str = "control.toml";
 /// Default HTTPS listen address.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8443";
+/// Default metrics listen address.
+pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:8444";
 /// Default lifetime of an enrollment nonce: 5 minutes.
 pub const DEFAULT_NONCE_TTL: Duration = Duration::from_secs(300);
 /// Default lifetime of an enrollment token: 24 hours.
@@ -25,6 +27,8 @@ pub mod env {
     pub const DATA_DIR: &str = "TETHER_CONTROL_DATA_DIR";
     /// HTTPS listen address.
     pub const LISTEN: &str = "TETHER_CONTROL_LISTEN";
+    /// Metrics listen address.
+    pub const METRICS_LISTEN: &str = "TETHER_CONTROL_METRICS_LISTEN";
     /// Database URL (`sqlite://...` or `postgres://...`).
     pub const DATABASE_URL: &str = "TETHER_CONTROL_DATABASE_URL";
     /// Log format.
@@ -39,6 +43,8 @@ pub struct ControlConfig {
     pub trust_domain: String,
     /// HTTPS listen address. Default `127.0.0.1:8443`.
     pub listen: SocketAddr,
+    /// Local plain-HTTP listener for `/metrics` and `/healthz`. Default `127.0.0.1:8444`.
+    pub metrics_listen: SocketAddr,
     /// Database URL; default: SQLite file `control.db` in the data directory.
     pub database_url: Option<String>,
     /// Broker addresses handed to enrolled appliances (`host:port`).
@@ -117,6 +123,7 @@ impl Default for ControlConfig {
         Self {
             trust_domain: String::new(),
             listen: DEFAULT_LISTEN.parse().expect("valid default"),
+            metrics_listen: DEFAULT_METRICS_LISTEN.parse().expect("valid default"),
             database_url: None,
             brokers: Vec::new(),
             dns_names: vec!["localhost".into()],

@@ -14,6 +14,7 @@
 //! - [`trust`] — trust states and the fleet summary.
 //! - [`token`] — one-time tokens and nonces (only hashes are stored).
 //! - [`api`] / [`server`] — the HTTPS API.
+//! - [`metrics`] — Prometheus metrics on a local listener.
 //! - [`config`] — `control.toml` in the data directory.
 
 #![forbid(unsafe_code)]
@@ -23,6 +24,7 @@ pub mod ca;
 pub mod config;
 pub mod enroll;
 pub mod identity;
+pub mod metrics;
 pub mod proof;
 pub mod renew;
 pub mod server;

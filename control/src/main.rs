@@ -62,6 +62,22 @@ enum Cmd {
         /// Database URL (postgres://...) instead of the embedded SQLite file.
         #[arg(long, env = env::DATABASE_URL)]
         database_url: Option<String>,
+        /// Keep the root and intermediate keys in AWS KMS (ECC_NIST_P256, SIGN_VERIFY);
+        /// they never leave it. Credentials come from the standard AWS chain.
+        #[arg(long)]
+        kms: bool,
+        /// KMS region [default: the AWS chain's, e.g. AWS_REGION].
+        #[arg(long, requires = "kms", env = "AWS_REGION")]
+        kms_region: Option<String>,
+        /// KMS endpoint URL (a VPC endpoint or an emulator).
+        #[arg(long, requires = "kms")]
+        kms_endpoint_url: Option<String>,
+        /// Existing root key (id, ARN or alias/...) [default: create one].
+        #[arg(long, requires = "kms")]
+        kms_root_key: Option<String>,
+        /// Existing intermediate key (id, ARN or alias/...) [default: create one].
+        #[arg(long, requires = "kms")]
+        kms_intermediate_key: Option<String>,
     },
     /// Serve the enrollment API over HTTPS.
     Serve {
@@ -70,6 +86,9 @@ enum Cmd {
         /// HTTPS listen address [default: from control.toml, 127.0.0.1:8443].
         #[arg(long, env = env::LISTEN)]
         listen: Option<SocketAddr>,
+        /// Local metrics listen address [default: from control.toml, 127.0.0.1:8444].
+        #[arg(long, env = env::METRICS_LISTEN)]
+        metrics_listen: Option<SocketAddr>,
     },
     /// Administer appliances.
     #[command(subcommand)]
@@ -227,6 +246,11 @@ async fn main() -> anyhow::Result<()> {
             listen,
             brokers,
             database_url,
+            kms,
+            kms_region,
+            kms_endpoint_url,
+            kms_root_key,
+            kms_intermediate_key,
         } => {
             let data_dir = dir.data_dir;
             std::fs::create_dir_all(&data_dir)
@@ -247,11 +271,24 @@ async fn main() -> anyhow::Result<()> {
                 cfg.listen = l;
             }
             cfg.validate()?;
-            let ca = tether_control::ca::Ca::init(
-                &data_dir,
-                &tether_control::ca_config(&cfg),
-                time::OffsetDateTime::now_utc(),
-            )?;
+            let now_utc = time::OffsetDateTime::now_utc();
+            let ca = if kms {
+                let settings = tether_control::ca::KmsSettings {
+                    region: kms_region,
+                    endpoint_url: kms_endpoint_url,
+                    root_key: kms_root_key,
+                    intermediate_key: kms_intermediate_key,
+                    ..Default::default()
+                };
+                tether_control::ca::Ca::init_kms(
+                    &data_dir,
+                    &tether_control::ca_config(&cfg),
+                    &settings,
+                    now_utc,
+                )?
+            } else {
+                tether_control::ca::Ca::init(&data_dir, &tether_control::ca_config(&cfg), now_utc)?
+            };
             cfg.save(&data_dir)?;
             tether_control::open_store(&cfg, &data_dir).await?;
             let root = data_dir.join("ca").join("root.pem");
@@ -266,10 +303,17 @@ async fn main() -> anyhow::Result<()> {
                 root.display()
             );
         }
-        Cmd::Serve { dir, listen } => {
+        Cmd::Serve {
+            dir,
+            listen,
+            metrics_listen,
+        } => {
             let (mut cfg, store) = open(&dir.data_dir).await?;
             if let Some(l) = listen {
                 cfg.listen = l;
+            }
+            if let Some(l) = metrics_listen {
+                cfg.metrics_listen = l;
             }
             let mut ca =
                 tether_control::ca::Ca::load(&dir.data_dir, &tether_control::ca_config(&cfg))?;
@@ -283,9 +327,21 @@ async fn main() -> anyhow::Result<()> {
             tracing::info!(version = env!("CARGO_PKG_VERSION"), listen = %listener.local_addr()?, trust_domain = %cfg.trust_domain, "tether-control serving");
             let proofs = tether_control::proof::Verifiers::new(&cfg.proofs)
                 .context("building the platform proof verifiers")?;
+            let metrics = Arc::new(tether_control::metrics::Metrics::new());
+            let metrics_listener = tokio::net::TcpListener::bind(cfg.metrics_listen)
+                .await
+                .with_context(|| format!("cannot listen on {} (metrics)", cfg.metrics_listen))?;
+            tracing::info!(listen = %metrics_listener.local_addr()?, "metrics listening (HTTP, /metrics)");
+            let metrics_app = tether_control::metrics::router(metrics.clone());
+            tokio::spawn(async move {
+                if let Err(e) = axum::serve(metrics_listener, metrics_app).await {
+                    tracing::error!(error = %e, "metrics listener failed");
+                }
+            });
             let state = tether_control::api::AppState {
                 store,
                 ca: Arc::new(ca),
+                metrics,
                 proofs: Arc::new(proofs),
                 config: Arc::new(cfg),
             };

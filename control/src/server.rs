@@ -11,6 +11,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::api::{router, AppState};
+use crate::metrics::Reason;
 
 /// Longest TLS handshake a client gets.
 pub const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -63,6 +64,7 @@ pub async fn serve(
         state.ca.root_der(),
     )?;
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
+    let metrics = state.metrics.clone();
     let app = router(state);
     info!(listen = %listener.local_addr()?, "control API listening (HTTPS)");
     loop {
@@ -79,12 +81,29 @@ pub async fn serve(
         };
         let acceptor = acceptor.clone();
         let app = app.clone();
+        let metrics = metrics.clone();
         tokio::spawn(async move {
             let tls = match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await
             {
                 Ok(Ok(s)) => s,
-                Ok(Err(e)) => return debug!(%remote, error = %e, "TLS handshake failed"),
-                Err(_) => return debug!(%remote, "TLS handshake timed out"),
+                Ok(Err(e)) => {
+                    metrics
+                        .tls_failures
+                        .get_or_create(&Reason {
+                            reason: "handshake_failed",
+                        })
+                        .inc();
+                    return debug!(%remote, error = %e, "TLS handshake failed");
+                }
+                Err(_) => {
+                    metrics
+                        .tls_failures
+                        .get_or_create(&Reason {
+                            reason: "handshake_timeout",
+                        })
+                        .inc();
+                    return debug!(%remote, "TLS handshake timed out");
+                }
             };
             // The verified client certificate (if any) travels with every request of
             // this connection.

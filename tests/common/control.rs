@@ -28,6 +28,7 @@ pub fn control(args: &[&str]) -> String {
 pub struct ControlProc {
     pub child: Child,
     pub addr: SocketAddr,
+    pub metrics: SocketAddr,
 }
 
 impl Drop for ControlProc {
@@ -45,6 +46,8 @@ pub fn serve(dir: &Path) -> ControlProc {
             "serve",
             "--listen",
             "127.0.0.1:0",
+            "--metrics-listen",
+            "127.0.0.1:0",
             "--data-dir",
         ])
         .arg(dir)
@@ -55,23 +58,28 @@ pub fn serve(dir: &Path) -> ControlProc {
     let stderr = child.stderr.take().unwrap();
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
-        let mut tx = Some(tx);
         for line in BufReader::new(stderr).lines() {
             let Ok(line) = line else { break };
-            if line.contains("control API listening") {
-                if let Some(tx) = tx.take() {
-                    let _ = tx.send(line.clone());
-                }
+            if line.contains("metrics listening") || line.contains("control API listening") {
+                let _ = tx.send(line.clone());
             }
             eprintln!("[control] {line}");
         }
     });
-    let line = rx
-        .recv_timeout(Duration::from_secs(30))
-        .expect("control started");
-    let v: serde_json::Value = serde_json::from_str(&line).unwrap();
-    let addr = v["fields"]["listen"].as_str().unwrap().parse().unwrap();
-    ControlProc { child, addr }
+    // The metrics listener comes up first, then the API.
+    let mut addrs = Vec::new();
+    for _ in 0..2 {
+        let line = rx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("control started");
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        addrs.push(v["fields"]["listen"].as_str().unwrap().parse().unwrap());
+    }
+    ControlProc {
+        child,
+        metrics: addrs[0],
+        addr: addrs[1],
+    }
 }
 
 pub struct Fleet {
@@ -88,10 +96,17 @@ impl Fleet {
 
     /// As [`Fleet::new`], with `toml` merged into `control.toml` before `serve`.
     pub fn with_config(toml: &str) -> Fleet {
+        Fleet::with_init(&[], toml)
+    }
+
+    /// As [`Fleet::with_config`], passing `init_args` to `tether-control init`.
+    pub fn with_init(init_args: &[&str], toml: &str) -> Fleet {
         let tmp = tempfile::tempdir().unwrap();
         let data = tmp.path().join("control");
         let d = data.to_str().unwrap();
-        control(&["init", "--data-dir", d, "--trust-domain", TRUST_DOMAIN]);
+        let mut args = vec!["init", "--data-dir", d, "--trust-domain", TRUST_DOMAIN];
+        args.extend_from_slice(init_args);
+        control(&args);
         for id in ["app-1", "app-2"] {
             control(&[
                 "appliance",
@@ -214,6 +229,25 @@ impl Fleet {
             },
         )
         .unwrap()
+    }
+
+    /// The value of one sample of control's metrics (0 if absent), e.g.
+    /// `tether_control_requests_total{route="/v1/enroll",status="403",code="token_used"}`.
+    pub async fn metric(&self, sample: &str) -> f64 {
+        let text = super::http()
+            .get(format!("http://{}/metrics", self.control.metrics))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        text.lines()
+            .find_map(|l| {
+                let (name, value) = l.rsplit_once(' ')?;
+                (name == sample).then(|| value.parse().unwrap())
+            })
+            .unwrap_or(0.0)
     }
 
     /// `tether-control allowlist export` written to `path` (atomically).

@@ -1,0 +1,162 @@
+//! Control's Prometheus metrics (`tether_control_*`), served on a separate local listener
+//! (`metrics_listen`, default 127.0.0.1:8444) so the public API never exposes them.
+//!
+//! Every API answer is counted by route, status and error code: a refused enrollment shows
+//! as `tether_control_requests_total{route="/v1/enroll",status="403",code="token_used"}`.
+
+use std::time::Instant;
+
+use axum::extract::{MatchedPath, Request, State};
+use axum::middleware::Next;
+use axum::response::Response;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+use crate::api::{AppState, ErrorCode};
+
+/// Labels of one API answer.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    /// The route template (`/v1/enroll`), or `unmatched`.
+    pub route: String,
+    /// HTTP status.
+    pub status: u16,
+    /// The error code, or `ok`.
+    pub code: &'static str,
+}
+
+/// A `route="..."` label.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteLabel {
+    /// The route template.
+    pub route: String,
+}
+
+/// A `reason="..."` label.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Reason {
+    /// Why.
+    pub reason: &'static str,
+}
+
+/// Every metric control exports.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    /// API answers by route, status and code.
+    pub requests: Family<RequestLabels, Counter>,
+    /// API latency by route.
+    pub request_seconds: Family<RouteLabel, Histogram>,
+    /// TLS connections that failed before HTTP (bad client certificate, timeout, ...).
+    pub tls_failures: Family<Reason, Counter>,
+    /// Audit entries that could not be written (the operation itself was answered).
+    pub audit_failures: Counter,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// Create and register every metric.
+    pub fn new() -> Metrics {
+        let mut registry = Registry::with_prefix("tether_control");
+        let m = Metrics {
+            requests: Family::default(),
+            request_seconds: Family::new_with_constructor(|| {
+                Histogram::new(exponential_buckets(0.000_5, 2.0, 16))
+            }),
+            tls_failures: Family::default(),
+            audit_failures: Counter::default(),
+            registry: Registry::default(),
+        };
+        registry.register(
+            "requests",
+            "API answers by route, HTTP status and error code",
+            m.requests.clone(),
+        );
+        registry.register(
+            "request_seconds",
+            "API latency by route",
+            m.request_seconds.clone(),
+        );
+        registry.register(
+            "tls_failures",
+            "TLS connections that failed before any request, by reason",
+            m.tls_failures.clone(),
+        );
+        registry.register(
+            "audit_failures",
+            "Audit entries that could not be written",
+            m.audit_failures.clone(),
+        );
+        Metrics { registry, ..m }
+    }
+
+    /// The Prometheus text exposition.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+/// Middleware: count and time every answer.
+pub async fn record(State(s): State<AppState>, req: Request, next: Next) -> Response {
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|p| p.as_str().to_owned())
+        .unwrap_or_else(|| "unmatched".to_owned());
+    let start = Instant::now();
+    let resp = next.run(req).await;
+    let code = resp.extensions().get::<ErrorCode>().map(|c| c.0).unwrap_or(
+        if resp.status().is_success() {
+            "ok"
+        } else {
+            "other"
+        },
+    );
+    s.metrics
+        .request_seconds
+        .get_or_create(&RouteLabel {
+            route: route.clone(),
+        })
+        .observe(start.elapsed().as_secs_f64());
+    s.metrics
+        .requests
+        .get_or_create(&RequestLabels {
+            route,
+            status: resp.status().as_u16(),
+            code,
+        })
+        .inc();
+    resp
+}
+
+/// The local metrics listener: `GET /metrics`, `GET /healthz`, plain HTTP.
+pub fn router(metrics: std::sync::Arc<Metrics>) -> axum::Router {
+    use axum::routing::get;
+    axum::Router::new()
+        .route(
+            "/metrics",
+            get(move || {
+                let m = metrics.clone();
+                async move {
+                    (
+                        [(
+                            axum::http::header::CONTENT_TYPE,
+                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                        )],
+                        m.render(),
+                    )
+                }
+            }),
+        )
+        .route("/healthz", get(|| async { "ok" }))
+}
