@@ -1,0 +1,359 @@
+//! AWS enrollment end to end with the real binaries and moto's STS (`scripts/moto`;
+//! `./scripts/test` exports `TETHER_TEST_KMS_URL`): `tether-control init`, `[proofs.aws]
+//! sts_endpoints = [moto]`, `appliance register --aws-role`, `serve`; then `tether-agent
+//! enroll --proof aws` with AssumeRole credentials in its environment (the standard
+//! credential chain picks them up) signs GetCallerIdentity with the nonce, and control
+//! checks it through moto.
+//!
+//! The fixture's own IAM/STS calls (CreateRole, AssumeRole) carry a placeholder SigV4
+//! `Authorization` naming an access key: moto reads the key but checks no signature, and
+//! this package has no signer of its own. What is under test — the agent's proof — is
+//! really signed (`aws-sigv4` in the agent).
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+const TRUST_DOMAIN: &str = "tether.test";
+const ACCOUNT: &str = "123456789012";
+
+fn moto_url() -> String {
+    std::env::var("TETHER_TEST_KMS_URL").unwrap_or_else(|_| {
+        panic!(
+            "TETHER_TEST_KMS_URL is not set: the AWS enrollment test needs the moto emulator \
+             (it serves STS and IAM); run ./scripts/test (or `. scripts/moto` before cargo test)"
+        )
+    })
+}
+
+/// Path of a workspace binary next to the test executable.
+fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    let dir = exe.parent().and_then(|d| d.parent()).expect("target dir");
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} not found: run `cargo build --workspace --bins` first",
+        path.display()
+    );
+    path
+}
+
+/// `tether-control` with `args`; panics with its stderr if it fails.
+fn control(args: &[&str]) -> String {
+    let out = Command::new(bin("tether-control"))
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "tether-control {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// A running `tether-control serve`; killed on drop.
+struct ControlProc {
+    child: Child,
+    addr: SocketAddr,
+}
+
+impl Drop for ControlProc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn serve(dir: &Path) -> ControlProc {
+    let mut child = Command::new(bin("tether-control"))
+        .args([
+            "--log-format",
+            "json",
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--data-dir",
+        ])
+        .arg(dir)
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut tx = Some(tx);
+        for line in BufReader::new(stderr).lines() {
+            let Ok(line) = line else { break };
+            if line.contains("control API listening") {
+                if let Some(tx) = tx.take() {
+                    let _ = tx.send(line.clone());
+                }
+            }
+            eprintln!("[control] {line}");
+        }
+    });
+    let line = rx
+        .recv_timeout(Duration::from_secs(30))
+        .expect("control started");
+    let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+    let addr = v["fields"]["listen"].as_str().unwrap().parse().unwrap();
+    ControlProc { child, addr }
+}
+
+fn http() -> reqwest::Client {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+    });
+    reqwest::Client::new()
+}
+
+/// `application/x-www-form-urlencoded` of `pairs`.
+fn form(pairs: &[(&str, &str)]) -> String {
+    let enc = |s: &str| {
+        s.bytes()
+            .map(|b| match b {
+                b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                    (b as char).to_string()
+                }
+                _ => format!("%{b:02X}"),
+            })
+            .collect::<String>()
+    };
+    pairs
+        .iter()
+        .map(|(k, v)| format!("{}={}", enc(k), enc(v)))
+        .collect::<Vec<_>>()
+        .join("&")
+}
+
+/// An IAM/STS call to moto as the operator (see the module docs); the answer's text.
+async fn moto_call(service: &str, body: &str) -> String {
+    let auth = format!(
+        "AWS4-HMAC-SHA256 Credential=AKIAADMINEXAMPLE/20240101/us-east-1/{service}/aws4_request, \
+         SignedHeaders=content-type;host, Signature={}",
+        "0".repeat(64)
+    );
+    let resp = http()
+        .post(format!("{}/", moto_url()))
+        .header("authorization", auth)
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(body.to_owned())
+        .send()
+        .await
+        .expect("moto answers");
+    let status = resp.status();
+    let text = resp.text().await.unwrap();
+    assert!(
+        status.is_success(),
+        "moto {service} {body}: {status} {text}"
+    );
+    text
+}
+
+/// The text of the first `<tag>` in `xml`.
+fn xml_field(xml: &str, tag: &str) -> String {
+    let open = format!("<{tag}>");
+    let start = xml
+        .find(&open)
+        .unwrap_or_else(|| panic!("no <{tag}> in {xml}"))
+        + open.len();
+    let end = start + xml[start..].find(&format!("</{tag}>")).unwrap();
+    xml[start..end].to_owned()
+}
+
+/// A fresh role under `/appliances/` (unique: moto is shared by test runs); its ARN.
+async fn create_role(prefix: &str) -> String {
+    let name = format!("{prefix}-{:016x}", fastrand::u64(..));
+    let policy = r#"{"Version":"2012-10-17","Statement":[{"Effect":"Allow","Principal":{"AWS":"*"},"Action":"sts:AssumeRole"}]}"#;
+    let xml = moto_call(
+        "iam",
+        &form(&[
+            ("Action", "CreateRole"),
+            ("Version", "2010-05-08"),
+            ("RoleName", &name),
+            ("Path", "/appliances/"),
+            ("AssumeRolePolicyDocument", policy),
+        ]),
+    )
+    .await;
+    let arn = xml_field(&xml, "Arn");
+    assert_eq!(
+        arn,
+        format!("arn:aws:iam::{ACCOUNT}:role/appliances/{name}")
+    );
+    arn
+}
+
+/// AssumeRole credentials as the environment variables of the standard chain.
+async fn assume_role(role_arn: &str) -> Vec<(&'static str, String)> {
+    let xml = moto_call(
+        "sts",
+        &form(&[
+            ("Action", "AssumeRole"),
+            ("Version", "2011-06-15"),
+            ("RoleArn", role_arn),
+            ("RoleSessionName", "i-0123456789abcdef0"),
+        ]),
+    )
+    .await;
+    vec![
+        ("AWS_ACCESS_KEY_ID", xml_field(&xml, "AccessKeyId")),
+        ("AWS_SECRET_ACCESS_KEY", xml_field(&xml, "SecretAccessKey")),
+        ("AWS_SESSION_TOKEN", xml_field(&xml, "SessionToken")),
+    ]
+}
+
+/// `tether-agent enroll --proof aws`; Ok(stdout) or Err(stderr). The environment holds
+/// only the given credentials: no profile files, no instance metadata.
+fn enroll_aws(
+    control_url: &str,
+    root: &Path,
+    id: &str,
+    sts_url: &str,
+    creds: &[(&str, String)],
+    state: &Path,
+) -> Result<String, String> {
+    let mut cmd = Command::new(bin("tether-agent"));
+    cmd.args([
+        "enroll",
+        "--control",
+        control_url,
+        "--id",
+        id,
+        "--proof",
+        "aws",
+        "--aws-sts-url",
+        sts_url,
+        "--aws-region",
+        "us-east-1",
+        "--ca",
+    ])
+    .arg(root)
+    .arg("--state-dir")
+    .arg(state);
+    for (k, _) in std::env::vars() {
+        if k.starts_with("AWS_") {
+            cmd.env_remove(k);
+        }
+    }
+    cmd.env("AWS_CONFIG_FILE", "/nonexistent/aws/config")
+        .env(
+            "AWS_SHARED_CREDENTIALS_FILE",
+            "/nonexistent/aws/credentials",
+        )
+        .env("AWS_EC2_METADATA_DISABLED", "true");
+    for (k, v) in creds {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().unwrap();
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+}
+
+#[tokio::test]
+async fn an_appliance_enrolls_with_its_instance_role_and_only_with_it() {
+    let moto = moto_url();
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("control");
+    let d = data.to_str().unwrap();
+    control(&["init", "--data-dir", d, "--trust-domain", TRUST_DOMAIN]);
+    // Control may send proofs to moto only.
+    let mut cfg = tether_control::config::ControlConfig::load(&data).unwrap();
+    cfg.proofs.aws.sts_endpoints = vec![moto.clone()];
+    cfg.save(&data).unwrap();
+    let saved = std::fs::read_to_string(data.join("control.toml")).unwrap();
+    assert!(saved.contains("[proofs.aws]"), "{saved}");
+
+    let role = create_role("appliance-fleet").await;
+    let other_role = create_role("appliance-other").await;
+    control(&[
+        "appliance",
+        "register",
+        "--data-dir",
+        d,
+        "aws-1",
+        "--aws-role",
+        &role,
+    ]);
+    control(&[
+        "appliance",
+        "register",
+        "--data-dir",
+        d,
+        "aws-2",
+        "--aws-role",
+        &other_role,
+    ]);
+    let root = data.join("ca").join("root.pem");
+    let proc = serve(&data);
+    let url = format!("https://127.0.0.1:{}", proc.addr.port());
+    let creds = assume_role(&role).await;
+
+    // The appliance running as `role` enrolls.
+    let state = tmp.path().join("agent-aws-1");
+    let out = enroll_aws(&url, &root, "aws-1", &format!("{moto}/"), &creds, &state)
+        .unwrap_or_else(|e| panic!("aws-1 enrolls: {e}"));
+    assert!(out.contains("enrolled aws-1"), "{out}");
+    let issued = tether_agent::Credentials::load(&state).unwrap();
+    assert_eq!(issued.appliance_id(), "aws-1");
+    assert_eq!(issued.trust_domain(), TRUST_DOMAIN);
+    let shown = control(&["appliance", "show", "--data-dir", d, "aws-1"]);
+    assert!(
+        shown.contains(issued.fingerprint()),
+        "control recorded the fingerprint: {shown}"
+    );
+
+    // The same credentials cannot enroll the appliance bound to another role.
+    let err = enroll_aws(
+        &url,
+        &root,
+        "aws-2",
+        &format!("{moto}/"),
+        &creds,
+        &tmp.path().join("agent-aws-2"),
+    )
+    .unwrap_err();
+    assert!(err.contains("403 aws_role_mismatch"), "{err}");
+    assert!(!tmp.path().join("agent-aws-2").join("state.json").exists());
+
+    // A proof signed for an STS endpoint control is not configured for is refused, and
+    // control never connects there.
+    let trap = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    trap.set_nonblocking(true).unwrap();
+    let trap_url = format!("http://{}/", trap.local_addr().unwrap());
+    let err = enroll_aws(
+        &url,
+        &root,
+        "aws-1",
+        &trap_url,
+        &creds,
+        &tmp.path().join("agent-trap"),
+    )
+    .unwrap_err();
+    assert!(err.contains("400 aws_host_not_allowed"), "{err}");
+    assert!(
+        matches!(trap.accept(), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock),
+        "control connected to a host that is not an STS endpoint"
+    );
+
+    // Without any credentials the agent says so and sends nothing.
+    let err = enroll_aws(
+        &url,
+        &root,
+        "aws-1",
+        &format!("{moto}/"),
+        &[],
+        &tmp.path().join("agent-nocreds"),
+    )
+    .unwrap_err();
+    assert!(err.contains("cannot load AWS credentials"), "{err}");
+}
