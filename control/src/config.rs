@@ -219,6 +219,9 @@ impl ControlConfig {
                 reason: "required; lowercase letters, digits, '.', '-', '_'".into(),
             });
         }
+        self.proofs.aws.validate()?;
+        self.proofs.gcp.validate()?;
+        self.proofs.k8s.validate()?;
         if self.trust.renewal_due > self.trust.renewal_recommended {
             return Err(ConfigError::Invalid {
                 field: "trust.renewal_due",

@@ -11,12 +11,23 @@
 //! Proofs: `token` (one-time, hashed, expiring, bound to one appliance) and the platform
 //! proofs of [`crate::proof`] (`aws`, `gcp`, `k8s`), each checked against the appliance's
 //! recorded binding and recorded as used.
+//!
+//! # Audit
+//!
+//! A success is one `appliance.enroll` entry (proof kind, serial, fingerprint, allowlist
+//! version), written with the certificate in one transaction; a token redemption is a
+//! `token.redeem` entry written with the redemption. Every refusal is one
+//! `appliance.enroll` entry with outcome `refused` (`failed` for a 5xx) and details
+//! `{"code", "proof_kind"}`: one small row per request, never the CSR or the proof. If
+//! that entry cannot be written the refusal is still answered, and the failure logged at
+//! error.
 
 use axum::http::StatusCode;
 use serde::{Deserialize, Serialize};
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use crate::api::{ApiError, AppState};
+use crate::audit::{self, action, Actor, AuditEvent, Outcome};
 use crate::proof::{ProofError, Verified};
 use crate::store::{
     ApplianceStatus, CertRecord, CertState, PlatformBinding, StoreError, TokenRefusal,
@@ -53,6 +64,18 @@ pub enum Proof {
         /// The JWT.
         jwt: String,
     },
+}
+
+impl Proof {
+    /// The proof's kind, as in the request (`token`, `aws`, `gcp`, `k8s`).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Proof::Token { .. } => "token",
+            Proof::Aws(_) => "aws",
+            Proof::Gcp { .. } => "gcp",
+            Proof::K8s { .. } => "k8s",
+        }
+    }
 }
 
 impl std::fmt::Debug for Proof {
@@ -192,24 +215,75 @@ fn binding_kind(b: &PlatformBinding) -> &'static str {
     }
 }
 
+/// Longest appliance id, bytes.
+pub const MAX_APPLIANCE_ID_LEN: usize = 128;
+
 /// Whether `id` is a valid appliance id.
 pub fn valid_appliance_id(id: &str) -> bool {
     !id.is_empty()
-        && id.len() <= 128
+        && id.len() <= MAX_APPLIANCE_ID_LEN
         && id
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
 }
 
-/// Enroll an appliance.
+/// How a refused (4xx) or failed (5xx) answer is recorded.
+pub(crate) fn outcome_of(e: &ApiError) -> Outcome {
+    if e.status.is_server_error() {
+        Outcome::Failed
+    } else {
+        Outcome::Refused
+    }
+}
+
+/// Append a refusal's entry; if that fails, say so at error and carry on (the caller
+/// still answers the refusal).
+pub(crate) async fn record_refusal(s: &AppState, event: &AuditEvent, now: i64) {
+    if let Err(e) = s.store.append_audit(event, now).await {
+        error!(
+            error = %e,
+            action = %event.action,
+            target = %event.target,
+            code = ?event.details.get("code"),
+            "cannot write the refusal to the audit log"
+        );
+    }
+}
+
+/// Enroll an appliance. Every refusal is recorded in the audit log (see the module docs).
 pub async fn enroll(
     s: &AppState,
     req: EnrollRequest,
     now: i64,
 ) -> Result<EnrollResponse, ApiError> {
+    let result = enroll_checked(s, &req, now).await;
+    if let Err(e) = &result {
+        let id = req.appliance_id.as_str();
+        let (actor, target) = if valid_appliance_id(id) {
+            (Actor::appliance(id), id)
+        } else {
+            // Whatever the caller sent, bounded.
+            (
+                Actor::system(audit::system::UNKNOWN),
+                audit::clip(id, MAX_APPLIANCE_ID_LEN),
+            )
+        };
+        let event = AuditEvent::refused(actor, action::APPLIANCE_ENROLL, target, e.code)
+            .with_outcome(outcome_of(e))
+            .with("proof_kind", req.proof.kind());
+        record_refusal(s, &event, now).await;
+    }
+    result
+}
+
+async fn enroll_checked(
+    s: &AppState,
+    req: &EnrollRequest,
+    now: i64,
+) -> Result<EnrollResponse, ApiError> {
     let id = req.appliance_id.as_str();
     let refused = |status, code, message: String| {
-        warn!(appliance = id, code, %message, "enrollment refused");
+        warn!(appliance = id, code, reason = %message, "enrollment refused");
         ApiError::new(status, code, message)
     };
     if !valid_appliance_id(id) {
@@ -260,8 +334,10 @@ pub async fn enroll(
         .map_err(|e| refused(StatusCode::BAD_REQUEST, e.code(), e.to_string()))?;
     match &req.proof {
         Proof::Token { token } => {
-            let token = Token::from_secret(token);
-            match s.store.redeem_token(id, &token.hash(), now).await {
+            let hash = Token::from_secret(token).hash();
+            let redeemed = AuditEvent::success(Actor::appliance(id), action::TOKEN_REDEEM, id)
+                .with("token_ref", audit::token_ref(&hash));
+            match s.store.redeem_token(id, &hash, now, &redeemed).await {
                 Ok(()) => {}
                 Err(StoreError::Token(r)) => {
                     let (code, msg) = match r {
@@ -303,17 +379,21 @@ pub async fn enroll(
             }
         }
     }
-    issue_and_record(s, id, &req.csr_pem, now, 0, "appliance enrolled").await
+    let audit = AuditEvent::success(Actor::appliance(id), action::APPLIANCE_ENROLL, id)
+        .with("proof_kind", req.proof.kind());
+    issue_and_record(s, id, &req.csr_pem, now, 0, audit, "appliance enrolled").await
 }
 
 /// Issue a certificate for appliance `id` from `csr_pem` (already checked), record it as
-/// the current one (the previous stays allowed for `overlap_secs`), and build the answer.
+/// the current one (the previous stays allowed for `overlap_secs`) together with `audit`
+/// (serial, fingerprint and `not_after` added to its details), and build the answer.
 pub(crate) async fn issue_and_record(
     s: &AppState,
     id: &str,
     csr_pem: &str,
     now: i64,
     overlap_secs: i64,
+    audit: AuditEvent,
     what: &'static str,
 ) -> Result<EnrollResponse, ApiError> {
     let ca = s.ca.clone();
@@ -343,9 +423,13 @@ pub(crate) async fn issue_and_record(
         not_after: issued.not_after,
         state: CertState::Current,
     };
+    let audit = audit
+        .with("serial", record.serial.as_str())
+        .with("fingerprint", record.fingerprint.as_str())
+        .with("not_after", record.not_after);
     let deltas = s
         .store
-        .record_certificate(&record, now, overlap_secs)
+        .record_certificate(&record, now, overlap_secs, &audit)
         .await
         .map_err(internal)?;
     info!(

@@ -14,12 +14,15 @@
 //! - [`trust`] — trust states and the fleet summary.
 //! - [`token`] — one-time tokens and nonces (only hashes are stored).
 //! - [`api`] / [`server`] — the HTTPS API.
+//! - [`audit`] — the hash-chained audit log (entries written with the change they
+//!   record) and its verification.
 //! - [`metrics`] — Prometheus metrics on a local listener.
 //! - [`config`] — `control.toml` in the data directory.
 
 #![forbid(unsafe_code)]
 
 pub mod api;
+pub mod audit;
 pub mod ca;
 pub mod config;
 pub mod enroll;

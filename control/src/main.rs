@@ -8,8 +8,9 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand};
+use tether_control::audit::{self, action, Actor, AuditEvent, Outcome};
 use tether_control::config::{env, ControlConfig};
-use tether_control::store::{Appliance, ApplianceStatus, PlatformBinding};
+use tether_control::store::{Appliance, ApplianceStatus, PlatformBinding, Store, StoreError};
 use tokio_util::sync::CancellationToken;
 
 #[global_allocator]
@@ -102,6 +103,31 @@ enum Cmd {
     /// The allowlist brokers enforce.
     #[command(subcommand)]
     Allowlist(AllowlistCmd),
+    /// The audit log: every trust change and refusal, hash-chained.
+    #[command(subcommand)]
+    Audit(AuditCmd),
+}
+
+#[derive(Debug, Subcommand)]
+enum AuditCmd {
+    /// Print entries as JSON lines, oldest first.
+    List {
+        #[command(flatten)]
+        dir: DataDir,
+        /// Only entries after this sequence number.
+        #[arg(long, default_value_t = 0)]
+        after: i64,
+        /// At most this many entries.
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+    },
+    /// Check the whole hash chain from the first entry; fails (non-zero exit) at the first
+    /// entry that was edited, removed or reordered. Entries cut from the end cannot be
+    /// detected without a checkpoint.
+    Verify {
+        #[command(flatten)]
+        dir: DataDir,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -290,7 +316,22 @@ async fn main() -> anyhow::Result<()> {
                 tether_control::ca::Ca::init(&data_dir, &tether_control::ca_config(&cfg), now_utc)?
             };
             cfg.save(&data_dir)?;
-            tether_control::open_store(&cfg, &data_dir).await?;
+            let store = tether_control::open_store(&cfg, &data_dir).await?;
+            let backend = match ca.backend() {
+                tether_control::ca::CaBackend::Local => "local",
+                _ => "kms",
+            };
+            store
+                .append_audit(
+                    &tether_control::audit::AuditEvent::success(
+                        tether_control::audit::Actor::system("local-admin"),
+                        tether_control::audit::action::CONTROL_INIT,
+                        cfg.trust_domain.clone(),
+                    )
+                    .with("ca_keys", backend),
+                    now,
+                )
+                .await?;
             let root = data_dir.join("ca").join("root.pem");
             std::fs::write(&root, ca.root_pem())?;
             println!(
@@ -365,6 +406,7 @@ async fn main() -> anyhow::Result<()> {
             tether_control::server::serve(state, listener, shutdown).await?;
         }
         Cmd::Appliance(cmd) => appliance(cmd, now).await?,
+        Cmd::Audit(cmd) => audit_cmd(cmd).await?,
         Cmd::Allowlist(AllowlistCmd::Export { dir }) => {
             let (_, store) = open(&dir.data_dir).await?;
             let (version, entries) = store.allowlist_snapshot().await?;
@@ -400,13 +442,21 @@ async fn main() -> anyhow::Result<()> {
         }
         Cmd::Token(TokenCmd::Create { dir, id, ttl }) => {
             let (cfg, store) = open(&dir.data_dir).await?;
-            if store.get_appliance(&id).await?.is_none() {
-                bail!("appliance {id} is not registered");
-            }
             let ttl = ttl.unwrap_or(cfg.enroll.token_ttl);
             let token = tether_control::token::Token::generate();
+            let hash = token.hash();
             let expires = now + ttl.as_secs() as i64;
-            store.create_token(&id, &token.hash(), expires).await?;
+            let event = AuditEvent::success(local_admin(), action::TOKEN_CREATE, &id)
+                .with("token_ref", audit::token_ref(&hash))
+                .with("expires_at", expires);
+            if let Err(e) = store.create_token(&id, &hash, expires, now, &event).await {
+                let not_found = matches!(e, StoreError::NotFound(_));
+                let e = refused(store.as_ref(), event, e, now).await;
+                if not_found {
+                    bail!("appliance {id} is not registered");
+                }
+                return Err(e);
+            }
             eprintln!(
                 "one-time enrollment token for {id}, valid for {} (shown once):",
                 humantime::format_duration(ttl)
@@ -434,6 +484,11 @@ async fn appliance(cmd: ApplianceCmd, now: i64) -> anyhow::Result<()> {
             if !tether_control::enroll::valid_appliance_id(&id) {
                 bail!("invalid appliance id {id:?}: use 1-128 of [A-Za-z0-9._-]");
             }
+            if let Some(arn) = aws_role.as_deref() {
+                if !tether_control::proof::aws::is_role_arn(arn) {
+                    bail!("--aws-role {arn:?} is not an IAM role ARN (arn:aws:iam::<account>:role/<name>)");
+                }
+            }
             let binding = match (aws_role, gcp_project, gcp_service_account, k8s_issuer, k8s_namespace, k8s_service_account, token_only) {
                 (Some(role_arn), ..) => PlatformBinding::Aws { role_arn },
                 (_, Some(project), Some(service_account), ..) => PlatformBinding::Gcp { project, service_account },
@@ -442,16 +497,20 @@ async fn appliance(cmd: ApplianceCmd, now: i64) -> anyhow::Result<()> {
                 _ => bail!("give one platform binding: --aws-role, --gcp-project/--gcp-service-account, --k8s-issuer/--k8s-namespace/--k8s-service-account, or --token-only"),
             };
             let (_, store) = open(&dir.data_dir).await?;
-            store
-                .register_appliance(&Appliance {
-                    id: id.clone(),
-                    tenant,
-                    binding,
-                    status: ApplianceStatus::Active,
-                    manual_renewal_generation: 0,
-                    created_at: now,
-                })
-                .await?;
+            let event = AuditEvent::success(local_admin(), action::APPLIANCE_REGISTER, &id)
+                .with("tenant", tenant.as_str())
+                .with("binding", serde_json::to_value(&binding)?);
+            let appliance = Appliance {
+                id: id.clone(),
+                tenant,
+                binding,
+                status: ApplianceStatus::Active,
+                manual_renewal_generation: 0,
+                created_at: now,
+            };
+            if let Err(e) = store.register_appliance(&appliance, &event).await {
+                return Err(refused(store.as_ref(), event, e, now).await);
+            }
             println!("registered {id}");
         }
         ApplianceCmd::Show { dir, id } => {
@@ -490,7 +549,11 @@ async fn appliance(cmd: ApplianceCmd, now: i64) -> anyhow::Result<()> {
         }
         ApplianceCmd::Renew { dir, id } => {
             let (_, store) = open(&dir.data_dir).await?;
-            let generation = store.bump_manual_renewal(&id).await?;
+            let event = AuditEvent::success(local_admin(), action::APPLIANCE_REQUEST_RENEWAL, &id);
+            let generation = match store.bump_manual_renewal(&id, now, &event).await {
+                Ok(g) => g,
+                Err(e) => return Err(refused(store.as_ref(), event, e, now).await),
+            };
             println!("{id}: manual renewal generation {generation}");
         }
     }
@@ -499,7 +562,16 @@ async fn appliance(cmd: ApplianceCmd, now: i64) -> anyhow::Result<()> {
 
 async fn set_status(dir: &Path, id: &str, status: ApplianceStatus, now: i64) -> anyhow::Result<()> {
     let (_, store) = open(dir).await?;
-    let deltas = store.set_status(id, status, now).await?;
+    let what = match status {
+        ApplianceStatus::Active => action::APPLIANCE_ENABLE,
+        ApplianceStatus::Disabled => action::APPLIANCE_DISABLE,
+        ApplianceStatus::Revoked => action::APPLIANCE_REVOKE,
+    };
+    let event = AuditEvent::success(local_admin(), what, id);
+    let deltas = match store.set_status(id, status, now, &event).await {
+        Ok(d) => d,
+        Err(e) => return Err(refused(store.as_ref(), event, e, now).await),
+    };
     println!(
         "{id}: {status:?}; {} allowlist change(s){}",
         deltas.len(),
@@ -508,5 +580,66 @@ async fn set_status(dir: &Path, id: &str, status: ApplianceStatus, now: i64) -> 
             .map(|d| format!(", version {}", d.version))
             .unwrap_or_default()
     );
+    Ok(())
+}
+
+/// This command line, as the audit log names it.
+fn local_admin() -> Actor {
+    Actor::system(audit::system::LOCAL_ADMIN)
+}
+
+/// Record that the store refused `event`'s action (`refused`, or `failed` for a database
+/// error, with the error's code), and return the error to report. If the entry cannot be
+/// written either, that is logged and the original error still returned.
+async fn refused(store: &dyn Store, event: AuditEvent, e: StoreError, now: i64) -> anyhow::Error {
+    let outcome = match e {
+        StoreError::Database(_) => Outcome::Failed,
+        _ => Outcome::Refused,
+    };
+    let event = event.with_outcome(outcome).with("code", e.code());
+    if let Err(audit_error) = store.append_audit(&event, now).await {
+        tracing::error!(
+            error = %audit_error,
+            action = %event.action,
+            "cannot write the refusal to the audit log"
+        );
+    }
+    e.into()
+}
+
+async fn audit_cmd(cmd: AuditCmd) -> anyhow::Result<()> {
+    use std::io::Write;
+    match cmd {
+        AuditCmd::List { dir, after, limit } => {
+            let (_, store) = open(&dir.data_dir).await?;
+            let mut out = std::io::stdout().lock();
+            for entry in store.audit_entries(after, limit).await? {
+                serde_json::to_writer(&mut out, &entry)?;
+                writeln!(out)?;
+            }
+        }
+        AuditCmd::Verify { dir } => {
+            let (_, store) = open(&dir.data_dir).await?;
+            let mut chain = audit::ChainVerifier::from_genesis();
+            let mut after = 0;
+            loop {
+                let page = store
+                    .audit_entries(after, tether_control::store::sql::DEFAULT_AUDIT_LIMIT)
+                    .await?;
+                let Some(last) = page.last() else { break };
+                after = last.seq;
+                for entry in &page {
+                    chain.push(entry).context("the audit log does not verify")?;
+                }
+            }
+            match chain.head() {
+                Some((seq, hash)) => println!(
+                    "audit log verified: {} entries, head {seq} {hash}",
+                    chain.checked()
+                ),
+                None => println!("audit log verified: empty"),
+            }
+        }
+    }
     Ok(())
 }

@@ -14,6 +14,13 @@
 //! The new certificate becomes current; the one presented (and any other current one)
 //! stays allowed for the overlap window (`enroll.renewal_overlap`, default 24 h), after
 //! which [`expire_overlaps_forever`] removes it.
+//!
+//! Audit: a renewal is one `appliance.renew` entry (serial, fingerprint, the presented
+//! `previous_fingerprint`, allowlist version) written with the certificate; a refusal is
+//! one `appliance.renew` entry `{"code", "presented_fingerprint"}` by the identity the
+//! certificate names (an appliance, or an operator or broker trying to renew), or by
+//! `system/unknown` without one. As for enrollment, a refusal whose entry cannot be
+//! written is still answered, and the failure logged at error.
 
 use std::time::Duration;
 
@@ -23,7 +30,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::api::{ApiError, AppState};
-use crate::enroll::{internal, issue_and_record, EnrollResponse};
+use crate::audit::{self, action, Actor, AuditEvent};
+use crate::enroll::{internal, issue_and_record, outcome_of, record_refusal, EnrollResponse};
 use crate::identity::{identify, PeerIdentity};
 use crate::server::PeerCertificate;
 use crate::store::{ApplianceStatus, Store};
@@ -36,15 +44,48 @@ pub struct RenewRequest {
     pub csr_pem: String,
 }
 
-/// Renew the certificate the caller authenticated with.
+/// Renew the certificate the caller authenticated with. Every refusal is recorded in the
+/// audit log (see the module docs).
 pub async fn renew(
     s: &AppState,
     peer: &PeerCertificate,
     req: RenewRequest,
     now: i64,
 ) -> Result<EnrollResponse, ApiError> {
+    let result = renew_checked(s, peer, &req, now).await;
+    if let Err(e) = &result {
+        let der = peer.0.as_deref();
+        let (actor, target) = match der.map(|der| identify(der, s.ca.trust_domain())) {
+            Some(Ok(PeerIdentity::Appliance(id))) => (Actor::appliance(id.clone()), id),
+            Some(Ok(PeerIdentity::Operator(name))) => {
+                (Actor::operator(name), audit::system::UNKNOWN.to_owned())
+            }
+            Some(Ok(PeerIdentity::Broker(name))) => {
+                (Actor::broker(name), audit::system::UNKNOWN.to_owned())
+            }
+            _ => (
+                Actor::system(audit::system::UNKNOWN),
+                audit::system::UNKNOWN.to_owned(),
+            ),
+        };
+        let mut event = AuditEvent::refused(actor, action::APPLIANCE_RENEW, target, e.code)
+            .with_outcome(outcome_of(e));
+        if let Some(der) = der {
+            event.set("presented_fingerprint", crate::ca::fingerprint_hex(der));
+        }
+        record_refusal(s, &event, now).await;
+    }
+    result
+}
+
+async fn renew_checked(
+    s: &AppState,
+    peer: &PeerCertificate,
+    req: &RenewRequest,
+    now: i64,
+) -> Result<EnrollResponse, ApiError> {
     let refused = |status, code, message: String| {
-        warn!(code, %message, "renewal refused");
+        warn!(code, reason = %message, "renewal refused");
         ApiError::new(status, code, message)
     };
     let der = peer.0.as_deref().ok_or_else(|| {
@@ -122,7 +163,18 @@ pub async fn renew(
     s.ca.check_csr(&req.csr_pem)
         .map_err(|e| refused(StatusCode::BAD_REQUEST, e.code(), e.to_string()))?;
     let overlap = s.config.enroll.renewal_overlap.as_secs() as i64;
-    issue_and_record(s, &id, &req.csr_pem, now, overlap, "appliance renewed").await
+    let audit = AuditEvent::success(Actor::appliance(id.clone()), action::APPLIANCE_RENEW, &id)
+        .with("previous_fingerprint", fingerprint);
+    issue_and_record(
+        s,
+        &id,
+        &req.csr_pem,
+        now,
+        overlap,
+        audit,
+        "appliance renewed",
+    )
+    .await
 }
 
 /// Remove previous certificates whose overlap ended, every `every`, until `shutdown`.

@@ -8,6 +8,10 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicU32, Ordering};
 
 use sqlx::Connection;
+use tether_control::audit::{
+    action, system, verify_chain, Actor, AuditEntry, AuditEvent, ChainVerifier, Outcome,
+    GENESIS_HASH, MAX_DETAILS_LEN, MAX_TARGET_LEN,
+};
 use tether_control::store::sql::{Backend, SqlStore, DEFAULT_LIST_LIMIT};
 use tether_control::store::{
     AllowlistDelta, Appliance, ApplianceFilter, ApplianceStatus, CertRecord, CertState,
@@ -198,10 +202,19 @@ on_both_backends!(
     concurrent_operations_get_one_version_each,
     snapshots_during_concurrent_writes_are_consistent,
     reconnecting_keeps_data_and_schema,
+    audit_chain_verifies_after_mixed_operations,
+    failed_operations_leave_neither_change_nor_entry,
+    concurrent_appends_form_one_gap_free_chain,
+    audit_log_is_append_only_in_the_database,
 );
 
 // ---------------------------------------------------------------------------------------
 // Helpers
+
+/// An audit event for an operation whose entry the case does not look at.
+fn ev() -> AuditEvent {
+    AuditEvent::success(Actor::system("test"), "test.operation", "t")
+}
 
 fn appliance(id: &str, tenant: &str) -> Appliance {
     Appliance {
@@ -240,7 +253,7 @@ fn delta(version: i64, c: &CertRecord, added: bool) -> AllowlistDelta {
 
 async fn register(store: &SqlStore, id: &str) {
     store
-        .register_appliance(&appliance(id, "acme"))
+        .register_appliance(&appliance(id, "acme"), &ev())
         .await
         .expect("register");
 }
@@ -250,7 +263,7 @@ async fn enrolled(store: &SqlStore, id: &str) -> CertRecord {
     register(store, id).await;
     let c = cert(id, 1);
     store
-        .record_certificate(&c, NOW, DAY)
+        .record_certificate(&c, NOW, DAY, &ev())
         .await
         .expect("record");
     c
@@ -333,14 +346,14 @@ async fn register_get_and_list_with_filters_and_pages(db: &TestDb) {
             manual_renewal_generation: 0,
             created_at: NOW + i as i64,
         };
-        s.register_appliance(&a).await.unwrap();
+        s.register_appliance(&a, &ev()).await.unwrap();
         assert_eq!(s.get_appliance(id).await.unwrap(), Some(a));
     }
     assert_eq!(s.get_appliance("nope").await.unwrap(), None);
-    s.set_status("c-9", ApplianceStatus::Disabled, NOW)
+    s.set_status("c-9", ApplianceStatus::Disabled, NOW, &ev())
         .await
         .unwrap();
-    s.set_status("a.1", ApplianceStatus::Revoked, NOW)
+    s.set_status("a.1", ApplianceStatus::Revoked, NOW, &ev())
         .await
         .unwrap();
 
@@ -438,12 +451,12 @@ async fn register_get_and_list_with_filters_and_pages(db: &TestDb) {
 async fn registering_an_existing_id_is_a_conflict(db: &TestDb) {
     let s = &db.store;
     let first = appliance("edge-1", "acme");
-    s.register_appliance(&first).await.unwrap();
+    s.register_appliance(&first, &ev()).await.unwrap();
     let again = Appliance {
         tenant: "globex".into(),
         ..first.clone()
     };
-    match s.register_appliance(&again).await {
+    match s.register_appliance(&again, &ev()).await {
         Err(StoreError::Conflict(what)) => assert!(what.contains("edge-1"), "{what}"),
         other => panic!("expected Conflict, got {other:?}"),
     }
@@ -454,13 +467,16 @@ async fn unknown_appliance_is_not_found(db: &TestDb) {
     let s = &db.store;
     let nf = |r: Result<_, StoreError>| matches!(r, Err(StoreError::NotFound(_)));
     assert!(nf(s
-        .set_status("ghost", ApplianceStatus::Disabled, NOW)
+        .set_status("ghost", ApplianceStatus::Disabled, NOW, &ev())
         .await
         .map(drop)));
-    assert!(nf(s.bump_manual_renewal("ghost").await.map(drop)));
-    assert!(nf(s.create_token("ghost", "h", NOW + 60).await));
     assert!(nf(s
-        .record_certificate(&cert("ghost", 1), NOW, DAY)
+        .bump_manual_renewal("ghost", NOW, &ev())
+        .await
+        .map(drop)));
+    assert!(nf(s.create_token("ghost", "h", NOW + 60, NOW, &ev()).await));
+    assert!(nf(s
+        .record_certificate(&cert("ghost", 1), NOW, DAY, &ev())
         .await
         .map(drop)));
     assert!(nf(s.certificates("ghost").await.map(drop)));
@@ -473,8 +489,14 @@ async fn unknown_appliance_is_not_found(db: &TestDb) {
 async fn manual_renewal_generation_counts_up(db: &TestDb) {
     let s = &db.store;
     register(s, "edge-1").await;
-    assert_eq!(s.bump_manual_renewal("edge-1").await.unwrap(), 1);
-    assert_eq!(s.bump_manual_renewal("edge-1").await.unwrap(), 2);
+    assert_eq!(
+        s.bump_manual_renewal("edge-1", NOW, &ev()).await.unwrap(),
+        1
+    );
+    assert_eq!(
+        s.bump_manual_renewal("edge-1", NOW, &ev()).await.unwrap(),
+        2
+    );
     let a = s.get_appliance("edge-1").await.unwrap().unwrap();
     assert_eq!(a.manual_renewal_generation, 2);
     assert_eq!(
@@ -490,13 +512,13 @@ async fn disable_enable_revoke_move_fingerprints_with_deltas(db: &TestDb) {
     let other = enrolled(s, "edge-2").await; // v2
     let c2 = cert("edge-1", 2);
     assert_eq!(
-        s.record_certificate(&c2, NOW, DAY).await.unwrap(),
+        s.record_certificate(&c2, NOW, DAY, &ev()).await.unwrap(),
         vec![delta(3, &c2, true)]
     );
 
     // Disable: both allowed fingerprints leave, certificate states stay.
     let d = s
-        .set_status("edge-1", ApplianceStatus::Disabled, NOW + 10)
+        .set_status("edge-1", ApplianceStatus::Disabled, NOW + 10, &ev())
         .await
         .unwrap();
     // One operation, one version: both deltas carry 4.
@@ -518,7 +540,7 @@ async fn disable_enable_revoke_move_fingerprints_with_deltas(db: &TestDb) {
     );
     // Disabling again changes nothing and writes nothing.
     assert_eq!(
-        s.set_status("edge-1", ApplianceStatus::Disabled, NOW + 20)
+        s.set_status("edge-1", ApplianceStatus::Disabled, NOW + 20, &ev())
             .await
             .unwrap(),
         vec![]
@@ -527,12 +549,12 @@ async fn disable_enable_revoke_move_fingerprints_with_deltas(db: &TestDb) {
 
     // Enable: both come back (both still valid).
     let d = s
-        .set_status("edge-1", ApplianceStatus::Active, NOW + 30)
+        .set_status("edge-1", ApplianceStatus::Active, NOW + 30, &ev())
         .await
         .unwrap();
     assert_eq!(d, vec![delta(5, &c1, true), delta(5, &c2, true)]);
     assert_eq!(
-        s.set_status("edge-1", ApplianceStatus::Active, NOW + 30)
+        s.set_status("edge-1", ApplianceStatus::Active, NOW + 30, &ev())
             .await
             .unwrap(),
         vec![]
@@ -541,7 +563,7 @@ async fn disable_enable_revoke_move_fingerprints_with_deltas(db: &TestDb) {
 
     // Revoke: removed, every certificate revoked.
     let d = s
-        .set_status("edge-1", ApplianceStatus::Revoked, NOW + 40)
+        .set_status("edge-1", ApplianceStatus::Revoked, NOW + 40, &ev())
         .await
         .unwrap();
     assert_eq!(d, vec![delta(6, &c1, false), delta(6, &c2, false)]);
@@ -554,14 +576,14 @@ async fn disable_enable_revoke_move_fingerprints_with_deltas(db: &TestDb) {
         ]
     );
     assert_eq!(
-        s.set_status("edge-1", ApplianceStatus::Revoked, NOW + 50)
+        s.set_status("edge-1", ApplianceStatus::Revoked, NOW + 50, &ev())
             .await
             .unwrap(),
         vec![]
     );
     // Enabling a revoked appliance brings no certificate back.
     assert_eq!(
-        s.set_status("edge-1", ApplianceStatus::Active, NOW + 60)
+        s.set_status("edge-1", ApplianceStatus::Active, NOW + 60, &ev())
             .await
             .unwrap(),
         vec![]
@@ -578,17 +600,17 @@ async fn disable_enable_revoke_move_fingerprints_with_deltas(db: &TestDb) {
     // Revoking a disabled appliance: nothing left to remove, certificates revoked.
     let c3 = cert("edge-2", 3);
     assert_eq!(
-        s.record_certificate(&c3, NOW, 0).await.unwrap(),
+        s.record_certificate(&c3, NOW, 0, &ev()).await.unwrap(),
         vec![delta(7, &c3, true), delta(7, &other, false)]
     );
     assert_eq!(
-        s.set_status("edge-2", ApplianceStatus::Disabled, NOW)
+        s.set_status("edge-2", ApplianceStatus::Disabled, NOW, &ev())
             .await
             .unwrap(),
         vec![delta(8, &c3, false)]
     );
     assert_eq!(
-        s.set_status("edge-2", ApplianceStatus::Revoked, NOW)
+        s.set_status("edge-2", ApplianceStatus::Revoked, NOW, &ev())
             .await
             .unwrap(),
         vec![]
@@ -598,7 +620,7 @@ async fn disable_enable_revoke_move_fingerprints_with_deltas(db: &TestDb) {
         .iter()
         .all(|(_, st)| *st == CertState::Revoked));
     assert_eq!(
-        s.set_status("edge-2", ApplianceStatus::Active, NOW)
+        s.set_status("edge-2", ApplianceStatus::Active, NOW, &ev())
             .await
             .unwrap(),
         vec![]
@@ -613,14 +635,14 @@ async fn enable_puts_back_only_what_is_still_valid(db: &TestDb) {
         not_after: NOW + 2 * DAY,
         ..cert("edge-1", 2)
     };
-    s.record_certificate(&c2, NOW, 3600).await.unwrap(); // v2; c1 previous until NOW + 3600
-    s.set_status("edge-1", ApplianceStatus::Disabled, NOW)
+    s.record_certificate(&c2, NOW, 3600, &ev()).await.unwrap(); // v2; c1 previous until NOW + 3600
+    s.set_status("edge-1", ApplianceStatus::Disabled, NOW, &ev())
         .await
         .unwrap(); // v3 (two deltas)
 
     // After the overlap: only the current one comes back.
     let d = s
-        .set_status("edge-1", ApplianceStatus::Active, NOW + 3600)
+        .set_status("edge-1", ApplianceStatus::Active, NOW + 3600, &ev())
         .await
         .unwrap();
     assert_eq!(d, vec![delta(4, &c2, true)]);
@@ -633,11 +655,11 @@ async fn enable_puts_back_only_what_is_still_valid(db: &TestDb) {
     );
 
     // After the current one expired: nothing comes back.
-    s.set_status("edge-1", ApplianceStatus::Disabled, NOW + 3600)
+    s.set_status("edge-1", ApplianceStatus::Disabled, NOW + 3600, &ev())
         .await
         .unwrap(); // v5
     let d = s
-        .set_status("edge-1", ApplianceStatus::Active, NOW + 2 * DAY)
+        .set_status("edge-1", ApplianceStatus::Active, NOW + 2 * DAY, &ev())
         .await
         .unwrap();
     assert_eq!(d, vec![]);
@@ -648,33 +670,36 @@ async fn enable_puts_back_only_what_is_still_valid(db: &TestDb) {
 async fn token_is_redeemed_once_by_its_appliance(db: &TestDb) {
     let s = &db.store;
     register(s, "edge-1").await;
-    s.create_token("edge-1", "hash-1", NOW + 3600)
+    s.create_token("edge-1", "hash-1", NOW + 3600, NOW, &ev())
         .await
         .unwrap();
-    s.redeem_token("edge-1", "hash-1", NOW).await.unwrap();
+    s.redeem_token("edge-1", "hash-1", NOW, &ev())
+        .await
+        .unwrap();
     assert!(matches!(
-        s.redeem_token("edge-1", "hash-1", NOW + 1).await,
+        s.redeem_token("edge-1", "hash-1", NOW + 1, &ev()).await,
         Err(StoreError::Token(TokenRefusal::AlreadyUsed))
     ));
     // Creating the same hash again is a conflict, not a way to reset it.
     assert!(matches!(
-        s.create_token("edge-1", "hash-1", NOW + 7200).await,
+        s.create_token("edge-1", "hash-1", NOW + 7200, NOW, &ev())
+            .await,
         Err(StoreError::Conflict(_))
     ));
     assert!(matches!(
-        s.redeem_token("edge-1", "hash-1", NOW + 2).await,
+        s.redeem_token("edge-1", "hash-1", NOW + 2, &ev()).await,
         Err(StoreError::Token(TokenRefusal::AlreadyUsed))
     ));
 
     // Many redeemers at once: exactly one wins.
-    s.create_token("edge-1", "hash-2", NOW + 3600)
+    s.create_token("edge-1", "hash-2", NOW + 3600, NOW, &ev())
         .await
         .unwrap();
     let mut tasks = Vec::new();
     for _ in 0..10 {
         let s = s.clone();
         tasks.push(tokio::spawn(async move {
-            s.redeem_token("edge-1", "hash-2", NOW).await
+            s.redeem_token("edge-1", "hash-2", NOW, &ev()).await
         }));
     }
     let mut won = 0;
@@ -692,37 +717,41 @@ async fn token_refusals_say_why(db: &TestDb) {
     let s = &db.store;
     register(s, "edge-a").await;
     register(s, "edge-b").await;
-    s.create_token("edge-a", "hash-a", NOW + 60).await.unwrap();
+    s.create_token("edge-a", "hash-a", NOW + 60, NOW, &ev())
+        .await
+        .unwrap();
     let refusal = |r: Result<(), StoreError>| match r {
         Err(StoreError::Token(why)) => why,
         other => panic!("expected a token refusal, got {other:?}"),
     };
     assert_eq!(
-        refusal(s.redeem_token("edge-a", "no-such-hash", NOW).await),
+        refusal(s.redeem_token("edge-a", "no-such-hash", NOW, &ev()).await),
         TokenRefusal::Unknown
     );
     // A's token used for B: refused, and A's token is not burnt.
     assert_eq!(
-        refusal(s.redeem_token("edge-b", "hash-a", NOW).await),
+        refusal(s.redeem_token("edge-b", "hash-a", NOW, &ev()).await),
         TokenRefusal::WrongAppliance
     );
     // Expiry is exclusive: at expires_at the token is expired.
     assert_eq!(
-        refusal(s.redeem_token("edge-a", "hash-a", NOW + 60).await),
+        refusal(s.redeem_token("edge-a", "hash-a", NOW + 60, &ev()).await),
         TokenRefusal::Expired
     );
     assert_eq!(
-        refusal(s.redeem_token("edge-a", "hash-a", NOW + 61).await),
+        refusal(s.redeem_token("edge-a", "hash-a", NOW + 61, &ev()).await),
         TokenRefusal::Expired
     );
-    s.redeem_token("edge-a", "hash-a", NOW + 59).await.unwrap();
+    s.redeem_token("edge-a", "hash-a", NOW + 59, &ev())
+        .await
+        .unwrap();
     assert_eq!(
-        refusal(s.redeem_token("edge-a", "hash-a", NOW + 59).await),
+        refusal(s.redeem_token("edge-a", "hash-a", NOW + 59, &ev()).await),
         TokenRefusal::AlreadyUsed
     );
     // Used and for another appliance: still WrongAppliance (B learns nothing more).
     assert_eq!(
-        refusal(s.redeem_token("edge-b", "hash-a", NOW).await),
+        refusal(s.redeem_token("edge-b", "hash-a", NOW, &ev()).await),
         TokenRefusal::WrongAppliance
     );
 }
@@ -813,7 +842,7 @@ async fn renewal_keeps_previous_for_the_overlap(db: &TestDb) {
     register(s, "edge-1").await;
     let c1 = cert("edge-1", 1);
     assert_eq!(
-        s.record_certificate(&c1, NOW, DAY).await.unwrap(),
+        s.record_certificate(&c1, NOW, DAY, &ev()).await.unwrap(),
         vec![delta(1, &c1, true)]
     );
     assert_eq!(
@@ -823,7 +852,9 @@ async fn renewal_keeps_previous_for_the_overlap(db: &TestDb) {
 
     let c2 = cert("edge-1", 2);
     assert_eq!(
-        s.record_certificate(&c2, NOW + 100, DAY).await.unwrap(),
+        s.record_certificate(&c2, NOW + 100, DAY, &ev())
+            .await
+            .unwrap(),
         vec![delta(2, &c2, true)]
     );
     let certs = s.certificates("edge-1").await.unwrap();
@@ -849,7 +880,9 @@ async fn renewal_keeps_previous_for_the_overlap(db: &TestDb) {
     // A third renewal inside the window: c2 starts its own window, c1 keeps its.
     let c3 = cert("edge-1", 3);
     assert_eq!(
-        s.record_certificate(&c3, NOW + 200, DAY).await.unwrap(),
+        s.record_certificate(&c3, NOW + 200, DAY, &ev())
+            .await
+            .unwrap(),
         vec![delta(3, &c3, true)]
     );
     assert_eq!(
@@ -866,12 +899,12 @@ async fn renewal_without_overlap_removes_previous_at_once(db: &TestDb) {
     let s = &db.store;
     let c1 = enrolled(s, "edge-1").await; // v1
     let c2 = cert("edge-1", 2);
-    s.record_certificate(&c2, NOW, DAY).await.unwrap(); // v2, c1 previous
+    s.record_certificate(&c2, NOW, DAY, &ev()).await.unwrap(); // v2, c1 previous
     let c3 = cert("edge-1", 3);
     // Overlap 0: the new one is added, every older allowed one removed, in one go (one
     // version).
     assert_eq!(
-        s.record_certificate(&c3, NOW + 5, 0).await.unwrap(),
+        s.record_certificate(&c3, NOW + 5, 0, &ev()).await.unwrap(),
         vec![
             delta(3, &c3, true),
             delta(3, &c1, false),
@@ -895,12 +928,12 @@ async fn renewal_without_overlap_removes_previous_at_once(db: &TestDb) {
     );
 
     // Re-enrollment after revocation: status back to Active, only the new one allowed.
-    s.set_status("edge-1", ApplianceStatus::Revoked, NOW + 10)
+    s.set_status("edge-1", ApplianceStatus::Revoked, NOW + 10, &ev())
         .await
         .unwrap(); // v4
     let c4 = cert("edge-1", 4);
     assert_eq!(
-        s.record_certificate(&c4, NOW + 20, 0).await.unwrap(),
+        s.record_certificate(&c4, NOW + 20, 0, &ev()).await.unwrap(),
         vec![delta(5, &c4, true)]
     );
     assert_eq!(status(s, "edge-1").await, ApplianceStatus::Active);
@@ -916,13 +949,13 @@ async fn renewal_without_overlap_removes_previous_at_once(db: &TestDb) {
 async fn recording_on_a_disabled_appliance_gives_no_overlap(db: &TestDb) {
     let s = &db.store;
     let c1 = enrolled(s, "edge-1").await; // v1
-    s.set_status("edge-1", ApplianceStatus::Disabled, NOW)
+    s.set_status("edge-1", ApplianceStatus::Disabled, NOW, &ev())
         .await
         .unwrap(); // v2
     let c2 = cert("edge-1", 2);
     // Overlap asked for, but the old certificate was barred: it stays out, revoked.
     assert_eq!(
-        s.record_certificate(&c2, NOW, DAY).await.unwrap(),
+        s.record_certificate(&c2, NOW, DAY, &ev()).await.unwrap(),
         vec![delta(3, &c2, true)]
     );
     assert_eq!(status(s, "edge-1").await, ApplianceStatus::Active);
@@ -946,7 +979,7 @@ async fn duplicate_certificate_changes_nothing(db: &TestDb) {
     let s = &db.store;
     let c1 = enrolled(s, "edge-1").await; // v1
     register(s, "edge-2").await;
-    s.set_status("edge-2", ApplianceStatus::Disabled, NOW)
+    s.set_status("edge-2", ApplianceStatus::Disabled, NOW, &ev())
         .await
         .unwrap();
     let same_serial = CertRecord {
@@ -961,7 +994,7 @@ async fn duplicate_certificate_changes_nothing(db: &TestDb) {
     };
     for dup in [&c1, &same_serial, &same_fingerprint] {
         assert!(matches!(
-            s.record_certificate(dup, NOW, 0).await,
+            s.record_certificate(dup, NOW, 0, &ev()).await,
             Err(StoreError::Conflict(_))
         ));
     }
@@ -983,16 +1016,16 @@ async fn expire_overlaps_removes_ended_windows_once(db: &TestDb) {
     let s = &db.store;
     let a1 = enrolled(s, "edge-a").await; // v1
     let a2 = cert("edge-a", 2);
-    s.record_certificate(&a2, NOW, 100).await.unwrap(); // v2, a1 until NOW + 100
+    s.record_certificate(&a2, NOW, 100, &ev()).await.unwrap(); // v2, a1 until NOW + 100
     let b1 = enrolled(s, "edge-b").await; // v3
-    s.record_certificate(&cert("edge-b", 2), NOW, 50)
+    s.record_certificate(&cert("edge-b", 2), NOW, 50, &ev())
         .await
         .unwrap(); // v4, b1 until NOW + 50
     let c1 = enrolled(s, "edge-c").await; // v5
-    s.record_certificate(&cert("edge-c", 2), NOW, 10)
+    s.record_certificate(&cert("edge-c", 2), NOW, 10, &ev())
         .await
         .unwrap(); // v6, c1 until NOW + 10
-    s.set_status("edge-c", ApplianceStatus::Disabled, NOW)
+    s.set_status("edge-c", ApplianceStatus::Disabled, NOW, &ev())
         .await
         .unwrap(); // v7 (two deltas)
 
@@ -1023,7 +1056,7 @@ async fn expire_overlaps_removes_ended_windows_once(db: &TestDb) {
     assert_eq!(s.allowlist_version().await.unwrap(), 9);
     // Enabling edge-c later does not bring back its ended previous certificate.
     let d = s
-        .set_status("edge-c", ApplianceStatus::Active, NOW + 60)
+        .set_status("edge-c", ApplianceStatus::Active, NOW + 60, &ev())
         .await
         .unwrap();
     assert_eq!(d.len(), 1);
@@ -1037,56 +1070,60 @@ async fn churn(s: &SqlStore) -> Vec<Vec<AllowlistDelta>> {
     let mut ops = Vec::new();
     for id in ["edge-1", "edge-2", "edge-3"] {
         register(s, id).await;
-        ops.push(s.record_certificate(&cert(id, 1), NOW, DAY).await.unwrap());
+        ops.push(
+            s.record_certificate(&cert(id, 1), NOW, DAY, &ev())
+                .await
+                .unwrap(),
+        );
     }
     ops.push(
-        s.record_certificate(&cert("edge-1", 2), NOW + 10, DAY)
+        s.record_certificate(&cert("edge-1", 2), NOW + 10, DAY, &ev())
             .await
             .unwrap(),
     );
     ops.push(
-        s.set_status("edge-2", ApplianceStatus::Disabled, NOW + 20)
+        s.set_status("edge-2", ApplianceStatus::Disabled, NOW + 20, &ev())
             .await
             .unwrap(),
     );
     ops.push(
-        s.set_status("edge-2", ApplianceStatus::Disabled, NOW + 21)
+        s.set_status("edge-2", ApplianceStatus::Disabled, NOW + 21, &ev())
             .await
             .unwrap(),
     );
     ops.push(
-        s.record_certificate(&cert("edge-3", 2), NOW + 30, 0)
+        s.record_certificate(&cert("edge-3", 2), NOW + 30, 0, &ev())
             .await
             .unwrap(),
     );
     ops.push(
-        s.set_status("edge-1", ApplianceStatus::Revoked, NOW + 40)
+        s.set_status("edge-1", ApplianceStatus::Revoked, NOW + 40, &ev())
             .await
             .unwrap(),
     );
     ops.push(
-        s.set_status("edge-2", ApplianceStatus::Active, NOW + 50)
+        s.set_status("edge-2", ApplianceStatus::Active, NOW + 50, &ev())
             .await
             .unwrap(),
     );
     ops.push(
-        s.record_certificate(&cert("edge-1", 3), NOW + 60, DAY)
+        s.record_certificate(&cert("edge-1", 3), NOW + 60, DAY, &ev())
             .await
             .unwrap(),
     );
     ops.push(
-        s.record_certificate(&cert("edge-2", 2), NOW + 70, 100)
+        s.record_certificate(&cert("edge-2", 2), NOW + 70, 100, &ev())
             .await
             .unwrap(),
     );
     ops.push(
-        s.record_certificate(&cert("edge-3", 3), NOW + 80, 50)
+        s.record_certificate(&cert("edge-3", 3), NOW + 80, 50, &ev())
             .await
             .unwrap(),
     );
     ops.push(s.expire_overlaps(NOW + 170).await.unwrap());
     ops.push(
-        s.set_status("edge-3", ApplianceStatus::Disabled, NOW + 180)
+        s.set_status("edge-3", ApplianceStatus::Disabled, NOW + 180, &ev())
             .await
             .unwrap(),
     );
@@ -1201,9 +1238,13 @@ async fn revoking_many_fingerprints_bumps_the_version_once(db: &TestDb) {
     let other = enrolled(s, "edge-0").await; // v1
     let c1 = enrolled(s, "edge-1").await; // v2
     let c2 = cert("edge-1", 2);
-    s.record_certificate(&c2, NOW + 1, DAY).await.unwrap(); // v3
+    s.record_certificate(&c2, NOW + 1, DAY, &ev())
+        .await
+        .unwrap(); // v3
     let c3 = cert("edge-1", 3);
-    s.record_certificate(&c3, NOW + 2, DAY).await.unwrap(); // v4: three allowed now
+    s.record_certificate(&c3, NOW + 2, DAY, &ev())
+        .await
+        .unwrap(); // v4: three allowed now
     assert_eq!(s.allowlist_version().await.unwrap(), 4);
     let all_three = |version: i64, added: bool| {
         vec![
@@ -1215,19 +1256,19 @@ async fn revoking_many_fingerprints_bumps_the_version_once(db: &TestDb) {
 
     // Disable, enable, revoke: each one version, three deltas sharing it.
     let d = s
-        .set_status("edge-1", ApplianceStatus::Disabled, NOW + 3)
+        .set_status("edge-1", ApplianceStatus::Disabled, NOW + 3, &ev())
         .await
         .unwrap();
     assert_eq!(d, all_three(5, false));
     assert_eq!(s.allowlist_version().await.unwrap(), 5);
     let d = s
-        .set_status("edge-1", ApplianceStatus::Active, NOW + 4)
+        .set_status("edge-1", ApplianceStatus::Active, NOW + 4, &ev())
         .await
         .unwrap();
     assert_eq!(d, all_three(6, true));
     assert_eq!(s.allowlist_version().await.unwrap(), 6);
     let d = s
-        .set_status("edge-1", ApplianceStatus::Revoked, NOW + 5)
+        .set_status("edge-1", ApplianceStatus::Revoked, NOW + 5, &ev())
         .await
         .unwrap();
     assert_eq!(d, all_three(7, false));
@@ -1257,13 +1298,13 @@ async fn one_version_can_hold_hundreds_of_changes(db: &TestDb) {
     let mut certs = Vec::new();
     for n in 0..CERTS {
         let c = cert("edge-1", n);
-        s.record_certificate(&c, NOW, DAY).await.unwrap();
+        s.record_certificate(&c, NOW, DAY, &ev()).await.unwrap();
         certs.push(c);
     }
     let v = s.allowlist_version().await.unwrap();
     assert_eq!(v, i64::from(CERTS));
     let d = s
-        .set_status("edge-1", ApplianceStatus::Revoked, NOW + 1)
+        .set_status("edge-1", ApplianceStatus::Revoked, NOW + 1, &ev())
         .await
         .unwrap();
     let expected: Vec<_> = certs.iter().map(|c| delta(v + 1, c, false)).collect();
@@ -1294,7 +1335,10 @@ async fn operations_that_change_nothing_do_not_bump(db: &TestDb) {
         ApplianceStatus::Revoked,
         ApplianceStatus::Active,
     ] {
-        assert_eq!(s.set_status("edge-0", st, NOW).await.unwrap(), vec![]);
+        assert_eq!(
+            s.set_status("edge-0", st, NOW, &ev()).await.unwrap(),
+            vec![]
+        );
         assert_eq!(status(s, "edge-0").await, st);
     }
     assert_eq!(s.expire_overlaps(NOW).await.unwrap(), vec![]);
@@ -1302,7 +1346,7 @@ async fn operations_that_change_nothing_do_not_bump(db: &TestDb) {
 
     let c1 = enrolled(s, "edge-1").await; // v1
     assert_eq!(
-        s.set_status("edge-1", ApplianceStatus::Active, NOW)
+        s.set_status("edge-1", ApplianceStatus::Active, NOW, &ev())
             .await
             .unwrap(),
         vec![]
@@ -1311,10 +1355,10 @@ async fn operations_that_change_nothing_do_not_bump(db: &TestDb) {
 
     // A disabled appliance: its ended overlap and its revocation change states only.
     let e1 = enrolled(s, "edge-2").await; // v2
-    s.record_certificate(&cert("edge-2", 2), NOW, 10)
+    s.record_certificate(&cert("edge-2", 2), NOW, 10, &ev())
         .await
         .unwrap(); // v3
-    s.set_status("edge-2", ApplianceStatus::Disabled, NOW)
+    s.set_status("edge-2", ApplianceStatus::Disabled, NOW, &ev())
         .await
         .unwrap(); // v4
     unchanged(4, 5).await;
@@ -1325,13 +1369,13 @@ async fn operations_that_change_nothing_do_not_bump(db: &TestDb) {
     );
     unchanged(4, 5).await;
     assert_eq!(
-        s.set_status("edge-2", ApplianceStatus::Revoked, NOW)
+        s.set_status("edge-2", ApplianceStatus::Revoked, NOW, &ev())
             .await
             .unwrap(),
         vec![]
     );
     assert_eq!(
-        s.set_status("edge-2", ApplianceStatus::Active, NOW)
+        s.set_status("edge-2", ApplianceStatus::Active, NOW, &ev())
             .await
             .unwrap(),
         vec![]
@@ -1340,15 +1384,16 @@ async fn operations_that_change_nothing_do_not_bump(db: &TestDb) {
 
     // Failed operations roll back whole, the version included.
     assert!(matches!(
-        s.record_certificate(&c1, NOW, 0).await,
+        s.record_certificate(&c1, NOW, 0, &ev()).await,
         Err(StoreError::Conflict(_))
     ));
     assert!(matches!(
-        s.record_certificate(&cert("nope", 1), NOW, 0).await,
+        s.record_certificate(&cert("nope", 1), NOW, 0, &ev()).await,
         Err(StoreError::NotFound(_))
     ));
     assert!(matches!(
-        s.set_status("nope", ApplianceStatus::Revoked, NOW).await,
+        s.set_status("nope", ApplianceStatus::Revoked, NOW, &ev())
+            .await,
         Err(StoreError::NotFound(_))
     ));
     unchanged(4, 5).await;
@@ -1364,13 +1409,13 @@ async fn pagination_never_splits_a_version(db: &TestDb) {
     register(s, "edge-a").await;
     for n in 1..=3 {
         ops.push(
-            s.record_certificate(&cert("edge-a", n), NOW, DAY)
+            s.record_certificate(&cert("edge-a", n), NOW, DAY, &ev())
                 .await
                 .unwrap(),
         ); // v1..v3
     }
     ops.push(
-        s.set_status("edge-a", ApplianceStatus::Revoked, NOW)
+        s.set_status("edge-a", ApplianceStatus::Revoked, NOW, &ev())
             .await
             .unwrap(),
     ); // v4: 3 deltas
@@ -1383,7 +1428,11 @@ async fn pagination_never_splits_a_version(db: &TestDb) {
         ("edge-c", 1),
         ("edge-c", 2),
     ] {
-        ops.push(s.record_certificate(&cert(id, n), NOW, 100).await.unwrap()); // v5..v9
+        ops.push(
+            s.record_certificate(&cert(id, n), NOW, 100, &ev())
+                .await
+                .unwrap(),
+        ); // v5..v9
     }
     // Windows of two appliances end together: one version for the whole call.
     let expired = s.expire_overlaps(NOW + 100).await.unwrap(); // v10: 3 deltas
@@ -1397,12 +1446,12 @@ async fn pagination_never_splits_a_version(db: &TestDb) {
     );
     ops.push(expired);
     ops.push(
-        s.record_certificate(&cert("edge-b", 4), NOW + 200, 0)
+        s.record_certificate(&cert("edge-b", 4), NOW + 200, 0, &ev())
             .await
             .unwrap(),
     ); // v11: 2 deltas
     ops.push(
-        s.set_status("edge-c", ApplianceStatus::Disabled, NOW + 300)
+        s.set_status("edge-c", ApplianceStatus::Disabled, NOW + 300, &ev())
             .await
             .unwrap(),
     ); // v12
@@ -1465,24 +1514,28 @@ async fn current_and_found_certificates(db: &TestDb) {
     }
     // Renewed inside its overlap: the new one is current, the old one still allowed.
     let b1_1 = cert("B-1", 1);
-    s.record_certificate(&b1_1, NOW, DAY).await.unwrap();
+    s.record_certificate(&b1_1, NOW, DAY, &ev()).await.unwrap();
     let b1_2 = cert("B-1", 2);
-    s.record_certificate(&b1_2, NOW + 10, DAY).await.unwrap();
+    s.record_certificate(&b1_2, NOW + 10, DAY, &ev())
+        .await
+        .unwrap();
     // Disabled: current, but out of the allowlist.
     let a1 = cert("a.1", 1);
-    s.record_certificate(&a1, NOW, DAY).await.unwrap();
-    s.set_status("a.1", ApplianceStatus::Disabled, NOW + 20)
+    s.record_certificate(&a1, NOW, DAY, &ev()).await.unwrap();
+    s.set_status("a.1", ApplianceStatus::Disabled, NOW + 20, &ev())
         .await
         .unwrap();
     // Renewed without overlap: the old one revoked.
     let b2_1 = cert("b-2", 1);
-    s.record_certificate(&b2_1, NOW, DAY).await.unwrap();
+    s.record_certificate(&b2_1, NOW, DAY, &ev()).await.unwrap();
     let b2_2 = cert("b-2", 2);
-    s.record_certificate(&b2_2, NOW + 30, 0).await.unwrap();
+    s.record_certificate(&b2_2, NOW + 30, 0, &ev())
+        .await
+        .unwrap();
     // Revoked: no current certificate.
     let gone = cert("gone", 1);
-    s.record_certificate(&gone, NOW, DAY).await.unwrap();
-    s.set_status("gone", ApplianceStatus::Revoked, NOW + 40)
+    s.record_certificate(&gone, NOW, DAY, &ev()).await.unwrap();
+    s.set_status("gone", ApplianceStatus::Revoked, NOW + 40, &ev())
         .await
         .unwrap();
 
@@ -1555,7 +1608,7 @@ async fn current_and_found_certificates(db: &TestDb) {
         found(b1_1.fingerprint.clone()).await,
         Some((with(&b1_1, CertState::Revoked), false))
     );
-    s.set_status("a.1", ApplianceStatus::Active, NOW + 50)
+    s.set_status("a.1", ApplianceStatus::Active, NOW + 50, &ev())
         .await
         .unwrap();
     assert_eq!(
@@ -1572,7 +1625,7 @@ async fn current_and_found_certificates(db: &TestDb) {
 async fn snapshot_equals_replayed_deltas(db: &TestDb) {
     let s = &db.store;
     register(s, "edge-0").await;
-    s.record_certificate(&cert("edge-0", 1), NOW, DAY)
+    s.record_certificate(&cert("edge-0", 1), NOW, DAY, &ev())
         .await
         .unwrap();
     let (v_mid, mid) = snapshot_set(s).await;
@@ -1603,7 +1656,7 @@ async fn concurrent_recordings_get_each_version_once(db: &TestDb) {
     for i in 0..N {
         let s = s.clone();
         tasks.push(tokio::spawn(async move {
-            s.record_certificate(&cert(&format!("edge-{i:02}"), 1), NOW, DAY)
+            s.record_certificate(&cert(&format!("edge-{i:02}"), 1), NOW, DAY, &ev())
                 .await
         }));
     }
@@ -1624,10 +1677,19 @@ async fn concurrent_recordings_get_each_version_once(db: &TestDb) {
         tasks.push(tokio::spawn(async move {
             let id = format!("edge-{:02}", i % 5);
             match i % 4 {
-                0 => s.set_status(&id, ApplianceStatus::Disabled, NOW).await,
-                1 => s.set_status(&id, ApplianceStatus::Active, NOW).await,
-                2 => s.record_certificate(&cert(&id, 100 + i), NOW, 0).await,
-                _ => s.record_certificate(&cert(&id, 100 + i), NOW, DAY).await,
+                0 => {
+                    s.set_status(&id, ApplianceStatus::Disabled, NOW, &ev())
+                        .await
+                }
+                1 => s.set_status(&id, ApplianceStatus::Active, NOW, &ev()).await,
+                2 => {
+                    s.record_certificate(&cert(&id, 100 + i), NOW, 0, &ev())
+                        .await
+                }
+                _ => {
+                    s.record_certificate(&cert(&id, 100 + i), NOW, DAY, &ev())
+                        .await
+                }
             }
         }));
     }
@@ -1652,7 +1714,7 @@ async fn concurrent_operations_get_one_version_each(db: &TestDb) {
         let id = format!("edge-{a}");
         register(s, &id).await;
         for n in [9001, 9002] {
-            s.record_certificate(&cert(&id, n), NOW, 3600)
+            s.record_certificate(&cert(&id, n), NOW, 3600, &ev())
                 .await
                 .unwrap();
         }
@@ -1672,11 +1734,14 @@ async fn concurrent_operations_get_one_version_each(db: &TestDb) {
                     // Renewals with overlap pile up several allowed fingerprints, which
                     // disable, enable, revoke and a renewal without overlap then move
                     // together.
-                    0 | 1 => s.record_certificate(&cert(&id, n), at, 3600).await,
-                    2 => s.set_status(&id, ApplianceStatus::Disabled, at).await,
-                    3 => s.set_status(&id, ApplianceStatus::Active, at).await,
-                    4 if i % 2 == 0 => s.set_status(&id, ApplianceStatus::Revoked, at).await,
-                    4 => s.record_certificate(&cert(&id, n), at, 0).await,
+                    0 | 1 => s.record_certificate(&cert(&id, n), at, 3600, &ev()).await,
+                    2 => {
+                        s.set_status(&id, ApplianceStatus::Disabled, at, &ev())
+                            .await
+                    }
+                    3 => s.set_status(&id, ApplianceStatus::Active, at, &ev()).await,
+                    4 if i % 2 == 0 => s.set_status(&id, ApplianceStatus::Revoked, at, &ev()).await,
+                    4 => s.record_certificate(&cert(&id, n), at, 0, &ev()).await,
                     _ => s.expire_overlaps(at + 1800).await,
                 }
             }));
@@ -1722,14 +1787,14 @@ async fn snapshots_during_concurrent_writes_are_consistent(db: &TestDb) {
             register(&s, &id).await;
             for n in 0..EACH {
                 let overlap = if n % 3 == 0 { 0 } else { 60 };
-                s.record_certificate(&cert(&id, n), NOW + i64::from(n), overlap)
+                s.record_certificate(&cert(&id, n), NOW + i64::from(n), overlap, &ev())
                     .await
                     .unwrap();
                 if n % 5 == 4 {
-                    s.set_status(&id, ApplianceStatus::Disabled, NOW)
+                    s.set_status(&id, ApplianceStatus::Disabled, NOW, &ev())
                         .await
                         .unwrap();
-                    s.set_status(&id, ApplianceStatus::Active, NOW)
+                    s.set_status(&id, ApplianceStatus::Active, NOW, &ev())
                         .await
                         .unwrap();
                 }
@@ -1791,7 +1856,10 @@ async fn reconnecting_keeps_data_and_schema(db: &TestDb) {
     );
     let c2 = cert("edge-1", 2);
     assert_eq!(
-        again.record_certificate(&c2, NOW, DAY).await.unwrap(),
+        again
+            .record_certificate(&c2, NOW, DAY, &ev())
+            .await
+            .unwrap(),
         vec![delta(2, &c2, true)]
     );
     assert_eq!(s.allowlist_version().await.unwrap(), 2);
@@ -1802,6 +1870,410 @@ async fn reconnecting_keeps_data_and_schema(db: &TestDb) {
     }
     let dbg = format!("{s:?}");
     assert!(dbg.contains("SqlStore") && !dbg.contains("://"), "{dbg}");
+}
+
+// ---------------------------------------------------------------------------------------
+// The audit log
+
+/// Every audit entry, read in pages of `page` (0: the store's default).
+async fn all_entries(s: &SqlStore, page: u32) -> Vec<AuditEntry> {
+    let mut out: Vec<AuditEntry> = Vec::new();
+    loop {
+        let after = out.last().map_or(0, |e| e.seq);
+        let batch = s.audit_entries(after, page).await.expect("audit entries");
+        if batch.is_empty() {
+            return out;
+        }
+        if page > 0 {
+            assert!(batch.len() <= page as usize, "page longer than its limit");
+        }
+        out.extend(batch);
+    }
+}
+
+/// The whole log verifies from the first entry, with seq 1..=n.
+fn check_chain(entries: &[AuditEntry]) {
+    let seqs: Vec<i64> = entries.iter().map(|e| e.seq).collect();
+    assert_eq!(seqs, (1..=entries.len() as i64).collect::<Vec<_>>());
+    verify_chain(entries).expect("the chain verifies");
+    let mut v = ChainVerifier::from_genesis();
+    for e in entries {
+        v.push(e).expect("the chain verifies from genesis");
+    }
+    if let Some(first) = entries.first() {
+        assert_eq!(first.prev_hash, GENESIS_HASH);
+    }
+    for w in entries.windows(2) {
+        assert_eq!(w[1].prev_hash, w[0].hash);
+    }
+}
+
+/// Each allowlist version is carried by exactly one entry (the operation that made it).
+fn check_one_entry_per_version(entries: &[AuditEntry], top: i64) {
+    let versions: Vec<i64> = entries
+        .iter()
+        .filter(|e| e.details["allowlist_changes"].as_u64().unwrap_or(0) > 0)
+        .map(|e| e.details["allowlist_version"].as_i64().unwrap())
+        .collect();
+    assert_eq!(versions, (1..=top).collect::<Vec<_>>());
+}
+
+async fn audit_chain_verifies_after_mixed_operations(db: &TestDb) {
+    let s = &db.store;
+    let admin = || Actor::system(system::LOCAL_ADMIN);
+    let edge = || Actor::appliance("edge-1");
+    s.register_appliance(
+        &appliance("edge-1", "acme"),
+        &AuditEvent::success(admin(), action::APPLIANCE_REGISTER, "edge-1").with("tenant", "acme"),
+    )
+    .await
+    .unwrap(); // 1, at created_at = NOW
+    s.create_token(
+        "edge-1",
+        "hash-1",
+        NOW + 60,
+        NOW + 1,
+        &AuditEvent::success(admin(), action::TOKEN_CREATE, "edge-1").with("token_ref", "hash"),
+    )
+    .await
+    .unwrap(); // 2
+    s.redeem_token(
+        "edge-1",
+        "hash-1",
+        NOW + 2,
+        &AuditEvent::success(edge(), action::TOKEN_REDEEM, "edge-1"),
+    )
+    .await
+    .unwrap(); // 3
+    let c1 = cert("edge-1", 1);
+    let enrolled = AuditEvent::success(edge(), action::APPLIANCE_ENROLL, "edge-1")
+        .with("proof_kind", "token")
+        .with("fingerprint", c1.fingerprint.as_str());
+    s.record_certificate(&c1, NOW + 3, 100, &enrolled)
+        .await
+        .unwrap(); // 4, v1
+    let c2 = cert("edge-1", 2);
+    let renewed = AuditEvent::success(edge(), action::APPLIANCE_RENEW, "edge-1");
+    s.record_certificate(&c2, NOW + 4, 100, &renewed)
+        .await
+        .unwrap(); // 5, v2; c1 allowed until NOW + 104
+    let refusal = AuditEvent::refused(edge(), action::APPLIANCE_ENROLL, "edge-1", "nonce_replayed")
+        .with("proof_kind", "token");
+    let appended = s.append_audit(&refusal, NOW + 5).await.unwrap(); // 6
+    assert_eq!(
+        (appended.seq, appended.at, appended.event()),
+        (6, NOW + 5, refusal)
+    );
+    let status_event =
+        |what: &str| AuditEvent::success(admin(), what, "edge-1").with("reason", "test");
+    let d = s
+        .set_status(
+            "edge-1",
+            ApplianceStatus::Disabled,
+            NOW + 6,
+            &status_event(action::APPLIANCE_DISABLE),
+        )
+        .await
+        .unwrap(); // 7, v3 (two fingerprints)
+    assert_eq!(d.len(), 2);
+    let d = s
+        .set_status(
+            "edge-1",
+            ApplianceStatus::Disabled,
+            NOW + 7,
+            &status_event(action::APPLIANCE_DISABLE),
+        )
+        .await
+        .unwrap(); // 8, no change: recorded, version unchanged
+    assert!(d.is_empty());
+    s.set_status(
+        "edge-1",
+        ApplianceStatus::Active,
+        NOW + 8,
+        &status_event(action::APPLIANCE_ENABLE),
+    )
+    .await
+    .unwrap(); // 9, v4
+    let generation = s
+        .bump_manual_renewal(
+            "edge-1",
+            NOW + 9,
+            &AuditEvent::success(admin(), action::APPLIANCE_REQUEST_RENEWAL, "edge-1"),
+        )
+        .await
+        .unwrap(); // 10
+    assert_eq!(generation, 1);
+    assert_eq!(s.expire_overlaps(NOW + 200).await.unwrap().len(), 1); // 11, v5
+    assert!(s.expire_overlaps(NOW + 300).await.unwrap().is_empty()); // no entry
+    s.set_status(
+        "edge-1",
+        ApplianceStatus::Revoked,
+        NOW + 10,
+        &status_event(action::APPLIANCE_REVOKE),
+    )
+    .await
+    .unwrap(); // 12, v6
+
+    let entries = all_entries(s, 5).await;
+    assert_eq!(entries, all_entries(s, 0).await);
+    check_chain(&entries);
+    let summary: Vec<(&str, &str, i64, Outcome)> = entries
+        .iter()
+        .map(|e| (e.actor.name.as_str(), e.action.as_str(), e.at, e.outcome))
+        .collect();
+    use Outcome::{Refused, Success};
+    assert_eq!(
+        summary,
+        vec![
+            ("local-admin", action::APPLIANCE_REGISTER, NOW, Success),
+            ("local-admin", action::TOKEN_CREATE, NOW + 1, Success),
+            ("edge-1", action::TOKEN_REDEEM, NOW + 2, Success),
+            ("edge-1", action::APPLIANCE_ENROLL, NOW + 3, Success),
+            ("edge-1", action::APPLIANCE_RENEW, NOW + 4, Success),
+            ("edge-1", action::APPLIANCE_ENROLL, NOW + 5, Refused),
+            ("local-admin", action::APPLIANCE_DISABLE, NOW + 6, Success),
+            ("local-admin", action::APPLIANCE_DISABLE, NOW + 7, Success),
+            ("local-admin", action::APPLIANCE_ENABLE, NOW + 8, Success),
+            (
+                "local-admin",
+                action::APPLIANCE_REQUEST_RENEWAL,
+                NOW + 9,
+                Success
+            ),
+            (
+                "control",
+                action::ALLOWLIST_EXPIRE_OVERLAPS,
+                NOW + 200,
+                Success
+            ),
+            ("local-admin", action::APPLIANCE_REVOKE, NOW + 10, Success),
+        ]
+    );
+    // The caller's details, plus what the store adds.
+    assert_eq!(
+        entries[3].details,
+        serde_json::json!({
+            "proof_kind": "token",
+            "fingerprint": c1.fingerprint,
+            "allowlist_version": 1,
+            "allowlist_changes": 1,
+        })
+    );
+    assert_eq!(entries[6].details["allowlist_changes"], 2);
+    assert_eq!(
+        entries[7].details,
+        serde_json::json!({"reason": "test", "allowlist_version": 3, "allowlist_changes": 0})
+    );
+    assert_eq!(entries[9].details["manual_renewal_generation"], 1);
+    assert_eq!(entries[10].actor, Actor::system(system::CONTROL));
+    assert_eq!(entries[10].details["appliances"], 1);
+    assert_eq!(entries[5], appended);
+    check_one_entry_per_version(&entries, s.allowlist_version().await.unwrap());
+    // Past the end: nothing.
+    assert!(s.audit_entries(12, 10).await.unwrap().is_empty());
+    assert_eq!(
+        s.audit_entries(10, 1).await.unwrap(),
+        vec![entries[10].clone()]
+    );
+}
+
+async fn failed_operations_leave_neither_change_nor_entry(db: &TestDb) {
+    let s = &db.store;
+    register(s, "edge-1").await; // 1
+    let c1 = cert("edge-1", 1);
+    s.record_certificate(&c1, NOW, DAY, &ev()).await.unwrap(); // 2, v1
+    s.create_token("edge-1", "hash-1", NOW + 60, NOW, &ev())
+        .await
+        .unwrap(); // 3
+    let before = all_entries(s, 0).await;
+    assert_eq!(before.len(), 3);
+    let snapshot = snapshot_set(s).await;
+
+    let conflict = |r: Result<(), StoreError>| matches!(r, Err(StoreError::Conflict(_)));
+    let not_found = |r: Result<(), StoreError>| matches!(r, Err(StoreError::NotFound(_)));
+    let invalid = |r: Result<(), StoreError>| matches!(r, Err(StoreError::Invalid(_)));
+    assert!(conflict(
+        s.register_appliance(&appliance("edge-1", "globex"), &ev())
+            .await
+    ));
+    let same_serial = CertRecord {
+        serial: c1.serial.clone(),
+        ..cert("edge-1", 2)
+    };
+    let same_fingerprint = CertRecord {
+        fingerprint: c1.fingerprint.clone(),
+        ..cert("edge-1", 3)
+    };
+    for dup in [&same_serial, &same_fingerprint] {
+        assert!(conflict(
+            s.record_certificate(dup, NOW + 1, 0, &ev()).await.map(drop)
+        ));
+    }
+    assert!(conflict(
+        s.create_token("edge-1", "hash-1", NOW + 90, NOW, &ev())
+            .await
+    ));
+    assert!(not_found(
+        s.create_token("ghost", "hash-9", NOW + 90, NOW, &ev())
+            .await
+    ));
+    assert!(matches!(
+        s.redeem_token("edge-1", "nope", NOW, &ev()).await,
+        Err(StoreError::Token(TokenRefusal::Unknown))
+    ));
+    assert!(matches!(
+        s.redeem_token("edge-1", "hash-1", NOW + 60, &ev()).await,
+        Err(StoreError::Token(TokenRefusal::Expired))
+    ));
+    assert!(not_found(
+        s.set_status("ghost", ApplianceStatus::Disabled, NOW, &ev())
+            .await
+            .map(drop)
+    ));
+    assert!(not_found(
+        s.bump_manual_renewal("ghost", NOW, &ev()).await.map(drop)
+    ));
+    assert!(not_found(
+        s.record_certificate(&cert("ghost", 1), NOW, DAY, &ev())
+            .await
+            .map(drop)
+    ));
+
+    // An event the log will not take fails the operation before it changes anything.
+    let too_long = AuditEvent::success(
+        Actor::system("test"),
+        "test.operation",
+        "x".repeat(MAX_TARGET_LEN + 1),
+    );
+    assert!(invalid(
+        s.register_appliance(&appliance("edge-2", "acme"), &too_long)
+            .await
+    ));
+    assert_eq!(s.get_appliance("edge-2").await.unwrap(), None);
+    let fractional = ev().with("ratio", 0.5);
+    assert!(invalid(
+        s.set_status("edge-1", ApplianceStatus::Disabled, NOW, &fractional)
+            .await
+            .map(drop)
+    ));
+    assert!(invalid(s.append_audit(&fractional, NOW).await.map(drop)));
+    assert!(invalid(
+        s.redeem_token("edge-1", "hash-1", NOW, &fractional).await
+    ));
+    // One that breaks the limits only once the store adds the allowlist version: the
+    // certificate was already inserted and the version bumped inside the transaction,
+    // and both roll back with the entry.
+    let blob = "b".repeat(MAX_DETAILS_LEN - r#"{"blob":""}"#.len());
+    let full = ev().with("blob", blob);
+    assert!(full.validate().is_ok());
+    assert!(invalid(
+        s.record_certificate(&cert("edge-1", 4), NOW + 1, DAY, &full)
+            .await
+            .map(drop)
+    ));
+    assert!(invalid(
+        s.set_status("edge-1", ApplianceStatus::Revoked, NOW + 1, &full)
+            .await
+            .map(drop)
+    ));
+
+    // Nothing changed: no entry, no version, no certificate, the token not burnt.
+    assert_eq!(all_entries(s, 0).await, before);
+    assert_eq!(snapshot_set(s).await, snapshot);
+    assert_eq!(status(s, "edge-1").await, ApplianceStatus::Active);
+    assert_eq!(
+        states(s, "edge-1").await,
+        vec![(c1.serial.clone(), CertState::Current)]
+    );
+    s.redeem_token("edge-1", "hash-1", NOW + 1, &ev())
+        .await
+        .unwrap(); // 4
+    let after = all_entries(s, 0).await;
+    assert_eq!(after.len(), 4);
+    check_chain(&after);
+}
+
+async fn concurrent_appends_form_one_gap_free_chain(db: &TestDb) {
+    let s = &db.store;
+    const APPLIANCES: u32 = 4;
+    const TASKS: u32 = 16;
+    const EACH: u32 = 8;
+    for a in 0..APPLIANCES {
+        register(s, &format!("edge-{a}")).await;
+    }
+    let mut tasks = Vec::new();
+    for t in 0..TASKS {
+        let s = s.clone();
+        tasks.push(tokio::spawn(async move {
+            let id = format!("edge-{}", t % APPLIANCES);
+            let mut appended = Vec::new();
+            for n in 0..EACH {
+                let at = NOW + i64::from(n);
+                match (t + n) % 4 {
+                    0 | 1 => {
+                        let refusal = AuditEvent::refused(
+                            Actor::appliance(id.as_str()),
+                            action::APPLIANCE_ENROLL,
+                            id.as_str(),
+                            "nonce_replayed",
+                        )
+                        .with("task", t)
+                        .with("n", n);
+                        appended.push(s.append_audit(&refusal, at).await.unwrap());
+                    }
+                    2 => {
+                        s.record_certificate(&cert(&id, 1000 * t + n), at, 60, &ev())
+                            .await
+                            .unwrap();
+                    }
+                    _ => {
+                        let st = if n % 2 == 0 {
+                            ApplianceStatus::Disabled
+                        } else {
+                            ApplianceStatus::Active
+                        };
+                        s.set_status(&id, st, at, &ev()).await.unwrap();
+                    }
+                }
+            }
+            appended
+        }));
+    }
+    let mut appended = Vec::new();
+    for t in tasks {
+        appended.extend(t.await.unwrap());
+    }
+    let entries = all_entries(s, 7).await;
+    assert_eq!(entries.len() as u32, APPLIANCES + TASKS * EACH);
+    check_chain(&entries);
+    // What each append returned is what the log holds at that seq.
+    assert_eq!(appended.len() as u32, TASKS * EACH / 2);
+    for a in &appended {
+        assert_eq!(&entries[(a.seq - 1) as usize], a);
+    }
+    check_one_entry_per_version(&entries, s.allowlist_version().await.unwrap());
+}
+
+async fn audit_log_is_append_only_in_the_database(db: &TestDb) {
+    let s = &db.store;
+    register(s, "edge-1").await;
+    register(s, "edge-2").await;
+    let mut conn = sqlx::AnyConnection::connect(&db.url).await.unwrap();
+    let mut refused = vec![
+        "UPDATE audit_log SET outcome = 'refused' WHERE seq = 1",
+        "DELETE FROM audit_log WHERE seq = 2",
+    ];
+    if db.pg.is_some() {
+        refused.push("TRUNCATE audit_log");
+    }
+    for sql in refused {
+        let err = sqlx::query(sql).execute(&mut conn).await.unwrap_err();
+        assert!(err.to_string().contains("append-only"), "{sql}: {err}");
+    }
+    conn.close().await.unwrap();
+    let entries = all_entries(s, 0).await;
+    assert_eq!(entries.len(), 2);
+    check_chain(&entries);
 }
 
 #[test]

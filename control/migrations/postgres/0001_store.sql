@@ -87,3 +87,44 @@ CREATE TABLE allowlist_changes (
     PRIMARY KEY (version, ordinal),
     UNIQUE (version, fingerprint)
 );
+
+-- The audit log (see control/src/audit.rs): append-only, one row per entry, each carrying
+-- the SHA-256 of the one before. `seq` is 1, 2, 3, ... with no gap: an append takes the
+-- next number from `audit_head` in the transaction of the change it records (no
+-- sequence: a rollback leaves no gap), holding that row until it commits, so appends
+-- commit in `seq` order and a reader never sees entry n+1 without n.
+CREATE TABLE audit_log (
+    seq        BIGINT  NOT NULL PRIMARY KEY,
+    at         BIGINT  NOT NULL,
+    actor_kind TEXT    NOT NULL CHECK (actor_kind IN ('operator', 'appliance', 'broker', 'system')),
+    actor      TEXT    NOT NULL,
+    action     TEXT    NOT NULL,
+    target     TEXT COLLATE "C" NOT NULL,
+    outcome    TEXT    NOT NULL CHECK (outcome IN ('success', 'refused', 'failed')),
+    -- A JSON object, in the canonical form the hash covers (TEXT, not JSONB: JSONB
+    -- would not keep the bytes that were hashed).
+    details    TEXT    NOT NULL,
+    prev_hash  TEXT    NOT NULL,
+    hash       TEXT    NOT NULL
+);
+CREATE INDEX audit_log_by_target ON audit_log (target, seq);
+CREATE FUNCTION audit_log_append_only() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    RAISE EXCEPTION 'audit_log is append-only';
+END
+$$;
+CREATE TRIGGER audit_log_no_change BEFORE UPDATE OR DELETE ON audit_log
+    FOR EACH ROW EXECUTE FUNCTION audit_log_append_only();
+CREATE TRIGGER audit_log_no_truncate BEFORE TRUNCATE ON audit_log
+    FOR EACH STATEMENT EXECUTE FUNCTION audit_log_append_only();
+
+-- The head of the audit log: one row, the last entry's seq and hash (0 and 64 zeros when
+-- empty). Every append updates it before writing its entry, so appends (on every control
+-- replica) run one at a time and each chains to the one before.
+CREATE TABLE audit_head (
+    id   SMALLINT NOT NULL PRIMARY KEY CHECK (id = 1),
+    seq  BIGINT   NOT NULL,
+    hash TEXT     NOT NULL
+);
+INSERT INTO audit_head (id, seq, hash)
+VALUES (1, 0, '0000000000000000000000000000000000000000000000000000000000000000');

@@ -85,3 +85,41 @@ CREATE TABLE allowlist_changes (
     PRIMARY KEY (version, ordinal),
     UNIQUE (version, fingerprint)
 );
+
+-- The audit log (see control/src/audit.rs): append-only, one row per entry, each carrying
+-- the SHA-256 of the one before. `seq` is 1, 2, 3, ... with no gap: an append takes the
+-- next number from `audit_head` in the transaction of the change it records, so a
+-- rollback leaves no gap and appends commit in `seq` order.
+CREATE TABLE audit_log (
+    seq        INTEGER NOT NULL PRIMARY KEY,
+    at         INTEGER NOT NULL,
+    actor_kind TEXT    NOT NULL CHECK (actor_kind IN ('operator', 'appliance', 'broker', 'system')),
+    actor      TEXT    NOT NULL,
+    action     TEXT    NOT NULL,
+    target     TEXT    NOT NULL,
+    outcome    TEXT    NOT NULL CHECK (outcome IN ('success', 'refused', 'failed')),
+    -- A JSON object, in the canonical form the hash covers.
+    details    TEXT    NOT NULL,
+    prev_hash  TEXT    NOT NULL,
+    hash       TEXT    NOT NULL
+);
+CREATE INDEX audit_log_by_target ON audit_log (target, seq);
+CREATE TRIGGER audit_log_no_update BEFORE UPDATE ON audit_log
+BEGIN
+    SELECT RAISE(ABORT, 'audit_log is append-only');
+END;
+CREATE TRIGGER audit_log_no_delete BEFORE DELETE ON audit_log
+BEGIN
+    SELECT RAISE(ABORT, 'audit_log is append-only');
+END;
+
+-- The head of the audit log: one row, the last entry's seq and hash (0 and 64 zeros when
+-- empty). Every append updates it before writing its entry, so appends (on every control
+-- replica) run one at a time and each chains to the one before.
+CREATE TABLE audit_head (
+    id   INTEGER NOT NULL PRIMARY KEY CHECK (id = 1),
+    seq  INTEGER NOT NULL,
+    hash TEXT    NOT NULL
+);
+INSERT INTO audit_head (id, seq, hash)
+VALUES (1, 0, '0000000000000000000000000000000000000000000000000000000000000000');

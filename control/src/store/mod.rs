@@ -7,9 +7,19 @@
 //! allowed fingerprints: one new version, three deltas); one that changes none leaves the
 //! version alone. Brokers follow with "changes since version v" and apply each version as
 //! a whole.
+//!
+//! Every operation that changes trust, or hands out or uses an enrollment secret, also
+//! writes its [`AuditEvent`] to the audit log ([`crate::audit`]) in that same transaction:
+//! the change and its entry commit together or not at all, so a failed operation leaves
+//! no success entry (its caller then records the refusal with [`Store::append_audit`]).
+//! Audit entries are numbered without gaps and chained by hash; appends serialize on the
+//! log's head, so concurrent writers (several control replicas included) extend one
+//! chain.
 
 use async_trait::async_trait;
 use thiserror::Error;
+
+use crate::audit::{AuditEntry, AuditEvent};
 
 /// Seconds since the Unix epoch. The store never reads the clock: callers pass `now`.
 pub type UnixSeconds = i64;
@@ -148,9 +158,33 @@ pub enum StoreError {
     /// A nonce is unknown or expired.
     #[error("nonce unknown or expired")]
     NonceInvalid,
+    /// The caller passed something the store does not record (an audit event over its
+    /// limits, or with details that have no canonical form): a bug in the caller, not a
+    /// peer's doing; retrying cannot help.
+    #[error("refused to store: {0}")]
+    Invalid(String),
     /// The database failed.
     #[error("database error: {0}")]
     Database(String),
+}
+
+impl StoreError {
+    /// A stable code for the error (for audit details and logs): `conflict`,
+    /// `not_found`, `replay`, `token_<refusal>`, `nonce_invalid`, `invalid`, `database`.
+    pub fn code(&self) -> &'static str {
+        match self {
+            StoreError::Conflict(_) => "conflict",
+            StoreError::NotFound(_) => "not_found",
+            StoreError::Replay(_) => "replay",
+            StoreError::Token(TokenRefusal::Unknown) => "token_unknown",
+            StoreError::Token(TokenRefusal::WrongAppliance) => "token_wrong_appliance",
+            StoreError::Token(TokenRefusal::Expired) => "token_expired",
+            StoreError::Token(TokenRefusal::AlreadyUsed) => "token_used",
+            StoreError::NonceInvalid => "nonce_invalid",
+            StoreError::Invalid(_) => "invalid",
+            StoreError::Database(_) => "database",
+        }
+    }
 }
 
 /// Filter for listing appliances.
@@ -167,10 +201,22 @@ pub struct ApplianceFilter {
 }
 
 /// The storage trait. Implementations: [`sql::SqlStore`] over SQLite and PostgreSQL.
+///
+/// Methods taking an `audit` event write it to the audit log in their own transaction,
+/// stamped with their `now` (for [`Store::register_appliance`], the appliance's
+/// `created_at`), and only when they succeed; an event that breaks the audit limits
+/// ([`AuditEvent::validate`]) fails the operation with `Invalid` and changes nothing.
+/// Trust-changing methods add `allowlist_version` (the version after the operation) and
+/// `allowlist_changes` (how many fingerprints it moved) to the event's details.
 #[async_trait]
 pub trait Store: Send + Sync + std::fmt::Debug {
-    /// Register an appliance. `Conflict` if the id exists.
-    async fn register_appliance(&self, appliance: &Appliance) -> Result<(), StoreError>;
+    /// Register an appliance and record `audit`. `Conflict` (and no entry) if the id
+    /// exists.
+    async fn register_appliance(
+        &self,
+        appliance: &Appliance,
+        audit: &AuditEvent,
+    ) -> Result<(), StoreError>;
     /// One appliance.
     async fn get_appliance(&self, id: &str) -> Result<Option<Appliance>, StoreError>;
     /// Appliances, ordered by id.
@@ -179,29 +225,43 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// Change the status. Disabling removes the appliance's allowed fingerprints from the
     /// allowlist (recorded as deltas); enabling puts back those still valid at `now`;
     /// revoking removes them and marks every certificate revoked. Returns the deltas, all
-    /// of one new version (none, and no new version, when nothing changed).
+    /// of one new version (none, and no new version, when nothing changed). Records
+    /// `audit` (also when the status was already `status`: the request is recorded, with
+    /// `allowlist_changes` 0); `NotFound` and no entry if there is no such appliance.
     async fn set_status(
         &self,
         id: &str,
         status: ApplianceStatus,
         now: UnixSeconds,
+        audit: &AuditEvent,
     ) -> Result<Vec<AllowlistDelta>, StoreError>;
-    /// Bump the manual-renewal generation; returns the new value.
-    async fn bump_manual_renewal(&self, id: &str) -> Result<i64, StoreError>;
+    /// Bump the manual-renewal generation and record `audit` (with
+    /// `manual_renewal_generation` added to its details); returns the new value.
+    async fn bump_manual_renewal(
+        &self,
+        id: &str,
+        now: UnixSeconds,
+        audit: &AuditEvent,
+    ) -> Result<i64, StoreError>;
 
-    /// Store a token hash for `appliance_id`.
+    /// Store a token hash for `appliance_id` and record `audit`. `NotFound` if there is
+    /// no such appliance, `Conflict` if the hash is already stored.
     async fn create_token(
         &self,
         appliance_id: &str,
         token_hash: &str,
         expires_at: UnixSeconds,
+        now: UnixSeconds,
+        audit: &AuditEvent,
     ) -> Result<(), StoreError>;
-    /// Redeem a token once, atomically.
+    /// Redeem a token once, atomically, and record `audit` (the redemption). Refused:
+    /// `Token(why)`, and no entry.
     async fn redeem_token(
         &self,
         appliance_id: &str,
         token_hash: &str,
         now: UnixSeconds,
+        audit: &AuditEvent,
     ) -> Result<(), StoreError>;
 
     /// Store a fresh enrollment nonce.
@@ -222,13 +282,15 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// fingerprint. A previous current certificate becomes `PreviousUntil(now + overlap)`
     /// (`overlap = 0`: removed at once, e.g. re-enrollment after revocation). Sets the
     /// appliance `Active`. Returns the deltas, all of one new version: the new fingerprint
-    /// first, then any removed at once. `Conflict` (and no change at all) if the serial or
-    /// fingerprint is already recorded.
+    /// first, then any removed at once. Records `audit` (the enrollment or renewal).
+    /// `Conflict` (and no change at all, no entry) if the serial or fingerprint is already
+    /// recorded.
     async fn record_certificate(
         &self,
         cert: &CertRecord,
         now: UnixSeconds,
         overlap_secs: i64,
+        audit: &AuditEvent,
     ) -> Result<Vec<AllowlistDelta>, StoreError>;
     /// Certificates of an appliance, newest first. `NotFound` if there is no such appliance.
     async fn certificates(&self, appliance_id: &str) -> Result<Vec<CertRecord>, StoreError>;
@@ -254,7 +316,8 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     ) -> Result<Option<(CertRecord, bool)>, StoreError>;
     /// Remove previous certificates whose overlap ended at `now`. Returns the deltas, all
     /// of one new version however many appliances they belong to (none, and no new
-    /// version, when nothing changed).
+    /// version, when nothing changed). When it changes something it records an
+    /// [`crate::audit::action::ALLOWLIST_EXPIRE_OVERLAPS`] entry by `system/control`.
     async fn expire_overlaps(&self, now: UnixSeconds) -> Result<Vec<AllowlistDelta>, StoreError>;
 
     /// The current allowlist version (0 when never changed): the number of operations that
@@ -273,6 +336,20 @@ pub trait Store: Send + Sync + std::fmt::Debug {
         since: i64,
         limit: u32,
     ) -> Result<Vec<AllowlistDelta>, StoreError>;
+
+    /// Append one entry on its own (a refusal, or an action with no other change), at
+    /// `now`; returns it. `Invalid` if the event breaks the audit limits.
+    async fn append_audit(
+        &self,
+        event: &AuditEvent,
+        now: UnixSeconds,
+    ) -> Result<AuditEntry, StoreError>;
+    /// Audit entries with `seq > after_seq`, oldest first, at most `limit` (0: a default).
+    async fn audit_entries(
+        &self,
+        after_seq: i64,
+        limit: u32,
+    ) -> Result<Vec<AuditEntry>, StoreError>;
 }
 
 pub mod sql;

@@ -22,6 +22,19 @@
 //! version alone. So a version is exactly one operation's changes, each fingerprint at
 //! most once (a unique `(version, fingerprint)` key holds the store to that).
 //!
+//! # The audit log
+//!
+//! An append is three statements inside the caller's transaction, at its end:
+//! `UPDATE audit_head SET seq = seq + 1 … RETURNING seq, hash` takes the single head row
+//! (the row lock on PostgreSQL, the write lock on SQLite) and gives the entry its number
+//! and the previous hash; the entry is inserted; the head gets the new hash. The head row
+//! is held until commit, so appends on every replica run one at a time, chain to each
+//! other, and commit in `seq` order; a rollback takes the number back (no gap). A
+//! trust-changing transaction takes the allowlist version row first and the audit head
+//! last; every other transaction takes only the audit head, last: no lock cycle. The
+//! entry's details are stored as the canonical JSON the hash covers, and triggers refuse
+//! `UPDATE` and `DELETE` on `audit_log` (and `TRUNCATE` on PostgreSQL).
+//!
 //! [`Store::allowlist_snapshot`] reads the version and the pairs in one transaction
 //! (`REPEATABLE READ` on PostgreSQL; a WAL read transaction on SQLite), so the pairs are
 //! exactly the state at that version.
@@ -67,6 +80,7 @@ use super::{
     AllowlistDelta, Appliance, ApplianceFilter, ApplianceStatus, CertRecord, CertState,
     PlatformBinding, Store, StoreError, TokenRefusal, UnixSeconds,
 };
+use crate::audit::{self, Actor, ActorKind, AuditEntry, AuditEvent, Outcome};
 
 static SQLITE_MIGRATIONS: Migrator = sqlx::migrate!("migrations/sqlite");
 static POSTGRES_MIGRATIONS: Migrator = sqlx::migrate!("migrations/postgres");
@@ -83,6 +97,8 @@ pub const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(30);
 pub const DEFAULT_LIST_LIMIT: u32 = 100;
 /// [`Store::allowlist_changes_since`]'s `limit` when it is 0.
 pub const DEFAULT_CHANGES_LIMIT: u32 = 1000;
+/// [`Store::audit_entries`]' `limit` when it is 0.
+pub const DEFAULT_AUDIT_LIMIT: u32 = 1000;
 
 /// The database behind a [`SqlStore`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -314,21 +330,25 @@ const CHANGES_PER_INSERT: usize = 200;
 
 /// End a transaction begun by [`SqlStore::begin_trust_change`]: if it changed at least
 /// one fingerprint, bump the allowlist version once, give every change that version, log
-/// them (in the order given) and commit; if it changed none, commit without touching the
-/// version. Returns the changes, versioned.
+/// them (in the order given); if it changed none, leave the version alone. Then append
+/// `audit` (if any, at its time) with `allowlist_version` and `allowlist_changes` added
+/// to its details, and commit. Returns the changes, versioned.
 async fn commit_trust_change(
     mut tx: sqlx::Transaction<'static, sqlx::Any>,
     mut deltas: Vec<AllowlistDelta>,
+    audit: Option<(&AuditEvent, UnixSeconds)>,
 ) -> Result<Vec<AllowlistDelta>, StoreError> {
+    let mut version = None;
     if !deltas.is_empty() {
-        let version: i64 = sqlx::query_scalar(
+        let new_version: i64 = sqlx::query_scalar(
             "UPDATE allowlist_version SET version = version + 1 WHERE id = 1 RETURNING version",
         )
         .fetch_one(&mut *tx)
         .await
         .map_err(db)?;
+        version = Some(new_version);
         for d in &mut deltas {
-            d.version = version;
+            d.version = new_version;
         }
         for (chunk_index, chunk) in deltas.chunks(CHANGES_PER_INSERT).enumerate() {
             let mut sql = String::from(
@@ -353,7 +373,7 @@ async fn commit_trust_change(
             for (i, d) in chunk.iter().enumerate() {
                 let ordinal = (chunk_index * CHANGES_PER_INSERT + i) as i64;
                 query = query
-                    .bind(version)
+                    .bind(new_version)
                     .bind(ordinal)
                     .bind(d.appliance_id.as_str())
                     .bind(d.fingerprint.as_str())
@@ -362,8 +382,118 @@ async fn commit_trust_change(
             query.execute(&mut *tx).await.map_err(db)?;
         }
     }
+    if let Some((event, at)) = audit {
+        let version = match version {
+            Some(v) => v,
+            None => sqlx::query_scalar("SELECT version FROM allowlist_version WHERE id = 1")
+                .fetch_one(&mut *tx)
+                .await
+                .map_err(db)?,
+        };
+        let event = event
+            .clone()
+            .with("allowlist_version", version)
+            .with("allowlist_changes", deltas.len());
+        append_audit_in(&mut tx, &event, at).await?;
+    }
     tx.commit().await.map_err(db)?;
     Ok(deltas)
+}
+
+/// Refuse an event the log would not take, before any work is done.
+fn check_event(event: &AuditEvent) -> Result<(), StoreError> {
+    event
+        .validate()
+        .map(drop)
+        .map_err(|e| StoreError::Invalid(e.to_string()))
+}
+
+/// Append `event` at `at` inside the caller's transaction (see the module docs); returns
+/// the entry.
+async fn append_audit_in(
+    conn: &mut AnyConnection,
+    event: &AuditEvent,
+    at: UnixSeconds,
+) -> Result<AuditEntry, StoreError> {
+    let details = event
+        .validate()
+        .map_err(|e| StoreError::Invalid(e.to_string()))?;
+    let head = sqlx::query("UPDATE audit_head SET seq = seq + 1 WHERE id = 1 RETURNING seq, hash")
+        .fetch_one(&mut *conn)
+        .await
+        .map_err(db)?;
+    let seq: i64 = head.try_get("seq").map_err(db)?;
+    let prev_hash: String = head.try_get("hash").map_err(db)?;
+    let hash = audit::hash_parts(
+        seq,
+        at,
+        &event.actor,
+        &event.action,
+        &event.target,
+        event.outcome,
+        &details,
+        &prev_hash,
+    );
+    sqlx::query(
+        "INSERT INTO audit_log \
+         (seq, at, actor_kind, actor, action, target, outcome, details, prev_hash, hash) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+    )
+    .bind(seq)
+    .bind(at)
+    .bind(event.actor.kind.as_str())
+    .bind(event.actor.name.as_str())
+    .bind(event.action.as_str())
+    .bind(event.target.as_str())
+    .bind(event.outcome.as_str())
+    .bind(details.as_str())
+    .bind(prev_hash.as_str())
+    .bind(hash.as_str())
+    .execute(&mut *conn)
+    .await
+    .map_err(db)?;
+    sqlx::query("UPDATE audit_head SET hash = $1 WHERE id = 1")
+        .bind(hash.as_str())
+        .execute(&mut *conn)
+        .await
+        .map_err(db)?;
+    Ok(AuditEntry {
+        seq,
+        at,
+        actor: event.actor.clone(),
+        action: event.action.clone(),
+        target: event.target.clone(),
+        outcome: event.outcome,
+        details: event.details.clone(),
+        prev_hash,
+        hash,
+    })
+}
+
+const AUDIT_COLUMNS: &str =
+    "seq, at, actor_kind, actor, action, target, outcome, details, prev_hash, hash";
+
+fn audit_from_row(row: &AnyRow) -> Result<AuditEntry, StoreError> {
+    let kind: String = row.try_get("actor_kind").map_err(db)?;
+    let kind = ActorKind::parse(&kind)
+        .ok_or_else(|| StoreError::Database(format!("bad audit actor kind {kind:?}")))?;
+    let outcome: String = row.try_get("outcome").map_err(db)?;
+    let outcome = Outcome::parse(&outcome)
+        .ok_or_else(|| StoreError::Database(format!("bad audit outcome {outcome:?}")))?;
+    let details: String = row.try_get("details").map_err(db)?;
+    let details = serde_json::from_str(&details)
+        .map_err(|e| StoreError::Database(format!("bad audit details in the store: {e}")))?;
+    Ok(AuditEntry {
+        seq: row.try_get("seq").map_err(db)?,
+        at: row.try_get("at").map_err(db)?,
+        actor: Actor::new(kind, row.try_get::<String, _>("actor").map_err(db)?),
+        action: row.try_get("action").map_err(db)?,
+        target: row.try_get("target").map_err(db)?,
+        outcome,
+        details,
+        prev_hash: row.try_get("prev_hash").map_err(db)?,
+        hash: row.try_get("hash").map_err(db)?,
+    })
 }
 
 /// Put certificates into the allowlist (or take them out); each real change is pushed to
@@ -428,10 +558,16 @@ async fn appliance_status(
 
 #[async_trait]
 impl Store for SqlStore {
-    async fn register_appliance(&self, appliance: &Appliance) -> Result<(), StoreError> {
+    async fn register_appliance(
+        &self,
+        appliance: &Appliance,
+        audit: &AuditEvent,
+    ) -> Result<(), StoreError> {
+        check_event(audit)?;
         let binding = serde_json::to_string(&appliance.binding).map_err(|e| {
             StoreError::Database(format!("cannot encode the platform binding: {e}"))
         })?;
+        let mut tx = self.pool.begin().await.map_err(db)?;
         let inserted = sqlx::query(
             "INSERT INTO appliances \
              (id, tenant, binding, status, manual_renewal_generation, created_at) \
@@ -443,14 +579,16 @@ impl Store for SqlStore {
         .bind(status_str(appliance.status))
         .bind(appliance.manual_renewal_generation)
         .bind(appliance.created_at)
-        .execute(&self.pool)
+        .execute(&mut *tx)
         .await
         .map_err(db)?
         .rows_affected();
         if inserted == 0 {
+            tx.rollback().await.map_err(db)?;
             return Err(StoreError::Conflict(format!("appliance {}", appliance.id)));
         }
-        Ok(())
+        append_audit_in(&mut tx, audit, appliance.created_at).await?;
+        tx.commit().await.map_err(db)
     }
 
     async fn get_appliance(&self, id: &str) -> Result<Option<Appliance>, StoreError> {
@@ -518,12 +656,13 @@ impl Store for SqlStore {
         id: &str,
         status: ApplianceStatus,
         now: UnixSeconds,
+        audit: &AuditEvent,
     ) -> Result<Vec<AllowlistDelta>, StoreError> {
+        check_event(audit)?;
         let mut tx = self.begin_trust_change().await?;
         let old = appliance_status(&mut tx, id).await?;
         if old == status {
-            tx.rollback().await.map_err(db)?;
-            return Ok(Vec::new());
+            return commit_trust_change(tx, Vec::new(), Some((audit, now))).await;
         }
         let mut deltas = Vec::new();
         match status {
@@ -567,19 +706,30 @@ impl Store for SqlStore {
             .execute(&mut *tx)
             .await
             .map_err(db)?;
-        commit_trust_change(tx, deltas).await
+        commit_trust_change(tx, deltas, Some((audit, now))).await
     }
 
-    async fn bump_manual_renewal(&self, id: &str) -> Result<i64, StoreError> {
-        sqlx::query_scalar(
+    async fn bump_manual_renewal(
+        &self,
+        id: &str,
+        now: UnixSeconds,
+        audit: &AuditEvent,
+    ) -> Result<i64, StoreError> {
+        check_event(audit)?;
+        let mut tx = self.pool.begin().await.map_err(db)?;
+        let generation: i64 = sqlx::query_scalar(
             "UPDATE appliances SET manual_renewal_generation = manual_renewal_generation + 1 \
              WHERE id = $1 RETURNING manual_renewal_generation",
         )
         .bind(id)
-        .fetch_optional(&self.pool)
+        .fetch_optional(&mut *tx)
         .await
         .map_err(db)?
-        .ok_or_else(|| StoreError::NotFound(format!("appliance {id}")))
+        .ok_or_else(|| StoreError::NotFound(format!("appliance {id}")))?;
+        let event = audit.clone().with("manual_renewal_generation", generation);
+        append_audit_in(&mut tx, &event, now).await?;
+        tx.commit().await.map_err(db)?;
+        Ok(generation)
     }
 
     async fn create_token(
@@ -587,7 +737,11 @@ impl Store for SqlStore {
         appliance_id: &str,
         token_hash: &str,
         expires_at: UnixSeconds,
+        now: UnixSeconds,
+        audit: &AuditEvent,
     ) -> Result<(), StoreError> {
+        check_event(audit)?;
+        let mut tx = self.pool.begin().await.map_err(db)?;
         let inserted = sqlx::query(
             "INSERT INTO enrollment_tokens (token_hash, appliance_id, expires_at) \
              VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
@@ -595,7 +749,7 @@ impl Store for SqlStore {
         .bind(token_hash)
         .bind(appliance_id)
         .bind(expires_at)
-        .execute(&self.pool)
+        .execute(&mut *tx)
         .await
         .map_err(|e| match kind_of(&e) {
             Some(ErrorKind::ForeignKeyViolation) => {
@@ -605,9 +759,11 @@ impl Store for SqlStore {
         })?
         .rows_affected();
         if inserted == 0 {
+            tx.rollback().await.map_err(db)?;
             return Err(StoreError::Conflict("enrollment token".into()));
         }
-        Ok(())
+        append_audit_in(&mut tx, audit, now).await?;
+        tx.commit().await.map_err(db)
     }
 
     async fn redeem_token(
@@ -615,7 +771,10 @@ impl Store for SqlStore {
         appliance_id: &str,
         token_hash: &str,
         now: UnixSeconds,
+        audit: &AuditEvent,
     ) -> Result<(), StoreError> {
+        check_event(audit)?;
+        let mut tx = self.pool.begin().await.map_err(db)?;
         let redeemed = sqlx::query(
             "UPDATE enrollment_tokens SET used_at = $1 \
              WHERE token_hash = $2 AND appliance_id = $3 AND used_at IS NULL AND expires_at > $1",
@@ -623,13 +782,15 @@ impl Store for SqlStore {
         .bind(now)
         .bind(token_hash)
         .bind(appliance_id)
-        .execute(&self.pool)
+        .execute(&mut *tx)
         .await
         .map_err(db)?
         .rows_affected();
         if redeemed == 1 {
-            return Ok(());
+            append_audit_in(&mut tx, audit, now).await?;
+            return tx.commit().await.map_err(db);
         }
+        tx.rollback().await.map_err(db)?;
         // Refused: say why. The row can only have moved further from usable since.
         let row = sqlx::query(
             "SELECT appliance_id, expires_at, used_at FROM enrollment_tokens WHERE token_hash = $1",
@@ -736,7 +897,9 @@ impl Store for SqlStore {
         cert: &CertRecord,
         now: UnixSeconds,
         overlap_secs: i64,
+        audit: &AuditEvent,
     ) -> Result<Vec<AllowlistDelta>, StoreError> {
+        check_event(audit)?;
         let id = cert.appliance_id.as_str();
         let mut tx = self.begin_trust_change().await?;
         let status = appliance_status(&mut tx, id).await?;
@@ -801,7 +964,7 @@ impl Store for SqlStore {
         // The new fingerprint first, then the ones it replaces at once.
         let mut deltas = vec![pending(id, &cert.fingerprint, true)];
         deltas.append(&mut removed);
-        commit_trust_change(tx, deltas).await
+        commit_trust_change(tx, deltas, Some((audit, now))).await
     }
 
     async fn certificates(&self, appliance_id: &str) -> Result<Vec<CertRecord>, StoreError> {
@@ -906,7 +1069,19 @@ impl Store for SqlStore {
         .execute(&mut *tx)
         .await
         .map_err(db)?;
-        commit_trust_change(tx, deltas).await
+        let appliances = ended
+            .iter()
+            .map(|c| c.appliance_id.as_str())
+            .collect::<std::collections::BTreeSet<_>>()
+            .len();
+        let event = AuditEvent::success(
+            Actor::system(audit::system::CONTROL),
+            audit::action::ALLOWLIST_EXPIRE_OVERLAPS,
+            "",
+        )
+        .with("appliances", appliances);
+        let audit = (!deltas.is_empty()).then_some((&event, now));
+        commit_trust_change(tx, deltas, audit).await
     }
 
     async fn allowlist_version(&self) -> Result<i64, StoreError> {
@@ -976,6 +1151,41 @@ impl Store for SqlStore {
         .map_err(db)?
         .iter()
         .map(delta_from_row)
+        .collect()
+    }
+
+    async fn append_audit(
+        &self,
+        event: &AuditEvent,
+        now: UnixSeconds,
+    ) -> Result<AuditEntry, StoreError> {
+        check_event(event)?;
+        let mut tx = self.pool.begin().await.map_err(db)?;
+        let entry = append_audit_in(&mut tx, event, now).await?;
+        tx.commit().await.map_err(db)?;
+        Ok(entry)
+    }
+
+    async fn audit_entries(
+        &self,
+        after_seq: i64,
+        limit: u32,
+    ) -> Result<Vec<AuditEntry>, StoreError> {
+        let limit = if limit == 0 {
+            DEFAULT_AUDIT_LIMIT
+        } else {
+            limit
+        };
+        sqlx::query(&format!(
+            "SELECT {AUDIT_COLUMNS} FROM audit_log WHERE seq > $1 ORDER BY seq LIMIT $2"
+        ))
+        .bind(after_seq)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db)?
+        .iter()
+        .map(audit_from_row)
         .collect()
     }
 }
