@@ -414,8 +414,12 @@ async fn agent_renews_by_itself_and_reconnects_with_the_new_certificate() {
 
     // About 3 s in, the agent renews; control allows the new fingerprint, and once the
     // broker's allowlist has it the agent is connected with the new certificate.
+    // (The agent may be between its key and certificate writes: skip such a read.)
     let renewed = wait_for(Duration::from_secs(30), || async {
-        let now = fingerprint_of(&state);
+        let now = tether_agent::Credentials::load(&state)
+            .ok()?
+            .fingerprint()
+            .to_owned();
         (now != first).then_some(now)
     })
     .await
@@ -469,4 +473,38 @@ async fn a_crash_between_key_and_certificate_writes_leads_to_re_enrollment() {
     let _agent = AgentProc::start(&state, &[broker.quic], &[]);
     let row = broker.wait_session("app-1").await;
     assert_eq!(row["fingerprint"], fingerprint_of(&state).as_str());
+}
+
+#[tokio::test]
+async fn a_renewal_torn_by_a_crash_is_undone_from_the_previous_credential() {
+    let fleet = Fleet::new();
+    let state = fleet.data.parent().unwrap().join("agent-app-1");
+    fleet
+        .enroll("app-1", &fleet.token("app-1"), &state)
+        .unwrap();
+    let enrolled = fingerprint_of(&state);
+    tether_agent::renew::renew(&state).await.unwrap();
+    // previous/ holds the enrolled credential; now tear the current one as a crash
+    // between the key and certificate writes of the next renewal would.
+    let (new_key, _) = tether_agent::enroll::key_and_csr("app-1").unwrap();
+    tether_agent::enroll::write_atomic(&state.join("client.key.pem"), new_key.as_bytes(), 0o600)
+        .unwrap();
+    assert!(tether_agent::Credentials::load(&state).is_err());
+
+    // Even a token-only appliance recovers alone: the previous certificate is still in
+    // its overlap, so the agent puts it back, connects, and renews at once.
+    let (broker, _) = fleet.broker("b1", "");
+    let _agent = AgentProc::start(&state, &[broker.quic], &["--renew-check-every", "200ms"]);
+    let row = broker.wait_session("app-1").await;
+    assert_eq!(row["fingerprint"], enrolled.as_str());
+    let renewed = wait_for(Duration::from_secs(30), || async {
+        let now = tether_agent::Credentials::load(&state)
+            .ok()?
+            .fingerprint()
+            .to_owned();
+        (now != enrolled).then_some(now)
+    })
+    .await
+    .expect("the agent renewed after restoring");
+    assert!(show(&fleet, "app-1").contains(&renewed));
 }

@@ -335,7 +335,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     // One agent per credential: when the certificate is renewed, the session is closed
     // normally and a new agent connects at once with the new one.
     loop {
-        let creds = load_credentials(&settings.state_dir).await?;
+        let (creds, renew_now) = load_credentials(&settings.state_dir).await?;
         tracing::info!(
             appliance_id = creds.appliance_id(),
             trust_domain = creds.trust_domain(),
@@ -352,7 +352,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         let events = agent.events();
         let stop_agent = shutdown.child_token();
         let running = tokio::spawn(agent.run(stop_agent.clone()));
-        let renewed = keep_renewed(&settings, &creds, events, &shutdown).await;
+        let renewed = keep_renewed(&settings, &creds, renew_now, events, &shutdown).await;
         stop_agent.cancel();
         running.await??;
         if !renewed || shutdown.is_cancelled() {
@@ -374,22 +374,31 @@ fn unix_now() -> i64 {
 /// The stored credential, or — when it expired or is unusable (e.g. a crash between the
 /// key and certificate writes) and the appliance enrolled with a platform proof — a new
 /// one from a fresh enrollment.
-async fn load_credentials(dir: &std::path::Path) -> anyhow::Result<Credentials> {
+async fn load_credentials(dir: &std::path::Path) -> anyhow::Result<(Credentials, bool)> {
     let problem = match Credentials::load(dir) {
-        Ok(c) if c.not_after_ms() / 1000 > unix_now() => return Ok(c),
+        Ok(c) if c.not_after_ms() / 1000 > unix_now() => return Ok((c, false)),
         Ok(c) => format!("the certificate expired at {} ms", c.not_after_ms()),
         Err(e) => e.to_string(),
     };
     if EnrollState::load(dir)?.is_none() {
         bail!("cannot use the credentials in {}: {problem}", dir.display());
     }
+    // A renewal torn by a crash: the previous credential is still allowed; put it back
+    // and renew at once.
+    if tether_agent::renew::restore_previous(dir, unix_now())? {
+        tracing::warn!(problem = %problem, "stored credential unusable; restored the previous one, renewing now");
+        let creds = Credentials::load(dir)
+            .with_context(|| format!("loading the restored credential in {}", dir.display()))?;
+        return Ok((creds, true));
+    }
     tracing::warn!(problem = %problem, "stored credential unusable; enrolling again with a fresh platform proof");
     let state = tether_agent::renew::recover(dir)
         .await
         .with_context(|| format!("cannot recover from: {problem}"))?;
     tracing::info!(fingerprint = %state.fingerprint, "enrolled again");
-    Credentials::load(dir)
-        .with_context(|| format!("loading the new credential in {}", dir.display()))
+    let creds = Credentials::load(dir)
+        .with_context(|| format!("loading the new credential in {}", dir.display()))?;
+    Ok((creds, false))
 }
 
 /// Renew when due (expiry threshold, or an operator's request relayed by the broker).
@@ -397,6 +406,7 @@ async fn load_credentials(dir: &std::path::Path) -> anyhow::Result<Credentials> 
 async fn keep_renewed(
     settings: &Settings,
     creds: &Credentials,
+    renew_now: bool,
     mut events: tokio::sync::broadcast::Receiver<tether_agent::AgentEvent>,
     shutdown: &CancellationToken,
 ) -> bool {
@@ -433,7 +443,7 @@ async fn keep_renewed(
             unix_now(),
             settings.renew_before,
         );
-        if !manual && !due {
+        if !manual && !due && !renew_now {
             continue;
         }
         tracing::info!(manual, due, "renewing the certificate");

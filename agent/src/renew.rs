@@ -73,6 +73,29 @@ pub async fn renew(dir: &Path) -> Result<EnrollState, EnrollError> {
     Ok(new_state)
 }
 
+/// Put the previous credential (`previous/`, kept by every renewal) back in place, if it
+/// is complete and still valid at `now`: how a crash between the key and certificate
+/// writes of a renewal is undone without an operator. Returns whether it did. Control
+/// still allows that certificate for the overlap window, so the caller renews at once.
+pub fn restore_previous(dir: &Path, now: i64) -> Result<bool, EnrollError> {
+    let prev = dir.join(crate::enroll::PREVIOUS_DIR);
+    let (Ok(key), Ok(chain)) = (
+        std::fs::read(prev.join(KEY_FILE)),
+        std::fs::read(prev.join(CERT_FILE)),
+    ) else {
+        return Ok(false);
+    };
+    let ca = read(dir, CA_FILE)?;
+    match crate::Credentials::from_pem(&chain, &key, &ca) {
+        Ok(c) if c.not_after_ms() / 1000 > now => {}
+        _ => return Ok(false),
+    }
+    // Key first, as always; a crash here leaves previous/ intact to try again.
+    crate::enroll::write_atomic(&dir.join(KEY_FILE), &key, 0o600)?;
+    crate::enroll::write_atomic(&dir.join(CERT_FILE), &chain, 0o644)?;
+    Ok(true)
+}
+
 /// Enroll again from scratch with a fresh platform proof, as `state.json` records it.
 pub async fn recover(dir: &Path) -> Result<EnrollState, EnrollError> {
     let state = EnrollState::load(dir)?.ok_or_else(|| {
