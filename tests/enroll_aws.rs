@@ -10,13 +10,14 @@
 //! this package has no signer of its own. What is under test — the agent's proof — is
 //! really signed (`aws-sigv4` in the agent).
 
-use std::io::{BufRead, BufReader};
-use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::Duration;
+mod common;
 
-const TRUST_DOMAIN: &str = "tether.test";
+use std::path::Path;
+use std::process::Command;
+
+use common::control::{control, serve};
+use common::{bin, http, TRUST_DOMAIN};
+
 const ACCOUNT: &str = "123456789012";
 
 fn moto_url() -> String {
@@ -26,91 +27,6 @@ fn moto_url() -> String {
              (it serves STS and IAM); run ./scripts/test (or `. scripts/moto` before cargo test)"
         )
     })
-}
-
-/// Path of a workspace binary next to the test executable.
-fn bin(name: &str) -> PathBuf {
-    let exe = std::env::current_exe().expect("current exe");
-    let dir = exe.parent().and_then(|d| d.parent()).expect("target dir");
-    let path = dir.join(name);
-    assert!(
-        path.exists(),
-        "{} not found: run `cargo build --workspace --bins` first",
-        path.display()
-    );
-    path
-}
-
-/// `tether-control` with `args`; panics with its stderr if it fails.
-fn control(args: &[&str]) -> String {
-    let out = Command::new(bin("tether-control"))
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "tether-control {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
-
-/// A running `tether-control serve`; killed on drop.
-struct ControlProc {
-    child: Child,
-    addr: SocketAddr,
-}
-
-impl Drop for ControlProc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn serve(dir: &Path) -> ControlProc {
-    let mut child = Command::new(bin("tether-control"))
-        .args([
-            "--log-format",
-            "json",
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--data-dir",
-        ])
-        .arg(dir)
-        .stderr(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let mut tx = Some(tx);
-        for line in BufReader::new(stderr).lines() {
-            let Ok(line) = line else { break };
-            if line.contains("control API listening") {
-                if let Some(tx) = tx.take() {
-                    let _ = tx.send(line.clone());
-                }
-            }
-            eprintln!("[control] {line}");
-        }
-    });
-    let line = rx
-        .recv_timeout(Duration::from_secs(30))
-        .expect("control started");
-    let v: serde_json::Value = serde_json::from_str(&line).unwrap();
-    let addr = v["fields"]["listen"].as_str().unwrap().parse().unwrap();
-    ControlProc { child, addr }
-}
-
-fn http() -> reqwest::Client {
-    static ONCE: std::sync::Once = std::sync::Once::new();
-    ONCE.call_once(|| {
-        let _ = rustls::crypto::ring::default_provider().install_default();
-    });
-    reqwest::Client::new()
 }
 
 /// `application/x-www-form-urlencoded` of `pairs`.
