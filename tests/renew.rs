@@ -389,7 +389,7 @@ async fn fleet_trust_alerts_on_expired_certificates() {
 async fn agent_renews_by_itself_and_reconnects_with_the_new_certificate() {
     // Short certificates so the agent's renewal threshold is reached in a test.
     let fleet = Fleet::with_config(
-        "[certificates]\nappliance = \"8s\"\n[enroll]\nrenewal_overlap = \"1h\"\n",
+        "[certificates]\nappliance = \"12s\"\n[enroll]\nrenewal_overlap = \"1h\"\n",
     );
     let state = fleet.data.parent().unwrap().join("agent-app-1");
     fleet
@@ -412,7 +412,7 @@ async fn agent_renews_by_itself_and_reconnects_with_the_new_certificate() {
     let row = broker.wait_session("app-1").await;
     assert_eq!(row["fingerprint"], first.as_str());
 
-    // About 3 s in, the agent renews; control allows the new fingerprint, and once the
+    // About 7 s in (5 s before expiry), the agent renews; control allows the new fingerprint, and once the
     // broker's allowlist has it the agent is connected with the new certificate.
     // (The agent may be between its key and certificate writes: skip such a read.)
     let renewed = wait_for(Duration::from_secs(30), || async {
@@ -484,6 +484,7 @@ async fn a_renewal_torn_by_a_crash_is_undone_from_the_previous_credential() {
         .unwrap();
     let enrolled = fingerprint_of(&state);
     tether_agent::renew::renew(&state).await.unwrap();
+    let second = fingerprint_of(&state);
     // previous/ holds the enrolled credential; now tear the current one as a crash
     // between the key and certificate writes of the next renewal would.
     let (new_key, _) = tether_agent::enroll::key_and_csr("app-1").unwrap();
@@ -492,19 +493,34 @@ async fn a_renewal_torn_by_a_crash_is_undone_from_the_previous_credential() {
     assert!(tether_agent::Credentials::load(&state).is_err());
 
     // Even a token-only appliance recovers alone: the previous certificate is still in
-    // its overlap, so the agent puts it back, connects, and renews at once.
-    let (broker, _) = fleet.broker("b1", "");
-    let _agent = AgentProc::start(&state, &[broker.quic], &["--renew-check-every", "200ms"]);
-    let row = broker.wait_session("app-1").await;
-    assert_eq!(row["fingerprint"], enrolled.as_str());
+    // its overlap, so the agent puts it back and renews with it at once (mutual TLS
+    // with the torn pair is impossible, so a renewal proves the restore).
+    let (broker, allowlist) = fleet.broker("b1", "");
+    let _agent = AgentProc::start(
+        &state,
+        &[broker.quic],
+        &["--renew-check-every", "200ms", "--revoked-backoff", "200ms"],
+    );
     let renewed = wait_for(Duration::from_secs(30), || async {
         let now = tether_agent::Credentials::load(&state)
             .ok()?
             .fingerprint()
             .to_owned();
-        (now != enrolled).then_some(now)
+        (now != enrolled && now != second).then_some(now)
     })
     .await
-    .expect("the agent renewed after restoring");
+    .expect("the agent restored the previous credential and renewed with it");
     assert!(show(&fleet, "app-1").contains(&renewed));
+    // And it connects with the renewed certificate once brokers allow it.
+    fleet.export_allowlist(&allowlist);
+    let row = wait_for(Duration::from_secs(30), || async {
+        broker
+            .sessions()
+            .await
+            .into_iter()
+            .find(|s| s["appliance_id"] == "app-1" && s["fingerprint"] == renewed.as_str())
+    })
+    .await
+    .expect("connected with the renewed certificate");
+    assert_eq!(row["fingerprint"], renewed.as_str());
 }

@@ -86,6 +86,7 @@ pub struct Credentials {
     trust_domain: String,
     certified_key: Arc<CertifiedKey>,
     ca_certs: Arc<[CertificateDer<'static>]>,
+    not_before_ms: i64,
     not_after_ms: i64,
     fingerprint: String,
 }
@@ -97,6 +98,7 @@ impl fmt::Debug for Credentials {
             trust_domain,
             certified_key,
             ca_certs,
+            not_before_ms,
             not_after_ms,
             fingerprint,
         } = self;
@@ -106,6 +108,7 @@ impl fmt::Debug for Credentials {
             .field("chain_len", &certified_key.cert.len())
             .field("key", &"<redacted>")
             .field("ca_certs", &ca_certs.len())
+            .field("not_before_ms", not_before_ms)
             .field("not_after_ms", not_after_ms)
             .field("fingerprint", fingerprint)
             .finish()
@@ -168,7 +171,7 @@ impl Credentials {
         if ca_certs.is_empty() {
             return Err(CredentialError::NoCaCertificate);
         }
-        let (appliance_id, trust_domain, not_after_ms) = appliance_identity(leaf)?;
+        let (appliance_id, trust_domain, not_before_ms, not_after_ms) = appliance_identity(leaf)?;
         let fingerprint = hex(ring::digest::digest(&ring::digest::SHA256, leaf).as_ref());
 
         let signing_key = rustls::crypto::ring::sign::any_supported_type(&key)
@@ -190,6 +193,7 @@ impl Credentials {
             trust_domain,
             certified_key: Arc::new(certified_key),
             ca_certs: ca_certs.into(),
+            not_before_ms,
             not_after_ms,
             fingerprint,
         })
@@ -205,7 +209,12 @@ impl Credentials {
         &self.trust_domain
     }
 
-    /// `notAfter` of the leaf certificate, ms since the Unix epoch.
+    /// `notBefore` of the leaf certificate, ms since the Unix epoch.
+    pub fn not_before_ms(&self) -> i64 {
+        self.not_before_ms
+    }
+
+    /// `notAfter` of the leaf, Unix milliseconds.
     pub fn not_after_ms(&self) -> i64 {
         self.not_after_ms
     }
@@ -245,7 +254,10 @@ impl Credentials {
 }
 
 /// Parse the leaf: its single `spiffe://<td>/appliance/<id>` URI and its `notAfter`.
-fn appliance_identity(leaf: &CertificateDer<'_>) -> Result<(String, String, i64), CredentialError> {
+/// The appliance id, trust domain, notBefore and notAfter (ms) of a leaf.
+type Identity = (String, String, i64, i64);
+
+fn appliance_identity(leaf: &CertificateDer<'_>) -> Result<Identity, CredentialError> {
     let (_, cert) = x509_parser::parse_x509_certificate(leaf)
         .map_err(|e| CredentialError::InvalidCertificate(e.to_string()))?;
     let san = cert
@@ -268,8 +280,9 @@ fn appliance_identity(leaf: &CertificateDer<'_>) -> Result<(String, String, i64)
         found = Some((id.name.to_owned(), id.trust_domain.to_owned()));
     }
     let (id, td) = found.ok_or(CredentialError::NoApplianceIdentity)?;
+    let not_before_ms = cert.validity().not_before.timestamp().saturating_mul(1000);
     let not_after_ms = cert.validity().not_after.timestamp().saturating_mul(1000);
-    Ok((id, td, not_after_ms))
+    Ok((id, td, not_before_ms, not_after_ms))
 }
 
 fn hex(bytes: &[u8]) -> String {

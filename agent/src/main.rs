@@ -439,6 +439,7 @@ async fn keep_renewed(
         };
         let manual = requested > state.manual_renewal_generation;
         let due = tether_agent::renew::renewal_due(
+            creds.not_before_ms() / 1000,
             creds.not_after_ms() / 1000,
             unix_now(),
             settings.renew_before,

@@ -24,9 +24,13 @@ pub const DEFAULT_RENEW_BEFORE: Duration = Duration::from_secs(86_400);
 /// Default: how often the agent looks at its expiry.
 pub const DEFAULT_CHECK_EVERY: Duration = Duration::from_secs(3_600);
 
-/// Whether a certificate ending at `not_after` (Unix s) is due for renewal at `now`.
-pub fn renewal_due(not_after: i64, now: i64, renew_before: Duration) -> bool {
-    not_after - now < renew_before.as_secs() as i64
+/// Whether a certificate valid from `not_before` to `not_after` (Unix s) is due for
+/// renewal at `now`: less than `renew_before` left, or less than half its lifetime when
+/// that is shorter (so a lifetime under `renew_before` renews at half-life instead of
+/// at once, over and over).
+pub fn renewal_due(not_before: i64, not_after: i64, now: i64, renew_before: Duration) -> bool {
+    let threshold = (renew_before.as_secs() as i64).min((not_after - not_before) / 2);
+    not_after - now < threshold
 }
 
 fn read(dir: &Path, name: &str) -> Result<Vec<u8>, EnrollError> {
@@ -133,8 +137,12 @@ mod tests {
     #[test]
     fn due_threshold() {
         let day = DEFAULT_RENEW_BEFORE;
-        assert!(!renewal_due(1_000 + 86_400, 1_000, day));
-        assert!(renewal_due(1_000 + 86_399, 1_000, day));
-        assert!(renewal_due(500, 1_000, day));
+        let month = 30 * 86_400;
+        assert!(!renewal_due(0, month, month - 86_400, day));
+        assert!(renewal_due(0, month, month - 86_399, day));
+        assert!(renewal_due(0, month, month + 5, day));
+        // A lifetime shorter than the threshold renews at half-life.
+        assert!(!renewal_due(0, 8, 3, day));
+        assert!(renewal_due(0, 8, 5, day));
     }
 }

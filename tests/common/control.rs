@@ -5,6 +5,7 @@ use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde_json::json;
@@ -29,6 +30,8 @@ pub struct ControlProc {
     pub child: Child,
     pub addr: SocketAddr,
     pub metrics: SocketAddr,
+    /// Every log line so far (JSON).
+    pub logs: Arc<Mutex<Vec<String>>>,
 }
 
 impl Drop for ControlProc {
@@ -57,6 +60,8 @@ pub fn serve(dir: &Path) -> ControlProc {
         .unwrap();
     let stderr = child.stderr.take().unwrap();
     let (tx, rx) = std::sync::mpsc::channel();
+    let logs = Arc::new(Mutex::new(Vec::new()));
+    let sink = logs.clone();
     std::thread::spawn(move || {
         for line in BufReader::new(stderr).lines() {
             let Ok(line) = line else { break };
@@ -64,6 +69,7 @@ pub fn serve(dir: &Path) -> ControlProc {
                 let _ = tx.send(line.clone());
             }
             eprintln!("[control] {line}");
+            sink.lock().unwrap().push(line);
         }
     });
     // The metrics listener comes up first, then the API.
@@ -79,6 +85,30 @@ pub fn serve(dir: &Path) -> ControlProc {
         child,
         metrics: addrs[0],
         addr: addrs[1],
+        logs,
+    }
+}
+
+impl ControlProc {
+    /// The API's base URL.
+    pub fn url(&self) -> String {
+        format!("https://127.0.0.1:{}", self.addr.port())
+    }
+
+    /// Whether control logged a warning carrying `code` (bounded wait: the log line may
+    /// trail the HTTP answer).
+    pub fn warned(&self, code: &str) -> bool {
+        for _ in 0..250 {
+            let found = self.logs.lock().unwrap().iter().any(|l| {
+                serde_json::from_str::<serde_json::Value>(l)
+                    .is_ok_and(|v| v["level"] == "WARN" && v["fields"]["code"] == code)
+            });
+            if found {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        false
     }
 }
 
