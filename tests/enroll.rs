@@ -125,6 +125,32 @@ async fn enrollment_attacks_are_refused_with_specific_codes() {
     assert_eq!(s, 400);
     assert!(v["error"].as_str().unwrap().starts_with("csr_"), "{v}");
 
+    // A CSR for a key type control does not allow (RSA): 400, token not burned.
+    let out = std::process::Command::new("openssl")
+        .args([
+            "req",
+            "-new",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-subj",
+            "/CN=app-1",
+        ])
+        .args(["-keyout", "/dev/null"])
+        .output()
+        .expect("openssl is installed");
+    let rsa_csr = String::from_utf8(out.stdout).unwrap();
+    assert!(rsa_csr.contains("CERTIFICATE REQUEST"), "{rsa_csr}");
+    let n = fleet.nonce().await;
+    let (s, v) = fleet
+        .post("/v1/enroll", body(&n, &rsa_csr, &token, "app-1"))
+        .await;
+    assert_eq!(
+        (s, v["error"].as_str()),
+        (400, Some("csr_key_type_not_allowed")),
+        "{v}"
+    );
+
     // A nonce that was never handed out.
     let (s, v) = fleet
         .post(
@@ -242,6 +268,7 @@ async fn enrollment_attacks_are_refused_with_specific_codes() {
         (403, "appliance_disabled", 1.0),
         (413, "payload_too_large", 1.0),
         (400, "bad_request", 1.0),
+        (400, "csr_key_type_not_allowed", 1.0),
         (200, "ok", 1.0),
     ] {
         let sample = format!(
@@ -250,4 +277,37 @@ async fn enrollment_attacks_are_refused_with_specific_codes() {
         let v = fleet.metric(&sample).await;
         assert!(v >= at_least, "{sample} = {v}");
     }
+
+    // ...and audited: one refused entry per refusal, with its code, in an intact chain,
+    // and no secret in it.
+    let d = fleet.data.to_str().unwrap();
+    let log = control(&["audit", "list", "--data-dir", d, "--limit", "1000"]);
+    let entries: Vec<serde_json::Value> = log
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    for code in [
+        "unknown_appliance",
+        "csr_malformed",
+        "csr_key_type_not_allowed",
+        "nonce_invalid",
+        "nonce_replayed",
+        "token_used",
+        "token_wrong_appliance",
+        "token_expired",
+        "appliance_disabled",
+    ] {
+        assert!(
+            entries.iter().any(|e| e["action"] == "appliance.enroll"
+                && e["outcome"] == "refused"
+                && e["details"]["code"] == code),
+            "no refused appliance.enroll entry with code {code}: {log}"
+        );
+    }
+    assert!(!log.contains(&token), "the audit log holds a token");
+    assert!(
+        !log.contains("CERTIFICATE REQUEST"),
+        "the audit log holds a CSR"
+    );
+    control(&["audit", "verify", "--data-dir", d]);
 }
