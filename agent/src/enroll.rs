@@ -325,7 +325,9 @@ pub fn store_credential(
 }
 
 /// Write `data` to `path` via a temporary sibling: create with `mode`, write, fsync,
-/// rename, fsync the folder.
+/// rename, fsync the folder. A stale temporary file is removed first and the new one
+/// created exclusively, so `mode` always applies (opening an existing file would keep
+/// its mode, e.g. a key left world-readable) and no symlink is followed.
 pub fn write_atomic(path: &Path, data: &[u8], mode: u32) -> Result<(), EnrollError> {
     use std::os::unix::fs::OpenOptionsExt;
     let err = |source| EnrollError::Io {
@@ -333,10 +335,13 @@ pub fn write_atomic(path: &Path, data: &[u8], mode: u32) -> Result<(), EnrollErr
         source,
     };
     let tmp = path.with_extension("tmp");
+    match std::fs::remove_file(&tmp) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(err(e)),
+        _ => {}
+    }
     let mut f = std::fs::OpenOptions::new()
         .write(true)
-        .create(true)
-        .truncate(true)
+        .create_new(true)
         .mode(mode)
         .open(&tmp)
         .map_err(err)?;

@@ -107,6 +107,10 @@ pub fn router(state: AppState) -> Router {
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route") })
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
+            request_deadline,
+        ))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
             crate::metrics::record,
         ))
         .with_state(state)
@@ -122,6 +126,26 @@ async fn enroll_handler(
 ) -> Result<Json<enroll::EnrollResponse>, ApiError> {
     let Json(req) = body.map_err(json_rejection)?;
     enroll::enroll(&s, req, crate::now_unix()).await.map(Json)
+}
+
+/// Answer 408 to a request not done within `http.request_timeout` (body included: a
+/// client dribbling its body byte by byte is cut off). It is longer than every limit
+/// inside (store, STS, JWKS), so only a stalled client or an overloaded control reaches it.
+async fn request_deadline(
+    State(s): State<AppState>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let limit = s.config.http.request_timeout;
+    match tokio::time::timeout(limit, next.run(req)).await {
+        Ok(resp) => resp,
+        Err(_) => ApiError::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "request_timeout",
+            format!("the request took longer than {limit:?}"),
+        )
+        .into_response(),
+    }
 }
 
 /// Bodies declared larger than this are refused without reading them (the connection is

@@ -61,6 +61,34 @@ pub struct ControlConfig {
     pub trust: crate::trust::TrustSettings,
     /// Validity of the certificates control issues.
     pub certificates: CertificateSettings,
+    /// Limits of the HTTPS listener.
+    pub http: HttpSettings,
+}
+
+/// `[http]`: limits that keep slow or idle clients from holding control's connections.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HttpSettings {
+    /// Time to send a request's header; also closes a keep-alive connection idle that
+    /// long. Default 10 s.
+    #[serde(with = "humantime_serde")]
+    pub header_read_timeout: Duration,
+    /// Time for a whole request, body included (answered 408). Default 60 s: longer than
+    /// every limit inside (store, STS, JWKS).
+    #[serde(with = "humantime_serde")]
+    pub request_timeout: Duration,
+    /// Connections served at once; more wait in the kernel's accept queue. Default 4096.
+    pub max_connections: usize,
+}
+
+impl Default for HttpSettings {
+    fn default() -> Self {
+        HttpSettings {
+            header_read_timeout: Duration::from_secs(10),
+            request_timeout: Duration::from_secs(60),
+            max_connections: 4096,
+        }
+    }
 }
 
 /// `[certificates]`: validity lengths of issued leaves (the root and intermediate are
@@ -135,6 +163,7 @@ impl Default for ControlConfig {
             proofs: crate::proof::ProofSettings::default(),
             trust: crate::trust::TrustSettings::default(),
             certificates: CertificateSettings::default(),
+            http: HttpSettings::default(),
         }
     }
 }
@@ -226,6 +255,15 @@ impl ControlConfig {
             return Err(ConfigError::Invalid {
                 field: "trust.renewal_due",
                 reason: "must not be longer than trust.renewal_recommended".into(),
+            });
+        }
+        if self.http.header_read_timeout.is_zero()
+            || self.http.request_timeout.is_zero()
+            || self.http.max_connections == 0
+        {
+            return Err(ConfigError::Invalid {
+                field: "http",
+                reason: "timeouts and max_connections must be positive".into(),
             });
         }
         if self.enroll.overlap_sweep.is_zero() {

@@ -9,7 +9,10 @@
 //! 4. its SHA-256 is a certificate we issued to that appliance and is in the allowlist
 //!    now (current, or previous within its overlap) — a revoked or expired-out
 //!    certificate cannot renew — else 403 `certificate_not_allowed`;
-//! 5. the CSR proves possession of a key of an allowed type — else 400 `csr_*`.
+//! 5. it has not expired *now* (rustls checked that at the handshake only, and a
+//!    keep-alive connection or a resumed TLS session outlives the handshake) — else 403
+//!    `certificate_expired`;
+//! 6. the CSR proves possession of a key of an allowed type — else 400 `csr_*`.
 //!
 //! The new certificate becomes current; the one presented (and any other current one)
 //! stays allowed for the overlap window (`enroll.renewal_overlap`, default 24 h), after
@@ -148,7 +151,20 @@ async fn renew_checked(
         .await
         .map_err(internal)?
     {
-        Some((cert, true)) if cert.appliance_id == id => {}
+        Some((cert, true)) if cert.appliance_id == id => {
+            // rustls checked the validity window at the handshake, but a keep-alive
+            // connection or a resumed TLS session can outlive it: check it again now.
+            if now >= cert.not_after {
+                return Err(refused(
+                    StatusCode::FORBIDDEN,
+                    "certificate_expired",
+                    format!(
+                        "this certificate of {id} has expired; an expired certificate cannot \
+                         renew, the appliance must enroll again"
+                    ),
+                ));
+            }
+        }
         _ => {
             return Err(refused(
                 StatusCode::FORBIDDEN,

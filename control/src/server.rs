@@ -1,10 +1,17 @@
 //! The HTTPS listener: rustls (ring, TLS 1.3) in front of the axum router, with the
 //! control leaf issued by our own CA (`spiffe://<td>/control` plus its DNS names and IPs).
+//!
+//! Limits, so that clients without credentials cannot hold connections (tasks, file
+//! descriptors) without end: at most `http.max_connections` at once (further ones wait
+//! in the kernel's accept queue); [`TLS_HANDSHAKE_TIMEOUT`] for the handshake; HTTP/1.1
+//! only; `http.header_read_timeout` to send a request's header, which also closes a
+//! keep-alive connection idle that long; `http.request_timeout` for a whole request (a
+//! body dribbled byte by byte included). See [`crate::config::HttpSettings`].
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -20,8 +27,10 @@ pub const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 ///
 /// A client certificate is optional (enrollment has none) but, when presented, must chain
 /// to `root_der` through the intermediate the client sends, be within its validity and
-/// carry clientAuth; rustls (webpki) checks that before any handler runs. Handlers then
-/// decide what the verified identity may do ([`PeerCertificate`]).
+/// carry clientAuth; rustls (webpki) checks that at every handshake (sessions are never
+/// resumed), before any handler runs. Handlers then decide what the verified identity
+/// may do ([`PeerCertificate`]); a keep-alive connection can outlive its certificate, so
+/// those that care check the validity again (renewal does).
 pub fn tls_config(
     chain_pem: &str,
     key_pem: &str,
@@ -44,6 +53,10 @@ pub fn tls_config(
         .with_client_cert_verifier(client_verifier)
         .with_single_cert(chain, key)?;
     tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+    // No session resumption: a resumed session skips the client certificate's checks (an
+    // expired certificate would still get in); every connection verifies it afresh.
+    tls.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    tls.send_tls13_tickets = 0;
     Ok(tls)
 }
 
@@ -65,9 +78,16 @@ pub async fn serve(
     )?;
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
     let metrics = state.metrics.clone();
+    let limits = state.config.http.clone();
     let app = router(state);
     info!(listen = %listener.local_addr()?, "control API listening (HTTPS)");
+    let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
+    let header_read_timeout = limits.header_read_timeout;
     loop {
+        let slot = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            s = slots.clone().acquire_owned() => s?,
+        };
         let (tcp, remote) = tokio::select! {
             _ = shutdown.cancelled() => break,
             r = listener.accept() => match r {
@@ -83,6 +103,7 @@ pub async fn serve(
         let app = app.clone();
         let metrics = metrics.clone();
         tokio::spawn(async move {
+            let _slot = slot;
             let tls = match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await
             {
                 Ok(Ok(s)) => s,
@@ -121,7 +142,12 @@ pub async fn serve(
                     req
                 },
             ));
-            let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            let mut builder =
+                hyper_util::server::conn::auto::Builder::new(TokioExecutor::new()).http1_only();
+            builder
+                .http1()
+                .timer(TokioTimer::new())
+                .header_read_timeout(header_read_timeout);
             if let Err(e) = builder.serve_connection(TokioIo::new(tls), service).await {
                 debug!(%remote, error = %e, "connection ended with an error");
             }
