@@ -1,4 +1,6 @@
 //! Tether's root package: the `tether` dev tool, shared test/bench support (`pki`).
 
+pub mod audit_cli;
+pub mod cli;
 pub mod pki;
 pub mod up;

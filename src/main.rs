@@ -4,6 +4,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
+use anyhow::Context;
 use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
@@ -36,6 +37,38 @@ enum Cmd {
         #[arg(long, default_value = "127.0.0.1:7444", env = "TETHER_UP_ADMIN_LISTEN")]
         admin_listen: SocketAddr,
     },
+    /// The audit log: verify an export offline.
+    #[command(subcommand)]
+    Audit(AuditCmd),
+    /// Log in as an operator with a one-time bundle: the key is generated here, the
+    /// certificate stored in $TETHER_CONFIG_DIR (else the platform config directory).
+    Login(tether::cli::login::LoginArgs),
+    /// Operators: invite, list, revoke.
+    #[command(subcommand)]
+    Operator(tether::cli::operator::OperatorCmd),
+    /// The fleet as a whole.
+    #[command(subcommand)]
+    Fleet(tether::cli::operator::FleetCmd),
+}
+
+#[derive(Debug, Subcommand)]
+enum AuditCmd {
+    /// Check an audit export (from `tether-control audit export`) offline: the whole hash
+    /// chain from entry 1, every signed checkpoint (signer chains to the root and is
+    /// control), each checkpoint's entry, and that the export reaches the last
+    /// checkpoint. Exits 0 only for an intact log; else names the first bad entry or
+    /// checkpoint and exits 1.
+    Verify {
+        /// The export (JSON lines).
+        file: PathBuf,
+        /// The root CA certificate to trust (PEM) [default: $TETHER_CONFIG_DIR/ca.pem, else
+        /// tether/ca.pem in the platform config directory]. Never taken from the export.
+        #[arg(long)]
+        ca: Option<PathBuf>,
+        /// The trust domain the signer must belong to [default: the one the root names].
+        #[arg(long)]
+        trust_domain: Option<String>,
+    },
 }
 
 #[tokio::main]
@@ -46,6 +79,25 @@ async fn main() -> anyhow::Result<()> {
     });
     tracing_subscriber::fmt().with_env_filter(filter).init();
     match cli.command {
+        Cmd::Login(args) => tether::cli::login::run(args).await,
+        Cmd::Operator(cmd) => tether::cli::operator::run(cmd).await,
+        Cmd::Fleet(cmd) => tether::cli::operator::fleet(cmd).await,
+        Cmd::Audit(AuditCmd::Verify {
+            file,
+            ca,
+            trust_domain,
+        }) => {
+            let ca = ca
+                .or_else(|| tether::audit_cli::default_ca_path(|k| std::env::var(k).ok()))
+                .context("no root certificate: give --ca ROOT.pem or set TETHER_CONFIG_DIR")?;
+            let summary = tether::audit_cli::verify_file(&file, &ca, trust_domain.as_deref())?;
+            let (ok, note) = tether::audit_cli::report(&summary);
+            println!("{ok}");
+            if let Some(note) = note {
+                eprintln!("{note}");
+            }
+            Ok(())
+        }
         Cmd::Up {
             appliances,
             data_dir,

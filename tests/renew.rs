@@ -331,6 +331,12 @@ async fn fleet_trust_counts_states_and_raises_alerts() {
         .unwrap();
     std::fs::write(ops.join("client.cert.pem"), &op.chain_pem).unwrap();
     std::fs::write(ops.join("client.key.pem"), key).unwrap();
+    // Signed by our CA but never recorded by a login: not honoured.
+    let r = client_for(&ops).get(&url).send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 403);
+    let refusal: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(refusal["error"], "operator_unknown", "{refusal}");
+    fleet.honour_operator("alice", tether_control::operators::Role::Viewer, &op);
     let r = client_for(&ops).get(&url).send().await.unwrap();
     assert_eq!(r.status().as_u16(), 200);
     let served: serde_json::Value = r.json().await.unwrap();

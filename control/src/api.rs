@@ -4,8 +4,15 @@
 //! - `POST /v1/enroll` → certificate chain, CA, brokers, expiry (see [`crate::enroll`]).
 //! - `POST /v1/renew` (mTLS with the current appliance certificate) → the same answer as
 //!   enrollment (see [`crate::renew`]).
-//! - `GET /v1/fleet/trust` (mTLS, an operator certificate) → counts by trust state and
-//!   the active alerts (see [`crate::trust`]).
+//! - `GET /v1/fleet/trust` (mTLS, an operator certificate, role viewer+) → counts by
+//!   trust state and the active alerts (see [`crate::trust`]).
+//! - `POST /v1/operators/login` (no client certificate; a one-time bundle token and a CSR)
+//!   → an operator certificate; `POST /v1/operators/invites`, `GET /v1/operators`,
+//!   `POST /v1/operators/{name}/revoke` (admin). See [`crate::operators`]: every operator
+//!   route authenticates with [`crate::operators::authorize`] (401, then 403
+//!   `operator_required` / `operator_unknown` / `certificate_expired` / `role_forbidden`).
+//! - `GET /v1/audit?after=&limit=` (mTLS, an operator certificate, role viewer+) → a page
+//!   of the audit log with its signed checkpoints (see [`crate::audit::http`]).
 //! - `GET /healthz`
 //!
 //! Errors are JSON `{"error": "<stable_code>", "message": "..."}` with the HTTP status that
@@ -102,6 +109,14 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/enroll", post(enroll_handler))
         .route("/v1/renew", post(renew_handler))
         .route("/v1/fleet/trust", get(fleet_trust_handler))
+        .route("/v1/audit", get(crate::audit::http::list))
+        .route("/v1/operators/login", post(crate::operators::login))
+        .route("/v1/operators/invites", post(crate::operators::invite))
+        .route("/v1/operators", get(crate::operators::list))
+        .route(
+            "/v1/operators/{name}/revoke",
+            post(crate::operators::revoke),
+        )
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .layer(axum::middleware::from_fn(refuse_large_bodies))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route") })
@@ -183,7 +198,7 @@ fn too_large() -> ApiError {
 }
 
 /// A body axum could not turn into JSON: too large (413) or malformed (400).
-fn json_rejection(e: axum::extract::rejection::JsonRejection) -> ApiError {
+pub(crate) fn json_rejection(e: axum::extract::rejection::JsonRejection) -> ApiError {
     // Served through hyper-util directly, axum cannot always classify the limit error by
     // type (it then answers 400 with this text), so look at both.
     if e.status() == StatusCode::PAYLOAD_TOO_LARGE
@@ -206,34 +221,19 @@ async fn renew_handler(
         .map(Json)
 }
 
-/// The operator a request authenticated as: 401 without a client certificate, 403 with
-/// one that is not an operator's. (Roles and operator records come with the operator API.)
-fn require_operator(
-    s: &AppState,
-    peer: &crate::server::PeerCertificate,
-) -> Result<String, ApiError> {
-    let der = peer.0.as_deref().ok_or_else(|| {
-        ApiError::new(
-            StatusCode::UNAUTHORIZED,
-            "client_certificate_required",
-            "this route needs an operator certificate (mutual TLS)",
-        )
-    })?;
-    match crate::identity::identify(der, s.ca.trust_domain()) {
-        Ok(crate::identity::PeerIdentity::Operator(name)) => Ok(name),
-        _ => Err(ApiError::new(
-            StatusCode::FORBIDDEN,
-            "operator_required",
-            "this route is for operators",
-        )),
-    }
-}
-
 async fn fleet_trust_handler(
     State(s): State<AppState>,
     axum::Extension(peer): axum::Extension<crate::server::PeerCertificate>,
 ) -> Result<Json<crate::trust::FleetTrust>, ApiError> {
-    require_operator(&s, &peer)?;
+    crate::operators::authorize(
+        &s,
+        &peer,
+        crate::operators::Role::Viewer,
+        crate::operators::action::FLEET_TRUST,
+        "",
+        crate::now_unix(),
+    )
+    .await?;
     crate::trust::fleet_trust(s.store.as_ref(), &s.config.trust, crate::now_unix())
         .await
         .map(Json)

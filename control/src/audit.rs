@@ -62,12 +62,20 @@
 //! table and recompute every hash from the first changed entry onwards. Both need an
 //! anchor held outside the database, a checkpoint (`seq` and `hash` of a recent entry,
 //! published or signed): [`ChainVerifier::after`] resumes from one, and a log whose head
-//! is older than the last checkpoint was cut. Checkpoints come with the operator's audit
-//! export; until then the database's own permissions (and, inside it, triggers refusing
-//! `UPDATE`, `DELETE` and `TRUNCATE` on `audit_log`) are the guard.
+//! is older than the last checkpoint was cut. Control signs such checkpoints with its own
+//! certificate ([`checkpoint`]: the signed string, the signer rules, `serve` writing one
+//! every `[audit] checkpoint_every`), exports the log with them ([`export`]: the JSON
+//! lines format), and `tether audit verify` checks an export offline against a root the
+//! operator holds; [`export`] says exactly what that detects and what it cannot (entries
+//! after the last checkpoint). Inside the database, triggers refusing `UPDATE`, `DELETE`
+//! and `TRUNCATE` on `audit_log` and `audit_checkpoints` are a first guard.
 //!
 //! `at` is the writing control replica's clock: entries are in commit order, and `at`
 //! may step back by the clock skew between replicas.
+
+pub mod checkpoint;
+pub mod export;
+pub mod http;
 
 use std::fmt;
 
@@ -115,6 +123,8 @@ pub mod action {
     pub const TOKEN_REDEEM: &str = "token.redeem";
     /// Previous certificates whose renewal overlap ended left the allowlist.
     pub const ALLOWLIST_EXPIRE_OVERLAPS: &str = "allowlist.expire_overlaps";
+    /// The audit log was read over the API (recorded only when refused).
+    pub const AUDIT_LIST: &str = "audit.list";
 }
 
 /// Actor names for [`ActorKind::System`].
@@ -467,6 +477,18 @@ fn put_str(h: &mut ring::digest::Context, s: &str) {
     let len = u32::try_from(s.len()).unwrap_or(u32::MAX);
     h.update(&len.to_be_bytes());
     h.update(s.as_bytes());
+}
+
+/// `str(s)` of the module docs, appended to `out`.
+fn put_str_bytes(out: &mut Vec<u8>, s: &str) {
+    let len = u32::try_from(s.len()).unwrap_or(u32::MAX);
+    out.extend_from_slice(&len.to_be_bytes());
+    out.extend_from_slice(s.as_bytes());
+}
+
+/// Whether `s` has the form of an entry hash: 64 lowercase hex characters.
+fn is_hash(s: &str) -> bool {
+    s.len() == 64 && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
 }
 
 fn hex(bytes: &[u8]) -> String {

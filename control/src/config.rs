@@ -63,6 +63,31 @@ pub struct ControlConfig {
     pub certificates: CertificateSettings,
     /// Limits of the HTTPS listener.
     pub http: HttpSettings,
+    /// Signed checkpoints of the audit log.
+    pub audit: AuditSettings,
+}
+
+/// Default interval between signed audit checkpoints: 60 s.
+pub const DEFAULT_CHECKPOINT_EVERY: Duration = Duration::from_secs(60);
+
+/// `[audit]`: signed checkpoints of the audit log (see `crate::audit::checkpoint`).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuditSettings {
+    /// How often `serve` signs a checkpoint of the log's head, when entries were added
+    /// since the last one. Entries newer than the last checkpoint can be cut from the log
+    /// undetected, so this bounds that window. Default 60 s
+    /// ([`DEFAULT_CHECKPOINT_EVERY`]); at least 1 s.
+    #[serde(with = "humantime_serde")]
+    pub checkpoint_every: Duration,
+}
+
+impl Default for AuditSettings {
+    fn default() -> Self {
+        AuditSettings {
+            checkpoint_every: DEFAULT_CHECKPOINT_EVERY,
+        }
+    }
 }
 
 /// `[http]`: limits that keep slow or idle clients from holding control's connections.
@@ -164,6 +189,7 @@ impl Default for ControlConfig {
             trust: crate::trust::TrustSettings::default(),
             certificates: CertificateSettings::default(),
             http: HttpSettings::default(),
+            audit: AuditSettings::default(),
         }
     }
 }
@@ -270,6 +296,12 @@ impl ControlConfig {
             return Err(ConfigError::Invalid {
                 field: "enroll.overlap_sweep",
                 reason: "must be positive".into(),
+            });
+        }
+        if self.audit.checkpoint_every < Duration::from_secs(1) {
+            return Err(ConfigError::Invalid {
+                field: "audit.checkpoint_every",
+                reason: "must be at least 1s".into(),
             });
         }
         if self.enroll.nonce_ttl.is_zero() {

@@ -10,6 +10,8 @@
 //! - [`enroll`] — enrollment: challenge, proof, issuance, recording.
 //! - [`proof`] — AWS, GCP and Kubernetes platform proofs.
 //! - [`renew`] — renewal over mTLS, and the overlap expiry.
+//! - [`operators`] — operators, roles, invites (bundles), login, and the check every
+//!   operator route runs.
 //! - [`identity`] — which identity a verified client certificate names.
 //! - [`trust`] — trust states and the fleet summary.
 //! - [`token`] — one-time tokens and nonces (only hashes are stored).
@@ -28,6 +30,7 @@ pub mod config;
 pub mod enroll;
 pub mod identity;
 pub mod metrics;
+pub mod operators;
 pub mod proof;
 pub mod renew;
 pub mod server;

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand};
+use tether_control::audit::checkpoint::{self, CheckpointSigner};
 use tether_control::audit::{self, action, Actor, AuditEvent, Outcome};
 use tether_control::config::{env, ControlConfig};
 use tether_control::store::{Appliance, ApplianceStatus, PlatformBinding, Store, StoreError};
@@ -79,6 +80,10 @@ enum Cmd {
         /// Existing intermediate key (id, ARN or alias/...) [default: create one].
         #[arg(long, requires = "kms")]
         kms_intermediate_key: Option<String>,
+        /// Where to write the first admin's one-time enrollment bundle (mode 0600; give it
+        /// to `tether login --bundle`) [default: DATA_DIR/admin-bundle.json].
+        #[arg(long)]
+        admin_bundle: Option<PathBuf>,
     },
     /// Serve the enrollment API over HTTPS.
     Serve {
@@ -106,6 +111,29 @@ enum Cmd {
     /// The audit log: every trust change and refusal, hash-chained.
     #[command(subcommand)]
     Audit(AuditCmd),
+    /// Operators (bundles for `tether login`).
+    #[command(subcommand)]
+    Operator(OperatorCmd),
+}
+
+#[derive(Debug, Subcommand)]
+enum OperatorCmd {
+    /// Create a one-time enrollment bundle for operator NAME (for `tether login --bundle`).
+    Invite {
+        #[command(flatten)]
+        dir: DataDir,
+        /// Operator name: 1-128 of [A-Za-z0-9._-].
+        name: String,
+        /// Role: admin, operator or viewer.
+        #[arg(long)]
+        role: tether_control::operators::Role,
+        /// Lifetime of the bundle (at most 30 days).
+        #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
+        ttl: Duration,
+        /// Write the bundle to this file (mode 0600) instead of standard output.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -127,6 +155,23 @@ enum AuditCmd {
     Verify {
         #[command(flatten)]
         dir: DataDir,
+    },
+    /// Sign a checkpoint of the log's head now (as `serve` does every `[audit]
+    /// checkpoint_every`), after checking that the log extends the last checkpoint.
+    /// Prints the checkpoint, or says that no entry is newer than the last one.
+    Checkpoint {
+        #[command(flatten)]
+        dir: DataDir,
+    },
+    /// Write the whole log and its signed checkpoints to FILE as JSON lines (a header
+    /// line, then entries in order, each checkpoint after the entry it vouches for), for
+    /// `tether audit verify FILE`.
+    Export {
+        #[command(flatten)]
+        dir: DataDir,
+        /// The file to write (replaced atomically).
+        #[arg(long)]
+        out: PathBuf,
     },
 }
 
@@ -277,6 +322,7 @@ async fn main() -> anyhow::Result<()> {
             kms_endpoint_url,
             kms_root_key,
             kms_intermediate_key,
+            admin_bundle,
         } => {
             let data_dir = dir.data_dir;
             std::fs::create_dir_all(&data_dir)
@@ -343,6 +389,24 @@ async fn main() -> anyhow::Result<()> {
                 "root CA (give it to appliances and operators): {}",
                 root.display()
             );
+            let bundle_path = admin_bundle.unwrap_or_else(|| data_dir.join("admin-bundle.json"));
+            let bundle = tether_control::operators::create_invite(
+                store.as_ref(),
+                tether_control::operators::control_url(&cfg),
+                ca.root_pem(),
+                tether_control::operators::FIRST_ADMIN,
+                tether_control::operators::Role::Admin,
+                tether_control::operators::ADMIN_BUNDLE_TTL,
+                local_admin(),
+                now,
+            )
+            .await?;
+            write_secret(&bundle_path, &serde_json::to_vec_pretty(&bundle)?)?;
+            println!(
+                "first admin's one-time bundle (valid {}; `tether login --bundle FILE`): {}",
+                humantime::format_duration(tether_control::operators::ADMIN_BUNDLE_TTL),
+                bundle_path.display()
+            );
         }
         Cmd::Serve {
             dir,
@@ -403,10 +467,19 @@ async fn main() -> anyhow::Result<()> {
                 state.config.enroll.overlap_sweep,
                 shutdown.clone(),
             ));
+            let signer = CheckpointSigner::from_ca(&state.ca)
+                .context("the control certificate cannot sign audit checkpoints")?;
+            tokio::spawn(checkpoint::checkpoint_forever(
+                state.store.clone(),
+                Arc::new(signer),
+                state.config.audit.checkpoint_every,
+                shutdown.clone(),
+            ));
             tether_control::server::serve(state, listener, shutdown).await?;
         }
         Cmd::Appliance(cmd) => appliance(cmd, now).await?,
         Cmd::Audit(cmd) => audit_cmd(cmd).await?,
+        Cmd::Operator(cmd) => operator_cmd(cmd, now).await?,
         Cmd::Allowlist(AllowlistCmd::Export { dir }) => {
             let (_, store) = open(&dir.data_dir).await?;
             let (version, entries) = store.allowlist_snapshot().await?;
@@ -640,6 +713,106 @@ async fn audit_cmd(cmd: AuditCmd) -> anyhow::Result<()> {
                 None => println!("audit log verified: empty"),
             }
         }
+        AuditCmd::Checkpoint { dir } => {
+            let (cfg, store) = open(&dir.data_dir).await?;
+            let ca = tether_control::ca::Ca::load(&dir.data_dir, &tether_control::ca_config(&cfg))?;
+            let signer = CheckpointSigner::from_ca(&ca)?;
+            let now = tether_control::now_unix();
+            match checkpoint::write_checkpoint(store.as_ref(), &signer, now).await? {
+                Some(cp) => println!("checkpoint signed: entry {} {}", cp.seq, cp.head_hash),
+                None => println!("no entry newer than the last checkpoint; nothing signed"),
+            }
+        }
+        AuditCmd::Export { dir, out } => {
+            let (cfg, store) = open(&dir.data_dir).await?;
+            let root = dir.data_dir.join("ca").join("root.pem");
+            let header = audit::export::ExportHeader {
+                tether_audit_export: audit::export::EXPORT_VERSION,
+                trust_domain: cfg.trust_domain.clone(),
+                root_pem: std::fs::read_to_string(&root)
+                    .with_context(|| format!("reading {}", root.display()))?,
+            };
+            let tmp = out.with_extension("partial");
+            let file = std::fs::File::create(&tmp)
+                .with_context(|| format!("creating {}", tmp.display()))?;
+            let mut w = std::io::BufWriter::new(file);
+            let summary =
+                audit::export::write_export(store.as_ref(), Some(&header), &mut w).await?;
+            w.into_inner().map_err(|e| e.into_error())?.sync_all()?;
+            std::fs::rename(&tmp, &out).with_context(|| format!("writing {}", out.display()))?;
+            println!(
+                "exported {} entries and {} checkpoints to {}",
+                summary.entries,
+                summary.checkpoints,
+                out.display()
+            );
+        }
     }
+    Ok(())
+}
+
+async fn operator_cmd(cmd: OperatorCmd, now: i64) -> anyhow::Result<()> {
+    use tether_control::operators;
+    match cmd {
+        OperatorCmd::Invite {
+            dir,
+            name,
+            role,
+            ttl,
+            out,
+        } => {
+            if !operators::valid_name(&name) {
+                bail!("invalid operator name {name:?}: use 1-128 of [A-Za-z0-9._-]");
+            }
+            if ttl.is_zero() || ttl > operators::MAX_INVITE_TTL {
+                bail!("--ttl must be between 1s and 30 days");
+            }
+            let (cfg, store) = open(&dir.data_dir).await?;
+            let root = dir.data_dir.join("ca").join("root.pem");
+            let root_pem = std::fs::read_to_string(&root)
+                .with_context(|| format!("reading the root CA {}", root.display()))?;
+            let bundle = operators::create_invite(
+                store.as_ref(),
+                operators::control_url(&cfg),
+                root_pem,
+                &name,
+                role,
+                ttl,
+                local_admin(),
+                now,
+            )
+            .await?;
+            let json = serde_json::to_vec_pretty(&bundle)?;
+            match out {
+                Some(path) => {
+                    write_secret(&path, &json)?;
+                    println!(
+                        "one-time bundle for {name} ({}), valid {}: {}",
+                        role.as_str(),
+                        humantime::format_duration(ttl),
+                        path.display()
+                    );
+                }
+                None => println!("{}", String::from_utf8_lossy(&json)),
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Write a secret file with mode 0600 (replacing any file there).
+fn write_secret(path: &Path, data: &[u8]) -> anyhow::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("writing {}", path.display()))?;
+    f.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+    f.write_all(data)?;
+    f.sync_all()?;
     Ok(())
 }

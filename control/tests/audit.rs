@@ -700,3 +700,659 @@ async fn a_refusal_is_answered_even_when_it_cannot_be_recorded() {
     );
     assert!(all_entries(c.state.store.as_ref()).await.is_empty());
 }
+
+// ---------------------------------------------------------------------------------------
+// Signed checkpoints and exports, on SQLite and PostgreSQL (`TETHER_TEST_PG_URL`, e.g.
+// `export TETHER_TEST_PG_URL=$(scripts/pg)`; without it the PostgreSQL half fails, it
+// never skips). Tampering is done the way someone with write access to the database
+// would: drop the append-only triggers, then edit, delete or renumber rows.
+
+mod signed {
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    use sqlx::Connection;
+    use tether_control::audit::checkpoint::{
+        self, root_trust_domain, Checkpoint, CheckpointError, CheckpointSigner, CheckpointVerifier,
+        VerifierError, WriteCheckpointError,
+    };
+    use tether_control::audit::export::{
+        verify_export, write_export, ExportHeader, ExportLine, ExportSummary, ExportVerifier,
+        VerifyError, EXPORT_VERSION,
+    };
+    use tether_control::audit::{entry_hash, AuditEntry, AuditEvent, ChainError};
+    use tether_control::ca::{Ca, CaConfig};
+    use tether_control::store::sql::{Backend, SqlStore};
+    use tether_control::store::Store;
+
+    use super::{admin, all_entries, register, TRUST_DOMAIN};
+
+    const PG_URL_VAR: &str = "TETHER_TEST_PG_URL";
+    const PG_DB_PREFIX: &str = "tether_a_";
+
+    /// A store (SQLite file or a fresh PostgreSQL database) and control's CA.
+    pub(super) struct Db {
+        store: SqlStore,
+        url: String,
+        _dir: tempfile::TempDir,
+        pg: Option<(String, String)>,
+        ca: Ca,
+    }
+
+    fn new_ca(dir: &std::path::Path) -> Ca {
+        let cfg = CaConfig {
+            trust_domain: TRUST_DOMAIN.into(),
+            ..Default::default()
+        };
+        Ca::init(dir, &cfg, time::OffsetDateTime::now_utc()).unwrap()
+    }
+
+    impl Db {
+        pub(super) async fn sqlite() -> Db {
+            let dir = tempfile::tempdir().unwrap();
+            let url = SqlStore::sqlite_url(&dir.path().join("control.db"));
+            let store = SqlStore::connect(&url).await.unwrap();
+            let ca = new_ca(&dir.path().join("ca-home"));
+            Db {
+                store,
+                url,
+                _dir: dir,
+                pg: None,
+                ca,
+            }
+        }
+
+        pub(super) async fn postgres() -> Db {
+            let admin_url = std::env::var(PG_URL_VAR).unwrap_or_else(|_| {
+                panic!("{PG_URL_VAR} is not set: run `export {PG_URL_VAR}=$(scripts/pg)`")
+            });
+            static N: AtomicU32 = AtomicU32::new(0);
+            let name = format!(
+                "{PG_DB_PREFIX}{}_{}",
+                std::process::id(),
+                N.fetch_add(1, Ordering::Relaxed)
+            );
+            let mut admin = sqlx::PgConnection::connect(&admin_url).await.unwrap();
+            sqlx::query(&format!("CREATE DATABASE {name}"))
+                .execute(&mut admin)
+                .await
+                .unwrap();
+            admin.close().await.ok();
+            let (base, query) = admin_url
+                .split_once('?')
+                .map_or((admin_url.as_str(), None), |(b, q)| (b, Some(q)));
+            let host_end = base[base.find("://").map_or(0, |i| i + 3)..]
+                .find('/')
+                .map_or(base.len(), |i| base.find("://").map_or(0, |j| j + 3) + i);
+            let mut url = format!("{}/{name}", &base[..host_end]);
+            if let Some(q) = query {
+                url = format!("{url}?{q}");
+            }
+            let store = SqlStore::connect(&url).await.unwrap();
+            assert_eq!(store.backend(), Backend::Postgres);
+            let dir = tempfile::tempdir().unwrap();
+            let ca = new_ca(&dir.path().join("ca-home"));
+            Db {
+                store,
+                url,
+                _dir: dir,
+                pg: Some((admin_url, name)),
+                ca,
+            }
+        }
+
+        pub(super) async fn finish(self) {
+            self.store.close().await;
+            if let Some((admin_url, name)) = &self.pg {
+                let mut admin = sqlx::PgConnection::connect(admin_url).await.unwrap();
+                sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                    .execute(&mut admin)
+                    .await
+                    .unwrap();
+                admin.close().await.ok();
+            }
+        }
+
+        fn signer(&self) -> CheckpointSigner {
+            CheckpointSigner::from_ca(&self.ca).unwrap()
+        }
+
+        fn verifier(&self) -> CheckpointVerifier {
+            let root = rustls::pki_types::CertificateDer::from(self.ca.root_der().to_vec());
+            CheckpointVerifier::new(&[root], TRUST_DOMAIN).unwrap()
+        }
+
+        /// Twelve entries with checkpoints at 4, 8 and 12.
+        async fn signed_log(&self) {
+            let signer = self.signer();
+            let now = tether_control::now_unix();
+            for i in 1..=12 {
+                if i % 3 == 0 {
+                    register(&self.store, &format!("edge-{i}"), now).await;
+                } else {
+                    let e = AuditEvent::refused(
+                        super::Actor::appliance(format!("edge-{i}")),
+                        super::action::APPLIANCE_ENROLL,
+                        format!("edge-{i}"),
+                        "token_used",
+                    );
+                    self.store.append_audit(&e, now).await.unwrap();
+                }
+                if i % 4 == 0 {
+                    let cp = checkpoint::write_checkpoint(&self.store, &signer, now)
+                        .await
+                        .unwrap()
+                        .expect("a new checkpoint");
+                    assert_eq!(cp.seq, i);
+                }
+            }
+        }
+
+        /// The export, line by line.
+        async fn export(&self) -> Vec<String> {
+            let header = ExportHeader {
+                tether_audit_export: EXPORT_VERSION,
+                trust_domain: TRUST_DOMAIN.into(),
+                root_pem: self.ca.root_pem(),
+            };
+            let mut out = Vec::new();
+            write_export(&self.store, Some(&header), &mut out)
+                .await
+                .unwrap();
+            String::from_utf8(out)
+                .unwrap()
+                .lines()
+                .map(str::to_owned)
+                .collect()
+        }
+
+        fn verify(&self, lines: &[String]) -> Result<ExportSummary, VerifyError> {
+            verify_lines(lines, self.verifier())
+        }
+
+        /// Run `sql` as someone who can write the database: the triggers go first.
+        async fn tamper(&self, sql: &[&str]) {
+            let mut conn = sqlx::AnyConnection::connect(&self.url).await.unwrap();
+            let drop = match self.store.backend() {
+                Backend::Sqlite => vec![
+                    "DROP TRIGGER IF EXISTS audit_log_no_update",
+                    "DROP TRIGGER IF EXISTS audit_log_no_delete",
+                ],
+                _ => vec!["DROP TRIGGER IF EXISTS audit_log_no_change ON audit_log"],
+            };
+            for q in drop.iter().chain(sql) {
+                sqlx::query(q).execute(&mut conn).await.unwrap();
+            }
+            conn.close().await.unwrap();
+        }
+    }
+
+    fn verify_lines(
+        lines: &[String],
+        verifier: CheckpointVerifier,
+    ) -> Result<ExportSummary, VerifyError> {
+        let text = lines.join("\n") + "\n";
+        verify_export(text.as_bytes(), ExportVerifier::new(verifier))
+    }
+
+    /// The checkpoint line for `seq`: its index and the checkpoint.
+    fn checkpoint_line(lines: &[String], seq: i64) -> (usize, Checkpoint) {
+        lines
+            .iter()
+            .enumerate()
+            .find_map(|(i, l)| match ExportLine::parse(l.as_bytes()) {
+                Ok(ExportLine::Checkpoint(c)) if c.seq == seq => Some((i, c)),
+                _ => None,
+            })
+            .expect("checkpoint in the export")
+    }
+
+    fn line_of(cp: Checkpoint) -> String {
+        ExportLine::Checkpoint(cp).to_json()
+    }
+
+    macro_rules! on_both_backends {
+        ($($case:ident),* $(,)?) => {
+            mod sqlite {
+                $(
+                    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                    async fn $case() {
+                        let db = super::Db::sqlite().await;
+                        super::$case(&db).await;
+                        db.finish().await;
+                    }
+                )*
+            }
+            mod postgres {
+                $(
+                    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                    async fn $case() {
+                        let db = super::Db::postgres().await;
+                        super::$case(&db).await;
+                        db.finish().await;
+                    }
+                )*
+            }
+        };
+    }
+
+    on_both_backends!(
+        an_intact_export_verifies,
+        an_edited_row_fails_at_that_entry,
+        a_deleted_row_fails_at_that_entry,
+        swapped_rows_fail_at_the_first_of_them,
+        a_cut_tail_fails_at_the_first_missing_entry,
+        entries_after_the_last_checkpoint_can_be_cut_undetected,
+        a_rehashed_rewrite_fails_at_the_next_checkpoint,
+        control_refuses_to_checkpoint_a_rewritten_log,
+        checkpoints_are_append_only,
+    );
+
+    async fn an_intact_export_verifies(db: &Db) {
+        db.signed_log().await;
+        let lines = db.export().await;
+        // Header, 12 entries, 3 checkpoints, each right after its entry.
+        assert_eq!(lines.len(), 16);
+        assert!(lines[0].starts_with(r#"{"tether_audit_export":1,"#));
+        assert_eq!(checkpoint_line(&lines, 4).0, 5);
+        assert_eq!(checkpoint_line(&lines, 12).0, 15);
+        let summary = db.verify(&lines).unwrap();
+        let head = all_entries(&db.store).await.pop().unwrap();
+        assert_eq!(
+            summary,
+            ExportSummary {
+                entries: 12,
+                checkpoints: 3,
+                head: Some((12, head.hash)),
+                last_checkpoint: Some(12),
+            }
+        );
+        // Without the header too: it is information only.
+        assert!(db.verify(&lines[1..]).is_ok());
+        // Nothing new: no new checkpoint.
+        let now = tether_control::now_unix();
+        assert_eq!(
+            checkpoint::write_checkpoint(&db.store, &db.signer(), now)
+                .await
+                .unwrap(),
+            None
+        );
+    }
+
+    async fn an_edited_row_fails_at_that_entry(db: &Db) {
+        db.signed_log().await;
+        db.tamper(&[
+            r#"UPDATE audit_log SET details = '{"code":"nonce_replayed"}' WHERE seq = 5"#,
+            "UPDATE audit_log SET outcome = 'success' WHERE seq = 10",
+        ])
+        .await;
+        let err = db.verify(&db.export().await).unwrap_err();
+        assert_eq!(err, VerifyError::Chain(ChainError::HashMismatch { seq: 5 }));
+        assert_eq!(err.first_bad_seq(), Some(5));
+    }
+
+    async fn a_deleted_row_fails_at_that_entry(db: &Db) {
+        db.signed_log().await;
+        db.tamper(&["DELETE FROM audit_log WHERE seq = 6"]).await;
+        let err = db.verify(&db.export().await).unwrap_err();
+        assert_eq!(
+            err,
+            VerifyError::Chain(ChainError::OutOfSequence {
+                expected: 6,
+                found: 7
+            })
+        );
+        assert_eq!(err.first_bad_seq(), Some(6));
+    }
+
+    async fn swapped_rows_fail_at_the_first_of_them(db: &Db) {
+        db.signed_log().await;
+        db.tamper(&[
+            "UPDATE audit_log SET seq = -6 WHERE seq = 6",
+            "UPDATE audit_log SET seq = 6 WHERE seq = 7",
+            "UPDATE audit_log SET seq = 7 WHERE seq = -6",
+        ])
+        .await;
+        // Entry 7 now stands at 6: it does not follow entry 5.
+        let err = db.verify(&db.export().await).unwrap_err();
+        assert_eq!(err, VerifyError::Chain(ChainError::BrokenLink { seq: 6 }));
+        assert_eq!(err.first_bad_seq(), Some(6));
+    }
+
+    async fn a_cut_tail_fails_at_the_first_missing_entry(db: &Db) {
+        db.signed_log().await;
+        db.tamper(&["DELETE FROM audit_log WHERE seq > 9"]).await;
+        let err = db.verify(&db.export().await).unwrap_err();
+        assert_eq!(
+            err,
+            VerifyError::Truncated {
+                checkpoint: 12,
+                last_entry: 9
+            }
+        );
+        assert_eq!(err.first_bad_seq(), Some(10));
+    }
+
+    /// The documented limit: entries newer than the last checkpoint were never vouched
+    /// for, so cutting them leaves a valid export (the verifier's summary shows where
+    /// the last checkpoint is).
+    async fn entries_after_the_last_checkpoint_can_be_cut_undetected(db: &Db) {
+        db.signed_log().await;
+        let now = tether_control::now_unix();
+        for _ in 0..2 {
+            let e = AuditEvent::success(admin(), super::action::TOKEN_CREATE, "edge-1");
+            db.store.append_audit(&e, now).await.unwrap(); // 13, 14
+        }
+        let full = db.verify(&db.export().await).unwrap();
+        assert_eq!((full.entries, full.last_checkpoint), (14, Some(12)));
+        db.tamper(&["DELETE FROM audit_log WHERE seq > 12"]).await;
+        let cut = db.verify(&db.export().await).unwrap();
+        assert_eq!((cut.entries, cut.last_checkpoint), (12, Some(12)));
+    }
+
+    /// Someone who rewrites an entry and recomputes every hash after it keeps a valid
+    /// chain; the next checkpoint does not match.
+    async fn a_rehashed_rewrite_fails_at_the_next_checkpoint(db: &Db) {
+        db.signed_log().await;
+        let mut entries = all_entries(&db.store).await;
+        entries[5].details = serde_json::json!({"code": "forged"}); // seq 6
+        let mut prev = entries[4].hash.clone();
+        let mut sql = Vec::new();
+        for e in &mut entries[5..] {
+            e.prev_hash = prev.clone();
+            e.hash = entry_hash(e.seq, e.at, &e.event(), &e.prev_hash).unwrap();
+            prev = e.hash.clone();
+            sql.push(format!(
+                "UPDATE audit_log SET details = '{}', prev_hash = '{}', hash = '{}' WHERE seq = {}",
+                tether_control::audit::canonical_json(&e.details).unwrap(),
+                e.prev_hash,
+                e.hash,
+                e.seq
+            ));
+        }
+        let sql: Vec<&str> = sql.iter().map(String::as_str).collect();
+        db.tamper(&sql).await;
+        let rewritten: Vec<AuditEntry> = all_entries(&db.store).await;
+        assert_eq!(super::verify_chain(&rewritten), Ok(()), "a valid chain");
+        let err = db.verify(&db.export().await).unwrap_err();
+        assert!(
+            matches!(&err, VerifyError::CheckpointMismatch { seq: 8, found, .. } if *found == rewritten[7].hash),
+            "{err:?}"
+        );
+        assert_eq!(err.first_bad_seq(), Some(8));
+    }
+
+    async fn control_refuses_to_checkpoint_a_rewritten_log(db: &Db) {
+        db.signed_log().await;
+        let e = AuditEvent::success(admin(), super::action::TOKEN_CREATE, "edge-1");
+        db.store
+            .append_audit(&e, tether_control::now_unix())
+            .await
+            .unwrap(); // 13
+        db.tamper(&[r#"UPDATE audit_log SET target = 'edge-x' WHERE seq = 13"#])
+            .await;
+        let err = checkpoint::write_checkpoint(&db.store, &db.signer(), tether_control::now_unix())
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                WriteCheckpointError::Tampered {
+                    checkpoint: 12,
+                    error: ChainError::HashMismatch { seq: 13 }
+                }
+            ),
+            "{err:?}"
+        );
+        // Nor after the checkpointed entry itself was changed.
+        db.tamper(&[r#"UPDATE audit_log SET target = 'edge-y' WHERE seq = 12"#])
+            .await;
+        let err = checkpoint::write_checkpoint(&db.store, &db.signer(), tether_control::now_unix())
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                WriteCheckpointError::Tampered {
+                    checkpoint: 12,
+                    error: ChainError::HashMismatch { seq: 12 }
+                }
+            ),
+            "{err:?}"
+        );
+        assert_eq!(
+            db.store.last_audit_checkpoint().await.unwrap().unwrap().seq,
+            12
+        );
+    }
+
+    async fn checkpoints_are_append_only(db: &Db) {
+        db.signed_log().await;
+        let mut conn = sqlx::AnyConnection::connect(&db.url).await.unwrap();
+        for q in [
+            "UPDATE audit_checkpoints SET at = 0 WHERE seq = 4",
+            "DELETE FROM audit_checkpoints WHERE seq = 12",
+        ] {
+            let err = sqlx::query(q).execute(&mut conn).await.unwrap_err();
+            assert!(err.to_string().contains("append-only"), "{q}: {err}");
+        }
+        conn.close().await.unwrap();
+        // A second checkpoint at a seq that has one is not stored.
+        let again = db
+            .signer()
+            .sign(
+                4,
+                &all_entries(&db.store).await[3].hash,
+                tether_control::now_unix(),
+            )
+            .unwrap();
+        assert!(!db.store.add_audit_checkpoint(&again).await.unwrap());
+        assert_eq!(db.store.audit_checkpoints(0, 0).await.unwrap().len(), 3);
+    }
+
+    // Forged checkpoints in the export itself: the backend plays no part (SQLite).
+
+    #[tokio::test]
+    async fn a_forged_checkpoint_signature_is_refused() {
+        let db = Db::sqlite().await;
+        db.signed_log().await;
+        let lines = db.export().await;
+        let (i, cp) = checkpoint_line(&lines, 8);
+        // A signature bit flipped.
+        let mut t = lines.clone();
+        let mut forged = cp.clone();
+        let last = forged.signature.pop().unwrap();
+        forged.signature.push(if last == '0' { '1' } else { '0' });
+        t[i] = line_of(forged);
+        assert_eq!(
+            db.verify(&t),
+            Err(VerifyError::Checkpoint {
+                seq: 8,
+                error: CheckpointError::BadSignature
+            })
+        );
+        // A genuine signature over another head.
+        let mut t = lines.clone();
+        let mut moved = cp.clone();
+        moved.head_hash = "ab".repeat(32);
+        t[i] = line_of(moved);
+        assert_eq!(
+            db.verify(&t),
+            Err(VerifyError::Checkpoint {
+                seq: 8,
+                error: CheckpointError::BadSignature
+            })
+        );
+        // Garbage in the signature field.
+        let mut t = lines;
+        let mut junk = cp;
+        junk.signature = "zz".into();
+        t[i] = line_of(junk);
+        assert!(matches!(
+            db.verify(&t),
+            Err(VerifyError::Checkpoint {
+                seq: 8,
+                error: CheckpointError::Malformed(_)
+            })
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_checkpoint_signed_by_another_ca_is_refused() {
+        let db = Db::sqlite().await;
+        db.signed_log().await;
+        let lines = db.export().await;
+        let (i, cp) = checkpoint_line(&lines, 8);
+        // Another control of the same trust domain, with its own CA.
+        let other_dir = tempfile::tempdir().unwrap();
+        let other = new_ca(other_dir.path());
+        let forged = CheckpointSigner::from_ca(&other)
+            .unwrap()
+            .sign(cp.seq, &cp.head_hash, cp.at)
+            .unwrap();
+        let mut t = lines.clone();
+        t[i] = line_of(forged);
+        assert!(
+            matches!(
+                db.verify(&t),
+                Err(VerifyError::Checkpoint {
+                    seq: 8,
+                    error: CheckpointError::UntrustedSigner(_)
+                })
+            ),
+            "{:?}",
+            db.verify(&t)
+        );
+        // And the root in the header is never trusted: the genuine export, checked with
+        // the other root, fails at its first checkpoint.
+        let root = rustls::pki_types::CertificateDer::from(other.root_der().to_vec());
+        let with_other_root = CheckpointVerifier::new(&[root], TRUST_DOMAIN).unwrap();
+        assert!(matches!(
+            verify_lines(&lines, with_other_root),
+            Err(VerifyError::Checkpoint {
+                seq: 4,
+                error: CheckpointError::UntrustedSigner(_)
+            })
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_checkpoint_signed_by_a_broker_of_the_same_ca_is_refused() {
+        let db = Db::sqlite().await;
+        db.signed_log().await;
+        let lines = db.export().await;
+        let (i, cp) = checkpoint_line(&lines, 8);
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let csr = rcgen::CertificateParams::default()
+            .serialize_request(&key)
+            .unwrap()
+            .pem()
+            .unwrap();
+        let broker = db
+            .ca
+            .issue_broker(
+                "b1",
+                &csr,
+                &["localhost".into()],
+                &[],
+                time::OffsetDateTime::now_utc(),
+            )
+            .unwrap();
+        let forged = CheckpointSigner::new(&key.serialize_pem(), &broker.chain_pem)
+            .unwrap()
+            .sign(cp.seq, &cp.head_hash, cp.at)
+            .unwrap();
+        let mut t = lines;
+        t[i] = line_of(forged);
+        assert_eq!(
+            db.verify(&t),
+            Err(VerifyError::Checkpoint {
+                seq: 8,
+                error: CheckpointError::NotControl(format!("spiffe://{TRUST_DOMAIN}/broker/b1"))
+            })
+        );
+    }
+
+    #[tokio::test]
+    async fn misplaced_duplicate_and_foreign_lines_are_refused() {
+        let db = Db::sqlite().await;
+        db.signed_log().await;
+        let lines = db.export().await;
+        let (i, _) = checkpoint_line(&lines, 8);
+        // A checkpoint moved after later entries.
+        let mut t = lines.clone();
+        let cp = t.remove(i);
+        t.insert(i + 2, cp);
+        assert_eq!(
+            db.verify(&t),
+            Err(VerifyError::CheckpointOutOfPlace { seq: 8, after: 10 })
+        );
+        // A checkpoint repeated.
+        let mut t = lines.clone();
+        let cp = t[i].clone();
+        t.insert(i + 1, cp);
+        assert_eq!(
+            db.verify(&t),
+            Err(VerifyError::CheckpointOutOfPlace { seq: 8, after: 8 })
+        );
+        // The header of another trust domain, or not first.
+        let mut t = lines.clone();
+        t[0] = t[0].replace(TRUST_DOMAIN, "other.example");
+        assert!(matches!(
+            db.verify(&t),
+            Err(VerifyError::WrongTrustDomain { .. })
+        ));
+        let mut t = lines.clone();
+        let header = t.remove(0);
+        t.insert(3, header);
+        assert_eq!(db.verify(&t), Err(VerifyError::MisplacedHeader { line: 4 }));
+        // An unknown field, a non-object, an empty export.
+        let mut t = lines.clone();
+        t[2] = t[2].replacen('{', r#"{"extra":1,"#, 1);
+        assert!(matches!(
+            db.verify(&t),
+            Err(VerifyError::Malformed { line: 3, .. })
+        ));
+        let mut t = lines.clone();
+        t[2] = "[]".into();
+        assert!(matches!(
+            db.verify(&t),
+            Err(VerifyError::Malformed { line: 3, .. })
+        ));
+        assert_eq!(db.verify(&lines[..1]), Err(VerifyError::Empty));
+        // A line over the limit.
+        let long = vec![b'x'; tether_control::audit::export::MAX_LINE_LEN + 10];
+        assert_eq!(
+            verify_export(&long[..], ExportVerifier::new(db.verifier())).unwrap_err(),
+            VerifyError::LineTooLong { line: 1 }
+        );
+    }
+
+    #[test]
+    fn a_verifier_needs_a_root_and_the_root_names_its_trust_domain() {
+        assert_eq!(
+            CheckpointVerifier::new(&[], TRUST_DOMAIN).unwrap_err(),
+            VerifierError::NoRoot
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let ca = new_ca(dir.path());
+        assert_eq!(
+            root_trust_domain(ca.root_der()).as_deref(),
+            Some(TRUST_DOMAIN)
+        );
+    }
+
+    /// The signed string, byte for byte as the module docs describe it.
+    #[test]
+    fn the_checkpoint_string_is_length_prefixed() {
+        let hash = "0f".repeat(32);
+        let msg = checkpoint::checkpoint_message(7, &hash, 1_700_000_000);
+        let mut want = Vec::new();
+        want.extend_from_slice(&26u32.to_be_bytes());
+        want.extend_from_slice(b"tether-audit-checkpoint-v1");
+        want.extend_from_slice(&7i64.to_be_bytes());
+        want.extend_from_slice(&64u32.to_be_bytes());
+        want.extend_from_slice(hash.as_bytes());
+        want.extend_from_slice(&1_700_000_000i64.to_be_bytes());
+        assert_eq!(msg, want);
+    }
+}

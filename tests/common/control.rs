@@ -328,3 +328,51 @@ impl Fleet {
         )
     }
 }
+
+impl Fleet {
+    /// Record `issued` (an operator certificate from [`Fleet::ca`]) as a certificate of
+    /// operator `name` with `role`, as a login would, so operator routes honour it.
+    /// Usable from sync and async tests alike (its own runtime on its own thread).
+    pub fn honour_operator(
+        &self,
+        name: &str,
+        role: tether_control::operators::Role,
+        issued: &tether_control::ca::Issued,
+    ) {
+        use tether_control::audit::{Actor, AuditEvent};
+        let cert = tether_control::operators::OperatorCertificate {
+            fingerprint: issued.fingerprint_hex.clone(),
+            serial: issued.serial_hex.clone(),
+            operator: name.to_owned(),
+            not_after: issued.not_after,
+        };
+        let data = self.data.clone();
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .unwrap();
+                rt.block_on(async {
+                    let cfg = tether_control::config::ControlConfig::load(&data).unwrap();
+                    let store = tether_control::open_store(&cfg, &data).await.unwrap();
+                    let now = tether_control::now_unix();
+                    let hash = tether_control::token::Token::generate().hash();
+                    let event = AuditEvent::success(Actor::system("test"), "operator.invite", name);
+                    store
+                        .create_invite(&hash, name, role, now + 60, now, &event)
+                        .await
+                        .unwrap();
+                    let event = AuditEvent::success(Actor::operator(name), "operator.login", name);
+                    store
+                        .redeem_invite(&hash, &cert, now, &event)
+                        .await
+                        .unwrap()
+                        .unwrap();
+                });
+            })
+            .join()
+            .unwrap();
+        });
+    }
+}

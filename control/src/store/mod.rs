@@ -19,6 +19,7 @@
 use async_trait::async_trait;
 use thiserror::Error;
 
+use crate::audit::checkpoint::Checkpoint;
 use crate::audit::{AuditEntry, AuditEvent};
 
 /// Seconds since the Unix epoch. The store never reads the clock: callers pass `now`.
@@ -350,6 +351,71 @@ pub trait Store: Send + Sync + std::fmt::Debug {
         after_seq: i64,
         limit: u32,
     ) -> Result<Vec<AuditEntry>, StoreError>;
+    /// Store a signed checkpoint of the audit log ([`crate::audit::checkpoint`]). Returns
+    /// `false` (and changes nothing) when one is already stored for its `seq`. The store
+    /// does not check the signature; [`crate::audit::checkpoint::write_checkpoint`] only
+    /// signs a head that extends the last checkpoint.
+    async fn add_audit_checkpoint(&self, checkpoint: &Checkpoint) -> Result<bool, StoreError>;
+    /// Checkpoints with `seq > after_seq`, by seq, at most `limit` (0: a default).
+    async fn audit_checkpoints(
+        &self,
+        after_seq: i64,
+        limit: u32,
+    ) -> Result<Vec<Checkpoint>, StoreError>;
+    /// The checkpoint with the highest seq, if any.
+    async fn last_audit_checkpoint(&self) -> Result<Option<Checkpoint>, StoreError>;
+
+    // Operators (see [`crate::operators`]). Names follow the appliance id rules.
+
+    /// Store a one-time operator invite (only `token_hash`) for `name` with `role`, valid
+    /// while `now < expires_at`, and record `audit`. `Conflict` if the hash is stored.
+    async fn create_invite(
+        &self,
+        token_hash: &str,
+        name: &str,
+        role: crate::operators::Role,
+        expires_at: UnixSeconds,
+        now: UnixSeconds,
+        audit: &AuditEvent,
+    ) -> Result<(), StoreError>;
+    /// The invite with this token hash, whatever its state; `None` if unknown.
+    async fn find_invite(
+        &self,
+        token_hash: &str,
+    ) -> Result<Option<crate::operators::Invite>, StoreError>;
+    /// Redeem an invite once, atomically, and in the same transaction create (or
+    /// re-activate, with the invite's role) the operator `cert.operator` and record its
+    /// certificate `cert`, then `audit` (with `role` added to its details). Refused (and
+    /// nothing changed, no entry): `Ok(Err(why))` when the invite is unknown, used,
+    /// cancelled or expired at `now`, or names another operator than `cert.operator`
+    /// (`Unknown`); `Conflict` if the certificate's serial or fingerprint is recorded.
+    async fn redeem_invite(
+        &self,
+        token_hash: &str,
+        cert: &crate::operators::OperatorCertificate,
+        now: UnixSeconds,
+        audit: &AuditEvent,
+    ) -> Result<Result<crate::operators::Invite, crate::operators::InviteRefusal>, StoreError>;
+    /// The operator a recorded operator certificate belongs to, with its role, status
+    /// and the certificate's `not_after`; `None` if the fingerprint is not recorded (never
+    /// issued, or its operator was revoked).
+    async fn operator_by_fingerprint(
+        &self,
+        fingerprint: &str,
+    ) -> Result<Option<crate::operators::OperatorCredential>, StoreError>;
+    /// Every operator (active and revoked), ordered by name, with its number of
+    /// recorded certificates.
+    async fn list_operators(&self) -> Result<Vec<crate::operators::Operator>, StoreError>;
+    /// Revoke operator `name`: status `revoked`, every recorded certificate of it dropped
+    /// (its next call is refused), every unredeemed invite for the name cancelled; record
+    /// `audit` (with `certificates_removed` and `invites_cancelled` added). `NotFound` (no
+    /// entry) when there is neither such an operator nor a pending invite for the name.
+    async fn revoke_operator(
+        &self,
+        name: &str,
+        now: UnixSeconds,
+        audit: &AuditEvent,
+    ) -> Result<crate::operators::Revoked, StoreError>;
 }
 
 pub mod sql;

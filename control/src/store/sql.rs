@@ -80,6 +80,7 @@ use super::{
     AllowlistDelta, Appliance, ApplianceFilter, ApplianceStatus, CertRecord, CertState,
     PlatformBinding, Store, StoreError, TokenRefusal, UnixSeconds,
 };
+use crate::audit::checkpoint::Checkpoint;
 use crate::audit::{self, Actor, ActorKind, AuditEntry, AuditEvent, Outcome};
 
 static SQLITE_MIGRATIONS: Migrator = sqlx::migrate!("migrations/sqlite");
@@ -493,6 +494,18 @@ fn audit_from_row(row: &AnyRow) -> Result<AuditEntry, StoreError> {
         details,
         prev_hash: row.try_get("prev_hash").map_err(db)?,
         hash: row.try_get("hash").map_err(db)?,
+    })
+}
+
+const CHECKPOINT_COLUMNS: &str = "seq, head_hash, at, signature, signer_chain_pem";
+
+fn checkpoint_from_row(row: &AnyRow) -> Result<Checkpoint, StoreError> {
+    Ok(Checkpoint {
+        seq: row.try_get("seq").map_err(db)?,
+        head_hash: row.try_get("head_hash").map_err(db)?,
+        at: row.try_get("at").map_err(db)?,
+        signature: row.try_get("signature").map_err(db)?,
+        signer_chain_pem: row.try_get("signer_chain_pem").map_err(db)?,
     })
 }
 
@@ -1188,4 +1201,289 @@ impl Store for SqlStore {
         .map(audit_from_row)
         .collect()
     }
+
+    async fn add_audit_checkpoint(&self, checkpoint: &Checkpoint) -> Result<bool, StoreError> {
+        let done = sqlx::query(
+            "INSERT INTO audit_checkpoints (seq, head_hash, at, signature, signer_chain_pem) \
+             VALUES ($1, $2, $3, $4, $5) ON CONFLICT (seq) DO NOTHING",
+        )
+        .bind(checkpoint.seq)
+        .bind(checkpoint.head_hash.as_str())
+        .bind(checkpoint.at)
+        .bind(checkpoint.signature.as_str())
+        .bind(checkpoint.signer_chain_pem.as_str())
+        .execute(&self.pool)
+        .await
+        .map_err(db)?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn audit_checkpoints(
+        &self,
+        after_seq: i64,
+        limit: u32,
+    ) -> Result<Vec<Checkpoint>, StoreError> {
+        let limit = if limit == 0 {
+            DEFAULT_AUDIT_LIMIT
+        } else {
+            limit
+        };
+        sqlx::query(&format!(
+            "SELECT {CHECKPOINT_COLUMNS} FROM audit_checkpoints WHERE seq > $1 ORDER BY seq LIMIT $2"
+        ))
+        .bind(after_seq)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db)?
+        .iter()
+        .map(checkpoint_from_row)
+        .collect()
+    }
+
+    async fn last_audit_checkpoint(&self) -> Result<Option<Checkpoint>, StoreError> {
+        sqlx::query(&format!(
+            "SELECT {CHECKPOINT_COLUMNS} FROM audit_checkpoints ORDER BY seq DESC LIMIT 1"
+        ))
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(db)?
+        .as_ref()
+        .map(checkpoint_from_row)
+        .transpose()
+    }
+
+    async fn create_invite(
+        &self,
+        token_hash: &str,
+        name: &str,
+        role: crate::operators::Role,
+        expires_at: UnixSeconds,
+        now: UnixSeconds,
+        audit: &AuditEvent,
+    ) -> Result<(), StoreError> {
+        check_event(audit)?;
+        let mut tx = self.pool.begin().await.map_err(db)?;
+        let inserted = sqlx::query(
+            "INSERT INTO operator_invites (token_hash, name, role, created_at, expires_at) \
+             VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
+        )
+        .bind(token_hash)
+        .bind(name)
+        .bind(role.as_str())
+        .bind(now)
+        .bind(expires_at)
+        .execute(&mut *tx)
+        .await
+        .map_err(db)?
+        .rows_affected();
+        if inserted == 0 {
+            tx.rollback().await.map_err(db)?;
+            return Err(StoreError::Conflict("operator invite".into()));
+        }
+        append_audit_in(&mut tx, audit, now).await?;
+        tx.commit().await.map_err(db)
+    }
+
+    async fn find_invite(
+        &self,
+        token_hash: &str,
+    ) -> Result<Option<crate::operators::Invite>, StoreError> {
+        sqlx::query(
+            "SELECT name, role, expires_at, used_at, cancelled FROM operator_invites \
+             WHERE token_hash = $1",
+        )
+        .bind(token_hash)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(db)?
+        .as_ref()
+        .map(invite_from_row)
+        .transpose()
+    }
+
+    async fn redeem_invite(
+        &self,
+        token_hash: &str,
+        cert: &crate::operators::OperatorCertificate,
+        now: UnixSeconds,
+        audit: &AuditEvent,
+    ) -> Result<Result<crate::operators::Invite, crate::operators::InviteRefusal>, StoreError> {
+        use crate::operators::InviteRefusal;
+        check_event(audit)?;
+        let mut tx = self.pool.begin().await.map_err(db)?;
+        let redeemed = sqlx::query(
+            "UPDATE operator_invites SET used_at = $1 \
+             WHERE token_hash = $2 AND name = $3 AND used_at IS NULL AND cancelled = 0 \
+             AND expires_at > $1 \
+             RETURNING name, role, expires_at, used_at, cancelled",
+        )
+        .bind(now)
+        .bind(token_hash)
+        .bind(cert.operator.as_str())
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(db)?
+        .as_ref()
+        .map(invite_from_row)
+        .transpose()?;
+        let Some(invite) = redeemed else {
+            tx.rollback().await.map_err(db)?;
+            // Refused: say why. The row can only have moved further from usable since.
+            let refusal = match self.find_invite(token_hash).await? {
+                Some(i) if i.name == cert.operator => i.refusal(now).unwrap_or(InviteRefusal::Used),
+                _ => InviteRefusal::Unknown,
+            };
+            return Ok(Err(refusal));
+        };
+        sqlx::query(
+            "INSERT INTO operators (name, role, status, created_at) VALUES ($1, $2, 'active', $3) \
+             ON CONFLICT (name) DO UPDATE SET role = excluded.role, status = 'active'",
+        )
+        .bind(invite.name.as_str())
+        .bind(invite.role.as_str())
+        .bind(now)
+        .execute(&mut *tx)
+        .await
+        .map_err(db)?;
+        let inserted = sqlx::query(
+            "INSERT INTO operator_certificates (fingerprint, serial, operator, not_after, created_at) \
+             VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
+        )
+        .bind(cert.fingerprint.as_str())
+        .bind(cert.serial.as_str())
+        .bind(cert.operator.as_str())
+        .bind(cert.not_after)
+        .bind(now)
+        .execute(&mut *tx)
+        .await
+        .map_err(db)?
+        .rows_affected();
+        if inserted == 0 {
+            tx.rollback().await.map_err(db)?;
+            return Err(StoreError::Conflict(format!(
+                "operator certificate with serial {} or fingerprint {}",
+                cert.serial, cert.fingerprint
+            )));
+        }
+        let audit = audit.clone().with("role", invite.role.as_str());
+        append_audit_in(&mut tx, &audit, now).await?;
+        tx.commit().await.map_err(db)?;
+        Ok(Ok(invite))
+    }
+
+    async fn operator_by_fingerprint(
+        &self,
+        fingerprint: &str,
+    ) -> Result<Option<crate::operators::OperatorCredential>, StoreError> {
+        let Some(row) = sqlx::query(
+            "SELECT o.name AS name, o.role AS role, o.status AS status, c.not_after AS not_after \
+             FROM operator_certificates c JOIN operators o ON o.name = c.operator \
+             WHERE c.fingerprint = $1",
+        )
+        .bind(fingerprint)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(db)?
+        else {
+            return Ok(None);
+        };
+        Ok(Some(crate::operators::OperatorCredential {
+            name: row.try_get("name").map_err(db)?,
+            role: parse_role(&row)?,
+            status: parse_operator_status(&row)?,
+            not_after: row.try_get("not_after").map_err(db)?,
+        }))
+    }
+
+    async fn list_operators(&self) -> Result<Vec<crate::operators::Operator>, StoreError> {
+        sqlx::query(
+            "SELECT o.name AS name, o.role AS role, o.status AS status, \
+             o.created_at AS created_at, \
+             (SELECT COUNT(*) FROM operator_certificates c WHERE c.operator = o.name) AS certificates \
+             FROM operators o ORDER BY o.name",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db)?
+        .iter()
+        .map(|row| {
+            Ok(crate::operators::Operator {
+                name: row.try_get("name").map_err(db)?,
+                role: parse_role(row)?,
+                status: parse_operator_status(row)?,
+                created_at: row.try_get("created_at").map_err(db)?,
+                certificates: row.try_get("certificates").map_err(db)?,
+            })
+        })
+        .collect()
+    }
+
+    async fn revoke_operator(
+        &self,
+        name: &str,
+        now: UnixSeconds,
+        audit: &AuditEvent,
+    ) -> Result<crate::operators::Revoked, StoreError> {
+        check_event(audit)?;
+        let mut tx = self.pool.begin().await.map_err(db)?;
+        let operators = sqlx::query("UPDATE operators SET status = 'revoked' WHERE name = $1")
+            .bind(name)
+            .execute(&mut *tx)
+            .await
+            .map_err(db)?
+            .rows_affected();
+        let certificates = sqlx::query("DELETE FROM operator_certificates WHERE operator = $1")
+            .bind(name)
+            .execute(&mut *tx)
+            .await
+            .map_err(db)?
+            .rows_affected();
+        let invites = sqlx::query(
+            "UPDATE operator_invites SET cancelled = 1 \
+             WHERE name = $1 AND used_at IS NULL AND cancelled = 0",
+        )
+        .bind(name)
+        .execute(&mut *tx)
+        .await
+        .map_err(db)?
+        .rows_affected();
+        if operators == 0 && invites == 0 {
+            tx.rollback().await.map_err(db)?;
+            return Err(StoreError::NotFound(format!("operator {name}")));
+        }
+        let audit = audit
+            .clone()
+            .with("certificates_removed", certificates)
+            .with("invites_cancelled", invites);
+        append_audit_in(&mut tx, &audit, now).await?;
+        tx.commit().await.map_err(db)?;
+        Ok(crate::operators::Revoked {
+            certificates_removed: certificates,
+            invites_cancelled: invites,
+        })
+    }
+}
+
+fn parse_role(row: &AnyRow) -> Result<crate::operators::Role, StoreError> {
+    let role: String = row.try_get("role").map_err(db)?;
+    crate::operators::Role::parse(&role)
+        .ok_or_else(|| StoreError::Database(format!("unknown operator role {role:?}")))
+}
+
+fn parse_operator_status(row: &AnyRow) -> Result<crate::operators::OperatorStatus, StoreError> {
+    let status: String = row.try_get("status").map_err(db)?;
+    crate::operators::OperatorStatus::parse(&status)
+        .ok_or_else(|| StoreError::Database(format!("unknown operator status {status:?}")))
+}
+
+fn invite_from_row(row: &AnyRow) -> Result<crate::operators::Invite, StoreError> {
+    let cancelled: i64 = row.try_get("cancelled").map_err(db)?;
+    Ok(crate::operators::Invite {
+        name: row.try_get("name").map_err(db)?,
+        role: parse_role(row)?,
+        expires_at: row.try_get("expires_at").map_err(db)?,
+        used_at: row.try_get("used_at").map_err(db)?,
+        cancelled: cancelled != 0,
+    })
 }

@@ -1,0 +1,78 @@
+//! `GET /v1/audit?after=SEQ&limit=N` (mTLS, an operator certificate, role viewer+): a page
+//! of the audit log with the signed checkpoints it contains, for `tether audit export`.
+//!
+//! The answer is `{"entries": [...], "checkpoints": [...]}`: the entries with
+//! `seq > after`, oldest first, at most `limit` (default and maximum
+//! [`crate::store::sql::DEFAULT_AUDIT_LIMIT`]); the checkpoints with `after < seq <=` the
+//! page's last entry. A page with no entry (the end of the log) carries every checkpoint
+//! with `seq > after`: there should be none, and any there is vouches for an entry the
+//! log no longer has (its tail was cut), which a client writing the export format
+//! (`crate::audit::export`) puts at the end for the verifier to find. Checkpoints are
+//! read before entries, so one signed meanwhile never looks like a cut.
+
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Query, State};
+use axum::http::StatusCode;
+use axum::{Extension, Json};
+use serde::{Deserialize, Serialize};
+
+use super::checkpoint::Checkpoint;
+use super::AuditEntry;
+use crate::api::{ApiError, AppState};
+use crate::enroll::internal;
+use crate::operators::{authorize, Role};
+use crate::server::PeerCertificate;
+use crate::store::sql::DEFAULT_AUDIT_LIMIT;
+
+/// Query of `GET /v1/audit`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuditQuery {
+    /// Entries after this seq. Default 0 (from the first).
+    pub after: i64,
+    /// At most this many entries; 0 or more than the maximum: the maximum.
+    pub limit: u32,
+}
+
+/// Answer of `GET /v1/audit`.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct AuditPage {
+    /// Entries, oldest first.
+    pub entries: Vec<AuditEntry>,
+    /// Checkpoints among them (see the module docs), by seq.
+    pub checkpoints: Vec<Checkpoint>,
+}
+
+/// `GET /v1/audit` (viewer+).
+pub async fn list(
+    State(s): State<AppState>,
+    Extension(peer): Extension<PeerCertificate>,
+    query: Result<Query<AuditQuery>, QueryRejection>,
+) -> Result<Json<AuditPage>, ApiError> {
+    let now = crate::now_unix();
+    authorize(&s, &peer, Role::Viewer, super::action::AUDIT_LIST, "", now).await?;
+    let Query(q) = query
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_query", e.body_text()))?;
+    let limit = match q.limit {
+        0 => DEFAULT_AUDIT_LIMIT,
+        n => n.min(DEFAULT_AUDIT_LIMIT),
+    };
+    // Checkpoints first (see the module docs); a page of them is as long as the entries'.
+    let mut checkpoints = s
+        .store
+        .audit_checkpoints(q.after, limit)
+        .await
+        .map_err(internal)?;
+    let entries = s
+        .store
+        .audit_entries(q.after, limit)
+        .await
+        .map_err(internal)?;
+    if let Some(last) = entries.last() {
+        checkpoints.retain(|c| c.seq <= last.seq);
+    }
+    Ok(Json(AuditPage {
+        entries,
+        checkpoints,
+    }))
+}
