@@ -53,6 +53,15 @@ enum Cmd {
 
 #[derive(Debug, Subcommand)]
 enum AuditCmd {
+    /// Write the whole audit log and its signed checkpoints, from control, to FILE (JSON
+    /// lines, one entry per line); needs an operator credential (role viewer or above).
+    Export {
+        /// The file to write (replaced atomically).
+        #[arg(long)]
+        out: PathBuf,
+        #[command(flatten)]
+        common: tether::cli::Common,
+    },
     /// Check an audit export (from `tether-control audit export`) offline: the whole hash
     /// chain from entry 1, every signed checkpoint (signer chains to the root and is
     /// control), each checkpoint's entry, and that the export reaches the last
@@ -82,6 +91,14 @@ async fn main() -> anyhow::Result<()> {
         Cmd::Login(args) => tether::cli::login::run(args).await,
         Cmd::Operator(cmd) => tether::cli::operator::run(cmd).await,
         Cmd::Fleet(cmd) => tether::cli::operator::fleet(cmd).await,
+        Cmd::Audit(AuditCmd::Export { out, common }) => {
+            let (entries, checkpoints) = tether::cli::audit::export(&common, &out).await?;
+            println!(
+                "exported {entries} entries and {checkpoints} checkpoints to {}",
+                out.display()
+            );
+            Ok(())
+        }
         Cmd::Audit(AuditCmd::Verify {
             file,
             ca,
