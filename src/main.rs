@@ -49,6 +49,12 @@ enum Cmd {
     /// The fleet as a whole.
     #[command(subcommand)]
     Fleet(tether::cli::operator::FleetCmd),
+    /// Appliances: register, list, show, disable, enable, revoke, renew.
+    #[command(subcommand)]
+    Appliance(tether::cli::appliance::ApplianceCmd),
+    /// One-time enrollment tokens for appliances.
+    #[command(subcommand)]
+    Token(tether::cli::appliance::TokenCmd),
 }
 
 #[derive(Debug, Subcommand)]
@@ -91,6 +97,8 @@ async fn main() -> anyhow::Result<()> {
         Cmd::Login(args) => tether::cli::login::run(args).await,
         Cmd::Operator(cmd) => tether::cli::operator::run(cmd).await,
         Cmd::Fleet(cmd) => tether::cli::operator::fleet(cmd).await,
+        Cmd::Appliance(cmd) => tether::cli::appliance::run(cmd).await,
+        Cmd::Token(cmd) => tether::cli::appliance::token(cmd).await,
         Cmd::Audit(AuditCmd::Export { out, common }) => {
             let (entries, checkpoints) = tether::cli::audit::export(&common, &out).await?;
             println!(

@@ -11,6 +11,10 @@
 //!   `POST /v1/operators/{name}/revoke` (admin). See [`crate::operators`]: every operator
 //!   route authenticates with [`crate::operators::authorize`] (401, then 403
 //!   `operator_required` / `operator_unknown` / `certificate_expired` / `role_forbidden`).
+//! - Appliances (mTLS, an operator certificate; reads viewer+, changes operator+):
+//!   `POST /v1/appliances`, `GET /v1/appliances`, `GET /v1/appliances/{id}`,
+//!   `POST /v1/appliances/{id}/disable|enable|revoke|renew|tokens` (see
+//!   [`crate::appliances`]).
 //! - `GET /v1/audit?after=&limit=` (mTLS, an operator certificate, role viewer+) → a page
 //!   of the audit log with its signed checkpoints (see [`crate::audit::http`]).
 //! - `GET /healthz`
@@ -110,6 +114,28 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/renew", post(renew_handler))
         .route("/v1/fleet/trust", get(fleet_trust_handler))
         .route("/v1/audit", get(crate::audit::http::list))
+        .route(
+            "/v1/appliances",
+            post(crate::appliances::register).get(crate::appliances::list),
+        )
+        .route("/v1/appliances/{id}", get(crate::appliances::show))
+        .route(
+            "/v1/appliances/{id}/disable",
+            post(crate::appliances::disable),
+        )
+        .route(
+            "/v1/appliances/{id}/enable",
+            post(crate::appliances::enable),
+        )
+        .route(
+            "/v1/appliances/{id}/revoke",
+            post(crate::appliances::revoke),
+        )
+        .route("/v1/appliances/{id}/renew", post(crate::appliances::renew))
+        .route(
+            "/v1/appliances/{id}/tokens",
+            post(crate::appliances::create_token),
+        )
         .route("/v1/operators/login", post(crate::operators::login))
         .route("/v1/operators/invites", post(crate::operators::invite))
         .route("/v1/operators", get(crate::operators::list))

@@ -125,6 +125,10 @@ pub mod action {
     pub const ALLOWLIST_EXPIRE_OVERLAPS: &str = "allowlist.expire_overlaps";
     /// The audit log was read over the API (recorded only when refused).
     pub const AUDIT_LIST: &str = "audit.list";
+    /// Appliances were listed over the API (recorded only when refused).
+    pub const APPLIANCE_LIST: &str = "appliance.list";
+    /// One appliance was shown over the API (recorded only when refused).
+    pub const APPLIANCE_SHOW: &str = "appliance.show";
 }
 
 /// Actor names for [`ActorKind::System`].

@@ -10,6 +10,7 @@
 //! - [`enroll`] — enrollment: challenge, proof, issuance, recording.
 //! - [`proof`] — AWS, GCP and Kubernetes platform proofs.
 //! - [`renew`] — renewal over mTLS, and the overlap expiry.
+//! - [`appliances`] — the operator API's appliance and token routes.
 //! - [`operators`] — operators, roles, invites (bundles), login, and the check every
 //!   operator route runs.
 //! - [`identity`] — which identity a verified client certificate names.
@@ -24,6 +25,7 @@
 #![forbid(unsafe_code)]
 
 pub mod api;
+pub mod appliances;
 pub mod audit;
 pub mod ca;
 pub mod config;

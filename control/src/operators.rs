@@ -27,7 +27,8 @@
 //! `refused`, `code`), by the identity the certificate names.
 //!
 //! Roles: `admin` ⊇ `operator` ⊇ `viewer` ([`Role::allows`]). Routes: operators (invite,
-//! list, revoke) need `admin`; `GET /v1/fleet/trust` needs `viewer`.
+//! list, revoke) need `admin`; appliance changes and tokens ([`crate::appliances`]) need
+//! `operator`; `GET /v1/fleet/trust` and appliance reads need `viewer`.
 
 use std::time::Duration;
 

@@ -15,6 +15,7 @@
 //! Control's refusals come back as `{"error": code, "message"}`; [`Client`] turns them
 //! into an error naming the status and the code, and the command exits non-zero.
 
+pub mod appliance;
 pub mod audit;
 pub mod login;
 pub mod operator;

@@ -1,0 +1,667 @@
+//! The appliance routes of the operator API: register, list, show, disable, enable,
+//! revoke, trigger a manual renewal, and create a one-time enrollment token.
+//!
+//! Every route authenticates with [`authorize`] first (reads need `viewer`, changes
+//! `operator`), so a refused caller learns nothing about the fleet. Every change goes
+//! through the store method that writes its [`AuditEvent`] (actor: the operator) in the
+//! same transaction; a change the store refuses (`not_found`, `conflict`) or one refused
+//! here after authorization is recorded as refused with its code.
+//!
+//! - `POST /v1/appliances` `{"id", "tenant"?, "binding"}` → 201 [`ApplianceSummary`];
+//!   400 `invalid_appliance_id` / `bad_request`, 409 `conflict`.
+//! - `GET /v1/appliances?status=&tenant=&trust_state=&after=&limit=` →
+//!   [`ApplianceList`], ordered by id; `next` is the `after` of the next page (`null` on
+//!   the last). `limit` 1..=[`MAX_LIST_LIMIT`], default [`DEFAULT_LIST_LIMIT`].
+//! - `GET /v1/appliances/{id}` → [`ApplianceDetail`] (every certificate); 404 `not_found`.
+//! - `POST /v1/appliances/{id}/disable|enable|revoke` → [`StatusResponse`]. A revoked
+//!   appliance is neither disabled nor enabled (409 `appliance_revoked`): it comes back
+//!   only by enrolling again with a fresh proof.
+//! - `POST /v1/appliances/{id}/renew` → [`RenewResponse`] (the generation is bumped).
+//! - `POST /v1/appliances/{id}/tokens` `{"ttl_secs"?}` → [`TokenResponse`]: the token is
+//!   in the answer only; the store keeps its hash, the audit log a reference to the hash.
+
+use std::time::Duration;
+
+use axum::extract::rejection::{JsonRejection, QueryRejection};
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::{Extension, Json};
+use serde::{Deserialize, Serialize};
+use tracing::info;
+
+use crate::api::{json_rejection, ApiError, AppState};
+use crate::audit::{self, action, AuditEvent, Outcome};
+use crate::enroll::{internal, record_refusal, rfc3339, valid_appliance_id};
+use crate::operators::{authorize, Role, VerifiedOperator};
+use crate::server::PeerCertificate;
+use crate::store::{
+    Appliance, ApplianceFilter, ApplianceStatus, CertRecord, CertState, PlatformBinding,
+    StoreError, UnixSeconds,
+};
+use crate::token::Token;
+use crate::trust::{evaluate, TrustState};
+
+/// Page size of `GET /v1/appliances` when none is given.
+pub const DEFAULT_LIST_LIMIT: u32 = 100;
+/// Largest page of `GET /v1/appliances`.
+pub const MAX_LIST_LIMIT: u32 = 1_000;
+/// Longest enrollment token lifetime: 30 days.
+pub const MAX_TOKEN_TTL: Duration = Duration::from_secs(30 * 86_400);
+/// Tenant used when a registration names none.
+pub const DEFAULT_TENANT: &str = "default";
+/// Longest tenant name and binding field, in bytes.
+pub const MAX_FIELD_LEN: usize = 256;
+
+/// Body of `POST /v1/appliances`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegisterRequest {
+    /// Appliance id: 1-128 of `[A-Za-z0-9._-]`.
+    pub id: String,
+    /// Tenant [default: [`DEFAULT_TENANT`]].
+    #[serde(default)]
+    pub tenant: Option<String>,
+    /// Platform binding.
+    pub binding: PlatformBinding,
+}
+
+/// An appliance's current certificate, as listed.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CurrentCertificate {
+    /// Serial, lowercase hex.
+    pub serial: String,
+    /// SHA-256 of the DER, lowercase hex.
+    pub fingerprint: String,
+    /// `notAfter`, RFC 3339.
+    pub not_after: String,
+}
+
+/// An appliance as `GET /v1/appliances` lists it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApplianceSummary {
+    /// Appliance id.
+    pub id: String,
+    /// Tenant.
+    pub tenant: String,
+    /// Platform binding.
+    pub binding: PlatformBinding,
+    /// Lifecycle status.
+    pub status: ApplianceStatus,
+    /// Trust state now ([`crate::trust::evaluate`]).
+    pub trust_state: TrustState,
+    /// Manual-renewal generation.
+    pub manual_renewal_generation: i64,
+    /// Registration time, RFC 3339.
+    pub created_at: String,
+    /// Current certificate, if any.
+    pub certificate: Option<CurrentCertificate>,
+}
+
+/// Answer of `GET /v1/appliances`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApplianceList {
+    /// The page, by id.
+    pub appliances: Vec<ApplianceSummary>,
+    /// `after` for the next page; `null` when this is the last.
+    pub next: Option<String>,
+}
+
+/// One certificate of an appliance, as shown.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CertificateInfo {
+    /// Serial, lowercase hex.
+    pub serial: String,
+    /// SHA-256 of the DER, lowercase hex.
+    pub fingerprint: String,
+    /// `notBefore`, RFC 3339.
+    pub not_before: String,
+    /// `notAfter`, RFC 3339.
+    pub not_after: String,
+    /// `current`, `previous` (allowed until `previous_until`) or `revoked`.
+    pub state: String,
+    /// End of a previous certificate's overlap, RFC 3339.
+    pub previous_until: Option<String>,
+}
+
+/// Answer of `GET /v1/appliances/{id}`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApplianceDetail {
+    /// The appliance.
+    #[serde(flatten)]
+    pub appliance: ApplianceSummary,
+    /// Every certificate, newest first.
+    pub certificates: Vec<CertificateInfo>,
+}
+
+/// Answer of `POST /v1/appliances/{id}/disable|enable|revoke`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatusResponse {
+    /// Appliance id.
+    pub id: String,
+    /// Its status now.
+    pub status: ApplianceStatus,
+    /// The allowlist version after the change.
+    pub allowlist_version: i64,
+}
+
+/// Answer of `POST /v1/appliances/{id}/renew`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RenewResponse {
+    /// Appliance id.
+    pub id: String,
+    /// The new generation (the agent renews when it sees it change).
+    pub manual_renewal_generation: i64,
+}
+
+/// Body of `POST /v1/appliances/{id}/tokens`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenRequest {
+    /// Lifetime in seconds [default: `[enroll] token_ttl`; at most [`MAX_TOKEN_TTL`]].
+    #[serde(default)]
+    pub ttl_secs: Option<u64>,
+}
+
+/// Answer of `POST /v1/appliances/{id}/tokens`. `Debug` redacts the token.
+#[derive(Clone, Serialize, Deserialize)]
+pub struct TokenResponse {
+    /// The one-time token (shown once).
+    pub token: String,
+    /// When it expires, RFC 3339.
+    pub expires_at: String,
+}
+
+impl std::fmt::Debug for TokenResponse {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let Self {
+            token: _,
+            expires_at,
+        } = self;
+        f.debug_struct("TokenResponse")
+            .field("token", &"<redacted>")
+            .field("expires_at", expires_at)
+            .finish()
+    }
+}
+
+/// Query of `GET /v1/appliances`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ListQuery {
+    /// Only this status.
+    pub status: Option<ApplianceStatus>,
+    /// Only this tenant.
+    pub tenant: Option<String>,
+    /// Only this trust state.
+    pub trust_state: Option<TrustState>,
+    /// Ids after this one (the previous page's `next`).
+    pub after: Option<String>,
+    /// Page size, 1..=[`MAX_LIST_LIMIT`] [default: [`DEFAULT_LIST_LIMIT`]].
+    pub limit: Option<u32>,
+}
+
+fn bad(code: &'static str, message: impl Into<String>) -> ApiError {
+    ApiError::new(StatusCode::BAD_REQUEST, code, message)
+}
+
+fn check_id(id: &str) -> Result<(), ApiError> {
+    if valid_appliance_id(id) {
+        Ok(())
+    } else {
+        Err(bad(
+            "invalid_appliance_id",
+            "appliance id must be 1-128 of [A-Za-z0-9._-]",
+        ))
+    }
+}
+
+fn check_field(name: &str, value: &str) -> Result<(), ApiError> {
+    if value.is_empty() || value.len() > MAX_FIELD_LEN || value.chars().any(char::is_control) {
+        return Err(bad(
+            "bad_request",
+            format!("{name} must be 1-{MAX_FIELD_LEN} bytes without control characters"),
+        ));
+    }
+    Ok(())
+}
+
+/// Refuse a binding control could never verify a proof against.
+fn check_binding(binding: &PlatformBinding) -> Result<(), ApiError> {
+    match binding {
+        PlatformBinding::Aws { role_arn } => {
+            if !crate::proof::aws::is_role_arn(role_arn) {
+                return Err(bad(
+                    "bad_request",
+                    "binding.role_arn is not an IAM role ARN (arn:aws:iam::<account>:role/<name>)",
+                ));
+            }
+        }
+        PlatformBinding::Gcp {
+            project,
+            service_account,
+        } => {
+            check_field("binding.project", project)?;
+            check_field("binding.service_account", service_account)?;
+        }
+        PlatformBinding::K8s {
+            issuer,
+            namespace,
+            service_account,
+        } => {
+            check_field("binding.issuer", issuer)?;
+            check_field("binding.namespace", namespace)?;
+            check_field("binding.service_account", service_account)?;
+        }
+        PlatformBinding::TokenOnly => {}
+    }
+    Ok(())
+}
+
+/// Record `event` as refused with `e`'s code (failed for a 5xx) and return `e`.
+async fn refuse(s: &AppState, event: AuditEvent, e: ApiError, now: UnixSeconds) -> ApiError {
+    let outcome = if e.status.is_server_error() {
+        Outcome::Failed
+    } else {
+        Outcome::Refused
+    };
+    let event = event.with_outcome(outcome).with("code", e.code);
+    record_refusal(s, &event, now).await;
+    e
+}
+
+/// The answer for a store refusal of a change to appliance `id`.
+fn store_error(id: &str, e: StoreError) -> ApiError {
+    match e {
+        StoreError::NotFound(_) => ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("no appliance {id}"),
+        ),
+        StoreError::Conflict(_) => ApiError::new(
+            StatusCode::CONFLICT,
+            "conflict",
+            format!("appliance {id} already exists"),
+        ),
+        other => internal(other),
+    }
+}
+
+fn not_found(id: &str) -> ApiError {
+    store_error(id, StoreError::NotFound(String::new()))
+}
+
+fn current_of(cert: &CertRecord) -> CurrentCertificate {
+    CurrentCertificate {
+        serial: cert.serial.clone(),
+        fingerprint: cert.fingerprint.clone(),
+        not_after: rfc3339(cert.not_after),
+    }
+}
+
+fn summary(
+    a: Appliance,
+    current: Option<&CertRecord>,
+    s: &AppState,
+    now: UnixSeconds,
+) -> ApplianceSummary {
+    ApplianceSummary {
+        trust_state: evaluate(a.status, current, now, &s.config.trust),
+        certificate: current.map(current_of),
+        created_at: rfc3339(a.created_at),
+        id: a.id,
+        tenant: a.tenant,
+        binding: a.binding,
+        status: a.status,
+        manual_renewal_generation: a.manual_renewal_generation,
+    }
+}
+
+/// `POST /v1/appliances` (operator+).
+pub async fn register(
+    State(s): State<AppState>,
+    Extension(peer): Extension<PeerCertificate>,
+    body: Result<Json<RegisterRequest>, JsonRejection>,
+) -> Result<(StatusCode, Json<ApplianceSummary>), ApiError> {
+    let now = crate::now_unix();
+    let op = authorize(
+        &s,
+        &peer,
+        Role::Operator,
+        action::APPLIANCE_REGISTER,
+        "",
+        now,
+    )
+    .await?;
+    let Json(req) = body.map_err(json_rejection)?;
+    let target = audit::clip(&req.id, audit::MAX_TARGET_LEN);
+    let event = AuditEvent::success(op.actor(), action::APPLIANCE_REGISTER, target);
+    let tenant = req.tenant.unwrap_or_else(|| DEFAULT_TENANT.to_owned());
+    let checked = check_id(&req.id)
+        .and_then(|()| check_field("tenant", &tenant))
+        .and_then(|()| check_binding(&req.binding));
+    if let Err(e) = checked {
+        return Err(refuse(&s, event, e, now).await);
+    }
+    let binding = serde_json::to_value(&req.binding).map_err(internal)?;
+    let event = event
+        .with("tenant", tenant.as_str())
+        .with("binding", binding);
+    let appliance = Appliance {
+        id: req.id,
+        tenant,
+        binding: req.binding,
+        status: ApplianceStatus::Active,
+        manual_renewal_generation: 0,
+        created_at: now,
+    };
+    if let Err(e) = s.store.register_appliance(&appliance, &event).await {
+        let e = store_error(&appliance.id, e);
+        return Err(refuse(&s, event, e, now).await);
+    }
+    info!(by = op.name(), appliance = %appliance.id, tenant = %appliance.tenant, "appliance registered");
+    Ok((StatusCode::CREATED, Json(summary(appliance, None, &s, now))))
+}
+
+/// `GET /v1/appliances` (viewer+).
+pub async fn list(
+    State(s): State<AppState>,
+    Extension(peer): Extension<PeerCertificate>,
+    query: Result<Query<ListQuery>, QueryRejection>,
+) -> Result<Json<ApplianceList>, ApiError> {
+    let now = crate::now_unix();
+    authorize(&s, &peer, Role::Viewer, action::APPLIANCE_LIST, "", now).await?;
+    let Query(q) = query.map_err(|e| bad("invalid_query", e.body_text()))?;
+    let limit = q.limit.unwrap_or(DEFAULT_LIST_LIMIT);
+    if limit == 0 || limit > MAX_LIST_LIMIT {
+        return Err(bad(
+            "invalid_query",
+            format!("limit must be 1..={MAX_LIST_LIMIT}"),
+        ));
+    }
+    // One more than the page, to know whether another page follows.
+    let want = limit as usize + 1;
+    let scan = if q.trust_state.is_some() {
+        MAX_LIST_LIMIT
+    } else {
+        limit + 1
+    };
+    let mut out = Vec::new();
+    let mut after = q.after;
+    'pages: loop {
+        let page = s
+            .store
+            .list_appliances(&ApplianceFilter {
+                status: q.status,
+                tenant: q.tenant.clone(),
+                after: after.clone(),
+                limit: scan,
+            })
+            .await
+            .map_err(internal)?;
+        let done = page.len() < scan as usize;
+        after = page.last().map(|a| a.id.clone());
+        for a in page {
+            let current = s.store.current_certificate(&a.id).await.map_err(internal)?;
+            let item = summary(a, current.as_ref(), &s, now);
+            if q.trust_state.is_some_and(|t| t != item.trust_state) {
+                continue;
+            }
+            out.push(item);
+            if out.len() == want {
+                break 'pages;
+            }
+        }
+        if done {
+            break;
+        }
+    }
+    let next = if out.len() > limit as usize {
+        out.truncate(limit as usize);
+        out.last().map(|a| a.id.clone())
+    } else {
+        None
+    };
+    Ok(Json(ApplianceList {
+        appliances: out,
+        next,
+    }))
+}
+
+/// `GET /v1/appliances/{id}` (viewer+).
+pub async fn show(
+    State(s): State<AppState>,
+    Extension(peer): Extension<PeerCertificate>,
+    Path(id): Path<String>,
+) -> Result<Json<ApplianceDetail>, ApiError> {
+    let now = crate::now_unix();
+    let target = audit::clip(&id, audit::MAX_TARGET_LEN);
+    authorize(&s, &peer, Role::Viewer, action::APPLIANCE_SHOW, target, now).await?;
+    check_id(&id)?;
+    let a = s
+        .store
+        .get_appliance(&id)
+        .await
+        .map_err(internal)?
+        .ok_or_else(|| not_found(&id))?;
+    let certs = s
+        .store
+        .certificates(&id)
+        .await
+        .map_err(|e| store_error(&id, e))?;
+    let current = certs.iter().find(|c| c.state == CertState::Current);
+    let appliance = summary(a, current, &s, now);
+    let certificates = certs
+        .iter()
+        .map(|c| {
+            let (state, previous_until) = match c.state {
+                CertState::Current => ("current", None),
+                CertState::PreviousUntil(t) => ("previous", Some(rfc3339(t))),
+                CertState::Revoked => ("revoked", None),
+            };
+            CertificateInfo {
+                serial: c.serial.clone(),
+                fingerprint: c.fingerprint.clone(),
+                not_before: rfc3339(c.not_before),
+                not_after: rfc3339(c.not_after),
+                state: state.to_owned(),
+                previous_until,
+            }
+        })
+        .collect();
+    Ok(Json(ApplianceDetail {
+        appliance,
+        certificates,
+    }))
+}
+
+/// Authorize a change to appliance `id` as `what` (operator+), then check the id; a bad
+/// id is recorded as refused. Returns the operator and the success event to record.
+async fn begin_change(
+    s: &AppState,
+    peer: &PeerCertificate,
+    id: &str,
+    what: &str,
+    now: UnixSeconds,
+) -> Result<(VerifiedOperator, AuditEvent), ApiError> {
+    let target = audit::clip(id, audit::MAX_TARGET_LEN);
+    let op = authorize(s, peer, Role::Operator, what, target, now).await?;
+    let event = AuditEvent::success(op.actor(), what, target);
+    match check_id(id) {
+        Ok(()) => Ok((op, event)),
+        Err(e) => Err(refuse(s, event, e, now).await),
+    }
+}
+
+async fn change_status(
+    s: AppState,
+    peer: PeerCertificate,
+    id: String,
+    status: ApplianceStatus,
+) -> Result<Json<StatusResponse>, ApiError> {
+    let now = crate::now_unix();
+    let what = match status {
+        ApplianceStatus::Active => action::APPLIANCE_ENABLE,
+        ApplianceStatus::Disabled => action::APPLIANCE_DISABLE,
+        ApplianceStatus::Revoked => action::APPLIANCE_REVOKE,
+    };
+    let (op, event) = begin_change(&s, &peer, &id, what, now).await?;
+    if status != ApplianceStatus::Revoked {
+        let current = s.store.get_appliance(&id).await.map_err(internal)?;
+        let refusal = match current {
+            None => Some(not_found(&id)),
+            Some(a) if a.status == ApplianceStatus::Revoked => Some(ApiError::new(
+                StatusCode::CONFLICT,
+                "appliance_revoked",
+                format!(
+                    "appliance {id} is revoked: it comes back only by enrolling again with a \
+                     fresh proof (e.g. `tether token create {id}`)"
+                ),
+            )),
+            Some(_) => None,
+        };
+        if let Some(e) = refusal {
+            return Err(refuse(&s, event, e, now).await);
+        }
+    }
+    let deltas = match s.store.set_status(&id, status, now, &event).await {
+        Ok(d) => d,
+        Err(e) => {
+            let e = store_error(&id, e);
+            return Err(refuse(&s, event, e, now).await);
+        }
+    };
+    let allowlist_version = match deltas.last() {
+        Some(d) => d.version,
+        None => s.store.allowlist_version().await.map_err(internal)?,
+    };
+    info!(by = op.name(), appliance = %id, ?status, changes = deltas.len(), allowlist_version, "appliance status changed");
+    Ok(Json(StatusResponse {
+        id,
+        status,
+        allowlist_version,
+    }))
+}
+
+/// `POST /v1/appliances/{id}/disable` (operator+).
+pub async fn disable(
+    State(s): State<AppState>,
+    Extension(peer): Extension<PeerCertificate>,
+    Path(id): Path<String>,
+) -> Result<Json<StatusResponse>, ApiError> {
+    change_status(s, peer, id, ApplianceStatus::Disabled).await
+}
+
+/// `POST /v1/appliances/{id}/enable` (operator+).
+pub async fn enable(
+    State(s): State<AppState>,
+    Extension(peer): Extension<PeerCertificate>,
+    Path(id): Path<String>,
+) -> Result<Json<StatusResponse>, ApiError> {
+    change_status(s, peer, id, ApplianceStatus::Active).await
+}
+
+/// `POST /v1/appliances/{id}/revoke` (operator+).
+pub async fn revoke(
+    State(s): State<AppState>,
+    Extension(peer): Extension<PeerCertificate>,
+    Path(id): Path<String>,
+) -> Result<Json<StatusResponse>, ApiError> {
+    change_status(s, peer, id, ApplianceStatus::Revoked).await
+}
+
+/// `POST /v1/appliances/{id}/renew` (operator+).
+pub async fn renew(
+    State(s): State<AppState>,
+    Extension(peer): Extension<PeerCertificate>,
+    Path(id): Path<String>,
+) -> Result<Json<RenewResponse>, ApiError> {
+    let now = crate::now_unix();
+    let (op, event) = begin_change(&s, &peer, &id, action::APPLIANCE_REQUEST_RENEWAL, now).await?;
+    let generation = match s.store.bump_manual_renewal(&id, now, &event).await {
+        Ok(g) => g,
+        Err(e) => {
+            let e = store_error(&id, e);
+            return Err(refuse(&s, event, e, now).await);
+        }
+    };
+    info!(by = op.name(), appliance = %id, generation, "manual renewal requested");
+    Ok(Json(RenewResponse {
+        id,
+        manual_renewal_generation: generation,
+    }))
+}
+
+/// `POST /v1/appliances/{id}/tokens` (operator+).
+pub async fn create_token(
+    State(s): State<AppState>,
+    Extension(peer): Extension<PeerCertificate>,
+    Path(id): Path<String>,
+    body: Result<Json<TokenRequest>, JsonRejection>,
+) -> Result<Json<TokenResponse>, ApiError> {
+    let now = crate::now_unix();
+    let (op, event) = begin_change(&s, &peer, &id, action::TOKEN_CREATE, now).await?;
+    let req = match body {
+        Ok(Json(r)) => r,
+        Err(e) => return Err(refuse(&s, event, json_rejection(e), now).await),
+    };
+    let ttl = req
+        .ttl_secs
+        .map(Duration::from_secs)
+        .unwrap_or(s.config.enroll.token_ttl);
+    if ttl.is_zero() || ttl > MAX_TOKEN_TTL {
+        let e = bad(
+            "invalid_ttl",
+            format!("ttl_secs must be 1..={}", MAX_TOKEN_TTL.as_secs()),
+        );
+        return Err(refuse(&s, event, e, now).await);
+    }
+    let token = Token::generate();
+    let hash = token.hash();
+    let expires_at = now.saturating_add(ttl.as_secs() as i64);
+    let event = event
+        .with("token_ref", audit::token_ref(&hash))
+        .with("expires_at", expires_at);
+    if let Err(e) = s
+        .store
+        .create_token(&id, &hash, expires_at, now, &event)
+        .await
+    {
+        let e = store_error(&id, e);
+        return Err(refuse(&s, event, e, now).await);
+    }
+    info!(by = op.name(), appliance = %id, expires_at, "enrollment token created");
+    Ok(Json(TokenResponse {
+        token: token.expose().to_owned(),
+        expires_at: rfc3339(expires_at),
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bindings_are_checked() {
+        let aws = |arn: &str| PlatformBinding::Aws {
+            role_arn: arn.into(),
+        };
+        assert!(check_binding(&aws("arn:aws:iam::123456789012:role/app")).is_ok());
+        assert_eq!(check_binding(&aws("nope")).unwrap_err().code, "bad_request");
+        let k8s = PlatformBinding::K8s {
+            issuer: String::new(),
+            namespace: "n".into(),
+            service_account: "s".into(),
+        };
+        assert_eq!(check_binding(&k8s).unwrap_err().code, "bad_request");
+        assert!(check_binding(&PlatformBinding::TokenOnly).is_ok());
+    }
+
+    #[test]
+    fn token_response_debug_redacts() {
+        let t = TokenResponse {
+            token: "tt_secret".into(),
+            expires_at: String::new(),
+        };
+        assert!(!format!("{t:?}").contains("tt_secret"));
+    }
+}
