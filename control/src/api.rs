@@ -18,6 +18,8 @@
 //! - `GET /v1/audit?after=&limit=` (mTLS, an operator certificate, role viewer+) → a page
 //!   of the audit log with its signed checkpoints (see [`crate::audit::http`]).
 //! - `GET /healthz`
+//! - `GET /openapi.json` (no authentication): the OpenAPI 3.1 document of all of the
+//!   above (see [`crate::openapi`]).
 //!
 //! Errors are JSON `{"error": "<stable_code>", "message": "..."}` with the HTTP status that
 //! fits (400 bad input, 403 refused, 404 unknown id, 409 replay, 500 internal).
@@ -77,10 +79,14 @@ impl ApiError {
     }
 }
 
-#[derive(Serialize)]
-struct ErrorBody<'a> {
-    error: &'a str,
-    message: &'a str,
+/// The body of every error answer (the `Error` schema of `/openapi.json`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize, utoipa::ToSchema)]
+#[schema(as = Error)]
+pub struct ErrorBody {
+    /// Stable machine-readable code (`bad_request`, `role_forbidden`, …).
+    pub error: String,
+    /// Short human-readable message (no secrets).
+    pub message: String,
 }
 
 /// The error code of an answer, for the metrics middleware.
@@ -92,8 +98,8 @@ impl IntoResponse for ApiError {
         let mut resp = (
             self.status,
             Json(ErrorBody {
-                error: self.code,
-                message: &self.message,
+                error: self.code.to_owned(),
+                message: self.message,
             }),
         )
             .into_response();
@@ -105,10 +111,8 @@ impl IntoResponse for ApiError {
 /// The router.
 pub fn router(state: AppState) -> Router {
     Router::new()
-        .route(
-            "/healthz",
-            get(|| async { Json(serde_json::json!({"status": "ok"})) }),
-        )
+        .route("/healthz", get(healthz))
+        .route("/openapi.json", get(crate::openapi::serve))
         .route("/v1/enroll/challenge", post(challenge))
         .route("/v1/enroll", post(enroll_handler))
         .route("/v1/renew", post(renew_handler))
@@ -157,10 +161,41 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
+/// The answer of `GET /healthz`.
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct Health {
+    /// Always `ok`.
+    pub status: &'static str,
+}
+
+/// `GET /healthz`.
+#[utoipa::path(get, path = "/healthz", tag = "health", responses(
+        (status = 200, description = "control is up", body = Health),
+))]
+async fn healthz() -> Json<Health> {
+    Json(Health { status: "ok" })
+}
+
+/// `POST /v1/enroll/challenge`.
+#[utoipa::path(post, path = "/v1/enroll/challenge", tag = "enrollment", responses(
+        (status = 200, description = "a nonce to bind the proof to", body = enroll::Challenge),
+        (status = 408, description = "the request took longer than `http.request_timeout`", body = ErrorBody),
+))]
 async fn challenge(State(s): State<AppState>) -> Result<Json<enroll::Challenge>, ApiError> {
     enroll::challenge(&s, crate::now_unix()).await.map(Json)
 }
 
+/// `POST /v1/enroll`.
+#[utoipa::path(post, path = "/v1/enroll", tag = "enrollment", request_body = EnrollRequest, responses(
+        (status = 200, description = "the certificate chain, CA and brokers", body = enroll::EnrollResponse),
+        (status = 400, description = "bad input", body = ErrorBody),
+        (status = 403, description = "refused (see `error`)", body = ErrorBody),
+        (status = 404, description = "no such appliance", body = ErrorBody),
+        (status = 408, description = "the request took longer than `http.request_timeout`", body = ErrorBody),
+        (status = 409, description = "replayed nonce or token", body = ErrorBody),
+        (status = 413, description = "request body larger than 64 KiB", body = ErrorBody),
+        (status = 502, description = "an upstream identity service (STS, JWKS) failed", body = ErrorBody),
+))]
 async fn enroll_handler(
     State(s): State<AppState>,
     body: Result<Json<EnrollRequest>, axum::extract::rejection::JsonRejection>,
@@ -236,6 +271,15 @@ pub(crate) fn json_rejection(e: axum::extract::rejection::JsonRejection) -> ApiE
     }
 }
 
+/// `POST /v1/renew` (the appliance's current certificate).
+#[utoipa::path(post, path = "/v1/renew", tag = "enrollment", request_body = crate::renew::RenewRequest, responses(
+        (status = 200, description = "the new certificate chain, CA and brokers", body = enroll::EnrollResponse),
+        (status = 400, description = "bad input", body = ErrorBody),
+        (status = 401, description = "no client certificate, or one control did not issue", body = ErrorBody),
+        (status = 403, description = "refused (see `error`)", body = ErrorBody),
+        (status = 408, description = "the request took longer than `http.request_timeout`", body = ErrorBody),
+        (status = 413, description = "request body larger than 64 KiB", body = ErrorBody),
+), security(("appliance_certificate" = [])))]
 async fn renew_handler(
     State(s): State<AppState>,
     axum::Extension(peer): axum::Extension<crate::server::PeerCertificate>,
@@ -247,6 +291,13 @@ async fn renew_handler(
         .map(Json)
 }
 
+/// `GET /v1/fleet/trust` (viewer+).
+#[utoipa::path(get, path = "/v1/fleet/trust", tag = "fleet", responses(
+        (status = 200, description = "counts by trust state and the active alerts", body = crate::trust::FleetTrust),
+        (status = 401, description = "no client certificate, or one control did not issue", body = ErrorBody),
+        (status = 403, description = "refused (see `error`)", body = ErrorBody),
+        (status = 408, description = "the request took longer than `http.request_timeout`", body = ErrorBody),
+), security(("operator_certificate" = [])))]
 async fn fleet_trust_handler(
     State(s): State<AppState>,
     axum::Extension(peer): axum::Extension<crate::server::PeerCertificate>,

@@ -53,7 +53,7 @@ pub const DEFAULT_TENANT: &str = "default";
 pub const MAX_FIELD_LEN: usize = 256;
 
 /// Body of `POST /v1/appliances`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RegisterRequest {
     /// Appliance id: 1-128 of `[A-Za-z0-9._-]`.
@@ -66,7 +66,7 @@ pub struct RegisterRequest {
 }
 
 /// An appliance's current certificate, as listed.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct CurrentCertificate {
     /// Serial, lowercase hex.
     pub serial: String,
@@ -77,7 +77,7 @@ pub struct CurrentCertificate {
 }
 
 /// An appliance as `GET /v1/appliances` lists it.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ApplianceSummary {
     /// Appliance id.
     pub id: String,
@@ -98,7 +98,7 @@ pub struct ApplianceSummary {
 }
 
 /// Answer of `GET /v1/appliances`.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ApplianceList {
     /// The page, by id.
     pub appliances: Vec<ApplianceSummary>,
@@ -107,7 +107,7 @@ pub struct ApplianceList {
 }
 
 /// One certificate of an appliance, as shown.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct CertificateInfo {
     /// Serial, lowercase hex.
     pub serial: String,
@@ -124,7 +124,7 @@ pub struct CertificateInfo {
 }
 
 /// Answer of `GET /v1/appliances/{id}`.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ApplianceDetail {
     /// The appliance.
     #[serde(flatten)]
@@ -134,7 +134,7 @@ pub struct ApplianceDetail {
 }
 
 /// Answer of `POST /v1/appliances/{id}/disable|enable|revoke`.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct StatusResponse {
     /// Appliance id.
     pub id: String,
@@ -145,7 +145,7 @@ pub struct StatusResponse {
 }
 
 /// Answer of `POST /v1/appliances/{id}/renew`.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct RenewResponse {
     /// Appliance id.
     pub id: String,
@@ -154,7 +154,7 @@ pub struct RenewResponse {
 }
 
 /// Body of `POST /v1/appliances/{id}/tokens`.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TokenRequest {
     /// Lifetime in seconds [default: `[enroll] token_ttl`; at most [`MAX_TOKEN_TTL`]].
@@ -163,7 +163,7 @@ pub struct TokenRequest {
 }
 
 /// Answer of `POST /v1/appliances/{id}/tokens`. `Debug` redacts the token.
-#[derive(Clone, Serialize, Deserialize)]
+#[derive(Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct TokenResponse {
     /// The one-time token (shown once).
     pub token: String,
@@ -185,8 +185,9 @@ impl std::fmt::Debug for TokenResponse {
 }
 
 /// Query of `GET /v1/appliances`.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, utoipa::IntoParams)]
 #[serde(default, deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct ListQuery {
     /// Only this status.
     pub status: Option<ApplianceStatus>,
@@ -317,6 +318,22 @@ fn summary(
 }
 
 /// `POST /v1/appliances` (operator+).
+#[utoipa::path(
+    post,
+    path = "/v1/appliances",
+    tag = "appliances",
+    request_body = RegisterRequest,
+    responses(
+        (status = 201, description = "registered", body = ApplianceSummary),
+        (status = 400, description = "bad input (malformed JSON, bad field, bad query)", body = crate::api::ErrorBody),
+        (status = 401, description = "no client certificate, or one control did not issue", body = crate::api::ErrorBody),
+        (status = 403, description = "refused: not an operator certificate, unknown or revoked operator, expired certificate, or role too low", body = crate::api::ErrorBody),
+        (status = 408, description = "the request took longer than `http.request_timeout`", body = crate::api::ErrorBody),
+        (status = 409, description = "conflict with the current state", body = crate::api::ErrorBody),
+        (status = 413, description = "request body larger than 64 KiB", body = crate::api::ErrorBody)
+    ),
+    security(("operator_certificate" = []))
+)]
 pub async fn register(
     State(s): State<AppState>,
     Extension(peer): Extension<PeerCertificate>,
@@ -363,6 +380,20 @@ pub async fn register(
 }
 
 /// `GET /v1/appliances` (viewer+).
+#[utoipa::path(
+    get,
+    path = "/v1/appliances",
+    tag = "appliances",
+    params(ListQuery),
+    responses(
+        (status = 200, description = "a page of appliances", body = ApplianceList),
+        (status = 400, description = "bad input (malformed JSON, bad field, bad query)", body = crate::api::ErrorBody),
+        (status = 401, description = "no client certificate, or one control did not issue", body = crate::api::ErrorBody),
+        (status = 403, description = "refused: not an operator certificate, unknown or revoked operator, expired certificate, or role too low", body = crate::api::ErrorBody),
+        (status = 408, description = "the request took longer than `http.request_timeout`", body = crate::api::ErrorBody)
+    ),
+    security(("operator_certificate" = []))
+)]
 pub async fn list(
     State(s): State<AppState>,
     Extension(peer): Extension<PeerCertificate>,
@@ -428,6 +459,21 @@ pub async fn list(
 }
 
 /// `GET /v1/appliances/{id}` (viewer+).
+#[utoipa::path(
+    get,
+    path = "/v1/appliances/{id}",
+    tag = "appliances",
+    params(("id" = String, Path, description = "Appliance id: 1-128 of `[A-Za-z0-9._-]`")),
+    responses(
+        (status = 200, description = "the appliance and its certificates", body = ApplianceDetail),
+        (status = 400, description = "bad input (malformed JSON, bad field, bad query)", body = crate::api::ErrorBody),
+        (status = 401, description = "no client certificate, or one control did not issue", body = crate::api::ErrorBody),
+        (status = 403, description = "refused: not an operator certificate, unknown or revoked operator, expired certificate, or role too low", body = crate::api::ErrorBody),
+        (status = 404, description = "no such appliance or operator", body = crate::api::ErrorBody),
+        (status = 408, description = "the request took longer than `http.request_timeout`", body = crate::api::ErrorBody)
+    ),
+    security(("operator_certificate" = []))
+)]
 pub async fn show(
     State(s): State<AppState>,
     Extension(peer): Extension<PeerCertificate>,
@@ -543,6 +589,22 @@ async fn change_status(
 }
 
 /// `POST /v1/appliances/{id}/disable` (operator+).
+#[utoipa::path(
+    post,
+    path = "/v1/appliances/{id}/disable",
+    tag = "appliances",
+    params(("id" = String, Path, description = "Appliance id: 1-128 of `[A-Za-z0-9._-]`")),
+    responses(
+        (status = 200, description = "disabled", body = StatusResponse),
+        (status = 400, description = "bad input (malformed JSON, bad field, bad query)", body = crate::api::ErrorBody),
+        (status = 401, description = "no client certificate, or one control did not issue", body = crate::api::ErrorBody),
+        (status = 403, description = "refused: not an operator certificate, unknown or revoked operator, expired certificate, or role too low", body = crate::api::ErrorBody),
+        (status = 404, description = "no such appliance or operator", body = crate::api::ErrorBody),
+        (status = 408, description = "the request took longer than `http.request_timeout`", body = crate::api::ErrorBody),
+        (status = 409, description = "conflict with the current state", body = crate::api::ErrorBody)
+    ),
+    security(("operator_certificate" = []))
+)]
 pub async fn disable(
     State(s): State<AppState>,
     Extension(peer): Extension<PeerCertificate>,
@@ -552,6 +614,22 @@ pub async fn disable(
 }
 
 /// `POST /v1/appliances/{id}/enable` (operator+).
+#[utoipa::path(
+    post,
+    path = "/v1/appliances/{id}/enable",
+    tag = "appliances",
+    params(("id" = String, Path, description = "Appliance id: 1-128 of `[A-Za-z0-9._-]`")),
+    responses(
+        (status = 200, description = "enabled", body = StatusResponse),
+        (status = 400, description = "bad input (malformed JSON, bad field, bad query)", body = crate::api::ErrorBody),
+        (status = 401, description = "no client certificate, or one control did not issue", body = crate::api::ErrorBody),
+        (status = 403, description = "refused: not an operator certificate, unknown or revoked operator, expired certificate, or role too low", body = crate::api::ErrorBody),
+        (status = 404, description = "no such appliance or operator", body = crate::api::ErrorBody),
+        (status = 408, description = "the request took longer than `http.request_timeout`", body = crate::api::ErrorBody),
+        (status = 409, description = "conflict with the current state", body = crate::api::ErrorBody)
+    ),
+    security(("operator_certificate" = []))
+)]
 pub async fn enable(
     State(s): State<AppState>,
     Extension(peer): Extension<PeerCertificate>,
@@ -561,6 +639,22 @@ pub async fn enable(
 }
 
 /// `POST /v1/appliances/{id}/revoke` (operator+).
+#[utoipa::path(
+    post,
+    path = "/v1/appliances/{id}/revoke",
+    tag = "appliances",
+    params(("id" = String, Path, description = "Appliance id: 1-128 of `[A-Za-z0-9._-]`")),
+    responses(
+        (status = 200, description = "revoked", body = StatusResponse),
+        (status = 400, description = "bad input (malformed JSON, bad field, bad query)", body = crate::api::ErrorBody),
+        (status = 401, description = "no client certificate, or one control did not issue", body = crate::api::ErrorBody),
+        (status = 403, description = "refused: not an operator certificate, unknown or revoked operator, expired certificate, or role too low", body = crate::api::ErrorBody),
+        (status = 404, description = "no such appliance or operator", body = crate::api::ErrorBody),
+        (status = 408, description = "the request took longer than `http.request_timeout`", body = crate::api::ErrorBody),
+        (status = 409, description = "conflict with the current state", body = crate::api::ErrorBody)
+    ),
+    security(("operator_certificate" = []))
+)]
 pub async fn revoke(
     State(s): State<AppState>,
     Extension(peer): Extension<PeerCertificate>,
@@ -570,6 +664,22 @@ pub async fn revoke(
 }
 
 /// `POST /v1/appliances/{id}/renew` (operator+).
+#[utoipa::path(
+    post,
+    path = "/v1/appliances/{id}/renew",
+    tag = "appliances",
+    params(("id" = String, Path, description = "Appliance id: 1-128 of `[A-Za-z0-9._-]`")),
+    responses(
+        (status = 200, description = "manual renewal triggered", body = RenewResponse),
+        (status = 400, description = "bad input (malformed JSON, bad field, bad query)", body = crate::api::ErrorBody),
+        (status = 401, description = "no client certificate, or one control did not issue", body = crate::api::ErrorBody),
+        (status = 403, description = "refused: not an operator certificate, unknown or revoked operator, expired certificate, or role too low", body = crate::api::ErrorBody),
+        (status = 404, description = "no such appliance or operator", body = crate::api::ErrorBody),
+        (status = 408, description = "the request took longer than `http.request_timeout`", body = crate::api::ErrorBody),
+        (status = 409, description = "conflict with the current state", body = crate::api::ErrorBody)
+    ),
+    security(("operator_certificate" = []))
+)]
 pub async fn renew(
     State(s): State<AppState>,
     Extension(peer): Extension<PeerCertificate>,
@@ -592,6 +702,24 @@ pub async fn renew(
 }
 
 /// `POST /v1/appliances/{id}/tokens` (operator+).
+#[utoipa::path(
+    post,
+    path = "/v1/appliances/{id}/tokens",
+    tag = "appliances",
+    request_body = TokenRequest,
+    params(("id" = String, Path, description = "Appliance id: 1-128 of `[A-Za-z0-9._-]`")),
+    responses(
+        (status = 200, description = "a one-time enrollment token", body = TokenResponse),
+        (status = 400, description = "bad input (malformed JSON, bad field, bad query)", body = crate::api::ErrorBody),
+        (status = 401, description = "no client certificate, or one control did not issue", body = crate::api::ErrorBody),
+        (status = 403, description = "refused: not an operator certificate, unknown or revoked operator, expired certificate, or role too low", body = crate::api::ErrorBody),
+        (status = 404, description = "no such appliance or operator", body = crate::api::ErrorBody),
+        (status = 408, description = "the request took longer than `http.request_timeout`", body = crate::api::ErrorBody),
+        (status = 409, description = "conflict with the current state", body = crate::api::ErrorBody),
+        (status = 413, description = "request body larger than 64 KiB", body = crate::api::ErrorBody)
+    ),
+    security(("operator_certificate" = []))
+)]
 pub async fn create_token(
     State(s): State<AppState>,
     Extension(peer): Extension<PeerCertificate>,

@@ -142,7 +142,7 @@ pub mod system {
 }
 
 /// What kind of party acted.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum ActorKind {
     /// A human operator (name from the operator certificate).
@@ -179,7 +179,7 @@ impl ActorKind {
 }
 
 /// Who acted.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Actor {
     /// Kind.
     pub kind: ActorKind,
@@ -224,7 +224,7 @@ impl fmt::Display for Actor {
 }
 
 /// How an action ended.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Outcome {
     /// Done.
@@ -351,7 +351,7 @@ impl AuditEvent {
 /// One recorded entry of the audit log. Serialized (e.g. by `tether-control audit list`)
 /// as `{"seq", "at", "actor": {"kind", "name"}, "action", "target", "outcome", "details",
 /// "prev_hash", "hash"}`.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct AuditEntry {
     /// Position in the log: 1, 2, 3, … with no gap.
@@ -367,6 +367,7 @@ pub struct AuditEntry {
     /// How it ended.
     pub outcome: Outcome,
     /// Small facts (a JSON object).
+    #[schema(value_type = Object)]
     pub details: Value,
     /// The previous entry's `hash` ([`GENESIS_HASH`] for `seq` 1).
     pub prev_hash: String,

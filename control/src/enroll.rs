@@ -35,7 +35,7 @@ use crate::store::{
 use crate::token::Token;
 
 /// Answer to `POST /v1/enroll/challenge`.
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Challenge {
     /// The nonce to bind the proof to.
     pub nonce: String,
@@ -44,7 +44,7 @@ pub struct Challenge {
 }
 
 /// A platform proof.
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Proof {
     /// A one-time enrollment token.
@@ -90,7 +90,7 @@ impl std::fmt::Debug for Proof {
 }
 
 /// Body of `POST /v1/enroll`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct EnrollRequest {
     /// The appliance id.
@@ -104,7 +104,7 @@ pub struct EnrollRequest {
 }
 
 /// Answer to a successful enrollment.
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct EnrollResponse {
     /// The appliance id.
     pub appliance_id: String,

@@ -32,6 +32,7 @@ pub mod config;
 pub mod enroll;
 pub mod identity;
 pub mod metrics;
+pub mod openapi;
 pub mod operators;
 pub mod proof;
 pub mod renew;

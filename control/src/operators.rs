@@ -71,7 +71,7 @@ pub mod action {
 
 /// What an operator may do. `admin` may do everything, `operator` works with appliances,
 /// commands and tokens, `viewer` only reads.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Role {
     /// Everything, operators included.
@@ -122,7 +122,7 @@ impl std::str::FromStr for Role {
 }
 
 /// Status of an operator.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum OperatorStatus {
     /// May call operator routes with a recorded certificate.
@@ -151,7 +151,7 @@ impl OperatorStatus {
 }
 
 /// An operator, as listed.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Operator {
     /// Name (`[A-Za-z0-9._-]{1,128}`).
     pub name: String,
@@ -258,7 +258,7 @@ impl InviteRefusal {
 }
 
 /// What [`Store::revoke_operator`] changed.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Revoked {
     /// Certificates no longer honoured.
     pub certificates_removed: u64,
@@ -268,7 +268,7 @@ pub struct Revoked {
 
 /// A one-time enrollment bundle: everything `tether login --bundle FILE` needs. `Debug`
 /// redacts the token.
-#[derive(Clone, Serialize, Deserialize)]
+#[derive(Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Bundle {
     /// Control's HTTPS URL.
     pub control_url: String,
@@ -485,7 +485,7 @@ async fn authorize_checked(
 }
 
 /// Body of `POST /v1/operators/login`.
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct LoginRequest {
     /// The bundle's one-time token.
@@ -501,7 +501,7 @@ impl std::fmt::Debug for LoginRequest {
 }
 
 /// Answer to a login.
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct LoginResponse {
     /// Leaf then intermediate, PEM.
     pub certificate_pem: String,
@@ -516,6 +516,20 @@ pub struct LoginResponse {
 }
 
 /// `POST /v1/operators/login`.
+#[utoipa::path(
+    post,
+    path = "/v1/operators/login",
+    tag = "operators",
+    request_body = LoginRequest,
+    responses(
+        (status = 200, description = "an operator certificate", body = LoginResponse),
+        (status = 400, description = "bad input (malformed JSON, bad field, bad query)", body = crate::api::ErrorBody),
+        (status = 403, description = "refused: not an operator certificate, unknown or revoked operator, expired certificate, or role too low", body = crate::api::ErrorBody),
+        (status = 408, description = "the request took longer than `http.request_timeout`", body = crate::api::ErrorBody),
+        (status = 409, description = "conflict with the current state", body = crate::api::ErrorBody),
+        (status = 413, description = "request body larger than 64 KiB", body = crate::api::ErrorBody)
+    )
+)]
 pub async fn login(
     State(s): State<AppState>,
     body: Result<Json<LoginRequest>, axum::extract::rejection::JsonRejection>,
@@ -612,7 +626,7 @@ async fn login_checked(
 }
 
 /// Body of `POST /v1/operators/invites`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct InviteRequest {
     /// Operator name.
@@ -625,6 +639,21 @@ pub struct InviteRequest {
 }
 
 /// `POST /v1/operators/invites` (admin): a new bundle.
+#[utoipa::path(
+    post,
+    path = "/v1/operators/invites",
+    tag = "operators",
+    request_body = InviteRequest,
+    responses(
+        (status = 200, description = "a one-time enrollment bundle", body = Bundle),
+        (status = 400, description = "bad input (malformed JSON, bad field, bad query)", body = crate::api::ErrorBody),
+        (status = 401, description = "no client certificate, or one control did not issue", body = crate::api::ErrorBody),
+        (status = 403, description = "refused: not an operator certificate, unknown or revoked operator, expired certificate, or role too low", body = crate::api::ErrorBody),
+        (status = 408, description = "the request took longer than `http.request_timeout`", body = crate::api::ErrorBody),
+        (status = 413, description = "request body larger than 64 KiB", body = crate::api::ErrorBody)
+    ),
+    security(("operator_certificate" = []))
+)]
 pub async fn invite(
     State(s): State<AppState>,
     Extension(peer): Extension<PeerCertificate>,
@@ -668,13 +697,25 @@ pub async fn invite(
 }
 
 /// Answer to `GET /v1/operators`.
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct OperatorList {
     /// Every operator, by name.
     pub operators: Vec<Operator>,
 }
 
 /// `GET /v1/operators` (admin).
+#[utoipa::path(
+    get,
+    path = "/v1/operators",
+    tag = "operators",
+    responses(
+        (status = 200, description = "every operator", body = OperatorList),
+        (status = 401, description = "no client certificate, or one control did not issue", body = crate::api::ErrorBody),
+        (status = 403, description = "refused: not an operator certificate, unknown or revoked operator, expired certificate, or role too low", body = crate::api::ErrorBody),
+        (status = 408, description = "the request took longer than `http.request_timeout`", body = crate::api::ErrorBody)
+    ),
+    security(("operator_certificate" = []))
+)]
 pub async fn list(
     State(s): State<AppState>,
     Extension(peer): Extension<PeerCertificate>,
@@ -686,7 +727,7 @@ pub async fn list(
 }
 
 /// Answer to `POST /v1/operators/{name}/revoke`.
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct RevokeResponse {
     /// The operator.
     pub name: String,
@@ -696,6 +737,21 @@ pub struct RevokeResponse {
 }
 
 /// `POST /v1/operators/{name}/revoke` (admin).
+#[utoipa::path(
+    post,
+    path = "/v1/operators/{name}/revoke",
+    tag = "operators",
+    params(("name" = String, Path, description = "Operator name: 1-128 of `[A-Za-z0-9._-]`")),
+    responses(
+        (status = 200, description = "revoked", body = RevokeResponse),
+        (status = 400, description = "bad input (malformed JSON, bad field, bad query)", body = crate::api::ErrorBody),
+        (status = 401, description = "no client certificate, or one control did not issue", body = crate::api::ErrorBody),
+        (status = 403, description = "refused: not an operator certificate, unknown or revoked operator, expired certificate, or role too low", body = crate::api::ErrorBody),
+        (status = 404, description = "no such appliance or operator", body = crate::api::ErrorBody),
+        (status = 408, description = "the request took longer than `http.request_timeout`", body = crate::api::ErrorBody)
+    ),
+    security(("operator_certificate" = []))
+)]
 pub async fn revoke(
     State(s): State<AppState>,
     Extension(peer): Extension<PeerCertificate>,

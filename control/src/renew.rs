@@ -40,7 +40,7 @@ use crate::server::PeerCertificate;
 use crate::store::{ApplianceStatus, Store};
 
 /// Body of `POST /v1/renew`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RenewRequest {
     /// PKCS#10 CSR for the new key, PEM.

@@ -42,7 +42,19 @@ impl Default for TrustSettings {
 }
 
 /// An appliance's trust state.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+    Serialize,
+    Deserialize,
+    utoipa::ToSchema,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum TrustState {
     /// Certificate valid for longer than the recommendation threshold.
@@ -115,7 +127,7 @@ pub fn evaluate(
 }
 
 /// One appliance that needs attention.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct TrustAlert {
     /// The appliance.
     pub appliance_id: String,
@@ -130,7 +142,7 @@ pub struct TrustAlert {
 }
 
 /// `GET /v1/fleet/trust`.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct FleetTrust {
     /// Appliances registered.
     pub total: u64,

@@ -70,7 +70,7 @@ const MAX_SIGNATURE_HEX: usize = 2 * 80;
 const PAGE: u32 = 1000;
 
 /// One signed checkpoint, as stored and exported (`{"checkpoint": {...}}` in an export).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Checkpoint {
     /// The entry vouched for.

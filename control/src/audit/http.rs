@@ -25,8 +25,9 @@ use crate::server::PeerCertificate;
 use crate::store::sql::DEFAULT_AUDIT_LIMIT;
 
 /// Query of `GET /v1/audit`.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, utoipa::IntoParams)]
 #[serde(default, deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct AuditQuery {
     /// Entries after this seq. Default 0 (from the first).
     pub after: i64,
@@ -35,7 +36,7 @@ pub struct AuditQuery {
 }
 
 /// Answer of `GET /v1/audit`.
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct AuditPage {
     /// Entries, oldest first.
     pub entries: Vec<AuditEntry>,
@@ -44,6 +45,20 @@ pub struct AuditPage {
 }
 
 /// `GET /v1/audit` (viewer+).
+#[utoipa::path(
+    get,
+    path = "/v1/audit",
+    tag = "audit",
+    params(AuditQuery),
+    responses(
+        (status = 200, description = "a page of the audit log and its checkpoints", body = AuditPage),
+        (status = 400, description = "bad input (malformed JSON, bad field, bad query)", body = crate::api::ErrorBody),
+        (status = 401, description = "no client certificate, or one control did not issue", body = crate::api::ErrorBody),
+        (status = 403, description = "refused: not an operator certificate, unknown or revoked operator, expired certificate, or role too low", body = crate::api::ErrorBody),
+        (status = 408, description = "the request took longer than `http.request_timeout`", body = crate::api::ErrorBody)
+    ),
+    security(("operator_certificate" = []))
+)]
 pub async fn list(
     State(s): State<AppState>,
     Extension(peer): Extension<PeerCertificate>,

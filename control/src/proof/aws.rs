@@ -173,7 +173,7 @@ pub mod codes {
 }
 
 /// The AWS proof as the agent sends it: `{"kind": "aws", "method", "url", "headers", "body"}`.
-#[derive(Clone, Debug, Deserialize, Serialize)]
+#[derive(Clone, Debug, Deserialize, Serialize, utoipa::ToSchema)]
 pub struct AwsProof {
     /// HTTP method (`POST`).
     pub method: String,

@@ -26,7 +26,7 @@ use crate::audit::{AuditEntry, AuditEvent};
 pub type UnixSeconds = i64;
 
 /// How an appliance proves who it is when it enrolls.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum PlatformBinding {
     /// AWS: the IAM role the appliance's instance runs as.
@@ -55,7 +55,9 @@ pub enum PlatformBinding {
 }
 
 /// Lifecycle status of an appliance.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize, utoipa::ToSchema,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum ApplianceStatus {
     /// May enroll, renew and connect.

@@ -1,0 +1,119 @@
+//! The OpenAPI 3.1 document of the control API, served without authentication at
+//! `GET /openapi.json` (it describes routes and shapes, and holds no secret).
+//!
+//! It is generated from the code: every handler in [`crate::api::router`] carries a
+//! `#[utoipa::path]` (method, path, parameters, request body, the success answer and every
+//! error status it can give, each with the [`crate::api::ErrorBody`] schema, named
+//! `Error`), and every body type derives `utoipa::ToSchema`. Operator and appliance routes
+//! name a `mutualTLS` security scheme: the client certificate is checked in the TLS
+//! handshake, not by a header. `tests/openapi.rs` checks that the document lists exactly
+//! the router's routes; `tests/schemathesis.rs` fuzzes the server against it.
+
+use std::sync::OnceLock;
+
+use axum::http::header;
+use axum::response::{IntoResponse, Response};
+use utoipa::openapi::security::SecurityScheme;
+use utoipa::{Modify, OpenApi};
+
+/// Name of the security scheme of operator routes.
+pub const OPERATOR_SCHEME: &str = "operator_certificate";
+/// Name of the security scheme of appliance routes.
+pub const APPLIANCE_SCHEME: &str = "appliance_certificate";
+
+/// The document (see the module docs).
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "Tether control API",
+        description = "The Tether control plane: appliance enrollment and renewal, the \
+            fleet, operators and the audit log. Errors are JSON `{\"error\": \"<stable_code>\", \
+            \"message\": \"...\"}` (the `Error` schema). Operator routes need an operator \
+            client certificate in the TLS handshake (401 without one, 403 when its operator \
+            is unknown, revoked or its role is too low); `/v1/renew` needs the appliance's \
+            current certificate."
+    ),
+    paths(
+        crate::api::healthz,
+        serve,
+        crate::api::challenge,
+        crate::api::enroll_handler,
+        crate::api::renew_handler,
+        crate::api::fleet_trust_handler,
+        crate::audit::http::list,
+        crate::appliances::register,
+        crate::appliances::list,
+        crate::appliances::show,
+        crate::appliances::disable,
+        crate::appliances::enable,
+        crate::appliances::revoke,
+        crate::appliances::renew,
+        crate::appliances::create_token,
+        crate::operators::login,
+        crate::operators::invite,
+        crate::operators::list,
+        crate::operators::revoke,
+    ),
+    components(schemas(crate::api::ErrorBody)),
+    modifiers(&SecuritySchemes),
+    tags(
+        (name = "health", description = "Liveness and this document"),
+        (name = "enrollment", description = "Appliance enrollment and renewal"),
+        (name = "fleet", description = "Fleet trust summary"),
+        (name = "appliances", description = "Appliance lifecycle (operator certificate)"),
+        (name = "operators", description = "Operators and their bundles"),
+        (name = "audit", description = "The tamper-evident audit log"),
+    )
+)]
+pub struct ApiDoc;
+
+/// Adds the two `mutualTLS` security schemes.
+struct SecuritySchemes;
+
+impl Modify for SecuritySchemes {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            OPERATOR_SCHEME,
+            SecurityScheme::MutualTls {
+                description: Some(
+                    "An operator certificate (`spiffe://<trust domain>/operator/<name>`) from \
+                     `tether login`, presented in the TLS handshake."
+                        .to_owned(),
+                ),
+                deprecated: None,
+                extensions: None,
+            },
+        );
+        components.add_security_scheme(
+            APPLIANCE_SCHEME,
+            SecurityScheme::MutualTls {
+                description: Some(
+                    "The appliance's current certificate, presented in the TLS handshake."
+                        .to_owned(),
+                ),
+                deprecated: None,
+                extensions: None,
+            },
+        );
+    }
+}
+
+/// The document as JSON, built once.
+pub fn json() -> &'static str {
+    static DOC: OnceLock<String> = OnceLock::new();
+    DOC.get_or_init(|| {
+        ApiDoc::openapi()
+            .to_json()
+            .expect("the OpenAPI document serializes")
+    })
+}
+
+/// `GET /openapi.json` (no authentication).
+#[utoipa::path(get, path = "/openapi.json", tag = "health", responses(
+        (status = 200, description = "this document", content_type = "application/json",
+         body = Object),
+))]
+pub async fn serve() -> Response {
+    ([(header::CONTENT_TYPE, "application/json")], json()).into_response()
+}
