@@ -21,6 +21,12 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Cmd {
+    /// Print a shell completion script, e.g. `tether completions bash >
+    /// /etc/bash_completion.d/tether` or `tether completions zsh > "${fpath[1]}/_tether"`.
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
     /// Run a local Tether on 127.0.0.1: a broker and a simulated fleet of real agents,
     /// with a development PKI in the data directory. Ctrl-C stops everything.
     Up {
@@ -96,6 +102,11 @@ async fn main() -> anyhow::Result<()> {
     match cli.command {
         Cmd::Login(args) => tether::cli::login::run(args).await,
         Cmd::Operator(cmd) => tether::cli::operator::run(cmd).await,
+        Cmd::Completions { shell } => {
+            use clap::CommandFactory;
+            clap_complete::generate(shell, &mut Cli::command(), "tether", &mut std::io::stdout());
+            Ok(())
+        }
         Cmd::Fleet(cmd) => tether::cli::operator::fleet(cmd).await,
         Cmd::Appliance(cmd) => tether::cli::appliance::run(cmd).await,
         Cmd::Token(cmd) => tether::cli::appliance::token(cmd).await,
