@@ -362,6 +362,10 @@ async fn revoked_operator_is_refused_on_its_next_call_and_its_bundles_cancelled(
     // An unknown name: 404, exit non-zero.
     let err = tether(&admin, &["operator", "revoke", "nobody"]).unwrap_err();
     assert!(err.contains("404 not_found"), "{err}");
+    // The last active admin cannot revoke itself (the fleet would have no admin).
+    let err = tether(&admin, &["operator", "revoke", "admin"]).unwrap_err();
+    assert!(err.contains("409 last_admin"), "{err}");
+    tether(&admin, &["operator", "list"]).expect("the admin still works");
 
     // A new invite brings olga back (with a new certificate only).
     let again = invite(&fleet, &admin, "olga", "viewer");

@@ -527,7 +527,8 @@ pub struct LoginResponse {
         (status = 403, description = "refused: not an operator certificate, unknown or revoked operator, expired certificate, or role too low", body = crate::api::ErrorBody),
         (status = 408, description = "the request took longer than `http.request_timeout`", body = crate::api::ErrorBody),
         (status = 409, description = "conflict with the current state", body = crate::api::ErrorBody),
-        (status = 413, description = "request body larger than 64 KiB", body = crate::api::ErrorBody)
+        (status = 413, description = "request body larger than 64 KiB", body = crate::api::ErrorBody),
+        (status = 429, description = "`rate_limited`: too many requests from this client address (`http.public_rate_per_sec`); `Retry-After` says after how many seconds to retry", body = crate::api::ErrorBody)
     )
 )]
 pub async fn login(
@@ -748,7 +749,8 @@ pub struct RevokeResponse {
         (status = 401, description = "no client certificate, or one control did not issue", body = crate::api::ErrorBody),
         (status = 403, description = "refused: not an operator certificate, unknown or revoked operator, expired certificate, or role too low", body = crate::api::ErrorBody),
         (status = 404, description = "no such appliance or operator", body = crate::api::ErrorBody),
-        (status = 408, description = "the request took longer than `http.request_timeout`", body = crate::api::ErrorBody)
+        (status = 408, description = "the request took longer than `http.request_timeout`", body = crate::api::ErrorBody),
+        (status = 409, description = "`last_admin`: the last active admin cannot be revoked", body = crate::api::ErrorBody)
     ),
     security(("operator_certificate" = []))
 )]
@@ -768,6 +770,28 @@ pub async fn revoke(
         ));
     }
     let event = AuditEvent::success(op.actor(), action::REVOKE, name.as_str());
+    // Never lock the fleet out: the last active admin cannot be revoked (invite and log
+    // in another admin first). A local `tether-control` on the data directory remains
+    // the recovery path.
+    let operators = s.store.list_operators().await.map_err(internal)?;
+    let is_active_admin =
+        |o: &Operator| o.role == Role::Admin && o.status == OperatorStatus::Active;
+    if operators
+        .iter()
+        .any(|o| o.name == name && is_active_admin(o))
+        && operators.iter().filter(|o| is_active_admin(o)).count() == 1
+    {
+        let e = ApiError::new(
+            StatusCode::CONFLICT,
+            "last_admin",
+            format!("{name} is the last active admin; invite another admin first"),
+        );
+        let event = event
+            .with_outcome(audit::Outcome::Refused)
+            .with("code", e.code);
+        record_refusal(&s, &event, now).await;
+        return Err(e);
+    }
     match s.store.revoke_operator(&name, now, &event).await {
         Ok(revoked) => {
             info!(by = op.name(), operator = %name, ?revoked, "operator revoked");
