@@ -22,7 +22,8 @@
 //!   above (see [`crate::openapi`]).
 //!
 //! Errors are JSON `{"error": "<stable_code>", "message": "..."}` with the HTTP status that
-//! fits (400 bad input, 403 refused, 404 unknown id, 409 replay, 500 internal).
+//! fits (400 bad input, 403 refused, 404 unknown id, 409 replay, 429 `rate_limited` with
+//! `Retry-After` on the routes open without credentials, 500 internal).
 
 use std::sync::Arc;
 
@@ -108,13 +109,22 @@ impl IntoResponse for ApiError {
     }
 }
 
-/// The router.
+/// The router. The routes open without credentials are rate limited per client IP
+/// (`http.public_rate_per_sec`, see [`crate::rate_limit`]); each call builds a fresh limit.
 pub fn router(state: AppState) -> Router {
+    let limit = Arc::new(crate::rate_limit::PublicRateLimit::new(&state.config.http));
+    let public = Router::new()
+        .route("/v1/enroll/challenge", post(challenge))
+        .route("/v1/enroll", post(enroll_handler))
+        .route("/v1/operators/login", post(crate::operators::login))
+        .route_layer(axum::middleware::from_fn_with_state(
+            limit,
+            crate::rate_limit::limit,
+        ));
     Router::new()
         .route("/healthz", get(healthz))
         .route("/openapi.json", get(crate::openapi::serve))
-        .route("/v1/enroll/challenge", post(challenge))
-        .route("/v1/enroll", post(enroll_handler))
+        .merge(public)
         .route("/v1/renew", post(renew_handler))
         .route("/v1/fleet/trust", get(fleet_trust_handler))
         .route("/v1/audit", get(crate::audit::http::list))
@@ -140,7 +150,6 @@ pub fn router(state: AppState) -> Router {
             "/v1/appliances/{id}/tokens",
             post(crate::appliances::create_token),
         )
-        .route("/v1/operators/login", post(crate::operators::login))
         .route("/v1/operators/invites", post(crate::operators::invite))
         .route("/v1/operators", get(crate::operators::list))
         .route(
@@ -180,6 +189,7 @@ async fn healthz() -> Json<Health> {
 #[utoipa::path(post, path = "/v1/enroll/challenge", tag = "enrollment", responses(
         (status = 200, description = "a nonce to bind the proof to", body = enroll::Challenge),
         (status = 408, description = "the request took longer than `http.request_timeout`", body = ErrorBody),
+        (status = 429, description = "`rate_limited`: too many requests from this client address (`http.public_rate_per_sec`); `Retry-After` says after how many seconds to retry", body = ErrorBody),
 ))]
 async fn challenge(State(s): State<AppState>) -> Result<Json<enroll::Challenge>, ApiError> {
     enroll::challenge(&s, crate::now_unix()).await.map(Json)
@@ -194,6 +204,7 @@ async fn challenge(State(s): State<AppState>) -> Result<Json<enroll::Challenge>,
         (status = 408, description = "the request took longer than `http.request_timeout`", body = ErrorBody),
         (status = 409, description = "replayed nonce or token", body = ErrorBody),
         (status = 413, description = "request body larger than 64 KiB", body = ErrorBody),
+        (status = 429, description = "`rate_limited`: too many requests from this client address (`http.public_rate_per_sec`); `Retry-After` says after how many seconds to retry", body = ErrorBody),
         (status = 502, description = "an upstream identity service (STS, JWKS) failed", body = ErrorBody),
 ))]
 async fn enroll_handler(

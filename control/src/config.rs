@@ -104,7 +104,21 @@ pub struct HttpSettings {
     pub request_timeout: Duration,
     /// Connections served at once; more wait in the kernel's accept queue. Default 4096.
     pub max_connections: usize,
+    /// Requests per second each client IP (an IPv6 client: its /64) may make to the
+    /// routes open without credentials (`POST /v1/enroll/challenge`, `POST /v1/enroll`,
+    /// `POST /v1/operators/login`), sustained; more are answered 429 `rate_limited` with
+    /// `Retry-After`. Default 20 ([`DEFAULT_PUBLIC_RATE_PER_SEC`]); 0 turns the limit off.
+    /// See [`crate::rate_limit`].
+    pub public_rate_per_sec: u32,
+    /// Requests a client IP may make at once to those routes before the rate applies.
+    /// Default 40 ([`DEFAULT_PUBLIC_BURST`]); at least 1 unless the limit is off.
+    pub public_burst: u32,
 }
+
+/// Default of [`HttpSettings::public_rate_per_sec`]: 20 requests per second per client IP.
+pub const DEFAULT_PUBLIC_RATE_PER_SEC: u32 = 20;
+/// Default of [`HttpSettings::public_burst`]: 40 requests.
+pub const DEFAULT_PUBLIC_BURST: u32 = 40;
 
 impl Default for HttpSettings {
     fn default() -> Self {
@@ -112,6 +126,8 @@ impl Default for HttpSettings {
             header_read_timeout: Duration::from_secs(10),
             request_timeout: Duration::from_secs(60),
             max_connections: 4096,
+            public_rate_per_sec: DEFAULT_PUBLIC_RATE_PER_SEC,
+            public_burst: DEFAULT_PUBLIC_BURST,
         }
     }
 }
@@ -290,6 +306,12 @@ impl ControlConfig {
             return Err(ConfigError::Invalid {
                 field: "http",
                 reason: "timeouts and max_connections must be positive".into(),
+            });
+        }
+        if self.http.public_rate_per_sec > 0 && self.http.public_burst == 0 {
+            return Err(ConfigError::Invalid {
+                field: "http.public_burst",
+                reason: "must be at least 1 while http.public_rate_per_sec is not 0".into(),
             });
         }
         if self.enroll.overlap_sweep.is_zero() {

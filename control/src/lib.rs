@@ -16,7 +16,8 @@
 //! - [`identity`] — which identity a verified client certificate names.
 //! - [`trust`] — trust states and the fleet summary.
 //! - [`token`] — one-time tokens and nonces (only hashes are stored).
-//! - [`api`] / [`server`] — the HTTPS API.
+//! - [`api`] / [`server`] — the HTTPS API; [`rate_limit`] — the per-client-IP limit of
+//!   its routes open without credentials.
 //! - [`audit`] — the hash-chained audit log (entries written with the change they
 //!   record) and its verification.
 //! - [`metrics`] — Prometheus metrics on a local listener.
@@ -35,6 +36,7 @@ pub mod metrics;
 pub mod openapi;
 pub mod operators;
 pub mod proof;
+pub mod rate_limit;
 pub mod renew;
 pub mod server;
 pub mod store;

@@ -19,6 +19,7 @@ use tracing::{debug, info, warn};
 
 use crate::api::{router, AppState};
 use crate::metrics::Reason;
+pub use crate::rate_limit::RemoteAddr;
 
 /// Longest TLS handshake a client gets.
 pub const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -126,8 +127,9 @@ pub async fn serve(
                     return debug!(%remote, "TLS handshake timed out");
                 }
             };
-            // The verified client certificate (if any) travels with every request of
-            // this connection.
+            // The verified client certificate (if any) and the peer's address (for the
+            // rate limit, see `crate::rate_limit`) travel with every request of this
+            // connection.
             let peer = PeerCertificate(
                 tls.get_ref()
                     .1
@@ -139,6 +141,7 @@ pub async fn serve(
                 app,
                 move |mut req: axum::http::Request<hyper::body::Incoming>| {
                     req.extensions_mut().insert(peer.clone());
+                    req.extensions_mut().insert(RemoteAddr(remote));
                     req
                 },
             ));
