@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 
 pub mod control;
+pub mod operators;
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
