@@ -191,13 +191,10 @@ pub async fn answer<T: serde::de::DeserializeOwned>(
     serde_json::from_slice(&bytes).context("control's answer is not the expected JSON")
 }
 
-/// Whether `name` is a valid operator name (1-128 of `[A-Za-z0-9._-]`).
+/// Whether `name` is a valid operator or appliance name (1-128 of `[A-Za-z0-9._-]`):
+/// control's own rule, so the CLI never refuses what control accepts or the reverse.
 pub fn valid_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 128
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+    tether_control::operators::valid_name(name)
 }
 
 /// Refuse an invalid operator name before it reaches a URL.
