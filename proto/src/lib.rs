@@ -8,6 +8,8 @@
 //! - [`codec`]: the [`Codec`] trait, the length-prefixed framing with its hard size limit,
 //!   and the [`FrameDecoder`] that reassembles frames from stream chunks.
 //! - [`close`]: the QUIC application close codes ([`CloseCode`]).
+//! - [`cluster`]: the broker ↔ control channel (JSON frames over an upgraded mTLS
+//!   connection) and the broker bundle.
 //! - [`session`]: the session-stream state machines for both ends ([`BrokerSession`],
 //!   [`AgentSession`]), fed by `handle_*` calls and drained by `poll_*` calls.
 //!
@@ -24,6 +26,7 @@
 #![warn(missing_docs)]
 
 pub mod close;
+pub mod cluster;
 pub mod codec;
 pub mod frame;
 pub mod session;

@@ -1,0 +1,348 @@
+//! The cluster channel: what a broker and control say to each other.
+//!
+//! A broker dials control's HTTPS port with its own certificate
+//! (`spiffe://<td>/broker/<name>`, clientAuth) and sends
+//! `GET /v1/brokers/channel` with `Connection: Upgrade` and `Upgrade: `[`UPGRADE`].
+//! Control answers `101 Switching Protocols`; from then on the TLS connection carries
+//! frames in both directions, each a 4-byte big-endian length followed by that many bytes
+//! of JSON (one [`ToControl`] or [`ToBroker`] value), at most [`MAX_FRAME_LEN`] bytes.
+//!
+//! The conversation:
+//!
+//! 1. broker → [`ToControl::Hello`]: its name, its QUIC address, the allowlist version it
+//!    holds (0 for none) and every session it holds now.
+//! 2. control → either the deltas after that version ([`ToBroker::Delta`], one per
+//!    version, in order) or, when the broker is too far behind (or has nothing), a
+//!    snapshot: [`ToBroker::SnapshotBegin`], any number of [`ToBroker::SnapshotChunk`],
+//!    [`ToBroker::SnapshotEnd`]. The broker applies the snapshot whole at `SnapshotEnd`,
+//!    never a part of it. Then [`ToBroker::Synced`] with the version now current.
+//! 3. From then on control pushes each new version as a [`ToBroker::Delta`] as soon as it
+//!    is committed, the manual-renewal generations ([`ToBroker::Renewals`]), session
+//!    closes ([`ToBroker::CloseSession`]) and commands ([`ToBroker::Command`]); the broker
+//!    reports [`ToControl::Applied`] after each version it swapped in, session up/down,
+//!    batched heartbeat summaries and command events.
+//! 4. Either side sends [`ToBroker::Ping`]/[`ToControl::Ping`] when it has been quiet for a
+//!    while; a channel silent for [`CHANNEL_IDLE_TIMEOUT_SECS`] is dead. When it ends,
+//!    control fails the commands in flight on it with `broker_lost`, and the broker
+//!    reconnects with jittered backoff, resuming from its version.
+
+use serde::{Deserialize, Serialize};
+
+/// The `Upgrade` token of the channel.
+pub const UPGRADE: &str = "tether-cluster/1";
+/// Path of the channel on control's HTTPS port.
+pub const CHANNEL_PATH: &str = "/v1/brokers/channel";
+/// Largest channel frame (JSON bytes after the 4-byte length).
+pub const MAX_FRAME_LEN: usize = 4 * 1024 * 1024;
+/// Entries per [`ToBroker::SnapshotChunk`] control sends.
+pub const SNAPSHOT_CHUNK: usize = 10_000;
+/// Seconds after which a side with nothing to say sends a ping.
+pub const CHANNEL_PING_SECS: u64 = 10;
+/// Seconds of silence after which a side treats the channel as dead.
+pub const CHANNEL_IDLE_TIMEOUT_SECS: u64 = 30;
+
+/// One allowed certificate: appliance id and the lowercase-hex SHA-256 of its leaf DER.
+pub type AllowEntry = (String, String);
+
+/// What control sends to a broker.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ToBroker {
+    /// A full allowlist follows, at `version`.
+    SnapshotBegin {
+        /// The version the snapshot reflects.
+        version: u64,
+        /// How many entries will follow in chunks.
+        entries: u64,
+    },
+    /// Part of the snapshot.
+    SnapshotChunk {
+        /// Entries.
+        entries: Vec<AllowEntry>,
+    },
+    /// The snapshot is complete: apply it whole.
+    SnapshotEnd {
+        /// Same as in `SnapshotBegin`.
+        version: u64,
+    },
+    /// One version's changes, applied together. Versions arrive in order, with no gaps.
+    Delta {
+        /// The version after applying it.
+        version: u64,
+        /// Fingerprints to allow.
+        add: Vec<AllowEntry>,
+        /// Fingerprints to remove (lowercase hex).
+        remove: Vec<String>,
+    },
+    /// The broker is up to date at `version`.
+    Synced {
+        /// The current version.
+        version: u64,
+    },
+    /// Manual-renewal generations: an appliance whose generation is above what its agent
+    /// has seen renews on its next heartbeat answer. Sent whole after `Hello`, then as they
+    /// change. Appliances not listed keep their generation.
+    Renewals {
+        /// `(appliance, generation)`.
+        generations: Vec<(String, u64)>,
+    },
+    /// Close an appliance's session on this broker, if it is still the one named.
+    CloseSession {
+        /// The appliance.
+        appliance: String,
+        /// The broker's session id; the session is closed only if it still has this id.
+        session_id: u64,
+        /// Close code name: `superseded`, `revoked`.
+        code: String,
+    },
+    /// Run a command on an appliance connected to this broker.
+    Command {
+        /// Control's id of this command (unique per channel).
+        id: u64,
+        /// The appliance.
+        appliance: String,
+        /// Program and arguments.
+        argv: Vec<String>,
+        /// `exec` (default) or `shell`.
+        #[serde(default)]
+        kind: String,
+        /// Environment variable names the command may inherit from the agent.
+        #[serde(default)]
+        env_allowlist: Vec<String>,
+        /// Deadline in milliseconds.
+        timeout_ms: u64,
+    },
+    /// Stop a command (the caller went away). The broker drops its stream.
+    CancelCommand {
+        /// The command.
+        id: u64,
+    },
+    /// Keep-alive.
+    Ping,
+}
+
+/// A live session as a broker reports it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SessionReport {
+    /// The appliance.
+    pub appliance: String,
+    /// The broker's session id.
+    pub session_id: u64,
+    /// Fingerprint of the certificate the session authenticated with (lowercase hex).
+    pub fingerprint: String,
+    /// When it connected (Unix seconds).
+    pub connected_at: u64,
+    /// The certificate's `notAfter` (Unix seconds).
+    pub cert_not_after: u64,
+    /// The agent's version from `Hello`.
+    #[serde(default)]
+    pub agent_version: String,
+}
+
+/// The latest heartbeat of one session.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HeartbeatSummary {
+    /// The appliance.
+    pub appliance: String,
+    /// The broker's session id.
+    pub session_id: u64,
+    /// When the heartbeat arrived (Unix seconds).
+    pub at: u64,
+    /// Trust state the agent reported (`trusted`, `renewal_recommended`, `renewal_due`,
+    /// `expired`).
+    pub trust_state: String,
+    /// The certificate's `notAfter` the agent reported (Unix seconds).
+    pub cert_not_after: u64,
+}
+
+/// What a broker sends to control.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ToControl {
+    /// First frame on every channel.
+    Hello {
+        /// The broker's name (must match its certificate).
+        name: String,
+        /// The broker's version.
+        version: String,
+        /// Where agents reach it (`host:port`, UDP).
+        quic_addr: String,
+        /// The allowlist version it holds (0 when it holds none).
+        allowlist_version: u64,
+        /// Every session it holds now.
+        sessions: Vec<SessionReport>,
+    },
+    /// A version was swapped in (after a delta or a snapshot).
+    Applied {
+        /// The version now in force.
+        version: u64,
+        /// Live sessions closed because their fingerprint left the allowlist.
+        sessions_closed: u64,
+    },
+    /// A session came up.
+    SessionUp(SessionReport),
+    /// A session ended.
+    SessionDown {
+        /// The appliance.
+        appliance: String,
+        /// The broker's session id.
+        session_id: u64,
+        /// Close code name (`normal`, `revoked`, `superseded`, `draining`, `idle`, ...).
+        reason: String,
+    },
+    /// The latest heartbeats since the previous batch (one per session at most).
+    Heartbeats {
+        /// Summaries.
+        items: Vec<HeartbeatSummary>,
+    },
+    /// Output of a command.
+    CommandOutput {
+        /// Control's command id.
+        id: u64,
+        /// `stdout` or `stderr`.
+        stream: String,
+        /// The bytes, standard base64.
+        data: String,
+    },
+    /// The command exited.
+    CommandExit {
+        /// Control's command id.
+        id: u64,
+        /// Exit code.
+        code: i32,
+    },
+    /// The command ended without an exit code.
+    CommandFailed {
+        /// Control's command id.
+        id: u64,
+        /// Stable code: `offline` (not connected here), `timed_out`, `connection_lost`,
+        /// `invalid`, `rejected`, ...
+        code: String,
+        /// Detail.
+        message: String,
+    },
+    /// Keep-alive.
+    Ping,
+}
+
+/// A one-time broker bundle, as `tether broker add NAME` writes it and
+/// `tether-broker --bundle FILE` reads it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BrokerBundle {
+    /// The broker's name (its certificate will say `spiffe://<td>/broker/<name>`).
+    pub name: String,
+    /// The trust domain.
+    pub trust_domain: String,
+    /// Control's base URL (`https://host:port`).
+    pub control_url: String,
+    /// PEM of the root CA: control's certificate and every broker's chain to it.
+    pub ca_pem: String,
+    /// The one-time enrollment token (secret).
+    pub token: String,
+    /// When the token stops working (Unix seconds).
+    pub expires_at: u64,
+}
+
+/// `POST /v1/brokers/enroll` (no client certificate; the bundle's token).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BrokerEnrollRequest {
+    /// The broker's name.
+    pub name: String,
+    /// The bundle's token.
+    pub token: String,
+    /// PEM CSR over a key made on the broker (P-256 or Ed25519). Only the key is used.
+    pub csr_pem: String,
+}
+
+/// `POST /v1/brokers/renew` (mTLS with the broker's current certificate).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BrokerRenewRequest {
+    /// PEM CSR over a new key.
+    pub csr_pem: String,
+}
+
+/// The answer of both broker enrollment and renewal.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BrokerCredential {
+    /// The broker's name.
+    pub name: String,
+    /// PEM chain: the broker leaf (serverAuth + clientAuth, SAN URI
+    /// `spiffe://<td>/broker/<name>`), then the intermediate.
+    pub chain_pem: String,
+    /// PEM of the root CA.
+    pub ca_pem: String,
+    /// The leaf's `notAfter` (Unix seconds).
+    pub not_after: u64,
+}
+
+/// Encode one frame: 4-byte big-endian length, then the JSON.
+pub fn encode<T: Serialize>(msg: &T) -> Result<Vec<u8>, FrameError> {
+    let json = serde_json::to_vec(msg).map_err(|e| FrameError::Malformed(e.to_string()))?;
+    if json.len() > MAX_FRAME_LEN {
+        return Err(FrameError::TooLarge(json.len()));
+    }
+    let mut out = Vec::with_capacity(4 + json.len());
+    out.extend_from_slice(&(json.len() as u32).to_be_bytes());
+    out.extend_from_slice(&json);
+    Ok(out)
+}
+
+/// Decode the JSON body of one frame (the length already stripped).
+pub fn decode<T: for<'de> Deserialize<'de>>(body: &[u8]) -> Result<T, FrameError> {
+    if body.len() > MAX_FRAME_LEN {
+        return Err(FrameError::TooLarge(body.len()));
+    }
+    serde_json::from_slice(body).map_err(|e| FrameError::Malformed(e.to_string()))
+}
+
+/// A channel frame that cannot be used: the channel is closed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FrameError {
+    /// Longer than [`MAX_FRAME_LEN`].
+    #[error("cluster frame of {0} bytes exceeds the limit")]
+    TooLarge(usize),
+    /// Not a valid message.
+    #[error("malformed cluster frame: {0}")]
+    Malformed(String),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_round_trip_with_a_type_tag() {
+        let msg = ToBroker::Delta {
+            version: 7,
+            add: vec![("a".into(), "00".repeat(32))],
+            remove: vec!["11".repeat(32)],
+        };
+        let frame = encode(&msg).unwrap();
+        let len = u32::from_be_bytes(frame[..4].try_into().unwrap()) as usize;
+        assert_eq!(len, frame.len() - 4);
+        let text = std::str::from_utf8(&frame[4..]).unwrap();
+        assert!(text.starts_with(r#"{"type":"delta""#), "{text}");
+        assert_eq!(decode::<ToBroker>(&frame[4..]).unwrap(), msg);
+        let up = ToControl::SessionUp(SessionReport {
+            appliance: "a".into(),
+            session_id: 1,
+            fingerprint: "ab".into(),
+            connected_at: 1,
+            cert_not_after: 2,
+            agent_version: "0.1".into(),
+        });
+        assert_eq!(decode::<ToControl>(&encode(&up).unwrap()[4..]).unwrap(), up);
+    }
+
+    #[test]
+    fn garbage_is_refused() {
+        assert!(matches!(
+            decode::<ToControl>(b"{\"type\":\"nope\"}"),
+            Err(FrameError::Malformed(_))
+        ));
+        assert!(matches!(
+            decode::<ToBroker>(b"\xff"),
+            Err(FrameError::Malformed(_))
+        ));
+    }
+}
