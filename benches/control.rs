@@ -78,6 +78,7 @@ fn enrollment(c: &mut Criterion) {
         config: Arc::new(cfg),
         proofs: Arc::new(tether_control::proof::Verifiers::new(&Default::default()).unwrap()),
         metrics: Arc::new(tether_control::metrics::Metrics::new()),
+        cluster: Arc::new(tether_control::cluster::Cluster::new()),
     };
     let admin = Actor::system("bench");
     rt.block_on(state.store.register_appliance(

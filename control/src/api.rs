@@ -55,6 +55,8 @@ pub struct AppState {
     pub proofs: Arc<crate::proof::Verifiers>,
     /// Metrics.
     pub metrics: Arc<crate::metrics::Metrics>,
+    /// Brokers' channels, where appliances are connected, commands in flight.
+    pub cluster: Arc<crate::cluster::Cluster>,
 }
 
 /// An error answered to the client: a status, a stable code, a short message. Details
@@ -117,6 +119,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/enroll/challenge", post(challenge))
         .route("/v1/enroll", post(enroll_handler))
         .route("/v1/operators/login", post(crate::operators::login))
+        .route("/v1/brokers/enroll", post(crate::brokers::enroll))
         .route_layer(axum::middleware::from_fn_with_state(
             limit,
             crate::rate_limit::limit,
@@ -150,6 +153,20 @@ pub fn router(state: AppState) -> Router {
             "/v1/appliances/{id}/tokens",
             post(crate::appliances::create_token),
         )
+        .route(
+            "/v1/appliances/{id}/exec",
+            post(crate::exec::exec),
+        )
+        .route(
+            "/v1/brokers",
+            post(crate::brokers::create).get(crate::brokers::list),
+        )
+        .route("/v1/brokers/renew", post(crate::brokers::renew))
+        .route(
+            tether_proto::cluster::CHANNEL_PATH,
+            get(crate::cluster::channel),
+        )
+        .route("/v1/brokers/{name}/revoke", post(crate::brokers::revoke))
         .route("/v1/operators/invites", post(crate::operators::invite))
         .route("/v1/operators", get(crate::operators::list))
         .route(

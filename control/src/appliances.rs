@@ -131,6 +131,9 @@ pub struct ApplianceDetail {
     pub appliance: ApplianceSummary,
     /// Every certificate, newest first.
     pub certificates: Vec<CertificateInfo>,
+    /// Where it is connected now, as its broker reports (absent when offline).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub connection: Option<crate::cluster::Presence>,
 }
 
 /// Answer of `POST /v1/appliances/{id}/disable|enable|revoke`.
@@ -517,6 +520,7 @@ pub async fn show(
     Ok(Json(ApplianceDetail {
         appliance,
         certificates,
+        connection: s.cluster.presence(&id),
     }))
 }
 
@@ -695,6 +699,10 @@ pub async fn renew(
         }
     };
     info!(by = op.name(), appliance = %id, generation, "manual renewal requested");
+    s.cluster
+        .broadcast(tether_proto::cluster::ToBroker::Renewals {
+            generations: vec![(id.clone(), generation.max(0) as u64)],
+        });
     Ok(Json(RenewResponse {
         id,
         manual_renewal_generation: generation,

@@ -129,6 +129,18 @@ pub mod action {
     pub const APPLIANCE_LIST: &str = "appliance.list";
     /// One appliance was shown over the API (recorded only when refused).
     pub const APPLIANCE_SHOW: &str = "appliance.show";
+    /// A command was sent to an appliance (and, a second entry, how it ended).
+    pub const APPLIANCE_EXEC: &str = "appliance.exec";
+    /// A broker was added (a one-time bundle made).
+    pub const BROKER_ADD: &str = "broker.add";
+    /// A broker enrolled with its bundle (or was refused).
+    pub const BROKER_ENROLL: &str = "broker.enroll";
+    /// A broker renewed its certificate (or was refused).
+    pub const BROKER_RENEW: &str = "broker.renew";
+    /// A broker was revoked.
+    pub const BROKER_REVOKE: &str = "broker.revoke";
+    /// Brokers were listed over the API (recorded only when refused).
+    pub const BROKER_LIST: &str = "broker.list";
 }
 
 /// Actor names for [`ActorKind::System`].

@@ -28,9 +28,12 @@
 pub mod api;
 pub mod appliances;
 pub mod audit;
+pub mod brokers;
 pub mod ca;
+pub mod cluster;
 pub mod config;
 pub mod enroll;
+pub mod exec;
 pub mod identity;
 pub mod metrics;
 pub mod openapi;

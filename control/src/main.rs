@@ -114,6 +114,26 @@ enum Cmd {
     /// Operators (bundles for `tether login`).
     #[command(subcommand)]
     Operator(OperatorCmd),
+    /// Brokers of the edge cluster (bundles for `tether-broker --bundle`).
+    #[command(subcommand)]
+    Broker(BrokerCmd),
+}
+
+#[derive(Debug, Subcommand)]
+enum BrokerCmd {
+    /// Create a one-time bundle for broker NAME (for `tether-broker --bundle FILE`).
+    Add {
+        #[command(flatten)]
+        dir: DataDir,
+        /// Broker name: 1-128 of [A-Za-z0-9._-].
+        name: String,
+        /// Lifetime of the bundle (at most 30 days).
+        #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
+        ttl: Duration,
+        /// Write the bundle to this file (mode 0600) instead of standard output.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -449,6 +469,7 @@ async fn main() -> anyhow::Result<()> {
                 metrics,
                 proofs: Arc::new(proofs),
                 config: Arc::new(cfg),
+                cluster: Arc::new(tether_control::cluster::Cluster::new()),
             };
             let shutdown = CancellationToken::new();
             let trigger = shutdown.clone();
@@ -480,6 +501,7 @@ async fn main() -> anyhow::Result<()> {
         Cmd::Appliance(cmd) => appliance(cmd, now).await?,
         Cmd::Audit(cmd) => audit_cmd(cmd).await?,
         Cmd::Operator(cmd) => operator_cmd(cmd, now).await?,
+        Cmd::Broker(cmd) => broker_cmd(cmd, now).await?,
         Cmd::Allowlist(AllowlistCmd::Export { dir }) => {
             let (_, store) = open(&dir.data_dir).await?;
             let (version, entries) = store.allowlist_snapshot().await?;
@@ -746,6 +768,59 @@ async fn audit_cmd(cmd: AuditCmd) -> anyhow::Result<()> {
                 summary.checkpoints,
                 out.display()
             );
+        }
+    }
+    Ok(())
+}
+
+async fn broker_cmd(cmd: BrokerCmd, now: i64) -> anyhow::Result<()> {
+    use tether_control::brokers;
+    match cmd {
+        BrokerCmd::Add {
+            dir,
+            name,
+            ttl,
+            out,
+        } => {
+            if !tether_control::operators::valid_name(&name) {
+                bail!("invalid broker name {name:?}: use 1-128 of [A-Za-z0-9._-]");
+            }
+            if ttl.is_zero() || ttl > brokers::MAX_BUNDLE_TTL {
+                bail!("--ttl must be between 1s and 30 days");
+            }
+            let (cfg, store) = open(&dir.data_dir).await?;
+            let root = dir.data_dir.join("ca").join("root.pem");
+            let root_pem = std::fs::read_to_string(&root)
+                .with_context(|| format!("reading the root CA {}", root.display()))?;
+            let bundle = brokers::add(
+                store.as_ref(),
+                tether_control::operators::control_url(&cfg),
+                root_pem,
+                &cfg.trust_domain,
+                &name,
+                ttl,
+                local_admin(),
+                now,
+            )
+            .await
+            .map_err(|e| match e {
+                tether_control::store::StoreError::Conflict(_) => {
+                    anyhow::anyhow!("an active broker is already named {name}")
+                }
+                other => other.into(),
+            })?;
+            let json = serde_json::to_vec_pretty(&bundle)?;
+            match out {
+                Some(path) => {
+                    write_secret(&path, &json)?;
+                    println!(
+                        "one-time bundle for broker {name}, valid {}: {}",
+                        humantime::format_duration(ttl),
+                        path.display()
+                    );
+                }
+                None => println!("{}", String::from_utf8_lossy(&json)),
+            }
         }
     }
     Ok(())

@@ -54,6 +54,15 @@ pub struct Metrics {
     pub tls_failures: Family<Reason, Counter>,
     /// Audit entries that could not be written (the operation itself was answered).
     pub audit_failures: Counter,
+    /// Brokers whose channel is up.
+    pub brokers_connected: prometheus_client::metrics::gauge::Gauge,
+    /// Broker channels refused or ended with an error, by reason.
+    pub channel_errors: Family<Reason, Counter>,
+    /// Commands routed to appliances, by how they ended (`exit`, `offline`, `timed_out`,
+    /// `lost`, ...).
+    pub commands: Family<Reason, Counter>,
+    /// Appliance sessions the brokers report.
+    pub sessions: prometheus_client::metrics::gauge::Gauge,
 }
 
 impl Default for Metrics {
@@ -73,6 +82,10 @@ impl Metrics {
             }),
             tls_failures: Family::default(),
             audit_failures: Counter::default(),
+            brokers_connected: Default::default(),
+            channel_errors: Family::default(),
+            commands: Family::default(),
+            sessions: Default::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -94,6 +107,26 @@ impl Metrics {
             "audit_failures",
             "Audit entries that could not be written",
             m.audit_failures.clone(),
+        );
+        registry.register(
+            "brokers_connected",
+            "Brokers whose cluster channel is up",
+            m.brokers_connected.clone(),
+        );
+        registry.register(
+            "channel_errors",
+            "Broker channels refused or ended with an error, by reason",
+            m.channel_errors.clone(),
+        );
+        registry.register(
+            "commands",
+            "Commands routed to appliances, by outcome",
+            m.commands.clone(),
+        );
+        registry.register(
+            "sessions",
+            "Appliance sessions the brokers report",
+            m.sessions.clone(),
         );
         Metrics { registry, ..m }
     }

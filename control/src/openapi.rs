@@ -18,6 +18,8 @@ use utoipa::{Modify, OpenApi};
 
 /// Name of the security scheme of operator routes.
 pub const OPERATOR_SCHEME: &str = "operator_certificate";
+/// Name of the security scheme of broker routes.
+pub const BROKER_SCHEME: &str = "broker_certificate";
 /// Name of the security scheme of appliance routes.
 pub const APPLIANCE_SCHEME: &str = "appliance_certificate";
 
@@ -53,6 +55,13 @@ pub const APPLIANCE_SCHEME: &str = "appliance_certificate";
         crate::operators::invite,
         crate::operators::list,
         crate::operators::revoke,
+        crate::exec::exec,
+        crate::brokers::create,
+        crate::brokers::list,
+        crate::brokers::enroll,
+        crate::brokers::renew,
+        crate::brokers::revoke,
+        crate::cluster::channel,
     ),
     components(schemas(crate::api::ErrorBody)),
     modifiers(&SecuritySchemes),
@@ -63,6 +72,7 @@ pub const APPLIANCE_SCHEME: &str = "appliance_certificate";
         (name = "appliances", description = "Appliance lifecycle (operator certificate)"),
         (name = "operators", description = "Operators and their bundles"),
         (name = "audit", description = "The tamper-evident audit log"),
+        (name = "brokers", description = "Brokers of the edge cluster: bundles, enrollment, the cluster channel"),
     )
 )]
 pub struct ApiDoc;
@@ -90,6 +100,18 @@ impl Modify for SecuritySchemes {
             SecurityScheme::MutualTls {
                 description: Some(
                     "The appliance's current certificate, presented in the TLS handshake."
+                        .to_owned(),
+                ),
+                deprecated: None,
+                extensions: None,
+            },
+        );
+        components.add_security_scheme(
+            BROKER_SCHEME,
+            SecurityScheme::MutualTls {
+                description: Some(
+                    "The broker's current certificate (`spiffe://<trust domain>/broker/<name>`), \
+                     presented in the TLS handshake."
                         .to_owned(),
                 ),
                 deprecated: None,

@@ -151,7 +151,11 @@ pub async fn serve(
                 .http1()
                 .timer(TokioTimer::new())
                 .header_read_timeout(header_read_timeout);
-            if let Err(e) = builder.serve_connection(TokioIo::new(tls), service).await {
+            // With upgrades: brokers switch their connection to the cluster channel.
+            if let Err(e) = builder
+                .serve_connection_with_upgrades(TokioIo::new(tls), service)
+                .await
+            {
                 debug!(%remote, error = %e, "connection ended with an error");
             }
         });

@@ -49,6 +49,7 @@ async fn control() -> Control {
         config: Arc::new(cfg),
         proofs: Arc::new(tether_control::proof::Verifiers::new(&Default::default()).unwrap()),
         metrics: Arc::new(tether_control::metrics::Metrics::new()),
+        cluster: Arc::new(tether_control::cluster::Cluster::new()),
     };
     Control { state, _dir: dir }
 }

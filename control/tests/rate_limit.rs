@@ -55,6 +55,7 @@ async fn control(rate: u32, burst: u32) -> Control {
         config: Arc::new(cfg),
         proofs: Arc::new(tether_control::proof::Verifiers::new(&Default::default()).unwrap()),
         metrics: Arc::new(tether_control::metrics::Metrics::new()),
+        cluster: Arc::new(tether_control::cluster::Cluster::new()),
     };
     let app = router(state.clone());
     Control {

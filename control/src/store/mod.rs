@@ -129,6 +129,49 @@ pub struct AllowlistDelta {
     pub added: bool,
 }
 
+
+/// Status of a broker record.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum BrokerStatus {
+    /// Added; its one-time bundle has not been used yet.
+    Pending,
+    /// Enrolled: its certificate is honoured.
+    Active,
+    /// Revoked: refused everywhere.
+    Revoked,
+}
+
+/// A broker of the edge cluster.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BrokerRecord {
+    /// Name (appliance id rules).
+    pub name: String,
+    /// Status.
+    pub status: BrokerStatus,
+    /// When it was added.
+    pub created_at: UnixSeconds,
+    /// Fingerprint of its current certificate.
+    pub fingerprint: Option<String>,
+    /// Its current certificate's `notAfter`.
+    pub not_after: Option<UnixSeconds>,
+    /// Where agents reach it, as it last said.
+    pub quic_addr: Option<String>,
+    /// When its channel last said something.
+    pub last_seen: Option<UnixSeconds>,
+}
+
+/// Why a broker could not authenticate or enroll.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BrokerRefusal {
+    /// No such broker, or not this token.
+    Unknown,
+    /// The bundle expired.
+    Expired,
+    /// The bundle was used (the broker is enrolled).
+    AlreadyUsed,
+}
+
 /// Why a token could not be redeemed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TokenRefusal {
@@ -418,6 +461,77 @@ pub trait Store: Send + Sync + std::fmt::Debug {
         now: UnixSeconds,
         audit: &AuditEvent,
     ) -> Result<crate::operators::Revoked, StoreError>;
+
+    // Brokers (see [`crate::brokers`]).
+
+    /// Add broker `name` (pending) with a one-time bundle token (only its hash), valid
+    /// while `now < expires_at`, and record `audit`. A pending or revoked broker of that
+    /// name gets the new token (the old bundle stops working); `Conflict` when an active
+    /// broker has the name.
+    async fn add_broker(
+        &self,
+        name: &str,
+        token_hash: &str,
+        expires_at: UnixSeconds,
+        now: UnixSeconds,
+        audit: &AuditEvent,
+    ) -> Result<(), StoreError>;
+    /// Redeem broker `name`'s bundle token once and record its first certificate, then
+    /// `audit`. `Ok(Err(why))` (nothing changed, no entry) when refused.
+    #[allow(clippy::too_many_arguments)]
+    async fn enroll_broker(
+        &self,
+        name: &str,
+        token_hash: &str,
+        fingerprint: &str,
+        not_after: UnixSeconds,
+        now: UnixSeconds,
+        audit: &AuditEvent,
+    ) -> Result<Result<(), BrokerRefusal>, StoreError>;
+    /// Replace active broker `name`'s certificate `presented` (its current one) with a new
+    /// one; the old one stays accepted until `overlap_until`. `NotFound` when `presented`
+    /// is not the broker's current certificate or the broker is not active.
+    #[allow(clippy::too_many_arguments)]
+    async fn renew_broker(
+        &self,
+        name: &str,
+        presented: &str,
+        fingerprint: &str,
+        not_after: UnixSeconds,
+        overlap_until: UnixSeconds,
+        now: UnixSeconds,
+        audit: &AuditEvent,
+    ) -> Result<(), StoreError>;
+    /// The active broker a certificate fingerprint belongs to (its current certificate,
+    /// or its previous one until the overlap ends at `now`).
+    async fn broker_by_fingerprint(
+        &self,
+        fingerprint: &str,
+        now: UnixSeconds,
+    ) -> Result<Option<BrokerRecord>, StoreError>;
+    /// Every broker, by name.
+    async fn list_brokers(&self) -> Result<Vec<BrokerRecord>, StoreError>;
+    /// Note that broker `name` is reachable at `quic_addr` and was heard from at `now`.
+    async fn broker_seen(
+        &self,
+        name: &str,
+        quic_addr: &str,
+        now: UnixSeconds,
+    ) -> Result<(), StoreError>;
+    /// Revoke broker `name`: status revoked, certificates forgotten (its channel and
+    /// renewal are refused), then `audit`. `NotFound` if there is no such broker.
+    async fn revoke_broker(
+        &self,
+        name: &str,
+        now: UnixSeconds,
+        audit: &AuditEvent,
+    ) -> Result<(), StoreError>;
+    /// Appliances whose manual-renewal generation is above 0, with it.
+    async fn renewal_generations(&self) -> Result<Vec<(String, i64)>, StoreError>;
+    /// Fires (with the version) each time this store commits a new allowlist version. In
+    /// a cluster of control replicas other replicas' commits are not seen here: callers
+    /// also poll [`Store::allowlist_version`].
+    fn allowlist_watch(&self) -> tokio::sync::watch::Receiver<i64>;
 }
 
 pub mod sql;

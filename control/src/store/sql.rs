@@ -77,8 +77,9 @@ use sqlx::migrate::Migrator;
 use sqlx::{AnyConnection, AnyPool, Executor, Row};
 
 use super::{
-    AllowlistDelta, Appliance, ApplianceFilter, ApplianceStatus, CertRecord, CertState,
-    PlatformBinding, Store, StoreError, TokenRefusal, UnixSeconds,
+    AllowlistDelta, Appliance, ApplianceFilter, ApplianceStatus, BrokerRecord, BrokerRefusal,
+    BrokerStatus, CertRecord, CertState, PlatformBinding, Store, StoreError, TokenRefusal,
+    UnixSeconds,
 };
 use crate::audit::checkpoint::Checkpoint;
 use crate::audit::{self, Actor, ActorKind, AuditEntry, AuditEvent, Outcome};
@@ -133,6 +134,8 @@ impl Backend {
 pub struct SqlStore {
     pool: AnyPool,
     backend: Backend,
+    /// The latest allowlist version this store committed (see [`Store::allowlist_watch`]).
+    changed: std::sync::Arc<tokio::sync::watch::Sender<i64>>,
 }
 
 impl fmt::Debug for SqlStore {
@@ -184,7 +187,16 @@ impl SqlStore {
             .run(&pool)
             .await
             .map_err(|e| StoreError::Database(format!("migration failed: {e}")))?;
-        Ok(Self { pool, backend })
+        let version: i64 = sqlx::query_scalar("SELECT version FROM allowlist_version WHERE id = 1")
+            .fetch_one(&pool)
+            .await
+            .map_err(db)?;
+        let (changed, _) = tokio::sync::watch::channel(version);
+        Ok(Self {
+            pool,
+            backend,
+            changed: std::sync::Arc::new(changed),
+        })
     }
 
     /// The URL of a SQLite store in the file `path`, created if missing.
@@ -335,6 +347,7 @@ const CHANGES_PER_INSERT: usize = 200;
 /// `audit` (if any, at its time) with `allowlist_version` and `allowlist_changes` added
 /// to its details, and commit. Returns the changes, versioned.
 async fn commit_trust_change(
+    changed: &tokio::sync::watch::Sender<i64>,
     mut tx: sqlx::Transaction<'static, sqlx::Any>,
     mut deltas: Vec<AllowlistDelta>,
     audit: Option<(&AuditEvent, UnixSeconds)>,
@@ -398,6 +411,16 @@ async fn commit_trust_change(
         append_audit_in(&mut tx, &event, at).await?;
     }
     tx.commit().await.map_err(db)?;
+    if let Some(v) = version {
+        // Versions only grow; a slower commit never moves the watch back.
+        changed.send_if_modified(|cur| {
+            let newer = v > *cur;
+            if newer {
+                *cur = v;
+            }
+            newer
+        });
+    }
     Ok(deltas)
 }
 
@@ -675,7 +698,7 @@ impl Store for SqlStore {
         let mut tx = self.begin_trust_change().await?;
         let old = appliance_status(&mut tx, id).await?;
         if old == status {
-            return commit_trust_change(tx, Vec::new(), Some((audit, now))).await;
+            return commit_trust_change(&self.changed, tx, Vec::new(), Some((audit, now))).await;
         }
         let mut deltas = Vec::new();
         match status {
@@ -719,7 +742,7 @@ impl Store for SqlStore {
             .execute(&mut *tx)
             .await
             .map_err(db)?;
-        commit_trust_change(tx, deltas, Some((audit, now))).await
+        commit_trust_change(&self.changed, tx, deltas, Some((audit, now))).await
     }
 
     async fn bump_manual_renewal(
@@ -977,7 +1000,7 @@ impl Store for SqlStore {
         // The new fingerprint first, then the ones it replaces at once.
         let mut deltas = vec![pending(id, &cert.fingerprint, true)];
         deltas.append(&mut removed);
-        commit_trust_change(tx, deltas, Some((audit, now))).await
+        commit_trust_change(&self.changed, tx, deltas, Some((audit, now))).await
     }
 
     async fn certificates(&self, appliance_id: &str) -> Result<Vec<CertRecord>, StoreError> {
@@ -1094,7 +1117,7 @@ impl Store for SqlStore {
         )
         .with("appliances", appliances);
         let audit = (!deltas.is_empty()).then_some((&event, now));
-        commit_trust_change(tx, deltas, audit).await
+        commit_trust_change(&self.changed, tx, deltas, audit).await
     }
 
     async fn allowlist_version(&self) -> Result<i64, StoreError> {
@@ -1463,6 +1486,257 @@ impl Store for SqlStore {
             invites_cancelled: invites,
         })
     }
+
+    async fn add_broker(
+        &self,
+        name: &str,
+        token_hash: &str,
+        expires_at: UnixSeconds,
+        now: UnixSeconds,
+        audit: &AuditEvent,
+    ) -> Result<(), StoreError> {
+        check_event(audit)?;
+        let mut tx = self.pool.begin().await.map_err(db)?;
+        let changed = sqlx::query(
+            "INSERT INTO brokers (name, status, created_at, token_hash, token_expires_at) \
+             VALUES ($1, 'pending', $2, $3, $4) \
+             ON CONFLICT (name) DO UPDATE SET status = 'pending', token_hash = excluded.token_hash, \
+             token_expires_at = excluded.token_expires_at, fingerprint = NULL, not_after = NULL, \
+             previous_fingerprint = NULL, previous_until = NULL \
+             WHERE brokers.status <> 'active'",
+        )
+        .bind(name)
+        .bind(now)
+        .bind(token_hash)
+        .bind(expires_at)
+        .execute(&mut *tx)
+        .await
+        .map_err(db)?
+        .rows_affected();
+        if changed == 0 {
+            tx.rollback().await.map_err(db)?;
+            return Err(StoreError::Conflict(format!("active broker {name}")));
+        }
+        append_audit_in(&mut tx, audit, now).await?;
+        tx.commit().await.map_err(db)
+    }
+
+    async fn enroll_broker(
+        &self,
+        name: &str,
+        token_hash: &str,
+        fingerprint: &str,
+        not_after: UnixSeconds,
+        now: UnixSeconds,
+        audit: &AuditEvent,
+    ) -> Result<Result<(), BrokerRefusal>, StoreError> {
+        check_event(audit)?;
+        let mut tx = self.pool.begin().await.map_err(db)?;
+        let changed = sqlx::query(
+            "UPDATE brokers SET status = 'active', token_hash = NULL, token_expires_at = NULL, \
+             fingerprint = $1, not_after = $2, previous_fingerprint = NULL, previous_until = NULL \
+             WHERE name = $3 AND status = 'pending' AND token_hash = $4 AND token_expires_at > $5",
+        )
+        .bind(fingerprint)
+        .bind(not_after)
+        .bind(name)
+        .bind(token_hash)
+        .bind(now)
+        .execute(&mut *tx)
+        .await
+        .map_err(db)?
+        .rows_affected();
+        if changed == 0 {
+            tx.rollback().await.map_err(db)?;
+            let row = sqlx::query(
+                "SELECT status, token_hash, token_expires_at FROM brokers WHERE name = $1",
+            )
+            .bind(name)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(db)?;
+            let refusal = match row {
+                None => BrokerRefusal::Unknown,
+                Some(row) => {
+                    let status: String = row.try_get("status").map_err(db)?;
+                    let hash: Option<String> = row.try_get("token_hash").map_err(db)?;
+                    let expires: Option<i64> = row.try_get("token_expires_at").map_err(db)?;
+                    match (status.as_str(), hash) {
+                        ("active", None) => BrokerRefusal::AlreadyUsed,
+                        ("pending", Some(h)) if h == token_hash => {
+                            if expires.is_some_and(|e| e <= now) {
+                                BrokerRefusal::Expired
+                            } else {
+                                BrokerRefusal::Unknown
+                            }
+                        }
+                        _ => BrokerRefusal::Unknown,
+                    }
+                }
+            };
+            return Ok(Err(refusal));
+        }
+        append_audit_in(&mut tx, audit, now).await?;
+        tx.commit().await.map_err(db)?;
+        Ok(Ok(()))
+    }
+
+    async fn renew_broker(
+        &self,
+        name: &str,
+        presented: &str,
+        fingerprint: &str,
+        not_after: UnixSeconds,
+        overlap_until: UnixSeconds,
+        now: UnixSeconds,
+        audit: &AuditEvent,
+    ) -> Result<(), StoreError> {
+        check_event(audit)?;
+        let mut tx = self.pool.begin().await.map_err(db)?;
+        let changed = sqlx::query(
+            "UPDATE brokers SET previous_fingerprint = fingerprint, previous_until = $1, \
+             fingerprint = $2, not_after = $3 \
+             WHERE name = $4 AND status = 'active' AND fingerprint = $5",
+        )
+        .bind(overlap_until)
+        .bind(fingerprint)
+        .bind(not_after)
+        .bind(name)
+        .bind(presented)
+        .execute(&mut *tx)
+        .await
+        .map_err(db)?
+        .rows_affected();
+        if changed == 0 {
+            tx.rollback().await.map_err(db)?;
+            return Err(StoreError::NotFound(format!(
+                "active broker {name} with that certificate"
+            )));
+        }
+        append_audit_in(&mut tx, audit, now).await?;
+        tx.commit().await.map_err(db)
+    }
+
+    async fn broker_by_fingerprint(
+        &self,
+        fingerprint: &str,
+        now: UnixSeconds,
+    ) -> Result<Option<BrokerRecord>, StoreError> {
+        sqlx::query(&format!(
+            "SELECT {BROKER_COLUMNS} FROM brokers WHERE status = 'active' AND \
+             (fingerprint = $1 OR (previous_fingerprint = $1 AND previous_until > $2))"
+        ))
+        .bind(fingerprint)
+        .bind(now)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(db)?
+        .as_ref()
+        .map(broker_from_row)
+        .transpose()
+    }
+
+    async fn list_brokers(&self) -> Result<Vec<BrokerRecord>, StoreError> {
+        sqlx::query(&format!(
+            "SELECT {BROKER_COLUMNS} FROM brokers ORDER BY name"
+        ))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db)?
+        .iter()
+        .map(broker_from_row)
+        .collect()
+    }
+
+    async fn broker_seen(
+        &self,
+        name: &str,
+        quic_addr: &str,
+        now: UnixSeconds,
+    ) -> Result<(), StoreError> {
+        sqlx::query("UPDATE brokers SET quic_addr = $1, last_seen = $2 WHERE name = $3")
+            .bind(quic_addr)
+            .bind(now)
+            .bind(name)
+            .execute(&self.pool)
+            .await
+            .map_err(db)?;
+        Ok(())
+    }
+
+    async fn revoke_broker(
+        &self,
+        name: &str,
+        now: UnixSeconds,
+        audit: &AuditEvent,
+    ) -> Result<(), StoreError> {
+        check_event(audit)?;
+        let mut tx = self.pool.begin().await.map_err(db)?;
+        let changed = sqlx::query(
+            "UPDATE brokers SET status = 'revoked', token_hash = NULL, token_expires_at = NULL, \
+             fingerprint = NULL, previous_fingerprint = NULL, previous_until = NULL \
+             WHERE name = $1",
+        )
+        .bind(name)
+        .execute(&mut *tx)
+        .await
+        .map_err(db)?
+        .rows_affected();
+        if changed == 0 {
+            tx.rollback().await.map_err(db)?;
+            return Err(StoreError::NotFound(format!("broker {name}")));
+        }
+        append_audit_in(&mut tx, audit, now).await?;
+        tx.commit().await.map_err(db)
+    }
+
+    async fn renewal_generations(&self) -> Result<Vec<(String, i64)>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT id, manual_renewal_generation FROM appliances \
+             WHERE manual_renewal_generation > 0 ORDER BY id",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db)?;
+        rows.iter()
+            .map(|r| {
+                Ok((
+                    r.try_get("id").map_err(db)?,
+                    r.try_get("manual_renewal_generation").map_err(db)?,
+                ))
+            })
+            .collect()
+    }
+
+    fn allowlist_watch(&self) -> tokio::sync::watch::Receiver<i64> {
+        self.changed.subscribe()
+    }
+}
+
+const BROKER_COLUMNS: &str =
+    "name, status, created_at, fingerprint, not_after, quic_addr, last_seen";
+
+fn broker_from_row(row: &AnyRow) -> Result<BrokerRecord, StoreError> {
+    let status: String = row.try_get("status").map_err(db)?;
+    let status = match status.as_str() {
+        "pending" => BrokerStatus::Pending,
+        "active" => BrokerStatus::Active,
+        "revoked" => BrokerStatus::Revoked,
+        other => {
+            return Err(StoreError::Database(format!(
+                "unknown broker status {other:?}"
+            )))
+        }
+    };
+    Ok(BrokerRecord {
+        name: row.try_get("name").map_err(db)?,
+        status,
+        created_at: row.try_get("created_at").map_err(db)?,
+        fingerprint: row.try_get("fingerprint").map_err(db)?,
+        not_after: row.try_get("not_after").map_err(db)?,
+        quic_addr: row.try_get("quic_addr").map_err(db)?,
+        last_seen: row.try_get("last_seen").map_err(db)?,
+    })
 }
 
 fn parse_role(row: &AnyRow) -> Result<crate::operators::Role, StoreError> {

@@ -1,0 +1,804 @@
+//! The edge cluster as control sees it: one channel per broker (see
+//! `tether_proto::cluster` for the conversation), where each appliance is connected, and
+//! the commands in flight.
+//!
+//! - [`channel`] is the handler of `GET /v1/brokers/channel`: it authenticates the broker
+//!   (its certificate must be the one recorded for an active broker), upgrades the
+//!   connection and runs [`run_link`].
+//! - A link has a reader (presence, command events) and a writer (allowlist versions as
+//!   soon as the store commits them, renewals, closes, commands, pings). The writer wakes
+//!   on [`crate::store::Store::allowlist_watch`] and also polls the version every second,
+//!   so commits made by another control replica reach the brokers too.
+//! - Presence lives in memory: brokers send every session they hold when their channel
+//!   opens, so a restarted control knows the fleet again within one reconnect.
+//! - When an appliance comes up on a broker while control knows it on another one (or
+//!   under another session), the older session is closed as `superseded`.
+//! - Commands: [`Cluster::exec`] sends the command down the link of the broker that holds
+//!   the appliance and returns a channel of events; the last one is always `Exit` or
+//!   `Failed`. A link that ends fails its commands with `broker_lost`; the caller's own
+//!   deadline guard fails them with `timed_out`.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::extract::{Request, State};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Extension;
+use futures_util::{SinkExt, StreamExt};
+use hyper_util::rt::TokioIo;
+use serde::Serialize;
+use tether_proto::cluster::{
+    self, HeartbeatSummary, SessionReport, ToBroker, ToControl, CHANNEL_IDLE_TIMEOUT_SECS,
+    CHANNEL_PING_SECS, MAX_FRAME_LEN, SNAPSHOT_CHUNK,
+};
+use tokio::sync::mpsc;
+use tokio_util::codec::{Framed, LengthDelimitedCodec};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::api::{ApiError, AppState};
+use crate::identity::{identify, PeerIdentity};
+use crate::metrics::Reason;
+use crate::server::PeerCertificate;
+use crate::store::UnixSeconds;
+
+/// Versions behind after which a reconnecting broker gets a snapshot instead of deltas.
+pub const MAX_DELTAS_ON_RESUME: usize = 100_000;
+/// Time a broker has to send `Hello` after the upgrade.
+pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// Frames queued for one broker before senders wait.
+const LINK_QUEUE: usize = 1024;
+
+/// Where an appliance is connected, as its broker reported it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, serde::Deserialize, utoipa::ToSchema)]
+pub struct Presence {
+    /// The broker holding the session.
+    pub broker: String,
+    /// The broker's session id.
+    pub session_id: u64,
+    /// When the session came up (Unix seconds).
+    pub connected_at: u64,
+    /// Fingerprint of the certificate the session authenticated with.
+    pub fingerprint: String,
+    /// The agent's version.
+    pub agent_version: String,
+    /// The session certificate's `notAfter` (Unix seconds).
+    pub cert_not_after: u64,
+    /// When its latest heartbeat arrived (Unix seconds).
+    pub last_heartbeat: Option<u64>,
+    /// The trust state the agent reported in it.
+    pub trust_state: Option<String>,
+}
+
+/// A broker's channel as control holds it.
+#[derive(Clone, Debug, Serialize, utoipa::ToSchema)]
+pub struct LinkInfo {
+    /// Broker name.
+    pub broker: String,
+    /// Where agents reach it.
+    pub quic_addr: String,
+    /// When the channel opened (Unix seconds).
+    pub connected_at: u64,
+    /// The allowlist version the broker last said it applied.
+    pub allowlist_version: u64,
+    /// Sessions it holds.
+    pub sessions: usize,
+}
+
+struct Link {
+    id: u64,
+    tx: mpsc::Sender<ToBroker>,
+    quic_addr: String,
+    connected_at: u64,
+    applied: Arc<AtomicU64>,
+    ended: CancellationToken,
+}
+
+/// What a command produces, as [`Cluster::exec`] hands it to the caller.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ExecEvent {
+    /// Output; `stream` is `stdout` or `stderr`, `data` the bytes in standard base64.
+    Output {
+        /// `stdout` or `stderr`.
+        stream: String,
+        /// Base64.
+        data: String,
+    },
+    /// Exit code.
+    Exit(i32),
+    /// No exit code: `offline`, `timed_out`, `connection_lost`, `broker_lost`, ...
+    Failed {
+        /// Stable code.
+        code: String,
+        /// Detail.
+        message: String,
+    },
+}
+
+struct InFlight {
+    link: u64,
+    tx: mpsc::Sender<ExecEvent>,
+}
+
+/// The cluster state shared by every handler.
+#[derive(Default)]
+pub struct Cluster {
+    links: Mutex<HashMap<String, Link>>,
+    presence: Mutex<HashMap<String, Presence>>,
+    commands: Mutex<HashMap<u64, InFlight>>,
+    next_id: AtomicU64,
+}
+
+impl std::fmt::Debug for Cluster {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cluster")
+            .field("links", &self.links.lock().map(|l| l.len()).unwrap_or(0))
+            .finish_non_exhaustive()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // A panic while holding one of these maps leaves it consistent (single inserts and
+    // removes); keep serving rather than poison the whole cluster view.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Cluster {
+    /// An empty cluster.
+    pub fn new() -> Cluster {
+        Cluster::default()
+    }
+
+    /// Where `appliance` is connected, if a broker reported it.
+    pub fn presence(&self, appliance: &str) -> Option<Presence> {
+        lock(&self.presence).get(appliance).cloned()
+    }
+
+    /// Every broker channel that is up, by name.
+    pub fn links(&self) -> Vec<LinkInfo> {
+        let sessions = {
+            let p = lock(&self.presence);
+            let mut counts: HashMap<String, usize> = HashMap::new();
+            for pr in p.values() {
+                *counts.entry(pr.broker.clone()).or_default() += 1;
+            }
+            counts
+        };
+        let mut out: Vec<LinkInfo> = lock(&self.links)
+            .iter()
+            .map(|(name, l)| LinkInfo {
+                broker: name.clone(),
+                quic_addr: l.quic_addr.clone(),
+                connected_at: l.connected_at,
+                allowlist_version: l.applied.load(Ordering::Relaxed),
+                sessions: sessions.get(name).copied().unwrap_or(0),
+            })
+            .collect();
+        out.sort_by(|a, b| a.broker.cmp(&b.broker));
+        out
+    }
+
+    /// Queue `msg` for every connected broker (renewal generations).
+    pub fn broadcast(&self, msg: ToBroker) {
+        for (name, link) in lock(&self.links).iter() {
+            if link.tx.try_send(msg.clone()).is_err() {
+                warn!(broker = %name, "broker channel queue full; it will get the change on its next connection");
+                link.ended.cancel();
+            }
+        }
+    }
+
+    /// Close broker `name`'s channel (it was revoked).
+    pub fn disconnect(&self, name: &str) {
+        if let Some(link) = lock(&self.links).get(name) {
+            link.ended.cancel();
+        }
+    }
+
+    /// Run a command on `appliance` through the broker that holds it. `Err(code)` when
+    /// it cannot even be sent: `offline` (no broker reports it) or `broker_lost`.
+    pub async fn exec(
+        &self,
+        appliance: &str,
+        argv: Vec<String>,
+        kind: String,
+        env_allowlist: Vec<String>,
+        timeout: Duration,
+    ) -> Result<(String, u64, mpsc::Receiver<ExecEvent>), &'static str> {
+        let presence = self.presence(appliance).ok_or("offline")?;
+        let (link_id, tx) = {
+            let links = lock(&self.links);
+            let link = links.get(&presence.broker).ok_or("offline")?;
+            (link.id, link.tx.clone())
+        };
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed) + 1;
+        let (events_tx, events_rx) = mpsc::channel(64);
+        lock(&self.commands).insert(
+            id,
+            InFlight {
+                link: link_id,
+                tx: events_tx,
+            },
+        );
+        let msg = ToBroker::Command {
+            id,
+            appliance: appliance.to_owned(),
+            argv,
+            kind,
+            env_allowlist,
+            timeout_ms: timeout.as_millis().min(u64::MAX as u128) as u64,
+        };
+        if tx.send(msg).await.is_err() {
+            lock(&self.commands).remove(&id);
+            return Err("broker_lost");
+        }
+        Ok((presence.broker, id, events_rx))
+    }
+
+    /// Forget command `id` and tell its broker to stop it (the caller went away).
+    pub fn cancel(&self, id: u64) {
+        let Some(inflight) = lock(&self.commands).remove(&id) else {
+            return;
+        };
+        let links = lock(&self.links);
+        if let Some(link) = links.values().find(|l| l.id == inflight.link) {
+            let _ = link.tx.try_send(ToBroker::CancelCommand { id });
+        }
+    }
+
+    fn deliver(&self, id: u64, event: ExecEvent, last: bool) {
+        let tx = {
+            let mut commands = lock(&self.commands);
+            if last {
+                commands.remove(&id).map(|c| c.tx)
+            } else {
+                commands.get(&id).map(|c| c.tx.clone())
+            }
+        };
+        if let Some(tx) = tx {
+            // A caller that stopped reading loses output, never the final event's slot:
+            // the channel is bounded, so wait for room.
+            tokio::spawn(async move {
+                let _ = tx.send(event).await;
+            });
+        }
+    }
+
+    fn session_up(&self, broker: &str, r: SessionReport) -> Option<(String, u64)> {
+        let mut presence = lock(&self.presence);
+        let older = presence.get(&r.appliance).and_then(|p| {
+            (p.broker != broker || p.session_id != r.session_id)
+                .then(|| (p.broker.clone(), p.session_id))
+        });
+        presence.insert(
+            r.appliance.clone(),
+            Presence {
+                broker: broker.to_owned(),
+                session_id: r.session_id,
+                connected_at: r.connected_at,
+                fingerprint: r.fingerprint,
+                agent_version: r.agent_version,
+                cert_not_after: r.cert_not_after,
+                last_heartbeat: None,
+                trust_state: None,
+            },
+        );
+        // Only another broker's session needs closing from here; a broker supersedes its
+        // own sessions itself.
+        older.filter(|(b, _)| b != broker)
+    }
+
+    fn supersede(&self, appliance: &str, (broker, session_id): (String, u64)) {
+        let links = lock(&self.links);
+        if let Some(link) = links.get(&broker) {
+            info!(%appliance, %broker, session_id, "closing the older session on another broker as superseded");
+            let _ = link.tx.try_send(ToBroker::CloseSession {
+                appliance: appliance.to_owned(),
+                session_id,
+                code: "superseded".into(),
+            });
+        }
+    }
+
+    fn session_down(&self, broker: &str, appliance: &str, session_id: u64) {
+        let mut presence = lock(&self.presence);
+        if presence
+            .get(appliance)
+            .is_some_and(|p| p.broker == broker && p.session_id == session_id)
+        {
+            presence.remove(appliance);
+        }
+    }
+
+    fn heartbeats(&self, broker: &str, items: Vec<HeartbeatSummary>) {
+        let mut presence = lock(&self.presence);
+        for h in items {
+            if let Some(p) = presence.get_mut(&h.appliance) {
+                if p.broker == broker && p.session_id == h.session_id {
+                    p.last_heartbeat = Some(h.at);
+                    p.trust_state = Some(h.trust_state);
+                    p.cert_not_after = h.cert_not_after;
+                }
+            }
+        }
+    }
+
+    fn forget_broker(&self, broker: &str) {
+        lock(&self.presence).retain(|_, p| p.broker != broker);
+    }
+
+    fn session_count(&self) -> i64 {
+        lock(&self.presence).len() as i64
+    }
+}
+
+/// `GET /v1/brokers/channel`: a broker's certificate, `Upgrade: tether-cluster/1`.
+#[utoipa::path(get, path = "/v1/brokers/channel", tag = "brokers", responses(
+        (status = 101, description = "switching to the cluster channel (length-prefixed JSON frames, see `tether_proto::cluster`)"),
+        (status = 401, description = "no client certificate", body = crate::api::ErrorBody),
+        (status = 403, description = "not the current certificate of an active broker", body = crate::api::ErrorBody),
+        (status = 408, description = "the request took longer than `http.request_timeout`", body = crate::api::ErrorBody),
+        (status = 426, description = "`upgrade_required`: the request did not ask for `Upgrade: tether-cluster/1`", body = crate::api::ErrorBody),
+    ),
+    security(("broker_certificate" = []))
+)]
+pub async fn channel(
+    State(s): State<AppState>,
+    Extension(peer): Extension<PeerCertificate>,
+    mut req: Request,
+) -> Response {
+    let now = crate::now_unix();
+    let name = match authenticate_broker(&s, &peer, now).await {
+        Ok(n) => n,
+        Err(e) => {
+            s.metrics
+                .channel_errors
+                .get_or_create(&Reason { reason: e.code })
+                .inc();
+            warn!(code = e.code, "broker channel refused");
+            return e.into_response();
+        }
+    };
+    let wants = req
+        .headers()
+        .get(header::UPGRADE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.eq_ignore_ascii_case(cluster::UPGRADE));
+    if !wants {
+        return ApiError::new(
+            StatusCode::UPGRADE_REQUIRED,
+            "upgrade_required",
+            format!("send Upgrade: {}", cluster::UPGRADE),
+        )
+        .into_response();
+    }
+    let on_upgrade = hyper::upgrade::on(&mut req);
+    tokio::spawn(async move {
+        match on_upgrade.await {
+            Ok(upgraded) => {
+                let io = TokioIo::new(upgraded);
+                run_link(s, name, io).await;
+            }
+            Err(e) => warn!(broker = %name, error = %e, "broker channel upgrade failed"),
+        }
+    });
+    Response::builder()
+        .status(StatusCode::SWITCHING_PROTOCOLS)
+        .header(header::CONNECTION, "upgrade")
+        .header(header::UPGRADE, cluster::UPGRADE)
+        .body(axum::body::Body::empty())
+        .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
+}
+
+/// The active broker whose current (or overlapping previous) certificate `peer` is.
+pub async fn authenticate_broker(
+    s: &AppState,
+    peer: &PeerCertificate,
+    now: UnixSeconds,
+) -> Result<String, ApiError> {
+    let der = peer.0.as_deref().ok_or_else(|| {
+        ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "certificate_required",
+            "a broker certificate is required",
+        )
+    })?;
+    let forbidden = |code: &'static str, msg: &str| ApiError::new(StatusCode::FORBIDDEN, code, msg);
+    let name = match identify(der, s.ca.trust_domain()) {
+        Ok(PeerIdentity::Broker(n)) => n,
+        _ => return Err(forbidden("broker_required", "not a broker certificate")),
+    };
+    let fp = crate::ca::fingerprint_hex(der);
+    match s.store.broker_by_fingerprint(&fp, now).await {
+        Ok(Some(b)) if b.name == name => Ok(name),
+        Ok(_) => Err(forbidden(
+            "broker_unknown",
+            "not the certificate of an active broker",
+        )),
+        Err(e) => Err(crate::enroll::internal(e)),
+    }
+}
+
+type Channel<T> = Framed<T, LengthDelimitedCodec>;
+
+fn codec() -> LengthDelimitedCodec {
+    LengthDelimitedCodec::builder()
+        .big_endian()
+        .length_field_length(4)
+        .max_frame_length(MAX_FRAME_LEN)
+        .new_codec()
+}
+
+/// Why a link ended with an error.
+#[derive(Debug)]
+struct LinkError {
+    reason: &'static str,
+    detail: String,
+}
+
+fn link_error(reason: &'static str, detail: impl ToString) -> LinkError {
+    LinkError {
+        reason,
+        detail: detail.to_string(),
+    }
+}
+
+/// Serve one broker channel until it ends.
+pub async fn run_link<T>(s: AppState, name: String, io: T)
+where
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
+{
+    let framed: Channel<T> = Framed::new(io, codec());
+    let (mut sink, mut stream) = framed.split();
+    let hello = match tokio::time::timeout(HELLO_TIMEOUT, stream.next()).await {
+        Ok(Some(Ok(frame))) => cluster::decode::<ToControl>(&frame),
+        Ok(Some(Err(e))) => Err(cluster::FrameError::Malformed(e.to_string())),
+        Ok(None) => Err(cluster::FrameError::Malformed("closed before Hello".into())),
+        Err(_) => Err(cluster::FrameError::Malformed("no Hello in time".into())),
+    };
+    let (quic_addr, since, sessions) = match hello {
+        Ok(ToControl::Hello {
+            name: said,
+            quic_addr,
+            allowlist_version,
+            sessions,
+            version,
+        }) if said == name => {
+            info!(broker = %name, %quic_addr, allowlist_version, sessions = sessions.len(), broker_version = %version, "broker channel up");
+            (quic_addr, allowlist_version, sessions)
+        }
+        Ok(other) => {
+            return end_with(
+                &s,
+                &name,
+                link_error(
+                    "bad_hello",
+                    format!("expected Hello naming {name}, got {other:?}"),
+                ),
+            )
+        }
+        Err(e) => return end_with(&s, &name, link_error("bad_hello", e)),
+    };
+    let now = crate::now_unix();
+    if let Err(e) = s.store.broker_seen(&name, &quic_addr, now).await {
+        warn!(broker = %name, error = %e, "cannot record the broker's address");
+    }
+    let cluster = s.cluster.clone();
+    let (tx, mut rx) = mpsc::channel::<ToBroker>(LINK_QUEUE);
+    let ended = CancellationToken::new();
+    let applied = Arc::new(AtomicU64::new(since));
+    let link_id = cluster.next_id.fetch_add(1, Ordering::Relaxed) + 1;
+    if let Some(old) = lock(&cluster.links).insert(
+        name.clone(),
+        Link {
+            id: link_id,
+            tx: tx.clone(),
+            quic_addr: quic_addr.clone(),
+            connected_at: now.max(0) as u64,
+            applied: applied.clone(),
+            ended: ended.clone(),
+        },
+    ) {
+        info!(broker = %name, "a newer channel of the same broker replaces the older one");
+        old.ended.cancel();
+    }
+    s.metrics.brokers_connected.set(lock(&cluster.links).len() as i64);
+    cluster.forget_broker(&name);
+    for r in sessions {
+        let appliance = r.appliance.clone();
+        if let Some(older) = cluster.session_up(&name, r) {
+            cluster.supersede(&appliance, older);
+        }
+    }
+    s.metrics.sessions.set(cluster.session_count());
+
+    // Writer: the initial sync, then versions, queued messages and pings.
+    let writer = {
+        let s = s.clone();
+        let name = name.clone();
+        let ended = ended.clone();
+        async move {
+            let mut sent = sync_from(&s, &mut sink, since).await?;
+            send(&mut sink, &ToBroker::Synced { version: sent }).await?;
+            let generations = s
+                .store
+                .renewal_generations()
+                .await
+                .map_err(|e| link_error("store", e))?;
+            send(
+                &mut sink,
+                &ToBroker::Renewals {
+                    generations: generations
+                        .into_iter()
+                        .map(|(id, g)| (id, g.max(0) as u64))
+                        .collect(),
+                },
+            )
+            .await?;
+            let mut watch = s.store.allowlist_watch();
+            let mut poll = tokio::time::interval(Duration::from_secs(1));
+            poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let ping = Duration::from_secs(CHANNEL_PING_SECS);
+            loop {
+                tokio::select! {
+                    _ = ended.cancelled() => return Ok::<(), LinkError>(()),
+                    changed = watch.changed() => {
+                        if changed.is_err() {
+                            return Ok(());
+                        }
+                        sent = push_new_versions(&s, &mut sink, sent).await?;
+                    }
+                    _ = poll.tick() => {
+                        sent = push_new_versions(&s, &mut sink, sent).await?;
+                    }
+                    msg = rx.recv() => match msg {
+                        Some(m) => send(&mut sink, &m).await?,
+                        None => return Ok(()),
+                    },
+                    _ = tokio::time::sleep(ping) => send(&mut sink, &ToBroker::Ping).await?,
+                }
+                debug!(broker = %name, sent, "broker channel writer step");
+            }
+        }
+    };
+
+    // Reader: presence and command events.
+    let reader = {
+        let s = s.clone();
+        let name = name.clone();
+        let cluster = cluster.clone();
+        let applied = applied.clone();
+        async move {
+            let idle = Duration::from_secs(CHANNEL_IDLE_TIMEOUT_SECS);
+            loop {
+                let frame = match tokio::time::timeout(idle, stream.next()).await {
+                    Err(_) => return Err(link_error("idle", "no frame from the broker in time")),
+                    Ok(None) => return Ok::<(), LinkError>(()),
+                    Ok(Some(Err(e))) => return Err(link_error("framing", e)),
+                    Ok(Some(Ok(f))) => f,
+                };
+                let msg = cluster::decode::<ToControl>(&frame)
+                    .map_err(|e| link_error("malformed", e))?;
+                match msg {
+                    ToControl::Hello { .. } => {
+                        return Err(link_error("protocol", "a second Hello"));
+                    }
+                    ToControl::Applied {
+                        version,
+                        sessions_closed,
+                    } => {
+                        applied.store(version, Ordering::Relaxed);
+                        debug!(broker = %name, version, sessions_closed, "broker applied version");
+                    }
+                    ToControl::SessionUp(r) => {
+                        let appliance = r.appliance.clone();
+                        if let Some(older) = cluster.session_up(&name, r) {
+                            cluster.supersede(&appliance, older);
+                        }
+                        s.metrics.sessions.set(cluster.session_count());
+                    }
+                    ToControl::SessionDown {
+                        appliance,
+                        session_id,
+                        reason,
+                    } => {
+                        debug!(broker = %name, %appliance, session_id, %reason, "session down");
+                        cluster.session_down(&name, &appliance, session_id);
+                        s.metrics.sessions.set(cluster.session_count());
+                    }
+                    ToControl::Heartbeats { items } => cluster.heartbeats(&name, items),
+                    ToControl::CommandOutput { id, stream, data } => {
+                        cluster.deliver(id, ExecEvent::Output { stream, data }, false)
+                    }
+                    ToControl::CommandExit { id, code } => {
+                        cluster.deliver(id, ExecEvent::Exit(code), true)
+                    }
+                    ToControl::CommandFailed { id, code, message } => {
+                        cluster.deliver(id, ExecEvent::Failed { code, message }, true)
+                    }
+                    ToControl::Ping => {}
+                }
+            }
+        }
+    };
+
+    let result = tokio::select! {
+        r = writer => r,
+        r = reader => r,
+        _ = ended.cancelled() => Ok(()),
+    };
+    ended.cancel();
+    // Unregister (unless a newer channel of the same broker took the slot), forget its
+    // sessions and fail its commands.
+    {
+        let mut links = lock(&cluster.links);
+        if links.get(&name).is_some_and(|l| l.id == link_id) {
+            links.remove(&name);
+            drop(links);
+            cluster.forget_broker(&name);
+        }
+    }
+    s.metrics.brokers_connected.set(lock(&cluster.links).len() as i64);
+    s.metrics.sessions.set(cluster.session_count());
+    let lost: Vec<InFlight> = {
+        let mut commands = lock(&cluster.commands);
+        let ids: Vec<u64> = commands
+            .iter()
+            .filter(|(_, c)| c.link == link_id)
+            .map(|(id, _)| *id)
+            .collect();
+        ids.into_iter().filter_map(|id| commands.remove(&id)).collect()
+    };
+    for c in lost {
+        let _ = c.tx.try_send(ExecEvent::Failed {
+            code: "broker_lost".into(),
+            message: format!("the channel to broker {name} ended mid-command"),
+        });
+    }
+    match result {
+        Ok(()) => info!(broker = %name, "broker channel ended"),
+        Err(e) => end_with(&s, &name, e),
+    }
+}
+
+fn end_with(s: &AppState, name: &str, e: LinkError) {
+    s.metrics
+        .channel_errors
+        .get_or_create(&Reason { reason: e.reason })
+        .inc();
+    warn!(broker = %name, reason = e.reason, detail = %e.detail, "broker channel ended with an error");
+}
+
+async fn send<S>(sink: &mut S, msg: &ToBroker) -> Result<(), LinkError>
+where
+    S: futures_util::Sink<bytes::Bytes, Error = std::io::Error> + Unpin,
+{
+    let frame = cluster::encode(msg).map_err(|e| link_error("encode", e))?;
+    // `encode` adds the length; the codec adds it again, so strip ours.
+    sink.send(bytes::Bytes::from(frame).slice(4..))
+        .await
+        .map_err(|e| link_error("write", e))
+}
+
+/// Bring a broker at version `since` up to date: deltas when it is close, a snapshot
+/// otherwise. Returns the version it now has.
+async fn sync_from<S>(s: &AppState, sink: &mut S, since: u64) -> Result<u64, LinkError>
+where
+    S: futures_util::Sink<bytes::Bytes, Error = std::io::Error> + Unpin,
+{
+    let current = s
+        .store
+        .allowlist_version()
+        .await
+        .map_err(|e| link_error("store", e))?
+        .max(0) as u64;
+    if since == current {
+        return Ok(current);
+    }
+    if since > 0 && since < current {
+        let mut deltas = Vec::new();
+        let mut after = since as i64;
+        loop {
+            let page = s
+                .store
+                .allowlist_changes_since(after, 10_000)
+                .await
+                .map_err(|e| link_error("store", e))?;
+            let Some(last) = page.last() else { break };
+            after = last.version;
+            deltas.extend(page);
+            if deltas.len() > MAX_DELTAS_ON_RESUME {
+                break;
+            }
+        }
+        if deltas.len() <= MAX_DELTAS_ON_RESUME {
+            return send_deltas(sink, deltas, since).await;
+        }
+    }
+    // Too far behind, nothing held, or ahead of us (a restored database): a snapshot.
+    let (version, entries) = s
+        .store
+        .allowlist_snapshot()
+        .await
+        .map_err(|e| link_error("store", e))?;
+    let version = version.max(0) as u64;
+    info!(since, version, entries = entries.len(), "sending a broker a full snapshot");
+    send(
+        sink,
+        &ToBroker::SnapshotBegin {
+            version,
+            entries: entries.len() as u64,
+        },
+    )
+    .await?;
+    for chunk in entries.chunks(SNAPSHOT_CHUNK) {
+        send(
+            sink,
+            &ToBroker::SnapshotChunk {
+                entries: chunk.to_vec(),
+            },
+        )
+        .await?;
+    }
+    send(sink, &ToBroker::SnapshotEnd { version }).await?;
+    Ok(version)
+}
+
+async fn push_new_versions<S>(s: &AppState, sink: &mut S, sent: u64) -> Result<u64, LinkError>
+where
+    S: futures_util::Sink<bytes::Bytes, Error = std::io::Error> + Unpin,
+{
+    let mut sent = sent;
+    loop {
+        let page = s
+            .store
+            .allowlist_changes_since(sent as i64, 10_000)
+            .await
+            .map_err(|e| link_error("store", e))?;
+        if page.is_empty() {
+            return Ok(sent);
+        }
+        sent = send_deltas(sink, page, sent).await?;
+    }
+}
+
+/// Send `deltas` (whole versions, in order) as one `Delta` per version.
+async fn send_deltas<S>(
+    sink: &mut S,
+    deltas: Vec<crate::store::AllowlistDelta>,
+    mut sent: u64,
+) -> Result<u64, LinkError>
+where
+    S: futures_util::Sink<bytes::Bytes, Error = std::io::Error> + Unpin,
+{
+    let mut i = 0;
+    while i < deltas.len() {
+        let version = deltas[i].version;
+        let mut add = Vec::new();
+        let mut remove = Vec::new();
+        while i < deltas.len() && deltas[i].version == version {
+            let d = &deltas[i];
+            if d.added {
+                add.push((d.appliance_id.clone(), d.fingerprint.clone()));
+            } else {
+                remove.push(d.fingerprint.clone());
+            }
+            i += 1;
+        }
+        let version = version.max(0) as u64;
+        send(
+            sink,
+            &ToBroker::Delta {
+                version,
+                add,
+                remove,
+            },
+        )
+        .await?;
+        sent = version;
+    }
+    Ok(sent)
+}

@@ -1,0 +1,291 @@
+//! `POST /v1/appliances/{id}/exec` (operator+): run a command on an appliance through the
+//! broker that holds it, streaming what happens as NDJSON, one event per line:
+//!
+//! - `{"type":"started","broker":"edge-1"}` first;
+//! - `{"type":"output","stream":"stdout"|"stderr","data":"<base64>"}` as output arrives;
+//! - exactly one last line: `{"type":"exit","code":N}` or
+//!   `{"type":"failed","code":"...","message":"..."}` where `code` is `timed_out` (no
+//!   answer by the deadline), `connection_lost` (the appliance went away mid-command),
+//!   `broker_lost` (the broker or its channel went away), `offline` (the broker no longer
+//!   holds the appliance), or what the agent refused with.
+//!
+//! Refusals before anything runs are ordinary JSON errors: 404 `not_found`, 409
+//! `offline` (no broker reports the appliance), 409 `appliance_disabled` /
+//! `appliance_revoked`, 400 for a bad body. The request and its outcome are each one
+//! audit entry (`appliance.exec`).
+
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{Path, State};
+use axum::http::{header, StatusCode};
+use axum::response::Response;
+use axum::{Extension, Json};
+use serde::{Deserialize, Serialize};
+use tracing::info;
+
+use crate::api::{json_rejection, ApiError, AppState};
+use crate::audit::{self, action, AuditEvent, Outcome};
+use crate::cluster::ExecEvent;
+use crate::enroll::{internal, record_refusal, valid_appliance_id};
+use crate::metrics::Reason;
+use crate::operators::{authorize, Role};
+use crate::server::PeerCertificate;
+use crate::store::ApplianceStatus;
+
+/// Deadline when the request gives none.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
+/// Longest deadline accepted.
+pub const MAX_TIMEOUT: Duration = Duration::from_secs(3600);
+/// Time past the deadline control waits for the broker's own verdict before saying
+/// `timed_out` itself.
+pub const DEADLINE_GRACE: Duration = Duration::from_secs(3);
+/// Most argv entries.
+pub const MAX_ARGS: usize = 256;
+
+/// Body of `POST /v1/appliances/{id}/exec`.
+#[derive(Clone, Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ExecRequest {
+    /// Program and arguments (no shell unless `kind` is `shell`).
+    pub argv: Vec<String>,
+    /// Deadline in milliseconds (default 60000, at most 3600000).
+    #[serde(default)]
+    pub timeout_ms: Option<u64>,
+    /// `exec` (default) or `shell`.
+    #[serde(default)]
+    pub kind: Option<String>,
+    /// Environment variable names the command may inherit from the agent.
+    #[serde(default)]
+    pub env_allowlist: Vec<String>,
+}
+
+/// One NDJSON line of the answer.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq, utoipa::ToSchema)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ExecLine {
+    /// The command was sent to this broker.
+    Started {
+        /// Broker name.
+        broker: String,
+    },
+    /// Output.
+    Output {
+        /// `stdout` or `stderr`.
+        stream: String,
+        /// Base64.
+        data: String,
+    },
+    /// Exit code.
+    Exit {
+        /// The command's exit code.
+        code: i32,
+    },
+    /// Ended without an exit code.
+    Failed {
+        /// Stable code.
+        code: String,
+        /// Detail.
+        message: String,
+    },
+}
+
+fn conflict(code: &'static str, message: impl Into<String>) -> ApiError {
+    ApiError::new(StatusCode::CONFLICT, code, message)
+}
+
+/// `POST /v1/appliances/{id}/exec`.
+#[utoipa::path(post, path = "/v1/appliances/{id}/exec", tag = "appliances", request_body = ExecRequest,
+    params(("id" = String, Path, description = "Appliance id: 1-128 of `[A-Za-z0-9._-]`")),
+    responses(
+        (status = 200, description = "NDJSON lines (`application/x-ndjson`), see the module docs: started, output…, then exit or failed", content_type = "application/x-ndjson"),
+        (status = 400, description = "bad input", body = crate::api::ErrorBody),
+        (status = 401, description = "no client certificate", body = crate::api::ErrorBody),
+        (status = 403, description = "refused: not an operator, or role too low", body = crate::api::ErrorBody),
+        (status = 404, description = "no such appliance", body = crate::api::ErrorBody),
+        (status = 408, description = "the request took longer than `http.request_timeout`", body = crate::api::ErrorBody),
+        (status = 409, description = "`offline`, `appliance_disabled` or `appliance_revoked`", body = crate::api::ErrorBody),
+        (status = 413, description = "request body larger than 64 KiB", body = crate::api::ErrorBody),
+    ),
+    security(("operator_certificate" = []))
+)]
+pub async fn exec(
+    State(s): State<AppState>,
+    Extension(peer): Extension<PeerCertificate>,
+    Path(id): Path<String>,
+    body: Result<Json<ExecRequest>, JsonRejection>,
+) -> Result<Response, ApiError> {
+    let now = crate::now_unix();
+    let target = audit::clip(&id, audit::MAX_TARGET_LEN).to_owned();
+    let op = authorize(&s, &peer, Role::Operator, action::APPLIANCE_EXEC, &target, now).await?;
+    let event = AuditEvent::success(op.actor(), action::APPLIANCE_EXEC, &target);
+    let refused_event = event.clone();
+    let refuse = |e: ApiError| {
+        let s = s.clone();
+        let event = refused_event.clone();
+        async move {
+            let event = event.with_outcome(Outcome::Refused).with("code", e.code);
+            record_refusal(&s, &event, now).await;
+            s.metrics
+                .commands
+                .get_or_create(&Reason { reason: e.code })
+                .inc();
+            e
+        }
+    };
+    if !valid_appliance_id(&id) {
+        return Err(refuse(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_id",
+            "appliance ids are 1-128 of [A-Za-z0-9._-]",
+        ))
+        .await);
+    }
+    let req = match body {
+        Ok(Json(r)) => r,
+        Err(e) => return Err(refuse(json_rejection(e)).await),
+    };
+    let timeout = req
+        .timeout_ms
+        .map(Duration::from_millis)
+        .unwrap_or(DEFAULT_TIMEOUT);
+    let kind = req.kind.clone().unwrap_or_else(|| "exec".into());
+    let problem = if req.argv.is_empty() || req.argv.len() > MAX_ARGS {
+        Some(format!("argv must hold 1 to {MAX_ARGS} entries"))
+    } else if timeout.is_zero() || timeout > MAX_TIMEOUT {
+        Some("timeout_ms must be 1 to 3600000".into())
+    } else if kind != "exec" && kind != "shell" {
+        Some("kind must be exec or shell".into())
+    } else {
+        None
+    };
+    if let Some(message) = problem {
+        return Err(refuse(ApiError::new(StatusCode::BAD_REQUEST, "invalid_command", message)).await);
+    }
+    let appliance = match s.store.get_appliance(&id).await {
+        Ok(Some(a)) => a,
+        Ok(None) => {
+            return Err(refuse(ApiError::new(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                format!("no appliance {id}"),
+            ))
+            .await)
+        }
+        Err(e) => return Err(internal(e)),
+    };
+    match appliance.status {
+        ApplianceStatus::Active => {}
+        ApplianceStatus::Disabled => {
+            return Err(refuse(conflict("appliance_disabled", "the appliance is disabled")).await)
+        }
+        ApplianceStatus::Revoked => {
+            return Err(refuse(conflict("appliance_revoked", "the appliance is revoked")).await)
+        }
+    }
+    let argv_text = audit::clip(&req.argv.join(" "), 1024).to_owned();
+    let event = event
+        .with("argv", argv_text)
+        .with("timeout_ms", timeout.as_millis() as i64);
+    let (broker, command_id, mut events) = match s
+        .cluster
+        .exec(&id, req.argv, kind, req.env_allowlist, timeout)
+        .await
+    {
+        Ok(x) => x,
+        Err(code) => {
+            return Err(refuse(conflict(
+                if code == "offline" { "offline" } else { "broker_lost" },
+                format!("appliance {id} is not connected to any broker"),
+            ))
+            .await)
+        }
+    };
+    let event = event.with("broker", broker.as_str());
+    if let Err(e) = s.store.append_audit(&event, now).await {
+        // The command is already on its way; say so loudly rather than hide it.
+        s.metrics.audit_failures.inc();
+        tracing::error!(error = %e, appliance = %id, "cannot audit a command");
+    }
+    info!(by = op.name(), appliance = %id, %broker, command_id, "command sent");
+
+    // Stream lines until the last event; guard the deadline ourselves so a broker that
+    // never answers cannot hold the caller.
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<bytes::Bytes, std::io::Error>>(64);
+    let deadline = tokio::time::Instant::now() + timeout + DEADLINE_GRACE;
+    tokio::spawn(async move {
+        let line = |l: &ExecLine| {
+            let mut v = serde_json::to_vec(l).unwrap_or_default();
+            v.push(b'\n');
+            Ok(bytes::Bytes::from(v))
+        };
+        let _ = tx.send(line(&ExecLine::Started { broker: broker.clone() })).await;
+        let last = loop {
+            let ev = tokio::select! {
+                ev = events.recv() => ev,
+                _ = tokio::time::sleep_until(deadline) => None,
+                _ = tx.closed() => {
+                    // The caller went away: stop the command.
+                    s.cluster.cancel(command_id);
+                    break ExecLine::Failed { code: "cancelled".into(), message: "the caller went away".into() };
+                }
+            };
+            match ev {
+                Some(ExecEvent::Output { stream, data }) => {
+                    if tx.send(line(&ExecLine::Output { stream, data })).await.is_err() {
+                        s.cluster.cancel(command_id);
+                        break ExecLine::Failed { code: "cancelled".into(), message: "the caller went away".into() };
+                    }
+                }
+                Some(ExecEvent::Exit(code)) => break ExecLine::Exit { code },
+                Some(ExecEvent::Failed { code, message }) => break ExecLine::Failed { code, message },
+                None => {
+                    s.cluster.cancel(command_id);
+                    break ExecLine::Failed {
+                        code: "timed_out".into(),
+                        message: format!("no result within {timeout:?}"),
+                    };
+                }
+            }
+        };
+        let (outcome, reason) = match &last {
+            ExecLine::Exit { .. } => ("exit".to_owned(), "exit"),
+            ExecLine::Failed { code, .. } => (code.clone(), "failed"),
+            _ => ("unknown".to_owned(), "failed"),
+        };
+        let mut end = AuditEvent::success(op.actor(), action::APPLIANCE_EXEC, &target)
+            .with("broker", broker.as_str())
+            .with("command_id", command_id as i64);
+        match &last {
+            ExecLine::Exit { code } => end = end.with("exit_code", *code as i64),
+            ExecLine::Failed { code, .. } => {
+                end = end.with_outcome(Outcome::Failed).with("code", code.as_str())
+            }
+            _ => {}
+        }
+        let label: &'static str = match outcome.as_str() {
+            "exit" => "exit",
+            "timed_out" => "timed_out",
+            "connection_lost" => "connection_lost",
+            "broker_lost" => "broker_lost",
+            "offline" => "offline",
+            "cancelled" => "cancelled",
+            _ => reason,
+        };
+        s.metrics.commands.get_or_create(&Reason { reason: label }).inc();
+        if let Err(e) = s.store.append_audit(&end, crate::now_unix()).await {
+            s.metrics.audit_failures.inc();
+            tracing::error!(error = %e, "cannot audit a command's outcome");
+        }
+        let _ = tx.send(line(&last)).await;
+    });
+    let stream = futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|item| (item, rx))
+    });
+    Response::builder()
+        .status(StatusCode::OK)
+        .header(header::CONTENT_TYPE, "application/x-ndjson")
+        .body(Body::from_stream(stream))
+        .map_err(internal)
+}
