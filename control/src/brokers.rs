@@ -80,6 +80,7 @@ pub struct BrokerList {
 
 /// Create broker `name` (or give a pending/revoked one a new bundle), recorded as done by
 /// `actor`. `Conflict` when an active broker has the name.
+#[allow(clippy::too_many_arguments)]
 pub async fn add(
     store: &dyn Store,
     control_url: String,
@@ -107,6 +108,31 @@ pub async fn add(
         token: token.expose().to_owned(),
         expires_at: expires_at.max(0) as u64,
     })
+}
+
+/// The broker addresses handed to appliances: `brokers` from the config when set (a load
+/// balancer, DNS names); otherwise every active broker's own address, those whose channel
+/// is up first.
+pub async fn addresses(s: &AppState) -> Vec<String> {
+    if !s.config.brokers.is_empty() {
+        return s.config.brokers.clone();
+    }
+    let mut out: Vec<String> = s.cluster.links().into_iter().map(|l| l.quic_addr).collect();
+    match s.store.list_brokers().await {
+        Ok(all) => {
+            for b in all {
+                if b.status == BrokerStatus::Active {
+                    if let Some(addr) = b.quic_addr {
+                        if !out.contains(&addr) {
+                            out.push(addr);
+                        }
+                    }
+                }
+            }
+        }
+        Err(e) => warn!(error = %e, "cannot list brokers for an enrollment answer"),
+    }
+    out
 }
 
 fn bad(code: &'static str, message: impl Into<String>) -> ApiError {

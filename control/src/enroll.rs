@@ -444,7 +444,7 @@ pub(crate) async fn issue_and_record(
         certificate_pem: issued.chain_pem,
         expires_at: rfc3339(issued.not_after),
         ca_pem: s.ca.root_pem(),
-        brokers: s.config.brokers.clone(),
+        brokers: crate::brokers::addresses(s).await,
         fingerprint: issued.fingerprint_hex,
         not_after: issued.not_after,
     })

@@ -41,6 +41,7 @@ pub mod operators;
 pub mod proof;
 pub mod rate_limit;
 pub mod renew;
+pub mod run;
 pub mod server;
 pub mod store;
 pub mod token;

@@ -345,8 +345,6 @@ async fn main() -> anyhow::Result<()> {
             admin_bundle,
         } => {
             let data_dir = dir.data_dir;
-            std::fs::create_dir_all(&data_dir)
-                .with_context(|| format!("creating {}", data_dir.display()))?;
             let mut cfg = ControlConfig {
                 trust_domain,
                 brokers,
@@ -362,44 +360,15 @@ async fn main() -> anyhow::Result<()> {
             if let Some(l) = listen {
                 cfg.listen = l;
             }
-            cfg.validate()?;
-            let now_utc = time::OffsetDateTime::now_utc();
-            let ca = if kms {
-                let settings = tether_control::ca::KmsSettings {
-                    region: kms_region,
-                    endpoint_url: kms_endpoint_url,
-                    root_key: kms_root_key,
-                    intermediate_key: kms_intermediate_key,
-                    ..Default::default()
-                };
-                tether_control::ca::Ca::init_kms(
-                    &data_dir,
-                    &tether_control::ca_config(&cfg),
-                    &settings,
-                    now_utc,
-                )?
-            } else {
-                tether_control::ca::Ca::init(&data_dir, &tether_control::ca_config(&cfg), now_utc)?
-            };
-            cfg.save(&data_dir)?;
-            let store = tether_control::open_store(&cfg, &data_dir).await?;
-            let backend = match ca.backend() {
-                tether_control::ca::CaBackend::Local => "local",
-                _ => "kms",
-            };
-            store
-                .append_audit(
-                    &tether_control::audit::AuditEvent::success(
-                        tether_control::audit::Actor::system("local-admin"),
-                        tether_control::audit::action::CONTROL_INIT,
-                        cfg.trust_domain.clone(),
-                    )
-                    .with("ca_keys", backend),
-                    now,
-                )
-                .await?;
+            let kms = kms.then(|| tether_control::ca::KmsSettings {
+                region: kms_region,
+                endpoint_url: kms_endpoint_url,
+                root_key: kms_root_key,
+                intermediate_key: kms_intermediate_key,
+                ..Default::default()
+            });
+            let (ca, store) = tether_control::run::init(&data_dir, &cfg, kms).await?;
             let root = data_dir.join("ca").join("root.pem");
-            std::fs::write(&root, ca.root_pem())?;
             println!(
                 "initialised {} for trust domain {}",
                 data_dir.display(),
@@ -433,44 +402,8 @@ async fn main() -> anyhow::Result<()> {
             listen,
             metrics_listen,
         } => {
-            let (mut cfg, store) = open(&dir.data_dir).await?;
-            if let Some(l) = listen {
-                cfg.listen = l;
-            }
-            if let Some(l) = metrics_listen {
-                cfg.metrics_listen = l;
-            }
-            let mut ca =
-                tether_control::ca::Ca::load(&dir.data_dir, &tether_control::ca_config(&cfg))?;
-            ca.ensure_control_leaf(
-                time::OffsetDateTime::now_utc(),
-                Duration::from_secs(7 * 86_400),
-            )?;
-            let listener = tokio::net::TcpListener::bind(cfg.listen)
-                .await
-                .with_context(|| format!("cannot listen on {}", cfg.listen))?;
-            tracing::info!(version = env!("CARGO_PKG_VERSION"), listen = %listener.local_addr()?, trust_domain = %cfg.trust_domain, "tether-control serving");
-            let proofs = tether_control::proof::Verifiers::new(&cfg.proofs)
-                .context("building the platform proof verifiers")?;
-            let metrics = Arc::new(tether_control::metrics::Metrics::new());
-            let metrics_listener = tokio::net::TcpListener::bind(cfg.metrics_listen)
-                .await
-                .with_context(|| format!("cannot listen on {} (metrics)", cfg.metrics_listen))?;
-            tracing::info!(listen = %metrics_listener.local_addr()?, "metrics listening (HTTP, /metrics)");
-            let metrics_app = tether_control::metrics::router(metrics.clone());
-            tokio::spawn(async move {
-                if let Err(e) = axum::serve(metrics_listener, metrics_app).await {
-                    tracing::error!(error = %e, "metrics listener failed");
-                }
-            });
-            let state = tether_control::api::AppState {
-                store,
-                ca: Arc::new(ca),
-                metrics,
-                proofs: Arc::new(proofs),
-                config: Arc::new(cfg),
-                cluster: Arc::new(tether_control::cluster::Cluster::new()),
-            };
+            let started =
+                tether_control::run::Started::bind(&dir.data_dir, listen, metrics_listen).await?;
             let shutdown = CancellationToken::new();
             let trigger = shutdown.clone();
             tokio::spawn(async move {
@@ -483,20 +416,7 @@ async fn main() -> anyhow::Result<()> {
                 }
                 trigger.cancel();
             });
-            tokio::spawn(tether_control::renew::expire_overlaps_forever(
-                state.store.clone(),
-                state.config.enroll.overlap_sweep,
-                shutdown.clone(),
-            ));
-            let signer = CheckpointSigner::from_ca(&state.ca)
-                .context("the control certificate cannot sign audit checkpoints")?;
-            tokio::spawn(checkpoint::checkpoint_forever(
-                state.store.clone(),
-                Arc::new(signer),
-                state.config.audit.checkpoint_every,
-                shutdown.clone(),
-            ));
-            tether_control::server::serve(state, listener, shutdown).await?;
+            started.serve(shutdown).await?;
         }
         Cmd::Appliance(cmd) => appliance(cmd, now).await?,
         Cmd::Audit(cmd) => audit_cmd(cmd).await?,
