@@ -298,6 +298,11 @@ impl Allowlist {
         self.current.load()
     }
 
+    /// The snapshot in force, as an owned `Arc` (to keep across an `await`).
+    pub fn snapshot_full(&self) -> Arc<Snapshot> {
+        self.current.load_full()
+    }
+
     /// Whether `fp` is currently allowed for `appliance`.
     #[inline]
     pub fn allows(&self, appliance: &ApplianceId, fp: &Fingerprint) -> bool {

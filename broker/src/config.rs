@@ -70,6 +70,12 @@ pub mod env {
     pub const RECONNECT_JITTER: &str = "TETHER_BROKER_RECONNECT_JITTER";
     /// `session.heartbeat_interval`.
     pub const HEARTBEAT_INTERVAL: &str = "TETHER_BROKER_HEARTBEAT_INTERVAL";
+    /// `control.data_dir`.
+    pub const DATA_DIR: &str = "TETHER_BROKER_DATA_DIR";
+    /// `control.bundle`.
+    pub const BUNDLE: &str = "TETHER_BROKER_BUNDLE";
+    /// `control.advertise`.
+    pub const ADVERTISE: &str = "TETHER_BROKER_ADVERTISE";
     /// Log format, `text` or `json`.
     pub const LOG_FORMAT: &str = "TETHER_BROKER_LOG_FORMAT";
 }
@@ -83,7 +89,8 @@ pub struct Config {
     /// Admin HTTP listen address (`/metrics`, `/healthz`, `/v1/...`). Default
     /// `127.0.0.1:7444`; keep it on loopback or a management network.
     pub admin_listen: SocketAddr,
-    /// SPIFFE trust domain of appliance identities. Required.
+    /// SPIFFE trust domain of appliance identities. Required in standalone mode; in control
+    /// mode it comes from the stored credential (if set, it must match).
     pub trust_domain: String,
     /// Certificates and keys.
     pub tls: TlsConfig,
@@ -97,8 +104,26 @@ pub struct Config {
     pub drain: DrainConfig,
     /// QUIC transport tuning.
     pub transport: TransportSettings,
+    /// Control mode: the allowlist, the certificates and the trust domain come from
+    /// control instead of files.
+    pub control: ControlConfig,
 }
 
+/// `[control]`: set `data_dir` to run in control mode.
+#[derive(Clone, Deserialize, Default, Debug)]
+#[serde(default, deny_unknown_fields)]
+pub struct ControlConfig {
+    /// Folder of the broker's credential and cached allowlist (created if missing). Setting
+    /// it selects control mode, where `tls.*` and `allowlist.file` are not used. No
+    /// default.
+    pub data_dir: Option<PathBuf>,
+    /// One-time bundle from `tether broker add NAME`, used to enroll when `data_dir` holds
+    /// no credential yet (ignored, with a log line, once it does). No default.
+    pub bundle: Option<PathBuf>,
+    /// `host:port` agents reach this broker at, reported to control. Default: the bound
+    /// QUIC address, with an unspecified IP (`0.0.0.0`, `::`) replaced by `127.0.0.1`.
+    pub advertise: Option<String>,
+}
 /// `[tls]`
 #[derive(Clone, Deserialize, Default)]
 #[serde(default, deny_unknown_fields)]
@@ -245,6 +270,7 @@ impl Default for Config {
             limits: LimitsConfig::default(),
             drain: DrainConfig::default(),
             transport: TransportSettings::default(),
+            control: ControlConfig::default(),
         }
     }
 }
@@ -261,6 +287,7 @@ impl fmt::Debug for Config {
             limits,
             drain,
             transport,
+            control,
         } = self;
         let TlsConfig { ca, cert, key } = tls;
         f.debug_struct("Config")
@@ -299,6 +326,9 @@ impl fmt::Debug for Config {
                 "transport.segmentation_offload",
                 &transport.segmentation_offload,
             )
+            .field("control.data_dir", &control.data_dir)
+            .field("control.bundle", &control.bundle)
+            .field("control.advertise", &control.advertise)
             .finish()
     }
 }
@@ -366,14 +396,82 @@ impl Config {
         if let Some(f) = self.allowlist.file.as_mut() {
             fix(f);
         }
+        if let Some(f) = self.control.data_dir.as_mut() {
+            fix(f);
+        }
+        if let Some(f) = self.control.bundle.as_mut() {
+            fix(f);
+        }
+    }
+
+    /// Whether the broker runs in control mode (`control.data_dir` is set).
+    pub fn control_mode(&self) -> bool {
+        self.control.data_dir.is_some()
     }
 
     /// Check every field; the error names the first bad one.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.control_mode() {
+            self.validate_control()?;
+        } else {
+            self.validate_standalone()?;
+        }
+        self.validate_common()
+    }
+
+    fn validate_control(&self) -> Result<(), ConfigError> {
         let invalid = |field, reason: &str| ConfigError::Invalid {
             field,
             reason: reason.to_owned(),
         };
+        if !self.trust_domain.is_empty() && !crate::verifier::valid_trust_domain(&self.trust_domain)
+        {
+            return Err(invalid(
+                "trust_domain",
+                "lowercase letters, digits, '.', '-', '_'",
+            ));
+        }
+        let unused = "not used in control mode (the broker's certificate and CA come from control)";
+        if !self.tls.ca.as_os_str().is_empty() {
+            return Err(invalid("tls.ca", unused));
+        }
+        if !self.tls.cert.as_os_str().is_empty() {
+            return Err(invalid("tls.cert", unused));
+        }
+        if !self.tls.key.as_os_str().is_empty() {
+            return Err(invalid("tls.key", unused));
+        }
+        if self.allowlist.file.is_some() {
+            return Err(invalid(
+                "allowlist.file",
+                "not used in control mode (control is the allowlist's source)",
+            ));
+        }
+        if let Some(a) = &self.control.advertise {
+            if !valid_host_port(a) {
+                return Err(invalid("control.advertise", "must be host:port"));
+            }
+        }
+        Ok(())
+    }
+
+    fn validate_standalone(&self) -> Result<(), ConfigError> {
+        let invalid = |field, reason: &str| ConfigError::Invalid {
+            field,
+            reason: reason.to_owned(),
+        };
+        if self.control.bundle.is_some() {
+            return Err(invalid(
+                "control.bundle",
+                "needs control.data_dir (--data-dir), where the credential is stored",
+            ));
+        }
+        if self.control.advertise.is_some() {
+            return Err(invalid(
+                "control.advertise",
+                "needs control.data_dir (--data-dir)",
+            ));
+        }
         if !crate::verifier::valid_trust_domain(&self.trust_domain) {
             return Err(invalid(
                 "trust_domain",
@@ -395,6 +493,14 @@ impl Config {
                 "required (the standalone broker admits only pinned certificates)",
             ));
         }
+        Ok(())
+    }
+
+    fn validate_common(&self) -> Result<(), ConfigError> {
+        let invalid = |field, reason: &str| ConfigError::Invalid {
+            field,
+            reason: reason.to_owned(),
+        };
         if self.session.heartbeat_interval < Duration::from_millis(100) {
             return Err(invalid(
                 "session.heartbeat_interval",
@@ -434,6 +540,16 @@ impl Config {
             ));
         }
         Ok(())
+    }
+}
+
+/// `host:port` with a non-empty host (an IPv6 host in brackets) and a valid port.
+pub fn valid_host_port(s: &str) -> bool {
+    match s.rsplit_once(':') {
+        Some((host, port)) => {
+            !host.is_empty() && !host.contains(char::is_whitespace) && port.parse::<u16>().is_ok()
+        }
+        None => false,
     }
 }
 
@@ -481,5 +597,66 @@ mod tests {
         let text = "trust_domain = \"t\"\nbogus = 1\n";
         let err = Config::from_toml(text, Path::new("."), Path::new("x")).unwrap_err();
         assert!(err.to_string().contains("bogus"), "{err}");
+    }
+
+    #[test]
+    fn control_mode_needs_no_files_and_refuses_them() {
+        let text = r#"
+            [control]
+            data_dir = "state"
+            bundle = "bundle.json"
+            advertise = "edge-1.example.test:7443"
+        "#;
+        let cfg = Config::from_toml(text, Path::new("/etc/tether"), Path::new("x")).unwrap();
+        assert!(cfg.control_mode());
+        assert_eq!(
+            cfg.control.data_dir.as_deref(),
+            Some(Path::new("/etc/tether/state"))
+        );
+        assert_eq!(
+            cfg.control.bundle.as_deref(),
+            Some(Path::new("/etc/tether/bundle.json"))
+        );
+        cfg.validate().unwrap();
+        let mut with_file = cfg.clone();
+        with_file.allowlist.file = Some("a.txt".into());
+        assert!(matches!(
+            with_file.validate(),
+            Err(ConfigError::Invalid {
+                field: "allowlist.file",
+                ..
+            })
+        ));
+        let mut with_cert = cfg.clone();
+        with_cert.tls.cert = "c.pem".into();
+        assert!(matches!(
+            with_cert.validate(),
+            Err(ConfigError::Invalid {
+                field: "tls.cert",
+                ..
+            })
+        ));
+        let mut bad = cfg;
+        bad.control.advertise = Some("no-port".into());
+        assert!(matches!(
+            bad.validate(),
+            Err(ConfigError::Invalid {
+                field: "control.advertise",
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn a_bundle_without_a_data_dir_is_refused() {
+        let text = "trust_domain = \"t\"\n[control]\nbundle = \"b.json\"\n";
+        let cfg = Config::from_toml(text, Path::new("."), Path::new("x")).unwrap();
+        assert!(matches!(
+            cfg.validate(),
+            Err(ConfigError::Invalid {
+                field: "control.bundle",
+                ..
+            })
+        ));
     }
 }

@@ -16,9 +16,18 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 ///
 /// Admits a client only if its certificate chains to the fleet CA, carries exactly one
 /// SAN URI spiffe://<trust-domain>/appliance/<id>, and has its SHA-256 fingerprint in the
-/// allowlist for that appliance. Editing the allowlist file (or SIGHUP) applies changes
-/// live: sessions of removed fingerprints are closed at once. SIGTERM drains: every agent
-/// gets GoAway and reconnects elsewhere.
+/// allowlist for that appliance. Sessions of removed fingerprints are closed at once.
+/// SIGTERM drains: every agent gets GoAway and reconnects elsewhere.
+///
+/// Standalone mode: --trust-domain, --tls-ca/--tls-cert/--tls-key and --allowlist FILE;
+/// editing the file (or SIGHUP) applies changes live.
+///
+/// Control mode: --data-dir DIR. The first start also takes --bundle FILE (from
+/// `tether broker add NAME`): the broker makes its key, enrolls with control and stores
+/// its credential in DIR (broker.json, ca.pem, broker.pem, broker.key); later starts need
+/// only --data-dir. The allowlist comes from control and is cached in
+/// DIR/allowlist.snapshot, which is enforced while control is unreachable. The broker
+/// renews its own certificate before it expires.
 ///
 /// Settings come from the TOML file, then environment variables, then flags (flags win).
 #[derive(Debug, Parser)]
@@ -48,6 +57,16 @@ struct Cli {
     /// Allowlist file: `<appliance-id> <sha256-hex>` per line, `#` comments.
     #[arg(long, env = env::ALLOWLIST_FILE)]
     allowlist: Option<PathBuf>,
+    /// Control mode: folder of the broker's credential and cached allowlist.
+    #[arg(long, env = env::DATA_DIR)]
+    data_dir: Option<PathBuf>,
+    /// Control mode: one-time bundle to enroll with (ignored once DIR holds a credential).
+    #[arg(long, env = env::BUNDLE)]
+    bundle: Option<PathBuf>,
+    /// Control mode: host:port agents reach this broker at, reported to control
+    /// [default: the QUIC listen address, 0.0.0.0 replaced by 127.0.0.1].
+    #[arg(long, env = env::ADVERTISE)]
+    advertise: Option<String>,
     /// Heartbeat interval announced to agents (e.g. 15s) [default: 15s].
     #[arg(long, env = env::HEARTBEAT_INTERVAL, value_parser = humantime::parse_duration)]
     heartbeat_interval: Option<Duration>,
@@ -77,6 +96,9 @@ impl Cli {
             tls_cert,
             tls_key,
             allowlist,
+            data_dir,
+            bundle,
+            advertise,
             heartbeat_interval,
             drain_timeout,
             reconnect_jitter,
@@ -102,6 +124,15 @@ impl Cli {
         }
         if let Some(v) = allowlist {
             cfg.allowlist.file = Some(v);
+        }
+        if let Some(v) = data_dir {
+            cfg.control.data_dir = Some(v);
+        }
+        if let Some(v) = bundle {
+            cfg.control.bundle = Some(v);
+        }
+        if let Some(v) = advertise {
+            cfg.control.advertise = Some(v);
         }
         if let Some(v) = heartbeat_interval {
             cfg.session.heartbeat_interval = v;

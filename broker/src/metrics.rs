@@ -76,6 +76,22 @@ pub struct Metrics {
     pub commands: Family<Outcome, Counter>,
     /// Bytes of UDP receive buffer the kernel granted.
     pub udp_recv_buffer_bytes: Gauge,
+    /// Control mode: 1 while the cluster channel to control is up.
+    pub control_connected: Gauge,
+    /// Control mode: 1 while the allowlist in force is not known to be control's latest
+    /// (from start until the first `Synced`, and whenever the channel is down).
+    pub allowlist_stale: Gauge,
+    /// Control mode: Unix time the allowlist was last known to be in sync with control.
+    pub allowlist_synced_timestamp_seconds: Gauge,
+    /// Control mode: cluster channels that ended in error, by reason.
+    pub control_channel_errors: Family<Reason, Counter>,
+    /// Presence reports dropped because their queue was full, by kind (`heartbeat`,
+    /// `session_event`).
+    pub presence_dropped: Family<Kind, Counter>,
+    /// Control mode: `notAfter` of the broker's own certificate (Unix seconds).
+    pub certificate_expiry_timestamp_seconds: Gauge,
+    /// Control mode: renewals of the broker's own certificate, by result.
+    pub certificate_renewals: Family<Outcome, Counter>,
 }
 
 impl Default for Metrics {
@@ -106,6 +122,13 @@ impl Metrics {
             sessions_revoked: Counter::default(),
             commands: Family::default(),
             udp_recv_buffer_bytes: Gauge::default(),
+            control_connected: Gauge::default(),
+            allowlist_stale: Gauge::default(),
+            allowlist_synced_timestamp_seconds: Gauge::default(),
+            control_channel_errors: Family::default(),
+            presence_dropped: Family::default(),
+            certificate_expiry_timestamp_seconds: Gauge::default(),
+            certificate_renewals: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -189,6 +212,41 @@ impl Metrics {
             "UDP receive buffer granted by the kernel",
             m.udp_recv_buffer_bytes.clone(),
         );
+        registry.register(
+            "broker_control_connected",
+            "1 while the cluster channel to control is up",
+            m.control_connected.clone(),
+        );
+        registry.register(
+            "broker_allowlist_stale",
+            "1 while the allowlist in force is not known to be in sync with control",
+            m.allowlist_stale.clone(),
+        );
+        registry.register(
+            "broker_allowlist_synced_timestamp_seconds",
+            "Unix time the allowlist was last in sync with control",
+            m.allowlist_synced_timestamp_seconds.clone(),
+        );
+        registry.register(
+            "broker_control_channel_errors",
+            "Cluster channels to control that ended in error, by reason",
+            m.control_channel_errors.clone(),
+        );
+        registry.register(
+            "broker_presence_dropped",
+            "Presence reports dropped because their queue was full, by kind",
+            m.presence_dropped.clone(),
+        );
+        registry.register(
+            "broker_certificate_expiry_timestamp_seconds",
+            "notAfter of the broker's own certificate (Unix seconds)",
+            m.certificate_expiry_timestamp_seconds.clone(),
+        );
+        registry.register(
+            "broker_certificate_renewals",
+            "Renewals of the broker's own certificate, by result",
+            m.certificate_renewals.clone(),
+        );
         Metrics { registry, ..m }
     }
 
@@ -202,6 +260,18 @@ impl Metrics {
     /// Count a protocol violation.
     pub fn protocol_error(&self, kind: &'static str) {
         self.protocol_errors.get_or_create(&Kind { kind }).inc();
+    }
+
+    /// Count a dropped presence report.
+    pub fn presence_dropped(&self, kind: &'static str) {
+        self.presence_dropped.get_or_create(&Kind { kind }).inc();
+    }
+
+    /// Count a cluster channel that ended in error.
+    pub fn channel_error(&self, reason: &'static str) {
+        self.control_channel_errors
+            .get_or_create(&Reason { reason })
+            .inc();
     }
 
     /// Render the Prometheus text exposition format.

@@ -44,7 +44,9 @@ use tracing::{debug, info, warn, Instrument};
 use crate::allowlist::Allowlist;
 use crate::config::Config;
 use crate::metrics::{Kind, Metrics, Outcome, Reason};
+use crate::presence::{Generations, Presence};
 use crate::sessions::{close, SessionInfo, SessionTable};
+use crate::tls::CertStore;
 use crate::verifier::{ApplianceVerifier, Rejection, VerifiedAppliance};
 
 /// TLS alert `certificate_required` (RFC 8446): the client sent no certificate.
@@ -82,6 +84,30 @@ pub struct Broker {
     /// Cancelled when the broker starts draining; every session driver sends `GoAway`.
     draining: CancellationToken,
     command_ids: AtomicU64,
+    cert: Arc<CertStore>,
+    presence: Presence,
+    generations: Arc<Generations>,
+}
+
+/// Everything a broker is built from besides its configuration. [`Broker::bind`] fills it
+/// from the configured files (standalone mode); control mode fills it from the data
+/// directory and the control channel.
+#[derive(Debug)]
+pub struct BrokerParts {
+    /// CA certificates appliance certificates chain to.
+    pub ca: Vec<rustls::pki_types::CertificateDer<'static>>,
+    /// The broker's own certificate (swappable).
+    pub cert: Arc<CertStore>,
+    /// The allowlist, holding its initial snapshot.
+    pub allowlist: Arc<Allowlist>,
+    /// The session table.
+    pub sessions: Arc<SessionTable>,
+    /// The metrics.
+    pub metrics: Arc<Metrics>,
+    /// Where session drivers report presence.
+    pub presence: Presence,
+    /// Manual-renewal generations by appliance.
+    pub generations: Arc<Generations>,
 }
 
 /// A command to run on an appliance.
@@ -143,6 +169,37 @@ impl Broker {
     ) -> anyhow::Result<Arc<Broker>> {
         let provider = crate::tls::provider();
         let ca = crate::tls::load_certs(&config.tls.ca)?;
+        let cert = Arc::new(CertStore::load(
+            &config.tls.cert,
+            &config.tls.key,
+            &provider,
+        )?);
+        Broker::bind_parts(
+            config,
+            BrokerParts {
+                ca,
+                cert,
+                allowlist,
+                sessions,
+                presence: Presence::disabled(),
+                generations: Arc::new(Generations::new()),
+                metrics,
+            },
+        )
+    }
+
+    /// Bind the QUIC endpoint from `parts`.
+    pub fn bind_parts(config: Arc<Config>, parts: BrokerParts) -> anyhow::Result<Arc<Broker>> {
+        let BrokerParts {
+            ca,
+            cert,
+            allowlist,
+            sessions,
+            metrics,
+            presence,
+            generations,
+        } = parts;
+        let provider = crate::tls::provider();
         let verifier = Arc::new(ApplianceVerifier::new(
             &ca,
             &config.trust_domain,
@@ -150,7 +207,8 @@ impl Broker {
             metrics.clone(),
             provider.clone(),
         )?);
-        let server_config = crate::tls::server_config(&config, verifier.clone(), provider)?;
+        let server_config =
+            crate::tls::server_config(&config, verifier.clone(), cert.clone(), provider)?;
         let (socket, granted) =
             crate::tls::bind_udp(config.listen, config.transport.udp_recv_buffer)?;
         metrics
@@ -171,6 +229,9 @@ impl Broker {
             metrics,
             draining: CancellationToken::new(),
             command_ids: AtomicU64::new(1),
+            cert,
+            presence,
+            generations,
         }))
     }
 
@@ -192,6 +253,21 @@ impl Broker {
     /// The allowlist.
     pub fn allowlist(&self) -> &Arc<Allowlist> {
         &self.allowlist
+    }
+
+    /// The broker's own certificate.
+    pub fn cert(&self) -> &Arc<CertStore> {
+        &self.cert
+    }
+
+    /// Manual-renewal generations by appliance.
+    pub fn generations(&self) -> &Arc<Generations> {
+        &self.generations
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &Arc<Config> {
+        &self.config
     }
 
     /// Whether the broker is draining.
@@ -412,7 +488,7 @@ impl Broker {
                 heartbeat_interval: cfg.heartbeat_interval,
                 missed_heartbeats: tether_proto::session::DEFAULT_MISSED_HEARTBEATS,
                 hello_timeout: cfg.hello_timeout,
-                manual_renewal_generation: 0,
+                manual_renewal_generation: self.generations.get(verified.appliance()),
             },
             now(),
         );
@@ -471,6 +547,13 @@ impl Broker {
                 _ = tokio::time::sleep_until(drain_at), if drain_deadline.is_some() => {
                     break Some(CloseCode::Draining);
                 }
+                _ = renewal_changed(info.as_deref()) => {
+                    if let Some(s) = &info {
+                        let generation = s.renewal_generation.load(Ordering::Relaxed);
+                        debug!(generation, "manual-renewal generation changed");
+                        session.set_manual_renewal_generation(generation);
+                    }
+                }
             }
             // Events: register on Hello, note heartbeats.
             while let Some(event) = session.poll_event() {
@@ -498,12 +581,21 @@ impl Broker {
                             cert_not_after_ms: hello.cert_not_after_ms.into(),
                             last_heartbeat_ms: 0.into(),
                             trust_state: 0.into(),
+                            renewal_generation: 0.into(),
+                            renewal_changed: tokio::sync::Notify::new(),
+                            close_code: crate::sessions::NOT_CLOSED.into(),
                         });
                         if let Some(old) = self.sessions.insert(s.clone()) {
                             info!(old_session = old.session_id, "superseding older session");
                             old.close(CloseCode::Superseded, &self.metrics);
                         }
                         self.metrics.sessions.inc();
+                        // Generations that changed between `Welcome` and the insert went
+                        // to the older session (or nowhere): take the current one now.
+                        let generation = self.generations.get(verified.appliance());
+                        s.renewal_generation.store(generation, Ordering::Relaxed);
+                        session.set_manual_renewal_generation(generation);
+                        self.presence.session_up(&s);
                         info!(session_id, agent_version = %s.agent_version, "session established");
                         info = Some(s);
                         // A revocation applied after the handshake but before the insert
@@ -524,6 +616,7 @@ impl Broker {
                             s.cert_not_after_ms
                                 .store(hb.cert_not_after_ms, Ordering::Relaxed);
                             s.trust_state.store(hb.trust_state as u8, Ordering::Relaxed);
+                            self.presence.heartbeat(s);
                         }
                     }
                     BrokerEvent::Status(status) => {
@@ -550,6 +643,13 @@ impl Broker {
         // The connection ends with its session, whatever ended the loop (a reset session
         // stream, a write that timed out): a connection outside the session table is out of
         // revocation's reach. A no-op if it is already closed.
+        let peer_code = match conn.close_reason() {
+            Some(quinn::ConnectionError::ApplicationClosed(c)) => {
+                CloseCode::from_code(c.error_code.into_inner())
+            }
+            Some(quinn::ConnectionError::TimedOut) => Some(CloseCode::IdleTimeout),
+            _ => None,
+        };
         close(
             &conn,
             code.unwrap_or(CloseCode::ProtocolError),
@@ -560,6 +660,15 @@ impl Broker {
                 debug!("session removed");
             }
             self.metrics.sessions.dec();
+            // Why it ended: a close from outside the driver (revoked, superseded, control)
+            // wins over what the driver saw (a read error once the connection was closed).
+            let reason = s
+                .closed_with()
+                .or(code)
+                .or(peer_code)
+                .map(CloseCode::as_str)
+                .unwrap_or("connection_lost");
+            self.presence.session_down(&s, reason);
         }
         let reason = conn.closed().await;
         debug!(reason = %reason, "connection closed");
@@ -670,6 +779,14 @@ impl Broker {
             .instrument(span),
         );
         Ok(rx)
+    }
+}
+
+/// Resolves when `info`'s manual-renewal generation changes; never without a session.
+async fn renewal_changed(info: Option<&SessionInfo>) {
+    match info {
+        Some(s) => s.renewal_changed.notified().await,
+        None => std::future::pending().await,
     }
 }
 

@@ -39,7 +39,19 @@ pub struct SessionInfo {
     pub last_heartbeat_ms: AtomicI64,
     /// Last reported trust state (`TrustState as u8`).
     pub trust_state: AtomicU8,
+    /// The appliance's manual-renewal generation from control; the driver puts it into
+    /// the session's next `HeartbeatAck` when [`SessionInfo::renewal_changed`] fires.
+    pub renewal_generation: AtomicU64,
+    /// Notified when [`SessionInfo::renewal_generation`] changes.
+    pub renewal_changed: tokio::sync::Notify,
+    /// The code this session was closed with from outside its driver (revoked,
+    /// superseded, draining, a close from control), `u8::MAX` while none: the driver
+    /// reports it as the reason the session ended.
+    pub close_code: AtomicU8,
 }
+
+/// [`SessionInfo::close_code`] while the session was not closed from outside.
+pub const NOT_CLOSED: u8 = u8::MAX;
 
 impl SessionInfo {
     /// The last trust state the agent reported.
@@ -54,7 +66,28 @@ impl SessionInfo {
 
     /// Close the connection with `code`.
     pub fn close(&self, code: CloseCode, metrics: &Metrics) {
+        let _ = self.close_code.compare_exchange(
+            NOT_CLOSED,
+            code.code() as u8,
+            Ordering::Relaxed,
+            Ordering::Relaxed,
+        );
         close(&self.connection, code, metrics);
+    }
+
+    /// The code the session was closed with from outside its driver, if any.
+    pub fn closed_with(&self) -> Option<CloseCode> {
+        match self.close_code.load(Ordering::Relaxed) {
+            NOT_CLOSED => None,
+            c => CloseCode::from_code(u64::from(c)),
+        }
+    }
+
+    /// Set the manual-renewal generation and wake the driver if it changed.
+    pub fn set_renewal_generation(&self, generation: u64) {
+        if self.renewal_generation.swap(generation, Ordering::Relaxed) != generation {
+            self.renewal_changed.notify_one();
+        }
     }
 }
 
@@ -144,6 +177,23 @@ impl SessionTable {
             }
         }
         closed
+    }
+
+    /// Close the appliance's session if it is still `session_id`. Returns whether it was.
+    pub fn close_if(
+        &self,
+        appliance: &str,
+        session_id: u64,
+        code: CloseCode,
+        metrics: &Metrics,
+    ) -> bool {
+        match self.get(appliance) {
+            Some(s) if s.session_id == session_id => {
+                s.close(code, metrics);
+                true
+            }
+            _ => false,
+        }
     }
 
     /// Every live session (a copy of the handles).

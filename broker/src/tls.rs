@@ -11,8 +11,10 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
 
+use arc_swap::ArcSwap;
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::sign::CertifiedKey;
 use thiserror::Error;
 
 use crate::config::Config;
@@ -90,19 +92,92 @@ pub fn provider() -> Arc<CryptoProvider> {
     Arc::new(p)
 }
 
+/// The broker's own certificate and key, swappable while the broker runs: the QUIC server
+/// presents it to agents, and in control mode the broker presents it to control. A renewal
+/// [`CertStore::swap`]s in the new one; handshakes already under way keep the old one.
+#[derive(Debug)]
+pub struct CertStore {
+    current: ArcSwap<CertifiedKey>,
+}
+
+impl CertStore {
+    /// A store holding `chain` (leaf first) and its `key`. Fails if the provider cannot use
+    /// the key or the key does not match the leaf.
+    pub fn new(
+        chain: Vec<CertificateDer<'static>>,
+        key: PrivateKeyDer<'static>,
+        provider: &CryptoProvider,
+    ) -> Result<CertStore, TlsError> {
+        Ok(CertStore {
+            current: ArcSwap::from_pointee(certified_key(chain, key, provider)?),
+        })
+    }
+
+    /// Read the chain and key from PEM files.
+    pub fn load(cert: &Path, key: &Path, provider: &CryptoProvider) -> Result<CertStore, TlsError> {
+        CertStore::new(load_certs(cert)?, load_key(key)?, provider)
+    }
+
+    /// Replace the certificate; the next handshake uses the new one.
+    pub fn swap(&self, key: CertifiedKey) {
+        self.current.store(Arc::new(key));
+    }
+
+    /// The certificate in force.
+    pub fn current(&self) -> Arc<CertifiedKey> {
+        self.current.load_full()
+    }
+}
+
+/// A rustls signing key for `chain`, checked against the leaf.
+pub fn certified_key(
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+    provider: &CryptoProvider,
+) -> Result<CertifiedKey, TlsError> {
+    if chain.is_empty() {
+        return Err(TlsError::NoCertificate("certificate chain".into()));
+    }
+    let signing = provider.key_provider.load_private_key(key)?;
+    let ck = CertifiedKey::new(chain, signing);
+    ck.keys_match()?;
+    Ok(ck)
+}
+
+impl rustls::server::ResolvesServerCert for CertStore {
+    fn resolve(&self, _hello: rustls::server::ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.current())
+    }
+}
+
+impl rustls::client::ResolvesClientCert for CertStore {
+    fn resolve(
+        &self,
+        _root_hint_subjects: &[&[u8]],
+        sigschemes: &[rustls::SignatureScheme],
+    ) -> Option<Arc<CertifiedKey>> {
+        let ck = self.current();
+        ck.key.choose_scheme(sigschemes).is_some().then_some(ck)
+    }
+
+    fn has_certs(&self) -> bool {
+        true
+    }
+}
+
 /// The QUIC server config: TLS 1.3, ALPN `tether/1`, the appliance verifier, no session
-/// resumption (a resumed handshake would skip the verifier), tuned transport.
+/// resumption (a resumed handshake would skip the verifier), tuned transport. The
+/// certificate comes from `cert`, so a renewal takes effect without a restart.
 pub fn server_config(
     cfg: &Config,
     verifier: Arc<ApplianceVerifier>,
+    cert: Arc<CertStore>,
     provider: Arc<CryptoProvider>,
 ) -> Result<quinn::ServerConfig, TlsError> {
-    let chain = load_certs(&cfg.tls.cert)?;
-    let key = load_key(&cfg.tls.key)?;
     let mut tls = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(verifier)
-        .with_single_cert(chain, key)?;
+        .with_cert_resolver(cert);
     tls.alpn_protocols = vec![tether_proto::ALPN.to_vec()];
     tls.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
     tls.send_tls13_tickets = 0;

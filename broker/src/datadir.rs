@@ -1,0 +1,368 @@
+//! The control-mode data directory: the broker's identity, credential and cached allowlist.
+//!
+//! | file | contents |
+//! |---|---|
+//! | `broker.json` | [`BrokerIdentity`]: name, trust domain, control URL |
+//! | `ca.pem` | the root CA (control's certificate and every appliance chain to it) |
+//! | `broker.pem` | the broker's chain: leaf (`spiffe://<td>/broker/<name>`), intermediate |
+//! | `broker.key` | its private key (PKCS#8 PEM, mode 0600) |
+//! | `allowlist.snapshot` | the last allowlist from control ([`crate::snapshot`]) |
+//!
+//! Every file is written with [`write_atomic`] (temporary file, fsync, rename, fsync of
+//! the folder). A renewal replaces the key and the chain together: both are first written
+//! as `broker.key.next` and `broker.pem.next` (the chain last, and itself atomically), then
+//! renamed into place, key first. A crash between the two renames leaves
+//! `broker.pem.next`, which [`DataDir::load`] finishes moving, so the key and the chain on
+//! disk always match.
+
+use std::fmt;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use serde::{Deserialize, Serialize};
+use tether_proto::cluster::BrokerBundle;
+use thiserror::Error;
+
+/// `broker.json`.
+pub const IDENTITY_FILE: &str = "broker.json";
+/// `ca.pem`.
+pub const CA_FILE: &str = "ca.pem";
+/// `broker.pem`.
+pub const CERT_FILE: &str = "broker.pem";
+/// `broker.key`.
+pub const KEY_FILE: &str = "broker.key";
+/// `allowlist.snapshot`.
+pub const SNAPSHOT_FILE: &str = "allowlist.snapshot";
+/// Suffix of the files of a renewal in progress.
+const NEXT: &str = ".next";
+
+/// Who this broker is (`broker.json`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BrokerIdentity {
+    /// The broker's name (its certificate says `spiffe://<td>/broker/<name>`).
+    pub name: String,
+    /// The trust domain.
+    pub trust_domain: String,
+    /// Control's base URL (`https://host:port`).
+    pub control_url: String,
+}
+
+/// The stored credential, loaded.
+pub struct StoredCredential {
+    /// Who we are.
+    pub identity: BrokerIdentity,
+    /// The root CA certificates.
+    pub ca: Vec<CertificateDer<'static>>,
+    /// Our chain, leaf first.
+    pub chain: Vec<CertificateDer<'static>>,
+    /// Our key.
+    pub key: PrivateKeyDer<'static>,
+}
+
+impl fmt::Debug for StoredCredential {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let Self {
+            identity,
+            ca,
+            chain,
+            key: _,
+        } = self;
+        f.debug_struct("StoredCredential")
+            .field("identity", identity)
+            .field("ca", &ca.len())
+            .field("chain", &chain.len())
+            .field("key", &"<redacted>")
+            .finish()
+    }
+}
+
+/// A data directory or bundle that cannot be used.
+#[derive(Debug, Error)]
+#[non_exhaustive]
+pub enum DataDirError {
+    /// A file could not be read or written.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// A file's contents are not usable.
+    #[error("{path}: {reason}")]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+    /// No credential yet and no bundle to enroll with.
+    #[error(
+        "no broker credential in {0}: start once with --bundle FILE (from `tether broker add NAME`)"
+    )]
+    NotEnrolled(PathBuf),
+}
+
+/// A broker bundle that cannot be used. The operator needs a new one.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[non_exhaustive]
+pub enum BundleError {
+    /// Not the JSON of a bundle.
+    #[error("not a broker bundle: {0}")]
+    Malformed(String),
+    /// The name is not 1–128 characters of `[A-Za-z0-9._-]`.
+    #[error("bundle has an invalid broker name")]
+    InvalidName,
+    /// The trust domain is not valid.
+    #[error("bundle has an invalid trust domain")]
+    InvalidTrustDomain,
+    /// The control URL is not `https://host[:port]`.
+    #[error("bundle control_url must be https://host[:port], got {0:?}")]
+    InvalidControlUrl(String),
+    /// The CA PEM holds no certificate.
+    #[error("bundle ca_pem holds no certificate")]
+    NoCaCertificate,
+    /// The token is empty.
+    #[error("bundle has no enrollment token")]
+    NoToken,
+    /// The token has expired.
+    #[error(
+        "bundle expired at {expired_at} (Unix seconds); ask for a new one with `tether broker add`"
+    )]
+    Expired {
+        /// `expires_at` of the bundle.
+        expired_at: u64,
+    },
+}
+
+/// Parse and check a bundle at `now` (Unix seconds).
+pub fn parse_bundle(bytes: &[u8], now: u64) -> Result<BrokerBundle, BundleError> {
+    let b: BrokerBundle =
+        serde_json::from_slice(bytes).map_err(|e| BundleError::Malformed(e.to_string()))?;
+    if crate::allowlist::ApplianceId::new(&b.name).is_none() {
+        return Err(BundleError::InvalidName);
+    }
+    if !crate::verifier::valid_trust_domain(&b.trust_domain) {
+        return Err(BundleError::InvalidTrustDomain);
+    }
+    check_control_url(&b.control_url)
+        .map_err(|_| BundleError::InvalidControlUrl(b.control_url.clone()))?;
+    if parse_certs(b.ca_pem.as_bytes())
+        .map(|c| c.is_empty())
+        .unwrap_or(true)
+    {
+        return Err(BundleError::NoCaCertificate);
+    }
+    if b.token.trim().is_empty() {
+        return Err(BundleError::NoToken);
+    }
+    if b.expires_at <= now {
+        return Err(BundleError::Expired {
+            expired_at: b.expires_at,
+        });
+    }
+    Ok(b)
+}
+
+/// Check that `url` is `https://host[:port][/]`; returns `(host, port)`.
+pub fn check_control_url(url: &str) -> Result<(String, u16), String> {
+    let parsed = reqwest::Url::parse(url).map_err(|e| e.to_string())?;
+    if parsed.scheme() != "https" {
+        return Err("scheme must be https".into());
+    }
+    let host = parsed
+        .host_str()
+        .filter(|h| !h.is_empty())
+        .ok_or("no host")?;
+    if !parsed.username().is_empty() || parsed.password().is_some() {
+        return Err("must not carry credentials".into());
+    }
+    if parsed.query().is_some() || parsed.fragment().is_some() || parsed.path() != "/" {
+        return Err("must be a base URL with no path".into());
+    }
+    let host = host
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_owned();
+    Ok((host, parsed.port_or_known_default().unwrap_or(443)))
+}
+
+/// Every certificate in PEM text.
+pub fn parse_certs(pem: &[u8]) -> std::io::Result<Vec<CertificateDer<'static>>> {
+    rustls_pemfile::certs(&mut &pem[..]).collect()
+}
+
+/// The data directory.
+#[derive(Debug, Clone)]
+pub struct DataDir {
+    root: PathBuf,
+}
+
+impl DataDir {
+    /// Open (and create, mode 0700) the directory.
+    pub fn open(root: &Path) -> Result<DataDir, DataDirError> {
+        std::fs::create_dir_all(root).map_err(|source| DataDirError::Io {
+            path: root.to_owned(),
+            source,
+        })?;
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let _ = std::fs::set_permissions(root, std::fs::Permissions::from_mode(0o700));
+        }
+        Ok(DataDir {
+            root: root.to_owned(),
+        })
+    }
+
+    /// The folder.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// A file in the folder.
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.root.join(name)
+    }
+
+    /// Whether a credential is stored (`broker.json` exists).
+    pub fn is_enrolled(&self) -> bool {
+        self.path(IDENTITY_FILE).exists()
+    }
+
+    fn io(&self, name: &str) -> impl FnOnce(std::io::Error) -> DataDirError {
+        let path = self.path(name);
+        move |source| DataDirError::Io { path, source }
+    }
+
+    /// Store a fresh enrollment: identity, CA, chain, key.
+    pub fn save_enrolled(
+        &self,
+        identity: &BrokerIdentity,
+        ca_pem: &str,
+        chain_pem: &str,
+        key_pem: &str,
+    ) -> Result<(), DataDirError> {
+        write_atomic(&self.path(CA_FILE), ca_pem.as_bytes(), None).map_err(self.io(CA_FILE))?;
+        self.save_renewed(chain_pem, key_pem)?;
+        let json = serde_json::to_vec_pretty(identity).map_err(|e| DataDirError::Invalid {
+            path: self.path(IDENTITY_FILE),
+            reason: e.to_string(),
+        })?;
+        // Last: its presence means the rest is complete.
+        write_atomic(&self.path(IDENTITY_FILE), &json, None).map_err(self.io(IDENTITY_FILE))
+    }
+
+    /// Replace the key and the chain together (see the module documentation).
+    pub fn save_renewed(&self, chain_pem: &str, key_pem: &str) -> Result<(), DataDirError> {
+        let key_next = format!("{KEY_FILE}{NEXT}");
+        let cert_next = format!("{CERT_FILE}{NEXT}");
+        write_atomic(&self.path(&key_next), key_pem.as_bytes(), Some(0o600))
+            .map_err(self.io(&key_next))?;
+        write_atomic(&self.path(&cert_next), chain_pem.as_bytes(), None)
+            .map_err(self.io(&cert_next))?;
+        self.finish_swap()
+    }
+
+    /// Move `*.next` into place: the key (if still there), then the chain.
+    fn finish_swap(&self) -> Result<(), DataDirError> {
+        let key_next = self.path(&format!("{KEY_FILE}{NEXT}"));
+        let cert_next = self.path(&format!("{CERT_FILE}{NEXT}"));
+        if !cert_next.exists() {
+            return Ok(());
+        }
+        if key_next.exists() {
+            std::fs::rename(&key_next, self.path(KEY_FILE)).map_err(self.io(KEY_FILE))?;
+        }
+        std::fs::rename(&cert_next, self.path(CERT_FILE)).map_err(self.io(CERT_FILE))?;
+        sync_dir(&self.root).map_err(self.io("."))
+    }
+
+    /// Load the stored credential, finishing an interrupted renewal first.
+    pub fn load(&self) -> Result<StoredCredential, DataDirError> {
+        if !self.is_enrolled() {
+            return Err(DataDirError::NotEnrolled(self.root.clone()));
+        }
+        self.finish_swap()?;
+        let invalid = |name: &str, reason: String| DataDirError::Invalid {
+            path: self.path(name),
+            reason,
+        };
+        let json = std::fs::read(self.path(IDENTITY_FILE)).map_err(self.io(IDENTITY_FILE))?;
+        let identity: BrokerIdentity =
+            serde_json::from_slice(&json).map_err(|e| invalid(IDENTITY_FILE, e.to_string()))?;
+        if crate::allowlist::ApplianceId::new(&identity.name).is_none() {
+            return Err(invalid(IDENTITY_FILE, "invalid broker name".into()));
+        }
+        if !crate::verifier::valid_trust_domain(&identity.trust_domain) {
+            return Err(invalid(IDENTITY_FILE, "invalid trust domain".into()));
+        }
+        check_control_url(&identity.control_url)
+            .map_err(|e| invalid(IDENTITY_FILE, format!("control_url: {e}")))?;
+        let ca = std::fs::read(self.path(CA_FILE)).map_err(self.io(CA_FILE))?;
+        let ca = parse_certs(&ca).map_err(|e| invalid(CA_FILE, e.to_string()))?;
+        if ca.is_empty() {
+            return Err(invalid(CA_FILE, "no certificate".into()));
+        }
+        let chain = std::fs::read(self.path(CERT_FILE)).map_err(self.io(CERT_FILE))?;
+        let chain = parse_certs(&chain).map_err(|e| invalid(CERT_FILE, e.to_string()))?;
+        if chain.is_empty() {
+            return Err(invalid(CERT_FILE, "no certificate".into()));
+        }
+        let key = std::fs::read(self.path(KEY_FILE)).map_err(self.io(KEY_FILE))?;
+        let key = rustls_pemfile::private_key(&mut key.as_slice())
+            .map_err(|e| invalid(KEY_FILE, e.to_string()))?
+            .ok_or_else(|| invalid(KEY_FILE, "no private key".into()))?;
+        Ok(StoredCredential {
+            identity,
+            ca,
+            chain,
+            key,
+        })
+    }
+}
+
+/// Write `bytes` to `path` so that a reader (or a crash) sees the old contents or the new,
+/// never a mix: a temporary file in the same folder, fsync, rename, fsync of the folder.
+/// `mode` sets the permissions of the new file (Unix).
+pub fn write_atomic(path: &Path, bytes: &[u8], mode: Option<u32>) -> std::io::Result<()> {
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let name = path
+        .file_name()
+        .ok_or_else(|| std::io::Error::other("path has no file name"))?;
+    let mut tmp_name = std::ffi::OsString::from(".");
+    tmp_name.push(name);
+    tmp_name.push(format!(".tmp{}", fastrand::u32(..)));
+    let tmp = dir.join(tmp_name);
+    let result = (|| {
+        let mut opts = std::fs::OpenOptions::new();
+        opts.write(true).create_new(true);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::OpenOptionsExt;
+            opts.mode(mode.unwrap_or(0o644));
+        }
+        let mut f = opts.open(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        drop(f);
+        std::fs::rename(&tmp, path)?;
+        sync_dir(dir)
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
+
+fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    #[cfg(unix)]
+    {
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
+}

@@ -1,0 +1,289 @@
+//! The allowlist snapshot a control-mode broker keeps on disk (`<data-dir>/allowlist.snapshot`),
+//! so that it restarts and keeps enforcing while control is unreachable.
+//!
+//! Format: one header line `tether-allowlist-snapshot/1 version=<v> saved_at=<unix-secs>`,
+//! then the allowlist text format (`<appliance-id> <sha256-hex>` per line, see
+//! [`crate::allowlist::parse`]). Written atomically ([`crate::datadir::write_atomic`]): a
+//! reader sees the old file or the new one, never a mix.
+//!
+//! [`SnapshotWriter`] writes in the background, coalesced: after a change it writes the
+//! snapshot in force *at that moment*, then waits [`WRITE_INTERVAL`] before the next write,
+//! so a burst of deltas costs one write a second and the file always ends at the latest.
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use thiserror::Error;
+use tokio::sync::Notify;
+
+use crate::allowlist::{parse, Allowlist, Entry, ParseError, Snapshot};
+
+/// First token of the header line.
+pub const HEADER: &str = "tether-allowlist-snapshot/1";
+/// Least time between two background writes.
+pub const WRITE_INTERVAL: Duration = Duration::from_secs(1);
+
+/// A snapshot read back from disk.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SavedSnapshot {
+    /// The allowlist version it holds.
+    pub version: u64,
+    /// When it was written (Unix seconds).
+    pub saved_at: u64,
+    /// The entries.
+    pub entries: Vec<Entry>,
+}
+
+/// A snapshot file that cannot be used. The broker then starts with an empty allowlist.
+#[derive(Debug, Error)]
+#[non_exhaustive]
+pub enum SnapshotError {
+    /// The file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The header line is missing or malformed.
+    #[error("not an allowlist snapshot: bad header line")]
+    Header,
+    /// An entry line is malformed.
+    #[error("allowlist snapshot: {0}")]
+    Entries(#[from] ParseError),
+}
+
+/// Serialize `snapshot`.
+pub fn encode(snapshot: &Snapshot, saved_at: u64) -> Vec<u8> {
+    // ~80 bytes per entry.
+    let mut out = String::with_capacity(64 + snapshot.len() * 80);
+    let _ = writeln!(
+        out,
+        "{HEADER} version={} saved_at={saved_at}",
+        snapshot.version()
+    );
+    for (fp, id) in snapshot.entries() {
+        let _ = writeln!(out, "{id} {fp}");
+    }
+    out.into_bytes()
+}
+
+/// Parse a snapshot file's bytes.
+pub fn decode(bytes: &[u8]) -> Result<SavedSnapshot, SnapshotError> {
+    let nl = bytes
+        .iter()
+        .position(|&b| b == b'\n')
+        .unwrap_or(bytes.len());
+    let header = std::str::from_utf8(&bytes[..nl]).map_err(|_| SnapshotError::Header)?;
+    let mut fields = header.split_whitespace();
+    if fields.next() != Some(HEADER) {
+        return Err(SnapshotError::Header);
+    }
+    let mut version = None;
+    let mut saved_at = None;
+    for field in fields {
+        let (k, v) = field.split_once('=').ok_or(SnapshotError::Header)?;
+        let v: u64 = v.parse().map_err(|_| SnapshotError::Header)?;
+        match k {
+            "version" => version = Some(v),
+            "saved_at" => saved_at = Some(v),
+            // Later versions of this format may add fields.
+            _ => {}
+        }
+    }
+    let (Some(version), Some(saved_at)) = (version, saved_at) else {
+        return Err(SnapshotError::Header);
+    };
+    let rest = bytes.get(nl + 1..).unwrap_or(&[]);
+    Ok(SavedSnapshot {
+        version,
+        saved_at,
+        entries: parse(rest)?,
+    })
+}
+
+/// Read the snapshot at `path`; `Ok(None)` when there is none.
+pub fn load(path: &Path) -> Result<Option<SavedSnapshot>, SnapshotError> {
+    match std::fs::read(path) {
+        Ok(bytes) => decode(&bytes).map(Some),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(source) => Err(SnapshotError::Read {
+            path: path.to_owned(),
+            source,
+        }),
+    }
+}
+
+/// Write `snapshot` to `path` atomically (blocking).
+pub fn save(path: &Path, snapshot: &Snapshot, saved_at: u64) -> std::io::Result<()> {
+    crate::datadir::write_atomic(path, &encode(snapshot, saved_at), None)
+}
+
+/// The background writer's handle: call [`SnapshotWriter::changed`] after every applied
+/// version.
+#[derive(Debug, Clone)]
+pub struct SnapshotWriter {
+    dirty: Arc<Notify>,
+}
+
+impl SnapshotWriter {
+    /// Start the writer task for `path`, reading the allowlist in force at each write.
+    pub fn spawn(path: PathBuf, allowlist: Arc<Allowlist>) -> SnapshotWriter {
+        let dirty = Arc::new(Notify::new());
+        let wake = dirty.clone();
+        tokio::spawn(async move {
+            loop {
+                wake.notified().await;
+                let snap = allowlist.snapshot_full();
+                let path = path.clone();
+                let version = snap.version();
+                let entries = snap.len();
+                let saved_at = crate::presence::unix_secs(std::time::SystemTime::now());
+                let result =
+                    tokio::task::spawn_blocking(move || save(&path, &snap, saved_at)).await;
+                match result {
+                    Ok(Ok(())) => {
+                        tracing::debug!(version, entries, "allowlist snapshot saved")
+                    }
+                    Ok(Err(e)) => {
+                        tracing::error!(error = %e, version, "cannot save the allowlist snapshot")
+                    }
+                    Err(e) => tracing::error!(error = %e, "allowlist snapshot writer failed"),
+                }
+                tokio::time::sleep(WRITE_INTERVAL).await;
+            }
+        });
+        SnapshotWriter { dirty }
+    }
+
+    /// A new version is in force: write it soon.
+    pub fn changed(&self) {
+        self.dirty.notify_one();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::allowlist::{ApplianceId, Change, Fingerprint};
+
+    fn entry(id: &str, b: u8) -> Entry {
+        Entry {
+            appliance: ApplianceId::new(id).unwrap(),
+            fingerprint: Fingerprint([b; 32]),
+        }
+    }
+
+    #[test]
+    fn round_trip_keeps_version_time_and_entries() {
+        let list = Allowlist::new();
+        list.apply(Change::Replace {
+            version: Some(42),
+            entries: vec![entry("a", 1), entry("b", 2), entry("a", 3)],
+        })
+        .unwrap();
+        let bytes = encode(&list.snapshot(), 1_700_000_000);
+        let back = decode(&bytes).unwrap();
+        assert_eq!(back.version, 42);
+        assert_eq!(back.saved_at, 1_700_000_000);
+        let mut got = back.entries.clone();
+        got.sort_by_key(|e| e.fingerprint);
+        assert_eq!(got, vec![entry("a", 1), entry("b", 2), entry("a", 3)]);
+    }
+
+    #[test]
+    fn an_empty_snapshot_round_trips() {
+        let bytes = encode(&Snapshot::empty(), 5);
+        let back = decode(&bytes).unwrap();
+        assert_eq!((back.version, back.saved_at, back.entries.len()), (0, 5, 0));
+    }
+
+    #[test]
+    fn garbage_is_refused_with_the_reason() {
+        assert!(matches!(decode(b""), Err(SnapshotError::Header)));
+        assert!(matches!(
+            decode(b"hello version=1 saved_at=2\n"),
+            Err(SnapshotError::Header)
+        ));
+        assert!(matches!(
+            decode(b"tether-allowlist-snapshot/1 version=x saved_at=2\n"),
+            Err(SnapshotError::Header)
+        ));
+        assert!(matches!(
+            decode(b"tether-allowlist-snapshot/1 saved_at=2\n"),
+            Err(SnapshotError::Header)
+        ));
+        assert!(matches!(
+            decode(b"tether-allowlist-snapshot/1 version=1 saved_at=2\na nothex\n"),
+            Err(SnapshotError::Entries(ParseError::InvalidFingerprint {
+                line: 1
+            }))
+        ));
+        assert!(matches!(decode(b"\xff\xfe"), Err(SnapshotError::Header)));
+    }
+
+    #[test]
+    fn save_replaces_the_file_atomically_and_load_reads_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("allowlist.snapshot");
+        assert!(load(&path).unwrap().is_none());
+        let list = Allowlist::new();
+        list.apply(Change::Replace {
+            version: Some(1),
+            entries: vec![entry("a", 1)],
+        })
+        .unwrap();
+        save(&path, &list.snapshot(), 10).unwrap();
+        list.apply(Change::Delta {
+            version: Some(2),
+            add: vec![entry("b", 2)],
+            remove: vec![Fingerprint([1; 32])],
+        })
+        .unwrap();
+        save(&path, &list.snapshot(), 11).unwrap();
+        let back = load(&path).unwrap().unwrap();
+        assert_eq!(back.version, 2);
+        assert_eq!(back.entries, vec![entry("b", 2)]);
+        // No temporary file is left behind.
+        let names: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        assert_eq!(names, vec!["allowlist.snapshot".to_owned()]);
+    }
+
+    #[tokio::test]
+    async fn the_writer_ends_at_the_latest_version() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("allowlist.snapshot");
+        let list = Arc::new(Allowlist::new());
+        let writer = SnapshotWriter::spawn(path.clone(), list.clone());
+        for v in 1..=5u8 {
+            list.apply(Change::Delta {
+                version: Some(u64::from(v)),
+                add: vec![entry("a", v)],
+                remove: vec![],
+            })
+            .unwrap();
+            writer.changed();
+        }
+        // Wait for the file to reach version 5 (bounded by the coalescing interval).
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Ok(Some(s)) = load(&path) {
+                if s.version == 5 {
+                    assert_eq!(s.entries.len(), 5);
+                    break;
+                }
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "snapshot not written"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
