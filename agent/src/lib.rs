@@ -57,6 +57,7 @@ pub mod proof;
 pub mod renew;
 pub mod session;
 pub mod spiffe;
+pub mod supervisor;
 pub mod tls;
 pub mod verifier;
 

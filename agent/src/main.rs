@@ -13,7 +13,7 @@ use tether_agent::config::{
     ENV_OUTPUT_CHUNK_BYTES, ENV_REVOKED_BACKOFF, ENV_STATE_DIR,
 };
 use tether_agent::enroll::EnrollState;
-use tether_agent::{client_endpoint, Agent, AgentConfig, BrokerAddr, Credentials};
+use tether_agent::{client_endpoint, AgentConfig, BrokerAddr};
 use tokio_util::sync::CancellationToken;
 
 #[global_allocator]
@@ -332,146 +332,18 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let endpoint = endpoint(settings.bind)?;
     tracing::info!(local_addr = %endpoint.local_addr()?, "quic endpoint bound");
 
-    // One agent per credential: when the certificate is renewed, the session is closed
-    // normally and a new agent connects at once with the new one.
-    loop {
-        let (creds, renew_now) = load_credentials(&settings.state_dir).await?;
-        tracing::info!(
-            appliance_id = creds.appliance_id(),
-            trust_domain = creds.trust_domain(),
-            fingerprint = creds.fingerprint(),
-            not_after_ms = creds.not_after_ms(),
-            "credentials loaded"
-        );
-        let agent = Agent::new(
-            settings.agent.clone(),
-            creds.clone(),
-            endpoint.clone(),
-            settings.brokers.clone(),
-        )?;
-        let events = agent.events();
-        let stop_agent = shutdown.child_token();
-        let running = tokio::spawn(agent.run(stop_agent.clone()));
-        let renewed = keep_renewed(&settings, &creds, renew_now, events, &shutdown).await;
-        stop_agent.cancel();
-        running.await??;
-        if !renewed || shutdown.is_cancelled() {
-            break;
-        }
-        tracing::info!("certificate renewed; reconnecting with it");
-    }
+    let supervised = tether_agent::supervisor::Supervisor {
+        state_dir: settings.state_dir.clone(),
+        brokers: settings.brokers.clone(),
+        agent: settings.agent.clone(),
+        renew_before: settings.renew_before,
+        renew_check_every: settings.renew_check_every,
+    };
+    supervised
+        .run(endpoint.clone(), shutdown.clone(), |_| {})
+        .await?;
     let _ = tokio::time::timeout(CLOSE_FLUSH_TIMEOUT, endpoint.wait_idle()).await;
     Ok(())
-}
-
-fn unix_now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
-}
-
-/// The stored credential, or — when it expired or is unusable (e.g. a crash between the
-/// key and certificate writes) and the appliance enrolled with a platform proof — a new
-/// one from a fresh enrollment.
-async fn load_credentials(dir: &std::path::Path) -> anyhow::Result<(Credentials, bool)> {
-    let problem = match Credentials::load(dir) {
-        Ok(c) if c.not_after_ms() / 1000 > unix_now() => return Ok((c, false)),
-        Ok(c) => format!("the certificate expired at {} ms", c.not_after_ms()),
-        Err(e) => e.to_string(),
-    };
-    if EnrollState::load(dir)?.is_none() {
-        bail!("cannot use the credentials in {}: {problem}", dir.display());
-    }
-    // A renewal torn by a crash: the previous credential is still allowed; put it back
-    // and renew at once.
-    if tether_agent::renew::restore_previous(dir, unix_now())? {
-        tracing::warn!(problem = %problem, "stored credential unusable; restored the previous one, renewing now");
-        let creds = Credentials::load(dir)
-            .with_context(|| format!("loading the restored credential in {}", dir.display()))?;
-        return Ok((creds, true));
-    }
-    tracing::warn!(problem = %problem, "stored credential unusable; enrolling again with a fresh platform proof");
-    let state = tether_agent::renew::recover(dir)
-        .await
-        .with_context(|| format!("cannot recover from: {problem}"))?;
-    tracing::info!(fingerprint = %state.fingerprint, "enrolled again");
-    let creds = Credentials::load(dir)
-        .with_context(|| format!("loading the new credential in {}", dir.display()))?;
-    Ok((creds, false))
-}
-
-/// Renew when due (expiry threshold, or an operator's request relayed by the broker).
-/// Returns `true` once renewed, `false` on shutdown.
-async fn keep_renewed(
-    settings: &Settings,
-    creds: &Credentials,
-    renew_now: bool,
-    mut events: tokio::sync::broadcast::Receiver<tether_agent::AgentEvent>,
-    shutdown: &CancellationToken,
-) -> bool {
-    let dir = &settings.state_dir;
-    let mut requested: u64 = 0;
-    let mut wait = Duration::ZERO;
-    loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => return false,
-            _ = tokio::time::sleep(wait) => {}
-            ev = events.recv() => {
-                if let Ok(tether_agent::AgentEvent::RenewalRequested { generation }) = ev {
-                    requested = requested.max(generation);
-                } else {
-                    continue;
-                }
-            }
-        }
-        wait = settings.renew_check_every;
-        let state = match EnrollState::load(dir) {
-            Ok(Some(s)) => s,
-            Ok(None) => {
-                tracing::debug!("no state.json: this credential is renewed by hand");
-                continue;
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot read state.json; not renewing");
-                continue;
-            }
-        };
-        let manual = requested > state.manual_renewal_generation;
-        let due = tether_agent::renew::renewal_due(
-            creds.not_before_ms() / 1000,
-            creds.not_after_ms() / 1000,
-            unix_now(),
-            settings.renew_before,
-        );
-        if !manual && !due && !renew_now {
-            continue;
-        }
-        tracing::info!(manual, due, "renewing the certificate");
-        match tether_agent::renew::renew(dir).await {
-            Ok(mut new) => {
-                if manual {
-                    new.manual_renewal_generation = requested;
-                    if let Err(e) = new.save(dir) {
-                        tracing::warn!(error = %e, "cannot record the renewal generation");
-                    }
-                }
-                tracing::info!(fingerprint = %new.fingerprint, not_after = new.not_after, "certificate renewed");
-                return true;
-            }
-            Err(e) => {
-                // Retry sooner than the next check, with jitter, unless control said no
-                // for good (revoked, disabled, not allowed): then the log says why.
-                if let tether_agent::enroll::EnrollError::Refused { status: 403, .. } = e {
-                    tracing::error!(error = %e, "control refused the renewal");
-                } else {
-                    tracing::warn!(error = %e, "renewal failed; will retry");
-                    let retry = settings.renew_check_every.min(Duration::from_secs(300));
-                    wait = retry.mul_f64(0.5 + fastrand::f64() / 2.0);
-                }
-            }
-        }
-    }
 }
 
 fn main() -> anyhow::Result<()> {

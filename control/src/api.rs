@@ -153,10 +153,7 @@ pub fn router(state: AppState) -> Router {
             "/v1/appliances/{id}/tokens",
             post(crate::appliances::create_token),
         )
-        .route(
-            "/v1/appliances/{id}/exec",
-            post(crate::exec::exec),
-        )
+        .route("/v1/appliances/{id}/exec", post(crate::exec::exec))
         .route(
             "/v1/brokers",
             post(crate::brokers::create).get(crate::brokers::list),

@@ -168,7 +168,15 @@ pub async fn create(
     body: Result<Json<AddBroker>, JsonRejection>,
 ) -> Result<Json<BrokerBundle>, ApiError> {
     let now = crate::now_unix();
-    let op = authorize(&s, &peer, Role::Operator, action::BROKER_ADD, "brokers", now).await?;
+    let op = authorize(
+        &s,
+        &peer,
+        Role::Operator,
+        action::BROKER_ADD,
+        "brokers",
+        now,
+    )
+    .await?;
     let Json(req) = body.map_err(json_rejection)?;
     check_name(&req.name)?;
     let ttl = req
@@ -366,9 +374,7 @@ pub async fn enroll(
             let (code, msg) = match why {
                 BrokerRefusal::Unknown => ("token_unknown", "no such broker bundle"),
                 BrokerRefusal::Expired => ("token_expired", "the broker bundle expired"),
-                BrokerRefusal::AlreadyUsed => {
-                    ("token_used", "the broker bundle was already used")
-                }
+                BrokerRefusal::AlreadyUsed => ("token_used", "the broker bundle was already used"),
             };
             let e = ApiError::new(StatusCode::FORBIDDEN, code, msg);
             return Err(refused(&s, event, e, now).await);
@@ -404,7 +410,12 @@ pub async fn renew(
         Err(e) => return Err(refused(&s, event, e, now).await),
     };
     let presented = crate::ca::fingerprint_hex(peer.0.as_deref().unwrap_or_default());
-    let overlap = s.config.enroll.renewal_overlap.as_secs().min(i64::MAX as u64) as i64;
+    let overlap = s
+        .config
+        .enroll
+        .renewal_overlap
+        .as_secs()
+        .min(i64::MAX as u64) as i64;
     let event = event.with("fingerprint", issued.fingerprint_hex.as_str());
     match s
         .store

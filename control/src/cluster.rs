@@ -505,7 +505,9 @@ where
         info!(broker = %name, "a newer channel of the same broker replaces the older one");
         old.ended.cancel();
     }
-    s.metrics.brokers_connected.set(lock(&cluster.links).len() as i64);
+    s.metrics
+        .brokers_connected
+        .set(lock(&cluster.links).len() as i64);
     cluster.forget_broker(&name);
     for r in sessions {
         let appliance = r.appliance.clone();
@@ -580,8 +582,8 @@ where
                     Ok(Some(Err(e))) => return Err(link_error("framing", e)),
                     Ok(Some(Ok(f))) => f,
                 };
-                let msg = cluster::decode::<ToControl>(&frame)
-                    .map_err(|e| link_error("malformed", e))?;
+                let msg =
+                    cluster::decode::<ToControl>(&frame).map_err(|e| link_error("malformed", e))?;
                 match msg {
                     ToControl::Hello { .. } => {
                         return Err(link_error("protocol", "a second Hello"));
@@ -641,7 +643,9 @@ where
             cluster.forget_broker(&name);
         }
     }
-    s.metrics.brokers_connected.set(lock(&cluster.links).len() as i64);
+    s.metrics
+        .brokers_connected
+        .set(lock(&cluster.links).len() as i64);
     s.metrics.sessions.set(cluster.session_count());
     let lost: Vec<InFlight> = {
         let mut commands = lock(&cluster.commands);
@@ -650,7 +654,9 @@ where
             .filter(|(_, c)| c.link == link_id)
             .map(|(id, _)| *id)
             .collect();
-        ids.into_iter().filter_map(|id| commands.remove(&id)).collect()
+        ids.into_iter()
+            .filter_map(|id| commands.remove(&id))
+            .collect()
     };
     for c in lost {
         let _ = c.tx.try_send(ExecEvent::Failed {
@@ -725,7 +731,12 @@ where
         .await
         .map_err(|e| link_error("store", e))?;
     let version = version.max(0) as u64;
-    info!(since, version, entries = entries.len(), "sending a broker a full snapshot");
+    info!(
+        since,
+        version,
+        entries = entries.len(),
+        "sending a broker a full snapshot"
+    );
     send(
         sink,
         &ToBroker::SnapshotBegin {

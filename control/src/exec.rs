@@ -118,7 +118,15 @@ pub async fn exec(
 ) -> Result<Response, ApiError> {
     let now = crate::now_unix();
     let target = audit::clip(&id, audit::MAX_TARGET_LEN).to_owned();
-    let op = authorize(&s, &peer, Role::Operator, action::APPLIANCE_EXEC, &target, now).await?;
+    let op = authorize(
+        &s,
+        &peer,
+        Role::Operator,
+        action::APPLIANCE_EXEC,
+        &target,
+        now,
+    )
+    .await?;
     let event = AuditEvent::success(op.actor(), action::APPLIANCE_EXEC, &target);
     let refused_event = event.clone();
     let refuse = |e: ApiError| {
@@ -161,7 +169,12 @@ pub async fn exec(
         None
     };
     if let Some(message) = problem {
-        return Err(refuse(ApiError::new(StatusCode::BAD_REQUEST, "invalid_command", message)).await);
+        return Err(refuse(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_command",
+            message,
+        ))
+        .await);
     }
     let appliance = match s.store.get_appliance(&id).await {
         Ok(Some(a)) => a,
@@ -196,7 +209,11 @@ pub async fn exec(
         Ok(x) => x,
         Err(code) => {
             return Err(refuse(conflict(
-                if code == "offline" { "offline" } else { "broker_lost" },
+                if code == "offline" {
+                    "offline"
+                } else {
+                    "broker_lost"
+                },
                 format!("appliance {id} is not connected to any broker"),
             ))
             .await)
@@ -220,7 +237,11 @@ pub async fn exec(
             v.push(b'\n');
             Ok(bytes::Bytes::from(v))
         };
-        let _ = tx.send(line(&ExecLine::Started { broker: broker.clone() })).await;
+        let _ = tx
+            .send(line(&ExecLine::Started {
+                broker: broker.clone(),
+            }))
+            .await;
         let last = loop {
             let ev = tokio::select! {
                 ev = events.recv() => ev,
@@ -233,13 +254,22 @@ pub async fn exec(
             };
             match ev {
                 Some(ExecEvent::Output { stream, data }) => {
-                    if tx.send(line(&ExecLine::Output { stream, data })).await.is_err() {
+                    if tx
+                        .send(line(&ExecLine::Output { stream, data }))
+                        .await
+                        .is_err()
+                    {
                         s.cluster.cancel(command_id);
-                        break ExecLine::Failed { code: "cancelled".into(), message: "the caller went away".into() };
+                        break ExecLine::Failed {
+                            code: "cancelled".into(),
+                            message: "the caller went away".into(),
+                        };
                     }
                 }
                 Some(ExecEvent::Exit(code)) => break ExecLine::Exit { code },
-                Some(ExecEvent::Failed { code, message }) => break ExecLine::Failed { code, message },
+                Some(ExecEvent::Failed { code, message }) => {
+                    break ExecLine::Failed { code, message }
+                }
                 None => {
                     s.cluster.cancel(command_id);
                     break ExecLine::Failed {
@@ -260,7 +290,9 @@ pub async fn exec(
         match &last {
             ExecLine::Exit { code } => end = end.with("exit_code", *code as i64),
             ExecLine::Failed { code, .. } => {
-                end = end.with_outcome(Outcome::Failed).with("code", code.as_str())
+                end = end
+                    .with_outcome(Outcome::Failed)
+                    .with("code", code.as_str())
             }
             _ => {}
         }
@@ -273,7 +305,10 @@ pub async fn exec(
             "cancelled" => "cancelled",
             _ => reason,
         };
-        s.metrics.commands.get_or_create(&Reason { reason: label }).inc();
+        s.metrics
+            .commands
+            .get_or_create(&Reason { reason: label })
+            .inc();
         if let Err(e) = s.store.append_audit(&end, crate::now_unix()).await {
             s.metrics.audit_failures.inc();
             tracing::error!(error = %e, "cannot audit a command's outcome");

@@ -129,9 +129,10 @@ pub struct AllowlistDelta {
     pub added: bool,
 }
 
-
 /// Status of a broker record.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize, utoipa::ToSchema,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum BrokerStatus {
     /// Added; its one-time bundle has not been used yet.
