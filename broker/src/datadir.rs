@@ -366,3 +366,158 @@ fn sync_dir(dir: &Path) -> std::io::Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ca_pem() -> String {
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params.self_signed(&key).unwrap().pem()
+    }
+
+    type Edit = Box<dyn FnOnce(&mut serde_json::Value)>;
+
+    fn bundle_json(edit: impl FnOnce(&mut serde_json::Value)) -> Vec<u8> {
+        let mut v = serde_json::json!({
+            "name": "edge-1",
+            "trust_domain": "example.test",
+            "control_url": "https://127.0.0.1:8443",
+            "ca_pem": ca_pem(),
+            "token": "secret-token",
+            "expires_at": 2_000,
+        });
+        edit(&mut v);
+        serde_json::to_vec(&v).unwrap()
+    }
+
+    #[test]
+    fn a_good_bundle_parses() {
+        let b = parse_bundle(&bundle_json(|_| {}), 1_000).unwrap();
+        assert_eq!(b.name, "edge-1");
+        assert_eq!(
+            check_control_url(&b.control_url).unwrap(),
+            ("127.0.0.1".to_owned(), 8443)
+        );
+    }
+
+    #[test]
+    fn bad_bundles_are_refused_with_the_reason() {
+        assert!(matches!(
+            parse_bundle(b"not json", 0),
+            Err(BundleError::Malformed(_))
+        ));
+        assert!(matches!(
+            parse_bundle(b"{\"name\":\"x\"}", 0),
+            Err(BundleError::Malformed(_))
+        ));
+        let cases: Vec<(Edit, BundleError)> = vec![
+            (
+                Box::new(|v| v["name"] = "a b".into()),
+                BundleError::InvalidName,
+            ),
+            (
+                Box::new(|v| v["trust_domain"] = "Bad/TD".into()),
+                BundleError::InvalidTrustDomain,
+            ),
+            (
+                Box::new(|v| v["control_url"] = "http://c:80".into()),
+                BundleError::InvalidControlUrl("http://c:80".into()),
+            ),
+            (
+                Box::new(|v| v["ca_pem"] = "garbage".into()),
+                BundleError::NoCaCertificate,
+            ),
+            (Box::new(|v| v["token"] = " ".into()), BundleError::NoToken),
+            (
+                Box::new(|v| v["expires_at"] = 999.into()),
+                BundleError::Expired { expired_at: 999 },
+            ),
+        ];
+        for (edit, want) in cases {
+            assert_eq!(parse_bundle(&bundle_json(edit), 1_000).unwrap_err(), want);
+        }
+    }
+
+    #[test]
+    fn control_urls_must_be_https_bases() {
+        assert_eq!(
+            check_control_url("https://[::1]:9000/").unwrap(),
+            ("::1".to_owned(), 9000)
+        );
+        assert_eq!(
+            check_control_url("https://control.example.test").unwrap(),
+            ("control.example.test".to_owned(), 443)
+        );
+        assert!(check_control_url("https://c/x").is_err());
+        assert!(check_control_url("https://u:p@c").is_err());
+        assert!(check_control_url("c:443").is_err());
+    }
+
+    #[test]
+    fn write_atomic_sets_the_mode_and_leaves_no_temporary_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("k");
+        write_atomic(&path, b"one", Some(0o600)).unwrap();
+        write_atomic(&path, b"two", Some(0o600)).unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), b"two");
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o600);
+        }
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn without_a_credential_load_says_how_to_enroll() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = DataDir::open(dir.path()).unwrap();
+        let err = d.load().unwrap_err();
+        assert!(matches!(err, DataDirError::NotEnrolled(_)));
+        assert!(err.to_string().contains("--bundle"), "{err}");
+    }
+
+    #[test]
+    fn an_interrupted_renewal_is_finished_on_load() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = DataDir::open(dir.path()).unwrap();
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["x".into()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        let identity = BrokerIdentity {
+            name: "edge-1".into(),
+            trust_domain: "example.test".into(),
+            control_url: "https://127.0.0.1:1".into(),
+        };
+        d.save_enrolled(&identity, &ca_pem(), &cert.pem(), &key.serialize_pem())
+            .unwrap();
+        // A renewal that crashed after the key was moved, before the chain was.
+        let key2 = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let cert2 = rcgen::CertificateParams::new(vec!["y".into()])
+            .unwrap()
+            .self_signed(&key2)
+            .unwrap();
+        write_atomic(
+            &d.path(KEY_FILE),
+            key2.serialize_pem().as_bytes(),
+            Some(0o600),
+        )
+        .unwrap();
+        write_atomic(&d.path("broker.pem.next"), cert2.pem().as_bytes(), None).unwrap();
+        let stored = d.load().unwrap();
+        assert_eq!(stored.identity, identity);
+        assert_eq!(stored.chain[0].as_ref(), cert2.der().as_ref());
+        assert!(!d.path("broker.pem.next").exists());
+        let dbg = format!("{stored:?}");
+        assert!(
+            dbg.contains("redacted") && !dbg.contains("PRIVATE"),
+            "{dbg}"
+        );
+    }
+}
