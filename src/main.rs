@@ -1,7 +1,6 @@
 //! `tether`: the Tether command-line tool. For now it runs the local quickstart
 //! (`tether up`); operator commands arrive with the control plane.
 
-use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use anyhow::Context;
@@ -27,21 +26,20 @@ enum Cmd {
         /// The shell.
         shell: clap_complete::Shell,
     },
-    /// Run a local Tether on 127.0.0.1: a broker and a simulated fleet of real agents,
-    /// with a development PKI in the data directory. Ctrl-C stops everything.
+    /// Run a local Tether on 127.0.0.1: control (SQLite, local CA keys), two brokers and a
+    /// simulated fleet of real agents enrolled with one-time tokens. Prints
+    /// `ready: <N> appliances connected`, then what to try. Ctrl-C stops everything.
     Up {
         /// Number of simulated appliances.
         #[arg(long, default_value_t = 100, env = "TETHER_UP_APPLIANCES")]
         appliances: usize,
-        /// Data directory (PKI, broker config, allowlist, appliance state).
+        /// Data directory (control, brokers, operator credential, appliance state).
         #[arg(long, default_value = "tether-data", env = "TETHER_UP_DATA_DIR")]
         data_dir: PathBuf,
-        /// Broker QUIC listen address.
-        #[arg(long, default_value = "127.0.0.1:7443", env = "TETHER_UP_LISTEN")]
-        listen: SocketAddr,
-        /// Broker admin listen address.
-        #[arg(long, default_value = "127.0.0.1:7444", env = "TETHER_UP_ADMIN_LISTEN")]
-        admin_listen: SocketAddr,
+        /// First port: edge-1 QUIC on it, its admin/metrics on +1; edge-2 on +10/+11;
+        /// control's API on +1000 and its metrics on +1001. 0: free ports for everything.
+        #[arg(long, default_value_t = 7443, env = "TETHER_UP_PORT_BASE")]
+        port_base: u16,
     },
     /// The audit log: verify an export offline.
     #[command(subcommand)]
@@ -61,6 +59,13 @@ enum Cmd {
     /// One-time enrollment tokens for appliances.
     #[command(subcommand)]
     Token(tether::cli::appliance::TokenCmd),
+    /// Brokers of the edge cluster: add (one-time bundle), list, revoke.
+    #[command(subcommand)]
+    Broker(tether::cli::broker::BrokerCmd),
+    /// Run a command on an appliance (or on every appliance of `--selector tenant=NAME`);
+    /// output streams back live and `tether exec` exits with the command's exit code, or
+    /// 69 offline, 75 lost mid-command, 124 timed out, 125 refused or unreachable.
+    Exec(tether::cli::exec::ExecArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -95,9 +100,8 @@ enum AuditCmd {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
-        tracing_subscriber::EnvFilter::new("warn,tether_broker=info,tether_broker::server=warn")
-    });
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
     tracing_subscriber::fmt().with_env_filter(filter).init();
     match cli.command {
         Cmd::Login(args) => tether::cli::login::run(args).await,
@@ -110,6 +114,11 @@ async fn main() -> anyhow::Result<()> {
         Cmd::Fleet(cmd) => tether::cli::operator::fleet(cmd).await,
         Cmd::Appliance(cmd) => tether::cli::appliance::run(cmd).await,
         Cmd::Token(cmd) => tether::cli::appliance::token(cmd).await,
+        Cmd::Broker(cmd) => tether::cli::broker::run(cmd).await,
+        Cmd::Exec(args) => {
+            let code = tether::cli::exec::run(args).await;
+            std::process::exit(code);
+        }
         Cmd::Audit(AuditCmd::Export { out, common }) => {
             let (entries, checkpoints) = tether::cli::audit::export(&common, &out).await?;
             println!(
@@ -137,8 +146,7 @@ async fn main() -> anyhow::Result<()> {
         Cmd::Up {
             appliances,
             data_dir,
-            listen,
-            admin_listen,
+            port_base,
         } => {
             let shutdown = CancellationToken::new();
             let trigger = shutdown.clone();
@@ -156,8 +164,7 @@ async fn main() -> anyhow::Result<()> {
                 tether::up::UpOptions {
                     data_dir,
                     appliances,
-                    listen,
-                    admin_listen,
+                    port_base,
                 },
                 shutdown,
             )

@@ -1,55 +1,69 @@
 //! `tether up`: a whole Tether on one machine, for a first look and for demos.
 //!
-//! It creates (or reuses) a data directory with a development PKI — root and intermediate
-//! CA, a broker certificate, one certificate per simulated appliance — writes the broker's
-//! config and allowlist, runs the broker, and connects a fleet of real agents (the
-//! `tether-agent` library, many agents sharing one QUIC endpoint). Everything listens on
-//! 127.0.0.1 only. Ctrl-C stops the fleet, then drains the broker.
+//! In one process, on 127.0.0.1 only, it runs what a real deployment runs as separate
+//! processes, through the same library code:
+//!
+//! 1. **control** on a data directory it creates on first use (`tether-control init`
+//!    with local CA keys and the embedded SQLite store);
+//! 2. an **operator** `admin`, logged in under `DATA/operator` (so
+//!    `TETHER_CONFIG_DIR=DATA/operator tether ...` works from another terminal);
+//! 3. **two brokers**, `edge-1` and `edge-2`, each enrolled with a one-time bundle and
+//!    following control over its cluster channel;
+//! 4. a **fleet** of appliances `app-0001`… registered in control, enrolled with one-time
+//!    tokens (keys made locally, CSRs, real certificates) and run by the real agent
+//!    supervisor (sessions, heartbeats, commands, renewal), half of them preferring each
+//!    broker.
+//!
+//! It prints `ready: <N> appliances connected` once the fleet is up, then where
+//! everything is and what to try. A second run reuses the data directory (only new
+//! appliances enroll). Ctrl-C stops the fleet, the brokers (drained), then control.
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use indicatif::{ProgressBar, ProgressStyle};
+use tether_control::audit::{action, system, Actor, AuditEvent};
+use tether_control::store::{Appliance, ApplianceStatus, PlatformBinding, Store, StoreError};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::pki::Pki;
-
-/// Trust domain of the development fleet.
+/// Trust domain of the local fleet.
 pub const TRUST_DOMAIN: &str = "tether.local";
-/// File marking a data directory as made by `tether up` (so it may be regenerated).
+/// Tenant of the simulated appliances (`tether exec --selector tenant=demo`).
+pub const TENANT: &str = "demo";
+/// The brokers `tether up` runs.
+pub const BROKERS: [&str; 2] = ["edge-1", "edge-2"];
+/// File marking a data directory as made by `tether up`.
 const MARKER: &str = "tether-up.json";
+/// Enrollments running at once.
+const ENROLL_CONCURRENCY: usize = 8;
 
 /// Options of `tether up`.
 #[derive(Clone, Debug)]
 pub struct UpOptions {
-    /// Where the PKI, configs and appliance state live.
+    /// Where control, the brokers, the operator and the appliances keep their files.
     pub data_dir: PathBuf,
     /// Simulated appliances.
     pub appliances: usize,
-    /// Broker QUIC address.
-    pub listen: SocketAddr,
-    /// Broker admin address.
-    pub admin_listen: SocketAddr,
+    /// First port: edge-1 QUIC on it and admin on +1, edge-2 on +10/+11, control's API on
+    /// +1000 and its metrics on +1001. 0 picks free ports for everything.
+    pub port_base: u16,
 }
 
-/// Paths inside the data directory.
-struct Layout {
-    root: PathBuf,
-}
-
-impl Layout {
-    fn broker_config(&self) -> PathBuf {
-        self.root.join("broker").join("broker.toml")
-    }
-    fn allowlist(&self) -> PathBuf {
-        self.root.join("broker").join("allowlist.txt")
-    }
-    fn appliance(&self, id: &str) -> PathBuf {
-        self.root.join("appliances").join(id)
+impl UpOptions {
+    fn addr(&self, offset: u16) -> anyhow::Result<SocketAddr> {
+        let port = if self.port_base == 0 {
+            0
+        } else {
+            self.port_base
+                .checked_add(offset)
+                .context("--port-base is too high")?
+        };
+        Ok(SocketAddr::from(([127, 0, 0, 1], port)))
     }
 }
 
@@ -69,23 +83,44 @@ fn progress(len: u64, what: &str) -> ProgressBar {
     bar
 }
 
-/// Create the PKI, broker files and appliance state directories, unless a previous
-/// `tether up` already made them for the same settings.
-fn prepare(opts: &UpOptions, layout: &Layout) -> anyhow::Result<()> {
+fn local_admin() -> Actor {
+    Actor::system(system::LOCAL_ADMIN)
+}
+
+/// Paths inside the data directory.
+struct Layout {
+    root: PathBuf,
+}
+
+impl Layout {
+    fn control(&self) -> PathBuf {
+        self.root.join("control")
+    }
+    fn operator(&self) -> PathBuf {
+        self.root.join("operator")
+    }
+    fn broker(&self, name: &str) -> PathBuf {
+        self.root.join("brokers").join(name)
+    }
+    fn appliance(&self, id: &str) -> PathBuf {
+        self.root.join("appliances").join(id)
+    }
+}
+
+/// Check the data directory is ours (or empty) and make control's on first use.
+async fn prepare(opts: &UpOptions, layout: &Layout) -> anyhow::Result<()> {
     let marker = layout.root.join(MARKER);
-    let wanted = serde_json::json!({
-        "appliances": opts.appliances,
-        "listen": opts.listen.to_string(),
-        "admin_listen": opts.admin_listen.to_string(),
-        "trust_domain": TRUST_DOMAIN,
-    });
+    let wanted = serde_json::json!({ "trust_domain": TRUST_DOMAIN, "layout": 2 });
     if marker.exists() {
         let seen: serde_json::Value = serde_json::from_slice(&std::fs::read(&marker)?)?;
         if seen == wanted {
             println!("reusing {}", layout.root.display());
             return Ok(());
         }
-        println!("settings changed: regenerating {}", layout.root.display());
+        println!(
+            "{} was made by an older tether up: starting afresh",
+            layout.root.display()
+        );
         std::fs::remove_dir_all(&layout.root)?;
     } else if layout.root.exists() && std::fs::read_dir(&layout.root)?.next().is_some() {
         bail!(
@@ -93,56 +128,192 @@ fn prepare(opts: &UpOptions, layout: &Layout) -> anyhow::Result<()> {
             layout.root.display()
         );
     }
-    let broker_dir = layout.root.join("broker");
-    std::fs::create_dir_all(&broker_dir)?;
-    let pki = Pki::new(TRUST_DOMAIN)?;
-    let broker = pki.broker("local-1")?;
-    std::fs::write(broker_dir.join("ca.pem"), pki.ca_bundle_pem())?;
-    std::fs::write(broker_dir.join("broker.pem"), broker.chain_pem())?;
-    write_private(&broker_dir.join("broker.key"), &broker.key_pem())?;
-    std::fs::write(
-        layout.broker_config(),
-        format!(
-            "# Written by `tether up`. Relative paths resolve against this folder.\n\
-             listen = \"{}\"\nadmin_listen = \"{}\"\ntrust_domain = \"{TRUST_DOMAIN}\"\n\n\
-             [tls]\nca = \"ca.pem\"\ncert = \"broker.pem\"\nkey = \"broker.key\"\n\n\
-             [allowlist]\nfile = \"allowlist.txt\"\n\n\
-             [session]\nheartbeat_interval = \"5s\"\n\n\
-             [drain]\ntimeout = \"3s\"\nreconnect_jitter = \"1s\"\n",
-            opts.listen, opts.admin_listen
-        ),
-    )?;
-    let bar = progress(opts.appliances as u64, "issuing certificates");
-    let mut allowlist = String::from(
-        "# <appliance-id> <sha256 of the certificate DER>. Remove a line to revoke.\n",
+    std::fs::create_dir_all(&layout.root)?;
+    let mut cfg = tether_control::config::ControlConfig {
+        trust_domain: TRUST_DOMAIN.into(),
+        listen: opts.addr(1000)?,
+        metrics_listen: opts.addr(1001)?,
+        ips: vec![[127, 0, 0, 1].into()],
+        dns_names: vec!["localhost".into()],
+        ..Default::default()
+    };
+    // The whole fleet enrolls from one address: allow it.
+    cfg.http.public_rate_per_sec = 10_000;
+    cfg.http.public_burst = 10_000;
+    println!(
+        "creating control's CA and store in {}",
+        layout.control().display()
     );
-    for i in 1..=opts.appliances {
-        let id = appliance_id(i);
-        let leaf = pki.appliance(&id)?;
-        leaf.write_agent_state(&layout.appliance(&id), &pki.root_pem())?;
-        allowlist.push_str(&format!("{id} {}\n", leaf.fingerprint_hex()));
-        bar.inc(1);
-    }
-    bar.finish();
-    std::fs::write(layout.allowlist(), allowlist)?;
+    tether_control::run::init(&layout.control(), &cfg, None).await?;
     std::fs::write(&marker, serde_json::to_vec_pretty(&wanted)?)?;
     Ok(())
 }
 
-fn write_private(path: &Path, text: &str) -> anyhow::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)?;
-    f.write_all(text.as_bytes())?;
+/// Log the local operator `admin` in under `DATA/operator`, unless it is already.
+async fn operator(
+    layout: &Layout,
+    store: &dyn Store,
+    control_url: &str,
+    root_pem: &str,
+) -> anyhow::Result<()> {
+    let dir = layout.operator();
+    if dir.join(crate::cli::CERT_FILE).exists() {
+        // Control may listen on another port than last time (--port-base 0).
+        let path = dir.join(crate::cli::CONFIG_FILE);
+        let mut profile: crate::cli::Profile = serde_json::from_slice(&std::fs::read(&path)?)
+            .with_context(|| format!("{} is not valid", path.display()))?;
+        if profile.control_url != control_url {
+            profile.control_url = control_url.to_owned();
+            crate::cli::write_secret(&path, &serde_json::to_vec_pretty(&profile)?)?;
+        }
+        return Ok(());
+    }
+    let bundle = tether_control::operators::create_invite(
+        store,
+        control_url.to_owned(),
+        root_pem.to_owned(),
+        tether_control::operators::FIRST_ADMIN,
+        tether_control::operators::Role::Admin,
+        Duration::from_secs(600),
+        local_admin(),
+        tether_control::now_unix(),
+    )
+    .await?;
+    let path = layout.root.join("admin-bundle.json");
+    crate::cli::write_secret(&path, &serde_json::to_vec_pretty(&bundle)?)?;
+    crate::cli::login::run(crate::cli::login::LoginArgs {
+        bundle: path.clone(),
+        control: None,
+        common: crate::cli::Common {
+            config_dir: Some(dir),
+            output: crate::cli::Output::Table,
+        },
+    })
+    .await
+    .context("logging the local admin in")?;
+    let _ = std::fs::remove_file(path);
     Ok(())
 }
 
-/// Run the broker and the fleet until `shutdown`.
+/// Start broker `name` (enrolling it with a fresh bundle on first use).
+async fn broker(
+    layout: &Layout,
+    store: &dyn Store,
+    control_url: &str,
+    root_pem: &str,
+    name: &str,
+    listen: SocketAddr,
+    admin_listen: SocketAddr,
+) -> anyhow::Result<tether_broker::Running> {
+    let dir = layout.broker(name);
+    std::fs::create_dir_all(&dir)?;
+    let bundle_path = dir.join("bundle.json");
+    let enrolled = dir.join("broker.pem").exists();
+    if !enrolled {
+        let bundle = tether_control::brokers::add(
+            store,
+            control_url.to_owned(),
+            root_pem.to_owned(),
+            TRUST_DOMAIN,
+            name,
+            Duration::from_secs(600),
+            local_admin(),
+            tether_control::now_unix(),
+        )
+        .await?;
+        crate::cli::write_secret(&bundle_path, &serde_json::to_vec_pretty(&bundle)?)?;
+    }
+    let toml = format!(
+        "# Written by `tether up`.\n\
+         listen = \"{listen}\"\nadmin_listen = \"{admin_listen}\"\n\n\
+         [control]\ndata_dir = \"{}\"\n{}\n\
+         [session]\nheartbeat_interval = \"5s\"\n\n\
+         [drain]\ntimeout = \"3s\"\nreconnect_jitter = \"1s\"\n",
+        dir.display(),
+        if enrolled {
+            String::new()
+        } else {
+            format!("bundle = \"{}\"\n", bundle_path.display())
+        },
+    );
+    let config_path = dir.join("broker.toml");
+    std::fs::write(&config_path, toml)?;
+    let config = tether_broker::config::Config::load(&config_path)?;
+    let running = tether_broker::Running::bind(config)
+        .await
+        .with_context(|| format!("starting broker {name}"))?;
+    let _ = std::fs::remove_file(bundle_path);
+    Ok(running)
+}
+
+/// Register (if needed) and enroll (if needed) every appliance with a one-time token.
+async fn enroll_fleet(
+    opts: &UpOptions,
+    layout: &Layout,
+    store: Arc<dyn Store>,
+    control_url: &str,
+    root_pem: &str,
+) -> anyhow::Result<()> {
+    let missing: Vec<String> = (1..=opts.appliances)
+        .map(appliance_id)
+        .filter(|id| !layout.appliance(id).join("state.json").exists())
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let bar = progress(missing.len() as u64, "enrolling appliances");
+    let limit = Arc::new(tokio::sync::Semaphore::new(ENROLL_CONCURRENCY));
+    let mut tasks = tokio::task::JoinSet::new();
+    for id in missing {
+        let (store, limit, bar) = (store.clone(), limit.clone(), bar.clone());
+        let (control_url, root_pem) = (control_url.to_owned(), root_pem.to_owned());
+        let state_dir = layout.appliance(&id);
+        tasks.spawn(async move {
+            let _slot = limit.acquire_owned().await;
+            let now = tether_control::now_unix();
+            let appliance = Appliance {
+                id: id.clone(),
+                tenant: TENANT.into(),
+                binding: PlatformBinding::TokenOnly,
+                status: ApplianceStatus::Active,
+                manual_renewal_generation: 0,
+                created_at: now,
+            };
+            let event = AuditEvent::success(local_admin(), action::APPLIANCE_REGISTER, &id)
+                .with("tenant", TENANT);
+            match store.register_appliance(&appliance, &event).await {
+                Ok(()) | Err(StoreError::Conflict(_)) => {}
+                Err(e) => return Err(anyhow::Error::from(e).context(format!("registering {id}"))),
+            }
+            let token = tether_control::token::Token::generate();
+            let hash = token.hash();
+            let event = AuditEvent::success(local_admin(), action::TOKEN_CREATE, &id)
+                .with("token_ref", tether_control::audit::token_ref(&hash));
+            store
+                .create_token(&id, &hash, now + 600, now, &event)
+                .await
+                .with_context(|| format!("a token for {id}"))?;
+            tether_agent::enroll::enroll(&tether_agent::enroll::EnrollOptions {
+                control_url,
+                ca_pem: root_pem.into_bytes(),
+                appliance_id: id.clone(),
+                proof: tether_agent::proof::EnrollProof::Token(token.expose().to_owned()),
+                state_dir,
+            })
+            .await
+            .with_context(|| format!("enrolling {id}"))?;
+            bar.inc(1);
+            Ok(())
+        });
+    }
+    while let Some(r) = tasks.join_next().await {
+        r.context("an enrollment task failed")??;
+    }
+    bar.finish();
+    Ok(())
+}
+
+/// Run control, two brokers and the fleet until `shutdown`.
 pub async fn run(opts: UpOptions, shutdown: CancellationToken) -> anyhow::Result<()> {
     if opts.appliances == 0 {
         bail!("--appliances must be at least 1");
@@ -150,54 +321,100 @@ pub async fn run(opts: UpOptions, shutdown: CancellationToken) -> anyhow::Result
     let layout = Layout {
         root: opts.data_dir.clone(),
     };
-    prepare(&opts, &layout)?;
+    prepare(&opts, &layout).await?;
 
-    let config = tether_broker::config::Config::load(&layout.broker_config())?;
-    let running = tether_broker::Running::bind(config)
+    // Control.
+    let control = tether_control::run::Started::bind(&layout.control(), None, None)
         .await
-        .context("starting the broker")?;
-    let broker_addr = running.broker.local_addr()?;
-    let admin_addr = running.admin.local_addr()?;
-    let broker_stop = CancellationToken::new();
-    let broker_task = tokio::spawn(running.serve(broker_stop.clone()));
+        .context("starting control")?;
+    let control_addr = control.api_addr()?;
+    // With free ports, keep the one control got: brokers and the operator credential
+    // remember control's URL for the next run.
+    let mut cfg = tether_control::config::ControlConfig::load(&layout.control())?;
+    if cfg.listen.port() == 0 {
+        cfg.listen = control_addr;
+        cfg.save(&layout.control())?;
+    }
+    let metrics_addr = control.metrics_addr()?;
+    let store = control.state.store.clone();
+    let control_url = format!("https://{control_addr}");
+    let root_pem = control.state.ca.root_pem();
+    let control_stop = CancellationToken::new();
+    let control_task = tokio::spawn(control.serve(control_stop.clone()));
 
+    operator(&layout, store.as_ref(), &control_url, &root_pem).await?;
+
+    // Brokers.
+    let mut brokers = Vec::new();
+    for (i, name) in BROKERS.iter().enumerate() {
+        let offset = 10 * i as u16;
+        let running = broker(
+            &layout,
+            store.as_ref(),
+            &control_url,
+            &root_pem,
+            name,
+            opts.addr(offset)?,
+            opts.addr(offset + 1)?,
+        )
+        .await?;
+        let quic = running.broker.local_addr()?;
+        let admin = running.admin.local_addr()?;
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(running.serve(stop.clone()));
+        brokers.push((name.to_string(), quic, admin, stop, task));
+    }
+
+    enroll_fleet(&opts, &layout, store.clone(), &control_url, &root_pem).await?;
+
+    // The fleet: every appliance through the real supervisor, half preferring each broker.
     let endpoint = tether_agent::client_endpoint("127.0.0.1:0".parse()?)?;
     let fleet_stop = CancellationToken::new();
     let (tx, mut rx) = mpsc::unbounded_channel::<(String, bool)>();
     let mut agents = Vec::with_capacity(opts.appliances);
     for i in 1..=opts.appliances {
         let id = appliance_id(i);
-        let creds = tether_agent::Credentials::load(&layout.appliance(&id))
-            .with_context(|| format!("loading {id}"))?;
-        let agent = tether_agent::Agent::new(
-            tether_agent::AgentConfig::default(),
-            creds,
-            endpoint.clone(),
-            [broker_addr],
-        )?;
-        let mut events = agent.events();
-        let tx = tx.clone();
-        let id2 = id.clone();
-        tokio::spawn(async move {
-            while let Ok(ev) = events.recv().await {
-                let up = match ev {
-                    tether_agent::AgentEvent::Connected { .. } => true,
-                    tether_agent::AgentEvent::Disconnected { .. } => false,
-                    tether_agent::AgentEvent::Stopped => break,
-                    _ => continue,
-                };
-                if tx.send((id2.clone(), up)).is_err() {
-                    break;
-                }
+        let mut order: Vec<tether_agent::BrokerAddr> = brokers.iter().map(|b| b.1.into()).collect();
+        order.rotate_left(i % brokers.len());
+        let supervisor = tether_agent::supervisor::Supervisor {
+            state_dir: layout.appliance(&id),
+            brokers: order,
+            agent: tether_agent::AgentConfig::default(),
+            renew_before: Duration::from_secs(86_400),
+            renew_check_every: Duration::from_secs(3600),
+        };
+        let (tx, endpoint, stop) = (tx.clone(), endpoint.clone(), fleet_stop.clone());
+        agents.push(tokio::spawn(async move {
+            let result = supervisor
+                .run(endpoint, stop, |mut events| {
+                    let (tx, id) = (tx.clone(), id.clone());
+                    tokio::spawn(async move {
+                        while let Ok(ev) = events.recv().await {
+                            let up = match ev {
+                                tether_agent::AgentEvent::Connected { .. } => true,
+                                tether_agent::AgentEvent::Disconnected { .. } => false,
+                                tether_agent::AgentEvent::Stopped => break,
+                                _ => continue,
+                            };
+                            if tx.send((id.clone(), up)).is_err() {
+                                break;
+                            }
+                        }
+                    });
+                })
+                .await;
+            if let Err(e) = result {
+                eprintln!("{id}: stopped: {e:#}");
             }
-        });
-        agents.push(tokio::spawn(agent.run(fleet_stop.clone())));
+        }));
     }
     drop(tx);
 
     let bar = progress(opts.appliances as u64, "connecting appliances");
     let started = Instant::now();
     let mut connected = HashSet::new();
+    let give_up = tokio::time::sleep(Duration::from_secs(60));
+    tokio::pin!(give_up);
     while connected.len() < opts.appliances {
         tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -206,62 +423,96 @@ pub async fn run(opts: UpOptions, shutdown: CancellationToken) -> anyhow::Result
                 Some((id, false)) => { connected.remove(&id); }
                 None => break,
             },
-            _ = tokio::time::sleep(Duration::from_secs(60)) => {
+            _ = &mut give_up => {
+                bar.abandon();
                 bail!("only {} of {} appliances connected within 60 s", connected.len(), opts.appliances);
             }
         }
         bar.set_position(connected.len() as u64);
     }
-    bar.finish();
+    bar.finish_and_clear();
     if !shutdown.is_cancelled() {
         let first = appliance_id(1);
+        let second = appliance_id(2.min(opts.appliances));
         let data = layout.root.display();
+        let ops = layout.operator();
         println!(
             "ready: {} appliances connected (in {:.1?})\n",
             connected.len(),
             started.elapsed()
         );
-        println!("  broker (QUIC, mTLS):  {broker_addr}");
-        println!("  admin API + metrics:  http://{admin_addr}/metrics");
-        println!("  data directory:       {data}\n");
-        println!("Try, in another terminal:");
-        println!("  curl -s http://{admin_addr}/v1/sessions | head -c 600; echo");
         println!(
-            "  curl -sN http://{admin_addr}/v1/sessions/{first}/commands \\\n      -H 'content-type: application/json' -d '{{\"argv\": [\"uname\", \"-a\"], \"timeout_ms\": 5000}}'"
+            "  control (HTTPS, mTLS):  {control_url}    metrics: http://{metrics_addr}/metrics"
         );
+        for (name, quic, admin, _, _) in &brokers {
+            println!("  broker {name} (QUIC):   {quic}      metrics: http://{admin}/metrics");
+        }
+        println!("  data directory:         {data}\n");
+        println!("Try, in another terminal (the local admin is logged in there):");
+        println!("  export TETHER_CONFIG_DIR={}", ops.display());
+        println!("  cargo run --release --bin tether -- broker list");
+        println!("  cargo run --release --bin tether -- appliance list");
+        println!("  cargo run --release --bin tether -- exec {first} -- uname -a");
         println!(
-            "  sed -i '/^{first} /d' {data}/broker/allowlist.txt    # revoke: the session closes at once"
+            "  cargo run --release --bin tether -- exec --selector tenant={TENANT} -- hostname"
         );
-        println!(
-            "  cargo run --release --bin tether-agent -- run --state-dir {data}/appliances/{first} --broker {broker_addr}   # refused after revoke"
-        );
+        println!("  cargo run --release --bin tether -- appliance show {second}");
+        println!("  cargo run --release --bin tether -- appliance renew {second}     # renews on its next heartbeat");
+        println!("  cargo run --release --bin tether -- appliance revoke {first}     # its session closes at once");
         println!("\nCtrl-C stops everything.");
     }
 
-    // Report sessions that go away (revocations) while running.
+    // Report sessions that come and go (revocations, renewals) while running.
     let mut live = connected;
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => break,
             ev = rx.recv() => match ev {
-                Some((id, true)) => { if live.insert(id.clone()) { println!("{id}: connected"); } }
+                Some((id, true)) => { if live.insert(id.clone()) { println!("{id}: connected ({} connected)", live.len()); } }
                 Some((id, false)) => { if live.remove(&id) { println!("{id}: disconnected ({} connected)", live.len()); } }
                 None => break,
             },
         }
     }
 
-    println!("stopping {} appliances and the broker", opts.appliances);
+    println!(
+        "stopping {} appliances, {} brokers and control",
+        opts.appliances,
+        brokers.len()
+    );
     fleet_stop.cancel();
     for a in agents {
         let _ = tokio::time::timeout(Duration::from_secs(5), a).await;
     }
-    broker_stop.cancel();
-    match tokio::time::timeout(Duration::from_secs(10), broker_task).await {
-        Ok(Ok(Ok(()))) => println!("stopped cleanly"),
-        Ok(Ok(Err(e))) => return Err(e),
-        Ok(Err(e)) => return Err(e.into()),
-        Err(_) => bail!("broker did not stop within 10 s"),
+    let mut clean = true;
+    for (name, _, _, stop, task) in brokers {
+        stop.cancel();
+        match tokio::time::timeout(Duration::from_secs(10), task).await {
+            Ok(Ok(Ok(()))) => {}
+            Ok(Ok(Err(e))) => {
+                clean = false;
+                eprintln!("broker {name}: {e:#}");
+            }
+            Ok(Err(e)) => {
+                clean = false;
+                eprintln!("broker {name}: {e}");
+            }
+            Err(_) => {
+                clean = false;
+                eprintln!("broker {name} did not stop within 10 s");
+            }
+        }
     }
+    control_stop.cancel();
+    match tokio::time::timeout(Duration::from_secs(10), control_task).await {
+        Ok(Ok(Ok(()))) => {}
+        Ok(Ok(Err(e))) => return Err(e.context("control")),
+        Ok(Err(e)) => return Err(e.into()),
+        Err(_) => bail!("control did not stop within 10 s"),
+    }
+    if !clean {
+        bail!("not every broker stopped cleanly");
+    }
+    println!("stopped cleanly");
     Ok(())
 }

@@ -19,7 +19,7 @@
 //!   deadline guard fails them with `timed_out`.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -120,7 +120,31 @@ pub enum ExecEvent {
 
 struct InFlight {
     link: u64,
-    tx: mpsc::Sender<ExecEvent>,
+    tx: mpsc::UnboundedSender<ExecEvent>,
+    /// Output bytes delivered and not yet taken by the caller.
+    queued: Arc<AtomicUsize>,
+}
+
+/// Output a command may have waiting for a slow caller before it is stopped
+/// (`output_overflow`).
+pub const MAX_QUEUED_OUTPUT: usize = 16 * 1024 * 1024;
+
+/// The events of one command, in the order its broker sent them.
+#[derive(Debug)]
+pub struct ExecEvents {
+    rx: mpsc::UnboundedReceiver<ExecEvent>,
+    queued: Arc<AtomicUsize>,
+}
+
+impl ExecEvents {
+    /// The next event; `None` when the command was forgotten without a final event.
+    pub async fn recv(&mut self) -> Option<ExecEvent> {
+        let ev = self.rx.recv().await?;
+        if let ExecEvent::Output { data, .. } = &ev {
+            self.queued.fetch_sub(data.len(), Ordering::Relaxed);
+        }
+        Some(ev)
+    }
 }
 
 /// The cluster state shared by every handler.
@@ -207,7 +231,7 @@ impl Cluster {
         kind: String,
         env_allowlist: Vec<String>,
         timeout: Duration,
-    ) -> Result<(String, u64, mpsc::Receiver<ExecEvent>), &'static str> {
+    ) -> Result<(String, u64, ExecEvents), &'static str> {
         let presence = self.presence(appliance).ok_or("offline")?;
         let (link_id, tx) = {
             let links = lock(&self.links);
@@ -215,12 +239,14 @@ impl Cluster {
             (link.id, link.tx.clone())
         };
         let id = self.next_id.fetch_add(1, Ordering::Relaxed) + 1;
-        let (events_tx, events_rx) = mpsc::channel(64);
+        let (events_tx, events_rx) = mpsc::unbounded_channel();
+        let queued = Arc::new(AtomicUsize::new(0));
         lock(&self.commands).insert(
             id,
             InFlight {
                 link: link_id,
                 tx: events_tx,
+                queued: queued.clone(),
             },
         );
         let msg = ToBroker::Command {
@@ -235,7 +261,14 @@ impl Cluster {
             lock(&self.commands).remove(&id);
             return Err("broker_lost");
         }
-        Ok((presence.broker, id, events_rx))
+        Ok((
+            presence.broker,
+            id,
+            ExecEvents {
+                rx: events_rx,
+                queued,
+            },
+        ))
     }
 
     /// Forget command `id` and tell its broker to stop it (the caller went away).
@@ -243,27 +276,37 @@ impl Cluster {
         let Some(inflight) = lock(&self.commands).remove(&id) else {
             return;
         };
-        let links = lock(&self.links);
-        if let Some(link) = links.values().find(|l| l.id == inflight.link) {
-            let _ = link.tx.try_send(ToBroker::CancelCommand { id });
-        }
+        self.cancel_on_link(inflight.link, id);
     }
 
     fn deliver(&self, id: u64, event: ExecEvent, last: bool) {
-        let tx = {
-            let mut commands = lock(&self.commands);
-            if last {
-                commands.remove(&id).map(|c| c.tx)
-            } else {
-                commands.get(&id).map(|c| c.tx.clone())
+        // In order, without waiting: the reader serves every command of the broker.
+        let mut commands = lock(&self.commands);
+        let Some(c) = commands.get(&id) else { return };
+        if let ExecEvent::Output { data, .. } = &event {
+            if c.queued.fetch_add(data.len(), Ordering::Relaxed) + data.len() > MAX_QUEUED_OUTPUT {
+                let c = commands.remove(&id).expect("present");
+                drop(commands);
+                let _ = c.tx.send(ExecEvent::Failed {
+                    code: "output_overflow".into(),
+                    message: format!(
+                        "the caller did not read {MAX_QUEUED_OUTPUT} bytes of output in time"
+                    ),
+                });
+                self.cancel_on_link(c.link, id);
+                return;
             }
-        };
-        if let Some(tx) = tx {
-            // A caller that stopped reading loses output, never the final event's slot:
-            // the channel is bounded, so wait for room.
-            tokio::spawn(async move {
-                let _ = tx.send(event).await;
-            });
+        }
+        let _ = c.tx.send(event);
+        if last {
+            commands.remove(&id);
+        }
+    }
+
+    fn cancel_on_link(&self, link_id: u64, id: u64) {
+        let links = lock(&self.links);
+        if let Some(link) = links.values().find(|l| l.id == link_id) {
+            let _ = link.tx.try_send(ToBroker::CancelCommand { id });
         }
     }
 
@@ -659,7 +702,7 @@ where
             .collect()
     };
     for c in lost {
-        let _ = c.tx.try_send(ExecEvent::Failed {
+        let _ = c.tx.send(ExecEvent::Failed {
             code: "broker_lost".into(),
             message: format!("the channel to broker {name} ended mid-command"),
         });

@@ -86,6 +86,8 @@ impl Started {
         let listener = tokio::net::TcpListener::bind(cfg.listen)
             .await
             .with_context(|| format!("cannot listen on {}", cfg.listen))?;
+        // Port 0 picks a free port: bundles and answers must name the real one.
+        cfg.listen = listener.local_addr()?;
         let proofs = crate::proof::Verifiers::new(&cfg.proofs)
             .context("building the platform proof verifiers")?;
         let metrics_listener = tokio::net::TcpListener::bind(cfg.metrics_listen)

@@ -301,6 +301,26 @@ pub async fn run(cmd: ApplianceCmd) -> anyhow::Result<()> {
                     println!("binding:            {}", binding_text(&a.binding));
                     println!("renewal generation: {}", a.manual_renewal_generation);
                     println!("registered:         {}", a.created_at);
+                    match &d.connection {
+                        Some(c) => {
+                            println!(
+                                "connected:          broker {} since {} (session {})",
+                                c.broker,
+                                tether_control::enroll::rfc3339(c.connected_at as i64),
+                                c.session_id
+                            );
+                            println!(
+                                "last heartbeat:     {}",
+                                c.last_heartbeat
+                                    .map(|t| tether_control::enroll::rfc3339(t as i64))
+                                    .unwrap_or_else(|| "none yet".into())
+                            );
+                            if let Some(t) = &c.trust_state {
+                                println!("agent trust state:  {t}");
+                            }
+                        }
+                        None => println!("connected:          no (offline)"),
+                    }
                     if d.certificates.is_empty() {
                         println!("certificates:       none");
                     } else {

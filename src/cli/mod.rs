@@ -17,6 +17,8 @@
 
 pub mod appliance;
 pub mod audit;
+pub mod broker;
+pub mod exec;
 pub mod login;
 pub mod operator;
 
@@ -141,6 +143,45 @@ impl Client {
             self.http.get(self.url(path)).send().await,
         )
         .await
+    }
+
+    /// GET `path` with `query` (encoded by reqwest), decoding the JSON answer.
+    pub async fn get_query<T: serde::de::DeserializeOwned>(
+        &self,
+        path: &str,
+        query: &[(&str, &str)],
+    ) -> anyhow::Result<T> {
+        answer(
+            &self.profile.control_url,
+            self.http.get(self.url(path)).query(query).send().await,
+        )
+        .await
+    }
+
+    /// POST `body` to `path` and hand back the streaming answer on 2xx; a [`Refused`]
+    /// otherwise.
+    pub async fn post_stream(
+        &self,
+        path: &str,
+        body: &serde_json::Value,
+    ) -> anyhow::Result<reqwest::Response> {
+        let resp = self
+            .http
+            .post(self.url(path))
+            .json(body)
+            .send()
+            .await
+            .with_context(|| format!("cannot reach control at {}", self.profile.control_url))?;
+        if resp.status().is_success() {
+            return Ok(resp);
+        }
+        let status = resp.status();
+        Err(
+            answer::<serde_json::Value>(&self.profile.control_url, Ok(resp))
+                .await
+                .err()
+                .unwrap_or_else(|| anyhow::anyhow!("control answered {status}")),
+        )
     }
 
     /// POST `body` to `path`, decoding the JSON answer.

@@ -1,0 +1,130 @@
+//! `tether broker add|list|revoke`: the brokers of the edge cluster.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::Subcommand;
+use serde::Deserialize;
+use tether_proto::cluster::BrokerBundle;
+
+use super::{check_name, print_json, write_secret, Client, Common, Output};
+
+/// `tether broker ...`
+#[derive(Debug, Subcommand)]
+pub enum BrokerCmd {
+    /// Create a one-time bundle for a new broker NAME; start the broker with
+    /// `tether-broker --bundle FILE --data-dir DIR` (the bundle works once, within --ttl).
+    Add {
+        /// Broker name: 1-128 of [A-Za-z0-9._-].
+        name: String,
+        /// Write the bundle here (mode 0600) [default: NAME.broker.json].
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Lifetime of the bundle.
+        #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
+        ttl: std::time::Duration,
+        #[command(flatten)]
+        common: Common,
+    },
+    /// List brokers: status, address, whether their channel to control is up.
+    List {
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Revoke broker NAME (admin): its certificate is refused and its channel closed.
+    Revoke {
+        /// Broker name.
+        name: String,
+        #[command(flatten)]
+        common: Common,
+    },
+}
+
+#[derive(Debug, Deserialize, serde::Serialize)]
+struct BrokerInfo {
+    name: String,
+    status: String,
+    created_at: String,
+    cert_not_after: Option<String>,
+    quic_addr: Option<String>,
+    last_seen: Option<String>,
+    connected: bool,
+    allowlist_version: Option<u64>,
+    sessions: Option<usize>,
+}
+
+#[derive(Debug, Deserialize, serde::Serialize)]
+struct BrokerList {
+    brokers: Vec<BrokerInfo>,
+}
+
+/// Run a `tether broker` command.
+pub async fn run(cmd: BrokerCmd) -> anyhow::Result<()> {
+    match cmd {
+        BrokerCmd::Add {
+            name,
+            out,
+            ttl,
+            common,
+        } => {
+            check_name(&name)?;
+            let client = Client::load(&common.dir()?)?;
+            let bundle: BrokerBundle = client
+                .post(
+                    "/v1/brokers",
+                    &serde_json::json!({"name": name, "ttl_secs": ttl.as_secs()}),
+                )
+                .await?;
+            let out = out.unwrap_or_else(|| PathBuf::from(format!("{name}.broker.json")));
+            write_secret(&out, &serde_json::to_vec_pretty(&bundle)?)?;
+            println!(
+                "one-time bundle for broker {name}, valid {}: {}\nstart it with: tether-broker --bundle {} --data-dir {name}-data",
+                humantime::format_duration(ttl),
+                out.display(),
+                out.display()
+            );
+        }
+        BrokerCmd::List { common } => {
+            let client = Client::load(&common.dir()?)?;
+            let list: BrokerList = client.get("/v1/brokers").await?;
+            match common.output {
+                Output::Json => print_json(&list)?,
+                Output::Table => {
+                    println!(
+                        "{:<20} {:<8} {:<10} {:<22} {:>8} {:>9}  LAST SEEN",
+                        "NAME", "STATUS", "CHANNEL", "QUIC", "VERSION", "SESSIONS"
+                    );
+                    for b in &list.brokers {
+                        println!(
+                            "{:<20} {:<8} {:<10} {:<22} {:>8} {:>9}  {}",
+                            b.name,
+                            b.status,
+                            if b.connected { "up" } else { "down" },
+                            b.quic_addr.as_deref().unwrap_or("-"),
+                            b.allowlist_version
+                                .map(|v| v.to_string())
+                                .unwrap_or_else(|| "-".into()),
+                            b.sessions
+                                .map(|v| v.to_string())
+                                .unwrap_or_else(|| "-".into()),
+                            b.last_seen.as_deref().unwrap_or("never"),
+                        );
+                    }
+                }
+            }
+        }
+        BrokerCmd::Revoke { name, common } => {
+            check_name(&name)?;
+            let client = Client::load(&common.dir()?)?;
+            client
+                .post_stream(
+                    &format!("/v1/brokers/{name}/revoke"),
+                    &serde_json::json!({}),
+                )
+                .await
+                .context("revoking the broker")?;
+            println!("broker {name} revoked");
+        }
+    }
+    Ok(())
+}

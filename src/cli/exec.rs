@@ -1,0 +1,312 @@
+//! `tether exec`: run a command on one appliance, or on every appliance a selector picks,
+//! through control and the broker that holds each appliance.
+//!
+//! With one appliance, the command's stdout goes to stdout and its stderr to stderr as it
+//! arrives, and `tether exec` exits with the command's exit code, or with one of:
+//!
+//! | code | meaning |
+//! |---|---|
+//! | [`EXIT_OFFLINE`] (69) | the appliance is not connected to any broker |
+//! | [`EXIT_LOST`] (75) | the appliance, its broker or the link to control went away mid-command |
+//! | [`EXIT_TIMED_OUT`] (124) | no result by the deadline (`--timeout`) |
+//! | [`EXIT_ERROR`] (125) | `tether` itself failed: control refused the request or cannot be reached, bad arguments |
+//!
+//! With `--selector tenant=NAME`, every matching appliance runs the command (at most
+//! `--parallel` at once); each output line is prefixed with `[id] `, a summary follows,
+//! and the exit code is 0 only when every command exited 0.
+
+use std::io::Write;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use base64::Engine;
+use serde::Deserialize;
+
+use super::{check_name, Client, Common};
+
+/// The appliance is not connected to any broker.
+pub const EXIT_OFFLINE: i32 = 69;
+/// The command was lost: the appliance, its broker or control's link went away.
+pub const EXIT_LOST: i32 = 75;
+/// No result by the deadline.
+pub const EXIT_TIMED_OUT: i32 = 124;
+/// `tether` itself failed (refused, unreachable, bad arguments).
+pub const EXIT_ERROR: i32 = 125;
+
+/// `tether exec`
+#[derive(Debug, clap::Args)]
+pub struct ExecArgs {
+    /// The appliance (omit with --selector).
+    #[arg(required_unless_present = "selector")]
+    pub appliance: Option<String>,
+    /// Run on every appliance matching `tenant=NAME`.
+    #[arg(long, conflicts_with = "appliance")]
+    pub selector: Option<String>,
+    /// Deadline for the command on the appliance.
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    pub timeout: Duration,
+    /// With --selector: commands running at once.
+    #[arg(long, default_value_t = 16)]
+    pub parallel: usize,
+    #[command(flatten)]
+    pub common: Common,
+    /// The program and its arguments (after `--`).
+    #[arg(last = true, required = true)]
+    pub argv: Vec<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+enum Line {
+    Started {
+        #[allow(dead_code)]
+        broker: String,
+    },
+    Output {
+        stream: String,
+        data: String,
+    },
+    Exit {
+        code: i32,
+    },
+    Failed {
+        code: String,
+        message: String,
+    },
+}
+
+/// How one command ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// It exited with this code.
+    Exited(i32),
+    /// It did not run to an exit code: the stable code and the message.
+    Failed(String, String),
+}
+
+impl Outcome {
+    /// The process exit code `tether exec` uses for it.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            Outcome::Exited(c) => *c,
+            Outcome::Failed(code, _) => failure_exit_code(code),
+        }
+    }
+}
+
+/// The documented exit code for a failure code from control.
+pub fn failure_exit_code(code: &str) -> i32 {
+    match code {
+        "offline" => EXIT_OFFLINE,
+        "timed_out" => EXIT_TIMED_OUT,
+        "connection_lost" | "broker_lost" | "cancelled" => EXIT_LOST,
+        _ => EXIT_ERROR,
+    }
+}
+
+/// Run `argv` on `appliance`, handing each output chunk to `out(stream, bytes)`.
+pub async fn exec_one(
+    client: &Client,
+    appliance: &str,
+    argv: &[String],
+    timeout: Duration,
+    mut out: impl FnMut(&str, &[u8]),
+) -> anyhow::Result<Outcome> {
+    let body = serde_json::json!({
+        "argv": argv,
+        "timeout_ms": timeout.as_millis() as u64,
+    });
+    let mut resp = match client
+        .post_stream(&format!("/v1/appliances/{appliance}/exec"), &body)
+        .await
+    {
+        Ok(r) => r,
+        Err(e) => {
+            if let Some(r) = e.downcast_ref::<super::Refused>() {
+                if r.code == "offline" || r.code == "broker_lost" {
+                    return Ok(Outcome::Failed(r.code.clone(), r.message.clone()));
+                }
+            }
+            return Err(e);
+        }
+    };
+    let mut buf: Vec<u8> = Vec::new();
+    loop {
+        let chunk = match resp.chunk().await {
+            Ok(Some(c)) => c,
+            Ok(None) => break,
+            Err(e) => {
+                return Ok(Outcome::Failed(
+                    "broker_lost".into(),
+                    format!("the answer from control broke off: {e}"),
+                ))
+            }
+        };
+        buf.extend_from_slice(&chunk);
+        while let Some(pos) = buf.iter().position(|b| *b == b'\n') {
+            let line: Vec<u8> = buf.drain(..=pos).collect();
+            let line: Line = serde_json::from_slice(&line[..line.len() - 1])
+                .context("control sent a line that is not an exec event")?;
+            match line {
+                Line::Started { .. } => {}
+                Line::Output { stream, data } => {
+                    let bytes = base64::engine::general_purpose::STANDARD
+                        .decode(data.as_bytes())
+                        .context("control sent output that is not base64")?;
+                    out(&stream, &bytes);
+                }
+                Line::Exit { code } => return Ok(Outcome::Exited(code)),
+                Line::Failed { code, message } => return Ok(Outcome::Failed(code, message)),
+            }
+        }
+    }
+    Ok(Outcome::Failed(
+        "broker_lost".into(),
+        "control's answer ended without a result".into(),
+    ))
+}
+
+/// Run `tether exec`; returns the process exit code.
+pub async fn run(args: ExecArgs) -> i32 {
+    match run_inner(args).await {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("tether exec: {e:#}");
+            EXIT_ERROR
+        }
+    }
+}
+
+async fn run_inner(args: ExecArgs) -> anyhow::Result<i32> {
+    let client = Arc::new(Client::load(&args.common.dir()?)?);
+    if let Some(selector) = &args.selector {
+        return fan_out(client, selector, &args).await;
+    }
+    let appliance = args
+        .appliance
+        .clone()
+        .context("give an APPLIANCE or --selector")?;
+    check_name(&appliance)?;
+    let outcome = exec_one(
+        &client,
+        &appliance,
+        &args.argv,
+        args.timeout,
+        |stream, data| {
+            if stream == "stderr" {
+                let mut e = std::io::stderr().lock();
+                let _ = e.write_all(data);
+                let _ = e.flush();
+            } else {
+                let mut o = std::io::stdout().lock();
+                let _ = o.write_all(data);
+                let _ = o.flush();
+            }
+        },
+    )
+    .await?;
+    if let Outcome::Failed(code, message) = &outcome {
+        eprintln!("tether exec: {appliance}: {code}: {message}");
+    }
+    Ok(outcome.exit_code())
+}
+
+#[derive(Debug, Deserialize)]
+struct Page {
+    appliances: Vec<Summary>,
+    next: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+struct Summary {
+    id: String,
+}
+
+async fn fan_out(client: Arc<Client>, selector: &str, args: &ExecArgs) -> anyhow::Result<i32> {
+    let Some(("tenant", tenant)) = selector.split_once('=') else {
+        bail!("unsupported selector {selector:?}: use tenant=NAME");
+    };
+    let mut ids = Vec::new();
+    let mut after: Option<String> = None;
+    loop {
+        let mut query = vec![("tenant", tenant), ("status", "active"), ("limit", "500")];
+        if let Some(a) = &after {
+            query.push(("after", a.as_str()));
+        }
+        let page: Page = client.get_query("/v1/appliances", &query).await?;
+        ids.extend(page.appliances.into_iter().map(|a| a.id));
+        match page.next {
+            Some(n) => after = Some(n),
+            None => break,
+        }
+    }
+    if ids.is_empty() {
+        bail!("no active appliance matches {selector}");
+    }
+    let limit = Arc::new(tokio::sync::Semaphore::new(args.parallel.max(1)));
+    let mut tasks = tokio::task::JoinSet::new();
+    for id in ids {
+        let (client, limit) = (client.clone(), limit.clone());
+        let (argv, timeout) = (args.argv.clone(), args.timeout);
+        tasks.spawn(async move {
+            let _slot = limit.acquire_owned().await;
+            let prefix = format!("[{id}] ");
+            let mut partial: [Vec<u8>; 2] = [Vec::new(), Vec::new()];
+            let result = exec_one(&client, &id, &argv, timeout, |stream, data| {
+                let i = usize::from(stream == "stderr");
+                partial[i].extend_from_slice(data);
+                while let Some(pos) = partial[i].iter().position(|b| *b == b'\n') {
+                    let line: Vec<u8> = partial[i].drain(..=pos).collect();
+                    emit(i, &prefix, &line);
+                }
+            })
+            .await;
+            for (i, rest) in partial.iter().enumerate() {
+                if !rest.is_empty() {
+                    let mut line = rest.clone();
+                    line.push(b'\n');
+                    emit(i, &prefix, &line);
+                }
+            }
+            let outcome =
+                result.unwrap_or_else(|e| Outcome::Failed("error".into(), format!("{e:#}")));
+            (id, outcome)
+        });
+    }
+    let mut results = Vec::new();
+    while let Some(r) = tasks.join_next().await {
+        results.push(r.context("an exec task failed")?);
+    }
+    results.sort_by(|a, b| a.0.cmp(&b.0));
+    let ok = results
+        .iter()
+        .filter(|(_, o)| *o == Outcome::Exited(0))
+        .count();
+    eprintln!("\n{:<32} RESULT", "APPLIANCE");
+    for (id, o) in &results {
+        let text = match o {
+            Outcome::Exited(c) => format!("exit {c}"),
+            Outcome::Failed(code, message) => format!("{code}: {message}"),
+        };
+        eprintln!("{id:<32} {text}");
+    }
+    eprintln!(
+        "{ok} of {} succeeded, {} failed",
+        results.len(),
+        results.len() - ok
+    );
+    Ok(if ok == results.len() { 0 } else { 1 })
+}
+
+fn emit(stream: usize, prefix: &str, line: &[u8]) {
+    if stream == 1 {
+        let mut e = std::io::stderr().lock();
+        let _ = e.write_all(prefix.as_bytes());
+        let _ = e.write_all(line);
+    } else {
+        let mut o = std::io::stdout().lock();
+        let _ = o.write_all(prefix.as_bytes());
+        let _ = o.write_all(line);
+    }
+}
