@@ -562,6 +562,14 @@ impl ControlSync {
         for (_, h) in commands {
             h.abort();
         }
+        if shutdown.is_cancelled() {
+            // A clean end (TLS close_notify), so control logs a departure, not an error.
+            let _ = tokio::time::timeout(
+                Duration::from_secs(1),
+                SinkExt::<Bytes>::close(&mut channel),
+            )
+            .await;
+        }
         metrics.control_connected.set(0);
         result
     }

@@ -61,7 +61,7 @@ pub mod verifier;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Instant, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::Context;
 use tokio_util::sync::CancellationToken;
@@ -319,7 +319,14 @@ impl Running {
         // The channel stayed up through the drain, so control saw every session leave.
         sync_shutdown.cancel();
         for t in sync_tasks {
-            t.abort();
+            // The channel closes itself cleanly on cancel; give it a moment, then stop it.
+            let abort = t.abort_handle();
+            if tokio::time::timeout(Duration::from_secs(2), t)
+                .await
+                .is_err()
+            {
+                abort.abort();
+            }
         }
         admin_shutdown.cancel();
         match admin_task.await {
