@@ -119,9 +119,7 @@ async fn openapi_lists_every_route() {
         let responses = op["responses"].as_object().expect("responses");
         // The cluster channel's success is `101 Switching Protocols`.
         assert!(
-            responses
-                .keys()
-                .any(|s| s.starts_with('2') || s == "101"),
+            responses.keys().any(|s| s.starts_with('2') || s == "101"),
             "{method} {path}: no success answer"
         );
         if ["/healthz", "/openapi.json"].contains(path) {

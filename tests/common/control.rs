@@ -42,13 +42,18 @@ impl Drop for ControlProc {
 }
 
 pub fn serve(dir: &Path) -> ControlProc {
+    serve_on(dir, "127.0.0.1:0")
+}
+
+/// `tether-control serve` on `listen` (a restart keeps its port, so brokers find it).
+pub fn serve_on(dir: &Path, listen: &str) -> ControlProc {
     let mut child = Command::new(bin("tether-control"))
         .args([
             "--log-format",
             "json",
             "serve",
             "--listen",
-            "127.0.0.1:0",
+            listen,
             "--metrics-listen",
             "127.0.0.1:0",
             "--data-dir",

@@ -4,6 +4,7 @@
 
 #![allow(dead_code)]
 
+pub mod cluster;
 pub mod control;
 pub mod operators;
 
@@ -129,9 +130,13 @@ pub struct BrokerProc {
 
 impl BrokerProc {
     pub fn start(config: &Path) -> BrokerProc {
+        BrokerProc::start_with(&["--config".as_ref(), config.as_os_str()])
+    }
+
+    /// `tether-broker ARGS --log-format json`, waiting until it listens.
+    pub fn start_with(args: &[&std::ffi::OsStr]) -> BrokerProc {
         let mut child = Command::new(bin("tether-broker"))
-            .arg("--config")
-            .arg(config)
+            .args(args)
             .args(["--log-format", "json"])
             .env("RUST_LOG", "info,tether_broker=debug")
             .stdout(Stdio::piped())

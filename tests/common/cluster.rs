@@ -1,0 +1,216 @@
+//! A whole Tether for end-to-end tests: control (the real `tether-control serve`), the
+//! local admin logged in with the real `tether login`, brokers started with the real
+//! `tether-broker --bundle` (bundles from `tether broker add`), and appliances enrolled
+//! with tokens and run by the real `tether-agent run`. Everything on 127.0.0.1 with
+//! ephemeral ports.
+
+#![allow(dead_code)]
+
+use std::ffi::OsStr;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use super::control::{serve_on, Fleet};
+use super::operators::{config_dir, tether};
+use super::{bin, wait_for, AgentProc, BrokerProc};
+
+/// Heartbeat interval the test brokers announce.
+pub const HEARTBEAT: &str = "1s";
+
+pub struct Cluster {
+    pub fleet: Fleet,
+    /// The admin's `TETHER_CONFIG_DIR`.
+    pub ops: PathBuf,
+    /// Broker data directories, by name.
+    pub broker_dirs: Vec<(String, PathBuf)>,
+}
+
+impl Cluster {
+    /// Control with `control_toml` merged into its config, and the admin logged in.
+    pub fn new(control_toml: &str) -> Cluster {
+        let fleet = Fleet::with_config(control_toml);
+        let ops = config_dir(&fleet, "admin");
+        tether(
+            &ops,
+            &[
+                "login",
+                "--bundle",
+                fleet.data.join("admin-bundle.json").to_str().unwrap(),
+                "--control",
+                &fleet.url(),
+            ],
+        )
+        .expect("the admin logs in");
+        Cluster {
+            fleet,
+            ops,
+            broker_dirs: Vec::new(),
+        }
+    }
+
+    /// `tether ARGS` as the admin.
+    pub fn tether(&self, args: &[&str]) -> Result<String, String> {
+        tether(&self.ops, args)
+    }
+
+    /// `tether exec`: (exit code, stdout, stderr).
+    pub fn exec(&self, args: &[&str]) -> (i32, String, String) {
+        let out = Command::new(bin("tether"))
+            .arg("exec")
+            .args(args)
+            .env("TETHER_CONFIG_DIR", &self.ops)
+            .output()
+            .unwrap();
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    fn tmp(&self) -> &Path {
+        self.fleet.data.parent().unwrap()
+    }
+
+    /// `tether broker add NAME`, then `tether-broker --bundle` on a fresh data directory.
+    pub fn add_broker(&mut self, name: &str) -> BrokerProc {
+        let dir = self.tmp().join(format!("broker-{name}"));
+        let bundle = self.tmp().join(format!("{name}.broker.json"));
+        self.tether(&["broker", "add", name, "--out", bundle.to_str().unwrap()])
+            .expect("tether broker add");
+        // The bundle names control by its configured DNS name; reach it on 127.0.0.1.
+        let mut b: Value = serde_json::from_slice(&std::fs::read(&bundle).unwrap()).unwrap();
+        b["control_url"] = Value::from(self.fleet.url());
+        std::fs::write(&bundle, serde_json::to_vec(&b).unwrap()).unwrap();
+        self.broker_dirs.push((name.to_owned(), dir.clone()));
+        start_broker(&dir, Some(&bundle), "127.0.0.1:0")
+    }
+
+    /// Start broker `name` again on its data directory (no bundle) at `listen`.
+    pub fn restart_broker(&self, name: &str, listen: SocketAddr) -> BrokerProc {
+        let dir = &self
+            .broker_dirs
+            .iter()
+            .find(|(n, _)| n == name)
+            .expect("a broker added earlier")
+            .1;
+        start_broker(dir, None, &listen.to_string())
+    }
+
+    /// Register `id` (token only, tenant acme) unless it is, make a token and enroll it
+    /// with `tether-agent enroll` into a fresh state directory; returns the directory.
+    pub fn enroll(&self, id: &str) -> PathBuf {
+        let _ = self.tether(&[
+            "appliance",
+            "register",
+            id,
+            "--token-only",
+            "--tenant",
+            "acme",
+        ]);
+        let state = self.tmp().join(format!("state-{id}"));
+        let token = self.fleet.token(id);
+        self.fleet
+            .enroll(id, &token, &state)
+            .unwrap_or_else(|e| panic!("enroll {id}: {e}"));
+        state
+    }
+
+    /// `tether-agent run` for the appliance in `state` with `brokers`, heartbeating fast.
+    pub fn agent(&self, state: &Path, brokers: &[SocketAddr]) -> AgentProc {
+        AgentProc::start(state, brokers, &[])
+    }
+
+    /// Control's view of `id` (`GET /v1/appliances/{id}` as the admin).
+    pub fn show(&self, id: &str) -> Value {
+        let out = self
+            .tether(&["appliance", "show", id, "--output", "json"])
+            .unwrap_or_else(|e| panic!("show {id}: {e}"));
+        serde_json::from_str(&out).unwrap()
+    }
+
+    /// Wait until control says `id` is connected (to `broker` when given); returns the
+    /// connection object.
+    pub async fn wait_connected(&self, id: &str, broker: Option<&str>) -> Value {
+        wait_for(Duration::from_secs(20), || async {
+            let c = self.show(id)["connection"].clone();
+            let ok = !c.is_null() && broker.is_none_or(|b| c["broker"] == b);
+            ok.then_some(c)
+        })
+        .await
+        .unwrap_or_else(|| {
+            panic!(
+                "{id} never connected (to {broker:?}) as control sees it: {}",
+                self.show(id)
+            )
+        })
+    }
+
+    /// Wait until every broker's channel is up, as `tether broker list` says.
+    pub async fn wait_brokers_up(&self, n: usize) {
+        wait_for(Duration::from_secs(20), || async {
+            let out = self.tether(&["broker", "list", "--output", "json"]).ok()?;
+            let v: Value = serde_json::from_str(&out).ok()?;
+            let up = v["brokers"]
+                .as_array()?
+                .iter()
+                .filter(|b| b["connected"] == true)
+                .count();
+            (up >= n).then_some(())
+        })
+        .await
+        .unwrap_or_else(|| panic!("{n} broker channels never came up"));
+    }
+
+    /// Restart control (after `kill`) on the same port, so brokers find it again.
+    pub fn restart_control(&mut self) {
+        let listen = self.fleet.control.addr.to_string();
+        self.fleet.control = serve_on(&self.fleet.data, &listen);
+    }
+}
+
+fn start_broker(dir: &Path, bundle: Option<&Path>, listen: &str) -> BrokerProc {
+    let mut args: Vec<&OsStr> = vec![
+        "--data-dir".as_ref(),
+        dir.as_os_str(),
+        "--listen".as_ref(),
+        listen.as_ref(),
+        "--admin-listen".as_ref(),
+        "127.0.0.1:0".as_ref(),
+        "--heartbeat-interval".as_ref(),
+        HEARTBEAT.as_ref(),
+        "--drain-timeout".as_ref(),
+        "1s".as_ref(),
+        "--reconnect-jitter".as_ref(),
+        "200ms".as_ref(),
+    ];
+    if let Some(b) = bundle {
+        args.push("--bundle".as_ref());
+        args.push(b.as_os_str());
+    }
+    BrokerProc::start_with(&args)
+}
+
+/// Wait until `broker` holds a session for `id` and no other; returns its row.
+pub async fn session_on(broker: &BrokerProc, id: &str) -> Value {
+    broker.wait_session(id).await
+}
+
+/// Time from `start` until `f` holds (polling every 2 ms), bounded by 10 s.
+pub async fn time_until<F, Fut>(start: Instant, mut f: F) -> Duration
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    loop {
+        if f().await {
+            return start.elapsed();
+        }
+        assert!(start.elapsed() < Duration::from_secs(10), "never happened");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
