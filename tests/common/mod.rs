@@ -4,6 +4,7 @@
 
 #![allow(dead_code)]
 
+pub mod aws;
 pub mod cluster;
 pub mod control;
 pub mod operators;
