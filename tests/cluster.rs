@@ -137,3 +137,36 @@ async fn token_flow_across_two_brokers() {
     let (code, out, _) = c.exec(&["app-1", "--", "echo", "back"]);
     assert_eq!((code, out.as_str()), (0, "back\n"));
 }
+
+/// The same appliance connecting to another broker (a copied credential, or a move):
+/// control closes the older session, on the other broker, as `superseded`; control's
+/// view and commands follow the newest session.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_newer_session_on_another_broker_supersedes_the_older_one() {
+    let mut c = Cluster::new("");
+    let b1 = c.add_broker("edge-1");
+    let b2 = c.add_broker("edge-2");
+    c.wait_brokers_up(2).await;
+    let state = c.enroll("app-1");
+    let first = c.agent(&state, &[b1.quic]);
+    let older = c.wait_connected("app-1", Some("edge-1")).await;
+    b1.wait_session("app-1").await;
+
+    let superseded = r#"tether_sessions_closed_total{code="superseded"}"#;
+    let before = b1.metric(superseded).await;
+    let start = Instant::now();
+    let second = c.agent(&state, &[b2.quic]);
+    b2.wait_session("app-1").await;
+    b1.wait_metric(superseded, before + 1.0).await;
+    eprintln!(
+        "older session on edge-1 closed as superseded {:.1} ms after the second agent started",
+        start.elapsed().as_secs_f64() * 1e3
+    );
+    // Stop the first agent before it comes back and takes over again.
+    drop(first);
+    let newer = c.wait_connected("app-1", Some("edge-2")).await;
+    assert_ne!(older["session_id"], newer["session_id"]);
+    let (code, out, _) = c.exec(&["app-1", "--", "echo", "newest"]);
+    assert_eq!((code, out.as_str()), (0, "newest\n"));
+    drop(second);
+}

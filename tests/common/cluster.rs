@@ -32,7 +32,13 @@ pub struct Cluster {
 impl Cluster {
     /// Control with `control_toml` merged into its config, and the admin logged in.
     pub fn new(control_toml: &str) -> Cluster {
-        let fleet = Fleet::with_config(control_toml);
+        Cluster::with_init(&[], control_toml)
+    }
+
+    /// As [`Cluster::new`], passing `init_args` to `tether-control init` (e.g.
+    /// `--database-url`).
+    pub fn with_init(init_args: &[&str], control_toml: &str) -> Cluster {
+        let fleet = Fleet::with_init(init_args, control_toml);
         let ops = config_dir(&fleet, "admin");
         tether(
             &ops,
@@ -92,13 +98,7 @@ impl Cluster {
 
     /// Start broker `name` again on its data directory (no bundle) at `listen`.
     pub fn restart_broker(&self, name: &str, listen: SocketAddr) -> BrokerProc {
-        let dir = &self
-            .broker_dirs
-            .iter()
-            .find(|(n, _)| n == name)
-            .expect("a broker added earlier")
-            .1;
-        start_broker(dir, None, &listen.to_string())
+        start_broker(self.broker_dir(name), None, &listen.to_string())
     }
 
     /// Register `id` (token only, tenant acme) unless it is, make a token and enroll it
@@ -164,6 +164,23 @@ impl Cluster {
         })
         .await
         .unwrap_or_else(|| panic!("{n} broker channels never came up"));
+    }
+
+    /// The data directory of broker `name`.
+    pub fn broker_dir(&self, name: &str) -> &Path {
+        &self
+            .broker_dirs
+            .iter()
+            .find(|(n, _)| n == name)
+            .expect("a broker added earlier")
+            .1
+    }
+
+    /// SIGKILL control and reap it.
+    pub fn kill_control(&mut self) {
+        let child = &mut self.fleet.control.child;
+        child.kill().expect("SIGKILL control");
+        child.wait().expect("reap control");
     }
 
     /// Restart control (after `kill`) on the same port, so brokers find it again.
