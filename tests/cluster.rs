@@ -170,3 +170,26 @@ async fn a_newer_session_on_another_broker_supersedes_the_older_one() {
     assert_eq!((code, out.as_str()), (0, "newest\n"));
     drop(second);
 }
+
+/// A broker renews its own certificate before it expires and keeps working on the new
+/// one: its channel to control stays usable and appliances still connect after the
+/// first certificate's end (the QUIC server certificate is swapped live).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_renews_its_own_certificate_before_expiry() {
+    let mut c = Cluster::new("[certificates]\nbroker = \"8s\"\n");
+    let b1 = c.add_broker("edge-1");
+    c.wait_brokers_up(1).await;
+    let renewed = r#"tether_broker_certificate_renewals_total{result="ok"}"#;
+    b1.wait_metric(renewed, 1.0).await;
+    // Past the first certificate's end: a new appliance session and a command still work.
+    tokio::time::sleep(Duration::from_secs(9)).await;
+    let state = c.enroll("app-1");
+    let _agent = c.agent(&state, &[b1.quic]);
+    c.wait_connected("app-1", Some("edge-1")).await;
+    let (code, out, _) = c.exec(&["app-1", "--", "echo", "still-here"]);
+    assert_eq!((code, out.as_str()), (0, "still-here\n"));
+    assert!(
+        b1.metric(renewed).await >= 2.0,
+        "renewed again before the second expiry"
+    );
+}

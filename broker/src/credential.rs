@@ -307,6 +307,9 @@ pub struct Renewer {
     pub metrics: Arc<Metrics>,
 }
 
+/// Longest wait before renewing a certificate whose two-thirds point has passed.
+pub const RENEW_FLOOR_MAX: Duration = Duration::from_secs(60);
+
 impl Renewer {
     /// One renewal: new key, CSR, `POST /v1/brokers/renew`, files, swap. Returns the new
     /// validity.
@@ -343,7 +346,12 @@ impl Renewer {
         let mut retry = RENEW_RETRY_MIN;
         loop {
             let now = crate::presence::unix_secs(SystemTime::now());
-            let wait = Duration::from_secs(validity.renew_at().saturating_sub(now));
+            // Control backdates `notBefore` (clock skew), so for a short certificate the
+            // two-thirds point can already be past on arrival: wait at least half of what
+            // is left, up to a minute, so renewals never run back to back.
+            let floor = Duration::from_secs(validity.not_after.saturating_sub(now) / 2)
+                .min(RENEW_FLOOR_MAX);
+            let wait = Duration::from_secs(validity.renew_at().saturating_sub(now)).max(floor);
             info!(
                 not_after = validity.not_after,
                 renew_in = ?wait,

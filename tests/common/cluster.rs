@@ -78,7 +78,8 @@ impl Cluster {
         )
     }
 
-    fn tmp(&self) -> &Path {
+    /// The temporary directory everything lives in.
+    pub fn tmp(&self) -> &Path {
         self.fleet.data.parent().unwrap()
     }
 
@@ -210,6 +211,29 @@ fn start_broker(dir: &Path, bundle: Option<&Path>, listen: &str) -> BrokerProc {
         args.push(b.as_os_str());
     }
     BrokerProc::start_with(&args)
+}
+
+/// The broker counter that rises when it refuses a certificate not in its allowlist.
+pub const REFUSED_UNKNOWN: &str = r#"tether_handshake_rejected_total{reason="unknown_fingerprint"}"#;
+
+impl Cluster {
+    /// Run the appliance in `state` against `broker` alone and wait until the broker refuses
+    /// its certificate (`unknown_fingerprint` rises); `id` never gets a session there.
+    pub async fn assert_refused(&self, state: &Path, broker: &BrokerProc, id: &str) {
+        let before = broker.metric(REFUSED_UNKNOWN).await;
+        let probe = self.agent(state, &[broker.quic]);
+        broker.wait_metric(REFUSED_UNKNOWN, before + 1.0).await;
+        drop(probe);
+        assert!(
+            !broker
+                .sessions()
+                .await
+                .iter()
+                .any(|s| s["appliance_id"] == id),
+            "{id}'s refused certificate got a session on {}",
+            broker.quic
+        );
+    }
 }
 
 /// Wait until `broker` holds a session for `id` and no other; returns its row.

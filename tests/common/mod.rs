@@ -249,6 +249,15 @@ impl BrokerProc {
         .unwrap_or_else(|| panic!("{sample} never reached {at_least}"))
     }
 
+    /// Wait until `sample` equals `value` (bounded by `limit`); for gauges that go down.
+    pub async fn wait_metric_eq(&self, sample: &str, value: f64, limit: Duration) {
+        wait_for(limit, || async {
+            (self.metric(sample).await == value).then_some(())
+        })
+        .await
+        .unwrap_or_else(|| panic!("{sample} never became {value} on {}", self.quic))
+    }
+
     pub async fn sessions(&self) -> Vec<serde_json::Value> {
         http()
             .get(self.url("/v1/sessions"))
