@@ -151,17 +151,23 @@ async fn renewal_overlap_admits_both_certificates_then_only_the_new_one() {
         left.is_positive(),
         "the probes ran after the overlap ended ({until}); the machine is too slow for a 15 s overlap"
     );
-    eprintln!("both certificates admitted with {left} of the overlap left");
+    eprintln!(
+        "both certificates admitted with {:.1} s of the overlap left",
+        left.as_seconds_f64()
+    );
 
     // After it, the sweep drops the old certificate: both brokers refuse it.
     let refused = wait_for(Duration::from_secs(60), || async {
         (handshake_verdict(&b2, &old).await == Verdict::Refused).then_some(())
     })
     .await;
-    assert!(refused.is_some(), "edge-2 kept admitting the old certificate");
+    assert!(
+        refused.is_some(),
+        "edge-2 kept admitting the old certificate"
+    );
     eprintln!(
-        "old certificate refused {} after the overlap's end",
-        time::OffsetDateTime::now_utc() - until
+        "old certificate refused {:.1} s after the overlap's end",
+        (time::OffsetDateTime::now_utc() - until).as_seconds_f64()
     );
     assert_eq!(handshake_verdict(&b1, &old).await, Verdict::Refused);
     let shown = c.show("app-1");
@@ -221,8 +227,14 @@ async fn brokers_outlive_control_and_resync_when_it_returns() {
         b.wait_metric(STALE, 1.0).await;
     }
     // Live sessions stay, the same ones.
-    assert_eq!(b1.wait_session("app-1").await["session_id"], first1["session_id"]);
-    assert_eq!(b2.wait_session("app-2").await["session_id"], first2["session_id"]);
+    assert_eq!(
+        b1.wait_session("app-1").await["session_id"],
+        first1["session_id"]
+    );
+    assert_eq!(
+        b2.wait_session("app-2").await["session_id"],
+        first2["session_id"]
+    );
     // A new connection of an enrolled appliance is admitted.
     drop(a1);
     let a1 = c.agent(&s1, &[b1.quic]);
@@ -326,7 +338,7 @@ async fn a_killed_broker_fails_commands_in_flight_and_its_appliances_move() {
         let conn = c.wait_connected(id, None).await;
         on.push(conn["broker"].as_str().unwrap().to_owned());
     }
-    let mut brokers = vec![("edge-1", b1), ("edge-2", b2)];
+    let mut brokers = [("edge-1", b1), ("edge-2", b2)];
     let ia = brokers.iter().position(|(n, _)| *n == on[0]).unwrap();
     let (a_name, b_name) = (brokers[ia].0, brokers[1 - ia].0);
     let moving: Vec<&str> = ids
@@ -461,10 +473,13 @@ impl PgDb {
     async fn drop_db(self) {
         use sqlx::Connection;
         let mut admin = sqlx::PgConnection::connect(&self.admin_url).await.unwrap();
-        sqlx::query(&format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name))
-            .execute(&mut admin)
-            .await
-            .unwrap();
+        sqlx::query(&format!(
+            "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+            self.name
+        ))
+        .execute(&mut admin)
+        .await
+        .unwrap();
         admin.close().await.ok();
     }
 }
@@ -522,7 +537,11 @@ async fn control_on_postgres_restarts_with_everything_in_place() {
     let _a1 = c.agent(&s1, &[b1.quic]);
     let _a2 = c.agent(&s2, &[b2.quic]);
     let a3 = c.agent(&s3, &[b2.quic]);
-    for (id, b) in [("app-1", "edge-1"), ("app-2", "edge-2"), ("app-3", "edge-2")] {
+    for (id, b) in [
+        ("app-1", "edge-1"),
+        ("app-2", "edge-2"),
+        ("app-3", "edge-2"),
+    ] {
         c.wait_connected(id, Some(b)).await;
     }
     c.tether(&["appliance", "revoke", "app-3"]).expect("revoke");

@@ -214,7 +214,8 @@ fn start_broker(dir: &Path, bundle: Option<&Path>, listen: &str) -> BrokerProc {
 }
 
 /// The broker counter that rises when it refuses a certificate not in its allowlist.
-pub const REFUSED_UNKNOWN: &str = r#"tether_handshake_rejected_total{reason="unknown_fingerprint"}"#;
+pub const REFUSED_UNKNOWN: &str =
+    r#"tether_handshake_rejected_total{reason="unknown_fingerprint"}"#;
 
 impl Cluster {
     /// Run the appliance in `state` against `broker` alone and wait until the broker refuses
