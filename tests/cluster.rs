@@ -193,3 +193,36 @@ async fn a_broker_renews_its_own_certificate_before_expiry() {
         "renewed again before the second expiry"
     );
 }
+
+/// A quiet cluster keeps its channels: control and brokers ping each other within the
+/// 30 s idle limit, so nothing reconnects while nothing happens.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_channel_stays_up() {
+    let mut c = Cluster::new("");
+    let b1 = c.add_broker("edge-1");
+    c.wait_brokers_up(1).await;
+    let idle = Duration::from_secs(tether_proto::cluster::CHANNEL_IDLE_TIMEOUT_SECS + 5);
+    tokio::time::sleep(idle).await;
+    let errors: f64 = {
+        let text = common::http()
+            .get(b1.url("/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        text.lines()
+            .filter(|l| l.starts_with("tether_broker_control_channel_errors_total"))
+            .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+            .sum()
+    };
+    assert_eq!(errors, 0.0, "the channel broke while idle");
+    assert_eq!(b1.metric("tether_broker_control_connected").await, 1.0);
+    assert_eq!(
+        c.fleet
+            .metric(r#"tether_control_channel_errors_total{reason="idle"}"#)
+            .await,
+        0.0
+    );
+}

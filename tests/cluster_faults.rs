@@ -251,8 +251,9 @@ async fn brokers_outlive_control_and_resync_when_it_returns() {
     c.assert_refused(&s3, &b2, "app-3").await;
 
     // --- edge-2 is down while control (back) revokes app-2; it resyncs when it returns.
+    // app-2's agent keeps knocking on edge-2's address all along, so it may come in on the
+    // stale snapshot before the resync: the resync must throw it out.
     let b2_addr = b2.quic;
-    drop(a2);
     b2.terminate();
     b2.wait_exit(Duration::from_secs(15));
     drop(b2);
@@ -273,7 +274,26 @@ async fn brokers_outlive_control_and_resync_when_it_returns() {
         ms(started.elapsed())
     );
     assert_eq!(b2.metric(CONTROL_CONNECTED).await, 1.0);
+    wait_for(Duration::from_secs(10), || async {
+        (!b2.sessions()
+            .await
+            .iter()
+            .any(|s| s["appliance_id"] == "app-2"))
+        .then_some(())
+    })
+    .await
+    .expect("edge-2 kept a session of the appliance revoked while it was down");
+    eprintln!(
+        "edge-2 sessions closed by the resync (app-2 admitted on the stale snapshot first): {}",
+        b2.metric("tether_sessions_revoked_total").await
+    );
+    drop(a2);
     c.assert_refused(&s2, &b2, "app-2").await;
+    wait_for(Duration::from_secs(10), || async {
+        c.show("app-2")["connection"].is_null().then_some(())
+    })
+    .await
+    .expect("control still shows the revoked app-2 connected");
     c.wait_brokers_up(2).await;
     // Control learned where app-1 is from edge-1 again; commands reach it.
     c.wait_connected("app-1", Some("edge-1")).await;

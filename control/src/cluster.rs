@@ -563,7 +563,6 @@ where
     // Writer: the initial sync, then versions, queued messages and pings.
     let writer = {
         let s = s.clone();
-        let name = name.clone();
         let ended = ended.clone();
         async move {
             let mut sent = sync_from(&s, &mut sink, since).await?;
@@ -587,6 +586,7 @@ where
             let mut poll = tokio::time::interval(Duration::from_secs(1));
             poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             let ping = Duration::from_secs(CHANNEL_PING_SECS);
+            let mut last_sent = tokio::time::Instant::now();
             loop {
                 tokio::select! {
                     _ = ended.cancelled() => return Ok::<(), LinkError>(()),
@@ -594,18 +594,25 @@ where
                         if changed.is_err() {
                             return Ok(());
                         }
-                        sent = push_new_versions(&s, &mut sink, sent).await?;
+                        sent = push_new_versions(&s, &mut sink, sent, &mut last_sent).await?;
                     }
                     _ = poll.tick() => {
-                        sent = push_new_versions(&s, &mut sink, sent).await?;
+                        sent = push_new_versions(&s, &mut sink, sent, &mut last_sent).await?;
+                        // Say something at least every `ping`, so the broker knows the
+                        // channel is alive.
+                        if last_sent.elapsed() >= ping {
+                            send(&mut sink, &ToBroker::Ping).await?;
+                            last_sent = tokio::time::Instant::now();
+                        }
                     }
                     msg = rx.recv() => match msg {
-                        Some(m) => send(&mut sink, &m).await?,
+                        Some(m) => {
+                            send(&mut sink, &m).await?;
+                            last_sent = tokio::time::Instant::now();
+                        }
                         None => return Ok(()),
                     },
-                    _ = tokio::time::sleep(ping) => send(&mut sink, &ToBroker::Ping).await?,
                 }
-                debug!(broker = %name, sent, "broker channel writer step");
             }
         }
     };
@@ -801,7 +808,12 @@ where
     Ok(version)
 }
 
-async fn push_new_versions<S>(s: &AppState, sink: &mut S, sent: u64) -> Result<u64, LinkError>
+async fn push_new_versions<S>(
+    s: &AppState,
+    sink: &mut S,
+    sent: u64,
+    last_sent: &mut tokio::time::Instant,
+) -> Result<u64, LinkError>
 where
     S: futures_util::Sink<bytes::Bytes, Error = std::io::Error> + Unpin,
 {
@@ -816,6 +828,7 @@ where
             return Ok(sent);
         }
         sent = send_deltas(sink, page, sent).await?;
+        *last_sent = tokio::time::Instant::now();
     }
 }
 

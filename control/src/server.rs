@@ -11,7 +11,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -145,15 +145,16 @@ pub async fn serve(
                     req
                 },
             ));
-            let mut builder =
-                hyper_util::server::conn::auto::Builder::new(TokioExecutor::new()).http1_only();
+            // hyper's HTTP/1 server directly (not hyper-util's auto builder, whose version
+            // sniffing waits for a first byte with no timeout), with upgrades: brokers
+            // switch their connection to the cluster channel.
+            let mut builder = hyper::server::conn::http1::Builder::new();
             builder
-                .http1()
                 .timer(TokioTimer::new())
                 .header_read_timeout(header_read_timeout);
-            // With upgrades: brokers switch their connection to the cluster channel.
             if let Err(e) = builder
-                .serve_connection_with_upgrades(TokioIo::new(tls), service)
+                .serve_connection(TokioIo::new(tls), service)
+                .with_upgrades()
                 .await
             {
                 debug!(%remote, error = %e, "connection ended with an error");
