@@ -304,8 +304,14 @@ pub struct ControlSync {
 }
 
 impl ControlSync {
-    /// Hold the channel until `shutdown`, reconnecting with backoff.
+    /// Hold the channel until `shutdown`, reconnecting with backoff; then save the
+    /// allowlist in force if the snapshot file is behind it.
     pub async fn run(mut self, shutdown: CancellationToken) {
+        self.hold(&shutdown).await;
+        self.writer.flush().await;
+    }
+
+    async fn hold(&mut self, shutdown: &CancellationToken) {
         let metrics = self.broker.metrics().clone();
         metrics.allowlist_stale.set(1);
         metrics.control_connected.set(0);
@@ -323,7 +329,7 @@ impl ControlSync {
                     info!(control = %self.identity.control_url, "control channel up");
                     metrics.control_connected.set(1);
                     let r = self
-                        .session(channel, &shutdown, &mut synced)
+                        .session(channel, shutdown, &mut synced)
                         .instrument(span)
                         .await;
                     metrics.control_connected.set(0);

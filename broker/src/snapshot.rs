@@ -123,45 +123,81 @@ pub fn save(path: &Path, snapshot: &Snapshot, saved_at: u64) -> std::io::Result<
 }
 
 /// The background writer's handle: call [`SnapshotWriter::changed`] after every applied
-/// version.
+/// version, and [`SnapshotWriter::flush`] before the process exits.
 #[derive(Debug, Clone)]
 pub struct SnapshotWriter {
     dirty: Arc<Notify>,
+    inner: Arc<WriterInner>,
+}
+
+#[derive(Debug)]
+struct WriterInner {
+    path: PathBuf,
+    allowlist: Arc<Allowlist>,
+    /// The version the file holds; writes take it, so the background task and
+    /// [`SnapshotWriter::flush`] never write at once.
+    written: tokio::sync::Mutex<u64>,
+}
+
+impl WriterInner {
+    /// Write the snapshot in force now.
+    async fn write(&self, written: &mut u64) {
+        let snap = self.allowlist.snapshot_full();
+        let path = self.path.clone();
+        let version = snap.version();
+        let entries = snap.len();
+        let saved_at = crate::presence::unix_secs(std::time::SystemTime::now());
+        let result = tokio::task::spawn_blocking(move || save(&path, &snap, saved_at)).await;
+        match result {
+            Ok(Ok(())) => {
+                *written = version;
+                tracing::debug!(version, entries, "allowlist snapshot saved")
+            }
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, version, "cannot save the allowlist snapshot")
+            }
+            Err(e) => tracing::error!(error = %e, "allowlist snapshot writer failed"),
+        }
+    }
 }
 
 impl SnapshotWriter {
-    /// Start the writer task for `path`, reading the allowlist in force at each write.
+    /// Start the writer task for `path`, reading the allowlist in force at each write. The
+    /// allowlist in force now is taken to be what the file holds (it was loaded from it,
+    /// or there is none and nothing to save yet).
     pub fn spawn(path: PathBuf, allowlist: Arc<Allowlist>) -> SnapshotWriter {
         let dirty = Arc::new(Notify::new());
         let wake = dirty.clone();
+        let written = allowlist.snapshot().version();
+        let inner = Arc::new(WriterInner {
+            path,
+            allowlist,
+            written: tokio::sync::Mutex::new(written),
+        });
+        let task = inner.clone();
         tokio::spawn(async move {
             loop {
                 wake.notified().await;
-                let snap = allowlist.snapshot_full();
-                let path = path.clone();
-                let version = snap.version();
-                let entries = snap.len();
-                let saved_at = crate::presence::unix_secs(std::time::SystemTime::now());
-                let result =
-                    tokio::task::spawn_blocking(move || save(&path, &snap, saved_at)).await;
-                match result {
-                    Ok(Ok(())) => {
-                        tracing::debug!(version, entries, "allowlist snapshot saved")
-                    }
-                    Ok(Err(e)) => {
-                        tracing::error!(error = %e, version, "cannot save the allowlist snapshot")
-                    }
-                    Err(e) => tracing::error!(error = %e, "allowlist snapshot writer failed"),
-                }
+                task.write(&mut *task.written.lock().await).await;
                 tokio::time::sleep(WRITE_INTERVAL).await;
             }
         });
-        SnapshotWriter { dirty }
+        SnapshotWriter { dirty, inner }
     }
 
     /// A new version is in force: write it soon.
     pub fn changed(&self) {
         self.dirty.notify_one();
+    }
+
+    /// Write the version in force now unless the file already holds it: on shutdown, so a
+    /// version applied during the coalescing interval (a revocation) is not lost to a
+    /// restart while control is away.
+    pub async fn flush(&self) {
+        let mut written = self.inner.written.lock().await;
+        if *written != self.inner.allowlist.snapshot().version() {
+            self.inner.write(&mut written).await;
+        }
     }
 }
 
@@ -285,5 +321,41 @@ mod tests {
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+    }
+
+    #[tokio::test]
+    async fn flush_saves_a_version_applied_during_the_interval() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("allowlist.snapshot");
+        let list = Arc::new(Allowlist::new());
+        let writer = SnapshotWriter::spawn(path.clone(), list.clone());
+        // Nothing applied: nothing to save.
+        writer.flush().await;
+        assert!(load(&path).unwrap().is_none());
+        let apply = |v: u8, remove: Vec<Fingerprint>| {
+            list.apply(Change::Delta {
+                version: Some(u64::from(v)),
+                add: vec![entry("a", v)],
+                remove,
+            })
+            .unwrap();
+            writer.changed();
+        };
+        apply(1, vec![]);
+        // The first write is at once; wait for it, then the writer sleeps its interval.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while !matches!(load(&path), Ok(Some(ref s)) if s.version == 1) {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "snapshot not written"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        // A revocation lands during the interval; the process is about to exit.
+        apply(2, vec![Fingerprint([1; 32])]);
+        writer.flush().await;
+        let saved = load(&path).unwrap().unwrap();
+        assert_eq!(saved.version, 2);
+        assert_eq!(saved.entries, vec![entry("a", 2)]);
     }
 }
