@@ -651,3 +651,43 @@ async fn control_on_postgres_restarts_with_everything_in_place() {
     drop(c);
     db.drop_db().await;
 }
+
+/// A broker SIGKILLed right after it closed a revoked session (inside the snapshot
+/// writer's one-second coalescing interval), then restarted while control is away: the
+/// revocation journal keeps the certificate out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revocation_survives_a_broker_crash_right_after_it() {
+    let mut c = Cluster::new("");
+    let mut b1 = c.add_broker("edge-1");
+    c.wait_brokers_up(1).await;
+    let s1 = c.enroll("app-1");
+    let s2 = c.enroll("app-2");
+    let a1 = c.agent(&s1, &[b1.quic]);
+    let _a2 = c.agent(&s2, &[b1.quic]);
+    b1.wait_session("app-1").await;
+    b1.wait_session("app-2").await;
+    // Let the snapshot settle at the enrollments, so the revocation lands in a fresh
+    // coalescing interval.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    c.tether(&["appliance", "revoke", "app-1"]).expect("revoke");
+    wait_for(Duration::from_secs(10), || async {
+        (!b1.sessions()
+            .await
+            .iter()
+            .any(|s| s["appliance_id"] == "app-1"))
+        .then_some(())
+    })
+    .await
+    .expect("the revoked session closed");
+    drop(a1);
+    // Crash at once, then take control away too.
+    let quic = b1.quic;
+    b1.child.kill().unwrap();
+    b1.wait_exit(Duration::from_secs(5));
+    c.kill_control();
+    let b1 = c.restart_broker("edge-1", quic);
+    b1.wait_metric(STALE, 1.0).await;
+    c.assert_refused(&s1, &b1, "app-1").await;
+    // The appliance that was not revoked is still admitted from the snapshot.
+    b1.wait_session("app-2").await;
+}

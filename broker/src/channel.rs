@@ -513,7 +513,10 @@ impl ControlSync {
                         Ok(m) => m,
                         Err(e) => break Err(ChannelError::Protocol(e.to_string())),
                     };
-                    match self.handle(msg, &mut sync, &mut commands, &out_tx, synced) {
+                    match self
+                        .handle(msg, &mut sync, &mut commands, &out_tx, synced)
+                        .await
+                    {
                         Ok(Some(reply)) => out.push(reply),
                         Ok(None) => {}
                         Err(e) => break Err(e),
@@ -581,7 +584,7 @@ impl ControlSync {
     }
 
     /// One message from control; returns the reply to send, if any.
-    fn handle(
+    async fn handle(
         &mut self,
         msg: ToBroker,
         sync: &mut SyncState,
@@ -602,6 +605,11 @@ impl ControlSync {
                 };
                 let report = crate::apply_change(broker, "control", change)
                     .map_err(|e| ChannelError::Apply(e.to_string()))?;
+                // Removals reach the disk now (the snapshot itself is coalesced), so a
+                // crash right after a revocation cannot bring the certificate back.
+                self.writer
+                    .record_removed(report.version, &report.removed)
+                    .await;
                 self.writer.changed();
                 if *synced {
                     metrics

@@ -34,6 +34,10 @@ pub const CERT_FILE: &str = "broker.pem";
 pub const KEY_FILE: &str = "broker.key";
 /// `allowlist.snapshot`.
 pub const SNAPSHOT_FILE: &str = "allowlist.snapshot";
+/// Fingerprints removed since the snapshot was written, `<version> <sha256-hex>` per line,
+/// appended and synced before the removal is acknowledged (see
+/// [`crate::snapshot::SnapshotWriter::record_removed`]).
+pub const REVOKED_JOURNAL_FILE: &str = "allowlist.revoked";
 /// Suffix of the files of a renewal in progress.
 const NEXT: &str = ".next";
 

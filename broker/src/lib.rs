@@ -219,8 +219,30 @@ impl Running {
         metrics.allowlist_stale.set(1);
         let allowlist = Arc::new(Allowlist::new());
         let snapshot_path = dir.path(datadir::SNAPSHOT_FILE);
+        let journal_path = dir.path(datadir::REVOKED_JOURNAL_FILE);
         let snapshot_saved_at = match snapshot::load(&snapshot_path) {
-            Ok(Some(saved)) => {
+            Ok(Some(mut saved)) => {
+                // Removals recorded after this snapshot was written (a crash inside the
+                // coalescing interval) still hold: never admit what was revoked.
+                match snapshot::load_journal(&journal_path) {
+                    Ok(journal) => {
+                        let later = snapshot::removals_after(&journal, saved.version);
+                        if !later.is_empty() {
+                            let before = saved.entries.len();
+                            saved.entries.retain(|e| !later.contains(&e.fingerprint));
+                            warn!(
+                                snapshot_version = saved.version,
+                                removed = before - saved.entries.len(),
+                                "applied revocations journaled after the snapshot"
+                            );
+                        }
+                    }
+                    Err(e) => {
+                        error!(error = %e, file = %journal_path.display(),
+                            "revocation journal unusable: admitting no one until control sends the allowlist");
+                        saved.entries.clear();
+                    }
+                }
                 let entries = saved.entries.len();
                 let applied = allowlist.apply(Change::Replace {
                     version: Some(saved.version),
@@ -269,7 +291,7 @@ impl Running {
             identity: identity.clone(),
             verifier: verifier.clone(),
             presence: presence_rx,
-            writer: SnapshotWriter::spawn(snapshot_path, allowlist),
+            writer: SnapshotWriter::spawn(snapshot_path, journal_path, allowlist),
             quic_addr: quic_addr.clone(),
             snapshot_saved_at,
         };
@@ -353,12 +375,14 @@ pub fn advertised_addr(config: &Config, bound: SocketAddr) -> String {
 }
 
 /// What [`apply_change`] did.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ChangeReport {
     /// The version now in force.
     pub version: u64,
     /// Live sessions closed because their fingerprint was removed.
     pub sessions_closed: usize,
+    /// The fingerprints removed.
+    pub removed: Vec<allowlist::Fingerprint>,
 }
 
 /// Apply one allowlist change, whatever its source: swap it in, close the live sessions of
@@ -398,6 +422,7 @@ pub fn apply_change(
             Ok(ChangeReport {
                 version: applied.version,
                 sessions_closed: closed,
+                removed: applied.removed.iter().map(|e| e.fingerprint).collect(),
             })
         }
         Err(e) => {

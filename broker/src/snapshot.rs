@@ -9,6 +9,14 @@
 //! [`SnapshotWriter`] writes in the background, coalesced: after a change it writes the
 //! snapshot in force *at that moment*, then waits [`WRITE_INTERVAL`] before the next write,
 //! so a burst of deltas costs one write a second and the file always ends at the latest.
+//!
+//! Removals do not wait for it: [`SnapshotWriter::record_removed`] appends each removed
+//! fingerprint with its version to the revocation journal (`allowlist.revoked`) and syncs
+//! it before the broker acknowledges the version. At start the broker drops from the
+//! snapshot every fingerprint journaled at a later version, so even a `kill -9` right
+//! after a revocation cannot readmit the certificate (a later re-add — an appliance
+//! enabled again — waits for control: failing closed). Each snapshot write drops the
+//! journal lines it covers.
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -18,7 +26,7 @@ use std::time::Duration;
 use thiserror::Error;
 use tokio::sync::Notify;
 
-use crate::allowlist::{parse, Allowlist, Entry, ParseError, Snapshot};
+use crate::allowlist::{parse, Allowlist, Entry, Fingerprint, ParseError, Snapshot};
 
 /// First token of the header line.
 pub const HEADER: &str = "tether-allowlist-snapshot/1";
@@ -54,6 +62,12 @@ pub enum SnapshotError {
     /// An entry line is malformed.
     #[error("allowlist snapshot: {0}")]
     Entries(#[from] ParseError),
+    /// A revocation journal line (not the last) is malformed.
+    #[error("revocation journal: line {line} is not `<version> <sha256-hex>`")]
+    Journal {
+        /// 1-based line number.
+        line: usize,
+    },
 }
 
 /// Serialize `snapshot`.
@@ -122,6 +136,76 @@ pub fn save(path: &Path, snapshot: &Snapshot, saved_at: u64) -> std::io::Result<
     crate::datadir::write_atomic(path, &encode(snapshot, saved_at), None)
 }
 
+/// Read the revocation journal at `path`: `(version, fingerprint)` per line; empty when
+/// there is none. A torn last line (a crash mid-append) is ignored; any other bad line
+/// makes the whole journal unusable.
+pub fn load_journal(path: &Path) -> Result<Vec<(u64, Fingerprint)>, SnapshotError> {
+    let bytes = match std::fs::read(path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(source) => {
+            return Err(SnapshotError::Read {
+                path: path.to_owned(),
+                source,
+            })
+        }
+    };
+    let text = String::from_utf8_lossy(&bytes);
+    let complete = text.ends_with('\n');
+    let lines: Vec<&str> = text.lines().collect();
+    let mut out = Vec::with_capacity(lines.len());
+    for (i, line) in lines.iter().enumerate() {
+        let parsed = line
+            .split_once(' ')
+            .and_then(|(v, fp)| Some((v.parse::<u64>().ok()?, Fingerprint::from_hex(fp)?)));
+        match parsed {
+            Some(p) => out.push(p),
+            None if i + 1 == lines.len() && !complete => {}
+            None => return Err(SnapshotError::Journal { line: i + 1 }),
+        }
+    }
+    Ok(out)
+}
+
+/// The fingerprints journaled at a version after `version`.
+pub fn removals_after(journal: &[(u64, Fingerprint)], version: u64) -> Vec<Fingerprint> {
+    journal
+        .iter()
+        .filter(|(v, _)| *v > version)
+        .map(|(_, fp)| *fp)
+        .collect()
+}
+
+fn append_journal(path: &Path, version: u64, removed: &[Fingerprint]) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut text = String::with_capacity(removed.len() * 80);
+    for fp in removed {
+        let _ = writeln!(text, "{version} {fp}");
+    }
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)?;
+    f.write_all(text.as_bytes())?;
+    f.sync_data()
+}
+
+/// Keep only the journal lines after `version` (the snapshot now covers the rest).
+fn trim_journal(path: &Path, version: u64) -> std::io::Result<()> {
+    let journal = match load_journal(path) {
+        Ok(j) => j,
+        Err(_) => Vec::new(),
+    };
+    if journal.is_empty() && !path.exists() {
+        return Ok(());
+    }
+    let mut text = String::new();
+    for (v, fp) in journal.iter().filter(|(v, _)| *v > version) {
+        let _ = writeln!(text, "{v} {fp}");
+    }
+    crate::datadir::write_atomic(path, text.as_bytes(), None)
+}
+
 /// The background writer's handle: call [`SnapshotWriter::changed`] after every applied
 /// version, and [`SnapshotWriter::flush`] before the process exits.
 #[derive(Debug, Clone)]
@@ -133,6 +217,7 @@ pub struct SnapshotWriter {
 #[derive(Debug)]
 struct WriterInner {
     path: PathBuf,
+    journal: PathBuf,
     allowlist: Arc<Allowlist>,
     /// The version the file holds; writes take it, so the background task and
     /// [`SnapshotWriter::flush`] never write at once.
@@ -147,7 +232,12 @@ impl WriterInner {
         let version = snap.version();
         let entries = snap.len();
         let saved_at = crate::presence::unix_secs(std::time::SystemTime::now());
-        let result = tokio::task::spawn_blocking(move || save(&path, &snap, saved_at)).await;
+        let journal = self.journal.clone();
+        let result = tokio::task::spawn_blocking(move || {
+            save(&path, &snap, saved_at)?;
+            trim_journal(&journal, version)
+        })
+        .await;
         match result {
             Ok(Ok(())) => {
                 *written = version;
@@ -165,12 +255,13 @@ impl SnapshotWriter {
     /// Start the writer task for `path`, reading the allowlist in force at each write. The
     /// allowlist in force now is taken to be what the file holds (it was loaded from it,
     /// or there is none and nothing to save yet).
-    pub fn spawn(path: PathBuf, allowlist: Arc<Allowlist>) -> SnapshotWriter {
+    pub fn spawn(path: PathBuf, journal: PathBuf, allowlist: Arc<Allowlist>) -> SnapshotWriter {
         let dirty = Arc::new(Notify::new());
         let wake = dirty.clone();
         let written = allowlist.snapshot().version();
         let inner = Arc::new(WriterInner {
             path,
+            journal,
             allowlist,
             written: tokio::sync::Mutex::new(written),
         });
@@ -183,6 +274,26 @@ impl SnapshotWriter {
             }
         });
         SnapshotWriter { dirty, inner }
+    }
+
+    /// Append the fingerprints `version` removed to the revocation journal and sync it
+    /// (before the version is acknowledged). A failure is logged loudly: the snapshot
+    /// writer still covers it within [`WRITE_INTERVAL`].
+    pub async fn record_removed(&self, version: u64, removed: &[Fingerprint]) {
+        if removed.is_empty() {
+            return;
+        }
+        // Serialized with snapshot writes, which trim the journal.
+        let _guard = self.inner.written.lock().await;
+        let path = self.inner.journal.clone();
+        let removed = removed.to_vec();
+        match tokio::task::spawn_blocking(move || append_journal(&path, version, &removed)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, version, "cannot journal revoked fingerprints")
+            }
+            Err(e) => tracing::error!(error = %e, "revocation journal writer failed"),
+        }
     }
 
     /// A new version is in force: write it soon.
@@ -296,7 +407,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("allowlist.snapshot");
         let list = Arc::new(Allowlist::new());
-        let writer = SnapshotWriter::spawn(path.clone(), list.clone());
+        let writer = SnapshotWriter::spawn(
+            path.clone(),
+            dir.path().join("allowlist.revoked"),
+            list.clone(),
+        );
         for v in 1..=5u8 {
             list.apply(Change::Delta {
                 version: Some(u64::from(v)),
@@ -328,7 +443,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("allowlist.snapshot");
         let list = Arc::new(Allowlist::new());
-        let writer = SnapshotWriter::spawn(path.clone(), list.clone());
+        let writer = SnapshotWriter::spawn(
+            path.clone(),
+            dir.path().join("allowlist.revoked"),
+            list.clone(),
+        );
         // Nothing applied: nothing to save.
         writer.flush().await;
         assert!(load(&path).unwrap().is_none());
@@ -357,5 +476,65 @@ mod tests {
         let saved = load(&path).unwrap().unwrap();
         assert_eq!(saved.version, 2);
         assert_eq!(saved.entries, vec![entry("a", 2)]);
+    }
+
+    #[tokio::test]
+    async fn revocations_are_journaled_at_once_and_trimmed_by_the_next_snapshot() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("allowlist.snapshot");
+        let journal = dir.path().join("allowlist.revoked");
+        let list = Arc::new(Allowlist::new());
+        list.apply(Change::Delta {
+            version: Some(1),
+            add: vec![entry("a", 1), entry("b", 2)],
+            remove: vec![],
+        })
+        .unwrap();
+        save(&path, &list.snapshot_full(), 0).unwrap();
+        let writer = SnapshotWriter::spawn(path.clone(), journal.clone(), list.clone());
+        // A revocation is on disk as soon as `record_removed` returns, before any
+        // snapshot write: a crash now still keeps `b` out at the next start.
+        list.apply(Change::Delta {
+            version: Some(2),
+            add: vec![],
+            remove: vec![Fingerprint([2; 32])],
+        })
+        .unwrap();
+        writer.record_removed(2, &[Fingerprint([2; 32])]).await;
+        let saved = load(&path).unwrap().unwrap();
+        assert_eq!(saved.version, 1, "the snapshot itself is not rewritten yet");
+        let j = load_journal(&journal).unwrap();
+        assert_eq!(
+            removals_after(&j, saved.version),
+            vec![Fingerprint([2; 32])]
+        );
+        assert!(removals_after(&j, 2).is_empty());
+        // The next snapshot write covers it and trims the journal.
+        writer.changed();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while !matches!(load(&path), Ok(Some(ref s)) if s.version == 2) {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "snapshot not written"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        writer.flush().await;
+        assert!(load_journal(&journal).unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_torn_last_journal_line_is_ignored_and_garbage_elsewhere_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("allowlist.revoked");
+        let fp = Fingerprint([3; 32]);
+        std::fs::write(&path, format!("4 {fp}\n5 {}", &fp.to_hex()[..10])).unwrap();
+        assert_eq!(load_journal(&path).unwrap(), vec![(4, fp)]);
+        std::fs::write(&path, format!("x {fp}\n5 {fp}\n")).unwrap();
+        assert!(matches!(
+            load_journal(&path),
+            Err(SnapshotError::Journal { line: 1 })
+        ));
+        assert!(load_journal(&dir.path().join("none")).unwrap().is_empty());
     }
 }
