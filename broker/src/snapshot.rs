@@ -192,10 +192,8 @@ fn append_journal(path: &Path, version: u64, removed: &[Fingerprint]) -> std::io
 
 /// Keep only the journal lines after `version` (the snapshot now covers the rest).
 fn trim_journal(path: &Path, version: u64) -> std::io::Result<()> {
-    let journal = match load_journal(path) {
-        Ok(j) => j,
-        Err(_) => Vec::new(),
-    };
+    // An unreadable journal is replaced: the snapshot just written covers it.
+    let journal = load_journal(path).unwrap_or_default();
     if journal.is_empty() && !path.exists() {
         return Ok(());
     }
