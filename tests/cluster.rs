@@ -226,3 +226,99 @@ async fn an_idle_channel_stays_up() {
         0.0
     );
 }
+
+/// `tether exec --selector`: every active appliance of the tenant runs the command, each
+/// output line prefixed with its id, a summary, exit 0 only when all exited 0; an
+/// appliance that goes away mid-command is a definite `connection_lost` (75), not a hang.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn selector_fan_out_and_an_appliance_lost_mid_command() {
+    let mut c = Cluster::new("");
+    let b1 = c.add_broker("edge-1");
+    let b2 = c.add_broker("edge-2");
+    c.wait_brokers_up(2).await;
+    let s1 = c.enroll("app-1");
+    let s2 = c.enroll("app-2");
+    let _a1 = c.agent(&s1, &[b1.quic]);
+    let mut a2 = c.agent(&s2, &[b2.quic]);
+    c.wait_connected("app-1", Some("edge-1")).await;
+    c.wait_connected("app-2", Some("edge-2")).await;
+
+    let (code, out, err) = c.exec(&["--selector", "tenant=acme", "--", "echo", "hi"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.contains("[app-1] hi\n") && out.contains("[app-2] hi\n"),
+        "{out}"
+    );
+    assert!(err.contains("2 of 2 succeeded"), "{err}");
+
+    // app-2 goes away while its command runs.
+    let mut running = std::process::Command::new(bin("tether"))
+        .args(["exec", "app-2", "--timeout", "60s", "--", "sleep", "30"])
+        .env("TETHER_CONFIG_DIR", &c.ops)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The command is running once the broker has opened its stream; give it a moment.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let start = Instant::now();
+    a2.child.kill().unwrap();
+    let status = loop {
+        if let Some(status) = running.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "tether exec hung"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
+    eprintln!(
+        "appliance killed → tether exec ended in {:.1} ms",
+        start.elapsed().as_secs_f64() * 1e3
+    );
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut running.stderr.take().unwrap(), &mut err).unwrap();
+    assert_eq!(status.code(), Some(75), "{err}");
+    assert!(err.contains("connection_lost"), "{err}");
+
+    // Now one of the tenant's appliances is offline: the fan-out says so and fails.
+    wait_for(Duration::from_secs(10), || async {
+        c.show("app-2")["connection"].is_null().then_some(())
+    })
+    .await
+    .expect("control saw app-2 leave");
+    let (code, out, err) = c.exec(&["--selector", "tenant=acme", "--", "echo", "hi"]);
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(out.contains("[app-1] hi\n"), "{out}");
+    assert!(
+        err.contains("offline") && err.contains("1 of 2 succeeded"),
+        "{err}"
+    );
+}
+
+/// Disable and enable travel like a revocation: disabling closes the live session at
+/// once on the broker holding it; enabling lets the same certificate back in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn disable_closes_the_session_and_enable_lets_the_same_certificate_back() {
+    let mut c = Cluster::new("");
+    let b1 = c.add_broker("edge-1");
+    c.wait_brokers_up(1).await;
+    let s1 = c.enroll("app-1");
+    let a1 = c.agent(&s1, &[b1.quic]);
+    b1.wait_session("app-1").await;
+    let revoked = r#"tether_sessions_closed_total{code="revoked"}"#;
+    let before = b1.metric(revoked).await;
+    c.tether(&["appliance", "disable", "app-1"])
+        .expect("disable");
+    b1.wait_metric(revoked, before + 1.0).await;
+    drop(a1);
+    c.assert_refused(&s1, &b1, "app-1").await;
+    let (code, _, err) = c.exec(&["app-1", "--", "true"]);
+    assert_eq!(code, 125, "{err}");
+    assert!(err.contains("appliance_disabled"), "{err}");
+    c.tether(&["appliance", "enable", "app-1"]).expect("enable");
+    let _a1 = c.agent(&s1, &[b1.quic]);
+    c.wait_connected("app-1", Some("edge-1")).await;
+    let (code, out, _) = c.exec(&["app-1", "--", "echo", "enabled"]);
+    assert_eq!((code, out.as_str()), (0, "enabled\n"));
+}
