@@ -22,6 +22,7 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use base64::Engine;
 use serde::Deserialize;
+use tether_control::exec::ExecLine;
 
 use super::{check_name, Client, Common};
 
@@ -54,26 +55,6 @@ pub struct ExecArgs {
     /// The program and its arguments (after `--`).
     #[arg(last = true, required = true)]
     pub argv: Vec<String>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(tag = "type", rename_all = "snake_case")]
-enum Line {
-    Started {
-        #[allow(dead_code)]
-        broker: String,
-    },
-    Output {
-        stream: String,
-        data: String,
-    },
-    Exit {
-        code: i32,
-    },
-    Failed {
-        code: String,
-        message: String,
-    },
 }
 
 /// How one command ended.
@@ -146,18 +127,18 @@ pub async fn exec_one(
         buf.extend_from_slice(&chunk);
         while let Some(pos) = buf.iter().position(|b| *b == b'\n') {
             let line: Vec<u8> = buf.drain(..=pos).collect();
-            let line: Line = serde_json::from_slice(&line[..line.len() - 1])
+            let line: ExecLine = serde_json::from_slice(&line[..line.len() - 1])
                 .context("control sent a line that is not an exec event")?;
             match line {
-                Line::Started { .. } => {}
-                Line::Output { stream, data } => {
+                ExecLine::Started { .. } => {}
+                ExecLine::Output { stream, data } => {
                     let bytes = base64::engine::general_purpose::STANDARD
                         .decode(data.as_bytes())
                         .context("control sent output that is not base64")?;
                     out(&stream, &bytes);
                 }
-                Line::Exit { code } => return Ok(Outcome::Exited(code)),
-                Line::Failed { code, message } => return Ok(Outcome::Failed(code, message)),
+                ExecLine::Exit { code } => return Ok(Outcome::Exited(code)),
+                ExecLine::Failed { code, message } => return Ok(Outcome::Failed(code, message)),
             }
         }
     }
