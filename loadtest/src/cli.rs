@@ -1,0 +1,218 @@
+//! Command line of `tether-loadtest`: every flag documented, with its default and the
+//! environment variable that overrides it (names in [`env`]).
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::builder::TypedValueParser;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+/// Environment variables that override flags (a flag given on the command line wins).
+pub mod env {
+    /// `--spawn`.
+    pub const SPAWN: &str = "TETHER_LOADTEST_SPAWN";
+    /// `--scenario`.
+    pub const SCENARIO: &str = "TETHER_LOADTEST_SCENARIO";
+    /// `--appliances`.
+    pub const APPLIANCES: &str = "TETHER_LOADTEST_APPLIANCES";
+    /// `--duration`.
+    pub const DURATION: &str = "TETHER_LOADTEST_DURATION";
+    /// `--brokers`.
+    pub const BROKERS: &str = "TETHER_LOADTEST_BROKERS";
+    /// `--concurrency`.
+    pub const CONCURRENCY: &str = "TETHER_LOADTEST_CONCURRENCY";
+    /// `--report`.
+    pub const REPORT: &str = "TETHER_LOADTEST_REPORT";
+    /// `--pool`.
+    pub const POOL: &str = "TETHER_LOADTEST_POOL";
+    /// `--bin-dir`.
+    pub const BIN_DIR: &str = "TETHER_LOADTEST_BIN_DIR";
+    /// `--client-endpoints`.
+    pub const CLIENT_ENDPOINTS: &str = "TETHER_LOADTEST_CLIENT_ENDPOINTS";
+    /// `--connect-timeout`.
+    pub const CONNECT_TIMEOUT: &str = "TETHER_LOADTEST_CONNECT_TIMEOUT";
+    /// `--enroll-concurrency`.
+    pub const ENROLL_CONCURRENCY: &str = "TETHER_LOADTEST_ENROLL_CONCURRENCY";
+    /// `--heartbeat-interval`.
+    pub const HEARTBEAT_INTERVAL: &str = "TETHER_LOADTEST_HEARTBEAT_INTERVAL";
+    /// `--udp-buffer`.
+    pub const UDP_BUFFER: &str = "TETHER_LOADTEST_UDP_BUFFER";
+    /// `--keep-logs`.
+    pub const KEEP_LOGS: &str = "TETHER_LOADTEST_KEEP_LOGS";
+    /// `--no-progress`.
+    pub const NO_PROGRESS: &str = "TETHER_LOADTEST_NO_PROGRESS";
+}
+
+/// Default of `--duration`: how long `steady` holds the fleet.
+pub const DEFAULT_DURATION: &str = "30s";
+/// Default of `--brokers`.
+pub const DEFAULT_BROKERS: usize = 1;
+/// Default of `--client-endpoints`: QUIC endpoints (UDP sockets) the fleet shares, one
+/// per core of this machine's usual size.
+pub const DEFAULT_CLIENT_ENDPOINTS: usize = 2;
+/// Default of `--connect-timeout`: how long the fleet may take to connect.
+pub const DEFAULT_CONNECT_TIMEOUT: &str = "120s";
+/// Default of `--enroll-concurrency`.
+pub const DEFAULT_ENROLL_CONCURRENCY: usize = 16;
+/// Default of `--heartbeat-interval` (what brokers ask agents for).
+pub const DEFAULT_HEARTBEAT_INTERVAL: &str = "15s";
+/// Default of `--udp-buffer`: receive and send buffer asked for each client socket
+/// (32 MiB; the kernel caps it at `net.core.rmem_max` / `wmem_max`).
+pub const DEFAULT_UDP_BUFFER: usize = 32 * 1024 * 1024;
+
+/// The Tether fleet simulator.
+#[derive(Debug, Parser)]
+#[command(name = "tether-loadtest", version, about, long_about = None)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run a scenario and write a report.
+    Run(RunArgs),
+}
+
+/// What a run does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Scenario {
+    /// Every appliance connects at once (bounded by --concurrency); measures connect
+    /// times and the handshake rate.
+    Storm,
+    /// Connect every appliance, then hold them with heartbeats for --duration; measures
+    /// broker memory and CPU.
+    Steady,
+}
+
+impl Scenario {
+    /// The name in reports.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Scenario::Storm => "storm",
+            Scenario::Steady => "steady",
+        }
+    }
+}
+
+/// `tether-loadtest run`.
+#[derive(Clone, Debug, Args)]
+pub struct RunArgs {
+    /// Start control and the brokers as child processes on 127.0.0.1 (the only mode so
+    /// far; they are stopped when the run ends, on Ctrl-C and on a panic).
+    #[arg(long, env = env::SPAWN)]
+    pub spawn: bool,
+
+    /// The scenario.
+    #[arg(long, value_enum, env = env::SCENARIO)]
+    pub scenario: Scenario,
+
+    /// Virtual appliances (each one a real agent with its own certificate).
+    #[arg(long, env = env::APPLIANCES, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    pub appliances: u64,
+
+    /// How long `steady` holds the connected fleet.
+    #[arg(long, env = env::DURATION, default_value = DEFAULT_DURATION, value_parser = humantime::parse_duration)]
+    pub duration: Duration,
+
+    /// Brokers to start; appliances spread over them.
+    #[arg(long, env = env::BROKERS, default_value_t = DEFAULT_BROKERS, value_parser = clap::value_parser!(u64).range(1..=16).map(|v| v as usize))]
+    pub brokers: usize,
+
+    /// At most this many appliances connecting at the same time (a permit is held from
+    /// an agent's start to its first session) [default: all at once].
+    #[arg(long, env = env::CONCURRENCY, value_parser = clap::value_parser!(u64).range(1..).map(|v| v as usize))]
+    pub concurrency: Option<usize>,
+
+    /// Write the JSON report here (it is also printed).
+    #[arg(long, env = env::REPORT)]
+    pub report: Option<PathBuf>,
+
+    /// The pool of enrolled appliances, kept between runs with control's data directory
+    /// (only missing appliances enroll) [default: target/loadtest-pool next to this
+    /// executable's target directory, else ~/.cache/tether-loadtest/pool].
+    #[arg(long, env = env::POOL)]
+    pub pool: Option<PathBuf>,
+
+    /// Where the `tether-control` and `tether-broker` executables are [default: next to
+    /// this executable].
+    #[arg(long, env = env::BIN_DIR)]
+    pub bin_dir: Option<PathBuf>,
+
+    /// QUIC client endpoints (UDP sockets) shared by the fleet.
+    #[arg(long, env = env::CLIENT_ENDPOINTS, default_value_t = DEFAULT_CLIENT_ENDPOINTS, value_parser = clap::value_parser!(u64).range(1..=64).map(|v| v as usize))]
+    pub client_endpoints: usize,
+
+    /// Give up on appliances not connected after this long (they count as
+    /// `not_connected` errors).
+    #[arg(long, env = env::CONNECT_TIMEOUT, default_value = DEFAULT_CONNECT_TIMEOUT, value_parser = humantime::parse_duration)]
+    pub connect_timeout: Duration,
+
+    /// Enrollments running at once when the pool needs more appliances.
+    #[arg(long, env = env::ENROLL_CONCURRENCY, default_value_t = DEFAULT_ENROLL_CONCURRENCY, value_parser = clap::value_parser!(u64).range(1..=1024).map(|v| v as usize))]
+    pub enroll_concurrency: usize,
+
+    /// Heartbeat interval the brokers ask the agents for.
+    #[arg(long, env = env::HEARTBEAT_INTERVAL, default_value = DEFAULT_HEARTBEAT_INTERVAL, value_parser = humantime::parse_duration)]
+    pub heartbeat_interval: Duration,
+
+    /// UDP receive/send buffer (bytes) asked for each client socket.
+    #[arg(long, env = env::UDP_BUFFER, default_value_t = DEFAULT_UDP_BUFFER)]
+    pub udp_buffer: usize,
+
+    /// Keep the run directory (control and broker logs) even when the run succeeds.
+    #[arg(long, env = env::KEEP_LOGS)]
+    pub keep_logs: bool,
+
+    /// No progress bars (they are also off when stderr is not a terminal).
+    #[arg(long, env = env::NO_PROGRESS)]
+    pub no_progress: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn every_flag_has_help() {
+        let cmd = Cli::command();
+        let run = cmd.find_subcommand("run").expect("run subcommand");
+        for arg in run.get_arguments() {
+            let id = arg.get_id().as_str();
+            if id == "help" || id == "version" {
+                continue;
+            }
+            assert!(arg.get_help().is_some(), "--{id} has no help");
+        }
+    }
+
+    #[test]
+    fn defaults_parse() {
+        let cli = Cli::try_parse_from([
+            "tether-loadtest",
+            "run",
+            "--spawn",
+            "--scenario",
+            "storm",
+            "--appliances",
+            "10",
+        ])
+        .expect("parse");
+        let Command::Run(args) = cli.command;
+        assert!(args.spawn);
+        assert_eq!(args.scenario, Scenario::Storm);
+        assert_eq!(args.appliances, 10);
+        assert_eq!(args.duration, Duration::from_secs(30));
+        assert_eq!(args.brokers, DEFAULT_BROKERS);
+        assert_eq!(args.concurrency, None);
+    }
+}

@@ -1,0 +1,311 @@
+//! The virtual fleet: one real [`tether_agent::Agent`] per appliance, all in this process,
+//! sharing a few QUIC client endpoints and one tokio runtime.
+//!
+//! Each appliance runs in one task that drives its agent and watches the agent's events;
+//! what matters to a scenario goes to one collector channel as [`FleetEvent`]s. An
+//! optional semaphore bounds how many appliances are connecting at once: an appliance holds
+//! a permit from its start to its first session.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use tether_agent::{Agent, AgentConfig, AgentEvent, Credentials, DisconnectReason};
+use tokio::sync::{broadcast, mpsc, Semaphore};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+/// Client sockets bound for the fleet, and what the kernel granted them.
+#[derive(Debug)]
+pub struct Endpoints {
+    /// The endpoints, used round-robin by the appliances.
+    pub endpoints: Vec<quinn::Endpoint>,
+    /// `SO_RCVBUF` of the first socket as the kernel reports it (Linux reports twice the
+    /// usable size).
+    pub recv_buffer_bytes: usize,
+    /// `SO_SNDBUF` likewise.
+    pub send_buffer_bytes: usize,
+}
+
+/// Bind `n` client endpoints on 127.0.0.1 asking for `buffer` bytes of UDP receive and
+/// send buffer.
+pub fn client_endpoints(n: usize, buffer: usize) -> anyhow::Result<Endpoints> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let mut endpoints = Vec::with_capacity(n);
+    let (mut recv, mut send) = (0, 0);
+    for _ in 0..n {
+        let sock = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP))
+            .context("creating a UDP socket")?;
+        let size = buffer.min(i32::MAX as usize);
+        // The kernel silently caps these at net.core.rmem_max / wmem_max: the caller
+        // compares what was granted with what it asked for.
+        let _ = sock.set_recv_buffer_size(size);
+        let _ = sock.set_send_buffer_size(size);
+        sock.bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())
+            .context("binding a UDP socket on 127.0.0.1")?;
+        sock.set_nonblocking(true)?;
+        recv = sock.recv_buffer_size()?;
+        send = sock.send_buffer_size()?;
+        let endpoint = quinn::Endpoint::new(
+            quinn::EndpointConfig::default(),
+            None,
+            sock.into(),
+            Arc::new(quinn::TokioRuntime),
+        )
+        .context("creating a QUIC client endpoint")?;
+        endpoints.push(endpoint);
+    }
+    Ok(Endpoints {
+        endpoints,
+        recv_buffer_bytes: recv,
+        send_buffer_bytes: send,
+    })
+}
+
+/// What a scenario hears from the fleet.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum FleetEvent {
+    /// Appliance `index` has a session. `first_connect` is the time from its start to its
+    /// first session (only on the first).
+    Connected {
+        /// Index into the fleet.
+        index: usize,
+        /// Start → first `Connected`, the first time only.
+        first_connect: Option<Duration>,
+    },
+    /// A session or an attempt of appliance `index` ended (not counted after stop).
+    Disconnected {
+        /// Index into the fleet.
+        index: usize,
+        /// Whether it had a session (else: a failed attempt).
+        was_connected: bool,
+        /// [`error_kind`] of the reason.
+        kind: String,
+    },
+    /// The appliance could not start at all.
+    Failed {
+        /// Index into the fleet.
+        index: usize,
+        /// Why.
+        kind: String,
+    },
+}
+
+/// A stable, lowercase name for why a connection or attempt ended: the `errors` keys of
+/// the report.
+pub fn error_kind(reason: &DisconnectReason) -> String {
+    match reason {
+        DisconnectReason::Broker(code) => format!("closed_by_broker_{}", snake(code)),
+        DisconnectReason::Local(code) => format!("closed_by_agent_{}", snake(code)),
+        DisconnectReason::TlsAlert {
+            alert,
+            by_peer: true,
+        } => format!("tls_alert_{alert}_from_broker"),
+        DisconnectReason::TlsAlert {
+            alert,
+            by_peer: false,
+        } => format!("tls_alert_{alert}_local"),
+        DisconnectReason::ConnectionRefused => "connection_refused".into(),
+        DisconnectReason::TimedOut => "timed_out".into(),
+        DisconnectReason::Resolve(_) => "resolve".into(),
+        DisconnectReason::Transport(_) => "transport".into(),
+        _ => "other".into(),
+    }
+}
+
+/// `ProtocolError` → `protocol_error`.
+fn snake(v: &impl std::fmt::Debug) -> String {
+    let mut out = String::new();
+    for (i, c) in format!("{v:?}").chars().enumerate() {
+        if c.is_ascii_uppercase() {
+            if i > 0 {
+                out.push('_');
+            }
+            out.push(c.to_ascii_lowercase());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// How the fleet runs.
+#[derive(Clone, Debug)]
+pub struct FleetOptions {
+    /// Brokers; appliance `i` starts its list at broker `i % len`.
+    pub brokers: Vec<SocketAddr>,
+    /// Agent settings of every appliance.
+    pub agent: AgentConfig,
+    /// At most this many appliances connecting at once.
+    pub concurrency: Option<usize>,
+}
+
+/// A running fleet.
+#[derive(Debug)]
+pub struct Fleet {
+    stop: CancellationToken,
+    tasks: JoinSet<()>,
+    /// What the appliances report.
+    pub events: mpsc::UnboundedReceiver<FleetEvent>,
+}
+
+impl Fleet {
+    /// Start one agent per credential, now.
+    pub fn start(creds: Vec<Credentials>, endpoints: &Endpoints, opts: &FleetOptions) -> Fleet {
+        let stop = CancellationToken::new();
+        let (tx, events) = mpsc::unbounded_channel();
+        let permits = opts.concurrency.map(|n| Arc::new(Semaphore::new(n)));
+        let mut tasks = JoinSet::new();
+        for (index, creds) in creds.into_iter().enumerate() {
+            let mut brokers = opts.brokers.clone();
+            let len = brokers.len().max(1);
+            brokers.rotate_left(index % len);
+            let endpoint = endpoints.endpoints[index % endpoints.endpoints.len()].clone();
+            let appliance = Appliance {
+                index,
+                creds,
+                endpoint,
+                brokers,
+                agent: opts.agent.clone(),
+                permits: permits.clone(),
+                tx: tx.clone(),
+                stop: stop.child_token(),
+            };
+            tasks.spawn(appliance.run());
+        }
+        Fleet {
+            stop,
+            tasks,
+            events,
+        }
+    }
+
+    /// Close every session (`Normal`) and wait up to `grace` for the agents to end.
+    /// Returns how many had not ended by then.
+    pub async fn stop(mut self, grace: Duration) -> usize {
+        self.stop.cancel();
+        let deadline = tokio::time::Instant::now() + grace;
+        while !self.tasks.is_empty() {
+            match tokio::time::timeout_at(deadline, self.tasks.join_next()).await {
+                Ok(Some(_)) => {}
+                Ok(None) => break,
+                Err(_) => break,
+            }
+        }
+        let left = self.tasks.len();
+        self.tasks.abort_all();
+        left
+    }
+}
+
+/// One virtual appliance.
+struct Appliance {
+    index: usize,
+    creds: Credentials,
+    endpoint: quinn::Endpoint,
+    brokers: Vec<SocketAddr>,
+    agent: AgentConfig,
+    permits: Option<Arc<Semaphore>>,
+    tx: mpsc::UnboundedSender<FleetEvent>,
+    stop: CancellationToken,
+}
+
+impl Appliance {
+    async fn run(self) {
+        let Appliance {
+            index,
+            creds,
+            endpoint,
+            brokers,
+            agent,
+            permits,
+            tx,
+            stop,
+        } = self;
+        let mut permit = match permits {
+            Some(p) => tokio::select! {
+                p = p.acquire_owned() => p.ok(),
+                _ = stop.cancelled() => return,
+            },
+            None => None,
+        };
+        let started = Instant::now();
+        let agent = match Agent::new(agent, creds, endpoint, brokers) {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::warn!(index, error = %e, "agent not built");
+                let _ = tx.send(FleetEvent::Failed {
+                    index,
+                    kind: "agent_not_built".into(),
+                });
+                return;
+            }
+        };
+        let mut events = agent.events();
+        let run = agent.run(stop.clone());
+        tokio::pin!(run);
+        let mut first = true;
+        let mut connected = false;
+        loop {
+            tokio::select! {
+                biased;
+                ev = events.recv() => match ev {
+                    Ok(AgentEvent::Connected { .. }) => {
+                        let first_connect = first.then(|| started.elapsed());
+                        first = false;
+                        connected = true;
+                        permit.take();
+                        let _ = tx.send(FleetEvent::Connected { index, first_connect });
+                    }
+                    Ok(AgentEvent::Disconnected { reason, .. }) => {
+                        if !stop.is_cancelled() {
+                            let _ = tx.send(FleetEvent::Disconnected {
+                                index,
+                                was_connected: connected,
+                                kind: error_kind(&reason),
+                            });
+                        }
+                        connected = false;
+                    }
+                    Ok(AgentEvent::Stopped) | Err(broadcast::error::RecvError::Closed) => break,
+                    Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
+                },
+                r = &mut run => {
+                    if let Err(e) = r {
+                        tracing::warn!(index, error = %e, "agent failed");
+                        let _ = tx.send(FleetEvent::Failed { index, kind: "agent_failed".into() });
+                    }
+                    return;
+                }
+            }
+        }
+        let _ = run.await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tether_proto::CloseCode;
+
+    #[test]
+    fn error_kinds_are_stable_names() {
+        assert_eq!(
+            error_kind(&DisconnectReason::Broker(CloseCode::ProtocolError)),
+            "closed_by_broker_protocol_error"
+        );
+        assert_eq!(
+            error_kind(&DisconnectReason::TlsAlert {
+                alert: 42,
+                by_peer: true
+            }),
+            "tls_alert_42_from_broker"
+        );
+        assert_eq!(error_kind(&DisconnectReason::TimedOut), "timed_out");
+        assert_eq!(
+            error_kind(&DisconnectReason::Transport("x".into())),
+            "transport"
+        );
+    }
+}

@@ -1,0 +1,103 @@
+//! `tether-loadtest`: the Tether fleet simulator.
+//!
+//! Thousands of virtual appliances in one process, each a real [`tether_agent::Agent`]
+//! with its own enrolled certificate, sharing a few QUIC endpoints; control and the
+//! brokers run as child processes (`--spawn`) so their memory and CPU can be measured.
+//! A run drives one scenario and writes a JSON report.
+//!
+//! # Layout
+//!
+//! - [`cli`]: flags, defaults and their environment variables.
+//! - [`pool`]: the cached pool of enrolled appliances and control's data directory.
+//! - [`spawn`]: control and brokers as child processes, killed when their guard drops.
+//! - [`fleet`]: the virtual appliances and the events they report.
+//! - [`scenario`]: `storm` and `steady`, sampling, the report's numbers.
+//! - [`measure`]: `/proc` readings (RSS, CPU, UDP drops), the machine, limits.
+//! - [`report`]: the JSON report.
+//! - [`progress`]: progress bars.
+//!
+//! ```text
+//! tether-loadtest run --spawn --scenario storm --appliances 2000 --report storm.json
+//! ```
+
+use clap::Parser;
+
+mod cli;
+mod fleet;
+mod measure;
+mod pool;
+mod progress;
+mod report;
+mod scenario;
+mod spawn;
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+fn main() -> anyhow::Result<()> {
+    let cli = cli::Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,tether_agent=error"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    match cli.command {
+        cli::Command::Run(args) => runtime.block_on(run(args)),
+    }
+}
+
+async fn run(args: cli::RunArgs) -> anyhow::Result<()> {
+    let limits = limits();
+    let report = tokio::select! {
+        r = scenario::run(&args, limits) => r?,
+        _ = tokio::signal::ctrl_c() => {
+            // Dropping the run stops the fleet and kills control and the brokers.
+            anyhow::bail!("interrupted: control, brokers and the fleet stopped");
+        }
+    };
+    let json = serde_json::to_string_pretty(&report)?;
+    if let Some(path) = &args.report {
+        std::fs::write(path, format!("{json}\n"))
+            .map_err(|e| anyhow::anyhow!("writing {}: {e}", path.display()))?;
+        println!("report: {}", path.display());
+    }
+    println!("{}", report.summary());
+    Ok(())
+}
+
+/// Raise the open-files limit and say which kernel limits may get in the way.
+fn limits() -> report::Limits {
+    let nofile = match measure::raise_nofile() {
+        Ok((before, after, hard)) => {
+            if before != after {
+                println!("open files limit: raised from {before} to {after} (hard limit {hard})");
+            } else {
+                println!("open files limit: {after} (hard limit {hard})");
+            }
+            after
+        }
+        Err(e) => {
+            eprintln!("warning: cannot raise the open files limit: {e:#}");
+            0
+        }
+    };
+    let rmem_max = measure::sysctl(measure::RMEM_MAX);
+    let wmem_max = measure::sysctl(measure::WMEM_MAX);
+    const WANTED: u64 = 32 * 1024 * 1024;
+    if let Some(r) = rmem_max.filter(|r| *r < WANTED) {
+        eprintln!(
+            "note: net.core.rmem_max is {r} bytes: processes without CAP_NET_ADMIN get at most \
+             that much UDP receive buffer, and a storm above ~1,000 concurrent handshakes drops \
+             packets. To lift it: sysctl -w net.core.rmem_max={WANTED} net.core.wmem_max={WANTED}"
+        );
+    }
+    report::Limits {
+        nofile,
+        rmem_max,
+        wmem_max,
+    }
+}

@@ -1,0 +1,103 @@
+//! Smoke run of the simulator as CI runs it: a storm of 200 appliances against a spawned
+//! control and broker, and the report says every one connected without an error.
+//!
+//! Needs the `tether-control` and `tether-broker` executables next to `tether-loadtest`
+//! (`cargo build --workspace --bins` first, as CI does). The pool of enrolled appliances is
+//! kept in cargo's test temporary directory, so only the first run enrolls.
+
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// The whole run (enrollment included, on a cold pool) must end within this.
+const RUN_BOUND: Duration = Duration::from_secs(300);
+
+fn loadtest() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_tether-loadtest"))
+}
+
+#[test]
+fn storm_of_200_connects_every_appliance_without_errors() {
+    let exe = loadtest();
+    let bin_dir = exe.parent().expect("bin dir").to_owned();
+    for bin in ["tether-control", "tether-broker"] {
+        assert!(
+            bin_dir.join(bin).is_file(),
+            "{bin} is not built in {}: run `cargo build --workspace --bins` first",
+            bin_dir.display()
+        );
+    }
+    let pool = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("loadtest-smoke-pool");
+    let out = tempfile::tempdir().expect("tempdir");
+    let report_path = out.path().join("report.json");
+
+    let mut child = Command::new(&exe)
+        .args([
+            "run",
+            "--spawn",
+            "--scenario",
+            "storm",
+            "--appliances",
+            "200",
+        ])
+        .arg("--report")
+        .arg(&report_path)
+        .arg("--pool")
+        .arg(&pool)
+        .arg("--no-progress")
+        .arg("--connect-timeout")
+        .arg("60s")
+        .stdin(Stdio::null())
+        .spawn()
+        .expect("start tether-loadtest");
+    let started = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            break status;
+        }
+        if started.elapsed() > RUN_BOUND {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("tether-loadtest did not finish within {RUN_BOUND:?}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(status.success(), "tether-loadtest failed: {status}");
+
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&report_path).expect("report written"))
+            .expect("report is JSON");
+    assert_eq!(report["scenario"], "storm");
+    assert_eq!(report["appliances"], 200);
+    assert_eq!(report["brokers"], 1);
+    assert_eq!(report["connected"], 200, "report: {report:#}");
+    assert_eq!(
+        report["errors"],
+        serde_json::json!({}),
+        "errors in the report: {report:#}"
+    );
+    for field in [
+        "handshakes_per_sec",
+        "connect_p50_ms",
+        "connect_p99_ms",
+        "broker_rss_bytes",
+        "broker_cpu_seconds",
+    ] {
+        assert!(
+            report[field].as_f64().is_some_and(|v| v > 0.0),
+            "{field} is not a positive number: {}",
+            report[field]
+        );
+    }
+    // Memory can shrink between two readings (allocator returns): a number, maybe 0.
+    assert!(report["broker_bytes_per_conn"].as_f64().is_some());
+    // What this scenario cannot measure is null, not invented.
+    for field in [
+        "command_rtt_p50_ms",
+        "revoke_to_close_p99_ms",
+        "revoked_reconnects_accepted",
+    ] {
+        assert!(report[field].is_null(), "{field} should be null");
+    }
+    assert!(report["machine"]["cores"].as_u64().is_some_and(|c| c > 0));
+}
