@@ -45,6 +45,9 @@ pub mod env {
 
 /// Default of `--duration`: how long `steady` holds the fleet.
 pub const DEFAULT_DURATION: &str = "30s";
+/// Default of `--concurrency` for `steady`: what the broker admits without refusing
+/// (`storm` has no default limit: the storm is its subject).
+pub const DEFAULT_STEADY_CONCURRENCY: usize = 1024;
 /// Default of `--brokers`.
 pub const DEFAULT_BROKERS: usize = 1;
 /// Default of `--client-endpoints`: QUIC endpoints (UDP sockets) the fleet shares, one
@@ -88,6 +91,16 @@ pub enum Scenario {
     Steady,
 }
 
+impl RunArgs {
+    /// `--concurrency`, or the scenario's default.
+    pub fn effective_concurrency(&self) -> Option<usize> {
+        self.concurrency.or(match self.scenario {
+            Scenario::Storm => None,
+            Scenario::Steady => Some(DEFAULT_STEADY_CONCURRENCY),
+        })
+    }
+}
+
 impl Scenario {
     /// The name in reports.
     pub fn as_str(self) -> &'static str {
@@ -123,7 +136,8 @@ pub struct RunArgs {
     pub brokers: usize,
 
     /// At most this many appliances connecting at the same time (a permit is held from
-    /// an agent's start to its first session) [default: all at once].
+    /// an agent's start to its first session) [default: all at once for storm, 1024 for
+    /// steady, whose subject is holding the fleet rather than admitting it].
     #[arg(long, env = env::CONCURRENCY, value_parser = clap::value_parser!(u64).range(1..).map(|v| v as usize))]
     pub concurrency: Option<usize>,
 
@@ -214,5 +228,19 @@ mod tests {
         assert_eq!(args.duration, Duration::from_secs(30));
         assert_eq!(args.brokers, DEFAULT_BROKERS);
         assert_eq!(args.concurrency, None);
+        assert_eq!(args.effective_concurrency(), None);
+        let steady = RunArgs {
+            scenario: Scenario::Steady,
+            ..args.clone()
+        };
+        assert_eq!(
+            steady.effective_concurrency(),
+            Some(DEFAULT_STEADY_CONCURRENCY)
+        );
+        let limited = RunArgs {
+            concurrency: Some(7),
+            ..steady
+        };
+        assert_eq!(limited.effective_concurrency(), Some(7));
     }
 }

@@ -361,7 +361,7 @@ async fn drive(
     let opts = FleetOptions {
         brokers: quic.to_vec(),
         agent: AgentConfig::default(),
-        concurrency: args.concurrency,
+        concurrency: args.effective_concurrency(),
     };
 
     // Before: the brokers idle with the allowlist loaded.
@@ -374,7 +374,7 @@ async fn drive(
     println!(
         "{}: starting {n} appliances{}",
         args.scenario.as_str(),
-        args.concurrency
+        args.effective_concurrency()
             .map(|c| format!(" (at most {c} connecting at once)"))
             .unwrap_or_default()
     );
@@ -500,7 +500,7 @@ async fn drive(
         detail: Detail {
             version: env!("CARGO_PKG_VERSION"),
             started_at,
-            concurrency: args.concurrency,
+            concurrency: args.effective_concurrency(),
             hold_secs: hold_secs.map(round3),
             connected,
             connected_at_end,
