@@ -39,6 +39,8 @@ pub mod env {
     pub const UDP_BUFFER: &str = "TETHER_LOADTEST_UDP_BUFFER";
     /// `--keep-logs`.
     pub const KEEP_LOGS: &str = "TETHER_LOADTEST_KEEP_LOGS";
+    /// `--baseline`.
+    pub const BASELINE: &str = "TETHER_LOADTEST_BASELINE";
     /// `--no-progress`.
     pub const NO_PROGRESS: &str = "TETHER_LOADTEST_NO_PROGRESS";
 }
@@ -77,6 +79,9 @@ pub struct Cli {
 pub enum Command {
     /// Run a scenario and write a report.
     Run(RunArgs),
+    /// The bare quinn echo server of `--baseline` (started by `run`, not by hand).
+    #[command(hide = true)]
+    BaselineServer(crate::baseline::ServerArgs),
 }
 
 /// What a run does.
@@ -177,6 +182,11 @@ pub struct RunArgs {
     #[arg(long, env = env::UDP_BUFFER, default_value_t = DEFAULT_UDP_BUFFER)]
     pub udp_buffer: usize,
 
+    /// Run the same scenario, after Tether's, against a bare quinn mutual-TLS echo server
+    /// with the broker's transport settings, and report Tether/baseline ratios.
+    #[arg(long, env = env::BASELINE)]
+    pub baseline: bool,
+
     /// Keep the run directory (control and broker logs) even when the run succeeds.
     #[arg(long, env = env::KEEP_LOGS)]
     pub keep_logs: bool,
@@ -221,7 +231,9 @@ mod tests {
             "10",
         ])
         .expect("parse");
-        let Command::Run(args) = cli.command;
+        let Command::Run(args) = cli.command else {
+            panic!("not run")
+        };
         assert!(args.spawn);
         assert_eq!(args.scenario, Scenario::Storm);
         assert_eq!(args.appliances, 10);

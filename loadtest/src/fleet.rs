@@ -181,6 +181,19 @@ impl Fleet {
         }
     }
 
+    /// A fleet of other clients reporting the same events (the baseline's).
+    pub fn from_parts(
+        stop: CancellationToken,
+        tasks: JoinSet<()>,
+        events: mpsc::UnboundedReceiver<FleetEvent>,
+    ) -> Fleet {
+        Fleet {
+            stop,
+            tasks,
+            events,
+        }
+    }
+
     /// Close every session (`Normal`) and wait up to `grace` for the agents to end.
     /// Returns how many had not ended by then.
     pub async fn stop(mut self, grace: Duration) -> usize {

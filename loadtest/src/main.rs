@@ -12,6 +12,7 @@
 //! - [`spawn`]: control and brokers as child processes, killed when their guard drops.
 //! - [`fleet`]: the virtual appliances and the events they report.
 //! - [`scenario`]: `storm` and `steady`, sampling, the report's numbers.
+//! - [`baseline`]: `--baseline`, the bare quinn server and clients.
 //! - [`measure`]: `/proc` readings (RSS, CPU, UDP drops), the machine, limits.
 //! - [`report`]: the JSON report.
 //! - [`progress`]: progress bars.
@@ -22,6 +23,7 @@
 
 use clap::Parser;
 
+mod baseline;
 mod cli;
 mod fleet;
 mod measure;
@@ -47,6 +49,7 @@ fn main() -> anyhow::Result<()> {
         .build()?;
     match cli.command {
         cli::Command::Run(args) => runtime.block_on(run(args)),
+        cli::Command::BaselineServer(args) => runtime.block_on(baseline::serve(args)),
     }
 }
 

@@ -187,6 +187,21 @@ impl Report {
                 .map(|p| format!(", {p:.1}% of a core while holding"))
                 .unwrap_or_default(),
         ));
+        if let Some(r) = &self.ratios {
+            let get = |k: &str| {
+                r.get(k)
+                    .and_then(|v| v.as_f64())
+                    .map(|v| format!("{v:.2}"))
+                    .unwrap_or_else(|| "-".into())
+            };
+            s.push_str(&format!(
+                "\nTether / bare quinn: handshakes/s x{}, bytes/connection x{}, CPU per connect x{}, connect p99 x{}",
+                get("handshakes_per_sec"),
+                get("broker_bytes_per_conn"),
+                get("broker_cpu_per_handshake_us"),
+                get("connect_p99_ms"),
+            ));
+        }
         if self.errors.is_empty() {
             s.push_str("\nerrors: none");
         } else {

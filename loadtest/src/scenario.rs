@@ -197,12 +197,23 @@ async fn run_spawned(
             .push(spawn::metric(&synced, "tether_udp_recv_buffer_bytes").map(|v| v as u64));
     }
 
+    // --baseline: the first broker's credential, which it enrolled by now.
+    let baseline_cert = args.baseline.then(|| {
+        let dir = pool.broker_dir(&pool::broker_name(1));
+        BaselineCert {
+            cert: dir.join("broker.pem"),
+            key: dir.join("broker.key"),
+            ca: dir.join("ca.pem"),
+        }
+    });
     let outcome = drive(
         args,
         creds,
         &quic,
         &brokers,
         &control,
+        baseline_cert,
+        run_dir,
         progress,
         udp_report,
         machine,
@@ -331,6 +342,224 @@ impl Tally {
     }
 }
 
+/// What one fleet (the agents against Tether, or bare clients against the baseline)
+/// measured.
+struct Phase {
+    tally: Tally,
+    connect_secs: f64,
+    before: ProcSample,
+    after_connect: ProcSample,
+    end: ProcSample,
+    hold_secs: Option<f64>,
+    connected_at_end: usize,
+    samples: Vec<Sample>,
+}
+
+/// The headline numbers of a [`Phase`] (also the `baseline` object of the report).
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Headline {
+    /// See [`Report::handshakes_per_sec`].
+    pub handshakes_per_sec: Option<f64>,
+    /// See [`Report::connect_p50_ms`].
+    pub connect_p50_ms: Option<f64>,
+    /// See [`Report::connect_p99_ms`].
+    pub connect_p99_ms: Option<f64>,
+    /// See [`Detail::connect_p90_ms`].
+    pub connect_p90_ms: Option<f64>,
+    /// See [`Detail::connect_max_ms`].
+    pub connect_max_ms: Option<f64>,
+    /// Server memory (`broker_rss_bytes` for Tether).
+    pub broker_rss_bytes: Option<u64>,
+    /// Server memory before any client connected.
+    pub broker_rss_before_bytes: Option<u64>,
+    /// Server memory once every client connected.
+    pub broker_rss_after_connect_bytes: Option<u64>,
+    /// Server memory growth per connection.
+    pub broker_bytes_per_conn: Option<f64>,
+    /// Server CPU during the scenario, seconds.
+    pub broker_cpu_seconds: Option<f64>,
+    /// Server CPU per connected client during the connect phase, µs.
+    pub broker_cpu_per_handshake_us: Option<f64>,
+    /// Server CPU while holding the clients, percent of one core.
+    pub broker_hold_cpu_percent: Option<f64>,
+    /// Clients with a first session.
+    pub connected: usize,
+    /// Clients with a session at the end.
+    pub connected_at_end: usize,
+    /// Seconds from the start until the last first session.
+    pub connect_secs: f64,
+    /// Sessions that came up again after one was lost.
+    pub reconnects: u64,
+    /// Failures by kind.
+    pub errors: BTreeMap<String, u64>,
+}
+
+impl Phase {
+    fn headline(&self) -> Headline {
+        let t = &self.tally;
+        let connected = t.first_done;
+        let rss = self.end.rss_bytes;
+        Headline {
+            handshakes_per_sec: (connected > 0 && self.connect_secs > 0.0)
+                .then(|| round3(connected as f64 / self.connect_secs)),
+            connect_p50_ms: t.quantile_ms(0.5),
+            connect_p99_ms: t.quantile_ms(0.99),
+            connect_p90_ms: t.quantile_ms(0.9),
+            connect_max_ms: (!t.connect.is_empty()).then(|| ms(t.connect.max())),
+            broker_rss_bytes: Some(rss),
+            broker_rss_before_bytes: Some(self.before.rss_bytes),
+            broker_rss_after_connect_bytes: Some(self.after_connect.rss_bytes),
+            broker_bytes_per_conn: (self.connected_at_end > 0).then(|| {
+                round3(
+                    rss.saturating_sub(self.before.rss_bytes) as f64 / self.connected_at_end as f64,
+                )
+            }),
+            broker_cpu_seconds: Some(round3(self.end.cpu_seconds - self.before.cpu_seconds)),
+            broker_cpu_per_handshake_us: (connected > 0).then(|| {
+                round3(
+                    (self.after_connect.cpu_seconds - self.before.cpu_seconds) * 1e6
+                        / connected as f64,
+                )
+            }),
+            broker_hold_cpu_percent: self.hold_secs.map(|h| {
+                round3(
+                    (self.end.cpu_seconds - self.after_connect.cpu_seconds) / h.max(1e-9) * 100.0,
+                )
+            }),
+            connected,
+            connected_at_end: self.connected_at_end,
+            connect_secs: round3(self.connect_secs),
+            reconnects: t.reconnects,
+            errors: t.errors.clone(),
+        }
+    }
+}
+
+/// Tether / baseline for the fields where a ratio means something.
+fn ratios(tether: &Headline, baseline: &Headline) -> serde_json::Value {
+    let r = |a: Option<f64>, b: Option<f64>| match (a, b) {
+        (Some(a), Some(b)) if b > 0.0 => Some(round3(a / b)),
+        _ => None,
+    };
+    serde_json::json!({
+        "handshakes_per_sec": r(tether.handshakes_per_sec, baseline.handshakes_per_sec),
+        "broker_bytes_per_conn": r(tether.broker_bytes_per_conn, baseline.broker_bytes_per_conn),
+        "broker_cpu_per_handshake_us": r(tether.broker_cpu_per_handshake_us, baseline.broker_cpu_per_handshake_us),
+        "connect_p50_ms": r(tether.connect_p50_ms, baseline.connect_p50_ms),
+        "connect_p99_ms": r(tether.connect_p99_ms, baseline.connect_p99_ms),
+        "broker_rss_bytes": r(tether.broker_rss_bytes.map(|v| v as f64), baseline.broker_rss_bytes.map(|v| v as f64)),
+    })
+}
+
+/// Sample the servers `pids`, start a fleet of `n`, run the scenario's phases on it and
+/// stop it.
+async fn measure_phase(
+    args: &RunArgs,
+    n: usize,
+    pids: &[u32],
+    progress: &Progress,
+    label: &str,
+    start_fleet: impl FnOnce() -> anyhow::Result<Fleet>,
+) -> anyhow::Result<Phase> {
+    let me = std::process::id();
+    let before = measure::sample_all(pids)?;
+    println!(
+        "{label}: {} with {n} appliances{}",
+        args.scenario.as_str(),
+        args.effective_concurrency()
+            .map(|c| format!(" (at most {c} connecting at once)"))
+            .unwrap_or_default()
+    );
+    let start = Instant::now();
+    let mut fleet = start_fleet()?;
+    let mut tally = Tally::new(n);
+    let mut samples = Vec::new();
+    let mut tick = tokio::time::interval(SAMPLE_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let bar = progress.bar(n as u64, "connecting appliances");
+
+    // Connect phase.
+    let give_up = tokio::time::sleep(args.connect_timeout);
+    tokio::pin!(give_up);
+    let mut timed_out = false;
+    while tally.first_done + tally.failed < n {
+        tokio::select! {
+            ev = fleet.events.recv() => match ev {
+                Some(ev) => tally.record(ev),
+                None => break,
+            },
+            _ = tick.tick() => {
+                samples.push(take_sample(start, &tally, pids, me, before)?);
+                bar.set_prefix(format!("{} errors", tally.errors.values().sum::<u64>()));
+            }
+            _ = &mut give_up => { timed_out = true; break; }
+        }
+        bar.set_position(tally.first_done as u64);
+    }
+    bar.finish_and_clear();
+    let connect_end = tally.last_first.unwrap_or_else(Instant::now);
+    let connect_secs = connect_end.duration_since(start).as_secs_f64();
+    let after_connect = measure::sample_all(pids)?;
+    if timed_out {
+        let missing = n - tally.first_done - tally.failed;
+        eprintln!(
+            "{label}: {missing} appliances had no session after {:?}",
+            args.connect_timeout
+        );
+        tally.errors.insert("not_connected".into(), missing as u64);
+    }
+    println!(
+        "{label}: {} of {n} connected in {connect_secs:.2} s",
+        tally.first_done
+    );
+
+    // Hold phase (steady).
+    let mut hold_secs = None;
+    let mut end = after_connect;
+    if args.scenario == Scenario::Steady {
+        let hold_start = Instant::now();
+        let bar = progress.bar(args.duration.as_secs(), "holding the fleet");
+        let hold = tokio::time::sleep(args.duration);
+        tokio::pin!(hold);
+        loop {
+            tokio::select! {
+                ev = fleet.events.recv() => match ev {
+                    Some(ev) => tally.record(ev),
+                    None => break,
+                },
+                _ = tick.tick() => {
+                    samples.push(take_sample(start, &tally, pids, me, before)?);
+                    bar.set_position(hold_start.elapsed().as_secs());
+                    bar.set_prefix(format!("{} connected", tally.current));
+                }
+                _ = &mut hold => break,
+            }
+        }
+        bar.finish_and_clear();
+        hold_secs = Some(hold_start.elapsed().as_secs_f64());
+        end = measure::sample_all(pids)?;
+    }
+    // Drain what is queued, so errors up to now count.
+    while let Ok(ev) = fleet.events.try_recv() {
+        tally.record(ev);
+    }
+    let connected_at_end = tally.current;
+    let left = fleet.stop(FLEET_STOP_GRACE).await;
+    if left > 0 {
+        eprintln!("{label}: {left} clients did not stop within {FLEET_STOP_GRACE:?}");
+    }
+    Ok(Phase {
+        tally,
+        connect_secs,
+        before,
+        after_connect,
+        end,
+        hold_secs,
+        connected_at_end,
+        samples,
+    })
+}
+
 #[allow(clippy::too_many_arguments)]
 async fn drive(
     args: &RunArgs,
@@ -338,6 +567,8 @@ async fn drive(
     quic: &[SocketAddr],
     brokers: &[Broker],
     control: &ChildGuard,
+    baseline_cert: Option<BaselineCert>,
+    run_dir: &std::path::Path,
     progress: &Progress,
     mut udp: UdpReport,
     machine: Machine,
@@ -364,108 +595,20 @@ async fn drive(
         concurrency: args.effective_concurrency(),
     };
 
-    // Before: the brokers idle with the allowlist loaded.
-    let before = measure::sample_all(&pids)?;
     let me_before = measure::sample(me)?;
     let udp_before = UdpCounters::read();
     let started_at = time::OffsetDateTime::now_utc()
         .format(&time::format_description::well_known::Rfc3339)
         .unwrap_or_default();
-    println!(
-        "{}: starting {n} appliances{}",
-        args.scenario.as_str(),
-        args.effective_concurrency()
-            .map(|c| format!(" (at most {c} connecting at once)"))
-            .unwrap_or_default()
-    );
-
-    let start = Instant::now();
-    let mut fleet = Fleet::start(creds, &endpoints, &opts);
-    let mut tally = Tally::new(n);
-    let mut samples = Vec::new();
-    let mut tick = tokio::time::interval(SAMPLE_EVERY);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let bar = progress.bar(n as u64, "connecting appliances");
-
-    // Connect phase.
-    let give_up = tokio::time::sleep(args.connect_timeout);
-    tokio::pin!(give_up);
-    let mut timed_out = false;
-    while tally.first_done + tally.failed < n {
-        tokio::select! {
-            ev = fleet.events.recv() => match ev {
-                Some(ev) => tally.record(ev),
-                None => break,
-            },
-            _ = tick.tick() => {
-                samples.push(take_sample(start, &tally, &pids, me, before)?);
-                bar.set_prefix(format!("{} errors", tally.errors.values().sum::<u64>()));
-            }
-            _ = &mut give_up => { timed_out = true; break; }
-        }
-        bar.set_position(tally.first_done as u64);
-    }
-    bar.finish_and_clear();
-    let connect_end = tally.last_first.unwrap_or_else(Instant::now);
-    let connect_secs = connect_end.duration_since(start).as_secs_f64();
-    let after_connect = measure::sample_all(&pids)?;
-    if timed_out {
-        let missing = n - tally.first_done - tally.failed;
-        eprintln!(
-            "{missing} appliances had no session after {:?}",
-            args.connect_timeout
-        );
-        tally.errors.insert("not_connected".into(), missing as u64);
-    }
-    println!(
-        "{} of {n} connected in {connect_secs:.2} s",
-        tally.first_done
-    );
-
-    // Hold phase (steady).
-    let mut hold_secs = None;
-    let mut end = after_connect;
-    if args.scenario == Scenario::Steady {
-        let hold_start = Instant::now();
-        let bar = progress.bar(args.duration.as_secs(), "holding the fleet");
-        let hold = tokio::time::sleep(args.duration);
-        tokio::pin!(hold);
-        loop {
-            tokio::select! {
-                ev = fleet.events.recv() => match ev {
-                    Some(ev) => tally.record(ev),
-                    None => break,
-                },
-                _ = tick.tick() => {
-                    samples.push(take_sample(start, &tally, &pids, me, before)?);
-                    bar.set_position(hold_start.elapsed().as_secs());
-                    bar.set_prefix(format!("{} connected", tally.current));
-                }
-                _ = &mut hold => break,
-            }
-        }
-        bar.finish_and_clear();
-        hold_secs = Some(hold_start.elapsed().as_secs_f64());
-        end = measure::sample_all(&pids)?;
-    }
-    // Drain what is queued, so errors up to now count.
-    while let Ok(ev) = fleet.events.try_recv() {
-        tally.record(ev);
-    }
+    let baseline_creds = baseline_cert.as_ref().map(|_| creds.clone());
+    let tether = measure_phase(args, n, &pids, progress, "tether", || {
+        Ok(Fleet::start(creds, &endpoints, &opts))
+    })
+    .await?;
     let me_end = measure::sample(me)?;
     let control_rss = measure::sample(control.pid()).ok().map(|s| s.rss_bytes);
     let udp_drops = UdpCounters::read().since(udp_before);
     udp.drops = udp_drops;
-    let connected_at_end = tally.current;
-
-    let left = fleet.stop(FLEET_STOP_GRACE).await;
-    if left > 0 {
-        eprintln!("{left} agents did not stop within {FLEET_STOP_GRACE:?}");
-    }
-    for e in &endpoints.endpoints {
-        e.close(0u32.into(), b"done");
-    }
-
     if udp_drops.rcvbuf_errors > 0 {
         eprintln!(
             "warning: the kernel dropped {} UDP datagrams for full receive buffers during the \
@@ -474,48 +617,82 @@ async fn drive(
             udp_drops.rcvbuf_errors, udp.broker_recv_buffer_bytes, limits.rmem_max
         );
     }
+    let head = tether.headline();
 
-    let connected = tally.first_done;
-    let rss = end.rss_bytes;
-    let per_conn = (connected_at_end > 0)
-        .then(|| round3(rss.saturating_sub(before.rss_bytes) as f64 / connected_at_end as f64));
+    // The same scenario against the bare quinn server.
+    let (baseline, ratios) = match (baseline_cert, baseline_creds) {
+        (Some(cert), Some(creds)) => {
+            let exe = std::env::current_exe().context("locating this executable")?;
+            let server_args = vec![
+                "baseline-server".to_owned(),
+                "--cert".into(),
+                cert.cert.display().to_string(),
+                "--key".into(),
+                cert.key.display().to_string(),
+                "--ca".into(),
+                cert.ca.display().to_string(),
+            ];
+            let (server, line) = ChildGuard::spawn(
+                "baseline",
+                &exe,
+                &server_args,
+                run_dir.join("baseline.log"),
+                crate::baseline::READY_MESSAGE,
+            )
+            .await?;
+            let addr = spawn::addr_field(&line, "quic")?;
+            println!(
+                "baseline: bare quinn echo server on {addr} (pid {})",
+                server.pid()
+            );
+            let concurrency = args.effective_concurrency();
+            let phase = measure_phase(args, n, &[server.pid()], progress, "baseline", || {
+                crate::baseline::start_fleet(creds, &endpoints, addr, concurrency)
+            })
+            .await;
+            server.stop(spawn::STOP_GRACE).await;
+            let b = phase?.headline();
+            let r = ratios(&head, &b);
+            (Some(serde_json::to_value(&b)?), Some(r))
+        }
+        _ => (None, None),
+    };
+    for e in &endpoints.endpoints {
+        e.close(0u32.into(), b"done");
+    }
+
     Ok(Report {
         scenario: args.scenario.as_str(),
         appliances: n,
         brokers: brokers.len(),
-        handshakes_per_sec: (connected > 0 && connect_secs > 0.0)
-            .then(|| round3(connected as f64 / connect_secs)),
-        connect_p50_ms: tally.quantile_ms(0.5),
-        connect_p99_ms: tally.quantile_ms(0.99),
-        broker_rss_bytes: Some(rss),
-        broker_bytes_per_conn: per_conn,
-        broker_cpu_seconds: Some(round3(end.cpu_seconds - before.cpu_seconds)),
+        handshakes_per_sec: head.handshakes_per_sec,
+        connect_p50_ms: head.connect_p50_ms,
+        connect_p99_ms: head.connect_p99_ms,
+        broker_rss_bytes: head.broker_rss_bytes,
+        broker_bytes_per_conn: head.broker_bytes_per_conn,
+        broker_cpu_seconds: head.broker_cpu_seconds,
         command_rtt_p50_ms: None,
         command_rtt_p99_ms: None,
         revoke_to_close_p50_ms: None,
         revoke_to_close_p99_ms: None,
         revoked_reconnects_accepted: None,
-        errors: tally.errors.clone(),
+        errors: head.errors.clone(),
         machine,
         detail: Detail {
             version: env!("CARGO_PKG_VERSION"),
             started_at,
             concurrency: args.effective_concurrency(),
-            hold_secs: hold_secs.map(round3),
-            connected,
-            connected_at_end,
-            connect_secs: Some(round3(connect_secs)),
-            connect_p90_ms: tally.quantile_ms(0.9),
-            connect_max_ms: (!tally.connect.is_empty()).then(|| ms(tally.connect.max())),
-            reconnects: tally.reconnects,
-            broker_rss_before_bytes: Some(before.rss_bytes),
-            broker_rss_after_connect_bytes: Some(after_connect.rss_bytes),
-            broker_cpu_per_handshake_us: (connected > 0).then(|| {
-                round3((after_connect.cpu_seconds - before.cpu_seconds) * 1e6 / connected as f64)
-            }),
-            broker_hold_cpu_percent: hold_secs.map(|h| {
-                round3((end.cpu_seconds - after_connect.cpu_seconds) / h.max(1e-9) * 100.0)
-            }),
+            hold_secs: tether.hold_secs.map(round3),
+            connected: head.connected,
+            connected_at_end: head.connected_at_end,
+            connect_secs: Some(head.connect_secs),
+            connect_p90_ms: head.connect_p90_ms,
+            connect_max_ms: head.connect_max_ms,
+            reconnects: head.reconnects,
+            broker_rss_before_bytes: head.broker_rss_before_bytes,
+            broker_rss_after_connect_bytes: head.broker_rss_after_connect_bytes,
+            broker_cpu_per_handshake_us: head.broker_cpu_per_handshake_us,
+            broker_hold_cpu_percent: head.broker_hold_cpu_percent,
             control_rss_bytes: control_rss,
             simulator_rss_bytes: Some(me_end.rss_bytes),
             simulator_cpu_seconds: Some(round3(me_end.cpu_seconds - me_before.cpu_seconds)),
@@ -523,11 +700,19 @@ async fn drive(
             enroll_secs: round3(enroll_secs),
             udp,
             limits,
-            samples,
+            samples: tether.samples,
         },
-        baseline: None,
-        ratios: None,
+        baseline,
+        ratios,
     })
+}
+
+/// The broker credential the baseline server presents (so the agents' client
+/// configuration accepts it unchanged).
+struct BaselineCert {
+    cert: std::path::PathBuf,
+    key: std::path::PathBuf,
+    ca: std::path::PathBuf,
 }
 
 fn take_sample(
@@ -546,4 +731,74 @@ fn take_sample(
         broker_cpu_seconds: round3(b.cpu_seconds - before.cpu_seconds),
         simulator_rss_bytes: s.rss_bytes,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headline(rate: Option<f64>, per_conn: Option<f64>) -> Headline {
+        Headline {
+            handshakes_per_sec: rate,
+            connect_p50_ms: Some(10.0),
+            connect_p99_ms: Some(20.0),
+            connect_p90_ms: None,
+            connect_max_ms: None,
+            broker_rss_bytes: Some(100),
+            broker_rss_before_bytes: None,
+            broker_rss_after_connect_bytes: None,
+            broker_bytes_per_conn: per_conn,
+            broker_cpu_seconds: None,
+            broker_cpu_per_handshake_us: None,
+            broker_hold_cpu_percent: None,
+            connected: 1,
+            connected_at_end: 1,
+            connect_secs: 1.0,
+            reconnects: 0,
+            errors: BTreeMap::new(),
+        }
+    }
+
+    #[test]
+    fn ratios_are_tether_over_baseline_and_null_when_unknown() {
+        let r = ratios(
+            &headline(Some(900.0), Some(33_000.0)),
+            &headline(Some(1000.0), None),
+        );
+        assert_eq!(r["handshakes_per_sec"], serde_json::json!(0.9));
+        assert!(r["broker_bytes_per_conn"].is_null());
+        assert_eq!(r["connect_p99_ms"], serde_json::json!(1.0));
+        let zero = ratios(&headline(Some(1.0), None), &headline(Some(0.0), None));
+        assert!(zero["handshakes_per_sec"].is_null());
+    }
+
+    #[test]
+    fn tally_counts_first_sessions_reconnects_and_errors() {
+        let mut t = Tally::new(2);
+        t.record(FleetEvent::Connected {
+            index: 0,
+            first_connect: Some(Duration::from_millis(5)),
+        });
+        t.record(FleetEvent::Disconnected {
+            index: 0,
+            was_connected: true,
+            kind: "timed_out".into(),
+        });
+        t.record(FleetEvent::Connected {
+            index: 0,
+            first_connect: None,
+        });
+        t.record(FleetEvent::Failed {
+            index: 1,
+            kind: "agent_not_built".into(),
+        });
+        assert_eq!(
+            (t.first_done, t.current, t.failed, t.reconnects),
+            (1, 1, 1, 1)
+        );
+        assert_eq!(t.errors.get("timed_out"), Some(&1));
+        // Three significant digits.
+        let p50 = t.quantile_ms(0.5).expect("one value");
+        assert!((p50 - 5.0).abs() < 0.01, "{p50}");
+    }
 }

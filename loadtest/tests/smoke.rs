@@ -16,8 +16,13 @@ fn loadtest() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_tether-loadtest"))
 }
 
-#[test]
-fn storm_of_200_connects_every_appliance_without_errors() {
+/// The tests share one pool, which a run locks: one run at a time.
+static POOL_LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// Run `tether-loadtest run --spawn --scenario storm --appliances 200 EXTRA…` on the
+/// shared pool and return its report.
+fn storm_200(extra: &[&str]) -> serde_json::Value {
+    let _one_at_a_time = POOL_LOCK.lock().unwrap_or_else(|e| e.into_inner());
     let exe = loadtest();
     let bin_dir = exe.parent().expect("bin dir").to_owned();
     for bin in ["tether-control", "tether-broker"] {
@@ -47,6 +52,7 @@ fn storm_of_200_connects_every_appliance_without_errors() {
         .arg("--no-progress")
         .arg("--connect-timeout")
         .arg("60s")
+        .args(extra)
         .stdin(Stdio::null())
         .spawn()
         .expect("start tether-loadtest");
@@ -64,9 +70,13 @@ fn storm_of_200_connects_every_appliance_without_errors() {
     };
     assert!(status.success(), "tether-loadtest failed: {status}");
 
-    let report: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(&report_path).expect("report written"))
-            .expect("report is JSON");
+    serde_json::from_slice(&std::fs::read(&report_path).expect("report written"))
+        .expect("report is JSON")
+}
+
+#[test]
+fn storm_of_200_connects_every_appliance_without_errors() {
+    let report = storm_200(&[]);
     assert_eq!(report["scenario"], "storm");
     assert_eq!(report["appliances"], 200);
     assert_eq!(report["brokers"], 1);
@@ -100,4 +110,26 @@ fn storm_of_200_connects_every_appliance_without_errors() {
         assert!(report[field].is_null(), "{field} should be null");
     }
     assert!(report["machine"]["cores"].as_u64().is_some_and(|c| c > 0));
+    assert!(report["baseline"].is_null() && report["ratios"].is_null());
+}
+
+#[test]
+fn baseline_runs_the_same_storm_and_reports_ratios() {
+    let report = storm_200(&["--baseline"]);
+    assert_eq!(report["connected"], 200, "report: {report:#}");
+    let baseline = &report["baseline"];
+    assert_eq!(baseline["connected"], 200, "baseline: {baseline:#}");
+    assert!(baseline["handshakes_per_sec"]
+        .as_f64()
+        .is_some_and(|v| v > 0.0));
+    for ratio in ["handshakes_per_sec", "broker_bytes_per_conn"] {
+        assert!(
+            report["ratios"][ratio].is_number() || report["ratios"][ratio].is_null(),
+            "ratios.{ratio}: {}",
+            report["ratios"][ratio]
+        );
+    }
+    assert!(report["ratios"]["handshakes_per_sec"]
+        .as_f64()
+        .is_some_and(|v| v > 0.0));
 }
