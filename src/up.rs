@@ -223,17 +223,17 @@ async fn broker(
         .await?;
         crate::cli::write_secret(&bundle_path, &serde_json::to_vec_pretty(&bundle)?)?;
     }
+    // Paths in a broker config resolve against its folder: the broker's data directory.
     let toml = format!(
         "# Written by `tether up`.\n\
          listen = \"{listen}\"\nadmin_listen = \"{admin_listen}\"\n\n\
-         [control]\ndata_dir = \"{}\"\n{}\n\
+         [control]\ndata_dir = \".\"\n{}\n\
          [session]\nheartbeat_interval = \"5s\"\n\n\
          [drain]\ntimeout = \"3s\"\nreconnect_jitter = \"1s\"\n",
-        dir.display(),
         if enrolled {
-            String::new()
+            ""
         } else {
-            format!("bundle = \"{}\"\n", bundle_path.display())
+            "bundle = \"bundle.json\"\n"
         },
     );
     let config_path = dir.join("broker.toml");
