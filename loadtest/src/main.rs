@@ -59,7 +59,7 @@ async fn run(args: cli::RunArgs) -> anyhow::Result<()> {
         r = scenario::run(&args, limits) => r?,
         _ = tokio::signal::ctrl_c() => {
             // Dropping the run stops the fleet and kills control and the brokers.
-            anyhow::bail!("interrupted: control, brokers and the fleet stopped");
+            anyhow::bail!("interrupted: the fleet, the brokers and control were stopped");
         }
     };
     let json = serde_json::to_string_pretty(&report)?;
