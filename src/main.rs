@@ -97,9 +97,22 @@ enum AuditCmd {
     },
 }
 
+/// Rust ignores SIGPIPE, so `println!` to a closed pipe (`tether appliance list | head`)
+/// panics. A command-line tool should end quietly instead, as Unix tools do: restore the
+/// default action. (`tether up` keeps Rust's default: it serves, it does not pipe.)
+fn restore_sigpipe() {
+    use nix::sys::signal::{signal, SigHandler, Signal};
+    // SAFETY: sigaction is process-wide and may be called from any thread; the default
+    // disposition runs no handler code, so nothing can run in a signal context.
+    let _ = unsafe { signal(Signal::SIGPIPE, SigHandler::SigDfl) };
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    if !matches!(cli.command, Cmd::Up { .. }) {
+        restore_sigpipe();
+    }
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
     tracing_subscriber::fmt().with_env_filter(filter).init();

@@ -52,3 +52,26 @@ fn completion_scripts_cover_the_commands() {
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
 }
+
+/// `tether ... | head`: a closed pipe ends the command quietly (SIGPIPE), never with a
+/// panic message.
+#[test]
+fn a_closed_pipe_ends_quietly() {
+    use std::os::unix::process::ExitStatusExt;
+    let mut child = Command::new(bin("tether"))
+        .args(["completions", "zsh"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Close the read end before the script is written.
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(
+        out.status.success() || out.status.signal() == Some(13),
+        "{:?} {stderr}",
+        out.status
+    );
+}
