@@ -310,12 +310,21 @@ impl Cluster {
         }
     }
 
+    /// Record a session `broker` reports. When control knows the appliance on another
+    /// broker, the older of the two sessions must go: returns it (broker, session id).
+    /// A broker re-announcing, after a reconnect, a session older than the one control
+    /// knows elsewhere (a zombie the appliance already left) does not displace it.
     fn session_up(&self, broker: &str, r: SessionReport) -> Option<(String, u64)> {
         let mut presence = lock(&self.presence);
-        let older = presence.get(&r.appliance).and_then(|p| {
-            (p.broker != broker || p.session_id != r.session_id)
-                .then(|| (p.broker.clone(), p.session_id))
-        });
+        let known = presence
+            .get(&r.appliance)
+            .filter(|p| p.broker != broker)
+            .map(|p| (p.broker.clone(), p.session_id, p.connected_at));
+        if let Some((_, _, known_at)) = &known {
+            if r.connected_at < *known_at {
+                return Some((broker.to_owned(), r.session_id));
+            }
+        }
         presence.insert(
             r.appliance.clone(),
             Presence {
@@ -331,13 +340,13 @@ impl Cluster {
         );
         // Only another broker's session needs closing from here; a broker supersedes its
         // own sessions itself.
-        older.filter(|(b, _)| b != broker)
+        known.map(|(b, id, _)| (b, id))
     }
 
     fn supersede(&self, appliance: &str, (broker, session_id): (String, u64)) {
         let links = lock(&self.links);
         if let Some(link) = links.get(&broker) {
-            info!(%appliance, %broker, session_id, "closing the older session on another broker as superseded");
+            info!(%appliance, %broker, session_id, "closing the older of two sessions on different brokers as superseded");
             let _ = link.tx.try_send(ToBroker::CloseSession {
                 appliance: appliance.to_owned(),
                 session_id,
@@ -868,4 +877,52 @@ where
         sent = version;
     }
     Ok(sent)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn report(appliance: &str, session_id: u64, connected_at: u64) -> SessionReport {
+        SessionReport {
+            appliance: appliance.into(),
+            session_id,
+            fingerprint: "ab".into(),
+            connected_at,
+            cert_not_after: 0,
+            agent_version: "t".into(),
+        }
+    }
+
+    #[test]
+    fn the_newer_session_wins_across_brokers() {
+        let c = Cluster::new();
+        assert_eq!(c.session_up("b1", report("a", 1, 100)), None);
+        // The appliance moved to b2: b1's session is the older one.
+        assert_eq!(
+            c.session_up("b2", report("a", 7, 105)),
+            Some(("b1".into(), 1))
+        );
+        assert_eq!(c.presence("a").unwrap().broker, "b2");
+        // b1 reconnects and re-announces its zombie: it is the one to close, and
+        // control keeps b2's session.
+        assert_eq!(
+            c.session_up("b1", report("a", 1, 100)),
+            Some(("b1".into(), 1))
+        );
+        assert_eq!(c.presence("a").unwrap().session_id, 7);
+        // The zombie's end changes nothing; the live session's end forgets it.
+        c.session_down("b1", "a", 1);
+        assert!(c.presence("a").is_some());
+        c.session_down("b2", "a", 7);
+        assert!(c.presence("a").is_none());
+    }
+
+    #[test]
+    fn a_broker_replacing_its_own_session_needs_no_close_from_control() {
+        let c = Cluster::new();
+        c.session_up("b1", report("a", 1, 100));
+        assert_eq!(c.session_up("b1", report("a", 2, 101)), None);
+        assert_eq!(c.presence("a").unwrap().session_id, 2);
+    }
 }
