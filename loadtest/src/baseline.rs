@@ -165,6 +165,7 @@ pub fn start_fleet(
                                         index,
                                         was_connected: true,
                                         kind: error_kind(&e),
+                                        at: Instant::now(),
                                     });
                                 }
                             }
@@ -179,6 +180,7 @@ pub fn start_fleet(
                             index,
                             was_connected: false,
                             kind,
+                            at: Instant::now(),
                         });
                     }
                 }

@@ -43,6 +43,14 @@ pub mod env {
     pub const BASELINE: &str = "TETHER_LOADTEST_BASELINE";
     /// `--no-progress`.
     pub const NO_PROGRESS: &str = "TETHER_LOADTEST_NO_PROGRESS";
+    /// `--rate`.
+    pub const RATE: &str = "TETHER_LOADTEST_RATE";
+    /// `--max-in-flight`.
+    pub const MAX_IN_FLIGHT: &str = "TETHER_LOADTEST_MAX_IN_FLIGHT";
+    /// `--revoke`.
+    pub const REVOKE: &str = "TETHER_LOADTEST_REVOKE";
+    /// `--revoke-concurrency`.
+    pub const REVOKE_CONCURRENCY: &str = "TETHER_LOADTEST_REVOKE_CONCURRENCY";
 }
 
 /// Default of `--duration`: how long `steady` holds the fleet.
@@ -64,6 +72,15 @@ pub const DEFAULT_HEARTBEAT_INTERVAL: &str = "15s";
 /// Default of `--udp-buffer`: receive and send buffer asked for each client socket
 /// (32 MiB; the kernel caps it at `net.core.rmem_max` / `wmem_max`).
 pub const DEFAULT_UDP_BUFFER: usize = 32 * 1024 * 1024;
+
+/// Default of `--rate`: commands per second in `commands`.
+pub const DEFAULT_RATE: f64 = 10.0;
+/// Default of `--max-in-flight`: commands waiting for their answer at once.
+pub const DEFAULT_MAX_IN_FLIGHT: usize = 256;
+/// Default of `--revoke`: appliances `revoke` revokes.
+pub const DEFAULT_REVOKE: usize = 10;
+/// Default of `--revoke-concurrency`: revocations sent at once.
+pub const DEFAULT_REVOKE_CONCURRENCY: usize = 1;
 
 /// The Tether fleet simulator.
 #[derive(Debug, Parser)]
@@ -94,6 +111,12 @@ pub enum Scenario {
     /// Connect every appliance, then hold them with heartbeats for --duration; measures
     /// broker memory and CPU.
     Steady,
+    /// Connect every appliance, then send --rate commands per second (`true`) to random
+    /// connected appliances through control's API for --duration; measures the round trip.
+    Commands,
+    /// Connect every appliance, then revoke --revoke of them through control's API;
+    /// measures revocation to session close and checks they cannot connect again.
+    Revoke,
 }
 
 impl RunArgs {
@@ -101,17 +124,26 @@ impl RunArgs {
     pub fn effective_concurrency(&self) -> Option<usize> {
         self.concurrency.or(match self.scenario {
             Scenario::Storm => None,
-            Scenario::Steady => Some(DEFAULT_STEADY_CONCURRENCY),
+            Scenario::Steady | Scenario::Commands | Scenario::Revoke => {
+                Some(DEFAULT_STEADY_CONCURRENCY)
+            }
         })
     }
 }
 
 impl Scenario {
+    /// Whether it calls control's API, with an operator credential.
+    pub fn needs_operator(self) -> bool {
+        matches!(self, Scenario::Commands | Scenario::Revoke)
+    }
+
     /// The name in reports.
     pub fn as_str(self) -> &'static str {
         match self {
             Scenario::Storm => "storm",
             Scenario::Steady => "steady",
+            Scenario::Commands => "commands",
+            Scenario::Revoke => "revoke",
         }
     }
 }
@@ -132,7 +164,7 @@ pub struct RunArgs {
     #[arg(long, env = env::APPLIANCES, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
     pub appliances: u64,
 
-    /// How long `steady` holds the connected fleet.
+    /// How long `steady` holds the connected fleet and `commands` sends commands.
     #[arg(long, env = env::DURATION, default_value = DEFAULT_DURATION, value_parser = humantime::parse_duration)]
     pub duration: Duration,
 
@@ -194,6 +226,33 @@ pub struct RunArgs {
     /// No progress bars (they are also off when stderr is not a terminal).
     #[arg(long, env = env::NO_PROGRESS)]
     pub no_progress: bool,
+
+    /// `commands`: commands per second, spread over random connected appliances.
+    #[arg(long, env = env::RATE, default_value_t = DEFAULT_RATE, value_parser = parse_rate)]
+    pub rate: f64,
+
+    /// `commands`: at most this many commands waiting for their answer at once (a command
+    /// due while all are busy is skipped and counted as `exec_in_flight_limit`).
+    #[arg(long, env = env::MAX_IN_FLIGHT, default_value_t = DEFAULT_MAX_IN_FLIGHT, value_parser = clap::value_parser!(u64).range(1..=65_536).map(|v| v as usize))]
+    pub max_in_flight: usize,
+
+    /// `revoke`: how many connected appliances to revoke (at most --appliances).
+    #[arg(long, env = env::REVOKE, default_value_t = DEFAULT_REVOKE, value_parser = clap::value_parser!(u64).range(1..=1_000_000).map(|v| v as usize))]
+    pub revoke: usize,
+
+    /// `revoke`: revocations sent at once.
+    #[arg(long, env = env::REVOKE_CONCURRENCY, default_value_t = DEFAULT_REVOKE_CONCURRENCY, value_parser = clap::value_parser!(u64).range(1..=256).map(|v| v as usize))]
+    pub revoke_concurrency: usize,
+}
+
+/// `--rate`: a positive number of commands per second (at most 100,000).
+fn parse_rate(s: &str) -> Result<f64, String> {
+    let v: f64 = s.parse().map_err(|e| format!("{e}"))?;
+    if v.is_finite() && v > 0.0 && v <= 100_000.0 {
+        Ok(v)
+    } else {
+        Err("must be above 0 and at most 100000".into())
+    }
 }
 
 #[cfg(test)]
@@ -254,5 +313,15 @@ mod tests {
             ..steady
         };
         assert_eq!(limited.effective_concurrency(), Some(7));
+    }
+
+    #[test]
+    fn rate_must_be_positive() {
+        assert_eq!(parse_rate("50"), Ok(50.0));
+        assert_eq!(parse_rate("0.5"), Ok(0.5));
+        assert!(parse_rate("0").is_err());
+        assert!(parse_rate("-1").is_err());
+        assert!(parse_rate("NaN").is_err());
+        assert!(parse_rate("x").is_err());
     }
 }

@@ -82,6 +82,8 @@ pub enum FleetEvent {
         was_connected: bool,
         /// [`error_kind`] of the reason.
         kind: String,
+        /// When the appliance's task saw it.
+        at: Instant,
     },
     /// The appliance could not start at all.
     Failed {
@@ -277,6 +279,7 @@ impl Appliance {
                                 index,
                                 was_connected: connected,
                                 kind: error_kind(&reason),
+                                at: Instant::now(),
                             });
                         }
                         connected = false;

@@ -11,7 +11,8 @@
 //! - [`pool`]: the cached pool of enrolled appliances and control's data directory.
 //! - [`spawn`]: control and brokers as child processes, killed when their guard drops.
 //! - [`fleet`]: the virtual appliances and the events they report.
-//! - [`scenario`]: `storm` and `steady`, sampling, the report's numbers.
+//! - [`scenario`]: one run, sampling, the report's numbers; `storm` and `steady`.
+//! - [`ops`]: `commands` and `revoke`, through control's API as an operator.
 //! - [`baseline`]: `--baseline`, the bare quinn server and clients.
 //! - [`measure`]: `/proc` readings (RSS, CPU, UDP drops), the machine, limits.
 //! - [`report`]: the JSON report.
@@ -27,6 +28,7 @@ mod baseline;
 mod cli;
 mod fleet;
 mod measure;
+mod ops;
 mod pool;
 mod progress;
 mod report;
@@ -38,8 +40,16 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> anyhow::Result<()> {
     let cli = cli::Cli::parse();
+    // In `revoke`, every revoked agent logs an error when refused: that is the point, and
+    // the report counts it.
+    let default_filter = match &cli.command {
+        cli::Command::Run(a) if a.scenario == cli::Scenario::Revoke => {
+            "warn,tether_agent=error,tether_agent::agent=off"
+        }
+        _ => "warn,tether_agent=error",
+    };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,tether_agent=error"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

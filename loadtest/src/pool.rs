@@ -9,7 +9,12 @@
 //!   control/                tether-control's data directory
 //!   appliances/sim-000001/  each appliance's state directory (key, certificate, CA)
 //!   brokers/lt-edge-1/      each broker's data directory
+//!   operator/               the operator credential of `commands` and `revoke`
 //! ```
+//!
+//! An appliance `revoke` revoked has a `revoked` file in its state directory (written
+//! before the revocation is sent): the next run registers a fresh token for it and
+//! enrolls it again (control accepts a token for a revoked appliance).
 //!
 //! Getting the pool ready takes two steps around control's start:
 //!
@@ -47,6 +52,15 @@ const MARKER: &str = "pool.json";
 const TOKEN_TTL: Duration = Duration::from_secs(3600);
 /// An appliance whose certificate ends sooner than this enrolls again.
 const MIN_CERT_LEFT: Duration = Duration::from_secs(2 * 86_400);
+
+/// File in an appliance's state directory: control revoked it (it must enroll again).
+const REVOKED_MARK: &str = "revoked";
+/// `operator.json` in `operator/`: who the stored operator is and until when.
+const OPERATOR_FILE: &str = "operator.json";
+/// The stored operator certificate is renewed (a new invite) when it ends sooner than this.
+const MIN_OPERATOR_LEFT: Duration = Duration::from_secs(3600);
+/// Name prefix of the operators the pool invites.
+const OPERATOR_PREFIX: &str = "loadtest";
 
 /// Appliance number `i` (1-based).
 pub fn appliance_id(i: usize) -> String {
@@ -148,9 +162,37 @@ impl Pool {
         self.root.join("brokers").join(name)
     }
 
+    /// Mark appliance `id` revoked: the next run enrolls it again.
+    pub fn mark_revoked(&self, id: &str) -> anyhow::Result<()> {
+        let path = self.appliance_dir(id).join(REVOKED_MARK);
+        std::fs::write(&path, b"revoked by tether-loadtest\n")
+            .with_context(|| format!("writing {}", path.display()))
+    }
+
+    /// The operator credential's folder.
+    pub fn operator_dir(&self) -> PathBuf {
+        self.root.join("operator")
+    }
+
+    /// The stored operator credential, if any and not ending within an hour.
+    pub fn load_operator(&self) -> Option<OperatorCredential> {
+        let dir = self.operator_dir();
+        let meta: OperatorMeta =
+            serde_json::from_slice(&std::fs::read(dir.join(OPERATOR_FILE)).ok()?).ok()?;
+        let not_after = parse_rfc3339(&meta.expires_at)?;
+        if not_after < tether_control::now_unix() + MIN_OPERATOR_LEFT.as_secs() as i64 {
+            return None;
+        }
+        Some(OperatorCredential {
+            name: meta.name,
+            cert_pem: std::fs::read_to_string(dir.join("cert.pem")).ok()?,
+            key_pem: std::fs::read_to_string(dir.join("key.pem")).ok()?,
+        })
+    }
+
     /// Load the credentials of appliances `1..=n`; `None` where the appliance must
-    /// (re-)enroll (never enrolled, unreadable, or its certificate ends within
-    /// [`MIN_CERT_LEFT`]).
+    /// (re-)enroll (never enrolled, unreadable, revoked by an earlier run, or its
+    /// certificate ends within [`MIN_CERT_LEFT`]).
     pub async fn load(&self, n: usize, progress: &Progress) -> Vec<Option<Credentials>> {
         let dirs: Vec<PathBuf> = (1..=n)
             .map(|i| self.appliance_dir(&appliance_id(i)))
@@ -162,6 +204,9 @@ impl Pool {
             dirs.iter()
                 .map(|d| {
                     bar2.inc(1);
+                    if d.join(REVOKED_MARK).exists() {
+                        return None;
+                    }
                     Credentials::load(d)
                         .ok()
                         .filter(|c| c.not_after_ms() > min_end_ms)
@@ -176,11 +221,14 @@ impl Pool {
 
     /// Step 1 (no control process running): create control's data directory on first
     /// use, register the appliances `missing` (1-based numbers) with a one-time token each
-    /// and give each of brokers `1..=brokers` not yet enrolled a bundle.
+    /// and give each of brokers `1..=brokers` not yet enrolled a bundle. With `operator`
+    /// and no stored operator credential: the bundles to redeem for one (control's
+    /// `admin-bundle.json` when there is one, then a fresh invite).
     pub async fn prepare(
         &self,
         missing: &[usize],
         brokers: usize,
+        operator: bool,
         progress: &Progress,
     ) -> anyhow::Result<Prepared> {
         let control = self.control_dir();
@@ -279,11 +327,38 @@ impl Pool {
             })?;
             bundles.push(bundle);
         }
+        let mut operator_bundles = Vec::new();
+        if operator && self.load_operator().is_none() {
+            let admin = control.join("admin-bundle.json");
+            if let Some(b) = std::fs::read(&admin)
+                .ok()
+                .and_then(|t| serde_json::from_slice::<OperatorBundle>(&t).ok())
+                .filter(|b| parse_rfc3339(&b.expires_at).is_some_and(|e| e > now))
+            {
+                operator_bundles.push(b);
+            }
+            // If the admin bundle was used already (or there is none): a fresh invite,
+            // made through the store as everything above.
+            let bundle = tether_control::operators::create_invite(
+                store.as_ref(),
+                "https://127.0.0.1:1".into(),
+                root_pem.clone(),
+                &format!("{OPERATOR_PREFIX}-{now}"),
+                tether_control::operators::Role::Admin,
+                TOKEN_TTL,
+                local_admin(),
+                now,
+            )
+            .await
+            .context("inviting the load test's operator")?;
+            operator_bundles.push(bundle);
+        }
         drop(store);
         Ok(Prepared {
             root_pem,
             tokens,
             bundles,
+            operator_bundles,
         })
     }
 }
@@ -326,6 +401,43 @@ pub struct Prepared {
     pub tokens: Vec<PendingAppliance>,
     /// Bundles of the brokers to enroll (control URL still a placeholder).
     bundles: Vec<BrokerBundle>,
+    /// Operator bundles to redeem, in order, when no operator credential is stored.
+    operator_bundles: Vec<OperatorBundle>,
+}
+
+type OperatorBundle = tether_control::operators::Bundle;
+
+/// An operator's certificate and key, PEM.
+#[derive(Clone)]
+pub struct OperatorCredential {
+    /// The operator's name.
+    pub name: String,
+    /// Leaf then intermediate.
+    pub cert_pem: String,
+    /// Private key.
+    pub key_pem: String,
+}
+
+impl std::fmt::Debug for OperatorCredential {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OperatorCredential")
+            .field("name", &self.name)
+            .finish_non_exhaustive()
+    }
+}
+
+/// `operator/operator.json`.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct OperatorMeta {
+    name: String,
+    expires_at: String,
+}
+
+/// RFC 3339 → Unix seconds.
+fn parse_rfc3339(s: &str) -> Option<i64> {
+    time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339)
+        .ok()
+        .map(|t| t.unix_timestamp())
 }
 
 impl Prepared {
@@ -358,6 +470,73 @@ impl Prepared {
         Ok(None)
     }
 
+    /// The operator credential (control serving at `control_url`): the stored one, else
+    /// the first bundle that redeems (key and CSR made here, `POST /v1/operators/login`,
+    /// as `tether login` does), then stored in the pool for the next runs.
+    pub async fn operator(
+        &self,
+        pool: &Pool,
+        control_url: &str,
+    ) -> anyhow::Result<OperatorCredential> {
+        if let Some(c) = pool.load_operator() {
+            return Ok(c);
+        }
+        let http = tether_agent::enroll::http_client(self.root_pem.as_bytes())
+            .context("control's root CA")?;
+        let mut last = anyhow::anyhow!("no operator bundle to redeem");
+        for bundle in &self.operator_bundles {
+            let (key_pem, csr_pem) = tether_agent::enroll::key_and_csr(&bundle.name)
+                .context("generating the operator key")?;
+            let resp = http
+                .post(format!("{control_url}/v1/operators/login"))
+                .json(&serde_json::json!({"token": bundle.token, "csr_pem": csr_pem}))
+                .send()
+                .await;
+            let resp = match resp {
+                Ok(r) if r.status().is_success() => r,
+                Ok(r) => {
+                    let status = r.status();
+                    let body = r.text().await.unwrap_or_default();
+                    last = anyhow::anyhow!(
+                        "operator login as {} refused: {status} {body}",
+                        bundle.name
+                    );
+                    continue;
+                }
+                Err(e) => {
+                    last = anyhow::Error::from(e).context("operator login");
+                    continue;
+                }
+            };
+            let login: tether_control::operators::LoginResponse =
+                resp.json().await.context("operator login answer")?;
+            let dir = pool.operator_dir();
+            std::fs::create_dir_all(&dir)?;
+            // Key first: a certificate never sits next to a key it does not match.
+            write_private(&dir.join("key.pem"), key_pem.as_bytes())?;
+            write_private(&dir.join("cert.pem"), login.certificate_pem.as_bytes())?;
+            write_private(
+                &dir.join(OPERATOR_FILE),
+                &serde_json::to_vec_pretty(&OperatorMeta {
+                    name: login.name.clone(),
+                    expires_at: login.expires_at.clone(),
+                })?,
+            )?;
+            println!(
+                "operator {} logged in (certificate until {}), kept in {}",
+                login.name,
+                login.expires_at,
+                dir.display()
+            );
+            return Ok(OperatorCredential {
+                name: login.name,
+                cert_pem: login.certificate_pem,
+                key_pem,
+            });
+        }
+        Err(last)
+    }
+
     /// Step 2 (control serving at `control_url`): enroll every pending appliance, at most
     /// `concurrency` at once.
     pub async fn enroll(
@@ -388,6 +567,11 @@ impl Prepared {
                 tether_agent::enroll::enroll(&opts)
                     .await
                     .with_context(|| format!("enrolling {}", opts.appliance_id))?;
+                let mark = opts.state_dir.join(REVOKED_MARK);
+                if mark.exists() {
+                    std::fs::remove_file(&mark)
+                        .with_context(|| format!("removing {}", mark.display()))?;
+                }
                 bar.inc(1);
                 anyhow::Ok(())
             });
@@ -439,6 +623,35 @@ mod tests {
         assert!(again.to_string().contains("another tether-loadtest"));
         drop(pool);
         Pool::open(dir.path()).expect("open after release");
+    }
+
+    #[test]
+    fn revoked_appliances_and_stale_operators_are_not_loaded() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let pool = Pool::open(dir.path()).expect("open");
+        let id = appliance_id(1);
+        std::fs::create_dir_all(pool.appliance_dir(&id)).expect("mkdir");
+        pool.mark_revoked(&id).expect("mark");
+        assert!(pool.appliance_dir(&id).join(REVOKED_MARK).is_file());
+
+        assert!(pool.load_operator().is_none());
+        let op = pool.operator_dir();
+        std::fs::create_dir_all(&op).expect("mkdir");
+        std::fs::write(op.join("cert.pem"), "C").expect("write");
+        std::fs::write(op.join("key.pem"), "K").expect("write");
+        let meta = |expires_at: &str| {
+            serde_json::to_vec(&OperatorMeta {
+                name: "loadtest-1".into(),
+                expires_at: expires_at.into(),
+            })
+            .expect("json")
+        };
+        std::fs::write(op.join(OPERATOR_FILE), meta("2000-01-01T00:00:00Z")).expect("write");
+        assert!(pool.load_operator().is_none(), "expired");
+        std::fs::write(op.join(OPERATOR_FILE), meta("2999-01-01T00:00:00Z")).expect("write");
+        let c = pool.load_operator().expect("valid");
+        assert_eq!((c.name.as_str(), c.cert_pem.as_str()), ("loadtest-1", "C"));
+        assert_eq!(parse_rfc3339("1970-01-01T00:01:00Z"), Some(60));
     }
 
     #[test]

@@ -10,7 +10,7 @@ use crate::measure::{Machine, UdpCounters};
 /// Everything one run measured.
 #[derive(Clone, Debug, Serialize)]
 pub struct Report {
-    /// `storm` or `steady`.
+    /// `storm`, `steady`, `commands` or `revoke`.
     pub scenario: &'static str,
     /// Appliances simulated.
     pub appliances: usize,
@@ -32,15 +32,18 @@ pub struct Report {
     /// CPU time the brokers used from the first connection attempt to the end of the
     /// scenario, seconds.
     pub broker_cpu_seconds: Option<f64>,
-    /// Not measured by this scenario.
+    /// `commands`: median time from sending `POST /v1/appliances/{id}/exec` to its final
+    /// NDJSON line, successful commands, ms (`null` in other scenarios).
     pub command_rtt_p50_ms: Option<f64>,
-    /// Not measured by this scenario.
+    /// `commands`: 99th percentile of the same, ms.
     pub command_rtt_p99_ms: Option<f64>,
-    /// Not measured by this scenario.
+    /// `revoke`: median time from sending `POST /v1/appliances/{id}/revoke` to the
+    /// appliance's agent seeing its session closed as revoked, ms.
     pub revoke_to_close_p50_ms: Option<f64>,
-    /// Not measured by this scenario.
+    /// `revoke`: 99th percentile of the same, ms.
     pub revoke_to_close_p99_ms: Option<f64>,
-    /// Not measured by this scenario.
+    /// `revoke`: sessions revoked certificates got again (one fresh connection tried per
+    /// revoked appliance, plus the fleet's own agents); must be 0.
     pub revoked_reconnects_accepted: Option<u64>,
     /// Failed attempts and lost sessions by kind (`not_connected`: appliances still without
     /// a session when the connect timeout ended).
@@ -105,6 +108,10 @@ pub struct Detail {
     pub limits: Limits,
     /// One sample per second from the start of the scenario.
     pub samples: Vec<Sample>,
+    /// `commands`: what was sent and answered.
+    pub commands: Option<crate::ops::CommandsDetail>,
+    /// `revoke`: what was revoked, closed, and refused again.
+    pub revoke: Option<crate::ops::RevokeDetail>,
 }
 
 /// UDP buffers and drops.
@@ -200,6 +207,29 @@ impl Report {
                 get("broker_bytes_per_conn"),
                 get("broker_cpu_per_handshake_us"),
                 get("connect_p99_ms"),
+            ));
+        }
+        if let Some(c) = &self.detail.commands {
+            s.push_str(&format!(
+                "\ncommands: {} sent of {} due at {}/s, {} ok, round trip p50 {} ms, p99 {} ms",
+                c.sent,
+                c.due,
+                c.rate,
+                c.ok,
+                f(c.rtt_p50_ms),
+                f(c.rtt_p99_ms)
+            ));
+        }
+        if let Some(r) = &self.detail.revoke {
+            s.push_str(&format!(
+                "\nrevoke: {} revoked, {} closed, revoke to close p50 {} ms, p99 {} ms; \
+                 reconnects with revoked certificates: {} tried, {} accepted",
+                r.revoked,
+                r.closed,
+                f(r.close_p50_ms),
+                f(r.close_p99_ms),
+                r.reconnects_tried,
+                r.reconnects_accepted
             ));
         }
         if self.errors.is_empty() {

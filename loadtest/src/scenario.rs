@@ -36,6 +36,12 @@ struct Broker {
 
 /// Run the scenario `args` describes.
 pub async fn run(args: &RunArgs, limits: Limits) -> anyhow::Result<Report> {
+    if args.baseline && args.scenario.needs_operator() {
+        bail!(
+            "--baseline compares storm and steady only: the bare quinn server has no \
+             commands or revocation"
+        );
+    }
     if !args.spawn {
         bail!(
             "give --spawn: this version runs only self-contained (control and brokers started \
@@ -68,7 +74,14 @@ pub async fn run(args: &RunArgs, limits: Limits) -> anyhow::Result<Report> {
             n - missing.len()
         );
     }
-    let prepared = pool.prepare(&missing, args.brokers, &progress).await?;
+    let prepared = pool
+        .prepare(
+            &missing,
+            args.brokers,
+            args.scenario.needs_operator(),
+            &progress,
+        )
+        .await?;
 
     let run_dir = tempfile::Builder::new()
         .prefix("tether-loadtest-")
@@ -147,6 +160,18 @@ async fn run_spawned(
         .map(|c| c.take().expect("loaded"))
         .collect();
 
+    // commands, revoke: control's API as the pool's operator.
+    let api = if args.scenario.needs_operator() {
+        let operator = prepared.operator(pool, &control_url).await?;
+        Some(crate::ops::Api::new(
+            &control_url,
+            &prepared.root_pem,
+            &operator,
+        )?)
+    } else {
+        None
+    };
+
     // Brokers.
     let mut brokers = Vec::with_capacity(args.brokers);
     let mut quic = Vec::with_capacity(args.brokers);
@@ -208,6 +233,8 @@ async fn run_spawned(
     });
     let outcome = drive(
         args,
+        pool,
+        api.as_ref(),
         creds,
         &quic,
         &brokers,
@@ -280,11 +307,13 @@ async fn wait_synced(broker: &Broker, n: usize) -> anyhow::Result<String> {
 }
 
 /// What the fleet's events add up to.
-struct Tally {
+pub struct Tally {
     connect: Histogram<u64>,
     errors: BTreeMap<String, u64>,
-    up: Vec<bool>,
-    current: usize,
+    /// Whether each appliance has a session.
+    pub up: Vec<bool>,
+    /// How many have one.
+    pub current: usize,
     first_done: usize,
     failed: usize,
     last_first: Option<Instant>,
@@ -292,7 +321,8 @@ struct Tally {
 }
 
 impl Tally {
-    fn new(n: usize) -> Tally {
+    /// Nothing seen yet of `n` appliances.
+    pub fn new(n: usize) -> Tally {
         Tally {
             connect: Histogram::new_with_bounds(1, MAX_CONNECT_US, 3).expect("valid bounds"),
             errors: BTreeMap::new(),
@@ -305,7 +335,15 @@ impl Tally {
         }
     }
 
-    fn record(&mut self, ev: FleetEvent) {
+    /// A session closed on purpose (a revocation): not an error.
+    pub fn expected_close(&mut self, index: usize) {
+        if std::mem::replace(&mut self.up[index], false) {
+            self.current -= 1;
+        }
+    }
+
+    /// Count an event.
+    pub fn record(&mut self, ev: FleetEvent) {
         match ev {
             FleetEvent::Connected {
                 index,
@@ -353,6 +391,7 @@ struct Phase {
     hold_secs: Option<f64>,
     connected_at_end: usize,
     samples: Vec<Sample>,
+    ops: crate::ops::OpsOutcome,
 }
 
 /// The headline numbers of a [`Phase`] (also the `baseline` object of the report).
@@ -459,6 +498,7 @@ async fn measure_phase(
     pids: &[u32],
     progress: &Progress,
     label: &str,
+    ops_ctx: Option<&crate::ops::Ctx<'_>>,
     start_fleet: impl FnOnce() -> anyhow::Result<Fleet>,
 ) -> anyhow::Result<Phase> {
     let me = std::process::id();
@@ -539,6 +579,44 @@ async fn measure_phase(
         hold_secs = Some(hold_start.elapsed().as_secs_f64());
         end = measure::sample_all(pids)?;
     }
+    let mut ops = crate::ops::OpsOutcome::default();
+    if let (Some(ctx), Scenario::Commands | Scenario::Revoke) = (ops_ctx, args.scenario) {
+        let act_start = Instant::now();
+        let mut sample = |t: &Tally| -> anyhow::Result<()> {
+            samples.push(take_sample(start, t, pids, me, before)?);
+            Ok(())
+        };
+        ops = if args.scenario == Scenario::Commands {
+            crate::ops::commands(
+                ctx,
+                args.rate,
+                args.duration,
+                args.max_in_flight,
+                &mut fleet,
+                &mut tally,
+                &mut tick,
+                &mut sample,
+                progress,
+            )
+            .await?
+        } else {
+            crate::ops::revoke(
+                ctx,
+                args.revoke,
+                args.revoke_concurrency,
+                &mut fleet,
+                &mut tally,
+                &mut tick,
+                &mut sample,
+                progress,
+            )
+            .await?
+        };
+        if args.scenario == Scenario::Commands {
+            hold_secs = Some(act_start.elapsed().as_secs_f64());
+        }
+        end = measure::sample_all(pids)?;
+    }
     // Drain what is queued, so errors up to now count.
     while let Ok(ev) = fleet.events.try_recv() {
         tally.record(ev);
@@ -557,12 +635,15 @@ async fn measure_phase(
         hold_secs,
         connected_at_end,
         samples,
+        ops,
     })
 }
 
 #[allow(clippy::too_many_arguments)]
 async fn drive(
     args: &RunArgs,
+    pool: &Pool,
+    api: Option<&crate::ops::Api>,
     creds: Vec<Credentials>,
     quic: &[SocketAddr],
     brokers: &[Broker],
@@ -601,7 +682,19 @@ async fn drive(
         .format(&time::format_description::well_known::Rfc3339)
         .unwrap_or_default();
     let baseline_creds = baseline_cert.as_ref().map(|_| creds.clone());
-    let tether = measure_phase(args, n, &pids, progress, "tether", || {
+    let ops_creds = if args.scenario == Scenario::Revoke {
+        creds.clone()
+    } else {
+        Vec::new()
+    };
+    let ops_ctx = api.map(|api| crate::ops::Ctx {
+        api,
+        pool,
+        creds: &ops_creds,
+        endpoints: &endpoints,
+        brokers: quic,
+    });
+    let tether = measure_phase(args, n, &pids, progress, "tether", ops_ctx.as_ref(), || {
         Ok(Fleet::start(creds, &endpoints, &opts))
     })
     .await?;
@@ -618,6 +711,12 @@ async fn drive(
         );
     }
     let head = tether.headline();
+    let mut errors = head.errors.clone();
+    for (k, v) in &tether.ops.errors {
+        *errors.entry(k.clone()).or_default() += v;
+    }
+    let commands = tether.ops.commands.clone();
+    let revoke = tether.ops.revoke.clone();
 
     // The same scenario against the bare quinn server.
     let (baseline, ratios) = match (baseline_cert, baseline_creds) {
@@ -646,7 +745,7 @@ async fn drive(
                 server.pid()
             );
             let concurrency = args.effective_concurrency();
-            let phase = measure_phase(args, n, &[server.pid()], progress, "baseline", || {
+            let phase = measure_phase(args, n, &[server.pid()], progress, "baseline", None, || {
                 crate::baseline::start_fleet(creds, &endpoints, addr, concurrency)
             })
             .await;
@@ -671,12 +770,12 @@ async fn drive(
         broker_rss_bytes: head.broker_rss_bytes,
         broker_bytes_per_conn: head.broker_bytes_per_conn,
         broker_cpu_seconds: head.broker_cpu_seconds,
-        command_rtt_p50_ms: None,
-        command_rtt_p99_ms: None,
-        revoke_to_close_p50_ms: None,
-        revoke_to_close_p99_ms: None,
-        revoked_reconnects_accepted: None,
-        errors: head.errors.clone(),
+        command_rtt_p50_ms: commands.as_ref().and_then(|c| c.rtt_p50_ms),
+        command_rtt_p99_ms: commands.as_ref().and_then(|c| c.rtt_p99_ms),
+        revoke_to_close_p50_ms: revoke.as_ref().and_then(|r| r.close_p50_ms),
+        revoke_to_close_p99_ms: revoke.as_ref().and_then(|r| r.close_p99_ms),
+        revoked_reconnects_accepted: revoke.as_ref().map(|r| r.reconnects_accepted),
+        errors,
         machine,
         detail: Detail {
             version: env!("CARGO_PKG_VERSION"),
@@ -701,6 +800,8 @@ async fn drive(
             udp,
             limits,
             samples: tether.samples,
+            commands,
+            revoke,
         },
         baseline,
         ratios,
@@ -783,6 +884,7 @@ mod tests {
             index: 0,
             was_connected: true,
             kind: "timed_out".into(),
+            at: Instant::now(),
         });
         t.record(FleetEvent::Connected {
             index: 0,

@@ -1,5 +1,6 @@
 //! Smoke run of the simulator as CI runs it: a storm of 200 appliances against a spawned
-//! control and broker, and the report says every one connected without an error.
+//! control and broker, and the report says every one connected without an error; and a
+//! short `revoke` whose revoked appliances cannot come back.
 //!
 //! Needs the `tether-control` and `tether-broker` executables next to `tether-loadtest`
 //! (`cargo build --workspace --bins` first, as CI does). The pool of enrolled appliances is
@@ -22,6 +23,12 @@ static POOL_LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
 /// Run `tether-loadtest run --spawn --scenario storm --appliances 200 EXTRA…` on the
 /// shared pool and return its report.
 fn storm_200(extra: &[&str]) -> serde_json::Value {
+    run(&["--scenario", "storm", "--appliances", "200"], extra)
+}
+
+/// Run `tether-loadtest run --spawn ARGS… EXTRA…` on the shared pool and return its
+/// report.
+fn run(args: &[&str], extra: &[&str]) -> serde_json::Value {
     let _one_at_a_time = POOL_LOCK.lock().unwrap_or_else(|e| e.into_inner());
     let exe = loadtest();
     let bin_dir = exe.parent().expect("bin dir").to_owned();
@@ -37,14 +44,8 @@ fn storm_200(extra: &[&str]) -> serde_json::Value {
     let report_path = out.path().join("report.json");
 
     let mut child = Command::new(&exe)
-        .args([
-            "run",
-            "--spawn",
-            "--scenario",
-            "storm",
-            "--appliances",
-            "200",
-        ])
+        .args(["run", "--spawn"])
+        .args(args)
         .arg("--report")
         .arg(&report_path)
         .arg("--pool")
@@ -132,4 +133,45 @@ fn baseline_runs_the_same_storm_and_reports_ratios() {
     assert!(report["ratios"]["handshakes_per_sec"]
         .as_f64()
         .is_some_and(|v| v > 0.0));
+}
+
+#[test]
+fn revoked_appliances_are_closed_and_cannot_come_back() {
+    let report = run(
+        &[
+            "--scenario",
+            "revoke",
+            "--appliances",
+            "50",
+            "--revoke",
+            "5",
+        ],
+        &[],
+    );
+    assert_eq!(report["scenario"], "revoke");
+    assert_eq!(report["connected"], 50, "report: {report:#}");
+    assert_eq!(
+        report["revoked_reconnects_accepted"], 0,
+        "report: {report:#}"
+    );
+    let revoke = &report["revoke"];
+    assert_eq!(revoke["revoked"], 5, "revoke: {revoke:#}");
+    // Five samples of revocation to close, and five refused fresh connections.
+    assert_eq!(revoke["closed"], 5, "revoke: {revoke:#}");
+    assert_eq!(revoke["reconnects_tried"], 5, "revoke: {revoke:#}");
+    assert_eq!(revoke["reconnects_refused"], 5, "revoke: {revoke:#}");
+    for field in ["revoke_to_close_p50_ms", "revoke_to_close_p99_ms"] {
+        assert!(
+            report[field].as_f64().is_some_and(|v| v > 0.0),
+            "{field}: {}",
+            report[field]
+        );
+    }
+    assert_eq!(report["connected_at_end"], 45, "report: {report:#}");
+    assert_eq!(
+        report["errors"],
+        serde_json::json!({}),
+        "errors in the report: {report:#}"
+    );
+    assert!(report["command_rtt_p50_ms"].is_null());
 }
