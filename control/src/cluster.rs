@@ -279,10 +279,14 @@ impl Cluster {
         self.cancel_on_link(inflight.link, id);
     }
 
-    fn deliver(&self, id: u64, event: ExecEvent, last: bool) {
-        // In order, without waiting: the reader serves every command of the broker.
+    /// Hand a command event from link `link_id` to the caller, in order, without waiting
+    /// (the reader serves every command of the broker). Events for a command sent down
+    /// another broker's link are dropped: a broker speaks only for its own commands.
+    fn deliver(&self, link_id: u64, id: u64, event: ExecEvent, last: bool) -> bool {
         let mut commands = lock(&self.commands);
-        let Some(c) = commands.get(&id) else { return };
+        let Some(c) = commands.get(&id).filter(|c| c.link == link_id) else {
+            return false;
+        };
         if let ExecEvent::Output { data, .. } = &event {
             if c.queued.fetch_add(data.len(), Ordering::Relaxed) + data.len() > MAX_QUEUED_OUTPUT {
                 let c = commands.remove(&id).expect("present");
@@ -294,13 +298,14 @@ impl Cluster {
                     ),
                 });
                 self.cancel_on_link(c.link, id);
-                return;
+                return true;
             }
         }
         let _ = c.tx.send(event);
         if last {
             commands.remove(&id);
         }
+        true
     }
 
     fn cancel_on_link(&self, link_id: u64, id: u64) {
@@ -672,13 +677,21 @@ where
                     }
                     ToControl::Heartbeats { items } => cluster.heartbeats(&name, items),
                     ToControl::CommandOutput { id, stream, data } => {
-                        cluster.deliver(id, ExecEvent::Output { stream, data }, false)
+                        let event = ExecEvent::Output { stream, data };
+                        if !cluster.deliver(link_id, id, event, false) {
+                            foreign_command(&s, &name, id);
+                        }
                     }
                     ToControl::CommandExit { id, code } => {
-                        cluster.deliver(id, ExecEvent::Exit(code), true)
+                        if !cluster.deliver(link_id, id, ExecEvent::Exit(code), true) {
+                            foreign_command(&s, &name, id);
+                        }
                     }
                     ToControl::CommandFailed { id, code, message } => {
-                        cluster.deliver(id, ExecEvent::Failed { code, message }, true)
+                        let event = ExecEvent::Failed { code, message };
+                        if !cluster.deliver(link_id, id, event, true) {
+                            foreign_command(&s, &name, id);
+                        }
                     }
                     ToControl::Ping => {}
                 }
@@ -727,6 +740,18 @@ where
         Ok(()) => info!(broker = %name, "broker channel ended"),
         Err(e) => end_with(&s, &name, e),
     }
+}
+
+/// A command event for no command of this broker: one that ended (its deadline passed,
+/// its caller left) or one the broker was never sent. Counted and logged, never delivered.
+fn foreign_command(s: &AppState, name: &str, id: u64) {
+    s.metrics
+        .channel_errors
+        .get_or_create(&Reason {
+            reason: "unknown_command",
+        })
+        .inc();
+    debug!(broker = %name, command_id = id, "event for a command this broker does not run");
 }
 
 fn end_with(s: &AppState, name: &str, e: LinkError) {
@@ -916,6 +941,40 @@ mod tests {
         assert!(c.presence("a").is_some());
         c.session_down("b2", "a", 7);
         assert!(c.presence("a").is_none());
+    }
+
+    #[tokio::test]
+    async fn a_broker_cannot_answer_for_another_brokers_command() {
+        let c = Cluster::new();
+        let (tx, _rx) = mpsc::channel(8);
+        lock(&c.links).insert(
+            "b1".into(),
+            Link {
+                id: 1,
+                tx,
+                quic_addr: "127.0.0.1:1".into(),
+                connected_at: 0,
+                applied: Arc::new(AtomicU64::new(0)),
+                ended: CancellationToken::new(),
+            },
+        );
+        c.session_up("b1", report("a", 1, 100));
+        let (broker, id, mut events) = c
+            .exec(
+                "a",
+                vec!["true".into()],
+                "exec".into(),
+                vec![],
+                Duration::from_secs(5),
+            )
+            .await
+            .unwrap();
+        assert_eq!(broker, "b1");
+        // Link 2 (another broker) forges the result: dropped.
+        assert!(!c.deliver(2, id, ExecEvent::Exit(0), true));
+        // The real broker's answer gets through.
+        assert!(c.deliver(1, id, ExecEvent::Exit(3), true));
+        assert_eq!(events.recv().await, Some(ExecEvent::Exit(3)));
     }
 
     #[test]
