@@ -94,6 +94,8 @@ pub struct Detail {
     pub broker_hold_cpu_percent: Option<f64>,
     /// Control's memory at the end, bytes.
     pub control_rss_bytes: Option<u64>,
+    /// Control's CPU during the scenario, seconds (what `commands` and `revoke` cost it).
+    pub control_cpu_seconds: Option<f64>,
     /// This process's memory at the end (the whole simulated fleet), bytes.
     pub simulator_rss_bytes: Option<u64>,
     /// This process's CPU during the scenario, seconds.

@@ -677,6 +677,7 @@ async fn drive(
     };
 
     let me_before = measure::sample(me)?;
+    let control_before = measure::sample(control.pid()).ok();
     let udp_before = UdpCounters::read();
     let started_at = time::OffsetDateTime::now_utc()
         .format(&time::format_description::well_known::Rfc3339)
@@ -699,7 +700,12 @@ async fn drive(
     })
     .await?;
     let me_end = measure::sample(me)?;
-    let control_rss = measure::sample(control.pid()).ok().map(|s| s.rss_bytes);
+    let control_end = measure::sample(control.pid()).ok();
+    let control_rss = control_end.map(|s| s.rss_bytes);
+    let control_cpu = match (control_before, control_end) {
+        (Some(b), Some(e)) => Some(round3(e.cpu_seconds - b.cpu_seconds)),
+        _ => None,
+    };
     let udp_drops = UdpCounters::read().since(udp_before);
     udp.drops = udp_drops;
     if udp_drops.rcvbuf_errors > 0 {
@@ -793,6 +799,7 @@ async fn drive(
             broker_cpu_per_handshake_us: head.broker_cpu_per_handshake_us,
             broker_hold_cpu_percent: head.broker_hold_cpu_percent,
             control_rss_bytes: control_rss,
+            control_cpu_seconds: control_cpu,
             simulator_rss_bytes: Some(me_end.rss_bytes),
             simulator_cpu_seconds: Some(round3(me_end.cpu_seconds - me_before.cpu_seconds)),
             enrolled_this_run,
