@@ -100,6 +100,11 @@ pub async fn serve(
                 }
             },
         };
+        // Small writes (NDJSON command output, channel frames) go out at once instead of
+        // waiting out Nagle against the peer's delayed ACK (~40 ms each).
+        if let Err(e) = tcp.set_nodelay(true) {
+            debug!(%remote, error = %e, "cannot set TCP_NODELAY");
+        }
         let acceptor = acceptor.clone();
         let app = app.clone();
         let metrics = metrics.clone();
