@@ -178,7 +178,8 @@ pub struct RunArgs {
     #[arg(long, env = env::CONCURRENCY, value_parser = clap::value_parser!(u64).range(1..).map(|v| v as usize))]
     pub concurrency: Option<usize>,
 
-    /// Write the JSON report here (it is also printed).
+    /// Write the JSON report here (a summary is also printed), and next to it the same
+    /// report as a page with charts (FILE with the extension `.html`).
     #[arg(long, env = env::REPORT)]
     pub report: Option<PathBuf>,
 

@@ -27,6 +27,7 @@ use clap::Parser;
 mod baseline;
 mod cli;
 mod fleet;
+mod html;
 mod measure;
 mod ops;
 mod pool;
@@ -77,6 +78,12 @@ async fn run(args: cli::RunArgs) -> anyhow::Result<()> {
         std::fs::write(path, format!("{json}\n"))
             .map_err(|e| anyhow::anyhow!("writing {}: {e}", path.display()))?;
         println!("report: {}", path.display());
+        // The same report as a page with charts, next to it.
+        let page_path = path.with_extension("html");
+        let page = html::render(&serde_json::to_value(&report)?);
+        std::fs::write(&page_path, page)
+            .map_err(|e| anyhow::anyhow!("writing {}: {e}", page_path.display()))?;
+        println!("report page: {}", page_path.display());
     }
     println!("{}", report.summary());
     Ok(())

@@ -70,6 +70,8 @@ fn run(args: &[&str], extra: &[&str]) -> serde_json::Value {
         std::thread::sleep(Duration::from_millis(100));
     };
     assert!(status.success(), "tether-loadtest failed: {status}");
+    let page = std::fs::read_to_string(report_path.with_extension("html")).expect("report page");
+    assert!(page.contains("<svg"), "the page has charts");
 
     serde_json::from_slice(&std::fs::read(&report_path).expect("report written"))
         .expect("report is JSON")
