@@ -262,7 +262,12 @@ fn check_binding(binding: &PlatformBinding) -> Result<(), ApiError> {
 }
 
 /// Record `event` as refused with `e`'s code (failed for a 5xx) and return `e`.
-async fn refuse(s: &AppState, event: AuditEvent, e: ApiError, now: UnixSeconds) -> ApiError {
+pub(crate) async fn refuse(
+    s: &AppState,
+    event: AuditEvent,
+    e: ApiError,
+    now: UnixSeconds,
+) -> ApiError {
     let outcome = if e.status.is_server_error() {
         Outcome::Failed
     } else {

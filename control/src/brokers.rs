@@ -25,8 +25,8 @@ use tether_proto::cluster::{
 use tracing::{info, warn};
 
 use crate::api::{json_rejection, ApiError, AppState};
-use crate::audit::{self, action, Actor, AuditEvent, Outcome};
-use crate::enroll::{internal, record_refusal, rfc3339, valid_appliance_id};
+use crate::audit::{self, action, Actor, AuditEvent};
+use crate::enroll::{internal, rfc3339, valid_appliance_id};
 use crate::operators::{authorize, Role};
 use crate::server::PeerCertificate;
 use crate::store::{BrokerRefusal, BrokerStatus, Store, StoreError, UnixSeconds};
@@ -117,7 +117,8 @@ pub async fn addresses(s: &AppState) -> Vec<String> {
     if !s.config.brokers.is_empty() {
         return s.config.brokers.clone();
     }
-    let mut out: Vec<String> = s.cluster.links().into_iter().map(|l| l.quic_addr).collect();
+    // Runs on every enrollment: only the addresses, no per-session counting.
+    let mut out = s.cluster.quic_addrs();
     match s.store.list_brokers().await {
         Ok(all) => {
             for b in all {
@@ -317,15 +318,8 @@ fn credential(name: &str, issued: &crate::ca::Issued, s: &AppState) -> BrokerCre
 }
 
 async fn refused(s: &AppState, event: AuditEvent, e: ApiError, now: UnixSeconds) -> ApiError {
-    let outcome = if e.status.is_server_error() {
-        Outcome::Failed
-    } else {
-        Outcome::Refused
-    };
-    let event = event.with_outcome(outcome).with("code", e.code);
     warn!(action = %event.action, target = %event.target, code = e.code, "broker request refused");
-    record_refusal(s, &event, now).await;
-    e
+    crate::appliances::refuse(s, event, e, now).await
 }
 
 /// `POST /v1/brokers/enroll` (no client certificate; the bundle's token).

@@ -205,6 +205,18 @@ impl Cluster {
         out
     }
 
+    /// Where agents reach the brokers whose channel is up, by name (cheap: no session
+    /// counts, unlike [`Cluster::links`]).
+    pub fn quic_addrs(&self) -> Vec<String> {
+        let links = lock(&self.links);
+        let mut named: Vec<(&String, &Link)> = links.iter().collect();
+        named.sort_by(|a, b| a.0.cmp(b.0));
+        named
+            .into_iter()
+            .map(|(_, l)| l.quic_addr.clone())
+            .collect()
+    }
+
     /// Queue `msg` for every connected broker (renewal generations).
     pub fn broadcast(&self, msg: ToBroker) {
         for (name, link) in lock(&self.links).iter() {

@@ -28,7 +28,7 @@ use tracing::info;
 use crate::api::{json_rejection, ApiError, AppState};
 use crate::audit::{self, action, AuditEvent, Outcome};
 use crate::cluster::ExecEvent;
-use crate::enroll::{internal, record_refusal, valid_appliance_id};
+use crate::enroll::{internal, valid_appliance_id};
 use crate::metrics::Reason;
 use crate::operators::{authorize, Role};
 use crate::server::PeerCertificate;
@@ -43,6 +43,15 @@ pub const MAX_TIMEOUT: Duration = Duration::from_secs(3600);
 pub const DEADLINE_GRACE: Duration = Duration::from_secs(3);
 /// Most argv entries.
 pub const MAX_ARGS: usize = 256;
+/// Failure codes counted under their own label in `tether_control_commands_total`.
+const OUTCOME_LABELS: [&str; 6] = [
+    "timed_out",
+    "connection_lost",
+    "broker_lost",
+    "offline",
+    "cancelled",
+    "output_overflow",
+];
 
 /// Body of `POST /v1/appliances/{id}/exec`.
 #[derive(Clone, Debug, Deserialize, utoipa::ToSchema)]
@@ -133,13 +142,11 @@ pub async fn exec(
         let s = s.clone();
         let event = refused_event.clone();
         async move {
-            let event = event.with_outcome(Outcome::Refused).with("code", e.code);
-            record_refusal(&s, &event, now).await;
             s.metrics
                 .commands
                 .get_or_create(&Reason { reason: e.code })
                 .inc();
-            e
+            crate::appliances::refuse(&s, event, e, now).await
         }
     };
     if !valid_appliance_id(&id) {
@@ -279,31 +286,27 @@ pub async fn exec(
                 }
             }
         };
-        let (outcome, reason) = match &last {
-            ExecLine::Exit { .. } => ("exit".to_owned(), "exit"),
-            ExecLine::Failed { code, .. } => (code.clone(), "failed"),
-            _ => ("unknown".to_owned(), "failed"),
-        };
         let mut end = AuditEvent::success(op.actor(), action::APPLIANCE_EXEC, &target)
             .with("broker", broker.as_str())
             .with("command_id", command_id as i64);
-        match &last {
-            ExecLine::Exit { code } => end = end.with("exit_code", *code as i64),
+        // The metric label: `exit`, a known failure code, or `failed` for anything else
+        // (an agent's own codes must not grow the label set without bound).
+        let label = match &last {
             ExecLine::Failed { code, .. } => {
                 end = end
                     .with_outcome(Outcome::Failed)
-                    .with("code", code.as_str())
+                    .with("code", code.as_str());
+                OUTCOME_LABELS
+                    .iter()
+                    .find(|l| **l == code.as_str())
+                    .copied()
+                    .unwrap_or("failed")
             }
-            _ => {}
-        }
-        let label: &'static str = match outcome.as_str() {
-            "exit" => "exit",
-            "timed_out" => "timed_out",
-            "connection_lost" => "connection_lost",
-            "broker_lost" => "broker_lost",
-            "offline" => "offline",
-            "cancelled" => "cancelled",
-            _ => reason,
+            ExecLine::Exit { code } => {
+                end = end.with("exit_code", *code as i64);
+                "exit"
+            }
+            ExecLine::Started { .. } | ExecLine::Output { .. } => "failed",
         };
         s.metrics
             .commands

@@ -237,11 +237,6 @@ impl Cluster {
     }
 }
 
-/// Wait until `broker` holds a session for `id` and no other; returns its row.
-pub async fn session_on(broker: &BrokerProc, id: &str) -> Value {
-    broker.wait_session(id).await
-}
-
 /// Time from `start` until `f` holds (polling every 2 ms), bounded by 10 s.
 pub async fn time_until<F, Fut>(start: Instant, mut f: F) -> Duration
 where
