@@ -157,6 +157,9 @@ pub fn start_fleet(
                         let _ = tx.send(FleetEvent::Connected {
                             index,
                             first_connect,
+                            since_start: started.elapsed(),
+                            broker: server,
+                            at: Instant::now(),
                         });
                         tokio::select! {
                             e = conn.closed() => {

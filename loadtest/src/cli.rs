@@ -51,6 +51,10 @@ pub mod env {
     pub const REVOKE: &str = "TETHER_LOADTEST_REVOKE";
     /// `--revoke-concurrency`.
     pub const REVOKE_CONCURRENCY: &str = "TETHER_LOADTEST_REVOKE_CONCURRENCY";
+    /// `--rejoin-delay`.
+    pub const REJOIN_DELAY: &str = "TETHER_LOADTEST_REJOIN_DELAY";
+    /// `--drain-jitter`.
+    pub const DRAIN_JITTER: &str = "TETHER_LOADTEST_DRAIN_JITTER";
 }
 
 /// Default of `--duration`: how long `steady` holds the fleet.
@@ -58,8 +62,15 @@ pub const DEFAULT_DURATION: &str = "30s";
 /// Default of `--concurrency` for `steady`: what the broker admits without refusing
 /// (`storm` has no default limit: the storm is its subject).
 pub const DEFAULT_STEADY_CONCURRENCY: usize = 1024;
-/// Default of `--brokers`.
+/// Default of `--brokers` (`drain` needs a second broker to go to: 2 there).
 pub const DEFAULT_BROKERS: usize = 1;
+/// Default of `--brokers` for `drain`.
+pub const DEFAULT_DRAIN_BROKERS: usize = 2;
+/// Default of `--rejoin-delay`: the longest a kicked appliance waits before coming back.
+pub const DEFAULT_REJOIN_DELAY: &str = "1s";
+/// Default of `--drain-jitter`: the brokers' GoAway reconnect jitter (the broker's own
+/// default).
+pub const DEFAULT_DRAIN_JITTER: &str = "5s";
 /// Default of `--client-endpoints`: QUIC endpoints (UDP sockets) the fleet shares, one
 /// per core of this machine's usual size.
 pub const DEFAULT_CLIENT_ENDPOINTS: usize = 2;
@@ -117,6 +128,15 @@ pub enum Scenario {
     /// Connect every appliance, then revoke --revoke of them through control's API;
     /// measures revocation to session close and checks they cannot connect again.
     Revoke,
+    /// Connect every appliance, then for --duration disconnect --rate random ones per
+    /// second (a clean close, as a reboot) and bring each back after up to
+    /// --rejoin-delay; measures reconnect times and that the brokers' session counts
+    /// match the fleet's afterwards.
+    Churn,
+    /// Connect every appliance over --brokers (at least 2), then drain the first broker
+    /// (SIGTERM: GoAway with up to --drain-jitter of delay); measures how fast its
+    /// appliances come back on the others and that none is lost.
+    Drain,
 }
 
 impl RunArgs {
@@ -124,9 +144,19 @@ impl RunArgs {
     pub fn effective_concurrency(&self) -> Option<usize> {
         self.concurrency.or(match self.scenario {
             Scenario::Storm => None,
-            Scenario::Steady | Scenario::Commands | Scenario::Revoke => {
-                Some(DEFAULT_STEADY_CONCURRENCY)
-            }
+            Scenario::Steady
+            | Scenario::Commands
+            | Scenario::Revoke
+            | Scenario::Churn
+            | Scenario::Drain => Some(DEFAULT_STEADY_CONCURRENCY),
+        })
+    }
+
+    /// `--brokers`, or the scenario's default.
+    pub fn effective_brokers(&self) -> usize {
+        self.brokers.unwrap_or(match self.scenario {
+            Scenario::Drain => DEFAULT_DRAIN_BROKERS,
+            _ => DEFAULT_BROKERS,
         })
     }
 }
@@ -144,6 +174,8 @@ impl Scenario {
             Scenario::Steady => "steady",
             Scenario::Commands => "commands",
             Scenario::Revoke => "revoke",
+            Scenario::Churn => "churn",
+            Scenario::Drain => "drain",
         }
     }
 }
@@ -168,9 +200,9 @@ pub struct RunArgs {
     #[arg(long, env = env::DURATION, default_value = DEFAULT_DURATION, value_parser = humantime::parse_duration)]
     pub duration: Duration,
 
-    /// Brokers to start; appliances spread over them.
-    #[arg(long, env = env::BROKERS, default_value_t = DEFAULT_BROKERS, value_parser = clap::value_parser!(u64).range(1..=16).map(|v| v as usize))]
-    pub brokers: usize,
+    /// Brokers to start; appliances spread over them [default: 1; 2 for drain].
+    #[arg(long, env = env::BROKERS, value_parser = clap::value_parser!(u64).range(1..=16).map(|v| v as usize))]
+    pub brokers: Option<usize>,
 
     /// At most this many appliances connecting at the same time (a permit is held from
     /// an agent's start to its first session) [default: all at once for storm, 1024 for
@@ -228,9 +260,19 @@ pub struct RunArgs {
     #[arg(long, env = env::NO_PROGRESS)]
     pub no_progress: bool,
 
-    /// `commands`: commands per second, spread over random connected appliances.
+    /// `commands`: commands per second, spread over random connected appliances;
+    /// `churn`: appliances disconnected per second.
     #[arg(long, env = env::RATE, default_value_t = DEFAULT_RATE, value_parser = parse_rate)]
     pub rate: f64,
+
+    /// `churn`: a disconnected appliance comes back after a random delay up to this.
+    #[arg(long, env = env::REJOIN_DELAY, default_value = DEFAULT_REJOIN_DELAY, value_parser = humantime::parse_duration)]
+    pub rejoin_delay: Duration,
+
+    /// `drain`: the brokers tell drained appliances to reconnect after a random delay up
+    /// to this (GoAway's jitter).
+    #[arg(long, env = env::DRAIN_JITTER, default_value = DEFAULT_DRAIN_JITTER, value_parser = humantime::parse_duration)]
+    pub drain_jitter: Duration,
 
     /// `commands`: at most this many commands waiting for their answer at once (a command
     /// due while all are busy is skipped and counted as `exec_in_flight_limit`).
@@ -298,7 +340,16 @@ mod tests {
         assert_eq!(args.scenario, Scenario::Storm);
         assert_eq!(args.appliances, 10);
         assert_eq!(args.duration, Duration::from_secs(30));
-        assert_eq!(args.brokers, DEFAULT_BROKERS);
+        assert_eq!(args.effective_brokers(), DEFAULT_BROKERS);
+        let drain = RunArgs {
+            scenario: Scenario::Drain,
+            ..args.clone()
+        };
+        assert_eq!(drain.effective_brokers(), DEFAULT_DRAIN_BROKERS);
+        assert_eq!(
+            drain.effective_concurrency(),
+            Some(DEFAULT_STEADY_CONCURRENCY)
+        );
         assert_eq!(args.concurrency, None);
         assert_eq!(args.effective_concurrency(), None);
         let steady = RunArgs {

@@ -5,6 +5,10 @@
 //! what matters to a scenario goes to one collector channel as [`FleetEvent`]s. An
 //! optional semaphore bounds how many appliances are connecting at once: an appliance holds
 //! a permit from its start to its first session.
+//!
+//! `churn` kicks appliances ([`Fleet::kick`]): the appliance stops its agent (the session
+//! closes as `Normal`, as when an appliance reboots), waits a random delay up to
+//! [`FleetOptions::rejoin_delay`], and starts a fresh agent with the same credential.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -12,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use tether_agent::{Agent, AgentConfig, AgentEvent, Credentials, DisconnectReason};
-use tokio::sync::{broadcast, mpsc, Semaphore};
+use tokio::sync::{broadcast, mpsc, Notify, Semaphore};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
@@ -73,6 +77,21 @@ pub enum FleetEvent {
         index: usize,
         /// Start → first `Connected`, the first time only.
         first_connect: Option<Duration>,
+        /// From this agent's start (the appliance's start, or its restart after a kick)
+        /// to this session, backoff and `GoAway` delays included.
+        since_start: Duration,
+        /// The broker holding the session.
+        broker: SocketAddr,
+        /// When the appliance's task saw it.
+        at: Instant,
+    },
+    /// Appliance `index` closed its session because it was kicked ([`Fleet::kick`]); it
+    /// comes back after its rejoin delay.
+    Left {
+        /// Index into the fleet.
+        index: usize,
+        /// When its agent had stopped.
+        at: Instant,
     },
     /// A session or an attempt of appliance `index` ended (not counted after stop).
     Disconnected {
@@ -141,6 +160,8 @@ pub struct FleetOptions {
     pub agent: AgentConfig,
     /// At most this many appliances connecting at once.
     pub concurrency: Option<usize>,
+    /// A kicked appliance starts again after a random delay in `[0, this]`.
+    pub rejoin_delay: Duration,
 }
 
 /// A running fleet.
@@ -148,6 +169,8 @@ pub struct FleetOptions {
 pub struct Fleet {
     stop: CancellationToken,
     tasks: JoinSet<()>,
+    /// One per appliance (empty for the baseline's clients).
+    kicks: Vec<Arc<Notify>>,
     /// What the appliances report.
     pub events: mpsc::UnboundedReceiver<FleetEvent>,
 }
@@ -159,7 +182,10 @@ impl Fleet {
         let (tx, events) = mpsc::unbounded_channel();
         let permits = opts.concurrency.map(|n| Arc::new(Semaphore::new(n)));
         let mut tasks = JoinSet::new();
+        let mut kicks = Vec::with_capacity(creds.len());
         for (index, creds) in creds.into_iter().enumerate() {
+            let kick = Arc::new(Notify::new());
+            kicks.push(kick.clone());
             let mut brokers = opts.brokers.clone();
             let len = brokers.len().max(1);
             brokers.rotate_left(index % len);
@@ -173,13 +199,29 @@ impl Fleet {
                 permits: permits.clone(),
                 tx: tx.clone(),
                 stop: stop.child_token(),
+                kick,
+                rejoin_delay: opts.rejoin_delay,
             };
             tasks.spawn(appliance.run());
         }
         Fleet {
             stop,
             tasks,
+            kicks,
             events,
+        }
+    }
+
+    /// Make appliance `index` close its session and come back after its rejoin delay
+    /// (ignored if it is not running; a kick while it is away is kept for its next
+    /// session). Returns whether the fleet has such an appliance.
+    pub fn kick(&self, index: usize) -> bool {
+        match self.kicks.get(index) {
+            Some(k) => {
+                k.notify_one();
+                true
+            }
+            None => false,
         }
     }
 
@@ -192,6 +234,7 @@ impl Fleet {
         Fleet {
             stop,
             tasks,
+            kicks: Vec::new(),
             events,
         }
     }
@@ -224,29 +267,62 @@ struct Appliance {
     permits: Option<Arc<Semaphore>>,
     tx: mpsc::UnboundedSender<FleetEvent>,
     stop: CancellationToken,
+    kick: Arc<Notify>,
+    rejoin_delay: Duration,
+}
+
+/// How one agent's life ended.
+enum Life {
+    /// The fleet is stopping, or the agent could not go on.
+    Over,
+    /// Kicked: start a fresh agent after the rejoin delay.
+    Kicked,
 }
 
 impl Appliance {
     async fn run(self) {
-        let Appliance {
-            index,
-            creds,
-            endpoint,
-            brokers,
-            agent,
-            permits,
-            tx,
-            stop,
-        } = self;
-        let mut permit = match permits {
+        let mut permit = match &self.permits {
             Some(p) => tokio::select! {
-                p = p.acquire_owned() => p.ok(),
-                _ = stop.cancelled() => return,
+                p = p.clone().acquire_owned() => p.ok(),
+                _ = self.stop.cancelled() => return,
             },
             None => None,
         };
+        let mut first = true;
+        loop {
+            match self.life(&mut permit, &mut first).await {
+                Life::Over => return,
+                Life::Kicked => {
+                    let _ = self.tx.send(FleetEvent::Left {
+                        index: self.index,
+                        at: Instant::now(),
+                    });
+                    let max = self.rejoin_delay.as_millis() as u64;
+                    let delay = Duration::from_millis(fastrand::u64(0..=max));
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => {}
+                        _ = self.stop.cancelled() => return,
+                    }
+                }
+            }
+        }
+    }
+
+    /// Run one agent until the fleet stops or the appliance is kicked.
+    async fn life(
+        &self,
+        permit: &mut Option<tokio::sync::OwnedSemaphorePermit>,
+        first: &mut bool,
+    ) -> Life {
+        let index = self.index;
+        let tx = &self.tx;
         let started = Instant::now();
-        let agent = match Agent::new(agent, creds, endpoint, brokers) {
+        let agent = match Agent::new(
+            self.agent.clone(),
+            self.creds.clone(),
+            self.endpoint.clone(),
+            self.brokers.clone(),
+        ) {
             Ok(a) => a,
             Err(e) => {
                 tracing::warn!(index, error = %e, "agent not built");
@@ -254,24 +330,33 @@ impl Appliance {
                     index,
                     kind: "agent_not_built".into(),
                 });
-                return;
+                return Life::Over;
             }
         };
         let mut events = agent.events();
+        // Cancelled by the fleet's stop, or by a kick.
+        let stop = self.stop.child_token();
         let run = agent.run(stop.clone());
         tokio::pin!(run);
-        let mut first = true;
         let mut connected = false;
+        let mut kicked = false;
+        let mut done = false;
         loop {
             tokio::select! {
                 biased;
                 ev = events.recv() => match ev {
-                    Ok(AgentEvent::Connected { .. }) => {
+                    Ok(AgentEvent::Connected { broker, .. }) => {
                         let first_connect = first.then(|| started.elapsed());
-                        first = false;
+                        *first = false;
                         connected = true;
                         permit.take();
-                        let _ = tx.send(FleetEvent::Connected { index, first_connect });
+                        let _ = tx.send(FleetEvent::Connected {
+                            index,
+                            first_connect,
+                            since_start: started.elapsed(),
+                            broker,
+                            at: Instant::now(),
+                        });
                     }
                     Ok(AgentEvent::Disconnected { reason, .. }) => {
                         if !stop.is_cancelled() {
@@ -287,16 +372,29 @@ impl Appliance {
                     Ok(AgentEvent::Stopped) | Err(broadcast::error::RecvError::Closed) => break,
                     Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
                 },
+                _ = self.kick.notified(), if !kicked => {
+                    kicked = true;
+                    stop.cancel();
+                }
                 r = &mut run => {
                     if let Err(e) = r {
                         tracing::warn!(index, error = %e, "agent failed");
                         let _ = tx.send(FleetEvent::Failed { index, kind: "agent_failed".into() });
+                        return Life::Over;
                     }
-                    return;
+                    done = true;
+                    break;
                 }
             }
         }
-        let _ = run.await;
+        if !done {
+            let _ = run.await;
+        }
+        if kicked && !self.stop.is_cancelled() {
+            Life::Kicked
+        } else {
+            Life::Over
+        }
     }
 }
 

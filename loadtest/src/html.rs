@@ -216,7 +216,8 @@ figure {{ margin: 1.5rem 0; }} figcaption {{ font-weight: 600; margin-bottom: .2
 
     // Latency distributions: the percentiles the run measured.
     out.push_str("<h2>Latency</h2>\n");
-    let d = &report["detail"];
+    // The report's detail is flattened into the top level.
+    let d = report;
     let charts = [
         bar_chart(
             "Connect time (start → first session)",
@@ -242,6 +243,26 @@ figure {{ margin: 1.5rem 0; }} figcaption {{ font-weight: 600; margin-bottom: .2
             &[
                 ("p50", num(&report["revoke_to_close_p50_ms"])),
                 ("p99", num(&report["revoke_to_close_p99_ms"])),
+            ],
+        ),
+        bar_chart(
+            "Churn: reconnect (fresh agent → session)",
+            "ms",
+            &[
+                ("p50", num(&d["churn"]["reconnect_p50_ms"])),
+                ("p90", num(&d["churn"]["reconnect_p90_ms"])),
+                ("p99", num(&d["churn"]["reconnect_p99_ms"])),
+                ("max", num(&d["churn"]["reconnect_max_ms"])),
+            ],
+        ),
+        bar_chart(
+            "Drain: SIGTERM → session on another broker",
+            "ms",
+            &[
+                ("p50", num(&d["drain"]["rejoin_p50_ms"])),
+                ("p90", num(&d["drain"]["rejoin_p90_ms"])),
+                ("p99", num(&d["drain"]["rejoin_p99_ms"])),
+                ("max", num(&d["drain"]["rejoin_max_ms"])),
             ],
         ),
     ];
@@ -312,12 +333,12 @@ mod tests {
             "revoked_reconnects_accepted": null,
             "errors": {"timed_out": 2},
             "machine": {"cores": 2, "memory_bytes": 25276514304u64, "kernel": "6.x <b>", "load_average_1m": 1.5},
-            "detail": {"connect_p90_ms": 30.0, "connect_max_ms": 55.0,
-                "samples": [
-                    {"t": 0.0, "connected": 0, "broker_rss_bytes": 1048576, "broker_cpu_seconds": 0.0, "simulator_rss_bytes": 2097152},
-                    {"t": 1.0, "connected": 60, "broker_rss_bytes": 3145728, "broker_cpu_seconds": 0.5, "simulator_rss_bytes": 4194304},
-                    {"t": 2.0, "connected": 100, "broker_rss_bytes": 4194304, "broker_cpu_seconds": 0.7, "simulator_rss_bytes": 5242880}
-                ]},
+            "connect_p90_ms": 30.0, "connect_max_ms": 55.0,
+            "samples": [
+                {"t": 0.0, "connected": 0, "broker_rss_bytes": 1048576, "broker_cpu_seconds": 0.0, "simulator_rss_bytes": 2097152},
+                {"t": 1.0, "connected": 60, "broker_rss_bytes": 3145728, "broker_cpu_seconds": 0.5, "simulator_rss_bytes": 4194304},
+                {"t": 2.0, "connected": 100, "broker_rss_bytes": 4194304, "broker_cpu_seconds": 0.7, "simulator_rss_bytes": 5242880}
+            ],
             "baseline": {"handshakes_per_sec": 1000.0, "broker_bytes_per_conn": 36000.0},
             "ratios": {"handshakes_per_sec": 0.9, "broker_bytes_per_conn": 1.139}
         });
@@ -338,7 +359,7 @@ mod tests {
 
     #[test]
     fn a_report_without_samples_still_renders() {
-        let page = render(&json!({"scenario": "storm", "errors": {}, "detail": {}}));
+        let page = render(&json!({"scenario": "storm", "errors": {}}));
         assert!(page.contains("No errors."));
         assert!(page.contains("Too few samples to draw."));
     }

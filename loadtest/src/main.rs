@@ -13,6 +13,7 @@
 //! - [`fleet`]: the virtual appliances and the events they report.
 //! - [`scenario`]: one run, sampling, the report's numbers; `storm` and `steady`.
 //! - [`ops`]: `commands` and `revoke`, through control's API as an operator.
+//! - [`motion`]: `churn` and `drain`, the fleet moving between sessions and brokers.
 //! - [`baseline`]: `--baseline`, the bare quinn server and clients.
 //! - [`measure`]: `/proc` readings (RSS, CPU, UDP drops), the machine, limits.
 //! - [`report`]: the JSON report.
@@ -29,6 +30,7 @@ mod cli;
 mod fleet;
 mod html;
 mod measure;
+mod motion;
 mod ops;
 mod pool;
 mod progress;

@@ -28,6 +28,19 @@ pub fn sample(pid: u32) -> anyhow::Result<ProcSample> {
     })
 }
 
+/// Whether process `pid` runs (exists and is not a zombie waiting to be reaped).
+pub fn is_alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state follows the command name, which is in parentheses and may hold any
+        // character: read it after the last `)`.
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.trim_start().chars().next())
+            .is_some_and(|state| state != 'Z' && state != 'X'),
+        Err(_) => false,
+    }
+}
+
 /// Sum of readings of several processes.
 pub fn sample_all(pids: &[u32]) -> anyhow::Result<ProcSample> {
     let mut total = ProcSample::default();
@@ -170,6 +183,12 @@ pub fn raise_nofile() -> anyhow::Result<(u64, u64, u64)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn this_process_is_alive_and_a_made_up_one_is_not() {
+        assert!(is_alive(std::process::id()));
+        assert!(!is_alive(u32::MAX - 1));
+    }
 
     #[test]
     fn rss_from_status() {

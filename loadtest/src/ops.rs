@@ -198,6 +198,10 @@ pub struct OpsOutcome {
     pub commands: Option<CommandsDetail>,
     /// `revoke`.
     pub revoke: Option<RevokeDetail>,
+    /// `churn`.
+    pub churn: Option<crate::motion::ChurnDetail>,
+    /// `drain`.
+    pub drain: Option<crate::motion::DrainDetail>,
     /// Errors by kind.
     pub errors: BTreeMap<String, u64>,
 }
@@ -219,7 +223,7 @@ pub struct Ctx<'a> {
 /// A sampling hook: called once per tick with the tally.
 pub type Sampler<'a> = dyn FnMut(&Tally) -> anyhow::Result<()> + 'a;
 
-fn hist() -> Histogram<u64> {
+pub(crate) fn hist() -> Histogram<u64> {
     Histogram::new_with_bounds(1, MAX_US, 3).expect("valid bounds")
 }
 
@@ -228,11 +232,11 @@ fn show(v: Option<f64>) -> String {
     v.map(|v| format!("{v:.1}")).unwrap_or_else(|| "-".into())
 }
 
-fn q(h: &Histogram<u64>, quantile: f64) -> Option<f64> {
+pub(crate) fn q(h: &Histogram<u64>, quantile: f64) -> Option<f64> {
     (!h.is_empty()).then(|| ms(h.value_at_quantile(quantile)))
 }
 
-fn us(d: Duration) -> u64 {
+pub(crate) fn us(d: Duration) -> u64 {
     (d.as_micros() as u64).clamp(1, MAX_US)
 }
 
@@ -588,6 +592,9 @@ mod tests {
         t.record(FleetEvent::Connected {
             index: 737,
             first_connect: Some(Duration::from_millis(1)),
+            since_start: Duration::from_millis(1),
+            broker: crate::scenario::tests::BROKER,
+            at: Instant::now(),
         });
         for _ in 0..20 {
             assert_eq!(pick_connected(&t), Some(737));

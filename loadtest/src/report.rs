@@ -114,6 +114,10 @@ pub struct Detail {
     pub commands: Option<crate::ops::CommandsDetail>,
     /// `revoke`: what was revoked, closed, and refused again.
     pub revoke: Option<crate::ops::RevokeDetail>,
+    /// `churn`: disconnections, reconnect times, session counts at the end.
+    pub churn: Option<crate::motion::ChurnDetail>,
+    /// `drain`: the drained broker's appliances moving to the others.
+    pub drain: Option<crate::motion::DrainDetail>,
 }
 
 /// UDP buffers and drops.

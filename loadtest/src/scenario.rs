@@ -28,6 +28,12 @@ const MAX_CONNECT_US: u64 = 3_600_000_000;
 /// UDP buffer below which a storm is expected to drop packets (32 MiB).
 const WANTED_UDP_BUFFER: u64 = 32 * 1024 * 1024;
 
+/// How long a draining broker waits for its sessions to leave: GoAway's jitter, then
+/// ten seconds for the last ones to go.
+fn drain_timeout(args: &RunArgs) -> Duration {
+    args.drain_jitter + Duration::from_secs(10)
+}
+
 /// A started broker.
 struct Broker {
     guard: ChildGuard,
@@ -41,6 +47,9 @@ pub async fn run(args: &RunArgs, limits: Limits) -> anyhow::Result<Report> {
             "--baseline compares storm and steady only: the bare quinn server has no \
              commands or revocation"
         );
+    }
+    if args.scenario == Scenario::Drain && args.effective_brokers() < 2 {
+        bail!("drain moves the appliances of one broker to the others: give --brokers 2 or more");
     }
     if !args.spawn {
         bail!(
@@ -77,7 +86,7 @@ pub async fn run(args: &RunArgs, limits: Limits) -> anyhow::Result<Report> {
     let prepared = pool
         .prepare(
             &missing,
-            args.brokers,
+            args.effective_brokers(),
             args.scenario.needs_operator(),
             &progress,
         )
@@ -173,9 +182,10 @@ async fn run_spawned(
     };
 
     // Brokers.
-    let mut brokers = Vec::with_capacity(args.brokers);
-    let mut quic = Vec::with_capacity(args.brokers);
-    for b in 1..=args.brokers {
+    let nb = args.effective_brokers();
+    let mut brokers = Vec::with_capacity(nb);
+    let mut quic = Vec::with_capacity(nb);
+    for b in 1..=nb {
         let name = pool::broker_name(b);
         let bundle = prepared.broker_start(pool, &name, &control_url, run_dir)?;
         let mut broker_args: Vec<String> = vec![
@@ -189,6 +199,10 @@ async fn run_spawned(
             "json".into(),
             "--heartbeat-interval".into(),
             humantime::format_duration(args.heartbeat_interval).to_string(),
+            "--reconnect-jitter".into(),
+            humantime::format_duration(args.drain_jitter).to_string(),
+            "--drain-timeout".into(),
+            humantime::format_duration(drain_timeout(args)).to_string(),
         ];
         if let Some(bundle) = bundle {
             broker_args.push("--bundle".into());
@@ -312,6 +326,8 @@ pub struct Tally {
     errors: BTreeMap<String, u64>,
     /// Whether each appliance has a session.
     pub up: Vec<bool>,
+    /// The broker of each appliance's latest session.
+    pub on: Vec<Option<SocketAddr>>,
     /// How many have one.
     pub current: usize,
     first_done: usize,
@@ -327,6 +343,7 @@ impl Tally {
             connect: Histogram::new_with_bounds(1, MAX_CONNECT_US, 3).expect("valid bounds"),
             errors: BTreeMap::new(),
             up: vec![false; n],
+            on: vec![None; n],
             current: 0,
             first_done: 0,
             failed: 0,
@@ -342,16 +359,27 @@ impl Tally {
         }
     }
 
+    /// Count an event the scenario caused (a kicked appliance back, a drained one moved):
+    /// a session coming up again is then not counted as a reconnect after a loss.
+    pub fn record_expected(&mut self, ev: FleetEvent) {
+        let before = self.reconnects;
+        self.record(ev);
+        self.reconnects = before;
+    }
+
     /// Count an event.
     pub fn record(&mut self, ev: FleetEvent) {
         match ev {
             FleetEvent::Connected {
                 index,
                 first_connect,
+                broker,
+                ..
             } => {
                 if !std::mem::replace(&mut self.up[index], true) {
                     self.current += 1;
                 }
+                self.on[index] = Some(broker);
                 match first_connect {
                     Some(d) => {
                         self.first_done += 1;
@@ -368,6 +396,7 @@ impl Tally {
                 }
                 *self.errors.entry(kind).or_default() += 1;
             }
+            FleetEvent::Left { index, .. } => self.expected_close(index),
             FleetEvent::Failed { kind, .. } => {
                 self.failed += 1;
                 *self.errors.entry(kind).or_default() += 1;
@@ -392,6 +421,9 @@ struct Phase {
     connected_at_end: usize,
     samples: Vec<Sample>,
     ops: crate::ops::OpsOutcome,
+    /// Whether the servers sampled at the end are those sampled before (not so after a
+    /// drain), so that memory per connection means something.
+    per_conn_comparable: bool,
 }
 
 /// The headline numbers of a [`Phase`] (also the `baseline` object of the report).
@@ -448,11 +480,14 @@ impl Phase {
             broker_rss_bytes: Some(rss),
             broker_rss_before_bytes: Some(self.before.rss_bytes),
             broker_rss_after_connect_bytes: Some(self.after_connect.rss_bytes),
-            broker_bytes_per_conn: (self.connected_at_end > 0).then(|| {
-                round3(
-                    rss.saturating_sub(self.before.rss_bytes) as f64 / self.connected_at_end as f64,
-                )
-            }),
+            broker_bytes_per_conn: (self.per_conn_comparable && self.connected_at_end > 0).then(
+                || {
+                    round3(
+                        rss.saturating_sub(self.before.rss_bytes) as f64
+                            / self.connected_at_end as f64,
+                    )
+                },
+            ),
             broker_cpu_seconds: Some(round3(self.end.cpu_seconds - self.before.cpu_seconds)),
             broker_cpu_per_handshake_us: (connected > 0).then(|| {
                 round3(
@@ -492,6 +527,7 @@ fn ratios(tether: &Headline, baseline: &Headline) -> serde_json::Value {
 
 /// Sample the servers `pids`, start a fleet of `n`, run the scenario's phases on it and
 /// stop it.
+#[allow(clippy::too_many_arguments)]
 async fn measure_phase(
     args: &RunArgs,
     n: usize,
@@ -499,6 +535,7 @@ async fn measure_phase(
     progress: &Progress,
     label: &str,
     ops_ctx: Option<&crate::ops::Ctx<'_>>,
+    movers: &[crate::motion::BrokerRef],
     start_fleet: impl FnOnce() -> anyhow::Result<Fleet>,
 ) -> anyhow::Result<Phase> {
     let me = std::process::id();
@@ -617,12 +654,67 @@ async fn measure_phase(
         }
         end = measure::sample_all(pids)?;
     }
+    let mut per_conn_comparable = true;
+    if !movers.is_empty() && args.scenario == Scenario::Churn {
+        let act_start = Instant::now();
+        let mut sample = |t: &Tally| -> anyhow::Result<()> {
+            samples.push(take_sample(start, t, pids, me, before)?);
+            Ok(())
+        };
+        let (detail, errors) = crate::motion::churn(
+            args.rate,
+            args.duration,
+            args.rejoin_delay,
+            movers,
+            &mut fleet,
+            &mut tally,
+            &mut tick,
+            &mut sample,
+            progress,
+        )
+        .await?;
+        hold_secs = Some(act_start.elapsed().as_secs_f64());
+        ops.churn = Some(detail);
+        ops.errors.extend(errors);
+        end = measure::sample_all(pids)?;
+    }
+    if !movers.is_empty() && args.scenario == Scenario::Drain {
+        // The drained broker exits: from here on only the others are sampled.
+        let rest: Vec<u32> = movers[1..].iter().map(|b| b.pid).collect();
+        let mut sample = |t: &Tally| -> anyhow::Result<()> {
+            samples.push(take_sample(start, t, &rest, me, before)?);
+            Ok(())
+        };
+        let (detail, errors) = crate::motion::drain(
+            args.drain_jitter,
+            drain_timeout(args),
+            movers,
+            &mut fleet,
+            &mut tally,
+            &mut tick,
+            &mut sample,
+            progress,
+        )
+        .await?;
+        ops.drain = Some(detail);
+        ops.errors.extend(errors);
+        end = measure::sample_all(&rest)?;
+        per_conn_comparable = false;
+    }
     // Drain what is queued, so errors up to now count.
     while let Ok(ev) = fleet.events.try_recv() {
         tally.record(ev);
     }
+    // One last sample, so a run shorter than the sampling period still has a line.
+    let alive: Vec<u32> = pids
+        .iter()
+        .copied()
+        .filter(|p| measure::is_alive(*p))
+        .collect();
+    samples.push(take_sample(start, &tally, &alive, me, before)?);
     let connected_at_end = tally.current;
     let left = fleet.stop(FLEET_STOP_GRACE).await;
+
     if left > 0 {
         eprintln!("{label}: {left} clients did not stop within {FLEET_STOP_GRACE:?}");
     }
@@ -636,6 +728,7 @@ async fn measure_phase(
         connected_at_end,
         samples,
         ops,
+        per_conn_comparable,
     })
 }
 
@@ -674,6 +767,7 @@ async fn drive(
         brokers: quic.to_vec(),
         agent: AgentConfig::default(),
         concurrency: args.effective_concurrency(),
+        rejoin_delay: args.rejoin_delay,
     };
 
     let me_before = measure::sample(me)?;
@@ -695,9 +789,26 @@ async fn drive(
         endpoints: &endpoints,
         brokers: quic,
     });
-    let tether = measure_phase(args, n, &pids, progress, "tether", ops_ctx.as_ref(), || {
-        Ok(Fleet::start(creds, &endpoints, &opts))
-    })
+    let movers: Vec<crate::motion::BrokerRef> = brokers
+        .iter()
+        .zip(quic)
+        .map(|(b, q)| crate::motion::BrokerRef {
+            name: b.guard.name().to_owned(),
+            quic: *q,
+            admin: b.admin,
+            pid: b.guard.pid(),
+        })
+        .collect();
+    let tether = measure_phase(
+        args,
+        n,
+        &pids,
+        progress,
+        "tether",
+        ops_ctx.as_ref(),
+        &movers,
+        || Ok(Fleet::start(creds, &endpoints, &opts)),
+    )
     .await?;
     let me_end = measure::sample(me)?;
     let control_end = measure::sample(control.pid()).ok();
@@ -723,6 +834,8 @@ async fn drive(
     }
     let commands = tether.ops.commands.clone();
     let revoke = tether.ops.revoke.clone();
+    let churn = tether.ops.churn.clone();
+    let drain = tether.ops.drain.clone();
 
     // The same scenario against the bare quinn server.
     let (baseline, ratios) = match (baseline_cert, baseline_creds) {
@@ -751,9 +864,16 @@ async fn drive(
                 server.pid()
             );
             let concurrency = args.effective_concurrency();
-            let phase = measure_phase(args, n, &[server.pid()], progress, "baseline", None, || {
-                crate::baseline::start_fleet(creds, &endpoints, addr, concurrency)
-            })
+            let phase = measure_phase(
+                args,
+                n,
+                &[server.pid()],
+                progress,
+                "baseline",
+                None,
+                &[],
+                || crate::baseline::start_fleet(creds, &endpoints, addr, concurrency),
+            )
             .await;
             server.stop(spawn::STOP_GRACE).await;
             let b = phase?.headline();
@@ -809,6 +929,8 @@ async fn drive(
             samples: tether.samples,
             commands,
             revoke,
+            churn,
+            drain,
         },
         baseline,
         ratios,
@@ -842,8 +964,14 @@ fn take_sample(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
+
+    /// A broker address for events.
+    pub(crate) const BROKER: SocketAddr = SocketAddr::V4(std::net::SocketAddrV4::new(
+        std::net::Ipv4Addr::LOCALHOST,
+        7443,
+    ));
 
     fn headline(rate: Option<f64>, per_conn: Option<f64>) -> Headline {
         Headline {
@@ -886,6 +1014,9 @@ mod tests {
         t.record(FleetEvent::Connected {
             index: 0,
             first_connect: Some(Duration::from_millis(5)),
+            since_start: Duration::from_millis(5),
+            broker: BROKER,
+            at: Instant::now(),
         });
         t.record(FleetEvent::Disconnected {
             index: 0,
@@ -896,6 +1027,9 @@ mod tests {
         t.record(FleetEvent::Connected {
             index: 0,
             first_connect: None,
+            since_start: Duration::from_millis(3),
+            broker: BROKER,
+            at: Instant::now(),
         });
         t.record(FleetEvent::Failed {
             index: 1,
@@ -906,6 +1040,15 @@ mod tests {
             (1, 1, 1, 1)
         );
         assert_eq!(t.errors.get("timed_out"), Some(&1));
+        assert_eq!(t.on[0], Some(BROKER));
+        // A kicked appliance leaving is not an error.
+        let errors = t.errors.clone();
+        t.record(FleetEvent::Left {
+            index: 0,
+            at: Instant::now(),
+        });
+        assert_eq!(t.current, 0);
+        assert_eq!(t.errors, errors);
         // Three significant digits.
         let p50 = t.quantile_ms(0.5).expect("one value");
         assert!((p50 - 5.0).abs() < 0.01, "{p50}");

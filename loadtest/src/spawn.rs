@@ -157,6 +157,15 @@ impl ChildGuard {
     }
 }
 
+/// SIGTERM `pid` without waiting (a broker drains on it); its [`ChildGuard`] still reaps
+/// it.
+pub fn terminate(pid: u32) {
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    );
+}
+
 /// Who waits for the ready line.
 type ReadySlot = Arc<std::sync::Mutex<Option<oneshot::Sender<serde_json::Value>>>>;
 

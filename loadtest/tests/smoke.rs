@@ -72,6 +72,12 @@ fn run(args: &[&str], extra: &[&str]) -> serde_json::Value {
     assert!(status.success(), "tether-loadtest failed: {status}");
     let page = std::fs::read_to_string(report_path.with_extension("html")).expect("report page");
     assert!(page.contains("<svg"), "the page has charts");
+    // The time series come from the report's per-second samples (flattened into the top
+    // level of the JSON): a page without them has read the wrong place.
+    assert!(
+        page.contains("<polyline"),
+        "the page has no chart over time"
+    );
 
     serde_json::from_slice(&std::fs::read(&report_path).expect("report written"))
         .expect("report is JSON")
@@ -176,4 +182,77 @@ fn revoked_appliances_are_closed_and_cannot_come_back() {
         "errors in the report: {report:#}"
     );
     assert!(report["command_rtt_p50_ms"].is_null());
+}
+
+#[test]
+fn churned_appliances_come_back_and_the_broker_counts_match() {
+    let report = run(
+        &[
+            "--scenario",
+            "churn",
+            "--appliances",
+            "100",
+            "--rate",
+            "20",
+            "--duration",
+            "2s",
+            "--rejoin-delay",
+            "200ms",
+        ],
+        &[],
+    );
+    assert_eq!(report["scenario"], "churn");
+    assert_eq!(report["connected"], 100, "report: {report:#}");
+    let churn = &report["churn"];
+    let kicks = churn["kicks"].as_u64().expect("kicks");
+    assert!(kicks >= 20, "churn: {churn:#}");
+    assert_eq!(churn["rejoined"], kicks, "churn: {churn:#}");
+    assert_eq!(churn["not_rejoined"], 0, "churn: {churn:#}");
+    assert!(churn["reconnect_p99_ms"].as_f64().is_some_and(|v| v > 0.0));
+    // Every kicked session closed on the broker: it counts exactly the fleet's.
+    assert_eq!(churn["broker_sessions_at_end"], 100, "churn: {churn:#}");
+    assert_eq!(churn["fleet_sessions_at_end"], 100, "churn: {churn:#}");
+    assert_eq!(report["connected_at_end"], 100, "report: {report:#}");
+    assert_eq!(
+        report["errors"],
+        serde_json::json!({}),
+        "errors in the report: {report:#}"
+    );
+}
+
+#[test]
+fn a_drained_broker_hands_every_appliance_to_the_other() {
+    let report = run(
+        &[
+            "--scenario",
+            "drain",
+            "--appliances",
+            "100",
+            "--drain-jitter",
+            "500ms",
+        ],
+        &[],
+    );
+    assert_eq!(report["scenario"], "drain");
+    assert_eq!(report["brokers"], 2, "drain starts two brokers by default");
+    assert_eq!(report["connected"], 100, "report: {report:#}");
+    let drain = &report["drain"];
+    let on_drained = drain["sessions"].as_u64().expect("sessions");
+    assert!(on_drained > 0, "drain: {drain:#}");
+    assert_eq!(drain["rejoined"], on_drained, "drain: {drain:#}");
+    assert_eq!(drain["not_rejoined"], 0, "drain: {drain:#}");
+    assert!(
+        drain["broker_exit_secs"].as_f64().is_some(),
+        "drain: {drain:#}"
+    );
+    // The whole fleet ends on the broker left, which counts exactly those sessions.
+    assert_eq!(drain["broker_sessions_at_end"], 100, "drain: {drain:#}");
+    assert_eq!(report["connected_at_end"], 100, "report: {report:#}");
+    // Memory per connection is not comparable once a broker is gone.
+    assert!(report["broker_bytes_per_conn"].is_null());
+    assert_eq!(
+        report["errors"],
+        serde_json::json!({}),
+        "errors in the report: {report:#}"
+    );
 }
