@@ -283,6 +283,37 @@ impl Cluster {
         ))
     }
 
+    /// Register broker `broker`'s link as [`run_link`] does after `Hello` (holding
+    /// `sessions`), without a network channel, and return the receiving end of its queue:
+    /// what the link's writer would send. For benches of the routing path in-process.
+    #[doc(hidden)]
+    pub fn attach_link(
+        &self,
+        broker: &str,
+        sessions: Vec<SessionReport>,
+    ) -> mpsc::Receiver<ToBroker> {
+        let (tx, rx) = mpsc::channel(LINK_QUEUE);
+        let link = Link {
+            id: self.next_id.fetch_add(1, Ordering::Relaxed) + 1,
+            tx,
+            quic_addr: String::new(),
+            connected_at: 0,
+            applied: Arc::new(AtomicU64::new(0)),
+            ended: CancellationToken::new(),
+        };
+        if let Some(old) = lock(&self.links).insert(broker.to_owned(), link) {
+            old.ended.cancel();
+        }
+        self.forget_broker(broker);
+        for r in sessions {
+            let appliance = r.appliance.clone();
+            if let Some(older) = self.session_up(broker, r) {
+                self.supersede(&appliance, older);
+            }
+        }
+        rx
+    }
+
     /// Forget command `id` and tell its broker to stop it (the caller went away).
     pub fn cancel(&self, id: u64) {
         let Some(inflight) = lock(&self.commands).remove(&id) else {
