@@ -76,6 +76,9 @@ pub struct BrokerInfo {
 pub struct BrokerList {
     /// Brokers by name.
     pub brokers: Vec<BrokerInfo>,
+    /// The allowlist's current version in the store: a connected broker whose
+    /// `allowlist_version` is this enforces every change made so far.
+    pub allowlist_version: u64,
 }
 
 /// Create broker `name` (or give a pending/revoked one a new bundle), recorded as done by
@@ -251,7 +254,11 @@ pub async fn list(
             }
         })
         .collect();
-    Ok(Json(BrokerList { brokers }))
+    let allowlist_version = s.store.allowlist_version().await.map_err(internal)?;
+    Ok(Json(BrokerList {
+        brokers,
+        allowlist_version: u64::try_from(allowlist_version).unwrap_or(0),
+    }))
 }
 
 /// `POST /v1/brokers/{name}/revoke` (admin).

@@ -11,6 +11,12 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 pub mod env {
     /// `--spawn`.
     pub const SPAWN: &str = "TETHER_LOADTEST_SPAWN";
+    /// `--control`.
+    pub const CONTROL: &str = "TETHER_LOADTEST_CONTROL";
+    /// `--config-dir`: the same variable as the `tether` CLI's.
+    pub const CONFIG_DIR: &str = "TETHER_CONFIG_DIR";
+    /// `--allow-non-loopback`.
+    pub const ALLOW_NON_LOOPBACK: &str = "TETHER_LOADTEST_ALLOW_NON_LOOPBACK";
     /// `--scenario`.
     pub const SCENARIO: &str = "TETHER_LOADTEST_SCENARIO";
     /// `--appliances`.
@@ -104,6 +110,8 @@ pub struct Cli {
 
 /// Subcommands.
 #[derive(Debug, Subcommand)]
+// Parsed once per process: the size of the larger variant does not matter.
+#[allow(clippy::large_enum_variant)]
 pub enum Command {
     /// Run a scenario and write a report.
     Run(RunArgs),
@@ -183,10 +191,27 @@ impl Scenario {
 /// `tether-loadtest run`.
 #[derive(Clone, Debug, Args)]
 pub struct RunArgs {
-    /// Start control and the brokers as child processes on 127.0.0.1 (the only mode so
-    /// far; they are stopped when the run ends, on Ctrl-C and on a panic).
-    #[arg(long, env = env::SPAWN)]
+    /// Start control and the brokers as child processes on 127.0.0.1 (they are stopped
+    /// when the run ends, on Ctrl-C and on a panic).
+    #[arg(long, env = env::SPAWN, conflicts_with = "control", required_unless_present = "control")]
     pub spawn: bool,
+
+    /// Run against the cluster of this control (its HTTPS URL) instead, as the operator
+    /// logged in under --config-dir: appliances are registered and enrolled through its
+    /// API, and the fleet connects to the brokers it lists. The brokers' memory and CPU
+    /// are not measured (null in the report); `drain` needs --spawn.
+    #[arg(long, env = env::CONTROL, value_name = "URL")]
+    pub control: Option<String>,
+
+    /// --control: the operator credential (`tether login` writes it) [default: the
+    /// platform config directory's `tether/`, as the `tether` CLI].
+    #[arg(long, env = env::CONFIG_DIR)]
+    pub config_dir: Option<PathBuf>,
+
+    /// --control: allow brokers on addresses other than loopback (load tests send traffic
+    /// only to 127.0.0.0/8 and ::1 unless told otherwise).
+    #[arg(long, env = env::ALLOW_NON_LOOPBACK)]
+    pub allow_non_loopback: bool,
 
     /// The scenario.
     #[arg(long, value_enum, env = env::SCENARIO)]

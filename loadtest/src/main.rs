@@ -14,6 +14,7 @@
 //! - [`scenario`]: one run, sampling, the report's numbers; `storm` and `steady`.
 //! - [`ops`]: `commands` and `revoke`, through control's API as an operator.
 //! - [`motion`]: `churn` and `drain`, the fleet moving between sessions and brokers.
+//! - [`remote`]: `--control URL`, a run against an existing cluster as an operator.
 //! - [`baseline`]: `--baseline`, the bare quinn server and clients.
 //! - [`measure`]: `/proc` readings (RSS, CPU, UDP drops), the machine, limits.
 //! - [`report`]: the JSON report.
@@ -34,6 +35,7 @@ mod motion;
 mod ops;
 mod pool;
 mod progress;
+mod remote;
 mod report;
 mod scenario;
 mod spawn;

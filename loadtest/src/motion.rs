@@ -3,7 +3,8 @@
 //! and its appliances move to the others).
 //!
 //! Both end with the same check: once the fleet has settled, the sessions the brokers
-//! count (`tether_sessions` on their admin listeners) must equal the sessions the fleet
+//! count (`tether_sessions` on their admin listeners, or control's `GET /v1/brokers`
+//! against an existing cluster) must equal the sessions the fleet
 //! holds. A broker that leaked a session, or lost one it should hold, shows as
 //! `session_count_mismatch`.
 
@@ -14,7 +15,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 use crate::fleet::{Fleet, FleetEvent};
-use crate::ops::{hist, q, us, Sampler};
+use crate::ops::{hist, q, us, Api, Sampler};
 use crate::progress::Progress;
 use crate::report::round3;
 use crate::scenario::Tally;
@@ -35,10 +36,13 @@ pub struct BrokerRef {
     pub name: String,
     /// Its QUIC address.
     pub quic: SocketAddr,
-    /// Its admin listener (`/metrics`).
-    pub admin: SocketAddr,
-    /// Its process.
-    pub pid: u32,
+    /// Its admin listener (`/metrics`), when the run started it.
+    pub admin: Option<SocketAddr>,
+    /// Its process, when the run started it.
+    pub pid: Option<u32>,
+    /// Sessions it held before the fleet started (other appliances of an existing
+    /// cluster): the session check counts the fleet's only.
+    pub sessions_before: u64,
 }
 
 /// What `churn` measured.
@@ -65,7 +69,7 @@ pub struct ChurnDetail {
     pub reconnect_p99_ms: Option<f64>,
     /// Slowest, ms.
     pub reconnect_max_ms: Option<f64>,
-    /// Sessions the brokers counted at the end.
+    /// Sessions the brokers counted at the end, less those they held before the run.
     pub broker_sessions_at_end: Option<u64>,
     /// Sessions the fleet held at the end.
     pub fleet_sessions_at_end: usize,
@@ -108,12 +112,25 @@ pub struct DrainDetail {
     pub fleet_sessions_at_end: usize,
 }
 
-/// The sum of `tether_sessions` over `brokers`, or `None` if one did not answer.
-async fn broker_sessions(brokers: &[BrokerRef]) -> Option<u64> {
+/// The sessions `brokers` hold: the sum of `tether_sessions` on their admin listeners
+/// when the run started them, else what control says each holds (`GET /v1/brokers`).
+/// `None` if one did not answer, or there is no way to ask.
+pub async fn broker_sessions(brokers: &[BrokerRef], api: Option<&Api>) -> Option<u64> {
     let mut total = 0.0;
+    if brokers.iter().all(|b| b.admin.is_some()) {
+        for b in brokers {
+            let text = spawn::http_get(b.admin?, "/metrics").await.ok()?;
+            total += spawn::metric(&text, "tether_sessions")?;
+        }
+        return Some(total as u64);
+    }
+    let list = api?.brokers().await.ok()?;
     for b in brokers {
-        let text = spawn::http_get(b.admin, "/metrics").await.ok()?;
-        total += spawn::metric(&text, "tether_sessions")?;
+        let info = list["brokers"]
+            .as_array()?
+            .iter()
+            .find(|i| i["name"].as_str() == Some(b.name.as_str()))?;
+        total += info["sessions"].as_f64()?;
     }
     Some(total as u64)
 }
@@ -122,6 +139,7 @@ async fn broker_sessions(brokers: &[BrokerRef]) -> Option<u64> {
 /// keep coming meanwhile). Returns their count; a difference is added to `errors`.
 async fn settle(
     brokers: &[BrokerRef],
+    api: Option<&Api>,
     fleet: &mut Fleet,
     tally: &mut Tally,
     errors: &mut BTreeMap<String, u64>,
@@ -131,7 +149,10 @@ async fn settle(
         while let Ok(ev) = fleet.events.try_recv() {
             tally.record(ev);
         }
-        let counted = broker_sessions(brokers).await;
+        let before: u64 = brokers.iter().map(|b| b.sessions_before).sum();
+        let counted = broker_sessions(brokers, api)
+            .await
+            .map(|c| c.saturating_sub(before));
         if counted == Some(tally.current as u64) {
             return counted;
         }
@@ -147,9 +168,10 @@ async fn settle(
                         c.abs_diff(tally.current as u64),
                     );
                 }
-                None => {
-                    errors.insert("broker_metrics_unreadable".into(), 1);
+                None if brokers.iter().all(|b| b.admin.is_some()) || api.is_some() => {
+                    errors.insert("broker_sessions_unreadable".into(), 1);
                 }
+                None => {}
             }
             return counted;
         }
@@ -176,6 +198,7 @@ pub async fn churn(
     duration: Duration,
     rejoin_delay: Duration,
     brokers: &[BrokerRef],
+    api: Option<&Api>,
     fleet: &mut Fleet,
     tally: &mut Tally,
     tick: &mut tokio::time::Interval,
@@ -251,7 +274,7 @@ pub async fn churn(
     detail.reconnect_p90_ms = q(&reconnect, 0.9);
     detail.reconnect_p99_ms = q(&reconnect, 0.99);
     detail.reconnect_max_ms = q(&reconnect, 1.0);
-    detail.broker_sessions_at_end = settle(brokers, fleet, tally, &mut errors).await;
+    detail.broker_sessions_at_end = settle(brokers, api, fleet, tally, &mut errors).await;
     detail.fleet_sessions_at_end = tally.current;
     println!(
         "churn: {} disconnected over {:.1} s, {} back (reconnect p50 {} ms, p99 {} ms); \
@@ -304,7 +327,10 @@ pub async fn drain(
     let mut left_at: HashMap<usize, Instant> = HashMap::new();
     let bar = progress.bar(back.len() as u64, "drained appliances back");
     let started = Instant::now();
-    spawn::terminate(drained.pid);
+    let Some(pid) = drained.pid else {
+        anyhow::bail!("drain stops a broker process: it needs --spawn");
+    };
+    spawn::terminate(pid);
     let give_up = tokio::time::sleep(jitter + drain_timeout + DRAIN_EXTRA_WAIT);
     tokio::pin!(give_up);
     let mut left = back.len();
@@ -344,7 +370,7 @@ pub async fn drain(
                 None => break,
             },
             _ = tick.tick() => {
-                if detail.broker_exit_secs.is_none() && !crate::measure::is_alive(drained.pid) {
+                if detail.broker_exit_secs.is_none() && !crate::measure::is_alive(pid) {
                     detail.broker_exit_secs = Some(round3(started.elapsed().as_secs_f64()));
                 }
                 sample(tally)?;
@@ -367,7 +393,7 @@ pub async fn drain(
     detail.rejoin_max_ms = q(&rejoin, 1.0);
     detail.offline_p50_ms = q(&offline, 0.5);
     detail.offline_p99_ms = q(&offline, 0.99);
-    detail.broker_sessions_at_end = settle(rest, fleet, tally, &mut errors).await;
+    detail.broker_sessions_at_end = settle(rest, None, fleet, tally, &mut errors).await;
     detail.fleet_sessions_at_end = tally.current;
     println!(
         "drain: {} of {} back on other brokers (p50 {} ms, p99 {} ms, last {} ms); {} exited \

@@ -94,6 +94,86 @@ impl Api {
         }
     }
 
+    /// `POST /v1/appliances` of a token-only appliance in `tenant`. An appliance of that
+    /// id already there is fine if it is in `tenant` (an earlier run made it); one in any
+    /// other tenant is a real appliance, and the run stops rather than touch it.
+    pub async fn register(&self, id: &str, tenant: &str) -> anyhow::Result<()> {
+        let binding = serde_json::to_value(tether_control::store::PlatformBinding::TokenOnly)?;
+        let resp = self
+            .http
+            .post(format!("{}/v1/appliances", self.url))
+            .json(&serde_json::json!({"id": id, "binding": binding, "tenant": tenant}))
+            .send()
+            .await
+            .with_context(|| format!("registering {id} with control"))?;
+        match resp.status().as_u16() {
+            200..=299 => Ok(()),
+            409 => {
+                let existing: serde_json::Value = self
+                    .http
+                    .get(format!("{}/v1/appliances/{id}", self.url))
+                    .send()
+                    .await?
+                    .error_for_status()?
+                    .json()
+                    .await?;
+                if existing["tenant"].as_str() == Some(tenant) {
+                    Ok(())
+                } else {
+                    anyhow::bail!(
+                        "control already has an appliance {id} outside the tenant {tenant:?}                          (tenant {}): this run leaves real appliances alone; use a control                          whose appliance ids do not clash with the load test's",
+                        existing["tenant"]
+                    )
+                }
+            }
+            status => anyhow::bail!(
+                "control refused to register {id}: HTTP {status}: {}",
+                resp.text().await.unwrap_or_default()
+            ),
+        }
+    }
+
+    /// `POST /v1/appliances/{id}/tokens`: a one-time enrollment token.
+    pub async fn token(&self, id: &str) -> anyhow::Result<String> {
+        let resp = self
+            .http
+            .post(format!("{}/v1/appliances/{id}/tokens", self.url))
+            .json(&serde_json::json!({}))
+            .send()
+            .await
+            .with_context(|| format!("asking control for a token for {id}"))?;
+        let status = resp.status();
+        if !status.is_success() {
+            anyhow::bail!(
+                "control refused a token for {id}: HTTP {status}: {}",
+                resp.text().await.unwrap_or_default()
+            );
+        }
+        let v: serde_json::Value = resp.json().await?;
+        v["token"]
+            .as_str()
+            .map(str::to_owned)
+            .context("control's token answer has no token")
+    }
+
+    /// `GET /v1/brokers`.
+    pub async fn brokers(&self) -> anyhow::Result<serde_json::Value> {
+        let resp = self
+            .http
+            .get(format!("{}/v1/brokers", self.url))
+            .send()
+            .await
+            .context("listing control's brokers")?;
+        let status = resp.status();
+        if !status.is_success() {
+            anyhow::bail!(
+                "control refused to list its brokers: HTTP {status}: {}",
+                resp.text().await.unwrap_or_default()
+            );
+        }
+        Ok(resp.json().await?)
+    }
+
     /// `POST /v1/appliances/{id}/revoke`.
     async fn revoke(&self, id: &str) -> Result<(), String> {
         let resp = self

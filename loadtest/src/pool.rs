@@ -374,7 +374,7 @@ pub struct PendingAppliance {
     /// Appliance id.
     pub id: String,
     /// The token's secret.
-    token: String,
+    pub(crate) token: String,
 }
 
 impl std::fmt::Debug for PendingAppliance {
@@ -441,6 +441,17 @@ fn parse_rfc3339(s: &str) -> Option<i64> {
 }
 
 impl Prepared {
+    /// Appliances registered through an existing control's API (`--control`): nothing
+    /// else to enroll.
+    pub fn remote(root_pem: String, tokens: Vec<PendingAppliance>) -> Prepared {
+        Prepared {
+            root_pem,
+            tokens,
+            bundles: Vec::new(),
+            operator_bundles: Vec::new(),
+        }
+    }
+
     /// Where broker `name` should start from: `Some(bundle file)` to enroll, written into
     /// `run_dir` with `control_url`; `None` when it is enrolled (its stored control URL is
     /// then updated, as control listens on a new port each run).

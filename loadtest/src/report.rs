@@ -153,10 +153,10 @@ pub struct Sample {
     pub t: f64,
     /// Appliances with a session.
     pub connected: usize,
-    /// Brokers' resident memory, bytes.
-    pub broker_rss_bytes: u64,
-    /// Brokers' CPU since the scenario started, seconds.
-    pub broker_cpu_seconds: f64,
+    /// Brokers' resident memory, bytes (null when not measured: --control).
+    pub broker_rss_bytes: Option<u64>,
+    /// Brokers' CPU since the scenario started, seconds (null when not measured).
+    pub broker_cpu_seconds: Option<f64>,
     /// This process's resident memory, bytes.
     pub simulator_rss_bytes: u64,
 }

@@ -42,19 +42,21 @@ struct Broker {
 
 /// Run the scenario `args` describes.
 pub async fn run(args: &RunArgs, limits: Limits) -> anyhow::Result<Report> {
-    if args.baseline && args.scenario.needs_operator() {
+    if args.baseline && !matches!(args.scenario, Scenario::Storm | Scenario::Steady) {
         bail!(
             "--baseline compares storm and steady only: the bare quinn server has no \
-             commands or revocation"
+             commands, revocation, churn or drain"
         );
     }
     if args.scenario == Scenario::Drain && args.effective_brokers() < 2 {
         bail!("drain moves the appliances of one broker to the others: give --brokers 2 or more");
     }
+    if let Some(url) = &args.control {
+        return crate::remote::run(args, url, limits).await;
+    }
     if !args.spawn {
         bail!(
-            "give --spawn: this version runs only self-contained (control and brokers started \
-             on 127.0.0.1); --control URL against an existing cluster comes later"
+            "give --spawn (start control and brokers here) or --control URL (an existing cluster)"
         );
     }
     let progress = Progress::new(args.no_progress);
@@ -250,9 +252,18 @@ async fn run_spawned(
         pool,
         api.as_ref(),
         creds,
-        &quic,
-        &brokers,
-        &control,
+        brokers
+            .iter()
+            .zip(&quic)
+            .map(|(b, q)| crate::motion::BrokerRef {
+                name: b.guard.name().to_owned(),
+                quic: *q,
+                admin: Some(b.admin),
+                pid: Some(b.guard.pid()),
+                sessions_before: 0,
+            })
+            .collect(),
+        Some(control.pid()),
         baseline_cert,
         run_dir,
         progress,
@@ -424,6 +435,8 @@ struct Phase {
     /// Whether the servers sampled at the end are those sampled before (not so after a
     /// drain), so that memory per connection means something.
     per_conn_comparable: bool,
+    /// Whether the servers were measured at all (not against an existing cluster).
+    servers_measured: bool,
 }
 
 /// The headline numbers of a [`Phase`] (also the `baseline` object of the report).
@@ -470,6 +483,7 @@ impl Phase {
         let t = &self.tally;
         let connected = t.first_done;
         let rss = self.end.rss_bytes;
+        let m = self.servers_measured;
         Headline {
             handshakes_per_sec: (connected > 0 && self.connect_secs > 0.0)
                 .then(|| round3(connected as f64 / self.connect_secs)),
@@ -477,25 +491,24 @@ impl Phase {
             connect_p99_ms: t.quantile_ms(0.99),
             connect_p90_ms: t.quantile_ms(0.9),
             connect_max_ms: (!t.connect.is_empty()).then(|| ms(t.connect.max())),
-            broker_rss_bytes: Some(rss),
-            broker_rss_before_bytes: Some(self.before.rss_bytes),
-            broker_rss_after_connect_bytes: Some(self.after_connect.rss_bytes),
-            broker_bytes_per_conn: (self.per_conn_comparable && self.connected_at_end > 0).then(
-                || {
+            broker_rss_bytes: m.then_some(rss),
+            broker_rss_before_bytes: m.then_some(self.before.rss_bytes),
+            broker_rss_after_connect_bytes: m.then_some(self.after_connect.rss_bytes),
+            broker_bytes_per_conn: (m && self.per_conn_comparable && self.connected_at_end > 0)
+                .then(|| {
                     round3(
                         rss.saturating_sub(self.before.rss_bytes) as f64
                             / self.connected_at_end as f64,
                     )
-                },
-            ),
-            broker_cpu_seconds: Some(round3(self.end.cpu_seconds - self.before.cpu_seconds)),
-            broker_cpu_per_handshake_us: (connected > 0).then(|| {
+                }),
+            broker_cpu_seconds: m.then(|| round3(self.end.cpu_seconds - self.before.cpu_seconds)),
+            broker_cpu_per_handshake_us: (m && connected > 0).then(|| {
                 round3(
                     (self.after_connect.cpu_seconds - self.before.cpu_seconds) * 1e6
                         / connected as f64,
                 )
             }),
-            broker_hold_cpu_percent: self.hold_secs.map(|h| {
+            broker_hold_cpu_percent: self.hold_secs.filter(|_| m).map(|h| {
                 round3(
                     (self.end.cpu_seconds - self.after_connect.cpu_seconds) / h.max(1e-9) * 100.0,
                 )
@@ -666,6 +679,7 @@ async fn measure_phase(
             args.duration,
             args.rejoin_delay,
             movers,
+            ops_ctx.map(|c| c.api),
             &mut fleet,
             &mut tally,
             &mut tick,
@@ -680,7 +694,7 @@ async fn measure_phase(
     }
     if !movers.is_empty() && args.scenario == Scenario::Drain {
         // The drained broker exits: from here on only the others are sampled.
-        let rest: Vec<u32> = movers[1..].iter().map(|b| b.pid).collect();
+        let rest: Vec<u32> = movers[1..].iter().filter_map(|b| b.pid).collect();
         let mut sample = |t: &Tally| -> anyhow::Result<()> {
             samples.push(take_sample(start, t, &rest, me, before)?);
             Ok(())
@@ -729,18 +743,18 @@ async fn measure_phase(
         samples,
         ops,
         per_conn_comparable,
+        servers_measured: !pids.is_empty(),
     })
 }
 
 #[allow(clippy::too_many_arguments)]
-async fn drive(
+pub(crate) async fn drive(
     args: &RunArgs,
     pool: &Pool,
     api: Option<&crate::ops::Api>,
     creds: Vec<Credentials>,
-    quic: &[SocketAddr],
-    brokers: &[Broker],
-    control: &ChildGuard,
+    movers: Vec<crate::motion::BrokerRef>,
+    control_pid: Option<u32>,
     baseline_cert: Option<BaselineCert>,
     run_dir: &std::path::Path,
     progress: &Progress,
@@ -751,7 +765,15 @@ async fn drive(
     enrolled_this_run: usize,
 ) -> anyhow::Result<Report> {
     let n = creds.len();
-    let pids: Vec<u32> = brokers.iter().map(|b| b.guard.pid()).collect();
+    let mut movers = movers;
+    // What the brokers held before the fleet (other appliances of an existing cluster).
+    for b in &mut movers {
+        b.sessions_before = crate::motion::broker_sessions(std::slice::from_ref(b), api)
+            .await
+            .unwrap_or(0);
+    }
+    let pids: Vec<u32> = movers.iter().filter_map(|b| b.pid).collect();
+    let quic: Vec<SocketAddr> = movers.iter().map(|b| b.quic).collect();
     let me = std::process::id();
     let endpoints = crate::fleet::client_endpoints(args.client_endpoints, args.udp_buffer)?;
     udp.client_recv_buffer_bytes = endpoints.recv_buffer_bytes;
@@ -764,14 +786,14 @@ async fn drive(
         );
     }
     let opts = FleetOptions {
-        brokers: quic.to_vec(),
+        brokers: quic.clone(),
         agent: AgentConfig::default(),
         concurrency: args.effective_concurrency(),
         rejoin_delay: args.rejoin_delay,
     };
 
     let me_before = measure::sample(me)?;
-    let control_before = measure::sample(control.pid()).ok();
+    let control_before = control_pid.and_then(|p| measure::sample(p).ok());
     let udp_before = UdpCounters::read();
     let started_at = time::OffsetDateTime::now_utc()
         .format(&time::format_description::well_known::Rfc3339)
@@ -787,18 +809,8 @@ async fn drive(
         pool,
         creds: &ops_creds,
         endpoints: &endpoints,
-        brokers: quic,
+        brokers: &quic,
     });
-    let movers: Vec<crate::motion::BrokerRef> = brokers
-        .iter()
-        .zip(quic)
-        .map(|(b, q)| crate::motion::BrokerRef {
-            name: b.guard.name().to_owned(),
-            quic: *q,
-            admin: b.admin,
-            pid: b.guard.pid(),
-        })
-        .collect();
     let tether = measure_phase(
         args,
         n,
@@ -811,7 +823,7 @@ async fn drive(
     )
     .await?;
     let me_end = measure::sample(me)?;
-    let control_end = measure::sample(control.pid()).ok();
+    let control_end = control_pid.and_then(|p| measure::sample(p).ok());
     let control_rss = control_end.map(|s| s.rss_bytes);
     let control_cpu = match (control_before, control_end) {
         (Some(b), Some(e)) => Some(round3(e.cpu_seconds - b.cpu_seconds)),
@@ -889,7 +901,7 @@ async fn drive(
     Ok(Report {
         scenario: args.scenario.as_str(),
         appliances: n,
-        brokers: brokers.len(),
+        brokers: movers.len(),
         handshakes_per_sec: head.handshakes_per_sec,
         connect_p50_ms: head.connect_p50_ms,
         connect_p99_ms: head.connect_p99_ms,
@@ -939,7 +951,7 @@ async fn drive(
 
 /// The broker credential the baseline server presents (so the agents' client
 /// configuration accepts it unchanged).
-struct BaselineCert {
+pub(crate) struct BaselineCert {
     cert: std::path::PathBuf,
     key: std::path::PathBuf,
     ca: std::path::PathBuf,
@@ -952,13 +964,18 @@ fn take_sample(
     me: u32,
     before: ProcSample,
 ) -> anyhow::Result<Sample> {
-    let b = measure::sample_all(pids).context("a broker is gone")?;
+    // Against an existing cluster the brokers are not ours to read.
+    let b = if pids.is_empty() {
+        None
+    } else {
+        Some(measure::sample_all(pids).context("a broker is gone")?)
+    };
     let s = measure::sample(me)?;
     Ok(Sample {
         t: round3(start.elapsed().as_secs_f64()),
         connected: tally.current,
-        broker_rss_bytes: b.rss_bytes,
-        broker_cpu_seconds: round3(b.cpu_seconds - before.cpu_seconds),
+        broker_rss_bytes: b.map(|b| b.rss_bytes),
+        broker_cpu_seconds: b.map(|b| round3(b.cpu_seconds - before.cpu_seconds)),
         simulator_rss_bytes: s.rss_bytes,
     })
 }

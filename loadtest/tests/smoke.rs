@@ -1,9 +1,10 @@
 //! Smoke run of the simulator as CI runs it: a storm of 200 appliances against a spawned
-//! control and broker, and the report says every one connected without an error; and a
-//! short `revoke` whose revoked appliances cannot come back.
+//! control and broker, and the report says every one connected without an error; a
+//! short `revoke` whose revoked appliances cannot come back; `churn` and `drain`; and a
+//! run against an existing cluster (`tether up`) with `--control`.
 //!
-//! Needs the `tether-control` and `tether-broker` executables next to `tether-loadtest`
-//! (`cargo build --workspace --bins` first, as CI does). The pool of enrolled appliances is
+//! Needs the `tether-control`, `tether-broker` and `tether` executables next to
+//! `tether-loadtest` (`cargo build --workspace --bins` first, as CI does). The pool of enrolled appliances is
 //! kept in cargo's test temporary directory, so only the first run enrolls.
 
 use std::path::PathBuf;
@@ -29,6 +30,17 @@ fn storm_200(extra: &[&str]) -> serde_json::Value {
 /// Run `tether-loadtest run --spawn ARGS… EXTRA…` on the shared pool and return its
 /// report.
 fn run(args: &[&str], extra: &[&str]) -> serde_json::Value {
+    let pool = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("loadtest-smoke-pool");
+    run_in(&["--spawn"], &pool, args, extra)
+}
+
+/// Run `tether-loadtest run MODE… ARGS… EXTRA…` on `pool` and return its report.
+fn run_in(
+    mode: &[&str],
+    pool: &std::path::Path,
+    args: &[&str],
+    extra: &[&str],
+) -> serde_json::Value {
     let _one_at_a_time = POOL_LOCK.lock().unwrap_or_else(|e| e.into_inner());
     let exe = loadtest();
     let bin_dir = exe.parent().expect("bin dir").to_owned();
@@ -39,17 +51,17 @@ fn run(args: &[&str], extra: &[&str]) -> serde_json::Value {
             bin_dir.display()
         );
     }
-    let pool = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("loadtest-smoke-pool");
     let out = tempfile::tempdir().expect("tempdir");
     let report_path = out.path().join("report.json");
 
     let mut child = Command::new(&exe)
-        .args(["run", "--spawn"])
+        .arg("run")
+        .args(mode)
         .args(args)
         .arg("--report")
         .arg(&report_path)
         .arg("--pool")
-        .arg(&pool)
+        .arg(pool)
         .arg("--no-progress")
         .arg("--connect-timeout")
         .arg("60s")
@@ -250,6 +262,126 @@ fn a_drained_broker_hands_every_appliance_to_the_other() {
     assert_eq!(report["connected_at_end"], 100, "report: {report:#}");
     // Memory per connection is not comparable once a broker is gone.
     assert!(report["broker_bytes_per_conn"].is_null());
+    assert_eq!(
+        report["errors"],
+        serde_json::json!({}),
+        "errors in the report: {report:#}"
+    );
+}
+
+/// `tether up` on free ports, killed when dropped.
+struct Up {
+    child: std::process::Child,
+    control_url: String,
+    operator_dir: PathBuf,
+    _data: tempfile::TempDir,
+}
+
+impl Up {
+    fn start(appliances: usize) -> Up {
+        use std::io::BufRead;
+        let exe = loadtest().parent().expect("bin dir").join("tether");
+        assert!(
+            exe.is_file(),
+            "{} is not built: run `cargo build --workspace --bins` first",
+            exe.display()
+        );
+        let data = tempfile::tempdir().expect("tempdir");
+        let mut child = Command::new(&exe)
+            .args(["up", "--port-base", "0", "--appliances"])
+            .arg(appliances.to_string())
+            .arg("--data-dir")
+            .arg(data.path().join("up"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start tether up");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut ready = false;
+            for line in std::io::BufReader::new(stdout)
+                .lines()
+                .map_while(Result::ok)
+            {
+                if line.starts_with("ready:") {
+                    ready = true;
+                }
+                if let (true, Some(rest)) =
+                    (ready, line.trim().strip_prefix("control (HTTPS, mTLS):"))
+                {
+                    let url = rest
+                        .split_whitespace()
+                        .next()
+                        .unwrap_or_default()
+                        .to_owned();
+                    let _ = tx.send(url);
+                }
+            }
+        });
+        let control_url = match rx.recv_timeout(Duration::from_secs(120)) {
+            Ok(url) => url,
+            Err(_) => {
+                let _ = child.kill();
+                panic!("tether up did not get ready within 120 s");
+            }
+        };
+        Up {
+            child,
+            control_url,
+            operator_dir: data.path().join("up").join("operator"),
+            _data: data,
+        }
+    }
+}
+
+impl Drop for Up {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn against_an_existing_cluster_counts_only_its_own_fleet() {
+    // A cluster with 3 appliances of its own: the run enrolls its 60 through control's
+    // API and checks the brokers' counts less what they held before.
+    let up = Up::start(3);
+    let pool = tempfile::tempdir().expect("pool");
+    let config_dir = up.operator_dir.display().to_string();
+    let report = run_in(
+        &["--control", &up.control_url, "--config-dir", &config_dir],
+        &pool.path().join("remote"),
+        &[
+            "--scenario",
+            "churn",
+            "--appliances",
+            "60",
+            "--rate",
+            "10",
+            "--duration",
+            "1s",
+            "--rejoin-delay",
+            "100ms",
+        ],
+        &[],
+    );
+    assert_eq!(report["scenario"], "churn");
+    assert_eq!(report["brokers"], 2, "tether up runs two brokers");
+    assert_eq!(report["connected"], 60, "report: {report:#}");
+    assert_eq!(
+        report["churn"]["broker_sessions_at_end"], 60,
+        "report: {report:#}"
+    );
+    // The brokers are not this run's processes: not measured, not invented.
+    for field in [
+        "broker_rss_bytes",
+        "broker_bytes_per_conn",
+        "broker_cpu_seconds",
+    ] {
+        assert!(report[field].is_null(), "{field}: {}", report[field]);
+    }
     assert_eq!(
         report["errors"],
         serde_json::json!({}),
