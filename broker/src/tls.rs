@@ -221,6 +221,31 @@ pub fn transport_config(cfg: &Config) -> quinn::TransportConfig {
     tc
 }
 
+/// Ask for `recv` bytes of receive and `send` bytes of send buffer on `socket`. The
+/// kernel caps `SO_RCVBUF`/`SO_SNDBUF` at `net.core.rmem_max`/`wmem_max`; a process with
+/// `CAP_NET_ADMIN` (root, or a container granted it) may go above with
+/// `SO_RCVBUFFORCE`/`SO_SNDBUFFORCE`, which is tried when the plain request fell short.
+/// Returns the receive buffer granted, as the kernel reports it (Linux: twice the usable
+/// size), and whether the force option gave it.
+pub fn grow_udp_buffers(socket: &socket2::Socket, recv: usize, send: usize) -> (usize, bool) {
+    if let Err(e) = socket.set_recv_buffer_size(recv) {
+        tracing::warn!(error = %e, requested = recv, "cannot set UDP receive buffer");
+    }
+    let _ = socket.set_send_buffer_size(send);
+    let mut forced = false;
+    #[cfg(target_os = "linux")]
+    {
+        use nix::sys::socket::{setsockopt, sockopt};
+        if socket.recv_buffer_size().unwrap_or(0) < recv {
+            forced = setsockopt(socket, sockopt::RcvBufForce, &recv).is_ok();
+        }
+        if socket.send_buffer_size().unwrap_or(0) < send {
+            let _ = setsockopt(socket, sockopt::SndBufForce, &send);
+        }
+    }
+    (socket.recv_buffer_size().unwrap_or(0), forced)
+}
+
 /// Bind the UDP socket, asking the kernel for a large receive buffer; logs what it granted.
 pub fn bind_udp(
     addr: SocketAddr,
@@ -232,22 +257,24 @@ pub fn bind_udp(
         // Best effort: dual-stack where the OS allows.
         let _ = socket.set_only_v6(false);
     }
-    if let Err(e) = socket.set_recv_buffer_size(recv_buffer) {
-        tracing::warn!(error = %e, requested = recv_buffer, "cannot set UDP receive buffer");
-    }
-    let _ = socket.set_send_buffer_size(4 * 1024 * 1024);
+    let (granted, forced) = grow_udp_buffers(&socket, recv_buffer, 4 * 1024 * 1024);
     socket.bind(&addr.into())?;
-    let granted = socket.recv_buffer_size().unwrap_or(0);
     // Linux reports twice the usable size it granted.
     if granted < recv_buffer {
         tracing::warn!(
             requested = recv_buffer,
             granted,
             "UDP receive buffer smaller than requested: raise net.core.rmem_max \
-             (sysctl -w net.core.rmem_max={recv_buffer}) to survive reconnect storms"
+             (sysctl -w net.core.rmem_max={recv_buffer}), or run with CAP_NET_ADMIN, to \
+             survive reconnect storms"
         );
     } else {
-        tracing::info!(requested = recv_buffer, granted, "UDP receive buffer");
+        tracing::info!(
+            requested = recv_buffer,
+            granted,
+            above_rmem_max = forced,
+            "UDP receive buffer"
+        );
     }
     Ok((socket.into(), granted))
 }

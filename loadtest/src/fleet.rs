@@ -42,10 +42,9 @@ pub fn client_endpoints(n: usize, buffer: usize) -> anyhow::Result<Endpoints> {
         let sock = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP))
             .context("creating a UDP socket")?;
         let size = buffer.min(i32::MAX as usize);
-        // The kernel silently caps these at net.core.rmem_max / wmem_max: the caller
-        // compares what was granted with what it asked for.
-        let _ = sock.set_recv_buffer_size(size);
-        let _ = sock.set_send_buffer_size(size);
+        // The kernel caps these at net.core.rmem_max / wmem_max unless the process may go
+        // above (CAP_NET_ADMIN): the caller compares what was granted with what it asked.
+        tether_broker::tls::grow_udp_buffers(&sock, size, size);
         sock.bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())
             .context("binding a UDP socket on 127.0.0.1")?;
         sock.set_nonblocking(true)?;
