@@ -3,7 +3,8 @@
 //! Brokers are tried in list order starting at a random index. Between attempts the agent
 //! sleeps:
 //!
-//! - after a `GoAway`: the delay the broker asked for, then the **next** broker;
+//! - after a `GoAway`: the delay the broker asked for (spent on the old connection, which
+//!   stays open until the session on the **next** broker is welcomed: make before break);
 //! - after the broker refused the certificate ([`DisconnectReason::is_refusal`]):
 //!   `revoked_backoff` (minus up to 20 % jitter), logged as an error;
 //! - otherwise: full-jitter exponential backoff ([`Backoff`]), whose window is reset
@@ -231,12 +232,15 @@ impl Agent {
                     }
                     self.delay_after(&reason, None, &mut backoff)
                 }
-                Ok(end) => {
+                Ok((end, kept)) => {
                     log_end(&end);
                     let _ = self.events.send(AgentEvent::Disconnected {
                         broker: Some(end.broker),
                         reason: end.reason.clone(),
                     });
+                    if let Some(old) = kept {
+                        self.close_after_next_attempt(old, &shutdown);
+                    }
                     if shutdown.is_cancelled() {
                         break;
                     }
@@ -285,12 +289,38 @@ impl Agent {
         (backoff.next_delay(), false)
     }
 
+    /// Close `old` (left after a `GoAway`) with `normal` once the next attempt ends in a
+    /// session or a failure, or at shutdown; at the latest after the connect timeout.
+    fn close_after_next_attempt(&self, old: quinn::Connection, shutdown: &CancellationToken) {
+        let mut events = self.events.subscribe();
+        let shutdown = shutdown.clone();
+        let limit = self.cfg.connect_timeout + Duration::from_secs(1);
+        tokio::spawn(async move {
+            let next = async {
+                loop {
+                    match events.recv().await {
+                        Ok(AgentEvent::Connected { .. } | AgentEvent::Disconnected { .. })
+                        | Err(broadcast::error::RecvError::Closed) => break,
+                        _ => {}
+                    }
+                }
+            };
+            tokio::select! {
+                _ = next => {}
+                _ = shutdown.cancelled() => {}
+                _ = tokio::time::sleep(limit) => {}
+            }
+            let code = tether_proto::CloseCode::Normal;
+            old.close(quinn::VarInt::from_u32(code.code()), code.as_str().as_bytes());
+        });
+    }
+
     async fn attempt(
         &self,
         target: &BrokerAddr,
         ctx: &SessionContext,
         shutdown: &CancellationToken,
-    ) -> Result<SessionEnd, (Option<SocketAddr>, ConnectError)> {
+    ) -> Result<(SessionEnd, Option<quinn::Connection>), (Option<SocketAddr>, ConnectError)> {
         let addr = tokio::select! {
             r = target.resolve() => r.map_err(|e| (None, e))?,
             _ = shutdown.cancelled() => return Err((None, ConnectError::Shutdown)),

@@ -122,19 +122,31 @@ pub async fn connect_once(
         r = connect(endpoint, broker, &server_name, client_config, cfg.connect_timeout) => r?,
         _ = shutdown.cancelled() => return Err(ConnectError::Shutdown),
     };
-    Ok(run_session(conn, broker, &ctx, shutdown).await)
+    let (end, kept) = run_session(conn, broker, &ctx, shutdown).await;
+    if let Some(old) = kept {
+        old.close(
+            VarInt::from_u32(CloseCode::Normal.code()),
+            CloseCode::Normal.as_str().as_bytes(),
+        );
+    }
+    Ok(end)
 }
 
 /// Drive a session on an established connection until it ends.
 ///
 /// `broker` is the address dialled; it names the broker in events and logs (the
 /// connection's remote address may be its IPv4-mapped IPv6 form).
+///
+/// After a `GoAway` the session is left when the broker's delay has passed, but the
+/// connection is returned open (make before break): the caller closes it with `normal`
+/// once the session on the next broker is welcomed, or its attempt failed, so the
+/// appliance stays reachable while it moves.
 pub(crate) async fn run_session(
     conn: Connection,
     broker: SocketAddr,
     ctx: &SessionContext,
     shutdown: &CancellationToken,
-) -> SessionEnd {
+) -> (SessionEnd, Option<Connection>) {
     let span = tracing::info_span!("session", %broker, conn_id = conn.stable_id());
     async {
         let started = Instant::now();
@@ -148,6 +160,7 @@ pub(crate) async fn run_session(
             local_close: None,
             commands: JoinSet::new(),
             draining: CancellationToken::new(),
+            handed_over: false,
         };
         let reason = driver.run(shutdown).await;
         driver.commands.abort_all();
@@ -155,14 +168,16 @@ pub(crate) async fn run_session(
             Some(r) => r,
             None => DisconnectReason::Local(driver.local_close.unwrap_or(CloseCode::Normal)),
         };
-        SessionEnd {
+        let kept = driver.handed_over.then(|| driver.conn.clone());
+        let end = SessionEnd {
             broker,
             session_id: driver.session_id,
             duration: started.elapsed(),
             reason,
             go_away: driver.go_away,
             go_away_received: driver.go_away_received,
-        }
+        };
+        (end, kept)
     }
     .instrument(span)
     .await
@@ -179,9 +194,18 @@ struct Driver<'a> {
     commands: JoinSet<()>,
     /// Fired on `GoAway`: new commands are refused.
     draining: CancellationToken,
+    /// Left after a `GoAway` with the connection still open, for the caller to close.
+    handed_over: bool,
 }
 
 impl Driver<'_> {
+    /// Leave after a `GoAway`'s delay without closing: see [`run_session`].
+    fn hand_over(&mut self) -> Option<DisconnectReason> {
+        self.handed_over = true;
+        self.local_close = Some(CloseCode::Normal);
+        Some(DisconnectReason::Local(CloseCode::Normal))
+    }
+
     fn close(&mut self, code: CloseCode) -> Option<DisconnectReason> {
         self.conn
             .close(VarInt::from_u32(code.code()), code.as_str().as_bytes());
@@ -300,10 +324,6 @@ impl Driver<'_> {
                     }
                 }
             }
-            // After a GoAway, leave as soon as running commands are done.
-            if leave_at.is_some() && self.commands.is_empty() {
-                return self.close(CloseCode::Normal);
-            }
 
             let timeout = session.poll_timeout();
             tokio::select! {
@@ -355,9 +375,14 @@ impl Driver<'_> {
                 }
                 Some(_) = self.commands.join_next(), if !self.commands.is_empty() => {}
                 _ = sleep_until(leave_at), if leave_at.is_some() => {
-                    tracing::info!(running = self.commands.len(),
-                        "goaway delay passed with commands still running; leaving");
-                    return self.close(CloseCode::Normal);
+                    // Stay until the delay the broker asked for has passed (it spreads
+                    // its fleet's reconnections), then move to the next broker while
+                    // this connection stays open.
+                    if !self.commands.is_empty() {
+                        tracing::info!(running = self.commands.len(),
+                            "goaway delay passed with commands still running; leaving");
+                    }
+                    return self.hand_over();
                 }
             }
         }

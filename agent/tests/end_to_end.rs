@@ -310,14 +310,17 @@ async fn run_loop_follows_goaway_then_backs_off_long_after_revocation() {
             }),
         )
         .await;
-        let closed = conn.closed().await;
+        // Make before break: the agent opens its next session while the first is still
+        // up, and closes the first (normal) only once the next one is welcomed.
+        let (conn2, _send2, mut recv) = accept_session(&server, 2).await;
+        let closed = tokio::time::timeout(WAIT, conn.closed()).await.expect("first closed");
         assert!(
             matches!(&closed, quinn::ConnectionError::ApplicationClosed(c)
                 if c.error_code == VarInt::from_u32(CloseCode::Normal.code())),
             "{closed:?}"
         );
         // Second session: once the agent heartbeats (so it saw Welcome), revoked.
-        let (conn, _send, mut recv) = accept_session(&server, 2).await;
+        let conn = conn2;
         let mut dec = FrameDecoder::new(tether_proto::DEFAULT_MAX_FRAME_LEN);
         assert!(matches!(
             read_frame(&mut recv, &mut dec).await,

@@ -96,9 +96,10 @@ pub struct DrainDetail {
     pub rejoin_p99_ms: Option<f64>,
     /// The last one, ms.
     pub rejoin_max_ms: Option<f64>,
-    /// How long each appliance was without a session: from its session on the drained
-    /// broker ending to its session on another, ms (the agent leaves when its commands
-    /// are done and reconnects after GoAway's delay, so this is mostly that delay).
+    /// How long each appliance was without a session: from the agent leaving its session
+    /// on the drained broker to its session on another, ms (the agent spends GoAway's
+    /// delay on the old connection and closes it once the new session is welcomed, so
+    /// this is the reconnect alone).
     pub offline_p50_ms: Option<f64>,
     /// 99th percentile, ms.
     pub offline_p99_ms: Option<f64>,
