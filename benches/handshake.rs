@@ -4,6 +4,11 @@
 //!
 //! - `handshake/sequential`: one connection at a time, connect → verified → closed.
 //! - `handshake/concurrent64`: 64 handshakes in flight; criterion reports handshakes/s.
+//! - `handshake_1m/quiet` and `handshake_1m/revocation_burst`: sequential handshakes with
+//!   a 1,000,000-entry allowlist, alone and while another thread applies revocation deltas
+//!   (one fingerprint out, one in) at about 1,000 per second, as control pushes them in a
+//!   mass revocation. The two should not differ: a delta builds a new persistent map off
+//!   the handshake path and swaps it in, and the verifier reads whichever is current.
 //!
 //! Client and server share the machine (and, here, the runtime), so this is a lower bound
 //! of what a dedicated broker core does; `tether-loadtest` measures them apart.
@@ -13,6 +18,7 @@ use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use tether::pki::Pki;
+use tether_broker::allowlist::{Allowlist, ApplianceId, Change, Entry, Fingerprint};
 use tokio_util::sync::CancellationToken;
 
 const TD: &str = "bench.test";
@@ -23,6 +29,8 @@ struct Fixture {
     client: quinn::ClientConfig,
     endpoint: quinn::Endpoint,
     shutdown: CancellationToken,
+    allowlist: Arc<Allowlist>,
+    leaf_fp: Fingerprint,
 }
 
 fn fixture(rt: &tokio::runtime::Runtime) -> Fixture {
@@ -47,9 +55,10 @@ fn fixture(rt: &tokio::runtime::Runtime) -> Fixture {
     let config =
         tether_broker::config::Config::from_toml(&toml, dir.path(), &p("broker.toml")).unwrap();
     let shutdown = CancellationToken::new();
-    let (addr, endpoint) = rt.block_on(async {
+    let (addr, endpoint, allowlist) = rt.block_on(async {
         let running = tether_broker::Running::bind(config).await.unwrap();
         let addr = running.broker.local_addr().unwrap();
+        let allowlist = running.broker.allowlist().clone();
         tokio::spawn(running.serve(shutdown.clone()));
         // A client socket with a large receive buffer: the default 208 KiB drops packets
         // under 64 concurrent handshakes, and every drop costs a ~1 s probe timeout.
@@ -62,7 +71,7 @@ fn fixture(rt: &tokio::runtime::Runtime) -> Fixture {
             Arc::new(quinn::TokioRuntime),
         )
         .unwrap();
-        (addr, endpoint)
+        (addr, endpoint, allowlist)
     });
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut tls = rustls::ClientConfig::builder_with_provider(provider)
@@ -81,7 +90,68 @@ fn fixture(rt: &tokio::runtime::Runtime) -> Fixture {
         client,
         endpoint,
         shutdown,
+        allowlist,
+        leaf_fp: Fingerprint::of(&leaf.cert_der),
     }
+}
+
+/// A random entry.
+fn random_entry(rng: &mut fastrand::Rng, i: usize) -> Entry {
+    let mut fp = [0u8; 32];
+    rng.fill(&mut fp);
+    Entry {
+        appliance: ApplianceId::new(&format!("app-m{i}")).unwrap(),
+        fingerprint: Fingerprint(fp),
+    }
+}
+
+/// Replace the allowlist with `n` random entries plus the fixture's leaf; returns the
+/// random fingerprints.
+fn fill(f: &Fixture, n: usize) -> Vec<Fingerprint> {
+    let mut rng = fastrand::Rng::with_seed(11);
+    let mut entries: Vec<Entry> = (0..n).map(|i| random_entry(&mut rng, i)).collect();
+    let fps = entries.iter().map(|e| e.fingerprint).collect();
+    entries.push(Entry {
+        appliance: ApplianceId::new("app-1").unwrap(),
+        fingerprint: f.leaf_fp,
+    });
+    f.allowlist
+        .apply(Change::Replace {
+            version: None,
+            entries,
+        })
+        .unwrap();
+    fps
+}
+
+/// Apply one delta (a random listed fingerprint out, a new one in) about every
+/// millisecond until `stop`; returns how many and the time spent applying them.
+fn revoke_until(
+    allowlist: Arc<Allowlist>,
+    mut listed: Vec<Fingerprint>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+) -> std::thread::JoinHandle<(u64, Duration)> {
+    std::thread::spawn(move || {
+        let mut rng = fastrand::Rng::with_seed(13);
+        let (mut applied, mut busy) = (0u64, Duration::ZERO);
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            let i = rng.usize(..listed.len());
+            let added = random_entry(&mut rng, 2_000_000 + applied as usize);
+            let removed = std::mem::replace(&mut listed[i], added.fingerprint);
+            let t = Instant::now();
+            allowlist
+                .apply(Change::Delta {
+                    version: None,
+                    add: vec![added],
+                    remove: vec![removed],
+                })
+                .unwrap();
+            busy += t.elapsed();
+            applied += 1;
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        (applied, busy)
+    })
 }
 
 async fn one(f: &Fixture) {
@@ -127,6 +197,25 @@ fn benches(c: &mut Criterion) {
             })
         })
     });
+    g.finish();
+
+    let listed = fill(&f, 1_000_000);
+    let mut g = c.benchmark_group("handshake_1m");
+    g.throughput(Throughput::Elements(1));
+    g.bench_function("quiet", |b| b.iter(|| rt.block_on(one(&f))));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let burst = revoke_until(f.allowlist.clone(), listed, stop.clone());
+    let started = Instant::now();
+    g.bench_function("revocation_burst", |b| b.iter(|| rt.block_on(one(&f))));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (applied, busy) = burst.join().unwrap();
+    let secs = started.elapsed().as_secs_f64();
+    eprintln!(
+        "revocation_burst: {applied} deltas applied to the 1M-entry allowlist in {secs:.1} s \
+         ({:.0}/s, {:.1} µs each) while handshaking",
+        applied as f64 / secs,
+        busy.as_secs_f64() * 1e6 / applied.max(1) as f64
+    );
     g.finish();
     f.shutdown.cancel();
     rt.block_on(async { tokio::time::sleep(Duration::from_millis(100)).await });

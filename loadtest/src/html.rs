@@ -138,7 +138,7 @@ figure {{ margin: 1.5rem 0; }} figcaption {{ font-weight: 600; margin-bottom: .2
 .good {{ color: #17803d; }} .bad {{ color: #b42318; }}
 </style></head><body>
 <h1>Tether load test: <code>{s}</code></h1>
-<p>{n} appliances, {b} broker(s); {cores} cores, {mem} GiB, kernel {kernel}, load average {load}.</p>
+<p>{n} appliances, {b} broker(s); {cores} cores, {mem} GiB, kernel {kernel}, load average {load} at the start, {load_end} at the end.</p>
 "#,
         s = esc(scenario),
         n = fmt(&report["appliances"]),
@@ -149,6 +149,7 @@ figure {{ margin: 1.5rem 0; }} figcaption {{ font-weight: 600; margin-bottom: .2
             .unwrap_or_else(|| "?".into()),
         kernel = fmt(&report["machine"]["kernel"]),
         load = fmt(&report["machine"]["load_average_1m"]),
+        load_end = fmt(&report["machine"]["load_average_1m_end"]),
     );
 
     // Headline figures, with the baseline's and the ratio where there is one.

@@ -88,6 +88,15 @@ pub struct Machine {
     pub kernel: String,
     /// 1-minute load average when the run started.
     pub load_average_1m: Option<f64>,
+    /// 1-minute load average when the scenario ended (above the cores, something else
+    /// competed for them: the figures are pessimistic).
+    pub load_average_1m_end: Option<f64>,
+}
+
+/// The 1-minute load average.
+pub fn load_average() -> Option<f64> {
+    read_trimmed("/proc/loadavg")
+        .and_then(|s| s.split_whitespace().next().and_then(|v| v.parse().ok()))
 }
 
 impl Machine {
@@ -107,8 +116,8 @@ impl Machine {
                 .unwrap_or(1),
             memory_bytes,
             kernel: read_trimmed("/proc/sys/kernel/osrelease").unwrap_or_default(),
-            load_average_1m: read_trimmed("/proc/loadavg")
-                .and_then(|s| s.split_whitespace().next().and_then(|v| v.parse().ok())),
+            load_average_1m: load_average(),
+            load_average_1m_end: None,
         }
     }
 }

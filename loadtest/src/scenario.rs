@@ -823,6 +823,19 @@ pub(crate) async fn drive(
     )
     .await?;
     let me_end = measure::sample(me)?;
+    let mut machine = machine;
+    machine.load_average_1m_end = measure::load_average();
+    // The fleet, the brokers and control account for about the cores' worth of load.
+    if let Some(l) = machine
+        .load_average_1m_end
+        .filter(|l| *l > machine.cores as f64 + 1.0)
+    {
+        eprintln!(
+            "warning: the load average was {l:.1} on {} cores at the end of the scenario: \
+             other work competed for the machine, so these figures are pessimistic",
+            machine.cores
+        );
+    }
     let control_end = control_pid.and_then(|p| measure::sample(p).ok());
     let control_rss = control_end.map(|s| s.rss_bytes);
     let control_cpu = match (control_before, control_end) {
