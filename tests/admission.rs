@@ -1,12 +1,15 @@
 //! Reconnect storms: the broker admits handshakes through a bounded queue and turns the
 //! excess away at once (QUIC CONNECTION_REFUSED, no crypto spent), counting each refusal,
-//! instead of letting every handshake time out.
+//! instead of letting every handshake time out. With `transport.endpoints` above 1 the
+//! endpoints share one port and one queue.
 
 mod common;
 
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use common::*;
+use tether_proto::CloseCode;
 
 #[tokio::test]
 async fn a_storm_beyond_the_queue_is_refused_early_and_counted() {
@@ -70,4 +73,148 @@ async fn a_storm_beyond_the_queue_is_refused_early_and_counted() {
         try_session(&setup.pki, Some(&leaf), broker.quic).await,
         None
     );
+}
+
+/// `[transport] endpoints = 2`, written into the `[transport]` table `Setup::broker` opens.
+const TWO_ENDPOINTS: &str = "endpoints = 2\n";
+
+/// UDP sockets bound to `addr`, from `/proc/net/udp` (Linux; IPv4 loopback).
+fn udp_sockets_bound_to(addr: SocketAddr) -> usize {
+    let want = format!("0100007F:{:04X}", addr.port());
+    std::fs::read_to_string("/proc/net/udp")
+        .unwrap()
+        .lines()
+        .skip(1)
+        .filter(|l| l.split_whitespace().nth(1) == Some(want.as_str()))
+        .count()
+}
+
+/// Connections received by each of two endpoints.
+async fn incoming_by_endpoint(broker: &BrokerProc) -> [f64; 2] {
+    [
+        broker.metric("tether_incoming_total{endpoint=\"0\"}").await,
+        broker.metric("tether_incoming_total{endpoint=\"1\"}").await,
+    ]
+}
+
+#[cfg(target_os = "linux")]
+#[tokio::test]
+async fn two_endpoints_share_the_port_both_admit_and_both_drain() {
+    let setup = Setup::new();
+    let leaf = setup.pki.appliance("app-1").unwrap();
+    setup.set_allowlist(&[("app-1", &leaf)]);
+    // Connections without a session wait for the drain, not for the Hello timeout.
+    let mut broker = setup.broker(
+        "b1",
+        &format!("{TWO_ENDPOINTS}[session]\nhello_timeout = \"60s\"\n"),
+    );
+    assert_eq!(
+        udp_sockets_bound_to(broker.quic),
+        2,
+        "two sockets, one port"
+    );
+
+    // The kernel spreads clients by address: 32 client sockets reach both endpoints
+    // (all on one would happen with probability 2^-31).
+    let mut conns = Vec::new();
+    for _ in 0..32 {
+        let conn = connect(&setup.pki, Some(&leaf), broker.quic)
+            .await
+            .expect("handshake admitted");
+        conns.push(conn);
+    }
+    let [first, second] = incoming_by_endpoint(&broker).await;
+    eprintln!("32 clients: {first} on endpoint 0, {second} on endpoint 1");
+    assert_eq!(first + second, 32.0);
+    assert!(first >= 1.0 && second >= 1.0, "{first} / {second}");
+    assert_eq!(
+        broker.metric("tether_handshakes_accepted_total").await,
+        32.0
+    );
+    // A whole session, too.
+    assert_eq!(
+        try_session(&setup.pki, Some(&leaf), broker.quic).await,
+        None
+    );
+
+    // Drain closes the connections of both endpoints.
+    broker.terminate();
+    for conn in conns {
+        let closed = tokio::time::timeout(Duration::from_secs(15), conn.closed())
+            .await
+            .expect("closed by the drain");
+        assert_eq!(
+            ended(&closed),
+            Ended::App(CloseCode::Draining.code().into())
+        );
+    }
+    let status = broker.wait_exit(Duration::from_secs(15));
+    assert!(status.success(), "drained broker exits cleanly: {status}");
+    assert!(broker.log_contains("drain finished"));
+}
+
+#[cfg(target_os = "linux")]
+#[tokio::test]
+async fn a_storm_over_two_endpoints_meets_one_queue() {
+    let setup = Setup::new();
+    let leaf = setup.pki.appliance("app-1").unwrap();
+    setup.set_allowlist(&[("app-1", &leaf)]);
+    let broker = setup.broker(
+        "b1",
+        &format!(
+            "{TWO_ENDPOINTS}[limits]\nmax_concurrent_handshakes = 1\nmax_pending_handshakes = 2\n\
+             pending_timeout = \"5s\"\n"
+        ),
+    );
+
+    // 200 handshakes at once from 32 client sockets.
+    let clients: Vec<_> = (0..32)
+        .map(|_| raw_client(&setup.pki, Some(&leaf)))
+        .collect();
+    let attempts: Vec<_> = (0..200)
+        .map(|i| {
+            let (endpoint, config) = &clients[i % clients.len()];
+            let connecting = endpoint
+                .connect_with(config.clone(), broker.quic, "localhost")
+                .unwrap();
+            tokio::spawn(
+                async move { tokio::time::timeout(Duration::from_secs(20), connecting).await },
+            )
+        })
+        .collect();
+    let (mut ok, mut refused, mut other) = (0, 0, Vec::new());
+    for a in attempts {
+        match a.await.unwrap() {
+            Ok(Ok(conn)) => {
+                ok += 1;
+                conn.close(0u32.into(), b"");
+            }
+            Ok(Err(quinn::ConnectionError::ConnectionClosed(c)))
+                if c.error_code == quinn::TransportErrorCode::CONNECTION_REFUSED =>
+            {
+                refused += 1
+            }
+            Ok(Err(e)) => other.push(e.to_string()),
+            Err(_) => other.push("client timeout".into()),
+        }
+    }
+    let [first, second] = incoming_by_endpoint(&broker).await;
+    eprintln!(
+        "storm of 200 over two endpoints ({first} / {second}): {ok} admitted, {refused} \
+         refused, {} other",
+        other.len()
+    );
+    assert!(
+        other.is_empty(),
+        "every attempt got a definite answer: {other:?}"
+    );
+    assert!(ok >= 1, "the queue admitted some");
+    assert!(refused >= 1, "the excess was refused");
+    assert_eq!(ok + refused, 200);
+    assert_eq!(first + second, 200.0);
+    assert!(first >= 1.0 && second >= 1.0, "{first} / {second}");
+    let counted = broker
+        .metric("tether_incoming_refused_total{reason=\"queue_full\"}")
+        .await;
+    assert_eq!(counted as usize, refused);
 }

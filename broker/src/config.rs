@@ -50,6 +50,17 @@ pub const DEFAULT_SEND_WINDOW: u64 = 256 * 1024;
 pub const DEFAULT_UDP_RECV_BUFFER: usize = 32 * 1024 * 1024;
 /// Default QUIC idle timeout; agents heartbeat well within it.
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Default number of QUIC endpoints (UDP sockets on the listen address, one accept loop
+/// each): one. A second did not raise the handshake rate on 2 cores: a 10,000-appliance
+/// storm from 32 client sockets (so that `SO_REUSEPORT` spreads them) averaged 1,225
+/// handshakes/s either way over seven alternating pairs (medians 1,157 and 1,218/s; pairs
+/// from -15 % to +10 %), connect p99 median 8.0 s and 7.6 s, broker CPU 733 and 728 µs per
+/// connect; load average 1.3-3.9. With one endpoint both tokio workers were already ~50 %
+/// busy each and the machine ~4 % idle: the broker was short of CPU, not serialized
+/// behind its endpoint.
+pub const DEFAULT_ENDPOINTS: usize = 1;
+/// Most QUIC endpoints `transport.endpoints` may ask for.
+pub const MAX_ENDPOINTS: usize = 64;
 
 /// Environment variable names, next to their defaults above.
 pub mod env {
@@ -81,6 +92,8 @@ pub mod env {
     pub const BUNDLE: &str = "TETHER_BROKER_BUNDLE";
     /// `control.advertise`.
     pub const ADVERTISE: &str = "TETHER_BROKER_ADVERTISE";
+    /// `transport.endpoints`.
+    pub const ENDPOINTS: &str = "TETHER_BROKER_ENDPOINTS";
     /// Log format, `text` or `json`.
     pub const LOG_FORMAT: &str = "TETHER_BROKER_LOG_FORMAT";
 }
@@ -248,6 +261,17 @@ pub struct TransportSettings {
     /// Use UDP generic segmentation offload (GSO) to send bursts in one syscall. Off by
     /// default: it makes every connection keep a ~13 KB send buffer. Default false.
     pub segmentation_offload: bool,
+    /// QUIC endpoints serving the listen address, each a UDP socket with its own quinn
+    /// endpoint and accept loop; the admission limits (`[limits]`) stay global. Above 1 the
+    /// sockets share the port with `SO_REUSEPORT` (Linux only) and the kernel spreads
+    /// clients over them by a hash of the client's address and port (a few client addresses
+    /// may all land on one endpoint). On 2 cores a second endpoint measured no faster (see
+    /// [`DEFAULT_ENDPOINTS`]); try it where the broker has cores to spare. Each socket gets
+    /// its own `udp_recv_buffer`. A client whose address changes mid-connection (NAT
+    /// rebinding) may reach another endpoint, which resets the connection, and the agent
+    /// reconnects. Any process of the same user may join the port with `SO_REUSEPORT` too.
+    /// Default 1, at most 64.
+    pub endpoints: usize,
 }
 
 impl Default for TransportSettings {
@@ -259,6 +283,7 @@ impl Default for TransportSettings {
             udp_recv_buffer: DEFAULT_UDP_RECV_BUFFER,
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
             segmentation_offload: false,
+            endpoints: DEFAULT_ENDPOINTS,
         }
     }
 }
@@ -331,6 +356,7 @@ impl fmt::Debug for Config {
                 "transport.segmentation_offload",
                 &transport.segmentation_offload,
             )
+            .field("transport.endpoints", &transport.endpoints)
             .field("control.data_dir", &control.data_dir)
             .field("control.bundle", &control.bundle)
             .field("control.advertise", &control.advertise)
@@ -544,6 +570,18 @@ impl Config {
                 "must be longer than session.heartbeat_interval",
             ));
         }
+        if self.transport.endpoints == 0 || self.transport.endpoints > MAX_ENDPOINTS {
+            return Err(invalid(
+                "transport.endpoints",
+                &format!("must be between 1 and {MAX_ENDPOINTS}"),
+            ));
+        }
+        if self.transport.endpoints > 1 && !cfg!(target_os = "linux") {
+            return Err(invalid(
+                "transport.endpoints",
+                "above 1 needs Linux (SO_REUSEPORT spreads UDP clients over sockets only there)",
+            ));
+        }
         Ok(())
     }
 }
@@ -650,6 +688,32 @@ mod tests {
                 ..
             })
         ));
+    }
+
+    #[test]
+    fn endpoints_default_to_one_and_are_bounded() {
+        let base = "trust_domain = \"t\"\n[tls]\nca = \"c\"\ncert = \"c\"\nkey = \"k\"\n\
+                    [allowlist]\nfile = \"a\"\n";
+        let cfg = Config::from_toml(base, Path::new("."), Path::new("x")).unwrap();
+        assert_eq!(cfg.transport.endpoints, DEFAULT_ENDPOINTS);
+        cfg.validate().unwrap();
+        let two = format!("{base}[transport]\nendpoints = 2\n");
+        let cfg = Config::from_toml(&two, Path::new("."), Path::new("x")).unwrap();
+        assert_eq!(cfg.transport.endpoints, 2);
+        if cfg!(target_os = "linux") {
+            cfg.validate().unwrap();
+        }
+        for bad in [0, MAX_ENDPOINTS + 1] {
+            let mut cfg = cfg.clone();
+            cfg.transport.endpoints = bad;
+            assert!(matches!(
+                cfg.validate(),
+                Err(ConfigError::Invalid {
+                    field: "transport.endpoints",
+                    ..
+                })
+            ));
+        }
     }
 
     #[test]

@@ -145,6 +145,7 @@ impl Running {
         info!(
             version = env!("CARGO_PKG_VERSION"),
             quic = %broker.local_addr()?,
+            quic_endpoints = config.transport.endpoints,
             admin = %admin.local_addr()?,
             trust_domain = %config.trust_domain,
             mode = if config.control_mode() { "control" } else { "standalone" },

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
-use tether_broker::config::{env, Config};
+use tether_broker::config::{env, Config, MAX_ENDPOINTS};
 use tokio_util::sync::CancellationToken;
 
 #[global_allocator]
@@ -76,6 +76,10 @@ struct Cli {
     /// Upper bound of the random reconnect delay sent in GoAway [default: 5s].
     #[arg(long, env = env::RECONNECT_JITTER, value_parser = humantime::parse_duration)]
     reconnect_jitter: Option<Duration>,
+    /// QUIC endpoints (UDP sockets sharing the listen port with SO_REUSEPORT, one accept
+    /// loop each; Linux only above 1) [default: 1].
+    #[arg(long, env = env::ENDPOINTS, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=MAX_ENDPOINTS as u64))]
+    endpoints: Option<usize>,
     /// Log format.
     #[arg(long, env = env::LOG_FORMAT, default_value = "text", value_parser = ["text", "json"])]
     log_format: String,
@@ -102,6 +106,7 @@ impl Cli {
             heartbeat_interval,
             drain_timeout,
             reconnect_jitter,
+            endpoints,
             log_format: _,
         } = self;
         if let Some(v) = listen {
@@ -142,6 +147,9 @@ impl Cli {
         }
         if let Some(v) = reconnect_jitter {
             cfg.drain.reconnect_jitter = v;
+        }
+        if let Some(v) = endpoints {
+            cfg.transport.endpoints = v;
         }
         cfg.validate()?;
         Ok(cfg)

@@ -31,6 +31,13 @@ pub struct Kind {
     pub kind: &'static str,
 }
 
+/// An `endpoint="..."` label: which QUIC endpoint (`transport.endpoints`), from 0.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EndpointIndex {
+    /// The endpoint's index.
+    pub endpoint: usize,
+}
+
 /// A `result="..."` label.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct Outcome {
@@ -52,6 +59,9 @@ pub struct Metrics {
     pub handshake_seconds: Histogram,
     /// Incoming connections turned away before any TLS work.
     pub incoming_refused: Family<Reason, Counter>,
+    /// Incoming connections, by the QUIC endpoint (UDP socket) that received them: how
+    /// evenly the kernel spreads clients over `transport.endpoints`.
+    pub incoming: Family<EndpointIndex, Counter>,
     /// Incoming connections waiting for a handshake slot.
     pub incoming_pending: Gauge,
     /// Handshakes in progress.
@@ -110,6 +120,7 @@ impl Metrics {
             handshake_failed: Family::default(),
             handshake_seconds: Histogram::new(exponential_buckets(0.0005, 2.0, 16)),
             incoming_refused: Family::default(),
+            incoming: Family::default(),
             incoming_pending: Gauge::default(),
             handshakes_in_flight: Gauge::default(),
             sessions: Gauge::default(),
@@ -155,6 +166,11 @@ impl Metrics {
             "incoming_refused",
             "Incoming connections refused before TLS, by reason",
             m.incoming_refused.clone(),
+        );
+        registry.register(
+            "incoming",
+            "Incoming connections, by the QUIC endpoint that received them",
+            m.incoming.clone(),
         );
         registry.register(
             "incoming_pending",

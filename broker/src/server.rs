@@ -10,6 +10,10 @@
 //! `CONNECTION_REFUSED`, which costs one packet and no crypto. Agents back off with full
 //! jitter. Everything refused is counted in `tether_incoming_refused_total{reason}`.
 //!
+//! With `transport.endpoints` above 1 the listen address is served by that many quinn
+//! endpoints on `SO_REUSEPORT` sockets, one accept loop each; the loops share one
+//! `Admission` (permits and queue), so the limits above hold for the broker as a whole.
+//!
 //! # A connection's life
 //!
 //! 1. The handshake runs the [`ApplianceVerifier`]; failures are counted by reason.
@@ -28,7 +32,7 @@
 //!    abnormally. The connection never outlives its session driver.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -44,7 +48,8 @@ use tracing::{debug, info, warn, Instrument};
 
 use crate::allowlist::Allowlist;
 use crate::config::Config;
-use crate::metrics::{Kind, Metrics, Outcome, Reason};
+use crate::config::LimitsConfig;
+use crate::metrics::{EndpointIndex, Kind, Metrics, Outcome, Reason};
 use crate::presence::{Generations, Presence};
 use crate::sessions::{close, SessionInfo, SessionTable};
 use crate::tls::CertStore;
@@ -73,11 +78,12 @@ pub(crate) fn unix_ms(t: SystemTime) -> i64 {
         .unwrap_or(0)
 }
 
-/// A running broker: the endpoint and everything connections share.
+/// A running broker: the endpoints and everything connections share.
 #[derive(Debug)]
 pub struct Broker {
     config: Arc<Config>,
-    endpoint: quinn::Endpoint,
+    /// `transport.endpoints` quinn endpoints on one address (never empty).
+    endpoints: Vec<quinn::Endpoint>,
     verifier: Arc<ApplianceVerifier>,
     allowlist: Arc<Allowlist>,
     sessions: Arc<SessionTable>,
@@ -160,8 +166,48 @@ pub enum CommandError {
     ConnectionLost(String),
 }
 
+/// Admission state every accept loop shares, so the limits hold for the broker as a
+/// whole however many endpoints feed it.
+#[derive(Debug)]
+struct Admission {
+    /// `limits.max_concurrent_handshakes` permits; a handshake holds one.
+    permits: Arc<Semaphore>,
+    /// Connections waiting for a permit.
+    pending: AtomicUsize,
+    /// `limits.max_pending_handshakes`.
+    max_pending: usize,
+    /// `limits.pending_timeout`.
+    pending_timeout: Duration,
+}
+
+impl Admission {
+    fn new(limits: &LimitsConfig) -> Admission {
+        Admission {
+            permits: Arc::new(Semaphore::new(limits.max_concurrent_handshakes)),
+            pending: AtomicUsize::new(0),
+            max_pending: limits.max_pending_handshakes,
+            pending_timeout: limits.pending_timeout,
+        }
+    }
+
+    /// Take a place in the queue; `false` if it is full. Check and increment are one
+    /// atomic step, so loops racing for the last place cannot both get it.
+    fn enqueue(&self) -> bool {
+        self.pending
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |p| {
+                (p < self.max_pending).then_some(p + 1)
+            })
+            .is_ok()
+    }
+
+    /// Give a place in the queue back.
+    fn dequeue(&self) {
+        self.pending.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 impl Broker {
-    /// Bind the QUIC endpoint. `allowlist` must already hold the initial snapshot.
+    /// Bind the QUIC endpoints. `allowlist` must already hold the initial snapshot.
     pub fn bind(
         config: Arc<Config>,
         allowlist: Arc<Allowlist>,
@@ -189,7 +235,7 @@ impl Broker {
         )
     }
 
-    /// Bind the QUIC endpoint from `parts`.
+    /// Bind the QUIC endpoints from `parts`.
     pub fn bind_parts(config: Arc<Config>, parts: BrokerParts) -> anyhow::Result<Arc<Broker>> {
         let BrokerParts {
             ca,
@@ -210,20 +256,42 @@ impl Broker {
         )?);
         let server_config =
             crate::tls::server_config(&config, verifier.clone(), cert.clone(), provider)?;
-        let (socket, granted) =
-            crate::tls::bind_udp(config.listen, config.transport.udp_recv_buffer)?;
+        let (sockets, granted) = crate::tls::bind_udp_group(
+            config.listen,
+            config.transport.endpoints,
+            config.transport.udp_recv_buffer,
+        )?;
         metrics
             .udp_recv_buffer_bytes
             .set(i64::try_from(granted).unwrap_or(i64::MAX));
-        let endpoint = quinn::Endpoint::new(
-            quinn::EndpointConfig::default(),
-            Some(server_config),
-            socket,
-            Arc::new(quinn::TokioRuntime),
-        )?;
+        // Every endpoint serves the same configuration; the certificate behind it is the
+        // shared `cert`, so a renewal reaches them all at once. They share one endpoint
+        // config too, so one stateless-reset key: a client whose address changes (NAT
+        // rebinding) may hash to another socket, which does not know its connection; the
+        // reset that socket sends is then valid, and the agent reconnects at once instead
+        // of waiting out the idle timeout.
+        let endpoint_config = quinn::EndpointConfig::default();
+        let endpoints = sockets
+            .into_iter()
+            .map(|socket| {
+                quinn::Endpoint::new(
+                    endpoint_config.clone(),
+                    Some(server_config.clone()),
+                    socket,
+                    Arc::new(quinn::TokioRuntime),
+                )
+            })
+            .collect::<std::io::Result<Vec<_>>>()?;
+        for endpoint in 0..endpoints.len() {
+            // Zero, not absent, for an endpoint nobody reached yet.
+            metrics
+                .incoming
+                .get_or_create(&EndpointIndex { endpoint })
+                .inc_by(0);
+        }
         Ok(Arc::new(Broker {
             config,
-            endpoint,
+            endpoints,
             verifier,
             allowlist,
             sessions,
@@ -236,9 +304,9 @@ impl Broker {
         }))
     }
 
-    /// The bound QUIC address.
+    /// The bound QUIC address (every endpoint's: they share it).
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
-        self.endpoint.local_addr()
+        self.endpoints[0].local_addr()
     }
 
     /// The session table.
@@ -279,35 +347,64 @@ impl Broker {
     /// Accept connections until `shutdown`, then drain: `GoAway` to every session, wait up
     /// to `drain.timeout` for them to leave, close the rest with [`CloseCode::Draining`].
     pub async fn serve(self: Arc<Self>, shutdown: CancellationToken) {
-        let limits = &self.config.limits;
-        let permits = Arc::new(Semaphore::new(limits.max_concurrent_handshakes));
+        let admission = Arc::new(Admission::new(&self.config.limits));
         info!(
             listen = %self.local_addr().map(|a| a.to_string()).unwrap_or_default(),
+            endpoints = self.endpoints.len(),
             "accepting appliance connections"
         );
+        let mut loops = tokio::task::JoinSet::new();
+        for index in 0..self.endpoints.len() {
+            loops.spawn(
+                self.clone()
+                    .accept_loop(index, admission.clone(), shutdown.clone()),
+            );
+        }
+        while loops.join_next().await.is_some() {}
+        self.drain().await;
+    }
+
+    /// One endpoint's accept loop: a permit if one is free, else a place in the shared
+    /// queue, else a refusal.
+    async fn accept_loop(
+        self: Arc<Self>,
+        index: usize,
+        admission: Arc<Admission>,
+        shutdown: CancellationToken,
+    ) {
+        let endpoint = &self.endpoints[index];
+        let received = self
+            .metrics
+            .incoming
+            .get_or_create(&EndpointIndex { endpoint: index })
+            .clone();
         loop {
             let incoming = tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => break,
-                incoming = self.endpoint.accept() => incoming,
+                incoming = endpoint.accept() => incoming,
             };
             let Some(incoming) = incoming else { break };
-            match permits.clone().try_acquire_owned() {
+            received.inc();
+            match admission.permits.clone().try_acquire_owned() {
                 Ok(permit) => {
                     tokio::spawn(self.clone().handle_incoming(incoming, permit));
                 }
                 Err(_) => {
-                    let pending = usize::try_from(self.metrics.incoming_pending.get()).unwrap_or(0);
-                    if pending >= limits.max_pending_handshakes {
+                    if !admission.enqueue() {
                         self.refuse(incoming, "queue_full");
                         continue;
                     }
                     self.metrics.incoming_pending.inc();
                     let this = self.clone();
-                    let permits = permits.clone();
-                    let wait = limits.pending_timeout;
+                    let admission = admission.clone();
                     tokio::spawn(async move {
-                        let permit = tokio::time::timeout(wait, permits.acquire_owned()).await;
+                        let permit = tokio::time::timeout(
+                            admission.pending_timeout,
+                            admission.permits.clone().acquire_owned(),
+                        )
+                        .await;
+                        admission.dequeue();
                         this.metrics.incoming_pending.dec();
                         match permit {
                             Ok(Ok(permit)) => this.handle_incoming(incoming, permit).await,
@@ -317,7 +414,6 @@ impl Broker {
                 }
             }
         }
-        self.drain().await;
     }
 
     fn refuse(&self, incoming: quinn::Incoming, reason: &'static str) {
@@ -337,7 +433,9 @@ impl Broker {
             "draining: sending GoAway to every session"
         );
         // No new connections from here on.
-        self.endpoint.set_server_config(None);
+        for endpoint in &self.endpoints {
+            endpoint.set_server_config(None);
+        }
         self.draining.cancel();
         let deadline = Instant::now() + timeout + Duration::from_millis(200);
         while !self.sessions.is_empty() && Instant::now() < deadline {
@@ -347,18 +445,21 @@ impl Broker {
         for s in self.sessions.list() {
             s.close(CloseCode::Draining, &self.metrics);
         }
-        self.endpoint.close(
-            quinn::VarInt::from_u32(CloseCode::Draining.code()),
-            CloseCode::Draining.as_str().as_bytes(),
-        );
-        let idle = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
+        for endpoint in &self.endpoints {
+            endpoint.close(
+                quinn::VarInt::from_u32(CloseCode::Draining.code()),
+                CloseCode::Draining.as_str().as_bytes(),
+            );
+        }
+        let all_idle = futures_util::future::join_all(self.endpoints.iter().map(|e| e.wait_idle()));
+        let idle = tokio::time::timeout(Duration::from_secs(2), all_idle).await;
         if left == 0 {
             info!("drain finished: every session left");
         } else {
             warn!(closed = left, "drain timed out: remaining sessions closed");
         }
         if idle.is_err() {
-            warn!("endpoint did not become idle within 2s");
+            warn!("endpoints did not become idle within 2s");
         }
     }
 
@@ -958,5 +1059,31 @@ mod tests {
             },
         );
         assert!(size <= 920, "session driver future: {size} bytes");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_queue_bound_holds_across_accept_loops() {
+        let limits = LimitsConfig {
+            max_concurrent_handshakes: 1,
+            max_pending_handshakes: 3,
+            ..LimitsConfig::default()
+        };
+        let admission = Arc::new(Admission::new(&limits));
+        // Eight loops race for three places.
+        let tasks: Vec<_> = (0..8)
+            .map(|_| {
+                let a = admission.clone();
+                tokio::spawn(async move { (0..100).filter(|_| a.enqueue()).count() })
+            })
+            .collect();
+        let mut taken = 0;
+        for t in tasks {
+            taken += t.await.unwrap();
+        }
+        assert_eq!(taken, 3);
+        assert!(!admission.enqueue());
+        admission.dequeue();
+        assert!(admission.enqueue());
+        assert!(!admission.enqueue());
     }
 }

@@ -251,11 +251,49 @@ pub fn bind_udp(
     addr: SocketAddr,
     recv_buffer: usize,
 ) -> std::io::Result<(std::net::UdpSocket, usize)> {
+    let (socket, granted) = bind_one(addr, recv_buffer, false)?;
+    Ok((socket.into(), granted))
+}
+
+/// Bind `count` UDP sockets (at least one) to `addr`, each asking for `recv_buffer` bytes
+/// of receive buffer; returns them with the receive buffer the first was granted.
+///
+/// One socket is bound as [`bind_udp`] binds it, without `SO_REUSEPORT`, so a second
+/// process on the same port fails to start instead of silently taking half the traffic.
+/// Above one, every socket sets `SO_REUSEPORT` before binding (Linux: the kernel then
+/// spreads datagrams over them by a hash of the client's address and port, so one
+/// client's packets keep reaching the same socket); with port 0 the first socket picks
+/// the port and the others bind to it.
+pub fn bind_udp_group(
+    addr: SocketAddr,
+    count: usize,
+    recv_buffer: usize,
+) -> std::io::Result<(Vec<std::net::UdpSocket>, usize)> {
+    let reuse_port = count > 1;
+    let (first, granted) = bind_one(addr, recv_buffer, reuse_port)?;
+    let bound = first.local_addr()?.as_socket().unwrap_or(addr);
+    let mut sockets = Vec::with_capacity(count);
+    sockets.push(first.into());
+    for _ in 1..count {
+        let (socket, _) = bind_one(bound, recv_buffer, reuse_port)?;
+        sockets.push(socket.into());
+    }
+    Ok((sockets, granted))
+}
+
+fn bind_one(
+    addr: SocketAddr,
+    recv_buffer: usize,
+    reuse_port: bool,
+) -> std::io::Result<(socket2::Socket, usize)> {
     use socket2::{Domain, Protocol, Socket, Type};
     let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
     if addr.is_ipv6() {
         // Best effort: dual-stack where the OS allows.
         let _ = socket.set_only_v6(false);
+    }
+    if reuse_port {
+        set_reuse_port(&socket)?;
     }
     let (granted, forced) = grow_udp_buffers(&socket, recv_buffer, 4 * 1024 * 1024);
     socket.bind(&addr.into())?;
@@ -276,5 +314,46 @@ pub fn bind_udp(
             "UDP receive buffer"
         );
     }
-    Ok((socket.into(), granted))
+    Ok((socket, granted))
+}
+
+#[cfg(target_os = "linux")]
+fn set_reuse_port(socket: &socket2::Socket) -> std::io::Result<()> {
+    socket.set_reuse_port(true)
+}
+
+/// Elsewhere `SO_REUSEPORT` does not spread UDP datagrams over the sockets (the config
+/// refuses `transport.endpoints` above 1 there).
+#[cfg(not(target_os = "linux"))]
+fn set_reuse_port(_socket: &socket2::Socket) -> std::io::Result<()> {
+    Err(std::io::Error::new(
+        std::io::ErrorKind::Unsupported,
+        "several QUIC endpoints on one port need Linux SO_REUSEPORT",
+    ))
+}
+
+#[cfg(all(test, target_os = "linux"))]
+mod tests {
+    use super::*;
+
+    const BUFFER: usize = 256 * 1024;
+
+    #[test]
+    fn a_group_shares_one_port_picked_by_the_first_socket() {
+        let (sockets, _) = bind_udp_group("127.0.0.1:0".parse().unwrap(), 3, BUFFER).unwrap();
+        assert_eq!(sockets.len(), 3);
+        let first = sockets[0].local_addr().unwrap();
+        assert_ne!(first.port(), 0);
+        for s in &sockets {
+            assert_eq!(s.local_addr().unwrap(), first);
+        }
+    }
+
+    #[test]
+    fn a_single_socket_does_not_share_its_port() {
+        let (sockets, _) = bind_udp_group("127.0.0.1:0".parse().unwrap(), 1, BUFFER).unwrap();
+        let addr = sockets[0].local_addr().unwrap();
+        let err = bind_udp_group(addr, 2, BUFFER).unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::AddrInUse);
+    }
 }
