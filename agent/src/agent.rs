@@ -311,7 +311,10 @@ impl Agent {
                 _ = tokio::time::sleep(limit) => {}
             }
             let code = tether_proto::CloseCode::Normal;
-            old.close(quinn::VarInt::from_u32(code.code()), code.as_str().as_bytes());
+            old.close(
+                quinn::VarInt::from_u32(code.code()),
+                code.as_str().as_bytes(),
+            );
         });
     }
 
