@@ -313,7 +313,9 @@ async fn run_loop_follows_goaway_then_backs_off_long_after_revocation() {
         // Make before break: the agent opens its next session while the first is still
         // up, and closes the first (normal) only once the next one is welcomed.
         let (conn2, _send2, mut recv) = accept_session(&server, 2).await;
-        let closed = tokio::time::timeout(WAIT, conn.closed()).await.expect("first closed");
+        let closed = tokio::time::timeout(WAIT, conn.closed())
+            .await
+            .expect("first closed");
         assert!(
             matches!(&closed, quinn::ConnectionError::ApplicationClosed(c)
                 if c.error_code == VarInt::from_u32(CloseCode::Normal.code())),
