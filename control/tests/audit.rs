@@ -203,6 +203,42 @@ async fn an_intact_log_verifies_and_its_hashes_follow_the_documented_encoding() 
     assert_eq!(read.computed_hash().unwrap(), e.hash);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn entries_appended_at_once_each_land_once_and_chain() {
+    // 300 callers at once (SQLite serialises them): each returns its own entry, and the
+    // log holds each once, numbered without gaps, chained as if written one by one.
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(sqlite_store(&dir).await);
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..300 {
+        let store = store.clone();
+        tasks.spawn(async move {
+            let event = AuditEvent::success(admin(), action::APPLIANCE_EXEC, format!("app-{i}"));
+            let entry = store.append_audit(&event, NOW + i).await.expect("appended");
+            (i, entry)
+        });
+    }
+    let mut returned = Vec::new();
+    while let Some(r) = tasks.join_next().await {
+        let (i, entry) = r.unwrap();
+        assert_eq!(
+            entry.target,
+            format!("app-{i}"),
+            "each caller gets its own entry"
+        );
+        returned.push(entry);
+    }
+    let log = all_entries(store.as_ref()).await;
+    assert_eq!(log.len(), 300);
+    verify_chain(&log).expect("the chain holds");
+    assert_eq!(
+        log.first().map(|e| e.prev_hash.as_str()),
+        Some(GENESIS_HASH)
+    );
+    returned.sort_by_key(|e| e.seq);
+    assert_eq!(returned, log, "what the callers got is what the log holds");
+}
+
 #[tokio::test]
 async fn edited_details_are_detected() {
     let log = sample_log().await;
