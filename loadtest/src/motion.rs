@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 use crate::fleet::{Fleet, FleetEvent};
-use crate::ops::{hist, q, us, Api, Sampler};
+use crate::ops::{hist, q, show, us, Api, Sampler};
 use crate::progress::Progress;
 use crate::report::round3;
 use crate::scenario::Tally;
@@ -410,11 +410,6 @@ pub async fn drain(
         detail.fleet_sessions_at_end,
     );
     Ok((detail, errors))
-}
-
-/// `12.3` or `-`.
-fn show(v: Option<f64>) -> String {
-    v.map(|v| format!("{v:.1}")).unwrap_or_else(|| "-".into())
 }
 
 #[cfg(test)]

@@ -126,11 +126,23 @@ impl Api {
                     )
                 }
             }
-            status => anyhow::bail!(
-                "control refused to register {id}: HTTP {status}: {}",
-                resp.text().await.unwrap_or_default()
-            ),
+            _ => Self::success(resp, &format!("to register {id}"))
+                .await
+                .map(drop),
         }
+    }
+
+    /// `resp` if it is a success, else an error naming `what` control refused, with its
+    /// status and body.
+    async fn success(resp: reqwest::Response, what: &str) -> anyhow::Result<reqwest::Response> {
+        let status = resp.status();
+        if status.is_success() {
+            return Ok(resp);
+        }
+        anyhow::bail!(
+            "control refused {what}: HTTP {status}: {}",
+            resp.text().await.unwrap_or_default()
+        )
     }
 
     /// `POST /v1/appliances/{id}/tokens`: a one-time enrollment token.
@@ -142,14 +154,10 @@ impl Api {
             .send()
             .await
             .with_context(|| format!("asking control for a token for {id}"))?;
-        let status = resp.status();
-        if !status.is_success() {
-            anyhow::bail!(
-                "control refused a token for {id}: HTTP {status}: {}",
-                resp.text().await.unwrap_or_default()
-            );
-        }
-        let v: serde_json::Value = resp.json().await?;
+        let v: serde_json::Value = Self::success(resp, &format!("a token for {id}"))
+            .await?
+            .json()
+            .await?;
         v["token"]
             .as_str()
             .map(str::to_owned)
@@ -164,14 +172,10 @@ impl Api {
             .send()
             .await
             .context("listing control's brokers")?;
-        let status = resp.status();
-        if !status.is_success() {
-            anyhow::bail!(
-                "control refused to list its brokers: HTTP {status}: {}",
-                resp.text().await.unwrap_or_default()
-            );
-        }
-        Ok(resp.json().await?)
+        Ok(Self::success(resp, "to list its brokers")
+            .await?
+            .json()
+            .await?)
     }
 
     /// `POST /v1/appliances/{id}/revoke`.
@@ -308,7 +312,7 @@ pub(crate) fn hist() -> Histogram<u64> {
 }
 
 /// `12.3` or `-`.
-fn show(v: Option<f64>) -> String {
+pub(crate) fn show(v: Option<f64>) -> String {
     v.map(|v| format!("{v:.1}")).unwrap_or_else(|| "-".into())
 }
 

@@ -440,7 +440,40 @@ fn parse_rfc3339(s: &str) -> Option<i64> {
         .map(|t| t.unix_timestamp())
 }
 
+/// The 1-based numbers of the appliances [`Pool::load`] found nothing usable for.
+pub fn missing(creds: &[Option<Credentials>]) -> Vec<usize> {
+    creds
+        .iter()
+        .enumerate()
+        .filter(|(_, c)| c.is_none())
+        .map(|(i, _)| i + 1)
+        .collect()
+}
+
 impl Prepared {
+    /// After [`Prepared::enroll`]: load the credentials just enrolled into their places
+    /// in `creds`, and return the whole fleet's.
+    pub fn fill(
+        &self,
+        pool: &Pool,
+        creds: &mut [Option<Credentials>],
+    ) -> anyhow::Result<Vec<Credentials>> {
+        for p in &self.tokens {
+            let dir = pool.appliance_dir(&p.id);
+            creds[p.index - 1] = Some(
+                Credentials::load(&dir)
+                    .with_context(|| format!("loading the new credential in {}", dir.display()))?,
+            );
+        }
+        creds
+            .iter_mut()
+            .map(|c| {
+                c.take()
+                    .context("an appliance neither in the pool nor enrolled")
+            })
+            .collect()
+    }
+
     /// Appliances registered through an existing control's API (`--control`): nothing
     /// else to enroll.
     pub fn remote(root_pem: String, tokens: Vec<PendingAppliance>) -> Prepared {

@@ -14,7 +14,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use tether_agent::Credentials;
 
 use crate::cli::{RunArgs, Scenario};
 use crate::measure::Machine;
@@ -260,37 +259,25 @@ pub async fn run(args: &RunArgs, url: &str, limits: Limits) -> anyhow::Result<Re
     let pool = open_pool(args, url, &root_pem)?;
     println!("pool: {}", pool.root().display());
     let mut creds = pool.load(n, &progress).await;
-    let missing: Vec<usize> = creds
-        .iter()
-        .enumerate()
-        .filter(|(_, c)| c.is_none())
-        .map(|(i, _)| i + 1)
-        .collect();
+    let missing = pool::missing(&creds);
     let enroll_started = Instant::now();
-    if !missing.is_empty() {
+    let prepared = if !missing.is_empty() {
         println!(
             "{} of {n} appliances need enrolling ({} ready in the pool)",
             missing.len(),
             n - missing.len()
         );
         let tokens = register(&api, &missing, args.enroll_concurrency, &progress).await?;
-        let prepared = Prepared::remote(root_pem.clone(), tokens);
-        prepared
-            .enroll(&pool, url, args.enroll_concurrency, &progress)
-            .await?;
-        for p in &prepared.tokens {
-            let dir = pool.appliance_dir(&p.id);
-            creds[p.index - 1] = Some(
-                Credentials::load(&dir)
-                    .with_context(|| format!("loading the new credential in {}", dir.display()))?,
-            );
-        }
-    }
+        Prepared::remote(root_pem.clone(), tokens)
+    } else {
+        Prepared::remote(root_pem.clone(), Vec::new())
+    };
+    prepared
+        .enroll(&pool, url, args.enroll_concurrency, &progress)
+        .await?;
+    let creds = prepared.fill(&pool, &mut creds)?;
     let enroll_secs = enroll_started.elapsed().as_secs_f64();
-    let creds: Vec<Credentials> = creds
-        .iter_mut()
-        .map(|c| c.take().expect("loaded"))
-        .collect();
+
     // Every broker must enforce what was just enrolled before the fleet connects, or the
     // first appliances would be refused (and back off for minutes).
     let (_, version) = self::brokers(&api, args.allow_non_loopback).await?;

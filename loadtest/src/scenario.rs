@@ -72,12 +72,7 @@ pub async fn run(args: &RunArgs, limits: Limits) -> anyhow::Result<Report> {
     let pool = Pool::open(&root)?;
     println!("pool: {}", pool.root().display());
     let mut creds = pool.load(n, &progress).await;
-    let missing: Vec<usize> = creds
-        .iter()
-        .enumerate()
-        .filter(|(_, c)| c.is_none())
-        .map(|(i, _)| i + 1)
-        .collect();
+    let missing = pool::missing(&creds);
     if !missing.is_empty() {
         println!(
             "{} of {n} appliances need enrolling ({} ready in the pool)",
@@ -159,17 +154,7 @@ async fn run_spawned(
         .enroll(pool, &control_url, args.enroll_concurrency, progress)
         .await?;
     let enroll_secs = enroll_started.elapsed().as_secs_f64();
-    for p in &prepared.tokens {
-        let dir = pool.appliance_dir(&p.id);
-        creds[p.index - 1] = Some(
-            Credentials::load(&dir)
-                .with_context(|| format!("loading the new credential in {}", dir.display()))?,
-        );
-    }
-    let creds: Vec<Credentials> = creds
-        .iter_mut()
-        .map(|c| c.take().expect("loaded"))
-        .collect();
+    let creds = prepared.fill(pool, creds)?;
 
     // commands, revoke: control's API as the pool's operator.
     let api = if args.scenario.needs_operator() {
