@@ -617,9 +617,7 @@ impl Broker {
                                 self.violation(&conn, v.kind(), &v.to_string());
                                 break None;
                             }
-                            if decoder.is_idle() {
-                                decoder = FrameDecoder::new(cfg.max_frame_len);
-                            }
+                            decoder.release_idle();
                         }
                         Ok(None) => {
                             debug!("agent finished the session stream");

@@ -334,12 +334,37 @@ impl FrameDecoder {
     pub fn is_idle(&self) -> bool {
         self.buf.is_empty()
     }
+
+    /// Free the buffer if it holds no partial frame, so that a long-lived stream that is
+    /// mostly idle (a session between heartbeats) keeps no allocation between frames. A
+    /// partial frame is kept.
+    pub fn release_idle(&mut self) {
+        if self.buf.is_empty() {
+            self.buf = BytesMut::new();
+        }
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::frame::{Heartbeat, TrustState};
+
+    #[test]
+    fn release_idle_frees_only_an_empty_buffer() {
+        let mut wire = BytesMut::new();
+        encode_frame(&hb(), &mut wire, DEFAULT_MAX_FRAME_LEN).unwrap();
+        let mut d = FrameDecoder::new(DEFAULT_MAX_FRAME_LEN);
+        d.push(&wire[..3]);
+        d.release_idle();
+        assert_eq!(d.buffered(), 3, "a partial frame is kept");
+        d.push(&wire[3..]);
+        assert_eq!(d.poll_frame().unwrap(), Some(hb()));
+        // What a read of a larger chunk leaves: spare room after the last frame.
+        d.buf.reserve(1024);
+        d.release_idle();
+        assert_eq!(d.buf.capacity(), 0, "nothing kept between frames");
+    }
 
     fn hb() -> Frame {
         Frame::Heartbeat(Heartbeat {
