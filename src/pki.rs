@@ -25,7 +25,7 @@ use std::io::Write;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::Path;
 
-use anyhow::{ensure, Context};
+use anyhow::Context;
 use rcgen::string::Ia5String;
 use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
@@ -236,16 +236,11 @@ pub struct Pki {
 impl Pki {
     /// A fresh root and intermediate for `trust_domain`.
     ///
-    /// The trust domain must be a valid SPIFFE trust domain: non-empty, made of lowercase
-    /// ASCII letters, digits, `.`, `-` and `_`.
+    /// The trust domain must be valid (`tether_identity::TrustDomain`).
     pub fn new(trust_domain: &str) -> anyhow::Result<Pki> {
-        ensure!(
-            !trust_domain.is_empty()
-                && trust_domain
-                    .bytes()
-                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(&b)),
-            "invalid SPIFFE trust domain {trust_domain:?}"
-        );
+        if let Err(e) = tether_identity::TrustDomain::new(trust_domain) {
+            anyhow::bail!("invalid SPIFFE trust domain {trust_domain:?}: {e}");
+        }
         let root = Ca::new_root(&format!("Tether Dev Root CA ({trust_domain})"))?;
         let intermediate =
             root.new_intermediate(&format!("Tether Dev Intermediate CA ({trust_domain})"))?;
@@ -291,6 +286,9 @@ impl Pki {
 }
 
 /// SPIFFE ID of an appliance: `spiffe://<td>/appliance/<id>`.
+///
+/// Formatted as given, not through `tether_identity::SpiffeId`: this PKI exists to mint
+/// test certificates, including ones naming ids the identity rule refuses (attack tests).
 pub fn appliance_spiffe_id(trust_domain: &str, id: &str) -> String {
     format!("spiffe://{trust_domain}/appliance/{id}")
 }
@@ -434,17 +432,8 @@ impl fmt::Debug for Leaf {
     }
 }
 
-/// Lowercase hex SHA-256 of a DER certificate.
-pub fn fingerprint_hex(der: &[u8]) -> String {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    let digest = ring::digest::digest(&ring::digest::SHA256, der);
-    let mut out = String::with_capacity(digest.as_ref().len() * 2);
-    for &b in digest.as_ref() {
-        out.push(char::from(HEX[usize::from(b >> 4)]));
-        out.push(char::from(HEX[usize::from(b & 0x0f)]));
-    }
-    out
-}
+/// Lowercase hex SHA-256 of a DER certificate (Tether's fingerprint).
+pub use tether_identity::fingerprint::hex_of as fingerprint_hex;
 
 fn distinguished_name(common_name: &str) -> DistinguishedName {
     let mut dn = DistinguishedName::new();

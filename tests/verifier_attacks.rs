@@ -243,3 +243,48 @@ async fn appliance_cannot_present_as_another() {
         None
     );
 }
+
+#[tokio::test]
+async fn dot_dot_is_no_appliance_even_when_listed() {
+    // docs/PROTOCOL.md §1.1: an id of `.` or `..` is refused with `bad_certificate`. Its
+    // fingerprint pinned under a valid id does not help: the identity check comes first.
+    let setup = Setup::new();
+    let good = setup.pki.appliance("app-a").unwrap();
+    let dots = setup.pki.intermediate.issue(&spec("..")).unwrap();
+    let dot = setup.pki.intermediate.issue(&spec(".")).unwrap();
+    setup.set_allowlist(&[("app-a", &good), ("app-a", &dots), ("app-a", &dot)]);
+    let broker = setup.broker("b1", "");
+    for leaf in [&dots, &dot] {
+        refused(
+            &setup,
+            &broker,
+            Some(leaf),
+            alert::BAD_CERTIFICATE,
+            "not_appliance",
+        )
+        .await;
+    }
+    // Listed under `..` itself: the file is refused whole, naming the line and the rule,
+    // and the broker keeps enforcing the last good list.
+    setup.set_allowlist(&[("app-a", &good), ("..", &dots)]);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !broker.log_contains("must not be `.` or `..`") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the reload was not refused"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    refused(
+        &setup,
+        &broker,
+        Some(&dots),
+        alert::BAD_CERTIFICATE,
+        "not_appliance",
+    )
+    .await;
+    assert_eq!(
+        try_session(&setup.pki, Some(&good), broker.quic).await,
+        None
+    );
+}

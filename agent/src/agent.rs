@@ -19,7 +19,6 @@ use std::time::Duration;
 use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 
-use crate::backoff::Backoff;
 use crate::command::CommandRunner;
 use crate::config::AgentConfig;
 use crate::credentials::Credentials;
@@ -27,6 +26,7 @@ use crate::error::{AgentError, ConnectError};
 use crate::event::{AgentEvent, DisconnectReason};
 use crate::session::{connect, run_session, SessionContext, SessionEnd};
 use crate::tls::client_config;
+use tether_identity::Backoff;
 
 /// A session that was welcomed and lasted this long resets the backoff window: 10 s.
 pub const STABLE_SESSION: Duration = Duration::from_secs(10);

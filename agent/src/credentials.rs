@@ -16,9 +16,9 @@ use std::sync::Arc;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::sign::CertifiedKey;
 use thiserror::Error;
-use x509_parser::extensions::GeneralName;
 
-use crate::spiffe::{SpiffeId, ROLE_APPLIANCE};
+use tether_identity::cert::SanError;
+use tether_identity::{Kind, SpiffeRef};
 
 /// File name of the private key in the state directory.
 pub const KEY_FILE: &str = "client.key.pem";
@@ -64,8 +64,8 @@ pub enum CredentialError {
     /// The leaf carries no `spiffe://<td>/appliance/<id>` SAN URI.
     #[error("certificate has no spiffe appliance identity")]
     NoApplianceIdentity,
-    /// The leaf carries several appliance identities.
-    #[error("certificate has more than one spiffe appliance identity")]
+    /// The leaf carries more than one SAN URI.
+    #[error("certificate has more than one SAN URI")]
     AmbiguousIdentity,
     /// The CA file holds no certificate: an empty trust store would trust nothing (or,
     /// worse, be mistaken for "trust anything").
@@ -172,7 +172,7 @@ impl Credentials {
             return Err(CredentialError::NoCaCertificate);
         }
         let (appliance_id, trust_domain, not_before_ms, not_after_ms) = appliance_identity(leaf)?;
-        let fingerprint = hex(ring::digest::digest(&ring::digest::SHA256, leaf).as_ref());
+        let fingerprint = tether_identity::Fingerprint::of(leaf).to_hex();
 
         let signing_key = rustls::crypto::ring::sign::any_supported_type(&key)
             .map_err(|e| CredentialError::UnsupportedKey(e.to_string()))?;
@@ -186,7 +186,7 @@ impl Credentials {
             Err(e) => return Err(CredentialError::InvalidCertificate(e.to_string())),
         }
         // Fail now, not at the first handshake, if a CA cannot be a trust anchor.
-        crate::verifier::BrokerVerifier::new(&ca_certs, &trust_domain)?;
+        crate::verifier::broker_verifier(&ca_certs, &trust_domain)?;
 
         Ok(Credentials {
             appliance_id,
@@ -260,36 +260,19 @@ type Identity = (String, String, i64, i64);
 fn appliance_identity(leaf: &CertificateDer<'_>) -> Result<Identity, CredentialError> {
     let (_, cert) = x509_parser::parse_x509_certificate(leaf)
         .map_err(|e| CredentialError::InvalidCertificate(e.to_string()))?;
-    let san = cert
-        .subject_alternative_name()
-        .map_err(|e| CredentialError::InvalidCertificate(e.to_string()))?;
-    let mut found = None;
-    for name in san.iter().flat_map(|s| s.value.general_names.iter()) {
-        let GeneralName::URI(uri) = name else {
-            continue;
-        };
-        let Some(id) = SpiffeId::parse(uri) else {
-            continue;
-        };
-        if id.role != ROLE_APPLIANCE {
-            continue;
-        }
-        if found.is_some() {
-            return Err(CredentialError::AmbiguousIdentity);
-        }
-        found = Some((id.name.to_owned(), id.trust_domain.to_owned()));
+    // The same rule the broker applies: exactly one SAN URI, an appliance SPIFFE id.
+    let uri = tether_identity::cert::single_san_uri(&cert).map_err(|e| match e {
+        SanError::MultipleUris(_) => CredentialError::AmbiguousIdentity,
+        SanError::NoUri => CredentialError::NoApplianceIdentity,
+        other => CredentialError::InvalidCertificate(other.to_string()),
+    })?;
+    let id = SpiffeRef::parse(uri).map_err(|_| CredentialError::NoApplianceIdentity)?;
+    if id.kind() != Kind::Appliance {
+        return Err(CredentialError::NoApplianceIdentity);
     }
-    let (id, td) = found.ok_or(CredentialError::NoApplianceIdentity)?;
+    let name = id.name().unwrap_or_default().to_owned();
+    let td = id.trust_domain().to_owned();
     let not_before_ms = cert.validity().not_before.timestamp().saturating_mul(1000);
     let not_after_ms = cert.validity().not_after.timestamp().saturating_mul(1000);
-    Ok((id, td, not_before_ms, not_after_ms))
-}
-
-fn hex(bytes: &[u8]) -> String {
-    use fmt::Write;
-    let mut s = String::with_capacity(bytes.len() * 2);
-    for b in bytes {
-        let _ = write!(s, "{b:02x}");
-    }
-    s
+    Ok((name, td, not_before_ms, not_after_ms))
 }

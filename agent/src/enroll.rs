@@ -12,7 +12,6 @@
 //! refuses (`KeyMismatch`): the appliance re-enrolls, it never runs on a corrupt state.
 //! The credential being replaced is kept in `previous/` for the renewal overlap.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -324,35 +323,10 @@ pub fn store_credential(
     state.save(dir)
 }
 
-/// Write `data` to `path` via a temporary sibling: create with `mode`, write, fsync,
-/// rename, fsync the folder. A stale temporary file is removed first and the new one
-/// created exclusively, so `mode` always applies (opening an existing file would keep
-/// its mode, e.g. a key left world-readable) and no symlink is followed.
+/// Write `data` to `path` atomically with `mode` ([`tether_identity::fs::write_atomic`]).
 pub fn write_atomic(path: &Path, data: &[u8], mode: u32) -> Result<(), EnrollError> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let err = |source| EnrollError::Io {
+    tether_identity::fs::write_atomic(path, data, mode).map_err(|source| EnrollError::Io {
         path: path.to_owned(),
         source,
-    };
-    let tmp = path.with_extension("tmp");
-    match std::fs::remove_file(&tmp) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(err(e)),
-        _ => {}
-    }
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(mode)
-        .open(&tmp)
-        .map_err(err)?;
-    f.write_all(data).map_err(err)?;
-    f.sync_all().map_err(err)?;
-    drop(f);
-    std::fs::rename(&tmp, path).map_err(err)?;
-    if let Some(parent) = path.parent() {
-        if let Ok(d) = std::fs::File::open(parent) {
-            let _ = d.sync_all();
-        }
-    }
-    Ok(())
+    })
 }

@@ -11,9 +11,10 @@
 //! - [`config`]: [`AgentConfig`], every tunable with its default constant, and `validate()`.
 //! - [`credentials`]: [`Credentials`] loaded from the state directory (`client.key.pem`,
 //!   `client.cert.pem`, `ca.cert.pem`); the appliance id and trust domain come from the
-//!   certificate's SPIFFE URI ([`spiffe`]).
-//! - [`verifier`]: [`BrokerVerifier`], the one place that decides whether a server is a
-//!   broker of our fleet (pinned CA, serverAuth, `spiffe://<td>/broker/<name>`).
+//!   certificate's SPIFFE URI (read by `tether_identity`, the fleet-wide identity rules).
+//! - [`verifier`]: [`BrokerVerifier`], the shared `tether_identity::ServerVerifier` set up
+//!   to decide whether a server is a broker of our fleet (pinned CA, serverAuth,
+//!   `spiffe://<td>/broker/<name>`).
 //! - [`tls`]: [`client_config`] (TLS 1.3, ring, small transport) and [`client_endpoint`].
 //! - [`session`]: the async driver of one connection ([`connect_once`], [`SessionEnd`]).
 //! - [`command`]: [`CommandRunner`], which runs commands and streams their output as frames
@@ -22,7 +23,7 @@
 //!   crash-safe credential storage.
 //! - [`renew`]: renewal over mTLS and unattended re-enrollment with a platform proof.
 //! - [`agent`]: [`Agent`], the connect / session / reconnect loop, and [`BrokerAddr`].
-//! - [`backoff`]: full-jitter exponential [`Backoff`].
+//! - Reconnect delays: full-jitter exponential [`Backoff`] from `tether_identity`.
 //! - [`event`]: [`AgentEvent`] and [`DisconnectReason`].
 //! - [`error`]: [`ConnectError`] and [`AgentError`].
 //!
@@ -46,7 +47,6 @@
 #![warn(missing_docs)]
 
 pub mod agent;
-pub mod backoff;
 pub mod command;
 pub mod config;
 pub mod credentials;
@@ -56,18 +56,17 @@ pub mod event;
 pub mod proof;
 pub mod renew;
 pub mod session;
-pub mod spiffe;
 pub mod supervisor;
 pub mod tls;
 pub mod verifier;
 
 pub use agent::{Agent, BrokerAddr};
-pub use backoff::Backoff;
 pub use command::CommandRunner;
 pub use config::{AgentConfig, ConfigError};
 pub use credentials::{CredentialError, Credentials};
 pub use error::{AgentError, ConnectError};
 pub use event::{AgentEvent, DisconnectReason};
 pub use session::{connect, connect_once, SessionEnd};
+pub use tether_identity::Backoff;
 pub use tls::{client_config, client_endpoint};
-pub use verifier::{BrokerCertError, BrokerVerifier, VerifiedBroker};
+pub use verifier::{broker_verifier, BrokerCertError, BrokerVerifier, VerifiedBroker};

@@ -14,7 +14,7 @@ use rustls::SignatureScheme;
 
 use crate::config::AgentConfig;
 use crate::credentials::{CredentialError, Credentials};
-use crate::verifier::BrokerVerifier;
+use crate::verifier::broker_verifier;
 
 /// QUIC keep-alive interval: 10 s, well inside common NAT binding timeouts (30 s).
 pub const KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(10);
@@ -33,7 +33,7 @@ pub fn client_config(
     creds: &Credentials,
     cfg: &AgentConfig,
 ) -> Result<quinn::ClientConfig, CredentialError> {
-    let verifier = Arc::new(BrokerVerifier::new(creds.ca_certs(), creds.trust_domain())?);
+    let verifier = Arc::new(broker_verifier(creds.ca_certs(), creds.trust_domain())?);
     let mut provider = rustls::crypto::ring::default_provider();
     // Prefer AES-128-GCM-SHA256: same security margin for this use, no SHA-384 cost.
     provider

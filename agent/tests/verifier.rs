@@ -8,7 +8,8 @@ use rcgen::ExtendedKeyUsagePurpose as Eku;
 use rustls::client::danger::ServerCertVerifier;
 use rustls::pki_types::{ServerName, UnixTime};
 use rustls::CertificateError;
-use tether_agent::{BrokerCertError, BrokerVerifier, CredentialError};
+use tether_agent::{broker_verifier, BrokerCertError, BrokerVerifier, CredentialError};
+use tether_identity::Kind;
 
 const TD: &str = "acme.test";
 
@@ -17,7 +18,7 @@ fn now() -> UnixTime {
 }
 
 fn verifier(ca: &Ca) -> BrokerVerifier {
-    BrokerVerifier::new(&[ca.der()], TD).expect("verifier")
+    broker_verifier(&[ca.der()], TD).expect("verifier")
 }
 
 #[test]
@@ -25,9 +26,9 @@ fn accepts_a_broker_of_our_trust_domain_whatever_the_address() {
     let ca = Ca::new("ca");
     let b = broker(&ca, TD, "edge-1");
     let v = verifier(&ca);
-    let verified = v.verify_broker(&b.der(), &[], now()).expect("accepted");
-    assert_eq!(verified.name(), "edge-1");
-    assert_eq!(verified.trust_domain(), TD);
+    let verified = v.verify(&b.der(), &[], now()).expect("accepted");
+    assert_eq!(verified.name(), Some("edge-1"));
+    assert_eq!(verified.trust_domain().as_str(), TD);
     // Through the rustls trait, with an IP address as server name (not checked).
     let name = ServerName::try_from("192.0.2.7").unwrap();
     assert!(v
@@ -58,10 +59,10 @@ fn accepts_a_broker_behind_an_intermediate() {
     };
     let b = broker(&inter, TD, "edge-2");
     let v = verifier(&root);
-    assert!(v.verify_broker(&b.der(), &[inter.der()], now()).is_ok());
+    assert!(v.verify(&b.der(), &[inter.der()], now()).is_ok());
     // Without the intermediate it does not chain.
     assert_eq!(
-        v.verify_broker(&b.der(), &[], now()).unwrap_err(),
+        v.verify(&b.der(), &[], now()).unwrap_err(),
         BrokerCertError::Chain(rustls::Error::InvalidCertificate(
             CertificateError::UnknownIssuer
         ))
@@ -73,12 +74,11 @@ fn broker_of_another_trust_domain_is_refused() {
     let ca = Ca::new("ca");
     let b = broker(&ca, "evil.test", "edge-1");
     assert_eq!(
-        verifier(&ca)
-            .verify_broker(&b.der(), &[], now())
-            .unwrap_err(),
+        verifier(&ca).verify(&b.der(), &[], now()).unwrap_err(),
         BrokerCertError::WrongTrustDomain {
             expected: TD.into(),
-            found: "evil.test".into()
+            found: "evil.test".into(),
+            kind: Kind::Broker,
         }
     );
 }
@@ -96,8 +96,11 @@ fn appliance_cannot_present_as_a_broker() {
     });
     let v = verifier(&ca);
     assert_eq!(
-        v.verify_broker(&leaf.der(), &[], now()).unwrap_err(),
-        BrokerCertError::NoBrokerIdentity
+        v.verify(&leaf.der(), &[], now()).unwrap_err(),
+        BrokerCertError::WrongIdentity {
+            expected: Kind::Broker,
+            found: "an identity of kind appliance".into()
+        }
     );
     // Through rustls the refusal becomes a "not valid for name" certificate error.
     let name = ServerName::try_from("broker").unwrap();
@@ -114,9 +117,7 @@ fn broker_signed_by_another_ca_is_refused() {
     let rogue = Ca::new("rogue");
     let b = broker(&rogue, TD, "edge-1");
     assert_eq!(
-        verifier(&ca)
-            .verify_broker(&b.der(), &[], now())
-            .unwrap_err(),
+        verifier(&ca).verify(&b.der(), &[], now()).unwrap_err(),
         BrokerCertError::Chain(rustls::Error::InvalidCertificate(
             CertificateError::UnknownIssuer
         ))
@@ -134,9 +135,7 @@ fn expired_broker_certificate_is_refused() {
         alg: &rcgen::PKCS_ECDSA_P256_SHA256,
         validity: Some(((2020, 1, 1), (2021, 1, 1))),
     });
-    let err = verifier(&ca)
-        .verify_broker(&b.der(), &[], now())
-        .unwrap_err();
+    let err = verifier(&ca).verify(&b.der(), &[], now()).unwrap_err();
     assert!(
         matches!(
             err,
@@ -160,9 +159,7 @@ fn broker_certificate_without_server_auth_is_refused() {
         alg: &rcgen::PKCS_ECDSA_P256_SHA256,
         validity: None,
     });
-    let err = verifier(&ca)
-        .verify_broker(&b.der(), &[], now())
-        .unwrap_err();
+    let err = verifier(&ca).verify(&b.der(), &[], now()).unwrap_err();
     assert!(
         matches!(
             err,
@@ -182,9 +179,7 @@ fn broker_certificate_without_server_auth_is_refused() {
         validity: None,
     });
     assert_eq!(
-        verifier(&ca)
-            .verify_broker(&b.der(), &[], now())
-            .unwrap_err(),
+        verifier(&ca).verify(&b.der(), &[], now()).unwrap_err(),
         BrokerCertError::MissingServerAuth
     );
 }
@@ -192,7 +187,7 @@ fn broker_certificate_without_server_auth_is_refused() {
 #[test]
 fn building_with_no_ca_is_an_error() {
     assert_eq!(
-        BrokerVerifier::new(&[], TD).unwrap_err(),
+        broker_verifier(&[], TD).unwrap_err(),
         CredentialError::NoCaCertificate
     );
 }
@@ -201,13 +196,9 @@ fn building_with_no_ca_is_an_error() {
 fn several_pinned_cas_each_work() {
     let ca1 = Ca::new("ca1");
     let ca2 = Ca::new("ca2");
-    let v = BrokerVerifier::new(&[ca1.der(), ca2.der()], TD).unwrap();
-    assert!(v
-        .verify_broker(&broker(&ca1, TD, "a").der(), &[], now())
-        .is_ok());
-    assert!(v
-        .verify_broker(&broker(&ca2, TD, "b").der(), &[], now())
-        .is_ok());
+    let v = broker_verifier(&[ca1.der(), ca2.der()], TD).unwrap();
+    assert!(v.verify(&broker(&ca1, TD, "a").der(), &[], now()).is_ok());
+    assert!(v.verify(&broker(&ca2, TD, "b").der(), &[], now()).is_ok());
 }
 
 #[test]
@@ -223,9 +214,7 @@ fn broker_certificate_with_two_uris_is_refused() {
         validity: None,
     });
     assert_eq!(
-        verifier(&ca)
-            .verify_broker(&b.der(), &[], now())
-            .unwrap_err(),
+        verifier(&ca).verify(&b.der(), &[], now()).unwrap_err(),
         BrokerCertError::MultipleSanUris(2)
     );
 }

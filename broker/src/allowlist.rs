@@ -10,151 +10,15 @@
 //! change reports the `(appliance, fingerprint)` pairs it removed, so the caller can close
 //! exactly the live sessions that used them.
 
-use std::fmt;
-use std::hash::{BuildHasher, Hasher};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 use thiserror::Error;
 
-/// SHA-256 of a certificate's DER encoding.
-#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub struct Fingerprint(pub [u8; 32]);
-
-impl std::hash::Hash for Fingerprint {
-    /// The fingerprint is already a uniform hash: its first eight bytes are the hash.
-    fn hash<H: Hasher>(&self, state: &mut H) {
-        let mut first = [0u8; 8];
-        first.copy_from_slice(&self.0[..8]);
-        state.write_u64(u64::from_le_bytes(first));
-    }
-}
-
-impl Fingerprint {
-    /// The fingerprint of a DER certificate.
-    pub fn of(der: &[u8]) -> Fingerprint {
-        let digest = ring::digest::digest(&ring::digest::SHA256, der);
-        let mut out = [0u8; 32];
-        out.copy_from_slice(digest.as_ref());
-        Fingerprint(out)
-    }
-
-    /// Parse 64 hex digits (either case).
-    pub fn from_hex(s: &str) -> Option<Fingerprint> {
-        let bytes = s.as_bytes();
-        if bytes.len() != 64 {
-            return None;
-        }
-        let mut out = [0u8; 32];
-        for (i, pair) in bytes.chunks_exact(2).enumerate() {
-            let hi = hex_val(pair[0])?;
-            let lo = hex_val(pair[1])?;
-            out[i] = (hi << 4) | lo;
-        }
-        Some(Fingerprint(out))
-    }
-
-    /// Lowercase hex.
-    pub fn to_hex(&self) -> String {
-        const HEX: &[u8; 16] = b"0123456789abcdef";
-        let mut s = String::with_capacity(64);
-        for b in self.0 {
-            s.push(HEX[usize::from(b >> 4)] as char);
-            s.push(HEX[usize::from(b & 0xf)] as char);
-        }
-        s
-    }
-}
-
-fn hex_val(c: u8) -> Option<u8> {
-    match c {
-        b'0'..=b'9' => Some(c - b'0'),
-        b'a'..=b'f' => Some(c - b'a' + 10),
-        b'A'..=b'F' => Some(c - b'A' + 10),
-        _ => None,
-    }
-}
-
-impl fmt::Debug for Fingerprint {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.to_hex())
-    }
-}
-
-impl fmt::Display for Fingerprint {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.to_hex())
-    }
-}
-
-/// An appliance id: 1–128 characters from `[A-Za-z0-9._-]`, as in
-/// `spiffe://<trust-domain>/appliance/<id>`.
-#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct ApplianceId(Arc<str>);
-
-/// Longest appliance id, in bytes.
-pub const MAX_APPLIANCE_ID_LEN: usize = 128;
-
-impl ApplianceId {
-    /// Validate and wrap an id.
-    pub fn new(s: &str) -> Option<ApplianceId> {
-        let ok = !s.is_empty()
-            && s.len() <= MAX_APPLIANCE_ID_LEN
-            && s.bytes()
-                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
-        ok.then(|| ApplianceId(Arc::from(s)))
-    }
-
-    /// The id.
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Debug for ApplianceId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        fmt::Debug::fmt(&*self.0, f)
-    }
-}
-
-impl fmt::Display for ApplianceId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-/// The map's hasher: takes [`Fingerprint`]'s eight-byte hash as is instead of hashing 32
-/// bytes again with SipHash.
-#[derive(Clone, Copy, Default, Debug)]
-pub struct FingerprintHasher;
-
-impl BuildHasher for FingerprintHasher {
-    type Hasher = FingerprintHash;
-    fn build_hasher(&self) -> FingerprintHash {
-        FingerprintHash(0)
-    }
-}
-
-/// See [`FingerprintHasher`].
-#[derive(Default)]
-pub struct FingerprintHash(u64);
-
-impl Hasher for FingerprintHash {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-    fn write_u64(&mut self, v: u64) {
-        self.0 ^= v;
-    }
-    fn write(&mut self, bytes: &[u8]) {
-        // Only `Fingerprint`, which writes one u64, is hashed with this; anything else
-        // still gets a usable (FNV-1a) hash.
-        for &b in bytes {
-            self.0 = (self.0 ^ u64::from(b)).wrapping_mul(0x100_0000_01b3);
-        }
-    }
-}
+pub use tether_identity::{
+    ApplianceId, Fingerprint, FingerprintHasher, MAX_NAME_LEN as MAX_APPLIANCE_ID_LEN,
+};
 
 type Map = imbl::GenericHashMap<
     Fingerprint,
@@ -424,11 +288,13 @@ pub enum ParseError {
         /// Fields found.
         fields: usize,
     },
-    /// The appliance id has characters outside `[A-Za-z0-9._-]` or is too long.
-    #[error("line {line}: invalid appliance id")]
+    /// The appliance id breaks the name rule (see `tether_identity::name`).
+    #[error("line {line}: {reason}")]
     InvalidId {
         /// 1-based line number.
         line: usize,
+        /// The part of the rule it breaks.
+        reason: tether_identity::NameError,
     },
     /// The fingerprint is not 64 hex digits.
     #[error("line {line}: fingerprint must be 64 hex digits (SHA-256 of the certificate DER)")]
@@ -468,7 +334,8 @@ pub fn parse(text: &[u8]) -> Result<Vec<Entry>, ParseError> {
                 fields: content.split_whitespace().count(),
             });
         };
-        let appliance = ApplianceId::new(id).ok_or(ParseError::InvalidId { line })?;
+        let appliance =
+            ApplianceId::new(id).map_err(|reason| ParseError::InvalidId { line, reason })?;
         let fingerprint =
             Fingerprint::from_hex(fp).ok_or(ParseError::InvalidFingerprint { line })?;
         if let Some(&at) = seen.get(&fingerprint) {
@@ -662,7 +529,18 @@ mod tests {
             Err(ParseError::InvalidFingerprint { line: 1 })
         );
         let t = format!("ok {}\nbad/id {}\n", fp(1).to_hex(), fp(2).to_hex());
-        assert_eq!(parse(t.as_bytes()), Err(ParseError::InvalidId { line: 2 }));
+        assert!(matches!(
+            parse(t.as_bytes()),
+            Err(ParseError::InvalidId { line: 2, .. })
+        ));
+        let t = format!("ok {}\n.. {}\n", fp(1).to_hex(), fp(2).to_hex());
+        assert!(matches!(
+            parse(t.as_bytes()),
+            Err(ParseError::InvalidId {
+                line: 2,
+                reason: tether_identity::NameError::Dots { .. }
+            })
+        ));
         assert_eq!(
             parse(b"\n\njust-one-field\n"),
             Err(ParseError::FieldCount { line: 3, fields: 1 })

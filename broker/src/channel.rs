@@ -264,7 +264,7 @@ impl SyncState {
 
 fn parse_entry(appliance: &str, fingerprint: &str) -> Result<Entry, ChannelError> {
     let appliance = ApplianceId::new(appliance)
-        .ok_or_else(|| ChannelError::Protocol(format!("invalid appliance id {appliance:?}")))?;
+        .map_err(|e| ChannelError::Protocol(format!("appliance {appliance:?}: {e}")))?;
     let fingerprint = Fingerprint::from_hex(fingerprint)
         .ok_or_else(|| ChannelError::Protocol(format!("invalid fingerprint {fingerprint:?}")))?;
     Ok(Entry {
@@ -315,7 +315,7 @@ impl ControlSync {
         let metrics = self.broker.metrics().clone();
         metrics.allowlist_stale.set(1);
         metrics.control_connected.set(0);
-        let mut attempt: u32 = 0;
+        let mut backoff = tether_identity::Backoff::new(BACKOFF_MIN, BACKOFF_MAX);
         let mut ever_synced = false;
         loop {
             let span = tracing::info_span!("control_channel", control = %self.identity.control_url);
@@ -343,7 +343,7 @@ impl ControlSync {
             }
             ever_synced |= synced;
             if synced {
-                attempt = 0;
+                backoff.reset();
             }
             if let Err(e) = &result {
                 metrics.channel_error(e.reason());
@@ -361,12 +361,8 @@ impl ControlSync {
                         "control unreachable: enforcing the stale allowlist snapshot from disk");
                 }
             }
-            let bound = BACKOFF_MIN
-                .saturating_mul(1u32 << attempt.min(16))
-                .min(BACKOFF_MAX);
-            attempt = attempt.saturating_add(1);
-            let delay = Duration::from_millis(fastrand::u64(0..=bound.as_millis() as u64));
-            debug!(delay = ?delay, attempt, "reconnecting to control");
+            let delay = backoff.next_delay();
+            debug!(delay = ?delay, attempt = backoff.failures(), "reconnecting to control");
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 _ = tokio::time::sleep(delay) => {}

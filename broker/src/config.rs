@@ -455,7 +455,8 @@ impl Config {
             field,
             reason: reason.to_owned(),
         };
-        if !self.trust_domain.is_empty() && !crate::verifier::valid_trust_domain(&self.trust_domain)
+        if !self.trust_domain.is_empty()
+            && !tether_identity::TrustDomain::is_valid(&self.trust_domain)
         {
             return Err(invalid(
                 "trust_domain",
@@ -503,7 +504,7 @@ impl Config {
                 "needs control.data_dir (--data-dir)",
             ));
         }
-        if !crate::verifier::valid_trust_domain(&self.trust_domain) {
+        if !tether_identity::TrustDomain::is_valid(&self.trust_domain) {
             return Err(invalid(
                 "trust_domain",
                 "required; lowercase letters, digits, '.', '-', '_'",

@@ -27,6 +27,8 @@ use thiserror::Error;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
+use tether_identity::{Kind, TrustDomain};
+
 use crate::control_tls::{client_config, ControlVerifier};
 use crate::datadir::{parse_certs, BrokerIdentity, DataDir, DataDirError};
 use crate::metrics::{Metrics, Outcome};
@@ -117,22 +119,16 @@ pub fn check_credential(
     if cert.public_key().subject_public_key.data.as_ref() != key.public_key_raw() {
         return Err(bad("the certificate is not for the key we sent".into()));
     }
-    let want = format!(
-        "spiffe://{}/broker/{}",
-        identity.trust_domain, identity.name
-    );
-    let named =
-        cert.subject_alternative_name()
-            .ok()
-            .flatten()
-            .map(|san| {
-                san.value.general_names.iter().any(
-                    |n| matches!(n, x509_parser::extensions::GeneralName::URI(u) if *u == want),
-                )
-            })
-            .unwrap_or(false);
-    if !named {
-        return Err(bad(format!("the certificate does not name {want}")));
+    let td = TrustDomain::new(&identity.trust_domain).map_err(|e| bad(e.to_string()))?;
+    let named = tether_identity::cert::spiffe_id(&cert, &td)
+        .map_err(|e| bad(format!("the certificate names no broker of {td}: {e}")))?;
+    if named.kind() != Kind::Broker || named.name() != Some(identity.name.as_str()) {
+        return Err(bad(format!(
+            "the certificate names {:?} {:?}, not broker {:?}",
+            named.kind(),
+            named.name(),
+            identity.name
+        )));
     }
     Ok((chain, validity))
 }
@@ -247,7 +243,7 @@ pub async fn enroll(bundle: &BrokerBundle, dir: &DataDir) -> Result<(), ControlE
     let ca = parse_certs(bundle.ca_pem.as_bytes())
         .map_err(|e| ControlError::Local(format!("bundle ca_pem: {e}")))?;
     let verifier = Arc::new(
-        ControlVerifier::new(&ca, &bundle.trust_domain)
+        crate::control_tls::control_verifier(&ca, &bundle.trust_domain)
             .map_err(|e| ControlError::Local(e.to_string()))?,
     );
     let identity = BrokerIdentity {
@@ -343,7 +339,7 @@ impl Renewer {
         self.metrics
             .certificate_expiry_timestamp_seconds
             .set(i64::try_from(validity.not_after).unwrap_or(i64::MAX));
-        let mut retry = RENEW_RETRY_MIN;
+        let mut retry = tether_identity::Backoff::new(RENEW_RETRY_MIN, RENEW_RETRY_MAX);
         loop {
             let now = crate::presence::unix_secs(SystemTime::now());
             // Control backdates `notBefore` (clock skew), so for a short certificate the
@@ -370,7 +366,7 @@ impl Renewer {
                             .inc();
                         info!(not_after = v.not_after, "broker certificate renewed");
                         validity = v;
-                        retry = RENEW_RETRY_MIN;
+                        retry.reset();
                         break;
                     }
                     Err(e) => {
@@ -384,17 +380,14 @@ impl Renewer {
                                 "broker certificate expired and renewal failed: agents and control \
                                  will refuse this broker until it is enrolled again");
                         } else {
-                            warn!(error = %e, retry_in = ?retry, not_after = validity.not_after,
+                            warn!(error = %e, retry_within = ?retry.ceiling(), not_after = validity.not_after,
                                 "broker certificate renewal failed; retrying");
                         }
-                        let delay = Duration::from_millis(fastrand::u64(
-                            retry.as_millis() as u64 / 2..=retry.as_millis() as u64,
-                        ));
+                        let delay = retry.next_delay();
                         tokio::select! {
                             _ = shutdown.cancelled() => return,
                             _ = tokio::time::sleep(delay) => {}
                         }
-                        retry = (retry * 2).min(RENEW_RETRY_MAX);
                     }
                 }
             }

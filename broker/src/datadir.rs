@@ -16,7 +16,6 @@
 //! disk always match.
 
 use std::fmt;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
@@ -144,10 +143,10 @@ pub enum BundleError {
 pub fn parse_bundle(bytes: &[u8], now: u64) -> Result<BrokerBundle, BundleError> {
     let b: BrokerBundle =
         serde_json::from_slice(bytes).map_err(|e| BundleError::Malformed(e.to_string()))?;
-    if crate::allowlist::ApplianceId::new(&b.name).is_none() {
+    if !tether_identity::BrokerName::is_valid(&b.name) {
         return Err(BundleError::InvalidName);
     }
-    if !crate::verifier::valid_trust_domain(&b.trust_domain) {
+    if !tether_identity::TrustDomain::is_valid(&b.trust_domain) {
         return Err(BundleError::InvalidTrustDomain);
     }
     check_control_url(&b.control_url)
@@ -296,11 +295,11 @@ impl DataDir {
         let json = std::fs::read(self.path(IDENTITY_FILE)).map_err(self.io(IDENTITY_FILE))?;
         let identity: BrokerIdentity =
             serde_json::from_slice(&json).map_err(|e| invalid(IDENTITY_FILE, e.to_string()))?;
-        if crate::allowlist::ApplianceId::new(&identity.name).is_none() {
-            return Err(invalid(IDENTITY_FILE, "invalid broker name".into()));
+        if let Err(e) = tether_identity::BrokerName::new(&identity.name) {
+            return Err(invalid(IDENTITY_FILE, e.to_string()));
         }
-        if !crate::verifier::valid_trust_domain(&identity.trust_domain) {
-            return Err(invalid(IDENTITY_FILE, "invalid trust domain".into()));
+        if let Err(e) = tether_identity::TrustDomain::new(&identity.trust_domain) {
+            return Err(invalid(IDENTITY_FILE, e.to_string()));
         }
         check_control_url(&identity.control_url)
             .map_err(|e| invalid(IDENTITY_FILE, format!("control_url: {e}")))?;
@@ -327,49 +326,13 @@ impl DataDir {
     }
 }
 
-/// Write `bytes` to `path` so that a reader (or a crash) sees the old contents or the new,
-/// never a mix: a temporary file in the same folder, fsync, rename, fsync of the folder.
-/// `mode` sets the permissions of the new file (Unix).
+/// Write `bytes` to `path` atomically (see [`tether_identity::fs::write_atomic`]), mode
+/// 0644 unless `mode` says otherwise.
 pub fn write_atomic(path: &Path, bytes: &[u8], mode: Option<u32>) -> std::io::Result<()> {
-    let dir = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let name = path
-        .file_name()
-        .ok_or_else(|| std::io::Error::other("path has no file name"))?;
-    let mut tmp_name = std::ffi::OsString::from(".");
-    tmp_name.push(name);
-    tmp_name.push(format!(".tmp{}", fastrand::u32(..)));
-    let tmp = dir.join(tmp_name);
-    let result = (|| {
-        let mut opts = std::fs::OpenOptions::new();
-        opts.write(true).create_new(true);
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::OpenOptionsExt;
-            opts.mode(mode.unwrap_or(0o644));
-        }
-        let mut f = opts.open(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-        drop(f);
-        std::fs::rename(&tmp, path)?;
-        sync_dir(dir)
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result
+    tether_identity::fs::write_atomic(path, bytes, mode.unwrap_or(0o644))
 }
 
-fn sync_dir(dir: &Path) -> std::io::Result<()> {
-    #[cfg(unix)]
-    {
-        std::fs::File::open(dir)?.sync_all()?;
-    }
-    Ok(())
-}
+use tether_identity::fs::sync_dir;
 
 #[cfg(test)]
 mod tests {
@@ -458,22 +421,6 @@ mod tests {
         assert!(check_control_url("https://c/x").is_err());
         assert!(check_control_url("https://u:p@c").is_err());
         assert!(check_control_url("c:443").is_err());
-    }
-
-    #[test]
-    fn write_atomic_sets_the_mode_and_leaves_no_temporary_file() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("k");
-        write_atomic(&path, b"one", Some(0o600)).unwrap();
-        write_atomic(&path, b"two", Some(0o600)).unwrap();
-        assert_eq!(std::fs::read(&path).unwrap(), b"two");
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::PermissionsExt;
-            let mode = std::fs::metadata(&path).unwrap().permissions().mode();
-            assert_eq!(mode & 0o777, 0o600);
-        }
-        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
     }
 
     #[test]

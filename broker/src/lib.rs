@@ -70,7 +70,6 @@ use tracing::{error, info, warn};
 use crate::allowlist::{Allowlist, AllowlistSource, Change, ChangeError, FileSource};
 use crate::channel::ControlSync;
 use crate::config::Config;
-use crate::control_tls::ControlVerifier;
 use crate::credential::{Renewer, Validity};
 use crate::datadir::{DataDir, DataDirError};
 use crate::metrics::{Metrics, Outcome};
@@ -286,7 +285,10 @@ impl Running {
         )
         .context("cannot start the QUIC endpoint")?;
         let quic_addr = advertised_addr(&config, broker.local_addr()?);
-        let verifier = Arc::new(ControlVerifier::new(&stored.ca, &identity.trust_domain)?);
+        let verifier = Arc::new(crate::control_tls::control_verifier(
+            &stored.ca,
+            &identity.trust_domain,
+        )?);
         let sync = ControlSync {
             broker: broker.clone(),
             identity: identity.clone(),

@@ -227,7 +227,7 @@ impl Generations {
     pub fn apply(&self, generations: &[(String, u64)], sessions: &SessionTable) -> Vec<String> {
         let mut invalid = Vec::new();
         for (appliance, generation) in generations {
-            let Some(id) = ApplianceId::new(appliance) else {
+            let Ok(id) = ApplianceId::new(appliance) else {
                 invalid.push(appliance.clone());
                 continue;
             };

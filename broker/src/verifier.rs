@@ -35,6 +35,9 @@ use rustls::server::WebPkiClientVerifier;
 use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, SignatureScheme};
 use thiserror::Error;
 
+use tether_identity::cert::{IdentityError, SanError};
+use tether_identity::{Kind, TrustDomain};
+
 use crate::allowlist::{Allowlist, ApplianceId, Fingerprint};
 use crate::metrics::Metrics;
 
@@ -205,8 +208,7 @@ pub enum VerifierError {
 #[derive(Debug)]
 pub struct ApplianceVerifier {
     chain: Arc<dyn ClientCertVerifier>,
-    uri_prefix: String,
-    trust_domain: String,
+    trust_domain: TrustDomain,
     allowlist: Arc<Allowlist>,
     metrics: Arc<Metrics>,
 }
@@ -224,9 +226,8 @@ impl ApplianceVerifier {
         if ca.is_empty() {
             return Err(VerifierError::EmptyCaBundle);
         }
-        if !valid_trust_domain(trust_domain) {
-            return Err(VerifierError::InvalidTrustDomain(trust_domain.to_owned()));
-        }
+        let trust_domain = TrustDomain::new(trust_domain)
+            .map_err(|_| VerifierError::InvalidTrustDomain(trust_domain.to_owned()))?;
         let mut roots = rustls::RootCertStore::empty();
         for cert in ca {
             roots.add(cert.clone()).map_err(VerifierError::InvalidCa)?;
@@ -236,8 +237,7 @@ impl ApplianceVerifier {
             .map_err(|e| VerifierError::Build(e.to_string()))?;
         Ok(ApplianceVerifier {
             chain,
-            uri_prefix: format!("spiffe://{trust_domain}/appliance/"),
-            trust_domain: trust_domain.to_owned(),
+            trust_domain,
             allowlist,
             metrics,
         })
@@ -245,7 +245,7 @@ impl ApplianceVerifier {
 
     /// The trust domain.
     pub fn trust_domain(&self) -> &str {
-        &self.trust_domain
+        self.trust_domain.as_str()
     }
 
     /// Steps 2 and 3 on a leaf whose chain rustls has verified with this verifier
@@ -272,7 +272,6 @@ impl ApplianceVerifier {
 
     /// Step 2 (and the EKU / key-usage part of step 1).
     fn identity(&self, leaf: &CertificateDer<'_>) -> Result<(ApplianceId, i64), Rejection> {
-        use x509_parser::extensions::GeneralName;
         let (_, cert) =
             x509_parser::parse_x509_certificate(leaf).map_err(|_| Rejection::BadEncoding)?;
         match cert.extended_key_usage() {
@@ -285,37 +284,19 @@ impl ApplianceVerifier {
             Ok(_) => {}
             Err(_) => return Err(Rejection::BadEncoding),
         }
-        let san = match cert.subject_alternative_name() {
-            Ok(Some(san)) => san,
-            Ok(None) => return Err(Rejection::NoSanUri),
-            Err(_) => return Err(Rejection::BadEncoding),
-        };
-        let mut uris = san.value.general_names.iter().filter_map(|n| match n {
-            GeneralName::URI(u) => Some(*u),
-            _ => None,
-        });
-        let uri = match (uris.next(), uris.count()) {
-            (None, _) => return Err(Rejection::NoSanUri),
-            (Some(u), 0) => u,
-            (Some(_), more) => return Err(Rejection::MultipleSanUris(more + 1)),
-        };
-        let appliance = match uri.strip_prefix(self.uri_prefix.as_str()) {
-            Some(id) => ApplianceId::new(id).ok_or(Rejection::NotAppliance)?,
-            None => {
-                // Distinguish "another trust domain" from "not an appliance at all".
-                let other_td = uri
-                    .strip_prefix("spiffe://")
-                    .and_then(|rest| rest.split_once('/'))
-                    .is_some_and(|(td, path)| {
-                        td != self.trust_domain && path.starts_with("appliance/")
-                    });
-                return Err(if other_td {
-                    Rejection::WrongTrustDomain
-                } else {
-                    Rejection::NotAppliance
-                });
-            }
-        };
+        // The one SAN URI, read and checked by the shared identity crate.
+        let id =
+            tether_identity::cert::spiffe_id(&cert, &self.trust_domain).map_err(|e| match e {
+                IdentityError::San(SanError::MultipleUris(n)) => Rejection::MultipleSanUris(n),
+                IdentityError::San(SanError::NoUri) => Rejection::NoSanUri,
+                IdentityError::San(_) => Rejection::BadEncoding,
+                IdentityError::WrongTrustDomain {
+                    kind: Kind::Appliance,
+                    ..
+                } => Rejection::WrongTrustDomain,
+                _ => Rejection::NotAppliance,
+            })?;
+        let appliance = id.appliance().ok_or(Rejection::NotAppliance)?;
         Ok((appliance, cert.validity().not_after.timestamp()))
     }
 
@@ -411,13 +392,4 @@ impl ClientCertVerifier for ApplianceVerifier {
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
         self.chain.supported_verify_schemes()
     }
-}
-
-/// A SPIFFE trust domain: lowercase letters, digits, `.`, `-`, `_`.
-pub fn valid_trust_domain(td: &str) -> bool {
-    !td.is_empty()
-        && td.len() <= 255
-        && td.bytes().all(|b| {
-            b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'-' | b'_')
-        })
 }

@@ -31,7 +31,9 @@ use tracing::info;
 
 use crate::api::{json_rejection, ApiError, AppState};
 use crate::audit::{self, action, AuditEvent, Outcome};
-use crate::enroll::{internal, record_refusal, rfc3339, valid_appliance_id};
+use tether_identity::ApplianceId;
+
+use crate::enroll::{internal, record_refusal, rfc3339};
 use crate::operators::{authorize, Role, VerifiedOperator};
 use crate::server::PeerCertificate;
 use crate::store::{
@@ -209,14 +211,9 @@ fn bad(code: &'static str, message: impl Into<String>) -> ApiError {
 }
 
 fn check_id(id: &str) -> Result<(), ApiError> {
-    if valid_appliance_id(id) {
-        Ok(())
-    } else {
-        Err(bad(
-            "invalid_appliance_id",
-            "appliance id must be 1-128 of [A-Za-z0-9._-]",
-        ))
-    }
+    ApplianceId::new(id)
+        .map(drop)
+        .map_err(|e| bad("invalid_appliance_id", e.to_string()))
 }
 
 fn check_field(name: &str, value: &str) -> Result<(), ApiError> {

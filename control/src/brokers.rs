@@ -26,7 +26,9 @@ use tracing::{info, warn};
 
 use crate::api::{json_rejection, ApiError, AppState};
 use crate::audit::{self, action, Actor, AuditEvent};
-use crate::enroll::{internal, rfc3339, valid_appliance_id};
+use tether_identity::BrokerName;
+
+use crate::enroll::{internal, rfc3339};
 use crate::operators::{authorize, Role};
 use crate::server::PeerCertificate;
 use crate::store::{BrokerRefusal, BrokerStatus, Store, StoreError, UnixSeconds};
@@ -144,14 +146,9 @@ fn bad(code: &'static str, message: impl Into<String>) -> ApiError {
 }
 
 fn check_name(name: &str) -> Result<(), ApiError> {
-    if valid_appliance_id(name) {
-        Ok(())
-    } else {
-        Err(bad(
-            "invalid_name",
-            "broker names are 1-128 of [A-Za-z0-9._-]",
-        ))
-    }
+    BrokerName::new(name)
+        .map(drop)
+        .map_err(|e| bad(e.code(), e.to_string()))
 }
 
 /// `POST /v1/brokers` (operator+).

@@ -47,6 +47,9 @@ use rcgen::{
     SigningKey,
 };
 use rustls::pki_types::CertificateDer;
+use tether_identity::{
+    ApplianceId, BrokerName, NameError, OperatorName, SpiffeId, Subject, TrustDomain,
+};
 use time::OffsetDateTime;
 use x509_parser::extensions::GeneralName;
 use x509_parser::prelude::FromDer;
@@ -68,11 +71,6 @@ pub const DEFAULT_BROKER_VALIDITY: Duration = Duration::from_secs(30 * 86_400);
 pub const DEFAULT_OPERATOR_VALIDITY: Duration = Duration::from_secs(365 * 86_400);
 /// How long before `now` a certificate starts being valid (clock skew): 5 minutes.
 pub const BACKDATE: Duration = Duration::from_secs(5 * 60);
-
-/// Longest trust domain (SPIFFE: 255).
-const MAX_TRUST_DOMAIN: usize = 255;
-/// Longest appliance id / broker / operator name accepted in a certificate.
-const MAX_NAME: usize = 128;
 
 const ROOT_CERT: &str = "root.pem";
 const ROOT_KEY: &str = "root.key";
@@ -153,8 +151,8 @@ impl CaConfig {
     /// Check every field; the error names the first bad one.
     pub fn validate(&self) -> Result<(), CaError> {
         let bad = |field: &'static str, reason: String| Err(CaError::Config { field, reason });
-        if let Err(reason) = check_trust_domain(&self.trust_domain) {
-            return bad("trust_domain", reason);
+        if let Err(e) = TrustDomain::new(&self.trust_domain) {
+            return bad("trust_domain", e.to_string());
         }
         // The CA certificates and control's own leaf live long; a client leaf may be as
         // short as a few seconds (demos and tests of expiry and renewal).
@@ -190,9 +188,17 @@ impl CaConfig {
         Ok(())
     }
 
-    /// `spiffe://<trust domain><path>`.
-    fn spiffe(&self, path: &str) -> String {
-        format!("spiffe://{}{path}", self.trust_domain)
+    /// The SPIFFE id of `subject` in this CA's trust domain.
+    fn spiffe(&self, subject: Subject) -> Result<String, CaError> {
+        let td = TrustDomain::new(&self.trust_domain).map_err(|e| CaError::Config {
+            field: "trust_domain",
+            reason: e.to_string(),
+        })?;
+        Ok(SpiffeId {
+            trust_domain: td,
+            subject,
+        }
+        .uri())
     }
 }
 
@@ -643,7 +649,7 @@ impl Ca {
         let control_cert = read_cert(&control_path)?;
         let control_key = read_secret(&dir.join(CONTROL_KEY))?;
         let (uris, _, _) = leaf_names(&control_cert.der).map_err(|e| bad_cert(&control_path, e))?;
-        let expected = cfg.spiffe("/control");
+        let expected = cfg.spiffe(Subject::Control)?;
         if !uris.contains(&expected) {
             return Err(CaError::Config {
                 field: "trust_domain",
@@ -773,7 +779,7 @@ impl Ca {
     fn new_control_leaf(&self, now: OffsetDateTime) -> Result<ControlLeaf, CaError> {
         let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
             .map_err(|e| CaError::Key(format!("cannot generate a P-256 key: {e}")))?;
-        let mut sans = vec![uri_san(&self.cfg.spiffe("/control"))?];
+        let mut sans = vec![uri_san(&self.cfg.spiffe(Subject::Control)?)?];
         for name in &self.cfg.control_dns_names {
             sans.push(dns_san(name)?);
         }
@@ -814,7 +820,7 @@ impl Ca {
         csr_pem: &str,
         now: OffsetDateTime,
     ) -> Result<Issued, CaError> {
-        check_name("appliance_id", appliance_id)?;
+        name("appliance_id", appliance_id, ApplianceId::new)?;
         let csr = verify_csr(csr_pem)?;
         self.issue_appliance_verified(appliance_id, &csr, now)
     }
@@ -826,8 +832,8 @@ impl Ca {
         csr: &VerifiedCsr,
         now: OffsetDateTime,
     ) -> Result<Issued, CaError> {
-        check_name("appliance_id", appliance_id)?;
-        let uri = self.cfg.spiffe(&format!("/appliance/{appliance_id}"));
+        let id = name("appliance_id", appliance_id, ApplianceId::new)?;
+        let uri = self.cfg.spiffe(Subject::Appliance(id))?;
         self.sign_leaf(
             appliance_id,
             vec![uri_san(&uri)?],
@@ -848,8 +854,8 @@ impl Ca {
         ips: &[IpAddr],
         now: OffsetDateTime,
     ) -> Result<Issued, CaError> {
-        check_name("broker", name)?;
-        let mut sans = vec![uri_san(&self.cfg.spiffe(&format!("/broker/{name}")))?];
+        let broker = self::name("broker", name, BrokerName::new)?;
+        let mut sans = vec![uri_san(&self.cfg.spiffe(Subject::Broker(broker))?)?];
         for d in dns {
             sans.push(dns_san(d)?);
         }
@@ -876,8 +882,8 @@ impl Ca {
         csr_pem: &str,
         now: OffsetDateTime,
     ) -> Result<Issued, CaError> {
-        check_name("operator", name)?;
-        let uri = self.cfg.spiffe(&format!("/operator/{name}"));
+        let operator = self::name("operator", name, OperatorName::new)?;
+        let uri = self.cfg.spiffe(Subject::Operator(operator))?;
         let csr = verify_csr(csr_pem)?;
         self.sign_leaf(
             name,
@@ -939,20 +945,7 @@ impl Ca {
     }
 }
 
-/// SHA-256 of `der`, lowercase hex.
-pub fn fingerprint_hex(der: &[u8]) -> String {
-    hex(ring::digest::digest(&ring::digest::SHA256, der).as_ref())
-}
-
-fn hex(bytes: &[u8]) -> String {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    let mut out = String::with_capacity(bytes.len() * 2);
-    for &b in bytes {
-        out.push(char::from(HEX[usize::from(b >> 4)]));
-        out.push(char::from(HEX[usize::from(b & 0x0f)]));
-    }
-    out
-}
+pub use tether_identity::fingerprint::hex_of as fingerprint_hex;
 
 /// 128 random bits, first byte in 0x01..=0x7f so the DER INTEGER is positive and exactly
 /// 16 bytes (126.x bits of entropy).
@@ -961,7 +954,7 @@ fn random_serial() -> Result<(SerialNumber, String), CaError> {
     ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b)
         .map_err(|_| CaError::Sign("no randomness for a serial number".into()))?;
     b[0] = (b[0] & 0x7f).max(1);
-    Ok((SerialNumber::from_slice(&b), hex(&b)))
+    Ok((SerialNumber::from_slice(&b), hex::encode(b)))
 }
 
 fn whole_seconds(t: OffsetDateTime) -> OffsetDateTime {
@@ -1020,41 +1013,20 @@ fn dns_san(name: &str) -> Result<SanType, CaError> {
         })
 }
 
-/// A SPIFFE path segment: 1–128 of `[A-Za-z0-9._-]`, not `.` or `..`.
-fn check_name(kind: &'static str, name: &str) -> Result<(), CaError> {
-    let reason = if name.is_empty() || name.len() > MAX_NAME {
-        Some(format!("must be 1 to {MAX_NAME} characters"))
-    } else if name == "." || name == ".." {
-        Some("must not be `.` or `..`".to_owned())
-    } else if !name
-        .bytes()
-        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_'))
-    {
-        Some("may contain only letters, digits, `.`, `-` and `_`".to_owned())
-    } else {
-        None
-    };
-    match reason {
-        Some(reason) => Err(CaError::InvalidName {
-            kind,
-            name: name.to_owned(),
-            reason,
-        }),
-        None => Ok(()),
-    }
-}
-
-fn check_trust_domain(td: &str) -> Result<(), String> {
-    if td.is_empty() || td.len() > MAX_TRUST_DOMAIN {
-        return Err(format!("must be 1 to {MAX_TRUST_DOMAIN} characters"));
-    }
-    if !td
-        .bytes()
-        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'-' | b'_'))
-    {
-        return Err("may contain only lowercase letters, digits, `.`, `-` and `_`".into());
-    }
-    Ok(())
+/// A name checked by [`tether_identity`]'s rule, or the CA's refusal naming the field.
+fn name<T>(
+    kind: &'static str,
+    raw: &str,
+    check: fn(&str) -> Result<T, NameError>,
+) -> Result<T, CaError> {
+    check(raw).map_err(|e| CaError::InvalidName {
+        kind,
+        name: raw
+            .chars()
+            .take(tether_identity::MAX_NAME_LEN + 1)
+            .collect(),
+        reason: e.to_string(),
+    })
 }
 
 fn check_dns_name(name: &str) -> Result<(), String> {
@@ -1180,7 +1152,7 @@ fn write_ca_dir(
     let mut suffix = [0u8; 8];
     ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut suffix)
         .map_err(|_| CaError::Key("no randomness".into()))?;
-    let tmp = data_dir.join(format!(".ca.init-{}", hex(&suffix)));
+    let tmp = data_dir.join(format!(".ca.init-{}", hex::encode(suffix)));
     let result = (|| {
         fs::DirBuilder::new()
             .mode(0o700)
@@ -1227,18 +1199,11 @@ fn write_new(path: &Path, contents: &[u8], secret: bool) -> Result<(), CaError> 
     f.sync_all().map_err(io_err(path))
 }
 
-/// Replace `path` atomically: temp file beside it, fsync, rename, fsync the directory.
+/// Replace `path` atomically ([`tether_identity::fs::write_atomic`]); mode 0600 when
+/// `secret`, else 0644.
 fn write_atomic(path: &Path, contents: &[u8], secret: bool) -> Result<(), CaError> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = dir.join(format!(".{name}.tmp"));
-    let _ = fs::remove_file(&tmp);
-    write_new(&tmp, contents, secret)?;
-    fs::rename(&tmp, path).map_err(io_err(path))?;
-    sync_dir(dir)
+    let mode = if secret { 0o600 } else { 0o644 };
+    tether_identity::fs::write_atomic(path, contents, mode).map_err(io_err(path))
 }
 
 fn sync_dir(dir: &Path) -> Result<(), CaError> {

@@ -279,15 +279,10 @@ impl ControlConfig {
 
     /// Check every field.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        let td = &self.trust_domain;
-        let ok = !td.is_empty()
-            && td.bytes().all(|b| {
-                b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'-' | b'_')
-            });
-        if !ok {
+        if let Err(e) = tether_identity::TrustDomain::new(&self.trust_domain) {
             return Err(ConfigError::Invalid {
                 field: "trust_domain",
-                reason: "required; lowercase letters, digits, '.', '-', '_'".into(),
+                reason: e.to_string(),
             });
         }
         self.proofs.aws.validate()?;

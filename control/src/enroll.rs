@@ -26,6 +26,8 @@ use axum::http::StatusCode;
 use serde::{Deserialize, Serialize};
 use tracing::{error, info, warn};
 
+use tether_identity::ApplianceId;
+
 use crate::api::{ApiError, AppState};
 use crate::audit::{self, action, Actor, AuditEvent, Outcome};
 use crate::proof::{ProofError, Verified};
@@ -215,17 +217,8 @@ fn binding_kind(b: &PlatformBinding) -> &'static str {
     }
 }
 
-/// Longest appliance id, bytes.
-pub const MAX_APPLIANCE_ID_LEN: usize = 128;
-
-/// Whether `id` is a valid appliance id.
-pub fn valid_appliance_id(id: &str) -> bool {
-    !id.is_empty()
-        && id.len() <= MAX_APPLIANCE_ID_LEN
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
-}
+/// Longest appliance id, bytes (the name rule of [`tether_identity::name`]).
+pub const MAX_APPLIANCE_ID_LEN: usize = tether_identity::MAX_NAME_LEN;
 
 /// How a refused (4xx) or failed (5xx) answer is recorded.
 pub(crate) fn outcome_of(e: &ApiError) -> Outcome {
@@ -259,7 +252,7 @@ pub async fn enroll(
     let result = enroll_checked(s, &req, now).await;
     if let Err(e) = &result {
         let id = req.appliance_id.as_str();
-        let (actor, target) = if valid_appliance_id(id) {
+        let (actor, target) = if ApplianceId::is_valid(id) {
             (Actor::appliance(id), id)
         } else {
             // Whatever the caller sent, bounded.
@@ -286,11 +279,11 @@ async fn enroll_checked(
         warn!(appliance = id, code, reason = %message, "enrollment refused");
         ApiError::new(status, code, message)
     };
-    if !valid_appliance_id(id) {
+    if let Err(e) = ApplianceId::new(id) {
         return Err(refused(
             StatusCode::BAD_REQUEST,
             "invalid_appliance_id",
-            "appliance id must be 1-128 of [A-Za-z0-9._-]".into(),
+            e.to_string(),
         ));
     }
     let appliance = s

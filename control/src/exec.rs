@@ -28,7 +28,9 @@ use tracing::info;
 use crate::api::{json_rejection, ApiError, AppState};
 use crate::audit::{self, action, AuditEvent, Outcome};
 use crate::cluster::ExecEvent;
-use crate::enroll::{internal, valid_appliance_id};
+use tether_identity::ApplianceId;
+
+use crate::enroll::internal;
 use crate::metrics::Reason;
 use crate::operators::{authorize, Role};
 use crate::server::PeerCertificate;
@@ -149,11 +151,11 @@ pub async fn exec(
             crate::appliances::refuse(&s, event, e, now).await
         }
     };
-    if !valid_appliance_id(&id) {
+    if let Err(e) = ApplianceId::new(&id) {
         return Err(refuse(ApiError::new(
             StatusCode::BAD_REQUEST,
             "invalid_id",
-            "appliance ids are 1-128 of [A-Za-z0-9._-]",
+            e.to_string(),
         ))
         .await);
     }

@@ -2,10 +2,12 @@
 //!
 //! rustls has already checked the chain, validity and clientAuth (see
 //! [`crate::server::tls_config`]); this reads the one SPIFFE URI the certificate must carry
-//! and says which kind of identity it is. Anything else — no SAN, several URIs, another
-//! trust domain, an unknown kind, a bad name — is no identity at all.
+//! with [`tether_identity::cert::spiffe_id`], the check every Tether verifier makes, and
+//! says which kind of identity it is. Anything else — no SAN, several URIs, another trust
+//! domain, control's own id, a bad name — is no identity at all.
 
-use x509_parser::extensions::GeneralName;
+use tether_identity::cert::{IdentityError as CertIdentityError, SanError};
+use tether_identity::{Subject, TrustDomain};
 
 /// An identity issued by this control.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -34,32 +36,16 @@ pub enum IdentityError {
 
 /// The identity in `der` for trust domain `td`.
 pub fn identify(der: &[u8], td: &str) -> Result<PeerIdentity, IdentityError> {
-    let (_, cert) =
-        x509_parser::parse_x509_certificate(der).map_err(|_| IdentityError::Malformed)?;
-    let san = cert
-        .subject_alternative_name()
-        .map_err(|_| IdentityError::Malformed)?
-        .ok_or(IdentityError::UriCount)?;
-    let mut uris = san.value.general_names.iter().filter_map(|n| match n {
-        GeneralName::URI(u) => Some(*u),
-        _ => None,
-    });
-    let (Some(uri), None) = (uris.next(), uris.next()) else {
-        return Err(IdentityError::UriCount);
-    };
-    let path = uri
-        .strip_prefix("spiffe://")
-        .and_then(|r| r.strip_prefix(td))
-        .and_then(|r| r.strip_prefix('/'))
-        .ok_or(IdentityError::Foreign)?;
-    let (kind, name) = path.split_once('/').ok_or(IdentityError::Foreign)?;
-    if !crate::enroll::valid_appliance_id(name) {
-        return Err(IdentityError::Foreign);
-    }
-    match kind {
-        "appliance" => Ok(PeerIdentity::Appliance(name.to_owned())),
-        "operator" => Ok(PeerIdentity::Operator(name.to_owned())),
-        "broker" => Ok(PeerIdentity::Broker(name.to_owned())),
-        _ => Err(IdentityError::Foreign),
+    let td = TrustDomain::new(td).map_err(|_| IdentityError::Foreign)?;
+    let id = tether_identity::cert::spiffe_id_der(der, &td).map_err(|e| match e {
+        CertIdentityError::San(SanError::Malformed) => IdentityError::Malformed,
+        CertIdentityError::San(_) => IdentityError::UriCount,
+        _ => IdentityError::Foreign,
+    })?;
+    match id.subject {
+        Subject::Appliance(id) => Ok(PeerIdentity::Appliance(id.to_string())),
+        Subject::Operator(name) => Ok(PeerIdentity::Operator(name.to_string())),
+        Subject::Broker(name) => Ok(PeerIdentity::Broker(name.to_string())),
+        Subject::Control => Err(IdentityError::Foreign),
     }
 }

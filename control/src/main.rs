@@ -496,8 +496,8 @@ async fn appliance(cmd: ApplianceCmd, now: i64) -> anyhow::Result<()> {
             k8s_service_account,
             token_only,
         } => {
-            if !tether_control::enroll::valid_appliance_id(&id) {
-                bail!("invalid appliance id {id:?}: use 1-128 of [A-Za-z0-9._-]");
+            if let Err(e) = tether_identity::ApplianceId::new(&id) {
+                bail!("invalid appliance id {id:?}: {e}");
             }
             if let Some(arn) = aws_role.as_deref() {
                 if !tether_control::proof::aws::is_role_arn(arn) {
@@ -702,8 +702,8 @@ async fn broker_cmd(cmd: BrokerCmd, now: i64) -> anyhow::Result<()> {
             ttl,
             out,
         } => {
-            if !tether_control::operators::valid_name(&name) {
-                bail!("invalid broker name {name:?}: use 1-128 of [A-Za-z0-9._-]");
+            if let Err(e) = tether_identity::BrokerName::new(&name) {
+                bail!("invalid broker name {name:?}: {e}");
             }
             if ttl.is_zero() || ttl > brokers::MAX_BUNDLE_TTL {
                 bail!("--ttl must be between 1s and 30 days");
@@ -756,8 +756,8 @@ async fn operator_cmd(cmd: OperatorCmd, now: i64) -> anyhow::Result<()> {
             ttl,
             out,
         } => {
-            if !operators::valid_name(&name) {
-                bail!("invalid operator name {name:?}: use 1-128 of [A-Za-z0-9._-]");
+            if let Err(e) = tether_identity::OperatorName::new(&name) {
+                bail!("invalid operator name {name:?}: {e}");
             }
             if ttl.is_zero() || ttl > operators::MAX_INVITE_TTL {
                 bail!("--ttl must be between 1s and 30 days");

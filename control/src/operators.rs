@@ -38,6 +38,8 @@ use axum::{Extension, Json};
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
+use tether_identity::OperatorName;
+
 use crate::api::{ApiError, AppState};
 use crate::audit::{self, Actor, AuditEvent};
 use crate::enroll::{internal, outcome_of, record_refusal, rfc3339};
@@ -302,11 +304,6 @@ impl std::fmt::Debug for Bundle {
             .field("expires_at", expires_at)
             .finish_non_exhaustive()
     }
-}
-
-/// Whether `name` is a valid operator name (the appliance id rules).
-pub fn valid_name(name: &str) -> bool {
-    crate::enroll::valid_appliance_id(name)
 }
 
 /// Control's URL as configured: `https://<first DNS name, else first IP>:<listen port>`.
@@ -663,11 +660,11 @@ pub async fn invite(
     let now = crate::now_unix();
     let op = authorize(&s, &peer, Role::Admin, action::INVITE, "", now).await?;
     let Json(req) = body.map_err(crate::api::json_rejection)?;
-    if !valid_name(&req.name) {
+    if let Err(e) = OperatorName::new(&req.name) {
         return Err(ApiError::new(
             StatusCode::BAD_REQUEST,
-            "invalid_name",
-            "operator name must be 1-128 of [A-Za-z0-9._-]",
+            e.code(),
+            e.to_string(),
         ));
     }
     let ttl = req
@@ -762,11 +759,11 @@ pub async fn revoke(
     let now = crate::now_unix();
     let target = audit::clip(&name, audit::MAX_TARGET_LEN);
     let op = authorize(&s, &peer, Role::Admin, action::REVOKE, target, now).await?;
-    if !valid_name(&name) {
+    if let Err(e) = OperatorName::new(&name) {
         return Err(ApiError::new(
             StatusCode::BAD_REQUEST,
-            "invalid_name",
-            "operator name must be 1-128 of [A-Za-z0-9._-]",
+            e.code(),
+            e.to_string(),
         ));
     }
     let event = AuditEvent::success(op.actor(), action::REVOKE, name.as_str());

@@ -76,13 +76,7 @@ pub fn sha256_hex(data: &[u8]) -> String {
 }
 
 fn hex(bytes: &[u8]) -> String {
-    const H: &[u8; 16] = b"0123456789abcdef";
-    let mut s = String::with_capacity(bytes.len() * 2);
-    for b in bytes {
-        s.push(H[usize::from(b >> 4)] as char);
-        s.push(H[usize::from(b & 15)] as char);
-    }
-    s
+    hex::encode(bytes)
 }
 
 #[cfg(test)]

@@ -137,8 +137,8 @@ pub enum TokenCmd {
 
 /// Refuse an invalid appliance id before it reaches a URL.
 fn check_id(id: &str) -> anyhow::Result<()> {
-    if !super::valid_name(id) {
-        bail!("invalid appliance id {id:?}: use 1-128 of [A-Za-z0-9._-]");
+    if let Err(e) = tether_identity::ApplianceId::new(id) {
+        bail!("invalid appliance id {id:?}: {e}");
     }
     Ok(())
 }

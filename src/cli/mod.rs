@@ -232,16 +232,11 @@ pub async fn answer<T: serde::de::DeserializeOwned>(
     serde_json::from_slice(&bytes).context("control's answer is not the expected JSON")
 }
 
-/// Whether `name` is a valid operator or appliance name (1-128 of `[A-Za-z0-9._-]`):
-/// control's own rule, so the CLI never refuses what control accepts or the reverse.
-pub fn valid_name(name: &str) -> bool {
-    tether_control::operators::valid_name(name)
-}
-
-/// Refuse an invalid operator name before it reaches a URL.
+/// Refuse an invalid operator or broker name before it reaches a URL (the rule of
+/// `tether_identity::name`, which control applies too).
 pub fn check_name(name: &str) -> anyhow::Result<()> {
-    if !valid_name(name) {
-        bail!("invalid operator name {name:?}: use 1-128 of [A-Za-z0-9._-]");
+    if let Err(e) = tether_identity::OperatorName::new(name) {
+        bail!("invalid name {name:?}: {e}");
     }
     Ok(())
 }

@@ -1,4 +1,4 @@
-//! Reconnect delays: exponential backoff with full jitter.
+//! Retry and reconnect delays: exponential backoff with full jitter.
 //!
 //! Attempt `n` (0-based, counting failures since the last stable session) sleeps a uniform
 //! random duration in `[0, min(max, initial * 2^n)]` ("full jitter", as in AWS's
