@@ -24,10 +24,10 @@
 
 use axum::http::StatusCode;
 use serde::{Deserialize, Serialize};
+use tether_audit::{self as audit, action, Actor, AuditEvent, Outcome};
 use tracing::{error, info, warn};
 
 use crate::api::{ApiError, AppState};
-use crate::audit::{self, action, Actor, AuditEvent, Outcome};
 use crate::proof::{ProofError, Verified};
 use crate::store::{
     ApplianceStatus, CertRecord, CertState, PlatformBinding, StoreError, TokenRefusal,

@@ -75,14 +75,14 @@ use sqlx::any::{AnyPoolOptions, AnyRow};
 use sqlx::error::ErrorKind;
 use sqlx::migrate::Migrator;
 use sqlx::{AnyConnection, AnyPool, Executor, Row};
+use tether_audit::checkpoint::Checkpoint;
+use tether_audit::{self as audit, Actor, ActorKind, AuditEntry, AuditEvent, Outcome};
 
 use super::{
     AllowlistDelta, Appliance, ApplianceFilter, ApplianceStatus, BrokerRecord, BrokerRefusal,
     BrokerStatus, CertRecord, CertState, PlatformBinding, Store, StoreError, TokenRefusal,
     UnixSeconds,
 };
-use crate::audit::checkpoint::Checkpoint;
-use crate::audit::{self, Actor, ActorKind, AuditEntry, AuditEvent, Outcome};
 
 static SQLITE_MIGRATIONS: Migrator = sqlx::migrate!("migrations/sqlite");
 static POSTGRES_MIGRATIONS: Migrator = sqlx::migrate!("migrations/postgres");
