@@ -9,7 +9,7 @@
 use std::hint::black_box;
 
 use criterion::{criterion_group, criterion_main, Criterion};
-use tether_control::audit::{action, Actor, AuditEvent};
+use tether_audit::{action, Actor, AuditEvent};
 use tether_control::ca::{verify_csr, Ca, CaConfig};
 
 fn ca(dir: &std::path::Path) -> Ca {
@@ -42,8 +42,7 @@ fn benches(c: &mut Criterion) {
         .with("allowlist_version", 42);
     c.bench_function("control/audit_entry_hash", |b| {
         b.iter(|| {
-            tether_control::audit::entry_hash(black_box(7), 1_700_000_000, &event, &"0".repeat(64))
-                .unwrap()
+            tether_audit::entry_hash(black_box(7), 1_700_000_000, &event, &"0".repeat(64)).unwrap()
         })
     });
 }

@@ -1,7 +1,7 @@
 //! `tether audit verify FILE`: check an audit export offline (the whole chain, every
 //! signed checkpoint, and that the export reaches the last checkpoint) against a root
 //! certificate the operator holds — never one taken from the file. The format and what
-//! verifying proves are in `tether_control::audit::export`.
+//! verifying proves are in `tether_audit::export`.
 //!
 //! The root comes from `--ca`, else `$TETHER_CONFIG_DIR/ca.pem` when that variable is
 //! set, else `tether/ca.pem` in the platform config directory (where `tether login`
@@ -13,8 +13,8 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
 use rustls::pki_types::CertificateDer;
-use tether_control::audit::checkpoint::{pem_certs, root_trust_domain, CheckpointVerifier};
-use tether_control::audit::export::{verify_export, ExportSummary, ExportVerifier, VerifyError};
+use tether_audit::checkpoint::{pem_certs, root_trust_domain, CheckpointVerifier};
+use tether_audit::export::{verify_export, ExportSummary, ExportVerifier, VerifyError};
 
 /// The variable naming the CLI's config directory (credentials, `ca.pem`).
 pub const CONFIG_DIR_ENV: &str = "TETHER_CONFIG_DIR";

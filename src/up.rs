@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use indicatif::{ProgressBar, ProgressStyle};
-use tether_control::audit::{action, system, Actor, AuditEvent};
+use tether_audit::{action, system, Actor, AuditEvent};
 use tether_control::store::{Appliance, ApplianceStatus, PlatformBinding, Store, StoreError};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -288,7 +288,7 @@ async fn enroll_fleet(
             let token = tether_control::token::Token::generate();
             let hash = token.hash();
             let event = AuditEvent::success(local_admin(), action::TOKEN_CREATE, &id)
-                .with("token_ref", tether_control::audit::token_ref(&hash));
+                .with("token_ref", tether_audit::token_ref(&hash));
             store
                 .create_token(&id, &hash, now + 600, now, &event)
                 .await

@@ -14,8 +14,7 @@ use std::time::Duration;
 use common::bin;
 use common::control::{control, Fleet};
 use sqlx::Connection;
-use tether_control::audit::checkpoint::CheckpointSigner;
-use tether_control::audit::export::ExportLine;
+use tether_audit::export::ExportLine;
 
 /// A fleet with a longer log: init, two registrations, three tokens, a checkpoint, two
 /// more tokens, another checkpoint, one more token (after the last checkpoint).
@@ -312,7 +311,7 @@ async fn a_checkpoint_signed_under_another_ca_fails_verify() {
         },
     )
     .unwrap();
-    let signer = CheckpointSigner::from_ca(&other_ca).unwrap();
+    let signer = tether_control::audit_log::checkpoint_signer(&other_ca).unwrap();
     let (file, mut lines) = export(&f);
     let last = *checkpoint_seqs(&lines).last().unwrap();
     for l in &mut lines {

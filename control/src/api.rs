@@ -16,7 +16,7 @@
 //!   `POST /v1/appliances/{id}/disable|enable|revoke|renew|tokens` (see
 //!   [`crate::appliances`]).
 //! - `GET /v1/audit?after=&limit=` (mTLS, an operator certificate, role viewer+) → a page
-//!   of the audit log with its signed checkpoints (see [`crate::audit::http`]).
+//!   of the audit log with its signed checkpoints (see [`crate::audit_http`]).
 //! - `GET /healthz`
 //! - `GET /openapi.json` (no authentication): the OpenAPI 3.1 document of all of the
 //!   above (see [`crate::openapi`]).
@@ -130,7 +130,7 @@ pub fn router(state: AppState) -> Router {
         .merge(public)
         .route("/v1/renew", post(renew_handler))
         .route("/v1/fleet/trust", get(fleet_trust_handler))
-        .route("/v1/audit", get(crate::audit::http::list))
+        .route("/v1/audit", get(crate::audit_http::list))
         .route(
             "/v1/appliances",
             post(crate::appliances::register).get(crate::appliances::list),

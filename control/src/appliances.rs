@@ -27,12 +27,11 @@ use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::{Extension, Json};
 use serde::{Deserialize, Serialize};
+use tether_audit::{self as audit, action, AuditEvent, Outcome};
+use tether_identity::ApplianceId;
 use tracing::info;
 
 use crate::api::{json_rejection, ApiError, AppState};
-use crate::audit::{self, action, AuditEvent, Outcome};
-use tether_identity::ApplianceId;
-
 use crate::enroll::{internal, record_refusal, rfc3339};
 use crate::operators::{authorize, Role, VerifiedOperator};
 use crate::server::PeerCertificate;

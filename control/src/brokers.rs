@@ -19,15 +19,14 @@ use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::{Extension, Json};
 use serde::{Deserialize, Serialize};
+use tether_audit::{self as audit, action, Actor, AuditEvent};
+use tether_identity::BrokerName;
 use tether_proto::cluster::{
     BrokerBundle, BrokerCredential, BrokerEnrollRequest, BrokerRenewRequest,
 };
 use tracing::{info, warn};
 
 use crate::api::{json_rejection, ApiError, AppState};
-use crate::audit::{self, action, Actor, AuditEvent};
-use tether_identity::BrokerName;
-
 use crate::enroll::{internal, rfc3339};
 use crate::operators::{authorize, Role};
 use crate::server::PeerCertificate;

@@ -70,7 +70,7 @@ pub struct ControlConfig {
 /// Default interval between signed audit checkpoints: 60 s.
 pub const DEFAULT_CHECKPOINT_EVERY: Duration = Duration::from_secs(60);
 
-/// `[audit]`: signed checkpoints of the audit log (see `crate::audit::checkpoint`).
+/// `[audit]`: signed checkpoints of the audit log (see `crate::audit_log` and `tether_audit::checkpoint`).
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct AuditSettings {

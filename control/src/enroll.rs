@@ -24,12 +24,12 @@
 
 use axum::http::StatusCode;
 use serde::{Deserialize, Serialize};
+use tether_audit::{self as audit, action, Actor, AuditEvent, Outcome};
 use tracing::{error, info, warn};
 
 use tether_identity::ApplianceId;
 
 use crate::api::{ApiError, AppState};
-use crate::audit::{self, action, Actor, AuditEvent, Outcome};
 use crate::proof::{ProofError, Verified};
 use crate::store::{
     ApplianceStatus, CertRecord, CertState, PlatformBinding, StoreError, TokenRefusal,

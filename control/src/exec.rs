@@ -23,10 +23,10 @@ use axum::http::{header, StatusCode};
 use axum::response::Response;
 use axum::{Extension, Json};
 use serde::{Deserialize, Serialize};
+use tether_audit::{self as audit, action, AuditEvent, Outcome};
 use tracing::info;
 
 use crate::api::{json_rejection, ApiError, AppState};
-use crate::audit::{self, action, AuditEvent, Outcome};
 use crate::cluster::ExecEvent;
 use tether_identity::ApplianceId;
 

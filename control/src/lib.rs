@@ -18,8 +18,9 @@
 //! - [`token`] — one-time tokens and nonces (only hashes are stored).
 //! - [`api`] / [`server`] — the HTTPS API; [`rate_limit`] — the per-client-IP limit of
 //!   its routes open without credentials.
-//! - [`audit`] — the hash-chained audit log (entries written with the change they
-//!   record) and its verification.
+//! - [`audit_log`] — signing checkpoints of the audit log and exporting it; the format,
+//!   chain and verifier are the `tether-audit` crate's, and the store writes each entry
+//!   with the change it records. [`audit_http`] — `GET /v1/audit`.
 //! - [`metrics`] — Prometheus metrics on a local listener.
 //! - [`config`] — `control.toml` in the data directory.
 
@@ -27,7 +28,8 @@
 
 pub mod api;
 pub mod appliances;
-pub mod audit;
+pub mod audit_http;
+pub mod audit_log;
 pub mod brokers;
 pub mod ca;
 pub mod cluster;

@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand};
-use tether_control::audit::checkpoint::{self, CheckpointSigner};
-use tether_control::audit::{self, action, Actor, AuditEvent, Outcome};
+use tether_audit::{self as audit, action, Actor, AuditEvent, Outcome};
+use tether_control::audit_log;
 use tether_control::config::{env, ControlConfig};
 use tether_control::store::{Appliance, ApplianceStatus, PlatformBinding, Store, StoreError};
 use tokio_util::sync::CancellationToken;
@@ -658,9 +658,9 @@ async fn audit_cmd(cmd: AuditCmd) -> anyhow::Result<()> {
         AuditCmd::Checkpoint { dir } => {
             let (cfg, store) = open(&dir.data_dir).await?;
             let ca = tether_control::ca::Ca::load(&dir.data_dir, &tether_control::ca_config(&cfg))?;
-            let signer = CheckpointSigner::from_ca(&ca)?;
+            let signer = audit_log::checkpoint_signer(&ca)?;
             let now = tether_control::now_unix();
-            match checkpoint::write_checkpoint(store.as_ref(), &signer, now).await? {
+            match audit_log::write_checkpoint(store.as_ref(), &signer, now).await? {
                 Some(cp) => println!("checkpoint signed: entry {} {}", cp.seq, cp.head_hash),
                 None => println!("no entry newer than the last checkpoint; nothing signed"),
             }
@@ -678,8 +678,7 @@ async fn audit_cmd(cmd: AuditCmd) -> anyhow::Result<()> {
             let file = std::fs::File::create(&tmp)
                 .with_context(|| format!("creating {}", tmp.display()))?;
             let mut w = std::io::BufWriter::new(file);
-            let summary =
-                audit::export::write_export(store.as_ref(), Some(&header), &mut w).await?;
+            let summary = audit_log::write_export(store.as_ref(), Some(&header), &mut w).await?;
             w.into_inner().map_err(|e| e.into_error())?.sync_all()?;
             std::fs::rename(&tmp, &out).with_context(|| format!("writing {}", out.display()))?;
             println!(

@@ -42,7 +42,7 @@ pub const APPLIANCE_SCHEME: &str = "appliance_certificate";
         crate::api::enroll_handler,
         crate::api::renew_handler,
         crate::api::fleet_trust_handler,
-        crate::audit::http::list,
+        crate::audit_http::list,
         crate::appliances::register,
         crate::appliances::list,
         crate::appliances::show,

@@ -36,12 +36,12 @@ use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::{Extension, Json};
 use serde::{Deserialize, Serialize};
+use tether_audit::{self as audit, Actor, AuditEvent};
 use tracing::{info, warn};
 
 use tether_identity::OperatorName;
 
 use crate::api::{ApiError, AppState};
-use crate::audit::{self, Actor, AuditEvent};
 use crate::enroll::{internal, outcome_of, record_refusal, rfc3339};
 use crate::identity::{identify, PeerIdentity};
 use crate::server::PeerCertificate;

@@ -29,11 +29,11 @@ use std::time::Duration;
 
 use axum::http::StatusCode;
 use serde::Deserialize;
+use tether_audit::{self as audit, action, Actor, AuditEvent};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::api::{ApiError, AppState};
-use crate::audit::{self, action, Actor, AuditEvent};
 use crate::enroll::{internal, issue_and_record, outcome_of, record_refusal, EnrollResponse};
 use crate::identity::{identify, PeerIdentity};
 use crate::server::PeerCertificate;

@@ -8,11 +8,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use tether_audit::{action, system, Actor, AuditEvent};
 use tokio_util::sync::CancellationToken;
 
 use crate::api::AppState;
-use crate::audit::checkpoint::{self, CheckpointSigner};
-use crate::audit::{action, system, Actor, AuditEvent};
 use crate::ca::{Ca, CaBackend, KmsSettings};
 use crate::config::ControlConfig;
 use crate::store::Store;
@@ -141,9 +140,9 @@ impl Started {
             state.config.enroll.overlap_sweep,
             shutdown.clone(),
         ));
-        let signer = CheckpointSigner::from_ca(&state.ca)
+        let signer = crate::audit_log::checkpoint_signer(&state.ca)
             .context("the control certificate cannot sign audit checkpoints")?;
-        tokio::spawn(checkpoint::checkpoint_forever(
+        tokio::spawn(crate::audit_log::checkpoint_forever(
             state.store.clone(),
             Arc::new(signer),
             state.config.audit.checkpoint_every,

@@ -10,8 +10,8 @@
 
 use std::sync::Arc;
 
+use tether_audit::{action, system, Actor, AuditEvent};
 use tether_control::api::AppState;
-use tether_control::audit::{action, system, Actor, AuditEvent};
 use tether_control::ca::Ca;
 use tether_control::config::ControlConfig;
 use tether_control::enroll::{self, EnrollRequest, Proof};
@@ -97,7 +97,7 @@ impl Control {
         let token = Token::generate();
         let hash = token.hash();
         let event = AuditEvent::success(admin(), action::TOKEN_CREATE, id)
-            .with("token_ref", tether_control::audit::token_ref(&hash));
+            .with("token_ref", tether_audit::token_ref(&hash));
         self.state
             .store
             .create_token(id, &hash, now + 600, now, &event)
@@ -300,7 +300,7 @@ async fn tricky_appliance_ids_are_refused() {
         assert!(
             matches!(err.code, "invalid_appliance_id" | "unknown_appliance"),
             "{:?}: {err:?}",
-            tether_control::audit::clip(id, 40)
+            tether_audit::clip(id, 40)
         );
     }
     // The token was not burnt by any of them.

@@ -5,17 +5,17 @@
 //! What no hash chain shows on its own, and these tests pin down as accepted: entries cut
 //! from the end of the log (the newest ones), and a stretch that does not claim to start
 //! at entry 1. A checkpoint (the seq and hash of a recent entry, held elsewhere) catches
-//! both; see the `tether_control::audit` module docs.
+//! both; see the `tether_audit` crate docs.
 
 use std::sync::Arc;
 
 use axum::http::StatusCode;
 use serde_json::{json, Value};
-use tether_control::api::AppState;
-use tether_control::audit::{
+use tether_audit::{
     action, entry_hash, system, verify_chain, Actor, ActorKind, AuditEntry, AuditEvent, ChainError,
     ChainVerifier, Outcome, GENESIS_HASH,
 };
+use tether_control::api::AppState;
 use tether_control::ca::Ca;
 use tether_control::config::ControlConfig;
 use tether_control::enroll::{self, EnrollRequest, Proof};
@@ -432,7 +432,7 @@ impl Control {
         let token = Token::generate();
         let hash = token.hash();
         let event = AuditEvent::success(admin(), action::TOKEN_CREATE, id)
-            .with("token_ref", tether_control::audit::token_ref(&hash));
+            .with("token_ref", tether_audit::token_ref(&hash));
         self.state
             .store
             .create_token(id, &hash, now + 600, now, &event)
@@ -748,15 +748,18 @@ mod signed {
     use std::sync::atomic::{AtomicU32, Ordering};
 
     use sqlx::Connection;
-    use tether_control::audit::checkpoint::{
-        self, root_trust_domain, Checkpoint, CheckpointError, CheckpointSigner, CheckpointVerifier,
-        VerifierError, WriteCheckpointError,
+    use tether_audit::checkpoint::{
+        checkpoint_message, root_trust_domain, Checkpoint, CheckpointError, CheckpointSigner,
+        CheckpointVerifier, VerifierError,
     };
-    use tether_control::audit::export::{
-        verify_export, write_export, ExportHeader, ExportLine, ExportSummary, ExportVerifier,
-        VerifyError, EXPORT_VERSION,
+    use tether_audit::export::{
+        verify_export, ExportHeader, ExportLine, ExportSummary, ExportVerifier, VerifyError,
+        EXPORT_VERSION,
     };
-    use tether_control::audit::{entry_hash, AuditEntry, AuditEvent, ChainError};
+    use tether_audit::{entry_hash, AuditEntry, AuditEvent, ChainError};
+    use tether_control::audit_log::{
+        checkpoint_signer, write_checkpoint, write_export, WriteCheckpointError,
+    };
     use tether_control::ca::{Ca, CaConfig};
     use tether_control::store::sql::{Backend, SqlStore};
     use tether_control::store::Store;
@@ -850,7 +853,7 @@ mod signed {
         }
 
         fn signer(&self) -> CheckpointSigner {
-            CheckpointSigner::from_ca(&self.ca).unwrap()
+            checkpoint_signer(&self.ca).unwrap()
         }
 
         fn verifier(&self) -> CheckpointVerifier {
@@ -875,7 +878,7 @@ mod signed {
                     self.store.append_audit(&e, now).await.unwrap();
                 }
                 if i % 4 == 0 {
-                    let cp = checkpoint::write_checkpoint(&self.store, &signer, now)
+                    let cp = write_checkpoint(&self.store, &signer, now)
                         .await
                         .unwrap()
                         .expect("a new checkpoint");
@@ -1008,7 +1011,7 @@ mod signed {
         // Nothing new: no new checkpoint.
         let now = tether_control::now_unix();
         assert_eq!(
-            checkpoint::write_checkpoint(&db.store, &db.signer(), now)
+            write_checkpoint(&db.store, &db.signer(), now)
                 .await
                 .unwrap(),
             None
@@ -1100,7 +1103,7 @@ mod signed {
             prev = e.hash.clone();
             sql.push(format!(
                 "UPDATE audit_log SET details = '{}', prev_hash = '{}', hash = '{}' WHERE seq = {}",
-                tether_control::audit::canonical_json(&e.details).unwrap(),
+                tether_audit::canonical_json(&e.details).unwrap(),
                 e.prev_hash,
                 e.hash,
                 e.seq
@@ -1127,7 +1130,7 @@ mod signed {
             .unwrap(); // 13
         db.tamper(&[r#"UPDATE audit_log SET target = 'edge-x' WHERE seq = 13"#])
             .await;
-        let err = checkpoint::write_checkpoint(&db.store, &db.signer(), tether_control::now_unix())
+        let err = write_checkpoint(&db.store, &db.signer(), tether_control::now_unix())
             .await
             .unwrap_err();
         assert!(
@@ -1143,7 +1146,7 @@ mod signed {
         // Nor after the checkpointed entry itself was changed.
         db.tamper(&[r#"UPDATE audit_log SET target = 'edge-y' WHERE seq = 12"#])
             .await;
-        let err = checkpoint::write_checkpoint(&db.store, &db.signer(), tether_control::now_unix())
+        let err = write_checkpoint(&db.store, &db.signer(), tether_control::now_unix())
             .await
             .unwrap_err();
         assert!(
@@ -1242,7 +1245,7 @@ mod signed {
         // Another control of the same trust domain, with its own CA.
         let other_dir = tempfile::tempdir().unwrap();
         let other = new_ca(other_dir.path());
-        let forged = CheckpointSigner::from_ca(&other)
+        let forged = checkpoint_signer(&other)
             .unwrap()
             .sign(cp.seq, &cp.head_hash, cp.at)
             .unwrap();
@@ -1357,7 +1360,7 @@ mod signed {
         ));
         assert_eq!(db.verify(&lines[..1]), Err(VerifyError::Empty));
         // A line over the limit.
-        let long = vec![b'x'; tether_control::audit::export::MAX_LINE_LEN + 10];
+        let long = vec![b'x'; tether_audit::export::MAX_LINE_LEN + 10];
         assert_eq!(
             verify_export(&long[..], ExportVerifier::new(db.verifier())).unwrap_err(),
             VerifyError::LineTooLong { line: 1 }
@@ -1382,7 +1385,7 @@ mod signed {
     #[test]
     fn the_checkpoint_string_is_length_prefixed() {
         let hash = "0f".repeat(32);
-        let msg = checkpoint::checkpoint_message(7, &hash, 1_700_000_000);
+        let msg = checkpoint_message(7, &hash, 1_700_000_000);
         let mut want = Vec::new();
         want.extend_from_slice(&26u32.to_be_bytes());
         want.extend_from_slice(b"tether-audit-checkpoint-v1");

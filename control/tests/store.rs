@@ -8,7 +8,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicU32, Ordering};
 
 use sqlx::Connection;
-use tether_control::audit::{
+use tether_audit::{
     action, system, verify_chain, Actor, AuditEntry, AuditEvent, ChainVerifier, Outcome,
     GENESIS_HASH, MAX_DETAILS_LEN, MAX_TARGET_LEN,
 };

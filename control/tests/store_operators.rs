@@ -7,7 +7,7 @@
 use std::sync::atomic::{AtomicU32, Ordering};
 
 use sqlx::Connection;
-use tether_control::audit::{verify_chain, Actor, AuditEvent, Outcome};
+use tether_audit::{verify_chain, Actor, AuditEvent, Outcome};
 use tether_control::operators::{
     Invite, InviteRefusal, OperatorCertificate, OperatorCredential, OperatorStatus, Role,
 };

@@ -34,7 +34,7 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use nix::fcntl::{Flock, FlockArg};
 use tether_agent::Credentials;
-use tether_control::audit::{action, system, Actor, AuditEvent};
+use tether_audit::{action, system, Actor, AuditEvent};
 use tether_control::store::{Appliance, ApplianceStatus, PlatformBinding, StoreError};
 use tether_proto::cluster::BrokerBundle;
 
@@ -281,7 +281,7 @@ impl Pool {
                 let token = tether_control::token::Token::generate();
                 let hash = token.hash();
                 let event = AuditEvent::success(local_admin(), action::TOKEN_CREATE, &id)
-                    .with("token_ref", tether_control::audit::token_ref(&hash));
+                    .with("token_ref", tether_audit::token_ref(&hash));
                 store
                     .create_token(&id, &hash, expires, now, &event)
                     .await

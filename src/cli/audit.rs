@@ -8,8 +8,8 @@ use std::io::Write;
 use std::path::Path;
 
 use anyhow::Context;
-use tether_control::audit::export::ExportLine;
-use tether_control::audit::http::AuditPage;
+use tether_audit::export::ExportLine;
+use tether_audit::page::AuditPage;
 
 use super::{Client, Common};
 

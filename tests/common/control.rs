@@ -344,7 +344,7 @@ impl Fleet {
         role: tether_control::operators::Role,
         issued: &tether_control::ca::Issued,
     ) {
-        use tether_control::audit::{Actor, AuditEvent};
+        use tether_audit::{Actor, AuditEvent};
         let cert = tether_control::operators::OperatorCertificate {
             fingerprint: issued.fingerprint_hex.clone(),
             serial: issued.serial_hex.clone(),

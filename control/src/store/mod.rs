@@ -9,7 +9,7 @@
 //! a whole.
 //!
 //! Every operation that changes trust, or hands out or uses an enrollment secret, also
-//! writes its [`AuditEvent`] to the audit log ([`crate::audit`]) in that same transaction:
+//! writes its [`AuditEvent`] to the audit log ([`tether_audit`]) in that same transaction:
 //! the change and its entry commit together or not at all, so a failed operation leaves
 //! no success entry (its caller then records the refusal with [`Store::append_audit`]).
 //! Audit entries are numbered without gaps and chained by hash; appends serialize on the
@@ -17,10 +17,9 @@
 //! chain.
 
 use async_trait::async_trait;
+use tether_audit::checkpoint::Checkpoint;
+use tether_audit::{AuditEntry, AuditEvent};
 use thiserror::Error;
-
-use crate::audit::checkpoint::Checkpoint;
-use crate::audit::{AuditEntry, AuditEvent};
 
 /// Seconds since the Unix epoch. The store never reads the clock: callers pass `now`.
 pub type UnixSeconds = i64;
@@ -364,7 +363,7 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// Remove previous certificates whose overlap ended at `now`. Returns the deltas, all
     /// of one new version however many appliances they belong to (none, and no new
     /// version, when nothing changed). When it changes something it records an
-    /// [`crate::audit::action::ALLOWLIST_EXPIRE_OVERLAPS`] entry by `system/control`.
+    /// [`tether_audit::action::ALLOWLIST_EXPIRE_OVERLAPS`] entry by `system/control`.
     async fn expire_overlaps(&self, now: UnixSeconds) -> Result<Vec<AllowlistDelta>, StoreError>;
 
     /// The current allowlist version (0 when never changed): the number of operations that
@@ -397,9 +396,9 @@ pub trait Store: Send + Sync + std::fmt::Debug {
         after_seq: i64,
         limit: u32,
     ) -> Result<Vec<AuditEntry>, StoreError>;
-    /// Store a signed checkpoint of the audit log ([`crate::audit::checkpoint`]). Returns
+    /// Store a signed checkpoint of the audit log ([`tether_audit::checkpoint`]). Returns
     /// `false` (and changes nothing) when one is already stored for its `seq`. The store
-    /// does not check the signature; [`crate::audit::checkpoint::write_checkpoint`] only
+    /// does not check the signature; [`crate::audit_log::write_checkpoint`] only
     /// signs a head that extends the last checkpoint.
     async fn add_audit_checkpoint(&self, checkpoint: &Checkpoint) -> Result<bool, StoreError>;
     /// Checkpoints with `seq > after_seq`, by seq, at most `limit` (0: a default).

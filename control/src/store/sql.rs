@@ -65,24 +65,47 @@
 //! foreign keys on, a busy timeout of [`SQLITE_BUSY_TIMEOUT`]. Use a file URL
 //! (`sqlite://PATH?mode=rwc`, see [`SqlStore::sqlite_url`]); an in-memory database would
 //! be one per pooled connection.
+//!
+//! # Layout
+//!
+//! This file holds the connection and the [`Store`] implementation; its helpers are in
+//! private submodules by concern: `sql/trust.rs` (allowlist changes and the versioned
+//! commit of a trust-changing transaction), `sql/audit.rs` (appending to the audit log
+//! and reading entries and checkpoints back) and `sql/rows.rs` (rows to the store's
+//! types).
 
 use std::fmt;
 use std::path::Path;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use sqlx::any::{AnyPoolOptions, AnyRow};
+use sqlx::any::AnyPoolOptions;
 use sqlx::error::ErrorKind;
 use sqlx::migrate::Migrator;
-use sqlx::{AnyConnection, AnyPool, Executor, Row};
+use sqlx::{AnyPool, Executor, Row};
+use tether_audit::checkpoint::Checkpoint;
+use tether_audit::{action, system, Actor, AuditEntry, AuditEvent};
 
 use super::{
     AllowlistDelta, Appliance, ApplianceFilter, ApplianceStatus, BrokerRecord, BrokerRefusal,
-    BrokerStatus, CertRecord, CertState, PlatformBinding, Store, StoreError, TokenRefusal,
-    UnixSeconds,
+    CertRecord, Store, StoreError, TokenRefusal, UnixSeconds,
 };
-use crate::audit::checkpoint::Checkpoint;
-use crate::audit::{self, Actor, ActorKind, AuditEntry, AuditEvent, Outcome};
+
+mod audit;
+mod rows;
+mod trust;
+
+use audit::{
+    append_audit_in, audit_from_row, check_event, checkpoint_from_row, AUDIT_COLUMNS,
+    CHECKPOINT_COLUMNS,
+};
+use rows::{
+    appliance_from_row, broker_from_row, cert_from_row, delta_from_row, invite_from_row,
+    parse_operator_status, parse_role, status_str, APPLIANCE_COLUMNS, BROKER_COLUMNS, CERT_COLUMNS,
+};
+use trust::{
+    allowable_from_row, allowed_certs, appliance_status, commit_trust_change, pending, set_allowed,
+};
 
 static SQLITE_MIGRATIONS: Migrator = sqlx::migrate!("migrations/sqlite");
 static POSTGRES_MIGRATIONS: Migrator = sqlx::migrate!("migrations/postgres");
@@ -236,360 +259,6 @@ fn db(e: sqlx::Error) -> StoreError {
 
 fn kind_of(e: &sqlx::Error) -> Option<ErrorKind> {
     e.as_database_error().map(|d| d.kind())
-}
-
-fn status_str(status: ApplianceStatus) -> &'static str {
-    match status {
-        ApplianceStatus::Active => "active",
-        ApplianceStatus::Disabled => "disabled",
-        ApplianceStatus::Revoked => "revoked",
-    }
-}
-
-fn parse_status(s: &str) -> Result<ApplianceStatus, StoreError> {
-    match s {
-        "active" => Ok(ApplianceStatus::Active),
-        "disabled" => Ok(ApplianceStatus::Disabled),
-        "revoked" => Ok(ApplianceStatus::Revoked),
-        other => Err(StoreError::Database(format!(
-            "unknown appliance status {other:?}"
-        ))),
-    }
-}
-
-const APPLIANCE_COLUMNS: &str =
-    "id, tenant, binding, status, manual_renewal_generation, created_at";
-
-fn appliance_from_row(row: &AnyRow) -> Result<Appliance, StoreError> {
-    let binding: String = row.try_get("binding").map_err(db)?;
-    let binding: PlatformBinding = serde_json::from_str(&binding)
-        .map_err(|e| StoreError::Database(format!("bad platform binding in the store: {e}")))?;
-    let status: String = row.try_get("status").map_err(db)?;
-    Ok(Appliance {
-        id: row.try_get("id").map_err(db)?,
-        tenant: row.try_get("tenant").map_err(db)?,
-        binding,
-        status: parse_status(&status)?,
-        manual_renewal_generation: row.try_get("manual_renewal_generation").map_err(db)?,
-        created_at: row.try_get("created_at").map_err(db)?,
-    })
-}
-
-const CERT_COLUMNS: &str =
-    "serial, appliance_id, fingerprint, not_before, not_after, state, previous_until";
-
-fn cert_from_row(row: &AnyRow) -> Result<CertRecord, StoreError> {
-    let state: String = row.try_get("state").map_err(db)?;
-    let until: Option<i64> = row.try_get("previous_until").map_err(db)?;
-    let state = match (state.as_str(), until) {
-        ("current", _) => CertState::Current,
-        ("previous", Some(until)) => CertState::PreviousUntil(until),
-        ("revoked", _) => CertState::Revoked,
-        (other, _) => {
-            return Err(StoreError::Database(format!(
-                "bad certificate state {other:?} in the store"
-            )))
-        }
-    };
-    Ok(CertRecord {
-        serial: row.try_get("serial").map_err(db)?,
-        appliance_id: row.try_get("appliance_id").map_err(db)?,
-        fingerprint: row.try_get("fingerprint").map_err(db)?,
-        not_before: row.try_get("not_before").map_err(db)?,
-        not_after: row.try_get("not_after").map_err(db)?,
-        state,
-    })
-}
-
-fn delta_from_row(row: &AnyRow) -> Result<AllowlistDelta, StoreError> {
-    let added: i64 = row.try_get("added").map_err(db)?;
-    Ok(AllowlistDelta {
-        version: row.try_get("version").map_err(db)?,
-        appliance_id: row.try_get("appliance_id").map_err(db)?,
-        fingerprint: row.try_get("fingerprint").map_err(db)?,
-        added: added != 0,
-    })
-}
-
-/// A certificate row whose allowlist membership is about to change.
-struct Allowable {
-    seq: i64,
-    appliance_id: String,
-    fingerprint: String,
-}
-
-fn allowable_from_row(row: &AnyRow) -> Result<Allowable, StoreError> {
-    Ok(Allowable {
-        seq: row.try_get("seq").map_err(db)?,
-        appliance_id: row.try_get("appliance_id").map_err(db)?,
-        fingerprint: row.try_get("fingerprint").map_err(db)?,
-    })
-}
-
-/// A change made inside a trust-changing transaction, before it has a version:
-/// [`commit_trust_change`] gives every change of the transaction the same one.
-fn pending(appliance_id: &str, fingerprint: &str, added: bool) -> AllowlistDelta {
-    AllowlistDelta {
-        version: 0,
-        appliance_id: appliance_id.to_owned(),
-        fingerprint: fingerprint.to_owned(),
-        added,
-    }
-}
-
-/// Rows per `INSERT` into `allowlist_changes` (5 parameters each; far below the parameter
-/// limits of SQLite and PostgreSQL).
-const CHANGES_PER_INSERT: usize = 200;
-
-/// End a transaction begun by [`SqlStore::begin_trust_change`]: if it changed at least
-/// one fingerprint, bump the allowlist version once, give every change that version, log
-/// them (in the order given); if it changed none, leave the version alone. Then append
-/// `audit` (if any, at its time) with `allowlist_version` and `allowlist_changes` added
-/// to its details, and commit. Returns the changes, versioned.
-async fn commit_trust_change(
-    changed: &tokio::sync::watch::Sender<i64>,
-    mut tx: sqlx::Transaction<'static, sqlx::Any>,
-    mut deltas: Vec<AllowlistDelta>,
-    audit: Option<(&AuditEvent, UnixSeconds)>,
-) -> Result<Vec<AllowlistDelta>, StoreError> {
-    let mut version = None;
-    if !deltas.is_empty() {
-        let new_version: i64 = sqlx::query_scalar(
-            "UPDATE allowlist_version SET version = version + 1 WHERE id = 1 RETURNING version",
-        )
-        .fetch_one(&mut *tx)
-        .await
-        .map_err(db)?;
-        version = Some(new_version);
-        for d in &mut deltas {
-            d.version = new_version;
-        }
-        for (chunk_index, chunk) in deltas.chunks(CHANGES_PER_INSERT).enumerate() {
-            let mut sql = String::from(
-                "INSERT INTO allowlist_changes \
-                 (version, ordinal, appliance_id, fingerprint, added) VALUES ",
-            );
-            for i in 0..chunk.len() {
-                let p = 5 * i;
-                if i > 0 {
-                    sql.push_str(", ");
-                }
-                sql.push_str(&format!(
-                    "(${}, ${}, ${}, ${}, ${})",
-                    p + 1,
-                    p + 2,
-                    p + 3,
-                    p + 4,
-                    p + 5
-                ));
-            }
-            let mut query = sqlx::query(&sql);
-            for (i, d) in chunk.iter().enumerate() {
-                let ordinal = (chunk_index * CHANGES_PER_INSERT + i) as i64;
-                query = query
-                    .bind(new_version)
-                    .bind(ordinal)
-                    .bind(d.appliance_id.as_str())
-                    .bind(d.fingerprint.as_str())
-                    .bind(i16::from(d.added));
-            }
-            query.execute(&mut *tx).await.map_err(db)?;
-        }
-    }
-    if let Some((event, at)) = audit {
-        let version = match version {
-            Some(v) => v,
-            None => sqlx::query_scalar("SELECT version FROM allowlist_version WHERE id = 1")
-                .fetch_one(&mut *tx)
-                .await
-                .map_err(db)?,
-        };
-        let event = event
-            .clone()
-            .with("allowlist_version", version)
-            .with("allowlist_changes", deltas.len());
-        append_audit_in(&mut tx, &event, at).await?;
-    }
-    tx.commit().await.map_err(db)?;
-    if let Some(v) = version {
-        // Versions only grow; a slower commit never moves the watch back.
-        changed.send_if_modified(|cur| {
-            let newer = v > *cur;
-            if newer {
-                *cur = v;
-            }
-            newer
-        });
-    }
-    Ok(deltas)
-}
-
-/// Refuse an event the log would not take, before any work is done.
-fn check_event(event: &AuditEvent) -> Result<(), StoreError> {
-    event
-        .validate()
-        .map(drop)
-        .map_err(|e| StoreError::Invalid(e.to_string()))
-}
-
-/// Append `event` at `at` inside the caller's transaction (see the module docs); returns
-/// the entry.
-async fn append_audit_in(
-    conn: &mut AnyConnection,
-    event: &AuditEvent,
-    at: UnixSeconds,
-) -> Result<AuditEntry, StoreError> {
-    let details = event
-        .validate()
-        .map_err(|e| StoreError::Invalid(e.to_string()))?;
-    let head = sqlx::query("UPDATE audit_head SET seq = seq + 1 WHERE id = 1 RETURNING seq, hash")
-        .fetch_one(&mut *conn)
-        .await
-        .map_err(db)?;
-    let seq: i64 = head.try_get("seq").map_err(db)?;
-    let prev_hash: String = head.try_get("hash").map_err(db)?;
-    let hash = audit::hash_parts(
-        seq,
-        at,
-        &event.actor,
-        &event.action,
-        &event.target,
-        event.outcome,
-        &details,
-        &prev_hash,
-    );
-    sqlx::query(
-        "INSERT INTO audit_log \
-         (seq, at, actor_kind, actor, action, target, outcome, details, prev_hash, hash) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
-    )
-    .bind(seq)
-    .bind(at)
-    .bind(event.actor.kind.as_str())
-    .bind(event.actor.name.as_str())
-    .bind(event.action.as_str())
-    .bind(event.target.as_str())
-    .bind(event.outcome.as_str())
-    .bind(details.as_str())
-    .bind(prev_hash.as_str())
-    .bind(hash.as_str())
-    .execute(&mut *conn)
-    .await
-    .map_err(db)?;
-    sqlx::query("UPDATE audit_head SET hash = $1 WHERE id = 1")
-        .bind(hash.as_str())
-        .execute(&mut *conn)
-        .await
-        .map_err(db)?;
-    Ok(AuditEntry {
-        seq,
-        at,
-        actor: event.actor.clone(),
-        action: event.action.clone(),
-        target: event.target.clone(),
-        outcome: event.outcome,
-        details: event.details.clone(),
-        prev_hash,
-        hash,
-    })
-}
-
-const AUDIT_COLUMNS: &str =
-    "seq, at, actor_kind, actor, action, target, outcome, details, prev_hash, hash";
-
-fn audit_from_row(row: &AnyRow) -> Result<AuditEntry, StoreError> {
-    let kind: String = row.try_get("actor_kind").map_err(db)?;
-    let kind = ActorKind::parse(&kind)
-        .ok_or_else(|| StoreError::Database(format!("bad audit actor kind {kind:?}")))?;
-    let outcome: String = row.try_get("outcome").map_err(db)?;
-    let outcome = Outcome::parse(&outcome)
-        .ok_or_else(|| StoreError::Database(format!("bad audit outcome {outcome:?}")))?;
-    let details: String = row.try_get("details").map_err(db)?;
-    let details = serde_json::from_str(&details)
-        .map_err(|e| StoreError::Database(format!("bad audit details in the store: {e}")))?;
-    Ok(AuditEntry {
-        seq: row.try_get("seq").map_err(db)?,
-        at: row.try_get("at").map_err(db)?,
-        actor: Actor::new(kind, row.try_get::<String, _>("actor").map_err(db)?),
-        action: row.try_get("action").map_err(db)?,
-        target: row.try_get("target").map_err(db)?,
-        outcome,
-        details,
-        prev_hash: row.try_get("prev_hash").map_err(db)?,
-        hash: row.try_get("hash").map_err(db)?,
-    })
-}
-
-const CHECKPOINT_COLUMNS: &str = "seq, head_hash, at, signature, signer_chain_pem";
-
-fn checkpoint_from_row(row: &AnyRow) -> Result<Checkpoint, StoreError> {
-    Ok(Checkpoint {
-        seq: row.try_get("seq").map_err(db)?,
-        head_hash: row.try_get("head_hash").map_err(db)?,
-        at: row.try_get("at").map_err(db)?,
-        signature: row.try_get("signature").map_err(db)?,
-        signer_chain_pem: row.try_get("signer_chain_pem").map_err(db)?,
-    })
-}
-
-/// Put certificates into the allowlist (or take them out); each real change is pushed to
-/// `deltas`, unversioned (see [`commit_trust_change`]).
-async fn set_allowed(
-    conn: &mut AnyConnection,
-    certs: &[Allowable],
-    allowed: bool,
-    deltas: &mut Vec<AllowlistDelta>,
-) -> Result<(), StoreError> {
-    let sql = if allowed {
-        "UPDATE certificates SET allowed = 1 WHERE seq = $1 AND allowed = 0"
-    } else {
-        "UPDATE certificates SET allowed = 0 WHERE seq = $1 AND allowed = 1"
-    };
-    for cert in certs {
-        let changed = sqlx::query(sql)
-            .bind(cert.seq)
-            .execute(&mut *conn)
-            .await
-            .map_err(db)?
-            .rows_affected();
-        if changed == 1 {
-            deltas.push(pending(&cert.appliance_id, &cert.fingerprint, allowed));
-        }
-    }
-    Ok(())
-}
-
-/// The appliance's certificates now in the allowlist, oldest first.
-async fn allowed_certs(
-    conn: &mut AnyConnection,
-    appliance_id: &str,
-) -> Result<Vec<Allowable>, StoreError> {
-    sqlx::query(
-        "SELECT seq, appliance_id, fingerprint FROM certificates \
-         WHERE appliance_id = $1 AND allowed = 1 ORDER BY seq",
-    )
-    .bind(appliance_id)
-    .fetch_all(&mut *conn)
-    .await
-    .map_err(db)?
-    .iter()
-    .map(allowable_from_row)
-    .collect()
-}
-
-async fn appliance_status(
-    conn: &mut AnyConnection,
-    id: &str,
-) -> Result<ApplianceStatus, StoreError> {
-    let status = sqlx::query_scalar::<_, String>("SELECT status FROM appliances WHERE id = $1")
-        .bind(id)
-        .fetch_optional(&mut *conn)
-        .await
-        .map_err(db)?;
-    match status {
-        Some(s) => parse_status(&s),
-        None => Err(StoreError::NotFound(format!("appliance {id}"))),
-    }
 }
 
 #[async_trait]
@@ -1111,8 +780,8 @@ impl Store for SqlStore {
             .collect::<std::collections::BTreeSet<_>>()
             .len();
         let event = AuditEvent::success(
-            Actor::system(audit::system::CONTROL),
-            audit::action::ALLOWLIST_EXPIRE_OVERLAPS,
+            Actor::system(system::CONTROL),
+            action::ALLOWLIST_EXPIRE_OVERLAPS,
             "",
         )
         .with("appliances", appliances);
@@ -1711,53 +1380,4 @@ impl Store for SqlStore {
     fn allowlist_watch(&self) -> tokio::sync::watch::Receiver<i64> {
         self.changed.subscribe()
     }
-}
-
-const BROKER_COLUMNS: &str =
-    "name, status, created_at, fingerprint, not_after, quic_addr, last_seen";
-
-fn broker_from_row(row: &AnyRow) -> Result<BrokerRecord, StoreError> {
-    let status: String = row.try_get("status").map_err(db)?;
-    let status = match status.as_str() {
-        "pending" => BrokerStatus::Pending,
-        "active" => BrokerStatus::Active,
-        "revoked" => BrokerStatus::Revoked,
-        other => {
-            return Err(StoreError::Database(format!(
-                "unknown broker status {other:?}"
-            )))
-        }
-    };
-    Ok(BrokerRecord {
-        name: row.try_get("name").map_err(db)?,
-        status,
-        created_at: row.try_get("created_at").map_err(db)?,
-        fingerprint: row.try_get("fingerprint").map_err(db)?,
-        not_after: row.try_get("not_after").map_err(db)?,
-        quic_addr: row.try_get("quic_addr").map_err(db)?,
-        last_seen: row.try_get("last_seen").map_err(db)?,
-    })
-}
-
-fn parse_role(row: &AnyRow) -> Result<crate::operators::Role, StoreError> {
-    let role: String = row.try_get("role").map_err(db)?;
-    crate::operators::Role::parse(&role)
-        .ok_or_else(|| StoreError::Database(format!("unknown operator role {role:?}")))
-}
-
-fn parse_operator_status(row: &AnyRow) -> Result<crate::operators::OperatorStatus, StoreError> {
-    let status: String = row.try_get("status").map_err(db)?;
-    crate::operators::OperatorStatus::parse(&status)
-        .ok_or_else(|| StoreError::Database(format!("unknown operator status {status:?}")))
-}
-
-fn invite_from_row(row: &AnyRow) -> Result<crate::operators::Invite, StoreError> {
-    let cancelled: i64 = row.try_get("cancelled").map_err(db)?;
-    Ok(crate::operators::Invite {
-        name: row.try_get("name").map_err(db)?,
-        role: parse_role(row)?,
-        expires_at: row.try_get("expires_at").map_err(db)?,
-        used_at: row.try_get("used_at").map_err(db)?,
-        cancelled: cancelled != 0,
-    })
 }

@@ -5,7 +5,7 @@
 //! # The signed string (format `tether-audit-checkpoint-v1`)
 //!
 //! The signature is ECDSA P-256 with SHA-256 (ASN.1 DER, stored as lowercase hex) over
-//! these fields, encoded as the entry hash's fields are (see [`crate::audit`]: `int` is 8
+//! these fields, encoded as the entry hash's fields are (see [`crate::hash`]: `int` is 8
 //! bytes big-endian two's complement, `str` a 4-byte big-endian length then the UTF-8
 //! bytes):
 //!
@@ -32,11 +32,13 @@
 //!
 //! # Writing them
 //!
-//! [`write_checkpoint`] signs the log's head only after checking that the entries since
+//! [`CheckpointSigner::sign`] signs whatever `seq` and hash it is given. Control's
+//! `write_checkpoint` (in `tether-control`, next to the store) signs the log's head only
+//! after checking with a [`ChainVerifier`](crate::ChainVerifier) that the entries since
 //! the last checkpoint extend it (so control never vouches for a history that does not
 //! contain what it vouched for before), and writes nothing when no entry is new.
-//! `tether-control serve` calls it every `[audit] checkpoint_every`
-//! ([`checkpoint_forever`]); `tether-control audit checkpoint` once.
+//! `tether-control serve` calls it every `[audit] checkpoint_every`;
+//! `tether-control audit checkpoint` once.
 
 use std::fmt;
 use std::sync::Arc;
@@ -51,12 +53,10 @@ use rustls::server::ParsedCertificate;
 use rustls::RootCertStore;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
-use tokio_util::sync::CancellationToken;
 use x509_parser::extensions::GeneralName;
 use x509_parser::prelude::FromDer;
 
-use super::{hex, is_hash, put_str_bytes, ChainError, ChainVerifier};
-use crate::store::{Store, StoreError};
+use crate::hash::{hex, is_hash, put_str_bytes};
 
 /// The first field of every signed checkpoint string (the format version).
 pub const CHECKPOINT_FORMAT: &str = "tether-audit-checkpoint-v1";
@@ -66,11 +66,10 @@ pub const MAX_SIGNER_CHAIN: usize = 4;
 pub const MAX_SIGNER_CHAIN_PEM: usize = 16 * 1024;
 /// Longest hex signature (a DER ECDSA P-256 signature is at most 72 bytes).
 const MAX_SIGNATURE_HEX: usize = 2 * 80;
-/// Page size when reading the entries a new checkpoint covers.
-const PAGE: u32 = 1000;
 
 /// One signed checkpoint, as stored and exported (`{"checkpoint": {...}}` in an export).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct Checkpoint {
     /// The entry vouched for.
@@ -141,11 +140,6 @@ impl fmt::Debug for CheckpointSigner {
 }
 
 impl CheckpointSigner {
-    /// The signer of control's current leaf.
-    pub fn from_ca(ca: &crate::ca::Ca) -> Result<Self, SignError> {
-        Self::new(&ca.control_key_pem(), &ca.control_chain_pem())
-    }
-
     /// A signer with a PKCS#8 P-256 key (PEM) and the chain to carry (its certificate
     /// first, PEM). The key must match the first certificate.
     pub fn new(key_pem: &str, chain_pem: &str) -> Result<Self, SignError> {
@@ -398,114 +392,6 @@ pub fn root_trust_domain(root_der: &[u8]) -> Option<String> {
     let (_, x509) = x509_parser::parse_x509_certificate(root_der).ok()?;
     let ou = x509.subject().iter_organizational_unit().next()?;
     ou.as_str().ok().map(str::to_owned)
-}
-
-/// Why [`write_checkpoint`] wrote nothing.
-#[derive(Debug, Error)]
-#[non_exhaustive]
-pub enum WriteCheckpointError {
-    /// The store failed; retrying may help.
-    #[error(transparent)]
-    Store(#[from] StoreError),
-    /// The log does not extend the last checkpoint (or its entries do not chain): it was
-    /// tampered with. Control refuses to vouch for it; retrying cannot help.
-    #[error("the audit log does not extend the last checkpoint (seq {checkpoint}): {error}")]
-    Tampered {
-        /// The last checkpoint's seq (0: none).
-        checkpoint: i64,
-        /// The first thing that does not fit.
-        error: ChainError,
-    },
-    /// The signer refused.
-    #[error(transparent)]
-    Sign(#[from] SignError),
-}
-
-/// Sign the log's head at `now` and store the checkpoint, after checking that the entries
-/// since the last checkpoint (all of them if none) extend it. `Ok(None)` when no entry is
-/// newer than the last checkpoint (or the log is empty).
-pub async fn write_checkpoint(
-    store: &dyn Store,
-    signer: &CheckpointSigner,
-    now: i64,
-) -> Result<Option<Checkpoint>, WriteCheckpointError> {
-    let last = store.last_audit_checkpoint().await?;
-    let (mut chain, mut after, anchor) = match &last {
-        None => (ChainVerifier::from_genesis(), 0, 0),
-        Some(cp) => {
-            // The checkpointed entry itself must still be there, unchanged.
-            let tampered = |error| WriteCheckpointError::Tampered {
-                checkpoint: cp.seq,
-                error,
-            };
-            let entry = store
-                .audit_entries(cp.seq - 1, 1)
-                .await?
-                .into_iter()
-                .next()
-                .filter(|e| e.seq == cp.seq)
-                .ok_or_else(|| {
-                    tampered(ChainError::OutOfSequence {
-                        expected: cp.seq,
-                        found: 0,
-                    })
-                })?;
-            if entry.hash != cp.head_hash || entry.computed_hash().ok() != Some(entry.hash) {
-                return Err(tampered(ChainError::HashMismatch { seq: cp.seq }));
-            }
-            (
-                ChainVerifier::after(cp.seq, cp.head_hash.clone()),
-                cp.seq,
-                cp.seq,
-            )
-        }
-    };
-    loop {
-        let page = store.audit_entries(after, PAGE).await?;
-        let Some(tail) = page.last() else { break };
-        after = tail.seq;
-        for e in &page {
-            chain
-                .push(e)
-                .map_err(|error| WriteCheckpointError::Tampered {
-                    checkpoint: anchor,
-                    error,
-                })?;
-        }
-    }
-    let Some((seq, hash)) = chain.head() else {
-        return Ok(None);
-    };
-    let cp = signer.sign(seq, hash, now)?;
-    // Another replica may have checkpointed the same head meanwhile: one is enough.
-    store.add_audit_checkpoint(&cp).await?;
-    Ok(Some(cp))
-}
-
-/// Write a checkpoint every `every` until `shutdown` (and once right away). A log that
-/// no longer extends the last checkpoint is logged at error level and not signed.
-pub async fn checkpoint_forever(
-    store: Arc<dyn Store>,
-    signer: Arc<CheckpointSigner>,
-    every: Duration,
-    shutdown: CancellationToken,
-) {
-    loop {
-        match write_checkpoint(store.as_ref(), &signer, crate::now_unix()).await {
-            Ok(Some(cp)) => {
-                tracing::info!(seq = cp.seq, head = %cp.head_hash, "audit checkpoint signed")
-            }
-            Ok(None) => {}
-            Err(e @ WriteCheckpointError::Tampered { .. }) => {
-                tracing::error!(error = %e, "audit log tampered with; not signing a checkpoint")
-            }
-            Err(e) => tracing::warn!(error = %e, "cannot write an audit checkpoint; will retry"),
-        }
-        tokio::select! {
-            _ = tokio::time::sleep(every) => {}
-            _ = shutdown.cancelled() => return,
-        }
-    }
 }
 
 /// The certificates in `pem` (e.g. a root file), DER; an error if one is unreadable.

@@ -7,17 +7,18 @@
 //! page's last entry. A page with no entry (the end of the log) carries every checkpoint
 //! with `seq > after`: there should be none, and any there is vouches for an entry the
 //! log no longer has (its tail was cut), which a client writing the export format
-//! (`crate::audit::export`) puts at the end for the verifier to find. Checkpoints are
-//! read before entries, so one signed meanwhile never looks like a cut.
+//! ([`tether_audit::export`]) puts at the end for the verifier to find. Checkpoints are
+//! read before entries, so one signed meanwhile never looks like a cut. The answer's
+//! shape is [`tether_audit::page::AuditPage`], which `tether audit export` reads.
 
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Query, State};
 use axum::http::StatusCode;
 use axum::{Extension, Json};
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
+use tether_audit::action;
+use tether_audit::page::AuditPage;
 
-use super::checkpoint::Checkpoint;
-use super::AuditEntry;
 use crate::api::{ApiError, AppState};
 use crate::enroll::internal;
 use crate::operators::{authorize, Role};
@@ -33,15 +34,6 @@ pub struct AuditQuery {
     pub after: i64,
     /// At most this many entries; 0 or more than the maximum: the maximum.
     pub limit: u32,
-}
-
-/// Answer of `GET /v1/audit`.
-#[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
-pub struct AuditPage {
-    /// Entries, oldest first.
-    pub entries: Vec<AuditEntry>,
-    /// Checkpoints among them (see the module docs), by seq.
-    pub checkpoints: Vec<Checkpoint>,
 }
 
 /// `GET /v1/audit` (viewer+).
@@ -65,7 +57,7 @@ pub async fn list(
     query: Result<Query<AuditQuery>, QueryRejection>,
 ) -> Result<Json<AuditPage>, ApiError> {
     let now = crate::now_unix();
-    authorize(&s, &peer, Role::Viewer, super::action::AUDIT_LIST, "", now).await?;
+    authorize(&s, &peer, Role::Viewer, action::AUDIT_LIST, "", now).await?;
     let Query(q) = query
         .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_query", e.body_text()))?;
     let limit = match q.limit {

@@ -1,5 +1,6 @@
 //! Audit exports: the whole log and its signed checkpoints as JSON lines
-//! ([`write_export`]), and the offline verifier ([`ExportVerifier`], [`verify_export`]).
+//! ([`ExportLine`]; control's `write_export` and `tether audit export` write them), and
+//! the offline verifier ([`ExportVerifier`], [`verify_export`]).
 //!
 //! # The export format (version 1)
 //!
@@ -15,7 +16,7 @@
 //!   (`{"seq", "at", "actor": {"kind", "name"}, "action", "target", "outcome", "details",
 //!   "prev_hash", "hash"}`), in `seq` order from 1;
 //! - a checkpoint: `{"checkpoint": {"seq", "head_hash", "at", "signature",
-//!   "signer_chain_pem"}}` (see [`super::checkpoint`]), right after the entry it vouches
+//!   "signer_chain_pem"}}` (see [`crate::checkpoint`]), right after the entry it vouches
 //!   for, checkpoints in increasing `seq`.
 //!
 //! # What verifying an export proves
@@ -46,23 +47,21 @@
 //!   write the database, not against someone who owns control.
 
 use std::collections::VecDeque;
-use std::io::{BufRead, Read, Write};
+use std::io::{BufRead, Read};
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use thiserror::Error;
 
-use super::checkpoint::{Checkpoint, CheckpointError, CheckpointVerifier, VerifiedCheckpoint};
-use super::{AuditEntry, ChainError, ChainVerifier};
-use crate::store::{Store, StoreError};
+use crate::chain::{ChainError, ChainVerifier};
+use crate::checkpoint::{Checkpoint, CheckpointError, CheckpointVerifier, VerifiedCheckpoint};
+use crate::entry::AuditEntry;
 
 /// The export format version in the header.
 pub const EXPORT_VERSION: u32 = 1;
 /// Longest line of an export, bytes (an entry is at most about 5 KiB, a checkpoint with
 /// its chain about 2 KiB).
 pub const MAX_LINE_LEN: usize = 64 * 1024;
-/// Page size when reading the store.
-const PAGE: u32 = 1000;
 
 /// The optional first line of an export: information for a reader, never trusted.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -140,95 +139,6 @@ pub struct ExportSummary {
     pub head: Option<(i64, String)>,
     /// The last checkpoint's seq.
     pub last_checkpoint: Option<i64>,
-}
-
-/// Why an export could not be written.
-#[derive(Debug, Error)]
-#[non_exhaustive]
-pub enum ExportError {
-    /// Reading the store failed.
-    #[error(transparent)]
-    Store(#[from] StoreError),
-    /// Writing the output failed.
-    #[error("writing the export: {0}")]
-    Io(#[from] std::io::Error),
-}
-
-/// Write the whole log and its checkpoints to `out` in the export format, with `header`
-/// first if given. Checkpoints written while the export runs may be left out; every
-/// checkpoint that existed when it started is in it, so a log cut before one of them
-/// does not verify.
-pub async fn write_export(
-    store: &dyn Store,
-    header: Option<&ExportHeader>,
-    out: &mut impl Write,
-) -> Result<ExportSummary, ExportError> {
-    let mut summary = ExportSummary::default();
-    // Read before any entry: every checkpoint up to here covers an entry that exists.
-    let known = store.last_audit_checkpoint().await?.map_or(0, |c| c.seq);
-    let line = |l: ExportLine, out: &mut dyn Write| -> std::io::Result<()> {
-        out.write_all(l.to_json().as_bytes())?;
-        out.write_all(b"\n")
-    };
-    if let Some(h) = header {
-        line(ExportLine::Header(h.clone()), out)?;
-    }
-    let mut checkpoints: VecDeque<Checkpoint> = VecDeque::new();
-    let mut checkpoints_after = 0;
-    let mut checkpoints_done = false;
-    let mut after = 0;
-    loop {
-        let page = store.audit_entries(after, PAGE).await?;
-        let Some(tail) = page.last() else { break };
-        after = tail.seq;
-        for entry in page {
-            let seq = entry.seq;
-            summary.head = Some((seq, entry.hash.clone()));
-            summary.entries += 1;
-            line(ExportLine::Entry(entry), out)?;
-            // The checkpoints up to this entry, fetched page by page.
-            loop {
-                if checkpoints.is_empty() && !checkpoints_done {
-                    let more = store.audit_checkpoints(checkpoints_after, PAGE).await?;
-                    match more.last() {
-                        Some(c) => checkpoints_after = c.seq,
-                        None => checkpoints_done = true,
-                    }
-                    checkpoints.extend(more);
-                }
-                if checkpoints.front().is_none_or(|c| c.seq > seq) {
-                    break;
-                }
-                if let Some(c) = checkpoints.pop_front() {
-                    summary.checkpoints += 1;
-                    summary.last_checkpoint = Some(c.seq);
-                    line(ExportLine::Checkpoint(c), out)?;
-                }
-            }
-        }
-    }
-    // Checkpoints beyond the last entry: the log was cut under them. Written, so the
-    // verifier sees it; those newer than `known` may just be new, and are left out.
-    loop {
-        if checkpoints.is_empty() && !checkpoints_done {
-            let more = store.audit_checkpoints(checkpoints_after, PAGE).await?;
-            match more.last() {
-                Some(c) => checkpoints_after = c.seq,
-                None => checkpoints_done = true,
-            }
-            checkpoints.extend(more);
-        }
-        match checkpoints.pop_front() {
-            Some(c) if c.seq <= known => {
-                summary.checkpoints += 1;
-                summary.last_checkpoint = Some(c.seq);
-                line(ExportLine::Checkpoint(c), out)?;
-            }
-            _ => break,
-        }
-    }
-    out.flush()?;
-    Ok(summary)
 }
 
 /// Why an export does not verify. [`VerifyError::first_bad_seq`] names the entry where
