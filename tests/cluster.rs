@@ -322,3 +322,97 @@ async fn disable_closes_the_session_and_enable_lets_the_same_certificate_back() 
     let (code, out, _) = c.exec(&["app-1", "--", "echo", "enabled"]);
     assert_eq!((code, out.as_str()), (0, "enabled\n"));
 }
+
+/// SIGTERM: control stops accepting, lets a command stream in flight finish, tells its
+/// brokers it is going away (they reconnect at once rather than after a timeout), and
+/// exits 0. Every answer carries the request's id, which the logs of that request name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn control_drains_on_sigterm_and_says_goodbye_to_its_brokers() {
+    let mut c = Cluster::new("[shutdown]\ngrace = \"30s\"\n");
+    let b1 = c.add_broker("edge-1");
+    c.wait_brokers_up(1).await;
+    let s1 = c.enroll("app-1");
+    let _a1 = c.agent(&s1, &[b1.quic]);
+    c.wait_connected("app-1", Some("edge-1")).await;
+
+    // A refused request: its answer names its id, and so does control's log of it.
+    let resp = c
+        .fleet
+        .client()
+        .post(format!("{}/v1/enroll", c.fleet.url()))
+        .json(&serde_json::json!({
+            "appliance_id": "..",
+            "csr_pem": "x",
+            "nonce": "x",
+            "proof": {"kind": "token", "token": "x"}
+        }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 400);
+    let id = resp.headers()["x-request-id"].to_str().unwrap().to_owned();
+    assert_eq!(id.len(), 16, "{id}");
+    assert!(id.bytes().all(|b| b.is_ascii_hexdigit()), "{id}");
+    assert_eq!(
+        resp.json::<serde_json::Value>().await.unwrap()["error"],
+        "invalid_appliance_id"
+    );
+    wait_for(Duration::from_secs(5), || async {
+        c.fleet.control.log_contains(&id).then_some(())
+    })
+    .await
+    .expect("control's log names the request id");
+
+    // A command that outlives the SIGTERM.
+    let running = Command::new(bin("tether"))
+        .args([
+            "exec",
+            "app-1",
+            "--timeout",
+            "60s",
+            "--",
+            "sh",
+            "-c",
+            "sleep 2; echo done",
+        ])
+        .env("TETHER_CONFIG_DIR", &c.ops)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The command is running once the broker has opened its stream; give it a moment.
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let pid = nix::unistd::Pid::from_raw(c.fleet.control.child.id() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+
+    let out = running.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("done"), "{stdout}");
+
+    // Control exits 0 on its own, having told the broker.
+    let mut control = c.fleet.control;
+    let start = Instant::now();
+    let status = loop {
+        if let Some(s) = control.child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "control did not exit"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(status.code(), Some(0));
+    assert!(control.log_contains("every in-flight request finished"));
+    wait_for(Duration::from_secs(5), || async {
+        b1.log_contains("going_away").then_some(())
+    })
+    .await
+    .expect("the broker heard control was going away");
+}

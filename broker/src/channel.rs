@@ -126,6 +126,9 @@ pub enum ChannelError {
     /// Presence events were dropped; a fresh `Hello` resynchronises control.
     #[error("presence queue overflowed: resynchronising")]
     Resync,
+    /// Control said it is shutting down ([`ToBroker::GoingAway`]).
+    #[error("control is shutting down")]
+    GoingAway,
 }
 
 impl ChannelError {
@@ -143,6 +146,7 @@ impl ChannelError {
             ChannelError::VersionGap { .. } => "version_gap",
             ChannelError::Apply(_) => "apply",
             ChannelError::Resync => "resync",
+            ChannelError::GoingAway => "going_away",
         }
     }
 }
@@ -342,7 +346,9 @@ impl ControlSync {
                 return;
             }
             ever_synced |= synced;
-            if synced {
+            if synced || matches!(result, Err(ChannelError::GoingAway)) {
+                // A channel that synced, or a control that left in order: come back at
+                // once rather than after the failures that came before.
                 backoff.reset();
             }
             if let Err(e) = &result {
@@ -715,6 +721,7 @@ impl ControlSync {
                 Ok(None)
             }
             ToBroker::Ping => Ok(None),
+            ToBroker::GoingAway => Err(ChannelError::GoingAway),
         }
     }
 }

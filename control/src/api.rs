@@ -21,6 +21,9 @@
 //! - `GET /openapi.json` (no authentication): the OpenAPI 3.1 document of all of the
 //!   above (see [`crate::openapi`]).
 //!
+//! Every request runs in a `request` span carrying a `request_id`, which the answer
+//! returns in [`REQUEST_ID_HEADER`].
+//!
 //! Errors are JSON `{"error": "<stable_code>", "message": "..."}` with the HTTP status that
 //! fits (400 bad input, 403 refused, 404 unknown id, 409 replay, 429 `rate_limited` with
 //! `Retry-After` on the routes open without credentials, 500 internal).
@@ -181,7 +184,35 @@ pub fn router(state: AppState) -> Router {
             state.clone(),
             crate::metrics::record,
         ))
+        .layer(axum::middleware::from_fn(request_span))
         .with_state(state)
+}
+
+/// The response header carrying the id of the request, as control's logs name it.
+pub const REQUEST_ID_HEADER: &str = "x-request-id";
+
+/// The id control gave a request: 16 random hex digits, in the request's span
+/// (`request_id`), in its extensions, and in the [`REQUEST_ID_HEADER`] of the answer, so
+/// an operator can quote it and the logs find it. A client's own header is not trusted.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RequestId(pub String);
+
+/// Run each request in a span with its id, method and path, and return the id.
+async fn request_span(mut req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    use tracing::Instrument;
+    let id = format!("{:016x}", fastrand::u64(..));
+    let span = tracing::info_span!(
+        "request",
+        request_id = %id,
+        method = %req.method(),
+        path = %req.uri().path(),
+    );
+    req.extensions_mut().insert(RequestId(id.clone()));
+    let mut resp = next.run(req).instrument(span).await;
+    if let Ok(v) = axum::http::HeaderValue::from_str(&id) {
+        resp.headers_mut().insert(REQUEST_ID_HEADER, v);
+    }
+    resp
 }
 
 /// The answer of `GET /healthz`.

@@ -37,7 +37,7 @@ use tether_proto::cluster::{
 use tokio::sync::mpsc;
 use tokio_util::codec::{Framed, LengthDelimitedCodec};
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
+use tracing::{debug, info, warn, Instrument};
 
 use crate::api::{ApiError, AppState};
 use crate::identity::{identify, PeerIdentity};
@@ -154,6 +154,10 @@ pub struct Cluster {
     presence: Mutex<HashMap<String, Presence>>,
     commands: Mutex<HashMap<u64, InFlight>>,
     next_id: AtomicU64,
+    /// Cancelled when control shuts down: every link says `GoingAway` and ends.
+    going_away: CancellationToken,
+    /// The links' tasks, so shutdown can wait for them to say it.
+    link_tasks: tokio_util::task::TaskTracker,
 }
 
 impl std::fmt::Debug for Cluster {
@@ -174,6 +178,36 @@ impl Cluster {
     /// An empty cluster.
     pub fn new() -> Cluster {
         Cluster::default()
+    }
+
+    /// Tell every broker channel that control is going away ([`ToBroker::GoingAway`]),
+    /// and wait up to `limit` for the links to say it and close. New channels opened
+    /// after this are told at once.
+    pub async fn go_away(&self, limit: Duration) -> bool {
+        self.going_away.cancel();
+        self.link_tasks.close();
+        tokio::time::timeout(limit, self.link_tasks.wait())
+            .await
+            .is_ok()
+    }
+
+    /// Record a new link for `name` (closing an older one of the same broker) and the
+    /// sessions its `Hello` reported; returns the link's id.
+    fn register_link(&self, name: &str, mut link: Link, sessions: Vec<SessionReport>) -> u64 {
+        let link_id = self.next_id.fetch_add(1, Ordering::Relaxed) + 1;
+        link.id = link_id;
+        if let Some(old) = lock(&self.links).insert(name.to_owned(), link) {
+            info!("a newer channel of the same broker replaces the older one");
+            old.ended.cancel();
+        }
+        self.forget_broker(name);
+        for r in sessions {
+            let appliance = r.appliance.clone();
+            if let Some(older) = self.session_up(name, r) {
+                self.supersede(&appliance, older);
+            }
+        }
+        link_id
     }
 
     /// Where `appliance` is connected, if a broker reported it.
@@ -546,20 +580,89 @@ fn link_error(reason: &'static str, detail: impl ToString) -> LinkError {
     }
 }
 
-/// Serve one broker channel until it ends.
+/// What a broker said in its `Hello`.
+struct Hello {
+    quic_addr: String,
+    since: u64,
+    sessions: Vec<SessionReport>,
+}
+
+/// Serve one broker channel until it ends (or control goes away), in a span naming the
+/// broker.
 pub async fn run_link<T>(s: AppState, name: String, io: T)
+where
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
+{
+    let span = tracing::info_span!("broker_link", broker = %name);
+    let tracker = s.cluster.link_tasks.clone();
+    tracker
+        .track_future(link(s, name, io))
+        .instrument(span)
+        .await
+}
+
+async fn link<T>(s: AppState, name: String, io: T)
 where
     T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
 {
     let framed: Channel<T> = Framed::new(io, codec());
     let (mut sink, mut stream) = framed.split();
+    let hello = match read_hello(&mut stream, &name).await {
+        Ok(h) => h,
+        Err(e) => return end_with(&s, &name, e),
+    };
+    let now = crate::now_unix();
+    if let Err(e) = s.store.broker_seen(&name, &hello.quic_addr, now).await {
+        warn!(error = %e, "cannot record the broker's address");
+    }
+    let (tx, rx) = mpsc::channel::<ToBroker>(LINK_QUEUE);
+    let ended = CancellationToken::new();
+    let applied = Arc::new(AtomicU64::new(hello.since));
+    let link_id = s.cluster.register_link(
+        &name,
+        Link {
+            id: 0,
+            tx,
+            quic_addr: hello.quic_addr,
+            connected_at: now.max(0) as u64,
+            applied: applied.clone(),
+            ended: ended.clone(),
+        },
+        hello.sessions,
+    );
+    s.metrics
+        .brokers_connected
+        .set(lock(&s.cluster.links).len() as i64);
+    s.metrics.sessions.set(s.cluster.session_count());
+
+    let writer = write_loop(&s, &mut sink, hello.since, rx, &ended);
+    let reader = read_loop(&s, &name, &mut stream, link_id, &applied);
+    let result = tokio::select! {
+        r = writer => r,
+        r = reader => r,
+        _ = ended.cancelled() => Ok(()),
+    };
+    ended.cancel();
+    unregister_link(&s, &name, link_id);
+    match result {
+        Ok(()) => info!("broker channel ended"),
+        Err(e) => end_with(&s, &name, e),
+    }
+}
+
+/// The broker's first frame, which must be a `Hello` naming the broker its certificate
+/// names, within [`HELLO_TIMEOUT`].
+async fn read_hello<S>(stream: &mut S, name: &str) -> Result<Hello, LinkError>
+where
+    S: futures_util::Stream<Item = std::io::Result<bytes::BytesMut>> + Unpin,
+{
     let hello = match tokio::time::timeout(HELLO_TIMEOUT, stream.next()).await {
         Ok(Some(Ok(frame))) => cluster::decode::<ToControl>(&frame),
         Ok(Some(Err(e))) => Err(cluster::FrameError::Malformed(e.to_string())),
         Ok(None) => Err(cluster::FrameError::Malformed("closed before Hello".into())),
         Err(_) => Err(cluster::FrameError::Malformed("no Hello in time".into())),
     };
-    let (quic_addr, since, sessions) = match hello {
+    match hello {
         Ok(ToControl::Hello {
             name: said,
             quic_addr,
@@ -567,195 +670,165 @@ where
             sessions,
             version,
         }) if said == name => {
-            info!(broker = %name, %quic_addr, allowlist_version, sessions = sessions.len(), broker_version = %version, "broker channel up");
-            (quic_addr, allowlist_version, sessions)
+            info!(%quic_addr, allowlist_version, sessions = sessions.len(), broker_version = %version, "broker channel up");
+            Ok(Hello {
+                quic_addr,
+                since: allowlist_version,
+                sessions,
+            })
         }
-        Ok(other) => {
-            return end_with(
-                &s,
-                &name,
-                link_error(
-                    "bad_hello",
-                    format!("expected Hello naming {name}, got {other:?}"),
-                ),
-            )
-        }
-        Err(e) => return end_with(&s, &name, link_error("bad_hello", e)),
-    };
-    let now = crate::now_unix();
-    if let Err(e) = s.store.broker_seen(&name, &quic_addr, now).await {
-        warn!(broker = %name, error = %e, "cannot record the broker's address");
+        Ok(other) => Err(link_error(
+            "bad_hello",
+            format!("expected Hello naming {name}, got {other:?}"),
+        )),
+        Err(e) => Err(link_error("bad_hello", e)),
     }
-    let cluster = s.cluster.clone();
-    let (tx, mut rx) = mpsc::channel::<ToBroker>(LINK_QUEUE);
-    let ended = CancellationToken::new();
-    let applied = Arc::new(AtomicU64::new(since));
-    let link_id = cluster.next_id.fetch_add(1, Ordering::Relaxed) + 1;
-    if let Some(old) = lock(&cluster.links).insert(
-        name.clone(),
-        Link {
-            id: link_id,
-            tx: tx.clone(),
-            quic_addr: quic_addr.clone(),
-            connected_at: now.max(0) as u64,
-            applied: applied.clone(),
-            ended: ended.clone(),
-        },
-    ) {
-        info!(broker = %name, "a newer channel of the same broker replaces the older one");
-        old.ended.cancel();
-    }
-    s.metrics
-        .brokers_connected
-        .set(lock(&cluster.links).len() as i64);
-    cluster.forget_broker(&name);
-    for r in sessions {
-        let appliance = r.appliance.clone();
-        if let Some(older) = cluster.session_up(&name, r) {
-            cluster.supersede(&appliance, older);
-        }
-    }
-    s.metrics.sessions.set(cluster.session_count());
+}
 
-    // Writer: the initial sync, then versions, queued messages and pings.
-    let writer = {
-        let s = s.clone();
-        let ended = ended.clone();
-        async move {
-            let mut sent = sync_from(&s, &mut sink, since).await?;
-            send(&mut sink, &ToBroker::Synced { version: sent }).await?;
-            let generations = s
-                .store
-                .renewal_generations()
-                .await
-                .map_err(|e| link_error("store", e))?;
-            send(
-                &mut sink,
-                &ToBroker::Renewals {
-                    generations: generations
-                        .into_iter()
-                        .map(|(id, g)| (id, g.max(0) as u64))
-                        .collect(),
-                },
-            )
-            .await?;
-            let mut watch = s.store.allowlist_watch();
-            let mut poll = tokio::time::interval(Duration::from_secs(1));
-            poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            let ping = Duration::from_secs(CHANNEL_PING_SECS);
-            let mut last_sent = tokio::time::Instant::now();
-            loop {
-                tokio::select! {
-                    _ = ended.cancelled() => return Ok::<(), LinkError>(()),
-                    changed = watch.changed() => {
-                        if changed.is_err() {
-                            return Ok(());
-                        }
-                        sent = push_new_versions(&s, &mut sink, sent, &mut last_sent).await?;
-                    }
-                    _ = poll.tick() => {
-                        sent = push_new_versions(&s, &mut sink, sent, &mut last_sent).await?;
-                        // Say something at least every `ping`, so the broker knows the
-                        // channel is alive.
-                        if last_sent.elapsed() >= ping {
-                            send(&mut sink, &ToBroker::Ping).await?;
-                            last_sent = tokio::time::Instant::now();
-                        }
-                    }
-                    msg = rx.recv() => match msg {
-                        Some(m) => {
-                            send(&mut sink, &m).await?;
-                            last_sent = tokio::time::Instant::now();
-                        }
-                        None => return Ok(()),
-                    },
+/// The writer: the initial sync, then versions as they are committed, queued messages
+/// and pings; [`ToBroker::GoingAway`] when control shuts down.
+async fn write_loop<S>(
+    s: &AppState,
+    sink: &mut S,
+    since: u64,
+    mut rx: mpsc::Receiver<ToBroker>,
+    ended: &CancellationToken,
+) -> Result<(), LinkError>
+where
+    S: futures_util::Sink<bytes::Bytes, Error = std::io::Error> + Unpin,
+{
+    let mut sent = sync_from(s, sink, since).await?;
+    send(sink, &ToBroker::Synced { version: sent }).await?;
+    let generations = s
+        .store
+        .renewal_generations()
+        .await
+        .map_err(|e| link_error("store", e))?;
+    let generations = generations
+        .into_iter()
+        .map(|(id, g)| (id, g.max(0) as u64))
+        .collect();
+    send(sink, &ToBroker::Renewals { generations }).await?;
+    let mut watch = s.store.allowlist_watch();
+    let mut poll = tokio::time::interval(Duration::from_secs(1));
+    poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let ping = Duration::from_secs(CHANNEL_PING_SECS);
+    let mut last_sent = tokio::time::Instant::now();
+    let going_away = s.cluster.going_away.clone();
+    loop {
+        tokio::select! {
+            _ = ended.cancelled() => return Ok(()),
+            _ = going_away.cancelled() => {
+                send(sink, &ToBroker::GoingAway).await?;
+                let _ = sink.close().await;
+                info!("told the broker control is going away");
+                return Ok(());
+            }
+            changed = watch.changed() => {
+                if changed.is_err() {
+                    return Ok(());
+                }
+                sent = push_new_versions(s, sink, sent, &mut last_sent).await?;
+            }
+            _ = poll.tick() => {
+                sent = push_new_versions(s, sink, sent, &mut last_sent).await?;
+                // Say something at least every `ping`, so the broker knows the channel
+                // is alive.
+                if last_sent.elapsed() >= ping {
+                    send(sink, &ToBroker::Ping).await?;
+                    last_sent = tokio::time::Instant::now();
                 }
             }
-        }
-    };
-
-    // Reader: presence and command events.
-    let reader = {
-        let s = s.clone();
-        let name = name.clone();
-        let cluster = cluster.clone();
-        let applied = applied.clone();
-        async move {
-            let idle = Duration::from_secs(CHANNEL_IDLE_TIMEOUT_SECS);
-            loop {
-                let frame = match tokio::time::timeout(idle, stream.next()).await {
-                    Err(_) => return Err(link_error("idle", "no frame from the broker in time")),
-                    Ok(None) => return Ok::<(), LinkError>(()),
-                    Ok(Some(Err(e))) => return Err(link_error("framing", e)),
-                    Ok(Some(Ok(f))) => f,
-                };
-                let msg =
-                    cluster::decode::<ToControl>(&frame).map_err(|e| link_error("malformed", e))?;
-                match msg {
-                    ToControl::Hello { .. } => {
-                        return Err(link_error("protocol", "a second Hello"));
-                    }
-                    ToControl::Applied {
-                        version,
-                        sessions_closed,
-                    } => {
-                        applied.store(version, Ordering::Relaxed);
-                        debug!(broker = %name, version, sessions_closed, "broker applied version");
-                    }
-                    ToControl::SessionUp(r) => {
-                        let appliance = r.appliance.clone();
-                        if let Some(older) = cluster.session_up(&name, r) {
-                            cluster.supersede(&appliance, older);
-                        }
-                        s.metrics.sessions.set(cluster.session_count());
-                    }
-                    ToControl::SessionDown {
-                        appliance,
-                        session_id,
-                        reason,
-                    } => {
-                        debug!(broker = %name, %appliance, session_id, %reason, "session down");
-                        cluster.session_down(&name, &appliance, session_id);
-                        s.metrics.sessions.set(cluster.session_count());
-                    }
-                    ToControl::Heartbeats { items } => cluster.heartbeats(&name, items),
-                    ToControl::CommandOutput { id, stream, data } => {
-                        let event = ExecEvent::Output { stream, data };
-                        if !cluster.deliver(link_id, id, event, false) {
-                            foreign_command(&s, &name, id);
-                        }
-                    }
-                    ToControl::CommandExit { id, code } => {
-                        if !cluster.deliver(link_id, id, ExecEvent::Exit(code), true) {
-                            foreign_command(&s, &name, id);
-                        }
-                    }
-                    ToControl::CommandFailed { id, code, message } => {
-                        let event = ExecEvent::Failed { code, message };
-                        if !cluster.deliver(link_id, id, event, true) {
-                            foreign_command(&s, &name, id);
-                        }
-                    }
-                    ToControl::Ping => {}
+            msg = rx.recv() => match msg {
+                Some(m) => {
+                    send(sink, &m).await?;
+                    last_sent = tokio::time::Instant::now();
                 }
-            }
+                None => return Ok(()),
+            },
         }
-    };
+    }
+}
 
-    let result = tokio::select! {
-        r = writer => r,
-        r = reader => r,
-        _ = ended.cancelled() => Ok(()),
-    };
-    ended.cancel();
-    // Unregister (unless a newer channel of the same broker took the slot), forget its
-    // sessions and fail its commands.
+/// The reader: presence and command events, until the broker closes or falls silent for
+/// [`CHANNEL_IDLE_TIMEOUT_SECS`].
+async fn read_loop<S>(
+    s: &AppState,
+    name: &str,
+    stream: &mut S,
+    link_id: u64,
+    applied: &AtomicU64,
+) -> Result<(), LinkError>
+where
+    S: futures_util::Stream<Item = std::io::Result<bytes::BytesMut>> + Unpin,
+{
+    let cluster = &s.cluster;
+    let idle = Duration::from_secs(CHANNEL_IDLE_TIMEOUT_SECS);
+    loop {
+        let frame = match tokio::time::timeout(idle, stream.next()).await {
+            Err(_) => return Err(link_error("idle", "no frame from the broker in time")),
+            Ok(None) => return Ok(()),
+            Ok(Some(Err(e))) => return Err(link_error("framing", e)),
+            Ok(Some(Ok(f))) => f,
+        };
+        let msg = cluster::decode::<ToControl>(&frame).map_err(|e| link_error("malformed", e))?;
+        let (id, event, last) = match msg {
+            ToControl::Hello { .. } => return Err(link_error("protocol", "a second Hello")),
+            ToControl::Applied {
+                version,
+                sessions_closed,
+            } => {
+                applied.store(version, Ordering::Relaxed);
+                debug!(version, sessions_closed, "broker applied version");
+                continue;
+            }
+            ToControl::SessionUp(r) => {
+                let appliance = r.appliance.clone();
+                if let Some(older) = cluster.session_up(name, r) {
+                    cluster.supersede(&appliance, older);
+                }
+                s.metrics.sessions.set(cluster.session_count());
+                continue;
+            }
+            ToControl::SessionDown {
+                appliance,
+                session_id,
+                reason,
+            } => {
+                debug!(%appliance, session_id, %reason, "session down");
+                cluster.session_down(name, &appliance, session_id);
+                s.metrics.sessions.set(cluster.session_count());
+                continue;
+            }
+            ToControl::Heartbeats { items } => {
+                cluster.heartbeats(name, items);
+                continue;
+            }
+            ToControl::Ping => continue,
+            ToControl::CommandOutput { id, stream, data } => {
+                (id, ExecEvent::Output { stream, data }, false)
+            }
+            ToControl::CommandExit { id, code } => (id, ExecEvent::Exit(code), true),
+            ToControl::CommandFailed { id, code, message } => {
+                (id, ExecEvent::Failed { code, message }, true)
+            }
+        };
+        if !cluster.deliver(link_id, id, event, last) {
+            foreign_command(s, name, id);
+        }
+    }
+}
+
+/// Unregister a link that ended (unless a newer channel of the same broker took the
+/// slot), forget its sessions and fail its commands with `broker_lost`.
+fn unregister_link(s: &AppState, name: &str, link_id: u64) {
+    let cluster = &s.cluster;
     {
         let mut links = lock(&cluster.links);
-        if links.get(&name).is_some_and(|l| l.id == link_id) {
-            links.remove(&name);
+        if links.get(name).is_some_and(|l| l.id == link_id) {
+            links.remove(name);
             drop(links);
-            cluster.forget_broker(&name);
+            cluster.forget_broker(name);
         }
     }
     s.metrics
@@ -778,10 +851,6 @@ where
             code: "broker_lost".into(),
             message: format!("the channel to broker {name} ended mid-command"),
         });
-    }
-    match result {
-        Ok(()) => info!(broker = %name, "broker channel ended"),
-        Err(e) => end_with(&s, &name, e),
     }
 }
 

@@ -65,6 +65,33 @@ pub struct ControlConfig {
     pub http: HttpSettings,
     /// Signed checkpoints of the audit log.
     pub audit: AuditSettings,
+    /// How `serve` stops on SIGTERM.
+    pub shutdown: ShutdownSettings,
+}
+
+/// Default time in-flight requests and command streams get to finish on SIGTERM: 10 s.
+pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+/// Longest shutdown grace accepted: 10 minutes (a supervisor's kill timeout is shorter).
+pub const MAX_SHUTDOWN_GRACE: Duration = Duration::from_secs(600);
+
+/// `[shutdown]`: how `serve` stops. On SIGTERM it stops accepting, lets in-flight requests
+/// and command streams finish for up to `grace`, tells every broker channel it is going
+/// away, then exits 0.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ShutdownSettings {
+    /// Time in-flight requests get to finish. Default 10 s
+    /// ([`DEFAULT_SHUTDOWN_GRACE`]); at most [`MAX_SHUTDOWN_GRACE`].
+    #[serde(with = "humantime_serde")]
+    pub grace: Duration,
+}
+
+impl Default for ShutdownSettings {
+    fn default() -> Self {
+        ShutdownSettings {
+            grace: DEFAULT_SHUTDOWN_GRACE,
+        }
+    }
 }
 
 /// Default interval between signed audit checkpoints: 60 s.
@@ -206,6 +233,7 @@ impl Default for ControlConfig {
             certificates: CertificateSettings::default(),
             http: HttpSettings::default(),
             audit: AuditSettings::default(),
+            shutdown: ShutdownSettings::default(),
         }
     }
 }
@@ -325,6 +353,12 @@ impl ControlConfig {
             return Err(ConfigError::Invalid {
                 field: "enroll.nonce_ttl",
                 reason: "must be positive".into(),
+            });
+        }
+        if self.shutdown.grace > MAX_SHUTDOWN_GRACE {
+            return Err(ConfigError::Invalid {
+                field: "shutdown.grace",
+                reason: "must be at most 10m".into(),
             });
         }
         Ok(())

@@ -15,6 +15,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
 use crate::api::{router, AppState};
@@ -66,7 +67,10 @@ pub fn tls_config(
 #[derive(Clone, Debug)]
 pub struct PeerCertificate(pub Option<Arc<[u8]>>);
 
-/// Serve the API on `listener` until `shutdown`.
+/// Serve the API on `listener` until `shutdown`, then drain: stop accepting, let
+/// in-flight requests and command streams finish for up to `shutdown.grace` (keep-alive
+/// connections close after their current request), tell every broker channel control is
+/// going away, and return. Logs whether the drain finished in time.
 pub async fn serve(
     state: AppState,
     listener: TcpListener,
@@ -80,10 +84,13 @@ pub async fn serve(
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
     let metrics = state.metrics.clone();
     let limits = state.config.http.clone();
+    let grace = state.config.shutdown.grace;
+    let cluster = state.cluster.clone();
     let app = router(state);
     info!(listen = %listener.local_addr()?, "control API listening (HTTPS)");
     let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
-    let header_read_timeout = limits.header_read_timeout;
+    let connections = TaskTracker::new();
+    let drain = CancellationToken::new();
     loop {
         let slot = tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -105,67 +112,118 @@ pub async fn serve(
         if let Err(e) = tcp.set_nodelay(true) {
             debug!(%remote, error = %e, "cannot set TCP_NODELAY");
         }
-        let acceptor = acceptor.clone();
-        let app = app.clone();
-        let metrics = metrics.clone();
-        tokio::spawn(async move {
+        let conn = Connection {
+            acceptor: acceptor.clone(),
+            app: app.clone(),
+            metrics: metrics.clone(),
+            header_read_timeout: limits.header_read_timeout,
+            drain: drain.clone(),
+        };
+        connections.spawn(async move {
             let _slot = slot;
-            let tls = match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await
-            {
-                Ok(Ok(s)) => s,
-                Ok(Err(e)) => {
-                    metrics
-                        .tls_failures
-                        .get_or_create(&Reason {
-                            reason: "handshake_failed",
-                        })
-                        .inc();
-                    return debug!(%remote, error = %e, "TLS handshake failed");
-                }
-                Err(_) => {
-                    metrics
-                        .tls_failures
-                        .get_or_create(&Reason {
-                            reason: "handshake_timeout",
-                        })
-                        .inc();
-                    return debug!(%remote, "TLS handshake timed out");
-                }
-            };
-            // The verified client certificate (if any) and the peer's address (for the
-            // rate limit, see `crate::rate_limit`) travel with every request of this
-            // connection.
-            let peer = PeerCertificate(
-                tls.get_ref()
-                    .1
-                    .peer_certificates()
-                    .and_then(|c| c.first())
-                    .map(|c| Arc::<[u8]>::from(c.as_ref())),
-            );
-            let service = TowerToHyperService::new(tower::ServiceExt::map_request(
-                app,
-                move |mut req: axum::http::Request<hyper::body::Incoming>| {
-                    req.extensions_mut().insert(peer.clone());
-                    req.extensions_mut().insert(RemoteAddr(remote));
-                    req
-                },
-            ));
-            // hyper's HTTP/1 server directly (not hyper-util's auto builder, whose version
-            // sniffing waits for a first byte with no timeout), with upgrades: brokers
-            // switch their connection to the cluster channel.
-            let mut builder = hyper::server::conn::http1::Builder::new();
-            builder
-                .timer(TokioTimer::new())
-                .header_read_timeout(header_read_timeout);
-            if let Err(e) = builder
-                .serve_connection(TokioIo::new(tls), service)
-                .with_upgrades()
-                .await
-            {
-                debug!(%remote, error = %e, "connection ended with an error");
-            }
+            conn.serve(tcp, remote).await
         });
+    }
+    drop(listener);
+    info!(in_flight = connections.len(), grace = ?grace, "control API stopped accepting; draining");
+    drain.cancel();
+    connections.close();
+    if tokio::time::timeout(grace, connections.wait())
+        .await
+        .is_ok()
+    {
+        info!("every in-flight request finished");
+    } else {
+        warn!(
+            left = connections.len(),
+            grace = ?grace,
+            "shutdown grace over: dropping the connections still in flight"
+        );
+    }
+    if cluster.go_away(BROKER_GOODBYE_TIMEOUT).await {
+        info!("every broker channel was told control is going away");
+    } else {
+        warn!("some broker channels did not close in time");
     }
     info!("control API stopped");
     Ok(())
+}
+
+/// How long shutdown waits for the broker channels to send `GoingAway` and close.
+pub const BROKER_GOODBYE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// What serving one accepted connection needs.
+struct Connection {
+    acceptor: tokio_rustls::TlsAcceptor,
+    app: axum::Router,
+    metrics: Arc<crate::metrics::Metrics>,
+    header_read_timeout: Duration,
+    drain: CancellationToken,
+}
+
+impl Connection {
+    /// TLS handshake (bounded by [`TLS_HANDSHAKE_TIMEOUT`]), then HTTP/1.1 with upgrades
+    /// until the client closes; when control drains, the connection finishes the request
+    /// in progress (a command stream included) and closes.
+    async fn serve(self, tcp: tokio::net::TcpStream, remote: std::net::SocketAddr) {
+        let Connection {
+            acceptor,
+            app,
+            metrics,
+            header_read_timeout,
+            drain,
+        } = self;
+        let failed = |reason: &'static str| {
+            metrics.tls_failures.get_or_create(&Reason { reason }).inc();
+        };
+        let tls = match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                failed("handshake_failed");
+                return debug!(%remote, error = %e, "TLS handshake failed");
+            }
+            Err(_) => {
+                failed("handshake_timeout");
+                return debug!(%remote, "TLS handshake timed out");
+            }
+        };
+        // The verified client certificate (if any) and the peer's address (for the rate
+        // limit, see `crate::rate_limit`) travel with every request of this connection.
+        let peer = PeerCertificate(
+            tls.get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|c| c.first())
+                .map(|c| Arc::<[u8]>::from(c.as_ref())),
+        );
+        let service = TowerToHyperService::new(tower::ServiceExt::map_request(
+            app,
+            move |mut req: axum::http::Request<hyper::body::Incoming>| {
+                req.extensions_mut().insert(peer.clone());
+                req.extensions_mut().insert(RemoteAddr(remote));
+                req
+            },
+        ));
+        // hyper's HTTP/1 server directly (not hyper-util's auto builder, whose version
+        // sniffing waits for a first byte with no timeout), with upgrades: brokers switch
+        // their connection to the cluster channel.
+        let mut builder = hyper::server::conn::http1::Builder::new();
+        builder
+            .timer(TokioTimer::new())
+            .header_read_timeout(header_read_timeout);
+        let conn = builder
+            .serve_connection(TokioIo::new(tls), service)
+            .with_upgrades();
+        tokio::pin!(conn);
+        let result = tokio::select! {
+            r = conn.as_mut() => r,
+            _ = drain.cancelled() => {
+                conn.as_mut().graceful_shutdown();
+                conn.as_mut().await
+            }
+        };
+        if let Err(e) = result {
+            debug!(%remote, error = %e, "connection ended with an error");
+        }
+    }
 }

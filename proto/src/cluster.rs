@@ -25,6 +25,8 @@
 //!    while; a channel silent for [`CHANNEL_IDLE_TIMEOUT_SECS`] is dead. When it ends,
 //!    control fails the commands in flight on it with `broker_lost`, and the broker
 //!    reconnects with jittered backoff, resuming from its version.
+//! 5. A control that is shutting down sends [`ToBroker::GoingAway`] after its in-flight
+//!    requests have finished, then closes; the broker reconnects at once.
 
 use serde::{Deserialize, Serialize};
 
@@ -119,6 +121,11 @@ pub enum ToBroker {
     },
     /// Keep-alive.
     Ping,
+    /// Control is shutting down: it has finished its in-flight requests and will close
+    /// the channel. The broker reconnects (to any control replica) at once, with jitter,
+    /// keeping its allowlist meanwhile. A broker that does not know this frame treats it
+    /// as a protocol error, which ends the channel the same way.
+    GoingAway,
 }
 
 /// A live session as a broker reports it.

@@ -102,6 +102,10 @@ impl ControlProc {
 
     /// Whether control logged a warning carrying `code` (bounded wait: the log line may
     /// trail the HTTP answer).
+    pub fn log_contains(&self, needle: &str) -> bool {
+        self.logs.lock().unwrap().iter().any(|l| l.contains(needle))
+    }
+
     pub fn warned(&self, code: &str) -> bool {
         for _ in 0..250 {
             let found = self.logs.lock().unwrap().iter().any(|l| {
