@@ -151,6 +151,7 @@ async fn bad_input_closes_only_that_connection_with_protocol_error() {
             heartbeat_interval_ms: 1,
             server_time_ms: 0,
             manual_renewal_generation: 0,
+            max_frame_len: None,
         }),
         &mut wrong_dir,
         65536,

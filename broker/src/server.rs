@@ -590,6 +590,7 @@ impl Broker {
                     missed_heartbeats: tether_proto::session::DEFAULT_MISSED_HEARTBEATS,
                     hello_timeout: cfg.hello_timeout,
                     manual_renewal_generation: self.generations.get(verified.appliance()),
+                    max_frame_len: u32::try_from(cfg.max_frame_len).unwrap_or(u32::MAX),
                 },
                 now(),
             );
