@@ -161,9 +161,25 @@ pub enum CommandError {
     /// The request is unusable.
     #[error("invalid command: {0}")]
     Invalid(String),
+    /// A shell command for an agent that did not announce the `shell` capability: refused
+    /// by the broker, nothing is sent to the agent.
+    #[error("appliance {0} does not allow shell commands (its agent did not announce the \"shell\" capability)")]
+    ShellNotAllowed(String),
     /// The stream could not be opened or written.
     #[error("connection lost: {0}")]
     ConnectionLost(String),
+}
+
+impl CommandError {
+    /// The stable error code reported for it (admin API `error`, cluster `command_failed`).
+    pub fn code(&self) -> &'static str {
+        match self {
+            CommandError::NotConnected(_) => "not_connected",
+            CommandError::Invalid(_) => "invalid",
+            CommandError::ShellNotAllowed(_) => "shell_not_allowed",
+            CommandError::ConnectionLost(_) => "connection_lost",
+        }
+    }
 }
 
 /// Admission state every accept loop shares, so the limits hold for the broker as a
@@ -684,6 +700,7 @@ impl Broker {
                                 connected_at: SystemTime::now(),
                                 remote,
                                 agent_version: hello.agent_version,
+                                capabilities: hello.capabilities,
                                 connection: conn.clone(),
                                 cert_not_after_ms: hello.cert_not_after_ms.into(),
                                 last_heartbeat_ms: 0.into(),
@@ -836,6 +853,20 @@ impl Broker {
             .sessions
             .get(appliance)
             .ok_or_else(|| CommandError::NotConnected(appliance.to_owned()))?;
+        // Never send a shell command to an agent that did not say it runs them: the
+        // agent would refuse it too, but what runs on an appliance must not depend on the
+        // appliance alone.
+        if spec.kind == CommandKind::Shell
+            && !session.has_capability(tether_proto::capability::SHELL)
+        {
+            self.metrics
+                .commands
+                .get_or_create(&Outcome {
+                    result: "shell_not_allowed",
+                })
+                .inc();
+            return Err(CommandError::ShellNotAllowed(appliance.to_owned()));
+        }
         let command_id = self.command_ids.fetch_add(1, Ordering::Relaxed);
         let request = Frame::CommandRequest(CommandRequest {
             command_id,
