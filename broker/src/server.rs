@@ -59,8 +59,9 @@ use crate::verifier::{ApplianceVerifier, Rejection, VerifiedAppliance};
 const ALERT_CERTIFICATE_REQUIRED: u8 = 116;
 /// TLS alert `no_application_protocol`: ALPN mismatch.
 const ALERT_NO_APPLICATION_PROTOCOL: u8 = 120;
-/// Extra time past a command's deadline for the agent to report the kill.
-const COMMAND_GRACE: Duration = Duration::from_secs(2);
+/// Extra time past a command's deadline for the agent to report the kill: the protocol's
+/// one grace constant (`docs/PROTOCOL.md` §6).
+const COMMAND_GRACE: Duration = tether_proto::COMMAND_DEADLINE_GRACE;
 /// Largest chunk read from a stream at once.
 const READ_CHUNK: usize = 64 * 1024;
 
