@@ -447,6 +447,8 @@ impl FrameLimits {
 }
 
 /// Serve one broker-opened command stream: read the request, run it, finish the stream.
+/// Whatever happens, the stream ends with a `CommandResult` and FIN, or with
+/// RESET_STREAM when the result cannot be written: never with FIN and no result.
 async fn serve_command(
     conn: Connection,
     runner: Arc<CommandRunner>,
@@ -517,6 +519,9 @@ async fn serve_command(
         }
         Err(e) => {
             tracing::info!(command_id, error = %e, "command stream ended early");
+            // Reset, not finish (which dropping the stream would do): a stream finished
+            // without a result is a protocol error on the broker's side.
+            let _ = send.reset(VarInt::from_u32(0));
             let outcome = failed(tether_proto::FailureReason::Cancelled, e.to_string());
             let _ = events.send(AgentEvent::CommandFinished {
                 command_id,
