@@ -474,6 +474,8 @@ async fn serve_command(
         }
         Ok(Err(RequestError::Stream(e))) => {
             tracing::debug!(error = %e, "command stream failed before the request");
+            // Dropping `send` would finish it: a FIN without a result.
+            let _ = send.reset(VarInt::from_u32(0));
             return;
         }
         Err(_) => {
