@@ -202,6 +202,7 @@ fn table(n: usize, conn: &quinn::Connection) -> SessionTable {
             connected_at: SystemTime::now(),
             remote,
             agent_version: "0.1.0".into(),
+            capabilities: vec![],
             connection: conn.clone(),
             cert_not_after_ms: 1_767_225_600_000.into(),
             last_heartbeat_ms: 0.into(),

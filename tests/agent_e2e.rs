@@ -107,20 +107,75 @@ async fn command_errors_are_definite() {
     // Program that does not exist.
     let (_, lines) = run_command(&broker, "app-1", json!({"argv": ["/nonexistent/prog"]})).await;
     assert_eq!(lines.last().unwrap()["error"], "spawn_failed");
-    // Shell kind is refused unless the agent allows it.
-    let (_, lines) = run_command(
+    // Shell kind is refused unless the agent announced the shell capability, by the
+    // broker itself: nothing reaches the agent.
+    let (status, lines) = run_command(
         &broker,
         "app-1",
         json!({"argv": ["echo hi"], "kind": "shell"}),
     )
     .await;
-    assert_eq!(lines.last().unwrap()["error"], "refused");
+    assert_eq!(status, 409, "{lines:?}");
+    assert_eq!(lines[0]["error"], "shell_not_allowed");
     assert!(
         broker
             .metric("tether_commands_total{result=\"timed_out\"}")
             .await
             >= 1.0
     );
+}
+
+/// A broker configured with a 4 KiB frame limit announces it in `Welcome`; the agent cuts
+/// 100 KiB of output to fit and it arrives whole (before, its 16 KiB chunks were refused
+/// as oversized frames and the connection closed). An agent allowed to run shell
+/// commands announces it, and the broker sends them.
+#[tokio::test]
+async fn output_fits_a_small_broker_frame_limit_and_shell_runs_when_announced() {
+    let setup = Setup::new();
+    let leaf = setup.pki.appliance("app-1").unwrap();
+    setup.set_allowlist(&[("app-1", &leaf)]);
+    let broker = setup.broker("b1", "[session]\nmax_frame_len = 4096\n");
+    let state = setup.agent_state("app-1", &leaf);
+    let _agent = AgentProc::start(&state, &[broker.quic], &["--allow-shell"]);
+    let row = broker.wait_session("app-1").await;
+    assert_eq!(
+        row["capabilities"],
+        json!(["exec", "shell", "max_frame_len"])
+    );
+
+    let (status, lines) = run_command(
+        &broker,
+        "app-1",
+        json!({"argv": ["seq", "1", "20000"], "timeout_ms": 20000}),
+    )
+    .await;
+    assert_eq!(status, 200);
+    let stdout: String = lines
+        .iter()
+        .filter(|l| l["stream"] == "stdout")
+        .map(|l| l["data"].as_str().unwrap())
+        .collect();
+    let expected: String = (1..=20000).map(|i| format!("{i}\n")).collect();
+    assert!(expected.len() > 100 * 1024);
+    assert_eq!(stdout.len(), expected.len());
+    assert!(stdout == expected, "output differs");
+    assert_eq!(lines.last().unwrap(), &json!({"exit_code": 0}));
+    assert_eq!(
+        broker
+            .metric("tether_protocol_errors_total{kind=\"frame_too_large\"}")
+            .await,
+        0.0
+    );
+
+    let (status, lines) = run_command(
+        &broker,
+        "app-1",
+        json!({"argv": ["echo", "$((6*7))"], "kind": "shell"}),
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert_eq!(lines[0], json!({"stream": "stdout", "data": "42\n"}));
+    assert_eq!(lines.last().unwrap(), &json!({"exit_code": 0}));
 }
 
 #[tokio::test]

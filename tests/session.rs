@@ -7,7 +7,10 @@ use std::time::{Duration, Instant};
 
 use bytes::{BufMut, BytesMut};
 use common::*;
-use tether_proto::{encode_frame, CloseCode, Frame, Heartbeat, TrustState};
+use tether_proto::{
+    encode_frame, CloseCode, CommandKind, CommandOutcome, CommandOutput, CommandResult, Frame,
+    FrameDecoder, Heartbeat, OutputStream, TrustState, DEFAULT_MAX_FRAME_LEN,
+};
 
 const REVOKED: u64 = CloseCode::Revoked.code() as u64;
 const SUPERSEDED: u64 = CloseCode::Superseded.code() as u64;
@@ -151,6 +154,7 @@ async fn bad_input_closes_only_that_connection_with_protocol_error() {
             heartbeat_interval_ms: 1,
             server_time_ms: 0,
             manual_renewal_generation: 0,
+            max_frame_len: None,
         }),
         &mut wrong_dir,
         65536,
@@ -239,4 +243,158 @@ async fn malformed_allowlist_is_refused_whole_and_the_previous_snapshot_stays() 
     assert!(conn.close_reason().is_none(), "live session kept");
     assert_eq!(try_session(&setup.pki, Some(&a), broker.quic).await, None);
     assert_eq!(broker.metric("tether_allowlist_entries").await, 1.0);
+}
+
+/// Accept the next command stream the broker opens on `conn` and read its request.
+async fn accept_command(
+    conn: &quinn::Connection,
+) -> (
+    quinn::SendStream,
+    quinn::RecvStream,
+    tether_proto::CommandRequest,
+) {
+    let (send, mut recv) = tokio::time::timeout(Duration::from_secs(10), conn.accept_bi())
+        .await
+        .expect("a command stream")
+        .unwrap();
+    let mut dec = FrameDecoder::new(DEFAULT_MAX_FRAME_LEN);
+    loop {
+        if let Some(f) = dec.poll_frame().unwrap() {
+            let Frame::CommandRequest(req) = f else {
+                panic!("expected a command request, got {f:?}")
+            };
+            return (send, recv, req);
+        }
+        let chunk = recv
+            .read_chunk(65536, true)
+            .await
+            .unwrap()
+            .expect("request");
+        dec.push(&chunk.bytes);
+    }
+}
+
+fn frames(frames: &[Frame]) -> Vec<u8> {
+    let mut buf = BytesMut::new();
+    for f in frames {
+        encode_frame(f, &mut buf, DEFAULT_MAX_FRAME_LEN).unwrap();
+    }
+    buf.to_vec()
+}
+
+/// How a command stream may end, as `docs/PROTOCOL.md` §6.1 states it, against a raw
+/// client that does whatever it is told: no shell command for an agent that did not
+/// announce `shell`; a stream finished without a result fails the command and keeps the
+/// session; a frame after the result closes the connection after the result was delivered;
+/// a reset session stream closes the connection with `protocol_error`.
+#[tokio::test]
+async fn command_stream_endings_and_the_shell_capability_are_enforced() {
+    let setup = Setup::new();
+    let a = setup.pki.appliance("app-a").unwrap();
+    setup.set_allowlist(&[("app-a", &a)]);
+    let broker = setup.broker("b1", "");
+    let conn = connect(&setup.pki, Some(&a), broker.quic).await.unwrap();
+    // `hello` announces no capability at all.
+    let (_send, _recv, welcome) = hello(&conn).await.unwrap();
+    assert_eq!(welcome.max_frame_len, None, "not asked for");
+    broker.wait_session("app-a").await;
+
+    // 1. Shell to an agent without `shell`: refused by the broker, nothing is sent. The
+    //    next stream this client sees is the exec command that follows.
+    let (status, lines) = run_command(
+        &broker,
+        "app-a",
+        serde_json::json!({ "argv": ["echo hi"], "kind": "shell" }),
+    )
+    .await;
+    assert_eq!(status, 409, "{lines:?}");
+    assert_eq!(lines[0]["error"], "shell_not_allowed");
+    assert_eq!(
+        broker
+            .metric("tether_commands_total{result=\"shell_not_allowed\"}")
+            .await,
+        1.0
+    );
+
+    // 2. Finished without a result.
+    let b = &broker;
+    let request = || {
+        run_command(
+            b,
+            "app-a",
+            serde_json::json!({ "argv": ["true"], "timeout_ms": 10000 }),
+        )
+    };
+    let agent = async {
+        let (mut send, _recv, req) = accept_command(&conn).await;
+        assert_eq!(req.kind, CommandKind::Exec);
+        let out = Frame::CommandOutput(CommandOutput {
+            command_id: req.command_id,
+            stream: OutputStream::Stdout,
+            data: bytes::Bytes::from_static(b"partial\n"),
+        });
+        send.write_all(&frames(&[out])).await.unwrap();
+        send.finish().unwrap();
+        send
+    };
+    let ((status, lines), _send) = tokio::join!(request(), agent);
+    assert_eq!(status, 200);
+    assert_eq!(
+        lines.last().unwrap(),
+        &serde_json::json!({"error": "protocol_error", "message": "command stream ended without a result"})
+    );
+    assert!(conn.close_reason().is_none(), "the session stays");
+    assert_eq!(
+        broker
+            .metric("tether_protocol_errors_total{kind=\"command_without_result\"}")
+            .await,
+        1.0
+    );
+
+    // 3. A frame after the result: the operator gets the result, then the connection is
+    //    closed with protocol_error.
+    let agent = async {
+        let (mut send, _recv, req) = accept_command(&conn).await;
+        let result = Frame::CommandResult(CommandResult {
+            command_id: req.command_id,
+            outcome: CommandOutcome::Exited(0),
+        });
+        let late = Frame::CommandOutput(CommandOutput {
+            command_id: req.command_id,
+            stream: OutputStream::Stdout,
+            data: bytes::Bytes::from_static(b"late\n"),
+        });
+        let _ = send.write_all(&frames(&[result])).await;
+        let _ = send.write_all(&frames(&[late])).await;
+        let _ = send.finish();
+        send
+    };
+    let ((status, lines), _send) = tokio::join!(request(), agent);
+    assert_eq!(status, 200);
+    assert_eq!(lines.last().unwrap(), &serde_json::json!({"exit_code": 0}));
+    let end = tokio::time::timeout(Duration::from_secs(10), conn.closed())
+        .await
+        .expect("closed");
+    assert_eq!(ended(&end), Ended::App(PROTOCOL_ERROR));
+    assert_eq!(
+        broker
+            .metric("tether_protocol_errors_total{kind=\"frame_after_result\"}")
+            .await,
+        1.0
+    );
+
+    // 4. A reset session stream ends the session with protocol_error.
+    let conn = connect(&setup.pki, Some(&a), broker.quic).await.unwrap();
+    let (mut send, _recv, _) = hello(&conn).await.unwrap();
+    send.reset(7u32.into()).unwrap();
+    let end = tokio::time::timeout(Duration::from_secs(10), conn.closed())
+        .await
+        .expect("closed");
+    assert_eq!(ended(&end), Ended::App(PROTOCOL_ERROR));
+    assert_eq!(
+        broker
+            .metric("tether_protocol_errors_total{kind=\"session_stream_reset\"}")
+            .await,
+        1.0
+    );
 }

@@ -115,8 +115,9 @@ impl CommandRunner {
         }
     }
 
-    /// Admit and run `req`, writing its output frames and its result frame to `out`.
-    /// Returns the outcome sent, or the write error (the process is killed then).
+    /// Admit and run `req`, writing its output frames and its result frame to `out`, each
+    /// within the agent's own `max_frame_len`. Returns the outcome sent, or the write error
+    /// (the process is killed then).
     ///
     /// `cancel` kills the process and ends with `Failed{Cancelled}` (the broker reset or
     /// stopped the stream, or the connection is gone).
@@ -126,14 +127,30 @@ impl CommandRunner {
         out: &mut W,
         cancel: &CancellationToken,
     ) -> io::Result<CommandOutcome> {
+        self.run_within(req, out, cancel, self.max_frame_len).await
+    }
+
+    /// [`CommandRunner::run`] for a peer that accepts frames of at most `peer_max_frame_len`
+    /// bytes (the broker's `Welcome.max_frame_len`): output chunks are cut so that each
+    /// `CommandOutput` frame fits it (and `output_chunk_bytes`), and a failure message is
+    /// shortened until the `CommandResult` fits.
+    pub async fn run_within<W: AsyncWrite + Unpin>(
+        &self,
+        req: &CommandRequest,
+        out: &mut W,
+        cancel: &CancellationToken,
+        peer_max_frame_len: usize,
+    ) -> io::Result<CommandOutcome> {
+        let limit = peer_max_frame_len.min(self.max_frame_len);
         let outcome = match self.admit(req) {
             Ok(permit) => {
-                let outcome = self.execute(req, out, cancel).await?;
+                let outcome = self.execute(req, out, cancel, limit).await?;
                 drop(permit);
                 outcome
             }
             Err(outcome) => outcome,
         };
+        let outcome = fit_outcome(outcome, limit);
         // The result is written even after a cancellation: if only the broker's side was
         // reset it still wants to know; if our side was stopped the write fails at once.
         self.write_frame(
@@ -143,6 +160,7 @@ impl CommandRunner {
                 command_id: req.command_id,
                 outcome: outcome.clone(),
             }),
+            limit,
         )
         .await?;
         out.flush().await?;
@@ -190,6 +208,7 @@ impl CommandRunner {
         req: &CommandRequest,
         out: &mut W,
         cancel: &CancellationToken,
+        limit: usize,
     ) -> io::Result<CommandOutcome> {
         let program = req.argv.first().map(String::as_str).unwrap_or_default();
         let mut child = match self.command(req).spawn() {
@@ -211,8 +230,10 @@ impl CommandRunner {
         let mut group = ProcessGroup::of(&child);
         let mut stdout = child.stdout.take();
         let mut stderr = child.stderr.take();
-        let mut out_buf = vec![0u8; self.chunk];
-        let mut err_buf = vec![0u8; self.chunk];
+        // Each read becomes one frame: read no more than one frame can carry to this peer.
+        let chunk = self.chunk.min(CommandOutput::max_data_len(limit)).max(1);
+        let mut out_buf = vec![0u8; chunk];
+        let mut err_buf = vec![0u8; chunk];
         let deadline = (req.deadline_ms > 0)
             .then(|| Instant::now() + Duration::from_millis(u64::from(req.deadline_ms)));
         let mut status: Option<ExitStatus> = None;
@@ -252,11 +273,11 @@ impl CommandRunner {
                 }
                 n = read_some(&mut stdout, &mut out_buf) => {
                     self.forward(out, cancel, req.command_id, OutputStream::Stdout,
-                        &mut stdout, &out_buf, n).await?;
+                        &mut stdout, &out_buf, n, limit).await?;
                 }
                 n = read_some(&mut stderr, &mut err_buf) => {
                     self.forward(out, cancel, req.command_id, OutputStream::Stderr,
-                        &mut stderr, &err_buf, n).await?;
+                        &mut stderr, &err_buf, n, limit).await?;
                 }
                 st = child.wait(), if status.is_none() => {
                     let st = st?;
@@ -280,6 +301,7 @@ impl CommandRunner {
         pipe: &mut Option<R>,
         buf: &[u8],
         n: io::Result<usize>,
+        limit: usize,
     ) -> io::Result<()> {
         match n {
             Ok(0) | Err(_) => *pipe = None,
@@ -293,6 +315,7 @@ impl CommandRunner {
                         stream,
                         data,
                     }),
+                    limit,
                 )
                 .await?;
             }
@@ -306,10 +329,10 @@ impl CommandRunner {
         out: &mut W,
         cancel: Option<&CancellationToken>,
         frame: Frame,
+        limit: usize,
     ) -> io::Result<()> {
         let mut buf = BytesMut::new();
-        tether_proto::encode_frame(&frame, &mut buf, self.max_frame_len)
-            .map_err(io::Error::other)?;
+        tether_proto::encode_frame(&frame, &mut buf, limit).map_err(io::Error::other)?;
         let Some(cancel) = cancel else {
             return out.write_all(&buf).await;
         };
@@ -393,12 +416,32 @@ fn exit_outcome(status: ExitStatus) -> CommandOutcome {
 /// A `Failed` outcome with `message` cut to the protocol's limit.
 pub(crate) fn failed(reason: FailureReason, message: impl Into<String>) -> CommandOutcome {
     let mut message = message.into();
-    if message.len() > MAX_MESSAGE_LEN {
-        let mut end = MAX_MESSAGE_LEN;
-        while !message.is_char_boundary(end) {
+    truncate(&mut message, MAX_MESSAGE_LEN);
+    CommandOutcome::Failed { reason, message }
+}
+
+/// `outcome` with a failure message short enough for its `CommandResult` frame to fit
+/// `max_frame_len` (at the 1 KiB minimum a full 1,024-byte message would not).
+pub(crate) fn fit_outcome(outcome: CommandOutcome, max_frame_len: usize) -> CommandOutcome {
+    match outcome {
+        CommandOutcome::Failed {
+            reason,
+            mut message,
+        } => {
+            truncate(&mut message, CommandResult::max_message_len(max_frame_len));
+            CommandOutcome::Failed { reason, message }
+        }
+        exited => exited,
+    }
+}
+
+/// Cut `s` to at most `max` bytes, on a character boundary.
+fn truncate(s: &mut String, max: usize) {
+    if s.len() > max {
+        let mut end = max;
+        while !s.is_char_boundary(end) {
             end -= 1;
         }
-        message.truncate(end);
+        s.truncate(end);
     }
-    CommandOutcome::Failed { reason, message }
 }

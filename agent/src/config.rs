@@ -69,9 +69,11 @@ pub struct AgentConfig {
     /// Default [`DEFAULT_ALLOW_SHELL`] (false).
     pub allow_shell: bool,
     /// Largest chunk of command output per `CommandOutput` frame, in bytes (also capped by
-    /// what fits in `max_frame_len`). Default [`DEFAULT_OUTPUT_CHUNK_BYTES`] (16 KiB).
+    /// what fits in `max_frame_len` and in the broker's limit announced in `Welcome`).
+    /// Default [`DEFAULT_OUTPUT_CHUNK_BYTES`] (16 KiB).
     pub output_chunk_bytes: usize,
-    /// Hard maximum of one received or sent frame, in bytes. Default
+    /// Hard maximum of one received or sent frame, in bytes (frames sent are also kept
+    /// within the broker's limit announced in `Welcome`). Default
     /// [`DEFAULT_MAX_FRAME_LEN`] (64 KiB); from [`tether_proto::MIN_MAX_FRAME_LEN`] to
     /// [`MAX_MAX_FRAME_LEN`].
     pub max_frame_len: usize,
@@ -269,7 +271,7 @@ impl FileConfig {
 
 /// Bytes of a `CommandOutput` frame besides its data: type (1), command id (8), stream (1),
 /// data length (4).
-pub(crate) const COMMAND_OUTPUT_OVERHEAD: usize = 1 + 8 + 1 + 4;
+pub(crate) const COMMAND_OUTPUT_OVERHEAD: usize = tether_proto::frame::COMMAND_OUTPUT_OVERHEAD;
 
 /// Serde for durations as humantime strings (`"500ms"`, `"30s"`).
 mod humantime_serde {

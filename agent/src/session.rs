@@ -15,7 +15,7 @@ use tether_proto::{
     AgentSession, AgentSessionConfig, CloseCode, CommandOutcome, CommandRequest, Frame,
     FrameDecoder, GoAway, Now, ProtocolViolation,
 };
-use tokio::sync::broadcast;
+use tokio::sync::{broadcast, watch};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -32,9 +32,11 @@ const READ_CHUNK: usize = 16 * 1024;
 /// Time the broker has to send a command request after opening its stream: 10 s.
 pub const COMMAND_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// Capabilities every agent announces.
-pub const CAPABILITY_EXEC: &str = "exec";
+pub const CAPABILITY_EXEC: &str = tether_proto::capability::EXEC;
 /// Capability announced when shell commands are allowed.
-pub const CAPABILITY_SHELL: &str = "shell";
+pub const CAPABILITY_SHELL: &str = tether_proto::capability::SHELL;
+/// Capability every agent announces: it reads the broker's frame limit from `Welcome`.
+pub const CAPABILITY_MAX_FRAME_LEN: &str = tether_proto::capability::MAX_FRAME_LEN;
 
 /// How a session ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -161,6 +163,7 @@ pub(crate) async fn run_session(
             commands: JoinSet::new(),
             draining: CancellationToken::new(),
             handed_over: false,
+            peer_max_frame_len: watch::channel(0).0,
         };
         let reason = driver.run(shutdown).await;
         driver.commands.abort_all();
@@ -196,6 +199,9 @@ struct Driver<'a> {
     draining: CancellationToken,
     /// Left after a `GoAway` with the connection still open, for the caller to close.
     handed_over: bool,
+    /// The broker's frame limit from `Welcome` (0 until it arrives): every frame sent on
+    /// this connection fits it.
+    peer_max_frame_len: watch::Sender<usize>,
 }
 
 impl Driver<'_> {
@@ -232,6 +238,7 @@ impl Driver<'_> {
         if cfg.allow_shell {
             capabilities.push(CAPABILITY_SHELL.to_owned());
         }
+        capabilities.push(CAPABILITY_MAX_FRAME_LEN.to_owned());
         let t0 = now();
         let mut session = AgentSession::new(
             AgentSessionConfig {
@@ -252,8 +259,10 @@ impl Driver<'_> {
 
         loop {
             // 1. Write whatever the state machine queued.
+            // Within the broker's limit too (`Status` can be larger than a small limit).
+            let limit = cfg.max_frame_len.min(session.peer_max_frame_len());
             while let Some(frame) = session.poll_transmit() {
-                if let Err(e) = tether_proto::encode_frame(&frame, &mut out, cfg.max_frame_len) {
+                if let Err(e) = tether_proto::encode_frame(&frame, &mut out, limit) {
                     tracing::error!(error = %e, "cannot encode session frame");
                     return self.close(CloseCode::Internal);
                 }
@@ -283,8 +292,10 @@ impl Driver<'_> {
                         tracing::info!(
                             session_id = w.session_id,
                             heartbeat_ms = w.heartbeat_interval_ms,
+                            broker_max_frame_len = w.peer_max_frame_len(),
                             "session established"
                         );
+                        self.peer_max_frame_len.send_replace(w.peer_max_frame_len());
                         self.session_id = Some(w.session_id);
                         let _ = self.ctx.events.send(AgentEvent::Connected {
                             broker: self.broker,
@@ -397,26 +408,57 @@ impl Driver<'_> {
         let conn = self.conn.clone();
         let runner = self.ctx.runner.clone();
         let events = self.ctx.events.clone();
-        let max_frame_len = self.ctx.cfg.max_frame_len;
+        let limits = FrameLimits {
+            own: self.ctx.cfg.max_frame_len,
+            peer: self.peer_max_frame_len.subscribe(),
+        };
         let draining = self.draining.clone();
         let span = tracing::info_span!("command", stream = %send.id());
         self.commands.spawn(
-            serve_command(conn, runner, events, max_frame_len, draining, send, recv)
-                .instrument(span),
+            serve_command(conn, runner, events, limits, draining, send, recv).instrument(span),
         );
     }
 }
 
+/// The frame limits of one command stream.
+struct FrameLimits {
+    /// The agent's own `max_frame_len`: what it reads.
+    own: usize,
+    /// The broker's, from `Welcome` (0 until it arrives).
+    peer: watch::Receiver<usize>,
+}
+
+impl FrameLimits {
+    /// The largest frame to send: the broker's limit once its `Welcome` was read. A
+    /// command stream can overtake the `Welcome` on the session stream (QUIC orders bytes
+    /// within a stream only), so wait for it; the broker opens command streams only after
+    /// it sent `Welcome`. Should it not come, fall back to the smallest limit a broker
+    /// may have.
+    async fn for_sending(&mut self) -> usize {
+        let peer =
+            match tokio::time::timeout(COMMAND_REQUEST_TIMEOUT, self.peer.wait_for(|m| *m != 0))
+                .await
+            {
+                Ok(Ok(m)) => *m,
+                _ => tether_proto::MIN_MAX_FRAME_LEN,
+            };
+        peer.min(self.own)
+    }
+}
+
 /// Serve one broker-opened command stream: read the request, run it, finish the stream.
+/// Whatever happens, the stream ends with a `CommandResult` and FIN, or with
+/// RESET_STREAM when the result cannot be written: never with FIN and no result.
 async fn serve_command(
     conn: Connection,
     runner: Arc<CommandRunner>,
     events: broadcast::Sender<AgentEvent>,
-    max_frame_len: usize,
+    mut limits: FrameLimits,
     draining: CancellationToken,
     mut send: SendStream,
     mut recv: RecvStream,
 ) {
+    let max_frame_len = limits.own;
     let req = match tokio::time::timeout(
         COMMAND_REQUEST_TIMEOUT,
         read_request(&mut recv, max_frame_len),
@@ -432,6 +474,8 @@ async fn serve_command(
         }
         Ok(Err(RequestError::Stream(e))) => {
             tracing::debug!(error = %e, "command stream failed before the request");
+            // Dropping `send` would finish it: a FIN without a result.
+            let _ = send.reset(VarInt::from_u32(0));
             return;
         }
         Err(_) => {
@@ -455,13 +499,16 @@ async fn serve_command(
         watch_cancel.cancel();
     });
 
+    let send_limit = limits.for_sending().await;
     let result = if draining.is_cancelled() {
         let outcome = failed(tether_proto::FailureReason::Refused, "agent is draining");
-        write_result(&mut send, max_frame_len, command_id, &outcome)
+        write_result(&mut send, send_limit, command_id, &outcome)
             .await
             .map(|()| outcome)
     } else {
-        runner.run(&req, &mut send, &cancel).await
+        runner
+            .run_within(&req, &mut send, &cancel, send_limit)
+            .await
     };
     watcher.abort();
     match result {
@@ -474,6 +521,9 @@ async fn serve_command(
         }
         Err(e) => {
             tracing::info!(command_id, error = %e, "command stream ended early");
+            // Reset, not finish (which dropping the stream would do): a stream finished
+            // without a result is a protocol error on the broker's side.
+            let _ = send.reset(VarInt::from_u32(0));
             let outcome = failed(tether_proto::FailureReason::Cancelled, e.to_string());
             let _ = events.send(AgentEvent::CommandFinished {
                 command_id,

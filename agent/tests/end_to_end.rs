@@ -112,6 +112,7 @@ async fn accept_session(
             heartbeat_interval_ms: 1000,
             server_time_ms: 0,
             manual_renewal_generation: 0,
+            max_frame_len: None,
         }),
     )
     .await;
@@ -193,6 +194,108 @@ async fn session_and_command_end_to_end() {
         .unwrap()
         .unwrap();
     assert_eq!(stdout, b"hi\n");
+    assert_eq!(outcome, CommandOutcome::Exited(0));
+}
+
+/// A broker that accepts frames of at most 4 KiB says so in `Welcome`; the agent cuts a
+/// 100 KiB output into frames that fit, even for a command stream that overtook the
+/// `Welcome` (opened before it was sent).
+#[tokio::test]
+async fn output_is_chunked_to_the_limit_the_broker_announces() {
+    const LIMIT: usize = 4096;
+    let fx = fixture();
+    let server = broker_endpoint(&broker(&fx.ca, TD, "edge-1"), &fx.ca);
+    let addr = server.local_addr().unwrap();
+
+    let broker_task = tokio::spawn(async move {
+        let conn = server.accept().await.unwrap().await.unwrap();
+        let (mut session_send, mut session_recv) = conn.accept_bi().await.unwrap();
+        let mut dec = FrameDecoder::new(LIMIT);
+        match read_frame(&mut session_recv, &mut dec).await {
+            Some(Frame::Hello(h)) => assert!(
+                h.capabilities
+                    .contains(&tether_proto::capability::MAX_FRAME_LEN.to_string()),
+                "{:?}",
+                h.capabilities
+            ),
+            other => panic!("expected Hello, got {other:?}"),
+        }
+        // The command first: its request reaches the agent before the Welcome.
+        let (mut send, mut recv) = conn.open_bi().await.unwrap();
+        write_frame(
+            &mut send,
+            Frame::CommandRequest(CommandRequest {
+                command_id: 5,
+                kind: CommandKind::Exec,
+                argv: vec!["seq".into(), "1".into(), "20000".into()],
+                env_allowlist: vec![],
+                deadline_ms: 20_000,
+            }),
+        )
+        .await;
+        send.finish().unwrap();
+        // Let the request arrive and the agent read it before the Welcome goes out; the
+        // agent waits for the Welcome either way, this only makes the race likely.
+        tokio::task::yield_now().await;
+        write_frame(
+            &mut session_send,
+            Frame::Welcome(Welcome {
+                protocol_version: 1,
+                session_id: 3,
+                heartbeat_interval_ms: 1000,
+                server_time_ms: 0,
+                manual_renewal_generation: 0,
+                max_frame_len: Some(LIMIT as u32),
+            }),
+        )
+        .await;
+        // Every frame must fit the announced limit: this decoder refuses anything larger.
+        let mut dec = FrameDecoder::new(LIMIT);
+        let mut stdout = Vec::new();
+        let mut frames = 0;
+        let outcome = loop {
+            match read_frame(&mut recv, &mut dec).await {
+                Some(Frame::CommandOutput(o)) => {
+                    assert!(o.data.len() + 14 <= LIMIT);
+                    stdout.extend_from_slice(&o.data);
+                    frames += 1;
+                }
+                Some(Frame::CommandResult(r)) => break r.outcome,
+                other => panic!("unexpected {other:?}"),
+            }
+        };
+        conn.close(VarInt::from_u32(CloseCode::Normal.code()), b"normal");
+        server.wait_idle().await;
+        (stdout, frames, outcome)
+    });
+
+    let cfg = AgentConfig::default();
+    let client = client_config(&fx.creds, &cfg).unwrap();
+    tokio::time::timeout(
+        WAIT,
+        connect_once(
+            &agent_endpoint(),
+            addr,
+            client,
+            &fx.creds,
+            &cfg,
+            &CancellationToken::new(),
+        ),
+    )
+    .await
+    .expect("session ends")
+    .expect("connected");
+    let (stdout, frames, outcome) = tokio::time::timeout(WAIT, broker_task)
+        .await
+        .unwrap()
+        .unwrap();
+    let expected: String = (1..=20000).map(|i| format!("{i}\n")).collect();
+    assert!(expected.len() > 100 * 1024);
+    assert_eq!(String::from_utf8(stdout).unwrap(), expected);
+    assert!(
+        frames >= expected.len().div_ceil(LIMIT - 14),
+        "{frames} frames"
+    );
     assert_eq!(outcome, CommandOutcome::Exited(0));
 }
 

@@ -44,6 +44,8 @@ pub struct SessionView {
     pub remote: String,
     /// Agent version.
     pub agent_version: String,
+    /// Capabilities the agent announced in `Hello` (`exec`, `shell`, `max_frame_len`).
+    pub capabilities: Vec<String>,
     /// Certificate `notAfter`, ms since the epoch.
     pub cert_not_after_ms: i64,
     /// Last heartbeat, ms since the epoch (0 = none yet).
@@ -143,6 +145,7 @@ async fn sessions(State(b): State<Arc<Broker>>) -> Json<Vec<SessionView>> {
             fingerprint: s.fingerprint.to_hex(),
             remote: s.remote.to_string(),
             agent_version: s.agent_version.clone(),
+            capabilities: s.capabilities.clone(),
             cert_not_after_ms: s.cert_not_after_ms.load(Relaxed),
             last_heartbeat_ms: s.last_heartbeat_ms.load(Relaxed),
             trust_state: format!("{:?}", s.trust_state()),
@@ -191,6 +194,9 @@ async fn command(
             )
         }
         Err(CommandError::Invalid(m)) => return error(StatusCode::BAD_REQUEST, "bad_request", m),
+        Err(e @ CommandError::ShellNotAllowed(_)) => {
+            return error(StatusCode::CONFLICT, e.code(), e.to_string())
+        }
         Err(CommandError::ConnectionLost(m)) => {
             return error(StatusCode::BAD_GATEWAY, "connection_lost", m)
         }

@@ -747,6 +747,7 @@ async fn run_command(
             let code = match &e {
                 CommandError::NotConnected(_) => "offline",
                 CommandError::Invalid(_) => "invalid",
+                CommandError::ShellNotAllowed(_) => e.code(),
                 CommandError::ConnectionLost(_) => "connection_lost",
             };
             let _ = tx.send(failed(code, e.to_string())).await;

@@ -59,8 +59,9 @@ use crate::verifier::{ApplianceVerifier, Rejection, VerifiedAppliance};
 const ALERT_CERTIFICATE_REQUIRED: u8 = 116;
 /// TLS alert `no_application_protocol`: ALPN mismatch.
 const ALERT_NO_APPLICATION_PROTOCOL: u8 = 120;
-/// Extra time past a command's deadline for the agent to report the kill.
-const COMMAND_GRACE: Duration = Duration::from_secs(2);
+/// Extra time past a command's deadline for the agent to report the kill: the protocol's
+/// one grace constant (`docs/PROTOCOL.md` §6).
+const COMMAND_GRACE: Duration = tether_proto::COMMAND_DEADLINE_GRACE;
 /// Largest chunk read from a stream at once.
 const READ_CHUNK: usize = 64 * 1024;
 
@@ -161,9 +162,25 @@ pub enum CommandError {
     /// The request is unusable.
     #[error("invalid command: {0}")]
     Invalid(String),
+    /// A shell command for an agent that did not announce the `shell` capability: refused
+    /// by the broker, nothing is sent to the agent.
+    #[error("appliance {0} does not allow shell commands (its agent did not announce the \"shell\" capability)")]
+    ShellNotAllowed(String),
     /// The stream could not be opened or written.
     #[error("connection lost: {0}")]
     ConnectionLost(String),
+}
+
+impl CommandError {
+    /// The stable error code reported for it (admin API `error`, cluster `command_failed`).
+    pub fn code(&self) -> &'static str {
+        match self {
+            CommandError::NotConnected(_) => "not_connected",
+            CommandError::Invalid(_) => "invalid",
+            CommandError::ShellNotAllowed(_) => "shell_not_allowed",
+            CommandError::ConnectionLost(_) => "connection_lost",
+        }
+    }
 }
 
 /// Admission state every accept loop shares, so the limits hold for the broker as a
@@ -590,6 +607,7 @@ impl Broker {
                     missed_heartbeats: tether_proto::session::DEFAULT_MISSED_HEARTBEATS,
                     hello_timeout: cfg.hello_timeout,
                     manual_renewal_generation: self.generations.get(verified.appliance()),
+                    max_frame_len: u32::try_from(cfg.max_frame_len).unwrap_or(u32::MAX),
                 },
                 now(),
             );
@@ -622,6 +640,13 @@ impl Broker {
                         Ok(None) => {
                             debug!("agent finished the session stream");
                             break Some(CloseCode::Normal);
+                        }
+                        Err(quinn::ReadError::Reset(reason)) => {
+                            // The agent abandoned its session: as unexpected as a frame it
+                            // may not send (`docs/PROTOCOL.md` §2).
+                            self.violation(&conn, "session_stream_reset",
+                                &format!("agent reset the session stream (error code {reason})"));
+                            break None;
                         }
                         Err(e) => {
                             debug!(error = %e, "session stream ended");
@@ -683,6 +708,7 @@ impl Broker {
                                 connected_at: SystemTime::now(),
                                 remote,
                                 agent_version: hello.agent_version,
+                                capabilities: hello.capabilities,
                                 connection: conn.clone(),
                                 cert_not_after_ms: hello.cert_not_after_ms.into(),
                                 last_heartbeat_ms: 0.into(),
@@ -835,6 +861,20 @@ impl Broker {
             .sessions
             .get(appliance)
             .ok_or_else(|| CommandError::NotConnected(appliance.to_owned()))?;
+        // Never send a shell command to an agent that did not say it runs them: the
+        // agent would refuse it too, but what runs on an appliance must not depend on the
+        // appliance alone.
+        if spec.kind == CommandKind::Shell
+            && !session.has_capability(tether_proto::capability::SHELL)
+        {
+            self.metrics
+                .commands
+                .get_or_create(&Outcome {
+                    result: "shell_not_allowed",
+                })
+                .inc();
+            return Err(CommandError::ShellNotAllowed(appliance.to_owned()));
+        }
         let command_id = self.command_ids.fetch_add(1, Ordering::Relaxed);
         let request = Frame::CommandRequest(CommandRequest {
             command_id,
@@ -876,17 +916,22 @@ impl Broker {
         let span = tracing::info_span!("command", appliance, command_id);
         tokio::spawn(
             async move {
-                let last = match tokio::time::timeout(
+                let (last, rest) = match tokio::time::timeout(
                     deadline,
                     relay_command(recv, &tx, command_id, max, &session, &this.metrics),
                 )
                 .await
                 {
-                    Ok(ev) => ev,
-                    Err(_) => CommandEvent::Failed {
-                        code: "timed_out",
-                        message: "no result from the appliance before the deadline".into(),
-                    },
+                    Ok(ended) => ended,
+                    // Dropping the stream stops it (STOP_SENDING 0): the agent kills the
+                    // process if it still runs.
+                    Err(_) => (
+                        CommandEvent::Failed {
+                            code: "timed_out",
+                            message: "no result from the appliance before the deadline".into(),
+                        },
+                        None,
+                    ),
                 };
                 let result = match &last {
                     CommandEvent::Exit(_) => "exited",
@@ -899,6 +944,10 @@ impl Broker {
                     .inc();
                 info!(result, "command finished");
                 let _ = tx.send(last).await;
+                drop(tx);
+                if let Some((recv, decoder)) = rest {
+                    expect_end(recv, decoder, &session, &this.metrics).await;
+                }
             }
             .instrument(span),
         );
@@ -928,7 +977,11 @@ async fn renewal_changed(info: Option<&SessionInfo>) {
     }
 }
 
-/// Forward a command stream's frames to `tx` until the result; returns the final event.
+/// The stream of a command whose result arrived, with what was read after the result.
+type AfterResult = Option<(quinn::RecvStream, FrameDecoder)>;
+
+/// Forward a command stream's frames to `tx` until the result; returns the final event and,
+/// after a result, the stream for [`expect_end`].
 async fn relay_command(
     mut recv: quinn::RecvStream,
     tx: &mpsc::Sender<CommandEvent>,
@@ -936,7 +989,7 @@ async fn relay_command(
     max_frame_len: usize,
     session: &SessionInfo,
     metrics: &Metrics,
-) -> CommandEvent {
+) -> (CommandEvent, AfterResult) {
     let mut decoder = FrameDecoder::new(max_frame_len);
     loop {
         let chunk = tokio::select! {
@@ -944,22 +997,44 @@ async fn relay_command(
             _ = tx.closed() => {
                 // The caller went away: cancel on the agent, which kills the process.
                 let _ = recv.stop(quinn::VarInt::from_u32(0));
-                return CommandEvent::Failed { code: "cancelled", message: "caller went away".into() };
+                return (CommandEvent::Failed { code: "cancelled", message: "caller went away".into() }, None);
             }
         };
         match chunk {
             Ok(Some(chunk)) => decoder.push(&chunk.bytes),
             Ok(None) => {
-                return CommandEvent::Failed {
-                    code: "protocol_error",
-                    message: "command stream ended without a result".into(),
-                }
+                // The agent finished its side without a result (or inside a frame): the
+                // command fails; the session stays (`docs/PROTOCOL.md` §6.1).
+                metrics.protocol_error("command_without_result");
+                warn!("command stream ended without a result");
+                return (
+                    CommandEvent::Failed {
+                        code: "protocol_error",
+                        message: "command stream ended without a result".into(),
+                    },
+                    None,
+                );
+            }
+            Err(quinn::ReadError::Reset(reason)) => {
+                // The agent abandoned the command (RESET_STREAM): whether it ran is unknown.
+                return (
+                    CommandEvent::Failed {
+                        code: "connection_lost",
+                        message: format!(
+                            "the appliance reset the command stream (error code {reason}) without a result"
+                        ),
+                    },
+                    None,
+                );
             }
             Err(e) => {
-                return CommandEvent::Failed {
-                    code: "connection_lost",
-                    message: e.to_string(),
-                }
+                return (
+                    CommandEvent::Failed {
+                        code: "connection_lost",
+                        message: e.to_string(),
+                    },
+                    None,
+                )
             }
         }
         loop {
@@ -970,10 +1045,13 @@ async fn relay_command(
                     let v = ProtocolViolation::from(e);
                     metrics.protocol_error(v.kind());
                     close(&session.connection, CloseCode::ProtocolError, metrics);
-                    return CommandEvent::Failed {
-                        code: "protocol_error",
-                        message: v.to_string(),
-                    };
+                    return (
+                        CommandEvent::Failed {
+                            code: "protocol_error",
+                            message: v.to_string(),
+                        },
+                        None,
+                    );
                 }
             };
             match frame {
@@ -984,31 +1062,77 @@ async fn relay_command(
                     };
                     if tx.send(ev).await.is_err() {
                         let _ = recv.stop(quinn::VarInt::from_u32(0));
-                        return CommandEvent::Failed {
-                            code: "cancelled",
-                            message: "caller went away".into(),
-                        };
+                        return (
+                            CommandEvent::Failed {
+                                code: "cancelled",
+                                message: "caller went away".into(),
+                            },
+                            None,
+                        );
                     }
                 }
                 Frame::CommandResult(r) if r.command_id == command_id => {
-                    return match r.outcome {
+                    let last = match r.outcome {
                         CommandOutcome::Exited(code) => CommandEvent::Exit(code),
                         CommandOutcome::Failed { reason, message } => CommandEvent::Failed {
                             code: failure_code(reason),
                             message,
                         },
                     };
+                    return (last, Some((recv, decoder)));
                 }
                 other => {
                     metrics.protocol_error("unexpected_frame");
                     close(&session.connection, CloseCode::ProtocolError, metrics);
-                    return CommandEvent::Failed {
-                        code: "protocol_error",
-                        message: format!("unexpected {:?} on a command stream", other.frame_type()),
-                    };
+                    return (
+                        CommandEvent::Failed {
+                            code: "protocol_error",
+                            message: format!(
+                                "unexpected {:?} on a command stream",
+                                other.frame_type()
+                            ),
+                        },
+                        None,
+                    );
                 }
             }
         }
+    }
+}
+
+/// After a command's result nothing may follow on its stream but the end (FIN): a byte
+/// more is a protocol error that closes the connection, like any other unexpected frame
+/// (the operator already has the result). An agent that neither finishes nor sends more
+/// within [`COMMAND_GRACE`] gets its stream stopped (STOP_SENDING 0), which is no error.
+async fn expect_end(
+    mut recv: quinn::RecvStream,
+    decoder: FrameDecoder,
+    session: &SessionInfo,
+    metrics: &Metrics,
+) {
+    let mut trailing = decoder.buffered();
+    if trailing == 0 {
+        let end = tokio::time::Instant::now() + COMMAND_GRACE;
+        loop {
+            match tokio::time::timeout_at(end, recv.read_chunk(READ_CHUNK, true)).await {
+                Ok(Ok(Some(chunk))) if chunk.bytes.is_empty() => continue,
+                Ok(Ok(Some(chunk))) => trailing = chunk.bytes.len(),
+                // Finished as it should be, or reset, or the connection is gone.
+                Ok(Ok(None)) | Ok(Err(_)) => {}
+                Err(_) => {
+                    let _ = recv.stop(quinn::VarInt::from_u32(0));
+                }
+            }
+            break;
+        }
+    }
+    if trailing > 0 {
+        metrics.protocol_error("frame_after_result");
+        warn!(
+            bytes = trailing,
+            "protocol violation: data after the command result; closing connection"
+        );
+        close(&session.connection, CloseCode::ProtocolError, metrics);
     }
 }
 

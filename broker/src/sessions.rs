@@ -31,6 +31,8 @@ pub struct SessionInfo {
     pub remote: SocketAddr,
     /// The agent's version from `Hello`.
     pub agent_version: String,
+    /// The capabilities the agent announced in `Hello` (`tether_proto::capability`).
+    pub capabilities: Vec<String>,
     /// The connection, for commands and for closing.
     pub connection: quinn::Connection,
     /// `notAfter` of the certificate, ms since the epoch (updated by heartbeats).
@@ -73,6 +75,11 @@ impl SessionInfo {
             Ordering::Relaxed,
         );
         close(&self.connection, code, metrics);
+    }
+
+    /// Whether the agent announced `capability` in its `Hello`.
+    pub fn has_capability(&self, capability: &str) -> bool {
+        tether_proto::capability::announced(&self.capabilities, capability)
     }
 
     /// The code the session was closed with from outside its driver, if any.

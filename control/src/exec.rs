@@ -41,8 +41,14 @@ pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
 /// Longest deadline accepted.
 pub const MAX_TIMEOUT: Duration = Duration::from_secs(3600);
 /// Time past the deadline control waits for the broker's own verdict before saying
-/// `timed_out` itself.
-pub const DEADLINE_GRACE: Duration = Duration::from_secs(3);
+/// `timed_out` itself: the protocol's grace ([`tether_proto::COMMAND_DEADLINE_GRACE`], what
+/// the broker waits for the agent) plus [`RELAY_MARGIN`] for the verdict to travel the
+/// cluster channel. 3 s, as before; one constant defines the grace, this only adds to it.
+pub const DEADLINE_GRACE: Duration =
+    tether_proto::COMMAND_DEADLINE_GRACE.saturating_add(RELAY_MARGIN);
+/// What control adds to the broker's grace: the broker's own `timed_out` must reach control
+/// before control's timer gives up.
+pub const RELAY_MARGIN: Duration = Duration::from_secs(1);
 /// Most argv entries.
 pub const MAX_ARGS: usize = 256;
 /// Failure codes counted under their own label in `tether_control_commands_total`.

@@ -76,6 +76,16 @@ pub enum DecodeError {
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 #[non_exhaustive]
 pub enum EncodeError {
+    /// A field is below the smallest value the protocol allows.
+    #[error("field {field} is {len}, less than the minimum of {min}")]
+    TooShort {
+        /// The field.
+        field: &'static str,
+        /// The value found.
+        len: usize,
+        /// The minimum.
+        min: usize,
+    },
     /// The encoded frame would exceed the frame limit.
     #[error("encoded frame of {len} bytes exceeds the limit of {max} bytes")]
     FrameTooLarge {

@@ -8,7 +8,7 @@ use bytes::{Buf, BufMut, Bytes};
 
 use crate::codec::{
     check_count, check_str, get, get_bytes, get_count, get_str, put_str, Codec, DecodeError,
-    EncodeError,
+    EncodeError, DEFAULT_MAX_FRAME_LEN, MIN_MAX_FRAME_LEN,
 };
 
 /// Longest agent version string, in bytes.
@@ -33,6 +33,12 @@ pub const MAX_ENV: usize = 64;
 pub const MAX_ENV_NAME_LEN: usize = 256;
 /// Longest human-readable message (GoAway, failure reasons), in bytes.
 pub const MAX_MESSAGE_LEN: usize = 1024;
+/// Bytes of a `CommandOutput` frame (as `len` counts them) besides its data: type (1),
+/// command id (8), stream (1), data length (4). A chunk of `n` bytes makes `len = n + 14`.
+pub const COMMAND_OUTPUT_OVERHEAD: usize = 1 + 8 + 1 + 4;
+/// Bytes of a `Failed` `CommandResult` frame (as `len` counts them) besides its message:
+/// type (1), command id (8), outcome (1), reason (1), message length (2).
+pub const COMMAND_RESULT_FAILED_OVERHEAD: usize = 1 + 8 + 1 + 1 + 2;
 
 /// The one-byte type that opens every frame.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -317,16 +323,52 @@ pub struct Welcome {
     pub server_time_ms: i64,
     /// The appliance's manual-renewal generation known to the broker (0 = none).
     pub manual_renewal_generation: u64,
+    /// The broker's maximum frame length (type byte plus body, as `len` counts it): the
+    /// largest frame the agent may send. An optional trailing `u32`, sent only to agents
+    /// that announced [`crate::capability::MAX_FRAME_LEN`]; `None` (absent) means
+    /// [`crate::DEFAULT_MAX_FRAME_LEN`]. Never below [`crate::MIN_MAX_FRAME_LEN`].
+    pub max_frame_len: Option<u32>,
+}
+
+impl Welcome {
+    /// The largest frame the agent may send to this broker: the announced limit, or the
+    /// protocol default when the broker announced none.
+    pub fn peer_max_frame_len(&self) -> usize {
+        self.max_frame_len.map_or(DEFAULT_MAX_FRAME_LEN, |m| {
+            usize::try_from(m).unwrap_or(usize::MAX)
+        })
+    }
 }
 
 impl Codec for Welcome {
+    /// `buf` must be exactly the frame body (as [`crate::decode_frame`] passes it): the
+    /// optional trailing `max_frame_len` is read when bytes are left after
+    /// `manual_renewal_generation`.
     fn decode<B: Buf>(buf: &mut B) -> Result<Self, DecodeError> {
+        let protocol_version = get(buf, "protocol_version")?;
+        let session_id = get(buf, "session_id")?;
+        let heartbeat_interval_ms = get(buf, "heartbeat_interval_ms")?;
+        let server_time_ms = get(buf, "server_time_ms")?;
+        let manual_renewal_generation = get(buf, "manual_renewal_generation")?;
+        let max_frame_len = if buf.has_remaining() {
+            let max: u32 = get(buf, "max_frame_len")?;
+            if (max as usize) < MIN_MAX_FRAME_LEN {
+                return Err(DecodeError::InvalidValue {
+                    field: "max_frame_len",
+                    value: u64::from(max),
+                });
+            }
+            Some(max)
+        } else {
+            None
+        };
         Ok(Welcome {
-            protocol_version: get(buf, "protocol_version")?,
-            session_id: get(buf, "session_id")?,
-            heartbeat_interval_ms: get(buf, "heartbeat_interval_ms")?,
-            server_time_ms: get(buf, "server_time_ms")?,
-            manual_renewal_generation: get(buf, "manual_renewal_generation")?,
+            protocol_version,
+            session_id,
+            heartbeat_interval_ms,
+            server_time_ms,
+            manual_renewal_generation,
+            max_frame_len,
         })
     }
     fn encode<B: BufMut>(&self, buf: &mut B) {
@@ -335,6 +377,19 @@ impl Codec for Welcome {
         buf.put_u32(self.heartbeat_interval_ms);
         buf.put_i64(self.server_time_ms);
         buf.put_u64(self.manual_renewal_generation);
+        if let Some(max) = self.max_frame_len {
+            buf.put_u32(max);
+        }
+    }
+    fn check(&self) -> Result<(), EncodeError> {
+        match self.max_frame_len {
+            Some(max) if (max as usize) < MIN_MAX_FRAME_LEN => Err(EncodeError::TooShort {
+                field: "max_frame_len",
+                len: max as usize,
+                min: MIN_MAX_FRAME_LEN,
+            }),
+            _ => Ok(()),
+        }
     }
 }
 
@@ -530,6 +585,14 @@ pub struct CommandOutput {
     pub data: Bytes,
 }
 
+impl CommandOutput {
+    /// The most data one `CommandOutput` frame can carry when frames may be at most
+    /// `max_frame_len` long (0 if not even an empty chunk fits).
+    pub fn max_data_len(max_frame_len: usize) -> usize {
+        max_frame_len.saturating_sub(COMMAND_OUTPUT_OVERHEAD)
+    }
+}
+
 impl Codec for CommandOutput {
     fn decode<B: Buf>(buf: &mut B) -> Result<Self, DecodeError> {
         Ok(CommandOutput {
@@ -578,6 +641,16 @@ pub struct CommandResult {
     pub command_id: u64,
     /// How it ended.
     pub outcome: CommandOutcome,
+}
+
+impl CommandResult {
+    /// The longest `Failed` message that fits a frame of at most `max_frame_len` bytes
+    /// (and the protocol's [`MAX_MESSAGE_LEN`]).
+    pub fn max_message_len(max_frame_len: usize) -> usize {
+        max_frame_len
+            .saturating_sub(COMMAND_RESULT_FAILED_OVERHEAD)
+            .min(MAX_MESSAGE_LEN)
+    }
 }
 
 impl Codec for CommandResult {

@@ -7,6 +7,7 @@
 //! - [`frame`]: the frames that travel on the session stream and on command streams.
 //! - [`codec`]: the [`Codec`] trait, the length-prefixed framing with its hard size limit,
 //!   and the [`FrameDecoder`] that reassembles frames from stream chunks.
+//! - [`capability`]: the capability strings of [`Hello`].
 //! - [`close`]: the QUIC application close codes ([`CloseCode`]).
 //! - [`cluster`]: the broker ↔ control channel (JSON frames over an upgraded mTLS
 //!   connection) and the broker bundle.
@@ -25,6 +26,7 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod capability;
 pub mod close;
 pub mod cluster;
 pub mod codec;
@@ -48,6 +50,12 @@ pub use session::{
 
 /// The protocol version carried in [`Hello`] and [`Welcome`].
 pub const PROTOCOL_VERSION: u16 = 1;
+
+/// How long past a command's `deadline_ms` the broker waits for the agent's
+/// `CommandResult` before it fails the command as `timed_out` itself: 2 s. The agent kills
+/// the process at the deadline and reports `Failed{timed_out}`; this is the time that report
+/// has to arrive. Control, relaying for operators, derives its own wait from it.
+pub const COMMAND_DEADLINE_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// The QUIC ALPN identifier of this protocol.
 pub const ALPN: &[u8] = b"tether/1";

@@ -10,8 +10,9 @@ use std::time::{Duration, Instant};
 
 use thiserror::Error;
 
+use crate::capability;
 use crate::close::CloseCode;
-use crate::codec::DecodeError;
+use crate::codec::{DecodeError, DEFAULT_MAX_FRAME_LEN, MIN_MAX_FRAME_LEN};
 use crate::frame::{
     Frame, FrameType, GoAway, GoAwayReason, Heartbeat, HeartbeatAck, Hello, Status, TrustState,
     Welcome,
@@ -105,6 +106,10 @@ pub struct BrokerSessionConfig {
     pub hello_timeout: Duration,
     /// Manual-renewal generation to announce.
     pub manual_renewal_generation: u64,
+    /// The broker's maximum frame length, announced in `Welcome` to agents that announced
+    /// [`crate::capability::MAX_FRAME_LEN`]. A `u32`, as on the wire (and so that the
+    /// config stays as small as it was: the broker keeps one per idle session).
+    pub max_frame_len: u32,
 }
 
 /// What the broker end observed.
@@ -170,12 +175,18 @@ impl BrokerSession {
                         hello.protocol_version,
                     ));
                 }
+                // Only an agent that said it understands the trailing field gets it: a
+                // version-1 agent without the capability refuses trailing bytes.
+                let max_frame_len =
+                    capability::announced(&hello.capabilities, capability::MAX_FRAME_LEN)
+                        .then_some(self.config.max_frame_len.max(MIN_MAX_FRAME_LEN as u32));
                 self.transmit.push_back(Frame::Welcome(Welcome {
                     protocol_version: hello.protocol_version.min(PROTOCOL_VERSION),
                     session_id: self.config.session_id,
                     heartbeat_interval_ms: duration_ms(self.config.heartbeat_interval),
                     server_time_ms: now.unix_ms,
                     manual_renewal_generation: self.config.manual_renewal_generation,
+                    max_frame_len,
                 }));
                 self.state = BrokerState::Established;
                 self.last_rx = now.instant;
@@ -314,6 +325,7 @@ pub struct AgentSession {
     started: Instant,
     last_rx: Instant,
     interval: Duration,
+    peer_max_frame_len: usize,
     next_heartbeat: Option<Instant>,
     seq: u64,
     transmit: VecDeque<Frame>,
@@ -336,6 +348,7 @@ impl AgentSession {
             started: now.instant,
             last_rx: now.instant,
             interval: DEFAULT_HEARTBEAT_INTERVAL,
+            peer_max_frame_len: DEFAULT_MAX_FRAME_LEN,
             next_heartbeat: None,
             seq: 0,
             transmit,
@@ -353,6 +366,13 @@ impl AgentSession {
         self.interval
     }
 
+    /// The largest frame the broker accepts (type byte plus body): what its `Welcome`
+    /// announced, else [`DEFAULT_MAX_FRAME_LEN`] (also before `Welcome`). Every frame the
+    /// agent sends, on any stream of this connection, must fit it.
+    pub fn peer_max_frame_len(&self) -> usize {
+        self.peer_max_frame_len
+    }
+
     /// Process a frame from the broker.
     pub fn handle_frame(&mut self, frame: Frame, now: Now) -> Result<(), ProtocolViolation> {
         let state = match self.state {
@@ -367,6 +387,7 @@ impl AgentSession {
                 }
                 self.interval = Duration::from_millis(u64::from(w.heartbeat_interval_ms))
                     .max(MIN_HEARTBEAT_INTERVAL);
+                self.peer_max_frame_len = w.peer_max_frame_len();
                 self.state = AgentState::Established;
                 self.last_rx = now.instant;
                 self.next_heartbeat = Some(now.instant + self.interval);
@@ -490,10 +511,14 @@ mod tests {
     }
 
     fn pair(now: Now) -> (AgentSession, BrokerSession) {
+        pair_with(now, vec![])
+    }
+
+    fn pair_with(now: Now, capabilities: Vec<String>) -> (AgentSession, BrokerSession) {
         let agent = AgentSession::new(
             AgentSessionConfig {
                 agent_version: "test".into(),
-                capabilities: vec![],
+                capabilities,
                 cert_not_after_ms: 1,
                 trust_state: TrustState::Trusted,
                 welcome_timeout: Duration::from_secs(5),
@@ -509,6 +534,7 @@ mod tests {
                 missed_heartbeats: 3,
                 hello_timeout: Duration::from_secs(5),
                 manual_renewal_generation: 0,
+                max_frame_len: 4096,
             },
             now,
         );
@@ -640,5 +666,78 @@ mod tests {
             a.handle_timeout(t0.after(Duration::from_secs(3))),
             Some(CloseCode::IdleTimeout)
         );
+    }
+
+    fn welcome_of(b: &mut BrokerSession, a: &mut AgentSession, t: Now) -> Welcome {
+        let hello = a.poll_transmit().expect("hello queued");
+        b.handle_frame(hello, t).unwrap();
+        let Some(Frame::Welcome(w)) = b.poll_transmit() else {
+            panic!("no welcome")
+        };
+        a.handle_frame(Frame::Welcome(w.clone()), t).unwrap();
+        w
+    }
+
+    #[test]
+    fn welcome_announces_the_frame_limit_only_to_agents_that_asked() {
+        let t0 = now0();
+        let (mut a, mut b) = pair_with(t0, vec![capability::MAX_FRAME_LEN.into()]);
+        let w = welcome_of(&mut b, &mut a, t0);
+        assert_eq!(w.max_frame_len, Some(4096));
+        assert_eq!(a.peer_max_frame_len(), 4096);
+
+        // An agent without the capability gets the version-1 Welcome it can decode (30
+        // bytes of body, no trailing field) and assumes the protocol default.
+        let (mut a, mut b) = pair_with(t0, vec![capability::EXEC.into()]);
+        let w = welcome_of(&mut b, &mut a, t0);
+        assert_eq!(w.max_frame_len, None);
+        let mut wire = bytes::BytesMut::new();
+        crate::encode_frame(&Frame::Welcome(w), &mut wire, DEFAULT_MAX_FRAME_LEN).unwrap();
+        assert_eq!(wire.len(), crate::FRAME_HEADER_LEN + 1 + 30);
+        assert_eq!(a.peer_max_frame_len(), DEFAULT_MAX_FRAME_LEN);
+    }
+
+    #[test]
+    fn output_chunked_by_the_announced_limit_reaches_the_broker_whole() {
+        use crate::frame::{CommandOutput, OutputStream};
+        use crate::FrameDecoder;
+        let t0 = now0();
+        let (mut a, mut b) = pair_with(t0, vec![capability::MAX_FRAME_LEN.into()]);
+        let _ = welcome_of(&mut b, &mut a, t0);
+        let limit = a.peer_max_frame_len();
+        // 100 KiB of output, cut as an agent must: each chunk fills at most one frame.
+        let output: Vec<u8> = (0..100 * 1024u32).map(|i| (i % 251) as u8).collect();
+        let chunk = CommandOutput::max_data_len(limit);
+        assert_eq!(chunk, 4096 - 14);
+        let mut wire = bytes::BytesMut::new();
+        for piece in output.chunks(chunk) {
+            let frame = Frame::CommandOutput(CommandOutput {
+                command_id: 1,
+                stream: OutputStream::Stdout,
+                data: bytes::Bytes::copy_from_slice(piece),
+            });
+            crate::encode_frame(&frame, &mut wire, limit).unwrap();
+        }
+        // The broker's decoder, at its own limit, takes every frame.
+        let mut decoder = FrameDecoder::new(4096);
+        let mut got = Vec::new();
+        for piece in wire.chunks(1500) {
+            decoder.push(piece);
+            while let Some(f) = decoder.poll_frame().unwrap() {
+                let Frame::CommandOutput(o) = f else {
+                    panic!("not output")
+                };
+                got.extend_from_slice(&o.data);
+            }
+        }
+        assert!(decoder.is_idle());
+        assert_eq!(got, output);
+        // One byte more than the chunk does not fit.
+        let too_big = Frame::CommandOutput(CommandOutput {
+            command_id: 1,
+            stream: OutputStream::Stdout,
+            data: vec![0; chunk + 1].into(),
+        });
+        assert!(crate::encode_frame(&too_big, &mut wire, limit).is_err());
     }
 }

@@ -109,6 +109,7 @@ prop_compose! {
         heartbeat_interval_ms in any::<u32>(),
         server_time_ms in any::<i64>(),
         manual_renewal_generation in any::<u64>(),
+        max_frame_len in proptest::option::of(MIN_MAX_FRAME_LEN as u32..=u32::MAX),
     ) -> Welcome {
         Welcome {
             protocol_version,
@@ -116,6 +117,7 @@ prop_compose! {
             heartbeat_interval_ms,
             server_time_ms,
             manual_renewal_generation,
+            max_frame_len,
         }
     }
 }
@@ -422,6 +424,10 @@ proptest! {
             let got = decode_frame(&mut buf, DEFAULT_MAX_FRAME_LEN);
             if cut == 0 {
                 prop_assert_eq!(got, Err(DecodeError::EmptyFrame));
+            } else if let (Frame::Welcome(w), 31) = (&frame, cut) {
+                // The optional trailing `max_frame_len` cut off whole: a Welcome without it.
+                let expected = Frame::Welcome(Welcome { max_frame_len: None, ..w.clone() });
+                prop_assert_eq!(got, Ok(Some(expected)));
             } else {
                 prop_assert!(
                     matches!(got, Err(DecodeError::Truncated(_))),
@@ -434,6 +440,10 @@ proptest! {
     /// Bytes after the last field, counted in the prefix, are refused with their count.
     #[test]
     fn trailing_bytes_are_refused(frame in any_frame(), extra in vec(any::<u8>(), 1..=16)) {
+        if matches!(&frame, Frame::Welcome(w) if w.max_frame_len.is_none()) {
+            // Its optional trailing field: `welcome_max_frame_len_is_an_optional_trailing_u32`.
+            return Ok(());
+        }
         let bytes = encode(&frame);
         let mut body = bytes[FRAME_HEADER_LEN..].to_vec();
         body.extend_from_slice(&extra);
@@ -721,6 +731,14 @@ fn body_sizes_match_the_protocol_doc() {
     assert_eq!((body(&min_hello), at_limit("hello")), (14, 2_190));
     let (_, welcome) = &sample_frames()[1];
     assert_eq!(body(welcome), 30);
+    let Frame::Welcome(w) = welcome.clone() else {
+        unreachable!()
+    };
+    let with_limit = Frame::Welcome(Welcome {
+        max_frame_len: Some(4096),
+        ..w
+    });
+    assert_eq!(body(&with_limit), 34);
     assert_eq!(body(&heartbeat_example()), 17);
     let (_, ack) = &sample_frames()[3];
     assert_eq!(body(ack), 24);
@@ -783,6 +801,7 @@ fn sample_frames() -> Vec<(&'static str, Frame)> {
                 heartbeat_interval_ms: 15_000,
                 server_time_ms: 1_765_000_000_000,
                 manual_renewal_generation: 0,
+                max_frame_len: None,
             }),
         ),
         (
@@ -896,4 +915,129 @@ fn write_fuzz_seeds() {
     for (name, seed) in seeds {
         std::fs::write(dir.join(name), seed).unwrap();
     }
+}
+
+/// The optional trailing `max_frame_len` of `Welcome` (`docs/PROTOCOL.md` §4.2): absent
+/// decodes as `None`, four bytes as the limit, anything else is refused.
+#[test]
+fn welcome_max_frame_len_is_an_optional_trailing_u32() {
+    let base = Welcome {
+        protocol_version: 1,
+        session_id: 42,
+        heartbeat_interval_ms: 15_000,
+        server_time_ms: 1_765_000_000_000,
+        manual_renewal_generation: 0,
+        max_frame_len: None,
+    };
+    let old = encode(&Frame::Welcome(base.clone()));
+    let new = encode(&Frame::Welcome(Welcome {
+        max_frame_len: Some(4096),
+        ..base.clone()
+    }));
+    // The same bytes plus `00 00 10 00`, and `len` four larger.
+    assert_eq!(&new[FRAME_HEADER_LEN..old.len()], &old[FRAME_HEADER_LEN..]);
+    assert_eq!(&new[old.len()..], &[0x00, 0x00, 0x10, 0x00]);
+    assert_eq!(hex(&new[..4]), "00 00 00 23");
+    assert_eq!(hex(&old[..4]), "00 00 00 1f");
+    let decoded = decode_at_once(&new, DEFAULT_MAX_FRAME_LEN).0;
+    assert_eq!(decoded[0].max_frame_len_of(), Some(4096));
+    let decoded = decode_at_once(&old, DEFAULT_MAX_FRAME_LEN).0;
+    assert_eq!(decoded[0].max_frame_len_of(), None);
+    let Frame::Welcome(w) = &decoded[0] else {
+        unreachable!()
+    };
+    assert_eq!(w.peer_max_frame_len(), DEFAULT_MAX_FRAME_LEN);
+
+    // With `extra` bytes after the 30-byte body.
+    let with_tail = |extra: &[u8]| {
+        let mut buf = BytesMut::new();
+        buf.put_u32((1 + 30 + extra.len()) as u32);
+        buf.extend_from_slice(&old[FRAME_HEADER_LEN..]);
+        buf.extend_from_slice(extra);
+        decode_frame(&mut buf, DEFAULT_MAX_FRAME_LEN)
+    };
+    for n in 1..4 {
+        assert_eq!(
+            with_tail(&[0; 4][..n]),
+            Err(DecodeError::Truncated("max_frame_len"))
+        );
+    }
+    assert_eq!(
+        with_tail(&[0x00, 0x00, 0x03, 0xff]),
+        Err(DecodeError::InvalidValue {
+            field: "max_frame_len",
+            value: 1023
+        })
+    );
+    assert!(matches!(with_tail(&[0x00, 0x00, 0x04, 0x00]), Ok(Some(_))));
+    assert_eq!(
+        with_tail(&[0x00, 0x00, 0x04, 0x00, 0x00]),
+        Err(DecodeError::TrailingBytes(1))
+    );
+    // A limit below the protocol's minimum is not encoded either.
+    let mut buf = BytesMut::new();
+    assert!(encode_frame(
+        &Frame::Welcome(Welcome {
+            max_frame_len: Some(1023),
+            ..base
+        }),
+        &mut buf,
+        DEFAULT_MAX_FRAME_LEN
+    )
+    .is_err());
+}
+
+trait MaxFrameLenOf {
+    fn max_frame_len_of(&self) -> Option<u32>;
+}
+
+impl MaxFrameLenOf for Frame {
+    fn max_frame_len_of(&self) -> Option<u32> {
+        match self {
+            Frame::Welcome(w) => w.max_frame_len,
+            _ => panic!("not a Welcome: {self:?}"),
+        }
+    }
+}
+
+/// `CommandOutput::max_data_len` and `CommandResult::max_message_len` are exactly what fits.
+#[test]
+fn chunk_and_message_limits_fit_the_frame_limit_exactly() {
+    for max in [MIN_MAX_FRAME_LEN, 4096, DEFAULT_MAX_FRAME_LEN] {
+        let n = CommandOutput::max_data_len(max);
+        let output = |len: usize| {
+            Frame::CommandOutput(CommandOutput {
+                command_id: u64::MAX,
+                stream: OutputStream::Stderr,
+                data: vec![0xab; len].into(),
+            })
+        };
+        assert_eq!(
+            encode_limited(&output(n), max).len(),
+            FRAME_HEADER_LEN + max
+        );
+        assert!(encode_frame(&output(n + 1), &mut BytesMut::new(), max).is_err());
+
+        let m = CommandResult::max_message_len(max);
+        let result = |len: usize| {
+            Frame::CommandResult(CommandResult {
+                command_id: u64::MAX,
+                outcome: CommandOutcome::Failed {
+                    reason: FailureReason::Internal,
+                    message: "x".repeat(len),
+                },
+            })
+        };
+        assert!(encode_frame(&result(m), &mut BytesMut::new(), max).is_ok());
+        if m < MAX_MESSAGE_LEN {
+            assert!(encode_frame(&result(m + 1), &mut BytesMut::new(), max).is_err());
+        }
+    }
+    assert_eq!(CommandResult::max_message_len(MIN_MAX_FRAME_LEN), 1011);
+}
+
+fn encode_limited(frame: &Frame, max: usize) -> BytesMut {
+    let mut buf = BytesMut::new();
+    encode_frame(frame, &mut buf, max).unwrap();
+    buf
 }

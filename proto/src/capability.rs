@@ -1,0 +1,27 @@
+//! Capability strings an agent may announce in [`crate::Hello::capabilities`].
+//!
+//! A capability announces optional behaviour within protocol version 1. A broker ignores
+//! capabilities it does not know; an agent announces each at most once. `docs/PROTOCOL.md`
+//! (§4.1.1) lists them with their exact meaning.
+
+/// The agent runs `CommandKind::Exec` requests. Every reference agent announces it; brokers
+/// of version 1 do not require it (exec is part of the base protocol).
+pub const EXEC: &str = "exec";
+
+/// The agent runs `CommandKind::Shell` requests (`/bin/sh -c`). A broker MUST NOT send a
+/// shell command to an agent that did not announce it; the reference broker refuses such a
+/// request itself (`shell_not_allowed`) before opening a stream.
+pub const SHELL: &str = "shell";
+
+/// The agent understands the optional trailing `max_frame_len` field of
+/// [`crate::Welcome`]. A broker appends the field only for agents that announce this: a
+/// version-1 agent without it refuses trailing bytes in `Welcome` as a protocol error.
+pub const MAX_FRAME_LEN: &str = "max_frame_len";
+
+/// Every capability this crate defines, in the order the reference agent announces them.
+pub const ALL: [&str; 3] = [EXEC, SHELL, MAX_FRAME_LEN];
+
+/// Whether `capabilities` (from a `Hello`) holds `capability`.
+pub fn announced(capabilities: &[String], capability: &str) -> bool {
+    capabilities.iter().any(|c| c == capability)
+}
