@@ -103,7 +103,7 @@ async fn exec_batches(
         let k = (iters - done).min(BATCH as u64) as usize;
         let ids: Vec<String> = (0..k).map(|_| appliance(rng.usize(..n))).collect();
         let args: Vec<_> = (0..k)
-            .map(|_| (argv(), "exec".to_owned(), env_allowlist()))
+            .map(|_| (argv(), CommandKind::Exec, env_allowlist()))
             .collect();
         let start = Instant::now();
         for (id, (argv, kind, env)) in ids.iter().zip(args) {
@@ -231,11 +231,6 @@ fn broker_route(body: &[u8], sessions: &SessionTable, command_id: u64) -> usize 
     else {
         unreachable!("only commands here")
     };
-    let kind = match kind.as_str() {
-        "" | "exec" => CommandKind::Exec,
-        "shell" => CommandKind::Shell,
-        other => panic!("unknown kind {other}"),
-    };
     let session = sessions.get(&appliance).expect("connected");
     let request = Frame::CommandRequest(CommandRequest {
         command_id,
@@ -285,7 +280,7 @@ fn broker(c: &mut Criterion) {
                     id: id as u64,
                     appliance: appliance.clone(),
                     argv: argv(),
-                    kind: "exec".into(),
+                    kind: CommandKind::Exec,
                     env_allowlist: env_allowlist(),
                     timeout_ms: 30_000,
                 })

@@ -39,7 +39,7 @@ use tether_proto::cluster::{
     self, HeartbeatSummary, SessionReport, ToBroker, ToControl, CHANNEL_IDLE_TIMEOUT_SECS,
     CHANNEL_PATH, CHANNEL_PING_SECS, MAX_FRAME_LEN,
 };
-use tether_proto::{CloseCode, CommandKind, OutputStream};
+use tether_proto::CommandFailure;
 use thiserror::Error;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
@@ -275,11 +275,6 @@ fn parse_entry(appliance: &str, fingerprint: &str) -> Result<Entry, ChannelError
         appliance,
         fingerprint,
     })
-}
-
-/// The close code for a name control sends.
-pub fn close_code_named(name: &str) -> Option<CloseCode> {
-    CloseCode::ALL.into_iter().find(|c| c.as_str() == name)
 }
 
 /// What a command task hands the channel.
@@ -658,10 +653,6 @@ impl ControlSync {
                 session_id,
                 code,
             } => {
-                let Some(code) = close_code_named(&code) else {
-                    warn!(%appliance, session_id, code, "close request with an unknown code ignored");
-                    return Ok(None);
-                };
                 let closed = broker
                     .sessions()
                     .close_if(&appliance, session_id, code, metrics);
@@ -676,21 +667,10 @@ impl ControlSync {
                 env_allowlist,
                 timeout_ms,
             } => {
-                let kind = match kind.as_str() {
-                    "" | "exec" => CommandKind::Exec,
-                    "shell" => CommandKind::Shell,
-                    other => {
-                        return Ok(Some(ToControl::CommandFailed {
-                            id,
-                            code: "invalid".into(),
-                            message: format!("unknown command kind {other:?}"),
-                        }))
-                    }
-                };
                 if commands.contains_key(&id) {
                     return Ok(Some(ToControl::CommandFailed {
                         id,
-                        code: "invalid".into(),
+                        code: CommandFailure::Invalid,
                         message: "a command with this id is running".into(),
                     }));
                 }
@@ -734,21 +714,17 @@ async fn run_command(
     spec: CommandSpec,
     tx: &mpsc::Sender<Outgoing>,
 ) {
-    let failed = |code: &str, message: String| {
-        Outgoing::Frame(ToControl::CommandFailed {
-            id,
-            code: code.to_owned(),
-            message,
-        })
+    let failed = |code: CommandFailure, message: String| {
+        Outgoing::Frame(ToControl::CommandFailed { id, code, message })
     };
     let mut rx = match broker.run_command(appliance, spec).await {
         Ok(rx) => rx,
         Err(e) => {
             let code = match &e {
-                CommandError::NotConnected(_) => "offline",
-                CommandError::Invalid(_) => "invalid",
-                CommandError::ShellNotAllowed(_) => e.code(),
-                CommandError::ConnectionLost(_) => "connection_lost",
+                CommandError::NotConnected(_) => CommandFailure::Offline,
+                CommandError::Invalid(_) => CommandFailure::Invalid,
+                CommandError::ShellNotAllowed(_) => CommandFailure::ShellNotAllowed,
+                CommandError::ConnectionLost(_) => CommandFailure::ConnectionLost,
             };
             let _ = tx.send(failed(code, e.to_string())).await;
             return;
@@ -759,24 +735,15 @@ async fn run_command(
             CommandEvent::Output { stream, data } => (
                 ToControl::CommandOutput {
                     id,
-                    stream: match stream {
-                        OutputStream::Stdout => "stdout",
-                        OutputStream::Stderr => "stderr",
-                    }
-                    .to_owned(),
+                    stream,
                     data: base64::engine::general_purpose::STANDARD.encode(&data),
                 },
                 false,
             ),
             CommandEvent::Exit(code) => (ToControl::CommandExit { id, code }, true),
-            CommandEvent::Failed { code, message } => (
-                ToControl::CommandFailed {
-                    id,
-                    code: code.to_owned(),
-                    message,
-                },
-                true,
-            ),
+            CommandEvent::Failed { code, message } => {
+                (ToControl::CommandFailed { id, code, message }, true)
+            }
         };
         if tx.send(Outgoing::Frame(frame)).await.is_err() || last {
             return;
@@ -784,7 +751,7 @@ async fn run_command(
     }
     let _ = tx
         .send(failed(
-            "connection_lost",
+            CommandFailure::ConnectionLost,
             "the command ended without a result".into(),
         ))
         .await;
@@ -968,12 +935,5 @@ mod tests {
             s.handle(bad_fp, 0),
             Err(ChannelError::Protocol(_))
         ));
-    }
-
-    #[test]
-    fn close_codes_are_found_by_name() {
-        assert_eq!(close_code_named("superseded"), Some(CloseCode::Superseded));
-        assert_eq!(close_code_named("revoked"), Some(CloseCode::Revoked));
-        assert_eq!(close_code_named("nope"), None);
     }
 }

@@ -38,8 +38,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::{Bytes, BytesMut};
 use tether_proto::{
-    encode_frame, BrokerEvent, BrokerSession, BrokerSessionConfig, CloseCode, CommandKind,
-    CommandOutcome, CommandRequest, FailureReason, Frame, FrameDecoder, GoAwayReason, Now,
+    encode_frame, BrokerEvent, BrokerSession, BrokerSessionConfig, CloseCode, CommandFailure,
+    CommandKind, CommandOutcome, CommandRequest, Frame, FrameDecoder, GoAwayReason, Now,
     OutputStream, ProtocolViolation,
 };
 use tokio::sync::{mpsc, Semaphore};
@@ -145,8 +145,8 @@ pub enum CommandEvent {
     Exit(i32),
     /// The command ended without an exit code.
     Failed {
-        /// Stable error code (`timed_out`, `connection_lost`, ...).
-        code: &'static str,
+        /// Why (`timed_out`, `connection_lost`, ...).
+        code: CommandFailure,
         /// Detail.
         message: String,
     },
@@ -927,7 +927,7 @@ impl Broker {
                     // process if it still runs.
                     Err(_) => (
                         CommandEvent::Failed {
-                            code: "timed_out",
+                            code: CommandFailure::TimedOut,
                             message: "no result from the appliance before the deadline".into(),
                         },
                         None,
@@ -935,7 +935,7 @@ impl Broker {
                 };
                 let result = match &last {
                     CommandEvent::Exit(_) => "exited",
-                    CommandEvent::Failed { code, .. } => code,
+                    CommandEvent::Failed { code, .. } => code.name(),
                     CommandEvent::Output { .. } => "unknown",
                 };
                 this.metrics
@@ -997,7 +997,7 @@ async fn relay_command(
             _ = tx.closed() => {
                 // The caller went away: cancel on the agent, which kills the process.
                 let _ = recv.stop(quinn::VarInt::from_u32(0));
-                return (CommandEvent::Failed { code: "cancelled", message: "caller went away".into() }, None);
+                return (CommandEvent::Failed { code: CommandFailure::Cancelled, message: "caller went away".into() }, None);
             }
         };
         match chunk {
@@ -1009,7 +1009,7 @@ async fn relay_command(
                 warn!("command stream ended without a result");
                 return (
                     CommandEvent::Failed {
-                        code: "protocol_error",
+                        code: CommandFailure::ProtocolError,
                         message: "command stream ended without a result".into(),
                     },
                     None,
@@ -1019,7 +1019,7 @@ async fn relay_command(
                 // The agent abandoned the command (RESET_STREAM): whether it ran is unknown.
                 return (
                     CommandEvent::Failed {
-                        code: "connection_lost",
+                        code: CommandFailure::ConnectionLost,
                         message: format!(
                             "the appliance reset the command stream (error code {reason}) without a result"
                         ),
@@ -1030,7 +1030,7 @@ async fn relay_command(
             Err(e) => {
                 return (
                     CommandEvent::Failed {
-                        code: "connection_lost",
+                        code: CommandFailure::ConnectionLost,
                         message: e.to_string(),
                     },
                     None,
@@ -1047,7 +1047,7 @@ async fn relay_command(
                     close(&session.connection, CloseCode::ProtocolError, metrics);
                     return (
                         CommandEvent::Failed {
-                            code: "protocol_error",
+                            code: CommandFailure::ProtocolError,
                             message: v.to_string(),
                         },
                         None,
@@ -1064,7 +1064,7 @@ async fn relay_command(
                         let _ = recv.stop(quinn::VarInt::from_u32(0));
                         return (
                             CommandEvent::Failed {
-                                code: "cancelled",
+                                code: CommandFailure::Cancelled,
                                 message: "caller went away".into(),
                             },
                             None,
@@ -1075,7 +1075,7 @@ async fn relay_command(
                     let last = match r.outcome {
                         CommandOutcome::Exited(code) => CommandEvent::Exit(code),
                         CommandOutcome::Failed { reason, message } => CommandEvent::Failed {
-                            code: failure_code(reason),
+                            code: CommandFailure::from(reason),
                             message,
                         },
                     };
@@ -1086,7 +1086,7 @@ async fn relay_command(
                     close(&session.connection, CloseCode::ProtocolError, metrics);
                     return (
                         CommandEvent::Failed {
-                            code: "protocol_error",
+                            code: CommandFailure::ProtocolError,
                             message: format!(
                                 "unexpected {:?} on a command stream",
                                 other.frame_type()
@@ -1133,19 +1133,6 @@ async fn expect_end(
             "protocol violation: data after the command result; closing connection"
         );
         close(&session.connection, CloseCode::ProtocolError, metrics);
-    }
-}
-
-/// The stable error code for an agent-reported failure.
-pub fn failure_code(reason: FailureReason) -> &'static str {
-    match reason {
-        FailureReason::SpawnFailed => "spawn_failed",
-        FailureReason::TimedOut => "timed_out",
-        FailureReason::Busy => "busy",
-        FailureReason::Signaled => "signaled",
-        FailureReason::Refused => "refused",
-        FailureReason::Cancelled => "cancelled",
-        FailureReason::Internal => "agent_internal",
     }
 }
 

@@ -15,6 +15,7 @@ use rcgen::{
 use tether_broker::config::Config;
 use tether_broker::datadir::{self, BrokerIdentity, DataDir};
 use tether_proto::cluster::{ToBroker, ToControl, MAX_FRAME_LEN};
+use tether_proto::{CloseCode, CommandFailure, CommandKind};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::server::TlsStream;
@@ -300,14 +301,16 @@ async fn broker_syncs_with_control_resumes_after_a_gap_and_restarts_from_its_sna
             id: 7,
             appliance: "a2".into(),
             argv: vec!["true".into()],
-            kind: String::new(),
+            kind: CommandKind::Exec,
             env_allowlist: vec![],
             timeout_ms: 1000,
         },
     )
     .await;
     match recv(&mut chan).await {
-        ToControl::CommandFailed { id: 7, code, .. } => assert_eq!(code, "offline"),
+        ToControl::CommandFailed { id: 7, code, .. } => {
+            assert_eq!(code, CommandFailure::Offline)
+        }
         other => panic!("expected CommandFailed, got {other:?}"),
     }
     send(
@@ -315,15 +318,19 @@ async fn broker_syncs_with_control_resumes_after_a_gap_and_restarts_from_its_sna
         ToBroker::Command {
             id: 8,
             appliance: "a2".into(),
-            argv: vec!["true".into()],
-            kind: "telepathy".into(),
+            // The kind can only be one the protocol names; an empty argv is the malformed
+            // command control could still send.
+            argv: vec![],
+            kind: CommandKind::Shell,
             env_allowlist: vec![],
             timeout_ms: 1000,
         },
     )
     .await;
     match recv(&mut chan).await {
-        ToControl::CommandFailed { id: 8, code, .. } => assert_eq!(code, "invalid"),
+        ToControl::CommandFailed { id: 8, code, .. } => {
+            assert_eq!(code, CommandFailure::Invalid)
+        }
         other => panic!("expected CommandFailed, got {other:?}"),
     }
     send(
@@ -331,7 +338,7 @@ async fn broker_syncs_with_control_resumes_after_a_gap_and_restarts_from_its_sna
         ToBroker::CloseSession {
             appliance: "a2".into(),
             session_id: 1,
-            code: "superseded".into(),
+            code: CloseCode::Superseded,
         },
     )
     .await;

@@ -34,6 +34,7 @@ use tether_proto::cluster::{
     self, HeartbeatSummary, SessionReport, ToBroker, ToControl, CHANNEL_IDLE_TIMEOUT_SECS,
     CHANNEL_PING_SECS, MAX_FRAME_LEN, SNAPSHOT_CHUNK,
 };
+use tether_proto::{CloseCode, CommandFailure, CommandKind, OutputStream};
 use tokio::sync::mpsc;
 use tokio_util::codec::{Framed, LengthDelimitedCodec};
 use tokio_util::sync::CancellationToken;
@@ -100,10 +101,10 @@ struct Link {
 /// What a command produces, as [`Cluster::exec`] hands it to the caller.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ExecEvent {
-    /// Output; `stream` is `stdout` or `stderr`, `data` the bytes in standard base64.
+    /// Output; `data` is the bytes in standard base64.
     Output {
         /// `stdout` or `stderr`.
-        stream: String,
+        stream: OutputStream,
         /// Base64.
         data: String,
     },
@@ -111,8 +112,8 @@ pub enum ExecEvent {
     Exit(i32),
     /// No exit code: `offline`, `timed_out`, `connection_lost`, `broker_lost`, ...
     Failed {
-        /// Stable code.
-        code: String,
+        /// Why.
+        code: CommandFailure,
         /// Detail.
         message: String,
     },
@@ -268,20 +269,20 @@ impl Cluster {
         }
     }
 
-    /// Run a command on `appliance` through the broker that holds it. `Err(code)` when
-    /// it cannot even be sent: `offline` (no broker reports it) or `broker_lost`.
+    /// Run a command on `appliance` through the broker that holds it. `Err` when it
+    /// cannot even be sent: `offline` (no broker reports it) or `broker_lost`.
     pub async fn exec(
         &self,
         appliance: &str,
         argv: Vec<String>,
-        kind: String,
+        kind: CommandKind,
         env_allowlist: Vec<String>,
         timeout: Duration,
-    ) -> Result<(String, u64, ExecEvents), &'static str> {
-        let presence = self.presence(appliance).ok_or("offline")?;
+    ) -> Result<(String, u64, ExecEvents), CommandFailure> {
+        let presence = self.presence(appliance).ok_or(CommandFailure::Offline)?;
         let (link_id, tx) = {
             let links = lock(&self.links);
-            let link = links.get(&presence.broker).ok_or("offline")?;
+            let link = links.get(&presence.broker).ok_or(CommandFailure::Offline)?;
             (link.id, link.tx.clone())
         };
         let id = self.next_id.fetch_add(1, Ordering::Relaxed) + 1;
@@ -305,7 +306,7 @@ impl Cluster {
         };
         if tx.send(msg).await.is_err() {
             lock(&self.commands).remove(&id);
-            return Err("broker_lost");
+            return Err(CommandFailure::BrokerLost);
         }
         Ok((
             presence.broker,
@@ -369,7 +370,7 @@ impl Cluster {
                 let c = commands.remove(&id).expect("present");
                 drop(commands);
                 let _ = c.tx.send(ExecEvent::Failed {
-                    code: "output_overflow".into(),
+                    code: CommandFailure::OutputOverflow,
                     message: format!(
                         "the caller did not read {MAX_QUEUED_OUTPUT} bytes of output in time"
                     ),
@@ -432,7 +433,7 @@ impl Cluster {
             let _ = link.tx.try_send(ToBroker::CloseSession {
                 appliance: appliance.to_owned(),
                 session_id,
-                code: "superseded".into(),
+                code: CloseCode::Superseded,
             });
         }
     }
@@ -848,7 +849,7 @@ fn unregister_link(s: &AppState, name: &str, link_id: u64) {
     };
     for c in lost {
         let _ = c.tx.send(ExecEvent::Failed {
-            code: "broker_lost".into(),
+            code: CommandFailure::BrokerLost,
             message: format!("the channel to broker {name} ended mid-command"),
         });
     }
@@ -1075,7 +1076,7 @@ mod tests {
             .exec(
                 "a",
                 vec!["true".into()],
-                "exec".into(),
+                CommandKind::Exec,
                 vec![],
                 Duration::from_secs(5),
             )

@@ -29,6 +29,7 @@ use tracing::info;
 use crate::api::{json_rejection, ApiError, AppState};
 use crate::cluster::ExecEvent;
 use tether_identity::ApplianceId;
+use tether_proto::{CommandFailure, CommandKind};
 
 use crate::enroll::internal;
 use crate::metrics::Reason;
@@ -173,16 +174,20 @@ pub async fn exec(
         .timeout_ms
         .map(Duration::from_millis)
         .unwrap_or(DEFAULT_TIMEOUT);
-    let kind = req.kind.clone().unwrap_or_else(|| "exec".into());
+    let kind = req
+        .kind
+        .as_deref()
+        .map_or(Some(CommandKind::Exec), CommandKind::from_name);
     let problem = if req.argv.is_empty() || req.argv.len() > MAX_ARGS {
         Some(format!("argv must hold 1 to {MAX_ARGS} entries"))
     } else if timeout.is_zero() || timeout > MAX_TIMEOUT {
         Some("timeout_ms must be 1 to 3600000".into())
-    } else if kind != "exec" && kind != "shell" {
+    } else if kind.is_none() {
         Some("kind must be exec or shell".into())
     } else {
         None
     };
+    let kind = kind.unwrap_or_default();
     if let Some(message) = problem {
         return Err(refuse(ApiError::new(
             StatusCode::BAD_REQUEST,
@@ -223,15 +228,12 @@ pub async fn exec(
     {
         Ok(x) => x,
         Err(code) => {
-            return Err(refuse(conflict(
-                if code == "offline" {
-                    "offline"
-                } else {
-                    "broker_lost"
-                },
-                format!("appliance {id} is not connected to any broker"),
-            ))
-            .await)
+            let message = if code == CommandFailure::Offline {
+                format!("appliance {id} is not connected to any broker")
+            } else {
+                format!("the broker holding appliance {id} went away")
+            };
+            return Err(refuse(conflict(code.name(), message)).await);
         }
     };
     let event = event.with("broker", broker.as_str());
@@ -264,11 +266,12 @@ pub async fn exec(
                 _ = tx.closed() => {
                     // The caller went away: stop the command.
                     s.cluster.cancel(command_id);
-                    break ExecLine::Failed { code: "cancelled".into(), message: "the caller went away".into() };
+                    break ExecLine::Failed { code: CommandFailure::Cancelled.name().into(), message: "the caller went away".into() };
                 }
             };
             match ev {
                 Some(ExecEvent::Output { stream, data }) => {
+                    let stream = stream.name().to_owned();
                     if tx
                         .send(line(&ExecLine::Output { stream, data }))
                         .await
@@ -276,19 +279,22 @@ pub async fn exec(
                     {
                         s.cluster.cancel(command_id);
                         break ExecLine::Failed {
-                            code: "cancelled".into(),
+                            code: CommandFailure::Cancelled.name().into(),
                             message: "the caller went away".into(),
                         };
                     }
                 }
                 Some(ExecEvent::Exit(code)) => break ExecLine::Exit { code },
                 Some(ExecEvent::Failed { code, message }) => {
-                    break ExecLine::Failed { code, message }
+                    break ExecLine::Failed {
+                        code: code.name().into(),
+                        message,
+                    }
                 }
                 None => {
                     s.cluster.cancel(command_id);
                     break ExecLine::Failed {
-                        code: "timed_out".into(),
+                        code: CommandFailure::TimedOut.name().into(),
                         message: format!("no result within {timeout:?}"),
                     };
                 }

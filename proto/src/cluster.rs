@@ -30,6 +30,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::{CloseCode, CommandFailure, CommandKind, OutputStream};
+
 /// The `Upgrade` token of the channel.
 pub const UPGRADE: &str = "tether-cluster/1";
 /// Path of the channel on control's HTTPS port.
@@ -94,8 +96,8 @@ pub enum ToBroker {
         appliance: String,
         /// The broker's session id; the session is closed only if it still has this id.
         session_id: u64,
-        /// Close code name: `superseded`, `revoked`.
-        code: String,
+        /// The close code (its name on the wire: `superseded`, `revoked`).
+        code: CloseCode,
     },
     /// Run a command on an appliance connected to this broker.
     Command {
@@ -107,7 +109,7 @@ pub enum ToBroker {
         argv: Vec<String>,
         /// `exec` (default) or `shell`.
         #[serde(default)]
-        kind: String,
+        kind: CommandKind,
         /// Environment variable names the command may inherit from the agent.
         #[serde(default)]
         env_allowlist: Vec<String>,
@@ -207,7 +209,7 @@ pub enum ToControl {
         /// Control's command id.
         id: u64,
         /// `stdout` or `stderr`.
-        stream: String,
+        stream: OutputStream,
         /// The bytes, standard base64.
         data: String,
     },
@@ -222,9 +224,9 @@ pub enum ToControl {
     CommandFailed {
         /// Control's command id.
         id: u64,
-        /// Stable code: `offline` (not connected here), `timed_out`, `connection_lost`,
-        /// `invalid`, `rejected`, ...
-        code: String,
+        /// Why ([`CommandFailure`]: `offline` when not connected here, `timed_out`,
+        /// `connection_lost`, `invalid`, ...). An unknown name reads as `unknown`.
+        code: CommandFailure,
         /// Detail.
         message: String,
     },

@@ -9,6 +9,8 @@
 //!   and the [`FrameDecoder`] that reassembles frames from stream chunks.
 //! - [`capability`]: the capability strings of [`Hello`].
 //! - [`close`]: the QUIC application close codes ([`CloseCode`]).
+//! - [`failure`]: [`CommandFailure`], the one vocabulary of failed commands (and their
+//!   `tether exec` exit codes), and the JSON names of the frame enums.
 //! - [`cluster`]: the broker ↔ control channel (JSON frames over an upgraded mTLS
 //!   connection) and the broker bundle.
 //! - [`session`]: the session-stream state machines for both ends ([`BrokerSession`],
@@ -30,6 +32,7 @@ pub mod capability;
 pub mod close;
 pub mod cluster;
 pub mod codec;
+pub mod failure;
 pub mod frame;
 pub mod session;
 
@@ -38,6 +41,7 @@ pub use codec::{
     decode_frame, encode_frame, Codec, DecodeError, EncodeError, FrameDecoder,
     DEFAULT_MAX_FRAME_LEN, FRAME_HEADER_LEN, MIN_MAX_FRAME_LEN,
 };
+pub use failure::CommandFailure;
 pub use frame::{
     CommandKind, CommandOutcome, CommandOutput, CommandRequest, CommandResult, FailureReason,
     Frame, FrameType, GoAway, GoAwayReason, Heartbeat, HeartbeatAck, Hello, OutputStream, Status,

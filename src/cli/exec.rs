@@ -23,17 +23,13 @@ use anyhow::{bail, Context};
 use base64::Engine;
 use serde::Deserialize;
 use tether_control::exec::ExecLine;
+use tether_proto::CommandFailure;
 
 use super::{check_name, Client, Common};
 
-/// The appliance is not connected to any broker.
-pub const EXIT_OFFLINE: i32 = 69;
-/// The command was lost: the appliance, its broker or control's link went away.
-pub const EXIT_LOST: i32 = 75;
-/// No result by the deadline.
-pub const EXIT_TIMED_OUT: i32 = 124;
-/// `tether` itself failed (refused, unreachable, bad arguments).
-pub const EXIT_ERROR: i32 = 125;
+// The exit codes, defined with the failure codes they stand for (one table for agent,
+// broker, control and this CLI).
+pub use tether_proto::failure::{EXIT_ERROR, EXIT_LOST, EXIT_OFFLINE, EXIT_TIMED_OUT};
 
 /// `tether exec`
 #[derive(Debug, clap::Args)]
@@ -76,14 +72,10 @@ impl Outcome {
     }
 }
 
-/// The documented exit code for a failure code from control.
+/// The documented exit code for a failure code from control
+/// ([`CommandFailure::exit_code`]; a code this version does not know is [`EXIT_ERROR`]).
 pub fn failure_exit_code(code: &str) -> i32 {
-    match code {
-        "offline" => EXIT_OFFLINE,
-        "timed_out" => EXIT_TIMED_OUT,
-        "connection_lost" | "broker_lost" | "cancelled" => EXIT_LOST,
-        _ => EXIT_ERROR,
-    }
+    CommandFailure::from_name(code).map_or(EXIT_ERROR, CommandFailure::exit_code)
 }
 
 /// Run `argv` on `appliance`, handing each output chunk to `out(stream, bytes)`.
@@ -105,7 +97,11 @@ pub async fn exec_one(
         Ok(r) => r,
         Err(e) => {
             if let Some(r) = e.downcast_ref::<super::Refused>() {
-                if r.code == "offline" || r.code == "broker_lost" {
+                let code = CommandFailure::from_name(&r.code);
+                if matches!(
+                    code,
+                    Some(CommandFailure::Offline | CommandFailure::BrokerLost)
+                ) {
                     return Ok(Outcome::Failed(r.code.clone(), r.message.clone()));
                 }
             }
@@ -119,7 +115,7 @@ pub async fn exec_one(
             Ok(None) => break,
             Err(e) => {
                 return Ok(Outcome::Failed(
-                    "broker_lost".into(),
+                    CommandFailure::BrokerLost.name().into(),
                     format!("the answer from control broke off: {e}"),
                 ))
             }
@@ -143,7 +139,7 @@ pub async fn exec_one(
         }
     }
     Ok(Outcome::Failed(
-        "broker_lost".into(),
+        CommandFailure::BrokerLost.name().into(),
         "control's answer ended without a result".into(),
     ))
 }

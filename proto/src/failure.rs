@@ -1,0 +1,252 @@
+//! Names that cross process boundaries as strings (JSON on the cluster channel and in
+//! control's API), each defined once with its spelling: [`CommandFailure`], the one
+//! vocabulary of why a command ended without an exit code, and the JSON names of
+//! [`CommandKind`], [`OutputStream`] and [`CloseCode`].
+
+use std::fmt;
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+use crate::{CloseCode, CommandKind, FailureReason, OutputStream};
+
+/// Defines `as_str`, `FromStr`, `Display`, `Serialize` and `Deserialize` for an enum from
+/// one table of spellings.
+macro_rules! named {
+    ($name:ident { $($v:ident => $s:literal),+ $(,)? }) => {
+        impl $name {
+            /// The stable name on the wire.
+            pub const fn name(self) -> &'static str {
+                match self { $($name::$v => $s),+ }
+            }
+
+            /// The value of a name, `None` if unknown.
+            pub fn from_name(s: &str) -> Option<$name> {
+                match s { $($s => Some($name::$v),)+ _ => None }
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(self.name())
+            }
+        }
+
+        impl Serialize for $name {
+            fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                s.serialize_str(self.name())
+            }
+        }
+
+    };
+}
+
+/// `named!` plus a `Deserialize` that refuses unknown names.
+macro_rules! named_strict {
+    ($name:ident { $($v:ident => $s:literal),+ $(,)? }) => {
+        named!($name { $($v => $s),+ });
+
+        impl<'de> Deserialize<'de> for $name {
+            fn deserialize<D: Deserializer<'de>>(d: D) -> Result<$name, D::Error> {
+                let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+                $name::from_name(&s).ok_or_else(|| {
+                    serde::de::Error::custom(format!(
+                        concat!("unknown ", stringify!($name), " {:?}"),
+                        s
+                    ))
+                })
+            }
+        }
+    };
+}
+
+/// Why a command ended without an exit code. Agent, broker, control and the `tether`
+/// CLI all use these names (the `code` of a failed command on the cluster channel and in
+/// control's NDJSON answer), and [`CommandFailure::exit_code`] is the one place that maps
+/// them to `tether exec`'s exit codes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum CommandFailure {
+    /// The appliance is connected to no broker (control), or not to this one (broker).
+    Offline,
+    /// No result by the deadline.
+    TimedOut,
+    /// The appliance's connection (or its command stream) went away mid-command.
+    ConnectionLost,
+    /// The broker holding the appliance, or control's link to it, went away mid-command.
+    BrokerLost,
+    /// The caller went away, or the broker cancelled the command.
+    Cancelled,
+    /// The request was malformed (empty argv, unknown kind, a duplicate id).
+    Invalid,
+    /// A shell command to an agent that did not announce the `shell` capability.
+    ShellNotAllowed,
+    /// The agent broke the protocol on the command stream.
+    ProtocolError,
+    /// The program could not be started on the appliance.
+    SpawnFailed,
+    /// The agent runs its maximum number of commands.
+    Busy,
+    /// The process was killed by a signal.
+    Signaled,
+    /// The agent refused the request (kind not allowed, ...).
+    Refused,
+    /// The agent failed internally.
+    AgentInternal,
+    /// The caller read output too slowly; control stopped the command.
+    OutputOverflow,
+    /// A name this version does not know (from a newer peer): kept as a failure, so one
+    /// new code never breaks a channel or an answer.
+    Unknown,
+}
+
+named!(CommandFailure {
+    Offline => "offline",
+    TimedOut => "timed_out",
+    ConnectionLost => "connection_lost",
+    BrokerLost => "broker_lost",
+    Cancelled => "cancelled",
+    Invalid => "invalid",
+    ShellNotAllowed => "shell_not_allowed",
+    ProtocolError => "protocol_error",
+    SpawnFailed => "spawn_failed",
+    Busy => "busy",
+    Signaled => "signaled",
+    Refused => "refused",
+    AgentInternal => "agent_internal",
+    OutputOverflow => "output_overflow",
+    Unknown => "unknown",
+});
+
+impl<'de> Deserialize<'de> for CommandFailure {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<CommandFailure, D::Error> {
+        let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+        Ok(CommandFailure::from_name(&s).unwrap_or(CommandFailure::Unknown))
+    }
+}
+
+/// `tether exec`: the appliance is not connected.
+pub const EXIT_OFFLINE: i32 = 69;
+/// `tether exec`: the appliance, its broker or the link to control went away mid-command.
+pub const EXIT_LOST: i32 = 75;
+/// `tether exec`: no result by the deadline.
+pub const EXIT_TIMED_OUT: i32 = 124;
+/// `tether exec`: any other failure (and `tether`'s own errors).
+pub const EXIT_ERROR: i32 = 125;
+
+impl CommandFailure {
+    /// Every failure.
+    pub const ALL: [CommandFailure; 15] = [
+        CommandFailure::Offline,
+        CommandFailure::TimedOut,
+        CommandFailure::ConnectionLost,
+        CommandFailure::BrokerLost,
+        CommandFailure::Cancelled,
+        CommandFailure::Invalid,
+        CommandFailure::ShellNotAllowed,
+        CommandFailure::ProtocolError,
+        CommandFailure::SpawnFailed,
+        CommandFailure::Busy,
+        CommandFailure::Signaled,
+        CommandFailure::Refused,
+        CommandFailure::AgentInternal,
+        CommandFailure::OutputOverflow,
+        CommandFailure::Unknown,
+    ];
+
+    /// The exit code `tether exec` ends with: [`EXIT_OFFLINE`] (69), [`EXIT_LOST`] (75),
+    /// [`EXIT_TIMED_OUT`] (124) or [`EXIT_ERROR`] (125).
+    pub const fn exit_code(self) -> i32 {
+        match self {
+            CommandFailure::Offline => EXIT_OFFLINE,
+            CommandFailure::TimedOut => EXIT_TIMED_OUT,
+            CommandFailure::ConnectionLost
+            | CommandFailure::BrokerLost
+            | CommandFailure::Cancelled => EXIT_LOST,
+            _ => EXIT_ERROR,
+        }
+    }
+}
+
+impl From<FailureReason> for CommandFailure {
+    /// The agent's reason on the wire, in the shared vocabulary.
+    fn from(r: FailureReason) -> CommandFailure {
+        match r {
+            FailureReason::SpawnFailed => CommandFailure::SpawnFailed,
+            FailureReason::TimedOut => CommandFailure::TimedOut,
+            FailureReason::Busy => CommandFailure::Busy,
+            FailureReason::Signaled => CommandFailure::Signaled,
+            FailureReason::Refused => CommandFailure::Refused,
+            FailureReason::Cancelled => CommandFailure::Cancelled,
+            FailureReason::Internal => CommandFailure::AgentInternal,
+        }
+    }
+}
+
+named_strict!(CommandKind {
+    Exec => "exec",
+    Shell => "shell",
+});
+
+// `u8_enum!` defines the type and its derives; a `#[default]` would need the macro to
+// derive `Default` for every wire enum.
+#[allow(clippy::derivable_impls)]
+impl Default for CommandKind {
+    fn default() -> CommandKind {
+        CommandKind::Exec
+    }
+}
+
+named_strict!(OutputStream {
+    Stdout => "stdout",
+    Stderr => "stderr",
+});
+
+impl Serialize for CloseCode {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+
+impl<'de> Deserialize<'de> for CloseCode {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<CloseCode, D::Error> {
+        let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+        CloseCode::ALL
+            .into_iter()
+            .find(|c| c.as_str() == s)
+            .ok_or_else(|| serde::de::Error::custom(format!("unknown close code {s:?}")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_round_trip_and_map_to_exit_codes() {
+        for f in CommandFailure::ALL {
+            let json = serde_json::to_string(&f).unwrap();
+            assert_eq!(json, format!("\"{}\"", f.name()));
+            assert_eq!(serde_json::from_str::<CommandFailure>(&json).unwrap(), f);
+        }
+        assert_eq!(CommandFailure::Offline.exit_code(), 69);
+        assert_eq!(CommandFailure::BrokerLost.exit_code(), 75);
+        assert_eq!(CommandFailure::TimedOut.exit_code(), 124);
+        assert_eq!(CommandFailure::SpawnFailed.exit_code(), 125);
+        assert_eq!(
+            serde_json::from_str::<CommandFailure>("\"from_the_future\"").unwrap(),
+            CommandFailure::Unknown
+        );
+        for c in CloseCode::ALL {
+            let json = serde_json::to_string(&c).unwrap();
+            assert_eq!(serde_json::from_str::<CloseCode>(&json).unwrap(), c);
+        }
+        assert_eq!(
+            serde_json::to_string(&CommandKind::Shell).unwrap(),
+            "\"shell\""
+        );
+        assert_eq!(
+            serde_json::to_string(&OutputStream::Stderr).unwrap(),
+            "\"stderr\""
+        );
+    }
+}
