@@ -322,27 +322,9 @@ pub async fn run(opts: UpOptions, shutdown: CancellationToken) -> anyhow::Result
         root: opts.data_dir.clone(),
     };
     prepare(&opts, &layout).await?;
-
-    // Control.
-    let control = tether_control::run::Started::bind(&layout.control(), None, None)
-        .await
-        .context("starting control")?;
-    let control_addr = control.api_addr()?;
-    // With free ports, keep the one control got: brokers and the operator credential
-    // remember control's URL for the next run.
-    let mut cfg = tether_control::config::ControlConfig::load(&layout.control())?;
-    if cfg.listen.port() == 0 {
-        cfg.listen = control_addr;
-        cfg.save(&layout.control())?;
-    }
-    let metrics_addr = control.metrics_addr()?;
-    let store = control.state.store.clone();
-    let control_url = format!("https://{control_addr}");
-    let root_pem = control.state.ca.root_pem();
-    let control_stop = CancellationToken::new();
-    let control_task = tokio::spawn(control.serve(control_stop.clone()));
-
-    operator(&layout, store.as_ref(), &control_url, &root_pem).await?;
+    let control = LocalControl::start(&layout).await?;
+    let (store, control_url, root_pem) = (&control.store, &control.url, &control.root_pem);
+    operator(&layout, store.as_ref(), control_url, root_pem).await?;
 
     // Brokers.
     let mut brokers = Vec::new();
@@ -351,8 +333,8 @@ pub async fn run(opts: UpOptions, shutdown: CancellationToken) -> anyhow::Result
         let running = broker(
             &layout,
             store.as_ref(),
-            &control_url,
-            &root_pem,
+            control_url,
+            root_pem,
             name,
             opts.addr(offset)?,
             opts.addr(offset + 1)?,
@@ -362,104 +344,27 @@ pub async fn run(opts: UpOptions, shutdown: CancellationToken) -> anyhow::Result
         let admin = running.admin.local_addr()?;
         let stop = CancellationToken::new();
         let task = tokio::spawn(running.serve(stop.clone()));
-        brokers.push((name.to_string(), quic, admin, stop, task));
+        brokers.push(LocalBroker {
+            name: name.to_string(),
+            quic,
+            admin,
+            stop,
+            task,
+        });
     }
 
-    enroll_fleet(&opts, &layout, store.clone(), &control_url, &root_pem).await?;
-
-    // The fleet: every appliance through the real supervisor, half preferring each broker.
-    let endpoint = tether_agent::client_endpoint("127.0.0.1:0".parse()?)?;
+    enroll_fleet(&opts, &layout, store.clone(), control_url, root_pem).await?;
     let fleet_stop = CancellationToken::new();
-    let (tx, mut rx) = mpsc::unbounded_channel::<(String, bool)>();
-    let mut agents = Vec::with_capacity(opts.appliances);
-    for i in 1..=opts.appliances {
-        let id = appliance_id(i);
-        let mut order: Vec<tether_agent::BrokerAddr> = brokers.iter().map(|b| b.1.into()).collect();
-        order.rotate_left(i % brokers.len());
-        let supervisor = tether_agent::supervisor::Supervisor {
-            state_dir: layout.appliance(&id),
-            brokers: order,
-            agent: tether_agent::AgentConfig::default(),
-            renew_before: Duration::from_secs(86_400),
-            renew_check_every: Duration::from_secs(3600),
-        };
-        let (tx, endpoint, stop) = (tx.clone(), endpoint.clone(), fleet_stop.clone());
-        agents.push(tokio::spawn(async move {
-            let result = supervisor
-                .run(endpoint, stop, |mut events| {
-                    let (tx, id) = (tx.clone(), id.clone());
-                    tokio::spawn(async move {
-                        while let Ok(ev) = events.recv().await {
-                            let up = match ev {
-                                tether_agent::AgentEvent::Connected { .. } => true,
-                                tether_agent::AgentEvent::Disconnected { .. } => false,
-                                tether_agent::AgentEvent::Stopped => break,
-                                _ => continue,
-                            };
-                            if tx.send((id.clone(), up)).is_err() {
-                                break;
-                            }
-                        }
-                    });
-                })
-                .await;
-            if let Err(e) = result {
-                eprintln!("{id}: stopped: {e:#}");
-            }
-        }));
-    }
-    drop(tx);
-
-    let bar = progress(opts.appliances as u64, "connecting appliances");
+    let (agents, mut rx) = start_fleet(&opts, &layout, &brokers, &fleet_stop)?;
     let started = Instant::now();
-    let mut connected = HashSet::new();
-    let give_up = tokio::time::sleep(Duration::from_secs(60));
-    tokio::pin!(give_up);
-    while connected.len() < opts.appliances {
-        tokio::select! {
-            _ = shutdown.cancelled() => break,
-            ev = rx.recv() => match ev {
-                Some((id, true)) => { connected.insert(id); }
-                Some((id, false)) => { connected.remove(&id); }
-                None => break,
-            },
-            _ = &mut give_up => {
-                bar.abandon();
-                bail!("only {} of {} appliances connected within 60 s", connected.len(), opts.appliances);
-            }
-        }
-        bar.set_position(connected.len() as u64);
-    }
-    bar.finish_and_clear();
+    let connected = wait_connected(opts.appliances, &mut rx, &shutdown).await?;
     if !shutdown.is_cancelled() {
-        let first = appliance_id(1);
-        let second = appliance_id(2.min(opts.appliances));
-        let data = layout.root.display();
-        let ops = layout.operator();
         println!(
             "ready: {} appliances connected (in {:.1?})\n",
             connected.len(),
             started.elapsed()
         );
-        println!(
-            "  control (HTTPS, mTLS):  {control_url}    metrics: http://{metrics_addr}/metrics"
-        );
-        for (name, quic, admin, _, _) in &brokers {
-            println!("  broker {name} (QUIC):   {quic}      metrics: http://{admin}/metrics");
-        }
-        println!("  data directory:         {data}\n");
-        println!("Try, in another terminal (the local admin is logged in there):");
-        println!("  export TETHER_CONFIG_DIR={}", ops.display());
-        println!("  cargo run --release --bin tether -- broker list");
-        println!("  cargo run --release --bin tether -- appliance list");
-        println!("  cargo run --release --bin tether -- exec {first} -- uname -a");
-        println!(
-            "  cargo run --release --bin tether -- exec --selector tenant={TENANT} -- hostname"
-        );
-        println!("  cargo run --release --bin tether -- appliance show {second}");
-        println!("  cargo run --release --bin tether -- appliance renew {second}     # renews on its next heartbeat");
-        println!("  cargo run --release --bin tether -- appliance revoke {first}     # its session closes at once");
-        println!("\nCtrl-C stops everything.");
+        print_where(&opts, &layout, &control, &brokers);
     }
 
     // Report sessions that come and go (revocations, renewals) while running.
@@ -484,8 +389,196 @@ pub async fn run(opts: UpOptions, shutdown: CancellationToken) -> anyhow::Result
     for a in agents {
         let _ = tokio::time::timeout(Duration::from_secs(5), a).await;
     }
+    let clean = stop_brokers(brokers).await;
+    control.stop().await?;
+    if !clean {
+        bail!("not every broker stopped cleanly");
+    }
+    println!("stopped cleanly");
+    Ok(())
+}
+
+/// Control, serving in a task of this process.
+struct LocalControl {
+    /// Its API's URL.
+    url: String,
+    metrics_addr: SocketAddr,
+    store: Arc<dyn Store>,
+    root_pem: String,
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl LocalControl {
+    /// Start control on its data directory (prepared by [`prepare`]).
+    async fn start(layout: &Layout) -> anyhow::Result<LocalControl> {
+        let control = tether_control::run::Started::bind(&layout.control(), None, None)
+            .await
+            .context("starting control")?;
+        let control_addr = control.api_addr()?;
+        // With free ports, keep the one control got: brokers and the operator credential
+        // remember control's URL for the next run.
+        let mut cfg = tether_control::config::ControlConfig::load(&layout.control())?;
+        if cfg.listen.port() == 0 {
+            cfg.listen = control_addr;
+            cfg.save(&layout.control())?;
+        }
+        let metrics_addr = control.metrics_addr()?;
+        let store = control.state.store.clone();
+        let url = format!("https://{control_addr}");
+        let root_pem = control.state.ca.root_pem();
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(control.serve(stop.clone()));
+        Ok(LocalControl {
+            url,
+            metrics_addr,
+            store,
+            root_pem,
+            stop,
+            task,
+        })
+    }
+
+    /// Stop control and wait for it (10 s at most).
+    async fn stop(self) -> anyhow::Result<()> {
+        self.stop.cancel();
+        match tokio::time::timeout(Duration::from_secs(10), self.task).await {
+            Ok(Ok(Ok(()))) => Ok(()),
+            Ok(Ok(Err(e))) => Err(e.context("control")),
+            Ok(Err(e)) => Err(e.into()),
+            Err(_) => bail!("control did not stop within 10 s"),
+        }
+    }
+}
+
+/// A broker serving in a task of this process.
+struct LocalBroker {
+    name: String,
+    quic: SocketAddr,
+    admin: SocketAddr,
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+/// Sessions coming up (`true`) and going down (`false`), by appliance id.
+type SessionEvents = mpsc::UnboundedReceiver<(String, bool)>;
+
+/// Run every appliance through the real supervisor until `stop`, half preferring each
+/// broker. Returns their tasks and their sessions' ups and downs.
+fn start_fleet(
+    opts: &UpOptions,
+    layout: &Layout,
+    brokers: &[LocalBroker],
+    stop: &CancellationToken,
+) -> anyhow::Result<(Vec<tokio::task::JoinHandle<()>>, SessionEvents)> {
+    let endpoint = tether_agent::client_endpoint("127.0.0.1:0".parse()?)?;
+    let (tx, rx) = mpsc::unbounded_channel::<(String, bool)>();
+    let mut agents = Vec::with_capacity(opts.appliances);
+    for i in 1..=opts.appliances {
+        let id = appliance_id(i);
+        let mut order: Vec<tether_agent::BrokerAddr> =
+            brokers.iter().map(|b| b.quic.into()).collect();
+        order.rotate_left(i % brokers.len());
+        let supervisor = tether_agent::supervisor::Supervisor {
+            state_dir: layout.appliance(&id),
+            brokers: order,
+            agent: tether_agent::AgentConfig::default(),
+            renew_before: Duration::from_secs(86_400),
+            renew_check_every: Duration::from_secs(3600),
+        };
+        let (tx, endpoint, stop) = (tx.clone(), endpoint.clone(), stop.clone());
+        agents.push(tokio::spawn(async move {
+            let result = supervisor
+                .run(endpoint, stop, |mut events| {
+                    let (tx, id) = (tx.clone(), id.clone());
+                    tokio::spawn(async move {
+                        while let Ok(ev) = events.recv().await {
+                            let up = match ev {
+                                tether_agent::AgentEvent::Connected { .. } => true,
+                                tether_agent::AgentEvent::Disconnected { .. } => false,
+                                tether_agent::AgentEvent::Stopped => break,
+                                _ => continue,
+                            };
+                            if tx.send((id.clone(), up)).is_err() {
+                                break;
+                            }
+                        }
+                    });
+                })
+                .await;
+            if let Err(e) = result {
+                eprintln!("{id}: stopped: {e:#}");
+            }
+        }));
+    }
+    Ok((agents, rx))
+}
+
+/// Wait until all `appliances` have a session (60 s at most) or `shutdown`. Returns the
+/// appliances connected.
+async fn wait_connected(
+    appliances: usize,
+    rx: &mut SessionEvents,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<HashSet<String>> {
+    let bar = progress(appliances as u64, "connecting appliances");
+    let mut connected = HashSet::new();
+    let give_up = tokio::time::sleep(Duration::from_secs(60));
+    tokio::pin!(give_up);
+    while connected.len() < appliances {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            ev = rx.recv() => match ev {
+                Some((id, true)) => { connected.insert(id); }
+                Some((id, false)) => { connected.remove(&id); }
+                None => break,
+            },
+            _ = &mut give_up => {
+                bar.abandon();
+                bail!("only {} of {} appliances connected within 60 s", connected.len(), appliances);
+            }
+        }
+        bar.set_position(connected.len() as u64);
+    }
+    bar.finish_and_clear();
+    Ok(connected)
+}
+
+/// Where everything is, and what to try from another terminal.
+fn print_where(opts: &UpOptions, layout: &Layout, control: &LocalControl, brokers: &[LocalBroker]) {
+    let first = appliance_id(1);
+    let second = appliance_id(2.min(opts.appliances));
+    let data = layout.root.display();
+    let ops = layout.operator();
+    let (control_url, metrics_addr) = (&control.url, control.metrics_addr);
+    println!("  control (HTTPS, mTLS):  {control_url}    metrics: http://{metrics_addr}/metrics");
+    for LocalBroker {
+        name, quic, admin, ..
+    } in brokers
+    {
+        println!("  broker {name} (QUIC):   {quic}      metrics: http://{admin}/metrics");
+    }
+    println!("  data directory:         {data}\n");
+    println!("Try, in another terminal (the local admin is logged in there):");
+    println!("  export TETHER_CONFIG_DIR={}", ops.display());
+    println!("  cargo run --release --bin tether -- broker list");
+    println!("  cargo run --release --bin tether -- appliance list");
+    println!("  cargo run --release --bin tether -- exec {first} -- uname -a");
+    println!("  cargo run --release --bin tether -- exec --selector tenant={TENANT} -- hostname");
+    println!("  cargo run --release --bin tether -- appliance show {second}");
+    println!("  cargo run --release --bin tether -- appliance renew {second}     # renews on its next heartbeat");
+    println!("  cargo run --release --bin tether -- appliance revoke {first}     # its session closes at once");
+    println!("\nCtrl-C stops everything.");
+}
+
+/// Stop the brokers (drained) and wait for each (10 s at most). Returns whether all
+/// stopped cleanly.
+async fn stop_brokers(brokers: Vec<LocalBroker>) -> bool {
     let mut clean = true;
-    for (name, _, _, stop, task) in brokers {
+    for LocalBroker {
+        name, stop, task, ..
+    } in brokers
+    {
         stop.cancel();
         match tokio::time::timeout(Duration::from_secs(10), task).await {
             Ok(Ok(Ok(()))) => {}
@@ -503,16 +596,5 @@ pub async fn run(opts: UpOptions, shutdown: CancellationToken) -> anyhow::Result
             }
         }
     }
-    control_stop.cancel();
-    match tokio::time::timeout(Duration::from_secs(10), control_task).await {
-        Ok(Ok(Ok(()))) => {}
-        Ok(Ok(Err(e))) => return Err(e.context("control")),
-        Ok(Err(e)) => return Err(e.into()),
-        Err(_) => bail!("control did not stop within 10 s"),
-    }
-    if !clean {
-        bail!("not every broker stopped cleanly");
-    }
-    println!("stopped cleanly");
-    Ok(())
+    clean
 }

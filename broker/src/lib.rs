@@ -157,6 +157,9 @@ impl Running {
         })
     }
 
+    /// [`Running::bind`] in control mode: enroll if the data directory has no credential
+    /// yet, check the stored one, enforce the allowlist snapshot from disk until control
+    /// sends its own, and prepare the cluster channel and the renewer.
     async fn bind_control(mut config: Config) -> anyhow::Result<Running> {
         let dir_path = config
             .control
@@ -165,26 +168,7 @@ impl Running {
             .context("control.data_dir is required in control mode")?;
         let dir = DataDir::open(&dir_path)?;
         let now = presence::unix_secs(SystemTime::now());
-        if dir.is_enrolled() {
-            if let Some(bundle) = &config.control.bundle {
-                info!(bundle = %bundle.display(), dir = %dir_path.display(),
-                    "a broker credential is already stored: the bundle is ignored");
-            }
-        } else {
-            let path = config
-                .control
-                .bundle
-                .clone()
-                .ok_or_else(|| DataDirError::NotEnrolled(dir_path.clone()))?;
-            let bytes = std::fs::read(&path)
-                .with_context(|| format!("cannot read bundle {}", path.display()))?;
-            let bundle = datadir::parse_bundle(&bytes, now)
-                .with_context(|| format!("unusable bundle {}", path.display()))?;
-            info!(broker = %bundle.name, control = %bundle.control_url, "enrolling with control");
-            credential::enroll(&bundle, &dir)
-                .await
-                .with_context(|| format!("enrollment with {} failed", bundle.control_url))?;
-        }
+        enroll_if_needed(&config, &dir, now).await?;
         let stored = dir.load()?;
         let identity = stored.identity.clone();
         if !config.trust_domain.is_empty() && config.trust_domain != identity.trust_domain {
@@ -195,21 +179,7 @@ impl Running {
             );
         }
         config.trust_domain = identity.trust_domain.clone();
-        let leaf = stored
-            .chain
-            .first()
-            .context("broker.pem holds no certificate")?;
-        let validity = credential::leaf_validity(leaf)
-            .map_err(|e| anyhow::anyhow!("{}: {e}", dir.path(datadir::CERT_FILE).display()))?;
-        if now >= validity.not_after {
-            anyhow::bail!(
-                "the broker certificate in {} expired at {} (Unix seconds): enroll again with a new \
-                 bundle (remove {} and start with --bundle)",
-                dir.path(datadir::CERT_FILE).display(),
-                validity.not_after,
-                dir.path(datadir::IDENTITY_FILE).display()
-            );
-        }
+        let validity = unexpired_validity(&stored, &dir, now)?;
         let provider = tls::provider();
         let cert = Arc::new(
             CertStore::new(stored.chain, stored.key, &provider)
@@ -220,55 +190,8 @@ impl Running {
         let allowlist = Arc::new(Allowlist::new());
         let snapshot_path = dir.path(datadir::SNAPSHOT_FILE);
         let journal_path = dir.path(datadir::REVOKED_JOURNAL_FILE);
-        let snapshot_saved_at = match snapshot::load(&snapshot_path) {
-            Ok(Some(mut saved)) => {
-                // Removals recorded after this snapshot was written (a crash inside the
-                // coalescing interval) still hold: never admit what was revoked.
-                match snapshot::load_journal(&journal_path) {
-                    Ok(journal) => {
-                        let later = snapshot::removals_after(&journal, saved.version);
-                        if !later.is_empty() {
-                            let before = saved.entries.len();
-                            saved.entries.retain(|e| !later.contains(&e.fingerprint));
-                            warn!(
-                                snapshot_version = saved.version,
-                                removed = before - saved.entries.len(),
-                                "applied revocations journaled after the snapshot"
-                            );
-                        }
-                    }
-                    Err(e) => {
-                        error!(error = %e, file = %journal_path.display(),
-                            "revocation journal unusable: admitting no one until control sends the allowlist");
-                        saved.entries.clear();
-                    }
-                }
-                let entries = saved.entries.len();
-                let applied = allowlist.apply(Change::Replace {
-                    version: Some(saved.version),
-                    entries: saved.entries,
-                })?;
-                metrics.allowlist_version.set(applied.version as i64);
-                metrics.allowlist_entries.set(entries as i64);
-                warn!(
-                    version = saved.version,
-                    entries,
-                    saved_at = saved.saved_at,
-                    age_secs = now.saturating_sub(saved.saved_at),
-                    "enforcing the allowlist snapshot from disk (stale until control confirms it)"
-                );
-                Some(saved.saved_at)
-            }
-            Ok(None) => {
-                info!("no allowlist snapshot on disk: admitting no one until control sends one");
-                None
-            }
-            Err(e) => {
-                error!(error = %e, file = %snapshot_path.display(),
-                    "allowlist snapshot unusable: admitting no one until control sends one");
-                None
-            }
-        };
+        let snapshot_saved_at =
+            enforce_saved_snapshot(&snapshot_path, &journal_path, &allowlist, &metrics, now)?;
         let (presence, presence_rx) = presence::channel(metrics.clone());
         let config = Arc::new(config);
         let broker = Broker::bind_parts(
@@ -362,6 +285,116 @@ impl Running {
         info!("tether-broker stopped");
         Ok(())
     }
+}
+
+/// Enroll with the bundle `control.bundle` unless `dir` holds a credential already (the
+/// bundle is then ignored).
+async fn enroll_if_needed(config: &Config, dir: &DataDir, now: u64) -> anyhow::Result<()> {
+    if dir.is_enrolled() {
+        if let Some(bundle) = &config.control.bundle {
+            info!(bundle = %bundle.display(), dir = %dir.root().display(),
+                "a broker credential is already stored: the bundle is ignored");
+        }
+        return Ok(());
+    }
+    let path = config
+        .control
+        .bundle
+        .clone()
+        .ok_or_else(|| DataDirError::NotEnrolled(dir.root().to_path_buf()))?;
+    let bytes =
+        std::fs::read(&path).with_context(|| format!("cannot read bundle {}", path.display()))?;
+    let bundle = datadir::parse_bundle(&bytes, now)
+        .with_context(|| format!("unusable bundle {}", path.display()))?;
+    info!(broker = %bundle.name, control = %bundle.control_url, "enrolling with control");
+    credential::enroll(&bundle, dir)
+        .await
+        .with_context(|| format!("enrollment with {} failed", bundle.control_url))?;
+    Ok(())
+}
+
+/// The validity of the stored broker certificate, which must not have expired at `now`.
+fn unexpired_validity(
+    stored: &datadir::StoredCredential,
+    dir: &DataDir,
+    now: u64,
+) -> anyhow::Result<Validity> {
+    let leaf = stored
+        .chain
+        .first()
+        .context("broker.pem holds no certificate")?;
+    let validity = credential::leaf_validity(leaf)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", dir.path(datadir::CERT_FILE).display()))?;
+    if now >= validity.not_after {
+        anyhow::bail!(
+            "the broker certificate in {} expired at {} (Unix seconds): enroll again with a new \
+             bundle (remove {} and start with --bundle)",
+            dir.path(datadir::CERT_FILE).display(),
+            validity.not_after,
+            dir.path(datadir::IDENTITY_FILE).display()
+        );
+    }
+    Ok(validity)
+}
+
+/// Enforce the allowlist snapshot saved on disk, if there is a usable one, less the
+/// revocations journaled after it, until control confirms or replaces it. Returns when it
+/// was saved (Unix seconds).
+fn enforce_saved_snapshot(
+    snapshot_path: &std::path::Path,
+    journal_path: &std::path::Path,
+    allowlist: &Allowlist,
+    metrics: &Metrics,
+    now: u64,
+) -> anyhow::Result<Option<u64>> {
+    let mut saved = match snapshot::load(snapshot_path) {
+        Ok(Some(saved)) => saved,
+        Ok(None) => {
+            info!("no allowlist snapshot on disk: admitting no one until control sends one");
+            return Ok(None);
+        }
+        Err(e) => {
+            error!(error = %e, file = %snapshot_path.display(),
+                "allowlist snapshot unusable: admitting no one until control sends one");
+            return Ok(None);
+        }
+    };
+    // Removals recorded after this snapshot was written (a crash inside the coalescing
+    // interval) still hold: never admit what was revoked.
+    match snapshot::load_journal(journal_path) {
+        Ok(journal) => {
+            let later = snapshot::removals_after(&journal, saved.version);
+            if !later.is_empty() {
+                let before = saved.entries.len();
+                saved.entries.retain(|e| !later.contains(&e.fingerprint));
+                warn!(
+                    snapshot_version = saved.version,
+                    removed = before - saved.entries.len(),
+                    "applied revocations journaled after the snapshot"
+                );
+            }
+        }
+        Err(e) => {
+            error!(error = %e, file = %journal_path.display(),
+                "revocation journal unusable: admitting no one until control sends the allowlist");
+            saved.entries.clear();
+        }
+    }
+    let entries = saved.entries.len();
+    let applied = allowlist.apply(Change::Replace {
+        version: Some(saved.version),
+        entries: saved.entries,
+    })?;
+    metrics.allowlist_version.set(applied.version as i64);
+    metrics.allowlist_entries.set(entries as i64);
+    warn!(
+        version = saved.version,
+        entries,
+        saved_at = saved.saved_at,
+        age_secs = now.saturating_sub(saved.saved_at),
+        "enforcing the allowlist snapshot from disk (stale until control confirms it)"
+    );
+    Ok(Some(saved.saved_at))
 }
 
 /// The QUIC address reported to control: `control.advertise`, else the bound address with

@@ -111,9 +111,8 @@ impl Default for Metrics {
 }
 
 impl Metrics {
-    /// Create and register every metric.
+    /// Create and register every metric, by subsystem (the order of the exposition).
     pub fn new() -> Self {
-        let mut registry = Registry::with_prefix("tether");
         let m = Metrics {
             handshake_rejected: Family::default(),
             handshakes_accepted: Counter::default(),
@@ -142,128 +141,155 @@ impl Metrics {
             certificate_renewals: Family::default(),
             registry: Registry::default(),
         };
+        let mut registry = Registry::with_prefix("tether");
+        m.register_handshakes(&mut registry);
+        m.register_sessions(&mut registry);
+        m.register_allowlist(&mut registry);
+        m.register_commands_and_socket(&mut registry);
+        m.register_control_mode(&mut registry);
+        Metrics { registry, ..m }
+    }
+
+    /// Register the handshakes, and the incoming connections before them.
+    fn register_handshakes(&self, registry: &mut Registry) {
         registry.register(
             "handshake_rejected",
             "Client handshakes refused, by reason",
-            m.handshake_rejected.clone(),
+            self.handshake_rejected.clone(),
         );
         registry.register(
             "handshakes_accepted",
             "Handshakes that produced a verified appliance",
-            m.handshakes_accepted.clone(),
+            self.handshakes_accepted.clone(),
         );
         registry.register(
             "handshake_failed",
             "Handshakes that failed for transport reasons, by kind",
-            m.handshake_failed.clone(),
+            self.handshake_failed.clone(),
         );
         registry.register(
             "handshake_seconds",
             "Seconds from incoming packet to verified connection",
-            m.handshake_seconds.clone(),
+            self.handshake_seconds.clone(),
         );
         registry.register(
             "incoming_refused",
             "Incoming connections refused before TLS, by reason",
-            m.incoming_refused.clone(),
+            self.incoming_refused.clone(),
         );
         registry.register(
             "incoming",
             "Incoming connections, by the QUIC endpoint that received them",
-            m.incoming.clone(),
+            self.incoming.clone(),
         );
         registry.register(
             "incoming_pending",
             "Incoming connections waiting for a handshake slot",
-            m.incoming_pending.clone(),
+            self.incoming_pending.clone(),
         );
         registry.register(
             "handshakes_in_flight",
             "Handshakes in progress",
-            m.handshakes_in_flight.clone(),
+            self.handshakes_in_flight.clone(),
         );
-        registry.register("sessions", "Established sessions", m.sessions.clone());
+    }
+
+    /// Register the sessions and the protocol violations.
+    fn register_sessions(&self, registry: &mut Registry) {
+        registry.register("sessions", "Established sessions", self.sessions.clone());
         registry.register(
             "sessions_closed",
             "Sessions closed, by close code",
-            m.sessions_closed.clone(),
+            self.sessions_closed.clone(),
         );
         registry.register(
             "protocol_errors",
             "Protocol violations by peers, by kind",
-            m.protocol_errors.clone(),
+            self.protocol_errors.clone(),
         );
+    }
+
+    /// Register the allowlist in force, its changes and the sessions they close.
+    fn register_allowlist(&self, registry: &mut Registry) {
         registry.register(
             "allowlist_entries",
             "Fingerprints in the allowlist in force",
-            m.allowlist_entries.clone(),
+            self.allowlist_entries.clone(),
         );
         registry.register(
             "allowlist_version",
             "Version of the allowlist in force",
-            m.allowlist_version.clone(),
+            self.allowlist_version.clone(),
         );
         registry.register(
             "allowlist_reloads",
             "Allowlist reloads, by result",
-            m.allowlist_reloads.clone(),
+            self.allowlist_reloads.clone(),
         );
         registry.register(
             "allowlist_apply_seconds",
             "Seconds to apply an allowlist change, including closing revoked sessions",
-            m.allowlist_apply_seconds.clone(),
+            self.allowlist_apply_seconds.clone(),
         );
         registry.register(
             "sessions_revoked",
             "Live sessions closed because their fingerprint left the allowlist",
-            m.sessions_revoked.clone(),
+            self.sessions_revoked.clone(),
         );
+    }
+
+    /// Register the commands and the UDP socket.
+    fn register_commands_and_socket(&self, registry: &mut Registry) {
         registry.register(
             "commands",
             "Commands run through this broker, by result",
-            m.commands.clone(),
+            self.commands.clone(),
         );
         registry.register(
             "udp_recv_buffer_bytes",
             "UDP receive buffer granted by the kernel",
-            m.udp_recv_buffer_bytes.clone(),
+            self.udp_recv_buffer_bytes.clone(),
         );
+    }
+
+    /// Register control mode's: the cluster channel, presence reports and the broker's own
+    /// certificate.
+    fn register_control_mode(&self, registry: &mut Registry) {
         registry.register(
             "broker_control_connected",
             "1 while the cluster channel to control is up",
-            m.control_connected.clone(),
+            self.control_connected.clone(),
         );
         registry.register(
             "broker_allowlist_stale",
             "1 while the allowlist in force is not known to be in sync with control",
-            m.allowlist_stale.clone(),
+            self.allowlist_stale.clone(),
         );
         registry.register(
             "broker_allowlist_synced_timestamp_seconds",
             "Unix time the allowlist was last in sync with control",
-            m.allowlist_synced_timestamp_seconds.clone(),
+            self.allowlist_synced_timestamp_seconds.clone(),
         );
         registry.register(
             "broker_control_channel_errors",
             "Cluster channels to control that ended in error, by reason",
-            m.control_channel_errors.clone(),
+            self.control_channel_errors.clone(),
         );
         registry.register(
             "broker_presence_dropped",
             "Presence reports dropped because their queue was full, by kind",
-            m.presence_dropped.clone(),
+            self.presence_dropped.clone(),
         );
         registry.register(
             "broker_certificate_expiry_timestamp_seconds",
             "notAfter of the broker's own certificate (Unix seconds)",
-            m.certificate_expiry_timestamp_seconds.clone(),
+            self.certificate_expiry_timestamp_seconds.clone(),
         );
         registry.register(
             "broker_certificate_renewals",
             "Renewals of the broker's own certificate, by result",
-            m.certificate_renewals.clone(),
+            self.certificate_renewals.clone(),
         );
-        Metrics { registry, ..m }
     }
 
     /// Count a refused handshake.

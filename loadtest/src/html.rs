@@ -122,8 +122,22 @@ fn short(v: f64) -> String {
 
 /// The page for `report` (the report's JSON).
 pub fn render(report: &Value) -> String {
-    let scenario = report["scenario"].as_str().unwrap_or("?");
     let mut out = String::new();
+    header(&mut out, report);
+    figures(&mut out, report);
+    errors(&mut out, report);
+    latency(&mut out, report);
+    over_time(&mut out, report);
+    let _ = write!(
+        out,
+        "<p>Full data: the JSON report next to this page.</p>\n</body></html>\n"
+    );
+    out
+}
+
+/// The page's head and style, its title and the machine the run was on.
+fn header(out: &mut String, report: &Value) {
+    let scenario = report["scenario"].as_str().unwrap_or("?");
     let _ = write!(
         out,
         r#"<!doctype html>
@@ -151,8 +165,10 @@ figure {{ margin: 1.5rem 0; }} figcaption {{ font-weight: 600; margin-bottom: .2
         load = fmt(&report["machine"]["load_average_1m"]),
         load_end = fmt(&report["machine"]["load_average_1m_end"]),
     );
+}
 
-    // Headline figures, with the baseline's and the ratio where there is one.
+/// The headline figures, with the baseline's and the ratio where there is one.
+fn figures(out: &mut String, report: &Value) {
     let fields = [
         ("handshakes_per_sec", "handshakes / s", true),
         ("connect_p50_ms", "connect p50, ms", false),
@@ -199,7 +215,10 @@ figure {{ margin: 1.5rem 0; }} figcaption {{ font-weight: 600; margin-bottom: .2
         out.push_str("</tr>\n");
     }
     out.push_str("</table>\n");
+}
 
+/// The errors by kind, or that there were none.
+fn errors(out: &mut String, report: &Value) {
     if let Some(errors) = report["errors"].as_object().filter(|e| !e.is_empty()) {
         out.push_str("<h2>Errors</h2><table><tr><th>kind</th><th>count</th></tr>\n");
         for (k, v) in errors {
@@ -214,8 +233,10 @@ figure {{ margin: 1.5rem 0; }} figcaption {{ font-weight: 600; margin-bottom: .2
     } else {
         out.push_str("<p>No errors.</p>\n");
     }
+}
 
-    // Latency distributions: the percentiles the run measured.
+/// Latency distributions: the percentiles the run measured, as bars.
+fn latency(out: &mut String, report: &Value) {
     out.push_str("<h2>Latency</h2>\n");
     // The report's detail is flattened into the top level.
     let d = report;
@@ -270,9 +291,12 @@ figure {{ margin: 1.5rem 0; }} figcaption {{ font-weight: 600; margin-bottom: .2
     for c in charts.into_iter().flatten() {
         out.push_str(&c);
     }
+}
 
-    // Over time, from the per-second samples.
-    let samples = d["samples"].as_array().cloned().unwrap_or_default();
+/// Connections, memory and CPU over time, from the per-second samples.
+fn over_time(out: &mut String, report: &Value) {
+    // The report's detail (with the samples) is flattened into the top level.
+    let samples = report["samples"].as_array().cloned().unwrap_or_default();
     let series = |f: &dyn Fn(&Value) -> Option<f64>| -> Vec<(f64, f64)> {
         samples
             .iter()
@@ -311,11 +335,6 @@ figure {{ margin: 1.5rem 0; }} figcaption {{ font-weight: 600; margin-bottom: .2
     if !any {
         out.push_str("<p>Too few samples to draw.</p>\n");
     }
-    let _ = write!(
-        out,
-        "<p>Full data: the JSON report next to this page.</p>\n</body></html>\n"
-    );
-    out
 }
 
 #[cfg(test)]

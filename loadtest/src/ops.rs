@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use hdrhistogram::Histogram;
+use indicatif::ProgressBar;
 use serde::Serialize;
 use tether_agent::{Agent, AgentConfig, AgentEvent, Credentials};
 use tokio::sync::Semaphore;
@@ -452,41 +453,13 @@ pub async fn revoke(
     sample: &mut Sampler<'_>,
     progress: &Progress,
 ) -> anyhow::Result<OpsOutcome> {
-    let mut out = OpsOutcome::default();
-    let mut close = hist();
-    let mut chosen: Vec<usize> = (0..tally.up.len()).filter(|&i| tally.up[i]).collect();
-    fastrand::shuffle(&mut chosen);
-    chosen.truncate(k);
-    if chosen.len() < k {
-        out.errors.insert(
-            "revoke_not_enough_connected".into(),
-            (k - chosen.len()) as u64,
-        );
-    }
-    let mut detail = RevokeDetail {
-        chosen: chosen.len(),
-        ..Default::default()
-    };
-    let targets: HashSet<usize> = chosen.iter().copied().collect();
-    let mut queue: VecDeque<usize> = chosen.iter().copied().collect();
-    // Sent, session not seen closed yet.
-    let mut pending: HashMap<usize, Instant> = HashMap::new();
-    let mut accepted: Vec<usize> = Vec::new();
-    let mut inflight: JoinSet<(usize, Result<(), String>)> = JoinSet::new();
-    let bar = progress.bar(chosen.len() as u64, "revoking appliances");
+    let mut r = Revoking::choose(tally, k);
+    let bar = progress.bar(r.detail.chosen as u64, "revoking appliances");
     let mut wait_until: Option<tokio::time::Instant> = None;
     loop {
-        while inflight.len() < concurrency {
-            let Some(i) = queue.pop_front() else { break };
-            let id = pool::appliance_id(i + 1);
-            // Marked first: if the run dies now, the next one still enrolls it again.
-            ctx.pool.mark_revoked(&id)?;
-            let api = ctx.api.clone();
-            pending.insert(i, Instant::now());
-            inflight.spawn(async move { (i, api.revoke(&id).await) });
-        }
-        if queue.is_empty() && inflight.is_empty() {
-            if pending.is_empty() {
+        r.send(ctx, concurrency)?;
+        if r.queue.is_empty() && r.inflight.is_empty() {
+            if r.pending.is_empty() {
                 break;
             }
             wait_until.get_or_insert_with(|| tokio::time::Instant::now() + CLOSE_WAIT);
@@ -499,72 +472,208 @@ pub async fn revoke(
         };
         tokio::select! {
             ev = fleet.events.recv() => match ev {
-                Some(FleetEvent::Disconnected { index, kind, at, .. }) if targets.contains(&index) => {
-                    tally.expected_close(index);
-                    if let Some(sent) = pending.remove(&index) {
-                        if kind == REVOKED_KIND {
-                            let _ = close.record(us(at.saturating_duration_since(sent)));
-                            detail.closed += 1;
-                            bar.inc(1);
-                        } else {
-                            *out.errors.entry(format!("revoke_closed_{kind}")).or_default() += 1;
-                        }
-                    }
-                }
-                Some(ev @ FleetEvent::Connected { index, .. }) if targets.contains(&index) => {
-                    if !pending.contains_key(&index) {
-                        // A revoked appliance's own agent got a session again.
-                        detail.reconnects_accepted += 1;
-                    }
-                    tally.record(ev);
-                }
-                Some(ev) => tally.record(ev),
+                Some(ev) => r.on_event(ev, tally, &bar),
                 None => break,
             },
-            r = inflight.join_next(), if !inflight.is_empty() => match r {
-                Some(Ok((i, Ok(())))) => {
-                    detail.revoked += 1;
-                    accepted.push(i);
-                }
-                Some(Ok((i, Err(kind)))) => {
-                    pending.remove(&i);
-                    *out.errors.entry(kind).or_default() += 1;
-                }
-                Some(Err(_)) => *out.errors.entry("revoke_task_failed".into()).or_default() += 1,
-                None => {}
-            },
+            answer = r.inflight.join_next(), if !r.inflight.is_empty() => r.on_answer(answer),
             _ = tick.tick() => {
                 sample(tally)?;
-                bar.set_prefix(format!("{} closed", detail.closed));
+                bar.set_prefix(format!("{} closed", r.detail.closed));
             }
             _ = deadline => {
-                out.errors.insert("revoke_not_closed".into(), pending.len() as u64);
+                r.out.errors.insert("revoke_not_closed".into(), r.pending.len() as u64);
                 break;
             }
         }
     }
     bar.finish_and_clear();
-    detail.close_p50_ms = q(&close, 0.5);
-    detail.close_p90_ms = q(&close, 0.9);
-    detail.close_p99_ms = q(&close, 0.99);
-    detail.close_max_ms = (!close.is_empty()).then(|| ms(close.max()));
-    println!(
-        "revoke: {} of {} revoked, {} sessions closed, revoke to close p50 {} ms, p99 {} ms",
-        detail.revoked,
-        detail.chosen,
-        detail.closed,
-        show(detail.close_p50_ms),
-        show(detail.close_p99_ms)
-    );
+    r.report_closes();
+    let Revoking {
+        targets,
+        accepted,
+        mut detail,
+        mut out,
+        ..
+    } = r;
 
     // The revoked certificates must not get a session again.
+    reconnect_revoked(ctx, &accepted, progress, &mut detail, &mut out).await;
+    // What the fleet's own agents did meanwhile.
+    while let Ok(ev) = fleet.events.try_recv() {
+        match ev {
+            FleetEvent::Connected { index, .. } if targets.contains(&index) => {
+                detail.reconnects_accepted += 1;
+                tally.record(ev);
+            }
+            FleetEvent::Disconnected { index, .. } if targets.contains(&index) => {
+                tally.expected_close(index);
+            }
+            ev => tally.record(ev),
+        }
+    }
+    println!(
+        "revoke: {} fresh connections with revoked certificates, {} refused, {} accepted",
+        detail.reconnects_tried, detail.reconnects_refused, detail.reconnects_accepted
+    );
+    out.revoke = Some(detail);
+    Ok(out)
+}
+
+/// A revoked appliance's index and control's answer (or the error kind).
+type Answer = (usize, Result<(), String>);
+
+/// `revoke` while it revokes: who is next, whose session should close, what was measured.
+struct Revoking {
+    /// The appliances chosen for revocation.
+    targets: HashSet<usize>,
+    /// Chosen, not sent yet.
+    queue: VecDeque<usize>,
+    /// Sent, session not seen closed yet.
+    pending: HashMap<usize, Instant>,
+    /// Revocations control accepted.
+    accepted: Vec<usize>,
+    /// Revocations waiting for control's answer.
+    inflight: JoinSet<Answer>,
+    /// Revocation to close, µs.
+    close: Histogram<u64>,
+    detail: RevokeDetail,
+    out: OpsOutcome,
+}
+
+impl Revoking {
+    /// Choose `k` random connected appliances (too few connected is counted as an error).
+    fn choose(tally: &Tally, k: usize) -> Revoking {
+        let mut out = OpsOutcome::default();
+        let mut chosen: Vec<usize> = (0..tally.up.len()).filter(|&i| tally.up[i]).collect();
+        fastrand::shuffle(&mut chosen);
+        chosen.truncate(k);
+        if chosen.len() < k {
+            out.errors.insert(
+                "revoke_not_enough_connected".into(),
+                (k - chosen.len()) as u64,
+            );
+        }
+        Revoking {
+            targets: chosen.iter().copied().collect(),
+            queue: chosen.iter().copied().collect(),
+            pending: HashMap::new(),
+            accepted: Vec::new(),
+            inflight: JoinSet::new(),
+            close: hist(),
+            detail: RevokeDetail {
+                chosen: chosen.len(),
+                ..Default::default()
+            },
+            out,
+        }
+    }
+
+    /// Send the next revocations, up to `concurrency` in flight.
+    fn send(&mut self, ctx: &Ctx<'_>, concurrency: usize) -> anyhow::Result<()> {
+        while self.inflight.len() < concurrency {
+            let Some(i) = self.queue.pop_front() else {
+                break;
+            };
+            let id = pool::appliance_id(i + 1);
+            // Marked first: if the run dies now, the next one still enrolls it again.
+            ctx.pool.mark_revoked(&id)?;
+            let api = ctx.api.clone();
+            self.pending.insert(i, Instant::now());
+            self.inflight
+                .spawn(async move { (i, api.revoke(&id).await) });
+        }
+        Ok(())
+    }
+
+    /// Count a fleet event: a target's session closing (timed from its revocation), a
+    /// target's own agent getting a session again, or anything else.
+    fn on_event(&mut self, ev: FleetEvent, tally: &mut Tally, bar: &ProgressBar) {
+        match ev {
+            FleetEvent::Disconnected {
+                index, kind, at, ..
+            } if self.targets.contains(&index) => {
+                tally.expected_close(index);
+                if let Some(sent) = self.pending.remove(&index) {
+                    if kind == REVOKED_KIND {
+                        let _ = self.close.record(us(at.saturating_duration_since(sent)));
+                        self.detail.closed += 1;
+                        bar.inc(1);
+                    } else {
+                        *self
+                            .out
+                            .errors
+                            .entry(format!("revoke_closed_{kind}"))
+                            .or_default() += 1;
+                    }
+                }
+            }
+            ev @ FleetEvent::Connected { index, .. } if self.targets.contains(&index) => {
+                if !self.pending.contains_key(&index) {
+                    // A revoked appliance's own agent got a session again.
+                    self.detail.reconnects_accepted += 1;
+                }
+                tally.record(ev);
+            }
+            ev => tally.record(ev),
+        }
+    }
+
+    /// Count control's answer to one revocation.
+    fn on_answer(&mut self, answer: Option<Result<Answer, tokio::task::JoinError>>) {
+        match answer {
+            Some(Ok((i, Ok(())))) => {
+                self.detail.revoked += 1;
+                self.accepted.push(i);
+            }
+            Some(Ok((i, Err(kind)))) => {
+                self.pending.remove(&i);
+                *self.out.errors.entry(kind).or_default() += 1;
+            }
+            Some(Err(_)) => {
+                *self
+                    .out
+                    .errors
+                    .entry("revoke_task_failed".into())
+                    .or_default() += 1
+            }
+            None => {}
+        }
+    }
+
+    /// Fill in the revocation-to-close percentiles and print them.
+    fn report_closes(&mut self) {
+        let (detail, close) = (&mut self.detail, &self.close);
+        detail.close_p50_ms = q(close, 0.5);
+        detail.close_p90_ms = q(close, 0.9);
+        detail.close_p99_ms = q(close, 0.99);
+        detail.close_max_ms = (!close.is_empty()).then(|| ms(close.max()));
+        println!(
+            "revoke: {} of {} revoked, {} sessions closed, revoke to close p50 {} ms, p99 {} ms",
+            detail.revoked,
+            detail.chosen,
+            detail.closed,
+            show(detail.close_p50_ms),
+            show(detail.close_p99_ms)
+        );
+    }
+}
+
+/// One fresh connection with each `revoked` appliance's certificate,
+/// [`RECONNECT_CONCURRENCY`] at a time, counted as refused or accepted in `detail`.
+async fn reconnect_revoked(
+    ctx: &Ctx<'_>,
+    revoked: &[usize],
+    progress: &Progress,
+    detail: &mut RevokeDetail,
+    out: &mut OpsOutcome,
+) {
     let bar = progress.bar(
-        accepted.len() as u64,
+        revoked.len() as u64,
         "reconnecting with revoked certificates",
     );
     let limit = Arc::new(Semaphore::new(RECONNECT_CONCURRENCY));
     let mut tries = JoinSet::new();
-    for &i in &accepted {
+    for &i in revoked {
         let creds = ctx.creds[i].clone();
         let endpoint = ctx.endpoints.endpoints[i % ctx.endpoints.endpoints.len()].clone();
         let brokers = ctx.brokers.to_vec();
@@ -589,25 +698,6 @@ pub async fn revoke(
         out.errors
             .insert("revoked_reconnect_no_answer".into(), no_answer);
     }
-    // What the fleet's own agents did meanwhile.
-    while let Ok(ev) = fleet.events.try_recv() {
-        match ev {
-            FleetEvent::Connected { index, .. } if targets.contains(&index) => {
-                detail.reconnects_accepted += 1;
-                tally.record(ev);
-            }
-            FleetEvent::Disconnected { index, .. } if targets.contains(&index) => {
-                tally.expected_close(index);
-            }
-            ev => tally.record(ev),
-        }
-    }
-    println!(
-        "revoke: {} fresh connections with revoked certificates, {} refused, {} accepted",
-        detail.reconnects_tried, detail.reconnects_refused, detail.reconnects_accepted
-    );
-    out.revoke = Some(detail);
-    Ok(out)
 }
 
 /// One agent with `creds`, until its first session (`Some(true)`), its first refusal or

@@ -10,7 +10,7 @@ use hdrhistogram::Histogram;
 use tether_agent::{AgentConfig, Credentials};
 
 use crate::cli::{RunArgs, Scenario};
-use crate::fleet::{Fleet, FleetEvent, FleetOptions};
+use crate::fleet::{Endpoints, Fleet, FleetEvent, FleetOptions};
 use crate::measure::{self, Machine, ProcSample, UdpCounters};
 use crate::pool::{self, Pool};
 use crate::progress::Progress;
@@ -37,6 +37,9 @@ fn drain_timeout(args: &RunArgs) -> Duration {
 /// A started broker.
 struct Broker {
     guard: ChildGuard,
+    /// Its QUIC address.
+    quic: SocketAddr,
+    /// Its admin API's address.
     admin: SocketAddr,
 }
 
@@ -112,6 +115,9 @@ pub async fn run(args: &RunArgs, limits: Limits) -> anyhow::Result<Report> {
     outcome
 }
 
+/// Start control and the brokers here, enroll what the pool lacks, wait until every broker
+/// enforces the fleet's allowlist, [`drive`] the scenario, then stop the brokers and
+/// control.
 #[allow(clippy::too_many_arguments)]
 async fn run_spawned(
     args: &RunArgs,
@@ -125,28 +131,7 @@ async fn run_spawned(
     limits: Limits,
 ) -> anyhow::Result<Report> {
     let n = creds.len();
-    // Control.
-    let control_args: Vec<String> = vec![
-        "serve".into(),
-        "--data-dir".into(),
-        pool.control_dir().display().to_string(),
-        "--listen".into(),
-        "127.0.0.1:0".into(),
-        "--metrics-listen".into(),
-        "127.0.0.1:0".into(),
-        "--log-format".into(),
-        "json".into(),
-    ];
-    let (control, line) = ChildGuard::spawn(
-        "control",
-        &bins.join(spawn::CONTROL_BIN),
-        &control_args,
-        run_dir.join("control.log"),
-        "control API listening",
-    )
-    .await?;
-    let control_url = format!("https://{}", spawn::addr_field(&line, "listen")?);
-    println!("control: {control_url} (pid {})", control.pid());
+    let (control, control_url) = start_control(pool, bins, run_dir).await?;
 
     // Enrollment of what the pool lacks.
     let enroll_started = Instant::now();
@@ -171,46 +156,9 @@ async fn run_spawned(
     // Brokers.
     let nb = args.effective_brokers();
     let mut brokers = Vec::with_capacity(nb);
-    let mut quic = Vec::with_capacity(nb);
     for b in 1..=nb {
         let name = pool::broker_name(b);
-        let bundle = prepared.broker_start(pool, &name, &control_url, run_dir)?;
-        let mut broker_args: Vec<String> = vec![
-            "--data-dir".into(),
-            pool.broker_dir(&name).display().to_string(),
-            "--listen".into(),
-            "127.0.0.1:0".into(),
-            "--admin-listen".into(),
-            "127.0.0.1:0".into(),
-            "--log-format".into(),
-            "json".into(),
-            "--heartbeat-interval".into(),
-            humantime::format_duration(args.heartbeat_interval).to_string(),
-            "--reconnect-jitter".into(),
-            humantime::format_duration(args.drain_jitter).to_string(),
-            "--drain-timeout".into(),
-            humantime::format_duration(drain_timeout(args)).to_string(),
-        ];
-        if let Some(bundle) = bundle {
-            broker_args.push("--bundle".into());
-            broker_args.push(bundle.display().to_string());
-        }
-        let (guard, line) = ChildGuard::spawn(
-            &name,
-            &bins.join(spawn::BROKER_BIN),
-            &broker_args,
-            run_dir.join(format!("{name}.log")),
-            "tether-broker listening",
-        )
-        .await?;
-        let addr = spawn::addr_field(&line, "quic")?;
-        let admin = spawn::addr_field(&line, "admin")?;
-        println!(
-            "broker {name}: quic {addr}, admin http://{admin} (pid {})",
-            guard.pid()
-        );
-        quic.push(addr);
-        brokers.push(Broker { guard, admin });
+        brokers.push(start_broker(args, pool, prepared, &name, &control_url, bins, run_dir).await?);
     }
     let mut udp_report = UdpReport {
         client_endpoints: args.client_endpoints,
@@ -239,10 +187,9 @@ async fn run_spawned(
         creds,
         brokers
             .iter()
-            .zip(&quic)
-            .map(|(b, q)| crate::motion::BrokerRef {
+            .map(|b| crate::motion::BrokerRef {
                 name: b.guard.name().to_owned(),
-                quic: *q,
+                quic: b.quic,
                 admin: Some(b.admin),
                 pid: Some(b.guard.pid()),
                 sessions_before: 0,
@@ -259,8 +206,94 @@ async fn run_spawned(
         prepared.tokens.len(),
     )
     .await;
+    stop_all(brokers, control, run_dir).await;
+    outcome
+}
 
-    // Stop the brokers, then control (SIGTERM; SIGKILL after the grace period).
+/// Start control on the pool's data directory, on free loopback ports. Returns it and its
+/// API's URL.
+async fn start_control(
+    pool: &Pool,
+    bins: &std::path::Path,
+    run_dir: &std::path::Path,
+) -> anyhow::Result<(ChildGuard, String)> {
+    let control_args: Vec<String> = vec![
+        "serve".into(),
+        "--data-dir".into(),
+        pool.control_dir().display().to_string(),
+        "--listen".into(),
+        "127.0.0.1:0".into(),
+        "--metrics-listen".into(),
+        "127.0.0.1:0".into(),
+        "--log-format".into(),
+        "json".into(),
+    ];
+    let (control, line) = ChildGuard::spawn(
+        "control",
+        &bins.join(spawn::CONTROL_BIN),
+        &control_args,
+        run_dir.join("control.log"),
+        "control API listening",
+    )
+    .await?;
+    let control_url = format!("https://{}", spawn::addr_field(&line, "listen")?);
+    println!("control: {control_url} (pid {})", control.pid());
+    Ok((control, control_url))
+}
+
+/// Start broker `name` on free loopback ports, with a one-time bundle if the pool has no
+/// credential for it yet, and the run's heartbeat and drain settings.
+#[allow(clippy::too_many_arguments)]
+async fn start_broker(
+    args: &RunArgs,
+    pool: &Pool,
+    prepared: &pool::Prepared,
+    name: &str,
+    control_url: &str,
+    bins: &std::path::Path,
+    run_dir: &std::path::Path,
+) -> anyhow::Result<Broker> {
+    let bundle = prepared.broker_start(pool, name, control_url, run_dir)?;
+    let mut broker_args: Vec<String> = vec![
+        "--data-dir".into(),
+        pool.broker_dir(name).display().to_string(),
+        "--listen".into(),
+        "127.0.0.1:0".into(),
+        "--admin-listen".into(),
+        "127.0.0.1:0".into(),
+        "--log-format".into(),
+        "json".into(),
+        "--heartbeat-interval".into(),
+        humantime::format_duration(args.heartbeat_interval).to_string(),
+        "--reconnect-jitter".into(),
+        humantime::format_duration(args.drain_jitter).to_string(),
+        "--drain-timeout".into(),
+        humantime::format_duration(drain_timeout(args)).to_string(),
+    ];
+    if let Some(bundle) = bundle {
+        broker_args.push("--bundle".into());
+        broker_args.push(bundle.display().to_string());
+    }
+    let (guard, line) = ChildGuard::spawn(
+        name,
+        &bins.join(spawn::BROKER_BIN),
+        &broker_args,
+        run_dir.join(format!("{name}.log")),
+        "tether-broker listening",
+    )
+    .await?;
+    let quic = spawn::addr_field(&line, "quic")?;
+    let admin = spawn::addr_field(&line, "admin")?;
+    println!(
+        "broker {name}: quic {quic}, admin http://{admin} (pid {})",
+        guard.pid()
+    );
+    Ok(Broker { guard, quic, admin })
+}
+
+/// Stop the brokers, then control (SIGTERM; SIGKILL after the grace period), saying which
+/// had to be killed.
+async fn stop_all(brokers: Vec<Broker>, control: ChildGuard, run_dir: &std::path::Path) {
     let mut clean = true;
     for b in brokers {
         let name = b.guard.name().to_owned();
@@ -282,7 +315,6 @@ async fn run_spawned(
     if !clean {
         eprintln!("(see the logs in {})", run_dir.display());
     }
-    outcome
 }
 
 /// Wait until the broker follows control with the whole fleet in its allowlist. Returns
@@ -536,7 +568,6 @@ async fn measure_phase(
     movers: &[crate::motion::BrokerRef],
     start_fleet: impl FnOnce() -> anyhow::Result<Fleet>,
 ) -> anyhow::Result<Phase> {
-    let me = std::process::id();
     let before = measure::sample_all(pids)?;
     println!(
         "{label}: {} with {n} appliances{}",
@@ -545,178 +576,43 @@ async fn measure_phase(
             .map(|c| format!(" (at most {c} connecting at once)"))
             .unwrap_or_default()
     );
-    let start = Instant::now();
-    let mut fleet = start_fleet()?;
-    let mut tally = Tally::new(n);
-    let mut samples = Vec::new();
-    let mut tick = tokio::time::interval(SAMPLE_EVERY);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let bar = progress.bar(n as u64, "connecting appliances");
+    let mut m = Measuring::start(n, pids, before, start_fleet)?;
+    let (connect_secs, after_connect) = m.connect(args, label, progress).await?;
 
-    // Connect phase.
-    let give_up = tokio::time::sleep(args.connect_timeout);
-    tokio::pin!(give_up);
-    let mut timed_out = false;
-    while tally.first_done + tally.failed < n {
-        tokio::select! {
-            ev = fleet.events.recv() => match ev {
-                Some(ev) => tally.record(ev),
-                None => break,
-            },
-            _ = tick.tick() => {
-                samples.push(take_sample(start, &tally, pids, me, before)?);
-                bar.set_prefix(format!("{} errors", tally.errors.values().sum::<u64>()));
-            }
-            _ = &mut give_up => { timed_out = true; break; }
-        }
-        bar.set_position(tally.first_done as u64);
-    }
-    bar.finish_and_clear();
-    let connect_end = tally.last_first.unwrap_or_else(Instant::now);
-    let connect_secs = connect_end.duration_since(start).as_secs_f64();
-    let after_connect = measure::sample_all(pids)?;
-    if timed_out {
-        let missing = n - tally.first_done - tally.failed;
-        eprintln!(
-            "{label}: {missing} appliances had no session after {:?}",
-            args.connect_timeout
-        );
-        tally.errors.insert("not_connected".into(), missing as u64);
-    }
-    println!(
-        "{label}: {} of {n} connected in {connect_secs:.2} s",
-        tally.first_done
-    );
-
-    // Hold phase (steady).
+    // Then what the scenario does with the connected fleet.
     let mut hold_secs = None;
     let mut end = after_connect;
-    if args.scenario == Scenario::Steady {
-        let hold_start = Instant::now();
-        let bar = progress.bar(args.duration.as_secs(), "holding the fleet");
-        let hold = tokio::time::sleep(args.duration);
-        tokio::pin!(hold);
-        loop {
-            tokio::select! {
-                ev = fleet.events.recv() => match ev {
-                    Some(ev) => tally.record(ev),
-                    None => break,
-                },
-                _ = tick.tick() => {
-                    samples.push(take_sample(start, &tally, pids, me, before)?);
-                    bar.set_position(hold_start.elapsed().as_secs());
-                    bar.set_prefix(format!("{} connected", tally.current));
-                }
-                _ = &mut hold => break,
-            }
-        }
-        bar.finish_and_clear();
-        hold_secs = Some(hold_start.elapsed().as_secs_f64());
-        end = measure::sample_all(pids)?;
-    }
     let mut ops = crate::ops::OpsOutcome::default();
-    if let (Some(ctx), Scenario::Commands | Scenario::Revoke) = (ops_ctx, args.scenario) {
-        let act_start = Instant::now();
-        let mut sample = |t: &Tally| -> anyhow::Result<()> {
-            samples.push(take_sample(start, t, pids, me, before)?);
-            Ok(())
-        };
-        ops = if args.scenario == Scenario::Commands {
-            crate::ops::commands(
-                ctx,
-                args.rate,
-                args.duration,
-                args.max_in_flight,
-                &mut fleet,
-                &mut tally,
-                &mut tick,
-                &mut sample,
-                progress,
-            )
-            .await?
-        } else {
-            crate::ops::revoke(
-                ctx,
-                args.revoke,
-                args.revoke_concurrency,
-                &mut fleet,
-                &mut tally,
-                &mut tick,
-                &mut sample,
-                progress,
-            )
-            .await?
-        };
-        if args.scenario == Scenario::Commands {
-            hold_secs = Some(act_start.elapsed().as_secs_f64());
-        }
-        end = measure::sample_all(pids)?;
-    }
     let mut per_conn_comparable = true;
-    if !movers.is_empty() && args.scenario == Scenario::Churn {
-        let act_start = Instant::now();
-        let mut sample = |t: &Tally| -> anyhow::Result<()> {
-            samples.push(take_sample(start, t, pids, me, before)?);
-            Ok(())
-        };
-        let (detail, errors) = crate::motion::churn(
-            args.rate,
-            args.duration,
-            args.rejoin_delay,
-            movers,
-            ops_ctx.map(|c| c.api),
-            &mut fleet,
-            &mut tally,
-            &mut tick,
-            &mut sample,
-            progress,
-        )
-        .await?;
-        hold_secs = Some(act_start.elapsed().as_secs_f64());
-        ops.churn = Some(detail);
-        ops.errors.extend(errors);
-        end = measure::sample_all(pids)?;
+    match (args.scenario, ops_ctx) {
+        (Scenario::Steady, _) => {
+            hold_secs = Some(m.hold(args.duration, progress).await?);
+            end = measure::sample_all(pids)?;
+        }
+        (Scenario::Commands | Scenario::Revoke, Some(ctx)) => {
+            let act_start = Instant::now();
+            ops = m.operate(args, ctx, progress).await?;
+            if args.scenario == Scenario::Commands {
+                hold_secs = Some(act_start.elapsed().as_secs_f64());
+            }
+            end = measure::sample_all(pids)?;
+        }
+        (Scenario::Churn, _) if !movers.is_empty() => {
+            let act_start = Instant::now();
+            ops = m.churn(args, movers, ops_ctx, progress).await?;
+            hold_secs = Some(act_start.elapsed().as_secs_f64());
+            end = measure::sample_all(pids)?;
+        }
+        (Scenario::Drain, _) if !movers.is_empty() => {
+            // The drained broker exits: from here on only the others are sampled.
+            let rest: Vec<u32> = movers[1..].iter().filter_map(|b| b.pid).collect();
+            ops = m.drain(args, movers, &rest, progress).await?;
+            end = measure::sample_all(&rest)?;
+            per_conn_comparable = false;
+        }
+        _ => {}
     }
-    if !movers.is_empty() && args.scenario == Scenario::Drain {
-        // The drained broker exits: from here on only the others are sampled.
-        let rest: Vec<u32> = movers[1..].iter().filter_map(|b| b.pid).collect();
-        let mut sample = |t: &Tally| -> anyhow::Result<()> {
-            samples.push(take_sample(start, t, &rest, me, before)?);
-            Ok(())
-        };
-        let (detail, errors) = crate::motion::drain(
-            args.drain_jitter,
-            drain_timeout(args),
-            movers,
-            &mut fleet,
-            &mut tally,
-            &mut tick,
-            &mut sample,
-            progress,
-        )
-        .await?;
-        ops.drain = Some(detail);
-        ops.errors.extend(errors);
-        end = measure::sample_all(&rest)?;
-        per_conn_comparable = false;
-    }
-    // Drain what is queued, so errors up to now count.
-    while let Ok(ev) = fleet.events.try_recv() {
-        tally.record(ev);
-    }
-    // One last sample, so a run shorter than the sampling period still has a line.
-    let alive: Vec<u32> = pids
-        .iter()
-        .copied()
-        .filter(|p| measure::is_alive(*p))
-        .collect();
-    samples.push(take_sample(start, &tally, &alive, me, before)?);
-    let connected_at_end = tally.current;
-    let left = fleet.stop(FLEET_STOP_GRACE).await;
-
-    if left > 0 {
-        eprintln!("{label}: {left} clients did not stop within {FLEET_STOP_GRACE:?}");
-    }
+    let (tally, samples, connected_at_end) = m.stop(label).await?;
     Ok(Phase {
         tally,
         connect_secs,
@@ -732,6 +628,256 @@ async fn measure_phase(
     })
 }
 
+/// The per-second samples of a phase, and what they are taken against.
+struct Samples {
+    list: Vec<Sample>,
+    start: Instant,
+    me: u32,
+    before: ProcSample,
+}
+
+impl Samples {
+    /// Sample the servers `pids` and this process now.
+    fn take(&mut self, tally: &Tally, pids: &[u32]) -> anyhow::Result<()> {
+        self.list
+            .push(take_sample(self.start, tally, pids, self.me, self.before)?);
+        Ok(())
+    }
+}
+
+/// A fleet being measured: its events, what they add up to, and the samples.
+struct Measuring<'a> {
+    n: usize,
+    /// The servers sampled.
+    pids: &'a [u32],
+    fleet: Fleet,
+    tally: Tally,
+    tick: tokio::time::Interval,
+    samples: Samples,
+}
+
+impl<'a> Measuring<'a> {
+    /// Start the fleet of `n`; the servers `pids` were sampled `before`.
+    fn start(
+        n: usize,
+        pids: &'a [u32],
+        before: ProcSample,
+        start_fleet: impl FnOnce() -> anyhow::Result<Fleet>,
+    ) -> anyhow::Result<Self> {
+        let start = Instant::now();
+        let fleet = start_fleet()?;
+        let mut tick = tokio::time::interval(SAMPLE_EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        Ok(Measuring {
+            n,
+            pids,
+            fleet,
+            tally: Tally::new(n),
+            tick,
+            samples: Samples {
+                list: Vec::new(),
+                start,
+                me: std::process::id(),
+                before,
+            },
+        })
+    }
+
+    /// The connect phase: until every client has its first session or failed, or
+    /// `--connect-timeout` (the missing ones then count as `not_connected`). Returns the
+    /// seconds from the start to the last first session, and the servers' sample then.
+    async fn connect(
+        &mut self,
+        args: &RunArgs,
+        label: &str,
+        progress: &Progress,
+    ) -> anyhow::Result<(f64, ProcSample)> {
+        let (n, pids, tally) = (self.n, self.pids, &mut self.tally);
+        let bar = progress.bar(n as u64, "connecting appliances");
+        let give_up = tokio::time::sleep(args.connect_timeout);
+        tokio::pin!(give_up);
+        let mut timed_out = false;
+        while tally.first_done + tally.failed < n {
+            tokio::select! {
+                ev = self.fleet.events.recv() => match ev {
+                    Some(ev) => tally.record(ev),
+                    None => break,
+                },
+                _ = self.tick.tick() => {
+                    self.samples.take(tally, pids)?;
+                    bar.set_prefix(format!("{} errors", tally.errors.values().sum::<u64>()));
+                }
+                _ = &mut give_up => { timed_out = true; break; }
+            }
+            bar.set_position(tally.first_done as u64);
+        }
+        bar.finish_and_clear();
+        let connect_end = tally.last_first.unwrap_or_else(Instant::now);
+        let connect_secs = connect_end.duration_since(self.samples.start).as_secs_f64();
+        let after_connect = measure::sample_all(pids)?;
+        if timed_out {
+            let missing = n - tally.first_done - tally.failed;
+            eprintln!(
+                "{label}: {missing} appliances had no session after {:?}",
+                args.connect_timeout
+            );
+            tally.errors.insert("not_connected".into(), missing as u64);
+        }
+        println!(
+            "{label}: {} of {n} connected in {connect_secs:.2} s",
+            tally.first_done
+        );
+        Ok((connect_secs, after_connect))
+    }
+
+    /// The hold phase (`steady`): keep the fleet for `duration`, sampling. Returns the
+    /// seconds held.
+    async fn hold(&mut self, duration: Duration, progress: &Progress) -> anyhow::Result<f64> {
+        let (pids, tally) = (self.pids, &mut self.tally);
+        let hold_start = Instant::now();
+        let bar = progress.bar(duration.as_secs(), "holding the fleet");
+        let hold = tokio::time::sleep(duration);
+        tokio::pin!(hold);
+        loop {
+            tokio::select! {
+                ev = self.fleet.events.recv() => match ev {
+                    Some(ev) => tally.record(ev),
+                    None => break,
+                },
+                _ = self.tick.tick() => {
+                    self.samples.take(tally, pids)?;
+                    bar.set_position(hold_start.elapsed().as_secs());
+                    bar.set_prefix(format!("{} connected", tally.current));
+                }
+                _ = &mut hold => break,
+            }
+        }
+        bar.finish_and_clear();
+        Ok(hold_start.elapsed().as_secs_f64())
+    }
+
+    /// `commands` or `revoke` through control's API.
+    async fn operate(
+        &mut self,
+        args: &RunArgs,
+        ctx: &crate::ops::Ctx<'_>,
+        progress: &Progress,
+    ) -> anyhow::Result<crate::ops::OpsOutcome> {
+        let (pids, samples) = (self.pids, &mut self.samples);
+        let mut sample = |t: &Tally| samples.take(t, pids);
+        if args.scenario == Scenario::Commands {
+            crate::ops::commands(
+                ctx,
+                args.rate,
+                args.duration,
+                args.max_in_flight,
+                &mut self.fleet,
+                &mut self.tally,
+                &mut self.tick,
+                &mut sample,
+                progress,
+            )
+            .await
+        } else {
+            crate::ops::revoke(
+                ctx,
+                args.revoke,
+                args.revoke_concurrency,
+                &mut self.fleet,
+                &mut self.tally,
+                &mut self.tick,
+                &mut sample,
+                progress,
+            )
+            .await
+        }
+    }
+
+    /// `churn`: appliances leaving and fresh agents joining on `movers`.
+    async fn churn(
+        &mut self,
+        args: &RunArgs,
+        movers: &[crate::motion::BrokerRef],
+        ops_ctx: Option<&crate::ops::Ctx<'_>>,
+        progress: &Progress,
+    ) -> anyhow::Result<crate::ops::OpsOutcome> {
+        let (pids, samples) = (self.pids, &mut self.samples);
+        let mut sample = |t: &Tally| samples.take(t, pids);
+        let (detail, errors) = crate::motion::churn(
+            args.rate,
+            args.duration,
+            args.rejoin_delay,
+            movers,
+            ops_ctx.map(|c| c.api),
+            &mut self.fleet,
+            &mut self.tally,
+            &mut self.tick,
+            &mut sample,
+            progress,
+        )
+        .await?;
+        Ok(crate::ops::OpsOutcome {
+            churn: Some(detail),
+            errors,
+            ..Default::default()
+        })
+    }
+
+    /// `drain`: the first of `movers` drains, its appliances move to the others (`rest`,
+    /// the servers sampled from now on).
+    async fn drain(
+        &mut self,
+        args: &RunArgs,
+        movers: &[crate::motion::BrokerRef],
+        rest: &[u32],
+        progress: &Progress,
+    ) -> anyhow::Result<crate::ops::OpsOutcome> {
+        let samples = &mut self.samples;
+        let mut sample = |t: &Tally| samples.take(t, rest);
+        let (detail, errors) = crate::motion::drain(
+            args.drain_jitter,
+            drain_timeout(args),
+            movers,
+            &mut self.fleet,
+            &mut self.tally,
+            &mut self.tick,
+            &mut sample,
+            progress,
+        )
+        .await?;
+        Ok(crate::ops::OpsOutcome {
+            drain: Some(detail),
+            errors,
+            ..Default::default()
+        })
+    }
+
+    /// Count what is still queued (so errors up to now count), take one last sample (so a
+    /// run shorter than the sampling period still has a line), and stop the fleet. Returns
+    /// the tally, the samples and the sessions up at the end.
+    async fn stop(mut self, label: &str) -> anyhow::Result<(Tally, Vec<Sample>, usize)> {
+        while let Ok(ev) = self.fleet.events.try_recv() {
+            self.tally.record(ev);
+        }
+        let alive: Vec<u32> = self
+            .pids
+            .iter()
+            .copied()
+            .filter(|p| measure::is_alive(*p))
+            .collect();
+        self.samples.take(&self.tally, &alive)?;
+        let connected_at_end = self.tally.current;
+        let left = self.fleet.stop(FLEET_STOP_GRACE).await;
+
+        if left > 0 {
+            eprintln!("{label}: {left} clients did not stop within {FLEET_STOP_GRACE:?}");
+        }
+        Ok((self.tally, self.samples.list, connected_at_end))
+    }
+}
+
+/// Drive the scenario on `creds`' fleet against the brokers `movers`: the Tether phase,
+/// then (with `--baseline`) the same against the bare quinn server, and the report.
 #[allow(clippy::too_many_arguments)]
 pub(crate) async fn drive(
     args: &RunArgs,
@@ -760,16 +906,7 @@ pub(crate) async fn drive(
     let pids: Vec<u32> = movers.iter().filter_map(|b| b.pid).collect();
     let quic: Vec<SocketAddr> = movers.iter().map(|b| b.quic).collect();
     let me = std::process::id();
-    let endpoints = crate::fleet::client_endpoints(args.client_endpoints, args.udp_buffer)?;
-    udp.client_recv_buffer_bytes = endpoints.recv_buffer_bytes;
-    udp.client_send_buffer_bytes = endpoints.send_buffer_bytes;
-    if (endpoints.recv_buffer_bytes as u64) < WANTED_UDP_BUFFER.min(args.udp_buffer as u64) {
-        eprintln!(
-            "warning: the kernel granted the client sockets {} bytes of UDP receive buffer \
-             (asked {}); raise net.core.rmem_max: sysctl -w net.core.rmem_max={}",
-            endpoints.recv_buffer_bytes, args.udp_buffer, args.udp_buffer
-        );
-    }
+    let endpoints = client_endpoints(args, &mut udp)?;
     let opts = FleetOptions {
         brokers: quic.clone(),
         agent: AgentConfig::default(),
@@ -808,7 +945,57 @@ pub(crate) async fn drive(
     )
     .await?;
     let me_end = measure::sample(me)?;
-    let mut machine = machine;
+    let machine = machine_at_end(machine);
+    let control_end = control_pid.and_then(|p| measure::sample(p).ok());
+    udp.drops = udp_drops(udp_before, &udp, &limits);
+    let head = tether.headline();
+
+    // The same scenario against the bare quinn server.
+    let (baseline, ratios) = match (baseline_cert, baseline_creds) {
+        (Some(cert), Some(creds)) => {
+            let b = baseline_phase(args, cert, creds, &endpoints, run_dir, progress).await?;
+            let r = ratios(&head, &b);
+            (Some(serde_json::to_value(&b)?), Some(r))
+        }
+        _ => (None, None),
+    };
+    for e in &endpoints.endpoints {
+        e.close(0u32.into(), b"done");
+    }
+
+    let facts = RunFacts {
+        brokers: movers.len(),
+        started_at,
+        machine,
+        limits,
+        udp,
+        enroll_secs,
+        enrolled_this_run,
+        simulator: (me_before, me_end),
+        control: (control_before, control_end),
+    };
+    Ok(report(args, n, tether, head, facts, baseline, ratios))
+}
+
+/// The fleet's client endpoints, with the UDP buffers the kernel granted them noted in
+/// `udp` (and a warning when they are smaller than a storm needs).
+fn client_endpoints(args: &RunArgs, udp: &mut UdpReport) -> anyhow::Result<Endpoints> {
+    let endpoints = crate::fleet::client_endpoints(args.client_endpoints, args.udp_buffer)?;
+    udp.client_recv_buffer_bytes = endpoints.recv_buffer_bytes;
+    udp.client_send_buffer_bytes = endpoints.send_buffer_bytes;
+    if (endpoints.recv_buffer_bytes as u64) < WANTED_UDP_BUFFER.min(args.udp_buffer as u64) {
+        eprintln!(
+            "warning: the kernel granted the client sockets {} bytes of UDP receive buffer \
+             (asked {}); raise net.core.rmem_max: sysctl -w net.core.rmem_max={}",
+            endpoints.recv_buffer_bytes, args.udp_buffer, args.udp_buffer
+        );
+    }
+    Ok(endpoints)
+}
+
+/// `machine` with the load average at the end of the scenario, warning when other work
+/// competed for the machine.
+fn machine_at_end(mut machine: Machine) -> Machine {
     machine.load_average_1m_end = measure::load_average();
     // The fleet, the brokers and control account for about the cores' worth of load.
     if let Some(l) = machine
@@ -821,85 +1008,121 @@ pub(crate) async fn drive(
             machine.cores
         );
     }
-    let control_end = control_pid.and_then(|p| measure::sample(p).ok());
-    let control_rss = control_end.map(|s| s.rss_bytes);
-    let control_cpu = match (control_before, control_end) {
-        (Some(b), Some(e)) => Some(round3(e.cpu_seconds - b.cpu_seconds)),
-        _ => None,
-    };
-    let udp_drops = UdpCounters::read().since(udp_before);
-    udp.drops = udp_drops;
-    if udp_drops.rcvbuf_errors > 0 {
+    machine
+}
+
+/// The UDP datagrams the kernel dropped since `before`, warning when it dropped any for
+/// full receive buffers.
+fn udp_drops(before: UdpCounters, udp: &UdpReport, limits: &Limits) -> UdpCounters {
+    let drops = UdpCounters::read().since(before);
+    if drops.rcvbuf_errors > 0 {
         eprintln!(
             "warning: the kernel dropped {} UDP datagrams for full receive buffers during the \
              run; the brokers' sockets got {:?} bytes (net.core.rmem_max = {:?}). Raise it: \
              sysctl -w net.core.rmem_max={WANTED_UDP_BUFFER}",
-            udp_drops.rcvbuf_errors, udp.broker_recv_buffer_bytes, limits.rmem_max
+            drops.rcvbuf_errors, udp.broker_recv_buffer_bytes, limits.rmem_max
         );
     }
-    let head = tether.headline();
+    drops
+}
+
+/// The same scenario against the bare quinn echo server, presenting `cert`, with a fleet
+/// of bare clients on `creds`. Returns its headline.
+async fn baseline_phase(
+    args: &RunArgs,
+    cert: BaselineCert,
+    creds: Vec<Credentials>,
+    endpoints: &Endpoints,
+    run_dir: &std::path::Path,
+    progress: &Progress,
+) -> anyhow::Result<Headline> {
+    let n = creds.len();
+    let exe = std::env::current_exe().context("locating this executable")?;
+    let server_args = vec![
+        "baseline-server".to_owned(),
+        "--cert".into(),
+        cert.cert.display().to_string(),
+        "--key".into(),
+        cert.key.display().to_string(),
+        "--ca".into(),
+        cert.ca.display().to_string(),
+    ];
+    let (server, line) = ChildGuard::spawn(
+        "baseline",
+        &exe,
+        &server_args,
+        run_dir.join("baseline.log"),
+        crate::baseline::READY_MESSAGE,
+    )
+    .await?;
+    let addr = spawn::addr_field(&line, "quic")?;
+    println!(
+        "baseline: bare quinn echo server on {addr} (pid {})",
+        server.pid()
+    );
+    let concurrency = args.effective_concurrency();
+    let phase = measure_phase(
+        args,
+        n,
+        &[server.pid()],
+        progress,
+        "baseline",
+        None,
+        &[],
+        || crate::baseline::start_fleet(creds, endpoints, addr, concurrency),
+    )
+    .await;
+    server.stop(spawn::STOP_GRACE).await;
+    Ok(phase?.headline())
+}
+
+/// What a run measured besides its Tether phase, for the report.
+struct RunFacts {
+    brokers: usize,
+    started_at: String,
+    machine: Machine,
+    limits: Limits,
+    udp: UdpReport,
+    enroll_secs: f64,
+    enrolled_this_run: usize,
+    /// This process before and after the Tether phase.
+    simulator: (ProcSample, ProcSample),
+    /// Control before and after it, when it is ours to read.
+    control: (Option<ProcSample>, Option<ProcSample>),
+}
+
+/// The report of a run of `n` appliances: the Tether phase (`head` is its headline), what
+/// else the run measured, and the comparison with the baseline if there was one.
+fn report(
+    args: &RunArgs,
+    n: usize,
+    tether: Phase,
+    head: Headline,
+    facts: RunFacts,
+    baseline: Option<serde_json::Value>,
+    ratios: Option<serde_json::Value>,
+) -> Report {
+    let (me_before, me_end) = facts.simulator;
+    let control_rss = facts.control.1.map(|s| s.rss_bytes);
+    let control_cpu = match facts.control {
+        (Some(b), Some(e)) => Some(round3(e.cpu_seconds - b.cpu_seconds)),
+        _ => None,
+    };
     let mut errors = head.errors.clone();
     for (k, v) in &tether.ops.errors {
         *errors.entry(k.clone()).or_default() += v;
     }
-    let commands = tether.ops.commands.clone();
-    let revoke = tether.ops.revoke.clone();
-    let churn = tether.ops.churn.clone();
-    let drain = tether.ops.drain.clone();
-
-    // The same scenario against the bare quinn server.
-    let (baseline, ratios) = match (baseline_cert, baseline_creds) {
-        (Some(cert), Some(creds)) => {
-            let exe = std::env::current_exe().context("locating this executable")?;
-            let server_args = vec![
-                "baseline-server".to_owned(),
-                "--cert".into(),
-                cert.cert.display().to_string(),
-                "--key".into(),
-                cert.key.display().to_string(),
-                "--ca".into(),
-                cert.ca.display().to_string(),
-            ];
-            let (server, line) = ChildGuard::spawn(
-                "baseline",
-                &exe,
-                &server_args,
-                run_dir.join("baseline.log"),
-                crate::baseline::READY_MESSAGE,
-            )
-            .await?;
-            let addr = spawn::addr_field(&line, "quic")?;
-            println!(
-                "baseline: bare quinn echo server on {addr} (pid {})",
-                server.pid()
-            );
-            let concurrency = args.effective_concurrency();
-            let phase = measure_phase(
-                args,
-                n,
-                &[server.pid()],
-                progress,
-                "baseline",
-                None,
-                &[],
-                || crate::baseline::start_fleet(creds, &endpoints, addr, concurrency),
-            )
-            .await;
-            server.stop(spawn::STOP_GRACE).await;
-            let b = phase?.headline();
-            let r = ratios(&head, &b);
-            (Some(serde_json::to_value(&b)?), Some(r))
-        }
-        _ => (None, None),
-    };
-    for e in &endpoints.endpoints {
-        e.close(0u32.into(), b"done");
-    }
-
-    Ok(Report {
+    let crate::ops::OpsOutcome {
+        commands,
+        revoke,
+        churn,
+        drain,
+        ..
+    } = tether.ops;
+    Report {
         scenario: args.scenario.as_str(),
         appliances: n,
-        brokers: movers.len(),
+        brokers: facts.brokers,
         handshakes_per_sec: head.handshakes_per_sec,
         connect_p50_ms: head.connect_p50_ms,
         connect_p99_ms: head.connect_p99_ms,
@@ -912,10 +1135,10 @@ pub(crate) async fn drive(
         revoke_to_close_p99_ms: revoke.as_ref().and_then(|r| r.close_p99_ms),
         revoked_reconnects_accepted: revoke.as_ref().map(|r| r.reconnects_accepted),
         errors,
-        machine,
+        machine: facts.machine,
         detail: Detail {
             version: env!("CARGO_PKG_VERSION"),
-            started_at,
+            started_at: facts.started_at,
             concurrency: args.effective_concurrency(),
             hold_secs: tether.hold_secs.map(round3),
             connected: head.connected,
@@ -932,10 +1155,10 @@ pub(crate) async fn drive(
             control_cpu_seconds: control_cpu,
             simulator_rss_bytes: Some(me_end.rss_bytes),
             simulator_cpu_seconds: Some(round3(me_end.cpu_seconds - me_before.cpu_seconds)),
-            enrolled_this_run,
-            enroll_secs: round3(enroll_secs),
-            udp,
-            limits,
+            enrolled_this_run: facts.enrolled_this_run,
+            enroll_secs: round3(facts.enroll_secs),
+            udp: facts.udp,
+            limits: facts.limits,
             samples: tether.samples,
             commands,
             revoke,
@@ -944,7 +1167,7 @@ pub(crate) async fn drive(
         },
         baseline,
         ratios,
-    })
+    }
 }
 
 /// The broker credential the baseline server presents (so the agents' client
