@@ -1,7 +1,7 @@
 //! The broker's per-handshake trust work and the cost of one revocation.
 //!
 //! - `pin/<n>`: SHA-256 of a leaf DER plus the allowlist lookup, at 1k / 100k / 1M entries
-//!   (the O(1) part DESIGN.md budgets for every handshake).
+//!   (the O(1) part of every handshake; docs/ARCHITECTURE.md, "Identity model").
 //! - `identify/<n>`: steps 2 and 3 of the verifier on a real leaf (X.509 parse, SAN and
 //!   EKU checks, fingerprint, lookup).
 //! - `verify_full`: all three steps, including webpki's chain and signature check.

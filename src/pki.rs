@@ -1,7 +1,8 @@
 //! A small, real development PKI for integration tests, benches and the `tether up` demo.
 //!
-//! It mirrors the identities of DESIGN.md: a self-signed root (10 years), an intermediate
-//! signed by it (2 years, path length 0), and 30-day leaves carrying a SPIFFE URI SAN:
+//! It mirrors the identities of docs/ARCHITECTURE.md ("Identity model"): a self-signed
+//! root (10 years), an intermediate signed by it (2 years, path length 0), and 30-day
+//! leaves carrying a SPIFFE URI SAN:
 //! `spiffe://<trust-domain>/appliance/<id>` (clientAuth) and
 //! `spiffe://<trust-domain>/broker/<name>` (serverAuth + clientAuth).
 //!

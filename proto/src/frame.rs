@@ -198,7 +198,7 @@ macro_rules! u8_enum {
 }
 
 u8_enum!(
-    /// The appliance's view of its own certificate, per DESIGN.md's trust states.
+    /// The appliance's view of its own certificate (the trust states of docs/PROTOCOL.md).
     TrustState, "trust_state" {
         /// More than three days of validity left.
         Trusted = 0,
