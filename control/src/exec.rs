@@ -22,7 +22,9 @@ use axum::extract::{Path, State};
 use axum::http::{header, StatusCode};
 use axum::response::Response;
 use axum::{Extension, Json};
-use serde::{Deserialize, Serialize};
+use tether_api::appliances::ApplianceStatus;
+use tether_api::exec::{ExecLine, ExecRequest};
+use tether_api::operators::Role;
 use tether_audit::{self as audit, action, AuditEvent, Outcome};
 use tracing::info;
 
@@ -32,9 +34,8 @@ use tether_identity::ApplianceId;
 
 use crate::enroll::internal;
 use crate::metrics::Reason;
-use crate::operators::{authorize, Role};
+use crate::operators::authorize;
 use crate::server::PeerCertificate;
-use crate::store::ApplianceStatus;
 
 /// Deadline when the request gives none.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
@@ -55,53 +56,6 @@ const OUTCOME_LABELS: [&str; 6] = [
     "output_overflow",
 ];
 
-/// Body of `POST /v1/appliances/{id}/exec`.
-#[derive(Clone, Debug, Deserialize, utoipa::ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct ExecRequest {
-    /// Program and arguments (no shell unless `kind` is `shell`).
-    pub argv: Vec<String>,
-    /// Deadline in milliseconds (default 60000, at most 3600000).
-    #[serde(default)]
-    pub timeout_ms: Option<u64>,
-    /// `exec` (default) or `shell`.
-    #[serde(default)]
-    pub kind: Option<String>,
-    /// Environment variable names the command may inherit from the agent.
-    #[serde(default)]
-    pub env_allowlist: Vec<String>,
-}
-
-/// One NDJSON line of the answer.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq, utoipa::ToSchema)]
-#[serde(tag = "type", rename_all = "snake_case")]
-pub enum ExecLine {
-    /// The command was sent to this broker.
-    Started {
-        /// Broker name.
-        broker: String,
-    },
-    /// Output.
-    Output {
-        /// `stdout` or `stderr`.
-        stream: String,
-        /// Base64.
-        data: String,
-    },
-    /// Exit code.
-    Exit {
-        /// The command's exit code.
-        code: i32,
-    },
-    /// Ended without an exit code.
-    Failed {
-        /// Stable code.
-        code: String,
-        /// Detail.
-        message: String,
-    },
-}
-
 fn conflict(code: &'static str, message: impl Into<String>) -> ApiError {
     ApiError::new(StatusCode::CONFLICT, code, message)
 }
@@ -111,13 +65,13 @@ fn conflict(code: &'static str, message: impl Into<String>) -> ApiError {
     params(("id" = String, Path, description = "Appliance id: 1-128 of `[A-Za-z0-9._-]`")),
     responses(
         (status = 200, description = "NDJSON lines (`application/x-ndjson`), see the module docs: started, output…, then exit or failed", content_type = "application/x-ndjson"),
-        (status = 400, description = "bad input", body = crate::api::ErrorBody),
-        (status = 401, description = "no client certificate", body = crate::api::ErrorBody),
-        (status = 403, description = "refused: not an operator, or role too low", body = crate::api::ErrorBody),
-        (status = 404, description = "no such appliance", body = crate::api::ErrorBody),
-        (status = 408, description = "the request took longer than `http.request_timeout`", body = crate::api::ErrorBody),
-        (status = 409, description = "`offline`, `appliance_disabled` or `appliance_revoked`", body = crate::api::ErrorBody),
-        (status = 413, description = "request body larger than 64 KiB", body = crate::api::ErrorBody),
+        (status = 400, description = "bad input", body = tether_api::ErrorBody),
+        (status = 401, description = "no client certificate", body = tether_api::ErrorBody),
+        (status = 403, description = "refused: not an operator, or role too low", body = tether_api::ErrorBody),
+        (status = 404, description = "no such appliance", body = tether_api::ErrorBody),
+        (status = 408, description = "the request took longer than `http.request_timeout`", body = tether_api::ErrorBody),
+        (status = 409, description = "`offline`, `appliance_disabled` or `appliance_revoked`", body = tether_api::ErrorBody),
+        (status = 413, description = "request body larger than 64 KiB", body = tether_api::ErrorBody),
     ),
     security(("operator_certificate" = []))
 )]

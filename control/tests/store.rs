@@ -8,14 +8,15 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicU32, Ordering};
 
 use sqlx::Connection;
+use tether_api::appliances::{ApplianceStatus, PlatformBinding};
 use tether_audit::{
     action, system, verify_chain, Actor, AuditEntry, AuditEvent, ChainVerifier, Outcome,
     GENESIS_HASH, MAX_DETAILS_LEN, MAX_TARGET_LEN,
 };
 use tether_control::store::sql::{Backend, SqlStore, DEFAULT_LIST_LIMIT};
 use tether_control::store::{
-    AllowlistDelta, Appliance, ApplianceFilter, ApplianceStatus, CertRecord, CertState,
-    PlatformBinding, Store, StoreError, TokenRefusal,
+    AllowlistDelta, Appliance, ApplianceFilter, CertRecord, CertState, Store, StoreError,
+    TokenRefusal,
 };
 
 const PG_URL_VAR: &str = "TETHER_TEST_PG_URL";

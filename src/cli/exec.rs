@@ -21,8 +21,8 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use base64::Engine;
-use serde::Deserialize;
-use tether_control::exec::ExecLine;
+use tether_api::appliances::{ApplianceList, ApplianceStatus, ListQuery};
+use tether_api::exec::{ExecLine, ExecRequest};
 
 use super::{check_name, Client, Common};
 
@@ -94,10 +94,12 @@ pub async fn exec_one(
     timeout: Duration,
     mut out: impl FnMut(&str, &[u8]),
 ) -> anyhow::Result<Outcome> {
-    let body = serde_json::json!({
-        "argv": argv,
-        "timeout_ms": timeout.as_millis() as u64,
-    });
+    let body = ExecRequest {
+        argv: argv.to_vec(),
+        timeout_ms: Some(timeout.as_millis() as u64),
+        kind: None,
+        env_allowlist: Vec::new(),
+    };
     let mut resp = match client
         .post_stream(&format!("/v1/appliances/{appliance}/exec"), &body)
         .await
@@ -193,17 +195,6 @@ async fn run_inner(args: ExecArgs) -> anyhow::Result<i32> {
     Ok(outcome.exit_code())
 }
 
-#[derive(Debug, Deserialize)]
-struct Page {
-    appliances: Vec<Summary>,
-    next: Option<String>,
-}
-
-#[derive(Debug, Deserialize)]
-struct Summary {
-    id: String,
-}
-
 async fn fan_out(client: Arc<Client>, selector: &str, args: &ExecArgs) -> anyhow::Result<i32> {
     let Some(("tenant", tenant)) = selector.split_once('=') else {
         bail!("unsupported selector {selector:?}: use tenant=NAME");
@@ -211,11 +202,14 @@ async fn fan_out(client: Arc<Client>, selector: &str, args: &ExecArgs) -> anyhow
     let mut ids = Vec::new();
     let mut after: Option<String> = None;
     loop {
-        let mut query = vec![("tenant", tenant), ("status", "active"), ("limit", "500")];
-        if let Some(a) = &after {
-            query.push(("after", a.as_str()));
-        }
-        let page: Page = client.get_query("/v1/appliances", &query).await?;
+        let query = ListQuery {
+            tenant: Some(tenant.to_owned()),
+            status: Some(ApplianceStatus::Active),
+            limit: Some(500),
+            after: after.take(),
+            trust_state: None,
+        };
+        let page: ApplianceList = client.get_query("/v1/appliances", &query).await?;
         ids.extend(page.appliances.into_iter().map(|a| a.id));
         match page.next {
             Some(n) => after = Some(n),
