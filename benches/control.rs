@@ -52,8 +52,9 @@ fn benches(c: &mut Criterion) {
 /// allowlist change and audit entries. The token is created outside the timed part.
 fn enrollment(c: &mut Criterion) {
     use std::sync::Arc;
-    use tether_control::enroll::{EnrollRequest, Proof};
-    use tether_control::store::{Appliance, ApplianceStatus, PlatformBinding};
+    use tether_api::appliances::{ApplianceStatus, PlatformBinding};
+    use tether_api::enroll::{EnrollRequest, Proof};
+    use tether_control::store::Appliance;
 
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)

@@ -26,8 +26,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use indicatif::{ProgressBar, ProgressStyle};
+use tether_api::appliances::{ApplianceStatus, PlatformBinding};
 use tether_audit::{action, system, Actor, AuditEvent};
-use tether_control::store::{Appliance, ApplianceStatus, PlatformBinding, Store, StoreError};
+use tether_control::store::{Appliance, Store, StoreError};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -173,7 +174,7 @@ async fn operator(
         control_url.to_owned(),
         root_pem.to_owned(),
         tether_control::operators::FIRST_ADMIN,
-        tether_control::operators::Role::Admin,
+        tether_api::operators::Role::Admin,
         Duration::from_secs(600),
         local_admin(),
         tether_control::now_unix(),

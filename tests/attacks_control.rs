@@ -368,7 +368,7 @@ fn an_expired_operator_certificate_cannot_resume_its_session() {
         .unwrap();
     std::fs::write(ops.join("client.cert.pem"), &op.chain_pem).unwrap();
     std::fs::write(ops.join("client.key.pem"), key).unwrap();
-    fleet.honour_operator("alice", tether_control::operators::Role::Viewer, &op);
+    fleet.honour_operator("alice", tether_api::operators::Role::Viewer, &op);
 
     let session = Arc::new(tls_as(&fleet, &ops));
     let get = "GET /v1/fleet/trust HTTP/1.1\r\nHost: control\r\nConnection: close\r\n\r\n";

@@ -336,7 +336,7 @@ async fn fleet_trust_counts_states_and_raises_alerts() {
     assert_eq!(r.status().as_u16(), 403);
     let refusal: serde_json::Value = r.json().await.unwrap();
     assert_eq!(refusal["error"], "operator_unknown", "{refusal}");
-    fleet.honour_operator("alice", tether_control::operators::Role::Viewer, &op);
+    fleet.honour_operator("alice", tether_api::operators::Role::Viewer, &op);
     let r = client_for(&ops).get(&url).send().await.unwrap();
     assert_eq!(r.status().as_u16(), 200);
     let served: serde_json::Value = r.json().await.unwrap();

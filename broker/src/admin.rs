@@ -197,8 +197,8 @@ async fn command(
         Err(e @ CommandError::ShellNotAllowed(_)) => {
             return error(StatusCode::CONFLICT, e.code(), e.to_string())
         }
-        Err(CommandError::ConnectionLost(m)) => {
-            return error(StatusCode::BAD_GATEWAY, "connection_lost", m)
+        Err(e @ CommandError::ConnectionLost(_)) => {
+            return error(StatusCode::BAD_GATEWAY, e.code(), e.to_string())
         }
     };
     let stream = futures_util::stream::unfold(rx, |mut rx| async move {

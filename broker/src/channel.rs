@@ -51,7 +51,7 @@ use crate::allowlist::{ApplianceId, Change, Entry, Fingerprint};
 use crate::control_tls::{client_config, ControlVerifier};
 use crate::datadir::{check_control_url, BrokerIdentity};
 use crate::presence::{Presence, PresenceEvent, PresenceRx};
-use crate::server::{Broker, CommandError, CommandEvent, CommandSpec};
+use crate::server::{Broker, CommandEvent, CommandSpec};
 use crate::snapshot::SnapshotWriter;
 
 /// First reconnect delay bound.
@@ -720,13 +720,7 @@ async fn run_command(
     let mut rx = match broker.run_command(appliance, spec).await {
         Ok(rx) => rx,
         Err(e) => {
-            let code = match &e {
-                CommandError::NotConnected(_) => CommandFailure::Offline,
-                CommandError::Invalid(_) => CommandFailure::Invalid,
-                CommandError::ShellNotAllowed(_) => CommandFailure::ShellNotAllowed,
-                CommandError::ConnectionLost(_) => CommandFailure::ConnectionLost,
-            };
-            let _ = tx.send(failed(code, e.to_string())).await;
+            let _ = tx.send(failed(e.failure(), e.to_string())).await;
             return;
         }
     };

@@ -172,13 +172,22 @@ pub enum CommandError {
 }
 
 impl CommandError {
-    /// The stable error code reported for it (admin API `error`, cluster `command_failed`).
+    /// Why, in the shared vocabulary (what the cluster channel's `command_failed` says).
+    pub fn failure(&self) -> CommandFailure {
+        match self {
+            CommandError::NotConnected(_) => CommandFailure::Offline,
+            CommandError::Invalid(_) => CommandFailure::Invalid,
+            CommandError::ShellNotAllowed(_) => CommandFailure::ShellNotAllowed,
+            CommandError::ConnectionLost(_) => CommandFailure::ConnectionLost,
+        }
+    }
+
+    /// The stable error code of the broker's admin API: [`CommandError::failure`]'s name,
+    /// except `not_connected` (the admin API's spelling since before the vocabulary).
     pub fn code(&self) -> &'static str {
         match self {
             CommandError::NotConnected(_) => "not_connected",
-            CommandError::Invalid(_) => "invalid",
-            CommandError::ShellNotAllowed(_) => "shell_not_allowed",
-            CommandError::ConnectionLost(_) => "connection_lost",
+            other => other.failure().name(),
         }
     }
 }

@@ -35,11 +35,14 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use serde::Serialize;
+use tether_api::enroll::{Challenge, EnrollRequest, EnrollResponse, RenewRequest};
+use tether_api::health::Health;
+use tether_api::trust::FleetTrust;
+use tether_api::ErrorBody;
 
 use crate::ca::Ca;
 use crate::config::ControlConfig;
-use crate::enroll::{self, EnrollRequest};
+use crate::enroll;
 use crate::store::Store;
 
 /// Largest request body: 64 KiB (a CSR is at most 8 KiB).
@@ -83,16 +86,6 @@ impl ApiError {
             message: message.into(),
         }
     }
-}
-
-/// The body of every error answer (the `Error` schema of `/openapi.json`).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize, utoipa::ToSchema)]
-#[schema(as = Error)]
-pub struct ErrorBody {
-    /// Stable machine-readable code (`bad_request`, `role_forbidden`, …).
-    pub error: String,
-    /// Short human-readable message (no secrets).
-    pub message: String,
 }
 
 /// The error code of an answer, for the metrics middleware.
@@ -215,34 +208,29 @@ async fn request_span(mut req: axum::extract::Request, next: axum::middleware::N
     resp
 }
 
-/// The answer of `GET /healthz`.
-#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
-pub struct Health {
-    /// Always `ok`.
-    pub status: &'static str,
-}
-
 /// `GET /healthz`.
 #[utoipa::path(get, path = "/healthz", tag = "health", responses(
         (status = 200, description = "control is up", body = Health),
 ))]
 async fn healthz() -> Json<Health> {
-    Json(Health { status: "ok" })
+    Json(Health {
+        status: "ok".to_owned(),
+    })
 }
 
 /// `POST /v1/enroll/challenge`.
 #[utoipa::path(post, path = "/v1/enroll/challenge", tag = "enrollment", responses(
-        (status = 200, description = "a nonce to bind the proof to", body = enroll::Challenge),
+        (status = 200, description = "a nonce to bind the proof to", body = Challenge),
         (status = 408, description = "the request took longer than `http.request_timeout`", body = ErrorBody),
         (status = 429, description = "`rate_limited`: too many requests from this client address (`http.public_rate_per_sec`); `Retry-After` says after how many seconds to retry", body = ErrorBody),
 ))]
-async fn challenge(State(s): State<AppState>) -> Result<Json<enroll::Challenge>, ApiError> {
+async fn challenge(State(s): State<AppState>) -> Result<Json<Challenge>, ApiError> {
     enroll::challenge(&s, crate::now_unix()).await.map(Json)
 }
 
 /// `POST /v1/enroll`.
 #[utoipa::path(post, path = "/v1/enroll", tag = "enrollment", request_body = EnrollRequest, responses(
-        (status = 200, description = "the certificate chain, CA and brokers", body = enroll::EnrollResponse),
+        (status = 200, description = "the certificate chain, CA and brokers", body = EnrollResponse),
         (status = 400, description = "bad input", body = ErrorBody),
         (status = 403, description = "refused (see `error`)", body = ErrorBody),
         (status = 404, description = "no such appliance", body = ErrorBody),
@@ -255,7 +243,7 @@ async fn challenge(State(s): State<AppState>) -> Result<Json<enroll::Challenge>,
 async fn enroll_handler(
     State(s): State<AppState>,
     body: Result<Json<EnrollRequest>, axum::extract::rejection::JsonRejection>,
-) -> Result<Json<enroll::EnrollResponse>, ApiError> {
+) -> Result<Json<EnrollResponse>, ApiError> {
     let Json(req) = body.map_err(json_rejection)?;
     enroll::enroll(&s, req, crate::now_unix()).await.map(Json)
 }
@@ -328,8 +316,8 @@ pub(crate) fn json_rejection(e: axum::extract::rejection::JsonRejection) -> ApiE
 }
 
 /// `POST /v1/renew` (the appliance's current certificate).
-#[utoipa::path(post, path = "/v1/renew", tag = "enrollment", request_body = crate::renew::RenewRequest, responses(
-        (status = 200, description = "the new certificate chain, CA and brokers", body = enroll::EnrollResponse),
+#[utoipa::path(post, path = "/v1/renew", tag = "enrollment", request_body = RenewRequest, responses(
+        (status = 200, description = "the new certificate chain, CA and brokers", body = EnrollResponse),
         (status = 400, description = "bad input", body = ErrorBody),
         (status = 401, description = "no client certificate, or one control did not issue", body = ErrorBody),
         (status = 403, description = "refused (see `error`)", body = ErrorBody),
@@ -339,8 +327,8 @@ pub(crate) fn json_rejection(e: axum::extract::rejection::JsonRejection) -> ApiE
 async fn renew_handler(
     State(s): State<AppState>,
     axum::Extension(peer): axum::Extension<crate::server::PeerCertificate>,
-    body: Result<Json<crate::renew::RenewRequest>, axum::extract::rejection::JsonRejection>,
-) -> Result<Json<enroll::EnrollResponse>, ApiError> {
+    body: Result<Json<RenewRequest>, axum::extract::rejection::JsonRejection>,
+) -> Result<Json<EnrollResponse>, ApiError> {
     let Json(req) = body.map_err(json_rejection)?;
     crate::renew::renew(&s, &peer, req, crate::now_unix())
         .await
@@ -349,7 +337,7 @@ async fn renew_handler(
 
 /// `GET /v1/fleet/trust` (viewer+).
 #[utoipa::path(get, path = "/v1/fleet/trust", tag = "fleet", responses(
-        (status = 200, description = "counts by trust state and the active alerts", body = crate::trust::FleetTrust),
+        (status = 200, description = "counts by trust state and the active alerts", body = FleetTrust),
         (status = 401, description = "no client certificate, or one control did not issue", body = ErrorBody),
         (status = 403, description = "refused (see `error`)", body = ErrorBody),
         (status = 408, description = "the request took longer than `http.request_timeout`", body = ErrorBody),
@@ -357,11 +345,11 @@ async fn renew_handler(
 async fn fleet_trust_handler(
     State(s): State<AppState>,
     axum::Extension(peer): axum::Extension<crate::server::PeerCertificate>,
-) -> Result<Json<crate::trust::FleetTrust>, ApiError> {
+) -> Result<Json<FleetTrust>, ApiError> {
     crate::operators::authorize(
         &s,
         &peer,
-        crate::operators::Role::Viewer,
+        tether_api::operators::Role::Viewer,
         crate::operators::action::FLEET_TRUST,
         "",
         crate::now_unix(),

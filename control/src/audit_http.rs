@@ -15,26 +15,16 @@ use axum::extract::rejection::QueryRejection;
 use axum::extract::{Query, State};
 use axum::http::StatusCode;
 use axum::{Extension, Json};
-use serde::Deserialize;
+use tether_api::audit::AuditQuery;
+use tether_api::operators::Role;
 use tether_audit::action;
 use tether_audit::page::AuditPage;
 
 use crate::api::{ApiError, AppState};
 use crate::enroll::internal;
-use crate::operators::{authorize, Role};
+use crate::operators::authorize;
 use crate::server::PeerCertificate;
 use crate::store::sql::DEFAULT_AUDIT_LIMIT;
-
-/// Query of `GET /v1/audit`.
-#[derive(Debug, Default, Deserialize, utoipa::IntoParams)]
-#[serde(default, deny_unknown_fields)]
-#[into_params(parameter_in = Query)]
-pub struct AuditQuery {
-    /// Entries after this seq. Default 0 (from the first).
-    pub after: i64,
-    /// At most this many entries; 0 or more than the maximum: the maximum.
-    pub limit: u32,
-}
 
 /// `GET /v1/audit` (viewer+).
 #[utoipa::path(
@@ -44,10 +34,10 @@ pub struct AuditQuery {
     params(AuditQuery),
     responses(
         (status = 200, description = "a page of the audit log and its checkpoints", body = AuditPage),
-        (status = 400, description = "bad input (malformed JSON, bad field, bad query)", body = crate::api::ErrorBody),
-        (status = 401, description = "no client certificate, or one control did not issue", body = crate::api::ErrorBody),
-        (status = 403, description = "refused: not an operator certificate, unknown or revoked operator, expired certificate, or role too low", body = crate::api::ErrorBody),
-        (status = 408, description = "the request took longer than `http.request_timeout`", body = crate::api::ErrorBody)
+        (status = 400, description = "bad input (malformed JSON, bad field, bad query)", body = tether_api::ErrorBody),
+        (status = 401, description = "no client certificate, or one control did not issue", body = tether_api::ErrorBody),
+        (status = 403, description = "refused: not an operator certificate, unknown or revoked operator, expired certificate, or role too low", body = tether_api::ErrorBody),
+        (status = 408, description = "the request took longer than `http.request_timeout`", body = tether_api::ErrorBody)
     ),
     security(("operator_certificate" = []))
 )]

@@ -18,7 +18,8 @@ use axum::extract::rejection::JsonRejection;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::{Extension, Json};
-use serde::{Deserialize, Serialize};
+use tether_api::brokers::{AddBroker, BrokerInfo, BrokerList, BrokerStatus};
+use tether_api::operators::Role;
 use tether_audit::{self as audit, action, Actor, AuditEvent};
 use tether_identity::BrokerName;
 use tether_proto::cluster::{
@@ -28,59 +29,15 @@ use tracing::{info, warn};
 
 use crate::api::{json_rejection, ApiError, AppState};
 use crate::enroll::{internal, rfc3339};
-use crate::operators::{authorize, Role};
+use crate::operators::authorize;
 use crate::server::PeerCertificate;
-use crate::store::{BrokerRefusal, BrokerStatus, Store, StoreError, UnixSeconds};
+use crate::store::{BrokerRefusal, Store, StoreError, UnixSeconds};
 use crate::token::Token;
 
 /// Default lifetime of a broker bundle.
 pub const DEFAULT_BUNDLE_TTL: Duration = Duration::from_secs(24 * 3600);
 /// Longest lifetime of a broker bundle.
 pub const MAX_BUNDLE_TTL: Duration = Duration::from_secs(30 * 86_400);
-
-/// Body of `POST /v1/brokers`.
-#[derive(Clone, Debug, Deserialize, utoipa::ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct AddBroker {
-    /// Broker name: 1-128 of `[A-Za-z0-9._-]`.
-    pub name: String,
-    /// Bundle lifetime in seconds (default 86400, at most 30 days).
-    #[serde(default)]
-    pub ttl_secs: Option<u64>,
-}
-
-/// One broker in `GET /v1/brokers`.
-#[derive(Clone, Debug, Serialize, utoipa::ToSchema)]
-pub struct BrokerInfo {
-    /// Name.
-    pub name: String,
-    /// `pending`, `active` or `revoked`.
-    pub status: BrokerStatus,
-    /// When it was added (RFC 3339).
-    pub created_at: String,
-    /// Its certificate's `notAfter` (RFC 3339).
-    pub cert_not_after: Option<String>,
-    /// Where agents reach it, as it last said.
-    pub quic_addr: Option<String>,
-    /// When its channel was last up (RFC 3339).
-    pub last_seen: Option<String>,
-    /// Whether its channel is up now.
-    pub connected: bool,
-    /// The allowlist version it applied (when connected).
-    pub allowlist_version: Option<u64>,
-    /// Sessions it holds (when connected).
-    pub sessions: Option<usize>,
-}
-
-/// Answer of `GET /v1/brokers`.
-#[derive(Clone, Debug, Serialize, utoipa::ToSchema)]
-pub struct BrokerList {
-    /// Brokers by name.
-    pub brokers: Vec<BrokerInfo>,
-    /// The allowlist's current version in the store: a connected broker whose
-    /// `allowlist_version` is this enforces every change made so far.
-    pub allowlist_version: u64,
-}
 
 /// Create broker `name` (or give a pending/revoked one a new bundle), recorded as done by
 /// `actor`. `Conflict` when an active broker has the name.
@@ -153,12 +110,12 @@ fn check_name(name: &str) -> Result<(), ApiError> {
 /// `POST /v1/brokers` (operator+).
 #[utoipa::path(post, path = "/v1/brokers", tag = "brokers", request_body = AddBroker, responses(
         (status = 200, description = "a one-time broker bundle (JSON: name, trust_domain, control_url, ca_pem, token, expires_at)"),
-        (status = 400, description = "bad input", body = crate::api::ErrorBody),
-        (status = 401, description = "no client certificate", body = crate::api::ErrorBody),
-        (status = 403, description = "refused: not an operator, or role too low", body = crate::api::ErrorBody),
-        (status = 408, description = "the request took longer than `http.request_timeout`", body = crate::api::ErrorBody),
-        (status = 409, description = "`conflict`: an active broker has that name", body = crate::api::ErrorBody),
-        (status = 413, description = "request body larger than 64 KiB", body = crate::api::ErrorBody),
+        (status = 400, description = "bad input", body = tether_api::ErrorBody),
+        (status = 401, description = "no client certificate", body = tether_api::ErrorBody),
+        (status = 403, description = "refused: not an operator, or role too low", body = tether_api::ErrorBody),
+        (status = 408, description = "the request took longer than `http.request_timeout`", body = tether_api::ErrorBody),
+        (status = 409, description = "`conflict`: an active broker has that name", body = tether_api::ErrorBody),
+        (status = 413, description = "request body larger than 64 KiB", body = tether_api::ErrorBody),
     ),
     security(("operator_certificate" = []))
 )]
@@ -212,9 +169,9 @@ pub async fn create(
 /// `GET /v1/brokers` (viewer+).
 #[utoipa::path(get, path = "/v1/brokers", tag = "brokers", responses(
         (status = 200, description = "every broker", body = BrokerList),
-        (status = 401, description = "no client certificate", body = crate::api::ErrorBody),
-        (status = 403, description = "refused: not an operator, or role too low", body = crate::api::ErrorBody),
-        (status = 408, description = "the request took longer than `http.request_timeout`", body = crate::api::ErrorBody),
+        (status = 401, description = "no client certificate", body = tether_api::ErrorBody),
+        (status = 403, description = "refused: not an operator, or role too low", body = tether_api::ErrorBody),
+        (status = 408, description = "the request took longer than `http.request_timeout`", body = tether_api::ErrorBody),
     ),
     security(("operator_certificate" = []))
 )]
@@ -262,11 +219,11 @@ pub async fn list(
     params(("name" = String, Path, description = "Broker name")),
     responses(
         (status = 204, description = "revoked; its channel is closed"),
-        (status = 400, description = "bad input", body = crate::api::ErrorBody),
-        (status = 401, description = "no client certificate", body = crate::api::ErrorBody),
-        (status = 403, description = "refused: not an admin", body = crate::api::ErrorBody),
-        (status = 404, description = "no such broker", body = crate::api::ErrorBody),
-        (status = 408, description = "the request took longer than `http.request_timeout`", body = crate::api::ErrorBody),
+        (status = 400, description = "bad input", body = tether_api::ErrorBody),
+        (status = 401, description = "no client certificate", body = tether_api::ErrorBody),
+        (status = 403, description = "refused: not an admin", body = tether_api::ErrorBody),
+        (status = 404, description = "no such broker", body = tether_api::ErrorBody),
+        (status = 408, description = "the request took longer than `http.request_timeout`", body = tether_api::ErrorBody),
     ),
     security(("operator_certificate" = []))
 )]
@@ -328,11 +285,11 @@ async fn refused(s: &AppState, event: AuditEvent, e: ApiError, now: UnixSeconds)
 /// `POST /v1/brokers/enroll` (no client certificate; the bundle's token).
 #[utoipa::path(post, path = "/v1/brokers/enroll", tag = "brokers", request_body(content_type = "application/json", description = "`{name, token, csr_pem}`"), responses(
         (status = 200, description = "the broker's certificate (JSON: name, chain_pem, ca_pem, not_after)"),
-        (status = 400, description = "bad input or CSR", body = crate::api::ErrorBody),
-        (status = 403, description = "`token_unknown`, `token_expired` or `token_used`", body = crate::api::ErrorBody),
-        (status = 408, description = "the request took longer than `http.request_timeout`", body = crate::api::ErrorBody),
-        (status = 413, description = "request body larger than 64 KiB", body = crate::api::ErrorBody),
-        (status = 429, description = "`rate_limited`", body = crate::api::ErrorBody),
+        (status = 400, description = "bad input or CSR", body = tether_api::ErrorBody),
+        (status = 403, description = "`token_unknown`, `token_expired` or `token_used`", body = tether_api::ErrorBody),
+        (status = 408, description = "the request took longer than `http.request_timeout`", body = tether_api::ErrorBody),
+        (status = 413, description = "request body larger than 64 KiB", body = tether_api::ErrorBody),
+        (status = 429, description = "`rate_limited`", body = tether_api::ErrorBody),
     ),
 )]
 pub async fn enroll(
@@ -385,11 +342,11 @@ pub async fn enroll(
 /// `POST /v1/brokers/renew` (the broker's current certificate).
 #[utoipa::path(post, path = "/v1/brokers/renew", tag = "brokers", request_body(content_type = "application/json", description = "`{csr_pem}`"), responses(
         (status = 200, description = "the broker's new certificate (JSON: name, chain_pem, ca_pem, not_after)"),
-        (status = 400, description = "bad input or CSR", body = crate::api::ErrorBody),
-        (status = 401, description = "no client certificate", body = crate::api::ErrorBody),
-        (status = 403, description = "not the current certificate of an active broker", body = crate::api::ErrorBody),
-        (status = 408, description = "the request took longer than `http.request_timeout`", body = crate::api::ErrorBody),
-        (status = 413, description = "request body larger than 64 KiB", body = crate::api::ErrorBody),
+        (status = 400, description = "bad input or CSR", body = tether_api::ErrorBody),
+        (status = 401, description = "no client certificate", body = tether_api::ErrorBody),
+        (status = 403, description = "not the current certificate of an active broker", body = tether_api::ErrorBody),
+        (status = 408, description = "the request took longer than `http.request_timeout`", body = tether_api::ErrorBody),
+        (status = 413, description = "request body larger than 64 KiB", body = tether_api::ErrorBody),
     ),
     security(("broker_certificate" = []))
 )]

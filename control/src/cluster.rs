@@ -30,6 +30,7 @@ use axum::Extension;
 use futures_util::{SinkExt, StreamExt};
 use hyper_util::rt::TokioIo;
 use serde::Serialize;
+use tether_api::appliances::Presence;
 use tether_proto::cluster::{
     self, HeartbeatSummary, SessionReport, ToBroker, ToControl, CHANNEL_IDLE_TIMEOUT_SECS,
     CHANNEL_PING_SECS, MAX_FRAME_LEN, SNAPSHOT_CHUNK,
@@ -52,27 +53,6 @@ pub const MAX_DELTAS_ON_RESUME: usize = 100_000;
 pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 /// Frames queued for one broker before senders wait.
 const LINK_QUEUE: usize = 1024;
-
-/// Where an appliance is connected, as its broker reported it.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, serde::Deserialize, utoipa::ToSchema)]
-pub struct Presence {
-    /// The broker holding the session.
-    pub broker: String,
-    /// The broker's session id.
-    pub session_id: u64,
-    /// When the session came up (Unix seconds).
-    pub connected_at: u64,
-    /// Fingerprint of the certificate the session authenticated with.
-    pub fingerprint: String,
-    /// The agent's version.
-    pub agent_version: String,
-    /// The session certificate's `notAfter` (Unix seconds).
-    pub cert_not_after: u64,
-    /// When its latest heartbeat arrived (Unix seconds).
-    pub last_heartbeat: Option<u64>,
-    /// The trust state the agent reported in it.
-    pub trust_state: Option<String>,
-}
 
 /// A broker's channel as control holds it.
 #[derive(Clone, Debug, Serialize, utoipa::ToSchema)]
@@ -473,10 +453,10 @@ impl Cluster {
 /// `GET /v1/brokers/channel`: a broker's certificate, `Upgrade: tether-cluster/1`.
 #[utoipa::path(get, path = "/v1/brokers/channel", tag = "brokers", responses(
         (status = 101, description = "switching to the cluster channel (length-prefixed JSON frames, see `tether_proto::cluster`)"),
-        (status = 401, description = "no client certificate", body = crate::api::ErrorBody),
-        (status = 403, description = "not the current certificate of an active broker", body = crate::api::ErrorBody),
-        (status = 408, description = "the request took longer than `http.request_timeout`", body = crate::api::ErrorBody),
-        (status = 426, description = "`upgrade_required`: the request did not ask for `Upgrade: tether-cluster/1`", body = crate::api::ErrorBody),
+        (status = 401, description = "no client certificate", body = tether_api::ErrorBody),
+        (status = 403, description = "not the current certificate of an active broker", body = tether_api::ErrorBody),
+        (status = 408, description = "the request took longer than `http.request_timeout`", body = tether_api::ErrorBody),
+        (status = 426, description = "`upgrade_required`: the request did not ask for `Upgrade: tether-cluster/1`", body = tether_api::ErrorBody),
     ),
     security(("broker_certificate" = []))
 )]

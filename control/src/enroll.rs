@@ -23,7 +23,8 @@
 //! error.
 
 use axum::http::StatusCode;
-use serde::{Deserialize, Serialize};
+use tether_api::appliances::{ApplianceStatus, PlatformBinding};
+use tether_api::enroll::{Challenge, EnrollRequest, EnrollResponse, Proof};
 use tether_audit::{self as audit, action, Actor, AuditEvent, Outcome};
 use tracing::{error, info, warn};
 
@@ -31,98 +32,8 @@ use tether_identity::ApplianceId;
 
 use crate::api::{ApiError, AppState};
 use crate::proof::{ProofError, Verified};
-use crate::store::{
-    ApplianceStatus, CertRecord, CertState, PlatformBinding, StoreError, TokenRefusal,
-};
+use crate::store::{CertRecord, CertState, StoreError, TokenRefusal};
 use crate::token::Token;
-
-/// Answer to `POST /v1/enroll/challenge`.
-#[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
-pub struct Challenge {
-    /// The nonce to bind the proof to.
-    pub nonce: String,
-    /// When it expires, RFC 3339.
-    pub expires_at: String,
-}
-
-/// A platform proof.
-#[derive(Deserialize, utoipa::ToSchema)]
-#[serde(tag = "kind", rename_all = "snake_case")]
-pub enum Proof {
-    /// A one-time enrollment token.
-    Token {
-        /// The token, as printed by `token create`.
-        token: String,
-    },
-    /// A presigned `sts:GetCallerIdentity` request.
-    Aws(crate::proof::aws::AwsProof),
-    /// A GCP instance-identity JWT.
-    Gcp {
-        /// The JWT.
-        jwt: String,
-    },
-    /// A Kubernetes projected ServiceAccount JWT.
-    K8s {
-        /// The JWT.
-        jwt: String,
-    },
-}
-
-impl Proof {
-    /// The proof's kind, as in the request (`token`, `aws`, `gcp`, `k8s`).
-    pub fn kind(&self) -> &'static str {
-        match self {
-            Proof::Token { .. } => "token",
-            Proof::Aws(_) => "aws",
-            Proof::Gcp { .. } => "gcp",
-            Proof::K8s { .. } => "k8s",
-        }
-    }
-}
-
-impl std::fmt::Debug for Proof {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Proof::Token { .. } => "Proof::Token(<redacted>)",
-            Proof::Aws(_) => "Proof::Aws(..)",
-            Proof::Gcp { .. } => "Proof::Gcp(<redacted>)",
-            Proof::K8s { .. } => "Proof::K8s(<redacted>)",
-        })
-    }
-}
-
-/// Body of `POST /v1/enroll`.
-#[derive(Debug, Deserialize, utoipa::ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct EnrollRequest {
-    /// The appliance id.
-    pub appliance_id: String,
-    /// PKCS#10 CSR, PEM.
-    pub csr_pem: String,
-    /// Nonce from the challenge.
-    pub nonce: String,
-    /// The proof.
-    pub proof: Proof,
-}
-
-/// Answer to a successful enrollment.
-#[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
-pub struct EnrollResponse {
-    /// The appliance id.
-    pub appliance_id: String,
-    /// Leaf then intermediate, PEM.
-    pub certificate_pem: String,
-    /// The root CA, PEM (what the agent pins).
-    pub ca_pem: String,
-    /// Brokers to connect to (`host:port`).
-    pub brokers: Vec<String>,
-    /// SHA-256 of the leaf DER, lowercase hex.
-    pub fingerprint: String,
-    /// Certificate `notAfter`, RFC 3339.
-    pub expires_at: String,
-    /// Certificate `notAfter`, Unix seconds.
-    pub not_after: i64,
-}
 
 /// Unix seconds as RFC 3339 (UTC).
 pub fn rfc3339(unix: i64) -> String {

@@ -22,7 +22,9 @@ use axum::extract::{Path, State};
 use axum::http::{header, StatusCode};
 use axum::response::Response;
 use axum::{Extension, Json};
-use serde::{Deserialize, Serialize};
+use tether_api::appliances::ApplianceStatus;
+use tether_api::exec::{ExecLine, ExecRequest};
+use tether_api::operators::Role;
 use tether_audit::{self as audit, action, AuditEvent, Outcome};
 use tracing::info;
 
@@ -33,9 +35,8 @@ use tether_proto::{CommandFailure, CommandKind};
 
 use crate::enroll::internal;
 use crate::metrics::Reason;
-use crate::operators::{authorize, Role};
+use crate::operators::authorize;
 use crate::server::PeerCertificate;
-use crate::store::ApplianceStatus;
 
 /// Deadline when the request gives none.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
@@ -53,61 +54,14 @@ pub const RELAY_MARGIN: Duration = Duration::from_secs(1);
 /// Most argv entries.
 pub const MAX_ARGS: usize = 256;
 /// Failure codes counted under their own label in `tether_control_commands_total`.
-const OUTCOME_LABELS: [&str; 6] = [
-    "timed_out",
-    "connection_lost",
-    "broker_lost",
-    "offline",
-    "cancelled",
-    "output_overflow",
+const OUTCOME_LABELS: [CommandFailure; 6] = [
+    CommandFailure::TimedOut,
+    CommandFailure::ConnectionLost,
+    CommandFailure::BrokerLost,
+    CommandFailure::Offline,
+    CommandFailure::Cancelled,
+    CommandFailure::OutputOverflow,
 ];
-
-/// Body of `POST /v1/appliances/{id}/exec`.
-#[derive(Clone, Debug, Deserialize, utoipa::ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct ExecRequest {
-    /// Program and arguments (no shell unless `kind` is `shell`).
-    pub argv: Vec<String>,
-    /// Deadline in milliseconds (default 60000, at most 3600000).
-    #[serde(default)]
-    pub timeout_ms: Option<u64>,
-    /// `exec` (default) or `shell`.
-    #[serde(default)]
-    pub kind: Option<String>,
-    /// Environment variable names the command may inherit from the agent.
-    #[serde(default)]
-    pub env_allowlist: Vec<String>,
-}
-
-/// One NDJSON line of the answer.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq, utoipa::ToSchema)]
-#[serde(tag = "type", rename_all = "snake_case")]
-pub enum ExecLine {
-    /// The command was sent to this broker.
-    Started {
-        /// Broker name.
-        broker: String,
-    },
-    /// Output.
-    Output {
-        /// `stdout` or `stderr`.
-        stream: String,
-        /// Base64.
-        data: String,
-    },
-    /// Exit code.
-    Exit {
-        /// The command's exit code.
-        code: i32,
-    },
-    /// Ended without an exit code.
-    Failed {
-        /// Stable code.
-        code: String,
-        /// Detail.
-        message: String,
-    },
-}
 
 fn conflict(code: &'static str, message: impl Into<String>) -> ApiError {
     ApiError::new(StatusCode::CONFLICT, code, message)
@@ -118,13 +72,13 @@ fn conflict(code: &'static str, message: impl Into<String>) -> ApiError {
     params(("id" = String, Path, description = "Appliance id: 1-128 of `[A-Za-z0-9._-]`")),
     responses(
         (status = 200, description = "NDJSON lines (`application/x-ndjson`), see the module docs: started, output…, then exit or failed", content_type = "application/x-ndjson"),
-        (status = 400, description = "bad input", body = crate::api::ErrorBody),
-        (status = 401, description = "no client certificate", body = crate::api::ErrorBody),
-        (status = 403, description = "refused: not an operator, or role too low", body = crate::api::ErrorBody),
-        (status = 404, description = "no such appliance", body = crate::api::ErrorBody),
-        (status = 408, description = "the request took longer than `http.request_timeout`", body = crate::api::ErrorBody),
-        (status = 409, description = "`offline`, `appliance_disabled` or `appliance_revoked`", body = crate::api::ErrorBody),
-        (status = 413, description = "request body larger than 64 KiB", body = crate::api::ErrorBody),
+        (status = 400, description = "bad input", body = tether_api::ErrorBody),
+        (status = 401, description = "no client certificate", body = tether_api::ErrorBody),
+        (status = 403, description = "refused: not an operator, or role too low", body = tether_api::ErrorBody),
+        (status = 404, description = "no such appliance", body = tether_api::ErrorBody),
+        (status = 408, description = "the request took longer than `http.request_timeout`", body = tether_api::ErrorBody),
+        (status = 409, description = "`offline`, `appliance_disabled` or `appliance_revoked`", body = tether_api::ErrorBody),
+        (status = 413, description = "request body larger than 64 KiB", body = tether_api::ErrorBody),
     ),
     security(("operator_certificate" = []))
 )]
@@ -266,12 +220,11 @@ pub async fn exec(
                 _ = tx.closed() => {
                     // The caller went away: stop the command.
                     s.cluster.cancel(command_id);
-                    break ExecLine::Failed { code: CommandFailure::Cancelled.name().into(), message: "the caller went away".into() };
+                    break ExecLine::Failed { code: CommandFailure::Cancelled, message: "the caller went away".into() };
                 }
             };
             match ev {
                 Some(ExecEvent::Output { stream, data }) => {
-                    let stream = stream.name().to_owned();
                     if tx
                         .send(line(&ExecLine::Output { stream, data }))
                         .await
@@ -279,22 +232,19 @@ pub async fn exec(
                     {
                         s.cluster.cancel(command_id);
                         break ExecLine::Failed {
-                            code: CommandFailure::Cancelled.name().into(),
+                            code: CommandFailure::Cancelled,
                             message: "the caller went away".into(),
                         };
                     }
                 }
                 Some(ExecEvent::Exit(code)) => break ExecLine::Exit { code },
                 Some(ExecEvent::Failed { code, message }) => {
-                    break ExecLine::Failed {
-                        code: code.name().into(),
-                        message,
-                    }
+                    break ExecLine::Failed { code, message }
                 }
                 None => {
                     s.cluster.cancel(command_id);
                     break ExecLine::Failed {
-                        code: CommandFailure::TimedOut.name().into(),
+                        code: CommandFailure::TimedOut,
                         message: format!("no result within {timeout:?}"),
                     };
                 }
@@ -307,14 +257,12 @@ pub async fn exec(
         // (an agent's own codes must not grow the label set without bound).
         let label = match &last {
             ExecLine::Failed { code, .. } => {
-                end = end
-                    .with_outcome(Outcome::Failed)
-                    .with("code", code.as_str());
-                OUTCOME_LABELS
-                    .iter()
-                    .find(|l| **l == code.as_str())
-                    .copied()
-                    .unwrap_or("failed")
+                end = end.with_outcome(Outcome::Failed).with("code", code.name());
+                if OUTCOME_LABELS.contains(code) {
+                    code.name()
+                } else {
+                    "failed"
+                }
             }
             ExecLine::Exit { code } => {
                 end = end.with("exit_code", *code as i64);

@@ -8,10 +8,11 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand};
+use tether_api::appliances::{ApplianceStatus, PlatformBinding};
 use tether_audit::{self as audit, action, Actor, AuditEvent, Outcome};
 use tether_control::audit_log;
 use tether_control::config::{env, ControlConfig};
-use tether_control::store::{Appliance, ApplianceStatus, PlatformBinding, Store, StoreError};
+use tether_control::store::{Appliance, Store, StoreError};
 use tokio_util::sync::CancellationToken;
 
 #[global_allocator]
@@ -146,7 +147,7 @@ enum OperatorCmd {
         name: String,
         /// Role: admin, operator or viewer.
         #[arg(long)]
-        role: tether_control::operators::Role,
+        role: tether_api::operators::Role,
         /// Lifetime of the bundle (at most 30 days).
         #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
         ttl: Duration,
@@ -384,7 +385,7 @@ async fn main() -> anyhow::Result<()> {
                 tether_control::operators::control_url(&cfg),
                 ca.root_pem(),
                 tether_control::operators::FIRST_ADMIN,
-                tether_control::operators::Role::Admin,
+                tether_api::operators::Role::Admin,
                 tether_control::operators::ADMIN_BUNDLE_TTL,
                 local_admin(),
                 now,
@@ -437,7 +438,7 @@ async fn main() -> anyhow::Result<()> {
                 println!("{}", serde_json::to_string_pretty(&fleet)?);
             } else {
                 println!("{} appliance(s), {} disabled", fleet.total, fleet.disabled);
-                for state in tether_control::trust::TrustState::ALL {
+                for state in tether_api::trust::TrustState::ALL {
                     println!("  {:<20} {}", state.as_str(), fleet.counts[state.as_str()]);
                 }
                 if fleet.alerts.is_empty() {
@@ -758,7 +759,7 @@ async fn operator_cmd(cmd: OperatorCmd, now: i64) -> anyhow::Result<()> {
             if let Err(e) = tether_identity::OperatorName::new(&name) {
                 bail!("invalid operator name {name:?}: {e}");
             }
-            if ttl.is_zero() || ttl > operators::MAX_INVITE_TTL {
+            if ttl.is_zero() || ttl > tether_api::operators::MAX_INVITE_TTL {
                 bail!("--ttl must be between 1s and 30 days");
             }
             let (cfg, store) = open(&dir.data_dir).await?;

@@ -3,7 +3,7 @@
 //!
 //! It is generated from the code: every handler in [`crate::api::router`] carries a
 //! `#[utoipa::path]` (method, path, parameters, request body, the success answer and every
-//! error status it can give, each with the [`crate::api::ErrorBody`] schema, named
+//! error status it can give, each with the [`tether_api::ErrorBody`] schema, named
 //! `Error`), and every body type derives `utoipa::ToSchema`. Operator and appliance routes
 //! name a `mutualTLS` security scheme: the client certificate is checked in the TLS
 //! handshake, not by a header. `tests/openapi.rs` checks that the document lists exactly
@@ -63,7 +63,7 @@ pub const APPLIANCE_SCHEME: &str = "appliance_certificate";
         crate::brokers::revoke,
         crate::cluster::channel,
     ),
-    components(schemas(crate::api::ErrorBody)),
+    components(schemas(tether_api::ErrorBody)),
     modifiers(&SecuritySchemes),
     tags(
         (name = "health", description = "Liveness and this document"),

@@ -26,16 +26,22 @@
 //! `role_forbidden`. Every denial is one audit entry (the route's action, outcome
 //! `refused`, `code`), by the identity the certificate names.
 //!
-//! Roles: `admin` ⊇ `operator` ⊇ `viewer` ([`Role::allows`]). Routes: operators (invite,
+//! Roles: `admin` ⊇ `operator` ⊇ `viewer` ([`RoleExt::allows`]). Routes: operators (invite,
 //! list, revoke) need `admin`; appliance changes and tokens ([`crate::appliances`]) need
 //! `operator`; `GET /v1/fleet/trust` and appliance reads need `viewer`.
+//!
+//! The request and answer bodies ([`Role`], [`Bundle`], [`LoginRequest`], …) are declared
+//! in [`tether_api::operators`].
 
 use std::time::Duration;
 
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::{Extension, Json};
-use serde::{Deserialize, Serialize};
+use tether_api::operators::{
+    Bundle, InviteRequest, LoginRequest, LoginResponse, Operator, OperatorList, OperatorStatus,
+    RevokeResponse, Role, DEFAULT_INVITE_TTL, MAX_INVITE_TTL,
+};
 use tether_audit::{self as audit, Actor, AuditEvent};
 use tracing::{info, warn};
 
@@ -48,10 +54,6 @@ use crate::server::PeerCertificate;
 use crate::store::{Store, StoreError, UnixSeconds};
 use crate::token::Token;
 
-/// Lifetime of an invite when none is given: 24 hours.
-pub const DEFAULT_INVITE_TTL: Duration = Duration::from_secs(24 * 3600);
-/// Longest invite lifetime: 30 days.
-pub const MAX_INVITE_TTL: Duration = Duration::from_secs(30 * 86_400);
 /// Lifetime of the first admin's bundle written by `tether-control init`: 7 days.
 pub const ADMIN_BUNDLE_TTL: Duration = Duration::from_secs(7 * 86_400);
 /// Name of the first admin.
@@ -71,100 +73,25 @@ pub mod action {
     pub const FLEET_TRUST: &str = "fleet.trust";
 }
 
-/// What an operator may do. `admin` may do everything, `operator` works with appliances,
-/// commands and tokens, `viewer` only reads.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
-#[serde(rename_all = "snake_case")]
-pub enum Role {
-    /// Everything, operators included.
-    Admin,
-    /// Appliances, commands, tokens.
-    Operator,
-    /// Read-only.
-    Viewer,
-}
-
-impl Role {
-    /// Every role, most powerful first.
-    pub const ALL: [Role; 3] = [Role::Admin, Role::Operator, Role::Viewer];
-
-    /// The name used in the store, the API and bundles.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Role::Admin => "admin",
-            Role::Operator => "operator",
-            Role::Viewer => "viewer",
-        }
-    }
-
-    /// The role named `s`, if any.
-    pub fn parse(s: &str) -> Option<Role> {
-        Role::ALL.into_iter().find(|r| r.as_str() == s)
-    }
-
-    fn rank(self) -> u8 {
-        match self {
-            Role::Admin => 2,
-            Role::Operator => 1,
-            Role::Viewer => 0,
-        }
-    }
-
+/// What a role may do: control's rule over [`Role`] (which lives in `tether_api`, names
+/// only). Roles nest: `admin` ⊇ `operator` ⊇ `viewer`.
+pub trait RoleExt {
     /// Whether this role may call a route that needs `needed`.
-    pub fn allows(self, needed: Role) -> bool {
-        self.rank() >= needed.rank()
+    fn allows(self, needed: Role) -> bool;
+}
+
+impl RoleExt for Role {
+    fn allows(self, needed: Role) -> bool {
+        rank(self) >= rank(needed)
     }
 }
 
-impl std::str::FromStr for Role {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Role, String> {
-        Role::parse(s).ok_or_else(|| format!("unknown role {s:?} (admin, operator, viewer)"))
+fn rank(role: Role) -> u8 {
+    match role {
+        Role::Admin => 2,
+        Role::Operator => 1,
+        Role::Viewer => 0,
     }
-}
-
-/// Status of an operator.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
-#[serde(rename_all = "snake_case")]
-pub enum OperatorStatus {
-    /// May call operator routes with a recorded certificate.
-    Active,
-    /// Refused everywhere; a new invite for the name re-activates it.
-    Revoked,
-}
-
-impl OperatorStatus {
-    /// The name used in the store.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            OperatorStatus::Active => "active",
-            OperatorStatus::Revoked => "revoked",
-        }
-    }
-
-    /// The status named `s`, if any.
-    pub fn parse(s: &str) -> Option<OperatorStatus> {
-        match s {
-            "active" => Some(OperatorStatus::Active),
-            "revoked" => Some(OperatorStatus::Revoked),
-            _ => None,
-        }
-    }
-}
-
-/// An operator, as listed.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
-pub struct Operator {
-    /// Name (`[A-Za-z0-9._-]{1,128}`).
-    pub name: String,
-    /// Role.
-    pub role: Role,
-    /// Status.
-    pub status: OperatorStatus,
-    /// When it first logged in, Unix seconds.
-    pub created_at: UnixSeconds,
-    /// Recorded (honoured) certificates.
-    pub certificates: i64,
 }
 
 /// The operator a recorded certificate belongs to.
@@ -256,53 +183,6 @@ impl InviteRefusal {
                 "this bundle was cancelled (its operator was revoked); ask an admin for a new one"
             }
         }
-    }
-}
-
-/// What [`Store::revoke_operator`] changed.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
-pub struct Revoked {
-    /// Certificates no longer honoured.
-    pub certificates_removed: u64,
-    /// Unredeemed invites cancelled.
-    pub invites_cancelled: u64,
-}
-
-/// A one-time enrollment bundle: everything `tether login --bundle FILE` needs. `Debug`
-/// redacts the token.
-#[derive(Clone, Serialize, Deserialize, utoipa::ToSchema)]
-pub struct Bundle {
-    /// Control's HTTPS URL.
-    pub control_url: String,
-    /// The root CA, PEM (pinned by the CLI).
-    pub ca_pem: String,
-    /// The one-time token.
-    pub token: String,
-    /// The operator name.
-    pub name: String,
-    /// The role.
-    pub role: Role,
-    /// When the token expires, RFC 3339.
-    pub expires_at: String,
-}
-
-impl std::fmt::Debug for Bundle {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let Self {
-            control_url,
-            ca_pem: _,
-            token: _,
-            name,
-            role,
-            expires_at,
-        } = self;
-        f.debug_struct("Bundle")
-            .field("control_url", control_url)
-            .field("token", &"<redacted>")
-            .field("name", name)
-            .field("role", role)
-            .field("expires_at", expires_at)
-            .finish_non_exhaustive()
     }
 }
 
@@ -481,37 +361,6 @@ async fn authorize_checked(
     })
 }
 
-/// Body of `POST /v1/operators/login`.
-#[derive(Deserialize, utoipa::ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct LoginRequest {
-    /// The bundle's one-time token.
-    pub token: String,
-    /// PKCS#10 CSR, PEM (key generated by the operator).
-    pub csr_pem: String,
-}
-
-impl std::fmt::Debug for LoginRequest {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("LoginRequest(<redacted>)")
-    }
-}
-
-/// Answer to a login.
-#[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
-pub struct LoginResponse {
-    /// Leaf then intermediate, PEM.
-    pub certificate_pem: String,
-    /// The root CA, PEM.
-    pub ca_pem: String,
-    /// Operator name.
-    pub name: String,
-    /// Role.
-    pub role: Role,
-    /// Certificate `notAfter`, RFC 3339.
-    pub expires_at: String,
-}
-
 /// `POST /v1/operators/login`.
 #[utoipa::path(
     post,
@@ -520,12 +369,12 @@ pub struct LoginResponse {
     request_body = LoginRequest,
     responses(
         (status = 200, description = "an operator certificate", body = LoginResponse),
-        (status = 400, description = "bad input (malformed JSON, bad field, bad query)", body = crate::api::ErrorBody),
-        (status = 403, description = "refused: not an operator certificate, unknown or revoked operator, expired certificate, or role too low", body = crate::api::ErrorBody),
-        (status = 408, description = "the request took longer than `http.request_timeout`", body = crate::api::ErrorBody),
-        (status = 409, description = "conflict with the current state", body = crate::api::ErrorBody),
-        (status = 413, description = "request body larger than 64 KiB", body = crate::api::ErrorBody),
-        (status = 429, description = "`rate_limited`: too many requests from this client address (`http.public_rate_per_sec`); `Retry-After` says after how many seconds to retry", body = crate::api::ErrorBody)
+        (status = 400, description = "bad input (malformed JSON, bad field, bad query)", body = tether_api::ErrorBody),
+        (status = 403, description = "refused: not an operator certificate, unknown or revoked operator, expired certificate, or role too low", body = tether_api::ErrorBody),
+        (status = 408, description = "the request took longer than `http.request_timeout`", body = tether_api::ErrorBody),
+        (status = 409, description = "conflict with the current state", body = tether_api::ErrorBody),
+        (status = 413, description = "request body larger than 64 KiB", body = tether_api::ErrorBody),
+        (status = 429, description = "`rate_limited`: too many requests from this client address (`http.public_rate_per_sec`); `Retry-After` says after how many seconds to retry", body = tether_api::ErrorBody)
     )
 )]
 pub async fn login(
@@ -623,19 +472,6 @@ async fn login_checked(
     })
 }
 
-/// Body of `POST /v1/operators/invites`.
-#[derive(Debug, Deserialize, utoipa::ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct InviteRequest {
-    /// Operator name.
-    pub name: String,
-    /// Role to grant.
-    pub role: Role,
-    /// Lifetime in seconds [default: [`DEFAULT_INVITE_TTL`]; at most [`MAX_INVITE_TTL`]].
-    #[serde(default)]
-    pub ttl_secs: Option<u64>,
-}
-
 /// `POST /v1/operators/invites` (admin): a new bundle.
 #[utoipa::path(
     post,
@@ -644,11 +480,11 @@ pub struct InviteRequest {
     request_body = InviteRequest,
     responses(
         (status = 200, description = "a one-time enrollment bundle", body = Bundle),
-        (status = 400, description = "bad input (malformed JSON, bad field, bad query)", body = crate::api::ErrorBody),
-        (status = 401, description = "no client certificate, or one control did not issue", body = crate::api::ErrorBody),
-        (status = 403, description = "refused: not an operator certificate, unknown or revoked operator, expired certificate, or role too low", body = crate::api::ErrorBody),
-        (status = 408, description = "the request took longer than `http.request_timeout`", body = crate::api::ErrorBody),
-        (status = 413, description = "request body larger than 64 KiB", body = crate::api::ErrorBody)
+        (status = 400, description = "bad input (malformed JSON, bad field, bad query)", body = tether_api::ErrorBody),
+        (status = 401, description = "no client certificate, or one control did not issue", body = tether_api::ErrorBody),
+        (status = 403, description = "refused: not an operator certificate, unknown or revoked operator, expired certificate, or role too low", body = tether_api::ErrorBody),
+        (status = 408, description = "the request took longer than `http.request_timeout`", body = tether_api::ErrorBody),
+        (status = 413, description = "request body larger than 64 KiB", body = tether_api::ErrorBody)
     ),
     security(("operator_certificate" = []))
 )]
@@ -694,13 +530,6 @@ pub async fn invite(
     Ok(Json(bundle))
 }
 
-/// Answer to `GET /v1/operators`.
-#[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
-pub struct OperatorList {
-    /// Every operator, by name.
-    pub operators: Vec<Operator>,
-}
-
 /// `GET /v1/operators` (admin).
 #[utoipa::path(
     get,
@@ -708,9 +537,9 @@ pub struct OperatorList {
     tag = "operators",
     responses(
         (status = 200, description = "every operator", body = OperatorList),
-        (status = 401, description = "no client certificate, or one control did not issue", body = crate::api::ErrorBody),
-        (status = 403, description = "refused: not an operator certificate, unknown or revoked operator, expired certificate, or role too low", body = crate::api::ErrorBody),
-        (status = 408, description = "the request took longer than `http.request_timeout`", body = crate::api::ErrorBody)
+        (status = 401, description = "no client certificate, or one control did not issue", body = tether_api::ErrorBody),
+        (status = 403, description = "refused: not an operator certificate, unknown or revoked operator, expired certificate, or role too low", body = tether_api::ErrorBody),
+        (status = 408, description = "the request took longer than `http.request_timeout`", body = tether_api::ErrorBody)
     ),
     security(("operator_certificate" = []))
 )]
@@ -724,16 +553,6 @@ pub async fn list(
     Ok(Json(OperatorList { operators }))
 }
 
-/// Answer to `POST /v1/operators/{name}/revoke`.
-#[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
-pub struct RevokeResponse {
-    /// The operator.
-    pub name: String,
-    /// What changed.
-    #[serde(flatten)]
-    pub revoked: Revoked,
-}
-
 /// `POST /v1/operators/{name}/revoke` (admin).
 #[utoipa::path(
     post,
@@ -742,12 +561,12 @@ pub struct RevokeResponse {
     params(("name" = String, Path, description = "Operator name: 1-128 of `[A-Za-z0-9._-]`")),
     responses(
         (status = 200, description = "revoked", body = RevokeResponse),
-        (status = 400, description = "bad input (malformed JSON, bad field, bad query)", body = crate::api::ErrorBody),
-        (status = 401, description = "no client certificate, or one control did not issue", body = crate::api::ErrorBody),
-        (status = 403, description = "refused: not an operator certificate, unknown or revoked operator, expired certificate, or role too low", body = crate::api::ErrorBody),
-        (status = 404, description = "no such appliance or operator", body = crate::api::ErrorBody),
-        (status = 408, description = "the request took longer than `http.request_timeout`", body = crate::api::ErrorBody),
-        (status = 409, description = "`last_admin`: the last active admin cannot be revoked", body = crate::api::ErrorBody)
+        (status = 400, description = "bad input (malformed JSON, bad field, bad query)", body = tether_api::ErrorBody),
+        (status = 401, description = "no client certificate, or one control did not issue", body = tether_api::ErrorBody),
+        (status = 403, description = "refused: not an operator certificate, unknown or revoked operator, expired certificate, or role too low", body = tether_api::ErrorBody),
+        (status = 404, description = "no such appliance or operator", body = tether_api::ErrorBody),
+        (status = 408, description = "the request took longer than `http.request_timeout`", body = tether_api::ErrorBody),
+        (status = 409, description = "`last_admin`: the last active admin cannot be revoked", body = tether_api::ErrorBody)
     ),
     security(("operator_certificate" = []))
 )]
@@ -848,18 +667,5 @@ mod tests {
             ..i
         };
         assert_eq!(cancelled.refusal(1), Some(InviteRefusal::Cancelled));
-    }
-
-    #[test]
-    fn bundle_debug_redacts_the_token() {
-        let b = Bundle {
-            control_url: "https://x:1".into(),
-            ca_pem: String::new(),
-            token: "tt_secret".into(),
-            name: "a".into(),
-            role: Role::Admin,
-            expires_at: String::new(),
-        };
-        assert!(!format!("{b:?}").contains("tt_secret"));
     }
 }

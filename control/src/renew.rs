@@ -28,24 +28,17 @@
 use std::time::Duration;
 
 use axum::http::StatusCode;
-use serde::Deserialize;
+use tether_api::appliances::ApplianceStatus;
+use tether_api::enroll::{EnrollResponse, RenewRequest};
 use tether_audit::{self as audit, action, Actor, AuditEvent};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::api::{ApiError, AppState};
-use crate::enroll::{internal, issue_and_record, outcome_of, record_refusal, EnrollResponse};
+use crate::enroll::{internal, issue_and_record, outcome_of, record_refusal};
 use crate::identity::{identify, PeerIdentity};
 use crate::server::PeerCertificate;
-use crate::store::{ApplianceStatus, Store};
-
-/// Body of `POST /v1/renew`.
-#[derive(Debug, Deserialize, utoipa::ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct RenewRequest {
-    /// PKCS#10 CSR for the new key, PEM.
-    pub csr_pem: String,
-}
+use crate::store::Store;
 
 /// Renew the certificate the caller authenticated with. Every refusal is recorded in the
 /// audit log (see the module docs).

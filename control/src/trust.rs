@@ -18,7 +18,10 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::store::{Appliance, ApplianceFilter, ApplianceStatus, CertRecord, Store, StoreError};
+use tether_api::appliances::ApplianceStatus;
+use tether_api::trust::{FleetTrust, TrustAlert, TrustState};
+
+use crate::store::{Appliance, ApplianceFilter, CertRecord, Store, StoreError};
 
 /// `[trust]` in `control.toml`.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -41,63 +44,9 @@ impl Default for TrustSettings {
     }
 }
 
-/// An appliance's trust state.
-#[derive(
-    Clone,
-    Copy,
-    Debug,
-    PartialEq,
-    Eq,
-    PartialOrd,
-    Ord,
-    Hash,
-    Serialize,
-    Deserialize,
-    utoipa::ToSchema,
-)]
-#[serde(rename_all = "snake_case")]
-pub enum TrustState {
-    /// Certificate valid for longer than the recommendation threshold.
-    Trusted,
-    /// Should renew soon.
-    RenewalRecommended,
-    /// Should have renewed already.
-    RenewalDue,
-    /// Certificate expired.
-    Expired,
-    /// Never enrolled.
-    NotEnrolled,
-    /// Revoked.
-    TrustRevoked,
-}
-
-impl TrustState {
-    /// Every state, in display order.
-    pub const ALL: [TrustState; 6] = [
-        TrustState::Trusted,
-        TrustState::RenewalRecommended,
-        TrustState::RenewalDue,
-        TrustState::Expired,
-        TrustState::NotEnrolled,
-        TrustState::TrustRevoked,
-    ];
-
-    /// The snake_case name.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            TrustState::Trusted => "trusted",
-            TrustState::RenewalRecommended => "renewal_recommended",
-            TrustState::RenewalDue => "renewal_due",
-            TrustState::Expired => "expired",
-            TrustState::NotEnrolled => "not_enrolled",
-            TrustState::TrustRevoked => "trust_revoked",
-        }
-    }
-
-    /// Whether an appliance in this state needs someone's attention.
-    pub fn is_alert(self) -> bool {
-        matches!(self, TrustState::RenewalDue | TrustState::Expired)
-    }
+/// Whether an appliance in `state` needs someone's attention (a trust alert).
+pub fn is_alert(state: TrustState) -> bool {
+    matches!(state, TrustState::RenewalDue | TrustState::Expired)
 }
 
 /// The trust state of an appliance with status `status` whose current certificate (if
@@ -124,34 +73,6 @@ pub fn evaluate(
     } else {
         TrustState::Trusted
     }
-}
-
-/// One appliance that needs attention.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
-pub struct TrustAlert {
-    /// The appliance.
-    pub appliance_id: String,
-    /// Its tenant.
-    pub tenant: String,
-    /// Its state (`renewal_due` or `expired`).
-    pub state: TrustState,
-    /// Its certificate's `notAfter`, RFC 3339.
-    pub not_after: String,
-    /// What it means.
-    pub message: String,
-}
-
-/// `GET /v1/fleet/trust`.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
-pub struct FleetTrust {
-    /// Appliances registered.
-    pub total: u64,
-    /// Count per trust state (every state present, zeros included).
-    pub counts: BTreeMap<String, u64>,
-    /// Appliances disabled (counted in `counts` under their trust state as well).
-    pub disabled: u64,
-    /// Active trust alerts (enabled appliances only), most urgent first.
-    pub alerts: Vec<TrustAlert>,
 }
 
 /// Page size used to walk the fleet.
@@ -205,7 +126,7 @@ pub async fn fleet_trust(
             disabled += 1;
             continue;
         }
-        if let (true, Some(cert)) = (state.is_alert(), cert) {
+        if let (true, Some(cert)) = (is_alert(state), cert) {
             let message = match state {
                 TrustState::Expired => format!(
                     "certificate expired; the appliance must re-enroll ({})",
@@ -240,7 +161,7 @@ pub async fn fleet_trust(
 
 fn binding_hint(a: &Appliance) -> &'static str {
     match a.binding {
-        crate::store::PlatformBinding::TokenOnly => {
+        tether_api::appliances::PlatformBinding::TokenOnly => {
             "token-only: create a new enrollment token for it"
         }
         _ => "its agent re-enrolls on its own with a fresh platform proof",

@@ -10,15 +10,17 @@
 
 use std::sync::Arc;
 
+use tether_api::appliances::{ApplianceStatus, PlatformBinding};
+use tether_api::enroll::{EnrollRequest, Proof, RenewRequest};
 use tether_audit::{action, system, Actor, AuditEvent};
 use tether_control::api::AppState;
 use tether_control::ca::Ca;
 use tether_control::config::ControlConfig;
-use tether_control::enroll::{self, EnrollRequest, Proof};
-use tether_control::renew::{self, RenewRequest};
+use tether_control::enroll;
+use tether_control::renew;
 use tether_control::server::PeerCertificate;
 use tether_control::store::sql::SqlStore;
-use tether_control::store::{Appliance, ApplianceStatus, CertRecord, CertState, PlatformBinding};
+use tether_control::store::{Appliance, CertRecord, CertState};
 use tether_control::token::Token;
 
 const TRUST_DOMAIN: &str = "example.com";
@@ -116,7 +118,7 @@ impl Control {
         nonce: &str,
         token: &str,
         now: i64,
-    ) -> Result<enroll::EnrollResponse, tether_control::api::ApiError> {
+    ) -> Result<tether_api::enroll::EnrollResponse, tether_control::api::ApiError> {
         let req = EnrollRequest {
             appliance_id: id.into(),
             csr_pem: csr(),
@@ -132,7 +134,7 @@ impl Control {
         &self,
         der: Arc<[u8]>,
         now: i64,
-    ) -> Result<enroll::EnrollResponse, tether_control::api::ApiError> {
+    ) -> Result<tether_api::enroll::EnrollResponse, tether_control::api::ApiError> {
         renew::renew(
             &self.state,
             &PeerCertificate(Some(der)),

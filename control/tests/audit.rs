@@ -11,6 +11,8 @@ use std::sync::Arc;
 
 use axum::http::StatusCode;
 use serde_json::{json, Value};
+use tether_api::appliances::{ApplianceStatus, PlatformBinding};
+use tether_api::enroll::{EnrollRequest, Proof, RenewRequest};
 use tether_audit::{
     action, entry_hash, system, verify_chain, Actor, ActorKind, AuditEntry, AuditEvent, ChainError,
     ChainVerifier, Outcome, GENESIS_HASH,
@@ -18,11 +20,11 @@ use tether_audit::{
 use tether_control::api::AppState;
 use tether_control::ca::Ca;
 use tether_control::config::ControlConfig;
-use tether_control::enroll::{self, EnrollRequest, Proof};
-use tether_control::renew::{self, RenewRequest};
+use tether_control::enroll;
+use tether_control::renew;
 use tether_control::server::PeerCertificate;
 use tether_control::store::sql::SqlStore;
-use tether_control::store::{Appliance, ApplianceStatus, PlatformBinding, Store};
+use tether_control::store::{Appliance, Store};
 use tether_control::token::Token;
 
 const NOW: i64 = 1_700_000_000;
@@ -452,7 +454,7 @@ impl Control {
         csr_pem: String,
         proof: Proof,
         now: i64,
-    ) -> Result<enroll::EnrollResponse, tether_control::api::ApiError> {
+    ) -> Result<tether_api::enroll::EnrollResponse, tether_control::api::ApiError> {
         let req = EnrollRequest {
             appliance_id: id.into(),
             csr_pem,

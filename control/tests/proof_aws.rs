@@ -19,7 +19,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use aws_credential_types::Credentials;
 use aws_sigv4::http_request::{sign, SignableBody, SignableRequest, SigningSettings};
 use axum::http::StatusCode;
-use tether_control::proof::aws::{AwsProof, AwsSettings, AwsVerifier};
+use tether_api::enroll::AwsProof;
+use tether_control::proof::aws::{AwsSettings, AwsVerifier};
 use tether_control::proof::{ProofError, Verified};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 

@@ -7,8 +7,9 @@ mod common;
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::Ordering;
 
+use tether_api::appliances::ApplianceStatus;
 use tether_control::store::sql::SqlStore;
-use tether_control::store::{AllowlistDelta, ApplianceStatus, CertState, Store, StoreError};
+use tether_control::store::{AllowlistDelta, CertState, Store, StoreError};
 
 use common::*;
 

@@ -6,11 +6,9 @@ mod common;
 
 use std::collections::BTreeSet;
 
+use tether_api::appliances::{ApplianceStatus, PlatformBinding};
 use tether_control::store::sql::DEFAULT_LIST_LIMIT;
-use tether_control::store::{
-    Appliance, ApplianceFilter, ApplianceStatus, CertRecord, CertState, PlatformBinding, Store,
-    StoreError,
-};
+use tether_control::store::{Appliance, ApplianceFilter, CertRecord, CertState, Store, StoreError};
 
 use common::*;
 

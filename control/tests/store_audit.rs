@@ -6,14 +6,13 @@
 mod common;
 
 use sqlx::Connection;
+use tether_api::appliances::ApplianceStatus;
 use tether_audit::{
     action, system, verify_chain, Actor, AuditEntry, AuditEvent, ChainVerifier, Outcome,
     GENESIS_HASH, MAX_DETAILS_LEN, MAX_TARGET_LEN,
 };
 use tether_control::store::sql::SqlStore;
-use tether_control::store::{
-    ApplianceStatus, CertRecord, CertState, Store, StoreError, TokenRefusal,
-};
+use tether_control::store::{CertRecord, CertState, Store, StoreError, TokenRefusal};
 
 use common::*;
 

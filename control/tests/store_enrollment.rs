@@ -7,9 +7,8 @@ mod common;
 
 use std::collections::BTreeSet;
 
-use tether_control::store::{
-    ApplianceStatus, CertRecord, CertState, Store, StoreError, TokenRefusal,
-};
+use tether_api::appliances::ApplianceStatus;
+use tether_control::store::{CertRecord, CertState, Store, StoreError, TokenRefusal};
 
 use common::*;
 

@@ -127,11 +127,8 @@ pub async fn broker_sessions(brokers: &[BrokerRef], api: Option<&Api>) -> Option
     }
     let list = api?.brokers().await.ok()?;
     for b in brokers {
-        let info = list["brokers"]
-            .as_array()?
-            .iter()
-            .find(|i| i["name"].as_str() == Some(b.name.as_str()))?;
-        total += info["sessions"].as_f64()?;
+        let info = list.brokers.iter().find(|i| i.name == b.name)?;
+        total += info.sessions? as f64;
     }
     Some(total as u64)
 }

@@ -13,6 +13,9 @@ use hdrhistogram::Histogram;
 use indicatif::ProgressBar;
 use serde::Serialize;
 use tether_agent::{Agent, AgentConfig, AgentEvent, Credentials};
+use tether_api::appliances::{ApplianceDetail, PlatformBinding, RegisterRequest, TokenResponse};
+use tether_api::brokers::BrokerList;
+use tether_api::exec::{ExecLine, ExecRequest};
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -68,7 +71,12 @@ impl Api {
         let mut resp = self
             .http
             .post(format!("{}/v1/appliances/{id}/exec", self.url))
-            .json(&serde_json::json!({"argv": [COMMAND], "timeout_ms": COMMAND_TIMEOUT_MS}))
+            .json(&ExecRequest {
+                argv: vec![COMMAND.to_owned()],
+                timeout_ms: Some(COMMAND_TIMEOUT_MS),
+                kind: None,
+                env_allowlist: Vec::new(),
+            })
             .send()
             .await
             .map_err(|_| "exec_transport".to_owned())?;
@@ -99,18 +107,21 @@ impl Api {
     /// id already there is fine if it is in `tenant` (an earlier run made it); one in any
     /// other tenant is a real appliance, and the run stops rather than touch it.
     pub async fn register(&self, id: &str, tenant: &str) -> anyhow::Result<()> {
-        let binding = serde_json::to_value(tether_control::store::PlatformBinding::TokenOnly)?;
         let resp = self
             .http
             .post(format!("{}/v1/appliances", self.url))
-            .json(&serde_json::json!({"id": id, "binding": binding, "tenant": tenant}))
+            .json(&RegisterRequest {
+                id: id.to_owned(),
+                tenant: Some(tenant.to_owned()),
+                binding: PlatformBinding::TokenOnly,
+            })
             .send()
             .await
             .with_context(|| format!("registering {id} with control"))?;
         match resp.status().as_u16() {
             200..=299 => Ok(()),
             409 => {
-                let existing: serde_json::Value = self
+                let existing: ApplianceDetail = self
                     .http
                     .get(format!("{}/v1/appliances/{id}", self.url))
                     .send()
@@ -118,12 +129,12 @@ impl Api {
                     .error_for_status()?
                     .json()
                     .await?;
-                if existing["tenant"].as_str() == Some(tenant) {
+                if existing.appliance.tenant == tenant {
                     Ok(())
                 } else {
                     anyhow::bail!(
                         "control already has an appliance {id} outside the tenant {tenant:?}                          (tenant {}): this run leaves real appliances alone; use a control                          whose appliance ids do not clash with the load test's",
-                        existing["tenant"]
+                        existing.appliance.tenant
                     )
                 }
             }
@@ -155,18 +166,16 @@ impl Api {
             .send()
             .await
             .with_context(|| format!("asking control for a token for {id}"))?;
-        let v: serde_json::Value = Self::success(resp, &format!("a token for {id}"))
+        let t: TokenResponse = Self::success(resp, &format!("a token for {id}"))
             .await?
             .json()
-            .await?;
-        v["token"]
-            .as_str()
-            .map(str::to_owned)
-            .context("control's token answer has no token")
+            .await
+            .context("control's token answer")?;
+        Ok(t.token)
     }
 
     /// `GET /v1/brokers`.
-    pub async fn brokers(&self) -> anyhow::Result<serde_json::Value> {
+    pub async fn brokers(&self) -> anyhow::Result<BrokerList> {
         let resp = self
             .http
             .get(format!("{}/v1/brokers", self.url))
@@ -198,17 +207,11 @@ impl Api {
 /// One NDJSON line of an exec answer: `None` if not the last one, `Some(Ok)` for exit 0,
 /// `Some(Err(kind))` for another exit code or a failure.
 fn final_line(line: &[u8]) -> Option<Result<(), String>> {
-    let v: serde_json::Value = serde_json::from_slice(line).ok()?;
-    match v.get("type")?.as_str()? {
-        "exit" => Some(match v.get("code").and_then(|c| c.as_i64()) {
-            Some(0) => Ok(()),
-            _ => Err("exec_exit_nonzero".into()),
-        }),
-        "failed" => {
-            let code = v.get("code").and_then(|c| c.as_str()).unwrap_or("unknown");
-            Some(Err(format!("exec_failed_{}", key(code))))
-        }
-        _ => None,
+    match serde_json::from_slice::<ExecLine>(line).ok()? {
+        ExecLine::Exit { code: 0 } => Some(Ok(())),
+        ExecLine::Exit { .. } => Some(Err("exec_exit_nonzero".into())),
+        ExecLine::Failed { code, .. } => Some(Err(format!("exec_failed_{}", key(code.name())))),
+        ExecLine::Started { .. } | ExecLine::Output { .. } => None,
     }
 }
 
@@ -754,7 +757,7 @@ mod tests {
             Some(Err("exec_failed_timed_out".into()))
         );
         assert_eq!(
-            final_line(br#"{"type":"failed","code":"Bad Code!"}"#),
+            final_line(br#"{"type":"failed","code":"Bad Code!","message":""}"#),
             Some(Err("exec_failed_bad_code_".into()))
         );
     }

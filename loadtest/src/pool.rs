@@ -34,8 +34,10 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use nix::fcntl::{Flock, FlockArg};
 use tether_agent::Credentials;
+use tether_api::appliances::{ApplianceStatus, PlatformBinding};
+use tether_api::operators::{Bundle as OperatorBundle, LoginRequest, LoginResponse};
 use tether_audit::{action, system, Actor, AuditEvent};
-use tether_control::store::{Appliance, ApplianceStatus, PlatformBinding, StoreError};
+use tether_control::store::{Appliance, StoreError};
 use tether_proto::cluster::BrokerBundle;
 
 use crate::progress::Progress;
@@ -344,7 +346,7 @@ impl Pool {
                 "https://127.0.0.1:1".into(),
                 root_pem.clone(),
                 &format!("{OPERATOR_PREFIX}-{now}"),
-                tether_control::operators::Role::Admin,
+                tether_api::operators::Role::Admin,
                 TOKEN_TTL,
                 local_admin(),
                 now,
@@ -404,8 +406,6 @@ pub struct Prepared {
     /// Operator bundles to redeem, in order, when no operator credential is stored.
     operator_bundles: Vec<OperatorBundle>,
 }
-
-type OperatorBundle = tether_control::operators::Bundle;
 
 /// An operator's certificate and key, PEM.
 #[derive(Clone)]
@@ -533,7 +533,10 @@ impl Prepared {
                 .context("generating the operator key")?;
             let resp = http
                 .post(format!("{control_url}/v1/operators/login"))
-                .json(&serde_json::json!({"token": bundle.token, "csr_pem": csr_pem}))
+                .json(&LoginRequest {
+                    token: bundle.token.clone(),
+                    csr_pem,
+                })
                 .send()
                 .await;
             let resp = match resp {
@@ -552,8 +555,7 @@ impl Prepared {
                     continue;
                 }
             };
-            let login: tether_control::operators::LoginResponse =
-                resp.json().await.context("operator login answer")?;
+            let login: LoginResponse = resp.json().await.context("operator login answer")?;
             let dir = pool.operator_dir();
             std::fs::create_dir_all(&dir)?;
             // Key first: a certificate never sits next to a key it does not match.

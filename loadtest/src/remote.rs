@@ -97,13 +97,13 @@ fn is_loopback(ip: IpAddr) -> bool {
 /// The connected brokers control lists, resolved, and the allowlist version it holds.
 async fn brokers(api: &Api, allow_non_loopback: bool) -> anyhow::Result<(Vec<BrokerRef>, u64)> {
     let list = api.brokers().await?;
-    let version = list["allowlist_version"].as_u64().unwrap_or(0);
+    let version = list.allowlist_version;
     let mut out = Vec::new();
-    for b in list["brokers"].as_array().into_iter().flatten() {
-        if b["connected"].as_bool() != Some(true) {
+    for b in &list.brokers {
+        if !b.connected {
             continue;
         }
-        let (Some(name), Some(addr)) = (b["name"].as_str(), b["quic_addr"].as_str()) else {
+        let (name, Some(addr)) = (b.name.as_str(), b.quic_addr.as_deref()) else {
             continue;
         };
         let quic = tokio::net::lookup_host(addr)
@@ -139,12 +139,11 @@ async fn wait_applied(api: &Api, use_: &[BrokerRef], version: u64) -> anyhow::Re
         let behind: Vec<String> = use_
             .iter()
             .filter(|b| {
-                let applied = list["brokers"]
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                    .find(|i| i["name"].as_str() == Some(b.name.as_str()))
-                    .and_then(|i| i["allowlist_version"].as_u64());
+                let applied = list
+                    .brokers
+                    .iter()
+                    .find(|i| i.name == b.name)
+                    .and_then(|i| i.allowlist_version);
                 applied.is_none_or(|v| v < version)
             })
             .map(|b| b.name.clone())

@@ -6,10 +6,10 @@
 use std::time::Duration;
 
 use anyhow::bail;
-use tether_control::appliances::{
-    ApplianceDetail, ApplianceList, ApplianceSummary, RenewResponse, StatusResponse, TokenResponse,
+use tether_api::appliances::{
+    ApplianceDetail, ApplianceList, ApplianceSummary, PlatformBinding, RegisterRequest,
+    RenewResponse, StatusResponse, TokenRequest, TokenResponse,
 };
-use tether_control::store::PlatformBinding;
 
 use super::{print_json, Client, Common, Output};
 
@@ -173,13 +173,6 @@ fn binding_text(b: &PlatformBinding) -> String {
     }
 }
 
-fn status_text<T: serde::Serialize>(v: &T) -> String {
-    serde_json::to_value(v)
-        .ok()
-        .and_then(|v| v.as_str().map(str::to_owned))
-        .unwrap_or_default()
-}
-
 fn print_summary_table(list: &[ApplianceSummary]) {
     println!(
         "{:<32} {:<16} {:<8} {:<19} {:<20}  BINDING",
@@ -190,7 +183,7 @@ fn print_summary_table(list: &[ApplianceSummary]) {
             "{:<32} {:<16} {:<8} {:<19} {:<20}  {}",
             a.id,
             a.tenant,
-            status_text(&a.status),
+            a.status.as_str(),
             a.trust_state.as_str(),
             a.certificate
                 .as_ref()
@@ -240,10 +233,11 @@ pub async fn run(cmd: ApplianceCmd) -> anyhow::Result<()> {
                 ),
             };
             let client = Client::load(&common.dir()?)?;
-            let mut body = serde_json::json!({"id": id, "binding": binding});
-            if let Some(t) = tenant {
-                body["tenant"] = t.into();
-            }
+            let body = RegisterRequest {
+                id,
+                tenant,
+                binding,
+            };
             let a: ApplianceSummary = client.post("/v1/appliances", &body).await?;
             match common.output {
                 Output::Json => print_json(&a)?,
@@ -296,7 +290,7 @@ pub async fn run(cmd: ApplianceCmd) -> anyhow::Result<()> {
                     let a = &d.appliance;
                     println!("id:                 {}", a.id);
                     println!("tenant:             {}", a.tenant);
-                    println!("status:             {}", status_text(&a.status));
+                    println!("status:             {}", a.status.as_str());
                     println!("trust:              {}", a.trust_state.as_str());
                     println!("binding:            {}", binding_text(&a.binding));
                     println!("renewal generation: {}", a.manual_renewal_generation);
@@ -376,7 +370,7 @@ async fn status(id: &str, verb: &str, common: &Common) -> anyhow::Result<()> {
         Output::Table => println!(
             "{}: {} (allowlist version {})",
             r.id,
-            status_text(&r.status),
+            r.status.as_str(),
             r.allowlist_version
         ),
     }
@@ -388,12 +382,12 @@ pub async fn token(cmd: TokenCmd) -> anyhow::Result<()> {
     match cmd {
         TokenCmd::Create { id, ttl, common } => {
             check_id(&id)?;
-            let mut body = serde_json::json!({});
+            let mut body = TokenRequest::default();
             if let Some(ttl) = ttl {
                 if ttl.as_secs() == 0 {
                     bail!("--ttl must be at least 1s");
                 }
-                body["ttl_secs"] = ttl.as_secs().into();
+                body.ttl_secs = Some(ttl.as_secs());
             }
             let client = Client::load(&common.dir()?)?;
             let t: TokenResponse = client
@@ -430,7 +424,7 @@ mod tests {
 
     #[test]
     fn the_filters_name_every_state() {
-        for s in tether_control::trust::TrustState::ALL {
+        for s in tether_api::trust::TrustState::ALL {
             assert!(TRUST_STATES.contains(&s.as_str()), "{}", s.as_str());
         }
     }

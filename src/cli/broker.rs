@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::Subcommand;
-use serde::Deserialize;
+use tether_api::brokers::{AddBroker, BrokerList};
 use tether_proto::cluster::BrokerBundle;
 
 use super::{check_name, print_json, write_secret, Client, Common, Output};
@@ -40,24 +40,6 @@ pub enum BrokerCmd {
     },
 }
 
-#[derive(Debug, Deserialize, serde::Serialize)]
-struct BrokerInfo {
-    name: String,
-    status: String,
-    created_at: String,
-    cert_not_after: Option<String>,
-    quic_addr: Option<String>,
-    last_seen: Option<String>,
-    connected: bool,
-    allowlist_version: Option<u64>,
-    sessions: Option<usize>,
-}
-
-#[derive(Debug, Deserialize, serde::Serialize)]
-struct BrokerList {
-    brokers: Vec<BrokerInfo>,
-}
-
 /// Run a `tether broker` command.
 pub async fn run(cmd: BrokerCmd) -> anyhow::Result<()> {
     match cmd {
@@ -72,7 +54,10 @@ pub async fn run(cmd: BrokerCmd) -> anyhow::Result<()> {
             let bundle: BrokerBundle = client
                 .post(
                     "/v1/brokers",
-                    &serde_json::json!({"name": name, "ttl_secs": ttl.as_secs()}),
+                    &AddBroker {
+                        name: name.clone(),
+                        ttl_secs: Some(ttl.as_secs()),
+                    },
                 )
                 .await?;
             let out = out.unwrap_or_else(|| PathBuf::from(format!("{name}.broker.json")));
@@ -98,7 +83,7 @@ pub async fn run(cmd: BrokerCmd) -> anyhow::Result<()> {
                         println!(
                             "{:<20} {:<8} {:<10} {:<22} {:>8} {:>9}  {}",
                             b.name,
-                            b.status,
+                            b.status.as_str(),
                             if b.connected { "up" } else { "down" },
                             b.quic_addr.as_deref().unwrap_or("-"),
                             b.allowlist_version

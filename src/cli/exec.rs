@@ -21,9 +21,9 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use base64::Engine;
-use serde::Deserialize;
-use tether_control::exec::ExecLine;
-use tether_proto::CommandFailure;
+use tether_api::appliances::{ApplianceList, ApplianceStatus, ListQuery};
+use tether_api::exec::{ExecLine, ExecRequest};
+use tether_proto::{CommandFailure, OutputStream};
 
 use super::{check_name, Client, Common};
 
@@ -58,24 +58,32 @@ pub struct ExecArgs {
 pub enum Outcome {
     /// It exited with this code.
     Exited(i32),
-    /// It did not run to an exit code: the stable code and the message.
-    Failed(String, String),
+    /// It did not run to an exit code: why, and the message.
+    Failed(CommandFailure, String),
+    /// `tether` itself failed for this appliance (control refused or was unreachable).
+    Error(String),
 }
 
 impl Outcome {
-    /// The process exit code `tether exec` uses for it.
+    /// The process exit code `tether exec` uses for it: the command's own, else
+    /// [`CommandFailure::exit_code`], else [`EXIT_ERROR`].
     pub fn exit_code(&self) -> i32 {
         match self {
             Outcome::Exited(c) => *c,
-            Outcome::Failed(code, _) => failure_exit_code(code),
+            Outcome::Failed(code, _) => code.exit_code(),
+            Outcome::Error(_) => EXIT_ERROR,
         }
     }
 }
 
-/// The documented exit code for a failure code from control
-/// ([`CommandFailure::exit_code`]; a code this version does not know is [`EXIT_ERROR`]).
-pub fn failure_exit_code(code: &str) -> i32 {
-    CommandFailure::from_name(code).map_or(EXIT_ERROR, CommandFailure::exit_code)
+impl std::fmt::Display for Outcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Outcome::Exited(c) => write!(f, "exit {c}"),
+            Outcome::Failed(code, message) => write!(f, "{code}: {message}"),
+            Outcome::Error(message) => write!(f, "error: {message}"),
+        }
+    }
 }
 
 /// Run `argv` on `appliance`, handing each output chunk to `out(stream, bytes)`.
@@ -84,12 +92,14 @@ pub async fn exec_one(
     appliance: &str,
     argv: &[String],
     timeout: Duration,
-    mut out: impl FnMut(&str, &[u8]),
+    mut out: impl FnMut(OutputStream, &[u8]),
 ) -> anyhow::Result<Outcome> {
-    let body = serde_json::json!({
-        "argv": argv,
-        "timeout_ms": timeout.as_millis() as u64,
-    });
+    let body = ExecRequest {
+        argv: argv.to_vec(),
+        timeout_ms: Some(timeout.as_millis() as u64),
+        kind: None,
+        env_allowlist: Vec::new(),
+    };
     let mut resp = match client
         .post_stream(&format!("/v1/appliances/{appliance}/exec"), &body)
         .await
@@ -97,12 +107,10 @@ pub async fn exec_one(
         Ok(r) => r,
         Err(e) => {
             if let Some(r) = e.downcast_ref::<super::Refused>() {
-                let code = CommandFailure::from_name(&r.code);
-                if matches!(
-                    code,
-                    Some(CommandFailure::Offline | CommandFailure::BrokerLost)
-                ) {
-                    return Ok(Outcome::Failed(r.code.clone(), r.message.clone()));
+                if let Some(code @ (CommandFailure::Offline | CommandFailure::BrokerLost)) =
+                    CommandFailure::from_name(&r.code)
+                {
+                    return Ok(Outcome::Failed(code, r.message.clone()));
                 }
             }
             return Err(e);
@@ -115,7 +123,7 @@ pub async fn exec_one(
             Ok(None) => break,
             Err(e) => {
                 return Ok(Outcome::Failed(
-                    CommandFailure::BrokerLost.name().into(),
+                    CommandFailure::BrokerLost,
                     format!("the answer from control broke off: {e}"),
                 ))
             }
@@ -131,7 +139,7 @@ pub async fn exec_one(
                     let bytes = base64::engine::general_purpose::STANDARD
                         .decode(data.as_bytes())
                         .context("control sent output that is not base64")?;
-                    out(&stream, &bytes);
+                    out(stream, &bytes);
                 }
                 ExecLine::Exit { code } => return Ok(Outcome::Exited(code)),
                 ExecLine::Failed { code, message } => return Ok(Outcome::Failed(code, message)),
@@ -139,7 +147,7 @@ pub async fn exec_one(
         }
     }
     Ok(Outcome::Failed(
-        CommandFailure::BrokerLost.name().into(),
+        CommandFailure::BrokerLost,
         "control's answer ended without a result".into(),
     ))
 }
@@ -171,7 +179,7 @@ async fn run_inner(args: ExecArgs) -> anyhow::Result<i32> {
         &args.argv,
         args.timeout,
         |stream, data| {
-            if stream == "stderr" {
+            if stream == OutputStream::Stderr {
                 let mut e = std::io::stderr().lock();
                 let _ = e.write_all(data);
                 let _ = e.flush();
@@ -183,21 +191,10 @@ async fn run_inner(args: ExecArgs) -> anyhow::Result<i32> {
         },
     )
     .await?;
-    if let Outcome::Failed(code, message) = &outcome {
-        eprintln!("tether exec: {appliance}: {code}: {message}");
+    if !matches!(outcome, Outcome::Exited(_)) {
+        eprintln!("tether exec: {appliance}: {outcome}");
     }
     Ok(outcome.exit_code())
-}
-
-#[derive(Debug, Deserialize)]
-struct Page {
-    appliances: Vec<Summary>,
-    next: Option<String>,
-}
-
-#[derive(Debug, Deserialize)]
-struct Summary {
-    id: String,
 }
 
 async fn fan_out(client: Arc<Client>, selector: &str, args: &ExecArgs) -> anyhow::Result<i32> {
@@ -207,11 +204,14 @@ async fn fan_out(client: Arc<Client>, selector: &str, args: &ExecArgs) -> anyhow
     let mut ids = Vec::new();
     let mut after: Option<String> = None;
     loop {
-        let mut query = vec![("tenant", tenant), ("status", "active"), ("limit", "500")];
-        if let Some(a) = &after {
-            query.push(("after", a.as_str()));
-        }
-        let page: Page = client.get_query("/v1/appliances", &query).await?;
+        let query = ListQuery {
+            tenant: Some(tenant.to_owned()),
+            status: Some(ApplianceStatus::Active),
+            limit: Some(500),
+            after: after.take(),
+            trust_state: None,
+        };
+        let page: ApplianceList = client.get_query("/v1/appliances", &query).await?;
         ids.extend(page.appliances.into_iter().map(|a| a.id));
         match page.next {
             Some(n) => after = Some(n),
@@ -231,7 +231,7 @@ async fn fan_out(client: Arc<Client>, selector: &str, args: &ExecArgs) -> anyhow
             let prefix = format!("[{id}] ");
             let mut partial: [Vec<u8>; 2] = [Vec::new(), Vec::new()];
             let result = exec_one(&client, &id, &argv, timeout, |stream, data| {
-                let i = usize::from(stream == "stderr");
+                let i = usize::from(stream == OutputStream::Stderr);
                 partial[i].extend_from_slice(data);
                 while let Some(pos) = partial[i].iter().position(|b| *b == b'\n') {
                     let line: Vec<u8> = partial[i].drain(..=pos).collect();
@@ -246,8 +246,7 @@ async fn fan_out(client: Arc<Client>, selector: &str, args: &ExecArgs) -> anyhow
                     emit(i, &prefix, &line);
                 }
             }
-            let outcome =
-                result.unwrap_or_else(|e| Outcome::Failed("error".into(), format!("{e:#}")));
+            let outcome = result.unwrap_or_else(|e| Outcome::Error(format!("{e:#}")));
             (id, outcome)
         });
     }
@@ -262,11 +261,7 @@ async fn fan_out(client: Arc<Client>, selector: &str, args: &ExecArgs) -> anyhow
         .count();
     eprintln!("\n{:<32} RESULT", "APPLIANCE");
     for (id, o) in &results {
-        let text = match o {
-            Outcome::Exited(c) => format!("exit {c}"),
-            Outcome::Failed(code, message) => format!("{code}: {message}"),
-        };
-        eprintln!("{id:<32} {text}");
+        eprintln!("{id:<32} {o}");
     }
     eprintln!(
         "{ok} of {} succeeded, {} failed",

@@ -7,7 +7,7 @@
 use std::path::PathBuf;
 
 use anyhow::Context;
-use tether_control::operators::{Bundle, LoginResponse};
+use tether_api::operators::{Bundle, LoginRequest, LoginResponse};
 
 use super::{print_json, write_secret, Common, Output, Profile};
 
@@ -45,7 +45,10 @@ pub async fn run(args: LoginArgs) -> anyhow::Result<()> {
     let resp: LoginResponse = super::answer(
         &control_url,
         http.post(format!("{control_url}/v1/operators/login"))
-            .json(&serde_json::json!({"token": bundle.token, "csr_pem": csr_pem}))
+            .json(&LoginRequest {
+                token: bundle.token.clone(),
+                csr_pem,
+            })
             .send()
             .await,
     )

@@ -26,6 +26,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
 use serde::{Deserialize, Serialize};
+use tether_api::ErrorBody;
 
 /// Environment variable naming the config directory.
 pub const CONFIG_DIR_ENV: &str = "TETHER_CONFIG_DIR";
@@ -145,11 +146,12 @@ impl Client {
         .await
     }
 
-    /// GET `path` with `query` (encoded by reqwest), decoding the JSON answer.
+    /// GET `path` with `query` (one of `tether_api`'s query types, encoded by reqwest),
+    /// decoding the JSON answer.
     pub async fn get_query<T: serde::de::DeserializeOwned>(
         &self,
         path: &str,
-        query: &[(&str, &str)],
+        query: &impl Serialize,
     ) -> anyhow::Result<T> {
         answer(
             &self.profile.control_url,
@@ -163,7 +165,7 @@ impl Client {
     pub async fn post_stream(
         &self,
         path: &str,
-        body: &serde_json::Value,
+        body: &impl Serialize,
     ) -> anyhow::Result<reqwest::Response> {
         let resp = self
             .http
@@ -184,11 +186,12 @@ impl Client {
         )
     }
 
-    /// POST `body` to `path`, decoding the JSON answer.
+    /// POST `body` (one of `tether_api`'s request types) to `path`, decoding the JSON
+    /// answer.
     pub async fn post<T: serde::de::DeserializeOwned>(
         &self,
         path: &str,
-        body: &serde_json::Value,
+        body: &impl Serialize,
     ) -> anyhow::Result<T> {
         answer(
             &self.profile.control_url,
@@ -210,11 +213,6 @@ pub async fn answer<T: serde::de::DeserializeOwned>(
         .await
         .with_context(|| format!("reading control's answer ({status})"))?;
     if !status.is_success() {
-        #[derive(Deserialize)]
-        struct ErrorBody {
-            error: String,
-            message: String,
-        }
         return Err(match serde_json::from_slice::<ErrorBody>(&bytes) {
             Ok(e) => Refused {
                 status: status.as_u16(),

@@ -5,8 +5,8 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use tether_control::operators::{Bundle, OperatorList, RevokeResponse, Role};
-use tether_control::trust::FleetTrust;
+use tether_api::operators::{Bundle, InviteRequest, OperatorList, RevokeResponse, Role};
+use tether_api::trust::FleetTrust;
 
 use super::{check_name, print_json, write_secret, Client, Common, Output};
 
@@ -69,7 +69,11 @@ pub async fn run(cmd: OperatorCmd) -> anyhow::Result<()> {
             let mut bundle: Bundle = client
                 .post(
                     "/v1/operators/invites",
-                    &serde_json::json!({"name": name, "role": role, "ttl_secs": ttl.as_secs()}),
+                    &InviteRequest {
+                        name: name.clone(),
+                        role,
+                        ttl_secs: Some(ttl.as_secs()),
+                    },
                 )
                 .await?;
             // The new operator reaches control where this CLI does.

@@ -345,7 +345,7 @@ impl Fleet {
     pub fn honour_operator(
         &self,
         name: &str,
-        role: tether_control::operators::Role,
+        role: tether_api::operators::Role,
         issued: &tether_control::ca::Issued,
     ) {
         use tether_audit::{Actor, AuditEvent};

@@ -83,6 +83,8 @@ use reqwest::Url;
 use serde::{Deserialize, Serialize};
 use tracing::{debug, warn};
 
+use tether_api::enroll::AwsProof;
+
 use super::{ProofError, Verified};
 use crate::config::ConfigError;
 
@@ -170,20 +172,6 @@ pub mod codes {
     pub const STS_REFUSED: &str = "aws_sts_refused";
     /// 403: the caller is not the recorded role.
     pub const ROLE_MISMATCH: &str = "aws_role_mismatch";
-}
-
-/// The AWS proof as the agent sends it: `{"kind": "aws", "method", "url", "headers", "body"}`.
-#[derive(Clone, Debug, Deserialize, Serialize, utoipa::ToSchema)]
-pub struct AwsProof {
-    /// HTTP method (`POST`).
-    pub method: String,
-    /// The STS URL the request was signed for.
-    pub url: String,
-    /// The signed headers (and any others, which are not forwarded).
-    pub headers: BTreeMap<String, String>,
-    /// The body (`Action=GetCallerIdentity&Version=2011-06-15`).
-    #[serde(default)]
-    pub body: String,
 }
 
 /// `[proofs.aws]`

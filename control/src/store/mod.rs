@@ -17,55 +17,16 @@
 //! chain.
 
 use async_trait::async_trait;
+// The store's records speak the API's enums (a record's status is what the API shows).
+use tether_api::appliances::{ApplianceStatus, PlatformBinding};
+use tether_api::brokers::BrokerStatus;
+use tether_api::operators::{Operator, Revoked, Role};
 use tether_audit::checkpoint::Checkpoint;
 use tether_audit::{AuditEntry, AuditEvent};
 use thiserror::Error;
 
 /// Seconds since the Unix epoch. The store never reads the clock: callers pass `now`.
 pub type UnixSeconds = i64;
-
-/// How an appliance proves who it is when it enrolls.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
-#[serde(tag = "kind", rename_all = "snake_case")]
-pub enum PlatformBinding {
-    /// AWS: the IAM role the appliance's instance runs as.
-    Aws {
-        /// `arn:aws:iam::<account>:role/<name>`.
-        role_arn: String,
-    },
-    /// GCP: the project and service account of the instance.
-    Gcp {
-        /// Project id.
-        project: String,
-        /// Service-account email.
-        service_account: String,
-    },
-    /// Kubernetes: the cluster issuer, namespace and service account.
-    K8s {
-        /// OIDC issuer URL of the cluster.
-        issuer: String,
-        /// Namespace.
-        namespace: String,
-        /// Service-account name.
-        service_account: String,
-    },
-    /// No platform identity: one-time tokens only.
-    TokenOnly,
-}
-
-/// Lifecycle status of an appliance.
-#[derive(
-    Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize, utoipa::ToSchema,
-)]
-#[serde(rename_all = "snake_case")]
-pub enum ApplianceStatus {
-    /// May enroll, renew and connect.
-    Active,
-    /// Temporarily barred: its fingerprints are out of the allowlist until enabled.
-    Disabled,
-    /// Barred until it re-enrolls with a fresh proof; its certificates are revoked.
-    Revoked,
-}
 
 /// An appliance record.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -126,20 +87,6 @@ pub struct AllowlistDelta {
     pub fingerprint: String,
     /// `true` when added, `false` when removed.
     pub added: bool,
-}
-
-/// Status of a broker record.
-#[derive(
-    Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize, utoipa::ToSchema,
-)]
-#[serde(rename_all = "snake_case")]
-pub enum BrokerStatus {
-    /// Added; its one-time bundle has not been used yet.
-    Pending,
-    /// Enrolled: its certificate is honoured.
-    Active,
-    /// Revoked: refused everywhere.
-    Revoked,
 }
 
 /// A broker of the edge cluster.
@@ -418,7 +365,7 @@ pub trait Store: Send + Sync + std::fmt::Debug {
         &self,
         token_hash: &str,
         name: &str,
-        role: crate::operators::Role,
+        role: Role,
         expires_at: UnixSeconds,
         now: UnixSeconds,
         audit: &AuditEvent,
@@ -450,7 +397,7 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     ) -> Result<Option<crate::operators::OperatorCredential>, StoreError>;
     /// Every operator (active and revoked), ordered by name, with its number of
     /// recorded certificates.
-    async fn list_operators(&self) -> Result<Vec<crate::operators::Operator>, StoreError>;
+    async fn list_operators(&self) -> Result<Vec<Operator>, StoreError>;
     /// Revoke operator `name`: status `revoked`, every recorded certificate of it dropped
     /// (its next call is refused), every unredeemed invite for the name cancelled; record
     /// `audit` (with `certificates_removed` and `invites_cancelled` added). `NotFound` (no
@@ -460,7 +407,7 @@ pub trait Store: Send + Sync + std::fmt::Debug {
         name: &str,
         now: UnixSeconds,
         audit: &AuditEvent,
-    ) -> Result<crate::operators::Revoked, StoreError>;
+    ) -> Result<Revoked, StoreError>;
 
     // Brokers (see [`crate::brokers`]).
 

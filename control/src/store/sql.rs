@@ -949,7 +949,7 @@ impl Store for SqlStore {
         &self,
         token_hash: &str,
         name: &str,
-        role: crate::operators::Role,
+        role: tether_api::operators::Role,
         expires_at: UnixSeconds,
         now: UnixSeconds,
         audit: &AuditEvent,
@@ -1088,7 +1088,7 @@ impl Store for SqlStore {
         }))
     }
 
-    async fn list_operators(&self) -> Result<Vec<crate::operators::Operator>, StoreError> {
+    async fn list_operators(&self) -> Result<Vec<tether_api::operators::Operator>, StoreError> {
         sqlx::query(
             "SELECT o.name AS name, o.role AS role, o.status AS status, \
              o.created_at AS created_at, \
@@ -1100,7 +1100,7 @@ impl Store for SqlStore {
         .map_err(db)?
         .iter()
         .map(|row| {
-            Ok(crate::operators::Operator {
+            Ok(tether_api::operators::Operator {
                 name: row.try_get("name").map_err(db)?,
                 role: parse_role(row)?,
                 status: parse_operator_status(row)?,
@@ -1116,7 +1116,7 @@ impl Store for SqlStore {
         name: &str,
         now: UnixSeconds,
         audit: &AuditEvent,
-    ) -> Result<crate::operators::Revoked, StoreError> {
+    ) -> Result<tether_api::operators::Revoked, StoreError> {
         check_event(audit)?;
         let mut tx = self.pool.begin().await.map_err(db)?;
         let operators = sqlx::query("UPDATE operators SET status = 'revoked' WHERE name = $1")
@@ -1150,7 +1150,7 @@ impl Store for SqlStore {
             .with("invites_cancelled", invites);
         append_audit_in(&mut tx, &audit, now).await?;
         tx.commit().await.map_err(db)?;
-        Ok(crate::operators::Revoked {
+        Ok(tether_api::operators::Revoked {
             certificates_removed: certificates,
             invites_cancelled: invites,
         })

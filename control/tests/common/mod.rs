@@ -13,11 +13,10 @@ use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicU32, Ordering};
 
 use sqlx::Connection;
+use tether_api::appliances::{ApplianceStatus, PlatformBinding};
 use tether_audit::{Actor, AuditEvent};
 use tether_control::store::sql::{Backend, SqlStore};
-use tether_control::store::{
-    AllowlistDelta, Appliance, ApplianceStatus, CertRecord, CertState, PlatformBinding, Store,
-};
+use tether_control::store::{AllowlistDelta, Appliance, CertRecord, CertState, Store};
 
 /// The variable naming the PostgreSQL server.
 pub const PG_URL_VAR: &str = "TETHER_TEST_PG_URL";

@@ -109,17 +109,17 @@ pub(super) fn broker_from_row(row: &AnyRow) -> Result<BrokerRecord, StoreError> 
     })
 }
 
-pub(super) fn parse_role(row: &AnyRow) -> Result<crate::operators::Role, StoreError> {
+pub(super) fn parse_role(row: &AnyRow) -> Result<tether_api::operators::Role, StoreError> {
     let role: String = row.try_get("role").map_err(db)?;
-    crate::operators::Role::parse(&role)
+    tether_api::operators::Role::parse(&role)
         .ok_or_else(|| StoreError::Database(format!("unknown operator role {role:?}")))
 }
 
 pub(super) fn parse_operator_status(
     row: &AnyRow,
-) -> Result<crate::operators::OperatorStatus, StoreError> {
+) -> Result<tether_api::operators::OperatorStatus, StoreError> {
     let status: String = row.try_get("status").map_err(db)?;
-    crate::operators::OperatorStatus::parse(&status)
+    tether_api::operators::OperatorStatus::parse(&status)
         .ok_or_else(|| StoreError::Database(format!("unknown operator status {status:?}")))
 }
 
