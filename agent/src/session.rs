@@ -6,6 +6,7 @@
 //! in and out of it, inside a span carrying the broker address and connection id.
 
 use std::net::SocketAddr;
+use std::ops::ControlFlow;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -233,108 +234,23 @@ impl Driver<'_> {
             _ = shutdown.cancelled() => return self.close(CloseCode::Normal),
         };
         let creds = &self.ctx.creds;
-        let cfg = &self.ctx.cfg;
-        let mut capabilities = vec![CAPABILITY_EXEC.to_owned()];
-        if cfg.allow_shell {
-            capabilities.push(CAPABILITY_SHELL.to_owned());
-        }
-        capabilities.push(CAPABILITY_MAX_FRAME_LEN.to_owned());
-        let t0 = now();
-        let mut session = AgentSession::new(
-            AgentSessionConfig {
-                agent_version: env!("CARGO_PKG_VERSION").to_owned(),
-                capabilities,
-                cert_not_after_ms: creds.not_after_ms(),
-                trust_state: creds.trust_state(t0.unix_ms),
-                welcome_timeout: cfg.connect_timeout,
-                missed_heartbeats: tether_proto::session::DEFAULT_MISSED_HEARTBEATS,
-                manual_renewal_generation: 0,
-            },
-            t0,
-        );
-        let mut decoder = FrameDecoder::new(cfg.max_frame_len);
+        let mut session = self.new_session();
+        let mut decoder = FrameDecoder::new(self.ctx.cfg.max_frame_len);
         let mut out = BytesMut::new();
         // Deadline for leaving after a GoAway: running commands get until then.
         let mut leave_at: Option<Instant> = None;
 
         loop {
             // 1. Write whatever the state machine queued.
-            // Within the broker's limit too (`Status` can be larger than a small limit).
-            let limit = cfg.max_frame_len.min(session.peer_max_frame_len());
-            while let Some(frame) = session.poll_transmit() {
-                if let Err(e) = tether_proto::encode_frame(&frame, &mut out, limit) {
-                    tracing::error!(error = %e, "cannot encode session frame");
-                    return self.close(CloseCode::Internal);
-                }
-            }
-            if !out.is_empty() {
-                let write = send.write_all(&out);
-                let r = tokio::select! {
-                    r = write => r,
-                    _ = shutdown.cancelled() => return self.close(CloseCode::Normal),
-                };
-                if let Err(e) = r {
-                    return match e {
-                        quinn::WriteError::ConnectionLost(e) => self.lost(&e),
-                        other => {
-                            tracing::warn!(error = %other, "session stream closed by broker");
-                            self.close(CloseCode::ProtocolError)
-                        }
-                    };
-                }
-                out.clear();
+            if let ControlFlow::Break(reason) = self
+                .flush(&mut session, &mut out, &mut send, shutdown)
+                .await
+            {
+                return reason;
             }
 
             // 2. React to what happened.
-            while let Some(event) = session.poll_event() {
-                match event {
-                    tether_proto::AgentEvent::Welcome(w) => {
-                        tracing::info!(
-                            session_id = w.session_id,
-                            heartbeat_ms = w.heartbeat_interval_ms,
-                            broker_max_frame_len = w.peer_max_frame_len(),
-                            "session established"
-                        );
-                        self.peer_max_frame_len.send_replace(w.peer_max_frame_len());
-                        self.session_id = Some(w.session_id);
-                        let _ = self.ctx.events.send(AgentEvent::Connected {
-                            broker: self.broker,
-                            session_id: w.session_id,
-                        });
-                    }
-                    tether_proto::AgentEvent::HeartbeatAck(ack) => {
-                        tracing::trace!(seq = ack.seq, "heartbeat acknowledged");
-                    }
-                    tether_proto::AgentEvent::RenewalRequested { generation } => {
-                        tracing::info!(
-                            generation,
-                            "broker relays a request to renew the certificate"
-                        );
-                        let _ = self
-                            .ctx
-                            .events
-                            .send(AgentEvent::RenewalRequested { generation });
-                    }
-                    tether_proto::AgentEvent::GoAway(g) => {
-                        tracing::info!(reason = ?g.reason, reconnect_after_ms = g.reconnect_after_ms,
-                            message = %g.message, "broker sent goaway; draining");
-                        let _ = self.ctx.events.send(AgentEvent::GoAway {
-                            broker: self.broker,
-                            reason: g.reason,
-                            reconnect_after: Duration::from_millis(u64::from(g.reconnect_after_ms)),
-                        });
-                        self.draining.cancel();
-                        if leave_at.is_none() {
-                            self.go_away_received = Some(Instant::now());
-                            leave_at = Some(
-                                Instant::now()
-                                    + Duration::from_millis(u64::from(g.reconnect_after_ms)),
-                            );
-                        }
-                        self.go_away = Some(g);
-                    }
-                }
-            }
+            self.on_events(&mut session, &mut leave_at);
 
             let timeout = session.poll_timeout();
             tokio::select! {
@@ -343,31 +259,10 @@ impl Driver<'_> {
                     return self.close(CloseCode::Normal);
                 }
                 chunk = recv.read_chunk(READ_CHUNK, true) => {
-                    match chunk {
-                        Ok(Some(chunk)) => {
-                            decoder.push(&chunk.bytes);
-                            let t = now();
-                            loop {
-                                match decoder.poll_frame() {
-                                    Ok(Some(frame)) => {
-                                        if let Err(v) = session.handle_frame(frame, t) {
-                                            return self.violation(&v);
-                                        }
-                                    }
-                                    Ok(None) => break,
-                                    Err(e) => return self.violation(&ProtocolViolation::Decode(e)),
-                                }
-                            }
-                        }
-                        Ok(None) => {
-                            tracing::warn!("broker finished the session stream");
-                            return self.close(CloseCode::ProtocolError);
-                        }
-                        Err(quinn::ReadError::ConnectionLost(e)) => return self.lost(&e),
-                        Err(e) => {
-                            tracing::warn!(error = %e, "session stream failed");
-                            return self.close(CloseCode::ProtocolError);
-                        }
+                    if let ControlFlow::Break(reason) =
+                        self.on_read(chunk, &mut decoder, &mut session)
+                    {
+                        return reason;
                     }
                 }
                 _ = sleep_until_std(timeout) => {
@@ -395,6 +290,161 @@ impl Driver<'_> {
                     }
                     return self.hand_over();
                 }
+            }
+        }
+    }
+
+    /// The session state machine, announcing this agent's version, capabilities and
+    /// certificate.
+    fn new_session(&self) -> AgentSession {
+        let creds = &self.ctx.creds;
+        let cfg = &self.ctx.cfg;
+        let mut capabilities = vec![CAPABILITY_EXEC.to_owned()];
+        if cfg.allow_shell {
+            capabilities.push(CAPABILITY_SHELL.to_owned());
+        }
+        capabilities.push(CAPABILITY_MAX_FRAME_LEN.to_owned());
+        let t0 = now();
+        AgentSession::new(
+            AgentSessionConfig {
+                agent_version: env!("CARGO_PKG_VERSION").to_owned(),
+                capabilities,
+                cert_not_after_ms: creds.not_after_ms(),
+                trust_state: creds.trust_state(t0.unix_ms),
+                welcome_timeout: cfg.connect_timeout,
+                missed_heartbeats: tether_proto::session::DEFAULT_MISSED_HEARTBEATS,
+                manual_renewal_generation: 0,
+            },
+            t0,
+        )
+    }
+
+    /// Write the frames the state machine queued; `Break` with the reason when the session
+    /// ended meanwhile.
+    async fn flush(
+        &mut self,
+        session: &mut AgentSession,
+        out: &mut BytesMut,
+        send: &mut SendStream,
+        shutdown: &CancellationToken,
+    ) -> ControlFlow<Option<DisconnectReason>> {
+        // Within the broker's limit too (`Status` can be larger than a small limit).
+        let limit = self.ctx.cfg.max_frame_len.min(session.peer_max_frame_len());
+        while let Some(frame) = session.poll_transmit() {
+            if let Err(e) = tether_proto::encode_frame(&frame, out, limit) {
+                tracing::error!(error = %e, "cannot encode session frame");
+                return ControlFlow::Break(self.close(CloseCode::Internal));
+            }
+        }
+        if !out.is_empty() {
+            let write = send.write_all(out);
+            let r = tokio::select! {
+                r = write => r,
+                _ = shutdown.cancelled() => return ControlFlow::Break(self.close(CloseCode::Normal)),
+            };
+            if let Err(e) = r {
+                return ControlFlow::Break(match e {
+                    quinn::WriteError::ConnectionLost(e) => self.lost(&e),
+                    other => {
+                        tracing::warn!(error = %other, "session stream closed by broker");
+                        self.close(CloseCode::ProtocolError)
+                    }
+                });
+            }
+            out.clear();
+        }
+        ControlFlow::Continue(())
+    }
+
+    /// Act on the state machine's events: report the `Welcome`, relay renewal requests,
+    /// start draining on `GoAway` (setting `leave_at` on the first).
+    fn on_events(&mut self, session: &mut AgentSession, leave_at: &mut Option<Instant>) {
+        while let Some(event) = session.poll_event() {
+            match event {
+                tether_proto::AgentEvent::Welcome(w) => {
+                    tracing::info!(
+                        session_id = w.session_id,
+                        heartbeat_ms = w.heartbeat_interval_ms,
+                        broker_max_frame_len = w.peer_max_frame_len(),
+                        "session established"
+                    );
+                    self.peer_max_frame_len.send_replace(w.peer_max_frame_len());
+                    self.session_id = Some(w.session_id);
+                    let _ = self.ctx.events.send(AgentEvent::Connected {
+                        broker: self.broker,
+                        session_id: w.session_id,
+                    });
+                }
+                tether_proto::AgentEvent::HeartbeatAck(ack) => {
+                    tracing::trace!(seq = ack.seq, "heartbeat acknowledged");
+                }
+                tether_proto::AgentEvent::RenewalRequested { generation } => {
+                    tracing::info!(
+                        generation,
+                        "broker relays a request to renew the certificate"
+                    );
+                    let _ = self
+                        .ctx
+                        .events
+                        .send(AgentEvent::RenewalRequested { generation });
+                }
+                tether_proto::AgentEvent::GoAway(g) => {
+                    tracing::info!(reason = ?g.reason, reconnect_after_ms = g.reconnect_after_ms,
+                        message = %g.message, "broker sent goaway; draining");
+                    let _ = self.ctx.events.send(AgentEvent::GoAway {
+                        broker: self.broker,
+                        reason: g.reason,
+                        reconnect_after: Duration::from_millis(u64::from(g.reconnect_after_ms)),
+                    });
+                    self.draining.cancel();
+                    if leave_at.is_none() {
+                        self.go_away_received = Some(Instant::now());
+                        *leave_at = Some(
+                            Instant::now() + Duration::from_millis(u64::from(g.reconnect_after_ms)),
+                        );
+                    }
+                    self.go_away = Some(g);
+                }
+            }
+        }
+    }
+
+    /// Feed what the session stream read to the state machine; `Break` with the reason
+    /// when the session ended.
+    fn on_read(
+        &mut self,
+        chunk: Result<Option<quinn::Chunk>, quinn::ReadError>,
+        decoder: &mut FrameDecoder,
+        session: &mut AgentSession,
+    ) -> ControlFlow<Option<DisconnectReason>> {
+        match chunk {
+            Ok(Some(chunk)) => {
+                decoder.push(&chunk.bytes);
+                let t = now();
+                loop {
+                    match decoder.poll_frame() {
+                        Ok(Some(frame)) => {
+                            if let Err(v) = session.handle_frame(frame, t) {
+                                return ControlFlow::Break(self.violation(&v));
+                            }
+                        }
+                        Ok(None) => return ControlFlow::Continue(()),
+                        Err(e) => {
+                            return ControlFlow::Break(
+                                self.violation(&ProtocolViolation::Decode(e)),
+                            )
+                        }
+                    }
+                }
+            }
+            Ok(None) => {
+                tracing::warn!("broker finished the session stream");
+                ControlFlow::Break(self.close(CloseCode::ProtocolError))
+            }
+            Err(quinn::ReadError::ConnectionLost(e)) => ControlFlow::Break(self.lost(&e)),
+            Err(e) => {
+                tracing::warn!(error = %e, "session stream failed");
+                ControlFlow::Break(self.close(CloseCode::ProtocolError))
             }
         }
     }

@@ -32,6 +32,7 @@
 //!    abnormally. The connection never outlives its session driver.
 
 use std::net::SocketAddr;
+use std::ops::ControlFlow;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -603,23 +604,18 @@ impl Broker {
         verified: VerifiedAppliance,
         remote: SocketAddr,
     ) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let peer = Peer {
+            conn,
+            verified,
+            remote,
+        };
         async move {
             let cfg = &self.config.session;
-            let Some((mut send, mut recv)) = self.accept_session_stream(&conn).await else {
+            let Some((mut send, mut recv)) = self.accept_session_stream(&peer.conn).await else {
                 return;
             };
             let session_id = self.sessions.next_session_id();
-            let mut session = BrokerSession::new(
-                BrokerSessionConfig {
-                    session_id,
-                    heartbeat_interval: cfg.heartbeat_interval,
-                    missed_heartbeats: tether_proto::session::DEFAULT_MISSED_HEARTBEATS,
-                    hello_timeout: cfg.hello_timeout,
-                    manual_renewal_generation: self.generations.get(verified.appliance()),
-                    max_frame_len: u32::try_from(cfg.max_frame_len).unwrap_or(u32::MAX),
-                },
-                now(),
-            );
+            let mut session = self.new_session(session_id, &peer.verified);
             // Between frames the decoder holds no buffer: an idle session keeps none.
             let mut decoder = FrameDecoder::new(cfg.max_frame_len);
             let mut info: Option<Arc<SessionInfo>> = None;
@@ -629,7 +625,7 @@ impl Broker {
             let timer = tokio::time::sleep_until(next_deadline(&session, drain_deadline));
             tokio::pin!(timer);
 
-            let code: Option<CloseCode> = 'conn: loop {
+            let code: Option<CloseCode> = loop {
                 {
                     let deadline = next_deadline(&session, drain_deadline);
                     if timer.deadline() != deadline {
@@ -637,47 +633,29 @@ impl Broker {
                     }
                 }
                 tokio::select! {
-                    chunk = recv.read_chunk(READ_CHUNK, true) => match chunk {
-                        Ok(Some(chunk)) => {
-                            decoder.push(&chunk.bytes);
-                            if let Err(v) = self.handle_frames(&mut decoder, &mut session) {
-                                self.violation(&conn, v.kind(), &v.to_string());
-                                break None;
-                            }
-                            decoder.release_idle();
+                    chunk = recv.read_chunk(READ_CHUNK, true) => {
+                        if let ControlFlow::Break(code) =
+                            self.on_read(&peer.conn, chunk, &mut decoder, &mut session)
+                        {
+                            break code;
                         }
-                        Ok(None) => {
-                            debug!("agent finished the session stream");
-                            break Some(CloseCode::Normal);
-                        }
-                        Err(quinn::ReadError::Reset(reason)) => {
-                            // The agent abandoned its session: as unexpected as a frame it
-                            // may not send (`docs/PROTOCOL.md` §2).
-                            self.violation(&conn, "session_stream_reset",
-                                &format!("agent reset the session stream (error code {reason})"));
-                            break None;
-                        }
-                        Err(e) => {
-                            debug!(error = %e, "session stream ended");
-                            break None;
-                        }
-                    },
+                    }
                     _ = &mut timer => {
                         if drain_deadline.is_some_and(|d| d <= tokio::time::Instant::now()) {
                             break Some(CloseCode::Draining);
                         }
                         if let Some(code) = session.handle_timeout(now()) {
                             if code == CloseCode::ProtocolError {
-                                self.violation(&conn, "hello_timeout", "no Hello in time");
+                                self.violation(&peer.conn, "hello_timeout", "no Hello in time");
                                 break None;
                             }
                             info!(code = %code, "session idle: heartbeats missed");
                             break Some(code);
                         }
                     }
-                    extra = conn.accept_bi() => {
+                    extra = peer.conn.accept_bi() => {
                         if extra.is_ok() {
-                            self.violation(&conn, "extra_stream", "agent opened a second stream");
+                            self.violation(&peer.conn, "extra_stream", "agent opened a second stream");
                         }
                         break None;
                     }
@@ -696,74 +674,10 @@ impl Broker {
                     }
                 }
                 // Events: register on Hello, note heartbeats.
-                while let Some(event) = session.poll_event() {
-                    match event {
-                        BrokerEvent::Established(hello) => {
-                            // A certificate revoked since the handshake never enters the table:
-                            // there it would supersede the appliance's live session (on a
-                            // renewed, still pinned certificate) before the check below.
-                            if !self
-                                .allowlist
-                                .allows(verified.appliance(), &verified.fingerprint())
-                            {
-                                info!("fingerprint left the allowlist before Hello");
-                                self.metrics.sessions_revoked.inc();
-                                break 'conn Some(CloseCode::Revoked);
-                            }
-                            let s = Arc::new(SessionInfo {
-                                session_id,
-                                appliance: verified.appliance().clone(),
-                                fingerprint: verified.fingerprint(),
-                                connected_at: SystemTime::now(),
-                                remote,
-                                agent_version: hello.agent_version,
-                                capabilities: hello.capabilities,
-                                connection: conn.clone(),
-                                cert_not_after_ms: hello.cert_not_after_ms.into(),
-                                last_heartbeat_ms: 0.into(),
-                                trust_state: 0.into(),
-                                renewal_generation: 0.into(),
-                                renewal_changed: tokio::sync::Notify::new(),
-                                close_code: crate::sessions::NOT_CLOSED.into(),
-                            });
-                            if let Some(old) = self.sessions.insert(s.clone()) {
-                                info!(old_session = old.session_id, "superseding older session");
-                                old.close(CloseCode::Superseded, &self.metrics);
-                            }
-                            self.metrics.sessions.inc();
-                            // Generations that changed between `Welcome` and the insert went
-                            // to the older session (or nowhere): take the current one now.
-                            let generation = self.generations.get(verified.appliance());
-                            s.renewal_generation.store(generation, Ordering::Relaxed);
-                            session.set_manual_renewal_generation(generation);
-                            self.presence.session_up(&s);
-                            info!(session_id, agent_version = %s.agent_version, "session established");
-                            info = Some(s);
-                            // A revocation applied after the handshake but before the insert
-                            // found no session to close: check again now that we are visible.
-                            if !self
-                                .allowlist
-                                .allows(verified.appliance(), &verified.fingerprint())
-                            {
-                                info!("fingerprint left the allowlist during the handshake");
-                                self.metrics.sessions_revoked.inc();
-                                close(&conn, CloseCode::Revoked, &self.metrics);
-                            }
-                        }
-                        BrokerEvent::Heartbeat(hb) => {
-                            if let Some(s) = &info {
-                                s.last_heartbeat_ms
-                                    .store(unix_ms(SystemTime::now()), Ordering::Relaxed);
-                                s.cert_not_after_ms
-                                    .store(hb.cert_not_after_ms, Ordering::Relaxed);
-                                s.trust_state.store(hb.trust_state as u8, Ordering::Relaxed);
-                                self.presence.heartbeat(s);
-                            }
-                        }
-                        BrokerEvent::Status(status) => {
-                            debug!(entries = status.entries.len(), "status report");
-                        }
-                    }
+                if let ControlFlow::Break(code) =
+                    self.on_events(&peer, session_id, &mut session, &mut info)
+                {
+                    break code;
                 }
                 // Frames to send, in a buffer that lives only until quinn has copied it.
                 let mut out = BytesMut::new();
@@ -781,38 +695,201 @@ impl Broker {
                 }
             };
 
-            // The connection ends with its session, whatever ended the loop (a reset session
-            // stream, a write that timed out): a connection outside the session table is out of
-            // revocation's reach. A no-op if it is already closed.
-            let peer_code = match conn.close_reason() {
-                Some(quinn::ConnectionError::ApplicationClosed(c)) => {
-                    CloseCode::from_code(c.error_code.into_inner())
-                }
-                Some(quinn::ConnectionError::TimedOut) => Some(CloseCode::IdleTimeout),
-                _ => None,
-            };
-            close(
-                &conn,
-                code.unwrap_or(CloseCode::ProtocolError),
-                &self.metrics,
-            );
-            if let Some(s) = info {
-                if self.sessions.remove(&s.appliance, s.session_id) {
-                    debug!("session removed");
-                }
-                self.metrics.sessions.dec();
-                // Why it ended: a close from outside the driver (revoked, superseded, control)
-                // wins over what the driver saw (a read error once the connection was closed).
-                let reason = s
-                    .closed_with()
-                    .or(code)
-                    .or(peer_code)
-                    .map(CloseCode::as_str)
-                    .unwrap_or("connection_lost");
-                self.presence.session_down(&s, reason);
-            }
-            let reason = conn.closed().await;
+            self.end_session(&peer.conn, code, info);
+            let reason = peer.conn.closed().await;
             debug!(reason = %reason, "connection closed");
+        }
+    }
+
+    /// The session state machine for a new session of `verified`, before its `Hello`.
+    fn new_session(&self, session_id: u64, verified: &VerifiedAppliance) -> BrokerSession {
+        let cfg = &self.config.session;
+        BrokerSession::new(
+            BrokerSessionConfig {
+                session_id,
+                heartbeat_interval: cfg.heartbeat_interval,
+                missed_heartbeats: tether_proto::session::DEFAULT_MISSED_HEARTBEATS,
+                hello_timeout: cfg.hello_timeout,
+                manual_renewal_generation: self.generations.get(verified.appliance()),
+                max_frame_len: u32::try_from(cfg.max_frame_len).unwrap_or(u32::MAX),
+            },
+            now(),
+        )
+    }
+
+    /// Feed what the session stream read to the session; `Break` with the close code when
+    /// the session is over (`None`: a protocol violation or a lost stream).
+    fn on_read(
+        &self,
+        conn: &quinn::Connection,
+        chunk: Result<Option<quinn::Chunk>, quinn::ReadError>,
+        decoder: &mut FrameDecoder,
+        session: &mut BrokerSession,
+    ) -> ControlFlow<Option<CloseCode>> {
+        match chunk {
+            Ok(Some(chunk)) => {
+                decoder.push(&chunk.bytes);
+                if let Err(v) = self.handle_frames(decoder, session) {
+                    self.violation(conn, v.kind(), &v.to_string());
+                    return ControlFlow::Break(None);
+                }
+                decoder.release_idle();
+                ControlFlow::Continue(())
+            }
+            Ok(None) => {
+                debug!("agent finished the session stream");
+                ControlFlow::Break(Some(CloseCode::Normal))
+            }
+            Err(quinn::ReadError::Reset(reason)) => {
+                // The agent abandoned its session: as unexpected as a frame it
+                // may not send (`docs/PROTOCOL.md` §2).
+                self.violation(
+                    conn,
+                    "session_stream_reset",
+                    &format!("agent reset the session stream (error code {reason})"),
+                );
+                ControlFlow::Break(None)
+            }
+            Err(e) => {
+                debug!(error = %e, "session stream ended");
+                ControlFlow::Break(None)
+            }
+        }
+    }
+
+    /// Act on the session's events: register on `Hello`, note heartbeats; `Break` with the
+    /// close code when the session must end.
+    fn on_events(
+        &self,
+        peer: &Peer,
+        session_id: u64,
+        session: &mut BrokerSession,
+        info: &mut Option<Arc<SessionInfo>>,
+    ) -> ControlFlow<Option<CloseCode>> {
+        while let Some(event) = session.poll_event() {
+            match event {
+                BrokerEvent::Established(hello) => {
+                    self.establish(peer, session_id, hello, session, info)?;
+                }
+                BrokerEvent::Heartbeat(hb) => {
+                    if let Some(s) = info {
+                        s.last_heartbeat_ms
+                            .store(unix_ms(SystemTime::now()), Ordering::Relaxed);
+                        s.cert_not_after_ms
+                            .store(hb.cert_not_after_ms, Ordering::Relaxed);
+                        s.trust_state.store(hb.trust_state as u8, Ordering::Relaxed);
+                        self.presence.heartbeat(s);
+                    }
+                }
+                BrokerEvent::Status(status) => {
+                    debug!(entries = status.entries.len(), "status report");
+                }
+            }
+        }
+        ControlFlow::Continue(())
+    }
+
+    /// On `Hello`: check the allowlist, enter the session table (superseding an older
+    /// session), and check the allowlist again; `Break` when the certificate was revoked.
+    fn establish(
+        &self,
+        peer: &Peer,
+        session_id: u64,
+        hello: tether_proto::Hello,
+        session: &mut BrokerSession,
+        info: &mut Option<Arc<SessionInfo>>,
+    ) -> ControlFlow<Option<CloseCode>> {
+        let (conn, verified) = (&peer.conn, &peer.verified);
+        // A certificate revoked since the handshake never enters the table:
+        // there it would supersede the appliance's live session (on a
+        // renewed, still pinned certificate) before the check below.
+        if !self
+            .allowlist
+            .allows(verified.appliance(), &verified.fingerprint())
+        {
+            info!("fingerprint left the allowlist before Hello");
+            self.metrics.sessions_revoked.inc();
+            return ControlFlow::Break(Some(CloseCode::Revoked));
+        }
+        let s = Arc::new(SessionInfo {
+            session_id,
+            appliance: verified.appliance().clone(),
+            fingerprint: verified.fingerprint(),
+            connected_at: SystemTime::now(),
+            remote: peer.remote,
+            agent_version: hello.agent_version,
+            capabilities: hello.capabilities,
+            connection: conn.clone(),
+            cert_not_after_ms: hello.cert_not_after_ms.into(),
+            last_heartbeat_ms: 0.into(),
+            trust_state: 0.into(),
+            renewal_generation: 0.into(),
+            renewal_changed: tokio::sync::Notify::new(),
+            close_code: crate::sessions::NOT_CLOSED.into(),
+        });
+        if let Some(old) = self.sessions.insert(s.clone()) {
+            info!(old_session = old.session_id, "superseding older session");
+            old.close(CloseCode::Superseded, &self.metrics);
+        }
+        self.metrics.sessions.inc();
+        // Generations that changed between `Welcome` and the insert went
+        // to the older session (or nowhere): take the current one now.
+        let generation = self.generations.get(verified.appliance());
+        s.renewal_generation.store(generation, Ordering::Relaxed);
+        session.set_manual_renewal_generation(generation);
+        self.presence.session_up(&s);
+        info!(session_id, agent_version = %s.agent_version, "session established");
+        *info = Some(s);
+        // A revocation applied after the handshake but before the insert
+        // found no session to close: check again now that we are visible.
+        if !self
+            .allowlist
+            .allows(verified.appliance(), &verified.fingerprint())
+        {
+            info!("fingerprint left the allowlist during the handshake");
+            self.metrics.sessions_revoked.inc();
+            close(conn, CloseCode::Revoked, &self.metrics);
+        }
+        ControlFlow::Continue(())
+    }
+
+    /// Close the connection with its session (`code`; `None`: a protocol error) and take
+    /// the session out of the table, recording why it ended.
+    fn end_session(
+        &self,
+        conn: &quinn::Connection,
+        code: Option<CloseCode>,
+        info: Option<Arc<SessionInfo>>,
+    ) {
+        // The connection ends with its session, whatever ended the loop (a reset session
+        // stream, a write that timed out): a connection outside the session table is out of
+        // revocation's reach. A no-op if it is already closed.
+        let peer_code = match conn.close_reason() {
+            Some(quinn::ConnectionError::ApplicationClosed(c)) => {
+                CloseCode::from_code(c.error_code.into_inner())
+            }
+            Some(quinn::ConnectionError::TimedOut) => Some(CloseCode::IdleTimeout),
+            _ => None,
+        };
+        close(
+            conn,
+            code.unwrap_or(CloseCode::ProtocolError),
+            &self.metrics,
+        );
+        if let Some(s) = info {
+            if self.sessions.remove(&s.appliance, s.session_id) {
+                debug!("session removed");
+            }
+            self.metrics.sessions.dec();
+            // Why it ended: a close from outside the driver (revoked, superseded, control)
+            // wins over what the driver saw (a read error once the connection was closed).
+            let reason = s
+                .closed_with()
+                .or(code)
+                .or(peer_code)
+                .map(CloseCode::as_str)
+                .unwrap_or("connection_lost");
+            self.presence.session_down(&s, reason);
         }
     }
 
@@ -962,6 +1039,14 @@ impl Broker {
         );
         Ok(rx)
     }
+}
+
+/// The connection a session driver serves and who is on the other end: one value the
+/// driver's future holds, lent whole to the phases that need more than the connection.
+struct Peer {
+    conn: quinn::Connection,
+    verified: VerifiedAppliance,
+    remote: SocketAddr,
 }
 
 /// When the driver must wake without input: the session's next deadline or the drain
