@@ -168,6 +168,13 @@ macro_rules! id_type {
                 Ok($name(Arc::from(s)))
             }
 
+            /// Wrap `s` that [`crate::spiffe::SpiffeRef::parse`] already checked with
+            /// this type's rule: the handshake validates each name once, not twice.
+            pub(crate) fn from_checked(s: &str) -> $name {
+                debug_assert!(($check)(s).is_ok());
+                $name(Arc::from(s))
+            }
+
             /// Whether `s` is valid.
             pub fn is_valid(s: &str) -> bool {
                 ($check)(s).is_ok()

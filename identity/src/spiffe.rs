@@ -151,16 +151,16 @@ impl<'a> SpiffeRef<'a> {
 
     /// The appliance id, if this names an appliance.
     pub fn appliance(&self) -> Option<ApplianceId> {
-        (self.kind == Kind::Appliance).then(|| ApplianceId::new(self.name).expect("checked"))
+        (self.kind == Kind::Appliance).then(|| ApplianceId::from_checked(self.name))
     }
 
     /// An owned copy.
     pub fn to_owned(&self) -> SpiffeId {
-        let trust_domain = TrustDomain::new(self.trust_domain).expect("checked");
+        let trust_domain = TrustDomain::from_checked(self.trust_domain);
         let subject = match self.kind {
-            Kind::Appliance => Subject::Appliance(ApplianceId::new(self.name).expect("checked")),
-            Kind::Broker => Subject::Broker(BrokerName::new(self.name).expect("checked")),
-            Kind::Operator => Subject::Operator(OperatorName::new(self.name).expect("checked")),
+            Kind::Appliance => Subject::Appliance(ApplianceId::from_checked(self.name)),
+            Kind::Broker => Subject::Broker(BrokerName::from_checked(self.name)),
+            Kind::Operator => Subject::Operator(OperatorName::from_checked(self.name)),
             Kind::Control => Subject::Control,
         };
         SpiffeId {
