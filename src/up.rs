@@ -42,6 +42,8 @@ pub const BROKERS: [&str; 2] = ["edge-1", "edge-2"];
 const MARKER: &str = "tether-up.json";
 /// Enrollments running at once.
 const ENROLL_CONCURRENCY: usize = 8;
+/// How long [`LocalControl::wait_applied`] waits for the brokers to follow control.
+const ALLOWLIST_SYNC: Duration = Duration::from_secs(30);
 
 /// Options of `tether up`.
 #[derive(Clone, Debug)]
@@ -355,6 +357,10 @@ pub async fn run(opts: UpOptions, shutdown: CancellationToken) -> anyhow::Result
     }
 
     enroll_fleet(&opts, &layout, store.clone(), control_url, root_pem).await?;
+    // An agent the broker refuses (its enrollment not yet in the broker's allowlist) waits
+    // minutes before it tries again, as a revoked one would: start the fleet only once
+    // every broker has applied the version that admits it.
+    control.wait_applied(&shutdown).await?;
     let fleet_stop = CancellationToken::new();
     let (agents, mut rx) = start_fleet(&opts, &layout, &brokers, &fleet_stop)?;
     let started = Instant::now();
@@ -405,6 +411,8 @@ struct LocalControl {
     url: String,
     metrics_addr: SocketAddr,
     store: Arc<dyn Store>,
+    /// Its broker channels (to see which allowlist version each broker applied).
+    cluster: Arc<tether_control::cluster::Cluster>,
     root_pem: String,
     stop: CancellationToken,
     task: tokio::task::JoinHandle<anyhow::Result<()>>,
@@ -426,6 +434,7 @@ impl LocalControl {
         }
         let metrics_addr = control.metrics_addr()?;
         let store = control.state.store.clone();
+        let cluster = control.state.cluster.clone();
         let url = format!("https://{control_addr}");
         let root_pem = control.state.ca.root_pem();
         let stop = CancellationToken::new();
@@ -434,10 +443,40 @@ impl LocalControl {
             url,
             metrics_addr,
             store,
+            cluster,
             root_pem,
             stop,
             task,
         })
+    }
+
+    /// Wait until every broker of [`BROKERS`] has a channel up and has applied the
+    /// allowlist version control holds now (30 s at most) or `shutdown`.
+    async fn wait_applied(&self, shutdown: &CancellationToken) -> anyhow::Result<()> {
+        let version = u64::try_from(self.store.allowlist_version().await?).unwrap_or(0);
+        let deadline = Instant::now() + ALLOWLIST_SYNC;
+        loop {
+            let links = self.cluster.links();
+            let behind: Vec<&str> = BROKERS
+                .iter()
+                .copied()
+                .filter(|name| {
+                    !links
+                        .iter()
+                        .any(|l| l.broker == *name && l.allowlist_version >= version)
+                })
+                .collect();
+            if behind.is_empty() || shutdown.is_cancelled() {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "broker(s) {} did not apply allowlist version {version} within {ALLOWLIST_SYNC:?}",
+                    behind.join(", ")
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     /// Stop control and wait for it (10 s at most).

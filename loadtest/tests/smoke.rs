@@ -287,6 +287,7 @@ impl Up {
             exe.display()
         );
         let data = tempfile::tempdir().expect("tempdir");
+        let log = data.path().join("up.log");
         let mut child = Command::new(&exe)
             .args(["up", "--port-base", "0", "--appliances"])
             .arg(appliances.to_string())
@@ -294,7 +295,7 @@ impl Up {
             .arg(data.path().join("up"))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
-            .stderr(Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("up.log"))
             .spawn()
             .expect("start tether up");
         let stdout = child.stdout.take().expect("stdout");
@@ -324,7 +325,9 @@ impl Up {
             Ok(url) => url,
             Err(_) => {
                 let _ = child.kill();
-                panic!("tether up did not get ready within 120 s");
+                let _ = child.wait();
+                let log = std::fs::read_to_string(&log).unwrap_or_default();
+                panic!("tether up did not get ready within 120 s; it said:\n{log}");
             }
         };
         Up {
