@@ -232,22 +232,15 @@ pub async fn run(cmd: ApplianceCmd) -> anyhow::Result<()> {
                      --k8s-issuer/--k8s-namespace/--k8s-service-account, or --token-only"
                 ),
             };
-            let client = Client::load(&common.dir()?)?;
-            let body = RegisterRequest {
-                id,
-                tenant,
-                binding,
-            };
-            let a: ApplianceSummary = client.post("/v1/appliances", &body).await?;
-            match common.output {
-                Output::Json => print_json(&a)?,
-                Output::Table => println!(
-                    "registered {} (tenant {}, {})",
-                    a.id,
-                    a.tenant,
-                    binding_text(&a.binding)
-                ),
-            }
+            register(
+                RegisterRequest {
+                    id,
+                    tenant,
+                    binding,
+                },
+                &common,
+            )
+            .await
         }
         ApplianceCmd::List {
             status,
@@ -268,90 +261,122 @@ pub async fn run(cmd: ApplianceCmd) -> anyhow::Result<()> {
                     query.push_str(&format!("&{k}={}", encode(&v)));
                 }
             }
-            let client = Client::load(&common.dir()?)?;
-            let list: ApplianceList = client.get(&format!("/v1/appliances?{query}")).await?;
-            match common.output {
-                Output::Json => print_json(&list)?,
-                Output::Table => {
-                    print_summary_table(&list.appliances);
-                    if let Some(next) = &list.next {
-                        eprintln!("more: tether appliance list --after {next}");
-                    }
-                }
+            list(&query, &common).await
+        }
+        ApplianceCmd::Show { id, common } => show(&id, &common).await,
+        ApplianceCmd::Disable { id, common } => status(&id, "disable", &common).await,
+        ApplianceCmd::Enable { id, common } => status(&id, "enable", &common).await,
+        ApplianceCmd::Revoke { id, common } => status(&id, "revoke", &common).await,
+        ApplianceCmd::Renew { id, common } => renew(&id, &common).await,
+    }
+}
+
+/// `tether appliance register`.
+async fn register(body: RegisterRequest, common: &Common) -> anyhow::Result<()> {
+    let client = Client::load(&common.dir()?)?;
+    let a: ApplianceSummary = client.post("/v1/appliances", &body).await?;
+    match common.output {
+        Output::Json => print_json(&a)?,
+        Output::Table => println!(
+            "registered {} (tenant {}, {})",
+            a.id,
+            a.tenant,
+            binding_text(&a.binding)
+        ),
+    }
+    Ok(())
+}
+
+/// `tether appliance list` with `query` (already encoded).
+async fn list(query: &str, common: &Common) -> anyhow::Result<()> {
+    let client = Client::load(&common.dir()?)?;
+    let list: ApplianceList = client.get(&format!("/v1/appliances?{query}")).await?;
+    match common.output {
+        Output::Json => print_json(&list)?,
+        Output::Table => {
+            print_summary_table(&list.appliances);
+            if let Some(next) = &list.next {
+                eprintln!("more: tether appliance list --after {next}");
             }
         }
-        ApplianceCmd::Show { id, common } => {
-            check_id(&id)?;
-            let client = Client::load(&common.dir()?)?;
-            let d: ApplianceDetail = client.get(&format!("/v1/appliances/{id}")).await?;
-            match common.output {
-                Output::Json => print_json(&d)?,
-                Output::Table => {
-                    let a = &d.appliance;
-                    println!("id:                 {}", a.id);
-                    println!("tenant:             {}", a.tenant);
-                    println!("status:             {}", a.status.as_str());
-                    println!("trust:              {}", a.trust_state.as_str());
-                    println!("binding:            {}", binding_text(&a.binding));
-                    println!("renewal generation: {}", a.manual_renewal_generation);
-                    println!("registered:         {}", a.created_at);
-                    match &d.connection {
-                        Some(c) => {
-                            println!(
-                                "connected:          broker {} since {} (session {})",
-                                c.broker,
-                                tether_control::enroll::rfc3339(c.connected_at as i64),
-                                c.session_id
-                            );
-                            println!(
-                                "last heartbeat:     {}",
-                                c.last_heartbeat
-                                    .map(|t| tether_control::enroll::rfc3339(t as i64))
-                                    .unwrap_or_else(|| "none yet".into())
-                            );
-                            if let Some(t) = &c.trust_state {
-                                println!("agent trust state:  {t}");
-                            }
-                        }
-                        None => println!("connected:          no (offline)"),
-                    }
-                    if d.certificates.is_empty() {
-                        println!("certificates:       none");
-                    } else {
-                        println!(
-                            "\n{:<40} {:<9} {:<20} {:<20}  FINGERPRINT",
-                            "SERIAL", "STATE", "NOT BEFORE", "NOT AFTER"
-                        );
-                        for c in &d.certificates {
-                            println!(
-                                "{:<40} {:<9} {:<20} {:<20}  {}",
-                                c.serial, c.state, c.not_before, c.not_after, c.fingerprint
-                            );
-                        }
-                    }
-                }
+    }
+    Ok(())
+}
+
+/// `tether appliance show`.
+async fn show(id: &str, common: &Common) -> anyhow::Result<()> {
+    check_id(id)?;
+    let client = Client::load(&common.dir()?)?;
+    let d: ApplianceDetail = client.get(&format!("/v1/appliances/{id}")).await?;
+    match common.output {
+        Output::Json => print_json(&d)?,
+        Output::Table => print_detail(&d),
+    }
+    Ok(())
+}
+
+/// An appliance's detail as `tether appliance show` prints it.
+fn print_detail(d: &ApplianceDetail) {
+    let a = &d.appliance;
+    println!("id:                 {}", a.id);
+    println!("tenant:             {}", a.tenant);
+    println!("status:             {}", a.status.as_str());
+    println!("trust:              {}", a.trust_state.as_str());
+    println!("binding:            {}", binding_text(&a.binding));
+    println!("renewal generation: {}", a.manual_renewal_generation);
+    println!("registered:         {}", a.created_at);
+    match &d.connection {
+        Some(c) => {
+            println!(
+                "connected:          broker {} since {} (session {})",
+                c.broker,
+                tether_control::enroll::rfc3339(c.connected_at as i64),
+                c.session_id
+            );
+            println!(
+                "last heartbeat:     {}",
+                c.last_heartbeat
+                    .map(|t| tether_control::enroll::rfc3339(t as i64))
+                    .unwrap_or_else(|| "none yet".into())
+            );
+            if let Some(t) = &c.trust_state {
+                println!("agent trust state:  {t}");
             }
         }
-        ApplianceCmd::Disable { id, common } => status(&id, "disable", &common).await?,
-        ApplianceCmd::Enable { id, common } => status(&id, "enable", &common).await?,
-        ApplianceCmd::Revoke { id, common } => status(&id, "revoke", &common).await?,
-        ApplianceCmd::Renew { id, common } => {
-            check_id(&id)?;
-            let client = Client::load(&common.dir()?)?;
-            let r: RenewResponse = client
-                .post(
-                    &format!("/v1/appliances/{id}/renew"),
-                    &serde_json::json!({}),
-                )
-                .await?;
-            match common.output {
-                Output::Json => print_json(&r)?,
-                Output::Table => println!(
-                    "{}: manual renewal generation {} (the agent renews when it sees it)",
-                    r.id, r.manual_renewal_generation
-                ),
-            }
-        }
+        None => println!("connected:          no (offline)"),
+    }
+    if d.certificates.is_empty() {
+        println!("certificates:       none");
+        return;
+    }
+    println!(
+        "\n{:<40} {:<9} {:<20} {:<20}  FINGERPRINT",
+        "SERIAL", "STATE", "NOT BEFORE", "NOT AFTER"
+    );
+    for c in &d.certificates {
+        println!(
+            "{:<40} {:<9} {:<20} {:<20}  {}",
+            c.serial, c.state, c.not_before, c.not_after, c.fingerprint
+        );
+    }
+}
+
+/// `tether appliance renew`.
+async fn renew(id: &str, common: &Common) -> anyhow::Result<()> {
+    check_id(id)?;
+    let client = Client::load(&common.dir()?)?;
+    let r: RenewResponse = client
+        .post(
+            &format!("/v1/appliances/{id}/renew"),
+            &serde_json::json!({}),
+        )
+        .await?;
+    match common.output {
+        Output::Json => print_json(&r)?,
+        Output::Table => println!(
+            "{}: manual renewal generation {} (the agent renews when it sees it)",
+            r.id, r.manual_renewal_generation
+        ),
     }
     Ok(())
 }
