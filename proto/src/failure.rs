@@ -94,6 +94,34 @@ pub enum CommandFailure {
     AgentInternal,
     /// The caller read output too slowly; control stopped the command.
     OutputOverflow,
+    /// Signed operations: the phase needs a customer approval and none came.
+    ApprovalRequired,
+    /// Signed operations: the approval does not verify against what the agent re-derived
+    /// (changed command, other appliance, unpinned key, wrong namespace, not canonical).
+    ApprovalInvalid,
+    /// Signed operations: the agent's clock is outside the approval's window.
+    ApprovalExpired,
+    /// Signed operations: the approval's window is longer than the policy allows.
+    ApprovalTooLong,
+    /// Signed operations: the approval was used before (or is older than the pruning
+    /// horizon).
+    ApprovalReplayed,
+    /// Signed operations: the pinned approvers cannot be used (missing, unparsable, or a
+    /// file someone other than the customer could write).
+    ApprovalUnavailable,
+    /// Signed operations: the customer policy is missing or broken; nothing runs.
+    PolicyUnavailable,
+    /// Signed operations: the command's phase is disabled (or its window ended).
+    PhaseDisabled,
+    /// Signed operations: the phase was disabled while the command ran; it was killed.
+    PhaseRevoked,
+    /// Signed operations: a deny rule of the customer policy matched.
+    DeniedByPolicy,
+    /// Signed operations: the appliance audit log cannot be written; nothing runs that
+    /// cannot be recorded.
+    AuditUnavailable,
+    /// Signed operations: the agent cannot run the command as the phase's user.
+    PrivsepUnavailable,
     /// A name this version does not know (from a newer peer): kept as a failure, so one
     /// new code never breaks a channel or an answer.
     Unknown,
@@ -114,6 +142,18 @@ named!(CommandFailure {
     Refused => "refused",
     AgentInternal => "agent_internal",
     OutputOverflow => "output_overflow",
+    ApprovalRequired => "approval_required",
+    ApprovalInvalid => "approval_invalid",
+    ApprovalExpired => "approval_expired",
+    ApprovalTooLong => "approval_too_long",
+    ApprovalReplayed => "approval_replayed",
+    ApprovalUnavailable => "approval_unavailable",
+    PolicyUnavailable => "policy_unavailable",
+    PhaseDisabled => "phase_disabled",
+    PhaseRevoked => "phase_revoked",
+    DeniedByPolicy => "denied_by_policy",
+    AuditUnavailable => "audit_unavailable",
+    PrivsepUnavailable => "privsep_unavailable",
     Unknown => "unknown",
 });
 
@@ -135,7 +175,7 @@ pub const EXIT_ERROR: i32 = 125;
 
 impl CommandFailure {
     /// Every failure.
-    pub const ALL: [CommandFailure; 15] = [
+    pub const ALL: [CommandFailure; 27] = [
         CommandFailure::Offline,
         CommandFailure::TimedOut,
         CommandFailure::ConnectionLost,
@@ -150,7 +190,36 @@ impl CommandFailure {
         CommandFailure::Refused,
         CommandFailure::AgentInternal,
         CommandFailure::OutputOverflow,
+        CommandFailure::ApprovalRequired,
+        CommandFailure::ApprovalInvalid,
+        CommandFailure::ApprovalExpired,
+        CommandFailure::ApprovalTooLong,
+        CommandFailure::ApprovalReplayed,
+        CommandFailure::ApprovalUnavailable,
+        CommandFailure::PolicyUnavailable,
+        CommandFailure::PhaseDisabled,
+        CommandFailure::PhaseRevoked,
+        CommandFailure::DeniedByPolicy,
+        CommandFailure::AuditUnavailable,
+        CommandFailure::PrivsepUnavailable,
         CommandFailure::Unknown,
+    ];
+
+    /// The refusals of signed operations (docs/PROTOCOL.md, customer-signed operations):
+    /// the agent decided, on the customer's policy and keys, not to run the command.
+    pub const SIGNED_OPS_REFUSALS: [CommandFailure; 12] = [
+        CommandFailure::ApprovalRequired,
+        CommandFailure::ApprovalInvalid,
+        CommandFailure::ApprovalExpired,
+        CommandFailure::ApprovalTooLong,
+        CommandFailure::ApprovalReplayed,
+        CommandFailure::ApprovalUnavailable,
+        CommandFailure::PolicyUnavailable,
+        CommandFailure::PhaseDisabled,
+        CommandFailure::PhaseRevoked,
+        CommandFailure::DeniedByPolicy,
+        CommandFailure::AuditUnavailable,
+        CommandFailure::PrivsepUnavailable,
     ];
 
     /// The exit code `tether exec` ends with: [`EXIT_OFFLINE`] (69), [`EXIT_LOST`] (75),
