@@ -2,5 +2,6 @@
 
 pub mod audit_cli;
 pub mod cli;
+pub mod ops_cli;
 pub mod pki;
 pub mod up;

@@ -66,6 +66,19 @@ enum Cmd {
     /// output streams back live and `tether exec` exits with the command's exit code, or
     /// 69 offline, 75 lost mid-command, 124 timed out, 125 refused or unreachable.
     Exec(tether::cli::exec::ExecArgs),
+    /// Customer-signed operations: check an approval, the appliance's manifest and the
+    /// output offline.
+    #[command(subcommand)]
+    Ops(OpsCmd),
+}
+
+#[derive(Debug, Subcommand)]
+enum OpsCmd {
+    /// Check offline that a customer approval verifies under a pinned key, that the
+    /// appliance's manifest verifies under the key the approval names and binds exactly
+    /// that approval and command, and that the output files match. Exits 0 valid, 1
+    /// invalid (naming the first failing check), 2 usage.
+    Verify(tether::ops_cli::VerifyArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -118,6 +131,7 @@ async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt().with_env_filter(filter).init();
     match cli.command {
         Cmd::Login(args) => tether::cli::login::run(args).await,
+        Cmd::Ops(OpsCmd::Verify(args)) => std::process::exit(tether::ops_cli::run(&args)),
         Cmd::Operator(cmd) => tether::cli::operator::run(cmd).await,
         Cmd::Completions { shell } => {
             use clap::CommandFactory;

@@ -41,6 +41,7 @@ pub mod sig;
 pub mod verify;
 
 use serde::{Deserialize, Serialize};
+pub use ssh_key;
 pub use tether_proto::CommandFailure;
 
 /// The SSHSIG namespace of approvals (`ssh-keygen -Y sign -n tether-approval-v1`).
