@@ -53,6 +53,7 @@ pub mod credentials;
 pub mod enroll;
 pub mod error;
 pub mod event;
+pub mod manifest_key;
 pub mod proof;
 pub mod renew;
 pub mod session;

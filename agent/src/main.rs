@@ -38,6 +38,21 @@ enum Cmd {
     /// Enroll with control: generate the key here, send a CSR with a one-time proof, and
     /// store the certificate in the state directory.
     Enroll(EnrollArgs),
+    /// The appliance's manifest key (signs its command manifests).
+    #[command(subcommand)]
+    ManifestKey(ManifestKeyCmd),
+}
+
+#[derive(Debug, Subcommand)]
+enum ManifestKeyCmd {
+    /// Print the public key as one line, `ssh-ed25519 <base64>`, for the customer to
+    /// record at install time. Makes the key (0600 in the state directory) if there is
+    /// none yet.
+    Show {
+        /// The agent's state directory.
+        #[arg(long, env = ENV_STATE_DIR, value_name = "DIR")]
+        state_dir: PathBuf,
+    },
 }
 
 /// Proof kinds `enroll` can present.
@@ -327,6 +342,9 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     init_logging(settings.log_format);
     tracing::info!(version = env!("CARGO_PKG_VERSION"), config = ?settings.agent, "tether-agent starting");
 
+    let manifest_key = tether_agent::manifest_key::load_or_create(&settings.state_dir)?;
+    tracing::info!(key = %tether_agent::manifest_key::public_line(&manifest_key), "manifest key");
+
     let shutdown = CancellationToken::new();
     stop_on_signals(shutdown.clone())?;
     let endpoint = endpoint(settings.bind)?;
@@ -355,5 +373,10 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Cmd::Run(args) => runtime.block_on(run(args)),
         Cmd::Enroll(args) => runtime.block_on(enroll(args)),
+        Cmd::ManifestKey(ManifestKeyCmd::Show { state_dir }) => {
+            let key = tether_agent::manifest_key::load_or_create(&state_dir)?;
+            println!("{}", tether_agent::manifest_key::public_line(&key));
+            Ok(())
+        }
     }
 }
