@@ -968,6 +968,7 @@ impl Broker {
             argv: spec.argv,
             env_allowlist: spec.env_allowlist,
             deadline_ms: u32::try_from(spec.timeout.as_millis()).unwrap_or(u32::MAX),
+            signed: None,
         });
         let max = self.config.session.max_frame_len;
         let mut buf = BytesMut::new();

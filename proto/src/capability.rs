@@ -18,8 +18,15 @@ pub const SHELL: &str = "shell";
 /// version-1 agent without it refuses trailing bytes in `Welcome` as a protocol error.
 pub const MAX_FRAME_LEN: &str = "max_frame_len";
 
+/// The agent decides commands under its customer's policy and signed approvals
+/// (docs/PROTOCOL.md, signed operations): the broker appends the `SignedOps` extension
+/// to every `CommandRequest` it sends such an agent, and relays `CommandManifest` and
+/// `CommandPlan` frames and the signed-ops failure reasons (8 to 19). An agent announces
+/// it only when it runs with a customer directory.
+pub const SIGNED_OPS: &str = "signed-ops/1";
+
 /// Every capability this crate defines, in the order the reference agent announces them.
-pub const ALL: [&str; 3] = [EXEC, SHELL, MAX_FRAME_LEN];
+pub const ALL: [&str; 4] = [EXEC, SHELL, MAX_FRAME_LEN, SIGNED_OPS];
 
 /// Whether `capabilities` (from a `Hello`) holds `capability`.
 pub fn announced(capabilities: &[String], capability: &str) -> bool {

@@ -236,6 +236,34 @@ impl CommandFailure {
     }
 }
 
+impl CommandFailure {
+    /// The wire reason an agent sends for this failure, if it is one an agent reports.
+    pub const fn wire_reason(self) -> Option<FailureReason> {
+        Some(match self {
+            CommandFailure::SpawnFailed => FailureReason::SpawnFailed,
+            CommandFailure::TimedOut => FailureReason::TimedOut,
+            CommandFailure::Busy => FailureReason::Busy,
+            CommandFailure::Signaled => FailureReason::Signaled,
+            CommandFailure::Refused | CommandFailure::ShellNotAllowed => FailureReason::Refused,
+            CommandFailure::Cancelled => FailureReason::Cancelled,
+            CommandFailure::AgentInternal => FailureReason::Internal,
+            CommandFailure::ApprovalRequired => FailureReason::ApprovalRequired,
+            CommandFailure::ApprovalInvalid => FailureReason::ApprovalInvalid,
+            CommandFailure::ApprovalExpired => FailureReason::ApprovalExpired,
+            CommandFailure::ApprovalTooLong => FailureReason::ApprovalTooLong,
+            CommandFailure::ApprovalReplayed => FailureReason::ApprovalReplayed,
+            CommandFailure::ApprovalUnavailable => FailureReason::ApprovalUnavailable,
+            CommandFailure::PolicyUnavailable => FailureReason::PolicyUnavailable,
+            CommandFailure::PhaseDisabled => FailureReason::PhaseDisabled,
+            CommandFailure::PhaseRevoked => FailureReason::PhaseRevoked,
+            CommandFailure::DeniedByPolicy => FailureReason::DeniedByPolicy,
+            CommandFailure::AuditUnavailable => FailureReason::AuditUnavailable,
+            CommandFailure::PrivsepUnavailable => FailureReason::PrivsepUnavailable,
+            _ => return None,
+        })
+    }
+}
+
 impl From<FailureReason> for CommandFailure {
     /// The agent's reason on the wire, in the shared vocabulary.
     fn from(r: FailureReason) -> CommandFailure {
@@ -247,6 +275,18 @@ impl From<FailureReason> for CommandFailure {
             FailureReason::Refused => CommandFailure::Refused,
             FailureReason::Cancelled => CommandFailure::Cancelled,
             FailureReason::Internal => CommandFailure::AgentInternal,
+            FailureReason::ApprovalRequired => CommandFailure::ApprovalRequired,
+            FailureReason::ApprovalInvalid => CommandFailure::ApprovalInvalid,
+            FailureReason::ApprovalExpired => CommandFailure::ApprovalExpired,
+            FailureReason::ApprovalTooLong => CommandFailure::ApprovalTooLong,
+            FailureReason::ApprovalReplayed => CommandFailure::ApprovalReplayed,
+            FailureReason::ApprovalUnavailable => CommandFailure::ApprovalUnavailable,
+            FailureReason::PolicyUnavailable => CommandFailure::PolicyUnavailable,
+            FailureReason::PhaseDisabled => CommandFailure::PhaseDisabled,
+            FailureReason::PhaseRevoked => CommandFailure::PhaseRevoked,
+            FailureReason::DeniedByPolicy => CommandFailure::DeniedByPolicy,
+            FailureReason::AuditUnavailable => CommandFailure::AuditUnavailable,
+            FailureReason::PrivsepUnavailable => CommandFailure::PrivsepUnavailable,
         }
     }
 }

@@ -62,6 +62,10 @@ pub enum FrameType {
     CommandOutput = 0x11,
     /// [`CommandResult`]
     CommandResult = 0x12,
+    /// [`CommandManifest`] (capability `signed-ops/1`)
+    CommandManifest = 0x13,
+    /// [`CommandPlan`] (capability `signed-ops/1`)
+    CommandPlan = 0x14,
 }
 
 impl FrameType {
@@ -77,6 +81,8 @@ impl FrameType {
             0x10 => FrameType::CommandRequest,
             0x11 => FrameType::CommandOutput,
             0x12 => FrameType::CommandResult,
+            0x13 => FrameType::CommandManifest,
+            0x14 => FrameType::CommandPlan,
             _ => return None,
         })
     }
@@ -103,6 +109,10 @@ pub enum Frame {
     CommandOutput(CommandOutput),
     /// Agent → broker, last frame on a command stream.
     CommandResult(CommandResult),
+    /// Agent → broker, the signed manifest of a command, just before its result.
+    CommandManifest(CommandManifest),
+    /// Agent → broker, the answer to a `plan_only` request, just before its result.
+    CommandPlan(CommandPlan),
 }
 
 impl Frame {
@@ -118,6 +128,8 @@ impl Frame {
             Frame::CommandRequest(_) => FrameType::CommandRequest,
             Frame::CommandOutput(_) => FrameType::CommandOutput,
             Frame::CommandResult(_) => FrameType::CommandResult,
+            Frame::CommandManifest(_) => FrameType::CommandManifest,
+            Frame::CommandPlan(_) => FrameType::CommandPlan,
         }
     }
 }
@@ -136,6 +148,8 @@ impl Codec for Frame {
             FrameType::CommandRequest => Frame::CommandRequest(CommandRequest::decode(buf)?),
             FrameType::CommandOutput => Frame::CommandOutput(CommandOutput::decode(buf)?),
             FrameType::CommandResult => Frame::CommandResult(CommandResult::decode(buf)?),
+            FrameType::CommandManifest => Frame::CommandManifest(CommandManifest::decode(buf)?),
+            FrameType::CommandPlan => Frame::CommandPlan(CommandPlan::decode(buf)?),
         })
     }
 
@@ -151,6 +165,8 @@ impl Codec for Frame {
             Frame::CommandRequest(f) => f.encode(buf),
             Frame::CommandOutput(f) => f.encode(buf),
             Frame::CommandResult(f) => f.encode(buf),
+            Frame::CommandManifest(f) => f.encode(buf),
+            Frame::CommandPlan(f) => f.encode(buf),
         }
     }
 
@@ -165,6 +181,8 @@ impl Codec for Frame {
             Frame::CommandRequest(f) => f.check(),
             Frame::CommandOutput(f) => f.check(),
             Frame::CommandResult(f) => f.check(),
+            Frame::CommandManifest(f) => f.check(),
+            Frame::CommandPlan(f) => f.check(),
         }
     }
 }
@@ -258,6 +276,31 @@ u8_enum!(
         Cancelled = 6,
         /// The agent failed internally.
         Internal = 7,
+        /// Signed operations (capability `signed-ops/1`): the phase needs an approval.
+        ApprovalRequired = 8,
+        /// Signed operations: the approval does not verify against what the agent
+        /// re-derived.
+        ApprovalInvalid = 9,
+        /// Signed operations: outside the approval's window (agent's clock).
+        ApprovalExpired = 10,
+        /// Signed operations: the approval's window is longer than the policy allows.
+        ApprovalTooLong = 11,
+        /// Signed operations: the approval was used before.
+        ApprovalReplayed = 12,
+        /// Signed operations: the pinned approvers cannot be used.
+        ApprovalUnavailable = 13,
+        /// Signed operations: the customer policy is missing or broken.
+        PolicyUnavailable = 14,
+        /// Signed operations: the command's phase is disabled.
+        PhaseDisabled = 15,
+        /// Signed operations: the phase was disabled while the command ran.
+        PhaseRevoked = 16,
+        /// Signed operations: a deny rule matched.
+        DeniedByPolicy = 17,
+        /// Signed operations: the appliance audit log cannot be written.
+        AuditUnavailable = 18,
+        /// Signed operations: the command cannot run as the phase's user.
+        PrivsepUnavailable = 19,
     }
 );
 
@@ -523,6 +566,163 @@ pub struct CommandRequest {
     pub env_allowlist: Vec<String>,
     /// Time the command may run before it is killed, in ms.
     pub deadline_ms: u32,
+    /// The signed-operations fields, sent only to agents that announced `signed-ops/1`
+    /// (a trailing extension: an agent without the capability refuses trailing bytes).
+    /// An agent receiving it knows its broker understands the signed-ops refusal reasons
+    /// and [`CommandManifest`].
+    pub signed: Option<SignedOps>,
+}
+
+/// The signed-operations part of a [`CommandRequest`] (capability `signed-ops/1`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SignedOps {
+    /// The vendor's request id (at most [`MAX_REQUEST_ID_LEN`] bytes).
+    pub request_id: String,
+    /// Why (at most [`MAX_MESSAGE_LEN`] bytes).
+    pub reason: String,
+    /// The customer's approval document, its exact bytes; empty if none.
+    pub approval: Bytes,
+    /// Its SSHSIG armor; empty if none.
+    pub approval_sig: Bytes,
+    /// Classify and answer with [`CommandPlan`]; run nothing.
+    pub plan_only: bool,
+}
+
+/// Longest `request_id` of [`SignedOps`].
+pub const MAX_REQUEST_ID_LEN: usize = 64;
+/// Longest approval document carried, in bytes.
+pub const MAX_APPROVAL_LEN: usize = 16 * 1024;
+/// Longest approval signature carried, in bytes.
+pub const MAX_APPROVAL_SIG_LEN: usize = 4 * 1024;
+/// Longest manifest carried, in bytes.
+pub const MAX_MANIFEST_LEN: usize = 64 * 1024;
+
+fn check_len(len: usize, field: &'static str, max: usize) -> Result<(), EncodeError> {
+    if len > max {
+        return Err(EncodeError::TooLong { field, len, max });
+    }
+    Ok(())
+}
+
+fn get_bytes_max<B: Buf>(buf: &mut B, field: &'static str, max: usize) -> Result<Bytes, DecodeError> {
+    let b = get_bytes(buf, field)?;
+    if b.len() > max {
+        return Err(DecodeError::TooLong {
+            field,
+            len: b.len(),
+            max,
+        });
+    }
+    Ok(b)
+}
+
+fn put_bytes<B: BufMut>(buf: &mut B, b: &[u8]) {
+    buf.put_u32(u32::try_from(b.len()).unwrap_or(u32::MAX));
+    buf.put_slice(b);
+}
+
+impl Codec for SignedOps {
+    fn decode<B: Buf>(buf: &mut B) -> Result<Self, DecodeError> {
+        let request_id = get_str(buf, "request_id", MAX_REQUEST_ID_LEN)?;
+        let reason = get_str(buf, "reason", MAX_MESSAGE_LEN)?;
+        let approval = get_bytes_max(buf, "approval", MAX_APPROVAL_LEN)?;
+        let approval_sig = get_bytes_max(buf, "approval_sig", MAX_APPROVAL_SIG_LEN)?;
+        let plan_only = match get::<u8, _>(buf, "plan_only")? {
+            0 => false,
+            1 => true,
+            other => {
+                return Err(DecodeError::InvalidValue {
+                    field: "plan_only",
+                    value: u64::from(other),
+                })
+            }
+        };
+        Ok(SignedOps {
+            request_id,
+            reason,
+            approval,
+            approval_sig,
+            plan_only,
+        })
+    }
+    fn encode<B: BufMut>(&self, buf: &mut B) {
+        put_str(buf, &self.request_id);
+        put_str(buf, &self.reason);
+        put_bytes(buf, &self.approval);
+        put_bytes(buf, &self.approval_sig);
+        buf.put_u8(u8::from(self.plan_only));
+    }
+    fn check(&self) -> Result<(), EncodeError> {
+        check_str(&self.request_id, "request_id", MAX_REQUEST_ID_LEN)?;
+        check_str(&self.reason, "reason", MAX_MESSAGE_LEN)?;
+        check_len(self.approval.len(), "approval", MAX_APPROVAL_LEN)?;
+        check_len(self.approval_sig.len(), "approval_sig", MAX_APPROVAL_SIG_LEN)
+    }
+}
+
+/// Agent → broker (capability `signed-ops/1`): the signed manifest of a command, sent on
+/// its stream just before the `CommandResult` (refusals included).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CommandManifest {
+    /// The command.
+    pub command_id: u64,
+    /// The manifest document, its exact (canonical JSON) bytes.
+    pub manifest: Bytes,
+    /// Its SSHSIG armor (namespace `tether-manifest-v1`).
+    pub sig: Bytes,
+}
+
+impl Codec for CommandManifest {
+    fn decode<B: Buf>(buf: &mut B) -> Result<Self, DecodeError> {
+        Ok(CommandManifest {
+            command_id: get(buf, "command_id")?,
+            manifest: get_bytes_max(buf, "manifest", MAX_MANIFEST_LEN)?,
+            sig: get_bytes_max(buf, "manifest_sig", MAX_APPROVAL_SIG_LEN)?,
+        })
+    }
+    fn encode<B: BufMut>(&self, buf: &mut B) {
+        buf.put_u64(self.command_id);
+        put_bytes(buf, &self.manifest);
+        put_bytes(buf, &self.sig);
+    }
+    fn check(&self) -> Result<(), EncodeError> {
+        check_len(self.manifest.len(), "manifest", MAX_MANIFEST_LEN)?;
+        check_len(self.sig.len(), "manifest_sig", MAX_APPROVAL_SIG_LEN)
+    }
+}
+
+/// Agent → broker (capability `signed-ops/1`): the answer to a `plan_only` request — the
+/// complete approval document the agent would expect for this exact command (its own
+/// identity, manifest key and phase; a fresh id and window), for the customer to read and
+/// sign. Sent just before the `CommandResult`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CommandPlan {
+    /// The command.
+    pub command_id: u64,
+    /// Whether the command's phase needs an approval.
+    pub approval_required: bool,
+    /// The approval document (canonical JSON bytes).
+    pub document: Bytes,
+}
+
+impl Codec for CommandPlan {
+    fn decode<B: Buf>(buf: &mut B) -> Result<Self, DecodeError> {
+        let command_id = get(buf, "command_id")?;
+        let approval_required = get::<u8, _>(buf, "approval_required")? != 0;
+        Ok(CommandPlan {
+            command_id,
+            approval_required,
+            document: get_bytes_max(buf, "document", MAX_APPROVAL_LEN)?,
+        })
+    }
+    fn encode<B: BufMut>(&self, buf: &mut B) {
+        buf.put_u64(self.command_id);
+        buf.put_u8(u8::from(self.approval_required));
+        put_bytes(buf, &self.document);
+    }
+    fn check(&self) -> Result<(), EncodeError> {
+        check_len(self.document.len(), "document", MAX_APPROVAL_LEN)
+    }
 }
 
 impl Codec for CommandRequest {
@@ -540,12 +740,18 @@ impl Codec for CommandRequest {
             env_allowlist.push(get_str(buf, "env_allowlist", MAX_ENV_NAME_LEN)?);
         }
         let deadline_ms = get(buf, "deadline_ms")?;
+        let signed = if buf.has_remaining() {
+            Some(SignedOps::decode(buf)?)
+        } else {
+            None
+        };
         Ok(CommandRequest {
             command_id,
             kind,
             argv,
             env_allowlist,
             deadline_ms,
+            signed,
         })
     }
     fn encode<B: BufMut>(&self, buf: &mut B) {
@@ -560,6 +766,9 @@ impl Codec for CommandRequest {
             put_str(buf, e);
         }
         buf.put_u32(self.deadline_ms);
+        if let Some(signed) = &self.signed {
+            signed.encode(buf);
+        }
     }
     fn check(&self) -> Result<(), EncodeError> {
         check_count(self.argv.len(), "argv", MAX_ARGV)?;
@@ -570,7 +779,10 @@ impl Codec for CommandRequest {
         for e in &self.env_allowlist {
             check_str(e, "env_allowlist", MAX_ENV_NAME_LEN)?;
         }
-        Ok(())
+        match &self.signed {
+            Some(signed) => signed.check(),
+            None => Ok(()),
+        }
     }
 }
 

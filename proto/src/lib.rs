@@ -43,9 +43,9 @@ pub use codec::{
 };
 pub use failure::CommandFailure;
 pub use frame::{
-    CommandKind, CommandOutcome, CommandOutput, CommandRequest, CommandResult, FailureReason,
-    Frame, FrameType, GoAway, GoAwayReason, Heartbeat, HeartbeatAck, Hello, OutputStream, Status,
-    TrustState, Welcome,
+    CommandKind, CommandManifest, CommandOutcome, CommandOutput, CommandPlan, CommandRequest,
+    CommandResult, FailureReason, Frame, FrameType, GoAway, GoAwayReason, Heartbeat, HeartbeatAck,
+    Hello, OutputStream, SignedOps, Status, TrustState, Welcome,
 };
 pub use session::{
     AgentEvent, AgentSession, AgentSessionConfig, BrokerEvent, BrokerSession, BrokerSessionConfig,

@@ -170,8 +170,33 @@ prop_compose! {
         argv in text_list(MAX_ARGV, MAX_ARG_LEN),
         env_allowlist in text_list(MAX_ENV, MAX_ENV_NAME_LEN),
         deadline_ms in any::<u32>(),
+        signed in proptest::option::of(signed_ops()),
     ) -> CommandRequest {
-        CommandRequest { command_id, kind, argv, env_allowlist, deadline_ms }
+        CommandRequest { command_id, kind, argv, env_allowlist, deadline_ms, signed }
+    }
+}
+
+prop_compose! {
+    fn signed_ops()(
+        request_id in text(tether_proto::frame::MAX_REQUEST_ID_LEN),
+        reason in text(MAX_MESSAGE_LEN),
+        approval in blob(2048),
+        approval_sig in blob(512),
+        plan_only in any::<bool>(),
+    ) -> tether_proto::SignedOps {
+        tether_proto::SignedOps { request_id, reason, approval, approval_sig, plan_only }
+    }
+}
+
+prop_compose! {
+    fn command_manifest()(command_id in any::<u64>(), manifest in blob(4096), sig in blob(512)) -> tether_proto::CommandManifest {
+        tether_proto::CommandManifest { command_id, manifest, sig }
+    }
+}
+
+prop_compose! {
+    fn command_plan()(command_id in any::<u64>(), approval_required in any::<bool>(), document in blob(2048)) -> tether_proto::CommandPlan {
+        tether_proto::CommandPlan { command_id, approval_required, document }
     }
 }
 
@@ -211,6 +236,8 @@ fn any_frame() -> impl Strategy<Value = Frame> {
         command_request().prop_map(Frame::CommandRequest),
         command_output().prop_map(Frame::CommandOutput),
         command_result().prop_map(Frame::CommandResult),
+        command_manifest().prop_map(Frame::CommandManifest),
+        command_plan().prop_map(Frame::CommandPlan),
     ]
 }
 
@@ -428,6 +455,15 @@ proptest! {
                 // The optional trailing `max_frame_len` cut off whole: a Welcome without it.
                 let expected = Frame::Welcome(Welcome { max_frame_len: None, ..w.clone() });
                 prop_assert_eq!(got, Ok(Some(expected)));
+            } else if let Frame::CommandRequest(r @ CommandRequest { signed: Some(_), .. }) = &frame {
+                // The optional trailing signed-ops extension cut off whole: a request
+                // without it; cut anywhere inside it: truncated.
+                let base = Frame::CommandRequest(CommandRequest { signed: None, ..r.clone() });
+                if cut == encode(&base).len() - FRAME_HEADER_LEN {
+                    prop_assert_eq!(got, Ok(Some(base)));
+                } else {
+                    prop_assert!(matches!(got, Err(DecodeError::Truncated(_))), "cut at {} of {}: {:?}", cut, body.len(), got);
+                }
             } else {
                 prop_assert!(
                     matches!(got, Err(DecodeError::Truncated(_))),
@@ -442,6 +478,15 @@ proptest! {
     fn trailing_bytes_are_refused(frame in any_frame(), extra in vec(any::<u8>(), 1..=16)) {
         if matches!(&frame, Frame::Welcome(w) if w.max_frame_len.is_none()) {
             // Its optional trailing field: `welcome_max_frame_len_is_an_optional_trailing_u32`.
+            return Ok(());
+        }
+        if matches!(&frame, Frame::CommandRequest(r) if r.signed.is_none()) {
+            // Its optional trailing extension: a few stray bytes are a truncated
+            // extension, never a request (`signed_ops_extension_is_all_or_nothing`).
+            let mut body = encode(&frame)[FRAME_HEADER_LEN..].to_vec();
+            body.extend_from_slice(&extra);
+            let got = decode_frame(&mut reframe(&body), HUGE_LIMIT);
+            prop_assert!(got.is_err(), "{:?}", got);
             return Ok(());
         }
         let bytes = encode(&frame);
@@ -536,6 +581,7 @@ fn limit_frames(over: usize) -> Vec<(&'static str, Frame)> {
             argv,
             env_allowlist,
             deadline_ms: u32::MAX,
+            signed: None,
         })
     };
     let go_away = |message: String| {
@@ -758,6 +804,7 @@ fn body_sizes_match_the_protocol_doc() {
         argv: vec![],
         env_allowlist: vec![],
         deadline_ms: 0,
+        signed: None,
     });
     assert_eq!(body(&request), 17);
     let output = Frame::CommandOutput(CommandOutput {
@@ -845,6 +892,7 @@ fn sample_frames() -> Vec<(&'static str, Frame)> {
                 argv: vec!["/bin/ls".into(), "-l".into(), "/var/log".into()],
                 env_allowlist: vec!["LANG".into()],
                 deadline_ms: 30_000,
+                signed: None,
             }),
         ),
         (
