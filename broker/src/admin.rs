@@ -7,7 +7,12 @@
 //! - `POST /v1/sessions/{appliance_id}/commands` — run a command; the response streams
 //!   NDJSON lines `{"stream": "stdout"|"stderr", "data": "..."}` and ends with
 //!   `{"exit_code": N}` or `{"error": "<code>", "message": "..."}`. 404 when the appliance
-//!   is not connected, 400 for an invalid request.
+//!   is not connected, 400 for an invalid request. Signed operations (agents announcing
+//!   `signed-ops/1`): the body may carry `approval` (the document's exact bytes),
+//!   `approval_sig` (its armor), `request_id`, `reason` and `plan`; the answer then has
+//!   `{"manifest": "<exact bytes>", "manifest_sig": "<armor>"}` before the final line
+//!   (`{"plan": "<document>", "approval_required": B}` for a plan), and a refusal's final
+//!   line names the reason (`approval_required`, `approval_invalid`, ...).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -68,6 +73,40 @@ pub struct CommandBody {
     /// Environment variable names the command may inherit from the agent.
     #[serde(default)]
     pub env: Vec<String>,
+    /// Signed operations: the customer's approval document, its exact bytes.
+    #[serde(default)]
+    pub approval: Option<String>,
+    /// Signed operations: the approval's SSHSIG armor (`approval.json.sig`).
+    #[serde(default)]
+    pub approval_sig: Option<String>,
+    /// Signed operations: the vendor's request id.
+    #[serde(default)]
+    pub request_id: Option<String>,
+    /// Signed operations: why.
+    #[serde(default)]
+    pub reason: Option<String>,
+    /// Signed operations: classify only and answer the approval document to sign
+    /// (`{"plan": "<document>", "approval_required": bool}`); run nothing.
+    #[serde(default)]
+    pub plan: bool,
+}
+
+impl CommandBody {
+    /// The signed-ops part, if the body has any.
+    fn signed(&self) -> Option<tether_proto::SignedOps> {
+        let any = self.approval.is_some()
+            || self.approval_sig.is_some()
+            || self.request_id.is_some()
+            || self.reason.is_some()
+            || self.plan;
+        any.then(|| tether_proto::SignedOps {
+            request_id: self.request_id.clone().unwrap_or_default(),
+            reason: self.reason.clone().unwrap_or_default(),
+            approval: self.approval.clone().unwrap_or_default().into_bytes().into(),
+            approval_sig: self.approval_sig.clone().unwrap_or_default().into_bytes().into(),
+            plan_only: self.plan,
+        })
+    }
 }
 
 /// A JSON error body `{"error": code, "message": ...}`.
@@ -175,7 +214,9 @@ async fn command(
             )
         }
     };
+    let signed = body.signed();
     let spec = CommandSpec {
+        signed,
         argv: body.argv,
         kind,
         env_allowlist: body.env,
@@ -212,6 +253,18 @@ async fn command(
             CommandEvent::Failed { code, message } => {
                 serde_json::json!({ "error": code, "message": message })
             }
+            // Canonical JSON and SSHSIG armor are UTF-8: the strings carry the exact bytes.
+            CommandEvent::Manifest { manifest, sig } => serde_json::json!({
+                "manifest": String::from_utf8_lossy(&manifest),
+                "manifest_sig": String::from_utf8_lossy(&sig),
+            }),
+            CommandEvent::Plan {
+                approval_required,
+                document,
+            } => serde_json::json!({
+                "plan": String::from_utf8_lossy(&document),
+                "approval_required": approval_required,
+            }),
         };
         let mut bytes = serde_json::to_vec(&line).unwrap_or_default();
         bytes.push(b'\n');

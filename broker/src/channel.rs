@@ -679,6 +679,7 @@ impl ControlSync {
                     kind,
                     env_allowlist,
                     timeout: Duration::from_millis(timeout_ms),
+                    signed: None,
                 };
                 let tx = out_tx.clone();
                 let broker = broker.clone();
@@ -738,6 +739,9 @@ async fn run_command(
             CommandEvent::Failed { code, message } => {
                 (ToControl::CommandFailed { id, code, message }, true)
             }
+            // The cluster channel has no frame for manifests or plans yet: control's copy
+            // of a manifest is a later step; the appliance's audit log holds every one.
+            CommandEvent::Manifest { .. } | CommandEvent::Plan { .. } => continue,
         };
         if tx.send(Outgoing::Frame(frame)).await.is_err() || last {
             return;

@@ -130,6 +130,10 @@ pub struct CommandSpec {
     pub env_allowlist: Vec<String>,
     /// Deadline.
     pub timeout: Duration,
+    /// Signed operations: the request id, reason, the customer's approval and its
+    /// signature, or a plan request. Agents that announced `signed-ops/1` get the
+    /// extension on every request (empty when `None`); others cannot be sent one.
+    pub signed: Option<tether_proto::SignedOps>,
 }
 
 /// What a running command reports.
@@ -150,6 +154,20 @@ pub enum CommandEvent {
         code: CommandFailure,
         /// Detail.
         message: String,
+    },
+    /// Signed operations: the appliance's signed manifest (just before the end).
+    Manifest {
+        /// The manifest's exact bytes.
+        manifest: Bytes,
+        /// Its SSHSIG armor.
+        sig: Bytes,
+    },
+    /// Signed operations: the answer to a plan request (just before the end).
+    Plan {
+        /// Whether the command's phase needs an approval.
+        approval_required: bool,
+        /// The approval document the appliance expects.
+        document: Bytes,
     },
 }
 
@@ -961,6 +979,18 @@ impl Broker {
                 .inc();
             return Err(CommandError::ShellNotAllowed(appliance.to_owned()));
         }
+        // The signed-ops extension goes to agents that understand it, always (so they
+        // know this broker relays manifests and the new reasons); an approval or a plan
+        // request for any other agent would be silently meaningless: refuse it.
+        let signed = if session.has_capability(tether_proto::capability::SIGNED_OPS) {
+            Some(spec.signed.unwrap_or_default())
+        } else if spec.signed.as_ref().is_some_and(|s| !s.approval.is_empty() || s.plan_only) {
+            return Err(CommandError::Invalid(format!(
+                "appliance {appliance} does not announce signed-ops/1: it runs commands unsigned and cannot check an approval or plan one"
+            )));
+        } else {
+            None
+        };
         let command_id = self.command_ids.fetch_add(1, Ordering::Relaxed);
         let request = Frame::CommandRequest(CommandRequest {
             command_id,
@@ -968,7 +998,7 @@ impl Broker {
             argv: spec.argv,
             env_allowlist: spec.env_allowlist,
             deadline_ms: u32::try_from(spec.timeout.as_millis()).unwrap_or(u32::MAX),
-            signed: None,
+            signed,
         });
         let max = self.config.session.max_frame_len;
         let mut buf = BytesMut::new();
@@ -1023,7 +1053,9 @@ impl Broker {
                 let result = match &last {
                     CommandEvent::Exit(_) => "exited",
                     CommandEvent::Failed { code, .. } => code.name(),
-                    CommandEvent::Output { .. } => "unknown",
+                    CommandEvent::Output { .. }
+                    | CommandEvent::Manifest { .. }
+                    | CommandEvent::Plan { .. } => "unknown",
                 };
                 this.metrics
                     .commands
@@ -1154,6 +1186,38 @@ async fn relay_command(
                     let ev = CommandEvent::Output {
                         stream: o.stream,
                         data: o.data,
+                    };
+                    if tx.send(ev).await.is_err() {
+                        let _ = recv.stop(quinn::VarInt::from_u32(0));
+                        return (
+                            CommandEvent::Failed {
+                                code: CommandFailure::Cancelled,
+                                message: "caller went away".into(),
+                            },
+                            None,
+                        );
+                    }
+                }
+                Frame::CommandManifest(m) if m.command_id == command_id => {
+                    let ev = CommandEvent::Manifest {
+                        manifest: m.manifest,
+                        sig: m.sig,
+                    };
+                    if tx.send(ev).await.is_err() {
+                        let _ = recv.stop(quinn::VarInt::from_u32(0));
+                        return (
+                            CommandEvent::Failed {
+                                code: CommandFailure::Cancelled,
+                                message: "caller went away".into(),
+                            },
+                            None,
+                        );
+                    }
+                }
+                Frame::CommandPlan(p) if p.command_id == command_id => {
+                    let ev = CommandEvent::Plan {
+                        approval_required: p.approval_required,
+                        document: p.document,
                     };
                     if tx.send(ev).await.is_err() {
                         let _ = recv.stop(quinn::VarInt::from_u32(0));
