@@ -39,6 +39,7 @@ fn command_request(command_id: u64) -> Frame {
         .to_vec(),
         env_allowlist: vec!["LANG".into(), "TZ".into()],
         deadline_ms: 30_000,
+        signed: None,
     })
 }
 

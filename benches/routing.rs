@@ -238,6 +238,7 @@ fn broker_route(body: &[u8], sessions: &SessionTable, command_id: u64) -> usize 
         argv,
         env_allowlist,
         deadline_ms: u32::try_from(timeout_ms).unwrap_or(u32::MAX),
+        signed: None,
     });
     let mut buf = BytesMut::new();
     encode_frame(&request, &mut buf, DEFAULT_MAX_FRAME_LEN).expect("fits");

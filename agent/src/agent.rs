@@ -170,6 +170,12 @@ impl Agent {
         })
     }
 
+    /// Decide every command under signed operations (`ops`).
+    pub fn with_signed_ops(mut self, ops: Arc<crate::signed::SignedOps>) -> Agent {
+        self.runner = Arc::new(CommandRunner::new(&self.cfg).with_signed_ops(ops));
+        self
+    }
+
     /// Replace the command runner (e.g. one with a fixed environment).
     pub fn with_runner(mut self, runner: CommandRunner) -> Agent {
         self.runner = Arc::new(runner);

@@ -29,6 +29,12 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::AgentConfig;
+use crate::signed::{Admitted, Decision, Ran, SignedOps};
+use tether_ops::manifest::{Outcome as ManifestOutcome, StreamDigest, StreamHasher};
+use tether_ops::Refusal;
+
+/// How often a running command's phase is re-checked against the customer policy.
+pub const PHASE_CHECK_EVERY: Duration = Duration::from_millis(250);
 
 /// `PATH` given to commands when the agent itself has none.
 pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
@@ -51,6 +57,8 @@ pub struct CommandRunner {
     permits: Arc<Semaphore>,
     /// Snapshot of the environment commands may draw allowlisted variables from.
     env: Arc<HashMap<String, OsString>>,
+    /// Signed operations: the customer's policy and keys decide every command.
+    signed: Option<Arc<SignedOps>>,
 }
 
 impl CommandRunner {
@@ -86,7 +94,28 @@ impl CommandRunner {
             max_frame_len: cfg.max_frame_len,
             permits: Arc::new(Semaphore::new(cfg.max_concurrent_commands)),
             env,
+            signed: None,
         }
+    }
+
+    /// The same runner deciding every command under signed operations.
+    #[must_use]
+    pub fn with_signed_ops(mut self, ops: Arc<SignedOps>) -> CommandRunner {
+        self.signed = Some(ops);
+        self
+    }
+
+    /// Signed operations, if this runner decides under them.
+    pub fn signed_ops(&self) -> Option<&Arc<SignedOps>> {
+        self.signed.as_ref()
+    }
+
+    /// The `PATH` commands get (and programs are resolved on).
+    fn path_env(&self) -> OsString {
+        self.env
+            .get("PATH")
+            .cloned()
+            .unwrap_or_else(|| DEFAULT_PATH.into())
     }
 
     /// Commands running now.
@@ -142,13 +171,40 @@ impl CommandRunner {
         peer_max_frame_len: usize,
     ) -> io::Result<CommandOutcome> {
         let limit = peer_max_frame_len.min(self.max_frame_len);
-        let outcome = match self.admit(req) {
-            Ok(permit) => {
-                let outcome = self.execute(req, out, cancel, limit).await?;
+        let outcome = match (self.admit(req), &self.signed) {
+            (Ok(permit), Some(ops)) => {
+                let outcome = self.run_signed(ops, req, out, cancel, limit).await?;
                 drop(permit);
                 outcome
             }
-            Err(outcome) => outcome,
+            (Ok(permit), None) => {
+                let outcome = self
+                    .execute(req, out, cancel, limit, None, &mut Hashers::default())
+                    .await?;
+                drop(permit);
+                outcome
+            }
+            (Err(outcome), Some(ops)) => {
+                // Refused before the customer's rules were asked (busy, empty, shell off):
+                // still a signed refusal manifest.
+                let code = match &outcome {
+                    CommandOutcome::Failed { reason, .. } => {
+                        tether_proto::CommandFailure::from(*reason)
+                    }
+                    CommandOutcome::Exited(_) => tether_proto::CommandFailure::Refused,
+                };
+                let ran = Ran {
+                    admitted: None,
+                    partial: None,
+                    started_ms: crate::signed::now_ms(),
+                    outcome: ManifestOutcome::Refused(code.name().to_owned()),
+                    stdout: StreamDigest::of(b""),
+                    stderr: StreamDigest::of(b""),
+                };
+                self.send_manifest(ops, req, ran, out, limit).await?;
+                outcome
+            }
+            (Err(outcome), None) => outcome,
         };
         let outcome = fit_outcome(outcome, limit);
         // The result is written even after a cancellation: if only the broker's side was
@@ -167,20 +223,143 @@ impl CommandRunner {
         Ok(outcome)
     }
 
-    fn command(&self, req: &CommandRequest) -> Command {
-        let mut cmd = match req.kind {
-            CommandKind::Shell => {
+    /// Decide `req` under signed operations, then run it (or answer the refusal or the
+    /// plan), sending the signed manifest before the result to a broker that speaks
+    /// `signed-ops/1`.
+    async fn run_signed<W: AsyncWrite + Unpin>(
+        &self,
+        ops: &Arc<SignedOps>,
+        req: &CommandRequest,
+        out: &mut W,
+        cancel: &CancellationToken,
+        limit: usize,
+    ) -> io::Result<CommandOutcome> {
+        let started_ms = crate::signed::now_ms();
+        let path = self.path_env();
+        let decision = {
+            let ops = ops.clone();
+            let req = req.clone();
+            // File reads, stats, hashing the program and an fsync: off the async threads.
+            tokio::task::spawn_blocking(move || ops.admit(&req, &path))
+                .await
+                .map_err(io::Error::other)?
+        };
+        match decision {
+            Err((refusal, partial)) => {
+                tracing::warn!(command_id = req.command_id, code = %refusal.code, detail = %refusal.detail, "command refused by the customer's rules");
+                ops.refused(req, &refusal);
+                let ran = Ran {
+                    admitted: None,
+                    partial: Some(&partial),
+                    started_ms,
+                    outcome: ManifestOutcome::Refused(refusal.code.name().to_owned()),
+                    stdout: StreamDigest::of(b""),
+                    stderr: StreamDigest::of(b""),
+                };
+                self.send_manifest(ops, req, ran, out, limit).await?;
+                Ok(refused(&refusal, req.signed.is_some()))
+            }
+            Ok(Decision::Plan {
+                document,
+                approval_required,
+            }) => {
+                if req.signed.is_some() {
+                    let frame = Frame::CommandPlan(tether_proto::CommandPlan {
+                        command_id: req.command_id,
+                        approval_required,
+                        document: document.into(),
+                    });
+                    self.write_frame(out, Some(cancel), frame, limit).await?;
+                }
+                Ok(CommandOutcome::Exited(0))
+            }
+            Ok(Decision::Run(admitted)) => {
+                let mut hashers = Hashers::default();
+                let outcome = self
+                    .execute(
+                        req,
+                        out,
+                        cancel,
+                        limit,
+                        Some((&admitted, ops)),
+                        &mut hashers,
+                    )
+                    .await?;
+                let manifest_outcome = match &outcome {
+                    CommandOutcome::Exited(code) => ManifestOutcome::Exited(*code),
+                    CommandOutcome::Failed { reason, .. } => ManifestOutcome::Failed(
+                        tether_proto::CommandFailure::from(*reason)
+                            .name()
+                            .to_owned(),
+                    ),
+                };
+                let ran = Ran {
+                    admitted: Some(&admitted),
+                    partial: None,
+                    started_ms,
+                    outcome: manifest_outcome,
+                    stdout: hashers.stdout.finish(),
+                    stderr: hashers.stderr.finish(),
+                };
+                self.send_manifest(ops, req, ran, out, limit).await?;
+                Ok(outcome)
+            }
+        }
+    }
+
+    /// Sign and log the manifest; send it if the broker speaks `signed-ops/1`.
+    async fn send_manifest<W: AsyncWrite + Unpin>(
+        &self,
+        ops: &Arc<SignedOps>,
+        req: &CommandRequest,
+        ran: Ran<'_>,
+        out: &mut W,
+        limit: usize,
+    ) -> io::Result<()> {
+        let Some((manifest, sig)) = ops.manifest(req, ran) else {
+            return Ok(());
+        };
+        if req.signed.is_none() {
+            return Ok(());
+        }
+        let frame = Frame::CommandManifest(tether_proto::CommandManifest {
+            command_id: req.command_id,
+            manifest: manifest.into(),
+            sig: sig.into_bytes().into(),
+        });
+        self.write_frame(out, None, frame, limit).await
+    }
+
+    fn command(&self, req: &CommandRequest, admitted: Option<&Admitted>) -> Command {
+        let mut cmd = match (req.kind, admitted) {
+            // Under signed operations, the program the rules matched is the one that runs.
+            (CommandKind::Shell, Some(a)) => {
+                let mut c = Command::new(&a.program);
+                c.arg("-c").arg(req.argv.join(" "));
+                c
+            }
+            (_, Some(a)) => {
+                let mut c = Command::new(&a.program);
+                c.args(&req.argv[1..]);
+                c
+            }
+            (CommandKind::Shell, None) => {
                 let mut c = Command::new(SHELL);
                 c.arg("-c").arg(req.argv.join(" "));
                 c
             }
             // Refused kinds never get here; treat anything else as a plain exec.
-            _ => {
+            (_, None) => {
                 let mut c = Command::new(&req.argv[0]);
                 c.args(&req.argv[1..]);
                 c
             }
         };
+        if let Some(user) = admitted.map(|a| &a.user).filter(|u| u.switch) {
+            // std drops the supplementary groups (setgroups(0)) when it changes the uid of
+            // a root parent, so the child keeps none of the agent's groups.
+            cmd.uid(user.uid).gid(user.gid);
+        }
         cmd.env_clear();
         cmd.env(
             "PATH",
@@ -209,9 +388,11 @@ impl CommandRunner {
         out: &mut W,
         cancel: &CancellationToken,
         limit: usize,
+        signed: Option<(&Admitted, &Arc<SignedOps>)>,
+        hashers: &mut Hashers,
     ) -> io::Result<CommandOutcome> {
         let program = req.argv.first().map(String::as_str).unwrap_or_default();
-        let mut child = match self.command(req).spawn() {
+        let mut child = match self.command(req, signed.map(|(a, _)| a)).spawn() {
             Ok(child) => child,
             Err(e) => {
                 return Ok(failed(
@@ -238,6 +419,8 @@ impl CommandRunner {
             .then(|| Instant::now() + Duration::from_millis(u64::from(req.deadline_ms)));
         let mut status: Option<ExitStatus> = None;
         let mut drain_until: Option<Instant> = None;
+        let mut phase_check = tokio::time::interval(PHASE_CHECK_EVERY);
+        phase_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
         let outcome = loop {
             if let Some(st) = status {
@@ -271,11 +454,26 @@ impl CommandRunner {
                     group.kill();
                     break exit_outcome(status.unwrap_or_default());
                 }
+                _ = phase_check.tick(), if signed.is_some() && status.is_none() => {
+                    if let Some((admitted, ops)) = signed {
+                        if !ops.phase_open(admitted.phase) {
+                            group.kill();
+                            let _ = child.start_kill();
+                            let _ = child.wait().await;
+                            break failed(
+                                FailureReason::PhaseRevoked,
+                                format!("the customer closed phase {} while the command ran; process killed", admitted.phase),
+                            );
+                        }
+                    }
+                }
                 n = read_some(&mut stdout, &mut out_buf) => {
+                    if let Ok(n) = &n { hashers.stdout.update(&out_buf[..*n]); }
                     self.forward(out, cancel, req.command_id, OutputStream::Stdout,
                         &mut stdout, &out_buf, n, limit).await?;
                 }
                 n = read_some(&mut stderr, &mut err_buf) => {
+                    if let Ok(n) = &n { hashers.stderr.update(&err_buf[..*n]); }
                     self.forward(out, cancel, req.command_id, OutputStream::Stderr,
                         &mut stderr, &err_buf, n, limit).await?;
                 }
@@ -379,6 +577,25 @@ impl ProcessGroup {
 impl Drop for ProcessGroup {
     fn drop(&mut self) {
         self.kill();
+    }
+}
+
+/// Streaming digests of a command's stdout and stderr, as the manifest states them.
+#[derive(Default)]
+struct Hashers {
+    stdout: StreamHasher,
+    stderr: StreamHasher,
+}
+
+/// The outcome answering `refusal`: its own reason to a broker that speaks
+/// `signed-ops/1`, else `refused` naming it in the message.
+fn refused(refusal: &Refusal, broker_speaks_signed_ops: bool) -> CommandOutcome {
+    match refusal.code.wire_reason() {
+        Some(reason) if broker_speaks_signed_ops => failed(reason, refusal.detail.clone()),
+        _ => failed(
+            FailureReason::Refused,
+            format!("{}: {}", refusal.code, refusal.detail),
+        ),
     }
 }
 

@@ -57,6 +57,10 @@ pub const ENV_BACKOFF_MAX: &str = "TETHER_AGENT_BACKOFF_MAX";
 pub const ENV_REVOKED_BACKOFF: &str = "TETHER_AGENT_REVOKED_BACKOFF";
 /// Environment variable overriding [`AgentConfig::connect_timeout`].
 pub const ENV_CONNECT_TIMEOUT: &str = "TETHER_AGENT_CONNECT_TIMEOUT";
+/// Environment variable setting [`AgentConfig::customer_dir`].
+pub const ENV_CUSTOMER_DIR: &str = "TETHER_AGENT_CUSTOMER_DIR";
+/// Environment variable setting [`AgentConfig::audit_log`].
+pub const ENV_AUDIT_LOG: &str = "TETHER_AGENT_AUDIT_LOG";
 
 /// Tunables of one agent. Construct with `AgentConfig::default()` and override fields.
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -92,6 +96,12 @@ pub struct AgentConfig {
     /// Default [`DEFAULT_CONNECT_TIMEOUT`] (10 s).
     #[serde(with = "humantime_serde")]
     pub connect_timeout: Duration,
+    /// Signed operations: the customer-owned directory with `approvers.toml` and
+    /// `policy.toml`. Set, every command is decided by the customer's policy and signed
+    /// approvals, and the agent announces `signed-ops/1`. Default: none (unsigned mode).
+    pub customer_dir: Option<std::path::PathBuf>,
+    /// Signed operations: the appliance audit log. Default `<state_dir>/audit.jsonl`.
+    pub audit_log: Option<std::path::PathBuf>,
 }
 
 impl Default for AgentConfig {
@@ -105,6 +115,8 @@ impl Default for AgentConfig {
             backoff_max: DEFAULT_BACKOFF_MAX,
             revoked_backoff: DEFAULT_REVOKED_BACKOFF,
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+            customer_dir: None,
+            audit_log: None,
         }
     }
 }
@@ -121,6 +133,8 @@ impl fmt::Debug for AgentConfig {
             backoff_max,
             revoked_backoff,
             connect_timeout,
+            customer_dir,
+            audit_log,
         } = self;
         f.debug_struct("AgentConfig")
             .field("max_concurrent_commands", max_concurrent_commands)
@@ -131,6 +145,8 @@ impl fmt::Debug for AgentConfig {
             .field("backoff_max", backoff_max)
             .field("revoked_backoff", revoked_backoff)
             .field("connect_timeout", connect_timeout)
+            .field("customer_dir", customer_dir)
+            .field("audit_log", audit_log)
             .finish()
     }
 }

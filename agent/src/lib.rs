@@ -57,6 +57,7 @@ pub mod manifest_key;
 pub mod proof;
 pub mod renew;
 pub mod session;
+pub mod signed;
 pub mod supervisor;
 pub mod tls;
 pub mod verifier;

@@ -8,9 +8,9 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use tether_agent::config::{
-    FileConfig, ENV_ALLOW_SHELL, ENV_BACKOFF_INITIAL, ENV_BACKOFF_MAX, ENV_BROKERS, ENV_CONFIG,
-    ENV_CONNECT_TIMEOUT, ENV_LOG_FORMAT, ENV_MAX_CONCURRENT_COMMANDS, ENV_MAX_FRAME_LEN,
-    ENV_OUTPUT_CHUNK_BYTES, ENV_REVOKED_BACKOFF, ENV_STATE_DIR,
+    FileConfig, ENV_ALLOW_SHELL, ENV_AUDIT_LOG, ENV_BACKOFF_INITIAL, ENV_BACKOFF_MAX, ENV_BROKERS,
+    ENV_CONFIG, ENV_CONNECT_TIMEOUT, ENV_CUSTOMER_DIR, ENV_LOG_FORMAT, ENV_MAX_CONCURRENT_COMMANDS,
+    ENV_MAX_FRAME_LEN, ENV_OUTPUT_CHUNK_BYTES, ENV_REVOKED_BACKOFF, ENV_STATE_DIR,
 };
 use tether_agent::enroll::EnrollState;
 use tether_agent::{client_endpoint, AgentConfig, BrokerAddr};
@@ -41,6 +41,20 @@ enum Cmd {
     /// The appliance's manifest key (signs its command manifests).
     #[command(subcommand)]
     ManifestKey(ManifestKeyCmd),
+    /// The appliance audit log (signed operations).
+    #[command(subcommand)]
+    Audit(AuditCmd),
+}
+
+#[derive(Debug, Subcommand)]
+enum AuditCmd {
+    /// Check an appliance audit log offline: the whole hash chain from entry 1. Exits 0
+    /// intact, 1 when an entry was edited, removed, reordered or replaced (naming it), 2
+    /// when the file cannot be read.
+    Verify {
+        /// The log (JSON lines).
+        file: PathBuf,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -210,6 +224,16 @@ struct RunArgs {
           value_name = "DURATION")]
     connect_timeout: Option<Duration>,
 
+    /// Signed operations: the customer-owned directory holding approvers.toml and
+    /// policy.toml (the agent reads it, never writes it). Set, every command is decided by
+    /// the customer's policy and signed approvals [default: unsigned mode].
+    #[arg(long, env = ENV_CUSTOMER_DIR, value_name = "DIR")]
+    customer_dir: Option<PathBuf>,
+
+    /// Signed operations: the appliance audit log [default: STATE_DIR/audit.jsonl].
+    #[arg(long, env = ENV_AUDIT_LOG, value_name = "FILE")]
+    audit_log: Option<PathBuf>,
+
     /// Renew the certificate with control when less than this is left (enrolled
     /// appliances only: state.json names control).
     #[arg(long, env = "TETHER_AGENT_RENEW_BEFORE", value_parser = humantime::parse_duration,
@@ -258,6 +282,12 @@ impl RunArgs {
             revoked_backoff,
             connect_timeout
         );
+        if let Some(dir) = self.customer_dir {
+            agent.customer_dir = Some(dir);
+        }
+        if let Some(file) = self.audit_log {
+            agent.audit_log = Some(file);
+        }
         agent.validate()?;
 
         let Some(state_dir) = self.state_dir.or(file.state_dir) else {
@@ -373,6 +403,22 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Cmd::Run(args) => runtime.block_on(run(args)),
         Cmd::Enroll(args) => runtime.block_on(enroll(args)),
+        Cmd::Audit(AuditCmd::Verify { file }) => {
+            if let Err(e) = std::fs::metadata(&file) {
+                eprintln!("tether-agent audit verify: {}: {e}", file.display());
+                std::process::exit(2);
+            }
+            match tether_agent::signed::applog::verify_file(&file) {
+                Ok((n, head)) => {
+                    println!("ok: {n} entries, head {head}");
+                    Ok(())
+                }
+                Err(e) => {
+                    println!("invalid: {e}");
+                    std::process::exit(1);
+                }
+            }
+        }
         Cmd::ManifestKey(ManifestKeyCmd::Show { state_dir }) => {
             let key = tether_agent::manifest_key::load_or_create(&state_dir)?;
             println!("{}", tether_agent::manifest_key::public_line(&key));

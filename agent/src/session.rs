@@ -304,6 +304,9 @@ impl Driver<'_> {
             capabilities.push(CAPABILITY_SHELL.to_owned());
         }
         capabilities.push(CAPABILITY_MAX_FRAME_LEN.to_owned());
+        if self.ctx.runner.signed_ops().is_some() {
+            capabilities.push(tether_proto::capability::SIGNED_OPS.to_owned());
+        }
         let t0 = now();
         AgentSession::new(
             AgentSessionConfig {
@@ -370,6 +373,13 @@ impl Driver<'_> {
                     );
                     self.peer_max_frame_len.send_replace(w.peer_max_frame_len());
                     self.session_id = Some(w.session_id);
+                    if let Some(ops) = self.ctx.runner.signed_ops() {
+                        // What the customer's rules are, for the vendor to see (read only:
+                        // no frame writes them).
+                        let mut entries = ops.status();
+                        entries.truncate(tether_proto::frame::MAX_STATUS_ENTRIES);
+                        session.send_status(tether_proto::Status { entries });
+                    }
                     let _ = self.ctx.events.send(AgentEvent::Connected {
                         broker: self.broker,
                         session_id: w.session_id,

@@ -39,6 +39,7 @@ impl Supervisor {
         shutdown: CancellationToken,
         mut on_agent: impl FnMut(tokio::sync::broadcast::Receiver<AgentEvent>),
     ) -> anyhow::Result<()> {
+        let mut signed: Option<std::sync::Arc<crate::signed::SignedOps>> = None;
         loop {
             let (creds, renew_now) = load_credentials(&self.state_dir).await?;
             tracing::info!(
@@ -48,12 +49,24 @@ impl Supervisor {
                 not_after_ms = creds.not_after_ms(),
                 "credentials loaded"
             );
-            let agent = Agent::new(
+            let mut agent = Agent::new(
                 self.agent.clone(),
                 creds.clone(),
                 endpoint.clone(),
                 self.brokers.clone(),
             )?;
+            if let Some(dir) = &self.agent.customer_dir {
+                // One per run: the ledger and the manifest chain outlive renewals.
+                let ops = match &signed {
+                    Some(ops) => ops.clone(),
+                    None => {
+                        let ops = std::sync::Arc::new(self.signed_ops(dir, &creds)?);
+                        signed = Some(ops.clone());
+                        ops
+                    }
+                };
+                agent = agent.with_signed_ops(ops);
+            }
             on_agent(agent.events());
             let events = agent.events();
             let stop_agent = shutdown.child_token();
@@ -66,6 +79,32 @@ impl Supervisor {
             }
             tracing::info!("certificate renewed; reconnecting with it");
         }
+    }
+}
+
+impl Supervisor {
+    /// Signed operations for this appliance: the manifest key (made on first use), the
+    /// customer directory and the audit log (default `<state_dir>/audit.jsonl`).
+    fn signed_ops(
+        &self,
+        customer_dir: &std::path::Path,
+        creds: &Credentials,
+    ) -> anyhow::Result<crate::signed::SignedOps> {
+        let key = crate::manifest_key::load_or_create(&self.state_dir)?;
+        let cfg = crate::signed::SignedOpsConfig {
+            customer_dir: customer_dir.to_path_buf(),
+            audit_log: self
+                .agent
+                .audit_log
+                .clone()
+                .unwrap_or_else(|| self.state_dir.join(crate::signed::AUDIT_LOG_FILE)),
+        };
+        Ok(crate::signed::SignedOps::new(
+            &cfg,
+            creds.appliance_id(),
+            creds.trust_domain(),
+            key,
+        ))
     }
 }
 

@@ -23,6 +23,7 @@ fn spawns_grandchild(id: u64, deadline_ms: u32) -> CommandRequest {
             .collect(),
         env_allowlist: vec![],
         deadline_ms,
+        signed: None,
     }
 }
 

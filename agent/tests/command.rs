@@ -15,6 +15,7 @@ fn req(id: u64, argv: &[&str]) -> CommandRequest {
         argv: argv.iter().map(|s| s.to_string()).collect(),
         env_allowlist: vec![],
         deadline_ms: 10_000,
+        signed: None,
     }
 }
 

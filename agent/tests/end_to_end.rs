@@ -130,6 +130,7 @@ async fn run_echo(conn: &Connection) -> (Vec<u8>, CommandOutcome) {
             argv: vec!["echo".into(), "hi".into()],
             env_allowlist: vec![],
             deadline_ms: 10_000,
+            signed: None,
         }),
     )
     .await;
@@ -230,6 +231,7 @@ async fn output_is_chunked_to_the_limit_the_broker_announces() {
                 argv: vec!["seq".into(), "1".into(), "20000".into()],
                 env_allowlist: vec![],
                 deadline_ms: 20_000,
+                signed: None,
             }),
         )
         .await;

@@ -10,7 +10,11 @@ fn show(dir: &std::path::Path) -> String {
         .arg(dir)
         .output()
         .expect("tether-agent");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8(out.stdout).unwrap()
 }
 
@@ -22,15 +26,42 @@ fn show_prints_one_stable_line_that_ssh_keygen_reads() {
     let line = first.strip_suffix('\n').expect("one line");
     let (kind, b64) = line.split_once(' ').expect("two fields");
     assert_eq!(kind, "ssh-ed25519");
-    assert!(!b64.is_empty() && b64.bytes().all(|b| b.is_ascii_alphanumeric() || b"+/=".contains(&b)), "{line}");
+    assert!(
+        !b64.is_empty()
+            && b64
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"+/=".contains(&b)),
+        "{line}"
+    );
     let key = dir.path().join("manifest.key");
-    assert_eq!(std::fs::metadata(&key).unwrap().permissions().mode() & 0o777, 0o600);
+    assert_eq!(
+        std::fs::metadata(&key).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
     let public = dir.path().join("manifest.pub");
     std::fs::write(&public, &first).unwrap();
-    let out = Command::new("ssh-keygen").arg("-l").arg("-f").arg(&public).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new("ssh-keygen")
+        .arg("-l")
+        .arg("-f")
+        .arg(&public)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     // The private half, read by stock ssh-keygen, has the same public key.
-    let out = Command::new("ssh-keygen").arg("-y").arg("-f").arg(&key).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new("ssh-keygen")
+        .arg("-y")
+        .arg("-f")
+        .arg(&key)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(String::from_utf8_lossy(&out.stdout).starts_with(line));
 }

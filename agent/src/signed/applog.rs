@@ -1,0 +1,142 @@
+//! The appliance audit log, kept for the customer: hash-chained JSON lines in the same
+//! entry format as control's audit chain (`tether-audit`), appended and `fsync`ed at each
+//! decision, before the decision takes effect.
+//!
+//! It is also the single-use store of approvals: at start the agent replays every
+//! `approval.consumed` entry into its ledger, so an approval used once is refused after
+//! a restart too. A log that does not verify, or cannot be written, means nothing runs
+//! (`audit_unavailable`): what cannot be recorded does not happen.
+
+use std::fs::{File, OpenOptions};
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+use tether_audit::{entry_hash, Actor, AuditEntry, AuditEvent, ChainVerifier, GENESIS_HASH};
+
+/// Entry actions the agent writes.
+pub mod action {
+    /// The customer files were (re)loaded; details say which is usable.
+    pub const CUSTOMER_LOADED: &str = "customer.loaded";
+    /// A command arrived; details: command id, request id, argv, kind.
+    pub const COMMAND_RECEIVED: &str = "command.received";
+    /// An approval passed every check and is now used (written before the command
+    /// starts).
+    pub const APPROVAL_CONSUMED: &str = "approval.consumed";
+    /// A command was refused; details: the reason code.
+    pub const COMMAND_REFUSED: &str = "command.refused";
+    /// A command's signed manifest.
+    pub const COMMAND_MANIFEST: &str = "command.manifest";
+}
+
+/// An open log and its head.
+#[derive(Debug)]
+pub struct AppLog {
+    path: PathBuf,
+    file: File,
+    seq: i64,
+    head: String,
+}
+
+fn unix_secs() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+}
+
+impl AppLog {
+    /// Open (or create, 0640) the log at `path`, verifying the whole chain; `replay` sees
+    /// every entry in order.
+    pub fn open(path: &Path, mut replay: impl FnMut(&AuditEntry)) -> Result<AppLog, String> {
+        let file = OpenOptions::new()
+            .read(true)
+            .append(true)
+            .create(true)
+            .mode(0o640)
+            .open(path)
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+        let mut chain = ChainVerifier::from_genesis();
+        for (n, line) in BufReader::new(&file).lines().enumerate() {
+            let line = line.map_err(|e| format!("{}: {e}", path.display()))?;
+            let entry: AuditEntry = serde_json::from_str(&line).map_err(|e| {
+                format!("{} line {}: not an audit entry: {e}", path.display(), n + 1)
+            })?;
+            chain
+                .push(&entry)
+                .map_err(|e| format!("{} does not verify: {e}", path.display()))?;
+            replay(&entry);
+        }
+        let (seq, head) = chain
+            .head()
+            .map_or((0, GENESIS_HASH.to_owned()), |(s, h)| (s, h.to_owned()));
+        Ok(AppLog {
+            path: path.to_path_buf(),
+            file,
+            seq,
+            head,
+        })
+    }
+
+    /// Append `event` and `fsync` it. Nothing is appended on error.
+    pub fn append(&mut self, event: &AuditEvent) -> Result<&str, String> {
+        event.validate().map_err(|e| e.to_string())?;
+        let seq = self.seq + 1;
+        let at = unix_secs();
+        let hash = entry_hash(seq, at, event, &self.head).map_err(|e| e.to_string())?;
+        let entry = AuditEntry {
+            seq,
+            at,
+            actor: event.actor.clone(),
+            action: event.action.clone(),
+            target: event.target.clone(),
+            outcome: event.outcome,
+            details: event.details.clone(),
+            prev_hash: self.head.clone(),
+            hash: hash.clone(),
+        };
+        let mut line = serde_json::to_vec(&entry).map_err(|e| e.to_string())?;
+        line.push(b'\n');
+        let len = self.file.metadata().map(|m| m.len()).ok();
+        let written = self
+            .file
+            .write_all(&line)
+            .and_then(|()| self.file.sync_data());
+        if let Err(e) = written {
+            // Leave no half line behind: the next append must still chain.
+            if let Some(len) = len {
+                let _ = self.file.set_len(len);
+            }
+            return Err(format!("{}: {e}", self.path.display()));
+        }
+        self.seq = seq;
+        self.head = hash;
+        Ok(&self.head)
+    }
+
+    /// `<seq>:<hash>` of the last entry.
+    pub fn head(&self) -> String {
+        format!("{}:{}", self.seq, self.head)
+    }
+}
+
+/// The agent as an audit actor.
+pub fn agent_actor(appliance: &str) -> Actor {
+    Actor::appliance(appliance)
+}
+
+/// Check a log file offline (`tether-agent audit verify FILE`): the whole chain from
+/// entry 1. Returns the number of entries and the head.
+pub fn verify_file(path: &Path) -> Result<(u64, String), String> {
+    let file = File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let mut chain = ChainVerifier::from_genesis();
+    for (n, line) in BufReader::new(file).lines().enumerate() {
+        let line = line.map_err(|e| format!("{}: {e}", path.display()))?;
+        let entry: AuditEntry = serde_json::from_str(&line)
+            .map_err(|e| format!("line {}: not an audit entry: {e}", n + 1))?;
+        chain.push(&entry).map_err(|e| e.to_string())?;
+    }
+    let head = chain
+        .head()
+        .map_or_else(|| format!("0:{GENESIS_HASH}"), |(s, h)| format!("{s}:{h}"));
+    Ok((chain.checked(), head))
+}

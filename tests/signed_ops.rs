@@ -1,0 +1,520 @@
+//! Signed operations attacked the way a fully compromised vendor would: the standalone
+//! broker's admin API sends any frame it likes to a real `tether-agent` running with a
+//! customer directory. The customer's key is made and used by stock `ssh-keygen`; a canary
+//! file proves whether anything ran. Also: the agent's own plan signed by the customer
+//! runs exactly once, its manifest verifies offline, the appliance audit log verifies and
+//! a tampered one does not.
+
+mod common;
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::{json, Value};
+use tether_ops::approval::Approval;
+use tether_ops::{sig, MANIFEST_NAMESPACE};
+
+const POLICY: &str = r#"
+allow_same_uid = true
+
+[phases.observe]
+enabled = true
+approval = "none"
+run_as = "nobody"
+
+[phases.operate]
+enabled = true
+approval = "required"
+run_as = "nobody"
+
+[[classify]]
+argv = ["echo", "**"]
+phase = "observe"
+[[classify]]
+argv = ["cat", "**"]
+phase = "observe"
+
+[[deny]]
+program = ["rm"]
+"#;
+
+/// One appliance with a customer directory, its broker and its agent.
+struct Rig {
+    setup: Setup,
+    broker: BrokerProc,
+    agent: Option<AgentProc>,
+    state: PathBuf,
+    customer: PathBuf,
+    canary_dir: PathBuf,
+    key: PathBuf,
+    appliance_key: String,
+}
+
+fn ssh_keygen(args: &[&str], cwd: &Path) {
+    let out = Command::new("ssh-keygen")
+        .args(args)
+        .current_dir(cwd)
+        .output()
+        .expect("ssh-keygen");
+    assert!(
+        out.status.success(),
+        "ssh-keygen {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn chmod(p: &Path, mode: u32) {
+    std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).unwrap();
+}
+
+impl Rig {
+    async fn new() -> Rig {
+        let setup = Setup::new();
+        let leaf = setup.pki.appliance("app-1").unwrap();
+        setup.set_allowlist(&[("app-1", &leaf)]);
+        let broker = setup.broker("b1", "");
+        let state = setup.agent_state("app-1", &leaf);
+        let root = setup.dir.path().to_path_buf();
+        chmod(&root, 0o755);
+        let customer = root.join("customer");
+        std::fs::create_dir(&customer).unwrap();
+        chmod(&customer, 0o755);
+        ssh_keygen(
+            &[
+                "-q",
+                "-t",
+                "ed25519",
+                "-N",
+                "",
+                "-C",
+                "alice@acme",
+                "-f",
+                "alice",
+            ],
+            &root,
+        );
+        let public = std::fs::read_to_string(root.join("alice.pub")).unwrap();
+        std::fs::write(
+            customer.join("approvers.toml"),
+            format!(
+                "[[key]]\nid = \"acme-ops\"\npublic_key = \"{}\"\nnot_before = \"2026-01-01T00:00:00Z\"\nnot_after = \"2099-01-01T00:00:00Z\"\n",
+                public.trim()
+            ),
+        )
+        .unwrap();
+        std::fs::write(customer.join("policy.toml"), POLICY).unwrap();
+        for f in ["approvers.toml", "policy.toml"] {
+            chmod(&customer.join(f), 0o644);
+        }
+        let canary_dir = root.join("canary");
+        std::fs::create_dir(&canary_dir).unwrap();
+        chmod(&canary_dir, 0o777);
+        let out = Command::new(bin("tether-agent"))
+            .args(["manifest-key", "show", "--state-dir"])
+            .arg(&state)
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+        let appliance_key = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+        let mut rig = Rig {
+            key: root.join("alice"),
+            setup,
+            broker,
+            agent: None,
+            state,
+            customer,
+            canary_dir,
+            appliance_key,
+        };
+        rig.start_agent().await;
+        rig
+    }
+
+    async fn start_agent(&mut self) {
+        self.agent = None;
+        // A killed agent's session lingers until the broker notices: wait for a new one.
+        let old: Vec<Value> = self
+            .broker
+            .sessions()
+            .await
+            .into_iter()
+            .map(|r| r["session_id"].clone())
+            .collect();
+        let customer = self.customer.to_str().unwrap().to_owned();
+        self.agent = Some(AgentProc::start(
+            &self.state,
+            &[self.broker.quic],
+            &["--customer-dir", &customer],
+        ));
+        wait_for(Duration::from_secs(15), || async {
+            let s = self.broker.sessions().await;
+            s.iter()
+                .any(|r| {
+                    r["appliance_id"] == "app-1"
+                        && !old.contains(&r["session_id"])
+                        && r["capabilities"]
+                            .as_array()
+                            .unwrap()
+                            .iter()
+                            .any(|c| c == "signed-ops/1")
+                })
+                .then_some(())
+        })
+        .await
+        .expect("the agent connects announcing signed-ops/1");
+    }
+
+    fn canary(&self, name: &str) -> PathBuf {
+        self.canary_dir.join(name)
+    }
+
+    fn root(&self) -> &Path {
+        self.setup.dir.path()
+    }
+
+    async fn run(&self, body: Value) -> Vec<Value> {
+        let (status, lines) = run_command(&self.broker, "app-1", body).await;
+        assert_eq!(status, 200, "{lines:?}");
+        lines
+    }
+
+    /// Ask the agent for the plan of `argv`, have the customer sign it with stock
+    /// `ssh-keygen`, and return (document, signature).
+    async fn approve(&self, argv: &[&str], timeout_ms: u64) -> (String, String) {
+        let lines = self
+            .run(json!({"argv": argv, "timeout_ms": timeout_ms, "plan": true, "request_id": "req-1", "reason": "INC-1"}))
+            .await;
+        let plan = lines
+            .iter()
+            .find(|l| l.get("plan").is_some())
+            .unwrap_or_else(|| panic!("no plan: {lines:?}"));
+        assert_eq!(plan["approval_required"], true);
+        let doc = plan["plan"].as_str().unwrap().to_owned();
+        self.sign(&doc)
+    }
+
+    fn sign(&self, doc: &str) -> (String, String) {
+        let file = self.root().join("approval.json");
+        std::fs::write(&file, doc).unwrap();
+        let _ = std::fs::remove_file(self.root().join("approval.json.sig"));
+        ssh_keygen(
+            &[
+                "-Y",
+                "sign",
+                "-n",
+                "tether-approval-v1",
+                "-f",
+                self.key.to_str().unwrap(),
+                "approval.json",
+            ],
+            self.root(),
+        );
+        (
+            doc.to_owned(),
+            std::fs::read_to_string(self.root().join("approval.json.sig")).unwrap(),
+        )
+    }
+}
+
+fn error_of(lines: &[Value]) -> String {
+    lines
+        .last()
+        .and_then(|l| l["error"].as_str())
+        .unwrap_or("")
+        .to_owned()
+}
+
+/// The manifest line verifies under the appliance's key; returns it parsed.
+fn manifest_of(lines: &[Value], appliance_key: &str) -> tether_ops::manifest::Manifest {
+    let line = lines
+        .iter()
+        .find(|l| l.get("manifest").is_some())
+        .unwrap_or_else(|| panic!("no manifest: {lines:?}"));
+    let bytes = line["manifest"].as_str().unwrap().as_bytes();
+    let signer = sig::verify(
+        line["manifest_sig"].as_str().unwrap().as_bytes(),
+        MANIFEST_NAMESPACE,
+        bytes,
+    )
+    .expect("manifest signature");
+    assert_eq!(
+        tether_ops::manifest::Manifest::parse(bytes)
+            .unwrap()
+            .appliance
+            .key,
+        appliance_key
+    );
+    assert_eq!(signer.key.to_openssh().unwrap(), appliance_key);
+    tether_ops::manifest::Manifest::parse(bytes).unwrap()
+}
+
+#[tokio::test]
+async fn observe_runs_unsigned_everything_else_needs_the_customer() {
+    let rig = Rig::new().await;
+    let lines = rig
+        .run(json!({"argv": ["echo", "hello"], "timeout_ms": 10000}))
+        .await;
+    assert_eq!(lines.last().unwrap(), &json!({"exit_code": 0}), "{lines:?}");
+    let m = manifest_of(&lines, &rig.appliance_key);
+    assert_eq!(m.phase, Some(tether_ops::Phase::Observe));
+    assert_eq!(m.stdout, tether_ops::manifest::StreamDigest::of(b"hello\n"));
+    assert!(m.approval.is_none());
+
+    // Operate without an approval: refused, nothing ran, a signed refusal manifest.
+    let canary = rig.canary("no-approval");
+    let lines = rig
+        .run(json!({"argv": ["touch", canary.to_str().unwrap()], "timeout_ms": 10000}))
+        .await;
+    assert_eq!(error_of(&lines), "approval_required", "{lines:?}");
+    assert!(!canary.exists());
+    let m = manifest_of(&lines, &rig.appliance_key);
+    assert_eq!(
+        m.outcome,
+        tether_ops::manifest::Outcome::Refused("approval_required".into())
+    );
+
+    // A deny rule beats even a perfect signature over the re-derived document (the path
+    // game `/usr/bin/../bin/rm` resolves to rm first).
+    std::fs::write(rig.canary("keep"), "x").unwrap();
+    let keep = rig.canary("keep");
+    let lines = rig.run(json!({"argv": ["/usr/bin/../bin/rm", keep.to_str().unwrap()], "timeout_ms": 10000, "plan": true})).await;
+    assert_eq!(error_of(&lines), "denied_by_policy", "{lines:?}");
+    assert!(keep.exists());
+}
+
+#[tokio::test]
+async fn an_approval_runs_exactly_its_command_exactly_once() {
+    let mut rig = Rig::new().await;
+    let canary = rig.canary("approved");
+    let argv = ["touch", canary.to_str().unwrap()];
+    let (doc, sig) = rig.approve(&argv, 10_000).await;
+    let send = |argv: Vec<&str>, timeout_ms: u64, doc: &str, sig: &str| json!({"argv": argv, "timeout_ms": timeout_ms, "approval": doc, "approval_sig": sig});
+
+    // Widened or changed: every variant fails the signature, and nothing runs.
+    let other = rig.canary("widened");
+    for (argv2, timeout) in [
+        (
+            vec!["touch", canary.to_str().unwrap(), other.to_str().unwrap()],
+            10_000,
+        ),
+        (vec!["touch", other.to_str().unwrap()], 10_000),
+        (argv.to_vec(), 60_000),
+    ] {
+        let lines = rig.run(send(argv2, timeout, &doc, &sig)).await;
+        assert_eq!(error_of(&lines), "approval_invalid", "{lines:?}");
+    }
+    let lines = rig
+        .run(json!({"argv": argv, "timeout_ms": 10000, "env": ["LD_PRELOAD"], "approval": doc, "approval_sig": sig}))
+        .await;
+    assert_eq!(error_of(&lines), "approval_invalid", "{lines:?}");
+    assert!(!canary.exists() && !other.exists());
+
+    // Retargeted: the same command approved for another appliance or trust domain.
+    for (from, to) in [
+        ("\"id\":\"app-1\"", "\"id\":\"app-2\""),
+        ("\"trust_domain\":\"", "\"trust_domain\":\"x"),
+    ] {
+        let (d, s) = rig.sign(&doc.replace(from, to));
+        let lines = rig.run(send(argv.to_vec(), 10_000, &d, &s)).await;
+        assert_eq!(error_of(&lines), "approval_invalid", "{lines:?}");
+    }
+    // Signed by a key the customer did not pin; a manifest signature as an approval.
+    ssh_keygen(
+        &["-q", "-t", "ed25519", "-N", "", "-f", "vendor"],
+        rig.root(),
+    );
+    std::fs::write(rig.root().join("a2.json"), &doc).unwrap();
+    ssh_keygen(
+        &[
+            "-Y",
+            "sign",
+            "-n",
+            "tether-approval-v1",
+            "-f",
+            "vendor",
+            "a2.json",
+        ],
+        rig.root(),
+    );
+    let vendor_sig = std::fs::read_to_string(rig.root().join("a2.json.sig")).unwrap();
+    let lines = rig
+        .run(send(argv.to_vec(), 10_000, &doc, &vendor_sig))
+        .await;
+    assert_eq!(error_of(&lines), "approval_invalid", "{lines:?}");
+    std::fs::write(rig.root().join("a3.json"), &doc).unwrap();
+    ssh_keygen(
+        &[
+            "-Y",
+            "sign",
+            "-n",
+            "tether-manifest-v1",
+            "-f",
+            rig.key.to_str().unwrap(),
+            "a3.json",
+        ],
+        rig.root(),
+    );
+    let wrong_ns = std::fs::read_to_string(rig.root().join("a3.json.sig")).unwrap();
+    let lines = rig.run(send(argv.to_vec(), 10_000, &doc, &wrong_ns)).await;
+    assert_eq!(error_of(&lines), "approval_invalid", "{lines:?}");
+    // Not canonical (whitespace), though signed as sent.
+    let (d, s) = rig.sign(&doc.replacen(',', ", ", 1));
+    let lines = rig.run(send(argv.to_vec(), 10_000, &d, &s)).await;
+    assert_eq!(error_of(&lines), "approval_invalid", "{lines:?}");
+    assert!(!canary.exists());
+
+    // The real thing runs, once; its manifest binds the approval.
+    let lines = rig.run(send(argv.to_vec(), 10_000, &doc, &sig)).await;
+    assert_eq!(lines.last().unwrap(), &json!({"exit_code": 0}), "{lines:?}");
+    assert!(canary.exists());
+    let m = manifest_of(&lines, &rig.appliance_key);
+    assert_eq!(
+        m.approval.as_ref().unwrap().sha256,
+        tether_ops::sha256_hex(doc.as_bytes())
+    );
+    assert_eq!(
+        m.approval.as_ref().unwrap().approval_id,
+        Approval::parse(doc.as_bytes()).unwrap().approval_id
+    );
+    std::fs::remove_file(&canary).unwrap();
+
+    // Replayed: at once, and after the agent restarts.
+    let lines = rig.run(send(argv.to_vec(), 10_000, &doc, &sig)).await;
+    assert_eq!(error_of(&lines), "approval_replayed", "{lines:?}");
+    rig.start_agent().await;
+    let lines = rig.run(send(argv.to_vec(), 10_000, &doc, &sig)).await;
+    assert_eq!(error_of(&lines), "approval_replayed", "{lines:?}");
+    assert!(!canary.exists());
+
+    // The appliance audit log verifies, and a single edited entry does not.
+    let log = rig.state.join("audit.jsonl");
+    let verify = |p: &Path| {
+        Command::new(bin("tether-agent"))
+            .args(["audit", "verify"])
+            .arg(p)
+            .output()
+            .unwrap()
+    };
+    let out = verify(&log);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.contains("approval.consumed"));
+    let tampered = rig.root().join("tampered.jsonl");
+    std::fs::write(
+        &tampered,
+        text.replacen("approval.consumed", "approval.consumeD", 1),
+    )
+    .unwrap();
+    assert_eq!(verify(&tampered).status.code(), Some(1));
+    assert_eq!(
+        verify(&rig.root().join("missing.jsonl")).status.code(),
+        Some(2)
+    );
+}
+
+#[tokio::test]
+async fn the_customer_closing_a_phase_kills_what_runs_in_it() {
+    let rig = Rig::new().await;
+    let argv = ["sleep", "30"];
+    let (doc, sig) = rig.approve(&argv, 60_000).await;
+    let broker = &rig.broker;
+    let run = tokio::spawn({
+        let body = json!({"argv": argv, "timeout_ms": 60000, "approval": doc, "approval_sig": sig});
+        let url = broker.url("/v1/sessions/app-1/commands");
+        async move {
+            http()
+                .post(url)
+                .json(&body)
+                .send()
+                .await
+                .unwrap()
+                .text()
+                .await
+                .unwrap()
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let closed = Instant::now();
+    // The customer's edit: operate disabled (written as an editor would, in place).
+    std::fs::write(
+        rig.customer.join("policy.toml"),
+        POLICY.replacen(
+            "enabled = true\napproval = \"required\"",
+            "enabled = false\napproval = \"required\"",
+            1,
+        ),
+    )
+    .unwrap();
+    let text = tokio::time::timeout(Duration::from_secs(10), run)
+        .await
+        .expect("ended")
+        .unwrap();
+    let took = closed.elapsed();
+    let last: Value = serde_json::from_str(text.lines().last().unwrap()).unwrap();
+    assert_eq!(last["error"], "phase_revoked", "{text}");
+    eprintln!("policy edit to kill: {took:?}");
+    // And new commands in that phase are refused.
+    let (_, lines) = run_command(
+        &rig.broker,
+        "app-1",
+        json!({"argv": ["true"], "timeout_ms": 5000}),
+    )
+    .await;
+    assert_eq!(error_of(&lines), "phase_disabled", "{lines:?}");
+}
+
+#[tokio::test]
+async fn approvers_anyone_else_could_write_verify_nothing() {
+    let rig = Rig::new().await;
+    let canary = rig.canary("writable");
+    let argv = ["touch", canary.to_str().unwrap()];
+    let (doc, sig) = rig.approve(&argv, 10_000).await;
+    chmod(&rig.customer.join("approvers.toml"), 0o666);
+    let lines = rig
+        .run(json!({"argv": argv, "timeout_ms": 10000, "approval": doc, "approval_sig": sig}))
+        .await;
+    assert_eq!(error_of(&lines), "approval_unavailable", "{lines:?}");
+    assert!(!canary.exists());
+    // Observe keeps working.
+    let lines = rig
+        .run(json!({"argv": ["echo", "still here"], "timeout_ms": 10000}))
+        .await;
+    assert_eq!(lines.last().unwrap(), &json!({"exit_code": 0}), "{lines:?}");
+    // A policy anyone could write refuses everything.
+    chmod(&rig.customer.join("policy.toml"), 0o666);
+    let lines = rig
+        .run(json!({"argv": ["echo", "x"], "timeout_ms": 10000}))
+        .await;
+    assert_eq!(error_of(&lines), "policy_unavailable", "{lines:?}");
+}
+
+#[tokio::test]
+async fn an_observe_command_cannot_read_the_agents_secrets() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipped: switching users needs root");
+        return;
+    }
+    let rig = Rig::new().await;
+    for secret in ["manifest.key", "client.key.pem", "audit.jsonl"] {
+        let path = rig.state.join(secret);
+        let lines = rig
+            .run(json!({"argv": ["cat", path.to_str().unwrap()], "timeout_ms": 10000}))
+            .await;
+        // It ran (observe, as nobody) and cat failed: permission denied.
+        assert_eq!(
+            lines.last().unwrap(),
+            &json!({"exit_code": 1}),
+            "{secret}: {lines:?}"
+        );
+        let m = manifest_of(&lines, &rig.appliance_key);
+        assert_eq!(m.run_as.as_ref().unwrap().user, "nobody");
+        assert_eq!(m.stdout.bytes, 0, "{secret} leaked");
+    }
+}
