@@ -134,6 +134,10 @@ impl Rig {
     }
 
     async fn start_agent(&mut self) {
+        self.start_agent_with(&[]).await;
+    }
+
+    async fn start_agent_with(&mut self, extra: &[&str]) {
         self.agent = None;
         // A killed agent's session lingers until the broker notices: wait for a new one.
         let old: Vec<Value> = self
@@ -144,11 +148,9 @@ impl Rig {
             .map(|r| r["session_id"].clone())
             .collect();
         let customer = self.customer.to_str().unwrap().to_owned();
-        self.agent = Some(AgentProc::start(
-            &self.state,
-            &[self.broker.quic],
-            &["--customer-dir", &customer],
-        ));
+        let mut args = vec!["--customer-dir", customer.as_str()];
+        args.extend_from_slice(extra);
+        self.agent = Some(AgentProc::start(&self.state, &[self.broker.quic], &args));
         wait_for(Duration::from_secs(15), || async {
             let s = self.broker.sessions().await;
             s.iter()
@@ -442,16 +444,21 @@ async fn the_customer_closing_a_phase_kills_what_runs_in_it() {
     });
     tokio::time::sleep(Duration::from_millis(800)).await;
     let closed = Instant::now();
-    // The customer's edit: operate disabled (written as an editor would, in place).
-    std::fs::write(
-        rig.customer.join("policy.toml"),
-        POLICY.replacen(
-            "enabled = true\napproval = \"required\"",
-            "enabled = false\napproval = \"required\"",
-            1,
-        ),
-    )
-    .unwrap();
+    // The customer's switch-off, as their admin runs it on the appliance.
+    let out = Command::new(bin("tether-agent"))
+        .args(["lockdown", "--customer-dir"])
+        .arg(&rig.customer)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "locked down: observe=on/none,deploy=off,operate=off,install=off"
+    );
     let text = tokio::time::timeout(Duration::from_secs(10), run)
         .await
         .expect("ended")
@@ -517,4 +524,54 @@ async fn an_observe_command_cannot_read_the_agents_secrets() {
         assert_eq!(m.run_as.as_ref().unwrap().user, "nobody");
         assert_eq!(m.stdout.bytes, 0, "{secret} leaked");
     }
+}
+
+#[tokio::test]
+async fn nothing_runs_that_cannot_be_recorded() {
+    let mut rig = Rig::new().await;
+    // An audit log that cannot be opened for appending (a directory stands in for a
+    // full or read-only disk: root ignores permissions, so a mode would not do).
+    let dir = rig.root().join("not-a-file");
+    std::fs::create_dir(&dir).unwrap();
+    let dir = dir.to_str().unwrap().to_owned();
+    rig.start_agent_with(&["--audit-log", &dir]).await;
+    let lines = rig
+        .run(json!({"argv": ["echo", "x"], "timeout_ms": 10000}))
+        .await;
+    assert_eq!(error_of(&lines), "audit_unavailable", "{lines:?}");
+    let canary = rig.canary("unrecorded");
+    let (doc, sig) = {
+        // The plan itself needs the log too: sign the document the agent would expect.
+        let appliance = tether_ops::approval::ApplianceRef {
+            id: "app-1".into(),
+            trust_domain: TRUST_DOMAIN.into(),
+            key: rig.appliance_key.clone(),
+        };
+        let exec = tether_ops::approval::ExecSpec {
+            kind: tether_proto::CommandKind::Exec,
+            argv: vec!["touch".into(), canary.to_str().unwrap().into()],
+            env_allowlist: vec![],
+            deadline_ms: 10_000,
+            stdin_sha256: String::new(),
+        };
+        let now = tether_agent::signed::now_ms();
+        let doc = Approval::plan(
+            &tether_ops::approval::Expected {
+                appliance: &appliance,
+                phase: tether_ops::Phase::Operate,
+                exec: &exec,
+            },
+            "req-2",
+            "",
+            "alice",
+            now - 1000,
+            now + 600_000,
+        );
+        rig.sign(std::str::from_utf8(&doc.to_bytes()).unwrap())
+    };
+    let lines = rig
+        .run(json!({"argv": ["touch", canary.to_str().unwrap()], "timeout_ms": 10000, "approval": doc, "approval_sig": sig}))
+        .await;
+    assert_eq!(error_of(&lines), "audit_unavailable", "{lines:?}");
+    assert!(!canary.exists());
 }

@@ -44,6 +44,18 @@ enum Cmd {
     /// The appliance audit log (signed operations).
     #[command(subcommand)]
     Audit(AuditCmd),
+    /// The customer's switch-off: disable every phase but observe (or all with --all) in
+    /// CUSTOMER_DIR/policy.toml, keeping its comments, owner and mode. Run it as the
+    /// customer's admin; a running agent enforces it within a second and kills commands
+    /// of the closed phases.
+    Lockdown {
+        /// The customer directory.
+        #[arg(long, env = ENV_CUSTOMER_DIR, value_name = "DIR")]
+        customer_dir: PathBuf,
+        /// Disable observe too.
+        #[arg(long)]
+        all: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -403,6 +415,15 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Cmd::Run(args) => runtime.block_on(run(args)),
         Cmd::Enroll(args) => runtime.block_on(enroll(args)),
+        Cmd::Lockdown { customer_dir, all } => {
+            match tether_agent::signed::lockdown::lockdown(&customer_dir, all) {
+                Ok(phases) => {
+                    println!("locked down: {phases}");
+                    Ok(())
+                }
+                Err(e) => bail!("lockdown: {e}"),
+            }
+        }
         Cmd::Audit(AuditCmd::Verify { file }) => {
             if let Err(e) = std::fs::metadata(&file) {
                 eprintln!("tether-agent audit verify: {}: {e}", file.display());

@@ -23,6 +23,7 @@
 
 pub mod applog;
 pub mod customer;
+pub mod lockdown;
 
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
