@@ -2,7 +2,7 @@
 //! `tether_proto::cluster` for the conversation), where each appliance is connected, and
 //! the commands in flight.
 //!
-//! - `crate::http::channel` is the handler of `GET /v1/brokers/channel`: it authenticates
+//! - the HTTP layer's `channel` is the handler of `GET /v1/brokers/channel`: it authenticates
 //!   the broker (its certificate must be the one recorded for an active broker,
 //!   [`crate::domain::brokers::authenticate`]), upgrades the connection and runs
 //!   [`link::run_link`].

@@ -1,5 +1,5 @@
 //! Appliances: register, list, show, disable, enable, revoke, trigger a manual renewal,
-//! and create a one-time enrollment token — for the operator API (`crate::http`) and the
+//! and create a one-time enrollment token — for the operator API (the HTTP layer) and the
 //! command line alike.
 //!
 //! The operator API authenticates every route with [`crate::domain::operators::authorize`]

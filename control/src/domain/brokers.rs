@@ -1,6 +1,6 @@
 //! Brokers of the edge cluster: one-time bundles, enrollment, renewal, listing,
 //! revocation, and the broker addresses handed to appliances. The operator API
-//! (`crate::http`) and the command line call these operations.
+//! (the HTTP layer) and the command line call these operations.
 //!
 //! - `POST /v1/brokers` (operator+) `{"name": "...", "ttl_secs": 86400}` → a
 //!   [`BrokerBundle`] (`tether broker add NAME` writes it to a file; `tether-control broker

@@ -1,6 +1,6 @@
 //! The checks before a command runs on an appliance: the id, the request (argv, kind,
 //! deadline) and the appliance's status. Routing the command to the broker that holds
-//! the appliance is the cluster's ([`crate::cluster::Cluster::exec`]); streaming its
+//! the appliance is the cluster layer's (`Cluster::exec`); streaming its
 //! events to the caller is the HTTP layer's.
 
 use std::time::Duration;

@@ -2,7 +2,7 @@
 //!
 //! Every rule about identities lives here, once: the CA and what it will sign, the trust
 //! states, enrollment and renewal, operators and their roles, appliances, brokers and the
-//! audit log's checkpoints. The HTTP layer ([`crate::http`]) and the command line
+//! audit log's checkpoints. The HTTP layer and the command line
 //! (`main.rs`) both call these operations; neither repeats a check.
 //!
 //! # Design
@@ -17,7 +17,7 @@
 //!   by the store in the same transaction as the change they record.
 //! - What only the cluster knows (where an appliance is connected, the brokers' own
 //!   addresses) or can do (tell brokers) comes through the [`Fleet`] trait, which
-//!   [`crate::cluster::Cluster`] implements: the domain never imports the cluster.
+//!   the cluster layer's `Cluster` implements: the domain never imports the cluster.
 //!
 //! # Modules
 //!
@@ -142,7 +142,7 @@ pub struct InvalidSetting {
 }
 
 /// The settings the domain's operations read (composed from `control.toml` by
-/// [`crate::config`]).
+/// the configuration).
 #[derive(Clone, Debug, Default)]
 pub struct Settings {
     /// Enrollment, tokens and renewal overlap.
@@ -156,7 +156,7 @@ pub struct Settings {
     pub control_url: String,
 }
 
-/// What the domain asks of the brokers' cluster. [`crate::cluster::Cluster`] implements
+/// What the domain asks of the brokers' cluster. The cluster layer's `Cluster` implements
 /// it; an operation run without a cluster (the command line) uses [`NoFleet`].
 pub trait Fleet: Send + Sync + std::fmt::Debug {
     /// Where appliance `id` is connected, if anywhere.

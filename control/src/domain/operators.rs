@@ -10,7 +10,7 @@
 //! `POST /v1/operators/login` (no client certificate needed) takes the token and a CSR;
 //! the invite is checked (unknown, used, cancelled, expired → 403 `invite_*`), the CSR
 //! checked (→ 400 `csr_*`, the invite is not burned), an operator certificate
-//! (`spiffe://<td>/operator/<name>`, [`crate::config::CertificateSettings::operator`])
+//! (`spiffe://<td>/operator/<name>`, [`crate::domain::ca::CertificateSettings::operator`])
 //! issued, and then, in one transaction, the invite is redeemed, the operator created (or
 //! re-activated with the invite's role) and the certificate's fingerprint recorded.
 //!

@@ -16,6 +16,19 @@
 //! log's head, so concurrent writers (several control replicas included) extend one
 //! chain.
 
+//!
+//! The store is the bottom layer: it imports nothing else of control. The records it
+//! keeps are declared here (appliances, certificates, operators, invites, brokers) or in
+//! the crates below it (`tether-api`, `tether-audit`); the rules over them are
+//! `crate::domain`'s.
+//!
+//! # Modules
+//!
+//! - this file — the [`Store`] trait, its records and [`StoreError`].
+//! - [`sql`] — [`sql::SqlStore`], the SQLite / PostgreSQL implementation (sqlx `Any`),
+//!   with its migrations; inside it, the audit log, the row decoding and the allowlist
+//!   versioning each have a file.
+
 use async_trait::async_trait;
 // The store's records speak the API's enums (a record's status is what the API shows).
 use tether_api::appliances::{ApplianceStatus, PlatformBinding};
