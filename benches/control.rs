@@ -10,7 +10,7 @@ use std::hint::black_box;
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use tether_audit::{action, Actor, AuditEvent};
-use tether_control::ca::{verify_csr, Ca, CaConfig};
+use tether_control::domain::ca::{verify_csr, Ca, CaConfig};
 
 fn ca(dir: &std::path::Path) -> Ca {
     Ca::init(
@@ -72,16 +72,14 @@ fn enrollment(c: &mut Criterion) {
             &tether_control::store::sql::SqlStore::sqlite_url(&tmp.path().join("control.db")),
         ))
         .unwrap();
-    let state = tether_control::api::AppState {
-        store: Arc::new(store),
-        ca: Arc::new(ca),
-        config: Arc::new(cfg),
-        proofs: Arc::new(tether_control::proof::Verifiers::new(&Default::default()).unwrap()),
-        metrics: Arc::new(tether_control::metrics::Metrics::new()),
-        cluster: Arc::new(tether_control::cluster::Cluster::new()),
-    };
+    let state = tether_control::run::app_state(
+        &cfg,
+        Arc::new(store),
+        Arc::new(ca),
+        Arc::new(tether_control::domain::proof::Verifiers::new(&Default::default()).unwrap()),
+    );
     let admin = Actor::system("bench");
-    rt.block_on(state.store.register_appliance(
+    rt.block_on(state.domain.store.register_appliance(
         &Appliance {
             id: "app-1".into(),
             tenant: "bench".into(),
@@ -97,9 +95,9 @@ fn enrollment(c: &mut Criterion) {
     c.bench_function("control/enroll_token_sqlite", |b| {
         b.iter_batched(
             || {
-                let token = tether_control::token::Token::generate();
+                let token = tether_control::domain::token::Token::generate();
                 let now = tether_control::now_unix();
-                rt.block_on(state.store.create_token(
+                rt.block_on(state.domain.store.create_token(
                     "app-1",
                     &token.hash(),
                     now + 3600,
@@ -112,7 +110,7 @@ fn enrollment(c: &mut Criterion) {
             |token| {
                 rt.block_on(async {
                     let now = tether_control::now_unix();
-                    let challenge = tether_control::enroll::challenge(&state, now)
+                    let challenge = tether_control::domain::enroll::challenge(&state.domain, now)
                         .await
                         .unwrap();
                     let req = EnrollRequest {
@@ -123,7 +121,7 @@ fn enrollment(c: &mut Criterion) {
                             token: token.expose().to_owned(),
                         },
                     };
-                    tether_control::enroll::enroll(&state, req, now)
+                    tether_control::domain::enroll::enroll(&state.domain, req, now)
                         .await
                         .unwrap()
                 })

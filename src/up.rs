@@ -171,11 +171,11 @@ async fn operator(
         }
         return Ok(());
     }
-    let bundle = tether_control::operators::create_invite(
+    let bundle = tether_control::domain::operators::create_invite(
         store,
         control_url.to_owned(),
         root_pem.to_owned(),
-        tether_control::operators::FIRST_ADMIN,
+        tether_control::domain::operators::FIRST_ADMIN,
         tether_api::operators::Role::Admin,
         Duration::from_secs(600),
         local_admin(),
@@ -213,7 +213,7 @@ async fn broker(
     let bundle_path = dir.join("bundle.json");
     let enrolled = dir.join("broker.pem").exists();
     if !enrolled {
-        let bundle = tether_control::brokers::add(
+        let bundle = tether_control::domain::brokers::add(
             store,
             control_url.to_owned(),
             root_pem.to_owned(),
@@ -288,7 +288,7 @@ async fn enroll_fleet(
                 Ok(()) | Err(StoreError::Conflict(_)) => {}
                 Err(e) => return Err(anyhow::Error::from(e).context(format!("registering {id}"))),
             }
-            let token = tether_control::token::Token::generate();
+            let token = tether_control::domain::token::Token::generate();
             let hash = token.hash();
             let event = AuditEvent::success(local_admin(), action::TOKEN_CREATE, &id)
                 .with("token_ref", tether_audit::token_ref(&hash));
@@ -433,10 +433,10 @@ impl LocalControl {
             cfg.save(&layout.control())?;
         }
         let metrics_addr = control.metrics_addr()?;
-        let store = control.state.store.clone();
+        let store = control.state.domain.store.clone();
         let cluster = control.state.cluster.clone();
         let url = format!("https://{control_addr}");
-        let root_pem = control.state.ca.root_pem();
+        let root_pem = control.state.domain.ca.root_pem();
         let stop = CancellationToken::new();
         let task = tokio::spawn(control.serve(stop.clone()));
         Ok(LocalControl {

@@ -353,9 +353,9 @@ fn an_expired_operator_certificate_cannot_resume_its_session() {
     let fleet = Fleet::new();
     let ops = fleet.data.parent().unwrap().join("operator");
     std::fs::create_dir_all(&ops).unwrap();
-    let ca = tether_control::ca::Ca::load(
+    let ca = tether_control::domain::ca::Ca::load(
         &fleet.data,
-        &tether_control::ca::CaConfig {
+        &tether_control::domain::ca::CaConfig {
             trust_domain: common::TRUST_DOMAIN.into(),
             operator_validity: Duration::from_secs(3),
             ..Default::default()

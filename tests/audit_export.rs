@@ -303,15 +303,15 @@ async fn a_checkpoint_signed_under_another_ca_fails_verify() {
         "--trust-domain",
         common::TRUST_DOMAIN,
     ]);
-    let other_ca = tether_control::ca::Ca::load(
+    let other_ca = tether_control::domain::ca::Ca::load(
         &other,
-        &tether_control::ca::CaConfig {
+        &tether_control::domain::ca::CaConfig {
             trust_domain: common::TRUST_DOMAIN.into(),
             ..Default::default()
         },
     )
     .unwrap();
-    let signer = tether_control::audit_log::checkpoint_signer(&other_ca).unwrap();
+    let signer = tether_control::domain::audit::checkpoint_signer(&other_ca).unwrap();
     let (file, mut lines) = export(&f);
     let last = *checkpoint_seqs(&lines).last().unwrap();
     for l in &mut lines {

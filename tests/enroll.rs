@@ -55,9 +55,9 @@ async fn token_enrollment_then_the_credential_connects_to_a_pinned_broker() {
     // fingerprint admits the enrolled appliance.
     let setup_dir = fleet.data.parent().unwrap().join("broker");
     std::fs::create_dir_all(&setup_dir).unwrap();
-    let ca = tether_control::ca::Ca::load(
+    let ca = tether_control::domain::ca::Ca::load(
         &fleet.data,
-        &tether_control::ca::CaConfig {
+        &tether_control::domain::ca::CaConfig {
             trust_domain: TRUST_DOMAIN.into(),
             ..Default::default()
         },

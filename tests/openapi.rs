@@ -1,5 +1,5 @@
 //! `GET /openapi.json` from the real server: it parses, it is OpenAPI 3.x, it lists exactly
-//! the routes of `tether_control::api::router` (the list below, compared both ways), every
+//! the routes of `tether_control::http::router` (the list below, compared both ways), every
 //! operation answers errors with the `Error` schema, and operator routes name the
 //! `mutualTLS` scheme.
 
@@ -10,7 +10,7 @@ use std::collections::BTreeSet;
 use common::control::*;
 use serde_json::Value;
 
-/// Every route of `tether_control::api::router`, as (method, path). A route added there
+/// Every route of `tether_control::http::router`, as (method, path). A route added there
 /// and not here (or the reverse) fails [`openapi_lists_every_route`].
 const ROUTES: &[(&str, &str)] = &[
     ("get", "/healthz"),

@@ -1,5 +1,10 @@
 //! Control configuration: `DATA_DIR/control.toml`, written by `tether-control init` and
 //! read by every other command; flags and `TETHER_CONTROL_*` variables override it.
+//!
+//! This is top-level wiring: each layer declares its own settings (`[enroll]`, `[trust]`,
+//! `[proofs]`, `[certificates]` and `[audit]` in [`crate::domain`]; `[http]` and
+//! `[shutdown]` in [`crate::http`]) and [`ControlConfig`] composes them into one file.
+//! No layer imports this module.
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -8,18 +13,20 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
+use crate::domain::audit::AuditSettings;
+use crate::domain::ca::{CaConfig, CertificateSettings};
+use crate::domain::enroll::EnrollSettings;
+use crate::domain::proof::ProofSettings;
+use crate::domain::trust::TrustSettings;
+use crate::domain::{InvalidSetting, Settings};
+use crate::http::{HttpSettings, ShutdownSettings, MAX_SHUTDOWN_GRACE};
+
 /// File name of the config inside the data directory.
 pub const CONFIG_FILE: &str = "control.toml";
 /// Default HTTPS listen address.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8443";
 /// Default metrics listen address.
 pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:8444";
-/// Default lifetime of an enrollment nonce: 5 minutes.
-pub const DEFAULT_NONCE_TTL: Duration = Duration::from_secs(300);
-/// Default lifetime of an enrollment token: 24 hours.
-pub const DEFAULT_TOKEN_TTL: Duration = Duration::from_secs(24 * 3600);
-/// Default overlap after a renewal during which the previous certificate stays allowed.
-pub const DEFAULT_RENEWAL_OVERLAP: Duration = Duration::from_secs(86_400);
 
 /// Environment variable names.
 pub mod env {
@@ -56,9 +63,9 @@ pub struct ControlConfig {
     /// Enrollment settings.
     pub enroll: EnrollSettings,
     /// Platform proof verifiers (AWS STS endpoints, GCP and Kubernetes key sources).
-    pub proofs: crate::proof::ProofSettings,
+    pub proofs: ProofSettings,
     /// Trust-state thresholds.
-    pub trust: crate::trust::TrustSettings,
+    pub trust: TrustSettings,
     /// Validity of the certificates control issues.
     pub certificates: CertificateSettings,
     /// Limits of the HTTPS listener.
@@ -67,151 +74,6 @@ pub struct ControlConfig {
     pub audit: AuditSettings,
     /// How `serve` stops on SIGTERM.
     pub shutdown: ShutdownSettings,
-}
-
-/// Default time in-flight requests and command streams get to finish on SIGTERM: 10 s.
-pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
-/// Longest shutdown grace accepted: 10 minutes (a supervisor's kill timeout is shorter).
-pub const MAX_SHUTDOWN_GRACE: Duration = Duration::from_secs(600);
-
-/// `[shutdown]`: how `serve` stops. On SIGTERM it stops accepting, lets in-flight requests
-/// and command streams finish for up to `grace`, tells every broker channel it is going
-/// away, then exits 0.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct ShutdownSettings {
-    /// Time in-flight requests get to finish. Default 10 s
-    /// ([`DEFAULT_SHUTDOWN_GRACE`]); at most [`MAX_SHUTDOWN_GRACE`].
-    #[serde(with = "humantime_serde")]
-    pub grace: Duration,
-}
-
-impl Default for ShutdownSettings {
-    fn default() -> Self {
-        ShutdownSettings {
-            grace: DEFAULT_SHUTDOWN_GRACE,
-        }
-    }
-}
-
-/// Default interval between signed audit checkpoints: 60 s.
-pub const DEFAULT_CHECKPOINT_EVERY: Duration = Duration::from_secs(60);
-
-/// `[audit]`: signed checkpoints of the audit log (see `crate::audit_log` and `tether_audit::checkpoint`).
-#[derive(Clone, Debug, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct AuditSettings {
-    /// How often `serve` signs a checkpoint of the log's head, when entries were added
-    /// since the last one. Entries newer than the last checkpoint can be cut from the log
-    /// undetected, so this bounds that window. Default 60 s
-    /// ([`DEFAULT_CHECKPOINT_EVERY`]); at least 1 s.
-    #[serde(with = "humantime_serde")]
-    pub checkpoint_every: Duration,
-}
-
-impl Default for AuditSettings {
-    fn default() -> Self {
-        AuditSettings {
-            checkpoint_every: DEFAULT_CHECKPOINT_EVERY,
-        }
-    }
-}
-
-/// `[http]`: limits that keep slow or idle clients from holding control's connections.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct HttpSettings {
-    /// Time to send a request's header; also closes a keep-alive connection idle that
-    /// long. Default 10 s.
-    #[serde(with = "humantime_serde")]
-    pub header_read_timeout: Duration,
-    /// Time for a whole request, body included (answered 408). Default 60 s: longer than
-    /// every limit inside (store, STS, JWKS).
-    #[serde(with = "humantime_serde")]
-    pub request_timeout: Duration,
-    /// Connections served at once; more wait in the kernel's accept queue. Default 4096.
-    pub max_connections: usize,
-    /// Requests per second each client IP (an IPv6 client: its /64) may make to the
-    /// routes open without credentials (`POST /v1/enroll/challenge`, `POST /v1/enroll`,
-    /// `POST /v1/operators/login`), sustained; more are answered 429 `rate_limited` with
-    /// `Retry-After`. Default 20 ([`DEFAULT_PUBLIC_RATE_PER_SEC`]); 0 turns the limit off.
-    /// See [`crate::rate_limit`].
-    pub public_rate_per_sec: u32,
-    /// Requests a client IP may make at once to those routes before the rate applies.
-    /// Default 40 ([`DEFAULT_PUBLIC_BURST`]); at least 1 unless the limit is off.
-    pub public_burst: u32,
-}
-
-/// Default of [`HttpSettings::public_rate_per_sec`]: 20 requests per second per client IP.
-pub const DEFAULT_PUBLIC_RATE_PER_SEC: u32 = 20;
-/// Default of [`HttpSettings::public_burst`]: 40 requests.
-pub const DEFAULT_PUBLIC_BURST: u32 = 40;
-
-impl Default for HttpSettings {
-    fn default() -> Self {
-        HttpSettings {
-            header_read_timeout: Duration::from_secs(10),
-            request_timeout: Duration::from_secs(60),
-            max_connections: 4096,
-            public_rate_per_sec: DEFAULT_PUBLIC_RATE_PER_SEC,
-            public_burst: DEFAULT_PUBLIC_BURST,
-        }
-    }
-}
-
-/// `[certificates]`: validity lengths of issued leaves (the root and intermediate are
-/// fixed at init: 10 and 2 years).
-#[derive(Clone, Debug, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct CertificateSettings {
-    /// Appliance certificates. Default 30 days.
-    #[serde(with = "humantime_serde")]
-    pub appliance: Duration,
-    /// Broker certificates. Default 30 days.
-    #[serde(with = "humantime_serde")]
-    pub broker: Duration,
-    /// Operator certificates. Default 365 days.
-    #[serde(with = "humantime_serde")]
-    pub operator: Duration,
-}
-
-impl Default for CertificateSettings {
-    fn default() -> Self {
-        CertificateSettings {
-            appliance: crate::ca::DEFAULT_APPLIANCE_VALIDITY,
-            broker: crate::ca::DEFAULT_BROKER_VALIDITY,
-            operator: crate::ca::DEFAULT_OPERATOR_VALIDITY,
-        }
-    }
-}
-
-/// `[enroll]`
-#[derive(Clone, Debug, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct EnrollSettings {
-    /// Nonce lifetime. Default 5 min.
-    #[serde(with = "humantime_serde")]
-    pub nonce_ttl: Duration,
-    /// Default token lifetime (`token create --ttl` overrides). Default 24 h.
-    #[serde(with = "humantime_serde")]
-    pub token_ttl: Duration,
-    /// Overlap after renewal. Default 24 h.
-    #[serde(with = "humantime_serde")]
-    pub renewal_overlap: Duration,
-    /// How often `serve` removes previous certificates whose overlap ended. Default 30 s.
-    #[serde(with = "humantime_serde")]
-    pub overlap_sweep: Duration,
-}
-
-impl Default for EnrollSettings {
-    fn default() -> Self {
-        Self {
-            nonce_ttl: DEFAULT_NONCE_TTL,
-            token_ttl: DEFAULT_TOKEN_TTL,
-            renewal_overlap: DEFAULT_RENEWAL_OVERLAP,
-            overlap_sweep: Duration::from_secs(30),
-        }
-    }
 }
 
 impl Default for ControlConfig {
@@ -228,12 +90,21 @@ impl Default for ControlConfig {
                 IpAddr::from(std::net::Ipv6Addr::LOCALHOST),
             ],
             enroll: EnrollSettings::default(),
-            proofs: crate::proof::ProofSettings::default(),
-            trust: crate::trust::TrustSettings::default(),
+            proofs: ProofSettings::default(),
+            trust: TrustSettings::default(),
             certificates: CertificateSettings::default(),
             http: HttpSettings::default(),
             audit: AuditSettings::default(),
             shutdown: ShutdownSettings::default(),
+        }
+    }
+}
+
+impl From<InvalidSetting> for ConfigError {
+    fn from(e: InvalidSetting) -> ConfigError {
+        ConfigError::Invalid {
+            field: e.field,
+            reason: e.reason,
         }
     }
 }
@@ -293,6 +164,41 @@ impl ControlConfig {
         })?;
         std::fs::write(&path, format!("# Tether control configuration.\n{text}"))
             .map_err(|source| ConfigError::Io { path, source })
+    }
+
+    /// The CA settings of this config.
+    pub fn ca_config(&self) -> CaConfig {
+        CaConfig {
+            trust_domain: self.trust_domain.clone(),
+            control_dns_names: self.dns_names.clone(),
+            control_ips: self.ips.clone(),
+            appliance_validity: self.certificates.appliance,
+            broker_validity: self.certificates.broker,
+            operator_validity: self.certificates.operator,
+            ..CaConfig::default()
+        }
+    }
+
+    /// Control's URL as configured: `https://<first DNS name, else first IP>:<listen
+    /// port>`.
+    pub fn control_url(&self) -> String {
+        let port = self.listen.port();
+        match (self.dns_names.first(), self.ips.first()) {
+            (Some(dns), _) => format!("https://{dns}:{port}"),
+            (None, Some(IpAddr::V6(ip))) => format!("https://[{ip}]:{port}"),
+            (None, Some(ip)) => format!("https://{ip}:{port}"),
+            (None, None) => format!("https://{}", self.listen),
+        }
+    }
+
+    /// The settings of the domain's operations.
+    pub fn domain_settings(&self) -> Settings {
+        Settings {
+            enroll: self.enroll.clone(),
+            trust: self.trust.clone(),
+            brokers: self.brokers.clone(),
+            control_url: self.control_url(),
+        }
     }
 
     /// The database URL in force.

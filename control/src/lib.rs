@@ -1,56 +1,53 @@
 //! Tether control: the two-tier CA, the store, and the appliance identity lifecycle.
 //!
-//! # Layout
+//! # Layers
 //!
-//! - [`ca`] — root and intermediate CA (local key files; AWS KMS), issuing appliance,
-//!   broker, operator and control certificates from CSRs. Control never copies names from
-//!   a CSR.
+//! ```text
+//!   run, config, main.rs (cli/)      wiring: read control.toml, open the store and the CA,
+//!        │                            start the cluster and the HTTPS server
+//!        ▼
+//!   http ──────────────► cluster      routes, authentication extractors, rate limit,
+//!        │                  │          OpenAPI │ broker links, presence, command routing
+//!        ▼                  ▼
+//!   domain ◄────────────────┘         CA, trust states, tokens, proofs, enrollment and
+//!        │                            renewal, operators and roles, appliances, brokers,
+//!        ▼                            audit checkpoints — no HTTP types
+//!   store                             SQLite / PostgreSQL, one transaction per change
+//! ```
+//!
+//! Dependencies only point down: [`http`] calls [`domain`] operations and drives the
+//! [`cluster`]; the cluster uses the domain and the store; the domain uses the store. The
+//! domain never imports the HTTP layer or the cluster: what it needs from the cluster
+//! comes through [`domain::Fleet`], which [`cluster::Cluster`] implements. [`metrics`]
+//! is used by the HTTP layer and the cluster and imports neither. [`config`] composes
+//! each layer's settings and is read only by the wiring.
+//!
+//! The `tether-control` command line (`main.rs` and its `cli/` modules) runs the same
+//! domain operations the API runs, as the local admin, on the data directory.
+//!
+//! # Modules
+//!
+//! - [`domain`] — the rules: [`domain::ca`], [`domain::trust`], [`domain::token`],
+//!   [`domain::proof`], [`domain::enroll`], [`domain::renew`], [`domain::operators`],
+//!   [`domain::appliances`], [`domain::brokers`], [`domain::exec`], [`domain::audit`].
 //! - [`store`] — the [`store::Store`] trait and its SQLite / PostgreSQL implementation:
-//!   appliances, certificates, tokens, nonces, used proofs, and the versioned allowlist.
-//! - [`enroll`] — enrollment: challenge, proof, issuance, recording.
-//! - [`proof`] — AWS, GCP and Kubernetes platform proofs.
-//! - [`renew`] — renewal over mTLS, and the overlap expiry.
-//! - [`appliances`] — the operator API's appliance and token routes.
-//! - [`operators`] — operators, roles, invites (bundles), login, and the check every
-//!   operator route runs.
-//! - [`identity`] — which identity a verified client certificate names.
-//! - [`trust`] — trust states and the fleet summary.
-//! - [`token`] — one-time tokens and nonces (only hashes are stored).
-//! - [`api`] / [`server`] — the HTTPS API; [`rate_limit`] — the per-client-IP limit of
-//!   its routes open without credentials.
-//! - [`audit_log`] — signing checkpoints of the audit log and exporting it; the format,
-//!   chain and verifier are the `tether-audit` crate's, and the store writes each entry
-//!   with the change it records. [`audit_http`] — `GET /v1/audit`.
+//!   appliances, certificates, tokens, nonces, used proofs, operators, brokers, the
+//!   versioned allowlist and the audit log.
+//! - [`http`] — the HTTPS API: router, handlers, server, rate limit, OpenAPI.
+//! - [`cluster`] — one channel per broker, presence, command routing.
 //! - [`metrics`] — Prometheus metrics on a local listener.
 //! - [`config`] — `control.toml` in the data directory.
+//! - [`run`] — wiring: init a data directory, bind, serve.
 
 #![forbid(unsafe_code)]
 
-pub mod api;
-pub mod appliances;
-pub mod audit_http;
-pub mod audit_log;
-pub mod brokers;
-pub mod ca;
 pub mod cluster;
 pub mod config;
-pub mod enroll;
-pub mod exec;
-pub mod identity;
+pub mod domain;
+pub mod http;
 pub mod metrics;
-pub mod openapi;
-pub mod operators;
-pub mod proof;
-pub mod rate_limit;
-pub mod renew;
 pub mod run;
-pub mod server;
 pub mod store;
-pub mod token;
-pub mod trust;
-
-use std::path::Path;
-use std::sync::Arc;
 
 /// Seconds since the Unix epoch, now.
 pub fn now_unix() -> i64 {
@@ -58,26 +55,4 @@ pub fn now_unix() -> i64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs() as i64)
         .unwrap_or(0)
-}
-
-/// The CA settings for a control config.
-pub fn ca_config(cfg: &config::ControlConfig) -> ca::CaConfig {
-    ca::CaConfig {
-        trust_domain: cfg.trust_domain.clone(),
-        control_dns_names: cfg.dns_names.clone(),
-        control_ips: cfg.ips.clone(),
-        appliance_validity: cfg.certificates.appliance,
-        broker_validity: cfg.certificates.broker,
-        operator_validity: cfg.certificates.operator,
-        ..ca::CaConfig::default()
-    }
-}
-
-/// Open (and migrate) the store the config names.
-pub async fn open_store(
-    cfg: &config::ControlConfig,
-    data_dir: &Path,
-) -> Result<Arc<dyn store::Store>, store::StoreError> {
-    let url = cfg.database_url(data_dir);
-    Ok(Arc::new(store::sql::SqlStore::connect(&url).await?))
 }

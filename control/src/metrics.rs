@@ -4,18 +4,11 @@
 //! Every API answer is counted by route, status and error code: a refused enrollment shows
 //! as `tether_control_requests_total{route="/v1/enroll",status="403",code="token_used"}`.
 
-use std::time::Instant;
-
-use axum::extract::{MatchedPath, Request, State};
-use axum::middleware::Next;
-use axum::response::Response;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
-
-use crate::api::{AppState, ErrorCode};
 
 /// Labels of one API answer.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -137,39 +130,6 @@ impl Metrics {
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out
     }
-}
-
-/// Middleware: count and time every answer.
-pub async fn record(State(s): State<AppState>, req: Request, next: Next) -> Response {
-    let route = req
-        .extensions()
-        .get::<MatchedPath>()
-        .map(|p| p.as_str().to_owned())
-        .unwrap_or_else(|| "unmatched".to_owned());
-    let start = Instant::now();
-    let resp = next.run(req).await;
-    let code = resp.extensions().get::<ErrorCode>().map(|c| c.0).unwrap_or(
-        if resp.status().is_success() {
-            "ok"
-        } else {
-            "other"
-        },
-    );
-    s.metrics
-        .request_seconds
-        .get_or_create(&RouteLabel {
-            route: route.clone(),
-        })
-        .observe(start.elapsed().as_secs_f64());
-    s.metrics
-        .requests
-        .get_or_create(&RequestLabels {
-            route,
-            status: resp.status().as_u16(),
-            code,
-        })
-        .inc();
-    resp
 }
 
 /// The local metrics listener: `GET /metrics`, `GET /healthz`, plain HTTP.

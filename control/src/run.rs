@@ -1,6 +1,8 @@
-//! Running control as a library: [`init`] makes a data directory, [`Started::bind`] opens
-//! it and binds its listeners, [`Started::serve`] serves until cancelled. The
-//! `tether-control` binary and `tether up` both go through here.
+//! Wiring: running control as a library. [`init`] makes a data directory,
+//! [`Started::bind`] opens it (config, store, CA, proof verifiers, cluster) and binds its
+//! listeners, [`Started::serve`] serves until cancelled (the HTTP server, the metrics
+//! listener, the overlap sweep and audit checkpoints). The `tether-control` binary and
+//! `tether up` both go through here.
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -11,10 +13,48 @@ use anyhow::Context;
 use tether_audit::{action, system, Actor, AuditEvent};
 use tokio_util::sync::CancellationToken;
 
-use crate::api::AppState;
-use crate::ca::{Ca, CaBackend, KmsSettings};
+use crate::cluster::Cluster;
 use crate::config::ControlConfig;
+use crate::domain::ca::{Ca, CaBackend, KmsSettings};
+use crate::domain::proof::Verifiers;
+use crate::domain::{Context as Domain, Fleet};
+use crate::http::AppState;
+use crate::metrics::Metrics;
 use crate::store::Store;
+
+/// The state the HTTP layer shares for `cfg`: the domain over `store`, `ca` and `proofs`,
+/// a new cluster (the domain's [`Fleet`]) and new metrics.
+pub fn app_state(
+    cfg: &ControlConfig,
+    store: Arc<dyn Store>,
+    ca: Arc<Ca>,
+    proofs: Arc<Verifiers>,
+) -> AppState {
+    let cluster = Arc::new(Cluster::new());
+    let fleet: Arc<dyn Fleet> = cluster.clone();
+    AppState {
+        domain: Domain {
+            store,
+            ca,
+            proofs,
+            settings: Arc::new(cfg.domain_settings()),
+            fleet,
+        },
+        http: Arc::new(cfg.http.clone()),
+        shutdown: cfg.shutdown.clone(),
+        metrics: Arc::new(Metrics::new()),
+        cluster,
+    }
+}
+
+/// Open (and migrate) the store the config names.
+pub async fn open_store(
+    cfg: &ControlConfig,
+    data_dir: &Path,
+) -> Result<Arc<dyn Store>, crate::store::StoreError> {
+    let url = cfg.database_url(data_dir);
+    Ok(Arc::new(crate::store::sql::SqlStore::connect(&url).await?))
+}
 
 /// Create the CA (local key files, or in KMS with `kms`), save `cfg` and create the
 /// store in `data_dir`; record `control.init`. Returns the CA and the store.
@@ -28,11 +68,11 @@ pub async fn init(
     cfg.validate()?;
     let now_utc = time::OffsetDateTime::now_utc();
     let ca = match kms {
-        Some(settings) => Ca::init_kms(data_dir, &crate::ca_config(cfg), &settings, now_utc)?,
-        None => Ca::init(data_dir, &crate::ca_config(cfg), now_utc)?,
+        Some(settings) => Ca::init_kms(data_dir, &cfg.ca_config(), &settings, now_utc)?,
+        None => Ca::init(data_dir, &cfg.ca_config(), now_utc)?,
     };
     cfg.save(data_dir)?;
-    let store = crate::open_store(cfg, data_dir).await?;
+    let store = open_store(cfg, data_dir).await?;
     let backend = match ca.backend() {
         CaBackend::Local => "local",
         _ => "kms",
@@ -56,6 +96,8 @@ pub async fn init(
 pub struct Started {
     /// What every handler shares.
     pub state: AppState,
+    /// The configuration in force (`listen` is the bound address).
+    pub config: ControlConfig,
     listener: tokio::net::TcpListener,
     metrics_listener: tokio::net::TcpListener,
 }
@@ -70,14 +112,14 @@ impl Started {
         metrics_listen: Option<SocketAddr>,
     ) -> anyhow::Result<Started> {
         let mut cfg = ControlConfig::load(data_dir)?;
-        let store = crate::open_store(&cfg, data_dir).await?;
+        let store = open_store(&cfg, data_dir).await?;
         if let Some(l) = listen {
             cfg.listen = l;
         }
         if let Some(l) = metrics_listen {
             cfg.metrics_listen = l;
         }
-        let mut ca = Ca::load(data_dir, &crate::ca_config(&cfg))?;
+        let mut ca = Ca::load(data_dir, &cfg.ca_config())?;
         ca.ensure_control_leaf(
             time::OffsetDateTime::now_utc(),
             Duration::from_secs(7 * 86_400),
@@ -87,21 +129,15 @@ impl Started {
             .with_context(|| format!("cannot listen on {}", cfg.listen))?;
         // Port 0 picks a free port: bundles and answers must name the real one.
         cfg.listen = listener.local_addr()?;
-        let proofs = crate::proof::Verifiers::new(&cfg.proofs)
-            .context("building the platform proof verifiers")?;
+        let proofs =
+            Verifiers::new(&cfg.proofs).context("building the platform proof verifiers")?;
         let metrics_listener = tokio::net::TcpListener::bind(cfg.metrics_listen)
             .await
             .with_context(|| format!("cannot listen on {} (metrics)", cfg.metrics_listen))?;
-        let state = AppState {
-            store,
-            ca: Arc::new(ca),
-            metrics: Arc::new(crate::metrics::Metrics::new()),
-            proofs: Arc::new(proofs),
-            config: Arc::new(cfg),
-            cluster: Arc::new(crate::cluster::Cluster::new()),
-        };
+        let state = app_state(&cfg, store, Arc::new(ca), Arc::new(proofs));
         Ok(Started {
             state,
+            config: cfg,
             listener,
             metrics_listener,
         })
@@ -121,10 +157,11 @@ impl Started {
     pub async fn serve(self, shutdown: CancellationToken) -> anyhow::Result<()> {
         let Started {
             state,
+            config,
             listener,
             metrics_listener,
         } = self;
-        tracing::info!(version = env!("CARGO_PKG_VERSION"), listen = %listener.local_addr()?, trust_domain = %state.config.trust_domain, "tether-control serving");
+        tracing::info!(version = env!("CARGO_PKG_VERSION"), listen = %listener.local_addr()?, trust_domain = %config.trust_domain, "tether-control serving");
         tracing::info!(listen = %metrics_listener.local_addr()?, "metrics listening (HTTP, /metrics)");
         let metrics_app = crate::metrics::router(state.metrics.clone());
         let metrics_stop = shutdown.clone();
@@ -135,19 +172,19 @@ impl Started {
                 tracing::error!(error = %e, "metrics listener failed");
             }
         });
-        tokio::spawn(crate::renew::expire_overlaps_forever(
-            state.store.clone(),
-            state.config.enroll.overlap_sweep,
+        tokio::spawn(crate::domain::renew::expire_overlaps_forever(
+            state.domain.store.clone(),
+            config.enroll.overlap_sweep,
             shutdown.clone(),
         ));
-        let signer = crate::audit_log::checkpoint_signer(&state.ca)
+        let signer = crate::domain::audit::checkpoint_signer(&state.domain.ca)
             .context("the control certificate cannot sign audit checkpoints")?;
-        tokio::spawn(crate::audit_log::checkpoint_forever(
-            state.store.clone(),
+        tokio::spawn(crate::domain::audit::checkpoint_forever(
+            state.domain.store.clone(),
             Arc::new(signer),
-            state.config.audit.checkpoint_every,
+            config.audit.checkpoint_every,
             shutdown.clone(),
         ));
-        crate::server::serve(state, listener, shutdown).await
+        crate::http::server::serve(state, listener, shutdown).await
     }
 }

@@ -13,15 +13,14 @@ use std::sync::Arc;
 use tether_api::appliances::{ApplianceStatus, PlatformBinding};
 use tether_api::enroll::{EnrollRequest, Proof, RenewRequest};
 use tether_audit::{action, system, Actor, AuditEvent};
-use tether_control::api::AppState;
-use tether_control::ca::Ca;
 use tether_control::config::ControlConfig;
-use tether_control::enroll;
-use tether_control::renew;
-use tether_control::server::PeerCertificate;
+use tether_control::domain::ca::Ca;
+use tether_control::domain::enroll;
+use tether_control::domain::renew;
+use tether_control::domain::token::Token;
+use tether_control::http::AppState;
 use tether_control::store::sql::SqlStore;
 use tether_control::store::{Appliance, CertRecord, CertState};
-use tether_control::token::Token;
 
 const TRUST_DOMAIN: &str = "example.com";
 
@@ -38,21 +37,19 @@ async fn control() -> Control {
     };
     let ca = Ca::init(
         dir.path(),
-        &tether_control::ca_config(&cfg),
+        &cfg.ca_config(),
         time::OffsetDateTime::now_utc(),
     )
     .unwrap();
     let store = SqlStore::connect(&SqlStore::sqlite_url(&dir.path().join("control.db")))
         .await
         .unwrap();
-    let state = AppState {
-        store: Arc::new(store),
-        ca: Arc::new(ca),
-        config: Arc::new(cfg),
-        proofs: Arc::new(tether_control::proof::Verifiers::new(&Default::default()).unwrap()),
-        metrics: Arc::new(tether_control::metrics::Metrics::new()),
-        cluster: Arc::new(tether_control::cluster::Cluster::new()),
-    };
+    let state = tether_control::run::app_state(
+        &cfg,
+        Arc::new(store),
+        Arc::new(ca),
+        Arc::new(tether_control::domain::proof::Verifiers::new(&Default::default()).unwrap()),
+    );
     Control { state, _dir: dir }
 }
 
@@ -89,6 +86,7 @@ impl Control {
         };
         let event = AuditEvent::success(admin(), action::APPLIANCE_REGISTER, id);
         self.state
+            .domain
             .store
             .register_appliance(&a, &event)
             .await
@@ -101,6 +99,7 @@ impl Control {
         let event = AuditEvent::success(admin(), action::TOKEN_CREATE, id)
             .with("token_ref", tether_audit::token_ref(&hash));
         self.state
+            .domain
             .store
             .create_token(id, &hash, now + 600, now, &event)
             .await
@@ -109,7 +108,10 @@ impl Control {
     }
 
     async fn nonce(&self, now: i64) -> String {
-        enroll::challenge(&self.state, now).await.unwrap().nonce
+        enroll::challenge(&self.state.domain, now)
+            .await
+            .unwrap()
+            .nonce
     }
 
     async fn enroll(
@@ -118,7 +120,7 @@ impl Control {
         nonce: &str,
         token: &str,
         now: i64,
-    ) -> Result<tether_api::enroll::EnrollResponse, tether_control::api::ApiError> {
+    ) -> Result<tether_api::enroll::EnrollResponse, tether_control::http::ApiError> {
         let req = EnrollRequest {
             appliance_id: id.into(),
             csr_pem: csr(),
@@ -127,21 +129,24 @@ impl Control {
                 token: token.into(),
             },
         };
-        enroll::enroll(&self.state, req, now).await
+        enroll::enroll(&self.state.domain, req, now)
+            .await
+            .map_err(tether_control::http::ApiError::from)
     }
 
     async fn renew(
         &self,
         der: Arc<[u8]>,
         now: i64,
-    ) -> Result<tether_api::enroll::EnrollResponse, tether_control::api::ApiError> {
+    ) -> Result<tether_api::enroll::EnrollResponse, tether_control::http::ApiError> {
         renew::renew(
-            &self.state,
-            &PeerCertificate(Some(der)),
+            &self.state.domain,
+            Some(&der),
             RenewRequest { csr_pem: csr() },
             now,
         )
         .await
+        .map_err(tether_control::http::ApiError::from)
     }
 }
 
@@ -155,6 +160,7 @@ async fn a_certificate_recorded_for_a_but_naming_b_cannot_renew() {
     c.register("app-b", now).await;
     let issued = c
         .state
+        .domain
         .ca
         .issue_appliance("app-b", &csr(), time::OffsetDateTime::now_utc())
         .unwrap();
@@ -168,6 +174,7 @@ async fn a_certificate_recorded_for_a_but_naming_b_cannot_renew() {
     };
     let event = AuditEvent::success(Actor::appliance("app-a"), action::APPLIANCE_ENROLL, "app-a");
     c.state
+        .domain
         .store
         .record_certificate(&record, now, 0, &event)
         .await
@@ -176,6 +183,7 @@ async fn a_certificate_recorded_for_a_but_naming_b_cannot_renew() {
     assert_eq!(err.code, "certificate_not_allowed", "{err:?}");
     assert!(c
         .state
+        .domain
         .store
         .current_certificate("app-b")
         .await
@@ -197,6 +205,7 @@ async fn an_expired_certificate_cannot_renew() {
     // Still allowed, still current: only time says no.
     let (rec, allowed) = c
         .state
+        .domain
         .store
         .find_certificate(&ok.fingerprint)
         .await
@@ -265,6 +274,7 @@ async fn racing_enrollments_with_one_token_or_one_nonce_issue_one_certificate() 
     // Exactly one current certificate, and it is allowed.
     let current: Vec<_> = c
         .state
+        .domain
         .store
         .certificates("app-1")
         .await
@@ -309,7 +319,7 @@ async fn tricky_appliance_ids_are_refused() {
     let n = c.nonce(now).await;
     c.enroll("app-1", &n, &t, now).await.expect("the real id");
     // The refusals' audit entries stay small.
-    let entries = c.state.store.audit_entries(0, 0).await.unwrap();
+    let entries = c.state.domain.store.audit_entries(0, 0).await.unwrap();
     assert!(entries
         .iter()
         .all(|e| e.target.len() <= enroll::MAX_APPLIANCE_ID_LEN));
@@ -325,9 +335,15 @@ async fn operator_and_broker_certificates_cannot_renew() {
     c.register("alice", now).await;
     c.register("edge", now).await;
     let t = time::OffsetDateTime::now_utc();
-    let op = c.state.ca.issue_operator("alice", &csr(), t).unwrap();
+    let op = c
+        .state
+        .domain
+        .ca
+        .issue_operator("alice", &csr(), t)
+        .unwrap();
     let br = c
         .state
+        .domain
         .ca
         .issue_broker("edge", &csr(), &["localhost".into()], &[], t)
         .unwrap();
@@ -338,6 +354,7 @@ async fn operator_and_broker_certificates_cannot_renew() {
     for id in ["alice", "edge"] {
         assert!(c
             .state
+            .domain
             .store
             .current_certificate(id)
             .await

@@ -17,15 +17,15 @@ use tether_audit::{
     action, entry_hash, system, verify_chain, Actor, ActorKind, AuditEntry, AuditEvent, ChainError,
     ChainVerifier, Outcome, GENESIS_HASH,
 };
-use tether_control::api::AppState;
-use tether_control::ca::Ca;
 use tether_control::config::ControlConfig;
-use tether_control::enroll;
-use tether_control::renew;
-use tether_control::server::PeerCertificate;
+use tether_control::domain::ca::Ca;
+use tether_control::domain::enroll;
+use tether_control::domain::renew;
+use tether_control::domain::token::Token;
+use tether_control::http::server::PeerCertificate;
+use tether_control::http::AppState;
 use tether_control::store::sql::SqlStore;
 use tether_control::store::{Appliance, Store};
-use tether_control::token::Token;
 
 const NOW: i64 = 1_700_000_000;
 const TRUST_DOMAIN: &str = "example.com";
@@ -404,19 +404,17 @@ async fn control() -> Control {
     };
     let ca = Ca::init(
         dir.path(),
-        &tether_control::ca_config(&cfg),
+        &cfg.ca_config(),
         time::OffsetDateTime::now_utc(),
     )
     .unwrap();
     let store = sqlite_store(&dir).await;
-    let state = AppState {
-        store: Arc::new(store),
-        ca: Arc::new(ca),
-        config: Arc::new(cfg),
-        proofs: Arc::new(tether_control::proof::Verifiers::new(&Default::default()).unwrap()),
-        metrics: Arc::new(tether_control::metrics::Metrics::new()),
-        cluster: Arc::new(tether_control::cluster::Cluster::new()),
-    };
+    let state = tether_control::run::app_state(
+        &cfg,
+        Arc::new(store),
+        Arc::new(ca),
+        Arc::new(tether_control::domain::proof::Verifiers::new(&Default::default()).unwrap()),
+    );
     Control { state, dir }
 }
 
@@ -436,6 +434,7 @@ impl Control {
         let event = AuditEvent::success(admin(), action::TOKEN_CREATE, id)
             .with("token_ref", tether_audit::token_ref(&hash));
         self.state
+            .domain
             .store
             .create_token(id, &hash, now + 600, now, &event)
             .await
@@ -444,7 +443,10 @@ impl Control {
     }
 
     async fn nonce(&self, now: i64) -> String {
-        enroll::challenge(&self.state, now).await.unwrap().nonce
+        enroll::challenge(&self.state.domain, now)
+            .await
+            .unwrap()
+            .nonce
     }
 
     async fn enroll(
@@ -454,14 +456,16 @@ impl Control {
         csr_pem: String,
         proof: Proof,
         now: i64,
-    ) -> Result<tether_api::enroll::EnrollResponse, tether_control::api::ApiError> {
+    ) -> Result<tether_api::enroll::EnrollResponse, tether_control::http::ApiError> {
         let req = EnrollRequest {
             appliance_id: id.into(),
             csr_pem,
             nonce,
             proof,
         };
-        enroll::enroll(&self.state, req, now).await
+        enroll::enroll(&self.state.domain, req, now)
+            .await
+            .map_err(tether_control::http::ApiError::from)
     }
 }
 
@@ -491,7 +495,7 @@ fn summary(entries: &[AuditEntry], from: i64) -> Vec<(String, String, Outcome, O
 async fn enrollment_records_one_entry_per_refusal_and_one_per_success() {
     let c = control().await;
     let now = tether_control::now_unix();
-    register(c.state.store.as_ref(), "app-1", now).await; // 1
+    register(c.state.domain.store.as_ref(), "app-1", now).await; // 1
     let t1 = c.token("app-1", now).await; // 2
     let t2 = c.token("app-1", now).await; // 3
     let n1 = c.nonce(now).await;
@@ -560,7 +564,7 @@ async fn enrollment_records_one_entry_per_refusal_and_one_per_success() {
         .unwrap_err(); // 11
     assert_eq!(err.code, "invalid_appliance_id");
 
-    let entries = all_entries(c.state.store.as_ref()).await;
+    let entries = all_entries(c.state.domain.store.as_ref()).await;
     assert_eq!(verify_chain(&entries), Ok(()));
     assert_eq!(entries.len(), 11);
     let s = |a: &str, act: &str, o, code: Option<&str>| {
@@ -621,7 +625,7 @@ async fn enrollment_records_one_entry_per_refusal_and_one_per_success() {
     assert_eq!(success.details["allowlist_version"], 1);
     assert_eq!(
         success.details["allowlist_version"],
-        c.state.store.allowlist_version().await.unwrap()
+        c.state.domain.store.allowlist_version().await.unwrap()
     );
     // Each refusal: its code and the proof kind, nothing else.
     assert_eq!(
@@ -643,14 +647,14 @@ async fn enrollment_records_one_entry_per_refusal_and_one_per_success() {
 async fn renewal_records_its_success_and_its_refusals() {
     let c = control().await;
     let now = tether_control::now_unix();
-    register(c.state.store.as_ref(), "app-1", now).await;
+    register(c.state.domain.store.as_ref(), "app-1", now).await;
     let t = c.token("app-1", now).await;
     let n = c.nonce(now).await;
     let enrolled = c
         .enroll("app-1", n, csr(), token_proof(&t), now)
         .await
         .unwrap();
-    let first = all_entries(c.state.store.as_ref()).await.len() as i64 + 1;
+    let first = all_entries(c.state.domain.store.as_ref()).await.len() as i64 + 1;
     let leaf = rustls_pemfile::certs(&mut enrolled.certificate_pem.as_bytes())
         .next()
         .unwrap()
@@ -658,14 +662,16 @@ async fn renewal_records_its_success_and_its_refusals() {
     let peer = PeerCertificate(Some(Arc::from(leaf.as_ref())));
     let req = || RenewRequest { csr_pem: csr() };
 
-    let err = renew::renew(&c.state, &PeerCertificate(None), req(), now)
+    let err = renew::renew(&c.state.domain, None, req(), now)
         .await
         .unwrap_err();
     assert_eq!(err.code, "client_certificate_required");
-    let renewed = renew::renew(&c.state, &peer, req(), now).await.unwrap();
+    let renewed = renew::renew(&c.state.domain, peer.der(), req(), now)
+        .await
+        .unwrap();
     let err = renew::renew(
-        &c.state,
-        &peer,
+        &c.state.domain,
+        peer.der(),
         RenewRequest {
             csr_pem: "junk".into(),
         },
@@ -675,7 +681,7 @@ async fn renewal_records_its_success_and_its_refusals() {
     .unwrap_err();
     assert_eq!(err.code, "csr_malformed");
 
-    let entries = all_entries(c.state.store.as_ref()).await;
+    let entries = all_entries(c.state.domain.store.as_ref()).await;
     assert_eq!(verify_chain(&entries), Ok(()));
     let s = |a: &str, o, code: Option<&str>| {
         (
@@ -737,7 +743,7 @@ async fn a_refusal_is_answered_even_when_it_cannot_be_recorded() {
         (err.status, err.code),
         (StatusCode::NOT_FOUND, "unknown_appliance")
     );
-    assert!(all_entries(c.state.store.as_ref()).await.is_empty());
+    assert!(all_entries(c.state.domain.store.as_ref()).await.is_empty());
 }
 
 // ---------------------------------------------------------------------------------------
@@ -759,10 +765,10 @@ mod signed {
         EXPORT_VERSION,
     };
     use tether_audit::{entry_hash, AuditEntry, AuditEvent, ChainError};
-    use tether_control::audit_log::{
+    use tether_control::domain::audit::{
         checkpoint_signer, write_checkpoint, write_export, WriteCheckpointError,
     };
-    use tether_control::ca::{Ca, CaConfig};
+    use tether_control::domain::ca::{Ca, CaConfig};
     use tether_control::store::sql::{Backend, SqlStore};
     use tether_control::store::Store;
 

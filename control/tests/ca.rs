@@ -19,7 +19,7 @@ use rustls::client::danger::ServerCertVerifier;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::server::WebPkiClientVerifier;
 use rustls::RootCertStore;
-use tether_control::ca::{
+use tether_control::domain::ca::{
     Ca, CaBackend, CaConfig, CaError, CsrError, Issued, KmsSettings, StaticCredentials,
 };
 use time::OffsetDateTime;

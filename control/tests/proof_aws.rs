@@ -20,8 +20,10 @@ use aws_credential_types::Credentials;
 use aws_sigv4::http_request::{sign, SignableBody, SignableRequest, SigningSettings};
 use axum::http::StatusCode;
 use tether_api::enroll::AwsProof;
-use tether_control::proof::aws::{AwsSettings, AwsVerifier};
-use tether_control::proof::{ProofError, Verified};
+use tether_control::domain::proof::aws::{AwsSettings, AwsVerifier};
+use tether_control::domain::proof::Verified;
+use tether_control::domain::Error as ProofError;
+use tether_control::http::status_of;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const GCI: &str = "Action=GetCallerIdentity&Version=2011-06-15";
@@ -241,7 +243,7 @@ async fn verify(
 fn assert_refused(r: Result<Verified, ProofError>, status: StatusCode, code: &str) {
     match r {
         Ok(v) => panic!("accepted, expected {code}: {v:?}"),
-        Err(e) => assert_eq!((e.status, e.code), (status, code), "{e}"),
+        Err(e) => assert_eq!((status_of(e.kind), e.code), (status, code), "{e}"),
     }
 }
 

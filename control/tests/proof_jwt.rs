@@ -13,9 +13,11 @@ use axum::http::StatusCode;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine as _;
 use serde_json::{json, Value};
-use tether_control::proof::gcp::{GcpSettings, GcpVerifier};
-use tether_control::proof::k8s::{K8sCluster, K8sSettings, K8sVerifier};
-use tether_control::proof::{ProofError, Verified};
+use tether_control::domain::proof::gcp::{GcpSettings, GcpVerifier};
+use tether_control::domain::proof::k8s::{K8sCluster, K8sSettings, K8sVerifier};
+use tether_control::domain::proof::Verified;
+use tether_control::domain::Error as ProofError;
+use tether_control::http::status_of;
 
 /// "Now" of every test, Unix seconds.
 const NOW: i64 = 1_800_000_000;
@@ -123,7 +125,7 @@ fn signature_sha256(jwt: &str) -> String {
     let sig = URL_SAFE_NO_PAD
         .decode(jwt.rsplit('.').next().unwrap())
         .unwrap();
-    tether_control::token::sha256_hex(&sig)
+    tether_control::domain::token::sha256_hex(&sig)
 }
 
 struct Keys {
@@ -314,7 +316,7 @@ fn assert_refused(r: Result<Verified, ProofError>, status: StatusCode, code: &st
     match r {
         Ok(v) => panic!("accepted ({v:?}), expected {code}"),
         Err(e) => {
-            assert_eq!((e.status, e.code), (status, code), "{e}");
+            assert_eq!((status_of(e.kind), e.code), (status, code), "{e}");
             assert!(!e.message.is_empty());
         }
     }
@@ -800,7 +802,7 @@ async fn k8s_token_is_accepted_with_its_jti_as_proof_id() {
     let jwt = keys().cluster.sign(&claims);
     assert_eq!(
         k8s(&v, &jwt, NOW).await.unwrap().proof_id,
-        tether_control::token::sha256_hex(jwt.as_bytes())
+        tether_control::domain::token::sha256_hex(jwt.as_bytes())
     );
     // A single-string audience, as some issuers write it.
     let mut claims = k8s_claims(NS, SA, "tether");

@@ -1,5 +1,5 @@
 //! The per-client-IP rate limit of the routes open without credentials
-//! (`tether_control::rate_limit`), through the real router called in-process with the
+//! (`tether_control::http::rate_limit`), through the real router called in-process with the
 //! extensions `server.rs` inserts ([`RemoteAddr`], [`PeerCertificate`]): the burst passes,
 //! the next request is refused 429 `rate_limited` with `Retry-After` before its handler
 //! (no audit entry), other addresses and the operator routes are not affected, the
@@ -13,10 +13,11 @@ use axum::body::Body;
 use axum::http::{header, Request, StatusCode};
 use axum::Router;
 use serde_json::{json, Value};
-use tether_control::api::{router, AppState};
-use tether_control::ca::Ca;
 use tether_control::config::ControlConfig;
-use tether_control::server::{PeerCertificate, RemoteAddr};
+use tether_control::domain::ca::Ca;
+use tether_control::http::rate_limit::RemoteAddr;
+use tether_control::http::server::PeerCertificate;
+use tether_control::http::{router, AppState};
 use tether_control::store::sql::SqlStore;
 use tower::ServiceExt;
 
@@ -42,21 +43,19 @@ async fn control(rate: u32, burst: u32) -> Control {
     cfg.validate().unwrap();
     let ca = Ca::init(
         dir.path(),
-        &tether_control::ca_config(&cfg),
+        &cfg.ca_config(),
         time::OffsetDateTime::now_utc(),
     )
     .unwrap();
     let store = SqlStore::connect(&SqlStore::sqlite_url(&dir.path().join("control.db")))
         .await
         .unwrap();
-    let state = AppState {
-        store: Arc::new(store),
-        ca: Arc::new(ca),
-        config: Arc::new(cfg),
-        proofs: Arc::new(tether_control::proof::Verifiers::new(&Default::default()).unwrap()),
-        metrics: Arc::new(tether_control::metrics::Metrics::new()),
-        cluster: Arc::new(tether_control::cluster::Cluster::new()),
-    };
+    let state = tether_control::run::app_state(
+        &cfg,
+        Arc::new(store),
+        Arc::new(ca),
+        Arc::new(tether_control::domain::proof::Verifiers::new(&Default::default()).unwrap()),
+    );
     let app = router(state.clone());
     Control {
         state,
@@ -121,6 +120,7 @@ impl Control {
 
     async fn audit_len(&self) -> usize {
         self.state
+            .domain
             .store
             .audit_entries(0, 10_000)
             .await

@@ -9,8 +9,8 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use sqlx::Connection;
 use tether_api::operators::{OperatorStatus, Role};
 use tether_audit::{verify_chain, Actor, AuditEvent, Outcome};
-use tether_control::operators::{Invite, InviteRefusal, OperatorCertificate, OperatorCredential};
 use tether_control::store::sql::SqlStore;
+use tether_control::store::{Invite, InviteRefusal, OperatorCertificate, OperatorCredential};
 use tether_control::store::{Store, StoreError};
 
 const PG_URL_VAR: &str = "TETHER_TEST_PG_URL";

@@ -253,7 +253,7 @@ impl Pool {
         let cfg = tether_control::config::ControlConfig::load(&control)?;
         let root_pem = std::fs::read_to_string(control.join("ca").join("root.pem"))
             .context("reading control's root CA")?;
-        let store = tether_control::open_store(&cfg, &control)
+        let store = tether_control::run::open_store(&cfg, &control)
             .await
             .context("opening control's store")?;
         let now = tether_control::now_unix();
@@ -280,7 +280,7 @@ impl Pool {
                         return Err(anyhow::Error::from(e).context(format!("registering {id}")))
                     }
                 }
-                let token = tether_control::token::Token::generate();
+                let token = tether_control::domain::token::Token::generate();
                 let hash = token.hash();
                 let event = AuditEvent::success(local_admin(), action::TOKEN_CREATE, &id)
                     .with("token_ref", tether_audit::token_ref(&hash));
@@ -307,7 +307,7 @@ impl Pool {
                 continue;
             }
             // The control URL is filled in once control listens (see `Prepared::bundle`).
-            let bundle = tether_control::brokers::add(
+            let bundle = tether_control::domain::brokers::add(
                 store.as_ref(),
                 "https://127.0.0.1:1".into(),
                 root_pem.clone(),
@@ -341,7 +341,7 @@ impl Pool {
             }
             // If the admin bundle was used already (or there is none): a fresh invite,
             // made through the store as everything above.
-            let bundle = tether_control::operators::create_invite(
+            let bundle = tether_control::domain::operators::create_invite(
                 store.as_ref(),
                 "https://127.0.0.1:1".into(),
                 root_pem.clone(),

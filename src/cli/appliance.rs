@@ -330,13 +330,13 @@ fn print_detail(d: &ApplianceDetail) {
             println!(
                 "connected:          broker {} since {} (session {})",
                 c.broker,
-                tether_control::enroll::rfc3339(c.connected_at as i64),
+                tether_control::domain::rfc3339(c.connected_at as i64),
                 c.session_id
             );
             println!(
                 "last heartbeat:     {}",
                 c.last_heartbeat
-                    .map(|t| tether_control::enroll::rfc3339(t as i64))
+                    .map(|t| tether_control::domain::rfc3339(t as i64))
                     .unwrap_or_else(|| "none yet".into())
             );
             if let Some(t) = &c.trust_state {

@@ -118,7 +118,7 @@ pub async fn run(cmd: OperatorCmd) -> anyhow::Result<()> {
                             o.role.as_str(),
                             o.status.as_str(),
                             o.certificates,
-                            tether_control::enroll::rfc3339(o.created_at)
+                            tether_control::domain::rfc3339(o.created_at)
                         );
                     }
                 }

@@ -259,10 +259,10 @@ pub fn merge_config(data: &Path, extra: &str) {
 
 impl Fleet {
     /// Control's CA, loaded from the data directory.
-    pub fn ca(&self) -> tether_control::ca::Ca {
-        tether_control::ca::Ca::load(
+    pub fn ca(&self) -> tether_control::domain::ca::Ca {
+        tether_control::domain::ca::Ca::load(
             &self.data,
-            &tether_control::ca::CaConfig {
+            &tether_control::domain::ca::CaConfig {
                 trust_domain: TRUST_DOMAIN.into(),
                 ..Default::default()
             },
@@ -346,10 +346,10 @@ impl Fleet {
         &self,
         name: &str,
         role: tether_api::operators::Role,
-        issued: &tether_control::ca::Issued,
+        issued: &tether_control::domain::ca::Issued,
     ) {
         use tether_audit::{Actor, AuditEvent};
-        let cert = tether_control::operators::OperatorCertificate {
+        let cert = tether_control::store::OperatorCertificate {
             fingerprint: issued.fingerprint_hex.clone(),
             serial: issued.serial_hex.clone(),
             operator: name.to_owned(),
@@ -364,9 +364,9 @@ impl Fleet {
                     .unwrap();
                 rt.block_on(async {
                     let cfg = tether_control::config::ControlConfig::load(&data).unwrap();
-                    let store = tether_control::open_store(&cfg, &data).await.unwrap();
+                    let store = tether_control::run::open_store(&cfg, &data).await.unwrap();
                     let now = tether_control::now_unix();
-                    let hash = tether_control::token::Token::generate().hash();
+                    let hash = tether_control::domain::token::Token::generate().hash();
                     let event = AuditEvent::success(Actor::system("test"), "operator.invite", name);
                     store
                         .create_invite(&hash, name, role, now + 60, now, &event)

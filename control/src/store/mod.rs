@@ -16,11 +16,24 @@
 //! log's head, so concurrent writers (several control replicas included) extend one
 //! chain.
 
+//!
+//! The store is the bottom layer: it imports nothing else of control. The records it
+//! keeps are declared here (appliances, certificates, operators, invites, brokers) or in
+//! the crates below it (`tether-api`, `tether-audit`); the rules over them are
+//! `crate::domain`'s.
+//!
+//! # Modules
+//!
+//! - this file — the [`Store`] trait, its records and [`StoreError`].
+//! - [`sql`] — [`sql::SqlStore`], the SQLite / PostgreSQL implementation (sqlx `Any`),
+//!   with its migrations; inside it, the audit log, the row decoding and the allowlist
+//!   versioning each have a file.
+
 use async_trait::async_trait;
 // The store's records speak the API's enums (a record's status is what the API shows).
 use tether_api::appliances::{ApplianceStatus, PlatformBinding};
 use tether_api::brokers::BrokerStatus;
-use tether_api::operators::{Operator, Revoked, Role};
+use tether_api::operators::{Operator, OperatorStatus, Revoked, Role};
 use tether_audit::checkpoint::Checkpoint;
 use tether_audit::{AuditEntry, AuditEvent};
 use thiserror::Error;
@@ -345,7 +358,7 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     ) -> Result<Vec<AuditEntry>, StoreError>;
     /// Store a signed checkpoint of the audit log ([`tether_audit::checkpoint`]). Returns
     /// `false` (and changes nothing) when one is already stored for its `seq`. The store
-    /// does not check the signature; [`crate::audit_log::write_checkpoint`] only
+    /// does not check the signature; `domain::audit::write_checkpoint` only
     /// signs a head that extends the last checkpoint.
     async fn add_audit_checkpoint(&self, checkpoint: &Checkpoint) -> Result<bool, StoreError>;
     /// Checkpoints with `seq > after_seq`, by seq, at most `limit` (0: a default).
@@ -357,7 +370,7 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// The checkpoint with the highest seq, if any.
     async fn last_audit_checkpoint(&self) -> Result<Option<Checkpoint>, StoreError>;
 
-    // Operators (see [`crate::operators`]). Names follow the appliance id rules.
+    // Operators (see `domain::operators`). Names follow the appliance id rules.
 
     /// Store a one-time operator invite (only `token_hash`) for `name` with `role`, valid
     /// while `now < expires_at`, and record `audit`. `Conflict` if the hash is stored.
@@ -371,10 +384,7 @@ pub trait Store: Send + Sync + std::fmt::Debug {
         audit: &AuditEvent,
     ) -> Result<(), StoreError>;
     /// The invite with this token hash, whatever its state; `None` if unknown.
-    async fn find_invite(
-        &self,
-        token_hash: &str,
-    ) -> Result<Option<crate::operators::Invite>, StoreError>;
+    async fn find_invite(&self, token_hash: &str) -> Result<Option<Invite>, StoreError>;
     /// Redeem an invite once, atomically, and in the same transaction create (or
     /// re-activate, with the invite's role) the operator `cert.operator` and record its
     /// certificate `cert`, then `audit` (with `role` added to its details). Refused (and
@@ -384,17 +394,17 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     async fn redeem_invite(
         &self,
         token_hash: &str,
-        cert: &crate::operators::OperatorCertificate,
+        cert: &OperatorCertificate,
         now: UnixSeconds,
         audit: &AuditEvent,
-    ) -> Result<Result<crate::operators::Invite, crate::operators::InviteRefusal>, StoreError>;
+    ) -> Result<Result<Invite, InviteRefusal>, StoreError>;
     /// The operator a recorded operator certificate belongs to, with its role, status
     /// and the certificate's `not_after`; `None` if the fingerprint is not recorded (never
     /// issued, or its operator was revoked).
     async fn operator_by_fingerprint(
         &self,
         fingerprint: &str,
-    ) -> Result<Option<crate::operators::OperatorCredential>, StoreError>;
+    ) -> Result<Option<OperatorCredential>, StoreError>;
     /// Every operator (active and revoked), ordered by name, with its number of
     /// recorded certificates.
     async fn list_operators(&self) -> Result<Vec<Operator>, StoreError>;
@@ -409,7 +419,7 @@ pub trait Store: Send + Sync + std::fmt::Debug {
         audit: &AuditEvent,
     ) -> Result<Revoked, StoreError>;
 
-    // Brokers (see [`crate::brokers`]).
+    // Brokers (see `domain::brokers`).
 
     /// Add broker `name` (pending) with a one-time bundle token (only its hash), valid
     /// while `now < expires_at`, and record `audit`. A pending or revoked broker of that
@@ -482,3 +492,98 @@ pub trait Store: Send + Sync + std::fmt::Debug {
 }
 
 pub mod sql;
+
+// The operator records the store keeps (the rules over them are `domain::operators`).
+
+/// The operator a recorded certificate belongs to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OperatorCredential {
+    /// Operator name.
+    pub name: String,
+    /// Its role.
+    pub role: Role,
+    /// Its status.
+    pub status: OperatorStatus,
+    /// The certificate's `notAfter`, Unix seconds.
+    pub not_after: UnixSeconds,
+}
+
+/// An operator certificate to record.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OperatorCertificate {
+    /// SHA-256 of the DER, lowercase hex.
+    pub fingerprint: String,
+    /// Serial, lowercase hex.
+    pub serial: String,
+    /// Operator name.
+    pub operator: String,
+    /// `notAfter`, Unix seconds.
+    pub not_after: UnixSeconds,
+}
+
+/// A stored invite.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Invite {
+    /// The operator name it is for.
+    pub name: String,
+    /// The role it grants.
+    pub role: Role,
+    /// Valid while `now < expires_at`.
+    pub expires_at: UnixSeconds,
+    /// When it was redeemed.
+    pub used_at: Option<UnixSeconds>,
+    /// Cancelled by revoking its operator.
+    pub cancelled: bool,
+}
+
+impl Invite {
+    /// Why it cannot be redeemed at `now`, if it cannot.
+    pub fn refusal(&self, now: UnixSeconds) -> Option<InviteRefusal> {
+        if self.used_at.is_some() {
+            Some(InviteRefusal::Used)
+        } else if self.cancelled {
+            Some(InviteRefusal::Cancelled)
+        } else if now >= self.expires_at {
+            Some(InviteRefusal::Expired)
+        } else {
+            None
+        }
+    }
+}
+
+/// Why an invite could not be redeemed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum InviteRefusal {
+    /// No invite with that token.
+    Unknown,
+    /// Already redeemed.
+    Used,
+    /// Expired.
+    Expired,
+    /// Cancelled (its operator was revoked).
+    Cancelled,
+}
+
+impl InviteRefusal {
+    /// The stable error code.
+    pub fn code(self) -> &'static str {
+        match self {
+            InviteRefusal::Unknown => "invite_unknown",
+            InviteRefusal::Used => "invite_used",
+            InviteRefusal::Expired => "invite_expired",
+            InviteRefusal::Cancelled => "invite_cancelled",
+        }
+    }
+
+    /// The message for the caller.
+    pub fn message(self) -> &'static str {
+        match self {
+            InviteRefusal::Unknown => "no such invite",
+            InviteRefusal::Used => "this bundle was already used; ask an admin for a new one",
+            InviteRefusal::Expired => "this bundle expired; ask an admin for a new one",
+            InviteRefusal::Cancelled => {
+                "this bundle was cancelled (its operator was revoked); ask an admin for a new one"
+            }
+        }
+    }
+}

@@ -980,7 +980,7 @@ impl Store for SqlStore {
     async fn find_invite(
         &self,
         token_hash: &str,
-    ) -> Result<Option<crate::operators::Invite>, StoreError> {
+    ) -> Result<Option<crate::store::Invite>, StoreError> {
         sqlx::query(
             "SELECT name, role, expires_at, used_at, cancelled FROM operator_invites \
              WHERE token_hash = $1",
@@ -997,11 +997,11 @@ impl Store for SqlStore {
     async fn redeem_invite(
         &self,
         token_hash: &str,
-        cert: &crate::operators::OperatorCertificate,
+        cert: &crate::store::OperatorCertificate,
         now: UnixSeconds,
         audit: &AuditEvent,
-    ) -> Result<Result<crate::operators::Invite, crate::operators::InviteRefusal>, StoreError> {
-        use crate::operators::InviteRefusal;
+    ) -> Result<Result<crate::store::Invite, crate::store::InviteRefusal>, StoreError> {
+        use crate::store::InviteRefusal;
         check_event(audit)?;
         let mut tx = self.pool.begin().await.map_err(db)?;
         let redeemed = sqlx::query(
@@ -1067,7 +1067,7 @@ impl Store for SqlStore {
     async fn operator_by_fingerprint(
         &self,
         fingerprint: &str,
-    ) -> Result<Option<crate::operators::OperatorCredential>, StoreError> {
+    ) -> Result<Option<crate::store::OperatorCredential>, StoreError> {
         let Some(row) = sqlx::query(
             "SELECT o.name AS name, o.role AS role, o.status AS status, c.not_after AS not_after \
              FROM operator_certificates c JOIN operators o ON o.name = c.operator \
@@ -1080,7 +1080,7 @@ impl Store for SqlStore {
         else {
             return Ok(None);
         };
-        Ok(Some(crate::operators::OperatorCredential {
+        Ok(Some(crate::store::OperatorCredential {
             name: row.try_get("name").map_err(db)?,
             role: parse_role(&row)?,
             status: parse_operator_status(&row)?,

@@ -123,9 +123,9 @@ pub(super) fn parse_operator_status(
         .ok_or_else(|| StoreError::Database(format!("unknown operator status {status:?}")))
 }
 
-pub(super) fn invite_from_row(row: &AnyRow) -> Result<crate::operators::Invite, StoreError> {
+pub(super) fn invite_from_row(row: &AnyRow) -> Result<crate::store::Invite, StoreError> {
     let cancelled: i64 = row.try_get("cancelled").map_err(db)?;
-    Ok(crate::operators::Invite {
+    Ok(crate::store::Invite {
         name: row.try_get("name").map_err(db)?,
         role: parse_role(row)?,
         expires_at: row.try_get("expires_at").map_err(db)?,

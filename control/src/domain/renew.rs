@@ -1,6 +1,6 @@
 //! Renewal: an appliance with a valid, still-allowed certificate gets a new one.
 //!
-//! `POST /v1/renew` over mTLS, body `{"csr_pem": "..."}`. In order:
+//! `POST /v1/renew` over mTLS (the certificate arrives here as its DER), body `{"csr_pem": "..."}`. In order:
 //! 1. a client certificate was presented (rustls verified the chain to our root, the
 //!    validity window and clientAuth before this runs) — else 401;
 //! 2. it names an appliance of our trust domain (an operator or broker certificate can
@@ -27,30 +27,28 @@
 
 use std::time::Duration;
 
-use axum::http::StatusCode;
 use tether_api::appliances::ApplianceStatus;
 use tether_api::enroll::{EnrollResponse, RenewRequest};
 use tether_audit::{self as audit, action, Actor, AuditEvent};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::api::{ApiError, AppState};
-use crate::enroll::{internal, issue_and_record, outcome_of, record_refusal};
-use crate::identity::{identify, PeerIdentity};
-use crate::server::PeerCertificate;
+use crate::domain::enroll::issue_and_record;
+use crate::domain::identity::{identify, PeerIdentity};
+use crate::domain::{internal, record_refusal, Context, Error, ErrorKind};
 use crate::store::Store;
 
 /// Renew the certificate the caller authenticated with. Every refusal is recorded in the
 /// audit log (see the module docs).
 pub async fn renew(
-    s: &AppState,
-    peer: &PeerCertificate,
+    s: &Context,
+    peer: Option<&[u8]>,
     req: RenewRequest,
     now: i64,
-) -> Result<EnrollResponse, ApiError> {
+) -> Result<EnrollResponse, Error> {
     let result = renew_checked(s, peer, &req, now).await;
     if let Err(e) = &result {
-        let der = peer.0.as_deref();
+        let der = peer;
         let (actor, target) = match der.map(|der| identify(der, s.ca.trust_domain())) {
             Some(Ok(PeerIdentity::Appliance(id))) => (Actor::appliance(id.clone()), id),
             Some(Ok(PeerIdentity::Operator(name))) => {
@@ -65,28 +63,31 @@ pub async fn renew(
             ),
         };
         let mut event = AuditEvent::refused(actor, action::APPLIANCE_RENEW, target, e.code)
-            .with_outcome(outcome_of(e));
+            .with_outcome(e.outcome());
         if let Some(der) = der {
-            event.set("presented_fingerprint", crate::ca::fingerprint_hex(der));
+            event.set(
+                "presented_fingerprint",
+                crate::domain::ca::fingerprint_hex(der),
+            );
         }
-        record_refusal(s, &event, now).await;
+        record_refusal(s.store.as_ref(), &event, now).await;
     }
     result
 }
 
 async fn renew_checked(
-    s: &AppState,
-    peer: &PeerCertificate,
+    s: &Context,
+    peer: Option<&[u8]>,
     req: &RenewRequest,
     now: i64,
-) -> Result<EnrollResponse, ApiError> {
-    let refused = |status, code, message: String| {
+) -> Result<EnrollResponse, Error> {
+    let refused = |kind, code, message: String| {
         warn!(code, reason = %message, "renewal refused");
-        ApiError::new(status, code, message)
+        Error::new(kind, code, message)
     };
-    let der = peer.0.as_deref().ok_or_else(|| {
+    let der = peer.ok_or_else(|| {
         refused(
-            StatusCode::UNAUTHORIZED,
+            ErrorKind::Unauthenticated,
             "client_certificate_required",
             "renewal needs the appliance's current certificate (mutual TLS)".into(),
         )
@@ -95,14 +96,14 @@ async fn renew_checked(
         Ok(PeerIdentity::Appliance(id)) => id,
         Ok(other) => {
             return Err(refused(
-                StatusCode::FORBIDDEN,
+                ErrorKind::Forbidden,
                 "not_an_appliance",
                 format!("{other:?} cannot renew as an appliance"),
             ))
         }
         Err(e) => {
             return Err(refused(
-                StatusCode::FORBIDDEN,
+                ErrorKind::Forbidden,
                 "not_an_appliance",
                 e.to_string(),
             ))
@@ -115,7 +116,7 @@ async fn renew_checked(
         .map_err(internal)?
         .ok_or_else(|| {
             refused(
-                StatusCode::FORBIDDEN,
+                ErrorKind::Forbidden,
                 "certificate_not_allowed",
                 format!("appliance {id} is not registered"),
             )
@@ -124,20 +125,20 @@ async fn renew_checked(
         ApplianceStatus::Active => {}
         ApplianceStatus::Disabled => {
             return Err(refused(
-                StatusCode::FORBIDDEN,
+                ErrorKind::Forbidden,
                 "appliance_disabled",
                 format!("appliance {id} is disabled"),
             ))
         }
         ApplianceStatus::Revoked => {
             return Err(refused(
-                StatusCode::FORBIDDEN,
+                ErrorKind::Forbidden,
                 "appliance_revoked",
                 format!("appliance {id} is revoked; it must enroll again with a fresh proof"),
             ))
         }
     }
-    let fingerprint = crate::ca::fingerprint_hex(der);
+    let fingerprint = crate::domain::ca::fingerprint_hex(der);
     match s
         .store
         .find_certificate(&fingerprint)
@@ -149,7 +150,7 @@ async fn renew_checked(
             // connection or a resumed TLS session can outlive it: check it again now.
             if now >= cert.not_after {
                 return Err(refused(
-                    StatusCode::FORBIDDEN,
+                    ErrorKind::Forbidden,
                     "certificate_expired",
                     format!(
                         "this certificate of {id} has expired; an expired certificate cannot \
@@ -160,7 +161,7 @@ async fn renew_checked(
         }
         _ => {
             return Err(refused(
-                StatusCode::FORBIDDEN,
+                ErrorKind::Forbidden,
                 "certificate_not_allowed",
                 format!(
                     "this certificate of {id} is not allowed any more (revoked, disabled or \
@@ -170,8 +171,8 @@ async fn renew_checked(
         }
     }
     s.ca.check_csr(&req.csr_pem)
-        .map_err(|e| refused(StatusCode::BAD_REQUEST, e.code(), e.to_string()))?;
-    let overlap = s.config.enroll.renewal_overlap.as_secs() as i64;
+        .map_err(|e| refused(ErrorKind::BadRequest, e.code(), e.to_string()))?;
+    let overlap = s.settings.enroll.renewal_overlap.as_secs() as i64;
     let audit = AuditEvent::success(Actor::appliance(id.clone()), action::APPLIANCE_RENEW, &id)
         .with("previous_fingerprint", fingerprint);
     issue_and_record(

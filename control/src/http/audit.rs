@@ -1,5 +1,6 @@
 //! `GET /v1/audit?after=SEQ&limit=N` (mTLS, an operator certificate, role viewer+): a page
-//! of the audit log with the signed checkpoints it contains, for `tether audit export`.
+//! of the audit log with the signed checkpoints it contains, for `tether audit export`
+//! ([`crate::domain::audit::page`]).
 //!
 //! The answer is `{"entries": [...], "checkpoints": [...]}`: the entries with
 //! `seq > after`, oldest first, at most `limit` (default and maximum
@@ -20,11 +21,10 @@ use tether_api::operators::Role;
 use tether_audit::action;
 use tether_audit::page::AuditPage;
 
-use crate::api::{ApiError, AppState};
-use crate::enroll::internal;
-use crate::operators::authorize;
-use crate::server::PeerCertificate;
-use crate::store::sql::DEFAULT_AUDIT_LIMIT;
+use crate::domain;
+use crate::http::appliances::operator;
+use crate::http::server::PeerCertificate;
+use crate::http::{ApiError, AppState};
 
 /// `GET /v1/audit` (viewer+).
 #[utoipa::path(
@@ -47,29 +47,10 @@ pub async fn list(
     query: Result<Query<AuditQuery>, QueryRejection>,
 ) -> Result<Json<AuditPage>, ApiError> {
     let now = crate::now_unix();
-    authorize(&s, &peer, Role::Viewer, action::AUDIT_LIST, "", now).await?;
+    operator(&s, &peer, Role::Viewer, action::AUDIT_LIST, "", now).await?;
     let Query(q) = query
         .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_query", e.body_text()))?;
-    let limit = match q.limit {
-        0 => DEFAULT_AUDIT_LIMIT,
-        n => n.min(DEFAULT_AUDIT_LIMIT),
-    };
-    // Checkpoints first (see the module docs); a page of them is as long as the entries'.
-    let mut checkpoints = s
-        .store
-        .audit_checkpoints(q.after, limit)
-        .await
-        .map_err(internal)?;
-    let entries = s
-        .store
-        .audit_entries(q.after, limit)
-        .await
-        .map_err(internal)?;
-    if let Some(last) = entries.last() {
-        checkpoints.retain(|c| c.seq <= last.seq);
-    }
-    Ok(Json(AuditPage {
-        entries,
-        checkpoints,
-    }))
+    Ok(Json(
+        domain::audit::page(s.domain.store.as_ref(), q.after, q.limit).await?,
+    ))
 }

@@ -1,6 +1,6 @@
 //! Control's side of the audit log. The format, the chain, checkpoints and the export
 //! lines are [`tether_audit`]'s; the store writes entries (with the change each records,
-//! see [`crate::store::Store`]); `GET /v1/audit` is [`crate::audit_http`]. Here, what
+//! see [`crate::store::Store`]); `GET /v1/audit` is served by the HTTP layer. Here, what
 //! needs the store or control's key:
 //!
 //! - [`write_checkpoint`] signs the log's head with control's own leaf
@@ -19,12 +19,39 @@ use std::time::Duration;
 
 use tether_audit::checkpoint::{Checkpoint, CheckpointSigner, SignError};
 use tether_audit::export::{ExportHeader, ExportLine, ExportSummary};
+use tether_audit::page::AuditPage;
 use tether_audit::{ChainError, ChainVerifier};
+
+use crate::domain::internal;
+use crate::store::sql::DEFAULT_AUDIT_LIMIT;
 use thiserror::Error;
 use tokio_util::sync::CancellationToken;
 
-use crate::ca::Ca;
+use crate::domain::ca::Ca;
 use crate::store::{Store, StoreError};
+
+/// Default interval between signed audit checkpoints: 60 s.
+pub const DEFAULT_CHECKPOINT_EVERY: Duration = Duration::from_secs(60);
+
+/// `[audit]`: signed checkpoints of the audit log (see this module and `tether_audit::checkpoint`).
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuditSettings {
+    /// How often `serve` signs a checkpoint of the log's head, when entries were added
+    /// since the last one. Entries newer than the last checkpoint can be cut from the log
+    /// undetected, so this bounds that window. Default 60 s
+    /// ([`DEFAULT_CHECKPOINT_EVERY`]); at least 1 s.
+    #[serde(with = "humantime_serde")]
+    pub checkpoint_every: Duration,
+}
+
+impl Default for AuditSettings {
+    fn default() -> Self {
+        AuditSettings {
+            checkpoint_every: DEFAULT_CHECKPOINT_EVERY,
+        }
+    }
+}
 
 /// Page size when reading the store (the entries a new checkpoint covers, an export).
 const PAGE: u32 = 1000;
@@ -229,4 +256,31 @@ pub async fn write_export(
     }
     out.flush()?;
     Ok(summary)
+}
+
+/// A page of the audit log after entry `after`: at most `limit` entries (0: the default
+/// [`DEFAULT_AUDIT_LIMIT`], at most that), and the checkpoints with `after < seq <=` the
+/// page's last entry, so a reader can check each against the entries it has.
+pub async fn page(
+    store: &dyn Store,
+    after: i64,
+    limit: u32,
+) -> Result<AuditPage, crate::domain::Error> {
+    let limit = match limit {
+        0 => DEFAULT_AUDIT_LIMIT,
+        n => n.min(DEFAULT_AUDIT_LIMIT),
+    };
+    // Checkpoints first (see the module docs); a page of them is as long as the entries'.
+    let mut checkpoints = store
+        .audit_checkpoints(after, limit)
+        .await
+        .map_err(internal)?;
+    let entries = store.audit_entries(after, limit).await.map_err(internal)?;
+    if let Some(last) = entries.last() {
+        checkpoints.retain(|c| c.seq <= last.seq);
+    }
+    Ok(AuditPage {
+        entries,
+        checkpoints,
+    })
 }

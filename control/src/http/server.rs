@@ -6,7 +6,7 @@
 //! in the kernel's accept queue); [`TLS_HANDSHAKE_TIMEOUT`] for the handshake; HTTP/1.1
 //! only; `http.header_read_timeout` to send a request's header, which also closes a
 //! keep-alive connection idle that long; `http.request_timeout` for a whole request (a
-//! body dribbled byte by byte included). See [`crate::config::HttpSettings`].
+//! body dribbled byte by byte included). See [`crate::http::HttpSettings`].
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,9 +18,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
-use crate::api::{router, AppState};
+use crate::http::rate_limit::RemoteAddr;
+use crate::http::{router, AppState};
 use crate::metrics::Reason;
-pub use crate::rate_limit::RemoteAddr;
 
 /// Longest TLS handshake a client gets.
 pub const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -67,6 +67,13 @@ pub fn tls_config(
 #[derive(Clone, Debug)]
 pub struct PeerCertificate(pub Option<Arc<[u8]>>);
 
+impl PeerCertificate {
+    /// The certificate's DER, if the client sent one.
+    pub fn der(&self) -> Option<&[u8]> {
+        self.0.as_deref()
+    }
+}
+
 /// Serve the API on `listener` until `shutdown`, then drain: stop accepting, let
 /// in-flight requests and command streams finish for up to `shutdown.grace` (keep-alive
 /// connections close after their current request), tell every broker channel control is
@@ -77,14 +84,14 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let tls = tls_config(
-        &state.ca.control_chain_pem(),
-        &state.ca.control_key_pem(),
-        state.ca.root_der(),
+        &state.domain.ca.control_chain_pem(),
+        &state.domain.ca.control_key_pem(),
+        state.domain.ca.root_der(),
     )?;
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
     let metrics = state.metrics.clone();
-    let limits = state.config.http.clone();
-    let grace = state.config.shutdown.grace;
+    let limits = state.http.clone();
+    let grace = state.shutdown.grace;
     let cluster = state.cluster.clone();
     let app = router(state);
     info!(listen = %listener.local_addr()?, "control API listening (HTTPS)");
@@ -188,7 +195,7 @@ impl Connection {
             }
         };
         // The verified client certificate (if any) and the peer's address (for the rate
-        // limit, see `crate::rate_limit`) travel with every request of this connection.
+        // limit, see `crate::http::rate_limit`) travel with every request of this connection.
         let peer = PeerCertificate(
             tls.get_ref()
                 .1

@@ -16,13 +16,13 @@ use std::fmt;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use axum::http::StatusCode;
+use crate::domain::ErrorKind;
 use serde::{Deserialize, Serialize};
 use tracing::warn;
 
 use super::jwks::{self, code, refuse, Audience, JwksCache, JwksSource, JwksTiming};
-use super::{ProofError, Verified};
-use crate::config::ConfigError;
+use super::{Error, Verified};
+use crate::domain::InvalidSetting;
 
 /// Default audience of the projected token.
 pub const DEFAULT_K8S_AUDIENCE: &str = "tether";
@@ -153,7 +153,7 @@ impl K8sSettings {
         }
     }
 
-    fn sources(&self) -> Result<Vec<JwksSource>, ConfigError> {
+    fn sources(&self) -> Result<Vec<JwksSource>, InvalidSetting> {
         self.clusters
             .iter()
             .map(|c| {
@@ -168,15 +168,15 @@ impl K8sSettings {
     }
 
     /// Check every field (the key sources are built, not fetched).
-    pub fn validate(&self) -> Result<(), ConfigError> {
+    pub fn validate(&self) -> Result<(), InvalidSetting> {
         if self.max_age.is_zero() || self.max_age > MAX_K8S_MAX_AGE {
-            return Err(ConfigError::Invalid {
+            return Err(InvalidSetting {
                 field: "proofs.k8s.max_age",
                 reason: "more than 0 and at most 24h".into(),
             });
         }
         if self.leeway > jwks::MAX_LEEWAY {
-            return Err(ConfigError::Invalid {
+            return Err(InvalidSetting {
                 field: "proofs.k8s.leeway",
                 reason: "at most 5m".into(),
             });
@@ -184,19 +184,19 @@ impl K8sSettings {
         self.timing().validate("proofs.k8s")?;
         for (i, c) in self.clusters.iter().enumerate() {
             if c.issuer.is_empty() {
-                return Err(ConfigError::Invalid {
+                return Err(InvalidSetting {
                     field: "proofs.k8s.clusters.issuer",
                     reason: format!("cluster #{} has no issuer", i + 1),
                 });
             }
             if self.clusters[..i].iter().any(|o| o.issuer == c.issuer) {
-                return Err(ConfigError::Invalid {
+                return Err(InvalidSetting {
                     field: "proofs.k8s.clusters.issuer",
                     reason: format!("{} is configured twice", c.issuer),
                 });
             }
             if c.audience.is_empty() {
-                return Err(ConfigError::Invalid {
+                return Err(InvalidSetting {
                     field: "proofs.k8s.clusters.audience",
                     reason: format!("empty for {}", c.issuer),
                 });
@@ -287,7 +287,7 @@ impl K8sVerifier {
         namespace: &str,
         service_account: &str,
         now: i64,
-    ) -> Result<Verified, ProofError> {
+    ) -> Result<Verified, Error> {
         let result = self
             .check(jwt, issuer, namespace, service_account, now)
             .await;
@@ -304,11 +304,11 @@ impl K8sVerifier {
         namespace: &str,
         service_account: &str,
         now: i64,
-    ) -> Result<Verified, ProofError> {
+    ) -> Result<Verified, Error> {
         // The cluster is chosen by the record, never by the unverified token.
         let Some(cluster) = self.clusters.iter().find(|c| c.issuer == issuer) else {
             return Err(refuse(
-                StatusCode::FORBIDDEN,
+                ErrorKind::Forbidden,
                 code::K8S_ISSUER_NOT_CONFIGURED,
                 "this appliance's cluster is not configured in control",
             ));
@@ -317,7 +317,7 @@ impl K8sVerifier {
         let c = &signed.claims;
         if c.iss != cluster.issuer {
             return Err(refuse(
-                StatusCode::FORBIDDEN,
+                ErrorKind::Forbidden,
                 code::JWT_WRONG_ISSUER,
                 "the token was not issued by this appliance's cluster",
             ));
@@ -326,7 +326,7 @@ impl K8sVerifier {
         let exp = jwks::check_times(c.exp, c.nbf, Some(iat), self.leeway, now)?;
         if now.saturating_sub(iat) > self.max_age {
             return Err(refuse(
-                StatusCode::FORBIDDEN,
+                ErrorKind::Forbidden,
                 code::JWT_STALE,
                 format!(
                     "the token was issued more than {}s ago; present a freshly rotated one",
@@ -336,7 +336,7 @@ impl K8sVerifier {
         }
         if !c.aud.contains(&cluster.audience) {
             return Err(refuse(
-                StatusCode::FORBIDDEN,
+                ErrorKind::Forbidden,
                 code::JWT_WRONG_AUDIENCE,
                 format!(
                     "the token is not projected for audience {:?}",
@@ -357,14 +357,14 @@ impl K8sVerifier {
                 "Kubernetes identity does not match the binding"
             );
             return Err(refuse(
-                StatusCode::FORBIDDEN,
+                ErrorKind::Forbidden,
                 code::K8S_IDENTITY_MISMATCH,
                 "the token's namespace or service account is not this appliance's binding",
             ));
         }
         let proof_id = match c.jti.as_deref() {
             Some(jti) if !jti.is_empty() => jti.to_owned(),
-            _ => crate::token::sha256_hex(jwt.as_bytes()),
+            _ => crate::domain::token::sha256_hex(jwt.as_bytes()),
         };
         Ok(Verified {
             kind: "k8s",

@@ -19,7 +19,7 @@
 //!
 //! The clock is tokio's ([`tokio::time::Instant`]), so tests on paused time drive it.
 //! Requests without a [`RemoteAddr`] (the router called in-process, never through
-//! [`crate::server`], which always inserts one) are not limited.
+//! [`crate::http::server`], which always inserts one) are not limited.
 
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::num::NonZeroU32;
@@ -35,16 +35,15 @@ use governor::state::keyed::DefaultKeyedStateStore;
 use governor::{Quota, RateLimiter};
 use tracing::warn;
 
-use crate::api::ApiError;
-use crate::config::HttpSettings;
+use crate::http::{ApiError, HttpSettings};
 
 /// Most client buckets held at once (a bucket is a few dozen bytes).
 pub const MAX_TRACKED_CLIENTS: usize = 100_000;
 /// Shortest time between two sweeps of idle buckets when the table is full.
 pub const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
 
-/// The address of the TCP peer of a request, inserted by [`crate::server`] next to
-/// [`crate::server::PeerCertificate`].
+/// The address of the TCP peer of a request, inserted by [`crate::http::server`] next to
+/// [`crate::http::server::PeerCertificate`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RemoteAddr(pub SocketAddr);
 

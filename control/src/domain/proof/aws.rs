@@ -77,7 +77,7 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use axum::http::StatusCode;
+use crate::domain::ErrorKind;
 use reqwest::header::{HeaderName, HeaderValue, AUTHORIZATION, CONTENT_TYPE};
 use reqwest::Url;
 use serde::{Deserialize, Serialize};
@@ -85,8 +85,8 @@ use tracing::{debug, warn};
 
 use tether_api::enroll::AwsProof;
 
-use super::{ProofError, Verified};
-use crate::config::ConfigError;
+use super::{Error, Verified};
+use crate::domain::InvalidSetting;
 
 /// The header that carries the enrollment nonce; it must be among the signed headers.
 pub const NONCE_HEADER: &str = "x-tether-nonce";
@@ -230,19 +230,19 @@ impl fmt::Debug for AwsSettings {
 
 impl AwsSettings {
     /// Check every field; the error names the bad one.
-    pub fn validate(&self) -> Result<(), ConfigError> {
+    pub fn validate(&self) -> Result<(), InvalidSetting> {
         self.endpoints().map(|_| ())
     }
 
-    fn endpoints(&self) -> Result<Vec<Endpoint>, ConfigError> {
+    fn endpoints(&self) -> Result<Vec<Endpoint>, InvalidSetting> {
         if self.timeout.is_zero() {
-            return Err(ConfigError::Invalid {
+            return Err(InvalidSetting {
                 field: "proofs.aws.timeout",
                 reason: "must be positive".into(),
             });
         }
         if self.max_response_bytes == 0 {
-            return Err(ConfigError::Invalid {
+            return Err(InvalidSetting {
                 field: "proofs.aws.max_response_bytes",
                 reason: "must be positive".into(),
             });
@@ -250,7 +250,7 @@ impl AwsSettings {
         self.sts_endpoints
             .iter()
             .map(|s| {
-                Endpoint::parse(s).map_err(|reason| ConfigError::Invalid {
+                Endpoint::parse(s).map_err(|reason| InvalidSetting {
                     field: "proofs.aws.sts_endpoints",
                     reason: format!("{s:?}: {reason}"),
                 })
@@ -336,12 +336,12 @@ struct SigV4<'a> {
     signature: &'a str,
 }
 
-fn refusal(status: StatusCode, code: &'static str, message: impl Into<String>) -> ProofError {
-    ProofError::new(status, code, message)
+fn refusal(kind: ErrorKind, code: &'static str, message: impl Into<String>) -> Error {
+    Error::new(kind, code, message)
 }
 
-fn malformed(message: impl Into<String>) -> ProofError {
-    refusal(StatusCode::BAD_REQUEST, codes::MALFORMED, message)
+fn malformed(message: impl Into<String>) -> Error {
+    refusal(ErrorKind::BadRequest, codes::MALFORMED, message)
 }
 
 impl AwsVerifier {
@@ -362,7 +362,7 @@ impl AwsVerifier {
         proof: &AwsProof,
         nonce: &str,
         role_arn: &str,
-    ) -> Result<Verified, ProofError> {
+    ) -> Result<Verified, Error> {
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_secs() as i64);
@@ -377,13 +377,13 @@ impl AwsVerifier {
         nonce: &str,
         role_arn: &str,
         now: i64,
-    ) -> Result<Verified, ProofError> {
+    ) -> Result<Verified, Error> {
         let result = self.verify_inner(proof, nonce, role_arn, now).await;
         match &result {
             Ok(v) => debug!(role = role_arn, proof_id = %v.proof_id, "AWS proof verified"),
             Err(e) => warn!(
                 code = e.code,
-                status = e.status.as_u16(),
+                kind = ?e.kind,
                 reason = %e.message,
                 role = role_arn,
                 url = ?proof.url,
@@ -399,10 +399,10 @@ impl AwsVerifier {
         nonce: &str,
         role_arn: &str,
         now: i64,
-    ) -> Result<Verified, ProofError> {
+    ) -> Result<Verified, Error> {
         let recorded = RoleRef::recorded(role_arn).ok_or_else(|| {
             refusal(
-                StatusCode::INTERNAL_SERVER_ERROR,
+                ErrorKind::Internal,
                 codes::BINDING_INVALID,
                 "the role recorded for this appliance is not an IAM role ARN; re-register it",
             )
@@ -411,14 +411,14 @@ impl AwsVerifier {
         let arn = self.call_sts(&prepared, &proof.body).await?;
         let caller = RoleRef::assumed(&arn).ok_or_else(|| {
             refusal(
-                StatusCode::FORBIDDEN,
+                ErrorKind::Forbidden,
                 codes::ROLE_MISMATCH,
                 format!("the proof was signed by {arn}, not by an assumed role"),
             )
         })?;
         if caller != recorded {
             return Err(refusal(
-                StatusCode::FORBIDDEN,
+                ErrorKind::Forbidden,
                 codes::ROLE_MISMATCH,
                 // The recorded role goes to the log (`role`), not to the caller.
                 format!(
@@ -436,12 +436,7 @@ impl AwsVerifier {
     }
 
     /// Every check that needs no network (module docs, steps 2-8).
-    fn check<'s>(
-        &'s self,
-        proof: &AwsProof,
-        nonce: &str,
-        now: i64,
-    ) -> Result<Prepared<'s>, ProofError> {
+    fn check<'s>(&'s self, proof: &AwsProof, nonce: &str, now: i64) -> Result<Prepared<'s>, Error> {
         if proof.method != "POST" {
             return Err(malformed(format!(
                 "the method must be POST, not {:?}",
@@ -452,7 +447,7 @@ impl AwsVerifier {
         let (endpoint, url) = self.endpoint_for(&proof.url)?;
         if proof.body != GET_CALLER_IDENTITY_BODY {
             return Err(refusal(
-                StatusCode::BAD_REQUEST,
+                ErrorKind::BadRequest,
                 codes::WRONG_ACTION,
                 format!("the body must be exactly {GET_CALLER_IDENTITY_BODY:?}"),
             ));
@@ -472,21 +467,21 @@ impl AwsVerifier {
         match headers.get(NONCE_HEADER) {
             None => {
                 return Err(refusal(
-                    StatusCode::BAD_REQUEST,
+                    ErrorKind::BadRequest,
                     codes::NONCE_NOT_SIGNED,
                     format!("the proof has no {NONCE_HEADER} header"),
                 ))
             }
             Some(_) if !signed(NONCE_HEADER) => {
                 return Err(refusal(
-                    StatusCode::BAD_REQUEST,
+                    ErrorKind::BadRequest,
                     codes::NONCE_NOT_SIGNED,
                     format!("{NONCE_HEADER} is not among the signed headers"),
                 ))
             }
             Some(v) if *v != nonce => {
                 return Err(refusal(
-                    StatusCode::FORBIDDEN,
+                    ErrorKind::Forbidden,
                     codes::NONCE_MISMATCH,
                     format!("{NONCE_HEADER} is not the nonce of this enrollment"),
                 ))
@@ -502,14 +497,14 @@ impl AwsVerifier {
             Some(h) if h.eq_ignore_ascii_case(&authority) => {}
             Some(h) => {
                 return Err(refusal(
-                    StatusCode::BAD_REQUEST,
+                    ErrorKind::BadRequest,
                     codes::HOST_HEADER_MISMATCH,
                     format!("the host header {h:?} is not the URL's host {authority:?}"),
                 ))
             }
             None => {
                 return Err(refusal(
-                    StatusCode::BAD_REQUEST,
+                    ErrorKind::BadRequest,
                     codes::HOST_HEADER_MISMATCH,
                     "the proof has no host header",
                 ))
@@ -561,15 +556,15 @@ impl AwsVerifier {
         Ok(Prepared {
             endpoint,
             headers: forward,
-            proof_id: crate::token::sha256_hex(sig.signature.as_bytes()),
+            proof_id: crate::domain::token::sha256_hex(sig.signature.as_bytes()),
             remember_until: dated + PRESIGN_LIFETIME.as_secs() as i64,
         })
     }
 
     /// The configured endpoint the proof's URL names, and the parsed URL.
-    fn endpoint_for(&self, raw: &str) -> Result<(&Endpoint, Url), ProofError> {
+    fn endpoint_for(&self, raw: &str) -> Result<(&Endpoint, Url), Error> {
         let not_allowed =
-            |message: String| refusal(StatusCode::BAD_REQUEST, codes::HOST_NOT_ALLOWED, message);
+            |message: String| refusal(ErrorKind::BadRequest, codes::HOST_NOT_ALLOWED, message);
         let url = Url::parse(raw).map_err(|e| malformed(format!("the URL does not parse: {e}")))?;
         if !url.username().is_empty() || url.password().is_some() {
             return Err(not_allowed("the URL carries user info".into()));
@@ -590,18 +585,18 @@ impl AwsVerifier {
     }
 
     /// Send the checked request; the caller's ARN from a 200 answer.
-    async fn call_sts(&self, p: &Prepared<'_>, body: &str) -> Result<String, ProofError> {
+    async fn call_sts(&self, p: &Prepared<'_>, body: &str) -> Result<String, Error> {
         let origin = &p.endpoint.origin;
         let unreachable = |why: String| {
             refusal(
-                StatusCode::BAD_GATEWAY,
+                ErrorKind::Upstream,
                 codes::STS_UNREACHABLE,
                 format!("STS at {origin} could not be reached: {why}"),
             )
         };
         let bad = |why: String| {
             refusal(
-                StatusCode::BAD_GATEWAY,
+                ErrorKind::Upstream,
                 codes::STS_BAD_RESPONSE,
                 format!("STS at {origin} answered unusably: {why}"),
             )
@@ -638,7 +633,7 @@ impl AwsVerifier {
                 format!(" {code}")
             };
             return Err(refusal(
-                StatusCode::FORBIDDEN,
+                ErrorKind::Forbidden,
                 codes::STS_REFUSED,
                 format!("STS refused the signed request ({}{code})", status.as_u16()),
             ));
@@ -653,7 +648,7 @@ impl AwsVerifier {
 }
 
 /// Headers by lowercase name; each valid for HTTP, none twice.
-fn lowercase_headers(h: &BTreeMap<String, String>) -> Result<BTreeMap<String, &str>, ProofError> {
+fn lowercase_headers(h: &BTreeMap<String, String>) -> Result<BTreeMap<String, &str>, Error> {
     if h.len() > MAX_HEADERS {
         return Err(malformed(format!("more than {MAX_HEADERS} headers")));
     }
@@ -674,7 +669,7 @@ fn lowercase_headers(h: &BTreeMap<String, String>) -> Result<BTreeMap<String, &s
     Ok(out)
 }
 
-fn header(name: HeaderName, value: &str) -> Result<(HeaderName, HeaderValue), ProofError> {
+fn header(name: HeaderName, value: &str) -> Result<(HeaderName, HeaderValue), Error> {
     let value = HeaderValue::from_str(value)
         .map_err(|_| malformed(format!("the header {name} is not a valid HTTP header")))?;
     Ok((name, value))
@@ -1029,7 +1024,7 @@ mod tests {
 
     const SIGNED: &str = "content-type;host;x-amz-date;x-tether-nonce";
 
-    fn code(r: Result<Prepared<'_>, ProofError>) -> &'static str {
+    fn code(r: Result<Prepared<'_>, Error>) -> &'static str {
         match r {
             Ok(_) => "ok",
             Err(e) => e.code,
@@ -1366,7 +1361,10 @@ mod tests {
             ]
         );
         assert_eq!(prepared.endpoint.url.as_str(), "https://sts.amazonaws.com/");
-        assert_eq!(prepared.proof_id, crate::token::sha256_hex(SIG.as_bytes()));
+        assert_eq!(
+            prepared.proof_id,
+            crate::domain::token::sha256_hex(SIG.as_bytes())
+        );
         // Dated before now (2024-01-01T00:00:00Z): now wins.
         assert_eq!(prepared.remember_until, 1_704_067_200 + 5_000 + 900);
         // Dated after now: the date wins.

@@ -21,7 +21,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use axum::http::StatusCode;
+use crate::domain::ErrorKind;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine as _;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
@@ -29,8 +29,8 @@ use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use tracing::{info, warn};
 
-use super::ProofError;
-use crate::config::ConfigError;
+use super::Error;
+use crate::domain::InvalidSetting;
 
 /// Largest JWKS document accepted, bytes.
 pub const MAX_JWKS_BYTES: usize = 256 * 1024;
@@ -87,17 +87,13 @@ pub mod code {
 
 /// A refusal: 400 for a token that is not well formed, 403 for one that does not prove
 /// the identity.
-pub(crate) fn refuse(
-    status: StatusCode,
-    code: &'static str,
-    message: impl Into<String>,
-) -> ProofError {
-    ProofError::new(status, code, message)
+pub(crate) fn refuse(kind: ErrorKind, code: &'static str, message: impl Into<String>) -> Error {
+    Error::new(kind, code, message)
 }
 
 /// A `jwt_malformed` refusal.
-pub(crate) fn malformed(message: impl Into<String>) -> ProofError {
-    refuse(StatusCode::BAD_REQUEST, code::JWT_MALFORMED, message)
+pub(crate) fn malformed(message: impl Into<String>) -> Error {
+    refuse(ErrorKind::BadRequest, code::JWT_MALFORMED, message)
 }
 
 /// Where an issuer's keys come from.
@@ -132,8 +128,8 @@ impl JwksSource {
         url: Option<&str>,
         file: Option<&Path>,
         ca_file: Option<&Path>,
-    ) -> Result<JwksSource, ConfigError> {
-        let invalid = |reason: String| ConfigError::Invalid { field, reason };
+    ) -> Result<JwksSource, InvalidSetting> {
+        let invalid = |reason: String| InvalidSetting { field, reason };
         match (url, file) {
             (Some(_), Some(_)) => Err(invalid("set jwks_url or jwks_file, not both".into())),
             (None, None) => Err(invalid("set jwks_url or jwks_file".into())),
@@ -343,15 +339,15 @@ pub struct JwksTiming {
 
 impl JwksTiming {
     /// Check the values; `field` prefixes the config field names in errors.
-    pub fn validate(&self, field: &'static str) -> Result<(), ConfigError> {
+    pub fn validate(&self, field: &'static str) -> Result<(), InvalidSetting> {
         if self.min_refetch < Duration::from_secs(1) {
-            return Err(ConfigError::Invalid {
+            return Err(InvalidSetting {
                 field,
                 reason: "jwks_min_refetch must be at least 1s".into(),
             });
         }
         if self.max_age < self.min_refetch {
-            return Err(ConfigError::Invalid {
+            return Err(InvalidSetting {
                 field,
                 reason: "jwks_max_age must be at least jwks_min_refetch".into(),
             });
@@ -429,7 +425,7 @@ impl JwksCache {
 
     /// The key `kid` names, loading or refreshing the set if it is stale or lacks `kid`
     /// (at most once per `min_refetch`).
-    pub async fn key(&self, kid: &str, now: i64) -> Result<Arc<DecodingKey>, ProofError> {
+    pub async fn key(&self, kid: &str, now: i64) -> Result<Arc<DecodingKey>, Error> {
         let set = self.snapshot();
         if self.fresh(&set, now) {
             if let Some(key) = set.keys.get(kid) {
@@ -479,14 +475,14 @@ impl JwksCache {
         let set = self.snapshot();
         if set.loaded_at.is_none() {
             return Err(refuse(
-                StatusCode::BAD_GATEWAY,
+                ErrorKind::Upstream,
                 code::JWKS_UNAVAILABLE,
                 "the issuer's signing keys cannot be loaded; try again later",
             ));
         }
         set.keys.get(kid).cloned().ok_or_else(|| {
             refuse(
-                StatusCode::FORBIDDEN,
+                ErrorKind::Forbidden,
                 code::JWT_UNKNOWN_KEY,
                 "the token is signed with a key the issuer does not publish",
             )
@@ -517,7 +513,7 @@ pub(crate) async fn verify_rs256<C: DeserializeOwned>(
     jwt: &str,
     keys: &JwksCache,
     now: i64,
-) -> Result<Signed<C>, ProofError> {
+) -> Result<Signed<C>, Error> {
     if jwt.len() > MAX_JWT_BYTES {
         return Err(malformed(format!("longer than {MAX_JWT_BYTES} bytes")));
     }
@@ -534,7 +530,7 @@ pub(crate) async fn verify_rs256<C: DeserializeOwned>(
         .ok_or_else(|| malformed("the header is not base64url JSON with an alg"))?;
     if header.alg != "RS256" {
         return Err(refuse(
-            StatusCode::BAD_REQUEST,
+            ErrorKind::BadRequest,
             code::JWT_ALG_NOT_ALLOWED,
             "only RS256 tokens are accepted",
         ));
@@ -550,7 +546,7 @@ pub(crate) async fn verify_rs256<C: DeserializeOwned>(
     }
     let Some(kid) = header.kid.filter(|k| !k.is_empty()) else {
         return Err(refuse(
-            StatusCode::FORBIDDEN,
+            ErrorKind::Forbidden,
             code::JWT_UNKNOWN_KEY,
             "the token names no key (kid)",
         ));
@@ -563,19 +559,19 @@ pub(crate) async fn verify_rs256<C: DeserializeOwned>(
     validation.validate_nbf = false;
     validation.validate_aud = false;
     let data = jsonwebtoken::decode::<C>(jwt, &key, &validation).map_err(|e| {
-        use jsonwebtoken::errors::ErrorKind;
+        use jsonwebtoken::errors::ErrorKind as Jwt;
         match e.kind() {
-            ErrorKind::InvalidSignature => refuse(
-                StatusCode::FORBIDDEN,
+            Jwt::InvalidSignature => refuse(
+                ErrorKind::Forbidden,
                 code::JWT_BAD_SIGNATURE,
                 "the signature does not verify",
             ),
-            ErrorKind::InvalidAlgorithm | ErrorKind::InvalidAlgorithmName => refuse(
-                StatusCode::BAD_REQUEST,
+            Jwt::InvalidAlgorithm | Jwt::InvalidAlgorithmName => refuse(
+                ErrorKind::BadRequest,
                 code::JWT_ALG_NOT_ALLOWED,
                 "only RS256 tokens are accepted",
             ),
-            ErrorKind::Json(_) => malformed("claims are missing or of the wrong type"),
+            Jwt::Json(_) => malformed("claims are missing or of the wrong type"),
             _ => malformed("cannot decode the token"),
         }
     })?;
@@ -613,11 +609,11 @@ pub(crate) fn check_times(
     iat: Option<i64>,
     leeway: i64,
     now: i64,
-) -> Result<i64, ProofError> {
+) -> Result<i64, Error> {
     let exp = exp.ok_or_else(|| malformed("no exp claim"))?;
     if now > exp.saturating_add(leeway) {
         return Err(refuse(
-            StatusCode::FORBIDDEN,
+            ErrorKind::Forbidden,
             code::JWT_EXPIRED,
             "the token has expired",
         ));
@@ -625,7 +621,7 @@ pub(crate) fn check_times(
     for (claim, t) in [("nbf", nbf), ("iat", iat)] {
         if t.is_some_and(|t| t > now.saturating_add(leeway)) {
             return Err(refuse(
-                StatusCode::FORBIDDEN,
+                ErrorKind::Forbidden,
                 code::JWT_NOT_YET_VALID,
                 format!("the token's {claim} is in the future"),
             ));

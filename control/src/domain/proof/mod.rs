@@ -9,13 +9,16 @@
 //! - [`gcp`]: a GCP instance-identity JWT (RS256) whose audience is the nonce.
 //! - [`k8s`]: a projected Kubernetes ServiceAccount JWT.
 
-use axum::http::StatusCode;
 use serde::{Deserialize, Serialize};
 
 pub mod aws;
 pub mod gcp;
 pub mod jwks;
 pub mod k8s;
+
+// A refused proof is a [`crate::domain::Error`]: `BadRequest` malformed, `Forbidden` does
+// not prove the identity, `Upstream` the upstream failed.
+use crate::domain::Error;
 
 /// What a verified platform proof established.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -27,30 +30,6 @@ pub struct Verified {
     pub proof_id: String,
     /// Until when the proof id must be remembered (the proof's own expiry), Unix seconds.
     pub remember_until: i64,
-}
-
-/// A refused proof: the HTTP status, a stable code, and a message for the caller (no
-/// secrets). The log gets the same.
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-#[error("{code}: {message}")]
-pub struct ProofError {
-    /// HTTP status (400 malformed, 403 does not prove the identity, 502 upstream failed).
-    pub status: StatusCode,
-    /// Stable code, e.g. `aws_host_not_allowed`.
-    pub code: &'static str,
-    /// Human-readable reason.
-    pub message: String,
-}
-
-impl ProofError {
-    /// A new refusal.
-    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
-        ProofError {
-            status,
-            code,
-            message: message.into(),
-        }
-    }
 }
 
 /// `[proofs]` in `control.toml`.

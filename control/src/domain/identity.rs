@@ -1,7 +1,7 @@
 //! Who a verified client certificate names.
 //!
-//! rustls has already checked the chain, validity and clientAuth (see
-//! [`crate::server::tls_config`]); this reads the one SPIFFE URI the certificate must carry
+//! rustls has already checked the chain, validity and clientAuth (the HTTP layer's TLS
+//! config); this reads the one SPIFFE URI the certificate must carry
 //! with [`tether_identity::cert::spiffe_id`], the check every Tether verifier makes, and
 //! says which kind of identity it is. Anything else — no SAN, several URIs, another trust
 //! domain, control's own id, a bad name — is no identity at all.

@@ -141,7 +141,7 @@ pub async fn fleet_trust(
                     appliance_id: a.id.clone(),
                     tenant: a.tenant.clone(),
                     state,
-                    not_after: crate::enroll::rfc3339(cert.not_after),
+                    not_after: crate::domain::rfc3339(cert.not_after),
                     message,
                 },
             ));

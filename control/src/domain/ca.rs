@@ -72,6 +72,32 @@ pub const DEFAULT_OPERATOR_VALIDITY: Duration = Duration::from_secs(365 * 86_400
 /// How long before `now` a certificate starts being valid (clock skew): 5 minutes.
 pub const BACKDATE: Duration = Duration::from_secs(5 * 60);
 
+/// `[certificates]`: validity lengths of issued leaves (the root and intermediate are
+/// fixed at init: 10 and 2 years).
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CertificateSettings {
+    /// Appliance certificates. Default 30 days.
+    #[serde(with = "humantime_serde")]
+    pub appliance: Duration,
+    /// Broker certificates. Default 30 days.
+    #[serde(with = "humantime_serde")]
+    pub broker: Duration,
+    /// Operator certificates. Default 365 days.
+    #[serde(with = "humantime_serde")]
+    pub operator: Duration,
+}
+
+impl Default for CertificateSettings {
+    fn default() -> Self {
+        CertificateSettings {
+            appliance: DEFAULT_APPLIANCE_VALIDITY,
+            broker: DEFAULT_BROKER_VALIDITY,
+            operator: DEFAULT_OPERATOR_VALIDITY,
+        }
+    }
+}
+
 const ROOT_CERT: &str = "root.pem";
 const ROOT_KEY: &str = "root.key";
 const INTERMEDIATE_CERT: &str = "intermediate.pem";

@@ -22,26 +22,21 @@ use axum::extract::{Path, State};
 use axum::http::{header, StatusCode};
 use axum::response::Response;
 use axum::{Extension, Json};
-use tether_api::appliances::ApplianceStatus;
 use tether_api::exec::{ExecLine, ExecRequest};
 use tether_api::operators::Role;
 use tether_audit::{self as audit, action, AuditEvent, Outcome};
+use tether_proto::CommandFailure;
+use tokio::sync::mpsc;
 use tracing::info;
 
-use crate::api::{json_rejection, ApiError, AppState};
-use crate::cluster::ExecEvent;
-use tether_identity::ApplianceId;
-use tether_proto::{CommandFailure, CommandKind};
-
-use crate::enroll::internal;
+use crate::cluster::{ExecEvent, ExecEvents};
+use crate::domain::operators::Caller;
+use crate::domain::{self, Error, ErrorKind};
+use crate::http::appliances::operator;
+use crate::http::server::PeerCertificate;
+use crate::http::{body_error, internal, ApiError, AppState};
 use crate::metrics::Reason;
-use crate::operators::authorize;
-use crate::server::PeerCertificate;
 
-/// Deadline when the request gives none.
-pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
-/// Longest deadline accepted.
-pub const MAX_TIMEOUT: Duration = Duration::from_secs(3600);
 /// Time past the deadline control waits for the broker's own verdict before saying
 /// `timed_out` itself: the protocol's grace ([`tether_proto::COMMAND_DEADLINE_GRACE`], what
 /// the broker waits for the agent) plus [`RELAY_MARGIN`] for the verdict to travel the
@@ -51,8 +46,6 @@ pub const DEADLINE_GRACE: Duration =
 /// What control adds to the broker's grace: the broker's own `timed_out` must reach control
 /// before control's timer gives up.
 pub const RELAY_MARGIN: Duration = Duration::from_secs(1);
-/// Most argv entries.
-pub const MAX_ARGS: usize = 256;
 /// Failure codes counted under their own label in `tether_control_commands_total`.
 const OUTCOME_LABELS: [CommandFailure; 6] = [
     CommandFailure::TimedOut,
@@ -63,9 +56,7 @@ const OUTCOME_LABELS: [CommandFailure; 6] = [
     CommandFailure::OutputOverflow,
 ];
 
-fn conflict(code: &'static str, message: impl Into<String>) -> ApiError {
-    ApiError::new(StatusCode::CONFLICT, code, message)
-}
+type Lines = mpsc::Sender<Result<bytes::Bytes, std::io::Error>>;
 
 /// `POST /v1/appliances/{id}/exec`.
 #[utoipa::path(post, path = "/v1/appliances/{id}/exec", tag = "appliances", request_body = ExecRequest,
@@ -90,7 +81,7 @@ pub async fn exec(
 ) -> Result<Response, ApiError> {
     let now = crate::now_unix();
     let target = audit::clip(&id, audit::MAX_TARGET_LEN).to_owned();
-    let op = authorize(
+    let by = operator(
         &s,
         &peer,
         Role::Operator,
@@ -99,87 +90,35 @@ pub async fn exec(
         now,
     )
     .await?;
-    let event = AuditEvent::success(op.actor(), action::APPLIANCE_EXEC, &target);
-    let refused_event = event.clone();
-    let refuse = |e: ApiError| {
-        let s = s.clone();
-        let event = refused_event.clone();
-        async move {
-            s.metrics
-                .commands
-                .get_or_create(&Reason { reason: e.code })
-                .inc();
-            crate::appliances::refuse(&s, event, e, now).await
-        }
+    let event = AuditEvent::success(by.actor(), action::APPLIANCE_EXEC, &target);
+    let checked = async {
+        domain::exec::check_id(&id)?;
+        let Json(req) = body.map_err(body_error)?;
+        let command = domain::exec::check_request(req)?;
+        domain::exec::check_appliance(s.domain.store.as_ref(), &id).await?;
+        Ok::<_, Error>(command)
     };
-    if let Err(e) = ApplianceId::new(&id) {
-        return Err(refuse(ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "invalid_id",
-            e.to_string(),
-        ))
-        .await);
-    }
-    let req = match body {
-        Ok(Json(r)) => r,
-        Err(e) => return Err(refuse(json_rejection(e)).await),
+    let command = match checked.await {
+        Ok(c) => c,
+        Err(e) if e.kind.is_server_fault() => return Err(e.into()),
+        Err(e) => return Err(refuse(&s, event, e, now).await),
     };
-    let timeout = req
-        .timeout_ms
-        .map(Duration::from_millis)
-        .unwrap_or(DEFAULT_TIMEOUT);
-    let kind = req
-        .kind
-        .as_deref()
-        .map_or(Some(CommandKind::Exec), CommandKind::from_name);
-    let problem = if req.argv.is_empty() || req.argv.len() > MAX_ARGS {
-        Some(format!("argv must hold 1 to {MAX_ARGS} entries"))
-    } else if timeout.is_zero() || timeout > MAX_TIMEOUT {
-        Some("timeout_ms must be 1 to 3600000".into())
-    } else if kind.is_none() {
-        Some("kind must be exec or shell".into())
-    } else {
-        None
-    };
-    let kind = kind.unwrap_or_default();
-    if let Some(message) = problem {
-        return Err(refuse(ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "invalid_command",
-            message,
-        ))
-        .await);
-    }
-    let appliance = match s.store.get_appliance(&id).await {
-        Ok(Some(a)) => a,
-        Ok(None) => {
-            return Err(refuse(ApiError::new(
-                StatusCode::NOT_FOUND,
-                "not_found",
-                format!("no appliance {id}"),
-            ))
-            .await)
-        }
-        Err(e) => return Err(internal(e)),
-    };
-    match appliance.status {
-        ApplianceStatus::Active => {}
-        ApplianceStatus::Disabled => {
-            return Err(refuse(conflict("appliance_disabled", "the appliance is disabled")).await)
-        }
-        ApplianceStatus::Revoked => {
-            return Err(refuse(conflict("appliance_revoked", "the appliance is revoked")).await)
-        }
-    }
-    let argv_text = audit::clip(&req.argv.join(" "), 1024).to_owned();
+    let timeout = command.timeout;
+    let argv_text = audit::clip(&command.argv.join(" "), 1024).to_owned();
     let event = event
         .with("argv", argv_text)
         .with("timeout_ms", timeout.as_millis() as i64);
-    let (broker, command_id, mut events) = match s
+    let sent = s
         .cluster
-        .exec(&id, req.argv, kind, req.env_allowlist, timeout)
-        .await
-    {
+        .exec(
+            &id,
+            command.argv,
+            command.kind,
+            command.env_allowlist,
+            timeout,
+        )
+        .await;
+    let (broker, command_id, events) = match sent {
         Ok(x) => x,
         Err(code) => {
             let message = if code == CommandFailure::Offline {
@@ -187,75 +126,125 @@ pub async fn exec(
             } else {
                 format!("the broker holding appliance {id} went away")
             };
-            return Err(refuse(conflict(code.name(), message)).await);
+            let e = Error::new(ErrorKind::Conflict, code.name(), message);
+            return Err(refuse(&s, event, e, now).await);
         }
     };
     let event = event.with("broker", broker.as_str());
-    if let Err(e) = s.store.append_audit(&event, now).await {
+    if let Err(e) = s.domain.store.append_audit(&event, now).await {
         // The command is already on its way; say so loudly rather than hide it.
         s.metrics.audit_failures.inc();
         tracing::error!(error = %e, appliance = %id, "cannot audit a command");
     }
-    info!(by = op.name(), appliance = %id, %broker, command_id, "command sent");
+    info!(by = %by, appliance = %id, %broker, command_id, "command sent");
+    let relay = Relay {
+        s,
+        by,
+        target,
+        broker,
+        command_id,
+        timeout,
+    };
+    relay.start(events)
+}
 
-    // Stream lines until the last event; guard the deadline ourselves so a broker that
-    // never answers cannot hold the caller.
-    let (tx, rx) = tokio::sync::mpsc::channel::<Result<bytes::Bytes, std::io::Error>>(64);
-    let deadline = tokio::time::Instant::now() + timeout + DEADLINE_GRACE;
-    tokio::spawn(async move {
-        let line = |l: &ExecLine| {
-            let mut v = serde_json::to_vec(l).unwrap_or_default();
-            v.push(b'\n');
-            Ok(bytes::Bytes::from(v))
+/// Count a refusal under its code and record it in the audit log.
+async fn refuse(s: &AppState, event: AuditEvent, e: Error, now: i64) -> ApiError {
+    s.metrics
+        .commands
+        .get_or_create(&Reason { reason: e.code })
+        .inc();
+    domain::refuse(s.domain.store.as_ref(), event, e, now)
+        .await
+        .into()
+}
+
+/// A command on its way: streams its events to the caller as NDJSON lines until the last
+/// one, guarding the deadline itself so a broker that never answers cannot hold the
+/// caller, then records the outcome.
+struct Relay {
+    s: AppState,
+    by: Caller,
+    target: String,
+    broker: String,
+    command_id: u64,
+    timeout: Duration,
+}
+
+impl Relay {
+    /// Spawn the relay and answer with the stream of its lines.
+    fn start(self, events: ExecEvents) -> Result<Response, ApiError> {
+        let (tx, rx) = mpsc::channel(64);
+        tokio::spawn(self.run(events, tx));
+        let stream = futures_util::stream::unfold(rx, |mut rx| async move {
+            rx.recv().await.map(|item| (item, rx))
+        });
+        Response::builder()
+            .status(StatusCode::OK)
+            .header(header::CONTENT_TYPE, "application/x-ndjson")
+            .body(Body::from_stream(stream))
+            .map_err(internal)
+    }
+
+    async fn run(self, events: ExecEvents, tx: Lines) {
+        let started = ExecLine::Started {
+            broker: self.broker.clone(),
         };
-        let _ = tx
-            .send(line(&ExecLine::Started {
-                broker: broker.clone(),
-            }))
-            .await;
-        let last = loop {
+        let _ = tx.send(line(&started)).await;
+        let last = self.relay(events, &tx).await;
+        self.finish(&last).await;
+        let _ = tx.send(line(&last)).await;
+    }
+
+    /// Forward output until the command's last event (or the deadline, or the caller
+    /// leaving), and return that last line.
+    async fn relay(&self, mut events: ExecEvents, tx: &Lines) -> ExecLine {
+        let deadline = tokio::time::Instant::now() + self.timeout + DEADLINE_GRACE;
+        let gone = || ExecLine::Failed {
+            code: CommandFailure::Cancelled,
+            message: "the caller went away".into(),
+        };
+        loop {
             let ev = tokio::select! {
                 ev = events.recv() => ev,
                 _ = tokio::time::sleep_until(deadline) => None,
                 _ = tx.closed() => {
                     // The caller went away: stop the command.
-                    s.cluster.cancel(command_id);
-                    break ExecLine::Failed { code: CommandFailure::Cancelled, message: "the caller went away".into() };
+                    self.s.cluster.cancel(self.command_id);
+                    return gone();
                 }
             };
             match ev {
                 Some(ExecEvent::Output { stream, data }) => {
-                    if tx
-                        .send(line(&ExecLine::Output { stream, data }))
-                        .await
-                        .is_err()
-                    {
-                        s.cluster.cancel(command_id);
-                        break ExecLine::Failed {
-                            code: CommandFailure::Cancelled,
-                            message: "the caller went away".into(),
-                        };
+                    let out = line(&ExecLine::Output { stream, data });
+                    if tx.send(out).await.is_err() {
+                        self.s.cluster.cancel(self.command_id);
+                        return gone();
                     }
                 }
-                Some(ExecEvent::Exit(code)) => break ExecLine::Exit { code },
+                Some(ExecEvent::Exit(code)) => return ExecLine::Exit { code },
                 Some(ExecEvent::Failed { code, message }) => {
-                    break ExecLine::Failed { code, message }
+                    return ExecLine::Failed { code, message }
                 }
                 None => {
-                    s.cluster.cancel(command_id);
-                    break ExecLine::Failed {
+                    self.s.cluster.cancel(self.command_id);
+                    return ExecLine::Failed {
                         code: CommandFailure::TimedOut,
-                        message: format!("no result within {timeout:?}"),
+                        message: format!("no result within {:?}", self.timeout),
                     };
                 }
             }
-        };
-        let mut end = AuditEvent::success(op.actor(), action::APPLIANCE_EXEC, &target)
-            .with("broker", broker.as_str())
-            .with("command_id", command_id as i64);
+        }
+    }
+
+    /// Count the outcome and record it in the audit log.
+    async fn finish(&self, last: &ExecLine) {
+        let mut end = AuditEvent::success(self.by.actor(), action::APPLIANCE_EXEC, &self.target)
+            .with("broker", self.broker.as_str())
+            .with("command_id", self.command_id as i64);
         // The metric label: `exit`, a known failure code, or `failed` for anything else
         // (an agent's own codes must not grow the label set without bound).
-        let label = match &last {
+        let label = match last {
             ExecLine::Failed { code, .. } => {
                 end = end.with_outcome(Outcome::Failed).with("code", code.name());
                 if OUTCOME_LABELS.contains(code) {
@@ -270,22 +259,27 @@ pub async fn exec(
             }
             ExecLine::Started { .. } | ExecLine::Output { .. } => "failed",
         };
-        s.metrics
+        let metrics = &self.s.metrics;
+        metrics
             .commands
             .get_or_create(&Reason { reason: label })
             .inc();
-        if let Err(e) = s.store.append_audit(&end, crate::now_unix()).await {
-            s.metrics.audit_failures.inc();
+        if let Err(e) = self
+            .s
+            .domain
+            .store
+            .append_audit(&end, crate::now_unix())
+            .await
+        {
+            metrics.audit_failures.inc();
             tracing::error!(error = %e, "cannot audit a command's outcome");
         }
-        let _ = tx.send(line(&last)).await;
-    });
-    let stream = futures_util::stream::unfold(rx, |mut rx| async move {
-        rx.recv().await.map(|item| (item, rx))
-    });
-    Response::builder()
-        .status(StatusCode::OK)
-        .header(header::CONTENT_TYPE, "application/x-ndjson")
-        .body(Body::from_stream(stream))
-        .map_err(internal)
+    }
+}
+
+/// One NDJSON line.
+fn line(l: &ExecLine) -> Result<bytes::Bytes, std::io::Error> {
+    let mut v = serde_json::to_vec(l).unwrap_or_default();
+    v.push(b'\n');
+    Ok(bytes::Bytes::from(v))
 }

@@ -9,7 +9,7 @@
 //!    from the CSR), recorded, and its fingerprint allowed (allowlist version bumped).
 //!
 //! Proofs: `token` (one-time, hashed, expiring, bound to one appliance) and the platform
-//! proofs of [`crate::proof`] (`aws`, `gcp`, `k8s`), each checked against the appliance's
+//! proofs of [`crate::domain::proof`] (`aws`, `gcp`, `k8s`), each checked against the appliance's
 //! recorded binding and recorded as used.
 //!
 //! # Audit
@@ -22,43 +22,61 @@
 //! that entry cannot be written the refusal is still answered, and the failure logged at
 //! error.
 
-use axum::http::StatusCode;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
 use tether_api::appliances::{ApplianceStatus, PlatformBinding};
 use tether_api::enroll::{Challenge, EnrollRequest, EnrollResponse, Proof};
-use tether_audit::{self as audit, action, Actor, AuditEvent, Outcome};
-use tracing::{error, info, warn};
+use tether_audit::{self as audit, action, Actor, AuditEvent};
+use tracing::{info, warn};
 
 use tether_identity::ApplianceId;
 
-use crate::api::{ApiError, AppState};
-use crate::proof::{ProofError, Verified};
+use crate::domain::proof::Verified;
+use crate::domain::token::Token;
+use crate::domain::{internal, record_refusal, rfc3339, Context, Error, ErrorKind};
 use crate::store::{CertRecord, CertState, StoreError, TokenRefusal};
-use crate::token::Token;
 
-/// Unix seconds as RFC 3339 (UTC).
-pub fn rfc3339(unix: i64) -> String {
-    time::OffsetDateTime::from_unix_timestamp(unix)
-        .ok()
-        .and_then(|t| {
-            t.format(&time::format_description::well_known::Rfc3339)
-                .ok()
-        })
-        .unwrap_or_default()
+/// Default lifetime of an enrollment nonce: 5 minutes.
+pub const DEFAULT_NONCE_TTL: Duration = Duration::from_secs(300);
+/// Default lifetime of an enrollment token: 24 hours.
+pub const DEFAULT_TOKEN_TTL: Duration = Duration::from_secs(24 * 3600);
+/// Default overlap after a renewal during which the previous certificate stays allowed.
+pub const DEFAULT_RENEWAL_OVERLAP: Duration = Duration::from_secs(86_400);
+
+/// `[enroll]`
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EnrollSettings {
+    /// Nonce lifetime. Default 5 min.
+    #[serde(with = "humantime_serde")]
+    pub nonce_ttl: Duration,
+    /// Default token lifetime (`token create --ttl` overrides). Default 24 h.
+    #[serde(with = "humantime_serde")]
+    pub token_ttl: Duration,
+    /// Overlap after renewal. Default 24 h.
+    #[serde(with = "humantime_serde")]
+    pub renewal_overlap: Duration,
+    /// How often `serve` removes previous certificates whose overlap ended. Default 30 s.
+    #[serde(with = "humantime_serde")]
+    pub overlap_sweep: Duration,
 }
 
-pub(crate) fn internal(e: impl std::fmt::Display) -> ApiError {
-    warn!(error = %e, "internal error");
-    ApiError::new(
-        StatusCode::INTERNAL_SERVER_ERROR,
-        "internal",
-        "internal error",
-    )
+impl Default for EnrollSettings {
+    fn default() -> Self {
+        Self {
+            nonce_ttl: DEFAULT_NONCE_TTL,
+            token_ttl: DEFAULT_TOKEN_TTL,
+            renewal_overlap: DEFAULT_RENEWAL_OVERLAP,
+            overlap_sweep: Duration::from_secs(30),
+        }
+    }
 }
 
 /// Hand out a nonce.
-pub async fn challenge(s: &AppState, now: i64) -> Result<Challenge, ApiError> {
-    let nonce = crate::token::nonce();
-    let expires_at = now + s.config.enroll.nonce_ttl.as_secs() as i64;
+pub async fn challenge(s: &Context, now: i64) -> Result<Challenge, Error> {
+    let nonce = crate::domain::token::nonce();
+    let expires_at = now + s.settings.enroll.nonce_ttl.as_secs() as i64;
     s.store
         .create_nonce(&nonce, expires_at)
         .await
@@ -72,12 +90,12 @@ pub async fn challenge(s: &AppState, now: i64) -> Result<Challenge, ApiError> {
 /// Check a platform proof against the appliance's binding. A proof of a kind other than
 /// the binding's is refused before any verifier runs (no network call for it).
 async fn verify_platform(
-    s: &AppState,
+    s: &Context,
     proof: &Proof,
     binding: &PlatformBinding,
     nonce: &str,
     now: i64,
-) -> Result<Verified, ProofError> {
+) -> Result<Verified, Error> {
     match (proof, binding) {
         (Proof::Aws(p), PlatformBinding::Aws { role_arn }) => {
             s.proofs.aws.verify(p, nonce, role_arn).await
@@ -108,8 +126,8 @@ async fn verify_platform(
                 .await
         }
         (Proof::Token { .. }, _) => unreachable!("tokens are redeemed by the caller"),
-        (_, binding) => Err(ProofError::new(
-            StatusCode::FORBIDDEN,
+        (_, binding) => Err(Error::new(
+            ErrorKind::Forbidden,
             "proof_kind_mismatch",
             format!(
                 "this appliance is bound to {}; a proof of another kind cannot enroll it",
@@ -131,35 +149,8 @@ fn binding_kind(b: &PlatformBinding) -> &'static str {
 /// Longest appliance id, bytes (the name rule of [`tether_identity::name`]).
 pub const MAX_APPLIANCE_ID_LEN: usize = tether_identity::MAX_NAME_LEN;
 
-/// How a refused (4xx) or failed (5xx) answer is recorded.
-pub(crate) fn outcome_of(e: &ApiError) -> Outcome {
-    if e.status.is_server_error() {
-        Outcome::Failed
-    } else {
-        Outcome::Refused
-    }
-}
-
-/// Append a refusal's entry; if that fails, say so at error and carry on (the caller
-/// still answers the refusal).
-pub(crate) async fn record_refusal(s: &AppState, event: &AuditEvent, now: i64) {
-    if let Err(e) = s.store.append_audit(event, now).await {
-        error!(
-            error = %e,
-            action = %event.action,
-            target = %event.target,
-            code = ?event.details.get("code"),
-            "cannot write the refusal to the audit log"
-        );
-    }
-}
-
 /// Enroll an appliance. Every refusal is recorded in the audit log (see the module docs).
-pub async fn enroll(
-    s: &AppState,
-    req: EnrollRequest,
-    now: i64,
-) -> Result<EnrollResponse, ApiError> {
+pub async fn enroll(s: &Context, req: EnrollRequest, now: i64) -> Result<EnrollResponse, Error> {
     let result = enroll_checked(s, &req, now).await;
     if let Err(e) = &result {
         let id = req.appliance_id.as_str();
@@ -173,26 +164,26 @@ pub async fn enroll(
             )
         };
         let event = AuditEvent::refused(actor, action::APPLIANCE_ENROLL, target, e.code)
-            .with_outcome(outcome_of(e))
+            .with_outcome(e.outcome())
             .with("proof_kind", req.proof.kind());
-        record_refusal(s, &event, now).await;
+        record_refusal(s.store.as_ref(), &event, now).await;
     }
     result
 }
 
 async fn enroll_checked(
-    s: &AppState,
+    s: &Context,
     req: &EnrollRequest,
     now: i64,
-) -> Result<EnrollResponse, ApiError> {
+) -> Result<EnrollResponse, Error> {
     let id = req.appliance_id.as_str();
-    let refused = |status, code, message: String| {
+    let refused = |kind, code, message: String| {
         warn!(appliance = id, code, reason = %message, "enrollment refused");
-        ApiError::new(status, code, message)
+        Error::new(kind, code, message)
     };
     if let Err(e) = ApplianceId::new(id) {
         return Err(refused(
-            StatusCode::BAD_REQUEST,
+            ErrorKind::BadRequest,
             "invalid_appliance_id",
             e.to_string(),
         ));
@@ -204,14 +195,14 @@ async fn enroll_checked(
         .map_err(internal)?
         .ok_or_else(|| {
             refused(
-                StatusCode::NOT_FOUND,
+                ErrorKind::NotFound,
                 "unknown_appliance",
                 format!("appliance {id} is not registered"),
             )
         })?;
     if appliance.status == ApplianceStatus::Disabled {
         return Err(refused(
-            StatusCode::FORBIDDEN,
+            ErrorKind::Forbidden,
             "appliance_disabled",
             format!("appliance {id} is disabled"),
         ));
@@ -220,14 +211,14 @@ async fn enroll_checked(
         Ok(()) => {}
         Err(StoreError::Replay(_)) => {
             return Err(refused(
-                StatusCode::CONFLICT,
+                ErrorKind::Conflict,
                 "nonce_replayed",
                 "nonce was already used; ask for a new challenge".into(),
             ))
         }
         Err(StoreError::NonceInvalid) => {
             return Err(refused(
-                StatusCode::BAD_REQUEST,
+                ErrorKind::BadRequest,
                 "nonce_invalid",
                 "nonce unknown or expired; ask for a new challenge".into(),
             ))
@@ -235,7 +226,7 @@ async fn enroll_checked(
         Err(e) => return Err(internal(e)),
     }
     s.ca.check_csr(&req.csr_pem)
-        .map_err(|e| refused(StatusCode::BAD_REQUEST, e.code(), e.to_string()))?;
+        .map_err(|e| refused(ErrorKind::BadRequest, e.code(), e.to_string()))?;
     match &req.proof {
         Proof::Token { token } => {
             let hash = Token::from_secret(token).hash();
@@ -257,7 +248,7 @@ async fn enroll_checked(
                             ("token_used", "the token was already used; create a new one")
                         }
                     };
-                    return Err(refused(StatusCode::FORBIDDEN, code, msg.into()));
+                    return Err(refused(ErrorKind::Forbidden, code, msg.into()));
                 }
                 Err(e) => return Err(internal(e)),
             }
@@ -265,7 +256,7 @@ async fn enroll_checked(
         platform => {
             let verified = verify_platform(s, platform, &appliance.binding, &req.nonce, now)
                 .await
-                .map_err(|e| refused(e.status, e.code, e.message))?;
+                .map_err(|e| refused(e.kind, e.code, e.message))?;
             match s
                 .store
                 .record_proof(verified.kind, &verified.proof_id, verified.remember_until)
@@ -274,7 +265,7 @@ async fn enroll_checked(
                 Ok(()) => {}
                 Err(StoreError::Replay(_)) => {
                     return Err(refused(
-                        StatusCode::CONFLICT,
+                        ErrorKind::Conflict,
                         "proof_replayed",
                         "this proof was already used; make a fresh one".into(),
                     ))
@@ -292,14 +283,14 @@ async fn enroll_checked(
 /// the current one (the previous stays allowed for `overlap_secs`) together with `audit`
 /// (serial, fingerprint and `not_after` added to its details), and build the answer.
 pub(crate) async fn issue_and_record(
-    s: &AppState,
+    s: &Context,
     id: &str,
     csr_pem: &str,
     now: i64,
     overlap_secs: i64,
     audit: AuditEvent,
     what: &'static str,
-) -> Result<EnrollResponse, ApiError> {
+) -> Result<EnrollResponse, Error> {
     let ca = s.ca.clone();
     let csr = csr_pem.to_owned();
     let owned_id = id.to_owned();
@@ -309,13 +300,13 @@ pub(crate) async fn issue_and_record(
     .await
     .map_err(internal)?
     .map_err(|e| match e {
-        crate::ca::CaError::Csr(c) => {
+        crate::domain::ca::CaError::Csr(c) => {
             warn!(
                 appliance = id,
                 code = c.code(),
                 "certificate request refused"
             );
-            ApiError::new(StatusCode::BAD_REQUEST, c.code(), c.to_string())
+            Error::new(ErrorKind::BadRequest, c.code(), c.to_string())
         }
         other => internal(other),
     })?;
@@ -348,7 +339,7 @@ pub(crate) async fn issue_and_record(
         certificate_pem: issued.chain_pem,
         expires_at: rfc3339(issued.not_after),
         ca_pem: s.ca.root_pem(),
-        brokers: crate::brokers::addresses(s).await,
+        brokers: crate::domain::brokers::addresses(&s.registry()).await,
         fingerprint: issued.fingerprint_hex,
         not_after: issued.not_after,
     })

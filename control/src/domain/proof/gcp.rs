@@ -12,13 +12,13 @@ use std::fmt;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use axum::http::StatusCode;
+use crate::domain::ErrorKind;
 use serde::{Deserialize, Serialize};
 use tracing::warn;
 
 use super::jwks::{self, code, refuse, Audience, JwksCache, JwksSource, JwksTiming};
-use super::{ProofError, Verified};
-use crate::config::ConfigError;
+use super::{Error, Verified};
+use crate::domain::InvalidSetting;
 
 /// Google's OAuth2 signing keys.
 pub const DEFAULT_GCP_JWKS_URL: &str = "https://www.googleapis.com/oauth2/v3/certs";
@@ -93,7 +93,7 @@ impl GcpSettings {
         }
     }
 
-    fn source(&self) -> Result<JwksSource, ConfigError> {
+    fn source(&self) -> Result<JwksSource, InvalidSetting> {
         let url = match (&self.jwks_url, &self.jwks_file) {
             (None, None) => Some(DEFAULT_GCP_JWKS_URL),
             (url, _) => url.as_deref(),
@@ -107,9 +107,9 @@ impl GcpSettings {
     }
 
     /// Check every field (the key source is built, not fetched).
-    pub fn validate(&self) -> Result<(), ConfigError> {
+    pub fn validate(&self) -> Result<(), InvalidSetting> {
         if self.leeway > jwks::MAX_LEEWAY {
-            return Err(ConfigError::Invalid {
+            return Err(InvalidSetting {
                 field: "proofs.gcp.leeway",
                 reason: "at most 5m".into(),
             });
@@ -174,7 +174,7 @@ impl GcpVerifier {
         project: &str,
         service_account: &str,
         now: i64,
-    ) -> Result<Verified, ProofError> {
+    ) -> Result<Verified, Error> {
         let result = self.check(jwt, nonce, project, service_account, now).await;
         if let Err(e) = &result {
             warn!(kind = "gcp", code = e.code, reason = %e.message, "platform proof refused");
@@ -189,12 +189,12 @@ impl GcpVerifier {
         project: &str,
         service_account: &str,
         now: i64,
-    ) -> Result<Verified, ProofError> {
+    ) -> Result<Verified, Error> {
         let signed = jwks::verify_rs256::<GcpClaims>(jwt, &self.keys, now).await?;
         let c = &signed.claims;
         if !GCP_ISSUERS.contains(&c.iss.as_str()) {
             return Err(refuse(
-                StatusCode::FORBIDDEN,
+                ErrorKind::Forbidden,
                 code::JWT_WRONG_ISSUER,
                 "the token was not issued by Google",
             ));
@@ -202,7 +202,7 @@ impl GcpVerifier {
         let exp = jwks::check_times(c.exp, c.nbf, c.iat, self.leeway, now)?;
         if !c.aud.contains(nonce) {
             return Err(refuse(
-                StatusCode::FORBIDDEN,
+                ErrorKind::Forbidden,
                 code::JWT_WRONG_AUDIENCE,
                 "the token's audience is not this enrollment's nonce",
             ));
@@ -224,7 +224,7 @@ impl GcpVerifier {
                 "GCP identity does not match the binding"
             );
             return Err(refuse(
-                StatusCode::FORBIDDEN,
+                ErrorKind::Forbidden,
                 code::GCP_IDENTITY_MISMATCH,
                 "the token's project or service account is not this appliance's binding \
                  (a full-format Compute Engine token with a verified email is needed)",
@@ -232,7 +232,7 @@ impl GcpVerifier {
         }
         Ok(Verified {
             kind: "gcp",
-            proof_id: crate::token::sha256_hex(&signed.signature),
+            proof_id: crate::domain::token::sha256_hex(&signed.signature),
             remember_until: exp.saturating_add(self.leeway),
         })
     }

@@ -10,7 +10,7 @@
 //! `POST /v1/operators/login` (no client certificate needed) takes the token and a CSR;
 //! the invite is checked (unknown, used, cancelled, expired → 403 `invite_*`), the CSR
 //! checked (→ 400 `csr_*`, the invite is not burned), an operator certificate
-//! (`spiffe://<td>/operator/<name>`, [`crate::config::CertificateSettings::operator`])
+//! (`spiffe://<td>/operator/<name>`, [`crate::domain::ca::CertificateSettings::operator`])
 //! issued, and then, in one transaction, the invite is redeemed, the operator created (or
 //! re-activated with the invite's role) and the certificate's fingerprint recorded.
 //!
@@ -27,7 +27,7 @@
 //! `refused`, `code`), by the identity the certificate names.
 //!
 //! Roles: `admin` ⊇ `operator` ⊇ `viewer` ([`RoleExt::allows`]). Routes: operators (invite,
-//! list, revoke) need `admin`; appliance changes and tokens ([`crate::appliances`]) need
+//! list, revoke) need `admin`; appliance changes and tokens ([`crate::domain::appliances`]) need
 //! `operator`; `GET /v1/fleet/trust` and appliance reads need `viewer`.
 //!
 //! The request and answer bodies ([`Role`], [`Bundle`], [`LoginRequest`], …) are declared
@@ -35,9 +35,6 @@
 
 use std::time::Duration;
 
-use axum::extract::{Path, State};
-use axum::http::StatusCode;
-use axum::{Extension, Json};
 use tether_api::operators::{
     Bundle, InviteRequest, LoginRequest, LoginResponse, Operator, OperatorList, OperatorStatus,
     RevokeResponse, Role, DEFAULT_INVITE_TTL, MAX_INVITE_TTL,
@@ -47,12 +44,12 @@ use tracing::{info, warn};
 
 use tether_identity::OperatorName;
 
-use crate::api::{ApiError, AppState};
-use crate::enroll::{internal, outcome_of, record_refusal, rfc3339};
-use crate::identity::{identify, PeerIdentity};
-use crate::server::PeerCertificate;
-use crate::store::{Store, StoreError, UnixSeconds};
-use crate::token::Token;
+use crate::domain::identity::{identify, PeerIdentity};
+use crate::domain::token::Token;
+use crate::domain::{
+    internal, record_refusal, refuse, rfc3339, Context, Error, ErrorKind, Registry,
+};
+use crate::store::{InviteRefusal, OperatorCertificate, Store, StoreError, UnixSeconds};
 
 /// Lifetime of the first admin's bundle written by `tether-control init`: 7 days.
 pub const ADMIN_BUNDLE_TTL: Duration = Duration::from_secs(7 * 86_400);
@@ -91,109 +88,6 @@ fn rank(role: Role) -> u8 {
         Role::Admin => 2,
         Role::Operator => 1,
         Role::Viewer => 0,
-    }
-}
-
-/// The operator a recorded certificate belongs to.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct OperatorCredential {
-    /// Operator name.
-    pub name: String,
-    /// Its role.
-    pub role: Role,
-    /// Its status.
-    pub status: OperatorStatus,
-    /// The certificate's `notAfter`, Unix seconds.
-    pub not_after: UnixSeconds,
-}
-
-/// An operator certificate to record.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct OperatorCertificate {
-    /// SHA-256 of the DER, lowercase hex.
-    pub fingerprint: String,
-    /// Serial, lowercase hex.
-    pub serial: String,
-    /// Operator name.
-    pub operator: String,
-    /// `notAfter`, Unix seconds.
-    pub not_after: UnixSeconds,
-}
-
-/// A stored invite.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Invite {
-    /// The operator name it is for.
-    pub name: String,
-    /// The role it grants.
-    pub role: Role,
-    /// Valid while `now < expires_at`.
-    pub expires_at: UnixSeconds,
-    /// When it was redeemed.
-    pub used_at: Option<UnixSeconds>,
-    /// Cancelled by revoking its operator.
-    pub cancelled: bool,
-}
-
-impl Invite {
-    /// Why it cannot be redeemed at `now`, if it cannot.
-    pub fn refusal(&self, now: UnixSeconds) -> Option<InviteRefusal> {
-        if self.used_at.is_some() {
-            Some(InviteRefusal::Used)
-        } else if self.cancelled {
-            Some(InviteRefusal::Cancelled)
-        } else if now >= self.expires_at {
-            Some(InviteRefusal::Expired)
-        } else {
-            None
-        }
-    }
-}
-
-/// Why an invite could not be redeemed.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum InviteRefusal {
-    /// No invite with that token.
-    Unknown,
-    /// Already redeemed.
-    Used,
-    /// Expired.
-    Expired,
-    /// Cancelled (its operator was revoked).
-    Cancelled,
-}
-
-impl InviteRefusal {
-    /// The stable error code.
-    pub fn code(self) -> &'static str {
-        match self {
-            InviteRefusal::Unknown => "invite_unknown",
-            InviteRefusal::Used => "invite_used",
-            InviteRefusal::Expired => "invite_expired",
-            InviteRefusal::Cancelled => "invite_cancelled",
-        }
-    }
-
-    fn message(self) -> &'static str {
-        match self {
-            InviteRefusal::Unknown => "no such invite",
-            InviteRefusal::Used => "this bundle was already used; ask an admin for a new one",
-            InviteRefusal::Expired => "this bundle expired; ask an admin for a new one",
-            InviteRefusal::Cancelled => {
-                "this bundle was cancelled (its operator was revoked); ask an admin for a new one"
-            }
-        }
-    }
-}
-
-/// Control's URL as configured: `https://<first DNS name, else first IP>:<listen port>`.
-pub fn control_url(cfg: &crate::config::ControlConfig) -> String {
-    let port = cfg.listen.port();
-    match (cfg.dns_names.first(), cfg.ips.first()) {
-        (Some(dns), _) => format!("https://{dns}:{port}"),
-        (None, Some(std::net::IpAddr::V6(ip))) => format!("https://[{ip}]:{port}"),
-        (None, Some(ip)) => format!("https://{ip}:{port}"),
-        (None, None) => format!("https://{}", cfg.listen),
     }
 }
 
@@ -255,17 +149,46 @@ impl VerifiedOperator {
     }
 }
 
+/// Who an operation is done by: an operator [`authorize`] verified, or the local admin
+/// (the `tether-control` command line on the data directory, the recovery path).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Caller {
+    /// An operator with a verified certificate.
+    Operator(VerifiedOperator),
+    /// The command line on the data directory.
+    LocalAdmin,
+}
+
+impl Caller {
+    /// The caller as an audit actor.
+    pub fn actor(&self) -> Actor {
+        match self {
+            Caller::Operator(op) => op.actor(),
+            Caller::LocalAdmin => Actor::system(audit::system::LOCAL_ADMIN),
+        }
+    }
+}
+
+impl std::fmt::Display for Caller {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Caller::Operator(op) => f.write_str(op.name()),
+            Caller::LocalAdmin => f.write_str(audit::system::LOCAL_ADMIN),
+        }
+    }
+}
+
 /// Authenticate the operator behind `peer` and check that its role covers `needed` (see
 /// the module docs). A denial is recorded as `action` on `target`, refused, with its code.
 pub async fn authorize(
-    s: &AppState,
-    peer: &PeerCertificate,
+    s: &Context,
+    peer: Option<&[u8]>,
     needed: Role,
     action: &str,
     target: &str,
     now: UnixSeconds,
-) -> Result<VerifiedOperator, ApiError> {
-    let der = peer.0.as_deref();
+) -> Result<VerifiedOperator, Error> {
+    let der = peer;
     let identity = der.map(|d| identify(d, s.ca.trust_domain()));
     let result = authorize_checked(s, der, identity.as_ref(), needed, now).await;
     if let Err((e, role)) = &result {
@@ -277,32 +200,34 @@ pub async fn authorize(
         };
         warn!(code = e.code, actor = %actor, action, "operator route refused");
         let mut event =
-            AuditEvent::refused(actor, action, target, e.code).with_outcome(outcome_of(e));
+            AuditEvent::refused(actor, action, target, e.code).with_outcome(e.outcome());
         if let Some(der) = der {
-            event.set("presented_fingerprint", crate::ca::fingerprint_hex(der));
+            event.set(
+                "presented_fingerprint",
+                crate::domain::ca::fingerprint_hex(der),
+            );
         }
         if let Some(role) = role {
             event.set("role", role.as_str());
             event.set("needed", needed.as_str());
         }
-        record_refusal(s, &event, now).await;
+        record_refusal(s.store.as_ref(), &event, now).await;
     }
     result.map_err(|(e, _)| e)
 }
 
 async fn authorize_checked(
-    s: &AppState,
+    s: &Context,
     der: Option<&[u8]>,
-    identity: Option<&Result<PeerIdentity, crate::identity::IdentityError>>,
+    identity: Option<&Result<PeerIdentity, crate::domain::identity::IdentityError>>,
     needed: Role,
     now: UnixSeconds,
-) -> Result<VerifiedOperator, (ApiError, Option<Role>)> {
-    let refuse =
-        |code, message: String| (ApiError::new(StatusCode::FORBIDDEN, code, message), None);
+) -> Result<VerifiedOperator, (Error, Option<Role>)> {
+    let refuse = |code, message: String| (Error::new(ErrorKind::Forbidden, code, message), None);
     let (Some(der), Some(identity)) = (der, identity) else {
         return Err((
-            ApiError::new(
-                StatusCode::UNAUTHORIZED,
+            Error::new(
+                ErrorKind::Unauthenticated,
                 "client_certificate_required",
                 "this route needs an operator certificate (mutual TLS); run `tether login`",
             ),
@@ -320,7 +245,7 @@ async fn authorize_checked(
     };
     let cred = s
         .store
-        .operator_by_fingerprint(&crate::ca::fingerprint_hex(der))
+        .operator_by_fingerprint(&crate::domain::ca::fingerprint_hex(der))
         .await
         .map_err(|e| (internal(e), None))?;
     let cred = match cred {
@@ -343,8 +268,8 @@ async fn authorize_checked(
     }
     if !cred.role.allows(needed) {
         return Err((
-            ApiError::new(
-                StatusCode::FORBIDDEN,
+            Error::new(
+                ErrorKind::Forbidden,
                 "role_forbidden",
                 format!(
                     "operator {name} has role {}; this route needs {}",
@@ -361,31 +286,16 @@ async fn authorize_checked(
     })
 }
 
-/// `POST /v1/operators/login`.
-#[utoipa::path(
-    post,
-    path = "/v1/operators/login",
-    tag = "operators",
-    request_body = LoginRequest,
-    responses(
-        (status = 200, description = "an operator certificate", body = LoginResponse),
-        (status = 400, description = "bad input (malformed JSON, bad field, bad query)", body = tether_api::ErrorBody),
-        (status = 403, description = "refused: not an operator certificate, unknown or revoked operator, expired certificate, or role too low", body = tether_api::ErrorBody),
-        (status = 408, description = "the request took longer than `http.request_timeout`", body = tether_api::ErrorBody),
-        (status = 409, description = "conflict with the current state", body = tether_api::ErrorBody),
-        (status = 413, description = "request body larger than 64 KiB", body = tether_api::ErrorBody),
-        (status = 429, description = "`rate_limited`: too many requests from this client address (`http.public_rate_per_sec`); `Retry-After` says after how many seconds to retry", body = tether_api::ErrorBody)
-    )
-)]
+/// Redeem an invite: check it, check the CSR, issue an operator certificate and record
+/// the operator (see the module docs). Every refusal is recorded in the audit log.
 pub async fn login(
-    State(s): State<AppState>,
-    body: Result<Json<LoginRequest>, axum::extract::rejection::JsonRejection>,
-) -> Result<Json<LoginResponse>, ApiError> {
-    let Json(req) = body.map_err(crate::api::json_rejection)?;
-    let now = crate::now_unix();
+    s: &Context,
+    req: &LoginRequest,
+    now: UnixSeconds,
+) -> Result<LoginResponse, Error> {
     let hash = Token::from_secret(&req.token).hash();
     let mut who: Option<String> = None;
-    let result = login_checked(&s, &req, &hash, now, &mut who).await;
+    let result = login_checked(s, req, &hash, now, &mut who).await;
     if let Err(e) = &result {
         let (actor, target) = match &who {
             Some(n) => (Actor::operator(n.clone()), n.clone()),
@@ -396,21 +306,21 @@ pub async fn login(
         };
         warn!(code = e.code, operator = ?who, "operator login refused");
         let event = AuditEvent::refused(actor, action::LOGIN, target, e.code)
-            .with_outcome(outcome_of(e))
+            .with_outcome(e.outcome())
             .with("token_ref", audit::token_ref(&hash));
-        record_refusal(&s, &event, now).await;
+        record_refusal(s.store.as_ref(), &event, now).await;
     }
-    result.map(Json)
+    result
 }
 
 async fn login_checked(
-    s: &AppState,
+    s: &Context,
     req: &LoginRequest,
     hash: &str,
     now: UnixSeconds,
     who: &mut Option<String>,
-) -> Result<LoginResponse, ApiError> {
-    let refused = |r: InviteRefusal| ApiError::new(StatusCode::FORBIDDEN, r.code(), r.message());
+) -> Result<LoginResponse, Error> {
+    let refused = |r: InviteRefusal| Error::new(ErrorKind::Forbidden, r.code(), r.message());
     let invite = s
         .store
         .find_invite(hash)
@@ -423,7 +333,7 @@ async fn login_checked(
     }
     // A bad CSR does not burn the invite: checked before anything is issued.
     s.ca.check_csr(&req.csr_pem)
-        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.code(), e.to_string()))?;
+        .map_err(|e| Error::new(ErrorKind::BadRequest, e.code(), e.to_string()))?;
     let ca = s.ca.clone();
     let csr = req.csr_pem.clone();
     let name = invite.name.clone();
@@ -433,8 +343,8 @@ async fn login_checked(
     .await
     .map_err(internal)?
     .map_err(|e| match e {
-        crate::ca::CaError::Csr(c) => {
-            ApiError::new(StatusCode::BAD_REQUEST, c.code(), c.to_string())
+        crate::domain::ca::CaError::Csr(c) => {
+            Error::new(ErrorKind::BadRequest, c.code(), c.to_string())
         }
         other => internal(other),
     })?;
@@ -472,120 +382,63 @@ async fn login_checked(
     })
 }
 
-/// `POST /v1/operators/invites` (admin): a new bundle.
-#[utoipa::path(
-    post,
-    path = "/v1/operators/invites",
-    tag = "operators",
-    request_body = InviteRequest,
-    responses(
-        (status = 200, description = "a one-time enrollment bundle", body = Bundle),
-        (status = 400, description = "bad input (malformed JSON, bad field, bad query)", body = tether_api::ErrorBody),
-        (status = 401, description = "no client certificate, or one control did not issue", body = tether_api::ErrorBody),
-        (status = 403, description = "refused: not an operator certificate, unknown or revoked operator, expired certificate, or role too low", body = tether_api::ErrorBody),
-        (status = 408, description = "the request took longer than `http.request_timeout`", body = tether_api::ErrorBody),
-        (status = 413, description = "request body larger than 64 KiB", body = tether_api::ErrorBody)
-    ),
-    security(("operator_certificate" = []))
-)]
+/// Make a new bundle for `req.name` with `req.role`, carrying `ca_pem` (the caller is an
+/// admin, see [`authorize`]).
 pub async fn invite(
-    State(s): State<AppState>,
-    Extension(peer): Extension<PeerCertificate>,
-    body: Result<Json<InviteRequest>, axum::extract::rejection::JsonRejection>,
-) -> Result<Json<Bundle>, ApiError> {
-    let now = crate::now_unix();
-    let op = authorize(&s, &peer, Role::Admin, action::INVITE, "", now).await?;
-    let Json(req) = body.map_err(crate::api::json_rejection)?;
+    s: &Registry,
+    by: &Caller,
+    ca_pem: String,
+    req: &InviteRequest,
+    now: UnixSeconds,
+) -> Result<Bundle, Error> {
     if let Err(e) = OperatorName::new(&req.name) {
-        return Err(ApiError::new(
-            StatusCode::BAD_REQUEST,
-            e.code(),
-            e.to_string(),
-        ));
+        return Err(Error::new(ErrorKind::BadRequest, e.code(), e.to_string()));
     }
     let ttl = req
         .ttl_secs
         .map(Duration::from_secs)
         .unwrap_or(DEFAULT_INVITE_TTL);
     if ttl.is_zero() || ttl > MAX_INVITE_TTL {
-        return Err(ApiError::new(
-            StatusCode::BAD_REQUEST,
+        return Err(Error::new(
+            ErrorKind::BadRequest,
             "invalid_ttl",
             format!("ttl_secs must be 1..={}", MAX_INVITE_TTL.as_secs()),
         ));
     }
     let bundle = create_invite(
         s.store.as_ref(),
-        control_url(&s.config),
-        s.ca.root_pem(),
+        s.settings.control_url.clone(),
+        ca_pem,
         &req.name,
         req.role,
         ttl,
-        op.actor(),
+        by.actor(),
         now,
     )
     .await
     .map_err(internal)?;
-    info!(by = op.name(), operator = %req.name, role = req.role.as_str(), "operator invite created");
-    Ok(Json(bundle))
+    info!(by = %by, operator = %req.name, role = req.role.as_str(), "operator invite created");
+    Ok(bundle)
 }
 
-/// `GET /v1/operators` (admin).
-#[utoipa::path(
-    get,
-    path = "/v1/operators",
-    tag = "operators",
-    responses(
-        (status = 200, description = "every operator", body = OperatorList),
-        (status = 401, description = "no client certificate, or one control did not issue", body = tether_api::ErrorBody),
-        (status = 403, description = "refused: not an operator certificate, unknown or revoked operator, expired certificate, or role too low", body = tether_api::ErrorBody),
-        (status = 408, description = "the request took longer than `http.request_timeout`", body = tether_api::ErrorBody)
-    ),
-    security(("operator_certificate" = []))
-)]
-pub async fn list(
-    State(s): State<AppState>,
-    Extension(peer): Extension<PeerCertificate>,
-) -> Result<Json<OperatorList>, ApiError> {
-    let now = crate::now_unix();
-    authorize(&s, &peer, Role::Admin, action::LIST, "", now).await?;
+/// Every operator.
+pub async fn list(s: &Registry) -> Result<OperatorList, Error> {
     let operators = s.store.list_operators().await.map_err(internal)?;
-    Ok(Json(OperatorList { operators }))
+    Ok(OperatorList { operators })
 }
 
-/// `POST /v1/operators/{name}/revoke` (admin).
-#[utoipa::path(
-    post,
-    path = "/v1/operators/{name}/revoke",
-    tag = "operators",
-    params(("name" = String, Path, description = "Operator name: 1-128 of `[A-Za-z0-9._-]`")),
-    responses(
-        (status = 200, description = "revoked", body = RevokeResponse),
-        (status = 400, description = "bad input (malformed JSON, bad field, bad query)", body = tether_api::ErrorBody),
-        (status = 401, description = "no client certificate, or one control did not issue", body = tether_api::ErrorBody),
-        (status = 403, description = "refused: not an operator certificate, unknown or revoked operator, expired certificate, or role too low", body = tether_api::ErrorBody),
-        (status = 404, description = "no such appliance or operator", body = tether_api::ErrorBody),
-        (status = 408, description = "the request took longer than `http.request_timeout`", body = tether_api::ErrorBody),
-        (status = 409, description = "`last_admin`: the last active admin cannot be revoked", body = tether_api::ErrorBody)
-    ),
-    security(("operator_certificate" = []))
-)]
+/// Revoke operator `name` (the caller is an admin): its certificates stop being honoured and
+/// its pending invites are cancelled. The last active admin cannot be revoked.
 pub async fn revoke(
-    State(s): State<AppState>,
-    Extension(peer): Extension<PeerCertificate>,
-    Path(name): Path<String>,
-) -> Result<Json<RevokeResponse>, ApiError> {
-    let now = crate::now_unix();
-    let target = audit::clip(&name, audit::MAX_TARGET_LEN);
-    let op = authorize(&s, &peer, Role::Admin, action::REVOKE, target, now).await?;
-    if let Err(e) = OperatorName::new(&name) {
-        return Err(ApiError::new(
-            StatusCode::BAD_REQUEST,
-            e.code(),
-            e.to_string(),
-        ));
+    s: &Registry,
+    by: &Caller,
+    name: &str,
+    now: UnixSeconds,
+) -> Result<RevokeResponse, Error> {
+    if let Err(e) = OperatorName::new(name) {
+        return Err(Error::new(ErrorKind::BadRequest, e.code(), e.to_string()));
     }
-    let event = AuditEvent::success(op.actor(), action::REVOKE, name.as_str());
+    let event = AuditEvent::success(by.actor(), action::REVOKE, name);
     // Never lock the fleet out: the last active admin cannot be revoked (invite and log
     // in another admin first). A local `tether-control` on the data directory remains
     // the recovery path.
@@ -597,33 +450,28 @@ pub async fn revoke(
         .any(|o| o.name == name && is_active_admin(o))
         && operators.iter().filter(|o| is_active_admin(o)).count() == 1
     {
-        let e = ApiError::new(
-            StatusCode::CONFLICT,
+        let e = Error::new(
+            ErrorKind::Conflict,
             "last_admin",
             format!("{name} is the last active admin; invite another admin first"),
         );
-        let event = event
-            .with_outcome(audit::Outcome::Refused)
-            .with("code", e.code);
-        record_refusal(&s, &event, now).await;
-        return Err(e);
+        return Err(refuse(s.store.as_ref(), event, e, now).await);
     }
-    match s.store.revoke_operator(&name, now, &event).await {
+    match s.store.revoke_operator(name, now, &event).await {
         Ok(revoked) => {
-            info!(by = op.name(), operator = %name, ?revoked, "operator revoked");
-            Ok(Json(RevokeResponse { name, revoked }))
+            info!(by = %by, operator = %name, ?revoked, "operator revoked");
+            Ok(RevokeResponse {
+                name: name.to_owned(),
+                revoked,
+            })
         }
         Err(StoreError::NotFound(_)) => {
-            let e = ApiError::new(
-                StatusCode::NOT_FOUND,
+            let e = Error::new(
+                ErrorKind::NotFound,
                 "not_found",
                 format!("no operator or pending invite named {name}"),
             );
-            let event = event
-                .with_outcome(audit::Outcome::Refused)
-                .with("code", e.code);
-            record_refusal(&s, &event, now).await;
-            Err(e)
+            Err(refuse(s.store.as_ref(), event, e, now).await)
         }
         Err(e) => Err(internal(e)),
     }
@@ -632,6 +480,7 @@ pub async fn revoke(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::Invite;
 
     #[test]
     fn roles_nest() {

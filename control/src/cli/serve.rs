@@ -1,0 +1,108 @@
+//! `tether-control init` and `tether-control serve`.
+
+use std::net::SocketAddr;
+use std::path::Path;
+
+use tether_control::config::ControlConfig;
+use tether_control::domain::ca::KmsSettings;
+use tether_control::domain::operators::{self, Caller};
+use tokio_util::sync::CancellationToken;
+
+use super::{write_secret, Cmd};
+
+/// `init`: the CA, the config, the store, and the first admin's bundle.
+pub async fn init(cmd: Cmd, now: i64) -> anyhow::Result<()> {
+    let Cmd::Init {
+        dir,
+        trust_domain,
+        dns_names,
+        ips,
+        listen,
+        brokers,
+        database_url,
+        kms,
+        kms_region,
+        kms_endpoint_url,
+        kms_root_key,
+        kms_intermediate_key,
+        admin_bundle,
+    } = cmd
+    else {
+        unreachable!("init is called with Cmd::Init")
+    };
+    let data_dir = dir.data_dir;
+    let mut cfg = ControlConfig {
+        trust_domain,
+        brokers,
+        database_url,
+        ..ControlConfig::default()
+    };
+    if !dns_names.is_empty() {
+        cfg.dns_names = dns_names;
+    }
+    if !ips.is_empty() {
+        cfg.ips = ips;
+    }
+    if let Some(l) = listen {
+        cfg.listen = l;
+    }
+    let kms = kms.then(|| KmsSettings {
+        region: kms_region,
+        endpoint_url: kms_endpoint_url,
+        root_key: kms_root_key,
+        intermediate_key: kms_intermediate_key,
+        ..Default::default()
+    });
+    let (ca, store) = tether_control::run::init(&data_dir, &cfg, kms).await?;
+    let root = data_dir.join("ca").join("root.pem");
+    println!(
+        "initialised {} for trust domain {}",
+        data_dir.display(),
+        cfg.trust_domain
+    );
+    println!(
+        "root CA (give it to appliances and operators): {}",
+        root.display()
+    );
+    let bundle_path = admin_bundle.unwrap_or_else(|| data_dir.join("admin-bundle.json"));
+    let bundle = operators::create_invite(
+        store.as_ref(),
+        cfg.control_url(),
+        ca.root_pem(),
+        operators::FIRST_ADMIN,
+        tether_api::operators::Role::Admin,
+        operators::ADMIN_BUNDLE_TTL,
+        Caller::LocalAdmin.actor(),
+        now,
+    )
+    .await?;
+    write_secret(&bundle_path, &serde_json::to_vec_pretty(&bundle)?)?;
+    println!(
+        "first admin's one-time bundle (valid {}; `tether login --bundle FILE`): {}",
+        humantime::format_duration(operators::ADMIN_BUNDLE_TTL),
+        bundle_path.display()
+    );
+    Ok(())
+}
+
+/// `serve`: until SIGTERM or Ctrl-C, then drain.
+pub async fn serve(
+    data_dir: &Path,
+    listen: Option<SocketAddr>,
+    metrics_listen: Option<SocketAddr>,
+) -> anyhow::Result<()> {
+    let started = tether_control::run::Started::bind(data_dir, listen, metrics_listen).await?;
+    let shutdown = CancellationToken::new();
+    let trigger = shutdown.clone();
+    tokio::spawn(async move {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("SIGTERM handler");
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+        trigger.cancel();
+    });
+    started.serve(shutdown).await?;
+    Ok(())
+}

@@ -1,0 +1,495 @@
+//! One broker's channel: the `Hello`, then a writer (allowlist versions as soon as the
+//! store commits them, renewals, closes, commands, pings) and a reader (presence, command
+//! events) until either ends.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use tether_proto::cluster::{
+    self, SessionReport, ToBroker, ToControl, CHANNEL_IDLE_TIMEOUT_SECS, CHANNEL_PING_SECS,
+    MAX_FRAME_LEN, SNAPSHOT_CHUNK,
+};
+use tether_proto::CommandFailure;
+use tokio::sync::mpsc;
+use tokio_util::codec::{Framed, LengthDelimitedCodec};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn, Instrument};
+
+use super::{
+    lock, Cluster, ExecEvent, InFlight, Link, HELLO_TIMEOUT, LINK_QUEUE, MAX_DELTAS_ON_RESUME,
+};
+use crate::metrics::{Metrics, Reason};
+use crate::store::Store;
+
+/// What a link needs: the cluster it joins, the store it follows, the metrics it counts.
+#[derive(Clone, Debug)]
+pub struct LinkState {
+    /// The cluster.
+    pub cluster: Arc<Cluster>,
+    /// The store (allowlist versions, the broker's address).
+    pub store: Arc<dyn Store>,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+}
+
+type Channel<T> = Framed<T, LengthDelimitedCodec>;
+
+fn codec() -> LengthDelimitedCodec {
+    LengthDelimitedCodec::builder()
+        .big_endian()
+        .length_field_length(4)
+        .max_frame_length(MAX_FRAME_LEN)
+        .new_codec()
+}
+
+/// Why a link ended with an error.
+#[derive(Debug)]
+struct LinkError {
+    reason: &'static str,
+    detail: String,
+}
+
+fn link_error(reason: &'static str, detail: impl ToString) -> LinkError {
+    LinkError {
+        reason,
+        detail: detail.to_string(),
+    }
+}
+
+/// What a broker said in its `Hello`.
+struct Hello {
+    quic_addr: String,
+    since: u64,
+    sessions: Vec<SessionReport>,
+}
+
+/// Serve one broker channel until it ends (or control goes away), in a span naming the
+/// broker.
+pub async fn run_link<T>(s: LinkState, name: String, io: T)
+where
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
+{
+    let span = tracing::info_span!("broker_link", broker = %name);
+    let tracker = s.cluster.link_tasks.clone();
+    tracker
+        .track_future(link(s, name, io))
+        .instrument(span)
+        .await
+}
+
+async fn link<T>(s: LinkState, name: String, io: T)
+where
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
+{
+    let framed: Channel<T> = Framed::new(io, codec());
+    let (mut sink, mut stream) = framed.split();
+    let hello = match read_hello(&mut stream, &name).await {
+        Ok(h) => h,
+        Err(e) => return end_with(&s, &name, e),
+    };
+    let now = crate::now_unix();
+    if let Err(e) = s.store.broker_seen(&name, &hello.quic_addr, now).await {
+        warn!(error = %e, "cannot record the broker's address");
+    }
+    let (tx, rx) = mpsc::channel::<ToBroker>(LINK_QUEUE);
+    let ended = CancellationToken::new();
+    let applied = Arc::new(AtomicU64::new(hello.since));
+    let link_id = s.cluster.register_link(
+        &name,
+        Link {
+            id: 0,
+            tx,
+            quic_addr: hello.quic_addr,
+            connected_at: now.max(0) as u64,
+            applied: applied.clone(),
+            ended: ended.clone(),
+        },
+        hello.sessions,
+    );
+    s.metrics
+        .brokers_connected
+        .set(lock(&s.cluster.links).len() as i64);
+    s.metrics.sessions.set(s.cluster.session_count());
+
+    let writer = write_loop(&s, &mut sink, hello.since, rx, &ended);
+    let reader = read_loop(&s, &name, &mut stream, link_id, &applied);
+    let result = tokio::select! {
+        r = writer => r,
+        r = reader => r,
+        _ = ended.cancelled() => Ok(()),
+    };
+    ended.cancel();
+    unregister_link(&s, &name, link_id);
+    match result {
+        Ok(()) => info!("broker channel ended"),
+        Err(e) => end_with(&s, &name, e),
+    }
+}
+
+/// The broker's first frame, which must be a `Hello` naming the broker its certificate
+/// names, within [`HELLO_TIMEOUT`].
+async fn read_hello<S>(stream: &mut S, name: &str) -> Result<Hello, LinkError>
+where
+    S: futures_util::Stream<Item = std::io::Result<bytes::BytesMut>> + Unpin,
+{
+    let hello = match tokio::time::timeout(HELLO_TIMEOUT, stream.next()).await {
+        Ok(Some(Ok(frame))) => cluster::decode::<ToControl>(&frame),
+        Ok(Some(Err(e))) => Err(cluster::FrameError::Malformed(e.to_string())),
+        Ok(None) => Err(cluster::FrameError::Malformed("closed before Hello".into())),
+        Err(_) => Err(cluster::FrameError::Malformed("no Hello in time".into())),
+    };
+    match hello {
+        Ok(ToControl::Hello {
+            name: said,
+            quic_addr,
+            allowlist_version,
+            sessions,
+            version,
+        }) if said == name => {
+            info!(%quic_addr, allowlist_version, sessions = sessions.len(), broker_version = %version, "broker channel up");
+            Ok(Hello {
+                quic_addr,
+                since: allowlist_version,
+                sessions,
+            })
+        }
+        Ok(other) => Err(link_error(
+            "bad_hello",
+            format!("expected Hello naming {name}, got {other:?}"),
+        )),
+        Err(e) => Err(link_error("bad_hello", e)),
+    }
+}
+
+/// The writer: the initial sync, then versions as they are committed, queued messages
+/// and pings; [`ToBroker::GoingAway`] when control shuts down.
+async fn write_loop<S>(
+    s: &LinkState,
+    sink: &mut S,
+    since: u64,
+    mut rx: mpsc::Receiver<ToBroker>,
+    ended: &CancellationToken,
+) -> Result<(), LinkError>
+where
+    S: futures_util::Sink<bytes::Bytes, Error = std::io::Error> + Unpin,
+{
+    let mut sent = sync_from(s, sink, since).await?;
+    send(sink, &ToBroker::Synced { version: sent }).await?;
+    let generations = s
+        .store
+        .renewal_generations()
+        .await
+        .map_err(|e| link_error("store", e))?;
+    let generations = generations
+        .into_iter()
+        .map(|(id, g)| (id, g.max(0) as u64))
+        .collect();
+    send(sink, &ToBroker::Renewals { generations }).await?;
+    let mut watch = s.store.allowlist_watch();
+    let mut poll = tokio::time::interval(Duration::from_secs(1));
+    poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let ping = Duration::from_secs(CHANNEL_PING_SECS);
+    let mut last_sent = tokio::time::Instant::now();
+    let going_away = s.cluster.going_away.clone();
+    loop {
+        tokio::select! {
+            _ = ended.cancelled() => return Ok(()),
+            _ = going_away.cancelled() => {
+                send(sink, &ToBroker::GoingAway).await?;
+                let _ = sink.close().await;
+                info!("told the broker control is going away");
+                return Ok(());
+            }
+            changed = watch.changed() => {
+                if changed.is_err() {
+                    return Ok(());
+                }
+                sent = push_new_versions(s, sink, sent, &mut last_sent).await?;
+            }
+            _ = poll.tick() => {
+                sent = push_new_versions(s, sink, sent, &mut last_sent).await?;
+                // Say something at least every `ping`, so the broker knows the channel
+                // is alive.
+                if last_sent.elapsed() >= ping {
+                    send(sink, &ToBroker::Ping).await?;
+                    last_sent = tokio::time::Instant::now();
+                }
+            }
+            msg = rx.recv() => match msg {
+                Some(m) => {
+                    send(sink, &m).await?;
+                    last_sent = tokio::time::Instant::now();
+                }
+                None => return Ok(()),
+            },
+        }
+    }
+}
+
+/// The reader: presence and command events, until the broker closes or falls silent for
+/// [`CHANNEL_IDLE_TIMEOUT_SECS`].
+async fn read_loop<S>(
+    s: &LinkState,
+    name: &str,
+    stream: &mut S,
+    link_id: u64,
+    applied: &AtomicU64,
+) -> Result<(), LinkError>
+where
+    S: futures_util::Stream<Item = std::io::Result<bytes::BytesMut>> + Unpin,
+{
+    let cluster = &s.cluster;
+    let idle = Duration::from_secs(CHANNEL_IDLE_TIMEOUT_SECS);
+    loop {
+        let frame = match tokio::time::timeout(idle, stream.next()).await {
+            Err(_) => return Err(link_error("idle", "no frame from the broker in time")),
+            Ok(None) => return Ok(()),
+            Ok(Some(Err(e))) => return Err(link_error("framing", e)),
+            Ok(Some(Ok(f))) => f,
+        };
+        let msg = cluster::decode::<ToControl>(&frame).map_err(|e| link_error("malformed", e))?;
+        let (id, event, last) = match msg {
+            ToControl::Hello { .. } => return Err(link_error("protocol", "a second Hello")),
+            ToControl::Applied {
+                version,
+                sessions_closed,
+            } => {
+                applied.store(version, Ordering::Relaxed);
+                debug!(version, sessions_closed, "broker applied version");
+                continue;
+            }
+            ToControl::SessionUp(r) => {
+                let appliance = r.appliance.clone();
+                if let Some(older) = cluster.session_up(name, r) {
+                    cluster.supersede(&appliance, older);
+                }
+                s.metrics.sessions.set(cluster.session_count());
+                continue;
+            }
+            ToControl::SessionDown {
+                appliance,
+                session_id,
+                reason,
+            } => {
+                debug!(%appliance, session_id, %reason, "session down");
+                cluster.session_down(name, &appliance, session_id);
+                s.metrics.sessions.set(cluster.session_count());
+                continue;
+            }
+            ToControl::Heartbeats { items } => {
+                cluster.heartbeats(name, items);
+                continue;
+            }
+            ToControl::Ping => continue,
+            ToControl::CommandOutput { id, stream, data } => {
+                (id, ExecEvent::Output { stream, data }, false)
+            }
+            ToControl::CommandExit { id, code } => (id, ExecEvent::Exit(code), true),
+            ToControl::CommandFailed { id, code, message } => {
+                (id, ExecEvent::Failed { code, message }, true)
+            }
+        };
+        if !cluster.deliver(link_id, id, event, last) {
+            foreign_command(s, name, id);
+        }
+    }
+}
+
+/// Unregister a link that ended (unless a newer channel of the same broker took the
+/// slot), forget its sessions and fail its commands with `broker_lost`.
+fn unregister_link(s: &LinkState, name: &str, link_id: u64) {
+    let cluster = &s.cluster;
+    {
+        let mut links = lock(&cluster.links);
+        if links.get(name).is_some_and(|l| l.id == link_id) {
+            links.remove(name);
+            drop(links);
+            cluster.forget_broker(name);
+        }
+    }
+    s.metrics
+        .brokers_connected
+        .set(lock(&cluster.links).len() as i64);
+    s.metrics.sessions.set(cluster.session_count());
+    let lost: Vec<InFlight> = {
+        let mut commands = lock(&cluster.commands);
+        let ids: Vec<u64> = commands
+            .iter()
+            .filter(|(_, c)| c.link == link_id)
+            .map(|(id, _)| *id)
+            .collect();
+        ids.into_iter()
+            .filter_map(|id| commands.remove(&id))
+            .collect()
+    };
+    for c in lost {
+        let _ = c.tx.send(ExecEvent::Failed {
+            code: CommandFailure::BrokerLost,
+            message: format!("the channel to broker {name} ended mid-command"),
+        });
+    }
+}
+
+/// A command event for no command of this broker: one that ended (its deadline passed,
+/// its caller left) or one the broker was never sent. Counted and logged, never delivered.
+fn foreign_command(s: &LinkState, name: &str, id: u64) {
+    s.metrics
+        .channel_errors
+        .get_or_create(&Reason {
+            reason: "unknown_command",
+        })
+        .inc();
+    debug!(broker = %name, command_id = id, "event for a command this broker does not run");
+}
+
+fn end_with(s: &LinkState, name: &str, e: LinkError) {
+    s.metrics
+        .channel_errors
+        .get_or_create(&Reason { reason: e.reason })
+        .inc();
+    warn!(broker = %name, reason = e.reason, detail = %e.detail, "broker channel ended with an error");
+}
+
+async fn send<S>(sink: &mut S, msg: &ToBroker) -> Result<(), LinkError>
+where
+    S: futures_util::Sink<bytes::Bytes, Error = std::io::Error> + Unpin,
+{
+    let frame = cluster::encode(msg).map_err(|e| link_error("encode", e))?;
+    // `encode` adds the length; the codec adds it again, so strip ours.
+    sink.send(bytes::Bytes::from(frame).slice(4..))
+        .await
+        .map_err(|e| link_error("write", e))
+}
+
+/// Bring a broker at version `since` up to date: deltas when it is close, a snapshot
+/// otherwise. Returns the version it now has.
+async fn sync_from<S>(s: &LinkState, sink: &mut S, since: u64) -> Result<u64, LinkError>
+where
+    S: futures_util::Sink<bytes::Bytes, Error = std::io::Error> + Unpin,
+{
+    let current = s
+        .store
+        .allowlist_version()
+        .await
+        .map_err(|e| link_error("store", e))?
+        .max(0) as u64;
+    if since == current {
+        return Ok(current);
+    }
+    if since > 0 && since < current {
+        let mut deltas = Vec::new();
+        let mut after = since as i64;
+        loop {
+            let page = s
+                .store
+                .allowlist_changes_since(after, 10_000)
+                .await
+                .map_err(|e| link_error("store", e))?;
+            let Some(last) = page.last() else { break };
+            after = last.version;
+            deltas.extend(page);
+            if deltas.len() > MAX_DELTAS_ON_RESUME {
+                break;
+            }
+        }
+        if deltas.len() <= MAX_DELTAS_ON_RESUME {
+            return send_deltas(sink, deltas, since).await;
+        }
+    }
+    // Too far behind, nothing held, or ahead of us (a restored database): a snapshot.
+    let (version, entries) = s
+        .store
+        .allowlist_snapshot()
+        .await
+        .map_err(|e| link_error("store", e))?;
+    let version = version.max(0) as u64;
+    info!(
+        since,
+        version,
+        entries = entries.len(),
+        "sending a broker a full snapshot"
+    );
+    send(
+        sink,
+        &ToBroker::SnapshotBegin {
+            version,
+            entries: entries.len() as u64,
+        },
+    )
+    .await?;
+    for chunk in entries.chunks(SNAPSHOT_CHUNK) {
+        send(
+            sink,
+            &ToBroker::SnapshotChunk {
+                entries: chunk.to_vec(),
+            },
+        )
+        .await?;
+    }
+    send(sink, &ToBroker::SnapshotEnd { version }).await?;
+    Ok(version)
+}
+
+async fn push_new_versions<S>(
+    s: &LinkState,
+    sink: &mut S,
+    sent: u64,
+    last_sent: &mut tokio::time::Instant,
+) -> Result<u64, LinkError>
+where
+    S: futures_util::Sink<bytes::Bytes, Error = std::io::Error> + Unpin,
+{
+    let mut sent = sent;
+    loop {
+        let page = s
+            .store
+            .allowlist_changes_since(sent as i64, 10_000)
+            .await
+            .map_err(|e| link_error("store", e))?;
+        if page.is_empty() {
+            return Ok(sent);
+        }
+        sent = send_deltas(sink, page, sent).await?;
+        *last_sent = tokio::time::Instant::now();
+    }
+}
+
+/// Send `deltas` (whole versions, in order) as one `Delta` per version.
+async fn send_deltas<S>(
+    sink: &mut S,
+    deltas: Vec<crate::store::AllowlistDelta>,
+    mut sent: u64,
+) -> Result<u64, LinkError>
+where
+    S: futures_util::Sink<bytes::Bytes, Error = std::io::Error> + Unpin,
+{
+    let mut i = 0;
+    while i < deltas.len() {
+        let version = deltas[i].version;
+        let mut add = Vec::new();
+        let mut remove = Vec::new();
+        while i < deltas.len() && deltas[i].version == version {
+            let d = &deltas[i];
+            if d.added {
+                add.push((d.appliance_id.clone(), d.fingerprint.clone()));
+            } else {
+                remove.push(d.fingerprint.clone());
+            }
+            i += 1;
+        }
+        let version = version.max(0) as u64;
+        send(
+            sink,
+            &ToBroker::Delta {
+                version,
+                add,
+                remove,
+            },
+        )
+        .await?;
+        sent = version;
+    }
+    Ok(sent)
+}

@@ -1,0 +1,533 @@
+//! The edge cluster as control sees it: one channel per broker (see
+//! `tether_proto::cluster` for the conversation), where each appliance is connected, and
+//! the commands in flight.
+//!
+//! - the HTTP layer's `channel` is the handler of `GET /v1/brokers/channel`: it authenticates
+//!   the broker (its certificate must be the one recorded for an active broker,
+//!   [`crate::domain::brokers::authenticate`]), upgrades the connection and runs
+//!   [`link::run_link`].
+//! - [`link`]: a link has a reader (presence, command events) and a writer (allowlist versions as
+//!   soon as the store commits them, renewals, closes, commands, pings). The writer wakes
+//!   on [`crate::store::Store::allowlist_watch`] and also polls the version every second,
+//!   so commits made by another control replica reach the brokers too.
+//! - Presence lives in memory: brokers send every session they hold when their channel
+//!   opens, so a restarted control knows the fleet again within one reconnect.
+//! - When an appliance comes up on a broker while control knows it on another one (or
+//!   under another session), the older session is closed as `superseded`.
+//! - Commands: [`Cluster::exec`] sends the command down the link of the broker that holds
+//!   the appliance and returns a channel of events; the last one is always `Exit` or
+//!   `Failed`. A link that ends fails its commands with `broker_lost`; the caller's own
+//!   deadline guard fails them with `timed_out`.
+//! - [`Cluster`] implements [`crate::domain::Fleet`]: the domain asks it where an appliance
+//!   is and tells brokers through it, without importing this module.
+//!
+//! # Modules
+//!
+//! - this file — [`Cluster`]: the links, presence (which appliance is on which broker)
+//!   and command routing (commands in flight and where their events go).
+//! - [`link`] — one broker's channel: `Hello`, the reader and the writer.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tether_api::appliances::Presence;
+use tether_proto::cluster::{HeartbeatSummary, SessionReport, ToBroker};
+use tether_proto::{CloseCode, CommandFailure, CommandKind, OutputStream};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::domain::brokers::LinkInfo;
+use crate::domain::Fleet;
+
+pub mod link;
+
+/// Versions behind after which a reconnecting broker gets a snapshot instead of deltas.
+pub const MAX_DELTAS_ON_RESUME: usize = 100_000;
+/// Time a broker has to send `Hello` after the upgrade.
+pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// Frames queued for one broker before senders wait.
+const LINK_QUEUE: usize = 1024;
+
+struct Link {
+    id: u64,
+    tx: mpsc::Sender<ToBroker>,
+    quic_addr: String,
+    connected_at: u64,
+    applied: Arc<AtomicU64>,
+    ended: CancellationToken,
+}
+
+/// What a command produces, as [`Cluster::exec`] hands it to the caller.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ExecEvent {
+    /// Output; `data` is the bytes in standard base64.
+    Output {
+        /// `stdout` or `stderr`.
+        stream: OutputStream,
+        /// Base64.
+        data: String,
+    },
+    /// Exit code.
+    Exit(i32),
+    /// No exit code: `offline`, `timed_out`, `connection_lost`, `broker_lost`, ...
+    Failed {
+        /// Why.
+        code: CommandFailure,
+        /// Detail.
+        message: String,
+    },
+}
+
+struct InFlight {
+    link: u64,
+    tx: mpsc::UnboundedSender<ExecEvent>,
+    /// Output bytes delivered and not yet taken by the caller.
+    queued: Arc<AtomicUsize>,
+}
+
+/// Output a command may have waiting for a slow caller before it is stopped
+/// (`output_overflow`).
+pub const MAX_QUEUED_OUTPUT: usize = 16 * 1024 * 1024;
+
+/// The events of one command, in the order its broker sent them.
+#[derive(Debug)]
+pub struct ExecEvents {
+    rx: mpsc::UnboundedReceiver<ExecEvent>,
+    queued: Arc<AtomicUsize>,
+}
+
+impl ExecEvents {
+    /// The next event; `None` when the command was forgotten without a final event.
+    pub async fn recv(&mut self) -> Option<ExecEvent> {
+        let ev = self.rx.recv().await?;
+        if let ExecEvent::Output { data, .. } = &ev {
+            self.queued.fetch_sub(data.len(), Ordering::Relaxed);
+        }
+        Some(ev)
+    }
+}
+
+/// The cluster state shared by every handler.
+#[derive(Default)]
+pub struct Cluster {
+    links: Mutex<HashMap<String, Link>>,
+    presence: Mutex<HashMap<String, Presence>>,
+    commands: Mutex<HashMap<u64, InFlight>>,
+    next_id: AtomicU64,
+    /// Cancelled when control shuts down: every link says `GoingAway` and ends.
+    going_away: CancellationToken,
+    /// The links' tasks, so shutdown can wait for them to say it.
+    link_tasks: tokio_util::task::TaskTracker,
+}
+
+impl std::fmt::Debug for Cluster {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cluster")
+            .field("links", &self.links.lock().map(|l| l.len()).unwrap_or(0))
+            .finish_non_exhaustive()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // A panic while holding one of these maps leaves it consistent (single inserts and
+    // removes); keep serving rather than poison the whole cluster view.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Cluster {
+    /// An empty cluster.
+    pub fn new() -> Cluster {
+        Cluster::default()
+    }
+
+    /// Tell every broker channel that control is going away ([`ToBroker::GoingAway`]),
+    /// and wait up to `limit` for the links to say it and close. New channels opened
+    /// after this are told at once.
+    pub async fn go_away(&self, limit: Duration) -> bool {
+        self.going_away.cancel();
+        self.link_tasks.close();
+        tokio::time::timeout(limit, self.link_tasks.wait())
+            .await
+            .is_ok()
+    }
+
+    /// Record a new link for `name` (closing an older one of the same broker) and the
+    /// sessions its `Hello` reported; returns the link's id.
+    fn register_link(&self, name: &str, mut link: Link, sessions: Vec<SessionReport>) -> u64 {
+        let link_id = self.next_id.fetch_add(1, Ordering::Relaxed) + 1;
+        link.id = link_id;
+        if let Some(old) = lock(&self.links).insert(name.to_owned(), link) {
+            info!("a newer channel of the same broker replaces the older one");
+            old.ended.cancel();
+        }
+        self.forget_broker(name);
+        for r in sessions {
+            let appliance = r.appliance.clone();
+            if let Some(older) = self.session_up(name, r) {
+                self.supersede(&appliance, older);
+            }
+        }
+        link_id
+    }
+
+    /// Where `appliance` is connected, if a broker reported it.
+    pub fn presence(&self, appliance: &str) -> Option<Presence> {
+        lock(&self.presence).get(appliance).cloned()
+    }
+
+    /// Every broker channel that is up, by name.
+    pub fn links(&self) -> Vec<LinkInfo> {
+        let sessions = {
+            let p = lock(&self.presence);
+            let mut counts: HashMap<String, usize> = HashMap::new();
+            for pr in p.values() {
+                *counts.entry(pr.broker.clone()).or_default() += 1;
+            }
+            counts
+        };
+        let mut out: Vec<LinkInfo> = lock(&self.links)
+            .iter()
+            .map(|(name, l)| LinkInfo {
+                broker: name.clone(),
+                quic_addr: l.quic_addr.clone(),
+                connected_at: l.connected_at,
+                allowlist_version: l.applied.load(Ordering::Relaxed),
+                sessions: sessions.get(name).copied().unwrap_or(0),
+            })
+            .collect();
+        out.sort_by(|a, b| a.broker.cmp(&b.broker));
+        out
+    }
+
+    /// Where agents reach the brokers whose channel is up, by name (cheap: no session
+    /// counts, unlike [`Cluster::links`]).
+    pub fn quic_addrs(&self) -> Vec<String> {
+        let links = lock(&self.links);
+        let mut named: Vec<(&String, &Link)> = links.iter().collect();
+        named.sort_by(|a, b| a.0.cmp(b.0));
+        named
+            .into_iter()
+            .map(|(_, l)| l.quic_addr.clone())
+            .collect()
+    }
+
+    /// Queue `msg` for every connected broker (renewal generations).
+    pub fn broadcast(&self, msg: ToBroker) {
+        for (name, link) in lock(&self.links).iter() {
+            if link.tx.try_send(msg.clone()).is_err() {
+                warn!(broker = %name, "broker channel queue full; it will get the change on its next connection");
+                link.ended.cancel();
+            }
+        }
+    }
+
+    /// Close broker `name`'s channel (it was revoked).
+    pub fn disconnect(&self, name: &str) {
+        if let Some(link) = lock(&self.links).get(name) {
+            link.ended.cancel();
+        }
+    }
+
+    /// Run a command on `appliance` through the broker that holds it. `Err` when it
+    /// cannot even be sent: `offline` (no broker reports it) or `broker_lost`.
+    pub async fn exec(
+        &self,
+        appliance: &str,
+        argv: Vec<String>,
+        kind: CommandKind,
+        env_allowlist: Vec<String>,
+        timeout: Duration,
+    ) -> Result<(String, u64, ExecEvents), CommandFailure> {
+        let presence = self.presence(appliance).ok_or(CommandFailure::Offline)?;
+        let (link_id, tx) = {
+            let links = lock(&self.links);
+            let link = links.get(&presence.broker).ok_or(CommandFailure::Offline)?;
+            (link.id, link.tx.clone())
+        };
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed) + 1;
+        let (events_tx, events_rx) = mpsc::unbounded_channel();
+        let queued = Arc::new(AtomicUsize::new(0));
+        lock(&self.commands).insert(
+            id,
+            InFlight {
+                link: link_id,
+                tx: events_tx,
+                queued: queued.clone(),
+            },
+        );
+        let msg = ToBroker::Command {
+            id,
+            appliance: appliance.to_owned(),
+            argv,
+            kind,
+            env_allowlist,
+            timeout_ms: timeout.as_millis().min(u64::MAX as u128) as u64,
+        };
+        if tx.send(msg).await.is_err() {
+            lock(&self.commands).remove(&id);
+            return Err(CommandFailure::BrokerLost);
+        }
+        Ok((
+            presence.broker,
+            id,
+            ExecEvents {
+                rx: events_rx,
+                queued,
+            },
+        ))
+    }
+
+    /// Register broker `broker`'s link as [`link::run_link`] does after `Hello` (holding
+    /// `sessions`), without a network channel, and return the receiving end of its queue:
+    /// what the link's writer would send. For benches of the routing path in-process.
+    #[doc(hidden)]
+    pub fn attach_link(
+        &self,
+        broker: &str,
+        sessions: Vec<SessionReport>,
+    ) -> mpsc::Receiver<ToBroker> {
+        let (tx, rx) = mpsc::channel(LINK_QUEUE);
+        let link = Link {
+            id: self.next_id.fetch_add(1, Ordering::Relaxed) + 1,
+            tx,
+            quic_addr: String::new(),
+            connected_at: 0,
+            applied: Arc::new(AtomicU64::new(0)),
+            ended: CancellationToken::new(),
+        };
+        if let Some(old) = lock(&self.links).insert(broker.to_owned(), link) {
+            old.ended.cancel();
+        }
+        self.forget_broker(broker);
+        for r in sessions {
+            let appliance = r.appliance.clone();
+            if let Some(older) = self.session_up(broker, r) {
+                self.supersede(&appliance, older);
+            }
+        }
+        rx
+    }
+
+    /// Forget command `id` and tell its broker to stop it (the caller went away).
+    pub fn cancel(&self, id: u64) {
+        let Some(inflight) = lock(&self.commands).remove(&id) else {
+            return;
+        };
+        self.cancel_on_link(inflight.link, id);
+    }
+
+    /// Hand a command event from link `link_id` to the caller, in order, without waiting
+    /// (the reader serves every command of the broker). Events for a command sent down
+    /// another broker's link are dropped: a broker speaks only for its own commands.
+    fn deliver(&self, link_id: u64, id: u64, event: ExecEvent, last: bool) -> bool {
+        let mut commands = lock(&self.commands);
+        let Some(c) = commands.get(&id).filter(|c| c.link == link_id) else {
+            return false;
+        };
+        if let ExecEvent::Output { data, .. } = &event {
+            if c.queued.fetch_add(data.len(), Ordering::Relaxed) + data.len() > MAX_QUEUED_OUTPUT {
+                let c = commands.remove(&id).expect("present");
+                drop(commands);
+                let _ = c.tx.send(ExecEvent::Failed {
+                    code: CommandFailure::OutputOverflow,
+                    message: format!(
+                        "the caller did not read {MAX_QUEUED_OUTPUT} bytes of output in time"
+                    ),
+                });
+                self.cancel_on_link(c.link, id);
+                return true;
+            }
+        }
+        let _ = c.tx.send(event);
+        if last {
+            commands.remove(&id);
+        }
+        true
+    }
+
+    fn cancel_on_link(&self, link_id: u64, id: u64) {
+        let links = lock(&self.links);
+        if let Some(link) = links.values().find(|l| l.id == link_id) {
+            let _ = link.tx.try_send(ToBroker::CancelCommand { id });
+        }
+    }
+
+    /// Record a session `broker` reports. When control knows the appliance on another
+    /// broker, the older of the two sessions must go: returns it (broker, session id).
+    /// A broker re-announcing, after a reconnect, a session older than the one control
+    /// knows elsewhere (a zombie the appliance already left) does not displace it.
+    fn session_up(&self, broker: &str, r: SessionReport) -> Option<(String, u64)> {
+        let mut presence = lock(&self.presence);
+        let known = presence
+            .get(&r.appliance)
+            .filter(|p| p.broker != broker)
+            .map(|p| (p.broker.clone(), p.session_id, p.connected_at));
+        if let Some((_, _, known_at)) = &known {
+            if r.connected_at < *known_at {
+                return Some((broker.to_owned(), r.session_id));
+            }
+        }
+        presence.insert(
+            r.appliance.clone(),
+            Presence {
+                broker: broker.to_owned(),
+                session_id: r.session_id,
+                connected_at: r.connected_at,
+                fingerprint: r.fingerprint,
+                agent_version: r.agent_version,
+                cert_not_after: r.cert_not_after,
+                last_heartbeat: None,
+                trust_state: None,
+            },
+        );
+        // Only another broker's session needs closing from here; a broker supersedes its
+        // own sessions itself.
+        known.map(|(b, id, _)| (b, id))
+    }
+
+    fn supersede(&self, appliance: &str, (broker, session_id): (String, u64)) {
+        let links = lock(&self.links);
+        if let Some(link) = links.get(&broker) {
+            info!(%appliance, %broker, session_id, "closing the older of two sessions on different brokers as superseded");
+            let _ = link.tx.try_send(ToBroker::CloseSession {
+                appliance: appliance.to_owned(),
+                session_id,
+                code: CloseCode::Superseded,
+            });
+        }
+    }
+
+    fn session_down(&self, broker: &str, appliance: &str, session_id: u64) {
+        let mut presence = lock(&self.presence);
+        if presence
+            .get(appliance)
+            .is_some_and(|p| p.broker == broker && p.session_id == session_id)
+        {
+            presence.remove(appliance);
+        }
+    }
+
+    fn heartbeats(&self, broker: &str, items: Vec<HeartbeatSummary>) {
+        let mut presence = lock(&self.presence);
+        for h in items {
+            if let Some(p) = presence.get_mut(&h.appliance) {
+                if p.broker == broker && p.session_id == h.session_id {
+                    p.last_heartbeat = Some(h.at);
+                    p.trust_state = Some(h.trust_state);
+                    p.cert_not_after = h.cert_not_after;
+                }
+            }
+        }
+    }
+
+    fn forget_broker(&self, broker: &str) {
+        lock(&self.presence).retain(|_, p| p.broker != broker);
+    }
+
+    fn session_count(&self) -> i64 {
+        lock(&self.presence).len() as i64
+    }
+}
+
+impl Fleet for Cluster {
+    fn presence(&self, id: &str) -> Option<Presence> {
+        Cluster::presence(self, id)
+    }
+    fn quic_addrs(&self) -> Vec<String> {
+        Cluster::quic_addrs(self)
+    }
+    fn links(&self) -> Vec<LinkInfo> {
+        Cluster::links(self)
+    }
+    fn broadcast(&self, msg: ToBroker) {
+        Cluster::broadcast(self, msg)
+    }
+    fn disconnect(&self, name: &str) {
+        Cluster::disconnect(self, name)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn report(appliance: &str, session_id: u64, connected_at: u64) -> SessionReport {
+        SessionReport {
+            appliance: appliance.into(),
+            session_id,
+            fingerprint: "ab".into(),
+            connected_at,
+            cert_not_after: 0,
+            agent_version: "t".into(),
+        }
+    }
+
+    #[test]
+    fn the_newer_session_wins_across_brokers() {
+        let c = Cluster::new();
+        assert_eq!(c.session_up("b1", report("a", 1, 100)), None);
+        // The appliance moved to b2: b1's session is the older one.
+        assert_eq!(
+            c.session_up("b2", report("a", 7, 105)),
+            Some(("b1".into(), 1))
+        );
+        assert_eq!(c.presence("a").unwrap().broker, "b2");
+        // b1 reconnects and re-announces its zombie: it is the one to close, and
+        // control keeps b2's session.
+        assert_eq!(
+            c.session_up("b1", report("a", 1, 100)),
+            Some(("b1".into(), 1))
+        );
+        assert_eq!(c.presence("a").unwrap().session_id, 7);
+        // The zombie's end changes nothing; the live session's end forgets it.
+        c.session_down("b1", "a", 1);
+        assert!(c.presence("a").is_some());
+        c.session_down("b2", "a", 7);
+        assert!(c.presence("a").is_none());
+    }
+
+    #[tokio::test]
+    async fn a_broker_cannot_answer_for_another_brokers_command() {
+        let c = Cluster::new();
+        let (tx, _rx) = mpsc::channel(8);
+        lock(&c.links).insert(
+            "b1".into(),
+            Link {
+                id: 1,
+                tx,
+                quic_addr: "127.0.0.1:1".into(),
+                connected_at: 0,
+                applied: Arc::new(AtomicU64::new(0)),
+                ended: CancellationToken::new(),
+            },
+        );
+        c.session_up("b1", report("a", 1, 100));
+        let (broker, id, mut events) = c
+            .exec(
+                "a",
+                vec!["true".into()],
+                CommandKind::Exec,
+                vec![],
+                Duration::from_secs(5),
+            )
+            .await
+            .unwrap();
+        assert_eq!(broker, "b1");
+        // Link 2 (another broker) forges the result: dropped.
+        assert!(!c.deliver(2, id, ExecEvent::Exit(0), true));
+        // The real broker's answer gets through.
+        assert!(c.deliver(1, id, ExecEvent::Exit(3), true));
+        assert_eq!(events.recv().await, Some(ExecEvent::Exit(3)));
+    }
+
+    #[test]
+    fn a_broker_replacing_its_own_session_needs_no_close_from_control() {
+        let c = Cluster::new();
+        c.session_up("b1", report("a", 1, 100));
+        assert_eq!(c.session_up("b1", report("a", 2, 101)), None);
+        assert_eq!(c.presence("a").unwrap().session_id, 2);
+    }
+}

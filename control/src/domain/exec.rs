@@ -1,0 +1,100 @@
+//! The checks before a command runs on an appliance: the id, the request (argv, kind,
+//! deadline) and the appliance's status. Routing the command to the broker that holds
+//! the appliance is the cluster layer's (`Cluster::exec`); streaming its
+//! events to the caller is the HTTP layer's.
+
+use std::time::Duration;
+
+use tether_api::appliances::ApplianceStatus;
+use tether_api::exec::ExecRequest;
+use tether_identity::ApplianceId;
+use tether_proto::CommandKind;
+
+use crate::domain::{internal, Error, ErrorKind};
+use crate::store::Store;
+
+/// Deadline when the request gives none.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
+/// Longest deadline accepted.
+pub const MAX_TIMEOUT: Duration = Duration::from_secs(3600);
+/// Most argv entries.
+pub const MAX_ARGS: usize = 256;
+
+/// A checked command.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Command {
+    /// What to run.
+    pub argv: Vec<String>,
+    /// Exec or shell.
+    pub kind: CommandKind,
+    /// Environment variables the agent may pass through.
+    pub env_allowlist: Vec<String>,
+    /// The deadline.
+    pub timeout: Duration,
+}
+
+/// Check appliance id `id`: 400 `invalid_id`.
+pub fn check_id(id: &str) -> Result<(), Error> {
+    ApplianceId::new(id)
+        .map(drop)
+        .map_err(|e| Error::new(ErrorKind::BadRequest, "invalid_id", e.to_string()))
+}
+
+/// Check a command request: 1 to [`MAX_ARGS`] argv entries, a deadline of at most
+/// [`MAX_TIMEOUT`] (default [`DEFAULT_TIMEOUT`]), kind `exec` or `shell`; else 400
+/// `invalid_command`.
+pub fn check_request(req: ExecRequest) -> Result<Command, Error> {
+    let timeout = req
+        .timeout_ms
+        .map(Duration::from_millis)
+        .unwrap_or(DEFAULT_TIMEOUT);
+    let kind = req
+        .kind
+        .as_deref()
+        .map_or(Some(CommandKind::Exec), CommandKind::from_name);
+    let problem = if req.argv.is_empty() || req.argv.len() > MAX_ARGS {
+        Some(format!("argv must hold 1 to {MAX_ARGS} entries"))
+    } else if timeout.is_zero() || timeout > MAX_TIMEOUT {
+        Some("timeout_ms must be 1 to 3600000".into())
+    } else if kind.is_none() {
+        Some("kind must be exec or shell".into())
+    } else {
+        None
+    };
+    if let Some(message) = problem {
+        return Err(Error::new(
+            ErrorKind::BadRequest,
+            "invalid_command",
+            message,
+        ));
+    }
+    Ok(Command {
+        argv: req.argv,
+        kind: kind.unwrap_or_default(),
+        env_allowlist: req.env_allowlist,
+        timeout,
+    })
+}
+
+/// Check that appliance `id` exists and is active: 404 `not_found`, 409
+/// `appliance_disabled` / `appliance_revoked`; a store failure is `internal`.
+pub async fn check_appliance(store: &dyn Store, id: &str) -> Result<(), Error> {
+    let conflict = |code, message| Error::new(ErrorKind::Conflict, code, message);
+    match store.get_appliance(id).await {
+        Ok(Some(a)) => match a.status {
+            ApplianceStatus::Active => Ok(()),
+            ApplianceStatus::Disabled => {
+                Err(conflict("appliance_disabled", "the appliance is disabled"))
+            }
+            ApplianceStatus::Revoked => {
+                Err(conflict("appliance_revoked", "the appliance is revoked"))
+            }
+        },
+        Ok(None) => Err(Error::new(
+            ErrorKind::NotFound,
+            "not_found",
+            format!("no appliance {id}"),
+        )),
+        Err(e) => Err(internal(e)),
+    }
+}
