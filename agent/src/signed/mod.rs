@@ -363,75 +363,10 @@ impl SignedOps {
             Err(r) => return fail(r, partial),
         };
         let approval = if decided.approval_required || !ext.approval.is_empty() {
-            if ext.approval.is_empty() {
-                return fail(
-                    Refusal::new(
-                        CommandFailure::ApprovalRequired,
-                        format!(
-                            "phase {} needs a customer approval and none came with the command",
-                            decided.phase
-                        ),
-                    ),
-                    partial,
-                );
-            }
-            let approvers = match &loaded.approvers {
-                Ok(a) => a.clone(),
-                Err(e) => {
-                    return fail(
-                        Refusal::new(CommandFailure::ApprovalUnavailable, e.clone()),
-                        partial,
-                    )
-                }
-            };
-            let verified = match approval::check(
-                &ext.approval,
-                &ext.approval_sig,
-                &expected,
-                &approvers,
-                &policy.limits,
-                now,
-            ) {
-                Ok(v) => v,
+            match self.consume_approval(&ext, &expected, &loaded, &policy, now) {
+                Ok(a) => Some(a),
                 Err(r) => return fail(r, partial),
-            };
-            // Single use: checked and recorded under one lock, durably, before the spawn.
-            let mut st = self.state();
-            let skew = i64::try_from(policy.limits.clock_skew.as_millis()).unwrap_or(i64::MAX);
-            st.ledger.prune(now, skew);
-            if let Err(r) = st
-                .ledger
-                .check(&verified.approval_id, verified.not_after_ms)
-            {
-                drop(st);
-                return fail(r, partial);
             }
-            let event = AuditEvent::success(
-                agent_actor(&self.appliance.id),
-                action::APPROVAL_CONSUMED,
-                &ext.request_id,
-            )
-            .with("approval_id", verified.approval_id.clone())
-            .with("not_after_ms", verified.not_after_ms)
-            .with("sha256", verified.sha256.clone())
-            .with("signer", verified.signer.clone())
-            .with("key_id", verified.key_id.clone())
-            .with("approver", verified.approver.clone());
-            let appended = match &mut st.log {
-                Ok(log) => log.append(&event).map(|_| ()),
-                Err(e) => Err(e.clone()),
-            };
-            if let Err(e) = appended {
-                drop(st);
-                return fail(Refusal::new(CommandFailure::AuditUnavailable, e), partial);
-            }
-            st.ledger
-                .record(&verified.approval_id, verified.not_after_ms);
-            Some(manifest::ApprovalRef {
-                sha256: verified.sha256,
-                approval_id: verified.approval_id,
-                signer: verified.signer,
-            })
         } else {
             None
         };
@@ -443,6 +378,69 @@ impl SignedOps {
             approval,
             policy_sha256: policy.sha256.clone(),
         }))
+    }
+
+    /// Design §1.5 steps 3 to 7 for an attached (or required) approval: verified, in its
+    /// window, unused; then recorded as used — fsynced in the audit log before anything
+    /// starts, under the lock that checked it.
+    fn consume_approval(
+        &self,
+        ext: &tether_proto::SignedOps,
+        expected: &Expected<'_>,
+        loaded: &Loaded,
+        policy: &policy::Policy,
+        now: i64,
+    ) -> Result<manifest::ApprovalRef, Refusal> {
+        if ext.approval.is_empty() {
+            return Err(Refusal::new(
+                CommandFailure::ApprovalRequired,
+                format!(
+                    "phase {} needs a customer approval and none came with the command",
+                    expected.phase
+                ),
+            ));
+        }
+        let approvers = match &loaded.approvers {
+            Ok(a) => a.clone(),
+            Err(e) => return Err(Refusal::new(CommandFailure::ApprovalUnavailable, e.clone())),
+        };
+        let verified = approval::check(
+            &ext.approval,
+            &ext.approval_sig,
+            expected,
+            &approvers,
+            &policy.limits,
+            now,
+        )?;
+        let mut st = self.state();
+        let skew = i64::try_from(policy.limits.clock_skew.as_millis()).unwrap_or(i64::MAX);
+        st.ledger.prune(now, skew);
+        st.ledger
+            .check(&verified.approval_id, verified.not_after_ms)?;
+        let event = AuditEvent::success(
+            agent_actor(&self.appliance.id),
+            action::APPROVAL_CONSUMED,
+            &ext.request_id,
+        )
+        .with("approval_id", verified.approval_id.clone())
+        .with("not_after_ms", verified.not_after_ms)
+        .with("sha256", verified.sha256.clone())
+        .with("signer", verified.signer.clone())
+        .with("key_id", verified.key_id.clone())
+        .with("approver", verified.approver.clone());
+        match &mut st.log {
+            Ok(log) => log
+                .append(&event)
+                .map_err(|e| Refusal::new(CommandFailure::AuditUnavailable, e))?,
+            Err(e) => return Err(Refusal::new(CommandFailure::AuditUnavailable, e.clone())),
+        };
+        st.ledger
+            .record(&verified.approval_id, verified.not_after_ms);
+        Ok(manifest::ApprovalRef {
+            sha256: verified.sha256,
+            approval_id: verified.approval_id,
+            signer: verified.signer,
+        })
     }
 
     /// Append `event`, or `audit_unavailable`.
