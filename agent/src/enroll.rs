@@ -93,25 +93,9 @@ pub enum EnrollError {
     },
 }
 
-#[derive(Deserialize)]
-pub(crate) struct Challenge {
-    nonce: String,
-}
-
-#[derive(Deserialize)]
-pub(crate) struct EnrollResponse {
-    pub(crate) certificate_pem: String,
-    pub(crate) ca_pem: String,
-    pub(crate) brokers: Vec<String>,
-    pub(crate) fingerprint: String,
-    pub(crate) not_after: i64,
-}
-
-#[derive(Deserialize)]
-struct ErrorBody {
-    error: String,
-    message: String,
-}
+pub(crate) use tether_api::enroll::EnrollResponse;
+use tether_api::enroll::{Challenge, EnrollRequest};
+use tether_api::error::ErrorBody;
 
 /// What `state.json` records.
 #[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -204,7 +188,7 @@ pub fn http_client_with(
 pub(crate) async fn post<T: serde::de::DeserializeOwned>(
     client: &reqwest::Client,
     url: String,
-    body: &serde_json::Value,
+    body: &impl serde::Serialize,
 ) -> Result<T, EnrollError> {
     let resp = client
         .post(&url)
@@ -267,12 +251,12 @@ pub async fn enroll(opts: &EnrollOptions) -> Result<EnrollState, EnrollError> {
     let resp: EnrollResponse = post(
         &client,
         format!("{base}/v1/enroll"),
-        &serde_json::json!({
-            "appliance_id": opts.appliance_id,
-            "csr_pem": csr_pem,
-            "nonce": challenge.nonce,
-            "proof": proof,
-        }),
+        &EnrollRequest {
+            appliance_id: opts.appliance_id.clone(),
+            csr_pem,
+            nonce: challenge.nonce,
+            proof,
+        },
     )
     .await?;
     let state = EnrollState {

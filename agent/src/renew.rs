@@ -58,7 +58,7 @@ pub async fn renew(dir: &Path) -> Result<EnrollState, EnrollError> {
     let resp: EnrollResponse = post(
         &client,
         format!("{base}/v1/renew"),
-        &serde_json::json!({ "csr_pem": csr_pem }),
+        &tether_api::enroll::RenewRequest { csr_pem },
     )
     .await?;
     let new_state = EnrollState {

@@ -7,11 +7,10 @@
 //!
 //! **Every REST body is declared here once.** A route's handler in control, and every
 //! client of that route, name the type in this crate; nobody keeps a private
-//! `#[derive(Deserialize)]` copy or builds the body with `serde_json::json!`. Two shapes
-//! live elsewhere on purpose: the audit page (`tether_audit::page::AuditPage`, owned with
-//! the log's format by the audit crate) and the bodies the broker process exchanges with
-//! control (`tether_proto::cluster::{BrokerBundle, BrokerEnrollRequest,
-//! BrokerRenewRequest, BrokerCredential}`, next to the cluster channel).
+//! `#[derive(Deserialize)]` copy or builds the body with `serde_json::json!` — the agent's
+//! enrollment and renewal and the broker's included. One shape lives elsewhere on
+//! purpose: the audit page (`tether_audit::page::AuditPage`, owned with the log's format
+//! by the audit crate).
 //!
 //! This crate holds serde types and nothing else: no HTTP client or server, no store, no
 //! runtime, and no domain logic beyond `as_str`/`parse`/`Display`/`FromStr` helpers. What

@@ -102,8 +102,18 @@ impl CommandBody {
         any.then(|| tether_proto::SignedOps {
             request_id: self.request_id.clone().unwrap_or_default(),
             reason: self.reason.clone().unwrap_or_default(),
-            approval: self.approval.clone().unwrap_or_default().into_bytes().into(),
-            approval_sig: self.approval_sig.clone().unwrap_or_default().into_bytes().into(),
+            approval: self
+                .approval
+                .clone()
+                .unwrap_or_default()
+                .into_bytes()
+                .into(),
+            approval_sig: self
+                .approval_sig
+                .clone()
+                .unwrap_or_default()
+                .into_bytes()
+                .into(),
             plan_only: self.plan,
         })
     }

@@ -20,7 +20,7 @@ use std::path::{Path, PathBuf};
 
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use serde::{Deserialize, Serialize};
-use tether_proto::cluster::BrokerBundle;
+use tether_api::brokers::BrokerBundle;
 use thiserror::Error;
 
 /// `broker.json`.

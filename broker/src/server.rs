@@ -984,7 +984,11 @@ impl Broker {
         // request for any other agent would be silently meaningless: refuse it.
         let signed = if session.has_capability(tether_proto::capability::SIGNED_OPS) {
             Some(spec.signed.unwrap_or_default())
-        } else if spec.signed.as_ref().is_some_and(|s| !s.approval.is_empty() || s.plan_only) {
+        } else if spec
+            .signed
+            .as_ref()
+            .is_some_and(|s| !s.approval.is_empty() || s.plan_only)
+        {
             return Err(CommandError::Invalid(format!(
                 "appliance {appliance} does not announce signed-ops/1: it runs commands unsigned and cannot check an approval or plan one"
             )));

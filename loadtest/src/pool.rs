@@ -38,7 +38,7 @@ use tether_api::appliances::{ApplianceStatus, PlatformBinding};
 use tether_api::operators::{Bundle as OperatorBundle, LoginRequest, LoginResponse};
 use tether_audit::{action, system, Actor, AuditEvent};
 use tether_control::store::{Appliance, StoreError};
-use tether_proto::cluster::BrokerBundle;
+use tether_api::brokers::BrokerBundle;
 
 use crate::progress::Progress;
 

@@ -234,56 +234,6 @@ pub enum ToControl {
     Ping,
 }
 
-/// A one-time broker bundle, as `tether broker add NAME` writes it and
-/// `tether-broker --bundle FILE` reads it.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct BrokerBundle {
-    /// The broker's name (its certificate will say `spiffe://<td>/broker/<name>`).
-    pub name: String,
-    /// The trust domain.
-    pub trust_domain: String,
-    /// Control's base URL (`https://host:port`).
-    pub control_url: String,
-    /// PEM of the root CA: control's certificate and every broker's chain to it.
-    pub ca_pem: String,
-    /// The one-time enrollment token (secret).
-    pub token: String,
-    /// When the token stops working (Unix seconds).
-    pub expires_at: u64,
-}
-
-/// `POST /v1/brokers/enroll` (no client certificate; the bundle's token).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct BrokerEnrollRequest {
-    /// The broker's name.
-    pub name: String,
-    /// The bundle's token.
-    pub token: String,
-    /// PEM CSR over a key made on the broker (P-256 or Ed25519). Only the key is used.
-    pub csr_pem: String,
-}
-
-/// `POST /v1/brokers/renew` (mTLS with the broker's current certificate).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct BrokerRenewRequest {
-    /// PEM CSR over a new key.
-    pub csr_pem: String,
-}
-
-/// The answer of both broker enrollment and renewal.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct BrokerCredential {
-    /// The broker's name.
-    pub name: String,
-    /// PEM chain: the broker leaf (serverAuth + clientAuth, SAN URI
-    /// `spiffe://<td>/broker/<name>`), then the intermediate.
-    pub chain_pem: String,
-    /// PEM of the root CA.
-    pub ca_pem: String,
-    /// The leaf's `notAfter` (Unix seconds).
-    pub not_after: u64,
-}
-
 /// Encode one frame: 4-byte big-endian length, then the JSON.
 pub fn encode<T: Serialize>(msg: &T) -> Result<Vec<u8>, FrameError> {
     let json = serde_json::to_vec(msg).map_err(|e| FrameError::Malformed(e.to_string()))?;

@@ -604,7 +604,11 @@ fn check_len(len: usize, field: &'static str, max: usize) -> Result<(), EncodeEr
     Ok(())
 }
 
-fn get_bytes_max<B: Buf>(buf: &mut B, field: &'static str, max: usize) -> Result<Bytes, DecodeError> {
+fn get_bytes_max<B: Buf>(
+    buf: &mut B,
+    field: &'static str,
+    max: usize,
+) -> Result<Bytes, DecodeError> {
     let b = get_bytes(buf, field)?;
     if b.len() > max {
         return Err(DecodeError::TooLong {
@@ -656,7 +660,11 @@ impl Codec for SignedOps {
         check_str(&self.request_id, "request_id", MAX_REQUEST_ID_LEN)?;
         check_str(&self.reason, "reason", MAX_MESSAGE_LEN)?;
         check_len(self.approval.len(), "approval", MAX_APPROVAL_LEN)?;
-        check_len(self.approval_sig.len(), "approval_sig", MAX_APPROVAL_SIG_LEN)
+        check_len(
+            self.approval_sig.len(),
+            "approval_sig",
+            MAX_APPROVAL_SIG_LEN,
+        )
     }
 }
 

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::Subcommand;
 use tether_api::brokers::{AddBroker, BrokerList};
-use tether_proto::cluster::BrokerBundle;
+use tether_api::brokers::BrokerBundle;
 
 use super::{check_name, print_json, write_secret, Client, Common, Output};
 

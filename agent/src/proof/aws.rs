@@ -41,7 +41,7 @@ pub struct AwsSource {
 
 impl AwsSource {
     /// The proof JSON: credentials from the standard chain, signed now.
-    pub async fn build(&self, nonce: &str) -> Result<serde_json::Value, EnrollError> {
+    pub async fn build(&self, nonce: &str) -> Result<tether_api::enroll::Proof, EnrollError> {
         let credentials = load_credentials(&self.region).await?;
         sign_proof(
             &self.sts_url,
@@ -105,7 +105,7 @@ pub fn sign_proof(
     nonce: &str,
     credentials: &Credentials,
     time: SystemTime,
-) -> Result<serde_json::Value, EnrollError> {
+) -> Result<tether_api::enroll::Proof, EnrollError> {
     let bad = |why: String| EnrollError::Proof(format!("cannot sign the AWS proof: {why}"));
     let url = reqwest::Url::parse(sts_url).map_err(|e| bad(format!("STS URL {sts_url:?}: {e}")))?;
     let host = match (url.scheme(), url.host_str()) {
@@ -158,16 +158,11 @@ pub fn sign_proof(
     for h in &added {
         headers.push((h.name(), h.value().to_owned()));
     }
-    let headers: serde_json::Map<String, serde_json::Value> = headers
-        .into_iter()
-        .map(|(k, v)| (k.to_owned(), serde_json::Value::String(v)))
-        .collect();
-    Ok(serde_json::json!({
-        "kind": "aws",
-        "method": "POST",
-        "url": url,
-        "headers": headers,
-        "body": GET_CALLER_IDENTITY_BODY,
+    Ok(tether_api::enroll::Proof::Aws(tether_api::enroll::AwsProof {
+        method: "POST".into(),
+        url: url.to_string(),
+        headers: headers.into_iter().map(|(k, v)| (k.to_owned(), v)).collect(),
+        body: GET_CALLER_IDENTITY_BODY.into(),
     }))
 }
 
@@ -209,6 +204,7 @@ mod tests {
             t0(),
         )
         .unwrap();
+        let p = serde_json::to_value(&p).unwrap();
         assert_eq!(p["kind"], "aws");
         assert_eq!(p["method"], "POST");
         assert_eq!(p["url"], "https://sts.us-east-1.amazonaws.com/");
@@ -244,7 +240,7 @@ mod tests {
             t0(),
         )
         .unwrap();
-        assert_eq!(again, p);
+        assert_eq!(serde_json::to_value(&again).unwrap(), p);
         let other = sign_proof(
             "https://sts.us-east-1.amazonaws.com/",
             "us-east-1",
@@ -253,6 +249,7 @@ mod tests {
             t0(),
         )
         .unwrap();
+        let other = serde_json::to_value(&other).unwrap();
         assert_ne!(other["headers"]["authorization"], h["authorization"]);
     }
 
@@ -266,6 +263,7 @@ mod tests {
             t0(),
         )
         .unwrap();
+        let p = serde_json::to_value(&p).unwrap();
         assert_eq!(p["url"], "http://127.0.0.1:5000/");
         assert_eq!(p["headers"]["host"], "127.0.0.1:5000");
         assert!(p["headers"].get("x-amz-security-token").is_none());
@@ -281,6 +279,7 @@ mod tests {
             t0(),
         )
         .unwrap();
+        let p = serde_json::to_value(&p).unwrap();
         assert_eq!(p["headers"]["host"], "sts.amazonaws.com");
     }
 

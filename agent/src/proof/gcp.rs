@@ -25,7 +25,7 @@ pub struct GcpSource {
 
 impl GcpSource {
     /// The proof JSON: `{"kind": "gcp", "jwt": "..."}`, the token's audience being `nonce`.
-    pub async fn build(&self, nonce: &str) -> Result<serde_json::Value, EnrollError> {
+    pub async fn build(&self, nonce: &str) -> Result<tether_api::enroll::Proof, EnrollError> {
         let url = format!("{}{IDENTITY_PATH}", self.metadata_url.trim_end_matches('/'));
         let fail =
             |what: String| EnrollError::Proof(format!("GCP identity token from {url}: {what}"));
@@ -54,7 +54,7 @@ impl GcpSource {
             .ok()
             .filter(|t| looks_like_jwt(t))
             .ok_or_else(|| fail("the answer is not a JWT".into()))?;
-        Ok(serde_json::json!({"kind": "gcp", "jwt": jwt}))
+        Ok(tether_api::enroll::Proof::Gcp { jwt: jwt.to_owned() })
     }
 }
 

@@ -18,7 +18,7 @@ pub struct K8sSource {
 
 impl K8sSource {
     /// The proof JSON: `{"kind": "k8s", "jwt": "..."}`. The nonce is not used.
-    pub async fn build(&self, _nonce: &str) -> Result<serde_json::Value, EnrollError> {
+    pub async fn build(&self, _nonce: &str) -> Result<tether_api::enroll::Proof, EnrollError> {
         let path = &self.token_file;
         let fail = |what: String| {
             EnrollError::Proof(format!("Kubernetes token file {}: {what}", path.display()))
@@ -36,7 +36,7 @@ impl K8sSource {
         if !super::gcp::looks_like_jwt(jwt) {
             return Err(fail("does not hold a JWT".into()));
         }
-        Ok(serde_json::json!({"kind": "k8s", "jwt": jwt}))
+        Ok(tether_api::enroll::Proof::K8s { jwt: jwt.to_owned() })
     }
 }
 
@@ -54,7 +54,7 @@ mod tests {
         };
         let v = source.build("nonce").await.unwrap();
         assert_eq!(
-            v,
+            serde_json::to_value(&v).unwrap(),
             serde_json::json!({"kind": "k8s", "jwt": "eyJh.eyJp.c2ln"})
         );
         std::fs::write(&file, "").unwrap();

@@ -47,9 +47,9 @@ impl std::fmt::Debug for EnrollProof {
 
 impl EnrollProof {
     /// The proof JSON for `POST /v1/enroll`, bound to `nonce` where the kind allows.
-    pub async fn build(&self, nonce: &str) -> Result<serde_json::Value, EnrollError> {
+    pub async fn build(&self, nonce: &str) -> Result<tether_api::enroll::Proof, EnrollError> {
         match self {
-            EnrollProof::Token(t) => Ok(serde_json::json!({"kind": "token", "token": t})),
+            EnrollProof::Token(t) => Ok(tether_api::enroll::Proof::Token { token: t.clone() }),
             EnrollProof::Aws(s) => s.build(nonce).await,
             EnrollProof::Gcp(s) => s.build(nonce).await,
             EnrollProof::K8s(s) => s.build(nonce).await,

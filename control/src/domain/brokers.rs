@@ -20,7 +20,7 @@ use serde::Serialize;
 use tether_api::brokers::{AddBroker, BrokerInfo, BrokerList, BrokerStatus};
 use tether_audit::{self as audit, action, Actor, AuditEvent};
 use tether_identity::BrokerName;
-use tether_proto::cluster::{
+use tether_api::brokers::{
     BrokerBundle, BrokerCredential, BrokerEnrollRequest, BrokerRenewRequest,
 };
 use tracing::{info, warn};

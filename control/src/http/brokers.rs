@@ -11,7 +11,7 @@ use axum::{Extension, Json};
 use tether_api::brokers::{AddBroker, BrokerList};
 use tether_api::operators::Role;
 use tether_audit::{self as audit, action};
-use tether_proto::cluster::{
+use tether_api::brokers::{
     BrokerBundle, BrokerCredential, BrokerEnrollRequest, BrokerRenewRequest,
 };
 
