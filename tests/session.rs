@@ -398,3 +398,100 @@ async fn command_stream_endings_and_the_shell_capability_are_enforced() {
         1.0
     );
 }
+
+/// Signed operations on the wire (docs/PROTOCOL.md §11), against a raw client: an approval
+/// for an agent that did not announce `signed-ops/1` is refused before anything is sent;
+/// an agent that did gets the extension with the exact approval bytes, and its manifest
+/// reaches the operator before the result; a frame after the manifest other than the
+/// result closes the connection with `protocol_error`.
+#[tokio::test]
+async fn signed_ops_frames_are_relayed_and_their_order_enforced() {
+    let setup = Setup::new();
+    let a = setup.pki.appliance("app-a").unwrap();
+    let b = setup.pki.appliance("app-b").unwrap();
+    setup.set_allowlist(&[("app-a", &a), ("app-b", &b)]);
+    let broker = setup.broker("b1", "");
+    let plain = connect(&setup.pki, Some(&a), broker.quic).await.unwrap();
+    let _plain_session = hello(&plain).await.unwrap();
+    broker.wait_session("app-a").await;
+    let (status, lines) = run_command(
+        &broker,
+        "app-a",
+        serde_json::json!({"argv": ["true"], "approval": "{}", "approval_sig": "x"}),
+    )
+    .await;
+    assert_eq!(status, 400, "{lines:?}");
+    assert!(lines[0]["message"]
+        .as_str()
+        .unwrap()
+        .contains("signed-ops/1"));
+
+    let conn = connect(&setup.pki, Some(&b), broker.quic).await.unwrap();
+    let _session = hello_with(&conn, &["exec", "signed-ops/1"]).await.unwrap();
+    broker.wait_session("app-b").await;
+    let body = serde_json::json!({"argv": ["true"], "timeout_ms": 10000, "approval": "{\"a\":1}", "approval_sig": "SIG", "request_id": "r1"});
+    let request = || run_command(&broker, "app-b", body.clone());
+    // A manifest, then the result: both reach the operator, in order.
+    let agent = async {
+        let (mut send, _recv, req) = accept_command(&conn).await;
+        let signed = req.signed.clone().expect("the extension");
+        assert_eq!(
+            (
+                &signed.approval[..],
+                &signed.approval_sig[..],
+                signed.request_id.as_str()
+            ),
+            (&b"{\"a\":1}"[..], &b"SIG"[..], "r1")
+        );
+        let manifest = Frame::CommandManifest(tether_proto::CommandManifest {
+            command_id: req.command_id,
+            manifest: bytes::Bytes::from_static(b"{\"m\":1}"),
+            sig: bytes::Bytes::from_static(b"MSIG"),
+        });
+        let result = Frame::CommandResult(CommandResult {
+            command_id: req.command_id,
+            outcome: CommandOutcome::Failed {
+                reason: tether_proto::FailureReason::ApprovalInvalid,
+                message: "no".into(),
+            },
+        });
+        send.write_all(&frames(&[manifest, result])).await.unwrap();
+        send.finish().unwrap();
+        send
+    };
+    let ((status, lines), _send) = tokio::join!(request(), agent);
+    assert_eq!(status, 200);
+    assert_eq!(
+        lines,
+        vec![
+            serde_json::json!({"manifest": "{\"m\":1}", "manifest_sig": "MSIG"}),
+            serde_json::json!({"error": "approval_invalid", "message": "no"}),
+        ]
+    );
+    // Output after the manifest: a protocol error that closes the connection.
+    let agent = async {
+        let (mut send, _recv, req) = accept_command(&conn).await;
+        let manifest = Frame::CommandManifest(tether_proto::CommandManifest {
+            command_id: req.command_id,
+            manifest: bytes::Bytes::from_static(b"{}"),
+            sig: bytes::Bytes::new(),
+        });
+        let late = Frame::CommandOutput(CommandOutput {
+            command_id: req.command_id,
+            stream: OutputStream::Stdout,
+            data: bytes::Bytes::from_static(b"forged\n"),
+        });
+        let _ = send.write_all(&frames(&[manifest, late])).await;
+        send
+    };
+    let ((_, lines), _send) = tokio::join!(request(), agent);
+    assert_eq!(
+        lines.last().unwrap()["error"],
+        "protocol_error",
+        "{lines:?}"
+    );
+    let end = tokio::time::timeout(Duration::from_secs(10), conn.closed())
+        .await
+        .expect("closed");
+    assert_eq!(ended(&end), Ended::App(PROTOCOL_ERROR));
+}

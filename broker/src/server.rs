@@ -1122,6 +1122,8 @@ async fn relay_command(
     metrics: &Metrics,
 ) -> (CommandEvent, AfterResult) {
     let mut decoder = FrameDecoder::new(max_frame_len);
+    // A manifest or plan arrived: only the result may follow.
+    let mut sealed = false;
     loop {
         let chunk = tokio::select! {
             c = recv.read_chunk(READ_CHUNK, true) => c,
@@ -1185,53 +1187,27 @@ async fn relay_command(
                     );
                 }
             };
-            match frame {
-                Frame::CommandOutput(o) if o.command_id == command_id => {
-                    let ev = CommandEvent::Output {
+            let ev = match frame {
+                Frame::CommandOutput(o) if o.command_id == command_id && !sealed => {
+                    CommandEvent::Output {
                         stream: o.stream,
                         data: o.data,
-                    };
-                    if tx.send(ev).await.is_err() {
-                        let _ = recv.stop(quinn::VarInt::from_u32(0));
-                        return (
-                            CommandEvent::Failed {
-                                code: CommandFailure::Cancelled,
-                                message: "caller went away".into(),
-                            },
-                            None,
-                        );
                     }
                 }
-                Frame::CommandManifest(m) if m.command_id == command_id => {
-                    let ev = CommandEvent::Manifest {
+                // Signed operations: the manifest (or plan) comes last before the result;
+                // nothing else may follow it (docs/PROTOCOL.md §11.2).
+                Frame::CommandManifest(m) if m.command_id == command_id && !sealed => {
+                    sealed = true;
+                    CommandEvent::Manifest {
                         manifest: m.manifest,
                         sig: m.sig,
-                    };
-                    if tx.send(ev).await.is_err() {
-                        let _ = recv.stop(quinn::VarInt::from_u32(0));
-                        return (
-                            CommandEvent::Failed {
-                                code: CommandFailure::Cancelled,
-                                message: "caller went away".into(),
-                            },
-                            None,
-                        );
                     }
                 }
-                Frame::CommandPlan(p) if p.command_id == command_id => {
-                    let ev = CommandEvent::Plan {
+                Frame::CommandPlan(p) if p.command_id == command_id && !sealed => {
+                    sealed = true;
+                    CommandEvent::Plan {
                         approval_required: p.approval_required,
                         document: p.document,
-                    };
-                    if tx.send(ev).await.is_err() {
-                        let _ = recv.stop(quinn::VarInt::from_u32(0));
-                        return (
-                            CommandEvent::Failed {
-                                code: CommandFailure::Cancelled,
-                                message: "caller went away".into(),
-                            },
-                            None,
-                        );
                     }
                 }
                 Frame::CommandResult(r) if r.command_id == command_id => {
@@ -1258,6 +1234,16 @@ async fn relay_command(
                         None,
                     );
                 }
+            };
+            if tx.send(ev).await.is_err() {
+                let _ = recv.stop(quinn::VarInt::from_u32(0));
+                return (
+                    CommandEvent::Failed {
+                        code: CommandFailure::Cancelled,
+                        message: "caller went away".into(),
+                    },
+                    None,
+                );
             }
         }
     }

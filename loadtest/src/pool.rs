@@ -35,10 +35,10 @@ use anyhow::{bail, Context};
 use nix::fcntl::{Flock, FlockArg};
 use tether_agent::Credentials;
 use tether_api::appliances::{ApplianceStatus, PlatformBinding};
+use tether_api::brokers::BrokerBundle;
 use tether_api::operators::{Bundle as OperatorBundle, LoginRequest, LoginResponse};
 use tether_audit::{action, system, Actor, AuditEvent};
 use tether_control::store::{Appliance, StoreError};
-use tether_api::brokers::BrokerBundle;
 
 use crate::progress::Progress;
 

@@ -4,8 +4,8 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::Subcommand;
-use tether_api::brokers::{AddBroker, BrokerList};
 use tether_api::brokers::BrokerBundle;
+use tether_api::brokers::{AddBroker, BrokerList};
 
 use super::{check_name, print_json, write_secret, Client, Common, Output};
 

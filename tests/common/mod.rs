@@ -349,12 +349,20 @@ pub async fn connect(
 pub async fn hello(
     conn: &quinn::Connection,
 ) -> Result<(quinn::SendStream, quinn::RecvStream, tether_proto::Welcome), String> {
+    hello_with(conn, &[]).await
+}
+
+/// [`hello`] announcing `capabilities`.
+pub async fn hello_with(
+    conn: &quinn::Connection,
+    capabilities: &[&str],
+) -> Result<(quinn::SendStream, quinn::RecvStream, tether_proto::Welcome), String> {
     let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
     let mut buf = BytesMut::new();
     let hello = Frame::Hello(Hello {
         protocol_version: tether_proto::PROTOCOL_VERSION,
         agent_version: "raw-test".into(),
-        capabilities: vec![],
+        capabilities: capabilities.iter().map(|c| c.to_string()).collect(),
         cert_not_after_ms: 0,
     });
     encode_frame(&hello, &mut buf, DEFAULT_MAX_FRAME_LEN).unwrap();

@@ -158,12 +158,17 @@ pub fn sign_proof(
     for h in &added {
         headers.push((h.name(), h.value().to_owned()));
     }
-    Ok(tether_api::enroll::Proof::Aws(tether_api::enroll::AwsProof {
-        method: "POST".into(),
-        url: url.to_string(),
-        headers: headers.into_iter().map(|(k, v)| (k.to_owned(), v)).collect(),
-        body: GET_CALLER_IDENTITY_BODY.into(),
-    }))
+    Ok(tether_api::enroll::Proof::Aws(
+        tether_api::enroll::AwsProof {
+            method: "POST".into(),
+            url: url.to_string(),
+            headers: headers
+                .into_iter()
+                .map(|(k, v)| (k.to_owned(), v))
+                .collect(),
+            body: GET_CALLER_IDENTITY_BODY.into(),
+        },
+    ))
 }
 
 #[cfg(test)]

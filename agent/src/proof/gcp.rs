@@ -54,7 +54,9 @@ impl GcpSource {
             .ok()
             .filter(|t| looks_like_jwt(t))
             .ok_or_else(|| fail("the answer is not a JWT".into()))?;
-        Ok(tether_api::enroll::Proof::Gcp { jwt: jwt.to_owned() })
+        Ok(tether_api::enroll::Proof::Gcp {
+            jwt: jwt.to_owned(),
+        })
     }
 }
 

@@ -36,7 +36,9 @@ impl K8sSource {
         if !super::gcp::looks_like_jwt(jwt) {
             return Err(fail("does not hold a JWT".into()));
         }
-        Ok(tether_api::enroll::Proof::K8s { jwt: jwt.to_owned() })
+        Ok(tether_api::enroll::Proof::K8s {
+            jwt: jwt.to_owned(),
+        })
     }
 }
 

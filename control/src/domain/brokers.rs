@@ -18,11 +18,11 @@ use std::time::Duration;
 
 use serde::Serialize;
 use tether_api::brokers::{AddBroker, BrokerInfo, BrokerList, BrokerStatus};
-use tether_audit::{self as audit, action, Actor, AuditEvent};
-use tether_identity::BrokerName;
 use tether_api::brokers::{
     BrokerBundle, BrokerCredential, BrokerEnrollRequest, BrokerRenewRequest,
 };
+use tether_audit::{self as audit, action, Actor, AuditEvent};
+use tether_identity::BrokerName;
 use tracing::{info, warn};
 
 use crate::domain::identity::{identify, PeerIdentity};

@@ -9,11 +9,11 @@ use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::{Extension, Json};
 use tether_api::brokers::{AddBroker, BrokerList};
-use tether_api::operators::Role;
-use tether_audit::{self as audit, action};
 use tether_api::brokers::{
     BrokerBundle, BrokerCredential, BrokerEnrollRequest, BrokerRenewRequest,
 };
+use tether_api::operators::Role;
+use tether_audit::{self as audit, action};
 
 use crate::domain::brokers;
 use crate::http::appliances::operator;
