@@ -284,6 +284,7 @@ fn broker(c: &mut Criterion) {
                     kind: CommandKind::Exec,
                     env_allowlist: env_allowlist(),
                     timeout_ms: 30_000,
+                    signed: None,
                 })
                 .unwrap();
                 frame[4..].to_vec()

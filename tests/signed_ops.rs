@@ -3,7 +3,8 @@
 //! customer directory. The customer's key is made and used by stock `ssh-keygen`; a canary
 //! file proves whether anything ran. Also: the agent's own plan signed by the customer
 //! runs exactly once, its manifest verifies offline, the appliance audit log verifies and
-//! a tampered one does not.
+//! a tampered one does not. One test takes the vendor's real path: control's API and
+//! `tether exec --plan` / `--approval`, through an enrolled broker.
 
 mod common;
 
@@ -574,4 +575,121 @@ async fn nothing_runs_that_cannot_be_recorded() {
         .await;
     assert_eq!(error_of(&lines), "audit_unavailable", "{lines:?}");
     assert!(!canary.exists());
+}
+
+/// The vendor's real path: `tether exec --plan` through control and the broker, the
+/// customer signs with stock `ssh-keygen`, `tether exec --approval` runs it once, its
+/// manifest lands in a file `tether ops verify` accepts; a replay, a widened command and
+/// no approval each exit 125 naming the reason.
+#[tokio::test]
+async fn through_control_plan_sign_run_once_and_verify() {
+    let mut c = common::cluster::Cluster::new("");
+    let b1 = c.add_broker("edge-1");
+    let state = c.enroll("app-1");
+    let root = c.tmp().to_path_buf();
+    chmod(&root, 0o755);
+    let customer = root.join("customer");
+    std::fs::create_dir(&customer).unwrap();
+    chmod(&customer, 0o755);
+    ssh_keygen(&["-q", "-t", "ed25519", "-N", "", "-f", "alice"], &root);
+    let public = std::fs::read_to_string(root.join("alice.pub")).unwrap();
+    std::fs::write(
+        customer.join("approvers.toml"),
+        format!("[[key]]\nid = \"acme\"\npublic_key = \"{}\"\nnot_before = \"2026-01-01T00:00:00Z\"\nnot_after = \"2099-01-01T00:00:00Z\"\n", public.trim()),
+    )
+    .unwrap();
+    std::fs::write(customer.join("policy.toml"), POLICY).unwrap();
+    let canary_dir = root.join("canary");
+    std::fs::create_dir(&canary_dir).unwrap();
+    chmod(&canary_dir, 0o777);
+    let canary = canary_dir.join("via-control");
+    let canary = canary.to_str().unwrap();
+    let _agent = AgentProc::start(
+        &state,
+        &[b1.quic],
+        &["--customer-dir", customer.to_str().unwrap()],
+    );
+    c.wait_connected("app-1", Some("edge-1")).await;
+
+    // No approval: refused, named, exit 125.
+    let (code, _, err) = c.exec(&["app-1", "--", "touch", canary]);
+    assert_eq!(code, 125, "{err}");
+    assert!(err.contains("approval_required"), "{err}");
+
+    // The plan, narrowed to five minutes, signed by the customer's stock tool.
+    let (code, doc, err) = c.exec(&[
+        "app-1", "--plan", "--valid", "5m", "--reason", "INC-7", "--", "touch", canary,
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let plan = Approval::parse(doc.as_bytes()).expect("a canonical approval document");
+    assert_eq!(
+        (plan.appliance.id.as_str(), plan.reason.as_str()),
+        ("app-1", "INC-7")
+    );
+    assert!(plan.not_after_ms - plan.not_before_ms <= 300_000);
+    std::fs::write(root.join("approval.json"), &doc).unwrap();
+    ssh_keygen(
+        &[
+            "-Y",
+            "sign",
+            "-n",
+            "tether-approval-v1",
+            "-f",
+            "alice",
+            "approval.json",
+        ],
+        &root,
+    );
+
+    // Widened: another argument, same approval.
+    let approval = root.join("approval.json");
+    let approval = approval.to_str().unwrap();
+    let (code, _, err) = c.exec(&[
+        "app-1",
+        "--approval",
+        approval,
+        "--reason",
+        "INC-7",
+        "--",
+        "touch",
+        canary,
+        "/tmp/x",
+    ]);
+    assert_eq!(code, 125, "{err}");
+    assert!(err.contains("approval_invalid"), "{err}");
+    assert!(!Path::new(canary).exists());
+
+    // The real thing, once, with its manifest kept.
+    let m = root.join("m.json");
+    let (code, _, err) = c.exec(&[
+        "app-1",
+        "--approval",
+        approval,
+        "--manifest-out",
+        m.to_str().unwrap(),
+        "--",
+        "touch",
+        canary,
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert!(Path::new(canary).exists());
+    let out = Command::new(bin("tether"))
+        .args(["ops", "verify", "--approval", approval, "--manifest"])
+        .arg(&m)
+        .arg("--customer-keys")
+        .arg(customer.join("approvers.toml"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    std::fs::remove_file(canary).unwrap();
+
+    // Replayed through control: refused, nothing ran.
+    let (code, _, err) = c.exec(&["app-1", "--approval", approval, "--", "touch", canary]);
+    assert_eq!(code, 125, "{err}");
+    assert!(err.contains("approval_replayed"), "{err}");
+    assert!(!Path::new(canary).exists());
 }

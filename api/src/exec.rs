@@ -5,7 +5,7 @@ use serde::{Deserialize, Serialize};
 use tether_proto::{CommandFailure, OutputStream};
 
 /// Body of `POST /v1/appliances/{id}/exec`.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct ExecRequest {
@@ -20,6 +20,22 @@ pub struct ExecRequest {
     /// Environment variable names the command may inherit from the agent.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub env_allowlist: Vec<String>,
+    /// Signed operations: the customer's approval document, its exact bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub approval: Option<String>,
+    /// Signed operations: the approval's SSHSIG armor.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub approval_sig: Option<String>,
+    /// Signed operations: the vendor's request id (at most 64 bytes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_id: Option<String>,
+    /// Signed operations: why (a ticket, an incident; at most 1,024 bytes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// Signed operations: run nothing; the appliance answers the approval document to
+    /// sign (a `plan` line).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub plan: bool,
 }
 
 /// One NDJSON line of the answer.
@@ -39,6 +55,20 @@ pub enum ExecLine {
         stream: OutputStream,
         /// Base64.
         data: String,
+    },
+    /// Signed operations: the appliance's signed manifest (before the last line).
+    Manifest {
+        /// The manifest's exact bytes (canonical JSON).
+        manifest: String,
+        /// Its SSHSIG armor (namespace `tether-manifest-v1`).
+        sig: String,
+    },
+    /// Signed operations: the approval document the appliance expects (a plan request).
+    Plan {
+        /// Whether the command's phase needs an approval.
+        approval_required: bool,
+        /// The document (canonical JSON) for the customer to sign.
+        document: String,
     },
     /// Exit code.
     Exit {
@@ -66,8 +96,7 @@ mod tests {
         let r = ExecRequest {
             argv: vec!["true".into()],
             timeout_ms: Some(5000),
-            kind: None,
-            env_allowlist: Vec::new(),
+            ..Default::default()
         };
         assert_eq!(
             serde_json::to_string(&r).unwrap(),

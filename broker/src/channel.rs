@@ -666,6 +666,7 @@ impl ControlSync {
                 kind,
                 env_allowlist,
                 timeout_ms,
+                signed,
             } => {
                 if commands.contains_key(&id) {
                     return Ok(Some(ToControl::CommandFailed {
@@ -679,14 +680,17 @@ impl ControlSync {
                     kind,
                     env_allowlist,
                     timeout: Duration::from_millis(timeout_ms),
-                    signed: None,
+                    signed: signed.as_ref().map(|s| s.to_wire()),
                 };
+                // Manifests and plans go back only to a control that sent `signed` (an
+                // older control would not know those frames).
+                let relay_signed = signed.is_some();
                 let tx = out_tx.clone();
                 let broker = broker.clone();
                 let span = tracing::info_span!("control_command", id, %appliance);
                 let task = tokio::spawn(
                     async move {
-                        run_command(&broker, id, &appliance, spec, &tx).await;
+                        run_command(&broker, id, &appliance, spec, relay_signed, &tx).await;
                         let _ = tx.send(Outgoing::Done(id)).await;
                     }
                     .instrument(span),
@@ -713,6 +717,7 @@ async fn run_command(
     id: u64,
     appliance: &str,
     spec: CommandSpec,
+    relay_signed: bool,
     tx: &mpsc::Sender<Outgoing>,
 ) {
     let failed = |code: CommandFailure, message: String| {
@@ -739,8 +744,26 @@ async fn run_command(
             CommandEvent::Failed { code, message } => {
                 (ToControl::CommandFailed { id, code, message }, true)
             }
-            // The cluster channel has no frame for manifests or plans yet: control's copy
-            // of a manifest is a later step; the appliance's audit log holds every one.
+            CommandEvent::Manifest { manifest, sig } if relay_signed => (
+                ToControl::CommandManifest {
+                    id,
+                    manifest: String::from_utf8_lossy(&manifest).into_owned(),
+                    sig: String::from_utf8_lossy(&sig).into_owned(),
+                },
+                false,
+            ),
+            CommandEvent::Plan {
+                approval_required,
+                document,
+            } if relay_signed => (
+                ToControl::CommandPlan {
+                    id,
+                    approval_required,
+                    document: String::from_utf8_lossy(&document).into_owned(),
+                },
+                false,
+            ),
+            // An older control: the appliance's audit log keeps the manifest.
             CommandEvent::Manifest { .. } | CommandEvent::Plan { .. } => continue,
         };
         if tx.send(Outgoing::Frame(frame)).await.is_err() || last {

@@ -304,6 +304,7 @@ async fn broker_syncs_with_control_resumes_after_a_gap_and_restarts_from_its_sna
             kind: CommandKind::Exec,
             env_allowlist: vec![],
             timeout_ms: 1000,
+            signed: None,
         },
     )
     .await;
@@ -324,6 +325,7 @@ async fn broker_syncs_with_control_resumes_after_a_gap_and_restarts_from_its_sna
             kind: CommandKind::Shell,
             env_allowlist: vec![],
             timeout_ms: 1000,
+            signed: None,
         },
     )
     .await;

@@ -74,8 +74,7 @@ impl Api {
             .json(&ExecRequest {
                 argv: vec![COMMAND.to_owned()],
                 timeout_ms: Some(COMMAND_TIMEOUT_MS),
-                kind: None,
-                env_allowlist: Vec::new(),
+                ..Default::default()
             })
             .send()
             .await
@@ -212,7 +211,10 @@ fn final_line(line: &[u8]) -> Option<Result<(), String>> {
         ExecLine::Exit { .. } => Some(Err("exec_exit_nonzero".into())),
         // `CommandFailure` names are already safe keys (lowercase, `_`).
         ExecLine::Failed { code, .. } => Some(Err(format!("exec_failed_{}", code.name()))),
-        ExecLine::Started { .. } | ExecLine::Output { .. } => None,
+        ExecLine::Started { .. }
+        | ExecLine::Output { .. }
+        | ExecLine::Manifest { .. }
+        | ExecLine::Plan { .. } => None,
     }
 }
 

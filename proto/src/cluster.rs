@@ -115,6 +115,12 @@ pub enum ToBroker {
         env_allowlist: Vec<String>,
         /// Deadline in milliseconds.
         timeout_ms: u64,
+        /// Signed operations (docs/PROTOCOL.md §11). Control always sends it (empty when
+        /// the caller gave nothing): its presence says control understands
+        /// `command_manifest` and `command_plan`, which the broker relays only then. An
+        /// older broker ignores the field.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        signed: Option<SignedCommand>,
     },
     /// Stop a command (the caller went away). The broker drops its stream.
     CancelCommand {
@@ -128,6 +134,41 @@ pub enum ToBroker {
     /// keeping its allowlist meanwhile. A broker that does not know this frame treats it
     /// as a protocol error, which ends the channel the same way.
     GoingAway,
+}
+
+/// The signed-operations part of a [`ToBroker::Command`]: the `SignedOps` extension's
+/// fields as JSON (the approval and its signature are UTF-8: canonical JSON and armor).
+/// Empty fields are left out, so a plain command costs `"signed":{}` (11 bytes).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SignedCommand {
+    /// The vendor's request id.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub request_id: String,
+    /// Why.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub reason: String,
+    /// The approval document's exact bytes, `""` if none.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub approval: String,
+    /// Its SSHSIG armor, `""` if none.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub approval_sig: String,
+    /// Classify only and answer the document to sign.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub plan: bool,
+}
+
+impl SignedCommand {
+    /// The extension as the broker sends it to the agent.
+    pub fn to_wire(&self) -> crate::SignedOps {
+        crate::SignedOps {
+            request_id: self.request_id.clone(),
+            reason: self.reason.clone(),
+            approval: self.approval.clone().into_bytes().into(),
+            approval_sig: self.approval_sig.clone().into_bytes().into(),
+            plan_only: self.plan,
+        }
+    }
 }
 
 /// A live session as a broker reports it.
@@ -212,6 +253,25 @@ pub enum ToControl {
         stream: OutputStream,
         /// The bytes, standard base64.
         data: String,
+    },
+    /// Signed operations: the appliance's signed manifest of the command (just before
+    /// its end); sent only for commands whose `command` carried `signed`.
+    CommandManifest {
+        /// Control's command id.
+        id: u64,
+        /// The manifest's exact bytes (canonical JSON).
+        manifest: String,
+        /// Its SSHSIG armor.
+        sig: String,
+    },
+    /// Signed operations: the answer to a plan request (just before the end).
+    CommandPlan {
+        /// Control's command id.
+        id: u64,
+        /// Whether the command's phase needs an approval.
+        approval_required: bool,
+        /// The approval document the appliance expects (canonical JSON).
+        document: String,
     },
     /// The command exited.
     CommandExit {

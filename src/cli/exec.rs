@@ -14,6 +14,14 @@
 //! With `--selector tenant=NAME`, every matching appliance runs the command (at most
 //! `--parallel` at once); each output line is prefixed with `[id] `, a summary follows,
 //! and the exit code is 0 only when every command exited 0.
+//!
+//! Signed operations (an appliance whose agent runs with a customer directory):
+//! `--plan` runs nothing and writes the approval document the appliance expects, its
+//! exact bytes, to stdout (`> approval.json`) for the customer to read and sign;
+//! `--approval approval.json` sends it with `approval.json.sig` beside it. A refusal
+//! (`approval_invalid`, `approval_replayed`, `phase_disabled`, ...) exits 125 naming the
+//! reason; `--manifest-out FILE` keeps the appliance's signed manifest (FILE and FILE.sig)
+//! for `tether ops verify`.
 
 use std::io::Write;
 use std::sync::Arc;
@@ -46,6 +54,27 @@ pub struct ExecArgs {
     /// With --selector: commands running at once.
     #[arg(long, default_value_t = 16)]
     pub parallel: usize,
+    /// Signed operations: run nothing; write the approval document the appliance expects
+    /// for exactly this command to stdout, for the customer to sign.
+    #[arg(long, conflicts_with_all = ["selector", "approval"])]
+    pub plan: bool,
+    /// With --plan: how long the approval may be used (its window; the appliance's
+    /// policy caps it).
+    #[arg(long, requires = "plan", value_parser = humantime::parse_duration)]
+    pub valid: Option<Duration>,
+    /// Signed operations: the customer's approval (its signature beside it as FILE.sig).
+    #[arg(long, value_name = "FILE", conflicts_with = "selector")]
+    pub approval: Option<std::path::PathBuf>,
+    /// Signed operations: why (a ticket, an incident), signed inside the approval.
+    #[arg(long)]
+    pub reason: Option<String>,
+    /// Signed operations: the request id signed inside the approval [default: one is made
+    /// for --plan].
+    #[arg(long)]
+    pub request_id: Option<String>,
+    /// Signed operations: write the appliance's signed manifest to FILE (and FILE.sig).
+    #[arg(long, value_name = "FILE", conflicts_with = "selector")]
+    pub manifest_out: Option<std::path::PathBuf>,
     #[command(flatten)]
     pub common: Common,
     /// The program and its arguments (after `--`).
@@ -92,16 +121,35 @@ pub async fn exec_one(
     appliance: &str,
     argv: &[String],
     timeout: Duration,
-    mut out: impl FnMut(OutputStream, &[u8]),
+    out: impl FnMut(OutputStream, &[u8]),
 ) -> anyhow::Result<Outcome> {
     let body = ExecRequest {
         argv: argv.to_vec(),
         timeout_ms: Some(timeout.as_millis() as u64),
-        kind: None,
-        env_allowlist: Vec::new(),
+        ..Default::default()
     };
+    exec_with(client, appliance, &body, out, |_| {}).await
+}
+
+/// A signed-operations line of control's answer.
+#[derive(Debug)]
+pub enum SignedLine {
+    /// The appliance's signed manifest: bytes and armor.
+    Manifest(String, String),
+    /// The approval document to sign, and whether one is needed.
+    Plan(String, bool),
+}
+
+/// Send `body` to `appliance`, handing output to `out` and signed-ops lines to `signed`.
+pub async fn exec_with(
+    client: &Client,
+    appliance: &str,
+    body: &ExecRequest,
+    mut out: impl FnMut(OutputStream, &[u8]),
+    mut signed: impl FnMut(SignedLine),
+) -> anyhow::Result<Outcome> {
     let mut resp = match client
-        .post_stream(&format!("/v1/appliances/{appliance}/exec"), &body)
+        .post_stream(&format!("/v1/appliances/{appliance}/exec"), body)
         .await
     {
         Ok(r) => r,
@@ -141,6 +189,11 @@ pub async fn exec_one(
                         .context("control sent output that is not base64")?;
                     out(stream, &bytes);
                 }
+                ExecLine::Manifest { manifest, sig } => signed(SignedLine::Manifest(manifest, sig)),
+                ExecLine::Plan {
+                    approval_required,
+                    document,
+                } => signed(SignedLine::Plan(document, approval_required)),
                 ExecLine::Exit { code } => return Ok(Outcome::Exited(code)),
                 ExecLine::Failed { code, message } => return Ok(Outcome::Failed(code, message)),
             }
@@ -173,11 +226,12 @@ async fn run_inner(args: ExecArgs) -> anyhow::Result<i32> {
         .clone()
         .context("give an APPLIANCE or --selector")?;
     check_name(&appliance)?;
-    let outcome = exec_one(
+    let body = signed_body(&args)?;
+    let mut lines = Vec::new();
+    let outcome = exec_with(
         &client,
         &appliance,
-        &args.argv,
-        args.timeout,
+        &body,
         |stream, data| {
             if stream == OutputStream::Stderr {
                 let mut e = std::io::stderr().lock();
@@ -189,12 +243,82 @@ async fn run_inner(args: ExecArgs) -> anyhow::Result<i32> {
                 let _ = o.flush();
             }
         },
+        |line| lines.push(line),
     )
     .await?;
     if !matches!(outcome, Outcome::Exited(_)) {
         eprintln!("tether exec: {appliance}: {outcome}");
     }
+    for line in lines {
+        match line {
+            SignedLine::Plan(document, required) => {
+                let document = narrow_plan(&document, args.valid)?;
+                let mut o = std::io::stdout().lock();
+                o.write_all(document.as_bytes())?;
+                o.flush()?;
+                if !required {
+                    eprintln!(
+                        "tether exec: {appliance}: this command's phase runs without an approval"
+                    );
+                }
+            }
+            SignedLine::Manifest(manifest, sig) => {
+                if let Some(path) = &args.manifest_out {
+                    std::fs::write(path, manifest.as_bytes())
+                        .with_context(|| format!("writing {}", path.display()))?;
+                    let sig_path = with_sig(path);
+                    std::fs::write(&sig_path, sig.as_bytes())
+                        .with_context(|| format!("writing {}", sig_path.display()))?;
+                }
+            }
+        }
+    }
     Ok(outcome.exit_code())
+}
+
+/// `FILE.sig`.
+fn with_sig(path: &std::path::Path) -> std::path::PathBuf {
+    let mut s = path.as_os_str().to_owned();
+    s.push(".sig");
+    s.into()
+}
+
+/// The request body of a single-appliance `tether exec`, with its signed-ops fields.
+fn signed_body(args: &ExecArgs) -> anyhow::Result<ExecRequest> {
+    let mut body = ExecRequest {
+        argv: args.argv.clone(),
+        timeout_ms: Some(args.timeout.as_millis() as u64),
+        reason: args.reason.clone(),
+        request_id: args.request_id.clone(),
+        plan: args.plan,
+        ..Default::default()
+    };
+    if args.plan && body.request_id.is_none() {
+        body.request_id = Some(format!("req-{}", tether_ops::approval::new_approval_id()));
+    }
+    if let Some(path) = &args.approval {
+        let read = |p: &std::path::Path| {
+            std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))
+        };
+        body.approval = Some(read(path)?);
+        body.approval_sig = Some(read(&with_sig(path))?);
+    }
+    Ok(body)
+}
+
+/// The plan's document with its window set to `valid` from its start (the appliance's
+/// policy caps it; the customer may still narrow it when signing).
+fn narrow_plan(document: &str, valid: Option<Duration>) -> anyhow::Result<String> {
+    let Some(valid) = valid else {
+        return Ok(document.to_owned());
+    };
+    let mut doc = tether_ops::approval::Approval::parse(document.as_bytes()).map_err(|e| {
+        anyhow::anyhow!("the appliance's plan is not a valid approval document: {e}")
+    })?;
+    doc.not_after_ms = doc
+        .not_before_ms
+        .saturating_add(i64::try_from(valid.as_millis()).unwrap_or(i64::MAX));
+    Ok(String::from_utf8(doc.to_bytes())?)
 }
 
 async fn fan_out(client: Arc<Client>, selector: &str, args: &ExecArgs) -> anyhow::Result<i32> {

@@ -286,6 +286,21 @@ where
             ToControl::CommandOutput { id, stream, data } => {
                 (id, ExecEvent::Output { stream, data }, false)
             }
+            ToControl::CommandManifest { id, manifest, sig } => {
+                (id, ExecEvent::Manifest { manifest, sig }, false)
+            }
+            ToControl::CommandPlan {
+                id,
+                approval_required,
+                document,
+            } => (
+                id,
+                ExecEvent::Plan {
+                    approval_required,
+                    document,
+                },
+                false,
+            ),
             ToControl::CommandExit { id, code } => (id, ExecEvent::Exit(code), true),
             ToControl::CommandFailed { id, code, message } => {
                 (id, ExecEvent::Failed { code, message }, true)

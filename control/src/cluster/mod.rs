@@ -33,7 +33,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tether_api::appliances::Presence;
-use tether_proto::cluster::{HeartbeatSummary, SessionReport, ToBroker};
+use tether_proto::cluster::{HeartbeatSummary, SessionReport, SignedCommand, ToBroker};
 use tether_proto::{CloseCode, CommandFailure, CommandKind, OutputStream};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -69,6 +69,20 @@ pub enum ExecEvent {
         stream: OutputStream,
         /// Base64.
         data: String,
+    },
+    /// Signed operations: the appliance's signed manifest.
+    Manifest {
+        /// Its exact bytes.
+        manifest: String,
+        /// Its SSHSIG armor.
+        sig: String,
+    },
+    /// Signed operations: the approval document the appliance expects.
+    Plan {
+        /// Whether an approval is needed.
+        approval_required: bool,
+        /// The document.
+        document: String,
     },
     /// Exit code.
     Exit(i32),
@@ -241,6 +255,29 @@ impl Cluster {
         env_allowlist: Vec<String>,
         timeout: Duration,
     ) -> Result<(String, u64, ExecEvents), CommandFailure> {
+        self.exec_signed(
+            appliance,
+            argv,
+            kind,
+            env_allowlist,
+            timeout,
+            SignedCommand::default(),
+        )
+        .await
+    }
+
+    /// [`Cluster::exec`] with the signed-operations fields (an approval, a plan request):
+    /// the broker relays them to an agent that announced `signed-ops/1`, and its manifest
+    /// or plan back as [`ExecEvent::Manifest`] / [`ExecEvent::Plan`].
+    pub async fn exec_signed(
+        &self,
+        appliance: &str,
+        argv: Vec<String>,
+        kind: CommandKind,
+        env_allowlist: Vec<String>,
+        timeout: Duration,
+        signed: SignedCommand,
+    ) -> Result<(String, u64, ExecEvents), CommandFailure> {
         let presence = self.presence(appliance).ok_or(CommandFailure::Offline)?;
         let (link_id, tx) = {
             let links = lock(&self.links);
@@ -265,6 +302,7 @@ impl Cluster {
             kind,
             env_allowlist,
             timeout_ms: timeout.as_millis().min(u64::MAX as u128) as u64,
+            signed: Some(signed),
         };
         if tx.send(msg).await.is_err() {
             lock(&self.commands).remove(&id);

@@ -8,6 +8,10 @@ use std::time::Duration;
 use tether_api::appliances::ApplianceStatus;
 use tether_api::exec::ExecRequest;
 use tether_identity::ApplianceId;
+use tether_proto::cluster::SignedCommand;
+use tether_proto::frame::{
+    MAX_APPROVAL_LEN, MAX_APPROVAL_SIG_LEN, MAX_MESSAGE_LEN, MAX_REQUEST_ID_LEN,
+};
 use tether_proto::CommandKind;
 
 use crate::domain::{internal, Error, ErrorKind};
@@ -31,6 +35,8 @@ pub struct Command {
     pub env_allowlist: Vec<String>,
     /// The deadline.
     pub timeout: Duration,
+    /// Signed operations: the approval, request id, reason, plan request (empty if none).
+    pub signed: SignedCommand,
 }
 
 /// Check appliance id `id`: 400 `invalid_id`.
@@ -58,6 +64,30 @@ pub fn check_request(req: ExecRequest) -> Result<Command, Error> {
         Some("timeout_ms must be 1 to 3600000".into())
     } else if kind.is_none() {
         Some("kind must be exec or shell".into())
+    } else if req
+        .approval
+        .as_ref()
+        .is_some_and(|a| a.len() > MAX_APPROVAL_LEN)
+        || req
+            .approval_sig
+            .as_ref()
+            .is_some_and(|a| a.len() > MAX_APPROVAL_SIG_LEN)
+    {
+        Some(format!(
+            "approval must be at most {MAX_APPROVAL_LEN} bytes and approval_sig at most {MAX_APPROVAL_SIG_LEN}"
+        ))
+    } else if req
+        .request_id
+        .as_ref()
+        .is_some_and(|r| r.len() > MAX_REQUEST_ID_LEN)
+        || req
+            .reason
+            .as_ref()
+            .is_some_and(|r| r.len() > MAX_MESSAGE_LEN)
+    {
+        Some(format!(
+            "request_id must be at most {MAX_REQUEST_ID_LEN} bytes and reason at most {MAX_MESSAGE_LEN}"
+        ))
     } else {
         None
     };
@@ -73,6 +103,13 @@ pub fn check_request(req: ExecRequest) -> Result<Command, Error> {
         kind: kind.unwrap_or_default(),
         env_allowlist: req.env_allowlist,
         timeout,
+        signed: SignedCommand {
+            request_id: req.request_id.unwrap_or_default(),
+            reason: req.reason.unwrap_or_default(),
+            approval: req.approval.unwrap_or_default(),
+            approval_sig: req.approval_sig.unwrap_or_default(),
+            plan: req.plan,
+        },
     })
 }
 

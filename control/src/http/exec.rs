@@ -105,17 +105,30 @@ pub async fn exec(
     };
     let timeout = command.timeout;
     let argv_text = audit::clip(&command.argv.join(" "), 1024).to_owned();
-    let event = event
+    let mut event = event
         .with("argv", argv_text)
         .with("timeout_ms", timeout.as_millis() as i64);
+    if !command.signed.approval.is_empty() {
+        event.set(
+            "approval_sha256",
+            tether_ops::sha256_hex(command.signed.approval.as_bytes()),
+        );
+    }
+    if command.signed.plan {
+        event.set("plan", true);
+    }
+    if !command.signed.request_id.is_empty() {
+        event.set("request_id", command.signed.request_id.as_str());
+    }
     let sent = s
         .cluster
-        .exec(
+        .exec_signed(
             &id,
             command.argv,
             command.kind,
             command.env_allowlist,
             timeout,
+            command.signed,
         )
         .await;
     let (broker, command_id, events) = match sent {
@@ -144,6 +157,7 @@ pub async fn exec(
         broker,
         command_id,
         timeout,
+        manifest: std::sync::Mutex::new(None),
     };
     relay.start(events)
 }
@@ -169,6 +183,8 @@ struct Relay {
     broker: String,
     command_id: u64,
     timeout: Duration,
+    /// The appliance's signed manifest, kept with the outcome's audit entry.
+    manifest: std::sync::Mutex<Option<(String, String)>>,
 }
 
 impl Relay {
@@ -222,6 +238,21 @@ impl Relay {
                         return gone();
                     }
                 }
+                Some(ExecEvent::Manifest { manifest, sig }) => {
+                    *self.manifest.lock().unwrap_or_else(|e| e.into_inner()) =
+                        Some((manifest.clone(), sig.clone()));
+                    let _ = tx.send(line(&ExecLine::Manifest { manifest, sig })).await;
+                }
+                Some(ExecEvent::Plan {
+                    approval_required,
+                    document,
+                }) => {
+                    let plan = ExecLine::Plan {
+                        approval_required,
+                        document,
+                    };
+                    let _ = tx.send(line(&plan)).await;
+                }
                 Some(ExecEvent::Exit(code)) => return ExecLine::Exit { code },
                 Some(ExecEvent::Failed { code, message }) => {
                     return ExecLine::Failed { code, message }
@@ -257,8 +288,27 @@ impl Relay {
                 end = end.with("exit_code", *code as i64);
                 "exit"
             }
-            ExecLine::Started { .. } | ExecLine::Output { .. } => "failed",
+            ExecLine::Started { .. }
+            | ExecLine::Output { .. }
+            | ExecLine::Manifest { .. }
+            | ExecLine::Plan { .. } => "failed",
         };
+        // The appliance's signed manifest goes with the outcome: whole if it fits an
+        // entry, else by hash (the appliance's own log holds every one whole).
+        if let Some((manifest, sig)) = self
+            .manifest
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+        {
+            end = end.with(
+                "manifest_sha256",
+                tether_ops::sha256_hex(manifest.as_bytes()),
+            );
+            if manifest.len() + sig.len() < 3 * 1024 {
+                end = end.with("manifest", manifest).with("manifest_sig", sig);
+            }
+        }
         let metrics = &self.s.metrics;
         metrics
             .commands
