@@ -78,6 +78,7 @@ fn cluster(n: usize) -> (Cluster, Vec<mpsc::Receiver<ToBroker>>) {
                     connected_at: 1_765_000_000,
                     cert_not_after: 1_767_225_600,
                     agent_version: "0.1.0".into(),
+                    capabilities: vec![],
                 })
                 .collect();
             cluster.attach_link(&format!("broker-{b}"), sessions)
@@ -210,6 +211,7 @@ fn table(n: usize, conn: &quinn::Connection) -> SessionTable {
             renewal_generation: 0.into(),
             renewal_changed: tokio::sync::Notify::new(),
             close_code: NOT_CLOSED.into(),
+            status: Default::default(),
         }));
     }
     assert_eq!(table.len(), n);

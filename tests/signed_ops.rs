@@ -611,6 +611,39 @@ async fn through_control_plan_sign_run_once_and_verify() {
     );
     c.wait_connected("app-1", Some("edge-1")).await;
 
+    // Control says which mode the appliance is in and what its customer's rules are (read
+    // only: reported by the agent, relayed by the broker).
+    let policy_sha = tether_ops::sha256_hex(POLICY.as_bytes());
+    let shown = wait_for(Duration::from_secs(15), || async {
+        let v = c.show("app-1");
+        (v["connection"]["agent_status"]["policy.sha256"] == policy_sha.as_str()).then_some(v)
+    })
+    .await
+    .expect("the agent's status reaches control");
+    let conn = &shown["connection"];
+    assert!(
+        conn["capabilities"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|c| c == "signed-ops/1"),
+        "{conn}"
+    );
+    assert_eq!(
+        conn["agent_status"]["policy.phases"],
+        "observe=on/none,deploy=off,operate=on/required,install=off"
+    );
+    assert!(
+        conn["agent_status"]["approvers"]
+            .as_str()
+            .unwrap()
+            .starts_with("acme:SHA256:"),
+        "{conn}"
+    );
+    assert!(conn["agent_status"]["audit.head"].is_string(), "{conn}");
+    let text = c.tether(&["appliance", "show", "app-1"]).unwrap();
+    assert!(text.contains("signed operations:  on"), "{text}");
+
     // No approval: refused, named, exit 125.
     let (code, _, err) = c.exec(&["app-1", "--", "touch", canary]);
     assert_eq!(code, 125, "{err}");

@@ -188,6 +188,14 @@ pub struct Presence {
     pub last_heartbeat: Option<u64>,
     /// The trust state the agent reported in it.
     pub trust_state: Option<String>,
+    /// The capabilities the agent announced; `signed-ops/1` means the appliance decides
+    /// every command under its customer's policy and signed approvals.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub capabilities: Vec<String>,
+    /// The agent's last `Status` report, read only (signed operations: `policy.sha256`,
+    /// `policy.phases`, `approvers`, `privsep`, `audit.head`, `appliance.key`).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub agent_status: std::collections::BTreeMap<String, String>,
 }
 
 /// Answer of `GET /v1/appliances/{id}`.

@@ -57,6 +57,10 @@ pub struct SessionView {
     pub last_heartbeat_ms: i64,
     /// Trust state reported by the agent.
     pub trust_state: String,
+    /// The agent's last `Status` entries (signed operations: policy, phases, approvers,
+    /// privsep, audit head).
+    #[serde(default)]
+    pub agent_status: std::collections::BTreeMap<String, String>,
 }
 
 /// Body of `POST /v1/sessions/{appliance_id}/commands`.
@@ -198,6 +202,14 @@ async fn sessions(State(b): State<Arc<Broker>>) -> Json<Vec<SessionView>> {
             cert_not_after_ms: s.cert_not_after_ms.load(Relaxed),
             last_heartbeat_ms: s.last_heartbeat_ms.load(Relaxed),
             trust_state: format!("{:?}", s.trust_state()),
+            agent_status: s
+                .status
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .entries
+                .iter()
+                .cloned()
+                .collect(),
         })
         .collect();
     rows.sort_by(|a, b| a.appliance_id.cmp(&b.appliance_id));

@@ -530,7 +530,14 @@ impl ControlSync {
                     }
                 }
                 hb = self.presence.heartbeats.recv() => {
-                    if let Some(hb) = hb {
+                    if let Some(mut hb) = hb {
+                        // The newest summary of a session wins, but an agent status it
+                        // replaces still goes out (it is sent once, when it changed).
+                        if hb.status.is_empty() {
+                            if let Some(older) = heartbeats.remove(&hb.session_id) {
+                                hb.status = older.status;
+                            }
+                        }
                         heartbeats.insert(hb.session_id, hb);
                     }
                 }

@@ -129,6 +129,7 @@ impl Presence {
     /// The session report of `s`, as `Hello` and `SessionUp` carry it.
     pub fn report(s: &SessionInfo) -> SessionReport {
         SessionReport {
+            capabilities: s.capabilities.clone(),
             appliance: s.appliance.to_string(),
             session_id: s.session_id,
             fingerprint: s.fingerprint.to_hex(),
@@ -165,11 +166,27 @@ impl Presence {
             at: ms_to_secs(s.last_heartbeat_ms.load(Ordering::Relaxed)),
             trust_state: trust_state_name(s.trust_state()).to_owned(),
             cert_not_after: ms_to_secs(s.cert_not_after_ms.load(Ordering::Relaxed)),
+            status: take_unsent(s),
         };
+        let had_status = !summary.status.is_empty();
         if tx.heartbeats.try_send(summary).is_err() {
             tx.metrics.presence_dropped("heartbeat");
+            if had_status {
+                // Send it with a later summary instead.
+                s.status.lock().unwrap_or_else(|e| e.into_inner()).unsent = true;
+            }
         }
     }
+}
+
+/// The agent's status entries if control has not had them yet (then marked sent).
+fn take_unsent(s: &SessionInfo) -> Vec<(String, String)> {
+    let mut st = s.status.lock().unwrap_or_else(|e| e.into_inner());
+    if !st.unsent {
+        return Vec::new();
+    }
+    st.unsent = false;
+    st.entries.clone()
 }
 
 impl Tx {

@@ -801,6 +801,15 @@ impl Broker {
                 }
                 BrokerEvent::Status(status) => {
                     debug!(entries = status.entries.len(), "status report");
+                    if let Some(s) = info {
+                        {
+                            let mut st = s.status.lock().unwrap_or_else(|e| e.into_inner());
+                            st.entries = status.entries;
+                            st.unsent = true;
+                        }
+                        // To control with the next heartbeat summary: now.
+                        self.presence.heartbeat(s);
+                    }
                 }
             }
         }
@@ -844,6 +853,7 @@ impl Broker {
             renewal_generation: 0.into(),
             renewal_changed: tokio::sync::Notify::new(),
             close_code: crate::sessions::NOT_CLOSED.into(),
+            status: Default::default(),
         });
         if let Some(old) = self.sessions.insert(s.clone()) {
             info!(old_session = old.session_id, "superseding older session");

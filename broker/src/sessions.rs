@@ -50,6 +50,18 @@ pub struct SessionInfo {
     /// superseded, draining, a close from control), `u8::MAX` while none: the driver
     /// reports it as the reason the session ended.
     pub close_code: AtomicU8,
+    /// The agent's last `Status` report (signed operations: its policy, phases,
+    /// approvers, privsep, audit head), and whether control has not had it yet.
+    pub status: std::sync::Mutex<AgentStatus>,
+}
+
+/// An agent's last `Status`, as the broker keeps it for control.
+#[derive(Debug, Default)]
+pub struct AgentStatus {
+    /// Its entries, in the agent's order.
+    pub entries: Vec<(String, String)>,
+    /// Set when it changed and control has not been sent it yet.
+    pub unsent: bool,
 }
 
 /// [`SessionInfo::close_code`] while the session was not closed from outside.

@@ -187,6 +187,10 @@ pub struct SessionReport {
     /// The agent's version from `Hello`.
     #[serde(default)]
     pub agent_version: String,
+    /// The capabilities the agent announced (`signed-ops/1` says the appliance decides
+    /// commands under its customer's policy).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub capabilities: Vec<String>,
 }
 
 /// The latest heartbeat of one session.
@@ -203,6 +207,11 @@ pub struct HeartbeatSummary {
     pub trust_state: String,
     /// The certificate's `notAfter` the agent reported (Unix seconds).
     pub cert_not_after: u64,
+    /// The agent's `Status` entries, when they changed since the last summary (signed
+    /// operations: `policy.sha256`, `policy.phases`, `approvers`, `privsep`,
+    /// `audit.head`, ...); empty otherwise.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub status: Vec<(String, String)>,
 }
 
 /// What a broker sends to control.
@@ -349,6 +358,7 @@ mod tests {
             connected_at: 1,
             cert_not_after: 2,
             agent_version: "0.1".into(),
+            capabilities: vec![],
         });
         assert_eq!(decode::<ToControl>(&encode(&up).unwrap()[4..]).unwrap(), up);
     }

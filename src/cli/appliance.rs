@@ -342,6 +342,17 @@ fn print_detail(d: &ApplianceDetail) {
             if let Some(t) = &c.trust_state {
                 println!("agent trust state:  {t}");
             }
+            if c.capabilities.iter().any(|c| c == "signed-ops/1") {
+                // Read only: what the appliance says its customer's rules are.
+                println!(
+                    "signed operations:  on (the appliance decides under its customer's policy)"
+                );
+                for (k, v) in &c.agent_status {
+                    println!("  {k:<18}{v}");
+                }
+            } else {
+                println!("signed operations:  off (the appliance runs what the vendor sends)");
+            }
         }
         None => println!("connected:          no (offline)"),
     }

@@ -419,6 +419,8 @@ impl Cluster {
                 cert_not_after: r.cert_not_after,
                 last_heartbeat: None,
                 trust_state: None,
+                capabilities: r.capabilities,
+                agent_status: Default::default(),
             },
         );
         // Only another broker's session needs closing from here; a broker supersedes its
@@ -456,6 +458,9 @@ impl Cluster {
                     p.last_heartbeat = Some(h.at);
                     p.trust_state = Some(h.trust_state);
                     p.cert_not_after = h.cert_not_after;
+                    if !h.status.is_empty() {
+                        p.agent_status = h.status.into_iter().collect();
+                    }
                 }
             }
         }
@@ -500,6 +505,7 @@ mod tests {
             connected_at,
             cert_not_after: 0,
             agent_version: "t".into(),
+            capabilities: vec![],
         }
     }
 
