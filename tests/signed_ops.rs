@@ -725,4 +725,27 @@ async fn through_control_plan_sign_run_once_and_verify() {
     assert_eq!(code, 125, "{err}");
     assert!(err.contains("approval_replayed"), "{err}");
     assert!(!Path::new(canary).exists());
+
+    // The customer's lockdown reaches the vendor's view within seconds (the agent reports
+    // a change of its customer's files on its own).
+    let out = Command::new(bin("tether-agent"))
+        .args(["lockdown", "--customer-dir"])
+        .arg(&customer)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let locked = Instant::now();
+    wait_for(Duration::from_secs(15), || async {
+        let v = c.show("app-1");
+        (v["connection"]["agent_status"]["policy.phases"]
+            == "observe=on/none,deploy=off,operate=off,install=off")
+            .then_some(())
+    })
+    .await
+    .expect("control sees the lockdown");
+    eprintln!("lockdown to control's view: {:?}", locked.elapsed());
 }

@@ -165,6 +165,7 @@ pub(crate) async fn run_session(
             draining: CancellationToken::new(),
             handed_over: false,
             peer_max_frame_len: watch::channel(0).0,
+            status_generation: None,
         };
         let reason = driver.run(shutdown).await;
         driver.commands.abort_all();
@@ -203,9 +204,30 @@ struct Driver<'a> {
     /// The broker's frame limit from `Welcome` (0 until it arrives): every frame sent on
     /// this connection fits it.
     peer_max_frame_len: watch::Sender<usize>,
+    /// Signed operations: the version of the customer's files last reported in `Status`.
+    status_generation: Option<u64>,
 }
 
 impl Driver<'_> {
+    /// Signed operations: report the customer's rules in `Status` (read only: no frame
+    /// writes them) when they changed since the last report, once the session is up.
+    fn report_status(&mut self, session: &mut AgentSession) {
+        let Some(ops) = self.ctx.runner.signed_ops() else {
+            return;
+        };
+        if self.session_id.is_none() {
+            return;
+        }
+        let generation = ops.customer_generation();
+        if self.status_generation == Some(generation) {
+            return;
+        }
+        self.status_generation = Some(generation);
+        let mut entries = ops.status();
+        entries.truncate(tether_proto::frame::MAX_STATUS_ENTRIES);
+        session.send_status(tether_proto::Status { entries });
+    }
+
     /// Leave after a `GoAway`'s delay without closing: see [`run_session`].
     fn hand_over(&mut self) -> Option<DisconnectReason> {
         self.handed_over = true;
@@ -239,6 +261,13 @@ impl Driver<'_> {
         let mut out = BytesMut::new();
         // Deadline for leaving after a GoAway: running commands get until then.
         let mut leave_at: Option<Instant> = None;
+        // Signed operations: how often to look for a change of the customer's files to
+        // report (a lockdown shows in control within about a second).
+        let mut status_check = self.ctx.runner.signed_ops().map(|_| {
+            let mut i = tokio::time::interval(crate::signed::STATUS_CHECK_EVERY);
+            i.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            i
+        });
 
         loop {
             // 1. Write whatever the state machine queued.
@@ -280,6 +309,9 @@ impl Driver<'_> {
                     }
                 }
                 Some(_) = self.commands.join_next(), if !self.commands.is_empty() => {}
+                _ = tick(&mut status_check), if status_check.is_some() => {
+                    self.report_status(&mut session);
+                }
                 _ = sleep_until(leave_at), if leave_at.is_some() => {
                     // Stay until the delay the broker asked for has passed (it spreads
                     // its fleet's reconnections), then move to the next broker while
@@ -373,13 +405,8 @@ impl Driver<'_> {
                     );
                     self.peer_max_frame_len.send_replace(w.peer_max_frame_len());
                     self.session_id = Some(w.session_id);
-                    if let Some(ops) = self.ctx.runner.signed_ops() {
-                        // What the customer's rules are, for the vendor to see (read only:
-                        // no frame writes them).
-                        let mut entries = ops.status();
-                        entries.truncate(tether_proto::frame::MAX_STATUS_ENTRIES);
-                        session.send_status(tether_proto::Status { entries });
-                    }
+                    self.status_generation = None;
+                    self.report_status(session);
                     let _ = self.ctx.events.send(AgentEvent::Connected {
                         broker: self.broker,
                         session_id: w.session_id,
@@ -658,6 +685,16 @@ async fn wait_reset(recv: &mut RecvStream) {
             Ok(None) => return std::future::pending().await,
             Err(_) => return,
         }
+    }
+}
+
+/// The next tick of an optional interval (never without one).
+async fn tick(i: &mut Option<tokio::time::Interval>) {
+    match i {
+        Some(i) => {
+            i.tick().await;
+        }
+        None => std::future::pending().await,
     }
 }
 

@@ -66,6 +66,8 @@ pub struct CustomerFiles {
     dir: PathBuf,
     agent_uid: u32,
     loaded: Mutex<Arc<Loaded>>,
+    /// Bumped at every re-read: what `Status` reported last is compared with it.
+    generation: std::sync::atomic::AtomicU64,
 }
 
 impl CustomerFiles {
@@ -76,6 +78,7 @@ impl CustomerFiles {
             dir,
             agent_uid,
             loaded,
+            generation: Default::default(),
         }
     }
 
@@ -102,7 +105,14 @@ impl CustomerFiles {
         }
         let fresh = Arc::new(load(&self.dir, self.agent_uid));
         *loaded = fresh.clone();
+        self.generation
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         (fresh, true)
+    }
+
+    /// How many times the files were re-read (after [`CustomerFiles::current`]).
+    pub fn generation(&self) -> u64 {
+        self.generation.load(std::sync::atomic::Ordering::Relaxed)
     }
 }
 

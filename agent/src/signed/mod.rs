@@ -40,6 +40,8 @@ use tether_proto::{CommandKind, CommandRequest};
 use self::applog::{action, agent_actor, AppLog};
 use self::customer::{CustomerFiles, Loaded};
 
+/// How often a session looks for a change of the customer's files to report in `Status`.
+pub const STATUS_CHECK_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 /// The appliance audit log's default file name in the state directory.
 pub const AUDIT_LOG_FILE: &str = "audit.jsonl";
 /// How long a plan's document is valid for by default (the customer may narrow it).
@@ -184,6 +186,16 @@ impl SignedOps {
 
     fn state(&self) -> std::sync::MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The version of the customer's files in force (re-`stat`ed now): it changes
+    /// whenever they were re-read, so a session knows to report them again.
+    pub fn customer_generation(&self) -> u64 {
+        let (loaded, reread) = self.customer.current();
+        if reread {
+            self.log_loaded(&loaded);
+        }
+        self.customer.generation()
     }
 
     /// Whether `phase` is still open (re-reading the customer files if they changed).
