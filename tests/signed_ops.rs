@@ -420,6 +420,63 @@ async fn an_approval_runs_exactly_its_command_exactly_once() {
         verify(&rig.root().join("missing.jsonl")).status.code(),
         Some(2)
     );
+
+    // With the appliance key the customer recorded, the checkpoints hold too; a log
+    // rewritten with every hash recomputed (a consistent chain) still fails there.
+    let verify_key = |p: &Path, key: &str| {
+        Command::new(bin("tether-agent"))
+            .args(["audit", "verify", "--appliance-key", key])
+            .arg(p)
+            .output()
+            .unwrap()
+    };
+    let out = verify_key(&log, &rig.appliance_key);
+    let said = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success() && !said.contains(" 0 checkpoints"),
+        "{said}"
+    );
+    let mut entries: Vec<tether_audit::AuditEntry> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    entries[1].details["argv"] = Value::from("echo harmless");
+    let mut prev = tether_audit::GENESIS_HASH.to_owned();
+    for e in &mut entries {
+        e.prev_hash = prev.clone();
+        e.hash = tether_audit::entry_hash(e.seq, e.at, &e.event(), &prev).unwrap();
+        prev = e.hash.clone();
+    }
+    let rewritten = rig.root().join("rewritten.jsonl");
+    let lines: Vec<String> = entries
+        .iter()
+        .map(|e| serde_json::to_string(e).unwrap())
+        .collect();
+    std::fs::write(&rewritten, lines.join("\n") + "\n").unwrap();
+    assert!(
+        verify(&rewritten).status.success(),
+        "the chain alone cannot tell"
+    );
+    let out = verify_key(&rewritten, &rig.appliance_key);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    // Another appliance's key: refused as well.
+    let other = tether_ops::ssh_key::PrivateKey::random(
+        &mut tether_ops::ssh_key::rand_core::OsRng,
+        tether_ops::ssh_key::Algorithm::Ed25519,
+    )
+    .unwrap();
+    let out = verify_key(&log, &other.public_key().to_openssh().unwrap());
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
 }
 
 #[tokio::test]

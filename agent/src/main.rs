@@ -66,6 +66,11 @@ enum AuditCmd {
     Verify {
         /// The log (JSON lines).
         file: PathBuf,
+        /// The appliance's manifest key (`tether-agent manifest-key show`, recorded at
+        /// install): every checkpoint in the log must verify under it. Without it only
+        /// the hash chain is checked.
+        #[arg(long, value_name = "KEY")]
+        appliance_key: Option<String>,
     },
 }
 
@@ -424,14 +429,35 @@ fn main() -> anyhow::Result<()> {
                 Err(e) => bail!("lockdown: {e}"),
             }
         }
-        Cmd::Audit(AuditCmd::Verify { file }) => {
+        Cmd::Audit(AuditCmd::Verify {
+            file,
+            appliance_key,
+        }) => {
+            let usage = |e: String| -> ! {
+                eprintln!("tether-agent audit verify: {e}");
+                std::process::exit(2)
+            };
             if let Err(e) = std::fs::metadata(&file) {
-                eprintln!("tether-agent audit verify: {}: {e}", file.display());
-                std::process::exit(2);
+                usage(format!("{}: {e}", file.display()));
             }
-            match tether_agent::signed::applog::verify_file(&file) {
-                Ok((n, head)) => {
-                    println!("ok: {n} entries, head {head}");
+            let key = appliance_key
+                .as_deref()
+                .map(tether_ops::ssh_key::PublicKey::from_openssh)
+                .transpose()
+                .unwrap_or_else(|e| usage(format!("--appliance-key: {e}")));
+            match tether_agent::signed::applog::verify_file(&file, key.as_ref()) {
+                Ok(v) if key.is_some() => {
+                    println!(
+                        "ok: {} entries, head {}; {} checkpoints verified: entries up to {} are vouched for by the appliance key",
+                        v.entries, v.head, v.checkpoints, v.vouched_seq
+                    );
+                    Ok(())
+                }
+                Ok(v) => {
+                    println!(
+                        "ok: {} entries, head {} (hash chain only: give --appliance-key to check the checkpoints)",
+                        v.entries, v.head
+                    );
                     Ok(())
                 }
                 Err(e) => {

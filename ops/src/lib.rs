@@ -48,6 +48,14 @@ pub use tether_proto::CommandFailure;
 pub const APPROVAL_NAMESPACE: &str = "tether-approval-v1";
 /// The SSHSIG namespace of output manifests.
 pub const MANIFEST_NAMESPACE: &str = "tether-manifest-v1";
+/// The SSHSIG namespace of the appliance audit log's checkpoints.
+pub const CHECKPOINT_NAMESPACE: &str = "tether-audit-checkpoint-v1";
+
+/// What an appliance audit log checkpoint signs: the entry `seq` and its `hash`, as
+/// `tether-audit-checkpoint-v1\n<seq>\n<hash>\n`.
+pub fn checkpoint_message(seq: i64, hash: &str) -> String {
+    format!("{CHECKPOINT_NAMESPACE}\n{seq}\n{hash}\n")
+}
 
 /// A refusal: the shared failure code and a sentence for logs and the operator.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]

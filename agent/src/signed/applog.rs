@@ -117,6 +117,11 @@ impl AppLog {
     pub fn head(&self) -> String {
         format!("{}:{}", self.seq, self.head)
     }
+
+    /// The last entry's `seq` and `hash` (0 and the genesis hash before any).
+    pub fn head_parts(&self) -> (i64, &str) {
+        (self.seq, &self.head)
+    }
 }
 
 /// The agent as an audit actor.
@@ -124,19 +129,78 @@ pub fn agent_actor(appliance: &str) -> Actor {
     Actor::appliance(appliance)
 }
 
+/// What [`verify_file`] found.
+#[derive(Debug)]
+pub struct Verified {
+    /// Entries checked.
+    pub entries: u64,
+    /// `<seq>:<hash>` of the last.
+    pub head: String,
+    /// Checkpoints whose signature verified under the appliance key given.
+    pub checkpoints: u64,
+    /// The last entry a verified checkpoint vouches for (0 if none).
+    pub vouched_seq: i64,
+}
+
 /// Check a log file offline (`tether-agent audit verify FILE`): the whole chain from
-/// entry 1. Returns the number of entries and the head.
-pub fn verify_file(path: &Path) -> Result<(u64, String), String> {
+/// entry 1, and, with the appliance's manifest key, every checkpoint: each manifest entry
+/// carries a signature over the `seq` and `hash` of the entry before it, so a log cut or
+/// rewritten by someone without that key fails at the first checkpoint after the change.
+pub fn verify_file(
+    path: &Path,
+    appliance_key: Option<&tether_ops::ssh_key::PublicKey>,
+) -> Result<Verified, String> {
     let file = File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
     let mut chain = ChainVerifier::from_genesis();
+    let (mut prev_seq, mut prev_hash) = (0i64, GENESIS_HASH.to_owned());
+    let (mut checkpoints, mut vouched_seq) = (0u64, 0i64);
     for (n, line) in BufReader::new(file).lines().enumerate() {
         let line = line.map_err(|e| format!("{}: {e}", path.display()))?;
         let entry: AuditEntry = serde_json::from_str(&line)
             .map_err(|e| format!("line {}: not an audit entry: {e}", n + 1))?;
         chain.push(&entry).map_err(|e| e.to_string())?;
+        if let (Some(cp), Some(key)) = (entry.details.get("checkpoint"), appliance_key) {
+            check_checkpoint(cp, prev_seq, &prev_hash, key)
+                .map_err(|e| format!("entry {}: checkpoint: {e}", entry.seq))?;
+            checkpoints += 1;
+            vouched_seq = prev_seq;
+        }
+        prev_seq = entry.seq;
+        prev_hash = entry.hash.clone();
     }
     let head = chain
         .head()
         .map_or_else(|| format!("0:{GENESIS_HASH}"), |(s, h)| format!("{s}:{h}"));
-    Ok((chain.checked(), head))
+    Ok(Verified {
+        entries: chain.checked(),
+        head,
+        checkpoints,
+        vouched_seq,
+    })
+}
+
+/// A checkpoint `cp` must name entry `seq` with `hash` (the one before it) and be signed
+/// by `key`.
+fn check_checkpoint(
+    cp: &serde_json::Value,
+    seq: i64,
+    hash: &str,
+    key: &tether_ops::ssh_key::PublicKey,
+) -> Result<(), String> {
+    if cp.get("seq").and_then(|v| v.as_i64()) != Some(seq)
+        || cp.get("hash").and_then(|v| v.as_str()) != Some(hash)
+    {
+        return Err("it names another entry than the one before it".into());
+    }
+    let sig = cp.get("sig").and_then(|v| v.as_str()).unwrap_or_default();
+    let signer = tether_ops::sig::verify(
+        sig.as_bytes(),
+        tether_ops::CHECKPOINT_NAMESPACE,
+        tether_ops::checkpoint_message(seq, hash).as_bytes(),
+    )
+    .map_err(|e| e.to_string())?;
+    if signer.key.key_data() != key.key_data() {
+        return Err("signed by another key than the appliance's".into());
+    }
+    Ok(())
 }

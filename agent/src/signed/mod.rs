@@ -537,11 +537,24 @@ impl SignedOps {
         .with("sig", sig.clone());
         // The log's entries are at most 4 KiB of details: a manifest of a very long
         // command is kept by hash (the signed bytes went to the broker).
-        if text.len() + sig.len() < 3 * 1024 {
+        if text.len() + sig.len() < 2 * 1024 {
             event.set("manifest", text.into_owned());
         }
         match &mut st.log {
             Ok(log) => {
+                // A checkpoint: the manifest key vouches for everything before this entry.
+                let (cp_seq, cp_hash) = log.head_parts();
+                let message = tether_ops::checkpoint_message(cp_seq, cp_hash);
+                if let Ok(cp_sig) = tether_ops::sig::sign(
+                    &self.key,
+                    tether_ops::CHECKPOINT_NAMESPACE,
+                    message.as_bytes(),
+                ) {
+                    event.set(
+                        "checkpoint",
+                        serde_json::json!({"seq": cp_seq, "hash": cp_hash, "sig": cp_sig}),
+                    );
+                }
                 if let Err(e) = log.append(&event) {
                     tracing::error!(error = %e, "cannot log the manifest");
                 }
