@@ -384,6 +384,33 @@ async fn an_approval_runs_exactly_its_command_exactly_once() {
     );
     std::fs::remove_file(&canary).unwrap();
 
+    // An auditor reproduces the agent's decision with stock ssh-keygen and the exported
+    // allowed_signers file.
+    let out = Command::new(bin("tether-agent"))
+        .args(["approvers", "export-allowed-signers", "--customer-dir"])
+        .arg(&rig.customer)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::fs::write(rig.root().join("allowed_signers"), &out.stdout).unwrap();
+    std::fs::write(rig.root().join("approval.json"), &doc).unwrap();
+    std::fs::write(rig.root().join("approval.json.sig"), &sig).unwrap();
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg("ssh-keygen -Y verify -f allowed_signers -I acme-ops -n tether-approval-v1 -s approval.json.sig -Overify-time=20270101000000 < approval.json")
+        .current_dir(rig.root())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
     // Replayed: at once, and after the agent restarts.
     let lines = rig.run(send(argv.to_vec(), 10_000, &doc, &sig)).await;
     assert_eq!(error_of(&lines), "approval_replayed", "{lines:?}");

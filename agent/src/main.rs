@@ -44,6 +44,9 @@ enum Cmd {
     /// The appliance audit log (signed operations).
     #[command(subcommand)]
     Audit(AuditCmd),
+    /// The customer's pinned approval keys (signed operations).
+    #[command(subcommand)]
+    Approvers(ApproversCmd),
     /// The customer's switch-off: disable every phase but observe (or all with --all) in
     /// CUSTOMER_DIR/policy.toml, keeping its comments, owner and mode. Run it as the
     /// customer's admin; a running agent enforces it within a second and kills commands
@@ -55,6 +58,18 @@ enum Cmd {
         /// Disable observe too.
         #[arg(long)]
         all: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum ApproversCmd {
+    /// Print CUSTOMER_DIR/approvers.toml as an OpenSSH allowed_signers file (namespace
+    /// tether-approval-v1 and each key's validity window), so an auditor can reproduce
+    /// the agent's decision with `ssh-keygen -Y verify -Overify-time=...`.
+    ExportAllowedSigners {
+        /// The customer directory.
+        #[arg(long, env = ENV_CUSTOMER_DIR, value_name = "DIR")]
+        customer_dir: PathBuf,
     },
 }
 
@@ -420,6 +435,15 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Cmd::Run(args) => runtime.block_on(run(args)),
         Cmd::Enroll(args) => runtime.block_on(enroll(args)),
+        Cmd::Approvers(ApproversCmd::ExportAllowedSigners { customer_dir }) => {
+            let path = customer_dir.join(tether_agent::signed::customer::APPROVERS_FILE);
+            let text = std::fs::read_to_string(&path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            let approvers = tether_ops::approvers::Approvers::parse(&text)
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            print!("{}", approvers.allowed_signers());
+            Ok(())
+        }
         Cmd::Lockdown { customer_dir, all } => {
             match tether_agent::signed::lockdown::lockdown(&customer_dir, all) {
                 Ok(phases) => {
