@@ -833,3 +833,98 @@ async fn through_control_plan_sign_run_once_and_verify() {
     .expect("control sees the lockdown");
     eprintln!("lockdown to control's view: {:?}", locked.elapsed());
 }
+
+/// A tmpfs of 64 KiB mounted for a test, unmounted on drop.
+struct SmallDisk(PathBuf);
+
+impl SmallDisk {
+    fn mount(at: PathBuf) -> Option<SmallDisk> {
+        std::fs::create_dir_all(&at).unwrap();
+        let ok = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=64k", "tmpfs"])
+            .arg(&at)
+            .status()
+            .is_ok_and(|s| s.success());
+        ok.then_some(SmallDisk(at))
+    }
+
+    /// Write until the file system is full.
+    fn fill(&self) {
+        use std::io::Write;
+        let mut f = std::fs::File::create(self.0.join("filler")).unwrap();
+        let block = vec![0u8; 1024];
+        while f.write_all(&block).and_then(|()| f.sync_all()).is_ok() {}
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        // Lazily: the agent may still hold the log open (after a failed assertion).
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+#[tokio::test]
+async fn a_full_disk_stops_everything_and_nothing_is_lost() {
+    let mut rig = Rig::new().await;
+    let Some(disk) = SmallDisk::mount(rig.root().join("small")) else {
+        eprintln!("skipped: mounting a tmpfs needs root");
+        return;
+    };
+    let log = disk.0.join("audit.jsonl");
+    let log_arg = log.to_str().unwrap().to_owned();
+    rig.start_agent_with(&["--audit-log", &log_arg]).await;
+    let lines = rig
+        .run(json!({"argv": ["echo", "room"], "timeout_ms": 10000}))
+        .await;
+    assert_eq!(lines.last().unwrap(), &json!({"exit_code": 0}), "{lines:?}");
+
+    // The customer's approval, made while there is room (a plan is logged too).
+    let canary = rig.canary("disk-full");
+    let (doc, sig) = rig
+        .approve(&["touch", canary.to_str().unwrap()], 10_000)
+        .await;
+
+    // The disk fills. The log's last page may still hold an entry or two; from the first
+    // refusal on, nothing runs, observe or approved, and nothing is half written.
+    disk.fill();
+    let mut refused = false;
+    for _ in 0..20 {
+        let lines = rig
+            .run(json!({"argv": ["echo", "no room"], "timeout_ms": 10000}))
+            .await;
+        if error_of(&lines) == "audit_unavailable" {
+            refused = true;
+            break;
+        }
+    }
+    assert!(refused, "a full disk must stop commands");
+    let lines = rig
+        .run(json!({"argv": ["echo", "still no room"], "timeout_ms": 10000}))
+        .await;
+    assert_eq!(error_of(&lines), "audit_unavailable", "{lines:?}");
+    let lines = rig
+        .run(json!({"argv": ["touch", canary.to_str().unwrap()], "timeout_ms": 10000, "approval": doc, "approval_sig": sig}))
+        .await;
+    assert_eq!(error_of(&lines), "audit_unavailable", "{lines:?}");
+    assert!(!canary.exists());
+
+    // Room again: the same approval works (it was never consumed), and the log verifies.
+    std::fs::remove_file(disk.0.join("filler")).unwrap();
+    let lines = rig
+        .run(json!({"argv": ["touch", canary.to_str().unwrap()], "timeout_ms": 10000, "approval": doc, "approval_sig": sig}))
+        .await;
+    assert_eq!(lines.last().unwrap(), &json!({"exit_code": 0}), "{lines:?}");
+    assert!(canary.exists());
+    let out = Command::new(bin("tether-agent"))
+        .args(["audit", "verify", "--appliance-key", &rig.appliance_key])
+        .arg(&log)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    rig.agent = None;
+}
