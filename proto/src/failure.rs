@@ -236,58 +236,76 @@ impl CommandFailure {
     }
 }
 
+/// The agent's wire reasons and the names they stand for: one table, read both ways.
+const WIRE: [(FailureReason, CommandFailure); 19] = [
+    (FailureReason::SpawnFailed, CommandFailure::SpawnFailed),
+    (FailureReason::TimedOut, CommandFailure::TimedOut),
+    (FailureReason::Busy, CommandFailure::Busy),
+    (FailureReason::Signaled, CommandFailure::Signaled),
+    (FailureReason::Refused, CommandFailure::Refused),
+    (FailureReason::Cancelled, CommandFailure::Cancelled),
+    (FailureReason::Internal, CommandFailure::AgentInternal),
+    (
+        FailureReason::ApprovalRequired,
+        CommandFailure::ApprovalRequired,
+    ),
+    (
+        FailureReason::ApprovalInvalid,
+        CommandFailure::ApprovalInvalid,
+    ),
+    (
+        FailureReason::ApprovalExpired,
+        CommandFailure::ApprovalExpired,
+    ),
+    (
+        FailureReason::ApprovalTooLong,
+        CommandFailure::ApprovalTooLong,
+    ),
+    (
+        FailureReason::ApprovalReplayed,
+        CommandFailure::ApprovalReplayed,
+    ),
+    (
+        FailureReason::ApprovalUnavailable,
+        CommandFailure::ApprovalUnavailable,
+    ),
+    (
+        FailureReason::PolicyUnavailable,
+        CommandFailure::PolicyUnavailable,
+    ),
+    (FailureReason::PhaseDisabled, CommandFailure::PhaseDisabled),
+    (FailureReason::PhaseRevoked, CommandFailure::PhaseRevoked),
+    (
+        FailureReason::DeniedByPolicy,
+        CommandFailure::DeniedByPolicy,
+    ),
+    (
+        FailureReason::AuditUnavailable,
+        CommandFailure::AuditUnavailable,
+    ),
+    (
+        FailureReason::PrivsepUnavailable,
+        CommandFailure::PrivsepUnavailable,
+    ),
+];
+
 impl CommandFailure {
-    /// The wire reason an agent sends for this failure, if it is one an agent reports.
-    pub const fn wire_reason(self) -> Option<FailureReason> {
-        Some(match self {
-            CommandFailure::SpawnFailed => FailureReason::SpawnFailed,
-            CommandFailure::TimedOut => FailureReason::TimedOut,
-            CommandFailure::Busy => FailureReason::Busy,
-            CommandFailure::Signaled => FailureReason::Signaled,
-            CommandFailure::Refused | CommandFailure::ShellNotAllowed => FailureReason::Refused,
-            CommandFailure::Cancelled => FailureReason::Cancelled,
-            CommandFailure::AgentInternal => FailureReason::Internal,
-            CommandFailure::ApprovalRequired => FailureReason::ApprovalRequired,
-            CommandFailure::ApprovalInvalid => FailureReason::ApprovalInvalid,
-            CommandFailure::ApprovalExpired => FailureReason::ApprovalExpired,
-            CommandFailure::ApprovalTooLong => FailureReason::ApprovalTooLong,
-            CommandFailure::ApprovalReplayed => FailureReason::ApprovalReplayed,
-            CommandFailure::ApprovalUnavailable => FailureReason::ApprovalUnavailable,
-            CommandFailure::PolicyUnavailable => FailureReason::PolicyUnavailable,
-            CommandFailure::PhaseDisabled => FailureReason::PhaseDisabled,
-            CommandFailure::PhaseRevoked => FailureReason::PhaseRevoked,
-            CommandFailure::DeniedByPolicy => FailureReason::DeniedByPolicy,
-            CommandFailure::AuditUnavailable => FailureReason::AuditUnavailable,
-            CommandFailure::PrivsepUnavailable => FailureReason::PrivsepUnavailable,
-            _ => return None,
-        })
+    /// The wire reason an agent sends for this failure, if it is one an agent reports
+    /// (`shell_not_allowed` goes as `refused`).
+    pub fn wire_reason(self) -> Option<FailureReason> {
+        if self == CommandFailure::ShellNotAllowed {
+            return Some(FailureReason::Refused);
+        }
+        WIRE.iter().find(|(_, c)| *c == self).map(|(w, _)| *w)
     }
 }
 
 impl From<FailureReason> for CommandFailure {
     /// The agent's reason on the wire, in the shared vocabulary.
     fn from(r: FailureReason) -> CommandFailure {
-        match r {
-            FailureReason::SpawnFailed => CommandFailure::SpawnFailed,
-            FailureReason::TimedOut => CommandFailure::TimedOut,
-            FailureReason::Busy => CommandFailure::Busy,
-            FailureReason::Signaled => CommandFailure::Signaled,
-            FailureReason::Refused => CommandFailure::Refused,
-            FailureReason::Cancelled => CommandFailure::Cancelled,
-            FailureReason::Internal => CommandFailure::AgentInternal,
-            FailureReason::ApprovalRequired => CommandFailure::ApprovalRequired,
-            FailureReason::ApprovalInvalid => CommandFailure::ApprovalInvalid,
-            FailureReason::ApprovalExpired => CommandFailure::ApprovalExpired,
-            FailureReason::ApprovalTooLong => CommandFailure::ApprovalTooLong,
-            FailureReason::ApprovalReplayed => CommandFailure::ApprovalReplayed,
-            FailureReason::ApprovalUnavailable => CommandFailure::ApprovalUnavailable,
-            FailureReason::PolicyUnavailable => CommandFailure::PolicyUnavailable,
-            FailureReason::PhaseDisabled => CommandFailure::PhaseDisabled,
-            FailureReason::PhaseRevoked => CommandFailure::PhaseRevoked,
-            FailureReason::DeniedByPolicy => CommandFailure::DeniedByPolicy,
-            FailureReason::AuditUnavailable => CommandFailure::AuditUnavailable,
-            FailureReason::PrivsepUnavailable => CommandFailure::PrivsepUnavailable,
-        }
+        WIRE.iter()
+            .find(|(w, _)| *w == r)
+            .map_or(CommandFailure::Unknown, |(_, c)| *c)
     }
 }
 
@@ -329,6 +347,20 @@ impl<'de> Deserialize<'de> for CloseCode {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_wire_reason_maps_to_a_name_and_back() {
+        for &r in FailureReason::ALL {
+            let f = CommandFailure::from(r);
+            assert_ne!(f, CommandFailure::Unknown, "{r:?}");
+            assert_eq!(f.wire_reason(), Some(r), "{r:?}");
+        }
+        assert_eq!(
+            CommandFailure::ShellNotAllowed.wire_reason(),
+            Some(FailureReason::Refused)
+        );
+        assert_eq!(CommandFailure::Offline.wire_reason(), None);
+    }
 
     #[test]
     fn names_round_trip_and_map_to_exit_codes() {
