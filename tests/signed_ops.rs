@@ -569,6 +569,35 @@ async fn approvers_anyone_else_could_write_verify_nothing() {
     let argv = ["touch", canary.to_str().unwrap()];
     let (doc, sig) = rig.approve(&argv, 10_000).await;
     chmod(&rig.customer.join("approvers.toml"), 0o666);
+    // The customer's own check says so before any command does.
+    let check = |dir: &Path| {
+        Command::new(bin("tether-agent"))
+            .args(["policy", "check", "--customer-dir"])
+            .arg(dir)
+            .output()
+            .unwrap()
+    };
+    let out = check(&rig.customer);
+    let said = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert_eq!(out.status.code(), Some(1), "{said}");
+    let healthy = rig.root().join("healthy");
+    std::fs::create_dir(&healthy).unwrap();
+    chmod(&healthy, 0o755);
+    for f in ["approvers.toml", "policy.toml"] {
+        std::fs::copy(rig.customer.join(f), healthy.join(f)).unwrap();
+        chmod(&healthy.join(f), 0o644);
+    }
+    let out = check(&healthy);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert!(
+        said.contains("approvers: UNUSABLE") && said.contains("group- or world-writable"),
+        "{said}"
+    );
+    assert!(said.contains("policy: sha256"), "{said}");
     let lines = rig
         .run(json!({"argv": argv, "timeout_ms": 10000, "approval": doc, "approval_sig": sig}))
         .await;

@@ -47,6 +47,9 @@ enum Cmd {
     /// The customer's pinned approval keys (signed operations).
     #[command(subcommand)]
     Approvers(ApproversCmd),
+    /// The customer's policy (signed operations).
+    #[command(subcommand)]
+    Policy(PolicyCmd),
     /// The customer's switch-off: disable every phase but observe (or all with --all) in
     /// CUSTOMER_DIR/policy.toml, keeping its comments, owner and mode. Run it as the
     /// customer's admin; a running agent enforces it within a second and kills commands
@@ -58,6 +61,18 @@ enum Cmd {
         /// Disable observe too.
         #[arg(long)]
         all: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum PolicyCmd {
+    /// Check CUSTOMER_DIR as the agent would read it (strict modes included): print the
+    /// policy's digest and phases and the pinned keys, or what makes them unusable. Exits
+    /// 0 when both are usable, 1 otherwise.
+    Check {
+        /// The customer directory.
+        #[arg(long, env = ENV_CUSTOMER_DIR, value_name = "DIR")]
+        customer_dir: PathBuf,
     },
 }
 
@@ -442,6 +457,43 @@ fn main() -> anyhow::Result<()> {
             let approvers = tether_ops::approvers::Approvers::parse(&text)
                 .map_err(|e| anyhow::anyhow!("{e}"))?;
             print!("{}", approvers.allowed_signers());
+            Ok(())
+        }
+        Cmd::Policy(PolicyCmd::Check { customer_dir }) => {
+            let files = tether_agent::signed::customer::CustomerFiles::new(
+                customer_dir,
+                nix::unistd::geteuid().as_raw(),
+            );
+            let (loaded, _) = files.current();
+            let mut ok = true;
+            match &loaded.policy {
+                Ok(p) => println!("policy: sha256 {} phases {}", p.sha256, p.phases_summary()),
+                Err(e) => {
+                    ok = false;
+                    println!("policy: UNUSABLE, every command would be refused: {e}");
+                }
+            }
+            match &loaded.approvers {
+                Ok(a) => {
+                    println!("approvers: {} key(s)", a.keys().len());
+                    for k in a.keys() {
+                        println!(
+                            "  {} {} valid {} to {}",
+                            k.id,
+                            k.fingerprint(),
+                            tether_ops::format_rfc3339_ms(k.not_before_ms),
+                            tether_ops::format_rfc3339_ms(k.not_after_ms)
+                        );
+                    }
+                }
+                Err(e) => {
+                    ok = false;
+                    println!("approvers: UNUSABLE, every approval would be refused: {e}");
+                }
+            }
+            if !ok {
+                std::process::exit(1);
+            }
             Ok(())
         }
         Cmd::Lockdown { customer_dir, all } => {

@@ -46,7 +46,8 @@ pub const DEADLINE_GRACE: Duration =
 /// What control adds to the broker's grace: the broker's own `timed_out` must reach control
 /// before control's timer gives up.
 pub const RELAY_MARGIN: Duration = Duration::from_secs(1);
-/// Failure codes counted under their own label in `tether_control_commands_total`.
+/// Failure codes counted under their own label in `tether_control_commands_total` (with
+/// [`CommandFailure::SIGNED_OPS_REFUSALS`]).
 const OUTCOME_LABELS: [CommandFailure; 6] = [
     CommandFailure::TimedOut,
     CommandFailure::ConnectionLost,
@@ -278,7 +279,11 @@ impl Relay {
         let label = match last {
             ExecLine::Failed { code, .. } => {
                 end = end.with_outcome(Outcome::Failed).with("code", code.name());
-                if OUTCOME_LABELS.contains(code) {
+                // The signed-ops refusals are a fixed set too: the customer's decisions,
+                // counted by reason.
+                if OUTCOME_LABELS.contains(code)
+                    || CommandFailure::SIGNED_OPS_REFUSALS.contains(code)
+                {
                     code.name()
                 } else {
                     "failed"
