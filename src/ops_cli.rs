@@ -51,13 +51,6 @@ pub struct VerifyArgs {
     pub skew: Duration,
 }
 
-/// `FILE.sig`.
-fn beside(p: &Path) -> PathBuf {
-    let mut s = p.as_os_str().to_owned();
-    s.push(".sig");
-    s.into()
-}
-
 fn read(p: &Path) -> Result<Vec<u8>, String> {
     std::fs::read(p).map_err(|e| format!("cannot read {}: {e}", p.display()))
 }
@@ -70,14 +63,14 @@ pub fn run(args: &VerifyArgs) -> i32 {
             &args
                 .approval_sig
                 .clone()
-                .unwrap_or_else(|| beside(&args.approval)),
+                .unwrap_or_else(|| tether_ops::sig::sig_path(&args.approval)),
         )?;
         let manifest = read(&args.manifest)?;
         let manifest_sig = read(
             &args
                 .manifest_sig
                 .clone()
-                .unwrap_or_else(|| beside(&args.manifest)),
+                .unwrap_or_else(|| tether_ops::sig::sig_path(&args.manifest)),
         )?;
         let keys = String::from_utf8(read(&args.customer_keys)?)
             .map_err(|_| format!("{} is not UTF-8", args.customer_keys.display()))?;

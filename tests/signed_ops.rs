@@ -754,6 +754,13 @@ async fn through_control_plan_sign_run_once_and_verify() {
         "{conn}"
     );
     assert!(conn["agent_status"]["audit.head"].is_string(), "{conn}");
+    // Root switches to the phases' run_as user; elsewhere the policy's allow_same_uid.
+    let privsep = if nix::unistd::geteuid().is_root() {
+        "on"
+    } else {
+        "off"
+    };
+    assert_eq!(conn["agent_status"]["privsep"], privsep, "{conn}");
     let text = c.tether(&["appliance", "show", "app-1"]).unwrap();
     assert!(text.contains("signed operations:  on"), "{text}");
 

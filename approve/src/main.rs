@@ -17,6 +17,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use clap::{Parser, Subcommand};
 use tether_ops::approval::Approval;
 use tether_ops::approvers::{Approvers, Scope};
+use tether_ops::sig::sig_path;
 use tether_ops::ssh_key::{rand_core::OsRng, Algorithm, HashAlg, LineEnding, PrivateKey};
 use tether_ops::{format_rfc3339_ms, sig, APPROVAL_NAMESPACE};
 
@@ -96,15 +97,11 @@ fn read(p: &Path) -> Result<Vec<u8>, Fail> {
     std::fs::read(p).map_err(|e| usage(format!("cannot read {}: {e}", p.display())))
 }
 
-/// `p` with `suffix` appended (`approval.json` → `approval.json.sig`).
+/// `p` with `suffix` appended (`alice` → `alice.pub`).
 fn with_suffix(p: &Path, suffix: &str) -> PathBuf {
     let mut s = p.as_os_str().to_owned();
     s.push(suffix);
     s.into()
-}
-
-fn sig_path(p: &Path) -> PathBuf {
-    with_suffix(p, ".sig")
 }
 
 fn now_ms() -> i64 {

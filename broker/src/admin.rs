@@ -103,22 +103,15 @@ impl CommandBody {
             || self.request_id.is_some()
             || self.reason.is_some()
             || self.plan;
-        any.then(|| tether_proto::SignedOps {
-            request_id: self.request_id.clone().unwrap_or_default(),
-            reason: self.reason.clone().unwrap_or_default(),
-            approval: self
-                .approval
-                .clone()
-                .unwrap_or_default()
-                .into_bytes()
-                .into(),
-            approval_sig: self
-                .approval_sig
-                .clone()
-                .unwrap_or_default()
-                .into_bytes()
-                .into(),
-            plan_only: self.plan,
+        any.then(|| {
+            tether_proto::cluster::SignedCommand {
+                request_id: self.request_id.clone().unwrap_or_default(),
+                reason: self.reason.clone().unwrap_or_default(),
+                approval: self.approval.clone().unwrap_or_default(),
+                approval_sig: self.approval_sig.clone().unwrap_or_default(),
+                plan: self.plan,
+            }
+            .to_wire()
         })
     }
 }

@@ -533,12 +533,17 @@ impl ControlSync {
                     if let Some(mut hb) = hb {
                         // The newest summary of a session wins, but an agent status it
                         // replaces still goes out (it is sent once, when it changed).
-                        if hb.status.is_empty() {
-                            if let Some(older) = heartbeats.remove(&hb.session_id) {
-                                hb.status = older.status;
+                        match heartbeats.entry(hb.session_id) {
+                            std::collections::hash_map::Entry::Occupied(mut older) => {
+                                if hb.status.is_empty() {
+                                    hb.status = std::mem::take(&mut older.get_mut().status);
+                                }
+                                older.insert(hb);
+                            }
+                            std::collections::hash_map::Entry::Vacant(slot) => {
+                                slot.insert(hb);
                             }
                         }
-                        heartbeats.insert(hb.session_id, hb);
                     }
                 }
                 _ = batch.tick() => {

@@ -49,11 +49,6 @@ impl Ledger {
         self.seen.insert(id.to_owned(), not_after_ms);
     }
 
-    /// Raise the horizon to at least `horizon_ms` (from a persisted snapshot).
-    pub fn raise_horizon(&mut self, horizon_ms: i64) {
-        self.horizon_ms = self.horizon_ms.max(horizon_ms);
-    }
-
     /// Forget ids whose window ended before `now_ms - skew_ms`, raising the horizon.
     pub fn prune(&mut self, now_ms: i64, skew_ms: i64) {
         let cutoff = now_ms.saturating_sub(skew_ms);

@@ -64,6 +64,13 @@ impl Signer {
     }
 }
 
+/// Where the signature of `file` lives: `FILE.sig`, as `ssh-keygen -Y sign` writes it.
+pub fn sig_path(file: &std::path::Path) -> std::path::PathBuf {
+    let mut s = file.as_os_str().to_owned();
+    s.push(".sig");
+    s.into()
+}
+
 /// Whether Tether accepts keys of `alg`.
 pub fn accepted_algorithm(alg: &Algorithm) -> bool {
     matches!(alg, Algorithm::Ed25519 | Algorithm::SkEd25519)

@@ -266,7 +266,7 @@ async fn run_inner(args: ExecArgs) -> anyhow::Result<i32> {
                 if let Some(path) = &args.manifest_out {
                     std::fs::write(path, manifest.as_bytes())
                         .with_context(|| format!("writing {}", path.display()))?;
-                    let sig_path = with_sig(path);
+                    let sig_path = tether_ops::sig::sig_path(path);
                     std::fs::write(&sig_path, sig.as_bytes())
                         .with_context(|| format!("writing {}", sig_path.display()))?;
                 }
@@ -274,13 +274,6 @@ async fn run_inner(args: ExecArgs) -> anyhow::Result<i32> {
         }
     }
     Ok(outcome.exit_code())
-}
-
-/// `FILE.sig`.
-fn with_sig(path: &std::path::Path) -> std::path::PathBuf {
-    let mut s = path.as_os_str().to_owned();
-    s.push(".sig");
-    s.into()
 }
 
 /// The request body of a single-appliance `tether exec`, with its signed-ops fields.
@@ -301,7 +294,7 @@ fn signed_body(args: &ExecArgs) -> anyhow::Result<ExecRequest> {
             std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))
         };
         body.approval = Some(read(path)?);
-        body.approval_sig = Some(read(&with_sig(path))?);
+        body.approval_sig = Some(read(&tether_ops::sig::sig_path(path))?);
     }
     Ok(body)
 }

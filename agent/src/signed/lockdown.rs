@@ -5,7 +5,7 @@
 //! replaces it atomically. The running agent enforces the result within a second:
 //! commands in a closed phase are refused, and running ones are killed (`phase_revoked`).
 
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 
 use tether_ops::policy::Policy;
@@ -37,25 +37,17 @@ pub fn lockdown(customer_dir: &Path, all: bool) -> Result<String, String> {
     let new = doc.to_string();
     let policy = Policy::parse(new.as_bytes())?;
     let meta = std::fs::metadata(&path).map_err(|e| format!("{}: {e}", path.display()))?;
-    let tmp = customer_dir.join(format!(".{POLICY_FILE}.lockdown"));
-    let write = || -> std::io::Result<()> {
-        std::fs::write(&tmp, new.as_bytes())?;
-        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(meta.mode() & 0o7777))?;
-        std::os::unix::fs::chown(&tmp, Some(meta.uid()), Some(meta.gid()))?;
-        std::fs::File::open(&tmp)?.sync_all()?;
-        std::fs::rename(&tmp, &path)?;
-        std::fs::File::open(customer_dir)?.sync_all()
-    };
-    write().map_err(|e| {
-        let _ = std::fs::remove_file(&tmp);
-        format!("{}: {e}", path.display())
-    })?;
+    // Same mode, then the same owner (the admin running this may not be the file's).
+    tether_identity::fs::write_atomic(&path, new.as_bytes(), meta.mode() & 0o7777)
+        .and_then(|()| std::os::unix::fs::chown(&path, Some(meta.uid()), Some(meta.gid())))
+        .map_err(|e| format!("{}: {e}", path.display()))?;
     Ok(policy.phases_summary())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::PermissionsExt;
 
     #[test]
     fn closes_every_phase_but_observe_and_keeps_comments_and_mode() {

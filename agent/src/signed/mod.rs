@@ -242,14 +242,7 @@ impl SignedOps {
             Ok(p) => {
                 out.push(("policy.sha256".into(), p.sha256.clone()));
                 out.push(("policy.phases".into(), p.phases_summary()));
-                let privsep = if self.agent_uid == 0 {
-                    "on"
-                } else if p.allow_same_uid {
-                    "off"
-                } else {
-                    "unavailable"
-                };
-                out.push(("privsep".into(), privsep.into()));
+                out.push(("privsep".into(), privsep(p, self.agent_uid).into()));
             }
             Err(e) => out.push((
                 "policy.error".into(),
@@ -628,6 +621,26 @@ fn file_sha256(path: &Path) -> std::io::Result<String> {
         h.update(&buf[..n]);
     }
     Ok(h.finish().sha256)
+}
+
+/// `Status`'s `privsep`, from the same rule admission applies ([`run_user`]) to every
+/// open phase: `on` when each runs as its own `run_as` user, `off` when one would run as
+/// the agent's user (`allow_same_uid`), `unavailable` when one could not run at all.
+fn privsep(policy: &policy::Policy, agent_uid: u32) -> &'static str {
+    let now = now_ms();
+    let users: Vec<Result<RunUser, Refusal>> = Phase::ALL
+        .iter()
+        .filter(|&&phase| policy.is_open(phase, now))
+        .filter_map(|&phase| policy.phase(phase))
+        .map(|rule| run_user(&rule.run_as, policy.allow_same_uid, agent_uid))
+        .collect();
+    if users.iter().any(Result::is_err) {
+        "unavailable"
+    } else if users.iter().flatten().any(|u| !u.switch) {
+        "off"
+    } else {
+        "on"
+    }
 }
 
 /// The user a phase runs as: the policy's `run_as` if the agent can switch to it; the

@@ -112,7 +112,7 @@ pub async fn exec(
     if !command.signed.approval.is_empty() {
         event.set(
             "approval_sha256",
-            tether_ops::sha256_hex(command.signed.approval.as_bytes()),
+            crate::domain::token::sha256_hex(command.signed.approval.as_bytes()),
         );
     }
     if command.signed.plan {
@@ -308,7 +308,7 @@ impl Relay {
         {
             end = end.with(
                 "manifest_sha256",
-                tether_ops::sha256_hex(manifest.as_bytes()),
+                crate::domain::token::sha256_hex(manifest.as_bytes()),
             );
             if manifest.len() + sig.len() < 3 * 1024 {
                 end = end.with("manifest", manifest).with("manifest_sig", sig);
