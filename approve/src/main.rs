@@ -1,11 +1,13 @@
 //! `tether-approve`: the customer's side of signed operations.
 //!
 //! The vendor hands the customer a complete approval document (`tether exec --plan`
-//! writes it); the customer reads it (`show`), signs it with a key only they hold
-//! (`sign`), and hands back `approval.json` and `approval.json.sig`. Stock `ssh-keygen
+//! writes one for a command, `tether tunnel request` one for a break-glass tunnel); the
+//! customer reads it (`show`), signs it with a key only they hold (`sign`), and hands
+//! back `approval.json` and `approval.json.sig`. Stock `ssh-keygen
 //! -Y sign -n tether-approval-v1 -f KEY approval.json` does the same; this tool adds the
 //! strict check that the bytes are exactly the canonical document that will be shown to
-//! the appliance, and narrowing (a shorter window, an approver label) before signing.
+//! the appliance, and narrowing (a shorter window, an approver label; for a tunnel a
+//! shorter session and fewer connections) before signing.
 //!
 //! There is no network code in this binary (CI checks its dependency tree): it runs on an
 //! air-gapped workstation and cannot phone home.
@@ -19,6 +21,7 @@ use tether_ops::approval::Approval;
 use tether_ops::approvers::{Approvers, Scope};
 use tether_ops::sig::sig_path;
 use tether_ops::ssh_key::{rand_core::OsRng, Algorithm, HashAlg, LineEnding, PrivateKey};
+use tether_ops::tunnel::{CredentialCommand, TunnelApproval};
 use tether_ops::{format_rfc3339_ms, sig, APPROVAL_NAMESPACE};
 
 /// The customer's signer for Tether approvals. No network: files in, files out.
@@ -45,7 +48,8 @@ enum Cmd {
         #[arg(long)]
         passphrase_env: Option<String>,
     },
-    /// Print an approval document for a human to read, after checking it is canonical.
+    /// Print an approval document (a command's or a break-glass tunnel's) for a human to
+    /// read, after checking it is canonical.
     Show {
         /// The document.
         file: PathBuf,
@@ -65,6 +69,13 @@ enum Cmd {
         /// later). A window is never widened.
         #[arg(long, value_parser = humantime::parse_duration)]
         valid: Option<Duration>,
+        /// Break glass: narrow the session to at most this long (whole seconds; the idle
+        /// timeout shrinks with it). Never lengthened.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        duration: Option<Duration>,
+        /// Break glass: allow at most this many connections. Never raised.
+        #[arg(long)]
+        max_connections: Option<u32>,
         /// Where to write the signed document [default: FILE itself].
         #[arg(long)]
         out: Option<PathBuf>,
@@ -171,6 +182,70 @@ fn keygen(out: &Path, comment: &str, pass: Option<String>) -> Result<String, Fai
     ))
 }
 
+/// An approval document of either kind; neither parses as the other.
+enum Doc {
+    /// A command's.
+    Exec(Approval),
+    /// A break-glass tunnel's.
+    Tunnel(TunnelApproval),
+}
+
+impl Doc {
+    /// Parse `bytes` strictly as whichever kind they are.
+    fn parse(bytes: &[u8]) -> Result<Doc, String> {
+        match Approval::parse(bytes) {
+            Ok(a) => Ok(Doc::Exec(a)),
+            Err(exec_err) => match TunnelApproval::parse(bytes) {
+                Ok(t) => Ok(Doc::Tunnel(t)),
+                // Explain in the terms of the kind the bytes look like.
+                Err(tunnel_err) if contains(bytes, b"\"break_glass\"") => Err(tunnel_err),
+                Err(_) => Err(exec_err),
+            },
+        }
+    }
+
+    fn check_fields(&self) -> Result<(), String> {
+        match self {
+            Doc::Exec(a) => a.check_fields(),
+            Doc::Tunnel(t) => t.check_fields(),
+        }
+    }
+
+    fn to_bytes(&self) -> Vec<u8> {
+        match self {
+            Doc::Exec(a) => a.to_bytes(),
+            Doc::Tunnel(t) => t.to_bytes(),
+        }
+    }
+
+    /// The pinned-key scope it needs.
+    fn scope(&self) -> Scope {
+        match self {
+            Doc::Exec(_) => Scope::Exec,
+            Doc::Tunnel(_) => Scope::BreakGlass,
+        }
+    }
+
+    /// `approver`, `not_before_ms`, `not_after_ms`, for narrowing.
+    fn signer_fields(&mut self) -> (&mut String, &mut i64, &mut i64) {
+        match self {
+            Doc::Exec(a) => (&mut a.approver, &mut a.not_before_ms, &mut a.not_after_ms),
+            Doc::Tunnel(t) => (&mut t.approver, &mut t.not_before_ms, &mut t.not_after_ms),
+        }
+    }
+
+    fn render(&self) -> String {
+        match self {
+            Doc::Exec(a) => render(a),
+            Doc::Tunnel(t) => render_tunnel(t),
+        }
+    }
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
+
 /// The document as a human reads it.
 fn render(a: &Approval) -> String {
     let e = &a.exec;
@@ -194,8 +269,47 @@ fn render(a: &Approval) -> String {
     )
 }
 
-fn parse(file: &Path) -> Result<Approval, Fail> {
-    Approval::parse(&read(file)?).map_err(|e| Fail(1, format!("{}: {e}", file.display())))
+/// A break-glass document as a human reads it: where the tunnel goes, for how long, and
+/// exactly which commands make and remove the credential.
+fn render_tunnel(t: &TunnelApproval) -> String {
+    let b = &t.break_glass;
+    let command = |c: &Option<CredentialCommand>| match c {
+        Some(c) => format!("{:?} (deadline {} ms)", c.argv, c.deadline_ms),
+        None => "none".to_owned(),
+    };
+    let credential = match &b.credential {
+        None => "none (nothing is minted or revoked)".to_owned(),
+        Some(c) => format!(
+            "made for this session by the customer's commands\n    mint:      {}\n    revoke:    {}\n    sealed to: {}",
+            command(&c.mint),
+            command(&c.revoke),
+            if b.recipient.is_empty() { "nobody (nothing minted)" } else { &b.recipient }
+        ),
+    };
+    format!(
+        "break-glass approval {id}\n  appliance:   {app} (trust domain {td})\n  appliance key: {key}\n  phase:       {phase}\n  resource:    {resource}\n  privilege:   {privilege}\n  target:      {target} (via {network})\n  duration:    {duration} from activation (the appliance's policy may cap it)\n  connections: at most {conns}, each closed after {idle} idle\n  credential:  {credential}\n  activate:    {from} to {until}\n  request:     {req}\n  reason:      {reason}\n  approver:    {approver}",
+        id = t.approval_id,
+        app = t.appliance.id,
+        td = t.appliance.trust_domain,
+        key = t.appliance.key,
+        phase = t.phase,
+        resource = b.resource,
+        privilege = b.privilege,
+        target = b.target,
+        network = b.network,
+        duration = humantime::format_duration(Duration::from_secs(b.duration_s)),
+        conns = b.max_connections,
+        idle = humantime::format_duration(Duration::from_secs(b.idle_timeout_s)),
+        from = format_rfc3339_ms(t.not_before_ms),
+        until = format_rfc3339_ms(t.not_after_ms),
+        req = t.request_id,
+        reason = t.reason,
+        approver = t.approver,
+    )
+}
+
+fn parse(file: &Path) -> Result<Doc, Fail> {
+    Doc::parse(&read(file)?).map_err(|e| Fail(1, format!("{}: {e}", file.display())))
 }
 
 struct SignArgs<'a> {
@@ -203,22 +317,40 @@ struct SignArgs<'a> {
     file: &'a Path,
     approver: Option<String>,
     valid: Option<Duration>,
+    duration: Option<Duration>,
+    max_connections: Option<u32>,
     out: Option<&'a Path>,
     pass: Option<String>,
 }
 
 fn sign(a: SignArgs<'_>) -> Result<String, Fail> {
     let mut doc = parse(a.file)?;
-    if let Some(approver) = a.approver {
-        doc.approver = approver;
+    let (approver, not_before_ms, not_after_ms) = doc.signer_fields();
+    if let Some(label) = a.approver {
+        *approver = label;
     }
     if let Some(valid) = a.valid {
-        let start = doc.not_before_ms.max(now_ms());
+        let start = (*not_before_ms).max(now_ms());
         let end = start.saturating_add(i64::try_from(valid.as_millis()).unwrap_or(i64::MAX));
-        doc.not_before_ms = start;
-        doc.not_after_ms = doc.not_after_ms.min(end);
-        if doc.not_after_ms <= doc.not_before_ms {
+        *not_before_ms = start;
+        *not_after_ms = (*not_after_ms).min(end);
+        if *not_after_ms <= *not_before_ms {
             return Err(Fail(1, "the document's window has already ended".into()));
+        }
+    }
+    if a.duration.is_some() || a.max_connections.is_some() {
+        let Doc::Tunnel(t) = &mut doc else {
+            return Err(usage(
+                "--duration and --max-connections narrow break-glass documents only",
+            ));
+        };
+        let b = &mut t.break_glass;
+        if let Some(d) = a.duration {
+            b.duration_s = b.duration_s.min(d.as_secs());
+            b.idle_timeout_s = b.idle_timeout_s.min(b.duration_s);
+        }
+        if let Some(n) = a.max_connections {
+            b.max_connections = b.max_connections.min(n);
         }
     }
     doc.check_fields().map_err(|e| Fail(1, e))?;
@@ -240,7 +372,7 @@ fn sign(a: SignArgs<'_>) -> Result<String, Fail> {
     replace(&sig_path(out), armor.as_bytes())?;
     Ok(format!(
         "{}\nsigned: {} and {}",
-        render(&doc),
+        doc.render(),
         out.display(),
         sig_path(out).display()
     ))
@@ -252,17 +384,21 @@ fn verify(file: &Path, sig_file: Option<&Path>, keys: &Path) -> Result<String, F
     let text = String::from_utf8(read(keys)?)
         .map_err(|_| usage(format!("{} is not UTF-8", keys.display())))?;
     let approvers = Approvers::parse(&text).map_err(usage)?;
-    let doc = Approval::parse(&bytes).map_err(|e| Fail(1, format!("invalid: {e}")))?;
+    let doc = Doc::parse(&bytes).map_err(|e| Fail(1, format!("invalid: {e}")))?;
     let signer = sig::verify(&armor, APPROVAL_NAMESPACE, &bytes)
         .map_err(|e| Fail(1, format!("invalid: {e}")))?;
+    let not_before_ms = match &doc {
+        Doc::Exec(a) => a.not_before_ms,
+        Doc::Tunnel(t) => t.not_before_ms,
+    };
     let key = approvers
-        .authorize(&signer, doc.not_before_ms, Scope::Exec)
+        .authorize(&signer, not_before_ms, doc.scope())
         .map_err(|e| Fail(1, format!("invalid: {e}")))?;
     Ok(format!(
         "valid: signed by {} ({})\n{}",
         key.id,
         signer.fingerprint(),
-        render(&doc)
+        doc.render()
     ))
 }
 
@@ -273,12 +409,14 @@ fn run(cli: Cli) -> Result<String, Fail> {
             comment,
             passphrase_env,
         } => keygen(&out, &comment, passphrase(&passphrase_env)?),
-        Cmd::Show { file } => parse(&file).map(|a| render(&a)),
+        Cmd::Show { file } => parse(&file).map(|d| d.render()),
         Cmd::Sign {
             key,
             file,
             approver,
             valid,
+            duration,
+            max_connections,
             out,
             passphrase_env,
         } => sign(SignArgs {
@@ -286,6 +424,8 @@ fn run(cli: Cli) -> Result<String, Fail> {
             file: &file,
             approver,
             valid,
+            duration,
+            max_connections,
             out: out.as_deref(),
             pass: passphrase(&passphrase_env)?,
         }),

@@ -7,6 +7,9 @@
 //! manifest key, its own phase classification and the exact command it is about to run.
 //! The signature is checked over **those** bytes, so any field a vendor changed makes it
 //! fail.
+//!
+//! The rules of the fields every approval kind shares, and the signature, pinned-key and
+//! window steps, are written once here and used by [`crate::tunnel`] as well.
 
 use serde::{Deserialize, Serialize};
 use tether_proto::CommandKind;
@@ -159,6 +162,74 @@ impl Approval {
 
     /// The field rules that do not depend on the agent.
     pub fn check_fields(&self) -> Result<(), String> {
+        self.header().check()?;
+        if u64::try_from(MAX_SAFE_INTEGER).is_ok_and(|max| self.exec.deadline_ms > max) {
+            return Err("exec.deadline_ms must be below 2^53".into());
+        }
+        Ok(())
+    }
+
+    /// The fields every approval kind shares.
+    pub(crate) fn header(&self) -> Header<'_> {
+        Header {
+            doc_type: &self.doc_type,
+            approval_id: &self.approval_id,
+            approver: &self.approver,
+            decision: &self.decision,
+            not_before_ms: self.not_before_ms,
+            not_after_ms: self.not_after_ms,
+            request_id: &self.request_id,
+            reason: &self.reason,
+        }
+    }
+
+    /// The document the agent expects: the signer's choices copied from `self`,
+    /// everything else from `expected` and the constants.
+    pub fn derive(&self, expected: &Expected<'_>) -> Approval {
+        Approval {
+            doc_type: APPROVAL_TYPE.into(),
+            approval_id: self.approval_id.clone(),
+            approver: self.approver.clone(),
+            decision: DECISION_APPROVE.into(),
+            not_before_ms: self.not_before_ms,
+            not_after_ms: self.not_after_ms,
+            request_id: self.request_id.clone(),
+            reason: self.reason.clone(),
+            appliance: expected.appliance.clone(),
+            phase: expected.phase,
+            exec: expected.exec.clone(),
+        }
+    }
+
+    /// The canonical bytes (what is signed).
+    pub fn to_bytes(&self) -> Vec<u8> {
+        // Only strings, bounded integers and arrays of strings: encoding cannot fail.
+        canonical::encode(self).unwrap_or_default()
+    }
+}
+
+pub(crate) fn invalid(detail: impl Into<String>) -> Refusal {
+    Refusal::new(CommandFailure::ApprovalInvalid, detail)
+}
+
+/// The fields every approval kind shares (`type`, id, approver, decision, window,
+/// request id, reason), borrowed from an exec or a break-glass document.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Header<'a> {
+    pub(crate) doc_type: &'a str,
+    pub(crate) approval_id: &'a str,
+    pub(crate) approver: &'a str,
+    pub(crate) decision: &'a str,
+    pub(crate) not_before_ms: i64,
+    pub(crate) not_after_ms: i64,
+    pub(crate) request_id: &'a str,
+    pub(crate) reason: &'a str,
+}
+
+impl Header<'_> {
+    /// The rules of the shared fields that do not depend on the agent: the constants,
+    /// the id's form, the lengths, times below 2^53.
+    pub(crate) fn check(&self) -> Result<(), String> {
         if self.doc_type != APPROVAL_TYPE {
             return Err(format!(
                 "type is {:?}, not {APPROVAL_TYPE:?}",
@@ -195,39 +266,83 @@ impl Approval {
                 return Err("times must be between 0 and 2^53 ms".into());
             }
         }
-        if u64::try_from(MAX_SAFE_INTEGER).is_ok_and(|max| self.exec.deadline_ms > max) {
-            return Err("exec.deadline_ms must be below 2^53".into());
-        }
         Ok(())
-    }
-
-    /// The document the agent expects: the signer's choices copied from `self`,
-    /// everything else from `expected` and the constants.
-    pub fn derive(&self, expected: &Expected<'_>) -> Approval {
-        Approval {
-            doc_type: APPROVAL_TYPE.into(),
-            approval_id: self.approval_id.clone(),
-            approver: self.approver.clone(),
-            decision: DECISION_APPROVE.into(),
-            not_before_ms: self.not_before_ms,
-            not_after_ms: self.not_after_ms,
-            request_id: self.request_id.clone(),
-            reason: self.reason.clone(),
-            appliance: expected.appliance.clone(),
-            phase: expected.phase,
-            exec: expected.exec.clone(),
-        }
-    }
-
-    /// The canonical bytes (what is signed).
-    pub fn to_bytes(&self) -> Vec<u8> {
-        // Only strings, bounded integers and arrays of strings: encoding cannot fail.
-        canonical::encode(self).unwrap_or_default()
     }
 }
 
-fn invalid(detail: impl Into<String>) -> Refusal {
-    Refusal::new(CommandFailure::ApprovalInvalid, detail)
+/// Design §1.5 steps 5 and 6 for any approval kind, once the agent has re-derived the
+/// document: verify `sig` over the re-derived bytes `derived` (whose shared fields are
+/// `header`) under a key `approvers` pins for `scope` at `now_ms`, then the window on
+/// the agent's clock. `received` are the bytes that came; `explain` names the first
+/// field where they differ from what this appliance would accept (only for the text).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn admit(
+    received: &[u8],
+    derived: &[u8],
+    header: &Header<'_>,
+    sig: &[u8],
+    explain: impl FnOnce() -> &'static str,
+    approvers: &Approvers,
+    scope: Scope,
+    limits: &Limits,
+    now_ms: i64,
+) -> Result<Verified, Refusal> {
+    let signer = sig::verify(sig, APPROVAL_NAMESPACE, derived).map_err(|e| {
+        invalid(if derived != received {
+            format!(
+                "{e} (the approval differs from what this appliance would accept: {})",
+                explain()
+            )
+        } else {
+            e.to_string()
+        })
+    })?;
+    let pinned = approvers
+        .authorize(&signer, now_ms, scope)
+        .map_err(|e| invalid(e.to_string()))?;
+    check_window(header.not_before_ms, header.not_after_ms, limits, now_ms)?;
+    Ok(Verified {
+        approval_id: header.approval_id.to_owned(),
+        approver: header.approver.to_owned(),
+        not_after_ms: header.not_after_ms,
+        sha256: sha256_hex(derived),
+        signer: signer.fingerprint(),
+        key_id: pinned.id.clone(),
+    })
+}
+
+/// Design §1.5 step 6: the window no longer than the policy's `max_approval_validity`
+/// (`approval_too_long`), and the agent's own clock inside it give or take the policy's
+/// skew (`approval_expired`).
+pub(crate) fn check_window(
+    not_before_ms: i64,
+    not_after_ms: i64,
+    limits: &Limits,
+    now_ms: i64,
+) -> Result<(), Refusal> {
+    let skew = i64::try_from(limits.clock_skew.as_millis()).unwrap_or(i64::MAX);
+    let max = i64::try_from(limits.max_approval_validity.as_millis()).unwrap_or(i64::MAX);
+    if not_after_ms < not_before_ms || not_after_ms - not_before_ms > max {
+        return Err(Refusal::new(
+            CommandFailure::ApprovalTooLong,
+            format!(
+                "the approval is valid for {} ms; the customer policy allows at most {max} ms",
+                not_after_ms - not_before_ms
+            ),
+        ));
+    }
+    if now_ms < not_before_ms.saturating_sub(skew) || now_ms > not_after_ms.saturating_add(skew) {
+        return Err(Refusal::new(
+            CommandFailure::ApprovalExpired,
+            format!(
+                "the approval is valid {} to {}; this appliance's clock says {}",
+                crate::format_rfc3339_ms(not_before_ms),
+                crate::format_rfc3339_ms(not_after_ms),
+                crate::format_rfc3339_ms(now_ms)
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// The admission check of design §1.5 steps 3 to 6 (deny rules and classification come
@@ -244,54 +359,17 @@ pub fn check(
 ) -> Result<Verified, Refusal> {
     let received = Approval::parse(approval).map_err(|e| invalid(format!("approval: {e}")))?;
     let derived = received.derive(expected);
-    let bytes = derived.to_bytes();
-    let signer = sig::verify(sig, APPROVAL_NAMESPACE, &bytes).map_err(|e| {
-        invalid(if bytes != approval {
-            format!(
-                "{e} (the approval differs from what this appliance would run: {})",
-                first_difference(&received, &derived)
-            )
-        } else {
-            e.to_string()
-        })
-    })?;
-    let pinned = approvers
-        .authorize(&signer, now_ms, Scope::Exec)
-        .map_err(|e| invalid(e.to_string()))?;
-    let skew = i64::try_from(limits.clock_skew.as_millis()).unwrap_or(i64::MAX);
-    let max = i64::try_from(limits.max_approval_validity.as_millis()).unwrap_or(i64::MAX);
-    if derived.not_after_ms < derived.not_before_ms
-        || derived.not_after_ms - derived.not_before_ms > max
-    {
-        return Err(Refusal::new(
-            CommandFailure::ApprovalTooLong,
-            format!(
-                "the approval is valid for {} ms; the customer policy allows at most {max} ms",
-                derived.not_after_ms - derived.not_before_ms
-            ),
-        ));
-    }
-    if now_ms < derived.not_before_ms.saturating_sub(skew)
-        || now_ms > derived.not_after_ms.saturating_add(skew)
-    {
-        return Err(Refusal::new(
-            CommandFailure::ApprovalExpired,
-            format!(
-                "the approval is valid {} to {}; this appliance's clock says {}",
-                crate::format_rfc3339_ms(derived.not_before_ms),
-                crate::format_rfc3339_ms(derived.not_after_ms),
-                crate::format_rfc3339_ms(now_ms)
-            ),
-        ));
-    }
-    Ok(Verified {
-        approval_id: derived.approval_id,
-        approver: derived.approver,
-        not_after_ms: derived.not_after_ms,
-        sha256: sha256_hex(&bytes),
-        signer: signer.fingerprint(),
-        key_id: pinned.id.clone(),
-    })
+    admit(
+        approval,
+        &derived.to_bytes(),
+        &derived.header(),
+        sig,
+        || first_difference(&received, &derived),
+        approvers,
+        Scope::Exec,
+        limits,
+        now_ms,
+    )
 }
 
 /// The first field the vendor's document has that this appliance would not run, for the

@@ -9,6 +9,11 @@
 //! request id, reason), encodes that in RFC 8785 form and checks the customer's SSHSIG
 //! signature over those bytes. A vendor who changed anything has changed the bytes.
 //!
+//! Break glass (a customer-approved tunnel to a resource on the customer's network) works
+//! the same way: the vendor asks for a resource and a privilege by name, and the target
+//! and the credential mint/revoke commands the customer signs come from the customer's
+//! own policy on the appliance, never from the vendor.
+//!
 //! This crate is pure: no tokio, no network, no file system beyond what its callers hand
 //! it, so the agent, the `tether` CLI, the customer's `tether-approve` and the fuzzers
 //! share one implementation.
@@ -20,16 +25,23 @@
 //!   user-presence flag), with the two namespaces;
 //! - [`approvers`]: the customer's pinned keys (`approvers.toml`) with validity windows
 //!   and scopes, and their `allowed_signers` export;
-//! - [`policy`]: the customer's `policy.toml` (phases, classification, deny rules) and
-//!   its evaluation against a resolved program path;
-//! - [`approval`]: the approval document, its re-derivation and the admission check;
+//! - [`policy`]: the customer's `policy.toml` (phases, classification, deny rules,
+//!   break-glass resources and limits) and its evaluation against a resolved program
+//!   path;
+//! - [`approval`]: the approval document of a command, its re-derivation and the
+//!   admission check (and the steps every approval kind shares);
+//! - [`tunnel`]: the break-glass approval document (`break_glass` instead of `exec`),
+//!   its re-derivation from the agent's policy and the admission check, with the
+//!   session length capped by the policy;
 //! - [`ledger`]: single use (seen ids plus the pruning horizon), in memory, for the
 //!   agent to persist;
 //! - [`manifest`]: the signed output manifest;
 //! - [`verify`]: the offline check either party runs (`tether ops verify`).
 //!
 //! Refusal codes are [`tether_proto::CommandFailure`]'s: one vocabulary from the agent
-//! to `tether exec`'s exit code.
+//! to `tether exec`'s exit code. Break glass adds none: an undeclared resource or
+//! privilege is `denied_by_policy`, a closed phase `phase_disabled`, a malformed request
+//! `invalid`, and the document's checks answer as for commands.
 
 pub mod approval;
 pub mod approvers;
@@ -38,6 +50,7 @@ pub mod ledger;
 pub mod manifest;
 pub mod policy;
 pub mod sig;
+pub mod tunnel;
 pub mod verify;
 
 use serde::{Deserialize, Serialize};
@@ -61,7 +74,8 @@ pub fn checkpoint_message(seq: i64, hash: &str) -> String {
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 #[error("{code}: {detail}")]
 pub struct Refusal {
-    /// One of [`CommandFailure::SIGNED_OPS_REFUSALS`] (or `shell_not_allowed`).
+    /// One of [`CommandFailure::SIGNED_OPS_REFUSALS`] (or `shell_not_allowed`, or
+    /// `invalid` for a malformed break-glass request).
     pub code: CommandFailure,
     /// What exactly failed.
     pub detail: String,
