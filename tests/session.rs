@@ -155,6 +155,7 @@ async fn bad_input_closes_only_that_connection_with_protocol_error() {
             server_time_ms: 0,
             manual_renewal_generation: 0,
             max_frame_len: None,
+            capabilities: Vec::new(),
         }),
         &mut wrong_dir,
         65536,

@@ -139,6 +139,10 @@ impl Rig {
     }
 
     async fn start_agent_with(&mut self, extra: &[&str]) {
+        self.start_agent_env(extra, &[]).await;
+    }
+
+    async fn start_agent_env(&mut self, extra: &[&str], env: &[(&str, &std::ffi::OsStr)]) {
         self.agent = None;
         // A killed agent's session lingers until the broker notices: wait for a new one.
         let old: Vec<Value> = self
@@ -151,7 +155,12 @@ impl Rig {
         let customer = self.customer.to_str().unwrap().to_owned();
         let mut args = vec!["--customer-dir", customer.as_str()];
         args.extend_from_slice(extra);
-        self.agent = Some(AgentProc::start(&self.state, &[self.broker.quic], &args));
+        self.agent = Some(AgentProc::start_env(
+            &self.state,
+            &[self.broker.quic],
+            &args,
+            env,
+        ));
         wait_for(Duration::from_secs(15), || async {
             let s = self.broker.sessions().await;
             s.iter()
@@ -220,6 +229,24 @@ impl Rig {
             std::fs::read_to_string(self.root().join("approval.json.sig")).unwrap(),
         )
     }
+}
+
+/// A customer directory under `root` (made world-readable, as an appliance's would be):
+/// `alice`'s key made by stock `ssh-keygen` and pinned as `acme`, and `policy`.
+fn customer_dir(root: &Path, policy: &str) -> PathBuf {
+    chmod(root, 0o755);
+    let customer = root.join("customer");
+    std::fs::create_dir(&customer).unwrap();
+    chmod(&customer, 0o755);
+    ssh_keygen(&["-q", "-t", "ed25519", "-N", "", "-f", "alice"], root);
+    let public = std::fs::read_to_string(root.join("alice.pub")).unwrap();
+    std::fs::write(
+        customer.join("approvers.toml"),
+        format!("[[key]]\nid = \"acme\"\npublic_key = \"{}\"\nnot_before = \"2026-01-01T00:00:00Z\"\nnot_after = \"2099-01-01T00:00:00Z\"\n", public.trim()),
+    )
+    .unwrap();
+    std::fs::write(customer.join("policy.toml"), policy).unwrap();
+    customer
 }
 
 fn error_of(lines: &[Value]) -> String {
@@ -587,11 +614,20 @@ async fn approvers_anyone_else_could_write_verify_nothing() {
         std::fs::copy(rig.customer.join(f), healthy.join(f)).unwrap();
         chmod(&healthy.join(f), 0o644);
     }
+    // With a break-glass resource: the customer sees what a tunnel would reach and run.
+    let with_resource = format!(
+        "{POLICY}\n[[resource]]\nname = \"orders-db\"\ntarget = \"db.internal:5432\"\n[resource.privilege.readonly]\nmint = {{ argv = [\"/usr/local/bin/mint-ro\", \"{{duration_s}}\"], deadline_ms = 5000 }}\nrevoke = {{ argv = [\"/usr/local/bin/revoke-ro\"], deadline_ms = 5000 }}\n"
+    );
+    std::fs::write(healthy.join("policy.toml"), with_resource).unwrap();
     let out = check(&healthy);
+    let healthy_said = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "{healthy_said}");
     assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stdout)
+        healthy_said.contains("resource orders-db -> db.internal:5432 (phase operate)")
+            && healthy_said.contains(
+                "privilege readonly: mint /usr/local/bin/mint-ro {duration_s} | revoke /usr/local/bin/revoke-ro"
+            ),
+        "{healthy_said}"
     );
     assert!(
         said.contains("approvers: UNUSABLE") && said.contains("group- or world-writable"),
@@ -700,18 +736,7 @@ async fn through_control_plan_sign_run_once_and_verify() {
     let b1 = c.add_broker("edge-1");
     let state = c.enroll("app-1");
     let root = c.tmp().to_path_buf();
-    chmod(&root, 0o755);
-    let customer = root.join("customer");
-    std::fs::create_dir(&customer).unwrap();
-    chmod(&customer, 0o755);
-    ssh_keygen(&["-q", "-t", "ed25519", "-N", "", "-f", "alice"], &root);
-    let public = std::fs::read_to_string(root.join("alice.pub")).unwrap();
-    std::fs::write(
-        customer.join("approvers.toml"),
-        format!("[[key]]\nid = \"acme\"\npublic_key = \"{}\"\nnot_before = \"2026-01-01T00:00:00Z\"\nnot_after = \"2099-01-01T00:00:00Z\"\n", public.trim()),
-    )
-    .unwrap();
-    std::fs::write(customer.join("policy.toml"), POLICY).unwrap();
+    let customer = customer_dir(&root, POLICY);
     let canary_dir = root.join("canary");
     std::fs::create_dir(&canary_dir).unwrap();
     chmod(&canary_dir, 0o777);
@@ -963,4 +988,190 @@ async fn a_full_disk_stops_everything_and_nothing_is_lost() {
         String::from_utf8_lossy(&out.stdout)
     );
     rig.agent = None;
+}
+
+/// A connection lost in the middle of a command: the agent keeps the command's signed
+/// manifest in its spool, re-sends it on the session stream once it is back
+/// (`ManifestBacklog`, capability `manifest-backlog/1`), and control records it in its
+/// audit chain beside the command, so the vendor's copy is complete after all.
+#[tokio::test]
+async fn a_manifest_lost_with_the_connection_reaches_control_after_the_reconnect() {
+    let mut c = common::cluster::Cluster::new("");
+    let b1 = c.add_broker("edge-1");
+    let state = c.enroll("app-1");
+    let policy =
+        format!("{POLICY}\n[[classify]]\nargv = [\"sleep\", \"*\"]\nphase = \"observe\"\n");
+    let customer = customer_dir(c.tmp(), &policy);
+    let _agent = AgentProc::start(
+        &state,
+        &[b1.quic],
+        &["--customer-dir", customer.to_str().unwrap()],
+    );
+    c.wait_connected("app-1", Some("edge-1")).await;
+    let spool = state.join("manifest-spool");
+
+    // A delivered manifest leaves the spool at once.
+    let (code, out, err) = c.exec(&["app-1", "--", "echo", "hi"]);
+    assert_eq!(code, 0, "{out} {err}");
+    wait_for(Duration::from_secs(5), || async {
+        let n = std::fs::read_dir(&spool).map_or(0, |d| d.count());
+        (n == 0).then_some(())
+    })
+    .await
+    .expect("a delivered manifest is not kept");
+
+    // The broker dies while `sleep 30` runs.
+    let exec = Command::new(bin("tether"))
+        .args([
+            "exec",
+            "app-1",
+            "--request-id",
+            "req-lost",
+            "--",
+            "sleep",
+            "30",
+        ])
+        .env("TETHER_CONFIG_DIR", &c.ops)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let log = state.join("audit.jsonl");
+    wait_for(Duration::from_secs(10), || async {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .contains("req-lost")
+            .then_some(())
+    })
+    .await
+    .expect("the command starts");
+    let listen = b1.quic;
+    drop(b1); // SIGKILL
+    let out = exec.wait_with_output().unwrap();
+    assert_ne!(out.status.code(), Some(0));
+
+    // Its manifest is spooled: signed, for the command that was cut off.
+    let spooled = wait_for(Duration::from_secs(15), || async {
+        let e = std::fs::read_dir(&spool).ok()?.next()?.ok()?;
+        let v: Value = serde_json::from_slice(&std::fs::read(e.path()).ok()?).ok()?;
+        Some(v)
+    })
+    .await
+    .unwrap_or_else(|| {
+        panic!(
+            "the manifest of the cut-off command is not spooled; appliance log:\n{}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        )
+    });
+    let manifest: Value = serde_json::from_str(spooled["manifest"].as_str().unwrap()).unwrap();
+    assert_eq!(manifest["request_id"], "req-lost");
+    assert_eq!(manifest["exec"]["argv"], json!(["sleep", "30"]));
+    sig::verify(
+        spooled["sig"].as_str().unwrap().as_bytes(),
+        MANIFEST_NAMESPACE,
+        spooled["manifest"].as_str().unwrap().as_bytes(),
+    )
+    .expect("the spooled manifest is signed by the appliance");
+
+    // The broker comes back on the same address; the agent reconnects and re-sends.
+    let _b1 = c.restart_broker("edge-1", listen);
+    wait_for(Duration::from_secs(30), || async {
+        let n = std::fs::read_dir(&spool).map_or(1, |d| d.count());
+        (n == 0).then_some(())
+    })
+    .await
+    .expect("the broker acknowledges the re-sent manifest");
+    let export = c.tmp().join("audit.jsonl");
+    let entry = wait_for(Duration::from_secs(10), || async {
+        c.tether(&["audit", "export", "--out", export.to_str().unwrap()])
+            .ok()?;
+        std::fs::read_to_string(&export)
+            .ok()?
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .find(|e| e["action"] == "appliance.exec.manifest")
+    })
+    .await
+    .expect("control records the re-sent manifest");
+    assert_eq!(
+        entry["actor"],
+        json!({"kind": "appliance", "name": "app-1"}),
+        "{entry}"
+    );
+    assert_eq!(entry["details"]["request_id"], "req-lost", "{entry}");
+    assert_eq!(
+        entry["details"]["manifest"].as_str(),
+        spooled["manifest"].as_str(),
+        "the exact signed bytes"
+    );
+}
+
+/// libfaketime, which `scripts/test` installs (Debian's `faketime`).
+fn libfaketime() -> Option<PathBuf> {
+    [
+        "/usr/lib/x86_64-linux-gnu/faketime",
+        "/usr/lib/aarch64-linux-gnu/faketime",
+        "/usr/lib/faketime",
+    ]
+    .iter()
+    .map(|d| Path::new(d).join("libfaketime.so.1"))
+    .find(|p| p.exists())
+}
+
+/// Replay after the appliance's clock went forward past the pruning of the used id and
+/// then back (design §4 attack 2c): the agent's own wall clock is moved under it with
+/// libfaketime (its monotonic clock left alone), and the pruning horizon refuses the
+/// approval it no longer remembers by id.
+#[tokio::test]
+async fn a_replay_after_the_clock_went_forward_past_pruning_and_back_is_refused() {
+    let Some(lib) = libfaketime() else {
+        eprintln!(
+            "SKIPPED: libfaketime is not installed (scripts/test installs Debian's faketime)"
+        );
+        return;
+    };
+    let mut rig = Rig::new().await;
+    let clock = rig.root().join("clock");
+    std::fs::write(&clock, "+0d\n").unwrap();
+    rig.start_agent_env(
+        &[],
+        &[
+            ("LD_PRELOAD", lib.as_os_str()),
+            ("FAKETIME_TIMESTAMP_FILE", clock.as_os_str()),
+            ("FAKETIME_NO_CACHE", "1".as_ref()),
+            ("FAKETIME_DONT_FAKE_MONOTONIC", "1".as_ref()),
+        ],
+    )
+    .await;
+    let canary = rig.canary("clock");
+    let argv = ["touch", canary.to_str().unwrap()];
+    let (doc, sig) = rig.approve(&argv, 10_000).await;
+    let approved =
+        json!({"argv": argv, "timeout_ms": 10_000, "approval": doc, "approval_sig": sig});
+    let lines = rig.run(approved.clone()).await;
+    assert!(canary.exists(), "{lines:?}");
+    std::fs::remove_file(&canary).unwrap();
+
+    // Two days later (on the agent's clock) the approval is long expired, and the next
+    // approved command's admission prunes its id from the ledger.
+    std::fs::write(&clock, "+2d\n").unwrap();
+    let lines = rig.run(approved.clone()).await;
+    assert_eq!(error_of(&lines), "approval_expired", "{lines:?}");
+    let later = rig.canary("later");
+    let later_argv = ["touch", later.to_str().unwrap()];
+    let (doc2, sig2) = rig.approve(&later_argv, 10_000).await;
+    let lines = rig
+        .run(json!({"argv": later_argv, "timeout_ms": 10_000, "approval": doc2, "approval_sig": sig2}))
+        .await;
+    assert!(later.exists(), "{lines:?}");
+
+    // The clock is set back to when the approval was valid: replay refused all the same.
+    std::fs::write(&clock, "+0d\n").unwrap();
+    let lines = rig.run(approved).await;
+    assert_eq!(error_of(&lines), "approval_replayed", "{lines:?}");
+    assert!(
+        format!("{lines:?}").contains("pruning horizon"),
+        "refused by the horizon, the id itself forgotten: {lines:?}"
+    );
+    assert!(!canary.exists(), "nothing ran");
 }

@@ -170,10 +170,28 @@ impl CommandRunner {
         cancel: &CancellationToken,
         peer_max_frame_len: usize,
     ) -> io::Result<CommandOutcome> {
+        let mut spooled = None;
+        self.run_spooling(req, out, cancel, peer_max_frame_len, &mut spooled)
+            .await
+    }
+
+    /// [`CommandRunner::run_within`], setting `spooled` to the `seq` of the manifest it
+    /// sent (kept in the spool until the caller confirms its delivery:
+    /// `SignedOps::spool`).
+    pub async fn run_spooling<W: AsyncWrite + Unpin>(
+        &self,
+        req: &CommandRequest,
+        out: &mut W,
+        cancel: &CancellationToken,
+        peer_max_frame_len: usize,
+        spooled: &mut Option<u64>,
+    ) -> io::Result<CommandOutcome> {
         let limit = peer_max_frame_len.min(self.max_frame_len);
         let outcome = match (self.admit(req), &self.signed) {
             (Ok(permit), Some(ops)) => {
-                let outcome = self.run_signed(ops, req, out, cancel, limit).await?;
+                let outcome = self
+                    .run_signed(ops, req, out, cancel, limit, spooled)
+                    .await?;
                 drop(permit);
                 outcome
             }
@@ -201,7 +219,7 @@ impl CommandRunner {
                     stdout: StreamDigest::of(b""),
                     stderr: StreamDigest::of(b""),
                 };
-                self.send_manifest(ops, req, ran, out, limit).await?;
+                *spooled = self.send_manifest(ops, req, ran, out, limit).await?;
                 outcome
             }
             (Err(outcome), None) => outcome,
@@ -233,6 +251,7 @@ impl CommandRunner {
         out: &mut W,
         cancel: &CancellationToken,
         limit: usize,
+        spooled: &mut Option<u64>,
     ) -> io::Result<CommandOutcome> {
         let started_ms = crate::signed::now_ms();
         let path = self.path_env();
@@ -256,7 +275,7 @@ impl CommandRunner {
                     stdout: StreamDigest::of(b""),
                     stderr: StreamDigest::of(b""),
                 };
-                self.send_manifest(ops, req, ran, out, limit).await?;
+                *spooled = self.send_manifest(ops, req, ran, out, limit).await?;
                 Ok(refused(&refusal, req.signed.is_some()))
             }
             Ok(Decision::Plan {
@@ -301,13 +320,14 @@ impl CommandRunner {
                     stdout: hashers.stdout.finish(),
                     stderr: hashers.stderr.finish(),
                 };
-                self.send_manifest(ops, req, ran, out, limit).await?;
+                *spooled = self.send_manifest(ops, req, ran, out, limit).await?;
                 Ok(outcome)
             }
         }
     }
 
-    /// Sign and log the manifest; send it if the broker speaks `signed-ops/1`.
+    /// Sign and log the manifest; if the broker speaks `signed-ops/1`, spool it and send
+    /// it. Returns the `seq` spooled (the caller removes it once delivery is confirmed).
     async fn send_manifest<W: AsyncWrite + Unpin>(
         &self,
         ops: &Arc<SignedOps>,
@@ -315,19 +335,28 @@ impl CommandRunner {
         ran: Ran<'_>,
         out: &mut W,
         limit: usize,
-    ) -> io::Result<()> {
-        let Some((manifest, sig)) = ops.manifest(req, ran) else {
-            return Ok(());
+    ) -> io::Result<Option<u64>> {
+        let Some(m) = ops.manifest(req, ran) else {
+            return Ok(None);
         };
         if req.signed.is_none() {
-            return Ok(());
+            return Ok(None);
         }
+        let spooled = match ops.spool().put(m.seq, req.command_id, &m.bytes, &m.sig) {
+            Ok(()) => Some(m.seq),
+            Err(e) => {
+                // Sent all the same; only a lost connection now loses the vendor's copy.
+                tracing::warn!(seq = m.seq, error = %e, "cannot spool the manifest");
+                None
+            }
+        };
         let frame = Frame::CommandManifest(tether_proto::CommandManifest {
             command_id: req.command_id,
-            manifest: manifest.into(),
-            sig: sig.into_bytes().into(),
+            manifest: m.bytes.into(),
+            sig: m.sig.into_bytes().into(),
         });
-        self.write_frame(out, None, frame, limit).await
+        self.write_frame(out, None, frame, limit).await?;
+        Ok(spooled)
     }
 
     fn command(&self, req: &CommandRequest, admitted: Option<&Admitted>) -> Command {

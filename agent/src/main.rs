@@ -467,7 +467,30 @@ fn main() -> anyhow::Result<()> {
             let (loaded, _) = files.current();
             let mut ok = true;
             match &loaded.policy {
-                Ok(p) => println!("policy: sha256 {} phases {}", p.sha256, p.phases_summary()),
+                Ok(p) => {
+                    println!("policy: sha256 {} phases {}", p.sha256, p.phases_summary());
+                    // Break glass: what a vendor may ask a tunnel to, and what each
+                    // privilege runs (the customer signs exactly these).
+                    for r in p.resources() {
+                        println!(
+                            "  resource {} -> {} (phase {})",
+                            r.name,
+                            r.target.as_str(),
+                            r.phase
+                        );
+                        for (name, privilege) in &r.privileges {
+                            let argv = |c: &Option<tether_ops::tunnel::CredentialCommand>| {
+                                c.as_ref()
+                                    .map_or_else(|| "-".to_owned(), |c| c.argv.join(" "))
+                            };
+                            println!(
+                                "    privilege {name}: mint {} | revoke {}",
+                                argv(&privilege.mint),
+                                argv(&privilege.revoke)
+                            );
+                        }
+                    }
+                }
                 Err(e) => {
                     ok = false;
                     println!("policy: UNUSABLE, every command would be refused: {e}");

@@ -32,6 +32,12 @@ use crate::event::{AgentEvent, DisconnectReason};
 const READ_CHUNK: usize = 16 * 1024;
 /// Time the broker has to send a command request after opening its stream: 10 s.
 pub const COMMAND_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long running commands get to end (process killed, manifest signed and spooled)
+/// once their connection is gone.
+const COMMAND_WIND_DOWN: Duration = Duration::from_secs(5);
+/// How long to wait for the broker to acknowledge a command stream that carried a
+/// manifest before leaving it in the spool for the next session.
+const DELIVERY_CONFIRM_TIMEOUT: Duration = Duration::from_secs(10);
 /// Capabilities every agent announces.
 pub const CAPABILITY_EXEC: &str = tether_proto::capability::EXEC;
 /// Capability announced when shell commands are allowed.
@@ -168,6 +174,12 @@ pub(crate) async fn run_session(
             status_generation: None,
         };
         let reason = driver.run(shutdown).await;
+        if !driver.handed_over {
+            // The connection is closed: each running command sees that, kills its process
+            // and signs its manifest (kept in the spool for the next session). Let them.
+            let wind_down = async { while driver.commands.join_next().await.is_some() {} };
+            let _ = tokio::time::timeout(COMMAND_WIND_DOWN, wind_down).await;
+        }
         driver.commands.abort_all();
         let reason = match reason {
             Some(r) => r,
@@ -226,6 +238,27 @@ impl Driver<'_> {
         let mut entries = ops.status();
         entries.truncate(tether_proto::frame::MAX_STATUS_ENTRIES);
         session.send_status(tether_proto::Status { entries });
+    }
+
+    /// Signed operations: re-send the manifests whose delivery was never confirmed (a
+    /// connection lost mid-command), to a broker whose `Welcome` takes them.
+    fn send_backlog(&mut self, session: &mut AgentSession) {
+        let Some(ops) = self.ctx.runner.signed_ops() else {
+            return;
+        };
+        if !session.accepts_backlog() {
+            return;
+        }
+        let backlog = ops.spool().list();
+        if !backlog.is_empty() {
+            tracing::info!(
+                manifests = backlog.len(),
+                "re-sending undelivered manifests"
+            );
+        }
+        for m in backlog {
+            session.send_backlog(m);
+        }
     }
 
     /// Leave after a `GoAway`'s delay without closing: see [`run_session`].
@@ -338,6 +371,7 @@ impl Driver<'_> {
         capabilities.push(CAPABILITY_MAX_FRAME_LEN.to_owned());
         if self.ctx.runner.signed_ops().is_some() {
             capabilities.push(tether_proto::capability::SIGNED_OPS.to_owned());
+            capabilities.push(tether_proto::capability::MANIFEST_BACKLOG.to_owned());
         }
         let t0 = now();
         AgentSession::new(
@@ -407,10 +441,16 @@ impl Driver<'_> {
                     self.session_id = Some(w.session_id);
                     self.status_generation = None;
                     self.report_status(session);
+                    self.send_backlog(session);
                     let _ = self.ctx.events.send(AgentEvent::Connected {
                         broker: self.broker,
                         session_id: w.session_id,
                     });
+                }
+                tether_proto::AgentEvent::ManifestAck(seq) => {
+                    if let Some(ops) = self.ctx.runner.signed_ops() {
+                        ops.spool().remove(seq);
+                    }
                 }
                 tether_proto::AgentEvent::HeartbeatAck(ack) => {
                     tracing::trace!(seq = ack.seq, "heartbeat acknowledged");
@@ -587,6 +627,7 @@ async fn serve_command(
     });
 
     let send_limit = limits.for_sending().await;
+    let mut spooled = None;
     let result = if draining.is_cancelled() {
         let outcome = failed(tether_proto::FailureReason::Refused, "agent is draining");
         write_result(&mut send, send_limit, command_id, &outcome)
@@ -594,13 +635,16 @@ async fn serve_command(
             .map(|()| outcome)
     } else {
         runner
-            .run_within(&req, &mut send, &cancel, send_limit)
+            .run_spooling(&req, &mut send, &cancel, send_limit, &mut spooled)
             .await
     };
     watcher.abort();
     match result {
         Ok(outcome) => {
             let _ = send.finish();
+            if let (Some(seq), Some(ops)) = (spooled, runner.signed_ops()) {
+                confirm_delivery(&send, ops, seq).await;
+            }
             let _ = events.send(AgentEvent::CommandFinished {
                 command_id,
                 outcome,
@@ -617,6 +661,20 @@ async fn serve_command(
                 outcome,
             });
         }
+    }
+}
+
+/// Drop manifest `seq` from the spool once the broker acknowledged every byte of its
+/// command stream (QUIC acknowledgements: it holds the manifest). A stream stopped, a
+/// connection lost or no answer in time keeps it for the next session's backlog.
+async fn confirm_delivery(send: &SendStream, ops: &crate::signed::SignedOps, seq: u64) {
+    match tokio::time::timeout(DELIVERY_CONFIRM_TIMEOUT, send.stopped()).await {
+        Ok(Ok(None)) => ops.spool().remove(seq),
+        other => tracing::info!(
+            seq,
+            ?other,
+            "manifest delivery not confirmed; kept for re-sending"
+        ),
     }
 }
 

@@ -98,6 +98,7 @@ impl Supervisor {
                 .audit_log
                 .clone()
                 .unwrap_or_else(|| self.state_dir.join(crate::signed::AUDIT_LOG_FILE)),
+            spool_dir: self.state_dir.join(crate::signed::spool::SPOOL_DIR),
         };
         Ok(crate::signed::SignedOps::new(
             &cfg,

@@ -113,6 +113,7 @@ async fn accept_session(
             server_time_ms: 0,
             manual_renewal_generation: 0,
             max_frame_len: None,
+            capabilities: Vec::new(),
         }),
     )
     .await;
@@ -248,6 +249,7 @@ async fn output_is_chunked_to_the_limit_the_broker_announces() {
                 server_time_ms: 0,
                 manual_renewal_generation: 0,
                 max_frame_len: Some(LIMIT as u32),
+                capabilities: Vec::new(),
             }),
         )
         .await;

@@ -67,6 +67,8 @@ pub mod action {
     pub const APPLIANCE_SHOW: &str = "appliance.show";
     /// A command was sent to an appliance (and, a second entry, how it ended).
     pub const APPLIANCE_EXEC: &str = "appliance.exec";
+    /// An appliance's signed manifest of a command, re-sent after a reconnect.
+    pub const APPLIANCE_EXEC_MANIFEST: &str = "appliance.exec.manifest";
     /// A broker was added (a one-time bundle made).
     pub const BROKER_ADD: &str = "broker.add";
     /// A broker enrolled with its bundle (or was refused).

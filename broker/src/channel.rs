@@ -458,8 +458,9 @@ impl ControlSync {
     ) -> Result<(), ChannelError> {
         let broker = self.broker.clone();
         let metrics = broker.metrics().clone();
-        // Everything queued predates the session list below, which replaces it.
-        self.presence.discard();
+        // Everything queued predates the session list below, which replaces it; backlog
+        // manifests are not presence and go after it.
+        let kept = self.presence.discard();
         let mut sessions: Vec<SessionReport> = broker
             .sessions()
             .list()
@@ -482,6 +483,23 @@ impl ControlSync {
         .await?;
         for s in rest {
             send(&mut channel, &ToControl::SessionUp(s)).await?;
+        }
+        for ev in kept {
+            if let PresenceEvent::Manifest {
+                appliance,
+                command_id,
+                manifest,
+                sig,
+            } = ev
+            {
+                let m = ToControl::ManifestBacklog {
+                    appliance,
+                    command_id,
+                    manifest,
+                    sig,
+                };
+                send(&mut channel, &m).await?;
+            }
         }
         debug!(allowlist_version = version, "hello sent");
 
@@ -525,6 +543,9 @@ impl ControlSync {
                             PresenceEvent::Up(r) => ToControl::SessionUp(r),
                             PresenceEvent::Down { appliance, session_id, reason } => {
                                 ToControl::SessionDown { appliance, session_id, reason: reason.to_owned() }
+                            }
+                            PresenceEvent::Manifest { appliance, command_id, manifest, sig } => {
+                                ToControl::ManifestBacklog { appliance, command_id, manifest, sig }
                             }
                         });
                     }
@@ -630,7 +651,12 @@ impl ControlSync {
                     sessions_closed: report.sessions_closed as u64,
                 }))
             }
-            ToBroker::Synced { version } => {
+            ToBroker::Synced { version, accepts } => {
+                self.presence.set_backlog_accepted(
+                    accepts
+                        .iter()
+                        .any(|a| a == tether_proto::cluster::ACCEPTS_MANIFEST_BACKLOG),
+                );
                 let current = broker.allowlist().snapshot().version();
                 if version != current || sync.in_snapshot() {
                     return Err(ChannelError::Protocol(format!(

@@ -98,6 +98,8 @@ pub struct Metrics {
     /// Presence reports dropped because their queue was full, by kind (`heartbeat`,
     /// `session_event`).
     pub presence_dropped: Family<Kind, Counter>,
+    /// Signed manifests re-sent by agents after a reconnect, by what became of them.
+    pub manifest_backlog: Family<Kind, Counter>,
     /// Control mode: `notAfter` of the broker's own certificate (Unix seconds).
     pub certificate_expiry_timestamp_seconds: Gauge,
     /// Control mode: renewals of the broker's own certificate, by result.
@@ -137,6 +139,7 @@ impl Metrics {
             allowlist_synced_timestamp_seconds: Gauge::default(),
             control_channel_errors: Family::default(),
             presence_dropped: Family::default(),
+            manifest_backlog: Family::default(),
             certificate_expiry_timestamp_seconds: Gauge::default(),
             certificate_renewals: Family::default(),
             registry: Registry::default(),
@@ -281,6 +284,11 @@ impl Metrics {
             self.presence_dropped.clone(),
         );
         registry.register(
+            "broker_manifest_backlog",
+            "Signed manifests agents re-sent after a reconnect, by outcome (passed_on, queue_full, invalid)",
+            self.manifest_backlog.clone(),
+        );
+        registry.register(
             "broker_certificate_expiry_timestamp_seconds",
             "notAfter of the broker's own certificate (Unix seconds)",
             self.certificate_expiry_timestamp_seconds.clone(),
@@ -307,6 +315,11 @@ impl Metrics {
     /// Count a dropped presence report.
     pub fn presence_dropped(&self, kind: &'static str) {
         self.presence_dropped.get_or_create(&Kind { kind }).inc();
+    }
+
+    /// Count a backlog manifest by what became of it.
+    pub fn manifest_backlog(&self, kind: &'static str) {
+        self.manifest_backlog.get_or_create(&Kind { kind }).inc();
     }
 
     /// Count a cluster channel that ended in error.

@@ -48,6 +48,18 @@ pub enum PresenceEvent {
         /// The close code name (or `connection_lost`).
         reason: &'static str,
     },
+    /// A signed manifest from the agent's backlog (its command stream had ended before
+    /// delivery): for control's audit log.
+    Manifest {
+        /// The appliance.
+        appliance: String,
+        /// The command id it was made for.
+        command_id: u64,
+        /// The manifest's exact bytes.
+        manifest: String,
+        /// Its SSHSIG armor.
+        sig: String,
+    },
 }
 
 /// The drivers' handle. Cheap to clone.
@@ -61,6 +73,8 @@ struct Tx {
     events: mpsc::Sender<PresenceEvent>,
     heartbeats: mpsc::Sender<HeartbeatSummary>,
     resync: Arc<AtomicBool>,
+    /// Whether control's last `synced` said it takes backlog manifests.
+    backlog: Arc<AtomicBool>,
     metrics: Arc<Metrics>,
 }
 
@@ -72,6 +86,7 @@ pub struct PresenceRx {
     /// Heartbeat summaries.
     pub heartbeats: mpsc::Receiver<HeartbeatSummary>,
     resync: Arc<AtomicBool>,
+    backlog: Arc<AtomicBool>,
 }
 
 impl PresenceRx {
@@ -81,11 +96,24 @@ impl PresenceRx {
         self.resync.swap(false, Ordering::Relaxed)
     }
 
-    /// Throw away everything queued (before a `Hello`, which carries the full list).
-    pub fn discard(&mut self) {
-        while self.events.try_recv().is_ok() {}
+    /// Control's `synced` said whether it takes backlog manifests.
+    pub fn set_backlog_accepted(&self, accepted: bool) {
+        self.backlog.store(accepted, Ordering::Relaxed);
+    }
+
+    /// Throw away the presence queued (before a `Hello`, which carries the full list);
+    /// the backlog manifests among it are returned, to be sent after that `Hello` (the
+    /// agents were told they were passed on).
+    pub fn discard(&mut self) -> Vec<PresenceEvent> {
+        let mut kept = Vec::new();
+        while let Ok(ev) = self.events.try_recv() {
+            if matches!(ev, PresenceEvent::Manifest { .. }) {
+                kept.push(ev);
+            }
+        }
         while self.heartbeats.try_recv().is_ok() {}
         self.resync.store(false, Ordering::Relaxed);
+        kept
     }
 }
 
@@ -103,12 +131,14 @@ pub fn channel_with(
     let (etx, erx) = mpsc::channel(events);
     let (htx, hrx) = mpsc::channel(heartbeats);
     let resync = Arc::new(AtomicBool::new(false));
+    let backlog = Arc::new(AtomicBool::new(false));
     (
         Presence {
             inner: Some(Arc::new(Tx {
                 events: etx,
                 heartbeats: htx,
                 resync: resync.clone(),
+                backlog: backlog.clone(),
                 metrics,
             })),
         },
@@ -116,6 +146,7 @@ pub fn channel_with(
             events: erx,
             heartbeats: hrx,
             resync,
+            backlog,
         },
     )
 }
@@ -155,6 +186,33 @@ impl Presence {
                 reason,
             });
         }
+    }
+
+    /// A backlog manifest of `s`'s appliance, for control. `false` when it could not be
+    /// queued (the agent keeps it and re-sends it after its next reconnect); `true` in
+    /// standalone mode, where the broker's log is its only destination.
+    pub fn manifest(
+        &self,
+        s: &SessionInfo,
+        command_id: u64,
+        manifest: String,
+        sig: String,
+    ) -> bool {
+        let Some(tx) = &self.inner else { return true };
+        if !tx.backlog.load(Ordering::Relaxed) {
+            // An older control (or none synced yet): the agent keeps it for later.
+            tx.metrics.presence_dropped("manifest_not_accepted");
+            return false;
+        }
+        tx.events
+            .try_send(PresenceEvent::Manifest {
+                appliance: s.appliance.to_string(),
+                command_id,
+                manifest,
+                sig,
+            })
+            .map_err(|_| tx.metrics.presence_dropped("manifest"))
+            .is_ok()
     }
 
     /// `s` received a heartbeat (its fields are already updated).

@@ -811,9 +811,48 @@ impl Broker {
                         self.presence.heartbeat(s);
                     }
                 }
+                BrokerEvent::ManifestBacklog(m) => {
+                    if let Some(s) = info {
+                        self.backlog_manifest(s, session, m);
+                    }
+                }
             }
         }
         ControlFlow::Continue(())
+    }
+
+    /// A manifest the agent re-sent after a reconnect: pass it on (to control, or to this
+    /// log when standalone) and acknowledge it, so the agent drops it from its spool. When
+    /// it cannot be queued, no acknowledgement: the agent sends it again next time.
+    fn backlog_manifest(
+        &self,
+        s: &SessionInfo,
+        session: &mut BrokerSession,
+        m: tether_proto::ManifestBacklog,
+    ) {
+        let command_id = m.manifest.command_id;
+        let (Ok(manifest), Ok(sig)) = (
+            String::from_utf8(m.manifest.manifest.to_vec()),
+            String::from_utf8(m.manifest.sig.to_vec()),
+        ) else {
+            // Not a manifest anyone could verify: acknowledged so it does not come back.
+            warn!(seq = m.seq, "backlog manifest is not UTF-8; dropped");
+            self.metrics.manifest_backlog("invalid");
+            session.ack_manifest(m.seq);
+            return;
+        };
+        info!(
+            seq = m.seq,
+            command_id,
+            manifest_sha256 = %tether_identity::fingerprint::hex_of(manifest.as_bytes()),
+            "manifest re-sent after a reconnect"
+        );
+        if self.presence.manifest(s, command_id, manifest, sig) {
+            self.metrics.manifest_backlog("passed_on");
+            session.ack_manifest(m.seq);
+        } else {
+            self.metrics.manifest_backlog("queue_full");
+        }
     }
 
     /// On `Hello`: check the allowlist, enter the session table (superseding an older

@@ -263,7 +263,14 @@ async fn broker_syncs_with_control_resumes_after_a_gap_and_restarts_from_its_sna
         }
     );
     assert_eq!(broker.allowlist().snapshot().len(), 2);
-    send(&mut chan, ToBroker::Synced { version: 5 }).await;
+    send(
+        &mut chan,
+        ToBroker::Synced {
+            version: 5,
+            accepts: vec![],
+        },
+    )
+    .await;
     wait_for("in sync", || {
         metrics().contains("tether_broker_allowlist_stale 0")
     })

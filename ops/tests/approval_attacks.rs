@@ -114,11 +114,11 @@ fn policy() -> Policy {
     .unwrap()
 }
 
-/// The customer's document for `app-0001` running `systemctl restart worker`.
-fn signed(c: &Customer, stock: bool) -> (Vec<u8>, Vec<u8>) {
+/// The document for `app-0001` running `systemctl restart worker`, valid around `NOW`.
+fn document() -> Vec<u8> {
     let a = appliance("app-0001");
     let e = exec(&["systemctl", "restart", "worker"]);
-    let doc = Approval::plan(
+    Approval::plan(
         &Expected {
             appliance: &a,
             phase: Phase::Operate,
@@ -130,7 +130,12 @@ fn signed(c: &Customer, stock: bool) -> (Vec<u8>, Vec<u8>) {
         NOW - MIN,
         NOW + 10 * MIN,
     )
-    .to_bytes();
+    .to_bytes()
+}
+
+/// The customer's signed [`document`].
+fn signed(c: &Customer, stock: bool) -> (Vec<u8>, Vec<u8>) {
+    let doc = document();
     let sig = if stock {
         c.ssh_keygen_sign(APPROVAL_NAMESPACE, &doc)
     } else {
@@ -408,4 +413,88 @@ fn a_non_canonical_approval_fails_even_with_a_signature_over_its_bytes() {
             "{v}"
         );
     }
+}
+
+/// An `sk-ssh-ed25519@openssh.com` signature as a FIDO token makes it (made here in
+/// software, with the token's `flags`): the Ed25519 signature covers SHA-256 of the
+/// application, the flags, the counter and SHA-256 of the SSHSIG blob.
+fn sk_sign(
+    key: &ssh_key::private::Ed25519Keypair,
+    namespace: &str,
+    msg: &[u8],
+    flags: u8,
+) -> (String, Vec<u8>) {
+    use ssh_key::sha2::{Digest, Sha256};
+    use ssh_key::{public, HashAlg, LineEnding, SshSig};
+    let application = "ssh:";
+    let blob = SshSig::signed_data(namespace, HashAlg::Sha512, msg).unwrap();
+    let counter = 7u32.to_be_bytes();
+    let mut signed = Sha256::digest(application).to_vec();
+    signed.push(flags);
+    signed.extend_from_slice(&counter);
+    signed.extend_from_slice(&Sha256::digest(&blob));
+    let ed: ssh_key::Signature = signature::Signer::try_sign(key, &signed).unwrap();
+    let mut data = ed.as_bytes().to_vec();
+    data.push(flags);
+    data.extend_from_slice(&counter);
+    let sk = public::SkEd25519::new(key.public, application);
+    let sig = SshSig::new(
+        public::KeyData::SkEd25519(sk.clone()),
+        namespace,
+        HashAlg::Sha512,
+        ssh_key::Signature::new(Algorithm::SkEd25519, data).unwrap(),
+    )
+    .unwrap();
+    let line = ssh_key::PublicKey::new(public::KeyData::SkEd25519(sk), "")
+        .to_openssh()
+        .unwrap();
+    (line, sig.to_pem(LineEnding::LF).unwrap().into_bytes())
+}
+
+/// A hardware key pinned with `require_touch`: its signature counts only with the
+/// user-presence flag set; without `require_touch` it counts either way. Nothing about
+/// the flag is taken from anywhere but the signed bytes.
+#[test]
+fn a_hardware_key_without_the_touch_flag_is_refused_where_the_customer_requires_touch() {
+    let key = ssh_key::private::Ed25519Keypair::random(&mut ssh_key::rand_core::OsRng);
+    let a = appliance("app-0001");
+    let e = exec(&["systemctl", "restart", "worker"]);
+    let doc = document();
+    let (line, touched) = sk_sign(&key, APPROVAL_NAMESPACE, &doc, 0x01);
+    let (_, untouched) = sk_sign(&key, APPROVAL_NAMESPACE, &doc, 0x00);
+    assert!(line.starts_with("sk-ssh-ed25519@openssh.com "), "{line}");
+    let pinned = |touch: bool| {
+        Approvers::parse(&format!(
+            "[[key]]\nid = \"yubikey\"\npublic_key = \"{line}\"\nnot_before = \"2026-01-01T00:00:00Z\"\nnot_after = \"2027-12-31T00:00:00Z\"\nrequire_touch = {touch}\n"
+        ))
+        .unwrap()
+    };
+    let run = |sig: &[u8], approvers: &Approvers| {
+        check(&doc, sig, &a, Phase::Operate, &e, approvers, NOW)
+    };
+    assert!(run(&touched, &pinned(true)).is_ok());
+    assert_eq!(
+        run(&untouched, &pinned(true)).unwrap_err(),
+        CommandFailure::ApprovalInvalid
+    );
+    assert!(run(&untouched, &pinned(false)).is_ok());
+    // The flag is signed: setting it in the armor of an untouched signature breaks it.
+    let forged = {
+        let sig = ssh_key::SshSig::from_pem(&untouched).unwrap();
+        let mut data = sig.signature_bytes().to_vec();
+        data[64] |= 0x01;
+        ssh_key::SshSig::new(
+            sig.public_key().clone(),
+            APPROVAL_NAMESPACE,
+            ssh_key::HashAlg::Sha512,
+            ssh_key::Signature::new(Algorithm::SkEd25519, data).unwrap(),
+        )
+        .unwrap()
+        .to_pem(ssh_key::LineEnding::LF)
+        .unwrap()
+    };
+    assert_eq!(
+        run(forged.as_bytes(), &pinned(true)).unwrap_err(),
+        CommandFailure::ApprovalInvalid
+    );
 }

@@ -25,8 +25,19 @@ pub const MAX_FRAME_LEN: &str = "max_frame_len";
 /// it only when it runs with a customer directory.
 pub const SIGNED_OPS: &str = "signed-ops/1";
 
+/// The agent keeps signed manifests whose delivery it could not confirm and re-sends them
+/// on the session stream (`ManifestBacklog`, answered by `ManifestAck`) to a broker that
+/// lists this in `Welcome.capabilities`. An agent announcing it also reads the trailing
+/// `max_frame_len` of `Welcome`, after which the broker's list follows. The reference
+/// agent announces it together with [`SIGNED_OPS`].
+pub const MANIFEST_BACKLOG: &str = "manifest-backlog/1";
+
 /// Every capability this crate defines, in the order the reference agent announces them.
-pub const ALL: [&str; 4] = [EXEC, SHELL, MAX_FRAME_LEN, SIGNED_OPS];
+pub const ALL: [&str; 5] = [EXEC, SHELL, MAX_FRAME_LEN, SIGNED_OPS, MANIFEST_BACKLOG];
+
+/// What the reference broker lists in `Welcome.capabilities` (to agents that announced
+/// [`MANIFEST_BACKLOG`]).
+pub const BROKER: [&str; 1] = [MANIFEST_BACKLOG];
 
 /// Whether `capabilities` (from a `Hello`) holds `capability`.
 pub fn announced(capabilities: &[String], capability: &str) -> bool {

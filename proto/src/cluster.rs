@@ -82,6 +82,10 @@ pub enum ToBroker {
     Synced {
         /// The current version.
         version: u64,
+        /// Optional messages control takes from the broker beyond the base channel
+        /// (`"manifest_backlog"`); absent from an older control, which would refuse them.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        accepts: Vec<String>,
     },
     /// Manual-renewal generations: an appliance whose generation is above what its agent
     /// has seen renews on its next heartbeat answer. Sent whole after `Hello`, then as they
@@ -214,6 +218,10 @@ pub struct HeartbeatSummary {
     pub status: Vec<(String, String)>,
 }
 
+/// What control lists in [`ToBroker::Synced`]'s `accepts` when it takes
+/// [`ToControl::ManifestBacklog`].
+pub const ACCEPTS_MANIFEST_BACKLOG: &str = "manifest_backlog";
+
 /// What a broker sends to control.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
@@ -268,6 +276,19 @@ pub enum ToControl {
     CommandManifest {
         /// Control's command id.
         id: u64,
+        /// The manifest's exact bytes (canonical JSON).
+        manifest: String,
+        /// Its SSHSIG armor.
+        sig: String,
+    },
+    /// Signed operations: a manifest the agent re-sent after a reconnect (its command's
+    /// stream had ended before delivery), not tied to a live command. Sent only to a
+    /// control whose `synced` listed [`ACCEPTS_MANIFEST_BACKLOG`].
+    ManifestBacklog {
+        /// The appliance.
+        appliance: String,
+        /// The command id it was made for (the broker's, on the connection it ran on).
+        command_id: u64,
         /// The manifest's exact bytes (canonical JSON).
         manifest: String,
         /// Its SSHSIG armor.

@@ -66,6 +66,10 @@ pub enum FrameType {
     CommandManifest = 0x13,
     /// [`CommandPlan`] (capability `signed-ops/1`)
     CommandPlan = 0x14,
+    /// [`ManifestBacklog`] (capability `manifest-backlog/1`, session stream)
+    ManifestBacklog = 0x15,
+    /// [`ManifestAck`] (capability `manifest-backlog/1`, session stream)
+    ManifestAck = 0x16,
 }
 
 impl FrameType {
@@ -83,6 +87,8 @@ impl FrameType {
             0x12 => FrameType::CommandResult,
             0x13 => FrameType::CommandManifest,
             0x14 => FrameType::CommandPlan,
+            0x15 => FrameType::ManifestBacklog,
+            0x16 => FrameType::ManifestAck,
             _ => return None,
         })
     }
@@ -113,6 +119,11 @@ pub enum Frame {
     CommandManifest(CommandManifest),
     /// Agent → broker, the answer to a `plan_only` request, just before its result.
     CommandPlan(CommandPlan),
+    /// Agent → broker, on the session stream: a signed manifest whose command stream
+    /// ended before it was delivered, re-sent after a reconnect.
+    ManifestBacklog(ManifestBacklog),
+    /// Broker → agent, on the session stream: a `ManifestBacklog` was passed on.
+    ManifestAck(ManifestAck),
 }
 
 impl Frame {
@@ -130,6 +141,8 @@ impl Frame {
             Frame::CommandResult(_) => FrameType::CommandResult,
             Frame::CommandManifest(_) => FrameType::CommandManifest,
             Frame::CommandPlan(_) => FrameType::CommandPlan,
+            Frame::ManifestBacklog(_) => FrameType::ManifestBacklog,
+            Frame::ManifestAck(_) => FrameType::ManifestAck,
         }
     }
 }
@@ -150,6 +163,8 @@ impl Codec for Frame {
             FrameType::CommandResult => Frame::CommandResult(CommandResult::decode(buf)?),
             FrameType::CommandManifest => Frame::CommandManifest(CommandManifest::decode(buf)?),
             FrameType::CommandPlan => Frame::CommandPlan(CommandPlan::decode(buf)?),
+            FrameType::ManifestBacklog => Frame::ManifestBacklog(ManifestBacklog::decode(buf)?),
+            FrameType::ManifestAck => Frame::ManifestAck(ManifestAck::decode(buf)?),
         })
     }
 
@@ -167,6 +182,8 @@ impl Codec for Frame {
             Frame::CommandResult(f) => f.encode(buf),
             Frame::CommandManifest(f) => f.encode(buf),
             Frame::CommandPlan(f) => f.encode(buf),
+            Frame::ManifestBacklog(f) => f.encode(buf),
+            Frame::ManifestAck(f) => f.encode(buf),
         }
     }
 
@@ -183,6 +200,8 @@ impl Codec for Frame {
             Frame::CommandResult(f) => f.check(),
             Frame::CommandManifest(f) => f.check(),
             Frame::CommandPlan(f) => f.check(),
+            Frame::ManifestBacklog(f) => f.check(),
+            Frame::ManifestAck(f) => f.check(),
         }
     }
 }
@@ -371,6 +390,11 @@ pub struct Welcome {
     /// that announced [`crate::capability::MAX_FRAME_LEN`]; `None` (absent) means
     /// [`crate::DEFAULT_MAX_FRAME_LEN`]. Never below [`crate::MIN_MAX_FRAME_LEN`].
     pub max_frame_len: Option<u32>,
+    /// What the broker accepts beyond the base protocol (`crate::capability::BROKER`):
+    /// an optional trailing list after `max_frame_len`, sent only to agents that
+    /// announced [`crate::capability::MANIFEST_BACKLOG`] (which implies they read
+    /// `max_frame_len`, so the broker then always sends that field). Empty when absent.
+    pub capabilities: Vec<String>,
 }
 
 impl Welcome {
@@ -405,6 +429,21 @@ impl Codec for Welcome {
         } else {
             None
         };
+        let mut capabilities = Vec::new();
+        if buf.has_remaining() {
+            let n = get_count(buf, "broker capabilities", MAX_CAPABILITIES)?;
+            if n == 0 {
+                // An empty list is sent as no list: one encoding per Welcome.
+                return Err(DecodeError::InvalidValue {
+                    field: "broker capabilities",
+                    value: 0,
+                });
+            }
+            capabilities.reserve(n);
+            for _ in 0..n {
+                capabilities.push(get_str(buf, "capability", MAX_CAPABILITY_LEN)?);
+            }
+        }
         Ok(Welcome {
             protocol_version,
             session_id,
@@ -412,6 +451,7 @@ impl Codec for Welcome {
             server_time_ms,
             manual_renewal_generation,
             max_frame_len,
+            capabilities,
         })
     }
     fn encode<B: BufMut>(&self, buf: &mut B) {
@@ -422,17 +462,38 @@ impl Codec for Welcome {
         buf.put_u64(self.manual_renewal_generation);
         if let Some(max) = self.max_frame_len {
             buf.put_u32(max);
+            if !self.capabilities.is_empty() {
+                buf.put_u16(self.capabilities.len() as u16);
+                for c in &self.capabilities {
+                    put_str(buf, c);
+                }
+            }
         }
     }
     fn check(&self) -> Result<(), EncodeError> {
         match self.max_frame_len {
-            Some(max) if (max as usize) < MIN_MAX_FRAME_LEN => Err(EncodeError::TooShort {
-                field: "max_frame_len",
-                len: max as usize,
-                min: MIN_MAX_FRAME_LEN,
-            }),
-            _ => Ok(()),
+            Some(max) if (max as usize) < MIN_MAX_FRAME_LEN => {
+                return Err(EncodeError::TooShort {
+                    field: "max_frame_len",
+                    len: max as usize,
+                    min: MIN_MAX_FRAME_LEN,
+                })
+            }
+            // The list is positional: it can only follow `max_frame_len`.
+            None if !self.capabilities.is_empty() => {
+                return Err(EncodeError::TooShort {
+                    field: "max_frame_len (required before broker capabilities)",
+                    len: 0,
+                    min: MIN_MAX_FRAME_LEN,
+                })
+            }
+            _ => {}
         }
+        check_count(self.capabilities.len(), "capabilities", MAX_CAPABILITIES)?;
+        for c in &self.capabilities {
+            check_str(c, "capability", MAX_CAPABILITY_LEN)?;
+        }
+        Ok(())
     }
 }
 
@@ -696,6 +757,58 @@ impl Codec for CommandManifest {
     fn check(&self) -> Result<(), EncodeError> {
         check_len(self.manifest.len(), "manifest", MAX_MANIFEST_LEN)?;
         check_len(self.sig.len(), "manifest_sig", MAX_APPROVAL_SIG_LEN)
+    }
+}
+
+/// Agent → broker, on the session stream (broker capability `manifest-backlog/1`): a
+/// signed manifest whose command stream ended before its delivery was confirmed (the
+/// connection dropped mid-command), re-sent after a reconnect. The agent keeps it in its
+/// spool until the broker answers [`ManifestAck`] with the same `seq`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ManifestBacklog {
+    /// The manifest's `seq` (unique per appliance): what the acknowledgement names.
+    pub seq: u64,
+    /// The manifest as its command stream would have carried it (the command id is the
+    /// one it ran under, on the connection it ran on).
+    pub manifest: CommandManifest,
+}
+
+impl Codec for ManifestBacklog {
+    fn decode<B: Buf>(buf: &mut B) -> Result<Self, DecodeError> {
+        Ok(ManifestBacklog {
+            seq: get(buf, "seq")?,
+            manifest: CommandManifest::decode(buf)?,
+        })
+    }
+    fn encode<B: BufMut>(&self, buf: &mut B) {
+        buf.put_u64(self.seq);
+        self.manifest.encode(buf);
+    }
+    fn check(&self) -> Result<(), EncodeError> {
+        self.manifest.check()
+    }
+}
+
+/// Broker → agent, on the session stream: the [`ManifestBacklog`] with this `seq` was
+/// passed on (to control, or to the broker's log when it runs standalone); the agent
+/// drops it from its spool.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ManifestAck {
+    /// The manifest's `seq`.
+    pub seq: u64,
+}
+
+impl Codec for ManifestAck {
+    fn decode<B: Buf>(buf: &mut B) -> Result<Self, DecodeError> {
+        Ok(ManifestAck {
+            seq: get(buf, "seq")?,
+        })
+    }
+    fn encode<B: BufMut>(&self, buf: &mut B) {
+        buf.put_u64(self.seq);
+    }
+    fn check(&self) -> Result<(), EncodeError> {
+        Ok(())
     }
 }
 

@@ -45,7 +45,7 @@ pub use failure::CommandFailure;
 pub use frame::{
     CommandKind, CommandManifest, CommandOutcome, CommandOutput, CommandPlan, CommandRequest,
     CommandResult, FailureReason, Frame, FrameType, GoAway, GoAwayReason, Heartbeat, HeartbeatAck,
-    Hello, OutputStream, SignedOps, Status, TrustState, Welcome,
+    Hello, ManifestAck, ManifestBacklog, OutputStream, SignedOps, Status, TrustState, Welcome,
 };
 pub use session::{
     AgentEvent, AgentSession, AgentSessionConfig, BrokerEvent, BrokerSession, BrokerSessionConfig,

@@ -14,8 +14,8 @@ use crate::capability;
 use crate::close::CloseCode;
 use crate::codec::{DecodeError, DEFAULT_MAX_FRAME_LEN, MIN_MAX_FRAME_LEN};
 use crate::frame::{
-    Frame, FrameType, GoAway, GoAwayReason, Heartbeat, HeartbeatAck, Hello, Status, TrustState,
-    Welcome,
+    Frame, FrameType, GoAway, GoAwayReason, Heartbeat, HeartbeatAck, Hello, ManifestAck,
+    ManifestBacklog, Status, TrustState, Welcome,
 };
 use crate::PROTOCOL_VERSION;
 
@@ -121,6 +121,9 @@ pub enum BrokerEvent {
     Heartbeat(Heartbeat),
     /// A status report arrived.
     Status(Status),
+    /// A manifest from the agent's backlog arrived (answer with
+    /// [`BrokerSession::ack_manifest`] once it was passed on).
+    ManifestBacklog(ManifestBacklog),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -138,6 +141,8 @@ pub struct BrokerSession {
     started: Instant,
     last_rx: Instant,
     last_seq: u64,
+    /// Whether `Welcome` listed `manifest-backlog/1` (the agent may send backlog).
+    backlog: bool,
     transmit: VecDeque<Frame>,
     events: VecDeque<BrokerEvent>,
 }
@@ -151,6 +156,7 @@ impl BrokerSession {
             started: now.instant,
             last_rx: now.instant,
             last_seq: 0,
+            backlog: false,
             transmit: VecDeque::new(),
             events: VecDeque::new(),
         }
@@ -177,9 +183,18 @@ impl BrokerSession {
                 }
                 // Only an agent that said it understands the trailing field gets it: a
                 // version-1 agent without the capability refuses trailing bytes.
-                let max_frame_len =
-                    capability::announced(&hello.capabilities, capability::MAX_FRAME_LEN)
-                        .then_some(self.config.max_frame_len.max(MIN_MAX_FRAME_LEN as u32));
+                // An agent that announced the backlog reads `max_frame_len` and then the
+                // broker's own capabilities after it.
+                self.backlog =
+                    capability::announced(&hello.capabilities, capability::MANIFEST_BACKLOG);
+                let max_frame_len = (self.backlog
+                    || capability::announced(&hello.capabilities, capability::MAX_FRAME_LEN))
+                .then_some(self.config.max_frame_len.max(MIN_MAX_FRAME_LEN as u32));
+                let capabilities = if self.backlog {
+                    capability::BROKER.iter().map(|c| (*c).to_owned()).collect()
+                } else {
+                    Vec::new()
+                };
                 self.transmit.push_back(Frame::Welcome(Welcome {
                     protocol_version: hello.protocol_version.min(PROTOCOL_VERSION),
                     session_id: self.config.session_id,
@@ -187,6 +202,7 @@ impl BrokerSession {
                     server_time_ms: now.unix_ms,
                     manual_renewal_generation: self.config.manual_renewal_generation,
                     max_frame_len,
+                    capabilities,
                 }));
                 self.state = BrokerState::Established;
                 self.last_rx = now.instant;
@@ -213,6 +229,11 @@ impl BrokerSession {
             (BrokerState::Established, Frame::Status(status)) => {
                 self.last_rx = now.instant;
                 self.events.push_back(BrokerEvent::Status(status));
+                Ok(())
+            }
+            (BrokerState::Established, Frame::ManifestBacklog(m)) if self.backlog => {
+                self.last_rx = now.instant;
+                self.events.push_back(BrokerEvent::ManifestBacklog(m));
                 Ok(())
             }
             (_, frame) => Err(ProtocolViolation::UnexpectedFrame {
@@ -257,7 +278,13 @@ impl BrokerSession {
         }));
     }
 
-    /// Change the manual-renewal generation announced in the next heartbeat answer.
+    /// Acknowledge the backlog manifest `seq` (it was passed on).
+    pub fn ack_manifest(&mut self, seq: u64) {
+        self.transmit
+            .push_back(Frame::ManifestAck(ManifestAck { seq }));
+    }
+
+    /// Announce `generation` in the next `HeartbeatAck`.
     pub fn set_manual_renewal_generation(&mut self, generation: u64) {
         self.config.manual_renewal_generation = generation;
     }
@@ -308,6 +335,8 @@ pub enum AgentEvent {
     },
     /// The broker asks the agent to leave.
     GoAway(GoAway),
+    /// The broker passed on the backlog manifest with this `seq`.
+    ManifestAck(u64),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -326,6 +355,8 @@ pub struct AgentSession {
     last_rx: Instant,
     interval: Duration,
     peer_max_frame_len: usize,
+    /// Whether the broker's `Welcome` listed `manifest-backlog/1`.
+    backlog: bool,
     next_heartbeat: Option<Instant>,
     seq: u64,
     transmit: VecDeque<Frame>,
@@ -349,6 +380,7 @@ impl AgentSession {
             last_rx: now.instant,
             interval: DEFAULT_HEARTBEAT_INTERVAL,
             peer_max_frame_len: DEFAULT_MAX_FRAME_LEN,
+            backlog: false,
             next_heartbeat: None,
             seq: 0,
             transmit,
@@ -388,6 +420,7 @@ impl AgentSession {
                 self.interval = Duration::from_millis(u64::from(w.heartbeat_interval_ms))
                     .max(MIN_HEARTBEAT_INTERVAL);
                 self.peer_max_frame_len = w.peer_max_frame_len();
+                self.backlog = capability::announced(&w.capabilities, capability::MANIFEST_BACKLOG);
                 self.state = AgentState::Established;
                 self.last_rx = now.instant;
                 self.next_heartbeat = Some(now.instant + self.interval);
@@ -399,6 +432,11 @@ impl AgentSession {
                 self.last_rx = now.instant;
                 self.note_generation(ack.manual_renewal_generation);
                 self.events.push_back(AgentEvent::HeartbeatAck(ack));
+                Ok(())
+            }
+            (AgentState::Established, Frame::ManifestAck(ack)) if self.backlog => {
+                self.last_rx = now.instant;
+                self.events.push_back(AgentEvent::ManifestAck(ack.seq));
                 Ok(())
             }
             (AgentState::AwaitingWelcome | AgentState::Established, Frame::GoAway(g)) => {
@@ -480,6 +518,17 @@ impl AgentSession {
     /// Queue a status report.
     pub fn send_status(&mut self, status: Status) {
         self.transmit.push_back(Frame::Status(status));
+    }
+
+    /// Whether the broker takes [`ManifestBacklog`] frames (its `Welcome` said so).
+    pub fn accepts_backlog(&self) -> bool {
+        self.state == AgentState::Established && self.backlog
+    }
+
+    /// Queue a manifest from the backlog; only when [`AgentSession::accepts_backlog`].
+    pub fn send_backlog(&mut self, manifest: ManifestBacklog) {
+        debug_assert!(self.accepts_backlog());
+        self.transmit.push_back(Frame::ManifestBacklog(manifest));
     }
 
     /// The next frame to write on the session stream.
@@ -676,6 +725,50 @@ mod tests {
         };
         a.handle_frame(Frame::Welcome(w.clone()), t).unwrap();
         w
+    }
+
+    #[test]
+    fn manifest_backlog_flows_only_when_both_ends_listed_it() {
+        let t0 = now0();
+        let m = ManifestBacklog {
+            seq: 3,
+            manifest: crate::CommandManifest {
+                command_id: 7,
+                manifest: bytes::Bytes::from_static(b"{}"),
+                sig: bytes::Bytes::from_static(b"sig"),
+            },
+        };
+        // Both: the broker lists it (after the frame limit), takes the frame and answers.
+        let (mut a, mut b) = pair_with(t0, vec![capability::MANIFEST_BACKLOG.into()]);
+        let w = welcome_of(&mut b, &mut a, t0);
+        assert!(
+            w.max_frame_len.is_some(),
+            "the list needs the field before it"
+        );
+        assert_eq!(w.capabilities, [capability::MANIFEST_BACKLOG]);
+        assert!(a.accepts_backlog());
+        a.send_backlog(m.clone());
+        b.handle_frame(a.poll_transmit().unwrap(), t0).unwrap();
+        let _ = b.poll_event();
+        assert_eq!(
+            b.poll_event(),
+            Some(BrokerEvent::ManifestBacklog(m.clone()))
+        );
+        b.ack_manifest(3);
+        a.handle_frame(b.poll_transmit().unwrap(), t0).unwrap();
+        let _ = a.poll_event();
+        assert_eq!(a.poll_event(), Some(AgentEvent::ManifestAck(3)));
+
+        // An agent that did not announce it gets no list, and its backlog frame is a
+        // violation; so is an acknowledgement the agent never asked for.
+        let (mut a, mut b) = pair_with(t0, vec![capability::MAX_FRAME_LEN.into()]);
+        let w = welcome_of(&mut b, &mut a, t0);
+        assert!(w.capabilities.is_empty());
+        assert!(!a.accepts_backlog());
+        assert!(b.handle_frame(Frame::ManifestBacklog(m), t0).is_err());
+        assert!(a
+            .handle_frame(Frame::ManifestAck(ManifestAck { seq: 3 }), t0)
+            .is_err());
     }
 
     #[test]

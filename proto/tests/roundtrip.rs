@@ -110,7 +110,10 @@ prop_compose! {
         server_time_ms in any::<i64>(),
         manual_renewal_generation in any::<u64>(),
         max_frame_len in proptest::option::of(MIN_MAX_FRAME_LEN as u32..=u32::MAX),
+        capabilities in proptest::collection::vec("[a-z0-9/._-]{1,16}", 0..4),
     ) -> Welcome {
+        // The broker's list can only follow `max_frame_len`.
+        let capabilities = if max_frame_len.is_some() { capabilities } else { Vec::new() };
         Welcome {
             protocol_version,
             session_id,
@@ -118,6 +121,7 @@ prop_compose! {
             server_time_ms,
             manual_renewal_generation,
             max_frame_len,
+            capabilities,
         }
     }
 }
@@ -238,7 +242,15 @@ fn any_frame() -> impl Strategy<Value = Frame> {
         command_result().prop_map(Frame::CommandResult),
         command_manifest().prop_map(Frame::CommandManifest),
         command_plan().prop_map(Frame::CommandPlan),
+        manifest_backlog().prop_map(Frame::ManifestBacklog),
+        any::<u64>().prop_map(|seq| Frame::ManifestAck(tether_proto::ManifestAck { seq })),
     ]
+}
+
+prop_compose! {
+    fn manifest_backlog()(seq in any::<u64>(), command_id in any::<u64>(), manifest in blob(4096), sig in blob(512)) -> tether_proto::ManifestBacklog {
+        tether_proto::ManifestBacklog { seq, manifest: tether_proto::CommandManifest { command_id, manifest, sig } }
+    }
 }
 
 /// A few valid frames encoded back to back, then up to four bytes XOR-ed with noise: input
@@ -452,8 +464,17 @@ proptest! {
             if cut == 0 {
                 prop_assert_eq!(got, Err(DecodeError::EmptyFrame));
             } else if let (Frame::Welcome(w), 31) = (&frame, cut) {
-                // The optional trailing `max_frame_len` cut off whole: a Welcome without it.
-                let expected = Frame::Welcome(Welcome { max_frame_len: None, ..w.clone() });
+                // The optional trailing `max_frame_len` cut off whole: a Welcome without it
+                // (and so without the broker's list).
+                let expected = Frame::Welcome(Welcome {
+                    max_frame_len: None,
+                    capabilities: Vec::new(),
+                    ..w.clone()
+                });
+                prop_assert_eq!(got, Ok(Some(expected)));
+            } else if let (Frame::Welcome(w), 35) = (&frame, cut) {
+                // The broker's list cut off whole.
+                let expected = Frame::Welcome(Welcome { capabilities: Vec::new(), ..w.clone() });
                 prop_assert_eq!(got, Ok(Some(expected)));
             } else if let Frame::CommandRequest(r @ CommandRequest { signed: Some(_), .. }) = &frame {
                 // The optional trailing signed-ops extension cut off whole: a request
@@ -479,6 +500,20 @@ proptest! {
         if matches!(&frame, Frame::Welcome(w) if w.max_frame_len.is_none()) {
             // Its optional trailing field: `welcome_max_frame_len_is_an_optional_trailing_u32`.
             return Ok(());
+        }
+        if let Frame::Welcome(w) = &frame {
+            if w.capabilities.is_empty() {
+                // Stray bytes after `max_frame_len` read as the broker's list: refused
+                // as a list, never a Welcome with them ignored.
+                let mut body = encode(&frame)[FRAME_HEADER_LEN..].to_vec();
+                body.extend_from_slice(&extra);
+                let got = decode_frame(&mut reframe(&body), HUGE_LIMIT);
+                prop_assert!(
+                    !matches!(&got, Ok(Some(Frame::Welcome(g))) if g.capabilities.is_empty()),
+                    "{:?}", got
+                );
+                return Ok(());
+            }
         }
         if matches!(&frame, Frame::CommandRequest(r) if r.signed.is_none()) {
             // Its optional trailing extension: a few stray bytes are a truncated
@@ -849,6 +884,7 @@ fn sample_frames() -> Vec<(&'static str, Frame)> {
                 server_time_ms: 1_765_000_000_000,
                 manual_renewal_generation: 0,
                 max_frame_len: None,
+                capabilities: Vec::new(),
             }),
         ),
         (
@@ -976,6 +1012,7 @@ fn welcome_max_frame_len_is_an_optional_trailing_u32() {
         server_time_ms: 1_765_000_000_000,
         manual_renewal_generation: 0,
         max_frame_len: None,
+        capabilities: Vec::new(),
     };
     let old = encode(&Frame::Welcome(base.clone()));
     let new = encode(&Frame::Welcome(Welcome {
@@ -1018,9 +1055,23 @@ fn welcome_max_frame_len_is_an_optional_trailing_u32() {
         })
     );
     assert!(matches!(with_tail(&[0x00, 0x00, 0x04, 0x00]), Ok(Some(_))));
+    // After `max_frame_len` only the broker's list may follow, whole.
+    assert!(with_tail(&[0x00, 0x00, 0x04, 0x00, 0x00]).is_err());
     assert_eq!(
-        with_tail(&[0x00, 0x00, 0x04, 0x00, 0x00]),
-        Err(DecodeError::TrailingBytes(1))
+        with_tail(&[0x00, 0x00, 0x04, 0x00, 0x00, 0x01, 0x00, 0x01, b'x']),
+        Ok(Some(Frame::Welcome(Welcome {
+            max_frame_len: Some(1024),
+            capabilities: vec!["x".into()],
+            ..base.clone()
+        })))
+    );
+    assert_eq!(
+        with_tail(&[0x00, 0x00, 0x04, 0x00, 0x00, 0x00]),
+        Err(DecodeError::InvalidValue {
+            field: "broker capabilities",
+            value: 0
+        }),
+        "an empty list is encoded as no list"
     );
     // A limit below the protocol's minimum is not encoded either.
     let mut buf = BytesMut::new();

@@ -452,7 +452,18 @@ pub struct AgentProc {
 
 impl AgentProc {
     pub fn start(state_dir: &Path, brokers: &[SocketAddr], extra: &[&str]) -> AgentProc {
+        AgentProc::start_env(state_dir, brokers, extra, &[])
+    }
+
+    /// [`AgentProc::start`] with extra environment variables.
+    pub fn start_env(
+        state_dir: &Path,
+        brokers: &[SocketAddr],
+        extra: &[&str],
+        env: &[(&str, &std::ffi::OsStr)],
+    ) -> AgentProc {
         let mut cmd = Command::new(bin("tether-agent"));
+        cmd.envs(env.iter().copied());
         cmd.arg("run").arg("--state-dir").arg(state_dir);
         for b in brokers {
             cmd.arg("--broker").arg(b.to_string());
@@ -460,7 +471,12 @@ impl AgentProc {
         cmd.args(["--backoff-initial", "100ms", "--backoff-max", "1s"])
             .args(extra)
             .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
+            // TETHER_TEST_AGENT_LOGS=1 shows the agents' logs.
+            .stdout(if std::env::var_os("TETHER_TEST_AGENT_LOGS").is_some() {
+                Stdio::inherit()
+            } else {
+                Stdio::null()
+            })
             .stderr(Stdio::inherit());
         AgentProc {
             child: cmd.spawn().expect("spawn tether-agent"),

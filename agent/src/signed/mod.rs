@@ -24,6 +24,7 @@
 pub mod applog;
 pub mod customer;
 pub mod lockdown;
+pub mod spool;
 
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -63,6 +64,8 @@ pub struct SignedOpsConfig {
     pub customer_dir: PathBuf,
     /// The appliance audit log.
     pub audit_log: PathBuf,
+    /// Manifests not yet confirmed delivered ([`spool::Spool`]).
+    pub spool_dir: PathBuf,
 }
 
 /// Who the command runs as.
@@ -109,6 +112,17 @@ pub enum Decision {
     },
 }
 
+/// A manifest signed and logged.
+#[derive(Debug)]
+pub struct SignedManifest {
+    /// Its `seq` (per appliance).
+    pub seq: u64,
+    /// Its exact bytes.
+    pub bytes: Vec<u8>,
+    /// Its SSHSIG armor.
+    pub sig: String,
+}
+
 /// What is known about a refused command, for its manifest.
 #[derive(Debug, Default)]
 struct Partial {
@@ -130,6 +144,7 @@ pub struct SignedOps {
     appliance: ApplianceRef,
     agent_uid: u32,
     state: Mutex<State>,
+    spool: spool::Spool,
 }
 
 impl std::fmt::Debug for SignedOps {
@@ -181,7 +196,13 @@ impl SignedOps {
             key,
             agent_uid: nix::unistd::geteuid().as_raw(),
             state: Mutex::new(State { log, ledger, chain }),
+            spool: spool::Spool::new(cfg.spool_dir.clone()),
         }
+    }
+
+    /// Manifests not yet confirmed delivered.
+    pub fn spool(&self) -> &spool::Spool {
+        &self.spool
     }
 
     fn state(&self) -> std::sync::MutexGuard<'_, State> {
@@ -462,7 +483,7 @@ impl SignedOps {
     /// Build, sign and log the manifest of a command that ran (`admitted`) or was refused
     /// (`partial`). Returns its bytes and signature; `None` if it could not be signed or
     /// logged (the result still goes out; the log's failure is in the agent's log).
-    pub fn manifest(&self, req: &CommandRequest, ran: Ran<'_>) -> Option<(Vec<u8>, String)> {
+    pub fn manifest(&self, req: &CommandRequest, ran: Ran<'_>) -> Option<SignedManifest> {
         let ext = req.signed.clone().unwrap_or_default();
         let mut st = self.state();
         let (seq, prev_sha256) = st.chain.next();
@@ -555,7 +576,7 @@ impl SignedOps {
             Err(e) => tracing::error!(error = %e, "cannot log the manifest"),
         }
         st.chain.advance(seq, &bytes);
-        Some((bytes, sig))
+        Some(SignedManifest { seq, bytes, sig })
     }
 
     /// Log a refusal.

@@ -22,6 +22,7 @@ use super::{
 };
 use crate::metrics::{Metrics, Reason};
 use crate::store::Store;
+use tether_audit::{action, Actor, AuditEvent};
 
 /// What a link needs: the cluster it joins, the store it follows, the metrics it counts.
 #[derive(Clone, Debug)]
@@ -176,7 +177,14 @@ where
     S: futures_util::Sink<bytes::Bytes, Error = std::io::Error> + Unpin,
 {
     let mut sent = sync_from(s, sink, since).await?;
-    send(sink, &ToBroker::Synced { version: sent }).await?;
+    send(
+        sink,
+        &ToBroker::Synced {
+            version: sent,
+            accepts: vec![tether_proto::cluster::ACCEPTS_MANIFEST_BACKLOG.to_owned()],
+        },
+    )
+    .await?;
     let generations = s
         .store
         .renewal_generations()
@@ -283,6 +291,15 @@ where
                 continue;
             }
             ToControl::Ping => continue,
+            ToControl::ManifestBacklog {
+                appliance,
+                command_id,
+                manifest,
+                sig,
+            } => {
+                late_manifest(s, name, &appliance, command_id, manifest, sig).await;
+                continue;
+            }
             ToControl::CommandOutput { id, stream, data } => {
                 (id, ExecEvent::Output { stream, data }, false)
             }
@@ -309,6 +326,44 @@ where
         if !cluster.deliver(link_id, id, event, last) {
             foreign_command(s, name, id);
         }
+    }
+}
+
+/// A signed manifest an agent re-sent after a reconnect (its command's stream ended
+/// before delivery): into the audit chain beside the command's own entry, which names the
+/// same `request_id`, so the vendor's record of the command is complete after all.
+async fn late_manifest(
+    s: &LinkState,
+    broker: &str,
+    appliance: &str,
+    command_id: u64,
+    manifest: String,
+    sig: String,
+) {
+    let request_id = serde_json::from_str::<serde_json::Value>(&manifest)
+        .ok()
+        .and_then(|v| v.get("request_id")?.as_str().map(str::to_owned))
+        .unwrap_or_default();
+    info!(%appliance, %broker, command_id, %request_id, "manifest re-sent after a reconnect");
+    let mut event = AuditEvent::success(
+        Actor::appliance(appliance),
+        action::APPLIANCE_EXEC_MANIFEST,
+        appliance,
+    )
+    .with("broker", broker)
+    .with("command_id", command_id as i64)
+    .with("request_id", request_id)
+    .with(
+        "manifest_sha256",
+        crate::domain::token::sha256_hex(manifest.as_bytes()),
+    );
+    // Whole if it fits an entry, else by hash (the appliance's own log holds it whole).
+    if manifest.len() + sig.len() < 3 * 1024 {
+        event = event.with("manifest", manifest).with("manifest_sig", sig);
+    }
+    if let Err(e) = s.store.append_audit(&event, crate::now_unix()).await {
+        s.metrics.audit_failures.inc();
+        tracing::error!(error = %e, "cannot audit a re-sent manifest");
     }
 }
 
