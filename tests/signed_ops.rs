@@ -76,7 +76,8 @@ impl Rig {
         let setup = Setup::new();
         let leaf = setup.pki.appliance("app-1").unwrap();
         setup.set_allowlist(&[("app-1", &leaf)]);
-        let broker = setup.broker("b1", "");
+        // Heartbeats every second: a lost broker shows within about three.
+        let broker = setup.broker("b1", "[session]\nheartbeat_interval = \"1s\"\n");
         let state = setup.agent_state("app-1", &leaf);
         let root = setup.dir.path().to_path_buf();
         chmod(&root, 0o755);
@@ -1174,4 +1175,275 @@ async fn a_replay_after_the_clock_went_forward_past_pruning_and_back_is_refused(
         "refused by the horizon, the id itself forgotten: {lines:?}"
     );
     assert!(!canary.exists(), "nothing ran");
+}
+
+/// A TCP echo server on 127.0.0.1 standing in for the customer's resource.
+async fn echo_server() -> std::net::SocketAddr {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            });
+        }
+    });
+    addr
+}
+
+/// The customer's policy with break-glass resource `echo` at `target`.
+fn tunnel_policy(target: &str) -> String {
+    format!(
+        "{POLICY}\n[[resource]]\nname = \"echo\"\ntarget = \"{target}\"\n[resource.privilege.rw]\n"
+    )
+}
+
+async fn open_tunnel(rig: &Rig, body: Value) -> (u16, Value) {
+    let resp = http()
+        .post(rig.broker.url("/v1/sessions/app-1/tunnels"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    (resp.status().as_u16(), resp.json().await.unwrap())
+}
+
+/// Plan a ten-minute tunnel to `echo`, have the customer sign it, open it; the answer.
+async fn open_ten_minutes(rig: &Rig) -> Value {
+    let ask =
+        json!({"resource": "echo", "privilege": "rw", "duration_s": 600, "idle_timeout_s": 600});
+    let mut plan_req = ask.clone();
+    plan_req["plan"] = json!(true);
+    let (_, plan) = open_tunnel(rig, plan_req).await;
+    let (doc, sig) = rig.sign(plan["plan"].as_str().unwrap());
+    let mut body = ask;
+    body["approval"] = json!(doc);
+    body["approval_sig"] = json!(sig);
+    let (status, v) = open_tunnel(rig, body).await;
+    assert_eq!(status, 200, "{v}");
+    v
+}
+
+async fn tunnel_views(rig: &Rig) -> Vec<Value> {
+    http()
+        .get(rig.broker.url("/v1/tunnels"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
+/// Break glass the way a compromised vendor would try it, through the standalone
+/// broker's admin API against a real agent: no approval, a longer duration or more
+/// connections than signed, another resource; then the approved tunnel carries bytes to
+/// exactly the customer's target, once, for exactly the signed time, by the agent's clock.
+#[tokio::test]
+async fn a_tunnel_opens_once_to_the_customers_target_for_the_signed_time() {
+    let rig = Rig::new().await;
+    let echo = echo_server().await;
+    // A name, resolved and pinned by the agent at activation.
+    let target = format!("localhost:{}", echo.port());
+    std::fs::write(rig.customer.join("policy.toml"), tunnel_policy(&target)).unwrap();
+    let ask = json!({"resource": "echo", "privilege": "rw", "duration_s": 3, "max_connections": 1, "idle_timeout_s": 3, "request_id": "req-bg", "reason": "INC-9"});
+
+    // The agent plans from the customer's own policy: target and phase are its own.
+    let mut plan_req = ask.clone();
+    plan_req["plan"] = json!(true);
+    let (status, plan) = open_tunnel(&rig, plan_req).await;
+    assert_eq!(status, 200, "{plan}");
+    let doc = plan["plan"].as_str().unwrap().to_owned();
+    let parsed: Value = serde_json::from_str(&doc).unwrap();
+    assert_eq!(parsed["break_glass"]["target"], target.as_str());
+    assert_eq!(parsed["break_glass"]["network"], "tether-tunnel");
+    assert_eq!(parsed["phase"], "operate");
+    let (doc, sig) = rig.sign(&doc);
+    let with = |mut body: Value| {
+        body["approval"] = json!(doc);
+        body["approval_sig"] = json!(sig);
+        body
+    };
+
+    // Refusals: none opens anything. No approval; a longer session or more connections
+    // than signed; a resource or privilege the customer did not declare.
+    let (status, v) = open_tunnel(&rig, ask.clone()).await;
+    assert_eq!(
+        (status, v["error"].as_str()),
+        (403, Some("approval_required")),
+        "{v}"
+    );
+    for (field, value, expected) in [
+        ("duration_s", json!(3600), "approval_invalid"),
+        ("max_connections", json!(5), "approval_invalid"),
+        ("resource", json!("payroll-db"), "denied_by_policy"),
+        ("privilege", json!("admin"), "denied_by_policy"),
+    ] {
+        let mut changed = ask.clone();
+        changed[field] = value;
+        let (status, v) = open_tunnel(&rig, with(changed)).await;
+        assert_eq!(
+            (status, v["error"].as_str()),
+            (403, Some(expected)),
+            "{field}: {v}"
+        );
+    }
+    assert!(tunnel_views(&rig).await.is_empty());
+
+    // Approved: bytes reach the customer's echo server and come back.
+    let (status, v) = open_tunnel(&rig, with(ask.clone())).await;
+    assert_eq!(status, 200, "{v}");
+    let opened = Instant::now();
+    let listen: std::net::SocketAddr = v["listen"].as_str().unwrap().parse().unwrap();
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut c1 = tokio::net::TcpStream::connect(listen).await.unwrap();
+    c1.write_all(b"hello through the appliance").await.unwrap();
+    let mut got = vec![0u8; 27];
+    tokio::time::timeout(Duration::from_secs(5), c1.read_exact(&mut got))
+        .await
+        .expect("echo in time")
+        .unwrap();
+    assert_eq!(&got, b"hello through the appliance");
+
+    // A second connection is over the signed maximum: closed with `limit`.
+    let mut c2 = tokio::net::TcpStream::connect(listen).await.unwrap();
+    let mut b = [0u8; 1];
+    let n = tokio::time::timeout(Duration::from_secs(5), c2.read(&mut b))
+        .await
+        .expect("closed");
+    assert!(matches!(n, Ok(0) | Err(_)), "{n:?}");
+
+    // Replay of the used approval: refused.
+    let (status, v) = open_tunnel(&rig, with(ask.clone())).await;
+    assert_eq!(
+        (status, v["error"].as_str()),
+        (403, Some("approval_replayed")),
+        "{v}"
+    );
+
+    // Traffic keeps the connection from idling (3 s) before the session's end.
+    tokio::time::sleep_until((opened + Duration::from_millis(1500)).into()).await;
+    c1.write_all(b"!").await.unwrap();
+    c1.read_exact(&mut b).await.unwrap();
+    assert_eq!(&b, b"!");
+
+    // The agent's timer ends it at 3 s: the open connection is closed, with the reason.
+    let n = tokio::time::timeout(Duration::from_secs(10), c1.read(&mut b))
+        .await
+        .expect("the tunnel closes at expiry");
+    assert!(matches!(n, Ok(0) | Err(_)), "{n:?}");
+    let lived = opened.elapsed();
+    assert!(
+        lived >= Duration::from_millis(2_500),
+        "ended early: {lived:?}"
+    );
+    let view = wait_for(Duration::from_secs(5), || async {
+        tunnel_views(&rig)
+            .await
+            .into_iter()
+            .find(|t| t["ended"].is_string() && t["connections"].as_array().unwrap().len() == 2)
+    })
+    .await
+    .expect("the broker records the reasons");
+    assert_eq!(view["ended"], "expired", "{view}");
+    let reasons: Vec<&str> = view["connections"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r.as_str().unwrap())
+        .collect();
+    assert!(
+        reasons.contains(&"limit") && reasons.contains(&"expired"),
+        "{view}"
+    );
+    // And nothing listens for it any more.
+    assert!(tokio::net::TcpStream::connect(listen).await.is_err());
+
+    // The customer's log has the whole story.
+    let log = std::fs::read_to_string(rig.state.join("audit.jsonl")).unwrap();
+    for action in [
+        "tunnel.requested",
+        "tunnel.refused",
+        "approval.consumed",
+        "session.activated",
+        "connection.closed",
+        "session.ended",
+    ] {
+        assert!(
+            log.contains(&format!("\"action\":\"{action}\"")),
+            "{action} missing"
+        );
+    }
+    assert!(log.contains("\"reason\":\"expired\""));
+}
+
+/// The customer closes the resource's phase while a tunnel is active: the agent ends
+/// it (`revoked`) within about a second, connections included.
+#[tokio::test]
+async fn the_customer_closing_the_phase_ends_an_active_tunnel() {
+    let rig = Rig::new().await;
+    let echo = echo_server().await;
+    let policy = tunnel_policy(&echo.to_string());
+    std::fs::write(rig.customer.join("policy.toml"), &policy).unwrap();
+    let v = open_ten_minutes(&rig).await;
+    let listen: std::net::SocketAddr = v["listen"].as_str().unwrap().parse().unwrap();
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut c = tokio::net::TcpStream::connect(listen).await.unwrap();
+    c.write_all(b"x").await.unwrap();
+    let mut b = [0u8; 1];
+    c.read_exact(&mut b).await.unwrap();
+
+    let closed = policy.replace(
+        "[phases.operate]\nenabled = true",
+        "[phases.operate]\nenabled = false",
+    );
+    assert_ne!(closed, policy);
+    std::fs::write(rig.customer.join("policy.toml"), closed).unwrap();
+    let t = Instant::now();
+    let n = tokio::time::timeout(Duration::from_secs(5), c.read(&mut b))
+        .await
+        .expect("the tunnel ends");
+    assert!(matches!(n, Ok(0) | Err(_)), "{n:?}");
+    eprintln!("tunnel ended {:?} after the policy change", t.elapsed());
+    let view = wait_for(Duration::from_secs(5), || async {
+        tunnel_views(&rig)
+            .await
+            .into_iter()
+            .find(|t| t["ended"].is_string())
+    })
+    .await
+    .unwrap();
+    assert_eq!(view["ended"], "revoked", "{view}");
+}
+
+/// The appliance loses its broker while a tunnel is active: the agent ends the session
+/// itself (`disconnected`) and says so in the customer's log; nothing waits for the
+/// vendor to come back.
+#[tokio::test]
+async fn losing_the_broker_ends_an_active_tunnel_on_the_appliance() {
+    let mut rig = Rig::new().await;
+    let echo = echo_server().await;
+    std::fs::write(
+        rig.customer.join("policy.toml"),
+        tunnel_policy(&echo.to_string()),
+    )
+    .unwrap();
+    open_ten_minutes(&rig).await;
+    // The broker dies (SIGKILL): no goodbye reaches the agent.
+    let _ = rig.broker.child.kill();
+    let log = rig.state.join("audit.jsonl");
+    wait_for(Duration::from_secs(20), || async {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .lines()
+            .any(|l| {
+                l.contains("\"action\":\"session.ended\"")
+                    && l.contains("\"reason\":\"disconnected\"")
+            })
+            .then_some(())
+    })
+    .await
+    .expect("the agent ends the session itself");
+    rig.agent = None;
 }

@@ -59,6 +59,8 @@ pub struct CommandRunner {
     env: Arc<HashMap<String, OsString>>,
     /// Signed operations: the customer's policy and keys decide every command.
     signed: Option<Arc<SignedOps>>,
+    /// Break-glass tunnels, decided under the same signed operations.
+    tunnels: Option<Arc<crate::tunnel::Tunnels>>,
 }
 
 impl CommandRunner {
@@ -95,14 +97,21 @@ impl CommandRunner {
             permits: Arc::new(Semaphore::new(cfg.max_concurrent_commands)),
             env,
             signed: None,
+            tunnels: None,
         }
     }
 
     /// The same runner deciding every command under signed operations.
     #[must_use]
     pub fn with_signed_ops(mut self, ops: Arc<SignedOps>) -> CommandRunner {
+        self.tunnels = Some(Arc::new(crate::tunnel::Tunnels::new(ops.clone())));
         self.signed = Some(ops);
         self
+    }
+
+    /// Break-glass tunnels (only under signed operations).
+    pub fn tunnels(&self) -> Option<&Arc<crate::tunnel::Tunnels>> {
+        self.tunnels.as_ref()
     }
 
     /// Signed operations, if this runner decides under them.

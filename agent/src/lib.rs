@@ -60,6 +60,7 @@ pub mod session;
 pub mod signed;
 pub mod supervisor;
 pub mod tls;
+pub mod tunnel;
 pub mod verifier;
 
 pub use agent::{Agent, BrokerAddr};

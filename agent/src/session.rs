@@ -13,8 +13,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use bytes::BytesMut;
 use quinn::{Connection, RecvStream, SendStream, VarInt};
 use tether_proto::{
-    AgentSession, AgentSessionConfig, CloseCode, CommandOutcome, CommandRequest, Frame,
-    FrameDecoder, GoAway, Now, ProtocolViolation,
+    AgentSession, AgentSessionConfig, CloseCode, CommandOutcome, Frame, FrameDecoder, GoAway, Now,
+    ProtocolViolation,
 };
 use tokio::sync::{broadcast, watch};
 use tokio::task::JoinSet;
@@ -372,6 +372,7 @@ impl Driver<'_> {
         if self.ctx.runner.signed_ops().is_some() {
             capabilities.push(tether_proto::capability::SIGNED_OPS.to_owned());
             capabilities.push(tether_proto::capability::MANIFEST_BACKLOG.to_owned());
+            capabilities.push(tether_proto::capability::TUNNEL.to_owned());
         }
         let t0 = now();
         AgentSession::new(
@@ -586,12 +587,32 @@ async fn serve_command(
     mut recv: RecvStream,
 ) {
     let max_frame_len = limits.own;
-    let req = match tokio::time::timeout(
+    let first = tokio::time::timeout(
         COMMAND_REQUEST_TIMEOUT,
-        read_request(&mut recv, max_frame_len),
+        read_first_frame(&mut recv, max_frame_len),
     )
-    .await
-    {
+    .await;
+    // Break glass: the same streams carry tunnels to an agent that announced `tunnel/1`.
+    let first = match (first, runner.tunnels()) {
+        (Ok(Ok(Frame::TunnelOpen(open))), Some(tunnels)) => {
+            let limit = limits.for_sending().await;
+            return tunnels.serve_open(open, send, recv, limit).await;
+        }
+        (Ok(Ok(Frame::TunnelConnect(connect))), Some(tunnels)) => {
+            let limit = limits.for_sending().await;
+            return tunnels.serve_connect(connect, send, recv, limit).await;
+        }
+        (Ok(Ok(Frame::CommandRequest(req))), _) => Ok(Ok(req)),
+        (Ok(Ok(other)), _) => Ok(Err(RequestError::Violation(
+            ProtocolViolation::UnexpectedFrame {
+                frame: other.frame_type(),
+                state: "awaiting command request",
+            },
+        ))),
+        (Ok(Err(e)), _) => Ok(Err(e)),
+        (Err(e), _) => Err(e),
+    };
+    let req = match first {
         Ok(Ok(req)) => req,
         Ok(Err(RequestError::Violation(v))) => {
             tracing::warn!(error = %v, "invalid command stream");
@@ -702,35 +723,36 @@ enum RequestError {
     Stream(String),
 }
 
-/// Read exactly one `CommandRequest` frame (bounded by `max_frame_len`).
-async fn read_request(
+/// Read exactly the first frame of a broker-opened stream (bounded by `max_frame_len`)
+/// and not one byte more: on a tunnel connection stream raw bytes follow it.
+async fn read_first_frame(
     recv: &mut RecvStream,
     max_frame_len: usize,
-) -> Result<CommandRequest, RequestError> {
-    let mut decoder = FrameDecoder::new(max_frame_len);
-    loop {
-        match decoder.poll_frame() {
-            Ok(Some(Frame::CommandRequest(req))) => return Ok(req),
-            Ok(Some(other)) => {
-                return Err(RequestError::Violation(
-                    ProtocolViolation::UnexpectedFrame {
-                        frame: other.frame_type(),
-                        state: "awaiting command request",
-                    },
-                ))
-            }
-            Ok(None) => {}
-            Err(e) => return Err(RequestError::Violation(ProtocolViolation::Decode(e))),
-        }
-        match recv.read_chunk(READ_CHUNK, true).await {
-            Ok(Some(chunk)) => decoder.push(&chunk.bytes),
-            Ok(None) => {
-                return Err(RequestError::Violation(ProtocolViolation::Decode(
-                    tether_proto::DecodeError::Truncated("command request"),
-                )))
-            }
-            Err(e) => return Err(RequestError::Stream(e.to_string())),
-        }
+) -> Result<Frame, RequestError> {
+    let truncated = || {
+        RequestError::Violation(ProtocolViolation::Decode(
+            tether_proto::DecodeError::Truncated("first frame"),
+        ))
+    };
+    let read_err = |e: quinn::ReadExactError| match e {
+        quinn::ReadExactError::FinishedEarly(_) => truncated(),
+        quinn::ReadExactError::ReadError(e) => RequestError::Stream(e.to_string()),
+    };
+    let mut buf = BytesMut::zeroed(tether_proto::FRAME_HEADER_LEN);
+    recv.read_exact(&mut buf).await.map_err(read_err)?;
+    // The header alone: refused here when `len` is zero or over the limit.
+    if let Err(e) = tether_proto::decode_frame(&mut buf.clone(), max_frame_len) {
+        return Err(RequestError::Violation(ProtocolViolation::Decode(e)));
+    }
+    let len = u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize;
+    buf.resize(tether_proto::FRAME_HEADER_LEN + len, 0);
+    recv.read_exact(&mut buf[tether_proto::FRAME_HEADER_LEN..])
+        .await
+        .map_err(read_err)?;
+    match tether_proto::decode_frame(&mut buf, max_frame_len) {
+        Ok(Some(frame)) => Ok(frame),
+        Ok(None) => Err(truncated()),
+        Err(e) => Err(RequestError::Violation(ProtocolViolation::Decode(e))),
     }
 }
 

@@ -13,6 +13,15 @@
 //!   `{"manifest": "<exact bytes>", "manifest_sig": "<armor>"}` before the final line
 //!   (`{"plan": "<document>", "approval_required": B}` for a plan), and a refusal's final
 //!   line names the reason (`approval_required`, `approval_invalid`, ...).
+//! - `POST /v1/sessions/{appliance_id}/tunnels` — break glass (agents announcing
+//!   `tunnel/1`): `{"resource", "privilege", "duration_s", "max_connections",
+//!   "idle_timeout_s", "recipient", "approval", "approval_sig", "request_id", "reason",
+//!   "plan"}`. 200 `{"session_id", "listen", "expires_at_ms"}`: the broker listens on
+//!   that loopback address, one tunnel connection per TCP connection; 200 `{"plan"}` for
+//!   a plan; 403 `{"error": "<reason>", "reason": "refused"|..., "message"}` when the
+//!   agent refused or ended it.
+//! - `GET /v1/tunnels` — the tunnels opened here: session id, appliance, listen address,
+//!   expiry, why it ended and why each connection closed.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -28,6 +37,7 @@ use tether_proto::{CommandKind, OutputStream};
 use tokio_util::sync::CancellationToken;
 
 use crate::server::{Broker, CommandError, CommandEvent, CommandSpec};
+use tether_proto::codec::Codec as _;
 
 /// Largest admin request body: 64 KiB.
 pub const MAX_BODY: usize = 64 * 1024;
@@ -116,6 +126,50 @@ impl CommandBody {
     }
 }
 
+/// Body of `POST /v1/sessions/{appliance_id}/tunnels`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TunnelBody {
+    /// The customer's name of the resource.
+    pub resource: String,
+    /// The privilege, by the customer's name.
+    pub privilege: String,
+    /// Session length from activation, in seconds.
+    pub duration_s: u32,
+    /// Most connections at once (default 1).
+    #[serde(default = "one")]
+    pub max_connections: u16,
+    /// Idle limit per connection, in seconds (default 300).
+    #[serde(default = "five_minutes")]
+    pub idle_timeout_s: u32,
+    /// The operator's one-time key the credential is sealed to (default none).
+    #[serde(default)]
+    pub recipient: String,
+    /// The customer's approval document, its exact bytes.
+    #[serde(default)]
+    pub approval: String,
+    /// Its SSHSIG armor.
+    #[serde(default)]
+    pub approval_sig: String,
+    /// The vendor's request id.
+    #[serde(default)]
+    pub request_id: String,
+    /// Why.
+    #[serde(default)]
+    pub reason: String,
+    /// Answer the approval document to sign; open nothing.
+    #[serde(default)]
+    pub plan: bool,
+}
+
+fn one() -> u16 {
+    1
+}
+
+fn five_minutes() -> u32 {
+    300
+}
+
 /// A JSON error body `{"error": code, "message": ...}`.
 fn error(status: StatusCode, code: &str, message: impl Into<String>) -> Response {
     (
@@ -132,6 +186,8 @@ pub fn router(broker: Arc<Broker>) -> Router {
         .route("/healthz", get(healthz))
         .route("/v1/sessions", get(sessions))
         .route("/v1/sessions/{appliance_id}/commands", post(command))
+        .route("/v1/sessions/{appliance_id}/tunnels", post(tunnel))
+        .route("/v1/tunnels", get(tunnels))
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .with_state(broker)
 }
@@ -290,4 +346,63 @@ async fn command(
         Body::from_stream(stream),
     )
         .into_response()
+}
+
+async fn tunnel(
+    State(b): State<Arc<Broker>>,
+    Path(appliance_id): Path<String>,
+    body: Result<Json<TunnelBody>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    let Json(body) = match body {
+        Ok(b) => b,
+        Err(e) => return error(StatusCode::BAD_REQUEST, "bad_request", e.body_text()),
+    };
+    let open = tether_proto::TunnelOpen {
+        request_id: body.request_id,
+        reason: body.reason,
+        resource: body.resource,
+        privilege: body.privilege,
+        duration_s: body.duration_s,
+        max_connections: body.max_connections,
+        idle_timeout_s: body.idle_timeout_s,
+        recipient: body.recipient,
+        approval: body.approval.into_bytes().into(),
+        approval_sig: body.approval_sig.into_bytes().into(),
+        plan_only: body.plan,
+    };
+    if let Err(e) = tether_proto::Frame::TunnelOpen(open.clone()).check() {
+        return error(StatusCode::BAD_REQUEST, "bad_request", e.to_string());
+    }
+    match b.open_tunnel(&appliance_id, open).await {
+        Ok(crate::tunnel::Opened::Ready(v)) => Json(serde_json::json!({
+            "session_id": v.session_id,
+            "listen": v.listen,
+            "expires_at_ms": v.expires_at_ms,
+        }))
+        .into_response(),
+        Ok(crate::tunnel::Opened::Plan(doc)) => Json(serde_json::json!({
+            "plan": String::from_utf8_lossy(&doc),
+        }))
+        .into_response(),
+        Ok(crate::tunnel::Opened::Ended(reason, code, message)) => (
+            StatusCode::FORBIDDEN,
+            Json(serde_json::json!({
+                "error": if code.is_empty() { reason.clone() } else { code },
+                "reason": reason,
+                "message": message,
+            })),
+        )
+            .into_response(),
+        Err(CommandError::NotConnected(id)) => error(
+            StatusCode::NOT_FOUND,
+            "not_connected",
+            format!("appliance {id} has no live session on this broker"),
+        ),
+        Err(CommandError::Invalid(m)) => error(StatusCode::BAD_REQUEST, "bad_request", m),
+        Err(e) => error(StatusCode::BAD_GATEWAY, e.code(), e.to_string()),
+    }
+}
+
+async fn tunnels(State(b): State<Arc<Broker>>) -> Json<Vec<crate::tunnel::TunnelView>> {
+    Json(b.tunnels().list())
 }

@@ -57,6 +57,7 @@ pub mod server;
 pub mod sessions;
 pub mod snapshot;
 pub mod tls;
+pub mod tunnel;
 pub mod verifier;
 
 use std::net::SocketAddr;

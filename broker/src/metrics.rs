@@ -100,6 +100,10 @@ pub struct Metrics {
     pub presence_dropped: Family<Kind, Counter>,
     /// Signed manifests re-sent by agents after a reconnect, by what became of them.
     pub manifest_backlog: Family<Kind, Counter>,
+    /// Break-glass tunnel sessions, by event (`opened`, `refused`, `ended`).
+    pub tunnels: Family<Kind, Counter>,
+    /// Break-glass tunnel connections, by why they closed.
+    pub tunnel_connections: Family<Kind, Counter>,
     /// Control mode: `notAfter` of the broker's own certificate (Unix seconds).
     pub certificate_expiry_timestamp_seconds: Gauge,
     /// Control mode: renewals of the broker's own certificate, by result.
@@ -140,6 +144,8 @@ impl Metrics {
             control_channel_errors: Family::default(),
             presence_dropped: Family::default(),
             manifest_backlog: Family::default(),
+            tunnels: Family::default(),
+            tunnel_connections: Family::default(),
             certificate_expiry_timestamp_seconds: Gauge::default(),
             certificate_renewals: Family::default(),
             registry: Registry::default(),
@@ -284,6 +290,16 @@ impl Metrics {
             self.presence_dropped.clone(),
         );
         registry.register(
+            "broker_tunnels",
+            "Break-glass tunnel sessions, by event (opened, refused, ended)",
+            self.tunnels.clone(),
+        );
+        registry.register(
+            "broker_tunnel_connections",
+            "Break-glass tunnel connections, by why they closed",
+            self.tunnel_connections.clone(),
+        );
+        registry.register(
             "broker_manifest_backlog",
             "Signed manifests agents re-sent after a reconnect, by outcome (passed_on, queue_full, invalid)",
             self.manifest_backlog.clone(),
@@ -315,6 +331,23 @@ impl Metrics {
     /// Count a dropped presence report.
     pub fn presence_dropped(&self, kind: &'static str) {
         self.presence_dropped.get_or_create(&Kind { kind }).inc();
+    }
+
+    /// Count a tunnel session event.
+    pub fn tunnel(&self, kind: &'static str) {
+        self.tunnels.get_or_create(&Kind { kind }).inc();
+    }
+
+    /// Count a tunnel connection by why it closed (an agent's reason, `finished`, or
+    /// `other`).
+    pub fn tunnel_connection(&self, reason: &str) {
+        let kind = tether_proto::TunnelCloseReason::ALL
+            .iter()
+            .map(|r| r.as_str())
+            .chain(["finished", "ended"])
+            .find(|k| *k == reason)
+            .unwrap_or("other");
+        self.tunnel_connections.get_or_create(&Kind { kind }).inc();
     }
 
     /// Count a backlog manifest by what became of it.

@@ -96,6 +96,7 @@ pub struct Broker {
     cert: Arc<CertStore>,
     presence: Presence,
     generations: Arc<Generations>,
+    tunnels: Arc<crate::tunnel::TunnelTable>,
 }
 
 /// Everything a broker is built from besides its configuration. [`Broker::bind`] fills it
@@ -343,6 +344,7 @@ impl Broker {
             metrics,
             draining: CancellationToken::new(),
             command_ids: AtomicU64::new(1),
+            tunnels: Arc::default(),
             cert,
             presence,
             generations,
@@ -992,6 +994,38 @@ impl Broker {
         self.metrics.protocol_error(kind);
         warn!(kind, detail, "protocol violation: closing connection");
         close(conn, CloseCode::ProtocolError, &self.metrics);
+    }
+
+    /// The break-glass tunnels opened through this broker.
+    pub fn tunnels(&self) -> &Arc<crate::tunnel::TunnelTable> {
+        &self.tunnels
+    }
+
+    /// Open a break-glass tunnel session on `appliance`'s connection (the agent decides;
+    /// see [`crate::tunnel`]).
+    pub async fn open_tunnel(
+        self: &Arc<Self>,
+        appliance: &str,
+        open: tether_proto::TunnelOpen,
+    ) -> Result<crate::tunnel::Opened, CommandError> {
+        let session = self
+            .sessions
+            .get(appliance)
+            .ok_or_else(|| CommandError::NotConnected(appliance.to_owned()))?;
+        if !session.has_capability(tether_proto::capability::TUNNEL) {
+            return Err(CommandError::Invalid(format!(
+                "appliance {appliance} does not announce tunnel/1: it opens no tunnels"
+            )));
+        }
+        crate::tunnel::open(
+            session,
+            open,
+            self.tunnels.clone(),
+            self.metrics.clone(),
+            self.config.session.max_frame_len,
+        )
+        .await
+        .map_err(|e| CommandError::ConnectionLost(e.to_string()))
     }
 
     /// Run a command on a connected appliance. Events arrive on the returned channel; the

@@ -32,8 +32,21 @@ pub const SIGNED_OPS: &str = "signed-ops/1";
 /// agent announces it together with [`SIGNED_OPS`].
 pub const MANIFEST_BACKLOG: &str = "manifest-backlog/1";
 
+/// The agent opens customer-approved break-glass tunnels (docs/PROTOCOL.md §12): the
+/// broker may open session-control streams (`TunnelOpen`) and connection streams
+/// (`TunnelConnect`) to it. Announced with [`SIGNED_OPS`]: a tunnel never opens without
+/// a customer's approval.
+pub const TUNNEL: &str = "tunnel/1";
+
 /// Every capability this crate defines, in the order the reference agent announces them.
-pub const ALL: [&str; 5] = [EXEC, SHELL, MAX_FRAME_LEN, SIGNED_OPS, MANIFEST_BACKLOG];
+pub const ALL: [&str; 6] = [
+    EXEC,
+    SHELL,
+    MAX_FRAME_LEN,
+    SIGNED_OPS,
+    MANIFEST_BACKLOG,
+    TUNNEL,
+];
 
 /// What the reference broker lists in `Welcome.capabilities` (to agents that announced
 /// [`MANIFEST_BACKLOG`]).

@@ -6,6 +6,10 @@
 
 use bytes::{Buf, BufMut, Bytes};
 
+use crate::tunnel::{
+    TunnelConnect, TunnelConnected, TunnelEnded, TunnelOpen, TunnelPlan, TunnelReady,
+};
+
 use crate::codec::{
     check_count, check_str, get, get_bytes, get_count, get_str, put_str, Codec, DecodeError,
     EncodeError, DEFAULT_MAX_FRAME_LEN, MIN_MAX_FRAME_LEN,
@@ -70,6 +74,18 @@ pub enum FrameType {
     ManifestBacklog = 0x15,
     /// [`ManifestAck`] (capability `manifest-backlog/1`, session stream)
     ManifestAck = 0x16,
+    /// [`TunnelOpen`] (capability `tunnel/1`)
+    TunnelOpen = 0x20,
+    /// [`TunnelReady`] (capability `tunnel/1`)
+    TunnelReady = 0x21,
+    /// [`TunnelPlan`] (capability `tunnel/1`)
+    TunnelPlan = 0x22,
+    /// [`TunnelEnded`] (capability `tunnel/1`)
+    TunnelEnded = 0x23,
+    /// [`TunnelConnect`] (capability `tunnel/1`)
+    TunnelConnect = 0x24,
+    /// [`TunnelConnected`] (capability `tunnel/1`)
+    TunnelConnected = 0x25,
 }
 
 impl FrameType {
@@ -89,6 +105,12 @@ impl FrameType {
             0x14 => FrameType::CommandPlan,
             0x15 => FrameType::ManifestBacklog,
             0x16 => FrameType::ManifestAck,
+            0x20 => FrameType::TunnelOpen,
+            0x21 => FrameType::TunnelReady,
+            0x22 => FrameType::TunnelPlan,
+            0x23 => FrameType::TunnelEnded,
+            0x24 => FrameType::TunnelConnect,
+            0x25 => FrameType::TunnelConnected,
             _ => return None,
         })
     }
@@ -124,6 +146,18 @@ pub enum Frame {
     ManifestBacklog(ManifestBacklog),
     /// Broker → agent, on the session stream: a `ManifestBacklog` was passed on.
     ManifestAck(ManifestAck),
+    /// Broker → agent, first frame of a tunnel's session-control stream.
+    TunnelOpen(TunnelOpen),
+    /// Agent → broker: the tunnel session is active.
+    TunnelReady(TunnelReady),
+    /// Agent → broker: the approval document a tunnel needs.
+    TunnelPlan(TunnelPlan),
+    /// Agent → broker: the tunnel session ended (or never opened).
+    TunnelEnded(TunnelEnded),
+    /// Broker → agent, first frame of a tunnel connection stream.
+    TunnelConnect(TunnelConnect),
+    /// Agent → broker: the target accepted; raw bytes follow.
+    TunnelConnected(TunnelConnected),
 }
 
 impl Frame {
@@ -143,6 +177,12 @@ impl Frame {
             Frame::CommandPlan(_) => FrameType::CommandPlan,
             Frame::ManifestBacklog(_) => FrameType::ManifestBacklog,
             Frame::ManifestAck(_) => FrameType::ManifestAck,
+            Frame::TunnelOpen(_) => FrameType::TunnelOpen,
+            Frame::TunnelReady(_) => FrameType::TunnelReady,
+            Frame::TunnelPlan(_) => FrameType::TunnelPlan,
+            Frame::TunnelEnded(_) => FrameType::TunnelEnded,
+            Frame::TunnelConnect(_) => FrameType::TunnelConnect,
+            Frame::TunnelConnected(_) => FrameType::TunnelConnected,
         }
     }
 }
@@ -165,6 +205,12 @@ impl Codec for Frame {
             FrameType::CommandPlan => Frame::CommandPlan(CommandPlan::decode(buf)?),
             FrameType::ManifestBacklog => Frame::ManifestBacklog(ManifestBacklog::decode(buf)?),
             FrameType::ManifestAck => Frame::ManifestAck(ManifestAck::decode(buf)?),
+            FrameType::TunnelOpen => Frame::TunnelOpen(TunnelOpen::decode(buf)?),
+            FrameType::TunnelReady => Frame::TunnelReady(TunnelReady::decode(buf)?),
+            FrameType::TunnelPlan => Frame::TunnelPlan(TunnelPlan::decode(buf)?),
+            FrameType::TunnelEnded => Frame::TunnelEnded(TunnelEnded::decode(buf)?),
+            FrameType::TunnelConnect => Frame::TunnelConnect(TunnelConnect::decode(buf)?),
+            FrameType::TunnelConnected => Frame::TunnelConnected(TunnelConnected::decode(buf)?),
         })
     }
 
@@ -184,6 +230,12 @@ impl Codec for Frame {
             Frame::CommandPlan(f) => f.encode(buf),
             Frame::ManifestBacklog(f) => f.encode(buf),
             Frame::ManifestAck(f) => f.encode(buf),
+            Frame::TunnelOpen(f) => f.encode(buf),
+            Frame::TunnelReady(f) => f.encode(buf),
+            Frame::TunnelPlan(f) => f.encode(buf),
+            Frame::TunnelEnded(f) => f.encode(buf),
+            Frame::TunnelConnect(f) => f.encode(buf),
+            Frame::TunnelConnected(f) => f.encode(buf),
         }
     }
 
@@ -202,6 +254,12 @@ impl Codec for Frame {
             Frame::CommandPlan(f) => f.check(),
             Frame::ManifestBacklog(f) => f.check(),
             Frame::ManifestAck(f) => f.check(),
+            Frame::TunnelOpen(f) => f.check(),
+            Frame::TunnelReady(f) => f.check(),
+            Frame::TunnelPlan(f) => f.check(),
+            Frame::TunnelEnded(f) => f.check(),
+            Frame::TunnelConnect(f) => f.check(),
+            Frame::TunnelConnected(f) => f.check(),
         }
     }
 }
@@ -658,14 +716,14 @@ pub const MAX_APPROVAL_SIG_LEN: usize = 4 * 1024;
 /// Longest manifest carried, in bytes.
 pub const MAX_MANIFEST_LEN: usize = 64 * 1024;
 
-fn check_len(len: usize, field: &'static str, max: usize) -> Result<(), EncodeError> {
+pub(crate) fn check_len(len: usize, field: &'static str, max: usize) -> Result<(), EncodeError> {
     if len > max {
         return Err(EncodeError::TooLong { field, len, max });
     }
     Ok(())
 }
 
-fn get_bytes_max<B: Buf>(
+pub(crate) fn get_bytes_max<B: Buf>(
     buf: &mut B,
     field: &'static str,
     max: usize,
@@ -681,7 +739,7 @@ fn get_bytes_max<B: Buf>(
     Ok(b)
 }
 
-fn put_bytes<B: BufMut>(buf: &mut B, b: &[u8]) {
+pub(crate) fn put_bytes<B: BufMut>(buf: &mut B, b: &[u8]) {
     buf.put_u32(u32::try_from(b.len()).unwrap_or(u32::MAX));
     buf.put_slice(b);
 }

@@ -33,8 +33,10 @@ pub mod close;
 pub mod cluster;
 pub mod codec;
 pub mod failure;
+#[macro_use]
 pub mod frame;
 pub mod session;
+pub mod tunnel;
 
 pub use close::CloseCode;
 pub use codec::{
@@ -50,6 +52,10 @@ pub use frame::{
 pub use session::{
     AgentEvent, AgentSession, AgentSessionConfig, BrokerEvent, BrokerSession, BrokerSessionConfig,
     Now, ProtocolViolation,
+};
+pub use tunnel::{
+    TunnelCloseReason, TunnelConnect, TunnelConnected, TunnelEnded, TunnelOpen, TunnelPlan,
+    TunnelReady,
 };
 
 /// The protocol version carried in [`Hello`] and [`Welcome`].

@@ -243,8 +243,55 @@ fn any_frame() -> impl Strategy<Value = Frame> {
         command_manifest().prop_map(Frame::CommandManifest),
         command_plan().prop_map(Frame::CommandPlan),
         manifest_backlog().prop_map(Frame::ManifestBacklog),
+        tunnel_open().prop_map(Frame::TunnelOpen),
+        (any::<u64>(), any::<i64>(), blob(512)).prop_map(
+            |(session_id, expires_at_ms, sealed_credential)| {
+                Frame::TunnelReady(tether_proto::TunnelReady {
+                    session_id,
+                    expires_at_ms,
+                    sealed_credential,
+                })
+            }
+        ),
+        blob(2048).prop_map(|document| Frame::TunnelPlan(tether_proto::TunnelPlan { document })),
+        (
+            proptest::sample::select(tether_proto::TunnelCloseReason::ALL.to_vec()),
+            "[a-z_]{0,20}",
+            ".{0,40}"
+        )
+            .prop_map(|(reason, code, message)| {
+                Frame::TunnelEnded(tether_proto::TunnelEnded {
+                    reason,
+                    code,
+                    message,
+                })
+            }),
+        any::<u64>().prop_map(
+            |session_id| Frame::TunnelConnect(tether_proto::TunnelConnect { session_id })
+        ),
+        any::<u64>().prop_map(
+            |session_id| Frame::TunnelConnected(tether_proto::TunnelConnected { session_id })
+        ),
         any::<u64>().prop_map(|seq| Frame::ManifestAck(tether_proto::ManifestAck { seq })),
     ]
+}
+
+prop_compose! {
+    fn tunnel_open()(
+        request_id in "[a-z0-9-]{0,20}",
+        reason in ".{0,40}",
+        resource in "[a-z0-9_-]{0,20}",
+        privilege in "[a-z0-9_-]{0,20}",
+        duration_s in any::<u32>(),
+        max_connections in any::<u16>(),
+        idle_timeout_s in any::<u32>(),
+        recipient in "[a-z0-9]{0,40}",
+        approval in blob(1024),
+        approval_sig in blob(256),
+        plan_only in any::<bool>(),
+    ) -> tether_proto::TunnelOpen {
+        tether_proto::TunnelOpen { request_id, reason, resource, privilege, duration_s, max_connections, idle_timeout_s, recipient, approval, approval_sig, plan_only }
+    }
 }
 
 prop_compose! {

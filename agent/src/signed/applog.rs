@@ -27,6 +27,17 @@ pub mod action {
     pub const COMMAND_REFUSED: &str = "command.refused";
     /// A command's signed manifest.
     pub const COMMAND_MANIFEST: &str = "command.manifest";
+    /// A break-glass tunnel was asked for; details: resource, privilege, request id.
+    pub const TUNNEL_REQUESTED: &str = "tunnel.requested";
+    /// A tunnel was refused; details: the reason code.
+    pub const TUNNEL_REFUSED: &str = "tunnel.refused";
+    /// A tunnel session became active (written before the vendor is told); details:
+    /// session id, target, pinned addresses, expiry.
+    pub const SESSION_ACTIVATED: &str = "session.activated";
+    /// A tunnel connection closed; details: bytes each way, duration, reason.
+    pub const CONNECTION_CLOSED: &str = "connection.closed";
+    /// A tunnel session ended; details: the reason.
+    pub const SESSION_ENDED: &str = "session.ended";
 }
 
 /// An open log and its head.

@@ -25,6 +25,7 @@ pub mod applog;
 pub mod customer;
 pub mod lockdown;
 pub mod spool;
+pub mod tunnel;
 
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -438,6 +439,25 @@ impl SignedOps {
             &policy.limits,
             now,
         )?;
+        self.consume(&verified, &ext.request_id, policy, now)?;
+        Ok(manifest::ApprovalRef {
+            sha256: verified.sha256,
+            approval_id: verified.approval_id,
+            signer: verified.signer,
+        })
+    }
+
+    /// Single use (design §1.6) for an approval that passed every other check: refused
+    /// if its id was seen or ends at or before the pruning horizon; else recorded —
+    /// `approval.consumed` fsynced in the audit log, then the ledger — under the lock
+    /// that checked it, before anything it allows starts.
+    fn consume(
+        &self,
+        verified: &approval::Verified,
+        request_id: &str,
+        policy: &policy::Policy,
+        now: i64,
+    ) -> Result<(), Refusal> {
         let mut st = self.state();
         let skew = i64::try_from(policy.limits.clock_skew.as_millis()).unwrap_or(i64::MAX);
         st.ledger.prune(now, skew);
@@ -446,7 +466,7 @@ impl SignedOps {
         let event = AuditEvent::success(
             agent_actor(&self.appliance.id),
             action::APPROVAL_CONSUMED,
-            &ext.request_id,
+            request_id,
         )
         .with("approval_id", verified.approval_id.clone())
         .with("not_after_ms", verified.not_after_ms)
@@ -462,11 +482,7 @@ impl SignedOps {
         };
         st.ledger
             .record(&verified.approval_id, verified.not_after_ms);
-        Ok(manifest::ApprovalRef {
-            sha256: verified.sha256,
-            approval_id: verified.approval_id,
-            signer: verified.signer,
-        })
+        Ok(())
     }
 
     /// Append `event`, or `audit_unavailable`.

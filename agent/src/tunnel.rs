@@ -1,0 +1,492 @@
+//! Break-glass tunnels on the appliance (customer-trust design §3, docs/PROTOCOL.md §12).
+//!
+//! A session-control stream (`TunnelOpen`) is admitted by [`SignedOps::admit_tunnel`]
+//! (the customer's approval re-derived from the customer's own policy, used once). The
+//! target's addresses are resolved once, at activation, and pinned: connections never
+//! re-resolve, so a re-pointed DNS name cannot redirect them. Time lives here: the
+//! session ends at activation + the approved duration (capped by policy) by this agent's
+//! own timer, whatever the vendor does; it also ends when the customer's policy stops
+//! allowing it (re-checked four times a second), when the vendor closes the
+//! session-control stream, or when that stream is lost with the connection.
+//!
+//! Each connection stream (`TunnelConnect`) dials the pinned addresses and copies bytes
+//! both ways, half-close included (QUIC stream flow control is the back-pressure). Every
+//! close carries its reason as the stream's reset code ([`TunnelCloseReason`]).
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::BytesMut;
+use quinn::{RecvStream, SendStream, VarInt};
+use tether_ops::Phase;
+use tether_proto::{
+    Frame, TunnelCloseReason, TunnelConnect, TunnelConnected, TunnelEnded, TunnelOpen, TunnelPlan,
+    TunnelReady,
+};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::signed::applog::action;
+use crate::signed::tunnel::TunnelDecision;
+use crate::signed::{now_ms, SignedOps};
+
+/// How often a live session re-asks the customer's files.
+pub const POLICY_CHECK_EVERY: Duration = Duration::from_millis(250);
+/// How long resolving the target may take at activation.
+pub const RESOLVE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long dialing the target may take.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Bytes read at a time from either side of a connection.
+const CHUNK: usize = 16 * 1024;
+
+/// One active session.
+#[derive(Debug)]
+struct Session {
+    request_id: String,
+    resource: String,
+    privilege: String,
+    phase: Phase,
+    max_connections: u32,
+    idle: Duration,
+    pinned: Vec<SocketAddr>,
+    open: AtomicU32,
+    connections: AtomicU64,
+    /// Fired when the session ends; connections then close with `reason`.
+    end: CancellationToken,
+    reason: Mutex<Option<TunnelCloseReason>>,
+}
+
+impl Session {
+    fn end_with(&self, reason: TunnelCloseReason) {
+        self.reason
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get_or_insert(reason);
+        self.end.cancel();
+    }
+
+    fn reason(&self) -> TunnelCloseReason {
+        self.reason
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .unwrap_or(TunnelCloseReason::Closed)
+    }
+}
+
+/// A listed session (`tether-agent session list` reads the audit log; this is the live
+/// view for tests and logs).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SessionView {
+    /// The session id.
+    pub id: u64,
+    /// The resource.
+    pub resource: String,
+    /// The privilege.
+    pub privilege: String,
+    /// Connections open now.
+    pub open: u32,
+}
+
+/// The appliance's tunnel sessions.
+#[derive(Debug)]
+pub struct Tunnels {
+    ops: Arc<SignedOps>,
+    sessions: Mutex<HashMap<u64, Arc<Session>>>,
+}
+
+impl Tunnels {
+    /// Tunnels decided under `ops`.
+    pub fn new(ops: Arc<SignedOps>) -> Tunnels {
+        Tunnels {
+            ops,
+            sessions: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn get(&self, id: u64) -> Option<Arc<Session>> {
+        self.sessions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&id)
+            .cloned()
+    }
+
+    /// The live sessions.
+    pub fn list(&self) -> Vec<SessionView> {
+        let mut v: Vec<SessionView> = self
+            .sessions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|(id, s)| SessionView {
+                id: *id,
+                resource: s.resource.clone(),
+                privilege: s.privilege.clone(),
+                open: s.open.load(Ordering::Relaxed),
+            })
+            .collect();
+        v.sort_by_key(|s| s.id);
+        v
+    }
+
+    /// End every session (the agent is shutting down).
+    pub fn end_all(&self, reason: TunnelCloseReason) {
+        for s in self
+            .sessions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+        {
+            s.end_with(reason);
+        }
+    }
+
+    /// Serve a session-control stream whose `TunnelOpen` was read: decide it, and if
+    /// admitted keep the session until it ends, then say why.
+    pub async fn serve_open(
+        &self,
+        open: TunnelOpen,
+        mut send: SendStream,
+        mut recv: RecvStream,
+        limit: usize,
+    ) {
+        let decision = {
+            let ops = self.ops.clone();
+            let open = open.clone();
+            tokio::task::spawn_blocking(move || ops.admit_tunnel(&open)).await
+        };
+        let verified = match decision {
+            Ok(Ok(TunnelDecision::Open(v))) => v,
+            Ok(Ok(TunnelDecision::Plan(document))) => {
+                let frame = Frame::TunnelPlan(TunnelPlan {
+                    document: document.into(),
+                });
+                let _ = write_frame(&mut send, &frame, limit).await;
+                let _ = send.finish();
+                return;
+            }
+            Ok(Err(refusal)) => {
+                tracing::warn!(code = %refusal.code, detail = %refusal.detail, resource = %open.resource, "tunnel refused by the customer's rules");
+                ended(
+                    &mut send,
+                    TunnelCloseReason::Refused,
+                    refusal.code.name(),
+                    &refusal.detail,
+                    limit,
+                )
+                .await;
+                return;
+            }
+            Err(e) => {
+                ended(
+                    &mut send,
+                    TunnelCloseReason::Refused,
+                    "internal",
+                    &e.to_string(),
+                    limit,
+                )
+                .await;
+                return;
+            }
+        };
+        let target = verified.break_glass.target.clone();
+        // Resolved once, here, and pinned for the session's life.
+        let pinned: Vec<SocketAddr> =
+            match tokio::time::timeout(RESOLVE_TIMEOUT, tokio::net::lookup_host(&target)).await {
+                Ok(Ok(addrs)) => addrs.collect(),
+                _ => Vec::new(),
+            };
+        let id = loop {
+            let id = fastrand::u64(1..);
+            if self.get(id).is_none() {
+                break id;
+            }
+        };
+        if pinned.is_empty() {
+            self.ops.log_tunnel(
+                action::SESSION_ENDED,
+                &open.request_id,
+                &[
+                    ("session_id", id.to_string()),
+                    ("reason", TunnelCloseReason::TargetUnreachable.to_string()),
+                ],
+            );
+            ended(
+                &mut send,
+                TunnelCloseReason::TargetUnreachable,
+                "",
+                &format!("cannot resolve {target}"),
+                limit,
+            )
+            .await;
+            return;
+        }
+        let duration_ms = i64::try_from(verified.duration.as_millis()).unwrap_or(i64::MAX);
+        let expires_at_ms = now_ms().saturating_add(duration_ms);
+        let expires_at = Instant::now() + verified.duration;
+        let session = Arc::new(Session {
+            request_id: open.request_id.clone(),
+            resource: verified.break_glass.resource.clone(),
+            privilege: verified.break_glass.privilege.clone(),
+            phase: verified.phase,
+            max_connections: verified.break_glass.max_connections,
+            idle: Duration::from_secs(verified.break_glass.idle_timeout_s),
+            pinned: pinned.clone(),
+            open: AtomicU32::new(0),
+            connections: AtomicU64::new(0),
+            end: CancellationToken::new(),
+            reason: Mutex::new(None),
+        });
+        self.ops.log_tunnel(
+            action::SESSION_ACTIVATED,
+            &open.request_id,
+            &[
+                ("session_id", id.to_string()),
+                ("resource", session.resource.clone()),
+                ("privilege", session.privilege.clone()),
+                ("target", target.clone()),
+                (
+                    "pinned",
+                    pinned
+                        .iter()
+                        .map(ToString::to_string)
+                        .collect::<Vec<_>>()
+                        .join(","),
+                ),
+                ("expires_at_ms", expires_at_ms.to_string()),
+                ("approval_id", verified.approval.approval_id.clone()),
+                ("capped", verified.capped.to_string()),
+            ],
+        );
+        self.sessions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id, session.clone());
+        tracing::info!(session_id = id, resource = %session.resource, privilege = %session.privilege, %target, ?pinned, duration_s = verified.duration.as_secs(), "tunnel session active");
+        let ready = Frame::TunnelReady(TunnelReady {
+            session_id: id,
+            expires_at_ms,
+            sealed_credential: bytes::Bytes::new(),
+        });
+        if write_frame(&mut send, &ready, limit).await.is_err() {
+            session.end_with(TunnelCloseReason::Disconnected);
+        }
+
+        let reason = self.live(&session, expires_at, &mut recv).await;
+        session.end_with(reason);
+        let reason = session.reason();
+        self.sessions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&id);
+        tracing::info!(session_id = id, %reason, "tunnel session ended");
+        self.ops.log_tunnel(
+            action::SESSION_ENDED,
+            &session.request_id,
+            &[
+                ("session_id", id.to_string()),
+                ("reason", reason.to_string()),
+                (
+                    "connections",
+                    session.connections.load(Ordering::Relaxed).to_string(),
+                ),
+            ],
+        );
+        ended(&mut send, reason, "", "", limit).await;
+    }
+
+    /// Wait for the session's end; its reason.
+    async fn live(
+        &self,
+        session: &Session,
+        expires_at: Instant,
+        recv: &mut RecvStream,
+    ) -> TunnelCloseReason {
+        let mut check = tokio::time::interval(POLICY_CHECK_EVERY);
+        check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut buf = [0u8; 64];
+        loop {
+            tokio::select! {
+                _ = session.end.cancelled() => return session.reason(),
+                _ = tokio::time::sleep_until(expires_at) => return TunnelCloseReason::Expired,
+                _ = check.tick() => {
+                    let ops = self.ops.clone();
+                    let (r, p, ph) = (session.resource.clone(), session.privilege.clone(), session.phase);
+                    let allowed = tokio::task::spawn_blocking(move || ops.tunnel_allowed(&r, &p, ph))
+                        .await
+                        .unwrap_or(false);
+                    if !allowed {
+                        return TunnelCloseReason::Revoked;
+                    }
+                }
+                r = recv.read(&mut buf) => match r {
+                    // Nothing more is expected from the vendor on this stream.
+                    Ok(Some(_)) => {}
+                    Ok(None) => return TunnelCloseReason::Closed,
+                    Err(_) => return TunnelCloseReason::Disconnected,
+                },
+            }
+        }
+    }
+
+    /// Serve a connection stream whose `TunnelConnect` was read.
+    pub async fn serve_connect(
+        &self,
+        connect: TunnelConnect,
+        mut send: SendStream,
+        mut recv: RecvStream,
+        limit: usize,
+    ) {
+        let refuse = |send: &mut SendStream, recv: &mut RecvStream, r: TunnelCloseReason| {
+            let code = VarInt::from_u32(r as u32);
+            let _ = send.reset(code);
+            let _ = recv.stop(code);
+        };
+        let Some(session) = self
+            .get(connect.session_id)
+            .filter(|s| !s.end.is_cancelled())
+        else {
+            return refuse(&mut send, &mut recv, TunnelCloseReason::NotActive);
+        };
+        if session.open.fetch_add(1, Ordering::AcqRel) >= session.max_connections {
+            session.open.fetch_sub(1, Ordering::AcqRel);
+            return refuse(&mut send, &mut recv, TunnelCloseReason::Limit);
+        }
+        let n = session.connections.fetch_add(1, Ordering::Relaxed) + 1;
+        let started = Instant::now();
+        let tcp = match tokio::time::timeout(
+            CONNECT_TIMEOUT,
+            tokio::net::TcpStream::connect(&session.pinned[..]),
+        )
+        .await
+        {
+            Ok(Ok(tcp)) => tcp,
+            _ => {
+                session.open.fetch_sub(1, Ordering::AcqRel);
+                return refuse(&mut send, &mut recv, TunnelCloseReason::TargetUnreachable);
+            }
+        };
+        let _ = tcp.set_nodelay(true);
+        let connected = Frame::TunnelConnected(TunnelConnected {
+            session_id: connect.session_id,
+        });
+        let (up, down, reason) = if write_frame(&mut send, &connected, limit).await.is_ok() {
+            splice(tcp, &mut send, &mut recv, &session).await
+        } else {
+            (0, 0, Some(TunnelCloseReason::Disconnected))
+        };
+        session.open.fetch_sub(1, Ordering::AcqRel);
+        let reason_name = reason.map_or("finished", TunnelCloseReason::as_str);
+        self.ops.log_tunnel(
+            action::CONNECTION_CLOSED,
+            &session.request_id,
+            &[
+                ("session_id", connect.session_id.to_string()),
+                ("n", n.to_string()),
+                ("bytes_up", up.to_string()),
+                ("bytes_down", down.to_string()),
+                ("duration_ms", started.elapsed().as_millis().to_string()),
+                ("reason", reason_name.to_owned()),
+            ],
+        );
+    }
+}
+
+/// Copy bytes both ways between the target and the stream until both directions are
+/// closed (`None`), or until the connection idles or its session ends (the reason, sent
+/// as the reset code). Returns (bytes to the vendor, bytes to the target, reason).
+async fn splice(
+    tcp: tokio::net::TcpStream,
+    send: &mut SendStream,
+    recv: &mut RecvStream,
+    session: &Session,
+) -> (u64, u64, Option<TunnelCloseReason>) {
+    let (mut tr, mut tw) = tcp.into_split();
+    let mut from_target = vec![0u8; CHUNK];
+    let mut from_vendor = vec![0u8; CHUNK];
+    let (mut up, mut down) = (0u64, 0u64);
+    let (mut target_open, mut vendor_open) = (true, true);
+    let mut last = Instant::now();
+    let close = |send: &mut SendStream, recv: &mut RecvStream, r: TunnelCloseReason| {
+        let code = VarInt::from_u32(r as u32);
+        let _ = send.reset(code);
+        let _ = recv.stop(code);
+    };
+    loop {
+        if !target_open && !vendor_open {
+            return (up, down, None);
+        }
+        tokio::select! {
+            r = tr.read(&mut from_target), if target_open => match r {
+                Ok(0) => {
+                    // Half-close: the target finished sending.
+                    let _ = send.finish();
+                    target_open = false;
+                }
+                Ok(n) => {
+                    if send.write_all(&from_target[..n]).await.is_err() {
+                        return (up, down, Some(TunnelCloseReason::Disconnected));
+                    }
+                    up += n as u64;
+                    last = Instant::now();
+                }
+                Err(_) => {
+                    close(send, recv, TunnelCloseReason::TargetUnreachable);
+                    return (up, down, Some(TunnelCloseReason::TargetUnreachable));
+                }
+            },
+            r = recv.read(&mut from_vendor), if vendor_open => match r {
+                Ok(None) => {
+                    let _ = tw.shutdown().await;
+                    vendor_open = false;
+                }
+                Ok(Some(n)) => {
+                    if tw.write_all(&from_vendor[..n]).await.is_err() {
+                        close(send, recv, TunnelCloseReason::TargetUnreachable);
+                        return (up, down, Some(TunnelCloseReason::TargetUnreachable));
+                    }
+                    down += n as u64;
+                    last = Instant::now();
+                }
+                Err(_) => return (up, down, Some(TunnelCloseReason::Disconnected)),
+            },
+            _ = tokio::time::sleep_until(last + session.idle) => {
+                close(send, recv, TunnelCloseReason::Idle);
+                return (up, down, Some(TunnelCloseReason::Idle));
+            }
+            _ = session.end.cancelled() => {
+                let r = session.reason();
+                close(send, recv, r);
+                return (up, down, Some(r));
+            }
+        }
+    }
+}
+
+async fn write_frame(send: &mut SendStream, frame: &Frame, limit: usize) -> std::io::Result<()> {
+    let mut buf = BytesMut::new();
+    tether_proto::encode_frame(frame, &mut buf, limit).map_err(std::io::Error::other)?;
+    send.write_all(&buf).await.map_err(std::io::Error::from)
+}
+
+/// The last frame of a session-control stream, then FIN (best effort: the stream may be
+/// gone with the connection).
+async fn ended(
+    send: &mut SendStream,
+    reason: TunnelCloseReason,
+    code: &str,
+    message: &str,
+    limit: usize,
+) {
+    let frame = Frame::TunnelEnded(TunnelEnded {
+        reason,
+        code: code.to_owned(),
+        message: tether_audit::clip(message, tether_proto::frame::MAX_MESSAGE_LEN - 64).into(),
+    });
+    let _ = write_frame(send, &frame, limit).await;
+    let _ = send.finish();
+}
