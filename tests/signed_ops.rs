@@ -1447,3 +1447,173 @@ async fn losing_the_broker_ends_an_active_tunnel_on_the_appliance() {
     .expect("the agent ends the session itself");
     rig.agent = None;
 }
+
+/// The customer sees the active session on the appliance and ends it there
+/// (`tether-agent session list|end`): the vendor's connection closes `customer_ended`.
+#[tokio::test]
+async fn the_customer_lists_and_ends_a_tunnel_on_the_appliance() {
+    let rig = Rig::new().await;
+    let echo = echo_server().await;
+    std::fs::write(
+        rig.customer.join("policy.toml"),
+        tunnel_policy(&echo.to_string()),
+    )
+    .unwrap();
+    let v = open_ten_minutes(&rig).await;
+    let id = v["session_id"].as_u64().unwrap();
+    let listen: std::net::SocketAddr = v["listen"].as_str().unwrap().parse().unwrap();
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut c = tokio::net::TcpStream::connect(listen).await.unwrap();
+    c.write_all(b"x").await.unwrap();
+    let mut b = [0u8; 1];
+    c.read_exact(&mut b).await.unwrap();
+
+    let agent = |args: &[&str]| {
+        let out = Command::new(bin("tether-agent"))
+            .args(args)
+            .arg("--state-dir")
+            .arg(&rig.state)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let listed = agent(&["session", "list"]);
+    assert!(
+        listed.contains(&id.to_string()) && listed.contains("echo/rw"),
+        "{listed}"
+    );
+    agent(&["session", "end", &id.to_string()]);
+    let n = tokio::time::timeout(Duration::from_secs(5), c.read(&mut b))
+        .await
+        .expect("the connection closes");
+    assert!(matches!(n, Ok(0) | Err(_)), "{n:?}");
+    let view = wait_for(Duration::from_secs(5), || async {
+        tunnel_views(&rig)
+            .await
+            .into_iter()
+            .find(|t| t["ended"].is_string() && !t["connections"].as_array().unwrap().is_empty())
+    })
+    .await
+    .unwrap();
+    assert_eq!(view["ended"], "customer_ended", "{view}");
+    assert_eq!(view["connections"][0], "customer_ended", "{view}");
+    assert!(agent(&["session", "list"]).contains("no active break-glass session"));
+}
+
+/// The one-time credential: minted by the customer's command as the phase's user, sealed
+/// to the operator's one-time key named in the signed approval (nobody else opens it, and
+/// the secret is in no log), revoked when the session ends, and revoked after a `kill -9`
+/// of the agent when it starts again.
+#[tokio::test]
+async fn a_tunnel_credential_is_sealed_to_the_operator_and_revoked_even_after_a_crash() {
+    use base64::Engine as _;
+    let mut rig = Rig::new().await;
+    let echo = echo_server().await;
+    let secret = format!("s3cr3t-{}", tether_ops::approval::new_approval_id());
+    let bin_dir = rig.root().join("bin");
+    std::fs::create_dir(&bin_dir).unwrap();
+    chmod(&bin_dir, 0o755);
+    let marker = rig.canary("revoked");
+    let mint = bin_dir.join("mint");
+    std::fs::write(
+        &mint,
+        format!("#!/bin/sh\nprintf '{{\"credential_id\":\"cred-%s\",\"secret\":\"{secret}\",\"ttl\":\"%s\"}}' \"$2\" \"$1\"\necho \"{secret}\" >&2\n"),
+    )
+    .unwrap();
+    let revoke = bin_dir.join("revoke");
+    std::fs::write(
+        &revoke,
+        format!("#!/bin/sh\necho \"$1\" >> {}\n", marker.display()),
+    )
+    .unwrap();
+    for f in [&mint, &revoke] {
+        chmod(f, 0o755);
+    }
+    let policy = format!(
+        "{POLICY}\n[[resource]]\nname = \"echo\"\ntarget = \"{echo}\"\n[resource.privilege.rw]\nmint = {{ argv = [\"{}\", \"{{duration_s}}\", \"{{session_id}}\"], deadline_ms = 5000 }}\nrevoke = {{ argv = [\"{}\", \"{{credential_id}}\"], deadline_ms = 5000 }}\n",
+        mint.display(),
+        revoke.display()
+    );
+    std::fs::write(rig.customer.join("policy.toml"), policy).unwrap();
+
+    let operator = age::x25519::Identity::generate();
+    let recipient = operator.to_public().to_string();
+    let open = |duration_s: u64| {
+        let (rig, mint, recipient) = (&rig, &mint, recipient.clone());
+        async move {
+            let ask = json!({"resource": "echo", "privilege": "rw", "duration_s": duration_s, "idle_timeout_s": duration_s, "recipient": recipient});
+            let mut plan_req = ask.clone();
+            plan_req["plan"] = json!(true);
+            let (_, plan) = open_tunnel(rig, plan_req).await;
+            let doc = plan["plan"].as_str().unwrap().to_owned();
+            // The customer signs the very commands and the operator's key.
+            let parsed: Value = serde_json::from_str(&doc).unwrap();
+            assert_eq!(parsed["break_glass"]["recipient"], recipient.as_str());
+            assert_eq!(
+                parsed["break_glass"]["credential"]["mint"]["argv"][0],
+                mint.to_str().unwrap()
+            );
+            let (doc, sig) = rig.sign(&doc);
+            let mut body = ask;
+            body["approval"] = json!(doc);
+            body["approval_sig"] = json!(sig);
+            let (status, v) = open_tunnel(rig, body).await;
+            assert_eq!(status, 200, "{v}");
+            v
+        }
+    };
+
+    // 1. A two-second session: the operator opens the credential; it is revoked at the end.
+    let v = open(2).await;
+    let sealed = base64::engine::general_purpose::STANDARD
+        .decode(v["sealed_credential"].as_str().unwrap())
+        .unwrap();
+    assert!(!sealed.is_empty());
+    let opened = age::decrypt(&operator, &sealed).expect("the operator's key opens it");
+    let cred: Value = serde_json::from_slice(&opened).unwrap();
+    assert_eq!(cred["secret"], secret.as_str());
+    assert_eq!(cred["ttl"], "2", "{{duration_s}} substituted");
+    let cred_id = cred["credential_id"].as_str().unwrap().to_owned();
+    // Intercepted (as a compromised control or broker would): useless without the key.
+    assert!(age::decrypt(&age::x25519::Identity::generate(), &sealed).is_err());
+    let revoked = wait_for(Duration::from_secs(10), || async {
+        std::fs::read_to_string(&marker)
+            .ok()
+            .filter(|m| m.contains(&cred_id))
+    })
+    .await
+    .expect("revoked at expiry");
+    assert_eq!(revoked.trim(), cred_id);
+
+    // 2. A long session, then `kill -9` of the agent: nothing revokes it until the agent
+    // starts again, which revokes it first thing.
+    std::fs::remove_file(&marker).unwrap();
+    let v = open(600).await;
+    let sealed = base64::engine::general_purpose::STANDARD
+        .decode(v["sealed_credential"].as_str().unwrap())
+        .unwrap();
+    let cred: Value = serde_json::from_slice(&age::decrypt(&operator, &sealed).unwrap()).unwrap();
+    let cred_id = cred["credential_id"].as_str().unwrap().to_owned();
+    rig.agent = None; // SIGKILL
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!marker.exists(), "nothing ran the revoke yet");
+    rig.start_agent().await;
+    let revoked = wait_for(Duration::from_secs(10), || async {
+        std::fs::read_to_string(&marker).ok()
+    })
+    .await
+    .expect("revoked after the restart");
+    assert_eq!(revoked.trim(), cred_id);
+    let log = std::fs::read_to_string(rig.state.join("audit.jsonl")).unwrap();
+    assert!(log.contains("recovered_after_crash"), "the log says why");
+
+    // The secret is in no log: not the customer's audit log, not the broker's.
+    assert!(!log.contains(&secret), "secret in the appliance log");
+    let broker_logs = rig.broker.logs.lock().unwrap().join("\n");
+    assert!(!broker_logs.contains(&secret), "secret in the broker's log");
+}

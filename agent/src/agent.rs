@@ -201,6 +201,10 @@ impl Agent {
     }
 
     async fn run_inner(self, shutdown: CancellationToken) -> Result<(), AgentError> {
+        // Break glass: revoke the credentials of sessions a crash left without an end.
+        if let Some(tunnels) = self.runner.tunnels() {
+            tunnels.recover_after_crash().await;
+        }
         let ctx = SessionContext {
             creds: self.creds.clone(),
             cfg: self.cfg.clone(),

@@ -61,6 +61,7 @@ pub mod signed;
 pub mod supervisor;
 pub mod tls;
 pub mod tunnel;
+pub mod tunnel_credential;
 pub mod verifier;
 
 pub use agent::{Agent, BrokerAddr};

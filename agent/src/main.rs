@@ -50,6 +50,9 @@ enum Cmd {
     /// The customer's policy (signed operations).
     #[command(subcommand)]
     Policy(PolicyCmd),
+    /// Break-glass tunnel sessions on this appliance: see them, end them.
+    #[command(subcommand)]
+    Session(SessionCmd),
     /// The customer's switch-off: disable every phase but observe (or all with --all) in
     /// CUSTOMER_DIR/policy.toml, keeping its comments, owner and mode. Run it as the
     /// customer's admin; a running agent enforces it within a second and kills commands
@@ -101,6 +104,29 @@ enum AuditCmd {
         /// the hash chain is checked.
         #[arg(long, value_name = "KEY")]
         appliance_key: Option<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum SessionCmd {
+    /// The active break-glass sessions, from the appliance audit log: id, resource,
+    /// privilege, target and expiry.
+    List {
+        /// The agent's state directory.
+        #[arg(long, env = ENV_STATE_DIR, value_name = "DIR")]
+        state_dir: PathBuf,
+        /// The appliance audit log (default STATE_DIR/audit.jsonl).
+        #[arg(long, env = "TETHER_AGENT_AUDIT_LOG", value_name = "FILE")]
+        audit_log: Option<PathBuf>,
+    },
+    /// End session ID now: the running agent closes its connections with
+    /// `customer_ended` within about a second. Run it as the customer's admin.
+    End {
+        /// The session id (`session list`).
+        id: u64,
+        /// The agent's state directory.
+        #[arg(long, env = ENV_STATE_DIR, value_name = "DIR")]
+        state_dir: PathBuf,
     },
 }
 
@@ -564,6 +590,33 @@ fn main() -> anyhow::Result<()> {
                     std::process::exit(1);
                 }
             }
+        }
+        Cmd::Session(SessionCmd::List {
+            state_dir,
+            audit_log,
+        }) => {
+            let log =
+                audit_log.unwrap_or_else(|| state_dir.join(tether_agent::signed::AUDIT_LOG_FILE));
+            let sessions = tether_agent::tunnel::active_in_log(&log)?;
+            if sessions.is_empty() {
+                println!("no active break-glass session");
+            }
+            for s in sessions {
+                println!(
+                    "{}  {}/{}  -> {}  until {}",
+                    s.id,
+                    s.resource,
+                    s.privilege,
+                    s.target,
+                    tether_ops::format_rfc3339_ms(s.expires_at_ms)
+                );
+            }
+            Ok(())
+        }
+        Cmd::Session(SessionCmd::End { id, state_dir }) => {
+            tether_agent::tunnel::request_end(&state_dir, id)?;
+            println!("asked the agent to end session {id}");
+            Ok(())
         }
         Cmd::ManifestKey(ManifestKeyCmd::Show { state_dir }) => {
             let key = tether_agent::manifest_key::load_or_create(&state_dir)?;

@@ -99,6 +99,7 @@ impl Supervisor {
                 .clone()
                 .unwrap_or_else(|| self.state_dir.join(crate::signed::AUDIT_LOG_FILE)),
             spool_dir: self.state_dir.join(crate::signed::spool::SPOOL_DIR),
+            tunnel_end_dir: self.state_dir.join(crate::tunnel::END_DIR),
         };
         Ok(crate::signed::SignedOps::new(
             &cfg,

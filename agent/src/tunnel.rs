@@ -42,6 +42,71 @@ pub const RESOLVE_TIMEOUT: Duration = Duration::from_secs(5);
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Bytes read at a time from either side of a connection.
 const CHUNK: usize = 16 * 1024;
+/// Under the state directory: `tether-agent session end ID` leaves `ID` here; the running
+/// agent ends that session and removes the file.
+pub const END_DIR: &str = "tunnel-end";
+
+/// Ask the running agent to end session `id` (`tether-agent session end`).
+pub fn request_end(state_dir: &std::path::Path, id: u64) -> std::io::Result<()> {
+    let dir = state_dir.join(END_DIR);
+    std::fs::create_dir_all(&dir)?;
+    tether_identity::fs::write_atomic(&dir.join(id.to_string()), b"", 0o600)
+}
+
+/// A session the appliance audit log shows active (activated, not ended).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LoggedSession {
+    /// Its id.
+    pub id: u64,
+    /// The resource.
+    pub resource: String,
+    /// The privilege.
+    pub privilege: String,
+    /// The target, as the customer's policy named it.
+    pub target: String,
+    /// When the agent's timer ends it.
+    pub expires_at_ms: i64,
+    /// The vendor's request id.
+    pub request_id: String,
+    /// Its credential's id (empty: none).
+    pub credential_id: String,
+    /// Who its credential commands run as.
+    pub run_as: String,
+    /// Its revoke command, if any.
+    pub revoke: Option<tether_ops::tunnel::CredentialCommand>,
+}
+
+/// The sessions `log` shows activated and not ended (`tether-agent session list`).
+pub fn active_in_log(log: &std::path::Path) -> anyhow::Result<Vec<LoggedSession>> {
+    use anyhow::Context as _;
+    let text =
+        std::fs::read_to_string(log).with_context(|| format!("reading {}", log.display()))?;
+    let mut active: Vec<LoggedSession> = Vec::new();
+    for line in text.lines() {
+        let Ok(e) = serde_json::from_str::<serde_json::Value>(line) else {
+            continue;
+        };
+        let d = &e["details"];
+        let id = d["session_id"].as_str().and_then(|s| s.parse::<u64>().ok());
+        let field = |k: &str| d[k].as_str().unwrap_or_default().to_owned();
+        match (e["action"].as_str(), id) {
+            (Some(action::SESSION_ACTIVATED), Some(id)) => active.push(LoggedSession {
+                id,
+                resource: field("resource"),
+                privilege: field("privilege"),
+                target: field("target"),
+                expires_at_ms: field("expires_at_ms").parse().unwrap_or_default(),
+                request_id: e["target"].as_str().unwrap_or_default().to_owned(),
+                credential_id: field("credential_id"),
+                run_as: field("run_as"),
+                revoke: serde_json::from_str(&field("revoke")).ok(),
+            }),
+            (Some(action::SESSION_ENDED), Some(id)) => active.retain(|s| s.id != id),
+            _ => {}
+        }
+    }
+    Ok(active)
+}
 
 /// One active session.
 #[derive(Debug)]
@@ -96,12 +161,15 @@ pub struct SessionView {
 pub struct Tunnels {
     ops: Arc<SignedOps>,
     sessions: Mutex<HashMap<u64, Arc<Session>>>,
+    /// Where `session end` asks ([`END_DIR`]).
+    end_dir: std::path::PathBuf,
 }
 
 impl Tunnels {
-    /// Tunnels decided under `ops`.
+    /// Tunnels decided under `ops` (whose state directory holds [`END_DIR`]).
     pub fn new(ops: Arc<SignedOps>) -> Tunnels {
         Tunnels {
+            end_dir: ops.tunnel_end_dir().to_path_buf(),
             ops,
             sessions: Mutex::new(HashMap::new()),
         }
@@ -225,6 +293,62 @@ impl Tunnels {
             .await;
             return;
         }
+        // The one-time credential, minted as the phase's user and sealed to the operator.
+        let (mint, revoke) = verified
+            .break_glass
+            .credential
+            .clone()
+            .map_or((None, None), |c| (c.mint, c.revoke));
+        let user = if mint.is_some() || revoke.is_some() {
+            match self.ops.credential_user(&verified.run_as) {
+                Ok(u) => Some(u),
+                Err(r) => {
+                    self.log_end(&open.request_id, id, "credential_unavailable");
+                    ended(
+                        &mut send,
+                        TunnelCloseReason::Refused,
+                        r.code.name(),
+                        &r.detail,
+                        limit,
+                    )
+                    .await;
+                    return;
+                }
+            }
+        } else {
+            None
+        };
+        let sealed = match (&mint, &user) {
+            (Some(m), Some(u)) => match crate::tunnel_credential::mint_and_seal(
+                m,
+                u,
+                &verified.break_glass.recipient,
+                verified.duration.as_secs(),
+                id,
+            )
+            .await
+            {
+                Ok(s) => Some(s),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot mint the tunnel credential");
+                    self.log_end(&open.request_id, id, "credential_unavailable");
+                    ended(
+                        &mut send,
+                        TunnelCloseReason::Refused,
+                        "credential_unavailable",
+                        &e,
+                        limit,
+                    )
+                    .await;
+                    return;
+                }
+            },
+            _ => None,
+        };
+        let credential_id = sealed
+            .as_ref()
+            .map(|s| s.credential_id.clone())
+            .unwrap_or_default();
         let duration_ms = i64::try_from(verified.duration.as_millis()).unwrap_or(i64::MAX);
         let expires_at_ms = now_ms().saturating_add(duration_ms);
         let expires_at = Instant::now() + verified.duration;
@@ -260,6 +384,23 @@ impl Tunnels {
                 ("expires_at_ms", expires_at_ms.to_string()),
                 ("approval_id", verified.approval.approval_id.clone()),
                 ("capped", verified.capped.to_string()),
+                // What recovery after a crash needs to revoke (never the secret).
+                ("credential_id", credential_id.clone()),
+                (
+                    "sealed_bytes",
+                    sealed
+                        .as_ref()
+                        .map_or(0, |s| s.ciphertext.len())
+                        .to_string(),
+                ),
+                ("run_as", verified.run_as.clone()),
+                (
+                    "revoke",
+                    revoke
+                        .as_ref()
+                        .and_then(|r| serde_json::to_string(r).ok())
+                        .unwrap_or_default(),
+                ),
             ],
         );
         self.sessions
@@ -270,13 +411,13 @@ impl Tunnels {
         let ready = Frame::TunnelReady(TunnelReady {
             session_id: id,
             expires_at_ms,
-            sealed_credential: bytes::Bytes::new(),
+            sealed_credential: sealed.map(|s| s.ciphertext.into()).unwrap_or_default(),
         });
         if write_frame(&mut send, &ready, limit).await.is_err() {
             session.end_with(TunnelCloseReason::Disconnected);
         }
 
-        let reason = self.live(&session, expires_at, &mut recv).await;
+        let reason = self.live(id, &session, expires_at, &mut recv).await;
         session.end_with(reason);
         let reason = session.reason();
         self.sessions
@@ -284,6 +425,10 @@ impl Tunnels {
             .unwrap_or_else(|e| e.into_inner())
             .remove(&id);
         tracing::info!(session_id = id, %reason, "tunnel session ended");
+        if let (Some(r), Some(u)) = (&revoke, &user) {
+            self.revoke(&session.request_id, id, r, u, &credential_id)
+                .await;
+        }
         self.ops.log_tunnel(
             action::SESSION_ENDED,
             &session.request_id,
@@ -299,9 +444,80 @@ impl Tunnels {
         ended(&mut send, reason, "", "", limit).await;
     }
 
+    fn log_end(&self, request_id: &str, id: u64, reason: &str) {
+        self.ops.log_tunnel(
+            action::SESSION_ENDED,
+            request_id,
+            &[
+                ("session_id", id.to_string()),
+                ("reason", reason.to_owned()),
+            ],
+        );
+    }
+
+    /// Run the revoke command; `credential.revoked` or `teardown.failed` in the log.
+    async fn revoke(
+        &self,
+        request_id: &str,
+        id: u64,
+        cmd: &tether_ops::tunnel::CredentialCommand,
+        user: &crate::signed::RunUser,
+        credential_id: &str,
+    ) {
+        let (event, detail) = match crate::tunnel_credential::revoke(cmd, user, credential_id, id)
+            .await
+        {
+            Ok(()) => (action::CREDENTIAL_REVOKED, String::new()),
+            Err(e) => {
+                tracing::error!(session_id = id, error = %e, "cannot revoke the tunnel credential");
+                (action::TEARDOWN_FAILED, e)
+            }
+        };
+        self.ops.log_tunnel(
+            event,
+            request_id,
+            &[
+                ("session_id", id.to_string()),
+                ("credential_id", credential_id.to_owned()),
+                ("error", detail),
+            ],
+        );
+    }
+
+    /// At start: every session the appliance log shows activated and not ended was cut
+    /// off by a crash. Run its revoke command (idempotent, the customer's policy says so)
+    /// and end it `recovered_after_crash`.
+    pub async fn recover_after_crash(&self) {
+        let sessions = match active_in_log(self.ops.audit_log_path()) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the audit log for sessions to recover");
+                return;
+            }
+        };
+        for s in sessions {
+            tracing::warn!(session_id = s.id, resource = %s.resource, "tunnel session cut off by a restart: tearing it down");
+            if let Some(cmd) = &s.revoke {
+                match self.ops.credential_user(&s.run_as) {
+                    Ok(user) => {
+                        self.revoke(&s.request_id, s.id, cmd, &user, &s.credential_id)
+                            .await
+                    }
+                    Err(r) => self.ops.log_tunnel(
+                        action::TEARDOWN_FAILED,
+                        &s.request_id,
+                        &[("session_id", s.id.to_string()), ("error", r.detail)],
+                    ),
+                }
+            }
+            self.log_end(&s.request_id, s.id, "recovered_after_crash");
+        }
+    }
+
     /// Wait for the session's end; its reason.
     async fn live(
         &self,
+        id: u64,
         session: &Session,
         expires_at: Instant,
         recv: &mut RecvStream,
@@ -314,6 +530,13 @@ impl Tunnels {
                 _ = session.end.cancelled() => return session.reason(),
                 _ = tokio::time::sleep_until(expires_at) => return TunnelCloseReason::Expired,
                 _ = check.tick() => {
+                    // The customer's `session end` (a file only root or the agent's user
+                    // can write in the state directory).
+                    let asked = self.end_dir.join(id.to_string());
+                    if asked.exists() {
+                        let _ = std::fs::remove_file(&asked);
+                        return TunnelCloseReason::CustomerEnded;
+                    }
                     let ops = self.ops.clone();
                     let (r, p, ph) = (session.resource.clone(), session.privilege.clone(), session.phase);
                     let allowed = tokio::task::spawn_blocking(move || ops.tunnel_allowed(&r, &p, ph))

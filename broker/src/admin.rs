@@ -378,6 +378,7 @@ async fn tunnel(
             "session_id": v.session_id,
             "listen": v.listen,
             "expires_at_ms": v.expires_at_ms,
+            "sealed_credential": v.sealed_credential,
         }))
         .into_response(),
         Ok(crate::tunnel::Opened::Plan(doc)) => Json(serde_json::json!({

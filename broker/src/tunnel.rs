@@ -36,6 +36,10 @@ pub struct TunnelView {
     pub ended: Option<String>,
     /// Why each connection closed, in order (`finished`, `expired`, `idle`, ...).
     pub connections: Vec<String>,
+    /// The credential, sealed by the agent to the operator's one-time key (standard
+    /// base64 of the `age` ciphertext; empty when none). Relayed, never opened.
+    #[serde(skip)]
+    pub sealed_credential: String,
 }
 
 /// The broker's tunnels, live and ended (bounded: the oldest ended ones go first).
@@ -144,10 +148,18 @@ pub async fn open(
         expires_at_ms: ready.expires_at_ms,
         ended: None,
         connections: Vec::new(),
+        sealed_credential: {
+            use base64::Engine as _;
+            base64::engine::general_purpose::STANDARD.encode(&ready.sealed_credential)
+        },
     };
     metrics.tunnel("opened");
     info!(session_id = ready.session_id, %listen, "tunnel active");
-    let entry = table.insert(view.clone());
+    let entry = table.insert(TunnelView {
+        // Handed to the caller once; not kept.
+        sealed_credential: String::new(),
+        ..view.clone()
+    });
     tokio::spawn(serve(
         session,
         ready.session_id,

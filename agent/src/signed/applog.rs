@@ -38,6 +38,10 @@ pub mod action {
     pub const CONNECTION_CLOSED: &str = "connection.closed";
     /// A tunnel session ended; details: the reason.
     pub const SESSION_ENDED: &str = "session.ended";
+    /// A tunnel's credential was revoked at teardown; details: its id.
+    pub const CREDENTIAL_REVOKED: &str = "credential.revoked";
+    /// A tunnel's revoke command failed; details: the error.
+    pub const TEARDOWN_FAILED: &str = "teardown.failed";
 }
 
 /// An open log and its head.

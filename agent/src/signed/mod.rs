@@ -67,6 +67,9 @@ pub struct SignedOpsConfig {
     pub audit_log: PathBuf,
     /// Manifests not yet confirmed delivered ([`spool::Spool`]).
     pub spool_dir: PathBuf,
+    /// Where `tether-agent session end` leaves its requests
+    /// (`crate::tunnel::END_DIR`).
+    pub tunnel_end_dir: PathBuf,
 }
 
 /// Who the command runs as.
@@ -146,6 +149,8 @@ pub struct SignedOps {
     agent_uid: u32,
     state: Mutex<State>,
     spool: spool::Spool,
+    tunnel_end_dir: PathBuf,
+    audit_log: PathBuf,
 }
 
 impl std::fmt::Debug for SignedOps {
@@ -198,12 +203,24 @@ impl SignedOps {
             agent_uid: nix::unistd::geteuid().as_raw(),
             state: Mutex::new(State { log, ledger, chain }),
             spool: spool::Spool::new(cfg.spool_dir.clone()),
+            tunnel_end_dir: cfg.tunnel_end_dir.clone(),
+            audit_log: cfg.audit_log.clone(),
         }
     }
 
     /// Manifests not yet confirmed delivered.
     pub fn spool(&self) -> &spool::Spool {
         &self.spool
+    }
+
+    /// The appliance audit log's path.
+    pub fn audit_log_path(&self) -> &Path {
+        &self.audit_log
+    }
+
+    /// Where `tether-agent session end` leaves its requests.
+    pub fn tunnel_end_dir(&self) -> &Path {
+        &self.tunnel_end_dir
     }
 
     fn state(&self) -> std::sync::MutexGuard<'_, State> {
@@ -682,7 +699,11 @@ fn privsep(policy: &policy::Policy, agent_uid: u32) -> &'static str {
 
 /// The user a phase runs as: the policy's `run_as` if the agent can switch to it; the
 /// agent's own user only under `allow_same_uid`; else `privsep_unavailable`.
-fn run_user(run_as: &str, allow_same_uid: bool, agent_uid: u32) -> Result<RunUser, Refusal> {
+pub(crate) fn run_user(
+    run_as: &str,
+    allow_same_uid: bool,
+    agent_uid: u32,
+) -> Result<RunUser, Refusal> {
     let can_switch = agent_uid == 0;
     let target = nix::unistd::User::from_name(run_as).ok().flatten();
     match target {

@@ -124,6 +124,14 @@ impl SignedOps {
         })
     }
 
+    /// The user a session's credential commands run as: the phase's `run_as`, switched to
+    /// as for commands (or the agent's own under `allow_same_uid`).
+    pub fn credential_user(&self, run_as: &str) -> Result<super::RunUser, Refusal> {
+        let (loaded, _) = self.customer.current();
+        let allow_same_uid = loaded.policy.as_ref().is_ok_and(|p| p.allow_same_uid);
+        super::run_user(run_as, allow_same_uid, self.agent_uid)
+    }
+
     /// Append a tunnel event to the appliance audit log (best effort: the session is
     /// already decided; a log that fails now is reported in `Status`).
     pub fn log_tunnel(&self, event: &str, request_id: &str, details: &[(&str, String)]) {
