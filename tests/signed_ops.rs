@@ -1454,12 +1454,33 @@ async fn losing_the_broker_ends_an_active_tunnel_on_the_appliance() {
 async fn the_customer_lists_and_ends_a_tunnel_on_the_appliance() {
     let rig = Rig::new().await;
     let echo = echo_server().await;
+    // One session at a time.
     std::fs::write(
         rig.customer.join("policy.toml"),
-        tunnel_policy(&echo.to_string()),
+        format!(
+            "{}\n[limits]\nmax_tunnel_sessions = 1\n",
+            tunnel_policy(&echo.to_string())
+        ),
     )
     .unwrap();
     let v = open_ten_minutes(&rig).await;
+    // A second session is over the customer's limit: refused before its approval is
+    // looked at, so the same approval opens it once the first has ended.
+    let ask =
+        json!({"resource": "echo", "privilege": "rw", "duration_s": 60, "idle_timeout_s": 60});
+    let mut plan_req = ask.clone();
+    plan_req["plan"] = json!(true);
+    let (_, plan) = open_tunnel(&rig, plan_req).await;
+    let (doc, sig) = rig.sign(plan["plan"].as_str().unwrap());
+    let mut second = ask;
+    second["approval"] = json!(doc);
+    second["approval_sig"] = json!(sig);
+    let (status, refused) = open_tunnel(&rig, second.clone()).await;
+    assert_eq!(
+        (status, refused["error"].as_str()),
+        (403, Some("limit")),
+        "{refused}"
+    );
     let id = v["session_id"].as_u64().unwrap();
     let listen: std::net::SocketAddr = v["listen"].as_str().unwrap().parse().unwrap();
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -1503,6 +1524,8 @@ async fn the_customer_lists_and_ends_a_tunnel_on_the_appliance() {
     assert_eq!(view["ended"], "customer_ended", "{view}");
     assert_eq!(view["connections"][0], "customer_ended", "{view}");
     assert!(agent(&["session", "list"]).contains("no active break-glass session"));
+    let (status, v) = open_tunnel(&rig, second).await;
+    assert_eq!(status, 200, "the refused approval was not used up: {v}");
 }
 
 /// The one-time credential: minted by the customer's command as the phase's user, sealed

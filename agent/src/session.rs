@@ -596,11 +596,15 @@ async fn serve_command(
     let first = match (first, runner.tunnels()) {
         (Ok(Ok(Frame::TunnelOpen(open))), Some(tunnels)) => {
             let limit = limits.for_sending().await;
-            return tunnels.serve_open(open, send, recv, limit).await;
+            return tunnels
+                .serve_open(conn.stable_id(), open, send, recv, limit)
+                .await;
         }
         (Ok(Ok(Frame::TunnelConnect(connect))), Some(tunnels)) => {
             let limit = limits.for_sending().await;
-            return tunnels.serve_connect(connect, send, recv, limit).await;
+            return tunnels
+                .serve_connect(conn.stable_id(), connect, send, recv, limit)
+                .await;
         }
         (Ok(Ok(Frame::CommandRequest(req))), _) => Ok(Ok(req)),
         (Ok(Ok(other)), _) => Ok(Err(RequestError::Violation(

@@ -118,6 +118,11 @@ struct Session {
     max_connections: u32,
     idle: Duration,
     pinned: Vec<SocketAddr>,
+    /// The agent's own end of the session (activation + approved duration).
+    expires_at: Instant,
+    /// The QUIC connection that opened it: connection streams from any other are
+    /// refused (a session never outlives the stream that opened it).
+    conn_id: usize,
     open: AtomicU32,
     connections: AtomicU64,
     /// Fired when the session ends; connections then close with `reason`.
@@ -216,12 +221,28 @@ impl Tunnels {
     /// Serve a session-control stream whose `TunnelOpen` was read: decide it, and if
     /// admitted keep the session until it ends, then say why.
     pub async fn serve_open(
-        &self,
+        self: &Arc<Self>,
+        conn_id: usize,
         open: TunnelOpen,
         mut send: SendStream,
         mut recv: RecvStream,
         limit: usize,
     ) {
+        // Tunnels have their own limit, apart from command slots; checked before the
+        // approval is looked at, so a refusal here does not use it up.
+        let open_now = self
+            .sessions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .len();
+        let max = self.ops.max_tunnel_sessions();
+        if !open.plan_only && open_now >= max {
+            let message = format!(
+                "{open_now} tunnel sessions are active; the customer's policy allows {max}"
+            );
+            ended(&mut send, TunnelCloseReason::Limit, "", &message, limit).await;
+            return;
+        }
         let decision = {
             let ops = self.ops.clone();
             let open = open.clone();
@@ -275,7 +296,7 @@ impl Tunnels {
             }
         };
         if pinned.is_empty() {
-            self.ops.log_tunnel(
+            let _ = self.ops.log_tunnel(
                 action::SESSION_ENDED,
                 &open.request_id,
                 &[
@@ -360,12 +381,14 @@ impl Tunnels {
             max_connections: verified.break_glass.max_connections,
             idle: Duration::from_secs(verified.break_glass.idle_timeout_s),
             pinned: pinned.clone(),
+            expires_at,
+            conn_id,
             open: AtomicU32::new(0),
             connections: AtomicU64::new(0),
             end: CancellationToken::new(),
             reason: Mutex::new(None),
         });
-        self.ops.log_tunnel(
+        let journaled = self.ops.log_tunnel(
             action::SESSION_ACTIVATED,
             &open.request_id,
             &[
@@ -403,6 +426,22 @@ impl Tunnels {
                 ),
             ],
         );
+        if let Err(r) = journaled {
+            // Without the journal a crash could leave the credential unrevoked: fail closed.
+            if let (Some(cmd), Some(u)) = (&revoke, &user) {
+                self.revoke(&open.request_id, id, cmd, u, &credential_id)
+                    .await;
+            }
+            ended(
+                &mut send,
+                TunnelCloseReason::Refused,
+                r.code.name(),
+                &r.detail,
+                limit,
+            )
+            .await;
+            return;
+        }
         self.sessions
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -413,11 +452,52 @@ impl Tunnels {
             expires_at_ms,
             sealed_credential: sealed.map(|s| s.ciphertext.into()).unwrap_or_default(),
         });
-        if write_frame(&mut send, &ready, limit).await.is_err() {
-            session.end_with(TunnelCloseReason::Disconnected);
+        // The watchdog owns the session's end and teardown, apart from this stream's task:
+        // an aborted or stalled stream can neither keep the session alive nor skip its
+        // revoke.
+        let watchdog = tokio::spawn({
+            let this = self.clone();
+            let session = session.clone();
+            async move {
+                this.watch(id, session, revoke, user, credential_id).await;
+            }
+        });
+        // Dropped (this task aborted): the session ends with it.
+        let _guard = EndOnDrop(session.clone());
+        tokio::select! {
+            biased;
+            _ = session.end.cancelled() => {}
+            r = write_frame(&mut send, &ready, limit) => {
+                if r.is_err() {
+                    session.end_with(TunnelCloseReason::Disconnected);
+                }
+            }
         }
+        tokio::select! {
+            biased;
+            _ = session.end.cancelled() => {}
+            reason = stream_end(&mut recv) => session.end_with(reason),
+        }
+        let _ = watchdog.await;
+        let _ = tokio::time::timeout(
+            FINAL_WRITE_TIMEOUT,
+            ended(&mut send, session.reason(), "", "", limit),
+        )
+        .await;
+    }
 
-        let reason = self.live(id, &session, expires_at, &mut recv).await;
+    /// Until the session ends: its timer, the customer's `session end` and policy. Then
+    /// out of the table, connections reset (by `end`), the credential revoked and the end
+    /// logged.
+    async fn watch(
+        self: Arc<Self>,
+        id: u64,
+        session: Arc<Session>,
+        revoke: Option<tether_ops::tunnel::CredentialCommand>,
+        user: Option<crate::signed::RunUser>,
+        credential_id: String,
+    ) {
+        let reason = self.live(id, &session).await;
         session.end_with(reason);
         let reason = session.reason();
         self.sessions
@@ -429,7 +509,7 @@ impl Tunnels {
             self.revoke(&session.request_id, id, r, u, &credential_id)
                 .await;
         }
-        self.ops.log_tunnel(
+        let _ = self.ops.log_tunnel(
             action::SESSION_ENDED,
             &session.request_id,
             &[
@@ -441,11 +521,10 @@ impl Tunnels {
                 ),
             ],
         );
-        ended(&mut send, reason, "", "", limit).await;
     }
 
     fn log_end(&self, request_id: &str, id: u64, reason: &str) {
-        self.ops.log_tunnel(
+        let _ = self.ops.log_tunnel(
             action::SESSION_ENDED,
             request_id,
             &[
@@ -473,7 +552,7 @@ impl Tunnels {
                 (action::TEARDOWN_FAILED, e)
             }
         };
-        self.ops.log_tunnel(
+        let _ = self.ops.log_tunnel(
             event,
             request_id,
             &[
@@ -488,6 +567,11 @@ impl Tunnels {
     /// off by a crash. Run its revoke command (idempotent, the customer's policy says so)
     /// and end it `recovered_after_crash`.
     pub async fn recover_after_crash(&self) {
+        // Where `session end` asks: the agent's own, 0700 (the customer's admin is root).
+        {
+            use std::os::unix::fs::DirBuilderExt;
+            let _ = std::fs::DirBuilder::new().mode(0o700).create(&self.end_dir);
+        }
         let sessions = match active_in_log(self.ops.audit_log_path()) {
             Ok(s) => s,
             Err(e) => {
@@ -503,11 +587,13 @@ impl Tunnels {
                         self.revoke(&s.request_id, s.id, cmd, &user, &s.credential_id)
                             .await
                     }
-                    Err(r) => self.ops.log_tunnel(
-                        action::TEARDOWN_FAILED,
-                        &s.request_id,
-                        &[("session_id", s.id.to_string()), ("error", r.detail)],
-                    ),
+                    Err(r) => {
+                        let _ = self.ops.log_tunnel(
+                            action::TEARDOWN_FAILED,
+                            &s.request_id,
+                            &[("session_id", s.id.to_string()), ("error", r.detail)],
+                        );
+                    }
                 }
             }
             self.log_end(&s.request_id, s.id, "recovered_after_crash");
@@ -515,20 +601,14 @@ impl Tunnels {
     }
 
     /// Wait for the session's end; its reason.
-    async fn live(
-        &self,
-        id: u64,
-        session: &Session,
-        expires_at: Instant,
-        recv: &mut RecvStream,
-    ) -> TunnelCloseReason {
+    async fn live(&self, id: u64, session: &Session) -> TunnelCloseReason {
         let mut check = tokio::time::interval(POLICY_CHECK_EVERY);
         check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut buf = [0u8; 64];
         loop {
             tokio::select! {
+                biased;
                 _ = session.end.cancelled() => return session.reason(),
-                _ = tokio::time::sleep_until(expires_at) => return TunnelCloseReason::Expired,
+                _ = tokio::time::sleep_until(session.expires_at) => return TunnelCloseReason::Expired,
                 _ = check.tick() => {
                     // The customer's `session end` (a file only root or the agent's user
                     // can write in the state directory).
@@ -546,12 +626,6 @@ impl Tunnels {
                         return TunnelCloseReason::Revoked;
                     }
                 }
-                r = recv.read(&mut buf) => match r {
-                    // Nothing more is expected from the vendor on this stream.
-                    Ok(Some(_)) => {}
-                    Ok(None) => return TunnelCloseReason::Closed,
-                    Err(_) => return TunnelCloseReason::Disconnected,
-                },
             }
         }
     }
@@ -559,6 +633,7 @@ impl Tunnels {
     /// Serve a connection stream whose `TunnelConnect` was read.
     pub async fn serve_connect(
         &self,
+        conn_id: usize,
         connect: TunnelConnect,
         mut send: SendStream,
         mut recv: RecvStream,
@@ -569,14 +644,14 @@ impl Tunnels {
             let _ = send.reset(code);
             let _ = recv.stop(code);
         };
-        let Some(session) = self
-            .get(connect.session_id)
-            .filter(|s| !s.end.is_cancelled())
-        else {
+        let Some(session) = self.get(connect.session_id).filter(|s| {
+            !s.end.is_cancelled() && s.conn_id == conn_id && Instant::now() < s.expires_at
+        }) else {
             return refuse(&mut send, &mut recv, TunnelCloseReason::NotActive);
         };
+        let slot = OpenSlot(&session.open);
         if session.open.fetch_add(1, Ordering::AcqRel) >= session.max_connections {
-            session.open.fetch_sub(1, Ordering::AcqRel);
+            drop(slot);
             return refuse(&mut send, &mut recv, TunnelCloseReason::Limit);
         }
         let n = session.connections.fetch_add(1, Ordering::Relaxed) + 1;
@@ -588,10 +663,7 @@ impl Tunnels {
         .await
         {
             Ok(Ok(tcp)) => tcp,
-            _ => {
-                session.open.fetch_sub(1, Ordering::AcqRel);
-                return refuse(&mut send, &mut recv, TunnelCloseReason::TargetUnreachable);
-            }
+            _ => return refuse(&mut send, &mut recv, TunnelCloseReason::TargetUnreachable),
         };
         let _ = tcp.set_nodelay(true);
         let connected = Frame::TunnelConnected(TunnelConnected {
@@ -602,9 +674,9 @@ impl Tunnels {
         } else {
             (0, 0, Some(TunnelCloseReason::Disconnected))
         };
-        session.open.fetch_sub(1, Ordering::AcqRel);
+        drop(slot);
         let reason_name = reason.map_or("finished", TunnelCloseReason::as_str);
-        self.ops.log_tunnel(
+        let _ = self.ops.log_tunnel(
             action::CONNECTION_CLOSED,
             &session.request_id,
             &[
@@ -616,6 +688,40 @@ impl Tunnels {
                 ("reason", reason_name.to_owned()),
             ],
         );
+    }
+}
+
+/// How long the last frame of a session-control stream may take to write.
+const FINAL_WRITE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Ends its session when dropped (the stream task that opened it was aborted).
+struct EndOnDrop(Arc<Session>);
+
+impl Drop for EndOnDrop {
+    fn drop(&mut self) {
+        self.0.end_with(TunnelCloseReason::Disconnected);
+    }
+}
+
+/// One of a session's open connections; given back when dropped.
+struct OpenSlot<'a>(&'a AtomicU32);
+
+impl Drop for OpenSlot<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Why the vendor's side of a session-control stream ended: finished (`closed`) or lost.
+async fn stream_end(recv: &mut RecvStream) -> TunnelCloseReason {
+    let mut buf = [0u8; 64];
+    loop {
+        match recv.read(&mut buf).await {
+            // Nothing more is expected from the vendor on this stream.
+            Ok(Some(_)) => {}
+            Ok(None) => return TunnelCloseReason::Closed,
+            Err(_) => return TunnelCloseReason::Disconnected,
+        }
     }
 }
 
@@ -644,6 +750,12 @@ async fn splice(
             return (up, down, None);
         }
         tokio::select! {
+            biased;
+            _ = session.end.cancelled() => {
+                let r = session.reason();
+                close(send, recv, r);
+                return (up, down, Some(r));
+            }
             r = tr.read(&mut from_target), if target_open => match r {
                 Ok(0) => {
                     // Half-close: the target finished sending.
@@ -651,7 +763,13 @@ async fn splice(
                     target_open = false;
                 }
                 Ok(n) => {
-                    if send.write_all(&from_target[..n]).await.is_err() {
+                    // Never waiting on the vendor's flow control past the session's end.
+                    let written = tokio::select! {
+                        biased;
+                        _ = session.end.cancelled() => continue,
+                        r = send.write_all(&from_target[..n]) => r,
+                    };
+                    if written.is_err() {
                         return (up, down, Some(TunnelCloseReason::Disconnected));
                     }
                     up += n as u64;
@@ -668,7 +786,12 @@ async fn splice(
                     vendor_open = false;
                 }
                 Ok(Some(n)) => {
-                    if tw.write_all(&from_vendor[..n]).await.is_err() {
+                    let written = tokio::select! {
+                        biased;
+                        _ = session.end.cancelled() => continue,
+                        r = tw.write_all(&from_vendor[..n]) => r,
+                    };
+                    if written.is_err() {
                         close(send, recv, TunnelCloseReason::TargetUnreachable);
                         return (up, down, Some(TunnelCloseReason::TargetUnreachable));
                     }
@@ -680,11 +803,6 @@ async fn splice(
             _ = tokio::time::sleep_until(last + session.idle) => {
                 close(send, recv, TunnelCloseReason::Idle);
                 return (up, down, Some(TunnelCloseReason::Idle));
-            }
-            _ = session.end.cancelled() => {
-                let r = session.reason();
-                close(send, recv, r);
-                return (up, down, Some(r));
             }
         }
     }

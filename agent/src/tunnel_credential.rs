@@ -36,13 +36,47 @@ pub struct Sealed {
     pub ciphertext: Vec<u8>,
 }
 
-/// `cmd`'s argv with `{name}` replaced by `value` for each pair.
+/// The longest `credential_id` accepted from a mint command.
+pub const MAX_CREDENTIAL_ID_LEN: usize = 128;
+
+/// Whether `id` is a credential id the agent will log and hand to `revoke`: 1 to 128 of
+/// `A-Za-z0-9._:@/-`, not starting with `-` (never an option to the revoke program).
+pub fn valid_credential_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= MAX_CREDENTIAL_ID_LEN
+        && !id.starts_with('-')
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._:@/-".contains(&b))
+}
+
+/// `cmd`'s argv with each `{name}` of `vars` replaced by its value, in one pass (a value
+/// is never expanded again).
 fn substitute(cmd: &CredentialCommand, vars: &[(&str, &str)]) -> Vec<String> {
     cmd.argv
         .iter()
-        .map(|a| {
-            vars.iter()
-                .fold(a.clone(), |a, (k, v)| a.replace(&format!("{{{k}}}"), v))
+        .map(|arg| {
+            let mut out = String::with_capacity(arg.len());
+            let mut rest = arg.as_str();
+            'scan: while let Some(open) = rest.find('{') {
+                out.push_str(&rest[..open]);
+                let after = &rest[open..];
+                for (k, v) in vars {
+                    if let Some(tail) = after
+                        .strip_prefix('{')
+                        .and_then(|t| t.strip_prefix(*k))
+                        .and_then(|t| t.strip_prefix('}'))
+                    {
+                        out.push_str(v);
+                        rest = tail;
+                        continue 'scan;
+                    }
+                }
+                out.push('{');
+                rest = &after[1..];
+            }
+            out.push_str(rest);
+            out
         })
         .collect()
 }
@@ -123,6 +157,11 @@ pub async fn mint_and_seal(
             Some(v.get("credential_id")?.as_str()?.to_owned())
         })
         .ok_or("the mint command's output is not JSON with credential_id and secret")?;
+    if !valid_credential_id(&credential_id) {
+        return Err(format!(
+            "the mint command's credential_id is not 1 to {MAX_CREDENTIAL_ID_LEN} of A-Za-z0-9._:@/- (not starting with -)"
+        ));
+    }
     let ciphertext =
         age::encrypt(&recipient, &out).map_err(|e| format!("cannot seal the credential: {e}"))?;
     Ok(Sealed {
@@ -146,4 +185,31 @@ pub async fn revoke(
         ],
     );
     run(&argv, user, revoke.deadline_ms).await.map(|_| ())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn substitution_is_one_pass_and_ids_cannot_be_options() {
+        let cmd = CredentialCommand {
+            argv: vec![
+                "revoke".into(),
+                "--id={credential_id}".into(),
+                "{session_id}{x}{".into(),
+            ],
+            deadline_ms: 1,
+        };
+        let argv = substitute(
+            &cmd,
+            &[("credential_id", "{session_id}"), ("session_id", "7")],
+        );
+        assert_eq!(argv, ["revoke", "--id={session_id}", "7{x}{"]);
+        assert!(valid_credential_id("tether-bg-7"));
+        assert!(valid_credential_id("ns/secret:v1@x.y"));
+        for bad in ["", "-rf", "--all", "a b", "a\nb", "a;b", &"x".repeat(129)] {
+            assert!(!valid_credential_id(bad), "{bad:?}");
+        }
+    }
 }

@@ -124,6 +124,16 @@ impl SignedOps {
         })
     }
 
+    /// The most tunnel sessions the customer's policy allows at once (none when the
+    /// policy is unusable: then nothing opens anyway).
+    pub fn max_tunnel_sessions(&self) -> usize {
+        let (loaded, _) = self.customer.current();
+        loaded
+            .policy
+            .as_ref()
+            .map_or(0, |p| p.limits.max_tunnel_sessions as usize)
+    }
+
     /// The user a session's credential commands run as: the phase's `run_as`, switched to
     /// as for commands (or the agent's own under `allow_same_uid`).
     pub fn credential_user(&self, run_as: &str) -> Result<super::RunUser, Refusal> {
@@ -132,15 +142,21 @@ impl SignedOps {
         super::run_user(run_as, allow_same_uid, self.agent_uid)
     }
 
-    /// Append a tunnel event to the appliance audit log (best effort: the session is
-    /// already decided; a log that fails now is reported in `Status`).
-    pub fn log_tunnel(&self, event: &str, request_id: &str, details: &[(&str, String)]) {
+    /// Append a tunnel event to the appliance audit log (`audit_unavailable` when it
+    /// cannot be written: the activation fails closed on it; other events are logged
+    /// best effort).
+    pub fn log_tunnel(
+        &self,
+        event: &str,
+        request_id: &str,
+        details: &[(&str, String)],
+    ) -> Result<(), Refusal> {
         let mut e = AuditEvent::success(agent_actor(&self.appliance.id), event, request_id);
         for (k, v) in details {
             e = e.with(k, v.clone());
         }
-        if let Err(r) = self.record(e) {
+        self.record(e).inspect_err(|r| {
             tracing::error!(event, error = %r.detail, "cannot log a tunnel event");
-        }
+        })
     }
 }
