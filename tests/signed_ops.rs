@@ -1199,6 +1199,42 @@ fn tunnel_policy(target: &str) -> String {
     )
 }
 
+/// The customer's mint and revoke commands in `root/bin`: mint prints a JSON credential
+/// holding `secret` (and writes the secret to its stderr too, which must reach no log);
+/// revoke appends the credential id to `marker`. Returns (mint, revoke).
+fn credential_commands(root: &Path, secret: &str, marker: &Path) -> (PathBuf, PathBuf) {
+    let bin_dir = root.join("bin");
+    std::fs::create_dir(&bin_dir).unwrap();
+    chmod(&bin_dir, 0o755);
+    let mint = bin_dir.join("mint");
+    std::fs::write(
+        &mint,
+        format!("#!/bin/sh\nprintf '{{\"credential_id\":\"cred-%s\",\"secret\":\"{secret}\",\"ttl\":\"%s\"}}' \"$2\" \"$1\"\necho \"{secret}\" >&2\n"),
+    )
+    .unwrap();
+    let revoke = bin_dir.join("revoke");
+    std::fs::write(
+        &revoke,
+        format!("#!/bin/sh\necho \"$1\" >> {}\n", marker.display()),
+    )
+    .unwrap();
+    for f in [&mint, &revoke] {
+        chmod(f, 0o755);
+    }
+    (mint, revoke)
+}
+
+/// [`POLICY`] with resource `echo` at `target` whose privilege `rw` mints and revokes
+/// with the commands [`credential_commands`] made in `root/bin`.
+fn credential_policy(target: &str, root: &Path) -> String {
+    let bin = root.join("bin");
+    format!(
+        "{POLICY}\n[[resource]]\nname = \"echo\"\ntarget = \"{target}\"\n[resource.privilege.rw]\nmint = {{ argv = [\"{}\", \"{{duration_s}}\", \"{{session_id}}\"], deadline_ms = 5000 }}\nrevoke = {{ argv = [\"{}\", \"{{credential_id}}\"], deadline_ms = 5000 }}\n",
+        bin.join("mint").display(),
+        bin.join("revoke").display()
+    )
+}
+
 async fn open_tunnel(rig: &Rig, body: Value) -> (u16, Value) {
     let resp = http()
         .post(rig.broker.url("/v1/sessions/app-1/tunnels"))
@@ -1538,30 +1574,9 @@ async fn a_tunnel_credential_is_sealed_to_the_operator_and_revoked_even_after_a_
     let mut rig = Rig::new().await;
     let echo = echo_server().await;
     let secret = format!("s3cr3t-{}", tether_ops::approval::new_approval_id());
-    let bin_dir = rig.root().join("bin");
-    std::fs::create_dir(&bin_dir).unwrap();
-    chmod(&bin_dir, 0o755);
     let marker = rig.canary("revoked");
-    let mint = bin_dir.join("mint");
-    std::fs::write(
-        &mint,
-        format!("#!/bin/sh\nprintf '{{\"credential_id\":\"cred-%s\",\"secret\":\"{secret}\",\"ttl\":\"%s\"}}' \"$2\" \"$1\"\necho \"{secret}\" >&2\n"),
-    )
-    .unwrap();
-    let revoke = bin_dir.join("revoke");
-    std::fs::write(
-        &revoke,
-        format!("#!/bin/sh\necho \"$1\" >> {}\n", marker.display()),
-    )
-    .unwrap();
-    for f in [&mint, &revoke] {
-        chmod(f, 0o755);
-    }
-    let policy = format!(
-        "{POLICY}\n[[resource]]\nname = \"echo\"\ntarget = \"{echo}\"\n[resource.privilege.rw]\nmint = {{ argv = [\"{}\", \"{{duration_s}}\", \"{{session_id}}\"], deadline_ms = 5000 }}\nrevoke = {{ argv = [\"{}\", \"{{credential_id}}\"], deadline_ms = 5000 }}\n",
-        mint.display(),
-        revoke.display()
-    );
+    let (mint, _) = credential_commands(rig.root(), &secret, &marker);
+    let policy = credential_policy(&echo.to_string(), rig.root());
     std::fs::write(rig.customer.join("policy.toml"), policy).unwrap();
 
     let operator = age::x25519::Identity::generate();
@@ -1639,4 +1654,237 @@ async fn a_tunnel_credential_is_sealed_to_the_operator_and_revoked_even_after_a_
     assert!(!log.contains(&secret), "secret in the appliance log");
     let broker_logs = rig.broker.logs.lock().unwrap().join("\n");
     assert!(!broker_logs.contains(&secret), "secret in the broker's log");
+}
+
+/// Break glass the vendor's real way, through control: `tether tunnel request` (a fresh
+/// one-time key), the customer's stock `ssh-keygen` signature, `tether tunnel open`
+/// printing its local address, bytes through operator CLI → control → broker → agent →
+/// the customer's target and back with half-close, the credential opened once (a second
+/// fetch refused), a replayed or widened approval refused, `tether tunnel close` ending
+/// the session on the appliance with the revoke run, every step audited by control, and
+/// the secret in none of control's database, audit export or logs, nor the broker's.
+#[tokio::test]
+async fn break_glass_through_control_request_sign_open_credential_close() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut c = common::cluster::Cluster::new("");
+    let b1 = c.add_broker("edge-1");
+    let state = c.enroll("app-1");
+    let root = c.tmp().to_path_buf();
+    chmod(&root, 0o755);
+    let echo = echo_server().await;
+    let secret = format!("s3cr3t-{}", tether_ops::approval::new_approval_id());
+    let canary_dir = root.join("canary");
+    std::fs::create_dir(&canary_dir).unwrap();
+    chmod(&canary_dir, 0o777);
+    let marker = canary_dir.join("revoked");
+    credential_commands(&root, &secret, &marker);
+    let policy = credential_policy(&echo.to_string(), &root);
+    let customer = customer_dir(&root, &policy);
+    let _agent = AgentProc::start(
+        &state,
+        &[b1.quic],
+        &["--customer-dir", customer.to_str().unwrap()],
+    );
+    c.wait_connected("app-1", Some("edge-1")).await;
+
+    // The request: the appliance's own document, with the operator's one-time key in it.
+    let doc = c
+        .tether(&[
+            "tunnel",
+            "request",
+            "app-1",
+            "--resource",
+            "echo",
+            "--privilege",
+            "rw",
+            "--duration",
+            "2m",
+            "--reason",
+            "INC-9",
+        ])
+        .expect("the appliance answers a plan");
+    let plan = tether_ops::tunnel::TunnelApproval::parse(doc.as_bytes()).expect("canonical");
+    assert_eq!(plan.break_glass.target, echo.to_string());
+    assert_eq!(plan.break_glass.duration_s, 120);
+    assert!(plan.break_glass.recipient.starts_with("age1"), "{doc}");
+    assert!(plan.break_glass.credential.is_some());
+    assert_eq!(
+        std::fs::read_dir(c.ops.join("tunnel-keys"))
+            .unwrap()
+            .count(),
+        1,
+        "the one-time key stays with the operator"
+    );
+    std::fs::write(root.join("request.json"), &doc).unwrap();
+    let sign = |file: &str| {
+        ssh_keygen(
+            &[
+                "-Y",
+                "sign",
+                "-n",
+                "tether-approval-v1",
+                "-f",
+                "alice",
+                file,
+            ],
+            &root,
+        )
+    };
+    sign("request.json");
+
+    // A vendor widening the signed document (a longer session): refused by the appliance.
+    let widened = doc.replace("\"duration_s\":120", "\"duration_s\":7200");
+    assert_ne!(widened, doc);
+    std::fs::write(root.join("widened.json"), &widened).unwrap();
+    std::fs::copy(root.join("request.json.sig"), root.join("widened.json.sig")).unwrap();
+    let open_cmd = |file: &str| {
+        Command::new(bin("tether"))
+            .args(["tunnel", "open", "--approval"])
+            .arg(root.join(file))
+            .env("TETHER_CONFIG_DIR", &c.ops)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let out = open_cmd("widened.json").wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("approval_invalid"), "{err}");
+
+    // The real one: the local address first, then bytes both ways.
+    let mut open = open_cmd("request.json");
+    let stdout = open.stdout.take().unwrap();
+    let addr = tokio::task::spawn_blocking(move || {
+        use std::io::BufRead;
+        let mut line = String::new();
+        std::io::BufReader::new(stdout)
+            .read_line(&mut line)
+            .unwrap();
+        line
+    })
+    .await
+    .unwrap();
+    let addr: std::net::SocketAddr = addr
+        .trim()
+        .parse()
+        .unwrap_or_else(|_| panic!("tether tunnel open prints its address, got {addr:?}"));
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let payload: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+    let (mut r, mut w) = s.split();
+    let send = async {
+        w.write_all(&payload).await.unwrap();
+        // Half-close: the echo server sees the end, echoes the rest and closes.
+        w.shutdown().await.unwrap();
+    };
+    let mut back = Vec::new();
+    let recv = r.read_to_end(&mut back);
+    let (_, got) =
+        tokio::time::timeout(Duration::from_secs(30), async { tokio::join!(send, recv) })
+            .await
+            .expect("the echo comes back through control");
+    got.unwrap();
+    assert_eq!(back, payload, "every byte, in order, both ways");
+
+    // The session as control knows it: no secret, bytes counted.
+    let list: Value =
+        serde_json::from_str(&c.tether(&["tunnel", "list", "--output", "json"]).unwrap()).unwrap();
+    let t = &list["items"][0];
+    let id = t["id"].as_str().unwrap().to_owned();
+    assert_eq!(t["state"], "active", "{t}");
+    assert_eq!(t["credential"], true, "{t}");
+    let counted = wait_for(Duration::from_secs(10), || async {
+        let v: Value =
+            serde_json::from_str(&c.tether(&["tunnel", "list", "--output", "json"]).unwrap())
+                .unwrap();
+        // What control relays is the framed stream: the payload and the chunk headers.
+        (v["items"][0]["bytes_up"].as_u64() >= Some(payload.len() as u64)).then_some(v)
+    })
+    .await;
+    assert!(counted.is_some(), "control counts the bytes it relays");
+
+    // The credential: opened once with the one-time key; a second fetch is refused.
+    let cred = c.tether(&["tunnel", "credential", &id]).unwrap();
+    let cred: Value = serde_json::from_str(&cred).expect("the minted JSON");
+    assert_eq!(cred["secret"], secret.as_str());
+    let again = c.tether(&["tunnel", "credential", &id]).unwrap_err();
+    assert!(again.contains("credential_already_fetched"), "{again}");
+
+    // The same approval again: single use on the appliance.
+    let out = open_cmd("request.json").wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("approval_replayed"), "{err}");
+
+    // The vendor closes it: the appliance ends it, revokes the credential, and the open
+    // command says why and exits.
+    c.tether(&["tunnel", "close", &id]).unwrap();
+    let ended = tokio::task::spawn_blocking(move || {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if let Some(status) = open.try_wait().unwrap() {
+                let mut err = String::new();
+                use std::io::Read;
+                open.stderr
+                    .take()
+                    .unwrap()
+                    .read_to_string(&mut err)
+                    .unwrap();
+                return Some((status, err));
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = open.kill();
+        let _ = open.wait();
+        None
+    })
+    .await
+    .unwrap();
+    let (status, err) = ended.expect("tether tunnel open ends with its session");
+    assert!(status.success(), "{err}");
+    assert!(err.contains("ended: closed"), "{err}");
+    assert!(err.contains("connection from"), "{err}");
+    let revoked = wait_for(Duration::from_secs(10), || async {
+        std::fs::read_to_string(&marker).ok()
+    })
+    .await
+    .expect("the revoke command ran at the end");
+    assert!(revoked.contains("cred-"), "{revoked}");
+    // No connection through an ended session.
+    let refused = c.tether(&["tunnel", "credential", &id]).unwrap_err();
+    assert!(refused.contains("credential_already_fetched"), "{refused}");
+
+    // Control's audit: who asked and why, the approval's hash, the hand-over, the close,
+    // the end; and nowhere the secret.
+    let export = root.join("audit.ndjson");
+    c.tether(&["audit", "export", "--out", export.to_str().unwrap()])
+        .unwrap();
+    let audit = std::fs::read_to_string(&export).unwrap();
+    for action in [
+        "appliance.tunnel.open",
+        "appliance.tunnel.credential",
+        "appliance.tunnel.close",
+        "appliance.tunnel.ended",
+    ] {
+        assert!(audit.contains(action), "{action} audited");
+    }
+    assert!(audit.contains("INC-9"));
+    assert!(audit.contains("approval_sha256"));
+    assert!(audit.contains("approval_replayed"), "the replay is audited");
+    assert!(
+        !audit.contains(&secret),
+        "the secret is not in control's audit"
+    );
+    let db = std::fs::read(c.fleet.data.join("control.db")).unwrap_or_default();
+    assert!(
+        !db.windows(secret.len()).any(|w| w == secret.as_bytes()),
+        "the secret is not in control's database"
+    );
+    for (who, logs) in [("control", &c.fleet.control.logs), ("broker", &b1.logs)] {
+        let logs = logs.lock().unwrap();
+        assert!(
+            !logs.iter().any(|l| l.contains(&secret)),
+            "the secret is not in the {who}'s logs"
+        );
+    }
 }
