@@ -1803,6 +1803,77 @@ async fn break_glass_through_control_request_sign_open_credential_close() {
     .await;
     assert!(counted.is_some(), "control counts the bytes it relays");
 
+    // Other operators of the same vendor: another operator can neither take the
+    // credential nor connect through the session; a viewer cannot open one; an operator
+    // certificate cannot pose as a broker dialing back. Each refusal leaves the
+    // credential where it was.
+    let mut others = Vec::new();
+    for (name, role) in [("olga", "operator"), ("vic", "viewer")] {
+        let bundle = root.join(format!("{name}.bundle.json"));
+        c.tether(&[
+            "operator",
+            "invite",
+            name,
+            "--role",
+            role,
+            "--out",
+            bundle.to_str().unwrap(),
+        ])
+        .unwrap();
+        let dir = root.join(format!("config-{name}"));
+        common::operators::tether(
+            &dir,
+            &[
+                "login",
+                "--bundle",
+                bundle.to_str().unwrap(),
+                "--control",
+                &c.fleet.url(),
+            ],
+        )
+        .unwrap();
+        others.push(dir);
+    }
+    let olga = common::operators::tether(&others[0], &["tunnel", "credential", &id]).unwrap_err();
+    assert!(olga.contains("not_your_tunnel"), "{olga}");
+    let olga_http = common::operators::client_from(&c.fleet, Some(&others[0]), false);
+    let resp = olga_http
+        .get(format!("{}/v1/tunnels/{id}/connect", c.fleet.url()))
+        .header("connection", "upgrade")
+        .header("upgrade", "tether-tunnel/1")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 403);
+    let resp = olga_http
+        .get(format!(
+            "{}/v1/brokers/tunnels/{}",
+            c.fleet.url(),
+            "0".repeat(32)
+        ))
+        .header("connection", "upgrade")
+        .header("upgrade", "tether-tunnel/1")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 403, "an operator is not a broker");
+    let vic = common::operators::tether(
+        &others[1],
+        &[
+            "tunnel",
+            "request",
+            "app-1",
+            "--resource",
+            "echo",
+            "--privilege",
+            "rw",
+            "--reason",
+            "x",
+        ],
+    )
+    .unwrap_err();
+    assert!(vic.contains("403"), "{vic}");
+
     // The credential: opened once with the one-time key; a second fetch is refused.
     let cred = c.tether(&["tunnel", "credential", &id]).unwrap();
     let cred: Value = serde_json::from_str(&cred).expect("the minted JSON");

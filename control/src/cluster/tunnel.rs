@@ -89,6 +89,8 @@ pub enum CredentialError {
     NoCredential,
     /// It was fetched already.
     AlreadyFetched,
+    /// The session ended before it was fetched (and the copy went with it).
+    SessionEnded,
 }
 
 /// The tunnel state of a [`Cluster`].
@@ -231,7 +233,11 @@ impl Cluster {
         if !r.view.credential {
             return Err(CredentialError::NoCredential);
         }
-        let sealed = r.sealed.take().ok_or(CredentialError::AlreadyFetched)?;
+        let sealed = r.sealed.take().ok_or(if r.view.credential_fetched {
+            CredentialError::AlreadyFetched
+        } else {
+            CredentialError::SessionEnded
+        })?;
         r.view.credential_fetched = true;
         Ok((r.recipient.clone(), sealed))
     }
@@ -328,4 +334,129 @@ impl Cluster {
 pub fn new_id() -> String {
     let n = crate::domain::token::nonce();
     format!("tun_{}", &n[..24])
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicU64;
+    use std::sync::Arc;
+
+    use tokio_util::sync::CancellationToken;
+
+    use super::*;
+    use crate::cluster::Link;
+
+    fn cluster_with_links() -> (Cluster, tokio::sync::mpsc::Receiver<ToBroker>) {
+        let c = Cluster::new();
+        let (tx, rx) = tokio::sync::mpsc::channel(8);
+        for (id, name) in [(1, "b1"), (2, "b2")] {
+            lock(&c.links).insert(
+                name.into(),
+                Link {
+                    id,
+                    tx: tx.clone(),
+                    quic_addr: String::new(),
+                    connected_at: 0,
+                    applied: Arc::new(AtomicU64::new(0)),
+                    ended: CancellationToken::new(),
+                    tunnel: true,
+                },
+            );
+        }
+        (c, rx)
+    }
+
+    #[tokio::test]
+    async fn a_broker_answers_only_the_opens_it_was_sent() {
+        let (c, mut rx) = cluster_with_links();
+        c.session_up(
+            "b1",
+            tether_proto::cluster::SessionReport {
+                appliance: "a".into(),
+                session_id: 1,
+                fingerprint: "ab".into(),
+                connected_at: 1,
+                cert_not_after: 0,
+                agent_version: String::new(),
+                capabilities: vec![],
+            },
+        );
+        let c = Arc::new(c);
+        let opening = {
+            let c = c.clone();
+            tokio::spawn(async move { c.tunnel_open("a", "tun_1", TunnelRequest::default()).await })
+        };
+        assert!(matches!(rx.recv().await, Some(ToBroker::TunnelOpen { .. })));
+        let ready = TunnelAnswer::Ready {
+            session_id: 9,
+            expires_at_ms: 0,
+            sealed_credential: String::new(),
+        };
+        // Broker 2 forges the answer: dropped. Broker 1's goes through.
+        assert!(!c.tunnel_answered(2, "tun_1", ready.clone()));
+        assert!(c.tunnel_answered(1, "tun_1", ready.clone()));
+        let (broker, answer) = opening.await.unwrap().unwrap();
+        assert_eq!((broker.as_str(), answer), ("b1", ready));
+    }
+
+    #[test]
+    fn a_dial_back_is_taken_once_and_only_by_the_broker_asked() {
+        let (c, _rx) = cluster_with_links();
+        let (tx, _rx) = oneshot::channel();
+        lock(&c.tunnels.dials).insert("k".into(), ("b1".into(), tx));
+        assert!(c.tunnel_dialed("b2", "k").is_none());
+        assert!(c.tunnel_dialed("b1", "other").is_none());
+        assert!(c.tunnel_dialed("b1", "k").is_some());
+        assert!(c.tunnel_dialed("b1", "k").is_none());
+    }
+
+    #[test]
+    fn the_credential_goes_once_to_the_opener_and_never_after_the_end() {
+        let (c, _rx) = cluster_with_links();
+        let view = |id: &str| TunnelSession {
+            id: id.into(),
+            appliance: "a".into(),
+            broker: "b1".into(),
+            operator: "alice".into(),
+            request_id: String::new(),
+            reason: String::new(),
+            resource: String::new(),
+            privilege: String::new(),
+            session_id: 1,
+            opened_at: 0,
+            expires_at_ms: 0,
+            state: "active".into(),
+            ended: None,
+            credential: true,
+            credential_fetched: false,
+            connections: 0,
+            bytes_up: 0,
+            bytes_down: 0,
+        };
+        c.tunnel_insert(Record::new(view("t1"), "age1x".into(), "c2VhbGVk".into()));
+        c.tunnel_insert(Record::new(view("t2"), "age1y".into(), "c2VhbGVk".into()));
+        assert_eq!(
+            c.tunnel_take_credential("t1", "mallory"),
+            Err(CredentialError::NotYours)
+        );
+        assert_eq!(
+            c.tunnel_take_credential("t1", "alice"),
+            Ok(("age1x".into(), "c2VhbGVk".into()))
+        );
+        assert_eq!(
+            c.tunnel_take_credential("t1", "alice"),
+            Err(CredentialError::AlreadyFetched)
+        );
+        // Another broker cannot end it; its own can, and the unfetched copy goes with it.
+        assert!(c.tunnel_ended("b2", "t2", "expired").is_none());
+        assert!(c.tunnel_ended("b1", "t2", "expired").is_some());
+        assert_eq!(
+            c.tunnel_take_credential("t2", "alice"),
+            Err(CredentialError::SessionEnded)
+        );
+        assert_eq!(
+            c.tunnel_take_credential("nope", "alice"),
+            Err(CredentialError::NotFound)
+        );
+    }
 }

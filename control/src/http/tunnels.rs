@@ -298,7 +298,7 @@ pub async fn show(
         (status = 200, description = "the credential sealed to the operator's one-time key (once)", body = SealedCredential),
         (status = 403, description = "`not_your_tunnel`: another operator opened it", body = tether_api::ErrorBody),
         (status = 404, description = "`not_found`, or `no_credential`: the appliance minted none", body = tether_api::ErrorBody),
-        (status = 409, description = "`credential_already_fetched`", body = tether_api::ErrorBody),
+        (status = 409, description = "`credential_already_fetched`, or `not_active`: the session ended first", body = tether_api::ErrorBody),
     ),
     security(("operator_certificate" = [])))]
 pub async fn credential(
@@ -340,6 +340,11 @@ pub async fn credential(
                     ErrorKind::NotFound,
                     "no_credential",
                     "the appliance minted no credential for this session",
+                ),
+                CredentialError::SessionEnded => Error::new(
+                    ErrorKind::Conflict,
+                    "not_active",
+                    "the session ended before its credential was fetched; control kept no copy",
                 ),
                 CredentialError::AlreadyFetched => Error::new(
                     ErrorKind::Conflict,
