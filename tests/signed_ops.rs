@@ -8,39 +8,15 @@
 
 mod common;
 
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use common::customer::*;
 use common::*;
 use serde_json::{json, Value};
 use tether_ops::approval::Approval;
 use tether_ops::{sig, MANIFEST_NAMESPACE};
-
-const POLICY: &str = r#"
-allow_same_uid = true
-
-[phases.observe]
-enabled = true
-approval = "none"
-run_as = "nobody"
-
-[phases.operate]
-enabled = true
-approval = "required"
-run_as = "nobody"
-
-[[classify]]
-argv = ["echo", "**"]
-phase = "observe"
-[[classify]]
-argv = ["cat", "**"]
-phase = "observe"
-
-[[deny]]
-program = ["rm"]
-"#;
 
 /// One appliance with a customer directory, its broker and its agent.
 struct Rig {
@@ -52,23 +28,6 @@ struct Rig {
     canary_dir: PathBuf,
     key: PathBuf,
     appliance_key: String,
-}
-
-fn ssh_keygen(args: &[&str], cwd: &Path) {
-    let out = Command::new("ssh-keygen")
-        .args(args)
-        .current_dir(cwd)
-        .output()
-        .expect("ssh-keygen");
-    assert!(
-        out.status.success(),
-        "ssh-keygen {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-fn chmod(p: &Path, mode: u32) {
-    std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).unwrap();
 }
 
 impl Rig {
@@ -234,22 +193,6 @@ impl Rig {
 
 /// A customer directory under `root` (made world-readable, as an appliance's would be):
 /// `alice`'s key made by stock `ssh-keygen` and pinned as `acme`, and `policy`.
-fn customer_dir(root: &Path, policy: &str) -> PathBuf {
-    chmod(root, 0o755);
-    let customer = root.join("customer");
-    std::fs::create_dir(&customer).unwrap();
-    chmod(&customer, 0o755);
-    ssh_keygen(&["-q", "-t", "ed25519", "-N", "", "-f", "alice"], root);
-    let public = std::fs::read_to_string(root.join("alice.pub")).unwrap();
-    std::fs::write(
-        customer.join("approvers.toml"),
-        format!("[[key]]\nid = \"acme\"\npublic_key = \"{}\"\nnot_before = \"2026-01-01T00:00:00Z\"\nnot_after = \"2099-01-01T00:00:00Z\"\n", public.trim()),
-    )
-    .unwrap();
-    std::fs::write(customer.join("policy.toml"), policy).unwrap();
-    customer
-}
-
 fn error_of(lines: &[Value]) -> String {
     lines
         .last()
@@ -1178,63 +1121,6 @@ async fn a_replay_after_the_clock_went_forward_past_pruning_and_back_is_refused(
 }
 
 /// A TCP echo server on 127.0.0.1 standing in for the customer's resource.
-async fn echo_server() -> std::net::SocketAddr {
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = l.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = l.accept().await {
-            tokio::spawn(async move {
-                let (mut r, mut w) = s.split();
-                let _ = tokio::io::copy(&mut r, &mut w).await;
-            });
-        }
-    });
-    addr
-}
-
-/// The customer's policy with break-glass resource `echo` at `target`.
-fn tunnel_policy(target: &str) -> String {
-    format!(
-        "{POLICY}\n[[resource]]\nname = \"echo\"\ntarget = \"{target}\"\n[resource.privilege.rw]\n"
-    )
-}
-
-/// The customer's mint and revoke commands in `root/bin`: mint prints a JSON credential
-/// holding `secret` (and writes the secret to its stderr too, which must reach no log);
-/// revoke appends the credential id to `marker`. Returns (mint, revoke).
-fn credential_commands(root: &Path, secret: &str, marker: &Path) -> (PathBuf, PathBuf) {
-    let bin_dir = root.join("bin");
-    std::fs::create_dir(&bin_dir).unwrap();
-    chmod(&bin_dir, 0o755);
-    let mint = bin_dir.join("mint");
-    std::fs::write(
-        &mint,
-        format!("#!/bin/sh\nprintf '{{\"credential_id\":\"cred-%s\",\"secret\":\"{secret}\",\"ttl\":\"%s\"}}' \"$2\" \"$1\"\necho \"{secret}\" >&2\n"),
-    )
-    .unwrap();
-    let revoke = bin_dir.join("revoke");
-    std::fs::write(
-        &revoke,
-        format!("#!/bin/sh\necho \"$1\" >> {}\n", marker.display()),
-    )
-    .unwrap();
-    for f in [&mint, &revoke] {
-        chmod(f, 0o755);
-    }
-    (mint, revoke)
-}
-
-/// [`POLICY`] with resource `echo` at `target` whose privilege `rw` mints and revokes
-/// with the commands [`credential_commands`] made in `root/bin`.
-fn credential_policy(target: &str, root: &Path) -> String {
-    let bin = root.join("bin");
-    format!(
-        "{POLICY}\n[[resource]]\nname = \"echo\"\ntarget = \"{target}\"\n[resource.privilege.rw]\nmint = {{ argv = [\"{}\", \"{{duration_s}}\", \"{{session_id}}\"], deadline_ms = 5000 }}\nrevoke = {{ argv = [\"{}\", \"{{credential_id}}\"], deadline_ms = 5000 }}\n",
-        bin.join("mint").display(),
-        bin.join("revoke").display()
-    )
-}
-
 async fn open_tunnel(rig: &Rig, body: Value) -> (u16, Value) {
     let resp = http()
         .post(rig.broker.url("/v1/sessions/app-1/tunnels"))
