@@ -18,13 +18,12 @@
 #[allow(unused_imports)]
 mod common;
 
-use std::io::BufRead;
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 
 use common::cluster::Cluster;
-use common::customer::{chmod, customer_dir, echo_server, ssh_keygen, tunnel_policy};
-use common::{bin, AgentProc, BrokerProc};
+use common::customer::{echo_server, request_signed, through_control, tunnel_open, tunnel_policy};
+use common::{AgentProc, BrokerProc};
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -47,24 +46,13 @@ impl Drop for Rig {
 }
 
 async fn rig() -> Rig {
-    let mut c = Cluster::new("");
-    let broker = c.add_broker("edge-1");
-    let state = c.enroll("app-1");
-    let root = c.tmp().to_path_buf();
-    chmod(&root, 0o755);
     let direct = echo_server().await;
-    let customer = customer_dir(&root, &tunnel_policy(&direct.to_string()));
-    let agent = AgentProc::start(
-        &state,
-        &[broker.quic],
-        &["--customer-dir", customer.to_str().unwrap()],
-    );
-    c.wait_connected("app-1", Some("edge-1")).await;
-    let doc = c
-        .tether(&[
-            "tunnel",
-            "request",
-            "app-1",
+    let (c, broker, agent, root) = through_control(|_| tunnel_policy(&direct.to_string())).await;
+    request_signed(
+        &c,
+        &root,
+        "request.json",
+        &[
             "--resource",
             "echo",
             "--privilege",
@@ -74,37 +62,9 @@ async fn rig() -> Rig {
             "--reason",
             "bench",
             "--no-credential",
-        ])
-        .expect("the appliance answers a plan");
-    std::fs::write(root.join("request.json"), doc).unwrap();
-    ssh_keygen(
-        &[
-            "-Y",
-            "sign",
-            "-n",
-            "tether-approval-v1",
-            "-f",
-            "alice",
-            "request.json",
         ],
-        &root,
     );
-    let mut open = Command::new(bin("tether"))
-        .args(["tunnel", "open", "--approval"])
-        .arg(root.join("request.json"))
-        .env("TETHER_CONFIG_DIR", &c.ops)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    std::io::BufReader::new(open.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let tunnel = line
-        .trim()
-        .parse()
-        .expect("tether tunnel open prints its address");
+    let (open, tunnel) = tunnel_open(&c, &root, "request.json").await;
     Rig {
         _cluster: c,
         _broker: broker,

@@ -1552,33 +1552,27 @@ async fn a_tunnel_credential_is_sealed_to_the_operator_and_revoked_even_after_a_
 #[tokio::test]
 async fn break_glass_through_control_request_sign_open_credential_close() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut c = common::cluster::Cluster::new("");
-    let b1 = c.add_broker("edge-1");
-    let state = c.enroll("app-1");
-    let root = c.tmp().to_path_buf();
-    chmod(&root, 0o755);
     let echo = echo_server().await;
     let secret = format!("s3cr3t-{}", tether_ops::approval::new_approval_id());
-    let canary_dir = root.join("canary");
-    std::fs::create_dir(&canary_dir).unwrap();
-    chmod(&canary_dir, 0o777);
-    let marker = canary_dir.join("revoked");
-    credential_commands(&root, &secret, &marker);
-    let policy = credential_policy(&echo.to_string(), &root);
-    let customer = customer_dir(&root, &policy);
-    let _agent = AgentProc::start(
-        &state,
-        &[b1.quic],
-        &["--customer-dir", customer.to_str().unwrap()],
-    );
-    c.wait_connected("app-1", Some("edge-1")).await;
+    let marker = std::sync::OnceLock::new();
+    let (c, b1, _agent, root) = through_control(|root| {
+        let canary_dir = root.join("canary");
+        std::fs::create_dir(&canary_dir).unwrap();
+        chmod(&canary_dir, 0o777);
+        let m = canary_dir.join("revoked");
+        credential_commands(root, &secret, &m);
+        marker.set(m).unwrap();
+        credential_policy(&echo.to_string(), root)
+    })
+    .await;
+    let marker = marker.into_inner().unwrap();
 
     // The request: the appliance's own document, with the operator's one-time key in it.
-    let doc = c
-        .tether(&[
-            "tunnel",
-            "request",
-            "app-1",
+    let doc = request_signed(
+        &c,
+        &root,
+        "request.json",
+        &[
             "--resource",
             "echo",
             "--privilege",
@@ -1587,8 +1581,8 @@ async fn break_glass_through_control_request_sign_open_credential_close() {
             "2m",
             "--reason",
             "INC-9",
-        ])
-        .expect("the appliance answers a plan");
+        ],
+    );
     let plan = tether_ops::tunnel::TunnelApproval::parse(doc.as_bytes()).expect("canonical");
     assert_eq!(plan.break_glass.target, echo.to_string());
     assert_eq!(plan.break_glass.duration_s, 120);
@@ -1601,60 +1595,20 @@ async fn break_glass_through_control_request_sign_open_credential_close() {
         1,
         "the one-time key stays with the operator"
     );
-    std::fs::write(root.join("request.json"), &doc).unwrap();
-    let sign = |file: &str| {
-        ssh_keygen(
-            &[
-                "-Y",
-                "sign",
-                "-n",
-                "tether-approval-v1",
-                "-f",
-                "alice",
-                file,
-            ],
-            &root,
-        )
-    };
-    sign("request.json");
 
     // A vendor widening the signed document (a longer session): refused by the appliance.
     let widened = doc.replace("\"duration_s\":120", "\"duration_s\":7200");
     assert_ne!(widened, doc);
     std::fs::write(root.join("widened.json"), &widened).unwrap();
     std::fs::copy(root.join("request.json.sig"), root.join("widened.json.sig")).unwrap();
-    let open_cmd = |file: &str| {
-        Command::new(bin("tether"))
-            .args(["tunnel", "open", "--approval"])
-            .arg(root.join(file))
-            .env("TETHER_CONFIG_DIR", &c.ops)
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap()
-    };
+    let open_cmd = |file: &str| tunnel_open_cmd(&c, &root, file);
     let out = open_cmd("widened.json").wait_with_output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(err.contains("approval_invalid"), "{err}");
 
     // The real one: the local address first, then bytes both ways.
-    let mut open = open_cmd("request.json");
-    let stdout = open.stdout.take().unwrap();
-    let addr = tokio::task::spawn_blocking(move || {
-        use std::io::BufRead;
-        let mut line = String::new();
-        std::io::BufReader::new(stdout)
-            .read_line(&mut line)
-            .unwrap();
-        line
-    })
-    .await
-    .unwrap();
-    let addr: std::net::SocketAddr = addr
-        .trim()
-        .parse()
-        .unwrap_or_else(|_| panic!("tether tunnel open prints its address, got {addr:?}"));
+    let (mut open, addr) = tunnel_open(&c, &root, "request.json").await;
     let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
     let payload: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
     let (mut r, mut w) = s.split();
@@ -1844,4 +1798,118 @@ async fn break_glass_through_control_request_sign_open_credential_close() {
             "the secret is not in the {who}'s logs"
         );
     }
+}
+
+/// The customer resource is a real database: a throwaway PostgreSQL (`scripts/pg`). The
+/// privilege's mint command creates a login role for this session only (`bg_<session>`)
+/// and its revoke command drops it; the operator opens the credential, speaks the
+/// PostgreSQL protocol through `tether tunnel open` as that role, and once the vendor
+/// closes the session the role is gone from the database.
+#[tokio::test]
+async fn break_glass_to_postgresql_with_a_role_made_for_the_session_and_dropped_after() {
+    use sqlx::Connection as _;
+    let admin_url = std::env::var("TETHER_TEST_PG_URL").unwrap_or_else(|_| {
+        panic!(
+            "TETHER_TEST_PG_URL is not set: this test needs PostgreSQL. Run ./scripts/test, \
+             or `export TETHER_TEST_PG_URL=$(./scripts/pg)` and run cargo test again"
+        )
+    });
+    // postgres://USER@HOST:PORT/DB
+    let rest = admin_url.split_once('@').expect("a user in the URL").1;
+    let (target, db) = rest.split_once('/').expect("a database in the URL");
+    let target = target.to_owned();
+    let db = db.split('?').next().unwrap().to_owned();
+    let marker = std::sync::OnceLock::new();
+    let (c, _b1, _agent, root) = through_control(|root| {
+        let bin_dir = root.join("pgbin");
+        std::fs::create_dir(&bin_dir).unwrap();
+        chmod(&bin_dir, 0o755);
+        let canary = root.join("canary");
+        std::fs::create_dir(&canary).unwrap();
+        chmod(&canary, 0o777);
+        let m = canary.join("dropped");
+        let mint = bin_dir.join("mint");
+        std::fs::write(
+            &mint,
+            format!(
+                "#!/bin/sh\nset -e\nrole=\"bg_$1\"\npsql -q -v ON_ERROR_STOP=1 '{admin_url}' -c \"CREATE ROLE $role LOGIN\" >/dev/null\nprintf '{{\"credential_id\":\"%s\",\"user\":\"%s\",\"secret\":\"trust\"}}' \"$role\" \"$role\"\n"
+            ),
+        )
+        .unwrap();
+        let revoke = bin_dir.join("revoke");
+        std::fs::write(
+            &revoke,
+            format!(
+                "#!/bin/sh\nset -e\npsql -q -v ON_ERROR_STOP=1 '{admin_url}' -c \"DROP ROLE $1\" >/dev/null\necho \"$1\" >> {}\n",
+                m.display()
+            ),
+        )
+        .unwrap();
+        for f in [&mint, &revoke] {
+            chmod(f, 0o755);
+        }
+        marker.set(m).unwrap();
+        format!(
+            "{POLICY}\n[[resource]]\nname = \"orders-db\"\ntarget = \"{target}\"\n[resource.privilege.readonly]\nmint = {{ argv = [\"{}\", \"{{session_id}}\"], deadline_ms = 10000 }}\nrevoke = {{ argv = [\"{}\", \"{{credential_id}}\"], deadline_ms = 10000 }}\n",
+            mint.display(),
+            revoke.display()
+        )
+    })
+    .await;
+    let marker = marker.into_inner().unwrap();
+    request_signed(
+        &c,
+        &root,
+        "db.json",
+        &[
+            "--resource",
+            "orders-db",
+            "--privilege",
+            "readonly",
+            "--duration",
+            "5m",
+            "--reason",
+            "INC-PG",
+        ],
+    );
+    let (mut open, addr) = tunnel_open(&c, &root, "db.json").await;
+    let list: Value =
+        serde_json::from_str(&c.tether(&["tunnel", "list", "--output", "json"]).unwrap()).unwrap();
+    let id = list["items"][0]["id"].as_str().unwrap().to_owned();
+    let cred: Value =
+        serde_json::from_str(&c.tether(&["tunnel", "credential", &id]).unwrap()).unwrap();
+    let user = cred["user"].as_str().unwrap().to_owned();
+    assert!(user.starts_with("bg_"), "{cred}");
+
+    // A real PostgreSQL client through the tunnel, as the session's own role.
+    let mut conn = sqlx::PgConnection::connect(&format!("postgres://{user}@{addr}/{db}"))
+        .await
+        .expect("PostgreSQL through the tunnel");
+    let me: String = sqlx::query_scalar("SELECT current_user::text")
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(me, user);
+    let one: i32 = sqlx::query_scalar("SELECT 1")
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(one, 1);
+    conn.close().await.unwrap();
+
+    // Closed by the vendor: the role is dropped, so the credential opens nothing anymore.
+    c.tether(&["tunnel", "close", &id]).unwrap();
+    let dropped = wait_for(Duration::from_secs(20), || async {
+        std::fs::read_to_string(&marker).ok()
+    })
+    .await
+    .expect("the revoke command ran");
+    assert_eq!(dropped.trim(), user);
+    let direct = format!("postgres://{user}@{target}/{db}");
+    let err = sqlx::PgConnection::connect(&direct)
+        .await
+        .expect_err("the session's role is gone");
+    assert!(err.to_string().contains("does not exist"), "{err}");
+    let _ = open.kill();
+    let _ = open.wait();
 }

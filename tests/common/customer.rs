@@ -125,3 +125,100 @@ pub fn credential_policy(target: &str, root: &Path) -> String {
         bin.join("revoke").display()
     )
 }
+
+/// Control, an enrolled broker `edge-1`, and appliance `app-1` whose agent runs with a
+/// customer directory holding the policy `policy(root)` returns (given the directory
+/// everything lives in, 0755 so the phases' users can reach what is made there), connected.
+/// Returns them and that directory.
+pub async fn through_control(
+    policy: impl FnOnce(&Path) -> String,
+) -> (
+    super::cluster::Cluster,
+    super::BrokerProc,
+    super::AgentProc,
+    PathBuf,
+) {
+    let mut c = super::cluster::Cluster::new("");
+    let broker = c.add_broker("edge-1");
+    let state = c.enroll("app-1");
+    let root = c.tmp().to_path_buf();
+    chmod(&root, 0o755);
+    let policy = policy(&root);
+    let customer = customer_dir(&root, &policy);
+    let agent = super::AgentProc::start(
+        &state,
+        &[broker.quic],
+        &["--customer-dir", customer.to_str().unwrap()],
+    );
+    c.wait_connected("app-1", Some("edge-1")).await;
+    (c, broker, agent, root)
+}
+
+/// `tether tunnel request app-1 ARGS` as the admin, the document written to `root/file`
+/// and signed there by the customer's key (`root/alice`, stock `ssh-keygen`). Returns
+/// the document.
+pub fn request_signed(
+    c: &super::cluster::Cluster,
+    root: &Path,
+    file: &str,
+    args: &[&str],
+) -> String {
+    let mut all = vec!["tunnel", "request", "app-1"];
+    all.extend_from_slice(args);
+    let doc = c.tether(&all).expect("the appliance answers a plan");
+    std::fs::write(root.join(file), &doc).unwrap();
+    ssh_keygen(
+        &[
+            "-Y",
+            "sign",
+            "-n",
+            "tether-approval-v1",
+            "-f",
+            "alice",
+            file,
+        ],
+        root,
+    );
+    doc
+}
+
+/// `tether tunnel open --approval root/file` as the admin (stderr piped), started.
+pub fn tunnel_open_cmd(
+    c: &super::cluster::Cluster,
+    root: &Path,
+    file: &str,
+) -> std::process::Child {
+    Command::new(super::bin("tether"))
+        .args(["tunnel", "open", "--approval"])
+        .arg(root.join(file))
+        .env("TETHER_CONFIG_DIR", &c.ops)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// [`tunnel_open_cmd`], and the local address it prints first.
+pub async fn tunnel_open(
+    c: &super::cluster::Cluster,
+    root: &Path,
+    file: &str,
+) -> (std::process::Child, std::net::SocketAddr) {
+    let mut open = tunnel_open_cmd(c, root, file);
+    let stdout = open.stdout.take().unwrap();
+    let line = tokio::task::spawn_blocking(move || {
+        use std::io::BufRead;
+        let mut line = String::new();
+        std::io::BufReader::new(stdout)
+            .read_line(&mut line)
+            .unwrap();
+        line
+    })
+    .await
+    .unwrap();
+    let addr = line
+        .trim()
+        .parse()
+        .unwrap_or_else(|_| panic!("tether tunnel open prints its address, got {line:?}"));
+    (open, addr)
+}
