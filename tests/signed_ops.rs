@@ -1913,3 +1913,97 @@ async fn break_glass_to_postgresql_with_a_role_made_for_the_session_and_dropped_
     let _ = open.kill();
     let _ = open.wait();
 }
+
+/// A name of ours in `/etc/hosts`, removed on drop.
+struct HostsName {
+    name: String,
+}
+
+impl HostsName {
+    const HOSTS: &'static str = "/etc/hosts";
+
+    /// `name` resolving to `ip`; `None` when `/etc/hosts` cannot be written (not root).
+    fn add(name: &str, ip: &str) -> Option<HostsName> {
+        let h = HostsName { name: name.into() };
+        h.point(ip).ok()?;
+        Some(h)
+    }
+
+    /// Re-point the name (the file is rewritten in place: other lines are kept).
+    fn point(&self, ip: &str) -> std::io::Result<()> {
+        let text = std::fs::read_to_string(Self::HOSTS)?;
+        let mut lines: Vec<String> = text
+            .lines()
+            .filter(|l| !l.split_whitespace().any(|w| w == self.name))
+            .map(str::to_owned)
+            .collect();
+        lines.push(format!("{ip} {}", self.name));
+        std::fs::write(Self::HOSTS, lines.join("\n") + "\n")
+    }
+}
+
+impl Drop for HostsName {
+    fn drop(&mut self) {
+        if let Ok(text) = std::fs::read_to_string(Self::HOSTS) {
+            let kept: Vec<&str> = text
+                .lines()
+                .filter(|l| !l.split_whitespace().any(|w| w == self.name))
+                .collect();
+            let _ = std::fs::write(Self::HOSTS, kept.join("\n") + "\n");
+        }
+    }
+}
+
+/// The customer's target is a DNS name; the agent resolves it once, at activation, and
+/// pins the addresses. An attacker who re-points the name afterwards (here: its
+/// `/etc/hosts` entry moves from 127.0.0.1 to 127.0.0.2, where an impostor listens on the
+/// same port) gets no new connection to the impostor.
+#[tokio::test]
+async fn a_tunnel_keeps_the_address_pinned_at_activation_when_the_name_moves() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let name = format!(
+        "bg-pin-{}.test",
+        &tether_ops::approval::new_approval_id()[..8]
+    );
+    let Some(hosts) = HostsName::add(&name, "127.0.0.1") else {
+        eprintln!("SKIPPED: /etc/hosts is not writable (run as root, as CI does)");
+        return;
+    };
+    let rig = Rig::new().await;
+    let echo = echo_server().await;
+    // The impostor on the same port of another loopback address answers "impostor".
+    let impostor = tokio::net::TcpListener::bind(("127.0.0.2", echo.port()))
+        .await
+        .expect("127.0.0.2 on the echo's port");
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = impostor.accept().await {
+            let _ = s.write_all(b"impostor").await;
+        }
+    });
+    let target = format!("{name}:{}", echo.port());
+    std::fs::write(rig.customer.join("policy.toml"), tunnel_policy(&target)).unwrap();
+    let opened = open_ten_minutes(&rig).await;
+    let listen = opened["listen"].as_str().unwrap().to_owned();
+    let echo_once = |listen: String| async move {
+        let mut s = tokio::net::TcpStream::connect(&listen).await.unwrap();
+        s.write_all(b"ping").await.unwrap();
+        s.shutdown().await.unwrap();
+        let mut back = Vec::new();
+        tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut back))
+            .await
+            .unwrap()
+            .unwrap();
+        back
+    };
+    assert_eq!(echo_once(listen.clone()).await, b"ping");
+
+    hosts.point("127.0.0.2").unwrap();
+    let now: Vec<_> = tokio::net::lookup_host(&target).await.unwrap().collect();
+    assert!(
+        now.iter().all(|a| a.ip().to_string() == "127.0.0.2"),
+        "the name moved: {now:?}"
+    );
+    // A new connection still goes to the address pinned at activation.
+    assert_eq!(echo_once(listen).await, b"ping");
+    drop(hosts);
+}
