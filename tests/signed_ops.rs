@@ -1608,7 +1608,7 @@ async fn break_glass_through_control_request_sign_open_credential_close() {
     assert!(err.contains("approval_invalid"), "{err}");
 
     // The real one: the local address first, then bytes both ways.
-    let (mut open, addr) = tunnel_open(&c, &root, "request.json").await;
+    let (open, addr) = tunnel_open(&c, &root, "request.json").await;
     let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
     let payload: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
     let (mut r, mut w) = s.split();
@@ -1730,27 +1730,7 @@ async fn break_glass_through_control_request_sign_open_credential_close() {
     // The vendor closes it: the appliance ends it, revokes the credential, and the open
     // command says why and exits.
     c.tether(&["tunnel", "close", &id]).unwrap();
-    let ended = tokio::task::spawn_blocking(move || {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while Instant::now() < deadline {
-            if let Some(status) = open.try_wait().unwrap() {
-                let mut err = String::new();
-                use std::io::Read;
-                open.stderr
-                    .take()
-                    .unwrap()
-                    .read_to_string(&mut err)
-                    .unwrap();
-                return Some((status, err));
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        let _ = open.kill();
-        let _ = open.wait();
-        None
-    })
-    .await
-    .unwrap();
+    let ended = wait_exit(open, Duration::from_secs(20)).await;
     let (status, err) = ended.expect("tether tunnel open ends with its session");
     assert!(status.success(), "{err}");
     assert!(err.contains("ended: closed"), "{err}");
@@ -2006,4 +1986,60 @@ async fn a_tunnel_keeps_the_address_pinned_at_activation_when_the_name_moves() {
     // A new connection still goes to the address pinned at activation.
     assert_eq!(echo_once(listen).await, b"ping");
     drop(hosts);
+}
+
+/// Every close reaches the operator through control with its reason: a second connection
+/// over `max_connections` is refused as `limit`, the open one is cut as `expired` when
+/// the appliance's timer ends the session, and `tether tunnel open` says the session
+/// ended as `expired` and exits; a connection after that is refused by control.
+#[tokio::test]
+async fn through_control_the_operator_sees_why_each_connection_closed() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let echo = echo_server().await;
+    let (c, _b1, _agent, root) = through_control(|_| tunnel_policy(&echo.to_string())).await;
+    request_signed(
+        &c,
+        &root,
+        "short.json",
+        &[
+            "--resource",
+            "echo",
+            "--privilege",
+            "rw",
+            "--duration",
+            "4s",
+            "--max-connections",
+            "1",
+            "--reason",
+            "INC-10",
+            "--no-credential",
+        ],
+    );
+    let (open, addr) = tunnel_open(&c, &root, "short.json").await;
+    let mut first = tokio::net::TcpStream::connect(addr).await.unwrap();
+    first.write_all(b"one").await.unwrap();
+    let mut buf = [0u8; 3];
+    first.read_exact(&mut buf).await.unwrap();
+    assert_eq!(&buf, b"one");
+    // Over the limit: the appliance refuses, the local socket closes.
+    let mut second = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut rest = Vec::new();
+    let n = tokio::time::timeout(Duration::from_secs(10), second.read_to_end(&mut rest))
+        .await
+        .expect("the refused connection closes");
+    assert!(n.map(|n| n == 0).unwrap_or(true));
+    // The first one is cut when the session expires.
+    let cut = tokio::time::timeout(Duration::from_secs(15), first.read_to_end(&mut rest))
+        .await
+        .expect("the connection ends with the session");
+    assert!(cut.map(|n| n == 0).unwrap_or(true));
+    let (_, ended) = wait_exit(open, Duration::from_secs(20))
+        .await
+        .expect("tether tunnel open ends with its session");
+    assert!(ended.contains("closed: limit"), "{ended}");
+    assert!(ended.contains("closed: expired"), "{ended}");
+    assert!(ended.contains("ended: expired"), "{ended}");
+    let list: Value =
+        serde_json::from_str(&c.tether(&["tunnel", "list", "--output", "json"]).unwrap()).unwrap();
+    assert_eq!(list["items"][0]["ended"], "expired", "{list}");
 }

@@ -222,3 +222,30 @@ pub async fn tunnel_open(
         .unwrap_or_else(|_| panic!("tether tunnel open prints its address, got {line:?}"));
     (open, addr)
 }
+
+/// Wait up to `limit` for `child` (started with stderr piped) to exit: its status and
+/// stderr. `None` (and the child killed) when it does not.
+pub async fn wait_exit(
+    mut child: std::process::Child,
+    limit: std::time::Duration,
+) -> Option<(std::process::ExitStatus, String)> {
+    tokio::task::spawn_blocking(move || {
+        let deadline = std::time::Instant::now() + limit;
+        while std::time::Instant::now() < deadline {
+            if let Some(status) = child.try_wait().unwrap() {
+                let mut err = String::new();
+                use std::io::Read;
+                if let Some(mut e) = child.stderr.take() {
+                    e.read_to_string(&mut err).unwrap();
+                }
+                return Some((status, err));
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        None
+    })
+    .await
+    .unwrap()
+}
