@@ -1640,3 +1640,151 @@ async fn a_tunnel_credential_is_sealed_to_the_operator_and_revoked_even_after_a_
     let broker_logs = rig.broker.logs.lock().unwrap().join("\n");
     assert!(!broker_logs.contains(&secret), "secret in the broker's log");
 }
+
+/// The appliance log's `session.manifest` entries, in order: (manifest, signature).
+fn session_manifests(rig: &Rig) -> Vec<(String, String)> {
+    std::fs::read_to_string(rig.state.join("audit.jsonl"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|e| e["action"] == "session.manifest")
+        .map(|e| {
+            (
+                e["details"]["manifest"].as_str().unwrap().to_owned(),
+                e["details"]["sig"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect()
+}
+
+/// `tether ops verify --session` on files under the rig's root: (exit code, stdout).
+fn verify_session(rig: &Rig, approval: &str, manifest: &str) -> (Option<i32>, String) {
+    let out = Command::new(bin("tether"))
+        .args(["ops", "verify", "--session", "--approval"])
+        .arg(rig.root().join(approval))
+        .arg("--manifest")
+        .arg(rig.root().join(manifest))
+        .arg("--customer-keys")
+        .arg(rig.customer.join("approvers.toml"))
+        .output()
+        .unwrap();
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.code(), said)
+}
+
+/// At its end the appliance signs the session's manifest: the approval's hash, the
+/// tunnel as opened, its times, each connection with its bytes and close reason. The
+/// customer's log has it; `tether ops verify --session` accepts it with its approval and
+/// refuses it edited, or with another approval.
+#[tokio::test]
+async fn a_session_manifest_binds_the_approval_and_verifies_offline() {
+    let rig = Rig::new().await;
+    let echo = echo_server().await;
+    std::fs::write(
+        rig.customer.join("policy.toml"),
+        tunnel_policy(&echo.to_string()),
+    )
+    .unwrap();
+    let ask = json!({"resource": "echo", "privilege": "rw", "duration_s": 3, "idle_timeout_s": 3, "request_id": "req-m", "reason": "INC-12"});
+    let mut plan_req = ask.clone();
+    plan_req["plan"] = json!(true);
+    let (_, plan) = open_tunnel(&rig, plan_req).await;
+    let (doc, sig) = rig.sign(plan["plan"].as_str().unwrap());
+    let mut body = ask;
+    body["approval"] = json!(doc);
+    body["approval_sig"] = json!(sig);
+    let (status, v) = open_tunnel(&rig, body).await;
+    assert_eq!(status, 200, "{v}");
+    let session_id = v["session_id"].as_u64().unwrap();
+    let listen: std::net::SocketAddr = v["listen"].as_str().unwrap().parse().unwrap();
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut c = tokio::net::TcpStream::connect(listen).await.unwrap();
+    c.write_all(b"twelve bytes").await.unwrap();
+    let mut got = [0u8; 12];
+    c.read_exact(&mut got).await.unwrap();
+    // The agent's timer ends it at 3 s.
+    let n = tokio::time::timeout(Duration::from_secs(10), c.read(&mut got))
+        .await
+        .expect("the tunnel closes at expiry");
+    assert!(matches!(n, Ok(0) | Err(_)), "{n:?}");
+
+    let (manifest, manifest_sig) = wait_for(Duration::from_secs(10), || async {
+        session_manifests(&rig).pop()
+    })
+    .await
+    .expect("the session manifest is in the appliance log");
+    let m: Value = serde_json::from_str(&manifest).unwrap();
+    assert_eq!(m["type"], "tether.session-manifest.v1", "{m}");
+    assert_eq!(m["session_id"], session_id.to_string());
+    assert_eq!(m["request_id"], "req-m");
+    assert_eq!(
+        m["approval"]["sha256"],
+        tether_ops::sha256_hex(doc.as_bytes())
+    );
+    assert_eq!(m["target"], echo.to_string());
+    assert_eq!(m["pinned"], json!([echo.to_string()]));
+    assert_eq!(m["end_reason"], "expired");
+    assert_eq!(m["connections_total"], 1, "{m}");
+    let conn = &m["connections"][0];
+    assert_eq!(
+        (
+            &conn["to_target_bytes"],
+            &conn["from_target_bytes"],
+            &conn["reason"]
+        ),
+        (&json!(12), &json!(12), &json!("expired")),
+        "{m}"
+    );
+    assert_eq!(m["teardown"], "none");
+    assert_eq!(m["credential"]["minted"], false);
+    let lived = m["ended_ms"].as_i64().unwrap() - m["activated_ms"].as_i64().unwrap();
+    assert!((3000..4000).contains(&lived), "{m}");
+    // The log's end (just after) names it.
+    let named = format!(
+        "\"manifest_sha256\":\"{}\"",
+        tether_ops::sha256_hex(manifest.as_bytes())
+    );
+    wait_for(Duration::from_secs(5), || async {
+        std::fs::read_to_string(rig.state.join("audit.jsonl"))
+            .unwrap()
+            .contains(&named)
+            .then_some(())
+    })
+    .await
+    .expect("session.ended names the manifest");
+
+    // Offline, with no agent: the approval (approval.json and .sig, as the customer signed
+    // them) and the manifest.
+    std::fs::write(rig.root().join("session.json"), &manifest).unwrap();
+    std::fs::write(rig.root().join("session.json.sig"), &manifest_sig).unwrap();
+    let (code, said) = verify_session(&rig, "approval.json", "session.json");
+    assert_eq!(code, Some(0), "{said}");
+    assert!(
+        said.starts_with("valid:") && said.contains("ended_in_time"),
+        "{said}"
+    );
+
+    // Edited: the session claimed shorter than it was.
+    let edited = manifest.replace("\"end_reason\":\"expired\"", "\"end_reason\":\"closed\"");
+    assert_ne!(edited, manifest);
+    std::fs::write(rig.root().join("edited.json"), &edited).unwrap();
+    std::fs::write(rig.root().join("edited.json.sig"), &manifest_sig).unwrap();
+    let (code, said) = verify_session(&rig, "approval.json", "edited.json");
+    assert_eq!(code, Some(1), "{said}");
+    assert!(said.contains("manifest_signature"), "{said}");
+
+    // Another genuine approval of the customer's (another session): not this one's.
+    let ask = json!({"resource": "echo", "privilege": "rw", "duration_s": 60, "idle_timeout_s": 60, "plan": true});
+    let (_, plan) = open_tunnel(&rig, ask).await;
+    rig.sign(plan["plan"].as_str().unwrap());
+    let (code, said) = verify_session(&rig, "approval.json", "session.json");
+    assert_eq!(code, Some(1), "{said}");
+    assert!(said.contains("approval_hash"), "{said}");
+    // A usage error: a file that is not there.
+    let (code, _) = verify_session(&rig, "missing.json", "session.json");
+    assert_eq!(code, Some(2));
+}

@@ -3,24 +3,34 @@
 //! A session-control stream (`TunnelOpen`) is admitted by [`SignedOps::admit_tunnel`]
 //! (the customer's approval re-derived from the customer's own policy, used once). The
 //! target's addresses are resolved once, at activation, and pinned: connections never
-//! re-resolve, so a re-pointed DNS name cannot redirect them. Time lives here: the
-//! session ends at activation + the approved duration (capped by policy) by this agent's
-//! own timer, whatever the vendor does; it also ends when the customer's policy stops
-//! allowing it (re-checked four times a second), when the vendor closes the
+//! re-resolve, so a re-pointed DNS name cannot redirect them. Time lives here: each
+//! session's watchdog task ends it at activation + the approved duration (capped by
+//! policy) by this agent's own timer, whatever the vendor does; it also ends it when the
+//! customer's policy stops allowing it (re-checked four times a second), when the
+//! customer ends it (`tether-agent session end`), when the vendor closes the
 //! session-control stream, or when that stream is lost with the connection.
 //!
 //! Each connection stream (`TunnelConnect`) dials the pinned addresses and copies bytes
 //! both ways, half-close included (QUIC stream flow control is the back-pressure). Every
 //! close carries its reason as the stream's reset code ([`TunnelCloseReason`]).
+//!
+//! At the end the watchdog resets every connection, runs the revoke command, then
+//! signs the session manifest (`tether_ops::session`), logs it for the customer and
+//! sends it in `TunnelEnded` when the session-control stream is still there.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::BytesMut;
 use quinn::{RecvStream, SendStream, VarInt};
+use tether_ops::manifest::ApprovalRef;
+use tether_ops::session::{
+    ConnectionRecord, CredentialRecord, SessionManifest, Teardown, MAX_LISTED_CONNECTIONS,
+    SESSION_MANIFEST_TYPE,
+};
 use tether_ops::Phase;
 use tether_proto::{
     Frame, TunnelCloseReason, TunnelConnect, TunnelConnected, TunnelEnded, TunnelOpen, TunnelPlan,
@@ -108,12 +118,17 @@ pub fn active_in_log(log: &std::path::Path) -> anyhow::Result<Vec<LoggedSession>
     Ok(active)
 }
 
+/// How long an ended session waits for its connections to record their close before its
+/// manifest is signed.
+const CONNECTIONS_CLOSE_WAIT: Duration = Duration::from_secs(2);
+
 /// One active session.
 #[derive(Debug)]
 struct Session {
     request_id: String,
     resource: String,
     privilege: String,
+    target: String,
     phase: Phase,
     max_connections: u32,
     idle: Duration,
@@ -123,11 +138,33 @@ struct Session {
     /// The QUIC connection that opened it: connection streams from any other are
     /// refused (a session never outlives the stream that opened it).
     conn_id: usize,
+    /// The approval that opened it, for the manifest.
+    approval: ApprovalRef,
+    /// The enforced length, in seconds.
+    duration_s: u64,
+    activated_ms: i64,
+    /// Set when it ends (0 before).
+    ended_ms: AtomicI64,
     open: AtomicU32,
+    /// Connections asked for (each one's `n`).
     connections: AtomicU64,
+    /// What the manifest tells of its connections.
+    record: Mutex<ConnectionsRecord>,
+    credential_id: String,
+    minted: bool,
+    delivered: AtomicBool,
     /// Fired when the session ends; connections then close with `reason`.
     end: CancellationToken,
     reason: Mutex<Option<TunnelCloseReason>>,
+}
+
+/// A session's connections as its manifest lists them.
+#[derive(Debug, Default)]
+struct ConnectionsRecord {
+    listed: Vec<ConnectionRecord>,
+    total: u64,
+    to_target_bytes: u64,
+    from_target_bytes: u64,
 }
 
 impl Session {
@@ -144,6 +181,16 @@ impl Session {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .unwrap_or(TunnelCloseReason::Closed)
+    }
+
+    fn record(&self, c: ConnectionRecord) {
+        let mut r = self.record.lock().unwrap_or_else(|e| e.into_inner());
+        r.total += 1;
+        r.to_target_bytes = r.to_target_bytes.saturating_add(c.to_target_bytes);
+        r.from_target_bytes = r.from_target_bytes.saturating_add(c.from_target_bytes);
+        if r.listed.len() < MAX_LISTED_CONNECTIONS {
+            r.listed.push(c);
+        }
     }
 }
 
@@ -219,7 +266,7 @@ impl Tunnels {
     }
 
     /// Serve a session-control stream whose `TunnelOpen` was read: decide it, and if
-    /// admitted keep the session until it ends, then say why.
+    /// admitted keep the session until it ends, then say why (with the signed manifest).
     pub async fn serve_open(
         self: &Arc<Self>,
         conn_id: usize,
@@ -240,7 +287,15 @@ impl Tunnels {
             let message = format!(
                 "{open_now} tunnel sessions are active; the customer's policy allows {max}"
             );
-            ended(&mut send, TunnelCloseReason::Limit, "", &message, limit).await;
+            ended(
+                &mut send,
+                TunnelCloseReason::Limit,
+                "",
+                &message,
+                None,
+                limit,
+            )
+            .await;
             return;
         }
         let decision = {
@@ -265,6 +320,7 @@ impl Tunnels {
                     TunnelCloseReason::Refused,
                     refusal.code.name(),
                     &refusal.detail,
+                    None,
                     limit,
                 )
                 .await;
@@ -276,6 +332,7 @@ impl Tunnels {
                     TunnelCloseReason::Refused,
                     "internal",
                     &e.to_string(),
+                    None,
                     limit,
                 )
                 .await;
@@ -296,19 +353,18 @@ impl Tunnels {
             }
         };
         if pinned.is_empty() {
-            let _ = self.ops.log_tunnel(
-                action::SESSION_ENDED,
+            self.log_end(
                 &open.request_id,
-                &[
-                    ("session_id", id.to_string()),
-                    ("reason", TunnelCloseReason::TargetUnreachable.to_string()),
-                ],
+                id,
+                TunnelCloseReason::TargetUnreachable.as_str(),
+                "",
             );
             ended(
                 &mut send,
                 TunnelCloseReason::TargetUnreachable,
                 "",
                 &format!("cannot resolve {target}"),
+                None,
                 limit,
             )
             .await;
@@ -324,12 +380,13 @@ impl Tunnels {
             match self.ops.credential_user(&verified.run_as) {
                 Ok(u) => Some(u),
                 Err(r) => {
-                    self.log_end(&open.request_id, id, "credential_unavailable");
+                    self.log_end(&open.request_id, id, "credential_unavailable", "");
                     ended(
                         &mut send,
                         TunnelCloseReason::Refused,
                         r.code.name(),
                         &r.detail,
+                        None,
                         limit,
                     )
                     .await;
@@ -352,12 +409,13 @@ impl Tunnels {
                 Ok(s) => Some(s),
                 Err(e) => {
                     tracing::warn!(error = %e, "cannot mint the tunnel credential");
-                    self.log_end(&open.request_id, id, "credential_unavailable");
+                    self.log_end(&open.request_id, id, "credential_unavailable", "");
                     ended(
                         &mut send,
                         TunnelCloseReason::Refused,
                         "credential_unavailable",
                         &e,
+                        None,
                         limit,
                     )
                     .await;
@@ -371,20 +429,34 @@ impl Tunnels {
             .map(|s| s.credential_id.clone())
             .unwrap_or_default();
         let duration_ms = i64::try_from(verified.duration.as_millis()).unwrap_or(i64::MAX);
-        let expires_at_ms = now_ms().saturating_add(duration_ms);
+        let activated_ms = now_ms();
+        let expires_at_ms = activated_ms.saturating_add(duration_ms);
         let expires_at = Instant::now() + verified.duration;
         let session = Arc::new(Session {
             request_id: open.request_id.clone(),
             resource: verified.break_glass.resource.clone(),
             privilege: verified.break_glass.privilege.clone(),
+            target: target.clone(),
             phase: verified.phase,
             max_connections: verified.break_glass.max_connections,
             idle: Duration::from_secs(verified.break_glass.idle_timeout_s),
             pinned: pinned.clone(),
             expires_at,
             conn_id,
+            approval: ApprovalRef {
+                sha256: verified.approval.sha256.clone(),
+                approval_id: verified.approval.approval_id.clone(),
+                signer: verified.approval.signer.clone(),
+            },
+            duration_s: verified.duration.as_secs(),
+            activated_ms,
+            ended_ms: AtomicI64::new(0),
             open: AtomicU32::new(0),
             connections: AtomicU64::new(0),
+            record: Mutex::new(ConnectionsRecord::default()),
+            credential_id: credential_id.clone(),
+            minted: sealed.is_some(),
+            delivered: AtomicBool::new(false),
             end: CancellationToken::new(),
             reason: Mutex::new(None),
         });
@@ -406,6 +478,7 @@ impl Tunnels {
                 ),
                 ("expires_at_ms", expires_at_ms.to_string()),
                 ("approval_id", verified.approval.approval_id.clone()),
+                ("approval_sha256", verified.approval.sha256.clone()),
                 ("capped", verified.capped.to_string()),
                 // What recovery after a crash needs to revoke (never the secret).
                 ("credential_id", credential_id.clone()),
@@ -429,7 +502,7 @@ impl Tunnels {
         if let Err(r) = journaled {
             // Without the journal a crash could leave the credential unrevoked: fail closed.
             if let (Some(cmd), Some(u)) = (&revoke, &user) {
-                self.revoke(&open.request_id, id, cmd, u, &credential_id)
+                self.teardown(&open.request_id, id, cmd, u, &credential_id)
                     .await;
             }
             ended(
@@ -437,6 +510,7 @@ impl Tunnels {
                 TunnelCloseReason::Refused,
                 r.code.name(),
                 &r.detail,
+                None,
                 limit,
             )
             .await;
@@ -447,6 +521,7 @@ impl Tunnels {
             .unwrap_or_else(|e| e.into_inner())
             .insert(id, session.clone());
         tracing::info!(session_id = id, resource = %session.resource, privilege = %session.privilege, %target, ?pinned, duration_s = verified.duration.as_secs(), "tunnel session active");
+        let has_credential = sealed.is_some();
         let ready = Frame::TunnelReady(TunnelReady {
             session_id: id,
             expires_at_ms,
@@ -458,98 +533,158 @@ impl Tunnels {
         let watchdog = tokio::spawn({
             let this = self.clone();
             let session = session.clone();
-            async move {
-                this.watch(id, session, revoke, user, credential_id).await;
-            }
+            async move { this.watch(id, session, revoke, user).await }
         });
         // Dropped (this task aborted): the session ends with it.
         let _guard = EndOnDrop(session.clone());
-        tokio::select! {
+        let wrote = tokio::select! {
             biased;
-            _ = session.end.cancelled() => {}
-            r = write_frame(&mut send, &ready, limit) => {
-                if r.is_err() {
-                    session.end_with(TunnelCloseReason::Disconnected);
-                }
-            }
+            _ = session.end.cancelled() => false,
+            r = write_frame(&mut send, &ready, limit) => r.is_ok(),
+        };
+        if !wrote {
+            // The vendor never learnt of it: nobody can use it.
+            session.end_with(TunnelCloseReason::Disconnected);
+        } else if has_credential {
+            session.delivered.store(true, Ordering::Relaxed);
+            let _ = self.ops.log_tunnel(
+                action::CREDENTIAL_DELIVERED,
+                &session.request_id,
+                &[
+                    ("session_id", id.to_string()),
+                    ("credential_id", session.credential_id.clone()),
+                    ("recipient", verified.break_glass.recipient.clone()),
+                ],
+            );
         }
         tokio::select! {
             biased;
             _ = session.end.cancelled() => {}
             reason = stream_end(&mut recv) => session.end_with(reason),
         }
-        let _ = watchdog.await;
+        let signed = watchdog.await.ok().flatten();
         let _ = tokio::time::timeout(
             FINAL_WRITE_TIMEOUT,
-            ended(&mut send, session.reason(), "", "", limit),
+            ended(&mut send, session.reason(), "", "", signed, limit),
         )
         .await;
     }
 
-    /// Until the session ends: its timer, the customer's `session end` and policy. Then
-    /// out of the table, connections reset (by `end`), the credential revoked and the end
-    /// logged.
+    /// Until the session ends: its timer, the customer's `session end` and policy. Then out of the table, connections reset (by `end`), the
+    /// credential revoked, the manifest signed and logged (returned), the end logged.
     async fn watch(
         self: Arc<Self>,
         id: u64,
         session: Arc<Session>,
         revoke: Option<tether_ops::tunnel::CredentialCommand>,
         user: Option<crate::signed::RunUser>,
-        credential_id: String,
-    ) {
+    ) -> Option<(Vec<u8>, String)> {
         let reason = self.live(id, &session).await;
         session.end_with(reason);
+        session.ended_ms.store(now_ms(), Ordering::Relaxed);
         let reason = session.reason();
         self.sessions
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .remove(&id);
         tracing::info!(session_id = id, %reason, "tunnel session ended");
-        if let (Some(r), Some(u)) = (&revoke, &user) {
-            self.revoke(&session.request_id, id, r, u, &credential_id)
-                .await;
-        }
-        let _ = self.ops.log_tunnel(
-            action::SESSION_ENDED,
+        // Every connection sees `end` and closes at once: let them record how.
+        let closed = async {
+            while session.open.load(Ordering::Acquire) > 0 {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        };
+        let _ = tokio::time::timeout(CONNECTIONS_CLOSE_WAIT, closed).await;
+        let teardown = match (&revoke, &user) {
+            (Some(r), Some(u)) => {
+                self.teardown(&session.request_id, id, r, u, &session.credential_id)
+                    .await
+            }
+            _ => Teardown::None,
+        };
+        let manifest = self.manifest(id, &session, reason, teardown);
+        let signed = self
+            .ops
+            .log_session_manifest(&session.request_id, id, &manifest);
+        self.log_end(
             &session.request_id,
-            &[
-                ("session_id", id.to_string()),
-                ("reason", reason.to_string()),
-                (
-                    "connections",
-                    session.connections.load(Ordering::Relaxed).to_string(),
-                ),
-            ],
+            id,
+            reason.as_str(),
+            &signed
+                .as_ref()
+                .map(|(bytes, _)| tether_ops::sha256_hex(bytes))
+                .unwrap_or_default(),
         );
+        signed
     }
 
-    fn log_end(&self, request_id: &str, id: u64, reason: &str) {
-        let _ = self.ops.log_tunnel(
-            action::SESSION_ENDED,
-            request_id,
-            &[
-                ("session_id", id.to_string()),
-                ("reason", reason.to_owned()),
-            ],
-        );
+    /// The session's manifest, once it ended.
+    fn manifest(
+        &self,
+        id: u64,
+        session: &Session,
+        reason: TunnelCloseReason,
+        teardown: Teardown,
+    ) -> SessionManifest {
+        let record = session.record.lock().unwrap_or_else(|e| e.into_inner());
+        SessionManifest {
+            doc_type: SESSION_MANIFEST_TYPE.into(),
+            appliance: self.ops.appliance().clone(),
+            request_id: session.request_id.clone(),
+            session_id: id.to_string(),
+            approval: session.approval.clone(),
+            phase: session.phase,
+            resource: session.resource.clone(),
+            privilege: session.privilege.clone(),
+            target: session.target.clone(),
+            pinned: session.pinned.iter().map(ToString::to_string).collect(),
+            duration_s: session.duration_s,
+            activated_ms: session.activated_ms,
+            ended_ms: session.ended_ms.load(Ordering::Relaxed),
+            end_reason: reason.as_str().into(),
+            connections: record.listed.clone(),
+            connections_total: record.total,
+            to_target_bytes: record.to_target_bytes,
+            from_target_bytes: record.from_target_bytes,
+            credential: CredentialRecord {
+                id: session.credential_id.clone(),
+                minted: session.minted,
+                delivered: session.delivered.load(Ordering::Relaxed),
+                revoked: teardown == Teardown::Ok,
+            },
+            teardown,
+            agent_version: env!("CARGO_PKG_VERSION").into(),
+        }
     }
 
-    /// Run the revoke command; `credential.revoked` or `teardown.failed` in the log.
-    async fn revoke(
+    fn log_end(&self, request_id: &str, id: u64, reason: &str, manifest_sha256: &str) {
+        let mut details = vec![
+            ("session_id", id.to_string()),
+            ("reason", reason.to_owned()),
+        ];
+        if !manifest_sha256.is_empty() {
+            details.push(("manifest_sha256", manifest_sha256.to_owned()));
+        }
+        let _ = self
+            .ops
+            .log_tunnel(action::SESSION_ENDED, request_id, &details);
+    }
+
+    /// Run the revoke command: `credential.revoked` or `teardown.failed` in the log.
+    async fn teardown(
         &self,
         request_id: &str,
         id: u64,
         cmd: &tether_ops::tunnel::CredentialCommand,
         user: &crate::signed::RunUser,
         credential_id: &str,
-    ) {
-        let (event, detail) = match crate::tunnel_credential::revoke(cmd, user, credential_id, id)
-            .await
-        {
+    ) -> Teardown {
+        let result = crate::tunnel_credential::revoke(cmd, user, credential_id, id).await;
+        let (event, detail) = match &result {
             Ok(()) => (action::CREDENTIAL_REVOKED, String::new()),
             Err(e) => {
                 tracing::error!(session_id = id, error = %e, "cannot revoke the tunnel credential");
-                (action::TEARDOWN_FAILED, e)
+                (action::TEARDOWN_FAILED, e.clone())
             }
         };
         let _ = self.ops.log_tunnel(
@@ -561,6 +696,10 @@ impl Tunnels {
                 ("error", detail),
             ],
         );
+        match result {
+            Ok(()) => Teardown::Ok,
+            Err(e) => Teardown::Failed(e),
+        }
     }
 
     /// At start: every session the appliance log shows activated and not ended was cut
@@ -584,8 +723,8 @@ impl Tunnels {
             if let Some(cmd) = &s.revoke {
                 match self.ops.credential_user(&s.run_as) {
                     Ok(user) => {
-                        self.revoke(&s.request_id, s.id, cmd, &user, &s.credential_id)
-                            .await
+                        self.teardown(&s.request_id, s.id, cmd, &user, &s.credential_id)
+                            .await;
                     }
                     Err(r) => {
                         let _ = self.ops.log_tunnel(
@@ -596,7 +735,7 @@ impl Tunnels {
                     }
                 }
             }
-            self.log_end(&s.request_id, s.id, "recovered_after_crash");
+            self.log_end(&s.request_id, s.id, "recovered_after_crash", "");
         }
     }
 
@@ -656,15 +795,19 @@ impl Tunnels {
         }
         let n = session.connections.fetch_add(1, Ordering::Relaxed) + 1;
         let started = Instant::now();
-        let tcp = match tokio::time::timeout(
+        let dial = tokio::time::timeout(
             CONNECT_TIMEOUT,
             tokio::net::TcpStream::connect(&session.pinned[..]),
-        )
-        .await
-        {
-            Ok(Ok(tcp)) => tcp,
-            _ => return refuse(&mut send, &mut recv, TunnelCloseReason::TargetUnreachable),
+        );
+        let tcp = tokio::select! {
+            biased;
+            _ = session.end.cancelled() => return refuse(&mut send, &mut recv, session.reason()),
+            dialed = dial => match dialed {
+                Ok(Ok(tcp)) => tcp,
+                _ => return refuse(&mut send, &mut recv, TunnelCloseReason::TargetUnreachable),
+            },
         };
+        let opened_ms = now_ms();
         let _ = tcp.set_nodelay(true);
         let connected = Frame::TunnelConnected(TunnelConnected {
             session_id: connect.session_id,
@@ -674,8 +817,16 @@ impl Tunnels {
         } else {
             (0, 0, Some(TunnelCloseReason::Disconnected))
         };
-        drop(slot);
         let reason_name = reason.map_or("finished", TunnelCloseReason::as_str);
+        session.record(ConnectionRecord {
+            n,
+            opened_ms,
+            closed_ms: now_ms(),
+            to_target_bytes: down,
+            from_target_bytes: up,
+            reason: reason_name.to_owned(),
+        });
+        drop(slot);
         let _ = self.ops.log_tunnel(
             action::CONNECTION_CLOSED,
             &session.request_id,
@@ -814,20 +965,34 @@ async fn write_frame(send: &mut SendStream, frame: &Frame, limit: usize) -> std:
     send.write_all(&buf).await.map_err(std::io::Error::from)
 }
 
-/// The last frame of a session-control stream, then FIN (best effort: the stream may be
-/// gone with the connection).
+/// The last frame of a session-control stream, with the signed session manifest if
+/// there is one, then FIN (best effort: the stream may be gone with the connection). A
+/// manifest too large for the broker's frame limit stays in the appliance log only.
 async fn ended(
     send: &mut SendStream,
     reason: TunnelCloseReason,
     code: &str,
     message: &str,
+    signed: Option<(Vec<u8>, String)>,
     limit: usize,
 ) {
-    let frame = Frame::TunnelEnded(TunnelEnded {
-        reason,
-        code: code.to_owned(),
-        message: tether_audit::clip(message, tether_proto::frame::MAX_MESSAGE_LEN - 64).into(),
-    });
-    let _ = write_frame(send, &frame, limit).await;
+    let frame = |signed: Option<(Vec<u8>, String)>| {
+        let (manifest, manifest_sig) = signed
+            .map(|(m, s)| (m.into(), s.into_bytes().into()))
+            .unwrap_or_default();
+        Frame::TunnelEnded(TunnelEnded {
+            reason,
+            code: code.to_owned(),
+            message: tether_audit::clip(message, tether_proto::frame::MAX_MESSAGE_LEN - 64).into(),
+            manifest,
+            manifest_sig,
+        })
+    };
+    let mut buf = BytesMut::new();
+    if tether_proto::encode_frame(&frame(signed), &mut buf, limit).is_err() {
+        buf.clear();
+        let _ = tether_proto::encode_frame(&frame(None), &mut buf, limit);
+    }
+    let _ = send.write_all(&buf).await;
     let _ = send.finish();
 }

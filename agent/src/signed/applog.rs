@@ -42,6 +42,13 @@ pub mod action {
     pub const CREDENTIAL_REVOKED: &str = "credential.revoked";
     /// A tunnel's revoke command failed; details: the error.
     pub const TEARDOWN_FAILED: &str = "teardown.failed";
+    /// A tunnel's sealed credential was handed to the vendor (in `TunnelReady`);
+    /// details: its id and the recipient it is sealed to.
+    pub const CREDENTIAL_DELIVERED: &str = "credential.delivered";
+    /// A tunnel session's signed manifest (before its `session.ended`); details: its
+    /// SHA-256, signature, and the manifest itself (or the file holding it when too long
+    /// for an entry).
+    pub const SESSION_MANIFEST: &str = "session.manifest";
 }
 
 /// An open log and its head.
