@@ -1788,3 +1788,145 @@ async fn a_session_manifest_binds_the_approval_and_verifies_offline() {
     let (code, _) = verify_session(&rig, "missing.json", "session.json");
     assert_eq!(code, Some(2));
 }
+
+/// A revoke command that fails is retried with backoff (1 s, 2 s, 4 s, 8 s), each failure
+/// in the customer's log and the session flagged in the agent's `Status`
+/// (`tunnel.teardown_failed`) until it succeeds; one that still fails after the last
+/// retry is signed as failed in the manifest and run again when the agent starts again.
+#[tokio::test]
+async fn a_failing_revoke_is_retried_flagged_and_run_again_at_the_next_start() {
+    let mut rig = Rig::new().await;
+    let echo = echo_server().await;
+    let bin_dir = rig.root().join("bin");
+    std::fs::create_dir(&bin_dir).unwrap();
+    chmod(&bin_dir, 0o755);
+    // Fails while the counter is at most the number in `fail`, then writes the marker.
+    let (counter, fail, marker) = (
+        rig.canary("count"),
+        rig.canary("fail"),
+        rig.canary("revoked"),
+    );
+    let revoke = bin_dir.join("revoke");
+    std::fs::write(
+        &revoke,
+        format!(
+            "#!/bin/sh\nn=$(($(cat {c} 2>/dev/null || echo 0) + 1))\necho $n > {c}\n[ $n -le $(cat {f}) ] && exit 1\necho \"$1\" >> {m}\n",
+            c = counter.display(),
+            f = fail.display(),
+            m = marker.display()
+        ),
+    )
+    .unwrap();
+    chmod(&revoke, 0o755);
+    std::fs::write(
+        rig.customer.join("policy.toml"),
+        format!(
+            "{POLICY}\n[[resource]]\nname = \"echo\"\ntarget = \"{echo}\"\n[resource.privilege.rw]\nrevoke = {{ argv = [\"{}\", \"{{session_id}}\"], deadline_ms = 5000 }}\n",
+            revoke.display()
+        ),
+    )
+    .unwrap();
+    let open = |duration_s: u64| {
+        let rig = &rig;
+        async move {
+            let ask = json!({"resource": "echo", "privilege": "rw", "duration_s": duration_s, "idle_timeout_s": duration_s});
+            let mut plan_req = ask.clone();
+            plan_req["plan"] = json!(true);
+            let (_, plan) = open_tunnel(rig, plan_req).await;
+            let (doc, sig) = rig.sign(plan["plan"].as_str().unwrap());
+            let mut body = ask;
+            body["approval"] = json!(doc);
+            body["approval_sig"] = json!(sig);
+            let (status, v) = open_tunnel(rig, body).await;
+            assert_eq!(status, 200, "{v}");
+            v["session_id"].as_u64().unwrap().to_string()
+        }
+    };
+    let flagged = || async {
+        rig.broker
+            .sessions()
+            .await
+            .into_iter()
+            .find(|s| s["appliance_id"] == "app-1")
+            .and_then(|s| {
+                s["agent_status"]["tunnel.teardown_failed"]
+                    .as_str()
+                    .map(str::to_owned)
+            })
+    };
+    let log = rig.state.join("audit.jsonl");
+    let entries = |action: &str, id: &str| {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .filter(|e| e["action"] == action && e["details"]["session_id"] == id)
+            .count()
+    };
+
+    // 1. Fails twice, then succeeds (attempts at about 0, 1 and 3 s after the end): the
+    // flag shows meanwhile and goes; the manifest says ok.
+    std::fs::write(&fail, "2").unwrap();
+    let id = open(1).await;
+    let shown = wait_for(Duration::from_secs(10), flagged)
+        .await
+        .expect("the failing teardown is flagged in Status");
+    assert_eq!(shown, id);
+    let revoked = wait_for(Duration::from_secs(10), || async {
+        std::fs::read_to_string(&marker).ok()
+    })
+    .await
+    .expect("revoked at the third attempt");
+    assert_eq!(revoked.trim(), id);
+    assert_eq!(entries("teardown.failed", &id), 2);
+    assert_eq!(entries("credential.revoked", &id), 1);
+    let m = wait_for(Duration::from_secs(5), || async {
+        session_manifests(&rig).pop()
+    })
+    .await
+    .unwrap();
+    let m: Value = serde_json::from_str(&m.0).unwrap();
+    assert_eq!(
+        (&m["teardown"], &m["credential"]["revoked"]),
+        (&json!("ok"), &json!(true)),
+        "{m}"
+    );
+    wait_for(Duration::from_secs(15), || async {
+        flagged().await.is_none().then_some(())
+    })
+    .await
+    .expect("the flag goes once revoked");
+
+    // 2. Fails five times: every retry used up (about 15 s), the manifest says failed, the
+    // flag stays; the agent's next start runs it again and it succeeds.
+    std::fs::remove_file(&marker).unwrap();
+    std::fs::write(&counter, "0").unwrap();
+    std::fs::write(&fail, "5").unwrap();
+    let id = open(1).await;
+    let m = wait_for(Duration::from_secs(30), || async {
+        session_manifests(&rig)
+            .into_iter()
+            .map(|(m, _)| serde_json::from_str::<Value>(&m).unwrap())
+            .find(|m| m["session_id"] == id.as_str())
+    })
+    .await
+    .expect("the manifest is signed once the retries are used up");
+    assert!(m["teardown"]["failed"].is_string(), "{m}");
+    assert_eq!(m["credential"]["revoked"], false);
+    assert_eq!(entries("teardown.failed", &id), 5);
+    wait_for(Duration::from_secs(5), || async {
+        (entries("session.ended", &id) == 1).then_some(())
+    })
+    .await
+    .expect("the session ends after its manifest");
+    assert_eq!(flagged().await.as_deref(), Some(id.as_str()));
+    assert!(!marker.exists());
+    rig.start_agent().await;
+    let revoked = wait_for(Duration::from_secs(10), || async {
+        std::fs::read_to_string(&marker).ok()
+    })
+    .await
+    .expect("revoked at the next start");
+    assert_eq!(revoked.trim(), id);
+    assert_eq!(entries("credential.revoked", &id), 1);
+}

@@ -172,6 +172,7 @@ pub(crate) async fn run_session(
             handed_over: false,
             peer_max_frame_len: watch::channel(0).0,
             status_generation: None,
+            tunnel_status: Vec::new(),
         };
         let reason = driver.run(shutdown).await;
         if !driver.handed_over {
@@ -218,11 +219,14 @@ struct Driver<'a> {
     peer_max_frame_len: watch::Sender<usize>,
     /// Signed operations: the version of the customer's files last reported in `Status`.
     status_generation: Option<u64>,
+    /// Break glass: the tunnel entries last reported in `Status`.
+    tunnel_status: Vec<(String, String)>,
 }
 
 impl Driver<'_> {
     /// Signed operations: report the customer's rules in `Status` (read only: no frame
-    /// writes them) when they changed since the last report, once the session is up.
+    /// writes them) when they changed since the last report, once the session is up; and
+    /// the tunnel entries when they changed (a teardown failed or was done).
     fn report_status(&mut self, session: &mut AgentSession) {
         let Some(ops) = self.ctx.runner.signed_ops() else {
             return;
@@ -231,11 +235,19 @@ impl Driver<'_> {
             return;
         }
         let generation = ops.customer_generation();
-        if self.status_generation == Some(generation) {
+        let tunnel = self
+            .ctx
+            .runner
+            .tunnels()
+            .map(|t| t.status())
+            .unwrap_or_default();
+        if self.status_generation == Some(generation) && tunnel == self.tunnel_status {
             return;
         }
         self.status_generation = Some(generation);
         let mut entries = ops.status();
+        entries.extend(tunnel.iter().cloned());
+        self.tunnel_status = tunnel;
         entries.truncate(tether_proto::frame::MAX_STATUS_ENTRIES);
         session.send_status(tether_proto::Status { entries });
     }

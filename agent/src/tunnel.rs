@@ -14,11 +14,13 @@
 //! both ways, half-close included (QUIC stream flow control is the back-pressure). Every
 //! close carries its reason as the stream's reset code ([`TunnelCloseReason`]).
 //!
-//! At the end the watchdog resets every connection, runs the revoke command, then
+//! At the end the watchdog resets every connection, runs the revoke command (retried with
+//! backoff, [`REVOKE_RETRY`]; a session whose revoke never succeeded is listed in
+//! `Status` as `tunnel.teardown_failed` and retried when the agent starts again), then
 //! signs the session manifest (`tether_ops::session`), logs it for the customer and
 //! sends it in `TunnelEnded` when the session-control stream is still there.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -88,10 +90,27 @@ pub struct LoggedSession {
 
 /// The sessions `log` shows activated and not ended (`tether-agent session list`).
 pub fn active_in_log(log: &std::path::Path) -> anyhow::Result<Vec<LoggedSession>> {
+    Ok(sessions_in_log(log)?.active)
+}
+
+/// What the appliance log says of tunnel sessions.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct LoggedSessions {
+    /// Activated and not ended.
+    pub active: Vec<LoggedSession>,
+    /// Ended, with a revoke command that never succeeded (`teardown.failed`, no
+    /// `credential.revoked` after it).
+    pub unrevoked: Vec<LoggedSession>,
+}
+
+/// Read `log` for [`LoggedSessions`].
+pub fn sessions_in_log(log: &std::path::Path) -> anyhow::Result<LoggedSessions> {
     use anyhow::Context as _;
     let text =
         std::fs::read_to_string(log).with_context(|| format!("reading {}", log.display()))?;
     let mut active: Vec<LoggedSession> = Vec::new();
+    let mut ended: Vec<LoggedSession> = Vec::new();
+    let mut unrevoked: HashSet<u64> = HashSet::new();
     for line in text.lines() {
         let Ok(e) = serde_json::from_str::<serde_json::Value>(line) else {
             continue;
@@ -100,24 +119,49 @@ pub fn active_in_log(log: &std::path::Path) -> anyhow::Result<Vec<LoggedSession>
         let id = d["session_id"].as_str().and_then(|s| s.parse::<u64>().ok());
         let field = |k: &str| d[k].as_str().unwrap_or_default().to_owned();
         match (e["action"].as_str(), id) {
-            (Some(action::SESSION_ACTIVATED), Some(id)) => active.push(LoggedSession {
-                id,
-                resource: field("resource"),
-                privilege: field("privilege"),
-                target: field("target"),
-                expires_at_ms: field("expires_at_ms").parse().unwrap_or_default(),
-                request_id: e["target"].as_str().unwrap_or_default().to_owned(),
-                credential_id: field("credential_id"),
-                run_as: field("run_as"),
-                revoke: serde_json::from_str(&field("revoke")).ok(),
-            }),
-            (Some(action::SESSION_ENDED), Some(id)) => active.retain(|s| s.id != id),
+            (Some(action::SESSION_ACTIVATED), Some(id)) => {
+                let s = LoggedSession {
+                    id,
+                    resource: field("resource"),
+                    privilege: field("privilege"),
+                    target: field("target"),
+                    expires_at_ms: field("expires_at_ms").parse().unwrap_or_default(),
+                    request_id: e["target"].as_str().unwrap_or_default().to_owned(),
+                    credential_id: field("credential_id"),
+                    run_as: field("run_as"),
+                    revoke: serde_json::from_str(&field("revoke")).ok(),
+                };
+                if s.revoke.is_some() {
+                    unrevoked.insert(id);
+                }
+                active.push(s);
+            }
+            (Some(action::SESSION_ENDED), Some(id)) => {
+                if let Some(at) = active.iter().position(|s| s.id == id) {
+                    ended.push(active.remove(at));
+                }
+            }
+            (Some(action::CREDENTIAL_REVOKED), Some(id)) => {
+                unrevoked.remove(&id);
+            }
             _ => {}
         }
     }
-    Ok(active)
+    ended.retain(|s| unrevoked.contains(&s.id));
+    Ok(LoggedSessions {
+        active,
+        unrevoked: ended,
+    })
 }
 
+/// The waits between attempts of a failing revoke command (then it is left to the next
+/// start of the agent, and flagged in `Status` until it succeeds).
+pub const REVOKE_RETRY: [Duration; 4] = [
+    Duration::from_secs(1),
+    Duration::from_secs(2),
+    Duration::from_secs(4),
+    Duration::from_secs(8),
+];
 /// How long an ended session waits for its connections to record their close before its
 /// manifest is signed.
 const CONNECTIONS_CLOSE_WAIT: Duration = Duration::from_secs(2);
@@ -215,6 +259,8 @@ pub struct Tunnels {
     sessions: Mutex<HashMap<u64, Arc<Session>>>,
     /// Where `session end` asks ([`END_DIR`]).
     end_dir: std::path::PathBuf,
+    /// Sessions whose revoke command has not succeeded (yet).
+    teardown_failed: Mutex<BTreeSet<u64>>,
 }
 
 impl Tunnels {
@@ -224,6 +270,7 @@ impl Tunnels {
             end_dir: ops.tunnel_end_dir().to_path_buf(),
             ops,
             sessions: Mutex::new(HashMap::new()),
+            teardown_failed: Mutex::new(BTreeSet::new()),
         }
     }
 
@@ -263,6 +310,27 @@ impl Tunnels {
         {
             s.end_with(reason);
         }
+    }
+
+    /// `Status` entries: while any session's revoke command has not succeeded,
+    /// `tunnel.teardown_failed` (their ids, comma-separated).
+    pub fn status(&self) -> Vec<(String, String)> {
+        let mut out = Vec::new();
+        let failed = self
+            .teardown_failed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(",");
+        if !failed.is_empty() {
+            out.push((
+                "tunnel.teardown_failed".to_owned(),
+                tether_audit::clip(&failed, tether_proto::frame::MAX_STATUS_VALUE_LEN).to_owned(),
+            ));
+        }
+        out
     }
 
     /// Serve a session-control stream whose `TunnelOpen` was read: decide it, and if
@@ -670,7 +738,9 @@ impl Tunnels {
             .log_tunnel(action::SESSION_ENDED, request_id, &details);
     }
 
-    /// Run the revoke command: `credential.revoked` or `teardown.failed` in the log.
+    /// Run the revoke command until it succeeds, waiting [`REVOKE_RETRY`] between
+    /// attempts: `credential.revoked`, or `teardown.failed` for each failure (the session
+    /// then in `tunnel.teardown_failed` until a later attempt succeeds).
     async fn teardown(
         &self,
         request_id: &str,
@@ -679,11 +749,51 @@ impl Tunnels {
         user: &crate::signed::RunUser,
         credential_id: &str,
     ) -> Teardown {
+        let mut waits = REVOKE_RETRY.iter();
+        for attempt in 1.. {
+            match self
+                .revoke(request_id, id, cmd, user, credential_id, attempt)
+                .await
+            {
+                Ok(()) => return Teardown::Ok,
+                Err(e) => match waits.next() {
+                    Some(wait) => tokio::time::sleep(*wait).await,
+                    None => {
+                        tracing::error!(session_id = id, attempts = attempt, error = %e, "the tunnel credential is still not revoked; retried when the agent starts again");
+                        return Teardown::Failed(e);
+                    }
+                },
+            }
+        }
+        unreachable!("the attempts are unbounded")
+    }
+
+    /// One attempt of the revoke command: `credential.revoked` or `teardown.failed` in
+    /// the log, and the session in or out of `tunnel.teardown_failed`.
+    async fn revoke(
+        &self,
+        request_id: &str,
+        id: u64,
+        cmd: &tether_ops::tunnel::CredentialCommand,
+        user: &crate::signed::RunUser,
+        credential_id: &str,
+        attempt: u32,
+    ) -> Result<(), String> {
         let result = crate::tunnel_credential::revoke(cmd, user, credential_id, id).await;
         let (event, detail) = match &result {
-            Ok(()) => (action::CREDENTIAL_REVOKED, String::new()),
+            Ok(()) => {
+                self.teardown_failed
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remove(&id);
+                (action::CREDENTIAL_REVOKED, String::new())
+            }
             Err(e) => {
-                tracing::error!(session_id = id, error = %e, "cannot revoke the tunnel credential");
+                tracing::error!(session_id = id, attempt, error = %e, "cannot revoke the tunnel credential");
+                self.teardown_failed
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(id);
                 (action::TEARDOWN_FAILED, e.clone())
             }
         };
@@ -693,40 +803,78 @@ impl Tunnels {
             &[
                 ("session_id", id.to_string()),
                 ("credential_id", credential_id.to_owned()),
+                ("attempt", attempt.to_string()),
                 ("error", detail),
             ],
         );
-        match result {
-            Ok(()) => Teardown::Ok,
-            Err(e) => Teardown::Failed(e),
-        }
+        result
     }
 
     /// At start: every session the appliance log shows activated and not ended was cut
     /// off by a crash. Run its revoke command (idempotent, the customer's policy says so)
-    /// and end it `recovered_after_crash`.
-    pub async fn recover_after_crash(&self) {
+    /// and end it `recovered_after_crash`. Every ended session whose revoke never
+    /// succeeded is revoked again. A revoke that fails here is retried in the background
+    /// ([`REVOKE_RETRY`]), flagged in `Status` meanwhile.
+    pub async fn recover_after_crash(self: &Arc<Self>) {
         // Where `session end` asks: the agent's own, 0700 (the customer's admin is root).
         {
             use std::os::unix::fs::DirBuilderExt;
             let _ = std::fs::DirBuilder::new().mode(0o700).create(&self.end_dir);
         }
-        let sessions = match active_in_log(self.ops.audit_log_path()) {
+        let logged = match sessions_in_log(self.ops.audit_log_path()) {
             Ok(s) => s,
             Err(e) => {
                 tracing::warn!(error = %e, "cannot read the audit log for sessions to recover");
                 return;
             }
         };
-        for s in sessions {
-            tracing::warn!(session_id = s.id, resource = %s.resource, "tunnel session cut off by a restart: tearing it down");
+        for (s, cut_off) in logged
+            .active
+            .into_iter()
+            .map(|s| (s, true))
+            .chain(logged.unrevoked.into_iter().map(|s| (s, false)))
+        {
+            if cut_off {
+                tracing::warn!(session_id = s.id, resource = %s.resource, "tunnel session cut off by a restart: tearing it down");
+            } else {
+                tracing::warn!(session_id = s.id, resource = %s.resource, "tunnel credential never revoked: revoking it again");
+            }
             if let Some(cmd) = &s.revoke {
                 match self.ops.credential_user(&s.run_as) {
                     Ok(user) => {
-                        self.teardown(&s.request_id, s.id, cmd, &user, &s.credential_id)
+                        let first = self
+                            .revoke(&s.request_id, s.id, cmd, &user, &s.credential_id, 1)
                             .await;
+                        if first.is_err() {
+                            let this = self.clone();
+                            let (s, cmd) = (s.clone(), cmd.clone());
+                            tokio::spawn(async move {
+                                let mut attempt = 1;
+                                for wait in REVOKE_RETRY {
+                                    tokio::time::sleep(wait).await;
+                                    attempt += 1;
+                                    let r = this
+                                        .revoke(
+                                            &s.request_id,
+                                            s.id,
+                                            &cmd,
+                                            &user,
+                                            &s.credential_id,
+                                            attempt,
+                                        )
+                                        .await;
+                                    if r.is_ok() {
+                                        break;
+                                    }
+                                }
+                            });
+                        }
                     }
                     Err(r) => {
+                        self.teardown_failed
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .insert(s.id);
                         let _ = self.ops.log_tunnel(
                             action::TEARDOWN_FAILED,
                             &s.request_id,
@@ -735,7 +883,9 @@ impl Tunnels {
                     }
                 }
             }
-            self.log_end(&s.request_id, s.id, "recovered_after_crash", "");
+            if cut_off {
+                self.log_end(&s.request_id, s.id, "recovered_after_crash", "");
+            }
         }
     }
 

@@ -40,7 +40,8 @@ pub mod action {
     pub const SESSION_ENDED: &str = "session.ended";
     /// A tunnel's credential was revoked at teardown; details: its id.
     pub const CREDENTIAL_REVOKED: &str = "credential.revoked";
-    /// A tunnel's revoke command failed; details: the error.
+    /// A tunnel's revoke command failed; details: the error, the attempt (it is
+    /// retried).
     pub const TEARDOWN_FAILED: &str = "teardown.failed";
     /// A tunnel's sealed credential was handed to the vendor (in `TunnelReady`);
     /// details: its id and the recipient it is sealed to.
