@@ -1417,34 +1417,85 @@ async fn the_customer_closing_the_phase_ends_an_active_tunnel() {
     assert_eq!(view["ended"], "revoked", "{view}");
 }
 
-/// The appliance loses its broker while a tunnel is active: the agent ends the session
-/// itself (`disconnected`) and says so in the customer's log; nothing waits for the
-/// vendor to come back.
+/// The appliance loses its broker while a tunnel is active. The session outlives the
+/// loss by the customer's `teardown_on_disconnect_after` and no more: with a broker back
+/// within it the session stays active; with none for that long the agent ends it itself
+/// (`disconnected`) and says so in the customer's log; nothing waits for the vendor.
 #[tokio::test]
-async fn losing_the_broker_ends_an_active_tunnel_on_the_appliance() {
+async fn losing_the_broker_longer_than_the_customers_limit_ends_an_active_tunnel() {
     let mut rig = Rig::new().await;
     let echo = echo_server().await;
-    std::fs::write(
-        rig.customer.join("policy.toml"),
-        tunnel_policy(&echo.to_string()),
-    )
-    .unwrap();
-    open_ten_minutes(&rig).await;
-    // The broker dies (SIGKILL): no goodbye reaches the agent.
-    let _ = rig.broker.child.kill();
+    let policy = |grace: &str| {
+        format!(
+            "{}\n[limits]\nteardown_on_disconnect_after = \"{grace}\"\n",
+            tunnel_policy(&echo.to_string())
+        )
+    };
+    std::fs::write(rig.customer.join("policy.toml"), policy("8s")).unwrap();
+    let v = open_ten_minutes(&rig).await;
+    let id = v["session_id"].as_u64().unwrap().to_string();
     let log = rig.state.join("audit.jsonl");
-    wait_for(Duration::from_secs(20), || async {
+    let ended = || {
         std::fs::read_to_string(&log)
             .unwrap_or_default()
             .lines()
-            .any(|l| {
-                l.contains("\"action\":\"session.ended\"")
-                    && l.contains("\"reason\":\"disconnected\"")
-            })
-            .then_some(())
-    })
-    .await
-    .expect("the agent ends the session itself");
+            .find(|l| l.contains("\"action\":\"session.ended\""))
+            .map(str::to_owned)
+    };
+
+    // 1. The broker dies (SIGKILL: no goodbye reaches the agent) and comes back on the same
+    // address at once: the agent reconnects well within the 8 s, and the session lives.
+    let killed = Instant::now();
+    let quic = rig.broker.quic;
+    let _ = rig.broker.child.kill();
+    let config = rig.root().join("b1-again.toml");
+    std::fs::write(
+        &config,
+        std::fs::read_to_string(rig.root().join("b1.toml"))
+            .unwrap()
+            .replace("listen = \"127.0.0.1:0\"", &format!("listen = \"{quic}\"")),
+    )
+    .unwrap();
+    rig.broker = BrokerProc::start(&config);
+    rig.broker.wait_session("app-1").await;
+    tokio::time::sleep_until((killed + Duration::from_secs(12)).into()).await;
+    assert_eq!(
+        ended(),
+        None,
+        "the session ended with a broker back in time"
+    );
+    let listed = Command::new(bin("tether-agent"))
+        .args(["session", "list", "--state-dir"])
+        .arg(&rig.state)
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&listed.stdout).contains(&id),
+        "{}",
+        String::from_utf8_lossy(&listed.stdout)
+    );
+    assert!(std::fs::read_to_string(&log)
+        .unwrap()
+        .contains("\"action\":\"session.detached\""));
+
+    // 2. The customer shortens the limit to 3 s; the broker dies for good. The agent ends
+    // the session once it has had no broker for 3 s (after noticing the loss from missed
+    // heartbeats, about 3 s more), never before.
+    // Atomically: a half-written policy would end the session as no longer allowed.
+    write_atomic(&rig.customer.join("policy.toml"), &policy("3s"));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let killed = Instant::now();
+    let _ = rig.broker.child.kill();
+    let line = wait_for(Duration::from_secs(20), || async { ended() })
+        .await
+        .expect("the agent ends the session itself");
+    let after = killed.elapsed();
+    assert!(line.contains("\"reason\":\"disconnected\""), "{line}");
+    assert!(
+        after >= Duration::from_secs(3) && after < Duration::from_secs(12),
+        "ended {after:?} after the broker died"
+    );
+    eprintln!("session ended {after:?} after the broker died");
     rig.agent = None;
 }
 

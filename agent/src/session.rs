@@ -175,6 +175,12 @@ pub(crate) async fn run_session(
             tunnel_status: Vec::new(),
         };
         let reason = driver.run(shutdown).await;
+        if driver.session_id.is_some() {
+            // Break glass: tunnel sessions count the time without any broker session.
+            if let Some(tunnels) = ctx.runner.tunnels() {
+                tunnels.broker_down(conn.stable_id());
+            }
+        }
         if !driver.handed_over {
             // The connection is closed: each running command sees that, kills its process
             // and signs its manifest (kept in the spool for the next session). Let them.
@@ -452,6 +458,9 @@ impl Driver<'_> {
                     );
                     self.peer_max_frame_len.send_replace(w.peer_max_frame_len());
                     self.session_id = Some(w.session_id);
+                    if let Some(tunnels) = self.ctx.runner.tunnels() {
+                        tunnels.broker_up(self.conn.stable_id());
+                    }
                     self.status_generation = None;
                     self.report_status(session);
                     self.send_backlog(session);

@@ -8,7 +8,11 @@
 //! policy) by this agent's own timer, whatever the vendor does; it also ends it when the
 //! customer's policy stops allowing it (re-checked four times a second), when the
 //! customer ends it (`tether-agent session end`), when the vendor closes the
-//! session-control stream, or when that stream is lost with the connection.
+//! session-control stream, or when the appliance has had no broker session for the
+//! policy's `teardown_on_disconnect_after` ([`Tunnels::broker_up`],
+//! [`Tunnels::broker_down`]). A session-control stream lost with its connection does not
+//! end the session by itself: connections for it are accepted on any of the agent's
+//! broker connections while it lives.
 //!
 //! Each connection stream (`TunnelConnect`) dials the pinned addresses and copies bytes
 //! both ways, half-close included (QUIC stream flow control is the back-pressure). Every
@@ -179,9 +183,6 @@ struct Session {
     pinned: Vec<SocketAddr>,
     /// The agent's own end of the session (activation + approved duration).
     expires_at: Instant,
-    /// The QUIC connection that opened it: connection streams from any other are
-    /// refused (a session never outlives the stream that opened it).
-    conn_id: usize,
     /// The approval that opened it, for the manifest.
     approval: ApprovalRef,
     /// The enforced length, in seconds.
@@ -252,6 +253,13 @@ pub struct SessionView {
     pub open: u32,
 }
 
+/// Which broker connections have an established session, and since when none has.
+#[derive(Debug)]
+struct Brokers {
+    live: HashSet<usize>,
+    lost_since: Instant,
+}
+
 /// The appliance's tunnel sessions.
 #[derive(Debug)]
 pub struct Tunnels {
@@ -259,6 +267,7 @@ pub struct Tunnels {
     sessions: Mutex<HashMap<u64, Arc<Session>>>,
     /// Where `session end` asks ([`END_DIR`]).
     end_dir: std::path::PathBuf,
+    brokers: Mutex<Brokers>,
     /// Sessions whose revoke command has not succeeded (yet).
     teardown_failed: Mutex<BTreeSet<u64>>,
 }
@@ -270,6 +279,10 @@ impl Tunnels {
             end_dir: ops.tunnel_end_dir().to_path_buf(),
             ops,
             sessions: Mutex::new(HashMap::new()),
+            brokers: Mutex::new(Brokers {
+                live: HashSet::new(),
+                lost_since: Instant::now(),
+            }),
             teardown_failed: Mutex::new(BTreeSet::new()),
         }
     }
@@ -312,6 +325,41 @@ impl Tunnels {
         }
     }
 
+    /// Broker connection `conn_id` has an established session (its `Welcome` came).
+    pub fn broker_up(&self, conn_id: usize) {
+        self.brokers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .live
+            .insert(conn_id);
+    }
+
+    /// Broker connection `conn_id`'s session ended. When it was the last, the
+    /// disconnection grace of every tunnel session starts.
+    pub fn broker_down(&self, conn_id: usize) {
+        let mut b = self.brokers.lock().unwrap_or_else(|e| e.into_inner());
+        if b.live.remove(&conn_id) && b.live.is_empty() {
+            b.lost_since = Instant::now();
+            let sessions = self
+                .sessions
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .len();
+            if sessions > 0 {
+                tracing::warn!(
+                    sessions,
+                    "no broker session: tunnel sessions end unless one is back within the customer's teardown_on_disconnect_after"
+                );
+            }
+        }
+    }
+
+    /// How long the appliance has had no broker session (`None`: it has one).
+    fn broker_lost_for(&self) -> Option<Duration> {
+        let b = self.brokers.lock().unwrap_or_else(|e| e.into_inner());
+        b.live.is_empty().then(|| b.lost_since.elapsed())
+    }
+
     /// `Status` entries: while any session's revoke command has not succeeded,
     /// `tunnel.teardown_failed` (their ids, comma-separated).
     pub fn status(&self) -> Vec<(String, String)> {
@@ -335,6 +383,8 @@ impl Tunnels {
 
     /// Serve a session-control stream whose `TunnelOpen` was read: decide it, and if
     /// admitted keep the session until it ends, then say why (with the signed manifest).
+    /// Should the stream be lost first, the session lives on without it (see the
+    /// module's documentation).
     pub async fn serve_open(
         self: &Arc<Self>,
         conn_id: usize,
@@ -510,7 +560,6 @@ impl Tunnels {
             idle: Duration::from_secs(verified.break_glass.idle_timeout_s),
             pinned: pinned.clone(),
             expires_at,
-            conn_id,
             approval: ApprovalRef {
                 sha256: verified.approval.sha256.clone(),
                 approval_id: verified.approval.approval_id.clone(),
@@ -584,6 +633,14 @@ impl Tunnels {
             .await;
             return;
         }
+        {
+            // Opened through a broker just now: whatever the Welcome's timing, the
+            // disconnection grace counts from no earlier than this.
+            let mut b = self.brokers.lock().unwrap_or_else(|e| e.into_inner());
+            if b.live.is_empty() {
+                b.lost_since = Instant::now();
+            }
+        }
         self.sessions
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -597,14 +654,12 @@ impl Tunnels {
         });
         // The watchdog owns the session's end and teardown, apart from this stream's task:
         // an aborted or stalled stream can neither keep the session alive nor skip its
-        // revoke.
+        // revoke, and a lost one does not end it (the disconnection grace does).
         let watchdog = tokio::spawn({
             let this = self.clone();
             let session = session.clone();
             async move { this.watch(id, session, revoke, user).await }
         });
-        // Dropped (this task aborted): the session ends with it.
-        let _guard = EndOnDrop(session.clone());
         let wrote = tokio::select! {
             biased;
             _ = session.end.cancelled() => false,
@@ -625,10 +680,29 @@ impl Tunnels {
                 ],
             );
         }
-        tokio::select! {
+        let lost = tokio::select! {
             biased;
-            _ = session.end.cancelled() => {}
-            reason = stream_end(&mut recv) => session.end_with(reason),
+            _ = session.end.cancelled() => false,
+            reason = stream_end(&mut recv) => match reason {
+                Some(reason) => {
+                    session.end_with(reason);
+                    false
+                }
+                None => true,
+            },
+        };
+        if lost {
+            tracing::warn!(
+                session_id = id,
+                conn_id,
+                "tunnel session-control stream lost: the session lives on while the appliance has a broker session"
+            );
+            let _ = self.ops.log_tunnel(
+                action::SESSION_DETACHED,
+                &session.request_id,
+                &[("session_id", id.to_string())],
+            );
+            return;
         }
         let signed = watchdog.await.ok().flatten();
         let _ = tokio::time::timeout(
@@ -638,7 +712,8 @@ impl Tunnels {
         .await;
     }
 
-    /// Until the session ends: its timer, the customer's `session end` and policy. Then out of the table, connections reset (by `end`), the
+    /// Until the session ends: its timer, the customer's `session end`, policy and the
+    /// disconnection grace. Then out of the table, connections reset (by `end`), the
     /// credential revoked, the manifest signed and logged (returned), the end logged.
     async fn watch(
         self: Arc<Self>,
@@ -908,18 +983,26 @@ impl Tunnels {
                     }
                     let ops = self.ops.clone();
                     let (r, p, ph) = (session.resource.clone(), session.privilege.clone(), session.phase);
-                    let allowed = tokio::task::spawn_blocking(move || ops.tunnel_allowed(&r, &p, ph))
-                        .await
-                        .unwrap_or(false);
-                    if !allowed {
+                    let allowed = tokio::task::spawn_blocking(move || {
+                        ops.tunnel_allowed(&r, &p, ph).then(|| ops.teardown_on_disconnect_after())
+                    })
+                    .await
+                    .ok()
+                    .flatten();
+                    let Some(grace) = allowed else {
                         return TunnelCloseReason::Revoked;
+                    };
+                    if self.broker_lost_for().is_some_and(|lost| lost >= grace) {
+                        tracing::warn!(session_id = id, ?grace, "no broker session for the customer's teardown_on_disconnect_after");
+                        return TunnelCloseReason::Disconnected;
                     }
                 }
             }
         }
     }
 
-    /// Serve a connection stream whose `TunnelConnect` was read.
+    /// Serve a connection stream whose `TunnelConnect` was read, on any of the agent's
+    /// broker connections (`conn_id`, for the log).
     pub async fn serve_connect(
         &self,
         conn_id: usize,
@@ -933,9 +1016,15 @@ impl Tunnels {
             let _ = send.reset(code);
             let _ = recv.stop(code);
         };
-        let Some(session) = self.get(connect.session_id).filter(|s| {
-            !s.end.is_cancelled() && s.conn_id == conn_id && Instant::now() < s.expires_at
-        }) else {
+        let Some(session) = self
+            .get(connect.session_id)
+            .filter(|s| !s.end.is_cancelled() && Instant::now() < s.expires_at)
+        else {
+            tracing::debug!(
+                conn_id,
+                session_id = connect.session_id,
+                "connection for no active session"
+            );
             return refuse(&mut send, &mut recv, TunnelCloseReason::NotActive);
         };
         let slot = OpenSlot(&session.open);
@@ -995,15 +1084,6 @@ impl Tunnels {
 /// How long the last frame of a session-control stream may take to write.
 const FINAL_WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Ends its session when dropped (the stream task that opened it was aborted).
-struct EndOnDrop(Arc<Session>);
-
-impl Drop for EndOnDrop {
-    fn drop(&mut self) {
-        self.0.end_with(TunnelCloseReason::Disconnected);
-    }
-}
-
 /// One of a session's open connections; given back when dropped.
 struct OpenSlot<'a>(&'a AtomicU32);
 
@@ -1013,15 +1093,22 @@ impl Drop for OpenSlot<'_> {
     }
 }
 
-/// Why the vendor's side of a session-control stream ended: finished (`closed`) or lost.
-async fn stream_end(recv: &mut RecvStream) -> TunnelCloseReason {
+/// How the vendor's side of a session-control stream ended: finished, or reset with the
+/// code `closed`, is the vendor closing the session (`Some(closed)`); anything else is the
+/// stream lost (`None`).
+async fn stream_end(recv: &mut RecvStream) -> Option<TunnelCloseReason> {
     let mut buf = [0u8; 64];
     loop {
         match recv.read(&mut buf).await {
             // Nothing more is expected from the vendor on this stream.
             Ok(Some(_)) => {}
-            Ok(None) => return TunnelCloseReason::Closed,
-            Err(_) => return TunnelCloseReason::Disconnected,
+            Ok(None) => return Some(TunnelCloseReason::Closed),
+            Err(quinn::ReadError::Reset(code))
+                if code.into_inner() == TunnelCloseReason::Closed as u64 =>
+            {
+                return Some(TunnelCloseReason::Closed)
+            }
+            Err(_) => return None,
         }
     }
 }

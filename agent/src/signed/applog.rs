@@ -46,6 +46,10 @@ pub mod action {
     /// A tunnel's sealed credential was handed to the vendor (in `TunnelReady`);
     /// details: its id and the recipient it is sealed to.
     pub const CREDENTIAL_DELIVERED: &str = "credential.delivered";
+    /// A tunnel session lost its session-control stream (with the broker connection);
+    /// it lives on while the appliance has a broker session, within the customer's
+    /// `teardown_on_disconnect_after`.
+    pub const SESSION_DETACHED: &str = "session.detached";
     /// A tunnel session's signed manifest (before its `session.ended`); details: its
     /// SHA-256, signature, and the manifest itself (or the file holding it when too long
     /// for an entry).

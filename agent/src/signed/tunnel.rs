@@ -128,6 +128,19 @@ impl SignedOps {
         })
     }
 
+    /// How long a tunnel session may outlive the appliance's last broker session: the
+    /// customer's `limits.teardown_on_disconnect_after` (its default when the policy is
+    /// unusable: then the session ends as not allowed anyway).
+    pub fn teardown_on_disconnect_after(&self) -> std::time::Duration {
+        let (loaded, _) = self.customer.current();
+        loaded
+            .policy
+            .as_ref()
+            .map_or(tether_ops::policy::DEFAULT_TEARDOWN_AFTER, |p| {
+                p.limits.teardown_on_disconnect_after
+            })
+    }
+
     /// This appliance as documents name it (id, trust domain, manifest key).
     pub fn appliance(&self) -> &tether_ops::approval::ApplianceRef {
         &self.appliance
