@@ -1757,6 +1757,22 @@ async fn a_session_manifest_binds_the_approval_and_verifies_offline() {
     c.write_all(b"twelve bytes").await.unwrap();
     let mut got = [0u8; 12];
     c.read_exact(&mut got).await.unwrap();
+    let agent_status = |key: &'static str| {
+        let rig = &rig;
+        async move {
+            rig.broker
+                .sessions()
+                .await
+                .into_iter()
+                .find(|s| s["appliance_id"] == "app-1")
+                .and_then(|s| s["agent_status"][key].as_str().map(str::to_owned))
+        }
+    };
+    wait_for(Duration::from_secs(3), || async {
+        (agent_status("tunnel.active").await.as_deref() == Some("1")).then_some(())
+    })
+    .await
+    .expect("the agent's status counts the active session");
     // The agent's timer ends it at 3 s.
     let n = tokio::time::timeout(Duration::from_secs(10), c.read(&mut got))
         .await
@@ -1807,6 +1823,16 @@ async fn a_session_manifest_binds_the_approval_and_verifies_offline() {
     })
     .await
     .expect("session.ended names the manifest");
+
+    // The agent's status counts what it relayed: both ways, every connection.
+    wait_for(Duration::from_secs(5), || async {
+        (agent_status("tunnel.active").await.as_deref() == Some("0")
+            && agent_status("tunnel.bytes").await.as_deref() == Some("24")
+            && agent_status("tunnel.connections").await.as_deref() == Some("1"))
+        .then_some(())
+    })
+    .await
+    .expect("the agent's status counts the tunnel's bytes and connections");
 
     // Offline, with no agent: the approval (approval.json and .sig, as the customer signed
     // them) and the manifest.

@@ -169,6 +169,9 @@ pub const REVOKE_RETRY: [Duration; 4] = [
 /// How long an ended session waits for its connections to record their close before its
 /// manifest is signed.
 const CONNECTIONS_CLOSE_WAIT: Duration = Duration::from_secs(2);
+/// How often `Status` may report changed tunnel counters alone (a session starting or
+/// ending, or a failed teardown, is reported at once).
+pub const COUNTERS_REPORT_EVERY: Duration = Duration::from_secs(10);
 
 /// One active session.
 #[derive(Debug)]
@@ -270,6 +273,10 @@ pub struct Tunnels {
     brokers: Mutex<Brokers>,
     /// Sessions whose revoke command has not succeeded (yet).
     teardown_failed: Mutex<BTreeSet<u64>>,
+    /// Bytes relayed both ways, every session since the agent started.
+    bytes: AtomicU64,
+    /// Connections the targets accepted, every session since the agent started.
+    connections: AtomicU64,
 }
 
 impl Tunnels {
@@ -284,6 +291,8 @@ impl Tunnels {
                 lost_since: Instant::now(),
             }),
             teardown_failed: Mutex::new(BTreeSet::new()),
+            bytes: AtomicU64::new(0),
+            connections: AtomicU64::new(0),
         }
     }
 
@@ -360,10 +369,27 @@ impl Tunnels {
         b.live.is_empty().then(|| b.lost_since.elapsed())
     }
 
-    /// `Status` entries: while any session's revoke command has not succeeded,
+    /// `Status` entries: `tunnel.active` (sessions now), `tunnel.connections` and
+    /// `tunnel.bytes` (accepted connections and bytes relayed both ways since the agent
+    /// started), and, while any session's revoke command has not succeeded,
     /// `tunnel.teardown_failed` (their ids, comma-separated).
     pub fn status(&self) -> Vec<(String, String)> {
-        let mut out = Vec::new();
+        let active = self
+            .sessions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .len();
+        let mut out = vec![
+            ("tunnel.active".to_owned(), active.to_string()),
+            (
+                "tunnel.connections".to_owned(),
+                self.connections.load(Ordering::Relaxed).to_string(),
+            ),
+            (
+                "tunnel.bytes".to_owned(),
+                self.bytes.load(Ordering::Relaxed).to_string(),
+            ),
+        ];
         let failed = self
             .teardown_failed
             .lock()
@@ -1047,12 +1073,13 @@ impl Tunnels {
             },
         };
         let opened_ms = now_ms();
+        self.connections.fetch_add(1, Ordering::Relaxed);
         let _ = tcp.set_nodelay(true);
         let connected = Frame::TunnelConnected(TunnelConnected {
             session_id: connect.session_id,
         });
         let (up, down, reason) = if write_frame(&mut send, &connected, limit).await.is_ok() {
-            splice(tcp, &mut send, &mut recv, &session).await
+            splice(tcp, &mut send, &mut recv, &session, &self.bytes).await
         } else {
             (0, 0, Some(TunnelCloseReason::Disconnected))
         };
@@ -1115,12 +1142,14 @@ async fn stream_end(recv: &mut RecvStream) -> Option<TunnelCloseReason> {
 
 /// Copy bytes both ways between the target and the stream until both directions are
 /// closed (`None`), or until the connection idles or its session ends (the reason, sent
-/// as the reset code). Returns (bytes to the vendor, bytes to the target, reason).
+/// as the reset code). Returns (bytes to the vendor, bytes to the target, reason); every
+/// byte relayed is also counted in `total`.
 async fn splice(
     tcp: tokio::net::TcpStream,
     send: &mut SendStream,
     recv: &mut RecvStream,
     session: &Session,
+    total: &AtomicU64,
 ) -> (u64, u64, Option<TunnelCloseReason>) {
     let (mut tr, mut tw) = tcp.into_split();
     let mut from_target = vec![0u8; CHUNK];
@@ -1161,6 +1190,7 @@ async fn splice(
                         return (up, down, Some(TunnelCloseReason::Disconnected));
                     }
                     up += n as u64;
+                    total.fetch_add(n as u64, Ordering::Relaxed);
                     last = Instant::now();
                 }
                 Err(_) => {
@@ -1184,6 +1214,7 @@ async fn splice(
                         return (up, down, Some(TunnelCloseReason::TargetUnreachable));
                     }
                     down += n as u64;
+                    total.fetch_add(n as u64, Ordering::Relaxed);
                     last = Instant::now();
                 }
                 Err(_) => return (up, down, Some(TunnelCloseReason::Disconnected)),
