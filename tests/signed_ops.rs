@@ -1683,8 +1683,41 @@ async fn a_tunnel_credential_is_sealed_to_the_operator_and_revoked_even_after_a_
     .await
     .expect("revoked after the restart");
     assert_eq!(revoked.trim(), cred_id);
-    let log = std::fs::read_to_string(rig.state.join("audit.jsonl")).unwrap();
-    assert!(log.contains("recovered_after_crash"), "the log says why");
+    let log = wait_for(Duration::from_secs(5), || async {
+        std::fs::read_to_string(rig.state.join("audit.jsonl"))
+            .ok()
+            .filter(|l| l.contains("recovered_after_crash"))
+    })
+    .await
+    .expect("the log says why");
+    // The session cut off by the crash has its signed manifest too, from the log's
+    // record: it verifies against its approval (the last one signed).
+    let (manifest, manifest_sig) = session_manifests(&rig).pop().unwrap();
+    let m: Value = serde_json::from_str(&manifest).unwrap();
+    assert_eq!(m["end_reason"], "recovered_after_crash", "{m}");
+    assert_eq!(
+        (
+            &m["credential"]["id"],
+            &m["credential"]["minted"],
+            &m["credential"]["delivered"],
+            &m["credential"]["revoked"]
+        ),
+        (&json!(cred_id), &json!(true), &json!(true), &json!(true)),
+        "{m}"
+    );
+    let approvers = tether_ops::approvers::Approvers::parse(
+        &std::fs::read_to_string(rig.customer.join("approvers.toml")).unwrap(),
+    )
+    .unwrap();
+    let verified = tether_ops::verify::verify_session(
+        &std::fs::read(rig.root().join("approval.json")).unwrap(),
+        &std::fs::read(rig.root().join("approval.json.sig")).unwrap(),
+        manifest.as_bytes(),
+        manifest_sig.as_bytes(),
+        &approvers,
+        60_000,
+    );
+    assert!(verified.is_ok(), "{verified:?}");
 
     // The secret is in no log: not the customer's audit log, not the broker's.
     assert!(!log.contains(&secret), "secret in the appliance log");
@@ -2005,5 +2038,9 @@ async fn a_failing_revoke_is_retried_flagged_and_run_again_at_the_next_start() {
     .await
     .expect("revoked at the next start");
     assert_eq!(revoked.trim(), id);
-    assert_eq!(entries("credential.revoked", &id), 1);
+    wait_for(Duration::from_secs(5), || async {
+        (entries("credential.revoked", &id) == 1).then_some(())
+    })
+    .await
+    .expect("the log records it");
 }

@@ -90,6 +90,31 @@ pub struct LoggedSession {
     pub run_as: String,
     /// Its revoke command, if any.
     pub revoke: Option<tether_ops::tunnel::CredentialCommand>,
+    /// What its manifest needs, as journaled at activation (`None` in a log written
+    /// before session manifests).
+    pub journal: Option<Journal>,
+    /// Its connections, as `connection.closed` entries recorded them (sessions still
+    /// active only).
+    pub connections: Vec<ConnectionRecord>,
+    /// Its sealed credential was handed to the vendor (`credential.delivered`).
+    pub delivered: bool,
+}
+
+/// What the activation entry journals for a session's manifest.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Journal {
+    /// The approval that opened it.
+    pub approval: ApprovalRef,
+    /// The resource's phase.
+    pub phase: Phase,
+    /// The addresses pinned at activation.
+    pub pinned: Vec<String>,
+    /// The enforced length, in seconds.
+    pub duration_s: u64,
+    /// When it became active.
+    pub activated_ms: i64,
+    /// A credential was minted and sealed.
+    pub minted: bool,
 }
 
 /// The sessions `log` shows activated and not ended (`tether-agent session list`).
@@ -134,6 +159,26 @@ pub fn sessions_in_log(log: &std::path::Path) -> anyhow::Result<LoggedSessions> 
                     credential_id: field("credential_id"),
                     run_as: field("run_as"),
                     revoke: serde_json::from_str(&field("revoke")).ok(),
+                    journal: (|| {
+                        Some(Journal {
+                            approval: ApprovalRef {
+                                sha256: d["approval_sha256"].as_str()?.to_owned(),
+                                approval_id: field("approval_id"),
+                                signer: d["approval_signer"].as_str()?.to_owned(),
+                            },
+                            phase: serde_json::from_value(d["phase"].clone()).ok()?,
+                            pinned: field("pinned")
+                                .split(',')
+                                .filter(|a| !a.is_empty())
+                                .map(str::to_owned)
+                                .collect(),
+                            duration_s: field("duration_s").parse().ok()?,
+                            activated_ms: field("activated_ms").parse().ok()?,
+                            minted: field("sealed_bytes").parse::<u64>().is_ok_and(|n| n > 0),
+                        })
+                    })(),
+                    connections: Vec::new(),
+                    delivered: false,
                 };
                 if s.revoke.is_some() {
                     unrevoked.insert(id);
@@ -147,6 +192,25 @@ pub fn sessions_in_log(log: &std::path::Path) -> anyhow::Result<LoggedSessions> 
             }
             (Some(action::CREDENTIAL_REVOKED), Some(id)) => {
                 unrevoked.remove(&id);
+            }
+            (Some(action::CONNECTION_CLOSED), Some(id)) => {
+                let num = |k: &str| field(k).parse::<u64>().unwrap_or_default();
+                let ms = |k: &str| field(k).parse::<i64>().unwrap_or_default();
+                if let Some(s) = active.iter_mut().find(|s| s.id == id) {
+                    s.connections.push(ConnectionRecord {
+                        n: num("n"),
+                        opened_ms: ms("opened_ms"),
+                        closed_ms: ms("closed_ms"),
+                        to_target_bytes: num("bytes_down"),
+                        from_target_bytes: num("bytes_up"),
+                        reason: field("reason"),
+                    });
+                }
+            }
+            (Some(action::CREDENTIAL_DELIVERED), Some(id)) => {
+                if let Some(s) = active.iter_mut().find(|s| s.id == id) {
+                    s.delivered = true;
+                }
             }
             _ => {}
         }
@@ -622,6 +686,10 @@ impl Tunnels {
                 ("expires_at_ms", expires_at_ms.to_string()),
                 ("approval_id", verified.approval.approval_id.clone()),
                 ("approval_sha256", verified.approval.sha256.clone()),
+                ("approval_signer", verified.approval.signer.clone()),
+                ("phase", verified.phase.as_str().to_owned()),
+                ("duration_s", verified.duration.as_secs().to_string()),
+                ("activated_ms", activated_ms.to_string()),
                 ("capped", verified.capped.to_string()),
                 // What recovery after a crash needs to revoke (never the secret).
                 ("credential_id", credential_id.clone()),
@@ -912,10 +980,10 @@ impl Tunnels {
     }
 
     /// At start: every session the appliance log shows activated and not ended was cut
-    /// off by a crash. Run its revoke command (idempotent, the customer's policy says so)
-    /// and end it `recovered_after_crash`. Every ended session whose revoke never
-    /// succeeded is revoked again. A revoke that fails here is retried in the background
-    /// ([`REVOKE_RETRY`]), flagged in `Status` meanwhile.
+    /// off by a crash: run its revoke command (idempotent, the customer's policy says so,
+    /// retried as at a normal end), sign its manifest from what the log recorded and end
+    /// it `recovered_after_crash`. Every ended session whose revoke never succeeded is
+    /// revoked again. Each runs in a task of its own, started before the agent connects.
     pub async fn recover_after_crash(self: &Arc<Self>) {
         // Where `session end` asks: the agent's own, 0700 (the customer's admin is root).
         {
@@ -929,65 +997,103 @@ impl Tunnels {
                 return;
             }
         };
-        for (s, cut_off) in logged
-            .active
-            .into_iter()
-            .map(|s| (s, true))
-            .chain(logged.unrevoked.into_iter().map(|s| (s, false)))
-        {
-            if cut_off {
-                tracing::warn!(session_id = s.id, resource = %s.resource, "tunnel session cut off by a restart: tearing it down");
-            } else {
-                tracing::warn!(session_id = s.id, resource = %s.resource, "tunnel credential never revoked: revoking it again");
-            }
-            if let Some(cmd) = &s.revoke {
-                match self.ops.credential_user(&s.run_as) {
-                    Ok(user) => {
-                        let first = self
-                            .revoke(&s.request_id, s.id, cmd, &user, &s.credential_id, 1)
-                            .await;
-                        if first.is_err() {
-                            let this = self.clone();
-                            let (s, cmd) = (s.clone(), cmd.clone());
-                            tokio::spawn(async move {
-                                let mut attempt = 1;
-                                for wait in REVOKE_RETRY {
-                                    tokio::time::sleep(wait).await;
-                                    attempt += 1;
-                                    let r = this
-                                        .revoke(
-                                            &s.request_id,
-                                            s.id,
-                                            &cmd,
-                                            &user,
-                                            &s.credential_id,
-                                            attempt,
-                                        )
-                                        .await;
-                                    if r.is_ok() {
-                                        break;
-                                    }
-                                }
-                            });
-                        }
-                    }
-                    Err(r) => {
-                        self.teardown_failed
-                            .lock()
-                            .unwrap_or_else(|e| e.into_inner())
-                            .insert(s.id);
-                        let _ = self.ops.log_tunnel(
-                            action::TEARDOWN_FAILED,
-                            &s.request_id,
-                            &[("session_id", s.id.to_string()), ("error", r.detail)],
-                        );
-                    }
-                }
-            }
-            if cut_off {
-                self.log_end(&s.request_id, s.id, "recovered_after_crash", "");
-            }
+        for s in logged.active {
+            tracing::warn!(session_id = s.id, resource = %s.resource, "tunnel session cut off by a restart: tearing it down");
+            tokio::spawn(self.clone().recover(s, true));
         }
+        for s in logged.unrevoked {
+            tracing::warn!(session_id = s.id, resource = %s.resource, "tunnel credential never revoked: revoking it again");
+            tokio::spawn(self.clone().recover(s, false));
+        }
+    }
+
+    /// Revoke `s`'s credential; if it was `cut_off` by a crash, then sign its manifest and
+    /// end it.
+    async fn recover(self: Arc<Self>, s: LoggedSession, cut_off: bool) {
+        let teardown = match &s.revoke {
+            None => Teardown::None,
+            Some(cmd) => match self.ops.credential_user(&s.run_as) {
+                Ok(user) => {
+                    self.teardown(&s.request_id, s.id, cmd, &user, &s.credential_id)
+                        .await
+                }
+                Err(r) => {
+                    self.teardown_failed
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .insert(s.id);
+                    let _ = self.ops.log_tunnel(
+                        action::TEARDOWN_FAILED,
+                        &s.request_id,
+                        &[
+                            ("session_id", s.id.to_string()),
+                            ("error", r.detail.clone()),
+                        ],
+                    );
+                    Teardown::Failed(r.detail)
+                }
+            },
+        };
+        if !cut_off {
+            return;
+        }
+        let signed = self
+            .recovered_manifest(&s, teardown)
+            .and_then(|m| self.ops.log_session_manifest(&s.request_id, s.id, &m));
+        self.log_end(
+            &s.request_id,
+            s.id,
+            "recovered_after_crash",
+            &signed
+                .as_ref()
+                .map(|(bytes, _)| tether_ops::sha256_hex(bytes))
+                .unwrap_or_default(),
+        );
+    }
+
+    /// The manifest of a session a crash cut off, from its log entries (`None` for a
+    /// session journaled before manifests). It ended at the latest at its expiry, or at
+    /// this restart if that is earlier: the agent's timer would have ended it otherwise.
+    fn recovered_manifest(&self, s: &LoggedSession, teardown: Teardown) -> Option<SessionManifest> {
+        let j = s.journal.as_ref()?;
+        let sum = |f: fn(&ConnectionRecord) -> u64| {
+            s.connections
+                .iter()
+                .fold(0u64, |t, c| t.saturating_add(f(c)))
+        };
+        Some(SessionManifest {
+            doc_type: SESSION_MANIFEST_TYPE.into(),
+            appliance: self.ops.appliance().clone(),
+            request_id: s.request_id.clone(),
+            session_id: s.id.to_string(),
+            approval: j.approval.clone(),
+            phase: j.phase,
+            resource: s.resource.clone(),
+            privilege: s.privilege.clone(),
+            target: s.target.clone(),
+            pinned: j.pinned.clone(),
+            duration_s: j.duration_s,
+            activated_ms: j.activated_ms,
+            ended_ms: now_ms().min(s.expires_at_ms).max(j.activated_ms),
+            end_reason: "recovered_after_crash".into(),
+            connections: s
+                .connections
+                .iter()
+                .take(MAX_LISTED_CONNECTIONS)
+                .cloned()
+                .collect(),
+            connections_total: s.connections.len() as u64,
+            to_target_bytes: sum(|c| c.to_target_bytes),
+            from_target_bytes: sum(|c| c.from_target_bytes),
+            credential: CredentialRecord {
+                id: s.credential_id.clone(),
+                minted: j.minted,
+                delivered: s.delivered,
+                revoked: teardown == Teardown::Ok,
+            },
+            teardown,
+            agent_version: env!("CARGO_PKG_VERSION").into(),
+        })
     }
 
     /// Wait for the session's end; its reason.
@@ -1084,10 +1190,11 @@ impl Tunnels {
             (0, 0, Some(TunnelCloseReason::Disconnected))
         };
         let reason_name = reason.map_or("finished", TunnelCloseReason::as_str);
+        let closed_ms = now_ms();
         session.record(ConnectionRecord {
             n,
             opened_ms,
-            closed_ms: now_ms(),
+            closed_ms,
             to_target_bytes: down,
             from_target_bytes: up,
             reason: reason_name.to_owned(),
@@ -1102,6 +1209,8 @@ impl Tunnels {
                 ("bytes_up", up.to_string()),
                 ("bytes_down", down.to_string()),
                 ("duration_ms", started.elapsed().as_millis().to_string()),
+                ("opened_ms", opened_ms.to_string()),
+                ("closed_ms", closed_ms.to_string()),
                 ("reason", reason_name.to_owned()),
             ],
         );

@@ -100,9 +100,13 @@ pub struct SessionManifest {
     pub duration_s: u64,
     /// When it became active.
     pub activated_ms: i64,
-    /// When it ended (connections reset; teardown follows).
+    /// When it ended (connections reset; teardown follows). For a session a crash of the
+    /// agent cut off (`end_reason` `recovered_after_crash`, signed when the agent starts
+    /// again): the latest it can have lasted, its expiry or that restart if earlier, and
+    /// its connections are those the log recorded as closed.
     pub ended_ms: i64,
-    /// Why it ended (a tunnel close reason: `expired`, `closed`, `revoked`, …).
+    /// Why it ended (a tunnel close reason: `expired`, `closed`, `revoked`, …, or
+    /// `recovered_after_crash`).
     pub end_reason: String,
     /// Its connections, in order (at most [`MAX_LISTED_CONNECTIONS`]).
     pub connections: Vec<ConnectionRecord>,
