@@ -66,6 +66,10 @@ enum Cmd {
     /// output streams back live and `tether exec` exits with the command's exit code, or
     /// 69 offline, 75 lost mid-command, 124 timed out, 125 refused or unreachable.
     Exec(tether::cli::exec::ExecArgs),
+    /// Break glass: a customer-approved, time-boxed tunnel to one resource in the
+    /// customer's network (request, open, credential, close, list).
+    #[command(subcommand)]
+    Tunnel(tether::cli::tunnel::TunnelCmd),
     /// Customer-signed operations: check an approval, the appliance's manifest and the
     /// output offline.
     #[command(subcommand)]
@@ -143,6 +147,10 @@ async fn main() -> anyhow::Result<()> {
         Cmd::Appliance(cmd) => tether::cli::appliance::run(cmd).await,
         Cmd::Token(cmd) => tether::cli::appliance::token(cmd).await,
         Cmd::Broker(cmd) => tether::cli::broker::run(cmd).await,
+        Cmd::Tunnel(cmd) => {
+            let code = tether::cli::tunnel::run(cmd).await?;
+            std::process::exit(code);
+        }
         Cmd::Exec(args) => {
             let code = tether::cli::exec::run(args).await;
             std::process::exit(code);

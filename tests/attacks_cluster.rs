@@ -167,6 +167,7 @@ async fn a_broker_speaks_only_as_itself() {
         quic_addr: "127.0.0.1:9".into(),
         allowlist_version: 0,
         sessions: vec![],
+        features: vec![],
     };
     let (head, rest) = raw_channel(&c, &dir, &hello).await;
     assert!(head.starts_with("HTTP/1.1 101"), "{head}");

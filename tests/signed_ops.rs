@@ -8,39 +8,15 @@
 
 mod common;
 
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use common::customer::*;
 use common::*;
 use serde_json::{json, Value};
 use tether_ops::approval::Approval;
 use tether_ops::{sig, MANIFEST_NAMESPACE};
-
-const POLICY: &str = r#"
-allow_same_uid = true
-
-[phases.observe]
-enabled = true
-approval = "none"
-run_as = "nobody"
-
-[phases.operate]
-enabled = true
-approval = "required"
-run_as = "nobody"
-
-[[classify]]
-argv = ["echo", "**"]
-phase = "observe"
-[[classify]]
-argv = ["cat", "**"]
-phase = "observe"
-
-[[deny]]
-program = ["rm"]
-"#;
 
 /// One appliance with a customer directory, its broker and its agent.
 struct Rig {
@@ -52,23 +28,6 @@ struct Rig {
     canary_dir: PathBuf,
     key: PathBuf,
     appliance_key: String,
-}
-
-fn ssh_keygen(args: &[&str], cwd: &Path) {
-    let out = Command::new("ssh-keygen")
-        .args(args)
-        .current_dir(cwd)
-        .output()
-        .expect("ssh-keygen");
-    assert!(
-        out.status.success(),
-        "ssh-keygen {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-fn chmod(p: &Path, mode: u32) {
-    std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).unwrap();
 }
 
 impl Rig {
@@ -234,22 +193,6 @@ impl Rig {
 
 /// A customer directory under `root` (made world-readable, as an appliance's would be):
 /// `alice`'s key made by stock `ssh-keygen` and pinned as `acme`, and `policy`.
-fn customer_dir(root: &Path, policy: &str) -> PathBuf {
-    chmod(root, 0o755);
-    let customer = root.join("customer");
-    std::fs::create_dir(&customer).unwrap();
-    chmod(&customer, 0o755);
-    ssh_keygen(&["-q", "-t", "ed25519", "-N", "", "-f", "alice"], root);
-    let public = std::fs::read_to_string(root.join("alice.pub")).unwrap();
-    std::fs::write(
-        customer.join("approvers.toml"),
-        format!("[[key]]\nid = \"acme\"\npublic_key = \"{}\"\nnot_before = \"2026-01-01T00:00:00Z\"\nnot_after = \"2099-01-01T00:00:00Z\"\n", public.trim()),
-    )
-    .unwrap();
-    std::fs::write(customer.join("policy.toml"), policy).unwrap();
-    customer
-}
-
 fn error_of(lines: &[Value]) -> String {
     lines
         .last()
@@ -1178,27 +1121,6 @@ async fn a_replay_after_the_clock_went_forward_past_pruning_and_back_is_refused(
 }
 
 /// A TCP echo server on 127.0.0.1 standing in for the customer's resource.
-async fn echo_server() -> std::net::SocketAddr {
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = l.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = l.accept().await {
-            tokio::spawn(async move {
-                let (mut r, mut w) = s.split();
-                let _ = tokio::io::copy(&mut r, &mut w).await;
-            });
-        }
-    });
-    addr
-}
-
-/// The customer's policy with break-glass resource `echo` at `target`.
-fn tunnel_policy(target: &str) -> String {
-    format!(
-        "{POLICY}\n[[resource]]\nname = \"echo\"\ntarget = \"{target}\"\n[resource.privilege.rw]\n"
-    )
-}
-
 async fn open_tunnel(rig: &Rig, body: Value) -> (u16, Value) {
     let resp = http()
         .post(rig.broker.url("/v1/sessions/app-1/tunnels"))
@@ -1589,30 +1511,9 @@ async fn a_tunnel_credential_is_sealed_to_the_operator_and_revoked_even_after_a_
     let mut rig = Rig::new().await;
     let echo = echo_server().await;
     let secret = format!("s3cr3t-{}", tether_ops::approval::new_approval_id());
-    let bin_dir = rig.root().join("bin");
-    std::fs::create_dir(&bin_dir).unwrap();
-    chmod(&bin_dir, 0o755);
     let marker = rig.canary("revoked");
-    let mint = bin_dir.join("mint");
-    std::fs::write(
-        &mint,
-        format!("#!/bin/sh\nprintf '{{\"credential_id\":\"cred-%s\",\"secret\":\"{secret}\",\"ttl\":\"%s\"}}' \"$2\" \"$1\"\necho \"{secret}\" >&2\n"),
-    )
-    .unwrap();
-    let revoke = bin_dir.join("revoke");
-    std::fs::write(
-        &revoke,
-        format!("#!/bin/sh\necho \"$1\" >> {}\n", marker.display()),
-    )
-    .unwrap();
-    for f in [&mint, &revoke] {
-        chmod(f, 0o755);
-    }
-    let policy = format!(
-        "{POLICY}\n[[resource]]\nname = \"echo\"\ntarget = \"{echo}\"\n[resource.privilege.rw]\nmint = {{ argv = [\"{}\", \"{{duration_s}}\", \"{{session_id}}\"], deadline_ms = 5000 }}\nrevoke = {{ argv = [\"{}\", \"{{credential_id}}\"], deadline_ms = 5000 }}\n",
-        mint.display(),
-        revoke.display()
-    );
+    let (mint, _) = credential_commands(rig.root(), &secret, &marker);
+    let policy = credential_policy(&echo.to_string(), rig.root());
     std::fs::write(rig.customer.join("policy.toml"), policy).unwrap();
 
     let operator = age::x25519::Identity::generate();
@@ -2043,4 +1944,470 @@ async fn a_failing_revoke_is_retried_flagged_and_run_again_at_the_next_start() {
     })
     .await
     .expect("the log records it");
+}
+
+/// Break glass the vendor's real way, through control: `tether tunnel request` (a fresh
+/// one-time key), the customer's stock `ssh-keygen` signature, `tether tunnel open`
+/// printing its local address, bytes through operator CLI → control → broker → agent →
+/// the customer's target and back with half-close, the credential opened once (a second
+/// fetch refused), a replayed or widened approval refused, `tether tunnel close` ending
+/// the session on the appliance with the revoke run, every step audited by control, and
+/// the secret in none of control's database, audit export or logs, nor the broker's.
+#[tokio::test]
+async fn break_glass_through_control_request_sign_open_credential_close() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let echo = echo_server().await;
+    let secret = format!("s3cr3t-{}", tether_ops::approval::new_approval_id());
+    let marker = std::sync::OnceLock::new();
+    let (c, b1, _agent, root) = through_control(|root| {
+        let canary_dir = root.join("canary");
+        std::fs::create_dir(&canary_dir).unwrap();
+        chmod(&canary_dir, 0o777);
+        let m = canary_dir.join("revoked");
+        credential_commands(root, &secret, &m);
+        marker.set(m).unwrap();
+        credential_policy(&echo.to_string(), root)
+    })
+    .await;
+    let marker = marker.into_inner().unwrap();
+
+    // The request: the appliance's own document, with the operator's one-time key in it.
+    let doc = request_signed(
+        &c,
+        &root,
+        "request.json",
+        &[
+            "--resource",
+            "echo",
+            "--privilege",
+            "rw",
+            "--duration",
+            "2m",
+            "--reason",
+            "INC-9",
+        ],
+    );
+    let plan = tether_ops::tunnel::TunnelApproval::parse(doc.as_bytes()).expect("canonical");
+    assert_eq!(plan.break_glass.target, echo.to_string());
+    assert_eq!(plan.break_glass.duration_s, 120);
+    assert!(plan.break_glass.recipient.starts_with("age1"), "{doc}");
+    assert!(plan.break_glass.credential.is_some());
+    assert_eq!(
+        std::fs::read_dir(c.ops.join("tunnel-keys"))
+            .unwrap()
+            .count(),
+        1,
+        "the one-time key stays with the operator"
+    );
+
+    // A vendor widening the signed document (a longer session): refused by the appliance.
+    let widened = doc.replace("\"duration_s\":120", "\"duration_s\":7200");
+    assert_ne!(widened, doc);
+    std::fs::write(root.join("widened.json"), &widened).unwrap();
+    std::fs::copy(root.join("request.json.sig"), root.join("widened.json.sig")).unwrap();
+    let open_cmd = |file: &str| tunnel_open_cmd(&c, &root, file);
+    let out = open_cmd("widened.json").wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("approval_invalid"), "{err}");
+
+    // The real one: the local address first, then bytes both ways.
+    let (mut open, addr) = tunnel_open(&c, &root, "request.json").await;
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let payload: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+    let (mut r, mut w) = s.split();
+    let send = async {
+        w.write_all(&payload).await.unwrap();
+        // Half-close: the echo server sees the end, echoes the rest and closes.
+        w.shutdown().await.unwrap();
+    };
+    let mut back = Vec::new();
+    let recv = r.read_to_end(&mut back);
+    let (_, got) =
+        tokio::time::timeout(Duration::from_secs(30), async { tokio::join!(send, recv) })
+            .await
+            .expect("the echo comes back through control");
+    got.unwrap();
+    assert_eq!(back, payload, "every byte, in order, both ways");
+
+    // The session as control knows it: no secret, bytes counted.
+    let list: Value =
+        serde_json::from_str(&c.tether(&["tunnel", "list", "--output", "json"]).unwrap()).unwrap();
+    let t = &list["items"][0];
+    let id = t["id"].as_str().unwrap().to_owned();
+    assert_eq!(t["state"], "active", "{t}");
+    assert_eq!(t["credential"], true, "{t}");
+    let counted = wait_for(Duration::from_secs(10), || async {
+        let v: Value =
+            serde_json::from_str(&c.tether(&["tunnel", "list", "--output", "json"]).unwrap())
+                .unwrap();
+        // What control relays is the framed stream: the payload and the chunk headers.
+        (v["items"][0]["bytes_up"].as_u64() >= Some(payload.len() as u64)).then_some(v)
+    })
+    .await;
+    assert!(counted.is_some(), "control counts the bytes it relays");
+
+    // Other operators of the same vendor: another operator can neither take the
+    // credential nor connect through the session; a viewer cannot open one; an operator
+    // certificate cannot pose as a broker dialing back. Each refusal leaves the
+    // credential where it was.
+    let mut others = Vec::new();
+    for (name, role) in [("olga", "operator"), ("vic", "viewer")] {
+        let bundle = root.join(format!("{name}.bundle.json"));
+        c.tether(&[
+            "operator",
+            "invite",
+            name,
+            "--role",
+            role,
+            "--out",
+            bundle.to_str().unwrap(),
+        ])
+        .unwrap();
+        let dir = root.join(format!("config-{name}"));
+        common::operators::tether(
+            &dir,
+            &[
+                "login",
+                "--bundle",
+                bundle.to_str().unwrap(),
+                "--control",
+                &c.fleet.url(),
+            ],
+        )
+        .unwrap();
+        others.push(dir);
+    }
+    let olga = common::operators::tether(&others[0], &["tunnel", "credential", &id]).unwrap_err();
+    assert!(olga.contains("not_your_tunnel"), "{olga}");
+    let olga_http = common::operators::client_from(&c.fleet, Some(&others[0]), false);
+    let resp = olga_http
+        .get(format!("{}/v1/tunnels/{id}/connect", c.fleet.url()))
+        .header("connection", "upgrade")
+        .header("upgrade", "tether-tunnel/1")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 403);
+    let resp = olga_http
+        .get(format!(
+            "{}/v1/brokers/tunnels/{}",
+            c.fleet.url(),
+            "0".repeat(32)
+        ))
+        .header("connection", "upgrade")
+        .header("upgrade", "tether-tunnel/1")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 403, "an operator is not a broker");
+    let vic = common::operators::tether(
+        &others[1],
+        &[
+            "tunnel",
+            "request",
+            "app-1",
+            "--resource",
+            "echo",
+            "--privilege",
+            "rw",
+            "--reason",
+            "x",
+        ],
+    )
+    .unwrap_err();
+    assert!(vic.contains("403"), "{vic}");
+
+    // The credential: opened once with the one-time key; a second fetch is refused.
+    let cred = c.tether(&["tunnel", "credential", &id]).unwrap();
+    let cred: Value = serde_json::from_str(&cred).expect("the minted JSON");
+    assert_eq!(cred["secret"], secret.as_str());
+    let again = c.tether(&["tunnel", "credential", &id]).unwrap_err();
+    assert!(again.contains("credential_already_fetched"), "{again}");
+
+    // The same approval again: single use on the appliance.
+    let out = open_cmd("request.json").wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("approval_replayed"), "{err}");
+
+    // The vendor closes it: the appliance ends it, revokes the credential, and the open
+    // command says why and exits.
+    c.tether(&["tunnel", "close", &id]).unwrap();
+    let ended = tokio::task::spawn_blocking(move || {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if let Some(status) = open.try_wait().unwrap() {
+                let mut err = String::new();
+                use std::io::Read;
+                open.stderr
+                    .take()
+                    .unwrap()
+                    .read_to_string(&mut err)
+                    .unwrap();
+                return Some((status, err));
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = open.kill();
+        let _ = open.wait();
+        None
+    })
+    .await
+    .unwrap();
+    let (status, err) = ended.expect("tether tunnel open ends with its session");
+    assert!(status.success(), "{err}");
+    assert!(err.contains("ended: closed"), "{err}");
+    assert!(err.contains("connection from"), "{err}");
+    let revoked = wait_for(Duration::from_secs(10), || async {
+        std::fs::read_to_string(&marker).ok()
+    })
+    .await
+    .expect("the revoke command ran at the end");
+    assert!(revoked.contains("cred-"), "{revoked}");
+    // No connection through an ended session.
+    let refused = c.tether(&["tunnel", "credential", &id]).unwrap_err();
+    assert!(refused.contains("credential_already_fetched"), "{refused}");
+
+    // Control's audit: who asked and why, the approval's hash, the hand-over, the close,
+    // the end; and nowhere the secret.
+    let export = root.join("audit.ndjson");
+    c.tether(&["audit", "export", "--out", export.to_str().unwrap()])
+        .unwrap();
+    let audit = std::fs::read_to_string(&export).unwrap();
+    for action in [
+        "appliance.tunnel.open",
+        "appliance.tunnel.credential",
+        "appliance.tunnel.close",
+        "appliance.tunnel.ended",
+    ] {
+        assert!(audit.contains(action), "{action} audited");
+    }
+    assert!(audit.contains("INC-9"));
+    assert!(audit.contains("approval_sha256"));
+    assert!(audit.contains("approval_replayed"), "the replay is audited");
+    assert!(
+        !audit.contains(&secret),
+        "the secret is not in control's audit"
+    );
+    let db = std::fs::read(c.fleet.data.join("control.db")).unwrap_or_default();
+    assert!(
+        !db.windows(secret.len()).any(|w| w == secret.as_bytes()),
+        "the secret is not in control's database"
+    );
+    for (who, logs) in [("control", &c.fleet.control.logs), ("broker", &b1.logs)] {
+        let logs = logs.lock().unwrap();
+        assert!(
+            !logs.iter().any(|l| l.contains(&secret)),
+            "the secret is not in the {who}'s logs"
+        );
+    }
+}
+
+/// The customer resource is a real database: a throwaway PostgreSQL (`scripts/pg`). The
+/// privilege's mint command creates a login role for this session only (`bg_<session>`)
+/// and its revoke command drops it; the operator opens the credential, speaks the
+/// PostgreSQL protocol through `tether tunnel open` as that role, and once the vendor
+/// closes the session the role is gone from the database.
+#[tokio::test]
+async fn break_glass_to_postgresql_with_a_role_made_for_the_session_and_dropped_after() {
+    use sqlx::Connection as _;
+    let admin_url = std::env::var("TETHER_TEST_PG_URL").unwrap_or_else(|_| {
+        panic!(
+            "TETHER_TEST_PG_URL is not set: this test needs PostgreSQL. Run ./scripts/test, \
+             or `export TETHER_TEST_PG_URL=$(./scripts/pg)` and run cargo test again"
+        )
+    });
+    // postgres://USER@HOST:PORT/DB
+    let rest = admin_url.split_once('@').expect("a user in the URL").1;
+    let (target, db) = rest.split_once('/').expect("a database in the URL");
+    let target = target.to_owned();
+    let db = db.split('?').next().unwrap().to_owned();
+    let marker = std::sync::OnceLock::new();
+    let (c, _b1, _agent, root) = through_control(|root| {
+        let bin_dir = root.join("pgbin");
+        std::fs::create_dir(&bin_dir).unwrap();
+        chmod(&bin_dir, 0o755);
+        let canary = root.join("canary");
+        std::fs::create_dir(&canary).unwrap();
+        chmod(&canary, 0o777);
+        let m = canary.join("dropped");
+        let mint = bin_dir.join("mint");
+        std::fs::write(
+            &mint,
+            format!(
+                "#!/bin/sh\nset -e\nrole=\"bg_$1\"\npsql -q -v ON_ERROR_STOP=1 '{admin_url}' -c \"CREATE ROLE $role LOGIN\" >/dev/null\nprintf '{{\"credential_id\":\"%s\",\"user\":\"%s\",\"secret\":\"trust\"}}' \"$role\" \"$role\"\n"
+            ),
+        )
+        .unwrap();
+        let revoke = bin_dir.join("revoke");
+        std::fs::write(
+            &revoke,
+            format!(
+                "#!/bin/sh\nset -e\npsql -q -v ON_ERROR_STOP=1 '{admin_url}' -c \"DROP ROLE $1\" >/dev/null\necho \"$1\" >> {}\n",
+                m.display()
+            ),
+        )
+        .unwrap();
+        for f in [&mint, &revoke] {
+            chmod(f, 0o755);
+        }
+        marker.set(m).unwrap();
+        format!(
+            "{POLICY}\n[[resource]]\nname = \"orders-db\"\ntarget = \"{target}\"\n[resource.privilege.readonly]\nmint = {{ argv = [\"{}\", \"{{session_id}}\"], deadline_ms = 10000 }}\nrevoke = {{ argv = [\"{}\", \"{{credential_id}}\"], deadline_ms = 10000 }}\n",
+            mint.display(),
+            revoke.display()
+        )
+    })
+    .await;
+    let marker = marker.into_inner().unwrap();
+    request_signed(
+        &c,
+        &root,
+        "db.json",
+        &[
+            "--resource",
+            "orders-db",
+            "--privilege",
+            "readonly",
+            "--duration",
+            "5m",
+            "--reason",
+            "INC-PG",
+        ],
+    );
+    let (mut open, addr) = tunnel_open(&c, &root, "db.json").await;
+    let list: Value =
+        serde_json::from_str(&c.tether(&["tunnel", "list", "--output", "json"]).unwrap()).unwrap();
+    let id = list["items"][0]["id"].as_str().unwrap().to_owned();
+    let cred: Value =
+        serde_json::from_str(&c.tether(&["tunnel", "credential", &id]).unwrap()).unwrap();
+    let user = cred["user"].as_str().unwrap().to_owned();
+    assert!(user.starts_with("bg_"), "{cred}");
+
+    // A real PostgreSQL client through the tunnel, as the session's own role.
+    let mut conn = sqlx::PgConnection::connect(&format!("postgres://{user}@{addr}/{db}"))
+        .await
+        .expect("PostgreSQL through the tunnel");
+    let me: String = sqlx::query_scalar("SELECT current_user::text")
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(me, user);
+    let one: i32 = sqlx::query_scalar("SELECT 1")
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(one, 1);
+    conn.close().await.unwrap();
+
+    // Closed by the vendor: the role is dropped, so the credential opens nothing anymore.
+    c.tether(&["tunnel", "close", &id]).unwrap();
+    let dropped = wait_for(Duration::from_secs(20), || async {
+        std::fs::read_to_string(&marker).ok()
+    })
+    .await
+    .expect("the revoke command ran");
+    assert_eq!(dropped.trim(), user);
+    let direct = format!("postgres://{user}@{target}/{db}");
+    let err = sqlx::PgConnection::connect(&direct)
+        .await
+        .expect_err("the session's role is gone");
+    assert!(err.to_string().contains("does not exist"), "{err}");
+    let _ = open.kill();
+    let _ = open.wait();
+}
+
+/// A name of ours in `/etc/hosts`, removed on drop.
+struct HostsName {
+    name: String,
+}
+
+impl HostsName {
+    const HOSTS: &'static str = "/etc/hosts";
+
+    /// `name` resolving to `ip`; `None` when `/etc/hosts` cannot be written (not root).
+    fn add(name: &str, ip: &str) -> Option<HostsName> {
+        let h = HostsName { name: name.into() };
+        h.point(ip).ok()?;
+        Some(h)
+    }
+
+    /// Re-point the name (the file is rewritten in place: other lines are kept).
+    fn point(&self, ip: &str) -> std::io::Result<()> {
+        let text = std::fs::read_to_string(Self::HOSTS)?;
+        let mut lines: Vec<String> = text
+            .lines()
+            .filter(|l| !l.split_whitespace().any(|w| w == self.name))
+            .map(str::to_owned)
+            .collect();
+        lines.push(format!("{ip} {}", self.name));
+        std::fs::write(Self::HOSTS, lines.join("\n") + "\n")
+    }
+}
+
+impl Drop for HostsName {
+    fn drop(&mut self) {
+        if let Ok(text) = std::fs::read_to_string(Self::HOSTS) {
+            let kept: Vec<&str> = text
+                .lines()
+                .filter(|l| !l.split_whitespace().any(|w| w == self.name))
+                .collect();
+            let _ = std::fs::write(Self::HOSTS, kept.join("\n") + "\n");
+        }
+    }
+}
+
+/// The customer's target is a DNS name; the agent resolves it once, at activation, and
+/// pins the addresses. An attacker who re-points the name afterwards (here: its
+/// `/etc/hosts` entry moves from 127.0.0.1 to 127.0.0.2, where an impostor listens on the
+/// same port) gets no new connection to the impostor.
+#[tokio::test]
+async fn a_tunnel_keeps_the_address_pinned_at_activation_when_the_name_moves() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let name = format!(
+        "bg-pin-{}.test",
+        &tether_ops::approval::new_approval_id()[..8]
+    );
+    let Some(hosts) = HostsName::add(&name, "127.0.0.1") else {
+        eprintln!("SKIPPED: /etc/hosts is not writable (run as root, as CI does)");
+        return;
+    };
+    let rig = Rig::new().await;
+    let echo = echo_server().await;
+    // The impostor on the same port of another loopback address answers "impostor".
+    let impostor = tokio::net::TcpListener::bind(("127.0.0.2", echo.port()))
+        .await
+        .expect("127.0.0.2 on the echo's port");
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = impostor.accept().await {
+            let _ = s.write_all(b"impostor").await;
+        }
+    });
+    let target = format!("{name}:{}", echo.port());
+    std::fs::write(rig.customer.join("policy.toml"), tunnel_policy(&target)).unwrap();
+    let opened = open_ten_minutes(&rig).await;
+    let listen = opened["listen"].as_str().unwrap().to_owned();
+    let echo_once = |listen: String| async move {
+        let mut s = tokio::net::TcpStream::connect(&listen).await.unwrap();
+        s.write_all(b"ping").await.unwrap();
+        s.shutdown().await.unwrap();
+        let mut back = Vec::new();
+        tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut back))
+            .await
+            .unwrap()
+            .unwrap();
+        back
+    };
+    assert_eq!(echo_once(listen.clone()).await, b"ping");
+
+    hosts.point("127.0.0.2").unwrap();
+    let now: Vec<_> = tokio::net::lookup_host(&target).await.unwrap().collect();
+    assert!(
+        now.iter().all(|a| a.ip().to_string() == "127.0.0.2"),
+        "the name moved: {now:?}"
+    );
+    // A new connection still goes to the address pinned at activation.
+    assert_eq!(echo_once(listen).await, b"ping");
+    drop(hosts);
 }

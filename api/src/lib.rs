@@ -29,6 +29,7 @@
 //! - [`operators`]: roles, bundles, login, invites, the operator list and revocation.
 //! - [`brokers`]: the broker list and `POST /v1/brokers`.
 //! - [`audit`]: the query of `GET /v1/audit`.
+//! - [`tunnels`]: break-glass tunnel sessions (plan, open, credential, close, list).
 //!
 //! # Features
 //!
@@ -47,6 +48,7 @@ pub mod exec;
 pub mod health;
 pub mod operators;
 pub mod trust;
+pub mod tunnels;
 
 pub use error::ErrorBody;
 

@@ -69,6 +69,21 @@ pub mod action {
     pub const APPLIANCE_EXEC: &str = "appliance.exec";
     /// An appliance's signed manifest of a command, re-sent after a reconnect.
     pub const APPLIANCE_EXEC_MANIFEST: &str = "appliance.exec.manifest";
+    /// A break-glass tunnel was planned, opened or refused (`details.plan`, the approval's
+    /// hash, the appliance's answer).
+    pub const APPLIANCE_TUNNEL_OPEN: &str = "appliance.tunnel.open";
+    /// A tunnel session's sealed credential was handed to its operator (once).
+    pub const APPLIANCE_TUNNEL_CREDENTIAL: &str = "appliance.tunnel.credential";
+    /// Tunnel sessions were listed or shown (recorded only when refused).
+    pub const APPLIANCE_TUNNEL_LIST: &str = "appliance.tunnel.list";
+    /// A connection through a tunnel session was asked for (recorded only when refused:
+    /// connections are counted, and the session's end entry sums them).
+    pub const APPLIANCE_TUNNEL_CONNECT: &str = "appliance.tunnel.connect";
+    /// The vendor closed a tunnel session.
+    pub const APPLIANCE_TUNNEL_CLOSE: &str = "appliance.tunnel.close";
+    /// A tunnel session ended (its reason, connections and bytes; the appliance's session
+    /// manifest when it sent one).
+    pub const APPLIANCE_TUNNEL_ENDED: &str = "appliance.tunnel.ended";
     /// A broker was added (a one-time bundle made).
     pub const BROKER_ADD: &str = "broker.add";
     /// A broker enrolled with its bundle (or was refused).

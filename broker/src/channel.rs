@@ -284,6 +284,88 @@ enum Outgoing {
     Done(u64),
 }
 
+/// Dials control: TCP, TLS with the broker's certificate, then an HTTP/1.1 upgrade (the
+/// cluster channel, and each tunnel connection's dial-back).
+#[derive(Clone)]
+struct Dialer {
+    identity: BrokerIdentity,
+    verifier: Arc<ControlVerifier>,
+    broker: Arc<Broker>,
+}
+
+impl Dialer {
+    /// `GET path` with `Upgrade: token`; the upgraded connection on `101`.
+    async fn upgrade(
+        &self,
+        path: &str,
+        token: &str,
+    ) -> Result<hyper::upgrade::Upgraded, ChannelError> {
+        let (host, port) =
+            check_control_url(&self.identity.control_url).map_err(ChannelError::Connect)?;
+        let tcp = tokio::net::TcpStream::connect((host.as_str(), port))
+            .await
+            .map_err(|e| ChannelError::Connect(format!("{host}:{port}: {e}")))?;
+        let _ = tcp.set_nodelay(true);
+        let tls = client_config(
+            self.verifier.clone(),
+            Some(self.broker.cert().clone()),
+            crate::tls::provider(),
+        )
+        .map_err(|e| ChannelError::Tls(e.to_string()))?;
+        let server_name = rustls::pki_types::ServerName::try_from(host.clone())
+            .map_err(|e| ChannelError::Connect(format!("{host}: {e}")))?;
+        let tls = tokio_rustls::TlsConnector::from(Arc::new(tls))
+            .connect(server_name, tcp)
+            .await
+            .map_err(|e| ChannelError::Tls(e.to_string()))?;
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+            .await
+            .map_err(|e| ChannelError::Http(e.to_string()))?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.with_upgrades().await {
+                debug!(error = %e, "control HTTP connection ended");
+            }
+        });
+        let authority = if host.contains(':') {
+            format!("[{host}]:{port}")
+        } else {
+            format!("{host}:{port}")
+        };
+        let req = Request::get(path)
+            .header(HOST, authority)
+            .header(CONNECTION, "Upgrade")
+            .header(UPGRADE, token)
+            .body(Empty::<Bytes>::new())
+            .map_err(|e| ChannelError::Http(e.to_string()))?;
+        let resp = sender
+            .send_request(req)
+            .await
+            .map_err(|e| ChannelError::Http(crate::credential::error_chain(&e)))?;
+        if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
+            let status = resp.status().as_u16();
+            let body = Limited::new(resp.into_body(), MAX_ERROR_BODY)
+                .collect()
+                .await
+                .map(|b| b.to_bytes())
+                .unwrap_or_default();
+            let (code, message) = crate::credential::error_body(&body);
+            return Err(ChannelError::Refused {
+                status,
+                code,
+                message,
+            });
+        }
+        hyper::upgrade::on(resp)
+            .await
+            .map_err(|e| ChannelError::Http(e.to_string()))
+    }
+}
+
+/// Control's tunnel connection tokens: 32 lowercase hex digits (they go into a path).
+fn valid_conn(conn: &str) -> bool {
+    conn.len() == 32 && conn.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+}
+
 /// The channel task. Build it, then [`ControlSync::run`] it.
 pub struct ControlSync {
     /// The broker.
@@ -383,70 +465,24 @@ impl ControlSync {
     }
 
     async fn connect_inner(&self) -> Result<Channel, ChannelError> {
-        let (host, port) =
-            check_control_url(&self.identity.control_url).map_err(ChannelError::Connect)?;
-        let tcp = tokio::net::TcpStream::connect((host.as_str(), port))
-            .await
-            .map_err(|e| ChannelError::Connect(format!("{host}:{port}: {e}")))?;
-        let _ = tcp.set_nodelay(true);
-        let tls = client_config(
-            self.verifier.clone(),
-            Some(self.broker.cert().clone()),
-            crate::tls::provider(),
-        )
-        .map_err(|e| ChannelError::Tls(e.to_string()))?;
-        let server_name = rustls::pki_types::ServerName::try_from(host.clone())
-            .map_err(|e| ChannelError::Connect(format!("{host}: {e}")))?;
-        let tls = tokio_rustls::TlsConnector::from(Arc::new(tls))
-            .connect(server_name, tcp)
-            .await
-            .map_err(|e| ChannelError::Tls(e.to_string()))?;
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
-            .await
-            .map_err(|e| ChannelError::Http(e.to_string()))?;
-        tokio::spawn(async move {
-            if let Err(e) = conn.with_upgrades().await {
-                debug!(error = %e, "control HTTP connection ended");
-            }
-        });
-        let authority = if host.contains(':') {
-            format!("[{host}]:{port}")
-        } else {
-            format!("{host}:{port}")
-        };
-        let req = Request::get(CHANNEL_PATH)
-            .header(HOST, authority)
-            .header(CONNECTION, "Upgrade")
-            .header(UPGRADE, cluster::UPGRADE)
-            .body(Empty::<Bytes>::new())
-            .map_err(|e| ChannelError::Http(e.to_string()))?;
-        let resp = sender
-            .send_request(req)
-            .await
-            .map_err(|e| ChannelError::Http(crate::credential::error_chain(&e)))?;
-        if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
-            let status = resp.status().as_u16();
-            let body = Limited::new(resp.into_body(), MAX_ERROR_BODY)
-                .collect()
-                .await
-                .map(|b| b.to_bytes())
-                .unwrap_or_default();
-            let (code, message) = crate::credential::error_body(&body);
-            return Err(ChannelError::Refused {
-                status,
-                code,
-                message,
-            });
-        }
-        let upgraded = hyper::upgrade::on(resp)
-            .await
-            .map_err(|e| ChannelError::Http(e.to_string()))?;
+        let upgraded = self
+            .dialer()
+            .upgrade(CHANNEL_PATH, cluster::UPGRADE)
+            .await?;
         let codec = LengthDelimitedCodec::builder()
             .big_endian()
             .length_field_length(4)
             .max_frame_length(MAX_FRAME_LEN)
             .new_codec();
         Ok(Framed::new(TokioIo::new(upgraded), codec))
+    }
+
+    fn dialer(&self) -> Dialer {
+        Dialer {
+            identity: self.identity.clone(),
+            verifier: self.verifier.clone(),
+            broker: self.broker.clone(),
+        }
     }
 
     /// One channel's life, from `Hello` to its end.
@@ -478,6 +514,7 @@ impl ControlSync {
                 quic_addr: self.quic_addr.clone(),
                 allowlist_version: version,
                 sessions,
+                features: vec![cluster::FEATURE_TUNNEL.to_owned()],
             },
         )
         .await?;
@@ -485,21 +522,30 @@ impl ControlSync {
             send(&mut channel, &ToControl::SessionUp(s)).await?;
         }
         for ev in kept {
-            if let PresenceEvent::Manifest {
-                appliance,
-                command_id,
-                manifest,
-                sig,
-            } = ev
-            {
-                let m = ToControl::ManifestBacklog {
+            let m = match ev {
+                PresenceEvent::Manifest {
                     appliance,
                     command_id,
                     manifest,
                     sig,
-                };
-                send(&mut channel, &m).await?;
-            }
+                } => ToControl::ManifestBacklog {
+                    appliance,
+                    command_id,
+                    manifest,
+                    sig,
+                },
+                PresenceEvent::TunnelEnded {
+                    id,
+                    reason,
+                    message,
+                } => ToControl::TunnelEnded {
+                    id,
+                    reason,
+                    message,
+                },
+                PresenceEvent::Up(_) | PresenceEvent::Down { .. } => continue,
+            };
+            send(&mut channel, &m).await?;
         }
         debug!(allowlist_version = version, "hello sent");
 
@@ -546,6 +592,9 @@ impl ControlSync {
                             }
                             PresenceEvent::Manifest { appliance, command_id, manifest, sig } => {
                                 ToControl::ManifestBacklog { appliance, command_id, manifest, sig }
+                            }
+                            PresenceEvent::TunnelEnded { id, reason, message } => {
+                                ToControl::TunnelEnded { id, reason, message }
                             }
                         });
                     }
@@ -741,6 +790,63 @@ impl ControlSync {
                     h.abort();
                     debug!(id, "command cancelled by control");
                 }
+                Ok(None)
+            }
+            ToBroker::TunnelOpen {
+                id,
+                appliance,
+                open,
+            } => {
+                let tx = out_tx.clone();
+                let broker = broker.clone();
+                let span = tracing::info_span!("control_tunnel", tunnel = %id, %appliance);
+                tokio::spawn(
+                    async move {
+                        let answer = broker
+                            .open_tunnel_for_control(id.clone(), &appliance, open.to_wire())
+                            .await;
+                        let _ = tx
+                            .send(Outgoing::Frame(ToControl::TunnelAnswer { id, answer }))
+                            .await;
+                    }
+                    .instrument(span),
+                );
+                Ok(None)
+            }
+            ToBroker::TunnelConnect {
+                id,
+                appliance,
+                session_id,
+                conn,
+            } => {
+                if !valid_conn(&conn) {
+                    return Err(ChannelError::Protocol(format!(
+                        "tunnel_connect with an invalid token {conn:?}"
+                    )));
+                }
+                let dialer = self.dialer();
+                let span = tracing::info_span!("tunnel_connection", tunnel = %id, %appliance);
+                tokio::spawn(
+                    async move {
+                        let path = format!("{}{conn}", cluster::TUNNEL_DIAL_PATH);
+                        match dialer.upgrade(&path, tether_proto::relay::UPGRADE).await {
+                            Ok(io) => {
+                                let reason = dialer
+                                    .broker
+                                    .relay_tunnel(&appliance, session_id, TokioIo::new(io))
+                                    .await;
+                                debug!(%reason, "tunnel connection closed");
+                            }
+                            Err(e) => warn!(error = %e, "tunnel dial-back to control failed"),
+                        }
+                    }
+                    .instrument(span),
+                );
+                Ok(None)
+            }
+            ToBroker::TunnelClose { id } => {
+                let closed = broker.tunnels().close_control(&id);
+                info!(tunnel = %id, closed, "tunnel close requested by control");
                 Ok(None)
             }
             ToBroker::Ping => Ok(None),

@@ -104,6 +104,8 @@ pub struct Metrics {
     pub tunnels: Family<Kind, Counter>,
     /// Break-glass tunnel connections, by why they closed.
     pub tunnel_connections: Family<Kind, Counter>,
+    /// Break-glass tunnel bytes relayed, by direction (`up` toward the target, `down`).
+    pub tunnel_bytes: Family<Kind, Counter>,
     /// Control mode: `notAfter` of the broker's own certificate (Unix seconds).
     pub certificate_expiry_timestamp_seconds: Gauge,
     /// Control mode: renewals of the broker's own certificate, by result.
@@ -146,6 +148,7 @@ impl Metrics {
             manifest_backlog: Family::default(),
             tunnels: Family::default(),
             tunnel_connections: Family::default(),
+            tunnel_bytes: Family::default(),
             certificate_expiry_timestamp_seconds: Gauge::default(),
             certificate_renewals: Family::default(),
             registry: Registry::default(),
@@ -300,6 +303,11 @@ impl Metrics {
             self.tunnel_connections.clone(),
         );
         registry.register(
+            "broker_tunnel_bytes",
+            "Break-glass tunnel bytes relayed, by direction (up toward the target, down)",
+            self.tunnel_bytes.clone(),
+        );
+        registry.register(
             "broker_manifest_backlog",
             "Signed manifests agents re-sent after a reconnect, by outcome (passed_on, queue_full, invalid)",
             self.manifest_backlog.clone(),
@@ -348,6 +356,11 @@ impl Metrics {
             .find(|k| *k == reason)
             .unwrap_or("other");
         self.tunnel_connections.get_or_create(&Kind { kind }).inc();
+    }
+
+    /// Count tunnel bytes relayed (`up`: toward the target; `down`: back).
+    pub fn tunnel_bytes(&self, kind: &'static str, n: u64) {
+        self.tunnel_bytes.get_or_create(&Kind { kind }).inc_by(n);
     }
 
     /// Count a backlog manifest by what became of it.

@@ -48,6 +48,16 @@ pub enum PresenceEvent {
         /// The close code name (or `connection_lost`).
         reason: &'static str,
     },
+    /// A break-glass tunnel session control opened ended: for control's audit log. Kept
+    /// across channel reconnects like backlog manifests.
+    TunnelEnded {
+        /// Control's id of the session.
+        id: String,
+        /// The close reason's name.
+        reason: String,
+        /// Detail.
+        message: String,
+    },
     /// A signed manifest from the agent's backlog (its command stream had ended before
     /// delivery): for control's audit log.
     Manifest {
@@ -107,7 +117,10 @@ impl PresenceRx {
     pub fn discard(&mut self) -> Vec<PresenceEvent> {
         let mut kept = Vec::new();
         while let Ok(ev) = self.events.try_recv() {
-            if matches!(ev, PresenceEvent::Manifest { .. }) {
+            if matches!(
+                ev,
+                PresenceEvent::Manifest { .. } | PresenceEvent::TunnelEnded { .. }
+            ) {
                 kept.push(ev);
             }
         }
@@ -213,6 +226,19 @@ impl Presence {
             })
             .map_err(|_| tx.metrics.presence_dropped("manifest"))
             .is_ok()
+    }
+
+    /// Tunnel session `id` (opened for control) ended: tell control.
+    pub fn tunnel_ended(&self, id: String, reason: String, message: String) {
+        let Some(tx) = &self.inner else { return };
+        let _ = tx
+            .events
+            .try_send(PresenceEvent::TunnelEnded {
+                id,
+                reason,
+                message,
+            })
+            .map_err(|_| tx.metrics.presence_dropped("tunnel_ended"));
     }
 
     /// `s` received a heartbeat (its fields are already updated).

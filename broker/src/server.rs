@@ -1028,6 +1028,78 @@ impl Broker {
         .map_err(|e| CommandError::ConnectionLost(e.to_string()))
     }
 
+    /// Control mode: open (or plan) control's tunnel session `id` on `appliance` (see
+    /// [`crate::tunnel::open_for_control`]).
+    pub async fn open_tunnel_for_control(
+        self: &Arc<Self>,
+        id: String,
+        appliance: &str,
+        open: tether_proto::TunnelOpen,
+    ) -> tether_proto::cluster::TunnelAnswer {
+        let session = match self.tunnel_session(appliance) {
+            Ok(s) => s,
+            Err(message) => {
+                return tether_proto::cluster::TunnelAnswer::Ended {
+                    reason: tether_proto::TunnelCloseReason::Disconnected
+                        .as_str()
+                        .to_owned(),
+                    code: String::new(),
+                    message,
+                }
+            }
+        };
+        crate::tunnel::open_for_control(
+            session,
+            id,
+            open,
+            self.tunnels.clone(),
+            self.metrics.clone(),
+            self.presence.clone(),
+            self.config.session.max_frame_len,
+        )
+        .await
+    }
+
+    /// Control mode: relay one tunnel connection of the agent's session `session_id` on
+    /// `appliance` over `io` (the dial-back to control). Returns why it closed.
+    pub async fn relay_tunnel<T>(
+        self: &Arc<Self>,
+        appliance: &str,
+        session_id: u64,
+        io: T,
+    ) -> String
+    where
+        T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin,
+    {
+        match self.tunnel_session(appliance) {
+            Ok(session) => {
+                crate::tunnel::relay(
+                    session,
+                    session_id,
+                    io,
+                    self.metrics.clone(),
+                    self.config.session.max_frame_len,
+                )
+                .await
+            }
+            Err(message) => crate::tunnel::refuse_relay(io, message).await,
+        }
+    }
+
+    /// The session of `appliance` if it is here and speaks `tunnel/1`.
+    fn tunnel_session(&self, appliance: &str) -> Result<Arc<SessionInfo>, String> {
+        let session = self
+            .sessions
+            .get(appliance)
+            .ok_or_else(|| format!("appliance {appliance} is not connected to this broker"))?;
+        if !session.has_capability(tether_proto::capability::TUNNEL) {
+            return Err(format!(
+                "appliance {appliance} does not announce tunnel/1: it opens no tunnels"
+            ));
+        }
+        Ok(session)
+    }
+
     /// Run a command on a connected appliance. Events arrive on the returned channel; the
     /// last one is `Exit` or `Failed`. Dropping the receiver cancels the command.
     pub async fn run_command(

@@ -11,9 +11,14 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
 use bytes::BytesMut;
+use futures_util::{SinkExt, StreamExt};
 use quinn::{RecvStream, SendStream};
 use serde::Serialize;
-use tether_proto::{Frame, TunnelCloseReason, TunnelConnect, TunnelOpen, FRAME_HEADER_LEN};
+use tether_proto::cluster::TunnelAnswer;
+use tether_proto::relay::{self, Chunk, ChunkCodec};
+use tether_proto::{
+    Frame, TunnelCloseReason, TunnelConnect, TunnelOpen, TunnelReady, FRAME_HEADER_LEN,
+};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
@@ -46,6 +51,9 @@ pub struct TunnelView {
 #[derive(Debug, Default)]
 pub struct TunnelTable {
     tunnels: Mutex<Vec<Arc<Mutex<TunnelView>>>>,
+    /// Control mode: the live sessions opened for control, by control's id; cancelling
+    /// the token closes one.
+    control: Mutex<std::collections::HashMap<String, CancellationToken>>,
 }
 
 /// Ended tunnels kept for `GET /v1/tunnels`.
@@ -58,6 +66,13 @@ impl TunnelTable {
         t.iter()
             .map(|v| v.lock().unwrap_or_else(|e| e.into_inner()).clone())
             .collect()
+    }
+
+    /// Close control's session `id` (the vendor's close): `false` when this broker holds
+    /// no such live session.
+    pub fn close_control(&self, id: &str) -> bool {
+        let t = self.control.lock().unwrap_or_else(|e| e.into_inner());
+        t.get(id).map(CancellationToken::cancel).is_some()
     }
 
     fn insert(&self, view: TunnelView) -> Arc<Mutex<TunnelView>> {
@@ -105,6 +120,48 @@ pub enum TunnelError {
     Listen(String),
 }
 
+/// What the agent answered first on a session-control stream.
+enum Started {
+    /// Active; the stream stays open for its `TunnelEnded`.
+    Ready(TunnelReady, SendStream, RecvStream),
+    /// The approval document to sign.
+    Plan(Vec<u8>),
+    /// Refused or ended at once: reason name, code, message.
+    Ended(String, String, String),
+}
+
+/// Send `open` on a new session-control stream of `session`'s connection and read the
+/// agent's first answer.
+async fn start(
+    session: &SessionInfo,
+    open: TunnelOpen,
+    metrics: &Metrics,
+    max_frame_len: usize,
+) -> Result<Started, TunnelError> {
+    let (mut send, mut recv) = session
+        .connection
+        .open_bi()
+        .await
+        .map_err(|e| TunnelError::Stream(e.to_string()))?;
+    write_frame(&mut send, &Frame::TunnelOpen(open), max_frame_len).await?;
+    match read_frame(&mut recv, max_frame_len).await? {
+        Frame::TunnelReady(r) => Ok(Started::Ready(r, send, recv)),
+        Frame::TunnelPlan(p) => {
+            let _ = send.finish();
+            Ok(Started::Plan(p.document.to_vec()))
+        }
+        Frame::TunnelEnded(e) => {
+            metrics.tunnel("refused");
+            Ok(Started::Ended(
+                e.reason.as_str().to_owned(),
+                e.code,
+                e.message,
+            ))
+        }
+        other => Err(TunnelError::Protocol(format!("{:?}", other.frame_type()))),
+    }
+}
+
 /// Open a tunnel session on `session`'s connection with `open`.
 pub async fn open(
     session: Arc<SessionInfo>,
@@ -113,27 +170,10 @@ pub async fn open(
     metrics: Arc<Metrics>,
     max_frame_len: usize,
 ) -> Result<Opened, TunnelError> {
-    let (mut send, mut recv) = session
-        .connection
-        .open_bi()
-        .await
-        .map_err(|e| TunnelError::Stream(e.to_string()))?;
-    write_frame(&mut send, &Frame::TunnelOpen(open), max_frame_len).await?;
-    let ready = match read_frame(&mut recv, max_frame_len).await? {
-        Frame::TunnelReady(r) => r,
-        Frame::TunnelPlan(p) => {
-            let _ = send.finish();
-            return Ok(Opened::Plan(p.document.to_vec()));
-        }
-        Frame::TunnelEnded(e) => {
-            metrics.tunnel("refused");
-            return Ok(Opened::Ended(
-                e.reason.as_str().to_owned(),
-                e.code,
-                e.message,
-            ));
-        }
-        other => return Err(TunnelError::Protocol(format!("{:?}", other.frame_type()))),
+    let (ready, send, recv) = match start(&session, open, &metrics, max_frame_len).await? {
+        Started::Ready(r, send, recv) => (r, send, recv),
+        Started::Plan(p) => return Ok(Opened::Plan(p)),
+        Started::Ended(r, c, m) => return Ok(Opened::Ended(r, c, m)),
     };
     let listener = TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], 0)))
         .await
@@ -277,6 +317,281 @@ async fn connect(
             }
         }
     }
+}
+
+/// Control mode: open (or plan) control's tunnel session `id` on `session`'s
+/// connection, and answer for control. A session that became ready is watched until it
+/// ends (the agent's `TunnelEnded`, the connection's loss, or control's close through
+/// [`TunnelTable::close_control`]); its end goes to control through `presence`.
+pub async fn open_for_control(
+    session: Arc<SessionInfo>,
+    id: String,
+    open: TunnelOpen,
+    table: Arc<TunnelTable>,
+    metrics: Arc<Metrics>,
+    presence: crate::presence::Presence,
+    max_frame_len: usize,
+) -> TunnelAnswer {
+    let started = match start(&session, open, &metrics, max_frame_len).await {
+        Ok(s) => s,
+        Err(e) => {
+            warn!(tunnel = %id, error = %e, "tunnel open failed");
+            return TunnelAnswer::Ended {
+                reason: TunnelCloseReason::Disconnected.as_str().to_owned(),
+                code: String::new(),
+                message: e.to_string(),
+            };
+        }
+    };
+    let (ready, mut send, mut recv) = match started {
+        Started::Ready(r, send, recv) => (r, send, recv),
+        Started::Plan(document) => {
+            return TunnelAnswer::Plan {
+                document: String::from_utf8_lossy(&document).into_owned(),
+            }
+        }
+        Started::Ended(reason, code, message) => {
+            return TunnelAnswer::Ended {
+                reason,
+                code,
+                message,
+            }
+        }
+    };
+    metrics.tunnel("opened");
+    info!(tunnel = %id, session_id = ready.session_id, "tunnel active for control");
+    let entry = table.insert(TunnelView {
+        session_id: ready.session_id,
+        appliance_id: session.appliance.to_string(),
+        listen: "control".into(),
+        expires_at_ms: ready.expires_at_ms,
+        ..TunnelView::default()
+    });
+    let close = CancellationToken::new();
+    table
+        .control
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(id.clone(), close.clone());
+    let sid = id.clone();
+    tokio::spawn(async move {
+        let ended = tokio::select! {
+            f = read_frame(&mut recv, max_frame_len) => Some(f),
+            _ = close.cancelled() => None,
+        };
+        let ended = match ended {
+            Some(f) => f,
+            None => {
+                // The vendor's close: finish our side; the agent ends the session as
+                // `closed` and says so.
+                let _ = send.finish();
+                match tokio::time::timeout(
+                    std::time::Duration::from_secs(5),
+                    read_frame(&mut recv, max_frame_len),
+                )
+                .await
+                {
+                    Ok(f) => f,
+                    Err(_) => Err(TunnelError::Stream("no TunnelEnded after the close".into())),
+                }
+            }
+        };
+        let (reason, message) = match ended {
+            Ok(Frame::TunnelEnded(e)) => (e.reason.as_str().to_owned(), e.message),
+            Ok(other) => (
+                TunnelCloseReason::Disconnected.as_str().to_owned(),
+                format!("protocol error: {:?}", other.frame_type()),
+            ),
+            Err(e) => (
+                TunnelCloseReason::Disconnected.as_str().to_owned(),
+                e.to_string(),
+            ),
+        };
+        info!(tunnel = %sid, %reason, "tunnel ended");
+        metrics.tunnel("ended");
+        entry.lock().unwrap_or_else(|e| e.into_inner()).ended = Some(reason.clone());
+        table
+            .control
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&sid);
+        presence.tunnel_ended(sid, reason, message);
+    });
+    TunnelAnswer::Ready {
+        session_id: ready.session_id,
+        expires_at_ms: ready.expires_at_ms,
+        sealed_credential: {
+            use base64::Engine as _;
+            base64::engine::general_purpose::STANDARD.encode(&ready.sealed_credential)
+        },
+    }
+}
+
+/// Control mode: relay one tunnel connection between `io` (the dial-back to control,
+/// upgraded to `tether-tunnel/1`, carrying [`Chunk`]s from the operator's CLI) and a new
+/// connection stream to the agent for `session_id`. Returns why it closed.
+pub async fn relay<T>(
+    session: Arc<SessionInfo>,
+    session_id: u64,
+    io: T,
+    metrics: Arc<Metrics>,
+    max_frame_len: usize,
+) -> String
+where
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin,
+{
+    let (rd, wr) = tokio::io::split(io);
+    let mut wr = tokio_util::codec::FramedWrite::new(wr, ChunkCodec);
+    let ended = |reason: TunnelCloseReason, message: String| Chunk::Ended { reason, message };
+    let opened = async {
+        let (mut send, mut recv) = session
+            .connection
+            .open_bi()
+            .await
+            .map_err(|e| ended(TunnelCloseReason::Disconnected, e.to_string()))?;
+        write_frame(
+            &mut send,
+            &Frame::TunnelConnect(TunnelConnect { session_id }),
+            max_frame_len,
+        )
+        .await
+        .map_err(|e| ended(TunnelCloseReason::Disconnected, e.to_string()))?;
+        match read_frame_raw(&mut recv, max_frame_len).await {
+            Ok(Frame::TunnelConnected(_)) => Ok((send, recv)),
+            Ok(other) => Err(ended(
+                TunnelCloseReason::Disconnected,
+                format!("protocol error: {:?}", other.frame_type()),
+            )),
+            Err(Some(quinn::ReadError::Reset(code))) => {
+                let reason = TunnelCloseReason::from_code(code.into_inner())
+                    .unwrap_or(TunnelCloseReason::Disconnected);
+                Err(ended(
+                    reason,
+                    format!("the appliance refused the connection: {reason}"),
+                ))
+            }
+            Err(_) => Err(ended(
+                TunnelCloseReason::Disconnected,
+                "the appliance's connection went away".into(),
+            )),
+        }
+    };
+    let (mut send, mut recv) = match opened.await {
+        Ok(s) => s,
+        Err(chunk) => {
+            let reason = match &chunk {
+                Chunk::Ended { reason, .. } => reason.as_str().to_owned(),
+                _ => String::new(),
+            };
+            let _ = wr.send(chunk).await;
+            let _ = wr.close().await;
+            return reason;
+        }
+    };
+    if wr.send(Chunk::Connected).await.is_err() {
+        let _ = send.reset(quinn::VarInt::from_u32(TunnelCloseReason::Closed as u32));
+        return TunnelCloseReason::Closed.as_str().to_owned();
+    }
+    // Operator → agent: chunks to stream bytes. `true` when the operator half-closed.
+    let metrics_up = metrics.clone();
+    let up = async move {
+        let mut rd = tokio_util::codec::FramedRead::new(rd, ChunkCodec);
+        while let Some(c) = rd.next().await {
+            match c {
+                Ok(Chunk::Data(d)) => {
+                    metrics_up.tunnel_bytes("up", d.len() as u64);
+                    if send.write_all(&d).await.is_err() {
+                        return (send, false);
+                    }
+                }
+                Ok(Chunk::Fin) => {
+                    let _ = send.finish();
+                    return (send, true);
+                }
+                Ok(_) | Err(_) => break,
+            }
+        }
+        (send, false)
+    };
+    // Agent → operator: stream bytes to chunks; the last is `Fin` or `Ended`.
+    let down = async {
+        let mut buf = vec![0u8; relay::MAX_DATA];
+        loop {
+            match recv.read(&mut buf).await {
+                Ok(Some(n)) => {
+                    metrics.tunnel_bytes("down", n as u64);
+                    let data = Chunk::Data(bytes::Bytes::copy_from_slice(&buf[..n]));
+                    if wr.send(data).await.is_err() {
+                        let _ =
+                            recv.stop(quinn::VarInt::from_u32(TunnelCloseReason::Closed as u32));
+                        return None;
+                    }
+                }
+                Ok(None) => {
+                    let _ = wr.send(Chunk::Fin).await;
+                    return Some((wr, None));
+                }
+                Err(e) => {
+                    let reason = match e {
+                        quinn::ReadError::Reset(code) => {
+                            TunnelCloseReason::from_code(code.into_inner())
+                                .unwrap_or(TunnelCloseReason::Disconnected)
+                        }
+                        _ => TunnelCloseReason::Disconnected,
+                    };
+                    let _ = wr.send(ended(reason, String::new())).await;
+                    return Some((wr, Some(reason)));
+                }
+            }
+        }
+    };
+    tokio::pin!(up, down);
+    let reason = tokio::select! {
+        (mut send, fin) = &mut up => {
+            if !fin {
+                // The operator went away without a half-close: abort.
+                let _ = send.reset(quinn::VarInt::from_u32(TunnelCloseReason::Closed as u32));
+                TunnelCloseReason::Closed.as_str().to_owned()
+            } else {
+                match down.await {
+                    Some((mut wr, r)) => {
+                        let _ = wr.close().await;
+                        r.map_or_else(|| "finished".to_owned(), |r| r.as_str().to_owned())
+                    }
+                    None => TunnelCloseReason::Closed.as_str().to_owned(),
+                }
+            }
+        }
+        d = &mut down => match d {
+            Some((mut wr, Some(r))) => {
+                let _ = wr.close().await;
+                r.as_str().to_owned()
+            }
+            Some((mut wr, None)) => {
+                // The agent's side finished; the operator may still send.
+                let (_, fin) = up.await;
+                let _ = wr.close().await;
+                if fin { "finished".to_owned() } else { TunnelCloseReason::Closed.as_str().to_owned() }
+            }
+            None => TunnelCloseReason::Closed.as_str().to_owned(),
+        },
+    };
+    metrics.tunnel_connection(&reason);
+    reason
+}
+
+/// Control mode: a dial-back for a connection this broker cannot serve: say why and
+/// close. Returns the reason.
+pub async fn refuse_relay<T>(io: T, message: String) -> String
+where
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin,
+{
+    let (_, wr) = tokio::io::split(io);
+    let mut wr = tokio_util::codec::FramedWrite::new(wr, ChunkCodec);
+    let reason = TunnelCloseReason::Disconnected;
+    let _ = wr.send(Chunk::Ended { reason, message }).await;
+    let _ = wr.close().await;
+    reason.as_str().to_owned()
 }
 
 async fn write_frame(

@@ -35,6 +35,20 @@ pub struct Reason {
     pub reason: &'static str,
 }
 
+/// An `event="..."` label from a bounded set (see [`Metrics::tunnel_event`]).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EventLabel {
+    /// What happened.
+    pub event: String,
+}
+
+/// A `direction="up|down"` label.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DirectionLabel {
+    /// `up`: operator toward the target; `down`: back.
+    pub direction: &'static str,
+}
+
 /// Every metric control exports.
 #[derive(Debug)]
 pub struct Metrics {
@@ -56,6 +70,15 @@ pub struct Metrics {
     pub commands: Family<Reason, Counter>,
     /// Appliance sessions the brokers report.
     pub sessions: prometheus_client::metrics::gauge::Gauge,
+    /// Break-glass tunnel sessions by event (`planned`, `opened`, `refused`, `failed`,
+    /// `closed`, `ended_<reason>`).
+    pub tunnels: Family<EventLabel, Counter>,
+    /// Tunnel sessions control relays now.
+    pub tunnels_active: prometheus_client::metrics::gauge::Gauge,
+    /// Tunnel connections by outcome (`relayed`, or why none: `offline`, `timed_out`, ...).
+    pub tunnel_connections: Family<EventLabel, Counter>,
+    /// Tunnel bytes relayed, by direction.
+    pub tunnel_bytes: Family<DirectionLabel, Counter>,
 }
 
 impl Default for Metrics {
@@ -79,6 +102,10 @@ impl Metrics {
             channel_errors: Family::default(),
             commands: Family::default(),
             sessions: Default::default(),
+            tunnels: Family::default(),
+            tunnels_active: Default::default(),
+            tunnel_connections: Family::default(),
+            tunnel_bytes: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -121,7 +148,46 @@ impl Metrics {
             "Appliance sessions the brokers report",
             m.sessions.clone(),
         );
+        registry.register(
+            "tunnels",
+            "Break-glass tunnel sessions by event",
+            m.tunnels.clone(),
+        );
+        registry.register(
+            "tunnels_active",
+            "Break-glass tunnel sessions relayed now",
+            m.tunnels_active.clone(),
+        );
+        registry.register(
+            "tunnel_connections",
+            "Break-glass tunnel connections by outcome",
+            m.tunnel_connections.clone(),
+        );
+        registry.register(
+            "tunnel_bytes",
+            "Break-glass tunnel bytes relayed, by direction",
+            m.tunnel_bytes.clone(),
+        );
         Metrics { registry, ..m }
+    }
+
+    /// Count a tunnel event. Names outside the known set (an appliance's own reason
+    /// names) count as `other`, so the label set stays bounded.
+    pub fn tunnel_event(&self, event: &str) {
+        let known = matches!(
+            event,
+            "planned" | "opened" | "refused" | "failed" | "closed"
+        ) || event.strip_prefix("ended_").is_some_and(|r| {
+            tether_proto::TunnelCloseReason::ALL
+                .iter()
+                .any(|k| k.as_str() == r)
+        });
+        let event = if known { event } else { "other" };
+        self.tunnels
+            .get_or_create(&EventLabel {
+                event: event.to_owned(),
+            })
+            .inc();
     }
 
     /// The Prometheus text exposition.

@@ -131,6 +131,38 @@ pub enum ToBroker {
         /// The command.
         id: u64,
     },
+    /// Break glass: open (or plan) a tunnel session on an appliance connected to this
+    /// broker. Sent only to a broker whose `Hello` listed [`FEATURE_TUNNEL`]. The broker
+    /// answers [`ToControl::TunnelAnswer`] with the same `id`.
+    TunnelOpen {
+        /// Control's id of the tunnel session (unique across control's sessions).
+        id: String,
+        /// The appliance.
+        appliance: String,
+        /// What the vendor asks for, and the customer's approval.
+        open: TunnelRequest,
+    },
+    /// Break glass: one tunnel connection. The broker dials control back at
+    /// [`TUNNEL_DIAL_PATH`]`{conn}` (upgrade [`crate::relay::UPGRADE`], its broker
+    /// certificate), then opens a connection stream to `appliance` for the agent's
+    /// `session_id` and relays (docs/PROTOCOL.md §12.5). Any broker holding the appliance
+    /// can serve it: the agent checks the session.
+    TunnelConnect {
+        /// Control's id of the tunnel session.
+        id: String,
+        /// The appliance.
+        appliance: String,
+        /// The agent's session id (from its `TunnelReady`).
+        session_id: u64,
+        /// The one-time token naming the dial-back (32 lowercase hex digits).
+        conn: String,
+    },
+    /// Break glass: the vendor closes tunnel session `id` (the broker finishes its
+    /// session-control stream; the agent ends the session as `closed`).
+    TunnelClose {
+        /// Control's id of the tunnel session.
+        id: String,
+    },
     /// Keep-alive.
     Ping,
     /// Control is shutting down: it has finished its in-flight requests and will close
@@ -173,6 +205,94 @@ impl SignedCommand {
             plan_only: self.plan,
         }
     }
+}
+
+/// What a broker lists in its `Hello` when it serves break-glass tunnels for control.
+pub const FEATURE_TUNNEL: &str = "tunnel";
+/// Path prefix of a tunnel connection's dial-back on control's HTTPS port (the
+/// connection's token follows).
+pub const TUNNEL_DIAL_PATH: &str = "/v1/brokers/tunnels/";
+
+/// The break-glass fields of a [`ToBroker::TunnelOpen`]: the `TunnelOpen` frame as JSON
+/// (the approval and its signature are UTF-8: canonical JSON and armor).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TunnelRequest {
+    /// The vendor's request id.
+    pub request_id: String,
+    /// Why.
+    pub reason: String,
+    /// The resource, by the customer's name for it.
+    pub resource: String,
+    /// The privilege, by the customer's name for it.
+    pub privilege: String,
+    /// Session length from activation, in seconds.
+    pub duration_s: u32,
+    /// Most TCP connections open at once.
+    pub max_connections: u16,
+    /// Idle limit of each connection, in seconds.
+    pub idle_timeout_s: u32,
+    /// The operator's one-time public key (`""`: no credential).
+    #[serde(default)]
+    pub recipient: String,
+    /// The approval document's exact bytes (`""` for a plan).
+    #[serde(default)]
+    pub approval: String,
+    /// Its SSHSIG armor.
+    #[serde(default)]
+    pub approval_sig: String,
+    /// Answer the document to sign; open nothing.
+    #[serde(default)]
+    pub plan: bool,
+}
+
+impl TunnelRequest {
+    /// The frame the broker sends the agent.
+    pub fn to_wire(&self) -> crate::TunnelOpen {
+        crate::TunnelOpen {
+            request_id: self.request_id.clone(),
+            reason: self.reason.clone(),
+            resource: self.resource.clone(),
+            privilege: self.privilege.clone(),
+            duration_s: self.duration_s,
+            max_connections: self.max_connections,
+            idle_timeout_s: self.idle_timeout_s,
+            recipient: self.recipient.clone(),
+            approval: self.approval.clone().into_bytes().into(),
+            approval_sig: self.approval_sig.clone().into_bytes().into(),
+            plan_only: self.plan,
+        }
+    }
+}
+
+/// What the agent answered a [`ToBroker::TunnelOpen`], as the broker relays it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum TunnelAnswer {
+    /// The session is active.
+    Ready {
+        /// The agent's session id.
+        session_id: u64,
+        /// When the agent's timer ends it (agent's clock, ms since the epoch).
+        expires_at_ms: i64,
+        /// The credential sealed to the operator's one-time key (standard base64 of the
+        /// `age` ciphertext; `""` when none was minted). Relayed, never opened.
+        #[serde(default)]
+        sealed_credential: String,
+    },
+    /// The approval document to sign (a plan).
+    Plan {
+        /// Its exact bytes.
+        document: String,
+    },
+    /// Refused, or ended at once.
+    Ended {
+        /// The close reason's name (`refused`, `not_active`, ...).
+        reason: String,
+        /// For `refused`: the signed-ops failure name.
+        code: String,
+        /// Detail.
+        message: String,
+    },
 }
 
 /// A live session as a broker reports it.
@@ -238,6 +358,10 @@ pub enum ToControl {
         allowlist_version: u64,
         /// Every session it holds now.
         sessions: Vec<SessionReport>,
+        /// What this broker serves beyond the base conversation ([`FEATURE_TUNNEL`]).
+        /// An older control ignores the field.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        features: Vec<String>,
     },
     /// A version was swapped in (after a delta or a snapshot).
     Applied {
@@ -317,6 +441,24 @@ pub enum ToControl {
         /// Why ([`CommandFailure`]: `offline` when not connected here, `timed_out`,
         /// `connection_lost`, `invalid`, ...). An unknown name reads as `unknown`.
         code: CommandFailure,
+        /// Detail.
+        message: String,
+    },
+    /// Break glass: the agent's answer to [`ToBroker::TunnelOpen`] `id`.
+    TunnelAnswer {
+        /// Control's id of the tunnel session.
+        id: String,
+        /// The answer.
+        answer: TunnelAnswer,
+    },
+    /// Break glass: tunnel session `id`, which was ready, ended (the agent's
+    /// `TunnelEnded`, or the appliance's connection was lost).
+    TunnelEnded {
+        /// Control's id of the tunnel session.
+        id: String,
+        /// The close reason's name (`expired`, `revoked`, `customer_ended`, `closed`,
+        /// `disconnected`, ...).
+        reason: String,
         /// Detail.
         message: String,
     },

@@ -35,6 +35,7 @@ pub mod codec;
 pub mod failure;
 #[macro_use]
 pub mod frame;
+pub mod relay;
 pub mod session;
 pub mod tunnel;
 

@@ -21,6 +21,7 @@ pub mod broker;
 pub mod exec;
 pub mod login;
 pub mod operator;
+pub mod tunnel;
 
 use std::path::{Path, PathBuf};
 
@@ -198,6 +199,46 @@ impl Client {
             self.http.post(self.url(path)).json(body).send().await,
         )
         .await
+    }
+}
+
+impl Client {
+    /// `method` on `path` with no body, decoding the JSON answer.
+    pub async fn call<T: serde::de::DeserializeOwned>(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+    ) -> anyhow::Result<T> {
+        answer(
+            &self.profile.control_url,
+            self.http.request(method, self.url(path)).send().await,
+        )
+        .await
+    }
+
+    /// `GET path` upgraded to `token` (HTTP/1.1 `101 Switching Protocols`): the raw
+    /// connection, or a [`Refused`].
+    pub async fn upgrade(&self, path: &str, token: &str) -> anyhow::Result<reqwest::Upgraded> {
+        let resp = self
+            .http
+            .get(self.url(path))
+            .header(reqwest::header::CONNECTION, "Upgrade")
+            .header(reqwest::header::UPGRADE, token)
+            .send()
+            .await
+            .with_context(|| format!("cannot reach control at {}", self.profile.control_url))?;
+        if resp.status() != reqwest::StatusCode::SWITCHING_PROTOCOLS {
+            let status = resp.status();
+            return Err(
+                answer::<serde_json::Value>(&self.profile.control_url, Ok(resp))
+                    .await
+                    .err()
+                    .unwrap_or_else(|| anyhow::anyhow!("control answered {status}")),
+            );
+        }
+        resp.upgrade()
+            .await
+            .context("control accepted the upgrade but the connection failed")
     }
 }
 

@@ -7,6 +7,7 @@
 pub mod aws;
 pub mod cluster;
 pub mod control;
+pub mod customer;
 pub mod operators;
 
 use std::io::{BufRead, BufReader};

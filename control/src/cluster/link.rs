@@ -62,6 +62,7 @@ fn link_error(reason: &'static str, detail: impl ToString) -> LinkError {
 /// What a broker said in its `Hello`.
 struct Hello {
     quic_addr: String,
+    tunnel: bool,
     since: u64,
     sessions: Vec<SessionReport>,
 }
@@ -106,6 +107,7 @@ where
             connected_at: now.max(0) as u64,
             applied: applied.clone(),
             ended: ended.clone(),
+            tunnel: hello.tunnel,
         },
         hello.sessions,
     );
@@ -148,10 +150,14 @@ where
             allowlist_version,
             sessions,
             version,
+            features,
         }) if said == name => {
             info!(%quic_addr, allowlist_version, sessions = sessions.len(), broker_version = %version, "broker channel up");
             Ok(Hello {
                 quic_addr,
+                tunnel: features
+                    .iter()
+                    .any(|f| f == tether_proto::cluster::FEATURE_TUNNEL),
                 since: allowlist_version,
                 sessions,
             })
@@ -291,6 +297,20 @@ where
                 continue;
             }
             ToControl::Ping => continue,
+            ToControl::TunnelAnswer { id, answer } => {
+                if !cluster.tunnel_answered(link_id, &id, answer) {
+                    debug!(tunnel = %id, "tunnel answer nobody waits for");
+                }
+                continue;
+            }
+            ToControl::TunnelEnded {
+                id,
+                reason,
+                message,
+            } => {
+                tunnel_ended(s, name, &id, &reason, &message).await;
+                continue;
+            }
             ToControl::ManifestBacklog {
                 appliance,
                 command_id,
@@ -367,6 +387,39 @@ async fn late_manifest(
     }
 }
 
+/// A tunnel session ended: record it and audit how (the appliance is the actor: its
+/// agent decided).
+async fn tunnel_ended(s: &LinkState, broker: &str, id: &str, reason: &str, message: &str) {
+    let Some(t) = s.cluster.tunnel_ended(broker, id, reason) else {
+        debug!(tunnel = %id, %reason, "end of a tunnel this broker did not open");
+        return;
+    };
+    info!(tunnel = %id, appliance = %t.appliance, %reason, "tunnel session ended");
+    s.metrics.tunnel_event(&format!("ended_{reason}"));
+    s.metrics
+        .tunnels_active
+        .set(s.cluster.tunnels_active() as i64);
+    let event = AuditEvent::success(
+        Actor::appliance(&t.appliance),
+        action::APPLIANCE_TUNNEL_ENDED,
+        &t.appliance,
+    )
+    .with("tunnel", id)
+    .with("broker", broker)
+    .with("operator", t.operator.as_str())
+    .with("request_id", t.request_id.as_str())
+    .with("reason", reason)
+    .with("message", tether_audit::clip(message, 512))
+    .with("connections", t.connections as i64)
+    .with("bytes_up", t.bytes_up as i64)
+    .with("bytes_down", t.bytes_down as i64)
+    .with("credential_fetched", t.credential_fetched);
+    if let Err(e) = s.store.append_audit(&event, crate::now_unix()).await {
+        s.metrics.audit_failures.inc();
+        tracing::error!(error = %e, "cannot audit a tunnel's end");
+    }
+}
+
 /// Unregister a link that ended (unless a newer channel of the same broker took the
 /// slot), forget its sessions and fail its commands with `broker_lost`.
 fn unregister_link(s: &LinkState, name: &str, link_id: u64) {
@@ -383,6 +436,7 @@ fn unregister_link(s: &LinkState, name: &str, link_id: u64) {
         .brokers_connected
         .set(lock(&cluster.links).len() as i64);
     s.metrics.sessions.set(cluster.session_count());
+    cluster.tunnel_link_ended(link_id);
     let lost: Vec<InFlight> = {
         let mut commands = lock(&cluster.commands);
         let ids: Vec<u64> = commands

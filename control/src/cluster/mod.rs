@@ -26,6 +26,7 @@
 //! - this file — [`Cluster`]: the links, presence (which appliance is on which broker)
 //!   and command routing (commands in flight and where their events go).
 //! - [`link`] — one broker's channel: `Hello`, the reader and the writer.
+//! - [`tunnel`] — break-glass tunnel sessions: opens, dial-backs, the one-time credential.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -43,6 +44,7 @@ use crate::domain::brokers::LinkInfo;
 use crate::domain::Fleet;
 
 pub mod link;
+pub mod tunnel;
 
 /// Versions behind after which a reconnecting broker gets a snapshot instead of deltas.
 pub const MAX_DELTAS_ON_RESUME: usize = 100_000;
@@ -58,6 +60,8 @@ struct Link {
     connected_at: u64,
     applied: Arc<AtomicU64>,
     ended: CancellationToken,
+    /// Its `Hello` listed [`tether_proto::cluster::FEATURE_TUNNEL`].
+    tunnel: bool,
 }
 
 /// What a command produces, as [`Cluster::exec`] hands it to the caller.
@@ -135,6 +139,8 @@ pub struct Cluster {
     going_away: CancellationToken,
     /// The links' tasks, so shutdown can wait for them to say it.
     link_tasks: tokio_util::task::TaskTracker,
+    /// Break-glass tunnels relayed through the links.
+    tunnels: tunnel::Tunnels,
 }
 
 impl std::fmt::Debug for Cluster {
@@ -335,6 +341,7 @@ impl Cluster {
             connected_at: 0,
             applied: Arc::new(AtomicU64::new(0)),
             ended: CancellationToken::new(),
+            tunnel: true,
         };
         if let Some(old) = lock(&self.links).insert(broker.to_owned(), link) {
             old.ended.cancel();
@@ -546,6 +553,7 @@ mod tests {
                 connected_at: 0,
                 applied: Arc::new(AtomicU64::new(0)),
                 ended: CancellationToken::new(),
+                tunnel: false,
             },
         );
         c.session_up("b1", report("a", 1, 100));

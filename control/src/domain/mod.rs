@@ -60,6 +60,7 @@ pub mod proof;
 pub mod renew;
 pub mod token;
 pub mod trust;
+pub mod tunnel;
 
 /// What kind of failure an [`Error`] is: whose fault, and whether retrying can help. The
 /// HTTP layer answers each with one status.

@@ -81,6 +81,7 @@ pub mod openapi;
 pub mod operators;
 pub mod rate_limit;
 pub mod server;
+pub mod tunnels;
 
 /// Default time in-flight requests and command streams get to finish on SIGTERM: 10 s.
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
@@ -277,6 +278,15 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/appliances/{id}/renew", post(appliances::renew))
         .route("/v1/appliances/{id}/tokens", post(appliances::create_token))
         .route("/v1/appliances/{id}/exec", post(exec::exec))
+        .route("/v1/appliances/{id}/tunnels", post(tunnels::open))
+        .route("/v1/tunnels", get(tunnels::list))
+        .route(
+            "/v1/tunnels/{id}",
+            get(tunnels::show).delete(tunnels::close),
+        )
+        .route("/v1/tunnels/{id}/credential", post(tunnels::credential))
+        .route("/v1/tunnels/{id}/connect", get(tunnels::connect))
+        .route("/v1/brokers/tunnels/{conn}", get(tunnels::dial_back))
         .route("/v1/brokers", post(brokers::create).get(brokers::list))
         .route("/v1/brokers/renew", post(brokers::renew))
         .route(tether_proto::cluster::CHANNEL_PATH, get(channel::channel))

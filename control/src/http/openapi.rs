@@ -62,6 +62,13 @@ pub const APPLIANCE_SCHEME: &str = "appliance_certificate";
         crate::http::brokers::renew,
         crate::http::brokers::revoke,
         crate::http::channel::channel,
+        crate::http::tunnels::open,
+        crate::http::tunnels::list,
+        crate::http::tunnels::show,
+        crate::http::tunnels::credential,
+        crate::http::tunnels::close,
+        crate::http::tunnels::connect,
+        crate::http::tunnels::dial_back,
     ),
     components(schemas(tether_api::ErrorBody)),
     modifiers(&SecuritySchemes),
@@ -73,6 +80,7 @@ pub const APPLIANCE_SCHEME: &str = "appliance_certificate";
         (name = "operators", description = "Operators and their bundles"),
         (name = "audit", description = "The tamper-evident audit log"),
         (name = "brokers", description = "Brokers of the edge cluster: bundles, enrollment, the cluster channel"),
+        (name = "tunnels", description = "Break-glass tunnels the customer approved: plan, open, the one-time credential, relayed connections, close"),
     )
 )]
 pub struct ApiDoc;
