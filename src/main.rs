@@ -80,8 +80,9 @@ enum Cmd {
 enum OpsCmd {
     /// Check offline that a customer approval verifies under a pinned key, that the
     /// appliance's manifest verifies under the key the approval names and binds exactly
-    /// that approval and command, and that the output files match. Exits 0 valid, 1
-    /// invalid (naming the first failing check), 2 usage.
+    /// that approval and command, and that the output files match; with `--session`, that
+    /// a break-glass session manifest binds its approval and stayed within it. Exits 0
+    /// valid, 1 invalid (naming the first failing check), 2 usage.
     Verify(tether::ops_cli::VerifyArgs),
 }
 

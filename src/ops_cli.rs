@@ -7,12 +7,18 @@
 //! `approval_hash` (the manifest binds these approval bytes), `same_command`,
 //! `started_in_window`, then `stdout` / `stderr` when the files are given. Exit codes:
 //! 0 valid, 1 invalid, 2 usage (a file that cannot be read or parsed as the right kind).
+//!
+//! With `--session`, the manifest is a break-glass session manifest and the approval the
+//! break-glass approval that opened it (`tether_ops::verify::verify_session`):
+//! `approval_canonical`, `approval_signature`, `approval_key`, `manifest_canonical`,
+//! `manifest_signature`, `approval_hash`, `same_tunnel`, `activated_in_window`,
+//! `ended_in_time`, `connections_in_session`; same exit codes.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use tether_ops::approvers::Approvers;
-use tether_ops::verify::{verify, Evidence};
+use tether_ops::verify::{verify, verify_session, Evidence};
 
 /// Exit code: everything verified.
 pub const EXIT_VALID: i32 = 0;
@@ -49,6 +55,9 @@ pub struct VerifyArgs {
     /// `clock_skew`).
     #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
     pub skew: Duration,
+    /// The manifest is a break-glass session's, the approval the one that opened it.
+    #[arg(long, conflicts_with_all = ["stdout", "stderr"])]
+    pub session: bool,
 }
 
 fn read(p: &Path) -> Result<Vec<u8>, String> {
@@ -94,13 +103,24 @@ pub fn run(args: &VerifyArgs) -> i32 {
             return EXIT_USAGE;
         }
     };
+    let skew_ms = i64::try_from(args.skew.as_millis()).unwrap_or(i64::MAX);
+    if args.session {
+        return report_session(verify_session(
+            &approval,
+            &approval_sig,
+            &manifest,
+            &manifest_sig,
+            &approvers,
+            skew_ms,
+        ));
+    }
     let evidence = Evidence {
         approval: &approval,
         approval_sig: &approval_sig,
         manifest: &manifest,
         manifest_sig: &manifest_sig,
         approvers: &approvers,
-        skew_ms: i64::try_from(args.skew.as_millis()).unwrap_or(i64::MAX),
+        skew_ms,
         stdout: stdout.as_deref(),
         stderr: stderr.as_deref(),
     };
@@ -119,6 +139,46 @@ pub fn run(args: &VerifyArgs) -> i32 {
                     tether_ops::manifest::Outcome::Exited(c) => format!("exited {c}"),
                     tether_ops::manifest::Outcome::Failed(f) => format!("failed {f}"),
                     tether_ops::manifest::Outcome::Refused(f) => format!("refused {f}"),
+                },
+                r.passed.join(", ")
+            );
+            EXIT_VALID
+        }
+        Err(f) => {
+            println!("invalid: {f}");
+            EXIT_INVALID
+        }
+    }
+}
+
+/// Print the verdict on a session; its exit code.
+fn report_session(
+    verdict: Result<tether_ops::verify::SessionReport, tether_ops::verify::Failed>,
+) -> i32 {
+    match verdict {
+        Ok(r) => {
+            let m = &r.manifest;
+            println!(
+                "valid: approval {} by {} (key {}) for {}/{} to {} in {}; session {} of appliance {} active {} to {} ({}), {} connections, {} bytes to and {} from the target, teardown {}; checks: {}",
+                r.approval.approval_id,
+                r.approval.approver,
+                r.key_id,
+                m.resource,
+                m.privilege,
+                m.target,
+                m.phase,
+                m.session_id,
+                m.appliance.id,
+                tether_ops::format_rfc3339_ms(m.activated_ms),
+                tether_ops::format_rfc3339_ms(m.ended_ms),
+                m.end_reason,
+                m.connections_total,
+                m.to_target_bytes,
+                m.from_target_bytes,
+                match &m.teardown {
+                    tether_ops::session::Teardown::None => "none".to_owned(),
+                    tether_ops::session::Teardown::Ok => "ok".to_owned(),
+                    tether_ops::session::Teardown::Failed(e) => format!("failed ({e})"),
                 },
                 r.passed.join(", ")
             );

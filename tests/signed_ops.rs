@@ -1339,34 +1339,85 @@ async fn the_customer_closing_the_phase_ends_an_active_tunnel() {
     assert_eq!(view["ended"], "revoked", "{view}");
 }
 
-/// The appliance loses its broker while a tunnel is active: the agent ends the session
-/// itself (`disconnected`) and says so in the customer's log; nothing waits for the
-/// vendor to come back.
+/// The appliance loses its broker while a tunnel is active. The session outlives the
+/// loss by the customer's `teardown_on_disconnect_after` and no more: with a broker back
+/// within it the session stays active; with none for that long the agent ends it itself
+/// (`disconnected`) and says so in the customer's log; nothing waits for the vendor.
 #[tokio::test]
-async fn losing_the_broker_ends_an_active_tunnel_on_the_appliance() {
+async fn losing_the_broker_longer_than_the_customers_limit_ends_an_active_tunnel() {
     let mut rig = Rig::new().await;
     let echo = echo_server().await;
-    std::fs::write(
-        rig.customer.join("policy.toml"),
-        tunnel_policy(&echo.to_string()),
-    )
-    .unwrap();
-    open_ten_minutes(&rig).await;
-    // The broker dies (SIGKILL): no goodbye reaches the agent.
-    let _ = rig.broker.child.kill();
+    let policy = |grace: &str| {
+        format!(
+            "{}\n[limits]\nteardown_on_disconnect_after = \"{grace}\"\n",
+            tunnel_policy(&echo.to_string())
+        )
+    };
+    std::fs::write(rig.customer.join("policy.toml"), policy("8s")).unwrap();
+    let v = open_ten_minutes(&rig).await;
+    let id = v["session_id"].as_u64().unwrap().to_string();
     let log = rig.state.join("audit.jsonl");
-    wait_for(Duration::from_secs(20), || async {
+    let ended = || {
         std::fs::read_to_string(&log)
             .unwrap_or_default()
             .lines()
-            .any(|l| {
-                l.contains("\"action\":\"session.ended\"")
-                    && l.contains("\"reason\":\"disconnected\"")
-            })
-            .then_some(())
-    })
-    .await
-    .expect("the agent ends the session itself");
+            .find(|l| l.contains("\"action\":\"session.ended\""))
+            .map(str::to_owned)
+    };
+
+    // 1. The broker dies (SIGKILL: no goodbye reaches the agent) and comes back on the same
+    // address at once: the agent reconnects well within the 8 s, and the session lives.
+    let killed = Instant::now();
+    let quic = rig.broker.quic;
+    let _ = rig.broker.child.kill();
+    let config = rig.root().join("b1-again.toml");
+    std::fs::write(
+        &config,
+        std::fs::read_to_string(rig.root().join("b1.toml"))
+            .unwrap()
+            .replace("listen = \"127.0.0.1:0\"", &format!("listen = \"{quic}\"")),
+    )
+    .unwrap();
+    rig.broker = BrokerProc::start(&config);
+    rig.broker.wait_session("app-1").await;
+    tokio::time::sleep_until((killed + Duration::from_secs(12)).into()).await;
+    assert_eq!(
+        ended(),
+        None,
+        "the session ended with a broker back in time"
+    );
+    let listed = Command::new(bin("tether-agent"))
+        .args(["session", "list", "--state-dir"])
+        .arg(&rig.state)
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&listed.stdout).contains(&id),
+        "{}",
+        String::from_utf8_lossy(&listed.stdout)
+    );
+    assert!(std::fs::read_to_string(&log)
+        .unwrap()
+        .contains("\"action\":\"session.detached\""));
+
+    // 2. The customer shortens the limit to 3 s; the broker dies for good. The agent ends
+    // the session once it has had no broker for 3 s (after noticing the loss from missed
+    // heartbeats, about 3 s more), never before.
+    // Atomically: a half-written policy would end the session as no longer allowed.
+    write_atomic(&rig.customer.join("policy.toml"), &policy("3s"));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let killed = Instant::now();
+    let _ = rig.broker.child.kill();
+    let line = wait_for(Duration::from_secs(20), || async { ended() })
+        .await
+        .expect("the agent ends the session itself");
+    let after = killed.elapsed();
+    assert!(line.contains("\"reason\":\"disconnected\""), "{line}");
+    assert!(
+        after >= Duration::from_secs(3) && after < Duration::from_secs(12),
+        "ended {after:?} after the broker died"
+    );
+    eprintln!("session ended {after:?} after the broker died");
     rig.agent = None;
 }
 
@@ -1533,13 +1584,366 @@ async fn a_tunnel_credential_is_sealed_to_the_operator_and_revoked_even_after_a_
     .await
     .expect("revoked after the restart");
     assert_eq!(revoked.trim(), cred_id);
-    let log = std::fs::read_to_string(rig.state.join("audit.jsonl")).unwrap();
-    assert!(log.contains("recovered_after_crash"), "the log says why");
+    let log = wait_for(Duration::from_secs(5), || async {
+        std::fs::read_to_string(rig.state.join("audit.jsonl"))
+            .ok()
+            .filter(|l| l.contains("recovered_after_crash"))
+    })
+    .await
+    .expect("the log says why");
+    // The session cut off by the crash has its signed manifest too, from the log's
+    // record: it verifies against its approval (the last one signed).
+    let (manifest, manifest_sig) = session_manifests(&rig).pop().unwrap();
+    let m: Value = serde_json::from_str(&manifest).unwrap();
+    assert_eq!(m["end_reason"], "recovered_after_crash", "{m}");
+    assert_eq!(
+        (
+            &m["credential"]["id"],
+            &m["credential"]["minted"],
+            &m["credential"]["delivered"],
+            &m["credential"]["revoked"]
+        ),
+        (&json!(cred_id), &json!(true), &json!(true), &json!(true)),
+        "{m}"
+    );
+    let approvers = tether_ops::approvers::Approvers::parse(
+        &std::fs::read_to_string(rig.customer.join("approvers.toml")).unwrap(),
+    )
+    .unwrap();
+    let verified = tether_ops::verify::verify_session(
+        &std::fs::read(rig.root().join("approval.json")).unwrap(),
+        &std::fs::read(rig.root().join("approval.json.sig")).unwrap(),
+        manifest.as_bytes(),
+        manifest_sig.as_bytes(),
+        &approvers,
+        60_000,
+    );
+    assert!(verified.is_ok(), "{verified:?}");
 
     // The secret is in no log: not the customer's audit log, not the broker's.
     assert!(!log.contains(&secret), "secret in the appliance log");
     let broker_logs = rig.broker.logs.lock().unwrap().join("\n");
     assert!(!broker_logs.contains(&secret), "secret in the broker's log");
+}
+
+/// The appliance log's `session.manifest` entries, in order: (manifest, signature).
+fn session_manifests(rig: &Rig) -> Vec<(String, String)> {
+    std::fs::read_to_string(rig.state.join("audit.jsonl"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|e| e["action"] == "session.manifest")
+        .map(|e| {
+            (
+                e["details"]["manifest"].as_str().unwrap().to_owned(),
+                e["details"]["sig"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect()
+}
+
+/// `tether ops verify --session` on files under the rig's root: (exit code, stdout).
+fn verify_session(rig: &Rig, approval: &str, manifest: &str) -> (Option<i32>, String) {
+    let out = Command::new(bin("tether"))
+        .args(["ops", "verify", "--session", "--approval"])
+        .arg(rig.root().join(approval))
+        .arg("--manifest")
+        .arg(rig.root().join(manifest))
+        .arg("--customer-keys")
+        .arg(rig.customer.join("approvers.toml"))
+        .output()
+        .unwrap();
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.code(), said)
+}
+
+/// At its end the appliance signs the session's manifest: the approval's hash, the
+/// tunnel as opened, its times, each connection with its bytes and close reason. The
+/// customer's log has it; `tether ops verify --session` accepts it with its approval and
+/// refuses it edited, or with another approval.
+#[tokio::test]
+async fn a_session_manifest_binds_the_approval_and_verifies_offline() {
+    let rig = Rig::new().await;
+    let echo = echo_server().await;
+    std::fs::write(
+        rig.customer.join("policy.toml"),
+        tunnel_policy(&echo.to_string()),
+    )
+    .unwrap();
+    let ask = json!({"resource": "echo", "privilege": "rw", "duration_s": 3, "idle_timeout_s": 3, "request_id": "req-m", "reason": "INC-12"});
+    let mut plan_req = ask.clone();
+    plan_req["plan"] = json!(true);
+    let (_, plan) = open_tunnel(&rig, plan_req).await;
+    let (doc, sig) = rig.sign(plan["plan"].as_str().unwrap());
+    let mut body = ask;
+    body["approval"] = json!(doc);
+    body["approval_sig"] = json!(sig);
+    let (status, v) = open_tunnel(&rig, body).await;
+    assert_eq!(status, 200, "{v}");
+    let session_id = v["session_id"].as_u64().unwrap();
+    let listen: std::net::SocketAddr = v["listen"].as_str().unwrap().parse().unwrap();
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut c = tokio::net::TcpStream::connect(listen).await.unwrap();
+    c.write_all(b"twelve bytes").await.unwrap();
+    let mut got = [0u8; 12];
+    c.read_exact(&mut got).await.unwrap();
+    let agent_status = |key: &'static str| {
+        let rig = &rig;
+        async move {
+            rig.broker
+                .sessions()
+                .await
+                .into_iter()
+                .find(|s| s["appliance_id"] == "app-1")
+                .and_then(|s| s["agent_status"][key].as_str().map(str::to_owned))
+        }
+    };
+    wait_for(Duration::from_secs(3), || async {
+        (agent_status("tunnel.active").await.as_deref() == Some("1")).then_some(())
+    })
+    .await
+    .expect("the agent's status counts the active session");
+    // The agent's timer ends it at 3 s.
+    let n = tokio::time::timeout(Duration::from_secs(10), c.read(&mut got))
+        .await
+        .expect("the tunnel closes at expiry");
+    assert!(matches!(n, Ok(0) | Err(_)), "{n:?}");
+
+    let (manifest, manifest_sig) = wait_for(Duration::from_secs(10), || async {
+        session_manifests(&rig).pop()
+    })
+    .await
+    .expect("the session manifest is in the appliance log");
+    let m: Value = serde_json::from_str(&manifest).unwrap();
+    assert_eq!(m["type"], "tether.session-manifest.v1", "{m}");
+    assert_eq!(m["session_id"], session_id.to_string());
+    assert_eq!(m["request_id"], "req-m");
+    assert_eq!(
+        m["approval"]["sha256"],
+        tether_ops::sha256_hex(doc.as_bytes())
+    );
+    assert_eq!(m["target"], echo.to_string());
+    assert_eq!(m["pinned"], json!([echo.to_string()]));
+    assert_eq!(m["end_reason"], "expired");
+    assert_eq!(m["connections_total"], 1, "{m}");
+    let conn = &m["connections"][0];
+    assert_eq!(
+        (
+            &conn["to_target_bytes"],
+            &conn["from_target_bytes"],
+            &conn["reason"]
+        ),
+        (&json!(12), &json!(12), &json!("expired")),
+        "{m}"
+    );
+    assert_eq!(m["teardown"], "none");
+    assert_eq!(m["credential"]["minted"], false);
+    let lived = m["ended_ms"].as_i64().unwrap() - m["activated_ms"].as_i64().unwrap();
+    assert!((3000..4000).contains(&lived), "{m}");
+    // The log's end (just after) names it.
+    let named = format!(
+        "\"manifest_sha256\":\"{}\"",
+        tether_ops::sha256_hex(manifest.as_bytes())
+    );
+    wait_for(Duration::from_secs(5), || async {
+        std::fs::read_to_string(rig.state.join("audit.jsonl"))
+            .unwrap()
+            .contains(&named)
+            .then_some(())
+    })
+    .await
+    .expect("session.ended names the manifest");
+
+    // The agent's status counts what it relayed: both ways, every connection.
+    wait_for(Duration::from_secs(5), || async {
+        (agent_status("tunnel.active").await.as_deref() == Some("0")
+            && agent_status("tunnel.bytes").await.as_deref() == Some("24")
+            && agent_status("tunnel.connections").await.as_deref() == Some("1"))
+        .then_some(())
+    })
+    .await
+    .expect("the agent's status counts the tunnel's bytes and connections");
+
+    // Offline, with no agent: the approval (approval.json and .sig, as the customer signed
+    // them) and the manifest.
+    std::fs::write(rig.root().join("session.json"), &manifest).unwrap();
+    std::fs::write(rig.root().join("session.json.sig"), &manifest_sig).unwrap();
+    let (code, said) = verify_session(&rig, "approval.json", "session.json");
+    assert_eq!(code, Some(0), "{said}");
+    assert!(
+        said.starts_with("valid:") && said.contains("ended_in_time"),
+        "{said}"
+    );
+
+    // Edited: the session claimed shorter than it was.
+    let edited = manifest.replace("\"end_reason\":\"expired\"", "\"end_reason\":\"closed\"");
+    assert_ne!(edited, manifest);
+    std::fs::write(rig.root().join("edited.json"), &edited).unwrap();
+    std::fs::write(rig.root().join("edited.json.sig"), &manifest_sig).unwrap();
+    let (code, said) = verify_session(&rig, "approval.json", "edited.json");
+    assert_eq!(code, Some(1), "{said}");
+    assert!(said.contains("manifest_signature"), "{said}");
+
+    // Another genuine approval of the customer's (another session): not this one's.
+    let ask = json!({"resource": "echo", "privilege": "rw", "duration_s": 60, "idle_timeout_s": 60, "plan": true});
+    let (_, plan) = open_tunnel(&rig, ask).await;
+    rig.sign(plan["plan"].as_str().unwrap());
+    let (code, said) = verify_session(&rig, "approval.json", "session.json");
+    assert_eq!(code, Some(1), "{said}");
+    assert!(said.contains("approval_hash"), "{said}");
+    // A usage error: a file that is not there.
+    let (code, _) = verify_session(&rig, "missing.json", "session.json");
+    assert_eq!(code, Some(2));
+}
+
+/// A revoke command that fails is retried with backoff (1 s, 2 s, 4 s, 8 s), each failure
+/// in the customer's log and the session flagged in the agent's `Status`
+/// (`tunnel.teardown_failed`) until it succeeds; one that still fails after the last
+/// retry is signed as failed in the manifest and run again when the agent starts again.
+#[tokio::test]
+async fn a_failing_revoke_is_retried_flagged_and_run_again_at_the_next_start() {
+    let mut rig = Rig::new().await;
+    let echo = echo_server().await;
+    let bin_dir = rig.root().join("bin");
+    std::fs::create_dir(&bin_dir).unwrap();
+    chmod(&bin_dir, 0o755);
+    // Fails while the counter is at most the number in `fail`, then writes the marker.
+    let (counter, fail, marker) = (
+        rig.canary("count"),
+        rig.canary("fail"),
+        rig.canary("revoked"),
+    );
+    let revoke = bin_dir.join("revoke");
+    std::fs::write(
+        &revoke,
+        format!(
+            "#!/bin/sh\nn=$(($(cat {c} 2>/dev/null || echo 0) + 1))\necho $n > {c}\n[ $n -le $(cat {f}) ] && exit 1\necho \"$1\" >> {m}\n",
+            c = counter.display(),
+            f = fail.display(),
+            m = marker.display()
+        ),
+    )
+    .unwrap();
+    chmod(&revoke, 0o755);
+    std::fs::write(
+        rig.customer.join("policy.toml"),
+        format!(
+            "{POLICY}\n[[resource]]\nname = \"echo\"\ntarget = \"{echo}\"\n[resource.privilege.rw]\nrevoke = {{ argv = [\"{}\", \"{{session_id}}\"], deadline_ms = 5000 }}\n",
+            revoke.display()
+        ),
+    )
+    .unwrap();
+    let open = |duration_s: u64| {
+        let rig = &rig;
+        async move {
+            let ask = json!({"resource": "echo", "privilege": "rw", "duration_s": duration_s, "idle_timeout_s": duration_s});
+            let mut plan_req = ask.clone();
+            plan_req["plan"] = json!(true);
+            let (_, plan) = open_tunnel(rig, plan_req).await;
+            let (doc, sig) = rig.sign(plan["plan"].as_str().unwrap());
+            let mut body = ask;
+            body["approval"] = json!(doc);
+            body["approval_sig"] = json!(sig);
+            let (status, v) = open_tunnel(rig, body).await;
+            assert_eq!(status, 200, "{v}");
+            v["session_id"].as_u64().unwrap().to_string()
+        }
+    };
+    let flagged = || async {
+        rig.broker
+            .sessions()
+            .await
+            .into_iter()
+            .find(|s| s["appliance_id"] == "app-1")
+            .and_then(|s| {
+                s["agent_status"]["tunnel.teardown_failed"]
+                    .as_str()
+                    .map(str::to_owned)
+            })
+    };
+    let log = rig.state.join("audit.jsonl");
+    let entries = |action: &str, id: &str| {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .filter(|e| e["action"] == action && e["details"]["session_id"] == id)
+            .count()
+    };
+
+    // 1. Fails twice, then succeeds (attempts at about 0, 1 and 3 s after the end): the
+    // flag shows meanwhile and goes; the manifest says ok.
+    std::fs::write(&fail, "2").unwrap();
+    let id = open(1).await;
+    let shown = wait_for(Duration::from_secs(10), flagged)
+        .await
+        .expect("the failing teardown is flagged in Status");
+    assert_eq!(shown, id);
+    let revoked = wait_for(Duration::from_secs(10), || async {
+        std::fs::read_to_string(&marker).ok()
+    })
+    .await
+    .expect("revoked at the third attempt");
+    assert_eq!(revoked.trim(), id);
+    assert_eq!(entries("teardown.failed", &id), 2);
+    assert_eq!(entries("credential.revoked", &id), 1);
+    let m = wait_for(Duration::from_secs(5), || async {
+        session_manifests(&rig).pop()
+    })
+    .await
+    .unwrap();
+    let m: Value = serde_json::from_str(&m.0).unwrap();
+    assert_eq!(
+        (&m["teardown"], &m["credential"]["revoked"]),
+        (&json!("ok"), &json!(true)),
+        "{m}"
+    );
+    wait_for(Duration::from_secs(15), || async {
+        flagged().await.is_none().then_some(())
+    })
+    .await
+    .expect("the flag goes once revoked");
+
+    // 2. Fails five times: every retry used up (about 15 s), the manifest says failed, the
+    // flag stays; the agent's next start runs it again and it succeeds.
+    std::fs::remove_file(&marker).unwrap();
+    std::fs::write(&counter, "0").unwrap();
+    std::fs::write(&fail, "5").unwrap();
+    let id = open(1).await;
+    let m = wait_for(Duration::from_secs(30), || async {
+        session_manifests(&rig)
+            .into_iter()
+            .map(|(m, _)| serde_json::from_str::<Value>(&m).unwrap())
+            .find(|m| m["session_id"] == id.as_str())
+    })
+    .await
+    .expect("the manifest is signed once the retries are used up");
+    assert!(m["teardown"]["failed"].is_string(), "{m}");
+    assert_eq!(m["credential"]["revoked"], false);
+    assert_eq!(entries("teardown.failed", &id), 5);
+    wait_for(Duration::from_secs(5), || async {
+        (entries("session.ended", &id) == 1).then_some(())
+    })
+    .await
+    .expect("the session ends after its manifest");
+    assert_eq!(flagged().await.as_deref(), Some(id.as_str()));
+    assert!(!marker.exists());
+    rig.start_agent().await;
+    let revoked = wait_for(Duration::from_secs(10), || async {
+        std::fs::read_to_string(&marker).ok()
+    })
+    .await
+    .expect("revoked at the next start");
+    assert_eq!(revoked.trim(), id);
+    wait_for(Duration::from_secs(5), || async {
+        (entries("credential.revoked", &id) == 1).then_some(())
+    })
+    .await
+    .expect("the log records it");
 }
 
 /// Break glass the vendor's real way, through control: `tether tunnel request` (a fresh

@@ -597,11 +597,11 @@ fn main() -> anyhow::Result<()> {
         }) => {
             let log =
                 audit_log.unwrap_or_else(|| state_dir.join(tether_agent::signed::AUDIT_LOG_FILE));
-            let sessions = tether_agent::tunnel::active_in_log(&log)?;
-            if sessions.is_empty() {
+            let sessions = tether_agent::tunnel::sessions_in_log(&log)?;
+            if sessions.active.is_empty() {
                 println!("no active break-glass session");
             }
-            for s in sessions {
+            for s in sessions.active {
                 println!(
                     "{}  {}/{}  -> {}  until {}",
                     s.id,
@@ -609,6 +609,13 @@ fn main() -> anyhow::Result<()> {
                     s.privilege,
                     s.target,
                     tether_ops::format_rfc3339_ms(s.expires_at_ms)
+                );
+            }
+            // Never quietly: an ended session whose credential is not revoked yet.
+            for s in sessions.unrevoked {
+                println!(
+                    "{}  {}/{}  -> {}  ended, teardown failed: credential {:?} not revoked yet (retried at the agent's next start)",
+                    s.id, s.resource, s.privilege, s.target, s.credential_id
                 );
             }
             Ok(())

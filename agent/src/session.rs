@@ -172,8 +172,16 @@ pub(crate) async fn run_session(
             handed_over: false,
             peer_max_frame_len: watch::channel(0).0,
             status_generation: None,
+            tunnel_status: Vec::new(),
+            tunnel_status_at: None,
         };
         let reason = driver.run(shutdown).await;
+        if driver.session_id.is_some() {
+            // Break glass: tunnel sessions count the time without any broker session.
+            if let Some(tunnels) = ctx.runner.tunnels() {
+                tunnels.broker_down(conn.stable_id());
+            }
+        }
         if !driver.handed_over {
             // The connection is closed: each running command sees that, kills its process
             // and signs its manifest (kept in the spool for the next session). Let them.
@@ -218,11 +226,17 @@ struct Driver<'a> {
     peer_max_frame_len: watch::Sender<usize>,
     /// Signed operations: the version of the customer's files last reported in `Status`.
     status_generation: Option<u64>,
+    /// Break glass: the tunnel entries last reported in `Status`, and when.
+    tunnel_status: Vec<(String, String)>,
+    tunnel_status_at: Option<Instant>,
 }
 
 impl Driver<'_> {
     /// Signed operations: report the customer's rules in `Status` (read only: no frame
-    /// writes them) when they changed since the last report, once the session is up.
+    /// writes them) when they changed since the last report, once the session is up; and
+    /// the tunnel entries when a session started or ended or a teardown failed (at once),
+    /// or when only the counters moved (at most every
+    /// [`crate::tunnel::COUNTERS_REPORT_EVERY`]).
     fn report_status(&mut self, session: &mut AgentSession) {
         let Some(ops) = self.ctx.runner.signed_ops() else {
             return;
@@ -231,11 +245,33 @@ impl Driver<'_> {
             return;
         }
         let generation = ops.customer_generation();
-        if self.status_generation == Some(generation) {
+        let tunnel = self
+            .ctx
+            .runner
+            .tunnels()
+            .map(|t| t.status())
+            .unwrap_or_default();
+        let tunnel_changed = tunnel != self.tunnel_status;
+        let significant = |entries: &[(String, String)]| {
+            entries
+                .iter()
+                .filter(|(k, _)| k == "tunnel.active" || k == "tunnel.teardown_failed")
+                .cloned()
+                .collect::<Vec<_>>()
+        };
+        let tunnel_due = tunnel_changed
+            && (significant(&tunnel) != significant(&self.tunnel_status)
+                || self
+                    .tunnel_status_at
+                    .is_none_or(|at| at.elapsed() >= crate::tunnel::COUNTERS_REPORT_EVERY));
+        if self.status_generation == Some(generation) && !tunnel_due {
             return;
         }
         self.status_generation = Some(generation);
         let mut entries = ops.status();
+        entries.extend(tunnel.iter().cloned());
+        self.tunnel_status = tunnel;
+        self.tunnel_status_at = Some(Instant::now());
         entries.truncate(tether_proto::frame::MAX_STATUS_ENTRIES);
         session.send_status(tether_proto::Status { entries });
     }
@@ -440,6 +476,9 @@ impl Driver<'_> {
                     );
                     self.peer_max_frame_len.send_replace(w.peer_max_frame_len());
                     self.session_id = Some(w.session_id);
+                    if let Some(tunnels) = self.ctx.runner.tunnels() {
+                        tunnels.broker_up(self.conn.stable_id());
+                    }
                     self.status_generation = None;
                     self.report_status(session);
                     self.send_backlog(session);

@@ -36,7 +36,9 @@
 //! - [`ledger`]: single use (seen ids plus the pruning horizon), in memory, for the
 //!   agent to persist;
 //! - [`manifest`]: the signed output manifest;
-//! - [`verify`]: the offline check either party runs (`tether ops verify`).
+//! - [`session`]: the signed manifest of a break-glass session;
+//! - [`verify`]: the offline checks either party runs (`tether ops verify`, with
+//!   `--session` for a break-glass session).
 //!
 //! Refusal codes are [`tether_proto::CommandFailure`]'s: one vocabulary from the agent
 //! to `tether exec`'s exit code. Break glass adds none: an undeclared resource or
@@ -49,6 +51,7 @@ pub mod canonical;
 pub mod ledger;
 pub mod manifest;
 pub mod policy;
+pub mod session;
 pub mod sig;
 pub mod tunnel;
 pub mod verify;

@@ -1,10 +1,13 @@
 //! The offline check either party runs on an approval, a manifest and the output
-//! (`tether ops verify`, design §1.9). Every check has a name; the first that fails is
-//! the answer.
+//! (`tether ops verify`, design §1.9), and on a break-glass approval and its session
+//! manifest (`tether ops verify --session`, [`verify_session`]). Every check has a name;
+//! the first that fails is the answer.
 
 use crate::approval::Approval;
 use crate::approvers::{Approvers, Scope};
 use crate::manifest::{Manifest, StreamDigest};
+use crate::session::SessionManifest;
+use crate::tunnel::TunnelApproval;
 use crate::{sha256_hex, sig, APPROVAL_NAMESPACE, MANIFEST_NAMESPACE};
 
 /// The inputs, as bytes read from files.
@@ -131,6 +134,154 @@ pub fn verify(e: &Evidence<'_>) -> Result<Report, Failed> {
     Ok(Report {
         approval,
         manifest,
+        key_id: pinned.id.clone(),
+        passed,
+    })
+}
+
+/// What a session verification found.
+#[derive(Debug)]
+pub struct SessionReport {
+    /// The break-glass approval.
+    pub approval: TunnelApproval,
+    /// The session manifest.
+    pub manifest: SessionManifest,
+    /// The pinned key's label.
+    pub key_id: String,
+    /// The checks that passed, in order.
+    pub passed: Vec<&'static str>,
+}
+
+/// Check a break-glass session manifest against the approval that opened it, in order:
+/// `approval_canonical`, `approval_signature`, `approval_key` (pinned for break glass
+/// and valid at the approval's start), `manifest_canonical`, `manifest_signature` (by
+/// the appliance key the approval names), `approval_hash` (the manifest binds these
+/// approval bytes), `same_tunnel` (appliance, phase, resource, privilege and target as
+/// approved, no longer than approved), `activated_in_window` (activation inside the
+/// approval's window, give or take `skew_ms`), `ended_in_time` (the end after the
+/// activation and no later than activation + the approved duration + `skew_ms`), and
+/// `connections_in_session` (every listed connection inside the session, the totals at
+/// least what is listed).
+pub fn verify_session(
+    approval: &[u8],
+    approval_sig: &[u8],
+    manifest: &[u8],
+    manifest_sig: &[u8],
+    approvers: &Approvers,
+    skew_ms: i64,
+) -> Result<SessionReport, Failed> {
+    let mut passed = Vec::new();
+    let a = TunnelApproval::parse(approval).map_err(|d| fail("approval_canonical", d))?;
+    passed.push("approval_canonical");
+    let signer = sig::verify(approval_sig, APPROVAL_NAMESPACE, approval)
+        .map_err(|d| fail("approval_signature", d.to_string()))?;
+    passed.push("approval_signature");
+    let pinned = approvers
+        .authorize(&signer, a.not_before_ms, Scope::BreakGlass)
+        .map_err(|d| fail("approval_key", d.to_string()))?;
+    passed.push("approval_key");
+    let m = SessionManifest::parse(manifest).map_err(|d| fail("manifest_canonical", d))?;
+    passed.push("manifest_canonical");
+    let msigner = sig::verify(manifest_sig, MANIFEST_NAMESPACE, manifest)
+        .map_err(|d| fail("manifest_signature", d.to_string()))?;
+    let appliance_key = ssh_key::PublicKey::from_openssh(&a.appliance.key).map_err(|d| {
+        fail(
+            "manifest_signature",
+            format!("the approval's appliance.key: {d}"),
+        )
+    })?;
+    if msigner.key.key_data() != appliance_key.key_data() {
+        return Err(fail(
+            "manifest_signature",
+            "the manifest is signed by another key than the approval's appliance.key",
+        ));
+    }
+    passed.push("manifest_signature");
+    if m.approval.sha256 != sha256_hex(approval) || m.approval.approval_id != a.approval_id {
+        return Err(fail("approval_hash", "the manifest binds another approval"));
+    }
+    passed.push("approval_hash");
+    let bg = &a.break_glass;
+    let differs = if m.appliance != a.appliance {
+        Some("appliance")
+    } else if m.phase != a.phase {
+        Some("phase")
+    } else if m.resource != bg.resource {
+        Some("resource")
+    } else if m.privilege != bg.privilege {
+        Some("privilege")
+    } else if m.target != bg.target {
+        Some("target")
+    } else if m.duration_s > bg.duration_s {
+        Some("duration_s")
+    } else {
+        None
+    };
+    if let Some(field) = differs {
+        return Err(fail(
+            "same_tunnel",
+            format!("the manifest's {field} differs from the approval's"),
+        ));
+    }
+    passed.push("same_tunnel");
+    if m.activated_ms < a.not_before_ms.saturating_sub(skew_ms)
+        || m.activated_ms > a.not_after_ms.saturating_add(skew_ms)
+    {
+        return Err(fail(
+            "activated_in_window",
+            format!(
+                "the session was activated at {}, outside the approval's window {} to {}",
+                crate::format_rfc3339_ms(m.activated_ms),
+                crate::format_rfc3339_ms(a.not_before_ms),
+                crate::format_rfc3339_ms(a.not_after_ms)
+            ),
+        ));
+    }
+    passed.push("activated_in_window");
+    let approved_ms = i64::try_from(bg.duration_s.saturating_mul(1000)).unwrap_or(i64::MAX);
+    let latest = m
+        .activated_ms
+        .saturating_add(approved_ms)
+        .saturating_add(skew_ms);
+    if m.ended_ms < m.activated_ms || m.ended_ms > latest {
+        return Err(fail(
+            "ended_in_time",
+            format!(
+                "the session ended {} ms after its activation; the approval allows {} s",
+                m.ended_ms.saturating_sub(m.activated_ms),
+                bg.duration_s
+            ),
+        ));
+    }
+    passed.push("ended_in_time");
+    let listed = m.connections.len() as u64;
+    let (to, from) = m.connections.iter().fold((0u64, 0u64), |(t, f), c| {
+        (
+            t.saturating_add(c.to_target_bytes),
+            f.saturating_add(c.from_target_bytes),
+        )
+    });
+    let outside = m.connections.iter().find(|c| {
+        c.opened_ms < m.activated_ms
+            || c.closed_ms < c.opened_ms
+            || c.closed_ms > m.ended_ms.saturating_add(skew_ms)
+    });
+    if let Some(c) = outside {
+        return Err(fail(
+            "connections_in_session",
+            format!("connection {} lies outside the session", c.n),
+        ));
+    }
+    if m.connections_total < listed || m.to_target_bytes < to || m.from_target_bytes < from {
+        return Err(fail(
+            "connections_in_session",
+            "the totals count less than the listed connections",
+        ));
+    }
+    passed.push("connections_in_session");
+    Ok(SessionReport {
+        approval: a,
+        manifest: m,
         key_id: pinned.id.clone(),
         passed,
     })

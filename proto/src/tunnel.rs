@@ -17,8 +17,8 @@ use bytes::{Buf, BufMut, Bytes};
 
 use crate::codec::{check_str, get, get_str, put_str, Codec, DecodeError, EncodeError};
 use crate::frame::{
-    check_len, get_bytes_max, put_bytes, MAX_APPROVAL_LEN, MAX_APPROVAL_SIG_LEN, MAX_MESSAGE_LEN,
-    MAX_REQUEST_ID_LEN,
+    check_len, get_bytes_max, put_bytes, MAX_APPROVAL_LEN, MAX_APPROVAL_SIG_LEN, MAX_MANIFEST_LEN,
+    MAX_MESSAGE_LEN, MAX_REQUEST_ID_LEN,
 };
 
 /// Longest resource or privilege name (the customer's policy allows 64).
@@ -224,6 +224,12 @@ impl Codec for TunnelPlan {
 
 /// Agent → broker, last frame on the session-control stream (then FIN): the session
 /// ended, or was never opened.
+///
+/// After an activated session it carries the session manifest the appliance signed
+/// (`tether_ops::session`): an optional trailing part, `manifest` then `manifest_sig`
+/// (each a `u32` length and bytes), present exactly when `manifest` is not empty. Without
+/// it the frame is encoded exactly as before the part existed, so an older decoder reads
+/// every frame without a manifest, and a newer one reads older frames as having none.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TunnelEnded {
     /// Why.
@@ -233,24 +239,86 @@ pub struct TunnelEnded {
     pub code: String,
     /// For the operator.
     pub message: String,
+    /// The signed session manifest, its exact (canonical JSON) bytes; empty when none
+    /// (the session never became active, or it could not be signed or did not fit).
+    pub manifest: Bytes,
+    /// Its SSHSIG armor (namespace `tether-manifest-v1`); empty exactly when `manifest`
+    /// is.
+    pub manifest_sig: Bytes,
+}
+
+impl Default for TunnelEnded {
+    /// `closed`, no code, no message, no manifest.
+    fn default() -> Self {
+        TunnelEnded {
+            reason: TunnelCloseReason::Closed,
+            code: String::new(),
+            message: String::new(),
+            manifest: Bytes::new(),
+            manifest_sig: Bytes::new(),
+        }
+    }
 }
 
 impl Codec for TunnelEnded {
+    /// `buf` must be exactly the frame body (as [`crate::decode_frame`] passes it): the
+    /// optional manifest is read when bytes are left after `message`.
     fn decode<B: Buf>(buf: &mut B) -> Result<Self, DecodeError> {
+        let reason = TunnelCloseReason::decode(buf)?;
+        let code = get_str(buf, "code", MAX_NAME_LEN)?;
+        let message = get_str(buf, "message", MAX_MESSAGE_LEN)?;
+        let (mut manifest, mut manifest_sig) = (Bytes::new(), Bytes::new());
+        if buf.has_remaining() {
+            manifest = get_bytes_max(buf, "manifest", MAX_MANIFEST_LEN)?;
+            manifest_sig = get_bytes_max(buf, "manifest_sig", MAX_APPROVAL_SIG_LEN)?;
+            if manifest.is_empty() || manifest_sig.is_empty() {
+                // No manifest is sent as no part: one encoding per frame.
+                return Err(DecodeError::InvalidValue {
+                    field: "manifest",
+                    value: 0,
+                });
+            }
+        }
         Ok(TunnelEnded {
-            reason: TunnelCloseReason::decode(buf)?,
-            code: get_str(buf, "code", MAX_NAME_LEN)?,
-            message: get_str(buf, "message", MAX_MESSAGE_LEN)?,
+            reason,
+            code,
+            message,
+            manifest,
+            manifest_sig,
         })
     }
     fn encode<B: BufMut>(&self, buf: &mut B) {
         self.reason.encode(buf);
         put_str(buf, &self.code);
         put_str(buf, &self.message);
+        if !self.manifest.is_empty() {
+            put_bytes(buf, &self.manifest);
+            put_bytes(buf, &self.manifest_sig);
+        }
     }
     fn check(&self) -> Result<(), EncodeError> {
         check_str(&self.code, "code", MAX_NAME_LEN)?;
-        check_str(&self.message, "message", MAX_MESSAGE_LEN)
+        check_str(&self.message, "message", MAX_MESSAGE_LEN)?;
+        check_len(self.manifest.len(), "manifest", MAX_MANIFEST_LEN)?;
+        check_len(
+            self.manifest_sig.len(),
+            "manifest_sig",
+            MAX_APPROVAL_SIG_LEN,
+        )?;
+        match (self.manifest.is_empty(), self.manifest_sig.is_empty()) {
+            // A manifest needs its signature, and a signature without one has no place.
+            (false, true) => Err(EncodeError::TooShort {
+                field: "manifest_sig",
+                len: 0,
+                min: 1,
+            }),
+            (true, false) => Err(EncodeError::TooLong {
+                field: "manifest_sig",
+                len: self.manifest_sig.len(),
+                max: 0,
+            }),
+            _ => Ok(()),
+        }
     }
 }
 

@@ -80,6 +80,17 @@ fn filler(len: usize, seed: u64) -> Bytes {
 }
 
 /// Output data of at most `max` bytes: usually small and arbitrary, sometimes large.
+/// A [`blob`] of at least one byte.
+fn nonempty_blob(max: usize) -> impl Strategy<Value = Bytes> {
+    blob(max).prop_map(|b| {
+        if b.is_empty() {
+            Bytes::from_static(b"x")
+        } else {
+            b
+        }
+    })
+}
+
 fn blob(max: usize) -> impl Strategy<Value = Bytes> {
     prop_oneof![
         3 => vec(any::<u8>(), 0..=64.min(max)).prop_map(Bytes::from),
@@ -257,13 +268,17 @@ fn any_frame() -> impl Strategy<Value = Frame> {
         (
             proptest::sample::select(tether_proto::TunnelCloseReason::ALL.to_vec()),
             "[a-z_]{0,20}",
-            ".{0,40}"
+            ".{0,40}",
+            proptest::option::of((nonempty_blob(512), nonempty_blob(128)))
         )
-            .prop_map(|(reason, code, message)| {
+            .prop_map(|(reason, code, message, signed)| {
+                let (manifest, manifest_sig) = signed.unwrap_or_default();
                 Frame::TunnelEnded(tether_proto::TunnelEnded {
                     reason,
                     code,
                     message,
+                    manifest,
+                    manifest_sig,
                 })
             }),
         any::<u64>().prop_map(
@@ -532,6 +547,19 @@ proptest! {
                 } else {
                     prop_assert!(matches!(got, Err(DecodeError::Truncated(_))), "cut at {} of {}: {:?}", cut, body.len(), got);
                 }
+            } else if let Frame::TunnelEnded(e) = &frame {
+                // The optional trailing session manifest cut off whole: an end without
+                // it; cut anywhere inside it: truncated.
+                let base = Frame::TunnelEnded(tether_proto::TunnelEnded {
+                    manifest: Bytes::new(),
+                    manifest_sig: Bytes::new(),
+                    ..e.clone()
+                });
+                if !e.manifest.is_empty() && cut == encode(&base).len() - FRAME_HEADER_LEN {
+                    prop_assert_eq!(got, Ok(Some(base)));
+                } else {
+                    prop_assert!(matches!(got, Err(DecodeError::Truncated(_))), "cut at {} of {}: {:?}", cut, body.len(), got);
+                }
             } else {
                 prop_assert!(
                     matches!(got, Err(DecodeError::Truncated(_))),
@@ -561,6 +589,15 @@ proptest! {
                 );
                 return Ok(());
             }
+        }
+        if matches!(&frame, Frame::TunnelEnded(e) if e.manifest.is_empty()) {
+            // Its optional trailing manifest: stray bytes are a broken manifest part,
+            // never an end with them ignored.
+            let mut body = encode(&frame)[FRAME_HEADER_LEN..].to_vec();
+            body.extend_from_slice(&extra);
+            let got = decode_frame(&mut reframe(&body), HUGE_LIMIT);
+            prop_assert!(got.is_err(), "{:?}", got);
+            return Ok(());
         }
         if matches!(&frame, Frame::CommandRequest(r) if r.signed.is_none()) {
             // Its optional trailing extension: a few stray bytes are a truncated

@@ -40,8 +40,20 @@ pub mod action {
     pub const SESSION_ENDED: &str = "session.ended";
     /// A tunnel's credential was revoked at teardown; details: its id.
     pub const CREDENTIAL_REVOKED: &str = "credential.revoked";
-    /// A tunnel's revoke command failed; details: the error.
+    /// A tunnel's revoke command failed; details: the error, the attempt (it is
+    /// retried).
     pub const TEARDOWN_FAILED: &str = "teardown.failed";
+    /// A tunnel's sealed credential was handed to the vendor (in `TunnelReady`);
+    /// details: its id and the recipient it is sealed to.
+    pub const CREDENTIAL_DELIVERED: &str = "credential.delivered";
+    /// A tunnel session lost its session-control stream (with the broker connection);
+    /// it lives on while the appliance has a broker session, within the customer's
+    /// `teardown_on_disconnect_after`.
+    pub const SESSION_DETACHED: &str = "session.detached";
+    /// A tunnel session's signed manifest (before its `session.ended`); details: its
+    /// SHA-256, signature, and the manifest itself (or the file holding it when too long
+    /// for an entry).
+    pub const SESSION_MANIFEST: &str = "session.manifest";
 }
 
 /// An open log and its head.

@@ -589,18 +589,8 @@ impl SignedOps {
         }
         match &mut st.log {
             Ok(log) => {
-                // A checkpoint: the manifest key vouches for everything before this entry.
-                let (cp_seq, cp_hash) = log.head_parts();
-                let message = tether_ops::checkpoint_message(cp_seq, cp_hash);
-                if let Ok(cp_sig) = tether_ops::sig::sign(
-                    &self.key,
-                    tether_ops::CHECKPOINT_NAMESPACE,
-                    message.as_bytes(),
-                ) {
-                    event.set(
-                        "checkpoint",
-                        serde_json::json!({"seq": cp_seq, "hash": cp_hash, "sig": cp_sig}),
-                    );
+                if let Some(cp) = checkpoint(&self.key, log) {
+                    event.set("checkpoint", cp);
                 }
                 if let Err(e) = log.append(&event) {
                     tracing::error!(error = %e, "cannot log the manifest");
@@ -627,6 +617,16 @@ impl SignedOps {
             let _ = log.append(&event);
         }
     }
+}
+
+/// A checkpoint for the next entry of `log`: the manifest key vouches for everything
+/// before it (`None` if it cannot sign).
+fn checkpoint(key: &PrivateKey, log: &AppLog) -> Option<serde_json::Value> {
+    let (cp_seq, cp_hash) = log.head_parts();
+    let message = tether_ops::checkpoint_message(cp_seq, cp_hash);
+    let cp_sig =
+        tether_ops::sig::sign(key, tether_ops::CHECKPOINT_NAMESPACE, message.as_bytes()).ok()?;
+    Some(serde_json::json!({"seq": cp_seq, "hash": cp_hash, "sig": cp_sig}))
 }
 
 /// What is known of a refused command (opaque outside this module).

@@ -6,12 +6,16 @@
 //! session lives, [`SignedOps::tunnel_allowed`] re-asks the customer's current files.
 
 use tether_audit::AuditEvent;
+use tether_ops::session::SessionManifest;
 use tether_ops::tunnel::{self, TunnelApproval, TunnelExpected, TunnelRequest, TunnelVerified};
 use tether_ops::{CommandFailure, Phase, Refusal};
 use tether_proto::TunnelOpen;
 
 use super::applog::{action, agent_actor};
 use super::{now_ms, SignedOps, PLAN_APPROVER, PLAN_VALIDITY_MS};
+
+/// Next to the appliance audit log: session manifests too long for a log entry.
+pub const SESSION_MANIFEST_DIR: &str = "session-manifests";
 
 /// What the agent decided about a `TunnelOpen`.
 #[derive(Debug)]
@@ -122,6 +126,99 @@ impl SignedOps {
                 && p.resource(resource)
                     .is_some_and(|r| r.phase == phase && r.privileges.contains_key(privilege))
         })
+    }
+
+    /// How long a tunnel session may outlive the appliance's last broker session: the
+    /// customer's `limits.teardown_on_disconnect_after` (its default when the policy is
+    /// unusable: then the session ends as not allowed anyway).
+    pub fn teardown_on_disconnect_after(&self) -> std::time::Duration {
+        let (loaded, _) = self.customer.current();
+        loaded
+            .policy
+            .as_ref()
+            .map_or(tether_ops::policy::DEFAULT_TEARDOWN_AFTER, |p| {
+                p.limits.teardown_on_disconnect_after
+            })
+    }
+
+    /// This appliance as documents name it (id, trust domain, manifest key).
+    pub fn appliance(&self) -> &tether_ops::approval::ApplianceRef {
+        &self.appliance
+    }
+
+    /// Sign a session's manifest with the appliance's manifest key and append it to the
+    /// appliance audit log (`session.manifest`, with a checkpoint). A manifest too long
+    /// for a log entry is written next to the log (`session-manifests/ID.json` and
+    /// `.json.sig`) and the entry names the file. Returns its bytes and signature; `None`
+    /// if it could not be signed (the agent's log says why).
+    pub fn log_session_manifest(
+        &self,
+        request_id: &str,
+        session_id: u64,
+        manifest: &SessionManifest,
+    ) -> Option<(Vec<u8>, String)> {
+        let (bytes, sig) = match manifest.sign(&self.key) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(session_id, error = %e, "cannot sign the session manifest");
+                return None;
+            }
+        };
+        let text = String::from_utf8_lossy(&bytes).into_owned();
+        let entry = |inline: Option<String>, file: Option<String>| {
+            let mut e = AuditEvent::success(
+                agent_actor(&self.appliance.id),
+                action::SESSION_MANIFEST,
+                request_id,
+            )
+            .with("session_id", session_id.to_string())
+            .with("sha256", tether_ops::sha256_hex(&bytes))
+            .with("sig", sig.clone());
+            if let Some(m) = inline {
+                e.set("manifest", m);
+            }
+            if let Some(f) = file {
+                e.set("file", f);
+            }
+            e
+        };
+        let mut st = self.state();
+        let Ok(log) = &mut st.log else {
+            tracing::error!(
+                session_id,
+                "cannot log the session manifest: the audit log is unusable"
+            );
+            return Some((bytes, sig));
+        };
+        let cp = super::checkpoint(&self.key, log);
+        let with_cp = |mut e: AuditEvent| {
+            if let Some(cp) = &cp {
+                e.set("checkpoint", cp.clone());
+            }
+            e
+        };
+        let mut event = with_cp(entry(Some(text), None));
+        if event.validate().is_err() {
+            let dir = self.audit_log.with_file_name(SESSION_MANIFEST_DIR);
+            let file = dir.join(format!("{session_id}.json"));
+            let written = std::fs::create_dir_all(&dir)
+                .and_then(|()| tether_identity::fs::write_atomic(&file, &bytes, 0o640))
+                .and_then(|()| {
+                    tether_identity::fs::write_atomic(
+                        &tether_ops::sig::sig_path(&file),
+                        sig.as_bytes(),
+                        0o640,
+                    )
+                });
+            if let Err(e) = written {
+                tracing::error!(session_id, error = %e, "cannot write the session manifest");
+            }
+            event = with_cp(entry(None, Some(file.display().to_string())));
+        }
+        if let Err(e) = log.append(&event) {
+            tracing::error!(session_id, error = %e, "cannot log the session manifest");
+        }
+        Some((bytes, sig))
     }
 
     /// The most tunnel sessions the customer's policy allows at once (none when the
