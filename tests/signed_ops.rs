@@ -2167,6 +2167,10 @@ async fn break_glass_through_control_request_sign_open_credential_close() {
     assert!(audit.contains("approval_sha256"));
     assert!(audit.contains("approval_replayed"), "the replay is audited");
     assert!(
+        audit.contains("manifest_sha256"),
+        "the appliance's session manifest is audited with the end"
+    );
+    assert!(
         !audit.contains(&secret),
         "the secret is not in control's audit"
     );
@@ -2446,4 +2450,81 @@ async fn through_control_the_operator_sees_why_each_connection_closed() {
     let list: Value =
         serde_json::from_str(&c.tether(&["tunnel", "list", "--output", "json"]).unwrap()).unwrap();
     assert_eq!(list["items"][0]["ended"], "expired", "{list}");
+}
+
+/// The broker holding a session's stream dies (SIGKILL) and comes back: the appliance
+/// keeps the session through the customer's grace, control (told nothing) keeps routing
+/// connections to whichever broker holds the appliance, and the vendor's close reaches
+/// the agent on a new stream (`TunnelClose`), which ends the session and answers with its
+/// signed session manifest; control audits the end with it.
+#[tokio::test]
+async fn a_session_outlives_its_brokers_restart_and_the_vendor_closes_it_with_its_manifest() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let echo = echo_server().await;
+    let (c, mut b1, _agent, root) = through_control(|_| {
+        format!(
+            "{}\n[limits]\nteardown_on_disconnect_after = \"60s\"\n",
+            tunnel_policy(&echo.to_string())
+        )
+    })
+    .await;
+    request_signed(
+        &c,
+        &root,
+        "r.json",
+        &[
+            "--resource",
+            "echo",
+            "--privilege",
+            "rw",
+            "--duration",
+            "5m",
+            "--reason",
+            "INC-11",
+            "--no-credential",
+        ],
+    );
+    let (open, addr) = tunnel_open(&c, &root, "r.json").await;
+    let echo_once = || async move {
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        s.write_all(b"hi").await.unwrap();
+        s.shutdown().await.unwrap();
+        let mut back = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut back)).await;
+        back
+    };
+    assert_eq!(echo_once().await, b"hi");
+
+    let listen = b1.quic;
+    let _ = b1.child.kill();
+    let _ = b1.child.wait();
+    let _b1 = c.restart_broker("edge-1", listen);
+    c.wait_connected("app-1", Some("edge-1")).await;
+    // Through the restarted broker, which never saw the session opened.
+    let relayed = wait_for(Duration::from_secs(20), || async {
+        (echo_once().await == b"hi").then_some(())
+    })
+    .await;
+    assert!(relayed.is_some(), "the detached session still relays");
+
+    let list: Value =
+        serde_json::from_str(&c.tether(&["tunnel", "list", "--output", "json"]).unwrap()).unwrap();
+    let id = list["items"][0]["id"].as_str().unwrap().to_owned();
+    c.tether(&["tunnel", "close", &id]).unwrap();
+    let (_, err) = wait_exit(open, Duration::from_secs(30))
+        .await
+        .expect("tether tunnel open ends with its session");
+    assert!(err.contains("ended: closed"), "{err}");
+    let export = root.join("audit.ndjson");
+    c.tether(&["audit", "export", "--out", export.to_str().unwrap()])
+        .unwrap();
+    let ended: Value = std::fs::read_to_string(&export)
+        .unwrap()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .find(|e| e.to_string().contains("appliance.tunnel.ended"))
+        .expect("the end is audited");
+    let text = ended.to_string();
+    assert!(text.contains("manifest_sha256"), "{text}");
+    assert!(text.contains("tether.session-manifest"), "{text}");
 }

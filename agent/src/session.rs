@@ -639,6 +639,12 @@ async fn serve_command(
                 .serve_open(conn.stable_id(), open, send, recv, limit)
                 .await;
         }
+        (Ok(Ok(Frame::TunnelClose(close))), Some(tunnels)) => {
+            let limit = limits.for_sending().await;
+            return tunnels
+                .serve_close(conn.stable_id(), close, send, limit)
+                .await;
+        }
         (Ok(Ok(Frame::TunnelConnect(connect))), Some(tunnels)) => {
             let limit = limits.for_sending().await;
             return tunnels

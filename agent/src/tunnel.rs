@@ -39,8 +39,8 @@ use tether_ops::session::{
 };
 use tether_ops::Phase;
 use tether_proto::{
-    Frame, TunnelCloseReason, TunnelConnect, TunnelConnected, TunnelEnded, TunnelOpen, TunnelPlan,
-    TunnelReady,
+    Frame, TunnelClose, TunnelCloseReason, TunnelConnect, TunnelConnected, TunnelEnded, TunnelOpen,
+    TunnelPlan, TunnelReady,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::time::Instant;
@@ -341,7 +341,20 @@ pub struct Tunnels {
     bytes: AtomicU64,
     /// Connections the targets accepted, every session since the agent started.
     connections: AtomicU64,
+    /// The last sessions that ended, with their reason and signed manifest, for a
+    /// `TunnelClose` that arrives as (or just after) one ends; woken by `ended_notify`.
+    recently_ended: Mutex<std::collections::VecDeque<EndedSession>>,
+    ended_notify: tokio::sync::Notify,
 }
+
+/// A session that ended: id, reason, signed manifest.
+type EndedSession = (u64, TunnelCloseReason, Option<(Vec<u8>, String)>);
+
+/// Ended sessions remembered for `TunnelClose`.
+const KEEP_RECENTLY_ENDED: usize = 64;
+/// How long a `TunnelClose` waits for the teardown (a failing revoke is retried for about
+/// 15 s before the manifest is signed).
+const CLOSE_WAIT: Duration = Duration::from_secs(30);
 
 impl Tunnels {
     /// Tunnels decided under `ops` (whose state directory holds [`END_DIR`]).
@@ -357,6 +370,77 @@ impl Tunnels {
             teardown_failed: Mutex::new(BTreeSet::new()),
             bytes: AtomicU64::new(0),
             connections: AtomicU64::new(0),
+            recently_ended: Mutex::new(std::collections::VecDeque::new()),
+            ended_notify: tokio::sync::Notify::new(),
+        }
+    }
+
+    fn ended_session(&self, id: u64) -> Option<EndedSession> {
+        self.recently_ended
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .find(|(i, _, _)| *i == id)
+            .cloned()
+    }
+
+    /// A broker's `TunnelClose` on a stream of its own (the vendor's close of a session
+    /// whose session-control stream was lost): end the session as `closed`, wait for its
+    /// teardown, and answer its `TunnelEnded` with the signed manifest; `not_active` for
+    /// a session this agent does not know.
+    pub async fn serve_close(
+        &self,
+        conn_id: usize,
+        close: TunnelClose,
+        mut send: SendStream,
+        limit: usize,
+    ) {
+        let id = close.session_id;
+        match self.get(id) {
+            Some(session) => {
+                tracing::info!(
+                    conn_id,
+                    session_id = id,
+                    "tunnel session closed by the vendor"
+                );
+                session.end_with(TunnelCloseReason::Closed);
+            }
+            None if self.ended_session(id).is_none() => {
+                return ended(
+                    &mut send,
+                    TunnelCloseReason::NotActive,
+                    "",
+                    "no such session on this appliance",
+                    None,
+                    limit,
+                )
+                .await;
+            }
+            None => {}
+        }
+        let found = tokio::time::timeout(CLOSE_WAIT, async {
+            loop {
+                let notified = self.ended_notify.notified();
+                if let Some(e) = self.ended_session(id) {
+                    return e;
+                }
+                notified.await;
+            }
+        })
+        .await;
+        match found {
+            Ok((_, reason, signed)) => ended(&mut send, reason, "", "", signed, limit).await,
+            Err(_) => {
+                ended(
+                    &mut send,
+                    TunnelCloseReason::Closed,
+                    "",
+                    "the session is ending; its teardown is still running",
+                    None,
+                    limit,
+                )
+                .await
+            }
         }
     }
 
@@ -852,6 +936,17 @@ impl Tunnels {
                 .map(|(bytes, _)| tether_ops::sha256_hex(bytes))
                 .unwrap_or_default(),
         );
+        {
+            let mut recent = self
+                .recently_ended
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            if recent.len() == KEEP_RECENTLY_ENDED {
+                recent.pop_front();
+            }
+            recent.push_back((id, reason, signed.clone()));
+        }
+        self.ended_notify.notify_waiters();
         signed
     }
 

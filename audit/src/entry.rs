@@ -79,6 +79,9 @@ pub mod action {
     /// A connection through a tunnel session was asked for (recorded only when refused:
     /// connections are counted, and the session's end entry sums them).
     pub const APPLIANCE_TUNNEL_CONNECT: &str = "appliance.tunnel.connect";
+    /// A tunnel session's broker lost its session-control stream: the appliance keeps it
+    /// through its disconnection grace (connections still route through any broker).
+    pub const APPLIANCE_TUNNEL_DETACHED: &str = "appliance.tunnel.detached";
     /// The vendor closed a tunnel session.
     pub const APPLIANCE_TUNNEL_CLOSE: &str = "appliance.tunnel.close";
     /// A tunnel session ended (its reason, connections and bytes; the appliance's session

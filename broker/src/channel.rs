@@ -538,10 +538,14 @@ impl ControlSync {
                     id,
                     reason,
                     message,
+                    manifest,
+                    manifest_sig,
                 } => ToControl::TunnelEnded {
                     id,
                     reason,
                     message,
+                    manifest,
+                    manifest_sig,
                 },
                 PresenceEvent::Up(_) | PresenceEvent::Down { .. } => continue,
             };
@@ -593,8 +597,8 @@ impl ControlSync {
                             PresenceEvent::Manifest { appliance, command_id, manifest, sig } => {
                                 ToControl::ManifestBacklog { appliance, command_id, manifest, sig }
                             }
-                            PresenceEvent::TunnelEnded { id, reason, message } => {
-                                ToControl::TunnelEnded { id, reason, message }
+                            PresenceEvent::TunnelEnded { id, reason, message, manifest, manifest_sig } => {
+                                ToControl::TunnelEnded { id, reason, message, manifest, manifest_sig }
                             }
                         });
                     }
@@ -844,9 +848,27 @@ impl ControlSync {
                 );
                 Ok(None)
             }
-            ToBroker::TunnelClose { id } => {
-                let closed = broker.tunnels().close_control(&id);
-                info!(tunnel = %id, closed, "tunnel close requested by control");
+            ToBroker::TunnelClose {
+                id,
+                appliance,
+                session_id,
+            } => {
+                let held = broker.tunnels().close_control(&id);
+                info!(tunnel = %id, held, "tunnel close requested by control");
+                if !held && !appliance.is_empty() {
+                    // Detached (its stream was lost, here or on another broker): ask the
+                    // agent itself.
+                    let broker = broker.clone();
+                    let span = tracing::info_span!("tunnel_close", tunnel = %id, %appliance);
+                    tokio::spawn(
+                        async move {
+                            broker
+                                .close_detached_tunnel(id, &appliance, session_id)
+                                .await;
+                        }
+                        .instrument(span),
+                    );
+                }
                 Ok(None)
             }
             ToBroker::Ping => Ok(None),

@@ -57,6 +57,10 @@ pub enum PresenceEvent {
         reason: String,
         /// Detail.
         message: String,
+        /// The signed session manifest (`""`: none).
+        manifest: String,
+        /// Its SSHSIG armor.
+        manifest_sig: String,
     },
     /// A signed manifest from the agent's backlog (its command stream had ended before
     /// delivery): for control's audit log.
@@ -229,14 +233,23 @@ impl Presence {
     }
 
     /// Tunnel session `id` (opened for control) ended: tell control.
-    pub fn tunnel_ended(&self, id: String, reason: String, message: String) {
+    pub fn tunnel_ended(
+        &self,
+        id: String,
+        reason: String,
+        message: String,
+        signed: (String, String),
+    ) {
         let Some(tx) = &self.inner else { return };
+        let (manifest, manifest_sig) = signed;
         let _ = tx
             .events
             .try_send(PresenceEvent::TunnelEnded {
                 id,
                 reason,
                 message,
+                manifest,
+                manifest_sig,
             })
             .map_err(|_| tx.metrics.presence_dropped("tunnel_ended"));
     }

@@ -1060,6 +1060,31 @@ impl Broker {
         .await
     }
 
+    /// Control mode: close control's session `id` (the agent's `session_id`) on
+    /// `appliance`, whose session-control stream this broker does not hold (see
+    /// [`crate::tunnel::close_detached`]).
+    pub async fn close_detached_tunnel(
+        self: &Arc<Self>,
+        id: String,
+        appliance: &str,
+        session_id: u64,
+    ) {
+        match self.tunnel_session(appliance) {
+            Ok(session) => {
+                crate::tunnel::close_detached(
+                    session,
+                    id,
+                    session_id,
+                    self.metrics.clone(),
+                    self.presence.clone(),
+                    self.config.session.max_frame_len,
+                )
+                .await
+            }
+            Err(message) => warn!(tunnel = %id, %message, "cannot close a detached tunnel here"),
+        }
+    }
+
     /// Control mode: relay one tunnel connection of the agent's session `session_id` on
     /// `appliance` over `io` (the dial-back to control). Returns why it closed.
     pub async fn relay_tunnel<T>(

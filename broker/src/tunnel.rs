@@ -14,7 +14,7 @@ use bytes::BytesMut;
 use futures_util::{SinkExt, StreamExt};
 use quinn::{RecvStream, SendStream};
 use serde::Serialize;
-use tether_proto::cluster::TunnelAnswer;
+use tether_proto::cluster::{TunnelAnswer, TUNNEL_DETACHED};
 use tether_proto::relay::{self, Chunk, ChunkCodec};
 use tether_proto::{
     Frame, TunnelCloseReason, TunnelConnect, TunnelOpen, TunnelReady, FRAME_HEADER_LEN,
@@ -396,17 +396,7 @@ pub async fn open_for_control(
                 }
             }
         };
-        let (reason, message) = match ended {
-            Ok(Frame::TunnelEnded(e)) => (e.reason.as_str().to_owned(), e.message),
-            Ok(other) => (
-                TunnelCloseReason::Disconnected.as_str().to_owned(),
-                format!("protocol error: {:?}", other.frame_type()),
-            ),
-            Err(e) => (
-                TunnelCloseReason::Disconnected.as_str().to_owned(),
-                e.to_string(),
-            ),
-        };
+        let (reason, message, signed) = ended_of(ended);
         info!(tunnel = %sid, %reason, "tunnel ended");
         metrics.tunnel("ended");
         entry.lock().unwrap_or_else(|e| e.into_inner()).ended = Some(reason.clone());
@@ -415,7 +405,7 @@ pub async fn open_for_control(
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .remove(&sid);
-        presence.tunnel_ended(sid, reason, message);
+        presence.tunnel_ended(sid, reason, message, signed);
     });
     TunnelAnswer::Ready {
         session_id: ready.session_id,
@@ -425,6 +415,71 @@ pub async fn open_for_control(
             base64::engine::general_purpose::STANDARD.encode(&ready.sealed_credential)
         },
     }
+}
+
+/// What a session-control stream's last frame says for control: the reason (or
+/// [`TUNNEL_DETACHED`] when the stream was lost without one), the message, and the signed
+/// manifest (UTF-8: canonical JSON and armor).
+fn ended_of(ended: Result<Frame, TunnelError>) -> (String, String, (String, String)) {
+    match ended {
+        Ok(Frame::TunnelEnded(e)) => (
+            e.reason.as_str().to_owned(),
+            e.message,
+            (
+                String::from_utf8_lossy(&e.manifest).into_owned(),
+                String::from_utf8_lossy(&e.manifest_sig).into_owned(),
+            ),
+        ),
+        Ok(other) => (
+            TUNNEL_DETACHED.to_owned(),
+            format!("protocol error: {:?}", other.frame_type()),
+            Default::default(),
+        ),
+        Err(e) => (
+            TUNNEL_DETACHED.to_owned(),
+            e.to_string(),
+            Default::default(),
+        ),
+    }
+}
+
+/// Control mode: close control's session `id` (the agent's `session_id`) whose
+/// session-control stream this broker does not hold, with a `TunnelClose` on a new
+/// stream; report the agent's `TunnelEnded` (with the signed manifest) to control.
+pub async fn close_detached(
+    session: Arc<SessionInfo>,
+    id: String,
+    session_id: u64,
+    metrics: Arc<Metrics>,
+    presence: crate::presence::Presence,
+    max_frame_len: usize,
+) {
+    let asked = async {
+        let (mut send, mut recv) = session
+            .connection
+            .open_bi()
+            .await
+            .map_err(|e| TunnelError::Stream(e.to_string()))?;
+        write_frame(
+            &mut send,
+            &Frame::TunnelClose(tether_proto::TunnelClose { session_id }),
+            max_frame_len,
+        )
+        .await?;
+        let _ = send.finish();
+        tokio::time::timeout(
+            std::time::Duration::from_secs(45),
+            read_frame(&mut recv, max_frame_len),
+        )
+        .await
+        .map_err(|_| TunnelError::Stream("no TunnelEnded in time".into()))?
+    };
+    let (reason, message, signed) = ended_of(asked.await);
+    info!(tunnel = %id, %reason, "detached tunnel closed");
+    if reason != TUNNEL_DETACHED {
+        metrics.tunnel("ended");
+    }
+    presence.tunnel_ended(id, reason, message, signed);
 }
 
 /// Control mode: relay one tunnel connection between `io` (the dial-back to control,

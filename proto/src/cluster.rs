@@ -157,11 +157,20 @@ pub enum ToBroker {
         /// The one-time token naming the dial-back (32 lowercase hex digits).
         conn: String,
     },
-    /// Break glass: the vendor closes tunnel session `id` (the broker finishes its
-    /// session-control stream; the agent ends the session as `closed`).
+    /// Break glass: the vendor closes tunnel session `id`. Sent to the broker holding the
+    /// appliance now: it finishes the session-control stream if it holds it, else (the
+    /// stream was lost: the session is detached) it sends the agent a `TunnelClose` for
+    /// `session_id` on a new stream. Either way the agent ends the session as `closed`
+    /// and the broker reports [`ToControl::TunnelEnded`].
     TunnelClose {
         /// Control's id of the tunnel session.
         id: String,
+        /// The appliance.
+        #[serde(default)]
+        appliance: String,
+        /// The agent's session id.
+        #[serde(default)]
+        session_id: u64,
     },
     /// Keep-alive.
     Ping,
@@ -209,6 +218,9 @@ impl SignedCommand {
 
 /// What a broker lists in its `Hello` when it serves break-glass tunnels for control.
 pub const FEATURE_TUNNEL: &str = "tunnel";
+/// [`ToControl::TunnelEnded`]'s `reason` when the broker lost the session-control
+/// stream without the agent's `TunnelEnded`: the session is not known to have ended.
+pub const TUNNEL_DETACHED: &str = "detached";
 /// Path prefix of a tunnel connection's dial-back on control's HTTPS port (the
 /// connection's token follows).
 pub const TUNNEL_DIAL_PATH: &str = "/v1/brokers/tunnels/";
@@ -452,15 +464,22 @@ pub enum ToControl {
         answer: TunnelAnswer,
     },
     /// Break glass: tunnel session `id`, which was ready, ended (the agent's
-    /// `TunnelEnded`, or the appliance's connection was lost).
+    /// `TunnelEnded`), or its session-control stream was lost ([`TUNNEL_DETACHED`]: the
+    /// agent keeps the session through its disconnection grace).
     TunnelEnded {
         /// Control's id of the tunnel session.
         id: String,
         /// The close reason's name (`expired`, `revoked`, `customer_ended`, `closed`,
-        /// `disconnected`, ...).
+        /// `disconnected`, ...), or [`TUNNEL_DETACHED`].
         reason: String,
         /// Detail.
         message: String,
+        /// The session manifest the appliance signed (canonical JSON), `""` if none.
+        #[serde(default, skip_serializing_if = "String::is_empty")]
+        manifest: String,
+        /// Its SSHSIG armor.
+        #[serde(default, skip_serializing_if = "String::is_empty")]
+        manifest_sig: String,
     },
     /// Keep-alive.
     Ping,

@@ -7,7 +7,7 @@
 use bytes::{Buf, BufMut, Bytes};
 
 use crate::tunnel::{
-    TunnelConnect, TunnelConnected, TunnelEnded, TunnelOpen, TunnelPlan, TunnelReady,
+    TunnelClose, TunnelConnect, TunnelConnected, TunnelEnded, TunnelOpen, TunnelPlan, TunnelReady,
 };
 
 use crate::codec::{
@@ -86,6 +86,8 @@ pub enum FrameType {
     TunnelConnect = 0x24,
     /// [`TunnelConnected`] (capability `tunnel/1`)
     TunnelConnected = 0x25,
+    /// [`TunnelClose`] (capability `tunnel/1`)
+    TunnelClose = 0x28,
 }
 
 impl FrameType {
@@ -111,6 +113,7 @@ impl FrameType {
             0x23 => FrameType::TunnelEnded,
             0x24 => FrameType::TunnelConnect,
             0x25 => FrameType::TunnelConnected,
+            0x28 => FrameType::TunnelClose,
             _ => return None,
         })
     }
@@ -158,6 +161,8 @@ pub enum Frame {
     TunnelConnect(TunnelConnect),
     /// Agent → broker: the target accepted; raw bytes follow.
     TunnelConnected(TunnelConnected),
+    /// [`TunnelClose`]
+    TunnelClose(TunnelClose),
 }
 
 impl Frame {
@@ -183,6 +188,7 @@ impl Frame {
             Frame::TunnelEnded(_) => FrameType::TunnelEnded,
             Frame::TunnelConnect(_) => FrameType::TunnelConnect,
             Frame::TunnelConnected(_) => FrameType::TunnelConnected,
+            Frame::TunnelClose(_) => FrameType::TunnelClose,
         }
     }
 }
@@ -211,6 +217,7 @@ impl Codec for Frame {
             FrameType::TunnelEnded => Frame::TunnelEnded(TunnelEnded::decode(buf)?),
             FrameType::TunnelConnect => Frame::TunnelConnect(TunnelConnect::decode(buf)?),
             FrameType::TunnelConnected => Frame::TunnelConnected(TunnelConnected::decode(buf)?),
+            FrameType::TunnelClose => Frame::TunnelClose(TunnelClose::decode(buf)?),
         })
     }
 
@@ -236,6 +243,7 @@ impl Codec for Frame {
             Frame::TunnelEnded(f) => f.encode(buf),
             Frame::TunnelConnect(f) => f.encode(buf),
             Frame::TunnelConnected(f) => f.encode(buf),
+            Frame::TunnelClose(f) => f.encode(buf),
         }
     }
 
@@ -260,6 +268,7 @@ impl Codec for Frame {
             Frame::TunnelEnded(f) => f.check(),
             Frame::TunnelConnect(f) => f.check(),
             Frame::TunnelConnected(f) => f.check(),
+            Frame::TunnelClose(f) => f.check(),
         }
     }
 }

@@ -55,8 +55,8 @@ pub use session::{
     Now, ProtocolViolation,
 };
 pub use tunnel::{
-    TunnelCloseReason, TunnelConnect, TunnelConnected, TunnelEnded, TunnelOpen, TunnelPlan,
-    TunnelReady,
+    TunnelClose, TunnelCloseReason, TunnelConnect, TunnelConnected, TunnelEnded, TunnelOpen,
+    TunnelPlan, TunnelReady,
 };
 
 /// The protocol version carried in [`Hello`] and [`Welcome`].

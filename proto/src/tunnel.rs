@@ -330,6 +330,16 @@ pub struct TunnelConnect {
     pub session_id: u64,
 }
 
+/// Broker → agent, first frame of a new stream: end session `session_id` as `closed`
+/// (the vendor's close of a session whose session-control stream was lost). The agent
+/// answers the session's `TunnelEnded`, with its signed manifest, once the teardown is
+/// done (`not_active` when it has no such session, active or recently ended); then FIN.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TunnelClose {
+    /// The session ([`TunnelReady::session_id`]).
+    pub session_id: u64,
+}
+
 /// Agent → broker on a connection stream: the target accepted; raw bytes follow.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct TunnelConnected {
@@ -356,3 +366,4 @@ macro_rules! session_id_frame {
 }
 session_id_frame!(TunnelConnect);
 session_id_frame!(TunnelConnected);
+session_id_frame!(TunnelClose);

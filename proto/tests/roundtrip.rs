@@ -287,6 +287,8 @@ fn any_frame() -> impl Strategy<Value = Frame> {
         any::<u64>().prop_map(
             |session_id| Frame::TunnelConnected(tether_proto::TunnelConnected { session_id })
         ),
+        any::<u64>()
+            .prop_map(|session_id| Frame::TunnelClose(tether_proto::TunnelClose { session_id })),
         any::<u64>().prop_map(|seq| Frame::ManifestAck(tether_proto::ManifestAck { seq })),
     ]
 }

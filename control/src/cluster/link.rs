@@ -307,8 +307,14 @@ where
                 id,
                 reason,
                 message,
+                manifest,
+                manifest_sig,
             } => {
-                tunnel_ended(s, name, &id, &reason, &message).await;
+                if reason == tether_proto::cluster::TUNNEL_DETACHED {
+                    tunnel_detached(s, name, &id, &message).await;
+                } else {
+                    tunnel_ended(s, name, &id, &reason, &message, manifest, manifest_sig).await;
+                }
                 continue;
             }
             ToControl::ManifestBacklog {
@@ -387,9 +393,39 @@ async fn late_manifest(
     }
 }
 
+/// A tunnel session's broker lost its stream: record and audit it.
+async fn tunnel_detached(s: &LinkState, broker: &str, id: &str, message: &str) {
+    let Some(t) = s.cluster.tunnel_detached(broker, id) else {
+        debug!(tunnel = %id, "detach of a tunnel this broker does not hold");
+        return;
+    };
+    info!(tunnel = %id, appliance = %t.appliance, %message, "tunnel session detached");
+    let event = AuditEvent::success(
+        Actor::system(tether_audit::system::CONTROL),
+        action::APPLIANCE_TUNNEL_DETACHED,
+        &t.appliance,
+    )
+    .with("tunnel", id)
+    .with("broker", broker)
+    .with("message", tether_audit::clip(message, 512));
+    if let Err(e) = s.store.append_audit(&event, crate::now_unix()).await {
+        s.metrics.audit_failures.inc();
+        tracing::error!(error = %e, "cannot audit a tunnel's detach");
+    }
+}
+
 /// A tunnel session ended: record it and audit how (the appliance is the actor: its
-/// agent decided).
-async fn tunnel_ended(s: &LinkState, broker: &str, id: &str, reason: &str, message: &str) {
+/// agent decided), with the session manifest it signed: whole if it fits an entry, else
+/// its hash (the appliance's own log holds it whole).
+async fn tunnel_ended(
+    s: &LinkState,
+    broker: &str,
+    id: &str,
+    reason: &str,
+    message: &str,
+    manifest: String,
+    manifest_sig: String,
+) {
     let Some(t) = s.cluster.tunnel_ended(broker, id, reason) else {
         debug!(tunnel = %id, %reason, "end of a tunnel this broker did not open");
         return;
@@ -414,6 +450,18 @@ async fn tunnel_ended(s: &LinkState, broker: &str, id: &str, reason: &str, messa
     .with("bytes_up", t.bytes_up as i64)
     .with("bytes_down", t.bytes_down as i64)
     .with("credential_fetched", t.credential_fetched);
+    let mut event = event;
+    if !manifest.is_empty() {
+        event = event.with(
+            "manifest_sha256",
+            crate::domain::token::sha256_hex(manifest.as_bytes()),
+        );
+        if manifest.len() + manifest_sig.len() < 3 * 1024 {
+            event = event
+                .with("manifest", manifest)
+                .with("manifest_sig", manifest_sig);
+        }
+    }
     if let Err(e) = s.store.append_audit(&event, crate::now_unix()).await {
         s.metrics.audit_failures.inc();
         tracing::error!(error = %e, "cannot audit a tunnel's end");

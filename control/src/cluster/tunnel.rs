@@ -192,6 +192,18 @@ impl Cluster {
         Some(r.view.clone())
     }
 
+    /// Broker `broker` lost session `id`'s session-control stream: the appliance keeps it
+    /// through its disconnection grace. Returns the session (`None` when it is not one of
+    /// that broker's live sessions).
+    pub(super) fn tunnel_detached(&self, broker: &str, id: &str) -> Option<TunnelSession> {
+        let mut sessions = lock(&self.tunnels.sessions);
+        let r = sessions
+            .iter_mut()
+            .find(|r| r.view.id == id && r.view.broker == broker && r.view.ended.is_none())?;
+        r.view.state = "detached".into();
+        Some(r.view.clone())
+    }
+
     /// Session `id`.
     pub fn tunnel(&self, id: &str) -> Option<TunnelSession> {
         lock(&self.tunnels.sessions)
@@ -301,24 +313,42 @@ impl Cluster {
         dials.remove(conn).map(|(_, tx)| tx)
     }
 
-    /// Tell the broker that opened session `id` to close it. `false` when it is not live
-    /// or its broker's link is down.
+    /// Tell the broker holding session `id`'s appliance now to close it (the one that
+    /// opened it finishes its session-control stream; another asks the agent with a
+    /// `TunnelClose`). `false` when it is not live or no broker that serves tunnels holds
+    /// the appliance.
     pub fn tunnel_close(&self, id: &str) -> bool {
-        let Some(broker) = lock(&self.tunnels.sessions)
+        let Some((appliance, session_id)) = lock(&self.tunnels.sessions)
             .iter()
             .find(|r| r.view.id == id && r.view.ended.is_none())
-            .map(|r| r.view.broker.clone())
+            .map(|r| (r.view.appliance.clone(), r.view.session_id))
         else {
             return false;
         };
-        let links = lock(&self.links);
-        let Some(link) = links.get(&broker) else {
+        let Some(presence) = self.presence(&appliance) else {
             return false;
         };
-        info!(tunnel = %id, %broker, "closing a tunnel session");
-        link.tx
-            .try_send(ToBroker::TunnelClose { id: id.to_owned() })
-            .is_ok()
+        let Ok((_, tx)) = self.tunnel_link(&presence.broker) else {
+            return false;
+        };
+        info!(tunnel = %id, broker = %presence.broker, "closing a tunnel session");
+        let sent = tx
+            .try_send(ToBroker::TunnelClose {
+                id: id.to_owned(),
+                appliance,
+                session_id,
+            })
+            .is_ok();
+        if sent {
+            // Its end now comes from that broker.
+            if let Some(r) = lock(&self.tunnels.sessions)
+                .iter_mut()
+                .find(|r| r.view.id == id)
+            {
+                r.view.broker = presence.broker;
+            }
+        }
+        sent
     }
 
     /// Live tunnel sessions.
