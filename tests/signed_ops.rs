@@ -1133,8 +1133,13 @@ async fn open_tunnel(rig: &Rig, body: Value) -> (u16, Value) {
 
 /// Plan a ten-minute tunnel to `echo`, have the customer sign it, open it; the answer.
 async fn open_ten_minutes(rig: &Rig) -> Value {
-    let ask =
-        json!({"resource": "echo", "privilege": "rw", "duration_s": 600, "idle_timeout_s": 600});
+    open_signed(rig, 600).await
+}
+
+/// Plan a tunnel of `duration_s` to `echo`, have the customer sign it, open it; the
+/// answer.
+async fn open_signed(rig: &Rig, duration_s: u64) -> Value {
+    let ask = json!({"resource": "echo", "privilege": "rw", "duration_s": duration_s, "idle_timeout_s": duration_s});
     let mut plan_req = ask.clone();
     plan_req["plan"] = json!(true);
     let (_, plan) = open_tunnel(rig, plan_req).await;
@@ -1840,17 +1845,10 @@ async fn a_failing_revoke_is_retried_flagged_and_run_again_at_the_next_start() {
     let open = |duration_s: u64| {
         let rig = &rig;
         async move {
-            let ask = json!({"resource": "echo", "privilege": "rw", "duration_s": duration_s, "idle_timeout_s": duration_s});
-            let mut plan_req = ask.clone();
-            plan_req["plan"] = json!(true);
-            let (_, plan) = open_tunnel(rig, plan_req).await;
-            let (doc, sig) = rig.sign(plan["plan"].as_str().unwrap());
-            let mut body = ask;
-            body["approval"] = json!(doc);
-            body["approval_sig"] = json!(sig);
-            let (status, v) = open_tunnel(rig, body).await;
-            assert_eq!(status, 200, "{v}");
-            v["session_id"].as_u64().unwrap().to_string()
+            open_signed(rig, duration_s).await["session_id"]
+                .as_u64()
+                .unwrap()
+                .to_string()
         }
     };
     let flagged = || async {
