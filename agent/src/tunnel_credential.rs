@@ -150,13 +150,17 @@ pub async fn mint_and_seal(
         ],
     );
     let out = run(&argv, user, mint.deadline_ms).await?;
-    let credential_id = serde_json::from_slice::<serde_json::Value>(&out)
-        .ok()
-        .and_then(|v| {
-            v.get("secret")?.as_str()?;
-            Some(v.get("credential_id")?.as_str()?.to_owned())
-        })
-        .ok_or("the mint command's output is not JSON with credential_id and secret")?;
+    // Only the id is read out: the secret is skipped, never copied into a string that
+    // would outlive the zeroized output.
+    #[derive(serde::Deserialize)]
+    struct Minted {
+        credential_id: String,
+        #[allow(dead_code)]
+        secret: serde::de::IgnoredAny,
+    }
+    let credential_id = serde_json::from_slice::<Minted>(&out)
+        .map(|m| m.credential_id)
+        .map_err(|_| "the mint command's output is not JSON with credential_id and secret")?;
     if !valid_credential_id(&credential_id) {
         return Err(format!(
             "the mint command's credential_id is not 1 to {MAX_CREDENTIAL_ID_LEN} of A-Za-z0-9._:@/- (not starting with -)"

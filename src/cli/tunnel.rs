@@ -452,8 +452,11 @@ async fn credential(id: &str, out: Option<&Path>, common: &Common) -> anyhow::Re
     let ciphertext = base64::engine::general_purpose::STANDARD
         .decode(sealed.sealed.as_bytes())
         .context("the sealed credential is not base64")?;
-    let plain = age::decrypt(&identity, &ciphertext)
-        .map_err(|e| anyhow::anyhow!("cannot open the credential with the one-time key: {e}"))?;
+    // The secret lives in this buffer only, zeroed when it goes.
+    let plain =
+        zeroize::Zeroizing::new(age::decrypt(&identity, &ciphertext).map_err(|e| {
+            anyhow::anyhow!("cannot open the credential with the one-time key: {e}")
+        })?);
     match out {
         Some(path) => {
             write_secret(path, &plain)?;
