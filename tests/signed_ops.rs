@@ -2418,8 +2418,14 @@ async fn through_control_the_operator_sees_why_each_connection_closed() {
             "1",
             "--reason",
             "INC-10",
-            "--no-credential",
         ],
+    );
+    // The privilege mints nothing: the request asked again without a one-time key, and
+    // keeps none.
+    let keys = c.ops.join("tunnel-keys");
+    assert!(
+        std::fs::read_dir(&keys).map_or(true, |mut d| d.next().is_none()),
+        "no one-time key kept for a session without a credential"
     );
     let (open, addr) = tunnel_open(&c, &root, "short.json").await;
     let mut first = tokio::net::TcpStream::connect(addr).await.unwrap();

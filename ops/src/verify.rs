@@ -75,20 +75,8 @@ pub fn verify(e: &Evidence<'_>) -> Result<Report, Failed> {
     passed.push("approval_key");
     let manifest = Manifest::parse(e.manifest).map_err(|d| fail("manifest_canonical", d))?;
     passed.push("manifest_canonical");
-    let msigner = sig::verify(e.manifest_sig, MANIFEST_NAMESPACE, e.manifest)
-        .map_err(|d| fail("manifest_signature", d.to_string()))?;
-    let appliance_key = ssh_key::PublicKey::from_openssh(&approval.appliance.key).map_err(|d| {
-        fail(
-            "manifest_signature",
-            format!("the approval's appliance.key: {d}"),
-        )
-    })?;
-    if msigner.key.key_data() != appliance_key.key_data() {
-        return Err(fail(
-            "manifest_signature",
-            "the manifest is signed by another key than the approval's appliance.key",
-        ));
-    }
+    signed_by_appliance(e.manifest, e.manifest_sig, &approval.appliance.key)
+        .map_err(|d| fail("manifest_signature", d))?;
     passed.push("manifest_signature");
     let bound = manifest
         .approval
@@ -182,20 +170,8 @@ pub fn verify_session(
     passed.push("approval_key");
     let m = SessionManifest::parse(manifest).map_err(|d| fail("manifest_canonical", d))?;
     passed.push("manifest_canonical");
-    let msigner = sig::verify(manifest_sig, MANIFEST_NAMESPACE, manifest)
-        .map_err(|d| fail("manifest_signature", d.to_string()))?;
-    let appliance_key = ssh_key::PublicKey::from_openssh(&a.appliance.key).map_err(|d| {
-        fail(
-            "manifest_signature",
-            format!("the approval's appliance.key: {d}"),
-        )
-    })?;
-    if msigner.key.key_data() != appliance_key.key_data() {
-        return Err(fail(
-            "manifest_signature",
-            "the manifest is signed by another key than the approval's appliance.key",
-        ));
-    }
+    signed_by_appliance(manifest, manifest_sig, &a.appliance.key)
+        .map_err(|d| fail("manifest_signature", d))?;
     passed.push("manifest_signature");
     if m.approval.sha256 != sha256_hex(approval) || m.approval.approval_id != a.approval_id {
         return Err(fail("approval_hash", "the manifest binds another approval"));
@@ -285,4 +261,23 @@ pub fn verify_session(
         key_id: pinned.id.clone(),
         passed,
     })
+}
+
+/// `manifest_sig` verifies over `manifest` (namespace [`MANIFEST_NAMESPACE`]) and was made
+/// by `appliance_key` (the OpenSSH line the approval names), else why not.
+fn signed_by_appliance(
+    manifest: &[u8],
+    manifest_sig: &[u8],
+    appliance_key: &str,
+) -> Result<(), String> {
+    let signer =
+        sig::verify(manifest_sig, MANIFEST_NAMESPACE, manifest).map_err(|d| d.to_string())?;
+    let key = ssh_key::PublicKey::from_openssh(appliance_key)
+        .map_err(|d| format!("the approval's appliance.key: {d}"))?;
+    if signer.key.key_data() != key.key_data() {
+        return Err(
+            "the manifest is signed by another key than the approval's appliance.key".into(),
+        );
+    }
+    Ok(())
 }

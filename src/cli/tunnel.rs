@@ -210,7 +210,7 @@ async fn request(args: RequestArgs) -> anyhow::Result<()> {
         r.as_ref()
             .err()
             .and_then(|e| e.downcast_ref::<Refused>())
-            .is_some_and(|r| r.code == "invalid")
+            .is_some_and(|r| r.code == tether_proto::CommandFailure::Invalid.name())
     };
     let mut identity = identity;
     if identity.is_some() && refused_invalid(&plan) {

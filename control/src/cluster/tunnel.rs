@@ -15,6 +15,7 @@ use std::time::Duration;
 use hyper_util::rt::TokioIo;
 use tether_api::tunnels::TunnelSession;
 use tether_proto::cluster::{ToBroker, TunnelAnswer, TunnelRequest};
+use tether_proto::CommandFailure;
 use tokio::sync::oneshot;
 use tracing::{debug, info};
 
@@ -45,13 +46,13 @@ pub enum RouteError {
 }
 
 impl RouteError {
-    /// The error code callers see.
+    /// The error code callers see: the shared failure names where one exists.
     pub fn code(self) -> &'static str {
         match self {
-            RouteError::Offline => "offline",
+            RouteError::Offline => CommandFailure::Offline.name(),
             RouteError::BrokerUnsupported => "broker_unsupported",
-            RouteError::BrokerLost => "broker_lost",
-            RouteError::TimedOut => "timed_out",
+            RouteError::BrokerLost => CommandFailure::BrokerLost.name(),
+            RouteError::TimedOut => CommandFailure::TimedOut.name(),
         }
     }
 }

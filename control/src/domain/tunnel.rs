@@ -79,6 +79,15 @@ pub fn check_request(req: TunnelRequest) -> Result<cluster::TunnelRequest, Error
 /// when it refused, else 409 with the close reason (`limit`, `not_active`, ...).
 pub fn refusal(reason: &str, code: &str, message: &str) -> Error {
     if reason == TunnelCloseReason::Refused.as_str() {
+        if CommandFailure::from_name(code) == Some(CommandFailure::Invalid) {
+            // A malformed request (e.g. a recipient for a privilege that mints nothing):
+            // the caller's to fix, and `tether tunnel request` asks again without one.
+            return Error::new(
+                ErrorKind::BadRequest,
+                CommandFailure::Invalid.name(),
+                message.to_owned(),
+            );
+        }
         let code = CommandFailure::from_name(code)
             .filter(|c| CommandFailure::SIGNED_OPS_REFUSALS.contains(c))
             .map_or("refused", CommandFailure::name);
@@ -152,6 +161,8 @@ mod tests {
             (e.kind, e.code),
             (ErrorKind::Forbidden, "approval_replayed")
         );
+        let e = refusal("refused", "invalid", "a recipient but nothing to seal");
+        assert_eq!((e.kind, e.code), (ErrorKind::BadRequest, "invalid"));
         let e = refusal("refused", "made_up", "x");
         assert_eq!(e.code, "refused");
         let e = refusal("limit", "", "too many");

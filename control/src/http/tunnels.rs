@@ -77,7 +77,7 @@ fn route_error(e: RouteError, appliance: &str) -> Error {
         (status = 413, description = "request body larger than 64 KiB", body = tether_api::ErrorBody),
         (status = 200, description = "a plan: the approval document to sign", body = TunnelPlan),
         (status = 201, description = "the session is active", body = TunnelSession),
-        (status = 400, description = "`invalid_tunnel`, `invalid_id`", body = tether_api::ErrorBody),
+        (status = 400, description = "`invalid_tunnel`, `invalid_id`; `invalid`: the appliance found the request malformed (a recipient for a privilege that mints nothing)", body = tether_api::ErrorBody),
         (status = 403, description = "not an operator; or the appliance refused: `approval_invalid`, `approval_replayed`, `approval_expired`, `denied_by_policy`, `phase_disabled`, ...", body = tether_api::ErrorBody),
         (status = 404, description = "no such appliance", body = tether_api::ErrorBody),
         (status = 409, description = "`offline`, `broker_unsupported`, `appliance_disabled`, `appliance_revoked`, `limit`, `not_active`", body = tether_api::ErrorBody),
