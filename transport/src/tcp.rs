@@ -1,0 +1,1219 @@
+//! The TCP transport: TLS 1.3 over TCP, yamux streams, and a record layer per stream.
+//!
+//! # Wire format (`docs/PROTOCOL.md` §13)
+//!
+//! After the TLS handshake (ALPN `tether/1`, the same certificates as QUIC) both sides
+//! speak yamux: the agent is the yamux client, the broker the server. Every yamux stream
+//! starts with one byte written by the side that opened it:
+//!
+//! - [`KIND_STREAM`] (`0x00`): an application stream, the QUIC bidirectional stream's
+//!   equivalent. Each direction is then a sequence of records `type (u8) | length (u32,
+//!   big-endian) | payload`:
+//!   - `DATA` (`0x00`): stream bytes (1 to [`MAX_RECORD`] bytes);
+//!   - `FIN` (`0x01`, empty): the end of this direction (QUIC's FIN);
+//!   - `RESET` (`0x02`, 8-byte code): this direction abandoned (QUIC's `RESET_STREAM`).
+//!
+//!   A side closes its yamux half once it has sent `FIN` or `RESET` and has read the
+//!   peer's `FIN` or `RESET`. A yamux half closed without either record is the connection
+//!   lost.
+//! - [`KIND_CONTROL`] (`0x02`): what must reach a stream's sender even while nobody reads
+//!   the stream, each side's at most one such stream, opened when first needed, a sequence
+//!   of 13-byte messages `type (u8) | yamux stream id (u32) | code (u64)`:
+//!   - `STOP` (`0x03`): stop sending on that stream (QUIC's `STOP_SENDING`); the sender
+//!     answers with `RESET` carrying the code;
+//!   - `ACK` (`0x04`, code 0): that stream's `FIN` was read, so every byte before it
+//!     arrived (what QUIC's acknowledgements tell `stopped()`).
+//! - [`KIND_CLOSE`] (`0x01`): the connection closes; the payload is the application code
+//!   (u64, big-endian) and a UTF-8 reason (at most [`MAX_REASON`] bytes), then the
+//!   stream's end. QUIC's `CONNECTION_CLOSE` (application) with the same code and reason.
+//!   The closing side then sends yamux `GoAway`, TLS `close_notify` and closes TCP.
+//!
+//! A TCP connection that ends without a close stream is reported as
+//! [`ConnectionError::Reset`], or [`ConnectionError::TimedOut`] when the kernel gave up
+//! on unacknowledged data (`TCP_USER_TIMEOUT`, the QUIC idle timeout's equivalent).
+
+use std::collections::VecDeque;
+use std::fmt;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{ready, Context, Poll};
+use std::time::Duration;
+
+use bytes::{BufMut, Bytes, BytesMut};
+use futures_util::io::AsyncReadExt as _;
+use rustls::pki_types::CertificateDer;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf, ReadHalf, WriteHalf};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, oneshot, Notify};
+use tokio_util::compat::{Compat, FuturesAsyncReadCompatExt, TokioAsyncReadCompatExt};
+use tokio_util::sync::PollSemaphore;
+
+use crate::{ApplicationClose, ClosedStream, ConnectionError, ReadError, ReadExactError};
+use crate::{StoppedError, VarInt, WriteError};
+
+/// First byte of an application stream.
+pub const KIND_STREAM: u8 = 0x00;
+/// First byte of the connection-close stream.
+pub const KIND_CLOSE: u8 = 0x01;
+/// First byte of a control stream.
+pub const KIND_CONTROL: u8 = 0x02;
+/// A control message's length.
+const CONTROL_LEN: usize = 13;
+/// Largest record payload.
+pub const MAX_RECORD: usize = 1 << 20;
+/// Largest close reason.
+pub const MAX_REASON: usize = 1024;
+/// The payload size the sender writes at most per `DATA` record.
+const WRITE_CHUNK: usize = 16 * 1024;
+/// Bytes a stream may have queued for its writer beyond yamux's window.
+const SEND_BUDGET: usize = 64 * 1024;
+/// How long the closing side tries to deliver its close before dropping the connection.
+const CLOSE_LINGER: Duration = Duration::from_secs(1);
+/// How long an opened stream may take to say what it is.
+const KIND_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a stream that lost its connection waits for the connection's close reason.
+const REASON_WAIT: Duration = Duration::from_millis(500);
+
+const REC_DATA: u8 = 0x00;
+const REC_FIN: u8 = 0x01;
+const REC_RESET: u8 = 0x02;
+const REC_STOP: u8 = 0x03;
+const REC_ACK: u8 = 0x04;
+const HEADER: usize = 5;
+
+/// The TLS stream under yamux, either side.
+type Tls = tokio_rustls::TlsStream<TcpStream>;
+type Mux = yamux::Connection<Compat<Tls>>;
+type Io = Compat<yamux::Stream>;
+
+/// Settings of one side's yamux connection.
+#[derive(Clone, Copy, Debug)]
+pub struct Settings {
+    /// Streams the peer may have open at once; more are refused by yamux.
+    pub max_streams: usize,
+    /// The close code used when the peer breaks this mapping (an unknown stream kind or
+    /// record).
+    pub protocol_error: u64,
+}
+
+/// A TCP connection's handle. Cloning it clones the handle.
+#[derive(Clone)]
+pub struct Connection {
+    shared: Arc<ConnShared>,
+}
+
+impl fmt::Debug for Connection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("tcp::Connection")
+            .field("remote", &self.shared.remote)
+            .field("closed", &self.close_reason())
+            .finish()
+    }
+}
+
+struct ConnShared {
+    remote: SocketAddr,
+    certs: Option<Vec<CertificateDer<'static>>>,
+    reason: Mutex<Option<ConnectionError>>,
+    closed: Notify,
+    cmds: mpsc::UnboundedSender<Cmd>,
+    inbound: tokio::sync::Mutex<mpsc::UnboundedReceiver<(SendStream, RecvStream)>>,
+    protocol_error: u64,
+    /// Inbound streams whose kind byte is still being read: the driver waits for them
+    /// before deciding the connection merely dropped (a close stream may be among them).
+    classifying: AtomicUsize,
+    classified: Notify,
+    /// Live streams by yamux id, for the peer's control messages.
+    streams: Mutex<std::collections::HashMap<u32, std::sync::Weak<StreamShared>>>,
+    /// Our control stream's queue, once opened.
+    control: Mutex<Option<mpsc::UnboundedSender<Bytes>>>,
+}
+
+enum Cmd {
+    Open(oneshot::Sender<Result<yamux::Stream, ConnectionError>>),
+    Close(VarInt, Bytes),
+    PeerClosed,
+}
+
+impl ConnShared {
+    /// Record why the connection ended, unless that is known already.
+    fn set_reason(&self, reason: ConnectionError) {
+        let mut r = self.reason.lock().unwrap_or_else(|e| e.into_inner());
+        if r.is_none() {
+            *r = Some(reason);
+            drop(r);
+            self.closed.notify_waiters();
+        }
+    }
+
+    fn reason(&self) -> Option<ConnectionError> {
+        self.reason
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Send a control message about stream `id`, opening the control stream first if
+    /// needed.
+    fn control(self: &Arc<Self>, kind: u8, id: u32, code: u64) {
+        let mut msg = BytesMut::with_capacity(CONTROL_LEN);
+        msg.put_u8(kind);
+        msg.put_u32(id);
+        msg.put_u64(code);
+        let mut control = self.control.lock().unwrap_or_else(|e| e.into_inner());
+        if control.is_none() {
+            let Ok(handle) = tokio::runtime::Handle::try_current() else {
+                return;
+            };
+            let (tx, mut rx) = mpsc::unbounded_channel::<Bytes>();
+            let cmds = self.cmds.clone();
+            handle.spawn(async move {
+                use futures_util::io::AsyncWriteExt as _;
+                let (open, opened) = oneshot::channel();
+                if cmds.send(Cmd::Open(open)).is_err() {
+                    return;
+                }
+                drop(cmds);
+                let Ok(Ok(mut stream)) = opened.await else {
+                    return;
+                };
+                if stream.write_all(&[KIND_CONTROL]).await.is_err() {
+                    return;
+                }
+                while let Some(msg) = rx.recv().await {
+                    if stream.write_all(&msg).await.is_err() {
+                        return;
+                    }
+                }
+            });
+            *control = Some(tx);
+        }
+        if let Some(tx) = control.as_ref() {
+            let _ = tx.send(msg.freeze());
+        }
+    }
+
+    fn stream(&self, id: u32) -> Option<Arc<StreamShared>> {
+        self.streams
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&id)
+            .and_then(std::sync::Weak::upgrade)
+    }
+
+    async fn closed(&self) -> ConnectionError {
+        loop {
+            let notified = self.closed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if let Some(r) = self.reason() {
+                return r;
+            }
+            notified.await;
+        }
+    }
+}
+
+impl Connection {
+    /// Run the client side (the agent) over an established TLS connection.
+    pub fn client(tls: tokio_rustls::client::TlsStream<TcpStream>, settings: Settings) -> Self {
+        let certs = tls.get_ref().1.peer_certificates().map(|c| c.to_vec());
+        let remote = tls
+            .get_ref()
+            .0
+            .peer_addr()
+            .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
+        Connection::start(
+            Tls::Client(tls),
+            remote,
+            certs,
+            yamux::Mode::Client,
+            settings,
+        )
+    }
+
+    /// Run the server side (the broker) over an accepted TLS connection.
+    pub fn server(
+        tls: tokio_rustls::server::TlsStream<TcpStream>,
+        remote: SocketAddr,
+        settings: Settings,
+    ) -> Self {
+        let certs = tls.get_ref().1.peer_certificates().map(|c| c.to_vec());
+        Connection::start(
+            Tls::Server(tls),
+            remote,
+            certs,
+            yamux::Mode::Server,
+            settings,
+        )
+    }
+
+    fn start(
+        tls: Tls,
+        remote: SocketAddr,
+        certs: Option<Vec<CertificateDer<'static>>>,
+        mode: yamux::Mode,
+        settings: Settings,
+    ) -> Self {
+        let mut cfg = yamux::Config::default();
+        cfg.set_max_num_streams(settings.max_streams.max(1));
+        cfg.set_max_connection_receive_window(Some(256 * 1024 * settings.max_streams.max(1)));
+        let mux = yamux::Connection::new(tls.compat(), cfg, mode);
+        let (cmds, cmd_rx) = mpsc::unbounded_channel();
+        let (inbound_tx, inbound_rx) = mpsc::unbounded_channel();
+        let shared = Arc::new(ConnShared {
+            remote,
+            certs,
+            reason: Mutex::new(None),
+            closed: Notify::new(),
+            cmds,
+            inbound: tokio::sync::Mutex::new(inbound_rx),
+            protocol_error: settings.protocol_error,
+            classifying: AtomicUsize::new(0),
+            classified: Notify::new(),
+            streams: Mutex::default(),
+            control: Mutex::new(None),
+        });
+        tokio::spawn(drive(mux, Arc::downgrade(&shared), cmd_rx, inbound_tx));
+        Connection { shared }
+    }
+
+    /// Open a bidirectional stream.
+    pub async fn open_bi(&self) -> Result<(SendStream, RecvStream), ConnectionError> {
+        if let Some(r) = self.shared.reason() {
+            return Err(r);
+        }
+        let (tx, rx) = oneshot::channel();
+        if self.shared.cmds.send(Cmd::Open(tx)).is_err() {
+            return Err(self.lost().await);
+        }
+        let stream = match rx.await {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => return Err(e),
+            Err(_) => return Err(self.lost().await),
+        };
+        let (send, recv) = split(stream, self.shared.clone());
+        send.queue_raw(Bytes::from_static(&[KIND_STREAM]));
+        Ok((send, recv))
+    }
+
+    /// The next stream the peer opens.
+    pub async fn accept_bi(&self) -> Result<(SendStream, RecvStream), ConnectionError> {
+        let mut inbound = self.shared.inbound.lock().await;
+        tokio::select! {
+            s = inbound.recv() => match s {
+                Some(s) => Ok(s),
+                None => Err(self.lost().await),
+            },
+            r = self.shared.closed() => Err(r),
+        }
+    }
+
+    async fn lost(&self) -> ConnectionError {
+        tokio::time::timeout(REASON_WAIT, self.shared.closed())
+            .await
+            .unwrap_or(ConnectionError::Reset)
+    }
+
+    /// Close with `code` and `reason`: the close stream, then yamux `GoAway` and TLS
+    /// `close_notify`. A no-op once closed.
+    pub fn close(&self, code: VarInt, reason: &[u8]) {
+        if self.shared.reason().is_some() {
+            return;
+        }
+        self.shared.set_reason(ConnectionError::LocallyClosed);
+        let reason = Bytes::copy_from_slice(&reason[..reason.len().min(MAX_REASON)]);
+        let _ = self.shared.cmds.send(Cmd::Close(code, reason));
+    }
+
+    /// Why the connection closed, if it did.
+    pub fn close_reason(&self) -> Option<ConnectionError> {
+        self.shared.reason()
+    }
+
+    /// Wait until the connection closes.
+    pub async fn closed(&self) -> ConnectionError {
+        self.shared.closed().await
+    }
+
+    /// An id unique among live connections.
+    pub fn stable_id(&self) -> usize {
+        Arc::as_ptr(&self.shared) as usize
+    }
+
+    /// The peer's address.
+    pub fn remote_address(&self) -> SocketAddr {
+        self.shared.remote
+    }
+
+    /// The peer's certificate chain, leaf first.
+    pub fn peer_certificates(&self) -> Option<&[CertificateDer<'static>]> {
+        self.shared.certs.as_deref()
+    }
+}
+
+/// How the driver's loop ended.
+enum End {
+    /// The close stream went out (or the linger ran out).
+    Closed,
+    /// The peer's close stream arrived.
+    PeerClosed,
+    /// The connection ended without a close.
+    Lost(ConnectionError),
+    /// Every handle is gone.
+    Dropped,
+}
+
+/// The local close in progress.
+struct Closing {
+    code: VarInt,
+    reason: Bytes,
+    stream: Option<yamux::Stream>,
+    record: Option<Bytes>,
+    sent: bool,
+}
+
+/// Own the yamux connection: open streams on request, classify inbound ones, close.
+async fn drive(
+    mut mux: Mux,
+    shared: std::sync::Weak<ConnShared>,
+    mut cmds: mpsc::UnboundedReceiver<Cmd>,
+    inbound: mpsc::UnboundedSender<(SendStream, RecvStream)>,
+) {
+    let mut opens: VecDeque<oneshot::Sender<Result<yamux::Stream, ConnectionError>>> =
+        VecDeque::new();
+    let mut closing: Option<Closing> = None;
+    let mut linger: Option<Pin<Box<tokio::time::Sleep>>> = None;
+    let end = std::future::poll_fn(|cx| {
+        // Commands.
+        loop {
+            match cmds.poll_recv(cx) {
+                Poll::Ready(Some(Cmd::Open(tx))) => opens.push_back(tx),
+                Poll::Ready(Some(Cmd::Close(code, reason))) => {
+                    if closing.is_none() {
+                        closing = Some(Closing {
+                            code,
+                            reason,
+                            stream: None,
+                            record: None,
+                            sent: false,
+                        });
+                        linger = Some(Box::pin(tokio::time::sleep(CLOSE_LINGER)));
+                    }
+                }
+                Poll::Ready(Some(Cmd::PeerClosed)) => return Poll::Ready(End::PeerClosed),
+                Poll::Ready(None) => {
+                    if closing.is_none() {
+                        return Poll::Ready(End::Dropped);
+                    }
+                    break;
+                }
+                Poll::Pending => break,
+            }
+        }
+        if let Some(l) = linger.as_mut() {
+            if l.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(End::Closed);
+            }
+        }
+        if let Some(c) = closing.as_mut() {
+            for tx in opens.drain(..) {
+                let _ = tx.send(Err(ConnectionError::LocallyClosed));
+            }
+            match poll_close_stream(&mut mux, c, cx) {
+                Poll::Ready(Ok(())) => return Poll::Ready(End::Closed),
+                Poll::Ready(Err(_)) => return Poll::Ready(End::Closed),
+                Poll::Pending => {}
+            }
+            if c.sent {
+                return Poll::Pending;
+            }
+        } else {
+            while !opens.is_empty() {
+                match mux.poll_new_outbound(cx) {
+                    Poll::Ready(r) => {
+                        let tx = opens.pop_front().expect("not empty");
+                        let _ = tx.send(r.map_err(|e| lost(&e)));
+                    }
+                    Poll::Pending => break,
+                }
+            }
+        }
+        loop {
+            match mux.poll_next_inbound(cx) {
+                Poll::Ready(Some(Ok(stream))) => {
+                    if closing.is_some() {
+                        continue;
+                    }
+                    let Some(shared) = shared.upgrade() else {
+                        return Poll::Ready(End::Dropped);
+                    };
+                    shared.classifying.fetch_add(1, Ordering::AcqRel);
+                    tokio::spawn(classify(stream, shared, inbound.clone()));
+                }
+                Poll::Ready(Some(Err(e))) => return Poll::Ready(End::Lost(lost(&e))),
+                Poll::Ready(None) => return Poll::Ready(End::Lost(ConnectionError::Reset)),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+    })
+    .await;
+    let Some(shared) = shared.upgrade() else {
+        return;
+    };
+    match end {
+        End::Lost(e) => {
+            // A close stream may still be being read: its reason wins over "lost".
+            let wait = async {
+                loop {
+                    let n = shared.classified.notified();
+                    tokio::pin!(n);
+                    n.as_mut().enable();
+                    if shared.classifying.load(Ordering::Acquire) == 0 {
+                        break;
+                    }
+                    n.await;
+                }
+            };
+            let _ = tokio::time::timeout(REASON_WAIT, wait).await;
+            shared.set_reason(e);
+        }
+        End::Closed | End::Dropped => shared.set_reason(ConnectionError::LocallyClosed),
+        End::PeerClosed => {}
+    }
+    for tx in opens.drain(..) {
+        let _ = tx.send(Err(shared.reason().unwrap_or(ConnectionError::Reset)));
+    }
+    drop(shared);
+    // yamux's GoAway, then TLS close_notify and the TCP FIN, within the linger.
+    let _ = tokio::time::timeout(CLOSE_LINGER, std::future::poll_fn(|cx| mux.poll_close(cx))).await;
+}
+
+/// Send the close stream, then close yamux (`GoAway`, then the socket).
+fn poll_close_stream(
+    mux: &mut Mux,
+    c: &mut Closing,
+    cx: &mut Context<'_>,
+) -> Poll<Result<(), yamux::ConnectionError>> {
+    if c.stream.is_none() && !c.sent {
+        match mux.poll_new_outbound(cx) {
+            Poll::Ready(Ok(s)) => {
+                let mut rec = BytesMut::with_capacity(9 + c.reason.len());
+                rec.put_u8(KIND_CLOSE);
+                rec.put_u64(c.code.into_inner());
+                rec.put_slice(&c.reason);
+                c.stream = Some(s);
+                c.record = Some(rec.freeze());
+            }
+            Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+            Poll::Pending => return Poll::Pending,
+        }
+    }
+    if let Some(s) = c.stream.as_mut() {
+        use futures_util::io::AsyncWrite as _;
+        while let Some(rec) = c.record.as_mut().filter(|r| !r.is_empty()) {
+            match Pin::new(&mut *s).poll_write(cx, rec) {
+                Poll::Ready(Ok(n)) => {
+                    let _ = rec.split_to(n);
+                }
+                Poll::Ready(Err(_)) => return Poll::Ready(Ok(())),
+                Poll::Pending => return drive_pending(mux, cx),
+            }
+        }
+        match Pin::new(&mut *s).poll_close(cx) {
+            Poll::Ready(_) => {
+                c.stream = None;
+                c.sent = true;
+            }
+            Poll::Pending => return drive_pending(mux, cx),
+        }
+    }
+    mux.poll_close(cx)
+}
+
+/// Keep yamux moving (it only writes while polled) while a close waits for it.
+fn drive_pending(mux: &mut Mux, cx: &mut Context<'_>) -> Poll<Result<(), yamux::ConnectionError>> {
+    loop {
+        match mux.poll_next_inbound(cx) {
+            Poll::Ready(Some(Ok(_))) => continue,
+            Poll::Ready(Some(Err(e))) => return Poll::Ready(Err(e)),
+            Poll::Ready(None) => return Poll::Ready(Ok(())),
+            Poll::Pending => return Poll::Pending,
+        }
+    }
+}
+
+fn lost(e: &yamux::ConnectionError) -> ConnectionError {
+    match e {
+        yamux::ConnectionError::Io(io) if io.kind() == std::io::ErrorKind::TimedOut => {
+            ConnectionError::TimedOut
+        }
+        yamux::ConnectionError::Closed => ConnectionError::LocallyClosed,
+        _ => ConnectionError::Reset,
+    }
+}
+
+/// Read an inbound stream's kind: an application stream goes to `accept_bi`, a close
+/// stream closes the connection with the peer's code.
+async fn classify(
+    mut stream: yamux::Stream,
+    shared: Arc<ConnShared>,
+    inbound: mpsc::UnboundedSender<(SendStream, RecvStream)>,
+) {
+    let mut kind = [0u8; 1];
+    let read = tokio::time::timeout(KIND_TIMEOUT, stream.read_exact(&mut kind)).await;
+    match (read, kind[0]) {
+        (Ok(Ok(())), KIND_STREAM) => {
+            let pair = split(stream, shared.clone());
+            let _ = inbound.send(pair);
+        }
+        (Ok(Ok(())), KIND_CLOSE) => {
+            let mut body = Vec::new();
+            let limit = (8 + MAX_REASON) as u64;
+            let read = tokio::time::timeout(
+                KIND_TIMEOUT,
+                (&mut stream).take(limit).read_to_end(&mut body),
+            )
+            .await;
+            if matches!(read, Ok(Ok(_))) && body.len() >= 8 {
+                let code = u64::from_be_bytes(body[..8].try_into().expect("8 bytes"));
+                let reason = Bytes::copy_from_slice(&body[8..]);
+                tracing::debug!(code, "peer closed the connection");
+                shared.set_reason(ConnectionError::ApplicationClosed(ApplicationClose {
+                    error_code: VarInt::from_u64(code).unwrap_or(VarInt::MAX),
+                    reason,
+                }));
+                let _ = shared.cmds.send(Cmd::PeerClosed);
+            }
+        }
+        (Ok(Ok(())), KIND_CONTROL) => {
+            done_classifying(&shared);
+            let mut msg = [0u8; CONTROL_LEN];
+            while stream.read_exact(&mut msg).await.is_ok() {
+                let id = u32::from_be_bytes(msg[1..5].try_into().expect("4 bytes"));
+                let code = u64::from_be_bytes(msg[5..].try_into().expect("8 bytes"));
+                let Some(s) = shared.stream(id) else { continue };
+                match msg[0] {
+                    REC_ACK => s.update(|st| st.acked = true),
+                    REC_STOP => s.stop(code),
+                    _ => {
+                        Connection {
+                            shared: shared.clone(),
+                        }
+                        .close(
+                            VarInt::from_u64(shared.protocol_error).unwrap_or(VarInt::MAX),
+                            b"unknown control message",
+                        );
+                        return;
+                    }
+                }
+            }
+            return;
+        }
+        (Ok(Ok(())), other) => {
+            tracing::debug!(kind = other, "unknown stream kind: closing the connection");
+            Connection {
+                shared: shared.clone(),
+            }
+            .close(
+                VarInt::from_u64(shared.protocol_error).unwrap_or(VarInt::MAX),
+                b"unknown stream kind",
+            );
+        }
+        _ => {}
+    }
+    done_classifying(&shared);
+}
+
+fn done_classifying(shared: &ConnShared) {
+    if shared.classifying.fetch_sub(1, Ordering::AcqRel) == 1 {
+        shared.classified.notify_waiters();
+    }
+}
+
+// ---- streams ----
+
+/// One stream's state both halves see.
+struct StreamShared {
+    conn: Arc<ConnShared>,
+    /// The yamux stream id.
+    id: u32,
+    /// The writer's queue, to answer a `STOP` with `RESET`.
+    tx: mpsc::WeakUnboundedSender<Out>,
+    state: Mutex<StreamState>,
+    changed: Notify,
+}
+
+impl Drop for StreamShared {
+    fn drop(&mut self) {
+        self.conn
+            .streams
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&self.id);
+    }
+}
+
+#[derive(Default)]
+struct StreamState {
+    /// The peer asked us to stop (its code).
+    stopped: Option<u64>,
+    /// The peer read our `FIN`.
+    acked: bool,
+    /// The writer failed: the stream (or connection) is gone.
+    broken: bool,
+    /// Our direction ended (`FIN` or `RESET` queued).
+    send_done: bool,
+}
+
+impl StreamShared {
+    fn update(&self, f: impl FnOnce(&mut StreamState)) {
+        f(&mut self.state.lock().unwrap_or_else(|e| e.into_inner()));
+        self.changed.notify_waiters();
+    }
+
+    fn get<T>(&self, f: impl FnOnce(&StreamState) -> T) -> T {
+        f(&self.state.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// The peer's `STOP`: writes fail with `code` from now on, and our direction ends with
+    /// `RESET` (unless it already ended).
+    fn stop(&self, code: u64) {
+        let mut was_done = true;
+        self.update(|s| {
+            s.stopped = Some(code);
+            was_done = std::mem::replace(&mut s.send_done, true);
+        });
+        if let (Some(tx), false) = (self.tx.upgrade(), was_done) {
+            let _ = tx.send(Out::Bytes(record(REC_RESET, &code.to_be_bytes()), 0));
+        }
+    }
+}
+
+/// What the writer task writes.
+enum Out {
+    /// Bytes holding `permits` of the send budget.
+    Bytes(Bytes, usize),
+}
+
+fn split(stream: yamux::Stream, conn: Arc<ConnShared>) -> (SendStream, RecvStream) {
+    let id = stream.id().val();
+    let (r, w) = tokio::io::split(stream.compat());
+    let (tx, rx) = mpsc::unbounded_channel();
+    let shared = Arc::new(StreamShared {
+        conn: conn.clone(),
+        id,
+        tx: tx.downgrade(),
+        state: Mutex::new(StreamState::default()),
+        changed: Notify::new(),
+    });
+    conn.streams
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(id, Arc::downgrade(&shared));
+    let budget = Arc::new(tokio::sync::Semaphore::new(SEND_BUDGET));
+    tokio::spawn(writer(w, rx, budget.clone(), shared.clone()));
+    let send = SendStream {
+        tx: Some(tx),
+        budget: PollSemaphore::new(budget),
+        shared: shared.clone(),
+        done: false,
+    };
+    let recv = RecvStream {
+        reader: Some(Reader::new(r)),
+        shared,
+        offset: 0,
+    };
+    (send, recv)
+}
+
+/// Write records in order; close the yamux half once every sender is gone (both halves
+/// of the stream are done).
+async fn writer(
+    mut io: WriteHalf<Io>,
+    mut rx: mpsc::UnboundedReceiver<Out>,
+    budget: Arc<tokio::sync::Semaphore>,
+    shared: Arc<StreamShared>,
+) {
+    use tokio::io::AsyncWriteExt;
+    while let Some(Out::Bytes(b, permits)) = rx.recv().await {
+        if io.write_all(&b).await.is_err() {
+            shared.update(|s| s.broken = true);
+            // Whoever waits for budget learns the stream is gone.
+            budget.close();
+            return;
+        }
+        budget.add_permits(permits);
+    }
+    let _ = io.shutdown().await;
+}
+
+fn record(kind: u8, payload: &[u8]) -> Bytes {
+    let mut b = BytesMut::with_capacity(HEADER + payload.len());
+    b.put_u8(kind);
+    b.put_u32(payload.len() as u32);
+    b.put_slice(payload);
+    b.freeze()
+}
+
+/// The sending half of a TCP stream.
+pub struct SendStream {
+    /// `None` once finished or reset.
+    tx: Option<mpsc::UnboundedSender<Out>>,
+    budget: PollSemaphore,
+    shared: Arc<StreamShared>,
+    /// Finished or reset by us.
+    done: bool,
+}
+
+impl fmt::Debug for SendStream {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("tcp::SendStream")
+            .field("done", &self.done)
+            .finish()
+    }
+}
+
+impl SendStream {
+    fn queue_raw(&self, b: Bytes) {
+        if let Some(tx) = &self.tx {
+            let _ = tx.send(Out::Bytes(b, 0));
+        }
+    }
+
+    /// Why a write cannot go on, if it cannot.
+    fn write_error(&self) -> Option<WriteError> {
+        if let Some(code) = self.shared.get(|s| s.stopped) {
+            return Some(WriteError::Stopped(
+                VarInt::from_u64(code).unwrap_or(VarInt::MAX),
+            ));
+        }
+        if self.done {
+            return Some(WriteError::ClosedStream);
+        }
+        if let Some(r) = self.shared.conn.reason() {
+            return Some(WriteError::ConnectionLost(r));
+        }
+        if self.shared.get(|s| s.broken) {
+            return Some(WriteError::ConnectionLost(ConnectionError::Reset));
+        }
+        None
+    }
+
+    fn poll_write_inner(
+        &mut self,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<Result<usize, WriteError>> {
+        if let Some(e) = self.write_error() {
+            return Poll::Ready(Err(e));
+        }
+        if buf.is_empty() {
+            return Poll::Ready(Ok(0));
+        }
+        let n = buf.len().min(WRITE_CHUNK);
+        let permits = n.min(SEND_BUDGET) as u32;
+        let Some(permit) = ready!(self.budget.poll_acquire_many(cx, permits)) else {
+            return Poll::Ready(Err(self
+                .write_error()
+                .unwrap_or(WriteError::ConnectionLost(ConnectionError::Reset))));
+        };
+        permit.forget();
+        let Some(tx) = &self.tx else {
+            return Poll::Ready(Err(WriteError::ClosedStream));
+        };
+        if tx.send(Out::Bytes(record(REC_DATA, &buf[..n]), n)).is_err() {
+            return Poll::Ready(Err(WriteError::ConnectionLost(ConnectionError::Reset)));
+        }
+        Poll::Ready(Ok(n))
+    }
+
+    /// Write all of `buf`.
+    pub async fn write_all(&mut self, mut buf: &[u8]) -> Result<(), WriteError> {
+        while !buf.is_empty() {
+            let n = std::future::poll_fn(|cx| self.poll_write_inner(cx, buf)).await?;
+            buf = &buf[n..];
+        }
+        Ok(())
+    }
+
+    /// End the stream after what was written.
+    pub fn finish(&mut self) -> Result<(), ClosedStream> {
+        if self.done {
+            return Err(ClosedStream);
+        }
+        self.done = true;
+        let mut was_done = false;
+        self.shared
+            .update(|s| was_done = std::mem::replace(&mut s.send_done, true));
+        if let (Some(tx), false) = (self.tx.take(), was_done) {
+            let _ = tx.send(Out::Bytes(record(REC_FIN, &[]), 0));
+        }
+        Ok(())
+    }
+
+    /// Abandon the stream with `code`.
+    pub fn reset(&mut self, code: VarInt) -> Result<(), ClosedStream> {
+        if self.done {
+            return Err(ClosedStream);
+        }
+        self.done = true;
+        let mut was_done = false;
+        self.shared
+            .update(|s| was_done = std::mem::replace(&mut s.send_done, true));
+        if let (Some(tx), false) = (self.tx.take(), was_done) {
+            let _ = tx.send(Out::Bytes(
+                record(REC_RESET, &code.into_inner().to_be_bytes()),
+                0,
+            ));
+        }
+        Ok(())
+    }
+
+    /// Resolves when the peer stopped the stream (`Some(code)`), or read our `FIN`
+    /// (`None`).
+    pub fn stopped(
+        &self,
+    ) -> impl Future<Output = Result<Option<VarInt>, StoppedError>> + Send + 'static {
+        let shared = self.shared.clone();
+        async move {
+            loop {
+                let changed = shared.changed.notified();
+                tokio::pin!(changed);
+                changed.as_mut().enable();
+                let closed = shared.conn.closed.notified();
+                tokio::pin!(closed);
+                closed.as_mut().enable();
+                let (stopped, acked, broken) = shared.get(|s| (s.stopped, s.acked, s.broken));
+                if let Some(code) = stopped {
+                    return Ok(Some(VarInt::from_u64(code).unwrap_or(VarInt::MAX)));
+                }
+                if acked {
+                    return Ok(None);
+                }
+                if let Some(r) = shared.conn.reason() {
+                    return Err(StoppedError::ConnectionLost(r));
+                }
+                if broken {
+                    return Err(StoppedError::ConnectionLost(ConnectionError::Reset));
+                }
+                tokio::select! {
+                    _ = changed => {}
+                    _ = closed => {}
+                }
+            }
+        }
+    }
+}
+
+impl Drop for SendStream {
+    fn drop(&mut self) {
+        // As in quinn: a stream dropped without finish or reset is finished.
+        if !self.done {
+            let _ = self.finish();
+        }
+    }
+}
+
+impl AsyncWrite for SendStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        self.get_mut().poll_write_inner(cx, buf).map_err(Into::into)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let _ = self.get_mut().finish();
+        Poll::Ready(Ok(()))
+    }
+}
+
+/// What a record read left for the caller.
+enum Got {
+    /// `n` data bytes were copied.
+    Data(usize),
+    /// The peer's `FIN`.
+    Fin,
+    /// The peer's `RESET` with its code.
+    Reset(u64),
+}
+
+/// The record parser over a yamux stream's read half.
+struct Reader {
+    io: ReadHalf<Io>,
+    header: [u8; HEADER],
+    filled: usize,
+    /// Data bytes left in the current `DATA` record.
+    remaining: usize,
+    /// A control record's payload being read: (type, bytes, filled).
+    control: Option<(u8, [u8; 8], usize)>,
+}
+
+impl Reader {
+    fn new(io: ReadHalf<Io>) -> Reader {
+        Reader {
+            io,
+            header: [0; HEADER],
+            filled: 0,
+            remaining: 0,
+            control: None,
+        }
+    }
+
+    /// The next data bytes into `buf`, or the end of the stream. `Err(None)`: the yamux
+    /// stream ended or failed without a `FIN`/`RESET` (the connection is going); `Err(Some)`
+    /// a broken record.
+    fn poll(
+        &mut self,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+        shared: &StreamShared,
+    ) -> Poll<Result<Got, Option<&'static str>>> {
+        loop {
+            if self.remaining > 0 {
+                let want = self.remaining.min(buf.remaining());
+                if want == 0 {
+                    return Poll::Ready(Ok(Got::Data(0)));
+                }
+                let mut sub = ReadBuf::new(buf.initialize_unfilled_to(want));
+                ready!(Pin::new(&mut self.io).poll_read(cx, &mut sub)).map_err(|_| None)?;
+                let n = sub.filled().len();
+                if n == 0 {
+                    return Poll::Ready(Err(None));
+                }
+                buf.advance(n);
+                self.remaining -= n;
+                return Poll::Ready(Ok(Got::Data(n)));
+            }
+            if let Some((kind, bytes, filled)) = self.control.as_mut() {
+                while *filled < 8 {
+                    let mut rb = ReadBuf::new(&mut bytes[*filled..]);
+                    ready!(Pin::new(&mut self.io).poll_read(cx, &mut rb)).map_err(|_| None)?;
+                    let n = rb.filled().len();
+                    if n == 0 {
+                        return Poll::Ready(Err(None));
+                    }
+                    *filled += n;
+                }
+                let code = u64::from_be_bytes(*bytes);
+                let kind = *kind;
+                self.control = None;
+                debug_assert_eq!(kind, REC_RESET);
+                return Poll::Ready(Ok(Got::Reset(code)));
+            }
+            while self.filled < HEADER {
+                let mut rb = ReadBuf::new(&mut self.header[self.filled..]);
+                ready!(Pin::new(&mut self.io).poll_read(cx, &mut rb)).map_err(|_| None)?;
+                let n = rb.filled().len();
+                if n == 0 {
+                    return Poll::Ready(Err(None));
+                }
+                self.filled += n;
+            }
+            self.filled = 0;
+            let kind = self.header[0];
+            let len = u32::from_be_bytes(self.header[1..].try_into().expect("4 bytes")) as usize;
+            match (kind, len) {
+                (REC_DATA, 1..=MAX_RECORD) => self.remaining = len,
+                (REC_FIN, 0) => {
+                    shared.conn.control(REC_ACK, shared.id, 0);
+                    return Poll::Ready(Ok(Got::Fin));
+                }
+                (REC_RESET, 8) => self.control = Some((kind, [0; 8], 0)),
+                _ => return Poll::Ready(Err(Some("bad record"))),
+            }
+        }
+    }
+}
+
+/// The receiving half of a TCP stream.
+pub struct RecvStream {
+    /// `None` once the stream ended (FIN, RESET, stop or lost).
+    reader: Option<Reader>,
+    shared: Arc<StreamShared>,
+    offset: u64,
+}
+
+impl fmt::Debug for RecvStream {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("tcp::RecvStream")
+            .field("ended", &self.reader.is_none())
+            .finish()
+    }
+}
+
+/// A finished read: data, the end, or an error.
+type ReadResult = Result<Option<usize>, ReadError>;
+
+impl RecvStream {
+    fn poll_read_inner(&mut self, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<ReadResult> {
+        let Some(reader) = self.reader.as_mut() else {
+            return Poll::Ready(Err(ReadError::ClosedStream));
+        };
+        match ready!(reader.poll(cx, buf, &self.shared)) {
+            Ok(Got::Data(n)) => {
+                self.offset += n as u64;
+                Poll::Ready(Ok(Some(n)))
+            }
+            Ok(Got::Fin) => {
+                self.end();
+                Poll::Ready(Ok(None))
+            }
+            Ok(Got::Reset(code)) => {
+                self.end();
+                Poll::Ready(Err(ReadError::Reset(
+                    VarInt::from_u64(code).unwrap_or(VarInt::MAX),
+                )))
+            }
+            Err(Some(what)) => {
+                tracing::debug!(what, "broken stream record: closing the connection");
+                let conn = Connection {
+                    shared: self.shared.conn.clone(),
+                };
+                conn.close(
+                    VarInt::from_u64(self.shared.conn.protocol_error).unwrap_or(VarInt::MAX),
+                    what.as_bytes(),
+                );
+                self.end();
+                Poll::Ready(Err(ReadError::ConnectionLost(
+                    ConnectionError::LocallyClosed,
+                )))
+            }
+            Err(None) => {
+                self.end();
+                let reason = self.shared.conn.reason().unwrap_or(ConnectionError::Reset);
+                Poll::Ready(Err(ReadError::ConnectionLost(reason)))
+            }
+        }
+    }
+
+    fn end(&mut self) {
+        self.reader = None;
+    }
+
+    /// Read into `buf`; `None` at the end of the stream.
+    pub async fn read(&mut self, buf: &mut [u8]) -> Result<Option<usize>, ReadError> {
+        let r = std::future::poll_fn(|cx| {
+            let mut rb = ReadBuf::new(buf);
+            self.poll_read_inner(cx, &mut rb)
+        })
+        .await;
+        self.settle(r).await
+    }
+
+    /// A lost stream waits briefly for its connection's close reason, which may still be
+    /// on its way (the close stream races the streams' ends).
+    async fn settle(&self, r: ReadResult) -> ReadResult {
+        match r {
+            Err(ReadError::ConnectionLost(ConnectionError::Reset)) => {
+                let reason = tokio::time::timeout(REASON_WAIT, self.shared.conn.closed())
+                    .await
+                    .unwrap_or(ConnectionError::Reset);
+                Err(ReadError::ConnectionLost(reason))
+            }
+            other => other,
+        }
+    }
+
+    /// At most `max` bytes; `None` at the end.
+    pub async fn read_chunk(&mut self, max: usize) -> Result<Option<Bytes>, ReadError> {
+        let mut buf = vec![0u8; max.min(WRITE_CHUNK)];
+        match self.read(&mut buf).await? {
+            Some(n) => {
+                buf.truncate(n);
+                Ok(Some(Bytes::from(buf)))
+            }
+            None => Ok(None),
+        }
+    }
+
+    /// Fill `buf` exactly.
+    pub async fn read_exact(&mut self, buf: &mut [u8]) -> Result<(), ReadExactError> {
+        let mut at = 0;
+        while at < buf.len() {
+            match self.read(&mut buf[at..]).await? {
+                Some(n) => at += n,
+                None => return Err(ReadExactError::FinishedEarly(at)),
+            }
+        }
+        Ok(())
+    }
+
+    /// Ask the peer to stop sending (`STOP` with `code`); what it still sends is dropped.
+    pub fn stop(&mut self, code: VarInt) -> Result<(), ClosedStream> {
+        let Some(reader) = self.reader.take() else {
+            return Err(ClosedStream);
+        };
+        self.shared
+            .conn
+            .control(REC_STOP, self.shared.id, code.into_inner());
+        drain(reader, self.shared.clone());
+        Ok(())
+    }
+}
+
+impl Drop for RecvStream {
+    fn drop(&mut self) {
+        if let Some(reader) = self.reader.take() {
+            drain(reader, self.shared.clone());
+        }
+    }
+}
+
+/// Keep reading a stream nobody reads any more, for its `FIN`/`RESET`, `ACK` and `STOP`
+/// records (QUIC processes those whether or not the application reads).
+fn drain(mut reader: Reader, shared: Arc<StreamShared>) {
+    let Ok(handle) = tokio::runtime::Handle::try_current() else {
+        return;
+    };
+    handle.spawn(async move {
+        let mut sink = [0u8; 4096];
+        loop {
+            let r = std::future::poll_fn(|cx| {
+                let mut rb = ReadBuf::new(&mut sink);
+                reader.poll(cx, &mut rb, &shared)
+            })
+            .await;
+            if !matches!(r, Ok(Got::Data(_))) {
+                break;
+            }
+        }
+    });
+}
+
+impl AsyncRead for RecvStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        match ready!(self.get_mut().poll_read_inner(cx, buf)) {
+            Ok(_) => Poll::Ready(Ok(())),
+            Err(e) => Poll::Ready(Err(e.into())),
+        }
+    }
+}
+
+/// Set the socket options the TCP transport relies on: no Nagle delay, keep-alive probes,
+/// and `TCP_USER_TIMEOUT` so a peer that stopped acknowledging is declared gone (QUIC's
+/// idle timeout).
+pub fn tune(stream: &TcpStream, idle: Duration) -> std::io::Result<()> {
+    stream.set_nodelay(true)?;
+    let sock = socket2::SockRef::from(stream);
+    let keepalive = socket2::TcpKeepalive::new()
+        .with_time(idle / 2)
+        .with_interval(idle / 6);
+    sock.set_tcp_keepalive(&keepalive)?;
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    sock.set_tcp_user_timeout(Some(idle))?;
+    Ok(())
+}

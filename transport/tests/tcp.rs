@@ -1,0 +1,148 @@
+//! The TCP transport against itself over real sockets and TLS: streams, their ends and
+//! codes, and the connection close code, as QUIC reports them.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
+use tether_transport::tcp::{self, Settings};
+use tether_transport::{Connection, ConnectionError, ReadError, VarInt, WriteError};
+use tokio::net::{TcpListener, TcpStream};
+
+const SETTINGS: Settings = Settings {
+    max_streams: 16,
+    protocol_error: 3,
+};
+
+/// A connected (agent, broker) pair over loopback TLS.
+async fn pair() -> (Connection, Connection) {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let key = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+    let cert = CertificateDer::from(key.cert.der().to_vec());
+    let pkey = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.signing_key.serialize_der()));
+    let mut server = rustls::ServerConfig::builder()
+        .with_no_client_auth()
+        .with_single_cert(vec![cert.clone()], pkey)
+        .unwrap();
+    server.alpn_protocols = vec![b"tether/1".to_vec()];
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(cert).unwrap();
+    let mut client = rustls::ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    client.alpn_protocols = vec![b"tether/1".to_vec()];
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server));
+    let server = tokio::spawn(async move {
+        let (tcp, remote) = listener.accept().await.unwrap();
+        let tls = acceptor.accept(tcp).await.unwrap();
+        Connection::from(tcp::Connection::server(tls, remote, SETTINGS))
+    });
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    tcp::tune(&tcp, Duration::from_secs(30)).unwrap();
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(client))
+        .connect(ServerName::try_from("localhost").unwrap(), tcp)
+        .await
+        .unwrap();
+    let agent = Connection::from(tcp::Connection::client(tls, SETTINGS));
+    (agent, server.await.unwrap())
+}
+
+#[tokio::test]
+async fn streams_carry_bytes_both_ways_and_end_cleanly() {
+    let (agent, broker) = pair().await;
+    let (mut send, mut recv) = agent.open_bi().await.unwrap();
+    send.write_all(b"hello").await.unwrap();
+    let (mut bsend, mut brecv) = broker.accept_bi().await.unwrap();
+    let mut buf = [0u8; 5];
+    brecv.read_exact(&mut buf).await.unwrap();
+    assert_eq!(&buf, b"hello");
+    // A large write crosses yamux's window and the record size.
+    let big = vec![7u8; 1 << 20];
+    let writer = tokio::spawn(async move {
+        bsend.write_all(&big).await.unwrap();
+        bsend.finish().unwrap();
+        bsend.stopped().await
+    });
+    let mut got = 0;
+    while let Some(chunk) = recv.read_chunk(64 * 1024).await.unwrap() {
+        assert!(chunk.iter().all(|b| *b == 7));
+        got += chunk.len();
+    }
+    assert_eq!(got, 1 << 20);
+    // The reader saw FIN and acknowledged it: the writer's `stopped()` says delivered.
+    let stopped = tokio::time::timeout(Duration::from_secs(5), writer)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(stopped, Ok(None));
+    send.finish().unwrap();
+    assert_eq!(brecv.read(&mut buf).await, Ok(None));
+}
+
+#[tokio::test]
+async fn reset_and_stop_codes_reach_the_peer() {
+    let (agent, broker) = pair().await;
+    let (mut send, mut recv) = broker.open_bi().await.unwrap();
+    send.write_all(b"x").await.unwrap();
+    let (mut asend, mut arecv) = agent.accept_bi().await.unwrap();
+    let mut b = [0u8; 1];
+    arecv.read_exact(&mut b).await.unwrap();
+    asend.reset(VarInt::from_u32(42)).unwrap();
+    assert_eq!(
+        recv.read(&mut b).await,
+        Err(ReadError::Reset(VarInt::from_u32(42)))
+    );
+    // STOP: the peer's writes fail with the code, and its `stopped()` says so.
+    arecv.stop(VarInt::from_u32(7)).unwrap();
+    let stopped = tokio::time::timeout(Duration::from_secs(5), send.stopped())
+        .await
+        .unwrap();
+    assert_eq!(stopped, Ok(Some(VarInt::from_u32(7))));
+    assert_eq!(
+        send.write_all(b"more").await,
+        Err(WriteError::Stopped(VarInt::from_u32(7)))
+    );
+}
+
+#[tokio::test]
+async fn close_code_and_reason_reach_the_peer_and_its_streams() {
+    let (agent, broker) = pair().await;
+    let (_send, mut recv) = agent.open_bi().await.unwrap();
+    let (_s, _r) = broker.accept_bi().await.unwrap();
+    broker.close(VarInt::from_u32(0x11), b"revoked");
+    let reason = tokio::time::timeout(Duration::from_secs(5), agent.closed())
+        .await
+        .unwrap();
+    match &reason {
+        ConnectionError::ApplicationClosed(c) => {
+            assert_eq!(c.error_code, VarInt::from_u32(0x11));
+            assert_eq!(&c.reason[..], b"revoked");
+        }
+        other => panic!("{other:?}"),
+    }
+    let mut b = [0u8; 1];
+    assert_eq!(
+        recv.read(&mut b).await,
+        Err(ReadError::ConnectionLost(reason))
+    );
+    assert_eq!(broker.close_reason(), Some(ConnectionError::LocallyClosed));
+}
+
+#[tokio::test]
+async fn a_dropped_tcp_connection_is_reported_reset() {
+    let (agent, broker) = pair().await;
+    let (_s, _r) = agent.open_bi().await.unwrap();
+    drop(broker);
+    let reason = tokio::time::timeout(Duration::from_secs(5), agent.closed())
+        .await
+        .unwrap();
+    assert!(
+        matches!(
+            reason,
+            ConnectionError::Reset | ConnectionError::ApplicationClosed(_)
+        ),
+        "{reason:?}"
+    );
+}
