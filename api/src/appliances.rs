@@ -182,6 +182,9 @@ pub struct Presence {
     pub fingerprint: String,
     /// The agent's version.
     pub agent_version: String,
+    /// The transport the session uses: `quic` or `tcp`.
+    #[serde(default = "crate::brokers::default_transport")]
+    pub transport: String,
     /// The session certificate's `notAfter` (Unix seconds).
     pub cert_not_after: u64,
     /// When its latest heartbeat arrived (Unix seconds).

@@ -70,6 +70,14 @@ pub struct BrokerInfo {
     pub allowlist_version: Option<u64>,
     /// Sessions it holds (when connected).
     pub sessions: Option<usize>,
+    /// Its sessions by transport (`quic`, `tcp`; when connected).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sessions_by_transport: Option<std::collections::BTreeMap<String, usize>>,
+}
+
+/// The transport a record from before transports were reported used.
+pub fn default_transport() -> String {
+    "quic".to_owned()
 }
 
 /// Answer of `GET /v1/brokers`.

@@ -57,6 +57,9 @@ pub struct SessionView {
     pub fingerprint: String,
     /// The agent's address.
     pub remote: String,
+    /// The transport the session uses: `quic` or `tcp`.
+    #[serde(default = "quic")]
+    pub transport: String,
     /// Agent version.
     pub agent_version: String,
     /// Capabilities the agent announced in `Hello` (`exec`, `shell`, `max_frame_len`).
@@ -71,6 +74,10 @@ pub struct SessionView {
     /// privsep, audit head).
     #[serde(default)]
     pub agent_status: std::collections::BTreeMap<String, String>,
+}
+
+fn quic() -> String {
+    tether_transport::Transport::Quic.as_str().to_owned()
 }
 
 /// Body of `POST /v1/sessions/{appliance_id}/commands`.
@@ -246,6 +253,7 @@ async fn sessions(State(b): State<Arc<Broker>>) -> Json<Vec<SessionView>> {
             connected_at: humantime::format_rfc3339_millis(s.connected_at).to_string(),
             fingerprint: s.fingerprint.to_hex(),
             remote: s.remote.to_string(),
+            transport: s.connection.transport().as_str().to_owned(),
             agent_version: s.agent_version.clone(),
             capabilities: s.capabilities.clone(),
             cert_not_after_ms: s.cert_not_after_ms.load(Relaxed),

@@ -94,6 +94,10 @@ pub mod env {
     pub const ADVERTISE: &str = "TETHER_BROKER_ADVERTISE";
     /// `transport.endpoints`.
     pub const ENDPOINTS: &str = "TETHER_BROKER_ENDPOINTS";
+    /// `transport.tcp` (`true` or `false`).
+    pub const TCP: &str = "TETHER_BROKER_TCP";
+    /// `transport.tcp_listen`.
+    pub const TCP_LISTEN: &str = "TETHER_BROKER_TCP_LISTEN";
     /// Log format, `text` or `json`.
     pub const LOG_FORMAT: &str = "TETHER_BROKER_LOG_FORMAT";
 }
@@ -272,6 +276,20 @@ pub struct TransportSettings {
     /// reconnects. Any process of the same user may join the port with `SO_REUSEPORT` too.
     /// Default 1, at most 64.
     pub endpoints: usize,
+    /// Serve TLS over TCP beside QUIC, for networks that drop UDP or allow egress only
+    /// through an HTTP proxy: the same certificates, verifier, ALPN and protocol, streams
+    /// multiplexed by yamux (`docs/PROTOCOL.md` §13). Default true.
+    pub tcp: bool,
+    /// Where TCP listens when it is on. Default: the `listen` address (the same port
+    /// number over TCP).
+    pub tcp_listen: Option<SocketAddr>,
+}
+
+impl TransportSettings {
+    /// The TCP address to serve, if TCP is on.
+    pub fn tcp_addr(&self, listen: SocketAddr) -> Option<SocketAddr> {
+        self.tcp.then(|| self.tcp_listen.unwrap_or(listen))
+    }
 }
 
 impl Default for TransportSettings {
@@ -284,6 +302,8 @@ impl Default for TransportSettings {
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
             segmentation_offload: false,
             endpoints: DEFAULT_ENDPOINTS,
+            tcp: true,
+            tcp_listen: None,
         }
     }
 }
@@ -357,6 +377,8 @@ impl fmt::Debug for Config {
                 &transport.segmentation_offload,
             )
             .field("transport.endpoints", &transport.endpoints)
+            .field("transport.tcp", &transport.tcp)
+            .field("transport.tcp_listen", &transport.tcp_listen)
             .field("control.data_dir", &control.data_dir)
             .field("control.bundle", &control.bundle)
             .field("control.advertise", &control.advertise)

@@ -80,6 +80,12 @@ struct Cli {
     /// loop each; Linux only above 1) [default: 1].
     #[arg(long, env = env::ENDPOINTS, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=MAX_ENDPOINTS as u64))]
     endpoints: Option<usize>,
+    /// Serve TLS over TCP beside QUIC (true or false) [default: true].
+    #[arg(long, env = env::TCP)]
+    tcp: Option<bool>,
+    /// Where TCP listens [default: the listen address, over TCP].
+    #[arg(long, env = env::TCP_LISTEN)]
+    tcp_listen: Option<SocketAddr>,
     /// Log format.
     #[arg(long, env = env::LOG_FORMAT, default_value = "text", value_parser = ["text", "json"])]
     log_format: String,
@@ -107,8 +113,16 @@ impl Cli {
             drain_timeout,
             reconnect_jitter,
             endpoints,
+            tcp,
+            tcp_listen,
             log_format: _,
         } = self;
+        if let Some(v) = tcp {
+            cfg.transport.tcp = v;
+        }
+        if let Some(v) = tcp_listen {
+            cfg.transport.tcp_listen = Some(v);
+        }
         if let Some(v) = listen {
             cfg.listen = v;
         }

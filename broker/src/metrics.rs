@@ -38,6 +38,13 @@ pub struct EndpointIndex {
     pub endpoint: usize,
 }
 
+/// A `transport="..."` label: `quic` or `tcp`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TransportLabel {
+    /// The transport's name.
+    pub transport: &'static str,
+}
+
 /// A `result="..."` label.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct Outcome {
@@ -53,6 +60,12 @@ pub struct Metrics {
     pub handshake_rejected: Family<Reason, Counter>,
     /// Handshakes that completed and produced a verified appliance.
     pub handshakes_accepted: Counter,
+    /// Handshakes that completed, by transport (`quic`, `tcp`).
+    pub handshakes_by_transport: Family<TransportLabel, Counter>,
+    /// Established sessions, by transport.
+    pub sessions_by_transport: Family<TransportLabel, Gauge>,
+    /// Incoming TCP connections (before any admission or TLS work).
+    pub incoming_tcp: Counter,
     /// Handshakes that failed for transport reasons (timeout, peer gave up, ...).
     pub handshake_failed: Family<Kind, Counter>,
     /// Seconds from accepting an `Incoming` to a verified connection.
@@ -119,11 +132,32 @@ impl Default for Metrics {
 }
 
 impl Metrics {
+    /// Count a completed handshake on `transport`.
+    pub fn handshake_on(&self, transport: tether_transport::Transport) {
+        self.handshakes_by_transport
+            .get_or_create(&TransportLabel {
+                transport: transport.as_str(),
+            })
+            .inc();
+    }
+
+    /// A session on `transport` began (`+1`) or ended (`-1`).
+    pub fn session_on(&self, transport: tether_transport::Transport, delta: i64) {
+        self.sessions_by_transport
+            .get_or_create(&TransportLabel {
+                transport: transport.as_str(),
+            })
+            .inc_by(delta);
+    }
+
     /// Create and register every metric, by subsystem (the order of the exposition).
     pub fn new() -> Self {
         let m = Metrics {
             handshake_rejected: Family::default(),
             handshakes_accepted: Counter::default(),
+            handshakes_by_transport: Family::default(),
+            sessions_by_transport: Family::default(),
+            incoming_tcp: Counter::default(),
             handshake_failed: Family::default(),
             handshake_seconds: Histogram::new(exponential_buckets(0.0005, 2.0, 16)),
             incoming_refused: Family::default(),
@@ -170,6 +204,16 @@ impl Metrics {
             self.handshake_rejected.clone(),
         );
         registry.register(
+            "transport_handshakes",
+            "Handshakes that completed, by transport (quic, tcp)",
+            self.handshakes_by_transport.clone(),
+        );
+        registry.register(
+            "incoming_tcp",
+            "Incoming TCP connections, before admission and TLS",
+            self.incoming_tcp.clone(),
+        );
+        registry.register(
             "handshakes_accepted",
             "Handshakes that produced a verified appliance",
             self.handshakes_accepted.clone(),
@@ -209,6 +253,11 @@ impl Metrics {
     /// Register the sessions and the protocol violations.
     fn register_sessions(&self, registry: &mut Registry) {
         registry.register("sessions", "Established sessions", self.sessions.clone());
+        registry.register(
+            "transport_sessions",
+            "Established sessions, by transport (quic, tcp)",
+            self.sessions_by_transport.clone(),
+        );
         registry.register(
             "sessions_closed",
             "Sessions closed, by close code",

@@ -184,6 +184,7 @@ impl Presence {
             connected_at: unix_secs(s.connected_at),
             cert_not_after: ms_to_secs(s.cert_not_after_ms.load(Ordering::Relaxed)),
             agent_version: s.agent_version.clone(),
+            transport: s.connection.transport().as_str().to_owned(),
         }
     }
 

@@ -65,6 +65,67 @@ const ALERT_NO_APPLICATION_PROTOCOL: u8 = 120;
 const COMMAND_GRACE: Duration = tether_proto::COMMAND_DEADLINE_GRACE;
 /// Largest chunk read from a stream at once.
 const READ_CHUNK: usize = 64 * 1024;
+/// Streams a TCP connection may have open at once (yamux refuses more): the session
+/// stream, the agent's control stream, commands and tunnel connections.
+const TCP_MAX_STREAMS: usize = 256;
+/// Attempts at finding one port number free on both UDP and TCP when `listen` asks for
+/// any port (`:0`).
+const PORT_ATTEMPTS: usize = 16;
+
+/// The TLS acceptor of the TCP transport.
+struct Acceptor(tokio_rustls::TlsAcceptor);
+
+impl std::fmt::Debug for Acceptor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Acceptor")
+    }
+}
+
+/// The UDP sockets (and the buffer size granted) and, when TCP is on, the TCP listener. With
+/// `listen` on port 0 and no `tcp_listen`, TCP takes the port number UDP got.
+fn bind_sockets(
+    config: &Config,
+) -> anyhow::Result<(Vec<std::net::UdpSocket>, usize, Option<std::net::TcpListener>)> {
+    let t = &config.transport;
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        let (sockets, granted) =
+            crate::tls::bind_udp_group(config.listen, t.endpoints, t.udp_recv_buffer)?;
+        let Some(mut tcp_addr) = t.tcp_addr(config.listen) else {
+            return Ok((sockets, granted, None));
+        };
+        if t.tcp_listen.is_none() {
+            tcp_addr.set_port(sockets[0].local_addr()?.port());
+        }
+        match bind_tcp(tcp_addr) {
+            Ok(l) => return Ok((sockets, granted, Some(l))),
+            Err(e)
+                if e.kind() == std::io::ErrorKind::AddrInUse
+                    && config.listen.port() == 0
+                    && t.tcp_listen.is_none()
+                    && attempt < PORT_ATTEMPTS =>
+            {
+                continue
+            }
+            Err(e) => anyhow::bail!("cannot listen on TCP {tcp_addr}: {e}"),
+        }
+    }
+}
+
+/// A non-blocking TCP listener with a backlog deep enough for a reconnect storm.
+fn bind_tcp(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )?;
+    socket.set_reuse_address(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(4096)?;
+    Ok(socket.into())
+}
 
 /// The current time, for the sans-IO session.
 pub(crate) fn now() -> Now {
@@ -86,6 +147,12 @@ pub struct Broker {
     config: Arc<Config>,
     /// `transport.endpoints` quinn endpoints on one address (never empty).
     endpoints: Vec<quinn::Endpoint>,
+    /// The TCP listener until `serve` takes it (`transport.tcp`).
+    tcp: std::sync::Mutex<Option<std::net::TcpListener>>,
+    /// The bound TCP address, when TCP is on.
+    tcp_addr: Option<SocketAddr>,
+    /// TLS over TCP: the same configuration as QUIC's.
+    tls: Acceptor,
     verifier: Arc<ApplianceVerifier>,
     allowlist: Arc<Allowlist>,
     sessions: Arc<SessionTable>,
@@ -300,13 +367,10 @@ impl Broker {
             metrics.clone(),
             provider.clone(),
         )?);
-        let server_config =
-            crate::tls::server_config(&config, verifier.clone(), cert.clone(), provider)?;
-        let (sockets, granted) = crate::tls::bind_udp_group(
-            config.listen,
-            config.transport.endpoints,
-            config.transport.udp_recv_buffer,
-        )?;
+        let tls = crate::tls::tls_config(verifier.clone(), cert.clone(), provider)?;
+        let server_config = crate::tls::server_config(&config, tls.clone())?;
+        let (sockets, granted, tcp) = bind_sockets(&config)?;
+        let tcp_addr = tcp.as_ref().map(|l| l.local_addr()).transpose()?;
         metrics
             .udp_recv_buffer_bytes
             .set(i64::try_from(granted).unwrap_or(i64::MAX));
@@ -338,6 +402,9 @@ impl Broker {
         Ok(Arc::new(Broker {
             config,
             endpoints,
+            tcp: std::sync::Mutex::new(tcp),
+            tcp_addr,
+            tls: Acceptor(tokio_rustls::TlsAcceptor::from(Arc::new(tls))),
             verifier,
             allowlist,
             sessions,
@@ -354,6 +421,11 @@ impl Broker {
     /// The bound QUIC address (every endpoint's: they share it).
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
         self.endpoints[0].local_addr()
+    }
+
+    /// The bound TCP address, when `transport.tcp` is on.
+    pub fn tcp_addr(&self) -> Option<SocketAddr> {
+        self.tcp_addr
     }
 
     /// The session table.
@@ -398,9 +470,23 @@ impl Broker {
         info!(
             listen = %self.local_addr().map(|a| a.to_string()).unwrap_or_default(),
             endpoints = self.endpoints.len(),
+            tcp = %self.tcp_addr.map(|a| a.to_string()).unwrap_or_else(|| "off".into()),
             "accepting appliance connections"
         );
         let mut loops = tokio::task::JoinSet::new();
+        let tcp = self.tcp.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(listener) = tcp {
+            match tokio::net::TcpListener::from_std(listener) {
+                Ok(listener) => {
+                    loops.spawn(self.clone().tcp_accept_loop(
+                        listener,
+                        admission.clone(),
+                        shutdown.clone(),
+                    ));
+                }
+                Err(e) => warn!(error = %e, "cannot serve TCP"),
+            }
+        }
         for index in 0..self.endpoints.len() {
             loops.spawn(
                 self.clone()
@@ -433,34 +519,157 @@ impl Broker {
             };
             let Some(incoming) = incoming else { break };
             received.inc();
-            match admission.permits.clone().try_acquire_owned() {
-                Ok(permit) => {
-                    tokio::spawn(self.clone().handle_incoming(incoming, permit));
+            self.admit(&admission, incoming, Broker::handle_incoming, Broker::refuse);
+        }
+    }
+
+    /// A handshake permit for `item` if one is free, else a place in the shared queue,
+    /// else a refusal (`refuse` with the reason).
+    fn admit<T, F, Fut>(
+        self: &Arc<Self>,
+        admission: &Arc<Admission>,
+        item: T,
+        handle: F,
+        refuse: fn(&Broker, T, &'static str),
+    ) where
+        T: Send + 'static,
+        F: FnOnce(Arc<Broker>, T, tokio::sync::OwnedSemaphorePermit) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = ()> + Send + 'static,
+    {
+        match admission.permits.clone().try_acquire_owned() {
+            Ok(permit) => {
+                tokio::spawn(handle(self.clone(), item, permit));
+            }
+            Err(_) => {
+                if !admission.enqueue() {
+                    refuse(self, item, "queue_full");
+                    return;
                 }
-                Err(_) => {
-                    if !admission.enqueue() {
-                        self.refuse(incoming, "queue_full");
-                        continue;
+                self.metrics.incoming_pending.inc();
+                let this = self.clone();
+                let admission = admission.clone();
+                tokio::spawn(async move {
+                    let permit = tokio::time::timeout(
+                        admission.pending_timeout,
+                        admission.permits.clone().acquire_owned(),
+                    )
+                    .await;
+                    admission.dequeue();
+                    this.metrics.incoming_pending.dec();
+                    match permit {
+                        Ok(Ok(permit)) => handle(this, item, permit).await,
+                        _ => refuse(&this, item, "queue_timeout"),
                     }
-                    self.metrics.incoming_pending.inc();
-                    let this = self.clone();
-                    let admission = admission.clone();
-                    tokio::spawn(async move {
-                        let permit = tokio::time::timeout(
-                            admission.pending_timeout,
-                            admission.permits.clone().acquire_owned(),
-                        )
-                        .await;
-                        admission.dequeue();
-                        this.metrics.incoming_pending.dec();
-                        match permit {
-                            Ok(Ok(permit)) => this.handle_incoming(incoming, permit).await,
-                            _ => this.refuse(incoming, "queue_timeout"),
-                        }
-                    });
-                }
+                });
             }
         }
+    }
+
+    /// The TCP listener's accept loop: the same admission as QUIC's (one set of permits
+    /// and one queue for both transports).
+    async fn tcp_accept_loop(
+        self: Arc<Self>,
+        listener: tokio::net::TcpListener,
+        admission: Arc<Admission>,
+        shutdown: CancellationToken,
+    ) {
+        loop {
+            let accepted = tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => break,
+                accepted = listener.accept() => accepted,
+            };
+            let (stream, remote) = match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // Out of file descriptors, most likely: let connections finish.
+                    warn!(error = %e, "cannot accept a TCP connection");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            self.metrics.incoming_tcp.inc();
+            self.admit(
+                &admission,
+                (stream, remote),
+                |this, (stream, remote), permit| this.handle_tcp(stream, remote, permit),
+                |this, (_, remote), reason| this.refuse_tcp(remote, reason),
+            );
+        }
+    }
+
+    fn refuse_tcp(&self, remote: SocketAddr, reason: &'static str) {
+        self.metrics
+            .incoming_refused
+            .get_or_create(&Reason { reason })
+            .inc();
+        debug!(%remote, reason, "incoming TCP connection refused");
+    }
+
+    /// The TLS handshake over TCP, then the same checks and session as over QUIC.
+    async fn handle_tcp(
+        self: Arc<Self>,
+        stream: tokio::net::TcpStream,
+        remote: SocketAddr,
+        permit: tokio::sync::OwnedSemaphorePermit,
+    ) {
+        if self.is_draining() {
+            drop(permit);
+            return self.refuse_tcp(remote, "draining");
+        }
+        let started = Instant::now();
+        if let Err(e) = tether_transport::tcp::tune(&stream, self.config.transport.idle_timeout) {
+            debug!(%remote, error = %e, "cannot set TCP options");
+        }
+        self.metrics.handshakes_in_flight.inc();
+        let result =
+            tokio::time::timeout(self.config.limits.handshake_timeout, self.tls.0.accept(stream))
+                .await;
+        self.metrics.handshakes_in_flight.dec();
+        drop(permit);
+        let tls = match result {
+            Ok(Ok(tls)) => tls,
+            Ok(Err(e)) => return self.tcp_handshake_failed(remote, &e),
+            Err(_) => return self.count_handshake_failure(remote, "timeout", "handshake timed out"),
+        };
+        // QUIC requires ALPN; TLS lets a client offer none. Ours must say `tether/1`.
+        if tls.get_ref().1.alpn_protocol() != Some(tether_proto::ALPN) {
+            return self.count_handshake_failure(remote, "alpn", "no tether/1 ALPN");
+        }
+        let conn = tether_transport::tcp::Connection::server(
+            tls,
+            remote,
+            tether_transport::tcp::Settings {
+                max_streams: TCP_MAX_STREAMS,
+                protocol_error: u64::from(CloseCode::ProtocolError.code()),
+            },
+        );
+        self.admitted(conn.into(), remote, started);
+    }
+
+    fn tcp_handshake_failed(&self, remote: SocketAddr, e: &std::io::Error) {
+        let tls = e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>());
+        let kind = match tls {
+            Some(rustls::Error::NoCertificatesPresented) => {
+                self.verifier
+                    .record(&Rejection::NoCertificate, Some(remote));
+                return;
+            }
+            Some(rustls::Error::NoApplicationProtocol) => "alpn",
+            // Certificate refusals were counted and logged by the verifier.
+            Some(_) => "tls",
+            None if e.kind() == std::io::ErrorKind::InvalidData => "tls",
+            None => "peer_closed",
+        };
+        self.count_handshake_failure(remote, kind, &e.to_string());
+    }
+
+    fn count_handshake_failure(&self, remote: SocketAddr, kind: &'static str, error: &str) {
+        self.metrics
+            .handshake_failed
+            .get_or_create(&Kind { kind })
+            .inc();
+        debug!(%remote, kind, error, "handshake failed");
     }
 
     fn refuse(&self, incoming: quinn::Incoming, reason: &'static str) {
@@ -537,6 +746,17 @@ impl Broker {
             Ok(conn) => conn,
             Err(e) => return self.handshake_failed(remote, e),
         };
+        self.admitted(conn.into(), remote, started);
+    }
+
+    /// A completed handshake on either transport: identify the appliance again, then give
+    /// the session a task of its own.
+    fn admitted(
+        self: &Arc<Self>,
+        conn: tether_transport::Connection,
+        remote: SocketAddr,
+        started: Instant,
+    ) {
         let verified = match self.identify(&conn) {
             Ok(v) => v,
             Err(rejection) => {
@@ -550,6 +770,7 @@ impl Broker {
             }
         };
         self.metrics.handshakes_accepted.inc();
+        self.metrics.handshake_on(conn.transport());
         self.metrics
             .handshake_seconds
             .observe(started.elapsed().as_secs_f64());
@@ -557,6 +778,7 @@ impl Broker {
             "session",
             appliance = %verified.appliance(),
             conn = conn.stable_id(),
+            transport = conn.transport().as_str(),
             %remote
         );
         // The session gets a task of its own rather than running inside this one: this
@@ -564,20 +786,15 @@ impl Broker {
         // bytes), 2.2 KB in all against 0.9 KB for the session driver, and a task stays as
         // large as its largest state for as long as it lives — here the whole session.
         tokio::spawn(
-            self.serve_connection(conn, verified, remote)
+            self.clone()
+                .serve_connection(conn, verified, remote)
                 .instrument(span),
         );
     }
 
     /// Step 2 and 3 again, on the certificate rustls verified.
-    fn identify(&self, conn: &quinn::Connection) -> Result<VerifiedAppliance, Rejection> {
-        let certs = conn
-            .peer_identity()
-            .and_then(|id| {
-                id.downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
-                    .ok()
-            })
-            .ok_or(Rejection::NoCertificate)?;
+    fn identify(&self, conn: &tether_transport::Connection) -> Result<VerifiedAppliance, Rejection> {
+        let certs = conn.peer_certificates().ok_or(Rejection::NoCertificate)?;
         let leaf = certs.first().ok_or(Rejection::NoCertificate)?;
         self.verifier.identify(leaf)
     }
@@ -620,7 +837,7 @@ impl Broker {
     #[allow(clippy::manual_async_fn)] // see above: an `async fn` here costs 104 bytes a session
     fn serve_connection(
         self: Arc<Self>,
-        conn: quinn::Connection,
+        conn: tether_transport::Connection,
         verified: VerifiedAppliance,
         remote: SocketAddr,
     ) -> impl std::future::Future<Output = ()> + Send + 'static {
@@ -653,7 +870,7 @@ impl Broker {
                     }
                 }
                 tokio::select! {
-                    chunk = recv.read_chunk(READ_CHUNK, true) => {
+                    chunk = recv.read_chunk(READ_CHUNK) => {
                         if let ControlFlow::Break(code) =
                             self.on_read(&peer.conn, chunk, &mut decoder, &mut session)
                         {
@@ -741,14 +958,14 @@ impl Broker {
     /// the session is over (`None`: a protocol violation or a lost stream).
     fn on_read(
         &self,
-        conn: &quinn::Connection,
-        chunk: Result<Option<quinn::Chunk>, quinn::ReadError>,
+        conn: &tether_transport::Connection,
+        chunk: Result<Option<Bytes>, quinn::ReadError>,
         decoder: &mut FrameDecoder,
         session: &mut BrokerSession,
     ) -> ControlFlow<Option<CloseCode>> {
         match chunk {
             Ok(Some(chunk)) => {
-                decoder.push(&chunk.bytes);
+                decoder.push(&chunk);
                 if let Err(v) = self.handle_frames(decoder, session) {
                     self.violation(conn, v.kind(), &v.to_string());
                     return ControlFlow::Break(None);
@@ -901,6 +1118,7 @@ impl Broker {
             old.close(CloseCode::Superseded, &self.metrics);
         }
         self.metrics.sessions.inc();
+        self.metrics.session_on(conn.transport(), 1);
         // Generations that changed between `Welcome` and the insert went
         // to the older session (or nowhere): take the current one now.
         let generation = self.generations.get(verified.appliance());
@@ -926,7 +1144,7 @@ impl Broker {
     /// the session out of the table, recording why it ended.
     fn end_session(
         &self,
-        conn: &quinn::Connection,
+        conn: &tether_transport::Connection,
         code: Option<CloseCode>,
         info: Option<Arc<SessionInfo>>,
     ) {
@@ -950,6 +1168,7 @@ impl Broker {
                 debug!("session removed");
             }
             self.metrics.sessions.dec();
+            self.metrics.session_on(conn.transport(), -1);
             // Why it ended: a close from outside the driver (revoked, superseded, control)
             // wins over what the driver saw (a read error once the connection was closed).
             let reason = s
@@ -965,8 +1184,8 @@ impl Broker {
     /// The agent opens the session stream first; `None` when it did not in time.
     async fn accept_session_stream(
         &self,
-        conn: &quinn::Connection,
-    ) -> Option<(quinn::SendStream, quinn::RecvStream)> {
+        conn: &tether_transport::Connection,
+    ) -> Option<(tether_transport::SendStream, tether_transport::RecvStream)> {
         let stream = tokio::select! {
             s = conn.accept_bi() => s,
             _ = tokio::time::sleep(self.config.session.hello_timeout) => {
@@ -990,7 +1209,7 @@ impl Broker {
         Ok(())
     }
 
-    fn violation(&self, conn: &quinn::Connection, kind: &'static str, detail: &str) {
+    fn violation(&self, conn: &tether_transport::Connection, kind: &'static str, detail: &str) {
         self.metrics.protocol_error(kind);
         warn!(kind, detail, "protocol violation: closing connection");
         close(conn, CloseCode::ProtocolError, &self.metrics);
@@ -1261,7 +1480,7 @@ impl Broker {
 /// The connection a session driver serves and who is on the other end: one value the
 /// driver's future holds, lent whole to the phases that need more than the connection.
 struct Peer {
-    conn: quinn::Connection,
+    conn: tether_transport::Connection,
     verified: VerifiedAppliance,
     remote: SocketAddr,
 }
@@ -1289,12 +1508,12 @@ async fn renewal_changed(info: Option<&SessionInfo>) {
 }
 
 /// The stream of a command whose result arrived, with what was read after the result.
-type AfterResult = Option<(quinn::RecvStream, FrameDecoder)>;
+type AfterResult = Option<(tether_transport::RecvStream, FrameDecoder)>;
 
 /// Forward a command stream's frames to `tx` until the result; returns the final event and,
 /// after a result, the stream for [`expect_end`].
 async fn relay_command(
-    mut recv: quinn::RecvStream,
+    mut recv: tether_transport::RecvStream,
     tx: &mpsc::Sender<CommandEvent>,
     command_id: u64,
     max_frame_len: usize,
@@ -1306,7 +1525,7 @@ async fn relay_command(
     let mut sealed = false;
     loop {
         let chunk = tokio::select! {
-            c = recv.read_chunk(READ_CHUNK, true) => c,
+            c = recv.read_chunk(READ_CHUNK) => c,
             _ = tx.closed() => {
                 // The caller went away: cancel on the agent, which kills the process.
                 let _ = recv.stop(quinn::VarInt::from_u32(0));
@@ -1314,7 +1533,7 @@ async fn relay_command(
             }
         };
         match chunk {
-            Ok(Some(chunk)) => decoder.push(&chunk.bytes),
+            Ok(Some(chunk)) => decoder.push(&chunk),
             Ok(None) => {
                 // The agent finished its side without a result (or inside a frame): the
                 // command fails; the session stays (`docs/PROTOCOL.md` §6.1).
@@ -1434,7 +1653,7 @@ async fn relay_command(
 /// (the operator already has the result). An agent that neither finishes nor sends more
 /// within [`COMMAND_GRACE`] gets its stream stopped (STOP_SENDING 0), which is no error.
 async fn expect_end(
-    mut recv: quinn::RecvStream,
+    mut recv: tether_transport::RecvStream,
     decoder: FrameDecoder,
     session: &SessionInfo,
     metrics: &Metrics,
@@ -1443,9 +1662,9 @@ async fn expect_end(
     if trailing == 0 {
         let end = tokio::time::Instant::now() + COMMAND_GRACE;
         loop {
-            match tokio::time::timeout_at(end, recv.read_chunk(READ_CHUNK, true)).await {
-                Ok(Ok(Some(chunk))) if chunk.bytes.is_empty() => continue,
-                Ok(Ok(Some(chunk))) => trailing = chunk.bytes.len(),
+            match tokio::time::timeout_at(end, recv.read_chunk(READ_CHUNK)).await {
+                Ok(Ok(Some(chunk))) if chunk.is_empty() => continue,
+                Ok(Ok(Some(chunk))) => trailing = chunk.len(),
                 // Finished as it should be, or reset, or the connection is gone.
                 Ok(Ok(None)) | Ok(Err(_)) => {}
                 Err(_) => {
@@ -1487,7 +1706,7 @@ mod tests {
         let size = future_size(
             |(broker, conn, verified, remote): (
                 Arc<Broker>,
-                quinn::Connection,
+                tether_transport::Connection,
                 VerifiedAppliance,
                 SocketAddr,
             )| {

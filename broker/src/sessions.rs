@@ -34,7 +34,7 @@ pub struct SessionInfo {
     /// The capabilities the agent announced in `Hello` (`tether_proto::capability`).
     pub capabilities: Vec<String>,
     /// The connection, for commands and for closing.
-    pub connection: quinn::Connection,
+    pub connection: tether_transport::Connection,
     /// `notAfter` of the certificate, ms since the epoch (updated by heartbeats).
     pub cert_not_after_ms: AtomicI64,
     /// Wall time of the last heartbeat, ms since the epoch (0 = none yet).
@@ -111,7 +111,7 @@ impl SessionInfo {
 }
 
 /// Close `conn` with `code` (its name as the reason phrase) and count it.
-pub fn close(conn: &quinn::Connection, code: CloseCode, metrics: &Metrics) {
+pub fn close(conn: &tether_transport::Connection, code: CloseCode, metrics: &Metrics) {
     if conn.close_reason().is_none() {
         metrics
             .sessions_closed

@@ -165,15 +165,14 @@ impl rustls::client::ResolvesClientCert for CertStore {
     }
 }
 
-/// The QUIC server config: TLS 1.3, ALPN `tether/1`, the appliance verifier, no session
-/// resumption (a resumed handshake would skip the verifier), tuned transport. The
+/// The TLS configuration both transports serve: TLS 1.3, ALPN `tether/1`, the appliance
+/// verifier, no session resumption (a resumed handshake would skip the verifier). The
 /// certificate comes from `cert`, so a renewal takes effect without a restart.
-pub fn server_config(
-    cfg: &Config,
+pub fn tls_config(
     verifier: Arc<ApplianceVerifier>,
     cert: Arc<CertStore>,
     provider: Arc<CryptoProvider>,
-) -> Result<quinn::ServerConfig, TlsError> {
+) -> Result<rustls::ServerConfig, TlsError> {
     let mut tls = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(verifier)
@@ -182,6 +181,15 @@ pub fn server_config(
     tls.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
     tls.send_tls13_tickets = 0;
     tls.max_early_data_size = 0;
+    Ok(tls)
+}
+
+/// The QUIC server config: [`tls_config`] with a transport tuned for small control
+/// traffic.
+pub fn server_config(
+    cfg: &Config,
+    tls: rustls::ServerConfig,
+) -> Result<quinn::ServerConfig, TlsError> {
     let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
         .map_err(|e| TlsError::Quic(e.to_string()))?;
     let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));

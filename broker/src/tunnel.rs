@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 
 use bytes::BytesMut;
 use futures_util::{SinkExt, StreamExt};
-use quinn::{RecvStream, SendStream};
+use tether_transport::{RecvStream, SendStream};
 use serde::Serialize;
 use tether_proto::cluster::{TunnelAnswer, TUNNEL_DETACHED};
 use tether_proto::relay::{self, Chunk, ChunkCodec};
@@ -269,7 +269,7 @@ async fn serve(
 /// One local connection: a connection stream to the agent, then bytes both ways.
 /// Returns why it closed (`finished`, or the agent's reset reason).
 async fn connect(
-    conn: quinn::Connection,
+    conn: tether_transport::Connection,
     session_id: u64,
     mut tcp: tokio::net::TcpStream,
     max_frame_len: usize,

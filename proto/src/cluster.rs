@@ -327,6 +327,13 @@ pub struct SessionReport {
     /// commands under its customer's policy).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub capabilities: Vec<String>,
+    /// The transport the session uses: `quic` or `tcp` (absent from older brokers: QUIC).
+    #[serde(default = "default_transport")]
+    pub transport: String,
+}
+
+fn default_transport() -> String {
+    "quic".to_owned()
 }
 
 /// The latest heartbeat of one session.
@@ -541,6 +548,7 @@ mod tests {
             cert_not_after: 2,
             agent_version: "0.1".into(),
             capabilities: vec![],
+            transport: "tcp".into(),
         });
         assert_eq!(decode::<ToControl>(&encode(&up).unwrap()[4..]).unwrap(), up);
     }

@@ -328,8 +328,9 @@ fn print_detail(d: &ApplianceDetail) {
     match &d.connection {
         Some(c) => {
             println!(
-                "connected:          broker {} since {} (session {})",
+                "connected:          broker {} over {} since {} (session {})",
                 c.broker,
+                c.transport,
                 tether_control::domain::rfc3339(c.connected_at as i64),
                 c.session_id
             );

@@ -76,12 +76,23 @@ pub async fn run(cmd: BrokerCmd) -> anyhow::Result<()> {
                 Output::Json => print_json(&list)?,
                 Output::Table => {
                     println!(
-                        "{:<20} {:<8} {:<10} {:<22} {:>8} {:>9}  LAST SEEN",
-                        "NAME", "STATUS", "CHANNEL", "QUIC", "VERSION", "SESSIONS"
+                        "{:<20} {:<8} {:<10} {:<22} {:>8} {:>9} {:<18}  LAST SEEN",
+                        "NAME", "STATUS", "CHANNEL", "QUIC", "VERSION", "SESSIONS", "TRANSPORTS"
                     );
                     for b in &list.brokers {
+                        let transports = b
+                            .sessions_by_transport
+                            .as_ref()
+                            .filter(|t| !t.is_empty())
+                            .map(|t| {
+                                t.iter()
+                                    .map(|(k, v)| format!("{k}={v}"))
+                                    .collect::<Vec<_>>()
+                                    .join(",")
+                            })
+                            .unwrap_or_else(|| "-".into());
                         println!(
-                            "{:<20} {:<8} {:<10} {:<22} {:>8} {:>9}  {}",
+                            "{:<20} {:<8} {:<10} {:<22} {:>8} {:>9} {:<18}  {}",
                             b.name,
                             b.status.as_str(),
                             if b.connected { "up" } else { "down" },
@@ -92,6 +103,7 @@ pub async fn run(cmd: BrokerCmd) -> anyhow::Result<()> {
                             b.sessions
                                 .map(|v| v.to_string())
                                 .unwrap_or_else(|| "-".into()),
+                            transports,
                             b.last_seen.as_deref().unwrap_or("never"),
                         );
                     }

@@ -202,9 +202,14 @@ impl Cluster {
     pub fn links(&self) -> Vec<LinkInfo> {
         let sessions = {
             let p = lock(&self.presence);
-            let mut counts: HashMap<String, usize> = HashMap::new();
+            let mut counts: HashMap<String, std::collections::BTreeMap<String, usize>> =
+                HashMap::new();
             for pr in p.values() {
-                *counts.entry(pr.broker.clone()).or_default() += 1;
+                *counts
+                    .entry(pr.broker.clone())
+                    .or_default()
+                    .entry(pr.transport.clone())
+                    .or_default() += 1;
             }
             counts
         };
@@ -215,7 +220,8 @@ impl Cluster {
                 quic_addr: l.quic_addr.clone(),
                 connected_at: l.connected_at,
                 allowlist_version: l.applied.load(Ordering::Relaxed),
-                sessions: sessions.get(name).copied().unwrap_or(0),
+                sessions: sessions.get(name).map_or(0, |t| t.values().sum()),
+                sessions_by_transport: sessions.get(name).cloned().unwrap_or_default(),
             })
             .collect();
         out.sort_by(|a, b| a.broker.cmp(&b.broker));
@@ -423,6 +429,7 @@ impl Cluster {
                 connected_at: r.connected_at,
                 fingerprint: r.fingerprint,
                 agent_version: r.agent_version,
+                transport: r.transport,
                 cert_not_after: r.cert_not_after,
                 last_heartbeat: None,
                 trust_state: None,
@@ -513,6 +520,7 @@ mod tests {
             cert_not_after: 0,
             agent_version: "t".into(),
             capabilities: vec![],
+                transport: "quic".into(),
         }
     }
 

@@ -410,6 +410,7 @@ mod tests {
                 cert_not_after: 0,
                 agent_version: String::new(),
                 capabilities: vec![],
+                transport: "quic".into(),
             },
         );
         let c = Arc::new(c);

@@ -44,6 +44,8 @@ pub struct LinkInfo {
     pub allowlist_version: u64,
     /// Sessions it holds.
     pub sessions: usize,
+    /// Sessions it holds by transport (`quic`, `tcp`).
+    pub sessions_by_transport: std::collections::BTreeMap<String, usize>,
 }
 
 /// Default lifetime of a broker bundle.
@@ -185,6 +187,7 @@ pub async fn list(s: &Registry, now: UnixSeconds) -> Result<BrokerList, Error> {
                 connected: link.is_some(),
                 allowlist_version: link.map(|l| l.allowlist_version),
                 sessions: link.map(|l| l.sessions),
+                sessions_by_transport: link.map(|l| l.sessions_by_transport.clone()),
                 name: b.name,
             }
         })
