@@ -13,20 +13,23 @@
 use std::fmt;
 use std::net::SocketAddr;
 use std::str::FromStr;
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 
 use crate::command::CommandRunner;
-use crate::config::AgentConfig;
+use crate::config::{AgentConfig, TransportMode};
 use crate::credentials::Credentials;
 use crate::error::{AgentError, ConnectError};
 use crate::event::{AgentEvent, DisconnectReason};
-use crate::session::{connect, run_session, SessionContext, SessionEnd};
+use crate::session::{
+    connect, connect_tcp, run_session, Handover, QuicProbe, SessionContext, SessionEnd,
+};
 use crate::tls::client_config;
 use tether_identity::Backoff;
+use tether_transport::Connection;
 
 /// A session that was welcomed and lasted this long resets the backoff window: 10 s.
 pub const STABLE_SESSION: Duration = Duration::from_secs(10);
@@ -128,6 +131,11 @@ pub struct Agent {
     endpoint: quinn::Endpoint,
     brokers: Vec<BrokerAddr>,
     client_config: quinn::ClientConfig,
+    /// The TLS configuration of the TCP transport (the QUIC one's).
+    tls: Arc<rustls::ClientConfig>,
+    /// `auto`: when QUIC last failed to complete a handshake (TCP is used until
+    /// `quic_retry_every` later, or until a session on TCP finds QUIC working again).
+    quic_failed_at: Mutex<Option<Instant>>,
     runner: Arc<CommandRunner>,
     events: broadcast::Sender<AgentEvent>,
 }
@@ -159,7 +167,10 @@ impl Agent {
             return Err(AgentError::NoBrokers);
         }
         let client_config = client_config(&creds, &cfg)?;
+        let tls = crate::tls::tls_config(&creds)?;
         Ok(Agent {
+            tls,
+            quic_failed_at: Mutex::new(None),
             runner: Arc::new(CommandRunner::new(&cfg)),
             events: broadcast::channel(EVENT_CHANNEL_CAPACITY).0,
             cfg,
@@ -210,7 +221,13 @@ impl Agent {
             cfg: self.cfg.clone(),
             runner: self.runner.clone(),
             events: self.events.clone(),
+            probe: (self.cfg.transport == TransportMode::Auto).then(|| QuicProbe {
+                endpoint: self.endpoint.clone(),
+                client_config: self.client_config.clone(),
+            }),
         };
+        // A QUIC connection a session on TCP found working: the next session's.
+        let mut ready: Option<Connection> = None;
         let mut backoff = Backoff::new(self.cfg.backoff_initial, self.cfg.backoff_max);
         let mut index = fastrand::usize(..self.brokers.len());
         tracing::info!(
@@ -225,8 +242,9 @@ impl Agent {
                 break;
             }
             let target = &self.brokers[index];
+            let this_index = index;
             index = (index + 1) % self.brokers.len();
-            let result = self.attempt(target, &ctx, &shutdown).await;
+            let result = self.attempt(target, &ctx, &shutdown, ready.take()).await;
 
             let (delay, refused) = match result {
                 Err((_, ConnectError::Shutdown)) => break,
@@ -242,7 +260,7 @@ impl Agent {
                     }
                     self.delay_after(&reason, None, &mut backoff)
                 }
-                Ok((end, kept)) => {
+                Ok((end, Handover { kept, next })) => {
                     log_end(&end);
                     let _ = self.events.send(AgentEvent::Disconnected {
                         broker: Some(end.broker),
@@ -253,6 +271,16 @@ impl Agent {
                     }
                     if shutdown.is_cancelled() {
                         break;
+                    }
+                    if let Some(next) = next {
+                        // Straight onto the QUIC connection, to the same broker.
+                        *self
+                            .quic_failed_at
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner()) = None;
+                        ready = Some(next);
+                        index = this_index;
+                        continue;
                     }
                     if end.was_established() && end.duration >= STABLE_SESSION {
                         backoff.reset();
@@ -301,7 +329,7 @@ impl Agent {
 
     /// Close `old` (left after a `GoAway`) with `normal` once the next attempt ends in a
     /// session or a failure, or at shutdown; at the latest after the connect timeout.
-    fn close_after_next_attempt(&self, old: quinn::Connection, shutdown: &CancellationToken) {
+    fn close_after_next_attempt(&self, old: Connection, shutdown: &CancellationToken) {
         let mut events = self.events.subscribe();
         let shutdown = shutdown.clone();
         let limit = self.cfg.connect_timeout + Duration::from_secs(1);
@@ -333,7 +361,14 @@ impl Agent {
         target: &BrokerAddr,
         ctx: &SessionContext,
         shutdown: &CancellationToken,
-    ) -> Result<(SessionEnd, Option<quinn::Connection>), (Option<SocketAddr>, ConnectError)> {
+        ready: Option<Connection>,
+    ) -> Result<(SessionEnd, Handover), (Option<SocketAddr>, ConnectError)> {
+        if let Some(conn) = ready {
+            let addr = conn.remote_address();
+            tracing::info!(broker = %target, %addr, "continuing on QUIC");
+            let _ = self.events.send(AgentEvent::Connecting { broker: addr });
+            return Ok(run_session(conn, addr, ctx, shutdown).await);
+        }
         let addr = tokio::select! {
             r = target.resolve() => r.map_err(|e| (None, e))?,
             _ = shutdown.cancelled() => return Err((None, ConnectError::Shutdown)),
@@ -342,11 +377,82 @@ impl Agent {
         let _ = self.events.send(AgentEvent::Connecting { broker: addr });
         let server_name = target.server_name(addr);
         let conn = tokio::select! {
-            r = connect(&self.endpoint, addr, &server_name, self.client_config.clone(),
-                self.cfg.connect_timeout) => r.map_err(|e| (Some(addr), e))?,
+            r = self.connect(addr, &server_name) => r.map_err(|e| (Some(addr), e))?,
             _ = shutdown.cancelled() => return Err((Some(addr), ConnectError::Shutdown)),
         };
+        tracing::debug!(transport = %conn.transport(), "handshake complete");
         Ok(run_session(conn, addr, ctx, shutdown).await)
+    }
+
+    /// A connection to `addr` on the configured transport; `auto` falls back to TLS over
+    /// TCP when no QUIC handshake completes within `quic_fallback_after`, and remembers.
+    async fn connect(
+        &self,
+        addr: SocketAddr,
+        server_name: &str,
+    ) -> Result<Connection, ConnectError> {
+        let cfg = &self.cfg;
+        let tcp = || {
+            connect_tcp(
+                tokio::net::TcpStream::connect(addr),
+                server_name,
+                self.tls.clone(),
+                cfg.connect_timeout,
+            )
+        };
+        let quic = |timeout| {
+            connect(
+                &self.endpoint,
+                addr,
+                server_name,
+                self.client_config.clone(),
+                timeout,
+            )
+        };
+        match cfg.transport {
+            TransportMode::Quic => quic(cfg.connect_timeout).await,
+            TransportMode::Tcp => tcp().await,
+            TransportMode::Auto if self.quic_blocked() => tcp().await,
+            TransportMode::Auto => {
+                match quic(cfg.quic_fallback_after.min(cfg.connect_timeout)).await {
+                    Err(e) if falls_back(&e) => {
+                        tracing::warn!(error = %e,
+                            after = %humantime::format_duration(cfg.quic_fallback_after),
+                            retry_every = %humantime::format_duration(cfg.quic_retry_every),
+                            "no QUIC handshake: using TLS over TCP (QUIC is tried again now and then)");
+                        *self
+                            .quic_failed_at
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
+                        tcp().await
+                    }
+                    other => other,
+                }
+            }
+        }
+    }
+
+    /// `auto`: whether QUIC failed recently enough to go straight to TCP.
+    fn quic_blocked(&self) -> bool {
+        self.quic_failed_at
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some_and(|t| t.elapsed() < self.cfg.quic_retry_every)
+    }
+}
+
+/// Whether a failed QUIC attempt says UDP does not get through (so TCP may), rather than
+/// that the broker answered and refused.
+fn falls_back(e: &ConnectError) -> bool {
+    match e {
+        ConnectError::Timeout => true,
+        ConnectError::Handshake(r) => {
+            matches!(
+                r,
+                DisconnectReason::Transport(_) | DisconnectReason::TimedOut
+            )
+        }
+        _ => false,
     }
 }
 

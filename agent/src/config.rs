@@ -27,6 +27,50 @@ pub const DEFAULT_BACKOFF_MAX: Duration = Duration::from_secs(30);
 pub const DEFAULT_REVOKED_BACKOFF: Duration = Duration::from_secs(5 * 60);
 /// Default for [`AgentConfig::connect_timeout`]: 10 s.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default for [`AgentConfig::quic_fallback_after`]: 3 s.
+pub const DEFAULT_QUIC_FALLBACK_AFTER: Duration = Duration::from_secs(3);
+/// Default for [`AgentConfig::quic_retry_every`]: 5 min.
+pub const DEFAULT_QUIC_RETRY_EVERY: Duration = Duration::from_secs(300);
+/// Environment variable setting [`AgentConfig::transport`].
+pub const ENV_TRANSPORT: &str = "TETHER_AGENT_TRANSPORT";
+
+/// How the agent reaches its brokers.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TransportMode {
+    /// QUIC first; TLS over TCP when no QUIC handshake completes within
+    /// [`AgentConfig::quic_fallback_after`], remembered, with QUIC tried again now and
+    /// then ([`AgentConfig::quic_retry_every`]) and the session moved back once it works.
+    #[default]
+    Auto,
+    /// QUIC only.
+    Quic,
+    /// TLS over TCP only (through the egress proxy, if one is set).
+    Tcp,
+}
+
+impl TransportMode {
+    /// Its name: `auto`, `quic` or `tcp`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TransportMode::Auto => "auto",
+            TransportMode::Quic => "quic",
+            TransportMode::Tcp => "tcp",
+        }
+    }
+}
+
+impl std::str::FromStr for TransportMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(TransportMode::Auto),
+            "quic" => Ok(TransportMode::Quic),
+            "tcp" => Ok(TransportMode::Tcp),
+            other => Err(format!("unknown transport {other:?} (auto, quic or tcp)")),
+        }
+    }
+}
 
 /// Most commands an agent may be configured to run at once.
 pub const MAX_MAX_CONCURRENT_COMMANDS: usize = 1024;
@@ -96,6 +140,16 @@ pub struct AgentConfig {
     /// Default [`DEFAULT_CONNECT_TIMEOUT`] (10 s).
     #[serde(with = "humantime_serde")]
     pub connect_timeout: Duration,
+    /// How the agent reaches brokers: `auto` (default), `quic` or `tcp`.
+    pub transport: TransportMode,
+    /// `auto`: how long a QUIC handshake may take before TLS over TCP is tried. Default
+    /// [`DEFAULT_QUIC_FALLBACK_AFTER`] (3 s).
+    #[serde(with = "humantime_serde")]
+    pub quic_fallback_after: Duration,
+    /// `auto`, on TCP: how often QUIC is tried again. Default
+    /// [`DEFAULT_QUIC_RETRY_EVERY`] (5 min).
+    #[serde(with = "humantime_serde")]
+    pub quic_retry_every: Duration,
     /// Signed operations: the customer-owned directory with `approvers.toml` and
     /// `policy.toml`. Set, every command is decided by the customer's policy and signed
     /// approvals, and the agent announces `signed-ops/1`. Default: none (unsigned mode).
@@ -115,6 +169,9 @@ impl Default for AgentConfig {
             backoff_max: DEFAULT_BACKOFF_MAX,
             revoked_backoff: DEFAULT_REVOKED_BACKOFF,
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+            transport: TransportMode::Auto,
+            quic_fallback_after: DEFAULT_QUIC_FALLBACK_AFTER,
+            quic_retry_every: DEFAULT_QUIC_RETRY_EVERY,
             customer_dir: None,
             audit_log: None,
         }
@@ -133,6 +190,9 @@ impl fmt::Debug for AgentConfig {
             backoff_max,
             revoked_backoff,
             connect_timeout,
+            transport,
+            quic_fallback_after,
+            quic_retry_every,
             customer_dir,
             audit_log,
         } = self;
@@ -145,6 +205,9 @@ impl fmt::Debug for AgentConfig {
             .field("backoff_max", backoff_max)
             .field("revoked_backoff", revoked_backoff)
             .field("connect_timeout", connect_timeout)
+            .field("transport", transport)
+            .field("quic_fallback_after", quic_fallback_after)
+            .field("quic_retry_every", quic_retry_every)
             .field("customer_dir", customer_dir)
             .field("audit_log", audit_log)
             .finish()
@@ -205,6 +268,12 @@ impl AgentConfig {
         }
         if self.revoked_backoff.is_zero() {
             return Err(invalid("revoked_backoff", "must be greater than zero"));
+        }
+        if self.quic_fallback_after.is_zero() {
+            return Err(invalid("quic_fallback_after", "must be greater than zero"));
+        }
+        if self.quic_retry_every < Duration::from_secs(1) {
+            return Err(invalid("quic_retry_every", "must be at least 1s"));
         }
         if self.connect_timeout.is_zero() {
             return Err(invalid("connect_timeout", "must be greater than zero"));

@@ -297,6 +297,21 @@ struct RunArgs {
           value_name = "DURATION")]
     connect_timeout: Option<Duration>,
 
+    /// How to reach brokers: auto (QUIC, else TLS over TCP after --quic-fallback-after,
+    /// moving back to QUIC when it works again), quic or tcp [default: auto].
+    #[arg(long, env = tether_agent::config::ENV_TRANSPORT, value_name = "auto|quic|tcp")]
+    transport: Option<tether_agent::config::TransportMode>,
+
+    /// auto: how long a QUIC handshake may take before TCP is tried [default: 3s].
+    #[arg(long, env = "TETHER_AGENT_QUIC_FALLBACK_AFTER", value_parser = humantime::parse_duration,
+          value_name = "DURATION")]
+    quic_fallback_after: Option<Duration>,
+
+    /// auto, on TCP: how often QUIC is tried again [default: 5m].
+    #[arg(long, env = "TETHER_AGENT_QUIC_RETRY_EVERY", value_parser = humantime::parse_duration,
+          value_name = "DURATION")]
+    quic_retry_every: Option<Duration>,
+
     /// Signed operations: the customer-owned directory holding approvers.toml and
     /// policy.toml (the agent reads it, never writes it). Set, every command is decided by
     /// the customer's policy and signed approvals [default: unsigned mode].
@@ -353,7 +368,10 @@ impl RunArgs {
             backoff_initial,
             backoff_max,
             revoked_backoff,
-            connect_timeout
+            connect_timeout,
+            transport,
+            quic_fallback_after,
+            quic_retry_every
         );
         if let Some(dir) = self.customer_dir {
             agent.customer_dir = Some(dir);

@@ -11,11 +11,11 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::BytesMut;
-use quinn::{Connection, RecvStream, SendStream, VarInt};
 use tether_proto::{
     AgentSession, AgentSessionConfig, CloseCode, CommandOutcome, Frame, FrameDecoder, GoAway, Now,
     ProtocolViolation,
 };
+use tether_transport::{Connection, RecvStream, SendStream, VarInt};
 use tokio::sync::{broadcast, watch};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
@@ -62,6 +62,16 @@ pub struct SessionEnd {
     pub go_away_received: Option<Instant>,
 }
 
+/// How a session left its connection: the connection kept open after a `GoAway` or a
+/// move to QUIC (closed by the caller once the next session is up), and the QUIC
+/// connection to the same broker that a session on TCP found working again, which the
+/// next session runs on (make before break).
+#[derive(Default)]
+pub(crate) struct Handover {
+    pub kept: Option<Connection>,
+    pub next: Option<Connection>,
+}
+
 impl SessionEnd {
     /// Whether the broker welcomed the agent.
     pub fn was_established(&self) -> bool {
@@ -77,6 +87,100 @@ pub(crate) struct SessionContext {
     pub cfg: AgentConfig,
     pub runner: Arc<CommandRunner>,
     pub events: broadcast::Sender<AgentEvent>,
+    /// `auto` transport: how a session on TCP tries QUIC again.
+    pub probe: Option<QuicProbe>,
+}
+
+/// What a session on TCP needs to try QUIC to its broker again (`auto` transport).
+#[derive(Clone)]
+pub(crate) struct QuicProbe {
+    pub endpoint: quinn::Endpoint,
+    pub client_config: quinn::ClientConfig,
+}
+
+/// Yamux settings of the agent's side of a TCP connection: the broker opens a stream per
+/// command and tunnel connection.
+const TCP_SETTINGS: tether_transport::tcp::Settings = tether_transport::tcp::Settings {
+    max_streams: 256,
+    protocol_error: CloseCode::ProtocolError.code() as u64,
+};
+
+/// Start a TLS-over-TCP connection to `broker` and wait for the handshake (at most
+/// `timeout`). `tcp` is the connected socket's future (direct, or through a proxy).
+pub async fn connect_tcp<F>(
+    tcp: F,
+    server_name: &str,
+    tls: Arc<rustls::ClientConfig>,
+    timeout: Duration,
+) -> Result<Connection, ConnectError>
+where
+    F: std::future::Future<Output = std::io::Result<tokio::net::TcpStream>>,
+{
+    let name = rustls::pki_types::ServerName::try_from(server_name.to_owned()).map_err(|e| {
+        ConnectError::Handshake(DisconnectReason::Transport(format!(
+            "bad server name {server_name:?}: {e}"
+        )))
+    })?;
+    let handshake = async {
+        let tcp = tcp.await.map_err(|e| {
+            ConnectError::Handshake(DisconnectReason::Transport(format!("tcp: {e}")))
+        })?;
+        if let Err(e) = tether_transport::tcp::tune(&tcp, crate::tls::IDLE_TIMEOUT) {
+            tracing::debug!(error = %e, "cannot set TCP options");
+        }
+        let tls = tokio_rustls::TlsConnector::from(tls)
+            .connect(name, tcp)
+            .await
+            .map_err(|e| ConnectError::Handshake(tls_failure(&e)))?;
+        Ok(Connection::from(tether_transport::tcp::Connection::client(
+            tls,
+            TCP_SETTINGS,
+        )))
+    };
+    match tokio::time::timeout(timeout, handshake).await {
+        Ok(r) => r,
+        Err(_) => Err(ConnectError::Timeout),
+    }
+}
+
+/// A TLS handshake failure over TCP, in the words QUIC's would have.
+fn tls_failure(e: &std::io::Error) -> DisconnectReason {
+    match e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) {
+        Some(rustls::Error::AlertReceived(alert)) => DisconnectReason::TlsAlert {
+            alert: u8::from(*alert),
+            by_peer: true,
+        },
+        Some(other) => DisconnectReason::Transport(format!("tls: {other}")),
+        None => DisconnectReason::Transport(format!("tls: {e}")),
+    }
+}
+
+/// Try QUIC to `broker` every `every` until a handshake completes; never without `probe`.
+async fn quic_probe(
+    probe: Option<&QuicProbe>,
+    broker: SocketAddr,
+    every: Duration,
+    timeout: Duration,
+) -> Connection {
+    let Some(p) = probe else {
+        return std::future::pending().await;
+    };
+    let server_name = broker.ip().to_string();
+    loop {
+        tokio::time::sleep(every).await;
+        match connect(
+            &p.endpoint,
+            broker,
+            &server_name,
+            p.client_config.clone(),
+            timeout,
+        )
+        .await
+        {
+            Ok(c) => return c,
+            Err(e) => tracing::debug!(error = %e, "QUIC still unavailable; staying on TCP"),
+        }
+    }
 }
 
 fn now() -> Now {
@@ -102,7 +206,7 @@ pub async fn connect(
 ) -> Result<Connection, ConnectError> {
     let connecting = endpoint.connect_with(client_config, broker, server_name)?;
     match tokio::time::timeout(timeout, connecting).await {
-        Ok(Ok(conn)) => Ok(conn),
+        Ok(Ok(conn)) => Ok(conn.into()),
         Ok(Err(e)) => Err(ConnectError::Handshake(
             DisconnectReason::from_connection_error(&e, None),
         )),
@@ -125,14 +229,15 @@ pub async fn connect_once(
         cfg: cfg.clone(),
         runner: Arc::new(CommandRunner::new(cfg)),
         events: broadcast::channel(16).0,
+        probe: None,
     };
     let server_name = broker.ip().to_string();
     let conn = tokio::select! {
         r = connect(endpoint, broker, &server_name, client_config, cfg.connect_timeout) => r?,
         _ = shutdown.cancelled() => return Err(ConnectError::Shutdown),
     };
-    let (end, kept) = run_session(conn, broker, &ctx, shutdown).await;
-    if let Some(old) = kept {
+    let (end, handover) = run_session(conn, broker, &ctx, shutdown).await;
+    for old in handover.kept.into_iter().chain(handover.next) {
         old.close(
             VarInt::from_u32(CloseCode::Normal.code()),
             CloseCode::Normal.as_str().as_bytes(),
@@ -155,7 +260,7 @@ pub(crate) async fn run_session(
     broker: SocketAddr,
     ctx: &SessionContext,
     shutdown: &CancellationToken,
-) -> (SessionEnd, Option<Connection>) {
+) -> (SessionEnd, Handover) {
     let span = tracing::info_span!("session", %broker, conn_id = conn.stable_id());
     async {
         let started = Instant::now();
@@ -170,6 +275,7 @@ pub(crate) async fn run_session(
             commands: JoinSet::new(),
             draining: CancellationToken::new(),
             handed_over: false,
+            upgrade: None,
             peer_max_frame_len: watch::channel(0).0,
             status_generation: None,
             tunnel_status: Vec::new(),
@@ -202,7 +308,8 @@ pub(crate) async fn run_session(
             go_away: driver.go_away,
             go_away_received: driver.go_away_received,
         };
-        (end, kept)
+        let next = driver.upgrade.take();
+        (end, Handover { kept, next })
     }
     .instrument(span)
     .await
@@ -221,6 +328,8 @@ struct Driver<'a> {
     draining: CancellationToken,
     /// Left after a `GoAway` with the connection still open, for the caller to close.
     handed_over: bool,
+    /// A QUIC connection found working while this session ran on TCP.
+    upgrade: Option<Connection>,
     /// The broker's frame limit from `Welcome` (0 until it arrives): every frame sent on
     /// this connection fits it.
     peer_max_frame_len: watch::Sender<usize>,
@@ -337,6 +446,17 @@ impl Driver<'_> {
             i.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             i
         });
+        // `auto` on TCP: try QUIC now and then; once it works, move (make before break).
+        let cfg = &self.ctx.cfg;
+        let probing = self.conn.transport() == tether_transport::Transport::Tcp
+            && cfg.transport == crate::config::TransportMode::Auto;
+        let probe = quic_probe(
+            self.ctx.probe.as_ref().filter(|_| probing),
+            self.broker,
+            cfg.quic_retry_every,
+            cfg.quic_fallback_after.max(cfg.connect_timeout),
+        );
+        tokio::pin!(probe);
 
         loop {
             // 1. Write whatever the state machine queued.
@@ -356,7 +476,7 @@ impl Driver<'_> {
                     tracing::info!("shutting down session");
                     return self.close(CloseCode::Normal);
                 }
-                chunk = recv.read_chunk(READ_CHUNK, true) => {
+                chunk = recv.read_chunk(READ_CHUNK) => {
                     if let ControlFlow::Break(reason) =
                         self.on_read(chunk, &mut decoder, &mut session)
                     {
@@ -380,6 +500,11 @@ impl Driver<'_> {
                 Some(_) = self.commands.join_next(), if !self.commands.is_empty() => {}
                 _ = tick(&mut status_check), if status_check.is_some() => {
                     self.report_status(&mut session);
+                }
+                quic = &mut probe, if self.session_id.is_some() && leave_at.is_none() => {
+                    tracing::info!("QUIC works again: moving the session to QUIC (make before break)");
+                    self.upgrade = Some(quic);
+                    return self.hand_over();
                 }
                 _ = sleep_until(leave_at), if leave_at.is_some() => {
                     // Stay until the delay the broker asked for has passed (it spreads
@@ -530,13 +655,13 @@ impl Driver<'_> {
     /// when the session ended.
     fn on_read(
         &mut self,
-        chunk: Result<Option<quinn::Chunk>, quinn::ReadError>,
+        chunk: Result<Option<bytes::Bytes>, quinn::ReadError>,
         decoder: &mut FrameDecoder,
         session: &mut AgentSession,
     ) -> ControlFlow<Option<DisconnectReason>> {
         match chunk {
             Ok(Some(chunk)) => {
-                decoder.push(&chunk.bytes);
+                decoder.push(&chunk);
                 let t = now();
                 loop {
                     match decoder.poll_frame() {
@@ -809,7 +934,7 @@ async fn read_first_frame(
 /// never when it merely finishes its side.
 async fn wait_reset(recv: &mut RecvStream) {
     loop {
-        match recv.read_chunk(READ_CHUNK, true).await {
+        match recv.read_chunk(READ_CHUNK).await {
             Ok(Some(_)) => continue, // nothing more is expected; discard
             Ok(None) => return std::future::pending().await,
             Err(_) => return,

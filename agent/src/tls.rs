@@ -33,6 +33,16 @@ pub fn client_config(
     creds: &Credentials,
     cfg: &AgentConfig,
 ) -> Result<quinn::ClientConfig, CredentialError> {
+    let quic = QuicClientConfig::try_from(tls_config(creds)?)
+        .map_err(|e| CredentialError::Tls(e.to_string()))?;
+    let mut config = quinn::ClientConfig::new(Arc::new(quic));
+    config.transport_config(Arc::new(transport_config(cfg)));
+    Ok(config)
+}
+
+/// The TLS configuration both transports use: TLS 1.3, the appliance certificate, the
+/// broker verifier, ALPN `tether/1`, no resumption.
+pub fn tls_config(creds: &Credentials) -> Result<Arc<rustls::ClientConfig>, CredentialError> {
     let verifier = Arc::new(broker_verifier(creds.ca_certs(), creds.trust_domain())?);
     let mut provider = rustls::crypto::ring::default_provider();
     // Prefer AES-128-GCM-SHA256: same security margin for this use, no SHA-384 cost.
@@ -49,12 +59,7 @@ pub fn client_config(
     // Session tickets would let a revoked certificate's session resume; none needed.
     tls.resumption = rustls::client::Resumption::disabled();
     tls.enable_early_data = false;
-
-    let quic = QuicClientConfig::try_from(Arc::new(tls))
-        .map_err(|e| CredentialError::Tls(e.to_string()))?;
-    let mut config = quinn::ClientConfig::new(Arc::new(quic));
-    config.transport_config(Arc::new(transport_config(cfg)));
-    Ok(config)
+    Ok(Arc::new(tls))
 }
 
 fn transport_config(cfg: &AgentConfig) -> TransportConfig {

@@ -31,7 +31,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::BytesMut;
-use quinn::{RecvStream, SendStream, VarInt};
 use tether_ops::manifest::ApprovalRef;
 use tether_ops::session::{
     ConnectionRecord, CredentialRecord, SessionManifest, Teardown, MAX_LISTED_CONNECTIONS,
@@ -42,6 +41,7 @@ use tether_proto::{
     Frame, TunnelClose, TunnelCloseReason, TunnelConnect, TunnelConnected, TunnelEnded, TunnelOpen,
     TunnelPlan, TunnelReady,
 };
+use tether_transport::{RecvStream, SendStream, VarInt};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;

@@ -146,6 +146,7 @@ impl Running {
             version = env!("CARGO_PKG_VERSION"),
             quic = %broker.local_addr()?,
             quic_endpoints = config.transport.endpoints,
+            tcp = %broker.tcp_addr().map(|a| a.to_string()).unwrap_or_else(|| "off".into()),
             admin = %admin.local_addr()?,
             trust_domain = %config.trust_domain,
             mode = if config.control_mode() { "control" } else { "standalone" },

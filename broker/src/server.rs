@@ -85,7 +85,11 @@ impl std::fmt::Debug for Acceptor {
 /// `listen` on port 0 and no `tcp_listen`, TCP takes the port number UDP got.
 fn bind_sockets(
     config: &Config,
-) -> anyhow::Result<(Vec<std::net::UdpSocket>, usize, Option<std::net::TcpListener>)> {
+) -> anyhow::Result<(
+    Vec<std::net::UdpSocket>,
+    usize,
+    Option<std::net::TcpListener>,
+)> {
     let t = &config.transport;
     let mut attempt = 0;
     loop {
@@ -519,7 +523,12 @@ impl Broker {
             };
             let Some(incoming) = incoming else { break };
             received.inc();
-            self.admit(&admission, incoming, Broker::handle_incoming, Broker::refuse);
+            self.admit(
+                &admission,
+                incoming,
+                Broker::handle_incoming,
+                Broker::refuse,
+            );
         }
     }
 
@@ -622,15 +631,19 @@ impl Broker {
             debug!(%remote, error = %e, "cannot set TCP options");
         }
         self.metrics.handshakes_in_flight.inc();
-        let result =
-            tokio::time::timeout(self.config.limits.handshake_timeout, self.tls.0.accept(stream))
-                .await;
+        let result = tokio::time::timeout(
+            self.config.limits.handshake_timeout,
+            self.tls.0.accept(stream),
+        )
+        .await;
         self.metrics.handshakes_in_flight.dec();
         drop(permit);
         let tls = match result {
             Ok(Ok(tls)) => tls,
             Ok(Err(e)) => return self.tcp_handshake_failed(remote, &e),
-            Err(_) => return self.count_handshake_failure(remote, "timeout", "handshake timed out"),
+            Err(_) => {
+                return self.count_handshake_failure(remote, "timeout", "handshake timed out")
+            }
         };
         // QUIC requires ALPN; TLS lets a client offer none. Ours must say `tether/1`.
         if tls.get_ref().1.alpn_protocol() != Some(tether_proto::ALPN) {
@@ -793,7 +806,10 @@ impl Broker {
     }
 
     /// Step 2 and 3 again, on the certificate rustls verified.
-    fn identify(&self, conn: &tether_transport::Connection) -> Result<VerifiedAppliance, Rejection> {
+    fn identify(
+        &self,
+        conn: &tether_transport::Connection,
+    ) -> Result<VerifiedAppliance, Rejection> {
         let certs = conn.peer_certificates().ok_or(Rejection::NoCertificate)?;
         let leaf = certs.first().ok_or(Rejection::NoCertificate)?;
         self.verifier.identify(leaf)

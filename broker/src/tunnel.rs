@@ -12,13 +12,13 @@ use std::sync::{Arc, Mutex};
 
 use bytes::BytesMut;
 use futures_util::{SinkExt, StreamExt};
-use tether_transport::{RecvStream, SendStream};
 use serde::Serialize;
 use tether_proto::cluster::{TunnelAnswer, TUNNEL_DETACHED};
 use tether_proto::relay::{self, Chunk, ChunkCodec};
 use tether_proto::{
     Frame, TunnelCloseReason, TunnelConnect, TunnelOpen, TunnelReady, FRAME_HEADER_LEN,
 };
+use tether_transport::{RecvStream, SendStream};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};

@@ -126,6 +126,8 @@ udp_recv_buffer = 4194304
 pub struct BrokerProc {
     pub child: Child,
     pub quic: SocketAddr,
+    /// The TCP address, when the broker serves TCP.
+    pub tcp: Option<SocketAddr>,
     pub admin: SocketAddr,
     pub logs: Arc<Mutex<Vec<String>>>,
 }
@@ -177,6 +179,7 @@ impl BrokerProc {
                 .unwrap()
         };
         BrokerProc {
+            tcp: v["fields"]["tcp"].as_str().and_then(|a| a.parse().ok()),
             quic: field("quic"),
             admin: field("admin"),
             child,

@@ -203,6 +203,14 @@ pub enum SendStream {
 }
 
 impl SendStream {
+    /// The stream's id on its connection (QUIC's stream id, yamux's on TCP).
+    pub fn id(&self) -> u64 {
+        match self {
+            SendStream::Quic(s) => VarInt::from(s.id()).into_inner(),
+            SendStream::Tcp(s) => s.id(),
+        }
+    }
+
     /// Write all of `buf`.
     pub async fn write_all(&mut self, buf: &[u8]) -> Result<(), WriteError> {
         match self {

@@ -551,6 +551,20 @@ fn lost(e: &yamux::ConnectionError) -> ConnectionError {
         yamux::ConnectionError::Io(io) if io.kind() == std::io::ErrorKind::TimedOut => {
             ConnectionError::TimedOut
         }
+        // The peer's TLS alert (a broker refusing our certificate after the handshake, as
+        // TLS 1.3 lets it): what QUIC reports as a CONNECTION_CLOSE with the crypto code.
+        yamux::ConnectionError::Io(io) => {
+            match io.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) {
+                Some(rustls::Error::AlertReceived(alert)) => {
+                    ConnectionError::ConnectionClosed(quinn::ConnectionClose {
+                        error_code: quinn::TransportErrorCode::crypto(u8::from(*alert)),
+                        frame_type: None,
+                        reason: Bytes::from(format!("TLS alert {alert:?}")),
+                    })
+                }
+                _ => ConnectionError::Reset,
+            }
+        }
         yamux::ConnectionError::Closed => ConnectionError::LocallyClosed,
         _ => ConnectionError::Reset,
     }
@@ -829,6 +843,11 @@ impl SendStream {
             return Poll::Ready(Err(WriteError::ConnectionLost(ConnectionError::Reset)));
         }
         Poll::Ready(Ok(n))
+    }
+
+    /// The yamux stream id.
+    pub fn id(&self) -> u64 {
+        u64::from(self.shared.id)
     }
 
     /// Write all of `buf`.

@@ -520,7 +520,7 @@ mod tests {
             cert_not_after: 0,
             agent_version: "t".into(),
             capabilities: vec![],
-                transport: "quic".into(),
+            transport: "quic".into(),
         }
     }
 
