@@ -32,6 +32,9 @@ use tether_control::store::{Appliance, Store, StoreError};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+/// Every this many appliances, one connects over TLS/TCP instead of QUIC.
+const TCP_EVERY: usize = 4;
+
 /// Trust domain of the local fleet.
 pub const TRUST_DOMAIN: &str = "tether.local";
 /// Tenant of the simulated appliances (`tether exec --selector tenant=demo`).
@@ -367,7 +370,7 @@ pub async fn run(opts: UpOptions, shutdown: CancellationToken) -> anyhow::Result
     let connected = wait_connected(opts.appliances, &mut rx, &shutdown).await?;
     if !shutdown.is_cancelled() {
         println!(
-            "ready: {} appliances connected (in {:.1?})\n",
+            "ready: {} appliances connected (in {:.1?}; every {TCP_EVERY}th over TLS/TCP)\n",
             connected.len(),
             started.elapsed()
         );
@@ -519,10 +522,20 @@ fn start_fleet(
         let mut order: Vec<tether_agent::BrokerAddr> =
             brokers.iter().map(|b| b.quic.into()).collect();
         order.rotate_left(i % brokers.len());
+        // Every fourth appliance speaks TLS over TCP, as one behind a network that drops
+        // UDP would; the rest QUIC, falling back by themselves if they must.
+        let agent = tether_agent::AgentConfig {
+            transport: if i % TCP_EVERY == 0 {
+                tether_agent::config::TransportMode::Tcp
+            } else {
+                tether_agent::config::TransportMode::Auto
+            },
+            ..tether_agent::AgentConfig::default()
+        };
         let supervisor = tether_agent::supervisor::Supervisor {
             state_dir: layout.appliance(&id),
             brokers: order,
-            agent: tether_agent::AgentConfig::default(),
+            agent,
             renew_before: Duration::from_secs(86_400),
             renew_check_every: Duration::from_secs(3600),
         };
@@ -596,7 +609,7 @@ fn print_where(opts: &UpOptions, layout: &Layout, control: &LocalControl, broker
         name, quic, admin, ..
     } in brokers
     {
-        println!("  broker {name} (QUIC):   {quic}      metrics: http://{admin}/metrics");
+        println!("  broker {name} (QUIC+TCP): {quic}    metrics: http://{admin}/metrics");
     }
     println!("  data directory:         {data}\n");
     println!("Try, in another terminal (the local admin is logged in there):");
