@@ -20,6 +20,7 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use crate::credentials::{CA_FILE, CERT_FILE, KEY_FILE};
+use crate::proxy::{ProxyConfig, ProxyError};
 
 /// State file written next to the credential.
 pub const STATE_FILE: &str = "state.json";
@@ -43,6 +44,8 @@ pub struct EnrollOptions {
     pub proof: EnrollProof,
     /// Where to store the credential.
     pub state_dir: PathBuf,
+    /// How to reach control: direct, or through an HTTP proxy.
+    pub proxy: ProxyConfig,
 }
 
 /// Why enrollment failed.
@@ -77,6 +80,10 @@ pub enum EnrollError {
              (tether-control token create {0}) and the appliance run `tether-agent enroll` again"
     )]
     NeedsToken(String),
+    /// The proxy configuration is unusable (`--proxy`, `HTTPS_PROXY`, `NO_PROXY`): fix it,
+    /// retrying cannot help.
+    #[error(transparent)]
+    Proxy(#[from] ProxyError),
     /// `state.json` is unreadable.
     #[error("bad enrollment state: {0}")]
     State(String),
@@ -140,16 +147,27 @@ impl EnrollState {
     }
 }
 
-/// An HTTPS client that trusts only `ca_pem` (ring provider, TLS 1.3).
+/// An HTTPS client that trusts only `ca_pem` (ring provider, TLS 1.3), through the proxy
+/// of the process environment (`HTTPS_PROXY`, `NO_PROXY`: [`ProxyConfig::from_env`]).
 pub fn http_client(ca_pem: &[u8]) -> Result<reqwest::Client, EnrollError> {
     http_client_with(ca_pem, None)
 }
 
 /// As [`http_client`], presenting `identity` (certificate chain PEM, key PEM) as the
-/// client certificate: how the agent renews.
+/// client certificate.
 pub fn http_client_with(
     ca_pem: &[u8],
     identity: Option<(&[u8], &[u8])>,
+) -> Result<reqwest::Client, EnrollError> {
+    http_client_with_proxy(ca_pem, identity, &ProxyConfig::from_env(None)?)
+}
+
+/// As [`http_client_with`], reaching control as `proxy` says (and never as reqwest's own
+/// reading of the environment would): how the agent enrolls and renews.
+pub fn http_client_with_proxy(
+    ca_pem: &[u8],
+    identity: Option<(&[u8], &[u8])>,
+    proxy: &ProxyConfig,
 ) -> Result<reqwest::Client, EnrollError> {
     let mut roots = rustls::RootCertStore::empty();
     for cert in rustls_pemfile::certs(&mut &ca_pem[..]).flatten() {
@@ -177,7 +195,12 @@ pub fn http_client_with(
         }
     };
     tls.alpn_protocols = vec![b"http/1.1".to_vec()];
-    reqwest::Client::builder()
+    // `no_proxy()` first: reqwest must not add proxies of its own from the environment.
+    let mut builder = reqwest::Client::builder().no_proxy();
+    if let Some(p) = proxy.reqwest_proxy() {
+        builder = builder.proxy(p);
+    }
+    builder
         .use_preconfigured_tls(tls)
         .timeout(HTTP_TIMEOUT)
         .redirect(reqwest::redirect::Policy::none())
@@ -238,7 +261,7 @@ pub fn key_and_csr(appliance_id: &str) -> Result<(String, String), EnrollError> 
 
 /// Enroll and store the credential. Returns what was recorded in `state.json`.
 pub async fn enroll(opts: &EnrollOptions) -> Result<EnrollState, EnrollError> {
-    let client = http_client(&opts.ca_pem)?;
+    let client = http_client_with_proxy(&opts.ca_pem, None, &opts.proxy)?;
     let base = opts.control_url.trim_end_matches('/');
     let (key_pem, csr_pem) = key_and_csr(&opts.appliance_id)?;
     let challenge: Challenge = post(
