@@ -208,17 +208,30 @@ pub fn http_client_with_proxy(
         .map_err(|e| EnrollError::Transport(e.to_string()))
 }
 
+/// Time allowed to ask a proxy why a tunnel failed ([`proxy_failure`]).
+const PROXY_PROBE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// POST `body` as JSON with `client` (built for `proxy`), and read a JSON answer.
 pub(crate) async fn post<T: serde::de::DeserializeOwned>(
     client: &reqwest::Client,
+    proxy: &ProxyConfig,
     url: String,
     body: &impl serde::Serialize,
 ) -> Result<T, EnrollError> {
-    let resp = client
-        .post(&url)
-        .json(body)
-        .send()
-        .await
-        .map_err(|e| EnrollError::Transport(format!("{url}: {e}")))?;
+    let resp = match client.post(&url).json(body).send().await {
+        Ok(resp) => resp,
+        Err(e) => {
+            if e.is_connect() {
+                if let Some(why) = proxy_failure(proxy, &url).await {
+                    return Err(EnrollError::Transport(format!("{url}: {why}")));
+                }
+            }
+            return Err(EnrollError::Transport(format!(
+                "{url}: {}",
+                with_causes(&e)
+            )));
+        }
+    };
     let status = resp.status();
     let bytes = resp
         .bytes()
@@ -240,6 +253,35 @@ pub(crate) async fn post<T: serde::de::DeserializeOwned>(
     }
     serde_json::from_slice(&bytes)
         .map_err(|e| EnrollError::Transport(format!("bad answer from {url}: {e}")))
+}
+
+/// When a request through a proxy could not connect, reqwest says only "tunnel error":
+/// open one tunnel ourselves to learn why (407 and the credentials refused, 403, the proxy
+/// unreachable). `None` when no proxy applies or the tunnel opens now.
+async fn proxy_failure(proxy: &ProxyConfig, url: &str) -> Option<String> {
+    let url = reqwest::Url::parse(url).ok()?;
+    let (host, port) = (url.host_str()?, url.port_or_known_default()?);
+    let p = proxy.proxy_for(host, port)?;
+    match p.connect(host, port, PROXY_PROBE_TIMEOUT).await {
+        Ok(_) => None,
+        Err(e) => Some(e.to_string()),
+    }
+}
+
+/// `e` and its causes, `: `-separated: reqwest's own message alone hides why a connection
+/// failed (refused, TLS, a proxy's tunnel refused).
+fn with_causes(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let text = c.to_string();
+        if !s.contains(&text) {
+            s.push_str(": ");
+            s.push_str(&text);
+        }
+        cause = c.source();
+    }
+    s
 }
 
 /// A fresh P-256 key and a CSR for it, PEM.
@@ -266,6 +308,7 @@ pub async fn enroll(opts: &EnrollOptions) -> Result<EnrollState, EnrollError> {
     let (key_pem, csr_pem) = key_and_csr(&opts.appliance_id)?;
     let challenge: Challenge = post(
         &client,
+        &opts.proxy,
         format!("{base}/v1/enroll/challenge"),
         &serde_json::json!({}),
     )
@@ -273,6 +316,7 @@ pub async fn enroll(opts: &EnrollOptions) -> Result<EnrollState, EnrollError> {
     let proof = opts.proof.build(&challenge.nonce).await?;
     let resp: EnrollResponse = post(
         &client,
+        &opts.proxy,
         format!("{base}/v1/enroll"),
         &EnrollRequest {
             appliance_id: opts.appliance_id.clone(),

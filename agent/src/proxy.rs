@@ -82,10 +82,12 @@ pub enum ProxyError {
     /// The destination cannot be written in a `CONNECT` request (our caller's input).
     #[error("invalid destination host {0:?}")]
     InvalidTarget(String),
-    /// The proxy answered 407: it wants credentials, or refused the ones sent. Retrying
-    /// with the same credentials cannot help.
+    /// The proxy answered 407 (proxy authentication required): it wants credentials, or
+    /// refused the ones sent. Retrying with the same credentials cannot help. Some proxies
+    /// (tinyproxy) answer 401 to wrong credentials: a `CONNECT` is answered by the proxy
+    /// itself, so that is taken as the same.
     #[error(
-        "proxy {proxy} requires authentication (407 proxy authentication required): {}",
+        "proxy {proxy} requires authentication ({status} proxy authentication required): {}",
         if *sent_credentials {
             "it refused the configured credentials"
         } else {
@@ -95,6 +97,8 @@ pub enum ProxyError {
     AuthRequired {
         /// The proxy (redacted).
         proxy: String,
+        /// The status: 407, or 401 from proxies that use it for wrong credentials.
+        status: u16,
         /// Whether credentials were sent.
         sent_credentials: bool,
     },
@@ -354,8 +358,9 @@ impl ProxyUrl {
                 tracing::debug!(proxy = %self, target = %target, status, "proxy tunnel open");
                 Ok(())
             }
-            407 => Err(ProxyError::AuthRequired {
+            407 | 401 => Err(ProxyError::AuthRequired {
                 proxy: self.to_string(),
+                status,
                 sent_credentials: self.credentials.is_some(),
             }
             .into()),
@@ -1032,6 +1037,7 @@ mod tests {
         }
         let e = ProxyError::AuthRequired {
             proxy: p.to_string(),
+            status: 407,
             sent_credentials: true,
         };
         assert!(!e.to_string().contains(SECRET));

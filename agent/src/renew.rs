@@ -58,6 +58,7 @@ pub async fn renew(dir: &Path, proxy: &ProxyConfig) -> Result<EnrollState, Enrol
     let base = state.control_url.trim_end_matches('/');
     let resp: EnrollResponse = post(
         &client,
+        proxy,
         format!("{base}/v1/renew"),
         &tether_api::enroll::RenewRequest { csr_pem },
     )
