@@ -392,3 +392,126 @@ async fn enroll_reaches_control_through_the_proxy_and_explains_a_refused_tunnel(
     assert!(!text.contains(WRONG), "{text}");
     assert!(!text.contains(&proxy.password()), "{text}");
 }
+
+/// `tether-agent enroll` against the local HTTPS server; returns (success, stderr).
+fn agent_enroll(port: u16, ca_pem: &str, args: &[&str], env: &[(&str, &str)]) -> (bool, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("ca.pem");
+    std::fs::write(&ca, ca_pem).unwrap();
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_tether-agent"));
+    cmd.args(["enroll", "--control"])
+        .arg(format!("https://127.0.0.1:{port}"))
+        .arg("--ca")
+        .arg(&ca)
+        .args(["--id", "appliance-1", "--token", "t", "--state-dir"])
+        .arg(dir.path().join("state"))
+        .args(args);
+    for var in [
+        "HTTPS_PROXY",
+        "https_proxy",
+        "NO_PROXY",
+        "no_proxy",
+        "TETHER_AGENT_PROXY",
+    ] {
+        cmd.env_remove(var);
+    }
+    cmd.envs(env.iter().copied());
+    let out = cmd.output().unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agent_binary_takes_the_proxy_from_the_flag_or_https_proxy() {
+    let Some(proxy) = Tinyproxy::from_env() else {
+        return;
+    };
+    let (port, ca_pem) = https_server().await;
+    // The request reaches our (non-control) server through the proxy: "bad answer".
+    for (args, env) in [
+        (vec!["--proxy", proxy.url.as_str()], vec![]),
+        (vec![], vec![("HTTPS_PROXY", proxy.url.as_str())]),
+        (
+            vec!["--proxy", proxy.url.as_str()],
+            vec![("HTTPS_PROXY", "http://127.0.0.1:1")],
+        ),
+    ] {
+        let mark = proxy.log_mark();
+        let (ok, stderr) = tokio::task::block_in_place(|| agent_enroll(port, &ca_pem, &args, &env));
+        assert!(!ok);
+        assert!(stderr.contains("bad answer"), "{args:?} {env:?}: {stderr}");
+        assert!(
+            stderr.contains("reaching control through proxy http://tether:***@"),
+            "{stderr}"
+        );
+        assert!(!stderr.contains(&proxy.password()), "{stderr}");
+        assert!(proxy.logged_connect_since(mark, port), "{args:?} {env:?}");
+    }
+    // NO_PROXY wins over both: straight to the server.
+    let mark = proxy.log_mark();
+    let (_, stderr) = tokio::task::block_in_place(|| {
+        agent_enroll(
+            port,
+            &ca_pem,
+            &["--proxy", &proxy.url],
+            &[("NO_PROXY", "127.0.0.1")],
+        )
+    });
+    assert!(stderr.contains("bad answer"), "{stderr}");
+    assert!(!proxy.logged_connect_since(mark, port));
+}
+
+#[test]
+fn the_agent_binary_refuses_a_bad_proxy_without_showing_its_password() {
+    const SECRET: &str = "Sup3r-s3cret-pw";
+    for (args, env, expect) in [
+        (
+            vec!["--proxy".to_owned(), format!("socks5://u:{SECRET}@p:1080")],
+            vec![],
+            "unsupported proxy scheme \"socks5\" in --proxy",
+        ),
+        (
+            vec![],
+            vec![("HTTPS_PROXY", format!("https://u:{SECRET}@p:1"))],
+            "unsupported proxy scheme \"https\" in HTTPS_PROXY",
+        ),
+        (
+            vec![],
+            vec![
+                ("HTTPS_PROXY", format!("http://u:{SECRET}@p:1")),
+                ("NO_PROXY", "10.0.0.0/99".to_owned()),
+            ],
+            "invalid NO_PROXY entry \"10.0.0.0/99\"",
+        ),
+    ] {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        let (ok, stderr) = agent_enroll(1, "unused", &args, &env);
+        assert!(!ok);
+        assert!(stderr.contains(expect), "{stderr}");
+        assert!(!stderr.contains(SECRET), "{stderr}");
+    }
+}
+
+#[test]
+fn the_agent_run_command_refuses_a_bad_proxy_at_start() {
+    const SECRET: &str = "Sup3r-s3cret-pw";
+    let dir = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tether-agent"))
+        .args(["run", "--broker", "127.0.0.1:1", "--state-dir"])
+        .arg(dir.path())
+        .env_remove("HTTPS_PROXY")
+        .env_remove("https_proxy")
+        .env("TETHER_AGENT_PROXY", format!("ftp://u:{SECRET}@p:21"))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("unsupported proxy scheme \"ftp\" in --proxy"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains(SECRET), "{stderr}");
+}
