@@ -305,6 +305,8 @@ async fn enroll_fleet(
                 appliance_id: id.clone(),
                 proof: tether_agent::proof::EnrollProof::Token(token.expose().to_owned()),
                 state_dir,
+                // The local control `tether up` just started: never through a proxy.
+                proxy: tether_agent::ProxyConfig::direct(),
             })
             .await
             .with_context(|| format!("enrolling {id}"))?;

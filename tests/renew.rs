@@ -71,7 +71,9 @@ async fn renewal_keeps_the_old_certificate_for_the_overlap_only() {
         .unwrap();
     let old = fingerprint_of(&state);
 
-    let renewed = tether_agent::renew::renew(&state).await.expect("renewed");
+    let renewed = tether_agent::renew::renew(&state, &tether_agent::ProxyConfig::direct())
+        .await
+        .expect("renewed");
     let new = fingerprint_of(&state);
     assert_ne!(old, new);
     assert_eq!(renewed.fingerprint, new);
@@ -489,7 +491,9 @@ async fn a_renewal_torn_by_a_crash_is_undone_from_the_previous_credential() {
         .enroll("app-1", &fleet.token("app-1"), &state)
         .unwrap();
     let enrolled = fingerprint_of(&state);
-    tether_agent::renew::renew(&state).await.unwrap();
+    tether_agent::renew::renew(&state, &tether_agent::ProxyConfig::direct())
+        .await
+        .unwrap();
     let second = fingerprint_of(&state);
     // previous/ holds the enrolled credential; now tear the current one as a crash
     // between the key and certificate writes of the next renewal would.

@@ -105,6 +105,9 @@ pub const ENV_CONNECT_TIMEOUT: &str = "TETHER_AGENT_CONNECT_TIMEOUT";
 pub const ENV_CUSTOMER_DIR: &str = "TETHER_AGENT_CUSTOMER_DIR";
 /// Environment variable setting [`AgentConfig::audit_log`].
 pub const ENV_AUDIT_LOG: &str = "TETHER_AGENT_AUDIT_LOG";
+/// Environment variable giving the egress proxy URL, as `--proxy` (wins over
+/// `HTTPS_PROXY`; see [`crate::proxy`]).
+pub const ENV_PROXY: &str = "TETHER_AGENT_PROXY";
 
 /// Tunables of one agent. Construct with `AgentConfig::default()` and override fields.
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -156,6 +159,11 @@ pub struct AgentConfig {
     pub customer_dir: Option<std::path::PathBuf>,
     /// Signed operations: the appliance audit log. Default `<state_dir>/audit.jsonl`.
     pub audit_log: Option<std::path::PathBuf>,
+    /// Egress: how to reach control (renewal, re-enrollment) and brokers over TCP — direct,
+    /// or through an HTTP proxy. Not read from the TOML file: `tether-agent run` sets it
+    /// from `--proxy`, `HTTPS_PROXY` and `NO_PROXY`. Default: direct.
+    #[serde(skip)]
+    pub proxy: crate::proxy::ProxyConfig,
 }
 
 impl Default for AgentConfig {
@@ -174,6 +182,7 @@ impl Default for AgentConfig {
             quic_retry_every: DEFAULT_QUIC_RETRY_EVERY,
             customer_dir: None,
             audit_log: None,
+            proxy: crate::proxy::ProxyConfig::direct(),
         }
     }
 }
@@ -195,6 +204,7 @@ impl fmt::Debug for AgentConfig {
             quic_retry_every,
             customer_dir,
             audit_log,
+            proxy,
         } = self;
         f.debug_struct("AgentConfig")
             .field("max_concurrent_commands", max_concurrent_commands)
@@ -210,6 +220,7 @@ impl fmt::Debug for AgentConfig {
             .field("quic_retry_every", quic_retry_every)
             .field("customer_dir", customer_dir)
             .field("audit_log", audit_log)
+            .field("proxy", &format_args!("{proxy}"))
             .finish()
     }
 }

@@ -20,6 +20,7 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use crate::credentials::{CA_FILE, CERT_FILE, KEY_FILE};
+use crate::proxy::{ProxyConfig, ProxyError};
 
 /// State file written next to the credential.
 pub const STATE_FILE: &str = "state.json";
@@ -43,6 +44,8 @@ pub struct EnrollOptions {
     pub proof: EnrollProof,
     /// Where to store the credential.
     pub state_dir: PathBuf,
+    /// How to reach control: direct, or through an HTTP proxy.
+    pub proxy: ProxyConfig,
 }
 
 /// Why enrollment failed.
@@ -77,6 +80,10 @@ pub enum EnrollError {
              (tether-control token create {0}) and the appliance run `tether-agent enroll` again"
     )]
     NeedsToken(String),
+    /// The proxy configuration is unusable (`--proxy`, `HTTPS_PROXY`, `NO_PROXY`): fix it,
+    /// retrying cannot help.
+    #[error(transparent)]
+    Proxy(#[from] ProxyError),
     /// `state.json` is unreadable.
     #[error("bad enrollment state: {0}")]
     State(String),
@@ -140,16 +147,27 @@ impl EnrollState {
     }
 }
 
-/// An HTTPS client that trusts only `ca_pem` (ring provider, TLS 1.3).
+/// An HTTPS client that trusts only `ca_pem` (ring provider, TLS 1.3), through the proxy
+/// of the process environment (`HTTPS_PROXY`, `NO_PROXY`: [`ProxyConfig::from_env`]).
 pub fn http_client(ca_pem: &[u8]) -> Result<reqwest::Client, EnrollError> {
     http_client_with(ca_pem, None)
 }
 
 /// As [`http_client`], presenting `identity` (certificate chain PEM, key PEM) as the
-/// client certificate: how the agent renews.
+/// client certificate.
 pub fn http_client_with(
     ca_pem: &[u8],
     identity: Option<(&[u8], &[u8])>,
+) -> Result<reqwest::Client, EnrollError> {
+    http_client_with_proxy(ca_pem, identity, &ProxyConfig::from_env(None)?)
+}
+
+/// As [`http_client_with`], reaching control as `proxy` says (and never as reqwest's own
+/// reading of the environment would): how the agent enrolls and renews.
+pub fn http_client_with_proxy(
+    ca_pem: &[u8],
+    identity: Option<(&[u8], &[u8])>,
+    proxy: &ProxyConfig,
 ) -> Result<reqwest::Client, EnrollError> {
     let mut roots = rustls::RootCertStore::empty();
     for cert in rustls_pemfile::certs(&mut &ca_pem[..]).flatten() {
@@ -177,7 +195,12 @@ pub fn http_client_with(
         }
     };
     tls.alpn_protocols = vec![b"http/1.1".to_vec()];
-    reqwest::Client::builder()
+    // `no_proxy()` first: reqwest must not add proxies of its own from the environment.
+    let mut builder = reqwest::Client::builder().no_proxy();
+    if let Some(p) = proxy.reqwest_proxy() {
+        builder = builder.proxy(p);
+    }
+    builder
         .use_preconfigured_tls(tls)
         .timeout(HTTP_TIMEOUT)
         .redirect(reqwest::redirect::Policy::none())
@@ -185,17 +208,30 @@ pub fn http_client_with(
         .map_err(|e| EnrollError::Transport(e.to_string()))
 }
 
+/// Time allowed to ask a proxy why a tunnel failed ([`proxy_failure`]).
+const PROXY_PROBE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// POST `body` as JSON with `client` (built for `proxy`), and read a JSON answer.
 pub(crate) async fn post<T: serde::de::DeserializeOwned>(
     client: &reqwest::Client,
+    proxy: &ProxyConfig,
     url: String,
     body: &impl serde::Serialize,
 ) -> Result<T, EnrollError> {
-    let resp = client
-        .post(&url)
-        .json(body)
-        .send()
-        .await
-        .map_err(|e| EnrollError::Transport(format!("{url}: {e}")))?;
+    let resp = match client.post(&url).json(body).send().await {
+        Ok(resp) => resp,
+        Err(e) => {
+            if e.is_connect() {
+                if let Some(why) = proxy_failure(proxy, &url).await {
+                    return Err(EnrollError::Transport(format!("{url}: {why}")));
+                }
+            }
+            return Err(EnrollError::Transport(format!(
+                "{url}: {}",
+                with_causes(&e)
+            )));
+        }
+    };
     let status = resp.status();
     let bytes = resp
         .bytes()
@@ -219,6 +255,35 @@ pub(crate) async fn post<T: serde::de::DeserializeOwned>(
         .map_err(|e| EnrollError::Transport(format!("bad answer from {url}: {e}")))
 }
 
+/// When a request through a proxy could not connect, reqwest says only "tunnel error":
+/// open one tunnel ourselves to learn why (407 and the credentials refused, 403, the proxy
+/// unreachable). `None` when no proxy applies or the tunnel opens now.
+async fn proxy_failure(proxy: &ProxyConfig, url: &str) -> Option<String> {
+    let url = reqwest::Url::parse(url).ok()?;
+    let (host, port) = (url.host_str()?, url.port_or_known_default()?);
+    let p = proxy.proxy_for(host, port)?;
+    match p.connect(host, port, PROXY_PROBE_TIMEOUT).await {
+        Ok(_) => None,
+        Err(e) => Some(e.to_string()),
+    }
+}
+
+/// `e` and its causes, `: `-separated: reqwest's own message alone hides why a connection
+/// failed (refused, TLS, a proxy's tunnel refused).
+fn with_causes(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let text = c.to_string();
+        if !s.contains(&text) {
+            s.push_str(": ");
+            s.push_str(&text);
+        }
+        cause = c.source();
+    }
+    s
+}
+
 /// A fresh P-256 key and a CSR for it, PEM.
 pub fn key_and_csr(appliance_id: &str) -> Result<(String, String), EnrollError> {
     let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
@@ -238,11 +303,12 @@ pub fn key_and_csr(appliance_id: &str) -> Result<(String, String), EnrollError> 
 
 /// Enroll and store the credential. Returns what was recorded in `state.json`.
 pub async fn enroll(opts: &EnrollOptions) -> Result<EnrollState, EnrollError> {
-    let client = http_client(&opts.ca_pem)?;
+    let client = http_client_with_proxy(&opts.ca_pem, None, &opts.proxy)?;
     let base = opts.control_url.trim_end_matches('/');
     let (key_pem, csr_pem) = key_and_csr(&opts.appliance_id)?;
     let challenge: Challenge = post(
         &client,
+        &opts.proxy,
         format!("{base}/v1/enroll/challenge"),
         &serde_json::json!({}),
     )
@@ -250,6 +316,7 @@ pub async fn enroll(opts: &EnrollOptions) -> Result<EnrollState, EnrollError> {
     let proof = opts.proof.build(&challenge.nonce).await?;
     let resp: EnrollResponse = post(
         &client,
+        &opts.proxy,
         format!("{base}/v1/enroll"),
         &EnrollRequest {
             appliance_id: opts.appliance_id.clone(),

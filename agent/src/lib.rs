@@ -22,6 +22,8 @@
 //! - [`enroll`]: first enrollment with control (key made here, CSR, one-time proof) and
 //!   crash-safe credential storage.
 //! - [`renew`]: renewal over mTLS and unattended re-enrollment with a platform proof.
+//! - [`proxy`]: [`ProxyConfig`], egress through an HTTP proxy (`--proxy`, `HTTPS_PROXY`,
+//!   `NO_PROXY`): TCP tunnels with `CONNECT`, and the same rules for the HTTPS client.
 //! - [`agent`]: [`Agent`], the connect / session / reconnect loop, and [`BrokerAddr`].
 //! - Reconnect delays: full-jitter exponential [`Backoff`] from `tether_identity`.
 //! - [`event`]: [`AgentEvent`] and [`DisconnectReason`].
@@ -55,6 +57,7 @@ pub mod error;
 pub mod event;
 pub mod manifest_key;
 pub mod proof;
+pub mod proxy;
 pub mod renew;
 pub mod session;
 pub mod signed;
@@ -70,6 +73,7 @@ pub use config::{AgentConfig, ConfigError};
 pub use credentials::{CredentialError, Credentials};
 pub use error::{AgentError, ConnectError};
 pub use event::{AgentEvent, DisconnectReason};
+pub use proxy::{ProxyConfig, ProxyError, ProxyUrl};
 pub use session::{connect, connect_once, SessionEnd};
 pub use tether_identity::Backoff;
 pub use tls::{client_config, client_endpoint};

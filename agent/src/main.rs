@@ -10,9 +10,10 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use tether_agent::config::{
     FileConfig, ENV_ALLOW_SHELL, ENV_AUDIT_LOG, ENV_BACKOFF_INITIAL, ENV_BACKOFF_MAX, ENV_BROKERS,
     ENV_CONFIG, ENV_CONNECT_TIMEOUT, ENV_CUSTOMER_DIR, ENV_LOG_FORMAT, ENV_MAX_CONCURRENT_COMMANDS,
-    ENV_MAX_FRAME_LEN, ENV_OUTPUT_CHUNK_BYTES, ENV_REVOKED_BACKOFF, ENV_STATE_DIR,
+    ENV_MAX_FRAME_LEN, ENV_OUTPUT_CHUNK_BYTES, ENV_PROXY, ENV_REVOKED_BACKOFF, ENV_STATE_DIR,
 };
 use tether_agent::enroll::EnrollState;
+use tether_agent::proxy::ProxyConfig;
 use tether_agent::{client_endpoint, AgentConfig, BrokerAddr};
 use tokio_util::sync::CancellationToken;
 
@@ -156,6 +157,37 @@ enum ProofKind {
     K8s,
 }
 
+/// `--proxy`: how `run` and `enroll` reach control (and brokers over TCP).
+#[derive(Debug, Args)]
+struct ProxyArgs {
+    /// Egress HTTP proxy: http://[USER:PASSWORD@]HOST:PORT (HTTP CONNECT; only http://).
+    /// Wins over HTTPS_PROXY / https_proxy; NO_PROXY / no_proxy (comma-separated *,
+    /// domains, .domains, IPs, CIDRs, each with an optional :PORT) lists destinations
+    /// reached directly [default: HTTPS_PROXY, else direct].
+    #[arg(long, env = ENV_PROXY, hide_env_values = true, value_name = "URL",
+          value_parser = |s: &str| Ok::<_, std::convert::Infallible>(RawProxyUrl(s.to_owned())))]
+    proxy: Option<RawProxyUrl>,
+}
+
+/// The `--proxy` text as given: it may hold a password, so its `Debug` does not show it.
+#[derive(Clone)]
+struct RawProxyUrl(String);
+
+impl std::fmt::Debug for RawProxyUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("RawProxyUrl(..)")
+    }
+}
+
+impl ProxyArgs {
+    /// `--proxy`, else the environment (`HTTPS_PROXY`, `NO_PROXY`).
+    fn resolve(&self) -> anyhow::Result<ProxyConfig> {
+        Ok(ProxyConfig::from_env(
+            self.proxy.as_ref().map(|p| p.0.as_str()),
+        )?)
+    }
+}
+
 #[derive(Debug, Args)]
 struct EnrollArgs {
     /// Control's base URL, e.g. https://control.example:8443.
@@ -188,9 +220,19 @@ struct EnrollArgs {
     /// Projected ServiceAccount token file (with --proof k8s).
     #[arg(long, env = "TETHER_AGENT_K8S_TOKEN_FILE", default_value = tether_agent::proof::DEFAULT_K8S_TOKEN_FILE)]
     k8s_token_file: PathBuf,
+    #[command(flatten)]
+    proxy: ProxyArgs,
 }
 
 async fn enroll(args: EnrollArgs) -> anyhow::Result<()> {
+    let proxy = args.proxy.resolve()?;
+    if let Some(p) = reqwest::Url::parse(&args.control).ok().and_then(|u| {
+        proxy
+            .proxy_for(u.host_str()?, u.port_or_known_default()?)
+            .cloned()
+    }) {
+        eprintln!("reaching control through proxy {p}");
+    }
     let ca_pem =
         std::fs::read(&args.ca).with_context(|| format!("reading {}", args.ca.display()))?;
     use tether_agent::proof::{aws::AwsSource, gcp::GcpSource, k8s::K8sSource, EnrollProof};
@@ -216,6 +258,7 @@ async fn enroll(args: EnrollArgs) -> anyhow::Result<()> {
         appliance_id: args.id,
         proof,
         state_dir: args.state_dir.clone(),
+        proxy,
     })
     .await?;
     println!(
@@ -332,6 +375,9 @@ struct RunArgs {
     #[arg(long, env = "TETHER_AGENT_RENEW_CHECK_EVERY", value_parser = humantime::parse_duration,
           default_value = "1h", value_name = "DURATION")]
     renew_check_every: Duration,
+
+    #[command(flatten)]
+    proxy: ProxyArgs,
 }
 
 /// Everything `run` needs, after layering flags, environment, file and defaults.
@@ -379,6 +425,7 @@ impl RunArgs {
         if let Some(file) = self.audit_log {
             agent.audit_log = Some(file);
         }
+        agent.proxy = self.proxy.resolve()?;
         agent.validate()?;
 
         let Some(state_dir) = self.state_dir.or(file.state_dir) else {
@@ -462,6 +509,8 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let settings = args.resolve()?;
     init_logging(settings.log_format);
     tracing::info!(version = env!("CARGO_PKG_VERSION"), config = ?settings.agent, "tether-agent starting");
+    // Redacted: the proxy's password is never logged.
+    tracing::info!(proxy = %settings.agent.proxy, "egress");
 
     let manifest_key = tether_agent::manifest_key::load_or_create(&settings.state_dir)?;
     tracing::info!(key = %tether_agent::manifest_key::public_line(&manifest_key), "manifest key");

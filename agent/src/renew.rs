@@ -14,10 +14,11 @@ use std::time::Duration;
 
 use crate::credentials::{CA_FILE, CERT_FILE, KEY_FILE};
 use crate::enroll::{
-    enroll, http_client_with, key_and_csr, post, store_credential, EnrollError, EnrollOptions,
-    EnrollResponse, EnrollState,
+    enroll, http_client_with_proxy, key_and_csr, post, store_credential, EnrollError,
+    EnrollOptions, EnrollResponse, EnrollState,
 };
 use crate::proof::EnrollProof;
+use crate::proxy::ProxyConfig;
 
 /// Default: renew when less than this is left (the renewal-due threshold).
 pub const DEFAULT_RENEW_BEFORE: Duration = Duration::from_secs(86_400);
@@ -38,9 +39,9 @@ fn read(dir: &Path, name: &str) -> Result<Vec<u8>, EnrollError> {
     std::fs::read(&path).map_err(|source| EnrollError::Io { path, source })
 }
 
-/// Renew the credential in `dir` with control (the URL in `state.json`). Returns the new
-/// state.
-pub async fn renew(dir: &Path) -> Result<EnrollState, EnrollError> {
+/// Renew the credential in `dir` with control (the URL in `state.json`), reached as
+/// `proxy` says. Returns the new state.
+pub async fn renew(dir: &Path, proxy: &ProxyConfig) -> Result<EnrollState, EnrollError> {
     let state = EnrollState::load(dir)?.ok_or_else(|| {
         EnrollError::State(format!(
             "{} has no state.json: this credential was not issued by control, renew it by hand",
@@ -52,11 +53,12 @@ pub async fn renew(dir: &Path) -> Result<EnrollState, EnrollError> {
         read(dir, CERT_FILE)?,
         read(dir, KEY_FILE)?,
     );
-    let client = http_client_with(&ca, Some((&chain, &key)))?;
+    let client = http_client_with_proxy(&ca, Some((&chain, &key)), proxy)?;
     let (new_key, csr_pem) = key_and_csr(&state.appliance_id)?;
     let base = state.control_url.trim_end_matches('/');
     let resp: EnrollResponse = post(
         &client,
+        proxy,
         format!("{base}/v1/renew"),
         &tether_api::enroll::RenewRequest { csr_pem },
     )
@@ -100,8 +102,9 @@ pub fn restore_previous(dir: &Path, now: i64) -> Result<bool, EnrollError> {
     Ok(true)
 }
 
-/// Enroll again from scratch with a fresh platform proof, as `state.json` records it.
-pub async fn recover(dir: &Path) -> Result<EnrollState, EnrollError> {
+/// Enroll again from scratch with a fresh platform proof, as `state.json` records it,
+/// reaching control as `proxy` says.
+pub async fn recover(dir: &Path, proxy: &ProxyConfig) -> Result<EnrollState, EnrollError> {
     let state = EnrollState::load(dir)?.ok_or_else(|| {
         EnrollError::State(format!(
             "{} has no state.json: enroll this appliance with `tether-agent enroll`",
@@ -120,6 +123,7 @@ pub async fn recover(dir: &Path) -> Result<EnrollState, EnrollError> {
         appliance_id: state.appliance_id.clone(),
         proof,
         state_dir: dir.to_owned(),
+        proxy: proxy.clone(),
     })
     .await?;
     // Keep what the old state knew about operator renewal requests.

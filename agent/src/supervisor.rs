@@ -41,7 +41,7 @@ impl Supervisor {
     ) -> anyhow::Result<()> {
         let mut signed: Option<std::sync::Arc<crate::signed::SignedOps>> = None;
         loop {
-            let (creds, renew_now) = load_credentials(&self.state_dir).await?;
+            let (creds, renew_now) = load_credentials(&self.state_dir, &self.agent.proxy).await?;
             tracing::info!(
                 appliance_id = creds.appliance_id(),
                 trust_domain = creds.trust_domain(),
@@ -119,8 +119,11 @@ fn unix_now() -> i64 {
 
 /// The stored credential, or — when it expired or is unusable (e.g. a crash between the
 /// key and certificate writes) and the appliance enrolled with a platform proof — a new
-/// one from a fresh enrollment.
-pub async fn load_credentials(dir: &std::path::Path) -> anyhow::Result<(Credentials, bool)> {
+/// one from a fresh enrollment (control reached as `proxy` says).
+pub async fn load_credentials(
+    dir: &std::path::Path,
+    proxy: &crate::proxy::ProxyConfig,
+) -> anyhow::Result<(Credentials, bool)> {
     let problem = match Credentials::load(dir) {
         Ok(c) if c.not_after_ms() / 1000 > unix_now() => return Ok((c, false)),
         Ok(c) => format!("the certificate expired at {} ms", c.not_after_ms()),
@@ -138,7 +141,7 @@ pub async fn load_credentials(dir: &std::path::Path) -> anyhow::Result<(Credenti
         return Ok((creds, true));
     }
     tracing::warn!(problem = %problem, "stored credential unusable; enrolling again with a fresh platform proof");
-    let state = crate::renew::recover(dir)
+    let state = crate::renew::recover(dir, proxy)
         .await
         .with_context(|| format!("cannot recover from: {problem}"))?;
     tracing::info!(fingerprint = %state.fingerprint, "enrolled again");
@@ -194,7 +197,7 @@ async fn keep_renewed(
             continue;
         }
         tracing::info!(manual, due, "renewing the certificate");
-        match crate::renew::renew(dir).await {
+        match crate::renew::renew(dir, &settings.agent.proxy).await {
             Ok(mut new) => {
                 if manual {
                     new.manual_renewal_generation = requested;

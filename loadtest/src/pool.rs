@@ -597,6 +597,8 @@ impl Prepared {
         }
         let bar = progress.bar(self.tokens.len() as u64, "enrolling appliances");
         let started = std::time::Instant::now();
+        // As the other HTTPS clients here (enroll::http_client): the environment's proxy.
+        let proxy = tether_agent::ProxyConfig::from_env(None)?;
         let limit = Arc::new(tokio::sync::Semaphore::new(concurrency));
         let mut tasks = tokio::task::JoinSet::new();
         for p in &self.tokens {
@@ -607,6 +609,7 @@ impl Prepared {
                 appliance_id: p.id.clone(),
                 proof: tether_agent::proof::EnrollProof::Token(p.token.clone()),
                 state_dir: pool.appliance_dir(&p.id),
+                proxy: proxy.clone(),
             };
             tasks.spawn(async move {
                 let _slot = limit.acquire_owned().await;
