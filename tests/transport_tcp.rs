@@ -8,6 +8,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use common::control::Fleet;
 use common::*;
 use serde_json::json;
 use tokio::net::UdpSocket;
@@ -155,6 +156,163 @@ async fn auto_falls_back_to_tcp_when_udp_is_dropped_and_moves_back_without_a_gap
     assert_eq!(gaps.get(), 0, "make before break: never without a session");
     let lines = echo(&broker, "app-1", "back-on-quic").await;
     assert_eq!(lines[0]["data"], "back-on-quic\n");
-    assert!(broker.log_contains("superseding older session"));
+    // The QUIC session replaced the TCP one at the broker (not a reconnect after a loss).
+    let superseded = wait_for(Duration::from_secs(5), || async {
+        broker
+            .log_contains("superseding older session")
+            .then_some(())
+    })
+    .await;
+    assert!(
+        superseded.is_some(),
+        "{:?}",
+        broker
+            .logs
+            .lock()
+            .unwrap()
+            .iter()
+            .rev()
+            .take(30)
+            .collect::<Vec<_>>()
+    );
     forwarder.abort();
+}
+
+/// The running test proxy (`scripts/proxy`): its URL and log, or `None` (SKIPPED).
+fn test_proxy() -> Option<(String, std::path::PathBuf)> {
+    let url = std::env::var("TETHER_TEST_PROXY_URL").ok();
+    let log = std::env::var("TETHER_TEST_PROXY_LOG").ok();
+    match (url, log) {
+        (Some(u), Some(l)) => Some((u, l.into())),
+        _ => {
+            eprintln!(
+                "SKIPPED: set TETHER_TEST_PROXY_URL and TETHER_TEST_PROXY_LOG (scripts/proxy)"
+            );
+            None
+        }
+    }
+}
+
+/// How many `CONNECT 127.0.0.1:PORT` requests the proxy logged.
+fn connects_to(log: &std::path::Path, port: u16) -> usize {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let needle = format!("CONNECT 127.0.0.1:{port} ");
+    text.matches(&needle).count()
+}
+
+#[tokio::test]
+async fn through_a_real_http_connect_proxy_enrollment_session_command_renewal_and_revocation() {
+    let Some((proxy, log)) = test_proxy() else {
+        return;
+    };
+    // Short certificates, so the agent renews (through the proxy) within the test.
+    let fleet = Fleet::with_config(
+        "[certificates]\nappliance = \"12s\"\n[enroll]\nrenewal_overlap = \"1h\"\n",
+    );
+    let control_port = fleet.control.addr.port();
+    let state = fleet.data.parent().unwrap().join("agent-app-1");
+    // Enrollment through the proxy.
+    let token = fleet.token("app-1");
+    let out = std::process::Command::new(bin("tether-agent"))
+        .args([
+            "enroll",
+            "--control",
+            &fleet.url(),
+            "--id",
+            "app-1",
+            "--token",
+            &token,
+        ])
+        .arg("--ca")
+        .arg(&fleet.root)
+        .arg("--state-dir")
+        .arg(&state)
+        .args(["--proxy", &proxy])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let enrolled = connects_to(&log, control_port);
+    assert!(enrolled >= 1, "enrollment went through the proxy");
+    let password = proxy
+        .split(':')
+        .nth(2)
+        .and_then(|p| p.split('@').next())
+        .unwrap();
+    assert!(!String::from_utf8_lossy(&out.stderr).contains(password));
+
+    let (broker, allowlist) = fleet.broker("b1", "");
+    let tcp_port = broker.tcp.unwrap().port();
+    let first = tether_agent::Credentials::load(&state)
+        .unwrap()
+        .fingerprint()
+        .to_owned();
+    let _agent = AgentProc::start(
+        &state,
+        &[broker.quic],
+        &[
+            "--transport",
+            "tcp",
+            "--proxy",
+            &proxy,
+            "--renew-before",
+            "5s",
+            "--renew-check-every",
+            "200ms",
+            "--revoked-backoff",
+            "200ms",
+        ],
+    );
+    // The session over TCP, through the proxy.
+    let row = broker.wait_session("app-1").await;
+    assert_eq!(row["transport"], "tcp");
+    assert!(
+        connects_to(&log, tcp_port) >= 1,
+        "the session went through the proxy"
+    );
+    let lines = echo(&broker, "app-1", "via-proxy").await;
+    assert_eq!(lines[0]["data"], "via-proxy\n");
+
+    // Renewal through the proxy, then a session with the new certificate.
+    let renewed = wait_for(Duration::from_secs(30), || async {
+        let now = tether_agent::Credentials::load(&state)
+            .ok()?
+            .fingerprint()
+            .to_owned();
+        (now != first).then_some(now)
+    })
+    .await
+    .expect("the agent renewed its certificate");
+    assert!(
+        connects_to(&log, control_port) > enrolled,
+        "renewal went through the proxy"
+    );
+    fleet.export_allowlist(&allowlist);
+    wait_for(Duration::from_secs(30), || async {
+        broker
+            .sessions()
+            .await
+            .into_iter()
+            .find(|s| s["fingerprint"] == renewed.as_str() && s["transport"] == "tcp")
+    })
+    .await
+    .expect("the agent reconnected over TCP with its renewed certificate");
+
+    // Revocation closes the live TCP session at once.
+    write_atomic(&allowlist, &allowlist_text(&[]));
+    broker
+        .wait_metric_eq(
+            "tether_transport_sessions{transport=\"tcp\"}",
+            0.0,
+            Duration::from_secs(10),
+        )
+        .await;
+    broker
+        .wait_metric("tether_sessions_closed_total{code=\"revoked\"}", 1.0)
+        .await;
+    // Nothing in the proxy's log or ours carries the password.
+    assert!(!std::fs::read_to_string(&log).unwrap().contains(password));
 }

@@ -25,7 +25,7 @@ use crate::credentials::Credentials;
 use crate::error::{AgentError, ConnectError};
 use crate::event::{AgentEvent, DisconnectReason};
 use crate::session::{
-    connect, connect_tcp, run_session, Handover, QuicProbe, SessionContext, SessionEnd,
+    connect, connect_tcp, run_session, Handover, Kept, QuicProbe, SessionContext, SessionEnd,
 };
 use crate::tls::client_config;
 use tether_identity::Backoff;
@@ -329,7 +329,7 @@ impl Agent {
 
     /// Close `old` (left after a `GoAway`) with `normal` once the next attempt ends in a
     /// session or a failure, or at shutdown; at the latest after the connect timeout.
-    fn close_after_next_attempt(&self, old: Connection, shutdown: &CancellationToken) {
+    fn close_after_next_attempt(&self, old: Kept, shutdown: &CancellationToken) {
         let mut events = self.events.subscribe();
         let shutdown = shutdown.clone();
         let limit = self.cfg.connect_timeout + Duration::from_secs(1);
@@ -348,11 +348,7 @@ impl Agent {
                 _ = shutdown.cancelled() => {}
                 _ = tokio::time::sleep(limit) => {}
             }
-            let code = tether_proto::CloseCode::Normal;
-            old.close(
-                quinn::VarInt::from_u32(code.code()),
-                code.as_str().as_bytes(),
-            );
+            old.close();
         });
     }
 
@@ -377,7 +373,7 @@ impl Agent {
         let _ = self.events.send(AgentEvent::Connecting { broker: addr });
         let server_name = target.server_name(addr);
         let conn = tokio::select! {
-            r = self.connect(addr, &server_name) => r.map_err(|e| (Some(addr), e))?,
+            r = self.connect(target, addr, &server_name) => r.map_err(|e| (Some(addr), e))?,
             _ = shutdown.cancelled() => return Err((Some(addr), ConnectError::Shutdown)),
         };
         tracing::debug!(transport = %conn.transport(), "handshake complete");
@@ -388,13 +384,20 @@ impl Agent {
     /// TCP when no QUIC handshake completes within `quic_fallback_after`, and remembers.
     async fn connect(
         &self,
+        target: &BrokerAddr,
         addr: SocketAddr,
         server_name: &str,
     ) -> Result<Connection, ConnectError> {
         let cfg = &self.cfg;
+        // Through the egress proxy when one applies (CONNECT to the name the broker was
+        // given as, so the proxy resolves it), else straight to the address.
+        let host = match target {
+            BrokerAddr::Name { host, .. } => host.clone(),
+            BrokerAddr::Addr(a) => a.ip().to_string(),
+        };
         let tcp = || {
             connect_tcp(
-                tokio::net::TcpStream::connect(addr),
+                cfg.proxy.connect(&host, addr.port(), cfg.connect_timeout),
                 server_name,
                 self.tls.clone(),
                 cfg.connect_timeout,

@@ -68,8 +68,27 @@ pub struct SessionEnd {
 /// next session runs on (make before break).
 #[derive(Default)]
 pub(crate) struct Handover {
-    pub kept: Option<Connection>,
+    pub kept: Option<Kept>,
     pub next: Option<Connection>,
+}
+
+/// A connection left open after its session moved on, with its session stream: dropping
+/// the stream would finish it, which the broker takes for the agent leaving, and the
+/// appliance would be unreachable until the next session is welcomed.
+pub(crate) struct Kept {
+    pub conn: Connection,
+    pub session_stream: Option<(SendStream, RecvStream)>,
+}
+
+impl Kept {
+    /// Close the connection with `normal`, then let the stream go.
+    pub fn close(self) {
+        self.conn.close(
+            VarInt::from_u32(CloseCode::Normal.code()),
+            CloseCode::Normal.as_str().as_bytes(),
+        );
+        drop(self.session_stream);
+    }
 }
 
 impl SessionEnd {
@@ -237,8 +256,11 @@ pub async fn connect_once(
         _ = shutdown.cancelled() => return Err(ConnectError::Shutdown),
     };
     let (end, handover) = run_session(conn, broker, &ctx, shutdown).await;
-    for old in handover.kept.into_iter().chain(handover.next) {
-        old.close(
+    if let Some(old) = handover.kept {
+        old.close();
+    }
+    if let Some(next) = handover.next {
+        next.close(
             VarInt::from_u32(CloseCode::Normal.code()),
             CloseCode::Normal.as_str().as_bytes(),
         );
@@ -276,6 +298,7 @@ pub(crate) async fn run_session(
             draining: CancellationToken::new(),
             handed_over: false,
             upgrade: None,
+            session_stream: None,
             peer_max_frame_len: watch::channel(0).0,
             status_generation: None,
             tunnel_status: Vec::new(),
@@ -299,7 +322,10 @@ pub(crate) async fn run_session(
             Some(r) => r,
             None => DisconnectReason::Local(driver.local_close.unwrap_or(CloseCode::Normal)),
         };
-        let kept = driver.handed_over.then(|| driver.conn.clone());
+        let kept = driver.handed_over.then(|| Kept {
+            conn: driver.conn.clone(),
+            session_stream: driver.session_stream.take(),
+        });
         let end = SessionEnd {
             broker,
             session_id: driver.session_id,
@@ -330,6 +356,8 @@ struct Driver<'a> {
     handed_over: bool,
     /// A QUIC connection found working while this session ran on TCP.
     upgrade: Option<Connection>,
+    /// The session stream, kept open after a hand-over.
+    session_stream: Option<(SendStream, RecvStream)>,
     /// The broker's frame limit from `Welcome` (0 until it arrives): every frame sent on
     /// this connection fits it.
     peer_max_frame_len: watch::Sender<usize>,
@@ -504,6 +532,7 @@ impl Driver<'_> {
                 quic = &mut probe, if self.session_id.is_some() && leave_at.is_none() => {
                     tracing::info!("QUIC works again: moving the session to QUIC (make before break)");
                     self.upgrade = Some(quic);
+                    self.session_stream = Some((send, recv));
                     return self.hand_over();
                 }
                 _ = sleep_until(leave_at), if leave_at.is_some() => {
@@ -514,6 +543,7 @@ impl Driver<'_> {
                         tracing::info!(running = self.commands.len(),
                             "goaway delay passed with commands still running; leaving");
                     }
+                    self.session_stream = Some((send, recv));
                     return self.hand_over();
                 }
             }
