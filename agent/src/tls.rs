@@ -16,8 +16,13 @@ use crate::config::AgentConfig;
 use crate::credentials::{CredentialError, Credentials};
 use crate::verifier::broker_verifier;
 
-/// QUIC keep-alive interval: 10 s, well inside common NAT binding timeouts (30 s).
-pub const KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(10);
+/// QUIC keep-alive interval: 20 s. quinn restarts it on every packet received, so while
+/// heartbeats flow (every 15 s by default, each answered) it never fires: one exchange per
+/// heartbeat interval keeps the path and the NAT binding alive, instead of a heartbeat and
+/// a keep-alive PING each (the idle fleet's broker CPU). It still fires, under the 30 s
+/// idle timeout and common NAT binding timeouts, when a broker announces heartbeats rarer
+/// than that.
+pub const KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(20);
 /// QUIC idle timeout: 30 s without any packet ends the connection.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Connection-wide receive window: 256 KiB.
