@@ -1380,7 +1380,7 @@ async fn losing_the_broker_longer_than_the_customers_limit_ends_an_active_tunnel
         &config,
         std::fs::read_to_string(rig.root().join("b1.toml"))
             .unwrap()
-            .replace("listen = \"127.0.0.1:0\"", &format!("listen = \"{quic}\"")),
+            .replace("\nlisten = \"127.0.0.1:0\"", &format!("\nlisten = \"{quic}\"")),
     )
     .unwrap();
     rig.broker = BrokerProc::start(&config);
