@@ -1169,7 +1169,31 @@ async fn tunnel_views(rig: &Rig) -> Vec<Value> {
 /// exactly the customer's target, once, for exactly the signed time, by the agent's clock.
 #[tokio::test]
 async fn a_tunnel_opens_once_to_the_customers_target_for_the_signed_time() {
-    let rig = Rig::new().await;
+    tunnel_for_the_signed_time("quic").await;
+}
+
+/// The same over TLS/TCP: stream resets carry the close reasons (`limit`, `expired`) as
+/// QUIC's `RESET_STREAM` codes do.
+#[tokio::test]
+async fn a_tunnel_over_tcp_opens_once_for_the_signed_time_with_the_same_reasons() {
+    tunnel_for_the_signed_time("tcp").await;
+}
+
+async fn tunnel_for_the_signed_time(transport: &str) {
+    let mut rig = Rig::new().await;
+    if transport == "tcp" {
+        rig.start_agent_with(&["--transport", "tcp"]).await;
+        wait_for(Duration::from_secs(15), || async {
+            rig.broker
+                .sessions()
+                .await
+                .into_iter()
+                .find(|s| s["transport"] == "tcp")
+        })
+        .await
+        .expect("the agent's session runs over TCP");
+    }
+    let rig = rig;
     let echo = echo_server().await;
     // A name, resolved and pinned by the agent at activation.
     let target = format!("localhost:{}", echo.port());
