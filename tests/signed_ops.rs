@@ -261,7 +261,30 @@ async fn observe_runs_unsigned_everything_else_needs_the_customer() {
 
 #[tokio::test]
 async fn an_approval_runs_exactly_its_command_exactly_once() {
+    approval_exactly_once("quic").await;
+}
+
+/// The same over TLS/TCP: the signed manifest arrives with the result, and its delivery
+/// is confirmed by the record layer's `ACK` as QUIC's acknowledgements confirm it.
+#[tokio::test]
+async fn over_tcp_an_approval_runs_exactly_its_command_exactly_once() {
+    approval_exactly_once("tcp").await;
+}
+
+async fn approval_exactly_once(transport: &str) {
     let mut rig = Rig::new().await;
+    if transport == "tcp" {
+        rig.start_agent_with(&["--transport", "tcp"]).await;
+        wait_for(Duration::from_secs(15), || async {
+            rig.broker
+                .sessions()
+                .await
+                .into_iter()
+                .find(|s| s["transport"] == "tcp")
+        })
+        .await
+        .expect("the agent's session runs over TCP");
+    }
     let canary = rig.canary("approved");
     let argv = ["touch", canary.to_str().unwrap()];
     let (doc, sig) = rig.approve(&argv, 10_000).await;
