@@ -94,6 +94,20 @@ impl Rig {
         rig
     }
 
+    /// Restart the agent with `--transport tcp` and wait for its session over TCP.
+    async fn restart_agent_over_tcp(&mut self) {
+        self.start_agent_with(&["--transport", "tcp"]).await;
+        wait_for(Duration::from_secs(15), || async {
+            self.broker
+                .sessions()
+                .await
+                .into_iter()
+                .find(|s| s["transport"] == "tcp")
+        })
+        .await
+        .expect("the agent's session runs over TCP");
+    }
+
     async fn start_agent(&mut self) {
         self.start_agent_with(&[]).await;
     }
@@ -274,16 +288,7 @@ async fn over_tcp_an_approval_runs_exactly_its_command_exactly_once() {
 async fn approval_exactly_once(transport: &str) {
     let mut rig = Rig::new().await;
     if transport == "tcp" {
-        rig.start_agent_with(&["--transport", "tcp"]).await;
-        wait_for(Duration::from_secs(15), || async {
-            rig.broker
-                .sessions()
-                .await
-                .into_iter()
-                .find(|s| s["transport"] == "tcp")
-        })
-        .await
-        .expect("the agent's session runs over TCP");
+        rig.restart_agent_over_tcp().await;
     }
     let canary = rig.canary("approved");
     let argv = ["touch", canary.to_str().unwrap()];
@@ -1205,16 +1210,7 @@ async fn a_tunnel_over_tcp_opens_once_for_the_signed_time_with_the_same_reasons(
 async fn tunnel_for_the_signed_time(transport: &str) {
     let mut rig = Rig::new().await;
     if transport == "tcp" {
-        rig.start_agent_with(&["--transport", "tcp"]).await;
-        wait_for(Duration::from_secs(15), || async {
-            rig.broker
-                .sessions()
-                .await
-                .into_iter()
-                .find(|s| s["transport"] == "tcp")
-        })
-        .await
-        .expect("the agent's session runs over TCP");
+        rig.restart_agent_over_tcp().await;
     }
     let rig = rig;
     let echo = echo_server().await;
@@ -1427,7 +1423,10 @@ async fn losing_the_broker_longer_than_the_customers_limit_ends_an_active_tunnel
         &config,
         std::fs::read_to_string(rig.root().join("b1.toml"))
             .unwrap()
-            .replace("\nlisten = \"127.0.0.1:0\"", &format!("\nlisten = \"{quic}\"")),
+            .replace(
+                "\nlisten = \"127.0.0.1:0\"",
+                &format!("\nlisten = \"{quic}\""),
+            ),
     )
     .unwrap();
     rig.broker = BrokerProc::start(&config);

@@ -861,21 +861,17 @@ impl SendStream {
 
     /// End the stream after what was written.
     pub fn finish(&mut self) -> Result<(), ClosedStream> {
-        if self.done {
-            return Err(ClosedStream);
-        }
-        self.done = true;
-        let mut was_done = false;
-        self.shared
-            .update(|s| was_done = std::mem::replace(&mut s.send_done, true));
-        if let (Some(tx), false) = (self.tx.take(), was_done) {
-            let _ = tx.send(Out::Bytes(record(REC_FIN, &[]), 0));
-        }
-        Ok(())
+        self.end_with(record(REC_FIN, &[]))
     }
 
     /// Abandon the stream with `code`.
     pub fn reset(&mut self, code: VarInt) -> Result<(), ClosedStream> {
+        self.end_with(record(REC_RESET, &code.into_inner().to_be_bytes()))
+    }
+
+    /// End our direction with `last` (`FIN` or `RESET`), unless it already ended (by us,
+    /// or by the peer's `STOP`, answered with `RESET` already).
+    fn end_with(&mut self, last: Bytes) -> Result<(), ClosedStream> {
         if self.done {
             return Err(ClosedStream);
         }
@@ -884,10 +880,7 @@ impl SendStream {
         self.shared
             .update(|s| was_done = std::mem::replace(&mut s.send_done, true));
         if let (Some(tx), false) = (self.tx.take(), was_done) {
-            let _ = tx.send(Out::Bytes(
-                record(REC_RESET, &code.into_inner().to_be_bytes()),
-                0,
-            ));
+            let _ = tx.send(Out::Bytes(last, 0));
         }
         Ok(())
     }
