@@ -130,6 +130,8 @@ struct ConnShared {
     streams: Mutex<std::collections::HashMap<u32, std::sync::Weak<StreamShared>>>,
     /// Our control stream's queue, once opened.
     control: Mutex<Option<mpsc::UnboundedSender<Bytes>>>,
+    /// Streams that saw the connection go and wait for its reason.
+    lost: Mutex<Vec<std::task::Waker>>,
 }
 
 enum Cmd {
@@ -146,7 +148,24 @@ impl ConnShared {
             *r = Some(reason);
             drop(r);
             self.closed.notify_waiters();
+            let lost = std::mem::take(&mut *self.lost.lock().unwrap_or_else(|e| e.into_inner()));
+            for w in lost {
+                w.wake();
+            }
         }
+    }
+
+    /// Why the connection ended, or `None` with `cx` woken once that is known.
+    fn reason_or_wait(&self, cx: &Context<'_>) -> Option<ConnectionError> {
+        let mut lost = self.lost.lock().unwrap_or_else(|e| e.into_inner());
+        // Checked under the lock `set_reason` takes after setting: no wake-up is missed.
+        if let Some(r) = self.reason() {
+            return Some(r);
+        }
+        if !lost.iter().any(|w| w.will_wake(cx.waker())) {
+            lost.push(cx.waker().clone());
+        }
+        None
     }
 
     fn reason(&self) -> Option<ConnectionError> {
@@ -276,6 +295,7 @@ impl Connection {
             classified: Notify::new(),
             streams: Mutex::default(),
             control: Mutex::new(None),
+            lost: Mutex::default(),
         });
         tokio::spawn(drive(mux, Arc::downgrade(&shared), cmd_rx, inbound_tx));
         Connection { shared }
@@ -1047,6 +1067,20 @@ impl Reader {
     }
 }
 
+/// [`RecvStream::read_chunk`]'s future.
+pub struct ReadChunk<'a> {
+    stream: &'a mut RecvStream,
+    max: usize,
+}
+
+impl Future for ReadChunk<'_> {
+    type Output = Result<Option<Bytes>, ReadError>;
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.get_mut();
+        this.stream.poll_chunk(cx, this.max)
+    }
+}
+
 /// The receiving half of a TCP stream.
 pub struct RecvStream {
     /// `None` once the stream ended (FIN, RESET, stop or lost).
@@ -1101,10 +1135,47 @@ impl RecvStream {
                 )))
             }
             Err(None) => {
-                self.end();
-                let reason = self.shared.conn.reason().unwrap_or(ConnectionError::Reset);
-                Poll::Ready(Err(ReadError::ConnectionLost(reason)))
+                // The yamux stream ended without FIN or RESET: the connection is going. Its
+                // reason (a close stream still being read, say) is set by its driver, which
+                // wakes us; until then the stream stays as it is.
+                match self.shared.conn.reason_or_wait(cx) {
+                    Some(reason) => {
+                        self.end();
+                        Poll::Ready(Err(ReadError::ConnectionLost(reason)))
+                    }
+                    None => Poll::Pending,
+                }
             }
+        }
+    }
+
+    /// The next chunk (at most `max` bytes): a buffer is allocated only once a `DATA`
+    /// record's bytes are next, so a stream waiting for data holds none.
+    fn poll_chunk(
+        &mut self,
+        cx: &mut Context<'_>,
+        max: usize,
+    ) -> Poll<Result<Option<Bytes>, ReadError>> {
+        let mut nothing = ReadBuf::new(&mut []);
+        match ready!(self.poll_read_inner(cx, &mut nothing)) {
+            Ok(Some(_)) => {}
+            Ok(None) => return Poll::Ready(Ok(None)),
+            Err(e) => return Poll::Ready(Err(e)),
+        }
+        let len = self
+            .reader
+            .as_ref()
+            .map_or(0, |r| r.remaining)
+            .min(max.max(1));
+        let mut buf = vec![0u8; len];
+        let mut rb = ReadBuf::new(&mut buf);
+        match ready!(self.poll_read_inner(cx, &mut rb)) {
+            Ok(Some(n)) => {
+                buf.truncate(n);
+                Poll::Ready(Ok(Some(Bytes::from(buf))))
+            }
+            Ok(None) => Poll::Ready(Ok(None)),
+            Err(e) => Poll::Ready(Err(e)),
         }
     }
 
@@ -1114,38 +1185,17 @@ impl RecvStream {
 
     /// Read into `buf`; `None` at the end of the stream.
     pub async fn read(&mut self, buf: &mut [u8]) -> Result<Option<usize>, ReadError> {
-        let r = std::future::poll_fn(|cx| {
+        std::future::poll_fn(|cx| {
             let mut rb = ReadBuf::new(buf);
             self.poll_read_inner(cx, &mut rb)
         })
-        .await;
-        self.settle(r).await
+        .await
     }
 
-    /// A lost stream waits briefly for its connection's close reason, which may still be
-    /// on its way (the close stream races the streams' ends).
-    async fn settle(&self, r: ReadResult) -> ReadResult {
-        match r {
-            Err(ReadError::ConnectionLost(ConnectionError::Reset)) => {
-                let reason = tokio::time::timeout(REASON_WAIT, self.shared.conn.closed())
-                    .await
-                    .unwrap_or(ConnectionError::Reset);
-                Err(ReadError::ConnectionLost(reason))
-            }
-            other => other,
-        }
-    }
-
-    /// At most `max` bytes; `None` at the end.
-    pub async fn read_chunk(&mut self, max: usize) -> Result<Option<Bytes>, ReadError> {
-        let mut buf = vec![0u8; max.min(WRITE_CHUNK)];
-        match self.read(&mut buf).await? {
-            Some(n) => {
-                buf.truncate(n);
-                Ok(Some(Bytes::from(buf)))
-            }
-            None => Ok(None),
-        }
+    /// At most `max` bytes; `None` at the end. A small future: a session driver waits in
+    /// it for the connection's whole life.
+    pub fn read_chunk(&mut self, max: usize) -> ReadChunk<'_> {
+        ReadChunk { stream: self, max }
     }
 
     /// Fill `buf` exactly.
