@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use bytes::{BufMut, BytesMut};
 use common::*;
-use futures_util::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use futures_util::io::AsyncReadExt as _;
 use tether::pki::{Leaf, LeafSpec, Pki};
 use tether_proto::{encode_frame, CloseCode, Frame, FrameDecoder, Hello, DEFAULT_MAX_FRAME_LEN};
 use tether_transport::tcp;
@@ -25,7 +25,7 @@ use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 use tokio_rustls::client::TlsStream;
-use tokio_util::compat::{Compat, TokioAsyncReadCompatExt as _};
+use tokio_util::compat::{Compat, FuturesAsyncReadCompatExt as _, TokioAsyncReadCompatExt as _};
 
 const PROTOCOL_ERROR: u64 = CloseCode::ProtocolError.code() as u64;
 /// How long a refusal or a close may take to reach the client.
@@ -455,7 +455,14 @@ async fn a_stream_flood_over_tcp_closes_that_connection_and_the_broker_survives(
     }
     let end = conn_ended(&conn).await;
     eprintln!("flood: opened {} streams, ended {end:?}", streams.len());
-    assert_eq!(end, Ended::App(PROTOCOL_ERROR));
+    // The broker closes with `protocol_error` on the second stream. While we keep
+    // flooding, its socket still holds our unread bytes when it closes, so its kernel
+    // answers with a TCP RST, which may discard the close stream before we read it: then
+    // all we see is the reset. (QUIC's close cannot be lost that way.)
+    assert!(
+        end == Ended::App(PROTOCOL_ERROR) || end == Ended::Other("reset by peer".into()),
+        "flood: {end:?}"
+    );
     broker
         .wait_metric(
             &sample("tether_protocol_errors_total", "kind", "extra_stream"),
@@ -537,10 +544,10 @@ impl RawMux {
     }
 
     /// The broker's close code (bounded).
-    async fn closed(self) -> Option<u64> {
+    async fn closed(self, what: &str) -> Option<u64> {
         tokio::time::timeout(LIMIT, self.closed)
             .await
-            .expect("the broker ended the connection")
+            .unwrap_or_else(|_| panic!("{what}: the broker never ended the connection"))
             .unwrap()
     }
 }
@@ -628,7 +635,7 @@ async fn a_broken_record_layer_closes_that_connection_with_protocol_error() {
     tokio::io::AsyncWriteExt::write_all(&mut s, &[0x07, 0, 0, 0, 0])
         .await
         .unwrap();
-    assert_eq!(mux.closed().await, Some(PROTOCOL_ERROR), "unknown stream kind");
+    assert_eq!(mux.closed("unknown stream kind").await, Some(PROTOCOL_ERROR));
     assert!(broker.sessions().await.is_empty());
 
     // On a welcomed session stream: records the mapping does not allow.
@@ -647,7 +654,7 @@ async fn a_broken_record_layer_closes_that_connection_with_protocol_error() {
         let mut s = raw_hello(&mux).await;
         broker.wait_session("app-bad").await;
         let _ = tokio::io::AsyncWriteExt::write_all(&mut s, &bytes).await;
-        assert_eq!(mux.closed().await, Some(PROTOCOL_ERROR), "{what}");
+        assert_eq!(mux.closed(what).await, Some(PROTOCOL_ERROR), "{what}");
         let gone = wait_for(LIMIT, || async {
             broker.sessions().await.is_empty().then_some(())
         })
@@ -664,11 +671,8 @@ async fn a_broken_record_layer_closes_that_connection_with_protocol_error() {
         msg.extend_from_slice(&id.to_be_bytes());
         msg.extend_from_slice(&0u64.to_be_bytes());
         let _ = tokio::io::AsyncWriteExt::write_all(&mut control, &msg).await;
-        assert_eq!(
-            mux.closed().await,
-            Some(PROTOCOL_ERROR),
-            "unknown control message about stream {id:#x}"
-        );
+        let what = format!("unknown control message about stream {id:#x}");
+        assert_eq!(mux.closed(&what).await, Some(PROTOCOL_ERROR), "{what}");
     }
     still_serves(&setup, &mut broker, &good, "app-good").await;
 }
