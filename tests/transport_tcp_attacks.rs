@@ -282,8 +282,16 @@ async fn every_certificate_quic_refuses_tcp_refuses_with_the_same_alert_and_reas
         (Some(&foreign), alert::UNKNOWN_CA, "unknown_issuer"),
         (Some(&expired), alert::CERTIFICATE_EXPIRED, "expired"),
         (Some(&not_yet), alert::CERTIFICATE_EXPIRED, "not_yet_valid"),
-        (Some(&wrong_td), alert::BAD_CERTIFICATE, "wrong_trust_domain"),
-        (Some(&wrong_eku), alert::UNSUPPORTED_CERTIFICATE, "wrong_eku"),
+        (
+            Some(&wrong_td),
+            alert::BAD_CERTIFICATE,
+            "wrong_trust_domain",
+        ),
+        (
+            Some(&wrong_eku),
+            alert::UNSUPPORTED_CERTIFICATE,
+            "wrong_eku",
+        ),
         (
             Some(&names_b),
             alert::ACCESS_DENIED,
@@ -307,7 +315,9 @@ async fn every_certificate_quic_refuses_tcp_refuses_with_the_same_alert_and_reas
         Some(Ended::Alert(alert::CERTIFICATE_REVOKED))
     );
     assert_eq!(
-        broker.metric("tether_transport_sessions{transport=\"tcp\"}").await,
+        broker
+            .metric("tether_transport_sessions{transport=\"tcp\"}")
+            .await,
         0.0
     );
     assert!(broker.log_contains("fingerprint_for_other_appliance"));
@@ -489,11 +499,8 @@ struct RawMux {
 
 impl RawMux {
     fn start(tls: TlsStream<TcpStream>) -> RawMux {
-        let mut mux = yamux::Connection::new(
-            tls.compat(),
-            yamux::Config::default(),
-            yamux::Mode::Client,
-        );
+        let mut mux =
+            yamux::Connection::new(tls.compat(), yamux::Config::default(), yamux::Mode::Client);
         let (opens, mut open_rx) = mpsc::unbounded_channel::<
             oneshot::Sender<Result<yamux::Stream, yamux::ConnectionError>>,
         >();
@@ -635,7 +642,10 @@ async fn a_broken_record_layer_closes_that_connection_with_protocol_error() {
     tokio::io::AsyncWriteExt::write_all(&mut s, &[0x07, 0, 0, 0, 0])
         .await
         .unwrap();
-    assert_eq!(mux.closed("unknown stream kind").await, Some(PROTOCOL_ERROR));
+    assert_eq!(
+        mux.closed("unknown stream kind").await,
+        Some(PROTOCOL_ERROR)
+    );
     assert!(broker.sessions().await.is_empty());
 
     // On a welcomed session stream: records the mapping does not allow.
