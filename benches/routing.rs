@@ -78,6 +78,7 @@ fn cluster(n: usize) -> (Cluster, Vec<mpsc::Receiver<ToBroker>>) {
                     connected_at: 1_765_000_000,
                     cert_not_after: 1_767_225_600,
                     agent_version: "0.1.0".into(),
+                    transport: "quic".into(),
                     capabilities: vec![],
                 })
                 .collect();
@@ -204,7 +205,7 @@ fn table(n: usize, conn: &quinn::Connection) -> SessionTable {
             remote,
             agent_version: "0.1.0".into(),
             capabilities: vec![],
-            connection: conn.clone(),
+            connection: conn.clone().into(),
             cert_not_after_ms: 1_767_225_600_000.into(),
             last_heartbeat_ms: 0.into(),
             trust_state: 0.into(),

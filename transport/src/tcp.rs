@@ -629,10 +629,19 @@ async fn classify(
             while stream.read_exact(&mut msg).await.is_ok() {
                 let id = u32::from_be_bytes(msg[1..5].try_into().expect("4 bytes"));
                 let code = u64::from_be_bytes(msg[5..].try_into().expect("8 bytes"));
-                let Some(s) = shared.stream(id) else { continue };
+                // The type first: an unknown message breaks the mapping whatever stream it
+                // names (one that ended already, or none at all).
                 match msg[0] {
-                    REC_ACK => s.update(|st| st.acked = true),
-                    REC_STOP => s.stop(code),
+                    REC_ACK => {
+                        if let Some(s) = shared.stream(id) {
+                            s.update(|st| st.acked = true);
+                        }
+                    }
+                    REC_STOP => {
+                        if let Some(s) = shared.stream(id) {
+                            s.stop(code);
+                        }
+                    }
                     _ => {
                         Connection {
                             shared: shared.clone(),
