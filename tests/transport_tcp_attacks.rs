@@ -702,12 +702,10 @@ async fn sigterm_drains_tcp_sessions_to_the_other_broker() {
     drain_over_tcp(false).await;
 }
 
-/// The appliance is never without a session across both brokers while it moves. Fails
-/// today, over QUIC as over TCP: on hand-over the agent drops its session driver, which
-/// finishes the session stream, so the drained broker ends the session (its row goes)
-/// before the session on the next broker exists; only the connection is kept open.
+/// The appliance is never without a session across both brokers while it moves: on
+/// hand-over the agent keeps the old session stream open (dropping it would finish it and
+/// end the session on the drained broker) until the next session is welcomed.
 #[tokio::test]
-#[ignore = "agent hand-over finishes the old session stream before the next session exists (QUIC too)"]
 async fn sigterm_drain_over_tcp_is_make_before_break_in_the_session_tables() {
     drain_over_tcp(true).await;
 }
