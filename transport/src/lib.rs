@@ -123,21 +123,20 @@ impl Connection {
             Connection::Tcp(c) => c
                 .open_bi()
                 .await
-                .map(|(s, r)| (SendStream::Tcp(s), RecvStream::Tcp(r))),
+                .map(|(s, r)| (SendStream::Tcp(Box::new(s)), RecvStream::Tcp(Box::new(r)))),
         }
     }
 
-    /// The next bidirectional stream the peer opens.
-    pub async fn accept_bi(&self) -> Result<(SendStream, RecvStream), ConnectionError> {
+    /// The next bidirectional stream the peer opens. A future no larger than quinn's own
+    /// (a session driver waits in it for the connection's whole life).
+    pub fn accept_bi(&self) -> AcceptBi<'_> {
         match self {
-            Connection::Quic(c) => c
-                .accept_bi()
-                .await
-                .map(|(s, r)| (SendStream::Quic(s), RecvStream::Quic(r))),
-            Connection::Tcp(c) => c
-                .accept_bi()
-                .await
-                .map(|(s, r)| (SendStream::Tcp(s), RecvStream::Tcp(r))),
+            Connection::Quic(c) => AcceptBi::Quic {
+                inner: c.accept_bi(),
+            },
+            Connection::Tcp(c) => AcceptBi::Tcp {
+                inner: c.accept_bi(),
+            },
         }
     }
 
@@ -193,13 +192,39 @@ impl Connection {
     }
 }
 
+pin_project_lite::pin_project! {
+    /// [`Connection::accept_bi`]'s future.
+    #[project = AcceptBiProj]
+    pub enum AcceptBi<'a> {
+        /// QUIC.
+        Quic { #[pin] inner: quinn::AcceptBi<'a> },
+        /// TLS over TCP.
+        Tcp { inner: tcp::AcceptBi<'a> },
+    }
+}
+
+impl std::future::Future for AcceptBi<'_> {
+    type Output = Result<(SendStream, RecvStream), ConnectionError>;
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.project() {
+            AcceptBiProj::Quic { inner } => inner
+                .poll(cx)
+                .map(|r| r.map(|(s, r)| (SendStream::Quic(s), RecvStream::Quic(r)))),
+            AcceptBiProj::Tcp { inner } => Pin::new(inner).poll(cx).map(|r| {
+                r.map(|(s, r)| (SendStream::Tcp(Box::new(s)), RecvStream::Tcp(Box::new(r))))
+            }),
+        }
+    }
+}
+
 /// The sending half of a stream.
 #[derive(Debug)]
 pub enum SendStream {
     /// QUIC.
     Quic(quinn::SendStream),
-    /// TLS over TCP.
-    Tcp(tcp::SendStream),
+    /// TLS over TCP (boxed: an idle session's driver holds its streams, and this keeps
+    /// them QUIC's size).
+    Tcp(Box<tcp::SendStream>),
 }
 
 impl SendStream {
@@ -266,21 +291,21 @@ impl AsyncWrite for SendStream {
     ) -> Poll<std::io::Result<usize>> {
         match self.get_mut() {
             SendStream::Quic(s) => AsyncWrite::poll_write(Pin::new(s), cx, buf),
-            SendStream::Tcp(s) => Pin::new(s).poll_write(cx, buf),
+            SendStream::Tcp(s) => Pin::new(&mut **s).poll_write(cx, buf),
         }
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         match self.get_mut() {
             SendStream::Quic(s) => Pin::new(s).poll_flush(cx),
-            SendStream::Tcp(s) => Pin::new(s).poll_flush(cx),
+            SendStream::Tcp(s) => Pin::new(&mut **s).poll_flush(cx),
         }
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         match self.get_mut() {
             SendStream::Quic(s) => Pin::new(s).poll_shutdown(cx),
-            SendStream::Tcp(s) => Pin::new(s).poll_shutdown(cx),
+            SendStream::Tcp(s) => Pin::new(&mut **s).poll_shutdown(cx),
         }
     }
 }
@@ -290,8 +315,8 @@ impl AsyncWrite for SendStream {
 pub enum RecvStream {
     /// QUIC.
     Quic(quinn::RecvStream),
-    /// TLS over TCP.
-    Tcp(tcp::RecvStream),
+    /// TLS over TCP (boxed, as [`SendStream::Tcp`]).
+    Tcp(Box<tcp::RecvStream>),
 }
 
 impl RecvStream {
@@ -339,7 +364,7 @@ impl AsyncRead for RecvStream {
     ) -> Poll<std::io::Result<()>> {
         match self.get_mut() {
             RecvStream::Quic(s) => AsyncRead::poll_read(Pin::new(s), cx, buf),
-            RecvStream::Tcp(s) => Pin::new(s).poll_read(cx, buf),
+            RecvStream::Tcp(s) => Pin::new(&mut **s).poll_read(cx, buf),
         }
     }
 }

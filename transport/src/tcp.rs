@@ -120,7 +120,7 @@ struct ConnShared {
     reason: Mutex<Option<ConnectionError>>,
     closed: Notify,
     cmds: mpsc::UnboundedSender<Cmd>,
-    inbound: tokio::sync::Mutex<mpsc::UnboundedReceiver<(SendStream, RecvStream)>>,
+    inbound: Mutex<mpsc::UnboundedReceiver<(SendStream, RecvStream)>>,
     protocol_error: u64,
     /// Inbound streams whose kind byte is still being read: the driver waits for them
     /// before deciding the connection merely dropped (a close stream may be among them).
@@ -289,7 +289,7 @@ impl Connection {
             reason: Mutex::new(None),
             closed: Notify::new(),
             cmds,
-            inbound: tokio::sync::Mutex::new(inbound_rx),
+            inbound: Mutex::new(inbound_rx),
             protocol_error: settings.protocol_error,
             classifying: AtomicUsize::new(0),
             classified: Notify::new(),
@@ -320,16 +320,10 @@ impl Connection {
         Ok((send, recv))
     }
 
-    /// The next stream the peer opens.
-    pub async fn accept_bi(&self) -> Result<(SendStream, RecvStream), ConnectionError> {
-        let mut inbound = self.shared.inbound.lock().await;
-        tokio::select! {
-            s = inbound.recv() => match s {
-                Some(s) => Ok(s),
-                None => Err(self.lost().await),
-            },
-            r = self.shared.closed() => Err(r),
-        }
+    /// The next stream the peer opens. A small future (a session driver waits in it for
+    /// the connection's whole life); one caller at a time.
+    pub fn accept_bi(&self) -> AcceptBi<'_> {
+        AcceptBi { conn: self }
     }
 
     async fn lost(&self) -> ConnectionError {
@@ -372,6 +366,34 @@ impl Connection {
     /// The peer's certificate chain, leaf first.
     pub fn peer_certificates(&self) -> Option<&[CertificateDer<'static>]> {
         self.shared.certs.as_deref()
+    }
+}
+
+/// [`Connection::accept_bi`]'s future.
+pub struct AcceptBi<'a> {
+    conn: &'a Connection,
+}
+
+impl Future for AcceptBi<'_> {
+    type Output = Result<(SendStream, RecvStream), ConnectionError>;
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let shared = &self.conn.shared;
+        if let Some(r) = shared.reason() {
+            return Poll::Ready(Err(r));
+        }
+        let next = shared
+            .inbound
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .poll_recv(cx);
+        match next {
+            Poll::Ready(Some(pair)) => Poll::Ready(Ok(pair)),
+            // No stream yet, or none ever again: either way, woken when the connection ends.
+            _ => match shared.reason_or_wait(cx) {
+                Some(r) => Poll::Ready(Err(r)),
+                None => Poll::Pending,
+            },
+        }
     }
 }
 
