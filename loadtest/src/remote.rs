@@ -235,7 +235,7 @@ pub async fn run(args: &RunArgs, url: &str, limits: Limits) -> anyhow::Result<Re
     }
     if args.baseline {
         bail!(
-            "--baseline starts a bare quinn server with a broker's certificate: it needs --spawn"
+            "--baseline starts a bare echo server with a broker's certificate: it needs --spawn"
         );
     }
     let url = url.trim_end_matches('/');
