@@ -326,9 +326,9 @@ impl Dialer {
         let timeout = tether_agent::config::DEFAULT_CONNECT_TIMEOUT;
         let work = async {
             match self {
-                Dialer::Quic { endpoint, config } => {
-                    connect_quic(endpoint, config.clone(), server).await.map(Conn::Quic)
-                }
+                Dialer::Quic { endpoint, config } => connect_quic(endpoint, config.clone(), server)
+                    .await
+                    .map(Conn::Quic),
                 Dialer::Tcp { config } => connect_tcp(config.clone(), server)
                     .await
                     .map(|s| Conn::Tcp(Box::new(s))),

@@ -397,7 +397,10 @@ mod tests {
             "handshakes_per_sec": 100.0,
             "baseline": {"handshakes_per_sec": 110.0}, "ratios": {"handshakes_per_sec": 0.909}
         }));
-        assert!(page.contains("<code>storm</code> over <code>tcp</code>"), "{page}");
+        assert!(
+            page.contains("<code>storm</code> over <code>tcp</code>"),
+            "{page}"
+        );
         assert!(page.contains("20 appliances over TLS over TCP"), "{page}");
         assert!(page.contains("<th>bare TLS/TCP</th>"), "{page}");
         // Escaped like everything else from the report.

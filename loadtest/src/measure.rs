@@ -235,7 +235,9 @@ mod tests {
                       Max open files            20000                20000                files     \n";
         assert_eq!(parse_nofile(limits), Some(20000));
         assert_eq!(
-            parse_nofile("Max open files            unlimited            unlimited            files\n"),
+            parse_nofile(
+                "Max open files            unlimited            unlimited            files\n"
+            ),
             Some(u64::MAX)
         );
         assert_eq!(parse_nofile("Max processes 10 10\n"), None);

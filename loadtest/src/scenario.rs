@@ -56,7 +56,11 @@ pub async fn run(args: &RunArgs, limits: Limits) -> anyhow::Result<Report> {
     }
     if args.transport == Transport::Tcp {
         // One socket per appliance here (QUIC's share --client-endpoints).
-        measure::check_nofile("this process (the fleet)", Some(limits.nofile), args.appliances);
+        measure::check_nofile(
+            "this process (the fleet)",
+            Some(limits.nofile),
+            args.appliances,
+        );
     }
     if let Some(url) = &args.control {
         return crate::remote::run(args, url, limits).await;
