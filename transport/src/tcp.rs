@@ -1131,7 +1131,7 @@ impl RecvStream {
 
     /// A lost stream waits briefly for its connection's close reason, which may still be
     /// on its way (the close stream races the streams' ends).
-    async fn settle(&self, r: ReadResult) -> ReadResult {
+    async fn settle<T>(&self, r: Result<T, ReadError>) -> Result<T, ReadError> {
         match r {
             Err(ReadError::ConnectionLost(ConnectionError::Reset)) => {
                 let reason = tokio::time::timeout(REASON_WAIT, self.shared.conn.closed())
@@ -1144,15 +1144,25 @@ impl RecvStream {
     }
 
     /// At most `max` bytes; `None` at the end.
+    ///
+    /// The buffer lives only within a poll, kept when the poll returns data (a pending
+    /// read writes nothing): a stream waiting here, as every idle session's does between
+    /// heartbeats, holds no buffer.
     pub async fn read_chunk(&mut self, max: usize) -> Result<Option<Bytes>, ReadError> {
-        let mut buf = vec![0u8; max.min(WRITE_CHUNK)];
-        match self.read(&mut buf).await? {
-            Some(n) => {
-                buf.truncate(n);
-                Ok(Some(Bytes::from(buf)))
-            }
-            None => Ok(None),
-        }
+        let r = std::future::poll_fn(|cx| {
+            let mut buf = vec![0u8; max.min(WRITE_CHUNK)];
+            let mut rb = ReadBuf::new(&mut buf);
+            Poll::Ready(match ready!(self.poll_read_inner(cx, &mut rb)) {
+                Ok(Some(n)) => {
+                    buf.truncate(n);
+                    Ok(Some(Bytes::from(buf)))
+                }
+                Ok(None) => Ok(None),
+                Err(e) => Err(e),
+            })
+        })
+        .await;
+        self.settle(r).await
     }
 
     /// Fill `buf` exactly.
