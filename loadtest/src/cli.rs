@@ -61,6 +61,8 @@ pub mod env {
     pub const REJOIN_DELAY: &str = "TETHER_LOADTEST_REJOIN_DELAY";
     /// `--drain-jitter`.
     pub const DRAIN_JITTER: &str = "TETHER_LOADTEST_DRAIN_JITTER";
+    /// `--transport`.
+    pub const TRANSPORT: &str = "TETHER_LOADTEST_TRANSPORT";
 }
 
 /// Default of `--duration`: how long `steady` holds the fleet.
@@ -115,7 +117,7 @@ pub struct Cli {
 pub enum Command {
     /// Run a scenario and write a report.
     Run(RunArgs),
-    /// The bare quinn echo server of `--baseline` (started by `run`, not by hand).
+    /// The bare echo server of `--baseline` (started by `run`, not by hand).
     #[command(hide = true)]
     BaselineServer(crate::baseline::ServerArgs),
 }
@@ -147,7 +149,54 @@ pub enum Scenario {
     Drain,
 }
 
+/// The transport every simulated appliance uses (one per run: a run measures one
+/// transport, never the agents' `auto` choice between them).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Transport {
+    /// QUIC: the fleet shares --client-endpoints UDP sockets.
+    #[default]
+    Quic,
+    /// TLS 1.3 over TCP with yamux streams (`docs/PROTOCOL.md` §13): one socket per
+    /// appliance, in this process and in the broker.
+    Tcp,
+}
+
+impl Transport {
+    /// The agents' setting for it.
+    pub fn mode(self) -> tether_agent::config::TransportMode {
+        match self {
+            Transport::Quic => tether_agent::config::TransportMode::Quic,
+            Transport::Tcp => tether_agent::config::TransportMode::Tcp,
+        }
+    }
+
+    /// The name in reports.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Transport::Quic => "quic",
+            Transport::Tcp => "tcp",
+        }
+    }
+
+    /// What reports call `--baseline`'s server on this transport.
+    pub fn baseline_name(self) -> &'static str {
+        match self {
+            Transport::Quic => "bare quinn",
+            Transport::Tcp => "bare TLS/TCP",
+        }
+    }
+}
+
 impl RunArgs {
+    /// The agent settings of every simulated appliance: the defaults, on `--transport`.
+    pub fn agent_config(&self) -> tether_agent::AgentConfig {
+        tether_agent::AgentConfig {
+            transport: self.transport.mode(),
+            ..tether_agent::AgentConfig::default()
+        }
+    }
+
     /// `--concurrency`, or the scenario's default.
     pub fn effective_concurrency(&self) -> Option<usize> {
         self.concurrency.or(match self.scenario {
@@ -217,6 +266,12 @@ pub struct RunArgs {
     #[arg(long, value_enum, env = env::SCENARIO)]
     pub scenario: Scenario,
 
+    /// The transport every appliance uses: QUIC, or TLS over TCP (then each appliance
+    /// holds a socket here and one in the broker: the open-files limit must allow it).
+    /// With --baseline the bare server speaks the same transport.
+    #[arg(long, value_enum, env = env::TRANSPORT, default_value_t = Transport::Quic)]
+    pub transport: Transport,
+
     /// Virtual appliances (each one a real agent with its own certificate).
     #[arg(long, env = env::APPLIANCES, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
     pub appliances: u64,
@@ -272,8 +327,9 @@ pub struct RunArgs {
     #[arg(long, env = env::UDP_BUFFER, default_value_t = DEFAULT_UDP_BUFFER)]
     pub udp_buffer: usize,
 
-    /// Run the same scenario, after Tether's, against a bare quinn mutual-TLS echo server
-    /// with the broker's transport settings, and report Tether/baseline ratios.
+    /// Run the same scenario, after Tether's, against a bare mutual-TLS echo server on the
+    /// same transport (quinn with the broker's transport settings, or tokio-rustls over
+    /// TCP), and report Tether/baseline ratios.
     #[arg(long, env = env::BASELINE)]
     pub baseline: bool,
 
@@ -365,6 +421,11 @@ mod tests {
         assert_eq!(args.scenario, Scenario::Storm);
         assert_eq!(args.appliances, 10);
         assert_eq!(args.duration, Duration::from_secs(30));
+        assert_eq!(args.transport, Transport::Quic);
+        assert_eq!(
+            args.agent_config().transport,
+            tether_agent::config::TransportMode::Quic
+        );
         assert_eq!(args.effective_brokers(), DEFAULT_BROKERS);
         let drain = RunArgs {
             scenario: Scenario::Drain,
@@ -390,6 +451,44 @@ mod tests {
             ..steady
         };
         assert_eq!(limited.effective_concurrency(), Some(7));
+    }
+
+    #[test]
+    fn transport_tcp_is_what_every_agent_uses() {
+        let cli = Cli::try_parse_from([
+            "tether-loadtest",
+            "run",
+            "--spawn",
+            "--scenario",
+            "storm",
+            "--appliances",
+            "10",
+            "--transport",
+            "tcp",
+        ])
+        .expect("parse");
+        let Command::Run(args) = cli.command else {
+            panic!("not run")
+        };
+        assert_eq!(args.transport, Transport::Tcp);
+        assert_eq!(args.transport.as_str(), "tcp");
+        // Never `auto`: a run measures one transport.
+        assert_eq!(
+            args.agent_config().transport,
+            tether_agent::config::TransportMode::Tcp
+        );
+        assert!(Cli::try_parse_from([
+            "tether-loadtest",
+            "run",
+            "--spawn",
+            "--scenario",
+            "storm",
+            "--appliances",
+            "10",
+            "--transport",
+            "auto",
+        ])
+        .is_err());
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! The virtual fleet: one real [`tether_agent::Agent`] per appliance, all in this process,
-//! sharing a few QUIC client endpoints and one tokio runtime.
+//! sharing a few QUIC client endpoints and one tokio runtime (over `--transport tcp` the
+//! endpoints go unused: each agent opens its own TCP socket).
 //!
 //! Each appliance runs in one task that drives its agent and watches the agent's events;
 //! what matters to a scenario goes to one collector channel as [`FleetEvent`]s. An

@@ -138,11 +138,13 @@ pub fn render(report: &Value) -> String {
 /// The page's head and style, its title and the machine the run was on.
 fn header(out: &mut String, report: &Value) {
     let scenario = report["scenario"].as_str().unwrap_or("?");
+    // Reports from before `--transport` were all QUIC.
+    let transport = report["transport"].as_str().unwrap_or("quic");
     let _ = write!(
         out,
         r#"<!doctype html>
 <html lang="en"><head><meta charset="utf-8">
-<title>Tether load test: {s}, {n} appliances</title>
+<title>Tether load test: {s} over {t}, {n} appliances</title>
 <style>
 body {{ font-family: system-ui, sans-serif; margin: 2rem; color: #222; max-width: 60rem; }}
 table {{ border-collapse: collapse; margin: 1rem 0; }}
@@ -151,10 +153,16 @@ td.n {{ text-align: right; font-variant-numeric: tabular-nums; }}
 figure {{ margin: 1.5rem 0; }} figcaption {{ font-weight: 600; margin-bottom: .25rem; }}
 .good {{ color: #17803d; }} .bad {{ color: #b42318; }}
 </style></head><body>
-<h1>Tether load test: <code>{s}</code></h1>
-<p>{n} appliances, {b} broker(s); {cores} cores, {mem} GiB, kernel {kernel}, load average {load} at the start, {load_end} at the end.</p>
+<h1>Tether load test: <code>{s}</code> over <code>{t}</code></h1>
+<p>{n} appliances over {transport_long}, {b} broker(s); {cores} cores, {mem} GiB, kernel {kernel}, load average {load} at the start, {load_end} at the end.</p>
 "#,
         s = esc(scenario),
+        t = esc(transport),
+        transport_long = esc(match transport {
+            "tcp" => "TLS over TCP",
+            "quic" => "QUIC",
+            other => other,
+        }),
         n = fmt(&report["appliances"]),
         b = fmt(&report["brokers"]),
         cores = fmt(&report["machine"]["cores"]),
@@ -189,7 +197,11 @@ fn figures(out: &mut String, report: &Value) {
     let has_baseline = report["baseline"].is_object();
     out.push_str("<table><tr><th>figure</th><th>Tether</th>");
     if has_baseline {
-        out.push_str("<th>bare quinn</th><th>Tether / baseline</th>");
+        let server = match report["transport"].as_str() {
+            Some("tcp") => "bare TLS/TCP",
+            _ => "bare quinn",
+        };
+        let _ = write!(out, "<th>{server}</th><th>Tether / baseline</th>");
     }
     out.push_str("</tr>\n");
     for (key, label, higher_is_better) in fields {
@@ -364,7 +376,8 @@ mod tests {
         });
         let page = render(&report);
         assert!(page.starts_with("<!doctype html>"));
-        assert!(page.contains("Tether load test: <code>steady</code>"));
+        assert!(page.contains("Tether load test: <code>steady</code> over <code>quic</code>"));
+        assert!(page.contains("<th>bare quinn</th>"));
         // Ratios are coloured by which way is better.
         assert!(page.contains(r#"<td class="n bad">0.900</td>"#), "{page}");
         assert!(page.contains(r#"<td class="n bad">1.139</td>"#), "{page}");
@@ -375,6 +388,24 @@ mod tests {
         // Nothing from the report reaches the page unescaped.
         assert!(page.contains("6.x &lt;b&gt;"));
         assert!(!page.contains("Command round trip"));
+    }
+
+    #[test]
+    fn the_page_says_which_transport_and_which_baseline() {
+        let page = render(&json!({
+            "scenario": "storm", "transport": "tcp", "appliances": 20, "errors": {},
+            "handshakes_per_sec": 100.0,
+            "baseline": {"handshakes_per_sec": 110.0}, "ratios": {"handshakes_per_sec": 0.909}
+        }));
+        assert!(
+            page.contains("<code>storm</code> over <code>tcp</code>"),
+            "{page}"
+        );
+        assert!(page.contains("20 appliances over TLS over TCP"), "{page}");
+        assert!(page.contains("<th>bare TLS/TCP</th>"), "{page}");
+        // Escaped like everything else from the report.
+        let odd = render(&json!({"scenario": "storm", "transport": "<x>", "errors": {}}));
+        assert!(odd.contains("&lt;x&gt;") && !odd.contains("<x>"));
     }
 
     #[test]

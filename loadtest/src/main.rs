@@ -1,8 +1,9 @@
 //! `tether-loadtest`: the Tether fleet simulator.
 //!
 //! Thousands of virtual appliances in one process, each a real [`tether_agent::Agent`]
-//! with its own enrolled certificate, sharing a few QUIC endpoints; control and the
-//! brokers run as child processes (`--spawn`) so their memory and CPU can be measured.
+//! with its own enrolled certificate, on one transport (`--transport`: sharing a few QUIC
+//! endpoints, or a TCP socket each); control and the brokers run as child processes
+//! (`--spawn`) so their memory and CPU can be measured.
 //! A run drives one scenario and writes a JSON report.
 //!
 //! # Layout
@@ -15,8 +16,9 @@
 //! - [`ops`]: `commands` and `revoke`, through control's API as an operator.
 //! - [`motion`]: `churn` and `drain`, the fleet moving between sessions and brokers.
 //! - [`remote`]: `--control URL`, a run against an existing cluster as an operator.
-//! - [`baseline`]: `--baseline`, the bare quinn server and clients.
-//! - [`measure`]: `/proc` readings (RSS, CPU, UDP drops), the machine, limits.
+//! - [`baseline`]: `--baseline`, the bare echo server (quinn, or tokio-rustls over TCP) and
+//!   its clients.
+//! - [`measure`]: `/proc` readings (RSS, CPU, UDP drops, open-files limits), the machine.
 //! - [`report`]: the JSON report.
 //! - [`progress`]: progress bars.
 //!
@@ -46,12 +48,13 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 fn main() -> anyhow::Result<()> {
     let cli = cli::Cli::parse();
     // In `revoke`, every revoked agent logs an error when refused: that is the point, and
-    // the report counts it.
+    // the report counts it. Over TCP, yamux warns of every connection the fleet's stop
+    // closes under it.
     let default_filter = match &cli.command {
         cli::Command::Run(a) if a.scenario == cli::Scenario::Revoke => {
-            "warn,tether_agent=error,tether_agent::agent=off"
+            "warn,tether_agent=error,yamux=error,tether_agent::agent=off"
         }
-        _ => "warn,tether_agent=error",
+        _ => "warn,tether_agent=error,yamux=error",
     };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter));
@@ -123,5 +126,6 @@ fn limits() -> report::Limits {
         nofile,
         rmem_max,
         wmem_max,
+        ..report::Limits::default()
     }
 }

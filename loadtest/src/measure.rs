@@ -189,9 +189,66 @@ pub fn raise_nofile() -> anyhow::Result<(u64, u64, u64)> {
     Ok((soft, now, hard))
 }
 
+/// Process `pid`'s soft open-files limit (`Max open files` in `/proc/PID/limits`);
+/// `None` if unreadable, `u64::MAX` if unlimited.
+pub fn nofile_of(pid: u32) -> Option<u64> {
+    parse_nofile(&std::fs::read_to_string(format!("/proc/{pid}/limits")).ok()?)
+}
+
+fn parse_nofile(limits: &str) -> Option<u64> {
+    let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
+    match line["Max open files".len()..].split_whitespace().next()? {
+        "unlimited" => Some(u64::MAX),
+        soft => soft.parse().ok(),
+    }
+}
+
+/// File descriptors a process needs beside one per TCP connection (listeners, logs,
+/// epoll, the runtime's, control's channel).
+pub const NOFILE_MARGIN: u64 = 256;
+
+/// Warn when `who` (with open-files limit `limit`) cannot hold `connections` TCP
+/// connections. Returns whether it can.
+pub fn check_nofile(who: &str, limit: Option<u64>, connections: u64) -> bool {
+    let need = connections + NOFILE_MARGIN;
+    match limit {
+        Some(l) if l < need => {
+            eprintln!(
+                "warning: {who} may open {l} files, and {connections} TCP connections need about \
+                 {need}: connections past the limit fail (raise the hard limit: ulimit -Hn, or \
+                 LimitNOFILE= / limits.conf)"
+            );
+            false
+        }
+        _ => true,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn nofile_from_limits() {
+        let limits = "Limit                     Soft Limit           Hard Limit           Units     \n\
+                      Max cpu time              unlimited            unlimited            seconds   \n\
+                      Max open files            20000                20000                files     \n";
+        assert_eq!(parse_nofile(limits), Some(20000));
+        assert_eq!(
+            parse_nofile(
+                "Max open files            unlimited            unlimited            files\n"
+            ),
+            Some(u64::MAX)
+        );
+        assert_eq!(parse_nofile("Max processes 10 10\n"), None);
+        // Children inherit the limit this process raised.
+        assert_eq!(
+            nofile_of(std::process::id()),
+            nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+                .ok()
+                .map(|(soft, _)| soft)
+        );
+    }
 
     #[test]
     fn this_process_is_alive_and_a_made_up_one_is_not() {

@@ -293,8 +293,10 @@ pub struct Ctx<'a> {
     pub creds: &'a [Credentials],
     /// The fleet's endpoints.
     pub endpoints: &'a Endpoints,
-    /// The brokers' QUIC addresses.
+    /// The brokers' QUIC addresses (TCP listens on the same port numbers).
     pub brokers: &'a [SocketAddr],
+    /// The fleet's agent settings (its transport), for the fresh connections too.
+    pub agent: &'a AgentConfig,
 }
 
 /// A sampling hook: called once per tick with the tally.
@@ -669,10 +671,11 @@ async fn reconnect_revoked(
         let creds = ctx.creds[i].clone();
         let endpoint = ctx.endpoints.endpoints[i % ctx.endpoints.endpoints.len()].clone();
         let brokers = ctx.brokers.to_vec();
+        let agent = ctx.agent.clone();
         let limit = limit.clone();
         tries.spawn(async move {
             let _slot = limit.acquire_owned().await;
-            try_once(creds, endpoint, brokers).await
+            try_once(agent, creds, endpoint, brokers).await
         });
     }
     let mut no_answer = 0;
@@ -692,14 +695,15 @@ async fn reconnect_revoked(
     }
 }
 
-/// One agent with `creds`, until its first session (`Some(true)`), its first refusal or
-/// lost attempt (`Some(false)`), or [`RECONNECT_WAIT`] (`None`).
+/// One agent (settings `agent`) with `creds`, until its first session (`Some(true)`),
+/// its first refusal or lost attempt (`Some(false)`), or [`RECONNECT_WAIT`] (`None`).
 async fn try_once(
+    agent: AgentConfig,
     creds: Credentials,
     endpoint: quinn::Endpoint,
     brokers: Vec<SocketAddr>,
 ) -> Option<bool> {
-    let agent = Agent::new(AgentConfig::default(), creds, endpoint, brokers).ok()?;
+    let agent = Agent::new(agent, creds, endpoint, brokers).ok()?;
     let mut events = agent.events();
     let stop = CancellationToken::new();
     let run = tokio::spawn(agent.run(stop.clone()));

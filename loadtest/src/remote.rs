@@ -234,9 +234,7 @@ pub async fn run(args: &RunArgs, url: &str, limits: Limits) -> anyhow::Result<Re
         bail!("drain stops a broker process: it needs --spawn");
     }
     if args.baseline {
-        bail!(
-            "--baseline starts a bare quinn server with a broker's certificate: it needs --spawn"
-        );
+        bail!("--baseline starts a bare echo server with a broker's certificate: it needs --spawn");
     }
     let url = url.trim_end_matches('/');
     let progress = Progress::new(args.no_progress);

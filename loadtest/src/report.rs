@@ -10,8 +10,10 @@ use crate::measure::{Machine, UdpCounters};
 /// Everything one run measured.
 #[derive(Clone, Debug, Serialize)]
 pub struct Report {
-    /// `storm`, `steady`, `commands` or `revoke`.
+    /// `storm`, `steady`, `commands`, `revoke`, `churn` or `drain`.
     pub scenario: &'static str,
+    /// `quic` or `tcp`: the transport every appliance (and the baseline) used.
+    pub transport: crate::cli::Transport,
     /// Appliances simulated.
     pub appliances: usize,
     /// Brokers started.
@@ -54,9 +56,10 @@ pub struct Report {
     /// Everything else.
     #[serde(flatten)]
     pub detail: Detail,
-    /// The same scenario against a bare quinn server (`--baseline`; not built yet).
+    /// The same scenario against a bare echo server on the same transport (`--baseline`:
+    /// quinn over QUIC, tokio-rustls over TCP).
     pub baseline: Option<serde_json::Value>,
-    /// Tether divided by baseline (`--baseline`; not built yet).
+    /// Tether divided by baseline (`--baseline`).
     pub ratios: Option<serde_json::Value>,
 }
 
@@ -140,6 +143,11 @@ pub struct UdpReport {
 pub struct Limits {
     /// RLIMIT_NOFILE after raising the soft limit.
     pub nofile: u64,
+    /// The spawned brokers' open-files limits as they run (inherited from this process;
+    /// each TCP connection holds one), in start order; empty when not spawned here.
+    pub broker_nofile: Vec<Option<u64>>,
+    /// The baseline server's likewise (`--baseline`).
+    pub baseline_nofile: Option<u64>,
     /// `net.core.rmem_max`.
     pub rmem_max: Option<u64>,
     /// `net.core.wmem_max`.
@@ -176,9 +184,10 @@ impl Report {
     pub fn summary(&self) -> String {
         let f = |v: Option<f64>| v.map(|v| format!("{v:.1}")).unwrap_or_else(|| "-".into());
         let mut s = format!(
-            "{} with {} appliances on {} broker(s): {} connected ({} at the end), {} handshakes/s, \
+            "{} over {} with {} appliances on {} broker(s): {} connected ({} at the end), {} handshakes/s, \
              connect p50 {} ms, p99 {} ms",
             self.scenario,
+            self.transport.as_str(),
             self.appliances,
             self.brokers,
             self.detail.connected,
@@ -208,7 +217,8 @@ impl Report {
                     .unwrap_or_else(|| "-".into())
             };
             s.push_str(&format!(
-                "\nTether / bare quinn: handshakes/s x{}, bytes/connection x{}, CPU per connect x{}, connect p99 x{}",
+                "\nTether / {}: handshakes/s x{}, bytes/connection x{}, CPU per connect x{}, connect p99 x{}",
+                self.transport.baseline_name(),
                 get("handshakes_per_sec"),
                 get("broker_bytes_per_conn"),
                 get("broker_cpu_per_handshake_us"),

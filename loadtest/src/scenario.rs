@@ -7,9 +7,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use hdrhistogram::Histogram;
-use tether_agent::{AgentConfig, Credentials};
+use tether_agent::Credentials;
 
-use crate::cli::{RunArgs, Scenario};
+use crate::cli::{RunArgs, Scenario, Transport};
 use crate::fleet::{Endpoints, Fleet, FleetEvent, FleetOptions};
 use crate::measure::{self, Machine, ProcSample, UdpCounters};
 use crate::pool::{self, Pool};
@@ -47,12 +47,20 @@ struct Broker {
 pub async fn run(args: &RunArgs, limits: Limits) -> anyhow::Result<Report> {
     if args.baseline && !matches!(args.scenario, Scenario::Storm | Scenario::Steady) {
         bail!(
-            "--baseline compares storm and steady only: the bare quinn server has no \
+            "--baseline compares storm and steady only: the bare echo server has no \
              commands, revocation, churn or drain"
         );
     }
     if args.scenario == Scenario::Drain && args.effective_brokers() < 2 {
         bail!("drain moves the appliances of one broker to the others: give --brokers 2 or more");
+    }
+    if args.transport == Transport::Tcp {
+        // One socket per appliance here (QUIC's share --client-endpoints).
+        measure::check_nofile(
+            "this process (the fleet)",
+            Some(limits.nofile),
+            args.appliances,
+        );
     }
     if let Some(url) = &args.control {
         return crate::remote::run(args, url, limits).await;
@@ -128,7 +136,7 @@ async fn run_spawned(
     run_dir: &std::path::Path,
     progress: &Progress,
     machine: Machine,
-    limits: Limits,
+    mut limits: Limits,
 ) -> anyhow::Result<Report> {
     let n = creds.len();
     let (control, control_url) = start_control(pool, bins, run_dir).await?;
@@ -159,6 +167,18 @@ async fn run_spawned(
     for b in 1..=nb {
         let name = pool::broker_name(b);
         brokers.push(start_broker(args, pool, prepared, &name, &control_url, bins, run_dir).await?);
+    }
+    // The brokers inherit this process's raised open-files limit: check what they got.
+    for b in &brokers {
+        let limit = measure::nofile_of(b.guard.pid());
+        if args.transport == Transport::Tcp {
+            measure::check_nofile(
+                &format!("broker {}", b.guard.name()),
+                limit,
+                n.div_ceil(nb) as u64,
+            );
+        }
+        limits.broker_nofile.push(limit);
     }
     let mut udp_report = UdpReport {
         client_endpoints: args.client_endpoints,
@@ -877,7 +897,8 @@ impl<'a> Measuring<'a> {
 }
 
 /// Drive the scenario on `creds`' fleet against the brokers `movers`: the Tether phase,
-/// then (with `--baseline`) the same against the bare quinn server, and the report.
+/// then (with `--baseline`) the same against the bare server on the same transport, and
+/// the report.
 #[allow(clippy::too_many_arguments)]
 pub(crate) async fn drive(
     args: &RunArgs,
@@ -891,7 +912,7 @@ pub(crate) async fn drive(
     progress: &Progress,
     mut udp: UdpReport,
     machine: Machine,
-    limits: Limits,
+    mut limits: Limits,
     enroll_secs: f64,
     enrolled_this_run: usize,
 ) -> anyhow::Result<Report> {
@@ -907,9 +928,10 @@ pub(crate) async fn drive(
     let quic: Vec<SocketAddr> = movers.iter().map(|b| b.quic).collect();
     let me = std::process::id();
     let endpoints = client_endpoints(args, &mut udp)?;
+    let agent = args.agent_config();
     let opts = FleetOptions {
         brokers: quic.clone(),
-        agent: AgentConfig::default(),
+        agent: agent.clone(),
         concurrency: args.effective_concurrency(),
         rejoin_delay: args.rejoin_delay,
     };
@@ -932,6 +954,7 @@ pub(crate) async fn drive(
         creds: &ops_creds,
         endpoints: &endpoints,
         brokers: &quic,
+        agent: &agent,
     });
     let tether = measure_phase(
         args,
@@ -950,10 +973,12 @@ pub(crate) async fn drive(
     udp.drops = udp_drops(udp_before, &udp, &limits);
     let head = tether.headline();
 
-    // The same scenario against the bare quinn server.
+    // The same scenario against the bare server on the same transport.
     let (baseline, ratios) = match (baseline_cert, baseline_creds) {
         (Some(cert), Some(creds)) => {
-            let b = baseline_phase(args, cert, creds, &endpoints, run_dir, progress).await?;
+            let (b, nofile) =
+                baseline_phase(args, cert, creds, &endpoints, run_dir, progress).await?;
+            limits.baseline_nofile = nofile;
             let r = ratios(&head, &b);
             (Some(serde_json::to_value(&b)?), Some(r))
         }
@@ -1026,8 +1051,9 @@ fn udp_drops(before: UdpCounters, udp: &UdpReport, limits: &Limits) -> UdpCounte
     drops
 }
 
-/// The same scenario against the bare quinn echo server, presenting `cert`, with a fleet
-/// of bare clients on `creds`. Returns its headline.
+/// The same scenario against the bare echo server of `--transport`, presenting `cert`,
+/// with a fleet of bare clients on `creds`. Returns its headline and the server's
+/// open-files limit.
 async fn baseline_phase(
     args: &RunArgs,
     cert: BaselineCert,
@@ -1035,7 +1061,7 @@ async fn baseline_phase(
     endpoints: &Endpoints,
     run_dir: &std::path::Path,
     progress: &Progress,
-) -> anyhow::Result<Headline> {
+) -> anyhow::Result<(Headline, Option<u64>)> {
     let n = creds.len();
     let exe = std::env::current_exe().context("locating this executable")?;
     let server_args = vec![
@@ -1046,6 +1072,8 @@ async fn baseline_phase(
         cert.key.display().to_string(),
         "--ca".into(),
         cert.ca.display().to_string(),
+        "--transport".into(),
+        args.transport.as_str().into(),
     ];
     let (server, line) = ChildGuard::spawn(
         "baseline",
@@ -1055,11 +1083,16 @@ async fn baseline_phase(
         crate::baseline::READY_MESSAGE,
     )
     .await?;
-    let addr = spawn::addr_field(&line, "quic")?;
+    let addr = spawn::addr_field(&line, args.transport.as_str())?;
     println!(
-        "baseline: bare quinn echo server on {addr} (pid {})",
+        "baseline: {} echo server on {addr} (pid {})",
+        args.transport.baseline_name(),
         server.pid()
     );
+    let nofile = measure::nofile_of(server.pid());
+    if args.transport == Transport::Tcp {
+        measure::check_nofile("the baseline server", nofile, n as u64);
+    }
     let concurrency = args.effective_concurrency();
     let phase = measure_phase(
         args,
@@ -1069,11 +1102,11 @@ async fn baseline_phase(
         "baseline",
         None,
         &[],
-        || crate::baseline::start_fleet(creds, endpoints, addr, concurrency),
+        || crate::baseline::start_fleet(creds, args.transport, endpoints, addr, concurrency),
     )
     .await;
     server.stop(spawn::STOP_GRACE).await;
-    Ok(phase?.headline())
+    Ok((phase?.headline(), nofile))
 }
 
 /// What a run measured besides its Tether phase, for the report.
@@ -1121,6 +1154,7 @@ fn report(
     } = tether.ops;
     Report {
         scenario: args.scenario.as_str(),
+        transport: args.transport,
         appliances: n,
         brokers: facts.brokers,
         handshakes_per_sec: head.handshakes_per_sec,

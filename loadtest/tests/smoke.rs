@@ -1,6 +1,6 @@
 //! Smoke run of the simulator as CI runs it: a storm of 200 appliances against a spawned
-//! control and broker, and the report says every one connected without an error; a
-//! short `revoke` whose revoked appliances cannot come back; `churn` and `drain`; and a
+//! control and broker, and the report says every one connected without an error; the
+//! same with `--baseline` over QUIC and (20 appliances) over TLS/TCP; a short `revoke` whose revoked appliances cannot come back; `churn` and `drain`; and a
 //! run against an existing cluster (`tether up`) with `--control`.
 //!
 //! Needs the `tether-control`, `tether-broker` and `tether` executables next to
@@ -99,6 +99,7 @@ fn run_in(
 fn storm_of_200_connects_every_appliance_without_errors() {
     let report = storm_200(&[]);
     assert_eq!(report["scenario"], "storm");
+    assert_eq!(report["transport"], "quic", "the default transport");
     assert_eq!(report["appliances"], 200);
     assert_eq!(report["brokers"], 1);
     assert_eq!(report["connected"], 200, "report: {report:#}");
@@ -153,6 +154,39 @@ fn baseline_runs_the_same_storm_and_reports_ratios() {
     assert!(report["ratios"]["handshakes_per_sec"]
         .as_f64()
         .is_some_and(|v| v > 0.0));
+}
+
+#[test]
+fn baseline_over_tcp_runs_the_same_storm_on_tls_over_tcp() {
+    let report = run(
+        &["--scenario", "storm", "--appliances", "20"],
+        &["--transport", "tcp", "--baseline"],
+    );
+    assert_eq!(report["transport"], "tcp", "report: {report:#}");
+    assert_eq!(report["connected"], 20, "report: {report:#}");
+    assert_eq!(
+        report["errors"],
+        serde_json::json!({}),
+        "errors in the report: {report:#}"
+    );
+    let baseline = &report["baseline"];
+    assert_eq!(baseline["connected"], 20, "baseline: {baseline:#}");
+    assert_eq!(
+        baseline["errors"],
+        serde_json::json!({}),
+        "baseline: {baseline:#}"
+    );
+    assert!(report["ratios"]["handshakes_per_sec"]
+        .as_f64()
+        .is_some_and(|v| v > 0.0));
+    // The spawned broker runs with the open-files limit this process raised.
+    let nofile = report["limits"]["nofile"].as_u64().expect("nofile");
+    assert_eq!(
+        report["limits"]["broker_nofile"],
+        serde_json::json!([nofile]),
+        "limits: {:#}",
+        report["limits"]
+    );
 }
 
 #[test]
