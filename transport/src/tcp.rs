@@ -805,6 +805,11 @@ async fn writer(
 ) {
     use tokio::io::AsyncWriteExt;
     while let Some(Out::Bytes(b, permits)) = rx.recv().await {
+        // The connection closed: what was queued is discarded, as QUIC discards it.
+        if shared.conn.reason().is_some() {
+            budget.close();
+            return;
+        }
         if io.write_all(&b).await.is_err() {
             shared.update(|s| s.broken = true);
             // Whoever waits for budget learns the stream is gone.
@@ -930,7 +935,11 @@ impl SendStream {
         let mut was_done = false;
         self.shared
             .update(|s| was_done = std::mem::replace(&mut s.send_done, true));
-        if let (Some(tx), false) = (self.tx.take(), was_done) {
+        // As in QUIC, nothing of a stream is sent once its connection closed: a FIN written
+        // after the close (a driver dropping its stream once it closed the connection)
+        // could reach the peer before the close stream, and read as the stream ending.
+        let open = self.shared.conn.reason().is_none();
+        if let (Some(tx), false, true) = (self.tx.take(), was_done, open) {
             let _ = tx.send(Out::Bytes(last, 0));
         }
         Ok(())

@@ -146,3 +146,31 @@ async fn a_dropped_tcp_connection_is_reported_reset() {
         "{reason:?}"
     );
 }
+
+#[tokio::test]
+async fn a_stream_dropped_after_the_close_reads_as_the_close_not_its_end() {
+    // The broker's session driver closes the connection (a revocation), then drops its
+    // session stream, which finishes it: the agent must see the close code, never a FIN
+    // that would read as the broker ending the session.
+    for _ in 0..20 {
+        let (agent, broker) = pair().await;
+        let (mut asend, mut arecv) = agent.open_bi().await.unwrap();
+        asend.write_all(b"hello").await.unwrap();
+        let (bsend, mut brecv) = broker.accept_bi().await.unwrap();
+        let mut b = [0u8; 5];
+        brecv.read_exact(&mut b).await.unwrap();
+        broker.close(VarInt::from_u32(0x01), b"revoked");
+        drop(bsend);
+        drop(brecv);
+        let mut buf = [0u8; 16];
+        match tokio::time::timeout(Duration::from_secs(5), arecv.read(&mut buf))
+            .await
+            .unwrap()
+        {
+            Err(ReadError::ConnectionLost(ConnectionError::ApplicationClosed(c))) => {
+                assert_eq!(c.error_code, VarInt::from_u32(0x01));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+}
