@@ -36,19 +36,7 @@ const LIMIT: Duration = Duration::from_secs(10);
 /// The rustls client setup of `raw_client` (TLS 1.3, WebPKI against the fleet root,
 /// `leaf` or no certificate), offering `alpn`.
 fn client_config(pki: &Pki, leaf: Option<&Leaf>, alpn: &[&[u8]]) -> Arc<rustls::ClientConfig> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let builder = rustls::ClientConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .unwrap()
-        .with_root_certificates(pki.rustls_roots().unwrap());
-    let mut tls = match leaf {
-        Some(leaf) => builder
-            .with_client_auth_cert(leaf.rustls_chain(), leaf.rustls_key())
-            .unwrap(),
-        None => builder.with_no_client_auth(),
-    };
-    tls.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
-    Arc::new(tls)
+    Arc::new(raw_tls(pki, leaf, alpn))
 }
 
 /// A TLS handshake over TCP to `addr`, offering `alpn`.

@@ -164,12 +164,8 @@ where
 
 /// A TLS handshake failure over TCP, in the words QUIC's would have.
 fn tls_failure(e: &std::io::Error) -> DisconnectReason {
-    match e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) {
-        Some(rustls::Error::AlertReceived(alert)) => DisconnectReason::TlsAlert {
-            alert: u8::from(*alert),
-            by_peer: true,
-        },
-        Some(other) => DisconnectReason::Transport(format!("tls: {other}")),
+    match tether_transport::tcp::alert_received(e) {
+        Some(closed) => DisconnectReason::from_connection_error(&closed, None),
         None => DisconnectReason::Transport(format!("tls: {e}")),
     }
 }

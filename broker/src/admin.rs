@@ -58,7 +58,7 @@ pub struct SessionView {
     /// The agent's address.
     pub remote: String,
     /// The transport the session uses: `quic` or `tcp`.
-    #[serde(default = "quic")]
+    #[serde(default = "tether_api::brokers::default_transport")]
     pub transport: String,
     /// Agent version.
     pub agent_version: String,
@@ -74,10 +74,6 @@ pub struct SessionView {
     /// privsep, audit head).
     #[serde(default)]
     pub agent_status: std::collections::BTreeMap<String, String>,
-}
-
-fn quic() -> String {
-    tether_transport::Transport::Quic.as_str().to_owned()
 }
 
 /// Body of `POST /v1/sessions/{appliance_id}/commands`.

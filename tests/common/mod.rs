@@ -315,9 +315,9 @@ where
     }
 }
 
-/// A raw QUIC client presenting `leaf` (or no certificate), verifying the broker like any
-/// standard client would (WebPKI, server name `localhost`).
-pub fn raw_client(pki: &Pki, leaf: Option<&Leaf>) -> (quinn::Endpoint, quinn::ClientConfig) {
+/// The rustls setup of a standard client (TLS 1.3, WebPKI against the fleet root)
+/// presenting `leaf` (or no certificate) and offering `alpn`: QUIC's and TCP's raw clients.
+pub fn raw_tls(pki: &Pki, leaf: Option<&Leaf>, alpn: &[&[u8]]) -> rustls::ClientConfig {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = rustls::ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
@@ -329,7 +329,14 @@ pub fn raw_client(pki: &Pki, leaf: Option<&Leaf>) -> (quinn::Endpoint, quinn::Cl
             .unwrap(),
         None => builder.with_no_client_auth(),
     };
-    tls.alpn_protocols = vec![tether_proto::ALPN.to_vec()];
+    tls.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    tls
+}
+
+/// A raw QUIC client presenting `leaf` (or no certificate), verifying the broker like any
+/// standard client would (WebPKI, server name `localhost`).
+pub fn raw_client(pki: &Pki, leaf: Option<&Leaf>) -> (quinn::Endpoint, quinn::ClientConfig) {
+    let tls = raw_tls(pki, leaf, &[tether_proto::ALPN]);
     let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap();
     let config = quinn::ClientConfig::new(Arc::new(crypto));
     let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();

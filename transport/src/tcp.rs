@@ -593,22 +593,25 @@ fn lost(e: &yamux::ConnectionError) -> ConnectionError {
         yamux::ConnectionError::Io(io) if io.kind() == std::io::ErrorKind::TimedOut => {
             ConnectionError::TimedOut
         }
-        // The peer's TLS alert (a broker refusing our certificate after the handshake, as
-        // TLS 1.3 lets it): what QUIC reports as a CONNECTION_CLOSE with the crypto code.
-        yamux::ConnectionError::Io(io) => {
-            match io.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) {
-                Some(rustls::Error::AlertReceived(alert)) => {
-                    ConnectionError::ConnectionClosed(quinn::ConnectionClose {
-                        error_code: quinn::TransportErrorCode::crypto(u8::from(*alert)),
-                        frame_type: None,
-                        reason: Bytes::from(format!("TLS alert {alert:?}")),
-                    })
-                }
-                _ => ConnectionError::Reset,
-            }
-        }
+        yamux::ConnectionError::Io(io) => alert_received(io).unwrap_or(ConnectionError::Reset),
         yamux::ConnectionError::Closed => ConnectionError::LocallyClosed,
         _ => ConnectionError::Reset,
+    }
+}
+
+/// The peer's TLS alert in an I/O error (a broker refusing the client certificate, during
+/// the handshake or, as TLS 1.3 lets it, on the first read after): what QUIC reports as a
+/// `CONNECTION_CLOSE` with the crypto error code `0x100 + alert`.
+pub fn alert_received(e: &std::io::Error) -> Option<ConnectionError> {
+    match e.get_ref()?.downcast_ref::<rustls::Error>()? {
+        rustls::Error::AlertReceived(alert) => {
+            Some(ConnectionError::ConnectionClosed(quinn::ConnectionClose {
+                error_code: quinn::TransportErrorCode::crypto(u8::from(*alert)),
+                frame_type: None,
+                reason: Bytes::from(format!("TLS alert {alert:?}")),
+            }))
+        }
+        _ => None,
     }
 }
 
