@@ -649,6 +649,7 @@ impl Broker {
         if tls.get_ref().1.alpn_protocol() != Some(tether_proto::ALPN) {
             return self.count_handshake_failure(remote, "alpn", "no tether/1 ALPN");
         }
+        let verified = self.identify(tls.get_ref().1.peer_certificates());
         let conn = tether_transport::tcp::Connection::server(
             tls,
             remote,
@@ -657,7 +658,7 @@ impl Broker {
                 protocol_error: u64::from(CloseCode::ProtocolError.code()),
             },
         );
-        self.admitted(conn.into(), remote, started);
+        self.admitted(conn.into(), verified, remote, started);
     }
 
     fn tcp_handshake_failed(&self, remote: SocketAddr, e: &std::io::Error) {
@@ -759,7 +760,9 @@ impl Broker {
             Ok(conn) => conn,
             Err(e) => return self.handshake_failed(remote, e),
         };
-        self.admitted(conn.into(), remote, started);
+        let conn = tether_transport::Connection::from(conn);
+        let verified = self.identify(conn.peer_certificates().as_deref());
+        self.admitted(conn, verified, remote, started);
     }
 
     /// A completed handshake on either transport: identify the appliance again, then give
@@ -767,10 +770,11 @@ impl Broker {
     fn admitted(
         self: &Arc<Self>,
         conn: tether_transport::Connection,
+        verified: Result<VerifiedAppliance, Rejection>,
         remote: SocketAddr,
         started: Instant,
     ) {
-        let verified = match self.identify(&conn) {
+        let verified = match verified {
             Ok(v) => v,
             Err(rejection) => {
                 self.verifier.record(&rejection, Some(remote));
@@ -808,9 +812,9 @@ impl Broker {
     /// Step 2 and 3 again, on the certificate rustls verified.
     fn identify(
         &self,
-        conn: &tether_transport::Connection,
+        certs: Option<&[rustls::pki_types::CertificateDer<'_>]>,
     ) -> Result<VerifiedAppliance, Rejection> {
-        let certs = conn.peer_certificates().ok_or(Rejection::NoCertificate)?;
+        let certs = certs.ok_or(Rejection::NoCertificate)?;
         let leaf = certs.first().ok_or(Rejection::NoCertificate)?;
         self.verifier.identify(leaf)
     }

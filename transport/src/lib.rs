@@ -180,7 +180,9 @@ impl Connection {
         }
     }
 
-    /// The certificate chain the peer presented (leaf first), if any.
+    /// The certificate chain the peer presented (leaf first), if any. Over TCP only the
+    /// client side keeps it: a server reads it from the TLS stream before wrapping it
+    /// ([`tcp::Connection::server`]).
     pub fn peer_certificates(&self) -> Option<Vec<CertificateDer<'static>>> {
         match self {
             Connection::Quic(c) => c

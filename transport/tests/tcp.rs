@@ -176,3 +176,65 @@ async fn a_stream_dropped_after_the_close_reads_as_the_close_not_its_end() {
         }
     }
 }
+
+/// Bytes written with no task of the stream's own (an idle stream has none): order and
+/// content survive a slow reader, the writer waits for room rather than queueing without
+/// bound, and a writer waiting for room learns of the peer's `STOP`.
+#[tokio::test]
+async fn a_slow_reader_gets_every_byte_in_order_and_holds_the_writer_back() {
+    let (agent, broker) = pair().await;
+    let (mut send, _recv) = agent.open_bi().await.unwrap();
+    // 8 MiB of a counting pattern, written in odd-sized pieces.
+    let data: Vec<u8> = (0..8u32 << 20).map(|i| (i % 251) as u8).collect();
+    let total = data.len();
+    let writer = tokio::spawn(async move {
+        for piece in data.chunks(100_003) {
+            send.write_all(piece).await.unwrap();
+        }
+        send.finish().unwrap();
+        send.stopped().await
+    });
+    let (_bsend, mut brecv) = broker.accept_bi().await.unwrap();
+    let mut got = 0usize;
+    let mut buf = vec![0u8; 50_000];
+    while let Some(n) = brecv.read(&mut buf).await.unwrap() {
+        for (k, b) in buf[..n].iter().enumerate() {
+            assert_eq!(*b, ((got + k) % 251) as u8, "byte {} out of order", got + k);
+        }
+        got += n;
+        if got % (1 << 20) < n {
+            // Slow down now and then: the writer must wait, not fail or reorder.
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    assert_eq!(got, total);
+    let stopped = tokio::time::timeout(Duration::from_secs(5), writer)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(stopped, Ok(None));
+
+    // A writer held back by an unread stream is woken by the reader's STOP.
+    let (mut send, _recv) = agent.open_bi().await.unwrap();
+    send.write_all(b"x").await.unwrap();
+    let (_bsend, mut brecv) = broker.accept_bi().await.unwrap();
+    let blocked = tokio::spawn(async move {
+        let chunk = vec![1u8; 64 * 1024];
+        loop {
+            if let Err(e) = send.write_all(&chunk).await {
+                return e;
+            }
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(
+        !blocked.is_finished(),
+        "nothing reads: the writer must be waiting"
+    );
+    brecv.stop(VarInt::from_u32(9)).unwrap();
+    let err = tokio::time::timeout(Duration::from_secs(5), blocked)
+        .await
+        .expect("the STOP wakes the waiting writer")
+        .unwrap();
+    assert_eq!(err, WriteError::Stopped(VarInt::from_u32(9)));
+}
