@@ -88,10 +88,12 @@ use tether_audit::{action, system, Actor, AuditEntry, AuditEvent};
 
 use super::{
     AllowlistDelta, Appliance, ApplianceFilter, ApplianceStatus, BrokerRecord, BrokerRefusal,
-    CertRecord, Store, StoreError, TokenRefusal, UnixSeconds,
+    CertRecord, ControlMeta, ReplicaInfo, ReplicaRecord, Store, StoreError, TokenRefusal,
+    UnixSeconds,
 };
 
 mod audit;
+mod replicas;
 mod rows;
 mod trust;
 
@@ -1379,5 +1381,29 @@ impl Store for SqlStore {
 
     fn allowlist_watch(&self) -> tokio::sync::watch::Receiver<i64> {
         self.changed.subscribe()
+    }
+
+    async fn control_meta(&self) -> Result<Option<ControlMeta>, StoreError> {
+        replicas::control_meta(&self.pool).await
+    }
+
+    async fn record_control_meta(
+        &self,
+        meta: &ControlMeta,
+        now: UnixSeconds,
+    ) -> Result<ControlMeta, StoreError> {
+        replicas::record_control_meta(&self.pool, meta, now).await
+    }
+
+    async fn replica_heartbeat(
+        &self,
+        info: &ReplicaInfo,
+        starting: bool,
+    ) -> Result<(), StoreError> {
+        replicas::heartbeat(&self.pool, self.backend, info, starting).await
+    }
+
+    async fn live_replicas(&self, within: i64) -> Result<Vec<ReplicaRecord>, StoreError> {
+        replicas::live(&self.pool, self.backend, within).await
     }
 }
