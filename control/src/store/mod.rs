@@ -539,6 +539,14 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// Replicas whose heartbeat is at most `within` seconds old (the database's clock), by
     /// id.
     async fn live_replicas(&self, within: i64) -> Result<Vec<ReplicaRecord>, StoreError>;
+    /// The digests of allowlist versions `after + 1 ..= upto` (lowercase hex, see
+    /// `tether_proto::cluster::allowlist_digest`), in order. Every version has one: each
+    /// is written in the transaction that commits the version.
+    async fn allowlist_digests(
+        &self,
+        after: i64,
+        upto: i64,
+    ) -> Result<Vec<(i64, String)>, StoreError>;
 }
 
 pub mod sql;

@@ -217,11 +217,20 @@ impl SqlStore {
             .await
             .map_err(db)?;
         let (changed, _) = tokio::sync::watch::channel(version);
-        Ok(Self {
+        let store = Self {
             pool,
             backend,
             changed: std::sync::Arc::new(changed),
-        })
+        };
+        // Versions committed before the digest chain existed get their digests now.
+        let mut tx = store.begin_trust_change().await?;
+        let version: i64 = sqlx::query_scalar("SELECT version FROM allowlist_version WHERE id = 1")
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(db)?;
+        trust::chain_head(&mut tx, version).await?;
+        tx.commit().await.map_err(db)?;
+        Ok(store)
     }
 
     /// The URL of a SQLite store in the file `path`, created if missing.
@@ -1405,5 +1414,29 @@ impl Store for SqlStore {
 
     async fn live_replicas(&self, within: i64) -> Result<Vec<ReplicaRecord>, StoreError> {
         replicas::live(&self.pool, self.backend, within).await
+    }
+
+    async fn allowlist_digests(
+        &self,
+        after: i64,
+        upto: i64,
+    ) -> Result<Vec<(i64, String)>, StoreError> {
+        sqlx::query(
+            "SELECT version, digest FROM allowlist_versions \
+             WHERE version > $1 AND version <= $2 ORDER BY version",
+        )
+        .bind(after)
+        .bind(upto)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db)?
+        .iter()
+        .map(|row| {
+            Ok((
+                row.try_get("version").map_err(db)?,
+                row.try_get("digest").map_err(db)?,
+            ))
+        })
+        .collect()
     }
 }
