@@ -171,3 +171,77 @@ async fn two_replicas_register_and_are_listed() {
     drop(fleet);
     db.drop_db().await;
 }
+
+/// A PostgreSQL instance of this test's own (`scripts/pg` under its own directory), so
+/// stopping it disturbs no other test. Reset (stopped, data deleted) on drop.
+struct OwnPg {
+    dir: PathBuf,
+}
+
+impl OwnPg {
+    fn script(dir: &Path, cmd: &str) -> String {
+        let out = Command::new(Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/pg"))
+            .arg(cmd)
+            .env("CARGO_TARGET_DIR", dir)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "scripts/pg {cmd}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap().trim().to_owned()
+    }
+
+    /// Start it; returns it and its URL.
+    fn start() -> (OwnPg, String) {
+        let target = bin("tether-control")
+            .parent()
+            .and_then(Path::parent)
+            .unwrap()
+            .to_path_buf();
+        let dir = target.join(format!("pg-ha-{}", std::process::id()));
+        let url = Self::script(&dir, "start");
+        (OwnPg { dir }, url)
+    }
+
+    fn stop(&self) {
+        Self::script(&self.dir, "stop");
+    }
+}
+
+impl Drop for OwnPg {
+    fn drop(&mut self) {
+        let _ = Command::new(Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/pg"))
+            .arg("reset")
+            .env("CARGO_TARGET_DIR", &self.dir)
+            .output();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readyz_turns_503_when_the_database_cannot_be_written() {
+    let (pg, url) = OwnPg::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let data = init(tmp.path(), "control", TRUST_DOMAIN, Some(&url));
+    let replica = serve(&data);
+    let readyz = format!("http://{}/readyz", replica.metrics);
+    let get = || async {
+        let resp = common::http().get(&readyz).send().await.ok()?;
+        Some((
+            resp.status().as_u16(),
+            resp.text().await.unwrap_or_default(),
+        ))
+    };
+    assert_eq!(get().await.map(|(s, _)| s), Some(200));
+    pg.stop();
+    let (status, body) = common::wait_for(std::time::Duration::from_secs(15), || async {
+        get().await.filter(|(s, _)| *s == 503)
+    })
+    .await
+    .expect("/readyz answers 503 once the database is gone");
+    assert_eq!(status, 503);
+    assert!(body.starts_with("not ready"), "{body}");
+    drop(replica);
+}

@@ -212,8 +212,24 @@ impl Started {
             metrics_listener,
         } = self;
         tracing::info!(version = env!("CARGO_PKG_VERSION"), replica = %replica.id, advertise = %replica.advertise, listen = %listener.local_addr()?, trust_domain = %config.trust_domain, "tether-control serving");
-        tracing::info!(listen = %metrics_listener.local_addr()?, "metrics listening (HTTP, /metrics)");
-        let metrics_app = crate::metrics::router(state.metrics.clone());
+        tracing::info!(listen = %metrics_listener.local_addr()?, "metrics listening (HTTP, /metrics, /healthz, /readyz)");
+        let ready_store = state.domain.store.clone();
+        let metrics_app = crate::metrics::router(state.metrics.clone()).route(
+            "/readyz",
+            axum::routing::get(move || {
+                let store = ready_store.clone();
+                async move {
+                    use axum::http::StatusCode;
+                    match replica::readiness(store.as_ref()).await {
+                        Ok(()) => (StatusCode::OK, "ready\n".to_owned()),
+                        Err(why) => (
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            format!("not ready: {why}\n"),
+                        ),
+                    }
+                }
+            }),
+        );
         let metrics_stop = shutdown.clone();
         tokio::spawn(async move {
             let serve = axum::serve(metrics_listener, metrics_app)

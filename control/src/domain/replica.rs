@@ -135,6 +135,20 @@ pub fn replica_id(data_dir: &Path) -> Result<String, ReplicaError> {
     Ok(id)
 }
 
+/// How long `/readyz` waits for the database before answering 503.
+pub const READY_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Whether the replica can serve: its database answers within [`READY_TIMEOUT`] and
+/// takes writes. `Err` carries a short reason for the 503 body (no URL, no secret).
+pub async fn readiness(store: &dyn Store) -> Result<(), &'static str> {
+    match tokio::time::timeout(READY_TIMEOUT, store.writable()).await {
+        Ok(Ok(true)) => Ok(()),
+        Ok(Ok(false)) => Err("database is read-only (a standby)"),
+        Ok(Err(_)) => Err("database unreachable"),
+        Err(_) => Err("database did not answer in time"),
+    }
+}
+
 /// Refresh `info`'s heartbeat every [`HEARTBEAT_EVERY`] until `shutdown` (the first one
 /// is the caller's, at start). A failed heartbeat is logged; the next one retries.
 pub async fn heartbeat_forever(

@@ -547,6 +547,9 @@ pub trait Store: Send + Sync + std::fmt::Debug {
         after: i64,
         upto: i64,
     ) -> Result<Vec<(i64, String)>, StoreError>;
+    /// Whether this store can write now: on PostgreSQL, that its connection reaches a
+    /// primary (`NOT pg_is_in_recovery()`); on SQLite, that the database answers.
+    async fn writable(&self) -> Result<bool, StoreError>;
 }
 
 pub mod sql;

@@ -1416,6 +1416,20 @@ impl Store for SqlStore {
         replicas::live(&self.pool, self.backend, within).await
     }
 
+    async fn writable(&self) -> Result<bool, StoreError> {
+        match self.backend {
+            Backend::Postgres => sqlx::query_scalar::<_, bool>("SELECT NOT pg_is_in_recovery()")
+                .fetch_one(&self.pool)
+                .await
+                .map_err(db),
+            _ => sqlx::query_scalar::<_, i64>("SELECT version FROM allowlist_version WHERE id = 1")
+                .fetch_one(&self.pool)
+                .await
+                .map(|_| true)
+                .map_err(db),
+        }
+    }
+
     async fn allowlist_digests(
         &self,
         after: i64,
