@@ -166,6 +166,7 @@ async fn a_broker_speaks_only_as_itself() {
         version: "0".into(),
         quic_addr: "127.0.0.1:9".into(),
         allowlist_version: 0,
+        allowlist_digest: String::new(),
         sessions: vec![],
         features: vec![],
     };
@@ -453,4 +454,49 @@ async fn a_viewer_cannot_run_commands_or_add_brokers_and_offline_is_definite() {
         .filter(|e| e["action"] == "appliance.exec")
         .collect();
     assert!(execs.len() >= 2, "{execs:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_whose_history_diverged_is_sent_a_snapshot() {
+    let mut c = Cluster::new("");
+    let b1 = c.add_broker("edge-1");
+    c.wait_brokers_up(1).await;
+    let _state = c.enroll("app-1");
+    drop(b1);
+    let store = tether_control::store::sql::SqlStore::connect(
+        &tether_control::store::sql::SqlStore::sqlite_url(&c.fleet.data.join("control.db")),
+    )
+    .await
+    .unwrap();
+    let version = {
+        use tether_control::store::Store;
+        store.allowlist_version().await.unwrap()
+    };
+    assert!(version >= 1);
+    store.close().await;
+    // The same version number as the store's, another history (an asynchronous failover
+    // or a restore reissued it): control must not trust the number.
+    let hello = tether_proto::cluster::ToControl::Hello {
+        name: "edge-1".into(),
+        version: "0".into(),
+        quic_addr: "127.0.0.1:9".into(),
+        allowlist_version: version as u64,
+        allowlist_digest: "ab".repeat(32),
+        sessions: vec![],
+        features: vec![],
+    };
+    let dir = broker_dir(&c, "edge-1");
+    let (head, rest) = raw_channel(&c, &dir, &hello).await;
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    let text = String::from_utf8_lossy(&rest);
+    assert!(
+        text.contains(r#""type":"snapshot_begin""#) && text.contains(r#""type":"snapshot_end""#),
+        "control sent no snapshot: {text}"
+    );
+    let diverged = c
+        .fleet
+        .metric("tether_control_allowlist_diverged_total")
+        .await;
+    assert!(diverged >= 1.0, "diverged counter: {diverged}");
+    assert!(c.fleet.control.log_contains("allowlist history diverged"));
 }

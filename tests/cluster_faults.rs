@@ -25,6 +25,7 @@ use std::time::{Duration, Instant};
 use common::cluster::*;
 use common::control::control;
 use common::operators::audit_entries;
+use common::pg::PgDb;
 use common::{bin, wait_for, BrokerProc};
 use serde_json::Value;
 use tether_agent::{AgentConfig, Credentials};
@@ -432,76 +433,6 @@ async fn a_killed_broker_fails_commands_in_flight_and_its_appliances_move() {
         assert_eq!((code, out), (0, format!("{id}\n")), "{err}");
     }
     drop(agents);
-}
-
-/// A fresh database on the PostgreSQL server `TETHER_TEST_PG_URL` names (`scripts/pg`).
-struct PgDb {
-    admin_url: String,
-    name: String,
-    url: String,
-}
-
-/// Prefix of this file's databases: `tether_e2e_<pid>_<random>`.
-const PG_DB_PREFIX: &str = "tether_e2e_";
-
-impl PgDb {
-    async fn create() -> PgDb {
-        use sqlx::Connection;
-        let admin_url = std::env::var("TETHER_TEST_PG_URL").unwrap_or_else(|_| {
-            panic!(
-                "TETHER_TEST_PG_URL is not set: this test needs PostgreSQL. Run ./scripts/test, \
-                 or `export TETHER_TEST_PG_URL=$(./scripts/pg)` and run cargo test again"
-            )
-        });
-        let mut admin = sqlx::PgConnection::connect(&admin_url)
-            .await
-            .unwrap_or_else(|e| panic!("cannot reach PostgreSQL at {admin_url} ({e})"));
-        // Databases of earlier runs that died before dropping theirs.
-        let names: Vec<String> =
-            sqlx::query_scalar("SELECT datname FROM pg_database WHERE starts_with(datname, $1)")
-                .bind(PG_DB_PREFIX)
-                .fetch_all(&mut admin)
-                .await
-                .unwrap();
-        for old in names {
-            let pid = old[PG_DB_PREFIX.len()..].split('_').next().unwrap_or("");
-            if !pid.is_empty() && !Path::new(&format!("/proc/{pid}")).exists() {
-                let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {old} WITH (FORCE)"))
-                    .execute(&mut admin)
-                    .await;
-            }
-        }
-        let name = format!(
-            "{PG_DB_PREFIX}{}_{:08x}",
-            std::process::id(),
-            fastrand::u32(..)
-        );
-        sqlx::query(&format!("CREATE DATABASE {name}"))
-            .execute(&mut admin)
-            .await
-            .unwrap();
-        admin.close().await.ok();
-        let (base, _) = admin_url.rsplit_once('/').expect("a URL with a database");
-        let url = format!("{base}/{name}");
-        PgDb {
-            admin_url,
-            name,
-            url,
-        }
-    }
-
-    async fn drop_db(self) {
-        use sqlx::Connection;
-        let mut admin = sqlx::PgConnection::connect(&self.admin_url).await.unwrap();
-        sqlx::query(&format!(
-            "DROP DATABASE IF EXISTS {} WITH (FORCE)",
-            self.name
-        ))
-        .execute(&mut admin)
-        .await
-        .unwrap();
-        admin.close().await.ok();
-    }
 }
 
 /// `tether appliance list` as (id, status, tenant) rows.

@@ -32,6 +32,7 @@ const ROUTES: &[(&str, &str)] = &[
     ("post", "/v1/operators/invites"),
     ("get", "/v1/operators"),
     ("post", "/v1/operators/{name}/revoke"),
+    ("get", "/v1/control/replicas"),
     ("post", "/v1/appliances/{id}/exec"),
     ("post", "/v1/appliances/{id}/tunnels"),
     ("get", "/v1/tunnels"),

@@ -29,6 +29,7 @@
 //! - [`operators`]: roles, bundles, login, invites, the operator list and revocation.
 //! - [`brokers`]: the broker list and `POST /v1/brokers`.
 //! - [`audit`]: the query of `GET /v1/audit`.
+//! - [`control`]: the live control replicas (`GET /v1/control/replicas`).
 //! - [`tunnels`]: break-glass tunnel sessions (plan, open, credential, close, list).
 //!
 //! # Features
@@ -42,6 +43,7 @@
 pub mod appliances;
 pub mod audit;
 pub mod brokers;
+pub mod control;
 pub mod enroll;
 pub mod error;
 pub mod exec;

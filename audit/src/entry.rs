@@ -97,6 +97,8 @@ pub mod action {
     pub const BROKER_REVOKE: &str = "broker.revoke";
     /// Brokers were listed over the API (recorded only when refused).
     pub const BROKER_LIST: &str = "broker.list";
+    /// Control replicas were listed over the API (recorded only when refused).
+    pub const CONTROL_REPLICAS: &str = "control.replicas";
 }
 
 /// Actor names for [`ActorKind::System`].

@@ -120,6 +120,14 @@ pub enum ChannelError {
         /// The delta's version.
         got: u64,
     },
+    /// A delta whose digest is not the one its changes chain to from the digest in force:
+    /// control's history is not the one this broker followed. The channel is dropped; the
+    /// next `Hello` names the digest in force and control answers with a snapshot.
+    #[error("delta to version {version} does not chain to the digest in force")]
+    DigestMismatch {
+        /// The delta's version.
+        version: u64,
+    },
     /// The allowlist refused a change (a corrupt source); the previous one stays.
     #[error("allowlist change refused: {0}")]
     Apply(String),
@@ -144,6 +152,7 @@ impl ChannelError {
             ChannelError::Io(_) => "io",
             ChannelError::Protocol(_) => "protocol",
             ChannelError::VersionGap { .. } => "version_gap",
+            ChannelError::DigestMismatch { .. } => "digest_mismatch",
             ChannelError::Apply(_) => "apply",
             ChannelError::Resync => "resync",
             ChannelError::GoingAway => "going_away",
@@ -164,6 +173,10 @@ struct PendingSnapshot {
 #[derive(Debug, Default)]
 pub struct SyncState {
     pending: Option<PendingSnapshot>,
+    /// The digest of the version in force (lowercase hex; empty: unknown).
+    held: String,
+    /// The digest of the change last returned, until [`SyncState::applied`].
+    staged: String,
 }
 
 /// What a `ToBroker` allowlist message asks for.
@@ -176,6 +189,21 @@ pub enum SyncStep {
 }
 
 impl SyncState {
+    /// A state whose version in force has digest `held` (empty: unknown).
+    pub fn with_digest(held: String) -> Self {
+        SyncState {
+            held,
+            ..Self::default()
+        }
+    }
+
+    /// The change last returned was applied: its digest is now the one in force (empty
+    /// when control sent none). Returns it.
+    pub fn applied(&mut self) -> &str {
+        self.held = std::mem::take(&mut self.staged);
+        &self.held
+    }
+
     /// Feed one allowlist message with the version in force. Errors are protocol errors:
     /// the channel is dropped.
     pub fn handle(&mut self, msg: ToBroker, current: u64) -> Result<SyncStep, ChannelError> {
@@ -205,7 +233,7 @@ impl SyncState {
                 }
                 Ok(SyncStep::Continue)
             }
-            ToBroker::SnapshotEnd { version } => {
+            ToBroker::SnapshotEnd { version, digest } => {
                 let Some(p) = self.pending.take() else {
                     return protocol("snapshot_end outside a snapshot");
                 };
@@ -219,6 +247,7 @@ impl SyncState {
                         p.entries.len()
                     )));
                 }
+                self.staged = digest;
                 Ok(SyncStep::Apply(Change::Replace {
                     version: Some(version),
                     entries: p.entries,
@@ -228,6 +257,7 @@ impl SyncState {
                 version,
                 add,
                 remove,
+                digest,
             } => {
                 if self.pending.is_some() {
                     return protocol("delta inside a snapshot");
@@ -238,6 +268,14 @@ impl SyncState {
                         got: version,
                     });
                 }
+                if !digest.is_empty() && !self.held.is_empty() {
+                    let expected =
+                        cluster::allowlist_digest_hex(&self.held, version, &add, &remove);
+                    if expected.as_deref() != Some(digest.as_str()) {
+                        return Err(ChannelError::DigestMismatch { version });
+                    }
+                }
+                self.staged = digest;
                 let add = add
                     .iter()
                     .map(|(a, f)| parse_entry(a, f))
@@ -382,6 +420,9 @@ pub struct ControlSync {
     pub quic_addr: String,
     /// When the allowlist loaded at start was saved (Unix seconds), if one was.
     pub snapshot_saved_at: Option<u64>,
+    /// The allowlist version last applied from control and its digest (empty: unknown;
+    /// kept in memory only, so a restarted broker resumes without one).
+    pub allowlist_digest: (u64, String),
 }
 
 impl ControlSync {
@@ -505,6 +546,10 @@ impl ControlSync {
             .collect();
         let rest = sessions.split_off(sessions.len().min(HELLO_MAX_SESSIONS));
         let version = broker.allowlist().snapshot().version();
+        let digest = match &self.allowlist_digest {
+            (v, d) if *v == version => d.clone(),
+            _ => String::new(),
+        };
         let mut last_tx = Instant::now();
         send(
             &mut channel,
@@ -513,6 +558,7 @@ impl ControlSync {
                 version: env!("CARGO_PKG_VERSION").to_owned(),
                 quic_addr: self.quic_addr.clone(),
                 allowlist_version: version,
+                allowlist_digest: digest.clone(),
                 sessions,
                 features: vec![cluster::FEATURE_TUNNEL.to_owned()],
             },
@@ -555,7 +601,7 @@ impl ControlSync {
 
         let (out_tx, mut out_rx) = mpsc::channel::<Outgoing>(COMMAND_QUEUE);
         let mut commands: HashMap<u64, tokio::task::AbortHandle> = HashMap::new();
-        let mut sync = SyncState::default();
+        let mut sync = SyncState::with_digest(digest);
         let mut heartbeats: HashMap<u64, HeartbeatSummary> = HashMap::new();
         let mut batch = tokio::time::interval(HEARTBEAT_BATCH_INTERVAL);
         batch.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -688,6 +734,7 @@ impl ControlSync {
                 };
                 let report = crate::apply_change(broker, "control", change)
                     .map_err(|e| ChannelError::Apply(e.to_string()))?;
+                self.allowlist_digest = (report.version, sync.applied().to_owned());
                 // Removals reach the disk now (the snapshot itself is coalesced), so a
                 // crash right after a revocation cannot bring the certificate back.
                 self.writer
@@ -996,7 +1043,16 @@ mod tests {
             ),
             Ok(SyncStep::Continue)
         ));
-        match s.handle(ToBroker::SnapshotEnd { version: 9 }, 0).unwrap() {
+        match s
+            .handle(
+                ToBroker::SnapshotEnd {
+                    version: 9,
+                    digest: String::new(),
+                },
+                0,
+            )
+            .unwrap()
+        {
             SyncStep::Apply(Change::Replace { version, entries }) => {
                 assert_eq!(version, Some(9));
                 assert_eq!(entries.len(), 2);
@@ -1036,7 +1092,13 @@ mod tests {
         )
         .unwrap();
         assert!(matches!(
-            s.handle(ToBroker::SnapshotEnd { version: 3 }, 0),
+            s.handle(
+                ToBroker::SnapshotEnd {
+                    version: 3,
+                    digest: String::new(),
+                },
+                0
+            ),
             Err(ChannelError::Protocol(_))
         ));
         let mut s = SyncState::default();
@@ -1049,12 +1111,24 @@ mod tests {
         )
         .unwrap();
         assert!(matches!(
-            s.handle(ToBroker::SnapshotEnd { version: 4 }, 0),
+            s.handle(
+                ToBroker::SnapshotEnd {
+                    version: 4,
+                    digest: String::new(),
+                },
+                0
+            ),
             Err(ChannelError::Protocol(_))
         ));
         let mut s = SyncState::default();
         assert!(matches!(
-            s.handle(ToBroker::SnapshotEnd { version: 4 }, 0),
+            s.handle(
+                ToBroker::SnapshotEnd {
+                    version: 4,
+                    digest: String::new(),
+                },
+                0
+            ),
             Err(ChannelError::Protocol(_))
         ));
     }
@@ -1066,6 +1140,7 @@ mod tests {
             version,
             add: vec![("a".into(), fp(1))],
             remove: vec![fp(2)],
+            digest: String::new(),
         };
         match s.handle(delta(6), 5).unwrap() {
             SyncStep::Apply(Change::Delta {
@@ -1102,12 +1177,39 @@ mod tests {
     }
 
     #[test]
+    fn a_delta_must_chain_to_the_digest_in_force() {
+        let held = cluster::to_hex(&[7; 32]);
+        let add = vec![("a".to_owned(), fp(1))];
+        let good = cluster::allowlist_digest_hex(&held, 6, &add, &[]).unwrap();
+        let delta = |digest: &str| ToBroker::Delta {
+            version: 6,
+            add: add.clone(),
+            remove: vec![],
+            digest: digest.to_owned(),
+        };
+        let mut s = SyncState::with_digest(held.clone());
+        // Same version and content on another history: refused.
+        let other = cluster::allowlist_digest_hex(&cluster::to_hex(&[8; 32]), 6, &add, &[]);
+        assert!(matches!(
+            s.handle(delta(&other.unwrap()), 5),
+            Err(ChannelError::DigestMismatch { version: 6 })
+        ));
+        assert!(matches!(s.handle(delta(&good), 5), Ok(SyncStep::Apply(_))));
+        assert_eq!(s.applied(), good);
+        // Nothing held: the first digest is taken as it comes.
+        let mut s = SyncState::default();
+        assert!(matches!(s.handle(delta(&good), 5), Ok(SyncStep::Apply(_))));
+        assert_eq!(s.applied(), good);
+    }
+
+    #[test]
     fn invalid_entries_are_protocol_errors() {
         let mut s = SyncState::default();
         let bad_id = ToBroker::Delta {
             version: 1,
             add: vec![("bad id".into(), fp(1))],
             remove: vec![],
+            digest: String::new(),
         };
         assert!(matches!(
             s.handle(bad_id, 0),
@@ -1117,6 +1219,7 @@ mod tests {
             version: 1,
             add: vec![],
             remove: vec!["zz".into()],
+            digest: String::new(),
         };
         assert!(matches!(
             s.handle(bad_fp, 0),

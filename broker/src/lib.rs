@@ -222,6 +222,7 @@ impl Running {
             writer: SnapshotWriter::spawn(snapshot_path, journal_path, allowlist),
             quic_addr: quic_addr.clone(),
             snapshot_saved_at,
+            allowlist_digest: (0, String::new()),
         };
         let renewer = Renewer {
             identity: identity.clone(),

@@ -254,7 +254,14 @@ async fn broker_syncs_with_control_resumes_after_a_gap_and_restarts_from_its_sna
         },
     )
     .await;
-    send(&mut chan, ToBroker::SnapshotEnd { version: 5 }).await;
+    send(
+        &mut chan,
+        ToBroker::SnapshotEnd {
+            version: 5,
+            digest: String::new(),
+        },
+    )
+    .await;
     assert_eq!(
         recv(&mut chan).await,
         ToControl::Applied {
@@ -284,6 +291,7 @@ async fn broker_syncs_with_control_resumes_after_a_gap_and_restarts_from_its_sna
             version: 6,
             add: vec![("a3".into(), fp(3))],
             remove: vec![fp(1)],
+            digest: String::new(),
         },
     )
     .await;
@@ -373,6 +381,7 @@ async fn broker_syncs_with_control_resumes_after_a_gap_and_restarts_from_its_sna
             version: 8,
             add: vec![],
             remove: vec![],
+            digest: String::new(),
         },
     )
     .await;

@@ -74,6 +74,8 @@ pub struct ControlConfig {
     pub audit: AuditSettings,
     /// How `serve` stops on SIGTERM.
     pub shutdown: ShutdownSettings,
+    /// This replica among several sharing one database.
+    pub replica: crate::domain::replica::ReplicaSettings,
 }
 
 impl Default for ControlConfig {
@@ -96,6 +98,7 @@ impl Default for ControlConfig {
             http: HttpSettings::default(),
             audit: AuditSettings::default(),
             shutdown: ShutdownSettings::default(),
+            replica: Default::default(),
         }
     }
 }

@@ -65,6 +65,9 @@ pub struct Metrics {
     pub brokers_connected: prometheus_client::metrics::gauge::Gauge,
     /// Broker channels refused or ended with an error, by reason.
     pub channel_errors: Family<Reason, Counter>,
+    /// Brokers whose allowlist history differed from the store's (same version, another
+    /// digest; or a digest unknown here): each was sent a snapshot.
+    pub allowlist_diverged: Counter,
     /// Commands routed to appliances, by how they ended (`exit`, `offline`, `timed_out`,
     /// `lost`, ...).
     pub commands: Family<Reason, Counter>,
@@ -100,6 +103,7 @@ impl Metrics {
             audit_failures: Counter::default(),
             brokers_connected: Default::default(),
             channel_errors: Family::default(),
+            allowlist_diverged: Counter::default(),
             commands: Family::default(),
             sessions: Default::default(),
             tunnels: Family::default(),
@@ -137,6 +141,11 @@ impl Metrics {
             "channel_errors",
             "Broker channels refused or ended with an error, by reason",
             m.channel_errors.clone(),
+        );
+        registry.register(
+            "allowlist_diverged",
+            "Brokers whose allowlist history diverged from the store's (sent a snapshot)",
+            m.allowlist_diverged.clone(),
         );
         registry.register(
             "commands",

@@ -17,10 +17,11 @@ use crate::cluster::Cluster;
 use crate::config::ControlConfig;
 use crate::domain::ca::{Ca, CaBackend, KmsSettings};
 use crate::domain::proof::Verifiers;
+use crate::domain::replica;
 use crate::domain::{Context as Domain, Fleet};
 use crate::http::AppState;
 use crate::metrics::Metrics;
-use crate::store::Store;
+use crate::store::{ControlMeta, ReplicaInfo, Store};
 
 /// The state the HTTP layer shares for `cfg`: the domain over `store`, `ca` and `proofs`,
 /// a new cluster (the domain's [`Fleet`]) and new metrics.
@@ -44,6 +45,7 @@ pub fn app_state(
         shutdown: cfg.shutdown.clone(),
         metrics: Arc::new(Metrics::new()),
         cluster,
+        replica_id: Arc::from(""),
     }
 }
 
@@ -73,6 +75,9 @@ pub async fn init(
     };
     cfg.save(data_dir)?;
     let store = open_store(cfg, data_dir).await?;
+    replica::claim_database(store.as_ref(), &control_meta(&ca), crate::now_unix())
+        .await
+        .context("recording what the database belongs to")?;
     let backend = match ca.backend() {
         CaBackend::Local => "local",
         _ => "kms",
@@ -92,12 +97,22 @@ pub async fn init(
     Ok((ca, store))
 }
 
+/// What a database serving `ca` must record (`control_meta`).
+pub fn control_meta(ca: &Ca) -> ControlMeta {
+    ControlMeta {
+        trust_domain: ca.trust_domain().to_owned(),
+        root_fingerprint: replica::root_fingerprint(ca.root_der()),
+    }
+}
+
 /// Control with its listeners bound, ready to [`Started::serve`].
 pub struct Started {
     /// What every handler shares.
     pub state: AppState,
     /// The configuration in force (`listen` is the bound address).
     pub config: ControlConfig,
+    /// This replica as it registered itself.
+    pub replica: ReplicaInfo,
     listener: tokio::net::TcpListener,
     metrics_listener: tokio::net::TcpListener,
 }
@@ -111,7 +126,20 @@ impl Started {
         listen: Option<SocketAddr>,
         metrics_listen: Option<SocketAddr>,
     ) -> anyhow::Result<Started> {
+        Self::bind_to(data_dir, listen, metrics_listen, None).await
+    }
+
+    /// [`Started::bind`], with `database_url` overriding the config's too.
+    pub async fn bind_to(
+        data_dir: &Path,
+        listen: Option<SocketAddr>,
+        metrics_listen: Option<SocketAddr>,
+        database_url: Option<String>,
+    ) -> anyhow::Result<Started> {
         let mut cfg = ControlConfig::load(data_dir)?;
+        if database_url.is_some() {
+            cfg.database_url = database_url;
+        }
         let store = open_store(&cfg, data_dir).await?;
         if let Some(l) = listen {
             cfg.listen = l;
@@ -120,6 +148,9 @@ impl Started {
             cfg.metrics_listen = l;
         }
         let mut ca = Ca::load(data_dir, &cfg.ca_config())?;
+        // Before anything else touches the database: is it this CA's?
+        replica::claim_database(store.as_ref(), &control_meta(&ca), crate::now_unix()).await?;
+        let replica_id = replica::replica_id(data_dir)?;
         ca.ensure_control_leaf(
             time::OffsetDateTime::now_utc(),
             Duration::from_secs(7 * 86_400),
@@ -134,9 +165,27 @@ impl Started {
         let metrics_listener = tokio::net::TcpListener::bind(cfg.metrics_listen)
             .await
             .with_context(|| format!("cannot listen on {} (metrics)", cfg.metrics_listen))?;
-        let state = app_state(&cfg, store, Arc::new(ca), Arc::new(proofs));
+        let mut state = app_state(&cfg, store, Arc::new(ca), Arc::new(proofs));
+        state.replica_id = Arc::from(replica_id.as_str());
+        let replica = ReplicaInfo {
+            id: replica_id,
+            advertise: cfg
+                .replica
+                .advertise
+                .clone()
+                .unwrap_or_else(|| cfg.listen.to_string()),
+            api_addr: cfg.listen.to_string(),
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+        };
+        state
+            .domain
+            .store
+            .replica_heartbeat(&replica, true)
+            .await
+            .context("registering the replica")?;
         Ok(Started {
             state,
+            replica,
             config: cfg,
             listener,
             metrics_listener,
@@ -157,13 +206,30 @@ impl Started {
     pub async fn serve(self, shutdown: CancellationToken) -> anyhow::Result<()> {
         let Started {
             state,
+            replica,
             config,
             listener,
             metrics_listener,
         } = self;
-        tracing::info!(version = env!("CARGO_PKG_VERSION"), listen = %listener.local_addr()?, trust_domain = %config.trust_domain, "tether-control serving");
-        tracing::info!(listen = %metrics_listener.local_addr()?, "metrics listening (HTTP, /metrics)");
-        let metrics_app = crate::metrics::router(state.metrics.clone());
+        tracing::info!(version = env!("CARGO_PKG_VERSION"), replica = %replica.id, advertise = %replica.advertise, listen = %listener.local_addr()?, trust_domain = %config.trust_domain, "tether-control serving");
+        tracing::info!(listen = %metrics_listener.local_addr()?, "metrics listening (HTTP, /metrics, /healthz, /readyz)");
+        let ready_store = state.domain.store.clone();
+        let metrics_app = crate::metrics::router(state.metrics.clone()).route(
+            "/readyz",
+            axum::routing::get(move || {
+                let store = ready_store.clone();
+                async move {
+                    use axum::http::StatusCode;
+                    match replica::readiness(store.as_ref()).await {
+                        Ok(()) => (StatusCode::OK, "ready\n".to_owned()),
+                        Err(why) => (
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            format!("not ready: {why}\n"),
+                        ),
+                    }
+                }
+            }),
+        );
         let metrics_stop = shutdown.clone();
         tokio::spawn(async move {
             let serve = axum::serve(metrics_listener, metrics_app)
@@ -172,6 +238,11 @@ impl Started {
                 tracing::error!(error = %e, "metrics listener failed");
             }
         });
+        tokio::spawn(replica::heartbeat_forever(
+            state.domain.store.clone(),
+            replica,
+            shutdown.clone(),
+        ));
         tokio::spawn(crate::domain::renew::expire_overlaps_forever(
             state.domain.store.clone(),
             config.enroll.overlap_sweep,

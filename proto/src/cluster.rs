@@ -48,6 +48,82 @@ pub const CHANNEL_IDLE_TIMEOUT_SECS: u64 = 30;
 /// One allowed certificate: appliance id and the lowercase-hex SHA-256 of its leaf DER.
 pub type AllowEntry = (String, String);
 
+/// Domain separation of [`allowlist_digest`].
+pub const ALLOWLIST_DIGEST_TAG: &[u8] = b"tether-allowlist-v1";
+/// The digest "before version 1" that version 1 chains to.
+pub const ALLOWLIST_GENESIS_DIGEST: [u8; 32] = [0; 32];
+
+/// The digest of allowlist version `version`, chained to the previous version's:
+/// SHA-256 of [`ALLOWLIST_DIGEST_TAG`] ‖ `prev` ‖ `version` (u64, big-endian) ‖ the
+/// version's changes as a [`ToBroker::Delta`] carries them: the number of additions
+/// (u32 BE) and each (appliance id, fingerprint), then the number of removals and each
+/// fingerprint, in the order control recorded them; every string length-prefixed (u32
+/// BE). A delta carries no appliance for a removal (the fingerprint names the
+/// certificate), so the digest covers exactly what every broker receives. Control writes
+/// it with each version; a broker recomputes it from the delta it applies, so a history
+/// that forked (the same version numbers with other content) shows as a mismatch.
+pub fn allowlist_digest(
+    prev: &[u8; 32],
+    version: u64,
+    add: &[(&str, &str)],
+    remove: &[&str],
+) -> [u8; 32] {
+    fn put(ctx: &mut ring::digest::Context, s: &str) {
+        ctx.update(&(s.len() as u32).to_be_bytes());
+        ctx.update(s.as_bytes());
+    }
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    ctx.update(ALLOWLIST_DIGEST_TAG);
+    ctx.update(prev);
+    ctx.update(&version.to_be_bytes());
+    ctx.update(&(add.len() as u32).to_be_bytes());
+    for (appliance, fingerprint) in add {
+        put(&mut ctx, appliance);
+        put(&mut ctx, fingerprint);
+    }
+    ctx.update(&(remove.len() as u32).to_be_bytes());
+    for fingerprint in remove {
+        put(&mut ctx, fingerprint);
+    }
+    let mut out = [0u8; 32];
+    out.copy_from_slice(ctx.finish().as_ref());
+    out
+}
+
+/// [`allowlist_digest`] of a [`ToBroker::Delta`]'s fields, from a hex `prev`; `None` when
+/// `prev` is not 64 hex digits.
+pub fn allowlist_digest_hex(
+    prev: &str,
+    version: u64,
+    add: &[AllowEntry],
+    remove: &[String],
+) -> Option<String> {
+    let prev = parse_digest(prev)?;
+    let add: Vec<(&str, &str)> = add.iter().map(|(a, f)| (a.as_str(), f.as_str())).collect();
+    let remove: Vec<&str> = remove.iter().map(String::as_str).collect();
+    Some(to_hex(&allowlist_digest(&prev, version, &add, &remove)))
+}
+
+/// A digest from 64 lowercase or uppercase hex digits.
+pub fn parse_digest(hex: &str) -> Option<[u8; 32]> {
+    let bytes = hex.as_bytes();
+    if bytes.len() != 64 {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, pair) in bytes.chunks_exact(2).enumerate() {
+        let hi = (pair[0] as char).to_digit(16)?;
+        let lo = (pair[1] as char).to_digit(16)?;
+        out[i] = (hi * 16 + lo) as u8;
+    }
+    Some(out)
+}
+
+/// A digest as 64 lowercase hex digits.
+pub fn to_hex(digest: &[u8; 32]) -> String {
+    digest.iter().map(|b| format!("{b:02x}")).collect()
+}
+
 /// What control sends to a broker.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
@@ -68,6 +144,10 @@ pub enum ToBroker {
     SnapshotEnd {
         /// Same as in `SnapshotBegin`.
         version: u64,
+        /// The digest of that version ([`allowlist_digest`], lowercase hex); empty from an
+        /// older control.
+        #[serde(default, skip_serializing_if = "String::is_empty")]
+        digest: String,
     },
     /// One version's changes, applied together. Versions arrive in order, with no gaps.
     Delta {
@@ -77,6 +157,11 @@ pub enum ToBroker {
         add: Vec<AllowEntry>,
         /// Fingerprints to remove (lowercase hex).
         remove: Vec<String>,
+        /// The digest of this version ([`allowlist_digest`] over the previous version's
+        /// digest and this delta, lowercase hex); empty from an older control. A broker
+        /// that knows the previous digest recomputes it and refuses a mismatch.
+        #[serde(default, skip_serializing_if = "String::is_empty")]
+        digest: String,
     },
     /// The broker is up to date at `version`.
     Synced {
@@ -375,6 +460,12 @@ pub enum ToControl {
         quic_addr: String,
         /// The allowlist version it holds (0 when it holds none).
         allowlist_version: u64,
+        /// The digest of that version as it applied it (lowercase hex; empty when unknown,
+        /// or from an older broker). Control sends a snapshot when it differs from the
+        /// store's, equal versions included: the history the broker followed was lost or
+        /// rewritten (an asynchronous failover, a restore from backup).
+        #[serde(default, skip_serializing_if = "String::is_empty")]
+        allowlist_digest: String,
         /// Every session it holds now.
         sessions: Vec<SessionReport>,
         /// What this broker serves beyond the base conversation ([`FEATURE_TUNNEL`]).
@@ -533,6 +624,7 @@ mod tests {
             version: 7,
             add: vec![("a".into(), "00".repeat(32))],
             remove: vec!["11".repeat(32)],
+            digest: String::new(),
         };
         let frame = encode(&msg).unwrap();
         let len = u32::from_be_bytes(frame[..4].try_into().unwrap()) as usize;
@@ -551,6 +643,31 @@ mod tests {
             transport: "tcp".into(),
         });
         assert_eq!(decode::<ToControl>(&encode(&up).unwrap()[4..]).unwrap(), up);
+    }
+
+    #[test]
+    fn allowlist_digests_chain_and_old_frames_still_decode() {
+        let g = to_hex(&ALLOWLIST_GENESIS_DIGEST);
+        let add = vec![("a".to_owned(), "00".repeat(32))];
+        let d1 = allowlist_digest_hex(&g, 1, &add, &[]).unwrap();
+        assert_eq!(parse_digest(&d1).map(|d| to_hex(&d)), Some(d1.clone()));
+        // Another version number, another content or another past: another digest.
+        assert_ne!(allowlist_digest_hex(&g, 2, &add, &[]).unwrap(), d1);
+        assert_ne!(
+            allowlist_digest_hex(&g, 1, &[], &["00".repeat(32)]).unwrap(),
+            d1
+        );
+        assert_ne!(allowlist_digest_hex(&d1, 1, &add, &[]).unwrap(), d1);
+        assert_eq!(allowlist_digest_hex("zz", 1, &add, &[]), None);
+        // A frame from before the digest decodes with an empty one.
+        let old = br#"{"type":"snapshot_end","version":3}"#;
+        assert_eq!(
+            decode::<ToBroker>(old).unwrap(),
+            ToBroker::SnapshotEnd {
+                version: 3,
+                digest: String::new()
+            }
+        );
     }
 
     #[test]

@@ -9,6 +9,7 @@ pub mod cluster;
 pub mod control;
 pub mod customer;
 pub mod operators;
+pub mod pg;
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;

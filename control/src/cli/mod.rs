@@ -86,7 +86,13 @@ pub enum Cmd {
         /// Local metrics listen address [default: from control.toml, 127.0.0.1:8444].
         #[arg(long, env = env::METRICS_LISTEN)]
         metrics_listen: Option<SocketAddr>,
+        /// Database URL (postgres://...) [default: from control.toml, the SQLite file].
+        #[arg(long, env = env::DATABASE_URL)]
+        database_url: Option<String>,
     },
+    /// Control replicas sharing one database.
+    #[command(subcommand)]
+    Replica(ReplicaCmd),
     /// Administer appliances.
     #[command(subcommand)]
     Appliance(ApplianceCmd),
@@ -108,6 +114,21 @@ pub enum Cmd {
     /// Brokers of the edge cluster (bundles for `tether-broker --bundle`).
     #[command(subcommand)]
     Broker(BrokerCmd),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ReplicaCmd {
+    /// List live replicas (heartbeat within 15 s, the database's clock): id, advertised
+    /// address, API address, version, seconds since the last heartbeat.
+    List {
+        /// The database the replicas share.
+        #[arg(long, env = env::DATABASE_URL)]
+        database_url: String,
+        /// Print JSON (the same document as GET /v1/control/replicas, without
+        /// `answered_by`).
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -302,7 +323,11 @@ pub async fn run(cmd: Cmd) -> anyhow::Result<()> {
             dir,
             listen,
             metrics_listen,
-        } => serve::serve(&dir.data_dir, listen, metrics_listen).await,
+            database_url,
+        } => serve::serve(&dir.data_dir, listen, metrics_listen, database_url).await,
+        Cmd::Replica(ReplicaCmd::List { database_url, json }) => {
+            serve::replica_list(&database_url, json).await
+        }
         Cmd::Appliance(cmd) => appliance::appliance(cmd, now).await,
         Cmd::Token(TokenCmd::Create { dir, id, ttl }) => {
             appliance::token_create(&dir.data_dir, &id, ttl, now).await

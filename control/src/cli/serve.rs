@@ -90,8 +90,11 @@ pub async fn serve(
     data_dir: &Path,
     listen: Option<SocketAddr>,
     metrics_listen: Option<SocketAddr>,
+    database_url: Option<String>,
 ) -> anyhow::Result<()> {
-    let started = tether_control::run::Started::bind(data_dir, listen, metrics_listen).await?;
+    let started =
+        tether_control::run::Started::bind_to(data_dir, listen, metrics_listen, database_url)
+            .await?;
     let shutdown = CancellationToken::new();
     let trigger = shutdown.clone();
     tokio::spawn(async move {
@@ -104,5 +107,38 @@ pub async fn serve(
         trigger.cancel();
     });
     started.serve(shutdown).await?;
+    Ok(())
+}
+
+/// `replica list`: the live replicas of the database at `url`.
+pub async fn replica_list(url: &str, json: bool) -> anyhow::Result<()> {
+    use tether_control::domain::replica::LIVE_WITHIN_SECS;
+    use tether_control::store::Store;
+    let store = tether_control::store::sql::SqlStore::connect(url).await?;
+    let live = store.live_replicas(LIVE_WITHIN_SECS).await?;
+    if json {
+        let replicas = live
+            .into_iter()
+            .map(tether_control::http::control::replica_view)
+            .collect::<Vec<_>>();
+        println!("{}", serde_json::to_string_pretty(&replicas)?);
+    } else {
+        let now = tether_control::now_unix();
+        println!(
+            "{:<32}  {:<24}  {:<24}  {:<10}  HEARTBEAT",
+            "ID", "ADVERTISE", "API", "VERSION"
+        );
+        for r in live {
+            println!(
+                "{:<32}  {:<24}  {:<24}  {:<10}  {}s ago",
+                r.info.id,
+                r.info.advertise,
+                r.info.api_addr,
+                r.info.version,
+                (now - r.heartbeat_at).max(0)
+            );
+        }
+    }
+    store.close().await;
     Ok(())
 }

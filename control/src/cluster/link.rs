@@ -64,6 +64,8 @@ struct Hello {
     quic_addr: String,
     tunnel: bool,
     since: u64,
+    /// The digest of `since` as the broker applied it (empty: unknown).
+    digest: String,
     sessions: Vec<SessionReport>,
 }
 
@@ -116,7 +118,7 @@ where
         .set(lock(&s.cluster.links).len() as i64);
     s.metrics.sessions.set(s.cluster.session_count());
 
-    let writer = write_loop(&s, &mut sink, hello.since, rx, &ended);
+    let writer = write_loop(&s, &mut sink, (hello.since, hello.digest), rx, &ended);
     let reader = read_loop(&s, &name, &mut stream, link_id, &applied);
     let result = tokio::select! {
         r = writer => r,
@@ -148,6 +150,7 @@ where
             name: said,
             quic_addr,
             allowlist_version,
+            allowlist_digest,
             sessions,
             version,
             features,
@@ -159,6 +162,7 @@ where
                     .iter()
                     .any(|f| f == tether_proto::cluster::FEATURE_TUNNEL),
                 since: allowlist_version,
+                digest: allowlist_digest,
                 sessions,
             })
         }
@@ -175,14 +179,14 @@ where
 async fn write_loop<S>(
     s: &LinkState,
     sink: &mut S,
-    since: u64,
+    (since, digest): (u64, String),
     mut rx: mpsc::Receiver<ToBroker>,
     ended: &CancellationToken,
 ) -> Result<(), LinkError>
 where
     S: futures_util::Sink<bytes::Bytes, Error = std::io::Error> + Unpin,
 {
-    let mut sent = sync_from(s, sink, since).await?;
+    let mut sent = sync_from(s, sink, since, &digest).await?;
     send(
         sink,
         &ToBroker::Synced {
@@ -535,9 +539,15 @@ where
         .map_err(|e| link_error("write", e))
 }
 
-/// Bring a broker at version `since` up to date: deltas when it is close, a snapshot
-/// otherwise. Returns the version it now has.
-async fn sync_from<S>(s: &LinkState, sink: &mut S, since: u64) -> Result<u64, LinkError>
+/// Bring a broker at version `since` (with `digest` for it, empty if it does not say) up
+/// to date: deltas when it is close and its history is ours, a snapshot otherwise.
+/// Returns the version it now has.
+async fn sync_from<S>(
+    s: &LinkState,
+    sink: &mut S,
+    since: u64,
+    digest: &str,
+) -> Result<u64, LinkError>
 where
     S: futures_util::Sink<bytes::Bytes, Error = std::io::Error> + Unpin,
 {
@@ -547,10 +557,32 @@ where
         .await
         .map_err(|e| link_error("store", e))?
         .max(0) as u64;
-    if since == current {
+    // Its version number means our version only if its digest is ours too: after an
+    // asynchronous failover or a restore, the same numbers may carry other changes.
+    let mut diverged = false;
+    if since > 0 && !digest.is_empty() && since <= current {
+        let ours = s
+            .store
+            .allowlist_digests(since as i64 - 1, since as i64)
+            .await
+            .map_err(|e| link_error("store", e))?;
+        let ours = ours.first().map(|(_, d)| d.as_str()).unwrap_or_default();
+        if !ours.eq_ignore_ascii_case(digest) {
+            warn!(
+                version = since,
+                broker_digest = digest,
+                store_digest = ours,
+                current,
+                "allowlist history diverged: sending a snapshot"
+            );
+            s.metrics.allowlist_diverged.inc();
+            diverged = true;
+        }
+    }
+    if since == current && !diverged {
         return Ok(current);
     }
-    if since > 0 && since < current {
+    if since > 0 && since < current && !diverged {
         let mut deltas = Vec::new();
         let mut after = since as i64;
         loop {
@@ -567,7 +599,7 @@ where
             }
         }
         if deltas.len() <= MAX_DELTAS_ON_RESUME {
-            return send_deltas(sink, deltas, since).await;
+            return send_deltas(s, sink, deltas, since).await;
         }
     }
     // Too far behind, nothing held, or ahead of us (a restored database): a snapshot.
@@ -600,7 +632,15 @@ where
         )
         .await?;
     }
-    send(sink, &ToBroker::SnapshotEnd { version }).await?;
+    let digest = s
+        .store
+        .allowlist_digests(version as i64 - 1, version as i64)
+        .await
+        .map_err(|e| link_error("store", e))?
+        .pop()
+        .map(|(_, d)| d)
+        .unwrap_or_default();
+    send(sink, &ToBroker::SnapshotEnd { version, digest }).await?;
     Ok(version)
 }
 
@@ -623,13 +663,14 @@ where
         if page.is_empty() {
             return Ok(sent);
         }
-        sent = send_deltas(sink, page, sent).await?;
+        sent = send_deltas(s, sink, page, sent).await?;
         *last_sent = tokio::time::Instant::now();
     }
 }
 
 /// Send `deltas` (whole versions, in order) as one `Delta` per version.
 async fn send_deltas<S>(
+    s: &LinkState,
     sink: &mut S,
     deltas: Vec<crate::store::AllowlistDelta>,
     mut sent: u64,
@@ -637,6 +678,16 @@ async fn send_deltas<S>(
 where
     S: futures_util::Sink<bytes::Bytes, Error = std::io::Error> + Unpin,
 {
+    let (Some(first), Some(last)) = (deltas.first(), deltas.last()) else {
+        return Ok(sent);
+    };
+    let digests: std::collections::HashMap<i64, String> = s
+        .store
+        .allowlist_digests(first.version - 1, last.version)
+        .await
+        .map_err(|e| link_error("store", e))?
+        .into_iter()
+        .collect();
     let mut i = 0;
     while i < deltas.len() {
         let version = deltas[i].version;
@@ -651,6 +702,7 @@ where
             }
             i += 1;
         }
+        let digest = digests.get(&version).cloned().unwrap_or_default();
         let version = version.max(0) as u64;
         send(
             sink,
@@ -658,6 +710,7 @@ where
                 version,
                 add,
                 remove,
+                digest,
             },
         )
         .await?;

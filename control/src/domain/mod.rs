@@ -35,6 +35,8 @@
 //! - [`appliances`] — register, list, show, disable/enable/revoke, manual renewal, tokens.
 //! - [`brokers`] — broker bundles, enrollment, renewal, revocation, and the addresses
 //!   handed to appliances.
+//! - [`replica`] — the replica's id, the check that the database is this CA's, the
+//!   registry heartbeat.
 //! - [`exec`] — the checks before a command is routed to an appliance.
 //! - [`audit`] — signing checkpoints of the audit log and exporting it; the format, chain
 //!   and verifier are the `tether-audit` crate's.
@@ -58,6 +60,7 @@ pub mod identity;
 pub mod operators;
 pub mod proof;
 pub mod renew;
+pub mod replica;
 pub mod token;
 pub mod trust;
 pub mod tunnel;

@@ -75,6 +75,7 @@ pub mod appliances;
 pub mod audit;
 pub mod brokers;
 pub mod channel;
+pub mod control;
 pub mod enroll;
 pub mod exec;
 pub mod openapi;
@@ -167,6 +168,9 @@ pub struct AppState {
     /// Brokers' channels, where appliances are connected, commands in flight (also the
     /// domain's [`crate::domain::Fleet`]).
     pub cluster: Arc<Cluster>,
+    /// This replica's id, named by every answer's `tether-control-replica` header (empty
+    /// until [`crate::run::Started::bind`] sets it: no header).
+    pub replica_id: Arc<str>,
 }
 
 impl AppState {
@@ -294,6 +298,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/operators/invites", post(operators::invite))
         .route("/v1/operators", get(operators::list))
         .route("/v1/operators/{name}/revoke", post(operators::revoke))
+        .route("/v1/control/replicas", get(control::replicas))
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .layer(axum::middleware::from_fn(refuse_large_bodies))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route") })
@@ -306,6 +311,10 @@ pub fn router(state: AppState) -> Router {
             record_metrics,
         ))
         .layer(axum::middleware::from_fn(request_span))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            replica_header,
+        ))
         .with_state(state)
 }
 
@@ -332,6 +341,23 @@ async fn request_span(mut req: axum::extract::Request, next: axum::middleware::N
     let mut resp = next.run(req).instrument(span).await;
     if let Ok(v) = axum::http::HeaderValue::from_str(&id) {
         resp.headers_mut().insert(REQUEST_ID_HEADER, v);
+    }
+    resp
+}
+
+/// Name the replica that answered ([`crate::domain::replica::REPLICA_HEADER`]), so
+/// operators and tests behind a load balancer see which one it was.
+async fn replica_header(
+    State(s): State<AppState>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let mut resp = next.run(req).await;
+    if !s.replica_id.is_empty() {
+        if let Ok(v) = axum::http::HeaderValue::from_str(&s.replica_id) {
+            resp.headers_mut()
+                .insert(crate::domain::replica::REPLICA_HEADER, v);
+        }
     }
     resp
 }

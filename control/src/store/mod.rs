@@ -102,6 +102,40 @@ pub struct AllowlistDelta {
     pub added: bool,
 }
 
+/// What a database belongs to (`control_meta`): `serve` refuses a database whose
+/// record differs from its own CA.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ControlMeta {
+    /// The fleet's SPIFFE trust domain.
+    pub trust_domain: String,
+    /// SHA-256 of the root CA certificate's DER, lowercase hex.
+    pub root_fingerprint: String,
+}
+
+/// A control replica as it registers itself (`control_replicas`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ReplicaInfo {
+    /// Its id (kept in its data directory).
+    pub id: String,
+    /// Where brokers and clients reach it.
+    pub advertise: String,
+    /// The address its API listener is bound to.
+    pub api_addr: String,
+    /// Its `tether-control` version.
+    pub version: String,
+}
+
+/// A registered replica with its times (Unix seconds, the database's clock).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ReplicaRecord {
+    /// What it registered.
+    pub info: ReplicaInfo,
+    /// When it (last) started.
+    pub started_at: UnixSeconds,
+    /// Its last heartbeat.
+    pub heartbeat_at: UnixSeconds,
+}
+
 /// A broker of the edge cluster.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct BrokerRecord {
@@ -489,6 +523,33 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// a cluster of control replicas other replicas' commits are not seen here: callers
     /// also poll [`Store::allowlist_version`].
     fn allowlist_watch(&self) -> tokio::sync::watch::Receiver<i64>;
+    /// What this database belongs to, if recorded.
+    async fn control_meta(&self) -> Result<Option<ControlMeta>, StoreError>;
+    /// Record `meta` unless a record exists; returns the record in force (the existing
+    /// one, which may differ: the caller compares).
+    async fn record_control_meta(
+        &self,
+        meta: &ControlMeta,
+        now: UnixSeconds,
+    ) -> Result<ControlMeta, StoreError>;
+    /// Register replica `info` or refresh its heartbeat, on the database's clock;
+    /// `starting` also resets its start time.
+    async fn replica_heartbeat(&self, info: &ReplicaInfo, starting: bool)
+        -> Result<(), StoreError>;
+    /// Replicas whose heartbeat is at most `within` seconds old (the database's clock), by
+    /// id.
+    async fn live_replicas(&self, within: i64) -> Result<Vec<ReplicaRecord>, StoreError>;
+    /// The digests of allowlist versions `after + 1 ..= upto` (lowercase hex, see
+    /// `tether_proto::cluster::allowlist_digest`), in order. Every version has one: each
+    /// is written in the transaction that commits the version.
+    async fn allowlist_digests(
+        &self,
+        after: i64,
+        upto: i64,
+    ) -> Result<Vec<(i64, String)>, StoreError>;
+    /// Whether this store can write now: on PostgreSQL, that its connection reaches a
+    /// primary (`NOT pg_is_in_recovery()`); on SQLite, that the database answers.
+    async fn writable(&self) -> Result<bool, StoreError>;
 }
 
 pub mod sql;

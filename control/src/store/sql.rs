@@ -88,10 +88,12 @@ use tether_audit::{action, system, Actor, AuditEntry, AuditEvent};
 
 use super::{
     AllowlistDelta, Appliance, ApplianceFilter, ApplianceStatus, BrokerRecord, BrokerRefusal,
-    CertRecord, Store, StoreError, TokenRefusal, UnixSeconds,
+    CertRecord, ControlMeta, ReplicaInfo, ReplicaRecord, Store, StoreError, TokenRefusal,
+    UnixSeconds,
 };
 
 mod audit;
+mod replicas;
 mod rows;
 mod trust;
 
@@ -215,11 +217,20 @@ impl SqlStore {
             .await
             .map_err(db)?;
         let (changed, _) = tokio::sync::watch::channel(version);
-        Ok(Self {
+        let store = Self {
             pool,
             backend,
             changed: std::sync::Arc::new(changed),
-        })
+        };
+        // Versions committed before the digest chain existed get their digests now.
+        let mut tx = store.begin_trust_change().await?;
+        let version: i64 = sqlx::query_scalar("SELECT version FROM allowlist_version WHERE id = 1")
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(db)?;
+        trust::chain_head(&mut tx, version).await?;
+        tx.commit().await.map_err(db)?;
+        Ok(store)
     }
 
     /// The URL of a SQLite store in the file `path`, created if missing.
@@ -1379,5 +1390,67 @@ impl Store for SqlStore {
 
     fn allowlist_watch(&self) -> tokio::sync::watch::Receiver<i64> {
         self.changed.subscribe()
+    }
+
+    async fn control_meta(&self) -> Result<Option<ControlMeta>, StoreError> {
+        replicas::control_meta(&self.pool).await
+    }
+
+    async fn record_control_meta(
+        &self,
+        meta: &ControlMeta,
+        now: UnixSeconds,
+    ) -> Result<ControlMeta, StoreError> {
+        replicas::record_control_meta(&self.pool, meta, now).await
+    }
+
+    async fn replica_heartbeat(
+        &self,
+        info: &ReplicaInfo,
+        starting: bool,
+    ) -> Result<(), StoreError> {
+        replicas::heartbeat(&self.pool, self.backend, info, starting).await
+    }
+
+    async fn live_replicas(&self, within: i64) -> Result<Vec<ReplicaRecord>, StoreError> {
+        replicas::live(&self.pool, self.backend, within).await
+    }
+
+    async fn writable(&self) -> Result<bool, StoreError> {
+        match self.backend {
+            Backend::Postgres => sqlx::query_scalar::<_, bool>("SELECT NOT pg_is_in_recovery()")
+                .fetch_one(&self.pool)
+                .await
+                .map_err(db),
+            _ => sqlx::query_scalar::<_, i64>("SELECT version FROM allowlist_version WHERE id = 1")
+                .fetch_one(&self.pool)
+                .await
+                .map(|_| true)
+                .map_err(db),
+        }
+    }
+
+    async fn allowlist_digests(
+        &self,
+        after: i64,
+        upto: i64,
+    ) -> Result<Vec<(i64, String)>, StoreError> {
+        sqlx::query(
+            "SELECT version, digest FROM allowlist_versions \
+             WHERE version > $1 AND version <= $2 ORDER BY version",
+        )
+        .bind(after)
+        .bind(upto)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db)?
+        .iter()
+        .map(|row| {
+            Ok((
+                row.try_get("version").map_err(db)?,
+                row.try_get("digest").map_err(db)?,
+            ))
+        })
+        .collect()
     }
 }

@@ -64,6 +64,9 @@ pub(super) async fn commit_trust_change(
         for d in &mut deltas {
             d.version = new_version;
         }
+        let prev = chain_head(&mut tx, new_version - 1).await?;
+        let digest = version_digest(&prev, new_version, &deltas);
+        insert_digest(&mut tx, new_version, &digest).await?;
         for (chunk_index, chunk) in deltas.chunks(CHANGES_PER_INSERT).enumerate() {
             let mut sql = String::from(
                 "INSERT INTO allowlist_changes \
@@ -182,4 +185,118 @@ pub(super) async fn appliance_status(
         Some(s) => parse_status(&s),
         None => Err(StoreError::NotFound(format!("appliance {id}"))),
     }
+}
+
+/// The digest of `version` given the previous one's: [`tether_proto::cluster::allowlist_digest`]
+/// over the version's changes as a delta frame carries them (additions, then removals,
+/// each in recorded order).
+pub(super) fn version_digest(prev: &[u8; 32], version: i64, deltas: &[AllowlistDelta]) -> [u8; 32] {
+    let add: Vec<(&str, &str)> = deltas
+        .iter()
+        .filter(|d| d.added)
+        .map(|d| (d.appliance_id.as_str(), d.fingerprint.as_str()))
+        .collect();
+    let remove: Vec<&str> = deltas
+        .iter()
+        .filter(|d| !d.added)
+        .map(|d| d.fingerprint.as_str())
+        .collect();
+    tether_proto::cluster::allowlist_digest(prev, version.max(0) as u64, &add, &remove)
+}
+
+async fn insert_digest(
+    conn: &mut AnyConnection,
+    version: i64,
+    digest: &[u8; 32],
+) -> Result<(), StoreError> {
+    let now = if conn.backend_name() == "PostgreSQL" {
+        "CAST(EXTRACT(EPOCH FROM now()) AS BIGINT)"
+    } else {
+        "CAST(strftime('%s', 'now') AS INTEGER)"
+    };
+    sqlx::query(&format!(
+        "INSERT INTO allowlist_versions (version, digest, committed_at) VALUES ($1, $2, {now})"
+    ))
+    .bind(version)
+    .bind(tether_proto::cluster::to_hex(digest))
+    .execute(&mut *conn)
+    .await
+    .map_err(db)?;
+    Ok(())
+}
+
+/// The digest of `version` (the genesis digest for 0), first writing the digests of any
+/// versions up to it that have none: those committed before the chain existed, or by an
+/// older replica during a rolling upgrade. Call it with the version row held.
+pub(super) async fn chain_head(
+    conn: &mut AnyConnection,
+    version: i64,
+) -> Result<[u8; 32], StoreError> {
+    use tether_proto::cluster::{parse_digest, ALLOWLIST_GENESIS_DIGEST};
+    if version <= 0 {
+        return Ok(ALLOWLIST_GENESIS_DIGEST);
+    }
+    let known: Option<(i64, String)> = sqlx::query(
+        "SELECT version, digest FROM allowlist_versions WHERE version <= $1 \
+         ORDER BY version DESC LIMIT 1",
+    )
+    .bind(version)
+    .fetch_optional(&mut *conn)
+    .await
+    .map_err(db)?
+    .map(|row| {
+        Ok::<_, StoreError>((
+            row.try_get("version").map_err(db)?,
+            row.try_get("digest").map_err(db)?,
+        ))
+    })
+    .transpose()?;
+    let (mut at, mut digest) = match known {
+        Some((v, d)) => (
+            v,
+            parse_digest(&d).ok_or_else(|| {
+                StoreError::Database(format!("allowlist version {v}: bad digest"))
+            })?,
+        ),
+        None => (0, ALLOWLIST_GENESIS_DIGEST),
+    };
+    if at == version {
+        return Ok(digest);
+    }
+    let changes = sqlx::query(
+        "SELECT version, appliance_id, fingerprint, added FROM allowlist_changes \
+         WHERE version > $1 AND version <= $2 ORDER BY version, ordinal",
+    )
+    .bind(at)
+    .bind(version)
+    .fetch_all(&mut *conn)
+    .await
+    .map_err(db)?
+    .iter()
+    .map(super::rows::delta_from_row)
+    .collect::<Result<Vec<_>, _>>()?;
+    let mut i = 0;
+    while i < changes.len() {
+        let v = changes[i].version;
+        let end = changes[i..]
+            .iter()
+            .position(|d| d.version != v)
+            .map_or(changes.len(), |n| i + n);
+        if v != at + 1 {
+            return Err(StoreError::Database(format!(
+                "allowlist history has a gap: version {} has no changes",
+                at + 1
+            )));
+        }
+        digest = version_digest(&digest, v, &changes[i..end]);
+        insert_digest(conn, v, &digest).await?;
+        at = v;
+        i = end;
+    }
+    if at != version {
+        return Err(StoreError::Database(format!(
+            "allowlist history ends at version {at}, not {version}"
+        )));
+    }
+    Ok(digest)
 }

@@ -1,0 +1,247 @@
+//! Control replicas on one PostgreSQL (issue 17): replica identity and registry, the
+//! allowlist digest chain, `/readyz`, `store copy`. Real `tether-control` processes on a
+//! fresh database of the server `TETHER_TEST_PG_URL` names (`scripts/pg`; without it
+//! these tests fail, they never skip). Build the binaries first:
+//! `cargo build --workspace --bins`.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use common::bin;
+use common::control::{control, serve, Fleet};
+use common::operators::{call, client_from, config_dir, tether};
+use common::pg::PgDb;
+use common::TRUST_DOMAIN;
+
+/// The root fingerprint `serve` compares (SHA-256 of the root's DER, hex).
+fn root_fingerprint(data: &Path) -> String {
+    let pem = std::fs::read(data.join("ca").join("root.pem")).unwrap();
+    let der = rustls_pemfile::certs(&mut pem.as_slice())
+        .next()
+        .unwrap()
+        .unwrap();
+    tether_control::domain::replica::root_fingerprint(&der)
+}
+
+/// `tether-control init` of a fresh data directory under `tmp`.
+fn init(tmp: &Path, name: &str, trust_domain: &str, database_url: Option<&str>) -> PathBuf {
+    let data = tmp.join(name);
+    let d = data.to_str().unwrap();
+    let mut args = vec!["init", "--data-dir", d, "--trust-domain", trust_domain];
+    if let Some(url) = database_url {
+        args.extend(["--database-url", url]);
+    }
+    control(&args);
+    data
+}
+
+/// `tether-control serve` that is expected to exit at once: its stderr.
+fn serve_refused(data: &Path, database_url: &str) -> String {
+    let out = Command::new(bin("tether-control"))
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--metrics-listen",
+            "127.0.0.1:0",
+            "--database-url",
+            database_url,
+            "--data-dir",
+        ])
+        .arg(data)
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "serve must refuse");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replica_with_foreign_ca_or_trust_domain_refuses_to_start_naming_both() {
+    let db = PgDb::create().await;
+    let tmp = tempfile::tempdir().unwrap();
+    let ours = init(tmp.path(), "ours", TRUST_DOMAIN, Some(&db.url));
+    // Same trust domain, another root (its own SQLite store).
+    let foreign_ca = init(tmp.path(), "foreign-ca", TRUST_DOMAIN, None);
+    let err = serve_refused(&foreign_ca, &db.url);
+    let (recorded, theirs) = (root_fingerprint(&ours), root_fingerprint(&foreign_ca));
+    assert_ne!(recorded, theirs);
+    assert!(
+        err.contains(&recorded) && err.contains(&theirs),
+        "the refusal names both roots: {err}"
+    );
+    // Another trust domain.
+    let foreign_td = init(tmp.path(), "foreign-td", "other.test", None);
+    let err = serve_refused(&foreign_td, &db.url);
+    assert!(
+        err.contains(TRUST_DOMAIN) && err.contains("other.test"),
+        "the refusal names both trust domains: {err}"
+    );
+    // `init` against a database of another fleet refuses as well.
+    let out = Command::new(bin("tether-control"))
+        .args([
+            "init",
+            "--trust-domain",
+            "other.test",
+            "--database-url",
+            &db.url,
+        ])
+        .arg("--data-dir")
+        .arg(tmp.path().join("late"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "init must refuse a foreign database");
+    db.drop_db().await;
+}
+
+/// Copy a data directory (a second replica shares the CA; it gets its own id at start).
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        let target = to.join(e.file_name());
+        if e.file_type().unwrap().is_dir() {
+            copy_dir(&e.path(), &target);
+        } else if e.file_name() != "replica.id" {
+            std::fs::copy(e.path(), target).unwrap();
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_register_and_are_listed() {
+    let db = PgDb::create().await;
+    let fleet = Fleet::with_init(&["--database-url", &db.url], "");
+    let second = fleet.data.parent().unwrap().join("replica-2");
+    copy_dir(&fleet.data, &second);
+    std::fs::remove_file(second.join("replica.id")).ok();
+    let b = serve(&second);
+    let id_a = std::fs::read_to_string(fleet.data.join("replica.id")).unwrap();
+    let id_b = std::fs::read_to_string(second.join("replica.id")).unwrap();
+    let (id_a, id_b) = (id_a.trim().to_owned(), id_b.trim().to_owned());
+    assert_ne!(id_a, id_b, "each replica has its own id");
+
+    // The command line, on the database.
+    let out = control(&["replica", "list", "--database-url", &db.url]);
+    assert!(out.contains(&id_a) && out.contains(&id_b), "{out}");
+    assert!(
+        out.contains(&b.addr.to_string()),
+        "advertise defaults to listen: {out}"
+    );
+    let json = control(&["replica", "list", "--database-url", &db.url, "--json"]);
+    let listed: Vec<tether_api::control::Replica> = serde_json::from_str(&json).unwrap();
+    assert_eq!(listed.len(), 2, "{json}");
+
+    // The API, on each replica: the header names the one that answered.
+    tether(
+        &config_dir(&fleet, "admin"),
+        &[
+            "login",
+            "--bundle",
+            fleet.data.join("admin-bundle.json").to_str().unwrap(),
+            "--control",
+            &fleet.url(),
+        ],
+    )
+    .expect("admin logs in");
+    let client = client_from(&fleet, Some(&config_dir(&fleet, "admin")), false);
+    let resp = client
+        .get(format!("{}/v1/control/replicas", fleet.url()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["tether-control-replica"], id_a.as_str());
+    let list: tether_api::control::ReplicaList = resp.json().await.unwrap();
+    assert_eq!(list.answered_by, id_a);
+    let ids: Vec<_> = list.replicas.iter().map(|r| r.id.clone()).collect();
+    let mut want = vec![id_a.clone(), id_b.clone()];
+    want.sort();
+    assert_eq!(ids, want);
+    let resp = client
+        .get(format!("https://127.0.0.1:{}/healthz", b.addr.port()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.headers()["tether-control-replica"], id_b.as_str());
+    let (status, _) = call(&client, &fleet, "GET", "/v1/control/replicas", None).await;
+    assert_eq!(status, 200);
+    drop(b);
+    drop(fleet);
+    db.drop_db().await;
+}
+
+/// A PostgreSQL instance of this test's own (`scripts/pg` under its own directory), so
+/// stopping it disturbs no other test. Reset (stopped, data deleted) on drop.
+struct OwnPg {
+    dir: PathBuf,
+}
+
+impl OwnPg {
+    fn script(dir: &Path, cmd: &str) -> String {
+        let out = Command::new(Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/pg"))
+            .arg(cmd)
+            .env("CARGO_TARGET_DIR", dir)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "scripts/pg {cmd}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap().trim().to_owned()
+    }
+
+    /// Start it; returns it and its URL.
+    fn start() -> (OwnPg, String) {
+        let target = bin("tether-control")
+            .parent()
+            .and_then(Path::parent)
+            .unwrap()
+            .to_path_buf();
+        let dir = target.join(format!("pg-ha-{}", std::process::id()));
+        let url = Self::script(&dir, "start");
+        (OwnPg { dir }, url)
+    }
+
+    fn stop(&self) {
+        Self::script(&self.dir, "stop");
+    }
+}
+
+impl Drop for OwnPg {
+    fn drop(&mut self) {
+        let _ = Command::new(Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/pg"))
+            .arg("reset")
+            .env("CARGO_TARGET_DIR", &self.dir)
+            .output();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readyz_turns_503_when_the_database_cannot_be_written() {
+    let (pg, url) = OwnPg::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let data = init(tmp.path(), "control", TRUST_DOMAIN, Some(&url));
+    let replica = serve(&data);
+    let readyz = format!("http://{}/readyz", replica.metrics);
+    let get = || async {
+        let resp = common::http().get(&readyz).send().await.ok()?;
+        Some((
+            resp.status().as_u16(),
+            resp.text().await.unwrap_or_default(),
+        ))
+    };
+    assert_eq!(get().await.map(|(s, _)| s), Some(200));
+    pg.stop();
+    let (status, body) = common::wait_for(std::time::Duration::from_secs(15), || async {
+        get().await.filter(|(s, _)| *s == 503)
+    })
+    .await
+    .expect("/readyz answers 503 once the database is gone");
+    assert_eq!(status, 503);
+    assert!(body.starts_with("not ready"), "{body}");
+    drop(replica);
+}
