@@ -649,8 +649,14 @@ impl ControlSync {
                         });
                     }
                 }
-                hb = self.presence.heartbeats.recv() => {
-                    if let Some(mut hb) = hb {
+                _ = batch.tick() => {
+                    if self.presence.resync() {
+                        break Err(ChannelError::Resync);
+                    }
+                    // Summaries are taken once a batch, not as they come: waiting on the
+                    // queue would wake this task for every heartbeat of the fleet (a
+                    // cross-thread wake-up each, 6.5 % of a held fleet's broker CPU).
+                    while let Ok(mut hb) = self.presence.heartbeats.try_recv() {
                         // The newest summary of a session wins, but an agent status it
                         // replaces still goes out (it is sent once, when it changed).
                         match heartbeats.entry(hb.session_id) {
@@ -664,11 +670,6 @@ impl ControlSync {
                                 slot.insert(hb);
                             }
                         }
-                    }
-                }
-                _ = batch.tick() => {
-                    if self.presence.resync() {
-                        break Err(ChannelError::Resync);
                     }
                     let mut items: Vec<HeartbeatSummary> = heartbeats.drain().map(|(_, v)| v).collect();
                     while !items.is_empty() {

@@ -31,8 +31,10 @@ use crate::sessions::{SessionInfo, SessionTable};
 
 /// Capacity of the session up/down queue.
 pub const EVENT_QUEUE: usize = 16 * 1024;
-/// Capacity of the heartbeat-summary queue.
-pub const HEARTBEAT_QUEUE: usize = 8 * 1024;
+/// Capacity of the heartbeat-summary queue: the channel empties it once a batch interval
+/// (1 s), and 100,000 appliances heartbeating every 15 s fill 6,700 a second. Slots are
+/// allocated as they fill, not up front.
+pub const HEARTBEAT_QUEUE: usize = 32 * 1024;
 
 /// A session came up or went down.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -38,14 +38,33 @@ pub const MANIFEST_BACKLOG: &str = "manifest-backlog/1";
 /// a customer's approval.
 pub const TUNNEL: &str = "tunnel/1";
 
+/// The agent needs a `HeartbeatAck` only for every [`HEARTBEAT_ACK_EVERY`]-th heartbeat
+/// (and whenever the manual-renewal generation changed): its transport already tells it
+/// the broker is there. The reference agent announces it over QUIC, where the transport
+/// acknowledges every heartbeat and closes the connection after its idle timeout without
+/// one, and over direct TCP (`TCP_USER_TIMEOUT` and keep-alive probes do the same); not
+/// through an egress proxy, which acknowledges for a broker that may be gone. A broker
+/// answering every heartbeat anyway (one that does not know this) is still correct.
+///
+/// An idle QUIC session then costs one packet each way per heartbeat interval (the
+/// heartbeat and the transport's acknowledgement) instead of three: the answer and the
+/// agent's acknowledgement of it were two thirds of a held fleet's broker CPU.
+pub const SPARSE_HEARTBEAT_ACKS: &str = "sparse-heartbeat-acks/1";
+
+/// With [`SPARSE_HEARTBEAT_ACKS`], the broker answers at least every this many
+/// heartbeats; the agent presumes the broker gone after `missed_heartbeats` times this
+/// many intervals without an answer (the transport notices sooner).
+pub const HEARTBEAT_ACK_EVERY: u64 = 4;
+
 /// Every capability this crate defines, in the order the reference agent announces them.
-pub const ALL: [&str; 6] = [
+pub const ALL: [&str; 7] = [
     EXEC,
     SHELL,
     MAX_FRAME_LEN,
     SIGNED_OPS,
     MANIFEST_BACKLOG,
     TUNNEL,
+    SPARSE_HEARTBEAT_ACKS,
 ];
 
 /// What the reference broker lists in `Welcome.capabilities` (to agents that announced

@@ -143,6 +143,13 @@ pub struct BrokerSession {
     last_seq: u64,
     /// Whether `Welcome` listed `manifest-backlog/1` (the agent may send backlog).
     backlog: bool,
+    /// Whether the agent announced `sparse-heartbeat-acks/1`.
+    sparse_acks: bool,
+    /// A `HeartbeatAck` is owed with the next heartbeat whatever its `seq` (the
+    /// manual-renewal generation changed).
+    ack_due: bool,
+    /// The `seq` of the last heartbeat answered.
+    acked_seq: u64,
     transmit: VecDeque<Frame>,
     events: VecDeque<BrokerEvent>,
 }
@@ -157,6 +164,9 @@ impl BrokerSession {
             last_rx: now.instant,
             last_seq: 0,
             backlog: false,
+            sparse_acks: false,
+            ack_due: false,
+            acked_seq: 0,
             transmit: VecDeque::new(),
             events: VecDeque::new(),
         }
@@ -187,6 +197,8 @@ impl BrokerSession {
                 // broker's own capabilities after it.
                 self.backlog =
                     capability::announced(&hello.capabilities, capability::MANIFEST_BACKLOG);
+                self.sparse_acks =
+                    capability::announced(&hello.capabilities, capability::SPARSE_HEARTBEAT_ACKS);
                 let max_frame_len = (self.backlog
                     || capability::announced(&hello.capabilities, capability::MAX_FRAME_LEN))
                 .then_some(self.config.max_frame_len.max(MIN_MAX_FRAME_LEN as u32));
@@ -218,11 +230,18 @@ impl BrokerSession {
                 }
                 self.last_seq = hb.seq;
                 self.last_rx = now.instant;
-                self.transmit.push_back(Frame::HeartbeatAck(HeartbeatAck {
-                    seq: hb.seq,
-                    server_time_ms: now.unix_ms,
-                    manual_renewal_generation: self.config.manual_renewal_generation,
-                }));
+                if !self.sparse_acks
+                    || self.ack_due
+                    || hb.seq >= self.acked_seq + capability::HEARTBEAT_ACK_EVERY
+                {
+                    self.ack_due = false;
+                    self.acked_seq = hb.seq;
+                    self.transmit.push_back(Frame::HeartbeatAck(HeartbeatAck {
+                        seq: hb.seq,
+                        server_time_ms: now.unix_ms,
+                        manual_renewal_generation: self.config.manual_renewal_generation,
+                    }));
+                }
                 self.events.push_back(BrokerEvent::Heartbeat(hb));
                 Ok(())
             }
@@ -284,8 +303,12 @@ impl BrokerSession {
             .push_back(Frame::ManifestAck(ManifestAck { seq }));
     }
 
-    /// Announce `generation` in the next `HeartbeatAck`.
+    /// Announce `generation` in the next `HeartbeatAck` (answering the next heartbeat even
+    /// where answers are sparse).
     pub fn set_manual_renewal_generation(&mut self, generation: u64) {
+        if generation != self.config.manual_renewal_generation {
+            self.ack_due = true;
+        }
         self.config.manual_renewal_generation = generation;
     }
 
@@ -357,6 +380,10 @@ pub struct AgentSession {
     peer_max_frame_len: usize,
     /// Whether the broker's `Welcome` listed `manifest-backlog/1`.
     backlog: bool,
+    /// Heartbeat intervals without any frame from the broker before it is presumed gone:
+    /// `missed_heartbeats`, times [`capability::HEARTBEAT_ACK_EVERY`] when this agent
+    /// announced `sparse-heartbeat-acks/1`.
+    silent_intervals: u32,
     next_heartbeat: Option<Instant>,
     seq: u64,
     transmit: VecDeque<Frame>,
@@ -366,6 +393,13 @@ pub struct AgentSession {
 impl AgentSession {
     /// A session whose stream opened at `now`; `Hello` is queued.
     pub fn new(config: AgentSessionConfig, now: Now) -> Self {
+        let sparse = capability::announced(&config.capabilities, capability::SPARSE_HEARTBEAT_ACKS);
+        let silent_intervals = if sparse {
+            let every = u32::try_from(capability::HEARTBEAT_ACK_EVERY).unwrap_or(u32::MAX);
+            config.missed_heartbeats.saturating_mul(every)
+        } else {
+            config.missed_heartbeats
+        };
         let mut transmit = VecDeque::new();
         transmit.push_back(Frame::Hello(Hello {
             protocol_version: PROTOCOL_VERSION,
@@ -381,6 +415,7 @@ impl AgentSession {
             interval: DEFAULT_HEARTBEAT_INTERVAL,
             peer_max_frame_len: DEFAULT_MAX_FRAME_LEN,
             backlog: false,
+            silent_intervals,
             next_heartbeat: None,
             seq: 0,
             transmit,
@@ -470,7 +505,7 @@ impl AgentSession {
         match self.state {
             AgentState::AwaitingWelcome => Some(self.started + self.config.welcome_timeout),
             AgentState::Established => {
-                let silent = self.last_rx + self.interval * self.config.missed_heartbeats;
+                let silent = self.last_rx + self.interval * self.silent_intervals;
                 Some(self.next_heartbeat.map_or(silent, |hb| hb.min(silent)))
             }
             AgentState::Closed(_) => None,
@@ -489,7 +524,7 @@ impl AgentSession {
                 }
             }
             AgentState::Established => {
-                if now.instant >= self.last_rx + self.interval * self.config.missed_heartbeats {
+                if now.instant >= self.last_rx + self.interval * self.silent_intervals {
                     self.state = AgentState::Closed(CloseCode::IdleTimeout);
                     return Some(CloseCode::IdleTimeout);
                 }
@@ -712,6 +747,78 @@ mod tests {
         assert!(!events
             .iter()
             .any(|e| matches!(e, AgentEvent::RenewalRequested { .. })));
+    }
+
+    /// Heartbeats answered, as the agent saw them, over `n` heartbeat intervals.
+    fn acks_over(a: &mut AgentSession, b: &mut BrokerSession, t0: Now, n: u64) -> Vec<u64> {
+        let mut acked = Vec::new();
+        for i in 1..=n {
+            let t = t0.after(Duration::from_secs(i));
+            assert_eq!(a.handle_timeout(t), None, "interval {i}");
+            assert_eq!(b.handle_timeout(t), None, "interval {i}");
+            pump(a, b, t);
+            while let Some(e) = a.poll_event() {
+                if let AgentEvent::HeartbeatAck(ack) = e {
+                    acked.push(ack.seq);
+                }
+            }
+            assert!(matches!(b.poll_event(), Some(BrokerEvent::Heartbeat(h)) if h.seq == i));
+        }
+        acked
+    }
+
+    #[test]
+    fn sparse_acks_answer_every_fourth_heartbeat_and_every_generation_change() {
+        let t0 = now0();
+        let (mut a, mut b) = pair_with(t0, vec![capability::SPARSE_HEARTBEAT_ACKS.to_owned()]);
+        pump(&mut a, &mut b, t0);
+        let _ = a.poll_event();
+        let _ = b.poll_event();
+        // Twelve intervals: the agent, which waits 3 × 4 intervals for a word, never
+        // gives up, and only every fourth heartbeat is answered.
+        assert_eq!(acks_over(&mut a, &mut b, t0, 12), vec![4, 8, 12]);
+        // A generation change is answered at once, whatever the count.
+        b.set_manual_renewal_generation(2);
+        let t = t0.after(Duration::from_secs(13));
+        assert_eq!(a.handle_timeout(t), None);
+        pump(&mut a, &mut b, t);
+        let events: Vec<_> = std::iter::from_fn(|| a.poll_event()).collect();
+        assert!(events.contains(&AgentEvent::RenewalRequested { generation: 2 }));
+        assert!(events
+            .iter()
+            .any(|e| matches!(e, AgentEvent::HeartbeatAck(ack) if ack.seq == 13)));
+        // Setting the same generation again is no news.
+        b.set_manual_renewal_generation(2);
+        let t = t0.after(Duration::from_secs(14));
+        assert_eq!(a.handle_timeout(t), None);
+        pump(&mut a, &mut b, t);
+        assert!(!std::iter::from_fn(|| a.poll_event())
+            .any(|e| matches!(e, AgentEvent::HeartbeatAck(_))));
+    }
+
+    #[test]
+    fn without_the_capability_every_heartbeat_is_answered() {
+        let t0 = now0();
+        let (mut a, mut b) = pair(t0);
+        pump(&mut a, &mut b, t0);
+        let _ = a.poll_event();
+        let _ = b.poll_event();
+        assert_eq!(acks_over(&mut a, &mut b, t0, 5), vec![1, 2, 3, 4, 5]);
+    }
+
+    #[test]
+    fn a_sparse_agent_still_gives_up_on_a_silent_broker() {
+        let t0 = now0();
+        let (mut a, mut b) = pair_with(t0, vec![capability::SPARSE_HEARTBEAT_ACKS.to_owned()]);
+        pump(&mut a, &mut b, t0);
+        // Nothing comes back: given up after 3 × 4 intervals of silence, not before.
+        for i in 1..12 {
+            assert_eq!(a.handle_timeout(t0.after(Duration::from_secs(i))), None);
+        }
+        assert_eq!(
+            a.handle_timeout(t0.after(Duration::from_secs(12))),
+            Some(CloseCode::IdleTimeout)
+        );
     }
 
     #[test]
