@@ -181,8 +181,10 @@ async fn expired_single_use_values_are_pruned(db: &TestDb) {
     s.record_proof("k8s", "fresh", NOW + 1000).await.unwrap();
     s.create_nonce("old", NOW + 10).await.unwrap();
     s.create_nonce("fresh", NOW + 1000).await.unwrap();
-    s.consume_nonce("fresh", NOW + 11).await.unwrap(); // prunes what expired before NOW + 11
-                                                       // The expired proof id is forgotten (its proof is expired anyway); the fresh one is not.
+    s.consume_nonce("fresh", NOW + 11).await.unwrap();
+    // The nonce_prune job's call: what expired before NOW + 11 goes (one nonce, one proof).
+    assert_eq!(s.prune_single_use(NOW + 11).await.unwrap(), 2);
+    // The expired proof id is forgotten (its proof is expired anyway); the fresh one is not.
     s.record_proof("k8s", "old", NOW + 10).await.unwrap();
     assert!(matches!(
         s.record_proof("k8s", "fresh", NOW + 1000).await,

@@ -550,6 +550,53 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// Whether this store can write now: on PostgreSQL, that its connection reaches a
     /// primary (`NOT pg_is_in_recovery()`); on SQLite, that the database answers.
     async fn writable(&self) -> Result<bool, StoreError>;
+
+    // Periodic jobs (see `crate::jobs`).
+
+    /// Claim periodic job `name` for `by` (a replica id) if it is due on the database's
+    /// clock, scheduling its next run `every_ms` later, in one statement: of all the
+    /// replicas asking, one gets [`JobClaim::Claimed`] per period. A job never seen
+    /// before is due at once; one scheduled further out than `every_ms` (the period was
+    /// shortened) is due too.
+    async fn claim_job(&self, name: &str, every_ms: i64, by: &str) -> Result<JobClaim, StoreError>;
+    /// Every periodic job's lease row, by name.
+    async fn jobs(&self) -> Result<Vec<JobRecord>, StoreError>;
+    /// Forget replicas whose heartbeat is more than `silent_secs` old (the database's
+    /// clock); returns how many.
+    async fn prune_replicas(&self, silent_secs: i64) -> Result<u64, StoreError>;
+    /// Delete nonces and used proof ids that expired before `now`; returns how many.
+    async fn prune_single_use(&self, now: UnixSeconds) -> Result<u64, StoreError>;
+}
+
+/// The answer to [`Store::claim_job`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum JobClaim {
+    /// This caller runs the job for this period; `epoch` counts the claims so far.
+    Claimed {
+        /// The claim's number (a fencing token).
+        epoch: i64,
+    },
+    /// Another claim holds this period; the job is next due in this many milliseconds.
+    NotDue {
+        /// Milliseconds until the job is due (0 or more).
+        due_in_ms: i64,
+    },
+}
+
+/// A periodic job's lease row (`control_jobs`); times in Unix milliseconds, the
+/// database's clock.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct JobRecord {
+    /// The job.
+    pub name: String,
+    /// When it is next due.
+    pub next_run_at_ms: i64,
+    /// How many claims it had.
+    pub epoch: i64,
+    /// The replica that made the last claim.
+    pub last_run_by: Option<String>,
+    /// When.
+    pub last_run_at_ms: Option<i64>,
 }
 
 pub mod sql;

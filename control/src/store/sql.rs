@@ -55,8 +55,6 @@
 //!   `not_after` stays allowed until it leaves the allowlist some other way; the caller
 //!   checks validity times itself.
 //! - The store holds at most one current certificate per appliance (a unique index).
-//! - [`Store::consume_nonce`] also deletes nonces and proof ids that expired before `now`
-//!   (it is the one single-use call that knows the time and runs on every enrollment).
 //! - A token is valid while `now < expires_at`; so is a nonce.
 //!
 //! # SQLite
@@ -71,8 +69,9 @@
 //! This file holds the connection and the [`Store`] implementation; its helpers are in
 //! private submodules by concern: `sql/trust.rs` (allowlist changes and the versioned
 //! commit of a trust-changing transaction), `sql/audit.rs` (appending to the audit log
-//! and reading entries and checkpoints back) and `sql/rows.rs` (rows to the store's
-//! types).
+//! and reading entries and checkpoints back), `sql/rows.rs` (rows to the store's
+//! types), `sql/replicas.rs` (the replica registry) and `sql/jobs.rs` (periodic jobs'
+//! lease rows and pruning).
 
 use std::fmt;
 use std::path::Path;
@@ -88,11 +87,12 @@ use tether_audit::{action, system, Actor, AuditEntry, AuditEvent};
 
 use super::{
     AllowlistDelta, Appliance, ApplianceFilter, ApplianceStatus, BrokerRecord, BrokerRefusal,
-    CertRecord, ControlMeta, ReplicaInfo, ReplicaRecord, Store, StoreError, TokenRefusal,
-    UnixSeconds,
+    CertRecord, ControlMeta, JobClaim, JobRecord, ReplicaInfo, ReplicaRecord, Store, StoreError,
+    TokenRefusal, UnixSeconds,
 };
 
 mod audit;
+mod jobs;
 mod replicas;
 mod rows;
 mod trust;
@@ -559,30 +559,19 @@ impl Store for SqlStore {
         .await
         .map_err(db)?
         .rows_affected();
-        let result = if consumed == 1 {
-            Ok(())
-        } else {
-            let used_at: Option<Option<i64>> =
-                sqlx::query_scalar("SELECT used_at FROM nonces WHERE nonce = $1")
-                    .bind(nonce)
-                    .fetch_optional(&self.pool)
-                    .await
-                    .map_err(db)?;
-            match used_at {
-                Some(Some(_)) => Err(StoreError::Replay("nonce".into())),
-                _ => Err(StoreError::NonceInvalid),
-            }
-        };
-        // Opportunistic clean-up; its failure does not change the answer.
-        for sql in [
-            "DELETE FROM nonces WHERE expires_at < $1",
-            "DELETE FROM used_proofs WHERE expires_at < $1",
-        ] {
-            if let Err(e) = sqlx::query(sql).bind(now).execute(&self.pool).await {
-                tracing::warn!(error = %e, "pruning expired single-use values failed");
-            }
+        if consumed == 1 {
+            return Ok(());
         }
-        result
+        let used_at: Option<Option<i64>> =
+            sqlx::query_scalar("SELECT used_at FROM nonces WHERE nonce = $1")
+                .bind(nonce)
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(db)?;
+        match used_at {
+            Some(Some(_)) => Err(StoreError::Replay("nonce".into())),
+            _ => Err(StoreError::NonceInvalid),
+        }
     }
 
     async fn record_proof(
@@ -1452,5 +1441,21 @@ impl Store for SqlStore {
             ))
         })
         .collect()
+    }
+
+    async fn claim_job(&self, name: &str, every_ms: i64, by: &str) -> Result<JobClaim, StoreError> {
+        jobs::claim(&self.pool, self.backend, name, every_ms, by).await
+    }
+
+    async fn jobs(&self) -> Result<Vec<JobRecord>, StoreError> {
+        jobs::list(&self.pool).await
+    }
+
+    async fn prune_replicas(&self, silent_secs: i64) -> Result<u64, StoreError> {
+        jobs::prune_replicas(&self.pool, self.backend, silent_secs).await
+    }
+
+    async fn prune_single_use(&self, now: UnixSeconds) -> Result<u64, StoreError> {
+        jobs::prune_single_use(&self.pool, now).await
     }
 }
