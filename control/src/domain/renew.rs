@@ -30,10 +30,10 @@ use tether_api::enroll::{EnrollResponse, RenewRequest};
 use tether_audit::{self as audit, action, Actor, AuditEvent};
 use tracing::{info, warn};
 
-use crate::domain::enroll::issue_and_record;
+use crate::domain::enroll::{answer_retry, issue_and_record, Recording, Retry};
 use crate::domain::identity::{identify, PeerIdentity};
 use crate::domain::{internal, record_refusal, Context, Error, ErrorKind};
-use crate::store::Store;
+use crate::store::{ReceiptKind, Store};
 
 /// Renew the certificate the caller authenticated with. Every refusal is recorded in the
 /// audit log (see the module docs).
@@ -167,11 +167,26 @@ async fn renew_checked(
             ))
         }
     }
-    s.ca.check_csr(&req.csr_pem)
-        .map_err(|e| refused(ErrorKind::BadRequest, e.code(), e.to_string()))?;
+    let csr_key =
+        s.ca.check_csr(&req.csr_pem)
+            .map_err(|e| refused(ErrorKind::BadRequest, e.code(), e.to_string()))?
+            .key_sha256();
     let overlap = s.settings.enroll.renewal_overlap.as_secs() as i64;
     let audit = AuditEvent::success(Actor::appliance(id.clone()), action::APPLIANCE_RENEW, &id)
-        .with("previous_fingerprint", fingerprint);
+        .with("previous_fingerprint", fingerprint.as_str());
+    // The same renewal again (its answer was lost): the same certificate.
+    let retry = Retry {
+        kind: ReceiptKind::Renew,
+        subject: &fingerprint,
+        csr_key_sha256: csr_key,
+    };
+    if let Some(answer) = answer_retry(s, &retry, audit.clone(), now).await? {
+        return Ok(answer);
+    }
+    let how = Recording {
+        token: None,
+        retry: Some(retry),
+    };
     issue_and_record(
         s,
         &id,
@@ -180,6 +195,7 @@ async fn renew_checked(
         overlap,
         audit,
         "appliance renewed",
+        how,
     )
     .await
 }
