@@ -451,3 +451,113 @@ fn audit_export_verifies(data: &Path, root: &Path) {
         String::from_utf8_lossy(&verified.stderr)
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_store_copies_to_postgres_intact() {
+    use tether_control::store::Store;
+    let db = PgDb::create().await;
+    // A fleet on SQLite with a broker following control: enrollments, a revocation, a
+    // renewal request, a checkpoint.
+    let mut c = common::cluster::Cluster::new("");
+    let broker = c.add_broker("b1");
+    c.wait_brokers_up(1).await;
+    for id in ["app-1", "app-2", "app-3"] {
+        c.enroll(id);
+    }
+    c.tether(&["appliance", "revoke", "app-2"]).unwrap();
+    c.tether(&["appliance", "renew", "app-3"]).unwrap();
+    let data = c.fleet.data.clone();
+    let d = data.to_str().unwrap();
+    control(&["audit", "checkpoint", "--data-dir", d]);
+    let sqlite_url = tether_control::store::sql::SqlStore::sqlite_url(&data.join("control.db"));
+    let version = {
+        let s = tether_control::store::sql::SqlStore::connect(&sqlite_url)
+            .await
+            .unwrap();
+        let v = s.allowlist_version().await.unwrap();
+        s.close().await;
+        v
+    };
+    assert!(
+        version >= 4,
+        "three enrollments and a revocation: {version}"
+    );
+    broker
+        .wait_metric("tether_allowlist_version", version as f64)
+        .await;
+
+    // Control stops; the store moves; control starts again on PostgreSQL.
+    c.kill_control();
+    let from = format!("sqlite:{d}");
+    // Refused: a target that is not PostgreSQL, a source that is not a data directory.
+    for (args, says) in [
+        (vec!["--from", &from, "--to", "sqlite://x.db"], "PostgreSQL"),
+        (vec!["--from", d, "--to", &db.url], "sqlite:DIR"),
+    ] {
+        let out = Command::new(bin("tether-control"))
+            .args(["store", "copy"])
+            .args(&args)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.contains(says), "{err}");
+    }
+    let said = control(&["store", "copy", "--from", &from, "--to", &db.url]);
+    assert!(said.contains("audit log verified"), "{said}");
+    // Never into a database that holds something.
+    let out = Command::new(bin("tether-control"))
+        .args(["store", "copy", "--from", &from, "--to", &db.url])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("not empty"), "{err}");
+
+    // Byte for byte: the audit log, the allowlist, its digests.
+    let (sqlite, pg) = (
+        tether_control::store::sql::SqlStore::connect(&sqlite_url)
+            .await
+            .unwrap(),
+        tether_control::store::sql::SqlStore::connect(&db.url)
+            .await
+            .unwrap(),
+    );
+    assert_eq!(
+        pg.audit_entries(0, 0).await.unwrap(),
+        sqlite.audit_entries(0, 0).await.unwrap()
+    );
+    assert_eq!(
+        pg.audit_checkpoints(0, 0).await.unwrap(),
+        sqlite.audit_checkpoints(0, 0).await.unwrap()
+    );
+    assert_eq!(
+        pg.allowlist_snapshot().await.unwrap(),
+        sqlite.allowlist_snapshot().await.unwrap()
+    );
+    assert_eq!(
+        pg.allowlist_digests(0, version).await.unwrap(),
+        sqlite.allowlist_digests(0, version).await.unwrap()
+    );
+    sqlite.close().await;
+
+    common::control::merge_config(&data, &format!("database_url = \"{}\"\n", db.url));
+    c.restart_control();
+    // `tether audit verify` passes on the copy (exported by the replica's data dir, now on
+    // PostgreSQL).
+    audit_export_verifies(&data, &c.fleet.root);
+    // The broker resumes from its version: a new revocation reaches it as a delta, and
+    // control never sent it a snapshot nor saw another history.
+    c.wait_brokers_up(1).await;
+    c.tether(&["appliance", "revoke", "app-3"]).unwrap();
+    broker
+        .wait_metric("tether_allowlist_version", (version + 1) as f64)
+        .await;
+    assert!(
+        !c.fleet.control.log_contains("full snapshot"),
+        "the broker resumed without a snapshot"
+    );
+    assert!(!c.fleet.control.log_contains("diverged"));
+    assert_eq!(pg.allowlist_version().await.unwrap(), version + 1);
+    pg.close().await;
+    drop(c);
+    db.drop_db().await;
+}

@@ -69,10 +69,10 @@
 //! This file holds the connection and the [`Store`] implementation; its helpers are in
 //! private submodules by concern: `sql/trust.rs` (allowlist changes and the versioned
 //! commit of a trust-changing transaction), `sql/audit.rs` (appending to the audit log
-//! and reading entries and checkpoints back), `sql/rows.rs` (rows to the store's
-//! types), `sql/replicas.rs` (the replica registry) and `sql/jobs.rs` (periodic jobs'
-//! lease rows and pruning), `sql/receipts.rs` (idempotent enrollment and
-//! renewal).
+//! and reading entries and checkpoints back), `sql/rows.rs` (rows to the store's types),
+//! `sql/replicas.rs` (the replica registry), `sql/jobs.rs` (periodic jobs' lease rows and
+//! pruning) and `sql/receipts.rs` (idempotent enrollment and renewal). [`copy`] is public:
+//! `store copy` from SQLite to PostgreSQL.
 
 use std::fmt;
 use std::path::Path;
@@ -93,6 +93,7 @@ use super::{
 };
 
 mod audit;
+pub mod copy;
 mod jobs;
 mod receipts;
 mod replicas;
@@ -107,6 +108,7 @@ use rows::{
     appliance_from_row, broker_from_row, cert_from_row, delta_from_row, invite_from_row,
     parse_operator_status, parse_role, status_str, APPLIANCE_COLUMNS, BROKER_COLUMNS, CERT_COLUMNS,
 };
+pub(crate) use trust::version_digest;
 use trust::{
     allowable_from_row, allowed_certs, appliance_status, commit_trust_change, pending, set_allowed,
 };
