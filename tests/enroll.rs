@@ -311,3 +311,111 @@ async fn enrollment_attacks_are_refused_with_specific_codes() {
     );
     control(&["audit", "verify", "--data-dir", d]);
 }
+
+/// The audit entries of `fleet` as JSON.
+fn audit_entries(fleet: &Fleet) -> Vec<serde_json::Value> {
+    control(&[
+        "audit",
+        "list",
+        "--data-dir",
+        fleet.data.to_str().unwrap(),
+        "--limit",
+        "1000",
+    ])
+    .lines()
+    .map(|l| serde_json::from_str(l).unwrap())
+    .collect()
+}
+
+fn token_body(nonce: &str, csr: &str, token: &str, id: &str) -> serde_json::Value {
+    json!({"appliance_id": id, "csr_pem": csr, "nonce": nonce, "proof": {"kind": "token", "token": token}})
+}
+
+/// Issue 17: an enrollment whose answer was lost (a replica crashed after the commit, a
+/// connection dropped) is retried with a fresh nonce, the same token and the same key,
+/// and gets the same certificate; the token is redeemed once.
+#[tokio::test]
+async fn enrollment_retry_with_the_same_key_gets_the_same_certificate() {
+    let fleet = Fleet::new();
+    let token = fleet.token("app-1");
+    let (_, csr) = tether_agent::enroll::key_and_csr("app-1").unwrap();
+    let n = fleet.nonce().await;
+    let (s, first) = fleet
+        .post("/v1/enroll", token_body(&n, &csr, &token, "app-1"))
+        .await;
+    assert_eq!(s, 200, "{first}");
+    let n = fleet.nonce().await;
+    let (s, again) = fleet
+        .post("/v1/enroll", token_body(&n, &csr, &token, "app-1"))
+        .await;
+    assert_eq!(s, 200, "{again}");
+    assert_eq!(again["certificate_pem"], first["certificate_pem"]);
+    assert_eq!(again["fingerprint"], first["fingerprint"]);
+    // One certificate recorded, one redemption; the retry is audited as one.
+    let shown = control(&[
+        "appliance",
+        "show",
+        "--data-dir",
+        fleet.data.to_str().unwrap(),
+        "app-1",
+    ]);
+    assert_eq!(shown.matches("cert:").count(), 1, "{shown}");
+    let entries = audit_entries(&fleet);
+    let count = |action: &str, retry: bool| {
+        entries
+            .iter()
+            .filter(|e| {
+                e["action"] == action
+                    && e["outcome"] == "success"
+                    && (e["details"]["retry"] == true) == retry
+            })
+            .count()
+    };
+    assert_eq!(count("token.redeem", false), 1);
+    assert_eq!(count("appliance.enroll", false), 1);
+    assert_eq!(count("appliance.enroll", true), 1);
+}
+
+/// The rule the idempotent retry must not weaken: a token enrolls one key. Whoever else
+/// holds it, with any other key, is refused `token_used`, before or after the owner's
+/// retry; and once the certificate is revoked even the same key gets no copy of it.
+#[tokio::test]
+async fn enrollment_token_is_single_use_for_any_other_key() {
+    let fleet = Fleet::new();
+    let token = fleet.token("app-1");
+    let (_, csr) = tether_agent::enroll::key_and_csr("app-1").unwrap();
+    let (_, thief_csr) = tether_agent::enroll::key_and_csr("app-1").unwrap();
+    let n = fleet.nonce().await;
+    let (s, first) = fleet
+        .post("/v1/enroll", token_body(&n, &csr, &token, "app-1"))
+        .await;
+    assert_eq!(s, 200, "{first}");
+    let n = fleet.nonce().await;
+    let (s, v) = fleet
+        .post("/v1/enroll", token_body(&n, &thief_csr, &token, "app-1"))
+        .await;
+    assert_eq!((s, v["error"].as_str()), (403, Some("token_used")), "{v}");
+    assert!(v.get("certificate_pem").is_none());
+    // The same key under another appliance's name: the token is not that appliance's.
+    let n = fleet.nonce().await;
+    let (s, v) = fleet
+        .post("/v1/enroll", token_body(&n, &csr, &token, "app-2"))
+        .await;
+    assert_eq!(
+        (s, v["error"].as_str()),
+        (403, Some("token_wrong_appliance"))
+    );
+    // Revoked: the retry gets nothing back.
+    control(&[
+        "appliance",
+        "revoke",
+        "--data-dir",
+        fleet.data.to_str().unwrap(),
+        "app-1",
+    ]);
+    let n = fleet.nonce().await;
+    let (s, v) = fleet
+        .post("/v1/enroll", token_body(&n, &csr, &token, "app-1"))
+        .await;
+    assert_eq!((s, v["error"].as_str()), (403, Some("token_used")), "{v}");
+}

@@ -245,3 +245,319 @@ async fn readyz_turns_503_when_the_database_cannot_be_written() {
     assert!(body.starts_with("not ready"), "{body}");
     drop(replica);
 }
+
+/// The lease row of job `name`.
+async fn job(
+    store: &dyn tether_control::store::Store,
+    name: &str,
+) -> tether_control::store::JobRecord {
+    store
+        .jobs()
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|j| j.name == name)
+        .unwrap_or_else(|| panic!("no lease row for {name}"))
+}
+
+/// Append one audit entry a second for `secs` (so every period has something to
+/// checkpoint); returns how long that took.
+async fn append_entries_for(
+    store: &dyn tether_control::store::Store,
+    secs: u64,
+) -> std::time::Duration {
+    use tether_audit::{action, system, Actor, AuditEvent};
+    let started = std::time::Instant::now();
+    let mut tick = tokio::time::interval(std::time::Duration::from_millis(100));
+    while started.elapsed() < std::time::Duration::from_secs(secs) {
+        tick.tick().await;
+        let event = AuditEvent::success(
+            Actor::system(system::LOCAL_ADMIN),
+            action::CONTROL_INIT,
+            "test",
+        );
+        store
+            .append_audit(&event, tether_control::now_unix())
+            .await
+            .unwrap();
+    }
+    started.elapsed()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn periodic_jobs_run_once_per_period_across_three_replicas() {
+    use tether_control::jobs::{AUDIT_CHECKPOINT, OVERLAP_SWEEP};
+    use tether_control::store::Store;
+    let db = PgDb::create().await;
+    let mut fleet = Fleet::with_init(
+        &["--database-url", &db.url],
+        "[audit]\ncheckpoint_every = \"1s\"\n[enroll]\noverlap_sweep = \"1s\"\n",
+    );
+    let mut replicas = Vec::new();
+    for i in 2..=3 {
+        let dir = fleet.data.parent().unwrap().join(format!("replica-{i}"));
+        copy_dir(&fleet.data, &dir);
+        let proc = serve(&dir);
+        replicas.push((dir, Some(proc)));
+    }
+    let id_of = |dir: &Path| {
+        std::fs::read_to_string(dir.join("replica.id"))
+            .unwrap()
+            .trim()
+            .to_owned()
+    };
+    let store = tether_control::store::sql::SqlStore::connect(&db.url)
+        .await
+        .unwrap();
+
+    // A renewal overlap that ends while the replicas run: one sweep removes it.
+    let now = tether_control::now_unix();
+    let app = tether_control::store::Appliance {
+        id: "edge-overlap".into(),
+        tenant: "acme".into(),
+        binding: tether_api::appliances::PlatformBinding::TokenOnly,
+        status: tether_api::appliances::ApplianceStatus::Active,
+        manual_renewal_generation: 0,
+        created_at: now,
+    };
+    let event = |a| {
+        tether_audit::AuditEvent::success(
+            tether_audit::Actor::system(tether_audit::system::LOCAL_ADMIN),
+            a,
+            "edge-overlap",
+        )
+    };
+    store
+        .register_appliance(&app, &event(tether_audit::action::APPLIANCE_REGISTER))
+        .await
+        .unwrap();
+    for (n, overlap) in [(1u8, 0), (2, 2)] {
+        let cert = tether_control::store::CertRecord {
+            serial: format!("{n:02x}"),
+            appliance_id: app.id.clone(),
+            fingerprint: format!("{n:02x}").repeat(32),
+            not_before: now,
+            not_after: now + 86_400,
+            state: tether_control::store::CertState::Current,
+        };
+        store
+            .record_certificate(
+                &cert,
+                now,
+                overlap,
+                &event(tether_audit::action::APPLIANCE_ENROLL),
+            )
+            .await
+            .unwrap();
+    }
+
+    // Three replicas, one-second periods: about one checkpoint a second, not three.
+    let before = job(&store, AUDIT_CHECKPOINT).await.epoch;
+    let sweeps_before = job(&store, OVERLAP_SWEEP).await.epoch;
+    let checkpoints_before = store.audit_checkpoints(0, 0).await.unwrap().len();
+    let took = append_entries_for(&store, 6).await.as_secs_f64();
+    let claims = job(&store, AUDIT_CHECKPOINT).await.epoch - before;
+    let sweeps = job(&store, OVERLAP_SWEEP).await.epoch - sweeps_before;
+    let signed = store.audit_checkpoints(0, 0).await.unwrap().len() - checkpoints_before;
+    let most = took.ceil() as i64 + 1;
+    assert!(
+        (2..=most).contains(&claims),
+        "{claims} checkpoint claims in {took:.1} s: one per period across replicas"
+    );
+    assert!(
+        (2..=most).contains(&sweeps),
+        "{sweeps} overlap sweeps in {took:.1} s"
+    );
+    assert!(
+        signed as i64 <= claims && signed >= 2,
+        "{signed} checkpoints signed for {claims} claims"
+    );
+    let entries = store.audit_entries(0, 0).await.unwrap();
+    let expiries = entries
+        .iter()
+        .filter(|e| e.action == tether_audit::action::ALLOWLIST_EXPIRE_OVERLAPS)
+        .count();
+    assert_eq!(
+        expiries, 1,
+        "the ended overlap is removed by exactly one sweep"
+    );
+
+    // Kill the replica that holds the checkpoint lease: the others carry on.
+    let holder = job(&store, AUDIT_CHECKPOINT).await.last_run_by.unwrap();
+    let mut killed = false;
+    if id_of(&fleet.data) == holder {
+        fleet.control.child.kill().unwrap();
+        fleet.control.child.wait().unwrap();
+        killed = true;
+    }
+    for (dir, proc) in &mut replicas {
+        if id_of(dir) == holder {
+            let mut p = proc.take().unwrap();
+            p.child.kill().unwrap();
+            p.child.wait().unwrap();
+            killed = true;
+        }
+    }
+    assert!(
+        killed,
+        "the lease holder {holder} is one of the three replicas"
+    );
+    let before = job(&store, AUDIT_CHECKPOINT).await.epoch;
+    let checkpoints_before = store.audit_checkpoints(0, 0).await.unwrap().len();
+    let took = append_entries_for(&store, 4).await.as_secs_f64();
+    let after = job(&store, AUDIT_CHECKPOINT).await;
+    let claims = after.epoch - before;
+    assert!(
+        (2..=took.ceil() as i64 + 1).contains(&claims),
+        "{claims} checkpoint claims in {took:.1} s after the kill"
+    );
+    assert_ne!(
+        after.last_run_by.as_deref(),
+        Some(holder.as_str()),
+        "a survivor took over"
+    );
+    assert!(store.audit_checkpoints(0, 0).await.unwrap().len() >= checkpoints_before + 2);
+    // The log and its checkpoints, signed by three replicas, verify as one history.
+    audit_export_verifies(&fleet.data, &fleet.root);
+    store.close().await;
+    drop(replicas);
+    drop(fleet);
+    db.drop_db().await;
+}
+
+/// `tether-control audit export` of `data`'s database, then `tether audit verify` of the
+/// file against `root`: the chain and every checkpoint's signature.
+fn audit_export_verifies(data: &Path, root: &Path) {
+    let out = data.parent().unwrap().join("audit-export.jsonl");
+    control(&[
+        "audit",
+        "export",
+        "--data-dir",
+        data.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    let verified = Command::new(bin("tether"))
+        .args(["audit", "verify"])
+        .arg(&out)
+        .arg("--ca")
+        .arg(root)
+        .output()
+        .unwrap();
+    assert!(
+        verified.status.success(),
+        "tether audit verify: {} {}",
+        String::from_utf8_lossy(&verified.stdout),
+        String::from_utf8_lossy(&verified.stderr)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_store_copies_to_postgres_intact() {
+    use tether_control::store::Store;
+    let db = PgDb::create().await;
+    // A fleet on SQLite with a broker following control: enrollments, a revocation, a
+    // renewal request, a checkpoint.
+    let mut c = common::cluster::Cluster::new("");
+    let broker = c.add_broker("b1");
+    c.wait_brokers_up(1).await;
+    for id in ["app-1", "app-2", "app-3"] {
+        c.enroll(id);
+    }
+    c.tether(&["appliance", "revoke", "app-2"]).unwrap();
+    c.tether(&["appliance", "renew", "app-3"]).unwrap();
+    let data = c.fleet.data.clone();
+    let d = data.to_str().unwrap();
+    control(&["audit", "checkpoint", "--data-dir", d]);
+    let sqlite_url = tether_control::store::sql::SqlStore::sqlite_url(&data.join("control.db"));
+    let version = {
+        let s = tether_control::store::sql::SqlStore::connect(&sqlite_url)
+            .await
+            .unwrap();
+        let v = s.allowlist_version().await.unwrap();
+        s.close().await;
+        v
+    };
+    assert!(
+        version >= 4,
+        "three enrollments and a revocation: {version}"
+    );
+    broker
+        .wait_metric("tether_allowlist_version", version as f64)
+        .await;
+
+    // Control stops; the store moves; control starts again on PostgreSQL.
+    c.kill_control();
+    let from = format!("sqlite:{d}");
+    // Refused: a target that is not PostgreSQL, a source that is not a data directory.
+    for (args, says) in [
+        (vec!["--from", &from, "--to", "sqlite://x.db"], "PostgreSQL"),
+        (vec!["--from", d, "--to", &db.url], "sqlite:DIR"),
+    ] {
+        let out = Command::new(bin("tether-control"))
+            .args(["store", "copy"])
+            .args(&args)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.contains(says), "{err}");
+    }
+    let said = control(&["store", "copy", "--from", &from, "--to", &db.url]);
+    assert!(said.contains("audit log verified"), "{said}");
+    // Never into a database that holds something.
+    let out = Command::new(bin("tether-control"))
+        .args(["store", "copy", "--from", &from, "--to", &db.url])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("not empty"), "{err}");
+
+    // Byte for byte: the audit log, the allowlist, its digests.
+    let (sqlite, pg) = (
+        tether_control::store::sql::SqlStore::connect(&sqlite_url)
+            .await
+            .unwrap(),
+        tether_control::store::sql::SqlStore::connect(&db.url)
+            .await
+            .unwrap(),
+    );
+    assert_eq!(
+        pg.audit_entries(0, 0).await.unwrap(),
+        sqlite.audit_entries(0, 0).await.unwrap()
+    );
+    assert_eq!(
+        pg.audit_checkpoints(0, 0).await.unwrap(),
+        sqlite.audit_checkpoints(0, 0).await.unwrap()
+    );
+    assert_eq!(
+        pg.allowlist_snapshot().await.unwrap(),
+        sqlite.allowlist_snapshot().await.unwrap()
+    );
+    assert_eq!(
+        pg.allowlist_digests(0, version).await.unwrap(),
+        sqlite.allowlist_digests(0, version).await.unwrap()
+    );
+    sqlite.close().await;
+
+    common::control::merge_config(&data, &format!("database_url = \"{}\"\n", db.url));
+    c.restart_control();
+    // `tether audit verify` passes on the copy (exported by the replica's data dir, now on
+    // PostgreSQL).
+    audit_export_verifies(&data, &c.fleet.root);
+    // The broker resumes from its version: a new revocation reaches it as a delta, and
+    // control never sent it a snapshot nor saw another history.
+    c.wait_brokers_up(1).await;
+    c.tether(&["appliance", "revoke", "app-3"]).unwrap();
+    broker
+        .wait_metric("tether_allowlist_version", (version + 1) as f64)
+        .await;
+    assert!(
+        !c.fleet.control.log_contains("full snapshot"),
+        "the broker resumed without a snapshot"
+    );
+    assert!(!c.fleet.control.log_contains("diverged"));
+    assert_eq!(pg.allowlist_version().await.unwrap(), version + 1);
+    pg.close().await;
+    drop(c);
+    db.drop_db().await;
+}

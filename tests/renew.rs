@@ -534,3 +534,42 @@ async fn a_renewal_torn_by_a_crash_is_undone_from_the_previous_credential() {
     .expect("connected with the renewed certificate");
     assert_eq!(row["fingerprint"], renewed.as_str());
 }
+
+/// Issue 17: a renewal whose answer was lost is retried with the same certificate and
+/// the same new key and gets the same certificate (no second one, no second allowlist
+/// version); a new key is a new renewal.
+#[tokio::test]
+async fn renewal_retry_with_the_same_key_gets_the_same_certificate() {
+    let fleet = Fleet::new();
+    let state = fleet.data.parent().unwrap().join("agent-app-1");
+    fleet
+        .enroll("app-1", &fleet.token("app-1"), &state)
+        .unwrap();
+    let same = csr("app-1");
+    let (s, first) = post_as(&fleet, Some(&state), "/v1/renew", json!({"csr_pem": same}))
+        .await
+        .unwrap();
+    assert_eq!(s, 200, "{first}");
+    let (s, again) = post_as(&fleet, Some(&state), "/v1/renew", json!({"csr_pem": same}))
+        .await
+        .unwrap();
+    assert_eq!(s, 200, "{again}");
+    assert_eq!(again["certificate_pem"], first["certificate_pem"]);
+    let shown = show(&fleet, "app-1");
+    assert_eq!(
+        shown.matches("cert:").count(),
+        2,
+        "the enrolled certificate and one renewal: {shown}"
+    );
+    // Another key: a renewal of its own.
+    let (s, other) = post_as(
+        &fleet,
+        Some(&state),
+        "/v1/renew",
+        json!({"csr_pem": csr("app-1")}),
+    )
+    .await
+    .unwrap();
+    assert_eq!(s, 200, "{other}");
+    assert_ne!(other["fingerprint"], first["fingerprint"]);
+}

@@ -35,6 +35,8 @@
 //!   versioned allowlist and the audit log.
 //! - [`http`] — the HTTPS API: router, handlers, server, rate limit, OpenAPI.
 //! - [`cluster`] — one channel per broker, presence, command routing.
+//! - [`jobs`] — periodic work (overlap sweep, audit checkpoints, pruning), claimed once
+//!   per period across replicas through a lease row on the database's clock.
 //! - [`metrics`] — Prometheus metrics on a local listener.
 //! - [`config`] — `control.toml` in the data directory.
 //! - [`run`] — wiring: init a data directory, bind, serve.
@@ -45,6 +47,7 @@ pub mod cluster;
 pub mod config;
 pub mod domain;
 pub mod http;
+pub mod jobs;
 pub mod metrics;
 pub mod run;
 pub mod store;

@@ -1,7 +1,7 @@
 //! Wiring: running control as a library. [`init`] makes a data directory,
 //! [`Started::bind`] opens it (config, store, CA, proof verifiers, cluster) and binds its
 //! listeners, [`Started::serve`] serves until cancelled (the HTTP server, the metrics
-//! listener, the overlap sweep and audit checkpoints). The `tether-control` binary and
+//! listener, the replica heartbeat and the periodic jobs of [`crate::jobs`]). The `tether-control` binary and
 //! `tether up` both go through here.
 
 use std::net::SocketAddr;
@@ -202,7 +202,9 @@ impl Started {
         self.metrics_listener.local_addr()
     }
 
-    /// Serve until `shutdown`: the API, metrics, the overlap sweep and audit checkpoints.
+    /// Serve until `shutdown`: the API, metrics, the heartbeat and the periodic jobs
+    /// ([`crate::jobs`]: overlap sweep, audit checkpoints, pruning), each claimed once per
+    /// period across the replicas sharing the database.
     pub async fn serve(self, shutdown: CancellationToken) -> anyhow::Result<()> {
         let Started {
             state,
@@ -238,24 +240,24 @@ impl Started {
                 tracing::error!(error = %e, "metrics listener failed");
             }
         });
+        let replica_id = replica.id.clone();
         tokio::spawn(replica::heartbeat_forever(
             state.domain.store.clone(),
             replica,
             shutdown.clone(),
         ));
-        tokio::spawn(crate::domain::renew::expire_overlaps_forever(
-            state.domain.store.clone(),
-            config.enroll.overlap_sweep,
-            shutdown.clone(),
-        ));
         let signer = crate::domain::audit::checkpoint_signer(&state.domain.ca)
             .context("the control certificate cannot sign audit checkpoints")?;
-        tokio::spawn(crate::domain::audit::checkpoint_forever(
+        crate::jobs::spawn_all(
             state.domain.store.clone(),
+            &replica_id,
             Arc::new(signer),
-            config.audit.checkpoint_every,
-            shutdown.clone(),
-        ));
+            crate::jobs::JobPeriods {
+                overlap_sweep: config.enroll.overlap_sweep,
+                audit_checkpoint: config.audit.checkpoint_every,
+            },
+            &shutdown,
+        );
         crate::http::server::serve(state, listener, shutdown).await
     }
 }

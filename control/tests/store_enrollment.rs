@@ -8,7 +8,9 @@ mod common;
 use std::collections::BTreeSet;
 
 use tether_api::appliances::ApplianceStatus;
-use tether_control::store::{CertRecord, CertState, Store, StoreError, TokenRefusal};
+use tether_control::store::{
+    CertRecord, CertState, Issue, Receipt, ReceiptKind, Store, StoreError, TokenRefusal,
+};
 
 use common::*;
 
@@ -24,6 +26,8 @@ on_both_backends!(
     duplicate_certificate_changes_nothing,
     expire_overlaps_removes_ended_windows_once,
     current_and_found_certificates,
+    token_redemption_and_certificate_commit_together,
+    a_receipt_answers_only_the_same_key_while_current,
 );
 
 async fn token_is_redeemed_once_by_its_appliance(db: &TestDb) {
@@ -181,8 +185,10 @@ async fn expired_single_use_values_are_pruned(db: &TestDb) {
     s.record_proof("k8s", "fresh", NOW + 1000).await.unwrap();
     s.create_nonce("old", NOW + 10).await.unwrap();
     s.create_nonce("fresh", NOW + 1000).await.unwrap();
-    s.consume_nonce("fresh", NOW + 11).await.unwrap(); // prunes what expired before NOW + 11
-                                                       // The expired proof id is forgotten (its proof is expired anyway); the fresh one is not.
+    s.consume_nonce("fresh", NOW + 11).await.unwrap();
+    // The nonce_prune job's call: what expired before NOW + 11 goes (one nonce, one proof).
+    assert_eq!(s.prune_single_use(NOW + 11).await.unwrap(), 2);
+    // The expired proof id is forgotten (its proof is expired anyway); the fresh one is not.
     s.record_proof("k8s", "old", NOW + 10).await.unwrap();
     assert!(matches!(
         s.record_proof("k8s", "fresh", NOW + 1000).await,
@@ -538,4 +544,124 @@ async fn current_and_found_certificates(db: &TestDb) {
         s.current_certificates().await.unwrap(),
         vec![b1_2.clone(), a1.clone(), b2_2.clone()]
     );
+}
+
+fn receipt(kind: ReceiptKind, subject: &str, key: &str, expires_at: i64) -> Receipt {
+    Receipt {
+        kind,
+        subject: subject.into(),
+        csr_key_sha256: key.into(),
+        chain_pem: format!("chain for {key}"),
+        expires_at,
+    }
+}
+
+async fn token_redemption_and_certificate_commit_together(db: &TestDb) {
+    let s = &db.store;
+    register(s, "edge-1").await;
+    s.create_token("edge-1", "hash-1", NOW + 3600, NOW, &ev())
+        .await
+        .unwrap();
+    // The read-only check redeems nothing.
+    s.check_token("edge-1", "hash-1", NOW).await.unwrap();
+    s.check_token("edge-1", "hash-1", NOW).await.unwrap();
+    assert!(matches!(
+        s.check_token("edge-2", "hash-1", NOW).await,
+        Err(StoreError::Token(TokenRefusal::WrongAppliance))
+    ));
+    let c1 = cert("edge-1", 1);
+    let r1 = receipt(ReceiptKind::Enroll, "hash-1", "key-a", NOW + 300);
+    let (redeemed, enrolled) = (ev(), ev());
+    let issue = Issue {
+        cert: &c1,
+        overlap_secs: 0,
+        audit: &enrolled,
+        token: Some(("hash-1", &redeemed)),
+        receipt: Some(&r1),
+    };
+    let entries = s.audit_entries(0, 0).await.unwrap().len();
+    assert_eq!(
+        s.record_issued(&issue, NOW).await.unwrap(),
+        vec![delta(1, &c1, true)]
+    );
+    assert_eq!(
+        s.audit_entries(0, 0).await.unwrap().len(),
+        entries + 2,
+        "the redemption's entry and the enrollment's, in one transaction"
+    );
+    assert!(matches!(
+        s.check_token("edge-1", "hash-1", NOW + 1).await,
+        Err(StoreError::Token(TokenRefusal::AlreadyUsed))
+    ));
+    // A second issuance on the used token changes nothing: no certificate, no entry.
+    let c2 = cert("edge-1", 2);
+    let r2 = receipt(ReceiptKind::Enroll, "hash-1", "key-b", NOW + 300);
+    let issue = Issue {
+        cert: &c2,
+        receipt: Some(&r2),
+        ..issue
+    };
+    assert!(matches!(
+        s.record_issued(&issue, NOW + 1).await,
+        Err(StoreError::Token(TokenRefusal::AlreadyUsed))
+    ));
+    assert_eq!(s.audit_entries(0, 0).await.unwrap().len(), entries + 2);
+    assert_eq!(s.certificates("edge-1").await.unwrap().len(), 1);
+    assert_eq!(s.allowlist_version().await.unwrap(), 1);
+}
+
+async fn a_receipt_answers_only_the_same_key_while_current(db: &TestDb) {
+    let s = &db.store;
+    register(s, "edge-1").await;
+    let c1 = cert("edge-1", 1);
+    let r1 = receipt(ReceiptKind::Renew, "presented", "key-a", NOW + 300);
+    let audit = ev();
+    let issue = Issue {
+        cert: &c1,
+        overlap_secs: DAY,
+        audit: &audit,
+        token: None,
+        receipt: Some(&r1),
+    };
+    s.record_issued(&issue, NOW).await.unwrap();
+    let (found, c) = s
+        .find_receipt(ReceiptKind::Renew, "presented", "key-a", NOW + 1)
+        .await
+        .unwrap()
+        .expect("the same request and key");
+    assert_eq!(found, r1);
+    assert_eq!(c.serial, c1.serial);
+    // Another key, another kind, another subject, or too late: nothing.
+    for (kind, subject, key, at) in [
+        (ReceiptKind::Renew, "presented", "key-b", NOW + 1),
+        (ReceiptKind::Enroll, "presented", "key-a", NOW + 1),
+        (ReceiptKind::Renew, "other", "key-a", NOW + 1),
+        (ReceiptKind::Renew, "presented", "key-a", NOW + 300),
+    ] {
+        assert!(s
+            .find_receipt(kind, subject, key, at)
+            .await
+            .unwrap()
+            .is_none());
+    }
+    // A concurrent retry of the same request and key that recorded second is refused
+    // whole (its certificate never recorded).
+    let c2 = cert("edge-1", 2);
+    let issue2 = Issue { cert: &c2, ..issue };
+    assert!(matches!(
+        s.record_issued(&issue2, NOW + 2).await,
+        Err(StoreError::Replay(_))
+    ));
+    assert_eq!(s.certificates("edge-1").await.unwrap().len(), 1);
+    // Revoked since: the receipt no longer answers.
+    s.set_status("edge-1", ApplianceStatus::Revoked, NOW + 3, &ev())
+        .await
+        .unwrap();
+    assert!(s
+        .find_receipt(ReceiptKind::Renew, "presented", "key-a", NOW + 4)
+        .await
+        .unwrap()
+        .is_none());
+    // Pruned once expired.
+    assert!(s.prune_single_use(NOW + 301).await.unwrap() >= 1);
 }

@@ -6,6 +6,7 @@
 //! - [`appliance`] — `appliance …`, `token create`, `fleet trust`, `allowlist export`.
 //! - [`bundles`] — `operator invite`, `broker add`.
 //! - [`audit`] — `audit list|verify|checkpoint|export`.
+//! - [`store`] — `store copy`.
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -22,6 +23,7 @@ mod appliance;
 mod audit;
 mod bundles;
 mod serve;
+mod store;
 
 #[derive(Debug, Args)]
 pub struct DataDir {
@@ -93,6 +95,9 @@ pub enum Cmd {
     /// Control replicas sharing one database.
     #[command(subcommand)]
     Replica(ReplicaCmd),
+    /// The store as a whole (moving it to another database).
+    #[command(subcommand)]
+    Store(StoreCmd),
     /// Administer appliances.
     #[command(subcommand)]
     Appliance(ApplianceCmd),
@@ -128,6 +133,25 @@ pub enum ReplicaCmd {
         /// `answered_by`).
         #[arg(long)]
         json: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum StoreCmd {
+    /// Copy a SQLite store into a new, empty PostgreSQL database, for control replicas:
+    /// every table in one transaction, the audit log byte for byte; then verify the copy
+    /// (the audit chain and checkpoints as `tether audit verify` checks them, the
+    /// allowlist, the digest chain). Stop tether-control on the source first: a change
+    /// during the copy refuses it. Nothing is written unless the copy verifies.
+    Copy {
+        /// The source: `sqlite:DIR`, DIR being the data directory (control.toml, ca/,
+        /// control.db).
+        #[arg(long, value_name = "sqlite:DIR")]
+        from: String,
+        /// The target PostgreSQL database (it must exist and be empty; the schema is
+        /// created).
+        #[arg(long, value_name = "postgres://…")]
+        to: String,
     },
 }
 
@@ -328,6 +352,7 @@ pub async fn run(cmd: Cmd) -> anyhow::Result<()> {
         Cmd::Replica(ReplicaCmd::List { database_url, json }) => {
             serve::replica_list(&database_url, json).await
         }
+        Cmd::Store(StoreCmd::Copy { from, to }) => store::copy(&from, &to).await,
         Cmd::Appliance(cmd) => appliance::appliance(cmd, now).await,
         Cmd::Token(TokenCmd::Create { dir, id, ttl }) => {
             appliance::token_create(&dir.data_dir, &id, ttl, now).await

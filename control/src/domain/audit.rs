@@ -8,13 +8,13 @@
 //!   checkpoint extend it (so control never vouches for a history that does not contain
 //!   what it vouched for before), and writes nothing when no entry is new.
 //!   `tether-control serve` calls it every `[audit] checkpoint_every`
-//!   ([`checkpoint_forever`]); `tether-control audit checkpoint` once.
+//!   ([`checkpoint_now`], the `audit_checkpoint` job of `crate::jobs`, on one replica
+//!   per period); `tether-control audit checkpoint` once.
 //! - [`write_export`] writes the whole log and its checkpoints in the export format
 //!   ([`tether_audit::export`]), for `tether-control audit export`.
 
 use std::collections::VecDeque;
 use std::io::Write;
-use std::sync::Arc;
 use std::time::Duration;
 
 use tether_audit::checkpoint::{Checkpoint, CheckpointSigner, SignError};
@@ -25,7 +25,6 @@ use tether_audit::{ChainError, ChainVerifier};
 use crate::domain::internal;
 use crate::store::sql::DEFAULT_AUDIT_LIMIT;
 use thiserror::Error;
-use tokio_util::sync::CancellationToken;
 
 use crate::domain::ca::Ca;
 use crate::store::{Store, StoreError};
@@ -143,29 +142,18 @@ pub async fn write_checkpoint(
     Ok(Some(cp))
 }
 
-/// Write a checkpoint every `every` until `shutdown` (and once right away). A log that
-/// no longer extends the last checkpoint is logged at error level and not signed.
-pub async fn checkpoint_forever(
-    store: Arc<dyn Store>,
-    signer: Arc<CheckpointSigner>,
-    every: Duration,
-    shutdown: CancellationToken,
-) {
-    loop {
-        match write_checkpoint(store.as_ref(), &signer, crate::now_unix()).await {
-            Ok(Some(cp)) => {
-                tracing::info!(seq = cp.seq, head = %cp.head_hash, "audit checkpoint signed")
-            }
-            Ok(None) => {}
-            Err(e @ WriteCheckpointError::Tampered { .. }) => {
-                tracing::error!(error = %e, "audit log tampered with; not signing a checkpoint")
-            }
-            Err(e) => tracing::warn!(error = %e, "cannot write an audit checkpoint; will retry"),
+/// Write a checkpoint of the head at `now`, logging the outcome. A log that no longer
+/// extends the last checkpoint is logged at error level and not signed.
+pub async fn checkpoint_now(store: &dyn Store, signer: &CheckpointSigner, now: i64) {
+    match write_checkpoint(store, signer, now).await {
+        Ok(Some(cp)) => {
+            tracing::info!(seq = cp.seq, head = %cp.head_hash, "audit checkpoint signed")
         }
-        tokio::select! {
-            _ = tokio::time::sleep(every) => {}
-            _ = shutdown.cancelled() => return,
+        Ok(None) => {}
+        Err(e @ WriteCheckpointError::Tampered { .. }) => {
+            tracing::error!(error = %e, "audit log tampered with; not signing a checkpoint")
         }
+        Err(e) => tracing::warn!(error = %e, "cannot write an audit checkpoint; will retry"),
     }
 }
 

@@ -35,7 +35,7 @@ use tether_identity::ApplianceId;
 use crate::domain::proof::Verified;
 use crate::domain::token::Token;
 use crate::domain::{internal, record_refusal, rfc3339, Context, Error, ErrorKind};
-use crate::store::{CertRecord, CertState, StoreError, TokenRefusal};
+use crate::store::{CertRecord, CertState, Issue, Receipt, ReceiptKind, StoreError, TokenRefusal};
 
 /// Default lifetime of an enrollment nonce: 5 minutes.
 pub const DEFAULT_NONCE_TTL: Duration = Duration::from_secs(300);
@@ -225,33 +225,49 @@ async fn enroll_checked(
         }
         Err(e) => return Err(internal(e)),
     }
-    s.ca.check_csr(&req.csr_pem)
-        .map_err(|e| refused(ErrorKind::BadRequest, e.code(), e.to_string()))?;
+    let csr_key =
+        s.ca.check_csr(&req.csr_pem)
+            .map_err(|e| refused(ErrorKind::BadRequest, e.code(), e.to_string()))?
+            .key_sha256();
+    let audit = AuditEvent::success(Actor::appliance(id), action::APPLIANCE_ENROLL, id)
+        .with("proof_kind", req.proof.kind());
     match &req.proof {
         Proof::Token { token } => {
             let hash = Token::from_secret(token).hash();
-            let redeemed = AuditEvent::success(Actor::appliance(id), action::TOKEN_REDEEM, id)
-                .with("token_ref", audit::token_ref(&hash));
-            match s.store.redeem_token(id, &hash, now, &redeemed).await {
+            let retry = Retry {
+                kind: ReceiptKind::Enroll,
+                subject: &hash,
+                csr_key_sha256: csr_key,
+            };
+            match s.store.check_token(id, &hash, now).await {
                 Ok(()) => {}
-                Err(StoreError::Token(r)) => {
-                    let (code, msg) = match r {
-                        TokenRefusal::Unknown => ("token_unknown", "no such enrollment token"),
-                        TokenRefusal::WrongAppliance => (
-                            "token_wrong_appliance",
-                            "the token was issued for another appliance",
-                        ),
-                        TokenRefusal::Expired => {
-                            ("token_expired", "the token expired; create a new one")
-                        }
-                        TokenRefusal::AlreadyUsed => {
-                            ("token_used", "the token was already used; create a new one")
-                        }
-                    };
-                    return Err(refused(ErrorKind::Forbidden, code, msg.into()));
+                Err(StoreError::Token(TokenRefusal::AlreadyUsed)) => {
+                    // Used: by this very client, whose answer was lost?
+                    if let Some(answer) = answer_retry(s, &retry, audit, now).await? {
+                        return Ok(answer);
+                    }
+                    return Err(refused_token(TokenRefusal::AlreadyUsed));
                 }
+                Err(StoreError::Token(r)) => return Err(refused_token(r)),
                 Err(e) => return Err(internal(e)),
             }
+            let redeemed = AuditEvent::success(Actor::appliance(id), action::TOKEN_REDEEM, id)
+                .with("token_ref", audit::token_ref(&hash));
+            let how = Recording {
+                token: Some((&hash, redeemed)),
+                retry: Some(retry),
+            };
+            return issue_and_record(
+                s,
+                id,
+                &req.csr_pem,
+                now,
+                0,
+                audit,
+                "appliance enrolled",
+                how,
+            )
+            .await;
         }
         platform => {
             let verified = verify_platform(s, platform, &appliance.binding, &req.nonce, now)
@@ -274,14 +290,98 @@ async fn enroll_checked(
             }
         }
     }
-    let audit = AuditEvent::success(Actor::appliance(id), action::APPLIANCE_ENROLL, id)
-        .with("proof_kind", req.proof.kind());
-    issue_and_record(s, id, &req.csr_pem, now, 0, audit, "appliance enrolled").await
+    issue_and_record(
+        s,
+        id,
+        &req.csr_pem,
+        now,
+        0,
+        audit,
+        "appliance enrolled",
+        Recording::default(),
+    )
+    .await
+}
+
+/// The refusal of a token that cannot be redeemed.
+fn refused_token(r: TokenRefusal) -> Error {
+    let (code, msg) = match r {
+        TokenRefusal::Unknown => ("token_unknown", "no such enrollment token"),
+        TokenRefusal::WrongAppliance => (
+            "token_wrong_appliance",
+            "the token was issued for another appliance",
+        ),
+        TokenRefusal::Expired => ("token_expired", "the token expired; create a new one"),
+        TokenRefusal::AlreadyUsed => ("token_used", "the token was already used; create a new one"),
+    };
+    warn!(code, reason = msg, "enrollment refused");
+    Error::new(ErrorKind::Forbidden, code, msg.to_owned())
+}
+
+/// What a retry of an enrollment or renewal must match: the request and the new key.
+#[derive(Debug)]
+pub(crate) struct Retry<'a> {
+    /// Enrollment (by token) or renewal (by presented certificate).
+    pub kind: ReceiptKind,
+    /// The token's hash or the presented certificate's fingerprint.
+    pub subject: &'a str,
+    /// SHA-256 of the CSR's public key ([`crate::domain::ca::VerifiedCsr::key_sha256`]).
+    pub csr_key_sha256: String,
+}
+
+/// What [`issue_and_record`] records with the certificate, in the same transaction.
+#[derive(Debug, Default)]
+pub(crate) struct Recording<'a> {
+    /// Redeem this token (its hash), with this entry.
+    pub token: Option<(&'a str, AuditEvent)>,
+    /// Keep a receipt so that this retry gets the same certificate.
+    pub retry: Option<Retry<'a>>,
+}
+
+/// If `retry` matches a live receipt whose certificate is still current, answer with
+/// that certificate and record `audit` (with `"retry": true`).
+pub(crate) async fn answer_retry(
+    s: &Context,
+    retry: &Retry<'_>,
+    audit: AuditEvent,
+    now: i64,
+) -> Result<Option<EnrollResponse>, Error> {
+    let Some((receipt, cert)) = s
+        .store
+        .find_receipt(retry.kind, retry.subject, &retry.csr_key_sha256, now)
+        .await
+        .map_err(internal)?
+    else {
+        return Ok(None);
+    };
+    let audit = audit
+        .with("serial", cert.serial.as_str())
+        .with("fingerprint", cert.fingerprint.as_str())
+        .with("not_after", cert.not_after)
+        .with("retry", true);
+    s.store.append_audit(&audit, now).await.map_err(internal)?;
+    info!(
+        appliance = %cert.appliance_id,
+        serial = %cert.serial,
+        "retry with the same key: the certificate recorded for it is answered again"
+    );
+    Ok(Some(EnrollResponse {
+        appliance_id: cert.appliance_id.clone(),
+        certificate_pem: receipt.chain_pem,
+        expires_at: rfc3339(cert.not_after),
+        ca_pem: s.ca.root_pem(),
+        brokers: crate::domain::brokers::addresses(&s.registry()).await,
+        fingerprint: cert.fingerprint,
+        not_after: cert.not_after,
+    }))
 }
 
 /// Issue a certificate for appliance `id` from `csr_pem` (already checked), record it as
 /// the current one (the previous stays allowed for `overlap_secs`) together with `audit`
-/// (serial, fingerprint and `not_after` added to its details), and build the answer.
+/// (serial, fingerprint and `not_after` added to its details) and what `how` asks for,
+/// in one transaction, and build the answer. A concurrent retry that recorded first is
+/// answered with its certificate.
+#[allow(clippy::too_many_arguments)]
 pub(crate) async fn issue_and_record(
     s: &Context,
     id: &str,
@@ -290,6 +390,7 @@ pub(crate) async fn issue_and_record(
     overlap_secs: i64,
     audit: AuditEvent,
     what: &'static str,
+    how: Recording<'_>,
 ) -> Result<EnrollResponse, Error> {
     let ca = s.ca.clone();
     let csr = csr_pem.to_owned();
@@ -318,15 +419,43 @@ pub(crate) async fn issue_and_record(
         not_after: issued.not_after,
         state: CertState::Current,
     };
-    let audit = audit
+    let recorded = audit
+        .clone()
         .with("serial", record.serial.as_str())
         .with("fingerprint", record.fingerprint.as_str())
         .with("not_after", record.not_after);
-    let deltas = s
-        .store
-        .record_certificate(&record, now, overlap_secs, &audit)
-        .await
-        .map_err(internal)?;
+    let receipt = how.retry.as_ref().map(|r| Receipt {
+        kind: r.kind,
+        subject: r.subject.to_owned(),
+        csr_key_sha256: r.csr_key_sha256.clone(),
+        chain_pem: issued.chain_pem.clone(),
+        expires_at: now.saturating_add(s.settings.enroll.nonce_ttl.as_secs() as i64),
+    });
+    let issue = Issue {
+        cert: &record,
+        overlap_secs,
+        audit: &recorded,
+        token: how.token.as_ref().map(|(hash, event)| (*hash, event)),
+        receipt: receipt.as_ref(),
+    };
+    let deltas = match s.store.record_issued(&issue, now).await {
+        Ok(deltas) => deltas,
+        // A retry of this request with this key recorded first: answer with its
+        // certificate (this one was never recorded, so it is not in the allowlist).
+        Err(e @ (StoreError::Replay(_) | StoreError::Token(TokenRefusal::AlreadyUsed))) => {
+            if let Some(retry) = &how.retry {
+                if let Some(answer) = answer_retry(s, retry, audit, now).await? {
+                    return Ok(answer);
+                }
+            }
+            return Err(match e {
+                StoreError::Token(r) => refused_token(r),
+                other => internal(other),
+            });
+        }
+        Err(StoreError::Token(r)) => return Err(refused_token(r)),
+        Err(e) => return Err(internal(e)),
+    };
     info!(
         appliance = id,
         serial = %issued.serial_hex,

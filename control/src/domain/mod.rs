@@ -37,6 +37,7 @@
 //!   handed to appliances.
 //! - [`replica`] — the replica's id, the check that the database is this CA's, the
 //!   registry heartbeat.
+//! - [`store_copy`] — `store copy`: a SQLite store into PostgreSQL, verified.
 //! - [`exec`] — the checks before a command is routed to an appliance.
 //! - [`audit`] — signing checkpoints of the audit log and exporting it; the format, chain
 //!   and verifier are the `tether-audit` crate's.
@@ -61,6 +62,7 @@ pub mod operators;
 pub mod proof;
 pub mod renew;
 pub mod replica;
+pub mod store_copy;
 pub mod token;
 pub mod trust;
 pub mod tunnel;

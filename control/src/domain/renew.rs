@@ -16,7 +16,7 @@
 //!
 //! The new certificate becomes current; the one presented (and any other current one)
 //! stays allowed for the overlap window (`enroll.renewal_overlap`, default 24 h), after
-//! which [`expire_overlaps_forever`] removes it.
+//! which [`sweep_overlaps`] removes it (the `overlap_sweep` job, `crate::jobs`).
 //!
 //! Audit: a renewal is one `appliance.renew` entry (serial, fingerprint, the presented
 //! `previous_fingerprint`, allowlist version) written with the certificate; a refusal is
@@ -25,18 +25,15 @@
 //! `system/unknown` without one. As for enrollment, a refusal whose entry cannot be
 //! written is still answered, and the failure logged at error.
 
-use std::time::Duration;
-
 use tether_api::appliances::ApplianceStatus;
 use tether_api::enroll::{EnrollResponse, RenewRequest};
 use tether_audit::{self as audit, action, Actor, AuditEvent};
-use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::domain::enroll::issue_and_record;
+use crate::domain::enroll::{answer_retry, issue_and_record, Recording, Retry};
 use crate::domain::identity::{identify, PeerIdentity};
 use crate::domain::{internal, record_refusal, Context, Error, ErrorKind};
-use crate::store::Store;
+use crate::store::{ReceiptKind, Store};
 
 /// Renew the certificate the caller authenticated with. Every refusal is recorded in the
 /// audit log (see the module docs).
@@ -170,11 +167,26 @@ async fn renew_checked(
             ))
         }
     }
-    s.ca.check_csr(&req.csr_pem)
-        .map_err(|e| refused(ErrorKind::BadRequest, e.code(), e.to_string()))?;
+    let csr_key =
+        s.ca.check_csr(&req.csr_pem)
+            .map_err(|e| refused(ErrorKind::BadRequest, e.code(), e.to_string()))?
+            .key_sha256();
     let overlap = s.settings.enroll.renewal_overlap.as_secs() as i64;
     let audit = AuditEvent::success(Actor::appliance(id.clone()), action::APPLIANCE_RENEW, &id)
-        .with("previous_fingerprint", fingerprint);
+        .with("previous_fingerprint", fingerprint.as_str());
+    // The same renewal again (its answer was lost): the same certificate.
+    let retry = Retry {
+        kind: ReceiptKind::Renew,
+        subject: &fingerprint,
+        csr_key_sha256: csr_key,
+    };
+    if let Some(answer) = answer_retry(s, &retry, audit.clone(), now).await? {
+        return Ok(answer);
+    }
+    let how = Recording {
+        token: None,
+        retry: Some(retry),
+    };
     issue_and_record(
         s,
         &id,
@@ -183,29 +195,21 @@ async fn renew_checked(
         overlap,
         audit,
         "appliance renewed",
+        how,
     )
     .await
 }
 
-/// Remove previous certificates whose overlap ended, every `every`, until `shutdown`.
-pub async fn expire_overlaps_forever(
-    store: std::sync::Arc<dyn Store>,
-    every: Duration,
-    shutdown: CancellationToken,
-) {
-    loop {
-        match store.expire_overlaps(crate::now_unix()).await {
-            Ok(d) if !d.is_empty() => info!(
-                removed = d.len(),
-                allowlist_version = d.last().map(|d| d.version),
-                "renewal overlaps ended; previous certificates removed"
-            ),
-            Ok(_) => {}
-            Err(e) => warn!(error = %e, "cannot expire renewal overlaps; will retry"),
-        }
-        tokio::select! {
-            _ = tokio::time::sleep(every) => {}
-            _ = shutdown.cancelled() => return,
-        }
+/// Remove previous certificates whose overlap ended by `now`, logging what went (a
+/// failure is logged; the next period retries).
+pub async fn sweep_overlaps(store: &dyn Store, now: i64) {
+    match store.expire_overlaps(now).await {
+        Ok(d) if !d.is_empty() => info!(
+            removed = d.len(),
+            allowlist_version = d.last().map(|d| d.version),
+            "renewal overlaps ended; previous certificates removed"
+        ),
+        Ok(_) => {}
+        Err(e) => warn!(error = %e, "cannot expire renewal overlaps; will retry"),
     }
 }

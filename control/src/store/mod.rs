@@ -550,6 +550,142 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// Whether this store can write now: on PostgreSQL, that its connection reaches a
     /// primary (`NOT pg_is_in_recovery()`); on SQLite, that the database answers.
     async fn writable(&self) -> Result<bool, StoreError>;
+
+    // Idempotent enrollment and renewal (see `domain::enroll`).
+
+    /// Whether token `token_hash` could be redeemed by `appliance_id` at `now`, without
+    /// redeeming it: `Ok` or `Token(why)`.
+    async fn check_token(
+        &self,
+        appliance_id: &str,
+        token_hash: &str,
+        now: UnixSeconds,
+    ) -> Result<(), StoreError>;
+    /// In one transaction: redeem `issue.token` if any (recording its entry; refused:
+    /// `Token(why)`, nothing changed), record `issue.cert` as
+    /// [`Store::record_certificate`] does with `issue.audit`, and keep `issue.receipt` if
+    /// any (`Replay`, nothing changed, when a live receipt for the same request and key
+    /// exists: a concurrent retry won). Returns the deltas.
+    async fn record_issued(
+        &self,
+        issue: &Issue<'_>,
+        now: UnixSeconds,
+    ) -> Result<Vec<AllowlistDelta>, StoreError>;
+    /// The receipt for (`kind`, `subject`, `csr_key_sha256`) still live at `now`, with
+    /// its certificate, if that certificate is still current and allowed.
+    async fn find_receipt(
+        &self,
+        kind: ReceiptKind,
+        subject: &str,
+        csr_key_sha256: &str,
+        now: UnixSeconds,
+    ) -> Result<Option<(Receipt, CertRecord)>, StoreError>;
+
+    // Periodic jobs (see `crate::jobs`).
+
+    /// Claim periodic job `name` for `by` (a replica id) if it is due on the database's
+    /// clock, scheduling its next run `every_ms` later, in one statement: of all the
+    /// replicas asking, one gets [`JobClaim::Claimed`] per period. A job never seen
+    /// before is due at once; one scheduled further out than `every_ms` (the period was
+    /// shortened) is due too.
+    async fn claim_job(&self, name: &str, every_ms: i64, by: &str) -> Result<JobClaim, StoreError>;
+    /// Every periodic job's lease row, by name.
+    async fn jobs(&self) -> Result<Vec<JobRecord>, StoreError>;
+    /// Forget replicas whose heartbeat is more than `silent_secs` old (the database's
+    /// clock); returns how many.
+    async fn prune_replicas(&self, silent_secs: i64) -> Result<u64, StoreError>;
+    /// Delete nonces, used proof ids and issue receipts that expired before `now`;
+    /// returns how many.
+    async fn prune_single_use(&self, now: UnixSeconds) -> Result<u64, StoreError>;
+}
+
+/// What an idempotent retry is keyed by, with the retry's public key.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReceiptKind {
+    /// An enrollment with a token: the subject is the token's hash.
+    Enroll,
+    /// A renewal: the subject is the fingerprint of the certificate presented.
+    Renew,
+}
+
+/// An issued certificate kept so that a retry of the same request with the same key
+/// gets it again (`issue_receipts`).
+#[derive(Clone, PartialEq, Eq)]
+pub struct Receipt {
+    /// What the request was.
+    pub kind: ReceiptKind,
+    /// The token's hash, or the presented certificate's fingerprint.
+    pub subject: String,
+    /// SHA-256 of the CSR's public key, lowercase hex.
+    pub csr_key_sha256: String,
+    /// The chain as answered.
+    pub chain_pem: String,
+    /// Kept while `now < expires_at`.
+    pub expires_at: UnixSeconds,
+}
+
+impl std::fmt::Debug for Receipt {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The subject may be a token's hash: not for logs.
+        let Self {
+            kind,
+            subject: _,
+            csr_key_sha256,
+            chain_pem: _,
+            expires_at,
+        } = self;
+        f.debug_struct("Receipt")
+            .field("kind", kind)
+            .field("csr_key_sha256", csr_key_sha256)
+            .field("expires_at", expires_at)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What [`Store::record_issued`] records in one transaction.
+#[derive(Clone, Copy, Debug)]
+pub struct Issue<'a> {
+    /// The new certificate.
+    pub cert: &'a CertRecord,
+    /// The previous certificate's overlap (see [`Store::record_certificate`]).
+    pub overlap_secs: i64,
+    /// The enrollment's or renewal's entry.
+    pub audit: &'a AuditEvent,
+    /// A token to redeem first (its hash) and the redemption's entry.
+    pub token: Option<(&'a str, &'a AuditEvent)>,
+    /// The receipt to keep.
+    pub receipt: Option<&'a Receipt>,
+}
+
+/// The answer to [`Store::claim_job`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum JobClaim {
+    /// This caller runs the job for this period; `epoch` counts the claims so far.
+    Claimed {
+        /// The claim's number (a fencing token).
+        epoch: i64,
+    },
+    /// Another claim holds this period; the job is next due in this many milliseconds.
+    NotDue {
+        /// Milliseconds until the job is due (0 or more).
+        due_in_ms: i64,
+    },
+}
+
+/// A periodic job's lease row (`control_jobs`); times in Unix milliseconds, the
+/// database's clock.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct JobRecord {
+    /// The job.
+    pub name: String,
+    /// When it is next due.
+    pub next_run_at_ms: i64,
+    /// How many claims it had.
+    pub epoch: i64,
+    /// The replica that made the last claim.
+    pub last_run_by: Option<String>,
+    /// When.
+    pub last_run_at_ms: Option<i64>,
 }
 
 pub mod sql;

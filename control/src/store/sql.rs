@@ -55,8 +55,6 @@
 //!   `not_after` stays allowed until it leaves the allowlist some other way; the caller
 //!   checks validity times itself.
 //! - The store holds at most one current certificate per appliance (a unique index).
-//! - [`Store::consume_nonce`] also deletes nonces and proof ids that expired before `now`
-//!   (it is the one single-use call that knows the time and runs on every enrollment).
 //! - A token is valid while `now < expires_at`; so is a nonce.
 //!
 //! # SQLite
@@ -71,8 +69,10 @@
 //! This file holds the connection and the [`Store`] implementation; its helpers are in
 //! private submodules by concern: `sql/trust.rs` (allowlist changes and the versioned
 //! commit of a trust-changing transaction), `sql/audit.rs` (appending to the audit log
-//! and reading entries and checkpoints back) and `sql/rows.rs` (rows to the store's
-//! types).
+//! and reading entries and checkpoints back), `sql/rows.rs` (rows to the store's types),
+//! `sql/replicas.rs` (the replica registry), `sql/jobs.rs` (periodic jobs' lease rows and
+//! pruning) and `sql/receipts.rs` (idempotent enrollment and renewal). [`copy`] is public:
+//! `store copy` from SQLite to PostgreSQL.
 
 use std::fmt;
 use std::path::Path;
@@ -88,11 +88,14 @@ use tether_audit::{action, system, Actor, AuditEntry, AuditEvent};
 
 use super::{
     AllowlistDelta, Appliance, ApplianceFilter, ApplianceStatus, BrokerRecord, BrokerRefusal,
-    CertRecord, ControlMeta, ReplicaInfo, ReplicaRecord, Store, StoreError, TokenRefusal,
-    UnixSeconds,
+    CertRecord, ControlMeta, Issue, JobClaim, JobRecord, Receipt, ReceiptKind, ReplicaInfo,
+    ReplicaRecord, Store, StoreError, UnixSeconds,
 };
 
 mod audit;
+pub mod copy;
+mod jobs;
+mod receipts;
 mod replicas;
 mod rows;
 mod trust;
@@ -105,6 +108,7 @@ use rows::{
     appliance_from_row, broker_from_row, cert_from_row, delta_from_row, invite_from_row,
     parse_operator_status, parse_role, status_str, APPLIANCE_COLUMNS, BROKER_COLUMNS, CERT_COLUMNS,
 };
+pub(crate) use trust::version_digest;
 use trust::{
     allowable_from_row, allowed_certs, appliance_status, commit_trust_change, pending, set_allowed,
 };
@@ -261,6 +265,82 @@ impl SqlStore {
             .map_err(db)?;
         Ok(tx)
     }
+}
+
+/// Record `cert` as its appliance's current certificate inside a trust change (see
+/// [`Store::record_certificate`]); returns the pending deltas for
+/// [`commit_trust_change`]. `Conflict` if the serial or fingerprint is recorded (the
+/// caller drops the transaction).
+async fn insert_certificate(
+    conn: &mut sqlx::AnyConnection,
+    cert: &CertRecord,
+    now: UnixSeconds,
+    overlap_secs: i64,
+) -> Result<Vec<AllowlistDelta>, StoreError> {
+    let id = cert.appliance_id.as_str();
+    let status = appliance_status(conn, id).await?;
+    let overlap = if status == ApplianceStatus::Active {
+        overlap_secs
+    } else {
+        0
+    };
+    // The older certificates step aside first: one current certificate per appliance.
+    // If the insert below is refused, the transaction rolls back whole.
+    let mut removed = Vec::new();
+    if overlap > 0 {
+        sqlx::query(
+            "UPDATE certificates SET state = 'previous', previous_until = $1 \
+             WHERE appliance_id = $2 AND state = 'current'",
+        )
+        .bind(now.saturating_add(overlap))
+        .bind(id)
+        .execute(&mut *conn)
+        .await
+        .map_err(db)?;
+    } else {
+        let older = allowed_certs(conn, id).await?;
+        set_allowed(conn, &older, false, &mut removed).await?;
+        sqlx::query(
+            "UPDATE certificates SET state = 'revoked', previous_until = NULL \
+             WHERE appliance_id = $1 AND state <> 'revoked'",
+        )
+        .bind(id)
+        .execute(&mut *conn)
+        .await
+        .map_err(db)?;
+    }
+    let inserted = sqlx::query(
+        "INSERT INTO certificates \
+         (serial, appliance_id, fingerprint, not_before, not_after, state, previous_until, allowed) \
+         VALUES ($1, $2, $3, $4, $5, 'current', NULL, 1) ON CONFLICT DO NOTHING",
+    )
+    .bind(&cert.serial)
+    .bind(id)
+    .bind(&cert.fingerprint)
+    .bind(cert.not_before)
+    .bind(cert.not_after)
+    .execute(&mut *conn)
+    .await
+    .map_err(db)?
+    .rows_affected();
+    if inserted == 0 {
+        // The caller drops the transaction: it rolls back whole.
+        return Err(StoreError::Conflict(format!(
+            "certificate with serial {} or fingerprint {}",
+            cert.serial, cert.fingerprint
+        )));
+    }
+    if status != ApplianceStatus::Active {
+        sqlx::query("UPDATE appliances SET status = 'active' WHERE id = $1")
+            .bind(id)
+            .execute(&mut *conn)
+            .await
+            .map_err(db)?;
+    }
+    // The new fingerprint first, then the ones it replaces at once.
+    let mut deltas = vec![pending(id, &cert.fingerprint, true)];
+    deltas.append(&mut removed);
+    Ok(deltas)
 }
 
 /// Any other database failure.
@@ -508,28 +588,9 @@ impl Store for SqlStore {
         }
         tx.rollback().await.map_err(db)?;
         // Refused: say why. The row can only have moved further from usable since.
-        let row = sqlx::query(
-            "SELECT appliance_id, expires_at, used_at FROM enrollment_tokens WHERE token_hash = $1",
-        )
-        .bind(token_hash)
-        .fetch_optional(&self.pool)
-        .await
-        .map_err(db)?;
-        let refusal = match row {
-            None => TokenRefusal::Unknown,
-            Some(row) => {
-                let owner: String = row.try_get("appliance_id").map_err(db)?;
-                let used_at: Option<i64> = row.try_get("used_at").map_err(db)?;
-                if owner != appliance_id {
-                    TokenRefusal::WrongAppliance
-                } else if used_at.is_some() {
-                    TokenRefusal::AlreadyUsed
-                } else {
-                    TokenRefusal::Expired
-                }
-            }
-        };
-        Err(StoreError::Token(refusal))
+        Err(StoreError::Token(
+            receipts::token_refusal(&self.pool, appliance_id, token_hash).await?,
+        ))
     }
 
     async fn create_nonce(&self, nonce: &str, expires_at: UnixSeconds) -> Result<(), StoreError> {
@@ -559,30 +620,19 @@ impl Store for SqlStore {
         .await
         .map_err(db)?
         .rows_affected();
-        let result = if consumed == 1 {
-            Ok(())
-        } else {
-            let used_at: Option<Option<i64>> =
-                sqlx::query_scalar("SELECT used_at FROM nonces WHERE nonce = $1")
-                    .bind(nonce)
-                    .fetch_optional(&self.pool)
-                    .await
-                    .map_err(db)?;
-            match used_at {
-                Some(Some(_)) => Err(StoreError::Replay("nonce".into())),
-                _ => Err(StoreError::NonceInvalid),
-            }
-        };
-        // Opportunistic clean-up; its failure does not change the answer.
-        for sql in [
-            "DELETE FROM nonces WHERE expires_at < $1",
-            "DELETE FROM used_proofs WHERE expires_at < $1",
-        ] {
-            if let Err(e) = sqlx::query(sql).bind(now).execute(&self.pool).await {
-                tracing::warn!(error = %e, "pruning expired single-use values failed");
-            }
+        if consumed == 1 {
+            return Ok(());
         }
-        result
+        let used_at: Option<Option<i64>> =
+            sqlx::query_scalar("SELECT used_at FROM nonces WHERE nonce = $1")
+                .bind(nonce)
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(db)?;
+        match used_at {
+            Some(Some(_)) => Err(StoreError::Replay("nonce".into())),
+            _ => Err(StoreError::NonceInvalid),
+        }
     }
 
     async fn record_proof(
@@ -616,70 +666,8 @@ impl Store for SqlStore {
         audit: &AuditEvent,
     ) -> Result<Vec<AllowlistDelta>, StoreError> {
         check_event(audit)?;
-        let id = cert.appliance_id.as_str();
         let mut tx = self.begin_trust_change().await?;
-        let status = appliance_status(&mut tx, id).await?;
-        let overlap = if status == ApplianceStatus::Active {
-            overlap_secs
-        } else {
-            0
-        };
-        // The older certificates step aside first: one current certificate per appliance.
-        // If the insert below is refused, the transaction rolls back whole.
-        let mut removed = Vec::new();
-        if overlap > 0 {
-            sqlx::query(
-                "UPDATE certificates SET state = 'previous', previous_until = $1 \
-                 WHERE appliance_id = $2 AND state = 'current'",
-            )
-            .bind(now.saturating_add(overlap))
-            .bind(id)
-            .execute(&mut *tx)
-            .await
-            .map_err(db)?;
-        } else {
-            let older = allowed_certs(&mut tx, id).await?;
-            set_allowed(&mut tx, &older, false, &mut removed).await?;
-            sqlx::query(
-                "UPDATE certificates SET state = 'revoked', previous_until = NULL \
-                 WHERE appliance_id = $1 AND state <> 'revoked'",
-            )
-            .bind(id)
-            .execute(&mut *tx)
-            .await
-            .map_err(db)?;
-        }
-        let inserted = sqlx::query(
-            "INSERT INTO certificates \
-             (serial, appliance_id, fingerprint, not_before, not_after, state, previous_until, allowed) \
-             VALUES ($1, $2, $3, $4, $5, 'current', NULL, 1) ON CONFLICT DO NOTHING",
-        )
-        .bind(&cert.serial)
-        .bind(id)
-        .bind(&cert.fingerprint)
-        .bind(cert.not_before)
-        .bind(cert.not_after)
-        .execute(&mut *tx)
-        .await
-        .map_err(db)?
-        .rows_affected();
-        if inserted == 0 {
-            tx.rollback().await.map_err(db)?;
-            return Err(StoreError::Conflict(format!(
-                "certificate with serial {} or fingerprint {}",
-                cert.serial, cert.fingerprint
-            )));
-        }
-        if status != ApplianceStatus::Active {
-            sqlx::query("UPDATE appliances SET status = 'active' WHERE id = $1")
-                .bind(id)
-                .execute(&mut *tx)
-                .await
-                .map_err(db)?;
-        }
-        // The new fingerprint first, then the ones it replaces at once.
-        let mut deltas = vec![pending(id, &cert.fingerprint, true)];
-        deltas.append(&mut removed);
+        let deltas = insert_certificate(&mut tx, cert, now, overlap_secs).await?;
         commit_trust_change(&self.changed, tx, deltas, Some((audit, now))).await
     }
 
@@ -1452,5 +1440,49 @@ impl Store for SqlStore {
             ))
         })
         .collect()
+    }
+
+    async fn claim_job(&self, name: &str, every_ms: i64, by: &str) -> Result<JobClaim, StoreError> {
+        jobs::claim(&self.pool, self.backend, name, every_ms, by).await
+    }
+
+    async fn jobs(&self) -> Result<Vec<JobRecord>, StoreError> {
+        jobs::list(&self.pool).await
+    }
+
+    async fn prune_replicas(&self, silent_secs: i64) -> Result<u64, StoreError> {
+        jobs::prune_replicas(&self.pool, self.backend, silent_secs).await
+    }
+
+    async fn prune_single_use(&self, now: UnixSeconds) -> Result<u64, StoreError> {
+        Ok(jobs::prune_single_use(&self.pool, now).await?
+            + receipts::prune(&self.pool, now).await?)
+    }
+
+    async fn check_token(
+        &self,
+        appliance_id: &str,
+        token_hash: &str,
+        now: UnixSeconds,
+    ) -> Result<(), StoreError> {
+        receipts::check_token(&self.pool, appliance_id, token_hash, now).await
+    }
+
+    async fn record_issued(
+        &self,
+        issue: &Issue<'_>,
+        now: UnixSeconds,
+    ) -> Result<Vec<AllowlistDelta>, StoreError> {
+        receipts::record_issued(self, issue, now).await
+    }
+
+    async fn find_receipt(
+        &self,
+        kind: ReceiptKind,
+        subject: &str,
+        csr_key_sha256: &str,
+        now: UnixSeconds,
+    ) -> Result<Option<(Receipt, CertRecord)>, StoreError> {
+        receipts::find_receipt(&self.pool, kind, subject, csr_key_sha256, now).await
     }
 }

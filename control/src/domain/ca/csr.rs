@@ -109,6 +109,15 @@ impl VerifiedCsr {
     pub fn public_key(&self) -> &[u8] {
         &self.public_key
     }
+
+    /// SHA-256 of [`VerifiedCsr::public_key`], lowercase hex: what an idempotent retry of
+    /// an enrollment or renewal must present again.
+    pub fn key_sha256(&self) -> String {
+        hex::encode(ring::digest::digest(
+            &ring::digest::SHA256,
+            &self.public_key,
+        ))
+    }
 }
 
 impl PublicKeyData for VerifiedCsr {

@@ -1,0 +1,153 @@
+//! Periodic work that runs once per period however many replicas share the database:
+//! the overlap sweep, audit checkpoints and the registry and single-use pruning.
+//!
+//! Each job has a lease row (`control_jobs`). Every replica runs one task per job that
+//! asks the store to claim the row ([`Store::claim_job`]): one `UPDATE … WHERE name = $1
+//! AND next_run_at <= now … RETURNING epoch` on the database's clock, which moves
+//! `next_run_at` one period on. One replica wins each period and runs the job; the others
+//! sleep until the row is next due. No lock outlives the statement (no session advisory
+//! lock: a pooler, a retired connection or a dead backend cannot leave two leaders or
+//! none), and a replica that cannot write simply stops winning.
+//!
+//! Every job is idempotent and cumulative — the sweep removes whatever overlap ended by
+//! now, a checkpoint covers the head whoever signs it (and one per `seq` at most), the
+//! pruning deletes whatever is old enough — so a claimant that dies mid-run loses at most
+//! that period's run, and the next claimant catches up. The same table serves SQLite's
+//! single process, so there is one code path and `control_jobs` shows who ran what.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tether_audit::checkpoint::CheckpointSigner;
+use tokio_util::sync::CancellationToken;
+
+use crate::store::{JobClaim, Store};
+
+/// Removes previous certificates whose renewal overlap ended (`[enroll] overlap_sweep`).
+pub const OVERLAP_SWEEP: &str = "overlap_sweep";
+/// Signs a checkpoint of the audit log's head (`[audit] checkpoint_every`).
+pub const AUDIT_CHECKPOINT: &str = "audit_checkpoint";
+/// Forgets replicas silent for [`REPLICA_FORGET_AFTER_SECS`].
+pub const REPLICA_PRUNE: &str = "replica_prune";
+/// Deletes expired nonces and used proof ids.
+pub const NONCE_PRUNE: &str = "nonce_prune";
+
+/// How often [`REPLICA_PRUNE`] runs.
+pub const REPLICA_PRUNE_EVERY: Duration = Duration::from_secs(60);
+/// A replica whose heartbeat is older than this (seconds, the database's clock) leaves
+/// the registry.
+pub const REPLICA_FORGET_AFTER_SECS: i64 = 600;
+/// How often [`NONCE_PRUNE`] runs.
+pub const NONCE_PRUNE_EVERY: Duration = Duration::from_secs(60);
+/// After a failed claim (the database unreachable or read-only), ask again after this
+/// long, or after the job's period when that is shorter.
+pub const RETRY_AFTER_ERROR: Duration = Duration::from_secs(5);
+
+/// The shortest wait between two claims of one job by one replica.
+const MIN_WAIT: Duration = Duration::from_millis(5);
+
+/// The periods of the configurable jobs.
+#[derive(Clone, Copy, Debug)]
+pub struct JobPeriods {
+    /// [`OVERLAP_SWEEP`]'s.
+    pub overlap_sweep: Duration,
+    /// [`AUDIT_CHECKPOINT`]'s.
+    pub audit_checkpoint: Duration,
+}
+
+/// Start every periodic job for replica `by` until `shutdown`.
+pub fn spawn_all(
+    store: Arc<dyn Store>,
+    by: &str,
+    signer: Arc<CheckpointSigner>,
+    periods: JobPeriods,
+    shutdown: &CancellationToken,
+) {
+    let job = |name, every| Lease {
+        store: store.clone(),
+        name,
+        every,
+        by: by.to_owned(),
+        shutdown: shutdown.clone(),
+    };
+    let s = store.clone();
+    tokio::spawn(
+        job(OVERLAP_SWEEP, periods.overlap_sweep).run_forever(move || {
+            let s = s.clone();
+            async move { crate::domain::renew::sweep_overlaps(s.as_ref(), crate::now_unix()).await }
+        }),
+    );
+    let s = store.clone();
+    tokio::spawn(
+        job(AUDIT_CHECKPOINT, periods.audit_checkpoint).run_forever(move || {
+            let (s, signer) = (s.clone(), signer.clone());
+            async move {
+                crate::domain::audit::checkpoint_now(s.as_ref(), &signer, crate::now_unix()).await
+            }
+        }),
+    );
+    let s = store.clone();
+    tokio::spawn(
+        job(REPLICA_PRUNE, REPLICA_PRUNE_EVERY).run_forever(move || {
+            let s = s.clone();
+            async move {
+                match s.prune_replicas(REPLICA_FORGET_AFTER_SECS).await {
+                    Ok(0) => {}
+                    Ok(n) => tracing::info!(replicas = n, "silent replicas left the registry"),
+                    Err(e) => tracing::warn!(error = %e, "cannot prune the replica registry"),
+                }
+            }
+        }),
+    );
+    let s = store.clone();
+    tokio::spawn(job(NONCE_PRUNE, NONCE_PRUNE_EVERY).run_forever(move || {
+        let s = s.clone();
+        async move {
+            if let Err(e) = s.prune_single_use(crate::now_unix()).await {
+                tracing::warn!(error = %e, "cannot prune expired nonces and proof ids");
+            }
+        }
+    }));
+}
+
+/// One job's claim loop on one replica.
+struct Lease {
+    store: Arc<dyn Store>,
+    name: &'static str,
+    every: Duration,
+    by: String,
+    shutdown: CancellationToken,
+}
+
+impl Lease {
+    /// Claim the job whenever it is due and run `work` when the claim is ours.
+    async fn run_forever<F, Fut>(self, mut work: F)
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = ()>,
+    {
+        let every_ms = i64::try_from(self.every.as_millis()).unwrap_or(i64::MAX);
+        loop {
+            let wait = match self.store.claim_job(self.name, every_ms, &self.by).await {
+                Ok(JobClaim::Claimed { epoch }) => {
+                    tracing::debug!(job = self.name, epoch, "periodic job claimed");
+                    work().await;
+                    self.every
+                }
+                Ok(JobClaim::NotDue { due_in_ms }) => {
+                    Duration::from_millis(u64::try_from(due_in_ms).unwrap_or(0))
+                        .clamp(MIN_WAIT, self.every.max(MIN_WAIT))
+                }
+                Err(e) => {
+                    tracing::warn!(job = self.name, error = %e, "cannot claim a periodic job; will retry");
+                    RETRY_AFTER_ERROR.min(self.every)
+                }
+            };
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = self.shutdown.cancelled() => return,
+            }
+        }
+    }
+}
