@@ -115,6 +115,12 @@ impl PresenceRx {
         self.backlog.store(accepted, Ordering::Relaxed);
     }
 
+    /// The switch [`PresenceRx::set_backlog_accepted`] sets, for a task that does not
+    /// hold this receiver.
+    pub fn backlog_switch(&self) -> Arc<AtomicBool> {
+        self.backlog.clone()
+    }
+
     /// Throw away the presence queued (before a `Hello`, which carries the full list);
     /// the backlog manifests among it are returned, to be sent after that `Hello` (the
     /// agents were told they were passed on).

@@ -257,6 +257,21 @@ pub enum ToBroker {
         #[serde(default)]
         session_id: u64,
     },
+    /// The live control replicas (their registry on the database's clock), sent after
+    /// [`ToBroker::Synced`] and again whenever the registry changes. A broker holds one
+    /// channel to each: it dials each `advertise` directly (it reached the first one
+    /// through its bundle's URL, often a load balancer), keeps the list in its data
+    /// directory so a restart does not need the load balancer, and closes a second
+    /// channel that lands on a replica it already holds (every upgrade answer names its
+    /// replica in the `tether-control-replica` header). An older broker would take this
+    /// frame for a protocol error, so control sends it only to a broker whose `Hello`
+    /// listed [`FEATURE_REPLICAS`].
+    Replicas {
+        /// The replica at the other end of this channel.
+        self_id: String,
+        /// Every live replica, this one included.
+        replicas: Vec<ReplicaAddr>,
+    },
     /// Keep-alive.
     Ping,
     /// Control is shutting down: it has finished its in-flight requests and will close
@@ -300,6 +315,19 @@ impl SignedCommand {
         }
     }
 }
+
+/// A control replica in [`ToBroker::Replicas`].
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct ReplicaAddr {
+    /// Its id (`tether-control-replica`).
+    pub id: String,
+    /// Where brokers reach it (`host:port`, HTTPS).
+    pub advertise: String,
+}
+
+/// What a broker lists in its `Hello` when it takes [`ToBroker::Replicas`] and holds a
+/// channel to every replica (it may then also send [`ToControl::Channels`]).
+pub const FEATURE_REPLICAS: &str = "replicas";
 
 /// What a broker lists in its `Hello` when it serves break-glass tunnels for control.
 pub const FEATURE_TUNNEL: &str = "tunnel";
@@ -578,6 +606,14 @@ pub enum ToControl {
         /// Its SSHSIG armor.
         #[serde(default, skip_serializing_if = "String::is_empty")]
         manifest_sig: String,
+    },
+    /// The replicas this broker holds a channel to now (their ids), sent on every
+    /// channel after `synced` and whenever the set changes, so any replica can show how
+    /// many replicas each broker reaches. Sent only by a broker that listed
+    /// [`FEATURE_REPLICAS`], to a control that sent [`ToBroker::Replicas`].
+    Channels {
+        /// Replica ids.
+        replicas: Vec<String>,
     },
     /// Keep-alive.
     Ping,

@@ -62,6 +62,29 @@ struct Link {
     ended: CancellationToken,
     /// Its `Hello` listed [`tether_proto::cluster::FEATURE_TUNNEL`].
     tunnel: bool,
+    /// How many control replicas the broker said it holds a channel to
+    /// ([`tether_proto::cluster::ToControl::Channels`]; 0: it has not said).
+    replicas_connected: Arc<AtomicUsize>,
+}
+
+/// The live control replicas as this replica last read them from the registry, for
+/// [`ToBroker::Replicas`]; empty until the first read (and in a process that registers
+/// no replica).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ReplicaSet {
+    /// This replica's id.
+    pub self_id: String,
+    /// Every live replica, sorted by id.
+    pub replicas: Vec<tether_proto::cluster::ReplicaAddr>,
+}
+
+/// The registry as links see it.
+struct Replicas(tokio::sync::watch::Sender<ReplicaSet>);
+
+impl Default for Replicas {
+    fn default() -> Self {
+        Replicas(tokio::sync::watch::channel(ReplicaSet::default()).0)
+    }
 }
 
 /// What a command produces, as [`Cluster::exec`] hands it to the caller.
@@ -141,6 +164,8 @@ pub struct Cluster {
     link_tasks: tokio_util::task::TaskTracker,
     /// Break-glass tunnels relayed through the links.
     tunnels: tunnel::Tunnels,
+    /// The live replicas, sent to brokers that take them.
+    replicas: Replicas,
 }
 
 impl std::fmt::Debug for Cluster {
@@ -193,6 +218,33 @@ impl Cluster {
         link_id
     }
 
+    /// Record the live replicas (read from the registry after each heartbeat); links
+    /// tell their brokers when the set changed.
+    pub fn set_replicas(
+        &self,
+        self_id: &str,
+        mut replicas: Vec<tether_proto::cluster::ReplicaAddr>,
+    ) {
+        replicas.sort();
+        replicas.dedup();
+        let set = ReplicaSet {
+            self_id: self_id.to_owned(),
+            replicas,
+        };
+        self.replicas.0.send_if_modified(|old| {
+            if *old == set {
+                return false;
+            }
+            *old = set;
+            true
+        });
+    }
+
+    /// The live replicas as last recorded, and their changes.
+    pub fn replicas(&self) -> tokio::sync::watch::Receiver<ReplicaSet> {
+        self.replicas.0.subscribe()
+    }
+
     /// Where `appliance` is connected, if a broker reported it.
     pub fn presence(&self, appliance: &str) -> Option<Presence> {
         lock(&self.presence).get(appliance).cloned()
@@ -222,6 +274,7 @@ impl Cluster {
                 allowlist_version: l.applied.load(Ordering::Relaxed),
                 sessions: sessions.get(name).map_or(0, |t| t.values().sum()),
                 sessions_by_transport: sessions.get(name).cloned().unwrap_or_default(),
+                replicas_connected: l.replicas_connected.load(Ordering::Relaxed).max(1),
             })
             .collect();
         out.sort_by(|a, b| a.broker.cmp(&b.broker));
@@ -348,6 +401,7 @@ impl Cluster {
             applied: Arc::new(AtomicU64::new(0)),
             ended: CancellationToken::new(),
             tunnel: true,
+            replicas_connected: Arc::default(),
         };
         if let Some(old) = lock(&self.links).insert(broker.to_owned(), link) {
             old.ended.cancel();
@@ -505,6 +559,9 @@ impl Fleet for Cluster {
     fn disconnect(&self, name: &str) {
         Cluster::disconnect(self, name)
     }
+    fn replicas_live(&self, self_id: &str, replicas: Vec<tether_proto::cluster::ReplicaAddr>) {
+        self.set_replicas(self_id, replicas)
+    }
 }
 
 #[cfg(test)]
@@ -562,6 +619,7 @@ mod tests {
                 applied: Arc::new(AtomicU64::new(0)),
                 ended: CancellationToken::new(),
                 tunnel: false,
+                replicas_connected: Arc::default(),
             },
         );
         c.session_up("b1", report("a", 1, 100));

@@ -391,6 +391,7 @@ mod tests {
                     applied: Arc::new(AtomicU64::new(0)),
                     ended: CancellationToken::new(),
                     tunnel: true,
+                    replicas_connected: Arc::default(),
                 },
             );
         }
