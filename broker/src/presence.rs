@@ -188,6 +188,11 @@ impl Presence {
             session_id: s.session_id,
             fingerprint: s.fingerprint.to_hex(),
             connected_at: unix_secs(s.connected_at),
+            connected_at_ms: s
+                .connected_at
+                .duration_since(UNIX_EPOCH)
+                .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+                .unwrap_or(0),
             cert_not_after: ms_to_secs(s.cert_not_after_ms.load(Ordering::Relaxed)),
             agent_version: s.agent_version.clone(),
             transport: s.connection.transport().as_str().to_owned(),

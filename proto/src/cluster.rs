@@ -431,6 +431,12 @@ pub struct SessionReport {
     pub fingerprint: String,
     /// When it connected (Unix seconds).
     pub connected_at: u64,
+    /// When it connected (Unix milliseconds; 0 from an older broker, which control reads
+    /// as `connected_at` × 1000). Every control replica keeps, of two sessions of one
+    /// appliance on different brokers, the one with the greatest
+    /// (`connected_at_ms`, broker, `session_id`), so all replicas close the same one.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub connected_at_ms: u64,
     /// The certificate's `notAfter` (Unix seconds).
     pub cert_not_after: u64,
     /// The agent's version from `Hello`.
@@ -443,6 +449,21 @@ pub struct SessionReport {
     /// The transport the session uses: `quic` or `tcp` (absent from older brokers: QUIC).
     #[serde(default = "default_transport")]
     pub transport: String,
+}
+
+fn is_zero(v: &u64) -> bool {
+    *v == 0
+}
+
+impl SessionReport {
+    /// When it connected in Unix milliseconds (from `connected_at` for an older broker).
+    pub fn connected_ms(&self) -> u64 {
+        if self.connected_at_ms != 0 {
+            self.connected_at_ms
+        } else {
+            self.connected_at.saturating_mul(1000)
+        }
+    }
 }
 
 fn default_transport() -> String {
@@ -673,6 +694,7 @@ mod tests {
             session_id: 1,
             fingerprint: "ab".into(),
             connected_at: 1,
+            connected_at_ms: 1_500,
             cert_not_after: 2,
             agent_version: "0.1".into(),
             capabilities: vec![],

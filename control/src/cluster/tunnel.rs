@@ -408,6 +408,7 @@ mod tests {
                 session_id: 1,
                 fingerprint: "ab".into(),
                 connected_at: 1,
+                connected_at_ms: 0,
                 cert_not_after: 0,
                 agent_version: String::new(),
                 capabilities: vec![],
