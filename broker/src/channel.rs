@@ -701,8 +701,9 @@ impl Slot {
                     (&self.target, e),
                     (Target::Replica(_), ChannelError::Duplicate { .. })
                 ) {
-                    shared.fleet.changed.notify_waiters();
-                    return;
+                    // Another slot holds it: back to the top, which ends this slot and
+                    // forgets it as dialed, so the replica is dialed again once released.
+                    continue;
                 }
             }
             let delay = backoff.next_delay();
