@@ -76,6 +76,7 @@ fn cluster(n: usize) -> (Cluster, Vec<mpsc::Receiver<ToBroker>>) {
                     session_id: i as u64 + 1,
                     fingerprint: format!("{i:064x}"),
                     connected_at: 1_765_000_000,
+                    connected_at_ms: 0,
                     cert_not_after: 1_767_225_600,
                     agent_version: "0.1.0".into(),
                     transport: "quic".into(),

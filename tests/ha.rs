@@ -1,5 +1,6 @@
 //! Control replicas on one PostgreSQL (issue 17): replica identity and registry, the
-//! allowlist digest chain, `/readyz`, `store copy`. Real `tether-control` processes on a
+//! allowlist digest chain, `/readyz`, brokers holding a channel to every replica, the
+//! NOTIFY doorbell, `store copy`. Real `tether-control` processes on a
 //! fresh database of the server `TETHER_TEST_PG_URL` names (`scripts/pg`; without it
 //! these tests fail, they never skip). Build the binaries first:
 //! `cargo build --workspace --bins`.
@@ -8,9 +9,11 @@ mod common;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::time::{Duration, Instant};
 
 use common::bin;
-use common::control::{control, serve, Fleet};
+use common::cluster::{time_until, Cluster};
+use common::control::{control, merge_config, serve, ControlProc, Fleet};
 use common::operators::{call, client_from, config_dir, tether};
 use common::pg::PgDb;
 use common::TRUST_DOMAIN;
@@ -558,6 +561,166 @@ async fn sqlite_store_copies_to_postgres_intact() {
     assert!(!c.fleet.control.log_contains("diverged"));
     assert_eq!(pg.allowlist_version().await.unwrap(), version + 1);
     pg.close().await;
+}
+
+/// Replica B: a copy of the fleet's data directory (replica A's) with its own id, its own
+/// `[replica]` section (`toml`), serving the same database.
+fn second_replica(c: &Cluster, toml: &str) -> ControlProc {
+    let second = c.tmp().join("replica-2");
+    copy_dir(&c.fleet.data, &second);
+    let path = second.join("control.toml");
+    let mut table: toml::Table = std::fs::read_to_string(&path).unwrap().parse().unwrap();
+    table.remove("replica");
+    std::fs::write(&path, toml::to_string(&table).unwrap()).unwrap();
+    merge_config(&second, toml);
+    serve(&second)
+}
+
+/// The broker's gauge of channels up.
+const CHANNELS: &str = "tether_broker_control_channels";
+
+/// Revoke `app-1` through replica A while the broker holds a channel to replica B only
+/// (A advertises an address nobody answers), with NOTIFY on or off; how long until the
+/// broker closed the session.
+async fn revocation_through_a_reaches_a_broker_held_by_b(notify: bool) -> Duration {
+    let db = PgDb::create().await;
+    let a_toml = format!("[replica]\nadvertise = \"127.0.0.1:1\"\nnotify = {notify}\n");
+    let mut c = Cluster::with_init(&["--database-url", &db.url], &a_toml);
+    let b = second_replica(&c, &format!("[replica]\nnotify = {notify}\n"));
+    let broker = c.add_broker_via("edge-1", &b.url());
+    let state = c.enroll("app-1");
+    // The enrollment (through A) reaches the broker through B before the agent dials.
+    broker.wait_metric("tether_allowlist_version", 1.0).await;
+    let _agent = c.agent(&state, &[broker.quic]);
+    broker.wait_session("app-1").await;
+    broker.wait_metric(CHANNELS, 1.0).await;
+    // B listed A and B: the broker keeps them in its data directory and dials A's
+    // address, which never answers.
+    let saved = c.broker_dir("edge-1").join("control.replicas");
+    common::wait_for(Duration::from_secs(10), || async {
+        let text = std::fs::read_to_string(&saved).ok()?;
+        text.contains("127.0.0.1:1\"").then_some(())
+    })
+    .await
+    .expect("the broker learns both replicas");
+    assert_eq!(broker.metric(CHANNELS).await, 1.0, "only B is held");
+
+    let start = Instant::now();
+    c.tether(&["appliance", "revoke", "app-1"])
+        .expect("revoke through A");
+    let took = time_until(start, || async {
+        !broker
+            .sessions()
+            .await
+            .iter()
+            .any(|s| s["appliance_id"] == "app-1")
+    })
+    .await;
+    let notify_ok = c.fleet.metric("tether_control_notify_ok").await;
+    assert_eq!(notify_ok, if notify { 1.0 } else { 0.0 });
+    drop(b);
+    drop(c);
+    db.drop_db().await;
+    took
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revocation_through_replica_a_reaches_a_broker_connected_only_to_b_with_notify() {
+    let took = revocation_through_a_reaches_a_broker_held_by_b(true).await;
+    assert!(took < Duration::from_secs(1), "NOTIFY wakes B: {took:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revocation_through_replica_a_reaches_a_broker_connected_only_to_b_by_polling() {
+    let took = revocation_through_a_reaches_a_broker_held_by_b(false).await;
+    assert!(
+        took < Duration::from_secs(2),
+        "B polls every second: {took:?}"
+    );
+}
+
+/// The admin's config directory with control at `url` (one replica).
+fn ops_at(c: &Cluster, url: &str) -> PathBuf {
+    let dir = c
+        .tmp()
+        .join(format!("ops-{}", url.rsplit(':').next().unwrap()));
+    copy_dir(&c.ops, &dir);
+    let path = dir.join("config.json");
+    let mut v: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    v["control_url"] = url.into();
+    std::fs::write(&path, serde_json::to_vec(&v).unwrap()).unwrap();
+    dir
+}
+
+/// `tether broker list --output json` as the admin in `ops`: edge-1's
+/// `replicas_connected`.
+fn replicas_connected(ops: &Path) -> Option<u64> {
+    let out = tether(ops, &["broker", "list", "--output", "json"]).ok()?;
+    let v: serde_json::Value = serde_json::from_str(&out).ok()?;
+    v["brokers"]
+        .as_array()?
+        .iter()
+        .find(|b| b["name"] == "edge-1")?["replicas_connected"]
+        .as_u64()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_holds_channels_to_both_replicas_and_applies_a_duplicate_delta_once() {
+    let db = PgDb::create().await;
+    let mut c = Cluster::with_init(&["--database-url", &db.url], "");
+    let b = second_replica(&c, "");
+    // Bootstrapped through A; B is learned from A's list (heartbeats every 5 s).
+    let broker = c.add_broker_via("edge-1", &c.fleet.url());
+    broker
+        .wait_metric_eq(CHANNELS, 2.0, Duration::from_secs(15))
+        .await;
+    assert_eq!(broker.metric("tether_broker_control_connected").await, 1.0);
+    for url in [c.fleet.url(), b.url()] {
+        let ops = ops_at(&c, &url);
+        common::wait_for(Duration::from_secs(10), || async {
+            (replicas_connected(&ops) == Some(2)).then_some(())
+        })
+        .await
+        .unwrap_or_else(|| panic!("broker list through {url} shows 2 replicas"));
+    }
+    let state = c.enroll("app-1");
+    broker.wait_metric("tether_allowlist_version", 1.0).await;
+    let _agent = c.agent(&state, &[broker.quic]);
+    broker.wait_session("app-1").await;
+    let version = broker.metric("tether_allowlist_version").await;
+    let dups = broker
+        .metric("tether_broker_allowlist_duplicates_total")
+        .await;
+
+    // One revocation: both replicas push the version; the broker applies it once.
+    c.tether(&["appliance", "revoke", "app-1"]).expect("revoke");
+    broker
+        .wait_metric("tether_allowlist_version", version + 1.0)
+        .await;
+    broker
+        .wait_metric("tether_broker_allowlist_duplicates_total", dups + 1.0)
+        .await;
+    assert_eq!(
+        broker.metric("tether_allowlist_version").await,
+        version + 1.0
+    );
+    assert_eq!(broker.metric(CHANNELS).await, 2.0, "no channel dropped");
+
+    // A restart finds both replicas from its data directory, with the bundle's URL dead.
+    let dir = c.broker_dir("edge-1").to_path_buf();
+    let identity = dir.join("broker.json");
+    let mut id: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&identity).unwrap()).unwrap();
+    id["control_url"] = "https://127.0.0.1:1".into();
+    std::fs::write(&identity, serde_json::to_vec(&id).unwrap()).unwrap();
+    let listen = broker.quic;
+    drop(broker);
+    let broker = c.restart_broker("edge-1", listen);
+    broker
+        .wait_metric_eq(CHANNELS, 2.0, Duration::from_secs(15))
+        .await;
+    drop(broker);
+    drop(b);
     drop(c);
     db.drop_db().await;
 }

@@ -178,6 +178,9 @@ pub struct Presence {
     pub session_id: u64,
     /// When the session came up (Unix seconds).
     pub connected_at: u64,
+    /// When the session came up (Unix milliseconds, as its broker reported it).
+    #[serde(default)]
+    pub connected_at_ms: u64,
     /// Fingerprint of the certificate the session authenticated with.
     pub fingerprint: String,
     /// The agent's version.

@@ -73,6 +73,10 @@ pub struct BrokerInfo {
     /// Its sessions by transport (`quic`, `tcp`; when connected).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sessions_by_transport: Option<std::collections::BTreeMap<String, usize>>,
+    /// How many control replicas it holds a channel to, as it last told the replica that
+    /// answered (when connected to that replica; 1 for a broker that does not say).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replicas_connected: Option<usize>,
 }
 
 /// The transport a record from before transports were reported used.

@@ -1,8 +1,19 @@
-//! The control channel (control mode): one long-lived connection to control that carries
-//! the allowlist down and presence and command events up. The contract is
-//! [`tether_proto::cluster`].
+//! The control channels (control mode): one long-lived connection to each control
+//! replica, each carrying the allowlist down and presence and command events up. The
+//! contract is [`tether_proto::cluster`].
 //!
-//! [`ControlSync::run`] dials control's HTTPS port with the broker's certificate (the
+//! [`ControlSync::run`] first dials the bundle's URL (often a load balancer). Each
+//! channel's upgrade answer names its replica (`tether-control-replica`); once a replica
+//! lists the live ones ([`ToBroker::Replicas`], kept by [`crate::replicas::Fleet`] in the
+//! data directory), one slot per replica nobody holds dials that replica's `advertise`
+//! address, and a second channel landing on a held replica is closed before its `Hello`.
+//! Every channel sees the same presence (a fan-out copy each); backlog manifests and
+//! tunnel ends go out on one of them. Versions are applied once, whichever channel brings
+//! them first ([`SyncState`], [`DigestLog`]): a duplicate with the recorded digest is
+//! ignored, a gap or a mismatch drops only that channel. A command runs for the channel
+//! it came on, and its events go back on it.
+//!
+//! Each channel dials control's HTTPS port with the broker's certificate (the
 //! current one from the [`CertStore`](crate::tls::CertStore), so a renewal applies to the
 //! next connection), upgrades `GET /v1/brokers/channel` to `tether-cluster/1`, and then:
 //!
@@ -11,8 +22,9 @@
 //!   [`crate::apply_change`] (the same path as the file source: live sessions of removed
 //!   fingerprints are closed as revoked), answers `Applied`, and has the snapshot written
 //!   to the data directory in the background ([`SnapshotWriter`]);
-//! - treats a delta whose version is not the current one plus one as a protocol error:
-//!   it drops the channel and reconnects, and control resends from its version;
+//! - treats a delta whose version is not the current one plus one (and not a duplicate)
+//!   as an error: it drops that channel and reconnects, and control resends from its
+//!   version;
 //! - forwards session up/down as they happen and the latest heartbeat of each session at
 //!   most once a second ([`PresenceRx`]);
 //! - records manual-renewal generations, closes sessions on request, and runs commands,
@@ -20,9 +32,9 @@
 //! - pings after [`CHANNEL_PING_SECS`] of quiet and gives up after
 //!   [`CHANNEL_IDLE_TIMEOUT_SECS`] without a frame from control.
 //!
-//! When the channel ends it reconnects with full-jitter exponential backoff
-//! ([`BACKOFF_MIN`] to [`BACKOFF_MAX`]); meanwhile the broker enforces the allowlist it
-//! holds, and `tether_broker_allowlist_stale` is 1.
+//! When a channel ends it reconnects with full-jitter exponential backoff
+//! ([`BACKOFF_MIN`] to [`BACKOFF_MAX`]); while no channel is synced the broker enforces
+//! the allowlist it holds, and `tether_broker_allowlist_stale` is 1.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -36,12 +48,12 @@ use hyper::header::{CONNECTION, HOST, UPGRADE};
 use hyper::{Request, StatusCode};
 use hyper_util::rt::TokioIo;
 use tether_proto::cluster::{
-    self, HeartbeatSummary, SessionReport, ToBroker, ToControl, CHANNEL_IDLE_TIMEOUT_SECS,
-    CHANNEL_PATH, CHANNEL_PING_SECS, MAX_FRAME_LEN,
+    self, HeartbeatSummary, ReplicaAddr, SessionReport, ToBroker, ToControl,
+    CHANNEL_IDLE_TIMEOUT_SECS, CHANNEL_PATH, CHANNEL_PING_SECS, MAX_FRAME_LEN,
 };
 use tether_proto::CommandFailure;
 use thiserror::Error;
-use tokio::sync::mpsc;
+use tokio::sync::{broadcast, mpsc};
 use tokio::time::Instant;
 use tokio_util::codec::{Framed, LengthDelimitedCodec};
 use tokio_util::sync::CancellationToken;
@@ -51,6 +63,7 @@ use crate::allowlist::{ApplianceId, Change, Entry, Fingerprint};
 use crate::control_tls::{client_config, ControlVerifier};
 use crate::datadir::{check_control_url, BrokerIdentity};
 use crate::presence::{Presence, PresenceEvent, PresenceRx};
+use crate::replicas::{Fanned, Fanout, Fleet};
 use crate::server::{Broker, CommandEvent, CommandSpec};
 use crate::snapshot::SnapshotWriter;
 
@@ -70,6 +83,8 @@ pub const HEARTBEATS_MAX_ITEMS: usize = 5_000;
 /// Command events waiting to be sent (command tasks wait when it is full; the channel
 /// does not).
 pub const COMMAND_QUEUE: usize = 256;
+/// The header naming the control replica that answered.
+pub const REPLICA_HEADER: &str = "tether-control-replica";
 /// Largest error body read from a refused upgrade.
 const MAX_ERROR_BODY: usize = 16 * 1024;
 
@@ -137,6 +152,13 @@ pub enum ChannelError {
     /// Control said it is shutting down ([`ToBroker::GoingAway`]).
     #[error("control is shutting down")]
     GoingAway,
+    /// The channel landed on a replica another channel of this broker holds: closed
+    /// before `Hello` (one channel per replica).
+    #[error("replica {replica} is held by another channel")]
+    Duplicate {
+        /// The replica.
+        replica: String,
+    },
 }
 
 impl ChannelError {
@@ -156,6 +178,7 @@ impl ChannelError {
             ChannelError::Apply(_) => "apply",
             ChannelError::Resync => "resync",
             ChannelError::GoingAway => "going_away",
+            ChannelError::Duplicate { .. } => "duplicate",
         }
     }
 }
@@ -168,15 +191,55 @@ struct PendingSnapshot {
     entries: Vec<Entry>,
 }
 
-/// Turns `ToBroker` allowlist messages into changes, checking order and completeness.
-/// Sans-IO: `apply` is called with each complete change and the version in force.
+/// Digests of the last versions applied kept, so a delta another channel delivered first
+/// is recognised as the same one and ignored.
+pub const DIGESTS_KEPT: usize = 1024;
+
+/// The digests of the versions applied lately (lowercase hex), shared by every channel:
+/// the broker applies a version once, whichever replica sends it first.
+#[derive(Debug, Default)]
+pub struct DigestLog {
+    recent: std::collections::VecDeque<(u64, String)>,
+}
+
+impl DigestLog {
+    /// The digest recorded for `version`, if it is among the last [`DIGESTS_KEPT`] and
+    /// control sent one.
+    pub fn get(&self, version: u64) -> Option<&str> {
+        self.recent
+            .iter()
+            .rev()
+            .find(|(v, _)| *v == version)
+            .map(|(_, d)| d.as_str())
+            .filter(|d| !d.is_empty())
+    }
+
+    /// `version` was applied with `digest` after the versions recorded.
+    pub fn record(&mut self, version: u64, digest: String) {
+        self.recent.retain(|(v, _)| *v < version);
+        self.recent.push_back((version, digest));
+        while self.recent.len() > DIGESTS_KEPT {
+            self.recent.pop_front();
+        }
+    }
+
+    /// A snapshot replaced the allowlist: only its version is known.
+    pub fn reset(&mut self, version: u64, digest: String) {
+        self.recent.clear();
+        self.recent.push_back((version, digest));
+    }
+}
+
+/// Turns one channel's `ToBroker` allowlist messages into changes, checking order and
+/// completeness against the version in force and the [`DigestLog`] every channel shares.
+/// Sans-IO: [`SyncState::handle`] is called with each message, the version in force and
+/// the log (held locked until [`SyncState::applied`]).
 #[derive(Debug, Default)]
 pub struct SyncState {
     pending: Option<PendingSnapshot>,
-    /// The digest of the version in force (lowercase hex; empty: unknown).
-    held: String,
-    /// The digest of the change last returned, until [`SyncState::applied`].
-    staged: String,
+    /// The change last returned (version, digest, whether a snapshot), until
+    /// [`SyncState::applied`].
+    staged: Option<(u64, String, bool)>,
 }
 
 /// What a `ToBroker` allowlist message asks for.
@@ -186,27 +249,40 @@ pub enum SyncStep {
     Continue,
     /// Apply this change.
     Apply(Change),
+    /// This version is applied already (another channel delivered it first, with the same
+    /// digest): nothing to do.
+    Duplicate {
+        /// Its version.
+        version: u64,
+    },
 }
 
 impl SyncState {
-    /// A state whose version in force has digest `held` (empty: unknown).
-    pub fn with_digest(held: String) -> Self {
-        SyncState {
-            held,
-            ..Self::default()
+    /// The change last returned was applied: record its digest in `log`.
+    pub fn applied(&mut self, log: &mut DigestLog) {
+        match self.staged.take() {
+            Some((v, d, true)) => log.reset(v, d),
+            Some((v, d, false)) => log.record(v, d),
+            None => {}
         }
     }
 
-    /// The change last returned was applied: its digest is now the one in force (empty
-    /// when control sent none). Returns it.
-    pub fn applied(&mut self) -> &str {
-        self.held = std::mem::take(&mut self.staged);
-        &self.held
-    }
-
-    /// Feed one allowlist message with the version in force. Errors are protocol errors:
-    /// the channel is dropped.
-    pub fn handle(&mut self, msg: ToBroker, current: u64) -> Result<SyncStep, ChannelError> {
+    /// Feed one allowlist message with the version in force. Errors drop this channel
+    /// (only this one): a delta after a gap, or one whose digest does not match the
+    /// history this broker followed.
+    ///
+    /// A delta is applied when its version is the current one plus one (and chains to
+    /// the digest in force when both are known); ignored as a duplicate when its version
+    /// is applied already and its digest is the one recorded for that version; anything
+    /// else is a gap or a mismatch. A snapshot older than the version in force whose
+    /// digest is the one recorded is a duplicate too (a slower replica's); any other
+    /// snapshot is applied.
+    pub fn handle(
+        &mut self,
+        msg: ToBroker,
+        current: u64,
+        log: &DigestLog,
+    ) -> Result<SyncStep, ChannelError> {
         let protocol = |m: &str| Err(ChannelError::Protocol(m.to_owned()));
         match msg {
             ToBroker::SnapshotBegin { version, entries } => {
@@ -247,7 +323,10 @@ impl SyncState {
                         p.entries.len()
                     )));
                 }
-                self.staged = digest;
+                if version < current && !digest.is_empty() && log.get(version) == Some(&digest) {
+                    return Ok(SyncStep::Duplicate { version });
+                }
+                self.staged = Some((version, digest, true));
                 Ok(SyncStep::Apply(Change::Replace {
                     version: Some(version),
                     entries: p.entries,
@@ -262,20 +341,32 @@ impl SyncState {
                 if self.pending.is_some() {
                     return protocol("delta inside a snapshot");
                 }
+                if version <= current {
+                    return match log.get(version) {
+                        Some(d) if !digest.is_empty() && d == digest => {
+                            Ok(SyncStep::Duplicate { version })
+                        }
+                        Some(_) if !digest.is_empty() => {
+                            Err(ChannelError::DigestMismatch { version })
+                        }
+                        _ => Err(ChannelError::VersionGap {
+                            have: current,
+                            got: version,
+                        }),
+                    };
+                }
                 if Some(version) != current.checked_add(1) {
                     return Err(ChannelError::VersionGap {
                         have: current,
                         got: version,
                     });
                 }
-                if !digest.is_empty() && !self.held.is_empty() {
-                    let expected =
-                        cluster::allowlist_digest_hex(&self.held, version, &add, &remove);
+                if let (false, Some(held)) = (digest.is_empty(), log.get(current)) {
+                    let expected = cluster::allowlist_digest_hex(held, version, &add, &remove);
                     if expected.as_deref() != Some(digest.as_str()) {
                         return Err(ChannelError::DigestMismatch { version });
                     }
                 }
-                self.staged = digest;
                 let add = add
                     .iter()
                     .map(|(a, f)| parse_entry(a, f))
@@ -288,6 +379,7 @@ impl SyncState {
                         })
                     })
                     .collect::<Result<Vec<_>, _>>()?;
+                self.staged = Some((version, digest, false));
                 Ok(SyncStep::Apply(Change::Delta {
                     version: Some(version),
                     add,
@@ -326,20 +418,21 @@ enum Outgoing {
 /// cluster channel, and each tunnel connection's dial-back).
 #[derive(Clone)]
 struct Dialer {
-    identity: BrokerIdentity,
+    /// Control's HTTPS base URL (the bundle's, or one replica's).
+    url: String,
     verifier: Arc<ControlVerifier>,
     broker: Arc<Broker>,
 }
 
 impl Dialer {
-    /// `GET path` with `Upgrade: token`; the upgraded connection on `101`.
+    /// `GET path` with `Upgrade: token`; the upgraded connection on `101`, and the
+    /// replica that answered if it said (`tether-control-replica`).
     async fn upgrade(
         &self,
         path: &str,
         token: &str,
-    ) -> Result<hyper::upgrade::Upgraded, ChannelError> {
-        let (host, port) =
-            check_control_url(&self.identity.control_url).map_err(ChannelError::Connect)?;
+    ) -> Result<(hyper::upgrade::Upgraded, Option<String>), ChannelError> {
+        let (host, port) = check_control_url(&self.url).map_err(ChannelError::Connect)?;
         let tcp = tokio::net::TcpStream::connect((host.as_str(), port))
             .await
             .map_err(|e| ChannelError::Connect(format!("{host}:{port}: {e}")))?;
@@ -393,9 +486,15 @@ impl Dialer {
                 message,
             });
         }
-        hyper::upgrade::on(resp)
+        let replica = resp
+            .headers()
+            .get(REPLICA_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        let upgraded = hyper::upgrade::on(resp)
             .await
-            .map_err(|e| ChannelError::Http(e.to_string()))
+            .map_err(|e| ChannelError::Http(e.to_string()))?;
+        Ok((upgraded, replica))
     }
 }
 
@@ -404,11 +503,11 @@ fn valid_conn(conn: &str) -> bool {
     conn.len() == 32 && conn.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
 }
 
-/// The channel task. Build it, then [`ControlSync::run`] it.
+/// The channels' task. Build it, then [`ControlSync::run`] it.
 pub struct ControlSync {
     /// The broker.
     pub broker: Arc<Broker>,
-    /// Who we are and where control is.
+    /// Who we are and where control is (the bootstrap URL, often a load balancer).
     pub identity: BrokerIdentity,
     /// Verifies control's certificate.
     pub verifier: Arc<ControlVerifier>,
@@ -420,42 +519,169 @@ pub struct ControlSync {
     pub quic_addr: String,
     /// When the allowlist loaded at start was saved (Unix seconds), if one was.
     pub snapshot_saved_at: Option<u64>,
-    /// The allowlist version last applied from control and its digest (empty: unknown;
-    /// kept in memory only, so a restarted broker resumes without one).
-    pub allowlist_digest: (u64, String),
+    /// Where the live replicas are kept ([`crate::replicas::REPLICAS_FILE`] in the data
+    /// directory).
+    pub replicas_file: std::path::PathBuf,
+}
+
+/// What every channel of the broker shares.
+struct Shared {
+    broker: Arc<Broker>,
+    identity: BrokerIdentity,
+    verifier: Arc<ControlVerifier>,
+    writer: SnapshotWriter,
+    quic_addr: String,
+    snapshot_saved_at: Option<u64>,
+    /// Held while a version is checked and applied: one channel at a time.
+    digests: tokio::sync::Mutex<DigestLog>,
+    fanout: Arc<Fanout>,
+    backlog_accepted: Arc<std::sync::atomic::AtomicBool>,
+    fleet: Fleet,
+    /// Some channel has synced since start.
+    ever_synced: std::sync::atomic::AtomicBool,
+}
+
+/// How often the channel supervisor looks for replicas nobody holds.
+const SUPERVISE_EVERY: Duration = Duration::from_secs(1);
+
+/// Where a slot dials.
+#[derive(Clone, Debug)]
+enum Target {
+    /// The bundle's URL: the first channel, and any replica not reached directly.
+    Bootstrap,
+    /// One replica's `advertise` address.
+    Replica(ReplicaAddr),
 }
 
 impl ControlSync {
-    /// Hold the channel until `shutdown`, reconnecting with backoff; then save the
-    /// allowlist in force if the snapshot file is behind it.
-    pub async fn run(mut self, shutdown: CancellationToken) {
-        self.hold(&shutdown).await;
-        self.writer.flush().await;
-    }
-
-    async fn hold(&mut self, shutdown: &CancellationToken) {
+    /// Hold a channel to every control replica until `shutdown`, reconnecting each with
+    /// backoff; then save the allowlist in force if the snapshot file is behind it.
+    ///
+    /// The first channel goes to the bundle's URL. Once a replica lists the live ones
+    /// ([`ToBroker::Replicas`]), one slot per replica nobody holds dials its `advertise`
+    /// address; the bootstrap slot rests while every listed replica is held.
+    pub async fn run(self, shutdown: CancellationToken) {
         let metrics = self.broker.metrics().clone();
         metrics.allowlist_stale.set(1);
         metrics.control_connected.set(0);
-        let mut backoff = tether_identity::Backoff::new(BACKOFF_MIN, BACKOFF_MAX);
-        let mut ever_synced = false;
+        metrics.control_channels.set(0);
+        let backlog_accepted = self.presence.backlog_switch();
+        let fanout = Fanout::spawn(self.presence, shutdown.clone());
+        let shared = Arc::new(Shared {
+            broker: self.broker,
+            identity: self.identity,
+            verifier: self.verifier,
+            writer: self.writer,
+            quic_addr: self.quic_addr,
+            snapshot_saved_at: self.snapshot_saved_at,
+            digests: tokio::sync::Mutex::new(DigestLog::default()),
+            fanout,
+            backlog_accepted,
+            fleet: Fleet::new(self.replicas_file, metrics),
+            ever_synced: Default::default(),
+        });
+        let slots = tokio_util::task::TaskTracker::new();
+        let mut next_slot = 0u64;
+        let mut spawn = |target: Target| {
+            next_slot += 1;
+            let slot = Slot {
+                shared: shared.clone(),
+                id: next_slot,
+                target,
+            };
+            let span = tracing::info_span!("control_channel", slot = next_slot);
+            slots.spawn(slot.hold(shutdown.clone()).instrument(span));
+        };
+        spawn(Target::Bootstrap);
         loop {
-            let span = tracing::info_span!("control_channel", control = %self.identity.control_url);
+            for r in shared.fleet.to_dial() {
+                info!(replica = %r.id, advertise = %r.advertise, "dialing control replica");
+                spawn(Target::Replica(r));
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = shared.fleet.changed.notified() => {}
+                _ = tokio::time::sleep(SUPERVISE_EVERY) => {}
+            }
+        }
+        slots.close();
+        slots.wait().await;
+        shared.writer.flush().await;
+    }
+}
+
+/// One slot: dials its target until shutdown (a direct slot ends when its replica is no
+/// longer listed, or another slot holds it).
+struct Slot {
+    shared: Arc<Shared>,
+    id: u64,
+    target: Target,
+}
+
+impl Slot {
+    fn url(&self) -> String {
+        match &self.target {
+            Target::Bootstrap => self.shared.identity.control_url.clone(),
+            Target::Replica(r) => crate::replicas::replica_url(&r.advertise),
+        }
+    }
+
+    async fn hold(self, shutdown: CancellationToken) {
+        let shared = self.shared.clone();
+        let metrics = shared.broker.metrics().clone();
+        let url = self.url();
+        let mut backoff = tether_identity::Backoff::new(BACKOFF_MIN, BACKOFF_MAX);
+        loop {
+            match &self.target {
+                Target::Replica(r) => {
+                    if !shared.fleet.keep_dialing(&r.id, self.id) {
+                        debug!(replica = %r.id, "replica no longer listed or held by another channel");
+                        shared.fleet.changed.notify_waiters();
+                        return;
+                    }
+                }
+                Target::Bootstrap => {
+                    while shared.fleet.all_held() {
+                        tokio::select! {
+                            _ = shutdown.cancelled() => return,
+                            _ = shared.fleet.changed.notified() => {}
+                            _ = tokio::time::sleep(SUPERVISE_EVERY) => {}
+                        }
+                    }
+                }
+            }
+            let dialer = Dialer {
+                url: url.clone(),
+                verifier: shared.verifier.clone(),
+                broker: shared.broker.clone(),
+            };
             let outcome = tokio::select! {
                 _ = shutdown.cancelled() => return,
-                r = self.connect().instrument(span.clone()) => r,
+                r = connect(&dialer) => r,
             };
             let mut synced = false;
             let result = match outcome {
-                Ok(channel) => {
-                    info!(control = %self.identity.control_url, "control channel up");
-                    metrics.control_connected.set(1);
-                    let r = self
-                        .session(channel, shutdown, &mut synced)
-                        .instrument(span)
-                        .await;
-                    metrics.control_connected.set(0);
-                    metrics.allowlist_stale.set(1);
+                Ok((channel, replica)) => {
+                    let mut chan = Chan {
+                        shared: shared.clone(),
+                        slot: self.id,
+                        dialer,
+                        replica: None,
+                        takes_channels: false,
+                    };
+                    let r = match replica.map(|id| chan.claim(id)).transpose() {
+                        Ok(_) => {
+                            info!(control = %url, replica = chan.replica.as_deref().unwrap_or("-"), "control channel up");
+                            shared.fleet.channel_up();
+                            let r = chan.session(channel, &shutdown, &mut synced).await;
+                            shared.fleet.channel_down(synced);
+                            r
+                        }
+                        Err(e) => Err(e),
+                    };
+                    if let Some(id) = &chan.replica {
+                        shared.fleet.release(id, self.id);
+                    }
                     r
                 }
                 Err(e) => Err(e),
@@ -463,7 +689,6 @@ impl ControlSync {
             if shutdown.is_cancelled() {
                 return;
             }
-            ever_synced |= synced;
             if synced || matches!(result, Err(ChannelError::GoingAway)) {
                 // A channel that synced, or a control that left in order: come back at
                 // once rather than after the failures that came before.
@@ -471,18 +696,14 @@ impl ControlSync {
             }
             if let Err(e) = &result {
                 metrics.channel_error(e.reason());
-                let snap = self.broker.allowlist().snapshot();
-                if ever_synced {
-                    warn!(error = %e, reason = e.reason(), version = snap.version(),
-                        "control channel lost; enforcing the allowlist in force until it is back");
-                } else if snap.version() == 0 && snap.is_empty() {
-                    warn!(error = %e, reason = e.reason(),
-                        "control unreachable and no allowlist snapshot on disk: admitting no one \
-                         until control answers");
-                } else {
-                    warn!(error = %e, reason = e.reason(), version = snap.version(),
-                        entries = snap.len(), saved_at = self.snapshot_saved_at.unwrap_or(0),
-                        "control unreachable: enforcing the stale allowlist snapshot from disk");
+                shared.log_loss(e, &url);
+                if matches!(
+                    (&self.target, e),
+                    (Target::Replica(_), ChannelError::Duplicate { .. })
+                ) {
+                    // Another slot holds it: back to the top, which ends this slot and
+                    // forgets it as dialed, so the replica is dialed again once released.
+                    continue;
                 }
             }
             let delay = backoff.next_delay();
@@ -493,51 +714,90 @@ impl ControlSync {
             }
         }
     }
+}
 
-    /// TCP, TLS with our certificate, and the upgrade.
-    async fn connect(&self) -> Result<Channel, ChannelError> {
-        tokio::time::timeout(CONNECT_TIMEOUT, self.connect_inner())
-            .await
-            .unwrap_or_else(|_| {
-                Err(ChannelError::Connect(format!(
-                    "timed out after {CONNECT_TIMEOUT:?}"
-                )))
-            })
+impl Shared {
+    /// Say why a channel ended, and what the broker enforces meanwhile.
+    fn log_loss(&self, e: &ChannelError, url: &str) {
+        if let ChannelError::Duplicate { replica } = e {
+            debug!(%replica, control = %url, "a second channel to a replica already held: closed");
+            return;
+        }
+        let others = self.fleet.channels_up();
+        let snap = self.broker.allowlist().snapshot();
+        if others > 0 {
+            warn!(error = %e, reason = e.reason(), control = %url, channels = others,
+                "control channel lost; the other channels carry on");
+        } else if self.ever_synced.load(std::sync::atomic::Ordering::Relaxed) {
+            warn!(error = %e, reason = e.reason(), control = %url, version = snap.version(),
+                "control channel lost; enforcing the allowlist in force until it is back");
+        } else if snap.version() == 0 && snap.is_empty() {
+            warn!(error = %e, reason = e.reason(), control = %url,
+                "control unreachable and no allowlist snapshot on disk: admitting no one \
+                 until control answers");
+        } else {
+            warn!(error = %e, reason = e.reason(), control = %url, version = snap.version(),
+                entries = snap.len(), saved_at = self.snapshot_saved_at.unwrap_or(0),
+                "control unreachable: enforcing the stale allowlist snapshot from disk");
+        }
     }
+}
 
-    async fn connect_inner(&self) -> Result<Channel, ChannelError> {
-        let upgraded = self
-            .dialer()
-            .upgrade(CHANNEL_PATH, cluster::UPGRADE)
-            .await?;
+/// TCP, TLS with our certificate, and the upgrade; the replica that answered, if it said.
+async fn connect(dialer: &Dialer) -> Result<(Channel, Option<String>), ChannelError> {
+    let inner = async {
+        let (upgraded, replica) = dialer.upgrade(CHANNEL_PATH, cluster::UPGRADE).await?;
         let codec = LengthDelimitedCodec::builder()
             .big_endian()
             .length_field_length(4)
             .max_frame_length(MAX_FRAME_LEN)
             .new_codec();
-        Ok(Framed::new(TokioIo::new(upgraded), codec))
-    }
+        Ok((Framed::new(TokioIo::new(upgraded), codec), replica))
+    };
+    tokio::time::timeout(CONNECT_TIMEOUT, inner)
+        .await
+        .unwrap_or_else(|_| {
+            Err(ChannelError::Connect(format!(
+                "timed out after {CONNECT_TIMEOUT:?}"
+            )))
+        })
+}
 
-    fn dialer(&self) -> Dialer {
-        Dialer {
-            identity: self.identity.clone(),
-            verifier: self.verifier.clone(),
-            broker: self.broker.clone(),
+/// One channel's life, from `Hello` to its end.
+struct Chan {
+    shared: Arc<Shared>,
+    slot: u64,
+    /// Dials the replica at the other end (tunnel dial-backs go to the same replica).
+    dialer: Dialer,
+    /// The replica at the other end, once it said.
+    replica: Option<String>,
+    /// Control sent [`ToBroker::Replicas`]: it takes [`ToControl::Channels`].
+    takes_channels: bool,
+}
+
+impl Chan {
+    /// This channel is to replica `id`: take it, or end as a duplicate.
+    fn claim(&mut self, id: String) -> Result<(), ChannelError> {
+        if crate::replicas::check_id(&id).is_err() {
+            return Err(ChannelError::Protocol(format!("invalid replica id {id:?}")));
         }
+        if !self.shared.fleet.claim(&id, self.slot) {
+            return Err(ChannelError::Duplicate { replica: id });
+        }
+        self.replica = Some(id);
+        Ok(())
     }
 
-    /// One channel's life, from `Hello` to its end.
     async fn session(
         &mut self,
         mut channel: Channel,
         shutdown: &CancellationToken,
         synced: &mut bool,
     ) -> Result<(), ChannelError> {
-        let broker = self.broker.clone();
-        let metrics = broker.metrics().clone();
-        // Everything queued predates the session list below, which replaces it; backlog
-        // manifests are not presence and go after it.
-        let kept = self.presence.discard();
+        let broker = self.shared.broker.clone();
+        // Copies of presence from now on; the session list below covers what came before.
+        let (mut events, mut heartbeat_rx) = self.shared.fanout.subscribe();
+        let mut held_ids = self.shared.fleet.held_ids();
         let mut sessions: Vec<SessionReport> = broker
             .sessions()
             .list()
@@ -545,69 +805,43 @@ impl ControlSync {
             .map(|s| Presence::report(s))
             .collect();
         let rest = sessions.split_off(sessions.len().min(HELLO_MAX_SESSIONS));
-        let version = broker.allowlist().snapshot().version();
-        let digest = match &self.allowlist_digest {
-            (v, d) if *v == version => d.clone(),
-            _ => String::new(),
+        let (version, digest) = {
+            let log = self.shared.digests.lock().await;
+            let version = broker.allowlist().snapshot().version();
+            (version, log.get(version).unwrap_or_default().to_owned())
         };
         let mut last_tx = Instant::now();
         send(
             &mut channel,
             &ToControl::Hello {
-                name: self.identity.name.clone(),
+                name: self.shared.identity.name.clone(),
                 version: env!("CARGO_PKG_VERSION").to_owned(),
-                quic_addr: self.quic_addr.clone(),
+                quic_addr: self.shared.quic_addr.clone(),
                 allowlist_version: version,
-                allowlist_digest: digest.clone(),
+                allowlist_digest: digest,
                 sessions,
-                features: vec![cluster::FEATURE_TUNNEL.to_owned()],
+                features: vec![
+                    cluster::FEATURE_TUNNEL.to_owned(),
+                    cluster::FEATURE_REPLICAS.to_owned(),
+                ],
             },
         )
         .await?;
         for s in rest {
             send(&mut channel, &ToControl::SessionUp(s)).await?;
         }
-        for ev in kept {
-            let m = match ev {
-                PresenceEvent::Manifest {
-                    appliance,
-                    command_id,
-                    manifest,
-                    sig,
-                } => ToControl::ManifestBacklog {
-                    appliance,
-                    command_id,
-                    manifest,
-                    sig,
-                },
-                PresenceEvent::TunnelEnded {
-                    id,
-                    reason,
-                    message,
-                    manifest,
-                    manifest_sig,
-                } => ToControl::TunnelEnded {
-                    id,
-                    reason,
-                    message,
-                    manifest,
-                    manifest_sig,
-                },
-                PresenceEvent::Up(_) | PresenceEvent::Down { .. } => continue,
-            };
-            send(&mut channel, &m).await?;
-        }
         debug!(allowlist_version = version, "hello sent");
 
         let (out_tx, mut out_rx) = mpsc::channel::<Outgoing>(COMMAND_QUEUE);
         let mut commands: HashMap<u64, tokio::task::AbortHandle> = HashMap::new();
-        let mut sync = SyncState::with_digest(digest);
+        let mut sync = SyncState::default();
         let mut heartbeats: HashMap<u64, HeartbeatSummary> = HashMap::new();
         let mut batch = tokio::time::interval(HEARTBEAT_BATCH_INTERVAL);
         batch.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let ping = Duration::from_secs(CHANNEL_PING_SECS);
         let idle = Duration::from_secs(CHANNEL_IDLE_TIMEOUT_SECS);
         let mut last_rx = Instant::now();
+        let fanout = self.shared.fanout.clone();
 
         let result = loop {
             let mut out: Vec<ToControl> = Vec::new();
@@ -633,49 +867,67 @@ impl ControlSync {
                         Err(e) => break Err(e),
                     }
                 }
-                ev = self.presence.events.recv() => {
-                    if let Some(ev) = ev {
-                        out.push(match ev {
-                            PresenceEvent::Up(r) => ToControl::SessionUp(r),
-                            PresenceEvent::Down { appliance, session_id, reason } => {
-                                ToControl::SessionDown { appliance, session_id, reason: reason.to_owned() }
-                            }
-                            PresenceEvent::Manifest { appliance, command_id, manifest, sig } => {
-                                ToControl::ManifestBacklog { appliance, command_id, manifest, sig }
-                            }
-                            PresenceEvent::TunnelEnded { id, reason, message, manifest, manifest_sig } => {
-                                ToControl::TunnelEnded { id, reason, message, manifest, manifest_sig }
-                            }
-                        });
+                ev = events.recv() => match ev {
+                    Ok(Fanned::Event(PresenceEvent::Up(r))) => out.push(ToControl::SessionUp(r)),
+                    Ok(Fanned::Event(PresenceEvent::Down { appliance, session_id, reason })) => {
+                        out.push(ToControl::SessionDown { appliance, session_id, reason: reason.to_owned() });
                     }
-                }
-                _ = batch.tick() => {
-                    if self.presence.resync() {
+                    Ok(Fanned::Event(_)) => {}
+                    Ok(Fanned::Resync) | Err(broadcast::error::RecvError::Lagged(_)) => {
                         break Err(ChannelError::Resync);
                     }
-                    // Summaries are taken once a batch, not as they come: waiting on the
-                    // queue would wake this task for every heartbeat of the fleet (a
-                    // cross-thread wake-up each, 6.5 % of a held fleet's broker CPU).
-                    while let Ok(mut hb) = self.presence.heartbeats.try_recv() {
-                        // The newest summary of a session wins, but an agent status it
-                        // replaces still goes out (it is sent once, when it changed).
-                        match heartbeats.entry(hb.session_id) {
-                            std::collections::hash_map::Entry::Occupied(mut older) => {
-                                if hb.status.is_empty() {
-                                    hb.status = std::mem::take(&mut older.get_mut().status);
+                    Err(broadcast::error::RecvError::Closed) => break Ok(()),
+                },
+                ev = async { fanout.backlog.lock().await.recv().await } => match ev {
+                    Some(PresenceEvent::Manifest { appliance, command_id, manifest, sig }) => {
+                        out.push(ToControl::ManifestBacklog { appliance, command_id, manifest, sig });
+                    }
+                    Some(PresenceEvent::TunnelEnded { id, reason, message, manifest, manifest_sig }) => {
+                        out.push(ToControl::TunnelEnded { id, reason, message, manifest, manifest_sig });
+                    }
+                    Some(_) => {}
+                    None => break Ok(()),
+                },
+                // Summaries come in batches (the fan-out takes them from the drivers'
+                // queue twice a second): waking this task for every heartbeat of the fleet
+                // cost a cross-thread wake-up each, 6.5 % of a held fleet's broker CPU.
+                batch_in = heartbeat_rx.recv() => match batch_in {
+                    Ok(batch_in) => {
+                        for hb in batch_in.iter() {
+                            let mut hb = hb.clone();
+                            // The newest summary of a session wins, but an agent status it
+                            // replaces still goes out (it is sent once, when it changed).
+                            match heartbeats.entry(hb.session_id) {
+                                std::collections::hash_map::Entry::Occupied(mut older) => {
+                                    if hb.status.is_empty() {
+                                        hb.status = std::mem::take(&mut older.get_mut().status);
+                                    }
+                                    older.insert(hb);
                                 }
-                                older.insert(hb);
-                            }
-                            std::collections::hash_map::Entry::Vacant(slot) => {
-                                slot.insert(hb);
+                                std::collections::hash_map::Entry::Vacant(slot) => {
+                                    slot.insert(hb);
+                                }
                             }
                         }
                     }
+                    // Summaries are replaced by the next ones anyway.
+                    Err(broadcast::error::RecvError::Lagged(n)) => {
+                        debug!(batches = n, "heartbeat summaries skipped");
+                    }
+                    Err(broadcast::error::RecvError::Closed) => break Ok(()),
+                },
+                _ = batch.tick() => {
                     let mut items: Vec<HeartbeatSummary> = heartbeats.drain().map(|(_, v)| v).collect();
                     while !items.is_empty() {
                         let rest = items.split_off(items.len().min(HEARTBEATS_MAX_ITEMS));
                         out.push(ToControl::Heartbeats { items });
                         items = rest;
+                    }
+                }
+                changed = held_ids.changed(), if self.takes_channels => {
+                    if changed.is_ok() {
+                        let replicas = held_ids.borrow_and_update().clone();
+                        out.push(ToControl::Channels { replicas });
                     }
                 }
                 o = out_rx.recv() => match o {
@@ -698,6 +950,7 @@ impl ControlSync {
                 break Err(e);
             }
         };
+        // Commands run for the replica that sent them: they end with its channel.
         for (_, h) in commands {
             h.abort();
         }
@@ -709,7 +962,6 @@ impl ControlSync {
             )
             .await;
         }
-        metrics.control_connected.set(0);
         result
     }
 
@@ -722,26 +974,42 @@ impl ControlSync {
         out_tx: &mpsc::Sender<Outgoing>,
         synced: &mut bool,
     ) -> Result<Option<ToControl>, ChannelError> {
-        let broker = &self.broker;
+        let broker = &self.shared.broker;
         let metrics = broker.metrics();
         match msg {
             ToBroker::SnapshotBegin { .. }
             | ToBroker::SnapshotChunk { .. }
             | ToBroker::SnapshotEnd { .. }
             | ToBroker::Delta { .. } => {
+                // One channel at a time checks and applies a version.
+                let mut log = self.shared.digests.lock().await;
                 let current = broker.allowlist().snapshot().version();
-                let SyncStep::Apply(change) = sync.handle(msg, current)? else {
-                    return Ok(None);
+                let change = match sync.handle(msg, current, &log)? {
+                    SyncStep::Continue => return Ok(None),
+                    SyncStep::Duplicate { version } => {
+                        debug!(
+                            version,
+                            current, "version applied already (another channel)"
+                        );
+                        metrics.allowlist_duplicates.inc();
+                        return Ok(Some(ToControl::Applied {
+                            version: current,
+                            sessions_closed: 0,
+                        }));
+                    }
+                    SyncStep::Apply(change) => change,
                 };
                 let report = crate::apply_change(broker, "control", change)
                     .map_err(|e| ChannelError::Apply(e.to_string()))?;
-                self.allowlist_digest = (report.version, sync.applied().to_owned());
+                sync.applied(&mut log);
                 // Removals reach the disk now (the snapshot itself is coalesced), so a
                 // crash right after a revocation cannot bring the certificate back.
-                self.writer
+                self.shared
+                    .writer
                     .record_removed(report.version, &report.removed)
                     .await;
-                self.writer.changed();
+                drop(log);
+                self.shared.writer.changed();
                 if *synced {
                     metrics
                         .allowlist_synced_timestamp_seconds
@@ -753,19 +1021,26 @@ impl ControlSync {
                 }))
             }
             ToBroker::Synced { version, accepts } => {
-                self.presence.set_backlog_accepted(
+                self.shared.backlog_accepted.store(
                     accepts
                         .iter()
                         .any(|a| a == tether_proto::cluster::ACCEPTS_MANIFEST_BACKLOG),
+                    std::sync::atomic::Ordering::Relaxed,
                 );
                 let current = broker.allowlist().snapshot().version();
-                if version != current || sync.in_snapshot() {
+                // Another channel may have applied newer versions meanwhile.
+                if version > current || sync.in_snapshot() {
                     return Err(ChannelError::Protocol(format!(
                         "synced at version {version} but version {current} is in force"
                     )));
                 }
-                *synced = true;
-                metrics.allowlist_stale.set(0);
+                if !*synced {
+                    *synced = true;
+                    self.shared.fleet.channel_synced();
+                    self.shared
+                        .ever_synced
+                        .store(true, std::sync::atomic::Ordering::Relaxed);
+                }
                 metrics
                     .allowlist_synced_timestamp_seconds
                     .set(unix_now() as i64);
@@ -775,6 +1050,32 @@ impl ControlSync {
                     "allowlist in sync with control"
                 );
                 Ok(None)
+            }
+            ToBroker::Replicas { self_id, replicas } => {
+                if let Err(e) = crate::replicas::check_replicas(&replicas) {
+                    warn!(error = %e, "replica list from control ignored");
+                    return Ok(None);
+                }
+                match &self.replica {
+                    None => self.claim(self_id.clone())?,
+                    Some(held) if *held != self_id => {
+                        warn!(header = %held, frame = %self_id, "control named two replica ids for one channel");
+                    }
+                    Some(_) => {}
+                }
+                if let Some(advertise) = replicas
+                    .iter()
+                    .find(|r| r.id == self_id)
+                    .map(|r| r.advertise.clone())
+                {
+                    // Tunnel dial-backs must reach this replica, not the load balancer.
+                    self.dialer.url = crate::replicas::replica_url(&advertise);
+                }
+                self.shared.fleet.set_known(replicas);
+                self.takes_channels = true;
+                Ok(Some(ToControl::Channels {
+                    replicas: self.shared.fleet.held_ids().borrow().clone(),
+                }))
             }
             ToBroker::Renewals { generations } => {
                 let invalid = broker.generations().apply(&generations, broker.sessions());
@@ -876,13 +1177,13 @@ impl ControlSync {
                         "tunnel_connect with an invalid token {conn:?}"
                     )));
                 }
-                let dialer = self.dialer();
+                let dialer = self.dialer.clone();
                 let span = tracing::info_span!("tunnel_connection", tunnel = %id, %appliance);
                 tokio::spawn(
                     async move {
                         let path = format!("{}{conn}", cluster::TUNNEL_DIAL_PATH);
                         match dialer.upgrade(&path, tether_proto::relay::UPGRADE).await {
-                            Ok(io) => {
+                            Ok((io, _)) => {
                                 let reason = dialer
                                     .broker
                                     .relay_tunnel(&appliance, session_id, TokioIo::new(io))
@@ -1008,6 +1309,11 @@ fn unix_now() -> u64 {
 mod tests {
     use super::*;
 
+    /// Feed `msg` with nothing recorded.
+    fn h(s: &mut SyncState, msg: ToBroker, current: u64) -> Result<SyncStep, ChannelError> {
+        s.handle(msg, current, &DigestLog::default())
+    }
+
     fn fp(b: u8) -> String {
         format!("{b:02x}").repeat(32)
     }
@@ -1016,7 +1322,8 @@ mod tests {
     fn a_snapshot_is_applied_whole_at_its_end() {
         let mut s = SyncState::default();
         assert!(matches!(
-            s.handle(
+            h(
+                &mut s,
                 ToBroker::SnapshotBegin {
                     version: 9,
                     entries: 2
@@ -1027,7 +1334,8 @@ mod tests {
         ));
         assert!(s.in_snapshot());
         assert!(matches!(
-            s.handle(
+            h(
+                &mut s,
                 ToBroker::SnapshotChunk {
                     entries: vec![("a".into(), fp(1))]
                 },
@@ -1036,7 +1344,8 @@ mod tests {
             Ok(SyncStep::Continue)
         ));
         assert!(matches!(
-            s.handle(
+            h(
+                &mut s,
                 ToBroker::SnapshotChunk {
                     entries: vec![("b".into(), fp(2))]
                 },
@@ -1044,15 +1353,15 @@ mod tests {
             ),
             Ok(SyncStep::Continue)
         ));
-        match s
-            .handle(
-                ToBroker::SnapshotEnd {
-                    version: 9,
-                    digest: String::new(),
-                },
-                0,
-            )
-            .unwrap()
+        match h(
+            &mut s,
+            ToBroker::SnapshotEnd {
+                version: 9,
+                digest: String::new(),
+            },
+            0,
+        )
+        .unwrap()
         {
             SyncStep::Apply(Change::Replace { version, entries }) => {
                 assert_eq!(version, Some(9));
@@ -1066,7 +1375,8 @@ mod tests {
     #[test]
     fn a_snapshot_with_a_wrong_count_or_version_is_a_protocol_error() {
         let mut s = SyncState::default();
-        s.handle(
+        h(
+            &mut s,
             ToBroker::SnapshotBegin {
                 version: 3,
                 entries: 1,
@@ -1075,7 +1385,8 @@ mod tests {
         )
         .unwrap();
         assert!(matches!(
-            s.handle(
+            h(
+                &mut s,
                 ToBroker::SnapshotChunk {
                     entries: vec![("a".into(), fp(1)), ("b".into(), fp(2))]
                 },
@@ -1084,7 +1395,8 @@ mod tests {
             Err(ChannelError::Protocol(_))
         ));
         let mut s = SyncState::default();
-        s.handle(
+        h(
+            &mut s,
             ToBroker::SnapshotBegin {
                 version: 3,
                 entries: 1,
@@ -1093,7 +1405,8 @@ mod tests {
         )
         .unwrap();
         assert!(matches!(
-            s.handle(
+            h(
+                &mut s,
                 ToBroker::SnapshotEnd {
                     version: 3,
                     digest: String::new(),
@@ -1103,7 +1416,8 @@ mod tests {
             Err(ChannelError::Protocol(_))
         ));
         let mut s = SyncState::default();
-        s.handle(
+        h(
+            &mut s,
             ToBroker::SnapshotBegin {
                 version: 3,
                 entries: 0,
@@ -1112,7 +1426,8 @@ mod tests {
         )
         .unwrap();
         assert!(matches!(
-            s.handle(
+            h(
+                &mut s,
                 ToBroker::SnapshotEnd {
                     version: 4,
                     digest: String::new(),
@@ -1123,7 +1438,8 @@ mod tests {
         ));
         let mut s = SyncState::default();
         assert!(matches!(
-            s.handle(
+            h(
+                &mut s,
                 ToBroker::SnapshotEnd {
                     version: 4,
                     digest: String::new(),
@@ -1143,7 +1459,7 @@ mod tests {
             remove: vec![fp(2)],
             digest: String::new(),
         };
-        match s.handle(delta(6), 5).unwrap() {
+        match h(&mut s, delta(6), 5).unwrap() {
             SyncStep::Apply(Change::Delta {
                 version,
                 add,
@@ -1156,14 +1472,15 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert!(matches!(
-            s.handle(delta(7), 5),
+            h(&mut s, delta(7), 5),
             Err(ChannelError::VersionGap { have: 5, got: 7 })
         ));
         assert!(matches!(
-            s.handle(delta(5), 5),
+            h(&mut s, delta(5), 5),
             Err(ChannelError::VersionGap { have: 5, got: 5 })
         ));
-        s.handle(
+        h(
+            &mut s,
             ToBroker::SnapshotBegin {
                 version: 9,
                 entries: 0,
@@ -1172,7 +1489,7 @@ mod tests {
         )
         .unwrap();
         assert!(matches!(
-            s.handle(delta(6), 5),
+            h(&mut s, delta(6), 5),
             Err(ChannelError::Protocol(_))
         ));
     }
@@ -1188,19 +1505,77 @@ mod tests {
             remove: vec![],
             digest: digest.to_owned(),
         };
-        let mut s = SyncState::with_digest(held.clone());
+        let mut log = DigestLog::default();
+        log.record(5, held.clone());
+        let mut s = SyncState::default();
         // Same version and content on another history: refused.
         let other = cluster::allowlist_digest_hex(&cluster::to_hex(&[8; 32]), 6, &add, &[]);
         assert!(matches!(
-            s.handle(delta(&other.unwrap()), 5),
+            s.handle(delta(&other.unwrap()), 5, &log),
             Err(ChannelError::DigestMismatch { version: 6 })
         ));
-        assert!(matches!(s.handle(delta(&good), 5), Ok(SyncStep::Apply(_))));
-        assert_eq!(s.applied(), good);
+        assert!(matches!(
+            s.handle(delta(&good), 5, &log),
+            Ok(SyncStep::Apply(_))
+        ));
+        s.applied(&mut log);
+        assert_eq!(log.get(6), Some(good.as_str()));
         // Nothing held: the first digest is taken as it comes.
+        let mut log = DigestLog::default();
         let mut s = SyncState::default();
-        assert!(matches!(s.handle(delta(&good), 5), Ok(SyncStep::Apply(_))));
-        assert_eq!(s.applied(), good);
+        assert!(matches!(
+            s.handle(delta(&good), 5, &log),
+            Ok(SyncStep::Apply(_))
+        ));
+        s.applied(&mut log);
+        assert_eq!(log.get(6), Some(good.as_str()));
+    }
+
+    #[test]
+    fn a_duplicate_delta_from_another_replica_is_ignored_and_a_forged_one_refused() {
+        let g = cluster::to_hex(&cluster::ALLOWLIST_GENESIS_DIGEST);
+        let add = vec![("a".to_owned(), fp(1))];
+        let d1 = cluster::allowlist_digest_hex(&g, 1, &add, &[]).unwrap();
+        let delta = |digest: &str| ToBroker::Delta {
+            version: 1,
+            add: add.clone(),
+            remove: vec![],
+            digest: digest.to_owned(),
+        };
+        let mut log = DigestLog::default();
+        log.record(0, g.clone());
+        // Channel A brings version 1 first.
+        let mut a = SyncState::default();
+        assert!(matches!(
+            a.handle(delta(&d1), 0, &log),
+            Ok(SyncStep::Apply(_))
+        ));
+        a.applied(&mut log);
+        // Channel B brings the same version with the same digest: once is enough.
+        let mut b = SyncState::default();
+        assert!(matches!(
+            b.handle(delta(&d1), 1, &log),
+            Ok(SyncStep::Duplicate { version: 1 })
+        ));
+        // The same version with another digest (another history), or with none: dropped.
+        let other = cluster::to_hex(&[9; 32]);
+        assert!(matches!(
+            b.handle(delta(&other), 1, &log),
+            Err(ChannelError::DigestMismatch { version: 1 })
+        ));
+        assert!(matches!(
+            b.handle(delta(""), 1, &log),
+            Err(ChannelError::VersionGap { have: 1, got: 1 })
+        ));
+        // Older than the digests kept: a gap, not a duplicate.
+        for v in 2..=(DIGESTS_KEPT as u64 + 1) {
+            log.record(v, cluster::to_hex(&[v as u8; 32]));
+        }
+        assert_eq!(log.get(1), None);
+        assert!(matches!(
+            b.handle(delta(&d1), DIGESTS_KEPT as u64 + 1, &log),
+            Err(ChannelError::VersionGap { .. })
+        ));
     }
 
     #[test]
@@ -1213,7 +1588,7 @@ mod tests {
             digest: String::new(),
         };
         assert!(matches!(
-            s.handle(bad_id, 0),
+            h(&mut s, bad_id, 0),
             Err(ChannelError::Protocol(_))
         ));
         let bad_fp = ToBroker::Delta {
@@ -1223,7 +1598,7 @@ mod tests {
             digest: String::new(),
         };
         assert!(matches!(
-            s.handle(bad_fp, 0),
+            h(&mut s, bad_fp, 0),
             Err(ChannelError::Protocol(_))
         ));
     }

@@ -34,6 +34,8 @@
 //!   - [`channel`] — the cluster channel to control ([`channel::ControlSync`]).
 //!   - [`presence`] — session up/down and heartbeats from the drivers to the channel;
 //!     manual-renewal generations from the channel to the drivers.
+//!   - [`replicas`] — the control replicas a broker holds a channel to, the list kept in
+//!     the data directory, and the presence fan-out to every channel.
 //!   - [`snapshot`] — the allowlist snapshot file and its background writer.
 //!   - [`datadir`] — the data directory's files and atomic writes; bundle parsing.
 //!   - [`credential`] — enrollment and renewal of the broker's own certificate.
@@ -53,6 +55,7 @@ pub mod credential;
 pub mod datadir;
 pub mod metrics;
 pub mod presence;
+pub mod replicas;
 pub mod server;
 pub mod sessions;
 pub mod snapshot;
@@ -222,7 +225,7 @@ impl Running {
             writer: SnapshotWriter::spawn(snapshot_path, journal_path, allowlist),
             quic_addr: quic_addr.clone(),
             snapshot_saved_at,
-            allowlist_digest: (0, String::new()),
+            replicas_file: dir.path(crate::replicas::REPLICAS_FILE),
         };
         let renewer = Renewer {
             identity: identity.clone(),

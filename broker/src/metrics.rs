@@ -99,8 +99,12 @@ pub struct Metrics {
     pub commands: Family<Outcome, Counter>,
     /// Bytes of UDP receive buffer the kernel granted.
     pub udp_recv_buffer_bytes: Gauge,
-    /// Control mode: 1 while the cluster channel to control is up.
+    /// Control mode: 1 while at least one cluster channel to control is up.
     pub control_connected: Gauge,
+    /// Control mode: cluster channels up (one per control replica held).
+    pub control_channels: Gauge,
+    /// Control mode: allowlist versions received again on another channel and ignored.
+    pub allowlist_duplicates: Counter,
     /// Control mode: 1 while the allowlist in force is not known to be control's latest
     /// (from start until the first `Synced`, and whenever the channel is down).
     pub allowlist_stale: Gauge,
@@ -175,6 +179,8 @@ impl Metrics {
             commands: Family::default(),
             udp_recv_buffer_bytes: Gauge::default(),
             control_connected: Gauge::default(),
+            control_channels: Gauge::default(),
+            allowlist_duplicates: Counter::default(),
             allowlist_stale: Gauge::default(),
             allowlist_synced_timestamp_seconds: Gauge::default(),
             control_channel_errors: Family::default(),
@@ -318,8 +324,18 @@ impl Metrics {
     fn register_control_mode(&self, registry: &mut Registry) {
         registry.register(
             "broker_control_connected",
-            "1 while the cluster channel to control is up",
+            "1 while at least one cluster channel to control is up",
             self.control_connected.clone(),
+        );
+        registry.register(
+            "broker_control_channels",
+            "Cluster channels up, one per control replica held",
+            self.control_channels.clone(),
+        );
+        registry.register(
+            "broker_allowlist_duplicates",
+            "Allowlist versions received again on another channel (same digest) and ignored",
+            self.allowlist_duplicates.clone(),
         );
         registry.register(
             "broker_allowlist_stale",

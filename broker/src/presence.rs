@@ -31,9 +31,9 @@ use crate::sessions::{SessionInfo, SessionTable};
 
 /// Capacity of the session up/down queue.
 pub const EVENT_QUEUE: usize = 16 * 1024;
-/// Capacity of the heartbeat-summary queue: the channel empties it once a batch interval
-/// (1 s), and 100,000 appliances heartbeating every 15 s fill 6,700 a second. Slots are
-/// allocated as they fill, not up front.
+/// Capacity of the heartbeat-summary queue: the fan-out to the control channels empties it
+/// twice a second, and 100,000 appliances heartbeating every 15 s fill 6,700 a second.
+/// Slots are allocated as they fill, not up front.
 pub const HEARTBEAT_QUEUE: usize = 32 * 1024;
 
 /// A session came up or went down.
@@ -117,6 +117,12 @@ impl PresenceRx {
         self.backlog.store(accepted, Ordering::Relaxed);
     }
 
+    /// The switch [`PresenceRx::set_backlog_accepted`] sets, for a task that does not
+    /// hold this receiver.
+    pub fn backlog_switch(&self) -> Arc<AtomicBool> {
+        self.backlog.clone()
+    }
+
     /// Throw away the presence queued (before a `Hello`, which carries the full list);
     /// the backlog manifests among it are returned, to be sent after that `Hello` (the
     /// agents were told they were passed on).
@@ -184,6 +190,11 @@ impl Presence {
             session_id: s.session_id,
             fingerprint: s.fingerprint.to_hex(),
             connected_at: unix_secs(s.connected_at),
+            connected_at_ms: s
+                .connected_at
+                .duration_since(UNIX_EPOCH)
+                .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+                .unwrap_or(0),
             cert_not_after: ms_to_secs(s.cert_not_after_ms.load(Ordering::Relaxed)),
             agent_version: s.agent_version.clone(),
             transport: s.connection.transport().as_str().to_owned(),

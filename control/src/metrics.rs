@@ -82,6 +82,13 @@ pub struct Metrics {
     pub tunnel_connections: Family<EventLabel, Counter>,
     /// Tunnel bytes relayed, by direction.
     pub tunnel_bytes: Family<DirectionLabel, Counter>,
+    /// PostgreSQL: 1 while the NOTIFY listener is connected and its self-probe arrived
+    /// (0: changes from other replicas arrive by the one-second poll only).
+    pub notify_ok: prometheus_client::metrics::gauge::Gauge,
+    /// PostgreSQL: times the NOTIFY listener lost its connection (it catches up after).
+    pub notify_reconnects: Counter,
+    /// PostgreSQL: change notifications received.
+    pub notifications: Counter,
 }
 
 impl Default for Metrics {
@@ -110,8 +117,26 @@ impl Metrics {
             tunnels_active: Default::default(),
             tunnel_connections: Family::default(),
             tunnel_bytes: Family::default(),
+            notify_ok: Default::default(),
+            notify_reconnects: Counter::default(),
+            notifications: Counter::default(),
             registry: Registry::default(),
         };
+        registry.register(
+            "notify_ok",
+            "1 while change notifications from other replicas are delivered (PostgreSQL)",
+            m.notify_ok.clone(),
+        );
+        registry.register(
+            "notify_reconnects",
+            "Times the change-notification listener lost its database connection",
+            m.notify_reconnects.clone(),
+        );
+        registry.register(
+            "notifications",
+            "Change notifications received from the database",
+            m.notifications.clone(),
+        );
         registry.register(
             "requests",
             "API answers by route, HTTP status and error code",

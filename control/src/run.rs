@@ -113,6 +113,8 @@ pub struct Started {
     pub config: ControlConfig,
     /// This replica as it registered itself.
     pub replica: ReplicaInfo,
+    /// PostgreSQL: the change doorbell (NOTIFY listener and poller) to run.
+    doorbell: Option<crate::store::sql::notify::Doorbell>,
     listener: tokio::net::TcpListener,
     metrics_listener: tokio::net::TcpListener,
 }
@@ -140,7 +142,14 @@ impl Started {
         if database_url.is_some() {
             cfg.database_url = database_url;
         }
-        let store = open_store(&cfg, data_dir).await?;
+        let url = cfg.database_url(data_dir);
+        let sql = crate::store::sql::SqlStore::connect(&url).await?;
+        let listen_url = cfg
+            .replica
+            .notify
+            .then(|| cfg.replica.listen_database_url.clone().unwrap_or(url));
+        let doorbell = sql.doorbell(listen_url);
+        let store: Arc<dyn Store> = Arc::new(sql);
         if let Some(l) = listen {
             cfg.listen = l;
         }
@@ -186,6 +195,7 @@ impl Started {
         Ok(Started {
             state,
             replica,
+            doorbell,
             config: cfg,
             listener,
             metrics_listener,
@@ -209,6 +219,7 @@ impl Started {
         let Started {
             state,
             replica,
+            doorbell,
             config,
             listener,
             metrics_listener,
@@ -241,9 +252,13 @@ impl Started {
             }
         });
         let replica_id = replica.id.clone();
+        if let Some(doorbell) = doorbell {
+            tokio::spawn(doorbell.run(state.metrics.clone(), shutdown.clone()));
+        }
         tokio::spawn(replica::heartbeat_forever(
             state.domain.store.clone(),
             replica,
+            state.domain.fleet.clone(),
             shutdown.clone(),
         ));
         let signer = crate::domain::audit::checkpoint_signer(&state.domain.ca)

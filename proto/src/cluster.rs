@@ -257,6 +257,21 @@ pub enum ToBroker {
         #[serde(default)]
         session_id: u64,
     },
+    /// The live control replicas (their registry on the database's clock), sent after
+    /// [`ToBroker::Synced`] and again whenever the registry changes. A broker holds one
+    /// channel to each: it dials each `advertise` directly (it reached the first one
+    /// through its bundle's URL, often a load balancer), keeps the list in its data
+    /// directory so a restart does not need the load balancer, and closes a second
+    /// channel that lands on a replica it already holds (every upgrade answer names its
+    /// replica in the `tether-control-replica` header). An older broker would take this
+    /// frame for a protocol error, so control sends it only to a broker whose `Hello`
+    /// listed [`FEATURE_REPLICAS`].
+    Replicas {
+        /// The replica at the other end of this channel.
+        self_id: String,
+        /// Every live replica, this one included.
+        replicas: Vec<ReplicaAddr>,
+    },
     /// Keep-alive.
     Ping,
     /// Control is shutting down: it has finished its in-flight requests and will close
@@ -300,6 +315,19 @@ impl SignedCommand {
         }
     }
 }
+
+/// A control replica in [`ToBroker::Replicas`].
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct ReplicaAddr {
+    /// Its id (`tether-control-replica`).
+    pub id: String,
+    /// Where brokers reach it (`host:port`, HTTPS).
+    pub advertise: String,
+}
+
+/// What a broker lists in its `Hello` when it takes [`ToBroker::Replicas`] and holds a
+/// channel to every replica (it may then also send [`ToControl::Channels`]).
+pub const FEATURE_REPLICAS: &str = "replicas";
 
 /// What a broker lists in its `Hello` when it serves break-glass tunnels for control.
 pub const FEATURE_TUNNEL: &str = "tunnel";
@@ -403,6 +431,12 @@ pub struct SessionReport {
     pub fingerprint: String,
     /// When it connected (Unix seconds).
     pub connected_at: u64,
+    /// When it connected (Unix milliseconds; 0 from an older broker, which control reads
+    /// as `connected_at` × 1000). Every control replica keeps, of two sessions of one
+    /// appliance on different brokers, the one with the greatest
+    /// (`connected_at_ms`, broker, `session_id`), so all replicas close the same one.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub connected_at_ms: u64,
     /// The certificate's `notAfter` (Unix seconds).
     pub cert_not_after: u64,
     /// The agent's version from `Hello`.
@@ -415,6 +449,21 @@ pub struct SessionReport {
     /// The transport the session uses: `quic` or `tcp` (absent from older brokers: QUIC).
     #[serde(default = "default_transport")]
     pub transport: String,
+}
+
+fn is_zero(v: &u64) -> bool {
+    *v == 0
+}
+
+impl SessionReport {
+    /// When it connected in Unix milliseconds (from `connected_at` for an older broker).
+    pub fn connected_ms(&self) -> u64 {
+        if self.connected_at_ms != 0 {
+            self.connected_at_ms
+        } else {
+            self.connected_at.saturating_mul(1000)
+        }
+    }
 }
 
 fn default_transport() -> String {
@@ -579,6 +628,14 @@ pub enum ToControl {
         #[serde(default, skip_serializing_if = "String::is_empty")]
         manifest_sig: String,
     },
+    /// The replicas this broker holds a channel to now (their ids), sent on every
+    /// channel after `synced` and whenever the set changes, so any replica can show how
+    /// many replicas each broker reaches. Sent only by a broker that listed
+    /// [`FEATURE_REPLICAS`], to a control that sent [`ToBroker::Replicas`].
+    Channels {
+        /// Replica ids.
+        replicas: Vec<String>,
+    },
     /// Keep-alive.
     Ping,
 }
@@ -637,6 +694,7 @@ mod tests {
             session_id: 1,
             fingerprint: "ab".into(),
             connected_at: 1,
+            connected_at_ms: 1_500,
             cert_not_after: 2,
             agent_version: "0.1".into(),
             capabilities: vec![],

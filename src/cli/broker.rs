@@ -76,8 +76,15 @@ pub async fn run(cmd: BrokerCmd) -> anyhow::Result<()> {
                 Output::Json => print_json(&list)?,
                 Output::Table => {
                     println!(
-                        "{:<20} {:<8} {:<10} {:<22} {:>8} {:>9} {:<18}  LAST SEEN",
-                        "NAME", "STATUS", "CHANNEL", "QUIC", "VERSION", "SESSIONS", "TRANSPORTS"
+                        "{:<20} {:<8} {:<10} {:>8} {:<22} {:>8} {:>9} {:<18}  LAST SEEN",
+                        "NAME",
+                        "STATUS",
+                        "CHANNEL",
+                        "REPLICAS",
+                        "QUIC",
+                        "VERSION",
+                        "SESSIONS",
+                        "TRANSPORTS"
                     );
                     for b in &list.brokers {
                         let transports = b
@@ -92,10 +99,13 @@ pub async fn run(cmd: BrokerCmd) -> anyhow::Result<()> {
                             })
                             .unwrap_or_else(|| "-".into());
                         println!(
-                            "{:<20} {:<8} {:<10} {:<22} {:>8} {:>9} {:<18}  {}",
+                            "{:<20} {:<8} {:<10} {:>8} {:<22} {:>8} {:>9} {:<18}  {}",
                             b.name,
                             b.status.as_str(),
                             if b.connected { "up" } else { "down" },
+                            b.replicas_connected
+                                .map(|v| v.to_string())
+                                .unwrap_or_else(|| "-".into()),
                             b.quic_addr.as_deref().unwrap_or("-"),
                             b.allowlist_version
                                 .map(|v| v.to_string())

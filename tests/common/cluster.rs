@@ -85,13 +85,20 @@ impl Cluster {
 
     /// `tether broker add NAME`, then `tether-broker --bundle` on a fresh data directory.
     pub fn add_broker(&mut self, name: &str) -> BrokerProc {
+        let url = self.fleet.url();
+        self.add_broker_via(name, &url)
+    }
+
+    /// [`Cluster::add_broker`] with `control_url` in its bundle (one replica, or a
+    /// load balancer).
+    pub fn add_broker_via(&mut self, name: &str, control_url: &str) -> BrokerProc {
         let dir = self.tmp().join(format!("broker-{name}"));
         let bundle = self.tmp().join(format!("{name}.broker.json"));
         self.tether(&["broker", "add", name, "--out", bundle.to_str().unwrap()])
             .expect("tether broker add");
         // The bundle names control by its configured DNS name; reach it on 127.0.0.1.
         let mut b: Value = serde_json::from_slice(&std::fs::read(&bundle).unwrap()).unwrap();
-        b["control_url"] = Value::from(self.fleet.url());
+        b["control_url"] = Value::from(control_url);
         std::fs::write(&bundle, serde_json::to_vec(&b).unwrap()).unwrap();
         self.broker_dirs.push((name.to_owned(), dir.clone()));
         start_broker(&dir, Some(&bundle), "127.0.0.1:0")

@@ -293,6 +293,12 @@ impl BrokerProc {
 
 impl Drop for BrokerProc {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            // The test failed: its broker's log says why more often than not.
+            for line in self.logs.lock().unwrap().iter() {
+                eprintln!("[broker {}] {line}", self.quic);
+            }
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }

@@ -2,7 +2,7 @@
 //! store commits them, renewals, closes, commands, pings) and a reader (presence, command
 //! events) until either ends.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -63,6 +63,8 @@ fn link_error(reason: &'static str, detail: impl ToString) -> LinkError {
 struct Hello {
     quic_addr: String,
     tunnel: bool,
+    /// It listed [`tether_proto::cluster::FEATURE_REPLICAS`].
+    replicas: bool,
     since: u64,
     /// The digest of `since` as the broker applied it (empty: unknown).
     digest: String,
@@ -100,6 +102,8 @@ where
     let (tx, rx) = mpsc::channel::<ToBroker>(LINK_QUEUE);
     let ended = CancellationToken::new();
     let applied = Arc::new(AtomicU64::new(hello.since));
+    let replicas_connected = Arc::new(AtomicUsize::new(0));
+    let takes_replicas = hello.replicas;
     let link_id = s.cluster.register_link(
         &name,
         Link {
@@ -110,6 +114,7 @@ where
             applied: applied.clone(),
             ended: ended.clone(),
             tunnel: hello.tunnel,
+            replicas_connected: replicas_connected.clone(),
         },
         hello.sessions,
     );
@@ -118,8 +123,22 @@ where
         .set(lock(&s.cluster.links).len() as i64);
     s.metrics.sessions.set(s.cluster.session_count());
 
-    let writer = write_loop(&s, &mut sink, (hello.since, hello.digest), rx, &ended);
-    let reader = read_loop(&s, &name, &mut stream, link_id, &applied);
+    let writer = write_loop(
+        &s,
+        &mut sink,
+        (hello.since, hello.digest),
+        takes_replicas,
+        rx,
+        &ended,
+    );
+    let reader = read_loop(
+        &s,
+        &name,
+        &mut stream,
+        link_id,
+        &applied,
+        &replicas_connected,
+    );
     let result = tokio::select! {
         r = writer => r,
         r = reader => r,
@@ -161,6 +180,9 @@ where
                 tunnel: features
                     .iter()
                     .any(|f| f == tether_proto::cluster::FEATURE_TUNNEL),
+                replicas: features
+                    .iter()
+                    .any(|f| f == tether_proto::cluster::FEATURE_REPLICAS),
                 since: allowlist_version,
                 digest: allowlist_digest,
                 sessions,
@@ -180,6 +202,7 @@ async fn write_loop<S>(
     s: &LinkState,
     sink: &mut S,
     (since, digest): (u64, String),
+    takes_replicas: bool,
     mut rx: mpsc::Receiver<ToBroker>,
     ended: &CancellationToken,
 ) -> Result<(), LinkError>
@@ -205,6 +228,12 @@ where
         .map(|(id, g)| (id, g.max(0) as u64))
         .collect();
     send(sink, &ToBroker::Renewals { generations }).await?;
+    // The replicas, to a broker that holds a channel to each (and again when they change).
+    let mut replicas = s.cluster.replicas();
+    if takes_replicas {
+        let set = replicas.borrow_and_update().clone();
+        send_replicas(sink, set).await?;
+    }
     let mut watch = s.store.allowlist_watch();
     let mut poll = tokio::time::interval(Duration::from_secs(1));
     poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -235,6 +264,14 @@ where
                     last_sent = tokio::time::Instant::now();
                 }
             }
+            changed = replicas.changed(), if takes_replicas => {
+                if changed.is_err() {
+                    return Ok(());
+                }
+                let set = replicas.borrow_and_update().clone();
+                send_replicas(sink, set).await?;
+                last_sent = tokio::time::Instant::now();
+            }
             msg = rx.recv() => match msg {
                 Some(m) => {
                     send(sink, &m).await?;
@@ -246,6 +283,25 @@ where
     }
 }
 
+/// [`ToBroker::Replicas`], unless the registry was not read yet.
+async fn send_replicas<S>(sink: &mut S, set: super::ReplicaSet) -> Result<(), LinkError>
+where
+    S: futures_util::Sink<bytes::Bytes, Error = std::io::Error> + Unpin,
+{
+    if set.self_id.is_empty() || set.replicas.is_empty() {
+        return Ok(());
+    }
+    debug!(replicas = set.replicas.len(), "replicas sent to the broker");
+    send(
+        sink,
+        &ToBroker::Replicas {
+            self_id: set.self_id,
+            replicas: set.replicas,
+        },
+    )
+    .await
+}
+
 /// The reader: presence and command events, until the broker closes or falls silent for
 /// [`CHANNEL_IDLE_TIMEOUT_SECS`].
 async fn read_loop<S>(
@@ -254,6 +310,7 @@ async fn read_loop<S>(
     stream: &mut S,
     link_id: u64,
     applied: &AtomicU64,
+    replicas_connected: &AtomicUsize,
 ) -> Result<(), LinkError>
 where
     S: futures_util::Stream<Item = std::io::Result<bytes::BytesMut>> + Unpin,
@@ -301,6 +358,14 @@ where
                 continue;
             }
             ToControl::Ping => continue,
+            ToControl::Channels { replicas } => {
+                debug!(
+                    replicas = replicas.len(),
+                    "broker's channels to control replicas"
+                );
+                replicas_connected.store(replicas.len(), Ordering::Relaxed);
+                continue;
+            }
             ToControl::TunnelAnswer { id, answer } => {
                 if !cluster.tunnel_answered(link_id, &id, answer) {
                     debug!(tunnel = %id, "tunnel answer nobody waits for");

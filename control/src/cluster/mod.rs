@@ -62,6 +62,29 @@ struct Link {
     ended: CancellationToken,
     /// Its `Hello` listed [`tether_proto::cluster::FEATURE_TUNNEL`].
     tunnel: bool,
+    /// How many control replicas the broker said it holds a channel to
+    /// ([`tether_proto::cluster::ToControl::Channels`]; 0: it has not said).
+    replicas_connected: Arc<AtomicUsize>,
+}
+
+/// The live control replicas as this replica last read them from the registry, for
+/// [`ToBroker::Replicas`]; empty until the first read (and in a process that registers
+/// no replica).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ReplicaSet {
+    /// This replica's id.
+    pub self_id: String,
+    /// Every live replica, sorted by id.
+    pub replicas: Vec<tether_proto::cluster::ReplicaAddr>,
+}
+
+/// The registry as links see it.
+struct Replicas(tokio::sync::watch::Sender<ReplicaSet>);
+
+impl Default for Replicas {
+    fn default() -> Self {
+        Replicas(tokio::sync::watch::channel(ReplicaSet::default()).0)
+    }
 }
 
 /// What a command produces, as [`Cluster::exec`] hands it to the caller.
@@ -141,6 +164,8 @@ pub struct Cluster {
     link_tasks: tokio_util::task::TaskTracker,
     /// Break-glass tunnels relayed through the links.
     tunnels: tunnel::Tunnels,
+    /// The live replicas, sent to brokers that take them.
+    replicas: Replicas,
 }
 
 impl std::fmt::Debug for Cluster {
@@ -193,6 +218,33 @@ impl Cluster {
         link_id
     }
 
+    /// Record the live replicas (read from the registry after each heartbeat); links
+    /// tell their brokers when the set changed.
+    pub fn set_replicas(
+        &self,
+        self_id: &str,
+        mut replicas: Vec<tether_proto::cluster::ReplicaAddr>,
+    ) {
+        replicas.sort();
+        replicas.dedup();
+        let set = ReplicaSet {
+            self_id: self_id.to_owned(),
+            replicas,
+        };
+        self.replicas.0.send_if_modified(|old| {
+            if *old == set {
+                return false;
+            }
+            *old = set;
+            true
+        });
+    }
+
+    /// The live replicas as last recorded, and their changes.
+    pub fn replicas(&self) -> tokio::sync::watch::Receiver<ReplicaSet> {
+        self.replicas.0.subscribe()
+    }
+
     /// Where `appliance` is connected, if a broker reported it.
     pub fn presence(&self, appliance: &str) -> Option<Presence> {
         lock(&self.presence).get(appliance).cloned()
@@ -222,6 +274,7 @@ impl Cluster {
                 allowlist_version: l.applied.load(Ordering::Relaxed),
                 sessions: sessions.get(name).map_or(0, |t| t.values().sum()),
                 sessions_by_transport: sessions.get(name).cloned().unwrap_or_default(),
+                replicas_connected: l.replicas_connected.load(Ordering::Relaxed).max(1),
             })
             .collect();
         out.sort_by(|a, b| a.broker.cmp(&b.broker));
@@ -348,6 +401,7 @@ impl Cluster {
             applied: Arc::new(AtomicU64::new(0)),
             ended: CancellationToken::new(),
             tunnel: true,
+            replicas_connected: Arc::default(),
         };
         if let Some(old) = lock(&self.links).insert(broker.to_owned(), link) {
             old.ended.cancel();
@@ -407,17 +461,28 @@ impl Cluster {
     }
 
     /// Record a session `broker` reports. When control knows the appliance on another
-    /// broker, the older of the two sessions must go: returns it (broker, session id).
-    /// A broker re-announcing, after a reconnect, a session older than the one control
-    /// knows elsewhere (a zombie the appliance already left) does not displace it.
+    /// broker, one of the two sessions must go: the one with the smaller
+    /// (`connected_at_ms`, broker, session id) — returned (broker, session id). The rule
+    /// does not depend on the order reports arrive in, so every control replica, hearing
+    /// the same reports in its own order, closes the same session. A broker
+    /// re-announcing, after a reconnect, a session older than the one control knows
+    /// elsewhere (a zombie the appliance already left) does not displace it.
     fn session_up(&self, broker: &str, r: SessionReport) -> Option<(String, u64)> {
         let mut presence = lock(&self.presence);
+        let new_key = (r.connected_ms(), broker, r.session_id);
         let known = presence
             .get(&r.appliance)
             .filter(|p| p.broker != broker)
-            .map(|p| (p.broker.clone(), p.session_id, p.connected_at));
-        if let Some((_, _, known_at)) = &known {
-            if r.connected_at < *known_at {
+            .map(|p| {
+                let ms = if p.connected_at_ms != 0 {
+                    p.connected_at_ms
+                } else {
+                    p.connected_at.saturating_mul(1000)
+                };
+                (p.broker.clone(), p.session_id, ms)
+            });
+        if let Some((known_broker, known_id, known_ms)) = &known {
+            if new_key < (*known_ms, known_broker.as_str(), *known_id) {
                 return Some((broker.to_owned(), r.session_id));
             }
         }
@@ -426,6 +491,7 @@ impl Cluster {
             Presence {
                 broker: broker.to_owned(),
                 session_id: r.session_id,
+                connected_at_ms: r.connected_ms(),
                 connected_at: r.connected_at,
                 fingerprint: r.fingerprint,
                 agent_version: r.agent_version,
@@ -505,6 +571,9 @@ impl Fleet for Cluster {
     fn disconnect(&self, name: &str) {
         Cluster::disconnect(self, name)
     }
+    fn replicas_live(&self, self_id: &str, replicas: Vec<tether_proto::cluster::ReplicaAddr>) {
+        self.set_replicas(self_id, replicas)
+    }
 }
 
 #[cfg(test)]
@@ -517,6 +586,7 @@ mod tests {
             session_id,
             fingerprint: "ab".into(),
             connected_at,
+            connected_at_ms: 0,
             cert_not_after: 0,
             agent_version: "t".into(),
             capabilities: vec![],
@@ -562,6 +632,7 @@ mod tests {
                 applied: Arc::new(AtomicU64::new(0)),
                 ended: CancellationToken::new(),
                 tunnel: false,
+                replicas_connected: Arc::default(),
             },
         );
         c.session_up("b1", report("a", 1, 100));
@@ -581,6 +652,40 @@ mod tests {
         // The real broker's answer gets through.
         assert!(c.deliver(1, id, ExecEvent::Exit(3), true));
         assert_eq!(events.recv().await, Some(ExecEvent::Exit(3)));
+    }
+
+    #[test]
+    fn every_replica_closes_the_same_session_whatever_the_order_of_reports() {
+        let at = |broker: &str, id: u64, ms: u64| {
+            let mut r = report("a", id, ms / 1000);
+            r.connected_at_ms = ms;
+            (broker.to_owned(), r)
+        };
+        // Same millisecond on two brokers: the broker name decides, then the session id.
+        let reports = [
+            at("b1", 4, 100_500),
+            at("b2", 3, 100_500),
+            at("b3", 9, 100_499),
+        ];
+        let orders: [[usize; 3]; 3] = [[0, 1, 2], [2, 1, 0], [1, 2, 0]];
+        for order in orders {
+            let c = Cluster::new();
+            let mut closed = Vec::new();
+            for i in order {
+                let (broker, r) = reports[i].clone();
+                closed.extend(c.session_up(&broker, r));
+            }
+            let kept = c.presence("a").unwrap();
+            assert_eq!(
+                (kept.broker.as_str(), kept.session_id),
+                ("b2", 3),
+                "{order:?}"
+            );
+            assert!(
+                !closed.contains(&("b2".to_owned(), 3)),
+                "{order:?}: {closed:?}"
+            );
+        }
     }
 
     #[test]

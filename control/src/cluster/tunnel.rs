@@ -391,6 +391,7 @@ mod tests {
                     applied: Arc::new(AtomicU64::new(0)),
                     ended: CancellationToken::new(),
                     tunnel: true,
+                    replicas_connected: Arc::default(),
                 },
             );
         }
@@ -407,6 +408,7 @@ mod tests {
                 session_id: 1,
                 fingerprint: "ab".into(),
                 connected_at: 1,
+                connected_at_ms: 0,
                 cert_not_after: 0,
                 agent_version: String::new(),
                 capabilities: vec![],

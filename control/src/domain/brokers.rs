@@ -46,6 +46,9 @@ pub struct LinkInfo {
     pub sessions: usize,
     /// Sessions it holds by transport (`quic`, `tcp`).
     pub sessions_by_transport: std::collections::BTreeMap<String, usize>,
+    /// How many control replicas it holds a channel to (it says so on each; 1 when it
+    /// does not).
+    pub replicas_connected: usize,
 }
 
 /// Default lifetime of a broker bundle.
@@ -188,6 +191,7 @@ pub async fn list(s: &Registry, now: UnixSeconds) -> Result<BrokerList, Error> {
                 allowlist_version: link.map(|l| l.allowlist_version),
                 sessions: link.map(|l| l.sessions),
                 sessions_by_transport: link.map(|l| l.sessions_by_transport.clone()),
+                replicas_connected: link.map(|l| l.replicas_connected),
                 name: b.name,
             }
         })

@@ -175,6 +175,9 @@ pub trait Fleet: Send + Sync + std::fmt::Debug {
     fn broadcast(&self, msg: ToBroker);
     /// Close broker `name`'s channel, if it has one.
     fn disconnect(&self, name: &str);
+    /// The live control replicas were read from the registry (`self_id` is this one);
+    /// brokers that hold a channel to each are told when the set changed.
+    fn replicas_live(&self, _self_id: &str, _replicas: Vec<tether_proto::cluster::ReplicaAddr>) {}
 }
 
 /// No cluster: nothing is connected, nothing is told.

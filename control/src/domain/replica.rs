@@ -22,13 +22,30 @@ pub const LIVE_WITHIN_SECS: i64 = 15;
 pub const REPLICA_HEADER: &str = "tether-control-replica";
 
 /// `[replica]` in `control.toml`.
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ReplicaSettings {
     /// Where brokers and clients reach this replica (`host:port`). Default: the address
     /// the API listener is bound to.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub advertise: Option<String>,
+    /// PostgreSQL: listen for the change notifications other replicas send (default
+    /// true). False: changes from other replicas arrive by the one-second poll only.
+    pub notify: bool,
+    /// PostgreSQL: where the change listener connects (default: `database_url`). It
+    /// holds one session of its own, so it must bypass a transaction pooler.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub listen_database_url: Option<String>,
+}
+
+impl Default for ReplicaSettings {
+    fn default() -> Self {
+        ReplicaSettings {
+            advertise: None,
+            notify: true,
+            listen_database_url: None,
+        }
+    }
 }
 
 /// Why a replica cannot serve this database.
@@ -150,16 +167,31 @@ pub async fn readiness(store: &dyn Store) -> Result<(), &'static str> {
 }
 
 /// Refresh `info`'s heartbeat every [`HEARTBEAT_EVERY`] until `shutdown` (the first one
-/// is the caller's, at start). A failed heartbeat is logged; the next one retries.
+/// is the caller's, at start), and after each one (and at once) hand the live replicas to
+/// `fleet`, which tells the brokers. A failed heartbeat or read is logged; the next one
+/// retries.
 pub async fn heartbeat_forever(
     store: Arc<dyn Store>,
     info: ReplicaInfo,
+    fleet: Arc<dyn crate::domain::Fleet>,
     shutdown: CancellationToken,
 ) {
     let mut tick = tokio::time::interval(HEARTBEAT_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tick.tick().await;
     loop {
+        match store.live_replicas(LIVE_WITHIN_SECS).await {
+            Ok(live) => fleet.replicas_live(
+                &info.id,
+                live.into_iter()
+                    .map(|r| tether_proto::cluster::ReplicaAddr {
+                        id: r.info.id,
+                        advertise: r.info.advertise,
+                    })
+                    .collect(),
+            ),
+            Err(e) => tracing::warn!(error = %e, "cannot read the live replicas"),
+        }
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = tick.tick() => {}

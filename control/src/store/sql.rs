@@ -95,6 +95,7 @@ use super::{
 mod audit;
 pub mod copy;
 mod jobs;
+pub mod notify;
 mod receipts;
 mod replicas;
 mod rows;
@@ -235,6 +236,16 @@ impl SqlStore {
         trust::chain_head(&mut tx, version).await?;
         tx.commit().await.map_err(db)?;
         Ok(store)
+    }
+
+    /// PostgreSQL: the change doorbell of a replica serving this store (see [`notify`]),
+    /// listening at `listen_url` (`None`: polling only); `None` on SQLite.
+    pub fn doorbell(&self, listen_url: Option<String>) -> Option<notify::Doorbell> {
+        (self.backend == Backend::Postgres).then(|| notify::Doorbell {
+            listen_url,
+            pool: self.pool.clone(),
+            changed: self.changed.clone(),
+        })
     }
 
     /// The URL of a SQLite store in the file `path`, created if missing.

@@ -67,6 +67,8 @@ pub(super) async fn commit_trust_change(
         let prev = chain_head(&mut tx, new_version - 1).await?;
         let digest = version_digest(&prev, new_version, &deltas);
         insert_digest(&mut tx, new_version, &digest).await?;
+        // Other replicas hear of it at commit (PostgreSQL).
+        super::notify::ring(&mut tx, new_version).await?;
         for (chunk_index, chunk) in deltas.chunks(CHANGES_PER_INSERT).enumerate() {
             let mut sql = String::from(
                 "INSERT INTO allowlist_changes \
