@@ -57,6 +57,9 @@ fn fmt_in(v: &Value, key: &str) -> String {
     }
 }
 
+/// The `(x, y)` points of a line.
+type Points = Vec<(f64, f64)>;
+
 /// One line of a chart: its legend label, its colour and dash, and its `(x, y)` points.
 struct Series {
     label: String,
@@ -478,8 +481,7 @@ fn over_time(out: &mut String, report: &Value) {
             .filter_map(|s| Some((num(&s["t"])?, f(s)?)))
             .collect()
     };
-    let both = |f: &dyn Fn(&Value) -> Option<f64>,
-                g: &dyn Fn(Vec<(f64, f64)>) -> Vec<(f64, f64)>| {
+    let both = |f: &dyn Fn(&Value) -> Option<f64>, g: &dyn Fn(Points) -> Points| {
         vec![
             Series {
                 label: "Tether".into(),

@@ -700,7 +700,7 @@ fn thin(list: &mut Vec<Sample>, from: usize) {
     let last = list.len().saturating_sub(1);
     let mut i = 0;
     list.retain(|_| {
-        let keep = i < from || i == last || (i - from) % 2 == 0;
+        let keep = i < from || i == last || (i - from).is_multiple_of(2);
         i += 1;
         keep
     });
