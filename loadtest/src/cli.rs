@@ -63,6 +63,8 @@ pub mod env {
     pub const DRAIN_JITTER: &str = "TETHER_LOADTEST_DRAIN_JITTER";
     /// `--transport`.
     pub const TRANSPORT: &str = "TETHER_LOADTEST_TRANSPORT";
+    /// `--sample-every`.
+    pub const SAMPLE_EVERY: &str = "TETHER_LOADTEST_SAMPLE_EVERY";
 }
 
 /// Default of `--duration`: how long `steady` holds the fleet.
@@ -84,6 +86,9 @@ pub const DEFAULT_DRAIN_JITTER: &str = "5s";
 pub const DEFAULT_CLIENT_ENDPOINTS: usize = 2;
 /// Default of `--connect-timeout`: how long the fleet may take to connect.
 pub const DEFAULT_CONNECT_TIMEOUT: &str = "120s";
+/// Default of `--sample-every`: fine enough to draw a storm of a few seconds (30 points
+/// in three seconds), for a few reads of `/proc` per tick.
+pub const DEFAULT_SAMPLE_EVERY: &str = "100ms";
 /// Default of `--enroll-concurrency`.
 pub const DEFAULT_ENROLL_CONCURRENCY: usize = 16;
 /// Default of `--heartbeat-interval` (what brokers ask agents for).
@@ -341,6 +346,13 @@ pub struct RunArgs {
     #[arg(long, env = env::NO_PROGRESS)]
     pub no_progress: bool,
 
+    /// Sample the servers' memory and CPU and the connected count this often while the
+    /// fleet connects (and while a broker drains); once it is connected, every second or
+    /// this, whichever is longer. Long runs keep at most a few thousand samples (older
+    /// ones after the connect phase are thinned first).
+    #[arg(long, env = env::SAMPLE_EVERY, default_value = DEFAULT_SAMPLE_EVERY, value_parser = parse_sample_every)]
+    pub sample_every: Duration,
+
     /// `commands`: commands per second, spread over random connected appliances;
     /// `churn`: appliances disconnected per second.
     #[arg(long, env = env::RATE, default_value_t = DEFAULT_RATE, value_parser = parse_rate)]
@@ -376,6 +388,16 @@ fn parse_rate(s: &str) -> Result<f64, String> {
         Ok(v)
     } else {
         Err("must be above 0 and at most 100000".into())
+    }
+}
+
+/// `--sample-every`: a duration from 10 ms (finer costs more than it shows) to a minute.
+fn parse_sample_every(s: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(s).map_err(|e| e.to_string())?;
+    if (Duration::from_millis(10)..=Duration::from_secs(60)).contains(&d) {
+        Ok(d)
+    } else {
+        Err("must be from 10ms to 60s".into())
     }
 }
 
@@ -422,6 +444,9 @@ mod tests {
         assert_eq!(args.appliances, 10);
         assert_eq!(args.duration, Duration::from_secs(30));
         assert_eq!(args.transport, Transport::Quic);
+        assert_eq!(args.sample_every, Duration::from_millis(100));
+        assert!(parse_sample_every("5ms").is_err());
+        assert_eq!(parse_sample_every("1s"), Ok(Duration::from_secs(1)));
         assert_eq!(
             args.agent_config().transport,
             tether_agent::config::TransportMode::Quic

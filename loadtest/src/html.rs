@@ -1,7 +1,8 @@
 //! The report as a page a person would rather look at than read: one self-contained HTML
 //! file (inline SVG, no script, no network) next to the JSON, with the headline figures,
-//! the Tether/baseline ratios, latency percentiles as bars, and connections, memory and
-//! CPU over time from the per-second samples.
+//! the Tether/baseline ratios, latency percentiles as bars, and connections, handshakes,
+//! memory and CPU over time from the samples, Tether's and the baseline's on the same
+//! axes.
 //!
 //! It renders the JSON form of the report ([`crate::report::Report`] serialized), so it
 //! can also be made again from an old `FILE.json`.
@@ -11,7 +12,7 @@ use std::fmt::Write as _;
 use serde_json::Value;
 
 const WIDTH: f64 = 640.0;
-const HEIGHT: f64 = 220.0;
+const HEIGHT: f64 = 240.0;
 const PAD: f64 = 44.0;
 
 /// Escape text for HTML.
@@ -42,38 +43,186 @@ fn fmt(v: &Value) -> String {
     }
 }
 
-/// A line chart of `(x, y)` points, y from 0; `None` when there is nothing to draw.
-fn line_chart(title: &str, unit: &str, points: &[(f64, f64)]) -> Option<String> {
-    if points.len() < 2 {
+/// A headline figure in the unit its row names: bytes as MiB or KiB (the JSON keeps
+/// bytes).
+fn fmt_in(v: &Value, key: &str) -> String {
+    let div = match key {
+        "broker_rss_bytes" => 1048576.0,
+        "broker_bytes_per_conn" => 1024.0,
+        _ => return fmt(v),
+    };
+    match num(v) {
+        Some(b) => format!("{:.1}", b / div),
+        None => fmt(v),
+    }
+}
+
+/// The `(x, y)` points of a line.
+type Points = Vec<(f64, f64)>;
+
+/// One line of a chart: its legend label, its colour and dash, and its `(x, y)` points.
+struct Series {
+    label: String,
+    color: &'static str,
+    dash: &'static str,
+    points: Vec<(f64, f64)>,
+}
+
+/// Tether's line: solid blue.
+const TETHER_COLOR: &str = "#2a6fdb";
+/// The baseline's: dashed orange (told apart without colour too).
+const BASELINE_COLOR: &str = "#d9730d";
+
+/// Chart geometry: plot area inside the margins.
+const LEFT: f64 = 64.0;
+const RIGHT: f64 = 20.0;
+const TOP: f64 = 36.0;
+const BOTTOM: f64 = 40.0;
+
+/// A step of 1, 2 or 5 times a power of ten giving about `ticks` intervals up to `max`.
+fn nice_step(max: f64, ticks: f64) -> f64 {
+    let raw = (max / ticks).max(1e-12);
+    let mag = 10f64.powf(raw.log10().floor());
+    let f = raw / mag;
+    let m = if f <= 1.0 {
+        1.0
+    } else if f <= 2.0 {
+        2.0
+    } else if f <= 5.0 {
+        5.0
+    } else {
+        10.0
+    };
+    m * mag
+}
+
+/// A tick value with as many decimals as its step needs.
+fn tick_label(v: f64, step: f64) -> String {
+    let decimals = (-step.log10().floor()).max(0.0) as usize;
+    format!("{v:.decimals$}")
+}
+
+/// A line chart of several series on the same axes from 0, with a legend, y in `unit`
+/// and x in seconds (milliseconds when the whole run is under a second); `None` when no
+/// series has two points.
+fn series_chart(title: &str, unit: &str, series: &[Series]) -> Option<String> {
+    let drawn: Vec<&Series> = series.iter().filter(|s| s.points.len() >= 2).collect();
+    if drawn.is_empty() {
         return None;
     }
-    let max_x = points.iter().map(|p| p.0).fold(0.0, f64::max).max(1e-9);
-    let max_y = points.iter().map(|p| p.1).fold(0.0, f64::max).max(1e-9);
-    let sx = |x: f64| PAD + x / max_x * (WIDTH - 2.0 * PAD);
-    let sy = |y: f64| HEIGHT - PAD - y / max_y * (HEIGHT - 2.0 * PAD);
-    let mut poly = String::new();
-    for (x, y) in points {
-        let _ = write!(poly, "{:.1},{:.1} ", sx(*x), sy(*y));
+    let all = || drawn.iter().flat_map(|s| s.points.iter());
+    let max_x = all().map(|p| p.0).fold(0.0, f64::max).max(1e-3);
+    let max_y = all().map(|p| p.1).fold(0.0, f64::max);
+    let (x_scale, x_unit) = if max_x < 1.0 {
+        (1000.0, "ms")
+    } else {
+        (1.0, "s")
+    };
+    let x_step = nice_step(max_x * x_scale, 6.0);
+    let x_top = (max_x * x_scale / x_step).ceil() * x_step;
+    let y_step = nice_step(if max_y > 0.0 { max_y } else { 1.0 }, 5.0);
+    let y_top = ((max_y / y_step).ceil() * y_step).max(y_step);
+    let (w, h) = (WIDTH - LEFT - RIGHT, HEIGHT - TOP - BOTTOM);
+    let sx = |x: f64| LEFT + x * x_scale / x_top * w;
+    let sy = |y: f64| TOP + h - y / y_top * h;
+    let title = esc(title);
+    let mut out = format!(
+        r#"<figure><figcaption>{title}</figcaption>
+<svg viewBox="0 0 {WIDTH} {HEIGHT}" width="{WIDTH}" height="{HEIGHT}" role="img" aria-label="{title}" font-size="11">
+"#
+    );
+    // Grid and y ticks.
+    let mut y = 0.0;
+    while y <= y_top + y_step / 2.0 {
+        let py = sy(y);
+        let _ = writeln!(
+            out,
+            r##"<line x1="{LEFT}" y1="{py:.1}" x2="{r}" y2="{py:.1}" stroke="{c}"/><text x="{LEFT}" y="{ty:.1}" text-anchor="end" dx="-6">{l}</text>"##,
+            r = WIDTH - RIGHT,
+            c = if y == 0.0 { "#999" } else { "#eee" },
+            ty = py + 4.0,
+            l = tick_label(y, y_step),
+        );
+        y += y_step;
     }
-    Some(format!(
-        r##"<figure><figcaption>{title}</figcaption>
-<svg viewBox="0 0 {WIDTH} {HEIGHT}" width="{WIDTH}" height="{HEIGHT}" role="img" aria-label="{title}">
-<line x1="{PAD}" y1="{b}" x2="{r}" y2="{b}" stroke="#999"/>
-<line x1="{PAD}" y1="{PAD}" x2="{PAD}" y2="{b}" stroke="#999"/>
-<text x="{PAD}" y="{t}" font-size="11" text-anchor="end" dx="-4">{max_y_label}</text>
-<text x="{PAD}" y="{b}" font-size="11" text-anchor="end" dx="-4">0</text>
-<text x="{r}" y="{xl}" font-size="11" text-anchor="end">{max_x:.0} s</text>
-<text x="{PAD}" y="{xl}" font-size="11">{unit}</text>
-<polyline fill="none" stroke="#2a6fdb" stroke-width="2" points="{poly}"/>
-</svg></figure>
-"##,
-        title = esc(title),
-        b = HEIGHT - PAD,
-        r = WIDTH - PAD,
-        t = PAD + 4.0,
-        xl = HEIGHT - PAD + 18.0,
-        max_y_label = short(max_y),
-    ))
+    // X ticks.
+    let mut x = 0.0;
+    while x <= x_top + x_step / 2.0 {
+        let px = LEFT + x / x_top * w;
+        let _ = writeln!(
+            out,
+            r##"<line x1="{px:.1}" y1="{b}" x2="{px:.1}" y2="{b2}" stroke="#999"/><text x="{px:.1}" y="{ty}" text-anchor="middle">{l}</text>"##,
+            b = TOP + h,
+            b2 = TOP + h + 4.0,
+            ty = TOP + h + 16.0,
+            l = tick_label(x, x_step),
+        );
+        x += x_step;
+    }
+    let _ = writeln!(
+        out,
+        r##"<line x1="{LEFT}" y1="{TOP}" x2="{LEFT}" y2="{b}" stroke="#999"/>
+<text x="4" y="{uy}">{unit}</text>
+<text x="{cx}" y="{xy}" text-anchor="middle">time since the fleet started, {x_unit}</text>"##,
+        b = TOP + h,
+        uy = TOP - 10.0,
+        unit = esc(unit),
+        cx = LEFT + w / 2.0,
+        xy = HEIGHT - 6.0,
+    );
+    // Legend, top right, then the lines.
+    let item = |s: &Series| 40.0 + 6.5 * s.label.chars().count() as f64;
+    let mut lx = WIDTH - RIGHT - drawn.iter().map(|s| item(s)).sum::<f64>() + 14.0;
+    for s in &drawn {
+        let _ = writeln!(
+            out,
+            r##"<line x1="{lx:.1}" y1="{ly}" x2="{lx2:.1}" y2="{ly}" stroke="{c}" stroke-width="2" stroke-dasharray="{d}"/><text x="{tx:.1}" y="{ty}">{l}</text>"##,
+            ly = TOP - 14.0,
+            lx2 = lx + 22.0,
+            c = s.color,
+            d = s.dash,
+            tx = lx + 26.0,
+            ty = TOP - 10.0,
+            l = esc(&s.label),
+        );
+        lx += item(s);
+    }
+    for s in &drawn {
+        let mut poly = String::new();
+        for (x, y) in &s.points {
+            let _ = write!(poly, "{:.1},{:.1} ", sx(*x), sy(*y));
+        }
+        let _ = writeln!(
+            out,
+            r##"<polyline fill="none" stroke="{c}" stroke-width="2" stroke-dasharray="{d}" points="{p}"><title>{l}</title></polyline>"##,
+            c = s.color,
+            d = s.dash,
+            p = poly.trim_end(),
+            l = esc(&s.label),
+        );
+    }
+    out.push_str("</svg></figure>\n");
+    Some(out)
+}
+
+/// The rate of change of a cumulative series (connected appliances, CPU seconds), each
+/// point over at least `window` seconds (so 100 ms samples of 10 ms CPU ticks do not
+/// jitter), drawn at the middle of its window; never below 0.
+fn rate(points: &[(f64, f64)], window: f64) -> Vec<(f64, f64)> {
+    let mut out = Vec::new();
+    let mut j = 0;
+    for i in 1..points.len() {
+        let (ti, yi) = points[i];
+        // The latest earlier point at least `window` before this one (or the first).
+        while j + 1 < i && ti - points[j + 1].0 >= window {
+            j += 1;
+        }
+        let (tj, yj) = points[j];
+        if ti > tj {
+            out.push(((ti + tj) / 2.0, ((yi - yj) / (ti - tj)).max(0.0)));
+        }
+    }
+    out
 }
 
 /// Horizontal bars for named values (latency percentiles), skipping nulls.
@@ -181,8 +330,12 @@ fn figures(out: &mut String, report: &Value) {
         ("handshakes_per_sec", "handshakes / s", true),
         ("connect_p50_ms", "connect p50, ms", false),
         ("connect_p99_ms", "connect p99, ms", false),
-        ("broker_rss_bytes", "broker RSS, bytes", false),
-        ("broker_bytes_per_conn", "broker bytes / connection", false),
+        ("broker_rss_bytes", "broker RSS, MiB", false),
+        (
+            "broker_bytes_per_conn",
+            "broker memory / connection, KiB",
+            false,
+        ),
         ("broker_cpu_seconds", "broker CPU, s", false),
         ("command_rtt_p50_ms", "command round trip p50, ms", false),
         ("command_rtt_p99_ms", "command round trip p99, ms", false),
@@ -209,7 +362,11 @@ fn figures(out: &mut String, report: &Value) {
         if v.is_null() {
             continue;
         }
-        let _ = write!(out, "<tr><td>{label}</td><td class=\"n\">{}</td>", fmt(v));
+        let _ = write!(
+            out,
+            "<tr><td>{label}</td><td class=\"n\">{}</td>",
+            fmt_in(v, key)
+        );
         if has_baseline {
             let ratio = &report["ratios"][key];
             let class = match num(ratio) {
@@ -220,7 +377,7 @@ fn figures(out: &mut String, report: &Value) {
             let _ = write!(
                 out,
                 "<td class=\"n\">{}</td><td class=\"n {class}\">{}</td>",
-                fmt(&report["baseline"][key]),
+                fmt_in(&report["baseline"][key], key),
                 fmt(ratio)
             );
         }
@@ -305,38 +462,84 @@ fn latency(out: &mut String, report: &Value) {
     }
 }
 
-/// Connections, memory and CPU over time, from the per-second samples.
+/// Connections, handshakes, memory and CPU over time, Tether's samples and the
+/// baseline's (`baseline.samples`, when the report has them) on the same axes.
 fn over_time(out: &mut String, report: &Value) {
     // The report's detail (with the samples) is flattened into the top level.
-    let samples = report["samples"].as_array().cloned().unwrap_or_default();
-    let series = |f: &dyn Fn(&Value) -> Option<f64>| -> Vec<(f64, f64)> {
+    let tether = report["samples"].as_array().cloned().unwrap_or_default();
+    let baseline = report["baseline"]["samples"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    let baseline_name = match report["transport"].as_str() {
+        Some("tcp") => "bare TLS/TCP",
+        _ => "bare quinn",
+    };
+    let points = |samples: &[Value], f: &dyn Fn(&Value) -> Option<f64>| -> Vec<(f64, f64)> {
         samples
             .iter()
             .filter_map(|s| Some((num(&s["t"])?, f(s)?)))
             .collect()
     };
-    out.push_str("<h2>Over time</h2>\n");
+    let both = |f: &dyn Fn(&Value) -> Option<f64>, g: &dyn Fn(Points) -> Points| {
+        vec![
+            Series {
+                label: "Tether".into(),
+                color: TETHER_COLOR,
+                dash: "none",
+                points: g(points(&tether, f)),
+            },
+            Series {
+                label: baseline_name.into(),
+                color: BASELINE_COLOR,
+                dash: "6 4",
+                points: g(points(&baseline, f)),
+            },
+        ]
+    };
+    let same = |p: Vec<(f64, f64)>| p;
+    let per_sec = |p: Vec<(f64, f64)>| rate(&p, RATE_WINDOW);
+    let percent = |p: Vec<(f64, f64)>| {
+        rate(&p, RATE_WINDOW)
+            .into_iter()
+            .map(|(t, v)| (t, v * 100.0))
+            .collect()
+    };
     let mib = |v: &Value| num(v).map(|b| b / (1u64 << 20) as f64);
+    out.push_str("<h2>Over time</h2>\n");
+    if let Some(ms) = num(&report["sample_every_ms"]) {
+        let _ = writeln!(
+            out,
+            "<p>Sampled every {} ms while the fleet connected, then every {} s.</p>",
+            ms,
+            (ms / 1000.0).max(1.0),
+        );
+    }
     let charts = [
-        line_chart(
+        series_chart(
             "Appliances connected",
             "appliances",
-            &series(&|s| num(&s["connected"])),
+            &both(&|s| num(&s["connected"]), &same),
         ),
-        line_chart(
-            "Broker memory (RSS)",
+        series_chart(
+            "Handshakes per second (growth of the connected count)",
+            "per s",
+            &both(&|s| num(&s["connected"]), &per_sec),
+        ),
+        series_chart(
+            "Server memory (RSS)",
             "MiB",
-            &series(&|s| mib(&s["broker_rss_bytes"])),
+            &both(&|s| mib(&s["broker_rss_bytes"]), &same),
         ),
-        line_chart(
-            "Broker CPU used since the start",
-            "s",
-            &series(&|s| num(&s["broker_cpu_seconds"])),
+        series_chart(
+            "Server CPU",
+            "% of a core",
+            &both(&|s| num(&s["broker_cpu_seconds"]), &percent),
         ),
-        line_chart(
+        series_chart(
             "Simulator memory (RSS)",
             "MiB",
-            &series(&|s| mib(&s["simulator_rss_bytes"])),
+            &both(&|s| mib(&s["simulator_rss_bytes"]), &same),
         ),
     ];
     let mut any = false;
@@ -348,6 +551,9 @@ fn over_time(out: &mut String, report: &Value) {
         out.push_str("<p>Too few samples to draw.</p>\n");
     }
 }
+
+/// The shortest span a rate (handshakes, CPU) is taken over, seconds.
+const RATE_WINDOW: f64 = 0.3;
 
 #[cfg(test)]
 mod tests {
@@ -384,7 +590,11 @@ mod tests {
         assert!(page.contains("timed_out"));
         // Connect percentiles as bars, three time series as lines.
         assert_eq!(page.matches("<rect ").count(), 4);
-        assert_eq!(page.matches("<polyline").count(), 4);
+        // Connected, handshakes per second, memory, CPU, simulator memory: Tether only.
+        assert_eq!(page.matches("<polyline").count(), 5);
+        assert_eq!(page.matches("<title>bare quinn</title>").count(), 0);
+        // Human units in the table too.
+        assert!(page.contains("<td>broker memory / connection, KiB</td><td class=\"n\">40.0</td><td class=\"n\">35.2</td>"), "{page}");
         // Nothing from the report reaches the page unescaped.
         assert!(page.contains("6.x &lt;b&gt;"));
         assert!(!page.contains("Command round trip"));
@@ -406,6 +616,147 @@ mod tests {
         // Escaped like everything else from the report.
         let odd = render(&json!({"scenario": "storm", "transport": "<x>", "errors": {}}));
         assert!(odd.contains("&lt;x&gt;") && !odd.contains("<x>"));
+    }
+
+    /// A storm's samples: `secs` seconds every `every` seconds, `n` appliances connecting
+    /// at an even pace over the first two thirds, `cpu` cores busy meanwhile.
+    fn storm(secs: f64, every: f64, n: f64, cpu: f64, rss_mib: f64) -> Value {
+        let steps = (secs / every).round() as usize;
+        let list: Vec<Value> = (0..=steps)
+            .map(|i| {
+                let t = i as f64 * every;
+                let done = (t / (secs * 2.0 / 3.0)).min(1.0);
+                json!({
+                    "t": (t * 1000.0).round() / 1000.0,
+                    "connected": (n * done).round(),
+                    "broker_rss_bytes": ((10.0 + rss_mib * done) * 1048576.0) as u64,
+                    "broker_cpu_seconds": cpu * t.min(secs * 2.0 / 3.0),
+                    "simulator_rss_bytes": 50u64 << 20,
+                })
+            })
+            .collect();
+        Value::Array(list)
+    }
+
+    /// The points of the `nth` polyline drawn for `label`.
+    fn points_of(page: &str, label: &str, nth: usize) -> usize {
+        let title = format!("<title>{label}</title>");
+        let line = page
+            .lines()
+            .filter(|l| l.starts_with("<polyline") && l.contains(&title))
+            .nth(nth)
+            .unwrap_or_else(|| panic!("no polyline {nth} for {label}: {page}"));
+        let pts = line
+            .split("points=\"")
+            .nth(1)
+            .and_then(|r| r.split('"').next());
+        pts.map(|p| p.split_whitespace().count()).unwrap_or(0)
+    }
+
+    #[test]
+    fn tether_and_its_baseline_share_each_chart_in_human_units() {
+        let report = json!({
+            "scenario": "storm", "transport": "quic", "appliances": 2000, "errors": {},
+            "sample_every_ms": 100.0,
+            "samples": storm(3.0, 0.1, 2000.0, 1.5, 80.0),
+            "baseline": {"handshakes_per_sec": 1100.0, "samples": storm(3.0, 0.1, 2000.0, 1.2, 60.0)},
+            "ratios": {"handshakes_per_sec": 0.9},
+        });
+        let page = render(&report);
+        // Five charts, each with both lines and a legend naming them.
+        for label in ["Tether", "bare quinn"] {
+            assert_eq!(
+                page.matches(&format!("<title>{label}</title>")).count(),
+                5,
+                "{label}"
+            );
+            assert_eq!(page.matches(&format!("\">{label}</text>")).count(), 5);
+        }
+        assert!(page.contains("stroke-dasharray=\"6 4\""));
+        // Human units on the axes.
+        assert!(page.contains(">MiB</text>"));
+        assert!(page.contains(">% of a core</text>"));
+        assert!(page.contains(">appliances</text>"));
+        assert!(page.contains("time since the fleet started, s"));
+        assert!(page.contains("Sampled every 100 ms while the fleet connected, then every 1 s."));
+        // A three-second storm sampled every 100 ms is a line of 31 points, not 3.
+        assert!(points_of(&page, "Tether", 0) >= 20);
+        assert!(points_of(&page, "bare quinn", 0) >= 20);
+        // 1.5 s of CPU per second is 150 % of a core.
+        let cpu = page
+            .split("<figcaption>Server CPU")
+            .nth(1)
+            .expect("CPU chart");
+        let cpu = cpu.split("</svg>").next().unwrap_or_default();
+        assert!(cpu.contains(">150</text>"), "{cpu}");
+        assert!(!cpu.contains(">1000</text>"), "{cpu}");
+        // Memory in MiB: 10 → 90 MiB, ticks in tens.
+        assert!(page.contains(">80</text>"), "{page}");
+    }
+
+    #[test]
+    fn a_report_without_a_baseline_draws_tether_alone() {
+        let page = render(&json!({
+            "scenario": "storm", "transport": "tcp", "errors": {},
+            "samples": storm(3.0, 0.1, 100.0, 0.5, 5.0),
+        }));
+        assert_eq!(page.matches("<title>Tether</title>").count(), 5);
+        assert!(!page.contains("bare TLS/TCP"));
+        assert!(points_of(&page, "Tether", 0) >= 20);
+    }
+
+    #[test]
+    fn an_old_report_with_per_second_samples_and_no_baseline_samples_renders() {
+        // As reports were before the baseline kept its samples: 1 s samples, no
+        // `sample_every_ms`, a baseline of headline figures only.
+        let page = render(&json!({
+            "scenario": "steady", "appliances": 100, "errors": {},
+            "broker_rss_bytes": 10485760,
+            "samples": storm(5.0, 1.0, 100.0, 0.2, 4.0),
+            "baseline": {"handshakes_per_sec": 500.0, "broker_rss_bytes": 8388608},
+            "ratios": {"broker_rss_bytes": 1.25},
+        }));
+        assert!(page.contains("<th>bare quinn</th>"));
+        assert!(
+            page.contains(
+                "<td>broker RSS, MiB</td><td class=\"n\">10.0</td><td class=\"n\">8.0</td>"
+            ),
+            "{page}"
+        );
+        assert_eq!(page.matches("<title>Tether</title>").count(), 5);
+        assert_eq!(page.matches("<title>bare quinn</title>").count(), 0);
+        assert!(!page.contains("Sampled every"));
+        assert_eq!(points_of(&page, "Tether", 0), 6);
+    }
+
+    #[test]
+    fn a_run_under_a_second_has_its_time_axis_in_ms() {
+        let page = render(&json!({
+            "scenario": "storm", "errors": {},
+            "samples": storm(0.6, 0.1, 10.0, 0.1, 1.0),
+        }));
+        assert!(page.contains("time since the fleet started, ms"), "{page}");
+        assert!(page.contains(">500</text>"), "{page}");
+    }
+
+    #[test]
+    fn rates_come_from_cumulative_samples_over_a_window() {
+        // 100 a second, sampled every 100 ms: 100 a second throughout, whatever the window.
+        let pts: Vec<(f64, f64)> = (0..=20)
+            .map(|i| (i as f64 * 0.1, i as f64 * 10.0))
+            .collect();
+        let r = rate(&pts, RATE_WINDOW);
+        assert_eq!(r.len(), 20);
+        assert!(r.iter().all(|(_, v)| (v - 100.0).abs() < 1e-6), "{r:?}");
+        // Each point spans at least the window once there is one, drawn at its middle.
+        assert!((r[10].0 - (1.1 - 0.15)).abs() < 1e-6, "{r:?}");
+        // A falling count is no negative handshake rate.
+        assert!(rate(&[(0.0, 5.0), (1.0, 2.0)], 0.3)[0].1 == 0.0);
+        assert_eq!(nice_step(173.0, 4.0), 50.0);
+        assert_eq!(nice_step(90.0, 5.0), 20.0);
+        assert_eq!(nice_step(0.9, 4.0), 0.5);
+        assert_eq!(tick_label(0.5, 0.5), "0.5");
+        assert_eq!(tick_label(150.0, 50.0), "150");
     }
 
     #[test]

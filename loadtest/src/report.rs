@@ -57,7 +57,8 @@ pub struct Report {
     #[serde(flatten)]
     pub detail: Detail,
     /// The same scenario against a bare echo server on the same transport (`--baseline`:
-    /// quinn over QUIC, tokio-rustls over TCP).
+    /// quinn over QUIC, tokio-rustls over TCP): its headline fields and its `samples`
+    /// (the same shape as Tether's, the server in the `broker_*` fields).
     pub baseline: Option<serde_json::Value>,
     /// Tether divided by baseline (`--baseline`).
     pub ratios: Option<serde_json::Value>,
@@ -111,7 +112,11 @@ pub struct Detail {
     pub udp: UdpReport,
     /// Limits in force.
     pub limits: Limits,
-    /// One sample per second from the start of the scenario.
+    /// How often the connect phase was sampled, ms (`--sample-every`; after it, every
+    /// second or this, whichever is longer).
+    pub sample_every_ms: Option<f64>,
+    /// Samples from the start of the scenario: every `sample_every_ms` while the fleet
+    /// connects, then every second; at most [`MAX_SAMPLES`] (a long hold is thinned).
     pub samples: Vec<Sample>,
     /// `commands`: what was sent and answered.
     pub commands: Option<crate::ops::CommandsDetail>,
@@ -154,7 +159,11 @@ pub struct Limits {
     pub wmem_max: Option<u64>,
 }
 
-/// One second of a run.
+/// Most samples a phase keeps (a 100 ms connect phase of five minutes, or a one-second
+/// hold of fifty).
+pub const MAX_SAMPLES: usize = 3000;
+
+/// One moment of a run.
 #[derive(Clone, Copy, Debug, Default, Serialize)]
 pub struct Sample {
     /// Seconds since the scenario started.

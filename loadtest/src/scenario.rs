@@ -14,13 +14,14 @@ use crate::fleet::{Endpoints, Fleet, FleetEvent, FleetOptions};
 use crate::measure::{self, Machine, ProcSample, UdpCounters};
 use crate::pool::{self, Pool};
 use crate::progress::Progress;
-use crate::report::{ms, round3, Detail, Limits, Report, Sample, UdpReport};
+use crate::report::{ms, round3, Detail, Limits, Report, Sample, UdpReport, MAX_SAMPLES};
 use crate::spawn::{self, ChildGuard};
 
 /// How long the brokers may take to load the fleet's allowlist from control.
 const SYNC_TIMEOUT: Duration = Duration::from_secs(60);
-/// How often the scenario samples the processes.
-const SAMPLE_EVERY: Duration = Duration::from_secs(1);
+/// How often the scenario samples the processes once the fleet is connected (at least:
+/// `--sample-every` may be longer).
+const HOLD_SAMPLE_EVERY: Duration = Duration::from_secs(1);
 /// How long stopping agents may take at the end.
 const FLEET_STOP_GRACE: Duration = Duration::from_secs(10);
 /// Largest connect time the histogram holds, µs (one hour).
@@ -596,7 +597,7 @@ async fn measure_phase(
             .map(|c| format!(" (at most {c} connecting at once)"))
             .unwrap_or_default()
     );
-    let mut m = Measuring::start(n, pids, before, start_fleet)?;
+    let mut m = Measuring::start(n, pids, before, args.sample_every, start_fleet)?;
     let (connect_secs, after_connect) = m.connect(args, label, progress).await?;
 
     // Then what the scenario does with the connected fleet.
@@ -648,21 +649,61 @@ async fn measure_phase(
     })
 }
 
-/// The per-second samples of a phase, and what they are taken against.
+/// The samples of a phase, and what they are taken against.
 struct Samples {
     list: Vec<Sample>,
+    /// How many of `list` the connect phase took (fine samples, thinned last).
+    fine_len: usize,
     start: Instant,
     me: u32,
     before: ProcSample,
 }
 
 impl Samples {
+    fn new(start: Instant, before: ProcSample) -> Self {
+        Samples {
+            list: Vec::new(),
+            fine_len: 0,
+            start,
+            me: std::process::id(),
+            before,
+        }
+    }
+
     /// Sample the servers `pids` and this process now.
     fn take(&mut self, tally: &Tally, pids: &[u32]) -> anyhow::Result<()> {
-        self.list
-            .push(take_sample(self.start, tally, pids, self.me, self.before)?);
+        let s = take_sample(self.start, tally, pids, self.me, self.before)?;
+        self.push(s);
         Ok(())
     }
+
+    /// Keep `s`, and at most [`MAX_SAMPLES`]: past it, every other sample taken after
+    /// the connect phase goes (the storm is what fine samples are for), or every other
+    /// one of all when the connect phase alone took half of them.
+    fn push(&mut self, s: Sample) {
+        self.list.push(s);
+        if self.list.len() > MAX_SAMPLES {
+            let from = if self.fine_len < MAX_SAMPLES / 2 {
+                self.fine_len
+            } else {
+                self.fine_len = self.fine_len.div_ceil(2);
+                0
+            };
+            thin(&mut self.list, from);
+        }
+    }
+}
+
+/// Drop every other sample of `list[from..]`, keeping the first of those and the last of
+/// the list (so the chart still ends where the run did).
+fn thin(list: &mut Vec<Sample>, from: usize) {
+    let last = list.len().saturating_sub(1);
+    let mut i = 0;
+    list.retain(|_| {
+        let keep = i < from || i == last || (i - from).is_multiple_of(2);
+        i += 1;
+        keep
+    });
 }
 
 /// A fleet being measured: its events, what they add up to, and the samples.
@@ -673,7 +714,16 @@ struct Measuring<'a> {
     fleet: Fleet,
     tally: Tally,
     tick: tokio::time::Interval,
+    /// `--sample-every`: the tick while connecting and draining.
+    fine: Duration,
     samples: Samples,
+}
+
+/// A sampling tick every `every`, its first now.
+fn sample_tick(every: Duration) -> tokio::time::Interval {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick
 }
 
 impl<'a> Measuring<'a> {
@@ -682,24 +732,19 @@ impl<'a> Measuring<'a> {
         n: usize,
         pids: &'a [u32],
         before: ProcSample,
+        fine: Duration,
         start_fleet: impl FnOnce() -> anyhow::Result<Fleet>,
     ) -> anyhow::Result<Self> {
         let start = Instant::now();
         let fleet = start_fleet()?;
-        let mut tick = tokio::time::interval(SAMPLE_EVERY);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         Ok(Measuring {
             n,
             pids,
             fleet,
             tally: Tally::new(n),
-            tick,
-            samples: Samples {
-                list: Vec::new(),
-                start,
-                me: std::process::id(),
-                before,
-            },
+            tick: sample_tick(fine),
+            fine,
+            samples: Samples::new(start, before),
         })
     }
 
@@ -732,6 +777,12 @@ impl<'a> Measuring<'a> {
             bar.set_position(tally.first_done as u64);
         }
         bar.finish_and_clear();
+        // The end of the storm, then samples as often as holding a fleet needs.
+        self.samples.take(tally, pids)?;
+        self.samples.fine_len = self.samples.list.len();
+        let coarse = HOLD_SAMPLE_EVERY.max(self.fine);
+        self.tick = sample_tick(coarse);
+        self.tick.reset();
         let connect_end = tally.last_first.unwrap_or_else(Instant::now);
         let connect_secs = connect_end.duration_since(self.samples.start).as_secs_f64();
         let after_connect = measure::sample_all(pids)?;
@@ -852,6 +903,8 @@ impl<'a> Measuring<'a> {
         rest: &[u32],
         progress: &Progress,
     ) -> anyhow::Result<crate::ops::OpsOutcome> {
+        // Appliances moving brokers make a storm of their own: sample it finely.
+        self.tick = sample_tick(self.fine);
         let samples = &mut self.samples;
         let mut sample = |t: &Tally| samples.take(t, rest);
         let (detail, errors) = crate::motion::drain(
@@ -976,11 +1029,11 @@ pub(crate) async fn drive(
     // The same scenario against the bare server on the same transport.
     let (baseline, ratios) = match (baseline_cert, baseline_creds) {
         (Some(cert), Some(creds)) => {
-            let (b, nofile) =
+            let (b, samples, nofile) =
                 baseline_phase(args, cert, creds, &endpoints, run_dir, progress).await?;
             limits.baseline_nofile = nofile;
             let r = ratios(&head, &b);
-            (Some(serde_json::to_value(&b)?), Some(r))
+            (Some(baseline_json(&b, &samples)?), Some(r))
         }
         _ => (None, None),
     };
@@ -1052,8 +1105,8 @@ fn udp_drops(before: UdpCounters, udp: &UdpReport, limits: &Limits) -> UdpCounte
 }
 
 /// The same scenario against the bare echo server of `--transport`, presenting `cert`,
-/// with a fleet of bare clients on `creds`. Returns its headline and the server's
-/// open-files limit.
+/// with a fleet of bare clients on `creds`. Returns its headline, its samples
+/// and the server's open-files limit.
 async fn baseline_phase(
     args: &RunArgs,
     cert: BaselineCert,
@@ -1061,7 +1114,7 @@ async fn baseline_phase(
     endpoints: &Endpoints,
     run_dir: &std::path::Path,
     progress: &Progress,
-) -> anyhow::Result<(Headline, Option<u64>)> {
+) -> anyhow::Result<(Headline, Vec<Sample>, Option<u64>)> {
     let n = creds.len();
     let exe = std::env::current_exe().context("locating this executable")?;
     let server_args = vec![
@@ -1106,7 +1159,15 @@ async fn baseline_phase(
     )
     .await;
     server.stop(spawn::STOP_GRACE).await;
-    Ok((phase?.headline(), nofile))
+    let phase = phase?;
+    Ok((phase.headline(), phase.samples, nofile))
+}
+
+/// The report's `baseline`: the bare server's headline fields and its samples.
+fn baseline_json(head: &Headline, samples: &[Sample]) -> anyhow::Result<serde_json::Value> {
+    let mut v = serde_json::to_value(head)?;
+    v["samples"] = serde_json::to_value(samples)?;
+    Ok(v)
 }
 
 /// What a run measured besides its Tether phase, for the report.
@@ -1193,6 +1254,7 @@ fn report(
             enroll_secs: round3(facts.enroll_secs),
             udp: facts.udp,
             limits: facts.limits,
+            sample_every_ms: Some(round3(args.sample_every.as_secs_f64() * 1000.0)),
             samples: tether.samples,
             commands,
             revoke,
@@ -1265,6 +1327,60 @@ pub(crate) mod tests {
             reconnects: 0,
             errors: BTreeMap::new(),
         }
+    }
+
+    fn at(t: f64) -> Sample {
+        Sample {
+            t,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_storm_keeps_its_fine_samples_through_a_long_hold() {
+        let mut s = Samples::new(Instant::now(), ProcSample::default());
+        // A three-second storm sampled every 100 ms, as `--sample-every` does by default.
+        for i in 0..=30 {
+            s.push(at(i as f64 * 0.1));
+        }
+        s.fine_len = s.list.len();
+        // Then two hours of holding, sampled every second.
+        for i in 1..=7200 {
+            s.push(at(3.0 + i as f64));
+        }
+        assert!(s.list.len() <= MAX_SAMPLES, "{}", s.list.len());
+        let storm = s.list.iter().filter(|x| x.t <= 3.0).count();
+        assert_eq!(storm, 31, "the storm's samples are thinned last");
+        assert_eq!(s.list.last().map(|x| x.t), Some(7203.0));
+        assert!(s.list.windows(2).all(|w| w[0].t < w[1].t));
+        // The hold is still drawn, every few seconds.
+        assert!(s.list.len() > MAX_SAMPLES / 2);
+    }
+
+    #[test]
+    fn a_long_connect_phase_is_bounded_too() {
+        let mut s = Samples::new(Instant::now(), ProcSample::default());
+        for i in 0..5000 {
+            s.push(at(i as f64 * 0.1));
+        }
+        assert!(s.list.len() <= MAX_SAMPLES);
+        s.fine_len = s.list.len();
+        for i in 0..5000 {
+            s.push(at(500.0 + i as f64));
+        }
+        assert!(s.list.len() <= MAX_SAMPLES);
+        assert!(s.fine_len <= s.list.len());
+        assert_eq!(s.list.first().map(|x| x.t), Some(0.0));
+        assert_eq!(s.list.last().map(|x| x.t), Some(5499.0));
+        assert!(s.list.windows(2).all(|w| w[0].t < w[1].t));
+    }
+
+    #[test]
+    fn the_baseline_keeps_its_samples_beside_its_headline() {
+        let v = baseline_json(&headline(Some(10.0), None), &[at(0.0), at(0.1)]).expect("json");
+        assert_eq!(v["handshakes_per_sec"], serde_json::json!(10.0));
+        assert_eq!(v["samples"].as_array().map(Vec::len), Some(2));
+        assert_eq!(v["samples"][1]["t"], serde_json::json!(0.1));
     }
 
     #[test]

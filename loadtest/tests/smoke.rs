@@ -84,7 +84,7 @@ fn run_in(
     assert!(status.success(), "tether-loadtest failed: {status}");
     let page = std::fs::read_to_string(report_path.with_extension("html")).expect("report page");
     assert!(page.contains("<svg"), "the page has charts");
-    // The time series come from the report's per-second samples (flattened into the top
+    // The time series come from the report's samples (flattened into the top
     // level of the JSON): a page without them has read the wrong place.
     assert!(
         page.contains("<polyline"),
