@@ -312,21 +312,6 @@ async fn enrollment_attacks_are_refused_with_specific_codes() {
     control(&["audit", "verify", "--data-dir", d]);
 }
 
-/// The audit entries of `fleet` as JSON.
-fn audit_entries(fleet: &Fleet) -> Vec<serde_json::Value> {
-    control(&[
-        "audit",
-        "list",
-        "--data-dir",
-        fleet.data.to_str().unwrap(),
-        "--limit",
-        "1000",
-    ])
-    .lines()
-    .map(|l| serde_json::from_str(l).unwrap())
-    .collect()
-}
-
 fn token_body(nonce: &str, csr: &str, token: &str, id: &str) -> serde_json::Value {
     json!({"appliance_id": id, "csr_pem": csr, "nonce": nonce, "proof": {"kind": "token", "token": token}})
 }
@@ -360,7 +345,7 @@ async fn enrollment_retry_with_the_same_key_gets_the_same_certificate() {
         "app-1",
     ]);
     assert_eq!(shown.matches("cert:").count(), 1, "{shown}");
-    let entries = audit_entries(&fleet);
+    let entries = common::operators::audit_entries(&fleet);
     let count = |action: &str, retry: bool| {
         entries
             .iter()
