@@ -56,6 +56,13 @@ pub const SPARSE_HEARTBEAT_ACKS: &str = "sparse-heartbeat-acks/1";
 /// many intervals without an answer (the transport notices sooner).
 pub const HEARTBEAT_ACK_EVERY: u64 = 4;
 
+/// Answers are sparse only when the heartbeat interval is at least this long (10 s): then
+/// `missed_heartbeats` (3) intervals are no shorter than the transports' own 30 s
+/// detection of a silent peer, so a dead broker is noticed no later than with an answer
+/// to every heartbeat. With a shorter interval (chosen for fast failure detection), every
+/// heartbeat is answered. Both ends apply the rule to `Welcome.heartbeat_interval_ms`.
+pub const SPARSE_ACKS_MIN_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Every capability this crate defines, in the order the reference agent announces them.
 pub const ALL: [&str; 7] = [
     EXEC,

@@ -198,7 +198,8 @@ impl BrokerSession {
                 self.backlog =
                     capability::announced(&hello.capabilities, capability::MANIFEST_BACKLOG);
                 self.sparse_acks =
-                    capability::announced(&hello.capabilities, capability::SPARSE_HEARTBEAT_ACKS);
+                    capability::announced(&hello.capabilities, capability::SPARSE_HEARTBEAT_ACKS)
+                        && self.config.heartbeat_interval >= capability::SPARSE_ACKS_MIN_INTERVAL;
                 let max_frame_len = (self.backlog
                     || capability::announced(&hello.capabilities, capability::MAX_FRAME_LEN))
                 .then_some(self.config.max_frame_len.max(MIN_MAX_FRAME_LEN as u32));
@@ -382,7 +383,8 @@ pub struct AgentSession {
     backlog: bool,
     /// Heartbeat intervals without any frame from the broker before it is presumed gone:
     /// `missed_heartbeats`, times [`capability::HEARTBEAT_ACK_EVERY`] when this agent
-    /// announced `sparse-heartbeat-acks/1`.
+    /// announced `sparse-heartbeat-acks/1` and the interval is at least
+    /// [`capability::SPARSE_ACKS_MIN_INTERVAL`].
     silent_intervals: u32,
     next_heartbeat: Option<Instant>,
     seq: u64,
@@ -393,13 +395,7 @@ pub struct AgentSession {
 impl AgentSession {
     /// A session whose stream opened at `now`; `Hello` is queued.
     pub fn new(config: AgentSessionConfig, now: Now) -> Self {
-        let sparse = capability::announced(&config.capabilities, capability::SPARSE_HEARTBEAT_ACKS);
-        let silent_intervals = if sparse {
-            let every = u32::try_from(capability::HEARTBEAT_ACK_EVERY).unwrap_or(u32::MAX);
-            config.missed_heartbeats.saturating_mul(every)
-        } else {
-            config.missed_heartbeats
-        };
+        let silent_intervals = config.missed_heartbeats;
         let mut transmit = VecDeque::new();
         transmit.push_back(Frame::Hello(Hello {
             protocol_version: PROTOCOL_VERSION,
@@ -454,6 +450,14 @@ impl AgentSession {
                 }
                 self.interval = Duration::from_millis(u64::from(w.heartbeat_interval_ms))
                     .max(MIN_HEARTBEAT_INTERVAL);
+                if capability::announced(
+                    &self.config.capabilities,
+                    capability::SPARSE_HEARTBEAT_ACKS,
+                ) && self.interval >= capability::SPARSE_ACKS_MIN_INTERVAL
+                {
+                    let every = u32::try_from(capability::HEARTBEAT_ACK_EVERY).unwrap_or(u32::MAX);
+                    self.silent_intervals = self.config.missed_heartbeats.saturating_mul(every);
+                }
                 self.peer_max_frame_len = w.peer_max_frame_len();
                 self.backlog = capability::announced(&w.capabilities, capability::MANIFEST_BACKLOG);
                 self.state = AgentState::Established;
@@ -611,6 +615,14 @@ mod tests {
     }
 
     fn pair_with(now: Now, capabilities: Vec<String>) -> (AgentSession, BrokerSession) {
+        pair_every(now, capabilities, Duration::from_secs(1))
+    }
+
+    fn pair_every(
+        now: Now,
+        capabilities: Vec<String>,
+        interval: Duration,
+    ) -> (AgentSession, BrokerSession) {
         let agent = AgentSession::new(
             AgentSessionConfig {
                 agent_version: "test".into(),
@@ -626,7 +638,7 @@ mod tests {
         let broker = BrokerSession::new(
             BrokerSessionConfig {
                 session_id: 9,
-                heartbeat_interval: Duration::from_secs(1),
+                heartbeat_interval: interval,
                 missed_heartbeats: 3,
                 hello_timeout: Duration::from_secs(5),
                 manual_renewal_generation: 0,
@@ -750,10 +762,16 @@ mod tests {
     }
 
     /// Heartbeats answered, as the agent saw them, over `n` heartbeat intervals.
-    fn acks_over(a: &mut AgentSession, b: &mut BrokerSession, t0: Now, n: u64) -> Vec<u64> {
+    fn acks_over(
+        a: &mut AgentSession,
+        b: &mut BrokerSession,
+        t0: Now,
+        n: u64,
+        every: u64,
+    ) -> Vec<u64> {
         let mut acked = Vec::new();
         for i in 1..=n {
-            let t = t0.after(Duration::from_secs(i));
+            let t = t0.after(Duration::from_secs(i * every));
             assert_eq!(a.handle_timeout(t), None, "interval {i}");
             assert_eq!(b.handle_timeout(t), None, "interval {i}");
             pump(a, b, t);
@@ -770,16 +788,20 @@ mod tests {
     #[test]
     fn sparse_acks_answer_every_fourth_heartbeat_and_every_generation_change() {
         let t0 = now0();
-        let (mut a, mut b) = pair_with(t0, vec![capability::SPARSE_HEARTBEAT_ACKS.to_owned()]);
+        let (mut a, mut b) = pair_every(
+            t0,
+            vec![capability::SPARSE_HEARTBEAT_ACKS.to_owned()],
+            Duration::from_secs(10),
+        );
         pump(&mut a, &mut b, t0);
         let _ = a.poll_event();
         let _ = b.poll_event();
         // Twelve intervals: the agent, which waits 3 × 4 intervals for a word, never
         // gives up, and only every fourth heartbeat is answered.
-        assert_eq!(acks_over(&mut a, &mut b, t0, 12), vec![4, 8, 12]);
+        assert_eq!(acks_over(&mut a, &mut b, t0, 12, 10), vec![4, 8, 12]);
         // A generation change is answered at once, whatever the count.
         b.set_manual_renewal_generation(2);
-        let t = t0.after(Duration::from_secs(13));
+        let t = t0.after(Duration::from_secs(130));
         assert_eq!(a.handle_timeout(t), None);
         pump(&mut a, &mut b, t);
         let events: Vec<_> = std::iter::from_fn(|| a.poll_event()).collect();
@@ -789,7 +811,7 @@ mod tests {
             .any(|e| matches!(e, AgentEvent::HeartbeatAck(ack) if ack.seq == 13)));
         // Setting the same generation again is no news.
         b.set_manual_renewal_generation(2);
-        let t = t0.after(Duration::from_secs(14));
+        let t = t0.after(Duration::from_secs(140));
         assert_eq!(a.handle_timeout(t), None);
         pump(&mut a, &mut b, t);
         assert!(!std::iter::from_fn(|| a.poll_event())
@@ -803,20 +825,45 @@ mod tests {
         pump(&mut a, &mut b, t0);
         let _ = a.poll_event();
         let _ = b.poll_event();
-        assert_eq!(acks_over(&mut a, &mut b, t0, 5), vec![1, 2, 3, 4, 5]);
+        assert_eq!(acks_over(&mut a, &mut b, t0, 5, 1), vec![1, 2, 3, 4, 5]);
+    }
+
+    /// Below 10 s intervals (fast failure detection) every heartbeat is answered and the
+    /// agent keeps its 3-interval patience, capability or not.
+    #[test]
+    fn short_intervals_keep_an_answer_to_every_heartbeat() {
+        let t0 = now0();
+        let (mut a, mut b) = pair_with(t0, vec![capability::SPARSE_HEARTBEAT_ACKS.to_owned()]);
+        pump(&mut a, &mut b, t0);
+        let _ = a.poll_event();
+        let _ = b.poll_event();
+        assert_eq!(acks_over(&mut a, &mut b, t0, 5, 1), vec![1, 2, 3, 4, 5]);
+        let (mut a, mut b) = pair_with(t0, vec![capability::SPARSE_HEARTBEAT_ACKS.to_owned()]);
+        pump(&mut a, &mut b, t0);
+        assert_eq!(
+            a.handle_timeout(t0.after(Duration::from_secs(3))),
+            Some(CloseCode::IdleTimeout)
+        );
     }
 
     #[test]
     fn a_sparse_agent_still_gives_up_on_a_silent_broker() {
         let t0 = now0();
-        let (mut a, mut b) = pair_with(t0, vec![capability::SPARSE_HEARTBEAT_ACKS.to_owned()]);
+        let (mut a, mut b) = pair_every(
+            t0,
+            vec![capability::SPARSE_HEARTBEAT_ACKS.to_owned()],
+            Duration::from_secs(10),
+        );
         pump(&mut a, &mut b, t0);
         // Nothing comes back: given up after 3 × 4 intervals of silence, not before.
         for i in 1..12 {
-            assert_eq!(a.handle_timeout(t0.after(Duration::from_secs(i))), None);
+            assert_eq!(
+                a.handle_timeout(t0.after(Duration::from_secs(i * 10))),
+                None
+            );
         }
         assert_eq!(
-            a.handle_timeout(t0.after(Duration::from_secs(12))),
+            a.handle_timeout(t0.after(Duration::from_secs(120))),
             Some(CloseCode::IdleTimeout)
         );
     }
