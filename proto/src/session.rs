@@ -761,6 +761,15 @@ mod tests {
             .any(|e| matches!(e, AgentEvent::RenewalRequested { .. })));
     }
 
+    /// A pair whose agent announced sparse answers, at a 10 s interval (where they apply).
+    fn sparse_pair(now: Now) -> (AgentSession, BrokerSession) {
+        pair_every(
+            now,
+            vec![capability::SPARSE_HEARTBEAT_ACKS.to_owned()],
+            Duration::from_secs(10),
+        )
+    }
+
     /// Heartbeats answered, as the agent saw them, over `n` heartbeat intervals.
     fn acks_over(
         a: &mut AgentSession,
@@ -788,11 +797,7 @@ mod tests {
     #[test]
     fn sparse_acks_answer_every_fourth_heartbeat_and_every_generation_change() {
         let t0 = now0();
-        let (mut a, mut b) = pair_every(
-            t0,
-            vec![capability::SPARSE_HEARTBEAT_ACKS.to_owned()],
-            Duration::from_secs(10),
-        );
+        let (mut a, mut b) = sparse_pair(t0);
         pump(&mut a, &mut b, t0);
         let _ = a.poll_event();
         let _ = b.poll_event();
@@ -849,11 +854,7 @@ mod tests {
     #[test]
     fn a_sparse_agent_still_gives_up_on_a_silent_broker() {
         let t0 = now0();
-        let (mut a, mut b) = pair_every(
-            t0,
-            vec![capability::SPARSE_HEARTBEAT_ACKS.to_owned()],
-            Duration::from_secs(10),
-        );
+        let (mut a, mut b) = sparse_pair(t0);
         pump(&mut a, &mut b, t0);
         // Nothing comes back: given up after 3 × 4 intervals of silence, not before.
         for i in 1..12 {

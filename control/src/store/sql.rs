@@ -282,6 +282,26 @@ impl SqlStore {
 /// [`Store::record_certificate`]); returns the pending deltas for
 /// [`commit_trust_change`]. `Conflict` if the serial or fingerprint is recorded (the
 /// caller drops the transaction).
+/// Take every certificate of `id` out of the allowlist (their removals pushed to
+/// `deltas`) and mark them revoked.
+async fn revoke_every_certificate(
+    conn: &mut sqlx::AnyConnection,
+    id: &str,
+    deltas: &mut Vec<AllowlistDelta>,
+) -> Result<(), StoreError> {
+    let certs = allowed_certs(conn, id).await?;
+    set_allowed(conn, &certs, false, deltas).await?;
+    sqlx::query(
+        "UPDATE certificates SET state = 'revoked', previous_until = NULL \
+         WHERE appliance_id = $1 AND state <> 'revoked'",
+    )
+    .bind(id)
+    .execute(&mut *conn)
+    .await
+    .map_err(db)?;
+    Ok(())
+}
+
 async fn insert_certificate(
     conn: &mut sqlx::AnyConnection,
     cert: &CertRecord,
@@ -309,16 +329,7 @@ async fn insert_certificate(
         .await
         .map_err(db)?;
     } else {
-        let older = allowed_certs(conn, id).await?;
-        set_allowed(conn, &older, false, &mut removed).await?;
-        sqlx::query(
-            "UPDATE certificates SET state = 'revoked', previous_until = NULL \
-             WHERE appliance_id = $1 AND state <> 'revoked'",
-        )
-        .bind(id)
-        .execute(&mut *conn)
-        .await
-        .map_err(db)?;
+        revoke_every_certificate(conn, id, &mut removed).await?;
     }
     let inserted = sqlx::query(
         "INSERT INTO certificates \
@@ -478,16 +489,7 @@ impl Store for SqlStore {
                 set_allowed(&mut tx, &certs, false, &mut deltas).await?;
             }
             ApplianceStatus::Revoked => {
-                let certs = allowed_certs(&mut tx, id).await?;
-                set_allowed(&mut tx, &certs, false, &mut deltas).await?;
-                sqlx::query(
-                    "UPDATE certificates SET state = 'revoked', previous_until = NULL \
-                     WHERE appliance_id = $1 AND state <> 'revoked'",
-                )
-                .bind(id)
-                .execute(&mut *tx)
-                .await
-                .map_err(db)?;
+                revoke_every_certificate(&mut tx, id, &mut deltas).await?;
             }
             ApplianceStatus::Active => {
                 let certs = sqlx::query(
