@@ -288,3 +288,218 @@ async fn dot_dot_is_no_appliance_even_when_listed() {
         None
     );
 }
+
+// ---- Verified intermediates (broker/src/verifier.rs, "Verified intermediates") ----
+//
+// A broker whose bundle holds only the root remembers the intermediate of the first chain
+// that verified through it, and later checks one signature instead of two. These tests
+// try to make that memory admit what the full path would refuse: a leaf the intermediate
+// did not sign, a look-alike intermediate, an intermediate outside its validity window,
+// a chain that never went through the intermediate. Each verdict is compared with a
+// verifier that has learned nothing.
+
+mod verified_intermediates {
+    use std::sync::Arc;
+
+    use rustls::pki_types::{CertificateDer, UnixTime};
+    use tether::pki::{Leaf, LeafSpec, Pki};
+    use tether_broker::allowlist::{Allowlist, ApplianceId, Change, Entry, Fingerprint};
+    use tether_broker::metrics::Metrics;
+    use tether_broker::verifier::{ApplianceVerifier, MAX_VERIFIED_INTERMEDIATES};
+    use time::{Duration as TDuration, OffsetDateTime};
+
+    use super::common::TRUST_DOMAIN;
+
+    /// A verifier trusting only `pki`'s root, with every `(id, leaf)` pinned.
+    fn root_only(pki: &Pki, pinned: &[(&str, &Leaf)]) -> ApplianceVerifier {
+        let list = Allowlist::new();
+        list.apply(Change::Replace {
+            version: None,
+            entries: pinned
+                .iter()
+                .map(|(id, leaf)| Entry {
+                    appliance: ApplianceId::new(id).unwrap(),
+                    fingerprint: Fingerprint::of(&leaf.cert_der),
+                })
+                .collect(),
+        })
+        .unwrap();
+        ApplianceVerifier::new(
+            &[pki.root.rustls_cert()],
+            TRUST_DOMAIN,
+            Arc::new(list),
+            Arc::new(Metrics::new()),
+            tether_broker::tls::provider(),
+        )
+        .unwrap()
+    }
+
+    fn at(t: OffsetDateTime) -> UnixTime {
+        UnixTime::since_unix_epoch(std::time::Duration::from_secs(
+            t.unix_timestamp().try_into().unwrap(),
+        ))
+    }
+
+    /// The verdict on `leaf` presenting `chain`, as a label.
+    fn verdict(
+        v: &ApplianceVerifier,
+        leaf: &Leaf,
+        chain: &[CertificateDer<'static>],
+        now: UnixTime,
+    ) -> &'static str {
+        match v.verify(&leaf.rustls_cert(), chain, now) {
+            Ok(_) => "admitted",
+            Err(r) => r.label(),
+        }
+    }
+
+    fn spec(id: &str) -> LeafSpec {
+        LeafSpec::appliance(TRUST_DOMAIN, id)
+    }
+
+    #[test]
+    fn a_learned_intermediate_refuses_everything_the_full_path_refuses() {
+        let pki = Pki::new(TRUST_DOMAIN).unwrap();
+        let x = pki.intermediate.rustls_cert();
+        let now = OffsetDateTime::now_utc();
+        // A genuine leaf valid for five years: it outlives the intermediate (two years).
+        let mut s = spec("app-a");
+        s.not_before = now - TDuration::days(2);
+        s.not_after = now + TDuration::days(5 * 365);
+        let good = pki.intermediate.issue(&s).unwrap();
+        // A look-alike: another root with an intermediate of the same name, signing a
+        // leaf for the same appliance.
+        let evil = Pki::new(TRUST_DOMAIN).unwrap();
+        let evil_x = evil
+            .root
+            .new_intermediate(pki.intermediate.common_name())
+            .unwrap();
+        let forged = evil_x.issue(&spec("app-a")).unwrap();
+        // The attacker's fingerprints are even pinned: only the chain may stop them.
+        let pinned = [("app-a", &good), ("app-a", &forged)];
+        let learned = root_only(&pki, &pinned);
+        assert_eq!(learned.verified_intermediates(), 0);
+        assert_eq!(
+            verdict(&learned, &good, std::slice::from_ref(&x), at(now)),
+            "admitted"
+        );
+        assert_eq!(
+            learned.verified_intermediates(),
+            1,
+            "the intermediate is kept"
+        );
+
+        let attempts: Vec<(&str, &Leaf, Vec<CertificateDer<'static>>, OffsetDateTime)> = vec![
+            // The forged leaf presenting our intermediate's exact bytes.
+            (
+                "forged leaf, genuine intermediate",
+                &forged,
+                vec![x.clone()],
+                now,
+            ),
+            // The forged leaf with its look-alike intermediate.
+            (
+                "forged leaf, look-alike intermediate",
+                &forged,
+                vec![evil_x.rustls_cert()],
+                now,
+            ),
+            // Our leaf after the intermediate expired (the leaf itself is still valid).
+            (
+                "intermediate expired",
+                &good,
+                vec![x.clone()],
+                now + TDuration::days(3 * 365),
+            ),
+            // Our leaf before the intermediate's notBefore (the leaf is already valid).
+            (
+                "intermediate not yet valid",
+                &good,
+                vec![x.clone()],
+                now - TDuration::days(1),
+            ),
+            // No intermediate at all.
+            ("no intermediate", &good, vec![], now),
+        ];
+        for (what, leaf, chain, t) in &attempts {
+            let fresh = root_only(&pki, &pinned);
+            let expected = verdict(&fresh, leaf, chain, at(*t));
+            assert_ne!(expected, "admitted", "{what}: the full path refuses it");
+            assert_eq!(verdict(&learned, leaf, chain, at(*t)), expected, "{what}");
+        }
+        // The refusals taught it nothing new, and the genuine chain still works.
+        assert_eq!(learned.verified_intermediates(), 1);
+        assert_eq!(
+            verdict(&learned, &good, std::slice::from_ref(&x), at(now)),
+            "admitted"
+        );
+    }
+
+    #[test]
+    fn a_chain_that_did_not_go_through_the_intermediate_teaches_nothing() {
+        let pki = Pki::new(TRUST_DOMAIN).unwrap();
+        // Signed by the root itself, but presenting the intermediate anyway: webpki builds
+        // leaf → root, so the intermediate's signature was never checked.
+        let by_root = pki.root.issue(&spec("app-r")).unwrap();
+        let v = root_only(&pki, &[("app-r", &by_root)]);
+        let x = pki.intermediate.rustls_cert();
+        let now = at(OffsetDateTime::now_utc());
+        assert_eq!(
+            verdict(&v, &by_root, std::slice::from_ref(&x), now),
+            "admitted"
+        );
+        assert_eq!(v.verified_intermediates(), 0);
+        // A bundle that already trusts the intermediate has nothing to learn either.
+        let good = pki.appliance("app-a").unwrap();
+        let list = Allowlist::new();
+        list.apply(Change::Replace {
+            version: None,
+            entries: vec![Entry {
+                appliance: ApplianceId::new("app-a").unwrap(),
+                fingerprint: Fingerprint::of(&good.cert_der),
+            }],
+        })
+        .unwrap();
+        let both = ApplianceVerifier::new(
+            &[pki.root.rustls_cert(), x.clone()],
+            TRUST_DOMAIN,
+            Arc::new(list),
+            Arc::new(Metrics::new()),
+            tether_broker::tls::provider(),
+        )
+        .unwrap();
+        assert_eq!(
+            verdict(&both, &good, std::slice::from_ref(&x), now),
+            "admitted"
+        );
+        assert_eq!(both.verified_intermediates(), 0);
+    }
+
+    #[test]
+    fn at_most_a_few_intermediates_are_kept_and_each_still_verifies() {
+        let pki = Pki::new(TRUST_DOMAIN).unwrap();
+        let xs: Vec<_> = (0..MAX_VERIFIED_INTERMEDIATES + 2)
+            .map(|i| {
+                pki.root
+                    .new_intermediate(&format!("Tether Int {i}"))
+                    .unwrap()
+            })
+            .collect();
+        let leaves: Vec<_> = xs
+            .iter()
+            .enumerate()
+            .map(|(i, x)| x.issue(&spec(&format!("app-{i}"))).unwrap())
+            .collect();
+        let ids: Vec<String> = (0..leaves.len()).map(|i| format!("app-{i}")).collect();
+        let pinned: Vec<(&str, &Leaf)> = ids.iter().map(|s| s.as_str()).zip(&leaves).collect();
+        let v = root_only(&pki, &pinned);
+        let now = at(OffsetDateTime::now_utc());
+        for _ in 0..2 {
+            for (x, leaf) in xs.iter().zip(&leaves) {
+                assert_eq!(verdict(&v, leaf, &[x.rustls_cert()], now), "admitted");
+                assert!(v.verified_intermediates() <= MAX_VERIFIED_INTERMEDIATES);
+            }
+        }
+        assert_eq!(v.verified_intermediates(), MAX_VERIFIED_INTERMEDIATES);
+    }
+}

@@ -25,9 +25,27 @@
 //!
 //! TLS session resumption is disabled on the broker (see `server.rs`): a resumed handshake
 //! would skip this verifier, so a revoked certificate could otherwise come back.
+//!
+//! ## Verified intermediates
+//!
+//! The broker's bundle holds the root; every appliance presents its leaf and the
+//! intermediate that issued it, so webpki checks two signatures per handshake: the
+//! leaf's by the intermediate and the intermediate's by the root. The second is the same
+//! computation on the same bytes for every appliance of the fleet (one ECDSA verification,
+//! about an eighth of the broker's CPU per handshake). Once a chain `[leaf, X]` has
+//! verified to a root anchor **and X must have been in that path** (the leaf names X's
+//! subject as its issuer, and no anchor has that subject, so webpki could not have built
+//! any other path), X's signature, constraints and key are known good. Later chains
+//! presenting exactly the bytes of X are then checked by a webpki verifier anchored at X
+//! (the leaf's signature, validity, EKU and X's name constraints), while X's own validity
+//! window, which webpki ignores for anchors, is checked here. Anything else (another
+//! intermediate, two of them, X outside its window, a leaf X did not sign) takes the full
+//! path, which also names every refusal exactly as before. At most
+//! [`MAX_VERIFIED_INTERMEDIATES`] are kept (an intermediate rotation has two live).
 
 use std::sync::Arc;
 
+use arc_swap::ArcSwap;
 use rustls::client::danger::HandshakeSignatureValid;
 use rustls::pki_types::{CertificateDer, UnixTime};
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
@@ -204,10 +222,39 @@ pub enum VerifierError {
     Build(String),
 }
 
+/// How many verified intermediates [`ApplianceVerifier`] keeps (module docs).
+pub const MAX_VERIFIED_INTERMEDIATES: usize = 4;
+
+/// An intermediate that was part of a chain verified to a root anchor (module docs).
+#[derive(Debug)]
+struct VerifiedIntermediate {
+    /// Its exact DER: a chain uses the shortcut only when it presents these bytes.
+    der: Vec<u8>,
+    /// Its validity window, seconds since the epoch, both ends included (as webpki).
+    not_before: u64,
+    not_after: u64,
+    /// webpki anchored at it.
+    verifier: Arc<dyn ClientCertVerifier>,
+}
+
+impl VerifiedIntermediate {
+    fn covers(&self, presented: &[CertificateDer<'_>], now: UnixTime) -> bool {
+        let now = now.as_secs();
+        matches!(presented, [x] if x.as_ref() == self.der.as_slice())
+            && self.not_before <= now
+            && now <= self.not_after
+    }
+}
+
 /// The broker's [`ClientCertVerifier`].
 #[derive(Debug)]
 pub struct ApplianceVerifier {
     chain: Arc<dyn ClientCertVerifier>,
+    /// Raw subjects of the configured anchors.
+    anchor_subjects: Vec<Vec<u8>>,
+    /// Intermediates learned from verified chains (module docs), newest last.
+    intermediates: ArcSwap<Vec<Arc<VerifiedIntermediate>>>,
+    provider: Arc<rustls::crypto::CryptoProvider>,
     trust_domain: TrustDomain,
     allowlist: Arc<Allowlist>,
     metrics: Arc<Metrics>,
@@ -228,15 +275,23 @@ impl ApplianceVerifier {
         }
         let trust_domain = TrustDomain::new(trust_domain)
             .map_err(|_| VerifierError::InvalidTrustDomain(trust_domain.to_owned()))?;
-        let mut roots = rustls::RootCertStore::empty();
-        for cert in ca {
-            roots.add(cert.clone()).map_err(VerifierError::InvalidCa)?;
-        }
-        let chain = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
-            .build()
-            .map_err(|e| VerifierError::Build(e.to_string()))?;
+        // Every anchor's subject must be known: one missing could let `learn` keep an
+        // intermediate that a chain never went through.
+        let anchor_subjects = ca
+            .iter()
+            .map(|cert| match x509_parser::parse_x509_certificate(cert) {
+                Ok((_, cert)) => Ok(cert.tbs_certificate.subject.as_raw().to_vec()),
+                Err(_) => Err(VerifierError::InvalidCa(rustls::Error::InvalidCertificate(
+                    CertificateError::BadEncoding,
+                ))),
+            })
+            .collect::<Result<_, _>>()?;
+        let chain = webpki_verifier(ca, &provider)?;
         Ok(ApplianceVerifier {
             chain,
+            anchor_subjects,
+            intermediates: ArcSwap::default(),
+            provider,
             trust_domain,
             allowlist,
             metrics,
@@ -334,12 +389,105 @@ impl ApplianceVerifier {
         now: UnixTime,
     ) -> Result<VerifiedAppliance, Rejection> {
         // Step 1: chain, validity, EKU (webpki).
-        self.chain
-            .verify_client_cert(leaf, intermediates, now)
-            .map_err(Rejection::from_webpki)?;
+        self.verify_chain(leaf, intermediates, now)?;
         // Steps 2 and 3.
         self.identify(leaf)
     }
+
+    /// Step 1, through a verified intermediate when the chain presents one (module docs).
+    fn verify_chain(
+        &self,
+        leaf: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<(), Rejection> {
+        let known = self.intermediates.load();
+        if let Some(x) = known.iter().find(|x| x.covers(intermediates, now)) {
+            if x.verifier.verify_client_cert(leaf, &[], now).is_ok() {
+                return Ok(());
+            }
+            // A leaf this intermediate did not sign, or an expired one: the full path
+            // refuses it too, and names why exactly as it always has.
+        }
+        self.chain
+            .verify_client_cert(leaf, intermediates, now)
+            .map_err(Rejection::from_webpki)?;
+        if let [presented] = intermediates {
+            if !known.iter().any(|x| x.der.as_slice() == presented.as_ref()) {
+                self.learn(leaf, presented);
+            }
+        }
+        Ok(())
+    }
+
+    /// Keep `presented` as a verified intermediate if the chain `[leaf, presented]` that
+    /// webpki just verified must have gone through it (module docs).
+    fn learn(&self, leaf: &CertificateDer<'_>, presented: &CertificateDer<'_>) {
+        let (Ok((_, leaf)), Ok((_, x))) = (
+            x509_parser::parse_x509_certificate(leaf),
+            x509_parser::parse_x509_certificate(presented),
+        ) else {
+            return;
+        };
+        let subject = x.tbs_certificate.subject.as_raw();
+        if leaf.tbs_certificate.issuer.as_raw() != subject
+            || self.anchor_subjects.iter().any(|a| a.as_slice() == subject)
+        {
+            return;
+        }
+        let validity = x.validity();
+        let (Ok(not_before), Ok(not_after)) = (
+            u64::try_from(validity.not_before.timestamp()),
+            u64::try_from(validity.not_after.timestamp()),
+        ) else {
+            return;
+        };
+        let Ok(verifier) = webpki_verifier(&[presented.clone().into_owned()], &self.provider)
+        else {
+            return;
+        };
+        let learned = Arc::new(VerifiedIntermediate {
+            der: presented.to_vec(),
+            not_before,
+            not_after,
+            verifier,
+        });
+        self.intermediates.rcu(|known| {
+            let mut next: Vec<_> = known
+                .iter()
+                .filter(|x| x.der != learned.der)
+                .cloned()
+                .collect();
+            next.push(learned.clone());
+            let excess = next.len().saturating_sub(MAX_VERIFIED_INTERMEDIATES);
+            next.drain(..excess);
+            next
+        });
+        tracing::info!(
+            issuer = %x.issuer(),
+            subject = %x.subject(),
+            "intermediate verified against the root: chains through it now check one signature"
+        );
+    }
+
+    /// How many verified intermediates are kept (tests).
+    pub fn verified_intermediates(&self) -> usize {
+        self.intermediates.load().len()
+    }
+}
+
+/// webpki's client verifier with `anchors` as trust anchors.
+fn webpki_verifier(
+    anchors: &[CertificateDer<'static>],
+    provider: &Arc<rustls::crypto::CryptoProvider>,
+) -> Result<Arc<dyn ClientCertVerifier>, VerifierError> {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in anchors {
+        roots.add(cert.clone()).map_err(VerifierError::InvalidCa)?;
+    }
+    WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+        .build()
+        .map_err(|e| VerifierError::Build(e.to_string()))
 }
 
 impl ClientCertVerifier for ApplianceVerifier {
