@@ -248,9 +248,16 @@ impl IntoResponse for ApiError {
         )
             .into_response();
         if self.status == StatusCode::SERVICE_UNAVAILABLE {
-            resp.headers_mut().insert(
+            let headers = resp.headers_mut();
+            headers.insert(
                 axum::http::header::RETRY_AFTER,
                 axum::http::HeaderValue::from(RETRY_AFTER_UNAVAILABLE_SECS),
+            );
+            // The retry opens a new connection, which an L4 load balancer may send to
+            // another replica (a kept-alive one would come back here).
+            headers.insert(
+                axum::http::header::CONNECTION,
+                axum::http::HeaderValue::from_static("close"),
             );
         }
         resp.extensions_mut().insert(ErrorCode(self.code));
@@ -258,8 +265,9 @@ impl IntoResponse for ApiError {
     }
 }
 
-/// The `Retry-After` (seconds) of every 503 answer: what is missing (a channel to a
-/// broker) is back, or reachable through another replica, within about a second.
+/// The `Retry-After` (seconds) of every 503 answer, which also closes its connection:
+/// what is missing (a channel to a broker) is back, or reachable through another replica
+/// on a new connection, within about a second.
 pub const RETRY_AFTER_UNAVAILABLE_SECS: u64 = 1;
 
 /// The router. The routes open without credentials are rate limited per client IP
@@ -507,6 +515,7 @@ mod tests {
         let resp = ApiError::from(e).into_response();
         assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
         assert_eq!(resp.headers()[axum::http::header::RETRY_AFTER], "1");
+        assert_eq!(resp.headers()[axum::http::header::CONNECTION], "close");
         let resp = ApiError::new(StatusCode::CONFLICT, "offline", "no").into_response();
         assert!(!resp.headers().contains_key(axum::http::header::RETRY_AFTER));
     }
