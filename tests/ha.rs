@@ -2,8 +2,11 @@
 //! allowlist digest chain, `/readyz`, brokers holding a channel to every replica, the
 //! NOTIFY doorbell, `store copy`. Real `tether-control` processes on a
 //! fresh database of the server `TETHER_TEST_PG_URL` names (`scripts/pg`; without it
-//! these tests fail, they never skip). Build the binaries first:
-//! `cargo build --workspace --bins`.
+//! these tests fail, they never skip). Commands through any replica: a replica killed
+//! mid-command (`replica_lost`), and crashes right after a commit
+//! (`TETHER_CONTROL_FAULT=crash_after_commit:<op>`). Build the binaries first, with the
+//! test-only crash hooks: `cargo build --workspace --bins --features
+//! tether-control/fault-injection` (`cargo test --workspace` turns the feature on itself).
 
 mod common;
 
@@ -720,6 +723,317 @@ async fn a_broker_holds_channels_to_both_replicas_and_applies_a_duplicate_delta_
         .wait_metric_eq(CHANNELS, 2.0, Duration::from_secs(15))
         .await;
     drop(broker);
+    drop(b);
+    drop(c);
+    db.drop_db().await;
+}
+
+/// `[replica]` for the command tests: the abandon job every second, a replica lost after
+/// 6 s of silence (heartbeats every 5 s), so a killed replica's commands get their outcome
+/// within about 8 s.
+const FAST_ABANDON: &str = "[replica]\nabandon_commands_every = \"1s\"\nlost_after = \"6s\"\n";
+
+/// Replica A (the fleet's control) restarted on its port with `TETHER_CONTROL_FAULT=fault`.
+/// Panics if the binary was built without the `fault-injection` feature.
+fn arm_fault(c: &mut Cluster, fault: &str) {
+    let listen = c.fleet.control.addr.to_string();
+    c.kill_control();
+    c.fleet.control =
+        common::control::serve_env(&c.fleet.data, &listen, &[("TETHER_CONTROL_FAULT", fault)]);
+    assert!(
+        c.fleet.control.log_contains("fault injection armed"),
+        "tether-control was built without the fault-injection feature: build with \
+         `cargo build --workspace --bins --features tether-control/fault-injection` \
+         (or run `cargo test --workspace`)"
+    );
+}
+
+/// The replica id in data directory `data`.
+fn replica_id(data: &Path) -> String {
+    std::fs::read_to_string(data.join("replica.id"))
+        .unwrap()
+        .trim()
+        .to_owned()
+}
+
+/// Wait until replica A's process ended by itself (an abort); returns how it ended.
+fn wait_exit(c: &mut Cluster, limit: Duration) -> std::process::ExitStatus {
+    let start = Instant::now();
+    loop {
+        if let Some(status) = c.fleet.control.child.try_wait().unwrap() {
+            return status;
+        }
+        assert!(start.elapsed() < limit, "replica A did not crash");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_replica_mid_command() {
+    let db = PgDb::create().await;
+    let mut c = Cluster::with_init(&["--database-url", &db.url], FAST_ABANDON);
+    let b = second_replica(&c, FAST_ABANDON);
+    let b_id = replica_id(&c.tmp().join("replica-2"));
+    let broker = c.add_broker_via("edge-1", &c.fleet.url());
+    // Both replicas hold a channel to the broker (B is learned from A's list).
+    broker
+        .wait_metric_eq(CHANNELS, 2.0, Duration::from_secs(15))
+        .await;
+    let state = c.enroll("app-1");
+    broker.wait_metric("tether_allowlist_version", 1.0).await;
+    let _agent = c.agent(&state, &[broker.quic]);
+    let session = broker.wait_session("app-1").await;
+    let ops_b = ops_at(&c, &b.url());
+    // B knows where app-1 is too.
+    common::wait_for(Duration::from_secs(10), || async {
+        let out = tether(&ops_b, &["appliance", "show", "app-1", "--output", "json"]).ok()?;
+        let v: serde_json::Value = serde_json::from_str(&out).ok()?;
+        (!v["connection"].is_null()).then_some(())
+    })
+    .await
+    .expect("B sees app-1 connected");
+
+    // A command through A that would finish after 3 s, leaving a mark.
+    let mark = c.tmp().join("done.mark");
+    let script = format!("sleep 3; touch {}; echo done", mark.display());
+    let mut cli = Command::new(bin("tether"))
+        .args([
+            "exec",
+            "app-1",
+            "--timeout",
+            "30s",
+            "--",
+            "sh",
+            "-c",
+            &script,
+        ])
+        .env("TETHER_CONFIG_DIR", &c.ops)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    common::wait_for(Duration::from_secs(5), || async {
+        c.fleet.control.log_contains("command sent").then_some(())
+    })
+    .await
+    .expect("A sent the command");
+    tokio::time::sleep(Duration::from_millis(800)).await;
+
+    c.kill_control();
+    let killed = Instant::now();
+    let status = loop {
+        if let Some(s) = cli.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            killed.elapsed() < Duration::from_secs(5),
+            "tether exec still waiting"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let cli_took = killed.elapsed();
+    let out = cli.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(status.code(), Some(75), "EX_TEMPFAIL: {stderr}");
+    assert!(stderr.contains("replica_lost"), "{stderr}");
+    assert!(cli_took < Duration::from_secs(2), "{cli_took:?}");
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("done"));
+
+    // The broker stopped the command with A's channel: no mark after its 3 s.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(
+        !mark.exists(),
+        "the command kept running after its replica died"
+    );
+
+    // B gives the command its outcome once A's heartbeat is 6 s old.
+    let entries = common::wait_for(Duration::from_secs(20), || async {
+        let entries = common::operators::audit_entries(&c.fleet);
+        entries
+            .iter()
+            .any(|e| e["details"]["code"] == "replica_lost")
+            .then_some(entries)
+    })
+    .await
+    .expect("a replica_lost outcome within the abandon period");
+    let execs: Vec<_> = entries
+        .iter()
+        .filter(|e| e["action"] == "appliance.exec" && e["target"] == "app-1")
+        .collect();
+    assert_eq!(execs.len(), 2, "the request and one outcome: {execs:?}");
+    assert_eq!(execs[0]["outcome"], "success");
+    assert!(execs[0]["details"]["argv"]
+        .as_str()
+        .unwrap()
+        .contains("sleep 3"));
+    let lost = execs[1];
+    assert_eq!(lost["outcome"], "failed");
+    assert_eq!(lost["details"]["code"], "replica_lost");
+    assert_eq!(lost["details"]["abandoned_by"], b_id.as_str());
+    assert_eq!(lost["details"]["broker"], "edge-1");
+    assert_eq!(lost["actor"], execs[0]["actor"]);
+
+    // Through B the appliance still answers; nothing reconnected.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let again = common::operators::audit_entries(&c.fleet)
+        .iter()
+        .filter(|e| e["details"]["code"] == "replica_lost")
+        .count();
+    assert_eq!(again, 1, "exactly one outcome, however many job runs");
+    let echoed = tether(&ops_b, &["exec", "app-1", "--", "echo", "via-b"]).expect("exec via B");
+    assert_eq!(echoed.trim(), "via-b");
+    let sessions = broker.sessions().await;
+    assert_eq!(sessions.len(), 1, "{sessions:?}");
+    assert_eq!(sessions[0]["session_id"], session["session_id"]);
+    drop(b);
+    drop(c);
+    db.drop_db().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crash_right_after_revoke_commit() {
+    let db = PgDb::create().await;
+    let mut c = Cluster::with_init(&["--database-url", &db.url], "");
+    arm_fault(&mut c, "crash_after_commit:set_status");
+    let b = second_replica(&c, "");
+    let broker = c.add_broker_via("edge-1", &b.url());
+    let state = c.enroll("app-1");
+    broker.wait_metric("tether_allowlist_version", 1.0).await;
+    let _agent = c.agent(&state, &[broker.quic]);
+    broker.wait_session("app-1").await;
+    let version = broker.metric("tether_allowlist_version").await;
+
+    let start = Instant::now();
+    let err = c
+        .tether(&["appliance", "revoke", "app-1"])
+        .expect_err("A dies before answering");
+    assert!(
+        err.contains("cannot reach control") || err.contains("connection"),
+        "{err}"
+    );
+    let status = wait_exit(&mut c, Duration::from_secs(5));
+    assert!(!status.success(), "A aborted: {status:?}");
+    // B pushes the committed version; the broker closes the session.
+    let took = time_until(start, || async {
+        !broker
+            .sessions()
+            .await
+            .iter()
+            .any(|s| s["appliance_id"] == "app-1")
+    })
+    .await;
+    assert!(took < Duration::from_secs(2), "{took:?}");
+    assert!(broker.metric("tether_allowlist_version").await > version);
+    let ops_b = ops_at(&c, &b.url());
+    let show: serde_json::Value = serde_json::from_str(
+        &tether(&ops_b, &["appliance", "show", "app-1", "--output", "json"]).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(show["trust_state"], "trust_revoked", "{show}");
+    let revokes = common::operators::audit_entries(&c.fleet)
+        .into_iter()
+        .filter(|e| e["action"] == "appliance.revoke" && e["target"] == "app-1")
+        .count();
+    assert_eq!(revokes, 1);
+    drop(b);
+    drop(c);
+    db.drop_db().await;
+}
+
+/// POST `body` to `path` on the replica at `url` (no client certificate): (status, JSON),
+/// or Err when the connection failed.
+async fn post_at(
+    c: &Cluster,
+    url: &str,
+    path: &str,
+    body: serde_json::Value,
+) -> Result<(u16, serde_json::Value), reqwest::Error> {
+    let resp = c
+        .fleet
+        .client()
+        .post(format!("{url}{path}"))
+        .json(&body)
+        .send()
+        .await?;
+    let status = resp.status().as_u16();
+    Ok((status, resp.json().await.unwrap_or_default()))
+}
+
+/// A fresh enrollment nonce from the replica at `url`.
+async fn nonce_at(c: &Cluster, url: &str) -> String {
+    let (s, v) = post_at(c, url, "/v1/enroll/challenge", serde_json::json!({}))
+        .await
+        .unwrap();
+    assert_eq!(s, 200, "{v}");
+    v["nonce"].as_str().unwrap().to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn enrollment_retry_after_replica_crash_is_idempotent() {
+    let db = PgDb::create().await;
+    let mut c = Cluster::with_init(&["--database-url", &db.url], "");
+    arm_fault(&mut c, "crash_after_commit:record_certificate");
+    let b = second_replica(&c, "");
+    // Registered unless the fleet already did.
+    let _ = c.tether(&[
+        "appliance",
+        "register",
+        "app-1",
+        "--token-only",
+        "--tenant",
+        "acme",
+    ]);
+    let token = c.fleet.token("app-1");
+    let (_, csr) = tether_agent::enroll::key_and_csr("app-1").unwrap();
+    let body = |nonce: &str| {
+        serde_json::json!({"appliance_id": "app-1", "csr_pem": csr, "nonce": nonce,
+            "proof": {"kind": "token", "token": token}})
+    };
+
+    // Through A: committed, then A dies before answering.
+    let n = nonce_at(&c, &c.fleet.url()).await;
+    let first = post_at(&c, &c.fleet.url(), "/v1/enroll", body(&n)).await;
+    assert!(first.is_err(), "A answered: {first:?}");
+    let status = wait_exit(&mut c, Duration::from_secs(5));
+    assert!(!status.success(), "A aborted: {status:?}");
+
+    // The retry through B (fresh nonce, same token, same key) gets the recorded certificate.
+    let n = nonce_at(&c, &b.url()).await;
+    let (s, again) = post_at(&c, &b.url(), "/v1/enroll", body(&n)).await.unwrap();
+    assert_eq!(s, 200, "{again}");
+    let shown = common::control::control(&[
+        "appliance",
+        "show",
+        "--data-dir",
+        c.fleet.data.to_str().unwrap(),
+        "app-1",
+    ]);
+    assert_eq!(
+        shown.matches("cert:").count(),
+        1,
+        "one certificate: {shown}"
+    );
+    let fingerprint = again["fingerprint"].as_str().unwrap();
+    assert!(shown.contains(fingerprint), "{fingerprint} in {shown}");
+    let entries = common::operators::audit_entries(&c.fleet);
+    let count = |action: &str, retry: bool| {
+        entries
+            .iter()
+            .filter(|e| {
+                e["action"] == action
+                    && e["target"] == "app-1"
+                    && e["outcome"] == "success"
+                    && (e["details"]["retry"] == true) == retry
+            })
+            .count()
+    };
+    assert_eq!(count("token.redeem", false), 1, "the token is used once");
+    assert_eq!(count("appliance.enroll", false), 1, "one enrollment");
+    assert_eq!(
+        count("appliance.enroll", true),
+        1,
+        "the retry, audited as one"
+    );
     drop(b);
     drop(c);
     db.drop_db().await;

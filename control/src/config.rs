@@ -258,6 +258,21 @@ impl ControlConfig {
                 reason: "must be at least 1s".into(),
             });
         }
+        if self.replica.abandon_commands_every.is_zero() {
+            return Err(ConfigError::Invalid {
+                field: "replica.abandon_commands_every",
+                reason: "must be positive".into(),
+            });
+        }
+        if self.replica.lost_after <= crate::domain::replica::HEARTBEAT_EVERY {
+            return Err(ConfigError::Invalid {
+                field: "replica.lost_after",
+                reason: format!(
+                    "must be longer than the heartbeat interval ({:?})",
+                    crate::domain::replica::HEARTBEAT_EVERY
+                ),
+            });
+        }
         if self.enroll.nonce_ttl.is_zero() {
             return Err(ConfigError::Invalid {
                 field: "enroll.nonce_ttl",

@@ -1,5 +1,6 @@
 //! Periodic work that runs once per period however many replicas share the database:
-//! the overlap sweep, audit checkpoints and the registry and single-use pruning.
+//! the overlap sweep, audit checkpoints, the registry and single-use pruning, and the
+//! outcome of commands whose replica was lost (`abandon_commands`).
 //!
 //! Each job has a lease row (`control_jobs`). Every replica runs one task per job that
 //! asks the store to claim the row ([`Store::claim_job`]): one `UPDATE … WHERE name = $1
@@ -32,6 +33,9 @@ pub const AUDIT_CHECKPOINT: &str = "audit_checkpoint";
 pub const REPLICA_PRUNE: &str = "replica_prune";
 /// Deletes expired nonces and used proof ids.
 pub const NONCE_PRUNE: &str = "nonce_prune";
+/// Gives commands whose replica is lost their outcome, `replica_lost`
+/// (`[replica] abandon_commands_every`, `[replica] lost_after`).
+pub const ABANDON_COMMANDS: &str = "abandon_commands";
 
 /// How often [`REPLICA_PRUNE`] runs.
 pub const REPLICA_PRUNE_EVERY: Duration = Duration::from_secs(60);
@@ -54,6 +58,10 @@ pub struct JobPeriods {
     pub overlap_sweep: Duration,
     /// [`AUDIT_CHECKPOINT`]'s.
     pub audit_checkpoint: Duration,
+    /// [`ABANDON_COMMANDS`]'s.
+    pub abandon_commands: Duration,
+    /// A replica silent this long is lost ([`ABANDON_COMMANDS`]).
+    pub lost_after: Duration,
 }
 
 /// Start every periodic job for replica `by` until `shutdown`.
@@ -96,6 +104,25 @@ pub fn spawn_all(
                     Ok(0) => {}
                     Ok(n) => tracing::info!(replicas = n, "silent replicas left the registry"),
                     Err(e) => tracing::warn!(error = %e, "cannot prune the replica registry"),
+                }
+            }
+        }),
+    );
+    let (s, me) = (store.clone(), by.to_owned());
+    let lost_after = i64::try_from(periods.lost_after.as_secs()).unwrap_or(i64::MAX);
+    tokio::spawn(
+        job(ABANDON_COMMANDS, periods.abandon_commands).run_forever(move || {
+            let (s, me) = (s.clone(), me.clone());
+            async move {
+                let now = crate::now_unix();
+                match crate::domain::exec::abandon_lost(s.as_ref(), Some(lost_after), &me, now)
+                    .await
+                {
+                    Ok(0) => {}
+                    Ok(n) => tracing::warn!(commands = n, "commands of lost replicas abandoned"),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot abandon commands of lost replicas")
+                    }
                 }
             }
         }),

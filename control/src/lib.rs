@@ -40,12 +40,14 @@
 //! - [`metrics`] — Prometheus metrics on a local listener.
 //! - [`config`] — `control.toml` in the data directory.
 //! - [`run`] — wiring: init a data directory, bind, serve.
+//! - [`fault`] — test-only crash hooks (cargo feature `fault-injection`).
 
 #![forbid(unsafe_code)]
 
 pub mod cluster;
 pub mod config;
 pub mod domain;
+pub mod fault;
 pub mod http;
 pub mod jobs;
 pub mod metrics;

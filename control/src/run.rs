@@ -149,6 +149,7 @@ impl Started {
             .notify
             .then(|| cfg.replica.listen_database_url.clone().unwrap_or(url));
         let doorbell = sql.doorbell(listen_url);
+        let single_node = sql.backend() == crate::store::sql::Backend::Sqlite;
         let store: Arc<dyn Store> = Arc::new(sql);
         if let Some(l) = listen {
             cfg.listen = l;
@@ -192,6 +193,25 @@ impl Started {
             .replica_heartbeat(&replica, true)
             .await
             .context("registering the replica")?;
+        if single_node {
+            // One process per SQLite store: a command still in flight at start was relayed
+            // by a previous process that crashed.
+            let n = crate::domain::exec::abandon_lost(
+                state.domain.store.as_ref(),
+                None,
+                &replica.id,
+                crate::now_unix(),
+            )
+            .await
+            .context("abandoning the commands of a previous process")?;
+            if n > 0 {
+                tracing::warn!(
+                    commands = n,
+                    "commands of a previous process abandoned (replica_lost)"
+                );
+            }
+        }
+        crate::fault::announce();
         Ok(Started {
             state,
             replica,
@@ -270,6 +290,8 @@ impl Started {
             crate::jobs::JobPeriods {
                 overlap_sweep: config.enroll.overlap_sweep,
                 audit_checkpoint: config.audit.checkpoint_every,
+                abandon_commands: config.replica.abandon_commands_every,
+                lost_after: config.replica.lost_after,
             },
             &shutdown,
         );

@@ -76,6 +76,15 @@ pub enum CommandFailure {
     BrokerLost,
     /// The caller went away, or the broker cancelled the command.
     Cancelled,
+    /// The control replica relaying the command went away mid-command (the CLI: control's
+    /// answer ended without a result; the audit log: the outcome written for a command
+    /// whose replica stopped heartbeating). The broker stops such a command when that
+    /// replica's channel ends; it is never retried automatically.
+    ReplicaLost,
+    /// Control knows which broker holds the appliance but this replica has no channel to
+    /// it (a partition): nothing was sent. Answered 503 with `Retry-After`; retrying,
+    /// through the load balancer, can reach a replica that has the channel.
+    NoChannel,
     /// The request was malformed (empty argv, unknown kind, a duplicate id).
     Invalid,
     /// A shell command to an agent that did not announce the `shell` capability.
@@ -133,6 +142,8 @@ named!(CommandFailure {
     ConnectionLost => "connection_lost",
     BrokerLost => "broker_lost",
     Cancelled => "cancelled",
+    ReplicaLost => "replica_lost",
+    NoChannel => "no_channel",
     Invalid => "invalid",
     ShellNotAllowed => "shell_not_allowed",
     ProtocolError => "protocol_error",
@@ -166,7 +177,10 @@ impl<'de> Deserialize<'de> for CommandFailure {
 
 /// `tether exec`: the appliance is not connected.
 pub const EXIT_OFFLINE: i32 = 69;
-/// `tether exec`: the appliance, its broker or the link to control went away mid-command.
+/// `tether exec`: the appliance, its broker, the link to control or the control replica
+/// went away mid-command, or no replica reached had a channel to the appliance's broker
+/// (EX_TEMPFAIL: trying again later may work; `tether exec` never retries a command that
+/// was sent).
 pub const EXIT_LOST: i32 = 75;
 /// `tether exec`: no result by the deadline.
 pub const EXIT_TIMED_OUT: i32 = 124;
@@ -175,12 +189,14 @@ pub const EXIT_ERROR: i32 = 125;
 
 impl CommandFailure {
     /// Every failure.
-    pub const ALL: [CommandFailure; 27] = [
+    pub const ALL: [CommandFailure; 29] = [
         CommandFailure::Offline,
         CommandFailure::TimedOut,
         CommandFailure::ConnectionLost,
         CommandFailure::BrokerLost,
         CommandFailure::Cancelled,
+        CommandFailure::ReplicaLost,
+        CommandFailure::NoChannel,
         CommandFailure::Invalid,
         CommandFailure::ShellNotAllowed,
         CommandFailure::ProtocolError,
@@ -230,7 +246,9 @@ impl CommandFailure {
             CommandFailure::TimedOut => EXIT_TIMED_OUT,
             CommandFailure::ConnectionLost
             | CommandFailure::BrokerLost
-            | CommandFailure::Cancelled => EXIT_LOST,
+            | CommandFailure::Cancelled
+            | CommandFailure::ReplicaLost
+            | CommandFailure::NoChannel => EXIT_LOST,
             _ => EXIT_ERROR,
         }
     }
@@ -371,6 +389,8 @@ mod tests {
         }
         assert_eq!(CommandFailure::Offline.exit_code(), 69);
         assert_eq!(CommandFailure::BrokerLost.exit_code(), 75);
+        assert_eq!(CommandFailure::ReplicaLost.exit_code(), 75);
+        assert_eq!(CommandFailure::NoChannel.exit_code(), 75);
         assert_eq!(CommandFailure::TimedOut.exit_code(), 124);
         assert_eq!(CommandFailure::SpawnFailed.exit_code(), 125);
         assert_eq!(

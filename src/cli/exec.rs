@@ -7,7 +7,7 @@
 //! | code | meaning |
 //! |---|---|
 //! | [`EXIT_OFFLINE`] (69) | the appliance is not connected to any broker |
-//! | [`EXIT_LOST`] (75) | the appliance, its broker or the link to control went away mid-command |
+//! | [`EXIT_LOST`] (75) | the appliance, its broker, the link to control or the control replica went away mid-command (`replica_lost`: control's answer ended without a result; never retried), or `no_channel` after 3 retries (no replica reached holds a channel to the appliance's broker) |
 //! | [`EXIT_TIMED_OUT`] (124) | no result by the deadline (`--timeout`) |
 //! | [`EXIT_ERROR`] (125) | `tether` itself failed: control refused the request or cannot be reached, bad arguments |
 //!
@@ -148,33 +148,40 @@ pub async fn exec_with(
     mut out: impl FnMut(OutputStream, &[u8]),
     mut signed: impl FnMut(SignedLine),
 ) -> anyhow::Result<Outcome> {
-    let mut resp = match client
-        .post_stream(&format!("/v1/appliances/{appliance}/exec"), body)
-        .await
-    {
-        Ok(r) => r,
-        Err(e) => {
-            if let Some(r) = e.downcast_ref::<super::Refused>() {
-                if let Some(code @ (CommandFailure::Offline | CommandFailure::BrokerLost)) =
-                    CommandFailure::from_name(&r.code)
-                {
-                    return Ok(Outcome::Failed(code, r.message.clone()));
-                }
-            }
-            return Err(e);
+    let mut attempt = 0;
+    let mut resp = loop {
+        let refused = match client
+            .post_stream(&format!("/v1/appliances/{appliance}/exec"), body)
+            .await
+        {
+            Ok(r) => break r,
+            Err(e) => match e.downcast_ref::<super::Refused>() {
+                Some(r) => match CommandFailure::from_name(&r.code) {
+                    Some(
+                        code @ (CommandFailure::Offline
+                        | CommandFailure::BrokerLost
+                        | CommandFailure::NoChannel),
+                    ) => (code, r.message.clone()),
+                    _ => return Err(e),
+                },
+                None => return Err(e),
+            },
+        };
+        // Nothing was sent: the replica that answered has no channel to the broker.
+        // Another one (through the load balancer), or this one a moment later, may.
+        if refused.0 == CommandFailure::NoChannel && attempt < NO_CHANNEL_RETRIES {
+            attempt += 1;
+            tokio::time::sleep(NO_CHANNEL_RETRY_AFTER).await;
+            continue;
         }
+        return Ok(Outcome::Failed(refused.0, refused.1));
     };
     let mut buf: Vec<u8> = Vec::new();
     loop {
         let chunk = match resp.chunk().await {
             Ok(Some(c)) => c,
             Ok(None) => break,
-            Err(e) => {
-                return Ok(Outcome::Failed(
-                    CommandFailure::BrokerLost,
-                    format!("the answer from control broke off: {e}"),
-                ))
-            }
+            Err(e) => return Ok(replica_lost(&format!("it broke off: {e}"))),
         };
         buf.extend_from_slice(&chunk);
         while let Some(pos) = buf.iter().position(|b| *b == b'\n') {
@@ -199,10 +206,25 @@ pub async fn exec_with(
             }
         }
     }
-    Ok(Outcome::Failed(
-        CommandFailure::BrokerLost,
-        "control's answer ended without a result".into(),
-    ))
+    Ok(replica_lost("it ended without a result"))
+}
+
+/// How many times a `no_channel` refusal (503, nothing sent) is retried.
+pub const NO_CHANNEL_RETRIES: u32 = 3;
+/// The wait before each retry: control's `Retry-After` for `no_channel`.
+pub const NO_CHANNEL_RETRY_AFTER: Duration = Duration::from_secs(1);
+
+/// The connection to control ended mid-command (`how`): the replica relaying it went
+/// away. The command may have run, or part of it; it is never retried (control writes its
+/// outcome, `replica_lost`, in the audit log, and the broker stops it).
+fn replica_lost(how: &str) -> Outcome {
+    Outcome::Failed(
+        CommandFailure::ReplicaLost,
+        format!(
+            "the connection to control was lost mid-command ({how}): the command may have \
+             run in part and was not retried; control records its outcome as replica_lost"
+        ),
+    )
 }
 
 /// Run `tether exec`; returns the process exit code.

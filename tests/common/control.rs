@@ -47,7 +47,13 @@ pub fn serve(dir: &Path) -> ControlProc {
 
 /// `tether-control serve` on `listen` (a restart keeps its port, so brokers find it).
 pub fn serve_on(dir: &Path, listen: &str) -> ControlProc {
+    serve_env(dir, listen, &[])
+}
+
+/// [`serve_on`] with extra environment variables (e.g. `TETHER_CONTROL_FAULT`).
+pub fn serve_env(dir: &Path, listen: &str, env: &[(&str, &str)]) -> ControlProc {
     let mut child = Command::new(bin("tether-control"))
+        .envs(env.iter().copied())
         .args([
             "--log-format",
             "json",

@@ -311,7 +311,8 @@ impl Cluster {
     }
 
     /// Run a command on `appliance` through the broker that holds it. `Err` when it
-    /// cannot even be sent: `offline` (no broker reports it) or `broker_lost`.
+    /// cannot even be sent: `offline` (no broker reports it), `no_channel` (this replica
+    /// holds no channel to that broker) or `broker_lost`.
     pub async fn exec(
         &self,
         appliance: &str,
@@ -346,7 +347,11 @@ impl Cluster {
         let presence = self.presence(appliance).ok_or(CommandFailure::Offline)?;
         let (link_id, tx) = {
             let links = lock(&self.links);
-            let link = links.get(&presence.broker).ok_or(CommandFailure::Offline)?;
+            // Presence names a broker this replica holds no channel to (it ended a moment
+            // ago, or a partition): another replica may hold one.
+            let link = links
+                .get(&presence.broker)
+                .ok_or(CommandFailure::NoChannel)?;
             (link.id, link.tx.clone())
         };
         let id = self.next_id.fetch_add(1, Ordering::Relaxed) + 1;
@@ -592,6 +597,23 @@ mod tests {
             capabilities: vec![],
             transport: "quic".into(),
         }
+    }
+
+    #[tokio::test]
+    async fn a_command_for_a_broker_without_a_channel_here_is_no_channel() {
+        let c = Cluster::new();
+        let argv = || vec!["true".to_owned()];
+        let timeout = Duration::from_secs(1);
+        let sent = c
+            .exec("a", argv(), CommandKind::Exec, vec![], timeout)
+            .await;
+        assert_eq!(sent.err(), Some(CommandFailure::Offline));
+        // Presence says b1 holds it, but this replica has no channel to b1.
+        assert!(c.session_up("b1", report("a", 1, 1)).is_none());
+        let sent = c
+            .exec("a", argv(), CommandKind::Exec, vec![], timeout)
+            .await;
+        assert_eq!(sent.err(), Some(CommandFailure::NoChannel));
     }
 
     #[test]

@@ -334,7 +334,10 @@ pub async fn change_status(
         }
     }
     let deltas = match s.store.set_status(id, status, now, &event).await {
-        Ok(d) => d,
+        Ok(d) => {
+            crate::fault::after_commit("set_status");
+            d
+        }
         Err(e) => {
             let e = store_error(id, e);
             return Err(refuse(s.store.as_ref(), event, e, now).await);

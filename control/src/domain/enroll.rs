@@ -439,7 +439,12 @@ pub(crate) async fn issue_and_record(
         receipt: receipt.as_ref(),
     };
     let deltas = match s.store.record_issued(&issue, now).await {
-        Ok(deltas) => deltas,
+        Ok(deltas) => {
+            if issue.token.is_some() {
+                crate::fault::after_commit("record_certificate");
+            }
+            deltas
+        }
         // A retry of this request with this key recorded first: answer with its
         // certificate (this one was never recorded, so it is not in the allowlist).
         Err(e @ (StoreError::Replay(_) | StoreError::Token(TokenRefusal::AlreadyUsed))) => {

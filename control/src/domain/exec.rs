@@ -1,5 +1,6 @@
 //! The checks before a command runs on an appliance: the id, the request (argv, kind,
-//! deadline) and the appliance's status. Routing the command to the broker that holds
+//! deadline) and the appliance's status; and the outcome of commands whose replica died
+//! ([`abandon_lost`]). Routing the command to the broker that holds
 //! the appliance is the cluster layer's (`Cluster::exec`); streaming its
 //! events to the caller is the HTTP layer's.
 
@@ -12,10 +13,12 @@ use tether_proto::cluster::SignedCommand;
 use tether_proto::frame::{
     MAX_APPROVAL_LEN, MAX_APPROVAL_SIG_LEN, MAX_MESSAGE_LEN, MAX_REQUEST_ID_LEN,
 };
-use tether_proto::CommandKind;
+use tether_proto::{CommandFailure, CommandKind};
+
+use tether_audit::{action, AuditEvent, Outcome};
 
 use crate::domain::{internal, Error, ErrorKind};
-use crate::store::Store;
+use crate::store::{CommandInFlight, Store, StoreError};
 
 /// Deadline when the request gives none.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
@@ -134,4 +137,47 @@ pub async fn check_appliance(store: &dyn Store, id: &str) -> Result<(), Error> {
         )),
         Err(e) => Err(internal(e)),
     }
+}
+
+/// Give every command in flight whose replica is lost — its heartbeat older than
+/// `lost_after_secs` (database clock) or not registered; `None`: every command in flight,
+/// for a single node starting (SQLite: rows left by a crashed previous process) — its
+/// outcome: an `appliance.exec` entry, outcome `failed`, code `replica_lost`, naming the
+/// lost replica and `abandoned_by` (this replica). Idempotent and safe to race: the
+/// store appends an outcome only with the row's delete, so each command gets exactly
+/// one. Returns how many this call abandoned.
+pub async fn abandon_lost(
+    store: &dyn Store,
+    lost_after_secs: Option<i64>,
+    by: &str,
+    now: i64,
+) -> Result<u64, StoreError> {
+    let mut abandoned = 0;
+    for c in store.lost_commands(lost_after_secs).await? {
+        if store
+            .command_ended(&c.id, &lost_outcome(&c, by), now)
+            .await?
+        {
+            tracing::warn!(command = %c.id, command_id = c.command_id, replica = %c.replica,
+                appliance = %c.appliance, broker = %c.broker,
+                "command abandoned: its replica is lost (replica_lost)");
+            abandoned += 1;
+        }
+    }
+    Ok(abandoned)
+}
+
+/// The outcome entry of command `c`, whose replica was lost, written by replica `by`.
+fn lost_outcome(c: &CommandInFlight, by: &str) -> AuditEvent {
+    AuditEvent::success(
+        c.actor.clone(),
+        action::APPLIANCE_EXEC,
+        c.appliance.as_str(),
+    )
+    .with_outcome(Outcome::Failed)
+    .with("broker", c.broker.as_str())
+    .with("command_id", c.command_id)
+    .with("code", CommandFailure::ReplicaLost.name())
+    .with("replica", c.replica.as_str())
+    .with("abandoned_by", by)
 }

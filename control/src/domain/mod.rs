@@ -88,6 +88,9 @@ pub enum ErrorKind {
     Upstream,
     /// Control failed (500); details are in the log, retrying may help.
     Internal,
+    /// This replica cannot serve the request now but another one, or this one a moment
+    /// later, may (503 with `Retry-After`), e.g. `no_channel`.
+    Unavailable,
 }
 
 impl ErrorKind {

@@ -36,7 +36,21 @@ pub struct ReplicaSettings {
     /// holds one session of its own, so it must bypass a transaction pooler.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub listen_database_url: Option<String>,
+    /// How often the `abandon_commands` job looks for commands whose replica is lost
+    /// (one replica runs it per period). Default 30 s ([`DEFAULT_ABANDON_COMMANDS_EVERY`]).
+    #[serde(with = "humantime_serde")]
+    pub abandon_commands_every: Duration,
+    /// A replica whose heartbeat is older than this is lost: its commands in flight get
+    /// the outcome `replica_lost`. Default 30 s ([`DEFAULT_LOST_AFTER`]); longer than
+    /// [`HEARTBEAT_EVERY`], whole seconds (the database's clock counts seconds).
+    #[serde(with = "humantime_serde")]
+    pub lost_after: Duration,
 }
+
+/// [`ReplicaSettings::abandon_commands_every`]'s default.
+pub const DEFAULT_ABANDON_COMMANDS_EVERY: Duration = Duration::from_secs(30);
+/// [`ReplicaSettings::lost_after`]'s default.
+pub const DEFAULT_LOST_AFTER: Duration = Duration::from_secs(30);
 
 impl Default for ReplicaSettings {
     fn default() -> Self {
@@ -44,6 +58,8 @@ impl Default for ReplicaSettings {
             advertise: None,
             notify: true,
             listen_database_url: None,
+            abandon_commands_every: DEFAULT_ABANDON_COMMANDS_EVERY,
+            lost_after: DEFAULT_LOST_AFTER,
         }
     }
 }

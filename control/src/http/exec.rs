@@ -11,8 +11,12 @@
 //!
 //! Refusals before anything runs are ordinary JSON errors: 404 `not_found`, 409
 //! `offline` (no broker reports the appliance), 409 `appliance_disabled` /
-//! `appliance_revoked`, 400 for a bad body. The request and its outcome are each one
-//! audit entry (`appliance.exec`).
+//! `appliance_revoked`, 503 `no_channel` with `Retry-After: 1` (a broker holds the
+//! appliance but this replica has no channel to it), 400 for a bad body. The request and
+//! its outcome are each one audit entry (`appliance.exec`); between the two the command
+//! is a `commands_in_flight` row, so if this replica dies mid-command another one writes
+//! the outcome, `failed` with code `replica_lost` (the `abandon_commands` job), and the
+//! caller's stream ends without a last line.
 
 use std::time::Duration;
 
@@ -36,6 +40,7 @@ use crate::http::appliances::operator;
 use crate::http::server::PeerCertificate;
 use crate::http::{body_error, internal, ApiError, AppState};
 use crate::metrics::Reason;
+use crate::store::CommandInFlight;
 
 /// Time past the deadline control waits for the broker's own verdict before saying
 /// `timed_out` itself: the protocol's grace ([`tether_proto::COMMAND_DEADLINE_GRACE`], what
@@ -70,6 +75,7 @@ type Lines = mpsc::Sender<Result<bytes::Bytes, std::io::Error>>;
         (status = 404, description = "no such appliance", body = tether_api::ErrorBody),
         (status = 408, description = "the request took longer than `http.request_timeout`", body = tether_api::ErrorBody),
         (status = 409, description = "`offline`, `appliance_disabled` or `appliance_revoked`", body = tether_api::ErrorBody),
+        (status = 503, description = "`no_channel`: a broker holds the appliance but this replica has no channel to it; `Retry-After: 1` (another replica, through the load balancer, may have one)", body = tether_api::ErrorBody),
         (status = 413, description = "request body larger than 64 KiB", body = tether_api::ErrorBody),
     ),
     security(("operator_certificate" = []))
@@ -135,17 +141,45 @@ pub async fn exec(
     let (broker, command_id, events) = match sent {
         Ok(x) => x,
         Err(code) => {
-            let message = if code == CommandFailure::Offline {
-                format!("appliance {id} is not connected to any broker")
-            } else {
-                format!("the broker holding appliance {id} went away")
+            let (kind, message) = match code {
+                CommandFailure::Offline => (
+                    ErrorKind::Conflict,
+                    format!("appliance {id} is not connected to any broker"),
+                ),
+                CommandFailure::NoChannel => (
+                    ErrorKind::Unavailable,
+                    format!(
+                        "this control replica has no channel to the broker holding appliance \
+                         {id}; retry (another replica may have one)"
+                    ),
+                ),
+                _ => (
+                    ErrorKind::Conflict,
+                    format!("the broker holding appliance {id} went away"),
+                ),
             };
-            let e = Error::new(ErrorKind::Conflict, code.name(), message);
+            let e = Error::new(kind, code.name(), message);
             return Err(refuse(&s, event, e, now).await);
         }
     };
     let event = event.with("broker", broker.as_str());
-    if let Err(e) = s.domain.store.append_audit(&event, now).await {
+    // In flight until its outcome: if this replica dies first, another one writes the
+    // outcome (`replica_lost`, the abandon_commands job).
+    let in_flight = CommandInFlight {
+        id: format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..)),
+        replica: s.replica_id.to_string(),
+        appliance: target.clone(),
+        started_at: now,
+        actor: by.actor(),
+        broker: broker.clone(),
+        command_id: i64::try_from(command_id).unwrap_or(i64::MAX),
+    };
+    if let Err(e) = s
+        .domain
+        .store
+        .command_started(&in_flight, &event, now)
+        .await
+    {
         // The command is already on its way; say so loudly rather than hide it.
         s.metrics.audit_failures.inc();
         tracing::error!(error = %e, appliance = %id, "cannot audit a command");
@@ -157,6 +191,7 @@ pub async fn exec(
         target,
         broker,
         command_id,
+        in_flight: in_flight.id,
         timeout,
         manifest: std::sync::Mutex::new(None),
     };
@@ -183,6 +218,8 @@ struct Relay {
     target: String,
     broker: String,
     command_id: u64,
+    /// Its `commands_in_flight` row.
+    in_flight: String,
     timeout: Duration,
     /// The appliance's signed manifest, kept with the outcome's audit entry.
     manifest: std::sync::Mutex<Option<(String, String)>>,
@@ -319,15 +356,24 @@ impl Relay {
             .commands
             .get_or_create(&Reason { reason: label })
             .inc();
-        if let Err(e) = self
+        match self
             .s
             .domain
             .store
-            .append_audit(&end, crate::now_unix())
+            .command_ended(&self.in_flight, &end, crate::now_unix())
             .await
         {
-            metrics.audit_failures.inc();
-            tracing::error!(error = %e, "cannot audit a command's outcome");
+            Ok(true) => {}
+            // Declared lost by another replica (this one's heartbeat went stale): that
+            // outcome stands, one per command.
+            Ok(false) => tracing::warn!(
+                command_id = self.command_id,
+                "a command's outcome was already written (replica_lost); not recorded again"
+            ),
+            Err(e) => {
+                metrics.audit_failures.inc();
+                tracing::error!(error = %e, "cannot audit a command's outcome");
+            }
         }
     }
 }

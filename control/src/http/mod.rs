@@ -224,6 +224,7 @@ pub fn status_of(kind: ErrorKind) -> StatusCode {
         ErrorKind::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
         ErrorKind::Upstream => StatusCode::BAD_GATEWAY,
         ErrorKind::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+        ErrorKind::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
     }
 }
 
@@ -246,10 +247,28 @@ impl IntoResponse for ApiError {
             }),
         )
             .into_response();
+        if self.status == StatusCode::SERVICE_UNAVAILABLE {
+            let headers = resp.headers_mut();
+            headers.insert(
+                axum::http::header::RETRY_AFTER,
+                axum::http::HeaderValue::from(RETRY_AFTER_UNAVAILABLE_SECS),
+            );
+            // The retry opens a new connection, which an L4 load balancer may send to
+            // another replica (a kept-alive one would come back here).
+            headers.insert(
+                axum::http::header::CONNECTION,
+                axum::http::HeaderValue::from_static("close"),
+            );
+        }
         resp.extensions_mut().insert(ErrorCode(self.code));
         resp
     }
 }
+
+/// The `Retry-After` (seconds) of every 503 answer, which also closes its connection:
+/// what is missing (a channel to a broker) is back, or reachable through another replica
+/// on a new connection, within about a second.
+pub const RETRY_AFTER_UNAVAILABLE_SECS: u64 = 1;
 
 /// The router. The routes open without credentials are rate limited per client IP
 /// (`http.public_rate_per_sec`, see [`crate::http::rate_limit`]); each call builds a fresh limit.
@@ -484,4 +503,20 @@ async fn record_metrics(
         })
         .inc();
     resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_unavailable_answer_says_when_to_retry() {
+        let e = crate::domain::Error::new(ErrorKind::Unavailable, "no_channel", "retry");
+        let resp = ApiError::from(e).into_response();
+        assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(resp.headers()[axum::http::header::RETRY_AFTER], "1");
+        assert_eq!(resp.headers()[axum::http::header::CONNECTION], "close");
+        let resp = ApiError::new(StatusCode::CONFLICT, "offline", "no").into_response();
+        assert!(!resp.headers().contains_key(axum::http::header::RETRY_AFTER));
+    }
 }

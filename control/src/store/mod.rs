@@ -597,6 +597,52 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// Delete nonces, used proof ids and issue receipts that expired before `now`;
     /// returns how many.
     async fn prune_single_use(&self, now: UnixSeconds) -> Result<u64, StoreError>;
+
+    /// A command was sent: record it in flight and append its request entry `request` at
+    /// `at`, in one transaction (`commands_in_flight`).
+    async fn command_started(
+        &self,
+        command: &CommandInFlight,
+        request: &AuditEvent,
+        at: UnixSeconds,
+    ) -> Result<(), StoreError>;
+    /// Command `id` ended: delete its row and append its outcome entry `outcome` at
+    /// `at`, in one transaction — only if the row was still there. `Ok(false)` (nothing
+    /// appended): the command already has its outcome (it was abandoned as
+    /// `replica_lost`, or ended before), so each command gets exactly one, whoever races.
+    async fn command_ended(
+        &self,
+        id: &str,
+        outcome: &AuditEvent,
+        at: UnixSeconds,
+    ) -> Result<bool, StoreError>;
+    /// The commands in flight whose replica's heartbeat is more than `silent_secs` old
+    /// on the database's clock, or that is not registered; `None`: every command in
+    /// flight. Oldest first.
+    async fn lost_commands(
+        &self,
+        silent_secs: Option<i64>,
+    ) -> Result<Vec<CommandInFlight>, StoreError>;
+}
+
+/// A command between its request entry and its outcome entry (`commands_in_flight`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CommandInFlight {
+    /// Unique across replicas and restarts.
+    pub id: String,
+    /// The replica relaying it (`control_replicas.id`).
+    pub replica: String,
+    /// The appliance it runs on.
+    pub appliance: String,
+    /// When it was sent (Unix seconds).
+    pub started_at: UnixSeconds,
+    /// Who asked (the request entry's actor).
+    pub actor: tether_audit::Actor,
+    /// The broker it was sent through.
+    pub broker: String,
+    /// The relaying replica's own number for it (in that replica's log lines and
+    /// entries).
+    pub command_id: i64,
 }
 
 /// What an idempotent retry is keyed by, with the retry's public key.

@@ -71,7 +71,7 @@
 //! commit of a trust-changing transaction), `sql/audit.rs` (appending to the audit log
 //! and reading entries and checkpoints back), `sql/rows.rs` (rows to the store's types),
 //! `sql/replicas.rs` (the replica registry), `sql/jobs.rs` (periodic jobs' lease rows and
-//! pruning) and `sql/receipts.rs` (idempotent enrollment and renewal). [`copy`] is public:
+//! pruning), `sql/commands.rs` (commands in flight) and `sql/receipts.rs` (idempotent enrollment and renewal). [`copy`] is public:
 //! `store copy` from SQLite to PostgreSQL.
 
 use std::fmt;
@@ -88,11 +88,12 @@ use tether_audit::{action, system, Actor, AuditEntry, AuditEvent};
 
 use super::{
     AllowlistDelta, Appliance, ApplianceFilter, ApplianceStatus, BrokerRecord, BrokerRefusal,
-    CertRecord, ControlMeta, Issue, JobClaim, JobRecord, Receipt, ReceiptKind, ReplicaInfo,
-    ReplicaRecord, Store, StoreError, UnixSeconds,
+    CertRecord, CommandInFlight, ControlMeta, Issue, JobClaim, JobRecord, Receipt, ReceiptKind,
+    ReplicaInfo, ReplicaRecord, Store, StoreError, UnixSeconds,
 };
 
 mod audit;
+mod commands;
 pub mod copy;
 mod jobs;
 pub mod notify;
@@ -1470,6 +1471,31 @@ impl Store for SqlStore {
     async fn prune_single_use(&self, now: UnixSeconds) -> Result<u64, StoreError> {
         Ok(jobs::prune_single_use(&self.pool, now).await?
             + receipts::prune(&self.pool, now).await?)
+    }
+
+    async fn command_started(
+        &self,
+        command: &CommandInFlight,
+        request: &AuditEvent,
+        at: UnixSeconds,
+    ) -> Result<(), StoreError> {
+        commands::started(&self.pool, command, request, at).await
+    }
+
+    async fn command_ended(
+        &self,
+        id: &str,
+        outcome: &AuditEvent,
+        at: UnixSeconds,
+    ) -> Result<bool, StoreError> {
+        commands::ended(&self.pool, id, outcome, at).await
+    }
+
+    async fn lost_commands(
+        &self,
+        silent_secs: Option<i64>,
+    ) -> Result<Vec<CommandInFlight>, StoreError> {
+        commands::lost(&self.pool, self.backend, silent_secs).await
     }
 
     async fn check_token(

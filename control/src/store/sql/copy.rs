@@ -36,6 +36,9 @@ pub const COPIED_TABLES: &[&str] = &[
     "operator_invites",
     "brokers",
     "issue_receipts",
+    // Commands the source's replicas relayed without an outcome yet: the new replicas
+    // abandon them (`replica_lost`), as their relaying replica is not registered.
+    "commands_in_flight",
 ];
 
 /// Tables left behind: the migrations' own, and run-time state of the replicas that
