@@ -256,7 +256,12 @@ where
                 sent = push_new_versions(s, sink, sent, &mut last_sent).await?;
             }
             _ = poll.tick() => {
-                sent = push_new_versions(s, sink, sent, &mut last_sent).await?;
+                // Where the watch follows every replica's commits (the doorbell reads the
+                // version each second), a link reads the store only when it moved: one
+                // query per replica per second instead of one per channel.
+                if !s.store.allowlist_watch_follows_replicas() || *watch.borrow() > sent as i64 {
+                    sent = push_new_versions(s, sink, sent, &mut last_sent).await?;
+                }
                 // Say something at least every `ping`, so the broker knows the channel
                 // is alive.
                 if last_sent.elapsed() >= ping {

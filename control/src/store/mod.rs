@@ -523,6 +523,12 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// a cluster of control replicas other replicas' commits are not seen here: callers
     /// also poll [`Store::allowlist_version`].
     fn allowlist_watch(&self) -> tokio::sync::watch::Receiver<i64>;
+    /// Whether [`Store::allowlist_watch`] also moves for other replicas' commits (a
+    /// PostgreSQL replica's doorbell runs, and reads the version every second itself), so
+    /// that its readers need not poll the store.
+    fn allowlist_watch_follows_replicas(&self) -> bool {
+        false
+    }
     /// What this database belongs to, if recorded.
     async fn control_meta(&self) -> Result<Option<ControlMeta>, StoreError>;
     /// Record `meta` unless a record exists; returns the record in force (the existing

@@ -167,6 +167,9 @@ pub struct SqlStore {
     backend: Backend,
     /// The latest allowlist version this store committed (see [`Store::allowlist_watch`]).
     changed: std::sync::Arc<tokio::sync::watch::Sender<i64>>,
+    /// Set while a [`notify::Doorbell`] runs: the watch then also follows other replicas'
+    /// commits (see [`Store::allowlist_watch_follows_replicas`]).
+    doorbell_running: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl fmt::Debug for SqlStore {
@@ -227,6 +230,7 @@ impl SqlStore {
             pool,
             backend,
             changed: std::sync::Arc::new(changed),
+            doorbell_running: Default::default(),
         };
         // Versions committed before the digest chain existed get their digests now.
         let mut tx = store.begin_trust_change().await?;
@@ -246,6 +250,7 @@ impl SqlStore {
             listen_url,
             pool: self.pool.clone(),
             changed: self.changed.clone(),
+            running: self.doorbell_running.clone(),
         })
     }
 
@@ -1392,6 +1397,11 @@ impl Store for SqlStore {
 
     fn allowlist_watch(&self) -> tokio::sync::watch::Receiver<i64> {
         self.changed.subscribe()
+    }
+
+    fn allowlist_watch_follows_replicas(&self) -> bool {
+        self.doorbell_running
+            .load(std::sync::atomic::Ordering::Acquire)
     }
 
     async fn control_meta(&self) -> Result<Option<ControlMeta>, StoreError> {

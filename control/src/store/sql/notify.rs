@@ -53,6 +53,8 @@ pub struct Doorbell {
     pub(super) listen_url: Option<String>,
     pub(super) pool: AnyPool,
     pub(super) changed: Arc<watch::Sender<i64>>,
+    /// Set while [`Doorbell::run`] runs.
+    pub(super) running: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl std::fmt::Debug for Doorbell {
@@ -67,6 +69,16 @@ impl std::fmt::Debug for Doorbell {
 impl Doorbell {
     /// Listen and poll until `shutdown`.
     pub async fn run(self, metrics: Arc<Metrics>, shutdown: CancellationToken) {
+        /// Clears the flag however `run` ends.
+        struct Running(Arc<std::sync::atomic::AtomicBool>);
+        impl Drop for Running {
+            fn drop(&mut self) {
+                self.0.store(false, std::sync::atomic::Ordering::Release);
+            }
+        }
+        self.running
+            .store(true, std::sync::atomic::Ordering::Release);
+        let _running = Running(self.running.clone());
         metrics.notify_ok.set(0);
         let mut listener = match &self.listen_url {
             Some(url) => self.listen(url, &metrics).await,
