@@ -54,6 +54,11 @@ pub fn is_wildcard_advertise(advertise: &str) -> bool {
     match advertise.parse::<std::net::SocketAddr>() {
         Ok(a) => a.ip().is_unspecified(),
         Err(_) => {
+            // A bare address (`::`, `0.0.0.0`), then `host:port` with a name or brackets.
+            let bare = advertise.trim_start_matches('[').trim_end_matches(']');
+            if let Ok(ip) = bare.parse::<std::net::IpAddr>() {
+                return ip.is_unspecified();
+            }
             let host = advertise
                 .rsplit_once(':')
                 .map_or(advertise, |(h, _)| h)
