@@ -14,6 +14,11 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 #[derive(Debug, Parser)]
 #[command(name = "tether", version)]
 struct Cli {
+    /// Control's URL for this command (a load balancer or one control replica), instead
+    /// of the one stored at login; for `tether login`, instead of the bundle's (and stored).
+    #[arg(long, global = true, value_name = "URL", env = tether::cli::CONTROL_URL_ENV,
+        value_parser = tether::cli::parse_control_url)]
+    control: Option<String>,
     #[command(subcommand)]
     command: Cmd,
 }
@@ -59,9 +64,12 @@ enum Cmd {
     /// One-time enrollment tokens for appliances.
     #[command(subcommand)]
     Token(tether::cli::appliance::TokenCmd),
-    /// Brokers of the edge cluster: add (one-time bundle), list, revoke.
+    /// Brokers of the edge cluster: add (one-time bundle), list, drain, revoke.
     #[command(subcommand)]
     Broker(tether::cli::broker::BrokerCmd),
+    /// Control itself: its live replicas.
+    #[command(subcommand)]
+    Control(tether::cli::control::ControlCmd),
     /// Run a command on an appliance (or on every appliance of `--selector tenant=NAME`);
     /// output streams back live and `tether exec` exits with the command's exit code, or
     /// 69 offline, 75 lost mid-command, 124 timed out, 125 refused or unreachable.
@@ -134,8 +142,15 @@ async fn main() -> anyhow::Result<()> {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
     tracing_subscriber::fmt().with_env_filter(filter).init();
+    if let Some(url) = cli.control.clone() {
+        tether::cli::set_control_url(url);
+    }
     match cli.command {
-        Cmd::Login(args) => tether::cli::login::run(args).await,
+        Cmd::Login(mut args) => {
+            args.control = cli.control;
+            tether::cli::login::run(args).await
+        }
+        Cmd::Control(cmd) => tether::cli::control::run(cmd).await,
         Cmd::Ops(OpsCmd::Verify(args)) => std::process::exit(tether::ops_cli::run(&args)),
         Cmd::Operator(cmd) => tether::cli::operator::run(cmd).await,
         Cmd::Completions { shell } => {

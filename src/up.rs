@@ -17,6 +17,11 @@
 //! It prints `ready: <N> appliances connected` once the fleet is up, then where
 //! everything is and what to try. A second run reuses the data directory (only new
 //! appliances enroll). Ctrl-C stops the fleet, the brokers (drained), then control.
+//!
+//! `tether broker drain edge-1` drains an in-process broker exactly as SIGTERM drains a
+//! `tether-broker` process (GoAway with a jittered reconnect delay, its appliances move
+//! to the other broker); `tether up` then starts it again on the same addresses, as the
+//! next version would be started in a rolling upgrade, and keeps running.
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
@@ -94,6 +99,7 @@ fn local_admin() -> Actor {
 }
 
 /// Paths inside the data directory.
+#[derive(Clone, Debug)]
 struct Layout {
     root: PathBuf,
 }
@@ -351,7 +357,16 @@ pub async fn run(opts: UpOptions, shutdown: CancellationToken) -> anyhow::Result
         let quic = running.broker.local_addr()?;
         let admin = running.admin.local_addr()?;
         let stop = CancellationToken::new();
-        let task = tokio::spawn(running.serve(stop.clone()));
+        let restart = Restart {
+            layout: layout.clone(),
+            store: store.clone(),
+            control_url: control_url.clone(),
+            root_pem: root_pem.clone(),
+            name: name.to_string(),
+            quic,
+            admin,
+        };
+        let task = tokio::spawn(restart.serve(running, stop.clone()));
         brokers.push(LocalBroker {
             name: name.to_string(),
             quic,
@@ -496,6 +511,70 @@ impl LocalControl {
     }
 }
 
+/// How long a drained in-process broker may take to get its ports back.
+const REBIND_FOR: Duration = Duration::from_secs(10);
+
+/// What it takes to start an in-process broker again on the same addresses.
+struct Restart {
+    layout: Layout,
+    store: Arc<dyn Store>,
+    control_url: String,
+    root_pem: String,
+    name: String,
+    quic: SocketAddr,
+    admin: SocketAddr,
+}
+
+impl Restart {
+    /// Serve `running` until `stop`. A drain asked by control (`tether broker drain NAME`)
+    /// ends a broker process; here the broker is started again on the same addresses, as
+    /// the next version would be in a rolling upgrade, and `tether up` keeps running.
+    async fn serve(
+        self,
+        mut running: tether_broker::Running,
+        stop: CancellationToken,
+    ) -> anyhow::Result<()> {
+        let name = &self.name;
+        loop {
+            running.serve(stop.clone()).await?;
+            if stop.is_cancelled() {
+                return Ok(());
+            }
+            println!(
+                "broker {name} drained (tether broker drain): its appliances reconnected to the \
+                 other broker; starting {name} again, as a rolling upgrade would"
+            );
+            running = self.bind_again(&stop).await?;
+            println!("broker {name} serving again on {}", self.quic);
+        }
+    }
+
+    /// Bind the broker again on its addresses, retrying while the old sockets close.
+    async fn bind_again(&self, stop: &CancellationToken) -> anyhow::Result<tether_broker::Running> {
+        let deadline = Instant::now() + REBIND_FOR;
+        loop {
+            let r = broker(
+                &self.layout,
+                self.store.as_ref(),
+                &self.control_url,
+                &self.root_pem,
+                &self.name,
+                self.quic,
+                self.admin,
+            )
+            .await;
+            match r {
+                Ok(running) => return Ok(running),
+                Err(e) if Instant::now() < deadline && !stop.is_cancelled() => {
+                    tracing::debug!(error = %format!("{e:#}"), "broker not bound yet; retrying");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}
+
 /// A broker serving in a task of this process.
 struct LocalBroker {
     name: String,
@@ -623,6 +702,7 @@ fn print_where(opts: &UpOptions, layout: &Layout, control: &LocalControl, broker
     println!("  cargo run --release --bin tether -- appliance show {second}");
     println!("  cargo run --release --bin tether -- appliance renew {second}     # renews on its next heartbeat");
     println!("  cargo run --release --bin tether -- appliance revoke {first}     # its session closes at once");
+    println!("  cargo run --release --bin tether -- broker drain edge-1          # its appliances move to edge-2; edge-1 restarts");
     println!("\nCtrl-C stops everything.");
 }
 

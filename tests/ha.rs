@@ -1038,3 +1038,117 @@ async fn enrollment_retry_after_replica_crash_is_idempotent() {
     drop(c);
     db.drop_db().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ca_export_makes_a_replica_data_directory_without_the_root_key() {
+    let db = PgDb::create().await;
+    let fleet = Fleet::with_init(&["--database-url", &db.url], "");
+    // The first replica holds the root key on a shared database: it says so.
+    assert!(fleet.control.warned("root_key_on_replica"));
+    let out_dir = fleet.data.parent().unwrap().join("replica-new");
+    let data = fleet.data.to_str().unwrap();
+    let listed = control(&[
+        "ca",
+        "export",
+        "--no-root-key",
+        "--data-dir",
+        data,
+        "--out",
+        out_dir.to_str().unwrap(),
+    ]);
+    let mut files: Vec<String> = walk(&out_dir);
+    files.sort();
+    assert_eq!(
+        files,
+        [
+            "ca/intermediate.key",
+            "ca/intermediate.pem",
+            "ca/root.pem",
+            "control.toml"
+        ],
+        "{listed}"
+    );
+    use std::os::unix::fs::PermissionsExt;
+    for secret in ["ca/intermediate.key", "control.toml"] {
+        let mode = std::fs::metadata(out_dir.join(secret))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o077, 0, "{secret} is private");
+    }
+    // Refused: without the flag, into a non-empty directory, from SQLite.
+    let refused = |args: &[&str]| {
+        let o = Command::new(bin("tether-control"))
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(!o.status.success(), "{args:?} must fail");
+        String::from_utf8_lossy(&o.stderr).into_owned()
+    };
+    let fresh = fleet.data.parent().unwrap().join("replica-x");
+    let err = refused(&[
+        "ca",
+        "export",
+        "--data-dir",
+        data,
+        "--out",
+        fresh.to_str().unwrap(),
+    ]);
+    assert!(err.contains("--no-root-key"), "{err}");
+    let err = refused(&[
+        "ca",
+        "export",
+        "--no-root-key",
+        "--data-dir",
+        data,
+        "--out",
+        out_dir.to_str().unwrap(),
+    ]);
+    assert!(err.contains("not empty"), "{err}");
+    let sqlite = init(fleet.data.parent().unwrap(), "sqlite", TRUST_DOMAIN, None);
+    let err = refused(&[
+        "ca",
+        "export",
+        "--no-root-key",
+        "--data-dir",
+        sqlite.to_str().unwrap(),
+        "--out",
+        fresh.to_str().unwrap(),
+    ]);
+    assert!(err.contains("SQLite"), "{err}");
+
+    // The new replica starts from it: its own control leaf, its own id, no root-key
+    // warning; a wildcard advertise is warned about.
+    merge_config(&out_dir, "[replica]\nadvertise = \"0.0.0.0:8443\"\n");
+    let b = serve(&out_dir);
+    assert!(out_dir.join("ca/control.pem").exists() && out_dir.join("replica.id").exists());
+    assert!(b.warned("wildcard_advertise"));
+    assert!(!b.log_contains("root_key_on_replica"));
+    let resp = common::http_pinned(&out_dir.join("ca/root.pem"))
+        .get(format!("{}/healthz", b.url()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let live = control(&["replica", "list", "--database-url", &db.url]);
+    assert_eq!(live.lines().count(), 3, "header and two replicas: {live}");
+    drop(b);
+    drop(fleet);
+    db.drop_db().await;
+}
+
+/// Every file under `dir`, relative to it.
+fn walk(dir: &Path) -> Vec<String> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap() {
+        let e = e.unwrap();
+        if e.file_type().unwrap().is_dir() {
+            for f in walk(&e.path()) {
+                out.push(format!("{}/{f}", e.file_name().to_string_lossy()));
+            }
+        } else {
+            out.push(e.file_name().to_string_lossy().into_owned());
+        }
+    }
+    out
+}

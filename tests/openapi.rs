@@ -47,6 +47,7 @@ const ROUTES: &[(&str, &str)] = &[
     ("post", "/v1/brokers/renew"),
     ("get", "/v1/brokers/channel"),
     ("post", "/v1/brokers/{name}/revoke"),
+    ("post", "/v1/brokers/{name}/drain"),
 ];
 
 /// Routes that need no client certificate.

@@ -77,6 +77,10 @@ pub struct BrokerInfo {
     /// answered (when connected to that replica; 1 for a broker that does not say).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub replicas_connected: Option<usize>,
+    /// Whether it is draining (`tether broker drain NAME` or SIGTERM): its sessions were
+    /// told to reconnect elsewhere and it stops once they left.
+    #[serde(default)]
+    pub draining: bool,
 }
 
 /// The transport a record from before transports were reported used.

@@ -95,6 +95,8 @@ pub mod action {
     pub const BROKER_RENEW: &str = "broker.renew";
     /// A broker was revoked.
     pub const BROKER_REVOKE: &str = "broker.revoke";
+    /// A broker was asked to drain (`tether broker drain NAME`), or the request was refused.
+    pub const BROKER_DRAIN: &str = "broker.drain";
     /// Brokers were listed over the API (recorded only when refused).
     pub const BROKER_LIST: &str = "broker.list";
     /// Control replicas were listed over the API (recorded only when refused).

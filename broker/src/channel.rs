@@ -522,6 +522,9 @@ pub struct ControlSync {
     /// Where the live replicas are kept ([`crate::replicas::REPLICAS_FILE`] in the data
     /// directory).
     pub replicas_file: std::path::PathBuf,
+    /// Cancelled when control asks the broker to drain ([`ToBroker::Drain`]): the same
+    /// trigger as SIGTERM ([`crate::Running::serve`] wires it).
+    pub drain: CancellationToken,
 }
 
 /// What every channel of the broker shares.
@@ -539,6 +542,8 @@ struct Shared {
     fleet: Fleet,
     /// Some channel has synced since start.
     ever_synced: std::sync::atomic::AtomicBool,
+    /// Cancelled to drain, as on SIGTERM.
+    drain: CancellationToken,
 }
 
 /// How often the channel supervisor looks for replicas nobody holds.
@@ -579,6 +584,7 @@ impl ControlSync {
             backlog_accepted,
             fleet: Fleet::new(self.replicas_file, metrics),
             ever_synced: Default::default(),
+            drain: self.drain,
         });
         let slots = tokio_util::task::TaskTracker::new();
         let mut next_slot = 0u64;
@@ -668,6 +674,7 @@ impl Slot {
                         dialer,
                         replica: None,
                         takes_channels: false,
+                        takes_draining: false,
                     };
                     let r = match replica.map(|id| chan.claim(id)).transpose() {
                         Ok(_) => {
@@ -773,6 +780,9 @@ struct Chan {
     replica: Option<String>,
     /// Control sent [`ToBroker::Replicas`]: it takes [`ToControl::Channels`].
     takes_channels: bool,
+    /// Control listed [`cluster::ACCEPTS_DRAINING`] in `Synced`: it takes
+    /// [`ToControl::Draining`].
+    takes_draining: bool,
 }
 
 impl Chan {
@@ -823,6 +833,7 @@ impl Chan {
                 features: vec![
                     cluster::FEATURE_TUNNEL.to_owned(),
                     cluster::FEATURE_REPLICAS.to_owned(),
+                    cluster::FEATURE_DRAIN.to_owned(),
                 ],
             },
         )
@@ -842,6 +853,8 @@ impl Chan {
         let idle = Duration::from_secs(CHANNEL_IDLE_TIMEOUT_SECS);
         let mut last_rx = Instant::now();
         let fanout = self.shared.fanout.clone();
+        // Control says it takes `Draining` in `Synced`; it is sent once per channel.
+        let mut draining_told = false;
 
         let result = loop {
             let mut out: Vec<ToControl> = Vec::new();
@@ -935,6 +948,10 @@ impl Chan {
                     Some(Outgoing::Done(id)) => { commands.remove(&id); }
                     None => {}
                 },
+                _ = broker.draining_started(), if !draining_told && self.takes_draining => {
+                    draining_told = true;
+                    out.push(ToControl::Draining);
+                }
                 _ = tokio::time::sleep_until(last_tx + ping) => out.push(ToControl::Ping),
                 _ = tokio::time::sleep_until(last_rx + idle) => break Err(ChannelError::Idle),
             }
@@ -1021,6 +1038,9 @@ impl Chan {
                 }))
             }
             ToBroker::Synced { version, accepts } => {
+                self.takes_draining = accepts
+                    .iter()
+                    .any(|a| a == tether_proto::cluster::ACCEPTS_DRAINING);
                 self.shared.backlog_accepted.store(
                     accepts
                         .iter()
@@ -1221,6 +1241,13 @@ impl Chan {
                 Ok(None)
             }
             ToBroker::Ping => Ok(None),
+            ToBroker::Drain => {
+                if !self.shared.drain.is_cancelled() {
+                    info!("control asked this broker to drain: draining as on SIGTERM");
+                    self.shared.drain.cancel();
+                }
+                Ok(None)
+            }
             ToBroker::GoingAway => Err(ChannelError::GoingAway),
         }
     }

@@ -226,6 +226,7 @@ impl Running {
             quic_addr: quic_addr.clone(),
             snapshot_saved_at,
             replicas_file: dir.path(crate::replicas::REPLICAS_FILE),
+            drain: CancellationToken::new(),
         };
         let renewer = Renewer {
             identity: identity.clone(),
@@ -248,24 +249,31 @@ impl Running {
         .await
     }
 
-    /// Serve until `shutdown`, then drain.
+    /// Serve until `shutdown`, or until control asks for a drain
+    /// ([`tether_proto::cluster::ToBroker::Drain`], `tether broker drain NAME`); then drain
+    /// (the same path for both) and return.
     pub async fn serve(self, shutdown: CancellationToken) -> anyhow::Result<()> {
         let Running {
             broker,
             admin,
             source,
         } = self;
+        // Control's drain request stops this broker, never the caller's token.
+        let shutdown = shutdown.child_token();
         let admin_shutdown = CancellationToken::new();
         let admin_task = tokio::spawn(admin::serve(admin, broker.clone(), admin_shutdown.clone()));
         let sync_shutdown = CancellationToken::new();
         let sync_tasks = match source {
             Source::File(file) => vec![tokio::spawn(follow(file, broker.clone()))],
             Source::Control {
-                sync,
+                mut sync,
                 renewer,
                 validity,
             } => vec![
-                tokio::spawn(sync.run(sync_shutdown.clone())),
+                tokio::spawn({
+                    sync.drain = shutdown.clone();
+                    sync.run(sync_shutdown.clone())
+                }),
                 tokio::spawn(renewer.run(validity, sync_shutdown.clone())),
             ],
         };

@@ -467,6 +467,11 @@ impl Broker {
         self.draining.is_cancelled()
     }
 
+    /// Resolves once the broker starts draining (at once if it has).
+    pub async fn draining_started(&self) {
+        self.draining.cancelled().await
+    }
+
     /// Accept connections until `shutdown`, then drain: `GoAway` to every session, wait up
     /// to `drain.timeout` for them to leave, close the rest with [`CloseCode::Draining`].
     pub async fn serve(self: Arc<Self>, shutdown: CancellationToken) {

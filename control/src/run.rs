@@ -144,6 +144,7 @@ impl Started {
         }
         let url = cfg.database_url(data_dir);
         let sql = crate::store::sql::SqlStore::connect(&url).await?;
+        let postgres = sql.backend() == crate::store::sql::Backend::Postgres;
         let listen_url = cfg
             .replica
             .notify
@@ -187,6 +188,23 @@ impl Started {
             api_addr: cfg.listen.to_string(),
             version: env!("CARGO_PKG_VERSION").to_owned(),
         };
+        if postgres && Ca::root_key_present(data_dir) {
+            tracing::warn!(
+                code = "root_key_on_replica",
+                path = %data_dir.join("ca").join("root.key").display(),
+                "the root CA key is on a replica serving a shared PostgreSQL database: it only \
+                 signs intermediates, so move it offline (`tether-control ca export \
+                 --no-root-key` makes a replica's data directory without it)"
+            );
+        }
+        if postgres && replica::is_wildcard_advertise(&replica.advertise) {
+            tracing::warn!(
+                code = "wildcard_advertise",
+                advertise = %replica.advertise,
+                "this replica advertises a wildcard address, which brokers cannot dial: set \
+                 [replica] advertise to an address they reach"
+            );
+        }
         state
             .domain
             .store

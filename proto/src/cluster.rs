@@ -274,6 +274,10 @@ pub enum ToBroker {
     },
     /// Keep-alive.
     Ping,
+    /// Drain, exactly as on SIGTERM (`tether broker drain NAME`): `GoAway` with a jittered
+    /// reconnect delay to every session, wait for them to leave, then stop. Sent only to a
+    /// broker whose `Hello` listed [`FEATURE_DRAIN`].
+    Drain,
     /// Control is shutting down: it has finished its in-flight requests and will close
     /// the channel. The broker reconnects (to any control replica) at once, with jitter,
     /// keeping its allowlist meanwhile. A broker that does not know this frame treats it
@@ -328,6 +332,9 @@ pub struct ReplicaAddr {
 /// What a broker lists in its `Hello` when it takes [`ToBroker::Replicas`] and holds a
 /// channel to every replica (it may then also send [`ToControl::Channels`]).
 pub const FEATURE_REPLICAS: &str = "replicas";
+
+/// What a broker lists in its `Hello` when it drains on [`ToBroker::Drain`].
+pub const FEATURE_DRAIN: &str = "drain";
 
 /// What a broker lists in its `Hello` when it serves break-glass tunnels for control.
 pub const FEATURE_TUNNEL: &str = "tunnel";
@@ -495,6 +502,10 @@ pub struct HeartbeatSummary {
 /// [`ToControl::ManifestBacklog`].
 pub const ACCEPTS_MANIFEST_BACKLOG: &str = "manifest_backlog";
 
+/// What control lists in [`ToBroker::Synced`]'s `accepts` when it takes
+/// [`ToControl::Draining`].
+pub const ACCEPTS_DRAINING: &str = "draining";
+
 /// What a broker sends to control.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
@@ -636,6 +647,10 @@ pub enum ToControl {
         /// Replica ids.
         replicas: Vec<String>,
     },
+    /// The broker is draining (SIGTERM or [`ToBroker::Drain`]): it sent `GoAway` to its
+    /// sessions and stops once they left. Sent once per channel, only to a control that
+    /// listed [`ACCEPTS_DRAINING`].
+    Draining,
     /// Keep-alive.
     Ping,
 }
@@ -701,6 +716,19 @@ mod tests {
             transport: "tcp".into(),
         });
         assert_eq!(decode::<ToControl>(&encode(&up).unwrap()[4..]).unwrap(), up);
+    }
+
+    #[test]
+    fn drain_frames_spell_as_documented() {
+        let drain = encode(&ToBroker::Drain).unwrap();
+        assert_eq!(&drain[4..], br#"{"type":"drain"}"#);
+        assert_eq!(decode::<ToBroker>(&drain[4..]).unwrap(), ToBroker::Drain);
+        let draining = encode(&ToControl::Draining).unwrap();
+        assert_eq!(&draining[4..], br#"{"type":"draining"}"#);
+        assert_eq!(
+            decode::<ToControl>(&draining[4..]).unwrap(),
+            ToControl::Draining
+        );
     }
 
     #[test]

@@ -1,4 +1,4 @@
-//! `tether broker add|list|revoke`: the brokers of the edge cluster.
+//! `tether broker add|list|drain|revoke`: the brokers of the edge cluster.
 
 use std::path::PathBuf;
 
@@ -28,6 +28,16 @@ pub enum BrokerCmd {
     },
     /// List brokers: status, address, whether their channel to control is up.
     List {
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Drain broker NAME (admin), exactly as SIGTERM does: every appliance gets GoAway and
+    /// reconnects to another broker after a random delay (up to the broker's
+    /// reconnect_jitter), then the broker stops (`tether up` starts its own again, as a
+    /// rolling upgrade would). `tether broker list` shows it draining meanwhile.
+    Drain {
+        /// Broker name.
+        name: String,
         #[command(flatten)]
         common: Common,
     },
@@ -76,10 +86,11 @@ pub async fn run(cmd: BrokerCmd) -> anyhow::Result<()> {
                 Output::Json => print_json(&list)?,
                 Output::Table => {
                     println!(
-                        "{:<20} {:<8} {:<10} {:>8} {:<22} {:>8} {:>9} {:<18}  LAST SEEN",
+                        "{:<20} {:<8} {:<10} {:<9} {:>8} {:<22} {:>8} {:>9} {:<18}  LAST SEEN",
                         "NAME",
                         "STATUS",
                         "CHANNEL",
+                        "STATE",
                         "REPLICAS",
                         "QUIC",
                         "VERSION",
@@ -99,10 +110,15 @@ pub async fn run(cmd: BrokerCmd) -> anyhow::Result<()> {
                             })
                             .unwrap_or_else(|| "-".into());
                         println!(
-                            "{:<20} {:<8} {:<10} {:>8} {:<22} {:>8} {:>9} {:<18}  {}",
+                            "{:<20} {:<8} {:<10} {:<9} {:>8} {:<22} {:>8} {:>9} {:<18}  {}",
                             b.name,
                             b.status.as_str(),
                             if b.connected { "up" } else { "down" },
+                            match (b.connected, b.draining) {
+                                (true, true) => "draining",
+                                (true, false) => "serving",
+                                (false, _) => "-",
+                            },
                             b.replicas_connected
                                 .map(|v| v.to_string())
                                 .unwrap_or_else(|| "-".into()),
@@ -118,6 +134,20 @@ pub async fn run(cmd: BrokerCmd) -> anyhow::Result<()> {
                         );
                     }
                 }
+            }
+        }
+        BrokerCmd::Drain { name, common } => {
+            check_name(&name)?;
+            let client = Client::load(&common.dir()?)?;
+            client
+                .post_stream(&format!("/v1/brokers/{name}/drain"), &serde_json::json!({}))
+                .await
+                .context("draining the broker")?;
+            match common.output {
+                Output::Json => print_json(&serde_json::json!({"broker": name, "draining": true}))?,
+                Output::Table => println!(
+                    "broker {name} is draining: its appliances reconnect to other brokers, then it stops"
+                ),
             }
         }
         BrokerCmd::Revoke { name, common } => {

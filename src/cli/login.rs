@@ -18,8 +18,10 @@ pub struct LoginArgs {
     /// `tether-control operator invite`).
     #[arg(long)]
     pub bundle: PathBuf,
-    /// Control's URL, instead of the bundle's (e.g. behind a load balancer or a tunnel).
-    #[arg(long)]
+    /// Control's URL instead of the bundle's (e.g. behind a load balancer or a tunnel),
+    /// stored for later commands: the global `--control URL` / `$TETHER_CONTROL_URL`,
+    /// which `main` copies here.
+    #[arg(skip)]
     pub control: Option<String>,
     #[command(flatten)]
     pub common: Common,

@@ -18,6 +18,7 @@
 pub mod appliance;
 pub mod audit;
 pub mod broker;
+pub mod control;
 pub mod exec;
 pub mod login;
 pub mod operator;
@@ -39,6 +40,39 @@ pub const CERT_FILE: &str = "operator.cert.pem";
 pub const CA_FILE: &str = "ca.pem";
 /// `config.json`: [`Profile`].
 pub const CONFIG_FILE: &str = "config.json";
+/// Environment variable of `--control URL`: control's URL for this command, instead of
+/// the one stored at login.
+pub const CONTROL_URL_ENV: &str = "TETHER_CONTROL_URL";
+
+/// `--control URL` / `$TETHER_CONTROL_URL`, set once by `main` before any command runs.
+static CONTROL_URL: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+/// Parse `--control URL`: an `https://host[:port]` URL (a load balancer or one control
+/// replica), returned without a trailing `/`.
+pub fn parse_control_url(text: &str) -> Result<String, String> {
+    let url = reqwest::Url::parse(text).map_err(|e| format!("not a URL: {e}"))?;
+    if url.scheme() != "https" {
+        return Err("control is reached over HTTPS: give https://host:port".into());
+    }
+    if url.host_str().is_none() {
+        return Err("the URL names no host".into());
+    }
+    if url.query().is_some() || url.fragment().is_some() {
+        return Err("the URL must not carry a query or fragment".into());
+    }
+    Ok(text.trim_end_matches('/').to_owned())
+}
+
+/// Use `url` (from `--control` / `$TETHER_CONTROL_URL`) instead of the control URL stored
+/// at login, for every call of this process.
+pub fn set_control_url(url: String) {
+    let _ = CONTROL_URL.set(url);
+}
+
+/// The control URL given for this command, if any.
+pub fn control_url_override() -> Option<&'static str> {
+    CONTROL_URL.get().map(String::as_str)
+}
 
 /// Options every operator command takes.
 #[derive(Clone, Debug, clap::Args)]
@@ -128,6 +162,10 @@ impl Client {
         };
         let profile: Profile = serde_json::from_slice(&read(CONFIG_FILE)?)
             .with_context(|| format!("{} is not valid", dir.join(CONFIG_FILE).display()))?;
+        let mut profile = profile;
+        if let Some(url) = control_url_override() {
+            profile.control_url = url.to_owned();
+        }
         let (ca, cert, key) = (read(CA_FILE)?, read(CERT_FILE)?, read(KEY_FILE)?);
         let http = tether_agent::enroll::http_client_with(&ca, Some((&cert, &key)))
             .context("loading the operator credential")?;

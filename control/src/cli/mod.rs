@@ -119,6 +119,29 @@ pub enum Cmd {
     /// Brokers of the edge cluster (bundles for `tether-broker --bundle`).
     #[command(subcommand)]
     Broker(BrokerCmd),
+    /// The CA's files (what another control replica needs).
+    #[command(subcommand)]
+    Ca(CaCmd),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CaCmd {
+    /// Write the data directory a new control replica starts from: control.toml (without
+    /// `[replica] advertise`, which is each replica's own), ca/root.pem,
+    /// ca/intermediate.pem and the intermediate's key (ca/intermediate.key) or, in KMS
+    /// mode, ca/kms.json. Never ca/root.key, never this replica's control.pem/control.key
+    /// (the new replica issues its own at first start) nor its replica.id. Refuses a
+    /// control on SQLite (replicas share a PostgreSQL database) and a non-empty DIR.
+    Export {
+        #[command(flatten)]
+        dir: DataDir,
+        /// Where to write the new replica's data directory (created, mode 0700).
+        #[arg(long)]
+        out: PathBuf,
+        /// Confirm that the root key stays behind (it is never exported; keep it offline).
+        #[arg(long)]
+        no_root_key: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -366,6 +389,11 @@ pub async fn run(cmd: Cmd) -> anyhow::Result<()> {
         Cmd::Audit(cmd) => audit::audit(cmd).await,
         Cmd::Operator(cmd) => bundles::operator(cmd, now).await,
         Cmd::Broker(cmd) => bundles::broker(cmd, now).await,
+        Cmd::Ca(CaCmd::Export {
+            dir,
+            out,
+            no_root_key,
+        }) => serve::ca_export(&dir.data_dir, &out, no_root_key),
     }
 }
 

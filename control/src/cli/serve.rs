@@ -110,6 +110,62 @@ pub async fn serve(
     Ok(())
 }
 
+/// `ca export --no-root-key --out DIR`: the data directory a new replica starts from.
+pub fn ca_export(data_dir: &Path, out: &Path, no_root_key: bool) -> anyhow::Result<()> {
+    use anyhow::{bail, Context};
+    use std::os::unix::fs::DirBuilderExt;
+    use tether_control::config::CONFIG_FILE;
+    if !no_root_key {
+        bail!("the root key is never exported (keep it offline): pass --no-root-key to confirm");
+    }
+    let cfg = ControlConfig::load(data_dir)?;
+    if cfg.database_url.is_none() {
+        bail!(
+            "this control keeps its store in SQLite ({}): replicas share a PostgreSQL \
+             database (move it with `tether-control store copy` first)",
+            cfg.database_url(data_dir)
+        );
+    }
+    if out.exists()
+        && std::fs::read_dir(out)
+            .with_context(|| format!("reading {}", out.display()))?
+            .next()
+            .is_some()
+    {
+        bail!("{} is not empty", out.display());
+    }
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(out)
+        .with_context(|| format!("creating {}", out.display()))?;
+    let mut written = tether_control::domain::ca::Ca::export_for_replica(data_dir, out)?;
+    // The config as it is, but the advertised address: each replica has its own.
+    let path = data_dir.join(CONFIG_FILE);
+    let text =
+        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    let mut table: toml::Table = text
+        .parse()
+        .with_context(|| format!("{} is not valid TOML", path.display()))?;
+    if let Some(toml::Value::Table(replica)) = table.get_mut("replica") {
+        replica.remove("advertise");
+    }
+    // It names the database's password, if the URL carries one: 0600.
+    write_secret(&out.join(CONFIG_FILE), toml::to_string(&table)?.as_bytes())?;
+    written.insert(0, CONFIG_FILE.into());
+    for f in &written {
+        println!("{}", out.join(f).display());
+    }
+    eprintln!(
+        "wrote the data directory of a new replica to {} (no root key, no control leaf: the \
+         replica issues its own at first start). Set its [replica] advertise and, if its \
+         names differ, dns_names/ips in control.toml, then `tether-control serve --data-dir {}`",
+        out.display(),
+        out.display()
+    );
+    Ok(())
+}
+
 /// `replica list`: the live replicas of the database at `url`.
 pub async fn replica_list(url: &str, json: bool) -> anyhow::Result<()> {
     use tether_control::domain::replica::LIVE_WITHIN_SECS;

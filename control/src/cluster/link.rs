@@ -2,7 +2,7 @@
 //! store commits them, renewals, closes, commands, pings) and a reader (presence, command
 //! events) until either ends.
 
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -65,6 +65,8 @@ struct Hello {
     tunnel: bool,
     /// It listed [`tether_proto::cluster::FEATURE_REPLICAS`].
     replicas: bool,
+    /// It listed [`tether_proto::cluster::FEATURE_DRAIN`].
+    drain: bool,
     since: u64,
     /// The digest of `since` as the broker applied it (empty: unknown).
     digest: String,
@@ -103,6 +105,7 @@ where
     let ended = CancellationToken::new();
     let applied = Arc::new(AtomicU64::new(hello.since));
     let replicas_connected = Arc::new(AtomicUsize::new(0));
+    let draining = Arc::new(AtomicBool::new(false));
     let takes_replicas = hello.replicas;
     let link_id = s.cluster.register_link(
         &name,
@@ -115,6 +118,8 @@ where
             ended: ended.clone(),
             tunnel: hello.tunnel,
             replicas_connected: replicas_connected.clone(),
+            drain: hello.drain,
+            draining: draining.clone(),
         },
         hello.sessions,
     );
@@ -138,6 +143,7 @@ where
         link_id,
         &applied,
         &replicas_connected,
+        &draining,
     );
     let result = tokio::select! {
         r = writer => r,
@@ -183,6 +189,9 @@ where
                 replicas: features
                     .iter()
                     .any(|f| f == tether_proto::cluster::FEATURE_REPLICAS),
+                drain: features
+                    .iter()
+                    .any(|f| f == tether_proto::cluster::FEATURE_DRAIN),
                 since: allowlist_version,
                 digest: allowlist_digest,
                 sessions,
@@ -214,7 +223,10 @@ where
         sink,
         &ToBroker::Synced {
             version: sent,
-            accepts: vec![tether_proto::cluster::ACCEPTS_MANIFEST_BACKLOG.to_owned()],
+            accepts: vec![
+                tether_proto::cluster::ACCEPTS_MANIFEST_BACKLOG.to_owned(),
+                tether_proto::cluster::ACCEPTS_DRAINING.to_owned(),
+            ],
         },
     )
     .await?;
@@ -316,6 +328,7 @@ async fn read_loop<S>(
     link_id: u64,
     applied: &AtomicU64,
     replicas_connected: &AtomicUsize,
+    draining: &AtomicBool,
 ) -> Result<(), LinkError>
 where
     S: futures_util::Stream<Item = std::io::Result<bytes::BytesMut>> + Unpin,
@@ -363,6 +376,11 @@ where
                 continue;
             }
             ToControl::Ping => continue,
+            ToControl::Draining => {
+                info!("broker draining: its sessions reconnect elsewhere, then it stops");
+                draining.store(true, Ordering::Relaxed);
+                continue;
+            }
             ToControl::Channels { replicas } => {
                 debug!(
                     replicas = replicas.len(),

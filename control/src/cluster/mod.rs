@@ -29,7 +29,7 @@
 //! - [`tunnel`] — break-glass tunnel sessions: opens, dial-backs, the one-time credential.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -40,7 +40,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::domain::brokers::LinkInfo;
+use crate::domain::brokers::{DrainRefusal, LinkInfo};
 use crate::domain::Fleet;
 
 pub mod link;
@@ -52,6 +52,10 @@ pub const MAX_DELTAS_ON_RESUME: usize = 100_000;
 pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 /// Frames queued for one broker before senders wait.
 const LINK_QUEUE: usize = 1024;
+/// How long a command waits for its appliance to leave a draining broker (its agent got
+/// `GoAway` and reconnects elsewhere within the broker's reconnect jitter, 5 s by default)
+/// before it is routed anyway.
+pub const DRAINING_ROUTE_WAIT: Duration = Duration::from_secs(10);
 
 struct Link {
     id: u64,
@@ -65,6 +69,11 @@ struct Link {
     /// How many control replicas the broker said it holds a channel to
     /// ([`tether_proto::cluster::ToControl::Channels`]; 0: it has not said).
     replicas_connected: Arc<AtomicUsize>,
+    /// Its `Hello` listed [`tether_proto::cluster::FEATURE_DRAIN`].
+    drain: bool,
+    /// It is draining: it said so ([`tether_proto::cluster::ToControl::Draining`]), or
+    /// this replica asked it to.
+    draining: Arc<AtomicBool>,
 }
 
 /// The live control replicas as this replica last read them from the registry, for
@@ -275,6 +284,7 @@ impl Cluster {
                 sessions: sessions.get(name).map_or(0, |t| t.values().sum()),
                 sessions_by_transport: sessions.get(name).cloned().unwrap_or_default(),
                 replicas_connected: l.replicas_connected.load(Ordering::Relaxed).max(1),
+                draining: l.draining.load(Ordering::Relaxed),
             })
             .collect();
         out.sort_by(|a, b| a.broker.cmp(&b.broker));
@@ -301,6 +311,22 @@ impl Cluster {
                 link.ended.cancel();
             }
         }
+    }
+
+    /// Ask broker `name` to drain as on SIGTERM ([`ToBroker::Drain`]) on its channel to
+    /// this replica; it is shown as draining from now on.
+    pub fn drain(&self, name: &str) -> Result<(), DrainRefusal> {
+        let links = lock(&self.links);
+        let link = links.get(name).ok_or(DrainRefusal::NotConnected)?;
+        if !link.drain {
+            return Err(DrainRefusal::Unsupported);
+        }
+        if link.tx.try_send(ToBroker::Drain).is_err() {
+            warn!(broker = %name, "broker channel queue full; the drain request is dropped");
+            return Err(DrainRefusal::NotConnected);
+        }
+        link.draining.store(true, Ordering::Relaxed);
+        Ok(())
     }
 
     /// Close broker `name`'s channel (it was revoked).
@@ -344,6 +370,9 @@ impl Cluster {
         timeout: Duration,
         signed: SignedCommand,
     ) -> Result<(String, u64, ExecEvents), CommandFailure> {
+        // An agent refuses new commands on the session its draining broker told to go
+        // away: route to the session it makes next, on another broker.
+        self.wait_off_draining(appliance, DRAINING_ROUTE_WAIT).await;
         let presence = self.presence(appliance).ok_or(CommandFailure::Offline)?;
         let (link_id, tx) = {
             let links = lock(&self.links);
@@ -388,6 +417,23 @@ impl Cluster {
         ))
     }
 
+    /// Wait, up to `limit`, while `appliance` is connected to a draining broker (it
+    /// moves to another one within the drain's reconnect jitter).
+    async fn wait_off_draining(&self, appliance: &str, limit: Duration) {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            let on_draining = self.presence(appliance).is_some_and(|p| {
+                lock(&self.links)
+                    .get(&p.broker)
+                    .is_some_and(|l| l.draining.load(Ordering::Relaxed))
+            });
+            if !on_draining || tokio::time::Instant::now() >= deadline {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// Register broker `broker`'s link as [`link::run_link`] does after `Hello` (holding
     /// `sessions`), without a network channel, and return the receiving end of its queue:
     /// what the link's writer would send. For benches of the routing path in-process.
@@ -407,6 +453,8 @@ impl Cluster {
             ended: CancellationToken::new(),
             tunnel: true,
             replicas_connected: Arc::default(),
+            drain: true,
+            draining: Arc::default(),
         };
         if let Some(old) = lock(&self.links).insert(broker.to_owned(), link) {
             old.ended.cancel();
@@ -576,6 +624,9 @@ impl Fleet for Cluster {
     fn disconnect(&self, name: &str) {
         Cluster::disconnect(self, name)
     }
+    fn drain(&self, name: &str) -> Result<(), DrainRefusal> {
+        Cluster::drain(self, name)
+    }
     fn replicas_live(&self, self_id: &str, replicas: Vec<tether_proto::cluster::ReplicaAddr>) {
         self.set_replicas(self_id, replicas)
     }
@@ -641,6 +692,50 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_drain_goes_down_the_brokers_link_and_commands_wait_for_the_move() {
+        let c = Cluster::new();
+        assert_eq!(c.drain("b1"), Err(DrainRefusal::NotConnected));
+        let mut rx = c.attach_link("b1", vec![report("a", 1, 100)]);
+        let _rx2 = c.attach_link("b2", vec![]);
+        lock(&c.links).get_mut("b2").unwrap().drain = false;
+        assert_eq!(c.drain("b2"), Err(DrainRefusal::Unsupported));
+        assert!(!c.links().iter().any(|l| l.draining));
+        c.drain("b1").unwrap();
+        assert_eq!(rx.recv().await, Some(ToBroker::Drain));
+        let draining: Vec<_> = c
+            .links()
+            .into_iter()
+            .map(|l| (l.broker, l.draining))
+            .collect();
+        assert_eq!(
+            draining,
+            [("b1".to_owned(), true), ("b2".to_owned(), false)]
+        );
+        // A command for `a` waits while it is on the draining b1, and goes to b2 once the
+        // appliance shows up there.
+        let c = Arc::new(c);
+        let moved = {
+            let c = c.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                let _ = c.session_up("b2", report("a", 2, 101));
+            })
+        };
+        let (broker, _, _) = c
+            .exec(
+                "a",
+                vec!["true".into()],
+                CommandKind::Exec,
+                vec![],
+                Duration::from_secs(5),
+            )
+            .await
+            .unwrap();
+        assert_eq!(broker, "b2");
+        moved.await.unwrap();
+    }
+
+    #[tokio::test]
     async fn a_broker_cannot_answer_for_another_brokers_command() {
         let c = Cluster::new();
         let (tx, _rx) = mpsc::channel(8);
@@ -655,6 +750,8 @@ mod tests {
                 ended: CancellationToken::new(),
                 tunnel: false,
                 replicas_connected: Arc::default(),
+                drain: false,
+                draining: Arc::default(),
             },
         );
         c.session_up("b1", report("a", 1, 100));

@@ -392,6 +392,8 @@ mod tests {
                     ended: CancellationToken::new(),
                     tunnel: true,
                     replicas_connected: Arc::default(),
+                    drain: true,
+                    draining: Arc::default(),
                 },
             );
         }

@@ -13,6 +13,9 @@
 //! - `GET /v1/brokers` (viewer+) → every broker, with its channel if it is up.
 //! - `POST /v1/brokers/{name}/revoke` (admin) → refused everywhere from now on; its channel
 //!   is closed.
+//! - `POST /v1/brokers/{name}/drain` (admin) → the broker drains as on SIGTERM (`GoAway`
+//!   with a jittered reconnect delay to every session, then it stops); `GET /v1/brokers`
+//!   shows it `draining` meanwhile.
 
 use std::time::Duration;
 
@@ -49,6 +52,21 @@ pub struct LinkInfo {
     /// How many control replicas it holds a channel to (it says so on each; 1 when it
     /// does not).
     pub replicas_connected: usize,
+    /// It is draining (it said so, or this replica asked it to).
+    pub draining: bool,
+}
+
+/// Why a broker cannot be asked to drain (see [`drain`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum DrainRefusal {
+    /// The broker holds no channel to this replica: nothing can carry the request.
+    /// Retrying through another replica, or once the broker is back, can help.
+    #[error("the broker holds no channel to this control replica")]
+    NotConnected,
+    /// The broker is older than the drain request: drain it with SIGTERM.
+    #[error("the broker does not take drain requests (older version): send it SIGTERM")]
+    Unsupported,
 }
 
 /// Default lifetime of a broker bundle.
@@ -192,6 +210,7 @@ pub async fn list(s: &Registry, now: UnixSeconds) -> Result<BrokerList, Error> {
                 sessions: link.map(|l| l.sessions),
                 sessions_by_transport: link.map(|l| l.sessions_by_transport.clone()),
                 replicas_connected: link.map(|l| l.replicas_connected),
+                draining: link.is_some_and(|l| l.draining),
                 name: b.name,
             }
         })
@@ -221,6 +240,42 @@ pub async fn revoke(s: &Registry, by: &Caller, name: &str, now: UnixSeconds) -> 
     }
     s.fleet.disconnect(name);
     info!(by = %by, broker = %name, "broker revoked");
+    Ok(())
+}
+
+/// Ask broker `name` to drain, exactly as SIGTERM does, through its channel to this
+/// replica; audited as `broker.drain`. `not_found` for a broker never added,
+/// `broker_not_connected` (409) when it holds no channel here, `drain_unsupported` (409)
+/// for a broker too old to take the request.
+pub async fn drain(s: &Registry, by: &Caller, name: &str, now: UnixSeconds) -> Result<(), Error> {
+    check_name(name)?;
+    let known = s
+        .store
+        .list_brokers()
+        .await
+        .map_err(internal)?
+        .into_iter()
+        .any(|b| b.name == name);
+    if !known {
+        return Err(Error::new(
+            ErrorKind::NotFound,
+            "not_found",
+            format!("no broker {name}"),
+        ));
+    }
+    let target = audit::clip(name, audit::MAX_TARGET_LEN);
+    if let Err(refusal) = s.fleet.drain(name) {
+        let code = match refusal {
+            DrainRefusal::NotConnected => "broker_not_connected",
+            DrainRefusal::Unsupported => "drain_unsupported",
+        };
+        let event = AuditEvent::refused(by.actor(), action::BROKER_DRAIN, target, code);
+        crate::domain::record_refusal(s.store.as_ref(), &event, now).await;
+        return Err(Error::new(ErrorKind::Conflict, code, refusal.to_string()));
+    }
+    let event = AuditEvent::success(by.actor(), action::BROKER_DRAIN, target);
+    s.store.append_audit(&event, now).await.map_err(internal)?;
+    info!(by = %by, broker = %name, "broker asked to drain");
     Ok(())
 }
 

@@ -672,6 +672,25 @@ impl Ca {
                 .map_err(|e| bad_cert(&inter_path, e))?;
 
         let control_path = dir.join(CONTROL_CERT);
+        if !control_path.exists() && !dir.join(CONTROL_KEY).exists() {
+            // A new replica's data directory (`ca export`): no control leaf yet. An
+            // already-expired placeholder, which `ensure_control_leaf` replaces with a
+            // leaf of this replica's own names before anything serves.
+            return Ok(Ca {
+                cfg: cfg.clone(),
+                dir: dir.to_owned(),
+                backend,
+                root,
+                intermediate,
+                issuer,
+                control: ControlLeaf {
+                    cert_pem: String::new(),
+                    cert_der: Vec::new(),
+                    key: SecretPem(String::new()),
+                    not_after: OffsetDateTime::UNIX_EPOCH,
+                },
+            });
+        }
         let control_cert = read_cert(&control_path)?;
         let control_key = read_secret(&dir.join(CONTROL_KEY))?;
         let (uris, _, _) = leaf_names(&control_cert.der).map_err(|e| bad_cert(&control_path, e))?;
@@ -700,6 +719,44 @@ impl Ca {
                 not_after: control_cert.not_after,
             },
         })
+    }
+
+    /// Copy what a new control replica needs of the CA in `data_dir` into `out` (a
+    /// data directory, created if missing): `ca/root.pem`, `ca/intermediate.pem` and the
+    /// intermediate's signing key (`ca/intermediate.key`, mode 0600) or, in KMS mode, the
+    /// key record `ca/kms.json`. Never the root key, never this replica's own control
+    /// leaf (the new replica issues its own at first start, for its own names). Returns
+    /// the files written, relative to `out`.
+    pub fn export_for_replica(data_dir: &Path, out: &Path) -> Result<Vec<PathBuf>, CaError> {
+        let from = data_dir.join("ca");
+        if !from.join(ROOT_CERT).exists() {
+            return Err(CaError::NotInitialised(from));
+        }
+        let to = out.join("ca");
+        fs::create_dir_all(&to).map_err(io_err(&to))?;
+        let signing = if from.join(KMS_RECORD).exists() {
+            (KMS_RECORD, false)
+        } else {
+            (INTERMEDIATE_KEY, true)
+        };
+        let mut written = Vec::new();
+        for (name, secret) in [(ROOT_CERT, false), (INTERMEDIATE_CERT, false), signing] {
+            let path = from.join(name);
+            let bytes = if secret {
+                read_secret(&path)?.into_bytes()
+            } else {
+                fs::read(&path).map_err(io_err(&path))?
+            };
+            write_atomic(&to.join(name), &bytes, secret)?;
+            written.push(Path::new("ca").join(name));
+        }
+        Ok(written)
+    }
+
+    /// Whether the root CA's private key is in `data_dir` (local mode): it signs only
+    /// intermediates, so a serving replica never needs it.
+    pub fn root_key_present(data_dir: &Path) -> bool {
+        data_dir.join("ca").join(ROOT_KEY).exists()
     }
 
     /// The CA's configuration.

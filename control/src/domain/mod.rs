@@ -178,6 +178,10 @@ pub trait Fleet: Send + Sync + std::fmt::Debug {
     fn broadcast(&self, msg: ToBroker);
     /// Close broker `name`'s channel, if it has one.
     fn disconnect(&self, name: &str);
+    /// Ask broker `name` to drain as on SIGTERM, on its channel to this replica.
+    fn drain(&self, _name: &str) -> Result<(), brokers::DrainRefusal> {
+        Err(brokers::DrainRefusal::NotConnected)
+    }
     /// The live control replicas were read from the registry (`self_id` is this one);
     /// brokers that hold a channel to each are told when the set changed.
     fn replicas_live(&self, _self_id: &str, _replicas: Vec<tether_proto::cluster::ReplicaAddr>) {}

@@ -64,6 +64,28 @@ impl Default for ReplicaSettings {
     }
 }
 
+/// Whether `advertise` (`host:port`) names a wildcard address (`0.0.0.0`, `::`), which
+/// brokers cannot dial: they would never reach this replica directly.
+pub fn is_wildcard_advertise(advertise: &str) -> bool {
+    match advertise.parse::<std::net::SocketAddr>() {
+        Ok(a) => a.ip().is_unspecified(),
+        Err(_) => {
+            // A bare address (`::`, `0.0.0.0`), then `host:port` with a name or brackets.
+            let bare = advertise.trim_start_matches('[').trim_end_matches(']');
+            if let Ok(ip) = bare.parse::<std::net::IpAddr>() {
+                return ip.is_unspecified();
+            }
+            let host = advertise
+                .rsplit_once(':')
+                .map_or(advertise, |(h, _)| h)
+                .trim_start_matches('[')
+                .trim_end_matches(']');
+            host.parse::<std::net::IpAddr>()
+                .is_ok_and(|ip| ip.is_unspecified())
+        }
+    }
+}
+
 /// Why a replica cannot serve this database.
 #[derive(Debug, Error, PartialEq, Eq)]
 #[non_exhaustive]
@@ -221,6 +243,21 @@ pub async fn heartbeat_forever(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn wildcard_advertise_addresses_are_recognised() {
+        for a in ["0.0.0.0:8443", "[::]:8443", "::", "0.0.0.0"] {
+            assert!(is_wildcard_advertise(a), "{a}");
+        }
+        for a in [
+            "10.0.0.5:8443",
+            "[::1]:8443",
+            "control-1.example:8443",
+            "localhost",
+        ] {
+            assert!(!is_wildcard_advertise(a), "{a}");
+        }
+    }
 
     fn meta(td: &str, fp: &str) -> ControlMeta {
         ControlMeta {

@@ -1,5 +1,6 @@
 //! The broker routes: bundles (`POST /v1/brokers`, operator+), the list
 //! (`GET /v1/brokers`, viewer+), revocation (`POST /v1/brokers/{name}/revoke`, admin),
+//! drain (`POST /v1/brokers/{name}/drain`, admin),
 //! enrollment with a bundle's token (`POST /v1/brokers/enroll`, rate limited) and renewal
 //! with the current certificate (`POST /v1/brokers/renew`). The rules are
 //! [`crate::domain::brokers`]'s; the channel is [`crate::http::channel`].
@@ -95,6 +96,32 @@ pub async fn revoke(
     let target = audit::clip(&name, audit::MAX_TARGET_LEN);
     let by = operator(&s, &peer, Role::Admin, action::BROKER_REVOKE, target, now).await?;
     brokers::revoke(&s.domain.registry(), &by, &name, now).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// `POST /v1/brokers/{name}/drain` (admin).
+#[utoipa::path(post, path = "/v1/brokers/{name}/drain", tag = "brokers",
+    params(("name" = String, Path, description = "Broker name")),
+    responses(
+        (status = 204, description = "the broker was asked to drain as on SIGTERM (GoAway with a jittered reconnect delay to every session, then it stops); `GET /v1/brokers` shows it `draining`"),
+        (status = 400, description = "bad input", body = tether_api::ErrorBody),
+        (status = 401, description = "no client certificate", body = tether_api::ErrorBody),
+        (status = 403, description = "refused: not an admin", body = tether_api::ErrorBody),
+        (status = 404, description = "`not_found`: no such broker", body = tether_api::ErrorBody),
+        (status = 408, description = "the request took longer than `http.request_timeout`", body = tether_api::ErrorBody),
+        (status = 409, description = "`broker_not_connected`: the broker holds no channel to this replica; `drain_unsupported`: the broker is too old to take the request", body = tether_api::ErrorBody),
+    ),
+    security(("operator_certificate" = []))
+)]
+pub async fn drain(
+    State(s): State<AppState>,
+    Extension(peer): Extension<PeerCertificate>,
+    Path(name): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    let now = crate::now_unix();
+    let target = audit::clip(&name, audit::MAX_TARGET_LEN);
+    let by = operator(&s, &peer, Role::Admin, action::BROKER_DRAIN, target, now).await?;
+    brokers::drain(&s.domain.registry(), &by, &name, now).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 

@@ -26,7 +26,8 @@
 //!   `POST /v1/appliances`, `GET /v1/appliances`, `GET /v1/appliances/{id}`,
 //!   `POST /v1/appliances/{id}/disable|enable|revoke|renew|tokens|exec`.
 //! - Brokers: `POST /v1/brokers`, `GET /v1/brokers`, `POST /v1/brokers/enroll`,
-//!   `POST /v1/brokers/renew`, `POST /v1/brokers/{name}/revoke`, and
+//!   `POST /v1/brokers/renew`, `POST /v1/brokers/{name}/revoke`,
+//!   `POST /v1/brokers/{name}/drain`, and
 //!   `GET /v1/brokers/channel` (the upgrade to the cluster channel).
 //! - `GET /v1/audit?after=&limit=` (mTLS, an operator certificate, role viewer+) → a page
 //!   of the audit log with its signed checkpoints.
@@ -314,6 +315,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/brokers/renew", post(brokers::renew))
         .route(tether_proto::cluster::CHANNEL_PATH, get(channel::channel))
         .route("/v1/brokers/{name}/revoke", post(brokers::revoke))
+        .route("/v1/brokers/{name}/drain", post(brokers::drain))
         .route("/v1/operators/invites", post(operators::invite))
         .route("/v1/operators", get(operators::list))
         .route("/v1/operators/{name}/revoke", post(operators::revoke))

@@ -61,6 +61,7 @@ pub const APPLIANCE_SCHEME: &str = "appliance_certificate";
         crate::http::brokers::enroll,
         crate::http::brokers::renew,
         crate::http::brokers::revoke,
+        crate::http::brokers::drain,
         crate::http::control::replicas,
         crate::http::channel::channel,
         crate::http::tunnels::open,
