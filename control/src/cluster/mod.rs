@@ -419,6 +419,13 @@ impl Cluster {
 
     /// Wait, up to `limit`, while `appliance` is connected to a draining broker (it
     /// moves to another one within the drain's reconnect jitter).
+    /// Whether broker `broker` is draining, as far as this replica knows.
+    pub fn broker_draining(&self, broker: &str) -> bool {
+        lock(&self.links)
+            .get(broker)
+            .is_some_and(|l| l.draining.load(Ordering::Relaxed))
+    }
+
     async fn wait_off_draining(&self, appliance: &str, limit: Duration) {
         let deadline = tokio::time::Instant::now() + limit;
         loop {

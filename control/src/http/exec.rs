@@ -127,6 +127,7 @@ pub async fn exec(
     if !command.signed.request_id.is_empty() {
         event.set("request_id", command.signed.request_id.as_str());
     }
+    let resend = command.clone();
     let sent = s
         .cluster
         .exec_signed(
@@ -194,6 +195,9 @@ pub async fn exec(
         in_flight: in_flight.id,
         timeout,
         manifest: std::sync::Mutex::new(None),
+        appliance: id,
+        resend: Some(resend),
+        rerouted_from: None,
     };
     relay.start(events)
 }
@@ -223,6 +227,13 @@ struct Relay {
     timeout: Duration,
     /// The appliance's signed manifest, kept with the outcome's audit entry.
     manifest: std::sync::Mutex<Option<(String, String)>>,
+    /// The appliance id.
+    appliance: String,
+    /// The command, to send once more if an agent leaving a draining broker refused it
+    /// unrun ([`Relay::run`]).
+    resend: Option<domain::exec::Command>,
+    /// The broker of that refusal, once the command was sent again.
+    rerouted_from: Option<String>,
 }
 
 impl Relay {
@@ -240,19 +251,60 @@ impl Relay {
             .map_err(internal)
     }
 
-    async fn run(self, events: ExecEvents, tx: Lines) {
+    async fn run(mut self, events: ExecEvents, tx: Lines) {
         let started = ExecLine::Started {
             broker: self.broker.clone(),
         };
         let _ = tx.send(line(&started)).await;
-        let last = self.relay(events, &tx).await;
+        let mut forwarded = false;
+        let mut last = self.relay(events, &tx, &mut forwarded).await;
+        // A command that reached its agent just after the agent's broker told it to go
+        // away (a drain) is refused without running: send it once more, to the session
+        // the agent opens on another broker. Nothing ran, so nothing runs twice.
+        if matches!(
+            last,
+            ExecLine::Failed {
+                code: CommandFailure::Refused,
+                ..
+            }
+        ) && !forwarded
+            && self.s.cluster.broker_draining(&self.broker)
+        {
+            if let Some(again) = self.resend.take() {
+                let sent = self
+                    .s
+                    .cluster
+                    .exec_signed(
+                        &self.appliance,
+                        again.argv,
+                        again.kind,
+                        again.env_allowlist,
+                        again.timeout,
+                        again.signed,
+                    )
+                    .await;
+                if let Ok((broker, command_id, events)) = sent {
+                    info!(appliance = %self.appliance, from = %self.broker, to = %broker,
+                        command_id, "command refused by an agent leaving its draining broker; sent again");
+                    let _ = tx
+                        .send(line(&ExecLine::Started {
+                            broker: broker.clone(),
+                        }))
+                        .await;
+                    self.rerouted_from = Some(std::mem::replace(&mut self.broker, broker));
+                    self.command_id = command_id;
+                    last = self.relay(events, &tx, &mut forwarded).await;
+                }
+            }
+        }
         self.finish(&last).await;
         let _ = tx.send(line(&last)).await;
     }
 
     /// Forward output until the command's last event (or the deadline, or the caller
     /// leaving), and return that last line.
-    async fn relay(&self, mut events: ExecEvents, tx: &Lines) -> ExecLine {
+    /// `forwarded` is set once anything but the last line went to the caller.
+    async fn relay(&self, mut events: ExecEvents, tx: &Lines, forwarded: &mut bool) -> ExecLine {
         let deadline = tokio::time::Instant::now() + self.timeout + DEADLINE_GRACE;
         let gone = || ExecLine::Failed {
             code: CommandFailure::Cancelled,
@@ -270,6 +322,7 @@ impl Relay {
             };
             match ev {
                 Some(ExecEvent::Output { stream, data }) => {
+                    *forwarded = true;
                     let out = line(&ExecLine::Output { stream, data });
                     if tx.send(out).await.is_err() {
                         self.s.cluster.cancel(self.command_id);
@@ -277,6 +330,7 @@ impl Relay {
                     }
                 }
                 Some(ExecEvent::Manifest { manifest, sig }) => {
+                    *forwarded = true;
                     *self.manifest.lock().unwrap_or_else(|e| e.into_inner()) =
                         Some((manifest.clone(), sig.clone()));
                     let _ = tx.send(line(&ExecLine::Manifest { manifest, sig })).await;
@@ -285,6 +339,7 @@ impl Relay {
                     approval_required,
                     document,
                 }) => {
+                    *forwarded = true;
                     let plan = ExecLine::Plan {
                         approval_required,
                         document,
@@ -311,6 +366,9 @@ impl Relay {
         let mut end = AuditEvent::success(self.by.actor(), action::APPLIANCE_EXEC, &self.target)
             .with("broker", self.broker.as_str())
             .with("command_id", self.command_id as i64);
+        if let Some(from) = &self.rerouted_from {
+            end.set("rerouted_from", from.as_str());
+        }
         // The metric label: `exit`, a known failure code, or `failed` for anything else
         // (an agent's own codes must not grow the label set without bound).
         let label = match last {
