@@ -224,11 +224,13 @@ pub fn status_of(kind: ErrorKind) -> StatusCode {
         ErrorKind::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
         ErrorKind::Upstream => StatusCode::BAD_GATEWAY,
         ErrorKind::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+        ErrorKind::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
     }
 }
 
-/// Log `e` and answer 500 `internal`.
-pub(crate) fn internal(e: impl std::fmt::Display) -> ApiError {
+/// Log `e` and answer 500 `internal` (503 `database_unavailable` for an unavailable
+/// database, see [`crate::domain::internal`]).
+pub(crate) fn internal<E: std::fmt::Display + 'static>(e: E) -> ApiError {
     crate::domain::internal(e).into()
 }
 
@@ -246,6 +248,12 @@ impl IntoResponse for ApiError {
             }),
         )
             .into_response();
+        if self.status == StatusCode::SERVICE_UNAVAILABLE {
+            resp.headers_mut().insert(
+                axum::http::header::RETRY_AFTER,
+                axum::http::HeaderValue::from_static("1"),
+            );
+        }
         resp.extensions_mut().insert(ErrorCode(self.code));
         resp
     }
