@@ -206,7 +206,12 @@ impl OwnPg {
             .and_then(Path::parent)
             .unwrap()
             .to_path_buf();
-        let dir = target.join(format!("pg-ha-{}", std::process::id()));
+        // Tests of one binary run in parallel: one directory each.
+        let dir = target.join(format!(
+            "pg-ha-{}-{:08x}",
+            std::process::id(),
+            fastrand::u32(..)
+        ));
         let url = Self::script(&dir, "start");
         (OwnPg { dir }, url)
     }
@@ -1126,6 +1131,799 @@ async fn ca_export_makes_a_replica_data_directory_without_the_root_key() {
     assert!(!b.log_contains("root_key_on_replica"));
     let resp = common::http_pinned(&out_dir.join("ca/root.pem"))
         .get(format!("{}/healthz", b.url()))
+
+// ---------------------------------------------------------------------------------------
+// Failover (issue 17, design §6 tests 1, 8, 9, 11, 12): PostgreSQL restarted, failed over
+// to a standby, or cut off from one replica, under real load through real replicas.
+
+use common::netfault::FaultProxy;
+
+/// The cargo target directory (the binaries' grandparent): private PostgreSQL instances
+/// live under it, where the `postgres` user can reach them.
+fn target_dir() -> PathBuf {
+    bin("tether-control")
+        .parent()
+        .and_then(Path::parent)
+        .unwrap()
+        .to_path_buf()
+}
+
+fn scripts_pg() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/pg")
+}
+
+/// `scripts/pg ARGS`: its stdout; panics with its stderr if it fails.
+fn pg_script(args: &[&str]) -> String {
+    let out = Command::new(scripts_pg()).args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "scripts/pg {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// `pg_ctl ARGS -D data` as the data's owner.
+fn pg_ctl(data: &Path, args: &[&str]) {
+    let mut all = vec!["ctl", data.to_str().unwrap()];
+    all.extend(args);
+    pg_script(&all);
+}
+
+/// A primary and a streaming standby of this test's own (`scripts/pg replica-pair`):
+/// stopped and deleted on drop.
+struct PgPair {
+    dir: PathBuf,
+    primary_url: String,
+    standby_url: String,
+    primary_data: PathBuf,
+    standby_data: PathBuf,
+}
+
+impl PgPair {
+    /// `mode`: `sync` (commits wait for the standby) or `async`.
+    fn start(mode: &str) -> PgPair {
+        let dir = target_dir().join(format!(
+            "pg-pair-{}-{:08x}",
+            std::process::id(),
+            fastrand::u32(..)
+        ));
+        let out = pg_script(&["replica-pair", dir.to_str().unwrap(), mode]);
+        let get = |key: &str| {
+            out.lines()
+                .find_map(|l| l.strip_prefix(&format!("{key}=")))
+                .unwrap_or_else(|| panic!("replica-pair printed no {key}: {out}"))
+                .to_owned()
+        };
+        PgPair {
+            primary_url: get("primary_url"),
+            standby_url: get("standby_url"),
+            primary_data: get("primary_data").into(),
+            standby_data: get("standby_data").into(),
+            dir,
+        }
+    }
+
+    /// The standby's address (to retarget a proxy at).
+    fn standby_addr(&self) -> std::net::SocketAddr {
+        addr_of(&self.standby_url)
+    }
+}
+
+impl Drop for PgPair {
+    fn drop(&mut self) {
+        let _ = Command::new(scripts_pg())
+            .args(["pair-stop", self.dir.to_str().unwrap()])
+            .output();
+    }
+}
+
+/// `127.0.0.1:PORT` of a `postgres://user@127.0.0.1:PORT/db` URL.
+fn addr_of(url: &str) -> std::net::SocketAddr {
+    let host = url.rsplit_once('@').unwrap().1;
+    host.split('/').next().unwrap().parse().unwrap()
+}
+
+/// One query's scalar on `url`.
+async fn pg_i64(url: &str, sql: &str) -> i64 {
+    use sqlx::Connection;
+    let mut conn = sqlx::PgConnection::connect(url).await.unwrap();
+    let v: i64 = sqlx::query_scalar(sql).fetch_one(&mut conn).await.unwrap();
+    conn.close().await.ok();
+    v
+}
+
+/// Replica `n`: a copy of the cluster's data directory (replica A's) with its own id and
+/// `toml` merged into its config.
+fn replica_n(c: &Cluster, n: u32, toml: &str) -> ControlProc {
+    let dir = c.tmp().join(format!("replica-{n}"));
+    copy_dir(&c.fleet.data, &dir);
+    let path = dir.join("control.toml");
+    let mut table: toml::Table = std::fs::read_to_string(&path).unwrap().parse().unwrap();
+    table.remove("replica");
+    std::fs::write(&path, toml::to_string(&table).unwrap()).unwrap();
+    merge_config(&dir, toml);
+    serve(&dir)
+}
+
+/// Register `ids` and give each a current certificate, straight through the store (fast:
+/// the tests below are about what happens next). One allowlist version per certificate.
+async fn seed_appliances(url: &str, ids: &[String]) {
+    use tether_audit::{action, system, Actor, AuditEvent};
+    use tether_control::store::{Appliance, CertRecord, CertState, Store};
+    let store = tether_control::store::sql::SqlStore::connect(url)
+        .await
+        .unwrap();
+    let now = tether_control::now_unix();
+    for id in ids {
+        let event = |a| AuditEvent::success(Actor::system(system::LOCAL_ADMIN), a, id.as_str());
+        let app = Appliance {
+            id: id.clone(),
+            tenant: "acme".into(),
+            binding: tether_api::appliances::PlatformBinding::TokenOnly,
+            status: tether_api::appliances::ApplianceStatus::Active,
+            manual_renewal_generation: 0,
+            created_at: now,
+        };
+        store
+            .register_appliance(&app, &event(action::APPLIANCE_REGISTER))
+            .await
+            .unwrap();
+        let fp = format!("{:016x}", fastrand::u64(..)).repeat(4);
+        let cert = CertRecord {
+            serial: fp[..16].to_owned(),
+            appliance_id: id.clone(),
+            fingerprint: fp,
+            not_before: now,
+            not_after: now + 86_400,
+            state: CertState::Current,
+        };
+        store
+            .record_certificate(&cert, now, 0, &event(action::APPLIANCE_ENROLL))
+            .await
+            .unwrap();
+    }
+    store.close().await;
+}
+
+/// `POST {base}/v1/appliances/{id}/{verb}` as the admin: the status (0: no answer).
+async fn appliance_op(admin: &reqwest::Client, base: &str, id: &str, verb: &str) -> u16 {
+    match admin
+        .post(format!("{base}/v1/appliances/{id}/{verb}"))
+        .json(&serde_json::json!({}))
+        .timeout(Duration::from_secs(40))
+        .send()
+        .await
+    {
+        Ok(r) => r.status().as_u16(),
+        Err(_) => 0,
+    }
+}
+
+/// The broker's allowlist (version, entries) as its metrics say.
+async fn broker_allowlist(b: &common::BrokerProc) -> (i64, i64) {
+    (
+        b.metric("tether_allowlist_version").await as i64,
+        b.metric("tether_allowlist_entries").await as i64,
+    )
+}
+
+/// The database's allowlist (version, entries).
+async fn db_allowlist(url: &str) -> (i64, i64) {
+    (
+        pg_i64(url, "SELECT version FROM allowlist_version WHERE id = 1").await,
+        pg_i64(url, "SELECT count(*) FROM certificates WHERE allowed = 1").await,
+    )
+}
+
+/// Wait (up to `limit`) until every broker holds the database's allowlist.
+async fn wait_brokers_at_db(url: &str, brokers: &[&common::BrokerProc], limit: Duration) {
+    let last = std::sync::Mutex::new(Vec::new());
+    let done = common::wait_for(limit, || async {
+        let want = db_allowlist(url).await;
+        let mut got = vec![want];
+        for b in brokers {
+            got.push(broker_allowlist(b).await);
+        }
+        let ok = got.iter().all(|g| *g == want);
+        *last.lock().unwrap() = got;
+        ok.then_some(())
+    })
+    .await;
+    assert!(
+        done.is_some(),
+        "brokers never reached the database's (version, entries) (database first): {:?}",
+        last.lock().unwrap()
+    );
+}
+
+/// How many times replica logs say a broker got a full snapshot.
+fn snapshots_sent(replicas: &[&ControlProc]) -> usize {
+    replicas
+        .iter()
+        .map(|r| {
+            r.logs
+                .lock()
+                .unwrap()
+                .iter()
+                .filter(|l| l.contains("sending a broker a full snapshot"))
+                .count()
+        })
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_version_sequence_across_replicas() {
+    let started = Instant::now();
+    let db = PgDb::create().await;
+    let mut c = Cluster::with_init(&["--database-url", &db.url], "");
+    let b = replica_n(&c, 2, "");
+    let r3 = replica_n(&c, 3, "");
+    let e1 = c.add_broker("edge-1");
+    let e2 = c.add_broker("edge-2");
+    let ids: Vec<String> = (0..30).map(|i| format!("app-{i:02}")).collect();
+    seed_appliances(&db.url, &ids).await;
+    let v0 = pg_i64(
+        &db.url,
+        "SELECT version FROM allowlist_version WHERE id = 1",
+    )
+    .await;
+    assert_eq!(v0, 30, "one version per seeded certificate");
+
+    // 300 trust changes, 30 at a time, each appliance's in order, spread over the three
+    // replicas: each one takes or gives back one certificate.
+    let admin = client_from(&c.fleet, Some(&c.ops), false);
+    let bases = [c.fleet.url(), b.url(), r3.url()];
+    let mut tasks = tokio::task::JoinSet::new();
+    for (i, id) in ids.iter().enumerate() {
+        let (admin, bases, id) = (admin.clone(), bases.clone(), id.clone());
+        tasks.spawn(async move {
+            for k in 0..10 {
+                let verb = if k % 2 == 0 { "disable" } else { "enable" };
+                let status = appliance_op(&admin, &bases[(i + k) % 3], &id, verb).await;
+                assert_eq!(status, 200, "{verb} {id} through replica {}", (i + k) % 3);
+            }
+        });
+    }
+    while let Some(r) = tasks.join_next().await {
+        r.unwrap();
+    }
+    let n = v0 + 300;
+
+    // Versions 1..=N, gap-free, each with exactly one operation's change.
+    use sqlx::Connection;
+    let mut conn = sqlx::PgConnection::connect(&db.url).await.unwrap();
+    let versions: Vec<i64> =
+        sqlx::query_scalar("SELECT version FROM allowlist_versions ORDER BY version")
+            .fetch_all(&mut conn)
+            .await
+            .unwrap();
+    assert_eq!(versions, (1..=n).collect::<Vec<_>>(), "digest chain 1..=N");
+    let changes: Vec<(i64, i64, i64)> = sqlx::query_as(
+        "SELECT version, count(*), count(DISTINCT appliance_id) FROM allowlist_changes \
+         GROUP BY version ORDER BY version",
+    )
+    .fetch_all(&mut conn)
+    .await
+    .unwrap();
+    assert_eq!(
+        changes.iter().map(|c| c.0).collect::<Vec<_>>(),
+        (1..=n).collect::<Vec<_>>(),
+        "every version has changes, none skipped"
+    );
+    assert!(
+        changes
+            .iter()
+            .all(|&(_, rows, apps)| rows == 1 && apps == 1),
+        "one operation (one certificate) per version"
+    );
+    let ops: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM audit_log WHERE outcome = 'success' \
+         AND action IN ('appliance.disable', 'appliance.enable')",
+    )
+    .fetch_one(&mut conn)
+    .await
+    .unwrap();
+    assert_eq!(ops, 300, "one audit entry per operation");
+    let seqs: Vec<i64> = sqlx::query_scalar("SELECT seq FROM audit_log ORDER BY seq")
+        .fetch_all(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(
+        seqs,
+        (1..=seqs.len() as i64).collect::<Vec<_>>(),
+        "audit seq gap-free"
+    );
+    conn.close().await.ok();
+    audit_export_verifies(&c.fleet.data, &c.fleet.root);
+
+    // Every broker followed the one sequence, delta by delta (each checked against its
+    // digest: a broker refuses a delta that does not chain), to the database's state.
+    wait_brokers_at_db(&db.url, &[&e1, &e2], Duration::from_secs(10)).await;
+    let replicas = [&c.fleet.control, &b, &r3];
+    assert!(replicas.iter().all(|r| !r.log_contains("diverged")));
+    eprintln!(
+        "one_version_sequence_across_replicas: {:?}",
+        started.elapsed()
+    );
+    drop((e1, e2, b, r3));
+    drop(c);
+    db.drop_db().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failover_to_synchronous_standby_loses_nothing() {
+    let started = Instant::now();
+    let pair = PgPair::start("sync");
+    // Both replicas reach PostgreSQL through one proxy: the "primary" DNS name.
+    let proxy = FaultProxy::start(&[addr_of(&pair.primary_url)]).await;
+    let url = proxy.url_for(&pair.primary_url);
+    let mut c = Cluster::with_init(&["--database-url", &url], "");
+    let mut b = replica_n(&c, 2, "");
+    let broker = c.add_broker("edge-1");
+    let ids: Vec<String> = (0..40).map(|i| format!("app-{i:02}")).collect();
+    seed_appliances(&url, &ids).await;
+    wait_brokers_at_db(&url, &[&broker], Duration::from_secs(10)).await;
+    let snapshots_before = snapshots_sent(&[&c.fleet.control, &b]);
+
+    // Revocations stream in over both replicas; the primary dies in the middle.
+    let admin = client_from(&c.fleet, Some(&c.ops), false);
+    let bases = [c.fleet.url(), b.url()];
+    let revokes = {
+        let (admin, bases, ids) = (admin.clone(), bases.clone(), ids.clone());
+        tokio::spawn(async move {
+            let mut results = Vec::new();
+            for (i, id) in ids.iter().take(30).enumerate() {
+                let status = appliance_op(&admin, &bases[i % 2], id, "revoke").await;
+                results.push((id.clone(), status));
+                tokio::time::sleep(Duration::from_millis(30)).await;
+            }
+            results
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    pg_ctl(&pair.primary_data, &["stop", "-m", "immediate", "-w"]);
+    let results = revokes.await.unwrap();
+    let ok: Vec<&String> = results
+        .iter()
+        .filter(|(_, s)| *s == 200)
+        .map(|(id, _)| id)
+        .collect();
+    assert!(
+        results.iter().all(|(_, s)| [200, 503].contains(s)),
+        "a revocation either succeeds or is refused with 503: {results:?}"
+    );
+    assert!(
+        ok.len() >= 3,
+        "some revocations committed before the primary died: {results:?}"
+    );
+    eprintln!(
+        "{} revocations returned 200 before and during the failover",
+        ok.len()
+    );
+
+    // Fail over: promote the standby, move the name. No replica restarts.
+    pg_ctl(&pair.standby_data, &["promote", "-w"]);
+    let moved = Instant::now();
+    proxy.retarget(pair.standby_addr());
+
+    // Writes resume on both replicas, quickly.
+    for (i, base) in bases.iter().enumerate() {
+        let id = &ids[30 + i];
+        let resumed = common::wait_for(Duration::from_secs(10), || async {
+            (appliance_op(&admin, base, id, "disable").await == 200).then_some(())
+        })
+        .await;
+        assert!(
+            resumed.is_some(),
+            "writes through replica {i} resume within 10 s"
+        );
+    }
+    let took = moved.elapsed();
+    assert!(took < Duration::from_secs(10), "writes resumed in {took:?}");
+    eprintln!("writes resumed {took:?} after the retarget");
+
+    // Nothing acknowledged was lost: every 200 is revoked on the new primary.
+    use sqlx::Connection;
+    let mut conn = sqlx::PgConnection::connect(&pair.standby_url)
+        .await
+        .unwrap();
+    for id in &ok {
+        let status: String = sqlx::query_scalar("SELECT status FROM appliances WHERE id = $1")
+            .bind(id.as_str())
+            .fetch_one(&mut conn)
+            .await
+            .unwrap();
+        assert_eq!(status, "revoked", "{id}'s acknowledged revocation survived");
+        let allowed: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM certificates WHERE appliance_id = $1 AND allowed = 1",
+        )
+        .bind(id.as_str())
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+        assert_eq!(allowed, 0, "{id} left the allowlist");
+        let audited: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM audit_log WHERE action = 'appliance.revoke' \
+             AND target = $1 AND outcome = 'success'",
+        )
+        .bind(id.as_str())
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+        assert_eq!(audited, 1, "{id}'s revocation is in the audit log once");
+    }
+    conn.close().await.ok();
+
+    // The broker follows by deltas: its history is the database's, no snapshot needed.
+    wait_brokers_at_db(&pair.standby_url, &[&broker], Duration::from_secs(10)).await;
+    assert_eq!(
+        snapshots_sent(&[&c.fleet.control, &b]),
+        snapshots_before,
+        "no broker needed a snapshot"
+    );
+    assert!(!c.fleet.control.log_contains("diverged") && !b.log_contains("diverged"));
+    assert!(
+        c.fleet.control.running() && b.running(),
+        "no replica restarted"
+    );
+    audit_export_verifies(&c.fleet.data, &c.fleet.root);
+    eprintln!(
+        "failover_to_synchronous_standby_loses_nothing: {:?}",
+        started.elapsed()
+    );
+    drop(broker);
+    drop(b);
+    drop(c);
+    drop(proxy);
+}
+
+/// Poll `/readyz` of each replica every 100 ms until `stop`: the statuses seen, in order
+/// (consecutive repeats collapsed; 0: no answer).
+fn watch_readyz(
+    metrics: Vec<std::net::SocketAddr>,
+    stop: tokio_util::sync::CancellationToken,
+) -> tokio::task::JoinHandle<Vec<Vec<u16>>> {
+    tokio::spawn(async move {
+        let mut seen = vec![Vec::<u16>::new(); metrics.len()];
+        let client = common::http();
+        while !stop.is_cancelled() {
+            let polls = metrics.iter().map(|m| {
+                let client = client.clone();
+                async move {
+                    client
+                        .get(format!("http://{m}/readyz"))
+                        .timeout(Duration::from_secs(5))
+                        .send()
+                        .await
+                        .map(|r| r.status().as_u16())
+                        .unwrap_or(0)
+                }
+            });
+            for (i, s) in futures_util::future::join_all(polls)
+                .await
+                .into_iter()
+                .enumerate()
+            {
+                if seen[i].last() != Some(&s) {
+                    seen[i].push(s);
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        seen
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_restart_under_load() {
+    let started = Instant::now();
+    let (pg, url) = OwnPg::start();
+    let data = pg.dir.join("pg").join("data");
+    let mut c = Cluster::with_init(&["--database-url", &url], "");
+    let mut b = replica_n(&c, 2, "");
+    let broker = c.add_broker("edge-1");
+    let ids: Vec<String> = (0..10).map(|i| format!("app-{i:02}")).collect();
+    seed_appliances(&url, &ids).await;
+    wait_brokers_at_db(&url, &[&broker], Duration::from_secs(10)).await;
+    const RECONNECTS: &str = "tether_control_notify_reconnects_total";
+    let reconnects_before = c.fleet.control.metric(RECONNECTS).await + b.metric(RECONNECTS).await;
+
+    // 20 operations a second: each appliance flips disable/enable twice a second,
+    // alternating replicas, for 8 s; PostgreSQL goes away for 3 s in the middle.
+    let admin = client_from(&c.fleet, Some(&c.ops), false);
+    let bases = [c.fleet.url(), b.url()];
+    let stop = tokio_util::sync::CancellationToken::new();
+    let ready = watch_readyz(vec![c.fleet.control.metrics, b.metrics], stop.clone());
+    let mut tasks = tokio::task::JoinSet::new();
+    for (i, id) in ids.iter().enumerate() {
+        let (admin, bases, id) = (admin.clone(), bases.clone(), id.clone());
+        tasks.spawn(async move {
+            let mut done = Vec::new();
+            let mut tick = tokio::time::interval(Duration::from_millis(500));
+            for k in 0..16 {
+                tick.tick().await;
+                let verb = if k % 2 == 0 { "disable" } else { "enable" };
+                let status = appliance_op(&admin, &bases[(i + k) % 2], &id, verb).await;
+                done.push((id.clone(), verb, status));
+            }
+            done
+        });
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    pg_ctl(&data, &["stop", "-m", "fast", "-w"]);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    // `restart` of a stopped server starts it with the options it last ran with.
+    pg_ctl(&data, &["restart", "-m", "fast", "-w"]);
+    let mut results = Vec::new();
+    while let Some(r) = tasks.join_next().await {
+        results.extend(r.unwrap());
+    }
+    // Both replicas come back to ready by themselves.
+    for r in [&c.fleet.control, &b] {
+        let back = common::wait_for(Duration::from_secs(10), || async {
+            (r.readyz().await == Some(200)).then_some(())
+        })
+        .await;
+        assert!(back.is_some(), "a replica is ready again");
+    }
+    stop.cancel();
+    let ready = ready.await.unwrap();
+    for (i, seen) in ready.iter().enumerate() {
+        let went_down = seen.iter().position(|&s| s == 503);
+        assert!(
+            went_down.is_some_and(|at| seen[at..].contains(&200)),
+            "replica {i}'s /readyz went 503 then 200: {seen:?}"
+        );
+    }
+    assert!(
+        c.fleet.control.running() && b.running(),
+        "no replica restarted"
+    );
+
+    // Every answer is a success or a 503; nothing else (no 500).
+    let count = |s: u16| results.iter().filter(|r| r.2 == s).count();
+    let (ok, unavailable) = (count(200), count(503));
+    assert_eq!(
+        ok + unavailable,
+        results.len(),
+        "only 200 and 503: {:?}",
+        results
+            .iter()
+            .filter(|r| ![200, 503].contains(&r.2))
+            .collect::<Vec<_>>()
+    );
+    eprintln!(
+        "{} operations: {ok} succeeded, {unavailable} refused with 503",
+        results.len()
+    );
+    // Every success is in the audit log (and nothing more than was attempted).
+    use sqlx::Connection;
+    let mut conn = sqlx::PgConnection::connect(&url).await.unwrap();
+    for id in &ids {
+        for verb in ["disable", "enable"] {
+            let acked = results
+                .iter()
+                .filter(|r| &r.0 == id && r.1 == verb && r.2 == 200)
+                .count() as i64;
+            let tried = results.iter().filter(|r| &r.0 == id && r.1 == verb).count() as i64;
+            let audited: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM audit_log WHERE action = $1 AND target = $2 \
+                 AND outcome = 'success'",
+            )
+            .bind(format!("appliance.{verb}"))
+            .bind(id.as_str())
+            .fetch_one(&mut conn)
+            .await
+            .unwrap();
+            assert!(
+                (acked..=tried).contains(&audited),
+                "{id} {verb}: {acked} acknowledged, {audited} audited, {tried} tried"
+            );
+        }
+        // The allowlist agrees with the appliance's status.
+        let (status, allowed): (String, i64) = sqlx::query_as(
+            "SELECT a.status, (SELECT count(*) FROM certificates c \
+             WHERE c.appliance_id = a.id AND c.allowed = 1) FROM appliances a WHERE a.id = $1",
+        )
+        .bind(id.as_str())
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+        assert_eq!(
+            allowed,
+            i64::from(status == "active"),
+            "{id} is {status} with {allowed} allowed certificates"
+        );
+    }
+    conn.close().await.ok();
+    // The doorbell listeners reconnected, and the broker holds the database's state.
+    let reconnects_after = c.fleet.control.metric(RECONNECTS).await + b.metric(RECONNECTS).await;
+    assert!(
+        reconnects_after >= reconnects_before + 2.0,
+        "each replica's listener reconnected: {reconnects_before} -> {reconnects_after}"
+    );
+    wait_brokers_at_db(&url, &[&broker], Duration::from_secs(10)).await;
+    assert!(!c.fleet.control.log_contains("diverged") && !b.log_contains("diverged"));
+    eprintln!("postgres_restart_under_load: {:?}", started.elapsed());
+    drop(broker);
+    drop(b);
+    drop(c);
+    drop(pg);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn async_failover_divergence_is_detected() {
+    let started = Instant::now();
+    let pair = PgPair::start("async");
+    let proxy = FaultProxy::start(&[addr_of(&pair.primary_url)]).await;
+    let url = proxy.url_for(&pair.primary_url);
+    let mut c = Cluster::with_init(&["--database-url", &url], "");
+    let e1 = c.add_broker("edge-1");
+    let e2 = c.add_broker("edge-2");
+    let ids: Vec<String> = (0..10).map(|i| format!("app-{i:02}")).collect();
+    seed_appliances(&url, &ids).await;
+    wait_brokers_at_db(&url, &[&e1, &e2], Duration::from_secs(10)).await;
+    let (v, _) = db_allowlist(&url).await;
+
+    // The standby stops receiving WAL (replay paused is not enough: a promotion replays
+    // what was received). The primary does not wait for it: asynchronous.
+    {
+        use sqlx::Connection;
+        let mut standby = sqlx::PgConnection::connect(&pair.standby_url)
+            .await
+            .unwrap();
+        for q in [
+            "ALTER SYSTEM SET primary_conninfo = ''",
+            "SELECT pg_reload_conf()",
+        ] {
+            sqlx::query(q).execute(&mut standby).await.unwrap();
+        }
+        standby.close().await.ok();
+    }
+    let detached = common::wait_for(Duration::from_secs(10), || async {
+        (pg_i64(
+            &pair.primary_url,
+            "SELECT count(*) FROM pg_stat_replication",
+        )
+        .await
+            == 0)
+            .then_some(())
+    })
+    .await;
+    assert!(detached.is_some(), "the standby stopped streaming");
+
+    // Three revocations the brokers apply, which the standby never sees.
+    let admin = client_from(&c.fleet, Some(&c.ops), false);
+    let base = c.fleet.url();
+    for id in &ids[..3] {
+        assert_eq!(appliance_op(&admin, &base, id, "revoke").await, 200);
+    }
+    for b in [&e1, &e2] {
+        b.wait_metric("tether_allowlist_version", (v + 3) as f64)
+            .await;
+    }
+
+    // Fail over to the stale standby: versions v+1.. are reissued with other changes.
+    pg_ctl(&pair.primary_data, &["stop", "-m", "immediate", "-w"]);
+    pg_ctl(&pair.standby_data, &["promote", "-w"]);
+    proxy.retarget(pair.standby_addr());
+    assert_eq!(
+        db_allowlist(&pair.standby_url).await.0,
+        v,
+        "the lost versions"
+    );
+    let diverged_before = c
+        .fleet
+        .metric("tether_control_allowlist_diverged_total")
+        .await;
+    for id in &ids[3..7] {
+        let done = common::wait_for(Duration::from_secs(10), || async {
+            (appliance_op(&admin, &base, id, "disable").await == 200).then_some(())
+        })
+        .await;
+        assert!(done.is_some(), "disable {id} after the failover");
+    }
+    // v+1..v+3 carry other changes under the numbers the brokers hold; v+4 follows.
+    // Each broker finds that its history is not the database's and takes a snapshot.
+    wait_brokers_at_db(&pair.standby_url, &[&e1, &e2], Duration::from_secs(15)).await;
+    let diverged = c
+        .fleet
+        .metric("tether_control_allowlist_diverged_total")
+        .await
+        - diverged_before;
+    assert!(diverged >= 2.0, "both brokers diverged: {diverged}");
+    let named = c.fleet.control.logs.lock().unwrap().iter().any(|l| {
+        l.contains("allowlist history diverged") && l.contains(&format!("\"version\":{}", v + 3))
+    });
+    assert!(named, "the log names the diverged version");
+    eprintln!(
+        "async_failover_divergence_is_detected: {:?}",
+        started.elapsed()
+    );
+    drop((e1, e2));
+    drop(c);
+    drop(proxy);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replica_partitioned_from_postgres_leaves_rotation() {
+    use tether_control::jobs::{AUDIT_CHECKPOINT, OVERLAP_SWEEP};
+    let started = Instant::now();
+    let db = PgDb::create().await;
+    // Replica A reaches PostgreSQL through a proxy; B directly.
+    let proxy = FaultProxy::start(&[addr_of(&db.url)]).await;
+    let periods = "[audit]\ncheckpoint_every = \"1s\"\n[enroll]\noverlap_sweep = \"1s\"\n";
+    let mut c = Cluster::with_init(&["--database-url", &proxy.url_for(&db.url)], periods);
+    let mut b = replica_n(&c, 2, &format!("database_url = \"{}\"\n", db.url));
+    let broker = c.add_broker("edge-1");
+    let ids: Vec<String> = (0..4).map(|i| format!("app-{i:02}")).collect();
+    seed_appliances(&db.url, &ids).await;
+    wait_brokers_at_db(&db.url, &[&broker], Duration::from_secs(10)).await;
+    let id_a = std::fs::read_to_string(c.fleet.data.join("replica.id"))
+        .unwrap()
+        .trim()
+        .to_owned();
+    let store = tether_control::store::sql::SqlStore::connect(&db.url)
+        .await
+        .unwrap();
+    assert_eq!(c.fleet.control.readyz().await, Some(200));
+    // The broker holds a channel to each replica (B's learned from the registry).
+    broker
+        .wait_metric_eq(CHANNELS, 2.0, Duration::from_secs(15))
+        .await;
+
+    // A half-open partition between A and PostgreSQL.
+    proxy.blackhole();
+    let cut = Instant::now();
+    let out = common::wait_for(Duration::from_secs(5), || async {
+        (c.fleet.control.readyz().await == Some(503)).then_some(())
+    })
+    .await;
+    assert!(out.is_some(), "A's /readyz turns 503 within 5 s");
+    eprintln!("A left rotation {:?} after the partition", cut.elapsed());
+
+    // B serves: a revocation through B commits and reaches the broker.
+    let admin = client_from(&c.fleet, Some(&c.ops), false);
+    let t = Instant::now();
+    assert_eq!(appliance_op(&admin, &b.url(), &ids[0], "revoke").await, 200);
+    assert!(t.elapsed() < Duration::from_secs(2), "B answers at once");
+    wait_brokers_at_db(&db.url, &[&broker], Duration::from_secs(5)).await;
+
+    // A claims no job while cut off; B runs them every period.
+    let before = (
+        job(&store, AUDIT_CHECKPOINT).await.epoch,
+        job(&store, OVERLAP_SWEEP).await.epoch,
+    );
+    for _ in 0..15 {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        for name in [AUDIT_CHECKPOINT, OVERLAP_SWEEP] {
+            let j = job(&store, name).await;
+            assert_ne!(
+                j.last_run_by.as_deref(),
+                Some(id_a.as_str()),
+                "{name} claimed by the partitioned replica"
+            );
+        }
+    }
+    let after = (
+        job(&store, AUDIT_CHECKPOINT).await.epoch,
+        job(&store, OVERLAP_SWEEP).await.epoch,
+    );
+    assert!(
+        after.0 > before.0 && after.1 > before.1,
+        "B kept running the jobs: {before:?} -> {after:?}"
+    );
+
+    // Healed: A is ready again by itself, reads what B wrote, and writes.
+    proxy.heal();
+    let back = common::wait_for(Duration::from_secs(15), || async {
+        (c.fleet.control.readyz().await == Some(200)).then_some(())
+    })
+    .await;
+    assert!(back.is_some(), "A is ready again after the heal");
+    let resp = admin
+        .get(format!("{}/v1/appliances/{}", c.fleet.url(), ids[0]))
         .send()
         .await
         .unwrap();
@@ -1151,4 +1949,31 @@ fn walk(dir: &Path) -> Vec<String> {
         }
     }
     out
+}
+
+    let shown: serde_json::Value = resp.json().await.unwrap();
+    assert_eq!(
+        shown["status"], "revoked",
+        "A reads B's revocation: {shown}"
+    );
+    assert_eq!(
+        appliance_op(&admin, &c.fleet.url(), &ids[1], "disable").await,
+        200
+    );
+    wait_brokers_at_db(&db.url, &[&broker], Duration::from_secs(10)).await;
+    assert!(!c.fleet.control.log_contains("diverged") && !b.log_contains("diverged"));
+    assert!(
+        c.fleet.control.running() && b.running(),
+        "no replica restarted"
+    );
+    eprintln!(
+        "replica_partitioned_from_postgres_leaves_rotation: {:?}",
+        started.elapsed()
+    );
+    store.close().await;
+    drop(broker);
+    drop(b);
+    drop(c);
+    drop(proxy);
+    db.drop_db().await;
 }

@@ -101,6 +101,40 @@ pub fn serve_env(dir: &Path, listen: &str, env: &[(&str, &str)]) -> ControlProc 
 }
 
 impl ControlProc {
+    /// The value of one sample of this process's metrics (0 if absent).
+    pub async fn metric(&self, sample: &str) -> f64 {
+        let text = super::http()
+            .get(format!("http://{}/metrics", self.metrics))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        text.lines()
+            .find_map(|l| {
+                let (name, value) = l.rsplit_once(' ')?;
+                (name == sample).then(|| value.parse().unwrap())
+            })
+            .unwrap_or(0.0)
+    }
+
+    /// `/readyz`'s status (`None`: no answer within 5 s).
+    pub async fn readyz(&self) -> Option<u16> {
+        let resp = super::http()
+            .get(format!("http://{}/readyz", self.metrics))
+            .timeout(Duration::from_secs(5))
+            .send()
+            .await
+            .ok()?;
+        Some(resp.status().as_u16())
+    }
+
+    /// Whether the process is still running (not exited, not restarted).
+    pub fn running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
     /// The API's base URL.
     pub fn url(&self) -> String {
         format!("https://127.0.0.1:{}", self.addr.port())

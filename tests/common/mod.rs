@@ -8,6 +8,7 @@ pub mod aws;
 pub mod cluster;
 pub mod control;
 pub mod customer;
+pub mod netfault;
 pub mod operators;
 pub mod pg;
 

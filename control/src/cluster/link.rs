@@ -667,6 +667,20 @@ where
             diverged = true;
         }
     }
+    if since > current {
+        // Ahead of the store: the versions it holds were lost (an asynchronous failover
+        // or a restore), so its history is not ours either (found by
+        // `async_failover_divergence_is_detected`: a broker that reconnected during the
+        // failover got a snapshot nobody counted).
+        warn!(
+            version = since,
+            broker_digest = digest,
+            current,
+            "allowlist history diverged: the broker is ahead of the store; sending a snapshot"
+        );
+        s.metrics.allowlist_diverged.inc();
+        diverged = true;
+    }
     if since == current && !diverged {
         return Ok(current);
     }

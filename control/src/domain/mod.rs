@@ -89,7 +89,8 @@ pub enum ErrorKind {
     /// Control failed (500); details are in the log, retrying may help.
     Internal,
     /// This replica cannot serve the request now but another one, or this one a moment
-    /// later, may (503 with `Retry-After`), e.g. `no_channel`.
+    /// later, may (503 with `Retry-After`): `no_channel`, or the database cannot be
+    /// reached or written (a restart, a failover, a partition).
     Unavailable,
 }
 
@@ -97,7 +98,10 @@ impl ErrorKind {
     /// Whether the failure is control's (or its upstream's) rather than the caller's: it
     /// is audited as `failed`, not `refused`.
     pub fn is_server_fault(self) -> bool {
-        matches!(self, ErrorKind::Internal | ErrorKind::Upstream)
+        matches!(
+            self,
+            ErrorKind::Internal | ErrorKind::Upstream | ErrorKind::Unavailable
+        )
     }
 }
 
@@ -134,8 +138,26 @@ impl Error {
     }
 }
 
-/// Log `e` and answer the caller only that control failed.
-pub(crate) fn internal(e: impl std::fmt::Display) -> Error {
+/// The code of [`ErrorKind::Unavailable`] answers.
+pub const DATABASE_UNAVAILABLE: &str = "database_unavailable";
+
+/// Log `e` and answer the caller only that control failed — or, when `e` is a
+/// [`StoreError::Unavailable`](crate::store::StoreError::Unavailable) (wherever an
+/// operation meets it), that the database is unavailable for now (503
+/// [`DATABASE_UNAVAILABLE`]): a restart or a failover is not a bug, and the caller
+/// should retry.
+pub(crate) fn internal<E: std::fmt::Display + 'static>(e: E) -> Error {
+    let any: &dyn std::any::Any = &e;
+    if let Some(crate::store::StoreError::Unavailable(_)) =
+        any.downcast_ref::<crate::store::StoreError>()
+    {
+        warn!(error = %e, "database unavailable");
+        return Error::new(
+            ErrorKind::Unavailable,
+            DATABASE_UNAVAILABLE,
+            "the database is unavailable; retry shortly",
+        );
+    }
     warn!(error = %e, "internal error");
     Error::new(ErrorKind::Internal, "internal", "internal error")
 }

@@ -229,8 +229,9 @@ pub fn status_of(kind: ErrorKind) -> StatusCode {
     }
 }
 
-/// Log `e` and answer 500 `internal`.
-pub(crate) fn internal(e: impl std::fmt::Display) -> ApiError {
+/// Log `e` and answer 500 `internal` (503 `database_unavailable` for an unavailable
+/// database, see [`crate::domain::internal`]).
+pub(crate) fn internal<E: std::fmt::Display + 'static>(e: E) -> ApiError {
     crate::domain::internal(e).into()
 }
 

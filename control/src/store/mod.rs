@@ -206,11 +206,18 @@ pub enum StoreError {
     /// The database failed.
     #[error("database error: {0}")]
     Database(String),
+    /// The database cannot be reached or cannot take writes right now: unreachable,
+    /// restarting, shutting down, out of connections, or a read-only standby (SQLSTATE
+    /// 25006, a server in recovery). Not the caller's fault; retrying later can help
+    /// (after a restart or a failover).
+    #[error("database unavailable: {0}")]
+    Unavailable(String),
 }
 
 impl StoreError {
     /// A stable code for the error (for audit details and logs): `conflict`,
-    /// `not_found`, `replay`, `token_<refusal>`, `nonce_invalid`, `invalid`, `database`.
+    /// `not_found`, `replay`, `token_<refusal>`, `nonce_invalid`, `invalid`, `database`,
+    /// `unavailable`.
     pub fn code(&self) -> &'static str {
         match self {
             StoreError::Conflict(_) => "conflict",
@@ -223,6 +230,7 @@ impl StoreError {
             StoreError::NonceInvalid => "nonce_invalid",
             StoreError::Invalid(_) => "invalid",
             StoreError::Database(_) => "database",
+            StoreError::Unavailable(_) => "unavailable",
         }
     }
 }

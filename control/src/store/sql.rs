@@ -126,6 +126,16 @@ pub const SQLITE_MAX_CONNECTIONS: u32 = 4;
 pub const POSTGRES_MAX_CONNECTIONS: u32 = 10;
 /// How long to wait for a pooled connection.
 pub const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a PostgreSQL connection lives before the pool replaces it: a bound on how
+/// long a connection opened before a failover or a configuration change can linger.
+pub const POSTGRES_MAX_LIFETIME: Duration = Duration::from_secs(10 * 60);
+/// Whether a PostgreSQL connection can write, asked of every new connection and of every
+/// pooled one before it is handed out (in place of sqlx's ping, so it costs no extra
+/// round trip). A standby, or a primary demoted and restarted as one, answers `true`.
+const READ_ONLY_CHECK: &str =
+    "SELECT pg_is_in_recovery() OR current_setting('transaction_read_only') = 'on'";
+/// The message of a connection refused because its server is read-only.
+const READ_ONLY_SERVER: &str = "the server is read-only (a standby or in recovery)";
 /// [`ApplianceFilter::limit`] when it is 0.
 pub const DEFAULT_LIST_LIMIT: u32 = 100;
 /// [`Store::allowlist_changes_since`]'s `limit` when it is 0.
@@ -208,7 +218,31 @@ impl SqlStore {
                         Ok(())
                     })
                 }),
-            Backend::Postgres => options.max_connections(POSTGRES_MAX_CONNECTIONS),
+            // Pool hygiene for failovers: a connection to a read-only server is never
+            // handed out (evicted before acquire, refused after connect), so a write
+            // fails over with the DNS name or proxy instead of failing with 25006 until
+            // the connection happens to close; see `begin_trust_change` for the retry.
+            Backend::Postgres => options
+                .max_connections(POSTGRES_MAX_CONNECTIONS)
+                .max_lifetime(POSTGRES_MAX_LIFETIME)
+                .test_before_acquire(false)
+                .after_connect(|conn, _meta| {
+                    Box::pin(async move {
+                        if read_only(conn).await? {
+                            return Err(sqlx::Error::Protocol(READ_ONLY_SERVER.into()));
+                        }
+                        Ok(())
+                    })
+                })
+                .before_acquire(|conn, _meta| {
+                    Box::pin(async move {
+                        let writable = !read_only(conn).await?;
+                        if !writable {
+                            tracing::warn!("evicting a pooled connection to a read-only server");
+                        }
+                        Ok(writable)
+                    })
+                }),
         }
         .connect(url)
         .await
@@ -272,15 +306,30 @@ impl SqlStore {
     /// Begin a transaction that may change the allowlist: take the version row first, so
     /// trust changes run one at a time and see each other's results. End it with
     /// [`commit_trust_change`] (dropping it rolls back).
+    ///
+    /// Its first statement is a write: on a connection to a server that became read-only
+    /// since it was checked (SQLSTATE 25006), the connection goes back to the pool, whose
+    /// check before the next acquire closes it, and the transaction is begun once more;
+    /// a second refusal is [`StoreError::Unavailable`].
     async fn begin_trust_change(
         &self,
     ) -> Result<sqlx::Transaction<'static, sqlx::Any>, StoreError> {
-        let mut tx = self.pool.begin().await.map_err(db)?;
-        sqlx::query("UPDATE allowlist_version SET version = version WHERE id = 1")
-            .execute(&mut *tx)
-            .await
-            .map_err(db)?;
-        Ok(tx)
+        let mut retried = false;
+        loop {
+            let mut tx = self.pool.begin().await.map_err(db)?;
+            match sqlx::query("UPDATE allowlist_version SET version = version WHERE id = 1")
+                .execute(&mut *tx)
+                .await
+            {
+                Ok(_) => return Ok(tx),
+                Err(e) if is_read_only_refusal(&e) && !retried => {
+                    tracing::warn!(error = %e, "a write was refused as read-only; retrying on another connection");
+                    drop(tx);
+                    retried = true;
+                }
+                Err(e) => return Err(db(e)),
+            }
+        }
     }
 }
 
@@ -371,9 +420,53 @@ async fn insert_certificate(
     Ok(deltas)
 }
 
-/// Any other database failure.
+/// Whether a PostgreSQL connection's server is read-only ([`READ_ONLY_CHECK`]).
+async fn read_only(conn: &mut sqlx::AnyConnection) -> Result<bool, sqlx::Error> {
+    sqlx::query_scalar::<_, bool>(READ_ONLY_CHECK)
+        .fetch_one(conn)
+        .await
+}
+
+/// SQLSTATE 25006 `read_only_sql_transaction`: a write on a read-only server.
+const SQLSTATE_READ_ONLY: &str = "25006";
+
+/// Whether `e` is a write refused because the server is read-only.
+fn is_read_only_refusal(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Database(d) => d.code().as_deref() == Some(SQLSTATE_READ_ONLY),
+        sqlx::Error::Protocol(m) => m == READ_ONLY_SERVER,
+        _ => false,
+    }
+}
+
+/// Whether `e` says the database cannot be reached or written now, rather than that
+/// the statement failed: I/O and TLS failures, no connection in time, SQLSTATE class 08
+/// (connection exception), 53300 (too many connections), 57P01–57P03 (shutting down,
+/// crashed, starting up), 25006 (read-only) and a read-only server refused at connect.
+fn is_unavailable(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::WorkerCrashed => true,
+        sqlx::Error::Database(d) => {
+            d.code().is_some_and(|c| {
+                c.starts_with("08") || matches!(&*c, "53300" | "57P01" | "57P02" | "57P03")
+            }) || is_read_only_refusal(e)
+        }
+        _ => is_read_only_refusal(e),
+    }
+}
+
+/// Any other database failure ([`StoreError::Unavailable`] when the database cannot be
+/// reached or written now, see [`is_unavailable`]).
 fn db(e: sqlx::Error) -> StoreError {
-    StoreError::Database(e.to_string())
+    if is_unavailable(&e) {
+        StoreError::Unavailable(e.to_string())
+    } else {
+        StoreError::Database(e.to_string())
+    }
 }
 
 fn kind_of(e: &sqlx::Error) -> Option<ErrorKind> {

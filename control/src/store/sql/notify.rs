@@ -68,6 +68,11 @@ impl std::fmt::Debug for Doorbell {
 
 impl Doorbell {
     /// Listen and poll until `shutdown`.
+    ///
+    /// The listener runs in a task of its own that forwards what it hears, so the
+    /// one-second poll never cancels a `try_recv` half way: a cancelled `try_recv` that
+    /// was reconnecting would lose the "connection lost" answer, and with it the
+    /// reconnect count and the log line (found by `postgres_restart_under_load`).
     pub async fn run(self, metrics: Arc<Metrics>, shutdown: CancellationToken) {
         /// Clears the flag however `run` ends.
         struct Running(Arc<std::sync::atomic::AtomicBool>);
@@ -80,103 +85,129 @@ impl Doorbell {
             .store(true, std::sync::atomic::Ordering::Release);
         let _running = Running(self.running.clone());
         metrics.notify_ok.set(0);
-        let mut listener = match &self.listen_url {
-            Some(url) => self.listen(url, &metrics).await,
-            None => {
-                info!("change notifications off: reading the allowlist version every second");
-                None
+        let (wake, mut woken) = tokio::sync::mpsc::channel::<()>(1);
+        match &self.listen_url {
+            Some(url) => {
+                tokio::spawn(listen_forever(
+                    url.clone(),
+                    self.pool.clone(),
+                    metrics.clone(),
+                    wake,
+                    shutdown.clone(),
+                ));
             }
-        };
+            None => {
+                drop(wake);
+                info!("change notifications off: reading the allowlist version every second");
+            }
+        }
         let mut poll = tokio::time::interval(POLL_EVERY);
         poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            let heard = async {
-                match listener.as_mut() {
-                    Some(l) => l.try_recv().await,
-                    None => std::future::pending().await,
-                }
-            };
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 _ = poll.tick() => {}
-                r = heard => match r {
-                    Ok(Some(n)) => {
-                        metrics.notifications.inc();
-                        debug!(payload = n.payload(), "change notification");
-                    }
-                    Ok(None) => {
-                        // The listener reconnected (it listens again by itself): whatever
-                        // was announced meanwhile is lost, so read the version now.
-                        metrics.notify_reconnects.inc();
-                        warn!("change listener lost its database connection; reconnected, catching up");
-                    }
-                    Err(e) => {
-                        metrics.notify_reconnects.inc();
-                        metrics.notify_ok.set(0);
-                        warn!(error = %e, "change listener failed; polling every second until it is back");
-                        listener = None;
-                        if let Some(url) = &self.listen_url {
-                            tokio::select! {
-                                _ = shutdown.cancelled() => return,
-                                _ = tokio::time::sleep(POLL_EVERY) => {}
-                            }
-                            listener = self.listen(url, &metrics).await;
-                        }
-                    }
-                },
+                Some(()) = woken.recv() => {}
             }
             self.catch_up().await;
         }
     }
+}
 
-    /// Connect, listen, and check that a notification comes back within
-    /// [`PROBE_TIMEOUT`]; `None` when the listener cannot even connect.
-    async fn listen(&self, url: &str, metrics: &Metrics) -> Option<PgListener> {
-        let mut listener = match PgListener::connect(url).await {
-            Ok(l) => l,
-            Err(e) => {
-                warn!(error = %e, "cannot connect the change listener; polling every second");
-                return None;
+/// The listener's loop (see [`Doorbell::run`]): wake the poller on every notification
+/// and after every reconnection (whatever was announced meanwhile is lost); after a
+/// failure, connect again a second later.
+async fn listen_forever(
+    url: String,
+    pool: AnyPool,
+    metrics: Arc<Metrics>,
+    wake: tokio::sync::mpsc::Sender<()>,
+    shutdown: CancellationToken,
+) {
+    let mut listener = listen(&url, &pool, &metrics).await;
+    loop {
+        let Some(l) = listener.as_mut() else {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(POLL_EVERY) => {}
             }
+            listener = listen(&url, &pool, &metrics).await;
+            continue;
         };
-        if let Err(e) = listener.listen(CHANNEL).await {
-            warn!(error = %e, "cannot LISTEN for changes; polling every second");
+        let heard = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            r = l.try_recv() => r,
+        };
+        match heard {
+            Ok(Some(n)) => {
+                metrics.notifications.inc();
+                debug!(payload = n.payload(), "change notification");
+            }
+            Ok(None) => {
+                // The listener reconnected (it listens again by itself).
+                metrics.notify_reconnects.inc();
+                warn!("change listener lost its database connection; reconnected, catching up");
+            }
+            Err(e) => {
+                metrics.notify_reconnects.inc();
+                metrics.notify_ok.set(0);
+                warn!(error = %e, "change listener failed; polling every second until it is back");
+                listener = None;
+            }
+        }
+        let _ = wake.try_send(());
+    }
+}
+
+/// Connect, listen, and check that a notification comes back within [`PROBE_TIMEOUT`]
+/// (`notify_ok`); `None` if the listener cannot connect or listen.
+async fn listen(url: &str, pool: &AnyPool, metrics: &Metrics) -> Option<PgListener> {
+    let mut listener = match PgListener::connect(url).await {
+        Ok(l) => l,
+        Err(e) => {
+            warn!(error = %e, "cannot connect the change listener; polling every second");
             return None;
         }
-        let probe = format!("probe:{:016x}", fastrand::u64(..));
-        let sent = sqlx::query("SELECT pg_notify($1, $2)")
-            .bind(CHANNEL)
-            .bind(&probe)
-            .execute(&self.pool)
-            .await;
-        let arrived = sent.is_ok()
-            && tokio::time::timeout(PROBE_TIMEOUT, async {
-                loop {
-                    match listener.try_recv().await {
-                        Ok(Some(n)) if n.payload() == probe => return true,
-                        Ok(_) => {}
-                        Err(_) => return false,
-                    }
-                }
-            })
-            .await
-            .unwrap_or(false);
-        if arrived {
-            info!(
-                channel = CHANNEL,
-                "listening for changes from other replicas"
-            );
-            metrics.notify_ok.set(1);
-        } else {
-            warn!(
-                "notifications not delivered (transaction pooler?): changes from other \
-                 replicas arrive by the one-second poll"
-            );
-            metrics.notify_ok.set(0);
-        }
-        Some(listener)
+    };
+    if let Err(e) = listener.listen(CHANNEL).await {
+        warn!(error = %e, "cannot LISTEN for changes; polling every second");
+        return None;
     }
+    let probe = format!("probe:{:016x}", fastrand::u64(..));
+    let sent = sqlx::query("SELECT pg_notify($1, $2)")
+        .bind(CHANNEL)
+        .bind(&probe)
+        .execute(pool)
+        .await;
+    let arrived = sent.is_ok()
+        && tokio::time::timeout(PROBE_TIMEOUT, async {
+            loop {
+                match listener.try_recv().await {
+                    Ok(Some(n)) if n.payload() == probe => return true,
+                    Ok(_) => {}
+                    Err(_) => return false,
+                }
+            }
+        })
+        .await
+        .unwrap_or(false);
+    if arrived {
+        info!(
+            channel = CHANNEL,
+            "listening for changes from other replicas"
+        );
+        metrics.notify_ok.set(1);
+    } else {
+        warn!(
+            "notifications not delivered (transaction pooler?): changes from other \
+                 replicas arrive by the one-second poll"
+        );
+        metrics.notify_ok.set(0);
+    }
+    Some(listener)
+}
 
+impl Doorbell {
     /// Read the version in force and publish it if it is newer.
     async fn catch_up(&self) {
         let version: Result<i64, _> =
