@@ -1131,6 +1131,32 @@ async fn ca_export_makes_a_replica_data_directory_without_the_root_key() {
     assert!(!b.log_contains("root_key_on_replica"));
     let resp = common::http_pinned(&out_dir.join("ca/root.pem"))
         .get(format!("{}/healthz", b.url()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let live = control(&["replica", "list", "--database-url", &db.url]);
+    assert_eq!(live.lines().count(), 3, "header and two replicas: {live}");
+    drop(b);
+    drop(fleet);
+    db.drop_db().await;
+}
+
+/// Every file under `dir`, relative to it.
+fn walk(dir: &Path) -> Vec<String> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap() {
+        let e = e.unwrap();
+        if e.file_type().unwrap().is_dir() {
+            for f in walk(&e.path()) {
+                out.push(format!("{}/{f}", e.file_name().to_string_lossy()));
+            }
+        } else {
+            out.push(e.file_name().to_string_lossy().into_owned());
+        }
+    }
+    out
+}
 
 // ---------------------------------------------------------------------------------------
 // Failover (issue 17, design §6 tests 1, 8, 9, 11, 12): PostgreSQL restarted, failed over
@@ -1928,29 +1954,6 @@ async fn replica_partitioned_from_postgres_leaves_rotation() {
         .await
         .unwrap();
     assert_eq!(resp.status(), 200);
-    let live = control(&["replica", "list", "--database-url", &db.url]);
-    assert_eq!(live.lines().count(), 3, "header and two replicas: {live}");
-    drop(b);
-    drop(fleet);
-    db.drop_db().await;
-}
-
-/// Every file under `dir`, relative to it.
-fn walk(dir: &Path) -> Vec<String> {
-    let mut out = Vec::new();
-    for e in std::fs::read_dir(dir).unwrap() {
-        let e = e.unwrap();
-        if e.file_type().unwrap().is_dir() {
-            for f in walk(&e.path()) {
-                out.push(format!("{}/{f}", e.file_name().to_string_lossy()));
-            }
-        } else {
-            out.push(e.file_name().to_string_lossy().into_owned());
-        }
-    }
-    out
-}
-
     let shown: serde_json::Value = resp.json().await.unwrap();
     assert_eq!(
         shown["status"], "revoked",
