@@ -429,11 +429,9 @@ impl Cluster {
     async fn wait_off_draining(&self, appliance: &str, limit: Duration) {
         let deadline = tokio::time::Instant::now() + limit;
         loop {
-            let on_draining = self.presence(appliance).is_some_and(|p| {
-                lock(&self.links)
-                    .get(&p.broker)
-                    .is_some_and(|l| l.draining.load(Ordering::Relaxed))
-            });
+            let on_draining = self
+                .presence(appliance)
+                .is_some_and(|p| self.broker_draining(&p.broker));
             if !on_draining || tokio::time::Instant::now() >= deadline {
                 return;
             }
