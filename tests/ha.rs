@@ -1604,6 +1604,160 @@ async fn failover_to_synchronous_standby_loses_nothing() {
     drop(proxy);
 }
 
+/// Design test 10: a switchover demotes the primary (restarted as a standby of the
+/// promoted one) while the database name still leads to it for 2 s. Requests meanwhile
+/// fail fast with 503 (never a 500 from SQLSTATE 25006, never the pool's 30 s wait),
+/// `/readyz` flips, and after the name moves the pool holds no connection to the demoted
+/// server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn demoted_primary_connections_are_evicted() {
+    let started = Instant::now();
+    let pair = PgPair::start("sync");
+    let proxy = FaultProxy::start(&[addr_of(&pair.primary_url)]).await;
+    let url = proxy.url_for(&pair.primary_url);
+    let mut c = Cluster::with_init(&["--database-url", &url], "");
+    let ids: Vec<String> = (0..60).map(|i| format!("app-{i:02}")).collect();
+    seed_appliances(&url, &ids).await;
+    let admin = client_from(&c.fleet, Some(&c.ops), false);
+    let base = c.fleet.url();
+    // Fill the pool with connections to the primary: several writes at once.
+    let warm = ids[..8]
+        .iter()
+        .map(|id| appliance_op(&admin, &base, id, "disable"));
+    assert!(futures_util::future::join_all(warm)
+        .await
+        .iter()
+        .all(|&s| s == 200));
+    let stop = tokio_util::sync::CancellationToken::new();
+    let ready = watch_readyz(vec![c.fleet.control.metrics], stop.clone());
+
+    // Switchover: the primary stops cleanly (its standby has every commit), the standby
+    // is promoted, and the old primary comes back as a standby of the new one, at the
+    // address the name still leads to.
+    pg_ctl(&pair.primary_data, &["stop", "-m", "fast", "-w"]);
+    pg_ctl(&pair.standby_data, &["promote", "-w"]);
+    let new_primary_port = pair.standby_addr().port().to_string();
+    pg_script(&[
+        "demote",
+        pair.primary_data.to_str().unwrap(),
+        &new_primary_port,
+    ]);
+    assert_eq!(
+        pg_i64(
+            &pair.primary_url,
+            "SELECT CASE WHEN pg_is_in_recovery() THEN 1::int8 ELSE 0 END"
+        )
+        .await,
+        1,
+        "the old primary is a standby now"
+    );
+
+    // For 2 s the name still leads to the demoted server: writes, one every 100 ms.
+    let mut during = Vec::new();
+    let pointed_at_standby = Instant::now();
+    for id in &ids[8..28] {
+        let t = Instant::now();
+        let status = appliance_op(&admin, &base, id, "disable").await;
+        during.push((id.clone(), status, t.elapsed()));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        if pointed_at_standby.elapsed() > Duration::from_secs(2) {
+            break;
+        }
+    }
+    proxy.retarget(pair.standby_addr());
+    let moved = Instant::now();
+    assert!(
+        during.iter().all(|(_, s, _)| [200, 503].contains(s)),
+        "while the name led to a standby, only 200 and 503: {during:?}"
+    );
+    let fast_refusals = during
+        .iter()
+        .filter(|(_, s, took)| *s == 503 && *took < Duration::from_secs(1))
+        .count();
+    assert!(
+        fast_refusals >= 3,
+        "writes were refused at once (not after the pool's 30 s wait): {during:?}"
+    );
+
+    // After the move, writes resume, and every idle connection leads to the new primary.
+    let mut after = Vec::new();
+    for id in &ids[28..40] {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let s = appliance_op(&admin, &base, id, "disable").await;
+            after.push(s);
+            if s == 200 {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "writes resume after the move: {after:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    eprintln!(
+        "writes resumed {:?} after the move; during the 2 s: {during:?}",
+        moved.elapsed()
+    );
+    assert!(
+        after.iter().all(|s| [200, 503].contains(s)),
+        "after the move, only 200 and 503: {after:?}"
+    );
+    let client_backends_on_demoted = "SELECT count(*) FROM pg_stat_activity \
+        WHERE backend_type = 'client backend' AND datname = 'tether_test' \
+        AND pid <> pg_backend_pid()";
+    let evicted = common::wait_for(Duration::from_secs(5), || async {
+        (pg_i64(&pair.primary_url, client_backends_on_demoted).await == 0).then_some(())
+    })
+    .await;
+    assert!(
+        evicted.is_some(),
+        "no connection to the demoted server stays in the pool: {} left",
+        pg_i64(&pair.primary_url, client_backends_on_demoted).await
+    );
+    stop.cancel();
+    let ready = ready.await.unwrap();
+    let seen = &ready[0];
+    let went_down = seen.iter().position(|&s| s == 503);
+    assert!(
+        went_down.is_some_and(|at| seen[at..].contains(&200)),
+        "/readyz went 503 while the name led to the standby, then 200: {seen:?}"
+    );
+    assert!(c.fleet.control.running(), "the replica did not restart");
+    assert!(
+        !c.fleet.control.log_contains("panicked"),
+        "control did not panic"
+    );
+    // Everything acknowledged is on the new primary.
+    let acked = ids[..8].iter().chain(&ids[28..40]).chain(
+        during
+            .iter()
+            .filter(|(_, s, _)| *s == 200)
+            .map(|(id, _, _)| id),
+    );
+    for id in acked {
+        let status = pg_i64(
+            &pair.standby_url,
+            &format!(
+                "SELECT CASE WHEN status = 'disabled' THEN 1::int8 ELSE 0 END \
+                 FROM appliances WHERE id = '{id}'"
+            ),
+        )
+        .await;
+        assert_eq!(
+            status, 1,
+            "{id}'s acknowledged disable is on the new primary"
+        );
+    }
+    eprintln!(
+        "demoted_primary_connections_are_evicted: {:?}",
+        started.elapsed()
+    );
+    drop(c);
+    drop(proxy);
+}
+
 /// Poll `/readyz` of each replica every 100 ms until `stop`: the statuses seen, in order
 /// (consecutive repeats collapsed; 0: no answer).
 fn watch_readyz(

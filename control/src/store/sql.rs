@@ -180,7 +180,31 @@ pub struct SqlStore {
     /// Set while a [`notify::Doorbell`] runs: the watch then also follows other replicas'
     /// commits (see [`Store::allowlist_watch_follows_replicas`]).
     doorbell_running: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// Whether the database address leads to a read-only server (see [`ReadOnlyGate`]).
+    read_only: std::sync::Arc<ReadOnlyGate>,
 }
+
+/// Fail fast while the database address leads to a read-only server (a standby, or a
+/// demoted primary the DNS name or proxy has not moved away from yet).
+///
+/// sqlx retries a connection its `after_connect` hook refuses until the acquire timeout,
+/// so refusing there would make a request wait [`ACQUIRE_TIMEOUT`] before its 503. A new
+/// connection found read-only closes the gate instead: from then on every use of the pool
+/// is refused at once with [`StoreError::Unavailable`] (and `/readyz` answers 503), while
+/// one probe at a time asks a pooled connection every [`READ_ONLY_PROBE_EVERY`] whether
+/// it can write; the first that can opens the gate again. The request that got the
+/// read-only connection reads from it, or has its write refused (25006) and its one retry
+/// refused by the gate. Only a *new* connection closes it: a
+/// pooled connection found read-only says where the address led when it was opened, not
+/// where it leads now, and is only evicted.
+#[derive(Debug, Default)]
+struct ReadOnlyGate {
+    closed: std::sync::atomic::AtomicBool,
+    probing: std::sync::atomic::AtomicBool,
+}
+
+/// How often a closed [`ReadOnlyGate`] asks whether the database can be written again.
+const READ_ONLY_PROBE_EVERY: Duration = Duration::from_millis(250);
 
 impl fmt::Debug for SqlStore {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -200,6 +224,8 @@ impl SqlStore {
         sqlx::any::install_default_drivers();
         let backend = Backend::from_url(url)?;
         let options = AnyPoolOptions::new().acquire_timeout(ACQUIRE_TIMEOUT);
+        let read_only_gate = std::sync::Arc::new(ReadOnlyGate::default());
+        let gate = read_only_gate.clone();
         let pool = match backend {
             Backend::Sqlite => options
                 .max_connections(SQLITE_MAX_CONNECTIONS)
@@ -218,18 +244,28 @@ impl SqlStore {
                         Ok(())
                     })
                 }),
-            // Pool hygiene for failovers: a connection to a read-only server is never
-            // handed out (evicted before acquire, refused after connect), so a write
-            // fails over with the DNS name or proxy instead of failing with 25006 until
-            // the connection happens to close; see `begin_trust_change` for the retry.
+            // Pool hygiene for failovers: a pooled connection to a read-only server is
+            // evicted before acquire, so a write fails over with the DNS name or proxy
+            // instead of failing with 25006 until the connection happens to close (see
+            // `begin_trust_change` for the retry). A new connection that lands on a
+            // read-only server closes the `ReadOnlyGate` rather than failing: sqlx would
+            // retry a refused connection until the acquire timeout, and the request that
+            // opened it would wait that long. Handed out, it serves a read, or refuses a
+            // write with 25006, which the gate then answers at once.
             Backend::Postgres => options
                 .max_connections(POSTGRES_MAX_CONNECTIONS)
                 .max_lifetime(POSTGRES_MAX_LIFETIME)
                 .test_before_acquire(false)
-                .after_connect(|conn, _meta| {
+                .after_connect(move |conn, _meta| {
+                    let gate = gate.clone();
                     Box::pin(async move {
-                        if read_only(conn).await? {
-                            return Err(sqlx::Error::Protocol(READ_ONLY_SERVER.into()));
+                        use std::sync::atomic::Ordering;
+                        let read_only = read_only(conn).await?;
+                        if read_only && !gate.closed.swap(true, Ordering::AcqRel) {
+                            tracing::warn!(
+                                "the database address leads to a read-only server; \
+                                 refusing requests at once until it can be written"
+                            );
                         }
                         Ok(())
                     })
@@ -265,6 +301,7 @@ impl SqlStore {
             backend,
             changed: std::sync::Arc::new(changed),
             doorbell_running: Default::default(),
+            read_only: read_only_gate,
         };
         // Versions committed before the digest chain existed get their digests now.
         let mut tx = store.begin_trust_change().await?;
@@ -286,6 +323,42 @@ impl SqlStore {
             changed: self.changed.clone(),
             running: self.doorbell_running.clone(),
         })
+    }
+
+    /// The pool, unless its address leads to a read-only server ([`ReadOnlyGate`]).
+    fn pool(&self) -> Result<&AnyPool, StoreError> {
+        use std::sync::atomic::Ordering;
+        let gate = &self.read_only;
+        if !gate.closed.load(Ordering::Acquire) {
+            return Ok(&self.pool);
+        }
+        if !gate.probing.swap(true, Ordering::AcqRel) {
+            let (pool, gate) = (self.pool.clone(), self.read_only.clone());
+            tokio::spawn(async move {
+                while gate.closed.load(Ordering::Acquire) && !pool.is_closed() {
+                    let probe = async {
+                        let mut conn = pool.acquire().await?;
+                        read_only(&mut conn).await
+                    };
+                    if let Ok(Ok(false)) = tokio::time::timeout(READ_ONLY_PROBE_EVERY, probe).await
+                    {
+                        gate.closed.store(false, Ordering::Release);
+                        tracing::info!("the database can be written again");
+                        break;
+                    }
+                    tokio::time::sleep(READ_ONLY_PROBE_EVERY).await;
+                }
+                // Idle connections opened before the address moved may still lead to the
+                // read-only server: take each once, so the check before acquire evicts
+                // those, and the pool holds only writable connections again.
+                let idle = pool.num_idle();
+                let sweep =
+                    (0..idle).map(|_| tokio::time::timeout(READ_ONLY_PROBE_EVERY, pool.acquire()));
+                drop(futures_util::future::join_all(sweep).await);
+                gate.probing.store(false, Ordering::Release);
+            });
+        }
+        Err(StoreError::Unavailable(READ_ONLY_SERVER.into()))
     }
 
     /// The URL of a SQLite store in the file `path`, created if missing.
@@ -316,7 +389,7 @@ impl SqlStore {
     ) -> Result<sqlx::Transaction<'static, sqlx::Any>, StoreError> {
         let mut retried = false;
         loop {
-            let mut tx = self.pool.begin().await.map_err(db)?;
+            let mut tx = self.pool()?.begin().await.map_err(db)?;
             match sqlx::query("UPDATE allowlist_version SET version = version WHERE id = 1")
                 .execute(&mut *tx)
                 .await
@@ -432,17 +505,13 @@ const SQLSTATE_READ_ONLY: &str = "25006";
 
 /// Whether `e` is a write refused because the server is read-only.
 fn is_read_only_refusal(e: &sqlx::Error) -> bool {
-    match e {
-        sqlx::Error::Database(d) => d.code().as_deref() == Some(SQLSTATE_READ_ONLY),
-        sqlx::Error::Protocol(m) => m == READ_ONLY_SERVER,
-        _ => false,
-    }
+    matches!(e, sqlx::Error::Database(d) if d.code().as_deref() == Some(SQLSTATE_READ_ONLY))
 }
 
 /// Whether `e` says the database cannot be reached or written now, rather than that
 /// the statement failed: I/O and TLS failures, no connection in time, SQLSTATE class 08
 /// (connection exception), 53300 (too many connections), 57P01–57P03 (shutting down,
-/// crashed, starting up), 25006 (read-only) and a read-only server refused at connect.
+/// crashed, starting up) and 25006 (read-only).
 fn is_unavailable(e: &sqlx::Error) -> bool {
     match e {
         sqlx::Error::Io(_)
@@ -455,7 +524,7 @@ fn is_unavailable(e: &sqlx::Error) -> bool {
                 c.starts_with("08") || matches!(&*c, "53300" | "57P01" | "57P02" | "57P03")
             }) || is_read_only_refusal(e)
         }
-        _ => is_read_only_refusal(e),
+        _ => false,
     }
 }
 
@@ -484,7 +553,7 @@ impl Store for SqlStore {
         let binding = serde_json::to_string(&appliance.binding).map_err(|e| {
             StoreError::Database(format!("cannot encode the platform binding: {e}"))
         })?;
-        let mut tx = self.pool.begin().await.map_err(db)?;
+        let mut tx = self.pool()?.begin().await.map_err(db)?;
         let inserted = sqlx::query(
             "INSERT INTO appliances \
              (id, tenant, binding, status, manual_renewal_generation, created_at) \
@@ -513,7 +582,7 @@ impl Store for SqlStore {
             "SELECT {APPLIANCE_COLUMNS} FROM appliances WHERE id = $1"
         ))
         .bind(id)
-        .fetch_optional(&self.pool)
+        .fetch_optional(self.pool()?)
         .await
         .map_err(db)?
         .as_ref()
@@ -560,7 +629,7 @@ impl Store for SqlStore {
         };
         query
             .bind(i64::from(limit))
-            .fetch_all(&self.pool)
+            .fetch_all(self.pool()?)
             .await
             .map_err(db)?
             .iter()
@@ -624,7 +693,7 @@ impl Store for SqlStore {
         audit: &AuditEvent,
     ) -> Result<i64, StoreError> {
         check_event(audit)?;
-        let mut tx = self.pool.begin().await.map_err(db)?;
+        let mut tx = self.pool()?.begin().await.map_err(db)?;
         let generation: i64 = sqlx::query_scalar(
             "UPDATE appliances SET manual_renewal_generation = manual_renewal_generation + 1 \
              WHERE id = $1 RETURNING manual_renewal_generation",
@@ -649,7 +718,7 @@ impl Store for SqlStore {
         audit: &AuditEvent,
     ) -> Result<(), StoreError> {
         check_event(audit)?;
-        let mut tx = self.pool.begin().await.map_err(db)?;
+        let mut tx = self.pool()?.begin().await.map_err(db)?;
         let inserted = sqlx::query(
             "INSERT INTO enrollment_tokens (token_hash, appliance_id, expires_at) \
              VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
@@ -682,7 +751,7 @@ impl Store for SqlStore {
         audit: &AuditEvent,
     ) -> Result<(), StoreError> {
         check_event(audit)?;
-        let mut tx = self.pool.begin().await.map_err(db)?;
+        let mut tx = self.pool()?.begin().await.map_err(db)?;
         let redeemed = sqlx::query(
             "UPDATE enrollment_tokens SET used_at = $1 \
              WHERE token_hash = $2 AND appliance_id = $3 AND used_at IS NULL AND expires_at > $1",
@@ -701,7 +770,7 @@ impl Store for SqlStore {
         tx.rollback().await.map_err(db)?;
         // Refused: say why. The row can only have moved further from usable since.
         Err(StoreError::Token(
-            receipts::token_refusal(&self.pool, appliance_id, token_hash).await?,
+            receipts::token_refusal(self.pool()?, appliance_id, token_hash).await?,
         ))
     }
 
@@ -711,7 +780,7 @@ impl Store for SqlStore {
         )
         .bind(nonce)
         .bind(expires_at)
-        .execute(&self.pool)
+        .execute(self.pool()?)
         .await
         .map_err(db)?
         .rows_affected();
@@ -728,7 +797,7 @@ impl Store for SqlStore {
         )
         .bind(now)
         .bind(nonce)
-        .execute(&self.pool)
+        .execute(self.pool()?)
         .await
         .map_err(db)?
         .rows_affected();
@@ -738,7 +807,7 @@ impl Store for SqlStore {
         let used_at: Option<Option<i64>> =
             sqlx::query_scalar("SELECT used_at FROM nonces WHERE nonce = $1")
                 .bind(nonce)
-                .fetch_optional(&self.pool)
+                .fetch_optional(self.pool()?)
                 .await
                 .map_err(db)?;
         match used_at {
@@ -760,7 +829,7 @@ impl Store for SqlStore {
         .bind(kind)
         .bind(proof_id)
         .bind(expires_at)
-        .execute(&self.pool)
+        .execute(self.pool()?)
         .await
         .map_err(db)?
         .rows_affected();
@@ -788,7 +857,7 @@ impl Store for SqlStore {
             "SELECT {CERT_COLUMNS} FROM certificates WHERE appliance_id = $1 ORDER BY seq DESC"
         ))
         .bind(appliance_id)
-        .fetch_all(&self.pool)
+        .fetch_all(self.pool()?)
         .await
         .map_err(db)?
         .iter()
@@ -804,7 +873,7 @@ impl Store for SqlStore {
         sqlx::query(&format!(
             "SELECT {CERT_COLUMNS} FROM certificates WHERE state = 'current' ORDER BY appliance_id"
         ))
-        .fetch_all(&self.pool)
+        .fetch_all(self.pool()?)
         .await
         .map_err(db)?
         .iter()
@@ -821,7 +890,7 @@ impl Store for SqlStore {
              WHERE appliance_id = $1 AND state = 'current'"
         ))
         .bind(appliance_id)
-        .fetch_optional(&self.pool)
+        .fetch_optional(self.pool()?)
         .await
         .map_err(db)?
         .as_ref()
@@ -841,7 +910,7 @@ impl Store for SqlStore {
             "SELECT {CERT_COLUMNS}, allowed FROM certificates WHERE fingerprint = $1"
         ))
         .bind(fingerprint)
-        .fetch_optional(&self.pool)
+        .fetch_optional(self.pool()?)
         .await
         .map_err(db)?
         else {
@@ -858,7 +927,7 @@ impl Store for SqlStore {
             "SELECT seq FROM certificates WHERE {ENDED} LIMIT 1"
         ))
         .bind(now)
-        .fetch_optional(&self.pool)
+        .fetch_optional(self.pool()?)
         .await
         .map_err(db)?;
         if any.is_none() {
@@ -902,13 +971,13 @@ impl Store for SqlStore {
 
     async fn allowlist_version(&self) -> Result<i64, StoreError> {
         sqlx::query_scalar("SELECT version FROM allowlist_version WHERE id = 1")
-            .fetch_one(&self.pool)
+            .fetch_one(self.pool()?)
             .await
             .map_err(db)
     }
 
     async fn allowlist_snapshot(&self) -> Result<(i64, Vec<(String, String)>), StoreError> {
-        let mut tx = self.pool.begin().await.map_err(db)?;
+        let mut tx = self.pool()?.begin().await.map_err(db)?;
         if self.backend == Backend::Postgres {
             tx.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
                 .await
@@ -962,7 +1031,7 @@ impl Store for SqlStore {
         )
         .bind(since)
         .bind(i64::from(limit))
-        .fetch_all(&self.pool)
+        .fetch_all(self.pool()?)
         .await
         .map_err(db)?
         .iter()
@@ -976,7 +1045,7 @@ impl Store for SqlStore {
         now: UnixSeconds,
     ) -> Result<AuditEntry, StoreError> {
         check_event(event)?;
-        let mut tx = self.pool.begin().await.map_err(db)?;
+        let mut tx = self.pool()?.begin().await.map_err(db)?;
         let entry = append_audit_in(&mut tx, event, now).await?;
         tx.commit().await.map_err(db)?;
         Ok(entry)
@@ -997,7 +1066,7 @@ impl Store for SqlStore {
         ))
         .bind(after_seq)
         .bind(i64::from(limit))
-        .fetch_all(&self.pool)
+        .fetch_all(self.pool()?)
         .await
         .map_err(db)?
         .iter()
@@ -1015,7 +1084,7 @@ impl Store for SqlStore {
         .bind(checkpoint.at)
         .bind(checkpoint.signature.as_str())
         .bind(checkpoint.signer_chain_pem.as_str())
-        .execute(&self.pool)
+        .execute(self.pool()?)
         .await
         .map_err(db)?;
         Ok(done.rows_affected() == 1)
@@ -1036,7 +1105,7 @@ impl Store for SqlStore {
         ))
         .bind(after_seq)
         .bind(i64::from(limit))
-        .fetch_all(&self.pool)
+        .fetch_all(self.pool()?)
         .await
         .map_err(db)?
         .iter()
@@ -1048,7 +1117,7 @@ impl Store for SqlStore {
         sqlx::query(&format!(
             "SELECT {CHECKPOINT_COLUMNS} FROM audit_checkpoints ORDER BY seq DESC LIMIT 1"
         ))
-        .fetch_optional(&self.pool)
+        .fetch_optional(self.pool()?)
         .await
         .map_err(db)?
         .as_ref()
@@ -1066,7 +1135,7 @@ impl Store for SqlStore {
         audit: &AuditEvent,
     ) -> Result<(), StoreError> {
         check_event(audit)?;
-        let mut tx = self.pool.begin().await.map_err(db)?;
+        let mut tx = self.pool()?.begin().await.map_err(db)?;
         let inserted = sqlx::query(
             "INSERT INTO operator_invites (token_hash, name, role, created_at, expires_at) \
              VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
@@ -1097,7 +1166,7 @@ impl Store for SqlStore {
              WHERE token_hash = $1",
         )
         .bind(token_hash)
-        .fetch_optional(&self.pool)
+        .fetch_optional(self.pool()?)
         .await
         .map_err(db)?
         .as_ref()
@@ -1114,7 +1183,7 @@ impl Store for SqlStore {
     ) -> Result<Result<crate::store::Invite, crate::store::InviteRefusal>, StoreError> {
         use crate::store::InviteRefusal;
         check_event(audit)?;
-        let mut tx = self.pool.begin().await.map_err(db)?;
+        let mut tx = self.pool()?.begin().await.map_err(db)?;
         let redeemed = sqlx::query(
             "UPDATE operator_invites SET used_at = $1 \
              WHERE token_hash = $2 AND name = $3 AND used_at IS NULL AND cancelled = 0 \
@@ -1185,7 +1254,7 @@ impl Store for SqlStore {
              WHERE c.fingerprint = $1",
         )
         .bind(fingerprint)
-        .fetch_optional(&self.pool)
+        .fetch_optional(self.pool()?)
         .await
         .map_err(db)?
         else {
@@ -1206,7 +1275,7 @@ impl Store for SqlStore {
              (SELECT COUNT(*) FROM operator_certificates c WHERE c.operator = o.name) AS certificates \
              FROM operators o ORDER BY o.name",
         )
-        .fetch_all(&self.pool)
+        .fetch_all(self.pool()?)
         .await
         .map_err(db)?
         .iter()
@@ -1229,7 +1298,7 @@ impl Store for SqlStore {
         audit: &AuditEvent,
     ) -> Result<tether_api::operators::Revoked, StoreError> {
         check_event(audit)?;
-        let mut tx = self.pool.begin().await.map_err(db)?;
+        let mut tx = self.pool()?.begin().await.map_err(db)?;
         let operators = sqlx::query("UPDATE operators SET status = 'revoked' WHERE name = $1")
             .bind(name)
             .execute(&mut *tx)
@@ -1276,7 +1345,7 @@ impl Store for SqlStore {
         audit: &AuditEvent,
     ) -> Result<(), StoreError> {
         check_event(audit)?;
-        let mut tx = self.pool.begin().await.map_err(db)?;
+        let mut tx = self.pool()?.begin().await.map_err(db)?;
         let changed = sqlx::query(
             "INSERT INTO brokers (name, status, created_at, token_hash, token_expires_at) \
              VALUES ($1, 'pending', $2, $3, $4) \
@@ -1311,7 +1380,7 @@ impl Store for SqlStore {
         audit: &AuditEvent,
     ) -> Result<Result<(), BrokerRefusal>, StoreError> {
         check_event(audit)?;
-        let mut tx = self.pool.begin().await.map_err(db)?;
+        let mut tx = self.pool()?.begin().await.map_err(db)?;
         let changed = sqlx::query(
             "UPDATE brokers SET status = 'active', token_hash = NULL, token_expires_at = NULL, \
              fingerprint = $1, not_after = $2, previous_fingerprint = NULL, previous_until = NULL \
@@ -1332,7 +1401,7 @@ impl Store for SqlStore {
                 "SELECT status, token_hash, token_expires_at FROM brokers WHERE name = $1",
             )
             .bind(name)
-            .fetch_optional(&self.pool)
+            .fetch_optional(self.pool()?)
             .await
             .map_err(db)?;
             let refusal = match row {
@@ -1372,7 +1441,7 @@ impl Store for SqlStore {
         audit: &AuditEvent,
     ) -> Result<(), StoreError> {
         check_event(audit)?;
-        let mut tx = self.pool.begin().await.map_err(db)?;
+        let mut tx = self.pool()?.begin().await.map_err(db)?;
         let changed = sqlx::query(
             "UPDATE brokers SET previous_fingerprint = fingerprint, previous_until = $1, \
              fingerprint = $2, not_after = $3 \
@@ -1408,7 +1477,7 @@ impl Store for SqlStore {
         ))
         .bind(fingerprint)
         .bind(now)
-        .fetch_optional(&self.pool)
+        .fetch_optional(self.pool()?)
         .await
         .map_err(db)?
         .as_ref()
@@ -1420,7 +1489,7 @@ impl Store for SqlStore {
         sqlx::query(&format!(
             "SELECT {BROKER_COLUMNS} FROM brokers ORDER BY name"
         ))
-        .fetch_all(&self.pool)
+        .fetch_all(self.pool()?)
         .await
         .map_err(db)?
         .iter()
@@ -1438,7 +1507,7 @@ impl Store for SqlStore {
             .bind(quic_addr)
             .bind(now)
             .bind(name)
-            .execute(&self.pool)
+            .execute(self.pool()?)
             .await
             .map_err(db)?;
         Ok(())
@@ -1451,7 +1520,7 @@ impl Store for SqlStore {
         audit: &AuditEvent,
     ) -> Result<(), StoreError> {
         check_event(audit)?;
-        let mut tx = self.pool.begin().await.map_err(db)?;
+        let mut tx = self.pool()?.begin().await.map_err(db)?;
         let changed = sqlx::query(
             "UPDATE brokers SET status = 'revoked', token_hash = NULL, token_expires_at = NULL, \
              fingerprint = NULL, previous_fingerprint = NULL, previous_until = NULL \
@@ -1475,7 +1544,7 @@ impl Store for SqlStore {
             "SELECT id, manual_renewal_generation FROM appliances \
              WHERE manual_renewal_generation > 0 ORDER BY id",
         )
-        .fetch_all(&self.pool)
+        .fetch_all(self.pool()?)
         .await
         .map_err(db)?;
         rows.iter()
@@ -1498,7 +1567,7 @@ impl Store for SqlStore {
     }
 
     async fn control_meta(&self) -> Result<Option<ControlMeta>, StoreError> {
-        replicas::control_meta(&self.pool).await
+        replicas::control_meta(self.pool()?).await
     }
 
     async fn record_control_meta(
@@ -1506,7 +1575,7 @@ impl Store for SqlStore {
         meta: &ControlMeta,
         now: UnixSeconds,
     ) -> Result<ControlMeta, StoreError> {
-        replicas::record_control_meta(&self.pool, meta, now).await
+        replicas::record_control_meta(self.pool()?, meta, now).await
     }
 
     async fn replica_heartbeat(
@@ -1514,21 +1583,21 @@ impl Store for SqlStore {
         info: &ReplicaInfo,
         starting: bool,
     ) -> Result<(), StoreError> {
-        replicas::heartbeat(&self.pool, self.backend, info, starting).await
+        replicas::heartbeat(self.pool()?, self.backend, info, starting).await
     }
 
     async fn live_replicas(&self, within: i64) -> Result<Vec<ReplicaRecord>, StoreError> {
-        replicas::live(&self.pool, self.backend, within).await
+        replicas::live(self.pool()?, self.backend, within).await
     }
 
     async fn writable(&self) -> Result<bool, StoreError> {
         match self.backend {
             Backend::Postgres => sqlx::query_scalar::<_, bool>("SELECT NOT pg_is_in_recovery()")
-                .fetch_one(&self.pool)
+                .fetch_one(self.pool()?)
                 .await
                 .map_err(db),
             _ => sqlx::query_scalar::<_, i64>("SELECT version FROM allowlist_version WHERE id = 1")
-                .fetch_one(&self.pool)
+                .fetch_one(self.pool()?)
                 .await
                 .map(|_| true)
                 .map_err(db),
@@ -1546,7 +1615,7 @@ impl Store for SqlStore {
         )
         .bind(after)
         .bind(upto)
-        .fetch_all(&self.pool)
+        .fetch_all(self.pool()?)
         .await
         .map_err(db)?
         .iter()
@@ -1560,20 +1629,20 @@ impl Store for SqlStore {
     }
 
     async fn claim_job(&self, name: &str, every_ms: i64, by: &str) -> Result<JobClaim, StoreError> {
-        jobs::claim(&self.pool, self.backend, name, every_ms, by).await
+        jobs::claim(self.pool()?, self.backend, name, every_ms, by).await
     }
 
     async fn jobs(&self) -> Result<Vec<JobRecord>, StoreError> {
-        jobs::list(&self.pool).await
+        jobs::list(self.pool()?).await
     }
 
     async fn prune_replicas(&self, silent_secs: i64) -> Result<u64, StoreError> {
-        jobs::prune_replicas(&self.pool, self.backend, silent_secs).await
+        jobs::prune_replicas(self.pool()?, self.backend, silent_secs).await
     }
 
     async fn prune_single_use(&self, now: UnixSeconds) -> Result<u64, StoreError> {
-        Ok(jobs::prune_single_use(&self.pool, now).await?
-            + receipts::prune(&self.pool, now).await?)
+        Ok(jobs::prune_single_use(self.pool()?, now).await?
+            + receipts::prune(self.pool()?, now).await?)
     }
 
     async fn command_started(
@@ -1582,7 +1651,7 @@ impl Store for SqlStore {
         request: &AuditEvent,
         at: UnixSeconds,
     ) -> Result<(), StoreError> {
-        commands::started(&self.pool, command, request, at).await
+        commands::started(self.pool()?, command, request, at).await
     }
 
     async fn command_ended(
@@ -1591,14 +1660,14 @@ impl Store for SqlStore {
         outcome: &AuditEvent,
         at: UnixSeconds,
     ) -> Result<bool, StoreError> {
-        commands::ended(&self.pool, id, outcome, at).await
+        commands::ended(self.pool()?, id, outcome, at).await
     }
 
     async fn lost_commands(
         &self,
         silent_secs: Option<i64>,
     ) -> Result<Vec<CommandInFlight>, StoreError> {
-        commands::lost(&self.pool, self.backend, silent_secs).await
+        commands::lost(self.pool()?, self.backend, silent_secs).await
     }
 
     async fn check_token(
@@ -1607,7 +1676,7 @@ impl Store for SqlStore {
         token_hash: &str,
         now: UnixSeconds,
     ) -> Result<(), StoreError> {
-        receipts::check_token(&self.pool, appliance_id, token_hash, now).await
+        receipts::check_token(self.pool()?, appliance_id, token_hash, now).await
     }
 
     async fn record_issued(
@@ -1625,6 +1694,6 @@ impl Store for SqlStore {
         csr_key_sha256: &str,
         now: UnixSeconds,
     ) -> Result<Option<(Receipt, CertRecord)>, StoreError> {
-        receipts::find_receipt(&self.pool, kind, subject, csr_key_sha256, now).await
+        receipts::find_receipt(self.pool()?, kind, subject, csr_key_sha256, now).await
     }
 }
