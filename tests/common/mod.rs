@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 
 pub mod aws;
+pub mod browser;
 pub mod cluster;
 pub mod control;
 pub mod customer;
