@@ -5,6 +5,11 @@
 //! - `identify/<n>`: steps 2 and 3 of the verifier on a real leaf (X.509 parse, SAN and
 //!   EKU checks, fingerprint, lookup).
 //! - `verify_full`: all three steps, including webpki's chain and signature check.
+//! - `connection`: what one connection costs the verifier: `verify` inside the handshake,
+//!   then `identify` on the verified leaf once it is done (which takes step 2's answer
+//!   from the handshake instead of parsing the leaf again).
+//! - `identify_after_handshake`: that second `identify` alone (`identify/<n>` is what it
+//!   cost before the handshake left its answer).
 //! - `revoke_one/1000000`: one fingerprint removed from a 1M-entry allowlist and swapped in.
 
 use std::hint::black_box;
@@ -98,6 +103,30 @@ fn benches(c: &mut Criterion) {
                             .unwrap(),
                     )
                 })
+            });
+            group.bench_function("connection/1000000", |b| {
+                b.iter(|| {
+                    verifier
+                        .verify(
+                            black_box(&leaf_der),
+                            std::slice::from_ref(&inter),
+                            UnixTime::now(),
+                        )
+                        .unwrap();
+                    black_box(verifier.identify(black_box(&leaf_der)).unwrap())
+                })
+            });
+            // One handshake per identify: each leaves one answer, under the same key.
+            group.bench_function("identify_after_handshake/1000000", |b| {
+                b.iter_batched(
+                    || {
+                        verifier
+                            .verify(&leaf_der, std::slice::from_ref(&inter), UnixTime::now())
+                            .unwrap()
+                    },
+                    |_| black_box(verifier.identify(black_box(&leaf_der)).unwrap()),
+                    BatchSize::PerIteration,
+                )
             });
         }
     }

@@ -503,3 +503,115 @@ mod verified_intermediates {
         assert_eq!(v.verified_intermediates(), MAX_VERIFIED_INTERMEDIATES);
     }
 }
+
+/// The handshake leaves step 2's answer for the check after it (broker/src/verifier.rs,
+/// "The identity handed from the handshake to the session"): that must never admit what
+/// a fresh check would refuse.
+mod handed_off_identity {
+    use std::sync::Arc;
+
+    use rustls::pki_types::UnixTime;
+    use tether::pki::Pki;
+    use tether_broker::allowlist::{Allowlist, ApplianceId, Change, Entry, Fingerprint};
+    use tether_broker::metrics::Metrics;
+    use tether_broker::verifier::ApplianceVerifier;
+
+    use super::common::TRUST_DOMAIN;
+
+    #[test]
+    fn a_revocation_between_handshake_and_session_still_refuses() {
+        let pki = Pki::new(TRUST_DOMAIN).unwrap();
+        let leaf = pki.appliance("app-1").unwrap();
+        let fp = Fingerprint::of(&leaf.cert_der);
+        let list = Arc::new(Allowlist::new());
+        list.apply(Change::Replace {
+            version: None,
+            entries: vec![Entry {
+                appliance: ApplianceId::new("app-1").unwrap(),
+                fingerprint: fp,
+            }],
+        })
+        .unwrap();
+        let v = ApplianceVerifier::new(
+            &[pki.root.rustls_cert()],
+            TRUST_DOMAIN,
+            list.clone(),
+            Arc::new(Metrics::new()),
+            tether_broker::tls::provider(),
+        )
+        .unwrap();
+        let chain = [pki.intermediate.rustls_cert()];
+        // Admitted in the handshake, then revoked before the session starts.
+        v.verify(&leaf.rustls_cert(), &chain, UnixTime::now())
+            .expect("admitted in the handshake");
+        list.apply(Change::Delta {
+            version: None,
+            add: vec![],
+            remove: vec![fp],
+        })
+        .unwrap();
+        let after = v.identify(&leaf.rustls_cert()).unwrap_err();
+        assert_eq!(after.label(), "unknown_fingerprint");
+
+        // Pinned again to another appliance (a re-issue gone wrong, or an attacker's
+        // allowlist edit): the handed-off identity (app-1) does not match the pin.
+        v.verify(&leaf.rustls_cert(), &chain, UnixTime::now())
+            .unwrap_err();
+        list.apply(Change::Replace {
+            version: None,
+            entries: vec![Entry {
+                appliance: ApplianceId::new("app-1").unwrap(),
+                fingerprint: fp,
+            }],
+        })
+        .unwrap();
+        v.verify(&leaf.rustls_cert(), &chain, UnixTime::now())
+            .expect("admitted in the handshake");
+        list.apply(Change::Replace {
+            version: None,
+            entries: vec![Entry {
+                appliance: ApplianceId::new("app-2").unwrap(),
+                fingerprint: fp,
+            }],
+        })
+        .unwrap();
+        let after = v.identify(&leaf.rustls_cert()).unwrap_err();
+        assert_eq!(after.label(), "fingerprint_for_other_appliance");
+    }
+
+    #[test]
+    fn an_answer_left_for_one_certificate_never_serves_another() {
+        let pki = Pki::new(TRUST_DOMAIN).unwrap();
+        let a = pki.appliance("app-a").unwrap();
+        // Same id, another key: a certificate nobody pinned.
+        let b = pki.appliance("app-a").unwrap();
+        let list = Arc::new(Allowlist::new());
+        list.apply(Change::Replace {
+            version: None,
+            entries: vec![Entry {
+                appliance: ApplianceId::new("app-a").unwrap(),
+                fingerprint: Fingerprint::of(&a.cert_der),
+            }],
+        })
+        .unwrap();
+        let v = ApplianceVerifier::new(
+            &[pki.root.rustls_cert()],
+            TRUST_DOMAIN,
+            list,
+            Arc::new(Metrics::new()),
+            tether_broker::tls::provider(),
+        )
+        .unwrap();
+        v.verify(
+            &a.rustls_cert(),
+            &[pki.intermediate.rustls_cert()],
+            UnixTime::now(),
+        )
+        .unwrap();
+        assert_eq!(
+            v.identify(&b.rustls_cert()).unwrap_err().label(),
+            "unknown_fingerprint"
+        );
+        assert!(v.identify(&a.rustls_cert()).is_ok());
+    }
+}

@@ -42,6 +42,17 @@
 //! intermediate, two of them, X outside its window, a leaf X did not sign) takes the full
 //! path, which also names every refusal exactly as before. At most
 //! [`MAX_VERIFIED_INTERMEDIATES`] are kept (an intermediate rotation has two live).
+//!
+//! ## The identity handed from the handshake to the session
+//!
+//! Steps 2 and 3 run twice per connection: inside the handshake, and again on the
+//! certificate rustls verified, once the handshake is done, so a revocation that landed
+//! in between still refuses it. Step 2 parses the X.509 leaf, and its answer depends only
+//! on the leaf's bytes and our trust domain; so the handshake leaves the answer under the
+//! leaf's fingerprint (its SHA-256), and the second run takes it from there instead of
+//! parsing again. Step 3, the allowlist, is always asked afresh. Answers whose second run
+//! never comes (a handshake that failed after the certificate) are dropped once
+//! [`MAX_HANDED_OFF`] wait.
 
 use std::sync::Arc;
 
@@ -258,7 +269,19 @@ pub struct ApplianceVerifier {
     trust_domain: TrustDomain,
     allowlist: Arc<Allowlist>,
     metrics: Arc<Metrics>,
+    /// Step 2's answers from handshakes, by leaf fingerprint, for the run after them.
+    handed_off: std::sync::Mutex<HandedOff>,
 }
+
+type HandedOff = std::collections::HashMap<
+    Fingerprint,
+    (ApplianceId, i64),
+    tether_identity::fingerprint::FingerprintHasher,
+>;
+
+/// The most step-2 answers kept for a second run that has not come yet (handshakes
+/// in flight are far fewer; the rest failed after the certificate and are dropped).
+pub const MAX_HANDED_OFF: usize = 4096;
 
 impl ApplianceVerifier {
     /// A verifier for certificates chaining to `ca` (root and intermediates, all trusted as
@@ -291,6 +314,7 @@ impl ApplianceVerifier {
             chain,
             anchor_subjects,
             intermediates: ArcSwap::default(),
+            handed_off: std::sync::Mutex::new(HandedOff::with_hasher(Default::default())),
             provider,
             trust_domain,
             allowlist,
@@ -306,9 +330,18 @@ impl ApplianceVerifier {
     /// Steps 2 and 3 on a leaf whose chain rustls has verified with this verifier
     /// (the handshake's peer certificates). Called once more after the handshake so a
     /// revocation that landed during the handshake still takes effect.
+    /// Step 2's answer is the one the handshake left, if it did (module docs).
     pub fn identify(&self, leaf: &CertificateDer<'_>) -> Result<VerifiedAppliance, Rejection> {
-        let (appliance, not_after_unix) = self.identity(leaf)?;
         let fingerprint = Fingerprint::of(leaf);
+        let handed_off = self
+            .handed_off
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&fingerprint);
+        let (appliance, not_after_unix) = match handed_off {
+            Some(answer) => answer,
+            None => self.identity(leaf)?,
+        };
         self.pin(appliance, fingerprint, not_after_unix)
     }
 
@@ -390,8 +423,19 @@ impl ApplianceVerifier {
     ) -> Result<VerifiedAppliance, Rejection> {
         // Step 1: chain, validity, EKU (webpki).
         self.verify_chain(leaf, intermediates, now)?;
-        // Steps 2 and 3.
-        self.identify(leaf)
+        // Steps 2 and 3; step 2's answer is left for the run after the handshake.
+        let fingerprint = Fingerprint::of(leaf);
+        let (appliance, not_after_unix) = self.identity(leaf)?;
+        let verified = self.pin(appliance, fingerprint, not_after_unix)?;
+        let mut handed_off = self.handed_off.lock().unwrap_or_else(|e| e.into_inner());
+        if handed_off.len() >= MAX_HANDED_OFF {
+            handed_off.clear();
+        }
+        handed_off.insert(
+            fingerprint,
+            (verified.appliance.clone(), verified.not_after_unix),
+        );
+        Ok(verified)
     }
 
     /// Step 1, through a verified intermediate when the chain presents one (module docs).
