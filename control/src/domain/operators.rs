@@ -177,6 +177,7 @@ pub struct ConsoleSession {
     pub(crate) role: Role,
     pub(crate) status: OperatorStatus,
     pub(crate) session_ref: String,
+    pub(crate) token_sha256: String,
 }
 
 impl ConsoleSession {
