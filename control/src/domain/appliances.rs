@@ -206,6 +206,7 @@ pub async fn list(s: &Registry, q: ListQuery, now: UnixSeconds) -> Result<Applia
                 tenant: q.tenant.clone(),
                 after: after.clone(),
                 limit: scan,
+                ..ApplianceFilter::default()
             })
             .await
             .map_err(internal)?;

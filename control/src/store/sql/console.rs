@@ -241,7 +241,11 @@ pub(super) async fn search(pool: &AnyPool, q: &AuditSearch) -> Result<Vec<AuditE
         clauses.push(format!("actor = ${}", next()));
     }
     if q.action_prefix.is_some() {
-        clauses.push(format!("substr(action, 1, ${}) = ${}", next(), next()));
+        clauses.push(format!(
+            "substr(action, 1, CAST(${} AS INTEGER)) = ${}",
+            next(),
+            next()
+        ));
     }
     if q.before.is_some() {
         clauses.push(format!("seq < ${}", next()));
