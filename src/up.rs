@@ -714,9 +714,6 @@ fn print_where(opts: &UpOptions, layout: &Layout, control: &LocalControl, broker
     if let Some(console) = &control.console {
         println!("  console (HTTPS):        {console}/console/");
     }
-    if let Some(console) = &control.console {
-        println!("  console (HTTPS):        {console}/console/");
-    }
     println!("  data directory:         {data}\n");
     println!("Try, in another terminal (the local admin is logged in there):");
     println!("  export TETHER_CONFIG_DIR={}", ops.display());

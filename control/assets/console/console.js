@@ -46,7 +46,8 @@
       };
       es.addEventListener("row", function (e) { replaceById(e.data); });
       es.addEventListener("summary", function (e) { replaceById(e.data); });
-      es.addEventListener("appliance", function (e) { replaceById(e.data); });
+      // The appliance page: its certificates and tabs follow the change; read it afresh.
+      es.addEventListener("appliance", function () { window.location.reload(); });
       es.addEventListener("reload", function () { window.location.reload(); });
     };
     setStatus(false);

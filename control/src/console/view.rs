@@ -46,21 +46,22 @@ pub fn when(unix: i64) -> String {
     crate::domain::rfc3339(unix).replacen('T', " ", 1)
 }
 
-/// Unix seconds as a time and how far from `now` (`… (in 3d 4h)` / `(2h ago)`).
+/// Unix seconds as a time and how far from `now` (`… (in 3d 4h)` / `(2h 5m ago)`).
 pub fn when_rel(unix: i64, now: i64) -> String {
     let d = unix - now;
-    let span =
-        humantime::format_duration(std::time::Duration::from_secs((d.unsigned_abs() / 60) * 60))
-            .to_string();
-    let span = span.split(' ').take(2).collect::<Vec<_>>().join(" ");
-    let span = if span.is_empty() || span == "0s" {
-        "now".to_owned()
-    } else if d >= 0 {
-        format!("in {span}")
-    } else {
-        format!("{span} ago")
+    let s = d.unsigned_abs();
+    let (days, hours, minutes) = (s / 86_400, s % 86_400 / 3600, s % 3600 / 60);
+    let span = match (days, hours, minutes) {
+        (0, 0, 0) => return format!("{} (now)", when(unix)),
+        (0, 0, m) => format!("{m}m"),
+        (0, h, m) => format!("{h}h {m}m"),
+        (d, h, _) => format!("{d}d {h}h"),
     };
-    format!("{} ({span})", when(unix))
+    if d >= 0 {
+        format!("{} (in {span})", when(unix))
+    } else {
+        format!("{} ({span} ago)", when(unix))
+    }
 }
 
 /// Render `t` as an HTML answer with `status`.
