@@ -66,6 +66,8 @@ pub struct Hub {
     summary: Mutex<Option<(Instant, Summary)>>,
     streams: AtomicUsize,
     per_session: Mutex<HashMap<String, usize>>,
+    /// Control is stopping: streams end cleanly (the browser reconnects to the next one).
+    stop: CancellationToken,
 }
 
 impl Hub {
@@ -76,6 +78,7 @@ impl Hub {
             summary: Mutex::new(None),
             streams: AtomicUsize::new(0),
             per_session: Mutex::new(HashMap::new()),
+            stop: stop.clone(),
         });
         // Presence changes.
         let mut changes = app.cluster.subscribe_changes();
@@ -275,7 +278,9 @@ impl Live {
                 return None;
             }
             let due = self.summary_due;
+            let stop = self.s.hub.stop.clone();
             tokio::select! {
+                _ = stop.cancelled() => return None,
                 r = self.rx.recv() => match r {
                     Ok(id) => self.on_change(&id).await,
                     Err(RecvError::Lagged(_)) => {
