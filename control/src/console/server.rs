@@ -13,11 +13,11 @@ use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{debug, info, warn};
+use tracing::{debug, info};
 
 use super::{router, ConsoleSettings, ConsoleState};
 use crate::http::rate_limit::RemoteAddr;
-use crate::http::server::TLS_HANDSHAKE_TIMEOUT;
+use crate::http::server::{next_connection, TLS_HANDSHAKE_TIMEOUT};
 
 /// Most connections the console serves at once.
 pub const MAX_CONNECTIONS: usize = 1024;
@@ -68,22 +68,7 @@ pub async fn serve(
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     let connections = TaskTracker::new();
     let drain = CancellationToken::new();
-    loop {
-        let slot = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            s = slots.clone().acquire_owned() => s?,
-        };
-        let (tcp, remote) = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            r = listener.accept() => match r {
-                Ok(c) => c,
-                Err(e) => {
-                    warn!(error = %e, "console accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-        };
+    while let Some((slot, tcp, remote)) = next_connection(&listener, &slots, &shutdown).await? {
         let acceptor = acceptor.clone();
         let app = app.clone();
         let drain = drain.clone();

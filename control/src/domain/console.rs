@@ -143,6 +143,13 @@ fn link_refusal(code: &'static str, message: &str) -> Error {
     Error::new(ErrorKind::Forbidden, code, message)
 }
 
+fn link_used() -> Error {
+    link_refusal(
+        "link_used",
+        "this login link was already used; run `tether console` again",
+    )
+}
+
 async fn check_link(
     store: &dyn Store,
     id: &str,
@@ -165,13 +172,7 @@ async fn check_link(
     }
     let who = Some(link.operator.clone());
     if link.used {
-        return Err((
-            link_refusal(
-                "link_used",
-                "this login link was already used; run `tether console` again",
-            ),
-            who,
-        ));
+        return Err((link_used(), who));
     }
     if now >= link.expires_at {
         return Err((
@@ -283,13 +284,7 @@ async fn exchange_checked(
         .map_err(|e| (internal(e), who.clone()))?;
     if !spent {
         // Another request spent it between the check and now (or it just expired).
-        return Err((
-            link_refusal(
-                "link_used",
-                "this login link was already used; run `tether console` again",
-            ),
-            who,
-        ));
+        return Err((link_used(), who));
     }
     info!(operator = %preview.operator, session = %session_ref, "console session started");
     Ok((
