@@ -994,7 +994,67 @@ async fn a_live_stream_gets_a_row_event_when_a_session_comes_up() {
     );
     assert!(row.contains("edge-1"), "{row}");
     assert!(row.contains("9.9.9"), "{row}");
+    // Within about a second, the header tiles follow.
+    while !seen.contains("event: summary") {
+        seen.push_str(&next_frame(&mut body).await);
+    }
+    let summary = seen.split("event: summary").nth(1).unwrap();
+    assert!(
+        summary.contains("data-tile=\"connected\" data-count=\"1\""),
+        "{summary}"
+    );
     assert_eq!(c.console.hub.streams(), 1);
+    drop(body);
+    assert_eq!(
+        c.console.hub.streams(),
+        0,
+        "a closed stream gives its place back"
+    );
+}
+
+#[tokio::test]
+async fn a_session_holds_at_most_eight_live_streams() {
+    let c = control().await;
+    let cookie = sign_in(&c, "vera", Role::Viewer).await;
+    let mut open = Vec::new();
+    for _ in 0..tether_control::console::events::MAX_PER_SESSION {
+        let resp = c
+            .app
+            .clone()
+            .oneshot(get("/console/events?view=fleet", Some(&cookie)))
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        open.push(resp);
+    }
+    let resp = c
+        .app
+        .clone()
+        .oneshot(get("/console/events?view=fleet", Some(&cookie)))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::TOO_MANY_REQUESTS);
+    // Another session has its own eight.
+    let other = sign_in(&c, "walt", Role::Viewer).await;
+    let resp = c
+        .app
+        .clone()
+        .oneshot(get("/console/events?view=fleet", Some(&other)))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    open.pop();
+    let resp = c
+        .app
+        .clone()
+        .oneshot(get("/console/events?view=fleet", Some(&cookie)))
+        .await
+        .unwrap();
+    assert_eq!(
+        resp.status(),
+        StatusCode::OK,
+        "a closed stream frees a place"
+    );
 }
 
 async fn next_frame(body: &mut Body) -> String {
