@@ -1065,3 +1065,51 @@ async fn next_frame(body: &mut Body) -> String {
         .unwrap();
     String::from_utf8_lossy(&frame.into_data().unwrap()).into_owned()
 }
+
+#[tokio::test]
+async fn a_certificate_near_expiry_is_a_trust_alert_with_trigger_renewal() {
+    let c = control().await;
+    register(&c, "a1", "acme").await;
+    register(&c, "a2", "acme").await;
+    let cert = tether_control::store::CertRecord {
+        serial: "0a".into(),
+        appliance_id: "a1".into(),
+        fingerprint: "ab".repeat(32),
+        not_before: now() - 86_400,
+        not_after: now() + 3_600,
+        state: tether_control::store::CertState::Current,
+    };
+    let event = Caller::LocalAdmin.event("appliance.enroll", "a1");
+    store(&c)
+        .record_certificate(&cert, now(), 0, &event)
+        .await
+        .unwrap();
+    let viewer = sign_in(&c, "vera", Role::Viewer).await;
+    let operator = sign_in(&c, "olga", Role::Operator).await;
+    let page = send(&c, get("/console/alerts", Some(&operator))).await;
+    assert_eq!(page.status, StatusCode::OK);
+    assert!(
+        page.body
+            .contains("data-kind=\"renewal_due\" data-appliance-id=\"a1\""),
+        "{}",
+        page.body
+    );
+    assert!(page.body.contains("Trigger renewal"));
+    assert!(!page.body.contains("data-appliance-id=\"a2\""));
+    let page = send(&c, get("/console/alerts", Some(&viewer))).await;
+    assert!(page.body.contains("data-kind=\"renewal_due\""));
+    assert!(!page.body.contains("Trigger renewal"));
+    // The tile and the filter agree.
+    let fleet = send(&c, get("/console/", Some(&viewer))).await;
+    assert!(fleet
+        .body
+        .contains("data-trust-state=\"renewal_due\" data-count=\"1\""));
+    assert!(fleet.body.contains("data-tile=\"alerts\" data-count=\"1\""));
+    let due = send(&c, get("/console/?trust_state=renewal_due", Some(&viewer))).await;
+    assert_eq!(due.body.matches("data-appliance-id=").count(), 1);
+    assert!(due.body.contains("id=\"app-a1\""));
+    // The appliance's Trust tab shows it too.
+    let trust = send(&c, get("/console/appliances/a1?tab=trust", Some(&viewer))).await;
+    assert!(trust.body.contains("id=\"current-serial\">0a<"));
+    assert!(trust.body.contains("Renewal due"));
+}

@@ -90,10 +90,21 @@ pub async fn collect(
     let mut out = Vec::new();
     for a in &summary.alerts {
         let expired = a.state == TrustState::Expired;
+        // Expired since its notAfter; due since the renewal-due threshold before it.
+        let not_after = time::OffsetDateTime::parse(
+            &a.not_after,
+            &time::format_description::well_known::Rfc3339,
+        )
+        .map_or(now, |t| t.unix_timestamp());
+        let since = if expired {
+            not_after
+        } else {
+            not_after - settings.renewal_due.as_secs() as i64
+        };
         out.push(Alert {
             kind: a.state.as_str(),
             severity: if expired { "critical" } else { "warning" },
-            since: a.not_after.replacen('T', " ", 1),
+            since: when(since),
             appliance: Some(a.appliance_id.clone()),
             subject: a.tenant.clone(),
             title: if expired {
