@@ -67,6 +67,9 @@ enum Cmd {
     /// Brokers of the edge cluster: add (one-time bundle), list, drain, revoke.
     #[command(subcommand)]
     Broker(tether::cli::broker::BrokerCmd),
+    /// The web console: open (or, with --print-url, print) a single-use sign-in link for
+    /// this operator, valid for about a minute.
+    Console(tether::cli::console::ConsoleArgs),
     /// Control itself: its live replicas.
     #[command(subcommand)]
     Control(tether::cli::control::ControlCmd),
@@ -151,6 +154,7 @@ async fn main() -> anyhow::Result<()> {
             tether::cli::login::run(args).await
         }
         Cmd::Control(cmd) => tether::cli::control::run(cmd).await,
+        Cmd::Console(args) => tether::cli::console::run(args).await,
         Cmd::Ops(OpsCmd::Verify(args)) => std::process::exit(tether::ops_cli::run(&args)),
         Cmd::Operator(cmd) => tether::cli::operator::run(cmd).await,
         Cmd::Completions { shell } => {

@@ -149,6 +149,7 @@ async fn prepare(opts: &UpOptions, layout: &Layout) -> anyhow::Result<()> {
         dns_names: vec!["localhost".into()],
         ..Default::default()
     };
+    cfg.console.listen = Some(tether_control::console::UP_LISTEN.parse()?);
     // The whole fleet enrolls from one address: allow it.
     cfg.http.public_rate_per_sec = 10_000;
     cfg.http.public_burst = 10_000;
@@ -336,7 +337,7 @@ pub async fn run(opts: UpOptions, shutdown: CancellationToken) -> anyhow::Result
         root: opts.data_dir.clone(),
     };
     prepare(&opts, &layout).await?;
-    let control = LocalControl::start(&layout).await?;
+    let control = LocalControl::start(&layout, opts.port_base).await?;
     let (store, control_url, root_pem) = (&control.store, &control.url, &control.root_pem);
     operator(&layout, store.as_ref(), control_url, root_pem).await?;
 
@@ -392,6 +393,16 @@ pub async fn run(opts: UpOptions, shutdown: CancellationToken) -> anyhow::Result
             started.elapsed()
         );
         print_where(&opts, &layout, &control, &brokers);
+        if control.console.is_some() {
+            match crate::cli::console::login_link(&layout.operator()).await {
+                Ok(link) => println!(
+                    "Console sign-in link for the local admin (works once, until {}; \
+                     `tether console` makes another):\n  {}\n",
+                    link.expires_at, link.url
+                ),
+                Err(e) => eprintln!("no console sign-in link: {e:#}"),
+            }
+        }
     }
 
     // Report sessions that come and go (revocations, renewals) while running.
@@ -429,6 +440,8 @@ pub async fn run(opts: UpOptions, shutdown: CancellationToken) -> anyhow::Result
 struct LocalControl {
     /// Its API's URL.
     url: String,
+    /// The web console's origin.
+    console: Option<String>,
     metrics_addr: SocketAddr,
     store: Arc<dyn Store>,
     /// Its broker channels (to see which allowlist version each broker applied).
@@ -440,10 +453,15 @@ struct LocalControl {
 
 impl LocalControl {
     /// Start control on its data directory (prepared by [`prepare`]).
-    async fn start(layout: &Layout) -> anyhow::Result<LocalControl> {
-        let control = tether_control::run::Started::bind(&layout.control(), None, None)
+    async fn start(layout: &Layout, port_base: u16) -> anyhow::Result<LocalControl> {
+        let overrides = tether_control::run::Overrides {
+            console_listen: Some(console_listen(port_base)),
+            ..Default::default()
+        };
+        let control = tether_control::run::Started::bind_with(&layout.control(), overrides)
             .await
             .context("starting control")?;
+        let console = control.console_origin();
         let control_addr = control.api_addr()?;
         // With free ports, keep the one control got: brokers and the operator credential
         // remember control's URL for the next run.
@@ -461,6 +479,7 @@ impl LocalControl {
         let task = tokio::spawn(control.serve(stop.clone()));
         Ok(LocalControl {
             url,
+            console,
             metrics_addr,
             store,
             cluster,
@@ -692,6 +711,9 @@ fn print_where(opts: &UpOptions, layout: &Layout, control: &LocalControl, broker
     {
         println!("  broker {name} (QUIC+TCP): {quic}    metrics: http://{admin}/metrics");
     }
+    if let Some(console) = &control.console {
+        println!("  console (HTTPS):        {console}/console/");
+    }
     println!("  data directory:         {data}\n");
     println!("Try, in another terminal (the local admin is logged in there):");
     println!("  export TETHER_CONFIG_DIR={}", ops.display());
@@ -732,4 +754,17 @@ async fn stop_brokers(brokers: Vec<LocalBroker>) -> bool {
         }
     }
     clean
+}
+
+/// Where `tether up` puts the console: 127.0.0.1:8445, or a free port when that is taken
+/// or every port is free (`--port-base 0`).
+fn console_listen(port_base: u16) -> SocketAddr {
+    let wanted: SocketAddr = tether_control::console::UP_LISTEN
+        .parse()
+        .expect("a valid address");
+    if port_base != 0 && std::net::TcpListener::bind(wanted).is_ok() {
+        wanted
+    } else {
+        SocketAddr::from(([127, 0, 0, 1], 0))
+    }
 }

@@ -33,6 +33,7 @@ const ROUTES: &[(&str, &str)] = &[
     ("get", "/v1/operators"),
     ("post", "/v1/operators/{name}/revoke"),
     ("get", "/v1/control/replicas"),
+    ("post", "/v1/console/login-links"),
     ("post", "/v1/appliances/{id}/exec"),
     ("post", "/v1/appliances/{id}/tunnels"),
     ("get", "/v1/tunnels"),

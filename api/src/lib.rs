@@ -29,6 +29,7 @@
 //! - [`operators`]: roles, bundles, login, invites, the operator list and revocation.
 //! - [`brokers`]: the broker list and `POST /v1/brokers`.
 //! - [`audit`]: the query of `GET /v1/audit`.
+//! - [`console`]: the web console's single-use sign-in link.
 //! - [`control`]: the live control replicas (`GET /v1/control/replicas`).
 //! - [`tunnels`]: break-glass tunnel sessions (plan, open, credential, close, list).
 //!
@@ -43,6 +44,7 @@
 pub mod appliances;
 pub mod audit;
 pub mod brokers;
+pub mod console;
 pub mod control;
 pub mod enroll;
 pub mod error;

@@ -40,6 +40,10 @@ pub mod env {
     pub const DATABASE_URL: &str = "TETHER_CONTROL_DATABASE_URL";
     /// Log format.
     pub const LOG_FORMAT: &str = "TETHER_CONTROL_LOG_FORMAT";
+    /// The web console's listen address (`[console] listen`).
+    pub const CONSOLE_LISTEN: &str = "TETHER_CONTROL_CONSOLE_LISTEN";
+    /// The web console's origin (`[console] origin`).
+    pub const CONSOLE_ORIGIN: &str = "TETHER_CONTROL_CONSOLE_ORIGIN";
 }
 
 /// `control.toml`.
@@ -76,6 +80,8 @@ pub struct ControlConfig {
     pub shutdown: ShutdownSettings,
     /// This replica among several sharing one database.
     pub replica: crate::domain::replica::ReplicaSettings,
+    /// The operators' web console (off unless `listen` is set).
+    pub console: crate::console::ConsoleSettings,
 }
 
 impl Default for ControlConfig {
@@ -99,6 +105,7 @@ impl Default for ControlConfig {
             audit: AuditSettings::default(),
             shutdown: ShutdownSettings::default(),
             replica: Default::default(),
+            console: Default::default(),
         }
     }
 }
@@ -279,6 +286,7 @@ impl ControlConfig {
                 reason: "must be positive".into(),
             });
         }
+        self.console.validate()?;
         if self.shutdown.grace > MAX_SHUTDOWN_GRACE {
             return Err(ConfigError::Invalid {
                 field: "shutdown.grace",

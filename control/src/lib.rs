@@ -34,6 +34,8 @@
 //!   appliances, certificates, tokens, nonces, used proofs, operators, brokers, the
 //!   versioned allowlist and the audit log.
 //! - [`http`] — the HTTPS API: router, handlers, server, rate limit, OpenAPI.
+//! - [`console`] — the operators' web console on its own listener: sign-in links and
+//!   sessions, pages, actions through the same domain operations, live updates (SSE).
 //! - [`cluster`] — one channel per broker, presence, command routing.
 //! - [`jobs`] — periodic work (overlap sweep, audit checkpoints, pruning), claimed once
 //!   per period across replicas through a lease row on the database's clock.
@@ -46,6 +48,7 @@
 
 pub mod cluster;
 pub mod config;
+pub mod console;
 pub mod domain;
 pub mod fault;
 pub mod http;

@@ -46,6 +46,7 @@ pub fn app_state(
         metrics: Arc::new(Metrics::new()),
         cluster,
         replica_id: Arc::from(""),
+        console_origin: None,
     }
 }
 
@@ -117,6 +118,23 @@ pub struct Started {
     doorbell: Option<crate::store::sql::notify::Doorbell>,
     listener: tokio::net::TcpListener,
     metrics_listener: tokio::net::TcpListener,
+    console_listener: Option<tokio::net::TcpListener>,
+}
+
+/// What the command line (flags, `TETHER_CONTROL_*` variables) overrides in
+/// `control.toml` when binding.
+#[derive(Clone, Debug, Default)]
+pub struct Overrides {
+    /// `listen`.
+    pub listen: Option<SocketAddr>,
+    /// `metrics_listen`.
+    pub metrics_listen: Option<SocketAddr>,
+    /// `database_url`.
+    pub database_url: Option<String>,
+    /// `[console] listen` (turns the console on).
+    pub console_listen: Option<SocketAddr>,
+    /// `[console] origin`.
+    pub console_origin: Option<String>,
 }
 
 impl Started {
@@ -138,10 +156,38 @@ impl Started {
         metrics_listen: Option<SocketAddr>,
         database_url: Option<String>,
     ) -> anyhow::Result<Started> {
+        Self::bind_with(
+            data_dir,
+            Overrides {
+                listen,
+                metrics_listen,
+                database_url,
+                ..Overrides::default()
+            },
+        )
+        .await
+    }
+
+    /// [`Started::bind`] with `overrides` over the config.
+    pub async fn bind_with(data_dir: &Path, overrides: Overrides) -> anyhow::Result<Started> {
+        let Overrides {
+            listen,
+            metrics_listen,
+            database_url,
+            console_listen,
+            console_origin,
+        } = overrides;
         let mut cfg = ControlConfig::load(data_dir)?;
         if database_url.is_some() {
             cfg.database_url = database_url;
         }
+        if console_listen.is_some() {
+            cfg.console.listen = console_listen;
+        }
+        if console_origin.is_some() {
+            cfg.console.origin = console_origin;
+        }
+        cfg.console.validate()?;
         let url = cfg.database_url(data_dir);
         let sql = crate::store::sql::SqlStore::connect(&url).await?;
         let postgres = sql.backend() == crate::store::sql::Backend::Postgres;
@@ -176,8 +222,22 @@ impl Started {
         let metrics_listener = tokio::net::TcpListener::bind(cfg.metrics_listen)
             .await
             .with_context(|| format!("cannot listen on {} (metrics)", cfg.metrics_listen))?;
+        let console_listener = match cfg.console.listen {
+            Some(addr) => {
+                let l = tokio::net::TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("cannot listen on {addr} (console)"))?;
+                cfg.console.listen = Some(l.local_addr()?);
+                Some(l)
+            }
+            None => None,
+        };
         let mut state = app_state(&cfg, store, Arc::new(ca), Arc::new(proofs));
         state.replica_id = Arc::from(replica_id.as_str());
+        state.console_origin = cfg
+            .console
+            .listen
+            .map(|bound| Arc::from(cfg.console.origin_for(bound)));
         let replica = ReplicaInfo {
             id: replica_id,
             advertise: cfg
@@ -237,7 +297,20 @@ impl Started {
             config: cfg,
             listener,
             metrics_listener,
+            console_listener,
         })
+    }
+
+    /// The console's address, when it is on.
+    pub fn console_addr(&self) -> Option<SocketAddr> {
+        self.console_listener
+            .as_ref()
+            .and_then(|l| l.local_addr().ok())
+    }
+
+    /// The console's origin (`https://host:port`), when it is on.
+    pub fn console_origin(&self) -> Option<String> {
+        self.state.console_origin.as_deref().map(str::to_owned)
     }
 
     /// The API address.
@@ -261,6 +334,7 @@ impl Started {
             config,
             listener,
             metrics_listener,
+            console_listener,
         } = self;
         tracing::info!(version = env!("CARGO_PKG_VERSION"), replica = %replica.id, advertise = %replica.advertise, listen = %listener.local_addr()?, trust_domain = %config.trust_domain, "tether-control serving");
         tracing::info!(listen = %metrics_listener.local_addr()?, "metrics listening (HTTP, /metrics, /healthz, /readyz)");
@@ -313,6 +387,23 @@ impl Started {
             },
             &shutdown,
         );
+        if let (Some(l), Some(origin)) = (console_listener, state.console_origin.clone()) {
+            let (chain, key) = crate::console::server::certificate(&config.console, &state)?;
+            let tls = crate::console::server::tls_config(&chain, &key)
+                .context("the console's certificate")?;
+            let console = crate::console::ConsoleState::new(
+                state.clone(),
+                origin.to_string(),
+                config.console.policy(),
+                shutdown.clone(),
+            );
+            let stop = shutdown.clone();
+            tokio::spawn(async move {
+                if let Err(e) = crate::console::server::serve(console, tls, l, stop).await {
+                    tracing::error!(error = %e, "console listener failed");
+                }
+            });
+        }
         crate::http::server::serve(state, listener, shutdown).await
     }
 }

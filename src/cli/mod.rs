@@ -18,6 +18,7 @@
 pub mod appliance;
 pub mod audit;
 pub mod broker;
+pub mod console;
 pub mod control;
 pub mod exec;
 pub mod login;

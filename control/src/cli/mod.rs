@@ -91,6 +91,14 @@ pub enum Cmd {
         /// Database URL (postgres://...) [default: from control.toml, the SQLite file].
         #[arg(long, env = env::DATABASE_URL)]
         database_url: Option<String>,
+        /// The web console's listen address; turns it on [default: from control.toml,
+        /// `[console] listen`, else off].
+        #[arg(long, env = env::CONSOLE_LISTEN)]
+        console_listen: Option<SocketAddr>,
+        /// The origin browsers use for the console (`https://host[:port]`) [default:
+        /// `[console] origin`, else `https://<console listen>`].
+        #[arg(long, env = env::CONSOLE_ORIGIN)]
+        console_origin: Option<String>,
     },
     /// Control replicas sharing one database.
     #[command(subcommand)]
@@ -371,7 +379,18 @@ pub async fn run(cmd: Cmd) -> anyhow::Result<()> {
             listen,
             metrics_listen,
             database_url,
-        } => serve::serve(&dir.data_dir, listen, metrics_listen, database_url).await,
+            console_listen,
+            console_origin,
+        } => {
+            let overrides = tether_control::run::Overrides {
+                listen,
+                metrics_listen,
+                database_url,
+                console_listen,
+                console_origin,
+            };
+            serve::serve(&dir.data_dir, overrides).await
+        }
         Cmd::Replica(ReplicaCmd::List { database_url, json }) => {
             serve::replica_list(&database_url, json).await
         }

@@ -1,6 +1,5 @@
 //! `tether-control init` and `tether-control serve`.
 
-use std::net::SocketAddr;
 use std::path::Path;
 
 use tether_control::config::ControlConfig;
@@ -88,13 +87,12 @@ pub async fn init(cmd: Cmd, now: i64) -> anyhow::Result<()> {
 /// `serve`: until SIGTERM or Ctrl-C, then drain.
 pub async fn serve(
     data_dir: &Path,
-    listen: Option<SocketAddr>,
-    metrics_listen: Option<SocketAddr>,
-    database_url: Option<String>,
+    overrides: tether_control::run::Overrides,
 ) -> anyhow::Result<()> {
-    let started =
-        tether_control::run::Started::bind_to(data_dir, listen, metrics_listen, database_url)
-            .await?;
+    let started = tether_control::run::Started::bind_with(data_dir, overrides).await?;
+    if let Some(origin) = started.console_origin() {
+        println!("console: {origin}/console/ (sign in with `tether console`)");
+    }
     let shutdown = CancellationToken::new();
     let trigger = shutdown.clone();
     tokio::spawn(async move {

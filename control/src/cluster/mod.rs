@@ -175,6 +175,37 @@ pub struct Cluster {
     tunnels: tunnel::Tunnels,
     /// The live replicas, sent to brokers that take them.
     replicas: Replicas,
+    /// Appliances whose presence changed (the console's live pages listen).
+    changes: Changes,
+    /// Per appliance: how often control closed one of two sessions from different
+    /// brokers, and when first and last (Unix seconds).
+    superseded: Mutex<HashMap<String, Superseded>>,
+}
+
+/// How many presence changes wait for a slow listener before it lags (and reloads).
+pub const CHANGES_CAPACITY: usize = 4096;
+
+/// A presence change: the appliance whose session came up, went down, or whose
+/// heartbeat reported another trust state.
+pub type Change = Arc<str>;
+
+struct Changes(tokio::sync::broadcast::Sender<Change>);
+
+impl Default for Changes {
+    fn default() -> Self {
+        Changes(tokio::sync::broadcast::channel(CHANGES_CAPACITY).0)
+    }
+}
+
+/// How often an appliance was superseded from two places (a likely cloned certificate).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Superseded {
+    /// Times.
+    pub count: u32,
+    /// First time (Unix seconds).
+    pub first_at: u64,
+    /// Last time (Unix seconds).
+    pub last_at: u64,
 }
 
 impl std::fmt::Debug for Cluster {
@@ -252,6 +283,40 @@ impl Cluster {
     /// The live replicas as last recorded, and their changes.
     pub fn replicas(&self) -> tokio::sync::watch::Receiver<ReplicaSet> {
         self.replicas.0.subscribe()
+    }
+
+    /// Presence changes from now on (see [`Change`]).
+    pub fn subscribe_changes(&self) -> tokio::sync::broadcast::Receiver<Change> {
+        self.changes.0.subscribe()
+    }
+
+    fn changed(&self, appliance: &str) {
+        if self.changes.0.receiver_count() > 0 {
+            let _ = self.changes.0.send(Arc::from(appliance));
+        }
+    }
+
+    /// How many appliances are connected.
+    pub fn connected_count(&self) -> usize {
+        lock(&self.presence).len()
+    }
+
+    /// Every connected appliance whose agent reported a trust state, with it.
+    pub fn reported_trust(&self) -> Vec<(String, String)> {
+        lock(&self.presence)
+            .iter()
+            .filter_map(|(id, p)| p.trust_state.clone().map(|t| (id.clone(), t)))
+            .collect()
+    }
+
+    /// Appliances superseded from two places, with how often.
+    pub fn superseded(&self) -> Vec<(String, Superseded)> {
+        let mut v: Vec<_> = lock(&self.superseded)
+            .iter()
+            .map(|(k, v)| (k.clone(), *v))
+            .collect();
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v
     }
 
     /// Where `appliance` is connected, if a broker reported it.
@@ -561,12 +626,28 @@ impl Cluster {
                 agent_status: Default::default(),
             },
         );
+        drop(presence);
+        self.changed(&r.appliance);
         // Only another broker's session needs closing from here; a broker supersedes its
         // own sessions itself.
         known.map(|(b, id, _)| (b, id))
     }
 
     fn supersede(&self, appliance: &str, (broker, session_id): (String, u64)) {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        lock(&self.superseded)
+            .entry(appliance.to_owned())
+            .and_modify(|s| {
+                s.count += 1;
+                s.last_at = now;
+            })
+            .or_insert(Superseded {
+                count: 1,
+                first_at: now,
+                last_at: now,
+            });
         let links = lock(&self.links);
         if let Some(link) = links.get(&broker) {
             info!(%appliance, %broker, session_id, "closing the older of two sessions on different brokers as superseded");
@@ -585,14 +666,20 @@ impl Cluster {
             .is_some_and(|p| p.broker == broker && p.session_id == session_id)
         {
             presence.remove(appliance);
+            drop(presence);
+            self.changed(appliance);
         }
     }
 
     fn heartbeats(&self, broker: &str, items: Vec<HeartbeatSummary>) {
+        let mut changed = Vec::new();
         let mut presence = lock(&self.presence);
         for h in items {
             if let Some(p) = presence.get_mut(&h.appliance) {
                 if p.broker == broker && p.session_id == h.session_id {
+                    if p.trust_state.as_deref() != Some(h.trust_state.as_str()) {
+                        changed.push(h.appliance.clone());
+                    }
                     p.last_heartbeat = Some(h.at);
                     p.trust_state = Some(h.trust_state);
                     p.cert_not_after = h.cert_not_after;
@@ -602,10 +689,24 @@ impl Cluster {
                 }
             }
         }
+        drop(presence);
+        for id in changed {
+            self.changed(&id);
+        }
     }
 
     fn forget_broker(&self, broker: &str) {
-        lock(&self.presence).retain(|_, p| p.broker != broker);
+        let mut gone = Vec::new();
+        lock(&self.presence).retain(|id, p| {
+            let keep = p.broker != broker;
+            if !keep {
+                gone.push(id.clone());
+            }
+            keep
+        });
+        for id in gone {
+            self.changed(&id);
+        }
     }
 
     fn session_count(&self) -> i64 {

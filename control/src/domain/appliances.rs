@@ -152,7 +152,7 @@ pub async fn register(
     now: UnixSeconds,
 ) -> Result<ApplianceSummary, Error> {
     let target = audit::clip(&req.id, audit::MAX_TARGET_LEN);
-    let event = AuditEvent::success(by.actor(), action::APPLIANCE_REGISTER, target);
+    let event = by.event(action::APPLIANCE_REGISTER, target);
     let tenant = req.tenant.unwrap_or_else(|| DEFAULT_TENANT.to_owned());
     let checked = check_id(&req.id)
         .and_then(|()| check_field("tenant", &tenant))
@@ -206,6 +206,7 @@ pub async fn list(s: &Registry, q: ListQuery, now: UnixSeconds) -> Result<Applia
                 tenant: q.tenant.clone(),
                 after: after.clone(),
                 limit: scan,
+                ..ApplianceFilter::default()
             })
             .await
             .map_err(internal)?;
@@ -289,7 +290,7 @@ pub async fn begin_change(
     now: UnixSeconds,
 ) -> Result<AuditEvent, Error> {
     let target = audit::clip(id, audit::MAX_TARGET_LEN);
-    let event = AuditEvent::success(by.actor(), what, target);
+    let event = by.event(what, target);
     match check_id(id) {
         Ok(()) => Ok(event),
         Err(e) => Err(refuse(s.store.as_ref(), event, e, now).await),

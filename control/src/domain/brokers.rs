@@ -226,7 +226,7 @@ pub async fn list(s: &Registry, now: UnixSeconds) -> Result<BrokerList, Error> {
 pub async fn revoke(s: &Registry, by: &Caller, name: &str, now: UnixSeconds) -> Result<(), Error> {
     check_name(name)?;
     let target = audit::clip(name, audit::MAX_TARGET_LEN);
-    let event = AuditEvent::success(by.actor(), action::BROKER_REVOKE, target);
+    let event = by.event(action::BROKER_REVOKE, target);
     match s.store.revoke_broker(name, now, &event).await {
         Ok(()) => {}
         Err(StoreError::NotFound(_)) => {
@@ -269,11 +269,11 @@ pub async fn drain(s: &Registry, by: &Caller, name: &str, now: UnixSeconds) -> R
             DrainRefusal::NotConnected => "broker_not_connected",
             DrainRefusal::Unsupported => "drain_unsupported",
         };
-        let event = AuditEvent::refused(by.actor(), action::BROKER_DRAIN, target, code);
+        let event = by.refused(action::BROKER_DRAIN, target, code);
         crate::domain::record_refusal(s.store.as_ref(), &event, now).await;
         return Err(Error::new(ErrorKind::Conflict, code, refusal.to_string()));
     }
-    let event = AuditEvent::success(by.actor(), action::BROKER_DRAIN, target);
+    let event = by.event(action::BROKER_DRAIN, target);
     s.store.append_audit(&event, now).await.map_err(internal)?;
     info!(by = %by, broker = %name, "broker asked to drain");
     Ok(())

@@ -32,6 +32,7 @@
 //! - [`renew`] — renewal with the current certificate, and the overlap expiry.
 //! - [`operators`] — roles, invites (bundles), login, and [`operators::authorize`], the
 //!   check every operator operation runs.
+//! - [`console`] — the web console's sign-in: single-use login links, sessions.
 //! - [`appliances`] — register, list, show, disable/enable/revoke, manual renewal, tokens.
 //! - [`brokers`] — broker bundles, enrollment, renewal, revocation, and the addresses
 //!   handed to appliances.
@@ -55,6 +56,7 @@ pub mod appliances;
 pub mod audit;
 pub mod brokers;
 pub mod ca;
+pub mod console;
 pub mod enroll;
 pub mod exec;
 pub mod identity;

@@ -130,6 +130,8 @@ pub async fn create_invite(
 pub struct VerifiedOperator {
     name: String,
     role: Role,
+    /// The console session it came through (its short reference), if any.
+    session: Option<String>,
 }
 
 impl VerifiedOperator {
@@ -147,13 +149,69 @@ impl VerifiedOperator {
     pub fn actor(&self) -> Actor {
         Actor::operator(self.name.clone())
     }
+
+    /// The console session's short reference, when the request came through the console.
+    pub fn console_session(&self) -> Option<&str> {
+        self.session.as_deref()
+    }
+}
+
+/// Who is asking, before [`authorize`] checked it: the client certificate of an API
+/// request (rustls verified its chain; `None` when the client sent none), or a console
+/// session the console's session check found live ([`ConsoleSession`]).
+#[derive(Clone, Copy, Debug)]
+pub enum Principal<'a> {
+    /// The API over mutual TLS: the leaf certificate's DER.
+    Certificate(Option<&'a [u8]>),
+    /// The web console: a live session.
+    Console(&'a ConsoleSession),
+}
+
+/// A live console session as read on this request: the operator it belongs to, with the
+/// role and status the store holds *now* (re-read on every request), and the session's
+/// short reference (for audit details). Made only by
+/// [`crate::domain::console::check_session`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConsoleSession {
+    pub(crate) operator: String,
+    pub(crate) role: Role,
+    pub(crate) status: OperatorStatus,
+    pub(crate) session_ref: String,
+    pub(crate) token_sha256: String,
+}
+
+impl ConsoleSession {
+    /// The operator's name.
+    pub fn operator(&self) -> &str {
+        &self.operator
+    }
+    /// Its role now.
+    pub fn role(&self) -> Role {
+        self.role
+    }
+    /// The session's short reference (the first hex digits of its token's hash).
+    pub fn session_ref(&self) -> &str {
+        &self.session_ref
+    }
+}
+
+/// Audit details of the console: every console action is recorded under the API's action
+/// name with `via: "console"` and the session's short reference.
+pub const VIA_CONSOLE: &str = "console";
+
+fn with_console(mut event: AuditEvent, session: Option<&str>) -> AuditEvent {
+    if let Some(session) = session {
+        event.set("via", VIA_CONSOLE);
+        event.set("session", session);
+    }
+    event
 }
 
 /// Who an operation is done by: an operator [`authorize`] verified, or the local admin
 /// (the `tether-control` command line on the data directory, the recovery path).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Caller {
-    /// An operator with a verified certificate.
+    /// An operator with a verified certificate or console session.
     Operator(VerifiedOperator),
     /// The command line on the data directory.
     LocalAdmin,
@@ -167,6 +225,24 @@ impl Caller {
             Caller::LocalAdmin => Actor::system(audit::system::LOCAL_ADMIN),
         }
     }
+
+    /// The success entry of `action` on `target` by this caller (with `via` and
+    /// `session` when it came through the console).
+    pub fn event(&self, action: &str, target: impl Into<String>) -> AuditEvent {
+        self.annotate(AuditEvent::success(self.actor(), action, target))
+    }
+
+    /// The refusal entry of `action` on `target` by this caller, with `code`.
+    pub fn refused(&self, action: &str, target: impl Into<String>, code: &str) -> AuditEvent {
+        self.annotate(AuditEvent::refused(self.actor(), action, target, code))
+    }
+
+    fn annotate(&self, event: AuditEvent) -> AuditEvent {
+        match self {
+            Caller::Operator(op) => with_console(event, op.console_session()),
+            Caller::LocalAdmin => event,
+        }
+    }
 }
 
 impl std::fmt::Display for Caller {
@@ -178,17 +254,95 @@ impl std::fmt::Display for Caller {
     }
 }
 
-/// Authenticate the operator behind `peer` and check that its role covers `needed` (see
-/// the module docs). A denial is recorded as `action` on `target`, refused, with its code.
+/// Authenticate the operator behind `principal` and check that its role covers `needed`
+/// (see the module docs). A denial is recorded as `action` on `target`, refused, with its
+/// code; through the console, with `via` and `session` as well.
 pub async fn authorize(
     s: &Context,
-    peer: Option<&[u8]>,
+    principal: Principal<'_>,
     needed: Role,
     action: &str,
     target: &str,
     now: UnixSeconds,
 ) -> Result<VerifiedOperator, Error> {
-    let der = peer;
+    match principal {
+        Principal::Certificate(der) => {
+            authorize_certificate(s, der, needed, action, target, now).await
+        }
+        Principal::Console(session) => {
+            let result = authorize_session(session, needed);
+            if let Err((e, role)) = &result {
+                warn!(code = e.code, operator = %session.operator, action, "console action refused");
+                let mut event = with_console(
+                    AuditEvent::refused(
+                        Actor::operator(session.operator.clone()),
+                        action,
+                        target,
+                        e.code,
+                    )
+                    .with_outcome(e.outcome()),
+                    Some(&session.session_ref),
+                );
+                if let Some(role) = role {
+                    event.set("role", role.as_str());
+                    event.set("needed", needed.as_str());
+                }
+                record_refusal(s.store.as_ref(), &event, now).await;
+            }
+            result.map_err(|(e, _)| e)
+        }
+    }
+}
+
+fn authorize_session(
+    session: &ConsoleSession,
+    needed: Role,
+) -> Result<VerifiedOperator, (Error, Option<Role>)> {
+    let name = &session.operator;
+    if session.status != OperatorStatus::Active {
+        return Err((
+            Error::new(
+                ErrorKind::Forbidden,
+                "operator_unknown",
+                format!("operator {name} is revoked"),
+            ),
+            None,
+        ));
+    }
+    check_role(name, session.role, needed)?;
+    Ok(VerifiedOperator {
+        name: name.clone(),
+        role: session.role,
+        session: Some(session.session_ref.clone()),
+    })
+}
+
+fn check_role(name: &str, role: Role, needed: Role) -> Result<(), (Error, Option<Role>)> {
+    if role.allows(needed) {
+        return Ok(());
+    }
+    Err((
+        Error::new(
+            ErrorKind::Forbidden,
+            "role_forbidden",
+            format!(
+                "operator {name} has role {}; this route needs {}",
+                role.as_str(),
+                needed.as_str()
+            ),
+        ),
+        Some(role),
+    ))
+}
+
+async fn authorize_certificate(
+    s: &Context,
+    der: Option<&[u8]>,
+    needed: Role,
+    action: &str,
+    target: &str,
+    now: UnixSeconds,
+) -> Result<VerifiedOperator, Error> {
     let identity = der.map(|d| identify(d, s.ca.trust_domain()));
     let result = authorize_checked(s, der, identity.as_ref(), needed, now).await;
     if let Err((e, role)) = &result {
@@ -266,23 +420,11 @@ async fn authorize_checked(
             format!("this certificate of operator {name} has expired; log in again"),
         ));
     }
-    if !cred.role.allows(needed) {
-        return Err((
-            Error::new(
-                ErrorKind::Forbidden,
-                "role_forbidden",
-                format!(
-                    "operator {name} has role {}; this route needs {}",
-                    cred.role.as_str(),
-                    needed.as_str()
-                ),
-            ),
-            Some(cred.role),
-        ));
-    }
+    check_role(name, cred.role, needed)?;
     Ok(VerifiedOperator {
         name: cred.name,
         role: cred.role,
+        session: None,
     })
 }
 
@@ -438,7 +580,7 @@ pub async fn revoke(
     if let Err(e) = OperatorName::new(name) {
         return Err(Error::new(ErrorKind::BadRequest, e.code(), e.to_string()));
     }
-    let event = AuditEvent::success(by.actor(), action::REVOKE, name);
+    let event = by.event(action::REVOKE, name);
     // Never lock the fleet out: the last active admin cannot be revoked (invite and log
     // in another admin first). A local `tether-control` on the data directory remains
     // the recovery path.

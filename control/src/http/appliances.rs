@@ -29,7 +29,7 @@ use tether_api::trust::FleetTrust;
 use tether_api::ErrorBody;
 use tether_audit::{self as audit, action, AuditEvent};
 
-use crate::domain::operators::{authorize, Caller};
+use crate::domain::operators::{authorize, Caller, Principal};
 use crate::domain::{self, appliances};
 use crate::http::server::PeerCertificate;
 use crate::http::{body_error, internal, json_rejection, ApiError, AppState};
@@ -44,7 +44,15 @@ pub(crate) async fn operator(
     target: &str,
     now: UnixSeconds,
 ) -> Result<Caller, ApiError> {
-    let op = authorize(&s.domain, peer.der(), role, what, target, now).await?;
+    let op = authorize(
+        &s.domain,
+        Principal::Certificate(peer.der()),
+        role,
+        what,
+        target,
+        now,
+    )
+    .await?;
     Ok(Caller::Operator(op))
 }
 

@@ -76,6 +76,7 @@ pub mod appliances;
 pub mod audit;
 pub mod brokers;
 pub mod channel;
+pub mod console;
 pub mod control;
 pub mod enroll;
 pub mod exec;
@@ -172,6 +173,9 @@ pub struct AppState {
     /// This replica's id, named by every answer's `tether-control-replica` header (empty
     /// until [`crate::run::Started::bind`] sets it: no header).
     pub replica_id: Arc<str>,
+    /// The web console's origin (`https://host:port`) when it is on: login links name it
+    /// (`POST /v1/console/login-links` answers 409 `console_disabled` otherwise).
+    pub console_origin: Option<Arc<str>>,
 }
 
 impl AppState {
@@ -321,6 +325,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/operators", get(operators::list))
         .route("/v1/operators/{name}/revoke", post(operators::revoke))
         .route("/v1/control/replicas", get(control::replicas))
+        .route("/v1/console/login-links", post(console::login_link))
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .layer(axum::middleware::from_fn(refuse_large_bodies))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route") })

@@ -63,6 +63,7 @@ pub const APPLIANCE_SCHEME: &str = "appliance_certificate";
         crate::http::brokers::revoke,
         crate::http::brokers::drain,
         crate::http::control::replicas,
+        crate::http::console::login_link,
         crate::http::channel::channel,
         crate::http::tunnels::open,
         crate::http::tunnels::list,
@@ -82,6 +83,7 @@ pub const APPLIANCE_SCHEME: &str = "appliance_certificate";
         (name = "operators", description = "Operators and their bundles"),
         (name = "audit", description = "The tamper-evident audit log"),
         (name = "brokers", description = "Brokers of the edge cluster: bundles, enrollment, the cluster channel"),
+        (name = "console", description = "The web console: single-use sign-in links"),
         (name = "control", description = "Control itself: the live replicas sharing the database"),
         (name = "tunnels", description = "Break-glass tunnels the customer approved: plan, open, the one-time credential, relayed connections, close"),
     )

@@ -98,22 +98,7 @@ pub async fn serve(
     let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
     let connections = TaskTracker::new();
     let drain = CancellationToken::new();
-    loop {
-        let slot = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            s = slots.clone().acquire_owned() => s?,
-        };
-        let (tcp, remote) = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            r = listener.accept() => match r {
-                Ok(c) => c,
-                Err(e) => {
-                    warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-        };
+    while let Some((slot, tcp, remote)) = next_connection(&listener, &slots, &shutdown).await? {
         // Small writes (NDJSON command output, channel frames) go out at once instead of
         // waiting out Nagle against the peer's delayed ACK (~40 ms each).
         if let Err(e) = tcp.set_nodelay(true) {
@@ -154,6 +139,38 @@ pub async fn serve(
     }
     info!("control API stopped");
     Ok(())
+}
+
+/// Take a connection slot, then the next connection (the permit moves into its task):
+/// `None` once `shutdown` fires. Accept errors (out of file descriptors) are logged and
+/// retried after a short pause.
+pub async fn next_connection(
+    listener: &TcpListener,
+    slots: &Arc<tokio::sync::Semaphore>,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<
+    Option<(
+        tokio::sync::OwnedSemaphorePermit,
+        tokio::net::TcpStream,
+        std::net::SocketAddr,
+    )>,
+> {
+    let slot = tokio::select! {
+        _ = shutdown.cancelled() => return Ok(None),
+        s = slots.clone().acquire_owned() => s?,
+    };
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return Ok(None),
+            r = listener.accept() => match r {
+                Ok((tcp, remote)) => return Ok(Some((slot, tcp, remote))),
+                Err(e) => {
+                    warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+        }
+    }
 }
 
 /// How long shutdown waits for the broker channels to send `GoingAway` and close.

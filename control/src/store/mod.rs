@@ -244,6 +244,8 @@ pub struct ApplianceFilter {
     pub tenant: Option<String>,
     /// Start after this id (pagination).
     pub after: Option<String>,
+    /// Only ids starting with this.
+    pub id_prefix: Option<String>,
     /// At most this many (0 = default 100).
     pub limit: u32,
 }
@@ -451,7 +453,8 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// recorded certificates.
     async fn list_operators(&self) -> Result<Vec<Operator>, StoreError>;
     /// Revoke operator `name`: status `revoked`, every recorded certificate of it dropped
-    /// (its next call is refused), every unredeemed invite for the name cancelled; record
+    /// (its next call is refused), every console session of it deleted (its next page is
+    /// the login page), every unredeemed invite for the name cancelled; record
     /// `audit` (with `certificates_removed` and `invites_cancelled` added). `NotFound` (no
     /// entry) when there is neither such an operator nor a pending invite for the name.
     async fn revoke_operator(
@@ -460,6 +463,57 @@ pub trait Store: Send + Sync + std::fmt::Debug {
         now: UnixSeconds,
         audit: &AuditEvent,
     ) -> Result<Revoked, StoreError>;
+
+    // The web console's sign-in (see `domain::console`).
+
+    /// Record a console login link and `audit` in one transaction.
+    async fn create_console_link(
+        &self,
+        link: &NewConsoleLink,
+        now: UnixSeconds,
+        audit: &AuditEvent,
+    ) -> Result<(), StoreError>;
+    /// Login link `id`, with its operator's role and status now; `None` if unknown.
+    async fn find_console_link(&self, id: &str) -> Result<Option<ConsoleLink>, StoreError>;
+    /// Spend link `id` (unused, `now < expires_at`, its operator active) and create
+    /// `session`, recording `audit`, in one transaction. `false` (nothing changed) when
+    /// the link could not be spent: another request spent it first, or it expired.
+    async fn redeem_console_link(
+        &self,
+        id: &str,
+        session: &NewConsoleSession,
+        now: UnixSeconds,
+        audit: &AuditEvent,
+    ) -> Result<bool, StoreError>;
+    /// The session whose token hashes to `token_sha256`, with its operator's role and
+    /// status now; `None` if there is none (logged out, pruned, operator revoked).
+    async fn console_session(
+        &self,
+        token_sha256: &str,
+    ) -> Result<Option<ConsoleSessionRecord>, StoreError>;
+    /// The session was used at `now`: its idle expiry moves to `idle_expires_at`.
+    async fn touch_console_session(
+        &self,
+        token_sha256: &str,
+        now: UnixSeconds,
+        idle_expires_at: UnixSeconds,
+    ) -> Result<(), StoreError>;
+    /// Delete a session and record `audit` (logout); `false` if it was already gone.
+    async fn end_console_session(
+        &self,
+        token_sha256: &str,
+        now: UnixSeconds,
+        audit: &AuditEvent,
+    ) -> Result<bool, StoreError>;
+    /// Delete a session without an audit entry (found expired).
+    async fn drop_console_session(&self, token_sha256: &str) -> Result<(), StoreError>;
+    /// Operator `operator`'s sessions, newest first.
+    async fn console_sessions(
+        &self,
+        operator: &str,
+    ) -> Result<Vec<ConsoleSessionRecord>, StoreError>;
+    /// Audit entries matching `q`, newest first.
+    async fn audit_search(&self, q: &AuditSearch) -> Result<Vec<AuditEntry>, StoreError>;
 
     // Brokers (see `domain::brokers`).
 
@@ -843,4 +897,110 @@ impl InviteRefusal {
             }
         }
     }
+}
+
+// The console's sign-in records (the rules over them are `domain::console`).
+
+/// A login link to record.
+#[derive(Clone, PartialEq, Eq)]
+pub struct NewConsoleLink {
+    /// Its public id (in the URL's path).
+    pub id: String,
+    /// SHA-256 of its secret (the URL's fragment), lowercase hex.
+    pub secret_sha256: String,
+    /// The operator it signs in.
+    pub operator: String,
+    /// Good while `now < expires_at`.
+    pub expires_at: UnixSeconds,
+}
+
+impl std::fmt::Debug for NewConsoleLink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let NewConsoleLink {
+            id,
+            secret_sha256: _,
+            operator,
+            expires_at,
+        } = self;
+        f.debug_struct("NewConsoleLink")
+            .field("id", id)
+            .field("operator", operator)
+            .field("expires_at", expires_at)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A stored login link, with its operator as it is now.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConsoleLink {
+    /// SHA-256 of its secret, lowercase hex.
+    pub secret_sha256: String,
+    /// The operator it signs in.
+    pub operator: String,
+    /// The operator's role now.
+    pub role: Role,
+    /// The operator's status now.
+    pub status: OperatorStatus,
+    /// Good while `now < expires_at`.
+    pub expires_at: UnixSeconds,
+    /// Already spent.
+    pub used: bool,
+}
+
+/// A console session to create.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NewConsoleSession {
+    /// SHA-256 of the cookie's secret, lowercase hex.
+    pub token_sha256: String,
+    /// The operator.
+    pub operator: String,
+    /// Ends at this time if unused.
+    pub idle_expires_at: UnixSeconds,
+    /// Ends at this time whatever happens.
+    pub abs_expires_at: UnixSeconds,
+    /// The browser's `User-Agent` (clipped).
+    pub user_agent: String,
+    /// The client's address.
+    pub ip: String,
+}
+
+/// A stored console session, with its operator as it is now.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConsoleSessionRecord {
+    /// SHA-256 of the cookie's secret, lowercase hex.
+    pub token_sha256: String,
+    /// The operator.
+    pub operator: String,
+    /// The operator's role now.
+    pub role: Role,
+    /// The operator's status now.
+    pub status: OperatorStatus,
+    /// Created (signed in).
+    pub created_at: UnixSeconds,
+    /// Last recorded use (written at most once a minute).
+    pub last_seen_at: UnixSeconds,
+    /// Ends at this time if unused.
+    pub idle_expires_at: UnixSeconds,
+    /// Ends at this time whatever happens.
+    pub abs_expires_at: UnixSeconds,
+    /// The browser's `User-Agent`.
+    pub user_agent: String,
+    /// The client's address at sign-in.
+    pub ip: String,
+}
+
+/// A search of the audit log (the console's Audit page and tabs): every given field must
+/// match; newest first.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct AuditSearch {
+    /// Exactly this target.
+    pub target: Option<String>,
+    /// Exactly this actor name.
+    pub actor: Option<String>,
+    /// Actions starting with this (`appliance.` or `appliance.revoke`).
+    pub action_prefix: Option<String>,
+    /// Entries with a `seq` below this (the next page).
+    pub before: Option<i64>,
+    /// At most this many (1..=1000).
+    pub limit: u32,
 }

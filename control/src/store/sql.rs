@@ -94,6 +94,7 @@ use super::{
 
 mod audit;
 mod commands;
+mod console;
 pub mod copy;
 mod jobs;
 pub mod notify;
@@ -330,7 +331,7 @@ impl SqlStore {
         use std::sync::atomic::Ordering;
         let gate = &self.read_only;
         if !gate.closed.load(Ordering::Acquire) {
-            return Ok(&self.pool);
+            return Ok(self.pool()?);
         }
         if !gate.probing.swap(true, Ordering::AcqRel) {
             let (pool, gate) = (self.pool.clone(), self.read_only.clone());
@@ -609,6 +610,13 @@ impl Store for SqlStore {
         if filter.after.is_some() {
             arg(&mut sql, "id >");
         }
+        if filter.id_prefix.is_some() {
+            n += 2;
+            sql.push_str(&format!(
+                " AND substr(id, 1, CAST(${} AS INTEGER)) = ${n}",
+                n - 1
+            ));
+        }
         n += 1;
         sql.push_str(&format!(" ORDER BY id LIMIT ${n}"));
 
@@ -621,6 +629,11 @@ impl Store for SqlStore {
         }
         if let Some(after) = &filter.after {
             query = query.bind(after.as_str());
+        }
+        if let Some(prefix) = &filter.id_prefix {
+            query = query
+                .bind(prefix.chars().count() as i64)
+                .bind(prefix.as_str());
         }
         let limit = if filter.limit == 0 {
             DEFAULT_LIST_LIMIT
@@ -1311,6 +1324,13 @@ impl Store for SqlStore {
             .await
             .map_err(db)?
             .rows_affected();
+        // Its console sessions end with it: the next page it asks for is the login page.
+        let sessions = sqlx::query("DELETE FROM console_sessions WHERE operator = $1")
+            .bind(name)
+            .execute(&mut *tx)
+            .await
+            .map_err(db)?
+            .rows_affected();
         let invites = sqlx::query(
             "UPDATE operator_invites SET cancelled = 1 \
              WHERE name = $1 AND used_at IS NULL AND cancelled = 0",
@@ -1327,6 +1347,7 @@ impl Store for SqlStore {
         let audit = audit
             .clone()
             .with("certificates_removed", certificates)
+            .with("console_sessions_ended", sessions)
             .with("invites_cancelled", invites);
         append_audit_in(&mut tx, &audit, now).await?;
         tx.commit().await.map_err(db)?;
@@ -1334,6 +1355,77 @@ impl Store for SqlStore {
             certificates_removed: certificates,
             invites_cancelled: invites,
         })
+    }
+
+    async fn create_console_link(
+        &self,
+        link: &crate::store::NewConsoleLink,
+        now: UnixSeconds,
+        audit: &AuditEvent,
+    ) -> Result<(), StoreError> {
+        console::create_link(self.pool()?, link, now, audit).await
+    }
+
+    async fn find_console_link(
+        &self,
+        id: &str,
+    ) -> Result<Option<crate::store::ConsoleLink>, StoreError> {
+        console::find_link(self.pool()?, id).await
+    }
+
+    async fn redeem_console_link(
+        &self,
+        id: &str,
+        session: &crate::store::NewConsoleSession,
+        now: UnixSeconds,
+        audit: &AuditEvent,
+    ) -> Result<bool, StoreError> {
+        console::redeem_link(self.pool()?, id, session, now, audit).await
+    }
+
+    async fn console_session(
+        &self,
+        token_sha256: &str,
+    ) -> Result<Option<crate::store::ConsoleSessionRecord>, StoreError> {
+        console::session(self.pool()?, token_sha256).await
+    }
+
+    async fn touch_console_session(
+        &self,
+        token_sha256: &str,
+        now: UnixSeconds,
+        idle_expires_at: UnixSeconds,
+    ) -> Result<(), StoreError> {
+        console::touch(self.pool()?, token_sha256, now, idle_expires_at).await
+    }
+
+    async fn end_console_session(
+        &self,
+        token_sha256: &str,
+        now: UnixSeconds,
+        audit: &AuditEvent,
+    ) -> Result<bool, StoreError> {
+        console::end(self.pool()?, token_sha256, now, Some(audit)).await
+    }
+
+    async fn drop_console_session(&self, token_sha256: &str) -> Result<(), StoreError> {
+        console::end(self.pool()?, token_sha256, 0, None)
+            .await
+            .map(drop)
+    }
+
+    async fn console_sessions(
+        &self,
+        operator: &str,
+    ) -> Result<Vec<crate::store::ConsoleSessionRecord>, StoreError> {
+        console::sessions_of(self.pool()?, operator).await
+    }
+
+    async fn audit_search(
+        &self,
+        q: &crate::store::AuditSearch,
+    ) -> Result<Vec<AuditEntry>, StoreError> {
+        console::search(self.pool()?, q).await
     }
 
     async fn add_broker(
@@ -1642,7 +1734,8 @@ impl Store for SqlStore {
 
     async fn prune_single_use(&self, now: UnixSeconds) -> Result<u64, StoreError> {
         Ok(jobs::prune_single_use(self.pool()?, now).await?
-            + receipts::prune(self.pool()?, now).await?)
+            + receipts::prune(self.pool()?, now).await?
+            + console::prune(self.pool()?, now).await?)
     }
 
     async fn command_started(

@@ -43,7 +43,14 @@ pub const COPIED_TABLES: &[&str] = &[
 
 /// Tables left behind: the migrations' own, and run-time state of the replicas that
 /// served the source (the new replicas register and claim jobs themselves).
-pub const SKIPPED_TABLES: &[&str] = &["_sqlx_migrations", "control_replicas", "control_jobs"];
+pub const SKIPPED_TABLES: &[&str] = &[
+    "_sqlx_migrations",
+    "control_replicas",
+    "control_jobs",
+    // Console sign-in state: short-lived; operators sign in again on the new database.
+    "console_login_links",
+    "console_sessions",
+];
 
 /// Tables a fresh store already has one row in (written by the migrations).
 const SINGLETONS: &[&str] = &["allowlist_version", "audit_head"];

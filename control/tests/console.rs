@@ -1,0 +1,1115 @@
+//! The web console's handlers (`tether_control::console`), through its real router called
+//! in-process on a real SQLite store, with sessions signed in the way a browser does:
+//! a link minted over the API with a real operator certificate, exchanged on the login
+//! route. The rules each test defends are in its name: no session → the login page; the
+//! role matrix and audited denials; the CSRF matrix; the exact security headers;
+//! escaping; single-use, expiring links; session expiry; revoking an operator ends its
+//! sessions; a presence change reaches an open live stream as a `row` event.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::http::{header, HeaderMap, Method, Request, StatusCode};
+use axum::Router;
+use http_body_util::BodyExt;
+use tether_api::appliances::{PlatformBinding, RegisterRequest};
+use tether_api::console::LoginLink;
+use tether_api::operators::Role;
+use tether_audit::AuditEntry;
+use tether_control::config::ControlConfig;
+use tether_control::console::{self, ConsoleState, CSP};
+use tether_control::domain::ca::Ca;
+use tether_control::domain::console::{check_session, exchange_link, Client, Secret};
+use tether_control::domain::operators::{self, Caller};
+use tether_control::http::server::PeerCertificate;
+use tether_control::http::AppState;
+use tether_control::store::sql::SqlStore;
+use tether_control::store::{AuditSearch, OperatorCertificate, Store};
+use tether_proto::cluster::SessionReport;
+use tokio_util::sync::CancellationToken;
+use tower::ServiceExt;
+
+const ORIGIN: &str = "https://console.test:8445";
+const TRUST_DOMAIN: &str = "example.com";
+
+struct Control {
+    state: AppState,
+    console: ConsoleState,
+    api: Router,
+    app: Router,
+    _stop: tokio_util::sync::DropGuard,
+    _dir: tempfile::TempDir,
+}
+
+async fn control() -> Control {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = ControlConfig {
+        trust_domain: TRUST_DOMAIN.into(),
+        ..ControlConfig::default()
+    };
+    let ca = Ca::init(
+        dir.path(),
+        &cfg.ca_config(),
+        time::OffsetDateTime::now_utc(),
+    )
+    .unwrap();
+    let store = SqlStore::connect(&SqlStore::sqlite_url(&dir.path().join("control.db")))
+        .await
+        .unwrap();
+    let mut state = tether_control::run::app_state(
+        &cfg,
+        Arc::new(store),
+        Arc::new(ca),
+        Arc::new(tether_control::domain::proof::Verifiers::new(&Default::default()).unwrap()),
+    );
+    state.console_origin = Some(Arc::from(ORIGIN));
+    let stop = CancellationToken::new();
+    let console = ConsoleState::new(
+        state.clone(),
+        ORIGIN.into(),
+        cfg.console.policy(),
+        stop.clone(),
+    );
+    Control {
+        api: tether_control::http::router(state.clone()),
+        app: console::router(console.clone()),
+        console,
+        state,
+        _stop: stop.drop_guard(),
+        _dir: dir,
+    }
+}
+
+fn store(c: &Control) -> &dyn Store {
+    c.state.domain.store.as_ref()
+}
+
+fn now() -> i64 {
+    tether_control::now_unix()
+}
+
+/// Operator `name` with `role` and a recorded certificate; its leaf DER.
+async fn operator(c: &Control, name: &str, role: Role) -> Vec<u8> {
+    let bundle = operators::create_invite(
+        store(c),
+        "https://control.test".into(),
+        c.state.domain.ca.root_pem(),
+        name,
+        role,
+        Duration::from_secs(600),
+        Caller::LocalAdmin.actor(),
+        now(),
+    )
+    .await
+    .unwrap();
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let csr = rcgen::CertificateParams::default()
+        .serialize_request(&key)
+        .unwrap()
+        .pem()
+        .unwrap();
+    let issued = c
+        .state
+        .domain
+        .ca
+        .issue_operator(name, &csr, time::OffsetDateTime::now_utc())
+        .unwrap();
+    let hash = tether_control::domain::token::Token::from_secret(&bundle.token).hash();
+    let cert = OperatorCertificate {
+        fingerprint: issued.fingerprint_hex.clone(),
+        serial: issued.serial_hex.clone(),
+        operator: name.into(),
+        not_after: issued.not_after,
+    };
+    let event = tether_audit::AuditEvent::success(
+        tether_audit::Actor::operator(name),
+        "operator.login",
+        name,
+    );
+    store(c)
+        .redeem_invite(&hash, &cert, now(), &event)
+        .await
+        .unwrap()
+        .unwrap();
+    issued.cert_der
+}
+
+/// A login link minted over the API by the operator holding `der`: (id, secret).
+async fn mint_link(c: &Control, der: &[u8]) -> (String, String) {
+    let mut req = Request::post("/v1/console/login-links")
+        .body(Body::empty())
+        .unwrap();
+    req.extensions_mut()
+        .insert(PeerCertificate(Some(Arc::from(der))));
+    let resp = c.api.clone().oneshot(req).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    let link: LoginLink = serde_json::from_slice(&body).unwrap();
+    let rest = link
+        .url
+        .strip_prefix(&format!("{ORIGIN}/console/login/"))
+        .expect("the link is on the console's origin");
+    let (id, secret) = rest.split_once('#').expect("the secret is in the fragment");
+    (id.to_owned(), secret.to_owned())
+}
+
+struct Answer {
+    status: StatusCode,
+    headers: HeaderMap,
+    body: String,
+}
+
+impl Answer {
+    fn location(&self) -> &str {
+        self.headers
+            .get(header::LOCATION)
+            .map(|v| v.to_str().unwrap())
+            .unwrap_or("")
+    }
+}
+
+async fn send(c: &Control, req: Request<Body>) -> Answer {
+    let resp = c.app.clone().oneshot(req).await.unwrap();
+    let status = resp.status();
+    let headers = resp.headers().clone();
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    Answer {
+        status,
+        headers,
+        body: String::from_utf8_lossy(&body).into_owned(),
+    }
+}
+
+/// A same-origin form POST, as the browser sends one from the console's pages.
+fn form(path: &str, cookie: Option<&str>, body: &str) -> Request<Body> {
+    let mut b = Request::post(path)
+        .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded")
+        .header("sec-fetch-site", "same-origin")
+        .header("origin", ORIGIN);
+    if let Some(cookie) = cookie {
+        b = b.header(header::COOKIE, format!("{}={cookie}", console::COOKIE));
+    }
+    b.body(Body::from(body.to_owned())).unwrap()
+}
+
+fn get(path: &str, cookie: Option<&str>) -> Request<Body> {
+    let mut b = Request::get(path);
+    if let Some(cookie) = cookie {
+        b = b.header(header::COOKIE, format!("{}={cookie}", console::COOKIE));
+    }
+    b.body(Body::empty()).unwrap()
+}
+
+/// Exchange a link as the login page does; the session cookie's value.
+async fn exchange(c: &Control, id: &str, secret: &str) -> Answer {
+    send(
+        c,
+        form(
+            &format!("/console/login/{id}"),
+            None,
+            &format!("secret={secret}"),
+        ),
+    )
+    .await
+}
+
+fn cookie_of(a: &Answer) -> String {
+    let set = a.headers[header::SET_COOKIE].to_str().unwrap();
+    let (pair, attrs) = set.split_once(';').unwrap();
+    assert_eq!(
+        attrs.trim(),
+        format!(
+            "Secure; HttpOnly; SameSite=Strict; Path=/; Max-Age={}",
+            12 * 3600
+        )
+    );
+    let (name, value) = pair.split_once('=').unwrap();
+    assert_eq!(name, "__Host-tether_console");
+    assert_eq!(value.len(), 64, "256 bits in hex");
+    value.to_owned()
+}
+
+/// Operator `name` with `role`, signed in: its session cookie.
+async fn sign_in(c: &Control, name: &str, role: Role) -> String {
+    let der = operator(c, name, role).await;
+    let (id, secret) = mint_link(c, &der).await;
+    let a = exchange(c, &id, &secret).await;
+    assert_eq!(a.status, StatusCode::SEE_OTHER, "{}", a.body);
+    assert_eq!(a.location(), "/console/");
+    cookie_of(&a)
+}
+
+async fn register(c: &Control, id: &str, tenant: &str) {
+    tether_control::domain::appliances::register(
+        &c.state.domain.registry(),
+        &Caller::LocalAdmin,
+        RegisterRequest {
+            id: id.into(),
+            tenant: Some(tenant.into()),
+            binding: PlatformBinding::TokenOnly,
+        },
+        now(),
+    )
+    .await
+    .unwrap();
+}
+
+/// The synchronizer token the page's forms carry.
+fn csrf_of(html: &str) -> String {
+    let at = html
+        .find("name=\"csrf\" value=\"")
+        .expect("a form with the token")
+        + 19;
+    html[at..at + 64].to_owned()
+}
+
+async fn audit(c: &Control, action: &str) -> Vec<AuditEntry> {
+    store(c)
+        .audit_search(&AuditSearch {
+            action_prefix: Some(action.into()),
+            limit: 100,
+            ..AuditSearch::default()
+        })
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|e| e.action == action)
+        .collect()
+}
+
+#[tokio::test]
+async fn without_a_session_every_page_redirects_to_login() {
+    let c = control().await;
+    for path in [
+        "/console/",
+        "/console/alerts",
+        "/console/appliances/a1",
+        "/console/brokers",
+        "/console/operators",
+        "/console/audit",
+        "/console/account",
+        "/console/events?view=fleet",
+    ] {
+        let a = send(&c, get(path, None)).await;
+        assert_eq!(a.status, StatusCode::SEE_OTHER, "{path}");
+        assert_eq!(a.location(), "/console/login", "{path}");
+        let a = send(&c, get(path, Some(&"0".repeat(64)))).await;
+        assert_eq!(
+            a.location(),
+            "/console/login",
+            "{path} with an unknown cookie"
+        );
+    }
+    let a = send(&c, get("/console/login", None)).await;
+    assert_eq!(a.status, StatusCode::OK);
+    assert!(a.body.contains("tether console"));
+}
+
+#[tokio::test]
+async fn every_answer_carries_the_exact_security_headers() {
+    let c = control().await;
+    let cookie = sign_in(&c, "alice", Role::Viewer).await;
+    for (path, cookie) in [
+        ("/console/login", None),
+        ("/console/", Some(cookie.as_str())),
+    ] {
+        let a = send(&c, get(path, cookie)).await;
+        assert_eq!(a.status, StatusCode::OK, "{path}");
+        let h = |n: &str| a.headers[n].to_str().unwrap().to_owned();
+        assert_eq!(
+            h("content-security-policy"),
+            "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; \
+             connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
+        );
+        assert_eq!(h("content-security-policy"), CSP);
+        assert_eq!(h("x-content-type-options"), "nosniff");
+        assert_eq!(h("referrer-policy"), "no-referrer");
+        assert_eq!(h("cache-control"), "no-store");
+        assert_eq!(h("strict-transport-security"), "max-age=31536000");
+        assert_eq!(h("content-type"), "text/html; charset=utf-8");
+        // No inline script: every <script> names a file of the console's own.
+        for (i, _) in a.body.match_indices("<script") {
+            assert!(
+                a.body[i..].starts_with("<script src=\"/console/assets/"),
+                "{path}"
+            );
+        }
+        for handler in [
+            "onclick=",
+            "onload=",
+            "onsubmit=",
+            "onchange=",
+            "hx-on",
+            "style=",
+        ] {
+            assert!(!a.body.contains(handler), "no {handler} on {path}");
+        }
+    }
+    // The assets are immutable and still carry the headers.
+    let page = send(&c, get("/console/login/00ff", None)).await;
+    let at = page.body.find("/console/assets/login.").unwrap();
+    let path = &page.body[at..at + page.body[at..].find('"').unwrap()];
+    let a = send(&c, get(path, None)).await;
+    assert_eq!(a.status, StatusCode::OK);
+    assert_eq!(
+        a.headers["cache-control"],
+        "public, max-age=31536000, immutable"
+    );
+    assert_eq!(a.headers["content-security-policy"], CSP);
+}
+
+#[tokio::test]
+async fn a_login_link_is_single_use_and_its_secret_is_never_stored() {
+    let c = control().await;
+    let der = operator(&c, "alice", Role::Operator).await;
+    let (id, secret) = mint_link(&c, &der).await;
+    let link = store(&c).find_console_link(&id).await.unwrap().unwrap();
+    assert_ne!(link.secret_sha256, secret);
+    assert_eq!(link.secret_sha256, Secret::from_client(&secret).hash());
+    assert_eq!(audit(&c, "operator.console_link").await.len(), 1);
+
+    // The preview says whose it is and spends nothing.
+    let a = send(
+        &c,
+        form(
+            &format!("/console/login/{id}/preview"),
+            None,
+            &format!("secret={secret}"),
+        ),
+    )
+    .await;
+    assert_eq!(a.status, StatusCode::OK);
+    let v: serde_json::Value = serde_json::from_str(&a.body).unwrap();
+    assert_eq!(v["operator"], "alice");
+    assert_eq!(v["role"], "operator");
+
+    // A wrong secret is refused and spends nothing either.
+    let a = exchange(&c, &id, &"0".repeat(64)).await;
+    assert_eq!(a.status, StatusCode::FORBIDDEN);
+    assert!(a.body.contains("link_unknown"));
+    let first = exchange(&c, &id, &secret).await;
+    assert_eq!(first.status, StatusCode::SEE_OTHER);
+    let second = exchange(&c, &id, &secret).await;
+    assert_eq!(second.status, StatusCode::FORBIDDEN);
+    assert!(second.body.contains("link_used"), "{}", second.body);
+    assert!(second.headers.get(header::SET_COOKIE).is_none());
+    let logins = audit(&c, "console.login").await;
+    assert_eq!(logins.len(), 1);
+    assert_eq!(logins[0].details["via"], "console");
+    let refused = audit(&c, "console.login_refused").await;
+    let codes: Vec<_> = refused.iter().map(|e| e.details["code"].clone()).collect();
+    assert_eq!(codes, ["link_used", "link_unknown"]);
+}
+
+#[tokio::test]
+async fn a_login_link_expires_after_sixty_seconds() {
+    let c = control().await;
+    let der = operator(&c, "alice", Role::Viewer).await;
+    let (id, secret) = mint_link(&c, &der).await;
+    let expires = store(&c)
+        .find_console_link(&id)
+        .await
+        .unwrap()
+        .unwrap()
+        .expires_at;
+    let minted = expires - 60;
+    assert!((minted - now()).abs() <= 2);
+    let policy = c.console.policy;
+    let secret = Secret::from_client(&secret);
+    let e = exchange_link(
+        store(&c),
+        &id,
+        &secret,
+        policy,
+        &Client::default(),
+        minted + 60,
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(e.code, "link_expired");
+    // One second earlier it still works (once).
+    exchange_link(
+        store(&c),
+        &id,
+        &secret,
+        policy,
+        &Client::default(),
+        minted + 59,
+    )
+    .await
+    .unwrap();
+}
+
+#[tokio::test]
+async fn a_login_link_of_a_revoked_operator_is_refused() {
+    let c = control().await;
+    operator(&c, "root", Role::Admin).await;
+    let der = operator(&c, "mallory", Role::Operator).await;
+    let (id, secret) = mint_link(&c, &der).await;
+    operators::revoke(
+        &c.state.domain.registry(),
+        &Caller::LocalAdmin,
+        "mallory",
+        now(),
+    )
+    .await
+    .unwrap();
+    let a = exchange(&c, &id, &secret).await;
+    assert_eq!(a.status, StatusCode::FORBIDDEN);
+    assert!(a.body.contains("operator_unknown"), "{}", a.body);
+    assert!(a.headers.get(header::SET_COOKIE).is_none());
+}
+
+#[tokio::test]
+async fn sessions_end_when_idle_and_at_their_maximum() {
+    let c = control().await;
+    let cookie = sign_in(&c, "alice", Role::Viewer).await;
+    let token = Secret::from_client(&cookie);
+    let policy = c.console.policy;
+    let idle = policy.idle.as_secs() as i64;
+    let max = policy.max.as_secs() as i64;
+    let start = store(&c)
+        .console_session(&token.hash())
+        .await
+        .unwrap()
+        .unwrap()
+        .created_at;
+    let s = store(&c);
+    // Used just before the idle timeout: it lives on, and its idle expiry moves.
+    let mut t = start + idle - 1;
+    assert!(check_session(s, &token, policy, t).await.unwrap().is_some());
+    while t + idle - 1 < start + max {
+        t += idle - 1;
+        assert!(
+            check_session(s, &token, policy, t).await.unwrap().is_some(),
+            "at {t}"
+        );
+    }
+    // Past its maximum it is over, however recently used.
+    assert!(check_session(s, &token, policy, start + max)
+        .await
+        .unwrap()
+        .is_none());
+    assert!(s.console_session(&token.hash()).await.unwrap().is_none());
+
+    // A session left alone for the idle timeout is over.
+    let cookie = sign_in(&c, "bob", Role::Viewer).await;
+    let token = Secret::from_client(&cookie);
+    let start = s
+        .console_session(&token.hash())
+        .await
+        .unwrap()
+        .unwrap()
+        .created_at;
+    assert!(check_session(s, &token, policy, start + idle)
+        .await
+        .unwrap()
+        .is_none());
+    let a = send(&c, get("/console/", Some(&cookie))).await;
+    assert_eq!(a.location(), "/console/login");
+}
+
+#[tokio::test]
+async fn last_seen_is_written_at_most_once_a_minute() {
+    let c = control().await;
+    let cookie = sign_in(&c, "alice", Role::Viewer).await;
+    let token = Secret::from_client(&cookie);
+    let s = store(&c);
+    let policy = c.console.policy;
+    let rec = s.console_session(&token.hash()).await.unwrap().unwrap();
+    check_session(s, &token, policy, rec.created_at + 59)
+        .await
+        .unwrap();
+    let same = s.console_session(&token.hash()).await.unwrap().unwrap();
+    assert_eq!(same.last_seen_at, rec.created_at);
+    check_session(s, &token, policy, rec.created_at + 60)
+        .await
+        .unwrap();
+    let moved = s.console_session(&token.hash()).await.unwrap().unwrap();
+    assert_eq!(moved.last_seen_at, rec.created_at + 60);
+    assert_eq!(
+        moved.idle_expires_at,
+        rec.created_at + 60 + policy.idle.as_secs() as i64
+    );
+}
+
+#[tokio::test]
+async fn revoking_an_operator_ends_its_sessions() {
+    let c = control().await;
+    operator(&c, "root", Role::Admin).await;
+    let cookie = sign_in(&c, "alice", Role::Operator).await;
+    let a = send(&c, get("/console/", Some(&cookie))).await;
+    assert_eq!(a.status, StatusCode::OK);
+    operators::revoke(
+        &c.state.domain.registry(),
+        &Caller::LocalAdmin,
+        "alice",
+        now(),
+    )
+    .await
+    .unwrap();
+    assert!(store(&c)
+        .console_sessions("alice")
+        .await
+        .unwrap()
+        .is_empty());
+    let a = send(&c, get("/console/", Some(&cookie))).await;
+    assert_eq!(a.status, StatusCode::SEE_OTHER);
+    assert_eq!(a.location(), "/console/login");
+    let revoke = audit(&c, "operator.revoke").await;
+    assert_eq!(revoke[0].details["console_sessions_ended"], 1);
+}
+
+#[tokio::test]
+async fn logout_ends_the_session() {
+    let c = control().await;
+    let cookie = sign_in(&c, "alice", Role::Viewer).await;
+    let page = send(&c, get("/console/account", Some(&cookie))).await;
+    assert!(page.body.contains("Log out"));
+    let csrf = csrf_of(&page.body);
+    let a = send(
+        &c,
+        form("/console/logout", Some(&cookie), &format!("csrf={csrf}")),
+    )
+    .await;
+    assert_eq!(a.status, StatusCode::SEE_OTHER);
+    assert_eq!(a.location(), "/console/login");
+    assert!(a.headers[header::SET_COOKIE]
+        .to_str()
+        .unwrap()
+        .contains("Max-Age=0"));
+    let a = send(&c, get("/console/", Some(&cookie))).await;
+    assert_eq!(a.location(), "/console/login");
+    assert_eq!(audit(&c, "console.logout").await.len(), 1);
+}
+
+#[tokio::test]
+async fn a_viewer_sees_no_actions_and_a_forged_post_is_refused_and_audited() {
+    let c = control().await;
+    register(&c, "a1", "acme").await;
+    let cookie = sign_in(&c, "vera", Role::Viewer).await;
+    for path in ["/console/", "/console/appliances/a1", "/console/alerts"] {
+        let page = send(&c, get(path, Some(&cookie))).await;
+        assert_eq!(page.status, StatusCode::OK, "{path}");
+        for button in [
+            "Trigger renewal",
+            ">Disable",
+            "Revoke",
+            "Create enrollment token",
+        ] {
+            assert!(
+                !page.body.contains(button),
+                "{button} on {path} for a viewer"
+            );
+        }
+    }
+    let page = send(&c, get("/console/appliances/a1", Some(&cookie))).await;
+    let csrf = csrf_of(&page.body);
+    for (path, body) in [
+        ("/console/appliances/a1/disable", String::new()),
+        ("/console/appliances/a1/renew", String::new()),
+        (
+            "/console/appliances/a1/revoke",
+            "confirm_id=a1&reason=forged".to_owned(),
+        ),
+        (
+            "/console/bulk",
+            "action=disable&ids=a1&confirm=1".to_owned(),
+        ),
+    ] {
+        let body = format!("csrf={csrf}&{body}");
+        let a = send(&c, form(path, Some(&cookie), &body)).await;
+        assert_eq!(a.status, StatusCode::FORBIDDEN, "{path}");
+        assert!(a.body.contains("role_forbidden"), "{path}");
+    }
+    let a = store(&c).get_appliance("a1").await.unwrap().unwrap();
+    assert_eq!(a.status.as_str(), "active");
+    assert_eq!(a.manual_renewal_generation, 0);
+    let denied = audit(&c, "appliance.disable").await;
+    assert_eq!(denied.len(), 2, "the single and the bulk disable");
+    for e in &denied {
+        assert_eq!(e.outcome.as_str(), "refused");
+        assert_eq!(e.actor.name, "vera");
+        assert_eq!(e.details["code"], "role_forbidden");
+        assert_eq!(e.details["via"], "console");
+        assert_eq!(e.details["role"], "viewer");
+        assert_eq!(e.details["needed"], "operator");
+    }
+    // Not even the Operators page for a viewer.
+    let a = send(&c, get("/console/operators", Some(&cookie))).await;
+    assert_eq!(a.status, StatusCode::FORBIDDEN);
+}
+
+#[tokio::test]
+async fn an_operator_acts_with_the_apis_audit_entries_plus_via_console() {
+    let c = control().await;
+    register(&c, "a1", "acme").await;
+    register(&c, "a2", "acme").await;
+    let cookie = sign_in(&c, "olga", Role::Operator).await;
+    let page = send(&c, get("/console/appliances/a1", Some(&cookie))).await;
+    for button in [
+        "Trigger renewal",
+        "Disable",
+        "Revoke",
+        "Create enrollment token",
+    ] {
+        assert!(page.body.contains(button), "{button}");
+    }
+    let csrf = csrf_of(&page.body);
+    let post = |path: &str, body: &str| form(path, Some(&cookie), &format!("csrf={csrf}&{body}"));
+
+    let a = send(&c, post("/console/appliances/a1/renew", "")).await;
+    assert_eq!(a.status, StatusCode::SEE_OTHER);
+    assert_eq!(a.location(), "/console/appliances/a1?tab=trust");
+    let a = send(&c, post("/console/appliances/a1/disable", "")).await;
+    assert_eq!(a.status, StatusCode::SEE_OTHER);
+    assert_eq!(
+        store(&c)
+            .get_appliance("a1")
+            .await
+            .unwrap()
+            .unwrap()
+            .status
+            .as_str(),
+        "disabled"
+    );
+    let a = send(&c, post("/console/appliances/a1/enable", "")).await;
+    assert_eq!(a.status, StatusCode::SEE_OTHER);
+    let a = send(&c, post("/console/appliances/a1/tokens", "")).await;
+    assert_eq!(a.status, StatusCode::OK);
+    assert!(a.body.contains("id=\"token-value\">tt_"));
+
+    let session =
+        store(&c).console_sessions("olga").await.unwrap()[0].token_sha256[..12].to_owned();
+    for action in [
+        "appliance.request_renewal",
+        "appliance.disable",
+        "appliance.enable",
+        "token.create",
+    ] {
+        let e = &audit(&c, action).await[0];
+        assert_eq!(e.outcome.as_str(), "success", "{action}");
+        assert_eq!(e.actor.name, "olga");
+        assert_eq!(e.target, "a1");
+        assert_eq!(e.details["via"], "console", "{action}");
+        assert_eq!(e.details["session"], session.as_str(), "{action}");
+    }
+
+    // Revoke: refused unless the typed id is the id; the reason is recorded.
+    let a = send(
+        &c,
+        post(
+            "/console/appliances/a2/revoke",
+            "confirm_id=a1&reason=cloned",
+        ),
+    )
+    .await;
+    assert_eq!(a.status, StatusCode::BAD_REQUEST);
+    assert!(a.body.contains("confirm_mismatch"));
+    assert_eq!(
+        store(&c)
+            .get_appliance("a2")
+            .await
+            .unwrap()
+            .unwrap()
+            .status
+            .as_str(),
+        "active"
+    );
+    let a = send(
+        &c,
+        post(
+            "/console/appliances/a2/revoke",
+            "confirm_id=a2&reason=cloned+certificate",
+        ),
+    )
+    .await;
+    assert_eq!(a.status, StatusCode::SEE_OTHER);
+    assert_eq!(
+        store(&c)
+            .get_appliance("a2")
+            .await
+            .unwrap()
+            .unwrap()
+            .status
+            .as_str(),
+        "revoked"
+    );
+    let revokes = audit(&c, "appliance.revoke").await;
+    assert_eq!(revokes[0].outcome.as_str(), "success");
+    assert_eq!(revokes[0].details["reason"], "cloned certificate");
+    assert_eq!(revokes[1].details["code"], "confirm_mismatch");
+
+    // Bulk: first a confirmation stating the count, then the actions.
+    let a = send(&c, post("/console/bulk", "action=renew&ids=a1&ids=a2")).await;
+    assert_eq!(a.status, StatusCode::OK);
+    assert!(
+        a.body.contains("Trigger renewal for 2 appliances?"),
+        "{}",
+        a.body
+    );
+    assert_eq!(
+        store(&c)
+            .get_appliance("a1")
+            .await
+            .unwrap()
+            .unwrap()
+            .manual_renewal_generation,
+        1
+    );
+    let a = send(
+        &c,
+        post("/console/bulk", "action=renew&ids=a1&ids=a2&confirm=2"),
+    )
+    .await;
+    assert_eq!(a.status, StatusCode::OK);
+    assert_eq!(
+        store(&c)
+            .get_appliance("a1")
+            .await
+            .unwrap()
+            .unwrap()
+            .manual_renewal_generation,
+        2
+    );
+}
+
+#[tokio::test]
+async fn state_changes_need_the_consoles_origin_and_the_session_token() {
+    let c = control().await;
+    register(&c, "a1", "acme").await;
+    let cookie = sign_in(&c, "olga", Role::Operator).await;
+    let page = send(&c, get("/console/appliances/a1", Some(&cookie))).await;
+    let csrf = csrf_of(&page.body);
+    let cookie_h = format!("{}={cookie}", console::COOKIE);
+    let attempt = |headers: &[(&str, &str)], body: &str| {
+        let mut b = Request::builder()
+            .method(Method::POST)
+            .uri("/console/appliances/a1/renew")
+            .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded")
+            .header(header::COOKIE, cookie_h.clone());
+        for (k, v) in headers {
+            b = b.header(*k, *v);
+        }
+        b.body(Body::from(body.to_owned())).unwrap()
+    };
+    let good = format!("csrf={csrf}");
+    type Case<'a> = (&'a str, Vec<(&'a str, &'a str)>, String, StatusCode);
+    let cases: Vec<Case> = vec![
+        (
+            "no Origin, no fetch metadata",
+            vec![],
+            good.clone(),
+            StatusCode::FORBIDDEN,
+        ),
+        (
+            "foreign Origin",
+            vec![("origin", "https://evil.example")],
+            good.clone(),
+            StatusCode::FORBIDDEN,
+        ),
+        (
+            "cross-site fetch",
+            vec![("sec-fetch-site", "cross-site"), ("origin", ORIGIN)],
+            good.clone(),
+            StatusCode::FORBIDDEN,
+        ),
+        (
+            "same-site (another subdomain)",
+            vec![("sec-fetch-site", "same-site")],
+            good.clone(),
+            StatusCode::FORBIDDEN,
+        ),
+        (
+            "same-origin without the token",
+            vec![("sec-fetch-site", "same-origin")],
+            String::new(),
+            StatusCode::FORBIDDEN,
+        ),
+        (
+            "same-origin with a wrong token",
+            vec![("sec-fetch-site", "same-origin")],
+            format!("csrf={}", "0".repeat(64)),
+            StatusCode::FORBIDDEN,
+        ),
+        (
+            "same-origin with the token",
+            vec![("sec-fetch-site", "same-origin")],
+            good.clone(),
+            StatusCode::SEE_OTHER,
+        ),
+        (
+            "the console's Origin without fetch metadata, with the token",
+            vec![("origin", ORIGIN)],
+            good.clone(),
+            StatusCode::SEE_OTHER,
+        ),
+    ];
+    let mut refused = 0;
+    for (what, headers, body, want) in cases {
+        let a = send(&c, attempt(&headers, &body)).await;
+        assert_eq!(a.status, want, "{what}: {}", a.body);
+        if want == StatusCode::FORBIDDEN {
+            refused += 1;
+            assert!(a.body.contains("csrf_refused"), "{what}");
+        }
+    }
+    // The token also works as a header (scripts).
+    let a = send(
+        &c,
+        attempt(
+            &[("sec-fetch-site", "same-origin"), ("x-csrf-token", &csrf)],
+            "",
+        ),
+    )
+    .await;
+    assert_eq!(a.status, StatusCode::SEE_OTHER);
+    let a = store(&c).get_appliance("a1").await.unwrap().unwrap();
+    assert_eq!(
+        a.manual_renewal_generation, 3,
+        "only the accepted requests acted"
+    );
+    let entries = audit(&c, "console.csrf_refused").await;
+    assert_eq!(entries.len(), refused);
+    assert!(entries.iter().all(|e| e.outcome.as_str() == "refused"));
+    assert!(entries.iter().all(|e| e.actor.name == "olga"));
+    // The login exchange is origin-checked too.
+    let a = send(
+        &c,
+        Request::post("/console/login/00ff")
+            .header("sec-fetch-site", "cross-site")
+            .body(Body::from("secret=x"))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(a.status, StatusCode::FORBIDDEN);
+}
+
+#[tokio::test]
+async fn a_tenant_named_script_renders_as_text() {
+    let c = control().await;
+    register(&c, "a1", "<script>alert(1)</script>").await;
+    let cookie = sign_in(&c, "vera", Role::Viewer).await;
+    for path in [
+        "/console/",
+        "/console/appliances/a1",
+        "/console/audit",
+        "/console/?tenant=%3Cscript%3Ealert(1)%3C%2Fscript%3E",
+    ] {
+        let a = send(&c, get(path, Some(&cookie))).await;
+        assert_eq!(a.status, StatusCode::OK, "{path}");
+        assert!(!a.body.contains("<script>alert"), "{path}");
+        assert!(
+            a.body.contains("&#60;script&#62;alert(1)&#60;/script&#62;")
+                || a.body.contains("&lt;script&gt;alert(1)&lt;/script&gt;"),
+            "{path}: {}",
+            a.body
+        );
+    }
+}
+
+#[tokio::test]
+async fn the_fleet_header_counts_as_the_api_does() {
+    let c = control().await;
+    for i in 0..5 {
+        register(&c, &format!("a{i}"), "acme").await;
+    }
+    tether_control::domain::appliances::change_status(
+        &c.state.domain.registry(),
+        &Caller::LocalAdmin,
+        Caller::LocalAdmin.event("appliance.disable", "a0"),
+        "a0",
+        tether_api::appliances::ApplianceStatus::Disabled,
+        now(),
+    )
+    .await
+    .unwrap();
+    let cookie = sign_in(&c, "vera", Role::Viewer).await;
+    let a = send(&c, get("/console/", Some(&cookie))).await;
+    let trust = tether_control::domain::trust::fleet_trust(
+        store(&c),
+        &c.state.domain.settings.trust,
+        now(),
+    )
+    .await
+    .unwrap();
+    for (state, n) in &trust.counts {
+        let tile = format!("data-trust-state=\"{state}\" data-count=\"{n}\"");
+        assert!(a.body.contains(&tile), "{tile}");
+    }
+    assert!(a.body.contains("data-tile=\"disabled\" data-count=\"1\""));
+    assert!(a.body.contains("data-tile=\"offline\" data-count=\"5\""));
+    assert_eq!(a.body.matches("data-appliance-id=").count(), 5);
+    assert!(a
+        .body
+        .contains("data-appliance-id=\"a3\" data-trust-state=\"not_enrolled\""));
+    // Filters live in the URL.
+    let a = send(&c, get("/console/?status=disabled", Some(&cookie))).await;
+    assert_eq!(a.body.matches("data-appliance-id=").count(), 1);
+    let a = send(&c, get("/console/?q=a4", Some(&cookie))).await;
+    assert_eq!(a.body.matches("data-appliance-id=").count(), 1);
+    assert!(a.body.contains("id=\"app-a4\""));
+}
+
+#[tokio::test]
+async fn a_live_stream_gets_a_row_event_when_a_session_comes_up() {
+    let c = control().await;
+    register(&c, "a1", "acme").await;
+    let cookie = sign_in(&c, "vera", Role::Viewer).await;
+    let resp = c
+        .app
+        .clone()
+        .oneshot(get("/console/events?view=fleet", Some(&cookie)))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(resp.headers()[header::CONTENT_TYPE], "text/event-stream");
+    let mut body = resp.into_body();
+    let mut seen = String::new();
+    seen.push_str(&next_frame(&mut body).await);
+    assert!(seen.contains("retry: 2000"), "{seen}");
+    // A broker reports a session of a1.
+    let _rx = c.state.cluster.attach_link(
+        "edge-1",
+        vec![SessionReport {
+            appliance: "a1".into(),
+            session_id: 7,
+            fingerprint: "00".into(),
+            connected_at: now() as u64,
+            connected_at_ms: 0,
+            cert_not_after: 0,
+            agent_version: "9.9.9".into(),
+            capabilities: Vec::new(),
+            transport: "quic".into(),
+        }],
+    );
+    while !seen.contains("event: row") {
+        seen.push_str(&next_frame(&mut body).await);
+    }
+    let row = seen.split("event: row").nth(1).unwrap();
+    assert!(
+        row.contains("<tr id=\"app-a1\" data-appliance-id=\"a1\""),
+        "{row}"
+    );
+    assert!(row.contains("edge-1"), "{row}");
+    assert!(row.contains("9.9.9"), "{row}");
+    // Within about a second, the header tiles follow.
+    while !seen.contains("event: summary") {
+        seen.push_str(&next_frame(&mut body).await);
+    }
+    let summary = seen.split("event: summary").nth(1).unwrap();
+    assert!(
+        summary.contains("data-tile=\"connected\" data-count=\"1\""),
+        "{summary}"
+    );
+    assert_eq!(c.console.hub.streams(), 1);
+    drop(body);
+    assert_eq!(
+        c.console.hub.streams(),
+        0,
+        "a closed stream gives its place back"
+    );
+}
+
+#[tokio::test]
+async fn a_session_holds_at_most_eight_live_streams() {
+    let c = control().await;
+    let cookie = sign_in(&c, "vera", Role::Viewer).await;
+    let mut open = Vec::new();
+    for _ in 0..tether_control::console::events::MAX_PER_SESSION {
+        let resp = c
+            .app
+            .clone()
+            .oneshot(get("/console/events?view=fleet", Some(&cookie)))
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        open.push(resp);
+    }
+    let resp = c
+        .app
+        .clone()
+        .oneshot(get("/console/events?view=fleet", Some(&cookie)))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::TOO_MANY_REQUESTS);
+    // Another session has its own eight.
+    let other = sign_in(&c, "walt", Role::Viewer).await;
+    let resp = c
+        .app
+        .clone()
+        .oneshot(get("/console/events?view=fleet", Some(&other)))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    open.pop();
+    let resp = c
+        .app
+        .clone()
+        .oneshot(get("/console/events?view=fleet", Some(&cookie)))
+        .await
+        .unwrap();
+    assert_eq!(
+        resp.status(),
+        StatusCode::OK,
+        "a closed stream frees a place"
+    );
+}
+
+async fn next_frame(body: &mut Body) -> String {
+    let frame = tokio::time::timeout(Duration::from_secs(5), body.frame())
+        .await
+        .expect("an event within 5 s")
+        .expect("the stream is open")
+        .unwrap();
+    String::from_utf8_lossy(&frame.into_data().unwrap()).into_owned()
+}
+
+#[tokio::test]
+async fn a_certificate_near_expiry_is_a_trust_alert_with_trigger_renewal() {
+    let c = control().await;
+    register(&c, "a1", "acme").await;
+    register(&c, "a2", "acme").await;
+    let cert = tether_control::store::CertRecord {
+        serial: "0a".into(),
+        appliance_id: "a1".into(),
+        fingerprint: "ab".repeat(32),
+        not_before: now() - 86_400,
+        not_after: now() + 3_600,
+        state: tether_control::store::CertState::Current,
+    };
+    let event = Caller::LocalAdmin.event("appliance.enroll", "a1");
+    store(&c)
+        .record_certificate(&cert, now(), 0, &event)
+        .await
+        .unwrap();
+    let viewer = sign_in(&c, "vera", Role::Viewer).await;
+    let operator = sign_in(&c, "olga", Role::Operator).await;
+    let page = send(&c, get("/console/alerts", Some(&operator))).await;
+    assert_eq!(page.status, StatusCode::OK);
+    assert!(
+        page.body
+            .contains("data-kind=\"renewal_due\" data-appliance-id=\"a1\""),
+        "{}",
+        page.body
+    );
+    assert!(page.body.contains("Trigger renewal"));
+    assert!(!page.body.contains("data-appliance-id=\"a2\""));
+    let page = send(&c, get("/console/alerts", Some(&viewer))).await;
+    assert!(page.body.contains("data-kind=\"renewal_due\""));
+    assert!(!page.body.contains("Trigger renewal"));
+    // The tile and the filter agree.
+    let fleet = send(&c, get("/console/", Some(&viewer))).await;
+    assert!(fleet
+        .body
+        .contains("data-trust-state=\"renewal_due\" data-count=\"1\""));
+    assert!(fleet.body.contains("data-tile=\"alerts\" data-count=\"1\""));
+    let due = send(&c, get("/console/?trust_state=renewal_due", Some(&viewer))).await;
+    assert_eq!(due.body.matches("data-appliance-id=").count(), 1);
+    assert!(due.body.contains("id=\"app-a1\""));
+    // The appliance's Trust tab shows it too.
+    let trust = send(&c, get("/console/appliances/a1?tab=trust", Some(&viewer))).await;
+    assert!(trust.body.contains("id=\"current-serial\">0a<"));
+    assert!(trust.body.contains("Renewal due"));
+}
