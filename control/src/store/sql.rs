@@ -331,7 +331,7 @@ impl SqlStore {
         use std::sync::atomic::Ordering;
         let gate = &self.read_only;
         if !gate.closed.load(Ordering::Acquire) {
-            return Ok(self.pool()?);
+            return Ok(&self.pool);
         }
         if !gate.probing.swap(true, Ordering::AcqRel) {
             let (pool, gate) = (self.pool.clone(), self.read_only.clone());
