@@ -1167,3 +1167,51 @@ async fn a_requested_renewal_not_done_after_ten_minutes_is_an_alert() {
         .unwrap();
     assert!(kinds(done).is_empty());
 }
+
+#[tokio::test]
+async fn a_revocation_through_the_api_reaches_an_open_stream() {
+    let c = control().await;
+    register(&c, "a1", "acme").await;
+    let cert = tether_control::store::CertRecord {
+        serial: "0a".into(),
+        appliance_id: "a1".into(),
+        fingerprint: "cd".repeat(32),
+        not_before: now() - 60,
+        not_after: now() + 30 * 86_400,
+        state: tether_control::store::CertState::Current,
+    };
+    let enroll = Caller::LocalAdmin.event("appliance.enroll", "a1");
+    store(&c)
+        .record_certificate(&cert, now(), 0, &enroll)
+        .await
+        .unwrap();
+    let cookie = sign_in(&c, "vera", Role::Viewer).await;
+    let resp = c
+        .app
+        .clone()
+        .oneshot(get("/console/events?view=fleet", Some(&cookie)))
+        .await
+        .unwrap();
+    let mut body = resp.into_body();
+    let mut seen = next_frame(&mut body).await;
+    // Not through the console: the store's allowlist change is what the stream hears.
+    let registry = c.state.domain.registry();
+    let event = Caller::LocalAdmin.event("appliance.revoke", "a1");
+    tether_control::domain::appliances::change_status(
+        &registry,
+        &Caller::LocalAdmin,
+        event,
+        "a1",
+        tether_api::appliances::ApplianceStatus::Revoked,
+        now(),
+    )
+    .await
+    .unwrap();
+    while !seen.contains("event: row") {
+        seen.push_str(&next_frame(&mut body).await);
+    }
+    assert!(
+        seen.contains("data-appliance-id=\"a1\" data-trust-state=\"trust_revoked\""),
+        "{seen}"
+    );
+}
