@@ -1113,3 +1113,105 @@ async fn a_certificate_near_expiry_is_a_trust_alert_with_trigger_renewal() {
     assert!(trust.body.contains("id=\"current-serial\">0a<"));
     assert!(trust.body.contains("Renewal due"));
 }
+
+#[tokio::test]
+async fn a_requested_renewal_not_done_after_ten_minutes_is_an_alert() {
+    let c = control().await;
+    register(&c, "a1", "acme").await;
+    let record = |serial: &str, issued: i64| tether_control::store::CertRecord {
+        serial: serial.into(),
+        appliance_id: "a1".into(),
+        fingerprint: serial.repeat(32),
+        not_before: issued - tether_control::domain::ca::BACKDATE.as_secs() as i64,
+        not_after: issued + 30 * 86_400,
+        state: tether_control::store::CertState::Current,
+    };
+    let enroll = Caller::LocalAdmin.event("appliance.enroll", "a1");
+    store(&c)
+        .record_certificate(&record("0a", now() - 86_400), now(), 0, &enroll)
+        .await
+        .unwrap();
+    let registry = c.state.domain.registry();
+    let event = Caller::LocalAdmin.event("appliance.request_renewal", "a1");
+    tether_control::domain::appliances::request_renewal(
+        &registry,
+        &Caller::LocalAdmin,
+        event,
+        "a1",
+        now(),
+    )
+    .await
+    .unwrap();
+    let kinds = |alerts: Vec<console::alerts::Alert>| {
+        alerts
+            .into_iter()
+            .map(|a| (a.kind, a.appliance.unwrap_or_default()))
+            .collect::<Vec<_>>()
+    };
+    let (_, early) = console::alerts::collect(&c.state, now() + 60)
+        .await
+        .unwrap();
+    assert!(kinds(early).is_empty());
+    let grace = console::alerts::RENEWAL_GRACE_SECS;
+    let (_, late) = console::alerts::collect(&c.state, now() + grace + 5)
+        .await
+        .unwrap();
+    assert_eq!(kinds(late), [("renewal_not_done", "a1".to_owned())]);
+    // A certificate issued after the request is the renewal done.
+    store(&c)
+        .record_certificate(&record("0b", now() + 1), now() + 1, 0, &enroll)
+        .await
+        .unwrap();
+    let (_, done) = console::alerts::collect(&c.state, now() + grace + 5)
+        .await
+        .unwrap();
+    assert!(kinds(done).is_empty());
+}
+
+#[tokio::test]
+async fn a_revocation_through_the_api_reaches_an_open_stream() {
+    let c = control().await;
+    register(&c, "a1", "acme").await;
+    let cert = tether_control::store::CertRecord {
+        serial: "0a".into(),
+        appliance_id: "a1".into(),
+        fingerprint: "cd".repeat(32),
+        not_before: now() - 60,
+        not_after: now() + 30 * 86_400,
+        state: tether_control::store::CertState::Current,
+    };
+    let enroll = Caller::LocalAdmin.event("appliance.enroll", "a1");
+    store(&c)
+        .record_certificate(&cert, now(), 0, &enroll)
+        .await
+        .unwrap();
+    let cookie = sign_in(&c, "vera", Role::Viewer).await;
+    let resp = c
+        .app
+        .clone()
+        .oneshot(get("/console/events?view=fleet", Some(&cookie)))
+        .await
+        .unwrap();
+    let mut body = resp.into_body();
+    let mut seen = next_frame(&mut body).await;
+    // Not through the console: the store's allowlist change is what the stream hears.
+    let registry = c.state.domain.registry();
+    let event = Caller::LocalAdmin.event("appliance.revoke", "a1");
+    tether_control::domain::appliances::change_status(
+        &registry,
+        &Caller::LocalAdmin,
+        event,
+        "a1",
+        tether_api::appliances::ApplianceStatus::Revoked,
+        now(),
+    )
+    .await
+    .unwrap();
+    while !seen.contains("event: row") {
+        seen.push_str(&next_frame(&mut body).await);
+    }
+    assert!(
+        seen.contains("data-appliance-id=\"a1\" data-trust-state=\"trust_revoked\""),
+        "{seen}"
+    );
+}

@@ -2,8 +2,9 @@
 //! severity, since when, and one suggested action.
 //!
 //! - `renewal_due` / `expired`: [`crate::domain::trust::fleet_trust`]'s alerts;
-//! - `renewal_not_done`: a renewal was requested (`appliance.request_renewal`) more than
-//!   [`RENEWAL_GRACE_SECS`] ago and no certificate was issued since;
+//! - `renewal_not_done`: a renewal was requested (`appliance.request_renewal`, among the
+//!   newest [`RECENT_REQUESTS`] requests) more than [`RENEWAL_GRACE_SECS`] ago and no
+//!   certificate was issued since;
 //! - `superseded_churn`: control closed one of two sessions of the appliance on different
 //!   brokers at least [`SUPERSEDE_ALERT`] times (a shared or cloned certificate);
 //! - `trust_mismatch`: the trust state the agent reports in its heartbeats differs from
@@ -19,12 +20,14 @@ use tether_audit::action;
 
 use super::view::when;
 use crate::domain::ca::BACKDATE;
-use crate::domain::trust::{evaluate, fleet_trust};
+use crate::domain::trust::fleet_scan;
 use crate::http::AppState;
 use crate::store::{AuditSearch, CertRecord, StoreError, UnixSeconds};
 
 /// A requested renewal not done after this long is an alert: 10 minutes.
 pub const RENEWAL_GRACE_SECS: i64 = 600;
+/// How many of the newest renewal requests the alerts look at.
+pub const RECENT_REQUESTS: u32 = 1_000;
 /// Superseded this often from two places: an alert.
 pub const SUPERSEDE_ALERT: u32 = 3;
 
@@ -86,7 +89,8 @@ pub async fn collect(
 ) -> Result<(FleetTrust, Vec<Alert>), StoreError> {
     let store = app.domain.store.as_ref();
     let settings = &app.domain.settings.trust;
-    let summary = fleet_trust(store, settings, now).await?;
+    let scan = fleet_scan(store, settings, now).await?;
+    let summary = scan.summary;
     let mut out = Vec::new();
     for a in &summary.alerts {
         let expired = a.state == TrustState::Expired;
@@ -121,20 +125,29 @@ pub async fn collect(
             renew: !expired,
         });
     }
-    // Requested renewals not done.
-    for (id, _generation) in store.renewal_generations().await? {
-        let Some(requested) = last_renewal_request(app, &id).await? else {
-            continue;
-        };
+    // Requested renewals not done: the latest request per appliance, from the newest requests in the log (one read,
+    // however large the fleet).
+    let mut requests: BTreeMap<String, i64> = BTreeMap::new();
+    for e in store
+        .audit_search(&AuditSearch {
+            action_prefix: Some(action::APPLIANCE_REQUEST_RENEWAL.to_owned()),
+            limit: RECENT_REQUESTS,
+            ..AuditSearch::default()
+        })
+        .await?
+    {
+        if e.outcome == tether_audit::Outcome::Success {
+            requests.entry(e.target.clone()).or_insert(e.at);
+        }
+    }
+    for (id, requested) in requests {
         if now - requested < RENEWAL_GRACE_SECS {
             continue;
         }
-        let current = store.current_certificate(&id).await?;
-        if renewal_done(requested, current.as_ref()) {
+        if renewal_done(requested, scan.current.get(&id)) {
             continue;
         }
-        let appliance = store.get_appliance(&id).await?;
-        if !appliance.is_some_and(|a| a.status == ApplianceStatus::Active) {
+        if scan.states.get(&id).map(|s| s.0) != Some(ApplianceStatus::Active) {
             continue;
         }
         out.push(Alert {
@@ -173,11 +186,9 @@ pub async fn collect(
     // Agent-reported trust state differs from control's.
     let reported: BTreeMap<String, String> = app.cluster.reported_trust().into_iter().collect();
     for (id, agent) in reported {
-        let Some(a) = store.get_appliance(&id).await? else {
+        let Some(&(_, ours)) = scan.states.get(&id) else {
             continue;
         };
-        let current = store.current_certificate(&id).await?;
-        let ours = evaluate(a.status, current.as_ref(), now, settings);
         if ours.as_str() == agent || ours == TrustState::TrustRevoked {
             continue;
         }

@@ -111,17 +111,21 @@ impl Hub {
                     seen = *watch.borrow_and_update();
                     continue;
                 }
-                match store.allowlist_changes_since(seen, 1000).await {
-                    Ok(deltas) => {
-                        for d in &deltas {
-                            h.appliance_changed(&d.appliance_id);
-                            seen = seen.max(d.version);
+                // Page through every change since the last one seen.
+                loop {
+                    match store.allowlist_changes_since(seen, 1000).await {
+                        Ok(deltas) if deltas.is_empty() => break,
+                        Ok(deltas) => {
+                            for d in &deltas {
+                                h.appliance_changed(&d.appliance_id);
+                                seen = seen.max(d.version);
+                            }
                         }
-                        if deltas.is_empty() {
-                            seen = *watch.borrow_and_update();
+                        Err(e) => {
+                            debug!(error = %e, "console cannot read allowlist changes");
+                            break;
                         }
                     }
-                    Err(e) => debug!(error = %e, "console cannot read allowlist changes"),
                 }
             }
         });

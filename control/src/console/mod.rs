@@ -83,7 +83,6 @@ pub const SECURITY_HEADERS: &[(&str, &str)] = &[
     ("x-content-type-options", "nosniff"),
     ("referrer-policy", "no-referrer"),
     ("strict-transport-security", "max-age=31536000"),
-    ("x-frame-options", "DENY"),
 ];
 
 /// `[console]` in `control.toml`. Absent `listen`: no console.

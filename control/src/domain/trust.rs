@@ -105,6 +105,26 @@ pub async fn fleet_trust(
     settings: &TrustSettings,
     now: i64,
 ) -> Result<FleetTrust, StoreError> {
+    Ok(fleet_scan(store, settings, now).await?.summary)
+}
+
+/// One pass over the fleet: the summary, and what it was computed from per appliance.
+#[derive(Clone, Debug)]
+pub struct FleetScan {
+    /// The summary ([`fleet_trust`]).
+    pub summary: FleetTrust,
+    /// Each appliance's status and trust state.
+    pub states: BTreeMap<String, (ApplianceStatus, TrustState)>,
+    /// Each appliance's current certificate.
+    pub current: BTreeMap<String, CertRecord>,
+}
+
+/// [`fleet_trust`] with the per-appliance states and certificates it read.
+pub async fn fleet_scan(
+    store: &dyn Store,
+    settings: &TrustSettings,
+    now: i64,
+) -> Result<FleetScan, StoreError> {
     let appliances = all_appliances(store).await?;
     let current: BTreeMap<String, CertRecord> = store
         .current_certificates()
@@ -118,9 +138,11 @@ pub async fn fleet_trust(
         .collect();
     let mut disabled = 0;
     let mut alerts = Vec::new();
+    let mut states = BTreeMap::new();
     for a in &appliances {
         let cert = current.get(&a.id);
         let state = evaluate(a.status, cert, now, settings);
+        states.insert(a.id.clone(), (a.status, state));
         *counts.entry(state.as_str().to_owned()).or_default() += 1;
         if a.status == ApplianceStatus::Disabled {
             disabled += 1;
@@ -151,11 +173,15 @@ pub async fn fleet_trust(
         a.0.cmp(&b.0)
             .then_with(|| a.1.appliance_id.cmp(&b.1.appliance_id))
     });
-    Ok(FleetTrust {
-        total: appliances.len() as u64,
-        counts,
-        disabled,
-        alerts: alerts.into_iter().map(|(_, a)| a).collect(),
+    Ok(FleetScan {
+        summary: FleetTrust {
+            total: appliances.len() as u64,
+            counts,
+            disabled,
+            alerts: alerts.into_iter().map(|(_, a)| a).collect(),
+        },
+        states,
+        current,
     })
 }
 
