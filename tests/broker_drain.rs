@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::cluster::Cluster;
-use common::operators::{audit_entries, config_dir, tether};
+use common::operators::{audit_entries, tether};
 use common::{bin, wait_for, AgentProc, BrokerProc};
 use serde_json::Value;
 
@@ -308,40 +308,13 @@ async fn rolling_upgrade_drains_each_broker_while_commands_run() {
     drop(b2);
 }
 
-fn invite_and_login(c: &Cluster, name: &str, role: &str) -> std::path::PathBuf {
-    let bundle = c.tmp().join(format!("{name}.bundle.json"));
-    c.tether(&[
-        "operator",
-        "invite",
-        name,
-        "--role",
-        role,
-        "--out",
-        bundle.to_str().unwrap(),
-    ])
-    .expect("invite");
-    let dir = config_dir(&c.fleet, name);
-    tether(
-        &dir,
-        &[
-            "login",
-            "--bundle",
-            bundle.to_str().unwrap(),
-            "--control",
-            &c.fleet.url(),
-        ],
-    )
-    .expect("login");
-    dir
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn broker_drain_is_for_admins_names_unknown_and_disconnected_brokers_and_is_audited() {
     let mut c = Cluster::new("");
     let broker = c.add_broker("edge-1");
     c.wait_brokers_up(1).await;
-    let olga = invite_and_login(&c, "olga", "operator");
-    let vic = invite_and_login(&c, "vic", "viewer");
+    let olga = c.invite_operator("olga", "operator");
+    let vic = c.invite_operator("vic", "viewer");
     for dir in [&olga, &vic] {
         let err = tether(dir, &["broker", "drain", "edge-1"]).unwrap_err();
         assert!(err.contains("403 role_forbidden"), "{err}");

@@ -78,6 +78,35 @@ impl Cluster {
         )
     }
 
+    /// `tether operator invite NAME --role ROLE` as the admin, then `tether login` with the
+    /// bundle into NAME's own config directory, which is returned.
+    pub fn invite_operator(&self, name: &str, role: &str) -> PathBuf {
+        let bundle = self.tmp().join(format!("{name}.bundle.json"));
+        self.tether(&[
+            "operator",
+            "invite",
+            name,
+            "--role",
+            role,
+            "--out",
+            bundle.to_str().unwrap(),
+        ])
+        .expect("invite");
+        let dir = config_dir(&self.fleet, name);
+        tether(
+            &dir,
+            &[
+                "login",
+                "--bundle",
+                bundle.to_str().unwrap(),
+                "--control",
+                &self.fleet.url(),
+            ],
+        )
+        .expect("login");
+        dir
+    }
+
     /// The temporary directory everything lives in.
     pub fn tmp(&self) -> &Path {
         self.fleet.data.parent().unwrap()

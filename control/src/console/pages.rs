@@ -218,9 +218,12 @@ pub fn tiles(summary: &FleetTrust, connected: u64, alert_count: u64, f: &FleetFi
         })
         .collect();
     let offline = summary.total.saturating_sub(connected);
+    // The header names `disabled` beside the trust states (tools outside look
+    // for `data-trust-state="disabled"`), though it is a status an appliance has on top
+    // of its trust state; the rows say it in `data-status`.
     out.push(Tile {
         label: "disabled",
-        trust_state: None,
+        trust_state: Some("disabled"),
         tile: Some("disabled"),
         count: summary.disabled,
         href: "/console/?status=disabled".into(),
