@@ -1157,6 +1157,37 @@ async fn a_requested_renewal_not_done_after_ten_minutes_is_an_alert() {
         .await
         .unwrap();
     assert_eq!(kinds(late), [("renewal_not_done", "a1".to_owned())]);
+    // Refused requests, which anyone can cause (a client with no certificate, a viewer),
+    // neither hide the real one nor stand in for it.
+    for _ in 0..3 {
+        store(&c)
+            .append_audit(
+                &tether_audit::AuditEvent::refused(
+                    tether_audit::Actor::system("unknown"),
+                    "appliance.request_renewal",
+                    "a1",
+                    "unauthenticated",
+                ),
+                now() + 2,
+            )
+            .await
+            .unwrap();
+    }
+    let (_, still) = console::alerts::collect(&c.state, now() + grace + 5)
+        .await
+        .unwrap();
+    assert_eq!(
+        kinds(still),
+        [("renewal_not_done", "a1".to_owned())],
+        "refused requests hide nothing"
+    );
+    assert!(
+        console::alerts::last_renewal_request(&c.state, "a1")
+            .await
+            .unwrap()
+            .is_some_and(|at| at <= now()),
+        "the Trust tab's request is the operator's, not a refusal"
+    );
     // A certificate issued after the request is the renewal done.
     store(&c)
         .record_certificate(&record("0b", now() + 1), now() + 1, 0, &enroll)
@@ -1214,4 +1245,37 @@ async fn a_revocation_through_the_api_reaches_an_open_stream() {
         seen.contains("data-appliance-id=\"a1\" data-trust-state=\"trust_revoked\""),
         "{seen}"
     );
+}
+
+/// An anonymous client cannot grow the audit log at will: requests no session vouches
+/// for (refused forms, sign-in pages) are rate limited per address, as the API's
+/// unauthenticated routes are.
+#[tokio::test]
+async fn anonymous_refusals_are_rate_limited_per_address() {
+    let c = control().await;
+    let from = |ip: &str| {
+        let mut req = Request::post("/console/appliances/a1/disable")
+            .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded")
+            .body(Body::from("csrf=x"))
+            .unwrap();
+        let addr: std::net::SocketAddr = format!("{ip}:40000").parse().unwrap();
+        req.extensions_mut()
+            .insert(tether_control::http::rate_limit::RemoteAddr(addr));
+        req
+    };
+    let mut statuses = Vec::new();
+    for _ in 0..200 {
+        statuses.push(send(&c, from("192.0.2.7")).await.status.as_u16());
+    }
+    let limited = statuses.iter().filter(|&&s| s == 429).count();
+    let refused = statuses.iter().filter(|&&s| s == 403).count();
+    assert!(
+        limited > 100,
+        "most of a burst of 200 is rate limited: {statuses:?}"
+    );
+    assert_eq!(limited + refused, 200, "{statuses:?}");
+    let audited = audit(&c, "console.csrf_refused").await.len();
+    assert_eq!(audited, refused, "only requests let through are audited");
+    // Another address is not held back by the first.
+    assert_eq!(send(&c, from("192.0.2.8")).await.status.as_u16(), 403);
 }

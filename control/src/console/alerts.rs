@@ -68,6 +68,7 @@ pub async fn last_renewal_request(app: &AppState, id: &str) -> Result<Option<i64
         .audit_search(&AuditSearch {
             target: Some(id.to_owned()),
             action_prefix: Some(action::APPLIANCE_REQUEST_RENEWAL.to_owned()),
+            success_only: true,
             limit: 1,
             ..AuditSearch::default()
         })
@@ -131,6 +132,7 @@ pub async fn collect(
     for e in store
         .audit_search(&AuditSearch {
             action_prefix: Some(action::APPLIANCE_REQUEST_RENEWAL.to_owned()),
+            success_only: true,
             limit: RECENT_REQUESTS,
             ..AuditSearch::default()
         })

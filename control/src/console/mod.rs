@@ -49,12 +49,13 @@ use axum::routing::{get, post};
 use axum::Router;
 use serde::{Deserialize, Serialize};
 use tether_audit::{self as audit, Actor, AuditEvent};
-use tracing::warn;
+use tracing::{debug, warn};
 
 use crate::domain::console::SessionPolicy;
 use crate::domain::console::{action, check_session, constant_time_eq, csrf_token, Secret};
 use crate::domain::operators::{ConsoleSession, Principal, VIA_CONSOLE};
 use crate::domain::{record_refusal, InvalidSetting};
+use crate::http::rate_limit::RemoteAddr;
 use crate::http::AppState;
 
 /// Default idle timeout of a session: 30 minutes.
@@ -69,6 +70,8 @@ pub const COOKIE: &str = "__Host-tether_console";
 pub const CSRF_HEADER: &str = "x-csrf-token";
 /// The form field plain forms carry it in.
 pub const CSRF_FIELD: &str = "csrf";
+/// How long the body of a form may take to arrive.
+const FORM_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// Largest form body the console reads.
 pub const MAX_FORM: usize = 64 * 1024;
 
@@ -206,6 +209,10 @@ pub struct ConsoleState {
     pub policy: SessionPolicy,
     /// Live updates.
     pub hub: Arc<events::Hub>,
+    /// Requests no live session vouches for (sign-in pages, refused forms) are rate
+    /// limited per address as the API's unauthenticated routes are: each may write an
+    /// audit entry, so an anonymous client must not grow the database at will.
+    pub limit: Arc<crate::http::rate_limit::PublicRateLimit>,
 }
 
 impl ConsoleState {
@@ -217,7 +224,9 @@ impl ConsoleState {
         stop: tokio_util::sync::CancellationToken,
     ) -> ConsoleState {
         let hub = events::Hub::start(&app, stop);
+        let limit = Arc::new(crate::http::rate_limit::PublicRateLimit::new(&app.http));
         ConsoleState {
+            limit,
             app,
             origin: Arc::from(origin),
             policy,
@@ -352,6 +361,25 @@ async fn guard(State(s): State<ConsoleState>, req: Request, next: Next) -> Respo
         },
         None => None,
     };
+    if session.is_none() && (unsafe_method || path.starts_with("/console/login/")) {
+        if let Some(RemoteAddr(remote)) = req.extensions().get::<RemoteAddr>().copied() {
+            if let Err(limited) = s.limit.check(remote.ip()) {
+                let secs = limited.retry_after.as_secs().max(1);
+                debug!(%remote, retry_after = secs, "console request rate limited");
+                let mut resp = view::bare_error(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "Too many requests",
+                    "rate_limited",
+                    "too many requests from this address; wait a moment",
+                );
+                if let Ok(v) = axum::http::HeaderValue::from_str(&secs.to_string()) {
+                    resp.headers_mut()
+                        .insert(axum::http::header::RETRY_AFTER, v);
+                }
+                return resp;
+            }
+        }
+    }
     if unsafe_method {
         if let Some(reason) = cross_site(req.headers(), &s.origin) {
             let sec_fetch_site = req
@@ -388,9 +416,19 @@ async fn guard(State(s): State<ConsoleState>, req: Request, next: Next) -> Respo
     let mut req = req;
     if unsafe_method {
         let (parts, body) = req.into_parts();
-        let bytes = match axum::body::to_bytes(body, MAX_FORM).await {
-            Ok(b) => b,
+        // A form arrives at once or not at all: a slow body must not hold the connection.
+        let read = tokio::time::timeout(FORM_READ_TIMEOUT, axum::body::to_bytes(body, MAX_FORM));
+        let bytes = match read.await {
+            Ok(Ok(b)) => b,
             Err(_) => {
+                return view::bare_error(
+                    StatusCode::REQUEST_TIMEOUT,
+                    "Too slow",
+                    "request_timeout",
+                    "the form took too long to arrive",
+                )
+            }
+            Ok(Err(_)) => {
                 return view::bare_error(
                     StatusCode::PAYLOAD_TOO_LARGE,
                     "Too large",

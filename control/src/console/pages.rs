@@ -917,6 +917,7 @@ pub async fn audit(
             actor: opt_str(&f.actor),
             action_prefix: opt_str(&f.action),
             before: f.before,
+            success_only: false,
             limit: AUDIT_ROWS,
         })
         .await

@@ -8,7 +8,6 @@ use std::time::Duration;
 
 use anyhow::Context;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -23,6 +22,14 @@ use crate::http::server::{next_connection, TLS_HANDSHAKE_TIMEOUT};
 pub const MAX_CONNECTIONS: usize = 1024;
 /// How long open streams get to finish when control stops.
 pub const DRAIN_GRACE: Duration = Duration::from_secs(2);
+/// How long an HTTP/1 connection may take to send a request head (idle keep-alive
+/// included).
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// HTTP/2: a ping after this long without frames, and the connection ends when its answer
+/// takes as long.
+const H2_KEEP_ALIVE: Duration = Duration::from_secs(20);
+/// HTTP/2: streams at once per connection (a page, its assets and a live stream or two).
+const H2_MAX_STREAMS: u32 = 32;
 
 /// The rustls config of the console: `chain_pem`/`key_pem`, no client certificates.
 pub fn tls_config(chain_pem: &str, key_pem: &str) -> anyhow::Result<rustls::ServerConfig> {
@@ -87,18 +94,41 @@ pub async fn serve(
                     req
                 },
             ));
-            let mut builder = auto::Builder::new(TokioExecutor::new());
-            builder
-                .http1()
-                .timer(TokioTimer::new())
-                .header_read_timeout(Duration::from_secs(10));
-            let conn = builder.serve_connection(TokioIo::new(tls), service);
-            tokio::pin!(conn);
-            let result = tokio::select! {
-                r = conn.as_mut() => r,
-                _ = drain.cancelled() => {
-                    conn.as_mut().graceful_shutdown();
-                    conn.as_mut().await
+            // The protocol the TLS handshake chose, never hyper-util's auto builder,
+            // whose version sniffing waits for a first byte with no timeout: HTTP/1
+            // with a deadline on every request head, HTTP/2 with keep-alive pings so a
+            // silent peer is dropped, and a bound on its streams.
+            let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2".as_slice());
+            let io = TokioIo::new(tls);
+            let result = if h2 {
+                let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+                builder
+                    .timer(TokioTimer::new())
+                    .keep_alive_interval(H2_KEEP_ALIVE)
+                    .keep_alive_timeout(H2_KEEP_ALIVE)
+                    .max_concurrent_streams(H2_MAX_STREAMS);
+                let conn = builder.serve_connection(io, service);
+                tokio::pin!(conn);
+                tokio::select! {
+                    r = conn.as_mut() => r,
+                    _ = drain.cancelled() => {
+                        conn.as_mut().graceful_shutdown();
+                        conn.as_mut().await
+                    }
+                }
+            } else {
+                let mut builder = hyper::server::conn::http1::Builder::new();
+                builder
+                    .timer(TokioTimer::new())
+                    .header_read_timeout(HEADER_READ_TIMEOUT);
+                let conn = builder.serve_connection(io, service);
+                tokio::pin!(conn);
+                tokio::select! {
+                    r = conn.as_mut() => r,
+                    _ = drain.cancelled() => {
+                        conn.as_mut().graceful_shutdown();
+                        conn.as_mut().await
+                    }
                 }
             };
             if let Err(e) = result {

@@ -1001,6 +1001,9 @@ pub struct AuditSearch {
     pub action_prefix: Option<String>,
     /// Entries with a `seq` below this (the next page).
     pub before: Option<i64>,
+    /// Only successes (a refused request anyone can make must not hide or stand in for
+    /// a real one).
+    pub success_only: bool,
     /// At most this many (1..=1000).
     pub limit: u32,
 }

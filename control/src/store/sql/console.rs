@@ -250,6 +250,9 @@ pub(super) async fn search(pool: &AnyPool, q: &AuditSearch) -> Result<Vec<AuditE
     if q.before.is_some() {
         clauses.push(format!("seq < ${}", next()));
     }
+    if q.success_only {
+        clauses.push("outcome = 'success'".to_owned());
+    }
     let limit = next();
     let filter = if clauses.is_empty() {
         String::new()
