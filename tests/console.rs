@@ -209,21 +209,27 @@ impl Console {
             "//*[self::button or self::a][contains(normalize-space(.), '{text}')] | \
              //input[@type='submit'][contains(@value, '{text}')]"
         );
-        let el = match scope {
-            Some(css) => {
-                self.client()
-                    .find(Locator::Css(css))
-                    .await
-                    .unwrap_or_else(|e| panic!("{css}: {e}"))
-                    .find(Locator::XPath(&format!(".{}", &xpath[0..])))
-                    .await
+        // The appliance page reads itself afresh on a live change; an element found just
+        // before such a reload is gone, so find and click again.
+        let mut last = None;
+        for _ in 0..5 {
+            let el = match scope {
+                Some(css) => match self.client().find(Locator::Css(css)).await {
+                    Ok(e) => e.find(Locator::XPath(&format!(".{xpath}"))).await,
+                    Err(e) => Err(e),
+                },
+                None => self.client().find(Locator::XPath(&xpath)).await,
+            };
+            match el {
+                Ok(el) => match el.click().await {
+                    Ok(()) => return,
+                    Err(e) => last = Some(e.to_string()),
+                },
+                Err(e) => last = Some(e.to_string()),
             }
-            None => self.client().find(Locator::XPath(&xpath)).await,
-        };
-        el.unwrap_or_else(|e| panic!("a '{text}' button: {e}"))
-            .click()
-            .await
-            .unwrap();
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+        panic!("a '{text}' button to click: {last:?}");
     }
 
     /// Mark the open document, so a later check can tell it was never reloaded.
