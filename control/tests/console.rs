@@ -1279,3 +1279,28 @@ async fn anonymous_refusals_are_rate_limited_per_address() {
     // Another address is not held back by the first.
     assert_eq!(send(&c, from("192.0.2.8")).await.status.as_u16(), 403);
 }
+
+/// The revoke form exists only for an appliance that does: an unknown or odd id gets a
+/// 404, never a form posting to a path built from it.
+#[tokio::test]
+async fn the_revoke_form_is_only_for_a_known_appliance() {
+    let c = control().await;
+    register(&c, "a1", "acme").await;
+    let cookie = sign_in(&c, "olga", Role::Operator).await;
+    assert_eq!(
+        send(&c, get("/console/appliances/a1/revoke", Some(&cookie)))
+            .await
+            .status
+            .as_u16(),
+        200
+    );
+    for odd in ["nope", "x%2Frevoke%3F", "..", "a%3Cb"] {
+        let a = send(
+            &c,
+            get(&format!("/console/appliances/{odd}/revoke"), Some(&cookie)),
+        )
+        .await;
+        assert_eq!(a.status.as_u16(), 404, "{odd}: {}", a.body);
+        assert!(!a.body.contains("confirm_id"), "{odd}: no revoke form");
+    }
+}

@@ -733,6 +733,11 @@ pub async fn revoke_form(
         now,
     )
     .await?;
+    // Only for an appliance that exists (an odd or unknown id gets the 404 the appliance
+    // page gives, never a form posting to a path built from it).
+    appliance_view(&s, &id, now)
+        .await
+        .map_err(|e| PageError::new(&me, e))?;
     Ok(html(
         StatusCode::OK,
         &RevokePage {

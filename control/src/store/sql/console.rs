@@ -211,19 +211,15 @@ pub(super) async fn end(
 
 /// Expired links and sessions.
 pub(super) async fn prune(pool: &AnyPool, now: UnixSeconds) -> Result<u64, StoreError> {
-    let mut pruned = 0;
-    for sql in [
-        "DELETE FROM console_login_links WHERE expires_at < $1",
-        "DELETE FROM console_sessions WHERE idle_expires_at < $1 OR abs_expires_at < $1",
-    ] {
-        pruned += sqlx::query(sql)
-            .bind(now)
-            .execute(pool)
-            .await
-            .map_err(db)?
-            .rows_affected();
-    }
-    Ok(pruned)
+    super::jobs::delete_expired(
+        pool,
+        &[
+            "DELETE FROM console_login_links WHERE expires_at < $1",
+            "DELETE FROM console_sessions WHERE idle_expires_at < $1 OR abs_expires_at < $1",
+        ],
+        now,
+    )
+    .await
 }
 
 pub(super) async fn search(pool: &AnyPool, q: &AuditSearch) -> Result<Vec<AuditEntry>, StoreError> {

@@ -98,11 +98,25 @@ pub(super) async fn prune_replicas(
 }
 
 pub(super) async fn prune_single_use(pool: &AnyPool, now: UnixSeconds) -> Result<u64, StoreError> {
+    delete_expired(
+        pool,
+        &[
+            "DELETE FROM nonces WHERE expires_at < $1",
+            "DELETE FROM used_proofs WHERE expires_at < $1",
+        ],
+        now,
+    )
+    .await
+}
+
+/// Run each `DELETE … < $1` of `statements` with `now`; the rows removed in all.
+pub(super) async fn delete_expired(
+    pool: &AnyPool,
+    statements: &[&str],
+    now: UnixSeconds,
+) -> Result<u64, StoreError> {
     let mut pruned = 0;
-    for sql in [
-        "DELETE FROM nonces WHERE expires_at < $1",
-        "DELETE FROM used_proofs WHERE expires_at < $1",
-    ] {
+    for sql in statements {
         pruned += sqlx::query(sql)
             .bind(now)
             .execute(pool)
