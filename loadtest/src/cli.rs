@@ -65,6 +65,8 @@ pub mod env {
     pub const TRANSPORT: &str = "TETHER_LOADTEST_TRANSPORT";
     /// `--sample-every`.
     pub const SAMPLE_EVERY: &str = "TETHER_LOADTEST_SAMPLE_EVERY";
+    /// `--seed`.
+    pub const SEED: &str = "TETHER_LOADTEST_SEED";
 }
 
 /// Default of `--duration`: how long `steady` holds the fleet.
@@ -152,6 +154,12 @@ pub enum Scenario {
     /// (SIGTERM: GoAway with up to --drain-jitter of delay); measures how fast its
     /// appliances come back on the others and that none is lost.
     Drain,
+    /// Control, --brokers (default 3) and the fleet under a schedule of faults drawn from
+    /// --seed for --duration (broker SIGKILL and drain, control SIGKILL, partitions
+    /// between a broker and control, a full disk under a broker), with commands (--rate
+    /// per second), revocations, disables and enables and churn going on; checks the
+    /// invariants while it runs and at the end, and exits non-zero naming any that broke.
+    Chaos,
 }
 
 /// The transport every simulated appliance uses (one per run: a run measures one
@@ -210,7 +218,8 @@ impl RunArgs {
             | Scenario::Commands
             | Scenario::Revoke
             | Scenario::Churn
-            | Scenario::Drain => Some(DEFAULT_STEADY_CONCURRENCY),
+            | Scenario::Drain
+            | Scenario::Chaos => Some(DEFAULT_STEADY_CONCURRENCY),
         })
     }
 
@@ -218,6 +227,7 @@ impl RunArgs {
     pub fn effective_brokers(&self) -> usize {
         self.brokers.unwrap_or(match self.scenario {
             Scenario::Drain => DEFAULT_DRAIN_BROKERS,
+            Scenario::Chaos => crate::chaos::DEFAULT_BROKERS,
             _ => DEFAULT_BROKERS,
         })
     }
@@ -226,7 +236,10 @@ impl RunArgs {
 impl Scenario {
     /// Whether it calls control's API, with an operator credential.
     pub fn needs_operator(self) -> bool {
-        matches!(self, Scenario::Commands | Scenario::Revoke)
+        matches!(
+            self,
+            Scenario::Commands | Scenario::Revoke | Scenario::Chaos
+        )
     }
 
     /// The name in reports.
@@ -238,6 +251,7 @@ impl Scenario {
             Scenario::Revoke => "revoke",
             Scenario::Churn => "churn",
             Scenario::Drain => "drain",
+            Scenario::Chaos => "chaos",
         }
     }
 }
@@ -281,7 +295,8 @@ pub struct RunArgs {
     #[arg(long, env = env::APPLIANCES, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
     pub appliances: u64,
 
-    /// How long `steady` holds the connected fleet and `commands` sends commands.
+    /// How long `steady` holds the connected fleet, `commands` sends commands and `chaos`
+    /// injects faults.
     #[arg(long, env = env::DURATION, default_value = DEFAULT_DURATION, value_parser = humantime::parse_duration)]
     pub duration: Duration,
 
@@ -353,7 +368,8 @@ pub struct RunArgs {
     #[arg(long, env = env::SAMPLE_EVERY, default_value = DEFAULT_SAMPLE_EVERY, value_parser = parse_sample_every)]
     pub sample_every: Duration,
 
-    /// `commands`: commands per second, spread over random connected appliances;
+    /// `commands` and `chaos`: commands per second, spread over random connected
+    /// appliances;
     /// `churn`: appliances disconnected per second.
     #[arg(long, env = env::RATE, default_value_t = DEFAULT_RATE, value_parser = parse_rate)]
     pub rate: f64,
@@ -375,6 +391,12 @@ pub struct RunArgs {
     /// `revoke`: how many connected appliances to revoke (at most --appliances).
     #[arg(long, env = env::REVOKE, default_value_t = DEFAULT_REVOKE, value_parser = clap::value_parser!(u64).range(1..=1_000_000).map(|v| v as usize))]
     pub revoke: usize,
+
+    /// `chaos`: the seed the fault schedule (and the work's choices) are drawn from; the
+    /// same seed, duration, broker count and available fault kinds give the same
+    /// schedule [default: a random one, printed].
+    #[arg(long, env = env::SEED)]
+    pub seed: Option<u64>,
 
     /// `revoke`: revocations sent at once.
     #[arg(long, env = env::REVOKE_CONCURRENCY, default_value_t = DEFAULT_REVOKE_CONCURRENCY, value_parser = clap::value_parser!(u64).range(1..=256).map(|v| v as usize))]

@@ -15,6 +15,8 @@
 //! - [`scenario`]: one run, sampling, the report's numbers; `storm` and `steady`.
 //! - [`ops`]: `commands` and `revoke`, through control's API as an operator.
 //! - [`motion`]: `churn` and `drain`, the fleet moving between sessions and brokers.
+//! - [`chaos`]: `chaos`, the fleet under seeded faults, and its invariants.
+//! - [`faultproxy`]: `chaos`'s partitions between a broker and control.
 //! - [`remote`]: `--control URL`, a run against an existing cluster as an operator.
 //! - [`baseline`]: `--baseline`, the bare echo server (quinn, or tokio-rustls over TCP) and
 //!   its clients.
@@ -29,7 +31,9 @@
 use clap::Parser;
 
 mod baseline;
+mod chaos;
 mod cli;
+mod faultproxy;
 mod fleet;
 mod html;
 mod measure;
@@ -51,7 +55,9 @@ fn main() -> anyhow::Result<()> {
     // the report counts it. Over TCP, yamux warns of every connection the fleet's stop
     // closes under it.
     let default_filter = match &cli.command {
-        cli::Command::Run(a) if a.scenario == cli::Scenario::Revoke => {
+        cli::Command::Run(a)
+            if matches!(a.scenario, cli::Scenario::Revoke | cli::Scenario::Chaos) =>
+        {
             "warn,tether_agent=error,yamux=error,tether_agent::agent=off"
         }
         _ => "warn,tether_agent=error,yamux=error",
@@ -93,6 +99,10 @@ async fn run(args: cli::RunArgs) -> anyhow::Result<()> {
         println!("report page: {}", page_path.display());
     }
     println!("{}", report.summary());
+    // chaos: a broken invariant fails the run, named, with the seed to repeat it.
+    if let Some(broken) = report.broken_invariants() {
+        anyhow::bail!("{broken}");
+    }
     Ok(())
 }
 

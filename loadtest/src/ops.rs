@@ -102,6 +102,107 @@ impl Api {
         }
     }
 
+    /// `POST /v1/appliances/{id}/exec` of `echo NONCE` (`chaos`): every line of the answer
+    /// read, judged by [`EchoOutcome`].
+    pub async fn exec_echo(&self, id: &str, nonce: &str, timeout_ms: u64) -> EchoOutcome {
+        use base64::Engine as _;
+        let resp = match self
+            .http
+            .post(format!("{}/v1/appliances/{id}/exec", self.url))
+            .json(&ExecRequest {
+                argv: vec!["echo".to_owned(), nonce.to_owned()],
+                timeout_ms: Some(timeout_ms),
+                ..Default::default()
+            })
+            .send()
+            .await
+        {
+            Ok(r) => r,
+            // Nothing sent back: control refused the connection or died first.
+            Err(_) => return EchoOutcome::Failed("exec_transport".into()),
+        };
+        if !resp.status().is_success() {
+            let status = resp.status().as_u16();
+            let code = resp
+                .json::<tether_api::ErrorBody>()
+                .await
+                .map(|b| b.error)
+                .unwrap_or_else(|_| "no_body".into());
+            return EchoOutcome::Failed(format!("exec_http_{status}_{code}"));
+        }
+        let mut resp = resp;
+        let mut buf = Vec::new();
+        let mut stdout = Vec::new();
+        let mut finals: Vec<ExecLine> = Vec::new();
+        let broken = loop {
+            match resp.chunk().await {
+                Ok(Some(chunk)) => buf.extend_from_slice(&chunk),
+                Ok(None) => break None,
+                Err(_) => break Some("exec_stream_broken"),
+            }
+            while let Some(pos) = buf.iter().position(|b| *b == b'\n') {
+                let line: Vec<u8> = buf.drain(..=pos).collect();
+                match serde_json::from_slice::<ExecLine>(&line) {
+                    Ok(ExecLine::Output { stream, data }) => {
+                        if matches!(stream, tether_proto::OutputStream::Stdout) {
+                            if let Ok(d) = base64::engine::general_purpose::STANDARD.decode(data) {
+                                stdout.extend_from_slice(&d);
+                            }
+                        }
+                    }
+                    Ok(l @ (ExecLine::Exit { .. } | ExecLine::Failed { .. })) => finals.push(l),
+                    Ok(_) => {}
+                    Err(_) => {
+                        return EchoOutcome::Violation(format!(
+                            "an answer line that does not parse: {}",
+                            String::from_utf8_lossy(&line).trim()
+                        ))
+                    }
+                }
+            }
+        };
+        match (finals.as_slice(), broken) {
+            ([ExecLine::Exit { code: 0 }], None) => {
+                if String::from_utf8_lossy(&stdout).trim() == nonce {
+                    EchoOutcome::Ran
+                } else {
+                    EchoOutcome::Violation(format!(
+                        "reported exit 0 without the command's output (stdout {:?})",
+                        String::from_utf8_lossy(&stdout)
+                    ))
+                }
+            }
+            ([ExecLine::Exit { code }], None) => EchoOutcome::Failed(format!("exit_{code}")),
+            ([ExecLine::Failed { code, .. }], None) => {
+                EchoOutcome::Failed(format!("exec_{}", code.name()))
+            }
+            ([], None) => EchoOutcome::Broken("exec_no_final_line".into()),
+            ([], Some(kind)) => EchoOutcome::Broken(kind.into()),
+            (more, _) if more.len() > 1 => {
+                EchoOutcome::Violation(format!("{} final lines: {more:?}", more.len()))
+            }
+            (_, Some(kind)) => {
+                EchoOutcome::Violation(format!("the stream broke ({kind}) after its final line"))
+            }
+            _ => EchoOutcome::Violation("an answer with no sense".into()),
+        }
+    }
+
+    /// `POST /v1/appliances/{id}/{action}` (`revoke`, `disable`, `enable`).
+    pub async fn set_status(&self, id: &str, action: &str) -> Result<(), String> {
+        let resp = self
+            .http
+            .post(format!("{}/v1/appliances/{id}/{action}", self.url))
+            .send()
+            .await
+            .map_err(|_| "transport".to_owned())?;
+        if resp.status().is_success() {
+            Ok(())
+        } else {
+            Err(format!("http_{}", resp.status().as_u16()))
+        }
+    }
+
     /// `POST /v1/appliances` of a token-only appliance in `tenant`. An appliance of that
     /// id already there is fine if it is in `tenant` (an earlier run made it); one in any
     /// other tenant is a real appliance, and the run stops rather than touch it.
@@ -201,6 +302,19 @@ impl Api {
             Err(format!("revoke_http_{}", resp.status().as_u16()))
         }
     }
+}
+
+/// How one `chaos` command ended, as its answer showed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum EchoOutcome {
+    /// One final line, exit 0, and the nonce on stdout.
+    Ran,
+    /// One final line saying it failed, or control refused it before any line (the name).
+    Failed(String),
+    /// The answer ended without a final line (the name): fine only if control died.
+    Broken(String),
+    /// What must never be: two final lines, success without the output, garbage.
+    Violation(String),
 }
 
 /// One NDJSON line of an exec answer: `None` if not the last one, `Some(Ok)` for exit 0,
@@ -654,7 +768,7 @@ impl Revoking {
 
 /// One fresh connection with each `revoked` appliance's certificate,
 /// [`RECONNECT_CONCURRENCY`] at a time, counted as refused or accepted in `detail`.
-async fn reconnect_revoked(
+pub(crate) async fn reconnect_revoked(
     ctx: &Ctx<'_>,
     revoked: &[usize],
     progress: &Progress,

@@ -126,6 +126,15 @@ pub struct Detail {
     pub churn: Option<crate::motion::ChurnDetail>,
     /// `drain`: the drained broker's appliances moving to the others.
     pub drain: Option<crate::motion::DrainDetail>,
+    /// `chaos`: the faults injected, in order (`kind`, `at_ms`, ...).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub faults: Option<Vec<crate::chaos::Fault>>,
+    /// `chaos`: every invariant's verdict (`name`, `ok`, `detail`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub invariants: Option<Vec<crate::chaos::Invariant>>,
+    /// `chaos`: the seed, the work done, worst cases, memory per process life.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub chaos: Option<crate::chaos::ChaosDetail>,
 }
 
 /// UDP buffers and drops.
@@ -189,6 +198,31 @@ pub fn round3(v: f64) -> f64 {
 }
 
 impl Report {
+    /// `chaos`: the invariants that broke and the seed, if any broke.
+    pub fn broken_invariants(&self) -> Option<String> {
+        let broken: Vec<&str> = self
+            .detail
+            .invariants
+            .as_ref()?
+            .iter()
+            .filter(|i| !i.ok)
+            .map(|i| i.name)
+            .collect();
+        if broken.is_empty() {
+            return None;
+        }
+        let seed = self
+            .detail
+            .chaos
+            .as_ref()
+            .map(|c| c.seed)
+            .unwrap_or_default();
+        Some(format!(
+            "invariants broken: {} (seed {seed}: repeat with --seed {seed})",
+            broken.join(", ")
+        ))
+    }
+
     /// The few lines a person reads first.
     pub fn summary(&self) -> String {
         let f = |v: Option<f64>| v.map(|v| format!("{v:.1}")).unwrap_or_else(|| "-".into());
@@ -266,6 +300,33 @@ impl Report {
                 .map(|(k, v)| format!("{k}={v}"))
                 .collect();
             s.push_str(&format!("\nerrors: {}", list.join(", ")));
+        }
+        if let Some(c) = &self.detail.chaos {
+            let kinds: Vec<String> = c
+                .faults_by_kind
+                .iter()
+                .map(|(k, v)| format!("{k} {v}"))
+                .collect();
+            s.push_str(&format!(
+                "\nchaos seed {}: faults {}",
+                c.seed,
+                if kinds.is_empty() {
+                    "none".to_owned()
+                } else {
+                    kinds.join(", ")
+                }
+            ));
+            for (k, why) in &c.unavailable {
+                s.push_str(&format!("\n  no {k}: {why}"));
+            }
+        }
+        for i in self.detail.invariants.iter().flatten() {
+            s.push_str(&format!(
+                "\n{} {}: {}",
+                if i.ok { "ok  " } else { "FAIL" },
+                i.name,
+                i.detail
+            ));
         }
         s
     }

@@ -64,6 +64,9 @@ pub async fn run(args: &RunArgs, limits: Limits) -> anyhow::Result<Report> {
         );
     }
     if let Some(url) = &args.control {
+        if args.scenario == Scenario::Chaos {
+            bail!("chaos kills and restarts control and the brokers: it needs --spawn");
+        }
         return crate::remote::run(args, url, limits).await;
     }
     if !args.spawn {
@@ -117,7 +120,10 @@ pub async fn run(args: &RunArgs, limits: Limits) -> anyhow::Result<Report> {
         limits,
     )
     .await;
-    if outcome.is_err() || args.keep_logs {
+    let broken = outcome
+        .as_ref()
+        .is_ok_and(|r| r.broken_invariants().is_some());
+    if outcome.is_err() || broken || args.keep_logs {
         let kept = run_dir.keep();
         eprintln!("logs of control and the brokers: {}", kept.display());
     }
@@ -139,6 +145,12 @@ async fn run_spawned(
     machine: Machine,
     mut limits: Limits,
 ) -> anyhow::Result<Report> {
+    if args.scenario == Scenario::Chaos {
+        return crate::chaos::run(
+            args, pool, prepared, creds, bins, run_dir, progress, machine, limits,
+        )
+        .await;
+    }
     let n = creds.len();
     let (control, control_url) = start_control(pool, bins, run_dir).await?;
 
@@ -238,12 +250,23 @@ async fn start_control(
     bins: &std::path::Path,
     run_dir: &std::path::Path,
 ) -> anyhow::Result<(ChildGuard, String)> {
+    start_control_at(&pool.control_dir(), bins, run_dir, None).await
+}
+
+/// Start control on `data_dir`, its API on `listen` (else a free loopback port), its
+/// metrics on a free one. Returns it and its API's URL.
+pub(crate) async fn start_control_at(
+    data_dir: &std::path::Path,
+    bins: &std::path::Path,
+    run_dir: &std::path::Path,
+    listen: Option<SocketAddr>,
+) -> anyhow::Result<(ChildGuard, String)> {
     let control_args: Vec<String> = vec![
         "serve".into(),
         "--data-dir".into(),
-        pool.control_dir().display().to_string(),
+        data_dir.display().to_string(),
         "--listen".into(),
-        "127.0.0.1:0".into(),
+        listen.map_or_else(|| "127.0.0.1:0".to_owned(), |a| a.to_string()),
         "--metrics-listen".into(),
         "127.0.0.1:0".into(),
         "--log-format".into(),
@@ -275,21 +298,54 @@ async fn start_broker(
     run_dir: &std::path::Path,
 ) -> anyhow::Result<Broker> {
     let bundle = prepared.broker_start(pool, name, control_url, run_dir)?;
+    let (guard, quic, admin) = spawn_broker(
+        args,
+        name,
+        &pool.broker_dir(name),
+        bundle.as_deref(),
+        None,
+        bins,
+        run_dir,
+        args.drain_jitter,
+    )
+    .await?;
+    Ok(Broker { guard, quic, admin })
+}
+
+/// Start broker `name` on `data_dir` (enrolling with `bundle` if given), listening on
+/// `listen` (its agents' address and its admin API's; else free loopback ports), with the
+/// run's heartbeat and GoAway jitter `jitter`. Returns it, its QUIC address and its admin
+/// API's.
+#[allow(clippy::too_many_arguments)]
+pub(crate) async fn spawn_broker(
+    args: &RunArgs,
+    name: &str,
+    data_dir: &std::path::Path,
+    bundle: Option<&std::path::Path>,
+    listen: Option<(SocketAddr, SocketAddr)>,
+    bins: &std::path::Path,
+    run_dir: &std::path::Path,
+    jitter: Duration,
+) -> anyhow::Result<(ChildGuard, SocketAddr, SocketAddr)> {
+    let (quic_at, admin_at) = match listen {
+        Some((q, a)) => (q.to_string(), a.to_string()),
+        None => ("127.0.0.1:0".to_owned(), "127.0.0.1:0".to_owned()),
+    };
     let mut broker_args: Vec<String> = vec![
         "--data-dir".into(),
-        pool.broker_dir(name).display().to_string(),
+        data_dir.display().to_string(),
         "--listen".into(),
-        "127.0.0.1:0".into(),
+        quic_at,
         "--admin-listen".into(),
-        "127.0.0.1:0".into(),
+        admin_at,
         "--log-format".into(),
         "json".into(),
         "--heartbeat-interval".into(),
         humantime::format_duration(args.heartbeat_interval).to_string(),
         "--reconnect-jitter".into(),
-        humantime::format_duration(args.drain_jitter).to_string(),
+        humantime::format_duration(jitter).to_string(),
         "--drain-timeout".into(),
-        humantime::format_duration(drain_timeout(args)).to_string(),
+        humantime::format_duration(jitter + Duration::from_secs(10)).to_string(),
     ];
     if let Some(bundle) = bundle {
         broker_args.push("--bundle".into());
@@ -309,7 +365,7 @@ async fn start_broker(
         "broker {name}: quic {quic}, admin http://{admin} (pid {})",
         guard.pid()
     );
-    Ok(Broker { guard, quic, admin })
+    Ok((guard, quic, admin))
 }
 
 /// Stop the brokers, then control (SIGTERM; SIGKILL after the grace period), saying which
@@ -341,10 +397,19 @@ async fn stop_all(brokers: Vec<Broker>, control: ChildGuard, run_dir: &std::path
 /// Wait until the broker follows control with the whole fleet in its allowlist. Returns
 /// its metrics text.
 async fn wait_synced(broker: &Broker, n: usize) -> anyhow::Result<String> {
+    wait_synced_at(broker.guard.name(), broker.admin, n).await
+}
+
+/// [`wait_synced`] of the broker `name` whose admin API is at `admin`.
+pub(crate) async fn wait_synced_at(
+    name: &str,
+    admin: SocketAddr,
+    n: usize,
+) -> anyhow::Result<String> {
     let deadline = Instant::now() + SYNC_TIMEOUT;
     let mut last;
     loop {
-        match spawn::http_get(broker.admin, "/metrics").await {
+        match spawn::http_get(admin, "/metrics").await {
             Ok(text) => {
                 let connected = spawn::metric(&text, "tether_broker_control_connected");
                 let entries = spawn::metric(&text, "tether_allowlist_entries").unwrap_or(0.0);
@@ -360,9 +425,8 @@ async fn wait_synced(broker: &Broker, n: usize) -> anyhow::Result<String> {
         }
         if Instant::now() > deadline {
             bail!(
-                "broker {} did not load the fleet's allowlist ({n} entries) from control within \
-                 {SYNC_TIMEOUT:?}: {last}",
-                broker.guard.name()
+                "broker {name} did not load the fleet's allowlist ({n} entries) from control within \
+                 {SYNC_TIMEOUT:?}: {last}"
             );
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
@@ -453,7 +517,18 @@ impl Tally {
         }
     }
 
-    fn quantile_ms(&self, q: f64) -> Option<f64> {
+    /// Appliances with a first session.
+    pub fn first_done(&self) -> usize {
+        self.first_done
+    }
+
+    /// Sessions that came up again after one was lost.
+    pub fn reconnects(&self) -> u64 {
+        self.reconnects
+    }
+
+    /// A quantile of the first connect times, ms.
+    pub fn quantile_ms(&self, q: f64) -> Option<f64> {
         (!self.connect.is_empty()).then(|| ms(self.connect.value_at_quantile(q)))
     }
 }
@@ -1057,7 +1132,7 @@ pub(crate) async fn drive(
 
 /// The fleet's client endpoints, with the UDP buffers the kernel granted them noted in
 /// `udp` (and a warning when they are smaller than a storm needs).
-fn client_endpoints(args: &RunArgs, udp: &mut UdpReport) -> anyhow::Result<Endpoints> {
+pub(crate) fn client_endpoints(args: &RunArgs, udp: &mut UdpReport) -> anyhow::Result<Endpoints> {
     let endpoints = crate::fleet::client_endpoints(args.client_endpoints, args.udp_buffer)?;
     udp.client_recv_buffer_bytes = endpoints.recv_buffer_bytes;
     udp.client_send_buffer_bytes = endpoints.send_buffer_bytes;
@@ -1073,7 +1148,7 @@ fn client_endpoints(args: &RunArgs, udp: &mut UdpReport) -> anyhow::Result<Endpo
 
 /// `machine` with the load average at the end of the scenario, warning when other work
 /// competed for the machine.
-fn machine_at_end(mut machine: Machine) -> Machine {
+pub(crate) fn machine_at_end(mut machine: Machine) -> Machine {
     machine.load_average_1m_end = measure::load_average();
     // The fleet, the brokers and control account for about the cores' worth of load.
     if let Some(l) = machine
@@ -1260,6 +1335,9 @@ fn report(
             revoke,
             churn,
             drain,
+            faults: None,
+            invariants: None,
+            chaos: None,
         },
         baseline,
         ratios,

@@ -140,6 +140,16 @@ impl ChildGuard {
         matches!(self.child.try_wait(), Ok(None))
     }
 
+    /// How it exited, if it has (reaping it).
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().ok().flatten()
+    }
+
+    /// SIGKILL it (as a crash or the OOM killer would) and reap it.
+    pub async fn kill(&mut self) {
+        let _ = self.child.kill().await;
+    }
+
     /// SIGTERM, wait up to `grace`, then SIGKILL. Returns whether it exited by itself.
     pub async fn stop(mut self, grace: Duration) -> bool {
         if !self.is_running() {
