@@ -334,6 +334,28 @@ pub fn write_atomic(path: &Path, bytes: &[u8], mode: Option<u32>) -> std::io::Re
 
 use tether_identity::fs::sync_dir;
 
+/// The QUIC stateless-reset key (32 random bytes, mode 0600): kept across restarts so
+/// that a broker started again on the same address answers its previous life's
+/// connections with resets their agents accept, and they reconnect at once instead of
+/// waiting out the idle timeout.
+pub const RESET_KEY_FILE: &str = "quic-reset.key";
+
+/// The stateless-reset key in `root`, made (randomly) if there is none or it is not 32
+/// bytes.
+pub fn reset_key(root: &Path) -> std::io::Result<[u8; 32]> {
+    let path = root.join(RESET_KEY_FILE);
+    if let Ok(bytes) = std::fs::read(&path) {
+        if let Ok(key) = <[u8; 32]>::try_from(bytes.as_slice()) {
+            return Ok(key);
+        }
+    }
+    let mut key = [0u8; 32];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut key)
+        .map_err(|_| std::io::Error::other("no randomness for the stateless-reset key"))?;
+    write_atomic(&path, &key, Some(0o600))?;
+    Ok(key)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -470,5 +492,21 @@ mod tests {
             dbg.contains("redacted") && !dbg.contains("PRIVATE"),
             "{dbg}"
         );
+    }
+
+    #[test]
+    fn the_reset_key_outlives_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = reset_key(dir.path()).unwrap();
+        assert_eq!(
+            reset_key(dir.path()).unwrap(),
+            a,
+            "read back, not made again"
+        );
+        assert_ne!(a, [0u8; 32]);
+        std::fs::write(dir.path().join(RESET_KEY_FILE), b"short").unwrap();
+        let b = reset_key(dir.path()).unwrap();
+        assert_ne!(b, a, "a damaged key is replaced");
+        assert_eq!(reset_key(dir.path()).unwrap(), b);
     }
 }

@@ -383,8 +383,10 @@ impl Broker {
         // config too, so one stateless-reset key: a client whose address changes (NAT
         // rebinding) may hash to another socket, which does not know its connection; the
         // reset that socket sends is then valid, and the agent reconnects at once instead
-        // of waiting out the idle timeout.
-        let endpoint_config = quinn::EndpointConfig::default();
+        // of waiting out the idle timeout. In control mode the key is kept in the data
+        // directory, so the same holds for connections of this broker's previous life
+        // after a crash or a restart on the same address.
+        let endpoint_config = endpoint_config(&config);
         let endpoints = sockets
             .into_iter()
             .map(|socket| {
@@ -1704,6 +1706,37 @@ async fn expect_end(
             "protocol violation: data after the command result; closing connection"
         );
         close(&session.connection, CloseCode::ProtocolError, metrics);
+    }
+}
+
+/// The endpoints' configuration: the stateless-reset key from the data directory in
+/// control mode ([`crate::datadir::reset_key`]), else a random one. A key that cannot be
+/// read or stored (a full disk) is logged and replaced by a random one: resets then
+/// reach only this life's connections.
+fn endpoint_config(config: &Config) -> quinn::EndpointConfig {
+    let Some(dir) = config.control.data_dir.as_deref() else {
+        return quinn::EndpointConfig::default();
+    };
+    match crate::datadir::reset_key(dir) {
+        Ok(seed) => {
+            let reset = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &seed);
+            // The connection ids carry a keyed hash that the endpoint checks before it
+            // answers an unknown connection with a reset: a new life must know the old
+            // key, else it drops the packets and its agents wait out their idle timeout.
+            let tag = ring::hmac::sign(&reset, b"tether quic connection-id key");
+            let mut cid_key = [0u8; 8];
+            cid_key.copy_from_slice(&tag.as_ref()[..8]);
+            let cid_key = u64::from_le_bytes(cid_key);
+            let mut ec = quinn::EndpointConfig::new(Arc::new(reset));
+            ec.cid_generator(move || {
+                Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
+            });
+            ec
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot keep the QUIC stateless-reset key: a random one for this run");
+            quinn::EndpointConfig::default()
+        }
     }
 }
 
