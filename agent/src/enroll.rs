@@ -369,6 +369,7 @@ pub fn store_credential(
         write_atomic(&prev.join(CERT_FILE), &cert, 0o644)?;
     }
     write_atomic(&old_key, key_pem.as_bytes(), 0o600)?;
+    crate::fault::point(crate::fault::CREDENTIAL_KEY_WRITTEN);
     write_atomic(&old_cert, chain_pem.as_bytes(), 0o644)?;
     write_atomic(&dir.join(CA_FILE), ca_pem.as_bytes(), 0o644)?;
     state.save(dir)

@@ -55,6 +55,7 @@ pub mod credentials;
 pub mod enroll;
 pub mod error;
 pub mod event;
+pub mod fault;
 pub mod manifest_key;
 pub mod proof;
 pub mod proxy;

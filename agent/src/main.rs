@@ -511,6 +511,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     tracing::info!(version = env!("CARGO_PKG_VERSION"), config = ?settings.agent, "tether-agent starting");
     // Redacted: the proxy's password is never logged.
     tracing::info!(proxy = %settings.agent.proxy, "egress");
+    tether_agent::fault::announce();
 
     let manifest_key = tether_agent::manifest_key::load_or_create(&settings.state_dir)?;
     tracing::info!(key = %tether_agent::manifest_key::public_line(&manifest_key), "manifest key");

@@ -83,6 +83,17 @@ const DRAIN_JITTER: Duration = Duration::from_secs(2);
 /// Size of each broker's tmpfs beyond the allowlist snapshot's.
 const DISK_BASE: u64 = 16 * 1024 * 1024;
 
+/// The agent executable.
+const AGENT_BIN: &str = "tether-agent";
+/// Real agent processes `chaos` runs beside the simulated fleet (for
+/// [`FaultKind::AgentCrashMidWrite`]).
+const REAL_AGENTS: usize = 2;
+/// The agent's crash point armed by [`FaultKind::AgentCrashMidWrite`]
+/// (`agent/src/fault.rs`).
+const AGENT_FAULT: (&str, &str) = ("TETHER_AGENT_FAULT", "crash_at:credential_key_written");
+/// What the agent prints when it aborts there.
+const AGENT_FAULT_SAYS: &str = "crash_at:credential_key_written: aborting";
+
 /// A fault the schedule can inject.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -98,16 +109,21 @@ pub enum FaultKind {
     Partition,
     /// Fill a broker's data directory's file system for the hold.
     DiskFull,
+    /// Restart a real `tether-agent` process armed to abort between writing a renewed
+    /// key and its certificate, and ask control to renew it; start it again unarmed after
+    /// the hold.
+    AgentCrashMidWrite,
 }
 
 impl FaultKind {
     /// Every kind.
-    pub const ALL: [FaultKind; 5] = [
+    pub const ALL: [FaultKind; 6] = [
         FaultKind::BrokerKill,
         FaultKind::BrokerDrain,
         FaultKind::ControlKill,
         FaultKind::Partition,
         FaultKind::DiskFull,
+        FaultKind::AgentCrashMidWrite,
     ];
 
     /// The name in reports.
@@ -118,6 +134,7 @@ impl FaultKind {
             FaultKind::ControlKill => "control_kill",
             FaultKind::Partition => "partition",
             FaultKind::DiskFull => "disk_full",
+            FaultKind::AgentCrashMidWrite => "agent_crash_mid_write",
         }
     }
 
@@ -129,12 +146,19 @@ impl FaultKind {
             FaultKind::ControlKill => 300..=3000,
             FaultKind::Partition => 1000..=8000,
             FaultKind::DiskFull => 2000..=10_000,
+            FaultKind::AgentCrashMidWrite => 5000..=10_000,
         }
     }
 
-    /// Whether it acts on a broker (else on control).
+    /// Whether it acts on a broker.
     fn on_broker(self) -> bool {
-        self != FaultKind::ControlKill
+        matches!(
+            self,
+            FaultKind::BrokerKill
+                | FaultKind::BrokerDrain
+                | FaultKind::Partition
+                | FaultKind::DiskFull
+        )
     }
 }
 
@@ -154,17 +178,24 @@ pub struct Fault {
     pub outcome: Option<String>,
 }
 
-/// The faults `seed` draws for a run of `duration` over `brokers` brokers from `kinds`:
-/// a fault starts every 3–9 s from 5 % to 80 % of the run; a broker takes one fault at a
-/// time (and 3 s more to come back), control one at a time, and one broker is always
-/// free of faults.
-pub fn schedule(seed: u64, duration: Duration, brokers: usize, kinds: &[FaultKind]) -> Vec<Fault> {
+/// The faults `seed` draws for a run of `duration` over `brokers` brokers and `agents`
+/// real agent processes from `kinds`: a fault starts every 3–9 s from 5 % to 80 % of the
+/// run; a broker, control and each agent take one fault at a time (and 3 s more to come
+/// back), and one broker is always free of faults.
+pub fn schedule(
+    seed: u64,
+    duration: Duration,
+    brokers: usize,
+    agents: usize,
+    kinds: &[FaultKind],
+) -> Vec<Fault> {
     let mut rng = fastrand::Rng::with_seed(seed);
     let total = duration.as_millis() as u64;
     let mut t = (total / 20).max(2000);
     let end = total * 4 / 5;
     let mut busy_until = vec![0u64; brokers];
     let mut control_busy_until = 0u64;
+    let mut agent_busy_until = vec![0u64; agents];
     let mut out = Vec::new();
     if kinds.is_empty() {
         return out;
@@ -187,6 +218,19 @@ pub fn schedule(seed: u64, duration: Duration, brokers: usize, kinds: &[FaultKin
                     outcome: None,
                 });
             }
+        } else if kind == FaultKind::AgentCrashMidWrite {
+            let free: Vec<usize> = (0..agents).filter(|&a| agent_busy_until[a] <= t).collect();
+            if !free.is_empty() {
+                let a = free[rng.usize(..free.len())];
+                agent_busy_until[a] = t + settle;
+                out.push(Fault {
+                    kind,
+                    at_ms: t,
+                    target: agent_id(a + 1),
+                    hold_ms: hold,
+                    outcome: None,
+                });
+            }
         } else if control_busy_until <= t {
             control_busy_until = t + settle;
             out.push(Fault {
@@ -200,6 +244,11 @@ pub fn schedule(seed: u64, duration: Duration, brokers: usize, kinds: &[FaultKin
         t += rng.u64(3000..=9000);
     }
     out
+}
+
+/// The id of real agent process `k` (1-based).
+pub fn agent_id(k: usize) -> String {
+    format!("chaos-agent-{k}")
 }
 
 /// One invariant's verdict.
@@ -241,6 +290,9 @@ pub struct ChaosDetail {
     pub reconnect_after_last_fault_ms: Option<f64>,
     /// Each process life's memory, first and last reading and the peak, bytes.
     pub memory: BTreeMap<String, MemoryTrace>,
+    /// Longest an appliance was without a session after losing it to a fault (its
+    /// broker killed, drained or its connection lost), until it had one again, ms.
+    pub longest_outage_ms: Option<f64>,
     /// Longest a broker's channel to control was down (not connected, or its allowlist
     /// stale) as its metrics showed, faults included, ms.
     pub longest_channel_outage_ms: Option<f64>,
@@ -337,6 +389,224 @@ impl ChaosBroker {
     }
 }
 
+/// A real `tether-agent run` process with its own state directory.
+struct RealAgent {
+    id: String,
+    bin: PathBuf,
+    args: Vec<String>,
+    guard: Option<ChildGuard>,
+    lives: u32,
+    /// Killed or armed to crash on purpose.
+    down: bool,
+    /// Times it aborted between writing a renewed key and its certificate.
+    crashes: u32,
+    /// Times it was armed but did not reach the crash point within the hold.
+    missed: u32,
+}
+
+impl RealAgent {
+    /// Register `id` (tenant `loadtest`), enroll it with a one-time token into a fresh
+    /// state directory under `run_dir`, and start it on every broker.
+    #[allow(clippy::too_many_arguments)]
+    async fn enroll(
+        id: &str,
+        args: &RunArgs,
+        api: &Api,
+        control_url: &str,
+        ca: &Path,
+        brokers: &[ChaosBroker],
+        bins: &Path,
+        run_dir: &Path,
+    ) -> anyhow::Result<RealAgent> {
+        api.register(id, pool::TENANT).await?;
+        let token = api.token(id).await?;
+        let state_dir = run_dir.join("agents").join(id);
+        let bin = bins.join(AGENT_BIN);
+        let out = tokio::process::Command::new(&bin)
+            .args([
+                "enroll",
+                "--control",
+                control_url,
+                "--id",
+                id,
+                "--proof",
+                "token",
+            ])
+            .arg("--ca")
+            .arg(ca)
+            .arg("--token")
+            .arg(&token)
+            .arg("--state-dir")
+            .arg(&state_dir)
+            .output()
+            .await
+            .context("running tether-agent enroll")?;
+        if !out.status.success() {
+            bail!(
+                "tether-agent enroll failed: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        let mut run_args: Vec<String> = vec![
+            "run".into(),
+            "--state-dir".into(),
+            state_dir.display().to_string(),
+            "--log-format".into(),
+            "json".into(),
+            "--transport".into(),
+            args.transport.as_str().into(),
+            "--backoff-max".into(),
+            humantime::format_duration(AGENT_BACKOFF_MAX).to_string(),
+            "--revoked-backoff".into(),
+            humantime::format_duration(AGENT_REVOKED_BACKOFF).to_string(),
+        ];
+        for b in brokers {
+            run_args.push("--broker".into());
+            run_args.push(b.quic.to_string());
+        }
+        let mut a = RealAgent {
+            id: id.to_owned(),
+            bin,
+            args: run_args,
+            guard: None,
+            lives: 0,
+            down: false,
+            crashes: 0,
+            missed: 0,
+        };
+        a.start(bins, run_dir, false).await?;
+        Ok(a)
+    }
+
+    /// Start it (again), armed to crash mid-write or not.
+    async fn start(&mut self, _bins: &Path, run_dir: &Path, armed: bool) -> anyhow::Result<()> {
+        let env: &[(&str, &str)] = if armed { &[AGENT_FAULT] } else { &[] };
+        let (guard, _) = ChildGuard::spawn_env(
+            &self.id,
+            &self.bin,
+            &self.args,
+            env,
+            run_dir.join(format!("{}.log", self.id)),
+            "credentials loaded",
+        )
+        .await?;
+        self.guard = Some(guard);
+        self.lives += 1;
+        Ok(())
+    }
+
+    /// How many times its log says it aborted at the crash point.
+    fn aborts_logged(&self, run_dir: &Path) -> u32 {
+        std::fs::read_to_string(run_dir.join(format!("{}.log", self.id)))
+            .map(|t| t.matches(AGENT_FAULT_SAYS).count() as u32)
+            .unwrap_or(0)
+    }
+}
+
+/// Start [`FaultKind::AgentCrashMidWrite`]: restart the agent armed, and ask control to
+/// have it renew now.
+async fn agent_begin(
+    f: &Fault,
+    agents: &mut [RealAgent],
+    api: &Api,
+    bins: &Path,
+    run_dir: &Path,
+) -> anyhow::Result<Option<String>> {
+    let a = agents
+        .iter_mut()
+        .find(|a| a.id == f.target)
+        .context("no such agent")?;
+    a.down = true;
+    if let Some(mut g) = a.guard.take() {
+        g.kill().await;
+    }
+    a.start(bins, run_dir, true).await?;
+    match api.set_status(&a.id, "renew").await {
+        Ok(()) => Ok(None),
+        Err(e) => Ok(Some(format!("renewal request refused ({e})"))),
+    }
+}
+
+/// End [`FaultKind::AgentCrashMidWrite`]: see whether it crashed there, then start it
+/// unarmed on whatever its state directory holds.
+async fn agent_end(
+    f: &Fault,
+    agents: &mut [RealAgent],
+    bins: &Path,
+    run_dir: &Path,
+) -> anyhow::Result<Option<String>> {
+    let a = agents
+        .iter_mut()
+        .find(|a| a.id == f.target)
+        .context("no such agent")?;
+    let exited = a.guard.as_mut().and_then(|g| g.exited());
+    let aborted = a.aborts_logged(run_dir);
+    let what = if exited.is_some() && aborted > a.crashes {
+        a.crashes = aborted;
+        "crashed between writing the renewed key and its certificate".to_owned()
+    } else {
+        a.missed += 1;
+        if let Some(mut g) = a.guard.take() {
+            g.kill().await;
+        }
+        format!(
+            "did not reach the crash point within the hold ({})",
+            exited.map_or_else(
+                || "still running: renewal not done".to_owned(),
+                |s| s.to_string()
+            )
+        )
+    };
+    let started = Instant::now();
+    a.start(bins, run_dir, false).await?;
+    a.down = false;
+    Ok(Some(format!(
+        "{what}; started again in {} ms",
+        started.elapsed().as_millis()
+    )))
+}
+
+/// Whether each real agent has a session again (control sees it connected), waiting up
+/// to `deadline`.
+async fn agents_connected(api: &Api, agents: &[RealAgent], deadline: Instant) -> Invariant {
+    let mut last = Vec::new();
+    loop {
+        last.clear();
+        for a in agents {
+            let connected = match api.appliance(&a.id).await {
+                Ok(d) => d.connection.is_some(),
+                Err(_) => false,
+            };
+            if !connected {
+                last.push(a.id.clone());
+            }
+        }
+        if last.is_empty() || Instant::now() >= deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let crashes: u32 = agents.iter().map(|a| a.crashes).sum();
+    let missed: u32 = agents.iter().map(|a| a.missed).sum();
+    Invariant {
+        name: "agent_credentials_survive_crash",
+        ok: last.is_empty(),
+        detail: if agents.is_empty() {
+            "no real agent in this run".into()
+        } else if last.is_empty() {
+            format!(
+                "{} real agents aborted {crashes} times between writing a renewed key and its certificate ({missed} armed runs did not get there within the hold); each connected again on what it had stored",
+                agents.len()
+            )
+        } else {
+            format!(
+                "without a session at the end: {} ({crashes} crashes mid-write)",
+                last.join(", ")
+            )
+        },
+    }
+}
+
 /// Control in the run.
 struct ChaosControl {
     data_dir: PathBuf,
@@ -414,6 +684,11 @@ struct Invariants {
     unexpected_exits: Vec<String>,
     /// Appliances whose overdue session was reported already.
     overdue_reported: HashSet<usize>,
+    /// Since when each appliance lost its session (a fault or a disconnection, not a
+    /// kick or its own revocation).
+    down_since: Vec<Option<Instant>>,
+    /// Longest time an appliance was without a session that way.
+    longest_outage: Option<Duration>,
 }
 
 /// Run `chaos` on a pool whose appliances and operator are ready.
@@ -513,11 +788,39 @@ pub async fn run(
         scenario::wait_synced_at(&b.name, b.admin, n).await?;
     }
 
+    // Real agent processes with their own state directories, for the crash mid-write.
+    let mut agents = Vec::new();
+    let agent_bin = bins.join(AGENT_BIN);
+    if agent_bin.is_file() {
+        let ca = run_dir.join("root.pem");
+        std::fs::write(&ca, &prepared.root_pem)?;
+        for k in 1..=REAL_AGENTS {
+            let a = RealAgent::enroll(
+                &agent_id(k),
+                args,
+                &api,
+                &control_url,
+                &ca,
+                &brokers,
+                bins,
+                run_dir,
+            )
+            .await
+            .with_context(|| format!("setting up the real agent {}", agent_id(k)))?;
+            agents.push(a);
+        }
+    } else {
+        unavailable.insert(
+            FaultKind::AgentCrashMidWrite.as_str(),
+            format!("{} not found", agent_bin.display()),
+        );
+    }
+
     let kinds: Vec<FaultKind> = FaultKind::ALL
         .into_iter()
         .filter(|k| !unavailable.contains_key(k.as_str()))
         .collect();
-    let mut faults = schedule(seed, args.duration, nb, &kinds);
+    let mut faults = schedule(seed, args.duration, nb, agents.len(), &kinds);
     println!(
         "chaos: {} faults over {:?} on {nb} brokers and control ({} kinds)",
         faults.len(),
@@ -533,6 +836,7 @@ pub async fn run(
         &creds,
         &mut brokers,
         &mut control,
+        &mut agents,
         &mut faults,
         bins,
         run_dir,
@@ -540,11 +844,21 @@ pub async fn run(
     )
     .await;
 
-    // Stop everything; a process that does not stop on SIGTERM is an invariant broken.
+    // Stop everything, the agents first (a broker drains for as long as sessions stay
+    // and have nowhere else to go); a process that does not stop on SIGTERM is an
+    // invariant broken.
     let mut stop_problems = Vec::new();
+    for a in &mut agents {
+        if let Some(g) = a.guard.take() {
+            if !g.stop(spawn::STOP_GRACE).await {
+                stop_problems.push(format!("{}#{} did not stop on SIGTERM", a.id, a.lives));
+            }
+        }
+    }
     for b in &mut brokers {
         if let Some(g) = b.guard.take() {
-            if !g.stop(spawn::STOP_GRACE).await {
+            // Its drain timeout, and some.
+            if !g.stop(DRAIN_JITTER + Duration::from_secs(15)).await {
                 stop_problems.push(format!("{} did not stop on SIGTERM", b.life()));
             }
         }
@@ -664,6 +978,7 @@ async fn drive(
     creds: &[Credentials],
     brokers: &mut [ChaosBroker],
     control: &mut ChaosControl,
+    agents: &mut [RealAgent],
     faults: &mut [Fault],
     bins: &Path,
     run_dir: &Path,
@@ -720,7 +1035,10 @@ async fn drive(
     let start = Instant::now();
     let mut standing = vec![Standing::Active; n];
     let mut windows: Vec<Window> = Vec::new();
-    let mut inv = Invariants::default();
+    let mut inv = Invariants {
+        down_since: vec![None; n],
+        ..Invariants::default()
+    };
     let mut detail = ChaosDetail {
         seed,
         ..ChaosDetail::default()
@@ -789,7 +1107,29 @@ async fn drive(
             let (_, i, starting) = steps[next_step];
             next_step += 1;
             let f = &mut faults[i];
-            let result = if starting {
+            let result = if f.kind == FaultKind::AgentCrashMidWrite {
+                let r = if starting {
+                    agent_begin(f, agents, api, bins, run_dir).await
+                } else {
+                    agent_end(f, agents, bins, run_dir).await
+                };
+                if !starting {
+                    last_fault_end = Some(Instant::now());
+                }
+                r
+            } else if starting {
+                if f.kind == FaultKind::BrokerKill {
+                    // Its sessions die with it, whenever their agents notice.
+                    if let Some(addr) = brokers.iter().find(|b| b.name == f.target).map(|b| b.quic)
+                    {
+                        for i in 0..n {
+                            if tally.up[i] && tally.on[i] == Some(addr) {
+                                tally.expected_close(i);
+                                inv.down_since[i] = Some(now);
+                            }
+                        }
+                    }
+                }
                 begin(
                     f,
                     brokers,
@@ -888,13 +1228,13 @@ async fn drive(
             }
         });
         check_overdue(now, &tally, &standing, &windows, &names, &mut inv);
-        check_exits(brokers, control, &mut inv, bins, run_dir, args).await;
+        check_exits(brokers, control, agents, &mut inv, bins, run_dir, args).await;
         if next_step >= steps.len() && fully_back.is_none() && missing(&tally, &standing) == 0 {
             fully_back = Some(now);
         }
         if now >= next_sample {
             next_sample = now + SAMPLE_EVERY;
-            sample_memory(brokers, control, &mut memory);
+            sample_memory(brokers, control, agents, &mut memory);
             samples.push(Sample {
                 t: round3(start.elapsed().as_secs_f64()),
                 connected: tally.current,
@@ -932,7 +1272,7 @@ async fn drive(
             &names,
             &mut inv,
         );
-        check_exits(brokers, control, &mut inv, bins, run_dir, args).await;
+        check_exits(brokers, control, agents, &mut inv, bins, run_dir, args).await;
         left_out = missing(&tally, &standing);
     }
     if fully_back.is_none() && left_out == 0 {
@@ -991,9 +1331,10 @@ async fn drive(
     for e in &endpoints.endpoints {
         e.close(0u32.into(), b"done");
     }
-    check_exits(brokers, control, &mut inv, bins, run_dir, args).await;
+    check_exits(brokers, control, agents, &mut inv, bins, run_dir, args).await;
 
     // The verdicts.
+    detail.longest_outage_ms = inv.longest_outage.map(|d| round3(d.as_secs_f64() * 1000.0));
     detail.longest_channel_outage_ms = windows
         .iter()
         .filter(|w| w.target.starts_with("channel:"))
@@ -1068,9 +1409,10 @@ async fn drive(
         ok: missing == 0,
         detail: if missing == 0 {
             format!(
-                "every appliance neither revoked nor disabled connected {} ms after the last fault ended (bound {} s)",
+                "every appliance neither revoked nor disabled connected {} ms after the last fault ended (bound {} s); the longest any appliance was without a session during the faults: {} ms",
                 show(detail.reconnect_after_last_fault_ms),
-                RECONNECT_BOUND.as_secs()
+                RECONNECT_BOUND.as_secs(),
+                show(detail.longest_outage_ms)
             )
         } else {
             format!(
@@ -1079,6 +1421,14 @@ async fn drive(
             )
         },
     });
+    invariants.push(
+        agents_connected(
+            api,
+            agents,
+            (since + RECONNECT_BOUND).max(Instant::now() + Duration::from_secs(20)),
+        )
+        .await,
+    );
     let (mem_ok, mem_detail, traces) = judge_memory(&memory);
     detail.memory = traces;
     invariants.push(Invariant {
@@ -1261,6 +1611,11 @@ fn on_event(
             at,
             ..
         } => {
+            if standing[*index] == Standing::Active && tally.up[*index] {
+                if let Some(d) = inv.down_since.get_mut(*index) {
+                    *d = Some(*at);
+                }
+            }
             if let Some(acked) = standing[*index].out_since() {
                 if tally.up[*index] {
                     let took = at.saturating_duration_since(acked);
@@ -1277,6 +1632,10 @@ fn on_event(
         FleetEvent::Connected {
             index, broker, at, ..
         } => {
+            if let Some(since) = inv.down_since.get_mut(*index).and_then(Option::take) {
+                let took = at.saturating_duration_since(since);
+                inv.longest_outage = inv.longest_outage.max(Some(took));
+            }
             if let Some(acked) = standing[*index].out_since() {
                 let name = broker_at(names, *broker).unwrap_or("?");
                 let due = reachable_from(windows, name, acked).map(|t| t + CLOSE_BOUND);
@@ -1478,7 +1837,7 @@ async fn begin(
             let path = disk.fill();
             filler.insert(b, path);
         }
-        FaultKind::ControlKill => unreachable!("handled above"),
+        FaultKind::ControlKill | FaultKind::AgentCrashMidWrite => unreachable!("handled apart"),
     }
     Ok(None)
 }
@@ -1560,7 +1919,7 @@ async fn end(
             }
             Ok(None)
         }
-        FaultKind::ControlKill => unreachable!("handled above"),
+        FaultKind::ControlKill | FaultKind::AgentCrashMidWrite => unreachable!("handled apart"),
     }
 }
 
@@ -1611,6 +1970,7 @@ async fn restart_control(
 async fn check_exits(
     brokers: &mut [ChaosBroker],
     control: &mut ChaosControl,
+    agents: &mut [RealAgent],
     inv: &mut Invariants,
     bins: &Path,
     run_dir: &Path,
@@ -1634,6 +1994,21 @@ async fn check_exits(
             }
         }
     }
+    for a in agents.iter_mut().filter(|a| !a.down) {
+        if let Some(status) = a.guard.as_mut().and_then(|g| g.exited()) {
+            inv.unexpected_exits.push(format!(
+                "{}#{} exited by itself ({status}); its log: {}",
+                a.id,
+                a.lives,
+                run_dir.join(format!("{}.log", a.id)).display()
+            ));
+            if let Err(e) = a.start(bins, run_dir, false).await {
+                inv.unexpected_exits
+                    .push(format!("{} could not be started again: {e:#}", a.id));
+                a.down = true;
+            }
+        }
+    }
     if !control.down {
         if let Some(status) = control.guard.as_mut().and_then(|g| g.exited()) {
             inv.unexpected_exits.push(format!(
@@ -1653,8 +2028,17 @@ async fn check_exits(
 fn sample_memory(
     brokers: &[ChaosBroker],
     control: &ChaosControl,
+    agents: &[RealAgent],
     memory: &mut BTreeMap<String, Vec<u64>>,
 ) {
+    for a in agents.iter().filter(|a| !a.down) {
+        if let Some(Ok(s)) = a.guard.as_ref().map(|g| measure::sample(g.pid())) {
+            memory
+                .entry(format!("{}#{}", a.id, a.lives))
+                .or_default()
+                .push(s.rss_bytes);
+        }
+    }
     for b in brokers {
         if let Some(g) = b.guard.as_ref().filter(|_| !b.down) {
             if let Ok(s) = measure::sample(g.pid()) {
@@ -1848,9 +2232,9 @@ mod tests {
     #[test]
     fn the_same_seed_draws_the_same_schedule() {
         let d = Duration::from_secs(120);
-        let a = schedule(7, d, 3, &FaultKind::ALL);
-        let b = schedule(7, d, 3, &FaultKind::ALL);
-        let c = schedule(8, d, 3, &FaultKind::ALL);
+        let a = schedule(7, d, 3, 2, &FaultKind::ALL);
+        let b = schedule(7, d, 3, 2, &FaultKind::ALL);
+        let c = schedule(8, d, 3, 2, &FaultKind::ALL);
         let key = |s: &[Fault]| {
             s.iter()
                 .map(|f| (f.kind, f.at_ms, f.target.clone(), f.hold_ms))
@@ -1865,7 +2249,7 @@ mod tests {
     fn a_schedule_leaves_one_broker_untouched_and_ends_before_the_run() {
         for seed in 0..200 {
             let d = Duration::from_secs(300);
-            let s = schedule(seed, d, 3, &FaultKind::ALL);
+            let s = schedule(seed, d, 3, 2, &FaultKind::ALL);
             for f in &s {
                 assert!(f.at_ms + f.hold_ms < d.as_millis() as u64, "{f:?}");
             }
@@ -1892,12 +2276,13 @@ mod tests {
                 }
             }
         }
-        assert!(schedule(1, Duration::from_secs(60), 3, &[]).is_empty());
+        assert!(schedule(1, Duration::from_secs(60), 3, 2, &[]).is_empty());
         // Without disk faults the schedule has none.
         let s = schedule(
             3,
             Duration::from_secs(600),
             3,
+            2,
             &[FaultKind::BrokerKill, FaultKind::Partition],
         );
         assert!(s

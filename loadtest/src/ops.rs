@@ -274,6 +274,20 @@ impl Api {
         Ok(t.token)
     }
 
+    /// `GET /v1/appliances/{id}`.
+    pub async fn appliance(&self, id: &str) -> anyhow::Result<ApplianceDetail> {
+        let resp = self
+            .http
+            .get(format!("{}/v1/appliances/{id}", self.url))
+            .send()
+            .await
+            .with_context(|| format!("asking control about {id}"))?;
+        Ok(Self::success(resp, &format!("to show {id}"))
+            .await?
+            .json()
+            .await?)
+    }
+
     /// `GET /v1/brokers`.
     pub async fn brokers(&self) -> anyhow::Result<BrokerList> {
         let resp = self

@@ -69,7 +69,20 @@ impl ChildGuard {
         log: PathBuf,
         ready_message: &'static str,
     ) -> anyhow::Result<(ChildGuard, serde_json::Value)> {
+        Self::spawn_env(name, program, args, &[], log, ready_message).await
+    }
+
+    /// [`ChildGuard::spawn`] with the variables `env` set for the child.
+    pub async fn spawn_env(
+        name: &str,
+        program: &Path,
+        args: &[String],
+        env: &[(&str, &str)],
+        log: PathBuf,
+        ready_message: &'static str,
+    ) -> anyhow::Result<(ChildGuard, serde_json::Value)> {
         let mut cmd = Command::new(program);
+        cmd.envs(env.iter().copied());
         cmd.args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
