@@ -31,7 +31,8 @@ pub const OVERLAP_SWEEP: &str = "overlap_sweep";
 pub const AUDIT_CHECKPOINT: &str = "audit_checkpoint";
 /// Forgets replicas silent for [`REPLICA_FORGET_AFTER_SECS`].
 pub const REPLICA_PRUNE: &str = "replica_prune";
-/// Deletes expired nonces and used proof ids.
+/// Deletes expired nonces, used proof ids, issue receipts, console links and sessions,
+/// and tokens and invites past `store::TOKEN_RETENTION_SECS` (`Store::prune_single_use`).
 pub const NONCE_PRUNE: &str = "nonce_prune";
 /// Gives commands whose replica is lost their outcome, `replica_lost`
 /// (`[replica] abandon_commands_every`, `[replica] lost_after`).

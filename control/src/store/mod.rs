@@ -258,6 +258,15 @@ pub struct ApplianceFilter {
 /// ([`AuditEvent::validate`]) fails the operation with `Invalid` and changes nothing.
 /// Trust-changing methods add `allowlist_version` (the version after the operation) and
 /// `allowlist_changes` (how many fingerprints it moved) to the event's details.
+/// How long an enrollment token or operator invite is kept after it expired, seconds
+/// (7 days). A token is redeemable only before its `expires_at`, so "already used" and
+/// "expired" are the answers for exactly the tokens kept; one pruned after this answers
+/// "unknown token" (`TokenRefusal::Unknown`), which is as final: a pruned token could
+/// never be redeemed again either. A used token is kept at least this long after its
+/// validity window ended, so within that window a second redemption answers "already
+/// used".
+pub const TOKEN_RETENTION_SECS: i64 = 7 * 86_400;
+
 #[async_trait]
 pub trait Store: Send + Sync + std::fmt::Debug {
     /// Register an appliance and record `audit`. `Conflict` (and no entry) if the id
@@ -662,8 +671,11 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// Forget replicas whose heartbeat is more than `silent_secs` old (the database's
     /// clock); returns how many.
     async fn prune_replicas(&self, silent_secs: i64) -> Result<u64, StoreError>;
-    /// Delete nonces, used proof ids and issue receipts that expired before `now`;
-    /// returns how many.
+    /// Delete nonces, used proof ids, issue receipts and console links and sessions that
+    /// expired before `now`, and enrollment tokens and operator invites that expired more
+    /// than [`TOKEN_RETENTION_SECS`] before `now`; returns how many. Nothing it deletes
+    /// can be replayed any more: a nonce, a proof id or a receipt is refused or useless
+    /// once expired, whether its row is there or not.
     async fn prune_single_use(&self, now: UnixSeconds) -> Result<u64, StoreError>;
 
     /// A command was sent: record it in flight and append its request entry `request` at
