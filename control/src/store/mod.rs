@@ -422,6 +422,22 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     ) -> Result<Vec<Checkpoint>, StoreError>;
     /// The checkpoint with the highest seq, if any.
     async fn last_audit_checkpoint(&self) -> Result<Option<Checkpoint>, StoreError>;
+    /// The last archive of the audit log ([`AuditArchive`]: the live log's anchor), if
+    /// any.
+    async fn audit_archive(&self) -> Result<Option<AuditArchive>, StoreError>;
+    /// Record `archive` and delete the entries it covers (`seq <= archive.seq`) and the
+    /// checkpoints before its last entry from the live log, appending `audit` (at
+    /// `archive.archived_at`), in one transaction; returns how many entries left.
+    /// `Conflict` (nothing changed) unless `archive.first_seq` is the entry right after
+    /// the last archive (1 if none): archives never overlap and never skip; `Invalid`
+    /// unless entry `archive.seq` is in the log with hash `archive.hash` and a checkpoint
+    /// of that hash is stored: entries not covered by a checkpoint are never deleted.
+    /// The caller wrote and synced the segment file first (`domain::audit::archive`).
+    async fn archive_audit(
+        &self,
+        archive: &AuditArchive,
+        audit: &AuditEvent,
+    ) -> Result<u64, StoreError>;
 
     // Operators (see `domain::operators`). Names follow the appliance id rules.
 
@@ -796,6 +812,23 @@ pub enum JobClaim {
         /// Milliseconds until the job is due (0 or more).
         due_in_ms: i64,
     },
+}
+
+/// An archived stretch of the audit log (`audit_archives`): entries `first_seq..=seq`
+/// went to the segment file `file` at `archived_at`. The last one anchors the live log:
+/// its first entry is `seq + 1`, whose `prev_hash` is `hash`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AuditArchive {
+    /// The last entry archived (a signed checkpoint vouches for it).
+    pub seq: i64,
+    /// Its hash.
+    pub hash: String,
+    /// The first entry archived.
+    pub first_seq: i64,
+    /// When, Unix seconds.
+    pub archived_at: UnixSeconds,
+    /// The segment file's name, as the archiver gave it (information only).
+    pub file: String,
 }
 
 /// A periodic job's lease row (`control_jobs`); times in Unix milliseconds, the
