@@ -259,13 +259,14 @@ pub struct ApplianceFilter {
 /// Trust-changing methods add `allowlist_version` (the version after the operation) and
 /// `allowlist_changes` (how many fingerprints it moved) to the event's details.
 /// How long an enrollment token or operator invite is kept after it expired, seconds
-/// (7 days). A token is redeemable only before its `expires_at`, so "already used" and
+/// (1 day: long enough for its holder to learn why it fails; short enough that a week of
+/// enrollments at the default 24 h token validity holds two days of tokens, not all). A token is redeemable only before its `expires_at`, so "already used" and
 /// "expired" are the answers for exactly the tokens kept; one pruned after this answers
 /// "unknown token" (`TokenRefusal::Unknown`), which is as final: a pruned token could
 /// never be redeemed again either. A used token is kept at least this long after its
 /// validity window ended, so within that window a second redemption answers "already
 /// used".
-pub const TOKEN_RETENTION_SECS: i64 = 7 * 86_400;
+pub const TOKEN_RETENTION_SECS: i64 = 86_400;
 
 #[async_trait]
 pub trait Store: Send + Sync + std::fmt::Debug {
