@@ -3,7 +3,8 @@
 //! checkpoints and keeps the live log verifiable after them; the segments and the live
 //! export verify end to end after more entries are written; overlapping archives are
 //! refused; a changed or removed entry, segments given out of order and a missing middle
-//! segment each make verify exit 1 naming the file and entry.
+//! segment each make verify exit 1 naming the file and entry; `serve` with `[audit]
+//! archive_dir` archives on its own.
 
 mod common;
 
@@ -245,4 +246,42 @@ fn segments_out_of_order_or_missing_fail_verify() {
     let err = verify(&f, &[&seg1, &seg2, &live]).unwrap_err();
     assert!(err.contains("seg1.jsonl"), "{err}");
     assert!(err.contains("not at a signed checkpoint"), "{err}");
+}
+
+#[test]
+fn serve_archives_on_its_own_with_an_archive_dir() {
+    let f = Fleet::with_config(
+        "[audit]\ncheckpoint_every = \"1s\"\narchive_dir = \"archive\"\narchive_keep = 3\narchive_every = \"1s\"\n",
+    );
+    for _ in 0..6 {
+        f.token("app-1");
+    }
+    let archive_dir = f.data.join("archive");
+    // Polled: the jobs run on serve's own schedule (1 s here).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let segments = loop {
+        let mut files: Vec<PathBuf> = std::fs::read_dir(&archive_dir)
+            .map(|d| d.map(|e| e.unwrap().path()).collect())
+            .unwrap_or_default();
+        files.retain(|p| p.extension().is_some_and(|e| e == "jsonl"));
+        files.sort();
+        if !files.is_empty() {
+            break files;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no archive segment written"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    let name = segments[0]
+        .file_name()
+        .unwrap()
+        .to_string_lossy()
+        .into_owned();
+    assert!(name.starts_with("audit-000000000001-"), "{name}");
+    let live = export(&f, "live.jsonl");
+    let mut files: Vec<&Path> = segments.iter().map(PathBuf::as_path).collect();
+    files.push(&live);
+    verify(&f, &files).expect("the automatic segments and the live log verify");
 }

@@ -10,7 +10,7 @@ use tether_audit::checkpoint::{CheckpointSigner, CheckpointVerifier};
 use tether_audit::export::{verify_export, ExportLine, ExportVerifier, VerifyError};
 use tether_audit::{system, Actor, AuditEvent};
 use tether_control::domain::audit::{
-    archive, checkpoint_signer, write_checkpoint, write_export, ArchiveError,
+    archive, archive_due, checkpoint_signer, write_checkpoint, write_export, ArchiveError,
 };
 use tether_control::domain::ca::{Ca, CaConfig};
 use tether_control::store::sql::Backend;
@@ -22,6 +22,7 @@ on_both_backends!(
     entries_no_checkpoint_covers_are_never_deleted,
     archive_signs_its_closing_checkpoint_and_the_live_log_goes_on,
     a_tampered_range_is_not_archived,
+    automatic_archiving_keeps_the_newest_entries_live,
 );
 
 struct Keys {
@@ -215,4 +216,56 @@ async fn a_tampered_range_is_not_archived(db: &TestDb) {
     assert!(std::fs::read_dir(dir.path()).unwrap().next().is_none());
     assert_eq!(seqs(s).await, vec![1, 2, 3, 4, 5, 6]);
     assert!(s.audit_archive().await.unwrap().is_none());
+}
+
+/// `[audit] archive_dir`'s run: everything but the newest `keep` checkpointed entries, in
+/// files named by their range, each run continuing the last; segments + live verify.
+async fn automatic_archiving_keeps_the_newest_entries_live(db: &TestDb) {
+    let s = &db.store;
+    let keys = keys();
+    let now = tether_control::now_unix();
+    let dir = tempfile::tempdir().unwrap();
+    let run = || archive_due(s, &keys.signer, keys.verifier.clone(), dir.path(), 4, now);
+    append(s, 3, now).await;
+    assert!(run().await.unwrap().is_none(), "no checkpoint yet");
+    write_checkpoint(s, &keys.signer, now).await.unwrap(); // at 3
+    assert!(run().await.unwrap().is_none(), "fewer than 4 entries");
+    append(s, 7, now).await;
+    write_checkpoint(s, &keys.signer, now).await.unwrap(); // at 10
+    let first = run().await.unwrap().unwrap();
+    assert_eq!((first.first, first.last), (1, 6));
+    append(s, 5, now).await; // 12..=16 after the archive's entry 11
+    write_checkpoint(s, &keys.signer, now).await.unwrap(); // at 16
+    let second = run().await.unwrap().unwrap();
+    assert_eq!((second.first, second.last), (7, 12));
+    assert!(run().await.unwrap().is_none(), "nothing new to archive");
+    let mut files: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    files.sort();
+    let names: Vec<_> = files
+        .iter()
+        .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "audit-000000000001-000000000006.jsonl",
+            "audit-000000000007-000000000012.jsonl"
+        ]
+    );
+    let mut live = Vec::new();
+    write_export(s, None, &mut live).await.unwrap();
+    let mut segments: Vec<(String, Box<dyn std::io::BufRead>)> = files
+        .iter()
+        .map(|p| {
+            let r: Box<dyn std::io::BufRead> =
+                Box::new(std::io::BufReader::new(std::fs::File::open(p).unwrap()));
+            (p.display().to_string(), r)
+        })
+        .collect();
+    segments.push(("live".into(), Box::new(std::io::Cursor::new(live))));
+    let summary = tether_audit::export::verify_segments(segments, &keys.verifier).unwrap();
+    assert_eq!(summary.head.unwrap().0, 17);
 }

@@ -55,6 +55,10 @@ use crate::store::{AuditArchive, Store, StoreError};
 
 /// Default interval between signed audit checkpoints: 60 s.
 pub const DEFAULT_CHECKPOINT_EVERY: Duration = Duration::from_secs(60);
+/// Default number of entries automatic archiving keeps live: 100,000.
+pub const DEFAULT_ARCHIVE_KEEP: u64 = 100_000;
+/// Default interval between automatic archive runs: 1 h.
+pub const DEFAULT_ARCHIVE_EVERY: Duration = Duration::from_secs(3600);
 
 /// `[audit]`: signed checkpoints of the audit log (see this module and `tether_audit::checkpoint`).
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
@@ -66,12 +70,27 @@ pub struct AuditSettings {
     /// ([`DEFAULT_CHECKPOINT_EVERY`]); at least 1 s.
     #[serde(with = "humantime_serde")]
     pub checkpoint_every: Duration,
+    /// Where `serve` writes archive segments automatically (see "Archiving"); a relative
+    /// path is under the data directory. Default none: no automatic archiving (run
+    /// `tether-control audit archive` yourself). With several replicas, one replica runs
+    /// each archive: give them a shared directory.
+    pub archive_dir: Option<std::path::PathBuf>,
+    /// How many of the newest checkpointed entries automatic archiving keeps live.
+    /// Default 100,000 ([`DEFAULT_ARCHIVE_KEEP`]); at least 1.
+    pub archive_keep: u64,
+    /// How often automatic archiving runs. Default 1 h ([`DEFAULT_ARCHIVE_EVERY`]); at
+    /// least 1 s.
+    #[serde(with = "humantime_serde")]
+    pub archive_every: Duration,
 }
 
 impl Default for AuditSettings {
     fn default() -> Self {
         AuditSettings {
             checkpoint_every: DEFAULT_CHECKPOINT_EVERY,
+            archive_dir: None,
+            archive_keep: DEFAULT_ARCHIVE_KEEP,
+            archive_every: DEFAULT_ARCHIVE_EVERY,
         }
     }
 }
@@ -572,4 +591,34 @@ async fn seg_write(
         summary.last_checkpoint = Some(last);
     }
     Ok((summary, hash))
+}
+
+/// Automatic archiving's run (`[audit] archive_dir`): archive everything but the newest
+/// `keep` entries up to the last checkpoint into `dir`, as
+/// `audit-<first>-<last>.jsonl` (12-digit seqs). `Ok(None)` when fewer than `keep`
+/// checkpointed entries are live.
+pub async fn archive_due(
+    store: &dyn Store,
+    signer: &CheckpointSigner,
+    verifier: CheckpointVerifier,
+    dir: &Path,
+    keep: u64,
+    now: i64,
+) -> Result<Option<ArchiveSummary>, ArchiveError> {
+    let Some(cp) = store.last_audit_checkpoint().await? else {
+        return Ok(None);
+    };
+    let archived = store.audit_archive().await?.map_or(0, |a| a.seq);
+    let last = cp
+        .seq
+        .saturating_sub(i64::try_from(keep).unwrap_or(i64::MAX));
+    if last <= archived {
+        return Ok(None);
+    }
+    std::fs::create_dir_all(dir)?;
+    let out = dir.join(format!("audit-{:012}-{last:012}.jsonl", archived + 1));
+    let actor = Actor::system(tether_audit::system::CONTROL);
+    archive(store, signer, verifier, None, actor, last + 1, &out, now)
+        .await
+        .map(Some)
 }
