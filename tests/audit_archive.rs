@@ -285,3 +285,45 @@ fn serve_archives_on_its_own_with_an_archive_dir() {
     files.push(&live);
     verify(&f, &files).expect("the automatic segments and the live log verify");
 }
+
+#[test]
+fn an_api_export_after_archiving_verifies_after_the_segments() {
+    let (f, seg1, seg2) = archived_fleet();
+    let config = dir(&f).join("config-admin");
+    let bundle = f.data.join("admin-bundle.json");
+    let tether = |args: &[&str]| {
+        Command::new(bin("tether"))
+            .args(args)
+            .env("TETHER_CONFIG_DIR", &config)
+            .env_remove("RUST_BACKTRACE")
+            .output()
+            .unwrap()
+    };
+    let out = tether(&[
+        "login",
+        "--bundle",
+        bundle.to_str().unwrap(),
+        "--control",
+        &f.url(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let file = dir(&f).join("api-live.jsonl");
+    let out = tether(&["audit", "export", "--out", file.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // GET /v1/audit serves the anchor's checkpoint first, and the export keeps it first.
+    let lines = read(&file);
+    assert!(
+        matches!(lines.first(), Some(ExportLine::Checkpoint(c)) if c.seq == 8),
+        "{:?}",
+        lines.first()
+    );
+    verify(&f, &[&seg1, &seg2, &file]).expect("segments + the API's live export verify");
+}
