@@ -1,7 +1,9 @@
 //! `tether audit verify FILE`: check an audit export offline (the whole chain, every
 //! signed checkpoint, and that the export reaches the last checkpoint) against a root
 //! certificate the operator holds — never one taken from the file. The format and what
-//! verifying proves are in `tether_audit::export`.
+//! verifying proves are in `tether_audit::export`. `tether audit verify SEG... LIVE`
+//! checks archive segments (`tether-control audit archive`) and the live export after
+//! them end to end (`tether_audit::export::verify_segments`).
 //!
 //! The root comes from `--ca`, else `$TETHER_CONFIG_DIR/ca.pem` when that variable is
 //! set, else `tether/ca.pem` in the platform config directory (where `tether login`
@@ -14,7 +16,9 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context};
 use rustls::pki_types::CertificateDer;
 use tether_audit::checkpoint::{pem_certs, root_trust_domain, CheckpointVerifier};
-use tether_audit::export::{verify_export, ExportSummary, ExportVerifier, VerifyError};
+use tether_audit::export::{
+    verify_export, verify_segments, ExportSummary, ExportVerifier, SegmentError, VerifyError,
+};
 
 /// The variable naming the CLI's config directory (credentials, `ca.pem`).
 pub const CONFIG_DIR_ENV: &str = "TETHER_CONFIG_DIR";
@@ -37,6 +41,8 @@ pub fn default_ca_path(env: impl Fn(&str) -> Option<String>) -> Option<PathBuf> 
 pub enum Failure {
     /// The export does not verify.
     Export(VerifyError),
+    /// A file of several (archive segments, then the live export) does not verify.
+    Segment(SegmentError),
     /// The verification could not run.
     Setup(anyhow::Error),
 }
@@ -48,6 +54,17 @@ impl std::fmt::Display for Failure {
                 write!(f, "the audit export does not verify: {e}")?;
                 if let Some(seq) = e.first_bad_seq() {
                     write!(f, "\nfirst bad entry: {seq}")?;
+                }
+                Ok(())
+            }
+            Failure::Segment(e) => {
+                write!(
+                    f,
+                    "the audit archive does not verify: {}: {}",
+                    e.name, e.error
+                )?;
+                if let Some(seq) = e.error.first_bad_seq() {
+                    write!(f, "\nfirst bad entry: {seq} (in {})", e.name)?;
                 }
                 Ok(())
             }
@@ -70,6 +87,27 @@ pub fn verify_file(
         .with_context(|| format!("cannot open {}", file.display()))
         .map_err(Failure::Setup)?;
     verify_export(BufReader::new(f), ExportVerifier::new(verifier)).map_err(Failure::Export)
+}
+
+/// Verify `files`: one export of the whole log, or archive segments oldest first and then
+/// the live export, end to end (see the module docs).
+pub fn verify_files(
+    files: &[PathBuf],
+    ca: &Path,
+    trust_domain: Option<&str>,
+) -> Result<ExportSummary, Failure> {
+    if let [file] = files {
+        return verify_file(file, ca, trust_domain);
+    }
+    let verifier = checkpoint_verifier(ca, trust_domain).map_err(Failure::Setup)?;
+    let mut readers = Vec::with_capacity(files.len());
+    for file in files {
+        let f = File::open(file)
+            .with_context(|| format!("cannot open {}", file.display()))
+            .map_err(Failure::Setup)?;
+        readers.push((file.display().to_string(), BufReader::new(f)));
+    }
+    verify_segments(readers, &verifier).map_err(Failure::Segment)
 }
 
 fn checkpoint_verifier(

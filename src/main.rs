@@ -112,10 +112,15 @@ enum AuditCmd {
     /// chain from entry 1, every signed checkpoint (signer chains to the root and is
     /// control), each checkpoint's entry, and that the export reaches the last
     /// checkpoint. Exits 0 only for an intact log; else names the first bad entry or
-    /// checkpoint and exits 1.
+    /// checkpoint and exits 1. After `tether-control audit archive`, give the archive
+    /// segments oldest first, then the live export: `verify SEG1 SEG2 ... LIVE` checks
+    /// them end to end (each file continues the one before, each segment ends at a
+    /// signed checkpoint) and names the file where it breaks.
     Verify {
-        /// The export (JSON lines).
-        file: PathBuf,
+        /// The archive segments, oldest first, then the export (JSON lines); or one
+        /// export of the whole log.
+        #[arg(required = true, num_args = 1..)]
+        files: Vec<PathBuf>,
         /// The root CA certificate to trust (PEM) [default: $TETHER_CONFIG_DIR/ca.pem, else
         /// tether/ca.pem in the platform config directory]. Never taken from the export.
         #[arg(long)]
@@ -183,14 +188,14 @@ async fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Cmd::Audit(AuditCmd::Verify {
-            file,
+            files,
             ca,
             trust_domain,
         }) => {
             let ca = ca
                 .or_else(|| tether::audit_cli::default_ca_path(|k| std::env::var(k).ok()))
                 .context("no root certificate: give --ca ROOT.pem or set TETHER_CONFIG_DIR")?;
-            let summary = tether::audit_cli::verify_file(&file, &ca, trust_domain.as_deref())?;
+            let summary = tether::audit_cli::verify_files(&files, &ca, trust_domain.as_deref())?;
             let (ok, note) = tether::audit_cli::report(&summary);
             println!("{ok}");
             if let Some(note) = note {

@@ -439,6 +439,11 @@ async fn periodic_jobs_run_once_per_period_across_three_replicas() {
 /// `tether-control audit export` of `data`'s database, then `tether audit verify` of the
 /// file against `root`: the chain and every checkpoint's signature.
 fn audit_export_verifies(data: &Path, root: &Path) {
+    audit_export_verifies_after(&[], data, root);
+}
+
+/// [`audit_export_verifies`] after the archive segments `segments` (oldest first).
+fn audit_export_verifies_after(segments: &[&Path], data: &Path, root: &Path) {
     let out = data.parent().unwrap().join("audit-export.jsonl");
     control(&[
         "audit",
@@ -450,6 +455,7 @@ fn audit_export_verifies(data: &Path, root: &Path) {
     ]);
     let verified = Command::new(bin("tether"))
         .args(["audit", "verify"])
+        .args(segments)
         .arg(&out)
         .arg("--ca")
         .arg(root)
@@ -480,6 +486,18 @@ async fn sqlite_store_copies_to_postgres_intact() {
     let data = c.fleet.data.clone();
     let d = data.to_str().unwrap();
     control(&["audit", "checkpoint", "--data-dir", d]);
+    // The oldest entries archived: the copy carries the anchor and verifies from it.
+    let segment = data.parent().unwrap().join("audit-seg1.jsonl");
+    control(&[
+        "audit",
+        "archive",
+        "--data-dir",
+        d,
+        "--before",
+        "4",
+        "--out",
+        segment.to_str().unwrap(),
+    ]);
     let sqlite_url = tether_control::store::sql::SqlStore::sqlite_url(&data.join("control.db"));
     let version = {
         let s = tether_control::store::sql::SqlStore::connect(&sqlite_url)
@@ -540,6 +558,9 @@ async fn sqlite_store_copies_to_postgres_intact() {
         pg.audit_checkpoints(0, 0).await.unwrap(),
         sqlite.audit_checkpoints(0, 0).await.unwrap()
     );
+    let anchor = sqlite.audit_archive().await.unwrap();
+    assert_eq!(anchor.as_ref().map(|a| a.seq), Some(3));
+    assert_eq!(pg.audit_archive().await.unwrap(), anchor);
     assert_eq!(
         pg.allowlist_snapshot().await.unwrap(),
         sqlite.allowlist_snapshot().await.unwrap()
@@ -554,7 +575,7 @@ async fn sqlite_store_copies_to_postgres_intact() {
     c.restart_control();
     // `tether audit verify` passes on the copy (exported by the replica's data dir, now on
     // PostgreSQL).
-    audit_export_verifies(&data, &c.fleet.root);
+    audit_export_verifies_after(&[&segment], &data, &c.fleet.root);
     // The broker resumes from its version: a new revocation reaches it as a delta, and
     // control never sent it a snapshot nor saw another history.
     c.wait_brokers_up(1).await;

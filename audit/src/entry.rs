@@ -101,6 +101,9 @@ pub mod action {
     pub const BROKER_LIST: &str = "broker.list";
     /// Control replicas were listed over the API (recorded only when refused).
     pub const CONTROL_REPLICAS: &str = "control.replicas";
+    /// Entries of the audit log were archived to a segment file and left the live log
+    /// (`details`: `first`, `last`, `hash` of the last; `target`: the file's name).
+    pub const AUDIT_ARCHIVE: &str = "audit.archive";
 }
 
 /// Actor names for [`ActorKind::System`].

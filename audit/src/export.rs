@@ -222,6 +222,41 @@ pub enum VerifyError {
     /// The export holds no entry (a control log always starts with `control.init`).
     #[error("the export holds no audit entry")]
     Empty,
+    /// The export starts after entry 1, at a signed checkpoint (an archive anchor): the
+    /// entries before it were archived, and only the archive segments before it can show
+    /// they are intact.
+    #[error("the export starts at entry {first}: the entries before it were archived; verify the archive segments with it, in order (tether audit verify ARCHIVE... EXPORT)")]
+    StartsAfterArchive {
+        /// Its first entry.
+        first: i64,
+    },
+    /// A segment does not continue the one before it: it starts after another entry than
+    /// the one the previous file ends with (a segment missing, or files out of order).
+    #[error("the file continues after entry {found} but the file before it ends at entry {expected}: a segment is missing or the files are out of order")]
+    NotContinued {
+        /// The last entry of the file before.
+        expected: i64,
+        /// The entry this file says it follows.
+        found: i64,
+    },
+    /// A segment starts after the right seq, but not after the entry the file before ends
+    /// with (its anchor or its first `prev_hash` names another hash): a segment from
+    /// another log, or one rewritten.
+    #[error("the file does not continue entry {seq} of the file before it (another hash): a segment from another log, or rewritten")]
+    ContinuityBroken {
+        /// The last entry of the file before.
+        seq: i64,
+    },
+    /// An archive segment (any file but the last) must end at a signed checkpoint, as
+    /// `tether-control audit archive` writes it; this one does not, so entries may have
+    /// been cut from its end.
+    #[error("the archive segment ends at entry {last_entry}, not at a signed checkpoint (last checkpoint: {last_checkpoint}): entries may have been cut from its end")]
+    SegmentNotClosed {
+        /// Its last entry.
+        last_entry: i64,
+        /// Its last checkpoint (0: none).
+        last_checkpoint: i64,
+    },
 }
 
 impl VerifyError {
@@ -231,6 +266,10 @@ impl VerifyError {
             VerifyError::Chain(e) => Some(e.first_bad_seq()),
             VerifyError::CheckpointMismatch { seq, .. } => Some(*seq),
             VerifyError::Truncated { last_entry, .. } => Some(last_entry + 1),
+            VerifyError::StartsAfterArchive { first } => Some(*first),
+            VerifyError::NotContinued { expected, .. } => Some(expected + 1),
+            VerifyError::ContinuityBroken { seq } => Some(seq + 1),
+            VerifyError::SegmentNotClosed { last_entry, .. } => Some(*last_entry),
             _ => None,
         }
     }
@@ -242,6 +281,7 @@ impl VerifyError {
 #[derive(Debug)]
 pub struct ExportVerifier {
     checkpoints: CheckpointVerifier,
+    start: Start,
     chain: ChainVerifier,
     /// Verified checkpoints whose entry has not come yet.
     pending: VecDeque<VerifiedCheckpoint>,
@@ -250,17 +290,114 @@ pub struct ExportVerifier {
     lines: u64,
 }
 
+/// Where the entries of the export must start (see [`ExportVerifier`]'s constructors).
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Start {
+    /// At entry 1.
+    Genesis,
+    /// At entry 1, or after the entry a leading signed checkpoint (the archive anchor)
+    /// vouches for.
+    GenesisOrAnchor,
+    /// After entry `.0` with hash `.1`: the head of the segment before.
+    After(i64, String),
+}
+
 impl ExportVerifier {
-    /// A verifier of a whole log, checking checkpoints with `checkpoints`.
+    /// A verifier of a whole log from entry 1, checking checkpoints with `checkpoints`.
+    /// An export that starts at a later entry is refused; one that starts at an archive
+    /// anchor with [`VerifyError::StartsAfterArchive`].
     pub fn new(checkpoints: CheckpointVerifier) -> Self {
+        Self::starting(checkpoints, Start::Genesis)
+    }
+
+    /// A verifier of the live log of a keeper that may have archived its start: the
+    /// export starts at entry 1, or with a checkpoint (the anchor: the last archived
+    /// entry, signed) followed by the entry after it. Such an export vouches only for the
+    /// entries after the anchor; the archive segments vouch for the rest
+    /// ([`verify_segments`]).
+    pub fn live(checkpoints: CheckpointVerifier) -> Self {
+        Self::starting(checkpoints, Start::GenesisOrAnchor)
+    }
+
+    /// A verifier of a segment that continues one already verified, whose last entry was
+    /// `seq` with `hash`: the export's first entry must be `seq + 1` and chain to `hash`,
+    /// and a leading anchor checkpoint, if there is one, must vouch for exactly that entry.
+    pub fn after(checkpoints: CheckpointVerifier, seq: i64, hash: String) -> Self {
+        Self::starting(checkpoints, Start::After(seq, hash))
+    }
+
+    fn starting(checkpoints: CheckpointVerifier, start: Start) -> Self {
+        let chain = match &start {
+            Start::Genesis | Start::GenesisOrAnchor => ChainVerifier::from_genesis(),
+            Start::After(seq, hash) => ChainVerifier::after(*seq, hash.clone()),
+        };
         ExportVerifier {
             checkpoints,
-            chain: ChainVerifier::from_genesis(),
+            start,
+            chain,
             pending: VecDeque::new(),
             last_checkpoint: None,
             checkpoints_checked: 0,
             lines: 0,
         }
+    }
+
+    /// A checkpoint before any entry, when the export may start after an anchor: take it
+    /// as the anchor. `Ok(false)`: not an anchor here, handle it as any checkpoint.
+    fn anchor(&mut self, cp: &VerifiedCheckpoint) -> Result<bool, VerifyError> {
+        if self.chain.checked() > 0 || self.last_checkpoint.is_some() {
+            return Ok(false);
+        }
+        match &self.start {
+            Start::Genesis => return Ok(false),
+            Start::GenesisOrAnchor => {
+                self.chain = ChainVerifier::after(cp.seq(), cp.head_hash().to_owned());
+            }
+            Start::After(seq, hash) => {
+                if cp.seq() != *seq {
+                    return Err(VerifyError::NotContinued {
+                        expected: *seq,
+                        found: cp.seq(),
+                    });
+                }
+                if cp.head_hash() != hash {
+                    return Err(VerifyError::ContinuityBroken { seq: *seq });
+                }
+            }
+        }
+        self.last_checkpoint = Some(cp.seq());
+        Ok(true)
+    }
+
+    /// The first entry of a segment: say how it fails to continue the file before.
+    fn check_first(&self, e: &AuditEntry) -> Result<(), VerifyError> {
+        if self.chain.checked() > 0 {
+            return Ok(());
+        }
+        match &self.start {
+            Start::After(seq, hash) => {
+                if e.seq != seq.saturating_add(1) {
+                    return Err(VerifyError::NotContinued {
+                        expected: *seq,
+                        found: e.seq.saturating_sub(1),
+                    });
+                }
+                if e.prev_hash != *hash {
+                    return Err(VerifyError::ContinuityBroken { seq: *seq });
+                }
+            }
+            Start::Genesis | Start::GenesisOrAnchor => {
+                // Starts at an anchor where a whole log is expected.
+                let anchored = self
+                    .pending
+                    .front()
+                    .is_some_and(|cp| cp.seq() == e.seq.saturating_sub(1));
+                if e.seq != 1 && anchored {
+                    return Err(VerifyError::StartsAfterArchive { first: e.seq });
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Check the next line (without its line ending).
@@ -290,6 +427,7 @@ impl ExportVerifier {
                 Ok(())
             }
             ExportLine::Entry(e) => {
+                self.check_first(&e)?;
                 self.chain.push(&e)?;
                 if self.pending.front().is_some_and(|cp| cp.seq() == e.seq) {
                     if let Some(cp) = self.pending.pop_front() {
@@ -304,6 +442,9 @@ impl ExportVerifier {
                     .checkpoints
                     .verify(&c)
                     .map_err(|error| VerifyError::Checkpoint { seq, error })?;
+                if self.anchor(&cp)? {
+                    return Ok(());
+                }
                 let head = self.chain.head();
                 let head_seq = head.map_or(0, |(s, _)| s);
                 if let Some(prev) = self.last_checkpoint.filter(|p| *p >= seq) {
@@ -359,14 +500,91 @@ impl ExportVerifier {
             last_checkpoint: self.last_checkpoint,
         })
     }
+
+    /// The export ended and is an archive segment: as [`ExportVerifier::finish`], and its
+    /// last entry must carry a signed checkpoint ([`VerifyError::SegmentNotClosed`]).
+    pub fn finish_segment(self) -> Result<ExportSummary, VerifyError> {
+        let summary = self.finish()?;
+        let last_entry = summary.head.as_ref().map_or(0, |(s, _)| *s);
+        let last_checkpoint = summary.last_checkpoint.unwrap_or(0);
+        if last_checkpoint != last_entry {
+            return Err(VerifyError::SegmentNotClosed {
+                last_entry,
+                last_checkpoint,
+            });
+        }
+        Ok(summary)
+    }
+}
+
+/// Why a sequence of segments does not verify: the file where it breaks and why.
+#[derive(Clone, Debug, PartialEq, Eq, Error)]
+#[error("{name}: {error}")]
+pub struct SegmentError {
+    /// The file's position in the sequence, from 0.
+    pub index: usize,
+    /// Its name, as the caller gave it.
+    pub name: String,
+    /// What is wrong in it.
+    pub error: VerifyError,
+}
+
+/// Verify archive segments followed by a live export, end to end: the first file from
+/// entry 1; each later file continues the one before it (its anchor checkpoint and first
+/// entry follow the previous file's last entry exactly); every file but the last ends at
+/// a signed checkpoint. Every file is checked as [`ExportVerifier`] checks one, so a
+/// changed, removed or reordered entry, a missing or reordered file, or a forged
+/// checkpoint is named with its file. The summary counts every file's entries and
+/// checkpoints (an anchor repeating the checkpoint before it is not counted twice).
+pub fn verify_segments<R: BufRead>(
+    files: impl IntoIterator<Item = (String, R)>,
+    checkpoints: &CheckpointVerifier,
+) -> Result<ExportSummary, SegmentError> {
+    let mut files = files.into_iter().enumerate().peekable();
+    let mut total = ExportSummary::default();
+    while let Some((index, (name, reader))) = files.next() {
+        let verifier = match &total.head {
+            None => ExportVerifier::new(checkpoints.clone()),
+            Some((seq, hash)) => ExportVerifier::after(checkpoints.clone(), *seq, hash.clone()),
+        };
+        let last = files.peek().is_none();
+        let fail = |error| SegmentError {
+            index,
+            name: name.clone(),
+            error,
+        };
+        let summary = read_lines(reader, verifier)
+            .and_then(|v| if last { v.finish() } else { v.finish_segment() })
+            .map_err(fail)?;
+        total.entries += summary.entries;
+        total.checkpoints += summary.checkpoints;
+        total.head = summary.head;
+        total.last_checkpoint = summary.last_checkpoint;
+    }
+    if total.head.is_none() {
+        return Err(SegmentError {
+            index: 0,
+            name: String::new(),
+            error: VerifyError::Empty,
+        });
+    }
+    Ok(total)
 }
 
 /// Read an export from `reader` and verify it with `verifier`; `Err` names the first
 /// thing that is wrong.
 pub fn verify_export(
+    reader: impl BufRead,
+    verifier: ExportVerifier,
+) -> Result<ExportSummary, VerifyError> {
+    read_lines(reader, verifier)?.finish()
+}
+
+/// Feed every line of `reader` to `verifier`.
+fn read_lines(
     mut reader: impl BufRead,
     mut verifier: ExportVerifier,
-) -> Result<ExportSummary, VerifyError> {
+) -> Result<ExportVerifier, VerifyError> {
     let mut buf = Vec::new();
     loop {
         buf.clear();
@@ -386,5 +604,5 @@ pub fn verify_export(
         };
         verifier.push_line(line)?;
     }
-    verifier.finish()
+    Ok(verifier)
 }

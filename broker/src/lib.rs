@@ -378,6 +378,10 @@ fn enforce_saved_snapshot(
     match snapshot::load_journal(journal_path) {
         Ok(journal) => {
             let later = snapshot::removals_after(&journal, saved.version);
+            // Keep only what the next start needs (crash-safe: an atomic rewrite).
+            if let Err(e) = snapshot::compact_journal(journal_path, saved.version) {
+                warn!(error = %e, file = %journal_path.display(), "cannot compact the revocation journal");
+            }
             if !later.is_empty() {
                 let before = saved.entries.len();
                 saved.entries.retain(|e| !later.contains(&e.fingerprint));

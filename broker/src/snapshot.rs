@@ -17,6 +17,14 @@
 //! after a revocation cannot readmit the certificate (a later re-add — an appliance
 //! enabled again — waits for control: failing closed). Each snapshot write drops the
 //! journal lines it covers.
+//!
+//! The journal stays bounded: it is compacted ([`compact_journal`]: only lines after the
+//! snapshot's version, one per fingerprint at its latest version, rewritten atomically
+//! with [`crate::datadir::write_atomic`]) at start, by every snapshot write, and when it
+//! grows past [`JOURNAL_COMPACT_LINES`] between snapshot writes (snapshots failing while
+//! revocations keep coming). Compaction keeps exactly what a start needs: for any
+//! snapshot version at or after the one it compacted against, the fingerprints
+//! journaled later are the same before and after.
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -190,18 +198,61 @@ fn append_journal(path: &Path, version: u64, removed: &[Fingerprint]) -> std::io
     f.sync_data()
 }
 
-/// Keep only the journal lines after `version` (the snapshot now covers the rest).
-fn trim_journal(path: &Path, version: u64) -> std::io::Result<()> {
-    // An unreadable journal is replaced: the snapshot just written covers it.
-    let journal = load_journal(path).unwrap_or_default();
-    if journal.is_empty() && !path.exists() {
-        return Ok(());
-    }
-    let mut text = String::new();
+/// Journal lines after which [`SnapshotWriter::record_removed`] compacts the journal
+/// even though no snapshot write did.
+pub const JOURNAL_COMPACT_LINES: usize = 4096;
+
+/// What a start needs of `journal` when the snapshot on disk holds `version`: the lines
+/// after it, one per fingerprint (at its latest version), in version order.
+pub fn compacted(journal: &[(u64, Fingerprint)], version: u64) -> Vec<(u64, Fingerprint)> {
+    let mut latest: std::collections::BTreeMap<Fingerprint, u64> = Default::default();
     for (v, fp) in journal.iter().filter(|(v, _)| *v > version) {
+        let e = latest.entry(*fp).or_insert(*v);
+        *e = (*e).max(*v);
+    }
+    let mut out: Vec<(u64, Fingerprint)> = latest.into_iter().map(|(fp, v)| (v, fp)).collect();
+    out.sort_unstable();
+    out
+}
+
+/// Rewrite the journal at `path` with only what a start needs once the snapshot on disk
+/// holds `version` ([`compacted`]), atomically; returns the lines kept. A journal that
+/// cannot be read is left alone (the start refuses it and admits no one until control
+/// answers; a snapshot write replaces it).
+pub fn compact_journal(path: &Path, version: u64) -> std::io::Result<usize> {
+    let journal = match load_journal(path) {
+        Ok(j) => j,
+        Err(e) => return Err(std::io::Error::other(e.to_string())),
+    };
+    rewrite_journal(path, &journal, version)
+}
+
+fn rewrite_journal(
+    path: &Path,
+    journal: &[(u64, Fingerprint)],
+    version: u64,
+) -> std::io::Result<usize> {
+    if journal.is_empty() && !path.exists() {
+        return Ok(0);
+    }
+    let kept = compacted(journal, version);
+    if kept.len() == journal.len() && path.exists() {
+        // Nothing to drop; a torn last line is dropped by the next rewrite.
+        return Ok(kept.len());
+    }
+    let mut text = String::with_capacity(kept.len() * 80);
+    for (v, fp) in &kept {
         let _ = writeln!(text, "{v} {fp}");
     }
-    crate::datadir::write_atomic(path, text.as_bytes(), None)
+    crate::datadir::write_atomic(path, text.as_bytes(), None)?;
+    Ok(kept.len())
+}
+
+/// Keep only the journal lines after `version` (the snapshot now covers the rest).
+fn trim_journal(path: &Path, version: u64) -> std::io::Result<usize> {
+    // An unreadable journal is replaced: the snapshot just written covers it.
+    let journal = load_journal(path).unwrap_or_default();
+    rewrite_journal(path, &journal, version)
 }
 
 /// The background writer's handle: call [`SnapshotWriter::changed`] after every applied
@@ -220,6 +271,8 @@ struct WriterInner {
     /// The version the file holds; writes take it, so the background task and
     /// [`SnapshotWriter::flush`] never write at once.
     written: tokio::sync::Mutex<u64>,
+    /// Lines in the journal since it was last rewritten (at most; a guess at start).
+    journal_lines: std::sync::atomic::AtomicUsize,
 }
 
 impl WriterInner {
@@ -237,7 +290,9 @@ impl WriterInner {
         })
         .await;
         match result {
-            Ok(Ok(())) => {
+            Ok(Ok(kept)) => {
+                self.journal_lines
+                    .store(kept, std::sync::atomic::Ordering::Relaxed);
                 *written = version;
                 tracing::debug!(version, entries, "allowlist snapshot saved")
             }
@@ -262,6 +317,7 @@ impl SnapshotWriter {
             journal,
             allowlist,
             written: tokio::sync::Mutex::new(written),
+            journal_lines: std::sync::atomic::AtomicUsize::new(0),
         });
         let task = inner.clone();
         tokio::spawn(async move {
@@ -282,11 +338,33 @@ impl SnapshotWriter {
             return;
         }
         // Serialized with snapshot writes, which trim the journal.
-        let _guard = self.inner.written.lock().await;
+        let guard = self.inner.written.lock().await;
         let path = self.inner.journal.clone();
         let removed = removed.to_vec();
-        match tokio::task::spawn_blocking(move || append_journal(&path, version, &removed)).await {
-            Ok(Ok(())) => {}
+        let lines = self
+            .inner
+            .journal_lines
+            .fetch_add(removed.len(), std::sync::atomic::Ordering::Relaxed)
+            + removed.len();
+        // Snapshot writes are failing (or lagging) while revocations keep coming: keep
+        // the journal to what a start needs against the snapshot on disk.
+        let compact_against = (lines > JOURNAL_COMPACT_LINES).then_some(*guard);
+        let result = tokio::task::spawn_blocking(move || {
+            append_journal(&path, version, &removed)?;
+            match compact_against {
+                Some(v) => compact_journal(&path, v).map(Some),
+                None => Ok(None),
+            }
+        })
+        .await;
+        match result {
+            Ok(Ok(Some(kept))) => {
+                self.inner
+                    .journal_lines
+                    .store(kept, std::sync::atomic::Ordering::Relaxed);
+                tracing::info!(kept, "revocation journal compacted");
+            }
+            Ok(Ok(None)) => {}
             Ok(Err(e)) => {
                 tracing::error!(error = %e, version, "cannot journal revoked fingerprints")
             }
@@ -519,6 +597,68 @@ mod tests {
         }
         writer.flush().await;
         assert!(load_journal(&journal).unwrap().is_empty());
+    }
+
+    #[test]
+    fn compaction_keeps_exactly_what_a_start_needs() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("allowlist.revoked");
+        let (a, b, c) = (
+            Fingerprint([1; 32]),
+            Fingerprint([2; 32]),
+            Fingerprint([3; 32]),
+        );
+        // `a` revoked twice (re-added in between), `b` covered by the snapshot (v3), `c`
+        // after it; then a torn last line from a crash mid-append.
+        let full = [(2, a), (3, b), (5, a), (6, c), (9, a)];
+        let mut text: String = full.iter().map(|(v, fp)| format!("{v} {fp}\n")).collect();
+        text.push_str(&format!("10 {}", &c.to_hex()[..7]));
+        std::fs::write(&path, text).unwrap();
+        assert_eq!(compact_journal(&path, 3).unwrap(), 2);
+        let after = load_journal(&path).unwrap();
+        assert_eq!(after, vec![(6, c), (9, a)]);
+        // Whatever snapshot version a start finds from 3 on, it removes the same set.
+        for version in 3..=10 {
+            let mut want = removals_after(&full, version);
+            want.sort();
+            want.dedup();
+            let mut got = removals_after(&after, version);
+            got.sort();
+            assert_eq!(got, want, "snapshot version {version}");
+        }
+        // Compacting again changes nothing; an unreadable journal is left alone.
+        assert_eq!(compact_journal(&path, 3).unwrap(), 2);
+        std::fs::write(&path, "garbage\nmore\n").unwrap();
+        assert!(compact_journal(&path, 3).is_err());
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "garbage\nmore\n");
+    }
+
+    #[tokio::test]
+    async fn the_journal_is_compacted_past_its_bound_without_a_snapshot_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("allowlist.snapshot");
+        let journal = dir.path().join("allowlist.revoked");
+        let list = Arc::new(Allowlist::new());
+        let writer = SnapshotWriter::spawn(path, journal.clone(), list);
+        // No `changed()`: no snapshot write trims it. The same fingerprint revoked again
+        // and again (an appliance re-enabled and revoked) collapses to one line.
+        let fp = Fingerprint([7; 32]);
+        for v in 1..=(JOURNAL_COMPACT_LINES as u64 + 10) {
+            writer.record_removed(v, &[fp]).await;
+        }
+        let lines = load_journal(&journal).unwrap();
+        assert!(
+            lines.len() <= JOURNAL_COMPACT_LINES,
+            "{} lines",
+            lines.len()
+        );
+        assert_eq!(
+            removals_after(&lines, 0)
+                .into_iter()
+                .collect::<std::collections::BTreeSet<_>>(),
+            [fp].into_iter().collect()
+        );
+        assert_eq!(lines.last().unwrap().0, JOURNAL_COMPACT_LINES as u64 + 10);
     }
 
     #[test]

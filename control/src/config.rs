@@ -265,6 +265,18 @@ impl ControlConfig {
                 reason: "must be at least 1s".into(),
             });
         }
+        if self.audit.archive_keep == 0 {
+            return Err(ConfigError::Invalid {
+                field: "audit.archive_keep",
+                reason: "must be at least 1".into(),
+            });
+        }
+        if self.audit.archive_every < Duration::from_secs(1) {
+            return Err(ConfigError::Invalid {
+                field: "audit.archive_every",
+                reason: "must be at least 1s".into(),
+            });
+        }
         if self.replica.abandon_commands_every.is_zero() {
             return Err(ConfigError::Invalid {
                 field: "replica.abandon_commands_every",

@@ -1,5 +1,6 @@
 //! Periodic work that runs once per period however many replicas share the database:
-//! the overlap sweep, audit checkpoints, the registry and single-use pruning, and the
+//! the overlap sweep, audit checkpoints and archiving, the registry and single-use
+//! pruning, and the
 //! outcome of commands whose replica was lost (`abandon_commands`).
 //!
 //! Each job has a lease row (`control_jobs`). Every replica runs one task per job that
@@ -31,8 +32,12 @@ pub const OVERLAP_SWEEP: &str = "overlap_sweep";
 pub const AUDIT_CHECKPOINT: &str = "audit_checkpoint";
 /// Forgets replicas silent for [`REPLICA_FORGET_AFTER_SECS`].
 pub const REPLICA_PRUNE: &str = "replica_prune";
-/// Deletes expired nonces and used proof ids.
+/// Deletes expired nonces, used proof ids, issue receipts, console links and sessions,
+/// and tokens and invites past `store::TOKEN_RETENTION_SECS` (`Store::prune_single_use`).
 pub const NONCE_PRUNE: &str = "nonce_prune";
+/// Archives the oldest audit entries (`[audit] archive_dir`, `archive_keep`,
+/// `archive_every`).
+pub const AUDIT_ARCHIVE: &str = "audit_archive";
 /// Gives commands whose replica is lost their outcome, `replica_lost`
 /// (`[replica] abandon_commands_every`, `[replica] lost_after`).
 pub const ABANDON_COMMANDS: &str = "abandon_commands";
@@ -64,12 +69,26 @@ pub struct JobPeriods {
     pub lost_after: Duration,
 }
 
+/// Automatic archiving ([`AUDIT_ARCHIVE`]), when `[audit] archive_dir` is set.
+#[derive(Clone, Debug)]
+pub struct ArchivePlan {
+    /// Where segments go.
+    pub dir: std::path::PathBuf,
+    /// Entries kept live.
+    pub keep: u64,
+    /// How often it runs.
+    pub every: Duration,
+    /// Checks the segments' checkpoints (control's root and trust domain).
+    pub verifier: tether_audit::checkpoint::CheckpointVerifier,
+}
+
 /// Start every periodic job for replica `by` until `shutdown`.
 pub fn spawn_all(
     store: Arc<dyn Store>,
     by: &str,
     signer: Arc<CheckpointSigner>,
     periods: JobPeriods,
+    archive: Option<ArchivePlan>,
     shutdown: &CancellationToken,
 ) {
     let job = |name, every| Lease {
@@ -86,7 +105,7 @@ pub fn spawn_all(
             async move { crate::domain::renew::sweep_overlaps(s.as_ref(), crate::now_unix()).await }
         }),
     );
-    let s = store.clone();
+    let (s, archive_signer) = (store.clone(), signer.clone());
     tokio::spawn(
         job(AUDIT_CHECKPOINT, periods.audit_checkpoint).run_forever(move || {
             let (s, signer) = (s.clone(), signer.clone());
@@ -95,6 +114,29 @@ pub fn spawn_all(
             }
         }),
     );
+    if let Some(plan) = archive {
+        let (s, signer) = (store.clone(), archive_signer);
+        tokio::spawn(job(AUDIT_ARCHIVE, plan.every).run_forever(move || {
+            let (s, signer, plan) = (s.clone(), signer.clone(), plan.clone());
+            async move {
+                let now = crate::now_unix();
+                match crate::domain::audit::archive_due(
+                    s.as_ref(),
+                    &signer,
+                    plan.verifier,
+                    &plan.dir,
+                    plan.keep,
+                    now,
+                )
+                .await
+                {
+                    Ok(Some(a)) => tracing::info!(first = a.first, last = a.last, dir = %plan.dir.display(), "audit entries archived"),
+                    Ok(None) => {}
+                    Err(e) => tracing::warn!(error = %e, "cannot archive the audit log; will retry"),
+                }
+            }
+        }));
+    }
     let s = store.clone();
     tokio::spawn(
         job(REPLICA_PRUNE, REPLICA_PRUNE_EVERY).run_forever(move || {

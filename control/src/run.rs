@@ -187,6 +187,8 @@ impl Started {
         if console_origin.is_some() {
             cfg.console.origin = console_origin;
         }
+        // A relative archive directory is under the data directory.
+        cfg.audit.archive_dir = cfg.audit.archive_dir.take().map(|d| data_dir.join(d));
         cfg.console.validate()?;
         let url = cfg.database_url(data_dir);
         let sql = crate::store::sql::SqlStore::connect(&url).await?;
@@ -385,6 +387,7 @@ impl Started {
                 abandon_commands: config.replica.abandon_commands_every,
                 lost_after: config.replica.lost_after,
             },
+            archive_plan(&config, &state.domain.ca)?,
             &shutdown,
         );
         if let (Some(l), Some(origin)) = (console_listener, state.console_origin.clone()) {
@@ -406,4 +409,23 @@ impl Started {
         }
         crate::http::server::serve(state, listener, shutdown).await
     }
+}
+
+/// Automatic archiving's plan, when `[audit] archive_dir` is set.
+fn archive_plan(
+    config: &ControlConfig,
+    ca: &Ca,
+) -> anyhow::Result<Option<crate::jobs::ArchivePlan>> {
+    let Some(dir) = config.audit.archive_dir.clone() else {
+        return Ok(None);
+    };
+    let root = rustls::pki_types::CertificateDer::from(ca.root_der().to_vec());
+    let verifier = tether_audit::checkpoint::CheckpointVerifier::new(&[root], &config.trust_domain)
+        .context("audit archiving: the checkpoint verifier")?;
+    Ok(Some(crate::jobs::ArchivePlan {
+        dir,
+        keep: config.audit.archive_keep,
+        every: config.audit.archive_every,
+        verifier,
+    }))
 }

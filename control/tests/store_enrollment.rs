@@ -10,6 +10,7 @@ use std::collections::BTreeSet;
 use tether_api::appliances::ApplianceStatus;
 use tether_control::store::{
     CertRecord, CertState, Issue, Receipt, ReceiptKind, Store, StoreError, TokenRefusal,
+    TOKEN_RETENTION_SECS,
 };
 
 use common::*;
@@ -20,6 +21,7 @@ on_both_backends!(
     nonce_is_single_use_and_expires,
     proof_replay_is_refused,
     expired_single_use_values_are_pruned,
+    pruned_tokens_keep_their_refusal_for_the_retention,
     renewal_keeps_previous_for_the_overlap,
     renewal_without_overlap_removes_previous_at_once,
     recording_on_a_disabled_appliance_gives_no_overlap,
@@ -200,6 +202,50 @@ async fn expired_single_use_values_are_pruned(db: &TestDb) {
         s.consume_nonce("fresh", NOW + 12).await,
         Err(StoreError::Replay(_))
     ));
+}
+
+/// Used and expired tokens are pruned only `TOKEN_RETENTION_SECS` after they expired:
+/// until then a second redemption still answers "already used" and a late one "expired";
+/// after, "unknown" (the token could not be redeemed either way).
+async fn pruned_tokens_keep_their_refusal_for_the_retention(db: &TestDb) {
+    let s = &db.store;
+    register(s, "edge-1").await;
+    s.create_token("edge-1", "used", NOW + 60, NOW, &ev())
+        .await
+        .unwrap();
+    s.create_token("edge-1", "late", NOW + 60, NOW, &ev())
+        .await
+        .unwrap();
+    s.redeem_token("edge-1", "used", NOW + 1, &ev())
+        .await
+        .unwrap();
+    let refusal = |r: Result<(), StoreError>| match r {
+        Err(StoreError::Token(why)) => why,
+        other => panic!("expected a token refusal, got {other:?}"),
+    };
+    // The prune job runs through the validity window and the retention after it.
+    let last_kept = NOW + 60 + TOKEN_RETENTION_SECS;
+    for at in [NOW + 30, NOW + 61, last_kept] {
+        s.prune_single_use(at).await.unwrap();
+        assert_eq!(
+            refusal(s.redeem_token("edge-1", "used", at, &ev()).await),
+            TokenRefusal::AlreadyUsed,
+            "at {at}"
+        );
+        if at >= NOW + 60 {
+            assert_eq!(
+                refusal(s.redeem_token("edge-1", "late", at, &ev()).await),
+                TokenRefusal::Expired
+            );
+        }
+    }
+    assert_eq!(s.prune_single_use(last_kept + 1).await.unwrap(), 2);
+    for hash in ["used", "late"] {
+        assert_eq!(
+            refusal(s.redeem_token("edge-1", hash, last_kept + 1, &ev()).await),
+            TokenRefusal::Unknown
+        );
+    }
 }
 
 async fn renewal_keeps_previous_for_the_overlap(db: &TestDb) {

@@ -42,6 +42,11 @@ pub async fn export(common: &Common, out: &Path) -> anyhow::Result<(u64, u64)> {
                 "control answered entry {seq} after {after}: out of order"
             );
             after = seq;
+            // An anchor (the last archived entry's checkpoint) leads the live log.
+            while let Some(c) = cps.next_if(|c| c.seq < seq) {
+                line(ExportLine::Checkpoint(c))?;
+                checkpoints += 1;
+            }
             line(ExportLine::Entry(entry))?;
             entries += 1;
             while let Some(c) = cps.next_if(|c| c.seq <= seq) {

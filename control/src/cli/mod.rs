@@ -236,9 +236,10 @@ pub enum AuditCmd {
         #[arg(long, default_value_t = 100)]
         limit: u32,
     },
-    /// Check the whole hash chain from the first entry; fails (non-zero exit) at the first
-    /// entry that was edited, removed or reordered. Entries cut from the end cannot be
-    /// detected without a checkpoint.
+    /// Check the whole hash chain from the first entry (after archiving: from the entry
+    /// after the last archived one, chained to its hash); fails (non-zero exit) at the
+    /// first entry that was edited, removed or reordered. Entries cut from the end cannot
+    /// be detected without a checkpoint.
     Verify {
         #[command(flatten)]
         dir: DataDir,
@@ -258,6 +259,21 @@ pub enum AuditCmd {
         dir: DataDir,
         /// The file to write (replaced atomically).
         #[arg(long)]
+        out: PathBuf,
+    },
+    /// Move the entries before SEQ (those not archived yet) to the segment FILE, in the
+    /// export format, ending at a signed checkpoint of entry SEQ - 1 (signed now if none
+    /// is stored), then delete them from the live log. FILE is written and synced before
+    /// anything is deleted, and never overwritten. Verify with `tether audit verify SEG1
+    /// SEG2 ... LIVE_EXPORT`.
+    Archive {
+        #[command(flatten)]
+        dir: DataDir,
+        /// Archive the entries with seq below this one.
+        #[arg(long, value_name = "SEQ")]
+        before: i64,
+        /// The segment file to write (must not exist).
+        #[arg(long, value_name = "FILE")]
         out: PathBuf,
     },
 }

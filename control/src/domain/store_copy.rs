@@ -46,7 +46,7 @@ pub async fn copy_and_verify(
 ) -> Result<CopySummary, CopyError> {
     let verifier = |what| {
         CheckpointVerifier::new(roots, trust_domain)
-            .map(ExportVerifier::new)
+            .map(ExportVerifier::live)
             .map_err(|e| CopyError::Verify(format!("{what}: {e}")))
     };
     // Refuse a source that does not verify before writing anything.

@@ -258,6 +258,16 @@ pub struct ApplianceFilter {
 /// ([`AuditEvent::validate`]) fails the operation with `Invalid` and changes nothing.
 /// Trust-changing methods add `allowlist_version` (the version after the operation) and
 /// `allowlist_changes` (how many fingerprints it moved) to the event's details.
+/// How long an enrollment token or operator invite is kept after it expired, seconds
+/// (1 day: long enough for its holder to learn why it fails; short enough that a week of
+/// enrollments at the default 24 h token validity holds two days of tokens, not all). A token is redeemable only before its `expires_at`, so "already used" and
+/// "expired" are the answers for exactly the tokens kept; one pruned after this answers
+/// "unknown token" (`TokenRefusal::Unknown`), which is as final: a pruned token could
+/// never be redeemed again either. A used token is kept at least this long after its
+/// validity window ended, so within that window a second redemption answers "already
+/// used".
+pub const TOKEN_RETENTION_SECS: i64 = 86_400;
+
 #[async_trait]
 pub trait Store: Send + Sync + std::fmt::Debug {
     /// Register an appliance and record `audit`. `Conflict` (and no entry) if the id
@@ -413,6 +423,22 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     ) -> Result<Vec<Checkpoint>, StoreError>;
     /// The checkpoint with the highest seq, if any.
     async fn last_audit_checkpoint(&self) -> Result<Option<Checkpoint>, StoreError>;
+    /// The last archive of the audit log ([`AuditArchive`]: the live log's anchor), if
+    /// any.
+    async fn audit_archive(&self) -> Result<Option<AuditArchive>, StoreError>;
+    /// Record `archive` and delete the entries it covers (`seq <= archive.seq`) and the
+    /// checkpoints before its last entry from the live log, appending `audit` (at
+    /// `archive.archived_at`), in one transaction; returns how many entries left.
+    /// `Conflict` (nothing changed) unless `archive.first_seq` is the entry right after
+    /// the last archive (1 if none): archives never overlap and never skip; `Invalid`
+    /// unless entry `archive.seq` is in the log with hash `archive.hash` and a checkpoint
+    /// of that hash is stored: entries not covered by a checkpoint are never deleted.
+    /// The caller wrote and synced the segment file first (`domain::audit::archive`).
+    async fn archive_audit(
+        &self,
+        archive: &AuditArchive,
+        audit: &AuditEvent,
+    ) -> Result<u64, StoreError>;
 
     // Operators (see `domain::operators`). Names follow the appliance id rules.
 
@@ -662,8 +688,11 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// Forget replicas whose heartbeat is more than `silent_secs` old (the database's
     /// clock); returns how many.
     async fn prune_replicas(&self, silent_secs: i64) -> Result<u64, StoreError>;
-    /// Delete nonces, used proof ids and issue receipts that expired before `now`;
-    /// returns how many.
+    /// Delete nonces, used proof ids, issue receipts and console links and sessions that
+    /// expired before `now`, and enrollment tokens and operator invites that expired more
+    /// than [`TOKEN_RETENTION_SECS`] before `now`; returns how many. Nothing it deletes
+    /// can be replayed any more: a nonce, a proof id or a receipt is refused or useless
+    /// once expired, whether its row is there or not.
     async fn prune_single_use(&self, now: UnixSeconds) -> Result<u64, StoreError>;
 
     /// A command was sent: record it in flight and append its request entry `request` at
@@ -784,6 +813,23 @@ pub enum JobClaim {
         /// Milliseconds until the job is due (0 or more).
         due_in_ms: i64,
     },
+}
+
+/// An archived stretch of the audit log (`audit_archives`): entries `first_seq..=seq`
+/// went to the segment file `file` at `archived_at`. The last one anchors the live log:
+/// its first entry is `seq + 1`, whose `prev_hash` is `hash`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AuditArchive {
+    /// The last entry archived (a signed checkpoint vouches for it).
+    pub seq: i64,
+    /// Its hash.
+    pub hash: String,
+    /// The first entry archived.
+    pub first_seq: i64,
+    /// When, Unix seconds.
+    pub archived_at: UnixSeconds,
+    /// The segment file's name, as the archiver gave it (information only).
+    pub file: String,
 }
 
 /// A periodic job's lease row (`control_jobs`); times in Unix milliseconds, the

@@ -87,9 +87,9 @@ use tether_audit::checkpoint::Checkpoint;
 use tether_audit::{action, system, Actor, AuditEntry, AuditEvent};
 
 use super::{
-    AllowlistDelta, Appliance, ApplianceFilter, ApplianceStatus, BrokerRecord, BrokerRefusal,
-    CertRecord, CommandInFlight, ControlMeta, Issue, JobClaim, JobRecord, Receipt, ReceiptKind,
-    ReplicaInfo, ReplicaRecord, Store, StoreError, UnixSeconds,
+    AllowlistDelta, Appliance, ApplianceFilter, ApplianceStatus, AuditArchive, BrokerRecord,
+    BrokerRefusal, CertRecord, CommandInFlight, ControlMeta, Issue, JobClaim, JobRecord, Receipt,
+    ReceiptKind, ReplicaInfo, ReplicaRecord, Store, StoreError, UnixSeconds,
 };
 
 mod audit;
@@ -1124,6 +1124,18 @@ impl Store for SqlStore {
         .iter()
         .map(checkpoint_from_row)
         .collect()
+    }
+
+    async fn audit_archive(&self) -> Result<Option<AuditArchive>, StoreError> {
+        audit::last_archive(self.pool()?).await
+    }
+
+    async fn archive_audit(
+        &self,
+        archive: &AuditArchive,
+        audit: &AuditEvent,
+    ) -> Result<u64, StoreError> {
+        audit::archive(self.pool()?, archive, audit).await
     }
 
     async fn last_audit_checkpoint(&self) -> Result<Option<Checkpoint>, StoreError> {

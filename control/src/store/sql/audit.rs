@@ -2,12 +2,12 @@
 //! entries and checkpoints back (see the parent module's docs, "The audit log").
 
 use sqlx::any::AnyRow;
-use sqlx::{AnyConnection, Row};
+use sqlx::{AnyConnection, AnyPool, Row};
 use tether_audit::checkpoint::Checkpoint;
 use tether_audit::{Actor, ActorKind, AuditEntry, AuditEvent, Outcome};
 
 use super::db;
-use crate::store::{StoreError, UnixSeconds};
+use crate::store::{AuditArchive, StoreError, UnixSeconds};
 
 /// Refuse an event the log would not take, before any work is done.
 pub(super) fn check_event(event: &AuditEvent) -> Result<(), StoreError> {
@@ -115,4 +115,95 @@ pub(super) fn checkpoint_from_row(row: &AnyRow) -> Result<Checkpoint, StoreError
         signature: row.try_get("signature").map_err(db)?,
         signer_chain_pem: row.try_get("signer_chain_pem").map_err(db)?,
     })
+}
+
+/// The archive with the highest seq (the live log's anchor).
+pub(super) async fn last_archive(pool: &AnyPool) -> Result<Option<AuditArchive>, StoreError> {
+    let Some(row) = sqlx::query(
+        "SELECT seq, hash, first_seq, archived_at, file FROM audit_archives \
+         ORDER BY seq DESC LIMIT 1",
+    )
+    .fetch_optional(pool)
+    .await
+    .map_err(db)?
+    else {
+        return Ok(None);
+    };
+    Ok(Some(AuditArchive {
+        seq: row.try_get("seq").map_err(db)?,
+        hash: row.try_get("hash").map_err(db)?,
+        first_seq: row.try_get("first_seq").map_err(db)?,
+        archived_at: row.try_get("archived_at").map_err(db)?,
+        file: row.try_get("file").map_err(db)?,
+    }))
+}
+
+/// `Store::archive_audit`: one transaction that takes the audit head first (so archives
+/// run one at a time, and appends wait for this one; it takes no other lock that a
+/// trust change holds before the head), checks the archive continues the last one and
+/// ends at a checkpointed entry, records it and deletes what it covers.
+pub(super) async fn archive(
+    pool: &AnyPool,
+    a: &AuditArchive,
+    audit: &AuditEvent,
+) -> Result<u64, StoreError> {
+    check_event(audit)?;
+    let mut tx = pool.begin().await.map_err(db)?;
+    append_audit_in(&mut tx, audit, a.archived_at).await?;
+    let anchor: i64 = sqlx::query_scalar("SELECT COALESCE(MAX(seq), 0) FROM audit_archives")
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(db)?;
+    if a.first_seq != anchor + 1 || a.seq < a.first_seq {
+        tx.rollback().await.map_err(db)?;
+        return Err(StoreError::Conflict(format!(
+            "audit archive {}..={}: entries up to {anchor} are archived, the next archive starts at {}",
+            a.first_seq,
+            a.seq,
+            anchor + 1
+        )));
+    }
+    let entry: Option<String> = sqlx::query_scalar("SELECT hash FROM audit_log WHERE seq = $1")
+        .bind(a.seq)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(db)?;
+    let checkpoint: Option<String> =
+        sqlx::query_scalar("SELECT head_hash FROM audit_checkpoints WHERE seq = $1")
+            .bind(a.seq)
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(db)?;
+    if entry.as_deref() != Some(a.hash.as_str()) || checkpoint.as_deref() != Some(a.hash.as_str()) {
+        tx.rollback().await.map_err(db)?;
+        return Err(StoreError::Invalid(format!(
+            "audit entry {} is not in the log with a signed checkpoint of hash {}",
+            a.seq, a.hash
+        )));
+    }
+    sqlx::query(
+        "INSERT INTO audit_archives (seq, hash, first_seq, archived_at, file) \
+         VALUES ($1, $2, $3, $4, $5)",
+    )
+    .bind(a.seq)
+    .bind(a.hash.as_str())
+    .bind(a.first_seq)
+    .bind(a.archived_at)
+    .bind(a.file.as_str())
+    .execute(&mut *tx)
+    .await
+    .map_err(db)?;
+    let gone = sqlx::query("DELETE FROM audit_log WHERE seq <= $1")
+        .bind(a.seq)
+        .execute(&mut *tx)
+        .await
+        .map_err(db)?
+        .rows_affected();
+    sqlx::query("DELETE FROM audit_checkpoints WHERE seq < $1")
+        .bind(a.seq)
+        .execute(&mut *tx)
+        .await
+        .map_err(db)?;
+    tx.commit().await.map_err(db)?;
+    Ok(gone)
 }

@@ -31,6 +31,7 @@ pub const COPIED_TABLES: &[&str] = &[
     "audit_log",
     "audit_head",
     "audit_checkpoints",
+    "audit_archives",
     "operators",
     "operator_certificates",
     "operator_invites",

@@ -5,7 +5,7 @@ use sqlx::{AnyPool, Row};
 
 use super::replicas::db_now;
 use super::{db, Backend};
-use crate::store::{JobClaim, JobRecord, StoreError, UnixSeconds};
+use crate::store::{JobClaim, JobRecord, StoreError, UnixSeconds, TOKEN_RETENTION_SECS};
 
 /// "Now" in Unix milliseconds on the database's clock, as an SQL expression.
 fn db_now_ms(backend: Backend) -> &'static str {
@@ -98,7 +98,7 @@ pub(super) async fn prune_replicas(
 }
 
 pub(super) async fn prune_single_use(pool: &AnyPool, now: UnixSeconds) -> Result<u64, StoreError> {
-    delete_expired(
+    let single_use = delete_expired(
         pool,
         &[
             "DELETE FROM nonces WHERE expires_at < $1",
@@ -106,7 +106,19 @@ pub(super) async fn prune_single_use(pool: &AnyPool, now: UnixSeconds) -> Result
         ],
         now,
     )
-    .await
+    .await?;
+    // Tokens and invites answer "expired" or "already used" for a while after they
+    // expired (`TOKEN_RETENTION_SECS`); then "unknown".
+    let tokens = delete_expired(
+        pool,
+        &[
+            "DELETE FROM enrollment_tokens WHERE expires_at < $1",
+            "DELETE FROM operator_invites WHERE expires_at < $1",
+        ],
+        now.saturating_sub(TOKEN_RETENTION_SECS),
+    )
+    .await?;
+    Ok(single_use + tokens)
 }
 
 /// Run each `DELETE … < $1` of `statements` with `now`; the rows removed in all.
