@@ -157,8 +157,15 @@ impl ControlConfig {
             path: path.clone(),
             source,
         })?;
-        let cfg: ControlConfig = toml::from_str(&text).map_err(|e| ConfigError::Parse {
-            path: path.clone(),
+        ControlConfig::parse(&text, &path)
+    }
+
+    /// Parse and validate the text of a `control.toml`; `path` only names the file in
+    /// errors. What [`ControlConfig::load`] does after reading the file (and the entry
+    /// point of the `control_config` fuzz target).
+    pub fn parse(text: &str, path: &Path) -> Result<ControlConfig, ConfigError> {
+        let cfg: ControlConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
             message: e.to_string(),
         })?;
         cfg.validate()?;

@@ -23,7 +23,14 @@ fuzz_target!(|data: &[u8]| {
         };
         assert_eq!(a.derive(&expected), a);
         let limits = Policy::parse(b"").unwrap().limits;
-        let r = approval::check(doc, sig, &expected, &Approvers::default(), &limits, a.not_before_ms);
+        let r = approval::check(
+            doc,
+            sig,
+            &expected,
+            &Approvers::default(),
+            &limits,
+            a.not_before_ms,
+        );
         assert!(r.is_err(), "no key is pinned: nothing may verify");
     }
 });

@@ -13,7 +13,9 @@ fuzz_target!(|data: &[u8]| {
     if let Ok(text) = std::str::from_utf8(data) {
         let _ = Approvers::parse(text);
     }
-    let Ok(policy) = Policy::parse(data) else { return };
+    let Ok(policy) = Policy::parse(data) else {
+        return;
+    };
     let argvs: [&[&str]; 4] = [
         &["systemctl", "status", "x"],
         &["rm", "-rf", "/"],

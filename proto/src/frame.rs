@@ -896,7 +896,17 @@ pub struct CommandPlan {
 impl Codec for CommandPlan {
     fn decode<B: Buf>(buf: &mut B) -> Result<Self, DecodeError> {
         let command_id = get(buf, "command_id")?;
-        let approval_required = get::<u8, _>(buf, "approval_required")? != 0;
+        // 0 or 1 only, as `plan_only`: one frame, one encoding.
+        let approval_required = match get::<u8, _>(buf, "approval_required")? {
+            0 => false,
+            1 => true,
+            other => {
+                return Err(DecodeError::InvalidValue {
+                    field: "approval_required",
+                    value: u64::from(other),
+                })
+            }
+        };
         Ok(CommandPlan {
             command_id,
             approval_required,

@@ -1226,3 +1226,39 @@ fn encode_limited(frame: &Frame, max: usize) -> BytesMut {
     encode_frame(frame, &mut buf, max).unwrap();
     buf
 }
+
+/// Found by the `frame_decoder` fuzz target (`fuzz/corpus/frame_decoder/regress-plan-bool`):
+/// `CommandPlan` read any non-zero `approval_required` as true, so one frame had 255
+/// encodings and re-encoded to other bytes. Only 0 and 1 are read, as for `plan_only`.
+#[test]
+fn command_plan_approval_required_is_zero_or_one() {
+    let plan = |approval_required: u8| {
+        let mut buf = BytesMut::new();
+        buf.put_u32(1 + 8 + 1 + 4 + 2);
+        buf.put_u8(0x14);
+        buf.put_u64(7);
+        buf.put_u8(approval_required);
+        buf.put_u32(2);
+        buf.put_slice(b"{}");
+        decode_frame(&mut buf, DEFAULT_MAX_FRAME_LEN)
+    };
+    for (byte, required) in [(0, false), (1, true)] {
+        assert_eq!(
+            plan(byte),
+            Ok(Some(Frame::CommandPlan(tether_proto::CommandPlan {
+                command_id: 7,
+                approval_required: required,
+                document: Bytes::from_static(b"{}"),
+            })))
+        );
+    }
+    for byte in [2, 0x6e, 0xff] {
+        assert_eq!(
+            plan(byte),
+            Err(DecodeError::InvalidValue {
+                field: "approval_required",
+                value: u64::from(byte),
+            })
+        );
+    }
+}

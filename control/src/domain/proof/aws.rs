@@ -435,6 +435,13 @@ impl AwsVerifier {
         })
     }
 
+    /// Every check of `proof` that needs no network (module docs, steps 2-8), and
+    /// nothing sent: what [`verify_at`](Self::verify_at) does before it calls STS. For
+    /// the `aws_proof` fuzz target, which must not reach the network.
+    pub fn check_offline(&self, proof: &AwsProof, nonce: &str, now: i64) -> Result<(), Error> {
+        self.check(proof, nonce, now).map(|_| ())
+    }
+
     /// Every check that needs no network (module docs, steps 2-8).
     fn check<'s>(&'s self, proof: &AwsProof, nonce: &str, now: i64) -> Result<Prepared<'s>, Error> {
         if proof.method != "POST" {
@@ -818,8 +825,10 @@ const ARN_PATH: [&str; 3] = [
 /// Deepest element nesting read.
 const MAX_XML_DEPTH: usize = 16;
 
-/// The `Arn` of a `GetCallerIdentityResponse` (exactly one, non-empty).
-fn caller_arn(xml: &str) -> Result<String, String> {
+/// The `Arn` of a `GetCallerIdentityResponse` (exactly one, non-empty): how STS's 200
+/// answer is read. Public for the `sts_xml` fuzz target; the error says why the answer is
+/// unusable.
+pub fn caller_arn(xml: &str) -> Result<String, String> {
     use quick_xml::events::Event;
     let mut reader = quick_xml::Reader::from_str(xml);
     let mut path: Vec<String> = Vec::new();
@@ -878,8 +887,9 @@ fn caller_arn(xml: &str) -> Result<String, String> {
     }
 }
 
-/// `Code` and `Message` of an STS `ErrorResponse`, for the log.
-fn sts_error(xml: &str) -> Option<(String, String)> {
+/// `Code` and `Message` of an STS `ErrorResponse`, for the log (`None`: no `Code`).
+/// Public for the `sts_xml` fuzz target.
+pub fn sts_error(xml: &str) -> Option<(String, String)> {
     use quick_xml::events::Event;
     let mut reader = quick_xml::Reader::from_str(xml);
     let (mut code, mut message) = (None, None);

@@ -518,7 +518,7 @@ pub(crate) async fn verify_rs256<C: DeserializeOwned>(
         return Err(malformed(format!("longer than {MAX_JWT_BYTES} bytes")));
     }
     let mut parts = jwt.split('.');
-    let (Some(header), Some(_payload), Some(signature), None) =
+    let (Some(header), Some(payload), Some(signature), None) =
         (parts.next(), parts.next(), parts.next(), parts.next())
     else {
         return Err(malformed("not a compact JWS (three dot-separated parts)"));
@@ -526,6 +526,7 @@ pub(crate) async fn verify_rs256<C: DeserializeOwned>(
     let header = URL_SAFE_NO_PAD
         .decode(header)
         .ok()
+        .filter(|h| is_json_object(h))
         .and_then(|h| serde_json::from_slice::<RawHeader>(&h).ok())
         .ok_or_else(|| malformed("the header is not base64url JSON with an alg"))?;
     if header.alg != "RS256" {
@@ -537,6 +538,12 @@ pub(crate) async fn verify_rs256<C: DeserializeOwned>(
     }
     if header.crit.is_some() {
         return Err(malformed("critical header extensions are not supported"));
+    }
+    if !URL_SAFE_NO_PAD
+        .decode(payload)
+        .is_ok_and(|p| is_json_object(&p))
+    {
+        return Err(malformed("the claims are not base64url of a JSON object"));
     }
     let signature = URL_SAFE_NO_PAD
         .decode(signature)
@@ -579,6 +586,13 @@ pub(crate) async fn verify_rs256<C: DeserializeOwned>(
         claims: data.claims,
         signature,
     })
+}
+
+/// Whether `bytes` are one complete JSON object, UTF-8 throughout (RFC 7519 §7.2), the
+/// members nobody reads included: serde skips those without checking their text, and
+/// jsonwebtoken decodes only the claims it is asked for. Found by the `jwt` fuzz target.
+fn is_json_object(bytes: &[u8]) -> bool {
+    serde_json::from_slice::<serde_json::Map<String, serde_json::Value>>(bytes).is_ok()
 }
 
 /// `aud` as a string or an array of strings.
@@ -665,6 +679,38 @@ mod tests {
         );
         let keys = parse_jwks(doc.as_bytes()).unwrap();
         assert_eq!(keys.keys().collect::<Vec<_>>(), vec!["a"]);
+    }
+
+    /// The claims (and the header) are checked whole before any key is looked up: a
+    /// signed token whose payload carries bytes that are not UTF-8, or a lone surrogate,
+    /// in a field no verifier reads was accepted (`fuzz/corpus/jwt/regress-claims-not-utf8`).
+    #[tokio::test]
+    async fn a_token_is_utf8_json_throughout() {
+        let keys = JwksCache::new(
+            JwksSource::File(PathBuf::from("/nonexistent/tether/jwks.json")),
+            JwksTiming::default(),
+        );
+        let header = URL_SAFE_NO_PAD.encode(r#"{"alg":"RS256","kid":"k"}"#);
+        let sig = URL_SAFE_NO_PAD.encode([1u8; 256]);
+        let token = |header: &str, payload: &[u8]| {
+            format!("{header}.{}.{sig}", URL_SAFE_NO_PAD.encode(payload))
+        };
+        let bad_header =
+            URL_SAFE_NO_PAD.encode(b"{\"alg\":\"RS256\",\"kid\":\"k\",\"x\":\"\xc1\"}");
+        for jwt in [
+            token(&header, b"{\"sub\":\"a\",\"uid\":\"f1\xc13\"}"),
+            token(&header, br#"{"sub":"a","uid":"\ud800"}"#),
+            token(&header, b"[1]"),
+            token(&header, b"{\"sub\":\"a\""),
+            token(&bad_header, br#"{"sub":"a"}"#),
+        ] {
+            let r = verify_rs256::<serde_json::Value>(&jwt, &keys, 0).await;
+            assert_eq!(r.err().map(|e| e.code), Some(code::JWT_MALFORMED), "{jwt}");
+        }
+        // Well formed: past the form checks, to the key (which cannot be loaded here).
+        let r =
+            verify_rs256::<serde_json::Value>(&token(&header, br#"{"sub":"a"}"#), &keys, 0).await;
+        assert_eq!(r.err().map(|e| e.code), Some(code::JWKS_UNAVAILABLE));
     }
 
     #[test]
