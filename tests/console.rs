@@ -153,38 +153,58 @@ impl Console {
 
     /// The Fleet header's counts: `data-trust-state` → `data-count`.
     async fn header_counts(&self) -> Vec<(String, u64)> {
-        let mut counts = Vec::new();
-        for tile in self
-            .client()
-            .find_all(Locator::Css("[data-trust-state][data-count]"))
-            .await
-            .unwrap()
-        {
-            let state = tile.attr("data-trust-state").await.unwrap().unwrap();
-            let n = tile.attr("data-count").await.unwrap().unwrap();
-            counts.push((state, n.parse().unwrap()));
-        }
-        counts
+        self.read_fresh("the header's counts", || async {
+            let mut counts = Vec::new();
+            for tile in self
+                .client()
+                .find_all(Locator::Css("[data-trust-state][data-count]"))
+                .await?
+            {
+                let state = tile.attr("data-trust-state").await?.unwrap_or_default();
+                let n = tile.attr("data-count").await?.unwrap_or_default();
+                counts.push((state, n.parse().unwrap_or(u64::MAX)));
+            }
+            Ok(counts)
+        })
+        .await
     }
 
     /// The table's rows: (`data-appliance-id`, `data-trust-state`).
     async fn rows(&self) -> Vec<(String, String)> {
-        let mut rows = Vec::new();
-        for r in self
-            .client()
-            .find_all(Locator::Css("tr[data-appliance-id]"))
-            .await
-            .unwrap()
-        {
-            rows.push((
-                r.attr("data-appliance-id").await.unwrap().unwrap(),
-                r.attr("data-trust-state")
-                    .await
-                    .unwrap()
-                    .unwrap_or_default(),
-            ));
+        self.read_fresh("the table's rows", || async {
+            let mut rows = Vec::new();
+            for r in self
+                .client()
+                .find_all(Locator::Css("tr[data-appliance-id]"))
+                .await?
+            {
+                rows.push((
+                    r.attr("data-appliance-id").await?.unwrap_or_default(),
+                    r.attr("data-trust-state").await?.unwrap_or_default(),
+                ));
+            }
+            Ok(rows)
+        })
+        .await
+    }
+
+    /// Read the open page with `read`, again from the start if the page replaced its
+    /// elements meanwhile (a live update re-renders the table and the header: elements
+    /// found just before are then stale).
+    async fn read_fresh<T, F, Fut>(&self, what: &str, read: F) -> T
+    where
+        F: Fn() -> Fut,
+        Fut: std::future::Future<Output = Result<T, fantoccini::error::CmdError>>,
+    {
+        let mut last = None;
+        for _ in 0..10 {
+            match read().await {
+                Ok(v) => return v,
+                Err(e) => last = Some(e.to_string()),
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
         }
-        rows
+        panic!("cannot read {what} from the page: {last:?}");
     }
 
     /// The trust state the open page's row for `id` shows (`None`: no row).
