@@ -422,7 +422,8 @@ impl RealAgent {
         let token = api.token(id).await?;
         let state_dir = run_dir.join("agents").join(id);
         let bin = bins.join(AGENT_BIN);
-        let out = tokio::process::Command::new(&bin)
+        let mut enroll = tokio::process::Command::new(&bin);
+        enroll
             .args([
                 "enroll",
                 "--control",
@@ -437,16 +438,8 @@ impl RealAgent {
             .arg("--token")
             .arg(&token)
             .arg("--state-dir")
-            .arg(&state_dir)
-            .output()
-            .await
-            .context("running tether-agent enroll")?;
-        if !out.status.success() {
-            bail!(
-                "tether-agent enroll failed: {}",
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
-        }
+            .arg(&state_dir);
+        run_tool(enroll, "tether-agent enroll").await?;
         let mut run_args: Vec<String> = vec![
             "run".into(),
             "--state-dir".into(),
@@ -474,12 +467,12 @@ impl RealAgent {
             crashes: 0,
             missed: 0,
         };
-        a.start(bins, run_dir, false).await?;
+        a.start(run_dir, false).await?;
         Ok(a)
     }
 
     /// Start it (again), armed to crash mid-write or not.
-    async fn start(&mut self, _bins: &Path, run_dir: &Path, armed: bool) -> anyhow::Result<()> {
+    async fn start(&mut self, run_dir: &Path, armed: bool) -> anyhow::Result<()> {
         let env: &[(&str, &str)] = if armed { &[AGENT_FAULT] } else { &[] };
         let (guard, _) = ChildGuard::spawn_env(
             &self.id,
@@ -509,7 +502,6 @@ async fn agent_begin(
     f: &Fault,
     agents: &mut [RealAgent],
     api: &Api,
-    bins: &Path,
     run_dir: &Path,
 ) -> anyhow::Result<Option<String>> {
     let a = agents
@@ -520,7 +512,7 @@ async fn agent_begin(
     if let Some(mut g) = a.guard.take() {
         g.kill().await;
     }
-    a.start(bins, run_dir, true).await?;
+    a.start(run_dir, true).await?;
     match api.set_status(&a.id, "renew").await {
         Ok(()) => Ok(None),
         Err(e) => Ok(Some(format!("renewal request refused ({e})"))),
@@ -532,7 +524,6 @@ async fn agent_begin(
 async fn agent_end(
     f: &Fault,
     agents: &mut [RealAgent],
-    bins: &Path,
     run_dir: &Path,
 ) -> anyhow::Result<Option<String>> {
     let a = agents
@@ -558,7 +549,7 @@ async fn agent_end(
         )
     };
     let started = Instant::now();
-    a.start(bins, run_dir, false).await?;
+    a.start(run_dir, false).await?;
     a.down = false;
     Ok(Some(format!(
         "{what}; started again in {} ms",
@@ -1109,9 +1100,9 @@ async fn drive(
             let f = &mut faults[i];
             let result = if f.kind == FaultKind::AgentCrashMidWrite {
                 let r = if starting {
-                    agent_begin(f, agents, api, bins, run_dir).await
+                    agent_begin(f, agents, api, run_dir).await
                 } else {
-                    agent_end(f, agents, bins, run_dir).await
+                    agent_end(f, agents, run_dir).await
                 };
                 if !starting {
                     last_fault_end = Some(Instant::now());
@@ -1137,7 +1128,6 @@ async fn drive(
                     &mut windows,
                     &mut filler,
                     &mut drained_at,
-                    run_dir,
                 )
                 .await
             } else {
@@ -1782,7 +1772,6 @@ async fn begin(
     windows: &mut Vec<Window>,
     filler: &mut BTreeMap<usize, PathBuf>,
     drained_at: &mut BTreeMap<usize, Instant>,
-    _run_dir: &Path,
 ) -> anyhow::Result<Option<String>> {
     let now = Instant::now();
     tracing::info!(kind = f.kind.as_str(), target = %f.target, "chaos: fault starts");
@@ -2002,7 +1991,7 @@ async fn check_exits(
                 a.lives,
                 run_dir.join(format!("{}.log", a.id)).display()
             ));
-            if let Err(e) = a.start(bins, run_dir, false).await {
+            if let Err(e) = a.start(run_dir, false).await {
                 inv.unexpected_exits
                     .push(format!("{} could not be started again: {e:#}", a.id));
                 a.down = true;
@@ -2171,41 +2160,45 @@ async fn verify_audit(
     let export = run_dir.join("audit-export.jsonl");
     let ca = run_dir.join("root.pem");
     std::fs::write(&ca, &prepared.root_pem)?;
-    let out = tokio::process::Command::new(bins.join(spawn::CONTROL_BIN))
-        .args(["audit", "export", "--data-dir"])
+    let mut cmd = tokio::process::Command::new(bins.join(spawn::CONTROL_BIN));
+    cmd.args(["audit", "export", "--data-dir"])
         .arg(pool.control_dir())
         .arg("--out")
-        .arg(&export)
-        .output()
-        .await
-        .context("running tether-control audit export")?;
-    if !out.status.success() {
-        bail!(
-            "tether-control audit export failed: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
+        .arg(&export);
+    run_tool(cmd, "tether-control audit export").await?;
     if !tether.is_file() {
         bail!("{} not found: build the tether CLI", tether.display());
     }
-    let out = tokio::process::Command::new(tether)
-        .args(["audit", "verify"])
+    let mut cmd = tokio::process::Command::new(tether);
+    cmd.args(["audit", "verify"])
         .arg(&export)
         .arg("--ca")
-        .arg(&ca)
-        .output()
-        .await
-        .context("running tether audit verify")?;
-    let text = format!(
-        "{} {}",
+        .arg(&ca);
+    let out = run_tool(cmd, "tether audit verify").await?;
+    Ok(format!(
+        "tether audit verify: {} {}",
         String::from_utf8_lossy(&out.stdout).trim(),
         String::from_utf8_lossy(&out.stderr).trim()
-    );
-    if out.status.success() {
-        Ok(format!("tether audit verify: {text}"))
-    } else {
-        bail!("tether audit verify failed: {text}")
+    ))
+}
+
+/// Run `cmd` (named `what` in errors) to its end; its output when it succeeded, else an
+/// error carrying what it printed on stderr.
+async fn run_tool(
+    mut cmd: tokio::process::Command,
+    what: &str,
+) -> anyhow::Result<std::process::Output> {
+    let out = cmd
+        .output()
+        .await
+        .with_context(|| format!("running {what}"))?;
+    if !out.status.success() {
+        bail!(
+            "{what} failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
     }
+    Ok(out)
 }
 
 /// Copy the files of `from` into `to` (one level: a broker's data directory is flat but
