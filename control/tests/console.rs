@@ -16,7 +16,7 @@ use http_body_util::BodyExt;
 use tether_api::appliances::{PlatformBinding, RegisterRequest};
 use tether_api::console::LoginLink;
 use tether_api::operators::Role;
-use tether_audit::AuditEntry;
+use tether_audit::{Actor, AuditEntry, AuditEvent};
 use tether_control::config::ControlConfig;
 use tether_control::console::{self, ConsoleState, CSP};
 use tether_control::domain::ca::Ca;
@@ -1303,4 +1303,316 @@ async fn the_revoke_form_is_only_for_a_known_appliance() {
         assert_eq!(a.status.as_u16(), 404, "{odd}: {}", a.body);
         assert!(!a.body.contains("confirm_id"), "{odd}: no revoke form");
     }
+}
+
+#[tokio::test]
+async fn the_trust_alerts_page_follows_changes_live() {
+    let c = control().await;
+    register(&c, "a1", "acme").await;
+    let cookie = sign_in(&c, "olga", Role::Operator).await;
+    let page = send(&c, get("/console/alerts", Some(&cookie))).await;
+    assert_eq!(page.status, StatusCode::OK);
+    assert!(
+        page.body
+            .contains("data-live=\"/console/events?view=alerts\""),
+        "{}",
+        page.body
+    );
+    assert!(page.body.contains("id=\"no-alerts\""));
+    let csrf = csrf_of(&page.body);
+    let resp = c
+        .app
+        .clone()
+        .oneshot(get("/console/events?view=alerts", Some(&cookie)))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let mut body = resp.into_body();
+    let mut seen = next_frame(&mut body).await;
+    // a1 gets a certificate an hour from expiry (as an enrollment records one).
+    let cert = tether_control::store::CertRecord {
+        serial: "0a".into(),
+        appliance_id: "a1".into(),
+        fingerprint: "ab".repeat(32),
+        not_before: now() - 86_400,
+        not_after: now() + 3_600,
+        state: tether_control::store::CertState::Current,
+    };
+    let event = Caller::LocalAdmin.event("appliance.enroll", "a1");
+    store(&c)
+        .record_certificate(&cert, now(), 0, &event)
+        .await
+        .unwrap();
+    while !seen.contains("event: alerts") {
+        seen.push_str(&next_frame(&mut body).await);
+    }
+    let table = seen.split("event: alerts").nth(1).unwrap();
+    assert!(
+        table.contains("<div id=\"alerts\" data-count=\"1\">"),
+        "{table}"
+    );
+    assert!(
+        table.contains("data-kind=\"renewal_due\" data-appliance-id=\"a1\""),
+        "{table}"
+    );
+    // Its Trigger Renewal form carries this session's token, as the page's own would.
+    assert!(
+        table.contains(&format!("name=\"csrf\" value=\"{csrf}\"")),
+        "{table}"
+    );
+}
+
+#[tokio::test]
+async fn logging_out_ends_that_sessions_live_streams_at_once() {
+    let c = control().await;
+    let alice = sign_in(&c, "alice", Role::Viewer).await;
+    let bob = sign_in(&c, "bob", Role::Viewer).await;
+    let mut streams = Vec::new();
+    for cookie in [&alice, &bob] {
+        let resp = c
+            .app
+            .clone()
+            .oneshot(get("/console/events?view=fleet", Some(cookie)))
+            .await
+            .unwrap();
+        let mut body = resp.into_body();
+        assert!(next_frame(&mut body).await.contains("event: hello"));
+        streams.push(body);
+    }
+    let mut bobs = streams.pop().unwrap();
+    let mut alices = streams.pop().unwrap();
+    let page = send(&c, get("/console/account", Some(&alice))).await;
+    let a = send(
+        &c,
+        form(
+            "/console/logout",
+            Some(&alice),
+            &format!("csrf={}", csrf_of(&page.body)),
+        ),
+    )
+    .await;
+    assert_eq!(a.status, StatusCode::SEE_OTHER);
+    // Told by this process, not found by the periodic check (every 5 s).
+    let frame = tokio::time::timeout(Duration::from_secs(2), alices.frame())
+        .await
+        .expect("the logout reaches the open stream at once")
+        .expect("a frame")
+        .unwrap();
+    let text = String::from_utf8_lossy(&frame.into_data().unwrap()).into_owned();
+    assert!(
+        text.contains("event: reload") && text.contains("signed out"),
+        "{text}"
+    );
+    assert!(alices.frame().await.is_none(), "then the stream ends");
+    drop(alices);
+    assert_eq!(c.console.hub.streams(), 1, "bob's stream stays");
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), bobs.frame())
+            .await
+            .is_err(),
+        "bob's stream hears nothing of alice's logout"
+    );
+}
+
+#[tokio::test]
+async fn log_out_everywhere_ends_every_session_of_that_operator_only() {
+    let c = control().await;
+    let der = operator(&c, "alice", Role::Operator).await;
+    let mut mine = Vec::new();
+    for _ in 0..2 {
+        let (id, secret) = mint_link(&c, &der).await;
+        mine.push(cookie_of(&exchange(&c, &id, &secret).await));
+    }
+    let bob = sign_in(&c, "bob", Role::Viewer).await;
+    let page = send(&c, get("/console/account", Some(&mine[0]))).await;
+    assert!(
+        page.body.contains("Log out everywhere (2 sessions)"),
+        "{}",
+        page.body
+    );
+    // Without the page's token: refused, nothing ended.
+    let a = send(&c, form("/console/logout-all", Some(&mine[0]), "csrf=00")).await;
+    assert_eq!(a.status, StatusCode::FORBIDDEN, "{}", a.body);
+    assert_eq!(store(&c).console_sessions("alice").await.unwrap().len(), 2);
+    let a = send(
+        &c,
+        form(
+            "/console/logout-all",
+            Some(&mine[0]),
+            &format!("csrf={}", csrf_of(&page.body)),
+        ),
+    )
+    .await;
+    assert_eq!(a.status, StatusCode::SEE_OTHER);
+    assert_eq!(a.location(), "/console/login");
+    assert!(a.headers[header::SET_COOKIE]
+        .to_str()
+        .unwrap()
+        .contains("Max-Age=0"));
+    for cookie in &mine {
+        let a = send(&c, get("/console/", Some(cookie))).await;
+        assert_eq!(a.location(), "/console/login", "every browser of alice");
+    }
+    assert!(store(&c)
+        .console_sessions("alice")
+        .await
+        .unwrap()
+        .is_empty());
+    assert_eq!(
+        send(&c, get("/console/", Some(&bob))).await.status,
+        StatusCode::OK
+    );
+    let ended = audit(&c, "console.logout").await;
+    assert_eq!(ended.len(), 2);
+    assert!(ended.iter().all(|e| e.details["all"] == true
+        && e.actor.name == "alice"
+        && e.details["via"] == "console"));
+}
+
+/// Two browsers (or an attacker who saw the link) racing to spend one link: one session.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_login_link_raced_from_two_browsers_signs_in_once() {
+    let c = Arc::new(control().await);
+    let der = operator(&c, "alice", Role::Operator).await;
+    for _ in 0..5 {
+        let (id, secret) = mint_link(&c, &der).await;
+        let tries: Vec<_> = (0..4)
+            .map(|_| {
+                let (c, id, secret) = (c.clone(), id.clone(), secret.clone());
+                tokio::spawn(async move { exchange(&c, &id, &secret).await })
+            })
+            .collect();
+        let mut won = 0;
+        for t in tries {
+            let a = t.await.unwrap();
+            if a.status == StatusCode::SEE_OTHER {
+                won += 1;
+                cookie_of(&a);
+            } else {
+                assert!(a.body.contains("link_used"), "{}: {}", a.status, a.body);
+                assert!(a.headers.get(header::SET_COOKIE).is_none());
+            }
+        }
+        assert_eq!(won, 1, "exactly one exchange of link {id} wins");
+    }
+    assert_eq!(store(&c).console_sessions("alice").await.unwrap().len(), 5);
+    assert_eq!(audit(&c, "console.login").await.len(), 5);
+    assert_eq!(audit(&c, "console.login_refused").await.len(), 15);
+}
+
+#[tokio::test]
+async fn the_revoke_form_follows_the_appliance_live() {
+    let c = control().await;
+    register(&c, "a1", "acme").await;
+    let cookie = sign_in(&c, "olga", Role::Operator).await;
+    let page = send(&c, get("/console/appliances/a1/revoke", Some(&cookie))).await;
+    assert!(page.body.contains("id=\"appliance-head\""), "{}", page.body);
+    assert!(page
+        .body
+        .contains("data-live=\"/console/events?view=appliance&#38;id=a1\""));
+    assert!(page.body.contains("id=\"revoke-already\" hidden"));
+}
+
+#[tokio::test]
+async fn the_signed_operations_tab_shows_policy_phases_approvers_and_manifests() {
+    let c = control().await;
+    register(&c, "a1", "acme").await;
+    register(&c, "a2", "acme").await;
+    let cookie = sign_in(&c, "vera", Role::Viewer).await;
+    let report = |id: &str, caps: Vec<String>| SessionReport {
+        appliance: id.into(),
+        session_id: 7,
+        fingerprint: "00".into(),
+        connected_at: now() as u64,
+        connected_at_ms: 0,
+        cert_not_after: 0,
+        agent_version: "9.9.9".into(),
+        capabilities: caps,
+        transport: "quic".into(),
+    };
+    let _rx = c.state.cluster.attach_link(
+        "edge-1",
+        vec![
+            report("a1", vec![tether_proto::capability::SIGNED_OPS.into()]),
+            report("a2", Vec::new()),
+        ],
+    );
+    let policy = "5".repeat(64);
+    let status = vec![
+        ("appliance.key".to_owned(), "ssh-ed25519 AAAAkey".to_owned()),
+        ("policy.sha256".to_owned(), policy.clone()),
+        (
+            "policy.phases".to_owned(),
+            "observe=on/none,operate=on/required/until=2026-12-31T00:00:00.000Z,tunnel=off"
+                .to_owned(),
+        ),
+        ("privsep".to_owned(), "setuid".to_owned()),
+        (
+            "approvers".to_owned(),
+            "sec-lead:SHA256:abc,<script>x</script>:SHA256:def".to_owned(),
+        ),
+        ("audit.head".to_owned(), "12:deadbeef".to_owned()),
+    ];
+    c.state.cluster.heartbeats(
+        "edge-1",
+        vec![tether_proto::cluster::HeartbeatSummary {
+            appliance: "a1".into(),
+            session_id: 7,
+            at: now() as u64,
+            trust_state: "trusted".into(),
+            cert_not_after: 0,
+            status,
+        }],
+    );
+    // A command's outcome with its signed manifest, as control records it.
+    let manifest = r#"{"argv":["uptime"],"command_id":42}"#;
+    let event = AuditEvent::success(Actor::operator("olga".to_owned()), "appliance.exec", "a1")
+        .with("command_id", 42)
+        .with("manifest_sha256", "f".repeat(64))
+        .with("manifest", manifest)
+        .with("manifest_sig", "-----BEGIN SSH SIGNATURE-----");
+    store(&c).append_audit(&event, now()).await.unwrap();
+
+    let tab = send(&c, get("/console/appliances/a1?tab=signed", Some(&cookie))).await;
+    assert_eq!(tab.status, StatusCode::OK);
+    let b = &tab.body;
+    assert!(b.contains("id=\"tab-signed\""), "{b}");
+    assert!(b.contains("signed-ops/1</span>). As its agent"), "{b}");
+    assert!(
+        b.contains(&format!("id=\"policy-digest\">{policy}<")),
+        "{b}"
+    );
+    assert!(b.contains("data-phase=\"operate\"><td class=\"mono\">operate</td><td>on, required, until=2026-12-31T00:00:00.000Z</td>"), "{b}");
+    assert!(
+        b.contains("data-phase=\"tunnel\"><td class=\"mono\">tunnel</td><td>off</td>"),
+        "{b}"
+    );
+    assert!(b.contains("approver-fingerprint\">SHA256:abc<"), "{b}");
+    assert!(b.contains("&#60;script&#62;x&#60;/script&#62;"), "{b}");
+    assert!(!b.contains("<script>x"), "{b}");
+    assert!(b.contains("12:deadbeef"), "{b}");
+    assert!(b.contains(&"f".repeat(64)), "{b}");
+    assert!(b.contains("{&#34;argv&#34;"), "the manifest, escaped: {b}");
+    // An appliance whose agent does not announce signed operations says so plainly.
+    let tab = send(&c, get("/console/appliances/a2?tab=signed", Some(&cookie))).await;
+    assert!(tab.body.contains("does not announce"), "{}", tab.body);
+    assert!(tab.body.contains("id=\"no-manifests\""), "{}", tab.body);
+}
+
+#[test]
+fn a_wildcard_console_listener_needs_an_explicit_origin() {
+    let mut s = tether_control::console::ConsoleSettings {
+        listen: Some("0.0.0.0:8445".parse().unwrap()),
+        ..Default::default()
+    };
+    let e = s.validate().unwrap_err();
+    assert_eq!(e.field, "console.origin");
+    assert!(e.reason.contains("wildcard"), "{}", e.reason);
+    s.listen = Some("[::]:8445".parse().unwrap());
+    assert!(s.validate().is_err());
+    s.origin = Some("https://console.example.com:8445".into());
+    s.validate().unwrap();
+    s.origin = None;
+    s.listen = Some("127.0.0.1:8445".parse().unwrap());
+    s.validate().unwrap();
 }

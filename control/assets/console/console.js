@@ -47,7 +47,17 @@
       es.addEventListener("row", function (e) { replaceById(e.data); });
       es.addEventListener("summary", function (e) { replaceById(e.data); });
       // The appliance page: its certificates and tabs follow the change; read it afresh.
-      es.addEventListener("appliance", function () { window.location.reload(); });
+      // The revoke form keeps what was typed: only its header is swapped, and it says so
+      // when the appliance got revoked from elsewhere meanwhile.
+      es.addEventListener("appliance", function (e) {
+        if (!document.querySelector("form[data-confirm-id]")) { window.location.reload(); return; }
+        replaceById(e.data);
+        var head = document.getElementById("appliance-head");
+        var note = document.getElementById("revoke-already");
+        if (head && note) note.hidden = head.getAttribute("data-status") !== "revoked";
+      });
+      // The Trust Alerts table, whole.
+      es.addEventListener("alerts", function (e) { replaceById(e.data); });
       es.addEventListener("reload", function () { window.location.reload(); });
     };
     setStatus(false);

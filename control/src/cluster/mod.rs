@@ -671,7 +671,8 @@ impl Cluster {
         }
     }
 
-    fn heartbeats(&self, broker: &str, items: Vec<HeartbeatSummary>) {
+    /// `broker`'s heartbeat summaries (with any new agent status) for its sessions.
+    pub fn heartbeats(&self, broker: &str, items: Vec<HeartbeatSummary>) {
         let mut changed = Vec::new();
         let mut presence = lock(&self.presence);
         for h in items {

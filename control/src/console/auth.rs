@@ -138,6 +138,30 @@ pub async fn logout(State(s): State<ConsoleState>, Extension(a): Extension<Authe
     if let Err(e) = console::logout(s.app.domain.store.as_ref(), &a.session, now).await {
         return bare_error_of(e);
     }
+    s.hub.session_ended(&a.session.token_sha256);
+    signed_out()
+}
+
+/// `POST /console/logout-all` — end every session of this operator, in every browser
+/// ("Log out everywhere"); back to the login page.
+pub async fn logout_all(
+    State(s): State<ConsoleState>,
+    Extension(a): Extension<Authed>,
+) -> Response {
+    let now = crate::now_unix();
+    match console::logout_everywhere(s.app.domain.store.as_ref(), &a.session, now).await {
+        Ok(ended) => {
+            for h in &ended {
+                s.hub.session_ended(h);
+            }
+            signed_out()
+        }
+        Err(e) => bare_error_of(e),
+    }
+}
+
+/// To the login page, the session cookie cleared.
+fn signed_out() -> Response {
     let mut resp = Redirect::to("/console/login").into_response();
     resp.headers_mut().insert(
         header::SET_COOKIE,

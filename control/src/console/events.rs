@@ -1,5 +1,5 @@
-//! Live updates: `GET /console/events?view=fleet&<filters>` or `view=appliance&id=…`,
-//! server-sent events.
+//! Live updates: `GET /console/events?view=fleet&<filters>`, `view=appliance&id=…` or
+//! `view=alerts`, server-sent events.
 //!
 //! A per-process [`Hub`] broadcasts the ids of appliances that changed, fed by the
 //! cluster's presence changes (a session up or down, another trust state in a
@@ -7,12 +7,16 @@
 //! certificates, from any replica's API or console) and by this console's own actions.
 //! Each stream renders, per change, the same row partial the Fleet table uses (event
 //! `row`, a `<tr id="app-…">` the page swaps by id) or the appliance header (event
-//! `appliance`), and at most once a second the header tiles (event `summary`). A stream
+//! `appliance`), and at most once a second the header tiles (event `summary`). The Trust
+//! Alerts page gets its whole table (event `alerts`) at most once a second after a
+//! change, and every [`ALERTS_REFRESH`] besides (alerts also come and go with the clock:
+//! a certificate entering its renewal window), only when it differs from the last. A stream
 //! that fell behind gets `reload`; so does one reconnecting (`Last-Event-ID`), so a page
 //! is fresh after control restarts. Keep-alive every [`KEEP_ALIVE`], `retry: 2000`.
 //!
 //! The session is checked at connect (by the guard) and every [`SESSION_CHECK`]; the
-//! stream ends when it is gone. At most [`MAX_PER_SESSION`] streams per session and
+//! stream ends when it is gone (a logout on this process ends it at once:
+//! [`Hub::session_ended`]). At most [`MAX_PER_SESSION`] streams per session and
 //! [`MAX_STREAMS`] per process (429 beyond).
 
 use std::collections::{HashMap, VecDeque};
@@ -35,16 +39,22 @@ use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
 use super::alerts::Alert;
-use super::pages::{allow, appliance_view, current_tiles, row_by_id, FleetFilter, HeadTemplate};
-use super::view::{RowTemplate, TilesTemplate};
+use super::pages::{
+    allow, appliance_view, current_tiles, row_by_id, summary as fleet_summary, FleetFilter,
+    HeadTemplate,
+};
+use super::view::{AlertsTemplate, RowTemplate, TilesTemplate};
 use super::{Authed, ConsoleState};
 use crate::domain::operators::ConsoleSession;
 use crate::http::AppState;
 
 /// Keep-alive comment interval.
 pub const KEEP_ALIVE: Duration = Duration::from_secs(15);
-/// How often a stream re-checks its session.
-pub const SESSION_CHECK: Duration = Duration::from_secs(60);
+/// How often a stream re-checks its session (an operator revoked, or signed out on
+/// another replica): one indexed read per open stream.
+pub const SESSION_CHECK: Duration = Duration::from_secs(5);
+/// How often the Trust Alerts page is re-checked without any change.
+pub const ALERTS_REFRESH: Duration = Duration::from_secs(10);
 /// What the browser waits before reconnecting.
 pub const RETRY: Duration = Duration::from_millis(2000);
 /// Streams per session.
@@ -53,6 +63,8 @@ pub const MAX_PER_SESSION: usize = 8;
 pub const MAX_STREAMS: usize = 500;
 /// Changes a slow stream may fall behind by before it is told to reload.
 pub const HUB_CAPACITY: usize = 4096;
+/// Ended sessions a stream may fall behind by before it re-checks its own.
+const ENDED_CAPACITY: usize = 256;
 /// The summary is sent at most this often.
 pub const SUMMARY_EVERY: Duration = Duration::from_secs(1);
 
@@ -63,6 +75,8 @@ type Summary = (FleetTrust, Vec<Alert>);
 #[derive(Debug)]
 pub struct Hub {
     tx: broadcast::Sender<Arc<str>>,
+    /// Sessions (token hashes) that ended on this process.
+    ended: broadcast::Sender<Arc<str>>,
     summary: Mutex<Option<(Instant, Summary)>>,
     streams: AtomicUsize,
     per_session: Mutex<HashMap<String, usize>>,
@@ -75,6 +89,7 @@ impl Hub {
     pub fn start(app: &AppState, stop: CancellationToken) -> Arc<Hub> {
         let hub = Arc::new(Hub {
             tx: broadcast::channel(HUB_CAPACITY).0,
+            ended: broadcast::channel(ENDED_CAPACITY).0,
             summary: Mutex::new(None),
             streams: AtomicUsize::new(0),
             per_session: Mutex::new(HashMap::new()),
@@ -141,6 +156,13 @@ impl Hub {
         *self.summary.lock().unwrap_or_else(|p| p.into_inner()) = None;
     }
 
+    /// The session whose token hashes to `token_sha256` ended (logout): its streams end now.
+    pub fn session_ended(&self, token_sha256: &str) {
+        if self.ended.receiver_count() > 0 {
+            let _ = self.ended.send(Arc::from(token_sha256));
+        }
+    }
+
     /// The summary computed at the returned instant, if any.
     pub fn cached_summary(&self) -> Option<(Instant, Summary)> {
         self.summary
@@ -202,7 +224,12 @@ struct Live {
     session: ConsoleSession,
     f: FleetFilter,
     can_act: bool,
+    /// The session's synchronizer token (the alerts table's forms).
+    csrf: String,
     rx: broadcast::Receiver<Arc<str>>,
+    ended: broadcast::Receiver<Arc<str>>,
+    /// The alerts table last sent (`view=alerts`).
+    last_alerts: Option<String>,
     queue: VecDeque<Event>,
     summary_due: Option<tokio::time::Instant>,
     next_check: tokio::time::Instant,
@@ -213,6 +240,11 @@ struct Live {
 impl Live {
     async fn on_change(&mut self, id: &str) {
         let now = crate::now_unix();
+        if self.f.view == "alerts" {
+            let soon = tokio::time::Instant::now() + SUMMARY_EVERY;
+            self.summary_due = Some(self.summary_due.map_or(soon, |d| d.min(soon)));
+            return;
+        }
         if self.f.view == "appliance" {
             if id != self.f.id {
                 return;
@@ -243,6 +275,25 @@ impl Live {
     async fn summary(&mut self) {
         self.summary_due = None;
         let now = crate::now_unix();
+        if self.f.view == "alerts" {
+            self.summary_due = Some(tokio::time::Instant::now() + ALERTS_REFRESH);
+            let Ok((_, alerts)) = fleet_summary(&self.s, now).await else {
+                return;
+            };
+            let t = AlertsTemplate {
+                alerts: &alerts,
+                can_act: self.can_act,
+                csrf: &self.csrf,
+            };
+            if let Ok(html) = t.render() {
+                if self.last_alerts.as_deref() != Some(html.as_str()) {
+                    self.last_alerts = Some(html.clone());
+                    self.queue
+                        .push_back(Event::default().event("alerts").data(html));
+                }
+            }
+            return;
+        }
         if let Ok(tiles) = current_tiles(&self.s, &self.f, now).await {
             if let Ok(html) = (TilesTemplate { tiles }).render() {
                 self.queue
@@ -296,6 +347,16 @@ impl Live {
                 _ = tokio::time::sleep_until(due.unwrap_or_else(tokio::time::Instant::now)), if due.is_some() => {
                     self.summary().await;
                 }
+                r = self.ended.recv() => match r {
+                    Ok(h) if *h == *self.session.token_sha256 => {
+                        self.queue.push_back(Event::default().event("reload").data("signed out"));
+                        self.done = true;
+                    }
+                    Ok(_) => {}
+                    // Fell behind: the periodic check decides, now.
+                    Err(RecvError::Lagged(_)) => self.next_check = tokio::time::Instant::now(),
+                    Err(RecvError::Closed) => return None,
+                },
                 _ = tokio::time::sleep_until(self.next_check) => {
                     self.next_check = tokio::time::Instant::now() + SESSION_CHECK;
                     if !self.still_signed_in().await {
@@ -316,10 +377,10 @@ pub async fn stream(
     headers: HeaderMap,
 ) -> Result<Response, super::view::PageError> {
     let now = crate::now_unix();
-    let what = if f.view == "appliance" {
-        action::APPLIANCE_SHOW
-    } else {
-        action::APPLIANCE_LIST
+    let what = match f.view.as_str() {
+        "appliance" => action::APPLIANCE_SHOW,
+        "alerts" => crate::domain::operators::action::FLEET_TRUST,
+        _ => action::APPLIANCE_LIST,
     };
     let target = tether_audit::clip(&f.id, tether_audit::MAX_TARGET_LEN).to_owned();
     let (me, _) = allow(&s, &a, Role::Viewer, what, &target, now).await?;
@@ -333,13 +394,18 @@ pub async fn stream(
     if headers.contains_key("last-event-id") {
         queue.push_back(Event::default().event("reload").data("reconnected"));
     }
+    // The alerts page was rendered just now; the first check is a refresh away.
+    let summary_due = (f.view == "alerts").then(|| tokio::time::Instant::now() + ALERTS_REFRESH);
     let live = Live {
         rx: s.hub.tx.subscribe(),
+        ended: s.hub.ended.subscribe(),
         session: a.session.clone(),
         can_act: me.can_act,
+        csrf: me.csrf.clone(),
+        last_alerts: None,
         f,
         queue,
-        summary_due: None,
+        summary_due,
         next_check: tokio::time::Instant::now() + SESSION_CHECK,
         done: false,
         _slot: slot,

@@ -183,6 +183,15 @@ impl ConsoleSettings {
         if self.tls_cert.is_some() != self.tls_key.is_some() {
             return bad("console.tls_cert", "tls_cert and tls_key go together");
         }
+        if self.origin.is_none() && self.listen.is_some_and(|l| l.ip().is_unspecified()) {
+            // The default origin is the bound address, which no browser sends for a
+            // wildcard: every form would be refused as cross-site.
+            return bad(
+                "console.origin",
+                "required when console.listen is a wildcard address (0.0.0.0 or [::]): \
+                 the https://host[:port] browsers use to reach the console",
+            );
+        }
         if let Some(o) = &self.origin {
             let ok = o
                 .strip_prefix("https://")
@@ -281,6 +290,7 @@ pub fn router(state: ConsoleState) -> Router {
         )
         .route("/console/login/{id}/preview", post(auth::preview))
         .route("/console/logout", post(auth::logout))
+        .route("/console/logout-all", post(auth::logout_all))
         .route("/console/assets/{file}", get(assets::serve))
         .fallback(|| async {
             view::bare_error(

@@ -34,6 +34,8 @@ pub const SCAN_LIMIT: usize = 5_000;
 const SCAN_BATCH: u32 = 500;
 /// Audit entries per page.
 pub const AUDIT_ROWS: u32 = 100;
+/// The appliance's latest audit entries searched for its signed manifests.
+const MANIFEST_SCAN: u32 = 500;
 
 /// Authorize the page's operator for `needed` as `what` on `target`.
 pub(crate) async fn allow(
@@ -74,7 +76,7 @@ pub struct FleetFilter {
     pub broker: String,
     /// Keyset: start after this id.
     pub after: Option<String>,
-    /// SSE only: `fleet` or `appliance`.
+    /// SSE only: `fleet`, `appliance` or `alerts`.
     pub view: String,
     /// SSE only: the appliance of `view=appliance`.
     pub id: String,
@@ -413,6 +415,7 @@ struct AlertsPage {
     live: Option<String>,
     alerts: Vec<Alert>,
     can_act: bool,
+    csrf: String,
 }
 
 /// `GET /console/alerts` — Trust Alerts.
@@ -429,9 +432,10 @@ pub async fn alerts(
         &AlertsPage {
             assets: assets(),
             can_act: me.can_act,
+            csrf: me.csrf.clone(),
             me,
             active: "alerts",
-            live: None,
+            live: Some("/console/events?view=alerts".to_owned()),
             alerts,
         },
     ))
@@ -464,6 +468,8 @@ pub struct ApplianceView {
     pub agent_trust: Option<String>,
     /// The agent's status report.
     pub agent_status: std::collections::BTreeMap<String, String>,
+    /// The capabilities its agent announced (`signed-ops/1`: the appliance decides).
+    pub capabilities: Vec<String>,
     /// Binding (JSON).
     pub binding: String,
     /// Registered.
@@ -524,6 +530,117 @@ fn entry_view(e: &AuditEntry) -> EntryView {
     }
 }
 
+/// The Signed operations tab: what the appliance's agent last reported of its customer's
+/// policy and approvers, and its recent signed manifests from the audit log.
+#[derive(Clone, Debug, Default)]
+pub struct SignedView {
+    /// The agent announced `signed-ops/1`.
+    enabled: bool,
+    /// The policy's SHA-256 as the agent loaded it.
+    policy: Option<String>,
+    /// Why the agent could not use its policy.
+    policy_error: Option<String>,
+    /// Each permission phase and its setting (`on/required`, `off`, …).
+    phases: Vec<(String, String)>,
+    /// Approver key ids and fingerprints.
+    approvers: Vec<(String, String)>,
+    /// Why the agent could not use its approvers file.
+    approvers_error: Option<String>,
+    /// Privilege separation in force.
+    privsep: Option<String>,
+    /// The head of the appliance's own audit log.
+    audit_head: Option<String>,
+    /// Why the appliance's own audit log is unusable.
+    audit_error: Option<String>,
+    /// The appliance's manifest-signing key.
+    appliance_key: Option<String>,
+    /// Recent signed manifests, newest first.
+    manifests: Vec<ManifestView>,
+}
+
+/// A signed manifest as its audit entry holds it.
+#[derive(Clone, Debug)]
+pub struct ManifestView {
+    seq: i64,
+    at: String,
+    action: String,
+    outcome: &'static str,
+    command: String,
+    sha256: String,
+    /// The manifest itself (canonical JSON) when the entry holds it whole.
+    manifest: Option<String>,
+}
+
+/// Manifests the Signed operations tab lists.
+const MANIFESTS_SHOWN: usize = 20;
+
+impl SignedView {
+    /// From `a`'s status report and its recent audit `entries`.
+    fn of(a: &ApplianceView, entries: &[AuditEntry]) -> SignedView {
+        let st = |k: &str| a.agent_status.get(k).cloned();
+        // The agent joins list values with `,` (see the agent's `Status` entries); this
+        // only splits them for display.
+        let list = |k: &str| -> Vec<(String, String)> {
+            a.agent_status
+                .get(k)
+                .map(|v| {
+                    v.split(',')
+                        .filter(|x| !x.is_empty())
+                        .map(|x| match x.split_once(['=', ':']) {
+                            Some((l, r)) => (l.to_owned(), r.replace('/', ", ")),
+                            None => (x.to_owned(), String::new()),
+                        })
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
+        let manifests = entries
+            .iter()
+            .filter_map(|e| {
+                let d = e.details.as_object()?;
+                let sha256 = d.get("manifest_sha256")?.as_str()?.to_owned();
+                let command = match d.get("command_id") {
+                    Some(v) => v.to_string(),
+                    None => d
+                        .get("tunnel")
+                        .and_then(|v| v.as_str())
+                        .unwrap_or("")
+                        .to_owned(),
+                };
+                Some(ManifestView {
+                    seq: e.seq,
+                    at: when(e.at),
+                    action: e.action.clone(),
+                    outcome: e.outcome.as_str(),
+                    command,
+                    sha256,
+                    manifest: d
+                        .get("manifest")
+                        .and_then(|v| v.as_str())
+                        .map(str::to_owned),
+                })
+            })
+            .take(MANIFESTS_SHOWN)
+            .collect();
+        SignedView {
+            enabled: a
+                .capabilities
+                .iter()
+                .any(|c| c == tether_proto::capability::SIGNED_OPS),
+            policy: st("policy.sha256"),
+            policy_error: st("policy.error"),
+            phases: list("policy.phases"),
+            approvers: list("approvers"),
+            approvers_error: st("approvers.error"),
+            privsep: st("privsep"),
+            audit_head: st("audit.head"),
+            audit_error: st("audit.error"),
+            appliance_key: st("appliance.key"),
+            manifests,
+        }
+    }
+}
+
 #[derive(Template)]
 #[template(path = "console/appliance.html")]
 struct AppliancePage {
@@ -539,6 +656,7 @@ struct AppliancePage {
     certs: Vec<CertView>,
     alerts: Vec<Alert>,
     entries: Vec<EntryView>,
+    signed: SignedView,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -600,6 +718,10 @@ pub async fn appliance_view(
             .and_then(|p| p.last_heartbeat)
             .map(|h| when(h as i64)),
         agent_trust: p.as_ref().and_then(|p| p.trust_state.clone()),
+        capabilities: p
+            .as_ref()
+            .map(|p| p.capabilities.clone())
+            .unwrap_or_default(),
         agent_status: p.map(|p| p.agent_status).unwrap_or_default(),
         binding: serde_json::to_string(&a.binding).unwrap_or_default(),
         created_at: when(a.created_at),
@@ -641,6 +763,7 @@ pub async fn appliance(
         "trust" => "trust",
         "certificates" => "certificates",
         "audit" => "audit",
+        "signed" => "signed",
         _ => "overview",
     };
     let current = certs
@@ -665,28 +788,33 @@ pub async fn appliance(
     } else {
         Vec::new()
     };
-    let entries = if tab == "audit" {
+    let audit = if tab == "audit" || tab == "signed" {
         s.app
             .domain
             .store
             .audit_search(&AuditSearch {
                 target: Some(id.clone()),
-                limit: AUDIT_ROWS,
+                limit: if tab == "signed" {
+                    MANIFEST_SCAN
+                } else {
+                    AUDIT_ROWS
+                },
                 ..AuditSearch::default()
             })
             .await
             .map_err(|e| err(internal(e)))?
-            .iter()
-            .map(entry_view)
-            .collect()
     } else {
         Vec::new()
     };
-    let live = Some(format!(
-        "/console/events?{}",
-        serde_urlencoded::to_string([("view", "appliance"), ("id", id.as_str())])
-            .unwrap_or_default()
-    ));
+    let (entries, signed) = if tab == "signed" {
+        (Vec::new(), SignedView::of(&view, &audit))
+    } else {
+        (
+            audit.iter().map(entry_view).collect(),
+            SignedView::default(),
+        )
+    };
+    let live = Some(appliance_live(&id));
     Ok(html(
         StatusCode::OK,
         &AppliancePage {
@@ -702,8 +830,17 @@ pub async fn appliance(
             certs: certs.iter().map(cert_view).collect(),
             alerts,
             entries,
+            signed,
         },
     ))
+}
+
+/// The live stream of appliance `id`'s pages.
+fn appliance_live(id: &str) -> String {
+    format!(
+        "/console/events?{}",
+        serde_urlencoded::to_string([("view", "appliance"), ("id", id)]).unwrap_or_default()
+    )
 }
 
 #[derive(Template)]
@@ -714,9 +851,12 @@ struct RevokePage {
     active: &'static str,
     live: Option<String>,
     id: String,
+    a: ApplianceView,
 }
 
-/// `GET /console/appliances/{id}/revoke` — the revoke form (operator+).
+/// `GET /console/appliances/{id}/revoke` — the revoke form (operator+). Live: its
+/// header follows the appliance (revoked or disabled from elsewhere while the form is
+/// open) without losing what was typed.
 pub async fn revoke_form(
     State(s): State<ConsoleState>,
     Extension(auth): Extension<Authed>,
@@ -735,7 +875,7 @@ pub async fn revoke_form(
     .await?;
     // Only for an appliance that exists (an odd or unknown id gets the 404 the appliance
     // page gives, never a form posting to a path built from it).
-    appliance_view(&s, &id, now)
+    let (view, _) = appliance_view(&s, &id, now)
         .await
         .map_err(|e| PageError::new(&me, e))?;
     Ok(html(
@@ -744,8 +884,9 @@ pub async fn revoke_form(
             assets: assets(),
             me,
             active: "fleet",
-            live: None,
+            live: Some(appliance_live(&id)),
             id,
+            a: view,
         },
     ))
 }

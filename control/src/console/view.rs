@@ -226,6 +226,18 @@ pub struct RowTemplate<'a> {
     pub can_act: bool,
 }
 
+/// The Trust Alerts table, alone (the live `alerts` event), exactly as the page renders it.
+#[derive(Template)]
+#[template(path = "console/alerts_table.html")]
+pub struct AlertsTemplate<'a> {
+    /// The active alerts.
+    pub alerts: &'a [super::alerts::Alert],
+    /// With Trigger Renewal buttons.
+    pub can_act: bool,
+    /// The session's synchronizer token for those buttons' forms.
+    pub csrf: &'a str,
+}
+
 /// An `<option>` of a filter.
 #[derive(Clone, Debug)]
 pub struct Opt {

@@ -358,6 +358,40 @@ pub async fn logout(
     Ok(())
 }
 
+/// End every console session of `session`'s operator ("Log out everywhere"), each with
+/// its own audit entry (`all=true`); the token hashes of those ended, this one included.
+pub async fn logout_everywhere(
+    store: &dyn Store,
+    session: &ConsoleSession,
+    now: UnixSeconds,
+) -> Result<Vec<String>, Error> {
+    let mut ended = Vec::new();
+    for r in store
+        .console_sessions(&session.operator)
+        .await
+        .map_err(internal)?
+    {
+        let event = AuditEvent::success(
+            Actor::operator(session.operator.clone()),
+            action::LOGOUT,
+            session.operator.as_str(),
+        )
+        .with("via", VIA_CONSOLE)
+        .with("session", &r.token_sha256[..SESSION_REF_LEN])
+        .with("by_session", session.session_ref.as_str())
+        .with("all", true);
+        if store
+            .end_console_session(&r.token_sha256, now, &event)
+            .await
+            .map_err(internal)?
+        {
+            ended.push(r.token_sha256);
+        }
+    }
+    info!(operator = %session.operator, sessions = ended.len(), "every console session ended");
+    Ok(ended)
+}
+
 /// The synchronizer token of the session whose cookie secret is `token`: derived from
 /// the secret, so only a holder of the cookie can compute it, and nothing is stored.
 pub fn csrf_token(token: &Secret) -> String {
