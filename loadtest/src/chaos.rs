@@ -573,6 +573,7 @@ impl RealAgent {
 async fn start_replicas(
     args: &RunArgs,
     mut sqlite: ChaosControl,
+    brokers: &[ChaosBroker],
     pool: &Pool,
     bins: &Path,
     run_dir: &Path,
@@ -605,6 +606,10 @@ async fn start_replicas(
         .arg("--to")
         .arg(&url);
     run_tool(copy, "tether-control store copy").await?;
+    // From now on the brokers follow another history than the pool's store.
+    for b in brokers {
+        std::fs::write(b.pool_dir.join(FOLLOWED_POSTGRES), b"")?;
+    }
     let mut controls = Vec::with_capacity(args.control_replicas);
     for k in 1..=args.control_replicas {
         let name = replica_name(k);
@@ -844,6 +849,34 @@ impl ChaosControl {
     }
 }
 
+/// Marks a broker's pool directory whose allowlist snapshot comes from a run's PostgreSQL
+/// store, whose history (versions and their digests) the pool's SQLite store never had.
+const FOLLOWED_POSTGRES: &str = "chaos-followed-postgresql";
+
+/// A broker that followed a run's PostgreSQL store starts the next run without its
+/// allowlist snapshot and revocation journal: the pool's SQLite store, which it follows
+/// next, numbers other changes with the same versions. Kept, the snapshot makes the
+/// broker say version V in its `Hello` without a digest (the snapshot file has none), so
+/// control cannot see that the histories differ and sends the deltas after V of its own:
+/// the broker then enforces a wrong allowlist and reports it in sync (README, chaos).
+fn forget_foreign_history(pool_dir: &Path) -> anyhow::Result<()> {
+    let mark = pool_dir.join(FOLLOWED_POSTGRES);
+    if mark.exists() {
+        for f in [
+            tether_broker::datadir::SNAPSHOT_FILE,
+            tether_broker::datadir::REVOKED_JOURNAL_FILE,
+        ] {
+            match std::fs::remove_file(pool_dir.join(f)) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e).with_context(|| format!("removing {f}")),
+            }
+        }
+        std::fs::remove_file(&mark)?;
+    }
+    Ok(())
+}
+
 /// A free loopback port (bound and let go: the child binds it a moment later).
 fn free_port() -> anyhow::Result<SocketAddr> {
     let l = std::net::TcpListener::bind("127.0.0.1:0").context("finding a free port")?;
@@ -990,6 +1023,7 @@ pub async fn run(
         let proxied = format!("https://{}", proxy.addr());
         let bundle = prepared.broker_start(pool, &name, &proxied, run_dir)?;
         let pool_dir = pool.broker_dir(&name);
+        forget_foreign_history(&pool_dir)?;
         let (data_dir, disk) = match Tmpfs::mount(&run_dir.join("disk").join(&name), disk_bytes) {
             Ok(t) => {
                 copy_dir(&pool_dir, &t.dir)?;
@@ -1035,7 +1069,7 @@ pub async fn run(
     // Replicas: the SQLite store copied into PostgreSQL, control started again there on
     // its address (the brokers' proxies lead to it) and the other replicas beside it.
     let (mut controls, pg) = if replicas >= 2 {
-        let (controls, pg) = start_replicas(args, control, pool, bins, run_dir).await?;
+        let (controls, pg) = start_replicas(args, control, &brokers, pool, bins, run_dir).await?;
         for b in &brokers {
             wait_replica_channels(&b.name, b.admin, n, replicas).await?;
         }
