@@ -449,6 +449,8 @@ struct ChaosBroker {
     lives: u32,
     /// Down on purpose (killed or drained, not started again yet).
     down: bool,
+    /// Partitioned from control (every replica) now.
+    partitioned: bool,
 }
 
 impl ChaosBroker {
@@ -615,21 +617,33 @@ async fn start_replicas(
         let name = replica_name(k);
         let data_dir = run_dir.join(&name);
         copy_replica_dir(&pool.control_dir(), &data_dir)?;
+        // Concrete ports, kept across restarts.
+        let listen = if k == 1 { sqlite.listen } else { free_port()? };
+        // The brokers reach the replica at the address it advertises: a proxy that can cut
+        // a partitioned broker's connections.
+        let advertised = FaultProxy::start(listen).await?;
         let toml_path = data_dir.join("control.toml");
         let toml = std::fs::read_to_string(&toml_path)
             .with_context(|| format!("reading {}", toml_path.display()))?;
         // A top-level key, so before the first table.
-        std::fs::write(
-            &toml_path,
-            format!("database_url = {}\n{toml}", serde_json::to_string(&url)?),
-        )?;
+        let mut toml = format!("database_url = {}\n{toml}", serde_json::to_string(&url)?);
+        let advertise = format!(
+            "advertise = {}",
+            serde_json::to_string(&advertised.addr().to_string())?
+        );
+        if toml.contains("\n[replica]\n") {
+            toml = toml.replace("\n[replica]\n", &format!("\n[replica]\n{advertise}\n"));
+        } else {
+            toml.push_str(&format!("\n[replica]\n{advertise}\n"));
+        }
+        std::fs::write(&toml_path, toml)?;
         let mut c = ChaosControl {
             name,
             data_dir,
-            // Concrete ports: each replica advertises its listen address to the brokers.
-            listen: if k == 1 { sqlite.listen } else { free_port()? },
+            listen,
             metrics: free_port()?,
             database_url: Some(url.clone()),
+            advertised: Some(advertised),
             guard: None,
             lives: 0,
             down: false,
@@ -799,6 +813,10 @@ struct ChaosControl {
     metrics: SocketAddr,
     /// The PostgreSQL URL of a replica (also in its control.toml).
     database_url: Option<String>,
+    /// A replica's proxy for every broker, the address it advertises (brokers dial it
+    /// besides the one their own proxy leads to): a partition cuts a broker's connections
+    /// through it too.
+    advertised: Option<FaultProxy>,
     guard: Option<ChildGuard>,
     lives: u32,
     down: bool,
@@ -994,6 +1012,7 @@ pub async fn run(
         listen: "127.0.0.1:0".parse().expect("an address"),
         metrics: free_port()?,
         database_url: None,
+        advertised: None,
         guard: None,
         lives: 0,
         down: false,
@@ -1060,6 +1079,7 @@ pub async fn run(
             disk,
             lives: 1,
             down: false,
+            partitioned: false,
         });
     }
     for b in &brokers {
@@ -2190,6 +2210,8 @@ async fn begin(
                 to: None,
             });
             broker.proxy.partition(true);
+            broker.partitioned = true;
+            cut_partitioned(brokers, controls);
         }
         FaultKind::DiskFull => {
             let Some(disk) = broker.disk.as_ref() else {
@@ -2289,6 +2311,8 @@ async fn end(
         }
         FaultKind::Partition => {
             brokers[b].proxy.partition(false);
+            brokers[b].partitioned = false;
+            cut_partitioned(brokers, controls);
             close(windows, &f.target);
             Ok(None)
         }
@@ -2302,6 +2326,19 @@ async fn end(
         FaultKind::ControlKill | FaultKind::AgentCrashMidWrite | FaultKind::PgRestart => {
             unreachable!("handled apart")
         }
+    }
+}
+
+/// Cut the partitioned brokers' connections through every replica's advertised address
+/// (and heal the others').
+fn cut_partitioned(brokers: &[ChaosBroker], controls: &[ChaosControl]) {
+    let pids: Vec<u32> = brokers
+        .iter()
+        .filter(|b| b.partitioned)
+        .filter_map(|b| b.guard.as_ref().map(|g| g.pid()))
+        .collect();
+    for p in controls.iter().filter_map(|c| c.advertised.as_ref()) {
+        p.cut_processes(pids.clone());
     }
 }
 
