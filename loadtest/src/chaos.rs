@@ -16,7 +16,8 @@
 //! ([`start_replicas`]: the pool's SQLite store, enrolled against as with one control,
 //! copied into a fresh database of a server of the run's own, [`PgServer`]).
 //! `control_kill` then kills one replica (one is always left untouched), and
-//! `pg_restart` crashes PostgreSQL and starts it again. The work goes to a replica drawn
+//! `pg_restart` crashes PostgreSQL and starts it again. Each replica advertises a
+//! [`FaultProxy`] in front of it, so a partition cuts the broker from every replica. The work goes to a replica drawn
 //! from the seed; an answer 503 (the database down) is refused work, counted, never an
 //! acknowledgement.
 //!
