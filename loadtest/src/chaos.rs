@@ -874,10 +874,10 @@ const FOLLOWED_POSTGRES: &str = "chaos-followed-postgresql";
 
 /// A broker that followed a run's PostgreSQL store starts the next run without its
 /// allowlist snapshot and revocation journal: the pool's SQLite store, which it follows
-/// next, numbers other changes with the same versions. Kept, the snapshot makes the
-/// broker say version V in its `Hello` without a digest (the snapshot file has none), so
-/// control cannot see that the histories differ and sends the deltas after V of its own:
-/// the broker then enforces a wrong allowlist and reports it in sync (README, chaos).
+/// next, numbers other changes with the same versions. (Kept, the snapshot makes the
+/// broker say version V in its `Hello` without a digest, the snapshot file having none;
+/// control used to send it the deltas after V of its own history, a wrong allowlist the
+/// broker called in sync, and now sends a snapshot: README, chaos.)
 fn forget_foreign_history(pool_dir: &Path) -> anyhow::Result<()> {
     let mark = pool_dir.join(FOLLOWED_POSTGRES);
     if mark.exists() {
