@@ -1953,6 +1953,79 @@ async fn postgres_restart_under_load() {
     drop(pg);
 }
 
+/// Found by the chaos run on replicas (issue 19): a broker started from its allowlist
+/// snapshot on disk says its version without a digest (the snapshot keeps none). When the
+/// database is not the history it followed (here a copy taken before two revocations,
+/// as a restore would be), the same version numbers carry other changes; deltas after
+/// its version left it enforcing a wrong allowlist it called in sync. It gets a snapshot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_restarted_on_another_history_gets_a_snapshot() {
+    use sqlx::Connection;
+    let db = PgDb::create().await;
+    let mut c = Cluster::with_init(&["--database-url", &db.url], "");
+    let broker = c.add_broker("edge-1");
+    let ids: Vec<String> = (0..6).map(|i| format!("app-{i:02}")).collect();
+    seed_appliances(&db.url, &ids).await;
+    wait_brokers_at_db(&db.url, &[&broker], Duration::from_secs(10)).await;
+
+    // The backup: a copy of the database (control stopped: no session on it).
+    c.kill_control();
+    let (server, name) = db.url.rsplit_once('/').unwrap();
+    let backup = format!("{name}_b");
+    let mut admin = sqlx::PgConnection::connect(&format!("{server}/postgres"))
+        .await
+        .unwrap();
+    sqlx::query(&format!("CREATE DATABASE {backup} TEMPLATE {name}"))
+        .execute(&mut admin)
+        .await
+        .unwrap();
+    let backup_url = format!("{server}/{backup}");
+
+    // Two revocations the broker applies and keeps in its snapshot on disk.
+    c.restart_control();
+    let (v, _) = db_allowlist(&db.url).await;
+    for id in &ids[..2] {
+        c.tether(&["appliance", "revoke", id.as_str()]).unwrap();
+    }
+    broker
+        .wait_metric("tether_allowlist_version", (v + 2) as f64)
+        .await;
+    // The snapshot is written within a second of a change.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let listen = broker.quic;
+    drop(broker);
+
+    // Control restored onto the copy: v+1..v+3 are other changes (a disable, its
+    // enable, another disable: one appliance out, where the broker's v+2 has two).
+    c.kill_control();
+    merge_config(&c.fleet.data, &format!("database_url = \"{backup_url}\"\n"));
+    c.restart_control();
+    for (id, verb) in [
+        (&ids[2], "disable"),
+        (&ids[2], "enable"),
+        (&ids[3], "disable"),
+    ] {
+        c.tether(&["appliance", verb, id.as_str()]).unwrap();
+    }
+    assert_eq!(db_allowlist(&backup_url).await, (v + 3, 5));
+
+    // Restarted from its snapshot (v+2 of the other history), the broker takes a
+    // snapshot of this one: (v+3, 5), not (v+3, 3).
+    let broker = c.restart_broker("edge-1", listen);
+    wait_brokers_at_db(&backup_url, &[&broker], Duration::from_secs(15)).await;
+    assert!(c
+        .fleet
+        .control
+        .log_contains("comes without its digest: sending a snapshot"));
+    drop(broker);
+    drop(c);
+    let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {backup} WITH (FORCE)"))
+        .execute(&mut admin)
+        .await;
+    admin.close().await.ok();
+    db.drop_db().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn async_failover_divergence_is_detected() {
     let started = Instant::now();

@@ -12,6 +12,15 @@
 //! is partitioned, control restarts meanwhile), but one broker is always left untouched so
 //! the fleet has somewhere to be.
 //!
+//! `--control-replicas N` (N ≥ 2): control is N replicas on one PostgreSQL database
+//! ([`start_replicas`]: the pool's SQLite store, enrolled against as with one control,
+//! copied into a fresh database of a server of the run's own, [`PgServer`]).
+//! `control_kill` then kills one replica (one is always left untouched), and
+//! `pg_restart` crashes PostgreSQL and starts it again. Each replica advertises a
+//! [`FaultProxy`] in front of it, so a partition cuts the broker from every replica. The work goes to a replica drawn
+//! from the seed; an answer 503 (the database down) is refused work, counted, never an
+//! acknowledgement.
+//!
 //! The invariants ([`Invariants`]):
 //! - `revocation_closes_sessions`: a revoked or disabled appliance's session closes
 //!   within [`CLOSE_BOUND`] of control acknowledging it, counted from when its broker could
@@ -20,8 +29,10 @@
 //! - `revoked_never_admitted_again`: no session for it after that bound, and a fresh
 //!   connection with each revoked or still-disabled certificate at the end is refused;
 //! - `changes_in_force_on_every_broker`: at the end every broker applies control's
-//!   allowlist version;
-//! - `audit_log_verifies`: `tether audit verify` passes on control's export;
+//!   allowlist version, as every replica reads it from the store, and no control life
+//!   logged a broker whose digest for a version differed from the store's;
+//! - `audit_log_verifies`: `tether audit verify` passes on control's export (the first
+//!   replica's);
 //! - `commands_end_exactly_once`: every command has exactly one final line, and none is
 //!   reported as succeeded without its output (the command echoes a nonce);
 //! - `fleet_reconnects_after_faults`: every appliance neither revoked nor disabled has a
@@ -45,6 +56,7 @@ use crate::faultproxy::FaultProxy;
 use crate::fleet::{Fleet, FleetEvent, FleetOptions};
 use crate::measure::{self, Machine};
 use crate::ops::{Api, EchoOutcome};
+use crate::pgserver::PgServer;
 use crate::pool::{self, Pool};
 use crate::progress::Progress;
 use crate::report::{round3, Detail, Limits, Report, Sample, UdpReport};
@@ -113,17 +125,23 @@ pub enum FaultKind {
     /// key and its certificate, and ask control to renew it; start it again unarmed after
     /// the hold.
     AgentCrashMidWrite,
+    /// Crash the run's PostgreSQL (`pg_ctl stop -m immediate`) under control replicas;
+    /// start it again after the hold (crash recovery, same port).
+    PgRestart,
 }
 
 impl FaultKind {
     /// Every kind.
-    pub const ALL: [FaultKind; 6] = [
+    pub const ALL: [FaultKind; 7] = [
         FaultKind::BrokerKill,
         FaultKind::BrokerDrain,
         FaultKind::ControlKill,
         FaultKind::Partition,
         FaultKind::DiskFull,
         FaultKind::AgentCrashMidWrite,
+        // Last, so a run without it (one control on SQLite) draws the schedule it drew
+        // before it existed.
+        FaultKind::PgRestart,
     ];
 
     /// The name in reports.
@@ -135,6 +153,7 @@ impl FaultKind {
             FaultKind::Partition => "partition",
             FaultKind::DiskFull => "disk_full",
             FaultKind::AgentCrashMidWrite => "agent_crash_mid_write",
+            FaultKind::PgRestart => "pg_restart",
         }
     }
 
@@ -147,6 +166,7 @@ impl FaultKind {
             FaultKind::Partition => 1000..=8000,
             FaultKind::DiskFull => 2000..=10_000,
             FaultKind::AgentCrashMidWrite => 5000..=10_000,
+            FaultKind::PgRestart => 1000..=5000,
         }
     }
 
@@ -169,7 +189,8 @@ pub struct Fault {
     pub kind: FaultKind,
     /// When it starts, ms from the start of the work.
     pub at_ms: u64,
-    /// Broker name, or `control`.
+    /// Broker name, `control` (one control), `control-K` (replica K), the real agent's
+    /// id, or `postgres`.
     pub target: String,
     /// How long it lasts, ms.
     pub hold_ms: u64,
@@ -178,15 +199,18 @@ pub struct Fault {
     pub outcome: Option<String>,
 }
 
-/// The faults `seed` draws for a run of `duration` over `brokers` brokers and `agents`
-/// real agent processes from `kinds`: a fault starts every 3–9 s from 5 % to 80 % of the
-/// run; a broker, control and each agent take one fault at a time (and 3 s more to come
-/// back), and one broker is always free of faults.
+/// The faults `seed` draws for a run of `duration` over `brokers` brokers, `agents` real
+/// agent processes and `replicas` control replicas from `kinds`: a fault starts every
+/// 3–9 s from 5 % to 80 % of the run; a broker, control (each replica), each agent and
+/// PostgreSQL take one fault at a time (and 3 s more to come back), one broker is always
+/// free of faults, and so is one replica when there are several (with one, `control_kill`
+/// kills it).
 pub fn schedule(
     seed: u64,
     duration: Duration,
     brokers: usize,
     agents: usize,
+    replicas: usize,
     kinds: &[FaultKind],
 ) -> Vec<Fault> {
     let mut rng = fastrand::Rng::with_seed(seed);
@@ -195,6 +219,8 @@ pub fn schedule(
     let end = total * 4 / 5;
     let mut busy_until = vec![0u64; brokers];
     let mut control_busy_until = 0u64;
+    let mut replica_busy_until = vec![0u64; replicas];
+    let mut pg_busy_until = 0u64;
     let mut agent_busy_until = vec![0u64; agents];
     let mut out = Vec::new();
     if kinds.is_empty() {
@@ -231,6 +257,33 @@ pub fn schedule(
                     outcome: None,
                 });
             }
+        } else if kind == FaultKind::PgRestart {
+            if pg_busy_until <= t {
+                pg_busy_until = t + settle;
+                out.push(Fault {
+                    kind,
+                    at_ms: t,
+                    target: PG_TARGET.into(),
+                    hold_ms: hold,
+                    outcome: None,
+                });
+            }
+        } else if replicas > 1 {
+            let free: Vec<usize> = (0..replicas)
+                .filter(|&r| replica_busy_until[r] <= t)
+                .collect();
+            // Leave one replica untouched.
+            if free.len() >= 2 {
+                let r = free[rng.usize(..free.len())];
+                replica_busy_until[r] = t + settle;
+                out.push(Fault {
+                    kind,
+                    at_ms: t,
+                    target: replica_name(r + 1),
+                    hold_ms: hold,
+                    outcome: None,
+                });
+            }
         } else if control_busy_until <= t {
             control_busy_until = t + settle;
             out.push(Fault {
@@ -244,6 +297,14 @@ pub fn schedule(
         t += rng.u64(3000..=9000);
     }
     out
+}
+
+/// The target of [`FaultKind::PgRestart`].
+pub const PG_TARGET: &str = "postgres";
+
+/// The name of control replica `k` (1-based) in faults, windows, logs and memory.
+pub fn replica_name(k: usize) -> String {
+    format!("control-{k}")
 }
 
 /// The id of real agent process `k` (1-based).
@@ -267,6 +328,14 @@ pub struct Invariant {
 pub struct ChaosDetail {
     /// `--seed`.
     pub seed: u64,
+    /// Control processes serving at once (`--control-replicas`).
+    pub control_replicas: usize,
+    /// Their store: `sqlite`, or `postgresql` (replicas).
+    pub store: &'static str,
+    /// Requests of the work (commands, revokes, disables, enables) a replica answered 503
+    /// (`database_unavailable` while PostgreSQL was down, or no channel to the
+    /// appliance's broker yet): refused cleanly, not acknowledged, counted here.
+    pub answered_503: u64,
     /// Faults injected, by kind.
     pub faults_by_kind: BTreeMap<&'static str, usize>,
     /// Kinds left out of the schedule, and why.
@@ -381,6 +450,8 @@ struct ChaosBroker {
     lives: u32,
     /// Down on purpose (killed or drained, not started again yet).
     down: bool,
+    /// Partitioned from control (every replica) now.
+    partitioned: bool,
 }
 
 impl ChaosBroker {
@@ -496,6 +567,141 @@ impl RealAgent {
     }
 }
 
+/// `--control-replicas N`: stop `sqlite` (the pool's control, enrolled against), copy its
+/// store into PostgreSQL (`tether-control store copy`: a server of the run's own, or
+/// `--pg-url`'s empty database), and start N replicas on it, each on a copy of the data
+/// directory (same CA, its own `replica.id`) whose control.toml names the database. The
+/// first listens where `sqlite` did, so the brokers' proxies lead to it; the brokers learn
+/// the others from it. Returns the replicas and the server, if it is the run's own.
+async fn start_replicas(
+    args: &RunArgs,
+    mut sqlite: ChaosControl,
+    brokers: &[ChaosBroker],
+    pool: &Pool,
+    bins: &Path,
+    run_dir: &Path,
+) -> anyhow::Result<(Vec<ChaosControl>, Option<PgServer>)> {
+    if let Some(g) = sqlite.guard.take() {
+        if !g.stop(spawn::STOP_GRACE).await {
+            bail!("control on SQLite did not stop on SIGTERM before the store copy");
+        }
+    }
+    let (url, server) = match &args.pg_url {
+        Some(url) => (url.clone(), None),
+        None => {
+            // PostgreSQL runs as the `postgres` user when we are root: it must be able to
+            // reach its directory inside the run's.
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(run_dir, std::fs::Permissions::from_mode(0o711))?;
+            let started = Instant::now();
+            let server = PgServer::start(&run_dir.join("postgres")).await?;
+            println!(
+                "PostgreSQL of the run: {} (started in {} ms)",
+                server.url(),
+                started.elapsed().as_millis()
+            );
+            (server.url().to_owned(), Some(server))
+        }
+    };
+    let mut copy = tokio::process::Command::new(bins.join(spawn::CONTROL_BIN));
+    copy.args(["store", "copy", "--from"])
+        .arg(format!("sqlite:{}", pool.control_dir().display()))
+        .arg("--to")
+        .arg(&url);
+    run_tool(copy, "tether-control store copy").await?;
+    // From now on the brokers follow another history than the pool's store.
+    for b in brokers {
+        std::fs::write(b.pool_dir.join(FOLLOWED_POSTGRES), b"")?;
+    }
+    let mut controls = Vec::with_capacity(args.control_replicas);
+    for k in 1..=args.control_replicas {
+        let name = replica_name(k);
+        let data_dir = run_dir.join(&name);
+        copy_replica_dir(&pool.control_dir(), &data_dir)?;
+        // Concrete ports, kept across restarts.
+        let listen = if k == 1 { sqlite.listen } else { free_port()? };
+        // The brokers reach the replica at the address it advertises: a proxy that can cut
+        // a partitioned broker's connections.
+        let advertised = FaultProxy::start(listen).await?;
+        let toml_path = data_dir.join("control.toml");
+        let toml = std::fs::read_to_string(&toml_path)
+            .with_context(|| format!("reading {}", toml_path.display()))?;
+        // A top-level key, so before the first table.
+        let mut toml = format!("database_url = {}\n{toml}", serde_json::to_string(&url)?);
+        let advertise = format!(
+            "advertise = {}",
+            serde_json::to_string(&advertised.addr().to_string())?
+        );
+        if toml.contains("\n[replica]\n") {
+            toml = toml.replace("\n[replica]\n", &format!("\n[replica]\n{advertise}\n"));
+        } else {
+            toml.push_str(&format!("\n[replica]\n{advertise}\n"));
+        }
+        std::fs::write(&toml_path, toml)?;
+        let mut c = ChaosControl {
+            name,
+            data_dir,
+            listen,
+            metrics: free_port()?,
+            database_url: Some(url.clone()),
+            advertised: Some(advertised),
+            guard: None,
+            lives: 0,
+            down: false,
+        };
+        c.start(bins, run_dir).await?;
+        println!("{}: {} on PostgreSQL", c.name, c.url());
+        controls.push(c);
+    }
+    Ok((controls, server))
+}
+
+/// Copy control's data directory for a replica: not its SQLite store, not its
+/// `replica.id` (each replica makes its own at first start).
+fn copy_replica_dir(from: &Path, to: &Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(to)?;
+    for entry in std::fs::read_dir(from).with_context(|| format!("reading {}", from.display()))? {
+        let entry = entry?;
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if name.starts_with("control.db") || name == "replica.id" {
+            continue;
+        }
+        let target = to.join(entry.file_name());
+        if entry.file_type()?.is_dir() {
+            copy_dir(&entry.path(), &target)?;
+        } else if entry.file_type()?.is_file() {
+            std::fs::copy(entry.path(), &target)
+                .with_context(|| format!("copying {}", entry.path().display()))?;
+        }
+    }
+    Ok(())
+}
+
+/// Wait until broker `name` holds a channel to each of `replicas` replicas and applies
+/// the fleet's allowlist again (after control moved to PostgreSQL).
+async fn wait_replica_channels(
+    name: &str,
+    admin: SocketAddr,
+    n: usize,
+    replicas: usize,
+) -> anyhow::Result<()> {
+    let deadline = Instant::now() + CONVERGE_TIMEOUT;
+    loop {
+        let text = scenario::wait_synced_at(name, admin, n).await?;
+        let channels = spawn::metric(&text, "tether_broker_control_channels").unwrap_or(0.0);
+        if channels >= replicas as f64 {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "broker {name} holds channels to {channels} control replicas of {replicas} after {CONVERGE_TIMEOUT:?}"
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 /// Start [`FaultKind::AgentCrashMidWrite`]: restart the agent armed, and ask control to
 /// have it renew now.
 async fn agent_begin(
@@ -598,13 +804,102 @@ async fn agents_connected(api: &Api, agents: &[RealAgent], deadline: Instant) ->
     }
 }
 
-/// Control in the run.
+/// Control in the run: the one control on SQLite, or one replica on PostgreSQL.
 struct ChaosControl {
+    /// `control`, or `control-K` for replica K: its fault target, window and log name.
+    name: String,
     data_dir: PathBuf,
     listen: SocketAddr,
+    /// Its metrics listener (kept across restarts).
+    metrics: SocketAddr,
+    /// The PostgreSQL URL of a replica (also in its control.toml).
+    database_url: Option<String>,
+    /// A replica's proxy for every broker, the address it advertises (brokers dial it
+    /// besides the one their own proxy leads to): a partition cuts a broker's connections
+    /// through it too.
+    advertised: Option<FaultProxy>,
     guard: Option<ChildGuard>,
     lives: u32,
     down: bool,
+}
+
+impl ChaosControl {
+    fn life(&self) -> String {
+        format!("{}#{}", self.name, self.lives)
+    }
+
+    fn log(&self, run_dir: &Path) -> PathBuf {
+        run_dir.join(format!("{}.log", self.name))
+    }
+
+    fn url(&self) -> String {
+        format!("https://{}", self.listen)
+    }
+
+    /// Start it on its addresses (a first start on port 0 learns its API port).
+    async fn start(&mut self, bins: &Path, run_dir: &Path) -> anyhow::Result<()> {
+        let mut args: Vec<String> = vec![
+            "serve".into(),
+            "--data-dir".into(),
+            self.data_dir.display().to_string(),
+            "--listen".into(),
+            self.listen.to_string(),
+            "--metrics-listen".into(),
+            self.metrics.to_string(),
+            "--log-format".into(),
+            "json".into(),
+        ];
+        if let Some(url) = &self.database_url {
+            args.extend(["--database-url".into(), url.clone()]);
+        }
+        let (guard, line) = ChildGuard::spawn(
+            &self.name,
+            &bins.join(spawn::CONTROL_BIN),
+            &args,
+            self.log(run_dir),
+            "control API listening",
+        )
+        .await?;
+        self.listen = spawn::addr_field(&line, "listen")?;
+        self.guard = Some(guard);
+        self.lives += 1;
+        self.down = false;
+        Ok(())
+    }
+}
+
+/// Marks a broker's pool directory whose allowlist snapshot comes from a run's PostgreSQL
+/// store, whose history (versions and their digests) the pool's SQLite store never had.
+const FOLLOWED_POSTGRES: &str = "chaos-followed-postgresql";
+
+/// A broker that followed a run's PostgreSQL store starts the next run without its
+/// allowlist snapshot and revocation journal: the pool's SQLite store, which it follows
+/// next, numbers other changes with the same versions. (Kept, the snapshot makes the
+/// broker say version V in its `Hello` without a digest, the snapshot file having none;
+/// control used to send it the deltas after V of its own history, a wrong allowlist the
+/// broker called in sync, and now sends a snapshot: README, chaos.)
+fn forget_foreign_history(pool_dir: &Path) -> anyhow::Result<()> {
+    let mark = pool_dir.join(FOLLOWED_POSTGRES);
+    if mark.exists() {
+        for f in [
+            tether_broker::datadir::SNAPSHOT_FILE,
+            tether_broker::datadir::REVOKED_JOURNAL_FILE,
+        ] {
+            match std::fs::remove_file(pool_dir.join(f)) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e).with_context(|| format!("removing {f}")),
+            }
+        }
+        std::fs::remove_file(&mark)?;
+    }
+    Ok(())
+}
+
+/// A free loopback port (bound and let go: the child binds it a moment later).
+fn free_port() -> anyhow::Result<SocketAddr> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").context("finding a free port")?;
+    Ok(l.local_addr()?)
 }
 
 /// A stretch of time during which a target could not hear control (or was down).
@@ -650,6 +945,8 @@ impl Standing {
 enum Done {
     Command {
         index: usize,
+        /// The control (replica) that relayed it.
+        via: String,
         sent: Instant,
         outcome: EchoOutcome,
     },
@@ -703,20 +1000,28 @@ pub async fn run(
         .format(&time::format_description::well_known::Rfc3339)
         .unwrap_or_default();
 
-    // Control first, on a port it keeps across restarts.
-    let (guard, control_url) =
-        scenario::start_control_at(&pool.control_dir(), bins, run_dir, None).await?;
-    let listen: SocketAddr = control_url
-        .trim_start_matches("https://")
-        .parse()
-        .context("control's address")?;
+    let replicas = args.control_replicas;
+    if replicas < 2 && args.pg_url.is_some() {
+        bail!("--pg-url is for --control-replicas 2 or more (one control runs on SQLite)");
+    }
+    // Control first, on a port it keeps across restarts; on the pool's SQLite store,
+    // which knows the pool's appliances and brokers, also when replicas take over from
+    // it once the pool is enrolled and the brokers have their credentials.
     let mut control = ChaosControl {
+        name: "control".into(),
         data_dir: pool.control_dir(),
-        listen,
-        guard: Some(guard),
-        lives: 1,
+        listen: "127.0.0.1:0".parse().expect("an address"),
+        metrics: free_port()?,
+        database_url: None,
+        advertised: None,
+        guard: None,
+        lives: 0,
         down: false,
     };
+    control.start(bins, run_dir).await?;
+    let control_url = control.url();
+    let listen = control.listen;
+    println!("control: {control_url}");
     let enroll_started = Instant::now();
     prepared
         .enroll(pool, &control_url, args.enroll_concurrency, progress)
@@ -725,7 +1030,6 @@ pub async fn run(
     let enrolled_this_run = prepared.tokens.len();
     let creds = prepared.fill(pool, creds)?;
     let operator = prepared.operator(pool, &control_url).await?;
-    let api = Api::new(&control_url, &prepared.root_pem, &operator)?;
 
     // Brokers, each with its channel to control through a fault proxy and, where a
     // tmpfs can be mounted, its data directory on one.
@@ -739,6 +1043,7 @@ pub async fn run(
         let proxied = format!("https://{}", proxy.addr());
         let bundle = prepared.broker_start(pool, &name, &proxied, run_dir)?;
         let pool_dir = pool.broker_dir(&name);
+        forget_foreign_history(&pool_dir)?;
         let (data_dir, disk) = match Tmpfs::mount(&run_dir.join("disk").join(&name), disk_bytes) {
             Ok(t) => {
                 copy_dir(&pool_dir, &t.dir)?;
@@ -751,6 +1056,8 @@ pub async fn run(
                 (pool_dir.clone(), None)
             }
         };
+        // The replicas an earlier run listed are gone: this run's control tells it its own.
+        let _ = std::fs::remove_file(data_dir.join(tether_broker::replicas::REPLICAS_FILE));
         let (guard, quic, admin) = scenario::spawn_broker(
             args,
             &name,
@@ -773,11 +1080,39 @@ pub async fn run(
             disk,
             lives: 1,
             down: false,
+            partitioned: false,
         });
     }
     for b in &brokers {
         scenario::wait_synced_at(&b.name, b.admin, n).await?;
     }
+
+    // Replicas: the SQLite store copied into PostgreSQL, control started again there on
+    // its address (the brokers' proxies lead to it) and the other replicas beside it.
+    let (mut controls, pg) = if replicas >= 2 {
+        let (controls, pg) = start_replicas(args, control, &brokers, pool, bins, run_dir).await?;
+        for b in &brokers {
+            wait_replica_channels(&b.name, b.admin, n, replicas).await?;
+        }
+        (controls, pg)
+    } else {
+        (vec![control], None)
+    };
+    if pg.is_none() {
+        unavailable.insert(
+            FaultKind::PgRestart.as_str(),
+            if replicas >= 2 {
+                "--pg-url names a server this run did not start: it is not restarted".to_owned()
+            } else {
+                "one control on SQLite (--control-replicas 1)".to_owned()
+            },
+        );
+    }
+    let mut apis = Vec::with_capacity(controls.len());
+    for c in &controls {
+        apis.push(Api::new(&c.url(), &prepared.root_pem, &operator)?);
+    }
+    let api = apis[0].clone();
 
     // Real agent processes with their own state directories, for the crash mid-write.
     let mut agents = Vec::new();
@@ -811,11 +1146,16 @@ pub async fn run(
         .into_iter()
         .filter(|k| !unavailable.contains_key(k.as_str()))
         .collect();
-    let mut faults = schedule(seed, args.duration, nb, agents.len(), &kinds);
+    let mut faults = schedule(seed, args.duration, nb, agents.len(), replicas, &kinds);
     println!(
-        "chaos: {} faults over {:?} on {nb} brokers and control ({} kinds)",
+        "chaos: {} faults over {:?} on {nb} brokers and {} ({} kinds)",
         faults.len(),
         args.duration,
+        if replicas > 1 {
+            format!("{replicas} control replicas on PostgreSQL")
+        } else {
+            "control".to_owned()
+        },
         kinds.len()
     );
 
@@ -823,10 +1163,11 @@ pub async fn run(
         args,
         seed,
         pool,
-        &api,
+        &apis,
         &creds,
         &mut brokers,
-        &mut control,
+        &mut controls,
+        pg.as_ref(),
         &mut agents,
         &mut faults,
         bins,
@@ -854,9 +1195,11 @@ pub async fn run(
             }
         }
     }
-    if let Some(g) = control.guard.take() {
-        if !g.stop(spawn::STOP_GRACE).await {
-            stop_problems.push(format!("control#{} did not stop on SIGTERM", control.lives));
+    for c in &mut controls {
+        if let Some(g) = c.guard.take() {
+            if !g.stop(spawn::STOP_GRACE).await {
+                stop_problems.push(format!("{} did not stop on SIGTERM", c.life()));
+            }
         }
     }
     // Keep the brokers' credentials (renewed meanwhile, or first enrolled here) in the
@@ -876,7 +1219,10 @@ pub async fn run(
     let mut out = outcome?;
 
     // The audit log, exported by control's own tool and checked by the operator's.
-    let audit = verify_audit(bins, &tether_bin, pool, prepared, run_dir).await;
+    // From the first replica's data directory (its control.toml names PostgreSQL, still
+    // running), else the pool's SQLite store.
+    let audit = verify_audit(bins, &tether_bin, &controls[0].data_dir, prepared, run_dir).await;
+    drop(pg);
     out.invariants.push(Invariant {
         name: "audit_log_verifies",
         ok: audit.is_ok(),
@@ -900,6 +1246,12 @@ pub async fn run(
     out.detail.faults_by_kind = by_kind;
     out.detail.unavailable = unavailable;
     out.detail.seed = seed;
+    out.detail.control_replicas = controls.len();
+    out.detail.store = if controls.len() > 1 {
+        "postgresql"
+    } else {
+        "sqlite"
+    };
     out.detail.agent_backoff_max_ms = AGENT_BACKOFF_MAX.as_millis() as u64;
 
     let mut errors = BTreeMap::new();
@@ -965,10 +1317,11 @@ async fn drive(
     args: &RunArgs,
     seed: u64,
     pool: &Pool,
-    api: &Api,
+    apis: &[Api],
     creds: &[Credentials],
     brokers: &mut [ChaosBroker],
-    control: &mut ChaosControl,
+    controls: &mut [ChaosControl],
+    pg: Option<&PgServer>,
     agents: &mut [RealAgent],
     faults: &mut [Fault],
     bins: &Path,
@@ -976,6 +1329,7 @@ async fn drive(
     progress: &Progress,
 ) -> anyhow::Result<Driven> {
     let n = creds.len();
+    let api = &apis[0];
     let mut udp = UdpReport::default();
     let endpoints = scenario::client_endpoints(args, &mut udp)?;
     let agent = tether_agent::AgentConfig {
@@ -1124,7 +1478,8 @@ async fn drive(
                 begin(
                     f,
                     brokers,
-                    control,
+                    controls,
+                    pg,
                     &mut windows,
                     &mut filler,
                     &mut drained_at,
@@ -1135,7 +1490,8 @@ async fn drive(
                     f,
                     args,
                     brokers,
-                    control,
+                    controls,
+                    pg,
                     &mut windows,
                     &mut filler,
                     &mut drained_at,
@@ -1162,7 +1518,9 @@ async fn drive(
             while next_command <= now {
                 next_command += command_every;
                 if let Some(index) = pick(&mut rng, &tally, &standing, |s| s == Standing::Active) {
-                    let api = api.clone();
+                    let replica = pick_replica(&mut rng, apis.len());
+                    let api = apis[replica].clone();
+                    let via = controls[replica].name.clone();
                     let id = id_of(index);
                     let nonce = format!("chaos-{}", rng.u64(..));
                     work.spawn(async move {
@@ -1170,6 +1528,7 @@ async fn drive(
                         let outcome = api.exec_echo(&id, &nonce, COMMAND_TIMEOUT_MS).await;
                         Done::Command {
                             index,
+                            via,
                             sent,
                             outcome,
                         }
@@ -1194,7 +1553,8 @@ async fn drive(
                 }
                 if let Some(index) = pick(&mut rng, &tally, &standing, |s| s == Standing::Active) {
                     standing[index] = standing_now;
-                    spawn_status(&mut work, api, index, action);
+                    let replica = pick_replica(&mut rng, apis.len());
+                    spawn_status(&mut work, &apis[replica], index, action);
                 }
             }
             if next_churn <= now {
@@ -1211,20 +1571,21 @@ async fn drive(
                 if let Standing::Disabled(since) = standing[index] {
                     standing[index] = Standing::Enabling(since);
                 }
-                spawn_status(&mut work, api, index, "enable");
+                // Round the replicas (no draw: the work's choices stay those of the seed).
+                spawn_status(&mut work, &apis[index % apis.len()], index, "enable");
                 false
             } else {
                 true
             }
         });
         check_overdue(now, &tally, &standing, &windows, &names, &mut inv);
-        check_exits(brokers, control, agents, &mut inv, bins, run_dir, args).await;
+        check_exits(brokers, controls, agents, &mut inv, bins, run_dir, args).await;
         if next_step >= steps.len() && fully_back.is_none() && missing(&tally, &standing) == 0 {
             fully_back = Some(now);
         }
         if now >= next_sample {
             next_sample = now + SAMPLE_EVERY;
-            sample_memory(brokers, control, agents, &mut memory);
+            sample_memory(brokers, controls, agents, &mut memory);
             samples.push(Sample {
                 t: round3(start.elapsed().as_secs_f64()),
                 connected: tally.current,
@@ -1262,7 +1623,7 @@ async fn drive(
             &names,
             &mut inv,
         );
-        check_exits(brokers, control, agents, &mut inv, bins, run_dir, args).await;
+        check_exits(brokers, controls, agents, &mut inv, bins, run_dir, args).await;
         left_out = missing(&tally, &standing);
     }
     if fully_back.is_none() && left_out == 0 {
@@ -1274,7 +1635,8 @@ async fn drive(
 
     // The brokers apply control's latest allowlist.
     let broker_names: Vec<String> = brokers.iter().map(|b| b.name.clone()).collect();
-    let converged = converge(api, &broker_names).await;
+    let logs: Vec<PathBuf> = controls.iter().map(|c| c.log(run_dir)).collect();
+    let converged = converge(apis, &broker_names, &logs).await;
 
     // Fresh connections with each revoked or disabled certificate: all refused.
     let out_now: Vec<usize> = (0..n)
@@ -1321,7 +1683,7 @@ async fn drive(
     for e in &endpoints.endpoints {
         e.close(0u32.into(), b"done");
     }
-    check_exits(brokers, control, agents, &mut inv, bins, run_dir, args).await;
+    check_exits(brokers, controls, agents, &mut inv, bins, run_dir, args).await;
 
     // The verdicts.
     detail.longest_outage_ms = inv.longest_outage.map(|d| round3(d.as_secs_f64() * 1000.0));
@@ -1433,7 +1795,7 @@ async fn drive(
             format!(
                 "only the processes the schedule killed exited ({} broker lives, {} control lives)",
                 brokers.iter().map(|b| b.lives).sum::<u32>(),
-                control.lives
+                controls.iter().map(|c| c.lives).sum::<u32>()
             )
         } else {
             inv.unexpected_exits.join("; ")
@@ -1507,6 +1869,16 @@ fn pick(
     (0..n)
         .map(|k| (from + k) % n)
         .find(|&i| tally.up[i] && want(standing[i]))
+}
+
+/// The replica a request of the work goes to: drawn when there are several (no draw with
+/// one control, so its runs make the choices they made before replicas).
+fn pick_replica(rng: &mut fastrand::Rng, replicas: usize) -> usize {
+    if replicas > 1 {
+        rng.usize(..replicas)
+    } else {
+        0
+    }
 }
 
 fn spawn_status(work: &mut JoinSet<Done>, api: &Api, index: usize, action: &'static str) {
@@ -1660,6 +2032,7 @@ fn on_done(
     match done {
         Done::Command {
             index,
+            via,
             sent,
             outcome,
         } => {
@@ -1667,13 +2040,12 @@ fn on_done(
                 EchoOutcome::Ran => "ok".to_owned(),
                 EchoOutcome::Failed(kind) => kind.clone(),
                 EchoOutcome::Broken(kind) => {
-                    // The answer's stream broke: fine only if control died meanwhile.
-                    let control_died = windows
-                        .iter()
-                        .any(|w| w.target == "control" && w.from >= sent);
+                    // The answer's stream broke: fine only if the control (replica) relaying
+                    // it died meanwhile.
+                    let control_died = windows.iter().any(|w| w.target == via && w.from >= sent);
                     if !control_died {
                         inv.command_violations.push(format!(
-                            "a command to {} ended without a final line ({kind}) while control was up",
+                            "a command to {} through {via} ended without a final line ({kind}) while {via} was up",
                             id_of(index)
                         ));
                     }
@@ -1685,6 +2057,9 @@ fn on_done(
                     "violation".to_owned()
                 }
             };
+            if key.contains("_503") {
+                detail.answered_503 += 1;
+            }
             *detail.commands.entry(key).or_default() += 1;
         }
         Done::Status {
@@ -1693,6 +2068,9 @@ fn on_done(
             result,
         } => {
             let now = Instant::now();
+            if result.as_ref().is_err_and(|e| e == "http_503") {
+                detail.answered_503 += 1;
+            }
             match (action, result) {
                 ("revoke", Ok(())) => {
                     standing[index] = Standing::Revoked(now);
@@ -1768,7 +2146,8 @@ fn check_overdue(
 async fn begin(
     f: &Fault,
     brokers: &mut [ChaosBroker],
-    control: &mut ChaosControl,
+    controls: &mut [ChaosControl],
+    pg: Option<&PgServer>,
     windows: &mut Vec<Window>,
     filler: &mut BTreeMap<usize, PathBuf>,
     drained_at: &mut BTreeMap<usize, Instant>,
@@ -1776,15 +2155,29 @@ async fn begin(
     let now = Instant::now();
     tracing::info!(kind = f.kind.as_str(), target = %f.target, "chaos: fault starts");
     if f.kind == FaultKind::ControlKill {
+        let control = controls
+            .iter_mut()
+            .find(|c| c.name == f.target)
+            .context("no such control replica")?;
         control.down = true;
         windows.push(Window {
-            target: "control".into(),
+            target: control.name.clone(),
             from: now,
             to: None,
         });
         if let Some(g) = control.guard.as_mut() {
             g.kill().await;
         }
+        return Ok(None);
+    }
+    if f.kind == FaultKind::PgRestart {
+        let pg = pg.context("no PostgreSQL of the run's own")?;
+        windows.push(Window {
+            target: PG_TARGET.into(),
+            from: now,
+            to: None,
+        });
+        pg.crash().await?;
         return Ok(None);
     }
     let b = brokers
@@ -1818,6 +2211,8 @@ async fn begin(
                 to: None,
             });
             broker.proxy.partition(true);
+            broker.partitioned = true;
+            cut_partitioned(brokers, controls);
         }
         FaultKind::DiskFull => {
             let Some(disk) = broker.disk.as_ref() else {
@@ -1826,7 +2221,9 @@ async fn begin(
             let path = disk.fill();
             filler.insert(b, path);
         }
-        FaultKind::ControlKill | FaultKind::AgentCrashMidWrite => unreachable!("handled apart"),
+        FaultKind::ControlKill | FaultKind::AgentCrashMidWrite | FaultKind::PgRestart => {
+            unreachable!("handled apart")
+        }
     }
     Ok(None)
 }
@@ -1837,7 +2234,8 @@ async fn end(
     f: &Fault,
     args: &RunArgs,
     brokers: &mut [ChaosBroker],
-    control: &mut ChaosControl,
+    controls: &mut [ChaosControl],
+    pg: Option<&PgServer>,
     windows: &mut [Window],
     filler: &mut BTreeMap<usize, PathBuf>,
     drained_at: &mut BTreeMap<usize, Instant>,
@@ -1855,12 +2253,28 @@ async fn end(
     };
     tracing::info!(kind = f.kind.as_str(), target = %f.target, "chaos: fault ends");
     if f.kind == FaultKind::ControlKill {
+        let control = controls
+            .iter_mut()
+            .find(|c| c.name == f.target)
+            .context("no such control replica")?;
         let started = Instant::now();
         let r = restart_control(control, bins, run_dir).await;
-        close(windows, "control");
+        close(windows, &f.target);
         r?;
         return Ok(Some(format!(
-            "control restarted in {} ms",
+            "{} restarted in {} ms",
+            f.target,
+            started.elapsed().as_millis()
+        )));
+    }
+    if f.kind == FaultKind::PgRestart {
+        let pg = pg.context("no PostgreSQL of the run's own")?;
+        let started = Instant::now();
+        let r = pg.restart().await;
+        close(windows, PG_TARGET);
+        r?;
+        return Ok(Some(format!(
+            "PostgreSQL accepting connections again {} ms after its start (crash recovery)",
             started.elapsed().as_millis()
         )));
     }
@@ -1898,6 +2312,8 @@ async fn end(
         }
         FaultKind::Partition => {
             brokers[b].proxy.partition(false);
+            brokers[b].partitioned = false;
+            cut_partitioned(brokers, controls);
             close(windows, &f.target);
             Ok(None)
         }
@@ -1908,7 +2324,22 @@ async fn end(
             }
             Ok(None)
         }
-        FaultKind::ControlKill | FaultKind::AgentCrashMidWrite => unreachable!("handled apart"),
+        FaultKind::ControlKill | FaultKind::AgentCrashMidWrite | FaultKind::PgRestart => {
+            unreachable!("handled apart")
+        }
+    }
+}
+
+/// Cut the partitioned brokers' connections through every replica's advertised address
+/// (and heal the others').
+fn cut_partitioned(brokers: &[ChaosBroker], controls: &[ChaosControl]) {
+    let pids: Vec<u32> = brokers
+        .iter()
+        .filter(|b| b.partitioned)
+        .filter_map(|b| b.guard.as_ref().map(|g| g.pid()))
+        .collect();
+    for p in controls.iter().filter_map(|c| c.advertised.as_ref()) {
+        p.cut_processes(pids.clone());
     }
 }
 
@@ -1946,19 +2377,14 @@ async fn restart_control(
     if let Some(mut g) = control.guard.take() {
         g.kill().await;
     }
-    let (guard, _) =
-        scenario::start_control_at(&control.data_dir, bins, run_dir, Some(control.listen)).await?;
-    control.guard = Some(guard);
-    control.lives += 1;
-    control.down = false;
-    Ok(())
+    control.start(bins, run_dir).await
 }
 
 /// Processes that exited without the schedule killing them: reported, and started again
 /// so the run goes on.
 async fn check_exits(
     brokers: &mut [ChaosBroker],
-    control: &mut ChaosControl,
+    controls: &mut [ChaosControl],
     agents: &mut [RealAgent],
     inv: &mut Invariants,
     bins: &Path,
@@ -1998,16 +2424,18 @@ async fn check_exits(
             }
         }
     }
-    if !control.down {
+    for control in controls.iter_mut().filter(|c| !c.down) {
         if let Some(status) = control.guard.as_mut().and_then(|g| g.exited()) {
             inv.unexpected_exits.push(format!(
-                "control#{} exited by itself ({status}); its log: {}",
-                control.lives,
-                run_dir.join("control.log").display()
+                "{} exited by itself ({status}); its log: {}",
+                control.life(),
+                control.log(run_dir).display()
             ));
             if let Err(e) = restart_control(control, bins, run_dir).await {
-                inv.unexpected_exits
-                    .push(format!("control could not be started again: {e:#}"));
+                inv.unexpected_exits.push(format!(
+                    "{} could not be started again: {e:#}",
+                    control.name
+                ));
                 control.down = true;
             }
         }
@@ -2016,7 +2444,7 @@ async fn check_exits(
 
 fn sample_memory(
     brokers: &[ChaosBroker],
-    control: &ChaosControl,
+    controls: &[ChaosControl],
     agents: &[RealAgent],
     memory: &mut BTreeMap<String, Vec<u64>>,
 ) {
@@ -2035,12 +2463,9 @@ fn sample_memory(
             }
         }
     }
-    if let Some(g) = control.guard.as_ref().filter(|_| !control.down) {
-        if let Ok(s) = measure::sample(g.pid()) {
-            memory
-                .entry(format!("control#{}", control.lives))
-                .or_default()
-                .push(s.rss_bytes);
+    for control in controls.iter().filter(|c| !c.down) {
+        if let Some(Ok(s)) = control.guard.as_ref().map(|g| measure::sample(g.pid())) {
+            memory.entry(control.life()).or_default().push(s.rss_bytes);
         }
     }
     if let Ok(s) = measure::sample(std::process::id()) {
@@ -2106,54 +2531,96 @@ fn judge_memory(
     (grew.is_empty(), detail, traces)
 }
 
-/// Poll control's broker list until every broker is connected and applies its allowlist
-/// version.
-async fn converge(api: &Api, names: &[String]) -> anyhow::Result<String> {
+/// What control logs when a broker's allowlist digest is not the store's.
+const DIVERGED_SAYS: &str = "allowlist history diverged";
+
+/// Poll each replica's broker list until, on every one, every broker is connected and
+/// applies the store's allowlist version (every replica reads the same version); then
+/// look through every control life's log for a broker whose digest for a version was not
+/// the store's (`allowlist history diverged`), which breaks it too.
+async fn converge(apis: &[Api], names: &[String], logs: &[PathBuf]) -> anyhow::Result<String> {
     let deadline = Instant::now() + CONVERGE_TIMEOUT;
-    loop {
-        let last = match api.brokers().await {
-            Ok(list) => {
-                let behind: Vec<String> = list
-                    .brokers
-                    .iter()
-                    .filter(|b| names.contains(&b.name))
-                    .filter(|b| {
-                        !(b.connected && b.allowlist_version == Some(list.allowlist_version))
-                    })
-                    .map(|b| {
-                        format!(
-                            "{} (connected {}, version {:?})",
-                            b.name, b.connected, b.allowlist_version
-                        )
-                    })
-                    .collect();
-                if behind.is_empty() {
-                    return Ok(format!(
-                        "{} brokers connected to control, each applying allowlist version {}",
-                        names.len(),
-                        list.allowlist_version
-                    ));
+    let version = loop {
+        let mut versions = Vec::new();
+        let mut last = Vec::new();
+        for (r, api) in apis.iter().enumerate() {
+            let replica = if apis.len() > 1 {
+                format!("{}: ", replica_name(r + 1))
+            } else {
+                String::new()
+            };
+            match api.brokers().await {
+                Ok(list) => {
+                    versions.push(list.allowlist_version);
+                    let behind: Vec<String> = list
+                        .brokers
+                        .iter()
+                        .filter(|b| names.contains(&b.name))
+                        .filter(|b| {
+                            !(b.connected && b.allowlist_version == Some(list.allowlist_version))
+                        })
+                        .map(|b| {
+                            format!(
+                                "{} (connected {}, version {:?})",
+                                b.name, b.connected, b.allowlist_version
+                            )
+                        })
+                        .collect();
+                    if !behind.is_empty() {
+                        last.push(format!(
+                            "{replica}control's allowlist is version {}; behind: {}",
+                            list.allowlist_version,
+                            behind.join(", ")
+                        ));
+                    }
                 }
-                format!(
-                    "control's allowlist is version {}; behind: {}",
-                    list.allowlist_version,
-                    behind.join(", ")
-                )
+                Err(e) => last.push(format!("{replica}{e:#}")),
             }
-            Err(e) => format!("{e:#}"),
-        };
+        }
+        versions.dedup();
+        if last.is_empty() && versions.len() == 1 {
+            break versions[0];
+        }
+        if last.is_empty() {
+            last.push(format!(
+                "the replicas read different versions: {versions:?}"
+            ));
+        }
         if Instant::now() > deadline {
-            bail!("{last} after {CONVERGE_TIMEOUT:?}");
+            bail!("{} after {CONVERGE_TIMEOUT:?}", last.join("; "));
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    let diverged: usize = logs
+        .iter()
+        .map(|l| {
+            std::fs::read_to_string(l)
+                .map(|t| t.matches(DIVERGED_SAYS).count())
+                .unwrap_or(0)
+        })
+        .sum();
+    if diverged > 0 {
+        bail!("control logged `{DIVERGED_SAYS}` {diverged} times: a broker's digest for a version was not the store's");
     }
+    Ok(if apis.len() > 1 {
+        format!(
+            "{} brokers connected, each applying allowlist version {version} as each of {} replicas reads it from the store; no broker's digest ever differed from the store's",
+            names.len(),
+            apis.len()
+        )
+    } else {
+        format!(
+            "{} brokers connected to control, each applying allowlist version {version}; no broker's digest ever differed from the store's",
+            names.len()
+        )
+    })
 }
 
 /// `tether-control audit export`, then `tether audit verify` on it.
 async fn verify_audit(
     bins: &Path,
     tether: &Path,
-    pool: &Pool,
+    control_dir: &Path,
     prepared: &pool::Prepared,
     run_dir: &Path,
 ) -> anyhow::Result<String> {
@@ -2162,7 +2629,7 @@ async fn verify_audit(
     std::fs::write(&ca, &prepared.root_pem)?;
     let mut cmd = tokio::process::Command::new(bins.join(spawn::CONTROL_BIN));
     cmd.args(["audit", "export", "--data-dir"])
-        .arg(pool.control_dir())
+        .arg(control_dir)
         .arg("--out")
         .arg(&export);
     run_tool(cmd, "tether-control audit export").await?;
@@ -2225,9 +2692,9 @@ mod tests {
     #[test]
     fn the_same_seed_draws_the_same_schedule() {
         let d = Duration::from_secs(120);
-        let a = schedule(7, d, 3, 2, &FaultKind::ALL);
-        let b = schedule(7, d, 3, 2, &FaultKind::ALL);
-        let c = schedule(8, d, 3, 2, &FaultKind::ALL);
+        let a = schedule(7, d, 3, 2, 1, &FaultKind::ALL);
+        let b = schedule(7, d, 3, 2, 1, &FaultKind::ALL);
+        let c = schedule(8, d, 3, 2, 1, &FaultKind::ALL);
         let key = |s: &[Fault]| {
             s.iter()
                 .map(|f| (f.kind, f.at_ms, f.target.clone(), f.hold_ms))
@@ -2236,13 +2703,67 @@ mod tests {
         assert_eq!(key(&a), key(&b));
         assert_ne!(key(&a), key(&c));
         assert!(a.len() >= 8, "{} faults in two minutes", a.len());
+        // One control: `control_kill` kills it, and there is no PostgreSQL to restart.
+        assert!(a
+            .iter()
+            .filter(|f| f.kind == FaultKind::ControlKill)
+            .all(|f| f.target == "control"));
+        // Replicas: the same seed draws the same schedule too, `control_kill` names a
+        // replica, `pg_restart` PostgreSQL.
+        let r = schedule(7, d, 3, 2, 3, &FaultKind::ALL);
+        assert_eq!(key(&r), key(&schedule(7, d, 3, 2, 3, &FaultKind::ALL)));
+        assert_ne!(key(&r), key(&schedule(8, d, 3, 2, 3, &FaultKind::ALL)));
+        for f in &r {
+            match f.kind {
+                FaultKind::ControlKill => assert!(
+                    ["control-1", "control-2", "control-3"].contains(&f.target.as_str()),
+                    "{f:?}"
+                ),
+                FaultKind::PgRestart => assert_eq!(f.target, PG_TARGET),
+                _ => {}
+            }
+        }
+        // Without replicas the kinds drawn leave PostgreSQL out, and the schedule is the
+        // one the kinds before `pg_restart` drew: `pg_restart` comes last in `ALL`.
+        let sqlite: Vec<FaultKind> = FaultKind::ALL
+            .into_iter()
+            .filter(|k| *k != FaultKind::PgRestart)
+            .collect();
+        assert_eq!(FaultKind::ALL[..6], sqlite[..]);
+        assert!(schedule(7, d, 3, 2, 1, &sqlite)
+            .iter()
+            .all(|f| f.kind != FaultKind::PgRestart));
+    }
+
+    /// CI's run (`loadtest/tests/chaos.rs`): 90 s, 3 brokers, 2 real agents, 2 replicas.
+    const CI_SEED: u64 = 20261225;
+
+    #[test]
+    fn the_ci_seed_draws_every_kind_with_and_without_disk_faults() {
+        let d = Duration::from_secs(90);
+        for kinds in [
+            FaultKind::ALL.to_vec(),
+            FaultKind::ALL
+                .into_iter()
+                .filter(|k| *k != FaultKind::DiskFull)
+                .collect(),
+        ] {
+            let s = schedule(CI_SEED, d, 3, 2, 2, &kinds);
+            for k in &kinds {
+                assert!(
+                    s.iter().any(|f| f.kind == *k),
+                    "seed {CI_SEED} draws no {} from {kinds:?}: {s:?}",
+                    k.as_str()
+                );
+            }
+        }
     }
 
     #[test]
     fn a_schedule_leaves_one_broker_untouched_and_ends_before_the_run() {
         for seed in 0..200 {
             let d = Duration::from_secs(300);
-            let s = schedule(seed, d, 3, 2, &FaultKind::ALL);
+            let s = schedule(seed, d, 3, 2, 2, &FaultKind::ALL);
             for f in &s {
                 assert!(f.at_ms + f.hold_ms < d.as_millis() as u64, "{f:?}");
             }
@@ -2260,6 +2781,20 @@ mod tests {
                     f.at_ms
                 );
             }
+            // Never every replica at once.
+            for f in s.iter().filter(|f| f.kind == FaultKind::ControlKill) {
+                let busy: HashSet<&str> = s
+                    .iter()
+                    .filter(|g| g.kind == FaultKind::ControlKill)
+                    .filter(|g| g.at_ms <= f.at_ms && f.at_ms < g.at_ms + g.hold_ms + 3000)
+                    .map(|g| g.target.as_str())
+                    .collect();
+                assert!(
+                    busy.len() < 2,
+                    "seed {seed}: both replicas in faults at {}",
+                    f.at_ms
+                );
+            }
             // One fault at a time on a target.
             for (i, f) in s.iter().enumerate() {
                 for g in &s[i + 1..] {
@@ -2269,12 +2804,13 @@ mod tests {
                 }
             }
         }
-        assert!(schedule(1, Duration::from_secs(60), 3, 2, &[]).is_empty());
+        assert!(schedule(1, Duration::from_secs(60), 3, 2, 2, &[]).is_empty());
         // Without disk faults the schedule has none.
         let s = schedule(
             3,
             Duration::from_secs(600),
             3,
+            2,
             2,
             &[FaultKind::BrokerKill, FaultKind::Partition],
         );

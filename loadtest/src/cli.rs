@@ -67,6 +67,10 @@ pub mod env {
     pub const SAMPLE_EVERY: &str = "TETHER_LOADTEST_SAMPLE_EVERY";
     /// `--seed`.
     pub const SEED: &str = "TETHER_LOADTEST_SEED";
+    /// `--control-replicas`.
+    pub const CONTROL_REPLICAS: &str = "TETHER_LOADTEST_CONTROL_REPLICAS";
+    /// `--pg-url`.
+    pub const PG_URL: &str = "TETHER_LOADTEST_PG_URL";
 }
 
 /// Default of `--duration`: how long `steady` holds the fleet.
@@ -154,11 +158,13 @@ pub enum Scenario {
     /// (SIGTERM: GoAway with up to --drain-jitter of delay); measures how fast its
     /// appliances come back on the others and that none is lost.
     Drain,
-    /// Control, --brokers (default 3) and the fleet under a schedule of faults drawn from
-    /// --seed for --duration (broker SIGKILL and drain, control SIGKILL, partitions
-    /// between a broker and control, a full disk under a broker), with commands (--rate
-    /// per second), revocations, disables and enables and churn going on; checks the
-    /// invariants while it runs and at the end, and exits non-zero naming any that broke.
+    /// Control (--control-replicas on PostgreSQL, default one on SQLite), --brokers
+    /// (default 3) and the fleet under a schedule of faults drawn from --seed for
+    /// --duration (broker SIGKILL and drain, SIGKILL of control or of one replica,
+    /// PostgreSQL crashed and restarted, partitions between a broker and control, a full
+    /// disk under a broker), with commands (--rate per second), revocations, disables and
+    /// enables and churn going on; checks the invariants while it runs and at the end, and
+    /// exits non-zero naming any that broke.
     Chaos,
 }
 
@@ -397,6 +403,21 @@ pub struct RunArgs {
     /// schedule [default: a random one, printed].
     #[arg(long, env = env::SEED)]
     pub seed: Option<u64>,
+
+    /// `chaos`: control replicas. 1 runs one control on its SQLite store (the pool's); 2
+    /// or more run that many replicas on one PostgreSQL database (the pool's store copied
+    /// into it after enrollment), faults `control_kill` one replica at a time and adds
+    /// `pg_restart` (PostgreSQL crashed and started again). PostgreSQL is a server of the
+    /// run's own (scripts/pg: initdb under the run directory, as the `postgres` user when
+    /// root), unless --pg-url names one.
+    #[arg(long, env = env::CONTROL_REPLICAS, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=8).map(|v| v as usize))]
+    pub control_replicas: usize,
+
+    /// `chaos` with --control-replicas 2 or more: an empty PostgreSQL database to use
+    /// instead of a server of the run's own (`pg_restart` is then left out: the run
+    /// does not restart a server it did not start).
+    #[arg(long, env = env::PG_URL)]
+    pub pg_url: Option<String>,
 
     /// `revoke`: revocations sent at once.
     #[arg(long, env = env::REVOKE_CONCURRENCY, default_value_t = DEFAULT_REVOKE_CONCURRENCY, value_parser = clap::value_parser!(u64).range(1..=256).map(|v| v as usize))]

@@ -17,6 +17,7 @@
 //! - [`motion`]: `churn` and `drain`, the fleet moving between sessions and brokers.
 //! - [`chaos`]: `chaos`, the fleet under seeded faults, and its invariants.
 //! - [`faultproxy`]: `chaos`'s partitions between a broker and control.
+//! - [`pgserver`]: `chaos --control-replicas`'s own PostgreSQL, which `pg_restart` crashes.
 //! - [`remote`]: `--control URL`, a run against an existing cluster as an operator.
 //! - [`baseline`]: `--baseline`, the bare echo server (quinn, or tokio-rustls over TCP) and
 //!   its clients.
@@ -39,6 +40,7 @@ mod html;
 mod measure;
 mod motion;
 mod ops;
+mod pgserver;
 mod pool;
 mod progress;
 mod remote;

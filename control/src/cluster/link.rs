@@ -667,6 +667,17 @@ where
             diverged = true;
         }
     }
+    if since > 0 && digest.is_empty() && !diverged {
+        // A version without its digest (a broker started from its snapshot on disk, which
+        // keeps none, or an older broker): nothing shows that its history is ours, and
+        // after a restore the same numbers carry other changes. Deltas on top of another
+        // history would leave it enforcing a wrong allowlist it calls in sync.
+        info!(
+            version = since,
+            current, "the broker's allowlist version comes without its digest: sending a snapshot"
+        );
+        diverged = true;
+    }
     if since > current {
         // Ahead of the store: the versions it holds were lost (an asynchronous failover
         // or a restore), so its history is not ours either (found by
