@@ -22,6 +22,7 @@ use bytes::Bytes;
 use rustls::pki_types::CertificateDer;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
+mod muxio;
 pub mod tcp;
 
 pub use quinn::{

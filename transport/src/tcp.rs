@@ -52,6 +52,7 @@ use tokio::net::TcpStream;
 use tokio::sync::{oneshot, Notify};
 use tokio_util::compat::{Compat, FuturesAsyncReadCompatExt, TokioAsyncReadCompatExt};
 
+use crate::muxio::MuxIo;
 use crate::{ApplicationClose, ClosedStream, ConnectionError, ReadError, ReadExactError};
 use crate::{StoppedError, VarInt, WriteError};
 
@@ -87,7 +88,7 @@ const HEADER: usize = 5;
 
 /// The TLS stream under yamux, either side.
 type Tls = tokio_rustls::TlsStream<TcpStream>;
-type Mux = yamux::Connection<Compat<Tls>>;
+type Mux = yamux::Connection<Compat<MuxIo<Tls>>>;
 type Io = Compat<yamux::Stream>;
 
 /// Settings of one side's yamux connection.
@@ -294,7 +295,8 @@ impl Connection {
         let mut cfg = yamux::Config::default();
         cfg.set_max_num_streams(settings.max_streams.max(1));
         cfg.set_max_connection_receive_window(Some(256 * 1024 * settings.max_streams.max(1)));
-        let mux = yamux::Connection::new(tls.compat(), cfg, mode);
+        // Coalesced writes and no periodic yamux pings: see `muxio`.
+        let mux = yamux::Connection::new(MuxIo::new(tls).compat(), cfg, mode);
         // futures' channels, not tokio's: tokio's allocates a block of 32 slots up front,
         // 7 KB a connection for these two (heaptrack), where futures' allocates a node per
         // message in flight.
