@@ -518,6 +518,32 @@ async fn trust_alert_trigger_renewal() {
         gone.is_some(),
         "the alert for app-3 went away after renewal"
     );
+    // An open Trust alerts page follows by itself: app-4 renewed from the CLI leaves it
+    // without a reload, app-5's alert stays.
+    let row4 = "[data-appliance-id=\"app-4\"]";
+    t.client()
+        .find(Locator::Css(row4))
+        .await
+        .expect("app-4 has an alert (renewal due)");
+    t.mark_document().await;
+    t.c.tether(&["appliance", "renew", "app-4"]).unwrap();
+    let gone = wait_for(Duration::from_secs(25), || async {
+        t.client()
+            .find(Locator::Css(row4))
+            .await
+            .is_err()
+            .then_some(())
+    })
+    .await;
+    assert!(gone.is_some(), "app-4's alert left the open page");
+    assert!(
+        t.document_marked().await,
+        "the Trust alerts page was never reloaded"
+    );
+    t.client()
+        .find(Locator::Css("[data-appliance-id=\"app-5\"]"))
+        .await
+        .expect("app-5's alert stays");
     let after = t.c.show("app-3");
     let serial = |v: &Value| v["certificate"]["serial"].as_str().map(str::to_owned);
     assert_ne!(
@@ -661,6 +687,168 @@ async fn revoke_needs_typed_id_and_updates_live() {
         "via=console: {entry}"
     );
     t.assert_clean_log("revoke").await;
+    t.b.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_revoke_form_follows_the_appliance_and_keeps_what_was_typed() {
+    let _turn = TURN.lock().await;
+    let Some(t) = console(
+        "the_revoke_form_follows_the_appliance_and_keeps_what_was_typed",
+        "",
+    )
+    .await
+    else {
+        return;
+    };
+    t.sign_in().await;
+    t.open("/console/appliances/app-4").await;
+    t.click_button(None, "Revoke").await;
+    let confirm = t
+        .client()
+        .wait()
+        .at_most(Duration::from_secs(5))
+        .for_element(Locator::Css("[name=confirm_id]"))
+        .await
+        .expect("the revoke form");
+    // Wait for the live stream before changing anything behind the page's back.
+    let live = wait_for(Duration::from_secs(5), || async {
+        (t.live_status().await == "live").then_some(())
+    })
+    .await;
+    assert!(live.is_some(), "the revoke form is live");
+    confirm.send_keys("app-").await.unwrap();
+    t.client()
+        .find(Locator::Css("[name=reason]"))
+        .await
+        .unwrap()
+        .send_keys("disk swap")
+        .await
+        .unwrap();
+    t.mark_document().await;
+    let head_status = || async {
+        t.client()
+            .find(Locator::Id("appliance-head"))
+            .await
+            .ok()?
+            .attr("data-status")
+            .await
+            .ok()?
+    };
+    let notice_shown = || async {
+        match t.client().find(Locator::Id("revoke-already")).await {
+            Ok(n) => n.is_displayed().await.unwrap_or(false),
+            Err(_) => false,
+        }
+    };
+    // Disabled from the CLI: the header follows, the form stays as typed.
+    t.c.tether(&["appliance", "disable", "app-4"]).unwrap();
+    let disabled = wait_for(Duration::from_secs(5), || async {
+        (head_status().await.as_deref() == Some("disabled")).then_some(())
+    })
+    .await;
+    assert!(disabled.is_some(), "the header shows app-4 disabled");
+    assert!(!notice_shown().await, "not revoked yet");
+    // Revoked from the CLI meanwhile: the form says so.
+    t.c.tether(&["appliance", "revoke", "app-4"]).unwrap();
+    let said = wait_for(Duration::from_secs(5), || async {
+        notice_shown().await.then_some(())
+    })
+    .await;
+    assert!(said.is_some(), "the form says app-4 is revoked already");
+    assert_eq!(head_status().await.as_deref(), Some("revoked"));
+    assert!(t.document_marked().await, "the form was never reloaded");
+    let tr = &t;
+    let typed = |name: &'static str| async move {
+        tr.client()
+            .find(Locator::Css(&format!("[name={name}]")))
+            .await
+            .unwrap()
+            .prop("value")
+            .await
+            .unwrap()
+            .unwrap_or_default()
+    };
+    assert_eq!(typed("confirm_id").await, "app-");
+    assert_eq!(typed("reason").await, "disk swap");
+    t.b.screenshot("revoke-dialog-revoked-elsewhere").await;
+    t.assert_clean_log("revoke form live").await;
+    t.b.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_signed_operations_tab_shows_the_customers_rules_and_manifests() {
+    let _turn = TURN.lock().await;
+    let Some(t) = console(
+        "the_signed_operations_tab_shows_the_customers_rules_and_manifests",
+        "",
+    )
+    .await
+    else {
+        return;
+    };
+    // app-1, enrolled now, runs with a customer directory: policy, approver `acme`.
+    let state = t.c.enroll("app-1");
+    let root = t.c.tmp().to_path_buf();
+    let customer = common::customer::customer_dir(&root, common::customer::POLICY);
+    let _agent = AgentProc::start(
+        &state,
+        &[t.broker.quic],
+        &["--customer-dir", customer.to_str().unwrap()],
+    );
+    t.c.wait_connected("app-1", Some("edge-1")).await;
+    let policy_sha = tether_ops::sha256_hex(common::customer::POLICY.as_bytes());
+    let shown = wait_for(Duration::from_secs(15), || async {
+        let v = t.c.show("app-1");
+        (v["connection"]["agent_status"]["policy.sha256"] == policy_sha.as_str()).then_some(v)
+    })
+    .await
+    .expect("the agent's status reaches control");
+    let approvers = shown["connection"]["agent_status"]["approvers"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    // An observe command runs without approval and leaves a signed manifest.
+    let (code, out, err) = t.c.exec(&["app-1", "--", "echo", "console-tab"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("console-tab"), "{out}");
+    t.sign_in().await;
+    t.open("/console/appliances/app-1?tab=signed").await;
+    let text = t.body_text().await;
+    // The command's outcome, with its manifest's SHA-256, as control recorded it.
+    let outcome = t
+        .audit("appliance.exec", "app-1")
+        .pop()
+        .expect("the command is audited");
+    let manifest_sha = outcome["details"]["manifest_sha256"]
+        .as_str()
+        .unwrap_or_else(|| panic!("a signed manifest in {outcome}"))
+        .to_owned();
+    for want in [
+        policy_sha.as_str(),
+        "observe",
+        "operate",
+        "acme",
+        "appliance.exec",
+        manifest_sha.as_str(),
+    ] {
+        assert!(text.contains(want), "the Signed tab shows {want}: {text}");
+    }
+    let fingerprint = approvers.split_once(':').map_or("", |(_, f)| f);
+    assert!(
+        !fingerprint.is_empty() && text.contains(fingerprint),
+        "the Signed tab shows the approver's fingerprint {approvers}: {text}"
+    );
+    // An appliance whose agent has no customer directory says so plainly.
+    t.open("/console/appliances/app-3?tab=signed").await;
+    let plain = t.body_text().await;
+    assert!(
+        plain.contains("signed-ops/1"),
+        "app-3's tab says it did not announce signed operations: {plain}"
+    );
+    t.open("/console/appliances/app-1?tab=signed").await;
+    t.b.screenshot("appliance-signed").await;
+    t.assert_clean_log("signed operations tab").await;
     t.b.close().await;
 }
 

@@ -1549,7 +1549,7 @@ async fn the_signed_operations_tab_shows_policy_phases_approvers_and_manifests()
         ("privsep".to_owned(), "setuid".to_owned()),
         (
             "approvers".to_owned(),
-            "sec-lead:SHA256:abc,<script>x</script>:SHA256:def".to_owned(),
+            "sec-lead:SHA256:ab/c+d,<script>x</script>:SHA256:def".to_owned(),
         ),
         ("audit.head".to_owned(), "12:deadbeef".to_owned()),
     ];
@@ -1587,7 +1587,8 @@ async fn the_signed_operations_tab_shows_policy_phases_approvers_and_manifests()
         b.contains("data-phase=\"tunnel\"><td class=\"mono\">tunnel</td><td>off</td>"),
         "{b}"
     );
-    assert!(b.contains("approver-fingerprint\">SHA256:abc<"), "{b}");
+    // Base64 fingerprints hold `/` and `+`: shown whole.
+    assert!(b.contains("approver-fingerprint\">SHA256:ab/c+d<"), "{b}");
     assert!(b.contains("&#60;script&#62;x&#60;/script&#62;"), "{b}");
     assert!(!b.contains("<script>x"), "{b}");
     assert!(b.contains("12:deadbeef"), "{b}");
@@ -1615,4 +1616,110 @@ fn a_wildcard_console_listener_needs_an_explicit_origin() {
     s.origin = None;
     s.listen = Some("127.0.0.1:8445".parse().unwrap());
     s.validate().unwrap();
+}
+
+/// A slow or silent client cannot hold the console's listener: a TCP connection that never
+/// starts TLS is closed after the handshake deadline, one that trickles its request head a
+/// byte at a time is closed after the head deadline however it trickles, and a real
+/// request meanwhile is answered while both still hold their connections.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_clients_are_cut_off_and_do_not_hold_the_console() {
+    use std::time::Instant;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpStream;
+
+    let c = control().await;
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["localhost".into()])
+        .unwrap()
+        .self_signed(&key)
+        .unwrap();
+    let tls = console::server::tls_config(&cert.pem(), &key.serialize_pem()).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let stop = CancellationToken::new();
+    let server = tokio::spawn(console::server::serve(
+        c.console.clone(),
+        tls,
+        listener,
+        stop.clone(),
+    ));
+    let connector = {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(cert.der().clone()).unwrap();
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+        tokio_rustls::TlsConnector::from(Arc::new(cfg))
+    };
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    // Cut off: how long until the server closed, at most a minute.
+    const GIVE_UP: Duration = Duration::from_secs(60);
+
+    // Silent: TCP only, never a ClientHello.
+    let silent = tokio::spawn(async move {
+        let started = Instant::now();
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        let closed = tokio::time::timeout(GIVE_UP, s.read(&mut [0u8; 16])).await;
+        assert!(
+            closed.is_ok(),
+            "a silent connection still open after {GIVE_UP:?}"
+        );
+        started.elapsed()
+    });
+    // Slowloris: TLS done, then a request head one byte every 300 ms, never ending.
+    let trickle = {
+        let (connector, name) = (connector.clone(), name.clone());
+        tokio::spawn(async move {
+            let tcp = TcpStream::connect(addr).await.unwrap();
+            let mut tls = connector.connect(name, tcp).await.unwrap();
+            let started = Instant::now();
+            tls.write_all(b"GET /console/login HTTP/1.1\r\nHost: localhost\r\nX-Slow: ")
+                .await
+                .unwrap();
+            let mut buf = [0u8; 512];
+            loop {
+                assert!(
+                    started.elapsed() < GIVE_UP,
+                    "a trickling request head still open after {GIVE_UP:?}"
+                );
+                if tls.write_all(b"a").await.is_err() || tls.flush().await.is_err() {
+                    break;
+                }
+                match tokio::time::timeout(Duration::from_millis(300), tls.read(&mut buf)).await {
+                    // Closed, or answered (a 408) and closed: cut off either way.
+                    Ok(_) => break,
+                    Err(_) => continue,
+                }
+            }
+            started.elapsed()
+        })
+    };
+    // Meanwhile an ordinary request is served.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let mut tls = connector.connect(name, tcp).await.unwrap();
+    tls.write_all(b"GET /console/login HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    let _ = tls.read_to_end(&mut answer).await;
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(
+        !silent.is_finished() && !trickle.is_finished(),
+        "the slow clients were still connected while the page was served"
+    );
+    let silent_for = silent.await.unwrap();
+    let trickled_for = trickle.await.unwrap();
+    eprintln!("silent client cut off after {silent_for:?}, trickling one after {trickled_for:?}");
+    // The deadlines are 10 s each (TLS handshake, request head); trickling resets nothing.
+    assert!(silent_for < Duration::from_secs(20), "{silent_for:?}");
+    assert!(trickled_for < Duration::from_secs(20), "{trickled_for:?}");
+    stop.cancel();
+    server.await.unwrap().unwrap();
 }

@@ -514,6 +514,24 @@ async fn current_and_found_certificates(db: &TestDb) {
         s.current_certificates().await.unwrap(),
         vec![b1_2.clone(), a1.clone(), b2_2.clone()]
     );
+    // One page's worth, bounded as `list_appliances` pages are: after "B-1" through
+    // "b-2"; from the start through "a.1"; past the last one.
+    assert_eq!(
+        s.current_certificates_between(Some("B-1"), "b-2")
+            .await
+            .unwrap(),
+        vec![a1.clone(), b2_2.clone()]
+    );
+    assert_eq!(
+        s.current_certificates_between(None, "a.1").await.unwrap(),
+        vec![b1_2.clone(), a1.clone()]
+    );
+    assert_eq!(
+        s.current_certificates_between(Some("b-2"), "zzz")
+            .await
+            .unwrap(),
+        vec![]
+    );
     assert_eq!(
         s.current_certificate("B-1").await.unwrap(),
         Some(b1_2.clone())

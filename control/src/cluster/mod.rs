@@ -719,6 +719,9 @@ impl Fleet for Cluster {
     fn presence(&self, id: &str) -> Option<Presence> {
         Cluster::presence(self, id)
     }
+    fn appliance_changed(&self, id: &str) {
+        self.changed(id);
+    }
     fn quic_addrs(&self) -> Vec<String> {
         Cluster::quic_addrs(self)
     }

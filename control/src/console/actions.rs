@@ -50,7 +50,6 @@ async fn renew_one(s: &ConsoleState, a: &Authed, id: &str, now: i64) -> Result<i
     let r = appliances::request_renewal(&s.app.domain.registry(), &by, event, id, now)
         .await
         .map_err(|e| PageError::new(&me, e))?;
-    s.hub.appliance_changed(id);
     Ok(r.manual_renewal_generation)
 }
 
@@ -66,7 +65,6 @@ async fn status_one(
     appliances::change_status(&s.app.domain.registry(), &by, event, id, status, now)
         .await
         .map_err(|e| PageError::new(&me, e))?;
-    s.hub.appliance_changed(id);
     Ok(())
 }
 
@@ -159,7 +157,6 @@ pub async fn revoke(
     )
     .await
     .map_err(|e| PageError::new(&me, e))?;
-    s.hub.appliance_changed(&id);
     Ok(back_to(&id, "overview"))
 }
 

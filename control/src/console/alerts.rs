@@ -101,10 +101,15 @@ pub async fn collect(
             &time::format_description::well_known::Rfc3339,
         )
         .map_or(now, |t| t.unix_timestamp());
+        // A certificate issued with less than the threshold left was due from its issue.
+        let issued = scan
+            .current
+            .get(&a.appliance_id)
+            .map_or(i64::MIN, issued_at);
         let since = if expired {
             not_after
         } else {
-            not_after - settings.renewal_due.as_secs() as i64
+            (not_after - settings.renewal_due.as_secs() as i64).max(issued)
         };
         out.push(Alert {
             kind: a.state.as_str(),

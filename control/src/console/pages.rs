@@ -2,6 +2,7 @@
 //! Audit), the revoke form, Brokers, Operators (admin), Audit log, Account. Each
 //! authorizes as the API's matching read does (same action on refusal).
 
+use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use askama::Template;
@@ -325,6 +326,17 @@ pub async fn fleet_rows(
             .await
             .map_err(internal)?;
         let done = page.len() < batch as usize;
+        // The page's certificates in one query, not one per appliance.
+        let mut certs: HashMap<String, CertRecord> = match page.last() {
+            Some(last) => store
+                .current_certificates_between(after.as_deref(), &last.id)
+                .await
+                .map_err(internal)?
+                .into_iter()
+                .map(|c| (c.appliance_id.clone(), c))
+                .collect(),
+            None => HashMap::new(),
+        };
         for a in page {
             if rows.len() == PAGE_ROWS {
                 // Another matching appliance may follow: offer the next page.
@@ -333,7 +345,7 @@ pub async fn fleet_rows(
             scanned += 1;
             after = Some(a.id.clone());
             let p = app.cluster.presence(&a.id);
-            let cert = store.current_certificate(&a.id).await.map_err(internal)?;
+            let cert = certs.remove(&a.id);
             let row = row_of(app, &a, cert.as_ref(), p.as_ref(), now);
             if f.keeps(&row) {
                 rows.push(row);
@@ -587,7 +599,7 @@ impl SignedView {
                     v.split(',')
                         .filter(|x| !x.is_empty())
                         .map(|x| match x.split_once(['=', ':']) {
-                            Some((l, r)) => (l.to_owned(), r.replace('/', ", ")),
+                            Some((l, r)) => (l.to_owned(), r.to_owned()),
                             None => (x.to_owned(), String::new()),
                         })
                         .collect()
@@ -629,7 +641,12 @@ impl SignedView {
                 .any(|c| c == tether_proto::capability::SIGNED_OPS),
             policy: st("policy.sha256"),
             policy_error: st("policy.error"),
-            phases: list("policy.phases"),
+            // A phase's setting is `on/required`: shown "on, required". (Only there: an
+            // approver's base64 fingerprint holds `/` too.)
+            phases: list("policy.phases")
+                .into_iter()
+                .map(|(phase, setting)| (phase, setting.replace('/', ", ")))
+                .collect(),
             approvers: list("approvers"),
             approvers_error: st("approvers.error"),
             privsep: st("privsep"),

@@ -349,6 +349,9 @@ pub async fn change_status(
         None => s.store.allowlist_version().await.map_err(internal)?,
     };
     info!(by = %by, appliance = %id, ?status, changes = deltas.len(), allowlist_version, "appliance status changed");
+    // Also when no fingerprint moved (revoking a disabled appliance), which the
+    // allowlist feed would not show.
+    s.fleet.appliance_changed(id);
     Ok(StatusResponse {
         id: id.to_owned(),
         status,
@@ -373,6 +376,7 @@ pub async fn request_renewal(
         }
     };
     info!(by = %by, appliance = %id, generation, "manual renewal requested");
+    s.fleet.appliance_changed(id);
     s.fleet
         .broadcast(tether_proto::cluster::ToBroker::Renewals {
             generations: vec![(id.to_owned(), generation.max(0) as u64)],

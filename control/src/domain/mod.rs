@@ -209,6 +209,9 @@ pub trait Fleet: Send + Sync + std::fmt::Debug {
     /// The live control replicas were read from the registry (`self_id` is this one);
     /// brokers that hold a channel to each are told when the set changed.
     fn replicas_live(&self, _self_id: &str, _replicas: Vec<tether_proto::cluster::ReplicaAddr>) {}
+    /// Appliance `id` changed in a way its sessions do not show (its status, a renewal
+    /// requested): open console pages on this process follow it.
+    fn appliance_changed(&self, _id: &str) {}
 }
 
 /// No cluster: nothing is connected, nothing is told.

@@ -360,6 +360,15 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// although it is out of the allowlist while disabled, and so is one past its
     /// `not_after`: check the appliance's status and the times.
     async fn current_certificates(&self) -> Result<Vec<CertRecord>, StoreError>;
+    /// The current certificates, as [`Store::current_certificates`], of the appliances
+    /// whose ids come after `after` (from the first when `None`) up to and including
+    /// `through`, in the order [`Store::list_appliances`] uses: one page of appliances'
+    /// certificates in one query.
+    async fn current_certificates_between(
+        &self,
+        after: Option<&str>,
+        through: &str,
+    ) -> Result<Vec<CertRecord>, StoreError>;
     /// The appliance's current certificate, `None` if it has none. `NotFound` if there is
     /// no such appliance.
     async fn current_certificate(

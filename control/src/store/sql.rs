@@ -362,6 +362,35 @@ impl SqlStore {
         Err(StoreError::Unavailable(READ_ONLY_SERVER.into()))
     }
 
+    /// Current certificates of the appliances with ids in `(after, through]` (either
+    /// end open when `None`), ordered by appliance id.
+    async fn current_certs(
+        &self,
+        after: Option<&str>,
+        through: Option<&str>,
+    ) -> Result<Vec<CertRecord>, StoreError> {
+        let mut sql = format!("SELECT {CERT_COLUMNS} FROM certificates WHERE state = 'current'");
+        let mut n = 0;
+        for (bound, clause) in [(after, "appliance_id >"), (through, "appliance_id <=")] {
+            if bound.is_some() {
+                n += 1;
+                sql.push_str(&format!(" AND {clause} ${n}"));
+            }
+        }
+        sql.push_str(" ORDER BY appliance_id");
+        let mut query = sqlx::query(&sql);
+        for bound in [after, through].into_iter().flatten() {
+            query = query.bind(bound);
+        }
+        query
+            .fetch_all(self.pool()?)
+            .await
+            .map_err(db)?
+            .iter()
+            .map(cert_from_row)
+            .collect()
+    }
+
     /// The URL of a SQLite store in the file `path`, created if missing.
     pub fn sqlite_url(path: &Path) -> String {
         format!("sqlite://{}?mode=rwc", path.display())
@@ -883,15 +912,15 @@ impl Store for SqlStore {
     }
 
     async fn current_certificates(&self) -> Result<Vec<CertRecord>, StoreError> {
-        sqlx::query(&format!(
-            "SELECT {CERT_COLUMNS} FROM certificates WHERE state = 'current' ORDER BY appliance_id"
-        ))
-        .fetch_all(self.pool()?)
-        .await
-        .map_err(db)?
-        .iter()
-        .map(cert_from_row)
-        .collect()
+        self.current_certs(None, None).await
+    }
+
+    async fn current_certificates_between(
+        &self,
+        after: Option<&str>,
+        through: &str,
+    ) -> Result<Vec<CertRecord>, StoreError> {
+        self.current_certs(after, Some(through)).await
     }
 
     async fn current_certificate(
