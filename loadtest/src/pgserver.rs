@@ -133,18 +133,12 @@ fn run_script(dir: &Path, args: &[&str]) -> anyhow::Result<String> {
 
 /// [`run_script`] without blocking the runtime (the driver waits for it, the fleet goes on).
 async fn run_script_async(dir: &Path, args: &[&str]) -> anyhow::Result<String> {
-    let out = tokio::process::Command::new(SCRIPT)
-        .args(args)
-        .env("CARGO_TARGET_DIR", dir)
-        .output()
-        .await
-        .with_context(|| format!("running {SCRIPT}"))?;
-    if !out.status.success() {
-        bail!(
-            "scripts/pg {} failed: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+    let dir = dir.to_owned();
+    let args: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
+    tokio::task::spawn_blocking(move || {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        run_script(&dir, &args)
+    })
+    .await
+    .context("the scripts/pg task")?
 }
