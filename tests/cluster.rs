@@ -227,6 +227,48 @@ async fn an_idle_channel_stays_up() {
     );
 }
 
+/// A control link that black-holes (bytes stop both ways, no reset, the sockets stay
+/// open) does not hold the broker's channel forever: the broker gives it up within the
+/// idle limit (no frame from control, or none of its frames taken) and connects again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_black_holed_control_link_is_given_up_and_the_broker_reconnects() {
+    let mut c = Cluster::new("");
+    let proxy = common::netfault::FaultProxy::start(&[c.fleet.control.addr]).await;
+    let b1 = c.add_broker_via("edge-1", &format!("https://{}", proxy.addr));
+    c.wait_brokers_up(1).await;
+    let errors =
+        |reason: &str| format!("tether_broker_control_channel_errors_total{{reason=\"{reason}\"}}");
+    let (idle, stalled) = (errors("idle"), errors("write_stalled"));
+
+    proxy.blackhole();
+    let cut = Instant::now();
+    let limit = Duration::from_secs(tether_proto::cluster::CHANNEL_IDLE_TIMEOUT_SECS + 20);
+    let noticed = wait_for(limit, || async {
+        (b1.metric(&idle).await + b1.metric(&stalled).await >= 1.0).then_some(())
+    })
+    .await;
+    assert!(
+        noticed.is_some(),
+        "the broker still trusts a black-holed channel after {limit:?}"
+    );
+    eprintln!(
+        "the broker gave up the black-holed channel after {:?}",
+        cut.elapsed()
+    );
+
+    proxy.heal();
+    let back = wait_for(Duration::from_secs(30), || async {
+        (b1.metric("tether_broker_control_connected").await == 1.0).then_some(())
+    })
+    .await;
+    assert!(back.is_some(), "the broker never connected again");
+    c.wait_brokers_up(1).await;
+    eprintln!(
+        "connected again {:?} after the black hole began",
+        cut.elapsed()
+    );
+}
+
 /// `tether exec --selector`: every active appliance of the tenant runs the command, each
 /// output line prefixed with its id, a summary, exit 0 only when all exited 0; an
 /// appliance that goes away mid-command is a definite `connection_lost` (75), not a hang.

@@ -2026,6 +2026,88 @@ async fn a_broker_restarted_on_another_history_gets_a_snapshot() {
     db.drop_db().await;
 }
 
+/// A broker whose version left the allowlist history (`[trust] allowlist_history`) while
+/// its channel was down reconnects with that version and its digest and gets a snapshot,
+/// never deltas that skip the pruned versions: it ends with the database's allowlist,
+/// revocations included. A broker whose version is still kept resumes by deltas.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_behind_the_pruned_allowlist_history_gets_a_snapshot() {
+    use tether_audit::{action, system, Actor, AuditEvent};
+    use tether_control::store::Store;
+    const KEEP: u64 = 2;
+    let db = PgDb::create().await;
+    let mut c = Cluster::with_init(
+        &["--database-url", &db.url],
+        &format!("[trust]\nallowlist_history = {KEEP}\n"),
+    );
+    let broker = c.add_broker("edge-1");
+    let ids: Vec<String> = (0..6).map(|i| format!("app-{i:02}")).collect();
+    seed_appliances(&db.url, &ids).await;
+    wait_brokers_at_db(&db.url, &[&broker], Duration::from_secs(10)).await;
+
+    // Kept: one version behind, with control (and its prune job) back, deltas.
+    c.kill_control();
+    seed_appliances(&db.url, &["app-06".to_owned()]).await;
+    c.restart_control();
+    wait_brokers_at_db(&db.url, &[&broker], Duration::from_secs(15)).await;
+    assert!(!c
+        .fleet
+        .control
+        .log_contains("sending a broker a full snapshot"));
+
+    // Pruned: while control is down, two revocations and two enrollments (four
+    // versions), then the prune: the broker's version is gone from the history.
+    c.kill_control();
+    let (before, _) = broker_allowlist(&broker).await;
+    let store = tether_control::store::sql::SqlStore::connect(&db.url)
+        .await
+        .unwrap();
+    for id in &ids[..2] {
+        let revoke = AuditEvent::success(
+            Actor::system(system::LOCAL_ADMIN),
+            action::APPLIANCE_REVOKE,
+            id.as_str(),
+        );
+        store
+            .set_status(
+                id,
+                tether_api::appliances::ApplianceStatus::Revoked,
+                tether_control::now_unix(),
+                &revoke,
+            )
+            .await
+            .unwrap();
+    }
+    store.close().await;
+    seed_appliances(&db.url, &["app-07".to_owned(), "app-08".to_owned()]).await;
+    let store = tether_control::store::sql::SqlStore::connect(&db.url)
+        .await
+        .unwrap();
+    assert!(store.prune_allowlist_history(KEEP).await.unwrap() > 0);
+    let head = store.allowlist_version().await.unwrap();
+    assert_eq!(head, before + 4);
+    assert!(store
+        .allowlist_digests(before - 1, before)
+        .await
+        .unwrap()
+        .is_empty());
+    store.close().await;
+    c.restart_control();
+    wait_brokers_at_db(&db.url, &[&broker], Duration::from_secs(15)).await;
+    assert_eq!(broker_allowlist(&broker).await, (head, 7));
+    assert!(c
+        .fleet
+        .control
+        .log_contains("the allowlist history of the broker's version was pruned"));
+    assert!(c
+        .fleet
+        .control
+        .log_contains("sending a broker a full snapshot"));
+    drop(broker);
+    drop(c);
+    db.drop_db().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn async_failover_divergence_is_detected() {
     let started = Instant::now();

@@ -30,7 +30,9 @@
 //! - records manual-renewal generations, closes sessions on request, and runs commands,
 //!   each in its own task so a slow one never holds the channel;
 //! - pings after [`CHANNEL_PING_SECS`] of quiet and gives up after
-//!   [`CHANNEL_IDLE_TIMEOUT_SECS`] without a frame from control.
+//!   [`CHANNEL_IDLE_TIMEOUT_SECS`] without a frame from control, or when a frame it
+//!   sends is not taken within as long (a black-holed link whose buffers filled: the
+//!   wait for the write would otherwise keep the idle check from ever running).
 //!
 //! When a channel ends it reconnects with full-jitter exponential backoff
 //! ([`BACKOFF_MIN`] to [`BACKOFF_MAX`]); while no channel is synced the broker enforces
@@ -121,6 +123,10 @@ pub enum ChannelError {
     /// Nothing from control for [`CHANNEL_IDLE_TIMEOUT_SECS`].
     #[error("no frame from control for {CHANNEL_IDLE_TIMEOUT_SECS}s")]
     Idle,
+    /// Control took no byte of a frame for [`CHANNEL_IDLE_TIMEOUT_SECS`]: the link is
+    /// black-holed or control stopped reading (retrying elsewhere helps).
+    #[error("control took no frame for {CHANNEL_IDLE_TIMEOUT_SECS}s")]
+    WriteStalled,
     /// Reading or writing failed, or a frame was too large.
     #[error("channel I/O failed: {0}")]
     Io(String),
@@ -171,6 +177,7 @@ impl ChannelError {
             ChannelError::Http(_) => "http",
             ChannelError::Closed => "closed",
             ChannelError::Idle => "idle",
+            ChannelError::WriteStalled => "write_stalled",
             ChannelError::Io(_) => "io",
             ChannelError::Protocol(_) => "protocol",
             ChannelError::VersionGap { .. } => "version_gap",
@@ -1322,10 +1329,11 @@ async fn run_command(
 
 async fn send(channel: &mut Channel, msg: &ToControl) -> Result<(), ChannelError> {
     let json = serde_json::to_vec(msg).map_err(|e| ChannelError::Io(e.to_string()))?;
-    channel
-        .send(Bytes::from(json))
-        .await
-        .map_err(|e| ChannelError::Io(e.to_string()))
+    let write = channel.send(Bytes::from(json));
+    match tokio::time::timeout(Duration::from_secs(CHANNEL_IDLE_TIMEOUT_SECS), write).await {
+        Ok(sent) => sent.map_err(|e| ChannelError::Io(e.to_string())),
+        Err(_) => Err(ChannelError::WriteStalled),
+    }
 }
 
 fn unix_now() -> u64 {

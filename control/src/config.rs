@@ -245,6 +245,12 @@ impl ControlConfig {
                 reason: "must not be longer than trust.renewal_recommended".into(),
             });
         }
+        if self.trust.allowlist_history == 0 {
+            return Err(ConfigError::Invalid {
+                field: "trust.allowlist_history",
+                reason: "must be at least 1".into(),
+            });
+        }
         if self.http.header_read_timeout.is_zero()
             || self.http.request_timeout.is_zero()
             || self.http.max_connections == 0

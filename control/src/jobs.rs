@@ -1,7 +1,7 @@
 //! Periodic work that runs once per period however many replicas share the database:
-//! the overlap sweep, audit checkpoints and archiving, the registry and single-use
-//! pruning, and the
-//! outcome of commands whose replica was lost (`abandon_commands`).
+//! the overlap sweep, audit checkpoints and archiving, the registry, single-use and
+//! allowlist-history pruning, and the outcome of commands whose replica was lost
+//! (`abandon_commands`).
 //!
 //! Each job has a lease row (`control_jobs`). Every replica runs one task per job that
 //! asks the store to claim the row ([`Store::claim_job`]): one `UPDATE … WHERE name = $1
@@ -38,6 +38,9 @@ pub const NONCE_PRUNE: &str = "nonce_prune";
 /// Archives the oldest audit entries (`[audit] archive_dir`, `archive_keep`,
 /// `archive_every`).
 pub const AUDIT_ARCHIVE: &str = "audit_archive";
+/// Keeps the last `[trust] allowlist_history` allowlist versions' changes and digests
+/// (`Store::prune_allowlist_history`).
+pub const ALLOWLIST_PRUNE: &str = "allowlist_prune";
 /// Gives commands whose replica is lost their outcome, `replica_lost`
 /// (`[replica] abandon_commands_every`, `[replica] lost_after`).
 pub const ABANDON_COMMANDS: &str = "abandon_commands";
@@ -49,6 +52,8 @@ pub const REPLICA_PRUNE_EVERY: Duration = Duration::from_secs(60);
 pub const REPLICA_FORGET_AFTER_SECS: i64 = 600;
 /// How often [`NONCE_PRUNE`] runs.
 pub const NONCE_PRUNE_EVERY: Duration = Duration::from_secs(60);
+/// How often [`ALLOWLIST_PRUNE`] runs.
+pub const ALLOWLIST_PRUNE_EVERY: Duration = Duration::from_secs(60);
 /// After a failed claim (the database unreachable or read-only), ask again after this
 /// long, or after the job's period when that is shorter.
 pub const RETRY_AFTER_ERROR: Duration = Duration::from_secs(5);
@@ -56,7 +61,7 @@ pub const RETRY_AFTER_ERROR: Duration = Duration::from_secs(5);
 /// The shortest wait between two claims of one job by one replica.
 const MIN_WAIT: Duration = Duration::from_millis(5);
 
-/// The periods of the configurable jobs.
+/// The periods of the configurable jobs, and what the allowlist pruning keeps.
 #[derive(Clone, Copy, Debug)]
 pub struct JobPeriods {
     /// [`OVERLAP_SWEEP`]'s.
@@ -67,6 +72,8 @@ pub struct JobPeriods {
     pub abandon_commands: Duration,
     /// A replica silent this long is lost ([`ABANDON_COMMANDS`]).
     pub lost_after: Duration,
+    /// Allowlist versions [`ALLOWLIST_PRUNE`] keeps.
+    pub allowlist_history: u64,
 }
 
 /// Automatic archiving ([`AUDIT_ARCHIVE`]), when `[audit] archive_dir` is set.
@@ -165,6 +172,19 @@ pub fn spawn_all(
                     Err(e) => {
                         tracing::warn!(error = %e, "cannot abandon commands of lost replicas")
                     }
+                }
+            }
+        }),
+    );
+    let (s, keep) = (store.clone(), periods.allowlist_history);
+    tokio::spawn(
+        job(ALLOWLIST_PRUNE, ALLOWLIST_PRUNE_EVERY).run_forever(move || {
+            let s = s.clone();
+            async move {
+                match s.prune_allowlist_history(keep).await {
+                    Ok(0) => {}
+                    Ok(n) => tracing::info!(rows = n, keep, "old allowlist history pruned"),
+                    Err(e) => tracing::warn!(error = %e, "cannot prune the allowlist history"),
                 }
             }
         }),

@@ -386,6 +386,7 @@ impl Started {
                 audit_checkpoint: config.audit.checkpoint_every,
                 abandon_commands: config.replica.abandon_commands_every,
                 lost_after: config.replica.lost_after,
+                allowlist_history: config.trust.allowlist_history,
             },
             archive_plan(&config, &state.domain.ca)?,
             &shutdown,

@@ -11,18 +11,21 @@
 //!   No real time passes.
 //! - **Volume**: each step performs one enrollment's store operations (a nonce created
 //!   and consumed, a platform proof id recorded, an enrollment token created and
-//!   redeemed, the enrollment's audit entry), standing for the 9,000 enrollments of
+//!   redeemed, the enrollment's certificate recorded with its audit entry: one
+//!   allowlist version adding it and removing the one before), standing for the 9,000 enrollments of
 //!   those 15 minutes at 10 per second. Every row therefore stands for 9,000 rows of the
 //!   real week, and every bound below is a number of steps' worth of rows: the claim
 //!   tested is that the count is capped by (window / step) × (rows per step), which is
 //!   what caps the real table at (window × 10/s) rows, independent of the duration.
-//! - **Schedule**: the prune job (every 60 s in `serve`) and the checkpoint job (every
-//!   60 s) run once per step, archiving (an operator's cron, hourly) every 4 steps,
+//! - **Schedule**: the prune jobs (`nonce_prune` and `allowlist_prune`, every 60 s in
+//!   `serve`, the latter keeping [`KEEP_VERSIONS`]) and the checkpoint job (every 60 s)
+//!   run once per step, archiving (an operator's cron, hourly) every 4 steps,
 //!   keeping [`KEEP`] entries live. Running them less often than `serve` does only
 //!   loosens the bounds by one step.
 //!
-//! Not exercised: certificates and appliances (records, never pruned), and the allowlist
-//! change log (each enrollment adds a version brokers resume from; it is not pruned).
+//! The allowlist history kept still chains: its oldest digest, then each kept version's
+//! changes, give the head's digest, and a broker at the oldest kept version resumes from
+//! it by deltas. Not exercised: certificates and appliances (records, never pruned).
 
 mod common;
 
@@ -35,7 +38,7 @@ use tether_audit::{action, system, Actor, AuditEvent};
 use tether_control::domain::audit::{archive, checkpoint_signer, write_checkpoint, write_export};
 use tether_control::domain::ca::{Ca, CaConfig};
 use tether_control::domain::enroll::{DEFAULT_NONCE_TTL, DEFAULT_TOKEN_TTL};
-use tether_control::store::{Store, StoreError, TOKEN_RETENTION_SECS};
+use tether_control::store::{CertRecord, Store, StoreError, TOKEN_RETENTION_SECS};
 
 use common::*;
 
@@ -53,6 +56,10 @@ const ARCHIVE_EVERY: i64 = 4;
 const KEEP: i64 = 50;
 /// Audit entries one step writes (token created, token redeemed, enrollment).
 const ENTRIES_PER_STEP: i64 = 3;
+/// Allowlist versions `allowlist_prune` keeps (`[trust] allowlist_history`).
+const KEEP_VERSIONS: u64 = 20;
+/// Allowlist changes one step's version holds (the new certificate in, the last out).
+const CHANGES_PER_VERSION: i64 = 2;
 
 async fn count(pool: &AnyPool, table: &str) -> i64 {
     sqlx::query_scalar(&format!("SELECT COUNT(*) FROM {table}"))
@@ -92,6 +99,12 @@ async fn a_week_of_enrollments_keeps_every_table_bounded(db: &TestDb) {
             "audit_log",
             KEEP + ARCHIVE_EVERY * ENTRIES_PER_STEP + ARCHIVE_EVERY,
         ),
+        // The kept versions and the anchor before them (a digest, no changes).
+        ("allowlist_versions", KEEP_VERSIONS as i64 + 1),
+        (
+            "allowlist_changes",
+            KEEP_VERSIONS as i64 * CHANGES_PER_VERSION,
+        ),
         (
             "audit_checkpoints",
             (KEEP + ARCHIVE_EVERY * ENTRIES_PER_STEP) / ENTRIES_PER_STEP + ARCHIVE_EVERY + 2,
@@ -120,10 +133,19 @@ async fn a_week_of_enrollments_keeps_every_table_bounded(db: &TestDb) {
             action::APPLIANCE_ENROLL,
             "edge-1",
         );
-        s.append_audit(&enrolled, now).await.unwrap();
+        let issued = CertRecord {
+            not_before: now,
+            not_after: now + 30 * 86_400,
+            ..cert("edge-1", i as u32 + 1)
+        };
+        // No overlap: the previous certificate leaves in the same version.
+        s.record_certificate(&issued, now, 0, &enrolled)
+            .await
+            .unwrap();
 
         // The schedule: prune, checkpoint, and every hour archive.
         s.prune_single_use(now).await.unwrap();
+        s.prune_allowlist_history(KEEP_VERSIONS).await.unwrap();
         write_checkpoint(s, &signer, now).await.unwrap();
         // A replay inside its window is still refused after the prune.
         assert!(s.consume_nonce(&nonce, now).await.is_err(), "nonce {i}");
@@ -198,6 +220,41 @@ async fn a_week_of_enrollments_keeps_every_table_bounded(db: &TestDb) {
     // register + 3 per step + one `audit.archive` entry per archive.
     assert_eq!(head, 1 + steps * ENTRIES_PER_STEP + archives);
     assert_eq!(summary.entries as i64, head);
+    the_kept_allowlist_history_chains(s, steps).await;
     eprintln!("peak rows over the simulated week: {peak:?} (steps: {steps})");
     pool.close().await;
+}
+
+/// The kept history is the last [`KEEP_VERSIONS`] versions after an anchor, and it
+/// chains: the anchor's digest and the kept changes give every kept digest, up to the
+/// head; the snapshot is the week's last certificate alone.
+async fn the_kept_allowlist_history_chains(s: &tether_control::store::sql::SqlStore, steps: i64) {
+    let head = s.allowlist_version().await.unwrap();
+    assert_eq!(head, steps, "one version per enrollment");
+    let anchor = head - KEEP_VERSIONS as i64;
+    let digests = s.allowlist_digests(0, head).await.unwrap();
+    let versions: Vec<i64> = digests.iter().map(|(v, _)| *v).collect();
+    assert_eq!(versions, (anchor..=head).collect::<Vec<_>>());
+    assert!(s.allowlist_digests(0, anchor - 1).await.unwrap().is_empty());
+    // What a broker at the anchor is sent, and one further behind gets nothing to resume
+    // from (`cluster::link` sends it a snapshot).
+    let kept = s.allowlist_changes_since(anchor, 0).await.unwrap();
+    assert_eq!(s.allowlist_changes_since(0, 0).await.unwrap(), kept);
+    assert_eq!(
+        kept.len() as i64,
+        KEEP_VERSIONS as i64 * CHANGES_PER_VERSION
+    );
+    let mut prev = tether_proto::cluster::parse_digest(&digests[0].1).unwrap();
+    for (version, stored) in &digests[1..] {
+        let of: Vec<_> = kept.iter().filter(|d| d.version == *version).collect();
+        prev = version_digest(&prev, *version, &of);
+        assert_eq!(
+            &tether_proto::cluster::to_hex(&prev),
+            stored,
+            "version {version}"
+        );
+    }
+    let (_, pairs) = s.allowlist_snapshot().await.unwrap();
+    let last = cert("edge-1", steps as u32);
+    assert_eq!(pairs, vec![("edge-1".to_owned(), last.fingerprint)]);
 }

@@ -9,7 +9,7 @@ use sqlx::Connection;
 use tether_api::appliances::ApplianceStatus;
 use tether_control::store::sql::SqlStore;
 use tether_control::store::{AllowlistDelta, Store};
-use tether_proto::cluster::{allowlist_digest, to_hex, ALLOWLIST_GENESIS_DIGEST};
+use tether_proto::cluster::{to_hex, ALLOWLIST_GENESIS_DIGEST};
 
 use common::*;
 
@@ -31,17 +31,7 @@ async fn check_chain(s: &SqlStore, last: i64) {
     for (version, digest) in stored {
         let changes: Vec<&AllowlistDelta> = log.iter().filter(|d| d.version == version).collect();
         assert!(!changes.is_empty(), "version {version} has changes");
-        let add: Vec<(&str, &str)> = changes
-            .iter()
-            .filter(|d| d.added)
-            .map(|d| (d.appliance_id.as_str(), d.fingerprint.as_str()))
-            .collect();
-        let remove: Vec<&str> = changes
-            .iter()
-            .filter(|d| !d.added)
-            .map(|d| d.fingerprint.as_str())
-            .collect();
-        prev = allowlist_digest(&prev, version as u64, &add, &remove);
+        prev = version_digest(&prev, version, &changes);
         assert_eq!(digest, to_hex(&prev), "digest of version {version}");
     }
 }

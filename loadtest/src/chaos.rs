@@ -2391,53 +2391,52 @@ async fn check_exits(
     run_dir: &Path,
     args: &RunArgs,
 ) {
-    for b in brokers.iter_mut() {
-        if b.down {
-            continue;
-        }
-        let status = b.guard.as_mut().and_then(|g| g.exited());
-        if let Some(status) = status {
-            inv.unexpected_exits.push(format!(
-                "{} exited by itself ({status}); its log: {}",
-                b.life(),
-                run_dir.join(format!("{}.log", b.name)).display()
-            ));
-            if let Err(e) = restart_broker(b, args, bins, run_dir).await {
-                inv.unexpected_exits
-                    .push(format!("{} could not be started again: {e:#}", b.name));
-                b.down = true;
-            }
+    for b in brokers.iter_mut().filter(|b| !b.down) {
+        if let Some(status) = b.guard.as_mut().and_then(|g| g.exited()) {
+            let (life, log) = (b.life(), run_dir.join(format!("{}.log", b.name)));
+            let again = restart_broker(b, args, bins, run_dir).await;
+            b.down = restarted(inv, &life, status, &log, &b.name, again);
         }
     }
     for a in agents.iter_mut().filter(|a| !a.down) {
         if let Some(status) = a.guard.as_mut().and_then(|g| g.exited()) {
-            inv.unexpected_exits.push(format!(
-                "{}#{} exited by itself ({status}); its log: {}",
-                a.id,
-                a.lives,
-                run_dir.join(format!("{}.log", a.id)).display()
-            ));
-            if let Err(e) = a.start(run_dir, false).await {
-                inv.unexpected_exits
-                    .push(format!("{} could not be started again: {e:#}", a.id));
-                a.down = true;
-            }
+            let (life, log) = (
+                format!("{}#{}", a.id, a.lives),
+                run_dir.join(format!("{}.log", a.id)),
+            );
+            let again = a.start(run_dir, false).await;
+            a.down = restarted(inv, &life, status, &log, &a.id, again);
         }
     }
     for control in controls.iter_mut().filter(|c| !c.down) {
         if let Some(status) = control.guard.as_mut().and_then(|g| g.exited()) {
-            inv.unexpected_exits.push(format!(
-                "{} exited by itself ({status}); its log: {}",
-                control.life(),
-                control.log(run_dir).display()
-            ));
-            if let Err(e) = restart_control(control, bins, run_dir).await {
-                inv.unexpected_exits.push(format!(
-                    "{} could not be started again: {e:#}",
-                    control.name
-                ));
-                control.down = true;
-            }
+            let (life, log) = (control.life(), control.log(run_dir));
+            let again = restart_control(control, bins, run_dir).await;
+            control.down = restarted(inv, &life, status, &log, &control.name, again);
+        }
+    }
+}
+
+/// Record that process `life` (named `name`, logging to `log`) exited by itself with
+/// `status`, and whether starting it `again` failed; returns whether it is now down.
+fn restarted(
+    inv: &mut Invariants,
+    life: &str,
+    status: std::process::ExitStatus,
+    log: &Path,
+    name: &str,
+    again: anyhow::Result<()>,
+) -> bool {
+    inv.unexpected_exits.push(format!(
+        "{life} exited by itself ({status}); its log: {}",
+        log.display()
+    ));
+    match again {
+        Ok(()) => false,
+        Err(e) => {
+            inv.unexpected_exits
+                .push(format!("{name} could not be started again: {e:#}"));
+            true
         }
     }
 }

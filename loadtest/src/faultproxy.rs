@@ -230,10 +230,10 @@ mod tests {
     use super::*;
     use std::time::Duration;
 
-    #[tokio::test]
-    async fn forwards_then_holds_bytes_while_partitioned() {
+    /// An echo server on a free loopback port: what the proxies under test forward to.
+    async fn echo_server() -> SocketAddr {
         let echo = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let upstream = echo.local_addr().expect("addr");
+        let addr = echo.local_addr().expect("addr");
         tokio::spawn(async move {
             while let Ok((mut s, _)) = echo.accept().await {
                 tokio::spawn(async move {
@@ -246,6 +246,12 @@ mod tests {
                 });
             }
         });
+        addr
+    }
+
+    #[tokio::test]
+    async fn forwards_then_holds_bytes_while_partitioned() {
+        let upstream = echo_server().await;
         let proxy = FaultProxy::start(upstream).await.expect("proxy");
         let mut c = TcpStream::connect(proxy.addr()).await.expect("connect");
         let mut b = [0u8; 5];
@@ -277,20 +283,7 @@ mod tests {
 
     #[tokio::test]
     async fn cuts_only_the_connections_of_the_processes_named() {
-        let echo = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let upstream = echo.local_addr().expect("addr");
-        tokio::spawn(async move {
-            while let Ok((mut s, _)) = echo.accept().await {
-                tokio::spawn(async move {
-                    let mut b = [0u8; 64];
-                    while let Ok(n) = s.read(&mut b).await {
-                        if n == 0 || s.write_all(&b[..n]).await.is_err() {
-                            break;
-                        }
-                    }
-                });
-            }
-        });
+        let upstream = echo_server().await;
         let proxy = FaultProxy::start(upstream).await.expect("proxy");
         let mut c = TcpStream::connect(proxy.addr()).await.expect("connect");
         let mut b = [0u8; 3];
@@ -324,20 +317,7 @@ mod tests {
     #[tokio::test]
     async fn cuts_the_connection_of_another_process() {
         use tokio::io::AsyncBufReadExt;
-        let echo = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let upstream = echo.local_addr().expect("addr");
-        tokio::spawn(async move {
-            while let Ok((mut s, _)) = echo.accept().await {
-                tokio::spawn(async move {
-                    let mut b = [0u8; 64];
-                    while let Ok(n) = s.read(&mut b).await {
-                        if n == 0 || s.write_all(&b[..n]).await.is_err() {
-                            break;
-                        }
-                    }
-                });
-            }
-        });
+        let upstream = echo_server().await;
         let proxy = FaultProxy::start(upstream).await.expect("proxy");
         let script = format!(
             "import socket,sys\ns=socket.create_connection(('127.0.0.1',{}))\nfor l in sys.stdin:\n    s.sendall(l.encode())\n    print(s.recv(64).decode(),end='',flush=True)\n",

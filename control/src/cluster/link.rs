@@ -647,15 +647,29 @@ where
         .max(0) as u64;
     // Its version number means our version only if its digest is ours too: after an
     // asynchronous failover or a restore, the same numbers may carry other changes.
-    let mut diverged = false;
+    // Whether deltas cannot bring it up to date (another history, or ours pruned).
+    let mut snapshot = false;
     if since > 0 && !digest.is_empty() && since <= current {
         let ours = s
             .store
             .allowlist_digests(since as i64 - 1, since as i64)
             .await
             .map_err(|e| link_error("store", e))?;
-        let ours = ours.first().map(|(_, d)| d.as_str()).unwrap_or_default();
-        if !ours.eq_ignore_ascii_case(digest) {
+        let ours = match ours.first() {
+            Some((_, d)) => d.as_str(),
+            None => {
+                // Older than the history kept (`[trust] allowlist_history`): deltas
+                // cannot bring it up to date, whoever's history it followed.
+                info!(
+                    version = since,
+                    current,
+                    "the allowlist history of the broker's version was pruned: sending a snapshot"
+                );
+                snapshot = true;
+                ""
+            }
+        };
+        if !snapshot && !ours.eq_ignore_ascii_case(digest) {
             warn!(
                 version = since,
                 broker_digest = digest,
@@ -664,10 +678,10 @@ where
                 "allowlist history diverged: sending a snapshot"
             );
             s.metrics.allowlist_diverged.inc();
-            diverged = true;
+            snapshot = true;
         }
     }
-    if since > 0 && digest.is_empty() && !diverged {
+    if since > 0 && digest.is_empty() && !snapshot {
         // A version without its digest (a broker started from its snapshot on disk, which
         // keeps none, or an older broker): nothing shows that its history is ours, and
         // after a restore the same numbers carry other changes. Deltas on top of another
@@ -676,7 +690,7 @@ where
             version = since,
             current, "the broker's allowlist version comes without its digest: sending a snapshot"
         );
-        diverged = true;
+        snapshot = true;
     }
     if since > current {
         // Ahead of the store: the versions it holds were lost (an asynchronous failover
@@ -690,12 +704,12 @@ where
             "allowlist history diverged: the broker is ahead of the store; sending a snapshot"
         );
         s.metrics.allowlist_diverged.inc();
-        diverged = true;
+        snapshot = true;
     }
-    if since == current && !diverged {
+    if since == current && !snapshot {
         return Ok(current);
     }
-    if since > 0 && since < current && !diverged {
+    if since > 0 && since < current && !snapshot {
         let mut deltas = Vec::new();
         let mut after = since as i64;
         loop {
@@ -711,7 +725,7 @@ where
                 break;
             }
         }
-        if deltas.len() <= MAX_DELTAS_ON_RESUME {
+        if deltas.len() <= MAX_DELTAS_ON_RESUME && follows(since, &deltas) {
             return send_deltas(s, sink, deltas, since).await;
         }
     }
@@ -781,6 +795,17 @@ where
     }
 }
 
+/// Whether `deltas` (whole versions, in order) are every version after `since`, one
+/// after another, up to their last: not a history pruned past `since`.
+fn follows(since: u64, deltas: &[crate::store::AllowlistDelta]) -> bool {
+    let mut at = since as i64;
+    deltas.iter().all(|d| {
+        let next = d.version == at || d.version == at + 1;
+        at = d.version;
+        next && d.version > since as i64
+    })
+}
+
 /// Send `deltas` (whole versions, in order) as one `Delta` per version.
 async fn send_deltas<S>(
     s: &LinkState,
@@ -794,6 +819,16 @@ where
     let (Some(first), Some(last)) = (deltas.first(), deltas.last()) else {
         return Ok(sent);
     };
+    if !follows(sent, &deltas) {
+        // Pruned while this broker fell behind: it reconnects and gets a snapshot.
+        return Err(link_error(
+            "allowlist_gap",
+            format!(
+                "the history after version {sent} was pruned (next kept: {})",
+                first.version
+            ),
+        ));
+    }
     let digests: std::collections::HashMap<i64, String> = s
         .store
         .allowlist_digests(first.version - 1, last.version)

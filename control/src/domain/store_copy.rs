@@ -92,18 +92,37 @@ async fn export(store: &SqlStore) -> Result<Vec<u8>, CopyError> {
 }
 
 /// Recompute every version's digest from the deltas and compare with the stored chain;
-/// returns the last digest.
+/// returns the last digest. A pruned history (`Store::prune_allowlist_history`) is
+/// checked from its anchor: the oldest version kept, which keeps its digest and not its
+/// changes.
 async fn check_digest_chain(store: &SqlStore, upto: i64) -> Result<Option<String>, CopyError> {
     let stored = store.allowlist_digests(0, upto).await?;
-    if stored.len() as i64 != upto {
+    let first_change = store
+        .allowlist_changes_since(0, 1)
+        .await?
+        .first()
+        .map_or(upto + 1, |d| d.version);
+    let anchor = stored.first().filter(|(v, _)| *v < first_change);
+    let (mut prev, mut since) = match anchor {
+        Some((v, d)) if *v > 0 => (
+            tether_proto::cluster::parse_digest(d).ok_or_else(|| {
+                CopyError::Verify(format!("allowlist version {v}: the digest is not hex"))
+            })?,
+            *v,
+        ),
+        _ => (tether_proto::cluster::ALLOWLIST_GENESIS_DIGEST, 0),
+    };
+    let held = if since > 0 { upto - since + 1 } else { upto };
+    if stored.len() as i64 != held {
         return Err(CopyError::Verify(format!(
-            "{} allowlist digests for {upto} versions",
+            "{} allowlist digests for {held} versions",
             stored.len()
         )));
     }
-    let mut prev = tether_proto::cluster::ALLOWLIST_GENESIS_DIGEST;
     let mut stored = stored.into_iter();
-    let mut since = 0;
+    if since > 0 {
+        stored.next();
+    }
     loop {
         let page = store.allowlist_changes_since(since, 0).await?;
         let Some(last) = page.last() else { break };

@@ -33,13 +33,25 @@ pub struct TrustSettings {
     /// Below this much validity left: `renewal_due` (and an alert). Default 1 day.
     #[serde(with = "humantime_serde")]
     pub renewal_due: Duration,
+    /// Allowlist versions whose changes the store keeps for brokers to resume from
+    /// (the `allowlist_prune` job removes older ones every minute). A broker further
+    /// behind gets a full snapshot instead of deltas, as one more than
+    /// [`crate::cluster::MAX_DELTAS_ON_RESUME`] changes behind always does. Default
+    /// [`DEFAULT_ALLOWLIST_HISTORY`]; at least 1.
+    pub allowlist_history: u64,
 }
+
+/// [`TrustSettings::allowlist_history`]'s default: as many versions as the changes a
+/// resuming broker may be sent ([`crate::cluster::MAX_DELTAS_ON_RESUME`]; a version has
+/// one change or more), so keeping more would never spare a snapshot.
+pub const DEFAULT_ALLOWLIST_HISTORY: u64 = crate::cluster::MAX_DELTAS_ON_RESUME as u64;
 
 impl Default for TrustSettings {
     fn default() -> Self {
         TrustSettings {
             renewal_recommended: Duration::from_secs(3 * 86_400),
             renewal_due: Duration::from_secs(86_400),
+            allowlist_history: DEFAULT_ALLOWLIST_HISTORY,
         }
     }
 }

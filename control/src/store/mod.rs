@@ -644,7 +644,8 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     async fn live_replicas(&self, within: i64) -> Result<Vec<ReplicaRecord>, StoreError>;
     /// The digests of allowlist versions `after + 1 ..= upto` (lowercase hex, see
     /// `tether_proto::cluster::allowlist_digest`), in order. Every version has one: each
-    /// is written in the transaction that commits the version.
+    /// is written in the transaction that commits the version, and kept until
+    /// [`Store::prune_allowlist_history`] removes it.
     async fn allowlist_digests(
         &self,
         after: i64,
@@ -703,6 +704,13 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// can be replayed any more: a nonce, a proof id or a receipt is refused or useless
     /// once expired, whether its row is there or not.
     async fn prune_single_use(&self, now: UnixSeconds) -> Result<u64, StoreError>;
+    /// Keep the allowlist history (each version's changes and digest) of the last `keep`
+    /// versions only; returns the rows deleted. The version `keep` before the current one
+    /// keeps its digest (no changes), so a broker there still resumes by deltas; a broker
+    /// further behind gets a snapshot (`cluster::link`), as one too far behind always did.
+    /// [`Store::allowlist_digests`] and [`Store::allowlist_changes_since`] then answer
+    /// nothing for the versions removed.
+    async fn prune_allowlist_history(&self, keep: u64) -> Result<u64, StoreError>;
 
     /// A command was sent: record it in flight and append its request entry `request` at
     /// `at`, in one transaction (`commands_in_flight`).

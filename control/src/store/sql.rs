@@ -1773,6 +1773,18 @@ impl Store for SqlStore {
         jobs::prune_replicas(self.pool()?, self.backend, silent_secs).await
     }
 
+    async fn prune_allowlist_history(&self, keep: u64) -> Result<u64, StoreError> {
+        let mut pruned = 0;
+        loop {
+            let tx = self.begin_trust_change().await?;
+            let (n, done) = trust::prune_history_step(tx, keep).await?;
+            pruned += n;
+            if done {
+                return Ok(pruned);
+            }
+        }
+    }
+
     async fn prune_single_use(&self, now: UnixSeconds) -> Result<u64, StoreError> {
         Ok(jobs::prune_single_use(self.pool()?, now).await?
             + receipts::prune(self.pool()?, now).await?

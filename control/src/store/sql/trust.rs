@@ -302,3 +302,48 @@ pub(super) async fn chain_head(
     }
     Ok(digest)
 }
+
+/// Versions whose history one transaction of [`prune_history_step`] removes at most, so
+/// the first prune of a long history holds the version row (and SQLite's write lock) for
+/// a short while each time.
+pub(super) const PRUNE_VERSIONS_PER_TX: i64 = 10_000;
+
+/// One step of pruning the allowlist history to its last `keep` versions, in `tx` (begun
+/// by [`super::SqlStore::begin_trust_change`], so no trust change commits meanwhile):
+/// with `anchor = head - keep`, the changes of versions up to `anchor` and the digests of
+/// versions before it go, at most [`PRUNE_VERSIONS_PER_TX`] versions at a time. The
+/// anchor keeps its digest, so a broker at `anchor` still resumes by deltas and
+/// [`chain_head`] and the digest check of `store copy` start from it. Commits; returns
+/// the rows deleted and whether the history now starts at the anchor.
+pub(super) async fn prune_history_step(
+    mut tx: sqlx::Transaction<'static, sqlx::Any>,
+    keep: u64,
+) -> Result<(u64, bool), StoreError> {
+    let head: i64 = sqlx::query_scalar("SELECT version FROM allowlist_version WHERE id = 1")
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(db)?;
+    let anchor = head.saturating_sub(i64::try_from(keep).unwrap_or(i64::MAX));
+    let oldest: Option<i64> = sqlx::query_scalar("SELECT MIN(version) FROM allowlist_versions")
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(db)?;
+    let Some(oldest) = oldest.filter(|&o| o < anchor) else {
+        return Ok((0, true));
+    };
+    let upto = anchor.min(oldest.saturating_add(PRUNE_VERSIONS_PER_TX));
+    let mut pruned = 0;
+    for sql in [
+        "DELETE FROM allowlist_changes WHERE version <= $1",
+        "DELETE FROM allowlist_versions WHERE version < $1",
+    ] {
+        pruned += sqlx::query(sql)
+            .bind(upto)
+            .execute(&mut *tx)
+            .await
+            .map_err(db)?
+            .rows_affected();
+    }
+    tx.commit().await.map_err(db)?;
+    Ok((pruned, upto == anchor))
+}
