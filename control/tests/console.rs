@@ -240,6 +240,24 @@ async fn sign_in(c: &Control, name: &str, role: Role) -> String {
     cookie_of(&a)
 }
 
+/// Record a current certificate of `id` valid from `not_before` to `not_after`, as an
+/// enrollment does (serial `0a`, fingerprint `fp` repeated to 64 hex digits).
+async fn enrolled(c: &Control, id: &str, fp: &str, not_before: i64, not_after: i64) {
+    let cert = tether_control::store::CertRecord {
+        serial: "0a".into(),
+        appliance_id: id.into(),
+        fingerprint: fp.repeat(32),
+        not_before,
+        not_after,
+        state: tether_control::store::CertState::Current,
+    };
+    let event = Caller::LocalAdmin.event("appliance.enroll", id);
+    store(c)
+        .record_certificate(&cert, now(), 0, &event)
+        .await
+        .unwrap();
+}
+
 async fn register(c: &Control, id: &str, tenant: &str) {
     tether_control::domain::appliances::register(
         &c.state.domain.registry(),
@@ -1071,19 +1089,7 @@ async fn a_certificate_near_expiry_is_a_trust_alert_with_trigger_renewal() {
     let c = control().await;
     register(&c, "a1", "acme").await;
     register(&c, "a2", "acme").await;
-    let cert = tether_control::store::CertRecord {
-        serial: "0a".into(),
-        appliance_id: "a1".into(),
-        fingerprint: "ab".repeat(32),
-        not_before: now() - 86_400,
-        not_after: now() + 3_600,
-        state: tether_control::store::CertState::Current,
-    };
-    let event = Caller::LocalAdmin.event("appliance.enroll", "a1");
-    store(&c)
-        .record_certificate(&cert, now(), 0, &event)
-        .await
-        .unwrap();
+    enrolled(&c, "a1", "ab", now() - 86_400, now() + 3_600).await;
     let viewer = sign_in(&c, "vera", Role::Viewer).await;
     let operator = sign_in(&c, "olga", Role::Operator).await;
     let page = send(&c, get("/console/alerts", Some(&operator))).await;
@@ -1203,19 +1209,7 @@ async fn a_requested_renewal_not_done_after_ten_minutes_is_an_alert() {
 async fn a_revocation_through_the_api_reaches_an_open_stream() {
     let c = control().await;
     register(&c, "a1", "acme").await;
-    let cert = tether_control::store::CertRecord {
-        serial: "0a".into(),
-        appliance_id: "a1".into(),
-        fingerprint: "cd".repeat(32),
-        not_before: now() - 60,
-        not_after: now() + 30 * 86_400,
-        state: tether_control::store::CertState::Current,
-    };
-    let enroll = Caller::LocalAdmin.event("appliance.enroll", "a1");
-    store(&c)
-        .record_certificate(&cert, now(), 0, &enroll)
-        .await
-        .unwrap();
+    enrolled(&c, "a1", "cd", now() - 60, now() + 30 * 86_400).await;
     let cookie = sign_in(&c, "vera", Role::Viewer).await;
     let resp = c
         .app
@@ -1330,19 +1324,7 @@ async fn the_trust_alerts_page_follows_changes_live() {
     let mut body = resp.into_body();
     let mut seen = next_frame(&mut body).await;
     // a1 gets a certificate an hour from expiry (as an enrollment records one).
-    let cert = tether_control::store::CertRecord {
-        serial: "0a".into(),
-        appliance_id: "a1".into(),
-        fingerprint: "ab".repeat(32),
-        not_before: now() - 86_400,
-        not_after: now() + 3_600,
-        state: tether_control::store::CertState::Current,
-    };
-    let event = Caller::LocalAdmin.event("appliance.enroll", "a1");
-    store(&c)
-        .record_certificate(&cert, now(), 0, &event)
-        .await
-        .unwrap();
+    enrolled(&c, "a1", "ab", now() - 86_400, now() + 3_600).await;
     while !seen.contains("event: alerts") {
         seen.push_str(&next_frame(&mut body).await);
     }

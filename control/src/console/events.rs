@@ -163,7 +163,7 @@ impl Hub {
         }
     }
 
-    /// The summary computed at the returned instant, if any.
+    /// The summary kept, if any, and until when it is fresh.
     pub fn cached_summary(&self) -> Option<(Instant, Summary)> {
         self.summary
             .lock()
@@ -171,9 +171,9 @@ impl Hub {
             .clone()
     }
 
-    /// Keep `v`, computed at `at`.
-    pub fn cache_summary(&self, at: Instant, v: Summary) {
-        *self.summary.lock().unwrap_or_else(|p| p.into_inner()) = Some((at, v));
+    /// Keep `v`, fresh until `fresh_until`.
+    pub fn cache_summary(&self, fresh_until: Instant, v: Summary) {
+        *self.summary.lock().unwrap_or_else(|p| p.into_inner()) = Some((fresh_until, v));
     }
 
     /// Open streams in this process.

@@ -259,16 +259,26 @@ pub fn tiles(summary: &FleetTrust, connected: u64, alert_count: u64, f: &FleetFi
     out
 }
 
-/// The summary and findings, computed at most once a second per process.
+/// The summary and findings kept for [`SUMMARY_FRESH`], or [`SUMMARY_COST_FACTOR`] times
+/// as long as they took to compute when that is longer: on a fleet so large that one
+/// computation takes 200 ms, they are kept 2 s, so however many pages are open the
+/// summary costs this process at most a tenth of a core.
+pub const SUMMARY_FRESH: Duration = Duration::from_secs(1);
+/// See [`SUMMARY_FRESH`].
+pub const SUMMARY_COST_FACTOR: u32 = 10;
+
+/// The summary and findings, computed at most once per [`SUMMARY_FRESH`] (or longer, see
+/// there) per process.
 pub async fn summary(s: &ConsoleState, now: i64) -> Result<(FleetTrust, Vec<Alert>), Error> {
-    const FRESH: Duration = Duration::from_secs(1);
-    if let Some((at, v)) = s.hub.cached_summary() {
-        if at.elapsed() < FRESH {
+    if let Some((fresh_until, v)) = s.hub.cached_summary() {
+        if Instant::now() < fresh_until {
             return Ok(v);
         }
     }
+    let started = Instant::now();
     let v = alerts::collect(&s.app, now).await.map_err(internal)?;
-    s.hub.cache_summary(Instant::now(), v.clone());
+    let keep = SUMMARY_FRESH.max(started.elapsed() * SUMMARY_COST_FACTOR);
+    s.hub.cache_summary(started + keep, v.clone());
     Ok(v)
 }
 
