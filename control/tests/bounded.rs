@@ -38,6 +38,7 @@ use tether_audit::{action, system, Actor, AuditEvent};
 use tether_control::domain::audit::{archive, checkpoint_signer, write_checkpoint, write_export};
 use tether_control::domain::ca::{Ca, CaConfig};
 use tether_control::domain::enroll::{DEFAULT_NONCE_TTL, DEFAULT_TOKEN_TTL};
+use tether_control::store::sql::version_digest;
 use tether_control::store::{CertRecord, Store, StoreError, TOKEN_RETENTION_SECS};
 
 use common::*;
@@ -246,7 +247,11 @@ async fn the_kept_allowlist_history_chains(s: &tether_control::store::sql::SqlSt
     );
     let mut prev = tether_proto::cluster::parse_digest(&digests[0].1).unwrap();
     for (version, stored) in &digests[1..] {
-        let of: Vec<_> = kept.iter().filter(|d| d.version == *version).collect();
+        let of: Vec<_> = kept
+            .iter()
+            .filter(|d| d.version == *version)
+            .cloned()
+            .collect();
         prev = version_digest(&prev, *version, &of);
         assert_eq!(
             &tether_proto::cluster::to_hex(&prev),

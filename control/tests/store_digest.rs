@@ -7,7 +7,7 @@ mod common;
 
 use sqlx::Connection;
 use tether_api::appliances::ApplianceStatus;
-use tether_control::store::sql::SqlStore;
+use tether_control::store::sql::{version_digest, SqlStore};
 use tether_control::store::{AllowlistDelta, Store};
 use tether_proto::cluster::{to_hex, ALLOWLIST_GENESIS_DIGEST};
 
@@ -29,7 +29,11 @@ async fn check_chain(s: &SqlStore, last: i64) {
     );
     let mut prev = ALLOWLIST_GENESIS_DIGEST;
     for (version, digest) in stored {
-        let changes: Vec<&AllowlistDelta> = log.iter().filter(|d| d.version == version).collect();
+        let changes: Vec<AllowlistDelta> = log
+            .iter()
+            .filter(|d| d.version == version)
+            .cloned()
+            .collect();
         assert!(!changes.is_empty(), "version {version} has changes");
         prev = version_digest(&prev, version, &changes);
         assert_eq!(digest, to_hex(&prev), "digest of version {version}");

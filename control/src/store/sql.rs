@@ -111,7 +111,7 @@ use rows::{
     appliance_from_row, broker_from_row, cert_from_row, delta_from_row, invite_from_row,
     parse_operator_status, parse_role, status_str, APPLIANCE_COLUMNS, BROKER_COLUMNS, CERT_COLUMNS,
 };
-pub(crate) use trust::version_digest;
+pub use trust::version_digest;
 use trust::{
     allowable_from_row, allowed_certs, appliance_status, commit_trust_change, pending, set_allowed,
 };

@@ -299,19 +299,3 @@ pub fn replay(set: &mut BTreeSet<(String, String)>, deltas: &[AllowlistDelta]) {
         }
     }
 }
-
-/// The digest of `version` after `prev`, from its changes as a delta frame carries them
-/// (`tether_proto::cluster::allowlist_digest`: additions, then removals, in order).
-pub fn version_digest(prev: &[u8; 32], version: i64, changes: &[&AllowlistDelta]) -> [u8; 32] {
-    let add: Vec<(&str, &str)> = changes
-        .iter()
-        .filter(|d| d.added)
-        .map(|d| (d.appliance_id.as_str(), d.fingerprint.as_str()))
-        .collect();
-    let remove: Vec<&str> = changes
-        .iter()
-        .filter(|d| !d.added)
-        .map(|d| d.fingerprint.as_str())
-        .collect();
-    tether_proto::cluster::allowlist_digest(prev, version as u64, &add, &remove)
-}

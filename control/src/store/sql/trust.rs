@@ -192,7 +192,7 @@ pub(super) async fn appliance_status(
 /// The digest of `version` given the previous one's: [`tether_proto::cluster::allowlist_digest`]
 /// over the version's changes as a delta frame carries them (additions, then removals,
 /// each in recorded order).
-pub(crate) fn version_digest(prev: &[u8; 32], version: i64, deltas: &[AllowlistDelta]) -> [u8; 32] {
+pub fn version_digest(prev: &[u8; 32], version: i64, deltas: &[AllowlistDelta]) -> [u8; 32] {
     let add: Vec<(&str, &str)> = deltas
         .iter()
         .filter(|d| d.added)
