@@ -474,7 +474,8 @@ async fn sqlite_store_copies_to_postgres_intact() {
     use tether_control::store::Store;
     let db = PgDb::create().await;
     // A fleet on SQLite with a broker following control: enrollments, a revocation, a
-    // renewal request, a checkpoint.
+    // renewal request, a checkpoint; then its audit log archived and its allowlist
+    // history pruned, as a long-lived store is.
     let mut c = common::cluster::Cluster::new("");
     let broker = c.add_broker("b1");
     c.wait_brokers_up(1).await;
@@ -504,6 +505,11 @@ async fn sqlite_store_copies_to_postgres_intact() {
             .await
             .unwrap();
         let v = s.allowlist_version().await.unwrap();
+        // The allowlist history pruned to its last two versions, as the
+        // `allowlist_prune` job leaves it: the copy checks the digest chain from the
+        // oldest version kept (its anchor), not from genesis.
+        assert!(s.prune_allowlist_history(2).await.unwrap() > 0);
+        assert_eq!(s.allowlist_digests(0, v).await.unwrap().len(), 3, "two and the anchor");
         s.close().await;
         v
     };
