@@ -509,7 +509,11 @@ async fn sqlite_store_copies_to_postgres_intact() {
         // `allowlist_prune` job leaves it: the copy checks the digest chain from the
         // oldest version kept (its anchor), not from genesis.
         assert!(s.prune_allowlist_history(2).await.unwrap() > 0);
-        assert_eq!(s.allowlist_digests(0, v).await.unwrap().len(), 3, "two and the anchor");
+        assert_eq!(
+            s.allowlist_digests(0, v).await.unwrap().len(),
+            3,
+            "two and the anchor"
+        );
         s.close().await;
         v
     };
@@ -2235,6 +2239,10 @@ async fn replica_partitioned_from_postgres_leaves_rotation() {
         .wait_metric_eq(CHANNELS, 2.0, Duration::from_secs(15))
         .await;
 
+    assert_eq!(
+        c.fleet.metric("tether_control_database_reachable").await,
+        1.0
+    );
     // A half-open partition between A and PostgreSQL.
     proxy.blackhole();
     let cut = Instant::now();
@@ -2251,6 +2259,27 @@ async fn replica_partitioned_from_postgres_leaves_rotation() {
     assert_eq!(appliance_op(&admin, &b.url(), &ids[0], "revoke").await, 200);
     assert!(t.elapsed() < Duration::from_secs(2), "B answers at once");
     wait_brokers_at_db(&db.url, &[&broker], Duration::from_secs(5)).await;
+
+    // A refuses what needs the database with a 503 at once (its probe found PostgreSQL
+    // silent), instead of holding each request until its pool gives up waiting for a
+    // connection (ACQUIRE_TIMEOUT, 30 s): each try here gives up after 5 s.
+    let refused = common::wait_for(Duration::from_secs(20), || async {
+        let resp = admin
+            .get(format!("{}/v1/appliances/{}", c.fleet.url(), ids[1]))
+            .timeout(Duration::from_secs(5))
+            .send()
+            .await
+            .ok()?;
+        (resp.status() == 503).then_some(())?;
+        resp.json::<serde_json::Value>().await.ok()
+    })
+    .await
+    .expect("A answers 503 at once while PostgreSQL is silent");
+    assert_eq!(refused["error"], "database_unavailable", "{refused}");
+    assert_eq!(
+        c.fleet.metric("tether_control_database_reachable").await,
+        0.0
+    );
 
     // A claims no job while cut off; B runs them every period.
     let before = (
@@ -2284,6 +2313,10 @@ async fn replica_partitioned_from_postgres_leaves_rotation() {
     })
     .await;
     assert!(back.is_some(), "A is ready again after the heal");
+    assert_eq!(
+        c.fleet.metric("tether_control_database_reachable").await,
+        1.0
+    );
     let resp = admin
         .get(format!("{}/v1/appliances/{}", c.fleet.url(), ids[0]))
         .send()

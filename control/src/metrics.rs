@@ -85,6 +85,9 @@ pub struct Metrics {
     /// PostgreSQL: 1 while the NOTIFY listener is connected and its self-probe arrived
     /// (0: changes from other replicas arrive by the one-second poll only).
     pub notify_ok: prometheus_client::metrics::gauge::Gauge,
+    /// PostgreSQL: 0 while the database does not answer the reachability probe (requests
+    /// needing it are refused at once), else 1.
+    pub database_reachable: prometheus_client::metrics::gauge::Gauge,
     /// PostgreSQL: times the NOTIFY listener lost its connection (it catches up after).
     pub notify_reconnects: Counter,
     /// PostgreSQL: change notifications received.
@@ -118,6 +121,7 @@ impl Metrics {
             tunnel_connections: Family::default(),
             tunnel_bytes: Family::default(),
             notify_ok: Default::default(),
+            database_reachable: Default::default(),
             notify_reconnects: Counter::default(),
             notifications: Counter::default(),
             registry: Registry::default(),
@@ -126,6 +130,11 @@ impl Metrics {
             "notify_ok",
             "1 while change notifications from other replicas are delivered (PostgreSQL)",
             m.notify_ok.clone(),
+        );
+        registry.register(
+            "database_reachable",
+            "0 while the database does not answer (requests needing it get 503 at once), else 1 (PostgreSQL)",
+            m.database_reachable.clone(),
         );
         registry.register(
             "notify_reconnects",

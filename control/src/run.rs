@@ -116,6 +116,8 @@ pub struct Started {
     pub replica: ReplicaInfo,
     /// PostgreSQL: the change doorbell (NOTIFY listener and poller) to run.
     doorbell: Option<crate::store::sql::notify::Doorbell>,
+    /// PostgreSQL: the reachability probe to run (503 at once while the database is down).
+    reach_probe: Option<crate::store::sql::reach::ReachProbe>,
     listener: tokio::net::TcpListener,
     metrics_listener: tokio::net::TcpListener,
     console_listener: Option<tokio::net::TcpListener>,
@@ -193,11 +195,14 @@ impl Started {
         let url = cfg.database_url(data_dir);
         let sql = crate::store::sql::SqlStore::connect(&url).await?;
         let postgres = sql.backend() == crate::store::sql::Backend::Postgres;
-        let listen_url = cfg
-            .replica
-            .notify
-            .then(|| cfg.replica.listen_database_url.clone().unwrap_or(url));
+        let listen_url = cfg.replica.notify.then(|| {
+            cfg.replica
+                .listen_database_url
+                .clone()
+                .unwrap_or(url.clone())
+        });
         let doorbell = sql.doorbell(listen_url);
+        let reach_probe = sql.reach_probe(url);
         let single_node = sql.backend() == crate::store::sql::Backend::Sqlite;
         let store: Arc<dyn Store> = Arc::new(sql);
         if let Some(l) = listen {
@@ -296,6 +301,7 @@ impl Started {
             state,
             replica,
             doorbell,
+            reach_probe,
             config: cfg,
             listener,
             metrics_listener,
@@ -333,6 +339,7 @@ impl Started {
             state,
             replica,
             doorbell,
+            reach_probe,
             config,
             listener,
             metrics_listener,
@@ -368,6 +375,9 @@ impl Started {
         let replica_id = replica.id.clone();
         if let Some(doorbell) = doorbell {
             tokio::spawn(doorbell.run(state.metrics.clone(), shutdown.clone()));
+        }
+        if let Some(probe) = reach_probe {
+            tokio::spawn(probe.run(state.metrics.clone(), shutdown.clone()));
         }
         tokio::spawn(replica::heartbeat_forever(
             state.domain.store.clone(),

@@ -98,6 +98,7 @@ mod console;
 pub mod copy;
 mod jobs;
 pub mod notify;
+pub mod reach;
 mod receipts;
 mod replicas;
 mod rows;
@@ -135,6 +136,8 @@ pub const POSTGRES_MAX_LIFETIME: Duration = Duration::from_secs(10 * 60);
 /// round trip). A standby, or a primary demoted and restarted as one, answers `true`.
 const READ_ONLY_CHECK: &str =
     "SELECT pg_is_in_recovery() OR current_setting('transaction_read_only') = 'on'";
+/// The message of a use of the store refused while the database does not answer.
+const DATABASE_SILENT: &str = "the database does not answer (refused at once until it does)";
 /// The message of a connection refused because its server is read-only.
 const READ_ONLY_SERVER: &str = "the server is read-only (a standby or in recovery)";
 /// [`ApplianceFilter::limit`] when it is 0.
@@ -183,6 +186,9 @@ pub struct SqlStore {
     doorbell_running: std::sync::Arc<std::sync::atomic::AtomicBool>,
     /// Whether the database address leads to a read-only server (see [`ReadOnlyGate`]).
     read_only: std::sync::Arc<ReadOnlyGate>,
+    /// Set while PostgreSQL does not answer its [`reach::ReachProbe`]: every use of the
+    /// pool is then refused at once.
+    unreachable: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// Fail fast while the database address leads to a read-only server (a standby, or a
@@ -303,6 +309,7 @@ impl SqlStore {
             changed: std::sync::Arc::new(changed),
             doorbell_running: Default::default(),
             read_only: read_only_gate,
+            unreachable: Default::default(),
         };
         // Versions committed before the digest chain existed get their digests now.
         let mut tx = store.begin_trust_change().await?;
@@ -326,9 +333,23 @@ impl SqlStore {
         })
     }
 
-    /// The pool, unless its address leads to a read-only server ([`ReadOnlyGate`]).
+    /// PostgreSQL: the reachability probe of a replica serving this store, asking at
+    /// `url` (see [`reach`]); `None` on SQLite.
+    pub fn reach_probe(&self, url: String) -> Option<reach::ReachProbe> {
+        (self.backend == Backend::Postgres).then(|| reach::ReachProbe {
+            url,
+            pool: self.pool.clone(),
+            unreachable: self.unreachable.clone(),
+        })
+    }
+
+    /// The pool, unless the database does not answer ([`reach`]) or its address leads to
+    /// a read-only server ([`ReadOnlyGate`]).
     fn pool(&self) -> Result<&AnyPool, StoreError> {
         use std::sync::atomic::Ordering;
+        if self.unreachable.load(Ordering::Acquire) {
+            return Err(StoreError::Unavailable(DATABASE_SILENT.into()));
+        }
         let gate = &self.read_only;
         if !gate.closed.load(Ordering::Acquire) {
             return Ok(&self.pool);
