@@ -9,8 +9,13 @@ use clap::Parser;
 use tether_broker::config::{env, Config, MAX_ENDPOINTS};
 use tokio_util::sync::CancellationToken;
 
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+// The system allocator (glibc's malloc), not mimalloc as control and the simulator use:
+// what a broker holds is tens of thousands of small, long-lived per-connection states,
+// and mimalloc's per-thread pages kept more of them resident. Measured at 3,000 idle
+// connections, same run conditions: 15,296 B per connection over TLS/TCP and 34,262 B
+// over QUIC with glibc, against 17,650 B and 42,644 B with mimalloc, at the same CPU per
+// handshake (390 / 370 µs TCP, 667 / 663 µs QUIC). It is also what heap profilers
+// (heaptrack, valgrind) see.
 
 /// Tether broker: the QUIC/mTLS edge server appliances connect to.
 ///

@@ -49,7 +49,78 @@ mod scenario;
 mod spawn;
 
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static GLOBAL: alloc::Allocator = alloc::Allocator;
+
+mod alloc {
+    //! The simulator runs on mimalloc (a hundred thousand agents in one process); the
+    //! bare baseline server, a child process of this binary, runs on the system allocator,
+    //! as the broker does, so the two servers' memory per connection is compared on the
+    //! same allocator. The child is told by [`SYSTEM_ALLOCATOR`] in its environment, read
+    //! with `getenv` (which does not allocate) at the first allocation, before `main` and
+    //! before any other thread exists; every later allocation and free goes to the same
+    //! allocator.
+
+    use std::alloc::{GlobalAlloc, Layout, System};
+    use std::sync::atomic::{AtomicU8, Ordering};
+
+    /// Set (to anything) in the environment of a child that is to use the system allocator.
+    pub const SYSTEM_ALLOCATOR: &str = "TETHER_LOADTEST_SYSTEM_ALLOCATOR";
+    const SYSTEM_ALLOCATOR_C: &std::ffi::CStr = c"TETHER_LOADTEST_SYSTEM_ALLOCATOR";
+
+    const UNDECIDED: u8 = 0;
+    const MIMALLOC: u8 = 1;
+    const SYSTEM: u8 = 2;
+    static CHOICE: AtomicU8 = AtomicU8::new(UNDECIDED);
+
+    pub struct Allocator;
+
+    fn system() -> bool {
+        match CHOICE.load(Ordering::Relaxed) {
+            SYSTEM => true,
+            MIMALLOC => false,
+            _ => {
+                // SAFETY: a NUL-terminated name; getenv only reads the environment.
+                let set = !unsafe { nix::libc::getenv(SYSTEM_ALLOCATOR_C.as_ptr()) }.is_null();
+                CHOICE.store(if set { SYSTEM } else { MIMALLOC }, Ordering::Relaxed);
+                set
+            }
+        }
+    }
+
+    // SAFETY: each call goes to one allocator, the same for the process's whole life
+    // (decided at its first allocation), so memory is always freed by the allocator that
+    // gave it; both uphold GlobalAlloc's contract.
+    unsafe impl GlobalAlloc for Allocator {
+        unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+            if system() {
+                unsafe { System.alloc(layout) }
+            } else {
+                unsafe { mimalloc::MiMalloc.alloc(layout) }
+            }
+        }
+        unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+            if system() {
+                unsafe { System.alloc_zeroed(layout) }
+            } else {
+                unsafe { mimalloc::MiMalloc.alloc_zeroed(layout) }
+            }
+        }
+        unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+            if system() {
+                unsafe { System.dealloc(ptr, layout) }
+            } else {
+                unsafe { mimalloc::MiMalloc.dealloc(ptr, layout) }
+            }
+        }
+        unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+            if system() {
+                unsafe { System.realloc(ptr, layout, new_size) }
+            } else {
+                unsafe { mimalloc::MiMalloc.realloc(ptr, layout, new_size) }
+            }
+        }
+    }
+}
 
 fn main() -> anyhow::Result<()> {
     let cli = cli::Cli::parse();

@@ -1203,10 +1203,12 @@ async fn baseline_phase(
         "--transport".into(),
         args.transport.as_str().into(),
     ];
-    let (server, line) = ChildGuard::spawn(
+    // On the system allocator, as the broker (see `alloc` in main.rs).
+    let (server, line) = ChildGuard::spawn_env(
         "baseline",
         &exe,
         &server_args,
+        &[(crate::alloc::SYSTEM_ALLOCATOR, "1")],
         run_dir.join("baseline.log"),
         crate::baseline::READY_MESSAGE,
     )
