@@ -441,6 +441,8 @@ pub struct Tally {
     pub up: Vec<bool>,
     /// The broker of each appliance's latest session.
     pub on: Vec<Option<SocketAddr>>,
+    /// When each appliance's latest session came up.
+    pub since: Vec<Option<Instant>>,
     /// How many have one.
     pub current: usize,
     first_done: usize,
@@ -457,6 +459,7 @@ impl Tally {
             errors: BTreeMap::new(),
             up: vec![false; n],
             on: vec![None; n],
+            since: vec![None; n],
             current: 0,
             first_done: 0,
             failed: 0,
@@ -487,12 +490,14 @@ impl Tally {
                 index,
                 first_connect,
                 broker,
+                at,
                 ..
             } => {
                 if !std::mem::replace(&mut self.up[index], true) {
                     self.current += 1;
                 }
                 self.on[index] = Some(broker);
+                self.since[index] = Some(at);
                 match first_connect {
                     Some(d) => {
                         self.first_done += 1;
