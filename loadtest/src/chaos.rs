@@ -2579,8 +2579,9 @@ fn judge_memory(
             .map(|(l, t)| (l, t.last as f64 / t.middle.max(1) as f64))
             .max_by(|a, b| a.1.total_cmp(&b.1));
         format!(
-            "{judged} process lives sampled long enough; none grew past {MEMORY_GROWTH}x (or {} MiB) of its middle level{}",
+            "{judged} process lives sampled long enough; none grew past {MEMORY_GROWTH}x (or {} MiB) of its middle level, a broker's plus {} KiB for each session it took over{}",
             MEMORY_SLACK / 1048576,
+            MEMORY_PER_SESSION / 1024,
             worst
                 .map(|(l, r)| format!("; the most: {l} at {r:.2}x"))
                 .unwrap_or_default()
