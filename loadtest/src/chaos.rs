@@ -981,9 +981,6 @@ struct Invariants {
     unexpected_exits: Vec<String>,
     /// Appliances whose overdue session was reported already.
     overdue_reported: HashSet<usize>,
-    /// Each broker's [`ChaosBroker::wiped`]: sessions that came up on it before then are
-    /// gone, not overdue.
-    wiped: HashMap<String, Instant>,
     /// Since when each appliance lost its session (a fault or a disconnection, not a
     /// kick or its own revocation).
     down_since: Vec<Option<Instant>>,
@@ -1593,8 +1590,15 @@ async fn drive(
                 true
             }
         });
-        note_wiped(brokers, &mut inv);
-        check_overdue(now, &tally, &standing, &windows, &names, &mut inv);
+        check_overdue(
+            now,
+            &tally,
+            &standing,
+            &windows,
+            &names,
+            &wiped(brokers),
+            &mut inv,
+        );
         check_exits(brokers, controls, agents, &mut inv, bins, run_dir, args).await;
         if next_step >= steps.len() && fully_back.is_none() && missing(&tally, &standing) == 0 {
             fully_back = Some(now);
@@ -1631,13 +1635,13 @@ async fn drive(
             },
             _ = tokio::time::sleep(TICK) => {}
         }
-        note_wiped(brokers, &mut inv);
         check_overdue(
             Instant::now(),
             &tally,
             &standing,
             &windows,
             &names,
+            &wiped(brokers),
             &mut inv,
         );
         check_exits(brokers, controls, agents, &mut inv, bins, run_dir, args).await;
@@ -2127,22 +2131,23 @@ fn on_done(
     }
 }
 
-/// Sessions of appliances out of the allowlist held past the bound.
-/// Copy each broker's [`ChaosBroker::wiped`] into `inv` for [`check_overdue`].
-fn note_wiped(brokers: &[ChaosBroker], inv: &mut Invariants) {
-    for b in brokers {
-        if let Some(w) = b.wiped {
-            inv.wiped.insert(b.name.clone(), w);
-        }
-    }
+/// Each broker's [`ChaosBroker::wiped`], by name, for [`check_overdue`].
+fn wiped(brokers: &[ChaosBroker]) -> HashMap<String, Instant> {
+    brokers
+        .iter()
+        .filter_map(|b| Some((b.name.clone(), b.wiped?)))
+        .collect()
 }
 
+/// Sessions of appliances out of the allowlist held past the bound. A session that came
+/// up on a broker before its process ended (`wiped`) is gone, not held.
 fn check_overdue(
     now: Instant,
     tally: &Tally,
     standing: &[Standing],
     windows: &[Window],
     names: &Names,
+    wiped: &HashMap<String, Instant>,
     inv: &mut Invariants,
 ) {
     for (i, s) in standing.iter().enumerate() {
@@ -2155,7 +2160,7 @@ fn check_overdue(
         };
         // Its broker's process ended since (SIGKILL, or a drain and a new start): the
         // session went with it, and the new process never admitted it.
-        if let (Some(up), Some(wiped)) = (tally.since[i], inv.wiped.get(name)) {
+        if let (Some(up), Some(wiped)) = (tally.since[i], wiped.get(name)) {
             if up <= *wiped {
                 continue;
             }
@@ -2978,25 +2983,49 @@ mod tests {
         };
         let mut tally = Tally::new(2);
         let mut inv = Invariants::default();
+        let none = HashMap::new();
         let standing = vec![Standing::Revoked(t0), Standing::Active];
         on_event(connected(t0), &mut tally, &standing, &[], &names, &mut inv);
         assert_eq!(
             inv.stale_admissions, 1,
             "at the acknowledgement: within the bound"
         );
-        check_overdue(Instant::now(), &tally, &standing, &[], &names, &mut inv);
+        check_overdue(
+            Instant::now(),
+            &tally,
+            &standing,
+            &[],
+            &names,
+            &none,
+            &mut inv,
+        );
         assert_eq!(inv.close_violations.len(), 1, "{:?}", inv.close_violations);
         assert!(inv.close_violations[0].contains("sim-000001"));
         // Reported once.
-        check_overdue(Instant::now(), &tally, &standing, &[], &names, &mut inv);
+        check_overdue(
+            Instant::now(),
+            &tally,
+            &standing,
+            &[],
+            &names,
+            &none,
+            &mut inv,
+        );
         assert_eq!(inv.close_violations.len(), 1);
 
         // Its broker was SIGKILLed after the session came up: the session is gone with
         // that process (its agent learns so at its next packet), not held.
         let mut gone = Invariants::default();
-        gone.wiped
-            .insert("lt-edge-1".into(), t0 + Duration::from_secs(1));
-        check_overdue(Instant::now(), &tally, &standing, &[], &names, &mut gone);
+        let killed_after = HashMap::from([("lt-edge-1".to_owned(), t0 + Duration::from_secs(1))]);
+        check_overdue(
+            Instant::now(),
+            &tally,
+            &standing,
+            &[],
+            &names,
+            &killed_after,
+            &mut gone,
+        );
         assert!(
             gone.close_violations.is_empty(),
             "{:?}",
@@ -3004,10 +3033,16 @@ mod tests {
         );
         // Killed before it came up: this session is the new process's, and overdue.
         let mut earlier = Invariants::default();
-        earlier
-            .wiped
-            .insert("lt-edge-1".into(), t0 - Duration::from_secs(1));
-        check_overdue(Instant::now(), &tally, &standing, &[], &names, &mut earlier);
+        let killed_before = HashMap::from([("lt-edge-1".to_owned(), t0 - Duration::from_secs(1))]);
+        check_overdue(
+            Instant::now(),
+            &tally,
+            &standing,
+            &[],
+            &names,
+            &killed_before,
+            &mut earlier,
+        );
         assert_eq!(earlier.close_violations.len(), 1);
 
         // While its broker cannot hear control, it is not due yet.
@@ -3023,6 +3058,7 @@ mod tests {
             &standing,
             &partition,
             &names,
+            &none,
             &mut quiet,
         );
         assert!(quiet.close_violations.is_empty());
@@ -3045,6 +3081,7 @@ mod tests {
             &[Standing::Active, Standing::Active],
             &[],
             &names,
+            &none,
             &mut calm,
         );
         assert!(calm.close_violations.is_empty());

@@ -64,8 +64,7 @@ mod alloc {
     use std::sync::atomic::{AtomicU8, Ordering};
 
     /// Set (to anything) in the environment of a child that is to use the system allocator.
-    pub const SYSTEM_ALLOCATOR: &str = "TETHER_LOADTEST_SYSTEM_ALLOCATOR";
-    const SYSTEM_ALLOCATOR_C: &std::ffi::CStr = c"TETHER_LOADTEST_SYSTEM_ALLOCATOR";
+    pub const SYSTEM_ALLOCATOR: &std::ffi::CStr = c"TETHER_LOADTEST_SYSTEM_ALLOCATOR";
 
     const UNDECIDED: u8 = 0;
     const MIMALLOC: u8 = 1;
@@ -80,7 +79,7 @@ mod alloc {
             MIMALLOC => false,
             _ => {
                 // SAFETY: a NUL-terminated name; getenv only reads the environment.
-                let set = !unsafe { nix::libc::getenv(SYSTEM_ALLOCATOR_C.as_ptr()) }.is_null();
+                let set = !unsafe { nix::libc::getenv(SYSTEM_ALLOCATOR.as_ptr()) }.is_null();
                 CHOICE.store(if set { SYSTEM } else { MIMALLOC }, Ordering::Relaxed);
                 set
             }

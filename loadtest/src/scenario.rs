@@ -1213,7 +1213,12 @@ async fn baseline_phase(
         "baseline",
         &exe,
         &server_args,
-        &[(crate::alloc::SYSTEM_ALLOCATOR, "1")],
+        &[(
+            crate::alloc::SYSTEM_ALLOCATOR
+                .to_str()
+                .expect("the variable's name is ASCII"),
+            "1",
+        )],
         run_dir.join("baseline.log"),
         crate::baseline::READY_MESSAGE,
     )
