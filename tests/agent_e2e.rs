@@ -138,11 +138,17 @@ async fn output_fits_a_small_broker_frame_limit_and_shell_runs_when_announced() 
     let state = setup.agent_state("app-1", &leaf);
     let _agent = AgentProc::start(&state, &[broker.quic], &["--allow-shell"]);
     let row = broker.wait_session("app-1").await;
-    // Over QUIC (the transport notices a silent broker itself) it also takes sparse
-    // heartbeat answers.
+    // Over QUIC (the transport notices a silent broker itself) it also takes sparse,
+    // quiet heartbeat answers.
     assert_eq!(
         row["capabilities"],
-        json!(["exec", "shell", "max_frame_len", "sparse-heartbeat-acks/1"])
+        json!([
+            "exec",
+            "shell",
+            "max_frame_len",
+            "sparse-heartbeat-acks/1",
+            "quiet-heartbeats/1"
+        ])
     );
 
     let (status, lines) = run_command(

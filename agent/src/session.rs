@@ -561,8 +561,8 @@ impl Driver<'_> {
             capabilities.push(tether_proto::capability::MANIFEST_BACKLOG.to_owned());
             capabilities.push(tether_proto::capability::TUNNEL.to_owned());
         }
-        // Where the transport itself notices a silent broker, an answer to every heartbeat
-        // is not needed: QUIC acknowledges each heartbeat and ends a connection idle for
+        // Where the transport itself notices a silent broker, answers to heartbeats are
+        // not needed (only news is): QUIC acknowledges each heartbeat and ends a connection idle for
         // its idle timeout; direct TCP does the same with `TCP_USER_TIMEOUT` (unacknowledged
         // data) and keep-alive probes. Not through an egress proxy, which acknowledges
         // for a broker that may be gone.
@@ -572,6 +572,7 @@ impl Driver<'_> {
         };
         if transport_notices {
             capabilities.push(tether_proto::capability::SPARSE_HEARTBEAT_ACKS.to_owned());
+            capabilities.push(tether_proto::capability::QUIET_HEARTBEATS.to_owned());
         }
         let t0 = now();
         AgentSession::new(

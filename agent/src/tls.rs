@@ -16,15 +16,18 @@ use crate::config::AgentConfig;
 use crate::credentials::{CredentialError, Credentials};
 use crate::verifier::broker_verifier;
 
-/// QUIC keep-alive interval: 20 s. quinn restarts it on every packet received, so while
-/// heartbeats flow (every 15 s by default, each acknowledged) it never fires: one exchange per
-/// heartbeat interval keeps the path and the NAT binding alive, instead of a heartbeat and
-/// a keep-alive PING each (the idle fleet's broker CPU). It still fires, under the 30 s
-/// idle timeout and common NAT binding timeouts, when a broker announces heartbeats rarer
-/// than that.
-pub const KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(20);
-/// QUIC idle timeout: 30 s without any packet ends the connection.
-pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// QUIC keep-alive interval: 30 s, longer than the default heartbeat interval (25 s).
+/// quinn restarts it on every packet received, so while heartbeats flow (each one
+/// acknowledged at once) it never fires: one exchange per heartbeat interval keeps the path
+/// and the NAT binding alive, instead of a heartbeat and a keep-alive PING each (the idle
+/// fleet's broker CPU). It still fires, under the idle timeout, when a broker announces
+/// heartbeats rarer than that.
+pub const KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(30);
+/// QUIC idle timeout (and `TCP_USER_TIMEOUT` over TCP): 40 s without any packet ends the
+/// connection. With 25 s heartbeats that leaves a heartbeat 15 s to be late (a busy
+/// appliance, a retransmission) before either end gives up, as 30 s did with 15 s
+/// heartbeats; a broker that died without a word is noticed 40 s after its last packet.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(40);
 /// Connection-wide receive window: 256 KiB.
 pub const RECEIVE_WINDOW: u32 = 256 * 1024;
 /// Send window: 256 KiB.

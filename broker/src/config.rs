@@ -16,8 +16,8 @@ use thiserror::Error;
 pub const DEFAULT_LISTEN: &str = "0.0.0.0:7443";
 /// Default admin listen address (loopback only).
 pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:7444";
-/// Default heartbeat interval announced to agents.
-pub const DEFAULT_HEARTBEAT_INTERVAL: Duration = Duration::from_secs(15);
+/// Default heartbeat interval announced to agents: the protocol's default (25 s).
+pub const DEFAULT_HEARTBEAT_INTERVAL: Duration = tether_proto::session::DEFAULT_HEARTBEAT_INTERVAL;
 /// Default time an agent has to open its session stream and send `Hello`.
 pub const DEFAULT_HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 /// Default handshakes processed at once. Beyond this, new connections wait in the queue.

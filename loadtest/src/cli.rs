@@ -97,8 +97,9 @@ pub const DEFAULT_CONNECT_TIMEOUT: &str = "120s";
 pub const DEFAULT_SAMPLE_EVERY: &str = "100ms";
 /// Default of `--enroll-concurrency`.
 pub const DEFAULT_ENROLL_CONCURRENCY: usize = 16;
-/// Default of `--heartbeat-interval` (what brokers ask agents for).
-pub const DEFAULT_HEARTBEAT_INTERVAL: &str = "15s";
+/// Default of `--heartbeat-interval` (what brokers ask agents for): the protocol's
+/// default (`tether_proto::session::DEFAULT_HEARTBEAT_INTERVAL`).
+pub const DEFAULT_HEARTBEAT_INTERVAL: &str = "25s";
 /// Default of `--udp-buffer`: receive and send buffer asked for each client socket
 /// (32 MiB; the kernel caps it at `net.core.rmem_max` / `wmem_max`).
 pub const DEFAULT_UDP_BUFFER: usize = 32 * 1024 * 1024;
@@ -465,6 +466,14 @@ mod tests {
             }
             assert!(arg.get_help().is_some(), "--{id} has no help");
         }
+    }
+
+    #[test]
+    fn the_heartbeat_default_is_the_protocols() {
+        assert_eq!(
+            humantime::parse_duration(DEFAULT_HEARTBEAT_INTERVAL).expect("a duration"),
+            tether_proto::session::DEFAULT_HEARTBEAT_INTERVAL
+        );
     }
 
     #[test]

@@ -56,15 +56,29 @@ pub const SPARSE_HEARTBEAT_ACKS: &str = "sparse-heartbeat-acks/1";
 /// many intervals without an answer (the transport notices sooner).
 pub const HEARTBEAT_ACK_EVERY: u64 = 4;
 
-/// Answers are sparse only when the heartbeat interval is at least this long (10 s): then
-/// `missed_heartbeats` (3) intervals are no shorter than the transports' own 30 s
-/// detection of a silent peer, so a dead broker is noticed no later than with an answer
-/// to every heartbeat. With a shorter interval (chosen for fast failure detection), every
-/// heartbeat is answered. Both ends apply the rule to `Welcome.heartbeat_interval_ms`.
-pub const SPARSE_ACKS_MIN_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
+/// Answers are sparse (or quiet) only when the heartbeat interval is at least this long
+/// (14 s): then `missed_heartbeats` (3) intervals are no shorter than the transports' own
+/// detection of a silent peer (the reference agent's 40 s QUIC idle timeout and
+/// `TCP_USER_TIMEOUT`), so a dead broker is noticed no later than with an answer to every
+/// heartbeat. With a shorter interval (chosen for fast failure detection), every heartbeat
+/// is answered. Both ends apply the rule to `Welcome.heartbeat_interval_ms`.
+pub const SPARSE_ACKS_MIN_INTERVAL: std::time::Duration = std::time::Duration::from_secs(14);
+
+/// With [`SPARSE_HEARTBEAT_ACKS`] (announced together): the broker answers a heartbeat
+/// only when it has news, the manual-renewal generation changed since its last answer,
+/// and the agent never presumes the broker gone for want of answers: its transport is
+/// the only judge of a silent broker (QUIC's idle timeout, `TCP_USER_TIMEOUT`), as it
+/// already is sooner than `missed_heartbeats` × [`HEARTBEAT_ACK_EVERY`] intervals. The
+/// reference agent announces it wherever it announces sparse answers.
+///
+/// An idle session then costs exactly one exchange per heartbeat interval, the heartbeat
+/// and the transport's acknowledgement (QUIC's ACK, TCP's), no more than a bare QUIC
+/// connection's keep-alive: the periodic answer and the agent's acknowledgement of it
+/// were a fifth of a held fleet's broker CPU.
+pub const QUIET_HEARTBEATS: &str = "quiet-heartbeats/1";
 
 /// Every capability this crate defines, in the order the reference agent announces them.
-pub const ALL: [&str; 7] = [
+pub const ALL: [&str; 8] = [
     EXEC,
     SHELL,
     MAX_FRAME_LEN,
@@ -72,6 +86,7 @@ pub const ALL: [&str; 7] = [
     MANIFEST_BACKLOG,
     TUNNEL,
     SPARSE_HEARTBEAT_ACKS,
+    QUIET_HEARTBEATS,
 ];
 
 /// What the reference broker lists in `Welcome.capabilities` (to agents that announced

@@ -84,8 +84,12 @@ impl ProtocolViolation {
     }
 }
 
-/// Default heartbeat interval the broker announces: 15 s.
-pub const DEFAULT_HEARTBEAT_INTERVAL: Duration = Duration::from_secs(15);
+/// Default heartbeat interval the broker announces: 25 s, what WireGuard recommends for
+/// keeping NAT and firewall state alive ("a sensible interval that works with a wide
+/// variety of firewalls") and under the 30 s after which RFC 9308 (§3.2) finds most
+/// middleboxes drop a quiet UDP flow. An idle fleet's broker CPU is one exchange per
+/// heartbeat (docs/PROTOCOL.md §5): at 15 s, 10,000 appliances cost 20,000 a half-minute.
+pub const DEFAULT_HEARTBEAT_INTERVAL: Duration = Duration::from_secs(25);
 /// Heartbeats that may be missed before the session is closed as idle.
 pub const DEFAULT_MISSED_HEARTBEATS: u32 = 3;
 /// Time an agent has to send `Hello` after connecting: 10 s.
@@ -143,8 +147,10 @@ pub struct BrokerSession {
     last_seq: u64,
     /// Whether `Welcome` listed `manifest-backlog/1` (the agent may send backlog).
     backlog: bool,
-    /// Whether the agent announced `sparse-heartbeat-acks/1`.
+    /// Whether the agent announced `sparse-heartbeat-acks/1` (and the interval allows it).
     sparse_acks: bool,
+    /// Whether it also announced `quiet-heartbeats/1`: answers only with news.
+    quiet: bool,
     /// A `HeartbeatAck` is owed with the next heartbeat whatever its `seq` (the
     /// manual-renewal generation changed).
     ack_due: bool,
@@ -165,6 +171,7 @@ impl BrokerSession {
             last_seq: 0,
             backlog: false,
             sparse_acks: false,
+            quiet: false,
             ack_due: false,
             acked_seq: 0,
             transmit: VecDeque::new(),
@@ -200,6 +207,8 @@ impl BrokerSession {
                 self.sparse_acks =
                     capability::announced(&hello.capabilities, capability::SPARSE_HEARTBEAT_ACKS)
                         && self.config.heartbeat_interval >= capability::SPARSE_ACKS_MIN_INTERVAL;
+                self.quiet = self.sparse_acks
+                    && capability::announced(&hello.capabilities, capability::QUIET_HEARTBEATS);
                 let max_frame_len = (self.backlog
                     || capability::announced(&hello.capabilities, capability::MAX_FRAME_LEN))
                 .then_some(self.config.max_frame_len.max(MIN_MAX_FRAME_LEN as u32));
@@ -231,10 +240,12 @@ impl BrokerSession {
                 }
                 self.last_seq = hb.seq;
                 self.last_rx = now.instant;
-                if !self.sparse_acks
-                    || self.ack_due
-                    || hb.seq >= self.acked_seq + capability::HEARTBEAT_ACK_EVERY
-                {
+                let answer = if !self.sparse_acks || self.ack_due {
+                    true
+                } else {
+                    !self.quiet && hb.seq >= self.acked_seq + capability::HEARTBEAT_ACK_EVERY
+                };
+                if answer {
                     self.ack_due = false;
                     self.acked_seq = hb.seq;
                     self.transmit.push_back(Frame::HeartbeatAck(HeartbeatAck {
@@ -384,8 +395,9 @@ pub struct AgentSession {
     /// Heartbeat intervals without any frame from the broker before it is presumed gone:
     /// `missed_heartbeats`, times [`capability::HEARTBEAT_ACK_EVERY`] when this agent
     /// announced `sparse-heartbeat-acks/1` and the interval is at least
-    /// [`capability::SPARSE_ACKS_MIN_INTERVAL`].
-    silent_intervals: u32,
+    /// [`capability::SPARSE_ACKS_MIN_INTERVAL`]; none (its transport judges) when it also
+    /// announced `quiet-heartbeats/1`.
+    silent_intervals: Option<u32>,
     next_heartbeat: Option<Instant>,
     seq: u64,
     transmit: VecDeque<Frame>,
@@ -395,7 +407,7 @@ pub struct AgentSession {
 impl AgentSession {
     /// A session whose stream opened at `now`; `Hello` is queued.
     pub fn new(config: AgentSessionConfig, now: Now) -> Self {
-        let silent_intervals = config.missed_heartbeats;
+        let silent_intervals = Some(config.missed_heartbeats);
         let mut transmit = VecDeque::new();
         transmit.push_back(Frame::Hello(Hello {
             protocol_version: PROTOCOL_VERSION,
@@ -456,7 +468,14 @@ impl AgentSession {
                 ) && self.interval >= capability::SPARSE_ACKS_MIN_INTERVAL
                 {
                     let every = u32::try_from(capability::HEARTBEAT_ACK_EVERY).unwrap_or(u32::MAX);
-                    self.silent_intervals = self.config.missed_heartbeats.saturating_mul(every);
+                    self.silent_intervals = if capability::announced(
+                        &self.config.capabilities,
+                        capability::QUIET_HEARTBEATS,
+                    ) {
+                        None
+                    } else {
+                        Some(self.config.missed_heartbeats.saturating_mul(every))
+                    };
                 }
                 self.peer_max_frame_len = w.peer_max_frame_len();
                 self.backlog = capability::announced(&w.capabilities, capability::MANIFEST_BACKLOG);
@@ -498,6 +517,12 @@ impl AgentSession {
         }
     }
 
+    /// When the broker is presumed gone if nothing came from it by then.
+    fn silent_deadline(&self) -> Option<Instant> {
+        self.silent_intervals
+            .map(|n| self.last_rx + self.interval * n)
+    }
+
     /// Update what heartbeats report (after a renewal, or as expiry approaches).
     pub fn set_certificate(&mut self, cert_not_after_ms: i64, trust_state: TrustState) {
         self.config.cert_not_after_ms = cert_not_after_ms;
@@ -508,10 +533,10 @@ impl AgentSession {
     pub fn poll_timeout(&self) -> Option<Instant> {
         match self.state {
             AgentState::AwaitingWelcome => Some(self.started + self.config.welcome_timeout),
-            AgentState::Established => {
-                let silent = self.last_rx + self.interval * self.silent_intervals;
-                Some(self.next_heartbeat.map_or(silent, |hb| hb.min(silent)))
-            }
+            AgentState::Established => match (self.silent_deadline(), self.next_heartbeat) {
+                (Some(silent), Some(hb)) => Some(hb.min(silent)),
+                (silent, hb) => silent.or(hb),
+            },
             AgentState::Closed(_) => None,
         }
     }
@@ -528,7 +553,7 @@ impl AgentSession {
                 }
             }
             AgentState::Established => {
-                if now.instant >= self.last_rx + self.interval * self.silent_intervals {
+                if self.silent_deadline().is_some_and(|t| now.instant >= t) {
                     self.state = AgentState::Closed(CloseCode::IdleTimeout);
                     return Some(CloseCode::IdleTimeout);
                 }
@@ -761,12 +786,24 @@ mod tests {
             .any(|e| matches!(e, AgentEvent::RenewalRequested { .. })));
     }
 
-    /// A pair whose agent announced sparse answers, at a 10 s interval (where they apply).
+    /// A pair whose agent announced sparse answers, at a 15 s interval (where they apply).
     fn sparse_pair(now: Now) -> (AgentSession, BrokerSession) {
         pair_every(
             now,
             vec![capability::SPARSE_HEARTBEAT_ACKS.to_owned()],
-            Duration::from_secs(10),
+            Duration::from_secs(15),
+        )
+    }
+
+    /// A pair whose agent announced sparse and quiet answers, at a 15 s interval.
+    fn quiet_pair(now: Now) -> (AgentSession, BrokerSession) {
+        pair_every(
+            now,
+            vec![
+                capability::SPARSE_HEARTBEAT_ACKS.to_owned(),
+                capability::QUIET_HEARTBEATS.to_owned(),
+            ],
+            Duration::from_secs(15),
         )
     }
 
@@ -803,22 +840,34 @@ mod tests {
         let _ = b.poll_event();
         // Twelve intervals: the agent, which waits 3 × 4 intervals for a word, never
         // gives up, and only every fourth heartbeat is answered.
-        assert_eq!(acks_over(&mut a, &mut b, t0, 12, 10), vec![4, 8, 12]);
+        assert_eq!(acks_over(&mut a, &mut b, t0, 12, 15), vec![4, 8, 12]);
         // A generation change is answered at once, whatever the count.
+        news_answered_once(&mut a, &mut b, t0, 13, 15);
+    }
+
+    /// Change the manual-renewal generation; heartbeat `seq` (sent `seq` intervals of
+    /// `every` seconds after `t0`) is answered with it, and heartbeat `seq + 1`, after the
+    /// same generation was set again, is not: that is no news.
+    fn news_answered_once(
+        a: &mut AgentSession,
+        b: &mut BrokerSession,
+        t0: Now,
+        seq: u64,
+        every: u64,
+    ) {
         b.set_manual_renewal_generation(2);
-        let t = t0.after(Duration::from_secs(130));
+        let t = t0.after(Duration::from_secs(seq * every));
         assert_eq!(a.handle_timeout(t), None);
-        pump(&mut a, &mut b, t);
+        pump(a, b, t);
         let events: Vec<_> = std::iter::from_fn(|| a.poll_event()).collect();
         assert!(events.contains(&AgentEvent::RenewalRequested { generation: 2 }));
         assert!(events
             .iter()
-            .any(|e| matches!(e, AgentEvent::HeartbeatAck(ack) if ack.seq == 13)));
-        // Setting the same generation again is no news.
+            .any(|e| matches!(e, AgentEvent::HeartbeatAck(ack) if ack.seq == seq)));
         b.set_manual_renewal_generation(2);
-        let t = t0.after(Duration::from_secs(140));
+        let t = t0.after(Duration::from_secs((seq + 1) * every));
         assert_eq!(a.handle_timeout(t), None);
-        pump(&mut a, &mut b, t);
+        pump(a, b, t);
         assert!(!std::iter::from_fn(|| a.poll_event())
             .any(|e| matches!(e, AgentEvent::HeartbeatAck(_))));
     }
@@ -859,12 +908,70 @@ mod tests {
         // Nothing comes back: given up after 3 × 4 intervals of silence, not before.
         for i in 1..12 {
             assert_eq!(
-                a.handle_timeout(t0.after(Duration::from_secs(i * 10))),
+                a.handle_timeout(t0.after(Duration::from_secs(i * 15))),
                 None
             );
         }
         assert_eq!(
-            a.handle_timeout(t0.after(Duration::from_secs(120))),
+            a.handle_timeout(t0.after(Duration::from_secs(180))),
+            Some(CloseCode::IdleTimeout)
+        );
+    }
+
+    #[test]
+    fn quiet_heartbeats_are_answered_only_with_news() {
+        let t0 = now0();
+        let (mut a, mut b) = quiet_pair(t0);
+        pump(&mut a, &mut b, t0);
+        let _ = a.poll_event();
+        let _ = b.poll_event();
+        // Twenty intervals without an answer: the agent does not give up (its transport
+        // judges a silent broker), and the broker still takes every heartbeat.
+        assert_eq!(acks_over(&mut a, &mut b, t0, 20, 15), Vec::<u64>::new());
+        // A generation change is news: the next heartbeat is answered, and only that one.
+        news_answered_once(&mut a, &mut b, t0, 21, 15);
+    }
+
+    #[test]
+    fn a_quiet_agent_leaves_a_silent_broker_to_its_transport() {
+        let t0 = now0();
+        let (mut a, mut b) = quiet_pair(t0);
+        pump(&mut a, &mut b, t0);
+        // A day of silence: heartbeats keep going out, the session is not given up.
+        let mut t = t0;
+        for _ in 0..(24 * 60 * 4) {
+            t = t.after(Duration::from_secs(15));
+            assert_eq!(a.handle_timeout(t), None);
+            while a.poll_transmit().is_some() {}
+        }
+        assert!(
+            a.poll_timeout().is_some(),
+            "the next heartbeat is still due"
+        );
+    }
+
+    /// Quiet answers need sparse ones and an interval where those apply; otherwise
+    /// nothing changes.
+    #[test]
+    fn quiet_alone_or_at_short_intervals_changes_nothing() {
+        let t0 = now0();
+        let quiet = vec![capability::QUIET_HEARTBEATS.to_owned()];
+        let (mut a, mut b) = pair_every(t0, quiet, Duration::from_secs(15));
+        pump(&mut a, &mut b, t0);
+        let _ = a.poll_event();
+        let _ = b.poll_event();
+        assert_eq!(acks_over(&mut a, &mut b, t0, 3, 15), vec![1, 2, 3]);
+        let both = vec![
+            capability::SPARSE_HEARTBEAT_ACKS.to_owned(),
+            capability::QUIET_HEARTBEATS.to_owned(),
+        ];
+        let (mut a, mut b) = pair_every(t0, both, Duration::from_secs(10));
+        pump(&mut a, &mut b, t0);
+        let _ = a.poll_event();
+        let _ = b.poll_event();
+        assert_eq!(acks_over(&mut a, &mut b, t0, 3, 10), vec![1, 2, 3]);
+        assert_eq!(
+            a.handle_timeout(t0.after(Duration::from_secs(60))),
             Some(CloseCode::IdleTimeout)
         );
     }
