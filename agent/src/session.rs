@@ -562,10 +562,10 @@ impl Driver<'_> {
             capabilities.push(tether_proto::capability::TUNNEL.to_owned());
         }
         // Where the transport itself notices a silent broker, answers to heartbeats are
-        // not needed (only news is): QUIC acknowledges each heartbeat and ends a connection idle for
-        // its idle timeout; direct TCP does the same with `TCP_USER_TIMEOUT` (unacknowledged
-        // data) and keep-alive probes. Not through an egress proxy, which acknowledges
-        // for a broker that may be gone.
+        // not needed, only news is: QUIC acknowledges each heartbeat and ends a connection
+        // idle for its idle timeout; direct TCP does the same with `TCP_USER_TIMEOUT`
+        // (unacknowledged data) and keep-alive probes. Not through an egress proxy, which
+        // acknowledges for a broker that may be gone.
         let transport_notices = match self.conn.transport() {
             tether_transport::Transport::Quic => true,
             tether_transport::Transport::Tcp => cfg.proxy.proxy().is_none(),

@@ -240,12 +240,10 @@ impl BrokerSession {
                 }
                 self.last_seq = hb.seq;
                 self.last_rx = now.instant;
-                let answer = if !self.sparse_acks || self.ack_due {
-                    true
-                } else {
-                    !self.quiet && hb.seq >= self.acked_seq + capability::HEARTBEAT_ACK_EVERY
-                };
-                if answer {
+                if !self.sparse_acks
+                    || self.ack_due
+                    || (!self.quiet && hb.seq >= self.acked_seq + capability::HEARTBEAT_ACK_EVERY)
+                {
                     self.ack_due = false;
                     self.acked_seq = hb.seq;
                     self.transmit.push_back(Frame::HeartbeatAck(HeartbeatAck {
