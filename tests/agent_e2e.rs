@@ -139,7 +139,8 @@ async fn output_fits_a_small_broker_frame_limit_and_shell_runs_when_announced() 
     let _agent = AgentProc::start(&state, &[broker.quic], &["--allow-shell"]);
     let row = broker.wait_session("app-1").await;
     // Over QUIC (the transport notices a silent broker itself) it also takes sparse,
-    // quiet heartbeat answers.
+    // quiet heartbeat answers, and keeps the path alive with QUIC PINGs between sparse
+    // heartbeats.
     assert_eq!(
         row["capabilities"],
         json!([
@@ -147,7 +148,8 @@ async fn output_fits_a_small_broker_frame_limit_and_shell_runs_when_announced() 
             "shell",
             "max_frame_len",
             "sparse-heartbeat-acks/1",
-            "quiet-heartbeats/1"
+            "quiet-heartbeats/1",
+            "sparse-heartbeats/1"
         ])
     );
 
@@ -225,4 +227,50 @@ async fn sigterm_drains_the_broker_and_the_agent_moves_to_the_other() {
         first.log_contains("drain finished"),
         "the agent left on GoAway before the timeout"
     );
+}
+
+/// At the default 25 s interval the agent's heartbeats are sparse (`sparse-heartbeats/1`):
+/// one at the first interval, then one in four, QUIC keep-alive PINGs in between. The
+/// broker's QUIC idle timeout here is 30 s, so without the PINGs the connection would die
+/// about 54 s in (30 s after the first heartbeat, the next being due at 99 s): at 66 s it
+/// is the same session, with still only the first heartbeat seen, and runs a command.
+#[tokio::test]
+async fn quic_keep_alives_carry_a_session_between_sparse_heartbeats() {
+    let setup = Setup::new();
+    let leaf = setup.pki.appliance("app-1").unwrap();
+    setup.set_allowlist(&[("app-1", &leaf)]);
+    // Keys before any table header belong to the template's `[transport]`.
+    let broker = setup.broker("b1", "idle_timeout = \"30s\"\n");
+    let state = setup.agent_state("app-1", &leaf);
+    let _agent = AgentProc::start(&state, &[broker.quic], &[]);
+    let row = broker.wait_session("app-1").await;
+    let up = std::time::Instant::now();
+    assert!(row["capabilities"]
+        .as_array()
+        .unwrap()
+        .contains(&json!("sparse-heartbeats/1")));
+    let session_id = row["session_id"].clone();
+
+    // The first heartbeat, a little before 25 s.
+    let first = wait_for(Duration::from_secs(40), || async {
+        let row = broker.wait_session("app-1").await;
+        let hb = row["last_heartbeat_ms"].as_i64().unwrap();
+        (hb > 0).then_some(hb)
+    })
+    .await
+    .expect("the first heartbeat");
+    tokio::time::sleep(Duration::from_secs(66).saturating_sub(up.elapsed())).await;
+    let row = broker.wait_session("app-1").await;
+    assert_eq!(
+        row["session_id"], session_id,
+        "the session was replaced: {row}"
+    );
+    assert_eq!(
+        row["last_heartbeat_ms"].as_i64().unwrap(),
+        first,
+        "a heartbeat between the first and the fifth interval"
+    );
+    let (status, lines) = run_command(&broker, "app-1", json!({"argv": ["true"]})).await;
+    assert_eq!(status, 200);
+    assert_eq!(lines.last().unwrap(), &json!({"exit_code": 0}));
 }

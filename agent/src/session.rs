@@ -574,6 +574,12 @@ impl Driver<'_> {
             capabilities.push(tether_proto::capability::SPARSE_HEARTBEAT_ACKS.to_owned());
             capabilities.push(tether_proto::capability::QUIET_HEARTBEATS.to_owned());
         }
+        // QUIC's keep-alive PING (every `tls::KEEP_ALIVE_INTERVAL` of silence) keeps the
+        // path alive between sparse heartbeats; it wakes nothing but the broker's QUIC
+        // stack. Over TCP a keep-alive probe crosses no proxy and reaches no broker task.
+        if self.conn.transport() == tether_transport::Transport::Quic {
+            capabilities.push(tether_proto::capability::SPARSE_HEARTBEATS.to_owned());
+        }
         let t0 = now();
         AgentSession::new(
             AgentSessionConfig {

@@ -16,13 +16,12 @@ use crate::config::AgentConfig;
 use crate::credentials::{CredentialError, Credentials};
 use crate::verifier::broker_verifier;
 
-/// QUIC keep-alive interval: 30 s, longer than the default heartbeat interval (25 s).
-/// quinn restarts it on every packet received, so while heartbeats flow (each one
-/// acknowledged at once) it never fires: one exchange per heartbeat interval keeps the path
-/// and the NAT binding alive, instead of a heartbeat and a keep-alive PING each (the idle
-/// fleet's broker CPU). It still fires, under the idle timeout, when a broker announces
-/// heartbeats rarer than that.
-pub const KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(30);
+/// QUIC keep-alive interval: 25 s, what an agent announcing `sparse-heartbeats/1` promises
+/// ([`tether_proto::capability::SPARSE_HEARTBEATS_KEEP_ALIVE`]). quinn restarts it on every
+/// packet received, so while heartbeats flow every interval (each one acknowledged at once)
+/// it does not fire; between sparse heartbeats it is the one exchange per interval that
+/// keeps the path and the NAT binding alive, at no cost to the broker's session task.
+pub const KEEP_ALIVE_INTERVAL: Duration = tether_proto::capability::SPARSE_HEARTBEATS_KEEP_ALIVE;
 /// QUIC idle timeout (and `TCP_USER_TIMEOUT` over TCP): 40 s without any packet ends the
 /// connection. With 25 s heartbeats that leaves a heartbeat 15 s to be late (a busy
 /// appliance, a retransmission) before either end gives up, as 30 s did with 15 s

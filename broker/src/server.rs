@@ -928,7 +928,7 @@ impl Broker {
                         if let Some(s) = &info {
                             let generation = s.renewal_generation.load(Ordering::Relaxed);
                             debug!(generation, "manual-renewal generation changed");
-                            session.set_manual_renewal_generation(generation);
+                            session.set_manual_renewal_generation(generation, now());
                         }
                     }
                 }
@@ -1145,7 +1145,7 @@ impl Broker {
         // to the older session (or nowhere): take the current one now.
         let generation = self.generations.get(verified.appliance());
         s.renewal_generation.store(generation, Ordering::Relaxed);
-        session.set_manual_renewal_generation(generation);
+        session.set_manual_renewal_generation(generation, now());
         self.presence.session_up(&s);
         // Debug, not info: one line per session is 4 % of a TCP handshake's CPU in a storm
         // (JSON formatting and the write), and who is connected where is already in

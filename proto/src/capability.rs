@@ -77,8 +77,35 @@ pub const SPARSE_ACKS_MIN_INTERVAL: std::time::Duration = std::time::Duration::f
 /// were a fifth of a held fleet's broker CPU.
 pub const QUIET_HEARTBEATS: &str = "quiet-heartbeats/1";
 
+/// With [`QUIET_HEARTBEATS`] (announced together): the agent's transport sends a
+/// keep-alive whenever it has received nothing for [`SPARSE_HEARTBEATS_KEEP_ALIVE`] (QUIC's
+/// `PING`, which the broker's transport acknowledges without waking the session), so the
+/// agent needs to send a `Heartbeat` only every [`HEARTBEAT_ACK_EVERY`]-th interval, or at
+/// the next interval after what it reports (certificate expiry, trust state) changed.
+///
+/// A broker that takes it lists it in `Welcome.capabilities` (an agent announcing it reads
+/// `max_frame_len` and the broker's list after it, as with [`MANIFEST_BACKLOG`]), only when
+/// its heartbeat interval is at least [`SPARSE_HEARTBEATS_KEEP_ALIVE`], so the path and NAT
+/// bindings see a packet at least as often as the interval asks. It then waits
+/// `missed_heartbeats` × [`HEARTBEAT_ACK_EVERY`] intervals for a heartbeat (its transport's
+/// idle timeout notices a silent agent sooner), and sends a renewal generation change at
+/// once in an unsolicited `HeartbeatAck` instead of with the next answer. Without the
+/// broker's word, the agent heartbeats every interval. The reference agent announces it
+/// over QUIC only (a TCP keep-alive probe crosses no egress proxy).
+///
+/// An idle QUIC session then costs the broker what a bare QUIC connection kept alive at
+/// the same interval costs, plus one heartbeat in four: each heartbeat wakes the session
+/// and reports presence to control, which a keep-alive does not.
+pub const SPARSE_HEARTBEATS: &str = "sparse-heartbeats/1";
+
+/// The longest an agent announcing [`SPARSE_HEARTBEATS`] lets its transport go without
+/// sending a keep-alive after the last packet it received: the default heartbeat interval
+/// (25 s).
+pub const SPARSE_HEARTBEATS_KEEP_ALIVE: std::time::Duration =
+    crate::session::DEFAULT_HEARTBEAT_INTERVAL;
+
 /// Every capability this crate defines, in the order the reference agent announces them.
-pub const ALL: [&str; 8] = [
+pub const ALL: [&str; 9] = [
     EXEC,
     SHELL,
     MAX_FRAME_LEN,
@@ -87,11 +114,8 @@ pub const ALL: [&str; 8] = [
     TUNNEL,
     SPARSE_HEARTBEAT_ACKS,
     QUIET_HEARTBEATS,
+    SPARSE_HEARTBEATS,
 ];
-
-/// What the reference broker lists in `Welcome.capabilities` (to agents that announced
-/// [`MANIFEST_BACKLOG`]).
-pub const BROKER: [&str; 1] = [MANIFEST_BACKLOG];
 
 /// Whether `capabilities` (from a `Hello`) holds `capability`.
 pub fn announced(capabilities: &[String], capability: &str) -> bool {

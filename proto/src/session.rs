@@ -151,6 +151,9 @@ pub struct BrokerSession {
     sparse_acks: bool,
     /// Whether it also announced `quiet-heartbeats/1`: answers only with news.
     quiet: bool,
+    /// Whether `Welcome` listed `sparse-heartbeats/1`: a heartbeat every
+    /// [`capability::HEARTBEAT_ACK_EVERY`] intervals, news at once.
+    sparse_heartbeats: bool,
     /// A `HeartbeatAck` is owed with the next heartbeat whatever its `seq` (the
     /// manual-renewal generation changed).
     ack_due: bool,
@@ -172,6 +175,7 @@ impl BrokerSession {
             backlog: false,
             sparse_acks: false,
             quiet: false,
+            sparse_heartbeats: false,
             ack_due: false,
             acked_seq: 0,
             transmit: VecDeque::new(),
@@ -209,14 +213,24 @@ impl BrokerSession {
                         && self.config.heartbeat_interval >= capability::SPARSE_ACKS_MIN_INTERVAL;
                 self.quiet = self.sparse_acks
                     && capability::announced(&hello.capabilities, capability::QUIET_HEARTBEATS);
+                // The agent reads the list after `max_frame_len` when it announced either.
+                let sparse_heartbeats =
+                    capability::announced(&hello.capabilities, capability::SPARSE_HEARTBEATS);
+                self.sparse_heartbeats = sparse_heartbeats
+                    && self.quiet
+                    && self.config.heartbeat_interval >= capability::SPARSE_HEARTBEATS_KEEP_ALIVE;
                 let max_frame_len = (self.backlog
+                    || sparse_heartbeats
                     || capability::announced(&hello.capabilities, capability::MAX_FRAME_LEN))
                 .then_some(self.config.max_frame_len.max(MIN_MAX_FRAME_LEN as u32));
-                let capabilities = if self.backlog {
-                    capability::BROKER.iter().map(|c| (*c).to_owned()).collect()
-                } else {
-                    Vec::new()
-                };
+                let capabilities = [
+                    (self.backlog, capability::MANIFEST_BACKLOG),
+                    (self.sparse_heartbeats, capability::SPARSE_HEARTBEATS),
+                ]
+                .into_iter()
+                .filter(|(taken, _)| *taken)
+                .map(|(_, c)| c.to_owned())
+                .collect();
                 self.transmit.push_back(Frame::Welcome(Welcome {
                     protocol_version: hello.protocol_version.min(PROTOCOL_VERSION),
                     session_id: self.config.session_id,
@@ -277,7 +291,13 @@ impl BrokerSession {
         match self.state {
             BrokerState::AwaitingHello => Some(self.started + self.config.hello_timeout),
             BrokerState::Established => {
-                Some(self.last_rx + self.config.heartbeat_interval * self.config.missed_heartbeats)
+                let intervals = if self.sparse_heartbeats {
+                    let every = u32::try_from(capability::HEARTBEAT_ACK_EVERY).unwrap_or(u32::MAX);
+                    self.config.missed_heartbeats.saturating_mul(every)
+                } else {
+                    self.config.missed_heartbeats
+                };
+                Some(self.last_rx + self.config.heartbeat_interval * intervals)
             }
             BrokerState::Closed(_) => None,
         }
@@ -314,12 +334,23 @@ impl BrokerSession {
     }
 
     /// Announce `generation` in the next `HeartbeatAck` (answering the next heartbeat even
-    /// where answers are sparse).
-    pub fn set_manual_renewal_generation(&mut self, generation: u64) {
-        if generation != self.config.manual_renewal_generation {
+    /// where answers are sparse), or at once in an unsolicited one to an agent whose
+    /// heartbeats are sparse (the next may be four intervals away).
+    pub fn set_manual_renewal_generation(&mut self, generation: u64, now: Now) {
+        let news = generation != self.config.manual_renewal_generation;
+        self.config.manual_renewal_generation = generation;
+        if !news {
+            return;
+        }
+        if self.sparse_heartbeats && self.state == BrokerState::Established {
+            self.transmit.push_back(Frame::HeartbeatAck(HeartbeatAck {
+                seq: self.last_seq,
+                server_time_ms: now.unix_ms,
+                manual_renewal_generation: generation,
+            }));
+        } else {
             self.ack_due = true;
         }
-        self.config.manual_renewal_generation = generation;
     }
 
     /// The next frame to write on the session stream.
@@ -397,6 +428,14 @@ pub struct AgentSession {
     /// announced `quiet-heartbeats/1`.
     silent_intervals: Option<u32>,
     next_heartbeat: Option<Instant>,
+    /// Whether the broker's `Welcome` took `sparse-heartbeats/1`: a heartbeat is sent only
+    /// every [`capability::HEARTBEAT_ACK_EVERY`]-th interval, or after what it reports
+    /// changed.
+    sparse: bool,
+    /// Intervals since the last heartbeat sent.
+    skipped: u64,
+    /// What the last heartbeat sent reported (`None`: none sent yet).
+    reported: Option<(i64, TrustState)>,
     seq: u64,
     transmit: VecDeque<Frame>,
     events: VecDeque<AgentEvent>,
@@ -423,6 +462,9 @@ impl AgentSession {
             backlog: false,
             silent_intervals,
             next_heartbeat: None,
+            sparse: false,
+            skipped: 0,
+            reported: None,
             seq: 0,
             transmit,
             events: VecDeque::new(),
@@ -477,9 +519,23 @@ impl AgentSession {
                 }
                 self.peer_max_frame_len = w.peer_max_frame_len();
                 self.backlog = capability::announced(&w.capabilities, capability::MANIFEST_BACKLOG);
+                // Only on the broker's word: one that does not know sparse heartbeats
+                // closes a session after `missed_heartbeats` intervals without one.
+                self.sparse = self.silent_intervals.is_none()
+                    && capability::announced(
+                        &self.config.capabilities,
+                        capability::SPARSE_HEARTBEATS,
+                    )
+                    && capability::announced(&w.capabilities, capability::SPARSE_HEARTBEATS)
+                    && self.interval >= capability::SPARSE_HEARTBEATS_KEEP_ALIVE;
                 self.state = AgentState::Established;
                 self.last_rx = now.instant;
-                self.next_heartbeat = Some(now.instant + self.interval);
+                // The first heartbeat a twenty-fifth of an interval early: the transport's
+                // keep-alive timer (QUIC's, as long as the interval) restarted on the packet
+                // that carried `Welcome`, a moment before this; the heartbeat, not a PING,
+                // should be the first interval's packet. Each later heartbeat (or PING)
+                // restarts that timer again after a full interval.
+                self.next_heartbeat = Some(now.instant + self.interval - self.interval / 25);
                 self.note_generation(w.manual_renewal_generation);
                 self.events.push_back(AgentEvent::Welcome(w));
                 Ok(())
@@ -557,12 +613,7 @@ impl AgentSession {
                 }
                 if let Some(due) = self.next_heartbeat {
                     if now.instant >= due {
-                        self.seq += 1;
-                        self.transmit.push_back(Frame::Heartbeat(Heartbeat {
-                            seq: self.seq,
-                            trust_state: self.config.trust_state,
-                            cert_not_after_ms: self.config.cert_not_after_ms,
-                        }));
+                        self.heartbeat_due();
                         // Skip missed slots rather than bursting after a stall.
                         let mut next = due + self.interval;
                         while next <= now.instant {
@@ -575,6 +626,27 @@ impl AgentSession {
             AgentState::Closed(_) => {}
         }
         None
+    }
+
+    /// A heartbeat interval passed: queue a heartbeat, unless heartbeats are sparse, this
+    /// is not every [`capability::HEARTBEAT_ACK_EVERY`]-th interval and there is no news.
+    fn heartbeat_due(&mut self) {
+        let report = (self.config.cert_not_after_ms, self.config.trust_state);
+        self.skipped += 1;
+        if self.sparse
+            && self.reported == Some(report)
+            && self.skipped < capability::HEARTBEAT_ACK_EVERY
+        {
+            return;
+        }
+        self.skipped = 0;
+        self.reported = Some(report);
+        self.seq += 1;
+        self.transmit.push_back(Frame::Heartbeat(Heartbeat {
+            seq: self.seq,
+            trust_state: report.1,
+            cert_not_after_ms: report.0,
+        }));
     }
 
     /// Queue a status report.
@@ -769,7 +841,7 @@ mod tests {
         let (mut a, mut b) = pair(t0);
         pump(&mut a, &mut b, t0);
         let _ = a.poll_event();
-        b.set_manual_renewal_generation(4);
+        b.set_manual_renewal_generation(4, t0);
         let t1 = t0.after(Duration::from_secs(1));
         assert_eq!(a.handle_timeout(t1), None);
         pump(&mut a, &mut b, t1);
@@ -805,7 +877,29 @@ mod tests {
         )
     }
 
-    /// Heartbeats answered, as the agent saw them, over `n` heartbeat intervals.
+    /// Run `n` intervals of `every` seconds from `t0` (both ends' timers, frames pumped);
+    /// what the agent and the broker observed in each, by interval (from 1).
+    fn run_intervals(
+        a: &mut AgentSession,
+        b: &mut BrokerSession,
+        t0: Now,
+        n: u64,
+        every: u64,
+    ) -> Vec<(u64, Vec<AgentEvent>, Vec<BrokerEvent>)> {
+        (1..=n)
+            .map(|i| {
+                let t = t0.after(Duration::from_secs(i * every));
+                assert_eq!(a.handle_timeout(t), None, "interval {i}");
+                assert_eq!(b.handle_timeout(t), None, "interval {i}");
+                pump(a, b, t);
+                let agent = std::iter::from_fn(|| a.poll_event()).collect();
+                (i, agent, std::iter::from_fn(|| b.poll_event()).collect())
+            })
+            .collect()
+    }
+
+    /// Heartbeats answered, as the agent saw them, over `n` heartbeat intervals (each of
+    /// which sends one).
     fn acks_over(
         a: &mut AgentSession,
         b: &mut BrokerSession,
@@ -814,17 +908,12 @@ mod tests {
         every: u64,
     ) -> Vec<u64> {
         let mut acked = Vec::new();
-        for i in 1..=n {
-            let t = t0.after(Duration::from_secs(i * every));
-            assert_eq!(a.handle_timeout(t), None, "interval {i}");
-            assert_eq!(b.handle_timeout(t), None, "interval {i}");
-            pump(a, b, t);
-            while let Some(e) = a.poll_event() {
-                if let AgentEvent::HeartbeatAck(ack) = e {
-                    acked.push(ack.seq);
-                }
-            }
-            assert!(matches!(b.poll_event(), Some(BrokerEvent::Heartbeat(h)) if h.seq == i));
+        for (i, agent, broker) in run_intervals(a, b, t0, n, every) {
+            assert!(matches!(broker.first(), Some(BrokerEvent::Heartbeat(h)) if h.seq == i));
+            acked.extend(agent.into_iter().filter_map(|e| match e {
+                AgentEvent::HeartbeatAck(ack) => Some(ack.seq),
+                _ => None,
+            }));
         }
         acked
     }
@@ -853,7 +942,7 @@ mod tests {
         seq: u64,
         every: u64,
     ) {
-        b.set_manual_renewal_generation(2);
+        b.set_manual_renewal_generation(2, t0);
         let t = t0.after(Duration::from_secs(seq * every));
         assert_eq!(a.handle_timeout(t), None);
         pump(a, b, t);
@@ -862,7 +951,7 @@ mod tests {
         assert!(events
             .iter()
             .any(|e| matches!(e, AgentEvent::HeartbeatAck(ack) if ack.seq == seq)));
-        b.set_manual_renewal_generation(2);
+        b.set_manual_renewal_generation(2, t0);
         let t = t0.after(Duration::from_secs((seq + 1) * every));
         assert_eq!(a.handle_timeout(t), None);
         pump(a, b, t);
@@ -972,6 +1061,169 @@ mod tests {
             a.handle_timeout(t0.after(Duration::from_secs(60))),
             Some(CloseCode::IdleTimeout)
         );
+    }
+
+    /// What the reference agent announces over QUIC.
+    fn sparse_heartbeat_capabilities() -> Vec<String> {
+        [
+            capability::MAX_FRAME_LEN,
+            capability::SPARSE_HEARTBEAT_ACKS,
+            capability::QUIET_HEARTBEATS,
+            capability::SPARSE_HEARTBEATS,
+        ]
+        .map(str::to_owned)
+        .to_vec()
+    }
+
+    /// The intervals (from 1) in which the broker received a heartbeat, over `n`.
+    fn heartbeats_over(
+        a: &mut AgentSession,
+        b: &mut BrokerSession,
+        t0: Now,
+        n: u64,
+        every: u64,
+    ) -> Vec<u64> {
+        run_intervals(a, b, t0, n, every)
+            .into_iter()
+            .filter(|(_, _, broker)| {
+                broker
+                    .iter()
+                    .any(|e| matches!(e, BrokerEvent::Heartbeat(_)))
+            })
+            .map(|(i, ..)| i)
+            .collect()
+    }
+
+    #[test]
+    fn sparse_heartbeats_go_every_fourth_interval_and_with_news() {
+        let t0 = now0();
+        let (mut a, mut b) =
+            pair_every(t0, sparse_heartbeat_capabilities(), Duration::from_secs(25));
+        let w = welcome_of(&mut b, &mut a, t0);
+        assert_eq!(w.capabilities, [capability::SPARSE_HEARTBEATS]);
+        assert!(
+            w.max_frame_len.is_some(),
+            "the list needs the field before it"
+        );
+        let _ = a.poll_event();
+        let _ = b.poll_event();
+        // The first interval reports the trust state; then one in four. Neither end gives
+        // up in between: the broker waits 3 × 4 intervals for a heartbeat.
+        assert_eq!(heartbeats_over(&mut a, &mut b, t0, 12, 25), vec![1, 5, 9]);
+        // News (a renewed certificate) goes out at the next interval, not the fourth.
+        a.set_certificate(2, TrustState::Trusted);
+        let t12 = t0.after(Duration::from_secs(12 * 25));
+        let t13 = t12.after(Duration::from_secs(25));
+        assert_eq!(heartbeats_over(&mut a, &mut b, t12, 1, 25), vec![1]);
+        // The same report again is no news.
+        a.set_certificate(2, TrustState::Trusted);
+        assert_eq!(
+            heartbeats_over(&mut a, &mut b, t13, 3, 25),
+            Vec::<u64>::new()
+        );
+        assert_eq!(
+            heartbeats_over(&mut a, &mut b, t13.after(Duration::from_secs(75)), 1, 25),
+            vec![1]
+        );
+    }
+
+    #[test]
+    fn a_broker_waits_twelve_intervals_for_a_sparse_heartbeat_and_no_longer() {
+        let t0 = now0();
+        let (mut a, mut b) =
+            pair_every(t0, sparse_heartbeat_capabilities(), Duration::from_secs(25));
+        pump(&mut a, &mut b, t0);
+        // The agent falls silent (its transport would still send keep-alives): the broker
+        // waits out 3 × 4 intervals, then closes the session as idle.
+        assert_eq!(
+            b.handle_timeout(t0.after(Duration::from_secs(12 * 25 - 1))),
+            None
+        );
+        assert_eq!(
+            b.handle_timeout(t0.after(Duration::from_secs(12 * 25))),
+            Some(CloseCode::IdleTimeout)
+        );
+        // Without sparse heartbeats, three intervals are all it waits.
+        let (mut a, mut b) = quiet_pair(t0);
+        pump(&mut a, &mut b, t0);
+        assert_eq!(
+            b.handle_timeout(t0.after(Duration::from_secs(3 * 15))),
+            Some(CloseCode::IdleTimeout)
+        );
+    }
+
+    #[test]
+    fn a_renewal_generation_reaches_a_sparse_agent_at_once() {
+        let t0 = now0();
+        let (mut a, mut b) =
+            pair_every(t0, sparse_heartbeat_capabilities(), Duration::from_secs(25));
+        pump(&mut a, &mut b, t0);
+        let _ = a.poll_event();
+        // Between heartbeats: an unsolicited answer carries it, not the next heartbeat's.
+        let t = t0.after(Duration::from_secs(60));
+        b.set_manual_renewal_generation(3, t);
+        let Some(Frame::HeartbeatAck(ack)) = b.poll_transmit() else {
+            panic!("no unsolicited answer")
+        };
+        assert_eq!(ack.manual_renewal_generation, 3);
+        a.handle_frame(Frame::HeartbeatAck(ack), t).unwrap();
+        let events: Vec<_> = std::iter::from_fn(|| a.poll_event()).collect();
+        assert!(events.contains(&AgentEvent::RenewalRequested { generation: 3 }));
+        // The same generation again is no news: nothing is sent.
+        b.set_manual_renewal_generation(3, t);
+        assert!(b.poll_transmit().is_none());
+    }
+
+    /// Sparse heartbeats need quiet answers, an interval of at least the keep-alive
+    /// promise and the broker's word; otherwise the agent heartbeats every interval.
+    #[test]
+    fn sparse_heartbeats_need_quiet_answers_a_long_interval_and_the_brokers_word() {
+        let t0 = now0();
+        let every_interval = |caps: Vec<String>, secs: u64, strip_list: bool| {
+            let (mut a, mut b) = pair_every(t0, caps, Duration::from_secs(secs));
+            let hello = a.poll_transmit().expect("hello queued");
+            b.handle_frame(hello, t0).unwrap();
+            let Some(Frame::Welcome(mut w)) = b.poll_transmit() else {
+                panic!("no welcome")
+            };
+            let listed = capability::announced(&w.capabilities, capability::SPARSE_HEARTBEATS);
+            if strip_list {
+                // What a broker that does not know the capability sends.
+                w.capabilities.clear();
+            }
+            a.handle_frame(Frame::Welcome(w), t0).unwrap();
+            let _ = a.poll_event();
+            let _ = b.poll_event();
+            (listed, heartbeats_over(&mut a, &mut b, t0, 4, secs))
+        };
+        // Below the keep-alive promise (25 s) the broker does not take it.
+        assert_eq!(
+            every_interval(sparse_heartbeat_capabilities(), 15, false),
+            (false, vec![1, 2, 3, 4])
+        );
+        // Without quiet answers it does not either.
+        let no_quiet: Vec<String> = sparse_heartbeat_capabilities()
+            .into_iter()
+            .filter(|c| c != capability::QUIET_HEARTBEATS)
+            .collect();
+        assert_eq!(
+            every_interval(no_quiet, 25, false),
+            (false, vec![1, 2, 3, 4])
+        );
+        // A broker that did not list it gets a heartbeat every interval.
+        assert_eq!(
+            every_interval(sparse_heartbeat_capabilities(), 25, true),
+            (true, vec![1, 2, 3, 4])
+        );
+        // The list survives the wire when it is all the broker lists.
+        let (mut a, mut b) =
+            pair_every(t0, sparse_heartbeat_capabilities(), Duration::from_secs(25));
+        let w = welcome_of(&mut b, &mut a, t0);
+        let mut wire = bytes::BytesMut::new();
+        crate::encode_frame(&Frame::Welcome(w.clone()), &mut wire, 4096).unwrap();
+        let mut decoder = crate::FrameDecoder::new(4096);
+        decoder.push(&wire);
+        assert_eq!(decoder.poll_frame().unwrap(), Some(Frame::Welcome(w)));
     }
 
     #[test]
