@@ -1290,6 +1290,7 @@ pub async fn run(
             version: env!("CARGO_PKG_VERSION"),
             started_at,
             concurrency: args.effective_concurrency(),
+            baseline_warm_up: false,
             hold_secs: Some(round3(args.duration.as_secs_f64())),
             connected: out.tally.first_done(),
             connected_at_end: out.tally.current,

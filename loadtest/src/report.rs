@@ -73,6 +73,10 @@ pub struct Detail {
     pub started_at: String,
     /// `--concurrency`.
     pub concurrency: Option<usize>,
+    /// Whether an unmeasured storm of the bare clients ran before the measured phases
+    /// (with `--baseline`), so that both start with this process's heap and the kernel's
+    /// socket caches warm.
+    pub baseline_warm_up: bool,
     /// How long `steady` held the fleet, seconds.
     pub hold_secs: Option<f64>,
     /// Appliances with a first session.

@@ -133,6 +133,7 @@ fn storm_of_200_connects_every_appliance_without_errors() {
     }
     assert!(report["machine"]["cores"].as_u64().is_some_and(|c| c > 0));
     assert!(report["baseline"].is_null() && report["ratios"].is_null());
+    assert_eq!(report["baseline_warm_up"], false);
 }
 
 #[test]
@@ -141,6 +142,7 @@ fn baseline_runs_the_same_storm_and_reports_ratios() {
     assert_eq!(report["connected"], 200, "report: {report:#}");
     let baseline = &report["baseline"];
     assert_eq!(baseline["connected"], 200, "baseline: {baseline:#}");
+    assert_eq!(report["baseline_warm_up"], true);
     assert!(baseline["handshakes_per_sec"]
         .as_f64()
         .is_some_and(|v| v > 0.0));
