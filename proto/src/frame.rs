@@ -457,10 +457,12 @@ pub struct Welcome {
     /// that announced [`crate::capability::MAX_FRAME_LEN`]; `None` (absent) means
     /// [`crate::DEFAULT_MAX_FRAME_LEN`]. Never below [`crate::MIN_MAX_FRAME_LEN`].
     pub max_frame_len: Option<u32>,
-    /// What the broker accepts beyond the base protocol (`crate::capability::BROKER`):
-    /// an optional trailing list after `max_frame_len`, sent only to agents that
-    /// announced [`crate::capability::MANIFEST_BACKLOG`] (which implies they read
-    /// `max_frame_len`, so the broker then always sends that field). Empty when absent.
+    /// Which of the agent's announced capabilities the broker takes beyond the base
+    /// protocol ([`crate::capability::MANIFEST_BACKLOG`],
+    /// [`crate::capability::SPARSE_HEARTBEATS`]): an optional trailing list after
+    /// `max_frame_len`, sent only to agents that announced one of those (which implies they
+    /// read `max_frame_len`, so the broker then always sends that field), and only when
+    /// not empty. Empty when absent.
     pub capabilities: Vec<String>,
 }
 
