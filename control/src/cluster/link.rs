@@ -141,9 +141,12 @@ where
         &name,
         &mut stream,
         link_id,
-        &applied,
-        &replicas_connected,
-        &draining,
+        Watched {
+            applied: &applied,
+            replicas_connected: &replicas_connected,
+            draining: &draining,
+            ended: &ended,
+        },
     );
     let result = tokio::select! {
         r = writer => r,
@@ -319,6 +322,15 @@ where
     .await
 }
 
+/// The link's state the reader updates (what the broker reports of itself) and watches.
+struct Watched<'a> {
+    applied: &'a AtomicU64,
+    replicas_connected: &'a AtomicUsize,
+    draining: &'a AtomicBool,
+    /// Cancelled when the link ends or a newer channel of the broker replaces it.
+    ended: &'a CancellationToken,
+}
+
 /// The reader: presence and command events, until the broker closes or falls silent for
 /// [`CHANNEL_IDLE_TIMEOUT_SECS`].
 async fn read_loop<S>(
@@ -326,13 +338,17 @@ async fn read_loop<S>(
     name: &str,
     stream: &mut S,
     link_id: u64,
-    applied: &AtomicU64,
-    replicas_connected: &AtomicUsize,
-    draining: &AtomicBool,
+    link: Watched<'_>,
 ) -> Result<(), LinkError>
 where
     S: futures_util::Stream<Item = std::io::Result<bytes::BytesMut>> + Unpin,
 {
+    let Watched {
+        applied,
+        replicas_connected,
+        draining,
+        ended,
+    } = link;
     let cluster = &s.cluster;
     let idle = Duration::from_secs(CHANNEL_IDLE_TIMEOUT_SECS);
     loop {
@@ -342,6 +358,11 @@ where
             Ok(Some(Err(e))) => return Err(link_error("framing", e)),
             Ok(Some(Ok(f))) => f,
         };
+        // A newer channel of this broker replaced this one: frames still buffered here
+        // are older than its `Hello` and must not touch presence after it.
+        if ended.is_cancelled() {
+            return Ok(());
+        }
         let msg = cluster::decode::<ToControl>(&frame).map_err(|e| link_error("malformed", e))?;
         let (id, event, last) = match msg {
             ToControl::Hello { .. } => return Err(link_error("protocol", "a second Hello")),
@@ -567,9 +588,11 @@ fn unregister_link(s: &LinkState, name: &str, link_id: u64) {
     {
         let mut links = lock(&cluster.links);
         if links.get(name).is_some_and(|l| l.id == link_id) {
-            links.remove(name);
+            let draining = links
+                .remove(name)
+                .is_some_and(|l| l.draining.load(Ordering::Relaxed));
             drop(links);
-            cluster.forget_broker(name);
+            cluster.forget_broker(name, draining);
         }
     }
     s.metrics

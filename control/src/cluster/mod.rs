@@ -14,6 +14,10 @@
 //!   opens, so a restarted control knows the fleet again within one reconnect.
 //! - When an appliance comes up on a broker while control knows it on another one (or
 //!   under another session), the older session is closed as `superseded`.
+//! - An appliance whose session on a draining broker ended is *leaving*: its agent is on
+//!   its way to another broker, whose report of the new session may reach control after
+//!   the old one's end (two channels, no order between them). Commands wait for it
+//!   ([`DRAINING_ROUTE_WAIT`]) rather than answer `offline`.
 //! - Commands: [`Cluster::exec`] sends the command down the link of the broker that holds
 //!   the appliance and returns a channel of events; the last one is always `Exit` or
 //!   `Failed`. A link that ends fails its commands with `broker_lost`; the caller's own
@@ -56,6 +60,8 @@ const LINK_QUEUE: usize = 1024;
 /// `GoAway` and reconnects elsewhere within the broker's reconnect jitter, 5 s by default)
 /// before it is routed anyway.
 pub const DRAINING_ROUTE_WAIT: Duration = Duration::from_secs(10);
+/// Fewest leaving appliances before those older than [`DRAINING_ROUTE_WAIT`] are dropped.
+const LEAVING_PRUNE_MIN: usize = 1024;
 
 struct Link {
     id: u64,
@@ -180,6 +186,36 @@ pub struct Cluster {
     /// Per appliance: how often control closed one of two sessions from different
     /// brokers, and when first and last (Unix seconds).
     superseded: Mutex<HashMap<String, Superseded>>,
+    /// Appliances whose session on a draining broker ended, not yet seen elsewhere.
+    leaving: Mutex<Leaving>,
+}
+
+/// Appliances whose session on a draining broker ended, and when: make before break on
+/// the agent's side is not before on control's, where the old broker's `SessionDown`
+/// may arrive before the new broker's `SessionUp`.
+#[derive(Default)]
+struct Leaving {
+    since: HashMap<String, tokio::time::Instant>,
+    /// Size at which entries older than [`DRAINING_ROUTE_WAIT`] are dropped next
+    /// (amortised: the live ones are kept, and the next prune waits for twice as many).
+    prune_at: usize,
+}
+
+impl Leaving {
+    fn insert(&mut self, appliance: String, now: tokio::time::Instant) {
+        self.since.insert(appliance, now);
+        if self.since.len() >= self.prune_at {
+            self.since
+                .retain(|_, at| now.duration_since(*at) < DRAINING_ROUTE_WAIT);
+            self.prune_at = (2 * self.since.len()).max(LEAVING_PRUNE_MIN);
+        }
+    }
+
+    fn contains(&self, appliance: &str) -> bool {
+        self.since
+            .get(appliance)
+            .is_some_and(|at| at.elapsed() < DRAINING_ROUTE_WAIT)
+    }
 }
 
 /// How many presence changes wait for a slow listener before it lags (and reloads).
@@ -244,11 +280,13 @@ impl Cluster {
     fn register_link(&self, name: &str, mut link: Link, sessions: Vec<SessionReport>) -> u64 {
         let link_id = self.next_id.fetch_add(1, Ordering::Relaxed) + 1;
         link.id = link_id;
+        let mut draining = false;
         if let Some(old) = lock(&self.links).insert(name.to_owned(), link) {
             info!("a newer channel of the same broker replaces the older one");
             old.ended.cancel();
+            draining = old.draining.load(Ordering::Relaxed);
         }
-        self.forget_broker(name);
+        self.forget_broker(name, draining);
         for r in sessions {
             let appliance = r.appliance.clone();
             if let Some(older) = self.session_up(name, r) {
@@ -482,8 +520,6 @@ impl Cluster {
         ))
     }
 
-    /// Wait, up to `limit`, while `appliance` is connected to a draining broker (it
-    /// moves to another one within the drain's reconnect jitter).
     /// Whether broker `broker` is draining, as far as this replica knows.
     pub fn broker_draining(&self, broker: &str) -> bool {
         lock(&self.links)
@@ -491,13 +527,18 @@ impl Cluster {
             .is_some_and(|l| l.draining.load(Ordering::Relaxed))
     }
 
+    /// Wait, up to `limit`, while `appliance` is connected to a draining broker or
+    /// leaving one (it moves to another one within the drain's reconnect jitter).
     async fn wait_off_draining(&self, appliance: &str, limit: Duration) {
         let deadline = tokio::time::Instant::now() + limit;
         loop {
-            let on_draining = self
-                .presence(appliance)
-                .is_some_and(|p| self.broker_draining(&p.broker));
-            if !on_draining || tokio::time::Instant::now() >= deadline {
+            let moving = match self.presence(appliance) {
+                Some(p) => self.broker_draining(&p.broker),
+                // Its session on a draining broker ended: the next broker's report of
+                // the new one may not be here yet.
+                None => lock(&self.leaving).contains(appliance),
+            };
+            if !moving || tokio::time::Instant::now() >= deadline {
                 return;
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -526,10 +567,12 @@ impl Cluster {
             drain: true,
             draining: Arc::default(),
         };
+        let mut draining = false;
         if let Some(old) = lock(&self.links).insert(broker.to_owned(), link) {
             old.ended.cancel();
+            draining = old.draining.load(Ordering::Relaxed);
         }
-        self.forget_broker(broker);
+        self.forget_broker(broker, draining);
         for r in sessions {
             let appliance = r.appliance.clone();
             if let Some(older) = self.session_up(broker, r) {
@@ -609,6 +652,7 @@ impl Cluster {
                 return Some((broker.to_owned(), r.session_id));
             }
         }
+        lock(&self.leaving).since.remove(&r.appliance);
         presence.insert(
             r.appliance.clone(),
             Presence {
@@ -659,13 +703,19 @@ impl Cluster {
         }
     }
 
+    /// Forget `broker`'s session `session_id` of `appliance` if it is the one control
+    /// knows. On a draining broker the appliance is leaving: see [`Leaving`].
     fn session_down(&self, broker: &str, appliance: &str, session_id: u64) {
+        let draining = self.broker_draining(broker);
         let mut presence = lock(&self.presence);
         if presence
             .get(appliance)
             .is_some_and(|p| p.broker == broker && p.session_id == session_id)
         {
             presence.remove(appliance);
+            if draining {
+                lock(&self.leaving).insert(appliance.to_owned(), tokio::time::Instant::now());
+            }
             drop(presence);
             self.changed(appliance);
         }
@@ -696,15 +746,26 @@ impl Cluster {
         }
     }
 
-    fn forget_broker(&self, broker: &str) {
+    /// Forget every session of `broker` (its channel ended or was replaced); its
+    /// appliances are leaving when it was `draining`.
+    fn forget_broker(&self, broker: &str, draining: bool) {
         let mut gone = Vec::new();
-        lock(&self.presence).retain(|id, p| {
+        let mut presence = lock(&self.presence);
+        presence.retain(|id, p| {
             let keep = p.broker != broker;
             if !keep {
                 gone.push(id.clone());
             }
             keep
         });
+        if draining && !gone.is_empty() {
+            let now = tokio::time::Instant::now();
+            let mut leaving = lock(&self.leaving);
+            for id in &gone {
+                leaving.insert(id.clone(), now);
+            }
+        }
+        drop(presence);
         for id in gone {
             self.changed(&id);
         }
@@ -843,6 +904,75 @@ mod tests {
             .unwrap();
         assert_eq!(broker, "b2");
         moved.await.unwrap();
+    }
+
+    /// `tether exec` during a drain: the agent moved to b2 (make before break), but b1's
+    /// report of the old session's end came before b2's of the new one. The command
+    /// waits for the move instead of answering `offline`; found by
+    /// `rolling_upgrade_drains_each_broker_while_commands_run` under load.
+    #[tokio::test(start_paused = true)]
+    async fn a_command_waits_for_an_appliance_whose_draining_broker_reported_its_end_first() {
+        let c = Arc::new(Cluster::new());
+        let _b1 = c.attach_link("b1", vec![report("a", 1, 100), report("z", 3, 100)]);
+        let _b2 = c.attach_link("b2", vec![report("y", 4, 100)]);
+        let exec = |appliance: &'static str| {
+            let c = c.clone();
+            tokio::spawn(async move {
+                let start = tokio::time::Instant::now();
+                let sent = c
+                    .exec(
+                        appliance,
+                        vec!["true".into()],
+                        CommandKind::Exec,
+                        vec![],
+                        Duration::from_secs(5),
+                    )
+                    .await;
+                (sent.map(|(broker, _, _)| broker), start.elapsed())
+            })
+        };
+        // A session that ends on a broker that is not draining: offline at once.
+        c.session_down("b2", "y", 4);
+        assert_eq!(
+            exec("y").await.unwrap(),
+            (Err(CommandFailure::Offline), Duration::ZERO)
+        );
+
+        c.drain("b1").unwrap();
+        let waiting = exec("a");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        c.session_down("b1", "a", 1);
+        assert!(c.presence("a").is_none());
+        let late = exec("a");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(c.session_up("b2", report("a", 2, 101)), None);
+        for exec in [waiting, late] {
+            let (broker, _) = exec.await.unwrap();
+            assert_eq!(broker, Ok("b2".to_owned()));
+        }
+
+        // An appliance that left the draining broker and comes back nowhere: `offline`
+        // once the wait is over, and at once for a command after that.
+        c.session_down("b1", "z", 3);
+        let (sent, waited) = exec("z").await.unwrap();
+        assert_eq!(sent, Err(CommandFailure::Offline));
+        assert!(
+            (DRAINING_ROUTE_WAIT..DRAINING_ROUTE_WAIT + Duration::from_millis(100))
+                .contains(&waited),
+            "{waited:?}"
+        );
+        assert_eq!(
+            exec("z").await.unwrap(),
+            (Err(CommandFailure::Offline), Duration::ZERO)
+        );
+
+        // Leftovers forgotten with a draining broker's channel are leaving too.
+        c.session_up("b1", report("x", 5, 102));
+        let _b1 = c.attach_link("b1", vec![]);
+        let waiting = exec("x");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        c.session_up("b2", report("x", 6, 103));
+        assert_eq!(waiting.await.unwrap().0, Ok("b2".to_owned()));
     }
 
     #[tokio::test]
