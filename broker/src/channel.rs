@@ -845,8 +845,9 @@ impl Chan {
             },
         )
         .await?;
-        for s in rest {
-            send(&mut channel, &ToControl::SessionUp(s)).await?;
+        for chunk in rest.chunks(HELLO_MAX_SESSIONS) {
+            let ups: Vec<ToControl> = chunk.iter().cloned().map(ToControl::SessionUp).collect();
+            send_all(&mut channel, &ups).await?;
         }
         debug!(allowlist_version = version, "hello sent");
 
@@ -888,11 +889,19 @@ impl Chan {
                     }
                 }
                 ev = events.recv() => match ev {
-                    Ok(Fanned::Event(PresenceEvent::Up(r))) => out.push(ToControl::SessionUp(r)),
-                    Ok(Fanned::Event(PresenceEvent::Down { appliance, session_id, reason })) => {
-                        out.push(ToControl::SessionDown { appliance, session_id, reason: reason.to_owned() });
+                    Ok(Fanned::Events(batch)) => {
+                        out.extend(batch.iter().filter_map(|ev| match ev {
+                            PresenceEvent::Up(r) => Some(ToControl::SessionUp(r.clone())),
+                            PresenceEvent::Down { appliance, session_id, reason } => {
+                                Some(ToControl::SessionDown {
+                                    appliance: appliance.clone(),
+                                    session_id: *session_id,
+                                    reason: (*reason).to_owned(),
+                                })
+                            }
+                            _ => None,
+                        }));
                     }
-                    Ok(Fanned::Event(_)) => {}
                     Ok(Fanned::Resync) | Err(broadcast::error::RecvError::Lagged(_)) => {
                         break Err(ChannelError::Resync);
                     }
@@ -962,16 +971,11 @@ impl Chan {
                 _ = tokio::time::sleep_until(last_tx + ping) => out.push(ToControl::Ping),
                 _ = tokio::time::sleep_until(last_rx + idle) => break Err(ChannelError::Idle),
             }
-            let mut failed = None;
-            for m in out {
-                if let Err(e) = send(&mut channel, &m).await {
-                    failed = Some(e);
-                    break;
+            if !out.is_empty() {
+                if let Err(e) = send_all(&mut channel, &out).await {
+                    break Err(e);
                 }
                 last_tx = Instant::now();
-            }
-            if let Some(e) = failed {
-                break Err(e);
             }
         };
         // Commands run for the replica that sent them: they end with its channel.
@@ -1328,10 +1332,26 @@ async fn run_command(
 }
 
 async fn send(channel: &mut Channel, msg: &ToControl) -> Result<(), ChannelError> {
-    let json = serde_json::to_vec(msg).map_err(|e| ChannelError::Io(e.to_string()))?;
-    let write = channel.send(Bytes::from(json));
+    send_all(channel, std::slice::from_ref(msg)).await
+}
+
+/// Send `msgs` in order, as frames of one flush: a batch of presence events costs one TLS
+/// write, not one each.
+async fn send_all(channel: &mut Channel, msgs: &[ToControl]) -> Result<(), ChannelError> {
+    let write = async {
+        for msg in msgs {
+            let json = serde_json::to_vec(msg).map_err(|e| ChannelError::Io(e.to_string()))?;
+            channel
+                .feed(Bytes::from(json))
+                .await
+                .map_err(|e| ChannelError::Io(e.to_string()))?;
+        }
+        SinkExt::<Bytes>::flush(channel)
+            .await
+            .map_err(|e| ChannelError::Io(e.to_string()))
+    };
     match tokio::time::timeout(Duration::from_secs(CHANNEL_IDLE_TIMEOUT_SECS), write).await {
-        Ok(sent) => sent.map_err(|e| ChannelError::Io(e.to_string())),
+        Ok(sent) => sent,
         Err(_) => Err(ChannelError::WriteStalled),
     }
 }
