@@ -27,7 +27,6 @@ use crate::event::{AgentEvent, DisconnectReason};
 use crate::session::{
     connect, connect_tcp, run_session, Handover, Kept, QuicProbe, SessionContext, SessionEnd,
 };
-use crate::tls::client_config;
 use tether_identity::Backoff;
 use tether_transport::Connection;
 
@@ -166,8 +165,9 @@ impl Agent {
         if brokers.is_empty() {
             return Err(AgentError::NoBrokers);
         }
-        let client_config = client_config(&creds, &cfg)?;
+        // One TLS configuration (certificate, key, broker verifier) for both transports.
         let tls = crate::tls::tls_config(&creds)?;
+        let client_config = crate::tls::quic_client_config(tls.clone(), &cfg)?;
         Ok(Agent {
             tls,
             quic_failed_at: Mutex::new(None),

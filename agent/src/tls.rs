@@ -40,8 +40,16 @@ pub fn client_config(
     creds: &Credentials,
     cfg: &AgentConfig,
 ) -> Result<quinn::ClientConfig, CredentialError> {
-    let quic = QuicClientConfig::try_from(tls_config(creds)?)
-        .map_err(|e| CredentialError::Tls(e.to_string()))?;
+    quic_client_config(tls_config(creds)?, cfg)
+}
+
+/// The QUIC client configuration on an existing [`tls_config`] (an agent builds its TLS
+/// configuration once, for both transports).
+pub fn quic_client_config(
+    tls: Arc<rustls::ClientConfig>,
+    cfg: &AgentConfig,
+) -> Result<quinn::ClientConfig, CredentialError> {
+    let quic = QuicClientConfig::try_from(tls).map_err(|e| CredentialError::Tls(e.to_string()))?;
     let mut config = quinn::ClientConfig::new(Arc::new(quic));
     config.transport_config(Arc::new(transport_config(cfg)));
     Ok(config)
