@@ -146,6 +146,13 @@ fn baseline_runs_the_same_storm_and_reports_ratios() {
     assert!(baseline["handshakes_per_sec"]
         .as_f64()
         .is_some_and(|v| v > 0.0));
+    // The clients' own CPU in each phase, side by side.
+    for cpu in [
+        &report["simulator_cpu_seconds"],
+        &baseline["simulator_cpu_seconds"],
+    ] {
+        assert!(cpu.as_f64().is_some_and(|v| v > 0.0), "{cpu}");
+    }
     for ratio in ["handshakes_per_sec", "broker_bytes_per_conn"] {
         assert!(
             report["ratios"][ratio].is_number() || report["ratios"][ratio].is_null(),
