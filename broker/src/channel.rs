@@ -845,9 +845,9 @@ impl Chan {
             },
         )
         .await?;
-        for chunk in rest.chunks(HELLO_MAX_SESSIONS) {
-            let ups: Vec<ToControl> = chunk.iter().cloned().map(ToControl::SessionUp).collect();
-            send_all(&mut channel, &ups).await?;
+        let ups: Vec<ToControl> = rest.into_iter().map(ToControl::SessionUp).collect();
+        for chunk in ups.chunks(HELLO_MAX_SESSIONS) {
+            send_all(&mut channel, chunk).await?;
         }
         debug!(allowlist_version = version, "hello sent");
 

@@ -556,7 +556,7 @@ impl Cluster {
     ) -> mpsc::Receiver<ToBroker> {
         let (tx, rx) = mpsc::channel(LINK_QUEUE);
         let link = Link {
-            id: self.next_id.fetch_add(1, Ordering::Relaxed) + 1,
+            id: 0,
             tx,
             quic_addr: String::new(),
             connected_at: 0,
@@ -567,18 +567,7 @@ impl Cluster {
             drain: true,
             draining: Arc::default(),
         };
-        let mut draining = false;
-        if let Some(old) = lock(&self.links).insert(broker.to_owned(), link) {
-            old.ended.cancel();
-            draining = old.draining.load(Ordering::Relaxed);
-        }
-        self.forget_broker(broker, draining);
-        for r in sessions {
-            let appliance = r.appliance.clone();
-            if let Some(older) = self.session_up(broker, r) {
-                self.supersede(&appliance, older);
-            }
-        }
+        self.register_link(broker, link, sessions);
         rx
     }
 
