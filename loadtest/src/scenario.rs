@@ -24,6 +24,9 @@ const SYNC_TIMEOUT: Duration = Duration::from_secs(60);
 const HOLD_SAMPLE_EVERY: Duration = Duration::from_secs(1);
 /// How long stopping agents may take at the end.
 const FLEET_STOP_GRACE: Duration = Duration::from_secs(10);
+/// How long the next phase waits at most for the last one's QUIC connections to finish
+/// closing ([`settle`]).
+const SETTLE_MAX: Duration = Duration::from_secs(30);
 /// Largest connect time the histogram holds, µs (one hour).
 const MAX_CONNECT_US: u64 = 3_600_000_000;
 /// UDP buffer below which a storm is expected to drop packets (32 MiB).
@@ -1072,6 +1075,7 @@ pub(crate) async fn drive(
     let baseline_creds = baseline_cert.as_ref().map(|_| creds.clone());
     if let (Some(cert), Some(creds)) = (&baseline_cert, &baseline_creds) {
         warm_up(args, cert, creds, &endpoints, run_dir, progress).await?;
+        settle(&endpoints, "warm-up").await;
     }
 
     let me_before = measure::sample(me)?;
@@ -1113,6 +1117,7 @@ pub(crate) async fn drive(
     // The same scenario against the bare server on the same transport.
     let (baseline, ratios) = match (baseline_cert, baseline_creds) {
         (Some(cert), Some(creds)) => {
+            settle(&endpoints, "tether").await;
             let me_b0 = measure::sample(me)?;
             let (b, samples, nofile) =
                 baseline_phase(args, cert, creds, &endpoints, run_dir, progress).await?;
@@ -1143,6 +1148,44 @@ pub(crate) async fn drive(
         control: (control_before, control_end),
     };
     Ok(report(args, n, tether, head, facts, baseline, ratios))
+}
+
+/// Wait until the fleet's QUIC endpoints hold no connection of the phase `label` that just
+/// stopped. A closed QUIC connection stays in its endpoint for three probe timeouts (its
+/// state, its timers, answers to what the peer still sends), and a storm inflates the
+/// round-trip estimates those derive from: after a 5,000 storm the closing took 19 s. The
+/// next phase would otherwise run beside the last one's closing connections: their memory
+/// not yet free for its own (so it first-touched fresh pages) and their timers on the
+/// same cores.
+async fn settle(endpoints: &Endpoints, label: &str) {
+    let open = || -> usize {
+        endpoints
+            .endpoints
+            .iter()
+            .map(quinn::Endpoint::open_connections)
+            .sum()
+    };
+    let closing = open();
+    if closing == 0 {
+        return;
+    }
+    let started = Instant::now();
+    let idle = async {
+        for e in &endpoints.endpoints {
+            e.wait_idle().await;
+        }
+    };
+    match tokio::time::timeout(SETTLE_MAX, idle).await {
+        Ok(()) => println!(
+            "{label}: its {closing} QUIC connections finished closing in {:.1} s",
+            started.elapsed().as_secs_f64()
+        ),
+        Err(_) => eprintln!(
+            "warning: {} QUIC connections of the {label} phase were still closing after \
+             {SETTLE_MAX:?}; the next phase starts beside them",
+            open()
+        ),
+    }
 }
 
 /// The fleet's client endpoints, with the UDP buffers the kernel granted them noted in
