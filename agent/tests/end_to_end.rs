@@ -571,3 +571,23 @@ async fn shutdown_closes_the_session_normally() {
         "{closed:?}"
     );
 }
+
+/// Every appliance holds its agent's future for as long as it runs (the simulator holds
+/// 100,000 of them): the handshake's state (TLS, proxy, QUIC `Connecting`, 5.8 KB) is
+/// boxed for the attempt rather than kept in it, and `self` is held once. It measured
+/// 9.5 KB before, 3.9 KB after (debug builds).
+#[tokio::test]
+async fn the_agent_future_stays_small() {
+    let fx = fixture();
+    let broker: SocketAddr = "127.0.0.1:9".parse().unwrap();
+    let agent = Agent::new(
+        AgentConfig::default(),
+        fx.creds.clone(),
+        agent_endpoint(),
+        vec![broker],
+    )
+    .unwrap();
+    let run = agent.run(CancellationToken::new());
+    let size = std::mem::size_of_val(&run);
+    assert!(size <= 5 * 1024, "the agent's future is {size} bytes");
+}
