@@ -254,6 +254,32 @@ pub fn grow_udp_buffers(socket: &socket2::Socket, recv: usize, send: usize) -> (
     (socket.recv_buffer_size().unwrap_or(0), forced)
 }
 
+/// A QUIC client endpoint bound to `bind`, its UDP socket's receive and send buffers
+/// grown to `buffer` bytes as [`grow_udp_buffers`] does, and the buffers granted (receive,
+/// send; Linux reports twice the usable size). For processes that run many agents on one
+/// socket (`tether up`, the fleet simulator): the answers to a burst of handshakes overflow
+/// the kernel's default buffer, and a dropped handshake datagram costs its agent quinn's
+/// first probe timeout, about a second.
+pub fn client_endpoint(
+    bind: SocketAddr,
+    buffer: usize,
+) -> std::io::Result<(quinn::Endpoint, usize, usize)> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let sock = Socket::new(Domain::for_address(bind), Type::DGRAM, Some(Protocol::UDP))?;
+    let size = buffer.min(i32::MAX as usize);
+    grow_udp_buffers(&sock, size, size);
+    sock.bind(&bind.into())?;
+    sock.set_nonblocking(true)?;
+    let (recv, send) = (sock.recv_buffer_size()?, sock.send_buffer_size()?);
+    let endpoint = quinn::Endpoint::new(
+        quinn::EndpointConfig::default(),
+        None,
+        sock.into(),
+        Arc::new(quinn::TokioRuntime),
+    )?;
+    Ok((endpoint, recv, send))
+}
+
 /// Bind the UDP socket, asking the kernel for a large receive buffer; logs what it granted.
 pub fn bind_udp(
     addr: SocketAddr,

@@ -36,28 +36,16 @@ pub struct Endpoints {
 /// Bind `n` client endpoints on 127.0.0.1 asking for `buffer` bytes of UDP receive and
 /// send buffer.
 pub fn client_endpoints(n: usize, buffer: usize) -> anyhow::Result<Endpoints> {
-    use socket2::{Domain, Protocol, Socket, Type};
     let mut endpoints = Vec::with_capacity(n);
     let (mut recv, mut send) = (0, 0);
     for _ in 0..n {
-        let sock = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP))
-            .context("creating a UDP socket")?;
-        let size = buffer.min(i32::MAX as usize);
-        // The kernel caps these at net.core.rmem_max / wmem_max unless the process may go
-        // above (CAP_NET_ADMIN): the caller compares what was granted with what it asked.
-        tether_broker::tls::grow_udp_buffers(&sock, size, size);
-        sock.bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())
-            .context("binding a UDP socket on 127.0.0.1")?;
-        sock.set_nonblocking(true)?;
-        recv = sock.recv_buffer_size()?;
-        send = sock.send_buffer_size()?;
-        let endpoint = quinn::Endpoint::new(
-            quinn::EndpointConfig::default(),
-            None,
-            sock.into(),
-            Arc::new(quinn::TokioRuntime),
-        )
-        .context("creating a QUIC client endpoint")?;
+        // The kernel caps the buffers at net.core.rmem_max / wmem_max unless the process
+        // may go above (CAP_NET_ADMIN): the caller compares what was granted with what it
+        // asked.
+        let (endpoint, r, s) =
+            tether_broker::tls::client_endpoint(SocketAddr::from(([127, 0, 0, 1], 0)), buffer)
+                .context("creating a QUIC client endpoint on 127.0.0.1")?;
+        (recv, send) = (r, s);
         endpoints.push(endpoint);
     }
     Ok(Endpoints {
