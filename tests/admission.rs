@@ -1,7 +1,8 @@
 //! Reconnect storms: the broker admits handshakes through a bounded queue and turns the
 //! excess away at once (QUIC CONNECTION_REFUSED, no crypto spent), counting each refusal,
-//! instead of letting every handshake time out. With `transport.endpoints` above 1 the
-//! endpoints share one port and one queue.
+//! instead of letting every handshake time out. Over TCP the excess is not refused: the
+//! broker stops accepting and the connections wait in the listen backlog. With
+//! `transport.endpoints` above 1 the endpoints share one port and one queue.
 
 mod common;
 
@@ -69,6 +70,81 @@ async fn a_storm_beyond_the_queue_is_refused_early_and_counted() {
     assert_eq!(counted as usize, refused);
 
     // The broker is healthy afterwards.
+    assert_eq!(
+        try_session(&setup.pki, Some(&leaf), broker.quic).await,
+        None
+    );
+}
+
+/// Over TCP a storm beyond the queue is not turned away: the accept loop pauses, the
+/// connections wait in the kernel's backlog, and every handshake completes, as against a
+/// bare TLS server, instead of a refusal costing each agent a back-off and a second
+/// handshake.
+#[tokio::test]
+async fn a_tcp_storm_beyond_the_queue_waits_in_the_backlog_and_none_is_refused() {
+    let setup = Setup::new();
+    let leaf = setup.pki.appliance("app-1").unwrap();
+    setup.set_allowlist(&[("app-1", &leaf)]);
+    let broker = setup.broker(
+        "b1",
+        "[limits]\nmax_concurrent_handshakes = 1\nmax_pending_handshakes = 2\npending_timeout = \"5s\"\n\
+         [session]\nhello_timeout = \"60s\"\n",
+    );
+    let addr = broker.tcp.expect("TCP is on by default");
+    let tls = std::sync::Arc::new(raw_tls(&setup.pki, Some(&leaf), &[tether_proto::ALPN]));
+
+    // 100 TLS handshakes at once, each from its own TCP connection.
+    const STORM: usize = 100;
+    let attempts: Vec<_> = (0..STORM)
+        .map(|_| {
+            let connector = tokio_rustls::TlsConnector::from(tls.clone());
+            tokio::spawn(async move {
+                let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+                tokio::time::timeout(Duration::from_secs(30), async move {
+                    let tcp = tokio::net::TcpStream::connect(addr).await?;
+                    connector.connect(name, tcp).await
+                })
+                .await
+            })
+        })
+        .collect();
+    let mut streams = Vec::new();
+    let mut failed = Vec::new();
+    for a in attempts {
+        match a.await.unwrap() {
+            Ok(Ok(stream)) => streams.push(stream),
+            Ok(Err(e)) => failed.push(e.to_string()),
+            Err(_) => failed.push("client timeout".into()),
+        }
+    }
+    assert!(failed.is_empty(), "every handshake completes: {failed:?}");
+    // The client finishes its side first; the broker verifies the client's certificate
+    // after that. Every one is admitted, none refused.
+    broker
+        .wait_metric_eq(
+            "tether_handshakes_accepted_total",
+            STORM as f64,
+            Duration::from_secs(20),
+        )
+        .await;
+    let paused = broker.metric("tether_tcp_accept_paused_total").await;
+    let refused = broker
+        .metric("tether_incoming_refused_total{reason=\"queue_full\"}")
+        .await;
+    let timed_out = broker
+        .metric("tether_incoming_refused_total{reason=\"queue_timeout\"}")
+        .await;
+    eprintln!("TCP storm of {STORM}: accept paused {paused} times, {refused} refused");
+    assert!(paused >= 1.0, "the queue filled and accepting paused");
+    assert_eq!(refused, 0.0);
+    assert_eq!(timed_out, 0.0);
+    assert_eq!(
+        broker.metric("tether_incoming_tcp_total").await,
+        STORM as f64
+    );
+    drop(streams);
+
+    // The broker is healthy afterwards, on both transports.
     assert_eq!(
         try_session(&setup.pki, Some(&leaf), broker.quic).await,
         None

@@ -22,6 +22,8 @@ pub const DEFAULT_HEARTBEAT_INTERVAL: Duration = tether_proto::session::DEFAULT_
 pub const DEFAULT_HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 /// Default handshakes processed at once. Beyond this, new connections wait in the queue.
 pub const DEFAULT_MAX_CONCURRENT_HANDSHAKES: usize = 128;
+/// Upper bound of `limits.max_concurrent_handshakes + limits.max_pending_handshakes`.
+pub const MAX_ADMISSION_PLACES: usize = 1 << 20;
 /// Default bound of the queue of connections waiting for a handshake slot; beyond it new
 /// connections are refused at once (the agent backs off with jitter). A refused agent
 /// backs off exponentially and may come back when the broker is idle, so the queue holds
@@ -580,6 +582,17 @@ impl Config {
                 "must be at least 1",
             ));
         }
+        if self
+            .limits
+            .max_concurrent_handshakes
+            .saturating_add(self.limits.max_pending_handshakes)
+            > MAX_ADMISSION_PLACES
+        {
+            return Err(invalid(
+                "limits.max_pending_handshakes",
+                "together with limits.max_concurrent_handshakes at most 1048576",
+            ));
+        }
         if (self.transport.stream_receive_window as usize) < self.session.max_frame_len {
             return Err(invalid(
                 "transport.stream_receive_window",
@@ -668,6 +681,36 @@ mod tests {
         let text = "trust_domain = \"t\"\nbogus = 1\n";
         let err = Config::from_toml(text, Path::new("."), Path::new("x")).unwrap_err();
         assert!(err.to_string().contains("bogus"), "{err}");
+    }
+
+    #[test]
+    fn admission_places_are_bounded() {
+        let base = "listen = \"127.0.0.1:7443\"\ntrust_domain = \"t\"\n[tls]\nca = \"ca.pem\"\n\
+                    cert = \"b.pem\"\nkey = \"b.key\"\n[allowlist]\nfile = \"a.txt\"\n[limits]\n";
+        let parse = |limits: &str| {
+            Config::from_toml(
+                &format!("{base}{limits}"),
+                Path::new("/etc"),
+                Path::new("x"),
+            )
+            .unwrap()
+            .validate()
+        };
+        parse("max_concurrent_handshakes = 2048\nmax_pending_handshakes = 8192\n").unwrap();
+        let huge = format!("max_pending_handshakes = {}\n", i64::MAX);
+        for limits in [huge.as_str(), "max_concurrent_handshakes = 1048576\n"] {
+            let err = parse(limits).unwrap_err();
+            assert!(
+                matches!(
+                    err,
+                    ConfigError::Invalid {
+                        field: "limits.max_pending_handshakes",
+                        ..
+                    }
+                ),
+                "{limits}: {err}"
+            );
+        }
     }
 
     #[test]

@@ -66,6 +66,9 @@ pub struct Metrics {
     pub sessions_by_transport: Family<TransportLabel, Gauge>,
     /// Incoming TCP connections (before any admission or TLS work).
     pub incoming_tcp: Counter,
+    /// Times the TCP accept loop stopped accepting because the handshake queue was full
+    /// (connections wait in the kernel's listen backlog meanwhile, none is refused).
+    pub tcp_accept_paused: Counter,
     /// Handshakes that failed for transport reasons (timeout, peer gave up, ...).
     pub handshake_failed: Family<Kind, Counter>,
     /// Seconds from accepting an `Incoming` to a verified connection.
@@ -162,6 +165,7 @@ impl Metrics {
             handshakes_by_transport: Family::default(),
             sessions_by_transport: Family::default(),
             incoming_tcp: Counter::default(),
+            tcp_accept_paused: Counter::default(),
             handshake_failed: Family::default(),
             handshake_seconds: Histogram::new(exponential_buckets(0.0005, 2.0, 16)),
             incoming_refused: Family::default(),
@@ -218,6 +222,11 @@ impl Metrics {
             "incoming_tcp",
             "Incoming TCP connections, before admission and TLS",
             self.incoming_tcp.clone(),
+        );
+        registry.register(
+            "tcp_accept_paused",
+            "Times the TCP accept loop waited for room in the full handshake queue (connections wait in the listen backlog, none refused)",
+            self.tcp_accept_paused.clone(),
         );
         registry.register(
             "handshakes_accepted",

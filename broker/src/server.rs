@@ -6,9 +6,13 @@
 //! takes a handshake permit *before* doing any TLS work; at most
 //! `limits.max_concurrent_handshakes` run at once. Connections that find no permit wait in
 //! a bounded queue (`limits.max_pending_handshakes`, each for at most
-//! `limits.pending_timeout`); beyond it they are refused at once with a QUIC
-//! `CONNECTION_REFUSED`, which costs one packet and no crypto. Agents back off with full
-//! jitter. Everything refused is counted in `tether_incoming_refused_total{reason}`.
+//! `limits.pending_timeout`); beyond it QUIC connections are refused at once with a
+//! `CONNECTION_REFUSED`, which costs one packet and no crypto, and agents back off with full
+//! jitter. A TCP connection beyond it is not refused: the TCP accept loop stops accepting
+//! until the queue has room, and the connections wait in the kernel's listen backlog
+//! (a refusal there costs the agent a back-off and a second handshake, and the backlog
+//! costs the broker nothing; `tether_tcp_accept_paused_total` counts the pauses).
+//! Everything refused is counted in `tether_incoming_refused_total{reason}`.
 //!
 //! With `transport.endpoints` above 1 the listen address is served by that many quinn
 //! endpoints on `SO_REUSEPORT` sockets, one accept loop each; the loops share one
@@ -33,7 +37,7 @@
 
 use std::net::SocketAddr;
 use std::ops::ControlFlow;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -43,7 +47,7 @@ use tether_proto::{
     CommandKind, CommandOutcome, CommandRequest, Frame, FrameDecoder, GoAwayReason, Now,
     OutputStream, ProtocolViolation,
 };
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn, Instrument};
 
@@ -289,10 +293,11 @@ impl CommandError {
 struct Admission {
     /// `limits.max_concurrent_handshakes` permits; a handshake holds one.
     permits: Arc<Semaphore>,
-    /// Connections waiting for a permit.
-    pending: AtomicUsize,
-    /// `limits.max_pending_handshakes`.
-    max_pending: usize,
+    /// Places in admission, handshaking or waiting for a permit:
+    /// `limits.max_concurrent_handshakes + limits.max_pending_handshakes`. A connection
+    /// takes one before anything else and holds it until its handshake ends, so with every
+    /// permit taken at most `limits.max_pending_handshakes` wait.
+    places: Arc<Semaphore>,
     /// `limits.pending_timeout`.
     pending_timeout: Duration,
 }
@@ -301,26 +306,24 @@ impl Admission {
     fn new(limits: &LimitsConfig) -> Admission {
         Admission {
             permits: Arc::new(Semaphore::new(limits.max_concurrent_handshakes)),
-            pending: AtomicUsize::new(0),
-            max_pending: limits.max_pending_handshakes,
+            places: Arc::new(Semaphore::new(
+                limits.max_concurrent_handshakes + limits.max_pending_handshakes,
+            )),
             pending_timeout: limits.pending_timeout,
         }
     }
 
-    /// Take a place in the queue; `false` if it is full. Check and increment are one
-    /// atomic step, so loops racing for the last place cannot both get it.
-    fn enqueue(&self) -> bool {
-        self.pending
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |p| {
-                (p < self.max_pending).then_some(p + 1)
-            })
-            .is_ok()
+    /// A place if one is free.
+    fn try_place(&self) -> Option<OwnedSemaphorePermit> {
+        self.places.clone().try_acquire_owned().ok()
     }
+}
 
-    /// Give a place in the queue back.
-    fn dequeue(&self) {
-        self.pending.fetch_sub(1, Ordering::AcqRel);
-    }
+/// What an admitted connection holds until its handshake ends: a handshake permit and its
+/// place in admission.
+struct HandshakeSlot {
+    _permit: OwnedSemaphorePermit,
+    _place: OwnedSemaphorePermit,
 }
 
 impl Broker {
@@ -508,8 +511,8 @@ impl Broker {
         self.drain().await;
     }
 
-    /// One endpoint's accept loop: a permit if one is free, else a place in the shared
-    /// queue, else a refusal.
+    /// One endpoint's accept loop: a place in admission if one is free, else a refusal
+    /// (`queue_full`).
     async fn accept_loop(
         self: Arc<Self>,
         index: usize,
@@ -530,37 +533,43 @@ impl Broker {
             };
             let Some(incoming) = incoming else { break };
             received.inc();
+            let Some(place) = admission.try_place() else {
+                self.refuse(incoming, "queue_full");
+                continue;
+            };
             self.admit(
                 &admission,
                 incoming,
+                place,
                 Broker::handle_incoming,
                 Broker::refuse,
             );
         }
     }
 
-    /// A handshake permit for `item` if one is free, else a place in the shared queue,
-    /// else a refusal (`refuse` with the reason).
+    /// With its `place` taken: a handshake permit for `item` if one is free, else a wait
+    /// for one of at most `limits.pending_timeout`, else a refusal (`refuse` with the reason).
     fn admit<T, F, Fut>(
         self: &Arc<Self>,
         admission: &Arc<Admission>,
         item: T,
+        place: OwnedSemaphorePermit,
         handle: F,
         refuse: fn(&Broker, T, &'static str),
     ) where
         T: Send + 'static,
-        F: FnOnce(Arc<Broker>, T, tokio::sync::OwnedSemaphorePermit) -> Fut + Send + 'static,
+        F: FnOnce(Arc<Broker>, T, HandshakeSlot) -> Fut + Send + 'static,
         Fut: std::future::Future<Output = ()> + Send + 'static,
     {
         match admission.permits.clone().try_acquire_owned() {
             Ok(permit) => {
-                tokio::spawn(handle(self.clone(), item, permit));
+                let slot = HandshakeSlot {
+                    _permit: permit,
+                    _place: place,
+                };
+                tokio::spawn(handle(self.clone(), item, slot));
             }
             Err(_) => {
-                if !admission.enqueue() {
-                    refuse(self, item, "queue_full");
-                    return;
-                }
                 self.metrics.incoming_pending.inc();
                 let this = self.clone();
                 let admission = admission.clone();
@@ -570,11 +579,19 @@ impl Broker {
                         admission.permits.clone().acquire_owned(),
                     )
                     .await;
-                    admission.dequeue();
                     this.metrics.incoming_pending.dec();
                     match permit {
-                        Ok(Ok(permit)) => handle(this, item, permit).await,
-                        _ => refuse(&this, item, "queue_timeout"),
+                        Ok(Ok(permit)) => {
+                            let slot = HandshakeSlot {
+                                _permit: permit,
+                                _place: place,
+                            };
+                            handle(this, item, slot).await
+                        }
+                        _ => {
+                            drop(place);
+                            refuse(&this, item, "queue_timeout")
+                        }
                     }
                 });
             }
@@ -582,7 +599,8 @@ impl Broker {
     }
 
     /// The TCP listener's accept loop: the same admission as QUIC's (one set of permits
-    /// and one queue for both transports).
+    /// and one queue for both transports), except that a full queue pauses accepting
+    /// instead of refusing.
     async fn tcp_accept_loop(
         self: Arc<Self>,
         listener: tokio::net::TcpListener,
@@ -605,10 +623,27 @@ impl Broker {
                 }
             };
             self.metrics.incoming_tcp.inc();
+            let place = match admission.try_place() {
+                Some(place) => place,
+                None => {
+                    // The queue is full: accept nothing more until it has room.
+                    self.metrics.tcp_accept_paused.inc();
+                    debug!("handshake queue full: TCP accept paused");
+                    tokio::select! {
+                        biased;
+                        _ = shutdown.cancelled() => break,
+                        place = admission.places.clone().acquire_owned() => match place {
+                            Ok(place) => place,
+                            Err(_) => break,
+                        },
+                    }
+                }
+            };
             self.admit(
                 &admission,
                 (stream, remote),
-                |this, (stream, remote), permit| this.handle_tcp(stream, remote, permit),
+                place,
+                |this, (stream, remote), slot| this.handle_tcp(stream, remote, slot),
                 |this, (_, remote), reason| this.refuse_tcp(remote, reason),
             );
         }
@@ -627,10 +662,10 @@ impl Broker {
         self: Arc<Self>,
         stream: tokio::net::TcpStream,
         remote: SocketAddr,
-        permit: tokio::sync::OwnedSemaphorePermit,
+        slot: HandshakeSlot,
     ) {
         if self.is_draining() {
-            drop(permit);
+            drop(slot);
             return self.refuse_tcp(remote, "draining");
         }
         let started = Instant::now();
@@ -644,7 +679,7 @@ impl Broker {
         )
         .await;
         self.metrics.handshakes_in_flight.dec();
-        drop(permit);
+        drop(slot);
         let tls = match result {
             Ok(Ok(tls)) => tls,
             Ok(Err(e)) => return self.tcp_handshake_failed(remote, &e),
@@ -740,13 +775,9 @@ impl Broker {
         }
     }
 
-    async fn handle_incoming(
-        self: Arc<Self>,
-        incoming: quinn::Incoming,
-        permit: tokio::sync::OwnedSemaphorePermit,
-    ) {
+    async fn handle_incoming(self: Arc<Self>, incoming: quinn::Incoming, slot: HandshakeSlot) {
         if self.is_draining() {
-            drop(permit);
+            drop(slot);
             return self.refuse(incoming, "draining");
         }
         let remote = incoming.remote_address();
@@ -762,7 +793,7 @@ impl Broker {
             Err(e) => Err(e),
         };
         self.metrics.handshakes_in_flight.dec();
-        drop(permit);
+        drop(slot);
         let conn = match result {
             Ok(conn) => conn,
             Err(e) => return self.handshake_failed(remote, e),
@@ -1776,28 +1807,33 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn the_queue_bound_holds_across_accept_loops() {
+    async fn the_admission_bound_holds_across_accept_loops() {
         let limits = LimitsConfig {
             max_concurrent_handshakes: 1,
             max_pending_handshakes: 3,
             ..LimitsConfig::default()
         };
         let admission = Arc::new(Admission::new(&limits));
-        // Eight loops race for three places.
+        // Eight loops race for four places (one handshaking, three waiting).
         let tasks: Vec<_> = (0..8)
             .map(|_| {
                 let a = admission.clone();
-                tokio::spawn(async move { (0..100).filter(|_| a.enqueue()).count() })
+                tokio::spawn(
+                    async move { (0..100).filter_map(|_| a.try_place()).collect::<Vec<_>>() },
+                )
             })
             .collect();
-        let mut taken = 0;
+        let mut taken = Vec::new();
         for t in tasks {
-            taken += t.await.unwrap();
+            taken.extend(t.await.unwrap());
         }
-        assert_eq!(taken, 3);
-        assert!(!admission.enqueue());
-        admission.dequeue();
-        assert!(admission.enqueue());
-        assert!(!admission.enqueue());
+        assert_eq!(taken.len(), 4);
+        assert!(admission.try_place().is_none());
+        // A place comes back when its holder's handshake ends.
+        taken.pop();
+        assert!(admission.try_place().is_some());
+        let again = admission.try_place();
+        assert!(again.is_some(), "the place just taken was dropped at once");
+        assert!(admission.try_place().is_none());
     }
 }
