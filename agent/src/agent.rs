@@ -16,7 +16,7 @@ use std::str::FromStr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tokio::sync::broadcast;
+use tokio::sync::{broadcast, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::command::CommandRunner;
@@ -33,8 +33,13 @@ use tether_transport::Connection;
 /// A session that was welcomed and lasted this long resets the backoff window: 10 s.
 pub const STABLE_SESSION: Duration = Duration::from_secs(10);
 /// Capacity of the event channel; slow subscribers miss the oldest events. Kept small:
-/// the buffer is allocated per agent, and a simulator runs tens of thousands of agents.
-pub const EVENT_CHANNEL_CAPACITY: usize = 32;
+/// the buffer (88 bytes a slot) is allocated up front per agent, and a simulator runs tens
+/// of thousands of agents (32 slots were the largest single allocation each simulated
+/// appliance held, 2.9 KB). No subscriber needs every event to be correct: renewal
+/// requests, which must not be lost, also go on a watch channel
+/// ([`Agent::renewal_requests`]); an agent emits two or three events per connection
+/// attempt, seconds apart.
+pub const EVENT_CHANNEL_CAPACITY: usize = 8;
 /// Fraction of `revoked_backoff` that jitter may remove.
 const REVOKED_JITTER: f64 = 0.2;
 
@@ -137,6 +142,8 @@ pub struct Agent {
     quic_failed_at: Mutex<Option<Instant>>,
     runner: Arc<CommandRunner>,
     events: broadcast::Sender<AgentEvent>,
+    /// The highest renewal generation a broker relayed (0: none).
+    renewal: watch::Sender<u64>,
 }
 
 impl fmt::Debug for Agent {
@@ -173,6 +180,7 @@ impl Agent {
             quic_failed_at: Mutex::new(None),
             runner: Arc::new(CommandRunner::new(&cfg)),
             events: broadcast::channel(EVENT_CHANNEL_CAPACITY).0,
+            renewal: watch::Sender::new(0),
             cfg,
             creds,
             endpoint,
@@ -196,6 +204,13 @@ impl Agent {
     /// Subscribe to what the agent does. Subscribe before calling [`Agent::run`].
     pub fn events(&self) -> broadcast::Receiver<AgentEvent> {
         self.events.subscribe()
+    }
+
+    /// The highest manual-renewal generation a broker relayed (0 until one does), as
+    /// [`AgentEvent::RenewalRequested`] reports it, but never lost to a lagging receiver:
+    /// the supervisor renews from this.
+    pub fn renewal_requests(&self) -> watch::Receiver<u64> {
+        self.renewal.subscribe()
     }
 
     /// The agent's credentials.
@@ -234,6 +249,7 @@ impl Agent {
                 cfg: self.cfg.clone(),
                 runner: self.runner.clone(),
                 events: self.events.clone(),
+                renewal: self.renewal.clone(),
                 probe: (self.cfg.transport == TransportMode::Auto).then(|| QuicProbe {
                     endpoint: self.endpoint.clone(),
                     client_config: self.client_config.clone(),

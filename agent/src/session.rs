@@ -106,6 +106,8 @@ pub(crate) struct SessionContext {
     pub cfg: AgentConfig,
     pub runner: Arc<CommandRunner>,
     pub events: broadcast::Sender<AgentEvent>,
+    /// The highest renewal generation relayed ([`crate::Agent::renewal_requests`]).
+    pub renewal: watch::Sender<u64>,
     /// `auto` transport: how a session on TCP tries QUIC again.
     pub probe: Option<QuicProbe>,
 }
@@ -115,6 +117,16 @@ pub(crate) struct SessionContext {
 pub(crate) struct QuicProbe {
     pub endpoint: quinn::Endpoint,
     pub client_config: quinn::ClientConfig,
+}
+
+/// Keep the highest renewal generation relayed; receivers are woken only when it rises
+/// (a broker repeats the generation it already sent on a later heartbeat answer).
+fn note_renewal(renewal: &watch::Sender<u64>, generation: u64) {
+    renewal.send_if_modified(|highest| {
+        let newer = generation > *highest;
+        *highest = (*highest).max(generation);
+        newer
+    });
 }
 
 /// Yamux settings of the agent's side of a TCP connection: the broker opens a stream per
@@ -244,6 +256,7 @@ pub async fn connect_once(
         cfg: cfg.clone(),
         runner: Arc::new(CommandRunner::new(cfg)),
         events: broadcast::channel(16).0,
+        renewal: watch::Sender::new(0),
         probe: None,
     };
     let server_name = broker.ip().to_string();
@@ -670,6 +683,7 @@ impl Driver<'_> {
                         generation,
                         "broker relays a request to renew the certificate"
                     );
+                    note_renewal(&self.ctx.renewal, generation);
                     let _ = self
                         .ctx
                         .events
@@ -1006,4 +1020,40 @@ async fn sleep_until(at: Option<Instant>) {
 
 async fn sleep_until_std(at: Option<std::time::Instant>) {
     sleep_until(at.map(Instant::from_std)).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A renewal request must reach the supervisor however many other events it missed:
+    /// the broadcast keeps only the last few, the watch keeps the highest generation.
+    #[tokio::test]
+    async fn a_renewal_request_survives_a_lagging_subscriber() {
+        let (events, mut lagging) = broadcast::channel(crate::agent::EVENT_CHANNEL_CAPACITY);
+        let renewal = watch::Sender::new(0);
+        let mut requests = renewal.subscribe();
+        note_renewal(&renewal, 3);
+        let _ = events.send(AgentEvent::RenewalRequested { generation: 3 });
+        // Then a burst of command results, more than the channel holds.
+        for command_id in 0..4 * crate::agent::EVENT_CHANNEL_CAPACITY as u64 {
+            let _ = events.send(AgentEvent::CommandFinished {
+                command_id,
+                outcome: tether_proto::CommandOutcome::Exited(0),
+            });
+        }
+        assert!(matches!(
+            lagging.recv().await,
+            Err(broadcast::error::RecvError::Lagged(_))
+        ));
+        // The request is still there, once.
+        assert!(requests.has_changed().unwrap());
+        assert_eq!(*requests.borrow_and_update(), 3);
+        // A repeat or an older generation does not wake the supervisor or lower it.
+        note_renewal(&renewal, 3);
+        note_renewal(&renewal, 2);
+        assert!(!requests.has_changed().unwrap());
+        note_renewal(&renewal, 4);
+        assert_eq!(*requests.borrow_and_update(), 4);
+    }
 }

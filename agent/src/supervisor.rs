@@ -68,10 +68,10 @@ impl Supervisor {
                 agent = agent.with_signed_ops(ops);
             }
             on_agent(agent.events());
-            let events = agent.events();
+            let requests = agent.renewal_requests();
             let stop_agent = shutdown.child_token();
             let running = tokio::spawn(agent.run(stop_agent.clone()));
-            let renewed = keep_renewed(self, &creds, renew_now, events, &shutdown).await;
+            let renewed = keep_renewed(self, &creds, renew_now, requests, &shutdown).await;
             stop_agent.cancel();
             running.await??;
             if !renewed || shutdown.is_cancelled() {
@@ -151,12 +151,12 @@ pub async fn load_credentials(
 }
 
 /// Renew when due (expiry threshold, or an operator's request relayed by the broker).
-/// Returns `true` once renewed, `false` on shutdown.
+/// Returns `true` once renewed, `false` on shutdown or when the agent ended.
 async fn keep_renewed(
     settings: &Supervisor,
     creds: &Credentials,
     renew_now: bool,
-    mut events: tokio::sync::broadcast::Receiver<AgentEvent>,
+    mut requests: tokio::sync::watch::Receiver<u64>,
     shutdown: &CancellationToken,
 ) -> bool {
     let dir = &settings.state_dir;
@@ -166,12 +166,13 @@ async fn keep_renewed(
         tokio::select! {
             _ = shutdown.cancelled() => return false,
             _ = tokio::time::sleep(wait) => {}
-            ev = events.recv() => {
-                if let Ok(AgentEvent::RenewalRequested { generation }) = ev {
-                    requested = requested.max(generation);
-                } else {
-                    continue;
+            changed = requests.changed() => {
+                if changed.is_err() {
+                    // The agent ended (an error: shutdown is handled above); the caller
+                    // reports its result.
+                    return false;
                 }
+                requested = requested.max(*requests.borrow_and_update());
             }
         }
         wait = settings.renew_check_every;

@@ -358,7 +358,12 @@ impl Appliance {
                         connected = false;
                     }
                     Ok(AgentEvent::Stopped) | Err(broadcast::error::RecvError::Closed) => break,
-                    Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
+                    Err(broadcast::error::RecvError::Lagged(missed)) => {
+                        // Read in the task that drives the agent, so this should not
+                        // happen; if it does, a session may go uncounted: say so.
+                        tracing::warn!(index, missed, "appliance events missed");
+                    }
+                    Ok(_) => {}
                 },
                 _ = self.kick.notified(), if !kicked => {
                     kicked = true;
