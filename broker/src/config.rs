@@ -23,15 +23,17 @@ pub const DEFAULT_HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 /// Default handshakes processed at once. Beyond this, new connections wait in the queue.
 ///
 /// A handshake holds its permit across a round trip to a client that, in a storm, is busy
-/// with its own handshakes, so the permits bound the rate at about permits / round trip:
-/// with 128, QUIC storms of 5,000 appliances on 2 cores (simulator and broker sharing
-/// them) reached 0.78–0.87 of bare quinn's handshake rate (nine runs), broker and
-/// simulator both idling between small batches (the broker's CPU per connect was 1.09–1.21×
-/// bare quinn's); with 2,048, 0.83–1.14 (eight runs, median 1.00) and 0.96–1.12× CPU. More
-/// is not better: with 8,192 a 10,000 storm runs every handshake at once, each takes
-/// longer than the clients wait, and the rate falls to bare quinn's (810–870/s against
-/// 1,540–1,670/s with 2,048). 2,048 in flight at this machine's ~1,600 handshakes/s is
-/// about 1.3 s per handshake, well inside the 10 s handshake timeout.
+/// with its own handshakes, so the permits bound the rate at about permits / round trip.
+/// QUIC storms of 5,000 appliances on 2 cores (simulator and broker sharing them), in A/B
+/// sets: with 128, 0.78–1.12 of bare quinn's handshake rate (eleven runs, median 0.84;
+/// Tether's own rate 1,514–1,723/s, median 1,604), the broker's CPU per connect a median
+/// 1.12× bare quinn's, broker and simulator both idling between small batches; with
+/// 2,048, 0.68–1.14 (eight runs, median 0.99; 1,840/s, one run of 1,022/s with the CPU a
+/// third idle, unexplained) and 0.97×. More is not better: with 8,192 a 10,000 storm runs
+/// every handshake at once, each takes longer than the clients wait, and the rate falls
+/// to bare quinn's (810–870/s against 1,540–1,670/s with 2,048). 2,048 in flight at this
+/// machine's ~1,600 handshakes/s is about 1.3 s per handshake, well inside the 10 s
+/// handshake timeout.
 pub const DEFAULT_MAX_CONCURRENT_HANDSHAKES: usize = 2048;
 /// Upper bound of `limits.max_concurrent_handshakes + limits.max_pending_handshakes`.
 pub const MAX_ADMISSION_PLACES: usize = 1 << 20;
