@@ -10,11 +10,17 @@
 //! since its last round-trip measurement, to size stream windows. Heartbeats every 15 s
 //! poll it every time, so each heartbeat cost each side a ping and a pong as well: three
 //! more records, two more system calls and a task wake-up on the broker, for a figure the
-//! broker's control traffic never needs fresh. [`MuxIo`] lets yamux's first ping go out
-//! (its answer gives yamux the round-trip time its window tuning uses) and drops the later
-//! ones. yamux waits for the answer to a ping before it sends another and never gives up
-//! waiting (`yamux/src/connection/rtt.rs`), so after one dropped ping it simply sends no
-//! more and keeps the round-trip time it measured. Pings from the peer are still answered.
+//! broker's control traffic never needs fresh. On the agent's side [`MuxIo`] lets yamux's
+//! first ping go out (its answer gives yamux the round-trip time its window tuning uses:
+//! what the broker sends the agent, tunnel data among it, may widen its windows) and drops
+//! the later ones. yamux waits for the answer to a ping before it sends another and never
+//! gives up waiting (`yamux/src/connection/rtt.rs`), so after one dropped ping it simply
+//! sends no more and keeps the round-trip time it measured. On the broker's side it drops
+//! the first ping too: the agent's answer to it was a TLS record, a `write` and a broker
+//! wake-up of its own in every connection's first moments (an `strace` of one connection:
+//! the agent's fifth write, after its `Hello`), and without a round-trip time the broker's
+//! yamux keeps each stream's receive window at its initial 256 KiB, twice the per-stream
+//! window the broker gives QUIC streams. Pings from the peer are still answered.
 //! Liveness is not yamux's job here: heartbeats, TCP keep-alive and `TCP_USER_TIMEOUT`
 //! (`docs/PROTOCOL.md` §13) notice a dead peer.
 //!
@@ -69,7 +75,9 @@ pub(crate) struct MuxIo<T> {
 }
 
 impl<T> MuxIo<T> {
-    pub(crate) fn new(io: T) -> MuxIo<T> {
+    /// `first_ping`: let yamux's first ping out (the agent's side); the broker's side
+    /// sends none (see the module's text).
+    pub(crate) fn new(io: T, first_ping: bool) -> MuxIo<T> {
         MuxIo {
             io,
             out: Vec::new(),
@@ -77,7 +85,7 @@ impl<T> MuxIo<T> {
             header: [0; HEADER],
             header_len: 0,
             body: 0,
-            pinged: false,
+            pinged: !first_ping,
             started: false,
             dropped: 0,
         }
@@ -221,7 +229,7 @@ mod tests {
     /// Feed `writes` to a `MuxIo`, one `take` at a time as yamux would write them, and
     /// return what it collected.
     fn collect(writes: &[Vec<u8>]) -> (Vec<u8>, u64) {
-        let mut io = MuxIo::new(());
+        let mut io = MuxIo::new((), true);
         for w in writes {
             let mut rest = &w[..];
             while !rest.is_empty() {
@@ -263,6 +271,21 @@ mod tests {
     }
 
     #[test]
+    fn without_the_first_ping_no_ping_goes_out_and_answers_do() {
+        let ping = header(TYPE_PING, FLAG_SYN, 0, 7);
+        let pong = header(TYPE_PING, 2, 0, 9);
+        let data = header(TYPE_DATA, 0, 2, 0);
+        let mut io = MuxIo::new((), false);
+        for w in [&ping, &pong, &data, &ping] {
+            assert_eq!(io.take(w), HEADER);
+        }
+        let mut want = pong.clone();
+        want.extend_from_slice(&data);
+        assert_eq!(io.out, want);
+        assert_eq!(io.pings_dropped(), 2);
+    }
+
+    #[test]
     fn headers_split_across_writes_are_read_whole() {
         let ping = header(TYPE_PING, FLAG_SYN, 0, 1);
         let data = header(TYPE_DATA, 0, 1, 3);
@@ -283,7 +306,7 @@ mod tests {
         let ping = header(TYPE_PING, FLAG_SYN, 0, 1);
         let pong = header(TYPE_PING, 2, 0, 9);
         let data = header(TYPE_DATA, 0, 1, 3);
-        let mut io = MuxIo::new(Vec::new());
+        let mut io = MuxIo::new(Vec::new(), true);
         io.write_all(&ping).await.unwrap();
         io.flush().await.unwrap();
         io.write_all(&pong).await.unwrap();
@@ -302,7 +325,7 @@ mod tests {
         io.flush().await.unwrap();
         assert_eq!(io.io.len(), want.len() + HEADER);
         // Shutting down sends whatever waits.
-        let mut io = MuxIo::new(Vec::new());
+        let mut io = MuxIo::new(Vec::new(), true);
         io.write_all(&ping).await.unwrap();
         io.shutdown().await.unwrap();
         assert_eq!(io.io, ping);
@@ -310,7 +333,7 @@ mod tests {
 
     #[test]
     fn collecting_stops_at_the_limit() {
-        let mut io = MuxIo::new(());
+        let mut io = MuxIo::new((), true);
         let data = header(TYPE_DATA, 0, 1, u32::try_from(COLLECT).unwrap());
         assert_eq!(io.take(&data), HEADER);
         let body = vec![0u8; COLLECT];

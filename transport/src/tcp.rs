@@ -4,7 +4,7 @@
 //!
 //! After the TLS handshake (ALPN `tether/1`, the same certificates as QUIC) both sides
 //! speak yamux: the agent is the yamux client, the broker the server. Every yamux stream
-//! starts with one byte written by the side that opened it:
+//! starts with one byte written by the side that opened it (with its first record):
 //!
 //! - [`KIND_STREAM`] (`0x00`): an application stream, the QUIC bidirectional stream's
 //!   equivalent. Each direction is then a sequence of records `type (u8) | length (u32,
@@ -296,7 +296,8 @@ impl Connection {
         cfg.set_max_num_streams(settings.max_streams.max(1));
         cfg.set_max_connection_receive_window(Some(256 * 1024 * settings.max_streams.max(1)));
         // Coalesced writes and no periodic yamux pings: see `muxio`.
-        let mux = yamux::Connection::new(MuxIo::new(tls).compat(), cfg, mode);
+        let first_ping = matches!(mode, yamux::Mode::Client);
+        let mux = yamux::Connection::new(MuxIo::new(tls, first_ping).compat(), cfg, mode);
         // futures' channels, not tokio's: tokio's allocates a block of 32 slots up front,
         // 7 KB a connection for these two (heaptrack), where futures' allocates a node per
         // message in flight.
@@ -335,7 +336,10 @@ impl Connection {
             Err(_) => return Err(self.lost().await),
         };
         let (send, recv) = split(stream, self.shared.clone());
-        send.queue_raw(Bytes::from_static(&[KIND_STREAM]));
+        // The kind byte goes with the stream's first record (or its end, or a `STOP`),
+        // not on its own: as a QUIC stream, it reaches the peer with the opener's first
+        // write, and the two share one yamux flush, one TLS record and one system call.
+        send.shared.outbox().opening = true;
         Ok((send, recv))
     }
 
@@ -785,11 +789,27 @@ impl StreamShared {
 
     /// Queue `rec`, and end our direction after it if `last`; false once our direction
     /// ended or the stream broke.
+    /// Send the kind byte of a stream we opened and have not written to, so that the
+    /// peer learns the stream a control message names. Best effort: the message goes on
+    /// the control stream, which the peer may read before it has classified this one (it
+    /// then ignores the message, as one for a stream that ended). Every opener in Tether
+    /// writes first.
+    fn open_now(self: &Arc<Self>) {
+        let mut out = self.outbox();
+        if out.opening && !out.ending && out.io.is_some() {
+            let kind = out.open(Bytes::new());
+            out.queued += kind.len();
+            out.queue.push_back(kind);
+            self.kick(out);
+        }
+    }
+
     fn push(self: &Arc<Self>, rec: Bytes, last: bool) -> bool {
         let mut out = self.outbox();
         if out.ending || out.io.is_none() {
             return false;
         }
+        let rec = out.open(rec);
         out.queued += rec.len();
         out.queue.push_back(rec);
         out.ending = last;
@@ -804,6 +824,11 @@ impl StreamShared {
             return;
         }
         out.ending = true;
+        let last = match (last, out.opening) {
+            (Some(rec), _) => Some(out.open(rec)),
+            (None, true) => Some(out.open(Bytes::new())),
+            (None, false) => None,
+        };
         // A writer waiting for room learns that the direction ended (a `STOP`).
         if let Some(w) = out.waiting.take() {
             w.wake();
@@ -913,9 +938,23 @@ struct Outbox {
     flushing: bool,
     /// A writer waiting for room in the budget.
     waiting: Option<std::task::Waker>,
+    /// We opened the stream and its kind byte is not queued yet.
+    opening: bool,
 }
 
 impl Outbox {
+    /// `rec`, preceded by the kind byte if this is the first thing written on a stream we
+    /// opened: one buffer, so that yamux sends them as one frame, in one flush.
+    fn open(&mut self, rec: Bytes) -> Bytes {
+        if !std::mem::take(&mut self.opening) {
+            return rec;
+        }
+        let mut b = BytesMut::with_capacity(1 + rec.len());
+        b.put_u8(KIND_STREAM);
+        b.extend_from_slice(&rec);
+        b.freeze()
+    }
+
     /// Nothing more goes out: drop what was queued and wake a waiting writer (it then
     /// learns why).
     fn fail(&mut self) {
@@ -941,6 +980,7 @@ fn split(stream: yamux::Stream, conn: Arc<ConnShared>) -> (SendStream, RecvStrea
             ending: false,
             flushing: false,
             waiting: None,
+            opening: false,
         }),
         state: Mutex::new(StreamState::default()),
         changed: Notify::new(),
@@ -985,10 +1025,6 @@ impl fmt::Debug for SendStream {
 }
 
 impl SendStream {
-    fn queue_raw(&self, b: Bytes) {
-        self.shared.push(b, false);
-    }
-
     /// Why a write cannot go on, if it cannot.
     fn write_error(&self) -> Option<WriteError> {
         if let Some(code) = self.shared.get(|s| s.stopped) {
@@ -1388,6 +1424,7 @@ impl RecvStream {
         let Some(reader) = self.reader.take() else {
             return Err(ClosedStream);
         };
+        self.shared.open_now();
         self.shared
             .conn
             .control(REC_STOP, self.shared.id, code.into_inner());

@@ -109,7 +109,9 @@ async fn reset_and_stop_codes_reach_the_peer() {
 #[tokio::test]
 async fn close_code_and_reason_reach_the_peer_and_its_streams() {
     let (agent, broker) = pair().await;
-    let (_send, mut recv) = agent.open_bi().await.unwrap();
+    let (mut send, mut recv) = agent.open_bi().await.unwrap();
+    // As over QUIC, the broker learns of the stream with its first bytes.
+    send.write_all(b"x").await.unwrap();
     let (_s, _r) = broker.accept_bi().await.unwrap();
     broker.close(VarInt::from_u32(0x11), b"revoked");
     let reason = tokio::time::timeout(Duration::from_secs(5), agent.closed())
@@ -237,4 +239,57 @@ async fn a_slow_reader_gets_every_byte_in_order_and_holds_the_writer_back() {
         .expect("the STOP wakes the waiting writer")
         .unwrap();
     assert_eq!(err, WriteError::Stopped(VarInt::from_u32(9)));
+}
+
+/// As a QUIC stream, a stream reaches the peer with the opener's first write: its kind
+/// byte travels with that record (one yamux frame, one TLS record), not on its own.
+#[tokio::test]
+async fn a_stream_reaches_the_peer_with_its_first_write_as_over_quic() {
+    let (agent, broker) = pair().await;
+    let (mut send, _recv) = agent.open_bi().await.unwrap();
+    let early = tokio::time::timeout(Duration::from_millis(300), broker.accept_bi()).await;
+    assert!(
+        early.is_err(),
+        "the broker saw a stream nothing was written on"
+    );
+    send.write_all(b"hello").await.unwrap();
+    let (_bsend, mut brecv) = tokio::time::timeout(Duration::from_secs(5), broker.accept_bi())
+        .await
+        .unwrap()
+        .unwrap();
+    let mut buf = [0u8; 5];
+    brecv.read_exact(&mut buf).await.unwrap();
+    assert_eq!(&buf, b"hello");
+}
+
+/// A stream ended before anything was written on it still reaches the peer, with its end:
+/// finished, it reads as empty; reset, as the code.
+#[tokio::test]
+async fn a_stream_ended_before_its_first_write_reaches_the_peer_with_its_end() {
+    let (agent, broker) = pair().await;
+    let accept = || async {
+        tokio::time::timeout(Duration::from_secs(5), broker.accept_bi())
+            .await
+            .unwrap()
+            .unwrap()
+    };
+    let (mut send, _recv) = agent.open_bi().await.unwrap();
+    send.finish().unwrap();
+    let (_bsend, mut brecv) = accept().await;
+    let mut b = [0u8; 1];
+    assert_eq!(brecv.read(&mut b).await, Ok(None));
+
+    let (mut send, _recv) = agent.open_bi().await.unwrap();
+    send.reset(VarInt::from_u32(9)).unwrap();
+    let (_bsend, mut brecv) = accept().await;
+    assert_eq!(
+        brecv.read(&mut b).await,
+        Err(ReadError::Reset(VarInt::from_u32(9)))
+    );
+
+    // Stopped: the peer learns the stream (the `STOP` itself names it on the control
+    // stream, which may be read before the stream is: see `StreamShared::open_now`).
+    let (_send, mut recv) = agent.open_bi().await.unwrap();
+    recv.stop(VarInt::from_u32(5)).unwrap();
+    accept().await;
 }
