@@ -787,8 +787,6 @@ impl StreamShared {
         self.out.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Queue `rec`, and end our direction after it if `last`; false once our direction
-    /// ended or the stream broke.
     /// Send the kind byte of a stream we opened and have not written to, so that the
     /// peer learns the stream a control message names. Best effort: the message goes on
     /// the control stream, which the peer may read before it has classified this one (it
@@ -804,6 +802,8 @@ impl StreamShared {
         }
     }
 
+    /// Queue `rec`, and end our direction after it if `last`; false once our direction
+    /// ended or the stream broke.
     fn push(self: &Arc<Self>, rec: Bytes, last: bool) -> bool {
         let mut out = self.outbox();
         if out.ending || out.io.is_none() {
