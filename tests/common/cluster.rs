@@ -134,19 +134,8 @@ impl Cluster {
     }
 
     /// Start broker `name` again on its data directory (no bundle) at `listen`.
-    ///
-    /// QUIC comes back on `listen`; TCP on a new port of its address. The old TCP port
-    /// number may meanwhile be another process's: a connection this run's other tests
-    /// opened from it as their ephemeral port holds it, in TIME_WAIT for a minute after it
-    /// closes, and the restart failed with "Address already in use" (UDP has no such
-    /// state). The agents of these tests reconnect over QUIC.
     pub fn restart_broker(&self, name: &str, listen: SocketAddr) -> BrokerProc {
-        let dir = self.broker_dir(name);
-        let tcp = SocketAddr::new(listen.ip(), 0).to_string();
-        let listen = listen.to_string();
-        let mut args = broker_args(dir, &listen);
-        args.extend([OsStr::new("--tcp-listen"), OsStr::new(&tcp)]);
-        BrokerProc::start_with(&args)
+        start_broker(self.broker_dir(name), None, &listen.to_string())
     }
 
     /// Register `id` (token only, tenant acme) unless it is, make a token and enroll it
@@ -239,17 +228,7 @@ impl Cluster {
 }
 
 fn start_broker(dir: &Path, bundle: Option<&Path>, listen: &str) -> BrokerProc {
-    let mut args = broker_args(dir, listen);
-    if let Some(b) = bundle {
-        args.push("--bundle".as_ref());
-        args.push(b.as_os_str());
-    }
-    BrokerProc::start_with(&args)
-}
-
-/// `tether-broker` arguments for the broker whose data directory is `dir`, on `listen`.
-fn broker_args<'a>(dir: &'a Path, listen: &'a str) -> Vec<&'a OsStr> {
-    vec![
+    let mut args: Vec<&OsStr> = vec![
         "--data-dir".as_ref(),
         dir.as_os_str(),
         "--listen".as_ref(),
@@ -262,7 +241,12 @@ fn broker_args<'a>(dir: &'a Path, listen: &'a str) -> Vec<&'a OsStr> {
         "1s".as_ref(),
         "--reconnect-jitter".as_ref(),
         "200ms".as_ref(),
-    ]
+    ];
+    if let Some(b) = bundle {
+        args.push("--bundle".as_ref());
+        args.push(b.as_os_str());
+    }
+    BrokerProc::start_with(&args)
 }
 
 /// The broker counter that rises when it refuses a certificate not in its allowlist.
